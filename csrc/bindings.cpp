@@ -1,0 +1,28 @@
+// dcgen._C: op schemas (TORCH_LIBRARY) and the pybind11 module that reports build facts.
+// Kernels register their implementations per dispatch key in their own files
+// (TORCH_LIBRARY_IMPL), so a CPU-only build simply has no CUDA kernels.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "build_info.h"
+
+TORCH_LIBRARY(dcgen, m) {
+  // RMSNorm over dim 1 with fp32 statistics; spec: dcgen/ops/channel_rms_norm.py.
+  m.def("channel_rms_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dcgen compiled kernels (ops live in torch.ops.dcgen)";
+  m.def("build_info", [] {
+    py::dict d;
+    d["torch_version"] = DCGEN_BUILT_TORCH_VERSION;
+    d["cuda"] = static_cast<bool>(DCGEN_BUILT_WITH_CUDA);
+    d["cuda_version"] = DCGEN_BUILT_CUDA_VERSION;
+    d["cuda_archs"] = DCGEN_BUILT_CUDA_ARCHS;
+    d["kernels"] = DCGEN_BUILT_KERNELS;
+    d["cxx_compiler"] = DCGEN_BUILT_CXX_COMPILER;
+    return d;
+  });
+}

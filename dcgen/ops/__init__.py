@@ -1,0 +1,21 @@
+"""The Python face of every dcgen kernel.
+
+Each op is a function with the public signature, a ``*_reference`` pure-PyTorch version (the
+spec, runs anywhere), and dispatch to ``torch.ops.dcgen.*`` when dcgen._C has a kernel for the
+input's device. See ``_extension.py`` for the dispatch rules.
+"""
+
+from . import _fake  # noqa: F401  (fake/meta registrations so torch.compile traces the ops)
+from ._extension import extension_error, extension_loaded, has_kernel
+from .channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
+from .shortcuts import channel_duplicate_to_space, space_to_channel_average
+
+__all__ = [
+    "channel_duplicate_to_space",
+    "channel_rms_norm",
+    "channel_rms_norm_reference",
+    "extension_error",
+    "extension_loaded",
+    "has_kernel",
+    "space_to_channel_average",
+]

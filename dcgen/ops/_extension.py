@@ -1,0 +1,63 @@
+"""Loading dcgen._C and asking which compiled kernels exist.
+
+Every op in dcgen.ops follows one pattern: a public Python function validates its inputs, then
+calls the compiled op ``torch.ops.dcgen.<name>`` when the extension is built and has a kernel
+for the tensors' device, and the pure-PyTorch reference otherwise. The reference is the spec.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cache
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_C: Any = None
+_load_error: str | None = None
+try:
+    from dcgen import _C  # type: ignore[attr-defined,no-redef]  # registers torch.ops.dcgen.*
+except ImportError as err:  # not built, or built against another torch
+    _load_error = str(err)
+    logger.debug("dcgen._C not available, using PyTorch references: %s", err)
+
+
+def extension_loaded() -> bool:
+    """True when dcgen._C was imported (its ops are registered with torch.ops.dcgen)."""
+    return _C is not None
+
+
+def extension_error() -> str | None:
+    """Why dcgen._C could not be imported, or None."""
+    return _load_error
+
+
+def _disabled() -> bool:
+    # DCGEN_DISABLE_KERNELS=1 forces every op onto its reference (debugging, A/B checks).
+    return os.environ.get("DCGEN_DISABLE_KERNELS", "0") == "1"
+
+
+@cache
+def _has_kernel_cached(name: str, dispatch_key: str) -> bool:
+    qualname = f"dcgen::{name}"
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key))
+    except RuntimeError:  # op not registered at all
+        return False
+
+
+def has_kernel(name: str, device: torch.device | str) -> bool:
+    """True when the compiled op ``dcgen::name`` has a kernel for this device type."""
+    if _C is None or _disabled():
+        return False
+    dev = torch.device(device)
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(dev.type)
+    return key is not None and _has_kernel_cached(name, key)
+
+
+def compiled_op(name: str) -> Any:
+    """The OpOverloadPacket torch.ops.dcgen.<name> (only call after has_kernel)."""
+    return getattr(torch.ops.dcgen, name)

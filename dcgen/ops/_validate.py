@@ -1,0 +1,51 @@
+"""Input checks shared by the ops: every error names what was expected and what came."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    min_ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = FLOAT_DTYPES,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.ndim not in allowed:
+            raise ValueError(
+                f"{name}: expected a tensor with {' or '.join(map(str, allowed))} dims, "
+                f"got shape {tuple(t.shape)}"
+            )
+    if min_ndim is not None and t.ndim < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {k: v.device for k, v in tensors.items() if v is not None}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"expected all tensors on one device, got {desc}")
+
+
+def check_channel_param(name: str, p: torch.Tensor | None, channels: int) -> None:
+    if p is None:
+        return
+    check_tensor(name, p, ndim=1)
+    if p.shape[0] != channels:
+        raise ValueError(
+            f"{name}: expected shape ({channels},) to match the input's {channels} channels, "
+            f"got {tuple(p.shape)}"
+        )

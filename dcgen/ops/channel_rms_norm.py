@@ -1,0 +1,57 @@
+"""Channel RMSNorm: RMSNorm over dim 1 of an (N, C, *spatial) tensor, per pixel.
+
+This is DC-AE's norm (weight AND bias, eps 1e-5). Statistics and the affine are computed in
+fp32 and the result is rounded once to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._extension import compiled_op, has_kernel
+from ._validate import check_channel_param, check_same_device, check_tensor
+
+
+def channel_rms_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Pure-PyTorch spec: y = x * rsqrt(mean_c(x^2) + eps) * weight + bias, all in fp32."""
+    xf = x.float()
+    inv = torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + eps)
+    y = xf * inv
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        y = y * weight.float().view(view)
+    if bias is not None:
+        y = y + bias.float().view(view)
+    return y.to(x.dtype)
+
+
+def channel_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """RMSNorm over channels (dim 1) of ``x`` shaped (N, C, *spatial), fp32 statistics.
+
+    Runs the compiled kernel (CPU or CUDA) when dcgen._C has one for ``x.device`` and no
+    gradient is needed; otherwise the reference (which autograd differentiates).
+    NCHW-contiguous and channels_last inputs are both handled without a copy.
+    """
+    check_tensor("channel_rms_norm: x", x, min_ndim=2)
+    channels = x.shape[1]
+    check_channel_param("channel_rms_norm: weight", weight, channels)
+    check_channel_param("channel_rms_norm: bias", bias, channels)
+    check_same_device(x=x, weight=weight, bias=bias)
+    if not eps > 0:
+        raise ValueError(f"channel_rms_norm: expected eps > 0, got {eps}")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    if not needs_grad and x.numel() > 0 and has_kernel("channel_rms_norm", x.device):
+        return compiled_op("channel_rms_norm")(x, weight, bias, float(eps))
+    return channel_rms_norm_reference(x, weight, bias, eps)

@@ -1,0 +1,55 @@
+"""DC-AE's residual-autoencoding shortcuts (non-parametric, METHOD.md section 3).
+
+Down: space-to-channel (pixel_unshuffle by the factor) then average groups of channels.
+Up: duplicate channels (repeat_interleave) then depth-to-space (pixel_shuffle).
+These are references only for now; fused kernels with the main path come with the DC-AE
+speed work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._validate import check_tensor
+
+
+def space_to_channel_average(x: torch.Tensor, out_channels: int, factor: int = 2) -> torch.Tensor:
+    """(N, C, H, W) -> (N, out_channels, H/f, W/f): pixel_unshuffle(f), then mean over groups
+    of C*f*f/out_channels consecutive channels. factor=1 is pure channel averaging."""
+    check_tensor("space_to_channel_average: x", x, ndim=4)
+    n, c, h, w = x.shape
+    if h % factor or w % factor:
+        raise ValueError(
+            f"space_to_channel_average: spatial size must be divisible by {factor}, got {h}x{w}"
+        )
+    if factor > 1:
+        x = F.pixel_unshuffle(x, factor)
+    c_in = c * factor * factor
+    if c_in % out_channels:
+        raise ValueError(
+            f"space_to_channel_average: {c_in} channels after space-to-channel are not a "
+            f"multiple of out_channels={out_channels}"
+        )
+    group = c_in // out_channels
+    if group == 1:
+        return x
+    return x.unflatten(1, (out_channels, group)).mean(dim=2)
+
+
+def channel_duplicate_to_space(x: torch.Tensor, out_channels: int, factor: int = 2) -> torch.Tensor:
+    """(N, C, H, W) -> (N, out_channels, H*f, W*f): repeat each channel
+    out_channels*f*f/C times (adjacent copies), then pixel_shuffle(f). factor=1 is pure
+    channel duplication."""
+    check_tensor("channel_duplicate_to_space: x", x, ndim=4)
+    c = x.shape[1]
+    c_out = out_channels * factor * factor
+    if c_out % c:
+        raise ValueError(
+            f"channel_duplicate_to_space: out_channels*{factor}^2={c_out} is not a multiple of "
+            f"the input's {c} channels"
+        )
+    repeats = c_out // c
+    if repeats > 1:
+        x = x.repeat_interleave(repeats, dim=1)
+    return F.pixel_shuffle(x, factor) if factor > 1 else x
