@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import cache
 from typing import Any
 
 import torch
@@ -40,13 +39,21 @@ def _disabled() -> bool:
     return os.environ.get("DCGEN_DISABLE_KERNELS", "0") == "1"
 
 
-@cache
-def _has_kernel_cached(name: str, dispatch_key: str) -> bool:
-    qualname = f"dcgen::{name}"
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key))
-    except RuntimeError:  # op not registered at all
-        return False
+def _registered_kernels() -> frozenset[tuple[str, str]]:
+    """(op name, dispatch key) for every kernel dcgen._C registered. Read once at import, so
+    has_kernel() is a plain set lookup that torch.compile traces without a graph break."""
+    if _C is None:
+        return frozenset()
+    found = set()
+    for qualname in torch._C._dispatch_get_all_op_names():
+        if qualname.startswith("dcgen::"):
+            for key in ("CPU", "CUDA"):
+                if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key):
+                    found.add((qualname.split("::", 1)[1], key))
+    return frozenset(found)
+
+
+_KERNELS = _registered_kernels()
 
 
 def has_kernel(name: str, device: torch.device | str) -> bool:
@@ -55,7 +62,7 @@ def has_kernel(name: str, device: torch.device | str) -> bool:
         return False
     dev = torch.device(device)
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(dev.type)
-    return key is not None and _has_kernel_cached(name, key)
+    return (name, key) in _KERNELS
 
 
 def compiled_op(name: str) -> Any:

@@ -11,4 +11,10 @@ if extension_loaded():
 
     @torch.library.register_fake("dcgen::channel_rms_norm")
     def _channel_rms_norm_fake(x, weight, bias, eps):  # noqa: ANN001
-        return torch.empty_like(x)
+        # Same layout rule as the kernels: channels_last stays channels_last, anything else
+        # comes back NCHW-contiguous.
+        if x.ndim in (4, 5) and not x.is_contiguous():
+            fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+            if x.is_contiguous(memory_format=fmt):
+                return torch.empty_like(x, memory_format=fmt)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -43,7 +43,7 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 def check_channel_param(name: str, p: torch.Tensor | None, channels: int) -> None:
     if p is None:
         return
-    check_tensor(name, p, ndim=1)
+    check_tensor(name, p, ndim=1, dtypes=(*FLOAT_DTYPES, torch.float64))
     if p.shape[0] != channels:
         raise ValueError(
             f"{name}: expected shape ({channels},) to match the input's {channels} channels, "

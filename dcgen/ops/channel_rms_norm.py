@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._extension import compiled_op, has_kernel
-from ._validate import check_channel_param, check_same_device, check_tensor
+from ._validate import FLOAT_DTYPES, check_channel_param, check_same_device, check_tensor
 
 
 def channel_rms_norm_reference(
@@ -19,14 +19,14 @@ def channel_rms_norm_reference(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """Pure-PyTorch spec: y = x * rsqrt(mean_c(x^2) + eps) * weight + bias, all in fp32."""
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32, or fp64 for fp64 input
     inv = torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + eps)
     y = xf * inv
     view = (1, -1) + (1,) * (x.ndim - 2)
     if weight is not None:
-        y = y * weight.float().view(view)
+        y = y * weight.to(xf.dtype).view(view)
     if bias is not None:
-        y = y + bias.float().view(view)
+        y = y + bias.to(xf.dtype).view(view)
     return y.to(x.dtype)
 
 
@@ -38,11 +38,11 @@ def channel_rms_norm(
 ) -> torch.Tensor:
     """RMSNorm over channels (dim 1) of ``x`` shaped (N, C, *spatial), fp32 statistics.
 
-    Runs the compiled kernel (CPU or CUDA) when dcgen._C has one for ``x.device`` and no
-    gradient is needed; otherwise the reference (which autograd differentiates).
+    Runs the compiled kernel (CPU or CUDA) when dcgen._C has one for ``x.device``, no gradient
+    is needed and x is fp32/fp16/bf16; otherwise the reference (which autograd differentiates).
     NCHW-contiguous and channels_last inputs are both handled without a copy.
     """
-    check_tensor("channel_rms_norm: x", x, min_ndim=2)
+    check_tensor("channel_rms_norm: x", x, min_ndim=2, dtypes=(*FLOAT_DTYPES, torch.float64))
     channels = x.shape[1]
     check_channel_param("channel_rms_norm: weight", weight, channels)
     check_channel_param("channel_rms_norm: bias", bias, channels)
@@ -52,6 +52,8 @@ def channel_rms_norm(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
     )
-    if not needs_grad and x.numel() > 0 and has_kernel("channel_rms_norm", x.device):
+    # float64 (used by gradcheck and numerics studies) stays on the reference.
+    use_kernel = not needs_grad and x.dtype in FLOAT_DTYPES and x.numel() > 0
+    if use_kernel and has_kernel("channel_rms_norm", x.device):
         return compiled_op("channel_rms_norm")(x, weight, bias, float(eps))
     return channel_rms_norm_reference(x, weight, bias, eps)
