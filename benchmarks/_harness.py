@@ -1,0 +1,89 @@
+"""Shared benchmark plumbing: device and sizes, CUDA-synchronised timing, peak memory, and the
+baseline-vs-dcgen ratio table printed at the end of every run (and by summarize.py from JSON).
+
+Convention: every benchmark sets ``benchmark.group`` to the case and
+``benchmark.extra_info["impl"]`` to "baseline" or "dcgen" (plus a readable "baseline_name"),
+so each group holds one baseline and one candidate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def rounds(default_gpu: int, default_cpu: int = 2) -> int:
+    env = os.environ.get("DCGEN_BENCH_ROUNDS")
+    return int(env) if env else (default_gpu if ON_GPU else default_cpu)
+
+
+def measure_peak_memory(fn: Callable[[], object]) -> dict[str, float]:
+    """Run fn once; report peak allocated memory (GB) in total and above what was live before
+    (the activations). CPU runs report nothing: torch has no CPU peak counter."""
+    if not ON_GPU:
+        fn()
+        return {}
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_memory_gb": peak / 1e9, "peak_activation_gb": (peak - before) / 1e9}
+
+
+def time_it(benchmark, fn: Callable[[], object], n_rounds: int, warmup: int = 1) -> None:  # noqa: ANN001
+    def run() -> None:
+        fn()
+        sync()
+
+    benchmark.pedantic(run, rounds=n_rounds, warmup_rounds=warmup, iterations=1)
+
+
+def ratio_rows(entries: Iterable[Mapping]) -> list[dict]:
+    """Group entries ({group, impl, median_s, extra}) into rows baseline vs dcgen."""
+    groups: dict[str, dict] = {}
+    for e in entries:
+        row = groups.setdefault(e["group"], {"group": e["group"]})
+        impl = e["impl"]
+        row[f"{impl}_ms"] = e["median_s"] * 1e3 if e["median_s"] is not None else None
+        for key in ("peak_memory_gb", "tflops", "gbps"):
+            if key in e["extra"]:
+                row[f"{impl}_{key}"] = e["extra"][key]
+        if impl == "baseline":
+            row["baseline_name"] = e["extra"].get("baseline_name", "baseline")
+    rows = []
+    for row in groups.values():
+        b, d = row.get("baseline_ms"), row.get("dcgen_ms")
+        row["speedup"] = (b / d) if b and d else None
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    def f(v: object, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        "| case | baseline | baseline ms | dcgen ms | speedup | baseline peak GB | dcgen peak GB "
+        "| dcgen GB/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['group']} | {r.get('baseline_name', '-')} | {f(r.get('baseline_ms'), '.2f')} "
+            f"| {f(r.get('dcgen_ms'), '.2f')} | {f(r.get('speedup'), '.2f')}x "
+            f"| {f(r.get('baseline_peak_memory_gb'), '.2f')} "
+            f"| {f(r.get('dcgen_peak_memory_gb'), '.2f')} | {f(r.get('dcgen_gbps'), '.0f')} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""DC-AE decode: dcgen.DCAE vs diffusers.AutoencoderDC with the same random weights, bf16.
+
+GPU: full-width presets at 1024 / 2048 / 4096 px. CPU: narrow presets at 64 / 128 px (smoke run).
+Peak memory (GPU) goes to extra_info. Models are built once per preset and freed afterwards.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+from _harness import DEVICE, ON_GPU, measure_peak_memory, rounds, time_it
+
+from dcgen.autoencoders import DCAE
+from dcgen.autoencoders.checkpoint import dcgen_to_diffusers
+from dcgen.autoencoders.config import get_preset, reduced_config
+
+diffusers = pytest.importorskip("diffusers")
+
+PRESETS = ["dc-ae-f32c32-sana-1.1", "dc-ae-f64c128-in-1.0"]
+if ON_GPU:
+    SIZES = [int(s) for s in os.environ.get("DCGEN_BENCH_SIZES", "1024,2048,4096").split(",")]
+else:
+    SIZES = [64, 128]
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+
+_cache: dict[str, tuple] = {}
+
+
+def _models(preset: str):
+    if preset not in _cache:
+        _cache.clear()
+        gc.collect()
+        if ON_GPU:
+            torch.cuda.empty_cache()
+        cfg = get_preset(preset) if ON_GPU else reduced_config(preset, width_divisor=16)
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            ours = DCAE(cfg).to(DTYPE).eval()
+            theirs = diffusers.AutoencoderDC(**cfg.to_dict()).to(DTYPE).eval()
+        theirs.load_state_dict(dcgen_to_diffusers(ours.state_dict()))
+        _cache[preset] = (cfg, ours, theirs)
+    return _cache[preset]
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_dcae_decode(benchmark, preset, size, impl):
+    cfg, ours, theirs = _models(preset)
+    f = cfg.spatial_compression_ratio
+    gen = torch.Generator(device=DEVICE).manual_seed(size)
+    z = torch.randn(1, cfg.latent_channels, size // f, size // f, generator=gen, device=DEVICE)
+    z = z.to(DTYPE)
+
+    if impl == "dcgen":
+
+        def fn():
+            with torch.inference_mode():
+                return ours.decode(z)
+    else:
+
+        def fn():
+            with torch.inference_mode():
+                return theirs.decode(z).sample
+
+    benchmark.group = f"decode {preset.removeprefix('dc-ae-')} {size}px"
+    benchmark.extra_info.update(
+        impl=impl,
+        baseline_name="diffusers AutoencoderDC (eager)",
+        preset=preset,
+        size=size,
+        dtype=str(DTYPE),
+        device=str(DEVICE),
+        narrow_model=not ON_GPU,
+    )
+    benchmark.extra_info.update(measure_peak_memory(fn))
+    time_it(benchmark, fn, n_rounds=rounds(5 if size >= 4096 else 10))

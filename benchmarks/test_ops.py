@@ -1,0 +1,45 @@
+"""Op-level benchmarks: each compiled kernel vs what users run today, same inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _harness import DEVICE, ON_GPU, rounds, time_it
+
+from dcgen.ops import channel_rms_norm, has_kernel
+
+diffusers_norm = pytest.importorskip("diffusers.models.normalization")
+
+# DC-AE decoder stage-0 activation at 2048^2 output (f32c32 SANA: 128 channels); CPU: small.
+SHAPE = (1, 128, 1024, 1024) if ON_GPU else (1, 128, 64, 64)
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_channel_rms_norm(benchmark, impl):
+    if impl == "dcgen" and not has_kernel("channel_rms_norm", DEVICE):
+        pytest.skip("no compiled channel_rms_norm kernel for this device")
+    c = SHAPE[1]
+    x = torch.randn(SHAPE, device=DEVICE).to(DTYPE)
+    norm = diffusers_norm.RMSNorm(c, eps=1e-5, elementwise_affine=True, bias=True)
+    norm = norm.to(DEVICE, DTYPE)
+
+    if impl == "dcgen":
+
+        def fn():
+            return channel_rms_norm(x, norm.weight, norm.bias, 1e-5)
+    else:
+
+        def fn():
+            # diffusers' DC-AE applies its RMSNorm on a channels-last view, like this
+            return norm(x.movedim(1, -1)).movedim(-1, 1)
+
+    nbytes = 2 * x.numel() * x.element_size()  # one read + one write is the floor
+    benchmark.group = f"channel_rms_norm {tuple(SHAPE)} {str(DTYPE).removeprefix('torch.')}"
+    benchmark.extra_info.update(
+        impl=impl, baseline_name="diffusers RMSNorm (movedim)", bytes_floor=nbytes
+    )
+    with torch.inference_mode():
+        time_it(benchmark, fn, n_rounds=rounds(50, 5))
+    if benchmark.stats:
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9

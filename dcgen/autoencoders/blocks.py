@@ -1,0 +1,219 @@
+"""DC-AE building blocks (METHOD.md section 3), numerically matching diffusers' AutoencoderDC.
+
+Parameter names are dcgen's own; checkpoint.py maps them to diffusers' and to the original
+mit-han-lab names. The one layout difference that matters: LiteMLA keeps the original fused
+1x1 ``qkv`` conv (per-head interleaved [q_h | k_h | v_h] channels), where diffusers stores its
+three contiguous thirds as ``to_q`` / ``to_k`` / ``to_v`` (which are therefore NOT the queries,
+keys and values).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcgen.ops import channel_duplicate_to_space, space_to_channel_average
+
+from .norms import fold_batchnorm_into_conv, make_act, make_norm
+
+LINEAR_ATTENTION_EPS = 1e-15
+
+
+def _fold_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[nn.Conv2d, nn.Module, bool]:
+    if isinstance(norm, nn.BatchNorm2d):
+        return fold_batchnorm_into_conv(conv, norm), nn.Identity(), True
+    return conv, norm, False
+
+
+class ResBlock(nn.Module):
+    """x + norm(conv3x3_nobias(act(conv3x3(x))))."""
+
+    def __init__(self, channels: int, norm_type: str, act_fn: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = make_act(act_fn)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm = make_norm(norm_type, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.conv2(self.act(self.conv1(x))))
+
+    def fold_batchnorm(self) -> bool:
+        self.conv2, self.norm, folded = _fold_norm(self.conv2, self.norm)
+        return folded
+
+
+class QKVAggregator(nn.Module):
+    """Multi-scale branch: depthwise kxk over all q/k/v channels, then a 1x1 conv grouped per
+    (head, q|k|v) slice, so every new head mixes only its own source head's channels."""
+
+    def __init__(self, qkv_channels: int, groups: int, kernel_size: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(
+            qkv_channels,
+            qkv_channels,
+            kernel_size,
+            padding=kernel_size // 2,
+            groups=qkv_channels,
+            bias=False,
+        )
+        self.grouped = nn.Conv2d(qkv_channels, qkv_channels, 1, groups=groups, bias=False)
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        return self.grouped(self.depthwise(qkv))
+
+
+class LiteMLA(nn.Module):
+    """ReLU linear attention with optional multi-scale q/k/v aggregation, plus residual.
+
+    Heads: channels // head_dim (diffusers' rule). The fused qkv output, and each aggregated
+    copy of it, is read as heads of 3*head_dim consecutive channels [q | k | v]; every kernel
+    size in ``kernel_sizes`` adds as many heads again.
+    """
+
+    def __init__(self, channels: int, head_dim: int, kernel_sizes: tuple[int, ...], norm_type: str):
+        super().__init__()
+        self.head_dim = head_dim
+        heads = channels // head_dim
+        inner = heads * head_dim
+        self.qkv = nn.Conv2d(channels, 3 * inner, 1, bias=False)
+        self.aggregators = nn.ModuleList(
+            QKVAggregator(3 * inner, 3 * heads, k) for k in kernel_sizes
+        )
+        self.proj = nn.Conv2d(inner * (1 + len(kernel_sizes)), channels, 1, bias=False)
+        self.norm = make_norm(norm_type, channels)
+
+    def _linear(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # O(N) form: per head, [v; 1] k^T is (d+1) x d; multiplying by q gives the numerator
+        # (first d rows) and the normaliser sum_j k_j.q (last row) in one matmul. fp32 because
+        # these sums over all pixels overflow fp16 and lose too much in bf16.
+        v = F.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)
+        vk = torch.matmul(v, k.transpose(-1, -2))
+        out = torch.matmul(vk, q)
+        return out[:, :, :-1] / (out[:, :, -1:] + LINEAR_ATTENTION_EPS)
+
+    def _quadratic(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # Used (like the reference) when a map has no more pixels than head_dim, where the
+        # N x N form is cheaper; normalised in fp32.
+        scores = torch.matmul(k.transpose(-1, -2), q).float()
+        scores = scores / (scores.sum(dim=2, keepdim=True) + LINEAR_ATTENTION_EPS)
+        return torch.matmul(v, scores.to(v.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        qkv = self.qkv(x)
+        if len(self.aggregators):
+            qkv = torch.cat([qkv] + [agg(qkv) for agg in self.aggregators], dim=1)
+        use_linear = h * w > self.head_dim
+        if use_linear:
+            qkv = qkv.float()
+        qkv = qkv.reshape(b, -1, 3 * self.head_dim, h * w)
+        q, k, v = qkv.split(self.head_dim, dim=2)
+        q, k = F.relu(q), F.relu(k)
+        out = self._linear(q, k, v) if use_linear else self._quadratic(q, k, v)
+        out = out.to(x.dtype).reshape(b, -1, h, w)
+        return x + self.norm(self.proj(out))
+
+    def fold_batchnorm(self) -> bool:
+        self.proj, self.norm, folded = _fold_norm(self.proj, self.norm)
+        return folded
+
+
+class GLUMBConv(nn.Module):
+    """Gated inverted bottleneck: 1x1 C->8C (+SiLU), depthwise 3x3, x * SiLU(gate), 1x1 4C->C,
+    RMSNorm, residual."""
+
+    def __init__(self, channels: int, expand_ratio: int = 4) -> None:
+        super().__init__()
+        hidden = expand_ratio * channels
+        self.expand = nn.Conv2d(channels, 2 * hidden, 1)
+        self.depthwise = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.project = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.norm = make_norm("rms_norm", channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.depthwise(F.silu(self.expand(x)))
+        y, gate = y.chunk(2, dim=1)
+        return x + self.norm(self.project(y * F.silu(gate)))
+
+
+class EfficientViTBlock(nn.Module):
+    """LiteMLA (global context) then GLUMBConv (local mixing), each with its own residual."""
+
+    def __init__(
+        self, channels: int, head_dim: int, kernel_sizes: tuple[int, ...], norm_type: str
+    ) -> None:
+        super().__init__()
+        self.attn = LiteMLA(channels, head_dim, kernel_sizes, norm_type)
+        self.mlp = GLUMBConv(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attn(x))
+
+
+def make_block(
+    block_type: str,
+    channels: int,
+    head_dim: int,
+    norm_type: str,
+    act_fn: str,
+    kernel_sizes: tuple[int, ...],
+) -> nn.Module:
+    if block_type == "ResBlock":
+        return ResBlock(channels, norm_type, act_fn)
+    if block_type == "EfficientViTBlock":
+        return EfficientViTBlock(channels, head_dim, kernel_sizes, norm_type)
+    raise ValueError(f"block type: expected 'ResBlock' or 'EfficientViTBlock', got {block_type!r}")
+
+
+class DownBlock(nn.Module):
+    """Halve the resolution: main path conv3x3 + pixel_unshuffle(2) (``pixel_unshuffle``) or a
+    stride-2 conv3x3 (``conv``); optional residual-autoencoding shortcut = space-to-channel, then
+    averaging groups of channels (non-parametric)."""
+
+    def __init__(self, in_channels: int, out_channels: int, mode: str, shortcut: bool) -> None:
+        super().__init__()
+        self.mode = mode
+        self.out_channels = out_channels
+        self.shortcut = shortcut
+        if mode == "pixel_unshuffle":
+            self.conv = nn.Conv2d(in_channels, out_channels // 4, 3, padding=1)
+        elif mode == "conv":
+            self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        else:
+            raise ValueError(f"downsample type: expected pixel_unshuffle or conv, got {mode!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.mode == "pixel_unshuffle":
+            y = F.pixel_unshuffle(y, 2)
+        if self.shortcut:
+            y = y + space_to_channel_average(x, self.out_channels, 2)
+        return y
+
+
+class UpBlock(nn.Module):
+    """Double the resolution: conv3x3 + pixel_shuffle(2) (``pixel_shuffle``) or nearest x2 then
+    conv3x3 (``interpolate``); optional shortcut = duplicate channels, then depth-to-space."""
+
+    def __init__(self, in_channels: int, out_channels: int, mode: str, shortcut: bool) -> None:
+        super().__init__()
+        self.mode = mode
+        self.out_channels = out_channels
+        self.shortcut = shortcut
+        if mode == "pixel_shuffle":
+            self.conv = nn.Conv2d(in_channels, 4 * out_channels, 3, padding=1)
+        elif mode == "interpolate":
+            self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        else:
+            raise ValueError(f"upsample type: expected pixel_shuffle or interpolate, got {mode!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "pixel_shuffle":
+            y = F.pixel_shuffle(self.conv(x), 2)
+        else:
+            y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if self.shortcut:
+            y = y + channel_duplicate_to_space(x, self.out_channels, 2)
+        return y

@@ -1,0 +1,126 @@
+"""DC-AE encoder and decoder stacks built from a DCAEConfig.
+
+Module tree (dcgen names; checkpoint.py maps them to diffusers / original names):
+
+    encoder.stem        conv3x3 in->C0, or (stage 0 empty) a DownBlock in->C1 without shortcut
+    encoder.stages.i.j  blocks of stage i, then (j == depth, i < last) its DownBlock
+    encoder.head        conv3x3 C_last->latent (+ channel-averaging shortcut in 1.0)
+    decoder.stem        conv3x3 latent->C_last (+ channel-duplicating shortcut in 1.0)
+    decoder.stages.i.j  (j == 0, i < last) UpBlock from stage i+1, then the blocks of stage i
+    decoder.head_norm   RMSNorm, then the output activation
+    decoder.head        conv3x3 ->in, or (stage 0 empty) an UpBlock ->in without shortcut
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcgen.ops import channel_duplicate_to_space, space_to_channel_average
+
+from .blocks import DownBlock, UpBlock, make_block
+from .config import DCAEConfig
+from .norms import ChannelRMSNorm, make_act
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: DCAEConfig) -> None:
+        super().__init__()
+        widths = cfg.encoder_block_out_channels
+        depths = cfg.encoder_layers_per_block
+        n = len(widths)
+        self.latent_channels = cfg.latent_channels
+        self.out_shortcut = cfg.encoder_out_shortcut
+        if depths[0] > 0:
+            self.stem: nn.Module = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        else:
+            self.stem = DownBlock(cfg.in_channels, widths[1], cfg.downsample_block_type, False)
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            layers: list[nn.Module] = [
+                make_block(
+                    cfg.encoder_block_types[i],
+                    width,
+                    cfg.attention_head_dim,
+                    "rms_norm",  # the encoder always uses RMSNorm + SiLU
+                    "silu",
+                    cfg.encoder_qkv_multiscales[i],
+                )
+                for _ in range(depth)
+            ]
+            if i < n - 1 and depth > 0:
+                layers.append(DownBlock(width, widths[i + 1], cfg.downsample_block_type, True))
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+        self.head = nn.Conv2d(widths[-1], cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+        """Latents of ``x``; with ``channels=c`` only the first c latent channels are computed
+        (DC-AE 1.5 structured latents: the head conv's weight is sliced to [:c])."""
+        h = self.stem(x)
+        for stage in self.stages:
+            h = stage(h)
+        c = self.latent_channels if channels is None else channels
+        if c == self.latent_channels:
+            z = self.head(h)
+        else:
+            bias = None if self.head.bias is None else self.head.bias[:c]
+            z = F.conv2d(h, self.head.weight[:c], bias, padding=1)
+        if self.out_shortcut:
+            z = z + space_to_channel_average(h, self.latent_channels, 1)[:, :c]
+        return z
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DCAEConfig) -> None:
+        super().__init__()
+        widths = cfg.decoder_block_out_channels
+        depths = cfg.decoder_layers_per_block
+        n = len(widths)
+        self.latent_channels = cfg.latent_channels
+        self.in_shortcut = cfg.decoder_in_shortcut
+        self.stem = nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1)
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            layers: list[nn.Module] = []
+            if i < n - 1 and depth > 0:
+                layers.append(UpBlock(widths[i + 1], width, cfg.upsample_block_type, True))
+            layers.extend(
+                make_block(
+                    cfg.decoder_block_types[i],
+                    width,
+                    cfg.attention_head_dim,
+                    cfg.decoder_norm_types[i],
+                    cfg.decoder_act_fns[i],
+                    cfg.decoder_qkv_multiscales[i],
+                )
+                for _ in range(depth)
+            )
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+        out_width = widths[0] if depths[0] > 0 else widths[1]
+        self.head_norm = ChannelRMSNorm(out_width)
+        self.head_act = make_act(cfg.decoder_conv_act_fn)
+        if depths[0] > 0:
+            self.head: nn.Module = nn.Conv2d(out_width, cfg.in_channels, 3, padding=1)
+        else:
+            self.head = UpBlock(out_width, cfg.in_channels, cfg.upsample_block_type, False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Image from latents; z may carry only the first c <= latent_channels channels, which
+        equals decoding z zero-padded to latent_channels (the stem conv weight is sliced)."""
+        c = z.shape[1]
+        if c == self.latent_channels:
+            h = self.stem(z)
+        else:
+            bias = self.stem.bias
+            h = F.conv2d(z, self.stem.weight[:, :c], bias, padding=1)
+        if self.in_shortcut:
+            if c < self.latent_channels:
+                # The shortcut duplicates every latent channel; missing channels count as zero.
+                z = F.pad(z, (0, 0, 0, 0, 0, self.latent_channels - c))
+            h = h + channel_duplicate_to_space(z, h.shape[1], 1)
+        for stage in reversed(self.stages):
+            h = stage(h)
+        return self.head(self.head_act(self.head_norm(h)))

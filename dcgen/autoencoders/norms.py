@@ -1,0 +1,94 @@
+"""Norms and activations used by the DC-AE blocks, and BatchNorm folding for inference."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dcgen.ops import channel_rms_norm
+
+RMS_EPS = 1e-5
+BN_EPS = 1e-5
+
+
+class ChannelRMSNorm(nn.Module):
+    """RMSNorm over the channels of every pixel of an (N, C, H, W) map, with weight AND bias.
+
+    Statistics and affine run in fp32 (dcgen.ops.channel_rms_norm), so bf16 activations do not
+    lose the normalisation's precision.
+    """
+
+    def __init__(self, channels: int, eps: float = RMS_EPS) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_rms_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def make_norm(norm_type: str, channels: int) -> nn.Module:
+    if norm_type == "rms_norm":
+        return ChannelRMSNorm(channels)
+    if norm_type == "batch_norm":
+        return nn.BatchNorm2d(channels, eps=BN_EPS)
+    raise ValueError(f"norm type: expected 'rms_norm' or 'batch_norm', got {norm_type!r}")
+
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "gelu": nn.GELU,
+    "mish": nn.Mish,
+}
+
+
+def make_act(name: str) -> nn.Module:
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"activation: expected one of {sorted(_ACTIVATIONS)}, got {name!r}"
+        ) from None
+
+
+@torch.no_grad()
+def fold_batchnorm_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A conv computing bn(conv(x)) with BatchNorm's running statistics (eval semantics).
+
+    y = gamma * (conv(x) - mean) / sqrt(var + eps) + beta
+      = conv'(x) with W' = W * s[:, None, None, None], b' = (b - mean) * s + beta,
+    s = gamma / sqrt(var + eps). The arithmetic runs in fp64 and is rounded once.
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_batchnorm: BatchNorm2d without running statistics cannot be folded")
+    dtype = conv.weight.dtype
+    var = bn.running_var.double()
+    mean = bn.running_mean.double()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=dtype,
+    )
+    fused.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype))
+    fused.bias.copy_(((bias - mean) * scale + beta).to(dtype))
+    fused.weight.requires_grad_(conv.weight.requires_grad)
+    fused.bias.requires_grad_(conv.weight.requires_grad)
+    return fused
