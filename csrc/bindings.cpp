@@ -22,6 +22,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_version"] = DCGEN_BUILT_CUDA_VERSION;
     d["cuda_archs"] = DCGEN_BUILT_CUDA_ARCHS;
     d["kernels"] = DCGEN_BUILT_KERNELS;
+    d["cutlass_include"] = DCGEN_BUILT_CUTLASS_INCLUDE;
     d["cxx_compiler"] = DCGEN_BUILT_CXX_COMPILER;
     return d;
   });
