@@ -10,7 +10,17 @@ from dcgen.ops import channel_rms_norm, channel_rms_norm_reference, has_kernel
 from dcgen.ops._extension import compiled_op
 from tests.conftest import poison_cuda_allocator
 
-SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 32, 16, 16), (3, 130, 9, 11), (2, 1024, 4, 4), (2, 8, 33)]
+# Plane sizes that are and are not multiples of the CUDA kernel's 16-byte packets.
+SHAPES = [
+    (1, 1, 1, 1),
+    (2, 3, 5, 7),
+    (1, 32, 16, 16),
+    (3, 130, 9, 11),
+    (2, 1024, 4, 4),
+    (2, 8, 33),
+    (2, 64, 32, 48),
+    (1, 5, 2, 6),
+]
 TOL = {torch.float32: (2e-6, 2e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
@@ -65,6 +75,25 @@ def test_cuda_kernel_matches_reference(dtype, rng):
     if not has_kernel("channel_rms_norm", "cuda"):
         pytest.skip("dcgen._C has no CUDA kernel for channel_rms_norm")
     _check_kernel("cuda", dtype, rng)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_misaligned_storage_offset(dtype, rng):
+    # A contiguous view starting one element into its storage is not 16-byte aligned: the
+    # kernel must take its scalar path and still be right.
+    if not has_kernel("channel_rms_norm", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernel for channel_rms_norm")
+    shape = (2, 16, 8, 8)
+    n = 2 * 16 * 8 * 8
+    base = torch.randn(n + 1, generator=rng).to(dtype).cuda()
+    x = base[1:].view(shape)
+    w, b = torch.randn(16, generator=rng).cuda(), torch.randn(16, generator=rng).cuda()
+    poison_cuda_allocator()
+    got = compiled_op("channel_rms_norm")(x, w, b, 1e-5)
+    want = channel_rms_norm_reference(x.cpu().float(), w.cpu(), b.cpu(), 1e-5)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.cpu().float(), want, atol=atol, rtol=rtol)
 
 
 @pytest.mark.cuda
