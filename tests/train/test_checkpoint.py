@@ -1,0 +1,217 @@
+"""Checkpoints: exact resume after SIGKILL, crash-safe writes, retention, RNG round trips.
+
+Run as a script (``python test_checkpoint.py DIR STEPS EVERY KILL_AT``) it is the training
+process that the resume test kills.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dcgen.train import (
+    BucketBatchSampler,
+    Checkpointer,
+    CheckpointError,
+    capture_rng_state,
+    list_checkpoints,
+    load_latest_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from dcgen.train import checkpoint as ckpt_mod
+
+REPO = Path(__file__).resolve().parents[2]
+TOTAL_STEPS = 23  # crosses two epoch boundaries (8 batches per epoch)
+
+
+def train(directory: Path, total: int, every: int, kill_at: int | None = None) -> dict:
+    """A tiny run touching every RNG a real one does: a shuffled sampler, dropout (torch),
+    augmentation noise (python + numpy), AdamW with an LR schedule."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thread count can change float reduction order
+    try:
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        data_gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(32, 8, generator=data_gen), torch.randn(32, 2, generator=data_gen)
+        dataset = torch.utils.data.TensorDataset(x, y)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 2)
+        )
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        sampler = BucketBatchSampler([0] * len(dataset), batch_size=4, seed=7)
+        # The loader's own generator keeps iterator creation off the global torch RNG.
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(2)
+        )
+        ckpt = Checkpointer(directory, {"model": model}, opt, sched, keep_last=2)
+        state = ckpt.resume()
+        while state.step < total:
+            sampler.set_epoch(state.epoch, state.position)
+            for xb, yb in loader:
+                noise = random.gauss(0, 0.01) + float(np.random.normal(0, 0.01))
+                loss = torch.nn.functional.mse_loss(model(xb + noise), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                state.advance()
+                if state.step % every == 0:
+                    ckpt.save(state)
+                    if state.step == kill_at:
+                        # SIGKILL: no cleanup handlers, no flush, like a preempted node.
+                        os.kill(os.getpid(), signal.SIGKILL)
+                if state.step == total:
+                    break
+            else:
+                state.next_epoch()
+        return {k: v.clone() for k, v in model.state_dict().items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    reference = train(tmp_path / "uninterrupted", TOTAL_STEPS, every=1000)
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, __file__, str(run), str(TOTAL_STEPS), "3", "12"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000009", "step-00000012"]
+    resumed = train(run, TOTAL_STEPS, every=3)  # resumes at step 12, mid-epoch 1
+    assert_bit_identical(reference, resumed)
+
+
+def test_resume_after_exception_is_bit_identical(tmp_path, monkeypatch):
+    reference = train(tmp_path / "a", TOTAL_STEPS, every=1000)
+
+    def die(pid, sig):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "kill", die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", TOTAL_STEPS, every=4, kill_at=16)  # at an epoch boundary
+    monkeypatch.undo()
+    assert_bit_identical(reference, train(tmp_path / "b", TOTAL_STEPS, every=4))
+
+
+def _module() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 2)
+
+
+def test_crash_during_write_keeps_previous(tmp_path, monkeypatch):
+    model = _module()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(tmp_path, 1, {"m": model}, opt, data_position={"epoch": 0, "position": 1})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        if str(f).endswith("rng.pt"):
+            raise OSError("disk full")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 2, {"m": model}, opt)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
+
+    fresh = torch.nn.Linear(3, 2)
+    ckpt = load_latest_checkpoint(tmp_path, {"m": fresh})
+    assert ckpt is not None and ckpt.step == 1
+    assert ckpt.data_position == {"epoch": 0, "position": 1}
+    assert_bit_identical(before, fresh.state_dict())
+
+
+def test_killed_write_leftover_is_invisible_and_cleaned(tmp_path):
+    model = _module()
+    save_checkpoint(tmp_path, 5, {"m": model})
+    # What a SIGKILL during a save leaves: a temp dir, possibly with files but no rename.
+    stale = tmp_path / ".tmp-step-00000006-abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    # And a step dir without state.json (e.g. copied by hand, interrupted).
+    (tmp_path / "step-00000007").mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000005"]
+    assert load_latest_checkpoint(tmp_path, {"m": _module()}).step == 5
+    save_checkpoint(tmp_path, 6, {"m": model})
+    assert not stale.exists()
+
+
+def test_keep_last_and_resave(tmp_path):
+    model = _module()
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, step, {"m": model}, keep_last=3, extra={"loss": step / 10})
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"step-0000000{i}" for i in (3, 4, 5)]
+    with torch.no_grad():
+        model.weight.zero_()
+    save_checkpoint(tmp_path, 5, {"m": model}, keep_last=3, extra={"loss": 0.0})
+    ckpt = load_latest_checkpoint(tmp_path)
+    assert ckpt.extra == {"loss": 0.0} and torch.equal(
+        ckpt.model_state["m"]["weight"], model.weight
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert load_latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_rng_round_trip():
+    state = capture_rng_state()
+    draws = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
+    restore_rng_state(state)
+    again = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
+    assert draws[:3] == again[:3] and torch.equal(draws[3], again[3])
+
+
+def test_model_state_forms_and_errors(tmp_path):
+    tied = torch.nn.Module()
+    tied.a = torch.nn.Linear(2, 2)
+    tied.b = torch.nn.Linear(2, 2)
+    tied.b.weight = tied.a.weight  # tied weights share storage
+    save_checkpoint(tmp_path, 1, lambda: {"tied": tied.state_dict()}, rng_state=False)
+    ckpt = load_latest_checkpoint(tmp_path)
+    assert ckpt.rng_state is None and ckpt.optimizer_state is None
+    assert torch.equal(ckpt.model_state["tied"]["b.weight"], tied.a.weight)
+
+    with pytest.raises(CheckpointError, match=r"saved modules \['tied'\], given \['other'\]"):
+        load_latest_checkpoint(tmp_path, {"other": torch.nn.Linear(2, 2)})
+    with pytest.raises(TypeError, match="JSON"):
+        save_checkpoint(tmp_path, 2, {"m": _module()}, extra={"t": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        load_latest_checkpoint(tmp_path, optimizer=torch.optim.SGD(_module().parameters(), lr=1))
+
+    weights = tmp_path / "step-00000001" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match=r"step-00000001/model\.safetensors"):
+        load_latest_checkpoint(tmp_path)
+
+
+if __name__ == "__main__":
+    directory, total, every, kill_at = sys.argv[1:5]
+    train(Path(directory), int(total), int(every), int(kill_at))

@@ -1,0 +1,256 @@
+"""ImageCaptionFolder, aspect buckets and the bucket batch sampler."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcgen.train import (
+    Bucket,
+    BucketBatchSampler,
+    DataError,
+    ImageCaptionDataset,
+    ImageCaptionFolder,
+    assign_buckets,
+    collate_samples,
+    make_buckets,
+    nearest_bucket,
+)
+
+# ------------------------------------------------------------------------------------ folder
+
+
+def test_folder_order_captions_and_tensors(make_folder):
+    root = make_folder()
+    ds = ImageCaptionFolder(root, resolution=32)
+    assert isinstance(ds, ImageCaptionDataset)
+    assert ds.keys == ["a.png", "b.png", "c.png", "d.png", "e.png"]
+    s = ds[1]
+    assert s["key"] == "b.png" and s["caption"] == "a photo of b"
+    assert s["image"].shape == (3, 32, 32) and s["image"].dtype == torch.float32
+    assert -1.0 <= s["image"].min() and s["image"].max() <= 1.0
+    assert s["image"].min() < -0.9 and s["image"].max() > 0.9  # full range used, not [0, 1]
+    # Same folder, same order and pixels: indices are stable.
+    again = ImageCaptionFolder(root, resolution=32)
+    assert torch.equal(again[3]["image"], ds[3]["image"])
+    assert ds.fingerprint() == again.fingerprint()
+
+
+def test_resize_crop_keeps_centre(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    # 32x96: left/right thirds black, centre white -> centre crop to 32x32 is all white.
+    arr = np.zeros((32, 96, 3), np.uint8)
+    arr[:, 32:64] = 255
+    Image.fromarray(arr).save(root / "x.png")
+    (root / "x.txt").write_text("x")
+    img = ImageCaptionFolder(root, resolution=32)[0]["image"]
+    assert torch.allclose(img, torch.ones_like(img))
+    img = ImageCaptionFolder(root, resolution=(16, 48))[0]["image"]
+    assert img.shape == (3, 16, 48)
+
+
+def test_metadata_jsonl_and_precedence(make_folder):
+    root = make_folder(captions="none")
+    (root / "a.txt").write_text("from txt")
+    rows = [{"file_name": f"{s}.png", "text": f"meta {s}"} for s in "abcde"]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = ImageCaptionFolder(root, resolution=32)
+    assert ds.captions == [f"meta {s}" for s in "abcde"]  # metadata wins over a sibling .txt
+
+
+def test_captions_jsonl_subfolders(tmp_path, make_folder):
+    root = make_folder(captions="none")
+    (root / "sub").mkdir()
+    (root / "a.png").rename(root / "sub" / "a.png")
+    rows = [{"file_name": "sub/a.png", "text": "nested"}] + [
+        {"file_name": f"{s}.png", "text": s} for s in "bcde"
+    ]
+    (root / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    ds = ImageCaptionFolder(root, resolution=32)
+    assert ds.keys[-1] == "sub/a.png" and ds.captions[-1] == "nested"
+
+
+def test_bad_metadata_line_names_file(make_folder):
+    root = make_folder()
+    (root / "metadata.jsonl").write_text('{"file_name": "a.png"}\nnot json\n')
+    with pytest.raises(DataError, match=r"metadata.jsonl:1"):
+        ImageCaptionFolder(root, resolution=32)
+
+
+def test_buckets_assign_by_aspect(make_folder):
+    root = make_folder()
+    buckets = make_buckets(64 * 64, factor=16)
+    ds = ImageCaptionFolder(root, buckets=buckets, factor=16)
+    shapes = {s["key"]: tuple(s["image"].shape[1:]) for s in (ds[i] for i in range(len(ds)))}
+    assert shapes["a.png"] == (64, 64)
+    assert shapes["b.png"][1] > shapes["b.png"][0]  # wide stays wide
+    assert shapes["d.png"][0] > shapes["d.png"][1]  # tall stays tall
+    assert shapes["b.png"] == shapes["e.png"]  # both 1:2 -> same bucket
+    assert ds.bucket_ids == [shapes[k] for k in ds.keys]
+    for h, w in shapes.values():
+        assert h % 16 == 0 and w % 16 == 0 and h * w <= 64 * 64
+
+
+def test_native_size_needs_divisible_images(make_folder):
+    ds = ImageCaptionFolder(make_folder(images=[("a", 64, 32)]), factor=16)
+    assert ds[0]["image"].shape == (3, 64, 32)
+    with pytest.raises(DataError, match=r"e\.png size 40x80 is not divisible by 16"):
+        ImageCaptionFolder(make_folder(name="other"), factor=16)
+
+
+def test_rgba_composited_on_white(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(root / "t.png")
+    (root / "t.txt").write_text("t")
+    img = ImageCaptionFolder(root, resolution=16)[0]["image"]
+    assert torch.allclose(img, torch.ones_like(img))
+
+
+def test_jpg_and_webp(make_folder):
+    for ext in (".jpg", ".webp"):
+        ds = ImageCaptionFolder(make_folder(ext=ext, name=ext[1:]), resolution=32)
+        assert ds.keys[0] == f"a{ext}" and ds[0]["image"].shape == (3, 32, 32)
+
+
+def test_error_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images")
+    with pytest.raises(DataError, match="no images"):
+        ImageCaptionFolder(tmp_path / "empty", resolution=32)
+    with pytest.raises(DataError, match="does not exist"):
+        ImageCaptionFolder(tmp_path / "missing", resolution=32)
+
+
+def test_error_missing_caption_names_file(make_folder):
+    root = make_folder()
+    (root / "c.txt").unlink()
+    with pytest.raises(DataError, match=r"1 image\(s\).*no caption.*c\.png"):
+        ImageCaptionFolder(root, resolution=32)
+    assert ImageCaptionFolder(root, resolution=32, missing_caption="empty").captions[2] == ""
+    assert "c.png" not in ImageCaptionFolder(root, resolution=32, missing_caption="skip").keys
+
+
+def test_error_unreadable_image_names_file(make_folder):
+    root = make_folder()
+    (root / "b.png").write_bytes(b"not a png at all")
+    ds = ImageCaptionFolder(root, resolution=32)  # pixels are read lazily
+    assert ds[0]["key"] == "a.png"
+    with pytest.raises(DataError, match=r"could not read image .*b\.png"):
+        ds[1]
+    # Bucketing reads headers up front, so the error comes at construction.
+    with pytest.raises(DataError, match=r"could not read image .*b\.png"):
+        ImageCaptionFolder(root, buckets=make_buckets(32 * 32, 16))
+
+
+def test_error_resolution_not_divisible(make_folder):
+    root = make_folder()
+    with pytest.raises(DataError, match=r"resolution 40x40 is not divisible by 32"):
+        ImageCaptionFolder(root, resolution=40, factor=32)
+    with pytest.raises(DataError, match=r"bucket 48x48 is not divisible by 32"):
+        ImageCaptionFolder(root, buckets=[Bucket(48, 48)], factor=32)
+
+
+def test_collate_rejects_mixed_shapes():
+    a = {"image": torch.zeros(3, 16, 16), "caption": "a", "key": "a"}
+    b = {"image": torch.zeros(3, 16, 32), "caption": "b", "key": "b"}
+    batch = collate_samples([a, a])
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["caption"] == ["a", "a"]
+    with pytest.raises(ValueError, match="BucketBatchSampler"):
+        collate_samples([a, b])
+
+
+# ----------------------------------------------------------------------------------- buckets
+
+
+@pytest.mark.parametrize("factor", [16, 32, 64])
+def test_make_buckets_divisible_within_area(factor):
+    area = 512 * 512
+    buckets = make_buckets(area, factor, max_aspect=3.0)
+    assert Bucket(512, 512) in buckets
+    for b in buckets:
+        assert b.height % factor == 0 and b.width % factor == 0
+        assert b.area <= area and max(b.aspect, 1 / b.aspect) <= 3.0
+        # Maximal: growing either side by one grid step breaks the budget.
+        assert (b.height + factor) * b.width > area and b.height * (b.width + factor) > area
+    assert buckets == sorted(buckets, key=lambda b: b.aspect)
+    # Symmetric: every landscape bucket has its portrait twin.
+    assert {(b.width, b.height) for b in buckets} == {(b.height, b.width) for b in buckets}
+
+
+def test_nearest_bucket():
+    buckets = [Bucket(32, 32), Bucket(32, 64), Bucket(64, 32)]
+    assert nearest_bucket(100, 100, buckets) == Bucket(32, 32)
+    assert nearest_bucket(100, 190, buckets) == Bucket(32, 64)
+    assert nearest_bucket(300, 100, buckets) == Bucket(64, 32)
+    assert assign_buckets([(10, 10), (10, 30)], buckets) == [Bucket(32, 32), Bucket(32, 64)]
+
+
+def _ids():
+    return ["s"] * 10 + ["w"] * 7 + ["t"] * 5
+
+
+def test_sampler_batches_share_a_bucket_and_cover_data():
+    ids = _ids()
+    sampler = BucketBatchSampler(ids, batch_size=3, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 3 + 2 + 1  # drop_last per bucket
+    for batch in batches:
+        assert len(batch) == 3 and len({ids[i] for i in batch}) == 1
+    flat = [i for b in batches for i in b]
+    assert len(flat) == len(set(flat))
+    keep = BucketBatchSampler(ids, batch_size=3, seed=1, drop_last=False)
+    assert sorted(i for b in keep for i in b) == list(range(len(ids)))
+
+
+def test_sampler_deterministic_per_seed_and_epoch():
+    ids = _ids()
+    a, b = BucketBatchSampler(ids, 2, seed=5), BucketBatchSampler(ids, 2, seed=5)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first  # a new shuffle each epoch
+    assert list(BucketBatchSampler(ids, 2, seed=6)) != first
+    assert list(a) == list(a)  # re-iterating an epoch replays it
+
+
+def test_sampler_resume_from_position():
+    ids = _ids()
+    s = BucketBatchSampler(ids, 2, seed=3)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2, position=4)
+    assert list(s) == full[4:]
+    assert list(s) == full  # the skip applies to one iteration only
+    fresh = BucketBatchSampler(ids, 2, seed=3)
+    fresh.load_state_dict({"seed": 3, "epoch": 2, "position": 7})
+    assert list(fresh) == full[7:]
+    s.set_epoch(2, position=len(full) + 1)
+    with pytest.raises(ValueError, match="past the end"):
+        list(s)
+
+
+def test_sampler_replicas_partition_batches():
+    ids = _ids()
+    ranks = [list(BucketBatchSampler(ids, 2, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1])
+    assert not {tuple(b) for b in ranks[0]} & {tuple(b) for b in ranks[1]}
+
+
+def test_sampler_with_dataloader(make_folder):
+    ds = ImageCaptionFolder(make_folder(), buckets=make_buckets(64 * 64, 16))
+    sampler = BucketBatchSampler(ds.bucket_ids, batch_size=2, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate_samples)
+    batches = list(loader)
+    # The squares (a, c) and the two 1:2 images (b, e) fill batches; the lone tall d is dropped.
+    assert sorted(tuple(sorted(b["key"])) for b in batches) == [
+        ("a.png", "c.png"),
+        ("b.png", "e.png"),
+    ]
+    for b in batches:
+        assert b["image"].shape == (2, 3, *ds.target_size(ds.keys.index(b["key"][0])))
