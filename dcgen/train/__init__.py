@@ -1,6 +1,19 @@
-"""Training: datasets, aspect buckets, latent caches and checkpoints (alignment stages build on
-these)."""
+"""DC-Gen post-training building blocks.
 
+Data: datasets, aspect buckets, latent caches, checkpoints (data.py, buckets.py, cache.py,
+checkpoint.py). Method: stage-1 embedder alignment math (align.py), flow-matching losses for
+stages 2-3 (losses.py), LoRA through peft (lora.py), the feature-distance analysis (features.py).
+"""
+
+from .align import (
+    RidgeAccumulator,
+    alignment_loss,
+    downsample_tokens,
+    init_from_ridge,
+    init_linear_from_ridge,
+    patchify,
+    refine_sgd,
+)
 from .buckets import Bucket, BucketBatchSampler, assign_buckets, make_buckets, nearest_bucket
 from .cache import CacheError, LatentCache, precompute
 from .checkpoint import (
@@ -25,8 +38,39 @@ from .data import (
     pil_to_tensor,
     resize_center_crop,
 )
+from .features import (
+    FeatureCapture,
+    block_list,
+    capture_features,
+    feature_distance,
+    feature_distances,
+)
+from .lora import DEFAULT_TARGETS, add_lora, fuse_lora, load_lora, lora_parameters, save_lora
+from .losses import flow_matching_loss, guidance_values, sample_timesteps, velocity_target
 
 __all__ = [
+    "DEFAULT_TARGETS",
+    "FeatureCapture",
+    "RidgeAccumulator",
+    "add_lora",
+    "alignment_loss",
+    "block_list",
+    "capture_features",
+    "downsample_tokens",
+    "feature_distance",
+    "feature_distances",
+    "flow_matching_loss",
+    "fuse_lora",
+    "guidance_values",
+    "init_from_ridge",
+    "init_linear_from_ridge",
+    "load_lora",
+    "lora_parameters",
+    "patchify",
+    "refine_sgd",
+    "sample_timesteps",
+    "save_lora",
+    "velocity_target",
     "Bucket",
     "BucketBatchSampler",
     "CacheError",

@@ -1,0 +1,231 @@
+"""Stage 3 of DC-Gen: LoRA on the DiT blocks through peft (METHOD.md sections 1 and 5).
+
+LoRA layers are injected in place, the way diffusers' own training scripts do it
+(``ModelMixin.add_adapter`` -> ``peft.inject_adapter_in_model``), instead of wrapping the model
+in a ``PeftModel``: the transformer stays a FluxTransformer2DModel / SanaTransformer2DModel
+with its forward signature, its module names stay unprefixed, and the diffusers LoRA tooling
+(state-dict export, ``load_lora_adapter``, ``fuse_lora``) works on it directly.
+
+Targets are ONE regex string: peft full-matches a string ``target_modules`` against every
+module name, whereas a list entry like "proj_out" suffix-matches and would also catch FLUX's
+top-level ``proj_out`` (the new latent head, which is trained fully, outside peft).
+
+File format (what diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` reads):
+``pytorch_lora_weights.safetensors`` with keys ``transformer.<module>.lora_A.weight`` /
+``lora_B.weight`` and the peft LoraConfig (rank, alpha, targets) as JSON under the header key
+``lora_adapter_metadata``, each config key prefixed ``transformer.``. Load it from the directory
+with the weight name, or the alpha is lost. The new embedder/head are not in this file; the
+caller saves them separately (e.g. with the checkpoint module).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_PREFIX = "transformer"
+
+# FLUX double-stream blocks: image and text attention projections, both MLPs. The AdaLN
+# modulation linears (norm1.linear, norm1_context.linear) are left out: they act on the
+# timestep embedding only, and the paper's suggestion is "attention and MLP linears".
+FLUX_DOUBLE_TARGETS = (
+    r"transformer_blocks\.\d+\.(?:"
+    r"attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff\.net\.(?:0\.proj|2)|ff_context\.net\.(?:0\.proj|2))"
+)
+# FLUX single-stream blocks. proj_out is anchored to the block so the top-level head is never
+# matched (peft full-matches the regex against the whole module name).
+FLUX_SINGLE_TARGETS = (
+    r"single_transformer_blocks\.\d+\.(?:attn\.(?:to_q|to_k|to_v)|proj_mlp|proj_out)"
+)
+# SANA blocks: self- (attn1) and cross- (attn2) attention, and the pointwise (1x1) convs of
+# GLUMBConv, which are per-token linears; the depthwise 3x3 conv_depth is left out.
+SANA_TARGETS = (
+    r"transformer_blocks\.\d+\.(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)"
+    r"|ff\.(?:conv_inverted|conv_point))"
+)
+# One regex for both families: names of the other family simply do not occur.
+DEFAULT_TARGETS = rf"(?:{FLUX_DOUBLE_TARGETS}|{FLUX_SINGLE_TARGETS}|{SANA_TARGETS})"
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "FLUX_DOUBLE_TARGETS",
+    "FLUX_SINGLE_TARGETS",
+    "LORA_WEIGHT_NAME",
+    "SANA_TARGETS",
+    "add_lora",
+    "fuse_lora",
+    "load_lora",
+    "lora_parameters",
+    "lora_target_names",
+    "save_lora",
+]
+
+
+def lora_target_names(transformer: nn.Module, targets: str = DEFAULT_TARGETS) -> list[str]:
+    """Names of the Linear / Conv2d modules the target regex selects (peft's full-match rule)."""
+    pattern = re.compile(targets)
+    return [
+        name
+        for name, module in transformer.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and pattern.fullmatch(name)
+    ]
+
+
+def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:
+    """The LoRA parameters (lora_A / lora_B / magnitude...) of an injected model."""
+    return [p for name, p in transformer.named_parameters() if "lora_" in name]
+
+
+def add_lora(
+    transformer: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    targets: str | None = None,
+    dropout: float = 0.0,
+    adapter_name: str = "default",
+    train_modules: Iterable[str] = (),
+    lora_dtype: torch.dtype | None = torch.float32,
+) -> nn.Module:
+    """Inject LoRA (rank, alpha; scale = alpha / rank) into ``transformer`` in place.
+
+    ``targets``: one regex full-matched against module names (default :data:`DEFAULT_TARGETS`).
+    Afterwards only the LoRA parameters require grad, plus every parameter of the modules named
+    in ``train_modules`` (exact names, e.g. ``("x_embedder", "proj_out")`` for DC-Gen's stage 3,
+    which trains the new embedder and head fully). ``lora_dtype`` keeps the LoRA weights in fp32
+    when the base is bf16 (peft casts activations to the LoRA dtype and back), None leaves them
+    in the base dtype. Returns ``transformer`` (the same object, now carrying the adapter).
+    """
+    from peft import LoraConfig
+
+    if not hasattr(transformer, "add_adapter"):
+        raise TypeError(
+            f"{type(transformer).__name__} has no add_adapter(); expected a diffusers ModelMixin "
+            "with PeftAdapterMixin (FluxTransformer2DModel, SanaTransformer2DModel)"
+        )
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    targets = targets or DEFAULT_TARGETS
+    names = lora_target_names(transformer, targets)
+    if not names:
+        raise ValueError(f"the LoRA target regex matches no Linear/Conv2d module: {targets!r}")
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=float(alpha if alpha is not None else rank),
+        lora_dropout=dropout,
+        target_modules=targets,
+        init_lora_weights=True,  # A Kaiming-uniform, B zero: training starts at the base model
+    )
+    transformer.requires_grad_(False)
+    transformer.add_adapter(config, adapter_name=adapter_name)
+
+    for param in lora_parameters(transformer):
+        param.requires_grad_(True)
+        if lora_dtype is not None:
+            param.data = param.data.to(lora_dtype)
+
+    modules = dict(transformer.named_modules())
+    for name in train_modules:
+        if name not in modules:
+            raise KeyError(f"train_modules: no module named {name!r} in the transformer")
+        modules[name].requires_grad_(True)
+
+    n_lora = sum(p.numel() for p in lora_parameters(transformer))
+    logger.info(
+        "LoRA rank %d on %d modules, %d trainable LoRA parameters", rank, len(names), n_lora
+    )
+    return transformer
+
+
+def save_lora(
+    transformer: nn.Module,
+    directory: str | Path,
+    adapter_name: str = "default",
+    weight_name: str = LORA_WEIGHT_NAME,
+) -> Path:
+    """Write the adapter as diffusers does (see the module docstring); returns the file path."""
+    from diffusers.loaders.lora_base import LoraBaseMixin, _pack_dict_with_prefix
+    from peft.utils import get_peft_model_state_dict
+
+    peft_config = getattr(transformer, "peft_config", {})
+    if adapter_name not in peft_config:
+        raise ValueError(
+            f"no LoRA adapter named {adapter_name!r}; the model has {sorted(peft_config)}"
+        )
+    state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    metadata = peft_config[adapter_name].to_dict()
+    LoraBaseMixin.write_lora_layers(
+        state_dict=_pack_dict_with_prefix(state, LORA_PREFIX),
+        save_directory=str(directory),
+        is_main_process=True,
+        weight_name=weight_name,
+        save_function=None,
+        safe_serialization=True,
+        lora_adapter_metadata=_pack_dict_with_prefix(metadata, LORA_PREFIX),
+    )
+    path = Path(directory) / weight_name
+    logger.info("saved %d LoRA tensors to %s", len(state), path)
+    return path
+
+
+def load_lora(
+    transformer: nn.Module,
+    directory: str | Path,
+    adapter_name: str = "default",
+    weight_name: str = LORA_WEIGHT_NAME,
+    trainable: bool = False,
+) -> nn.Module:
+    """Load a file written by :func:`save_lora` (or diffusers) into ``transformer`` in place.
+
+    Rank, alpha and targets come from the file's ``lora_adapter_metadata``. Every tensor in the
+    file must land in the model; a mismatch raises with the offending keys. ``trainable=True``
+    makes the LoRA parameters require grad (to resume training).
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    path = Path(directory) / weight_name
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        file_keys = {k.removeprefix(f"{LORA_PREFIX}.") for k in f.keys()}
+        header = f.metadata() or {}
+    if "lora_adapter_metadata" not in header:
+        logger.warning("%s has no lora_adapter_metadata: alpha defaults to the rank", path)
+
+    transformer.load_lora_adapter(
+        str(directory), weight_name=weight_name, prefix=LORA_PREFIX, adapter_name=adapter_name
+    )
+    loaded = set(get_peft_model_state_dict(transformer, adapter_name=adapter_name))
+    if loaded != file_keys:
+        raise RuntimeError(
+            f"LoRA file {path} does not match the model: missing in model "
+            f"{sorted(file_keys - loaded)[:5]}, not in file {sorted(loaded - file_keys)[:5]}"
+        )
+    for param in lora_parameters(transformer):
+        param.requires_grad_(trainable)
+    return transformer
+
+
+def fuse_lora(transformer: nn.Module, scale: float = 1.0, unload: bool = True) -> nn.Module:
+    """Merge the LoRA deltas (times ``scale``) into the base weights, in place.
+
+    With ``unload`` (default) the peft layers are then replaced by their (now merged) base
+    layers, leaving a plain diffusers model with no peft dependency or per-call overhead.
+    """
+    if not getattr(transformer, "peft_config", None):
+        raise ValueError("the model has no LoRA adapter to fuse")
+    transformer.fuse_lora(lora_scale=scale)
+    if unload:
+        transformer.unload_lora()
+    return transformer
