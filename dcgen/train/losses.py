@@ -18,6 +18,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from dcgen.sampling import add_noise, shift_sigmas
+from dcgen.sampling import velocity_target as _velocity
+
 TimestepMode = Literal["logit_normal", "uniform"]
 Weighting = Literal["none", "sigma_sqrt", "cosmap"]
 
@@ -36,15 +39,6 @@ __all__ = [
 # Keep sigmas strictly inside (0, 1): sigmoid of a large normal sample rounds to exactly 1.0 in
 # fp32, and the "sigma_sqrt" weighting divides by sigma^2.
 _SIGMA_EPS = 1e-5
-
-
-def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
-    """Timestep shift sigma' = s*sigma / (1 + (s-1)*sigma); s > 1 moves mass toward noise."""
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    if shift == 1.0:
-        return sigmas
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
 def _device_of(generator: torch.Generator | None) -> torch.device:
@@ -111,14 +105,14 @@ def _expand(sigmas: Tensor, like: Tensor) -> Tensor:
 
 
 def interpolate(x0: Tensor, noise: Tensor, sigmas: Tensor) -> Tensor:
-    """x_t = (1 - sigma) x0 + sigma noise, in the dtype of ``x0`` (sigmas (B,))."""
-    s = _expand(sigmas, x0).to(x0.dtype)
-    return (1 - s) * x0 + s * noise.to(x0.dtype)
+    """x_t = (1 - sigma) x0 + sigma noise, in the dtype of ``x0`` (sigmas must be (B,))."""
+    _expand(sigmas, x0)  # shape check with a clear error
+    return add_noise(x0, noise.to(x0.dtype), sigmas)
 
 
 def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
-    """The regression target v = noise - x0 (fp32)."""
-    return noise.float() - x0.float()
+    """The regression target v = noise - x0, in fp32 (the loss is computed in fp32)."""
+    return _velocity(x0.float(), noise.float())
 
 
 def loss_weights(sigmas: Tensor, weighting: Weighting = "none") -> Tensor:

@@ -1,0 +1,222 @@
+"""What a DiT family must tell dcgen: the latent-facing layers, packing, positions, timesteps.
+
+An adapter wraps one diffusers transformer (it holds no weights of its own) and exposes one
+calling convention for every family:
+
+    velocity = adapter.predict(latents (B, C, H, W), sigma (B,), prompt_embeds, ...)
+
+with sigma in [0, 1] (flow matching, x_t = (1 - sigma) x0 + sigma noise, v = noise - x0).
+Each family converts sigma to its own timestep scale and packs latents its own way. A new
+family is one subclass that fills in the abstract methods and registers itself with
+:func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LatentLayers:
+    """The two latent-facing layers of a DiT: token embedder and output head."""
+
+    embedder: nn.Module
+    head: nn.Module
+
+
+class DiTAdapter(abc.ABC):
+    """Base class: one instance per transformer (``adapter_for(transformer)``)."""
+
+    #: diffusers class names this adapter handles (matched against the transformer's MRO)
+    transformer_class_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, transformer: nn.Module) -> None:
+        self.transformer = transformer
+        #: the layers replaced by the last ``replace_latent_layers`` (stage-1 alignment targets)
+        self.original_layers: LatentLayers | None = None
+
+    # -- facts about the model -------------------------------------------------------------------
+
+    @property
+    def config(self) -> Any:
+        return self.transformer.config
+
+    @property
+    def inner_dim(self) -> int:
+        return int(self.config.num_attention_heads * self.config.attention_head_dim)
+
+    @property
+    @abc.abstractmethod
+    def latent_channels(self) -> int:
+        """C of the (B, C, H, W) latents ``predict`` takes (before packing)."""
+
+    @property
+    @abc.abstractmethod
+    def patch_size(self) -> int:
+        """Side of the latent patch one token covers (FLUX.1 base: 2, DC-Gen: 1)."""
+
+    @abc.abstractmethod
+    def latent_layers(self) -> LatentLayers:
+        """The current embedder and head modules."""
+
+    @abc.abstractmethod
+    def replace_latent_layers(
+        self, latent_channels: int, patch_size: int = 1, init: str = "random"
+    ) -> LatentLayers:
+        """Swap in a new embedder and head for ``latent_channels``-channel latents in
+        ``patch_size`` patches, update the transformer config so save_pretrained /
+        from_pretrained round-trip, and return the old layers (also kept in
+        ``self.original_layers``)."""
+
+    @abc.abstractmethod
+    def embed_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """Embedder output token map (B, tokens, inner_dim) for (B, C, H, W) latents."""
+
+    @abc.abstractmethod
+    def predict(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity (B, C, H, W) for noisy latents at noise level sigma (B,) in [0, 1]."""
+
+    @abc.abstractmethod
+    def blocks(self) -> list[nn.Module]:
+        """Transformer blocks in execution order (FLUX: double then single blocks)."""
+
+    @abc.abstractmethod
+    def _image_hidden_states(self, block_output: Any) -> torch.Tensor:
+        """The image-token hidden states (B, tokens, inner_dim) in one block's output."""
+
+    @abc.abstractmethod
+    def enable_structured_latents(self) -> None:
+        """Replace embedder/head with weight-slicing versions (same parameters) so ``predict``
+        and ``embed_tokens`` accept latents[:, :c] for any c <= latent_channels."""
+
+    # -- shared helpers ------------------------------------------------------------------------
+
+    def num_tokens(self, latent_height: int, latent_width: int) -> int:
+        return (latent_height // self.patch_size) * (latent_width // self.patch_size)
+
+    def check_latents(self, latents: torch.Tensor, what: str = "latents") -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)
+            raise ValueError(f"{what}: expected a (B, C, H, W) tensor, got {shape}")
+        b, c, h, w = latents.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(
+                f"{what}: latent height and width must be multiples of the patch size {p}, "
+                f"got {h}x{w}"
+            )
+        if c != self.latent_channels and not (self.structured and c < self.latent_channels):
+            raise ValueError(
+                f"{what}: the transformer expects {self.latent_channels} latent channels, got {c} "
+                f"(shape {tuple(latents.shape)})"
+                + ("" if self.structured else "; enable_structured_latents() accepts c < C")
+            )
+        return latents
+
+    @property
+    def structured(self) -> bool:
+        layers = self.latent_layers()
+        from .structured import StructuredConv2d, StructuredLinear
+
+        return isinstance(layers.embedder, StructuredLinear | StructuredConv2d)
+
+    @staticmethod
+    def image_ids(
+        height: int,
+        width: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Position ids (height * width, 3) = (0, row, col), row-major over the token grid: the
+        FLUX RoPE convention (axis 0 is reserved for text / reference images)."""
+        rows = torch.arange(height, device=device).repeat_interleave(width)
+        cols = torch.arange(width, device=device).repeat(height)
+        ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1)
+        return ids.to(dtype)
+
+    @contextlib.contextmanager
+    def capture_hidden_states(
+        self, block_indices: Sequence[int] | None = None
+    ) -> Iterator[dict[int, torch.Tensor]]:
+        """Record the image hidden states after the given blocks (all blocks if None) during the
+        calls made inside the ``with``: ``{block_index: (B, tokens, inner_dim)}`` (the last call
+        wins). Used for the per-layer feature distance between base and adapted models."""
+        blocks = self.blocks()
+        indices = range(len(blocks)) if block_indices is None else list(block_indices)
+        for i in indices:
+            if not -len(blocks) <= i < len(blocks):
+                raise IndexError(f"block index {i} out of range for {len(blocks)} blocks")
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+
+        def make_hook(index: int) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                captured[index] = self._image_hidden_states(output).detach()
+
+            return hook
+
+        for i in indices:
+            handles.append(blocks[i].register_forward_hook(make_hook(i)))
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @staticmethod
+    def _check_sigma(
+        sigma: torch.Tensor | float, batch: int, like: torch.Tensor, what: str = "sigma"
+    ) -> torch.Tensor:
+        """A (B,) float tensor on ``like``'s device; scalars are broadcast."""
+        sigma = torch.as_tensor(sigma, device=like.device, dtype=torch.float32)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(batch)
+        if sigma.shape != (batch,):
+            raise ValueError(
+                f"{what}: expected a scalar or shape ({batch},), got {tuple(sigma.shape)}"
+            )
+        return sigma
+
+    @staticmethod
+    def _new_linear(old: nn.Module, in_features: int, out_features: int) -> nn.Linear:
+        weight = old.weight
+        return nn.Linear(in_features, out_features, device=weight.device, dtype=weight.dtype)
+
+
+_REGISTRY: list[type[DiTAdapter]] = []
+
+
+def register_adapter(cls: type[DiTAdapter]) -> type[DiTAdapter]:
+    """Class decorator: make ``adapter_for`` know this family."""
+    if not cls.transformer_class_names:
+        raise ValueError(f"{cls.__name__} must set transformer_class_names")
+    _REGISTRY.append(cls)
+    return cls
+
+
+def adapter_for(transformer: nn.Module, **kwargs: Any) -> DiTAdapter:
+    """The adapter for a diffusers transformer, chosen by its class (or a base class) name."""
+    names = [klass.__name__ for klass in type(transformer).__mro__]
+    for cls in _REGISTRY:
+        if any(name in cls.transformer_class_names for name in names):
+            return cls(transformer, **kwargs)
+    known = sorted(n for cls in _REGISTRY for n in cls.transformer_class_names)
+    raise TypeError(f"no dcgen adapter for {type(transformer).__name__}; known: {known}")

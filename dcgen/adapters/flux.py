@@ -1,0 +1,225 @@
+"""FLUX.1 (diffusers ``FluxTransformer2DModel``).
+
+Latent-facing layers: ``x_embedder`` Linear(C * p * p -> inner) and ``proj_out``
+Linear(inner -> C * p * p). FLUX's transformer sees tokens only; packing is the caller's job:
+p x p latent patches flattened channel-major ((C, p, p) per token). Base FLUX.1 uses p = 2 on
+the 16-channel VAE latent (64 features); DC-Gen uses p = 1 on DC-AE latents.
+
+The transformer multiplies ``timestep`` and ``guidance`` by 1000 itself, so timestep = sigma in
+[0, 1] and guidance = the guidance scale as users write it (3.5), exactly as FluxPipeline does.
+
+The patch size is not a FLUX config field (the stock config says patch_size = 1 and
+in_channels = 64 for base FLUX), so dcgen records it under the private config key
+``_dcgen_latent_patch_size`` (diffusers keeps ``_``-keys through save / load). Without it,
+in_channels == 64 means the base FLUX.1 layout (p = 2) and anything else p = 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import DiTAdapter, LatentLayers, register_adapter
+from .structured import StructuredLinear
+
+logger = logging.getLogger(__name__)
+
+PATCH_KEY = "_dcgen_latent_patch_size"
+BASE_FLUX_IN_CHANNELS = 64
+
+
+def pack_latents(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, (H/p) * (W/p), C * p * p), row-major tokens, channel-major features."""
+    b, c, h, w = latents.shape
+    p = patch_size
+    x = latents.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for latent size (height, width)."""
+    b, n, f = tokens.shape
+    p = patch_size
+    if n != (height // p) * (width // p) or f % (p * p):
+        raise ValueError(
+            f"unpack_latents: {n} tokens of {f} features do not fit a {height}x{width} latent "
+            f"with patch size {p}"
+        )
+    c = f // (p * p)
+    x = tokens.view(b, height // p, width // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+@register_adapter
+class FluxAdapter(DiTAdapter):
+    transformer_class_names = ("FluxTransformer2DModel",)
+
+    def __init__(self, transformer: nn.Module, latent_patch_size: int | None = None) -> None:
+        super().__init__(transformer)
+        if latent_patch_size is not None:
+            self._set_patch_size(latent_patch_size)
+
+    # -- facts -----------------------------------------------------------------------------------
+
+    @property
+    def patch_size(self) -> int:
+        p = self.config.get(PATCH_KEY)
+        if p is None:
+            # Stock FLUX.1 checkpoints: 2x2 patches of the 16-channel VAE latent.
+            p = 2 if self.config.in_channels == BASE_FLUX_IN_CHANNELS else 1
+        return int(p)
+
+    def _set_patch_size(self, p: int) -> None:
+        if self.transformer.x_embedder.in_features % (p * p):
+            raise ValueError(
+                f"x_embedder has {self.transformer.x_embedder.in_features} input features, not a "
+                f"multiple of patch area {p * p}"
+            )
+        self.transformer.register_to_config(**{PATCH_KEY: int(p)})
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.x_embedder.in_features // (self.patch_size**2)
+
+    @property
+    def has_guidance_embeds(self) -> bool:
+        return bool(self.config.guidance_embeds)
+
+    def latent_layers(self) -> LatentLayers:
+        return LatentLayers(self.transformer.x_embedder, self.transformer.proj_out)
+
+    def blocks(self) -> list[nn.Module]:
+        t = self.transformer
+        return list(t.transformer_blocks) + list(t.single_transformer_blocks)
+
+    def _image_hidden_states(self, block_output: Any) -> torch.Tensor:
+        # Both block kinds return (encoder_hidden_states, hidden_states).
+        return block_output[1]
+
+    # -- packing -----------------------------------------------------------------------------
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        return pack_latents(latents, self.patch_size)
+
+    def unpack(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return unpack_latents(tokens, height, width, self.patch_size)
+
+    def token_ids(
+        self, latent_height: int, latent_width: int, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Image position ids on the token grid (latent size / patch size)."""
+        p = self.patch_size
+        return self.image_ids(latent_height // p, latent_width // p, device=device)
+
+    # -- layer replacement -------------------------------------------------------------------
+
+    def replace_latent_layers(
+        self, latent_channels: int, patch_size: int = 1, init: str = "random"
+    ) -> LatentLayers:
+        if latent_channels < 1 or patch_size < 1:
+            raise ValueError(
+                f"replace_latent_layers: expected positive latent_channels and patch_size, got "
+                f"{latent_channels}, {patch_size}"
+            )
+        if init not in ("random", "zero_head"):
+            raise ValueError(f"init: expected 'random' or 'zero_head', got {init!r}")
+        t = self.transformer
+        old = self.latent_layers()
+        features = latent_channels * patch_size * patch_size
+        t.x_embedder = self._new_linear(old.embedder, features, self.inner_dim)
+        t.proj_out = self._new_linear(old.head, self.inner_dim, features)
+        if init == "zero_head":
+            # A zero head makes the initial velocity 0, a common DiT start for fine-tuning.
+            nn.init.zeros_(t.proj_out.weight)
+            nn.init.zeros_(t.proj_out.bias)
+        # FLUX builds proj_out as Linear(inner, patch_size^2 * out_channels); keep its own
+        # patch_size at 1 (packing lives outside the model) so the shapes rebuild on load.
+        t.register_to_config(
+            in_channels=features, out_channels=features, patch_size=1, **{PATCH_KEY: patch_size}
+        )
+        t.out_channels = features
+        self.original_layers = old
+        logger.info(
+            "FLUX latent layers replaced: %d-channel latents, %dx%d patches (%d features)",
+            latent_channels,
+            patch_size,
+            patch_size,
+            features,
+        )
+        return old
+
+    def enable_structured_latents(self) -> None:
+        t = self.transformer
+        c, area = self.latent_channels, self.patch_size**2
+        if not isinstance(t.x_embedder, StructuredLinear):
+            t.x_embedder = StructuredLinear.from_linear(t.x_embedder, c, area, "in", True)
+        if not isinstance(t.proj_out, StructuredLinear):
+            t.proj_out = StructuredLinear.from_linear(t.proj_out, c, area, "out", True)
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    def embed_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = self.check_latents(latents)
+        return self.transformer.x_embedder(self.pack(latents))
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Velocity for (B, C, H, W) latents. ``guidance`` (B,) is the guidance scale (e.g. 3.5),
+        required iff the model has guidance embeddings. ``attention_mask`` (B, text_tokens),
+        1 = keep, masks text tokens in the joint attention (stock FLUX.1 uses none)."""
+        latents = self.check_latents(latents)
+        b, c, h, w = latents.shape
+        if pooled_prompt_embeds is None:
+            raise ValueError("FLUX needs pooled_prompt_embeds (the CLIP pooled text embedding)")
+        if self.has_guidance_embeds and guidance is None:
+            raise ValueError(
+                "this FLUX transformer has guidance embeddings (guidance-distilled): pass "
+                "guidance, e.g. torch.full((B,), 3.5)"
+            )
+        if not self.has_guidance_embeds and guidance is not None:
+            raise ValueError(
+                "this FLUX transformer has no guidance embeddings; use true CFG instead of guidance"
+            )
+        sigma = self._check_sigma(sigma, b, latents)
+        dtype = self.transformer.x_embedder.weight.dtype
+        tokens = self.pack(latents).to(dtype)
+        img_ids = self.token_ids(h, w, device=latents.device)
+        txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device)
+        kwargs = dict(joint_attention_kwargs or {})
+        if attention_mask is not None:
+            # Joint sequence is [text, image]; image tokens always attend.
+            image_keep = attention_mask.new_ones(b, tokens.shape[1])
+            joint = torch.cat([attention_mask, image_keep], dim=1).bool()
+            kwargs["attention_mask"] = joint[:, None, None, :]
+        head = self.transformer.proj_out
+        if isinstance(head, StructuredLinear):
+            head.active_channels = c
+        try:
+            out = self.transformer(
+                hidden_states=tokens,
+                encoder_hidden_states=prompt_embeds.to(dtype),
+                pooled_projections=pooled_prompt_embeds.to(dtype),
+                timestep=sigma.to(dtype),  # FLUX multiplies by 1000 internally
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                guidance=None
+                if guidance is None
+                else self._check_sigma(guidance, b, latents, "guidance").to(dtype),
+                joint_attention_kwargs=kwargs or None,
+                return_dict=False,
+            )[0]
+        finally:
+            if isinstance(head, StructuredLinear):
+                head.active_channels = None
+        return self.unpack(out, h, w)

@@ -1,0 +1,164 @@
+"""SANA (diffusers ``SanaTransformer2DModel``).
+
+Latent-facing layers: ``patch_embed.proj`` Conv2d(C -> inner, kernel = stride = p) and
+``proj_out`` Linear(inner -> p * p * C). SANA takes spatial (B, C, H, W) latents and patchifies
+inside, so ``predict`` passes latents as they are; ``pack`` / ``unpack`` exist for token-level
+work (alignment) and follow the conv's (C, p, p) feature order. The head emits (p, p, C) per
+token (the model unpatchifies that itself).
+
+Timesteps: SANA's embedding expects [0, 1000] (times ``timestep_scale``, as SanaPipeline does);
+``predict`` converts sigma in [0, 1]. Guidance-embedding variants (SANA-Sprint) take
+``guidance * guidance_embeds_scale``. SANA-Sprint's TrigFlow parametrisation is not covered.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import DiTAdapter, LatentLayers, register_adapter
+from .flux import pack_latents, unpack_latents
+from .structured import StructuredConv2d, StructuredLinear
+
+logger = logging.getLogger(__name__)
+
+
+@register_adapter
+class SanaAdapter(DiTAdapter):
+    transformer_class_names = ("SanaTransformer2DModel",)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.config.patch_size)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.patch_embed.proj.in_channels)
+
+    @property
+    def has_guidance_embeds(self) -> bool:
+        return bool(self.config.get("guidance_embeds", False))
+
+    def latent_layers(self) -> LatentLayers:
+        return LatentLayers(self.transformer.patch_embed.proj, self.transformer.proj_out)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.transformer.transformer_blocks)
+
+    def _image_hidden_states(self, block_output: Any) -> torch.Tensor:
+        return block_output
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        return pack_latents(latents, self.patch_size)
+
+    def unpack(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return unpack_latents(tokens, height, width, self.patch_size)
+
+    def replace_latent_layers(
+        self, latent_channels: int, patch_size: int = 1, init: str = "random"
+    ) -> LatentLayers:
+        if latent_channels < 1 or patch_size < 1:
+            raise ValueError(
+                f"replace_latent_layers: expected positive latent_channels and patch_size, got "
+                f"{latent_channels}, {patch_size}"
+            )
+        if init not in ("random", "zero_head"):
+            raise ValueError(f"init: expected 'random' or 'zero_head', got {init!r}")
+        t = self.transformer
+        old = self.latent_layers()
+        ref = old.embedder.weight
+        embed = t.patch_embed
+        embed.proj = nn.Conv2d(
+            latent_channels,
+            self.inner_dim,
+            kernel_size=patch_size,
+            stride=patch_size,
+            bias=old.embedder.bias is not None,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        t.proj_out = self._new_linear(
+            old.head, self.inner_dim, patch_size * patch_size * latent_channels
+        )
+        if init == "zero_head":
+            nn.init.zeros_(t.proj_out.weight)
+            nn.init.zeros_(t.proj_out.bias)
+        # PatchEmbed keeps its own patch size and grid (used only with sincos positions).
+        embed.patch_size = patch_size
+        embed.height = embed.width = embed.base_size = t.config.sample_size // patch_size
+        if embed.pos_embed is not None:
+            logger.warning(
+                "SANA model uses sincos positional embeddings on a %d-latent grid; they are "
+                "recomputed for each input size, but sample_size was not changed",
+                t.config.sample_size,
+            )
+        t.register_to_config(
+            in_channels=latent_channels, out_channels=latent_channels, patch_size=patch_size
+        )
+        self.original_layers = old
+        logger.info(
+            "SANA latent layers replaced: %d-channel latents, %dx%d patches",
+            latent_channels,
+            patch_size,
+            patch_size,
+        )
+        return old
+
+    def enable_structured_latents(self) -> None:
+        t = self.transformer
+        if not isinstance(t.patch_embed.proj, StructuredConv2d):
+            t.patch_embed.proj = StructuredConv2d.from_conv(t.patch_embed.proj)
+        if not isinstance(t.proj_out, StructuredLinear):
+            c, area = self.latent_channels, self.patch_size**2
+            # The head's features are (p, p, C): channel-minor.
+            t.proj_out = StructuredLinear.from_linear(t.proj_out, c, area, "out", False)
+
+    def embed_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """The conv patch embedding as tokens (B, tokens, inner), before any sincos positions."""
+        latents = self.check_latents(latents)
+        proj = self.transformer.patch_embed.proj
+        return proj(latents.to(proj.weight.dtype)).flatten(2).transpose(1, 2)
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Velocity for (B, C, H, W) latents; ``attention_mask`` (B, text_tokens) masks padded
+        text tokens in cross-attention. SANA has no pooled embedding (ignored if given)."""
+        latents = self.check_latents(latents)
+        b, c = latents.shape[:2]
+        if self.has_guidance_embeds and guidance is None:
+            raise ValueError("this SANA transformer has guidance embeddings: pass guidance")
+        if not self.has_guidance_embeds and guidance is not None:
+            raise ValueError("this SANA transformer has no guidance embeddings; use true CFG")
+        sigma = self._check_sigma(sigma, b, latents)
+        dtype = self.transformer.proj_out.weight.dtype
+        timestep = sigma * 1000.0 * float(self.config.timestep_scale)
+        if guidance is not None:
+            guidance = self._check_sigma(guidance, b, latents, "guidance")
+            guidance = (guidance * float(self.config.guidance_embeds_scale)).to(dtype)
+        head = self.transformer.proj_out
+        if isinstance(head, StructuredLinear):
+            head.active_channels = c
+        try:
+            return self.transformer(
+                hidden_states=latents.to(dtype),
+                encoder_hidden_states=prompt_embeds.to(dtype),
+                timestep=timestep,
+                guidance=guidance,
+                encoder_attention_mask=attention_mask,
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
+        finally:
+            if isinstance(head, StructuredLinear):
+                head.active_channels = None

@@ -1,0 +1,322 @@
+"""Shared text-to-image flow-matching pipeline over an adapter (diffusers DiffusionPipeline).
+
+What the subclasses decide: the autoencoder (DC-AE or the base VAE), how prompts become
+embeddings, and the default shift rule. Everything else is here: input checks, initial noise,
+the Euler loop with guidance embedding and true CFG, decoding (tiled above a size threshold),
+post-processing and the output object.
+
+Sampling uses dcgen.sampling (our shift rules + Euler), not ``scheduler.step``: the registered
+FlowMatchEulerDiscreteScheduler only supplies the shift parameters from its config (FLUX:
+use_dynamic_shifting with base/max shift and sequence lengths; SANA: a constant ``shift``), so
+stock scheduler folders load and keep meaning the same thing, while the shift math stays ours.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..adapters import DiTAdapter, adapter_for
+from ..sampling import SHIFT_RULES, flow_sigmas, resolve_shift, sample_euler
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class DCGenPipelineOutput(BaseOutput):
+    """``images``: list of PIL images, a (B, H, W, 3) numpy array in [0, 1], a (B, 3, H, W)
+    tensor in [0, 1], or the final latents (B, C, h, w) in the DiT's (scaled) space."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class FlowTextToImagePipeline(DiffusionPipeline):
+    """Base class; use DCGenFluxPipeline, DCGenSanaPipeline or BaseFluxPipeline."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
+    #: default shift rule when ``shift_rule="auto"``
+    default_shift_rule = "flux"
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _init_common(self, shift_rule: str) -> None:
+        if shift_rule != "auto" and shift_rule not in SHIFT_RULES:
+            raise ValueError(
+                f"shift_rule: expected 'auto' or one of {SHIFT_RULES}, got {shift_rule!r}"
+            )
+        self.register_to_config(shift_rule=shift_rule)
+        # Only postprocess() is used (denormalise, convert), which ignores the scale factor.
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+
+    @property
+    def adapter(self) -> DiTAdapter:
+        # Built on demand: the transformer may be swapped (pipe.transformer = ...).
+        cached = getattr(self, "_adapter", None)
+        if cached is None or cached.transformer is not self.transformer:
+            cached = adapter_for(self.transformer)
+            self._adapter = cached
+        return cached
+
+    @property
+    def ae_factor(self) -> int:
+        """Pixels per latent cell."""
+        raise NotImplementedError
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per token side: AE factor x patch size (height/width must be multiples)."""
+        return self.ae_factor * self.adapter.patch_size
+
+    @property
+    def ae_latent_channels(self) -> int:
+        raise NotImplementedError
+
+    def decode_latents(
+        self, latents: torch.Tensor, tile_size: int | None, tile_overlap: int
+    ) -> torch.Tensor:
+        """Scaled latents -> images in about [-1, 1]."""
+        raise NotImplementedError
+
+    def encode_prompt(
+        self, prompt: list[str], device: torch.device, max_sequence_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(prompt_embeds, pooled_prompt_embeds, attention_mask) for text prompts."""
+        raise NotImplementedError
+
+    def _has_text_encoders(self) -> bool:
+        raise NotImplementedError
+
+    # -- checks -----------------------------------------------------------------------------------
+
+    def check_components(self) -> None:
+        c_model, c_ae = self.adapter.latent_channels, self.ae_latent_channels
+        if c_model != c_ae:
+            raise ValueError(
+                f"the transformer expects {c_model}-channel latents but the autoencoder "
+                f"({type(self.vae).__name__}) has {c_ae} latent channels; adapt the transformer "
+                f"with adapter.replace_latent_layers({c_ae}) or use the matching autoencoder"
+            )
+
+    def check_size(self, height: int, width: int) -> None:
+        f = self.spatial_factor
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % f:
+                raise ValueError(
+                    f"{name} must be a positive multiple of {f} (autoencoder factor "
+                    f"{self.ae_factor} x patch size {self.adapter.patch_size}), got {value!r}"
+                )
+
+    # -- the call ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        *,
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.5,
+        true_cfg_scale: float = 1.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        shift: float | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        max_sequence_length: int = 512,
+        tile_threshold: int | None = 2048,
+        tile_size: int = 1024,
+        tile_overlap: int = 128,
+    ) -> DCGenPipelineOutput | tuple[Any]:
+        """Generate images.
+
+        Prompts come as text (needs the pipeline's text encoders) or as embeddings
+        (``prompt_embeds`` (B, T, D), plus ``pooled_prompt_embeds`` (B, D') for FLUX).
+        guidance_scale feeds the guidance embedding of guidance-distilled models (ignored
+        otherwise); true_cfg_scale > 1 runs classifier-free guidance against the negative prompt
+        (text or embeddings), doubling the cost. ``shift`` overrides the config's shift rule.
+        Images whose larger side exceeds ``tile_threshold`` pixels decode tile by tile.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(
+                f"num_inference_steps: expected a positive int, got {num_inference_steps!r}"
+            )
+        self.check_components()
+        self.check_size(height, width)
+        device = self._execution_device
+        adapter = self.adapter
+
+        cond = self._embeddings(
+            prompt, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask, device,
+            max_sequence_length, "prompt",
+        )  # fmt: skip
+        batch = cond[0].shape[0]
+        do_cfg = true_cfg_scale > 1.0
+        uncond = None
+        if do_cfg:
+            if negative_prompt_embeds is None and negative_prompt is None:
+                if not self._has_text_encoders():
+                    raise ValueError(
+                        "true_cfg_scale > 1 needs a negative prompt: pass "
+                        "negative_prompt_embeds (this pipeline has no text encoders)"
+                    )
+                negative_prompt = ""
+            if isinstance(negative_prompt, str):
+                negative_prompt = [negative_prompt] * batch
+            uncond = self._embeddings(
+                negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds,
+                negative_prompt_attention_mask, device, max_sequence_length, "negative_prompt",
+            )  # fmt: skip
+            if uncond[0].shape[0] != batch:
+                raise ValueError(
+                    f"negative prompt batch {uncond[0].shape[0]} != prompt batch {batch}"
+                )
+        n = num_images_per_prompt
+        cond = _repeat(cond, n)
+        uncond = _repeat(uncond, n) if uncond is not None else None
+        total = batch * n
+
+        h, w = height // self.ae_factor, width // self.ae_factor
+        c = adapter.latent_channels
+        model_dtype = next(self.transformer.parameters()).dtype
+        if latents is None:
+            noise = randn_tensor(
+                (total, c, h, w), generator=generator, device=device, dtype=torch.float32
+            )
+        else:
+            if tuple(latents.shape) != (total, c, h, w):
+                raise ValueError(
+                    f"latents: expected shape {(total, c, h, w)}, got {tuple(latents.shape)}"
+                )
+            noise = latents.to(device=device, dtype=torch.float32)
+
+        if shift is None:
+            shift = self._shift_for(adapter.num_tokens(h, w), c)
+        sigmas = flow_sigmas(num_inference_steps, shift, device=device)
+        logger.info(
+            "sampling %d image(s) at %dx%d: %d tokens, shift %.4g, %d steps",
+            total, height, width, adapter.num_tokens(h, w), shift, num_inference_steps,
+        )  # fmt: skip
+
+        guidance = None
+        if getattr(adapter, "has_guidance_embeds", False):
+            guidance = torch.full((total,), float(guidance_scale), device=device)
+
+        def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            x = x.to(model_dtype)
+            v = adapter.predict(
+                x, sigma, cond[0], cond[1], guidance=guidance, attention_mask=cond[2]
+            )
+            if uncond is not None:
+                v_neg = adapter.predict(
+                    x, sigma, uncond[0], uncond[1], guidance=guidance, attention_mask=uncond[2]
+                )
+                v = v_neg.float() + true_cfg_scale * (v.float() - v_neg.float())
+            return v.float()
+
+        with self.progress_bar(total=num_inference_steps) as bar:
+            out = sample_euler(velocity, noise, sigmas, on_step=lambda i, x: bar.update())
+
+        if output_type == "latent":
+            images: Any = out
+        else:
+            use_tiles = tile_threshold is not None and max(height, width) > tile_threshold
+            decoded = self.decode_latents(out, tile_size if use_tiles else None, tile_overlap)
+            images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return DCGenPipelineOutput(images=images)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _shift_for(self, num_tokens: int, latent_channels: int) -> float:
+        rule = self.config.shift_rule
+        sched = getattr(self, "scheduler", None)
+        cfg = sched.config if sched is not None else {}
+        if rule == "auto":
+            rule = self.default_shift_rule
+            if rule == "flux" and sched is not None and not cfg.get("use_dynamic_shifting", False):
+                rule = "constant"
+        return resolve_shift(
+            rule,
+            num_tokens,
+            latent_channels,
+            constant=float(cfg.get("shift", 1.0) or 1.0),
+            base_tokens=int(cfg.get("base_image_seq_len", 256) or 256),
+            max_tokens=int(cfg.get("max_image_seq_len", 4096) or 4096),
+            base_shift=float(cfg.get("base_shift", 0.5) or 0.5),
+            max_shift=float(cfg.get("max_shift", 1.15) or 1.15),
+        )
+
+    def _embeddings(
+        self,
+        prompt: str | list[str] | None,
+        embeds: torch.Tensor | None,
+        pooled: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        device: torch.device,
+        max_sequence_length: int,
+        what: str,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if embeds is not None:
+            if prompt is not None:
+                raise ValueError(f"pass either {what} or {what}_embeds, not both")
+            if embeds.ndim != 3:
+                raise ValueError(
+                    f"{what}_embeds: expected (batch, tokens, dim), got {tuple(embeds.shape)}"
+                )
+            if self.needs_pooled and pooled is None:
+                raise ValueError(
+                    f"{what}_embeds given without pooled_{what}_embeds"
+                    if what == "prompt"
+                    else "negative_prompt_embeds given without negative_pooled_prompt_embeds"
+                )
+            return (
+                embeds.to(device),
+                None if pooled is None else pooled.to(device),
+                None if mask is None else mask.to(device),
+            )
+        if prompt is None:
+            raise ValueError(
+                f"no {what}: pass {what} (text) or {what}_embeds"
+                + (" and pooled embeddings" if self.needs_pooled else "")
+            )
+        if not self._has_text_encoders():
+            raise ValueError(
+                f"{what} was given as text but this pipeline has no text encoders/tokenizers; "
+                f"pass {what}_embeds instead (or build the pipeline with its text encoders)"
+            )
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return self.encode_prompt(prompts, device, max_sequence_length)
+
+    needs_pooled = False
+
+
+def _repeat(
+    embeds: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None], n: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    if n == 1:
+        return embeds
+    return tuple(None if t is None else t.repeat_interleave(n, dim=0) for t in embeds)  # type: ignore[return-value]

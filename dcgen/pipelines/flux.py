@@ -1,0 +1,216 @@
+"""FLUX pipelines: DC-Gen FLUX on a DC-AE, and base FLUX.1 on its f8c16 VAE for comparison."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+from ..autoencoders import DCAE
+from .base import FlowTextToImagePipeline
+
+logger = logging.getLogger(__name__)
+
+VAE_FOLDER = "vae"
+
+
+class DCAEComponentMixin:
+    """Saving and loading of a dcgen DCAE as the ``vae`` component.
+
+    DCAE is not a diffusers ModelMixin, so diffusers cannot save or load it by itself. The
+    pipeline writes it with ``DCAE.save_pretrained`` into ``vae/`` (a diffusers AutoencoderDC
+    folder: ``AutoencoderDC.from_pretrained(path, subfolder="vae")`` also reads it), records
+    ``"vae": ["diffusers", "AutoencoderDC"]`` in model_index.json, and ``from_pretrained`` loads
+    it back with ``DCAE.from_pretrained`` (pass ``vae=`` to use your own instead).
+    """
+
+    _optional_components = ["vae"]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        vae = self.vae
+        # Hide the DCAE from diffusers' saver (it would warn and drop it), save it ourselves.
+        self.register_modules(vae=None)
+        try:
+            super().save_pretrained(save_directory, **kwargs)  # type: ignore[misc]
+        finally:
+            self.register_modules(vae=vae)
+        if vae is None:
+            return
+        vae.save_pretrained(Path(save_directory) / VAE_FOLDER, variant=kwargs.get("variant"))
+        index = Path(save_directory) / "model_index.json"
+        data = json.loads(index.read_text())
+        data["vae"] = ["diffusers", "AutoencoderDC"]
+        index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> Any:
+        vae = kwargs.pop("vae", "load")
+        folder = Path(pretrained_model_name_or_path)
+        if isinstance(vae, str) and vae == "load":
+            vae_dir = folder / VAE_FOLDER
+            if not vae_dir.is_dir():
+                raise FileNotFoundError(
+                    f"{cls.__name__}.from_pretrained: no {VAE_FOLDER}/ folder in {folder}; pass "
+                    "vae=DCAE.from_pretrained(...) or vae=None"
+                )
+            dtype = kwargs.get("torch_dtype")
+            vae = DCAE.from_pretrained(
+                vae_dir, dtype=dtype if isinstance(dtype, torch.dtype) else None,
+                variant=kwargs.get("variant"),
+            )  # fmt: skip
+        # vae=None keeps diffusers from trying to load the component itself.
+        pipe = super().from_pretrained(pretrained_model_name_or_path, vae=None, **kwargs)  # type: ignore[misc]
+        pipe.register_modules(vae=vae)
+        return pipe
+
+
+class _FluxText:
+    """FLUX.1 prompt encoding: CLIP pooled output + T5 token embeddings."""
+
+    needs_pooled = True
+
+    def _has_text_encoders(self) -> bool:
+        names = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        return all(getattr(self, n, None) is not None for n in names)
+
+    def encode_prompt(
+        self, prompt: list[str], device: torch.device, max_sequence_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        clip_tok = self.tokenizer(
+            prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        )  # fmt: skip
+        pooled = self.text_encoder(clip_tok.input_ids.to(device), output_hidden_states=False)
+        pooled = pooled.pooler_output
+        t5_tok = self.tokenizer_2(
+            prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
+            return_tensors="pt",
+        )  # fmt: skip
+        embeds = self.text_encoder_2(t5_tok.input_ids.to(device), output_hidden_states=False)[0]
+        # FLUX.1 is trained on unmasked T5 outputs (pad tokens included): no attention mask.
+        return embeds, pooled, None
+
+
+class DCGenFluxPipeline(DCAEComponentMixin, _FluxText, FlowTextToImagePipeline):
+    """FLUX with DC-Gen latent layers on a DC-AE (1x1 patches by default).
+
+    ``DCGenFluxPipeline(transformer, vae=DCAE, scheduler=FlowMatchEulerDiscreteScheduler(...))``;
+    text encoders are optional (without them, pass prompt_embeds + pooled_prompt_embeds).
+    shift_rule: 'auto' (FLUX mu rule if the scheduler uses dynamic shifting, else its constant
+    shift), 'flux', 'sqrt' (the released DC-Gen 1K rule), 'constant', 'none'.
+    """
+
+    _optional_components = [
+        "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"
+    ]  # fmt: skip
+
+    def __init__(
+        self,
+        transformer: FluxTransformer2DModel,
+        vae: DCAE | None = None,
+        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+        text_encoder: Any = None,
+        tokenizer: Any = None,
+        text_encoder_2: Any = None,
+        tokenizer_2: Any = None,
+        shift_rule: str = "auto",
+    ) -> None:
+        super().__init__()
+        if vae is not None and not isinstance(vae, DCAE):
+            raise TypeError(f"vae: expected a dcgen DCAE, got {type(vae).__name__}")
+        self.register_modules(
+            transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
+            tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        )  # fmt: skip
+        self._init_common(shift_rule)
+
+    @property
+    def ae_factor(self) -> int:
+        return self.vae.spatial_compression_ratio if self.vae is not None else 32
+
+    @property
+    def ae_latent_channels(self) -> int:
+        self._require_vae()
+        return self.vae.latent_channels
+
+    def _require_vae(self) -> None:
+        if self.vae is None:
+            raise ValueError(f"{type(self).__name__} has no vae: set pipe.vae = DCAE(...)")
+
+    def decode_latents(
+        self, latents: torch.Tensor, tile_size: int | None, tile_overlap: int
+    ) -> torch.Tensor:
+        self._require_vae()
+        z = latents.to(device=self.vae.device, dtype=self.vae.dtype)
+        if tile_size is None:
+            return self.vae.decode(z, scaled=True)
+        f = self.vae.spatial_compression_ratio
+        # DCAE tiles must be multiples of f; round down, keep the overlap smaller than the tile.
+        size = max(f, tile_size // f * f)
+        overlap = min(tile_overlap // f * f, size - f)
+        return self.vae.decode(z, scaled=True, tile_size=size, tile_overlap=overlap)
+
+    def check_components(self) -> None:
+        self._require_vae()
+        super().check_components()
+
+
+class BaseFluxPipeline(_FluxText, FlowTextToImagePipeline):
+    """Base FLUX.1 (2x2 packing of the f8c16 AutoencoderKL latent) under the same call API,
+    for side-by-side comparisons with DCGenFluxPipeline."""
+
+    _optional_components = [
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+    ]
+
+    def __init__(
+        self,
+        transformer: FluxTransformer2DModel,
+        vae: AutoencoderKL,
+        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+        text_encoder: Any = None,
+        tokenizer: Any = None,
+        text_encoder_2: Any = None,
+        tokenizer_2: Any = None,
+        shift_rule: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
+            tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        )  # fmt: skip
+        self._init_common(shift_rule)
+
+    @property
+    def ae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def ae_latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    def decode_latents(
+        self, latents: torch.Tensor, tile_size: int | None, tile_overlap: int
+    ) -> torch.Tensor:
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        z = z.to(device=self.vae.device, dtype=self.vae.dtype)
+        if tile_size is None:
+            return self.vae.decode(z, return_dict=False)[0]
+        # AutoencoderKL's own tiling (its tile size comes from its config).
+        self.vae.enable_tiling()
+        try:
+            return self.vae.decode(z, return_dict=False)[0]
+        finally:
+            self.vae.disable_tiling()

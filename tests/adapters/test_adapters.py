@@ -1,0 +1,187 @@
+import pytest
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel, SanaTransformer2DModel
+
+from dcgen.adapters import (
+    FluxAdapter,
+    SanaAdapter,
+    adapter_for,
+    channel_feature_index,
+    pack_latents,
+    unpack_latents,
+)
+
+from .tiny import text, tiny_flux, tiny_sana
+
+
+def test_registry_and_base_facts():
+    flux = adapter_for(tiny_flux())
+    assert isinstance(flux, FluxAdapter)
+    assert (flux.patch_size, flux.latent_channels, flux.inner_dim) == (2, 16, 32)
+    sana = adapter_for(tiny_sana(patch_size=2))
+    assert isinstance(sana, SanaAdapter)
+    assert (sana.patch_size, sana.latent_channels) == (2, 4)
+    with pytest.raises(TypeError, match="no dcgen adapter"):
+        adapter_for(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_pack_unpack_round_trip(p):
+    x = torch.randn(2, 3, 4, 6)
+    tokens = pack_latents(x, p)
+    assert tokens.shape == (2, (4 // p) * (6 // p), 3 * p * p)
+    torch.testing.assert_close(unpack_latents(tokens, 4, 6, p), x)
+    if p == 1:  # 1x1: (B, C, H, W) -> (B, H*W, C)
+        torch.testing.assert_close(tokens, x.flatten(2).transpose(1, 2))
+    else:  # same layout as diffusers' FLUX pipeline
+        torch.testing.assert_close(tokens, FluxPipeline._pack_latents(x, 2, 3, 4, 6))
+
+
+def test_position_ids_match_flux_pipeline():
+    ids = FluxAdapter.image_ids(3, 5)
+    torch.testing.assert_close(
+        ids, FluxPipeline._prepare_latent_image_ids(1, 3, 5, "cpu", torch.float32)
+    )
+    assert ids[7].tolist() == [0.0, 1.0, 2.0]  # token 7 = row 1, col 2
+
+
+def test_flux_predict_on_base_equals_direct_call():
+    model = tiny_flux()
+    adapter = adapter_for(model)
+    latents = torch.randn(2, 16, 4, 6)
+    embeds, pooled = text(2)
+    sigma = torch.tensor([0.3, 0.9])
+    guidance = torch.full((2,), 3.5)
+    with torch.no_grad():
+        ours = adapter.predict(latents, sigma, embeds, pooled, guidance=guidance)
+        direct = model(
+            hidden_states=FluxPipeline._pack_latents(latents, 2, 16, 4, 6),
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            timestep=sigma,
+            img_ids=FluxPipeline._prepare_latent_image_ids(2, 2, 3, "cpu", torch.float32),
+            txt_ids=torch.zeros(5, 3),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        expected = FluxPipeline._unpack_latents(direct, 32, 48, 8)
+        # an all-ones text mask changes nothing
+        masked = adapter.predict(
+            latents, sigma, embeds, pooled, guidance=guidance, attention_mask=torch.ones(2, 5)
+        )
+    assert ours.shape == latents.shape
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(masked, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_flux_predict_errors():
+    adapter = adapter_for(tiny_flux())
+    embeds, pooled = text(1)
+    with pytest.raises(ValueError, match="guidance"):
+        adapter.predict(torch.randn(1, 16, 4, 4), torch.tensor([0.5]), embeds, pooled)
+    with pytest.raises(ValueError, match="16 latent channels, got 8"):
+        adapter.predict(torch.randn(1, 8, 4, 4), 0.5, embeds, pooled, guidance=3.5)
+    with pytest.raises(ValueError, match="multiples of the patch size 2"):
+        adapter.predict(torch.randn(1, 16, 3, 4), 0.5, embeds, pooled, guidance=3.5)
+
+
+def test_flux_replace_save_load_round_trip(tmp_path):
+    model = tiny_flux()
+    adapter = adapter_for(model)
+    old = adapter.replace_latent_layers(latent_channels=8, patch_size=1)
+    assert adapter.original_layers is old and old.embedder.in_features == 64
+    assert (adapter.patch_size, adapter.latent_channels) == (1, 8)
+    assert model.x_embedder.in_features == 8 and model.proj_out.out_features == 8
+    latents = torch.randn(1, 8, 3, 5)
+    embeds, pooled = text(1)
+    tokens = adapter.embed_tokens(latents)
+    assert tokens.shape == (1, 15, 32)
+    with torch.no_grad():
+        before = adapter.predict(latents, 0.5, embeds, pooled, guidance=3.5)
+    model.save_pretrained(tmp_path)
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path).eval()
+    re = adapter_for(loaded)
+    assert (re.patch_size, re.latent_channels) == (1, 8)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    with torch.no_grad():
+        torch.testing.assert_close(re.predict(latents, 0.5, embeds, pooled, guidance=3.5), before)
+
+
+def test_capture_hidden_states():
+    model = tiny_flux()
+    adapter = adapter_for(model)
+    embeds, pooled = text(1)
+    with torch.no_grad(), adapter.capture_hidden_states([0, 1]) as feats:
+        adapter.predict(torch.randn(1, 16, 4, 4), 0.5, embeds, pooled, guidance=3.5)
+    assert sorted(feats) == [0, 1] and feats[1].shape == (1, 4, 32)
+    assert not model.transformer_blocks[0]._forward_hooks  # hooks removed
+    with pytest.raises(IndexError):
+        with adapter.capture_hidden_states([5]):
+            pass
+
+
+def test_flux_structured_latents():
+    model = tiny_flux()
+    adapter = adapter_for(model)
+    adapter.replace_latent_layers(latent_channels=4)
+    adapter.enable_structured_latents()
+    assert set(model.state_dict()) == set(tiny_flux(4).state_dict())  # names unchanged
+    full = torch.randn(1, 4, 2, 3)
+    part = full[:, :2]
+    padded = torch.cat([part, torch.zeros_like(part)], dim=1)
+    torch.testing.assert_close(adapter.embed_tokens(part), adapter.embed_tokens(padded))
+    embeds, pooled = text(1)
+    with torch.no_grad():
+        v_part = adapter.predict(part, 0.5, embeds, pooled, guidance=3.5)
+        v_pad = adapter.predict(padded, 0.5, embeds, pooled, guidance=3.5)
+    assert v_part.shape == part.shape
+    torch.testing.assert_close(v_part, v_pad[:, :2])
+
+
+def test_channel_feature_index_layouts():
+    # channel-major (C, k): channel 0 owns features 0..k-1
+    assert channel_feature_index(3, 2, 4, True).tolist() == list(range(8))
+    # channel-minor (k, C): channel 0 owns features 0, 3, 6, 9
+    assert channel_feature_index(3, 1, 4, False).tolist() == [0, 3, 6, 9]
+
+
+def test_sana_predict_equals_direct_call_and_round_trip(tmp_path):
+    model = tiny_sana(patch_size=2)
+    adapter = adapter_for(model)
+    latents = torch.randn(2, 4, 4, 6)
+    embeds = torch.randn(2, 5, 32)
+    mask = torch.ones(2, 5)
+    with torch.no_grad():
+        ours = adapter.predict(latents, torch.tensor([0.25, 0.75]), embeds, attention_mask=mask)
+        direct = model(latents, embeds, timestep=torch.tensor([250.0, 750.0]),
+                       encoder_attention_mask=mask, return_dict=False)[0]  # fmt: skip
+    torch.testing.assert_close(ours, direct)
+    torch.testing.assert_close(adapter.unpack(adapter.pack(latents), 4, 6), latents)
+    assert adapter.embed_tokens(latents).shape == (2, 6, 16)
+
+    adapter.replace_latent_layers(latent_channels=3, patch_size=1)
+    assert model.config.patch_size == 1 and model.config.in_channels == 3
+    new_latents = torch.randn(1, 3, 4, 4)
+    with torch.no_grad():
+        before = adapter.predict(new_latents, 0.5, embeds[:1])
+    assert before.shape == new_latents.shape
+    model.save_pretrained(tmp_path)
+    loaded = adapter_for(SanaTransformer2DModel.from_pretrained(tmp_path).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict(new_latents, 0.5, embeds[:1]), before)
+    with torch.no_grad(), adapter.capture_hidden_states() as feats:
+        adapter.predict(new_latents, 0.5, embeds[:1])
+    assert sorted(feats) == [0, 1] and feats[0].shape == (1, 16, 16)
+
+
+def test_sana_structured_latents():
+    adapter = adapter_for(tiny_sana(in_channels=4, patch_size=2))
+    adapter.enable_structured_latents()
+    part = torch.randn(1, 2, 4, 4)
+    padded = torch.cat([part, torch.zeros_like(part)], dim=1)
+    embeds = torch.randn(1, 5, 32)
+    with torch.no_grad():
+        v_part = adapter.predict(part, 0.5, embeds)
+        v_pad = adapter.predict(padded, 0.5, embeds)
+    torch.testing.assert_close(v_part, v_pad[:, :2])

@@ -1,0 +1,56 @@
+"""Tiny random DiTs and DC-AE shared by the adapter and pipeline tests (fast on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxTransformer2DModel, SanaTransformer2DModel
+
+from dcgen.autoencoders import DCAE, reduced_config
+
+TEXT_DIM = 32
+
+
+def tiny_flux(in_channels: int = 64, guidance_embeds: bool = True) -> FluxTransformer2DModel:
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=in_channels,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=TEXT_DIM,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def tiny_sana(in_channels: int = 4, patch_size: int = 1) -> SanaTransformer2DModel:
+    torch.manual_seed(0)
+    return SanaTransformer2DModel(
+        patch_size=patch_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=TEXT_DIM,
+        sample_size=8,
+    ).eval()
+
+
+def tiny_dcae() -> DCAE:
+    """f32, 2 latent channels (the f32c32 preset with widths / 16)."""
+    torch.manual_seed(0)
+    return DCAE(reduced_config("dc-ae-f32c32-in-1.0", width_divisor=16, max_layers=1)).eval()
+
+
+def text(batch: int = 1, tokens: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, tokens, TEXT_DIM, generator=g), torch.randn(
+        batch, TEXT_DIM, generator=g
+    )

@@ -1,0 +1,162 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+from dcgen.adapters import adapter_for
+from dcgen.autoencoders import DCAE
+from dcgen.pipelines import BaseFluxPipeline, DCGenFluxPipeline, DCGenSanaPipeline
+
+from ..adapters.tiny import text, tiny_dcae, tiny_flux, tiny_sana
+
+STEPS = 2
+
+
+def dcgen_flux(dynamic: bool = True) -> DCGenFluxPipeline:
+    ae = tiny_dcae()
+    model = tiny_flux()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=dynamic)
+    pipe = DCGenFluxPipeline(model, ae, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def flux_pipe() -> DCGenFluxPipeline:
+    return dcgen_flux()
+
+
+def run(pipe, seed=0, **kwargs):
+    embeds, pooled = text(1)
+    kwargs.setdefault("height", 64)
+    kwargs.setdefault("width", 96)
+    return pipe(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    ).images
+
+
+def test_determinism_and_output_types(flux_pipe):
+    a = run(flux_pipe, output_type="pt")
+    b = run(flux_pipe, output_type="pt")
+    c = run(flux_pipe, seed=1, output_type="pt")
+    assert a.shape == (1, 3, 64, 96) and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    latents = run(flux_pipe, output_type="latent")
+    assert latents.shape == (1, 2, 2, 3)
+    arr = run(flux_pipe, output_type="np")
+    assert isinstance(arr, np.ndarray) and arr.shape == (1, 64, 96, 3)
+    np.testing.assert_allclose(arr, a.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    pil = run(flux_pipe, output_type="pil")
+    assert isinstance(pil[0], PIL.Image.Image) and pil[0].size == (96, 64)
+    # the pipeline's latents decode like the DCAE decodes them itself (scaled space)
+    decoded = flux_pipe.vae.decode(latents, scaled=True)
+    torch.testing.assert_close(a, (decoded / 2 + 0.5).clamp(0, 1))
+
+
+def test_true_cfg_batch_and_tiling(flux_pipe):
+    embeds, pooled = text(1)
+    neg, neg_pooled = text(1, seed=5)
+    out = run(flux_pipe, output_type="latent", num_images_per_prompt=2, true_cfg_scale=3.0,
+              negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)  # fmt: skip
+    plain = run(flux_pipe, output_type="latent", num_images_per_prompt=2)
+    assert out.shape == (2, 2, 2, 3) and not torch.equal(out, plain)
+    # tiled decode above the threshold: same size out, close to the untiled decode
+    tiled = run(flux_pipe, output_type="pt", height=128, width=128, tile_threshold=64,
+                tile_size=64, tile_overlap=32)  # fmt: skip
+    full = run(flux_pipe, output_type="pt", height=128, width=128)
+    assert tiled.shape == full.shape == (1, 3, 128, 128) and not torch.equal(tiled, full)
+
+
+def test_bad_inputs(flux_pipe):
+    embeds, pooled = text(1)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        run(flux_pipe, height=48)
+    with pytest.raises(ValueError, match="no text encoders"):
+        flux_pipe("a cat", height=64, width=64, num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="no prompt"):
+        flux_pipe(height=64, width=64)
+    with pytest.raises(ValueError, match="pooled"):
+        flux_pipe(prompt_embeds=embeds, height=64, width=64)
+    with pytest.raises(ValueError, match="negative"):
+        run(flux_pipe, true_cfg_scale=2.0)
+    with pytest.raises(ValueError, match="output_type"):
+        run(flux_pipe, output_type="jpeg")
+    # a DC-AE whose latent channels do not match the adapted transformer
+    model = tiny_flux()
+    adapter_for(model).replace_latent_layers(8)
+    pipe = DCGenFluxPipeline(model, tiny_dcae(), FlowMatchEulerDiscreteScheduler())
+    with pytest.raises(ValueError, match="expects 8-channel latents but the autoencoder"):
+        run(pipe)
+    with pytest.raises(TypeError, match="dcgen DCAE"):
+        DCGenFluxPipeline(model, torch.nn.Linear(1, 1))
+
+
+def test_shift_rules_change_sampling():
+    dynamic = run(dcgen_flux(dynamic=True), output_type="latent")
+    constant = run(dcgen_flux(dynamic=False), output_type="latent")  # scheduler shift 1.0
+    pipe = dcgen_flux(dynamic=True)
+    pipe.register_to_config(shift_rule="none")
+    assert torch.equal(run(pipe, output_type="latent"), constant)
+    assert not torch.equal(dynamic, constant)
+    assert torch.equal(run(pipe, output_type="latent", shift=1.0), constant)
+
+
+def test_save_load_round_trip(flux_pipe, tmp_path):
+    flux_pipe.register_to_config(shift_rule="sqrt")
+    try:
+        before = run(flux_pipe, output_type="pt")
+        flux_pipe.save_pretrained(tmp_path)
+    finally:
+        flux_pipe.register_to_config(shift_rule="auto")
+    assert (tmp_path / "vae" / "config.json").is_file()
+    loaded = DCGenFluxPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.vae, DCAE) and loaded.config.shift_rule == "sqrt"
+    assert loaded.scheduler.config.use_dynamic_shifting
+    torch.testing.assert_close(run(loaded, output_type="pt"), before)
+    # the vae folder is a diffusers AutoencoderDC folder
+    from diffusers import AutoencoderDC
+
+    AutoencoderDC.from_pretrained(tmp_path / "vae")
+
+
+def test_sana_pipeline():
+    ae = tiny_dcae()
+    model = tiny_sana()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    pipe = DCGenSanaPipeline(model, ae, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    embeds = torch.randn(1, 5, 32)
+    kwargs = dict(prompt_embeds=embeds, prompt_attention_mask=torch.ones(1, 5), height=64,
+                  width=64, num_inference_steps=STEPS, output_type="pt")  # fmt: skip
+    a = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert a.shape == (1, 3, 64, 64) and torch.equal(a, b)
+    cfg = pipe(generator=torch.Generator().manual_seed(0), true_cfg_scale=4.5,
+               negative_prompt_embeds=torch.randn(1, 5, 32), **kwargs).images  # fmt: skip
+    assert not torch.equal(a, cfg)
+    assert pipe._shift_for(4, 2) == 3.0  # SANA: the scheduler's constant flow shift
+
+
+def test_base_flux_pipeline():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8), layers_per_block=1, latent_channels=16, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        scaling_factor=0.3611, shift_factor=0.1159,
+    ).eval()  # fmt: skip
+    pipe = BaseFluxPipeline(
+        tiny_flux(), vae, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.spatial_factor == 4  # f2 toy VAE x 2x2 packing
+    out = run(pipe, output_type="pt", height=16, width=24)
+    assert out.shape == (1, 3, 16, 24)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        run(pipe, height=18)
