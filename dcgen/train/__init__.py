@@ -98,3 +98,40 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
 ]
+
+# Stage training: config, the shared loop, multi-process setup, the three stages.
+from .config import STAGES, ConfigError, TrainConfig, load_config  # noqa: E402
+from .distributed import DistContext, init_distributed  # noqa: E402
+from .ema import EMA  # noqa: E402
+from .loop import LoopResult, StepRandom, train_loop  # noqa: E402
+from .stages import (  # noqa: E402
+    FlowMatchingModule,
+    align_embedder,
+    finetune_lora,
+    load_latent_layers,
+    load_transformer,
+    save_latent_layers,
+    train_output_layer,
+)
+from .stages import run as run_stage  # noqa: E402
+
+__all__ += [
+    "EMA",
+    "STAGES",
+    "ConfigError",
+    "DistContext",
+    "FlowMatchingModule",
+    "LoopResult",
+    "StepRandom",
+    "TrainConfig",
+    "align_embedder",
+    "finetune_lora",
+    "init_distributed",
+    "load_config",
+    "load_latent_layers",
+    "load_transformer",
+    "run_stage",
+    "save_latent_layers",
+    "train_loop",
+    "train_output_layer",
+]

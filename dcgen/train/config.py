@@ -1,0 +1,241 @@
+"""One configuration object for the three DC-Gen post-training stages (METHOD.md section 1).
+
+A run is described by a :class:`TrainConfig`: which stage, which transformer and latent cache,
+where to write, and the optimisation settings. It is read from TOML (always available through
+``tomllib``) or YAML (when pyyaml is installed), can be overridden from the command line with
+``key=value`` strings, and is written back to ``out_dir/config.json`` so a run documents itself.
+``validate()`` checks every field and names the offending one in the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from dcgen.sampling.shift import SHIFT_RULES
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["STAGES", "ConfigError", "TrainConfig", "load_config"]
+
+#: stage names in pipeline order: 1 embedder alignment, 2 output layer, 3 LoRA fine-tuning
+STAGES: tuple[str, ...] = ("align", "output", "finetune")
+_STAGE_ALIASES = {
+    "1": "align",
+    "2": "output",
+    "3": "finetune",
+    "stage1": "align",
+    "stage2": "output",
+    "stage3": "finetune",
+}
+_REQUIRED = ("stage", "transformer", "cache_dir", "out_dir")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field."""
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    transformer: str
+    cache_dir: str
+    out_dir: str
+    dcae: str | None = None
+    latent_layers: str | None = None
+    lora_rank: int = 64
+    lora_alpha: float | None = None
+    lora_targets: str | None = None
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = None
+    guidance_range: tuple[float, float] | None = (1.0, 5.0)
+    timestep_sampling: str = "logit_normal"
+    shift_rule: str = "flux"
+    align_downsample: str = "avg"
+    align_ridge_l2: float = 1e-3
+    align_sgd_steps: int = 200
+    align_feature_layers: tuple[int, ...] = (0, 1)
+    train_embedder_in_stage2: bool = True
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    sample_every: int | None = None
+    # Extensions beyond the agreed surface (all optional).
+    device: str | None = None  # None: cuda when available (cuda:LOCAL_RANK under torchrun)
+    resume: bool = True  # continue from the newest checkpoint in out_dir/checkpoints
+    shift_constant: float = 1.0  # shift factor for shift_rule = "constant"
+    align_eval_sigma: float = 0.0  # noise level of the stage-1 feature-distance report
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form, stored in config.json
+
+    # -- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Build and validate; unknown keys and missing required keys raise ConfigError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        missing = [k for k in _REQUIRED if data.get(k) in (None, "")]
+        if missing:
+            raise ConfigError(f"missing required config field(s) {missing}")
+        kwargs = {k: _coerce(k, v) for k, v in data.items()}
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """TOML (``.toml``) or YAML (``.yaml`` / ``.yml``, needs pyyaml) or JSON. A top-level
+        ``[train]`` table, when present, is used as the config."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        suffix = path.suffix.lower()
+        text = path.read_text()
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as err:
+                raise ConfigError(f"{path}: YAML configs need pyyaml (pip install pyyaml)") from err
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: expected a .toml, .yaml/.yml or .json config file")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a table/mapping, got {type(data)}")
+        if "train" in data and isinstance(data["train"], dict):
+            data = data["train"]
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists); ``from_dict(to_dict())`` round-trips."""
+        out = dataclasses.asdict(self)
+        for k, v in out.items():
+            if isinstance(v, tuple):
+                out[k] = list(v)
+        return out
+
+    def with_overrides(self, overrides: Iterable[str]) -> TrainConfig:
+        """A copy with ``"key=value"`` overrides applied; values are parsed as JSON when they
+        parse (``steps=10``, ``guidance_range=[1,4]``, ``ema_decay=null``), else as strings."""
+        data = self.to_dict()
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ConfigError(f"override {item!r}: expected key=value")
+            if key not in data:
+                raise ConfigError(f"override {item!r}: unknown config field {key!r}")
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = raw
+            data[key] = value
+        return TrainConfig.from_dict(data)
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError naming the first bad field; normalises stage aliases ("1", ...)."""
+        self.stage = _STAGE_ALIASES.get(str(self.stage).lower(), str(self.stage).lower())
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage: expected one of {STAGES} (or 1/2/3), got {self.stage!r}")
+        for name in _REQUIRED[1:]:
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name}: expected a non-empty path, got {getattr(self, name)!r}")
+        positive = (
+            "steps",
+            "batch_size",
+            "lora_rank",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+        for name in ("warmup_steps", "align_sgd_steps", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name}: expected an integer >= 0, got {value!r}")
+        if self.sample_every is not None and self.sample_every < 1:
+            raise ConfigError(
+                f"sample_every: expected a positive integer or null, got {self.sample_every!r}"
+            )
+        if not self.lr > 0:
+            raise ConfigError(f"lr: expected > 0, got {self.lr!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.align_ridge_l2 < 0:
+            raise ConfigError(
+                "weight_decay, grad_clip and align_ridge_l2 must be >= 0 "
+                f"(got {self.weight_decay}, {self.grad_clip}, {self.align_ridge_l2})"
+            )
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ConfigError(
+                f"mixed_precision: expected 'no' or 'bf16', got {self.mixed_precision!r}"
+            )
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(
+                f"ema_decay: expected a value in (0, 1) or null, got {self.ema_decay}"
+            )
+        if self.guidance_range is not None:
+            lo, hi = self.guidance_range
+            if hi < lo:
+                raise ConfigError(
+                    f"guidance_range: expected (low, high), got {self.guidance_range}"
+                )
+        if self.timestep_sampling not in ("logit_normal", "uniform"):
+            raise ConfigError(
+                f"timestep_sampling: expected 'logit_normal' or 'uniform', got "
+                f"{self.timestep_sampling!r}"
+            )
+        if self.shift_rule not in SHIFT_RULES:
+            raise ConfigError(f"shift_rule: expected one of {SHIFT_RULES}, got {self.shift_rule!r}")
+        if self.align_downsample not in ("avg", "bilinear", "area"):
+            raise ConfigError(
+                f"align_downsample: expected 'avg', 'bilinear' or 'area', got "
+                f"{self.align_downsample!r}"
+            )
+        if not 0.0 <= self.align_eval_sigma <= 1.0:
+            raise ConfigError(
+                f"align_eval_sigma: expected a value in [0, 1], got {self.align_eval_sigma}"
+            )
+        return self
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """TOML/YAML/JSON give lists where the dataclass wants tuples; ints where floats are fine."""
+    hint = {f.name: f.type for f in fields(TrainConfig)}[name]
+    if isinstance(value, list) and "tuple" in str(hint):
+        try:
+            return tuple(value)
+        except TypeError as err:  # pragma: no cover - lists are always iterable
+            raise ConfigError(f"{name}: expected a list, got {value!r}") from err
+    return value
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """``TrainConfig.from_file(path)``."""
+    return TrainConfig.from_file(path)

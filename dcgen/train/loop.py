@@ -1,0 +1,283 @@
+"""The one training loop every DC-Gen stage runs (stage-1 refinement, stage 2, stage 3).
+
+A stage supplies two things: a module whose ``forward(**inputs)`` returns the scalar loss of a
+batch (its trainable parameters are those with ``requires_grad``), and ``make_inputs(batch,
+rnd)`` that turns a collated batch of cached samples into those inputs, drawing noise, sigmas
+and guidance values from ``rnd``. Everything else lives here, in order, in :func:`train_loop`:
+AdamW, linear warmup + cosine decay, bf16 autocast, gradient clipping, optional EMA,
+checkpoints through :class:`~dcgen.train.checkpoint.Checkpointer`, ``log.jsonl``, a tqdm bar.
+
+Determinism: the batch order is a pure function of (seed, epoch) (BucketBatchSampler), and the
+random numbers of step k come from a generator seeded by (seed, k) (:class:`StepRandom`), not
+from global RNG state. So a resumed run replays exactly, and every rank of a multi-process run
+draws the same global batch and the same random numbers, then keeps its shard of both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .buckets import BucketBatchSampler
+from .checkpoint import Checkpointer, RunState
+from .config import TrainConfig
+from .data import collate_samples
+from .distributed import DistContext
+from .ema import EMA
+from .losses import guidance_values, sample_timesteps
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LOG_NAME",
+    "LoopResult",
+    "StepRandom",
+    "TrainableState",
+    "bucket_ids_of",
+    "read_log",
+    "train_loop",
+    "warmup_cosine",
+]
+
+LOG_NAME = "log.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class StepRandom:
+    """The random numbers of one optimizer step, identical on every rank and after a resume.
+
+    Each draw is made for the whole global batch from a CPU generator seeded by (seed, step),
+    then sliced to this rank's ``shard`` and moved to ``device``. Draw in a fixed order.
+    """
+
+    def __init__(
+        self, seed: int, step: int, global_size: int, shard: slice, device: torch.device
+    ) -> None:
+        # A large odd multiplier keeps (seed, step) pairs from colliding for realistic values.
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        self.global_size = global_size
+        self.shard = shard
+        self.device = device
+
+    def randn(self, *sample_shape: int) -> torch.Tensor:
+        x = torch.randn((self.global_size, *sample_shape), generator=self.generator)
+        return x[self.shard].to(self.device)
+
+    def sigmas(self, mode: str = "logit_normal", shift: float = 1.0) -> torch.Tensor:
+        s = sample_timesteps(self.global_size, self.generator, mode=mode, shift=shift)  # type: ignore[arg-type]
+        return s[self.shard].to(self.device)
+
+    def guidance(self, low: float, high: float) -> torch.Tensor:
+        g = guidance_values(self.global_size, self.generator, low=low, high=high)
+        return g[self.shard].to(self.device)
+
+
+class TrainableState:
+    """The trainable parameters of a module as a state-dict provider for the Checkpointer: a
+    12B DiT checkpoint then holds only the LoRA and latent layers, not the frozen blocks."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError(f"{type(module).__name__} has no parameter that requires grad")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        missing, unexpected = set(self.params) - set(state), set(state) - set(self.params)
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"checkpoint does not match the trainable parameters: missing "
+                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        for n, p in self.params.items():
+            if n in state:
+                p.copy_(state[n])
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    start_step: int  # > 0 when the run resumed from a checkpoint
+    final_loss: float
+    losses: list[float] = field(default_factory=list)  # this process's steps (after resume)
+    log_path: Path | None = None
+    checkpoint_dir: Path | None = None
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1 over ``warmup_steps``, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def bucket_ids_of(dataset: Any, key: str) -> list[Any]:
+    """Batch-compatibility ids: the cache's buckets, else the shape of ``key`` per sample."""
+    ids = getattr(dataset, "bucket_ids", None)
+    if ids is not None:
+        return list(ids)
+    return [tuple(dataset[i][key].shape) for i in range(len(dataset))]
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _load_batch(dataset: Any, indices: Sequence[int], device: torch.device) -> dict[str, Any]:
+    batch = collate_samples([dataset[i] for i in indices])
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _truncate_log(path: Path, tag: str, step: int) -> None:
+    """Drop the entries a killed run wrote after its last checkpoint; they are replayed."""
+    entries = read_log(path)
+    kept = [e for e in entries if e.get("tag") != tag or e.get("step", 0) <= step]
+    if len(kept) != len(entries):
+        path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+
+
+def _last_logged_loss(path: Path, tag: str) -> float:
+    entries = [e for e in read_log(path) if e.get("tag") == tag]
+    return float(entries[-1]["loss"]) if entries else float("nan")
+
+
+def train_loop(
+    module: nn.Module,
+    make_inputs: Callable[[dict[str, Any], StepRandom], dict[str, Any]],
+    dataset: Any,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    run_dir: str | Path,
+    *,
+    steps: int,
+    bucket_key: str = "dcae_latent",
+    tag: str = "train",
+    ema: EMA | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> LoopResult:
+    """Train ``module``'s trainable parameters for ``steps`` optimizer steps of ``cfg.batch_size``
+    global samples (resuming from ``run_dir/checkpoints`` when ``cfg.resume``). ``on_step(step,
+    loss)`` runs after each step (and its checkpoint), e.g. to stop a run early in tests."""
+    run_dir = Path(run_dir)
+    device = ctx.device
+    params = [p for p in module.parameters() if p.requires_grad]
+    trainable = TrainableState(module)
+    model = ctx.wrap(module)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_steps))
+    sampler = BucketBatchSampler(
+        bucket_ids_of(dataset, bucket_key), cfg.batch_size, seed=cfg.seed, drop_last=True
+    )
+    if len(sampler) == 0:
+        raise ValueError(
+            f"no full batch of batch_size={cfg.batch_size} in {len(dataset)} samples (batches "
+            "hold samples of one size bucket): lower batch_size or add data"
+        )
+    states: dict[str, Any] = {"trainable": trainable}
+    if ema is not None:
+        states["ema"] = ema
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    ckpt = Checkpointer(
+        ckpt_dir,
+        states,  # type: ignore[arg-type]  # duck-typed: state_dict / load_state_dict
+        optimizer,
+        scheduler,
+        keep_last=cfg.keep_checkpoints,
+        model_state=lambda: {name: obj.state_dict() for name, obj in states.items()},
+    )
+    state = ckpt.resume() if cfg.resume else RunState()
+    start = state.step
+    log_path = run_dir / LOG_NAME
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, tag, start)
+    if start:
+        logger.info("%s: resumed at step %d of %d", tag, start, steps)
+    shard = ctx.shard(cfg.batch_size)
+    autocast = torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"
+    )
+    losses: list[float] = []
+    bar = tqdm(total=steps, initial=start, desc=tag, disable=not (progress and ctx.is_main))
+    model.train()
+    t0 = time.perf_counter()
+    while state.step < steps:
+        sampler.set_epoch(state.epoch, state.position)
+        for indices in sampler:
+            # ---- one optimizer step: this rank's shard of the global batch -----------------
+            batch = _load_batch(dataset, indices[shard], device)
+            rnd = StepRandom(cfg.seed, state.step, len(indices), shard, device)
+            inputs = make_inputs(batch, rnd)
+            with autocast:
+                loss = model(**inputs)
+            loss.backward()  # DDP averages the gradients over ranks here
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
+            state.advance()
+            # ---- bookkeeping ---------------------------------------------------------------
+            value = ctx.mean(float(loss.detach()))
+            losses.append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4g}")
+            if ctx.is_main:
+                entry = {
+                    "tag": tag,
+                    "step": state.step,
+                    "loss": value,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "time_s": round(time.perf_counter() - t0, 3),
+                }
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                if state.step % cfg.log_every == 0 or state.step == steps:
+                    logger.info("%s step %d/%d: loss %.5g", tag, state.step, steps, value)
+            if state.step % cfg.checkpoint_every == 0 or state.step == steps:
+                if ctx.is_main:
+                    ckpt.save(state)
+                ctx.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
+            if on_step is not None:
+                on_step(state.step, value)
+            if state.step >= steps:
+                break
+        else:
+            state.next_epoch()
+    bar.close()
+    model.eval()
+    return LoopResult(
+        steps=state.step,
+        start_step=start,
+        final_loss=losses[-1] if losses else _last_logged_loss(log_path, tag),
+        losses=losses,
+        log_path=log_path,
+        checkpoint_dir=ckpt_dir,
+    )

@@ -1,0 +1,670 @@
+"""The three DC-Gen post-training stages (METHOD.md section 1) and the ``run`` entry point.
+
+- stage 1, ``align``: :func:`align_embedder`. The new embedder (DC-AE latents, 1x1 patches) is
+  fitted to the base embedder's token map downsampled onto the new grid: closed-form ridge
+  over every cached token (streamed through :class:`RidgeAccumulator`), then refinement with
+  the shared training loop. DiT frozen. Reports the per-block feature distance to the base model
+  before (random embedder) and after.
+- stage 2, ``output``: :func:`train_output_layer`. DiT frozen; head (and embedder) trained with
+  the flow-matching loss on DC-AE latents.
+- stage 3, ``finetune``: :func:`finetune_lora`. LoRA on the blocks, embedder and head fully
+  trained, flow-matching loss, guidance values sampled for guidance-distilled bases.
+
+Each stage function works on in-memory objects (a diffusers transformer and any dataset of
+dicts with ``dcae_latent`` / ``base_latent`` / ``prompt_embeds`` / ``pooled_prompt_embeds``
+tensors, e.g. a :class:`LatentCache`); :func:`run` adds the files: it loads the transformer and
+cache named by a :class:`TrainConfig` and writes the run folder::
+
+    out_dir/config.json                      the config as run
+    out_dir/log.jsonl                        one JSON line per step (tag, step, loss, lr, ...)
+    out_dir/loss.png                         loss curve
+    out_dir/checkpoints/step-XXXXXXXX/       resumable checkpoints (trainable params only)
+    out_dir/latent_layers.safetensors        new embedder + head, "embedder.*" / "head.*" keys,
+                                             metadata: format, family, latent_channels,
+                                             patch_size, inner_dim, stage
+    out_dir/transformer/                     stages 1-2: the adapted transformer (save_pretrained)
+    out_dir/pytorch_lora_weights.safetensors stage 3: the LoRA (dcgen.train.lora.save_lora)
+    out_dir/summary.json                     what run() returns
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dcgen.adapters import DiTAdapter, adapter_for, pack_latents
+from dcgen.sampling.shift import resolve_shift
+
+from .align import RidgeAccumulator, alignment_loss, downsample_tokens, init_from_ridge
+from .cache import CacheError, LatentCache
+from .config import ConfigError, TrainConfig
+from .distributed import DistContext, init_distributed
+from .ema import EMA
+from .features import feature_distance
+from .loop import LOG_NAME, LoopResult, StepRandom, read_log, train_loop
+from .lora import add_lora, save_lora
+from .losses import flow_matching_loss
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LATENT_LAYERS_FORMAT",
+    "LATENT_LAYERS_NAME",
+    "TRANSFORMER_DIR",
+    "FlowMatchingModule",
+    "align_embedder",
+    "dcae_facts",
+    "finetune_lora",
+    "load_latent_layers",
+    "load_transformer",
+    "open_cache",
+    "run",
+    "save_latent_layers",
+    "train_output_layer",
+]
+
+LATENT_LAYERS_NAME = "latent_layers.safetensors"
+LATENT_LAYERS_FORMAT = "dcgen.latent_layers"
+TRANSFORMER_DIR = "transformer"
+DEFAULT_GUIDANCE = 3.5  # FLUX-dev's default, used when guidance_range is None
+
+OnStep = Callable[[int, float], None]
+
+
+# ---------------------------------------------------------------------------------- file helpers
+
+
+def load_transformer(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A diffusers transformer folder (class from config.json's ``_class_name``), fp32 by
+    default: training keeps fp32 master weights and autocasts to bf16."""
+    import diffusers
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"transformer: no config.json in {path} (a diffusers folder)")
+    name = json.loads(cfg_file.read_text()).get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None:
+        raise ValueError(f"transformer: {cfg_file} names class {name!r}, not a diffusers model")
+    model = cls.from_pretrained(str(path), torch_dtype=dtype)
+    return model.to(device)
+
+
+def save_latent_layers(
+    transformer: nn.Module, path: str | Path, extra: dict[str, str] | None = None
+) -> Path:
+    """Write the embedder and head (``embedder.*`` / ``head.*`` keys) with the facts needed to
+    rebuild them (family, latent_channels, patch_size) in the safetensors metadata."""
+    adapter = adapter_for(transformer)
+    layers = adapter.latent_layers()
+    tensors = {f"embedder.{k}": v for k, v in layers.embedder.state_dict().items()}
+    tensors |= {f"head.{k}": v for k, v in layers.head.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {
+        "format": LATENT_LAYERS_FORMAT,
+        "family": type(transformer).__name__,
+        "latent_channels": str(adapter.latent_channels),
+        "patch_size": str(adapter.patch_size),
+        "inner_dim": str(adapter.inner_dim),
+        **(extra or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@torch.no_grad()
+def load_latent_layers(transformer: nn.Module, path: str | Path) -> DiTAdapter:
+    """Load a :func:`save_latent_layers` file, replacing the layers first when their shape
+    differs (e.g. a base transformer plus a stage-1 result). Returns the adapter."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latent_layers: no file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != LATENT_LAYERS_FORMAT:
+        raise ValueError(f"latent_layers: {path} is not a {LATENT_LAYERS_FORMAT} file")
+    if meta.get("family") != type(transformer).__name__:
+        raise ValueError(
+            f"latent_layers: {path} was written for {meta.get('family')}, the transformer is "
+            f"{type(transformer).__name__}"
+        )
+    adapter = adapter_for(transformer)
+    c, p = int(meta["latent_channels"]), int(meta["patch_size"])
+    if (adapter.latent_channels, adapter.patch_size) != (c, p):
+        adapter.replace_latent_layers(c, p)
+    layers = adapter.latent_layers()
+    for prefix, module in (("embedder.", layers.embedder), ("head.", layers.head)):
+        sd = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        module.load_state_dict(sd, strict=True)
+    return adapter
+
+
+def dcae_facts(spec: str) -> tuple[int, int]:
+    """(latent_channels, spatial factor) of a DC-AE folder (config.json) or preset name,
+    without loading weights."""
+    from dcgen.autoencoders import DCAEConfig, get_preset
+
+    path = Path(spec)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"dcae: no config.json in {path}")
+        data = json.loads(cfg_file.read_text())
+        cfg = get_preset(data["model_name"]) if "model_name" in data else DCAEConfig.from_dict(data)
+    else:
+        try:
+            cfg = get_preset(spec)
+        except KeyError as err:
+            raise ConfigError(f"dcae: {spec!r} is neither a folder nor a preset: {err}") from err
+    return int(cfg.latent_channels), int(cfg.spatial_compression_ratio)
+
+
+def _require(sample: dict[str, Any], names: Sequence[str], where: str) -> None:
+    missing = [n for n in names if n not in sample]
+    if missing:
+        raise CacheError(
+            f"{where} has no {missing} tensor(s) (has {sorted(k for k in sample)}); precompute "
+            "the cache with those encoders"
+        )
+
+
+def _check_channels(adapter: DiTAdapter, dataset: Any, where: str = "the data") -> None:
+    _require(dataset[0], ["dcae_latent"], where)
+    c = int(dataset[0]["dcae_latent"].shape[0])
+    if c != adapter.latent_channels:
+        raise ValueError(
+            f"DC-AE latents in {where} have {c} channels but the transformer expects "
+            f"{adapter.latent_channels}: run stage 1 (align) first, or use the matching DC-AE"
+        )
+
+
+def _ctx(ctx: DistContext | None) -> DistContext:
+    return ctx if ctx is not None else DistContext()
+
+
+# ------------------------------------------------------------------------------ stage modules
+
+
+def _embed(embedder: nn.Module, latents: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Token map (B, N, D) of a Linear (FLUX, on packed latents) or kernel=stride Conv2d (SANA)
+    embedder, the same computation as ``adapter.embed_tokens``."""
+    w = embedder.weight
+    if isinstance(embedder, nn.Conv2d):
+        return embedder(latents.to(w.dtype)).flatten(2).transpose(1, 2)
+    return embedder(pack_latents(latents, patch_size).to(w.dtype))
+
+
+class _EmbedderAlign(nn.Module):
+    """Stage-1 refinement: forward(latents, target) = MSE(new embedder tokens, target)."""
+
+    def __init__(self, embedder: nn.Module) -> None:
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return alignment_loss(_embed(self.embedder, latents, 1), target)
+
+
+class FlowMatchingModule(nn.Module):
+    """forward(x0, noise, sigmas, prompt_embeds, ...) = flow-matching loss of the transformer
+    through its adapter (one module, so DistributedDataParallel can wrap it)."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.adapter = adapter_for(transformer)
+
+    def forward(
+        self,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        sigmas: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        def model_fn(x_t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return self.adapter.predict(x_t, s, prompt_embeds, pooled_prompt_embeds, guidance)
+
+        return flow_matching_loss(model_fn, x0, sigmas, noise=noise)
+
+
+def _flow_inputs(
+    adapter: DiTAdapter, cfg: TrainConfig
+) -> Callable[[dict[str, Any], StepRandom], dict[str, Any]]:
+    guided = bool(getattr(adapter, "has_guidance_embeds", False))
+
+    def make_inputs(batch: dict[str, Any], rnd: StepRandom) -> dict[str, Any]:
+        x0 = batch["dcae_latent"].float()
+        _, c, h, w = x0.shape
+        shift = resolve_shift(
+            cfg.shift_rule, adapter.num_tokens(h, w), c, constant=cfg.shift_constant
+        )
+        # Draw order is part of the determinism contract: sigmas, noise, guidance.
+        sigmas = rnd.sigmas(cfg.timestep_sampling, shift)
+        noise = rnd.randn(c, h, w)
+        guidance = None
+        if guided:
+            lo, hi = cfg.guidance_range or (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE)
+            guidance = rnd.guidance(lo, hi)
+        pooled = batch.get("pooled_prompt_embeds")
+        return {
+            "x0": x0,
+            "noise": noise,
+            "sigmas": sigmas,
+            "prompt_embeds": batch["prompt_embeds"].float(),
+            "pooled_prompt_embeds": None if pooled is None else pooled.float(),
+            "guidance": guidance,
+        }
+
+    return make_inputs
+
+
+# ---------------------------------------------------------------------------------- stage 1
+
+
+@torch.no_grad()
+def _block_features(
+    adapter: DiTAdapter,
+    latents: torch.Tensor,
+    batch: dict[str, Any],
+    layers: Sequence[int],
+    sigma: float,
+) -> dict[int, torch.Tensor]:
+    """Image hidden states after ``layers`` for clean-ish latents (noise-free x_t at sigma:
+    the two latent spaces have unrelated noise, so only the signal part is comparable)."""
+    b = latents.shape[0]
+    x = latents * (1.0 - sigma)
+    guidance = None
+    if getattr(adapter, "has_guidance_embeds", False):
+        guidance = torch.full((b,), DEFAULT_GUIDANCE, device=latents.device)
+    pooled = batch.get("pooled_prompt_embeds")
+    with adapter.capture_hidden_states(layers) as feats:
+        adapter.predict(
+            x,
+            torch.full((b,), sigma, device=latents.device),
+            batch["prompt_embeds"].float(),
+            None if pooled is None else pooled.float(),
+            guidance,
+        )
+    return {i: feats[i].float() for i in layers}
+
+
+def align_embedder(
+    transformer: nn.Module,
+    dataset: Any,
+    cfg: TrainConfig,
+    *,
+    ctx: DistContext | None = None,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    on_step: OnStep | None = None,
+) -> dict[str, Any]:
+    """Stage 1 on a base transformer (in place): replace the latent layers for the dataset's
+    DC-AE latents, fit the embedder (ridge + refinement), return the report.
+
+    ``dataset[i]`` needs ``base_latent`` (C_base, H, W), ``dcae_latent`` (C, h, w) of the same
+    image, and text embeddings for the feature-distance report. The new grid must be the base
+    token grid (H / p_base) divided by an integer factor (2 for f32, 4 for f64).
+    """
+    ctx = _ctx(ctx)
+    run_dir = Path(run_dir if run_dir is not None else cfg.out_dir)
+    device = ctx.device
+    adapter = adapter_for(transformer)
+    first = dataset[0]
+    _require(first, ["base_latent", "dcae_latent"], "the stage-1 data")
+    p_base, c_base = adapter.patch_size, adapter.latent_channels
+    base_shape, new_shape = tuple(first["base_latent"].shape), tuple(first["dcae_latent"].shape)
+    if base_shape[0] != c_base:
+        raise ValueError(
+            f"base_latent has {base_shape[0]} channels but the base transformer expects {c_base}"
+            " (stage 1 starts from the base model)"
+        )
+    grid_h, grid_w = base_shape[1] // p_base, base_shape[2] // p_base
+    factor = grid_h // new_shape[1]
+    if factor < 1 or (grid_h, grid_w) != (new_shape[1] * factor, new_shape[2] * factor):
+        raise ValueError(
+            f"the base token grid {grid_h}x{grid_w} (base_latent {base_shape[1:]} / patch "
+            f"{p_base}) is not an integer multiple of the DC-AE grid {new_shape[1:]}"
+        )
+    n_blocks = len(adapter.blocks())
+    layers = [i for i in cfg.align_feature_layers]
+    bad = [i for i in layers if not 0 <= i < n_blocks]
+    if bad:
+        raise ConfigError(f"align_feature_layers: {bad} out of range for {n_blocks} blocks")
+    transformer.requires_grad_(False)
+
+    # Fixed report batch: the first samples that share the first sample's shapes.
+    report_idx = [
+        i
+        for i in range(min(len(dataset), 64))
+        if tuple(dataset[i]["dcae_latent"].shape) == new_shape
+        and tuple(dataset[i]["base_latent"].shape) == base_shape
+    ][: cfg.batch_size]
+    from .data import collate_samples
+
+    report = {
+        k: v.to(device) if isinstance(v, torch.Tensor) else v
+        for k, v in collate_samples([dataset[i] for i in report_idx]).items()
+    }
+    has_text = "prompt_embeds" in report
+    if not has_text:
+        logger.warning("no prompt_embeds in the data: skipping the feature-distance report")
+    base_feats = (
+        _block_features(
+            adapter, report["base_latent"].float(), report, layers, cfg.align_eval_sigma
+        )
+        if has_text
+        else {}
+    )
+
+    def distances() -> dict[int, float]:
+        if not has_text:
+            return {}
+        new = _block_features(
+            adapter, report["dcae_latent"].float(), report, layers, cfg.align_eval_sigma
+        )
+        hw = (grid_h, grid_w)
+        return {
+            i: feature_distance(base_feats[i], new[i], "sq_l2", hw, factor, cfg.align_downsample)
+            for i in layers
+        }
+
+    # New layers, seeded so every rank (and a resumed run) starts from the same random init.
+    torch.manual_seed(cfg.seed)
+    old = adapter.replace_latent_layers(new_shape[0], 1, init="zero_head")
+    base_embedder = old.embedder.to(device)
+    layers_new = adapter.latent_layers()
+    layers_new.embedder.to(device)
+    layers_new.head.to(device)
+    dist_before = distances()
+
+    def target_tokens(base_latent: torch.Tensor) -> torch.Tensor:
+        tokens = _embed(base_embedder, base_latent.float(), p_base).float()
+        return downsample_tokens(tokens, (grid_h, grid_w), factor, cfg.align_downsample)  # type: ignore[arg-type]
+
+    # ---- closed form: ridge over every cached token, each rank streaming its own share.
+    acc = RidgeAccumulator(new_shape[0], adapter.inner_dim)
+    with torch.no_grad():
+        for i in range(ctx.rank, len(dataset), ctx.world_size):
+            s = dataset[i]
+            x = pack_latents(s["dcae_latent"][None].to(device).float(), 1)
+            acc.update(x, target_tokens(s["base_latent"][None].to(device)))
+    if ctx.enabled:
+        merged = RidgeAccumulator(new_shape[0], adapter.inner_dim)
+        for st in ctx.all_gather_object(
+            {
+                k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                for k, v in acc.state_dict().items()
+            }
+        ):
+            part = RidgeAccumulator(new_shape[0], adapter.inner_dim)
+            part.load_state_dict(st)
+            merged.merge(part)
+        acc = merged
+    embedder = layers_new.embedder
+
+    def embedder_mse() -> float:
+        return acc.mse(embedder.weight.detach().flatten(1).double(), embedder.bias)
+
+    mse_random = embedder_mse()
+    weight, bias = acc.solve(cfg.align_ridge_l2)
+    init_from_ridge(embedder, weight, bias)
+    mse_ridge = embedder_mse()
+    logger.info(
+        "stage 1 ridge over %d tokens: alignment MSE %.5g (random) -> %.5g (R^2 %.4f)",
+        acc.count,
+        mse_random,
+        mse_ridge,
+        1.0 - mse_ridge / max(acc.target_variance(), 1e-30),
+    )
+
+    # ---- refinement with the shared loop (checkpointed, multi-process like the other stages).
+    loop: LoopResult | None = None
+    if cfg.align_sgd_steps > 0:
+        embedder.requires_grad_(True)
+        module = _EmbedderAlign(embedder)
+
+        def make_inputs(batch: dict[str, Any], rnd: StepRandom) -> dict[str, Any]:
+            with torch.no_grad():
+                target = target_tokens(batch["base_latent"])
+            return {"latents": batch["dcae_latent"].float(), "target": target}
+
+        loop = train_loop(
+            module,
+            make_inputs,
+            dataset,
+            cfg,
+            ctx,
+            run_dir,
+            steps=cfg.align_sgd_steps,
+            tag="align",
+            progress=progress,
+            on_step=on_step,
+        )
+        embedder.requires_grad_(False)
+    mse_after = embedder_mse()
+    dist_after = distances()
+    return {
+        "stage": "align",
+        "tokens": acc.count,
+        "downsample_factor": factor,
+        "align_mse": {"random": mse_random, "ridge": mse_ridge, "after": mse_after},
+        "feature_distance": {
+            "layers": layers,
+            "before": [dist_before[i] for i in layers] if dist_before else [],
+            "after": [dist_after[i] for i in layers] if dist_after else [],
+        },
+        "steps": loop.steps if loop else 0,
+        "final_loss": loop.final_loss if loop else mse_after,
+    }
+
+
+# ------------------------------------------------------------------------------ stages 2, 3
+
+
+def train_output_layer(
+    transformer: nn.Module,
+    dataset: Any,
+    cfg: TrainConfig,
+    *,
+    ctx: DistContext | None = None,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    on_step: OnStep | None = None,
+) -> dict[str, Any]:
+    """Stage 2 (in place): DiT frozen, head (and embedder when
+    ``cfg.train_embedder_in_stage2``) trained with the flow-matching loss."""
+    ctx = _ctx(ctx)
+    adapter = adapter_for(transformer)
+    _check_channels(adapter, dataset)
+    _require(dataset[0], ["prompt_embeds"], "the stage-2 data")
+    transformer.requires_grad_(False)
+    layers = adapter.latent_layers()
+    layers.head.requires_grad_(True)
+    if cfg.train_embedder_in_stage2:
+        layers.embedder.requires_grad_(True)
+    loop = train_loop(
+        FlowMatchingModule(transformer),
+        _flow_inputs(adapter, cfg),
+        dataset,
+        cfg,
+        ctx,
+        Path(run_dir if run_dir is not None else cfg.out_dir),
+        steps=cfg.steps,
+        tag="output",
+        progress=progress,
+        on_step=on_step,
+    )
+    transformer.requires_grad_(False)
+    return {"stage": "output", "steps": loop.steps, "final_loss": loop.final_loss}
+
+
+def _module_name(transformer: nn.Module, module: nn.Module) -> str:
+    for name, m in transformer.named_modules():
+        if m is module:
+            return name
+    raise KeyError(f"{type(module).__name__} is not a submodule of the transformer")
+
+
+def finetune_lora(
+    transformer: nn.Module,
+    dataset: Any,
+    cfg: TrainConfig,
+    *,
+    ctx: DistContext | None = None,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    on_step: OnStep | None = None,
+) -> dict[str, Any]:
+    """Stage 3 (in place): LoRA (``cfg.lora_rank`` / ``lora_alpha`` / ``lora_targets``) on the
+    blocks plus the embedder and head fully trained, flow-matching loss. With ``ema_decay`` the
+    EMA weights are loaded into the model at the end (what gets saved)."""
+    ctx = _ctx(ctx)
+    adapter = adapter_for(transformer)
+    _check_channels(adapter, dataset)
+    _require(dataset[0], ["prompt_embeds"], "the stage-3 data")
+    layers = adapter.latent_layers()
+    train_modules = (
+        _module_name(transformer, layers.embedder),
+        _module_name(transformer, layers.head),
+    )
+    # Seeded: LoRA A is random, and every rank / a resumed run must start from the same one.
+    torch.manual_seed(cfg.seed)
+    add_lora(
+        transformer,
+        cfg.lora_rank,
+        cfg.lora_alpha,
+        cfg.lora_targets,
+        train_modules=train_modules,
+    )
+    transformer.to(ctx.device)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    ema = None
+    if cfg.ema_decay is not None:
+        named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+        ema = EMA(named, cfg.ema_decay)
+    loop = train_loop(
+        FlowMatchingModule(transformer),
+        _flow_inputs(adapter, cfg),
+        dataset,
+        cfg,
+        ctx,
+        Path(run_dir if run_dir is not None else cfg.out_dir),
+        steps=cfg.steps,
+        tag="finetune",
+        ema=ema,
+        progress=progress,
+        on_step=on_step,
+    )
+    if ema is not None:
+        with torch.no_grad():
+            for n, p in ema.params.items():
+                p.copy_(ema.shadow[n].to(p.dtype))
+    if cfg.gradient_checkpointing:
+        transformer.disable_gradient_checkpointing()
+    return {"stage": "finetune", "steps": loop.steps, "final_loss": loop.final_loss}
+
+
+# --------------------------------------------------------------------------------------- run
+
+_STAGE_FNS = {"align": align_embedder, "output": train_output_layer, "finetune": finetune_lora}
+_STAGE_TENSORS = {
+    "align": ["base_latent", "dcae_latent"],
+    "output": ["dcae_latent", "prompt_embeds"],
+    "finetune": ["dcae_latent", "prompt_embeds"],
+}
+
+
+def open_cache(cfg: TrainConfig) -> LatentCache:
+    """The cache with the tensors the stage reads; a missing tensor is a clear CacheError."""
+    cache = LatentCache(cfg.cache_dir)
+    need = _STAGE_TENSORS[cfg.stage]
+    missing = [n for n in need if n not in cache.tensor_names]
+    if missing:
+        raise CacheError(
+            f"cache_dir {cfg.cache_dir} has no {missing} tensor(s) (has {cache.tensor_names}); "
+            f"stage {cfg.stage!r} needs {need}"
+        )
+    wanted = need + [
+        n for n in ("prompt_embeds", "pooled_prompt_embeds") if n in cache.tensor_names
+    ]
+    return LatentCache(cfg.cache_dir, tensors=list(dict.fromkeys(wanted)))
+
+
+def run(config: TrainConfig, progress: bool = True, *, on_step: OnStep | None = None) -> dict:
+    """Run the configured stage end to end (see the module docstring for the files written).
+
+    Under torchrun every process calls this; only rank 0 writes files. Returns a summary
+    (stage, steps, final_loss, paths, and for stage 1 alignment MSE and feature distances).
+    """
+    cfg = config.validate()
+    ctx = init_distributed(cfg.device)
+    try:
+        return _run(cfg, ctx, progress, on_step)
+    finally:
+        ctx.close()
+
+
+def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | None) -> dict:
+    run_dir = Path(cfg.out_dir)
+    cache = open_cache(cfg)
+    c_cache = int(cache[0]["dcae_latent"].shape[0])
+    if cfg.dcae is not None:
+        c_ae, _factor = dcae_facts(cfg.dcae)
+        if c_ae != c_cache:
+            raise ValueError(
+                f"dcae {cfg.dcae!r} has {c_ae} latent channels but the cache's dcae_latent has "
+                f"{c_cache}: the cache was made with another DC-AE"
+            )
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    torch.manual_seed(cfg.seed)
+    transformer = load_transformer(cfg.transformer, ctx.device)
+    if cfg.latent_layers:
+        load_latent_layers(transformer, cfg.latent_layers)
+        transformer.to(ctx.device)  # replaced layers are created on the CPU
+    summary = _STAGE_FNS[cfg.stage](
+        transformer, cache, cfg, ctx=ctx, run_dir=run_dir, progress=progress, on_step=on_step
+    )
+    paths: dict[str, str] = {}
+    if ctx.is_main:
+        meta = {"stage": cfg.stage}
+        paths["latent_layers"] = str(
+            save_latent_layers(transformer, run_dir / LATENT_LAYERS_NAME, meta)
+        )
+        if cfg.stage == "finetune":
+            paths["lora"] = str(save_lora(transformer, run_dir))
+        else:
+            transformer.save_pretrained(str(run_dir / TRANSFORMER_DIR))
+            paths["transformer"] = str(run_dir / TRANSFORMER_DIR)
+        losses = [float(e["loss"]) for e in read_log(run_dir / LOG_NAME)]
+        if losses:
+            from dcgen.toy.images import plot_curve
+
+            plot_curve(losses, f"dcgen {cfg.stage}: loss").save(run_dir / "loss.png")
+            paths["loss_curve"] = str(run_dir / "loss.png")
+        paths["log"] = str(run_dir / LOG_NAME)
+        paths["config"] = str(run_dir / "config.json")
+        summary["paths"] = paths
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    ctx.barrier()
+    summary.setdefault("paths", paths)
+    logger.info("stage %s done: %s", cfg.stage, {k: summary[k] for k in ("steps", "final_loss")})
+    return summary

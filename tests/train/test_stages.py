@@ -1,0 +1,157 @@
+"""The three DC-Gen stages on tiny models: each does what METHOD.md says it should."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcgen.adapters import adapter_for
+from dcgen.train.cache import CacheError, LatentCache
+from dcgen.train.config import ConfigError, TrainConfig, load_config
+from dcgen.train.data import collate_samples
+from dcgen.train.lora import load_lora, save_lora
+from dcgen.train.stages import (
+    FlowMatchingModule,
+    finetune_lora,
+    load_latent_layers,
+    load_transformer,
+    run,
+    save_latent_layers,
+    train_output_layer,
+)
+from tests.train.stage_utils import DCAE_CHANNELS, config, make_cache, save_adapted, save_base
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stages")
+
+
+@pytest.fixture(scope="module")
+def cache(root: Path) -> Path:
+    return make_cache(root)
+
+
+@torch.no_grad()
+def fixed_loss(transformer: torch.nn.Module, cache_dir: Path) -> float:
+    """Flow-matching loss on a fixed batch, noise and sigmas (independent of training RNG)."""
+    batch = collate_samples([LatentCache(cache_dir)[i] for i in range(4)])
+    x0 = batch["dcae_latent"]
+    g = torch.Generator().manual_seed(123)
+    noise = torch.randn(x0.shape, generator=g)
+    sigmas = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    loss = FlowMatchingModule(transformer)(
+        x0, noise, sigmas, batch["prompt_embeds"], batch["pooled_prompt_embeds"],
+        torch.full((4,), 3.5),
+    )  # fmt: skip
+    return float(loss)
+
+
+def test_stage1_aligns_embedder_and_reduces_feature_distance(root: Path, cache: Path) -> None:
+    cfg = config(root, "align", save_base(root), cache, align_sgd_steps=4)
+    summary = run(cfg, progress=False)
+    mse = summary["align_mse"]
+    # The random embedder is far off; the ridge fit explains most of the target variance.
+    assert mse["ridge"] < 0.2 * mse["random"]
+    assert mse["after"] < 0.2 * mse["random"]
+    before, after = summary["feature_distance"]["before"], summary["feature_distance"]["after"]
+    assert len(before) == len(after) == 2
+    for b, a in zip(before, after):
+        assert a < 0.25 * b, (before, after)
+    out = Path(cfg.out_dir)
+    for name in ("latent_layers.safetensors", "log.jsonl", "loss.png", "config.json"):
+        assert (out / name).is_file(), name
+    # The saved transformer is the adapted one, and the latent-layer file rebuilds it on a base.
+    adapted = load_transformer(out / "transformer")
+    assert adapter_for(adapted).latent_channels == DCAE_CHANNELS
+    base = load_transformer(root / "base")
+    load_latent_layers(base, out / "latent_layers.safetensors")
+    torch.testing.assert_close(base.x_embedder.weight, adapted.x_embedder.weight)
+    assert TrainConfig.from_file(out / "config.json") == cfg
+
+
+def test_stage2_reduces_flow_matching_loss(root: Path, cache: Path) -> None:
+    transformer = load_transformer(save_adapted(root))
+    blocks_before = {k: v.clone() for k, v in transformer.transformer_blocks.state_dict().items()}
+    before = fixed_loss(transformer, cache)
+    cfg = config(root, "output", root / "adapted", cache, steps=20, out_dir=str(root / "s2"))
+    train_output_layer(transformer, LatentCache(cache), cfg, progress=False)
+    after = fixed_loss(transformer, cache)
+    assert after < 0.8 * before, (before, after)
+    # DiT blocks frozen in stage 2.
+    for k, v in transformer.transformer_blocks.state_dict().items():
+        assert torch.equal(v, blocks_before[k]), k
+
+
+def test_stage3_lora_reduces_loss_and_round_trips(root: Path, cache: Path, tmp_path: Path) -> None:
+    path = save_adapted(root)
+    transformer = load_transformer(path)
+    before = fixed_loss(transformer, cache)
+    cfg = config(root, "finetune", path, cache, steps=20, out_dir=str(root / "s3"), ema_decay=0.5)
+    finetune_lora(transformer, LatentCache(cache), cfg, progress=False)
+    after = fixed_loss(transformer, cache)
+    assert after < 0.8 * before, (before, after)
+
+    save_lora(transformer, tmp_path)
+    save_latent_layers(transformer, tmp_path / "latent_layers.safetensors")
+    fresh = load_transformer(path)
+    load_latent_layers(fresh, tmp_path / "latent_layers.safetensors")
+    load_lora(fresh, tmp_path)
+    assert fixed_loss(fresh, cache) == pytest.approx(after, rel=1e-6)
+
+
+def test_config_files_and_overrides(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        'stage = "3"\ntransformer = "t"\ncache_dir = "c"\nout_dir = "o"\n'
+        "guidance_range = [2.0, 4.0]\nalign_feature_layers = [0, 5]\n"
+    )
+    cfg = load_config(toml)
+    assert cfg.stage == "finetune" and cfg.guidance_range == (2.0, 4.0)
+    assert cfg.align_feature_layers == (0, 5)
+    cfg2 = cfg.with_overrides(["steps=7", "ema_decay=0.99", "lora_targets=attn"])
+    assert (cfg2.steps, cfg2.ema_decay, cfg2.lora_targets) == (7, 0.99, "attn")
+    assert TrainConfig.from_dict(cfg2.to_dict()) == cfg2
+    with pytest.raises(ConfigError, match="unknown config field 'nope'"):
+        cfg.with_overrides(["nope=1"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        cfg.with_overrides(["batch_size=-1"])
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"stage": "align", "transformer": "t", "cache_dir": "c"}, "out_dir"),
+        ({"stage": "x", "transformer": "t", "cache_dir": "c", "out_dir": "o"}, "stage"),
+        ({"stage": "1", "transformer": "t", "cache_dir": "c", "out_dir": "o", "steps": 0}, "steps"),
+        ({"stage": "1", "transformer": "t", "cache_dir": "c", "out_dir": "o", "bogus": 1}, "bogus"),
+        (
+            {"stage": "1", "transformer": "t", "cache_dir": "c", "out_dir": "o",
+             "mixed_precision": "fp8"},
+            "mixed_precision",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_config_names_the_field(data: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig.from_dict(data)
+
+
+def test_cache_without_dcae_latent_is_a_clear_error(root: Path, tmp_path: Path) -> None:
+    cache = make_cache(tmp_path, with_dcae=False)
+    cfg = config(tmp_path, "output", save_adapted(tmp_path), cache)
+    with pytest.raises(CacheError, match="dcae_latent"):
+        run(cfg, progress=False)
+
+
+def test_channel_mismatch_is_a_clear_error(root: Path, cache: Path) -> None:
+    # A base (16-channel, 2x2) transformer cannot train on 4-channel DC-AE latents.
+    cfg = config(root, "output", save_base(root), cache, out_dir=str(root / "bad1"))
+    with pytest.raises(ValueError, match="4 channels but the transformer expects 16"):
+        run(cfg, progress=False)
+    # The DC-AE named in the config must be the one the cache was made with.
+    cfg = config(root, "output", save_adapted(root), cache, dcae="dc-ae-f32c32-in-1.0")
+    with pytest.raises(ValueError, match="32 latent channels"):
+        run(cfg, progress=False)
