@@ -5,6 +5,14 @@ dcgen info                             build info: compiled kernels, CUDA archs,
 dcgen presets                          the DC-AE presets and their scaling factors
 dcgen convert-dcae SRC DST [--preset NAME] [--dtype bf16]
                                        original or diffusers DC-AE checkpoint -> diffusers folder
+
+Post-training (README "Post-training recipe"):
+dcgen precompute --data DIR --dcae DCAE --out CACHE [...]   images + captions -> latent cache
+dcgen align|output|finetune --config run.toml [--set k=v]   DC-Gen stages 1 / 2 / 3
+dcgen export --transformer DIR --dcae DIR --out DIR [...]   stage outputs -> pipeline folder
+dcgen generate --pipeline DIR --prompt-embeds FILE [...]    pipeline folder -> PNG
+
+Errors in the input print one line and exit with status 2 (-v adds the traceback).
 """
 
 from __future__ import annotations
@@ -12,8 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,18 +99,320 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+class CLIError(ValueError):
+    """Bad input found by the CLI itself; printed as one line, exit status 2."""
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else DTYPES[name]
+
+
+def _device(name: str | None) -> str:
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available on this machine")
+    return device
+
+
+# -- precompute -------------------------------------------------------------------------------
+
+
+def _cmd_precompute(args: argparse.Namespace) -> int:
+    from dcgen.train.prepare import run_precompute
+
+    resolution = args.resolution
+    if resolution is None and args.buckets is None:
+        resolution = 1024
+    device = _device(args.device)
+    print(f"dcgen precompute: {args.data} -> {args.out} on {device}", file=sys.stderr)
+    cache = run_precompute(
+        args.data,
+        args.dcae,
+        args.out,
+        base_vae=args.base_vae,
+        text_embeddings=args.text_embeddings,
+        text_encoder=args.text_encoder,
+        resolution=resolution,
+        buckets=args.buckets,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        dtype=_dtype(args.dtype),
+        encoder_dtype=DTYPES[args.encoder_dtype],
+        device=device,
+        num_workers=args.num_workers,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    first = cache.samples[0]
+    print(f"latent cache {args.out}: {len(cache)} samples in {len(cache.shards)} shard(s)")
+    for name in sorted(first["shapes"]):
+        print(f"  {name:24s} {first['shapes'][name]} {first['dtypes'][name]}  (first sample)")
+    return 0
+
+
+# -- training stages --------------------------------------------------------------------------
+
+STAGES = ("align", "output", "finetune")
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as err:
+            raise CLIError(f"{path}: YAML configs need pyyaml (pip install pyyaml)") from err
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise CLIError(f"{path}: invalid YAML: {err}") from err
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise CLIError(f"{path}: invalid JSON: {err}") from err
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise CLIError(f"{path}: invalid TOML: {err}") from err
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: expected a table of settings, got {type(data).__name__}")
+    return data
+
+
+def _stage_settings(data: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The flat settings for one stage from a (possibly all-stage) config file."""
+    if isinstance(data.get("train"), dict):
+        # TrainConfig.from_file's convention: a [train] table holds the config.
+        data = data["train"]
+    # One file for all three stages: shared keys at the top level, per-stage keys in
+    # [align] / [output] / [finetune] tables; the table of the stage being run wins.
+    merged = {k: v for k, v in data.items() if not (k in STAGES and isinstance(v, dict))}
+    section = data.get(stage)
+    if isinstance(section, dict):
+        merged.update(section)
+    return merged
+
+
+def _train_config(args: argparse.Namespace, stage: str) -> Any:
+    try:
+        from dcgen.train.config import TrainConfig
+    except ImportError as err:
+        raise CLIError(f"the training stages are not available in this install ({err})") from err
+    path = Path(args.config)
+    settings = _stage_settings(_read_config_file(path), stage)
+    settings["stage"] = stage
+    if args.out is not None:
+        settings["out_dir"] = str(args.out)
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--set {item!r}: expected KEY=VALUE")
+        # Same rule as TrainConfig.with_overrides: JSON when it parses (10, [1, 4], null,
+        # true), else the raw string (paths). Applied before building so the config is
+        # validated once, with the overrides in place.
+        try:
+            settings[key.strip()] = json.loads(raw)
+        except ValueError:
+            settings[key.strip()] = raw
+    try:
+        config = TrainConfig.from_dict(settings)
+    except ValueError as err:
+        raise CLIError(f"{path}: {err}") from err
+    config.validate()
+    return config
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    config = _train_config(args, args.command)
+    try:
+        from dcgen.train.stages import run
+    except ImportError as err:
+        raise CLIError(f"the training stages are not available in this install ({err})") from err
+    print(f"dcgen {args.command}: writing {config.out_dir}", file=sys.stderr)
+    summary = run(config, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dcgen.train.export import export_pipeline
+
+    print(f"dcgen export: {args.transformer} -> {args.out}", file=sys.stderr)
+    out = export_pipeline(
+        args.transformer,
+        args.dcae,
+        args.out,
+        lora_dir=args.lora,
+        latent_layers=args.latent_layers,
+        dtype=_dtype(args.dtype),
+        family=args.family,
+        shift_rule=args.shift_rule,
+        shift=args.shift,
+        lora_scale=args.lora_scale,
+    )
+    print(f"wrote pipeline folder {out} (load with dcgen generate --pipeline {out})")
+    return 0
+
+
+# -- generate ---------------------------------------------------------------------------------
+
+PIPELINE_CLASSES = ("DCGenFluxPipeline", "DCGenSanaPipeline", "BaseFluxPipeline")
+EMBED_NAMES = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
+
+
+def _load_pipeline(folder: Path, dtype: torch.dtype, device: str) -> Any:
+    import dcgen.pipelines as pipelines
+
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder} is not a pipeline folder (no model_index.json)")
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in PIPELINE_CLASSES:
+        raise CLIError(f"{index}: pipeline class {name!r} is not one of {list(PIPELINE_CLASSES)}")
+    pipe = getattr(pipelines, name).from_pretrained(folder, torch_dtype=dtype)
+    return pipe.to(device)
+
+
+def _batched(t: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
+    """Add the batch dimension to one caption's tensor; check the rank."""
+    if t.ndim == ndim - 1:
+        t = t.unsqueeze(0)
+    if t.ndim != ndim:
+        raise CLIError(f"{name}: expected {ndim - 1} or {ndim} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def _prompt_kwargs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Pipeline keyword arguments from --prompt-embeds (plain file or text-embeddings table)."""
+    from safetensors import SafetensorError, safe_open
+
+    from dcgen.train.prepare import TEXT_EMBEDDINGS_FORMAT, TextEmbeddingTable
+
+    path = Path(args.prompt_embeds)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt-embeddings file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            plain = {k: f.get_tensor(k) for k in f.keys() if "/" not in k}
+    except (SafetensorError, OSError) as err:
+        raise CLIError(f"{path} is not a readable safetensors file: {err}") from err
+    kwargs: dict[str, torch.Tensor] = {}
+    if meta.get("format") == TEXT_EMBEDDINGS_FORMAT:
+        table = TextEmbeddingTable(path)
+        caption = args.caption
+        if caption is None:
+            if len(table) != 1:
+                raise CLIError(f"{path} holds {len(table)} captions: pick one with --caption")
+            caption = table.captions[0]
+        for prefix, text in (("", caption), ("negative_", args.negative_caption)):
+            if text is None:
+                continue
+            for name, t in table.get(text).items():
+                kwargs[prefix + name] = t.unsqueeze(0)
+    else:
+        if args.caption is not None or args.negative_caption is not None:
+            raise CLIError(f"--caption needs a text-embeddings table; {path} is a plain file")
+        kwargs = dict(plain)
+    if "prompt_embeds" not in kwargs:
+        raise CLIError(f"{path}: no prompt_embeds tensor (keys: {sorted(kwargs)})")
+    known = {p + n for p in ("", "negative_") for n in EMBED_NAMES}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise CLIError(f"{path}: unexpected tensors {unknown}; expected some of {sorted(known)}")
+    ranks = {"prompt_embeds": 3, "pooled_prompt_embeds": 2, "prompt_attention_mask": 2}
+    return {k: _batched(v, k, ranks[k.removeprefix("negative_")]) for k, v in kwargs.items()}
+
+
+def _grid(images: list[Any]) -> Any:
+    from PIL import Image
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    out = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        out.paste(im, ((i % cols) * w, (i // cols) * h))
+    return out
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if device == "cuda" else torch.float32)
+    )
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CLIError(f"--out {out}: expected a .png file name")
+    kwargs = _prompt_kwargs(args)
+    pipe = _load_pipeline(Path(args.pipeline), dtype, device)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = []
+    for seed in args.seed:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        result = pipe(
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            true_cfg_scale=args.true_cfg,
+            generator=generator,
+            shift=args.shift,
+            **kwargs,
+        )
+        images.append(result.images[0])
+    if len(images) == 1:
+        images[0].save(out)
+        print(f"wrote {out}")
+        return 0
+    for seed, image in zip(args.seed, images):
+        path = out.with_name(f"{out.stem}-seed{seed}{out.suffix}")
+        image.save(path)
+        print(f"wrote {path}")
+    _grid(images).save(out)
+    print(f"wrote {out} ({len(images)} seeds in a grid)")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dcgen", description="DC-Gen: DiTs in deep-compression latent spaces"
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="log at INFO level; tracebacks on errors"
+    )
     sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
 
     d = sub.add_parser("demo", help="run the main job end to end on this machine")
     d.add_argument("--out", default="dcgen_demo", help="run folder (default: ./dcgen_demo)")
     d.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
+    )
     d.add_argument("--image", default=None, help="use this image instead of the bundled one")
     d.set_defaults(fn=_cmd_demo)
 
@@ -109,11 +422,177 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "convert-dcae", help="DC-AE checkpoint (original or diffusers) -> diffusers folder"
     )
-    c.add_argument("src")
-    c.add_argument("dst")
+    c.add_argument(
+        "src", help="original mit-han-lab checkpoint (file or folder) or diffusers folder"
+    )
+    c.add_argument("dst", help="output diffusers AutoencoderDC folder")
     c.add_argument("--preset", default=None, help="config preset when SRC has no config.json")
-    c.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    c.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="storage dtype (default: as loaded)"
+    )
     c.set_defaults(fn=_cmd_convert)
+
+    # -- precompute
+    pc = sub.add_parser(
+        "precompute",
+        help="encode an image-caption folder once into a latent cache for the training stages",
+        formatter_class=fmt,
+        description="""\
+Encode every image of an image-caption folder with the DC-AE (dcae_latent, scaled), optionally
+the base model's AutoencoderKL (base_latent, (mode - shift_factor) * scaling_factor as FLUX
+does; needed by stage 1), and attach text embeddings (prompt_embeds, pooled_prompt_embeds, ...;
+needed by stages 2 and 3). Resumable: rerunning keeps finished shards.
+
+Text embeddings (text encoders are pluggable, dcgen does not run them itself):
+  --text-embeddings FILE|DIR  safetensors with tensors "<i>/prompt_embeds" (T, D),
+                              "<i>/pooled_prompt_embeds" (D',) [, "<i>/<other>"] and metadata
+                              {"format": "dcgen.text_embeddings", "captions": JSON list}, <i> =
+                              the caption's index in that list; a DIR merges its files.
+                              Write one with dcgen.train.prepare.save_text_embeddings.
+  --text-encoder MOD:FUNC     FUNC(captions: list[str]) -> {"prompt_embeds": (B, T, D),
+                              "pooled_prompt_embeds": (B, D'), ...}, imported from sys.path.
+  Both: the file where it has the caption, the function for the rest. Neither: latents only
+  (enough for stage 1).""",
+    )
+    pc.add_argument("--data", required=True, metavar="DIR",
+                    help="image folder; captions in <stem>.txt or metadata.jsonl")  # fmt: skip
+    pc.add_argument("--dcae", required=True, metavar="DCAE",
+                    help="DC-AE folder/checkpoint, or a preset name (random weights: smoke "
+                    "tests only)")  # fmt: skip
+    pc.add_argument("--base-vae", default=None, metavar="DIR",
+                    help="base model's AutoencoderKL folder (or a pipeline folder with vae/); "
+                    "adds base_latent for stage 1")  # fmt: skip
+    pc.add_argument("--text-embeddings", default=None, metavar="FILE_OR_DIR",
+                    help="precomputed text-embeddings file or folder (format above)")  # fmt: skip
+    pc.add_argument("--text-encoder", default=None, metavar="MODULE:FUNCTION",
+                    help="callable that embeds a list of captions (contract above)")  # fmt: skip
+    pc.add_argument("--out", required=True, metavar="CACHE_DIR", help="latent cache folder")
+    size = pc.add_mutually_exclusive_group()
+    size.add_argument("--resolution", type=int, default=None, metavar="PIXELS",
+                      help="resize + centre-crop every image to PIXELS x PIXELS (default 1024 "
+                      "when --buckets is not given)")  # fmt: skip
+    size.add_argument("--buckets", default=None, metavar="AREA",
+                      help="aspect-ratio buckets of about AREA pixels (1048576 or 1024x1024); "
+                      "each image goes to the nearest aspect")  # fmt: skip
+    pc.add_argument("--shard-size", type=int, default=256, metavar="N",
+                    help="samples per cache shard file (default 256)")  # fmt: skip
+    pc.add_argument("--batch-size", type=int, default=8, metavar="N",
+                    help="images per encoder call (default 8)")  # fmt: skip
+    pc.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                    help="storage dtype of the cached tensors (default bf16)")  # fmt: skip
+    pc.add_argument("--encoder-dtype", choices=sorted(DTYPES), default="fp32",
+                    help="dtype the autoencoders run in (default fp32)")  # fmt: skip
+    pc.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="where the autoencoders run (default: cuda when available)")  # fmt: skip
+    pc.add_argument("--num-workers", type=int, default=0, metavar="N",
+                    help="DataLoader workers decoding images (default 0)")  # fmt: skip
+    pc.add_argument("--overwrite", action="store_true",
+                    help="replace a cache made from other data or settings")  # fmt: skip
+    _add_progress(pc)
+    pc.set_defaults(fn=_cmd_precompute)
+
+    # -- the three stages
+    what = {
+        "align": "stage 1: align the new patch embedder to the base model's tokens",
+        "output": "stage 2: train the new output layer with flow matching, DiT frozen",
+        "finetune": "stage 3: LoRA on the DiT blocks + embedder/head, flow matching",
+    }
+    for stage in STAGES:
+        sp = sub.add_parser(
+            stage,
+            help=what[stage],
+            formatter_class=fmt,
+            description=f"""\
+DC-Gen {what[stage]}.
+
+The config file (TOML, or YAML with pyyaml) holds TrainConfig keys. It may serve all three
+stages: shared keys at the top level, per-stage keys in [align], [output] and [finetune]
+tables (the table of the stage being run overrides the shared keys). The stage is forced to
+'{stage}'. See examples/flux_dcgen_f64c128.toml.""",
+        )
+        sp.add_argument("--config", required=True, metavar="FILE",
+                        help="TOML/YAML run config (TrainConfig keys)")  # fmt: skip
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set steps=200 (repeatable)")  # fmt: skip
+        sp.add_argument("--out", default=None, metavar="DIR",
+                        help="run folder (overrides out_dir in the config)")  # fmt: skip
+        _add_progress(sp)
+        sp.set_defaults(fn=_cmd_stage)
+
+    # -- export
+    ex = sub.add_parser(
+        "export",
+        help="combine transformer + latent layers + LoRA + DC-AE into a pipeline folder",
+        formatter_class=fmt,
+        description="""\
+Load the transformer, apply the latent-layers file (replacing the embedder/head when the channel
+count differs), load and fuse the LoRA, and write a diffusers pipeline folder (transformer/,
+vae/ = the DC-AE, scheduler/, model_index.json) that DCGenFluxPipeline / DCGenSanaPipeline
+.from_pretrained and `dcgen generate` load.""",
+    )
+    ex.add_argument("--transformer", required=True, metavar="DIR",
+                    help="transformer folder (base or adapted), or a folder holding "
+                    "transformer/ (a stage's out_dir, a diffusers pipeline)")  # fmt: skip
+    ex.add_argument("--latent-layers", default=None, metavar="FILE",
+                    help="latent_layers.safetensors from a stage (new embedder + head)")  # fmt: skip
+    ex.add_argument("--lora", default=None, metavar="DIR",
+                    help="folder with pytorch_lora_weights.safetensors (stage 3); fused")  # fmt: skip
+    ex.add_argument("--dcae", required=True, metavar="DIR",
+                    help="the DC-AE the model was trained with (folder or checkpoint)")  # fmt: skip
+    ex.add_argument("--out", required=True, metavar="DIR", help="pipeline folder to write")
+    ex.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                    help="storage dtype of the weights (default bf16; fusing runs in fp32)")  # fmt: skip
+    ex.add_argument("--family", choices=["flux", "sana"], default=None,
+                    help="DiT family (default: from the transformer's config.json)")  # fmt: skip
+    ex.add_argument("--shift-rule", choices=["auto", "flux", "sqrt", "constant", "none"],
+                    default="auto",
+                    help="timestep-shift rule stored in the pipeline (default auto: FLUX mu "
+                    "rule for FLUX, the scheduler's constant shift for SANA)")  # fmt: skip
+    ex.add_argument("--shift", type=float, default=None,
+                    help="constant scheduler shift (default: FLUX dynamic shifting; SANA 3.0)")  # fmt: skip
+    ex.add_argument("--lora-scale", type=float, default=1.0,
+                    help="scale of the LoRA delta when fusing (default 1.0)")  # fmt: skip
+    ex.set_defaults(fn=_cmd_export)
+
+    # -- generate
+    g = sub.add_parser(
+        "generate",
+        help="sample images from a saved pipeline folder with precomputed prompt embeddings",
+        formatter_class=fmt,
+        description="""\
+Load a pipeline folder (DCGenFluxPipeline, DCGenSanaPipeline or BaseFluxPipeline, by the class in
+model_index.json) and write PNGs. --prompt-embeds is a safetensors file with prompt_embeds
+(T, D) or (1, T, D), pooled_prompt_embeds (FLUX), prompt_attention_mask (SANA, optional) and
+optionally negative_* of each for --true-cfg; or a text-embeddings table from precompute's
+format, with --caption choosing the entry. Several --seed values give one PNG per seed
+(<out>-seed<N>.png) plus a grid at --out.""",
+    )
+    g.add_argument("--pipeline", required=True, metavar="DIR", help="pipeline folder")
+    g.add_argument("--prompt-embeds", required=True, metavar="FILE",
+                   help="safetensors prompt embeddings (format above)")  # fmt: skip
+    g.add_argument("--caption", default=None,
+                   help="entry of a text-embeddings table to use as the prompt")  # fmt: skip
+    g.add_argument("--negative-caption", default=None,
+                   help="entry of a text-embeddings table used as negative prompt (--true-cfg)")  # fmt: skip
+    g.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
+    g.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
+    g.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
+    g.add_argument("--guidance", type=float, default=3.5,
+                   help="guidance-embedding scale of guidance-distilled models (default 3.5)")  # fmt: skip
+    g.add_argument("--true-cfg", type=float, default=1.0,
+                   help="classifier-free guidance scale; > 1 needs negative embeddings "
+                   "(default 1.0: off)")  # fmt: skip
+    g.add_argument("--shift", type=float, default=None,
+                   help="timestep shift override (default: the pipeline's shift rule)")  # fmt: skip
+    g.add_argument("--seed", type=int, nargs="+", default=[0], metavar="N",
+                   help="one or more seeds; several make a grid (default 0)")  # fmt: skip
+    g.add_argument("--out", default="image.png", help="output PNG (default image.png)")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available")  # fmt: skip
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="model dtype (default bf16 on cuda, fp32 on cpu)")  # fmt: skip
+    _add_progress(g)
+    g.set_defaults(fn=_cmd_generate)
     return p
 
 
@@ -125,8 +604,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.fn(args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:
-        print(f"dcgen {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, KeyError, OSError, ImportError, RuntimeError) as err:
+        # Bad input is reported, not dumped: one line (no traceback unless -v).
+        if args.verbose:
+            traceback.print_exc()
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        message = " ".join(message.split())
+        print(f"dcgen {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

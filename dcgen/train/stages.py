@@ -36,8 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from dcgen.adapters import DiTAdapter, adapter_for, pack_latents
@@ -49,6 +47,12 @@ from .config import ConfigError, TrainConfig
 from .distributed import DistContext, init_distributed
 from .ema import EMA
 from .features import feature_distance
+from .latent_layers import (
+    LATENT_LAYERS_FORMAT,
+    LATENT_LAYERS_NAME,
+    load_latent_layers,
+    save_latent_layers,
+)
 from .loop import LOG_NAME, LoopResult, StepRandom, read_log, train_loop
 from .lora import add_lora, save_lora
 from .losses import flow_matching_loss
@@ -71,8 +75,7 @@ __all__ = [
     "train_output_layer",
 ]
 
-LATENT_LAYERS_NAME = "latent_layers.safetensors"
-LATENT_LAYERS_FORMAT = "dcgen.latent_layers"
+
 TRANSFORMER_DIR = "transformer"
 DEFAULT_GUIDANCE = 3.5  # FLUX-dev's default, used when guidance_range is None
 
@@ -99,58 +102,6 @@ def load_transformer(
         raise ValueError(f"transformer: {cfg_file} names class {name!r}, not a diffusers model")
     model = cls.from_pretrained(str(path), torch_dtype=dtype)
     return model.to(device)
-
-
-def save_latent_layers(
-    transformer: nn.Module, path: str | Path, extra: dict[str, str] | None = None
-) -> Path:
-    """Write the embedder and head (``embedder.*`` / ``head.*`` keys) with the facts needed to
-    rebuild them (family, latent_channels, patch_size) in the safetensors metadata."""
-    adapter = adapter_for(transformer)
-    layers = adapter.latent_layers()
-    tensors = {f"embedder.{k}": v for k, v in layers.embedder.state_dict().items()}
-    tensors |= {f"head.{k}": v for k, v in layers.head.state_dict().items()}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {
-        "format": LATENT_LAYERS_FORMAT,
-        "family": type(transformer).__name__,
-        "latent_channels": str(adapter.latent_channels),
-        "patch_size": str(adapter.patch_size),
-        "inner_dim": str(adapter.inner_dim),
-        **(extra or {}),
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
-    return path
-
-
-@torch.no_grad()
-def load_latent_layers(transformer: nn.Module, path: str | Path) -> DiTAdapter:
-    """Load a :func:`save_latent_layers` file, replacing the layers first when their shape
-    differs (e.g. a base transformer plus a stage-1 result). Returns the adapter."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"latent_layers: no file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != LATENT_LAYERS_FORMAT:
-        raise ValueError(f"latent_layers: {path} is not a {LATENT_LAYERS_FORMAT} file")
-    if meta.get("family") != type(transformer).__name__:
-        raise ValueError(
-            f"latent_layers: {path} was written for {meta.get('family')}, the transformer is "
-            f"{type(transformer).__name__}"
-        )
-    adapter = adapter_for(transformer)
-    c, p = int(meta["latent_channels"]), int(meta["patch_size"])
-    if (adapter.latent_channels, adapter.patch_size) != (c, p):
-        adapter.replace_latent_layers(c, p)
-    layers = adapter.latent_layers()
-    for prefix, module in (("embedder.", layers.embedder), ("head.", layers.head)):
-        sd = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-        module.load_state_dict(sd, strict=True)
-    return adapter
 
 
 def dcae_facts(spec: str) -> tuple[int, int]:

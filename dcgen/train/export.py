@@ -1,0 +1,198 @@
+"""Turn post-training outputs into one self-contained diffusers pipeline folder.
+
+Inputs are what the stages write: a transformer folder (the base model, or the adapted one
+stages 1-2 save), optionally a latent-layers file (the new embedder + head) and a LoRA folder
+(stage 3). ``export_pipeline`` applies them in that order, fuses the LoRA into the base weights
+(no peft needed at inference), and saves transformer + DC-AE + scheduler + model_index.json
+through the pipeline's own ``save_pretrained``, so ``DCGenFluxPipeline.from_pretrained(out)``
+(or ``DCGenSanaPipeline``) loads it.
+
+Latent-layers file (``latent_layers.safetensors``)::
+
+    tensors   "embedder.<param>"  the token embedder's state (FLUX x_embedder Linear,
+                                  SANA patch_embed.proj Conv2d): "embedder.weight", "embedder.bias"
+              "head.<param>"      the output head (proj_out Linear): "head.weight", "head.bias"
+    metadata  {"format": "dcgen.latent_layers",
+               "family": "FluxTransformer2DModel" | "SanaTransformer2DModel",
+               "latent_channels": "<int>", "patch_size": "<int>", ...}  (all strings)
+
+``family`` is the transformer class name, as ``dcgen.train.stages`` writes it (so the stages and
+this module read each other's files); the short names "flux" / "sana" are accepted on reading.
+
+The embedder/head live outside peft (METHOD.md section 5), so the LoRA file never holds them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import adapter_for
+from .latent_layers import (
+    LATENT_LAYERS_FORMAT,
+    LATENT_LAYERS_NAME,
+    TRANSFORMER_CLASSES,
+    LatentLayersError,
+    family_of,
+    load_latent_layers,
+    read_latent_layers_metadata,
+    save_latent_layers,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LATENT_LAYERS_FORMAT",
+    "LATENT_LAYERS_NAME",
+    "ExportError",
+    "default_scheduler",
+    "export_pipeline",
+    "family_of",
+    "load_latent_layers",
+    "load_transformer",
+    "read_latent_layers_metadata",
+    "save_latent_layers",
+]
+
+
+class ExportError(LatentLayersError):
+    """Inputs that cannot be combined into a pipeline; the message names the file."""
+
+
+# -- transformer and scheduler ----------------------------------------------------------------
+
+
+def _transformer_folder(path: Path) -> Path:
+    """Accept the transformer folder itself, or a folder holding ``transformer/`` (a stage's
+    out_dir or a diffusers pipeline folder)."""
+    if (path / "config.json").is_file():
+        return path
+    if (path / "transformer" / "config.json").is_file():
+        return path / "transformer"
+    if not path.exists():
+        raise FileNotFoundError(f"transformer folder {path} does not exist")
+    raise ExportError(
+        f"{path} is not a diffusers transformer folder (no config.json, no transformer/config.json)"
+    )
+
+
+def load_transformer(
+    path: str | Path, family: str | None = None, dtype: torch.dtype | None = None
+) -> tuple[torch.nn.Module, str]:
+    """Load a FLUX or SANA transformer folder; the family comes from config.json's _class_name
+    unless given. Returns (transformer, family)."""
+    import diffusers
+
+    folder = _transformer_folder(Path(path))
+    config = json.loads((folder / "config.json").read_text())
+    class_name = config.get("_class_name")
+    if family is None:
+        matches = [f for f, name in TRANSFORMER_CLASSES.items() if name == class_name]
+        if not matches:
+            raise ExportError(
+                f"{folder}/config.json: _class_name {class_name!r} is not one of "
+                f"{sorted(TRANSFORMER_CLASSES.values())}; pass family= to force one"
+            )
+        family = matches[0]
+    if family not in TRANSFORMER_CLASSES:
+        raise ExportError(f"family: expected one of {sorted(TRANSFORMER_CLASSES)}, got {family!r}")
+    cls = getattr(diffusers, TRANSFORMER_CLASSES[family])
+    model = cls.from_pretrained(folder, torch_dtype=dtype or torch.float32)
+    logger.info("loaded %s from %s", type(model).__name__, folder)
+    return model.eval(), family
+
+
+def default_scheduler(
+    family: str, source: str | Path | None = None, shift: float | None = None
+) -> Any:
+    """FlowMatchEulerDiscreteScheduler for an exported pipeline.
+
+    A ``scheduler/`` folder beside the source transformer folder (a diffusers pipeline folder
+    such as FLUX.1-dev's) is reused as is. Otherwise FLUX gets FLUX.1's dynamic shifting (mu linear in the token count,
+    0.5 at 256 tokens to 1.15 at 4096: a 4K f64c128 model at 4096 tokens gets the shift base
+    FLUX uses at 1K), SANA a constant flow shift (``shift``, default 3.0 as SANA 1K ships).
+    ``shift`` for FLUX switches to a constant shift instead.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if source is not None and shift is None:
+        # source is the transformer folder; a pipeline folder keeps scheduler/ beside it.
+        cand = Path(source).parent / "scheduler"
+        if (cand / "scheduler_config.json").is_file():
+            logger.info("reusing scheduler config from %s", cand)
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(cand)
+    if family == "flux" and shift is None:
+        return FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    return FlowMatchEulerDiscreteScheduler(shift=3.0 if shift is None else float(shift))
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def export_pipeline(
+    transformer_dir: str | Path,
+    dcae: str | Path | Any,
+    out_dir: str | Path,
+    lora_dir: str | Path | None = None,
+    latent_layers: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    family: str | None = None,
+    *,
+    shift_rule: str = "auto",
+    shift: float | None = None,
+    lora_scale: float = 1.0,
+) -> Path:
+    """Write a complete pipeline folder to ``out_dir`` and return its path.
+
+    ``dcae``: a DC-AE folder / original checkpoint, or a loaded ``DCAE``. ``latent_layers``: a
+    latent-layers file (applied first, replacing the layers when the channel count differs).
+    ``lora_dir``: a folder with ``pytorch_lora_weights.safetensors`` (loaded, then fused with
+    ``lora_scale``). Everything is combined in float32 and cast to ``dtype`` (default float32)
+    only at the end, so the fused weights are rounded once. The transformer's latent channels
+    must equal the DC-AE's.
+    """
+    from ..autoencoders import DCAE
+    from ..pipelines import DCGenFluxPipeline, DCGenSanaPipeline
+    from .lora import fuse_lora, load_lora
+
+    transformer, family = load_transformer(transformer_dir, family=family)
+    adapter = adapter_for(transformer)
+    if latent_layers is not None:
+        load_latent_layers(adapter, latent_layers)
+    if lora_dir is not None:
+        load_lora(transformer, lora_dir)
+        fuse_lora(transformer, scale=lora_scale)
+        logger.info("fused LoRA from %s (scale %g)", lora_dir, lora_scale)
+
+    if isinstance(dcae, DCAE):
+        vae = dcae
+    else:
+        vae = DCAE.from_pretrained(dcae)
+    if adapter.latent_channels != vae.latent_channels:
+        raise ExportError(
+            f"the transformer takes {adapter.latent_channels}-channel latents but the DC-AE "
+            f"{dcae if not isinstance(dcae, DCAE) else ''} has {vae.latent_channels}; pass the "
+            "DC-AE the model was trained with (and --latent-layers for a base transformer)"
+        )
+    if dtype is not None:
+        transformer.to(dtype)
+        vae.to(dtype)
+    scheduler = default_scheduler(
+        family, source=_transformer_folder(Path(transformer_dir)), shift=shift
+    )
+    cls = DCGenFluxPipeline if family == "flux" else DCGenSanaPipeline
+    pipe = cls(transformer, vae=vae, scheduler=scheduler, shift_rule=shift_rule)
+    out = Path(out_dir)
+    pipe.save_pretrained(out)
+    logger.info("exported %s to %s", cls.__name__, out)
+    return out

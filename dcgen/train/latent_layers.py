@@ -1,0 +1,154 @@
+"""The latent-layers file: a DC-Gen model's new embedder and head, apart from the DiT.
+
+Format: safetensors with keys ``embedder.<param>`` and ``head.<param>``; metadata
+``format = "dcgen.latent_layers"``, ``family`` (the transformer class name, e.g.
+``FluxTransformer2DModel``), ``latent_channels``, ``patch_size`` and optional extras (the
+stages add ``inner_dim`` and ``stage``). Base transformer + this file = the adapted model:
+loading replaces the base's latent layers first when their shape differs. Stages 1-3 write it,
+export reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..adapters import DiTAdapter, FluxAdapter, SanaAdapter, adapter_for
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LATENT_LAYERS_FORMAT",
+    "LATENT_LAYERS_NAME",
+    "LatentLayersError",
+    "family_of",
+    "load_latent_layers",
+    "read_latent_layers_metadata",
+    "save_latent_layers",
+]
+
+
+LATENT_LAYERS_FORMAT = "dcgen.latent_layers"
+LATENT_LAYERS_NAME = "latent_layers.safetensors"
+TRANSFORMER_CLASSES = {"flux": "FluxTransformer2DModel", "sana": "SanaTransformer2DModel"}
+
+
+class LatentLayersError(ValueError):
+    """A latent-layers file that cannot be read or does not fit the transformer."""
+
+
+def family_of(adapter: DiTAdapter) -> str:
+    """Short family name of the adapter: "flux" or "sana"."""
+    if isinstance(adapter, FluxAdapter):
+        return "flux"
+    if isinstance(adapter, SanaAdapter):
+        return "sana"
+    raise LatentLayersError(f"no family name for {type(adapter).__name__}")
+
+
+def _as_adapter(model: nn.Module | DiTAdapter) -> DiTAdapter:
+    return model if isinstance(model, DiTAdapter) else adapter_for(model)
+
+
+def save_latent_layers(
+    model: nn.Module | DiTAdapter, path: str | Path, extra: dict[str, str] | None = None
+) -> Path:
+    """Write the current embedder and head of a transformer (or its adapter) to ``path``
+    (format: module docstring); ``extra`` adds string metadata."""
+    adapter = _as_adapter(model)
+    layers = adapter.latent_layers()
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in (("embedder", layers.embedder), ("head", layers.head)):
+        for name, value in module.state_dict().items():
+            # contiguous + clone: safetensors refuses views and shared storage.
+            tensors[f"{prefix}.{name}"] = value.detach().cpu().contiguous().clone()
+    metadata = {
+        "format": LATENT_LAYERS_FORMAT,
+        "family": TRANSFORMER_CLASSES[family_of(adapter)],
+        "latent_channels": str(adapter.latent_channels),
+        "patch_size": str(adapter.patch_size),
+        **(extra or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    logger.info("saved latent layers (%s) to %s", metadata, path)
+    return path
+
+
+def read_latent_layers_metadata(path: str | Path) -> dict[str, Any]:
+    """{"family": "flux" | "sana", "latent_channels": int, "patch_size": int} of a
+    latent-layers file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latent-layers file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise LatentLayersError(f"{path} is not a readable safetensors file: {err}") from err
+    short = {name: fam for fam, name in TRANSFORMER_CLASSES.items()}
+    try:
+        return {
+            "family": short.get(meta["family"], meta["family"]),
+            "latent_channels": int(meta["latent_channels"]),
+            "patch_size": int(meta["patch_size"]),
+        }
+    except (KeyError, ValueError) as err:
+        raise LatentLayersError(
+            f"{path} lacks latent-layers metadata (family, latent_channels, patch_size): got {meta}"
+        ) from err
+
+
+def load_latent_layers(model: nn.Module | DiTAdapter, path: str | Path) -> dict[str, Any]:
+    """Load a latent-layers file into a transformer (or its adapter's transformer), in place.
+
+    When the transformer's latent layers have another channel count or patch size than the
+    file (e.g. the base model), they are first replaced (``replace_latent_layers``), so the
+    base transformer + this file is the adapted model. Loading is strict. Returns the metadata.
+    """
+    adapter = _as_adapter(model)
+    path = Path(path)
+    meta = read_latent_layers_metadata(path)
+    family = family_of(adapter)
+    if meta["family"] != family:
+        raise LatentLayersError(
+            f"{path} holds {meta['family']} latent layers but the transformer is {family}"
+        )
+    c, p = meta["latent_channels"], meta["patch_size"]
+    if (adapter.latent_channels, adapter.patch_size) != (c, p):
+        logger.info(
+            "replacing latent layers (%d channels, patch %d) -> (%d channels, patch %d)",
+            adapter.latent_channels, adapter.patch_size, c, p,
+        )  # fmt: skip
+        adapter.replace_latent_layers(c, patch_size=p)
+    layers = adapter.latent_layers()
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        for prefix, module in (("embedder", layers.embedder), ("head", layers.head)):
+            own = module.state_dict()
+            want = {f"{prefix}.{k}" for k in own}
+            have = {k for k in keys if k.startswith(prefix + ".")}
+            if want != have:
+                raise LatentLayersError(
+                    f"{path}: {prefix} tensors {sorted(have)} do not match the model's "
+                    f"{sorted(want)}"
+                )
+            state = {}
+            for k, ref in own.items():
+                t = f.get_tensor(f"{prefix}.{k}")
+                if t.shape != ref.shape:
+                    raise LatentLayersError(
+                        f"{path}: {prefix}.{k} has shape {tuple(t.shape)}, the model expects "
+                        f"{tuple(ref.shape)}"
+                    )
+                state[k] = t.to(dtype=ref.dtype, device=ref.device)
+            module.load_state_dict(state, strict=True)
+    logger.info("loaded latent layers from %s", path)
+    return meta

@@ -1,0 +1,390 @@
+"""Everything ``dcgen precompute`` assembles: autoencoders, text-embedding sources, the run.
+
+Text encoders (T5-XXL, CLIP, Gemma) are big and model-specific, so dcgen does not run them
+itself; it takes text embeddings from one of two pluggable sources.
+
+1. A precomputed **text-embeddings file** (or a folder of them, merged)::
+
+       tensors   "<i>/prompt_embeds"         (T, D)   e.g. FLUX T5 output (512, 4096)
+                 "<i>/pooled_prompt_embeds"  (D',)    FLUX CLIP pooled output (768,); optional
+                 "<i>/<other name>"          any extra per-caption tensor, e.g.
+                                             "<i>/prompt_attention_mask" (T,) for SANA
+       metadata  {"format": "dcgen.text_embeddings", "captions": JSON list of str}
+
+   ``<i>`` is the caption's position in the ``captions`` list (captions are free text, so they
+   are not used as tensor keys). Every caption must carry the same names and shapes (pad the
+   text tokens to one length, as FLUX and SANA do), so a batch stacks. Write one with
+   :func:`save_text_embeddings`.
+
+2. A **callable entry point** ``"package.module:function"``: ``function(captions: list[str])``
+   returns ``{"prompt_embeds": (B, T, D), "pooled_prompt_embeds": (B, D'), ...}`` for a batch of
+   captions. It is called once per image batch; load its model once (module level or
+   ``functools.cache``).
+
+With both, the file is used where it has the caption and the callable for the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .buckets import make_buckets
+from .cache import LatentCache, precompute
+from .data import ImageCaptionFolder
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TEXT_EMBEDDINGS_FORMAT",
+    "PrepareError",
+    "TextEmbeddingTable",
+    "base_vae_encoder",
+    "combine_text_sources",
+    "load_base_vae",
+    "load_dcae",
+    "load_entry_point",
+    "run_precompute",
+    "save_text_embeddings",
+]
+
+TEXT_EMBEDDINGS_FORMAT = "dcgen.text_embeddings"
+TextEncoderFn = Callable[[list[str]], Mapping[str, torch.Tensor]]
+
+
+class PrepareError(ValueError):
+    """Inputs to precompute that cannot work; the message names the file or caption."""
+
+
+# -- text embeddings --------------------------------------------------------------------------
+
+
+def save_text_embeddings(
+    path: str | Path, embeddings: Mapping[str, Mapping[str, torch.Tensor]]
+) -> Path:
+    """Write ``{caption: {"prompt_embeds": (T, D), "pooled_prompt_embeds": (D',), ...}}`` in the
+    text-embeddings format (module docstring)."""
+    captions = list(embeddings)
+    tensors = {
+        # clone: safetensors refuses tensors sharing storage (one tensor reused for two captions)
+        f"{i}/{name}": t.detach().cpu().contiguous().clone()
+        for i, caption in enumerate(captions)
+        for name, t in embeddings[caption].items()
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": TEXT_EMBEDDINGS_FORMAT, "captions": json.dumps(captions)}
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+class TextEmbeddingTable:
+    """Caption -> embeddings lookup over one text-embeddings file or a folder of them.
+
+    Called with a list of captions, returns the stacked batch (what ``precompute`` expects of a
+    text encoder). Tensors are read lazily from memory-mapped files.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise PrepareError(f"no .safetensors text-embeddings files in {self.path}")
+        elif self.path.is_file():
+            files = [self.path]
+        else:
+            raise FileNotFoundError(f"text-embeddings file {self.path} does not exist")
+        self.files = files
+        self._where: dict[str, tuple[int, int]] = {}
+        self._handles: list[Any] = []
+        self.names: list[str] | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for fi, file in enumerate(files):
+            try:
+                handle = safe_open(str(file), framework="pt")
+                meta = dict(handle.metadata() or {})
+            except (SafetensorError, OSError) as err:
+                raise PrepareError(f"{file} is not a readable safetensors file: {err}") from err
+            if meta.get("format") != TEXT_EMBEDDINGS_FORMAT or "captions" not in meta:
+                raise PrepareError(
+                    f"{file} is not a dcgen text-embeddings file (metadata format="
+                    f"{meta.get('format')!r}; expected {TEXT_EMBEDDINGS_FORMAT!r} with a "
+                    "'captions' list)"
+                )
+            captions = json.loads(meta["captions"])
+            self._handles.append(handle)
+            keys = set(handle.keys())
+            for i, caption in enumerate(captions):
+                names = sorted(k.split("/", 1)[1] for k in keys if k.startswith(f"{i}/"))
+                # Shapes come from the header (no tensor data read); checked here so a bad file
+                # fails before any image is encoded.
+                shapes = {n: tuple(handle.get_slice(f"{i}/{n}").get_shape()) for n in names}
+                if self.names is None:
+                    self.names, self.shapes = names, shapes
+                elif shapes != self.shapes:
+                    raise PrepareError(
+                        f"{file}: caption {caption[:60]!r} has tensors {shapes}, the first "
+                        f"caption {self.shapes}; every caption needs the same names and shapes "
+                        "(pad the text tokens to one length)"
+                    )
+                # Later files override earlier ones, as in a dict update.
+                self._where[caption] = (fi, i)
+        logger.info("text embeddings for %d captions from %d file(s)", len(self), len(files))
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    @property
+    def captions(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, caption: object) -> bool:
+        return caption in self._where
+
+    def missing(self, captions: Sequence[str]) -> list[str]:
+        return [c for c in dict.fromkeys(captions) if c not in self._where]
+
+    def get(self, caption: str) -> dict[str, torch.Tensor]:
+        if caption not in self._where:
+            raise PrepareError(f"no text embeddings for caption {caption[:80]!r} in {self.path}")
+        fi, i = self._where[caption]
+        return {name: self._handles[fi].get_tensor(f"{i}/{name}") for name in self.names or []}
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        rows = [self.get(c) for c in captions]
+        return {name: torch.stack([r[name] for r in rows]) for name in self.names or []}
+
+
+def load_entry_point(spec: str) -> TextEncoderFn:
+    """``"package.module:function"`` -> the callable (imported from the current sys.path)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise PrepareError(
+            f"text encoder entry point must look like 'module:function', got {spec!r}"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise PrepareError(f"cannot import {module_name!r} for --text-encoder: {err}") from err
+    fn: Any = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise PrepareError(f"{module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise PrepareError(f"{spec!r} is not callable")
+    return fn
+
+
+def combine_text_sources(
+    table: TextEmbeddingTable | None, fn: TextEncoderFn | None
+) -> TextEncoderFn | None:
+    """One text encoder: the table where it has the caption, the callable for the rest."""
+    if table is None or fn is None:
+        return table if fn is None else fn
+
+    def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+        missing = table.missing(captions)
+        if not missing:
+            return table(captions)
+        computed = fn(missing)
+        per_caption = {c: {k: v[j] for k, v in computed.items()} for j, c in enumerate(missing)}
+        rows = [table.get(c) if c in table else per_caption[c] for c in captions]
+        return {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
+
+    return encode
+
+
+# -- autoencoders -----------------------------------------------------------------------------
+
+
+def load_dcae(spec: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Any:
+    """A DC-AE folder / checkpoint, or a preset name (random weights: smoke tests only)."""
+    from ..autoencoders import DCAE
+    from ..autoencoders.config import find_preset
+
+    path = Path(spec)
+    if path.exists():
+        return DCAE.from_pretrained(path, dtype=dtype, device=device)
+    preset = find_preset(str(spec))
+    if preset is None:
+        raise FileNotFoundError(
+            f"--dcae {spec!r} is neither an existing DC-AE folder/checkpoint nor a preset name "
+            "(see `dcgen presets`)"
+        )
+    logger.warning("DC-AE preset %s has RANDOM weights: only useful for smoke tests", preset)
+    return DCAE.from_config(preset).to(dtype=dtype or torch.float32, device=device).eval()
+
+
+def load_base_vae(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Any:
+    """A diffusers AutoencoderKL folder, or a pipeline folder holding ``vae/``."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"--base-vae {folder} does not exist")
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    config = json.loads((folder / "config.json").read_text()) if folder.is_dir() else {}
+    if config.get("_class_name") not in (None, "AutoencoderKL"):
+        raise PrepareError(f"{folder} holds a {config['_class_name']}, expected AutoencoderKL")
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype or torch.float32)
+    return vae.to(device).eval()
+
+
+def base_vae_encoder(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Images -> the base DiT's latents, as FluxPipeline prepares them: the posterior mode,
+    then (z - shift_factor) * scaling_factor. The mode (not a sample) keeps targets
+    deterministic, which the stage-1 least-squares fit wants."""
+    cfg = vae.config
+    shift = float(cfg.shift_factor or 0.0)
+    scale = float(cfg.scaling_factor)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        z = vae.encode(x.to(vae.dtype)).latent_dist.mode()
+        return (z - shift) * scale
+
+    return encode
+
+
+def _base_vae_factor(vae: Any) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def _parse_buckets(area: str | int) -> int:
+    """``1048576`` or ``1024x1024`` -> pixel area."""
+    text = str(area).lower()
+    try:
+        if "x" in text:
+            h, w = text.split("x", 1)
+            value = int(h) * int(w)
+        else:
+            value = int(text)
+    except ValueError as err:
+        raise PrepareError(
+            f"--buckets: expected a pixel area like 1048576 or 1024x1024, got {area!r}"
+        ) from err
+    if value <= 0:
+        raise PrepareError(f"--buckets: area must be positive, got {area!r}")
+    return value
+
+
+def run_precompute(
+    data: str | Path,
+    dcae: str | Path,
+    out_dir: str | Path,
+    *,
+    base_vae: str | Path | None = None,
+    text_embeddings: str | Path | None = None,
+    text_encoder: str | TextEncoderFn | None = None,
+    resolution: int | None = None,
+    buckets: str | int | None = None,
+    shard_size: int = 256,
+    batch_size: int = 8,
+    dtype: torch.dtype | None = torch.bfloat16,
+    encoder_dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> LatentCache:
+    """Build the latent cache the training stages read (see ``dcgen precompute --help``).
+
+    Tensors: ``dcae_latent`` = ``DCAE.encode(x, scaled=True)``; ``base_latent`` (with
+    ``base_vae``) = :func:`base_vae_encoder`; text tensors from the sources above. Images are
+    sized so every autoencoder divides them: multiples of lcm(DC-AE factor, 2 x base VAE
+    factor), the 2 for base FLUX's 2x2 packing. Inputs are checked (captions against the
+    embeddings, sizes against the factors) before anything is encoded.
+    """
+    if resolution is not None and buckets is not None:
+        raise PrepareError("pass either --resolution or --buckets, not both")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PrepareError("--device cuda: no CUDA device is available on this machine")
+    data = Path(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"data folder {data} does not exist or is not a directory")
+
+    ae = load_dcae(dcae, dtype=encoder_dtype, device=device)
+    factor = ae.spatial_compression_ratio
+    vae = None
+    if base_vae is not None:
+        vae = load_base_vae(base_vae, dtype=encoder_dtype, device=device)
+        factor = math.lcm(factor, 2 * _base_vae_factor(vae))
+    if resolution is not None and resolution % factor:
+        raise PrepareError(
+            f"--resolution {resolution} is not a multiple of {factor} (the DC-AE's f"
+            f"{ae.spatial_compression_ratio}"
+            + (" and the base VAE's 2x2 token" if vae else "")
+            + f"); try {max(factor, resolution // factor * factor)}"
+        )
+    bucket_list = None
+    if buckets is not None:
+        bucket_list = make_buckets(_parse_buckets(buckets), factor)
+    dataset = ImageCaptionFolder(data, resolution=resolution, buckets=bucket_list, factor=factor)
+
+    table = TextEmbeddingTable(text_embeddings) if text_embeddings is not None else None
+    fn = load_entry_point(text_encoder) if isinstance(text_encoder, str) else text_encoder
+    if table is not None and fn is None:
+        missing = table.missing(dataset.captions)
+        if missing:
+            shown = "; ".join(repr(c[:60]) for c in missing[:3])
+            raise PrepareError(
+                f"{len(missing)} caption(s) have no entry in {text_embeddings}, e.g. {shown} "
+                "(add them, or pass --text-encoder to compute the rest)"
+            )
+    text_fn = combine_text_sources(table, fn)
+    if text_fn is None:
+        logger.warning("no text embeddings: the cache serves stage 1 (alignment) only")
+
+    encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "dcae_latent": lambda x: ae.encode(x.to(ae.dtype), scaled=True)
+    }
+    if vae is not None:
+        encoders["base_latent"] = base_vae_encoder(vae)
+
+    # The cache's own fingerprint covers the data and tensor names, not which weights made
+    # them; fold the autoencoders and text sources in so a rerun with others is refused.
+    identity = {
+        "data": dataset.fingerprint(),
+        "dcae": str(Path(dcae).resolve()) if Path(dcae).exists() else str(dcae),
+        "dcae_config": ae.config.to_dict(),
+        "base_vae": None if base_vae is None else str(Path(base_vae).resolve()),
+        "text_embeddings": None
+        if text_embeddings is None
+        else str(Path(text_embeddings).resolve()),
+        "text_encoder": text_encoder
+        if isinstance(text_encoder, str) or text_encoder is None
+        else getattr(text_encoder, "__qualname__", type(text_encoder).__qualname__),
+        "encoder_dtype": str(encoder_dtype),
+    }
+    fingerprint = hashlib.sha256(
+        json.dumps(identity, sort_keys=True, default=str).encode()
+    ).hexdigest()
+    return precompute(
+        dataset,
+        encoders,
+        text_fn,
+        out_dir,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        fingerprint=fingerprint,
+        num_workers=num_workers,
+        overwrite=overwrite,
+        progress=progress,
+    )

@@ -1,0 +1,123 @@
+"""export_pipeline: latent layers + fused LoRA + DC-AE -> a folder that loads and samples the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from safetensors import safe_open
+
+from dcgen.adapters import adapter_for
+from dcgen.pipelines import DCGenFluxPipeline, DCGenSanaPipeline
+from dcgen.train.export import (
+    ExportError,
+    default_scheduler,
+    export_pipeline,
+    load_latent_layers,
+    save_latent_layers,
+)
+from dcgen.train.latent_layers import LatentLayersError
+from dcgen.train.lora import add_lora, save_lora
+
+from ..adapters.tiny import text, tiny_dcae, tiny_flux, tiny_sana
+
+
+def _images(pipe, **kwargs) -> torch.Tensor:
+    embeds, pooled = text(1)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64,
+        num_inference_steps=2, generator=torch.Generator().manual_seed(3), output_type="pt",
+        **kwargs,
+    ).images  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A base tiny FLUX on disk, and the in-memory "trained" model: new latent layers for the
+    tiny DC-AE plus a LoRA with nonzero B (so the LoRA really changes the output)."""
+    root = tmp_path_factory.mktemp("export")
+    ae = tiny_dcae()
+    ae.save_pretrained(root / "dcae")
+    base = tiny_flux()
+    base.save_pretrained(root / "base")
+    model = tiny_flux()
+    adapter = adapter_for(model)
+    adapter.replace_latent_layers(ae.latent_channels)
+    add_lora(model, rank=4, train_modules=("x_embedder", "proj_out"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    save_lora(model, root / "lora")
+    save_latent_layers(adapter, root / "latent_layers.safetensors")
+    return root, model, ae
+
+
+def test_latent_layers_file_format(trained):
+    root, model, ae = trained
+    with safe_open(str(root / "latent_layers.safetensors"), framework="pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert keys == {"embedder.weight", "embedder.bias", "head.weight", "head.bias"}
+    assert meta["family"] == "FluxTransformer2DModel" and meta["format"] == "dcgen.latent_layers"
+    assert (meta["latent_channels"], meta["patch_size"]) == (str(ae.latent_channels), "1")
+    # base model + file = the adapted model's layers
+    fresh = tiny_flux()
+    adapter = adapter_for(fresh)
+    load_latent_layers(adapter, root / "latent_layers.safetensors")
+    assert adapter.latent_channels == ae.latent_channels and adapter.patch_size == 1
+    torch.testing.assert_close(fresh.x_embedder.weight, model.x_embedder.weight)
+    with pytest.raises(LatentLayersError, match="flux latent layers but the transformer is sana"):
+        load_latent_layers(adapter_for(tiny_sana()), root / "latent_layers.safetensors")
+
+
+def test_export_round_trip_matches_unfused_model(trained, tmp_path):
+    root, model, ae = trained
+    # In memory, peft layers unfused; same scheduler config the export writes for FLUX.
+    want = _images(DCGenFluxPipeline(model, ae, default_scheduler("flux")))
+    out = export_pipeline(
+        root / "base", root / "dcae", tmp_path / "pipe", lora_dir=root / "lora",
+        latent_layers=root / "latent_layers.safetensors",
+    )  # fmt: skip
+    for name in ("model_index.json", "transformer/config.json", "vae/config.json",
+                 "scheduler/scheduler_config.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    pipe = DCGenFluxPipeline.from_pretrained(out)
+    assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    assert pipe.scheduler.config.use_dynamic_shifting
+    got = _images(pipe)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    # the LoRA matters: without it the image differs
+    no_lora = export_pipeline(
+        root / "base", ae, tmp_path / "nolora",
+        latent_layers=root / "latent_layers.safetensors",
+    )  # fmt: skip
+    assert (_images(DCGenFluxPipeline.from_pretrained(no_lora)) - want).abs().max() > 1e-2
+
+
+def test_export_sana_and_dtype(tmp_path):
+    ae = tiny_dcae()
+    model = tiny_sana()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    model.save_pretrained(tmp_path / "adapted")  # stage 1-2 style: layers already adapted
+    out = export_pipeline(tmp_path / "adapted", ae, tmp_path / "pipe", dtype=torch.bfloat16)
+    pipe = DCGenSanaPipeline.from_pretrained(out, torch_dtype=torch.bfloat16)
+    assert pipe.scheduler.config.shift == 3.0
+    assert next(pipe.transformer.parameters()).dtype == torch.bfloat16
+    # stored in bf16 (diffusers would upcast on load without torch_dtype)
+    with safe_open(str(out / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor("proj_out.weight").dtype == torch.bfloat16
+
+
+def test_export_errors(trained, tmp_path):
+    root, _, _ = trained
+    # base FLUX (16 channels in 2x2 patches) without latent layers does not fit the 2-channel DC-AE
+    with pytest.raises(ExportError, match="16-channel latents but the DC-AE"):
+        export_pipeline(root / "base", root / "dcae", tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_pipeline(tmp_path / "missing", root / "dcae", tmp_path / "x")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(ExportError, match="not a diffusers transformer folder"):
+        export_pipeline(tmp_path / "junk", root / "dcae", tmp_path / "x")
+    assert isinstance(default_scheduler("sana"), FlowMatchEulerDiscreteScheduler)
