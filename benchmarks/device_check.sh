@@ -30,9 +30,10 @@ fi
 python3 -c "import dcgen, json; print(json.dumps(dcgen.build_info()))" | tee "$OUT/build_info.json"
 
 stamp "tests"
-python3 -m pytest tests -q -x -p no:cacheprovider ${DCGEN_TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -15
+python3 -m pytest tests -q -p no:cacheprovider ${DCGEN_TEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | tail -15
 test_rc=${PIPESTATUS[0]}
 
+if [ "${DCGEN_SKIP_BENCH:-0}" = 1 ]; then stamp "benchmarks skipped"; exit "$test_rc"; fi
 stamp "benchmarks"
 python3 -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" \
   ${DCGEN_BENCH_ARGS:-} >"$OUT/bench.log" 2>&1

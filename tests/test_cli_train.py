@@ -75,8 +75,8 @@ def _error_line(capsys) -> str:
 def _precompute(assets, out, *extra: str) -> int:
     return main(
         ["precompute", "--data", str(assets / "data"), "--dcae", str(assets / "dcae"),
-         "--out", str(out), "--resolution", "64", "--no-progress", *extra]
-    )  # fmt: skip
+         "--out", str(out), "--resolution", "64", "--no-progress", "--device", "cpu", *extra]
+    )  # fmt: skip  (cpu: the test compares with encodes computed on the CPU)
 
 
 def test_precompute_writes_latent_cache(assets, tmp_path, capsys):
