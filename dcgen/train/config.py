@@ -75,6 +75,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     sample_every: int | None = None
+    sample_steps: int = 4  # Euler steps per sample grid (see dcgen.train.samples)
+    sample_count: int = 4  # images per sample grid (fixed seeds, first prompts of the data)
+    parallel: str = "ddp"  # multi-process strategy: "ddp" or "fsdp" (FSDP2 fully_shard)
     # Extensions beyond the agreed surface (all optional).
     device: str | None = None  # None: cuda when available (cuda:LOCAL_RANK under torchrun)
     resume: bool = True  # continue from the newest checkpoint in out_dir/checkpoints
@@ -172,6 +175,8 @@ class TrainConfig:
             "checkpoint_every",
             "keep_checkpoints",
             "log_every",
+            "sample_steps",
+            "sample_count",
         )
         for name in positive:
             value = getattr(self, name)
@@ -185,6 +190,10 @@ class TrainConfig:
             raise ConfigError(
                 f"sample_every: expected a positive integer or null, got {self.sample_every!r}"
             )
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"parallel: expected 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.ema_decay is not None:
+            raise ConfigError("ema_decay: not supported with parallel='fsdp' (use 'ddp')")
         if not self.lr > 0:
             raise ConfigError(f"lr: expected > 0, got {self.lr!r}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.align_ridge_l2 < 0:

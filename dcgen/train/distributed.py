@@ -8,8 +8,9 @@ Sharding rule (what makes N processes equal one process): every rank draws the S
 batch of ``batch_size`` samples and the same random numbers for it, then keeps the contiguous
 slice ``shard(batch_size)``. DistributedDataParallel averages the gradients of the per-rank
 mean losses, which equals the gradient of the global-batch mean because the slices are equal in
-size. FSDP is future work: at 12B the frozen DiT fits in bf16 on one 80 GB GPU, and only the
-LoRA / latent layers train, so DDP's replicated trainable state is small.
+size. ``TrainConfig.parallel = "fsdp"`` shards the module with FSDP2 (``fully_shard`` per DiT
+block, then the root) instead; its reduce-scatter averages the gradients the same way. The
+loop then gathers full (CPU) state on every checkpoint (see :class:`FSDPState`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistContext", "init_distributed"]
+__all__ = ["DistContext", "FSDPState", "init_distributed"]
 
 
 @dataclass
@@ -58,9 +59,20 @@ class DistContext:
         per = global_batch // self.world_size
         return slice(self.rank * per, (self.rank + 1) * per)
 
-    def wrap(self, module: nn.Module) -> nn.Module:
-        """DistributedDataParallel around ``module`` when running several processes."""
+    def wrap(
+        self, module: nn.Module, parallel: str = "ddp", blocks: list[nn.Module] | None = None
+    ) -> nn.Module:
+        """DistributedDataParallel around ``module`` when running several processes; with
+        ``parallel="fsdp"``, FSDP2 ``fully_shard`` on each of ``blocks`` and then on ``module``
+        itself (in place: its parameters become sharded DTensors, so collect them after)."""
         if not self.enabled:
+            return module
+        if parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in blocks or []:
+                fully_shard(block)
+            fully_shard(module)
             return module
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -100,6 +112,90 @@ class DistContext:
         if self.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
             self.initialized_here = False
+
+
+class FSDPState:
+    """Full-state checkpointing of an FSDP2-sharded module's trainable parameters and its
+    optimizer, through ``torch.distributed.checkpoint.state_dict`` (``full_state_dict=True,
+    cpu_offload=True``: rank 0 gets full CPU tensors, the other ranks empty dicts).
+
+    ``gather()`` is collective (every rank calls it before rank 0 saves); ``state_dict()`` /
+    ``optimizer.state_dict()`` then return what it gathered, so they fit the Checkpointer,
+    which saves on rank 0 only. Loading is local: every rank reads the full checkpoint and
+    ``set_*_state_dict`` keeps its own shard. Frozen parameters are never gathered.
+    """
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.module = module
+        self.names = {n for n, p in module.named_parameters() if p.requires_grad}
+        self.optimizer = _FSDPOptimizerState(self)
+        self._optim = optimizer
+        self._model_sd: dict[str, torch.Tensor] = {}
+        self._optim_sd: dict[str, Any] = {}
+
+    def _options(self, cpu_offload: bool = True) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(
+            full_state_dict=True, cpu_offload=cpu_offload, ignore_frozen_params=True
+        )
+
+    def gather(self, with_optimizer: bool = True) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        sd = get_model_state_dict(self.module, options=self._options())
+        self._model_sd = {k: v for k, v in sd.items() if k in self.names}
+        if with_optimizer:
+            self._optim_sd = get_optimizer_state_dict(
+                self.module, self._optim, options=self._options()
+            )
+
+    def full_trainable(self) -> dict[str, torch.Tensor]:
+        """Collective: the full trainable parameters on every rank (CPU)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        sd = get_model_state_dict(self.module, options=self._options(cpu_offload=False))
+        return {k: v.detach().cpu() for k, v in sd.items() if k in self.names}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._model_sd
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        missing, unexpected = self.names - set(state), set(state) - self.names
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"checkpoint does not match the trainable parameters: missing "
+                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        set_model_state_dict(
+            self.module, dict(state), options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+
+
+class _FSDPOptimizerState:
+    def __init__(self, owner: FSDPState) -> None:
+        self.owner = owner
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.owner._optim_sd
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(
+            self.owner.module,
+            self.owner._optim,
+            state,
+            options=StateDictOptions(full_state_dict=True),
+        )
 
 
 def _env_int(name: str, default: int) -> int:

@@ -32,7 +32,7 @@ from .buckets import BucketBatchSampler
 from .checkpoint import Checkpointer, RunState
 from .config import TrainConfig
 from .data import collate_samples
-from .distributed import DistContext
+from .distributed import DistContext, FSDPState
 from .ema import EMA
 from .losses import guidance_values, sample_timesteps
 
@@ -162,6 +162,22 @@ def _last_logged_loss(path: Path, tag: str) -> float:
     return float(entries[-1]["loss"]) if entries else float("nan")
 
 
+@torch.no_grad()
+def _unshard_for_saving(
+    module: nn.Module, fsdp_state: FSDPState, originals: dict[str, nn.Parameter]
+) -> None:
+    """After FSDP training: gather the full trained values (collective) into the plain
+    parameters kept from before sharding and register those again, so the stage's save code
+    (save_pretrained, LoRA and latent-layer files) sees ordinary tensors. The FSDP hooks stay:
+    the module is for saving now, not for more sharded forwards."""
+    full = fsdp_state.full_trainable()
+    for name, orig in originals.items():
+        if name in full:
+            orig.copy_(full[name].to(orig.device, orig.dtype))
+        owner, _, leaf = name.rpartition(".")
+        module.get_submodule(owner)._parameters[leaf] = orig
+
+
 def train_loop(
     module: nn.Module,
     make_inputs: Callable[[dict[str, Any], StepRandom], dict[str, Any]],
@@ -176,16 +192,29 @@ def train_loop(
     ema: EMA | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    on_sample: Callable[[int], Any] | None = None,
 ) -> LoopResult:
     """Train ``module``'s trainable parameters for ``steps`` optimizer steps of ``cfg.batch_size``
     global samples (resuming from ``run_dir/checkpoints`` when ``cfg.resume``). ``on_step(step,
-    loss)`` runs after each step (and its checkpoint), e.g. to stop a run early in tests."""
+    loss)`` runs after each step (and its checkpoint), e.g. to stop a run early in tests.
+    ``on_sample(step)`` runs every ``cfg.sample_every`` steps and at the last step, after the
+    checkpoint and before ``on_step`` (e.g. :class:`~dcgen.train.samples.SampleWriter`)."""
     run_dir = Path(run_dir)
     device = ctx.device
+    fsdp = ctx.enabled and cfg.parallel == "fsdp"
+    originals: dict[str, nn.Parameter] = {}
+    if fsdp:
+        # fully_shard replaces the parameters; keep the plain ones to put back at the end.
+        originals = dict(module.named_parameters())
+        adapter = getattr(module, "adapter", None)
+        blocks = list(adapter.blocks()) if adapter is not None else []
+        model = ctx.wrap(module, "fsdp", blocks)
+    else:
+        model = ctx.wrap(module)
     params = [p for p in module.parameters() if p.requires_grad]
-    trainable = TrainableState(module)
-    model = ctx.wrap(module)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fsdp_state = FSDPState(module, optimizer) if fsdp else None
+    trainable: Any = fsdp_state if fsdp_state is not None else TrainableState(module)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_steps))
     sampler = BucketBatchSampler(
         bucket_ids_of(dataset, bucket_key), cfg.batch_size, seed=cfg.seed, drop_last=True
@@ -202,7 +231,7 @@ def train_loop(
     ckpt = Checkpointer(
         ckpt_dir,
         states,  # type: ignore[arg-type]  # duck-typed: state_dict / load_state_dict
-        optimizer,
+        fsdp_state.optimizer if fsdp_state is not None else optimizer,
         scheduler,
         keep_last=cfg.keep_checkpoints,
         model_state=lambda: {name: obj.state_dict() for name, obj in states.items()},
@@ -234,9 +263,10 @@ def train_loop(
                 loss = model(**inputs)
             loss.backward()  # DDP averages the gradients over ranks here
             if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+                norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -262,9 +292,14 @@ def train_loop(
                 if state.step % cfg.log_every == 0 or state.step == steps:
                     logger.info("%s step %d/%d: loss %.5g", tag, state.step, steps, value)
             if state.step % cfg.checkpoint_every == 0 or state.step == steps:
+                if fsdp_state is not None:
+                    fsdp_state.gather()  # collective: full CPU state on rank 0
                 if ctx.is_main:
                     ckpt.save(state)
                 ctx.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
+            every = cfg.sample_every
+            if on_sample is not None and every and (state.step % every == 0 or state.step == steps):
+                on_sample(state.step)
             if on_step is not None:
                 on_step(state.step, value)
             if state.step >= steps:
@@ -273,6 +308,8 @@ def train_loop(
             state.next_epoch()
     bar.close()
     model.eval()
+    if fsdp_state is not None:
+        _unshard_for_saving(module, fsdp_state, originals)
     return LoopResult(
         steps=state.step,
         start_step=start,

@@ -147,6 +147,27 @@ def _ctx(ctx: DistContext | None) -> DistContext:
     return ctx if ctx is not None else DistContext()
 
 
+def _sample_writer(
+    transformer: nn.Module, dataset: Any, cfg: TrainConfig, ctx: DistContext, run_dir: Path
+) -> Callable[[int], Any] | None:
+    """A SampleWriter when ``cfg.sample_every`` is set and this rank takes part (rank 0, or
+    every rank under FSDP, whose forward is collective); None otherwise."""
+    if cfg.sample_every is None:
+        return None
+    if "prompt_embeds" not in dataset[0]:
+        logger.warning("sample_every: the data have no prompt_embeds, so no samples are written")
+        return None
+    from .samples import SampleWriter
+
+    collective = ctx.enabled and cfg.parallel == "fsdp"
+    if not (ctx.is_main or collective):
+        return None
+    return SampleWriter(
+        transformer, dataset, cfg, run_dir, is_main=ctx.is_main, collective=collective,
+        device=ctx.device,
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ stage modules
 
 
@@ -406,6 +427,7 @@ def align_embedder(
             tag="align",
             progress=progress,
             on_step=on_step,
+            on_sample=_sample_writer(transformer, dataset, cfg, ctx, run_dir),
         )
         embedder.requires_grad_(False)
     mse_after = embedder_mse()
@@ -449,17 +471,19 @@ def train_output_layer(
     layers.head.requires_grad_(True)
     if cfg.train_embedder_in_stage2:
         layers.embedder.requires_grad_(True)
+    run_dir = Path(run_dir if run_dir is not None else cfg.out_dir)
     loop = train_loop(
         FlowMatchingModule(transformer),
         _flow_inputs(adapter, cfg),
         dataset,
         cfg,
         ctx,
-        Path(run_dir if run_dir is not None else cfg.out_dir),
+        run_dir,
         steps=cfg.steps,
         tag="output",
         progress=progress,
         on_step=on_step,
+        on_sample=_sample_writer(transformer, dataset, cfg, ctx, run_dir),
     )
     transformer.requires_grad_(False)
     return {"stage": "output", "steps": loop.steps, "final_loss": loop.final_loss}
@@ -510,18 +534,20 @@ def finetune_lora(
     if cfg.ema_decay is not None:
         named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         ema = EMA(named, cfg.ema_decay)
+    run_dir = Path(run_dir if run_dir is not None else cfg.out_dir)
     loop = train_loop(
         FlowMatchingModule(transformer),
         _flow_inputs(adapter, cfg),
         dataset,
         cfg,
         ctx,
-        Path(run_dir if run_dir is not None else cfg.out_dir),
+        run_dir,
         steps=cfg.steps,
         tag="finetune",
         ema=ema,
         progress=progress,
         on_step=on_step,
+        on_sample=_sample_writer(transformer, dataset, cfg, ctx, run_dir),
     )
     if ema is not None:
         with torch.no_grad():
