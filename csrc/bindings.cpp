@@ -9,6 +9,8 @@
 TORCH_LIBRARY(dcgen, m) {
   // RMSNorm over dim 1 with fp32 statistics; spec: dcgen/ops/channel_rms_norm.py.
   m.def("channel_rms_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+  // ReLU linear attention of interleaved (B, heads, 3d, N) qkv; spec: dcgen/ops/linear_attention.py.
+  m.def("relu_linear_attention(Tensor qkv, float eps) -> Tensor");
 }
 
 namespace py = pybind11;

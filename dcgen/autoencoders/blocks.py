@@ -13,7 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcgen.ops import channel_duplicate_to_space, space_to_channel_average
+from dcgen.ops import (
+    channel_duplicate_to_space,
+    relu_linear_attention,
+    space_to_channel_average,
+)
 
 from .norms import fold_batchnorm_into_conv, make_act, make_norm
 
@@ -84,15 +88,6 @@ class LiteMLA(nn.Module):
         self.proj = nn.Conv2d(inner * (1 + len(kernel_sizes)), channels, 1, bias=False)
         self.norm = make_norm(norm_type, channels)
 
-    def _linear(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # O(N) form: per head, [v; 1] k^T is (d+1) x d; multiplying by q gives the numerator
-        # (first d rows) and the normaliser sum_j k_j.q (last row) in one matmul. fp32 because
-        # these sums over all pixels overflow fp16 and lose too much in bf16.
-        v = F.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)
-        vk = torch.matmul(v, k.transpose(-1, -2))
-        out = torch.matmul(vk, q)
-        return out[:, :, :-1] / (out[:, :, -1:] + LINEAR_ATTENTION_EPS)
-
     def _quadratic(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # Used (like the reference) when a map has no more pixels than head_dim, where the
         # N x N form is cheaper; normalised in fp32.
@@ -105,13 +100,13 @@ class LiteMLA(nn.Module):
         qkv = self.qkv(x)
         if len(self.aggregators):
             qkv = torch.cat([qkv] + [agg(qkv) for agg in self.aggregators], dim=1)
-        use_linear = h * w > self.head_dim
-        if use_linear:
-            qkv = qkv.float()
         qkv = qkv.reshape(b, -1, 3 * self.head_dim, h * w)
-        q, k, v = qkv.split(self.head_dim, dim=2)
-        q, k = F.relu(q), F.relu(k)
-        out = self._linear(q, k, v) if use_linear else self._quadratic(q, k, v)
+        if h * w > self.head_dim:
+            # O(N) form in fp32 (dcgen.ops: CUDA kernel when built, else the reference).
+            out = relu_linear_attention(qkv, LINEAR_ATTENTION_EPS)
+        else:
+            q, k, v = qkv.split(self.head_dim, dim=2)
+            out = self._quadratic(F.relu(q), F.relu(k), v)
         out = out.to(x.dtype).reshape(b, -1, h, w)
         return x + self.norm(self.proj(out))
 

@@ -8,6 +8,7 @@ input's device. See ``_extension.py`` for the dispatch rules.
 from . import _fake  # noqa: F401  (fake/meta registrations so torch.compile traces the ops)
 from ._extension import extension_error, extension_loaded, has_kernel
 from .channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
+from .linear_attention import relu_linear_attention, relu_linear_attention_reference
 from .shortcuts import channel_duplicate_to_space, space_to_channel_average
 
 __all__ = [
@@ -17,5 +18,7 @@ __all__ = [
     "extension_error",
     "extension_loaded",
     "has_kernel",
+    "relu_linear_attention",
+    "relu_linear_attention_reference",
     "space_to_channel_average",
 ]

@@ -18,3 +18,8 @@ if extension_loaded():
             if x.is_contiguous(memory_format=fmt):
                 return torch.empty_like(x, memory_format=fmt)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("dcgen::relu_linear_attention")
+    def _relu_linear_attention_fake(qkv, eps):  # noqa: ANN001
+        b, h, d3, n = qkv.shape
+        return qkv.new_empty((b, h, d3 // 3, n))
