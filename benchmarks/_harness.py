@@ -73,6 +73,7 @@ def ratio_rows(entries: Iterable[Mapping]) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     """Markdown table. Peak memory is the activation peak (allocated above what was live before
     the call): both models stay resident during a run, so the total would count the other one."""
+
     def f(v: object, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 

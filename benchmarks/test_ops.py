@@ -6,7 +6,12 @@ import pytest
 import torch
 from _harness import DEVICE, ON_GPU, rounds, time_it
 
-from dcgen.ops import channel_rms_norm, has_kernel
+from dcgen.ops import (
+    channel_rms_norm,
+    has_kernel,
+    relu_linear_attention,
+    relu_linear_attention_reference,
+)
 
 diffusers_norm = pytest.importorskip("diffusers.models.normalization")
 
@@ -41,5 +46,36 @@ def test_channel_rms_norm(benchmark, impl):
     )
     with torch.inference_mode():
         time_it(benchmark, fn, n_rounds=rounds(50, 5))
+    if benchmark.stats:
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
+# The 4K decoders' largest linear-attention call: stage 3 of the f64c128 and SANA f32c32
+# decoders runs at 512^2 tokens with 16 heads + 16 multi-scale heads of dim 32.
+LA_SHAPE = (1, 32, 96, 512 * 512) if ON_GPU else (1, 4, 96, 64 * 64)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_relu_linear_attention(benchmark, impl):
+    if impl == "dcgen" and not has_kernel("relu_linear_attention", DEVICE):
+        pytest.skip("no compiled relu_linear_attention kernel for this device")
+    qkv = torch.randn(LA_SHAPE, device=DEVICE).to(DTYPE)
+    if impl == "dcgen":
+
+        def fn():
+            return relu_linear_attention(qkv)
+    else:
+
+        def fn():
+            # diffusers' / the reference math: fp32 copy, pad with ones, two batched matmuls
+            return relu_linear_attention_reference(qkv)
+
+    nbytes = qkv.numel() * qkv.element_size() * 4 // 3  # read q, k, v once, write out once
+    benchmark.group = f"relu_linear_attention {tuple(LA_SHAPE)} {str(DTYPE).removeprefix('torch.')}"
+    benchmark.extra_info.update(
+        impl=impl, baseline_name="PyTorch reference (fp32 matmuls)", bytes_floor=nbytes
+    )
+    with torch.inference_mode():
+        time_it(benchmark, fn, n_rounds=rounds(30, 3))
     if benchmark.stats:
         benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
