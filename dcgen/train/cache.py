@@ -48,6 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ._fs import fsync_path
 from .data import ImageCaptionDataset
 
 logger = logging.getLogger(__name__)
@@ -74,20 +75,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not supported on every platform/filesystem.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -100,7 +87,7 @@ def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _dataset_fingerprint(dataset: ImageCaptionDataset, given: str | None) -> str:

@@ -44,6 +44,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ._fs import fsync_path
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -193,19 +195,6 @@ def _flatten_models(model_state: ModelState) -> dict[str, torch.Tensor]:
     return flat
 
 
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # directories cannot be fsynced on some platforms/filesystems
-    finally:
-        os.close(fd)
-
-
 def _remove_stale_temps(directory: Path) -> None:
     for p in directory.glob(".tmp-step-*"):
         logger.info("removing unfinished checkpoint %s", p)
@@ -277,7 +266,7 @@ def save_checkpoint(
         for name in sorted(files | {"state.json"}):
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if final.exists():
             # Re-saving a step (e.g. after resuming): swap the old one out, never delete first.
             old = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-old-", dir=directory))
@@ -286,7 +275,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_path(directory)
+        fsync_path(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
