@@ -155,3 +155,20 @@ def test_channel_mismatch_is_a_clear_error(root: Path, cache: Path) -> None:
     cfg = config(root, "output", save_adapted(root), cache, dcae="dc-ae-f32c32-in-1.0")
     with pytest.raises(ValueError, match="32 latent channels"):
         run(cfg, progress=False)
+
+
+def test_stage3_gradient_checkpointing_gives_the_same_training(root: Path, cache: Path) -> None:
+    # Recomputing activations in the backward pass must not change the gradients: the same run
+    # with and without checkpointing ends at the same weights (fp32, so only summation order
+    # could differ).
+    path = save_adapted(root)
+    results = []
+    for ckpt in (False, True):
+        transformer = load_transformer(path)
+        out = root / f"s3-ckpt-{ckpt}"
+        cfg = config(root, "finetune", path, cache, steps=3, out_dir=str(out),
+                     gradient_checkpointing=ckpt)  # fmt: skip
+        finetune_lora(transformer, LatentCache(cache), cfg, progress=False)
+        assert not transformer.is_gradient_checkpointing, "checkpointing must be switched off after"
+        results.append(fixed_loss(transformer, cache))
+    assert results[1] == pytest.approx(results[0], rel=1e-5)
