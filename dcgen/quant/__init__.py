@@ -1,0 +1,47 @@
+"""Quantization: the NVFP4 format, NVFP4Linear and the quantize_ API (pure-PyTorch reference
+paths; the CUDA kernels plug in behind the same functions)."""
+
+from .api import (
+    DEFAULT_EXCLUDE,
+    NVFP4Config,
+    load_quantized,
+    quality_report,
+    quantize_,
+    quantized_modules,
+    save_quantized,
+)
+from .linear import NVFP4Linear, smoothing_factors
+from .nvfp4 import (
+    NVFP4Tensor,
+    dequantize_nvfp4,
+    e2m1_decode,
+    e2m1_encode,
+    fake_quantize_nvfp4,
+    pack_e2m1,
+    quantize_nvfp4,
+    swizzle_scales,
+    unpack_e2m1,
+    unswizzle_scales,
+)
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "NVFP4Config",
+    "NVFP4Linear",
+    "NVFP4Tensor",
+    "dequantize_nvfp4",
+    "e2m1_decode",
+    "e2m1_encode",
+    "fake_quantize_nvfp4",
+    "load_quantized",
+    "pack_e2m1",
+    "quality_report",
+    "quantize_",
+    "quantize_nvfp4",
+    "quantized_modules",
+    "save_quantized",
+    "smoothing_factors",
+    "swizzle_scales",
+    "unpack_e2m1",
+    "unswizzle_scales",
+]

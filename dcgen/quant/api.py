@@ -1,0 +1,324 @@
+"""quantize_(model, NVFP4Config()) and friends: the whole quantization API (torchao style).
+
+- :class:`NVFP4Config`: mode, SVDQuant rank, include / exclude regexes on module names
+  (``re.search``; anchor them), smoothing alpha.
+- :func:`quantize_`: swaps matching ``nn.Linear`` modules for :class:`NVFP4Linear` in place
+  and returns the replaced names. Linears whose in_features is not a multiple of 16 are
+  SKIPPED with a logged warning (the NVFP4 GEMMs need whole 16-element blocks along K).
+- :func:`save_quantized` / :func:`load_quantized`: one safetensors file with the whole
+  state dict (quantized layers in the ModelOpt layout) and metadata naming the format, mode,
+  rank and every quantized module; loading swaps the layers of a fresh model first.
+- :func:`quality_report`: per-layer and end-to-end error of a quantized model vs the original.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .linear import NVFP4Linear, check_mode, smoothing_factors
+from .nvfp4 import BLOCK
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "dcgen-nvfp4"
+FORMAT_VERSION = "1"
+
+# Kept in 16-bit by default: embedders facing the latent / text / time, AdaLN modulation
+# linears (norm1.linear, norm1_context.linear, single blocks' norm.linear, norm_out.linear)
+# and the top-level output head. `proj_out` is anchored: FLUX single blocks have their own
+# `single_transformer_blocks.N.proj_out`, which IS quantized.
+DEFAULT_EXCLUDE = (
+    r"^x_embedder$",
+    r"^context_embedder$",
+    r"(^|\.)patch_embed(\.|$)",
+    r"(^|\.)(time_text_embed|time_embed|timestep_embedder|guidance_embedder)(\.|$)",
+    r"(^|\.)(text_embedder|caption_projection)(\.|$)",
+    r"(^|\.)norm[^.]*\.linear$",
+    r"(^|\.)norm_out(\.|$)",
+    r"^proj_out$",
+)
+
+
+@dataclass(frozen=True)
+class NVFP4Config:
+    """What to quantize and how. ``include`` / ``exclude``: regexes matched with ``re.search``
+    on the module's qualified name; a Linear is quantized when some include matches and no
+    exclude does. ``smoothing_alpha``: when set, :func:`quantize_` needs a calibration
+    callable and folds ``s_j = max|x_j|^a / max|W_j|^(1-a)`` into each weight."""
+
+    mode: str = "w4a16"
+    rank: int = 0
+    include: tuple[str, ...] = (r".*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    smoothing_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        check_mode(self.mode)
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"NVFP4Config: expected rank >= 0, got {self.rank!r}")
+        if self.smoothing_alpha is not None and not 0.0 <= self.smoothing_alpha <= 1.0:
+            raise ValueError(
+                f"NVFP4Config: expected smoothing_alpha in [0, 1] or None, "
+                f"got {self.smoothing_alpha}"
+            )
+        for pat in (*self.include, *self.exclude):
+            re.compile(pat)
+
+    def matches(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.include) and not any(
+            re.search(p, name) for p in self.exclude
+        )
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _targets(model: nn.Module, config: NVFP4Config) -> list[str]:
+    names = []
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear or not config.matches(name):
+            continue
+        if mod.in_features % BLOCK:
+            logger.warning(
+                "quantize_: skipping %s: in_features %d is not a multiple of %d",
+                name,
+                mod.in_features,
+                BLOCK,
+            )
+            continue
+        names.append(name)
+    return names
+
+
+@torch.no_grad()
+def _activation_amax(
+    model: nn.Module, names: Sequence[str], calibrate: Callable[[nn.Module], Any]
+) -> dict[str, torch.Tensor]:
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):  # noqa: ANN202
+        def fn(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            a = args[0].detach().float().abs().flatten(0, -2).amax(dim=0)
+            stats[name] = torch.maximum(stats[name], a) if name in stats else a
+
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        calibrate(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def quantize_(
+    model: nn.Module,
+    config: NVFP4Config | None = None,
+    calibrate: Callable[[nn.Module], Any] | None = None,
+) -> list[str]:
+    """Replace matching Linears of ``model`` by :class:`NVFP4Linear` in place; returns their
+    names. ``calibrate(model)`` runs representative inputs (needed for smoothing)."""
+    config = config or NVFP4Config()
+    if not isinstance(config, NVFP4Config):
+        raise TypeError(f"quantize_: expected an NVFP4Config, got {type(config).__name__}")
+    names = _targets(model, config)
+    stats: dict[str, torch.Tensor] = {}
+    if config.smoothing_alpha is not None:
+        if calibrate is None:
+            raise ValueError(
+                "quantize_: smoothing_alpha is set, expected a calibrate(model) callable"
+            )
+        stats = _activation_amax(model, names, calibrate)
+    for name in names:
+        lin = model.get_submodule(name)
+        smooth = None
+        if config.smoothing_alpha is not None:
+            if name not in stats:
+                logger.warning("quantize_: %s saw no calibration input; no smoothing", name)
+            else:
+                smooth = smoothing_factors(stats[name], lin.weight, config.smoothing_alpha)
+        rank = min(config.rank, lin.in_features, lin.out_features)
+        _set_module(model, name, NVFP4Linear.from_linear(lin, config.mode, rank, smooth))
+    logger.info("quantize_: %d linears to NVFP4 (%s)", len(names), config.mode)
+    return names
+
+
+def quantized_modules(model: nn.Module) -> dict[str, NVFP4Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear)}
+
+
+def save_quantized(model: nn.Module, path: str | Path) -> None:
+    """Write the whole state dict (quantized layers in the ModelOpt layout) to safetensors,
+    with metadata: format, format_version, mode, rank and ``modules`` (JSON: name ->
+    {mode, rank, smooth, bias})."""
+    mods = quantized_modules(model)
+    if not mods:
+        raise ValueError("save_quantized: expected a model with NVFP4Linear layers, found none")
+    layers = {
+        n: {
+            "mode": m.mode,
+            "rank": m.rank,
+            "smooth": m.smooth is not None,
+            "bias": m.bias is not None,
+        }
+        for n, m in mods.items()
+    }
+    modes = sorted({m.mode for m in mods.values()})
+    ranks = sorted({m.rank for m in mods.values()})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mode": ",".join(modes),
+        "rank": ",".join(map(str, ranks)),
+        "modules": json.dumps(layers),
+    }
+    # clone() so tied (shared-storage) tensors, which safetensors refuses, are saved apart.
+    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"load_quantized: expected a {FORMAT!r} file, got format {meta.get('format')!r} "
+            f"in {path}"
+        )
+    return meta
+
+
+@torch.no_grad()
+def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
+    """Swap the layers named in ``path``'s metadata for NVFP4Linear and load every tensor
+    (strict). ``model`` is a freshly built (unquantized) model of the same config."""
+    meta = read_metadata(path)
+    layers: dict[str, dict] = json.loads(meta["modules"])
+    for name, spec in layers.items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"load_quantized: the model has no module {name!r}") from e
+        if not isinstance(lin, nn.Linear | NVFP4Linear):
+            raise TypeError(
+                f"load_quantized: expected {name} to be a Linear, got {type(lin).__name__}"
+            )
+        dev = next(lin.buffers(), lin.weight).device
+        q = NVFP4Linear(
+            lin.in_features,
+            lin.out_features,
+            bias=spec["bias"],
+            mode=spec["mode"],
+            rank=spec["rank"],
+            smooth=spec["smooth"],
+            device=dev,
+        )
+        _set_module(model, name, q)
+    state = load_file(str(path), device=str(next(model.parameters()).device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"load_quantized: state dict mismatch with {path}: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    return list(layers)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, tuple | list):
+        return _first_tensor(out[0])
+    if isinstance(out, dict):
+        return _first_tensor(next(iter(out.values())))
+    raise TypeError(f"quality_report: cannot find a tensor in the output {type(out).__name__}")
+
+
+def _errors(ref: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
+    r, g = ref.detach().float().flatten(), got.detach().float().flatten()
+    denom = r.norm().clamp_min(1e-12)
+    cos = torch.nn.functional.cosine_similarity(r, g, dim=0, eps=1e-12)
+    return {"rel_err": float((g - r).norm() / denom), "cosine": float(cos)}
+
+
+@torch.no_grad()
+def quality_report(
+    model_fp: nn.Module, model_q: nn.Module, inputs_fn: Callable[[], Any]
+) -> dict[str, Any]:
+    """Compare ``model_q`` to ``model_fp`` on ``inputs_fn()`` (a dict of kwargs, a tuple of
+    args, or one tensor; called once, the same inputs go to both models).
+
+    Returns ``{"layers": {name: {"rel_err", "cosine", "rel_err_in_model", "cosine_in_model"}},
+    "output": {"rel_err", "cosine"}}``: ``rel_err = ||y_q - y_fp|| / ||y_fp||``. The plain
+    pair isolates the layer (the quantized layer fed the fp model's input to that layer); the
+    ``_in_model`` pair compares the two models' outputs at that layer (errors accumulated
+    upstream included).
+    """
+    qmods = quantized_modules(model_q)
+    fp_mods = dict(model_fp.named_modules())
+    missing = [n for n in qmods if n not in fp_mods]
+    if missing:
+        raise ValueError(f"quality_report: model_fp has no modules {missing[:8]}")
+    fp_io: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    q_out: dict[str, torch.Tensor] = {}
+
+    def fp_hook(name: str):  # noqa: ANN202
+        def fn(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            fp_io.setdefault(name, (args[0].detach(), out.detach()))
+
+        return fn
+
+    def q_hook(name: str):  # noqa: ANN202
+        def fn(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            q_out.setdefault(name, out.detach())
+
+        return fn
+
+    handles = [fp_mods[n].register_forward_hook(fp_hook(n)) for n in qmods]
+    handles += [m.register_forward_hook(q_hook(n)) for n, m in qmods.items()]
+    inputs = inputs_fn()
+
+    def call(model: nn.Module) -> torch.Tensor:
+        if isinstance(inputs, dict):
+            return _first_tensor(model(**inputs))
+        if isinstance(inputs, tuple | list):
+            return _first_tensor(model(*inputs))
+        return _first_tensor(model(inputs))
+
+    try:
+        y_fp = call(model_fp)
+        y_q = call(model_q)
+    finally:
+        for h in handles:
+            h.remove()
+    layers = {}
+    for name, mod in qmods.items():
+        if name not in fp_io or name not in q_out:
+            continue
+        x_fp, o_fp = fp_io[name]
+        local = _errors(o_fp, mod(x_fp))
+        in_model = _errors(o_fp, q_out[name])
+        layers[name] = {
+            **local,
+            "rel_err_in_model": in_model["rel_err"],
+            "cosine_in_model": in_model["cosine"],
+        }
+    return {"layers": layers, "output": _errors(y_fp, y_q)}

@@ -1,0 +1,187 @@
+"""NVFP4Linear: an nn.Linear whose weight is stored in NVFP4 (reference path, runs anywhere).
+
+Buffers follow the ModelOpt / vLLM checkpoint convention:
+
+- ``weight`` uint8 [N, K/2], ``weight_scale`` float8_e4m3fn [N, K/16] (row-major),
+  ``weight_scale_2`` fp32 scalar (the weight's decode scale), ``input_scale`` fp32 scalar
+  (W4A4 static activation decode scale; 0 means dynamic: amax of each call's activations).
+- ``bias`` (optional, bf16 by default).
+- SVDQuant low-rank branch (``rank`` > 0): ``lora_down`` [r, K] and ``lora_up`` [N, r] in 16-bit.
+- ``smooth`` [K] fp32 (optional): per-input-channel smoothing factors s.
+
+Math (the reference; fp32 accumulation, one rounding to the input dtype):
+
+    x' = x / s                                   (when smoothing; W' = W * s per column)
+    W' = lora_up @ lora_down + R                 (rank-r SVD of W'; R = W' - the 16-bit L1 L2)
+    y  = x' @ deq(R)^T + (x' @ lora_down^T) @ lora_up^T + bias
+    w4a16: x' used as is;  w4a4: x' -> dequantize(quantize_nvfp4(x', input_scale or dynamic))
+
+Smoothing rule (SmoothQuant / SVDQuant): ``s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha)``,
+clamped to [1e-5, 1e5], 1 where a channel's activation or weight maximum is 0 (see
+:func:`smoothing_factors`). It moves activation outliers into the weight, where the
+low-rank branch can absorb them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .nvfp4 import BLOCK, dequantize_parts, fake_quantize_nvfp4, quantize_nvfp4
+
+MODES = ("w4a16", "w4a4")
+_FORMAT_BUFFERS = ("weight_scale", "weight_scale_2", "input_scale", "smooth")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"NVFP4: expected mode in {MODES}, got {mode!r}")
+    return mode
+
+
+def smoothing_factors(
+    act_amax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5
+) -> torch.Tensor:
+    """``s_j = act_amax_j^alpha / max_i |W_ij|^(1-alpha)`` (fp32, [K]); see the module doc."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smoothing_factors: expected alpha in [0, 1], got {alpha}")
+    k = weight.shape[-1]
+    if act_amax.shape != (k,):
+        raise ValueError(
+            f"smoothing_factors: expected act_amax of shape ({k},) to match the weight's "
+            f"{k} input channels, got {tuple(act_amax.shape)}"
+        )
+    a = act_amax.detach().float()
+    w = weight.detach().float().abs().amax(dim=0)
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    ok = (a > 0) & (w > 0) & torch.isfinite(s)
+    return torch.where(ok, s.clamp(1e-5, 1e5), torch.ones_like(s))
+
+
+class NVFP4Linear(nn.Module):
+    """Linear layer with an NVFP4 weight; build with :meth:`from_linear`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        mode: str = "w4a16",
+        rank: int = 0,
+        smooth: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_mode(mode)
+        if in_features % BLOCK:
+            raise ValueError(
+                f"NVFP4Linear: expected in_features (K) to be a multiple of {BLOCK}, "
+                f"got {in_features}"
+            )
+        if not 0 <= rank <= min(in_features, out_features):
+            raise ValueError(
+                f"NVFP4Linear: expected 0 <= rank <= min(K, N) = "
+                f"{min(in_features, out_features)}, got {rank}"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.mode, self.rank = mode, rank
+        k, n = in_features, out_features
+        self.register_buffer("weight", torch.zeros(n, k // 2, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "weight_scale", torch.zeros(n, k // BLOCK, dtype=torch.float8_e4m3fn, device=device)
+        )
+        self.register_buffer("weight_scale_2", torch.ones((), device=device))
+        self.register_buffer("input_scale", torch.zeros((), device=device))
+        self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
+        if rank:
+            self.register_buffer("lora_down", torch.zeros(rank, k, dtype=dtype, device=device))
+            self.register_buffer("lora_up", torch.zeros(n, rank, dtype=dtype, device=device))
+        else:
+            self.register_buffer("lora_down", None)
+            self.register_buffer("lora_up", None)
+        self.register_buffer("smooth", torch.ones(k, device=device) if smooth else None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        mode: str = "w4a16",
+        rank: int = 0,
+        smooth: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> NVFP4Linear:
+        """Quantize ``linear``. ``smooth``: per-input-channel factors s [K] (see
+        :func:`smoothing_factors`), folded into the weight as W * s."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"NVFP4Linear.from_linear: expected nn.Linear, got {type(linear)}")
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        mod = cls(k, n, linear.bias is not None, mode, rank, smooth is not None, dtype, w.device)
+        if smooth is not None:
+            if smooth.shape != (k,):
+                raise ValueError(
+                    f"NVFP4Linear.from_linear: expected smooth of shape ({k},), "
+                    f"got {tuple(smooth.shape)}"
+                )
+            s = smooth.detach().float().to(w.device)
+            mod.smooth.copy_(s)
+            w = w * s
+        if rank:
+            u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+            root = sv[:rank].sqrt()
+            mod.lora_up.copy_(u[:, :rank] * root)
+            mod.lora_down.copy_(root[:, None] * vh[:rank])
+            # The residual absorbs the 16-bit rounding of the factors.
+            w = w - mod.lora_up.float() @ mod.lora_down.float()
+        q = quantize_nvfp4(w)
+        mod.weight.copy_(q.packed)
+        mod.weight_scale.copy_(q.scales)
+        mod.weight_scale_2.copy_(q.global_scale)
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.detach())
+        return mod
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
+        # model.to(dtype) / .half() must not touch the format: the E4M3 scales and the fp32
+        # scalars / smoothing factors only follow the device (the uint8 weight is never cast).
+        keep = {n: self._buffers[n] for n in _FORMAT_BUFFERS if self._buffers.get(n) is not None}
+        for n in keep:
+            self._buffers[n] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in keep.items():
+                self._buffers[n] = t.to(self.weight.device)
+        return self
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The residual weight R (the whole W' when rank is 0), fp32 [N, K]."""
+        return dequantize_parts(self.weight, self.weight_scale, self.weight_scale_2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"NVFP4Linear: expected input with last dim {self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        xf = x.float()
+        if self.smooth is not None:
+            xf = xf / self.smooth
+        xq = xf
+        if self.mode == "w4a4":
+            static = self.input_scale if float(self.input_scale) > 0 else None
+            xq = fake_quantize_nvfp4(xf, static)
+        y = xq @ self.dequantized_weight().t()
+        if self.rank:
+            y = y + (xf @ self.lora_down.float().t()) @ self.lora_up.float().t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, mode={self.mode}, rank={self.rank}, "
+            f"smooth={self.smooth is not None}"
+        )
