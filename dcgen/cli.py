@@ -11,6 +11,7 @@ dcgen precompute --data DIR --dcae DCAE --out CACHE [...]   images + captions ->
 dcgen align|output|finetune --config run.toml [--set k=v]   DC-Gen stages 1 / 2 / 3
 dcgen export --transformer DIR --dcae DIR --out DIR [...]   stage outputs -> pipeline folder
 dcgen generate --pipeline DIR --prompt-embeds FILE [...]    pipeline folder -> PNG
+dcgen bench [--model flux|tiny] [--resolutions ...] [--quick]   speed table (md/json/png)
 
 Errors in the input print one line and exit with status 2 (-v adds the traceback).
 """
@@ -389,6 +390,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from dcgen.bench import BenchSettings, format_markdown, run_speed_bench, write_report
+
+    try:
+        resolutions = (
+            tuple(int(r) for r in args.resolutions.split(",")) if args.resolutions else None
+        )
+    except ValueError:
+        raise ValueError(
+            f"--resolutions: expected comma-separated integers, got {args.resolutions!r}"
+        ) from None
+    settings = BenchSettings(
+        model=args.model, resolutions=resolutions, steps=args.steps, batch=args.batch,
+        quick=args.quick, quick_blocks=args.quick_blocks, quick_steps=args.quick_steps,
+        repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
+        attention=args.attention, kernels=not args.no_kernels,
+    )  # fmt: skip
+    settings.resolved()  # bad input fails before any model is built
+    report = run_speed_bench(settings)
+    paths = write_report(report, args.out)
+    print(format_markdown(report))
+    print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -593,6 +619,43 @@ format, with --caption choosing the entry. Several --seed values give one PNG pe
                    help="model dtype (default bf16 on cuda, fp32 on cpu)")  # fmt: skip
     _add_progress(g)
     g.set_defaults(fn=_cmd_generate)
+
+    # -- bench
+    b = sub.add_parser(
+        "bench",
+        help="speed table: base FLUX vs DC-Gen-FLUX latency per resolution (random weights)",
+        formatter_class=fmt,
+        description="""\
+Time base FLUX.1 (f8c16 VAE, 2x2 patches) against DC-Gen-FLUX (DC-AE f32c32 at 1K, f64c128 above,
+1x1 patches) with random weights and random text embeddings: denoise (N steps) and decode, batch-1
+latency, batch-N throughput, peak GPU memory. --quick builds K double + K single blocks, times S
+steps and extrapolates to the full depth and --steps. Writes speed.md, speed.json, speed.png.""",
+    )
+    b.add_argument("--model", default="flux", choices=["flux", "tiny"],
+                   help="flux (FLUX.1 size) or tiny (CPU smoke size); default flux")  # fmt: skip
+    b.add_argument("--resolutions", default=None, metavar="R1,R2",
+                   help="square sizes in pixels (default: 1024,2048,4096; tiny: 64,128,256)")  # fmt: skip
+    b.add_argument("--quick", action="store_true",
+                   help="time K blocks and S steps, extrapolate to full depth and --steps")  # fmt: skip
+    b.add_argument("--quick-blocks", type=int, default=1, metavar="K",
+                   help="double and single blocks built in quick mode (default 1 each)")  # fmt: skip
+    b.add_argument("--quick-steps", type=int, default=2, metavar="S",
+                   help="steps timed in quick mode (default 2)")  # fmt: skip
+    b.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    b.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="batch for the throughput run (default 1: throughput = 1/latency)")  # fmt: skip
+    b.add_argument("--repeats", type=int, default=1, help="timed runs per case, median (default 1)")
+    b.add_argument("--warmup", type=int, default=1, help="warm-up runs per case (default 1)")
+    b.add_argument("--attention", default="default",
+                   choices=["default", "flash", "efficient", "cudnn", "math"],
+                   help="SDPA backend (default: torch's choice)")  # fmt: skip
+    b.add_argument("--no-kernels", action="store_true",
+                   help="dcgen ops use their references (DCGEN_DISABLE_KERNELS=1)")  # fmt: skip
+    b.add_argument("--out", default="dcgen_bench", help="output folder (default ./dcgen_bench)")
+    b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="model dtype (default bf16 on cuda, fp32 on cpu)")  # fmt: skip
+    b.set_defaults(fn=_cmd_bench)
     return p
 
 

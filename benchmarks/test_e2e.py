@@ -1,0 +1,72 @@
+"""End to end: base FLUX.1 (f8c16 VAE, 2x2) vs DC-Gen-FLUX (DC-AE, 1x1), denoise + decode.
+
+One group per resolution, impl=baseline / dcgen. GPU: FLUX.1 size in bf16, in quick mode (one
+double + one single block, DCGEN_BENCH_E2E_STEPS steps, default 2: the timed call is that
+truncated run plus the full decode; the extrapolated full-depth 20-step latency goes to
+extra_info). Resolutions from DCGEN_BENCH_SIZES (default 1024,2048,4096), each skipped when the
+free GPU memory is below a rough need. CPU: the tiny model at 64 / 128 px (smoke run).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+from _harness import DEVICE, ON_GPU, measure_peak_memory, rounds, time_it
+
+from dcgen.bench.speed import BenchSettings, SpeedBench, dcae_preset_for
+
+MODEL = "flux" if ON_GPU else "tiny"
+STEPS = int(os.environ.get("DCGEN_BENCH_E2E_STEPS", "2"))
+if ON_GPU:
+    SIZES = [int(s) for s in os.environ.get("DCGEN_BENCH_SIZES", "1024,2048,4096").split(",")]
+else:
+    SIZES = [64, 128]
+#: rough free memory (GB) a resolution needs with the quick model (base VAE decode dominates)
+NEED_GB = {1024: 12, 2048: 20, 4096: 50}
+
+_bench: dict[str, SpeedBench] = {}
+
+
+def _harness() -> SpeedBench:
+    if "b" not in _bench:
+        gc.collect()
+        settings = BenchSettings(
+            model=MODEL, resolutions=tuple(SIZES), steps=20, quick=True, quick_steps=STEPS,
+            device=str(DEVICE),
+        )  # fmt: skip
+        _bench["b"] = SpeedBench(settings)
+    return _bench["b"]
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+@pytest.mark.parametrize("size", SIZES)
+def test_e2e(benchmark, size, impl):
+    if ON_GPU:
+        free = torch.cuda.mem_get_info()[0] / 1e9
+        need = NEED_GB.get(size, 50)
+        if free < need:
+            pytest.skip(f"{size}px needs about {need} GB free, {free:.0f} GB free")
+    bench = _harness()
+    steps = bench.settings.quick_steps
+    run = bench.runner(impl, size, batch=1, steps=steps)
+    benchmark.group = f"e2e {MODEL} {size}px ({steps} steps, 1+1 blocks, + decode)"
+    benchmark.extra_info.update(
+        impl=impl,
+        baseline_name="base FLUX.1 (f8c16 VAE, 2x2)",
+        dcae=dcae_preset_for(bench.spec, size),
+        size=size,
+        dtype=bench.settings.dtype,
+        device=str(DEVICE),
+        measured="truncated model, quick steps, full decode",
+    )
+    full = bench.measure(impl, size, 1)
+    benchmark.extra_info.update(
+        extrapolated_total_ms=full["total_ms"],
+        extrapolated_denoise_ms=full["denoise_ms"],
+        decode_ms=full["decode_ms"],
+    )
+    benchmark.extra_info.update(measure_peak_memory(run))
+    time_it(benchmark, run, n_rounds=rounds(3, 1))
