@@ -69,14 +69,37 @@ class DiTAdapter(abc.ABC):
     def latent_layers(self) -> LatentLayers:
         """The current embedder and head modules."""
 
-    @abc.abstractmethod
     def replace_latent_layers(
         self, latent_channels: int, patch_size: int = 1, init: str = "random"
     ) -> LatentLayers:
         """Swap in a new embedder and head for ``latent_channels``-channel latents in
         ``patch_size`` patches, update the transformer config so save_pretrained /
         from_pretrained round-trip, and return the old layers (also kept in
-        ``self.original_layers``)."""
+        ``self.original_layers``). ``init="zero_head"`` zeroes the new head, so the initial
+        velocity is 0 (a common DiT start for fine-tuning)."""
+        if latent_channels < 1 or patch_size < 1:
+            raise ValueError(
+                f"replace_latent_layers: expected positive latent_channels and patch_size, got "
+                f"{latent_channels}, {patch_size}"
+            )
+        if init not in ("random", "zero_head"):
+            raise ValueError(f"init: expected 'random' or 'zero_head', got {init!r}")
+        old = self.latent_layers()
+        self._install_latent_layers(old, latent_channels, patch_size)
+        if init == "zero_head":
+            head = self.latent_layers().head
+            nn.init.zeros_(head.weight)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
+        self.original_layers = old
+        return old
+
+    @abc.abstractmethod
+    def _install_latent_layers(
+        self, old: LatentLayers, latent_channels: int, patch_size: int
+    ) -> None:
+        """Family part of replace_latent_layers: build the new embedder and head (dtype and
+        device of ``old``) and update the transformer config."""
 
     @abc.abstractmethod
     def embed_tokens(self, latents: torch.Tensor) -> torch.Tensor:

@@ -116,32 +116,19 @@ class FluxAdapter(DiTAdapter):
 
     # -- layer replacement -------------------------------------------------------------------
 
-    def replace_latent_layers(
-        self, latent_channels: int, patch_size: int = 1, init: str = "random"
-    ) -> LatentLayers:
-        if latent_channels < 1 or patch_size < 1:
-            raise ValueError(
-                f"replace_latent_layers: expected positive latent_channels and patch_size, got "
-                f"{latent_channels}, {patch_size}"
-            )
-        if init not in ("random", "zero_head"):
-            raise ValueError(f"init: expected 'random' or 'zero_head', got {init!r}")
+    def _install_latent_layers(
+        self, old: LatentLayers, latent_channels: int, patch_size: int
+    ) -> None:
         t = self.transformer
-        old = self.latent_layers()
         features = latent_channels * patch_size * patch_size
         t.x_embedder = self._new_linear(old.embedder, features, self.inner_dim)
         t.proj_out = self._new_linear(old.head, self.inner_dim, features)
-        if init == "zero_head":
-            # A zero head makes the initial velocity 0, a common DiT start for fine-tuning.
-            nn.init.zeros_(t.proj_out.weight)
-            nn.init.zeros_(t.proj_out.bias)
         # FLUX builds proj_out as Linear(inner, patch_size^2 * out_channels); keep its own
         # patch_size at 1 (packing lives outside the model) so the shapes rebuild on load.
         t.register_to_config(
             in_channels=features, out_channels=features, patch_size=1, **{PATCH_KEY: patch_size}
         )
         t.out_channels = features
-        self.original_layers = old
         logger.info(
             "FLUX latent layers replaced: %d-channel latents, %dx%d patches (%d features)",
             latent_channels,
@@ -149,7 +136,6 @@ class FluxAdapter(DiTAdapter):
             patch_size,
             features,
         )
-        return old
 
     def enable_structured_latents(self) -> None:
         t = self.transformer

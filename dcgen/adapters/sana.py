@@ -57,18 +57,10 @@ class SanaAdapter(DiTAdapter):
     def unpack(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return unpack_latents(tokens, height, width, self.patch_size)
 
-    def replace_latent_layers(
-        self, latent_channels: int, patch_size: int = 1, init: str = "random"
-    ) -> LatentLayers:
-        if latent_channels < 1 or patch_size < 1:
-            raise ValueError(
-                f"replace_latent_layers: expected positive latent_channels and patch_size, got "
-                f"{latent_channels}, {patch_size}"
-            )
-        if init not in ("random", "zero_head"):
-            raise ValueError(f"init: expected 'random' or 'zero_head', got {init!r}")
+    def _install_latent_layers(
+        self, old: LatentLayers, latent_channels: int, patch_size: int
+    ) -> None:
         t = self.transformer
-        old = self.latent_layers()
         ref = old.embedder.weight
         embed = t.patch_embed
         embed.proj = nn.Conv2d(
@@ -83,9 +75,6 @@ class SanaAdapter(DiTAdapter):
         t.proj_out = self._new_linear(
             old.head, self.inner_dim, patch_size * patch_size * latent_channels
         )
-        if init == "zero_head":
-            nn.init.zeros_(t.proj_out.weight)
-            nn.init.zeros_(t.proj_out.bias)
         # PatchEmbed keeps its own patch size and grid (used only with sincos positions).
         embed.patch_size = patch_size
         embed.height = embed.width = embed.base_size = t.config.sample_size // patch_size
@@ -98,14 +87,12 @@ class SanaAdapter(DiTAdapter):
         t.register_to_config(
             in_channels=latent_channels, out_channels=latent_channels, patch_size=patch_size
         )
-        self.original_layers = old
         logger.info(
             "SANA latent layers replaced: %d-channel latents, %dx%d patches",
             latent_channels,
             patch_size,
             patch_size,
         )
-        return old
 
     def enable_structured_latents(self) -> None:
         t = self.transformer
