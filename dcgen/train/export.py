@@ -42,6 +42,7 @@ from .latent_layers import (
     read_latent_layers_metadata,
     save_latent_layers,
 )
+from .stages import load_transformer as load_diffusers_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +84,8 @@ def _transformer_folder(path: Path) -> Path:
 def load_transformer(
     path: str | Path, family: str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[torch.nn.Module, str]:
-    """Load a FLUX or SANA transformer folder; the family comes from config.json's _class_name
-    unless given. Returns (transformer, family)."""
-    import diffusers
-
+    """Load a FLUX or SANA transformer folder (or a folder holding ``transformer/``); the family
+    comes from config.json's _class_name unless given. Returns (transformer, family)."""
     folder = _transformer_folder(Path(path))
     config = json.loads((folder / "config.json").read_text())
     class_name = config.get("_class_name")
@@ -100,8 +99,9 @@ def load_transformer(
         family = matches[0]
     if family not in TRANSFORMER_CLASSES:
         raise ExportError(f"family: expected one of {sorted(TRANSFORMER_CLASSES)}, got {family!r}")
-    cls = getattr(diffusers, TRANSFORMER_CLASSES[family])
-    model = cls.from_pretrained(folder, torch_dtype=dtype or torch.float32)
+    model = load_diffusers_transformer(
+        folder, dtype=dtype or torch.float32, class_name=TRANSFORMER_CLASSES[family]
+    )
     logger.info("loaded %s from %s", type(model).__name__, folder)
     return model.eval(), family
 

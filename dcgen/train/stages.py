@@ -86,17 +86,21 @@ OnStep = Callable[[int, float], None]
 
 
 def load_transformer(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    class_name: str | None = None,
 ) -> nn.Module:
-    """A diffusers transformer folder (class from config.json's ``_class_name``), fp32 by
-    default: training keeps fp32 master weights and autocasts to bf16."""
+    """A diffusers transformer folder (class from config.json's ``_class_name`` unless
+    ``class_name`` forces one), fp32 by default: training keeps fp32 master weights and
+    autocasts to bf16. The one transformer loader; export.py adds folder and family rules."""
     import diffusers
 
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"transformer: no config.json in {path} (a diffusers folder)")
-    name = json.loads(cfg_file.read_text()).get("_class_name")
+    name = class_name or json.loads(cfg_file.read_text()).get("_class_name")
     cls = getattr(diffusers, str(name), None)
     if cls is None:
         raise ValueError(f"transformer: {cfg_file} names class {name!r}, not a diffusers model")
