@@ -74,8 +74,21 @@ def _error_line(capsys) -> str:
 
 def _precompute(assets, out, *extra: str) -> int:
     return main(
-        ["precompute", "--data", str(assets / "data"), "--dcae", str(assets / "dcae"),
-         "--out", str(out), "--resolution", "64", "--no-progress", "--device", "cpu", *extra]
+        [
+            "precompute",
+            "--data",
+            str(assets / "data"),
+            "--dcae",
+            str(assets / "dcae"),
+            "--out",
+            str(out),
+            "--resolution",
+            "64",
+            "--no-progress",
+            "--device",
+            "cpu",
+            *extra,
+        ]
     )  # fmt: skip  (cpu: the test compares with encodes computed on the CPU)
 
 

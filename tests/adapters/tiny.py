@@ -10,13 +10,16 @@ from dcgen.autoencoders import DCAE, reduced_config
 TEXT_DIM = 32
 
 
-def tiny_flux(in_channels: int = 64, guidance_embeds: bool = True) -> FluxTransformer2DModel:
+def tiny_flux(
+    in_channels: int = 64, guidance_embeds: bool = True, layers: int = 1
+) -> FluxTransformer2DModel:
+    """``layers`` double and as many single blocks."""
     torch.manual_seed(0)
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=in_channels,
-        num_layers=1,
-        num_single_layers=1,
+        num_layers=layers,
+        num_single_layers=layers,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=TEXT_DIM,

@@ -20,6 +20,8 @@ from dcgen.quant import (
     smoothing_factors,
 )
 
+from ..adapters.tiny import tiny_flux as shared_tiny_flux
+
 QUANTIZED = {
     "transformer_blocks.0.attn.to_q",
     "transformer_blocks.0.attn.to_k",
@@ -53,18 +55,7 @@ KEPT = {
 
 
 def tiny_flux() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    return shared_tiny_flux(in_channels=16, guidance_embeds=False)
 
 
 def flux_inputs(seed: int = 1) -> dict:

@@ -13,23 +13,13 @@ from dcgen.train.features import (
     feature_distances,
 )
 
+from ..adapters.tiny import tiny_flux as shared_tiny_flux
+
 diffusers = pytest.importorskip("diffusers")
 
 
 def tiny_flux() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=8,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6),
-        guidance_embeds=False,
-    ).eval()
+    return shared_tiny_flux(in_channels=8, guidance_embeds=False, layers=2)
 
 
 def flux_inputs(gen: torch.Generator, h: int = 4, w: int = 4, txt: int = 3) -> dict:
