@@ -1,0 +1,1 @@
+# Fused DiT attention kernels (QK-RMSNorm + RoPE prologue, flash attention forward).

@@ -1,0 +1,1 @@
+# Low-precision kernels: NVFP4 / FP8 activation quantization and GEMMs.
