@@ -1,8 +1,9 @@
-"""Quantization: the NVFP4 format, NVFP4Linear and the quantize_ API (pure-PyTorch reference
-paths; the CUDA kernels plug in behind the same functions)."""
+"""Quantization: the NVFP4 format, NVFP4Linear, FP8 (E4M3) W8A8 FP8Linear and the quantize_
+API (pure-PyTorch reference paths; the CUDA kernels plug in behind the same functions)."""
 
 from .api import (
     DEFAULT_EXCLUDE,
+    FP8Config,
     NVFP4Config,
     load_quantized,
     quality_report,
@@ -10,6 +11,8 @@ from .api import (
     quantized_modules,
     save_quantized,
 )
+from .fp8 import fp8_gemm, fp8_linear_reference, quantize_fp8_weight
+from .fp8_linear import FP8Linear
 from .linear import NVFP4Linear, smoothing_factors
 from .nvfp4 import (
     NVFP4Tensor,
@@ -26,6 +29,8 @@ from .nvfp4 import (
 
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "FP8Config",
+    "FP8Linear",
     "NVFP4Config",
     "NVFP4Linear",
     "NVFP4Tensor",
@@ -33,10 +38,13 @@ __all__ = [
     "e2m1_decode",
     "e2m1_encode",
     "fake_quantize_nvfp4",
+    "fp8_gemm",
+    "fp8_linear_reference",
     "load_quantized",
     "pack_e2m1",
     "quality_report",
     "quantize_",
+    "quantize_fp8_weight",
     "quantize_nvfp4",
     "quantized_modules",
     "save_quantized",

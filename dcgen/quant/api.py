@@ -2,12 +2,19 @@
 
 - :class:`NVFP4Config`: mode, SVDQuant rank, include / exclude regexes on module names
   (``re.search``; anchor them), smoothing alpha.
-- :func:`quantize_`: swaps matching ``nn.Linear`` modules for :class:`NVFP4Linear` in place
-  and returns the replaced names. Linears whose in_features is not a multiple of 16 are
-  SKIPPED with a logged warning (the NVFP4 GEMMs need whole 16-element blocks along K).
+- :class:`FP8Config`: FP8 (E4M3) W8A8 with per-row or 1x128-block scales, same patterns.
+- :func:`quantize_`: swaps matching ``nn.Linear`` modules for :class:`NVFP4Linear` or
+  :class:`FP8Linear` in place and returns the replaced names. Linears whose in_features is not
+  a multiple of 16 are SKIPPED with a logged warning (the NVFP4 GEMMs need whole 16-element
+  blocks along K; the FP8 GEMMs, cuBLAS's 16-element alignment).
+- LoRA: peft's ``lora_A`` / ``lora_B`` linears are excluded by default, so quantizing a model
+  that already carries a LoRA adapter quantizes each wrapped ``base_layer`` and keeps the
+  adapter in 16/32-bit (QLoRA style); FP8Linear passes gradients through to its input.
 - :func:`save_quantized` / :func:`load_quantized`: one safetensors file with the whole
-  state dict (quantized layers in the ModelOpt layout) and metadata naming the format, mode,
-  rank and every quantized module; loading swaps the layers of a fresh model first.
+  state dict (quantized layers in the ModelOpt / vLLM layouts) and metadata naming the format
+  (``dcgen-nvfp4``, ``dcgen-fp8``, or ``dcgen-quant`` when both kinds are present), mode,
+  rank and every quantized module (with its ``kind``); loading swaps the layers of a fresh
+  model first.
 - :func:`quality_report`: per-layer and end-to-end error of a quantized model vs the original.
 """
 
@@ -26,13 +33,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dcgen.ops.quantize_fp8 import check_granularity
+
+from .fp8_linear import FP8Linear
 from .linear import NVFP4Linear, check_mode, smoothing_factors
 from .nvfp4 import BLOCK
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "dcgen-nvfp4"
+FORMAT_FP8 = "dcgen-fp8"
+FORMAT_MIXED = "dcgen-quant"
+FORMATS = (FORMAT, FORMAT_FP8, FORMAT_MIXED)
 FORMAT_VERSION = "1"
+QUANTIZED_TYPES = (NVFP4Linear, FP8Linear)
 
 # Kept in 16-bit by default: embedders facing the latent / text / time, AdaLN modulation
 # linears (norm1.linear, norm1_context.linear, single blocks' norm.linear, norm_out.linear)
@@ -47,7 +61,23 @@ DEFAULT_EXCLUDE = (
     r"(^|\.)norm[^.]*\.linear$",
     r"(^|\.)norm_out(\.|$)",
     r"^proj_out$",
+    # peft LoRA adapters (lora_A / lora_B / lora_embedding_*): kept in 16/32-bit.
+    r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)",
 )
+
+
+def _check_patterns(owner: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
+    for pat in (*include, *exclude):
+        if not isinstance(pat, str):
+            raise TypeError(f"{owner}: expected regex strings, got {type(pat).__name__} {pat!r}")
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise ValueError(f"{owner}: invalid regex {pat!r}: {e}") from e
+
+
+def _matches(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    return any(re.search(p, name) for p in include) and not any(re.search(p, name) for p in exclude)
 
 
 @dataclass(frozen=True)
@@ -72,13 +102,32 @@ class NVFP4Config:
                 f"NVFP4Config: expected smoothing_alpha in [0, 1] or None, "
                 f"got {self.smoothing_alpha}"
             )
-        for pat in (*self.include, *self.exclude):
-            re.compile(pat)
+        _check_patterns("NVFP4Config", self.include, self.exclude)
 
     def matches(self, name: str) -> bool:
-        return any(re.search(p, name) for p in self.include) and not any(
-            re.search(p, name) for p in self.exclude
-        )
+        return _matches(name, self.include, self.exclude)
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    """FP8 (E4M3) W8A8. ``granularity``: ``"row"`` (a scale per weight output row and per
+    activation token) or ``"block128"`` (per 1x128 block along K, weight and activation).
+    Activation scales are dynamic (computed on every call). ``include`` / ``exclude`` as in
+    :class:`NVFP4Config` (same defaults)."""
+
+    granularity: str = "row"
+    include: tuple[str, ...] = (r".*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+
+    def __post_init__(self) -> None:
+        check_granularity(self.granularity)
+        _check_patterns("FP8Config", self.include, self.exclude)
+
+    def matches(self, name: str) -> bool:
+        return _matches(name, self.include, self.exclude)
+
+
+QuantConfig = NVFP4Config | FP8Config
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -87,7 +136,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _targets(model: nn.Module, config: NVFP4Config) -> list[str]:
+def _targets(model: nn.Module, config: QuantConfig) -> list[str]:
     names = []
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear or not config.matches(name):
@@ -129,14 +178,26 @@ def _activation_amax(
 @torch.no_grad()
 def quantize_(
     model: nn.Module,
-    config: NVFP4Config | None = None,
+    config: QuantConfig | None = None,
     calibrate: Callable[[nn.Module], Any] | None = None,
 ) -> list[str]:
-    """Replace matching Linears of ``model`` by :class:`NVFP4Linear` in place; returns their
-    names. ``calibrate(model)`` runs representative inputs (needed for smoothing)."""
+    """Replace matching Linears of ``model`` by :class:`NVFP4Linear` (NVFP4Config, the
+    default) or :class:`FP8Linear` (FP8Config) in place; returns their names.
+    ``calibrate(model)`` runs representative inputs (needed for NVFP4 smoothing)."""
     config = config or NVFP4Config()
-    if not isinstance(config, NVFP4Config):
-        raise TypeError(f"quantize_: expected an NVFP4Config, got {type(config).__name__}")
+    if not isinstance(config, NVFP4Config | FP8Config):
+        raise TypeError(
+            f"quantize_: expected an NVFP4Config or FP8Config, got {type(config).__name__}"
+        )
+    if isinstance(config, FP8Config):
+        if calibrate is not None:
+            raise ValueError("quantize_: FP8Config scales activations dynamically; got calibrate")
+        names = _targets(model, config)
+        for name in names:
+            lin = model.get_submodule(name)
+            _set_module(model, name, FP8Linear.from_linear(lin, config.granularity))
+        logger.info("quantize_: %d linears to FP8 (%s)", len(names), config.granularity)
+        return names
     names = _targets(model, config)
     stats: dict[str, torch.Tensor] = {}
     if config.smoothing_alpha is not None:
@@ -159,30 +220,44 @@ def quantize_(
     return names
 
 
-def quantized_modules(model: nn.Module) -> dict[str, NVFP4Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, NVFP4Linear)}
+def quantized_modules(model: nn.Module) -> dict[str, NVFP4Linear | FP8Linear]:
+    """Every NVFP4Linear / FP8Linear of ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)}
+
+
+def _layer_spec(m: NVFP4Linear | FP8Linear) -> dict:
+    if isinstance(m, FP8Linear):
+        return {"kind": "fp8", "granularity": m.granularity, "bias": m.bias is not None}
+    return {
+        "kind": "nvfp4",
+        "mode": m.mode,
+        "rank": m.rank,
+        "smooth": m.smooth is not None,
+        "bias": m.bias is not None,
+    }
+
+
+def _mode(m: NVFP4Linear | FP8Linear) -> str:
+    return m.mode if isinstance(m, NVFP4Linear) else f"fp8-{m.granularity}"
 
 
 def save_quantized(model: nn.Module, path: str | Path) -> None:
-    """Write the whole state dict (quantized layers in the ModelOpt layout) to safetensors,
-    with metadata: format, format_version, mode, rank and ``modules`` (JSON: name ->
-    {mode, rank, smooth, bias})."""
+    """Write the whole state dict (quantized layers in the ModelOpt / vLLM layouts) to
+    safetensors, with metadata: format, format_version, mode (``w4a16`` / ``w4a4`` /
+    ``fp8-row`` / ``fp8-block128``, comma-joined), rank and ``modules`` (JSON: name ->
+    {kind: "nvfp4", mode, rank, smooth, bias} or {kind: "fp8", granularity, bias})."""
     mods = quantized_modules(model)
     if not mods:
-        raise ValueError("save_quantized: expected a model with NVFP4Linear layers, found none")
-    layers = {
-        n: {
-            "mode": m.mode,
-            "rank": m.rank,
-            "smooth": m.smooth is not None,
-            "bias": m.bias is not None,
-        }
-        for n, m in mods.items()
-    }
-    modes = sorted({m.mode for m in mods.values()})
-    ranks = sorted({m.rank for m in mods.values()})
+        raise ValueError(
+            "save_quantized: expected a model with FP8Linear or NVFP4Linear layers, found none"
+        )
+    layers = {n: _layer_spec(m) for n, m in mods.items()}
+    kinds = {spec["kind"] for spec in layers.values()}
+    fmt = FORMAT_MIXED if len(kinds) > 1 else (FORMAT_FP8 if kinds == {"fp8"} else FORMAT)
+    modes = sorted({_mode(m) for m in mods.values()})
+    ranks = sorted({getattr(m, "rank", 0) for m in mods.values()})
     meta = {
-        "format": FORMAT,
+        "format": fmt,
         "format_version": FORMAT_VERSION,
         "mode": ",".join(modes),
         "rank": ",".join(map(str, ranks)),
@@ -196,18 +271,23 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
 def read_metadata(path: str | Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in FORMATS:
         raise ValueError(
-            f"load_quantized: expected a {FORMAT!r} file, got format {meta.get('format')!r} "
-            f"in {path}"
+            f"load_quantized: expected a file of format {' / '.join(FORMATS)}, "
+            f"got format {meta.get('format')!r} in {path}"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"load_quantized: expected format_version {FORMAT_VERSION!r}, "
+            f"got {meta.get('format_version')!r} in {path}"
         )
     return meta
 
 
 @torch.no_grad()
 def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
-    """Swap the layers named in ``path``'s metadata for NVFP4Linear and load every tensor
-    (strict). ``model`` is a freshly built (unquantized) model of the same config."""
+    """Swap the layers named in ``path``'s metadata for NVFP4Linear / FP8Linear and load every
+    tensor (strict). ``model`` is a freshly built (unquantized) model of the same config."""
     meta = read_metadata(path)
     layers: dict[str, dict] = json.loads(meta["modules"])
     for name, spec in layers.items():
@@ -215,20 +295,34 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
             lin = model.get_submodule(name)
         except AttributeError as e:
             raise ValueError(f"load_quantized: the model has no module {name!r}") from e
-        if not isinstance(lin, nn.Linear | NVFP4Linear):
+        if not isinstance(lin, (nn.Linear, *QUANTIZED_TYPES)):
             raise TypeError(
                 f"load_quantized: expected {name} to be a Linear, got {type(lin).__name__}"
             )
         dev = next(lin.buffers(), lin.weight).device
-        q = NVFP4Linear(
-            lin.in_features,
-            lin.out_features,
-            bias=spec["bias"],
-            mode=spec["mode"],
-            rank=spec["rank"],
-            smooth=spec["smooth"],
-            device=dev,
-        )
+        kind = spec.get("kind", "nvfp4")  # files written before FP8 existed have no kind
+        if kind == "fp8":
+            q = FP8Linear(
+                lin.in_features,
+                lin.out_features,
+                bias=spec["bias"],
+                granularity=spec["granularity"],
+                device=dev,
+            )
+        elif kind == "nvfp4":
+            q = NVFP4Linear(
+                lin.in_features,
+                lin.out_features,
+                bias=spec["bias"],
+                mode=spec["mode"],
+                rank=spec["rank"],
+                smooth=spec["smooth"],
+                device=dev,
+            )
+        else:
+            raise ValueError(
+                f"load_quantized: expected kind 'nvfp4' or 'fp8' for {name}, got {kind!r}"
+            )
         _set_module(model, name, q)
     state = load_file(str(path), device=str(next(model.parameters()).device))
     missing, unexpected = model.load_state_dict(state, strict=False)

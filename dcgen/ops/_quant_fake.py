@@ -1,0 +1,39 @@
+"""Fake (meta) implementations of the quantize ops, so torch.compile traces them whole.
+Registered only when the extension is loaded and carries these schemas (an older build may
+not); imported by quantize_fp8.py and quantize_nvfp4.py."""
+
+from __future__ import annotations
+
+import torch
+
+from ._extension import extension_loaded
+
+
+def _has_schema(name: str) -> bool:
+    try:
+        return hasattr(torch.ops.dcgen, name)
+    except RuntimeError:
+        return False
+
+
+if extension_loaded() and _has_schema("quantize_fp8"):
+
+    @torch.library.register_fake("dcgen::quantize_fp8")
+    def _quantize_fp8_fake(x, block):  # noqa: ANN001
+        m, k = x.shape
+        nb = 1 if block == 0 else (k + block - 1) // block
+        return x.new_empty((m, k), dtype=torch.float8_e4m3fn), x.new_empty(
+            (m, nb), dtype=torch.float32
+        )
+
+
+if extension_loaded() and _has_schema("quantize_nvfp4"):
+
+    @torch.library.register_fake("dcgen::quantize_nvfp4")
+    def _quantize_nvfp4_fake(x, global_scale):  # noqa: ANN001
+        m, k = x.shape
+        kb = (k + 15) // 16
+        padded = ((m + 127) // 128 * 128) * ((kb + 3) // 4 * 4)
+        return x.new_empty((m, kb * 8), dtype=torch.uint8), x.new_empty(
+            (padded,), dtype=torch.float8_e4m3fn
+        )

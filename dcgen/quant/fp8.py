@@ -1,0 +1,142 @@
+"""FP8 (E4M3) W8A8: weight quantization and the scaled GEMM.
+
+Granularities (the same for weight and activation, both along K):
+
+- ``"row"``: one fp32 decode scale per weight output row and per activation row (token).
+- ``"block128"``: one per 1x128 block along K, for both (the weight's scales are [N, K/128]).
+
+The recipe is :mod:`dcgen.ops.quantize_fp8`'s (``scale = amax / 448``, ``q = e4m3(x / scale)``);
+weights additionally must be finite (checked once, at quantization time).
+
+GEMM (the spec, :func:`fp8_linear_reference`):
+``y = (float(xq) * xs) @ (float(wq) * ws)^T + bias`` in fp32, rounded once to the output dtype.
+:func:`fp8_gemm` runs it through ``torch._scaled_mm`` where that supports the case, else the
+reference (exact dequantize, fp32 matmul), which gives the same numbers up to fp32 summation
+order:
+
+- CPU: row scales through ``_scaled_mm`` (any dtype); 1x128 blocks through the reference
+  (torch's CPU ``_scaled_mm`` has no blockwise scaling).
+- CUDA, compute capability >= 8.9, bf16 activations: row scales through ``_scaled_mm``
+  (cuBLAS row-wise scaling); 1x128 x 1x128 blocks on sm_90 / sm_100 when K is a multiple of 128
+  (cuBLAS block scaling). fp16 / fp32 activations, older GPUs and any case ``_scaled_mm``
+  rejects at run time (logged once per case) use the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from dcgen.ops._validate import FLOAT_DTYPES, check_tensor
+from dcgen.ops.quantize_fp8 import (
+    BLOCK_K,
+    check_granularity,
+    dequantize_fp8,
+    quantize_fp8_reference,
+)
+
+from .nvfp4 import ensure_finite
+
+logger = logging.getLogger(__name__)
+
+# (device type, capability, granularity, with bias) cases where _scaled_mm failed once: not
+# retried. A rejected bias case still runs _scaled_mm without the bias and adds it afterwards.
+_REJECTED: set[tuple] = set()
+
+
+def quantize_fp8_weight(
+    weight: torch.Tensor, granularity: str = "row"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight [N, K] -> (float8_e4m3fn [N, K], fp32 decode scales [N, 1] or [N, K/128])."""
+    check_tensor(
+        "quantize_fp8_weight: weight", weight, ndim=2, dtypes=(*FLOAT_DTYPES, torch.float64)
+    )
+    ensure_finite("quantize_fp8_weight: weight", weight)
+    return quantize_fp8_reference(weight, granularity)
+
+
+def fp8_linear_reference(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The spec: dequantize both operands exactly, fp32 matmul and bias, one rounding."""
+    y = dequantize_fp8(xq, x_scale) @ dequantize_fp8(wq, w_scale).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def _case(device: torch.device, granularity: str, bias: bool = False) -> tuple:
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return (device.type, cap, granularity, bias)
+
+
+def scaled_mm_supported(
+    device: torch.device, granularity: str, dtype: torch.dtype, n: int, k: int
+) -> bool:
+    """Whether :func:`fp8_gemm` sends this case to ``torch._scaled_mm`` (module doc)."""
+    case = _case(device, granularity)
+    if case in _REJECTED:
+        return False
+    if device.type == "cpu":
+        return granularity == "row"
+    if device.type != "cuda" or dtype != torch.bfloat16 or k % 16 or n % 16:
+        return False
+    cap = case[1]
+    if granularity == "row":
+        return cap >= (8, 9)
+    return cap[0] in (9, 10) and k % BLOCK_K == 0
+
+
+def _scaled_mm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    granularity: str,
+) -> torch.Tensor:
+    if granularity == "row":
+        sa, sb = x_scale.contiguous(), w_scale.reshape(1, -1).contiguous()
+    else:
+        # cuBLAS reads 1x128 scales outer-dim-major: A's as [M, K/128] with M fastest, B's as
+        # [K/128, N] row-major (the layout torch's own blockwise tests pass).
+        sa, sb = x_scale.t().contiguous().t(), w_scale.t().contiguous()
+    b = bias.to(out_dtype) if bias is not None else None
+    return torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=out_dtype)
+
+
+def fp8_gemm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    granularity: str,
+) -> torch.Tensor:
+    """``xq`` [M, K] e4m3 with ``x_scale`` [M, S], ``wq`` [N, K] with ``w_scale`` [N, S] ->
+    [M, N] in ``out_dtype`` (module doc: which path runs where)."""
+    check_granularity(granularity)
+    n, k = wq.shape
+    if not scaled_mm_supported(xq.device, granularity, out_dtype, n, k):
+        return fp8_linear_reference(xq, x_scale, wq, w_scale, bias, out_dtype)
+    with_bias = bias is not None and _case(xq.device, granularity, True) not in _REJECTED
+    try:
+        y = _scaled_mm(
+            xq, x_scale, wq, w_scale, bias if with_bias else None, out_dtype, granularity
+        )
+    except RuntimeError as err:
+        case = _case(xq.device, granularity, with_bias)
+        _REJECTED.add(case)
+        logger.warning("fp8_gemm: torch._scaled_mm rejected %s (%s); falling back", case, err)
+        return fp8_gemm(xq, x_scale, wq, w_scale, bias, out_dtype, granularity)
+    if bias is not None and not with_bias:
+        y = y + bias.to(out_dtype)
+    return y
