@@ -27,7 +27,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nvfp4 import BLOCK, dequantize_parts, fake_quantize_nvfp4, quantize_nvfp4
+from dcgen.ops import quantize_nvfp4 as _qop
+
+from .nvfp4 import BLOCK, dequantize_parts, quantize_nvfp4, unswizzle_scales
 
 MODES = ("w4a16", "w4a4")
 _FORMAT_BUFFERS = ("weight_scale", "weight_scale_2", "input_scale", "smooth")
@@ -159,6 +161,14 @@ class NVFP4Linear(nn.Module):
         """The residual weight R (the whole W' when rank is 0), fp32 [N, K]."""
         return dequantize_parts(self.weight, self.weight_scale, self.weight_scale_2)
 
+    def _fake_quantize_input(self, xf: torch.Tensor, static: torch.Tensor | None) -> torch.Tensor:
+        # dequantize(quantize_nvfp4(x)) through the activation-quantize op (the fused kernel
+        # where built: swizzled scales, as a Blackwell GEMM would read them).
+        x2 = xf.reshape(-1, xf.shape[-1])
+        packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static)
+        scales = unswizzle_scales(swizzled, x2.shape[0], x2.shape[1])
+        return dequantize_parts(packed, scales, gs).reshape(xf.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
@@ -171,7 +181,7 @@ class NVFP4Linear(nn.Module):
         xq = xf
         if self.mode == "w4a4":
             static = self.input_scale if float(self.input_scale) > 0 else None
-            xq = fake_quantize_nvfp4(xf, static)
+            xq = self._fake_quantize_input(xf, static)
         y = xq @ self.dequantized_weight().t()
         if self.rank:
             y = y + (xf @ self.lora_down.float().t()) @ self.lora_up.float().t()

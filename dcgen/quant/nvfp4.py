@@ -123,7 +123,8 @@ def global_decode_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
-def _check_finite(name: str, x: torch.Tensor) -> None:
+def ensure_finite(name: str, x: torch.Tensor) -> None:
+    """Raise ValueError naming how many NaN/Inf ``x`` holds (one device sync)."""
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise ValueError(
@@ -132,29 +133,42 @@ def _check_finite(name: str, x: torch.Tensor) -> None:
         )
 
 
+def ensure_global_scale(name: str, gd: torch.Tensor) -> None:
+    """Raise ValueError unless ``gd`` is finite and > 0 (one device sync)."""
+    if not (torch.isfinite(gd) and gd > 0):
+        raise ValueError(f"{name}: expected a finite global_scale > 0, got {gd}")
+
+
 def _pad_k(x: torch.Tensor) -> torch.Tensor:
     pad = (-x.shape[-1]) % BLOCK
     return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
 
-def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> NVFP4Tensor:
+def quantize_nvfp4(
+    x: torch.Tensor, global_scale: torch.Tensor | None = None, check_finite: bool = True
+) -> NVFP4Tensor:
     """Quantize ``x`` [..., K] to NVFP4 along its last dim (module docstring: the recipe).
 
     ``global_scale``: an fp32 scalar decode scale to use instead of ``amax / (6 * 448)``
     (static activation scales); block scales then clamp at 448 and elements saturate at +-6.
+    ``check_finite=False`` skips step 1 and the global-scale check (both sync the device); the
+    recipe then runs as written on NaN/Inf: a NaN block amax gives a NaN block scale, whose
+    ``denom > 0`` test fails, so the block is all +0 codes; an Inf under a finite global scale
+    clamps its block scale to 448 and saturates to +-6. (The CUDA kernel matches this too.)
     """
     check_tensor("quantize_nvfp4: x", x, min_ndim=1, dtypes=(*FLOAT_DTYPES, torch.float64))
     if x.shape[-1] == 0:
         raise ValueError(f"quantize_nvfp4: expected K >= 1, got shape {tuple(x.shape)}")
-    _check_finite("quantize_nvfp4: x", x)
+    if check_finite:
+        ensure_finite("quantize_nvfp4: x", x)
     shape = tuple(x.shape)
     xf = _pad_k(x.detach().float())
     if global_scale is None:
         gd = global_decode_scale(xf)
     else:
         gd = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device).reshape(())
-        if not (torch.isfinite(gd) and gd > 0):
-            raise ValueError(f"quantize_nvfp4: expected a finite global_scale > 0, got {gd}")
+        if check_finite:
+            ensure_global_scale("quantize_nvfp4", gd)
     blocks = xf.unflatten(-1, (-1, BLOCK))
     block_amax = blocks.abs().amax(dim=-1)
     scales = (block_amax / (E2M1_MAX * gd)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)

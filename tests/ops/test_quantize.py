@@ -1,0 +1,238 @@
+"""Activation-quantize ops (FP8 per row / 1x128, NVFP4 with swizzled scales): the references
+against the format spec, dispatch and errors on CPU; the CUDA kernels bit-exactly against the
+references on many shapes (odd K tails, zero blocks, NaN / Inf) where a GPU exists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dcgen.ops import has_kernel
+from dcgen.ops._extension import compiled_op
+from dcgen.ops.quantize_fp8 import quantize_fp8, quantize_fp8_reference
+from dcgen.ops.quantize_nvfp4 import quantize_nvfp4_activation, quantize_nvfp4_reference
+from dcgen.quant.nvfp4 import (
+    global_decode_scale,
+    quantize_nvfp4,
+    swizzle_scales,
+    unswizzle_scales,
+)
+from tests.conftest import poison_cuda_allocator
+
+# (M, K): K tails that are and are not multiples of 8 / 16 / 128, M around the 128-row tiles.
+SHAPES = [
+    (1, 1),
+    (3, 7),
+    (5, 16),
+    (2, 24),
+    (17, 100),
+    (128, 128),
+    (129, 136),
+    (130, 257),
+    (64, 3072),
+    (7, 12288 + 8),
+]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _input(shape, dtype, gen, device="cpu"):
+    m, k = shape
+    x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen).mul(20)
+    if m > 2 and k >= 16:
+        x[1, :16] = 0  # a zero block (FP8 row 1 keeps its other blocks)
+        x[2] = 0  # a zero row
+    if m > 3 and k > 40:
+        x[3, 40] = 1e4  # an outlier
+    return x.to(dtype).to(device)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.cpu().view(torch.uint8) if t.dtype != torch.uint8 else t.cpu()
+
+
+def _same_fp8(a: torch.Tensor, b: torch.Tensor, msg: str) -> None:
+    """Bit-equal except that any NaN matches any NaN (the NaN's sign bit may differ between
+    the CPU and the GPU)."""
+    nan_a, nan_b = a.cpu().float().isnan(), b.cpu().float().isnan()
+    assert torch.equal(nan_a, nan_b), msg
+    assert torch.equal(_bits(a)[~nan_a], _bits(b)[~nan_b]), msg
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+def test_nvfp4_reference_is_the_format_recipe(rng):
+    x = _input((130, 40), torch.bfloat16, rng)
+    packed, sw = quantize_nvfp4_reference(x, global_decode_scale(x))
+    q = quantize_nvfp4(x)
+    assert torch.equal(packed, q.packed)
+    assert torch.equal(_bits(unswizzle_scales(sw, 130, 40)), _bits(q.scales))
+    assert sw.numel() == 256 * 4  # M padded to 256, 3 K-blocks padded to 4
+
+
+def test_nvfp4_public_op_dynamic_and_static(rng):
+    x = _input((9, 48), torch.float16, rng)
+    packed, sw, gs = quantize_nvfp4_activation(x)
+    assert torch.equal(gs, global_decode_scale(x)) and packed.shape == (9, 24)
+    static = torch.tensor(0.01)
+    p2, s2, g2 = quantize_nvfp4_activation(x, static)
+    q = quantize_nvfp4(x, static)
+    assert torch.equal(p2, q.packed) and torch.equal(_bits(s2), _bits(swizzle_scales(q.scales)))
+    assert torch.equal(g2, static)
+
+
+def test_nvfp4_non_finite_raise_or_follow_recipe():
+    x = torch.ones(2, 32)
+    x[0, 3] = float("nan")
+    x[1, 20] = float("inf")
+    with pytest.raises(ValueError, match="2 NaN/Inf"):
+        quantize_nvfp4_activation(x)
+    packed, sw, _ = quantize_nvfp4_activation(x, torch.tensor(0.01), check_finite=False)
+    scales = unswizzle_scales(sw, 2, 32).float()
+    assert scales[0, 0].isnan() and (packed[0, :8] == 0).all()  # NaN block: zero codes
+    assert scales[1, 1] == 448  # Inf block: scale clamps, the Inf saturates to +6 (code 7)
+    assert int(packed[1, 10]) & 0xF == 7 and torch.isfinite(scales[1, 0])
+
+
+def test_fp8_reference_dtypes_agree(rng):
+    # The recipe works in fp32: a bf16 input and its fp32 copy quantize identically.
+    x = _input((17, 300), torch.bfloat16, rng)
+    for g in ("row", "block128"):
+        a, sa = quantize_fp8_reference(x, g)
+        b, sb = quantize_fp8_reference(x.float(), g)
+        assert torch.equal(_bits(a), _bits(b)) and torch.equal(sa, sb)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="2 dims"):
+        quantize_nvfp4_activation(torch.randn(2, 3, 16))
+    with pytest.raises(ValueError, match="one element"):
+        quantize_nvfp4_activation(torch.randn(2, 16), torch.ones(2))
+    with pytest.raises(TypeError, match="float32"):
+        quantize_nvfp4_activation(torch.randn(2, 16), torch.ones((), dtype=torch.float16))
+    with pytest.raises(ValueError, match="global_scale > 0"):
+        quantize_nvfp4_activation(torch.randn(2, 16), torch.tensor(-1.0))
+    with pytest.raises(ValueError, match="K >= 1"):
+        quantize_nvfp4_activation(torch.randn(2, 0))
+    with pytest.raises(ValueError, match="granularity"):
+        quantize_fp8(torch.randn(2, 16), "block64")
+
+
+@pytest.mark.skipif(not has_kernel("quantize_fp8", "cuda"), reason="no CUDA quantize kernels")
+def test_fake_impls_trace():  # pragma: no cover (needs the extension with CUDA kernels)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(130, 100, dtype=torch.bfloat16, device="cuda")
+        q, s = compiled_op("quantize_fp8")(x, 128)
+        assert q.shape == (130, 100) and s.shape == (130, 1)
+        p, sw = compiled_op("quantize_nvfp4")(x, torch.empty((), device="cuda"))
+        assert p.shape == (130, 56) and sw.shape == (256 * 8,)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def _need(name: str) -> None:
+    if not has_kernel(name, "cuda"):
+        pytest.skip(f"no compiled {name} CUDA kernel")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("granularity", ["row", "block128"])
+def test_cuda_fp8_quantize_bit_exact(dtype, granularity, rng):
+    _need("quantize_fp8")
+    block = 0 if granularity == "row" else 128
+    for shape in SHAPES:
+        x = _input(shape, dtype, rng, "cuda")
+        poison_cuda_allocator()
+        q, s = compiled_op("quantize_fp8")(x, block)
+        qr, sr = quantize_fp8_reference(x.cpu(), granularity)
+        assert q.dtype == torch.float8_e4m3fn and s.shape == sr.shape, shape
+        _same_fp8(q, qr, f"codes {shape} {dtype}")
+        assert torch.equal(s.cpu(), sr), f"scales {shape} {dtype}"
+        # the public face dispatches to the same kernel for any leading shape
+        q3, _ = quantize_fp8(x.reshape(1, *shape), granularity)
+        assert torch.equal(_bits(q3.reshape(shape)), _bits(q))
+
+
+@pytest.mark.cuda
+def test_cuda_quantize_non_finite_and_misaligned(rng):
+    _need("quantize_fp8")
+    _need("quantize_nvfp4")
+    x = torch.randn(4, 384, generator=rng)
+    x[0, 5] = float("nan")
+    x[1, 300] = float("inf")
+    x[2, 7] = float("-inf")
+    for g, block in [("row", 0), ("block128", 128)]:
+        q, s = compiled_op("quantize_fp8")(x.cuda(), block)
+        qr, sr = quantize_fp8_reference(x, g)
+        _same_fp8(q, qr, g)
+        assert torch.equal(s.cpu().isnan(), sr.isnan())
+        assert torch.equal(s.cpu().nan_to_num(), sr.nan_to_num())
+    # a storage offset breaks 16-byte alignment: the scalar path must give the same bytes
+    base = torch.randn(8 * 256 + 1, generator=rng).bfloat16().cuda()
+    xo = base[1:].view(8, 256)  # contiguous, 2 bytes off 16-byte alignment
+    for g, block in [("row", 0), ("block128", 128)]:
+        q, s = compiled_op("quantize_fp8")(xo, block)
+        qr, sr = quantize_fp8_reference(xo.cpu(), g)
+        _same_fp8(q, qr, "misaligned")
+        assert torch.equal(s.cpu(), sr)
+    x16 = base[1 : 1 + 8 * 32].view(8, 32)
+    packed, sw = compiled_op("quantize_nvfp4")(x16, global_decode_scale(x16))
+    pr, swr = quantize_nvfp4_reference(x16.cpu(), global_decode_scale(x16).cpu())
+    assert torch.equal(packed.cpu(), pr) and torch.equal(_bits(sw), _bits(swr))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("static", [False, True])
+def test_cuda_nvfp4_quantize_bit_exact(dtype, static, rng):
+    _need("quantize_nvfp4")
+    for shape in SHAPES:
+        x = _input(shape, dtype, rng, "cuda")
+        gs = torch.tensor(0.003, device="cuda") if static else global_decode_scale(x)
+        poison_cuda_allocator()
+        packed, sw = compiled_op("quantize_nvfp4")(x, gs)
+        pr, swr = quantize_nvfp4_reference(x.cpu(), gs.cpu())
+        assert torch.equal(packed.cpu(), pr), f"codes {shape} {dtype}"
+        assert torch.equal(_bits(sw), _bits(swr)), f"scales {shape} {dtype}"  # padding too
+
+
+@pytest.mark.cuda
+def test_cuda_nvfp4_quantize_non_finite(rng):
+    _need("quantize_nvfp4")
+    x = torch.randn(5, 80, generator=rng)
+    x[0, 3] = float("nan")
+    x[1, 20] = float("inf")
+    x[2, 40] = float("-inf")
+    gs = torch.tensor(0.01)
+    packed, sw, _ = quantize_nvfp4_activation(x.cuda(), gs.cuda(), check_finite=False)
+    pr, swr = quantize_nvfp4_reference(x, gs, check_finite=False)
+    assert torch.equal(packed.cpu(), pr)
+    _same_fp8(sw, swr, "nvfp4 scales with NaN/Inf")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        quantize_nvfp4_activation(x.cuda())
+
+
+@pytest.mark.cuda
+def test_cuda_layers_use_kernels_and_match_reference(rng):
+    _need("quantize_fp8")
+    from torch import nn
+
+    from dcgen.quant import FP8Linear, NVFP4Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128).cuda()
+    x = torch.randn(2, 33, 256, generator=rng).cuda().bfloat16()
+    for g in ("row", "block128"):
+        q = FP8Linear.from_linear(lin, g)
+        with torch.no_grad():
+            y, ref = q(x), q.reference_forward(x)
+        # same FP8 operands; cuBLAS summation order and bf16 output rounding differ
+        torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    q4 = NVFP4Linear.from_linear(lin, "w4a4")
+    with torch.no_grad():
+        y = q4(x)
+    assert torch.isfinite(y).all() and y.shape == (2, 33, 128)
