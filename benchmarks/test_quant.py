@@ -1,0 +1,85 @@
+"""Low-precision benchmarks: FP8 W8A8 linears vs bf16 linears at FLUX shapes (docs ANCHORS.md),
+and the activation-quantize kernels' bandwidth against a plain copy of the same input.
+
+On a GPU: M = 4,608 tokens (FLUX 1K = DC-Gen-f64c128 4K: 4,096 image + 512 text), bf16. On a CPU:
+tiny shapes in fp32 so CI runs every case (timings meaningless there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _harness import DEVICE, ON_GPU, rounds, time_it
+from torch import nn
+
+from dcgen.ops import has_kernel
+from dcgen.ops.quantize_fp8 import quantize_fp8
+from dcgen.ops.quantize_nvfp4 import quantize_nvfp4_activation
+from dcgen.quant import FP8Linear
+
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+M = 4608 if ON_GPU else 64
+# (N, K) of FLUX's block linears: fused qkv, attention out, MLP up, MLP down, single-block
+# fused qkv+mlp. CPU: two small stand-ins (one K not a multiple of 128).
+LINEAR_SHAPES = (
+    [(9216, 3072), (3072, 3072), (12288, 3072), (3072, 12288), (21504, 3072)]
+    if ON_GPU
+    else [(256, 256), (128, 320)]
+)
+
+
+@pytest.mark.parametrize("granularity", ["row", "block128"])
+@pytest.mark.parametrize("nk", LINEAR_SHAPES, ids=lambda nk: f"{nk[0]}x{nk[1]}")
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_fp8_linear(benchmark, impl, nk, granularity):
+    n, k = nk
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n).to(DEVICE, DTYPE)
+    x = torch.randn(M, k, device=DEVICE, dtype=DTYPE)
+    layer = lin if impl == "baseline" else FP8Linear.from_linear(lin, granularity, dtype=DTYPE)
+    benchmark.group = f"linear M={M} N={n} K={k} fp8-{granularity} {str(DTYPE)[6:]}"
+    benchmark.extra_info.update(impl=impl, baseline_name=f"nn.Linear {str(DTYPE)[6:]}")
+    with torch.inference_mode():
+        time_it(benchmark, lambda: layer(x), n_rounds=rounds(50, 3))
+    if benchmark.stats:
+        benchmark.extra_info["tflops"] = 2 * M * n * k / benchmark.stats.stats.median / 1e12
+
+
+# Activations of FLUX's widest input (12,288 MLP hidden) at 4,608 tokens; CPU: small.
+Q_SHAPE = (4608, 12288) if ON_GPU else (64, 1024)
+QUANTIZERS = {
+    "fp8-row": ("quantize_fp8", lambda x: quantize_fp8(x, "row"), 1.0),
+    "fp8-block128": ("quantize_fp8", lambda x: quantize_fp8(x, "block128"), 1.0),
+    # static global scale: the one-pass W4A4 path (packed 0.5 B + a scale per 16 elements)
+    "nvfp4": (
+        "quantize_nvfp4",
+        lambda x: quantize_nvfp4_activation(x, STATIC_SCALE.to(x.device), check_finite=False),
+        0.5 + 1 / 16,
+    ),
+}
+STATIC_SCALE = torch.tensor(1e-3)
+
+
+@pytest.mark.parametrize("what", list(QUANTIZERS))
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_activation_quantize(benchmark, impl, what):
+    op, fn, out_bytes = QUANTIZERS[what]
+    if impl == "dcgen" and ON_GPU and not has_kernel(op, DEVICE):
+        pytest.skip(f"no compiled {op} kernel for this device")
+    x = torch.randn(Q_SHAPE, device=DEVICE, dtype=DTYPE)
+    if impl == "baseline":
+        nbytes = 2 * x.numel() * x.element_size()  # read + write
+
+        def run():
+            return x.clone()
+    else:
+        nbytes = x.numel() * (x.element_size() + out_bytes)
+
+        def run():
+            return fn(x)
+
+    benchmark.group = f"quantize {what} {Q_SHAPE} {str(DTYPE)[6:]} (GB/s vs copy)"
+    benchmark.extra_info.update(impl=impl, baseline_name="copy (x.clone)", bytes_moved=nbytes)
+    with torch.inference_mode():
+        time_it(benchmark, run, n_rounds=rounds(100, 3))
+    if benchmark.stats:
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
