@@ -1,0 +1,16 @@
+"""diffusers attention processors on dcgen's fused attention (QK-RMSNorm + RoPE + flash).
+
+``accelerate(transformer)`` swaps the stock processors of FLUX (double and single blocks) and
+SANA's cross-attention for the fused ones; ``unaccelerate(transformer)`` puts them back.
+"""
+
+from .install import accelerate, is_accelerated, unaccelerate
+from .processors import FluxFusedAttnProcessor, SanaFusedCrossAttnProcessor
+
+__all__ = [
+    "FluxFusedAttnProcessor",
+    "SanaFusedCrossAttnProcessor",
+    "accelerate",
+    "is_accelerated",
+    "unaccelerate",
+]

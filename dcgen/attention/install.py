@@ -1,0 +1,90 @@
+"""accelerate(transformer): install dcgen's fused attention processors in one call, and undo it.
+
+Only modules running diffusers' stock processor are touched (FluxAttnProcessor on FLUX
+attention, SanaAttnProcessor2_0 on SANA's cross-attention), and only when their q/k norms are
+what the fused prologue computes (per-head RMSNorm, one eps). Custom processors (IP-Adapter,
+LoRA-specific, user-defined) are left alone. The original processor is kept on the module, so
+``unaccelerate`` restores it exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .processors import FluxFusedAttnProcessor, SanaFusedCrossAttnProcessor
+
+logger = logging.getLogger(__name__)
+
+_ORIGINAL = "_dcgen_original_processor"
+
+
+def _is_rms_norm(norm: object, dim: int) -> bool:
+    from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+
+    if isinstance(norm, torch.nn.RMSNorm):
+        return tuple(norm.normalized_shape) == (dim,)
+    if isinstance(norm, DiffusersRMSNorm):
+        return getattr(norm, "bias", None) is None and tuple(norm.dim) == (dim,)
+    return False
+
+
+def _flux_fusable(attn: torch.nn.Module) -> bool:
+    d = attn.head_dim
+    norms = [attn.norm_q, attn.norm_k]
+    if attn.added_kv_proj_dim is not None:
+        norms += [attn.norm_added_q, attn.norm_added_k]
+    if not all(_is_rms_norm(n, d) for n in norms):
+        return False
+    return len({n.eps for n in norms}) == 1  # one eps for the whole prologue
+
+
+def _new_processor(module: torch.nn.Module) -> object | None:
+    from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+
+    proc = getattr(module, "processor", None)
+    if isinstance(module, FluxAttention) and type(proc) is FluxAttnProcessor:
+        return FluxFusedAttnProcessor() if _flux_fusable(module) else None
+    if type(proc) is SanaAttnProcessor2_0:
+        return SanaFusedCrossAttnProcessor()
+    return None
+
+
+def accelerate(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap the stock attention processors of ``model`` (a FLUX or SANA transformer, or any
+    module holding their attention layers) for dcgen's fused ones. Returns ``model``.
+
+    Idempotent; ``unaccelerate(model)`` undoes it. Numerics: the fused path computes norm, RoPE
+    and softmax statistics in fp32 (see dcgen.ops.attention), so outputs match the stock
+    processors within the input dtype's rounding.
+    """
+    count = 0
+    for module in model.modules():
+        if _ORIGINAL in module.__dict__:
+            continue  # already accelerated
+        new = _new_processor(module)
+        if new is None:
+            continue
+        # Plain __dict__ entry: a processor that happens to be an nn.Module must not become a
+        # registered submodule (that would change state_dict keys).
+        module.__dict__[_ORIGINAL] = module.processor
+        module.set_processor(new)
+        count += 1
+    logger.info("dcgen.accelerate: fused attention on %d attention modules", count)
+    return model
+
+
+def unaccelerate(model: torch.nn.Module) -> torch.nn.Module:
+    """Restore the processors ``accelerate`` replaced. Returns ``model``."""
+    for module in model.modules():
+        original = module.__dict__.pop(_ORIGINAL, None)
+        if original is not None:
+            module.set_processor(original)
+    return model
+
+
+def is_accelerated(model: torch.nn.Module) -> bool:
+    """True when any attention module of ``model`` runs a dcgen fused processor."""
+    return any(_ORIGINAL in m.__dict__ for m in model.modules())

@@ -1,0 +1,170 @@
+"""Attention processors that run dcgen.ops.fused_attention inside diffusers' attention modules.
+
+They keep diffusers' processor call signatures and return values, so a transformer behaves
+exactly as with the stock processors; only the norm + RoPE + attention step changes:
+
+- FLUX (``FluxAttention``): the stock processor runs RMSNorm on q and k, concatenates text and
+  image tokens, applies RoPE and calls SDPA, each a full pass over q and k. Here the norms
+  (text tokens with ``norm_added_*``, image tokens with ``norm_*``, selected by ``norm_split``)
+  and RoPE run inside the attention kernel's tile loads.
+- SANA cross-attention (``Attention`` with ``SanaAttnProcessor2_0``): the caption padding mask,
+  which SANA turns into an additive bias of 0 / -10000, becomes a boolean key-padding mask.
+
+Inputs the fused path does not cover go to the stock processor: FLUX with an attention mask,
+SANA with a mask that is not one row per batch element.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dcgen.ops.attention import fused_attention
+
+
+def _norm_params(norm: torch.nn.Module, dim: int, like: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(weight, eps) of a torch / diffusers RMSNorm; no affine weight acts as ones."""
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        weight = torch.ones(dim, device=like.device, dtype=torch.float32)
+    eps = getattr(norm, "eps", None)
+    if eps is None:  # torch.nn.RMSNorm(eps=None) uses the input dtype's machine epsilon
+        eps = torch.finfo(like.dtype).eps
+    return weight, float(eps)
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, S, H * D) -> (B, S, H, D) view."""
+    return x.unflatten(-1, (-1, head_dim))
+
+
+class FluxFusedAttnProcessor:
+    """Drop-in for diffusers' ``FluxAttnProcessor`` (double blocks: joint text + image; single
+    blocks: one concatenated sequence) on dcgen's fused attention."""
+
+    def __init__(self) -> None:
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        self._stock = FluxAttnProcessor()
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is not None:  # arbitrary masks are not a key-padding mask
+            return self._stock(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+            )
+        d = attn.head_dim
+        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        if attn.fused_projections:
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k, v = _heads(q, d), _heads(k, d), _heads(v, d)  # (B, S, H, D) views
+
+        q_weight, eps = _norm_params(attn.norm_q, d, q)
+        k_weight, _ = _norm_params(attn.norm_k, d, k)
+        norm_split = 0
+        if joint:
+            if attn.fused_projections:
+                eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+            else:
+                eq = attn.add_q_proj(encoder_hidden_states)
+                ek = attn.add_k_proj(encoder_hidden_states)
+                ev = attn.add_v_proj(encoder_hidden_states)
+            eq, ek, ev = _heads(eq, d), _heads(ek, d), _heads(ev, d)
+            # Text first, as diffusers concatenates; the text tokens keep their own norms.
+            norm_split = eq.shape[1]
+            q = torch.cat([eq, q], dim=1)
+            k = torch.cat([ek, k], dim=1)
+            v = torch.cat([ev, v], dim=1)
+            aq, _ = _norm_params(attn.norm_added_q, d, q)
+            ak, _ = _norm_params(attn.norm_added_k, d, k)
+            q_weight = torch.stack([aq.to(q_weight.dtype), q_weight])
+            k_weight = torch.stack([ak.to(k_weight.dtype), k_weight])
+
+        cos = sin = None
+        if image_rotary_emb is not None:
+            cos, sin = image_rotary_emb
+        out = fused_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            q_norm_weight=q_weight,
+            k_norm_weight=k_weight,
+            eps=eps,
+            rope_cos=cos,
+            rope_sin=sin,
+            norm_split=norm_split,
+        )
+        hidden = out.transpose(1, 2).flatten(2, 3)  # (B, S, H * D); free: out is BSHD memory
+
+        if encoder_hidden_states is not None:
+            n_text = encoder_hidden_states.shape[1]
+            encoder_out, hidden = hidden.split_with_sizes([n_text, hidden.shape[1] - n_text], dim=1)
+            hidden = attn.to_out[1](attn.to_out[0](hidden.contiguous()))
+            encoder_out = attn.to_add_out(encoder_out.contiguous())
+            return hidden, encoder_out
+        return hidden
+
+
+def _key_padding(mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor | None:
+    """SANA's (B, 1, Sk) additive bias (0 keep, -10000 drop) or a bool mask -> bool (B, Sk);
+    None when the mask is not one key row per batch element."""
+    if mask.ndim == 3 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.ndim != 2 or tuple(mask.shape) != (batch, keys):
+        return None
+    return mask if mask.dtype == torch.bool else mask > -1.0
+
+
+class SanaFusedCrossAttnProcessor:
+    """Drop-in for diffusers' ``SanaAttnProcessor2_0`` (SANA's cross-attention to the caption).
+
+    Differences from the stock processor, both outside what SANA produces: a mask is read as
+    key padding (bias entries > -1 attend), and a query that sees no key returns zeros where
+    the stock additive -10000 bias would average over the padded keys.
+    """
+
+    def __init__(self) -> None:
+        from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+
+        self._stock = SanaAttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        keep = None
+        if attention_mask is not None:
+            keep = _key_padding(attention_mask, batch, context.shape[1])
+            if keep is None:
+                return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(context)
+        v = attn.to_v(context)
+        # SANA's q/k norms (when configured) span all heads: they stay in PyTorch, unfused.
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        d = k.shape[-1] // attn.heads
+        out = fused_attention(
+            _heads(q, d).transpose(1, 2),
+            _heads(k, d).transpose(1, 2),
+            _heads(v, d).transpose(1, 2),
+            key_padding_mask=keep,
+        )
+        hidden = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        hidden = attn.to_out[1](attn.to_out[0](hidden))
+        return hidden / attn.rescale_output_factor
