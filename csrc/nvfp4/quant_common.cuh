@@ -1,0 +1,92 @@
+// Shared device helpers of the quantize kernels: 8-element loads in fp32 and the NaN rules of
+// the PyTorch references (torch.amax and torch.clamp propagate NaN; fmaxf / fminf would drop it).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+// The three input dtypes of the quantize ops (no double: the references run those).
+#define DCGEN_DISPATCH_QUANT_INPUT(TYPE, NAME, ...)                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                     \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+namespace dcgen {
+namespace quant {
+
+// torch's element type -> the CUDA type the kernels load.
+template <typename S>
+using device_t = std::conditional_t<std::is_same_v<S, c10::BFloat16>, __nv_bfloat16,
+                                    std::conditional_t<std::is_same_v<S, c10::Half>, __half, S>>;
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
+
+// How many of `cap` elements exist when `remaining` are left before the end (0..cap).
+__device__ __forceinline__ int count_valid(int64_t remaining, int cap) {
+  return remaining <= 0 ? 0 : (remaining >= cap ? cap : static_cast<int>(remaining));
+}
+
+// max that returns NaN when either operand is NaN (torch.amax semantics).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// Clamp to [-lim, lim] keeping NaN (torch.clamp semantics).
+__device__ __forceinline__ float nan_clamp(float v, float lim) {
+  return v > lim ? lim : (v < -lim ? -lim : v);
+}
+
+// Round-to-nearest-even to E4M3 (satfinite never triggers after nan_clamp; NaN stays NaN).
+__device__ __forceinline__ uint8_t to_e4m3(float v) {
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+__device__ __forceinline__ float from_e4m3(uint8_t b) {
+  __nv_fp8_e4m3 f;
+  f.__x = b;
+  return static_cast<float>(f);
+}
+
+// Load 8 consecutive elements starting at p as fp32; `valid` (0..8) of them exist, the rest
+// read as 0 (the zero padding of the references). `vec`: p is 16-byte aligned and all 8 exist.
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, int valid, bool vec, float out[8]) {
+  if (vec) {
+    if constexpr (sizeof(T) == 2) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) out[i] = to_float(e[i]);
+    } else {
+      const float4 a = *reinterpret_cast<const float4*>(p);
+      const float4 b = *reinterpret_cast<const float4*>(p + 4);
+      out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
+      out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = i < valid ? to_float(p[i]) : 0.f;
+}
+
+}  // namespace quant
+}  // namespace dcgen

@@ -1,0 +1,145 @@
+// Dynamic FP8 (E4M3) activation quantization in one pass: x [M, K] (bf16 / fp16 / fp32) ->
+// q float8_e4m3fn [M, K] and fp32 decode scales, one per row (block = 0) or per 1x128 block.
+// Spec (followed op for op, so results are bit-identical for finite inputs):
+// dcgen/ops/quantize_fp8.py: scale = amax / 448 (1 when amax == 0), q = e4m3(clamp(x / scale)).
+//
+// 1x128 blocks: 16 lanes (half a warp) per block, 8 elements each, amax by shuffles.
+// Rows: one CTA per row; the second pass re-reads the row from L1/L2.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "nvfp4/quant_common.cuh"
+
+namespace dcgen {
+namespace {
+
+using quant::load8;
+using quant::nan_clamp;
+using quant::nan_max;
+using quant::to_e4m3;
+
+constexpr float kE4M3Max = 448.f;
+
+__device__ __forceinline__ float fp8_scale(float amax) {
+  return amax == 0.f ? 1.f : __fdiv_rn(amax, kE4M3Max);
+}
+
+__device__ __forceinline__ void store_q(uint8_t* __restrict__ out, const float v[8], float scale,
+                                        int valid, bool vec) {
+  uint8_t b[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) b[i] = to_e4m3(nan_clamp(__fdiv_rn(v[i], scale), kE4M3Max));
+  if (vec) {
+    uint2 packed;
+    packed.x = b[0] | (b[1] << 8) | (b[2] << 16) | (static_cast<uint32_t>(b[3]) << 24);
+    packed.y = b[4] | (b[5] << 8) | (b[6] << 16) | (static_cast<uint32_t>(b[7]) << 24);
+    *reinterpret_cast<uint2*>(out) = packed;
+  } else {
+    for (int i = 0; i < valid; ++i) out[i] = b[i];
+  }
+}
+
+template <typename T>
+__global__ void quantize_fp8_block128_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
+                                             float* __restrict__ scales, int64_t M, int64_t K,
+                                             int64_t nb, bool vec) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t g = t >> 4;  // (row, block) handled by this half-warp
+  const int lane = static_cast<int>(t & 15);
+  const bool live = g < M * nb;
+  const int64_t row = live ? g / nb : 0;
+  const int64_t blk = live ? g - row * nb : 0;
+  const int64_t k0 = blk * 128 + lane * 8;
+  const int valid = live ? quant::count_valid(K - k0, 8) : 0;
+  const bool v = vec && valid == 8;
+  float vals[8];
+  quant::load8(x + row * K + k0, valid, v, vals);
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) amax = nan_max(amax, fabsf(vals[i]));
+  // Every lane of the warp is alive here (no early return), so full-mask shuffles are safe.
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  if (!live) return;
+  const float scale = fp8_scale(amax);
+  if (valid > 0) store_q(q + row * K + k0, vals, scale, valid, v);
+  if (lane == 0) scales[row * nb + blk] = scale;
+}
+
+template <typename T, int kThreads>
+__global__ void quantize_fp8_row_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
+                                        float* __restrict__ scales, int64_t K, bool vec) {
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * K;
+  uint8_t* qr = q + row * K;
+  float amax = 0.f;
+  float vals[8];
+  for (int64_t k0 = threadIdx.x * 8; k0 < K; k0 += kThreads * 8) {
+    const int valid = quant::count_valid(K - k0, 8);
+    load8(xr + k0, valid, vec && valid == 8, vals);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = nan_max(amax, fabsf(vals[i]));
+  }
+  __shared__ float warp_max[kThreads / 32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
+  __syncthreads();
+  amax = warp_max[0];
+#pragma unroll
+  for (int w = 1; w < kThreads / 32; ++w) amax = nan_max(amax, warp_max[w]);
+  const float scale = fp8_scale(amax);
+  for (int64_t k0 = threadIdx.x * 8; k0 < K; k0 += kThreads * 8) {
+    const int valid = quant::count_valid(K - k0, 8);
+    const bool v = vec && valid == 8;
+    load8(xr + k0, valid, v, vals);
+    store_q(qr + k0, vals, scale, valid, v);
+  }
+  if (threadIdx.x == 0) scales[row] = scale;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_cuda(const at::Tensor& x, int64_t block) {
+  TORCH_CHECK(x.is_cuda(), "dcgen::quantize_fp8 (CUDA): expected x on a CUDA device, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, "dcgen::quantize_fp8: expected x of shape [M, K], got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "dcgen::quantize_fp8: expected a contiguous x, got strides ", x.strides());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kFloat,
+              "dcgen::quantize_fp8: expected x of dtype bfloat16, float16 or float32, got ",
+              x.scalar_type());
+  TORCH_CHECK(block == 0 || block == 128, "dcgen::quantize_fp8: expected block 0 (per row) or 128, got ",
+              block);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K >= 1, "dcgen::quantize_fp8: expected K >= 1, got shape ", x.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t nb = block == 0 ? 1 : (K + 127) / 128;
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor scales = at::empty({M, nb}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q, scales};
+  const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto* qp = reinterpret_cast<uint8_t*>(q.mutable_data_ptr());
+  auto* sp = scales.mutable_data_ptr<float>();
+  DCGEN_DISPATCH_QUANT_INPUT(x.scalar_type(), "quantize_fp8_cuda", [&] {
+    using T = quant::device_t<scalar_t>;
+    const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
+    if (block == 0) {
+      constexpr int kThreads = 256;
+      quantize_fp8_row_kernel<T, kThreads><<<M, kThreads, 0, stream>>>(xp, qp, sp, K, vec);
+    } else {
+      constexpr int kThreads = 256;
+      const int64_t threads = M * nb * 16;
+      const int64_t blocks = (threads + kThreads - 1) / kThreads;
+      quantize_fp8_block128_kernel<T><<<blocks, kThreads, 0, stream>>>(xp, qp, sp, M, K, nb, vec);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {q, scales};
+}
+
+}  // namespace
+}  // namespace dcgen
+
+TORCH_LIBRARY_IMPL(dcgen, CUDA, m) { m.impl("quantize_fp8", &dcgen::quantize_fp8_cuda); }

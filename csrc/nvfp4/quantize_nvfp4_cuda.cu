@@ -1,0 +1,117 @@
+// NVFP4 activation quantization in one pass: x [M, K] (bf16 / fp16 / fp32) + an fp32 decode
+// scale (device scalar: static input_scale, or amax / 2688 computed beforehand) ->
+//   packed E2M1 uint8 [M, Kp/2] (Kp = K padded to 16; even index in the low nibble) and
+//   E4M3 block scales (one per 16 along K) written straight into the 128x4 swizzled layout that
+//   Blackwell block-scaled GEMMs read (padding rows / blocks written as 0).
+// Spec: dcgen/quant/nvfp4.py's recipe, op for op (fp32 products and IEEE divisions in the same
+// order, the same tie rules), so codes and scales are bit-identical to the reference.
+//
+// One thread per 16-element block: 32 contiguous input bytes, 8 output bytes, 1 scale byte.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "nvfp4/quant_common.cuh"
+
+namespace dcgen {
+namespace {
+
+using quant::from_e4m3;
+using quant::load8;
+using quant::nan_max;
+using quant::to_e4m3;
+
+// Round-to-nearest-even onto the E2M1 grid, saturating at 6 (ties go to the even code:
+// the midpoints after odd codes round up, >=; after even codes down, >). NaN -> +-0 (the
+// reference never feeds NaN here: such a block has a NaN scale and is written as zeros).
+__device__ __forceinline__ uint32_t e2m1_code(float v) {
+  const float a = fabsf(v);
+  const uint32_t c = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) +
+                     (a >= 3.5f) + (a > 5.f);
+  return c | (signbit(v) ? 8u : 0u);
+}
+
+template <typename T>
+__global__ void quantize_nvfp4_kernel(const T* __restrict__ x, const float* __restrict__ global,
+                                      uint8_t* __restrict__ packed, uint8_t* __restrict__ scales,
+                                      int64_t M, int64_t K, int64_t kb_count, int64_t kb_padded,
+                                      int64_t m_padded, bool vec) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= m_padded * kb_padded) return;
+  const int64_t m = t / kb_padded;
+  const int64_t kb = t - m * kb_padded;
+  // offset(m, kb) = ((m/128) * Kbp/4 + kb/4) * 512 + (m%32) * 16 + ((m%128)/32) * 4 + kb%4
+  const int64_t off = ((m >> 7) * (kb_padded >> 2) + (kb >> 2)) * 512 + (m & 31) * 16 +
+                      ((m & 127) >> 5) * 4 + (kb & 3);
+  if (m >= M || kb >= kb_count) {
+    scales[off] = 0;
+    return;
+  }
+  const float gd = *global;
+  const int64_t k0 = kb * 16;
+  const int valid = quant::count_valid(K - k0, 16);
+  const int lo = valid < 8 ? valid : 8, hi = valid > 8 ? valid - 8 : 0;
+  float v[16];
+  const T* src = x + m * K + k0;
+  load8(src, lo, vec && lo == 8, v);
+  load8(src + 8, hi, vec && hi == 8, v + 8);
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) amax = nan_max(amax, fabsf(v[i]));
+  float s = __fdiv_rn(amax, __fmul_rn(6.f, gd));
+  s = s > 448.f ? 448.f : s;  // clamp(max=448), NaN kept
+  const uint8_t sb = to_e4m3(s);
+  const float denom = __fmul_rn(from_e4m3(sb), gd);
+  const bool nonzero = denom > 0.f;
+  uint32_t word[2] = {0u, 0u};
+  if (nonzero) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) word[i >> 3] |= e2m1_code(__fdiv_rn(v[i], denom)) << ((i & 7) * 4);
+  }
+  *reinterpret_cast<uint2*>(packed + m * kb_count * 8 + kb * 8) = make_uint2(word[0], word[1]);
+  scales[off] = sb;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_nvfp4_cuda(const at::Tensor& x, const at::Tensor& global_scale) {
+  TORCH_CHECK(x.is_cuda(), "dcgen::quantize_nvfp4 (CUDA): expected x on a CUDA device, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, "dcgen::quantize_nvfp4: expected x of shape [M, K], got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "dcgen::quantize_nvfp4: expected a contiguous x, got strides ", x.strides());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kFloat,
+              "dcgen::quantize_nvfp4: expected x of dtype bfloat16, float16 or float32, got ",
+              x.scalar_type());
+  TORCH_CHECK(global_scale.numel() == 1 && global_scale.scalar_type() == at::kFloat,
+              "dcgen::quantize_nvfp4: expected global_scale to be one float32 value, got ",
+              global_scale.scalar_type(), " of shape ", global_scale.sizes());
+  TORCH_CHECK(global_scale.device() == x.device(), "dcgen::quantize_nvfp4: global_scale is on ",
+              global_scale.device(), " but x is on ", x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K >= 1, "dcgen::quantize_nvfp4: expected K >= 1, got shape ", x.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t kb_count = (K + 15) / 16;
+  const int64_t kb_padded = (kb_count + 3) / 4 * 4;
+  const int64_t m_padded = (M + 127) / 128 * 128;
+  at::Tensor packed = at::empty({M, kb_count * 8}, x.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({m_padded * kb_padded}, x.options().dtype(at::kFloat8_e4m3fn));
+  if (M == 0) return {packed, scales};
+  const at::Tensor gs = global_scale.reshape({1}).contiguous();
+  const bool vec = K % 8 == 0 && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 256;
+  const int64_t blocks = (m_padded * kb_padded + kThreads - 1) / kThreads;
+  DCGEN_DISPATCH_QUANT_INPUT(x.scalar_type(), "quantize_nvfp4_cuda", [&] {
+    using T = quant::device_t<scalar_t>;
+    quantize_nvfp4_kernel<T><<<blocks, kThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(x.const_data_ptr()), gs.const_data_ptr<float>(),
+        packed.mutable_data_ptr<uint8_t>(), reinterpret_cast<uint8_t*>(scales.mutable_data_ptr()), M, K,
+        kb_count, kb_padded, m_padded, vec);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {packed, scales};
+}
+
+}  // namespace
+}  // namespace dcgen
+
+TORCH_LIBRARY_IMPL(dcgen, CUDA, m) { m.impl("quantize_nvfp4", &dcgen::quantize_nvfp4_cuda); }
