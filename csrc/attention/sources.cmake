@@ -1,1 +1,15 @@
 # Fused DiT attention kernels (QK-RMSNorm + RoPE prologue, flash attention forward).
+# Schemas always build (the C++-only build registers the ops; Python runs the references).
+list(APPEND DCGEN_SOURCES csrc/attention/schemas.cpp)
+if(DCGEN_WITH_CUDA)
+  # Portable mma.sync flash forward: one dtype x head-dim configuration per file (compile time
+  # on small machines), plus the torch-facing wrappers.
+  dcgen_cuda_sources(generic
+    csrc/attention/qk_norm_rope_cuda.cu
+    csrc/attention/flash_attention_cuda.cu
+    csrc/attention/flash_fwd_bf16_d64.cu
+    csrc/attention/flash_fwd_bf16_d128.cu
+    csrc/attention/flash_fwd_fp16_d64.cu
+    csrc/attention/flash_fwd_fp16_d128.cu)
+  list(APPEND DCGEN_KERNELS qk_norm_rope:cuda fused_attention:cuda)
+endif()

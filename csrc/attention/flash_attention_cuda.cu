@@ -1,0 +1,132 @@
+// dcgen::fused_attention on CUDA: checks, strides and dispatch to the compiled configurations
+// of the portable flash-attention forward (flash_fwd.cuh; one .cu per dtype x head dim).
+// Spec: dcgen/ops/attention.py (fused_attention_reference).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "attention/flash_params.h"
+#include "attention/prologue.h"
+
+namespace dcgen::attention {
+namespace {
+
+constexpr const char* kOp = "dcgen::fused_attention";
+
+// The kernel reads 16-byte row chunks: last dim contiguous, other strides multiples of 8
+// elements and a 16-byte aligned base. Anything else is copied once (rare: projections and
+// their transposed views already qualify).
+at::Tensor vector_ready(const at::Tensor& x) {
+  const bool ok = x.stride(3) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 &&
+                  x.stride(2) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  return ok ? x : x.contiguous();
+}
+
+template <typename T>
+void dispatch_head_dim(const FlashParams& p, int64_t d, cudaStream_t stream) {
+  if (d == 64) {
+    run_flash_fwd<T, 64>(p, stream);
+  } else {
+    run_flash_fwd<T, 128>(p, stream);
+  }
+}
+
+at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                const at::Tensor& v_in, const std::optional<at::Tensor>& q_weight,
+                                const std::optional<at::Tensor>& k_weight, double eps,
+                                const std::optional<at::Tensor>& cos,
+                                const std::optional<at::Tensor>& sin, int64_t norm_split,
+                                const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  for (const at::Tensor* t : {&q_in, &k_in, &v_in}) {
+    TORCH_CHECK(t->is_cuda(), kOp, " (CUDA): got a tensor on ", t->device());
+    TORCH_CHECK(t->dim() == 4, kOp, ": expected (B, H, S, D) tensors, got shape ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == q_in.scalar_type() && t->device() == q_in.device(), kOp,
+                ": expected q, k, v of one dtype on one device, got ", t->scalar_type(), " on ",
+                t->device(), " and ", q_in.scalar_type(), " on ", q_in.device());
+  }
+  TORCH_CHECK(q_in.scalar_type() == at::kBFloat16 || q_in.scalar_type() == at::kHalf, kOp,
+              ": expected bfloat16 or float16, got ", q_in.scalar_type());
+  const int64_t B = q_in.size(0), H = q_in.size(1), Sq = q_in.size(2), D = q_in.size(3);
+  const int64_t Sk = k_in.size(2);
+  TORCH_CHECK(D == 64 || D == 128, kOp, ": expected head dim 64 or 128, got ", D);
+  TORCH_CHECK(k_in.size(0) == B && k_in.size(1) == H && k_in.size(3) == D &&
+                  v_in.sizes() == k_in.sizes(),
+              kOp, ": expected k and v of shape (", B, ", ", H, ", Sk, ", D, "), got ",
+              k_in.sizes(), " and ", v_in.sizes());
+  TORCH_CHECK(eps > 0, kOp, ": expected eps > 0, got ", eps);
+  TORCH_CHECK(Sq < (1LL << 30) && Sk < (1LL << 30), kOp, ": sequence too long");
+  const c10::cuda::CUDAGuard guard(q_in.device());
+
+  const at::Tensor q = vector_ready(q_in), k = vector_ready(k_in), v = vector_ready(v_in);
+  const NormWeights qw = norm_weights(q_weight, q, kOp, "q_weight");
+  const NormWeights kw = norm_weights(k_weight, k, kOp, "k_weight");
+  const bool rope_on = cos.has_value() && cos->defined();
+  TORCH_CHECK(!rope_on || Sq == Sk, kOp, ": RoPE needs q and k of one sequence length, got ", Sq,
+              " and ", Sk);
+  const RopeTables rope = rope_tables(cos, sin, Sq, D, q, kOp);
+  at::Tensor mask;
+  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
+    mask = *key_padding_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B &&
+                    mask.size(1) == Sk,
+                kOp, ": expected a bool key_padding_mask of shape (", B, ", ", Sk, "), got ",
+                mask.scalar_type(), " ", mask.sizes());
+    TORCH_CHECK(mask.device() == q.device(), kOp, ": key_padding_mask is on ", mask.device());
+    mask = mask.contiguous();
+  }
+
+  // Output memory (B, Sq, H, D): the caller's transpose(1, 2).flatten(2) back to tokens is free.
+  at::Tensor out_bshd = at::empty({B, Sq, H, D}, q.options());
+  at::Tensor out = out_bshd.permute({0, 2, 1, 3});
+  if (out.numel() == 0) return out;
+  if (Sk == 0) return out.zero_();
+
+  FlashParams p;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.o = out.mutable_data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
+  p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1);
+  p.o_row_stride = out.stride(2);
+  p.batch = static_cast<int>(B);
+  p.heads = static_cast<int>(H);
+  p.seqlen_q = static_cast<int>(Sq);
+  p.seqlen_k = static_cast<int>(Sk);
+  p.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  p.q_w0 = qw.w0(), p.q_w1 = qw.w1();
+  p.k_w0 = kw.w0(), p.k_w1 = kw.w1();
+  p.norm_split = static_cast<int>(norm_split);
+  p.eps = static_cast<float>(eps);
+  if (rope.cos.defined()) {
+    p.rope_cos = rope.cos.const_data_ptr<float>();
+    p.rope_sin = rope.sin.const_data_ptr<float>();
+  }
+  if (mask.defined()) {
+    p.key_padding_mask = mask.const_data_ptr<bool>();
+    p.mask_batch_stride = mask.stride(0);
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (q.scalar_type() == at::kBFloat16) {
+    dispatch_head_dim<__nv_bfloat16>(p, D, stream);
+  } else {
+    dispatch_head_dim<__half>(p, D, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dcgen, CUDA, m) { m.impl("fused_attention", &fused_attention_cuda); }
+
+}  // namespace dcgen::attention

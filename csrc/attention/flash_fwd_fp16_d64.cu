@@ -1,0 +1,6 @@
+// One configuration of the portable flash-attention forward: fp16, head dim 64.
+#include "attention/flash_fwd.cuh"
+
+namespace dcgen::attention {
+template void run_flash_fwd<__half, 64>(const FlashParams&, cudaStream_t);
+}  // namespace dcgen::attention

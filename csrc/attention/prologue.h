@@ -1,0 +1,60 @@
+// Argument checks shared by the CUDA wrappers of qk_norm_rope and fused_attention: the RMSNorm
+// weights and RoPE tables, converted to the fp32 contiguous form the kernels read.
+// Spec: dcgen/ops/attention.py (the Python face validates first; these checks are the backstop
+// for direct torch.ops.dcgen calls).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace dcgen::attention {
+
+struct NormWeights {
+  at::Tensor w;  // (rows, D) fp32 contiguous, undefined when the norm is off
+  const float* w0() const { return w.defined() ? w.const_data_ptr<float>() : nullptr; }
+  const float* w1() const {
+    if (!w.defined()) return nullptr;
+    return w.size(0) == 2 ? w.const_data_ptr<float>() + w.size(1) : w0();
+  }
+};
+
+inline NormWeights norm_weights(const std::optional<at::Tensor>& w, const at::Tensor& x,
+                                const char* op, const char* what) {
+  NormWeights out;
+  if (!w.has_value() || !w->defined()) return out;
+  const int64_t d = x.size(-1);
+  const bool ok = (w->dim() == 1 && w->size(0) == d) ||
+                  (w->dim() == 2 && w->size(0) == 2 && w->size(1) == d);
+  TORCH_CHECK(ok, op, ": expected ", what, " of shape (", d, ",) or (2, ", d, "), got ",
+              w->sizes());
+  TORCH_CHECK(w->device() == x.device(), op, ": ", what, " is on ", w->device(), " but q is on ",
+              x.device());
+  out.w = w->to(at::kFloat).reshape({-1, d}).contiguous();
+  return out;
+}
+
+struct RopeTables {
+  at::Tensor cos, sin;  // (S, D) fp32 contiguous, undefined when RoPE is off
+};
+
+inline RopeTables rope_tables(const std::optional<at::Tensor>& cos,
+                              const std::optional<at::Tensor>& sin, int64_t seqlen, int64_t d,
+                              const at::Tensor& x, const char* op) {
+  RopeTables out;
+  const bool has_cos = cos.has_value() && cos->defined();
+  const bool has_sin = sin.has_value() && sin->defined();
+  TORCH_CHECK(has_cos == has_sin, op, ": expected cos and sin both given or both None");
+  if (!has_cos) return out;
+  for (const at::Tensor* tab : {&*cos, &*sin}) {
+    TORCH_CHECK(tab->dim() == 2 && tab->size(0) == seqlen && tab->size(1) == d, op,
+                ": expected RoPE tables of shape (", seqlen, ", ", d, "), got ", tab->sizes());
+    TORCH_CHECK(tab->device() == x.device(), op, ": RoPE table is on ", tab->device(),
+                " but q is on ", x.device());
+  }
+  out.cos = cos->to(at::kFloat).contiguous();
+  out.sin = sin->to(at::kFloat).contiguous();
+  return out;
+}
+
+}  // namespace dcgen::attention

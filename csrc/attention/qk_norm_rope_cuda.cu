@@ -1,0 +1,147 @@
+// Standalone fused per-head RMSNorm + RoPE of q and k (spec: dcgen/ops/attention.py,
+// qk_norm_rope_reference), for use in front of any attention kernel.
+//
+// One warp per (b, h, s) row: lanes stride over interleaved pairs with 32-bit loads (coalesced
+// along the row), reduce the sum of squares with shuffles, then re-read the row (an L1 hit) and
+// write norm + RoPE in fp32 with one rounding. The output is contiguous (B, H, S, D) whatever
+// the input strides, so (B, S, H, D) projections come out in the layout attention kernels want.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "attention/prologue.h"
+
+namespace dcgen::attention {
+namespace {
+
+template <typename T>
+struct Pair;
+template <>
+struct Pair<at::BFloat16> {
+  using V = __nv_bfloat162;
+  static __device__ float2 load(const V& v) { return __bfloat1622float2(v); }
+  static __device__ V make(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+template <>
+struct Pair<at::Half> {
+  using V = __half2;
+  static __device__ float2 load(const V& v) { return __half22float2(v); }
+  static __device__ V make(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+template <typename T>
+__global__ void qk_norm_rope_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows,
+                                    int heads, int seqlen, int d, int64_t sb, int64_t sh,
+                                    int64_t ss, const float* __restrict__ w0,
+                                    const float* __restrict__ w1, int norm_split, float eps,
+                                    const float* __restrict__ cos,
+                                    const float* __restrict__ sin) {
+  using V = typename Pair<T>::V;
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;  // warp-uniform
+  const int s = static_cast<int>(row % seqlen);
+  const int64_t bh = row / seqlen;
+  const int h = static_cast<int>(bh % heads);
+  const int64_t b = bh / heads;
+  const V* xr = reinterpret_cast<const V*>(x + b * sb + h * sh + s * ss);
+  V* yr = reinterpret_cast<V*>(y + row * d);
+  const int pairs = d / 2;
+  float inv = 1.f;
+  if (w0 != nullptr) {
+    float acc = 0.f;
+    for (int i = lane; i < pairs; i += 32) {
+      const float2 v = Pair<T>::load(xr[i]);
+      acc += v.x * v.x + v.y * v.y;
+    }
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    inv = rsqrtf(acc / static_cast<float>(d) + eps);
+  }
+  const float* w = s < norm_split ? w0 : w1;
+  for (int i = lane; i < pairs; i += 32) {
+    float2 v = Pair<T>::load(xr[i]);
+    if (w0 != nullptr) {
+      v.x = v.x * inv * w[2 * i];
+      v.y = v.y * inv * w[2 * i + 1];
+    }
+    if (cos != nullptr) {
+      const float2 c = reinterpret_cast<const float2*>(cos + static_cast<int64_t>(s) * d)[i];
+      const float2 n = reinterpret_cast<const float2*>(sin + static_cast<int64_t>(s) * d)[i];
+      v = make_float2(v.x * c.x - v.y * n.x, v.y * c.y + v.x * n.y);
+    }
+    yr[i] = Pair<T>::make(v.x, v.y);
+  }
+}
+
+at::Tensor norm_rope_one(const at::Tensor& x_in, const NormWeights& w, const RopeTables& rope,
+                         int64_t norm_split, double eps) {
+  // 32-bit pair loads need an even stride everywhere and a 4-byte aligned base.
+  at::Tensor x = x_in;
+  const bool pairs_ok = x.stride(3) == 1 && x.stride(0) % 2 == 0 && x.stride(1) % 2 == 0 &&
+                        x.stride(2) % 2 == 0 &&
+                        reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 4 == 0;
+  if (!pairs_ok) x = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const int64_t rows = x.size(0) * x.size(1) * x.size(2);
+  if (rows == 0 || x.size(3) == 0) return y;
+  constexpr int kThreads = 256;
+  const int64_t blocks = (rows + kThreads / 32 - 1) / (kThreads / 32);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const float* cos = rope.cos.defined() ? rope.cos.const_data_ptr<float>() : nullptr;
+  const float* sin = rope.sin.defined() ? rope.sin.const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_SWITCH(x.scalar_type(), "dcgen::qk_norm_rope",
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       qk_norm_rope_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+                           x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), rows,
+                           x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2),
+                           w.w0(), w.w1(), norm_split, static_cast<float>(eps), cos, sin);
+                     }) AT_DISPATCH_CASE(at::kHalf, [&] {
+                       qk_norm_rope_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+                           x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), rows,
+                           x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2),
+                           w.w0(), w.w1(), norm_split, static_cast<float>(eps), cos, sin);
+                     }));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cuda(
+    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& q_weight,
+    const std::optional<at::Tensor>& k_weight, double eps, const std::optional<at::Tensor>& cos,
+    const std::optional<at::Tensor>& sin, int64_t norm_split) {
+  constexpr const char* op = "dcgen::qk_norm_rope";
+  for (const at::Tensor* t : {&q, &k}) {
+    TORCH_CHECK(t->is_cuda(), op, " (CUDA): got a tensor on ", t->device());
+    TORCH_CHECK(t->dim() == 4, op, ": expected (B, H, S, D) tensors, got shape ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf, op,
+                ": expected bfloat16 or float16, got ", t->scalar_type());
+    TORCH_CHECK(t->size(3) % 2 == 0, op, ": expected an even head dim, got ", t->size(3));
+  }
+  TORCH_CHECK(q.device() == k.device() && q.scalar_type() == k.scalar_type() &&
+                  q.size(3) == k.size(3),
+              op, ": expected q and k on one device with one dtype and head dim, got ",
+              q.device(), "/", k.device(), ", ", q.scalar_type(), "/", k.scalar_type(), ", ",
+              q.size(3), "/", k.size(3));
+  TORCH_CHECK(eps > 0, op, ": expected eps > 0, got ", eps);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const NormWeights qw = norm_weights(q_weight, q, op, "q_weight");
+  const NormWeights kw = norm_weights(k_weight, k, op, "k_weight");
+  const bool rope_on = cos.has_value() && cos->defined();
+  TORCH_CHECK(!rope_on || q.size(2) == k.size(2), op,
+              ": RoPE needs q and k of one sequence length, got ", q.size(2), " and ", k.size(2));
+  const RopeTables rope = rope_tables(cos, sin, q.size(2), q.size(3), q, op);
+  return {norm_rope_one(q, qw, rope, norm_split, eps), norm_rope_one(k, kw, rope, norm_split, eps)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dcgen, CUDA, m) { m.impl("qk_norm_rope", &qk_norm_rope_cuda); }
+
+}  // namespace dcgen::attention
