@@ -1,0 +1,133 @@
+"""Fused DiT attention vs what diffusers runs today, same inputs.
+
+Groups (each one baseline and one dcgen entry, TFLOP/s counted as 4 * S^2 * D * H * B):
+- ``attention core S=... vs <backend>``: attention alone on already normalised q, k (dcgen with
+  its prologue switched off) against SDPA's default backend (cuDNN on H100/H200) and, on GPU,
+  SDPA's flash backend (FA2).
+- ``norm+rope+attention S=...``: the whole step from (B, S, H, D) projections: diffusers' stock
+  path (RMSNorm, apply_rotary_emb, SDPA) against dcgen.ops.fused_attention with the prologue.
+GPU sizes are the issue's (S = 4,608 and 16,896; B = 1, 24 heads, D = 128, bf16); on CPU a small
+fp32 case so CI runs every benchmark (the dcgen side is then the PyTorch reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _harness import DEVICE, ON_GPU, rounds, time_it
+
+from dcgen.ops import has_kernel
+from dcgen.ops.attention import fused_attention
+
+embeddings = pytest.importorskip("diffusers.models.embeddings")
+
+HEADS, HEAD_DIM = (24, 128) if ON_GPU else (2, 64)
+SEQS = [4608, 16896] if ON_GPU else [256]
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+
+
+def _backend(name: str):  # noqa: ANN202
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION}[name])
+
+
+def _projections(s: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v as a linear layer leaves them, (B, S, H, D) views of (B, S, H * D)."""
+    g = torch.Generator().manual_seed(0)
+    return tuple(
+        torch.randn(1, s, HEADS * HEAD_DIM, generator=g)
+        .to(DEVICE, DTYPE)
+        .unflatten(-1, (HEADS, -1))
+        for _ in range(3)
+    )
+
+
+def _rope(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, D) tables in float64, as FluxPosEmbed hands them to the processors on CPU and CUDA."""
+    g = torch.Generator().manual_seed(1)
+    angles = torch.rand(s, HEAD_DIM // 2, generator=g, dtype=torch.float64) * 6.28
+    cos, sin = angles.cos().repeat_interleave(2, 1), angles.sin().repeat_interleave(2, 1)
+    return cos.to(DEVICE), sin.to(DEVICE)
+
+
+def _label(benchmark, group: str, impl: str, baseline_name: str) -> None:  # noqa: ANN001
+    # before timing: pytest-benchmark files the run under the group set at that point
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, baseline_name=baseline_name)
+
+
+def _tflops(benchmark, s: int) -> None:  # noqa: ANN001
+    if benchmark.stats:
+        flops = 4 * s * s * HEAD_DIM * HEADS
+        benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.median / 1e12
+
+
+def _skip_without_kernel(impl: str) -> None:
+    if impl == "dcgen" and ON_GPU and not has_kernel("fused_attention", DEVICE):
+        pytest.skip("no compiled fused_attention kernel for this device")
+
+
+BACKENDS = ["default", "flash"] if ON_GPU else ["default"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("s", SEQS)
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_attention_core(benchmark, impl, s, backend):
+    _skip_without_kernel(impl)
+    q, k, v = (t.transpose(1, 2) for t in _projections(s))  # (B, H, S, D) views
+    if impl == "dcgen":
+
+        def fn():
+            return fused_attention(q, k, v)
+    else:
+
+        def fn():
+            with _backend(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+
+    name = {"default": "SDPA default (cuDNN on GPU)", "flash": "SDPA flash (FA2)"}[backend]
+    _label(benchmark, f"attention core S={s} vs {backend}", impl, name)
+    with torch.inference_mode():
+        time_it(benchmark, fn, n_rounds=rounds(20, 2))
+    _tflops(benchmark, s)
+
+
+@pytest.mark.parametrize("s", SEQS)
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_norm_rope_attention(benchmark, impl, s):
+    _skip_without_kernel(impl)
+    q, k, v = _projections(s)
+    cos, sin = _rope(s)
+    norm_q = torch.nn.RMSNorm(HEAD_DIM, eps=1e-6).to(DEVICE, DTYPE)
+    norm_k = torch.nn.RMSNorm(HEAD_DIM, eps=1e-6).to(DEVICE, DTYPE)
+    if impl == "dcgen":
+
+        def fn():
+            out = fused_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                q_norm_weight=norm_q.weight, k_norm_weight=norm_k.weight, eps=1e-6,
+                rope_cos=cos, rope_sin=sin,
+            )  # fmt: skip
+            return out.transpose(1, 2).flatten(2, 3)
+    else:
+
+        def fn():
+            # diffusers' FluxAttnProcessor: norm, RoPE on (B, S, H, D), SDPA on (B, H, S, D)
+            qn = embeddings.apply_rotary_emb(norm_q(q), (cos, sin), sequence_dim=1)
+            kn = embeddings.apply_rotary_emb(norm_k(k), (cos, sin), sequence_dim=1)
+            out = F.scaled_dot_product_attention(
+                qn.transpose(1, 2), kn.transpose(1, 2), v.transpose(1, 2)
+            )
+            return out.transpose(1, 2).flatten(2, 3)
+
+    _label(benchmark, f"norm+rope+attention S={s}", impl, "diffusers FLUX processor path")
+    with torch.inference_mode():
+        time_it(benchmark, fn, n_rounds=rounds(20, 2))
+    _tflops(benchmark, s)
