@@ -63,6 +63,7 @@ at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   TORCH_CHECK(eps > 0, kOp, ": expected eps > 0, got ", eps);
   TORCH_CHECK(Sq < (1LL << 30) && Sk < (1LL << 30), kOp, ": sequence too long");
   const c10::cuda::CUDAGuard guard(q_in.device());
+  check_arch(q_in, kOp);
 
   const at::Tensor q = vector_ready(q_in), k = vector_ready(k_in), v = vector_ready(v_in);
   const NormWeights qw = norm_weights(q_weight, q, kOp, "q_weight");

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime_api.h>
 
 #include <optional>
 
@@ -55,6 +57,17 @@ inline RopeTables rope_tables(const std::optional<at::Tensor>& cos,
   out.cos = cos->to(at::kFloat).contiguous();
   out.sin = sin->to(at::kFloat).contiguous();
   return out;
+}
+
+// The kernels use sm_80 instructions (bf16 mma.sync, bf16x2 conversions); older cards get a
+// clear error instead of "no kernel image" (dcgen.ops dispatch never sends them here).
+inline void check_arch(const at::Tensor& x, const char* op) {
+  int major = 0, minor = 0;
+  const int dev = x.get_device();
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  TORCH_CHECK(major >= 8, op, ": expected a GPU of compute capability 8.0 or newer, got ", major,
+              ".", minor, " (use the dcgen.ops Python functions, which fall back to PyTorch)");
 }
 
 }  // namespace dcgen::attention

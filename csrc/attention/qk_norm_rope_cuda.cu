@@ -131,6 +131,7 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cuda(
               q.size(3), "/", k.size(3));
   TORCH_CHECK(eps > 0, op, ": expected eps > 0, got ", eps);
   const c10::cuda::CUDAGuard guard(q.device());
+  check_arch(q, op);
   const NormWeights qw = norm_weights(q_weight, q, op, "q_weight");
   const NormWeights kw = norm_weights(k_weight, k, op, "k_weight");
   const bool rope_on = cos.has_value() && cos->defined();

@@ -190,6 +190,14 @@ def _check_qkv(op: str, **tensors: torch.Tensor) -> None:
         first = first if first is not None else t
 
 
+@torch.compiler.assume_constant_result  # a device property: a constant to torch.compile
+def _arch_ok(device_type: str, index: int | None) -> bool:
+    """The CUDA kernels use sm_80 instructions (bf16 mma.sync): Ampere or newer."""
+    if device_type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -231,6 +239,7 @@ def qk_norm_rope(
         and q.shape[-1] % 2 == 0
         and not _needs_grad(q, k, q_norm_weight, k_norm_weight)
         and has_kernel(op, q.device)
+        and _arch_ok(q.device.type, q.device.index)
     )
     if use_kernel:
         return compiled_op(op)(
@@ -295,6 +304,7 @@ def fused_attention(
         and d in KERNEL_HEAD_DIMS
         and not _needs_grad(q, k, v, q_norm_weight, k_norm_weight)
         and has_kernel(op, q.device)
+        and _arch_ok(q.device.type, q.device.index)
     )
     if use_kernel:
         return compiled_op(op)(
