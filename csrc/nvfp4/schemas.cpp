@@ -11,4 +11,8 @@ TORCH_LIBRARY_FRAGMENT(dcgen, m) {
   // float8_e4m3fn block scales in the 128x4 swizzled layout, flat). Spec:
   // dcgen/ops/quantize_nvfp4.py (the recipe of dcgen/quant/nvfp4.py).
   m.def("quantize_nvfp4(Tensor x, Tensor global_scale) -> (Tensor, Tensor)");
+  // Block-scaled NVFP4 x NVFP4 GEMM, D [M, N] bf16 = alpha * A B^T with A, B packed E2M1
+  // [rows, K/2] and swizzled E4M3 scales; alpha an fp32 device scalar. Spec:
+  // dcgen/ops/nvfp4_gemm.py. CUDA kernel: CUTLASS, sm_100a.
+  m.def("nvfp4_gemm(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor alpha) -> Tensor");
 }

@@ -37,3 +37,10 @@ if extension_loaded() and _has_schema("quantize_nvfp4"):
         return x.new_empty((m, kb * 8), dtype=torch.uint8), x.new_empty(
             (padded,), dtype=torch.float8_e4m3fn
         )
+
+
+if extension_loaded() and _has_schema("nvfp4_gemm"):
+
+    @torch.library.register_fake("dcgen::nvfp4_gemm")
+    def _nvfp4_gemm_fake(a, a_scales, b, b_scales, alpha):  # noqa: ANN001
+        return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.bfloat16)

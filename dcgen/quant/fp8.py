@@ -71,8 +71,13 @@ def fp8_linear_reference(
     return y.to(out_dtype)
 
 
+@torch.compiler.assume_constant_result  # a device property: a constant to torch.compile
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _case(device: torch.device, granularity: str, bias: bool = False) -> tuple:
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    cap = _capability(device.index) if device.type == "cuda" else None
     return (device.type, cap, granularity, bias)
 
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dcgen.ops import nvfp4_gemm as _gemm
 from dcgen.ops import quantize_nvfp4 as _qop
 
-from .nvfp4 import BLOCK, dequantize_parts, quantize_nvfp4, unswizzle_scales
+from .nvfp4 import BLOCK, dequantize_parts, quantize_nvfp4, swizzle_scales, unswizzle_scales
 
 MODES = ("w4a16", "w4a4")
 _FORMAT_BUFFERS = ("weight_scale", "weight_scale_2", "input_scale", "smooth")
@@ -169,6 +170,19 @@ class NVFP4Linear(nn.Module):
         scales = unswizzle_scales(swizzled, x2.shape[0], x2.shape[1])
         return dequantize_parts(packed, scales, gs).reshape(xf.shape)
 
+    def _native_w4a4(self, xf: torch.Tensor, static: torch.Tensor | None) -> torch.Tensor | None:
+        # Blackwell (sm_100) with the compiled GEMM: quantize x once and multiply the packed
+        # operands; the result matches x_q @ deq(R)^T up to fp32 summation order, rounded once
+        # to bf16 by the GEMM. None where the kernel is not available (the reference runs).
+        n, k = self.out_features, self.in_features
+        if not _gemm.kernel_available(xf.device, n, k):
+            return None
+        x2 = xf.reshape(-1, k)
+        packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static)
+        w_scales = swizzle_scales(self.weight_scale)
+        y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, gs * self.weight_scale_2)
+        return y.float().reshape(*xf.shape[:-1], n)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
@@ -178,11 +192,13 @@ class NVFP4Linear(nn.Module):
         xf = x.float()
         if self.smooth is not None:
             xf = xf / self.smooth
-        xq = xf
         if self.mode == "w4a4":
             static = self.input_scale if float(self.input_scale) > 0 else None
-            xq = self._fake_quantize_input(xf, static)
-        y = xq @ self.dequantized_weight().t()
+            y = self._native_w4a4(xf, static)
+            if y is None:
+                y = self._fake_quantize_input(xf, static) @ self.dequantized_weight().t()
+        else:
+            y = xf @ self.dequantized_weight().t()
         if self.rank:
             y = y + (xf @ self.lora_down.float().t()) @ self.lora_up.float().t()
         if self.bias is not None:

@@ -1,0 +1,30 @@
+// The plain C++ face of the CUTLASS NVFP4 GEMMs: no torch and no CUTLASS types, so the CUTLASS
+// translation units and the torch binding never include each other's headers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+namespace dcgen {
+
+// D[M, N] (bf16, row-major) = alpha * sum_k (A[m, k] * SFA) * (B[n, k] * SFB), fp32 accumulate.
+// a: packed E2M1 [M, K/2], b: packed E2M1 [N, K/2] (both K-major, like nn.Linear.weight);
+// sfa / sfb: E4M3 block scales in the 128x4 swizzled layout; alpha: device fp32 scalar (the
+// product of the two global decode scales). K % 32 == 0, N % 8 == 0.
+struct Nvfp4GemmArgs {
+  const void* a;
+  const void* b;
+  const void* sfa;
+  const void* sfb;
+  const float* alpha;
+  void* d;
+  int m, n, k;
+};
+
+// Workspace bytes the sm_100a kernel needs for these sizes.
+size_t nvfp4_gemm_sm100_workspace(const Nvfp4GemmArgs& args);
+// Returns an error message, or nullptr on success.
+const char* nvfp4_gemm_sm100(const Nvfp4GemmArgs& args, void* workspace, cudaStream_t stream);
+
+}  // namespace dcgen

@@ -1,0 +1,65 @@
+// torch binding of the Blackwell NVFP4 GEMM (dcgen::nvfp4_gemm, CUDA): checks, allocation and
+// capability dispatch. A C++ file (no CUTLASS headers): it only sees nvfp4_gemm.h.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include "nvfp4/nvfp4_gemm.h"
+
+namespace dcgen {
+namespace {
+
+int64_t swizzled_size(int64_t rows, int64_t k) {
+  const int64_t kb = (k + 15) / 16;
+  return (rows + 127) / 128 * 128 * ((kb + 3) / 4 * 4);
+}
+
+void check_operand(const char* name, const at::Tensor& q, const at::Tensor& sf, int64_t k) {
+  TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kByte && q.dim() == 2 && q.is_contiguous(),
+              "dcgen::nvfp4_gemm: expected ", name, " as contiguous packed uint8 [rows, K/2] on CUDA, got ",
+              q.scalar_type(), " ", q.sizes(), " on ", q.device());
+  TORCH_CHECK(q.size(1) * 2 == k, "dcgen::nvfp4_gemm: expected ", name, " with K/2 = ", k / 2,
+              " columns, got ", q.sizes());
+  TORCH_CHECK(sf.scalar_type() == at::kFloat8_e4m3fn && sf.is_contiguous() &&
+                  sf.numel() == swizzled_size(q.size(0), k) && sf.device() == q.device(),
+              "dcgen::nvfp4_gemm: expected ", name, "'s scales as ", swizzled_size(q.size(0), k),
+              " contiguous float8_e4m3fn (128x4 swizzled) on ", q.device(), ", got ", sf.scalar_type(),
+              " ", sf.sizes(), " on ", sf.device());
+}
+
+at::Tensor nvfp4_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                           const at::Tensor& b_scales, const at::Tensor& alpha) {
+  TORCH_CHECK(a.dim() == 2, "dcgen::nvfp4_gemm: expected a of shape [M, K/2], got ", a.sizes());
+  const int64_t k = a.size(1) * 2;
+  check_operand("a", a, a_scales, k);
+  check_operand("b", b, b_scales, k);
+  TORCH_CHECK(a.device() == b.device(), "dcgen::nvfp4_gemm: a is on ", a.device(), ", b on ", b.device());
+  TORCH_CHECK(k % 32 == 0 && b.size(0) % 8 == 0,
+              "dcgen::nvfp4_gemm: expected K % 32 == 0 and N % 8 == 0 (16-byte TMA rows), got K=", k,
+              " N=", b.size(0));
+  TORCH_CHECK(alpha.numel() == 1 && alpha.scalar_type() == at::kFloat && alpha.device() == a.device(),
+              "dcgen::nvfp4_gemm: expected alpha as one float32 on ", a.device());
+  const c10::cuda::CUDAGuard guard(a.device());
+  int dev = a.get_device(), major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  TORCH_CHECK(major == 10, "dcgen::nvfp4_gemm: built for sm_100a only, this GPU is sm_", major, "x");
+  at::Tensor d = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kBFloat16));
+  if (a.size(0) == 0 || b.size(0) == 0) return d;
+  const at::Tensor al = alpha.reshape({1}).contiguous();
+  Nvfp4GemmArgs args{a.const_data_ptr(), b.const_data_ptr(), a_scales.const_data_ptr(),
+                     b_scales.const_data_ptr(), al.const_data_ptr<float>(), d.mutable_data_ptr(),
+                     static_cast<int>(a.size(0)), static_cast<int>(b.size(0)), static_cast<int>(k)};
+  at::Tensor ws = at::empty({static_cast<int64_t>(nvfp4_gemm_sm100_workspace(args))},
+                            a.options().dtype(at::kByte));
+  const char* err = nvfp4_gemm_sm100(args, ws.numel() ? ws.mutable_data_ptr() : nullptr,
+                                     c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, "dcgen::nvfp4_gemm: ", err ? err : "");
+  return d;
+}
+
+}  // namespace
+}  // namespace dcgen
+
+TORCH_LIBRARY_IMPL(dcgen, CUDA, m) { m.impl("nvfp4_gemm", &dcgen::nvfp4_gemm_cuda); }
