@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "attention/flash_params.h"
 #include "attention/prologue.h"
@@ -116,6 +118,8 @@ at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
     p.key_padding_mask = mask.const_data_ptr<bool>();
     p.mask_batch_stride = mask.stride(0);
   }
+  const char* plain = std::getenv("DCGEN_ATTENTION_PLAIN_LOADS");
+  p.plain_loads = plain != nullptr && std::string(plain) == "1";
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (q.scalar_type() == at::kBFloat16) {
     dispatch_head_dim<__nv_bfloat16>(p, D, stream);

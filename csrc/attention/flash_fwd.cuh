@@ -6,8 +6,10 @@
 // computes S = Q K^T (16 x 64) in registers, masks it (sequence tail, key padding), does the
 // online-softmax update in fp32 (exp2 with a pre-multiplied log2(e) scale), and accumulates
 // O += P V with P rounded to T. Written for clarity over speed:
-//   - fragments come from shared memory with plain 32-bit / 16-bit loads (no ldmatrix); rows are
-//     padded by 8 elements, which keeps the Q/K fragment loads free of bank conflicts;
+//   - K and V fragments come from shared memory with ldmatrix.x4 (V with .trans), or, in the
+//     fallback variant (params.plain_loads, env DCGEN_ATTENTION_PLAIN_LOADS=1), with plain
+//     32-bit / 16-bit loads; the tests run both. Rows are padded by 8 elements, which keeps
+//     ldmatrix and the Q/K fragment loads free of bank conflicts;
 //   - no cp.async pipeline: the prologue has to pass K through registers anyway, and latency is
 //     hidden by running several CTAs per SM;
 //   - the prologue switches (norm on q, norm on k, RoPE, key padding) are run-time and uniform
@@ -83,6 +85,23 @@ __device__ __forceinline__ uint32_t lds32(const uint16_t* tile, int off) {
 // Two 16-bit elements from different rows packed into one register (lo first).
 __device__ __forceinline__ uint32_t pack16(uint16_t lo, uint16_t hi) {
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+// ldmatrix.x4: lanes 8m..8m+7 give the row addresses of 8x8 matrix m; register m receives
+// that matrix's (lane / 4, 2 (lane % 4) .. +1) pair, or with .trans its transpose's, i.e.
+// rows 2 (lane % 4) .. +1 of column lane / 4.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint16_t* row_ptr) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const uint16_t* row_ptr) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
 }
 
 __device__ __forceinline__ uint32_t& word(uint4& v, int i) {
@@ -166,7 +185,7 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, const T* src, int64_t s
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kLdsm>
 __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p) {
   static_assert(D % 32 == 0, "D must split into 8-element chunks over 4 threads");
   constexpr int kLd = D + 8;
@@ -182,6 +201,8 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
   const int lane = threadIdx.x % 32;
   const int g = lane / 4;
   const int t = lane % 4;
+  const int lm = lane / 8;  // ldmatrix: which 8x8 matrix this lane addresses
+  const int lr = lane % 8;  // and which of its rows
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
@@ -232,11 +253,22 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
     for (int nt = 0; nt < kBlockN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      if constexpr (kLdsm) {
+        // Matrices: keys of n-tile nt (m = 0, 1) and nt + 1 (m = 2, 3), dims kk*16 + 0 / + 8.
 #pragma unroll
-      for (int nt = 0; nt < kBlockN / 8; ++nt) {
-        // B[k][n] = K[key n][dim k]: two consecutive dims of one key row are one word.
-        const int base = (nt * 8 + g) * kLd + kk * 16 + 2 * t;
-        Element<T>::mma(s[nt], qf[kk], lds32(sK, base), lds32(sK, base + 8));
+        for (int nt = 0; nt < kBlockN / 8; nt += 2) {
+          uint32_t r[4];
+          ldsm_x4(r, sK + ((nt + lm / 2) * 8 + lr) * kLd + kk * 16 + (lm % 2) * 8);
+          Element<T>::mma(s[nt], qf[kk], r[0], r[1]);
+          Element<T>::mma(s[nt + 1], qf[kk], r[2], r[3]);
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < kBlockN / 8; ++nt) {
+          // B[k][n] = K[key n][dim k]: two consecutive dims of one key row are one word.
+          const int base = (nt * 8 + g) * kLd + kk * 16 + 2 * t;
+          Element<T>::mma(s[nt], qf[kk], lds32(sK, base), lds32(sK, base + 8));
+        }
       }
     }
 
@@ -295,13 +327,25 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
       a[1] = Element<T>::pack(s[2 * j][2], s[2 * j][3]);
       a[2] = Element<T>::pack(s[2 * j + 1][0], s[2 * j + 1][1]);
       a[3] = Element<T>::pack(s[2 * j + 1][2], s[2 * j + 1][3]);
-      const int key = j * 16 + 2 * t;
+      if constexpr (kLdsm) {
+        // Transposed matrices: keys j*16 + 0 / + 8 (m = 0, 1 / m % 2) of dims dn*8 (m < 2) and
+        // (dn + 1)*8 (m >= 2); .trans hands each lane the (2t, 2t + 1) keys of dim g.
 #pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        const int col = dn * 8 + g;
-        const uint32_t b0 = pack16(sV[key * kLd + col], sV[(key + 1) * kLd + col]);
-        const uint32_t b1 = pack16(sV[(key + 8) * kLd + col], sV[(key + 9) * kLd + col]);
-        Element<T>::mma(acc[dn], a, b0, b1);
+        for (int dn = 0; dn < D / 8; dn += 2) {
+          uint32_t r[4];
+          ldsm_x4_trans(r, sV + (j * 16 + (lm % 2) * 8 + lr) * kLd + (dn + lm / 2) * 8);
+          Element<T>::mma(acc[dn], a, r[0], r[1]);
+          Element<T>::mma(acc[dn + 1], a, r[2], r[3]);
+        }
+      } else {
+        const int key = j * 16 + 2 * t;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+          const int col = dn * 8 + g;
+          const uint32_t b0 = pack16(sV[key * kLd + col], sV[(key + 1) * kLd + col]);
+          const uint32_t b1 = pack16(sV[(key + 8) * kLd + col], sV[(key + 9) * kLd + col]);
+          Element<T>::mma(acc[dn], a, b0, b1);
+        }
       }
     }
   }
@@ -329,7 +373,11 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
 template <typename T, int D>
 void run_flash_fwd(const FlashParams& params, cudaStream_t stream) {
   const dim3 grid((params.seqlen_q + kBlockM - 1) / kBlockM, params.heads, params.batch);
-  flash_fwd_kernel<T, D><<<grid, kThreads, 0, stream>>>(params);
+  if (params.plain_loads) {
+    flash_fwd_kernel<T, D, false><<<grid, kThreads, 0, stream>>>(params);
+  } else {
+    flash_fwd_kernel<T, D, true><<<grid, kThreads, 0, stream>>>(params);
+  }
 }
 
 }  // namespace dcgen::attention

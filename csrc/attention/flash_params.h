@@ -34,6 +34,11 @@ struct FlashParams {
 
   const bool* key_padding_mask = nullptr;  // (B, seqlen_k): true = attend
   int64_t mask_batch_stride = 0;
+
+  // Fragment loads: ldmatrix (default) or plain shared loads (the first, simplest variant;
+  // kept selectable with DCGEN_ATTENTION_PLAIN_LOADS=1 so a GPU run can check one against the
+  // other).
+  bool plain_loads = false;
 };
 
 // T is __nv_bfloat16 or __half; D is 64 or 128. One explicit instantiation per .cu file.

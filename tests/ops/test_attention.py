@@ -232,10 +232,13 @@ def _require(name):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("loads", ["ldmatrix", "plain_loads"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", ["plain", "norm", "rope", "norm_rope"])
-def test_cuda_fused_attention_matches_reference(dtype, variant, rng):
+def test_cuda_fused_attention_matches_reference(dtype, variant, loads, rng, monkeypatch):
     _require("fused_attention")
+    # the kernel's two fragment-load variants (ldmatrix is the default)
+    monkeypatch.setenv("DCGEN_ATTENTION_PLAIN_LOADS", "1" if loads == "plain_loads" else "0")
     for b, h, sq, sk, d in CUDA_SHAPES:
         rope = variant in ("rope", "norm_rope")
         if rope and sq != sk:
