@@ -83,3 +83,36 @@ def test_activation_quantize(benchmark, impl, what):
         time_it(benchmark, run, n_rounds=rounds(100, 3))
     if benchmark.stats:
         benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
+@pytest.mark.parametrize("nk", LINEAR_SHAPES[:2], ids=lambda nk: f"{nk[0]}x{nk[1]}")
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_nvfp4_gemm(benchmark, impl, nk):
+    """NVFP4 x NVFP4 (operands quantized beforehand) vs a bf16 matmul; on GPUs only where the
+    sm_100a kernel runs (elsewhere the reference would time an fp32 dequantize + matmul)."""
+    from dcgen.ops.nvfp4_gemm import kernel_available, nvfp4_gemm
+    from dcgen.quant.nvfp4 import quantize_nvfp4, swizzle_scales
+
+    n, k = nk
+    if ON_GPU and not kernel_available(DEVICE, n, k):
+        pytest.skip("the NVFP4 GEMM kernel needs an sm_100 GPU and the compiled sm_100a file")
+    x = torch.randn(M, k, device=DEVICE, dtype=DTYPE)
+    w = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * 0.02
+    if impl == "baseline":
+
+        def run():
+            return x @ w.t()
+    else:
+        a, sa, ga = quantize_nvfp4_activation(x, check_finite=False)
+        qw = quantize_nvfp4(w)
+        b, sb, alpha = qw.packed, swizzle_scales(qw.scales), ga * qw.global_scale
+
+        def run():
+            return nvfp4_gemm(a, sa, b, sb, alpha)
+
+    benchmark.group = f"gemm M={M} N={n} K={k} nvfp4 {str(DTYPE)[6:]}"
+    benchmark.extra_info.update(impl=impl, baseline_name=f"matmul {str(DTYPE)[6:]}")
+    with torch.inference_mode():
+        time_it(benchmark, run, n_rounds=rounds(50, 3))
+    if benchmark.stats:
+        benchmark.extra_info["tflops"] = 2 * M * n * k / benchmark.stats.stats.median / 1e12
