@@ -5,7 +5,8 @@ Groups (each one baseline and one dcgen entry, TFLOP/s counted as 4 * S^2 * D * 
   its prologue switched off) against SDPA's default backend (cuDNN on H100/H200) and, on GPU,
   SDPA's flash backend (FA2).
 - ``norm+rope+attention S=...``: the whole step from (B, S, H, D) projections: diffusers' stock
-  path (RMSNorm, apply_rotary_emb, SDPA) against dcgen.ops.fused_attention with the prologue.
+  path (RMSNorm, apply_rotary_emb, SDPA) against dcgen.ops.fused_attention with the prologue
+  (on GPU also with K's prologue forced into every tile load: ``... K fused``).
 GPU sizes are the issue's (S = 4,608 and 16,896; B = 1, 24 heads, D = 128, bf16); on CPU a small
 fp32 case so CI runs every benchmark (the dcgen side is then the PyTorch reference).
 """
@@ -99,10 +100,17 @@ def test_attention_core(benchmark, impl, s, backend):
     _tflops(benchmark, s)
 
 
+# Where the kernel runs K's norm + RoPE (see csrc/attention/flash_attention_cuda.cu): "auto"
+# (the default policy) and, on GPU, "fused" into every K tile load, to measure the policy.
+K_PROLOGUE = ["auto", "fused"] if ON_GPU else ["auto"]
+
+
+@pytest.mark.parametrize("k_prologue", K_PROLOGUE)
 @pytest.mark.parametrize("s", SEQS)
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
-def test_norm_rope_attention(benchmark, impl, s):
+def test_norm_rope_attention(benchmark, impl, s, k_prologue, monkeypatch):
     _skip_without_kernel(impl)
+    monkeypatch.setenv("DCGEN_ATTENTION_K_PROLOGUE", k_prologue)
     q, k, v = _projections(s)
     cos, sin = _rope(s)
     norm_q = torch.nn.RMSNorm(HEAD_DIM, eps=1e-6).to(DEVICE, DTYPE)
@@ -127,7 +135,8 @@ def test_norm_rope_attention(benchmark, impl, s):
             )
             return out.transpose(1, 2).flatten(2, 3)
 
-    _label(benchmark, f"norm+rope+attention S={s}", impl, "diffusers FLUX processor path")
+    group = f"norm+rope+attention S={s}" + ("" if k_prologue == "auto" else f" K {k_prologue}")
+    _label(benchmark, group, impl, "diffusers FLUX processor path")
     with torch.inference_mode():
         time_it(benchmark, fn, n_rounds=rounds(20, 2))
     _tflops(benchmark, s)

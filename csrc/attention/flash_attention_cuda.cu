@@ -31,6 +31,24 @@ at::Tensor vector_ready(const at::Tensor& x) {
   return ok ? x : x.contiguous();
 }
 
+// Where K's norm + RoPE runs. "fused": inside the kernel's K tile loads (K makes one trip from
+// memory, but the prologue and its fp32 table reads repeat for every 64-row query block);
+// "prepass": once, by the standalone kernel, into a rotated copy of K (one extra write and read
+// of K). Both round the prepared K to T once, as the kernel's shared-memory tile does. Default
+// ("auto"): fused while there are at most kMaxFusedQueryBlocks query blocks.
+// DCGEN_ATTENTION_K_PROLOGUE=fused|prepass overrides it (benchmarks, tests).
+constexpr int64_t kMaxFusedQueryBlocks = 2;
+
+bool fuse_k_prologue(int64_t seqlen_q) {
+  const char* env = std::getenv("DCGEN_ATTENTION_K_PROLOGUE");
+  const std::string mode = env == nullptr ? "auto" : env;
+  if (mode == "fused") return true;
+  if (mode == "prepass") return false;
+  TORCH_CHECK(mode == "auto", kOp, ": expected DCGEN_ATTENTION_K_PROLOGUE in fused, prepass, ",
+              "auto, got '", mode, "'");
+  return (seqlen_q + kFlashBlockM - 1) / kFlashBlockM <= kMaxFusedQueryBlocks;
+}
+
 template <typename T>
 void dispatch_head_dim(const FlashParams& p, int64_t d, cudaStream_t stream) {
   if (d == 64) {
@@ -67,13 +85,20 @@ at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const c10::cuda::CUDAGuard guard(q_in.device());
   check_arch(q_in, kOp);
 
-  const at::Tensor q = vector_ready(q_in), k = vector_ready(k_in), v = vector_ready(v_in);
+  const at::Tensor q = vector_ready(q_in), v = vector_ready(v_in);
+  at::Tensor k = vector_ready(k_in);
   const NormWeights qw = norm_weights(q_weight, q, kOp, "q_weight");
-  const NormWeights kw = norm_weights(k_weight, k, kOp, "k_weight");
+  NormWeights kw = norm_weights(k_weight, k, kOp, "k_weight");
   const bool rope_on = cos.has_value() && cos->defined();
   TORCH_CHECK(!rope_on || Sq == Sk, kOp, ": RoPE needs q and k of one sequence length, got ", Sq,
               " and ", Sk);
   const RopeTables rope = rope_tables(cos, sin, Sq, D, q, kOp);
+  bool k_rope = rope.cos.defined();
+  if ((kw.w.defined() || k_rope) && Sk > 0 && !fuse_k_prologue(Sq)) {
+    k = norm_rope_one(k, kw, rope, norm_split, eps);  // contiguous, already normed and rotated
+    kw = NormWeights{};
+    k_rope = false;
+  }
   at::Tensor mask;
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     mask = *key_padding_mask;
@@ -111,8 +136,12 @@ at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   p.norm_split = static_cast<int>(norm_split);
   p.eps = static_cast<float>(eps);
   if (rope.cos.defined()) {
-    p.rope_cos = rope.cos.const_data_ptr<float>();
-    p.rope_sin = rope.sin.const_data_ptr<float>();
+    p.q_cos = rope.cos.const_data_ptr<float>();
+    p.q_sin = rope.sin.const_data_ptr<float>();
+  }
+  if (k_rope) {
+    p.k_cos = p.q_cos;
+    p.k_sin = p.q_sin;
   }
   if (mask.defined()) {
     p.key_padding_mask = mask.const_data_ptr<bool>();

@@ -12,8 +12,11 @@
 //     ldmatrix and the Q/K fragment loads free of bank conflicts;
 //   - no cp.async pipeline: the prologue has to pass K through registers anyway, and latency is
 //     hidden by running several CTAs per SM;
-//   - the prologue switches (norm on q, norm on k, RoPE, key padding) are run-time and uniform
-//     across the CTA, so one compiled configuration serves every combination.
+//   - the prologue switches (norm on q, norm on k, RoPE on q, on k, key padding) are run-time
+//     and uniform across the CTA, so one compiled configuration serves every combination.
+//     The K prologue runs once per (query block, key tile): cheap for short sequences, but for
+//     long ones it re-reads the fp32 RoPE tables from L2 for every query block, so the wrapper
+//     then normalises K once up front instead (flash_attention_cuda.cu).
 //
 // mma.sync.m16n8k16 fragment layouts (PTX ISA), g = lane / 4, t = lane % 4:
 //   A (16x16, row-major) regs: {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}
@@ -31,7 +34,7 @@
 
 namespace dcgen::attention {
 
-constexpr int kBlockM = 64;  // query rows per CTA
+constexpr int kBlockM = kFlashBlockM;  // query rows per CTA
 constexpr int kBlockN = 64;  // key rows per tile
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
@@ -213,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
 
   // Q tile (with its prologue) -> shared -> this warp's 16 rows as A fragments in registers.
   load_tile<T, D>(sV, q, p.q_row_stride, m_block * kBlockM, p.seqlen_q, p.q_w0, p.q_w1,
-                  p.norm_split, p.eps, p.rope_cos, p.rope_sin);
+                  p.norm_split, p.eps, p.q_cos, p.q_sin);
   __syncthreads();
   uint32_t qf[D / 16][4];
   {
@@ -238,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
   for (int n0 = 0; n0 < p.seqlen_k; n0 += kBlockN) {
     __syncthreads();  // everyone is done with sK / sV (and the Q staging) of the last round
     load_tile<T, D>(sK, k, p.k_row_stride, n0, p.seqlen_k, p.k_w0, p.k_w1, p.norm_split, p.eps,
-                    p.rope_cos, p.rope_sin);
+                    p.k_cos, p.k_sin);
     load_tile<T, D>(sV, v, p.v_row_stride, n0, p.seqlen_k, nullptr, nullptr, 0, 0.f, nullptr,
                     nullptr);
     if (threadIdx.x < kBlockN) {

@@ -8,6 +8,8 @@
 
 namespace dcgen::attention {
 
+constexpr int kFlashBlockM = 64;  // query rows per CTA (the wrapper's K-prologue policy uses it)
+
 struct FlashParams {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -29,8 +31,10 @@ struct FlashParams {
   const float* k_w1 = nullptr;
   int norm_split = 0;
   float eps = 1e-6f;
-  const float* rope_cos = nullptr;  // (S, D) fp32, row = token position (q and k share it)
-  const float* rope_sin = nullptr;
+  const float* q_cos = nullptr;  // RoPE tables (S, D) fp32, row = token position
+  const float* q_sin = nullptr;
+  const float* k_cos = nullptr;  // the same tables, or null when K arrives already rotated
+  const float* k_sin = nullptr;
 
   const bool* key_padding_mask = nullptr;  // (B, seqlen_k): true = attend
   int64_t mask_batch_stride = 0;

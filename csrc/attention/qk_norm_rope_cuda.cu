@@ -80,6 +80,8 @@ __global__ void qk_norm_rope_kernel(const T* __restrict__ x, T* __restrict__ y, 
   }
 }
 
+}  // namespace
+
 at::Tensor norm_rope_one(const at::Tensor& x_in, const NormWeights& w, const RopeTables& rope,
                          int64_t norm_split, double eps) {
   // 32-bit pair loads need an even stride everywhere and a 4-byte aligned base.
@@ -111,6 +113,8 @@ at::Tensor norm_rope_one(const at::Tensor& x_in, const NormWeights& w, const Rop
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cuda(
     const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& q_weight,

@@ -231,14 +231,21 @@ def _require(name):
         pytest.skip(f"dcgen._C has no CUDA kernel for {name}")
 
 
+# Kernel variants: fragment loads (ldmatrix, the default, or plain shared loads) x where K's
+# prologue runs (inside the tile loads, or once up front; "auto" picks by sequence length).
+KERNEL_MODES = [("ldmatrix", "fused"), ("ldmatrix", "prepass"), ("plain_loads", "fused")]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("loads", ["ldmatrix", "plain_loads"])
+@pytest.mark.parametrize("loads,k_prologue", KERNEL_MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", ["plain", "norm", "rope", "norm_rope"])
-def test_cuda_fused_attention_matches_reference(dtype, variant, loads, rng, monkeypatch):
+def test_cuda_fused_attention_matches_reference(
+    dtype, variant, loads, k_prologue, rng, monkeypatch
+):
     _require("fused_attention")
-    # the kernel's two fragment-load variants (ldmatrix is the default)
     monkeypatch.setenv("DCGEN_ATTENTION_PLAIN_LOADS", "1" if loads == "plain_loads" else "0")
+    monkeypatch.setenv("DCGEN_ATTENTION_K_PROLOGUE", k_prologue)
     for b, h, sq, sk, d in CUDA_SHAPES:
         rope = variant in ("rope", "norm_rope")
         if rope and sq != sk:
