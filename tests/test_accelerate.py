@@ -234,3 +234,21 @@ def test_cuda_flux_attention_matches_stock(joint, dtype):
     for a, b in zip(got if joint else [got], want if joint else [want]):
         assert not a.isnan().any()
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def test_accelerated_flux_blocks_compile_without_graph_breaks():
+    model = accelerate(tiny_flux())
+    g = torch.Generator().manual_seed(0)
+    hs, ehs = torch.randn(1, 12, 32, generator=g), torch.randn(1, 5, 32, generator=g)
+    temb = torch.randn(1, 32, generator=g)
+    cos, sin = (t.double() for t in _rope(17, 16))  # FluxPosEmbed's float64 tables
+    for block in (model.transformer_blocks[0], model.single_transformer_blocks[0]):
+
+        def fn(hs, ehs, temb, cos, sin, block=block):
+            return block(hs, ehs, temb, image_rotary_emb=(cos, sin))
+
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="eager")
+        with torch.no_grad():
+            for a, b in zip(compiled(hs, ehs, temb, cos, sin), fn(hs, ehs, temb, cos, sin)):
+                torch.testing.assert_close(a, b)
