@@ -21,4 +21,14 @@ def build_info() -> dict[str, Any]:
     return info
 
 
-__all__ = ["__version__", "build_info"]
+def __getattr__(name: str) -> Any:
+    # dcgen.accelerate / dcgen.unaccelerate import torch and the attention processors on first
+    # use, so `import dcgen` stays cheap for the CLI and build checks.
+    if name in ("accelerate", "unaccelerate"):
+        from dcgen import attention
+
+        return getattr(attention, name)
+    raise AttributeError(f"module 'dcgen' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "accelerate", "build_info", "unaccelerate"]

@@ -7,12 +7,32 @@ input's device. See ``_extension.py`` for the dispatch rules.
 
 from . import _fake  # noqa: F401  (fake/meta registrations so torch.compile traces the ops)
 from ._extension import extension_error, extension_loaded, has_kernel
+from .attention import (
+    fused_attention,
+    fused_attention_reference,
+    qk_norm_rope,
+    qk_norm_rope_reference,
+)
 from .channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
 from .linear_attention import relu_linear_attention, relu_linear_attention_reference
+from .nvfp4_gemm import nvfp4_gemm, nvfp4_gemm_reference
+from .quantize_fp8 import dequantize_fp8, quantize_fp8, quantize_fp8_reference
+from .quantize_nvfp4 import quantize_nvfp4_activation, quantize_nvfp4_reference
 from .shortcuts import channel_duplicate_to_space, space_to_channel_average
 
 __all__ = [
     "channel_duplicate_to_space",
+    "dequantize_fp8",
+    "fused_attention",
+    "fused_attention_reference",
+    "nvfp4_gemm",
+    "nvfp4_gemm_reference",
+    "qk_norm_rope",
+    "qk_norm_rope_reference",
+    "quantize_fp8",
+    "quantize_fp8_reference",
+    "quantize_nvfp4_activation",
+    "quantize_nvfp4_reference",
     "channel_rms_norm",
     "channel_rms_norm_reference",
     "extension_error",
