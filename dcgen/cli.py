@@ -1,6 +1,7 @@
 """The `dcgen` command.
 
-dcgen demo [--out DIR] [--steps N]    the main job (today: DC-AE round trip preview)
+dcgen demo [--out DIR] [--fast] [...] the main job: DC-Gen end to end on the shipped toy world
+dcgen demo-dcae [--out DIR]            DC-AE round trip on the bundled picture (fit, tile, save)
 dcgen info                             build info: compiled kernels, CUDA archs, torch
 dcgen presets                          the DC-AE presets and their scaling factors
 dcgen convert-dcae SRC DST [--preset NAME] [--dtype bf16]
@@ -33,6 +34,34 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from dcgen.toy.demo import DemoSettings, run_demo
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    overrides: dict[str, Any] = {"device": device, "seed": args.seed, "assets": args.assets}
+    for name in (
+        "train_images", "eval_prompts", "align_sgd_steps", "output_steps", "lora_steps",
+        "lora_rank", "sampling_steps", "batch_size", "lr",
+    ):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    settings = DemoSettings.fast(**overrides) if args.fast else DemoSettings(**overrides)
+    if args.scale != 1.0:
+        for name in ("align_sgd_steps", "output_steps", "lora_steps"):
+            setattr(settings, name, max(1, round(getattr(settings, name) * args.scale)))
+    settings.validate()
+    print(
+        f"dcgen demo: DC-Gen on the toy world ({device}): stage 1 {settings.align_sgd_steps} "
+        f"refinement steps, stage 2 {settings.output_steps} steps, stage 3 {settings.lora_steps} "
+        f"LoRA steps (and the naive baseline); writing {args.out}/"
+    )
+    run_demo(args.out, settings, progress=not args.no_progress, echo=print)
+    print()
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def _cmd_demo_dcae(args: argparse.Namespace) -> int:
     from dcgen.toy.dcae_roundtrip import RoundTripSettings, run_dcae_roundtrip
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,7 +72,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         image=Path(args.image) if args.image else None,
     )
     print(
-        f"dcgen demo: DC-AE round trip on {'the bundled image' if not args.image else args.image}, "
+        f"dcgen demo-dcae: DC-AE round trip on {'the bundled image' if not args.image else args.image}, "
         f"{args.steps} training steps on {device}; writing {args.out}/"
     )
     report = run_dcae_roundtrip(args.out, settings)
@@ -432,15 +461,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    d = sub.add_parser("demo", help="run the main job end to end on this machine")
+    d = sub.add_parser(
+        "demo",
+        help="DC-Gen end to end on the shipped toy world (about 10 minutes on 2 CPU cores)",
+    )
     d.add_argument("--out", default="dcgen_demo", help="run folder (default: ./dcgen_demo)")
-    d.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    d.add_argument("--fast", action="store_true", help="a few steps of everything (smoke test)")
+    d.add_argument(
+        "--scale", type=float, default=1.0, help="multiply the three stages' step counts"
+    )
+    d.add_argument("--assets", default=None, help="toy world folder (default: the shipped one)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument(
         "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
     )
-    d.add_argument("--image", default=None, help="use this image instead of the bundled one")
+    for flag, kind, what in (
+        ("--train-images", int, "training images encoded into both latent spaces"),
+        ("--eval-prompts", int, "held-out prompts sampled per model"),
+        ("--align-sgd-steps", int, "stage-1 refinement steps after the ridge fit"),
+        ("--output-steps", int, "stage-2 steps"),
+        ("--lora-steps", int, "stage-3 (and naive baseline) LoRA steps"),
+        ("--lora-rank", int, "LoRA rank"),
+        ("--sampling-steps", int, "Euler steps per image"),
+        ("--batch-size", int, "training batch size"),
+        ("--lr", float, "learning rate of stages 2 and 3 and the refinement"),
+    ):
+        d.add_argument(flag, type=kind, default=None, help=what)
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(fn=_cmd_demo)
+
+    r = sub.add_parser(
+        "demo-dcae", help="DC-AE round trip on the bundled picture: fit, tiled decode, save/load"
+    )
+    r.add_argument("--out", default="dcgen_demo_dcae", help="run folder")
+    r.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    r.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
+    )
+    r.add_argument("--image", default=None, help="use this image instead of the bundled one")
+    r.set_defaults(fn=_cmd_demo_dcae)
 
     sub.add_parser("info", help="how dcgen._C was built").set_defaults(fn=_cmd_info)
     sub.add_parser("presets", help="list DC-AE presets").set_defaults(fn=_cmd_presets)

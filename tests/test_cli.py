@@ -33,9 +33,9 @@ def test_presets_lists_every_family(capsys):
         assert name in out
 
 
-def test_demo_writes_run_folder(tmp_path, capsys):
+def test_demo_dcae_writes_run_folder(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["demo", "--out", str(out), "--steps", "3", "--device", "cpu"]) == 0
+    assert main(["demo-dcae", "--out", str(out), "--steps", "3", "--device", "cpu"]) == 0
     for name in (
         "input.png",
         "reconstruction.png",

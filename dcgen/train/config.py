@@ -70,6 +70,10 @@ class TrainConfig:
     align_ridge_l2: float = 1e-3
     align_sgd_steps: int = 200
     align_feature_layers: tuple[int, ...] = (0, 1)
+    # Stage-1 head: "zero" (stage 2 trains it) or "ridge" (closed-form fit of the flow velocity
+    # from the frozen DiT's last hidden states, so a stage-1 model already samples images).
+    align_head: str = "zero"
+    align_head_samples: int = 1024  # training samples streamed through the ridge head fit
     train_embedder_in_stage2: bool = True
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
@@ -226,6 +230,12 @@ class TrainConfig:
             raise ConfigError(
                 f"align_downsample: expected 'avg', 'bilinear' or 'area', got "
                 f"{self.align_downsample!r}"
+            )
+        if self.align_head not in ("zero", "ridge"):
+            raise ConfigError(f"align_head: expected 'zero' or 'ridge', got {self.align_head!r}")
+        if not isinstance(self.align_head_samples, int) or self.align_head_samples < 1:
+            raise ConfigError(
+                f"align_head_samples: expected a positive integer, got {self.align_head_samples!r}"
             )
         if not 0.0 <= self.align_eval_sigma <= 1.0:
             raise ConfigError(

@@ -436,6 +436,7 @@ def align_embedder(
         embedder.requires_grad_(False)
     mse_after = embedder_mse()
     dist_after = distances()
+    head_fit = _fit_head_ridge(adapter, dataset, cfg, ctx) if cfg.align_head == "ridge" else None
     return {
         "stage": "align",
         "tokens": acc.count,
@@ -448,7 +449,68 @@ def align_embedder(
         },
         "steps": loop.steps if loop else 0,
         "final_loss": loop.final_loss if loop else mse_after,
+        "head": {"init": cfg.align_head, **(head_fit or {})},
     }
+
+
+@torch.no_grad()
+def _fit_head_ridge(
+    adapter: DiTAdapter, dataset: Any, cfg: TrainConfig, ctx: DistContext
+) -> dict[str, Any]:
+    """Closed-form stage-1 head: the linear map from the frozen DiT's last hidden states (the
+    head's input) to the flow velocity (noise - x0) of the DC-AE latents, fitted by ridge over
+    ``cfg.align_head_samples`` samples at training-distribution noise levels. The embedder is
+    the aligned one, so this is the best linear readout of what the untouched blocks compute.
+    """
+    from .data import collate_samples
+
+    head = adapter.latent_layers().head
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"align_head='ridge' needs a Linear head, got {type(head).__name__}")
+    device = ctx.device
+    acc = RidgeAccumulator(head.in_features, head.out_features)
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda m, args, out: captured.append(args[0].float()))
+    make_inputs = _flow_inputs(adapter, cfg)
+    n = min(len(dataset), cfg.align_head_samples)
+    try:
+        for step, start in enumerate(
+            range(ctx.rank * cfg.batch_size, n, cfg.batch_size * ctx.world_size)
+        ):
+            idx = list(range(start, min(start + cfg.batch_size, n)))
+            batch = collate_samples([dataset[i] for i in idx])
+            batch = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+            }
+            rnd = StepRandom(cfg.seed + 7919, step, len(idx), slice(None), device)
+            inp = make_inputs(batch, rnd)
+            x0, noise, sigmas = inp["x0"], inp["noise"], inp["sigmas"]
+            s = sigmas.view(-1, *([1] * (x0.ndim - 1)))
+            captured.clear()
+            adapter.predict(
+                (1 - s) * x0 + s * noise, sigmas, inp["prompt_embeds"],
+                inp["pooled_prompt_embeds"], inp["guidance"],
+            )  # fmt: skip
+            acc.update(captured[-1], pack_latents(noise - x0, 1))
+    finally:
+        hook.remove()
+    if ctx.enabled:
+        merged = RidgeAccumulator(head.in_features, head.out_features)
+        for st in ctx.all_gather_object(
+            {
+                k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                for k, v in acc.state_dict().items()
+            }
+        ):
+            part = RidgeAccumulator(head.in_features, head.out_features)
+            part.load_state_dict(st)
+            merged.merge(part)
+        acc = merged
+    weight, bias = acc.solve(cfg.align_ridge_l2)
+    init_from_ridge(head, weight, bias)
+    mse = acc.mse(weight, bias)
+    logger.info("stage 1 ridge head over %d tokens: velocity MSE %.5g", acc.count, mse)
+    return {"tokens": acc.count, "velocity_mse": mse, "target_variance": acc.target_variance()}
 
 
 # ------------------------------------------------------------------------------ stages 2, 3

@@ -72,6 +72,28 @@ def test_stage1_aligns_embedder_and_reduces_feature_distance(root: Path, cache: 
     assert TrainConfig.from_file(out / "config.json") == cfg
 
 
+def test_stage1_ridge_head_fits_the_velocity(root: Path, cache: Path) -> None:
+    base_file = save_base(root)
+    zero = run(
+        config(root, "align", base_file, cache, align_sgd_steps=0, out_dir=str(root / "s1z")),
+        progress=False,
+    )
+    cfg = config(
+        root, "align", base_file, cache, align_sgd_steps=0, align_head="ridge",
+        out_dir=str(root / "s1r"),
+    )  # fmt: skip
+    summary = run(cfg, progress=False)
+    head = summary["head"]
+    assert zero["head"] == {"init": "zero"}
+    assert head["init"] == "ridge" and head["tokens"] > 0
+    # The closed-form readout explains part of the velocity; a zero head explains none.
+    assert head["velocity_mse"] < head["target_variance"]
+    zero_model = load_transformer(root / "s1z" / "transformer")
+    ridge_model = load_transformer(root / "s1r" / "transformer")
+    assert float(zero_model.proj_out.weight.abs().max()) == 0.0
+    assert float(ridge_model.proj_out.weight.abs().max()) > 0.0
+
+
 def test_stage2_reduces_flow_matching_loss(root: Path, cache: Path) -> None:
     transformer = load_transformer(save_adapted(root))
     blocks_before = {k: v.clone() for k, v in transformer.transformer_blocks.state_dict().items()}

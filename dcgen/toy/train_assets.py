@@ -1,0 +1,478 @@
+"""Train the toy world's models from scratch (the recipe behind ``dcgen/assets/toy``).
+
+    python scripts/train_toy_assets.py --out dcgen/assets/toy            # everything
+    python scripts/train_toy_assets.py --out DIR --parts flux,manifest   # redo some parts
+
+Parts, in dependency order (a part reads the folders of the parts before it from ``--out``):
+
+- ``vae``:       f8c4 AutoencoderKL, L1 + MSE + a small KL on random 64x64 crops; then its latent
+                 shift and scale are set from the training images (FLUX's convention).
+- ``evaluator``: per-quadrant attribute classifiers on fresh dataset images, augmented with
+                 blur, noise and colour jitter so they read decoded images as well as real ones.
+- ``dcae``:      f32c32 DC-AE, L1 + MSE on full images; scaling_factor = 1 / latent std.
+- ``flux``:      FLUX transformer + text encoder, jointly, flow matching on VAE latents of a fixed
+                 training set (2x2 packing, the FLUX shift rule, guidance values as conditioning),
+                 weights averaged by EMA.
+- ``manifest``:  measures every model (reconstruction PSNR, evaluator accuracy on real images and
+                 on noise, base prompt accuracy) and writes ``manifest.json`` (the folder is
+                 complete once it exists).
+
+Every part is seeded, so a rerun reproduces the files up to floating-point summation order
+(thread counts change it). Steps scale with ``--scale`` (0.01 for a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import assets as A
+from .evaluator import ShapeEvaluator, evaluator_loss, label_accuracy, score_prompts
+from .shapes import ShapesWorld, noise_images
+from .text import ToyTextEncoder
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("vae", "evaluator", "dcae", "flux", "manifest")
+# Steps at --scale 1 (about an hour in all on 2 CPU cores).
+STEPS = {"vae": 3000, "evaluator": 1200, "dcae": 3000, "flux": 4000}
+FLUX_TRAIN_IMAGES = 10_000
+FLUX_BATCH = 32
+SAMPLING_STEPS = 20
+GUIDANCE = 3.5
+
+
+def _progress(it: range, desc: str, enabled: bool) -> Iterator[int]:
+    if not enabled:
+        yield from it
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(it, desc=desc, dynamic_ncols=True)
+
+
+def _cosine(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(total - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return factor
+
+
+def _optimizer(params: Any, lr: float, total: int, warmup: int) -> tuple[Any, Any]:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total, warmup))
+
+
+def _random_crops(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    n, _, h, w = x.shape
+    ys = torch.randint(0, h - size + 1, (n,), generator=g).tolist()
+    xs = torch.randint(0, w - size + 1, (n,), generator=g).tolist()
+    return torch.stack(
+        [x[i, :, y : y + size, c : c + size] for i, (y, c) in enumerate(zip(ys, xs))]
+    )
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).pow(2).mean().item()
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+# ------------------------------------------------------------------------------------ parts
+
+
+def train_vae(steps: int, progress: bool) -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    vae = A.build_vae().train()
+    world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=10**9)
+    g = torch.Generator().manual_seed(0)
+    opt, sched = _optimizer(vae.parameters(), 1e-3, steps, 100)
+    batches = world.iter_batches(8, start=2_000_000)
+    losses = []
+    for _ in _progress(range(steps), "vae", progress):
+        x = _random_crops(next(batches)[0], 64, g)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    vae.eval()
+    # FLUX's latent convention: z_scaled = (z - shift) * scale with unit variance overall.
+    with torch.no_grad():
+        z = torch.cat(
+            [vae.encode(world.batch(i, 32)[0]).latent_dist.mean for i in range(0, 256, 32)]
+        )
+    shift, scale = float(z.mean()), float(1.0 / z.std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return vae, {
+        "steps": steps,
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "shift_factor": shift,
+        "scaling_factor": scale,
+    }
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Blur, noise and colour jitter per image, so the evaluator reads decoded images too."""
+    n = x.shape[0]
+    out = []
+    for i in range(n):
+        img = x[i : i + 1]
+        r = torch.rand(4, generator=g).tolist()
+        if r[0] < 0.5:
+            k = 5
+            sigma = 0.3 + 1.2 * r[1]
+            t = torch.arange(k) - k // 2
+            w = torch.exp(-(t.float() ** 2) / (2 * sigma**2))
+            w = w / w.sum()
+            img = F.conv2d(
+                F.pad(img, (2, 2, 0, 0), mode="replicate"),
+                w.view(1, 1, 1, k).repeat(3, 1, 1, 1),
+                groups=3,
+            )
+            img = F.conv2d(
+                F.pad(img, (0, 0, 2, 2), mode="replicate"),
+                w.view(1, 1, k, 1).repeat(3, 1, 1, 1),
+                groups=3,
+            )
+        if r[2] < 0.5:
+            img = img + 0.08 * r[3] * torch.randn(img.shape, generator=g)
+        gain = 1 + 0.1 * (torch.rand(1, 3, 1, 1, generator=g) - 0.5)
+        out.append(img * gain)
+    return torch.cat(out).clamp(-1, 1)
+
+
+def train_evaluator(steps: int, progress: bool) -> tuple[ShapeEvaluator, dict]:
+    torch.manual_seed(0)
+    model = ShapeEvaluator().train()
+    world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=10**9)
+    g = torch.Generator().manual_seed(1)
+    opt, sched = _optimizer(model.parameters(), 2e-3, steps, 50)
+    batches = world.iter_batches(32, start=4_000_000)
+    losses = []
+    for _ in _progress(range(steps), "evaluator", progress):
+        x, _, labels = next(batches)
+        loss = evaluator_loss(model(_augment(x, g)), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return model, {"steps": steps, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+
+
+def train_dcae(steps: int, progress: bool) -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    dcae = A.build_dcae().train()
+    world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=10**9)
+    opt, sched = _optimizer(dcae.parameters(), 1e-3, steps, 100)
+    batches = world.iter_batches(8, start=6_000_000)
+    losses = []
+    for _ in _progress(range(steps), "dcae", progress):
+        x = next(batches)[0]
+        rec = dcae.decode(dcae.encode(x))
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dcae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    dcae.eval()
+    with torch.no_grad():
+        z = torch.cat([dcae.encode(world.batch(i, 32)[0]) for i in range(0, 256, 32)])
+    scale = float(1.0 / z.std())
+    dcae.config = dcae.config.replace(scaling_factor=scale)
+    return dcae, {
+        "steps": steps,
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "scaling_factor": scale,
+    }
+
+
+@torch.no_grad()
+def encode_training_set(
+    vae: nn.Module, count: int, progress: bool
+) -> tuple[torch.Tensor, list[str]]:
+    world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=count)
+    lats, caps = [], []
+    for start in _progress(range(0, count, 64), "encode", progress):
+        x, c, _ = world.batch(start, min(64, count - start))
+        lats.append(A.vae_encode(vae, x))
+        caps += c
+    return torch.cat(lats), caps
+
+
+def train_flux(
+    latents: torch.Tensor, captions: list[str], steps: int, progress: bool
+) -> tuple[nn.Module, ToyTextEncoder, dict]:
+    from dcgen.adapters import adapter_for
+    from dcgen.sampling.shift import resolve_shift
+    from dcgen.train.losses import flow_matching_loss, guidance_values, sample_timesteps
+
+    torch.manual_seed(0)
+    transformer = A.build_transformer().train()
+    text = ToyTextEncoder().train()
+    adapter = adapter_for(transformer)
+    params = list(transformer.parameters()) + list(text.parameters())
+    opt, sched = _optimizer(params, 5e-4, steps, 200)
+    ema_models = [
+        copy.deepcopy(transformer).requires_grad_(False),
+        copy.deepcopy(text).requires_grad_(False),
+    ]
+    decay = 0.999
+    g = torch.Generator().manual_seed(2)
+    _, c, h, w = latents.shape
+    shift = resolve_shift("flux", adapter.num_tokens(h, w), c)
+    losses = []
+    for step in _progress(range(steps), "flux", progress):
+        idx = torch.randint(0, len(latents), (FLUX_BATCH,), generator=g)
+        x0 = latents[idx]
+        sigmas = sample_timesteps(FLUX_BATCH, g, mode="logit_normal", shift=shift)
+        noise = torch.randn(x0.shape, generator=g)
+        guidance = guidance_values(FLUX_BATCH, g, low=1.0, high=5.0)
+        embeds, pooled = text([captions[i] for i in idx.tolist()])
+
+        def model_fn(
+            x_t: torch.Tensor, s: torch.Tensor, e=embeds, p=pooled, g=guidance
+        ) -> torch.Tensor:
+            return adapter.predict(x_t, s, e, p, g)
+
+        loss = flow_matching_loss(model_fn, x0, sigmas, noise=noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        d = min(decay, (step + 1) / (step + 10))  # warm EMA: early weights do not linger
+        with torch.no_grad():
+            for live, avg in zip([transformer, text], ema_models):
+                for p, q in zip(live.parameters(), avg.parameters()):
+                    q.lerp_(p, 1 - d)
+        losses.append(loss.item())
+        if progress and step % 500 == 0:
+            logger.info("flux step %d loss %.4f", step, sum(losses[-100:]) / len(losses[-100:]))
+    transformer_ema, text_ema = ema_models
+    return (
+        transformer_ema.eval(),
+        text_ema.eval(),
+        {
+            "steps": steps,
+            "batch_size": FLUX_BATCH,
+            "train_images": len(latents),
+            "shift": shift,
+            "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+        },
+    )
+
+
+@torch.no_grad()
+def sample_base(
+    transformer: nn.Module,
+    text: ToyTextEncoder,
+    vae: nn.Module,
+    captions: list[str],
+    seed: int,
+    steps: int = SAMPLING_STEPS,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Images from the base model (FLUX pipeline semantics: Euler, FLUX shift, guidance 3.5)."""
+    from dcgen.adapters import adapter_for
+    from dcgen.sampling.flow import flow_sigmas, sample_euler
+    from dcgen.sampling.shift import resolve_shift
+
+    adapter = adapter_for(transformer)
+    lat = A.IMAGE_SIZE // 8
+    c = adapter.latent_channels
+    shift = resolve_shift("flux", adapter.num_tokens(lat, lat), c)
+    sigmas = flow_sigmas(steps, shift)
+    images = []
+    for start in range(0, len(captions), batch_size):
+        caps = captions[start : start + batch_size]
+        g = torch.Generator().manual_seed(seed + start)
+        noise = torch.randn(len(caps), c, lat, lat, generator=g)
+        embeds, pooled = text(caps)
+        guidance = torch.full((len(caps),), GUIDANCE)
+
+        def model_fn(
+            x: torch.Tensor, s: torch.Tensor, e=embeds, p=pooled, g=guidance
+        ) -> torch.Tensor:
+            return adapter.predict(x, s, e, p, g)
+
+        images.append(A.vae_decode(vae, sample_euler(model_fn, noise, sigmas)))
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def measure(assets: A.ToyAssets, count: int = 256) -> dict[str, Any]:
+    """The numbers the manifest records (also the asset tests' expectations)."""
+    world = ShapesWorld(A.EVAL_SEED, A.IMAGE_SIZE, length=count)
+    x, caps, labels = world.batch(0, count)
+    ev = assets.evaluator
+    vae_rec = A.vae_decode(assets.vae, A.vae_encode(assets.vae, x[:64]))
+    dcae_rec = assets.dcae.decode(assets.dcae.encode(x[:64]))
+    real = score_prompts(ev.predict(x), caps)
+    noise = score_prompts(ev.predict(noise_images(count, A.IMAGE_SIZE)), caps)
+    base_images = sample_base(
+        assets.transformer, assets.text_encoder, assets.vae, caps[:128], seed=0
+    )
+    base = score_prompts(ev.predict(base_images), caps[:128])
+    return {
+        "vae_psnr_db": _psnr(vae_rec, x[:64]),
+        "dcae_psnr_db": _psnr(dcae_rec, x[:64]),
+        "evaluator_label_accuracy_real": label_accuracy(ev.predict(x), labels),
+        "evaluator_prompt_accuracy_real": real["prompt_accuracy"],
+        "evaluator_prompt_accuracy_noise": noise["prompt_accuracy"],
+        "evaluator_attribute_accuracy_noise": {
+            k: v for k, v in noise.items() if k != "prompt_accuracy"
+        },
+        "vae_decoded_prompt_accuracy": score_prompts(ev.predict(vae_rec), caps[:64])[
+            "prompt_accuracy"
+        ],
+        "dcae_decoded_prompt_accuracy": score_prompts(ev.predict(dcae_rec), caps[:64])[
+            "prompt_accuracy"
+        ],
+        "base_prompt_accuracy": base["prompt_accuracy"],
+        "base_attribute_accuracy": {k: v for k, v in base.items() if k != "prompt_accuracy"},
+        "measured_on": f"{count} held-out images (seed {A.EVAL_SEED}); base: 128 prompts, {SAMPLING_STEPS} Euler steps",
+    }
+
+
+# ---------------------------------------------------------------------------------- driver
+
+
+def _load_part(out: Path, part: str) -> Any:
+    from diffusers import AutoencoderKL
+
+    from dcgen.autoencoders import DCAE
+    from dcgen.train.stages import load_transformer
+
+    if part == "vae":
+        return AutoencoderKL.from_pretrained(str(out / A.FOLDERS["vae"])).eval()
+    if part == "dcae":
+        return DCAE.from_pretrained(out / A.FOLDERS["dcae"]).eval()
+    if part == "evaluator":
+        return ShapeEvaluator.from_pretrained(out / A.FOLDERS["evaluator"])
+    if part == "flux":
+        return (
+            load_transformer(out / A.FOLDERS["transformer"]).eval(),
+            ToyTextEncoder.from_pretrained(out / A.FOLDERS["text_encoder"]),
+        )
+    raise KeyError(part)
+
+
+def _write_log(out: Path, part: str, info: dict, seconds: float) -> None:
+    log = out / "training.json"
+    data = json.loads(log.read_text()) if log.is_file() else {}
+    data[part] = {**info, "seconds": round(seconds, 1), "threads": torch.get_num_threads()}
+    log.write_text(json.dumps(data, indent=1))
+
+
+def train(
+    out: str | Path, parts: tuple[str, ...] = PARTS, scale: float = 1.0, progress: bool = True
+) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; expected some of {PARTS}")
+
+    def steps(part: str) -> int:
+        return max(2, int(STEPS[part] * scale))
+
+    for part in PARTS[:-1]:
+        if part not in parts:
+            continue
+        t0 = time.perf_counter()
+        if part == "vae":
+            vae, info = train_vae(steps("vae"), progress)
+            vae.save_pretrained(str(out / A.FOLDERS["vae"]))
+        elif part == "evaluator":
+            ev, info = train_evaluator(steps("evaluator"), progress)
+            ev.save_pretrained(out / A.FOLDERS["evaluator"])
+        elif part == "dcae":
+            dcae, info = train_dcae(steps("dcae"), progress)
+            dcae.save_pretrained(out / A.FOLDERS["dcae"])
+        else:
+            vae = _load_part(out, "vae")
+            count = max(256, int(FLUX_TRAIN_IMAGES * min(scale * 10, 1.0)))
+            latents, captions = encode_training_set(vae, count, progress)
+            transformer, text, info = train_flux(latents, captions, steps("flux"), progress)
+            transformer.save_pretrained(str(out / A.FOLDERS["transformer"]))
+            text.save_pretrained(out / A.FOLDERS["text_encoder"])
+        _write_log(out, part, info, time.perf_counter() - t0)
+        logger.info("%s done in %.0f s: %s", part, time.perf_counter() - t0, info)
+
+    if "manifest" not in parts:
+        return {}
+    transformer, text = _load_part(out, "flux")
+    assets = A.ToyAssets(
+        _load_part(out, "vae"), _load_part(out, "dcae"), transformer, text,
+        _load_part(out, "evaluator"), {}, out,
+    )  # fmt: skip
+    metrics = measure(assets)
+    training = (
+        json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {}
+    )
+    manifest = {
+        "format": "dcgen-toy-assets/1",
+        "image_size": A.IMAGE_SIZE,
+        "train_seed": A.TRAIN_SEED,
+        "eval_seed": A.EVAL_SEED,
+        "sampling_steps": SAMPLING_STEPS,
+        "guidance": GUIDANCE,
+        "parameters": {
+            "vae": A.count_parameters(assets.vae),
+            "dcae": A.count_parameters(assets.dcae),
+            "transformer": A.count_parameters(assets.transformer),
+            "text_encoder": A.count_parameters(assets.text_encoder),
+            "evaluator": A.count_parameters(assets.evaluator),
+        },
+        "scale": scale,
+        "training": training,
+        "metrics": metrics,
+        "command": f"python scripts/train_toy_assets.py --out {out} --scale {scale}",
+    }
+    (out / A.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Train the dcgen toy world (dcgen/assets/toy).")
+    p.add_argument("--out", required=True, help="output folder (dcgen/assets/toy to ship)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every step count")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = tuple(s.strip() for s in args.parts.split(",") if s.strip())
+    manifest = train(args.out, parts, args.scale, progress=not args.quiet)
+    if manifest:
+        print(json.dumps(manifest["metrics"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
