@@ -15,6 +15,8 @@ ROW_FIELDS = (
     "tokens_per_image",
     "latency_s",
     "latency_ratio_to_base",
+    "throughput_images_per_s",
+    "throughput_vs_base",
     "speedup_vs_base",
     "prompt_accuracy",
     "prompt_accuracy_vs_base",
