@@ -15,8 +15,11 @@ from .attention import (
 )
 from .channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
 from .linear_attention import relu_linear_attention, relu_linear_attention_reference
-from .nvfp4_gemm import nvfp4_gemm, nvfp4_gemm_reference
-from .quantize_fp8 import dequantize_fp8, quantize_fp8, quantize_fp8_reference
+
+# quantize_fp8 and nvfp4_gemm stay module attributes (dcgen.ops.quantize_fp8.quantize_fp8):
+# exporting the functions under the same names would shadow their modules.
+from .nvfp4_gemm import nvfp4_gemm_reference
+from .quantize_fp8 import dequantize_fp8, quantize_fp8_reference
 from .quantize_nvfp4 import quantize_nvfp4_activation, quantize_nvfp4_reference
 from .shortcuts import channel_duplicate_to_space, space_to_channel_average
 
@@ -25,11 +28,9 @@ __all__ = [
     "dequantize_fp8",
     "fused_attention",
     "fused_attention_reference",
-    "nvfp4_gemm",
     "nvfp4_gemm_reference",
     "qk_norm_rope",
     "qk_norm_rope_reference",
-    "quantize_fp8",
     "quantize_fp8_reference",
     "quantize_nvfp4_activation",
     "quantize_nvfp4_reference",

@@ -144,7 +144,9 @@ def test_to_dtype_keeps_format(rng):
     q = q.to(torch.bfloat16)
     assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.dtype == torch.float32
     assert q.bias.dtype == torch.bfloat16
-    assert rel(q(x.bfloat16()), ref) < 0.02
+    # bf16 input moves some activations across E4M3 rounding boundaries, so the two quantized
+    # paths differ by up to about one quantization error (~2-4% relative on 32 features).
+    assert rel(q(x.bfloat16()), ref) < 0.06
 
 
 def test_gradient_flows_to_input_straight_through(rng):
