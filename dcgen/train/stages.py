@@ -280,6 +280,21 @@ def _block_features(
     return {i: feats[i].float() for i in layers}
 
 
+def _gather_ridge(acc: RidgeAccumulator, ctx: DistContext) -> RidgeAccumulator:
+    """Every rank's ridge statistics merged (each rank streamed its own share of the data)."""
+    if not ctx.enabled:
+        return acc
+    merged = RidgeAccumulator(acc.in_features, acc.out_features)
+    state = {
+        k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in acc.state_dict().items()
+    }
+    for st in ctx.all_gather_object(state):
+        part = RidgeAccumulator(acc.in_features, acc.out_features)
+        part.load_state_dict(st)
+        merged.merge(part)
+    return merged
+
+
 def align_embedder(
     transformer: nn.Module,
     dataset: Any,
@@ -380,18 +395,7 @@ def align_embedder(
             s = dataset[i]
             x = pack_latents(s["dcae_latent"][None].to(device).float(), 1)
             acc.update(x, target_tokens(s["base_latent"][None].to(device)))
-    if ctx.enabled:
-        merged = RidgeAccumulator(new_shape[0], adapter.inner_dim)
-        for st in ctx.all_gather_object(
-            {
-                k: (v.cpu() if isinstance(v, torch.Tensor) else v)
-                for k, v in acc.state_dict().items()
-            }
-        ):
-            part = RidgeAccumulator(new_shape[0], adapter.inner_dim)
-            part.load_state_dict(st)
-            merged.merge(part)
-        acc = merged
+    acc = _gather_ridge(acc, ctx)
     embedder = layers_new.embedder
 
     def embedder_mse() -> float:
@@ -494,18 +498,7 @@ def _fit_head_ridge(
             acc.update(captured[-1], pack_latents(noise - x0, 1))
     finally:
         hook.remove()
-    if ctx.enabled:
-        merged = RidgeAccumulator(head.in_features, head.out_features)
-        for st in ctx.all_gather_object(
-            {
-                k: (v.cpu() if isinstance(v, torch.Tensor) else v)
-                for k, v in acc.state_dict().items()
-            }
-        ):
-            part = RidgeAccumulator(head.in_features, head.out_features)
-            part.load_state_dict(st)
-            merged.merge(part)
-        acc = merged
+    acc = _gather_ridge(acc, ctx)
     weight, bias = acc.solve(cfg.align_ridge_l2)
     init_from_ridge(head, weight, bias)
     mse = acc.mse(weight, bias)
