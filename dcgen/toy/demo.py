@@ -279,28 +279,37 @@ def measure_throughput(
     return len(seeds) / (time.perf_counter() - t0)
 
 
-@torch.no_grad()
-def feature_distances_to_base(
-    base: nn.Module,
-    model: nn.Module,
-    data: Sequence[dict[str, torch.Tensor]],
-    layers: Sequence[int],
-    device: torch.device,
-    count: int = 32,
-) -> dict[int, float]:
-    """Relative squared distance ||h_base - h||^2 / ||h_base||^2 of the image hidden states
-    after each block: base model on the VAE latents vs ``model`` on the DC-AE latents of the
-    same images (base tokens averaged onto the DC-AE grid, as stage 1 compares them)."""
-    batch = {k: torch.stack([d[k] for d in data[:count]]).to(device) for k in data[0]}
-    base_feats = _block_features(adapter_for(base), batch["base_latent"], batch, layers, 0.0)
-    feats = _block_features(adapter_for(model), batch["dcae_latent"], batch, layers, 0.0)
-    b_ad = adapter_for(base)
-    grid = batch["base_latent"].shape[-1] // b_ad.patch_size
-    factor = grid // batch["dcae_latent"].shape[-1]
-    return {
-        i: feature_distance(base_feats[i], feats[i], "relative", (grid, grid), factor, "avg")
-        for i in layers
-    }
+class BaseFeatures:
+    """The base model's image hidden states on a fixed batch of training images, computed once
+    and compared with each adapted model's on the DC-AE latents of the same images."""
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        base: nn.Module,
+        data: Sequence[dict[str, torch.Tensor]],
+        layers: Sequence[int],
+        device: torch.device,
+        count: int = 32,
+    ) -> None:
+        self.layers = list(layers)
+        self.batch = {k: torch.stack([d[k] for d in data[:count]]).to(device) for k in data[0]}
+        ad = adapter_for(base)
+        self.feats = _block_features(ad, self.batch["base_latent"], self.batch, layers, 0.0)
+        self.grid = self.batch["base_latent"].shape[-1] // ad.patch_size
+        self.factor = self.grid // self.batch["dcae_latent"].shape[-1]
+
+    @torch.no_grad()
+    def distances(self, model: nn.Module) -> dict[int, float]:
+        """Relative squared distance ||h_base - h||^2 / ||h_base||^2 after each block, the base
+        tokens averaged onto the DC-AE grid (as stage 1 compares them)."""
+        b = self.batch
+        feats = _block_features(adapter_for(model), b["dcae_latent"], b, self.layers, 0.0)
+        hw = (self.grid, self.grid)
+        return {
+            i: feature_distance(self.feats[i], feats[i], "relative", hw, self.factor, "avg")
+            for i in self.layers
+        }
 
 
 # ------------------------------------------------------------------------------------ run
@@ -432,6 +441,7 @@ def run_demo(
         embeds, pooled = assets.text_encoder(captions)
         real_features = assets.evaluator.features(real.to(device)).cpu()
     seeds = [settings.seed * 100_003 + i for i in range(settings.eval_prompts)]
+    base_features = BaseFeatures(base, data, layers, device)
     images: dict[str, torch.Tensor] = {}
     rows: dict[str, dict[str, Any]] = {}
     t_eval = time.perf_counter()
@@ -449,9 +459,7 @@ def run_demo(
         )
         ad = adapter_for(sp.transformer)
         dist = (
-            {i: 0.0 for i in layers}
-            if name == "base"
-            else feature_distances_to_base(base, sp.transformer, data, layers, device)
+            {i: 0.0 for i in layers} if name == "base" else base_features.distances(sp.transformer)
         )
         rows[name] = {
             "model": ROW_TITLES[name],

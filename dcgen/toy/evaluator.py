@@ -11,20 +11,17 @@ generated and real images.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._folder import load_module, save_module
 from .shapes import COLOUR_NAMES, POSITIONS, SHAPES, SIZES, parse_caption
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 # Head name -> number of classes; the label column each head reads in labels_of's layout.
 HEADS: dict[str, int] = {
     "present": 2,
@@ -99,19 +96,11 @@ class ShapeEvaluator(nn.Module):
         return torch.cat(outs)
 
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=1))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / WEIGHTS_NAME)
+        save_module(self, self.config, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ShapeEvaluator:
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"toy evaluator: no {CONFIG_NAME} in {path}")
-        model = cls(EvaluatorConfig(**json.loads((path / CONFIG_NAME).read_text())))
-        model.load_state_dict(load_file(path / WEIGHTS_NAME))
-        return model.eval()
+        return load_module(cls, EvaluatorConfig, path, "toy evaluator")
 
 
 def evaluator_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

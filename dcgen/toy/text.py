@@ -8,15 +8,14 @@ It plays both of FLUX's text encoders at once: ``forward`` returns the per-token
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._folder import load_module, save_module
 from .shapes import COLOUR_NAMES, SHAPES, SIZES
 
 PAD = "<pad>"
@@ -33,8 +32,6 @@ VOCAB: tuple[str, ...] = (
     "left",
     "right",
 )
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 def tokenize(captions: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,16 +88,8 @@ class ToyTextEncoder(nn.Module):
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=1))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / WEIGHTS_NAME)
+        save_module(self, self.config, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ToyTextEncoder:
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"toy text encoder: no {CONFIG_NAME} in {path}")
-        model = cls(TextEncoderConfig(**json.loads((path / CONFIG_NAME).read_text())))
-        model.load_state_dict(load_file(path / WEIGHTS_NAME))
-        return model.eval()
+        return load_module(cls, TextEncoderConfig, path, "toy text encoder")

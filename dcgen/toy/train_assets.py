@@ -39,6 +39,7 @@ from torch import nn
 
 from . import assets as A
 from .evaluator import ShapeEvaluator, evaluator_loss, label_accuracy, score_prompts
+from .images import psnr
 from .shapes import ShapesWorld, noise_images
 from .text import ToyTextEncoder
 
@@ -84,11 +85,6 @@ def _random_crops(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tenso
     return torch.stack(
         [x[i, :, y : y + size, c : c + size] for i, (y, c) in enumerate(zip(ys, xs))]
     )
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).pow(2).mean().item()
-    return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
 # ------------------------------------------------------------------------------------ parts
@@ -337,8 +333,8 @@ def measure(assets: A.ToyAssets, count: int = 256) -> dict[str, Any]:
     )
     base = score_prompts(ev.predict(base_images), caps[:128])
     return {
-        "vae_psnr_db": _psnr(vae_rec, x[:64]),
-        "dcae_psnr_db": _psnr(dcae_rec, x[:64]),
+        "vae_psnr_db": psnr(vae_rec, x[:64]),
+        "dcae_psnr_db": psnr(dcae_rec, x[:64]),
         "evaluator_label_accuracy_real": label_accuracy(ev.predict(x), labels),
         "evaluator_prompt_accuracy_real": real["prompt_accuracy"],
         "evaluator_prompt_accuracy_noise": noise["prompt_accuracy"],

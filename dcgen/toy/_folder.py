@@ -1,0 +1,33 @@
+"""Save / load of the toy world's own small modules (text encoder, evaluator) as a folder:
+``config.json`` (the dataclass config) + ``model.safetensors``, like a diffusers model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def save_module(module: nn.Module, config: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=1))
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path / WEIGHTS_NAME)
+
+
+def load_module(cls: type[M], config_cls: type, path: str | Path, what: str) -> M:
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{what}: no {CONFIG_NAME} in {path}")
+    model = cls(config_cls(**json.loads((path / CONFIG_NAME).read_text())))
+    model.load_state_dict(load_file(path / WEIGHTS_NAME))
+    return model.eval()
