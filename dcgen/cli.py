@@ -45,6 +45,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
+    if args.positions is not None:
+        overrides["align_positions"] = args.positions
     settings = DemoSettings.fast(**overrides) if args.fast else DemoSettings(**overrides)
     if args.scale != 1.0:
         for name in ("align_sgd_steps", "output_steps", "lora_steps"):
@@ -487,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("--lr", float, "learning rate of stages 2 and 3 and the refinement"),
     ):
         d.add_argument(flag, type=kind, default=None, help=what)
+    d.add_argument(
+        "--positions",
+        choices=["base", "grid"],
+        default=None,
+        help="RoPE positions of the DC-AE models: spaced to span the base grid (default) or "
+        "on the DC-AE token grid",
+    )
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(fn=_cmd_demo)
 

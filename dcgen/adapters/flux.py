@@ -17,6 +17,7 @@ in_channels == 64 means the base FLUX.1 layout (p = 2) and anything else p = 1.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -28,6 +29,10 @@ from .structured import StructuredLinear
 logger = logging.getLogger(__name__)
 
 PATCH_KEY = "_dcgen_latent_patch_size"
+# Private config key: image RoPE positions are (index * scale + (scale - 1) / 2). A DC-Gen model
+# whose token covers `scale` x `scale` base tokens can keep the base model's position range, so
+# the frozen blocks see a full image instead of the top-left corner of a larger one.
+POSITION_SCALE_KEY = "_dcgen_position_scale"
 BASE_FLUX_IN_CHANNELS = 64
 
 
@@ -81,6 +86,20 @@ class FluxAdapter(DiTAdapter):
         self.transformer.register_to_config(**{PATCH_KEY: int(p)})
 
     @property
+    def position_scale(self) -> float:
+        """Spacing of image RoPE positions on the token grid (1.0: stock FLUX)."""
+        return float(self.config.get(POSITION_SCALE_KEY) or 1.0)
+
+    def set_position_scale(self, scale: float) -> None:
+        """Space image positions ``scale`` apart, centred on the base tokens each new token
+        covers: token i gets position i * scale + (scale - 1) / 2 (e.g. 0.5, 2.5, ... for 2).
+        Stored in the transformer config, so save_pretrained / from_pretrained keep it."""
+        scale = float(scale)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"position scale: expected a positive finite number, got {scale}")
+        self.transformer.register_to_config(**{POSITION_SCALE_KEY: scale})
+
+    @property
     def latent_channels(self) -> int:
         return self.transformer.x_embedder.in_features // (self.patch_size**2)
 
@@ -112,7 +131,11 @@ class FluxAdapter(DiTAdapter):
     ) -> torch.Tensor:
         """Image position ids on the token grid (latent size / patch size)."""
         p = self.patch_size
-        return self.image_ids(latent_height // p, latent_width // p, device=device)
+        ids = self.image_ids(latent_height // p, latent_width // p, device=device)
+        scale = self.position_scale
+        if scale != 1.0:
+            ids[:, 1:] = ids[:, 1:] * scale + (scale - 1.0) / 2.0
+        return ids
 
     # -- layer replacement -------------------------------------------------------------------
 

@@ -88,6 +88,10 @@ class DemoSettings:
     latency_repeats: int = 5
     grid_prompts: int = 8
     feature_layers: tuple[int, ...] = (0, 1, 2, 3)
+    # RoPE positions of the DC-AE models (naive included): "base" spaces them to span the base
+    # grid; the toy base model was trained at one resolution, so on "grid" positions the frozen
+    # blocks see the top-left quarter of a larger image (TrainConfig.align_positions).
+    align_positions: str = "base"
     seed: int = 0
     device: str = "cpu"
     assets: str | None = None  # None: the shipped toy world
@@ -127,6 +131,11 @@ class DemoSettings:
             raise ValueError("demo settings: the Frechet distance needs at least 2 images per set")
         if not self.lr > 0:
             raise ValueError(f"demo setting lr: expected > 0, got {self.lr}")
+        if self.align_positions not in ("grid", "base"):
+            raise ValueError(
+                f"demo setting align_positions: expected 'grid' or 'base', got "
+                f"{self.align_positions!r}"
+            )
         return self
 
 
@@ -333,6 +342,7 @@ def _stage_config(settings: DemoSettings, stage: str, out_dir: Path, steps: int)
         align_feature_layers=tuple(settings.feature_layers),
         align_head="ridge",  # stage 1 alone must sample: a closed-form head on the frozen DiT
         align_head_samples=settings.train_images,
+        align_positions=settings.align_positions,
         checkpoint_every=max(steps, settings.align_sgd_steps, 1),
         keep_checkpoints=1,
         log_every=1,
@@ -413,7 +423,11 @@ def run_demo(
     # Naive: random new embedder and head, then the same LoRA budget.
     naive = copy.deepcopy(base)
     torch.manual_seed(settings.seed)
-    adapter_for(naive).replace_latent_layers(int(assets.dcae.latent_channels), 1, init="random")
+    naive_adapter = adapter_for(naive)
+    naive_adapter.replace_latent_layers(int(assets.dcae.latent_channels), 1, init="random")
+    if settings.align_positions == "base":
+        # The same position layout as the aligned models, so the rows differ only by alignment.
+        naive_adapter.set_position_scale(adapter_for(s1).position_scale)
     naive.to(device)
     cfgn = _stage_config(settings, "finetune", out / "naive", settings.lora_steps)
     summary_naive = stage(

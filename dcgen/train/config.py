@@ -74,6 +74,11 @@ class TrainConfig:
     # from the frozen DiT's last hidden states, so a stage-1 model already samples images).
     align_head: str = "zero"
     align_head_samples: int = 1024  # training samples streamed through the ridge head fit
+    # Image RoPE positions of the new model: "grid" = (row, col) on the DC-AE token grid (the
+    # released DC-Gen models); "base" = spaced by the downsample factor so the new grid spans
+    # the base grid's position range (FLUX-family only; matters when the base model has never
+    # seen the smaller grid, e.g. a single-resolution base).
+    align_positions: str = "grid"
     train_embedder_in_stage2: bool = True
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
@@ -233,6 +238,10 @@ class TrainConfig:
             )
         if self.align_head not in ("zero", "ridge"):
             raise ConfigError(f"align_head: expected 'zero' or 'ridge', got {self.align_head!r}")
+        if self.align_positions not in ("grid", "base"):
+            raise ConfigError(
+                f"align_positions: expected 'grid' or 'base', got {self.align_positions!r}"
+            )
         if not isinstance(self.align_head_samples, int) or self.align_head_samples < 1:
             raise ConfigError(
                 f"align_head_samples: expected a positive integer, got {self.align_head_samples!r}"

@@ -378,6 +378,13 @@ def align_embedder(
     # New layers, seeded so every rank (and a resumed run) starts from the same random init.
     torch.manual_seed(cfg.seed)
     old = adapter.replace_latent_layers(new_shape[0], 1, init="zero_head")
+    if cfg.align_positions == "base":
+        if not hasattr(adapter, "set_position_scale"):
+            raise ConfigError(
+                f"align_positions='base' needs a RoPE model (FLUX family), got "
+                f"{type(transformer).__name__}"
+            )
+        adapter.set_position_scale(factor)
     base_embedder = old.embedder.to(device)
     layers_new = adapter.latent_layers()
     layers_new.embedder.to(device)

@@ -85,6 +85,37 @@ def test_flux_predict_errors():
         adapter.predict(torch.randn(1, 16, 3, 4), 0.5, embeds, pooled, guidance=3.5)
 
 
+def test_flux_position_scale_spans_the_base_grid_and_round_trips(tmp_path):
+    model = tiny_flux()
+    adapter = adapter_for(model)
+    adapter.replace_latent_layers(latent_channels=8, patch_size=1)
+    assert adapter.position_scale == 1.0
+    torch.testing.assert_close(adapter.token_ids(2, 3), FluxAdapter.image_ids(2, 3))
+    latents = torch.randn(1, 8, 2, 3)
+    embeds, pooled = text(1)
+    with torch.no_grad():
+        stock = adapter.predict(latents, 0.5, embeds, pooled, guidance=3.5)
+    adapter.set_position_scale(2)
+    ids = adapter.token_ids(2, 3)
+    # Token (r, c) sits at the centre of the 2x2 base tokens it covers: 2r + 0.5, 2c + 0.5.
+    assert ids[:, 0].eq(0).all()
+    assert ids[:, 1].tolist() == [0.5, 0.5, 0.5, 2.5, 2.5, 2.5]
+    assert ids[:, 2].tolist() == [0.5, 2.5, 4.5, 0.5, 2.5, 4.5]
+    with torch.no_grad():
+        scaled = adapter.predict(latents, 0.5, embeds, pooled, guidance=3.5)
+    assert not torch.allclose(scaled, stock)  # the positions reach the attention
+    model.save_pretrained(tmp_path)
+    loaded = adapter_for(FluxTransformer2DModel.from_pretrained(tmp_path).eval())
+    assert loaded.position_scale == 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.predict(latents, 0.5, embeds, pooled, guidance=3.5), scaled
+        )
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="positive finite"):
+            adapter.set_position_scale(bad)
+
+
 def test_flux_replace_save_load_round_trip(tmp_path):
     model = tiny_flux()
     adapter = adapter_for(model)

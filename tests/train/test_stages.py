@@ -94,6 +94,23 @@ def test_stage1_ridge_head_fits_the_velocity(root: Path, cache: Path) -> None:
     assert float(ridge_model.proj_out.weight.abs().max()) > 0.0
 
 
+def test_stage1_base_positions_scale_rope_by_the_downsample_factor(root: Path, cache: Path) -> None:
+    cfg = config(
+        root, "align", save_base(root), cache, align_sgd_steps=0, align_positions="base",
+        out_dir=str(root / "s1pos"),
+    )  # fmt: skip
+    summary = run(cfg, progress=False)
+    adapted = adapter_for(load_transformer(root / "s1pos" / "transformer"))
+    assert adapted.position_scale == float(summary["downsample_factor"]) > 1.0
+    # The default keeps the positions on the DC-AE token grid.
+    grid = run(
+        config(root, "align", save_base(root), cache, align_sgd_steps=0, out_dir=str(root / "s1g")),
+        progress=False,
+    )
+    assert adapter_for(load_transformer(root / "s1g" / "transformer")).position_scale == 1.0
+    assert grid["downsample_factor"] == summary["downsample_factor"]
+
+
 def test_stage2_reduces_flow_matching_loss(root: Path, cache: Path) -> None:
     transformer = load_transformer(save_adapted(root))
     blocks_before = {k: v.clone() for k, v in transformer.transformer_blocks.state_dict().items()}
@@ -153,6 +170,11 @@ def test_config_files_and_overrides(tmp_path: Path) -> None:
             {"stage": "1", "transformer": "t", "cache_dir": "c", "out_dir": "o",
              "mixed_precision": "fp8"},
             "mixed_precision",
+        ),
+        (
+            {"stage": "1", "transformer": "t", "cache_dir": "c", "out_dir": "o",
+             "align_positions": "scaled"},
+            "align_positions",
         ),
     ],
 )  # fmt: skip
