@@ -69,6 +69,7 @@ def test_e2e(benchmark, family, size, impl):
         dtype=bench.settings.dtype,
         device=str(DEVICE),
         measured="truncated model, quick steps, full decode",
+        variant="kernels (dcgen.accelerate + compiled kernels)",
     )
     full = bench.measure(impl, size, 1)
     benchmark.extra_info.update(

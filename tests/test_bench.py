@@ -19,8 +19,8 @@ from dcgen.bench import (
     token_counts,
     write_report,
 )
-from dcgen.bench.report import COLUMNS
-from dcgen.bench.speed import MODELS, SpeedBench, dcae_factor
+from dcgen.bench.report import COLUMNS, best_against_best
+from dcgen.bench.speed import MODELS, SpeedBench, attention_label, dcae_factor
 from dcgen.cli import BENCH_MODELS, main
 from dcgen.pipelines import DCGenSanaPipeline
 from dcgen.quant import quantized_modules
@@ -322,14 +322,19 @@ def test_report_fields(variant_report, tmp_path):
     md = paths["md"].read_text()
     header = next(line for line in md.splitlines() if line.startswith("| resolution"))
     assert [c.strip() for c in header.strip("|").split("|")] == list(COLUMNS)
-    body = [line for line in md.splitlines() if line.startswith("| 64px")]
+    table = md.split("Best against best")[0]
+    body = [line for line in table.splitlines() if line.startswith("| 64px")]
     assert len(body) == len(variant_report["rows"]) == 6
     assert all(len(line.strip("|").split("|")) == len(COLUMNS) for line in body)
     fp8_lines = [line for line in body if "| fp8 |" in line]
     assert len(fp8_lines) == 2 and all(" / 0.99" in line or " / 1.0" in line for line in fp8_lines)
-    assert "FP8 rows:" in md and "sdpa-math" in md
+    assert "FP8 rows:" in md and "sdpa-math" in md and "Best against best" in md
+    assert "| 64px | " in md.split("Best against best")[1]
     data = json.loads(paths["json"].read_text())
-    assert {"settings", "model", "device", "torch", "method", "timer", "rows"} <= set(data)
+    assert {"settings", "model", "device", "torch", "method", "timer", "rows", "summary"} <= set(
+        data
+    )
+    assert data["summary"] == best_against_best(data["rows"])
     assert data["settings"]["variants"] == ["stock", "kernels"]
     assert data["settings"]["attention"] == ["default", "math"]
     row_keys = {"resolution", "dcae", "base_ae", "base_tokens", "dcgen_tokens", "mode",
@@ -351,7 +356,8 @@ def test_cli_bench_sana_variants_fp8(tmp_path, capsys):
             "--device", "cpu", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.count("| 64px |") == 6  # 2 backends x (stock, kernels, kernels fp8)
+    table = printed.split("Best against best")[0]
+    assert table.count("| 64px |") == 6  # 2 backends x (stock, kernels, kernels fp8)
     assert "sdpa-flash / sdpa-flash" in printed
     data = json.loads((out / "speed.json").read_text())
     assert data["model"]["name"] == "tiny-sana"
@@ -379,3 +385,52 @@ def test_cli_bench_unknown_model(capsys):
         main(["bench", "--model", "sana-9b"])
     assert exc.value.code == 2
     assert "invalid choice: 'sana-9b'" in capsys.readouterr().err
+
+
+def _row(res, variant, attention, precision, base_ms, dcgen_ms):
+    part = lambda ms: {"total_ms": ms, "attention_used": f"sdpa-{attention}"}  # noqa: E731
+    return {
+        "resolution": res, "variant": variant, "attention": attention, "precision": precision,
+        "base": part(base_ms), "dcgen": part(dcgen_ms), "speedup": base_ms / dcgen_ms,
+    }  # fmt: skip
+
+
+def test_best_against_best():
+    rows = [
+        _row(1024, "stock", "flash", "bf16", 100.0, 10.0),
+        _row(1024, "kernels", "default", "bf16", 80.0, 8.0),
+        _row(1024, "kernels", "default", "fp8", 80.0, 5.0),
+        _row(4096, "kernels", "default", "bf16", 900.0, 20.0),
+    ]
+    first, second = best_against_best(rows)
+    assert first["resolution"] == 1024 and first["base_ms"] == 80.0
+    assert first["speedup"] == pytest.approx(10.0)  # 80 / 8: FP8 not in the same-dtype ratio
+    assert first["speedup_any"] == pytest.approx(16.0)  # 80 / 5 with the FP8 row
+    assert first["dcgen_any_config"] == "kernels, sdpa-default, fp8"
+    assert first["paper_setting_speedup"] == pytest.approx(10.0)  # the stock + flash row
+    assert second["speedup"] == pytest.approx(45.0) and second["paper_setting_speedup"] is None
+
+
+def test_attention_label_reports_the_flash_kernel(monkeypatch):
+    """With a compiled fused-attention kernel, FLUX (head dim 128) runs dcgen's flash kernel on
+    every attention module; SANA's 112-wide cross-attention heads fall back."""
+    import dcgen.ops._extension as ext
+    from dcgen import accelerate
+
+    monkeypatch.setattr(ext, "has_kernel", lambda name, device: name == "fused_attention")
+    cpu = torch.device("cpu")
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(**dict(MODELS["flux"].transformer, num_layers=1,
+                                             num_single_layers=1))  # fmt: skip
+        sana = SanaTransformer2DModel(**dict(MODELS["sana-1.6b"].transformer, num_layers=1))
+    assert attention_label(flux, "flash", False, cpu, torch.bfloat16) == "sdpa-flash"
+    assert attention_label(flux, "flash", True, cpu, torch.bfloat16) == "sdpa-flash"  # none fused
+    accelerate(flux)
+    accelerate(sana)
+    assert attention_label(flux, "default", True, cpu, torch.bfloat16) == "dcgen-flash"
+    assert attention_label(flux, "default", True, cpu, torch.float32) == (
+        "dcgen-fused -> fp32 reference"
+    )
+    assert attention_label(sana, "default", True, cpu, torch.bfloat16) == (
+        "dcgen-fused -> fp32 reference"
+    )

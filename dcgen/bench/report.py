@@ -44,6 +44,42 @@ def _names(v: Any) -> str:
     return v if isinstance(v, str) else ",".join(v)
 
 
+def _config(r: dict[str, Any], key: str) -> str:
+    return f"{r['variant']}, {r[key]['attention_used']}, {r['precision']}"
+
+
+def best_against_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per resolution: the fastest base row against the fastest DC-Gen row in the model dtype
+    (the issue's "best against best") and against the fastest DC-Gen row of any precision
+    (FP8 included), each with the configuration that achieved it; plus the paper's setting
+    (stock variant, SDPA flash for both) when such a row exists."""
+    out = []
+    for res in dict.fromkeys(r["resolution"] for r in rows):
+        mine = [r for r in rows if r["resolution"] == res]
+        full = [r for r in mine if r["precision"] != "fp8"]
+        base = min(full, key=lambda r: r["base"]["total_ms"])
+        dc = min(full, key=lambda r: r["dcgen"]["total_ms"])
+        dc_any = min(mine, key=lambda r: r["dcgen"]["total_ms"])
+        b_ms = base["base"]["total_ms"]
+        entry: dict[str, Any] = {
+            "resolution": res,
+            "base_ms": b_ms,
+            "base_config": _config(base, "base"),
+            "dcgen_ms": dc["dcgen"]["total_ms"],
+            "dcgen_config": _config(dc, "dcgen"),
+            "speedup": b_ms / dc["dcgen"]["total_ms"],
+            "dcgen_any_ms": dc_any["dcgen"]["total_ms"],
+            "dcgen_any_config": _config(dc_any, "dcgen"),
+            "speedup_any": b_ms / dc_any["dcgen"]["total_ms"],
+            "paper_setting_speedup": None,
+        }
+        paper = [r for r in full if r["variant"] == "stock" and r["attention"] == "flash"]
+        if paper:
+            entry["paper_setting_speedup"] = paper[0]["speedup"]
+        out.append(entry)
+    return out
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     model = report.get("model", {}).get("name", s["model"])
@@ -83,6 +119,24 @@ def format_markdown(report: dict[str, Any]) -> str:
             r["mode"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    summary = report.get("summary") or best_against_best(report["rows"])
+    if summary:
+        lines += [
+            "",
+            "Best against best (fastest base row vs fastest DC-Gen row; paper's setting = "
+            "stock variant, SDPA flash for both):",
+            "",
+            "| resolution | best base | best DC-Gen (same dtype) | speedup | best DC-Gen (any "
+            "precision) | speedup | paper's setting speedup |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in summary:
+            lines.append(
+                f"| {e['resolution']}px | {_ms(e['base_ms'])} ({e['base_config']}) | "
+                f"{_ms(e['dcgen_ms'])} ({e['dcgen_config']}) | {_x(e['speedup'])} | "
+                f"{_ms(e['dcgen_any_ms'])} ({e['dcgen_any_config']}) | {_x(e['speedup_any'])} | "
+                f"{_x(e['paper_setting_speedup'])} |"
+            )
     if any(r["mode"] == "extrapolated" for r in report["rows"]):
         lines += [
             "",

@@ -64,6 +64,7 @@ from .models import (
     get_model_spec,
     token_counts,
 )
+from .report import best_against_best
 
 logger = logging.getLogger(__name__)
 
@@ -624,6 +625,7 @@ def run_speed_bench(settings: BenchSettings, clock: Any = None) -> dict[str, Any
         "method": _method(s, spec, bench.measured_blocks),
         "timer": type(bench.clock).__name__,
         "rows": rows,
+        "summary": best_against_best(rows),
     }
 
 
