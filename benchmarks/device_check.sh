@@ -3,8 +3,19 @@
 # there, run the test suite (CUDA tests included), run the benchmark suite with JSON into $OUT,
 # print the baseline-vs-dcgen table last. Needs the wheels in .whl/ (diffusers, its
 # importlib_metadata and lazy-importer, nvidia-cutlass) carried with the call.
+# Then (DCGEN_SPEED_TABLE=1, the default; 0 skips it) the paper's speed table in quick mode:
+# `dcgen bench --quick` for FLUX at 1K/2K/4K (stock and kernels variants, SDPA default and
+# flash, FP8 rows) and SANA-1.6B (stock and kernels), md/json/png into $OUT/speed_{flux,sana},
+# both tables printed at the very end.
 #
-#   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=420)
+# Time on an H100 (estimate, not yet measured with this step): build + tests + benchmarks
+# about 3-4 min (measured in earlier sessions); the speed table about 2.5 min more (FLUX: 12
+# bf16 row pairs + 6 FP8 rows of a 1+1-block model, dominated by the base FLUX VAE decode at
+# 4K, ~2 s each, and ~20 s of imports / model builds; SANA: 6 row pairs of a 1-block model,
+# under 1 min), so about 6-7 min in all. Each bench call is capped by DCGEN_SPEED_TIMEOUT
+# (default 200 s) so the script cannot run away.
+#
+#   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=480)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dcgen_out}
@@ -40,7 +51,27 @@ python3 -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$OUT/bench
 bench_rc=$?
 tail -5 "$OUT/bench.log"
 
-stamp "done (tests rc=$test_rc, benchmarks rc=$bench_rc)"
+speed_rc=0
+if [ "${DCGEN_SPEED_TABLE:-1}" = 1 ]; then
+  stamp "speed table (dcgen bench --quick)"
+  speed() {  # name, then dcgen bench arguments
+    local name=$1; shift
+    timeout "${DCGEN_SPEED_TIMEOUT:-200}" python3 -m dcgen.cli bench --quick "$@" \
+      --out "$OUT/speed_$name" >"$OUT/speed_$name.log" 2>&1
+    local rc=$?
+    [ $rc = 0 ] || { tail -20 "$OUT/speed_$name.log"; echo "speed table $name FAILED (rc=$rc)"; }
+    return $rc
+  }
+  speed flux --model flux --resolutions 1024,2048,4096 --variants stock,kernels \
+    --attention default,flash --fp8 || speed_rc=1
+  stamp "speed table flux done"
+  speed sana --model sana-1.6b --resolutions 1024,2048,4096 --variants stock,kernels || speed_rc=1
+fi
+
+stamp "done (tests rc=$test_rc, benchmarks rc=$bench_rc, speed table rc=$speed_rc)"
 cat "$OUT/build_info.json"
 python3 benchmarks/summarize.py "$OUT/bench.json" --markdown "$OUT/table.md"
-exit $(( test_rc != 0 || bench_rc != 0 ))
+for name in flux sana; do
+  [ -f "$OUT/speed_$name/speed.md" ] && { echo; cat "$OUT/speed_$name/speed.md"; }
+done
+exit $(( test_rc != 0 || bench_rc != 0 || speed_rc != 0 ))

@@ -1,10 +1,11 @@
-"""End to end: base FLUX.1 (f8c16 VAE, 2x2) vs DC-Gen-FLUX (DC-AE, 1x1), denoise + decode.
+"""End to end: base vs DC-Gen, denoise + decode, for FLUX.1 (f8c16 VAE 2x2 vs DC-AE 1x1) and
+SANA 1.6B (DC-AE f32c32 vs f64c128, 1x1).
 
-One group per resolution, impl=baseline / dcgen. GPU: FLUX.1 size in bf16, in quick mode (one
-double + one single block, DCGEN_BENCH_E2E_STEPS steps, default 2: the timed call is that
-truncated run plus the full decode; the extrapolated full-depth 20-step latency goes to
-extra_info). Resolutions from DCGEN_BENCH_SIZES (default 1024,2048,4096), each skipped when the
-free GPU memory is below a rough need. CPU: the tiny model at 64 / 128 px (smoke run).
+One group per model and resolution, impl=baseline / dcgen. GPU: FLUX.1 / SANA-1.6B size in
+bf16, in quick mode (one block per block list, DCGEN_BENCH_E2E_STEPS steps, default 2: the timed
+call is that truncated run plus the full decode; the extrapolated full-depth 20-step latency
+goes to extra_info). Resolutions from DCGEN_BENCH_SIZES (default 1024,2048,4096), each skipped
+when the free GPU memory is below a rough need. CPU: the tiny models at 64 / 128 px (smoke run).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from _harness import DEVICE, ON_GPU, measure_peak_memory, rounds, time_it
 
 from dcgen.bench.speed import BenchSettings, SpeedBench, dcae_preset_for
 
-MODEL = "flux" if ON_GPU else "tiny"
+MODELS = {"flux": "flux", "sana": "sana-1.6b"} if ON_GPU else {"flux": "tiny", "sana": "tiny-sana"}
+BASELINES = {"flux": "base FLUX.1 (f8c16 VAE, 2x2)", "sana": "base SANA (DC-AE f32c32, 1x1)"}
 STEPS = int(os.environ.get("DCGEN_BENCH_E2E_STEPS", "2"))
 if ON_GPU:
     SIZES = [int(s) for s in os.environ.get("DCGEN_BENCH_SIZES", "1024,2048,4096").split(",")]
@@ -30,37 +32,44 @@ NEED_GB = {1024: 12, 2048: 20, 4096: 50}
 _bench: dict[str, SpeedBench] = {}
 
 
-def _harness() -> SpeedBench:
-    if "b" not in _bench:
+def _harness(model: str) -> SpeedBench:
+    """One model resident at a time (the previous one is closed first)."""
+    if model not in _bench:
+        for other in list(_bench):
+            _bench.pop(other).close()
         gc.collect()
         settings = BenchSettings(
-            model=MODEL, resolutions=tuple(SIZES), steps=20, quick=True, quick_steps=STEPS,
+            model=model, resolutions=tuple(SIZES), steps=20, quick=True, quick_steps=STEPS,
             device=str(DEVICE),
         )  # fmt: skip
-        _bench["b"] = SpeedBench(settings)
-    return _bench["b"]
+        _bench[model] = SpeedBench(settings)
+    return _bench[model]
 
 
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 @pytest.mark.parametrize("size", SIZES)
-def test_e2e(benchmark, size, impl):
+@pytest.mark.parametrize("family", ["flux", "sana"])
+def test_e2e(benchmark, family, size, impl):
     if ON_GPU:
         free = torch.cuda.mem_get_info()[0] / 1e9
         need = NEED_GB.get(size, 50)
         if free < need:
             pytest.skip(f"{size}px needs about {need} GB free, {free:.0f} GB free")
-    bench = _harness()
+    model = MODELS[family]
+    bench = _harness(model)
     steps = bench.settings.quick_steps
     run = bench.runner(impl, size, batch=1, steps=steps)
-    benchmark.group = f"e2e {MODEL} {size}px ({steps} steps, 1+1 blocks, + decode)"
+    blocks = "+".join("1" for _ in bench.spec.blocks)
+    benchmark.group = f"e2e {model} {size}px ({steps} steps, {blocks} blocks, + decode)"
     benchmark.extra_info.update(
         impl=impl,
-        baseline_name="base FLUX.1 (f8c16 VAE, 2x2)",
+        baseline_name=BASELINES[family],
         dcae=dcae_preset_for(bench.spec, size),
         size=size,
         dtype=bench.settings.dtype,
         device=str(DEVICE),
         measured="truncated model, quick steps, full decode",
+        variant="kernels (dcgen.accelerate + compiled kernels)",
     )
     full = bench.measure(impl, size, 1)
     benchmark.extra_info.update(

@@ -12,7 +12,8 @@ dcgen precompute --data DIR --dcae DCAE --out CACHE [...]   images + captions ->
 dcgen align|output|finetune --config run.toml [--set k=v]   DC-Gen stages 1 / 2 / 3
 dcgen export --transformer DIR --dcae DIR --out DIR [...]   stage outputs -> pipeline folder
 dcgen generate --pipeline DIR --prompt-embeds FILE [...]    pipeline folder -> PNG
-dcgen bench [--model flux|tiny] [--resolutions ...] [--quick]   speed table (md/json/png)
+dcgen bench [--model flux|sana-1.6b|...] [--quick] [--variants stock,kernels] [--fp8]
+                                       speed table, base vs DC-Gen (md/json/png)
 
 Errors in the input print one line and exit with status 2 (-v adds the traceback).
 """
@@ -31,6 +32,8 @@ from typing import Any
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: dcgen.bench.MODELS' names, spelled out so building the parser does not import diffusers
+BENCH_MODELS = ("flux", "sana-1.6b", "sana-4.8b", "tiny", "tiny-sana")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -432,11 +435,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--resolutions: expected comma-separated integers, got {args.resolutions!r}"
         ) from None
+    if args.no_kernels and args.variants is not None:
+        raise ValueError("--no-kernels is --variants stock: give one of them, not both")
+    variants = "stock" if args.no_kernels else (args.variants or "kernels")
     settings = BenchSettings(
         model=args.model, resolutions=resolutions, steps=args.steps, batch=args.batch,
         quick=args.quick, quick_blocks=args.quick_blocks, quick_steps=args.quick_steps,
         repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
-        attention=args.attention, kernels=not args.no_kernels,
+        attention=args.attention, variants=variants, fp8=args.fp8,
+        fp8_granularity=args.fp8_granularity,
     )  # fmt: skip
     settings.resolved()  # bad input fails before any model is built
     report = run_speed_bench(settings)
@@ -692,22 +699,27 @@ format, with --caption choosing the entry. Several --seed values give one PNG pe
     # -- bench
     b = sub.add_parser(
         "bench",
-        help="speed table: base FLUX vs DC-Gen-FLUX latency per resolution (random weights)",
+        help="speed table: base FLUX / SANA vs DC-Gen latency per resolution (random weights)",
         formatter_class=fmt,
         description="""\
-Time base FLUX.1 (f8c16 VAE, 2x2 patches) against DC-Gen-FLUX (DC-AE f32c32 at 1K, f64c128 above,
-1x1 patches) with random weights and random text embeddings: denoise (N steps) and decode, batch-1
-latency, batch-N throughput, peak GPU memory. --quick builds K double + K single blocks, times S
-steps and extrapolates to the full depth and --steps. Writes speed.md, speed.json, speed.png.""",
+Time a base model against its DC-Gen version with random weights and random text embeddings:
+denoise (N steps) and decode, batch-1 latency, batch-N throughput, peak GPU memory.
+FLUX.1: base on the FLUX VAE with 2x2 patches vs DC-Gen-FLUX on DC-AE f32c32 at 1K, f64c128
+above. SANA (1.6B / 4.8B configs): base on DC-AE f32c32 vs DC-Gen-SANA on f64c128, 1x1 patches.
+Rows per resolution x --attention backend x --variants; --fp8 adds DC-Gen rows with FP8 linears
+in the transformer blocks and their output error vs bf16. --quick builds K blocks per block list,
+times S steps and extrapolates to the full depth and --steps. Writes speed.md/.json/.png.""",
     )
-    b.add_argument("--model", default="flux", choices=["flux", "tiny"],
-                   help="flux (FLUX.1 size) or tiny (CPU smoke size); default flux")  # fmt: skip
+    b.add_argument("--model", default="flux", choices=BENCH_MODELS,
+                   help="flux (FLUX.1 size), sana-1.6b, sana-4.8b, or the CPU smoke sizes tiny "
+                        "(FLUX-like) and tiny-sana; default flux")  # fmt: skip
     b.add_argument("--resolutions", default=None, metavar="R1,R2",
-                   help="square sizes in pixels (default: 1024,2048,4096; tiny: 64,128,256)")  # fmt: skip
+                   help="square sizes in pixels (default: 1024,2048,4096; tiny: 64,128,256; "
+                        "tiny-sana: 64,128)")  # fmt: skip
     b.add_argument("--quick", action="store_true",
                    help="time K blocks and S steps, extrapolate to full depth and --steps")  # fmt: skip
     b.add_argument("--quick-blocks", type=int, default=1, metavar="K",
-                   help="double and single blocks built in quick mode (default 1 each)")  # fmt: skip
+                   help="blocks built per block list in quick mode (default 1)")  # fmt: skip
     b.add_argument("--quick-steps", type=int, default=2, metavar="S",
                    help="steps timed in quick mode (default 2)")  # fmt: skip
     b.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
@@ -715,11 +727,20 @@ steps and extrapolates to the full depth and --steps. Writes speed.md, speed.jso
                    help="batch for the throughput run (default 1: throughput = 1/latency)")  # fmt: skip
     b.add_argument("--repeats", type=int, default=1, help="timed runs per case, median (default 1)")
     b.add_argument("--warmup", type=int, default=1, help="warm-up runs per case (default 1)")
-    b.add_argument("--attention", default="default",
-                   choices=["default", "flash", "efficient", "cudnn", "math"],
-                   help="SDPA backend (default: torch's choice)")  # fmt: skip
+    b.add_argument("--attention", default="default", metavar="B1,B2",
+                   help="SDPA backends, one set of rows each, from default, flash, efficient, "
+                        "cudnn, math (default: torch's choice; 'default,flash' adds the paper's "
+                        "FA2-class setting)")  # fmt: skip
+    b.add_argument("--variants", default=None, metavar="V1,V2",
+                   help="stock (diffusers attention, dcgen ops on references) and/or kernels "
+                        "(dcgen.accelerate + compiled kernels); default kernels")  # fmt: skip
     b.add_argument("--no-kernels", action="store_true",
-                   help="dcgen ops use their references (DCGEN_DISABLE_KERNELS=1)")  # fmt: skip
+                   help="same as --variants stock (DCGEN_DISABLE_KERNELS=1)")  # fmt: skip
+    b.add_argument("--fp8", action="store_true",
+                   help="add DC-Gen rows with FP8 (E4M3 W8A8) transformer blocks, with the "
+                        "output error vs bf16 (dcgen.quant.quality_report)")  # fmt: skip
+    b.add_argument("--fp8-granularity", default="row", choices=["row", "block128"],
+                   help="FP8 scales per row or per 1x128 block (default row)")  # fmt: skip
     b.add_argument("--out", default="dcgen_bench", help="output folder (default ./dcgen_bench)")
     b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
+from diffusers import FluxTransformer2DModel, SanaTransformer2DModel
 from PIL import Image
 
+from dcgen.adapters import adapter_for
 from dcgen.bench import (
     BenchSettings,
     dcae_preset_for,
@@ -15,8 +19,11 @@ from dcgen.bench import (
     token_counts,
     write_report,
 )
-from dcgen.bench.speed import MODELS, SpeedBench, dcae_factor
-from dcgen.cli import main
+from dcgen.bench.report import COLUMNS, best_against_best
+from dcgen.bench.speed import MODELS, SpeedBench, attention_label, dcae_factor
+from dcgen.cli import BENCH_MODELS, main
+from dcgen.pipelines import DCGenSanaPipeline
+from dcgen.quant import quantized_modules
 
 
 class FakeClock:
@@ -56,8 +63,8 @@ def test_tiny_run_writes_table_json_png(tmp_path):
             assert part["denoise_ms"] > 0 and part["decode_ms"] > 0
         assert r["speedup"] == pytest.approx(r["base"]["total_ms"] / r["dcgen"]["total_ms"])
     md = paths["md"].read_text()
-    assert "| 64px | 16 / 4 | f32c32-sana-1.1 |" in md
-    assert "| 128px | 64 / 4 | f64c128-in-1.0 |" in md
+    assert "| 64px | 16 / 4 | f32c32-sana-1.1 | kernels |" in md
+    assert "| 128px | 64 / 4 | f64c128-in-1.0 | kernels |" in md
     assert md.count("| measured |") == 2
     with Image.open(paths["png"]) as im:
         assert im.size[0] > 100 and im.size[1] > 100
@@ -65,11 +72,15 @@ def test_tiny_run_writes_table_json_png(tmp_path):
 
 def test_extrapolation_arithmetic():
     # 2 measured steps of a 1+1-block model; full depth 19 + 38 and 20 steps.
-    got = extrapolate_denoise(10.0, 2.0, 1.5, (1, 1), (19, 38), 20)
+    got = extrapolate_denoise(10.0, (2.0, 1.5), (1, 1), (19, 38), 20)
     assert got == pytest.approx((10.0 + 18 * 2.0 + 37 * 1.5) * 20)
-    assert extrapolate_denoise(5.0, 9.0, 9.0, (2, 2), (2, 2), 3) == pytest.approx(15.0)
+    assert extrapolate_denoise(5.0, (9.0, 9.0), (2, 2), (2, 2), 3) == pytest.approx(15.0)
+    # SANA: one block list.
+    assert extrapolate_denoise(4.0, (3.0,), (1,), (20,), 20) == pytest.approx((4.0 + 19 * 3.0) * 20)
     with pytest.raises(ValueError, match="exceed"):
-        extrapolate_denoise(1.0, 1.0, 1.0, (3, 1), (2, 2), 1)
+        extrapolate_denoise(1.0, (1.0, 1.0), (3, 1), (2, 2), 1)
+    with pytest.raises(ValueError, match="one block time and count per block list"):
+        extrapolate_denoise(1.0, (1.0,), (1, 1), (2, 2), 1)
 
 
 def test_quick_mode_with_fake_clock(quick_report):
@@ -125,6 +136,21 @@ def test_bad_inputs_have_clear_errors():
         BenchSettings(model="tiny", attention="xformers").resolved()
     with pytest.raises(ValueError, match="quick_blocks"):
         BenchSettings(model="tiny", quick=True, quick_blocks=3).resolved()
+    # SANA: base f32 (side 32) and DC-Gen f64 at every size -> multiples of 64.
+    with pytest.raises(ValueError, match="multiple of 64"):
+        BenchSettings(model="sana-1.6b", resolutions=(1056,)).resolved()
+    with pytest.raises(ValueError, match="positive int"):
+        BenchSettings(model="tiny", resolutions=(0,)).resolved()
+    with pytest.raises(ValueError, match="each size once"):
+        BenchSettings(model="tiny", resolutions=(64, 64)).resolved()
+    with pytest.raises(ValueError, match="variants: expected names from"):
+        BenchSettings(model="tiny", variants="stock,turbo").resolved()
+    with pytest.raises(ValueError, match="each name once"):
+        BenchSettings(model="tiny", attention="flash,flash").resolved()
+    with pytest.raises(ValueError, match="fp8_granularity"):
+        BenchSettings(model="tiny", fp8=True, fp8_granularity="tensor").resolved()
+    with pytest.raises(ValueError, match="quick_blocks 3 exceeds"):
+        BenchSettings(model="tiny-sana", quick=True, quick_blocks=3).resolved()
 
 
 def test_pipelines_switch_latent_layers():
@@ -152,3 +178,259 @@ def test_cli_bench(tmp_path, capsys):
         assert (out / name).exists()
     assert main(["bench", "--model", "tiny", "--resolutions", "96"]) == 2
     assert "multiple of 64" in capsys.readouterr().err
+
+
+# -- SANA ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "billions", "width"),
+    [("sana-1.6b", 1.6, 2240), ("sana-4.8b", 4.8, 2240), ("flux", 11.9, 3072)],
+)
+def test_full_size_configs_have_the_published_sizes(name, billions, width):
+    """The configs build (on the meta device: no memory) to the published parameter counts."""
+    spec = MODELS[name]
+    cls = FluxTransformer2DModel if spec.family == "flux" else SanaTransformer2DModel
+    with torch.device("meta"):
+        model = cls(**spec.transformer)
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    assert params == pytest.approx(billions, rel=0.06)
+    assert adapter_for(model).inner_dim == width
+
+
+def test_sana_specs():
+    for name in ("sana-1.6b", "sana-4.8b"):
+        spec = MODELS[name]
+        assert spec.text_tokens == 300 and spec.text_dim == 2304  # Gemma-2 2B, 300 tokens
+        assert spec.base_side == 32 and spec.base_latent_channels == 32
+        assert spec.depth == ((20,) if name == "sana-1.6b" else (60,))
+        # DC-Gen-SANA moves f32c32 -> f64c128 at every resolution.
+        for r in (1024, 2048, 4096):
+            assert dcae_preset_for(spec, r) == "dc-ae-f64c128-in-1.0"
+    assert token_counts(4096, 64, MODELS["sana-1.6b"].base_side) == (16384, 4096)
+
+
+def test_sana_quick_mode_single_block_list():
+    settings = BenchSettings(model="tiny-sana", resolutions=(64, 128), steps=20, quick=True)
+    report = run_speed_bench(settings, clock=FakeClock())
+    (full,) = MODELS["tiny-sana"].depth
+    assert report["model"]["family"] == "sana"
+    assert "sana-block time" in report["method"]
+    for r in report["rows"]:
+        assert r["dcae"] == "dc-ae-f64c128-in-1.0"
+        assert r["base_ae"].startswith("DC-AE f32c32")
+        assert r["base_tokens"] == (r["resolution"] // 32) ** 2
+        assert r["dcgen_tokens"] == (r["resolution"] // 64) ** 2
+        for key in ("base", "dcgen"):
+            part = r[key]
+            assert part["sana_block_ms"] == 1.0 and "double_block_ms" not in part
+            expected = (part["measured_step_ms"] + (full - 1) * 1.0) * 20
+            assert part["denoise_ms"] == pytest.approx(expected)
+
+
+def test_sana_pipelines_switch_latent_layers():
+    bench = SpeedBench(BenchSettings(model="tiny-sana", quick=True))
+    base = bench.pipeline("baseline", 64)
+    assert isinstance(base, DCGenSanaPipeline)
+    assert (base.adapter.latent_channels, base.adapter.patch_size) == (2, 1)
+    assert base.vae.spatial_compression_ratio == 32
+    dc = bench.pipeline("dcgen", 64)
+    assert dc.vae.spatial_compression_ratio == 64
+    assert dc.adapter.latent_channels == dc.vae.latent_channels == 8
+    text = bench.text(2)
+    assert text["prompt_embeds"].shape == (2, 8, 32)
+    assert text["prompt_attention_mask"].shape == (2, 8)
+    assert "pooled_prompt_embeds" not in text
+    bench.close()
+
+
+# -- variants, attention backends, FP8 -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def variant_report():
+    settings = BenchSettings(
+        model="tiny", resolutions=(64,), steps=2, quick=True, variants="stock,kernels",
+        attention="default,math", fp8=True,
+    )  # fmt: skip
+    return run_speed_bench(settings, clock=FakeClock())
+
+
+def test_variants_and_backends_each_get_rows(variant_report):
+    rows = variant_report["rows"]
+    got = [(r["attention"], r["variant"], r["precision"]) for r in rows]
+    assert got == [
+        ("default", "stock", "fp32"), ("default", "kernels", "fp32"), ("default", "kernels", "fp8"),
+        ("math", "stock", "fp32"), ("math", "kernels", "fp32"), ("math", "kernels", "fp8"),
+    ]  # fmt: skip
+    for r in rows:
+        for key in ("base", "dcgen"):
+            used = r[key]["attention_used"]
+            if r["variant"] == "stock":
+                assert used == f"sdpa-{r['attention']}"
+            else:  # dcgen's fused processors were installed (CPU: no kernel, fp32 reference)
+                assert used == "dcgen-fused -> fp32 reference"
+    assert os.environ.get("DCGEN_DISABLE_KERNELS") is None  # restored after the stock rows
+
+
+def test_fp8_rows_carry_quality_and_the_bf16_base(variant_report):
+    rows = variant_report["rows"]
+    for fp8 in (r for r in rows if r["precision"] == "fp8"):
+        ref = next(
+            r for r in rows
+            if r["precision"] != "fp8" and r["variant"] == "kernels"
+            and r["attention"] == fp8["attention"]
+        )  # fmt: skip
+        assert fp8["base"] == ref["base"] and fp8["base_from_row"]
+        q = fp8["quality"]
+        # 1 double + 1 single FLUX block: 10 + 4 block linears (norm linears stay 16-bit)
+        assert q["linears"] == q["layers"] > 0
+        assert 0.0 < q["rel_err"] < 0.1 and 0.99 < q["cosine"] <= 1.0 + 1e-6
+        assert q["granularity"] == "row" and q["worst_layer"].startswith(
+            ("transformer_blocks.", "single_transformer_blocks.")
+        )
+        assert fp8["speedup"] == pytest.approx(fp8["base"]["total_ms"] / fp8["dcgen"]["total_ms"])
+    for r in rows:
+        if r["precision"] != "fp8":
+            assert r["quality"] is None
+
+
+def test_fp8_blocks_are_copies_on_a_view():
+    bench = SpeedBench(BenchSettings(model="tiny", quick=True))
+    bench.pipeline("dcgen", 64)
+    fp8 = bench.build_fp8()
+    view = bench.transformer_for("fp8")
+    t = bench.transformer
+    # The bf16 model is untouched; the view shares every non-block module.
+    assert not quantized_modules(t)
+    names = set(quantized_modules(view))
+    assert len(names) == fp8.linears
+    assert "single_transformer_blocks.0.proj_out" in names  # a block's own output linear
+    assert not any(n.startswith(("x_embedder", "proj_out", "norm_out")) for n in names)
+    assert view.x_embedder is t.x_embedder and view.proj_out is t.proj_out
+    assert view.transformer_blocks is not t.transformer_blocks
+    # A later latent-layer swap on the bf16 model reaches a freshly made view.
+    dc = bench.pipeline("baseline", 64, precision="fp8")
+    assert dc.transformer.x_embedder is t.x_embedder and dc.adapter.patch_size == 2
+    with pytest.raises(ValueError, match="precision"):
+        bench.transformer_for("int4")
+    bench.close()
+
+
+def test_report_fields(variant_report, tmp_path):
+    paths = write_report(variant_report, tmp_path)
+    md = paths["md"].read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| resolution"))
+    assert [c.strip() for c in header.strip("|").split("|")] == list(COLUMNS)
+    table = md.split("Best against best")[0]
+    body = [line for line in table.splitlines() if line.startswith("| 64px")]
+    assert len(body) == len(variant_report["rows"]) == 6
+    assert all(len(line.strip("|").split("|")) == len(COLUMNS) for line in body)
+    fp8_lines = [line for line in body if "| fp8 |" in line]
+    assert len(fp8_lines) == 2 and all(" / 0.99" in line or " / 1.0" in line for line in fp8_lines)
+    assert "FP8 rows:" in md and "sdpa-math" in md and "Best against best" in md
+    assert "| 64px | " in md.split("Best against best")[1]
+    data = json.loads(paths["json"].read_text())
+    assert {"settings", "model", "device", "torch", "method", "timer", "rows", "summary"} <= set(
+        data
+    )
+    assert data["summary"] == best_against_best(data["rows"])
+    assert data["settings"]["variants"] == ["stock", "kernels"]
+    assert data["settings"]["attention"] == ["default", "math"]
+    row_keys = {"resolution", "dcae", "base_ae", "base_tokens", "dcgen_tokens", "mode",
+                "attention", "variant", "precision", "quality", "base", "dcgen", "speedup",
+                "throughput_speedup"}  # fmt: skip
+    assert all(row_keys <= set(r) for r in data["rows"])
+    with Image.open(paths["png"]) as im:
+        assert im.size[0] >= 70 + 110 * 6  # one bar group per row
+
+
+def test_cli_bench_models_match_the_registry():
+    assert tuple(sorted(MODELS)) == tuple(sorted(BENCH_MODELS))
+
+
+def test_cli_bench_sana_variants_fp8(tmp_path, capsys):
+    out = tmp_path / "s"
+    args = ["bench", "--model", "tiny-sana", "--resolutions", "64", "--quick", "--steps", "2",
+            "--variants", "stock,kernels", "--attention", "default,flash", "--fp8",
+            "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    table = printed.split("Best against best")[0]
+    assert table.count("| 64px |") == 6  # 2 backends x (stock, kernels, kernels fp8)
+    assert "sdpa-flash / sdpa-flash" in printed
+    data = json.loads((out / "speed.json").read_text())
+    assert data["model"]["name"] == "tiny-sana"
+    assert sum(r["quality"] is not None for r in data["rows"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--variants", "stock", "--no-kernels"], "--no-kernels is --variants stock"),
+        (["--variants", "fast"], "variants: expected names from"),
+        (["--attention", "flash,sage"], "attention: expected names from"),
+        (["--resolutions", "64,x"], "comma-separated integers"),
+        (["--model", "tiny-sana", "--resolutions", "96"], "multiple of 64"),
+    ],
+)
+def test_cli_bench_bad_input(extra, message, capsys):
+    args = ["bench", "--model", "tiny", "--resolutions", "64", "--device", "cpu"]
+    assert main([*args, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bench_unknown_model(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", "sana-9b"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'sana-9b'" in capsys.readouterr().err
+
+
+def _row(res, variant, attention, precision, base_ms, dcgen_ms):
+    part = lambda ms: {"total_ms": ms, "attention_used": f"sdpa-{attention}"}  # noqa: E731
+    return {
+        "resolution": res, "variant": variant, "attention": attention, "precision": precision,
+        "base": part(base_ms), "dcgen": part(dcgen_ms), "speedup": base_ms / dcgen_ms,
+    }  # fmt: skip
+
+
+def test_best_against_best():
+    rows = [
+        _row(1024, "stock", "flash", "bf16", 100.0, 10.0),
+        _row(1024, "kernels", "default", "bf16", 80.0, 8.0),
+        _row(1024, "kernels", "default", "fp8", 80.0, 5.0),
+        _row(4096, "kernels", "default", "bf16", 900.0, 20.0),
+    ]
+    first, second = best_against_best(rows)
+    assert first["resolution"] == 1024 and first["base_ms"] == 80.0
+    assert first["speedup"] == pytest.approx(10.0)  # 80 / 8: FP8 not in the same-dtype ratio
+    assert first["speedup_any"] == pytest.approx(16.0)  # 80 / 5 with the FP8 row
+    assert first["dcgen_any_config"] == "kernels, sdpa-default, fp8"
+    assert first["paper_setting_speedup"] == pytest.approx(10.0)  # the stock + flash row
+    assert second["speedup"] == pytest.approx(45.0) and second["paper_setting_speedup"] is None
+
+
+def test_attention_label_reports_the_flash_kernel(monkeypatch):
+    """With a compiled fused-attention kernel, FLUX (head dim 128) runs dcgen's flash kernel on
+    every attention module; SANA's 112-wide cross-attention heads fall back."""
+    import dcgen.ops._extension as ext
+    from dcgen import accelerate
+
+    monkeypatch.setattr(ext, "has_kernel", lambda name, device: name == "fused_attention")
+    cpu = torch.device("cpu")
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(**dict(MODELS["flux"].transformer, num_layers=1,
+                                             num_single_layers=1))  # fmt: skip
+        sana = SanaTransformer2DModel(**dict(MODELS["sana-1.6b"].transformer, num_layers=1))
+    assert attention_label(flux, "flash", False, cpu, torch.bfloat16) == "sdpa-flash"
+    assert attention_label(flux, "flash", True, cpu, torch.bfloat16) == "sdpa-flash"  # none fused
+    accelerate(flux)
+    accelerate(sana)
+    assert attention_label(flux, "default", True, cpu, torch.bfloat16) == "dcgen-flash"
+    assert attention_label(flux, "default", True, cpu, torch.float32) == (
+        "dcgen-fused -> fp32 reference"
+    )
+    assert attention_label(sana, "default", True, cpu, torch.bfloat16) == (
+        "dcgen-fused -> fp32 reference"
+    )

@@ -1,20 +1,29 @@
-"""Latency of base FLUX.1 (f8c16 VAE, 2x2 patches) vs DC-Gen-FLUX (DC-AE, 1x1 patches).
+"""Latency of a base model vs its DC-Gen version (FLUX.1 or SANA), the DC-Gen paper's table.
 
 Random weights, random precomputed text embeddings (text encoding is excluded, as in the
-paper's table). Per resolution and per pipeline the run times, after a warm-up:
+paper's table). Per resolution, per attention backend and per variant the run times, after a
+warm-up:
 
 - ``denoise``: N Euler steps through the pipeline's ``__call__`` (``output_type="latent"``),
 - ``decode``: the autoencoder decode of those latents (no tiling),
 
 at batch 1 (latency) and, when ``batch > 1``, at batch N (throughput, images/s), plus the peak
 GPU memory. Both pipelines share ONE transformer: the latent-facing layers are swapped with
-``replace_latent_layers`` between cases (random weights either way), so the 12B blocks are
-resident once.
+``replace_latent_layers`` between cases (random weights either way), so the blocks are
+resident once (models.py says which autoencoders each family compares).
 
-Quick mode builds the transformer with only K double + K single blocks, runs S steps with a
-clock around every block, and extrapolates (measured = the S-step run and the block times):
+Variants: ``stock`` = diffusers' attention processors and every dcgen op on its PyTorch
+reference (DCGEN_DISABLE_KERNELS=1); ``kernels`` = ``dcgen.accelerate`` (fused attention
+processors) and the compiled kernels (DC-AE linear attention, channel RMSNorm, FP8 quantize).
+Attention: each name picks torch's SDPA backend (``default`` = torch's choice); every row
+records what its softmax attention ran on (``attention_used``). The FP8 row (``fp8=True``):
+DC-Gen with FP8 linears in the transformer blocks (dcgen.bench.fp8; built after every bf16
+row, on copies), its output error vs bf16 on one batch beside the time.
 
-    step_full   = step_measured + (D - K) * t_double + (S_full - K) * t_single
+Quick mode builds the transformer with only K blocks per block list, runs S steps with a clock
+around every block, and extrapolates (measured = the S-step run and the block times):
+
+    step_full   = step_measured + sum over block lists of (full_i - K) * t_block_i
     denoise     = step_full * steps
 
 where step_measured = (S-step time) / S includes everything outside the blocks (embedders,
@@ -25,155 +34,64 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    SanaTransformer2DModel,
+)
+from torch import nn
 
 from ..adapters import adapter_for
 from ..autoencoders import DCAE
 from ..autoencoders.config import get_preset, reduced_config
-from ..pipelines import BaseFluxPipeline, DCGenFluxPipeline
+from ..pipelines import BaseFluxPipeline, DCGenFluxPipeline, DCGenSanaPipeline
+from .fp8 import FP8Blocks, InputCapture, output_quality
+from .models import (
+    MODELS,
+    ModelSpec,
+    check_resolution,
+    dcae_factor,
+    dcae_preset_for,
+    get_model_spec,
+    token_counts,
+)
+from .report import best_against_best
 
 logger = logging.getLogger(__name__)
-
-# -- model specs ----------------------------------------------------------------------------------
-
-#: FLUX.1 VAE (f8c16): four stages, 16 latent channels, published scaling / shift.
-FLUX_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=16,
-    block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A benchmarkable model family: transformer config, base VAE, DC-AE choice, text length."""
-
-    name: str
-    transformer: dict[str, Any]
-    vae: dict[str, Any]
-    text_tokens: int
-    #: DC-AE f32c32 up to this resolution, f64c128 above (the paper: f32 at 1K, f64 at 2K/4K)
-    f32_max_resolution: int
-    default_resolutions: tuple[int, ...]
-    #: DC-AE widths divided by this (1 = the published presets)
-    dcae_width_divisor: int = 1
-    dcae_max_layers: int | None = None
-
-    @property
-    def depth(self) -> tuple[int, int]:
-        return int(self.transformer["num_layers"]), int(self.transformer["num_single_layers"])
-
-
-MODELS: dict[str, ModelSpec] = {
-    "flux": ModelSpec(
-        name="flux",
-        transformer=dict(
-            patch_size=1,
-            in_channels=64,
-            num_layers=19,
-            num_single_layers=38,
-            attention_head_dim=128,
-            num_attention_heads=24,
-            joint_attention_dim=4096,
-            pooled_projection_dim=768,
-            guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
-        ),  # fmt: skip
-        vae=FLUX_VAE,
-        text_tokens=512,
-        f32_max_resolution=1024,
-        default_resolutions=(1024, 2048, 4096),
-    ),
-    # CPU smoke size: every code path, nothing meaningful timed.
-    "tiny": ModelSpec(
-        name="tiny",
-        transformer=dict(
-            patch_size=1,
-            in_channels=64,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
-        ),  # fmt: skip
-        vae=dict(FLUX_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
-        text_tokens=8,
-        f32_max_resolution=64,
-        default_resolutions=(64, 128, 256),
-        dcae_width_divisor=16,
-        dcae_max_layers=1,
-    ),
-}
-
-F32_PRESET = "dc-ae-f32c32-sana-1.1"
-F64_PRESET = "dc-ae-f64c128-in-1.0"
-BASE_FACTOR = 8  # FLUX VAE
-BASE_PATCH = 2
-
-
-def get_model_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
-    return MODELS[name]
-
-
-def dcae_preset_for(spec: ModelSpec, resolution: int) -> str:
-    """The paper's choice: f32c32 at 1K, f64c128 at 2K and 4K (thresholds scale for 'tiny')."""
-    return F32_PRESET if resolution <= spec.f32_max_resolution else F64_PRESET
-
-
-def dcae_factor(preset: str) -> int:
-    return get_preset(preset).spatial_compression_ratio
-
-
-def token_counts(resolution: int, dcae_factor: int) -> tuple[int, int]:
-    """(base tokens, DC-Gen tokens) for a square image: base = 2x2 patches of the f8 latent,
-    (H/16)^2; DC-Gen = 1x1 patches of the DC-AE latent, (H/f)^2."""
-    base_side = BASE_FACTOR * BASE_PATCH
-    return (resolution // base_side) ** 2, (resolution // dcae_factor) ** 2
-
-
-def check_resolution(spec: ModelSpec, resolution: int) -> None:
-    f = dcae_factor(dcae_preset_for(spec, resolution))
-    need = math.lcm(BASE_FACTOR * BASE_PATCH, f)
-    if not isinstance(resolution, int) or resolution <= 0 or resolution % need:
-        raise ValueError(
-            f"resolution {resolution!r}: must be a positive multiple of {need} (base FLUX needs "
-            f"{BASE_FACTOR * BASE_PATCH}; DC-Gen at this size uses {dcae_preset_for(spec, resolution)}"
-            f", factor {f})"
-        )
-
 
 # -- the pure arithmetic of quick mode ------------------------------------------------------------
 
 
 def extrapolate_denoise(
     step_ms: float,
-    double_ms: float,
-    single_ms: float,
-    measured_blocks: tuple[int, int],
-    full_blocks: tuple[int, int],
+    block_ms: Sequence[float],
+    measured_blocks: Sequence[int],
+    full_blocks: Sequence[int],
     steps: int,
 ) -> float:
     """Full-depth denoise time for ``steps`` steps from a truncated model's step time and its
-    per-block times: (step + (D - d) * t_double + (S - s) * t_single) * steps."""
-    (d, s), (dd, ss) = measured_blocks, full_blocks
-    if d > dd or s > ss:
-        raise ValueError(f"measured blocks {measured_blocks} exceed the full depth {full_blocks}")
-    return (step_ms + (dd - d) * double_ms + (ss - s) * single_ms) * steps
+    per-block times, one entry per block list (FLUX: double, single; SANA: one list):
+    (step + sum_i (full_i - measured_i) * t_i) * steps."""
+    if not len(block_ms) == len(measured_blocks) == len(full_blocks):
+        raise ValueError(
+            f"expected one block time and count per block list, got {len(block_ms)} times, "
+            f"{len(measured_blocks)} measured and {len(full_blocks)} full counts"
+        )
+    if any(m > f for m, f in zip(measured_blocks, full_blocks, strict=True)):
+        raise ValueError(
+            f"measured blocks {tuple(measured_blocks)} exceed the full depth {tuple(full_blocks)}"
+        )
+    extra = sum((f - m) * t for t, m, f in zip(block_ms, measured_blocks, full_blocks, strict=True))
+    return (step_ms + extra) * steps
 
 
 # -- clocks --------------------------------------------------------------------------------------
@@ -210,6 +128,20 @@ class CudaClock:
 # -- settings ------------------------------------------------------------------------------------
 
 ATTENTION_BACKENDS = ("default", "flash", "efficient", "cudnn", "math")
+VARIANTS = ("stock", "kernels")
+FP8_GRANULARITIES = ("row", "block128")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _names(field_name: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated string or a sequence of names -> a checked tuple (no repeats)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [str(v).strip() for v in items]
+    if not items or any(v not in allowed for v in items):
+        raise ValueError(f"{field_name}: expected names from {allowed}, got {value!r}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"{field_name}: expected each name once, got {value!r}")
+    return tuple(items)
 
 
 @dataclass
@@ -219,48 +151,59 @@ class BenchSettings:
     steps: int = 20
     batch: int = 1
     quick: bool = False
-    quick_blocks: int = 1  # K double + K single blocks in quick mode
+    quick_blocks: int = 1  # K blocks per block list in quick mode
     quick_steps: int = 2  # S steps timed in quick mode
     repeats: int = 1  # timed runs per case (median)
     warmup: int = 1
     device: str | None = None  # None: cuda when available
     dtype: str | None = None  # None: bf16 on cuda, fp32 on cpu
-    attention: str = "default"
-    kernels: bool = True
+    #: SDPA backends, one set of rows each ("default,flash" = best available and the paper's)
+    attention: tuple[str, ...] | str = ("default",)
+    #: "stock" and / or "kernels", one set of rows each
+    variants: tuple[str, ...] | str = ("kernels",)
+    fp8: bool = False  # add DC-Gen rows with FP8 transformer blocks and their quality
+    fp8_granularity: str = "row"
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> BenchSettings:
         spec = get_model_spec(self.model)
         out = BenchSettings(**asdict(self))
+        if self.resolutions is not None and not isinstance(self.resolutions, list | tuple):
+            raise ValueError(f"resolutions: expected a sequence of ints, got {self.resolutions!r}")
         out.resolutions = tuple(self.resolutions or spec.default_resolutions)
         out.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         out.dtype = self.dtype or ("bf16" if out.device.startswith("cuda") else "fp32")
         for name in ("steps", "batch", "quick_blocks", "quick_steps", "repeats"):
             v = getattr(out, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if out.warmup < 0:
-            raise ValueError(f"warmup: expected >= 0, got {out.warmup!r}")
-        if out.attention not in ATTENTION_BACKENDS:
+        if not isinstance(out.warmup, int) or out.warmup < 0:
+            raise ValueError(f"warmup: expected an int >= 0, got {out.warmup!r}")
+        out.attention = _names("attention", self.attention, ATTENTION_BACKENDS)
+        out.variants = _names("variants", self.variants, VARIANTS)
+        if out.fp8_granularity not in FP8_GRANULARITIES:
             raise ValueError(
-                f"attention: expected one of {ATTENTION_BACKENDS}, got {out.attention!r}"
+                f"fp8_granularity: expected one of {FP8_GRANULARITIES}, got {out.fp8_granularity!r}"
             )
         if out.dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {out.dtype!r}")
         for r in out.resolutions:
             check_resolution(spec, r)
-        if out.quick:
-            d, s = spec.depth
-            if out.quick_blocks > min(d, s):
-                raise ValueError(
-                    f"quick_blocks {out.quick_blocks} exceeds the model depth ({d} double, "
-                    f"{s} single)"
-                )
+        if len(set(out.resolutions)) != len(out.resolutions):
+            raise ValueError(f"resolutions: expected each size once, got {out.resolutions}")
+        if out.quick and out.quick_blocks > min(spec.depth):
+            raise ValueError(
+                f"quick_blocks {out.quick_blocks} exceeds the model depth "
+                f"({dict(zip(spec.block_kinds, spec.depth, strict=True))})"
+            )
         return out
 
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    @property
+    def fp8_variant(self) -> str:
+        """The variant the FP8 rows run with: kernels when measured, else the one variant."""
+        variants = _names("variants", self.variants, VARIANTS)
+        return "kernels" if "kernels" in variants else variants[0]
 
 
 # -- context managers ----------------------------------------------------------------------------
@@ -308,34 +251,95 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel(backend)
 
 
+@contextlib.contextmanager
+def attention_processors(transformer: nn.Module, fused: bool) -> Iterator[None]:
+    """dcgen's fused attention processors installed while ``fused`` (dcgen.accelerate),
+    diffusers' stock ones otherwise; stock again on exit."""
+    from .. import accelerate, unaccelerate
+
+    if fused:
+        accelerate(transformer)
+    else:
+        unaccelerate(transformer)
+    try:
+        yield
+    finally:
+        unaccelerate(transformer)
+
+
+def _head_dim(module: nn.Module) -> int | None:
+    d = getattr(module, "head_dim", None)
+    if d is None and getattr(module, "heads", None):
+        d = getattr(module, "inner_dim", 0) // module.heads
+    return d
+
+
+def attention_label(
+    transformer: nn.Module, backend: str, fused: bool, device: torch.device, dtype: torch.dtype
+) -> str:
+    """What the transformer's softmax attention runs on (SANA's linear self-attention is not
+    softmax attention and is not counted): ``sdpa-<backend>``, ``dcgen-flash`` (dcgen's fused
+    flash kernel on every attention module), a mix, or the fused path's fallback."""
+    from ..attention.install import _ORIGINAL
+    from ..ops._extension import has_kernel
+    from ..ops.attention import KERNEL_DTYPES, KERNEL_HEAD_DIMS
+
+    sdpa = f"sdpa-{backend}"
+    if not fused:
+        return sdpa
+    modules = [m for m in transformer.modules() if _ORIGINAL in m.__dict__]
+    if not modules:
+        return sdpa
+    kernel = (
+        has_kernel("fused_attention", device)
+        and dtype in KERNEL_DTYPES
+        and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0))
+    )
+    n_flash = sum(1 for m in modules if kernel and _head_dim(m) in KERNEL_HEAD_DIMS)
+    if n_flash == len(modules):
+        return "dcgen-flash"
+    fallback = sdpa if device.type == "cuda" and dtype in KERNEL_DTYPES else "fp32 reference"
+    if n_flash == 0:
+        return f"dcgen-fused -> {fallback}"
+    return f"dcgen-flash ({n_flash}/{len(modules)}) + {fallback}"
+
+
 # -- the harness ---------------------------------------------------------------------------------
 
 
 class SpeedBench:
-    """Models for one settings object; ``case(impl, resolution)`` readies a pipeline."""
+    """Models for one settings object; ``pipeline(impl, resolution)`` readies a pipeline."""
 
     def __init__(self, settings: BenchSettings, clock: Any = None) -> None:
         self.settings = settings.resolved()
-        self.spec = get_model_spec(self.settings.model)
+        self.spec: ModelSpec = get_model_spec(self.settings.model)
         self.device = torch.device(self.settings.device)
         self.dtype = _DTYPES[self.settings.dtype]
         self.on_cuda = self.device.type == "cuda"
         self.clock = clock or (CudaClock() if self.on_cuda else WallClock())
         cfg = dict(self.spec.transformer)
         if self.settings.quick:
-            cfg.update(num_layers=self.settings.quick_blocks)
-            cfg.update(num_single_layers=self.settings.quick_blocks)
+            for _, _, key in self.spec.blocks:
+                cfg[key] = self.settings.quick_blocks
+        self._dcae: dict[str, DCAE] = {}
+        self.fp8: FP8Blocks | None = None
         torch.manual_seed(self.settings.seed)
         with build_context(self.device, self.dtype):
-            self.transformer = FluxTransformer2DModel(**cfg).eval().requires_grad_(False)
-            self.vae = AutoencoderKL(**self.spec.vae).eval().requires_grad_(False)
+            if self.spec.family == "flux":
+                self.transformer = FluxTransformer2DModel(**cfg)
+                self.vae: Any = AutoencoderKL(**self.spec.vae).eval().requires_grad_(False)
+            else:
+                self.transformer = SanaTransformer2DModel(**cfg)
+                self.vae = self.dcae(self.spec.base_dcae)
+        self.transformer.eval().requires_grad_(False)
         self.adapter = adapter_for(self.transformer)
-        self.measured_blocks = (int(cfg["num_layers"]), int(cfg["num_single_layers"]))
-        self._dcae: dict[str, DCAE] = {}
+        self.measured_blocks = tuple(int(cfg[key]) for _, _, key in self.spec.blocks)
 
     def dcae(self, preset: str) -> DCAE:
+        """The DC-AE of ``preset`` (random weights); at most two resident (base + DC-Gen)."""
         if preset not in self._dcae:
-            self._dcae.clear()  # one DC-AE resident at a time
+            if len(self._dcae) >= 2:
+                self._dcae.pop(next(p for p in self._dcae if p != self.spec.base_dcae))
             spec = self.spec
             cfg = (
                 get_preset(preset)
@@ -348,69 +352,108 @@ class SpeedBench:
                 self._dcae[preset] = DCAE.from_config(cfg).eval().requires_grad_(False)
         return self._dcae[preset]
 
-    def pipeline(self, impl: str, resolution: int) -> Any:
-        """The pipeline for ``impl`` ('baseline' = base FLUX, 'dcgen' = DC-Gen-FLUX), with the
-        shared transformer's latent layers set for it (random weights)."""
+    def transformer_for(self, precision: str) -> nn.Module:
+        """The bf16 transformer, or (``"fp8"``) a view of it on the FP8 blocks."""
+        if precision == "bf16":
+            return self.transformer
+        if precision == "fp8":
+            if self.fp8 is None:
+                raise ValueError("precision 'fp8': call build_fp8() first")
+            return self.fp8.view(self.transformer)
+        raise ValueError(f"precision: expected 'bf16' or 'fp8', got {precision!r}")
+
+    def build_fp8(self) -> FP8Blocks:
+        """FP8 copies of every block list (once; the bf16 blocks stay as they are)."""
+        if self.fp8 is None:
+            from .. import unaccelerate
+
+            unaccelerate(self.transformer)  # copy stock blocks
+            attrs = [attr for _, attr, _ in self.spec.blocks]
+            with torch.inference_mode(False), torch.no_grad():
+                self.fp8 = FP8Blocks(self.transformer, attrs, self.settings.fp8_granularity)
+        return self.fp8
+
+    def _set_latent_layers(self, channels: int, patch: int) -> None:
+        if (self.adapter.latent_channels, self.adapter.patch_size) != (channels, patch):
+            self.adapter.replace_latent_layers(channels, patch_size=patch)
+
+    def pipeline(self, impl: str, resolution: int, precision: str = "bf16") -> Any:
+        """The pipeline for ``impl`` ('baseline' = the base model on its own autoencoder,
+        'dcgen' = DC-Gen on the DC-AE for ``resolution``), with the shared transformer's latent
+        layers set for it (random weights)."""
+        spec = self.spec
         if impl == "baseline":
-            c, p = int(self.spec.vae["latent_channels"]), BASE_PATCH
-            if (self.adapter.latent_channels, self.adapter.patch_size) != (c, p):
-                self.adapter.replace_latent_layers(c, patch_size=p)
-            pipe = BaseFluxPipeline(self.transformer, self.vae)
+            self._set_latent_layers(spec.base_latent_channels, spec.base_patch)
+            ae = self.vae
         elif impl == "dcgen":
-            ae = self.dcae(dcae_preset_for(self.spec, resolution))
-            c = ae.latent_channels
-            if (self.adapter.latent_channels, self.adapter.patch_size) != (c, 1):
-                self.adapter.replace_latent_layers(c, patch_size=1)
-            pipe = DCGenFluxPipeline(self.transformer, vae=ae)
+            ae = self.dcae(dcae_preset_for(spec, resolution))
+            self._set_latent_layers(ae.latent_channels, 1)
         else:
             raise ValueError(f"impl: expected 'baseline' or 'dcgen', got {impl!r}")
+        transformer = self.transformer_for(precision)
+        if spec.family == "sana":
+            # SANA's flow shift (3.0 at 1K); a constant shift costs the same at any value.
+            sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+            pipe = DCGenSanaPipeline(transformer, vae=ae, scheduler=sched)
+        elif impl == "baseline":
+            pipe = BaseFluxPipeline(transformer, ae)
+        else:
+            pipe = DCGenFluxPipeline(transformer, vae=ae)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def text(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.spec.transformer
+    def text(self, batch: int) -> dict[str, torch.Tensor]:
+        """Random precomputed text inputs for the pipeline call (FLUX: T5 + pooled CLIP;
+        SANA: Gemma-2 hidden states and an all-ones attention mask)."""
         g = torch.Generator(device=self.device).manual_seed(self.settings.seed)
-        shape = (batch, self.spec.text_tokens, cfg["joint_attention_dim"])
-        embeds = torch.randn(shape, generator=g, device=self.device, dtype=self.dtype)
-        pooled = torch.randn(
-            (batch, cfg["pooled_projection_dim"]), generator=g, device=self.device,
-            dtype=self.dtype,
-        )  # fmt: skip
-        return embeds, pooled
+        shape = (batch, self.spec.text_tokens, self.spec.text_dim)
+        kw = dict(generator=g, device=self.device, dtype=self.dtype)
+        out = {"prompt_embeds": torch.randn(shape, **kw)}
+        if self.spec.family == "flux":
+            pooled = (batch, self.spec.transformer["pooled_projection_dim"])
+            out["pooled_prompt_embeds"] = torch.randn(pooled, **kw)
+        else:
+            out["prompt_attention_mask"] = torch.ones(shape[:2], device=self.device)
+        return out
 
-    def runner(self, impl: str, resolution: int, batch: int, steps: int) -> Callable[[], Any]:
+    def _call(self, pipe: Any, text: dict[str, torch.Tensor], resolution: int, steps: int) -> Any:
+        return pipe(
+            **text, height=resolution, width=resolution, num_inference_steps=steps,
+            output_type="latent", max_sequence_length=self.spec.text_tokens,
+            generator=torch.Generator(device=self.device).manual_seed(0),
+        ).images  # fmt: skip
+
+    @contextlib.contextmanager
+    def _contexts(self, transformer: nn.Module, variant: str, attention: str) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(kernels_enabled(variant == "kernels"))
+            stack.enter_context(attention_backend(attention))
+            stack.enter_context(attention_processors(transformer, variant == "kernels"))
+            yield
+
+    def runner(
+        self, impl: str, resolution: int, batch: int, steps: int, variant: str = "kernels",
+        attention: str = "default",
+    ) -> Callable[[], Any]:  # fmt: skip
         """A zero-argument call running denoise + decode once (for pytest-benchmark)."""
         pipe = self.pipeline(impl, resolution)
-        embeds, pooled = self.text(batch)
+        text = self.text(batch)
 
         def run() -> Any:
-            with self._contexts():
-                lat = pipe(
-                    prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=resolution,
-                    width=resolution, num_inference_steps=steps, output_type="latent",
-                    generator=torch.Generator(device=self.device).manual_seed(0),
-                ).images  # fmt: skip
+            with self._contexts(pipe.transformer, variant, attention):
+                lat = self._call(pipe, text, resolution, steps)
                 return pipe.decode_latents(lat, None, 0)
 
         return run
 
-    def _contexts(self) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        stack.enter_context(kernels_enabled(self.settings.kernels))
-        stack.enter_context(attention_backend(self.settings.attention))
-        return stack
-
     @contextlib.contextmanager
-    def _block_marks(self) -> Iterator[dict[str, list[tuple[Any, Any]]]]:
-        """Clock marks around every block call: {'double': [(start, end)], 'single': [...]}."""
-        marks: dict[str, list[tuple[Any, Any]]] = {"double": [], "single": []}
+    def _block_marks(self, transformer: nn.Module) -> Iterator[dict[str, list[tuple[Any, Any]]]]:
+        """Clock marks around every block call: {kind: [(start, end), ...]} per block list."""
+        marks: dict[str, list[tuple[Any, Any]]] = {kind: [] for kind in self.spec.block_kinds}
         handles = []
-        t = self.transformer
-        for kind, blocks in (
-            ("double", t.transformer_blocks), ("single", t.single_transformer_blocks)
-        ):  # fmt: skip
-            for block in blocks:
+        for kind, attr, _ in self.spec.blocks:
+            for block in getattr(transformer, attr):
                 pending: list[Any] = []
 
                 def pre(module: Any, args: Any, pending: list = pending) -> None:
@@ -429,23 +472,30 @@ class SpeedBench:
             for h in handles:
                 h.remove()
 
-    def measure(self, impl: str, resolution: int, batch: int) -> dict[str, Any]:
+    def measure(
+        self, impl: str, resolution: int, batch: int, variant: str = "kernels",
+        attention: str = "default", precision: str = "bf16",
+    ) -> dict[str, Any]:  # fmt: skip
         """Warm-up, then ``repeats`` timed runs; medians of denoise / decode (and block) times."""
         s = self.settings
         steps = s.quick_steps if s.quick else s.steps
-        pipe = self.pipeline(impl, resolution)
-        embeds, pooled = self.text(batch)
+        pipe = self.pipeline(impl, resolution, precision)
+        transformer = pipe.transformer
+        text = self.text(batch)
         clock = self.clock
+        used: list[str] = []
 
         def once(n_steps: int, blocks: bool) -> dict[str, float]:
-            with self._contexts(), self._block_marks() if blocks else _null_marks() as marks:
+            marks_cm = self._block_marks(transformer) if blocks else _null_marks()
+            with self._contexts(transformer, variant, attention), marks_cm as marks:
+                if not used:
+                    fused = variant == "kernels"
+                    used.append(
+                        attention_label(transformer, attention, fused, self.device, self.dtype)
+                    )
                 clock.sync()
                 t0 = clock.mark()
-                lat = pipe(
-                    prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=resolution,
-                    width=resolution, num_inference_steps=n_steps, output_type="latent",
-                    generator=torch.Generator(device=self.device).manual_seed(0),
-                ).images  # fmt: skip
+                lat = self._call(pipe, text, resolution, n_steps)
                 t1 = clock.mark()
                 pipe.decode_latents(lat, None, 0)
                 t2 = clock.mark()
@@ -470,23 +520,41 @@ class SpeedBench:
             clock.sync()
             top = torch.cuda.max_memory_allocated(self.device)
             peak = {"peak_memory_gb": top / 1e9, "peak_activation_gb": (top - before) / 1e9}
-        res = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        res: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         res.update(peak)
+        res["attention_used"] = used[0]
         res["measured_steps"] = steps
-        full = self.spec.depth
         if s.quick:
             step_ms = res["denoise_ms"] / steps
             res["measured_step_ms"] = step_ms
             res["denoise_ms"] = extrapolate_denoise(
-                step_ms, res["double_block_ms"], res["single_block_ms"], self.measured_blocks,
-                full, s.steps,
+                step_ms, [res[f"{k}_block_ms"] for k in self.spec.block_kinds],
+                self.measured_blocks, self.spec.depth, s.steps,
             )  # fmt: skip
         res["total_ms"] = res["denoise_ms"] + res["decode_ms"]
         res["images_per_s"] = batch / (res["total_ms"] / 1e3) if res["total_ms"] > 0 else None
         return res
 
+    def fp8_quality(self, resolution: int, variant: str, attention: str) -> dict[str, Any]:
+        """Output error of the FP8 transformer vs the bf16 one on one DC-Gen batch at
+        ``resolution`` (the transformer inputs of the first denoising step, batch 1)."""
+        pipe = self.pipeline("dcgen", resolution, "bf16")
+        capture = InputCapture(self.transformer)
+        try:
+            with self._contexts(self.transformer, variant, attention):
+                self._call(pipe, self.text(1), resolution, 1)
+        finally:
+            capture.remove()
+        view = self.transformer_for("fp8")
+        with (
+            self._contexts(self.transformer, variant, attention),
+            attention_processors(view, variant == "kernels"),
+        ):
+            return output_quality(self.transformer, view, capture.kwargs or {})
+
     def close(self) -> None:
         self._dcae.clear()
+        self.fp8 = None
         del self.transformer, self.vae
         if self.on_cuda:
             torch.cuda.empty_cache()
@@ -501,51 +569,123 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def _speedups(row: dict[str, Any]) -> None:
+    row["speedup"] = _ratio(row["base"]["total_ms"], row["dcgen"]["total_ms"])
+    tput = (row.get("base_batch", row["base"]), row.get("dcgen_batch", row["dcgen"]))
+    row["throughput_speedup"] = _ratio(tput[1]["images_per_s"], tput[0]["images_per_s"])
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err)
+
+
 def run_speed_bench(settings: BenchSettings, clock: Any = None) -> dict[str, Any]:
-    """Run every resolution for both pipelines; returns the report dict (see dcgen.bench.report
-    for the table, JSON and chart)."""
+    """Run every (resolution, attention, variant) for both pipelines, then the FP8 rows when
+    asked; returns the report dict (see dcgen.bench.report for the table, JSON and chart)."""
     bench = SpeedBench(settings, clock=clock)
     s, spec = bench.settings, bench.spec
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         for res in s.resolutions:
             preset = dcae_preset_for(spec, res)
-            base_tokens, dc_tokens = token_counts(res, dcae_factor(preset))
-            row: dict[str, Any] = {
-                "resolution": res, "dcae": preset, "base_tokens": base_tokens,
-                "dcgen_tokens": dc_tokens,
+            base_tokens, dc_tokens = token_counts(res, dcae_factor(preset), spec.base_side)
+            common = {
+                "resolution": res, "dcae": preset, "base_ae": spec.base_label,
+                "base_tokens": base_tokens, "dcgen_tokens": dc_tokens,
                 "mode": "extrapolated" if s.quick else "measured",
             }  # fmt: skip
-            for impl, key in (("baseline", "base"), ("dcgen", "dcgen")):
-                logger.info("bench %s %dpx batch 1", impl, res)
-                lat = bench.measure(impl, res, 1)
-                row[key] = lat
-                if s.batch > 1:
-                    logger.info("bench %s %dpx batch %d", impl, res, s.batch)
-                    row[f"{key}_batch"] = bench.measure(impl, res, s.batch)
-            row["speedup"] = _ratio(row["base"]["total_ms"], row["dcgen"]["total_ms"])
-            tput = (row.get("base_batch", row["base"]), row.get("dcgen_batch", row["dcgen"]))
-            row["throughput_speedup"] = _ratio(tput[1]["images_per_s"], tput[0]["images_per_s"])
-            rows.append(row)
+            for attention in s.attention:
+                for variant in s.variants:
+                    row: dict[str, Any] = {
+                        **common, "attention": attention, "variant": variant,
+                        "precision": s.dtype, "quality": None,
+                    }  # fmt: skip
+                    for impl, key in (("baseline", "base"), ("dcgen", "dcgen")):
+                        logger.info("bench %s %dpx %s %s", impl, res, variant, attention)
+                        row[key] = bench.measure(impl, res, 1, variant, attention)
+                        if s.batch > 1:
+                            row[f"{key}_batch"] = bench.measure(
+                                impl, res, s.batch, variant, attention
+                            )
+                    _speedups(row)
+                    rows.append(row)
+        if s.fp8:
+            rows += _fp8_rows(bench, rows)
     finally:
         bench.close()
-    full_d, full_s = spec.depth
-    mdl_d, mdl_s = bench.measured_blocks
-    how = (
-        f"quick: measured {mdl_d} double + {mdl_s} single blocks over {s.quick_steps} steps and "
-        f"the full decode; denoise = (measured step + ({full_d} - {mdl_d}) x double-block time + "
-        f"({full_s} - {mdl_s}) x single-block time) x {s.steps} steps"
-        if s.quick
-        else f"measured: full depth ({full_d} double + {full_s} single), {s.steps} steps, decode"
-    )
+    order = {
+        (r, a): i for i, (r, a) in enumerate((r, a) for r in s.resolutions for a in s.attention)
+    }
+    rows.sort(key=lambda r: (order[(r["resolution"], r["attention"])], r["precision"] == "fp8"))
     return {
         "settings": asdict(s),
+        "model": {"name": spec.name, "family": spec.family, "base_ae": spec.base_label},
         "device": _device_name(bench.device),
         "torch": torch.__version__,
-        "method": how,
+        "method": _method(s, spec, bench.measured_blocks),
         "timer": type(bench.clock).__name__,
         "rows": rows,
+        "summary": best_against_best(rows),
     }
+
+
+def _fp8_rows(bench: SpeedBench, bf16_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """DC-Gen with FP8 blocks, per resolution and attention, beside the bf16 base of the same
+    (resolution, attention, variant) row (the base is not re-measured)."""
+    s = bench.settings
+    variant = s.fp8_variant
+    bench.build_fp8()
+    out = []
+    for ref in bf16_rows:
+        if ref["variant"] != variant:
+            continue
+        res, attention = ref["resolution"], ref["attention"]
+        row = {k: v for k, v in ref.items() if k not in ("dcgen", "dcgen_batch")}
+        row.update(precision="fp8", base_precision=ref["precision"], base_from_row=True)
+        logger.info("bench dcgen fp8 %dpx %s %s", res, variant, attention)
+        row["dcgen"] = bench.measure("dcgen", res, 1, variant, attention, precision="fp8")
+        if s.batch > 1:
+            row["dcgen_batch"] = bench.measure(
+                "dcgen", res, s.batch, variant, attention, precision="fp8"
+            )
+        _speedups(row)
+        try:
+            quality = bench.fp8_quality(res, variant, attention)
+        except RuntimeError as err:  # quality_report keeps every layer's in/out: may not fit
+            if not _is_oom(err):
+                raise
+            if bench.on_cuda:
+                torch.cuda.empty_cache()
+            quality = {"error": f"out of memory during quality_report at {res}px"}
+        quality.update(granularity=s.fp8_granularity, linears=bench.fp8.linears)
+        row["quality"] = quality
+        out.append(row)
+    return out
+
+
+def _method(s: BenchSettings, spec: ModelSpec, measured: tuple[int, ...]) -> str:
+    lists = " + ".join(f"{n} {k}" for n, k in zip(measured, spec.block_kinds, strict=True))
+    full = " + ".join(f"{n} {k}" for n, k in zip(spec.depth, spec.block_kinds, strict=True))
+    if s.quick:
+        extra = " + ".join(
+            f"({f} - {m}) x {k}-block time"
+            for f, m, k in zip(spec.depth, measured, spec.block_kinds, strict=True)
+        )
+        how = (
+            f"quick: measured {lists} blocks over {s.quick_steps} steps and the full decode; "
+            f"denoise = (measured step + {extra}) x {s.steps} steps"
+        )
+    else:
+        how = f"measured: full depth ({full} blocks), {s.steps} steps, decode"
+    if s.fp8:
+        how += (
+            f"; FP8 rows: FP8 ({s.fp8_granularity} scales, W8A8) linears in the transformer "
+            f"blocks of DC-Gen, quality = dcgen.quant.quality_report of the transformer output "
+            f"vs bf16 on one batch (first step's inputs, batch 1"
+            + (f", the {lists}-block model" if s.quick else "")
+            + ")"
+        )
+    return how
 
 
 def _device_name(device: torch.device) -> str:
@@ -556,12 +696,15 @@ def _device_name(device: torch.device) -> str:
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "FP8_GRANULARITIES",
     "MODELS",
+    "VARIANTS",
     "BenchSettings",
     "CudaClock",
     "ModelSpec",
     "SpeedBench",
     "WallClock",
+    "attention_label",
     "check_resolution",
     "dcae_factor",
     "dcae_preset_for",
