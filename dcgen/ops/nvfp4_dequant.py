@@ -57,7 +57,9 @@ def _check(
 ) -> int:
     name = "nvfp4_dequantize"
     check_tensor(f"{name}: packed", packed, ndim=2, dtypes=(torch.uint8,))
-    check_tensor(f"{name}: scales", scales, ndim=1 if swizzled else 2, dtypes=(torch.float8_e4m3fn,))
+    check_tensor(
+        f"{name}: scales", scales, ndim=1 if swizzled else 2, dtypes=(torch.float8_e4m3fn,)
+    )
     check_tensor(f"{name}: global_scale", global_scale, dtypes=(torch.float32,))
     check_same_device(packed=packed, scales=scales, global_scale=global_scale)
     if dtype not in FLOAT_DTYPES:

@@ -115,8 +115,9 @@ def test_cuda_kernel_nan_scales_and_all_codes(rng):
         sc = (swizzle_scales(scales) if swz else scales).cuda()
         poison_cuda_allocator()
         got = nvfp4_dequantize(packed.cuda(), sc, gs.cuda(), 30, torch.float32, swz)
-        want = nvfp4_dequantize_reference(packed, swizzle_scales(scales) if swz else scales, gs,
-                                          30, torch.float32, swz)
+        want = nvfp4_dequantize_reference(
+            packed, swizzle_scales(scales) if swz else scales, gs, 30, torch.float32, swz
+        )
         _same(got.cpu(), want, f"swizzled={swz}")
 
 
