@@ -13,8 +13,12 @@ if(DCGEN_WITH_CUDA)
       "-DNDEBUG;-O3;-lineinfo;-gencode=arch=compute_100a,code=sm_100a;-diag-suppress=2908")
     set_source_files_properties(csrc/nvfp4/nvfp4_gemm_cuda.cpp PROPERTIES
       INCLUDE_DIRECTORIES "${CMAKE_CUDA_TOOLKIT_INCLUDE_DIRECTORIES}")
-    list(APPEND DCGEN_SOURCES csrc/nvfp4/nvfp4_gemm_sm100.cu csrc/nvfp4/nvfp4_gemm_cuda.cpp)
-    list(APPEND DCGEN_ALL_ARCHS sm_100a)
+    # GeForce Blackwell: the Sm120 block-scaled collective, its own file, sm_120a only.
+    set_source_files_properties(csrc/nvfp4/nvfp4_gemm_sm120.cu PROPERTIES COMPILE_OPTIONS
+      "-DNDEBUG;-O3;-lineinfo;-gencode=arch=compute_120a,code=sm_120a;-diag-suppress=2908")
+    list(APPEND DCGEN_SOURCES csrc/nvfp4/nvfp4_gemm_sm100.cu csrc/nvfp4/nvfp4_gemm_sm120.cu
+      csrc/nvfp4/nvfp4_gemm_cuda.cpp)
+    list(APPEND DCGEN_ALL_ARCHS sm_100a sm_120a)
     list(REMOVE_DUPLICATES DCGEN_ALL_ARCHS)
     list(APPEND DCGEN_KERNELS nvfp4_gemm:cuda)
   endif()

@@ -89,8 +89,6 @@ def test_not_available_on_cpu():
 def _needs_path() -> None:
     if not has_kernel("nvfp4_dequantize", "cuda"):
         pytest.skip("dcgen._C built without the CUDA nvfp4_dequantize kernel")
-    if torch.cuda.get_device_capability()[0] == 10 and has_kernel("nvfp4_gemm", "cuda"):
-        pytest.skip("sm_100 runs W4A4 on the native GEMM (tests/ops/test_nvfp4_gemm.py)")
 
 
 @pytest.mark.cuda
@@ -104,14 +102,14 @@ def test_cuda_layer_matches_reference(mode, rank, smooth, shape, rng, monkeypatc
     with torch.no_grad():
         xf = _smoothed(layer, x)
         fast = dq.forward_main(layer, x, xf, None)
-        y = layer(x)
+        y = layer(x)  # W4A4 on sm_100 / sm_120: the native GEMM (bf16 output)
         monkeypatch.setenv("DCGEN_DISABLE_KERNELS", "1")
         ref_main = layer.reference_main(xf, None)
         ref = layer(x)
     # fp32 results: only the summation order (cuBLAS vs CPU/torch fp32) differs.
     torch.testing.assert_close(fast, ref_main, atol=1e-4, rtol=1e-4)
-    # the layer output: + one bf16 rounding each
-    torch.testing.assert_close(y.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    # the layer output: + one bf16 rounding each (two on the native GEMM path)
+    torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.cuda
