@@ -75,6 +75,21 @@ def test_bad_inputs(rng):
         nvfp4_dequantize(p[:, :3], s[:, :1], g)
 
 
+@pytest.mark.skipif(not has_kernel("nvfp4_dequantize", "cuda"), reason="no CUDA dequantize kernel")
+def test_fake_impl_traces():
+    # The fake (meta) impl torch.compile uses: shape [N, k] and the requested dtype.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dcgen.ops._extension import compiled_op
+
+    with FakeTensorMode():
+        p = torch.empty(130, 56, dtype=torch.uint8, device="cuda")
+        s = torch.empty(256 * 8, dtype=torch.float8_e4m3fn, device="cuda")
+        g = torch.empty((), device="cuda")
+        out = compiled_op("nvfp4_dequantize")(p, s, g, 100, True, torch.float16)
+        assert out.shape == (130, 100) and out.dtype == torch.float16
+
+
 def _needs_kernel() -> None:
     if not has_kernel("nvfp4_dequantize", "cuda"):
         pytest.skip("dcgen._C built without the CUDA nvfp4_dequantize kernel")
