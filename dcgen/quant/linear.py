@@ -200,6 +200,8 @@ class NVFP4Linear(nn.Module):
         n, k = self.out_features, self.in_features
         if not _gemm.kernel_available(xf.device, n, k):
             return None
+        if torch.is_grad_enabled() and xf.requires_grad:
+            return None  # training through the layer: the paths with a straight-through grad
         x2 = xf.reshape(-1, k)
         packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static)
         w_scales = swizzle_scales(self.weight_scale)
