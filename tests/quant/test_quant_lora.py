@@ -66,6 +66,12 @@ def test_lora_wraps_quantized_layers_and_starts_at_the_base(which):
     assert all(p.dtype == torch.float32 for p in lora_parameters(model))
     with torch.no_grad():
         assert torch.equal(model(**flux_inputs())[0], base_out)  # B = 0 at init
+    # the adapter state dict (what dcgen.train.lora.save_lora writes) holds only A and B, not
+    # the quantized layers' own SVDQuant lora_down / lora_up buffers
+    from peft.utils import get_peft_model_state_dict
+
+    keys = set(get_peft_model_state_dict(model))
+    assert keys == {f"{n}.lora_{ab}.weight" for n in QUANTIZED for ab in "AB"}
 
 
 def test_lora_gradients_equal_the_float_twin():
