@@ -116,3 +116,85 @@ def test_nvfp4_gemm(benchmark, impl, nk):
         time_it(benchmark, run, n_rounds=rounds(50, 3))
     if benchmark.stats:
         benchmark.extra_info["tflops"] = 2 * M * n * k / benchmark.stats.stats.median / 1e12
+
+
+def _weight_bytes(layer: nn.Module) -> int:
+    """Bytes of the layer's weight storage at rest (parameters and buffers, bias included)."""
+    return sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
+
+
+# FLUX shapes (N, K) for the Hopper NVFP4 path: attention out / MLP up (K = 3,072) and MLP
+# down (K = 12,288), at 4,608 tokens and at M = 16 (weight-bandwidth bound). CPU: tiny.
+DEQUANT_SHAPES = (
+    [
+        (4608, 3072, 3072),
+        (4608, 12288, 3072),
+        (4608, 3072, 12288),
+        (16, 3072, 3072),
+        (16, 12288, 3072),
+        (16, 3072, 12288),
+    ]
+    if ON_GPU
+    else [(64, 256, 256), (16, 128, 320)]
+)
+
+
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+@pytest.mark.parametrize("mnk", DEQUANT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_nvfp4_linear_dequant_path(benchmark, impl, mnk, mode):
+    """NVFP4Linear through the dequantize + cuBLAS path (Hopper / Ampere: dequant_path.py) vs a
+    bf16 nn.Linear; extra_info.weight_bytes is each layer's storage at rest (the 16-bit copy
+    of the NVFP4 weight exists only during the call). On sm_100 with the native GEMM, W4A4
+    takes that instead (test_nvfp4_gemm); this case then measures the native layer."""
+    from dcgen.quant import NVFP4Linear, dequant_path
+
+    m, n, k = mnk
+    if impl == "dcgen" and ON_GPU and not dequant_path.available(torch.device(DEVICE)):
+        pytest.skip("no compiled nvfp4_dequantize kernel (or a pre-sm_80 GPU)")
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n).to(DEVICE, DTYPE)
+    x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
+    layer = lin if impl == "baseline" else NVFP4Linear.from_linear(lin, mode, dtype=DTYPE)
+    benchmark.group = f"nvfp4 linear {mode} M={m} N={n} K={k} {str(DTYPE)[6:]}"
+    benchmark.extra_info.update(
+        impl=impl, baseline_name=f"nn.Linear {str(DTYPE)[6:]}", weight_bytes=_weight_bytes(layer)
+    )
+    with torch.inference_mode():
+        time_it(benchmark, lambda: layer(x), n_rounds=rounds(50, 3))
+    if benchmark.stats:
+        benchmark.extra_info["tflops"] = 2 * m * n * k / benchmark.stats.stats.median / 1e12
+
+
+# One FLUX MLP weight (12,288 x 3,072); the dequantize op against a copy of its bf16 version.
+DQ_SHAPE = (12288, 3072) if ON_GPU else (256, 512)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_nvfp4_dequantize(benchmark, impl):
+    from dcgen.ops.nvfp4_dequant import nvfp4_dequantize
+    from dcgen.quant.nvfp4 import quantize_nvfp4
+
+    if impl == "dcgen" and ON_GPU and not has_kernel("nvfp4_dequantize", DEVICE):
+        pytest.skip("no compiled nvfp4_dequantize kernel for this device")
+    w = torch.randn(DQ_SHAPE, device=DEVICE, dtype=DTYPE)
+    out_bytes = w.numel() * torch.tensor([], dtype=torch.bfloat16).element_size()
+    if impl == "baseline":
+        nbytes = 2 * w.numel() * w.element_size()
+
+        def run():
+            return w.clone()
+    else:
+        q = quantize_nvfp4(w)
+        one = torch.ones((), device=DEVICE)
+        nbytes = q.packed.numel() + q.scales.numel() + out_bytes
+
+        def run():
+            return nvfp4_dequantize(q.packed, q.scales, one, dtype=torch.bfloat16)
+
+    benchmark.group = f"dequantize nvfp4 {DQ_SHAPE} -> bf16 (GB/s vs copy)"
+    benchmark.extra_info.update(impl=impl, baseline_name="copy (w.clone)", bytes_moved=nbytes)
+    with torch.inference_mode():
+        time_it(benchmark, run, n_rounds=rounds(100, 3))
+    if benchmark.stats:
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9

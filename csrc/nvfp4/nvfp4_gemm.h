@@ -27,4 +27,8 @@ size_t nvfp4_gemm_sm100_workspace(const Nvfp4GemmArgs& args);
 // Returns an error message, or nullptr on success.
 const char* nvfp4_gemm_sm100(const Nvfp4GemmArgs& args, void* workspace, cudaStream_t stream);
 
+// The same GEMM for GeForce Blackwell (sm_120a, nvfp4_gemm_sm120.cu): same operands and layouts.
+size_t nvfp4_gemm_sm120_workspace(const Nvfp4GemmArgs& args);
+const char* nvfp4_gemm_sm120(const Nvfp4GemmArgs& args, void* workspace, cudaStream_t stream);
+
 }  // namespace dcgen

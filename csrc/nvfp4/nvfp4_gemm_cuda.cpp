@@ -1,5 +1,5 @@
-// torch binding of the Blackwell NVFP4 GEMM (dcgen::nvfp4_gemm, CUDA): checks, allocation and
-// capability dispatch. A C++ file (no CUTLASS headers): it only sees nvfp4_gemm.h.
+// torch binding of the Blackwell NVFP4 GEMMs (dcgen::nvfp4_gemm, CUDA; sm_100a and sm_120a):
+// checks, allocation and capability dispatch. A C++ file (no CUTLASS headers): it only sees nvfp4_gemm.h.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -44,17 +44,22 @@ at::Tensor nvfp4_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, cons
   const c10::cuda::CUDAGuard guard(a.device());
   int dev = a.get_device(), major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  TORCH_CHECK(major == 10, "dcgen::nvfp4_gemm: built for sm_100a only, this GPU is sm_", major, "x");
+  // Capability dispatch: datacenter Blackwell (sm_100a, UMMA) or GeForce Blackwell (sm_120a,
+  // warp-level block-scaled MMA): two kernels, one per file, same operands.
+  TORCH_CHECK(major == 10 || major == 12,
+              "dcgen::nvfp4_gemm: built for sm_100a and sm_120a only, this GPU is sm_", major, "x");
+  const bool sm120 = major == 12;
   at::Tensor d = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kBFloat16));
   if (a.size(0) == 0 || b.size(0) == 0) return d;
   const at::Tensor al = alpha.reshape({1}).contiguous();
   Nvfp4GemmArgs args{a.const_data_ptr(), b.const_data_ptr(), a_scales.const_data_ptr(),
                      b_scales.const_data_ptr(), al.const_data_ptr<float>(), d.mutable_data_ptr(),
                      static_cast<int>(a.size(0)), static_cast<int>(b.size(0)), static_cast<int>(k)};
-  at::Tensor ws = at::empty({static_cast<int64_t>(nvfp4_gemm_sm100_workspace(args))},
-                            a.options().dtype(at::kByte));
-  const char* err = nvfp4_gemm_sm100(args, ws.numel() ? ws.mutable_data_ptr() : nullptr,
-                                     c10::cuda::getCurrentCUDAStream());
+  const size_t ws_bytes = sm120 ? nvfp4_gemm_sm120_workspace(args) : nvfp4_gemm_sm100_workspace(args);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, a.options().dtype(at::kByte));
+  void* ws_ptr = ws.numel() ? ws.mutable_data_ptr() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const char* err = sm120 ? nvfp4_gemm_sm120(args, ws_ptr, stream) : nvfp4_gemm_sm100(args, ws_ptr, stream);
   TORCH_CHECK(err == nullptr, "dcgen::nvfp4_gemm: ", err ? err : "");
   return d;
 }

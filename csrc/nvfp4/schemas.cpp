@@ -13,6 +13,12 @@ TORCH_LIBRARY_FRAGMENT(dcgen, m) {
   m.def("quantize_nvfp4(Tensor x, Tensor global_scale) -> (Tensor, Tensor)");
   // Block-scaled NVFP4 x NVFP4 GEMM, D [M, N] bf16 = alpha * A B^T with A, B packed E2M1
   // [rows, K/2] and swizzled E4M3 scales; alpha an fp32 device scalar. Spec:
-  // dcgen/ops/nvfp4_gemm.py. CUDA kernel: CUTLASS, sm_100a.
+  // dcgen/ops/nvfp4_gemm.py. CUDA kernels: CUTLASS, sm_100a and sm_120a.
   m.def("nvfp4_gemm(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor alpha) -> Tensor");
+  // Packed E2M1 uint8 [N, Kp/2] + float8_e4m3fn block scales (plain [N, Kp/16] or, swizzled,
+  // the flat 128x4 layout) + fp32 scalar decode scale -> dtype [N, k] (k trims the K padding).
+  // Spec: dcgen/ops/nvfp4_dequant.py. The Hopper / Ampere NVFP4Linear path.
+  m.def(
+      "nvfp4_dequantize(Tensor packed, Tensor scales, Tensor global_scale, int k, bool swizzled, "
+      "ScalarType dtype) -> Tensor");
 }

@@ -2,8 +2,9 @@
 # The op schemas build everywhere (C++-only included); the kernels with DCGEN_WITH_CUDA.
 list(APPEND DCGEN_SOURCES csrc/nvfp4/schemas.cpp)
 if(DCGEN_WITH_CUDA)
-  dcgen_cuda_sources(generic csrc/nvfp4/quantize_fp8_cuda.cu csrc/nvfp4/quantize_nvfp4_cuda.cu)
-  list(APPEND DCGEN_KERNELS quantize_fp8:cuda quantize_nvfp4:cuda)
+  dcgen_cuda_sources(generic csrc/nvfp4/quantize_fp8_cuda.cu csrc/nvfp4/quantize_nvfp4_cuda.cu
+    csrc/nvfp4/nvfp4_dequantize_cuda.cu)
+  list(APPEND DCGEN_KERNELS quantize_fp8:cuda quantize_nvfp4:cuda nvfp4_dequantize:cuda)
   # CUTLASS block-scaled GEMM: an Sm100 kernel builds for sm_100a only (the "blackwell" family
   # adds sm_120a, whose block-scaled MMA is a different instruction set). About 3.5 min and
   # 4 GB of RAM on 2 shared cores. 2908: CUTLASS headers' implicit `this` captures (C++20).
@@ -12,8 +13,12 @@ if(DCGEN_WITH_CUDA)
       "-DNDEBUG;-O3;-lineinfo;-gencode=arch=compute_100a,code=sm_100a;-diag-suppress=2908")
     set_source_files_properties(csrc/nvfp4/nvfp4_gemm_cuda.cpp PROPERTIES
       INCLUDE_DIRECTORIES "${CMAKE_CUDA_TOOLKIT_INCLUDE_DIRECTORIES}")
-    list(APPEND DCGEN_SOURCES csrc/nvfp4/nvfp4_gemm_sm100.cu csrc/nvfp4/nvfp4_gemm_cuda.cpp)
-    list(APPEND DCGEN_ALL_ARCHS sm_100a)
+    # GeForce Blackwell: the Sm120 block-scaled collective, its own file, sm_120a only.
+    set_source_files_properties(csrc/nvfp4/nvfp4_gemm_sm120.cu PROPERTIES COMPILE_OPTIONS
+      "-DNDEBUG;-O3;-lineinfo;-gencode=arch=compute_120a,code=sm_120a;-diag-suppress=2908")
+    list(APPEND DCGEN_SOURCES csrc/nvfp4/nvfp4_gemm_sm100.cu csrc/nvfp4/nvfp4_gemm_sm120.cu
+      csrc/nvfp4/nvfp4_gemm_cuda.cpp)
+    list(APPEND DCGEN_ALL_ARCHS sm_100a sm_120a)
     list(REMOVE_DUPLICATES DCGEN_ALL_ARCHS)
     list(APPEND DCGEN_KERNELS nvfp4_gemm:cuda)
   endif()

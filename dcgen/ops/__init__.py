@@ -18,6 +18,7 @@ from .linear_attention import relu_linear_attention, relu_linear_attention_refer
 
 # quantize_fp8 and nvfp4_gemm stay module attributes (dcgen.ops.quantize_fp8.quantize_fp8):
 # exporting the functions under the same names would shadow their modules.
+from .nvfp4_dequant import nvfp4_dequantize, nvfp4_dequantize_reference
 from .nvfp4_gemm import nvfp4_gemm_reference
 from .quantize_fp8 import dequantize_fp8, quantize_fp8_reference
 from .quantize_nvfp4 import quantize_nvfp4_activation, quantize_nvfp4_reference
@@ -28,6 +29,8 @@ __all__ = [
     "dequantize_fp8",
     "fused_attention",
     "fused_attention_reference",
+    "nvfp4_dequantize",
+    "nvfp4_dequantize_reference",
     "nvfp4_gemm_reference",
     "qk_norm_rope",
     "qk_norm_rope_reference",

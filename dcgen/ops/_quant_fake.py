@@ -44,3 +44,10 @@ if extension_loaded() and _has_schema("nvfp4_gemm"):
     @torch.library.register_fake("dcgen::nvfp4_gemm")
     def _nvfp4_gemm_fake(a, a_scales, b, b_scales, alpha):  # noqa: ANN001
         return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.bfloat16)
+
+
+if extension_loaded() and _has_schema("nvfp4_dequantize"):
+
+    @torch.library.register_fake("dcgen::nvfp4_dequantize")
+    def _nvfp4_dequantize_fake(packed, scales, global_scale, k, swizzled, dtype):  # noqa: ANN001
+        return packed.new_empty((packed.shape[0], k), dtype=dtype)

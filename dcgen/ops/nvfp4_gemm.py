@@ -7,7 +7,7 @@ A [M, K] and B [N, K] (K-major, B laid out like ``nn.Linear.weight``) as packed 
 :func:`dcgen.ops.quantize_nvfp4.quantize_nvfp4_activation` writes, and ``swizzle_scales`` of
 a weight's), ``alpha`` the product of the two fp32 global decode scales. fp32 accumulation,
 bf16 output. The reference dequantizes both operands exactly (E2M1 x E4M3 products are exact
-in fp32) and runs an fp32 matmul: the CUTLASS kernel (sm_100a) agrees up to fp32 summation
+in fp32) and runs an fp32 matmul: the CUTLASS kernels (sm_100a, sm_120a) agree up to fp32 summation
 order and the one bf16 rounding.
 """
 
@@ -46,17 +46,23 @@ def nvfp4_gemm_reference(
     return (y * alpha.float().reshape(())).to(torch.bfloat16)
 
 
+# Capability majors with a compiled kernel: 10 = sm_100a (B200/GB200, UMMA), 12 = sm_120a
+# (GeForce RTX 50xx, warp-level block-scaled MMA); one CUTLASS file each, one op.
+NATIVE_MAJORS = (10, 12)
+
+
 @torch.compiler.assume_constant_result  # a device property: a constant to torch.compile
-def _is_sm100(index: int | None) -> bool:
-    return torch.cuda.get_device_capability(index)[0] == 10
+def _has_native_fp4(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] in NATIVE_MAJORS
 
 
 def kernel_available(device: torch.device, n: int, k: int) -> bool:
     """Whether :func:`nvfp4_gemm` runs the compiled kernel for B [n, k] on ``device``."""
     if device.type != "cuda" or not has_kernel("nvfp4_gemm", device):
         return False
-    # The compiled kernel is sm_100a only; other cards (Hopper, sm_120) take the reference.
-    return _is_sm100(device.index) and k % 32 == 0 and n % 8 == 0
+    # Compiled for sm_100a and sm_120a; other cards (Hopper, Ampere) take the reference here
+    # (NVFP4Linear runs its dequantize + cuBLAS path there instead).
+    return _has_native_fp4(device.index) and k % 32 == 0 and n % 8 == 0
 
 
 def nvfp4_gemm(
@@ -67,7 +73,7 @@ def nvfp4_gemm(
     alpha: torch.Tensor,
 ) -> torch.Tensor:
     """``alpha * A B^T`` of two NVFP4 operands -> bf16 [M, N] (module doc). Runs the CUTLASS
-    kernel on sm_100 GPUs when built (K % 32 == 0, N % 8 == 0), the reference elsewhere."""
+    kernel on sm_100 / sm_120 GPUs when built (K % 32 == 0, N % 8 == 0), the reference elsewhere."""
     for name, t in (("a", a), ("b", b)):
         check_tensor(f"nvfp4_gemm: {name}", t, ndim=2, dtypes=(torch.uint8,))
     for name, t in (("a_scales", a_scales), ("b_scales", b_scales)):

@@ -30,6 +30,7 @@ from torch import nn
 from dcgen.ops import nvfp4_gemm as _gemm
 from dcgen.ops import quantize_nvfp4 as _qop
 
+from . import dequant_path as _dequant_path
 from .nvfp4 import BLOCK, dequantize_parts, quantize_nvfp4, swizzle_scales, unswizzle_scales
 
 MODES = ("w4a16", "w4a4")
@@ -59,6 +60,19 @@ def smoothing_factors(
     s = a.pow(alpha) / w.pow(1.0 - alpha)
     ok = (a > 0) & (w > 0) & torch.isfinite(s)
     return torch.where(ok, s.clamp(1e-5, 1e5), torch.ones_like(s))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the rounded ``q``; backward: the gradient of ``x`` unchanged (rounding has no
+    useful derivative), so layers before a W4A4 layer still train (LoRA on a quantized model)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # noqa: ANN001, ANN205
+        return g, None
 
 
 class NVFP4Linear(nn.Module):
@@ -162,6 +176,15 @@ class NVFP4Linear(nn.Module):
         """The residual weight R (the whole W' when rank is 0), fp32 [N, K]."""
         return dequantize_parts(self.weight, self.weight_scale, self.weight_scale_2)
 
+    def reference_main(self, xf: torch.Tensor, static: torch.Tensor | None) -> torch.Tensor:
+        """The quantized product (no low-rank branch, no bias) by the pure-PyTorch spec, fp32:
+        ``xf @ deq(R)^T`` (W4A16) or ``deq(quant(xf)) @ deq(R)^T`` (W4A4, the gradient passed
+        straight through the activation rounding)."""
+        if self.mode == "w4a4":
+            xq = _StraightThrough.apply(xf, self._fake_quantize_input(xf, static))
+            return xq @ self.dequantized_weight().t()
+        return xf @ self.dequantized_weight().t()
+
     def _fake_quantize_input(self, xf: torch.Tensor, static: torch.Tensor | None) -> torch.Tensor:
         # dequantize(quantize_nvfp4(x)) through the activation-quantize op (the fused kernel
         # where built: swizzled scales, as a Blackwell GEMM would read them).
@@ -177,6 +200,8 @@ class NVFP4Linear(nn.Module):
         n, k = self.out_features, self.in_features
         if not _gemm.kernel_available(xf.device, n, k):
             return None
+        if torch.is_grad_enabled() and xf.requires_grad:
+            return None  # training through the layer: the paths with a straight-through grad
         x2 = xf.reshape(-1, k)
         packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static)
         w_scales = swizzle_scales(self.weight_scale)
@@ -192,13 +217,18 @@ class NVFP4Linear(nn.Module):
         xf = x.float()
         if self.smooth is not None:
             xf = xf / self.smooth
-        if self.mode == "w4a4":
-            static = self.input_scale if float(self.input_scale) > 0 else None
-            y = self._native_w4a4(xf, static)
-            if y is None:
-                y = self._fake_quantize_input(xf, static) @ self.dequantized_weight().t()
-        else:
-            y = xf @ self.dequantized_weight().t()
+        static = None
+        if self.mode == "w4a4" and float(self.input_scale) > 0:
+            static = self.input_scale
+        # Dispatch by device: the native block-scaled GEMM (Blackwell, W4A4) where compiled; on
+        # other CUDA GPUs (Hopper, Ampere) and for W4A16 the exact dequantize + cuBLAS path
+        # (dequant_path.py: dcgen's first Hopper path; a wgmma mainloop-dequant GEMM is next);
+        # the pure-PyTorch reference everywhere else.
+        y = self._native_w4a4(xf, static) if self.mode == "w4a4" else None
+        if y is None and _dequant_path.available(x.device):
+            y = _dequant_path.forward_main(self, x, xf, static)
+        if y is None:
+            y = self.reference_main(xf, static)
         if self.rank:
             y = y + (xf @ self.lora_down.float().t()) @ self.lora_up.float().t()
         if self.bias is not None:

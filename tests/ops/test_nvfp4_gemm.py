@@ -1,5 +1,5 @@
 """nvfp4_gemm: the reference against dequantize-then-matmul of the format, input errors, and the
-CUTLASS sm_100a kernel against the reference where such a GPU exists."""
+CUTLASS sm_100a / sm_120a kernels against the reference where such a GPU exists."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ from dcgen.ops.nvfp4_gemm import nvfp4_gemm, nvfp4_gemm_reference
 from dcgen.ops.quantize_nvfp4 import quantize_nvfp4_activation
 from dcgen.quant.nvfp4 import dequantize_nvfp4, quantize_nvfp4, swizzle_scales
 from tests.conftest import poison_cuda_allocator
+
+
+def _native_gpu() -> bool:
+    from dcgen.ops.nvfp4_gemm import NATIVE_MAJORS
+
+    return torch.cuda.get_device_capability()[0] in NATIVE_MAJORS
 
 
 def _operands(m: int, n: int, k: int, gen: torch.Generator, device: str = "cpu"):
@@ -47,8 +53,8 @@ def test_bad_inputs(rng):
 @pytest.mark.cuda
 @pytest.mark.parametrize("mnk", [(128, 128, 256), (4608, 3072, 3072), (1, 64, 64), (300, 200, 96)])
 def test_cuda_kernel_matches_reference(mnk, rng):
-    if not has_kernel("nvfp4_gemm", "cuda") or torch.cuda.get_device_capability()[0] != 10:
-        pytest.skip("needs the compiled sm_100a nvfp4_gemm and an sm_100 GPU")
+    if not has_kernel("nvfp4_gemm", "cuda") or not _native_gpu():
+        pytest.skip("needs the compiled nvfp4_gemm and an sm_100 / sm_120 GPU")
     m, n, k = mnk
     _, _, (a, sa, b, sb, alpha), _ = _operands(m, n, k, rng, "cuda")
     poison_cuda_allocator()
@@ -61,8 +67,8 @@ def test_cuda_kernel_matches_reference(mnk, rng):
 
 @pytest.mark.cuda
 def test_cuda_nvfp4_linear_native_path_matches_reference(rng, monkeypatch):
-    if not has_kernel("nvfp4_gemm", "cuda") or torch.cuda.get_device_capability()[0] != 10:
-        pytest.skip("needs the compiled sm_100a nvfp4_gemm and an sm_100 GPU")
+    if not has_kernel("nvfp4_gemm", "cuda") or not _native_gpu():
+        pytest.skip("needs the compiled nvfp4_gemm and an sm_100 / sm_120 GPU")
     from torch import nn
 
     from dcgen.quant import NVFP4Linear

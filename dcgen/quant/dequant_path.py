@@ -1,0 +1,111 @@
+"""NVFP4Linear on GPUs without native FP4 GEMMs (Hopper sm_90, Ampere sm_80, and W4A16 anywhere):
+dequantize to 16-bit, then a cuBLAS GEMM with fp32 accumulation and an fp32 result.
+
+This is dcgen's first Hopper NVFP4 path: exact, memory-light at rest (the weight stays 4-bit;
+its 16-bit copy lives only during the call), not yet fast. The next step is a wgmma GEMM whose
+mainloop dequantizes the 4-bit tiles in shared memory / registers (no 16-bit weight in HBM);
+CUTLASS's mixed-input mainloop cannot take 16-element scale groups, so it is a custom mainloop
+(docs KERNELS.md, NVFP4).
+
+Why it is exact: :func:`dcgen.ops.nvfp4_dequant.nvfp4_dequantize` with a unit global scale gives
+``e2m1 * e4m3`` values that are exact in bf16 / fp16 (6 significant bits, within [2^-10, 2688]);
+W4A4 activations dequantized the same way are exact too, and a 16-bit activation (W4A16) is
+itself. The GEMM multiplies exact operands with fp32 accumulation into an fp32 result
+(``torch.mm(..., out_dtype=torch.float32)``), and the global decode scales multiply that result
+once (``alpha``). So the output equals the reference (fp32 dequantize-then-matmul) up to fp32
+summation order and the fp32 rounding of where ``alpha`` is applied. The one case computed in
+fp32 operands instead: W4A16 with an fp32 input or with smoothing (``x / s`` is not a 16-bit
+value); it stays exact, at fp32 GEMM speed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from dcgen.ops import has_kernel
+from dcgen.ops import nvfp4_dequant as _dq
+from dcgen.ops import quantize_nvfp4 as _qop
+
+if TYPE_CHECKING:
+    from .linear import NVFP4Linear
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@torch.compiler.assume_constant_result  # a device property: a constant to torch.compile
+def _capability_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def available(device: torch.device) -> bool:
+    """Whether the dequantize kernel path runs for a layer on ``device`` (CUDA, sm_80+ for bf16
+    GEMMs, dcgen._C built with the dequantize kernel)."""
+    if device.type != "cuda" or not has_kernel("nvfp4_dequantize", device):
+        return False
+    return _capability_major(device.index) >= 8
+
+
+def _mm_fp32(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """``a @ b_t.T`` with fp32 accumulation and an fp32 result. 16-bit operands on CUDA use
+    cuBLAS's out_dtype GEMM (no 16-bit rounding of the result); elsewhere fp32 operands."""
+    if a.is_cuda and a.dtype in _HALF:
+        return torch.mm(a, b_t.t(), out_dtype=torch.float32)
+    return a.float() @ b_t.float().t()
+
+
+class _ExactLinear(torch.autograd.Function):
+    """``_mm_fp32(a, w) * alpha`` with the gradient for ``x`` only: the operand ``a`` is ``x``
+    itself or its dequantized NVFP4 quantization (W4A4), ``w`` a transient dequantized frozen
+    weight. ``dx = (dy * grad_scale) @ w`` is the straight-through gradient (rounding has no
+    useful derivative), ``grad_scale`` the weight's global scale (``w * grad_scale`` is W)."""
+
+    @staticmethod
+    def forward(ctx, x, a, w, alpha, grad_scale):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(w, grad_scale)
+        ctx.x_dtype = x.dtype
+        return _mm_fp32(a, w) * alpha
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # noqa: ANN001, ANN205
+        w, grad_scale = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = ((dy.float() * grad_scale).to(w.dtype) @ w).to(ctx.x_dtype)
+        return dx, None, None, None, None
+
+
+def _unit(like: torch.Tensor) -> torch.Tensor:
+    return torch.ones((), dtype=torch.float32, device=like.device)
+
+
+def weight_16bit(layer: NVFP4Linear, dtype: torch.dtype) -> torch.Tensor:
+    """The residual weight R without its global scale, as ``dtype`` [N, K] (exact for 16-bit
+    dtypes: see the module doc). One kernel pass; transient."""
+    return _dq.nvfp4_dequantize(
+        layer.weight, layer.weight_scale, _unit(layer.weight), layer.in_features, dtype
+    )
+
+
+def forward_main(
+    layer: NVFP4Linear, x: torch.Tensor, xf: torch.Tensor, static: torch.Tensor | None
+) -> torch.Tensor:
+    """The quantized product of the layer (no low-rank branch, no bias), fp32 [..., N].
+
+    ``x``: the layer's input; ``xf``: its fp32 (smoothed) version, the reference's operand;
+    ``static``: the W4A4 static activation scale or None (dynamic).
+    """
+    k = layer.in_features
+    gs_w = layer.weight_scale_2
+    if layer.mode == "w4a4":
+        x2 = xf.reshape(-1, k)
+        packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static)
+        # bf16 holds every dequantized value exactly (fp16 too); bf16 GEMMs are the fast ones.
+        xq = _dq.nvfp4_dequantize(packed, swizzled, _unit(x2), k, torch.bfloat16, swizzled=True)
+        y = _ExactLinear.apply(x2, xq, weight_16bit(layer, torch.bfloat16), gs * gs_w, gs_w)
+    else:
+        exact_16bit = x.dtype in _HALF and layer.smooth is None
+        a = x.reshape(-1, k) if exact_16bit else xf.reshape(-1, k)
+        y = _ExactLinear.apply(a, a, weight_16bit(layer, a.dtype), gs_w, gs_w)
+    return y.reshape(*xf.shape[:-1], layer.out_features)

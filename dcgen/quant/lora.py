@@ -1,0 +1,138 @@
+"""LoRA on a quantized model (QLoRA style): ``quantize_`` first, then peft adapters whose weights
+stay in full precision on top of the frozen NVFP4Linear / FP8Linear layers.
+
+peft only knows its own layer types; a custom base layer needs a LoRA layer class registered on
+the LoraConfig (``LoraConfig._register_custom_module``, peft's documented custom-module hook).
+:class:`QuantizedLoraLinear` is that class: peft's own ``lora.Linear`` (so forward, adapters,
+dropout, scaling, enable / disable and state dicts behave exactly as on nn.Linear) with three
+changes for a quantized base:
+
+- in / out features come from the layer's ``in_features`` / ``out_features`` attributes;
+- the adapters follow the base layer's device but never its dtype (peft would cast them to the
+  weight's dtype: uint8 codes for NVFP4, ``float8_e4m3fn`` for FP8). They stay as created
+  (fp32), 16-bit if the caller casts them;
+- merging raises: folding a delta into a 4- or 8-bit weight would re-quantize it (a different,
+  lossy layer); keep the adapter unmerged, or merge on the bf16 model and quantize after.
+
+Gradients reach the adapters of every layer because both quantized layers pass the input
+gradient straight through their rounding (``dx = dy @ deq(W)``), on the reference and the
+kernel paths alike.
+
+Usage (a diffusers FLUX / SANA transformer)::
+
+    quantize_(transformer, NVFP4Config(mode="w4a16"))
+    add_quantized_lora(transformer, rank=16)         # LoRA on the quantized and bf16 linears
+    opt = torch.optim.AdamW(lora_parameters(transformer), lr=1e-4)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as _PeftLoraLinear
+from torch import nn
+
+from .fp8_linear import FP8Linear
+from .linear import NVFP4Linear
+
+QUANTIZED_LINEARS: tuple[type[nn.Module], ...] = (NVFP4Linear, FP8Linear)
+
+
+class QuantizedLoraLinear(_PeftLoraLinear):
+    """peft's LoRA Linear over a frozen NVFP4Linear / FP8Linear base (module doc)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any):
+        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        if not isinstance(base, QUANTIZED_LINEARS):
+            raise TypeError(
+                "QuantizedLoraLinear: expected an NVFP4Linear or FP8Linear base layer, "
+                f"got {type(base).__name__}"
+            )
+        if config.use_dora or config.lora_bias:
+            raise ValueError(
+                "QuantizedLoraLinear: expected use_dora=False and lora_bias=False (both need the "
+                "base weight in full precision), got "
+                f"use_dora={config.use_dora}, lora_bias={config.lora_bias}"
+            )
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module):  # noqa: ANN202
+        # The device of the quantized weight, no dtype: adapters never take uint8 / float8.
+        return base_layer.weight.device, None
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(
+            "QuantizedLoraLinear: merging a LoRA delta into an NVFP4 / FP8 weight would "
+            "re-quantize it; keep the adapter unmerged, or merge into the bf16 model before "
+            "quantize_"
+        )
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("QuantizedLoraLinear: adapters are never merged (see merge)")
+
+    def __repr__(self) -> str:
+        return "dcgen." + super().__repr__().replace("lora.Linear", "QuantizedLoraLinear")
+
+
+def register_quantized_lora(config: LoraConfig) -> LoraConfig:
+    """Teach ``config`` (a peft LoraConfig) to wrap dcgen's quantized linears; returns it."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"register_quantized_lora: expected a peft LoraConfig, got {type(config)}")
+    config._register_custom_module(dict.fromkeys(QUANTIZED_LINEARS, QuantizedLoraLinear))
+    return config
+
+
+def quantized_lora_target_names(model: nn.Module, targets: str) -> list[str]:
+    """Names of the modules ``targets`` (one regex, peft's full-match rule) selects among
+    nn.Linear / nn.Conv2d and the quantized linears."""
+    pattern = re.compile(targets)
+    kinds = (nn.Linear, nn.Conv2d, *QUANTIZED_LINEARS)
+    return [n for n, m in model.named_modules() if isinstance(m, kinds) and pattern.fullmatch(n)]
+
+
+def add_quantized_lora(
+    transformer: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    targets: str | None = None,
+    dropout: float = 0.0,
+    adapter_name: str = "default",
+    lora_dtype: torch.dtype | None = torch.float32,
+) -> nn.Module:
+    """Inject LoRA into a (partly) quantized diffusers transformer in place, the same way as
+    :func:`dcgen.train.lora.add_lora` (same default targets, scale alpha / rank, A Kaiming, B
+    zero, ``lora_dtype`` for the adapter weights), with the quantized linears registered.
+    Afterwards only the LoRA parameters require grad. Returns ``transformer``."""
+    from dcgen.train.lora import DEFAULT_TARGETS, lora_parameters
+
+    if not hasattr(transformer, "add_adapter"):
+        raise TypeError(
+            f"{type(transformer).__name__} has no add_adapter(); expected a diffusers ModelMixin "
+            "with PeftAdapterMixin (FluxTransformer2DModel, SanaTransformer2DModel)"
+        )
+    if rank < 1:
+        raise ValueError(f"add_quantized_lora: expected rank >= 1, got {rank}")
+    targets = targets or DEFAULT_TARGETS
+    if not quantized_lora_target_names(transformer, targets):
+        raise ValueError(f"add_quantized_lora: the target regex matches no linear: {targets!r}")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=float(alpha if alpha is not None else rank),
+        lora_dropout=dropout,
+        target_modules=targets,
+        init_lora_weights=True,
+    )
+    register_quantized_lora(config)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(config, adapter_name=adapter_name)
+    for param in lora_parameters(transformer):
+        param.requires_grad_(True)
+        if lora_dtype is not None:
+            param.data = param.data.to(lora_dtype)
+    return transformer

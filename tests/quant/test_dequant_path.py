@@ -1,0 +1,128 @@
+"""NVFP4Linear's dequantize + 16-bit GEMM path (Hopper / Ampere / W4A16): its algebra (global
+scales moved to one alpha on the fp32 result, unit-scale dequantization) against the reference
+on CPU, gradients, and on a GPU the real path (kernel + cuBLAS) against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dcgen.ops import has_kernel
+from dcgen.quant import NVFP4Linear, smoothing_factors
+from dcgen.quant import dequant_path as dq
+
+CASES = [
+    ("w4a16", 0, False),
+    ("w4a16", 8, True),
+    ("w4a4", 0, False),
+    ("w4a4", 8, True),
+]
+
+
+def _layer(mode: str, rank: int, smooth: bool, k: int = 96, n: int = 40) -> NVFP4Linear:
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n)
+    s = smoothing_factors(torch.rand(k) * 5 + 0.1, lin.weight) if smooth else None
+    return NVFP4Linear.from_linear(lin, mode, rank=rank, smooth=s)
+
+
+def _smoothed(layer: NVFP4Linear, x: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    return xf / layer.smooth if layer.smooth is not None else xf
+
+
+@pytest.mark.parametrize("mode, rank, smooth", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequant_path_equals_reference_up_to_summation_order(mode, rank, smooth, dtype, rng):
+    layer = _layer(mode, rank, smooth)
+    x = (torch.randn(3, 7, 96, generator=rng) * 3).to(dtype)
+    xf = _smoothed(layer, x)
+    with torch.no_grad():
+        got = dq.forward_main(layer, x, xf, None)
+        want = layer.reference_main(xf, None)
+    assert got.shape == want.shape == (3, 7, 40) and got.dtype == torch.float32
+    # Same products, fp32 sums in another order, alpha applied once instead of per element.
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_dequant_path_static_input_scale(rng):
+    layer = _layer("w4a4", 0, False)
+    x = torch.randn(5, 96, generator=rng)
+    static = torch.tensor(0.002)  # saturates the largest activations, like a calibrated scale
+    with torch.no_grad():
+        got = dq.forward_main(layer, x, x.float(), static)
+        want = layer.reference_main(x.float(), static)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_weight_16bit_is_exact(rng):
+    layer = _layer("w4a16", 0, False)
+    w32 = dq.weight_16bit(layer, torch.float32)
+    assert torch.equal(dq.weight_16bit(layer, torch.bfloat16).float(), w32)
+    torch.testing.assert_close(w32 * layer.weight_scale_2, layer.dequantized_weight())
+
+
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+def test_input_gradient_is_straight_through(mode, rng):
+    # dx = dy @ deq(W) (+ the low-rank branch's exact gradient) on both paths, so layers in
+    # front of a quantized one still train (LoRA on a quantized model).
+    layer = _layer(mode, 4, False)
+    x = torch.randn(6, 96, generator=rng, requires_grad=True)
+    dy = torch.randn(6, 40, generator=rng)
+    w_full = layer.dequantized_weight() + layer.lora_up.float() @ layer.lora_down.float()
+    want = dy @ w_full
+    layer(x).backward(dy)
+    torch.testing.assert_close(x.grad, want, atol=1e-4, rtol=1e-4)
+    x2 = x.detach().clone().requires_grad_(True)
+    y = dq.forward_main(layer, x2, x2, None)
+    y.backward(dy)
+    want = dy @ layer.dequantized_weight()
+    # W4A4 runs its GEMMs (and so the backward) on bf16 operands: one bf16 rounding of dy.
+    assert float((x2.grad - want).norm() / want.norm()) < (1e-5 if mode == "w4a16" else 1e-2)
+
+
+def test_not_available_on_cpu():
+    assert not dq.available(torch.device("cpu"))
+
+
+def _needs_path() -> None:
+    if not has_kernel("nvfp4_dequantize", "cuda"):
+        pytest.skip("dcgen._C built without the CUDA nvfp4_dequantize kernel")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode, rank, smooth", CASES)
+@pytest.mark.parametrize("shape", [(1, 96), (300, 96), (4, 77, 96)])
+def test_cuda_layer_matches_reference(mode, rank, smooth, shape, rng, monkeypatch):
+    _needs_path()
+    layer = _layer(mode, rank, smooth).cuda()
+    x = torch.randn(*shape, generator=rng).mul(3).cuda().bfloat16()
+    assert dq.available(x.device)
+    with torch.no_grad():
+        xf = _smoothed(layer, x)
+        fast = dq.forward_main(layer, x, xf, None)
+        y = layer(x)  # W4A4 on sm_100 / sm_120: the native GEMM (bf16 output)
+        monkeypatch.setenv("DCGEN_DISABLE_KERNELS", "1")
+        ref_main = layer.reference_main(xf, None)
+        ref = layer(x)
+    # fp32 results: only the summation order (cuBLAS vs CPU/torch fp32) differs.
+    torch.testing.assert_close(fast, ref_main, atol=1e-4, rtol=1e-4)
+    # the layer output: + one bf16 rounding each (two on the native GEMM path)
+    torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_flux_shape_and_grad(rng, monkeypatch):
+    _needs_path()
+    layer = _layer("w4a16", 0, False, k=3072, n=3072).cuda()
+    x = torch.randn(2, 512, 3072, generator=rng).cuda().bfloat16().requires_grad_(True)
+    y = layer(x)
+    y.float().square().mean().backward()
+    g = x.grad.clone()
+    x.grad = None
+    monkeypatch.setenv("DCGEN_DISABLE_KERNELS", "1")
+    y_ref = layer(x)
+    y_ref.float().square().mean().backward()
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
+    assert float((x.grad.float() - g.float()).norm() / g.float().norm()) < 1e-2
