@@ -15,13 +15,32 @@ from torch import nn
 
 from dcgen.ops import (
     channel_duplicate_to_space,
+    down_block_shortcut,
+    glu_depthwise_conv,
     relu_linear_attention,
     space_to_channel_average,
+    up_block_shortcut,
 )
 
-from .norms import fold_batchnorm_into_conv, make_act, make_norm
+from .fused import can_modify_in_place, use_fused
+from .norms import ChannelRMSNorm, fold_batchnorm_into_conv, make_act, make_norm
 
 LINEAR_ATTENTION_EPS = 1e-15
+
+
+def _residual_norm(x: torch.Tensor, norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """x + norm(h), the ending of ResBlock, LiteMLA and GLUMBConv. Fused path: RMSNorm and the
+    add in one op, or (norm folded away) an in-place add into the fresh h."""
+    if isinstance(norm, ChannelRMSNorm):
+        if use_fused(x, "channel_rms_norm_fused"):
+            return norm.fused(h, residual=x)
+    elif (
+        isinstance(norm, nn.Identity)
+        and can_modify_in_place()
+        and use_fused(x, "channel_rms_norm_fused")
+    ):
+        return h.add_(x)
+    return x + norm(h)
 
 
 def _fold_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[nn.Conv2d, nn.Module, bool]:
@@ -41,7 +60,7 @@ class ResBlock(nn.Module):
         self.norm = make_norm(norm_type, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.norm(self.conv2(self.act(self.conv1(x))))
+        return _residual_norm(x, self.norm, self.conv2(self.act(self.conv1(x))))
 
     def fold_batchnorm(self) -> bool:
         self.conv2, self.norm, folded = _fold_norm(self.conv2, self.norm)
@@ -108,7 +127,7 @@ class LiteMLA(nn.Module):
             q, k, v = qkv.split(self.head_dim, dim=2)
             out = self._quadratic(F.relu(q), F.relu(k), v)
         out = out.to(x.dtype).reshape(b, -1, h, w)
-        return x + self.norm(self.proj(out))
+        return _residual_norm(x, self.norm, self.proj(out))
 
     def fold_batchnorm(self) -> bool:
         self.proj, self.norm, folded = _fold_norm(self.proj, self.norm)
@@ -128,9 +147,17 @@ class GLUMBConv(nn.Module):
         self.norm = make_norm("rms_norm", channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.depthwise(F.silu(self.expand(x)))
-        y, gate = y.chunk(2, dim=1)
-        return x + self.norm(self.project(y * F.silu(gate)))
+        if use_fused(x, "glu_depthwise_conv"):
+            # SiLU in place on the fresh expand output, then depthwise + gate in one op, so
+            # neither the 8C-channel depthwise output nor its gated half is ever stored.
+            t = F.silu(self.expand(x), inplace=can_modify_in_place())
+            y = glu_depthwise_conv(t, self.depthwise.weight, self.depthwise.bias)
+            del t
+        else:
+            y = self.depthwise(F.silu(self.expand(x)))
+            y, gate = y.chunk(2, dim=1)
+            y = y * F.silu(gate)
+        return _residual_norm(x, self.norm, self.project(y))
 
 
 class EfficientViTBlock(nn.Module):
@@ -181,7 +208,11 @@ class DownBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        if self.mode == "pixel_unshuffle":
+        unshuffle = self.mode == "pixel_unshuffle"
+        if self.shortcut and use_fused(x, "down_block_shortcut"):
+            # Main path (un)shuffle + averaged space-to-channel shortcut in one pass.
+            return down_block_shortcut(y, x, unshuffle)
+        if unshuffle:
             y = F.pixel_unshuffle(y, 2)
         if self.shortcut:
             y = y + space_to_channel_average(x, self.out_channels, 2)
@@ -205,7 +236,12 @@ class UpBlock(nn.Module):
             raise ValueError(f"upsample type: expected pixel_shuffle or interpolate, got {mode!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "pixel_shuffle":
+        shuffle = self.mode == "pixel_shuffle"
+        if self.shortcut and use_fused(x, "up_block_shortcut"):
+            # Depth-to-space of the conv output + duplicated-channel shortcut in one pass.
+            y = self.conv(x) if shuffle else self.conv(F.interpolate(x, scale_factor=2))
+            return up_block_shortcut(y, x, shuffle)
+        if shuffle:
             y = F.pixel_shuffle(self.conv(x), 2)
         else:
             y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
