@@ -1,12 +1,13 @@
 // DC-AE up/down blocks: main path (optionally pixel-(un)shuffled) + the residual-autoencoding
 // shortcut, added in one pass (spec: dcgen/ops/block_shortcuts.py).
 //
-// One thread per output element, walked in the output's memory order (NCHW or channels_last),
+// Threads walk the output in its own memory order (NCHW or channels_last; see output_order.cuh),
 // so the writes are fully coalesced; y and x are read through their strides, so any input
 // layout works without a copy. The shortcut is computed on the fly from x (duplicated channel
 // k of the up shortcut is input channel k / repeats; the down shortcut averages `group`
 // consecutive space-to-channel channels), never materialised. Math in fp32, one rounding.
-// The work is pure data movement: 32-bit index math whenever the output has < 2^31 elements.
+// The work is pure data movement, so index math is kept to two 32-bit divisions per thread;
+// NCHW up blocks make two horizontally adjacent outputs per thread (one paired store).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -21,50 +22,92 @@
 namespace dcgen {
 namespace {
 
-using output_order::decode;
+using output_order::coords;
+using output_order::dispatch_layout;
+using output_order::kThreads;
+using output_order::launch_blocks;
+using output_order::make_grid;
+using output_order::OutputGrid;
 using output_order::prefers_channels_last;
 using output_order::Strides4;
 using output_order::strides_of;
 
-template <typename T, typename I, bool CL>
-__global__ void up_shortcut_kernel(const T* __restrict__ y, const T* __restrict__ x,
-                                   T* __restrict__ out, I total, I C, I OH, I OW, I repeats,
-                                   bool shuffle_y, Strides4 ys, Strides4 xs) {
-  for (I idx = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<I>(gridDim.x) * blockDim.x) {
-    I b, c, oh, ow;
-    decode<I, CL>(idx, C, OH, OW, b, c, oh, ow);
-    const I h = oh >> 1, w = ow >> 1;
-    // Channel before depth-to-space: pixel_shuffle reads channel 4c + 2i + j for sub-pixel (i, j).
-    const I k = 4 * c + 2 * (oh & 1) + (ow & 1);
-    const int64_t yo = shuffle_y ? b * ys.s[0] + k * ys.s[1] + h * ys.s[2] + w * ys.s[3]
-                                 : b * ys.s[0] + c * ys.s[1] + oh * ys.s[2] + ow * ys.s[3];
-    const int64_t xo = b * xs.s[0] + (k / repeats) * xs.s[1] + h * xs.s[2] + w * xs.s[3];
-    out[idx] = static_cast<T>(static_cast<float>(y[yo]) + static_cast<float>(x[xo]));
+// Two adjacent outputs of one value type, stored together.
+template <typename T>
+struct alignas(2 * sizeof(T)) Pair {
+  T v[2];
+};
+
+__device__ __forceinline__ int64_t at4(const Strides4& s, int64_t b, int64_t c, int64_t h, int64_t w) {
+  return b * s.s[0] + c * s.s[1] + h * s.s[2] + w * s.s[3];
+}
+
+// NCHW output: each thread makes the output pair (oh, 2w), (oh, 2w + 1), i.e. sub-pixels
+// j = 0, 1 of input pixel (h, w) = (oh / 2, w): its y channels 4c + 2i + {0, 1} (pixel_shuffle)
+// and x channels (4c + 2i + {0, 1}) / repeats, read with coalesced loads along w.
+template <typename T>
+__global__ void up_shortcut_pairs_kernel(const T* __restrict__ y, const T* __restrict__ x,
+                                         T* __restrict__ out, OutputGrid g, uint32_t repeats,
+                                         bool shuffle_y, Strides4 ys, Strides4 xs) {
+  const uint32_t W = g.OW / 2;
+  DCGEN_FOR_EACH_OUTPUT(g, row, col) {
+    const uint32_t b = row / g.C, c = row - b * g.C;
+    const uint32_t oh = col / W, w = col - oh * W;
+    const uint32_t h = oh >> 1;
+    const uint32_t k0 = 4 * c + 2 * (oh & 1);  // pre-shuffle channel of sub-pixel j = 0
+    float m0, m1;
+    if (shuffle_y) {
+      m0 = static_cast<float>(y[at4(ys, b, k0, h, w)]);
+      m1 = static_cast<float>(y[at4(ys, b, k0 + 1, h, w)]);
+    } else {
+      m0 = static_cast<float>(y[at4(ys, b, c, oh, 2 * w)]);
+      m1 = static_cast<float>(y[at4(ys, b, c, oh, 2 * w + 1)]);
+    }
+    const float s0 = static_cast<float>(x[at4(xs, b, k0 / repeats, h, w)]);
+    const float s1 = static_cast<float>(x[at4(xs, b, (k0 + 1) / repeats, h, w)]);
+    Pair<T> p;
+    p.v[0] = static_cast<T>(m0 + s0);
+    p.v[1] = static_cast<T>(m1 + s1);
+    // Row (plane) offset + oh * OW + 2w is even and out is freshly allocated: aligned.
+    *reinterpret_cast<Pair<T>*>(out + static_cast<int64_t>(row) * (int64_t{g.OH} * g.OW) +
+                                int64_t{oh} * g.OW + 2 * w) = p;
   }
 }
 
-template <typename T, typename I, bool CL>
+// channels_last output: one thread per element, channels fastest.
+template <typename T>
+__global__ void up_shortcut_rows_kernel(const T* __restrict__ y, const T* __restrict__ x,
+                                        T* __restrict__ out, OutputGrid g, uint32_t repeats,
+                                        bool shuffle_y, Strides4 ys, Strides4 xs) {
+  DCGEN_FOR_EACH_OUTPUT(g, row, col) {
+    uint32_t b, c, oh, ow;
+    coords<true>(g, row, col, b, c, oh, ow);
+    const uint32_t h = oh >> 1, w = ow >> 1;
+    const uint32_t k = 4 * c + 2 * (oh & 1) + (ow & 1);  // channel before depth-to-space
+    const float m = static_cast<float>(shuffle_y ? y[at4(ys, b, k, h, w)] : y[at4(ys, b, c, oh, ow)]);
+    const float sc = static_cast<float>(x[at4(xs, b, k / repeats, h, w)]);
+    out[static_cast<int64_t>(row) * g.cols + col] = static_cast<T>(m + sc);
+  }
+}
+
+template <typename T, bool CL>
 __global__ void down_shortcut_kernel(const T* __restrict__ y, const T* __restrict__ x,
-                                     T* __restrict__ out, I total, I C, I OH, I OW, I group,
+                                     T* __restrict__ out, OutputGrid g, uint32_t group,
                                      bool unshuffle_y, Strides4 ys, Strides4 xs) {
-  for (I idx = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<I>(gridDim.x) * blockDim.x) {
-    I b, c, oh, ow;
-    decode<I, CL>(idx, C, OH, OW, b, c, oh, ow);
+  const float inv_group = 1.f / static_cast<float>(group);
+  DCGEN_FOR_EACH_OUTPUT(g, row, col) {
+    uint32_t b, c, oh, ow;
+    coords<CL>(g, row, col, b, c, oh, ow);
     // pixel_unshuffle: output channel m holds input channel m / 4 at sub-pixel ((m/2)%2, m%2).
-    const int64_t yo =
-        unshuffle_y
-            ? b * ys.s[0] + (c >> 2) * ys.s[1] + (2 * oh + ((c >> 1) & 1)) * ys.s[2] +
-                  (2 * ow + (c & 1)) * ys.s[3]
-            : b * ys.s[0] + c * ys.s[1] + oh * ys.s[2] + ow * ys.s[3];
+    const float m = static_cast<float>(
+        unshuffle_y ? y[at4(ys, b, c >> 2, 2 * oh + ((c >> 1) & 1), 2 * ow + (c & 1))]
+                    : y[at4(ys, b, c, oh, ow)]);
     float acc = 0.f;
-    for (I g = 0; g < group; ++g) {
-      const I m = c * group + g;
-      acc += static_cast<float>(x[b * xs.s[0] + (m >> 2) * xs.s[1] + (2 * oh + ((m >> 1) & 1)) * xs.s[2] +
-                                  (2 * ow + (m & 1)) * xs.s[3]]);
+    for (uint32_t k = c * group; k < (c + 1) * group; ++k) {
+      acc += static_cast<float>(x[at4(xs, b, k >> 2, 2 * oh + ((k >> 1) & 1), 2 * ow + (k & 1))]);
     }
-    out[idx] = static_cast<T>(static_cast<float>(y[yo]) + acc / static_cast<float>(group));
+    // * (1/group) is / group exactly for powers of two (every DC-AE config), else within 1 ulp.
+    out[static_cast<int64_t>(row) * g.cols + col] = static_cast<T>(m + acc * inv_group);
   }
 }
 
@@ -107,17 +150,20 @@ at::Tensor up_block_shortcut_cuda(const at::Tensor& y, const at::Tensor& x, bool
   if (out.numel() == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Strides4 ys = strides_of(y), xs = strides_of(x);
-  const int64_t total = out.numel();
+  const uint32_t repeats = static_cast<uint32_t>(4 * cout / cin);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "up_block_shortcut_cuda", [&] {
-    output_order::dispatch(out.numel(), cl, [&](auto index, auto layout) {
-      using I = decltype(index);
-      constexpr bool CL = decltype(layout)::value;
-      up_shortcut_kernel<scalar_t, I, CL><<<output_order::grid(total), output_order::kThreads, 0, stream>>>(
+    if (cl) {
+      const OutputGrid g = make_grid(out, true);
+      up_shortcut_rows_kernel<scalar_t><<<launch_blocks(g), kThreads, 0, stream>>>(
           y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-          static_cast<I>(total), static_cast<I>(cout), static_cast<I>(2 * h), static_cast<I>(2 * w),
-          static_cast<I>(4 * cout / cin), shuffle_y, ys, xs);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+          g, repeats, shuffle_y, ys, xs);
+    } else {
+      const OutputGrid g = make_grid(out, false, 2 * h * w);  // one thread per output pair
+      up_shortcut_pairs_kernel<scalar_t><<<launch_blocks(g), kThreads, 0, stream>>>(
+          y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+          g, repeats, shuffle_y, ys, xs);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -148,15 +194,14 @@ at::Tensor down_block_shortcut_cuda(const at::Tensor& y, const at::Tensor& x, bo
   if (out.numel() == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Strides4 ys = strides_of(y), xs = strides_of(x);
-  const int64_t total = out.numel();
+  const uint32_t group = static_cast<uint32_t>(4 * cin / cout);
+  const OutputGrid g = make_grid(out, cl);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "down_block_shortcut_cuda", [&] {
-    output_order::dispatch(out.numel(), cl, [&](auto index, auto layout) {
-      using I = decltype(index);
+    dispatch_layout(cl, [&](auto layout) {
       constexpr bool CL = decltype(layout)::value;
-      down_shortcut_kernel<scalar_t, I, CL><<<output_order::grid(total), output_order::kThreads, 0, stream>>>(
+      down_shortcut_kernel<scalar_t, CL><<<launch_blocks(g), kThreads, 0, stream>>>(
           y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-          static_cast<I>(total), static_cast<I>(cout), static_cast<I>(h / 2), static_cast<I>(w / 2),
-          static_cast<I>(4 * cin / cout), unshuffle_y, ys, xs);
+          g, group, unshuffle_y, ys, xs);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

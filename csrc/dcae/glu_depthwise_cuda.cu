@@ -3,8 +3,8 @@
 // channels and gate the last Ch, in one pass; the 2*Ch-channel conv output never reaches memory.
 //
 // One thread per output element in the output's memory order (NCHW or channels_last, as the
-// input), reading its two 3x3 neighbourhoods through the input's strides; neighbouring threads
-// share most of those reads, which L1 serves. Weights are read as fp32, accumulation is fp32,
+// input; see output_order.cuh), reading its two 3x3 neighbourhoods through the input's strides;
+// neighbouring threads share most of those reads, which L1 serves. Weights are read as fp32, accumulation is fp32,
 // the result is rounded once.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -21,46 +21,48 @@
 namespace dcgen {
 namespace {
 
-using output_order::decode;
+using output_order::coords;
+using output_order::make_grid;
+using output_order::OutputGrid;
 using output_order::Strides4;
 using output_order::strides_of;
 
-template <typename T, typename I>
+template <typename T>
 __device__ __forceinline__ float depthwise3x3(const T* __restrict__ plane, const float* __restrict__ w9,
-                                              I oh, I ow, I H, I W, int64_t sh, int64_t sw) {
+                                              int64_t oh, int64_t ow, int64_t H, int64_t W, int64_t sh,
+                                              int64_t sw) {
   float acc = 0.f;
 #pragma unroll
   for (int dy = -1; dy <= 1; ++dy) {
-    const int64_t r = static_cast<int64_t>(oh) + dy;
-    if (r < 0 || r >= static_cast<int64_t>(H)) continue;
+    const int64_t r = oh + dy;
+    if (r < 0 || r >= H) continue;  // zero padding
 #pragma unroll
     for (int dx = -1; dx <= 1; ++dx) {
-      const int64_t col = static_cast<int64_t>(ow) + dx;
-      if (col < 0 || col >= static_cast<int64_t>(W)) continue;
+      const int64_t col = ow + dx;
+      if (col < 0 || col >= W) continue;
       acc += static_cast<float>(plane[r * sh + col * sw]) * w9[(dy + 1) * 3 + (dx + 1)];
     }
   }
   return acc;
 }
 
-template <typename T, typename I, bool CL>
+template <typename T, bool CL>
 __global__ void glu_depthwise_kernel(const T* __restrict__ x, const float* __restrict__ weight,
-                                     const float* __restrict__ bias, T* __restrict__ out, I total,
-                                     I C, I H, I W, Strides4 xs) {
-  for (I idx = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<I>(gridDim.x) * blockDim.x) {
-    I b, c, oh, ow;
-    decode<I, CL>(idx, C, H, W, b, c, oh, ow);
+                                     const float* __restrict__ bias, T* __restrict__ out,
+                                     OutputGrid g, Strides4 xs) {
+  DCGEN_FOR_EACH_OUTPUT(g, row, col) {
+    uint32_t b, c, oh, ow;
+    coords<CL>(g, row, col, b, c, oh, ow);
     const T* base = x + b * xs.s[0];
-    const I g = c + C;  // the gate channel
-    float a = depthwise3x3<T, I>(base + c * xs.s[1], weight + c * 9, oh, ow, H, W, xs.s[2], xs.s[3]);
-    float gate = depthwise3x3<T, I>(base + g * xs.s[1], weight + g * 9, oh, ow, H, W, xs.s[2], xs.s[3]);
+    const uint32_t gc = c + g.C;  // the gate channel
+    float a = depthwise3x3<T>(base + c * xs.s[1], weight + c * 9, oh, ow, g.OH, g.OW, xs.s[2], xs.s[3]);
+    float gate = depthwise3x3<T>(base + gc * xs.s[1], weight + gc * 9, oh, ow, g.OH, g.OW, xs.s[2], xs.s[3]);
     if (bias) {
       a += bias[c];
-      gate += bias[g];
+      gate += bias[gc];
     }
     // SiLU(g) = g * sigmoid(g); expf(-g) -> inf for very negative g gives g / inf = -0, fine.
-    out[idx] = static_cast<T>(a * (gate / (1.f + expf(-gate))));
+    out[static_cast<int64_t>(row) * g.cols + col] = static_cast<T>(a * (gate / (1.f + expf(-gate))));
   }
 }
 
@@ -98,15 +100,13 @@ at::Tensor glu_depthwise_conv_cuda(const at::Tensor& x, const at::Tensor& weight
   if (out.numel() == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Strides4 xs = strides_of(x);
-  const int64_t total = out.numel();
+  const OutputGrid g = make_grid(out, cl);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "glu_depthwise_conv_cuda", [&] {
-    output_order::dispatch(total, cl, [&](auto index, auto layout) {
-      using I = decltype(index);
+    output_order::dispatch_layout(cl, [&](auto layout) {
       constexpr bool CL = decltype(layout)::value;
-      glu_depthwise_kernel<scalar_t, I, CL><<<output_order::grid(total), output_order::kThreads, 0, stream>>>(
+      glu_depthwise_kernel<scalar_t, CL><<<output_order::launch_blocks(g), output_order::kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-          b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<scalar_t>(),
-          static_cast<I>(total), static_cast<I>(ch), static_cast<I>(h), static_cast<I>(wd), xs);
+          b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<scalar_t>(), g, xs);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -1,13 +1,12 @@
-// Helpers shared by the DC-AE kernels that give one thread to each output element, walked in
-// the output's own memory order (NCHW or channels_last) so writes coalesce, and read their
-// inputs through strides so any input layout works without a copy.
+// Helpers shared by the DC-AE kernels that give each thread one output element (or a few),
+// walked in the output's own memory order (NCHW or channels_last) so writes coalesce, and read
+// their inputs through strides so any input layout works without a copy.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 
 namespace dcgen {
@@ -29,46 +28,69 @@ inline bool prefers_channels_last(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// Output coordinates (b, c, oh, ow) of linear index `idx` in NCHW (CL false) or NHWC order.
-template <typename I, bool CL>
-__device__ __forceinline__ void decode(I idx, I C, I OH, I OW, I& b, I& c, I& oh, I& ow) {
-  if (CL) {
-    c = idx % C;
-    idx /= C;
-    ow = idx % OW;
-    idx /= OW;
-    oh = idx % OH;
-    b = idx / OH;
-  } else {
-    ow = idx % OW;
-    idx /= OW;
-    oh = idx % OH;
-    idx /= OH;
-    c = idx % C;
-    b = idx / C;
-  }
+// The output seen as rows x cols in its own memory order: NCHW rows are the B*C planes
+// (cols = OH*OW), channels_last rows are the B*OH pixel rows (cols = OW*C). Rows come from
+// blockIdx.y, cols from blockIdx.x*blockDim.x + threadIdx.x (both grid-stride), so a thread
+// decodes its coordinates with two 32-bit divisions and writes out[row * cols + col].
+struct OutputGrid {
+  uint32_t C = 0, OH = 0, OW = 0;
+  uint32_t rows = 0, cols = 0;
+};
+
+// `cols_per_row` overrides the columns per row (kernels that handle several outputs per thread).
+inline OutputGrid make_grid(const at::Tensor& out, bool channels_last, int64_t cols_per_row = -1) {
+  const int64_t b = out.size(0), c = out.size(1), oh = out.size(2), ow = out.size(3);
+  const int64_t rows = channels_last ? b * oh : b * c;
+  const int64_t cols = cols_per_row >= 0 ? cols_per_row : (channels_last ? ow * c : oh * ow);
+  TORCH_CHECK(rows < (int64_t{1} << 31) && cols < (int64_t{1} << 31) && c < (int64_t{1} << 31),
+              "dcgen: output ", out.sizes(), " is too large for 32-bit row/column indexing");
+  OutputGrid g;
+  g.C = static_cast<uint32_t>(c);
+  g.OH = static_cast<uint32_t>(oh);
+  g.OW = static_cast<uint32_t>(ow);
+  g.rows = static_cast<uint32_t>(rows);
+  g.cols = static_cast<uint32_t>(cols);
+  return g;
 }
 
 constexpr int kThreads = 256;
 
-// Grid-stride loops: cap the grid, the loop covers the rest.
-inline int64_t grid(int64_t total) {
-  return std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t{1} << 20);
+inline dim3 launch_blocks(const OutputGrid& g) {
+  const int64_t x = std::min<int64_t>((int64_t{g.cols} + kThreads - 1) / kThreads, int64_t{1} << 16);
+  const int64_t y = std::min<int64_t>(g.rows, 65535);
+  return dim3(static_cast<unsigned>(std::max<int64_t>(x, 1)), static_cast<unsigned>(std::max<int64_t>(y, 1)));
 }
 
-// Calls launch(I{}, std::integral_constant<bool, CL>{}) with I = uint32_t when every index
-// (plus one grid stride) fits in 32 bits, which keeps the div/mod decoding cheap, else int64_t.
-template <typename Launch>
-void dispatch(int64_t numel, bool channels_last, Launch&& launch) {
-  const bool small = numel < std::numeric_limits<int32_t>::max() / 2;
-  if (small && channels_last) {
-    launch(uint32_t{}, std::true_type{});
-  } else if (small) {
-    launch(uint32_t{}, std::false_type{});
-  } else if (channels_last) {
-    launch(int64_t{}, std::true_type{});
+// (b, c, oh, ow) of output element (row, col).
+template <bool CL>
+__device__ __forceinline__ void coords(const OutputGrid& g, uint32_t row, uint32_t col, uint32_t& b,
+                                       uint32_t& c, uint32_t& oh, uint32_t& ow) {
+  if (CL) {
+    b = row / g.OH;
+    oh = row - b * g.OH;
+    ow = col / g.C;
+    c = col - ow * g.C;
   } else {
-    launch(int64_t{}, std::false_type{});
+    b = row / g.C;
+    c = row - b * g.C;
+    oh = col / g.OW;
+    ow = col - oh * g.OW;
+  }
+}
+
+// Loops of a kernel over its (row, col) pairs.
+#define DCGEN_FOR_EACH_OUTPUT(g, row, col)                                                       \
+  for (uint32_t row = blockIdx.y; row < (g).rows; row += gridDim.y)                               \
+    for (uint32_t col = blockIdx.x * blockDim.x + threadIdx.x; col < (g).cols;                    \
+         col += gridDim.x * blockDim.x)
+
+// Calls launch(std::integral_constant<bool, CL>{}) for the output layout.
+template <typename Launch>
+void dispatch_layout(bool channels_last, Launch&& launch) {
+  if (channels_last) {
+    launch(std::true_type{});
+  } else {
+    launch(std::false_type{});
   }
 }
 

@@ -65,6 +65,17 @@ def fusable_act_name(act: nn.Module) -> str | None:
     return None
 
 
+def apply_act_inplace(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """act(x), overwriting x where the activation has an in-place form (inference only)."""
+    if type(act) is nn.ReLU:
+        return torch.relu_(x)
+    if type(act) is nn.SiLU:
+        return nn.functional.silu(x, inplace=True)
+    if type(act) is nn.Mish:
+        return nn.functional.mish(x, inplace=True)
+    return act(x)
+
+
 def make_act(name: str) -> nn.Module:
     try:
         return _ACTIVATIONS[name]()
