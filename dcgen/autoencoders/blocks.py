@@ -102,7 +102,8 @@ class ResBlock(nn.Module):
             h = apply_act_inplace(self.act, h)  # no second conv1-sized buffer
         else:
             h = self.act(h)
-        return _residual_norm(x, self.norm, self.conv2(h))
+        h = self.conv2(h)  # rebinding frees conv1's output before the norm allocates its own
+        return _residual_norm(x, self.norm, h)
 
     def fold_batchnorm(self) -> bool:
         self.conv2, self.norm, folded = _fold_norm(self.conv2, self.norm)

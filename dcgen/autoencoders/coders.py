@@ -126,5 +126,6 @@ class Decoder(nn.Module):
             h = stage(h)
         act = fusable_act_name(self.head_act)
         if act is not None and use_fused(h, "channel_rms_norm_fused"):
-            return self.head(self.head_norm.fused(h, act=act))
+            h = self.head_norm.fused(h, act=act)  # rebinding frees the pre-norm map early
+            return self.head(h)
         return self.head(self.head_act(self.head_norm(h)))
