@@ -194,3 +194,51 @@ def test_rms_norm_act(benchmark, impl):
 
     nbytes = 2 * h.numel() * h.element_size()
     _run(benchmark, impl, f"rms_norm + relu {HEAD_SHAPE}", "dcgen norm then relu", fn, nbytes)
+
+
+# The whole decode, dcgen's plain module path vs its fused path (same model, same run).
+DECODE_PRESETS = ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1"]
+DECODE_SIZE = 4096 if ON_GPU else 64
+_decode_models: dict[str, object] = {}
+
+
+def _decode_model(preset: str):  # noqa: ANN202
+    from dcgen.autoencoders import DCAE
+    from dcgen.autoencoders.config import get_preset, reduced_config
+
+    if preset not in _decode_models:
+        _decode_models.clear()
+        if ON_GPU:
+            torch.cuda.empty_cache()
+        cfg = get_preset(preset) if ON_GPU else reduced_config(preset, width_divisor=16)
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            model = DCAE(cfg).to(DTYPE).eval()
+        model.fold_batchnorm()
+        _decode_models[preset] = model
+    return _decode_models[preset]
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+@pytest.mark.parametrize("preset", DECODE_PRESETS)
+def test_decode_plain_vs_fused(benchmark, preset, impl):
+    from dcgen.autoencoders.fused import fused_inference
+
+    _skip_without("up_block_shortcut", impl)
+    model = _decode_model(preset)
+    f = model.spatial_compression_ratio
+    z = torch.randn(1, model.latent_channels, DECODE_SIZE // f, DECODE_SIZE // f, device=DEVICE)
+    z = z.to(DTYPE)
+    # baseline: dcgen's own plain path (still its norm / linear-attention kernels); dcgen: the
+    # automatic rule, i.e. the fused path wherever its kernels exist.
+    mode = False if impl == "baseline" else None
+
+    def fn():
+        with fused_inference(mode):
+            return model.decode(z)
+
+    benchmark.group = f"decode {preset.removeprefix('dc-ae-')} {DECODE_SIZE}px plain vs fused"
+    benchmark.extra_info.update(impl=impl, baseline_name="dcgen plain module path")
+    with torch.inference_mode():
+        benchmark.extra_info.update(measure_peak_memory(fn))
+        time_it(benchmark, fn, n_rounds=rounds(3, 2))

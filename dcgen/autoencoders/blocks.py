@@ -63,7 +63,7 @@ def nearest_up_conv_as_subpixel(
     """
     cout, cin = weight.shape[:2]
     w = weight.to(torch.promote_types(weight.dtype, torch.float32))
-    # taps[i][k]: how the three 1-d taps of phase i combine onto input offsets -1, 0, +1
+    # rows[i]: the 3 row taps of phase i on input rows h-1, h, h+1 (then the same for columns)
     zero = torch.zeros_like(w[:, :, :1])
     rows = [
         torch.cat([w[:, :, :1], w[:, :, 1:2] + w[:, :, 2:3], zero], dim=2),
