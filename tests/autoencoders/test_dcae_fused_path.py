@@ -166,8 +166,14 @@ def test_cuda_kernels_decode_matches_plain_path(name, monkeypatch):
             plain = model.decode(z)
         fused = model.decode(z)  # automatic rule: kernels
         assert_close_scaled(fused, plain, rel=1e-4)
-        model_bf16 = model.to(torch.bfloat16)
-        ref = plain.float()
-        got = model_bf16.decode(z.bfloat16()).float()
-    rel = (got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
-    assert rel < 2e-2, f"bf16 fused decode relative RMS error {rel:.3g}"
+        model.to(torch.bfloat16)
+        zb = z.bfloat16()
+        with fused_inference(False):
+            plain_bf16 = model.decode(zb).float()
+        fused_bf16 = model.decode(zb).float()
+    # bf16 rounds differently on the two paths (the fused ops round once); the fused path must
+    # be about as close to the fp32 result as the plain bf16 path is.
+    ref = plain.float()
+    err_fused = (fused_bf16 - ref).pow(2).mean().sqrt().item()
+    err_plain = (plain_bf16 - ref).pow(2).mean().sqrt().item()
+    assert err_fused <= 1.5 * err_plain + 1e-3 * ref.abs().max().item(), (err_fused, err_plain)
