@@ -11,6 +11,13 @@ TORCH_LIBRARY(dcgen, m) {
   m.def("channel_rms_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor");
   // ReLU linear attention of interleaved (B, heads, 3d, N) qkv; spec: dcgen/ops/linear_attention.py.
   m.def("relu_linear_attention(Tensor qkv, float eps) -> Tensor");
+  // channel_rms_norm then act ('none'|'relu'|'silu') then + residual, one rounding; same spec file.
+  m.def("channel_rms_norm_fused(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, str act, float eps) -> Tensor");
+  // DC-AE up/down block main path + shortcut in one pass; spec: dcgen/ops/block_shortcuts.py.
+  m.def("up_block_shortcut(Tensor y, Tensor x, bool shuffle_y) -> Tensor");
+  m.def("down_block_shortcut(Tensor y, Tensor x, bool unshuffle_y) -> Tensor");
+  // GLUMBConv depthwise 3x3 + SiLU gate; spec: dcgen/ops/glu_depthwise.py.
+  m.def("glu_depthwise_conv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 namespace py = pybind11;

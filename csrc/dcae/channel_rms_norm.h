@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string_view>
 
 namespace dcgen {
 
@@ -52,6 +53,36 @@ inline at::Tensor channel_param(const std::optional<at::Tensor>& p, const at::Te
   TORCH_CHECK(p->device() == x.device(), "dcgen::channel_rms_norm: ", what, " is on ", p->device(),
               " but x is on ", x.device());
   return p->to(at::kFloat).contiguous();
+}
+
+// The fused variant's epilogue: out = act(norm(x) * w + b) (+ residual). The codes are the
+// schema's `act` strings.
+enum class NormAct : int { kNone = 0, kRelu = 1, kSilu = 2 };
+
+inline NormAct parse_norm_act(std::string_view act) {
+  if (act == "none") return NormAct::kNone;
+  if (act == "relu") return NormAct::kRelu;
+  if (act == "silu") return NormAct::kSilu;
+  TORCH_CHECK(false, "dcgen::channel_rms_norm_fused: expected act 'none', 'relu' or 'silu', got '",
+              std::string(act), "'");
+  return NormAct::kNone;
+}
+
+// The residual in x's (dense) layout, or an undefined tensor.
+inline at::Tensor channel_norm_residual(const std::optional<at::Tensor>& residual,
+                                        const ChannelNormLayout& l, const at::Tensor& input) {
+  if (!residual.has_value() || !residual->defined()) return at::Tensor();
+  const at::Tensor& r = *residual;
+  TORCH_CHECK(r.sizes() == input.sizes(), "dcgen::channel_rms_norm_fused: expected residual of shape ",
+              input.sizes(), " (x's), got ", r.sizes());
+  TORCH_CHECK(r.scalar_type() == input.scalar_type(),
+              "dcgen::channel_rms_norm_fused: expected residual of x's dtype ", input.scalar_type(),
+              ", got ", r.scalar_type());
+  TORCH_CHECK(r.device() == input.device(), "dcgen::channel_rms_norm_fused: residual is on ",
+              r.device(), " but x is on ", input.device());
+  if (!l.rows) return r.contiguous();
+  return r.contiguous(input.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                       : at::MemoryFormat::ChannelsLast3d);
 }
 
 }  // namespace dcgen

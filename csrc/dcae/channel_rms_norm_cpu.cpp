@@ -1,4 +1,5 @@
-// Channel RMSNorm on the CPU: fp32 statistics, one rounding to the output dtype.
+// Channel RMSNorm on the CPU: fp32 statistics, one rounding to the output dtype. The fused
+// variant (channel_rms_norm_fused) adds relu/silu and a residual before that rounding.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,11 +12,18 @@
 namespace dcgen {
 namespace {
 
+// act(v), the fused variant's epilogue before the residual add.
+inline float norm_epilogue(float v, NormAct act) {
+  if (act == NormAct::kRelu) return v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
+  if (act == NormAct::kSilu) return v / (1.f + std::exp(-v));
+  return v;
+}
+
 // NCHW: for a block of spatial positions, accumulate sum of squares channel by channel so the
 // inner loop runs over contiguous memory.
 template <typename T>
-void norm_planes(const T* x, T* y, const float* w, const float* b, int64_t outer, int64_t C,
-                 int64_t inner, float eps) {
+void norm_planes(const T* x, T* y, const float* w, const float* b, const T* r, NormAct act,
+                 int64_t outer, int64_t C, int64_t inner, float eps) {
   constexpr int64_t kChunk = 256;
   const int64_t chunks = (inner + kChunk - 1) / kChunk;
   at::parallel_for(0, outer * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -25,6 +33,7 @@ void norm_planes(const T* x, T* y, const float* w, const float* b, int64_t outer
       const int64_t s0 = (task % chunks) * kChunk;
       const int64_t n = std::min(kChunk, inner - s0);
       const T* xo = x + o * C * inner + s0;
+      const T* ro = r ? r + o * C * inner + s0 : nullptr;
       T* yo = y + o * C * inner + s0;
       for (int64_t s = 0; s < n; ++s) inv[s] = 0.f;
       for (int64_t c = 0; c < C; ++c) {
@@ -40,7 +49,16 @@ void norm_planes(const T* x, T* y, const float* w, const float* b, int64_t outer
         T* yc = yo + c * inner;
         const float wc = w ? w[c] : 1.f;
         const float bc = b ? b[c] : 0.f;
-        for (int64_t s = 0; s < n; ++s) yc[s] = static_cast<T>(static_cast<float>(xc[s]) * inv[s] * wc + bc);
+        if (!ro && act == NormAct::kNone) {  // the plain norm: keep its tight loop
+          for (int64_t s = 0; s < n; ++s) yc[s] = static_cast<T>(static_cast<float>(xc[s]) * inv[s] * wc + bc);
+          continue;
+        }
+        const T* rc = ro ? ro + c * inner : nullptr;
+        for (int64_t s = 0; s < n; ++s) {
+          float v = norm_epilogue(static_cast<float>(xc[s]) * inv[s] * wc + bc, act);
+          if (rc) v += static_cast<float>(rc[s]);
+          yc[s] = static_cast<T>(v);
+        }
       }
     }
   });
@@ -48,12 +66,13 @@ void norm_planes(const T* x, T* y, const float* w, const float* b, int64_t outer
 
 // channels_last: one contiguous row of C values per pixel.
 template <typename T>
-void norm_rows(const T* x, T* y, const float* w, const float* b, int64_t rows, int64_t C,
-               float eps) {
+void norm_rows(const T* x, T* y, const float* w, const float* b, const T* r, NormAct act,
+               int64_t rows, int64_t C, float eps) {
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * C;
-      T* yr = y + r * C;
+    for (int64_t row = begin; row < end; ++row) {
+      const T* xr = x + row * C;
+      const T* rr = r ? r + row * C : nullptr;
+      T* yr = y + row * C;
       float acc = 0.f;
       for (int64_t c = 0; c < C; ++c) {
         const float v = static_cast<float>(xr[c]);
@@ -61,38 +80,52 @@ void norm_rows(const T* x, T* y, const float* w, const float* b, int64_t rows, i
       }
       const float inv = 1.f / std::sqrt(acc / C + eps);
       for (int64_t c = 0; c < C; ++c) {
-        const float v = static_cast<float>(xr[c]) * inv * (w ? w[c] : 1.f) + (b ? b[c] : 0.f);
+        float v = norm_epilogue(static_cast<float>(xr[c]) * inv * (w ? w[c] : 1.f) + (b ? b[c] : 0.f), act);
+        if (rr) v += static_cast<float>(rr[c]);
         yr[c] = static_cast<T>(v);
       }
     }
   });
 }
 
-at::Tensor channel_rms_norm_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                                const std::optional<at::Tensor>& bias, double eps) {
+at::Tensor channel_rms_norm_fused_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& residual,
+                                      c10::string_view act_name, double eps) {
   TORCH_CHECK(input.device().is_cpu(), "dcgen::channel_rms_norm (CPU): x is on ", input.device());
   TORCH_CHECK(eps > 0, "dcgen::channel_rms_norm: expected eps > 0, got ", eps);
+  const NormAct act = parse_norm_act(std::string_view(act_name.data(), act_name.size()));
   auto l = channel_norm_layout(input);
   const at::Tensor w = channel_param(weight, l.x, l.channels, "weight");
   const at::Tensor b = channel_param(bias, l.x, l.channels, "bias");
+  const at::Tensor res = channel_norm_residual(residual, l, input);
   at::Tensor out = at::empty_like(l.x);
   if (l.x.numel() == 0) return out;
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.x.scalar_type(), "channel_rms_norm_cpu", [&] {
+    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     if (l.rows) {
       norm_rows<scalar_t>(l.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), wp, bp,
-                          l.outer, l.channels, static_cast<float>(eps));
+                          rp, act, l.outer, l.channels, static_cast<float>(eps));
     } else {
       norm_planes<scalar_t>(l.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), wp, bp,
-                            l.outer, l.channels, l.inner, static_cast<float>(eps));
+                            rp, act, l.outer, l.channels, l.inner, static_cast<float>(eps));
     }
   });
   return out;
 }
 
+at::Tensor channel_rms_norm_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias, double eps) {
+  return channel_rms_norm_fused_cpu(input, weight, bias, std::nullopt, "none", eps);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dcgen, CPU, m) { m.impl("channel_rms_norm", &channel_rms_norm_cpu); }
+TORCH_LIBRARY_IMPL(dcgen, CPU, m) {
+  m.impl("channel_rms_norm", &channel_rms_norm_cpu);
+  m.impl("channel_rms_norm_fused", &channel_rms_norm_fused_cpu);
+}
 
 }  // namespace dcgen

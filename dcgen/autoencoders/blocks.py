@@ -15,13 +15,69 @@ from torch import nn
 
 from dcgen.ops import (
     channel_duplicate_to_space,
+    down_block_shortcut,
+    glu_depthwise_conv,
     relu_linear_attention,
     space_to_channel_average,
+    up_block_shortcut,
 )
 
-from .norms import fold_batchnorm_into_conv, make_act, make_norm
+from .fused import can_modify_in_place, use_fused
+from .norms import (
+    ChannelRMSNorm,
+    apply_act_inplace,
+    fold_batchnorm_into_conv,
+    make_act,
+    make_norm,
+)
 
 LINEAR_ATTENTION_EPS = 1e-15
+
+
+def _residual_norm(x: torch.Tensor, norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """x + norm(h), the ending of ResBlock, LiteMLA and GLUMBConv. Fused path: RMSNorm and the
+    add in one op, or (norm folded away) an in-place add into the fresh h."""
+    if isinstance(norm, ChannelRMSNorm):
+        if use_fused(x, "channel_rms_norm_fused"):
+            return norm.fused(h, residual=x)
+    elif (
+        isinstance(norm, nn.Identity)
+        and can_modify_in_place()
+        and use_fused(x, "channel_rms_norm_fused")
+    ):
+        return h.add_(x)
+    return x + norm(h)
+
+
+def nearest_up_conv_as_subpixel(
+    weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weights of a conv on x whose pixel_shuffle(., 2) equals conv3x3(nearest_x2(x)).
+
+    Output sub-pixel (i, j) of input pixel (h, w) sees upsampled rows 2h+i-1 .. 2h+i+1, i.e.
+    input rows {h-1: w[-1], h: w[0]+w[1]} for i = 0 and {h: w[-1]+w[0], h+1: w[1]} for i = 1
+    (the same for columns), so each phase is a 3x3 conv of x with summed taps; zero padding
+    maps to zero padding. Result: (4*Cout, Cin, 3, 3) in pixel_shuffle's channel order
+    4*c + 2*i + j, and the bias repeated per phase. Same FLOPs as the original conv but it never
+    materialises the 4x larger upsampled input. Sums run in fp32 and are rounded once.
+    """
+    cout, cin = weight.shape[:2]
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    # rows[i]: the 3 row taps of phase i on input rows h-1, h, h+1 (then the same for columns)
+    zero = torch.zeros_like(w[:, :, :1])
+    rows = [
+        torch.cat([w[:, :, :1], w[:, :, 1:2] + w[:, :, 2:3], zero], dim=2),
+        torch.cat([zero, w[:, :, :1] + w[:, :, 1:2], w[:, :, 2:3]], dim=2),
+    ]
+    phases = []
+    for r in rows:
+        zc = torch.zeros_like(r[..., :1])
+        phases.append(torch.cat([r[..., :1], r[..., 1:2] + r[..., 2:3], zc], dim=3))  # j = 0
+        phases.append(torch.cat([zc, r[..., :1] + r[..., 1:2], r[..., 2:3]], dim=3))  # j = 1
+    # (4 phases, Cout, Cin, 3, 3) -> channel 4*c + phase
+    sub = torch.stack(phases, dim=1).reshape(4 * cout, cin, 3, 3).to(weight.dtype)
+    sub_bias = None if bias is None else bias.repeat_interleave(4)
+    return sub, sub_bias
 
 
 def _fold_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[nn.Conv2d, nn.Module, bool]:
@@ -41,7 +97,13 @@ class ResBlock(nn.Module):
         self.norm = make_norm(norm_type, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.norm(self.conv2(self.act(self.conv1(x))))
+        h = self.conv1(x)
+        if can_modify_in_place() and use_fused(x, "channel_rms_norm_fused"):
+            h = apply_act_inplace(self.act, h)  # no second conv1-sized buffer
+        else:
+            h = self.act(h)
+        h = self.conv2(h)  # rebinding frees conv1's output before the norm allocates its own
+        return _residual_norm(x, self.norm, h)
 
     def fold_batchnorm(self) -> bool:
         self.conv2, self.norm, folded = _fold_norm(self.conv2, self.norm)
@@ -95,20 +157,30 @@ class LiteMLA(nn.Module):
         scores = scores / (scores.sum(dim=2, keepdim=True) + LINEAR_ATTENTION_EPS)
         return torch.matmul(v, scores.to(v.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        qkv = self.qkv(x)
-        if len(self.aggregators):
-            qkv = torch.cat([qkv] + [agg(qkv) for agg in self.aggregators], dim=1)
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = qkv.shape
         qkv = qkv.reshape(b, -1, 3 * self.head_dim, h * w)
         if h * w > self.head_dim:
             # O(N) form in fp32 (dcgen.ops: CUDA kernel when built, else the reference).
-            out = relu_linear_attention(qkv, LINEAR_ATTENTION_EPS)
+            return relu_linear_attention(qkv, LINEAR_ATTENTION_EPS)
+        q, k, v = qkv.split(self.head_dim, dim=2)
+        return self._quadratic(F.relu(q), F.relu(k), v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        qkv = self.qkv(x)
+        if len(self.aggregators) and use_fused(x, "relu_linear_attention"):
+            # Heads are independent: attend per scale and concatenate the (3x smaller) outputs
+            # instead of a (1 + scales)x copy of qkv.
+            outs = [self._attend(qkv)] + [self._attend(agg(qkv)) for agg in self.aggregators]
+            del qkv
+            out = torch.cat(outs, dim=1)
         else:
-            q, k, v = qkv.split(self.head_dim, dim=2)
-            out = self._quadratic(F.relu(q), F.relu(k), v)
+            if len(self.aggregators):
+                qkv = torch.cat([qkv] + [agg(qkv) for agg in self.aggregators], dim=1)
+            out = self._attend(qkv)
         out = out.to(x.dtype).reshape(b, -1, h, w)
-        return x + self.norm(self.proj(out))
+        return _residual_norm(x, self.norm, self.proj(out))
 
     def fold_batchnorm(self) -> bool:
         self.proj, self.norm, folded = _fold_norm(self.proj, self.norm)
@@ -128,9 +200,17 @@ class GLUMBConv(nn.Module):
         self.norm = make_norm("rms_norm", channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.depthwise(F.silu(self.expand(x)))
-        y, gate = y.chunk(2, dim=1)
-        return x + self.norm(self.project(y * F.silu(gate)))
+        if use_fused(x, "glu_depthwise_conv"):
+            # SiLU in place on the fresh expand output, then depthwise + gate in one op, so
+            # neither the 8C-channel depthwise output nor its gated half is ever stored.
+            t = F.silu(self.expand(x), inplace=can_modify_in_place())
+            y = glu_depthwise_conv(t, self.depthwise.weight, self.depthwise.bias)
+            del t
+        else:
+            y = self.depthwise(F.silu(self.expand(x)))
+            y, gate = y.chunk(2, dim=1)
+            y = y * F.silu(gate)
+        return _residual_norm(x, self.norm, self.project(y))
 
 
 class EfficientViTBlock(nn.Module):
@@ -181,7 +261,11 @@ class DownBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        if self.mode == "pixel_unshuffle":
+        unshuffle = self.mode == "pixel_unshuffle"
+        if self.shortcut and use_fused(x, "down_block_shortcut"):
+            # Main path (un)shuffle + averaged space-to-channel shortcut in one pass.
+            return down_block_shortcut(y, x, unshuffle)
+        if unshuffle:
             y = F.pixel_unshuffle(y, 2)
         if self.shortcut:
             y = y + space_to_channel_average(x, self.out_channels, 2)
@@ -205,7 +289,18 @@ class UpBlock(nn.Module):
             raise ValueError(f"upsample type: expected pixel_shuffle or interpolate, got {mode!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "pixel_shuffle":
+        shuffle = self.mode == "pixel_shuffle"
+        if self.shortcut and use_fused(x, "up_block_shortcut"):
+            # Depth-to-space of the conv output + duplicated-channel shortcut in one pass. The
+            # interpolate mode runs as the equivalent sub-pixel conv on x, so the 4x larger
+            # upsampled input is never built.
+            if shuffle:
+                y = self.conv(x)
+            else:
+                weight, bias = nearest_up_conv_as_subpixel(self.conv.weight, self.conv.bias)
+                y = F.conv2d(x, weight, bias, padding=1)
+            return up_block_shortcut(y, x, True)
+        if shuffle:
             y = F.pixel_shuffle(self.conv(x), 2)
         else:
             y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))

@@ -21,7 +21,8 @@ from dcgen.ops import channel_duplicate_to_space, space_to_channel_average
 
 from .blocks import DownBlock, UpBlock, make_block
 from .config import DCAEConfig
-from .norms import ChannelRMSNorm, make_act
+from .fused import use_fused
+from .norms import ChannelRMSNorm, fusable_act_name, make_act
 
 
 class Encoder(nn.Module):
@@ -123,4 +124,8 @@ class Decoder(nn.Module):
             h = h + channel_duplicate_to_space(z, h.shape[1], 1)
         for stage in reversed(self.stages):
             h = stage(h)
+        act = fusable_act_name(self.head_act)
+        if act is not None and use_fused(h, "channel_rms_norm_fused"):
+            h = self.head_norm.fused(h, act=act)  # rebinding frees the pre-norm map early
+            return self.head(h)
         return self.head(self.head_act(self.head_norm(h)))

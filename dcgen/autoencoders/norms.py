@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dcgen.ops import channel_rms_norm
+from dcgen.ops import channel_rms_norm, channel_rms_norm_fused
 
 RMS_EPS = 1e-5
 BN_EPS = 1e-5
@@ -27,6 +27,12 @@ class ChannelRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return channel_rms_norm(x, self.weight, self.bias, self.eps)
 
+    def fused(
+        self, x: torch.Tensor, act: str = "none", residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """act(self(x)) + residual in one op (act "none", "relu" or "silu"), rounded once."""
+        return channel_rms_norm_fused(x, self.weight, self.bias, self.eps, act, residual)
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
@@ -46,6 +52,28 @@ _ACTIVATIONS = {
     "gelu": nn.GELU,
     "mish": nn.Mish,
 }
+
+
+def fusable_act_name(act: nn.Module) -> str | None:
+    """The channel_rms_norm_fused name of an activation module, or None when it has none."""
+    if type(act) is nn.ReLU:
+        return "relu"
+    if type(act) is nn.SiLU:
+        return "silu"
+    if type(act) is nn.Identity:
+        return "none"
+    return None
+
+
+def apply_act_inplace(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """act(x), overwriting x where the activation has an in-place form (inference only)."""
+    if type(act) is nn.ReLU:
+        return torch.relu_(x)
+    if type(act) is nn.SiLU:
+        return nn.functional.silu(x, inplace=True)
+    if type(act) is nn.Mish:
+        return nn.functional.mish(x, inplace=True)
+    return act(x)
 
 
 def make_act(name: str) -> nn.Module:

@@ -13,7 +13,19 @@ from .attention import (
     qk_norm_rope,
     qk_norm_rope_reference,
 )
-from .channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
+from .block_shortcuts import (
+    down_block_shortcut,
+    down_block_shortcut_reference,
+    up_block_shortcut,
+    up_block_shortcut_reference,
+)
+from .channel_rms_norm import (
+    channel_rms_norm,
+    channel_rms_norm_fused,
+    channel_rms_norm_fused_reference,
+    channel_rms_norm_reference,
+)
+from .glu_depthwise import glu_depthwise_conv, glu_depthwise_conv_reference
 from .linear_attention import relu_linear_attention, relu_linear_attention_reference
 
 # quantize_fp8 and nvfp4_gemm stay module attributes (dcgen.ops.quantize_fp8.quantize_fp8):
@@ -39,6 +51,14 @@ __all__ = [
     "quantize_nvfp4_reference",
     "channel_rms_norm",
     "channel_rms_norm_reference",
+    "channel_rms_norm_fused",
+    "channel_rms_norm_fused_reference",
+    "down_block_shortcut",
+    "down_block_shortcut_reference",
+    "glu_depthwise_conv",
+    "glu_depthwise_conv_reference",
+    "up_block_shortcut",
+    "up_block_shortcut_reference",
     "extension_error",
     "extension_loaded",
     "has_kernel",

@@ -23,3 +23,48 @@ if extension_loaded():
     def _relu_linear_attention_fake(qkv, eps):  # noqa: ANN001
         b, h, d3, n = qkv.shape
         return qkv.new_empty((b, h, d3 // 3, n))
+
+    def _registered(name: str) -> bool:
+        # A _C built before an op existed (stale build) must not break the import.
+        return hasattr(torch.ops.dcgen, name)
+
+    def _layout_like(x):  # noqa: ANN001, ANN202
+        # The DC-AE kernels' rule: channels_last in, channels_last out; anything else NCHW.
+        if x.ndim in (4, 5) and not x.is_contiguous():
+            fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+            if x.is_contiguous(memory_format=fmt):
+                return fmt
+        return torch.contiguous_format
+
+    def _empty(shape, like):  # noqa: ANN001, ANN202
+        fmt = _layout_like(like)
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+
+    if _registered("channel_rms_norm_fused"):
+
+        @torch.library.register_fake("dcgen::channel_rms_norm_fused")
+        def _channel_rms_norm_fused_fake(x, weight, bias, residual, act, eps):  # noqa: ANN001
+            return torch.empty_like(x, memory_format=_layout_like(x))
+
+    if _registered("up_block_shortcut"):
+
+        @torch.library.register_fake("dcgen::up_block_shortcut")
+        def _up_block_shortcut_fake(y, x, shuffle_y):  # noqa: ANN001
+            b, cin, h, w = x.shape
+            cout = y.shape[1] // 4 if shuffle_y else y.shape[1]
+            return _empty((b, cout, 2 * h, 2 * w), y)
+
+    if _registered("down_block_shortcut"):
+
+        @torch.library.register_fake("dcgen::down_block_shortcut")
+        def _down_block_shortcut_fake(y, x, unshuffle_y):  # noqa: ANN001
+            b, cin, h, w = x.shape
+            cout = 4 * y.shape[1] if unshuffle_y else y.shape[1]
+            return _empty((b, cout, h // 2, w // 2), y)
+
+    if _registered("glu_depthwise_conv"):
+
+        @torch.library.register_fake("dcgen::glu_depthwise_conv")
+        def _glu_depthwise_conv_fake(x, weight, bias):  # noqa: ANN001
+            b, c2, h, w = x.shape
+            return _empty((b, c2 // 2, h, w), x)

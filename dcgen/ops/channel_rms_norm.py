@@ -57,3 +57,83 @@ def channel_rms_norm(
     if use_kernel and has_kernel("channel_rms_norm", x.device):
         return compiled_op("channel_rms_norm")(x, weight, bias, float(eps))
     return channel_rms_norm_reference(x, weight, bias, eps)
+
+
+NORM_ACTS = ("none", "relu", "silu")
+
+
+def _apply_act(y: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "relu":
+        return torch.relu(y)
+    if act == "silu":
+        return torch.nn.functional.silu(y)
+    return y
+
+
+def _check_act(act: object) -> str:
+    if act not in NORM_ACTS:
+        raise ValueError(f"channel_rms_norm_fused: expected act in {NORM_ACTS}, got {act!r}")
+    return str(act)
+
+
+def channel_rms_norm_fused_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    act: str = "none",
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-PyTorch spec: act(channel RMSNorm(x)) + residual, all in fp32, rounded once."""
+    act = _check_act(act)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    inv = torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + eps)
+    y = xf * inv
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        y = y * weight.to(xf.dtype).view(view)
+    if bias is not None:
+        y = y + bias.to(xf.dtype).view(view)
+    y = _apply_act(y, act)
+    if residual is not None:
+        y = y + residual.to(xf.dtype)
+    return y.to(x.dtype)
+
+
+def channel_rms_norm_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    act: str = "none",
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``act(channel_rms_norm(x, weight, bias, eps)) + residual`` in one pass, one rounding.
+
+    ``act`` is "none", "relu" or "silu"; ``residual`` (optional) has x's shape and dtype. The
+    DC-AE blocks use it as norm + residual (ResBlock, LiteMLA, GLUMBConv: x + norm(...)) and as
+    norm + act (the decoder's head). Dispatch as :func:`channel_rms_norm`; the output follows
+    x's layout (channels_last stays channels_last).
+    """
+    check_tensor("channel_rms_norm_fused: x", x, min_ndim=2, dtypes=(*FLOAT_DTYPES, torch.float64))
+    channels = x.shape[1]
+    check_channel_param("channel_rms_norm_fused: weight", weight, channels)
+    check_channel_param("channel_rms_norm_fused: bias", bias, channels)
+    act = _check_act(act)
+    if residual is not None:
+        check_tensor("channel_rms_norm_fused: residual", residual, dtypes=(x.dtype,))
+        if residual.shape != x.shape:
+            raise ValueError(
+                f"channel_rms_norm_fused: expected residual of x's shape {tuple(x.shape)}, "
+                f"got {tuple(residual.shape)}"
+            )
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
+    if not eps > 0:
+        raise ValueError(f"channel_rms_norm_fused: expected eps > 0, got {eps}")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, residual)
+    )
+    use_kernel = not needs_grad and x.dtype in FLOAT_DTYPES and x.numel() > 0
+    if use_kernel and has_kernel("channel_rms_norm_fused", x.device):
+        return compiled_op("channel_rms_norm_fused")(x, weight, bias, residual, act, float(eps))
+    return channel_rms_norm_fused_reference(x, weight, bias, eps, act, residual)

@@ -1,0 +1,244 @@
+"""The fused DC-AE block ops vs the PyTorch module path they replace, at 4K decoder shapes.
+
+Baselines are exactly what the blocks run without the fused path (pixel_shuffle + shortcut
+reference + add; depthwise conv + chunk + SiLU gate; norm then add / activation). GPU: bf16 at
+the shapes of the f64c128 / SANA f32c32 decoders decoding 4096^2; CPU: tiny fp32 smoke shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _harness import DEVICE, ON_GPU, measure_peak_memory, rounds, time_it
+
+from dcgen.ops import (
+    channel_duplicate_to_space,
+    channel_rms_norm,
+    channel_rms_norm_fused,
+    down_block_shortcut,
+    glu_depthwise_conv,
+    has_kernel,
+    space_to_channel_average,
+    up_block_shortcut,
+)
+
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+
+
+def _rand(*shape: int) -> torch.Tensor:
+    return torch.randn(shape, device=DEVICE).to(DTYPE)
+
+
+def _skip_without(op: str, impl: str) -> None:
+    if impl == "dcgen" and not has_kernel(op, DEVICE):
+        pytest.skip(f"no compiled {op} kernel for this device")
+
+
+def _run(benchmark, impl, group, baseline_name, fn, nbytes, n_rounds=None):  # noqa: ANN001
+    benchmark.group = f"{group} {str(DTYPE).removeprefix('torch.')}"
+    benchmark.extra_info.update(impl=impl, baseline_name=baseline_name, bytes_floor=nbytes)
+    with torch.inference_mode():
+        benchmark.extra_info.update(measure_peak_memory(fn))
+        time_it(benchmark, fn, n_rounds=n_rounds or rounds(20, 3))
+    if benchmark.stats:
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
+# f64c128 @ 4096^2: the stage-2 -> stage-1 up block, 512 ch @ 1024^2 -> 256 ch @ 2048^2.
+UP_SHAPE = (512, 256, 1024) if ON_GPU else (32, 16, 32)  # (Cin, Cout, H)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_up_block_pixel_shuffle(benchmark, impl):
+    _skip_without("up_block_shortcut", impl)
+    cin, cout, h = UP_SHAPE
+    x, y = _rand(1, cin, h, h), _rand(1, 4 * cout, h, h)
+    if impl == "dcgen":
+
+        def fn():
+            return up_block_shortcut(y, x, True)
+    else:
+
+        def fn():
+            return F.pixel_shuffle(y, 2) + channel_duplicate_to_space(x, cout, 2)
+
+    nbytes = (x.numel() + 2 * y.numel()) * x.element_size()  # read x, y; write out (= y)
+    _run(
+        benchmark, impl, f"up_block pixel_shuffle x{tuple(x.shape)}", "pixel_shuffle + shortcut",
+        fn, nbytes,
+    )  # fmt: skip
+
+
+# SANA f32c32 @ 4096^2: the stage-1 -> stage-0 up block (interpolate mode), 256 ch @ 2048^2
+# -> 128 ch @ 4096^2; the main path's conv output is already at full size.
+UP_INTERP_SHAPE = (256, 128, 2048) if ON_GPU else (32, 16, 32)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_up_block_interpolate(benchmark, impl):
+    _skip_without("up_block_shortcut", impl)
+    cin, cout, h = UP_INTERP_SHAPE
+    x, y = _rand(1, cin, h, h), _rand(1, cout, 2 * h, 2 * h)
+    if impl == "dcgen":
+
+        def fn():
+            return up_block_shortcut(y, x, False)
+    else:
+
+        def fn():
+            return y + channel_duplicate_to_space(x, cout, 2)
+
+    nbytes = (x.numel() + 2 * y.numel()) * x.element_size()
+    _run(
+        benchmark, impl, f"up_block interpolate x{tuple(x.shape)}", "y + shortcut", fn, nbytes,
+        n_rounds=rounds(10, 3),
+    )  # fmt: skip
+
+
+# The f64c128 encoder's stage-1 -> stage-2 down block at 4096^2 input: 256 ch @ 2048^2 ->
+# 512 ch @ 1024^2 (conv output 128 ch @ 2048^2).
+DOWN_SHAPE = (256, 512, 2048) if ON_GPU else (16, 32, 64)  # (Cin, Cout, H)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_down_block_pixel_unshuffle(benchmark, impl):
+    _skip_without("down_block_shortcut", impl)
+    cin, cout, h = DOWN_SHAPE
+    x, y = _rand(1, cin, h, h), _rand(1, cout // 4, h, h)
+    if impl == "dcgen":
+
+        def fn():
+            return down_block_shortcut(y, x, True)
+    else:
+
+        def fn():
+            return F.pixel_unshuffle(y, 2) + space_to_channel_average(x, cout, 2)
+
+    nbytes = (x.numel() + 2 * y.numel()) * x.element_size()
+    _run(
+        benchmark, impl, f"down_block pixel_unshuffle x{tuple(x.shape)}",
+        "pixel_unshuffle + shortcut", fn, nbytes,
+    )  # fmt: skip
+
+
+# GLUMBConv of a 512-channel EfficientViT stage at 512^2 (f64c128 / SANA stage 3 at 4096^2):
+# the depthwise conv sees 2 * 4 * 512 = 4096 channels.
+GLU_SHAPE = (1, 4096, 512, 512) if ON_GPU else (1, 64, 32, 32)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_glumbconv_depthwise_gate(benchmark, impl):
+    _skip_without("glu_depthwise_conv", impl)
+    c2 = GLU_SHAPE[1]
+    t = _rand(*GLU_SHAPE)
+    conv = torch.nn.Conv2d(c2, c2, 3, padding=1, groups=c2).to(DEVICE, DTYPE)
+    if impl == "dcgen":
+
+        def fn():
+            return glu_depthwise_conv(t, conv.weight, conv.bias)
+    else:
+
+        def fn():
+            y, gate = conv(t).chunk(2, dim=1)
+            return y * F.silu(gate)
+
+    nbytes = t.numel() * t.element_size() * 3 // 2  # read t, write half
+    _run(benchmark, impl, f"glumbconv dw3x3+gate {GLU_SHAPE}", "cuDNN depthwise + gate", fn, nbytes)
+
+
+# SANA f32c32 stage 0 at 4096^2: ResBlock's norm + residual over 128 ch @ 4096^2.
+NORM_SHAPE = (1, 128, 4096, 4096) if ON_GPU else (1, 64, 64, 64)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_rms_norm_residual(benchmark, impl):
+    _skip_without("channel_rms_norm_fused", impl)
+    c = NORM_SHAPE[1]
+    h, x = _rand(*NORM_SHAPE), _rand(*NORM_SHAPE)
+    w, b = torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)
+    if impl == "dcgen":
+
+        def fn():
+            return channel_rms_norm_fused(h, w, b, 1e-5, "none", x)
+    else:
+
+        def fn():
+            return x + channel_rms_norm(h, w, b, 1e-5)
+
+    nbytes = 3 * h.numel() * h.element_size()  # read h, x; write out
+    _run(
+        benchmark, impl, f"rms_norm + residual {NORM_SHAPE}", "dcgen norm then add", fn, nbytes,
+        n_rounds=rounds(10, 3),
+    )  # fmt: skip
+
+
+# The f64c128 decoder head at 4096^2: RMSNorm then ReLU over 256 ch @ 2048^2.
+HEAD_SHAPE = (1, 256, 2048, 2048) if ON_GPU else (1, 32, 64, 64)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_rms_norm_act(benchmark, impl):
+    _skip_without("channel_rms_norm_fused", impl)
+    c = HEAD_SHAPE[1]
+    h = _rand(*HEAD_SHAPE)
+    w, b = torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)
+    if impl == "dcgen":
+
+        def fn():
+            return channel_rms_norm_fused(h, w, b, 1e-5, "relu")
+    else:
+
+        def fn():
+            return F.relu(channel_rms_norm(h, w, b, 1e-5))
+
+    nbytes = 2 * h.numel() * h.element_size()
+    _run(benchmark, impl, f"rms_norm + relu {HEAD_SHAPE}", "dcgen norm then relu", fn, nbytes)
+
+
+# The whole decode, dcgen's plain module path vs its fused path (same model, same run).
+DECODE_PRESETS = ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1"]
+DECODE_SIZE = 4096 if ON_GPU else 64
+_decode_models: dict[str, object] = {}
+
+
+def _decode_model(preset: str):  # noqa: ANN202
+    from dcgen.autoencoders import DCAE
+    from dcgen.autoencoders.config import get_preset, reduced_config
+
+    if preset not in _decode_models:
+        _decode_models.clear()
+        if ON_GPU:
+            torch.cuda.empty_cache()
+        cfg = get_preset(preset) if ON_GPU else reduced_config(preset, width_divisor=16)
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            model = DCAE(cfg).to(DTYPE).eval()
+        model.fold_batchnorm()
+        _decode_models[preset] = model
+    return _decode_models[preset]
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+@pytest.mark.parametrize("preset", DECODE_PRESETS)
+def test_decode_plain_vs_fused(benchmark, preset, impl):
+    from dcgen.autoencoders.fused import fused_inference
+
+    _skip_without("up_block_shortcut", impl)
+    model = _decode_model(preset)
+    f = model.spatial_compression_ratio
+    z = torch.randn(1, model.latent_channels, DECODE_SIZE // f, DECODE_SIZE // f, device=DEVICE)
+    z = z.to(DTYPE)
+    # baseline: dcgen's own plain path (still its norm / linear-attention kernels); dcgen: the
+    # automatic rule, i.e. the fused path wherever its kernels exist.
+    mode = False if impl == "baseline" else None
+
+    def fn():
+        with fused_inference(mode):
+            return model.decode(z)
+
+    benchmark.group = f"decode {preset.removeprefix('dc-ae-')} {DECODE_SIZE}px plain vs fused"
+    benchmark.extra_info.update(impl=impl, baseline_name="dcgen plain module path")
+    with torch.inference_mode():
+        benchmark.extra_info.update(measure_peak_memory(fn))
+        time_it(benchmark, fn, n_rounds=rounds(3, 2))

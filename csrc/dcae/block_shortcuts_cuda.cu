@@ -1,0 +1,218 @@
+// DC-AE up/down blocks: main path (optionally pixel-(un)shuffled) + the residual-autoencoding
+// shortcut, added in one pass (spec: dcgen/ops/block_shortcuts.py).
+//
+// Threads walk the output in its own memory order (NCHW or channels_last; see output_order.cuh),
+// so the writes are fully coalesced; y and x are read through their strides, so any input
+// layout works without a copy. The shortcut is computed on the fly from x (duplicated channel
+// k of the up shortcut is input channel k / repeats; the down shortcut averages `group`
+// consecutive space-to-channel channels), never materialised. Math in fp32, one rounding.
+// The work is pure data movement, so index math is kept to two 32-bit divisions per thread;
+// NCHW up blocks make two horizontally adjacent outputs per thread (one paired store).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "dcae/output_order.cuh"
+
+namespace dcgen {
+namespace {
+
+using output_order::coords;
+using output_order::dispatch_layout;
+using output_order::kThreads;
+using output_order::launch_blocks;
+using output_order::make_grid;
+using output_order::OutputGrid;
+using output_order::prefers_channels_last;
+using output_order::Strides4;
+using output_order::strides_of;
+
+// Two adjacent outputs of one value type, stored together.
+template <typename T>
+struct alignas(2 * sizeof(T)) Pair {
+  T v[2];
+};
+
+__device__ __forceinline__ int64_t at4(const Strides4& s, int64_t b, int64_t c, int64_t h, int64_t w) {
+  return b * s.s[0] + c * s.s[1] + h * s.s[2] + w * s.s[3];
+}
+
+// NCHW output: each thread makes the output pair (oh, 2w), (oh, 2w + 1), i.e. sub-pixels
+// j = 0, 1 of input pixel (h, w) = (oh / 2, w): its y channels 4c + 2i + {0, 1} (pixel_shuffle)
+// and x channels (4c + 2i + {0, 1}) / repeats, read with coalesced loads along w.
+template <typename T>
+__global__ void up_shortcut_pairs_kernel(const T* __restrict__ y, const T* __restrict__ x,
+                                         T* __restrict__ out, OutputGrid g, uint32_t repeats,
+                                         bool shuffle_y, Strides4 ys, Strides4 xs) {
+  const uint32_t W = g.OW / 2;
+  DCGEN_FOR_EACH_OUTPUT(g, row, col) {
+    const uint32_t b = row / g.C, c = row - b * g.C;
+    const uint32_t oh = col / W, w = col - oh * W;
+    const uint32_t h = oh >> 1;
+    const uint32_t k0 = 4 * c + 2 * (oh & 1);  // pre-shuffle channel of sub-pixel j = 0
+    float m0, m1;
+    if (shuffle_y) {
+      m0 = static_cast<float>(y[at4(ys, b, k0, h, w)]);
+      m1 = static_cast<float>(y[at4(ys, b, k0 + 1, h, w)]);
+    } else {
+      m0 = static_cast<float>(y[at4(ys, b, c, oh, 2 * w)]);
+      m1 = static_cast<float>(y[at4(ys, b, c, oh, 2 * w + 1)]);
+    }
+    const float s0 = static_cast<float>(x[at4(xs, b, k0 / repeats, h, w)]);
+    const float s1 = static_cast<float>(x[at4(xs, b, (k0 + 1) / repeats, h, w)]);
+    Pair<T> p;
+    p.v[0] = static_cast<T>(m0 + s0);
+    p.v[1] = static_cast<T>(m1 + s1);
+    // Row (plane) offset + oh * OW + 2w is even and out is freshly allocated: aligned.
+    *reinterpret_cast<Pair<T>*>(out + static_cast<int64_t>(row) * (int64_t{g.OH} * g.OW) +
+                                int64_t{oh} * g.OW + 2 * w) = p;
+  }
+}
+
+// channels_last output: one thread per element, channels fastest.
+template <typename T>
+__global__ void up_shortcut_rows_kernel(const T* __restrict__ y, const T* __restrict__ x,
+                                        T* __restrict__ out, OutputGrid g, uint32_t repeats,
+                                        bool shuffle_y, Strides4 ys, Strides4 xs) {
+  DCGEN_FOR_EACH_OUTPUT(g, row, col) {
+    uint32_t b, c, oh, ow;
+    coords<true>(g, row, col, b, c, oh, ow);
+    const uint32_t h = oh >> 1, w = ow >> 1;
+    const uint32_t k = 4 * c + 2 * (oh & 1) + (ow & 1);  // channel before depth-to-space
+    const float m = static_cast<float>(shuffle_y ? y[at4(ys, b, k, h, w)] : y[at4(ys, b, c, oh, ow)]);
+    const float sc = static_cast<float>(x[at4(xs, b, k / repeats, h, w)]);
+    out[static_cast<int64_t>(row) * g.cols + col] = static_cast<T>(m + sc);
+  }
+}
+
+template <typename T, bool CL>
+__global__ void down_shortcut_kernel(const T* __restrict__ y, const T* __restrict__ x,
+                                     T* __restrict__ out, OutputGrid g, uint32_t group,
+                                     bool unshuffle_y, Strides4 ys, Strides4 xs) {
+  const float inv_group = 1.f / static_cast<float>(group);
+  DCGEN_FOR_EACH_OUTPUT(g, row, col) {
+    uint32_t b, c, oh, ow;
+    coords<CL>(g, row, col, b, c, oh, ow);
+    // pixel_unshuffle: output channel m holds input channel m / 4 at sub-pixel ((m/2)%2, m%2).
+    const float m = static_cast<float>(
+        unshuffle_y ? y[at4(ys, b, c >> 2, 2 * oh + ((c >> 1) & 1), 2 * ow + (c & 1))]
+                    : y[at4(ys, b, c, oh, ow)]);
+    float acc = 0.f;
+    for (uint32_t k = c * group; k < (c + 1) * group; ++k) {
+      acc += static_cast<float>(x[at4(xs, b, k >> 2, 2 * oh + ((k >> 1) & 1), 2 * ow + (k & 1))]);
+    }
+    // * (1/group) is / group exactly for powers of two (every DC-AE config), else within 1 ulp.
+    out[static_cast<int64_t>(row) * g.cols + col] = static_cast<T>(m + acc * inv_group);
+  }
+}
+
+void check_pair(const char* op, const at::Tensor& y, const at::Tensor& x) {
+  TORCH_CHECK(y.is_cuda() && x.device() == y.device(), "dcgen::", op,
+              " (CUDA): expected y and x on one CUDA device, got y on ", y.device(), ", x on ",
+              x.device());
+  TORCH_CHECK(y.dim() == 4 && x.dim() == 4, "dcgen::", op, ": expected 4-d y and x, got ", y.dim(),
+              " and ", x.dim(), " dims");
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), "dcgen::", op,
+              ": expected x and y of one dtype, got y ", y.scalar_type(), ", x ", x.scalar_type());
+  const auto st = y.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "dcgen::", op,
+              ": expected dtype float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK(x.size(0) == y.size(0), "dcgen::", op, ": expected one batch size, got y ",
+              y.size(0), ", x ", x.size(0));
+}
+
+at::Tensor up_block_shortcut_cuda(const at::Tensor& y, const at::Tensor& x, bool shuffle_y) {
+  check_pair("up_block_shortcut", y, x);
+  const int64_t cin = x.size(1), h = x.size(2), w = x.size(3);
+  int64_t cout;
+  if (shuffle_y) {
+    TORCH_CHECK(y.size(1) % 4 == 0 && y.size(2) == h && y.size(3) == w,
+                "dcgen::up_block_shortcut: with shuffle_y expected y of shape (B, 4*Cout, ", h, ", ",
+                w, "), got ", y.sizes());
+    cout = y.size(1) / 4;
+  } else {
+    TORCH_CHECK(y.size(2) == 2 * h && y.size(3) == 2 * w,
+                "dcgen::up_block_shortcut: without shuffle_y expected y of spatial size ", 2 * h,
+                "x", 2 * w, ", got ", y.sizes());
+    cout = y.size(1);
+  }
+  TORCH_CHECK(cin > 0 && (4 * cout) % cin == 0, "dcgen::up_block_shortcut: 4*Cout=", 4 * cout,
+              " is not a multiple of x's ", cin, " channels");
+  const c10::cuda::CUDAGuard guard(y.device());
+  const bool cl = prefers_channels_last(y);
+  at::Tensor out = at::empty({y.size(0), cout, 2 * h, 2 * w}, y.options(),
+                             cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Strides4 ys = strides_of(y), xs = strides_of(x);
+  const uint32_t repeats = static_cast<uint32_t>(4 * cout / cin);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "up_block_shortcut_cuda", [&] {
+    if (cl) {
+      const OutputGrid g = make_grid(out, true);
+      up_shortcut_rows_kernel<scalar_t><<<launch_blocks(g), kThreads, 0, stream>>>(
+          y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+          g, repeats, shuffle_y, ys, xs);
+    } else {
+      const OutputGrid g = make_grid(out, false, 2 * h * w);  // one thread per output pair
+      up_shortcut_pairs_kernel<scalar_t><<<launch_blocks(g), kThreads, 0, stream>>>(
+          y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+          g, repeats, shuffle_y, ys, xs);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor down_block_shortcut_cuda(const at::Tensor& y, const at::Tensor& x, bool unshuffle_y) {
+  check_pair("down_block_shortcut", y, x);
+  const int64_t cin = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(h % 2 == 0 && w % 2 == 0,
+              "dcgen::down_block_shortcut: x's spatial size must be even, got ", h, "x", w);
+  int64_t cout;
+  if (unshuffle_y) {
+    TORCH_CHECK(y.size(2) == h && y.size(3) == w,
+                "dcgen::down_block_shortcut: with unshuffle_y expected y of shape (B, Cout/4, ", h,
+                ", ", w, "), got ", y.sizes());
+    cout = 4 * y.size(1);
+  } else {
+    TORCH_CHECK(y.size(2) == h / 2 && y.size(3) == w / 2,
+                "dcgen::down_block_shortcut: without unshuffle_y expected y of spatial size ", h / 2,
+                "x", w / 2, ", got ", y.sizes());
+    cout = y.size(1);
+  }
+  TORCH_CHECK(cout > 0 && (4 * cin) % cout == 0, "dcgen::down_block_shortcut: x's 4*Cin=", 4 * cin,
+              " channels are not a multiple of Cout=", cout);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const bool cl = prefers_channels_last(y);
+  at::Tensor out = at::empty({y.size(0), cout, h / 2, w / 2}, y.options(),
+                             cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Strides4 ys = strides_of(y), xs = strides_of(x);
+  const uint32_t group = static_cast<uint32_t>(4 * cin / cout);
+  const OutputGrid g = make_grid(out, cl);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "down_block_shortcut_cuda", [&] {
+    dispatch_layout(cl, [&](auto layout) {
+      constexpr bool CL = decltype(layout)::value;
+      down_shortcut_kernel<scalar_t, CL><<<launch_blocks(g), kThreads, 0, stream>>>(
+          y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+          g, group, unshuffle_y, ys, xs);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dcgen, CUDA, m) {
+  m.impl("up_block_shortcut", &up_block_shortcut_cuda);
+  m.impl("down_block_shortcut", &down_block_shortcut_cuda);
+}
+
+}  // namespace dcgen

@@ -1,0 +1,48 @@
+"""When the DC-AE blocks take their fused inference path.
+
+The fused path replaces chains of PyTorch ops with one dcgen op each (norm + residual, norm +
+activation, depthwise 3x3 + SiLU gate, up/down main path + shortcut) and adds in place where
+nothing else reads the tensor. It computes the same function (the ops' references are the
+unfused math in fp32, rounded once), so it only pays off where the ops have kernels:
+
+* automatic (default): fused when no gradient is being recorded and the input is on CUDA with
+  the op's compiled kernel (``DCGEN_DISABLE_KERNELS=1`` turns it off). Training keeps the
+  plain PyTorch path untouched.
+* :func:`fused_inference` forces it on or off, e.g. to check on a CPU that the fused path
+  (running the ops' references) equals the plain one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from dcgen.ops import has_kernel
+
+_forced: bool | None = None
+
+
+@contextmanager
+def fused_inference(enabled: bool | None = True) -> Iterator[None]:
+    """Force the blocks' fused path on (True) or off (False); None restores the automatic rule."""
+    global _forced
+    previous = _forced
+    _forced = enabled
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def use_fused(x: torch.Tensor, op: str) -> bool:
+    """Whether a block should call the fused dcgen op ``op`` for input ``x``."""
+    if _forced is not None:
+        return _forced
+    return not torch.is_grad_enabled() and x.device.type == "cuda" and has_kernel(op, x.device)
+
+
+def can_modify_in_place() -> bool:
+    """In-place adds on fresh intermediates are safe only when autograd records nothing."""
+    return not torch.is_grad_enabled()

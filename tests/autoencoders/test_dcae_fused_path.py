@@ -1,0 +1,179 @@
+"""The DC-AE blocks' fused inference path computes the same decode/encode as the plain path.
+
+On a CPU the fused path is forced (fused_inference(True)) and its ops run their references; on
+a GPU with the kernels built the automatic rule takes it and the compiled kernels run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dcae_helpers import assert_close_scaled, perturb_norms
+
+import dcgen.autoencoders.blocks as blocks_mod
+import dcgen.autoencoders.coders as coders_mod
+from dcgen.autoencoders import DCAE, reduced_config
+from dcgen.autoencoders.blocks import nearest_up_conv_as_subpixel
+from dcgen.autoencoders.fused import fused_inference, use_fused
+from dcgen.autoencoders.norms import ChannelRMSNorm
+from dcgen.ops import has_kernel
+
+# pixel_shuffle/unshuffle resampling with ResBlocks + EfficientViT (f64c128), interpolate/conv
+# resampling (SANA), BatchNorm ResBlocks (in-1.0), the 1.5 structured-latent decoder.
+PRESETS = [
+    "dc-ae-f64c128-in-1.0",
+    "dc-ae-f32c32-sana-1.1",
+    "dc-ae-f32c32-in-1.0",
+    "dc-ae-1.5-f32c128",
+]
+
+
+def _model(name: str) -> DCAE:
+    return perturb_norms(DCAE(reduced_config(name))).eval()
+
+
+def _spy(monkeypatch, module, name: str, calls: dict[str, int]) -> None:
+    original = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def _spy_fused_ops(monkeypatch) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for name in ("up_block_shortcut", "down_block_shortcut", "glu_depthwise_conv"):
+        _spy(monkeypatch, blocks_mod, name, calls)
+    original = ChannelRMSNorm.fused
+
+    def fused(self, *args, **kwargs):
+        calls["channel_rms_norm_fused"] = calls.get("channel_rms_norm_fused", 0) + 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChannelRMSNorm, "fused", fused)
+    return calls
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_fused_decode_and_encode_match_plain_path(name, monkeypatch):
+    model = _model(name)
+    f = model.spatial_compression_ratio
+    z = torch.randn(2, model.latent_channels, 3, 2)
+    x = torch.randn(1, model.config.in_channels, 2 * f, 2 * f)
+    with torch.no_grad():
+        with fused_inference(False):
+            plain_dec, plain_enc = model.decode(z), model.encode(x)
+        calls = _spy_fused_ops(monkeypatch)
+        with fused_inference(True):
+            fused_dec, fused_enc = model.decode(z), model.encode(x)
+    # Everything but one rewrite is bit-identical in fp32 here: interpolate-mode up blocks (SANA)
+    # run as the equivalent sub-pixel conv, whose fp32 sums round differently (exact in fp64,
+    # see test_nearest_up_conv_as_subpixel_is_exact); across the decoder that is ~2e-5.
+    assert_close_scaled(fused_dec, plain_dec, rel=1e-4 if "sana" in name else 1e-5)
+    assert_close_scaled(fused_enc, plain_enc, rel=1e-5)
+    # The fused path was really taken: every preset has up blocks with shortcuts, down blocks
+    # with shortcuts, and the decoder head's norm + activation.
+    assert calls.get("up_block_shortcut", 0) > 0, calls
+    assert calls.get("down_block_shortcut", 0) > 0, calls
+    assert calls.get("channel_rms_norm_fused", 0) > 0, calls
+    if "EfficientViTBlock" in model.config.decoder_block_types:
+        assert calls.get("glu_depthwise_conv", 0) > 0, calls
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_nearest_up_conv_as_subpixel_is_exact(bias, rng):
+    x = torch.randn(2, 6, 5, 7, generator=rng, dtype=torch.float64)
+    w = torch.randn(4, 6, 3, 3, generator=rng, dtype=torch.float64)
+    b = torch.randn(4, generator=rng, dtype=torch.float64) if bias else None
+    want = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, b, padding=1)
+    sub_w, sub_b = nearest_up_conv_as_subpixel(w, b)
+    assert sub_w.shape == (16, 6, 3, 3) and sub_w.dtype == w.dtype
+    got = F.pixel_shuffle(F.conv2d(x, sub_w, sub_b, padding=1), 2)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_fused_path_after_batchnorm_folding():
+    # Folded BatchNorm leaves an Identity norm: the fused path adds the residual in place.
+    model = _model("dc-ae-f32c32-in-1.0").fold_batchnorm()
+    z = torch.randn(1, model.latent_channels, 2, 3)
+    with torch.no_grad():
+        with fused_inference(False):
+            plain = model.decode(z)
+        with fused_inference(True):
+            fused = model.decode(z)
+    assert_close_scaled(fused, plain, rel=1e-5)
+
+
+def test_fused_path_keeps_gradients():
+    # Forced on while autograd records, the fused path must not modify anything in place and
+    # its gradients must equal the plain path's.
+    model = _model("dc-ae-f64c128-in-1.0")
+    z = torch.randn(1, model.latent_channels, 2, 2)
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad()
+        with fused_inference(enabled):
+            model.decode(z).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        assert_close_scaled(b, a, rel=1e-4)
+
+
+def test_automatic_rule_keeps_training_and_cpu_on_plain_path():
+    x = torch.randn(1, 4, 2, 2)
+    assert not use_fused(x, "channel_rms_norm_fused")  # CPU
+    with torch.no_grad():
+        assert not use_fused(x, "channel_rms_norm_fused")  # CPU, even without grad
+    with fused_inference(True):
+        assert use_fused(x, "anything")
+    if torch.cuda.is_available() and has_kernel("up_block_shortcut", "cuda"):
+        xc = x.cuda()
+        assert not use_fused(xc, "up_block_shortcut")  # grad mode on: training path
+        with torch.inference_mode():
+            assert use_fused(xc, "up_block_shortcut")
+
+
+def test_decoder_head_act_without_fused_name_stays_plain(monkeypatch):
+    # GELU has no fused-norm code: the head keeps norm -> act as modules.
+    cfg = reduced_config("dc-ae-f32c32-sana-1.1").replace(decoder_conv_act_fn="gelu")
+    model = perturb_norms(DCAE(cfg)).eval()
+    z = torch.randn(1, cfg.latent_channels, 2, 2)
+    with torch.no_grad():
+        with fused_inference(False):
+            plain = model.decode(z)
+        with fused_inference(True):
+            fused = model.decode(z)
+    assert_close_scaled(fused, plain, rel=1e-5)
+    assert coders_mod.fusable_act_name(model.decoder.head_act) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1"])
+def test_cuda_kernels_decode_matches_plain_path(name, monkeypatch):
+    if not has_kernel("up_block_shortcut", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernels for the fused DC-AE path")
+    # TF32 convs would round both paths to ~1e-3; compare the fp32 math itself.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = _model(name).cuda()
+    z = torch.randn(1, model.latent_channels, 4, 4, device="cuda")
+    with torch.inference_mode():
+        with fused_inference(False):
+            plain = model.decode(z)
+        fused = model.decode(z)  # automatic rule: kernels
+        assert_close_scaled(fused, plain, rel=1e-4)
+        model.to(torch.bfloat16)
+        zb = z.bfloat16()
+        with fused_inference(False):
+            plain_bf16 = model.decode(zb).float()
+        fused_bf16 = model.decode(zb).float()
+    # bf16 rounds differently on the two paths (the fused ops round once); the fused path must
+    # be about as close to the fp32 result as the plain bf16 path is.
+    ref = plain.float()
+    err_fused = (fused_bf16 - ref).pow(2).mean().sqrt().item()
+    err_plain = (plain_bf16 - ref).pow(2).mean().sqrt().item()
+    assert err_fused <= 1.5 * err_plain + 1e-3 * ref.abs().max().item(), (err_fused, err_plain)

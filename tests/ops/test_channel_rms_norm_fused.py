@@ -1,0 +1,179 @@
+"""channel_rms_norm_fused: the reference against norm -> act -> + residual composed from the
+plain op, the CPU and CUDA kernels against the reference, the plain op unchanged by the
+extension, tracing and input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcgen.ops import (
+    channel_rms_norm,
+    channel_rms_norm_fused,
+    channel_rms_norm_fused_reference,
+    channel_rms_norm_reference,
+    has_kernel,
+)
+from dcgen.ops._extension import compiled_op
+from tests.conftest import poison_cuda_allocator
+
+SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 32, 16, 16), (3, 130, 9, 11), (2, 8, 33), (2, 64, 8, 6)]
+ACTS = ["none", "relu", "silu"]
+TOL = {torch.float32: (4e-6, 4e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+_ACT_FN = {"none": lambda t: t, "relu": F.relu, "silu": F.silu}
+
+
+def _inputs(shape, dtype, device, gen, residual=True):
+    x = torch.randn(shape, generator=gen).mul_(3).add_(0.5).to(dtype).to(device)
+    c = shape[1]
+    w = torch.randn(c, generator=gen).to(device)
+    b = torch.randn(c, generator=gen).to(device)
+    r = torch.randn(shape, generator=gen).to(dtype).to(device) if residual else None
+    return x, w, b, r
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_is_norm_then_act_then_residual(act, dtype, rng):
+    x, w, b, r = _inputs((2, 12, 4, 5), dtype, "cpu", rng)
+    want = _ACT_FN[act](channel_rms_norm_reference(x, w, b, 1e-5)) + r
+    torch.testing.assert_close(channel_rms_norm_fused_reference(x, w, b, 1e-5, act, r), want)
+    want = _ACT_FN[act](channel_rms_norm_reference(x, w, b, 1e-5))
+    torch.testing.assert_close(channel_rms_norm_fused_reference(x, w, b, 1e-5, act), want)
+
+
+def test_bf16_reference_rounds_once(rng):
+    x, w, b, r = _inputs((2, 16, 4, 4), torch.bfloat16, "cpu", rng)
+    got = channel_rms_norm_fused_reference(x, w, b, 1e-5, "silu", r)
+    want = channel_rms_norm_fused_reference(x.float(), w, b, 1e-5, "silu", r.float())
+    torch.testing.assert_close(got, want.to(torch.bfloat16), atol=0, rtol=0)
+
+
+def _layouts(x, r):
+    yield "contiguous", x, r
+    if x.ndim == 4:
+        cl = torch.channels_last
+        yield "channels_last", x.to(memory_format=cl), r.to(memory_format=cl)
+        yield "mixed", x.to(memory_format=cl), r  # residual copied to x's layout
+        yield "strided", x.transpose(2, 3), r.transpose(2, 3)
+
+
+def _check_kernel(device, dtype, gen):
+    kernel = compiled_op("channel_rms_norm_fused")
+    for shape in SHAPES:
+        for act in ACTS:
+            for with_res in (True, False):
+                x, w, b, r = _inputs(shape, dtype, device, gen)
+                for layout, xl, rl in _layouts(x, r):
+                    rl = rl if with_res else None
+                    if device == "cuda":
+                        poison_cuda_allocator()
+                    got = kernel(xl, w, b, rl, act, 1e-5)
+                    want = channel_rms_norm_fused_reference(
+                        xl.cpu().float(), w.cpu(), b.cpu(), 1e-5, act,
+                        None if rl is None else rl.cpu().float(),
+                    )  # fmt: skip
+                    msg = f"{layout} {shape} {act} residual={with_res}"
+                    assert got.shape == xl.shape and got.dtype == dtype, msg
+                    assert not got.isnan().any(), f"unwritten or NaN output ({msg})"
+                    atol, rtol = TOL[dtype]
+                    torch.testing.assert_close(
+                        got.cpu().float(), want, atol=atol, rtol=rtol, msg=msg
+                    )
+                    if layout in ("channels_last", "mixed"):
+                        assert got.is_contiguous(memory_format=torch.channels_last), msg
+
+
+@pytest.mark.skipif(not has_kernel("channel_rms_norm_fused", "cpu"), reason="dcgen._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_kernel_matches_reference(dtype, rng):
+    _check_kernel("cpu", dtype, rng)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_kernel_matches_reference(dtype, rng):
+    if not has_kernel("channel_rms_norm_fused", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernel for channel_rms_norm_fused")
+    _check_kernel("cuda", dtype, rng)
+
+
+@pytest.mark.cuda
+def test_cuda_misaligned_residual_takes_scalar_path(rng):
+    # x aligned, residual one element into its storage: the 16-byte path must not be used.
+    if not has_kernel("channel_rms_norm_fused", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernel for channel_rms_norm_fused")
+    shape = (2, 16, 8, 8)
+    x = torch.randn(shape, generator=rng).bfloat16().cuda()
+    base = torch.randn(x.numel() + 1, generator=rng).bfloat16().cuda()
+    r = base[1:].view(shape)
+    w, b = torch.randn(16, generator=rng).cuda(), torch.randn(16, generator=rng).cuda()
+    poison_cuda_allocator()
+    got = channel_rms_norm_fused(x, w, b, 1e-5, "relu", r)
+    want = channel_rms_norm_fused_reference(x.float(), w, b, 1e-5, "relu", r.float())
+    torch.testing.assert_close(got.float(), want, atol=1.6e-2, rtol=1.6e-2)
+
+
+@pytest.mark.skipif(not has_kernel("channel_rms_norm", "cpu"), reason="dcgen._C not built")
+def test_plain_op_unchanged_by_fusion(rng):
+    # The plain op runs the fused kernel with neither act nor residual: identical results.
+    x, w, b, _ = _inputs((2, 24, 7, 5), torch.bfloat16, "cpu", rng, residual=False)
+    plain = compiled_op("channel_rms_norm")(x, w, b, 1e-5)
+    fused = compiled_op("channel_rms_norm_fused")(x, w, b, None, "none", 1e-5)
+    torch.testing.assert_close(plain, fused, atol=0, rtol=0)
+    torch.testing.assert_close(
+        plain.float(), channel_rms_norm_reference(x.float(), w, b), atol=1.6e-2, rtol=1.6e-2
+    )
+
+
+@pytest.mark.skipif(not has_kernel("channel_rms_norm_fused", "cpu"), reason="dcgen._C not built")
+def test_opcheck_schema_fake_and_compile(rng):
+    op = torch.ops.dcgen.channel_rms_norm_fused.default
+    x, w, b, r = _inputs((2, 8, 5, 3), torch.float32, "cpu", rng)
+    for xl, rl in ((x, r), (x.to(memory_format=torch.channels_last), r), (x, None)):
+        torch.library.opcheck(
+            op, (xl, w, b, rl, "silu", 1e-5), test_utils=("test_schema", "test_faketensor")
+        )
+    fn = torch.compile(
+        lambda x: channel_rms_norm_fused(x, w, b, 1e-5, "relu", r) * 2,
+        fullgraph=True,
+        backend="eager",
+    )
+    torch.testing.assert_close(
+        fn(x), channel_rms_norm_fused_reference(x, w, b, 1e-5, "relu", r) * 2
+    )
+
+
+def test_public_op_differentiable_through_reference(rng):
+    x, w, b, r = _inputs((1, 6, 2, 2), torch.float64, "cpu", rng)
+    x.requires_grad_(True)
+    r.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, r: channel_rms_norm_fused(x, w, b, 1e-5, "silu", r), (x, r)
+    )
+    # the plain public op is still there with its old signature
+    torch.testing.assert_close(
+        channel_rms_norm(x.detach(), w, b), channel_rms_norm_reference(x.detach(), w, b)
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(act="gelu"), ValueError, "expected act in"),
+        (dict(residual=torch.randn(2, 3, 5)), ValueError, "residual of x's shape"),
+        (dict(residual=torch.randn(2, 3, 4).half()), TypeError, "expected dtype"),
+        (dict(eps=0.0), ValueError, "eps > 0"),
+        (dict(weight=torch.ones(4)), ValueError, r"shape \(3,\)"),
+    ],
+)
+def test_bad_input_errors(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        channel_rms_norm_fused(torch.randn(2, 3, 4), **kwargs)
+
+
+@pytest.mark.skipif(not has_kernel("channel_rms_norm_fused", "cpu"), reason="dcgen._C not built")
+def test_kernel_rejects_unknown_act():
+    with pytest.raises(RuntimeError, match="expected act 'none', 'relu' or 'silu', got 'tanh'"):
+        compiled_op("channel_rms_norm_fused")(torch.randn(2, 3, 4), None, None, None, "tanh", 1e-5)
