@@ -27,7 +27,6 @@ Usage (a diffusers FLUX / SANA transformer)::
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -88,14 +87,6 @@ def register_quantized_lora(config: LoraConfig) -> LoraConfig:
     return config
 
 
-def quantized_lora_target_names(model: nn.Module, targets: str) -> list[str]:
-    """Names of the modules ``targets`` (one regex, peft's full-match rule) selects among
-    nn.Linear / nn.Conv2d and the quantized linears."""
-    pattern = re.compile(targets)
-    kinds = (nn.Linear, nn.Conv2d, *QUANTIZED_LINEARS)
-    return [n for n, m in model.named_modules() if isinstance(m, kinds) and pattern.fullmatch(n)]
-
-
 def add_quantized_lora(
     transformer: nn.Module,
     rank: int,
@@ -109,30 +100,10 @@ def add_quantized_lora(
     :func:`dcgen.train.lora.add_lora` (same default targets, scale alpha / rank, A Kaiming, B
     zero, ``lora_dtype`` for the adapter weights), with the quantized linears registered.
     Afterwards only the LoRA parameters require grad. Returns ``transformer``."""
-    from dcgen.train.lora import DEFAULT_TARGETS, lora_parameters
+    from dcgen.train.lora import add_lora
 
-    if not hasattr(transformer, "add_adapter"):
-        raise TypeError(
-            f"{type(transformer).__name__} has no add_adapter(); expected a diffusers ModelMixin "
-            "with PeftAdapterMixin (FluxTransformer2DModel, SanaTransformer2DModel)"
-        )
-    if rank < 1:
-        raise ValueError(f"add_quantized_lora: expected rank >= 1, got {rank}")
-    targets = targets or DEFAULT_TARGETS
-    if not quantized_lora_target_names(transformer, targets):
-        raise ValueError(f"add_quantized_lora: the target regex matches no linear: {targets!r}")
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=float(alpha if alpha is not None else rank),
-        lora_dropout=dropout,
-        target_modules=targets,
-        init_lora_weights=True,
+    # One injection path for float and quantized models: add_lora registers the quantized
+    # linears with peft and selects them by the same target regex.
+    return add_lora(
+        transformer, rank, alpha, targets, dropout, adapter_name, lora_dtype=lora_dtype
     )
-    register_quantized_lora(config)
-    transformer.requires_grad_(False)
-    transformer.add_adapter(config, adapter_name=adapter_name)
-    for param in lora_parameters(transformer):
-        param.requires_grad_(True)
-        if lora_dtype is not None:
-            param.data = param.data.to(lora_dtype)
-    return transformer

@@ -70,13 +70,22 @@ __all__ = [
 ]
 
 
+def _lora_module_kinds() -> tuple[type[nn.Module], ...]:
+    # dcgen's quantized linears take LoRA too (16-bit adapters over the quantized weight).
+    from dcgen.quant.lora import QUANTIZED_LINEARS
+
+    return (nn.Linear, nn.Conv2d, *QUANTIZED_LINEARS)
+
+
 def lora_target_names(transformer: nn.Module, targets: str = DEFAULT_TARGETS) -> list[str]:
-    """Names of the Linear / Conv2d modules the target regex selects (peft's full-match rule)."""
+    """Names of the Linear / Conv2d (and dcgen quantized linear) modules the target regex
+    selects (peft's full-match rule)."""
     pattern = re.compile(targets)
+    kinds = _lora_module_kinds()
     return [
         name
         for name, module in transformer.named_modules()
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and pattern.fullmatch(name)
+        if isinstance(module, kinds) and pattern.fullmatch(name)
     ]
 
 
@@ -112,11 +121,11 @@ def add_lora(
             "with PeftAdapterMixin (FluxTransformer2DModel, SanaTransformer2DModel)"
         )
     if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+        raise ValueError(f"LoRA: expected rank >= 1, got {rank}")
     targets = targets or DEFAULT_TARGETS
     names = lora_target_names(transformer, targets)
     if not names:
-        raise ValueError(f"the LoRA target regex matches no Linear/Conv2d module: {targets!r}")
+        raise ValueError(f"the LoRA target regex matches no linear or Conv2d module: {targets!r}")
 
     config = LoraConfig(
         r=rank,
@@ -125,6 +134,9 @@ def add_lora(
         target_modules=targets,
         init_lora_weights=True,  # A Kaiming-uniform, B zero: training starts at the base model
     )
+    from dcgen.quant.lora import register_quantized_lora
+
+    register_quantized_lora(config)  # after quantize_: NVFP4Linear / FP8Linear get adapters too
     transformer.requires_grad_(False)
     transformer.add_adapter(config, adapter_name=adapter_name)
 
