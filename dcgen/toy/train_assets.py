@@ -48,6 +48,10 @@ logger = logging.getLogger(__name__)
 PARTS = ("vae", "evaluator", "dcae", "flux", "manifest")
 # Steps at --scale 1 (about an hour in all on 2 CPU cores).
 STEPS = {"vae": 3000, "evaluator": 1200, "dcae": 3000, "flux": 4000}
+# Optional multi-resolution base (--low-res-every N, off for the shipped assets): every N-th step
+# is a batch of the same images at half size (a 4x4 token grid instead of 8x8), as FLUX.1 learns
+# several resolutions. A single-resolution base reads a DC-AE grid as the corner of a larger
+# image unless the positions are rescaled (TrainConfig.align_positions="base").
 FLUX_TRAIN_IMAGES = 10_000
 FLUX_BATCH = 32
 SAMPLING_STEPS = 20
@@ -207,19 +211,28 @@ def train_dcae(steps: int, progress: bool) -> tuple[nn.Module, dict]:
 
 @torch.no_grad()
 def encode_training_set(
-    vae: nn.Module, count: int, progress: bool
-) -> tuple[torch.Tensor, list[str]]:
+    vae: nn.Module, count: int, progress: bool, low_res: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """VAE latents of the training images, at half size too (2x2 area average) if ``low_res``
+    (else None), and their captions (the same for both sizes: positions are quadrants)."""
     world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=count)
-    lats, caps = [], []
+    lats, low, caps = [], [], []
     for start in _progress(range(0, count, 64), "encode", progress):
         x, c, _ = world.batch(start, min(64, count - start))
         lats.append(A.vae_encode(vae, x))
+        if low_res:
+            low.append(A.vae_encode(vae, F.avg_pool2d(x, 2)))
         caps += c
-    return torch.cat(lats), caps
+    return torch.cat(lats), torch.cat(low) if low_res else None, caps
 
 
 def train_flux(
-    latents: torch.Tensor, captions: list[str], steps: int, progress: bool
+    latents: torch.Tensor,
+    captions: list[str],
+    steps: int,
+    progress: bool,
+    low_res_latents: torch.Tensor | None = None,
+    low_res_every: int = 3,
 ) -> tuple[nn.Module, ToyTextEncoder, dict]:
     from dcgen.adapters import adapter_for
     from dcgen.sampling.shift import resolve_shift
@@ -239,10 +252,16 @@ def train_flux(
     g = torch.Generator().manual_seed(2)
     _, c, h, w = latents.shape
     shift = resolve_shift("flux", adapter.num_tokens(h, w), c)
+    sizes = [(latents, shift)]
+    if low_res_latents is not None:
+        lh, lw = low_res_latents.shape[-2:]
+        sizes.append((low_res_latents, resolve_shift("flux", adapter.num_tokens(lh, lw), c)))
     losses = []
     for step in _progress(range(steps), "flux", progress):
-        idx = torch.randint(0, len(latents), (FLUX_BATCH,), generator=g)
-        x0 = latents[idx]
+        low = len(sizes) > 1 and step % low_res_every == low_res_every - 1
+        source, shift = sizes[1] if low else sizes[0]
+        idx = torch.randint(0, len(source), (FLUX_BATCH,), generator=g)
+        x0 = source[idx]
         sigmas = sample_timesteps(FLUX_BATCH, g, mode="logit_normal", shift=shift)
         noise = torch.randn(x0.shape, generator=g)
         guidance = guidance_values(FLUX_BATCH, g, low=1.0, high=5.0)
@@ -264,7 +283,8 @@ def train_flux(
             for live, avg in zip([transformer, text], ema_models):
                 for p, q in zip(live.parameters(), avg.parameters()):
                     q.lerp_(p, 1 - d)
-        losses.append(loss.item())
+        if not low:  # the reported loss is the full-size one
+            losses.append(loss.item())
         if progress and step % 500 == 0:
             logger.info("flux step %d loss %.4f", step, sum(losses[-100:]) / len(losses[-100:]))
     transformer_ema, text_ema = ema_models
@@ -275,7 +295,9 @@ def train_flux(
             "steps": steps,
             "batch_size": FLUX_BATCH,
             "train_images": len(latents),
-            "shift": shift,
+            "shift": sizes[0][1],
+            "low_res_every": low_res_every if low_res_latents is not None else None,
+            "low_res_shift": sizes[1][1] if len(sizes) > 1 else None,
             "final_loss": sum(losses[-100:]) / len(losses[-100:]),
         },
     )
@@ -384,10 +406,16 @@ def _write_log(out: Path, part: str, info: dict, seconds: float) -> None:
 
 
 def train(
-    out: str | Path, parts: tuple[str, ...] = PARTS, scale: float = 1.0, progress: bool = True
+    out: str | Path,
+    parts: tuple[str, ...] = PARTS,
+    scale: float = 1.0,
+    progress: bool = True,
+    low_res_every: int = 0,
 ) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if low_res_every < 0:
+        raise ValueError(f"low_res_every: expected >= 0 (0 = off), got {low_res_every}")
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown part(s) {unknown}; expected some of {PARTS}")
@@ -411,8 +439,12 @@ def train(
         else:
             vae = _load_part(out, "vae")
             count = max(256, int(FLUX_TRAIN_IMAGES * min(scale * 10, 1.0)))
-            latents, captions = encode_training_set(vae, count, progress)
-            transformer, text, info = train_flux(latents, captions, steps("flux"), progress)
+            latents, low_res, captions = encode_training_set(
+                vae, count, progress, low_res=low_res_every > 0
+            )
+            transformer, text, info = train_flux(
+                latents, captions, steps("flux"), progress, low_res, max(low_res_every, 1)
+            )
             transformer.save_pretrained(str(out / A.FOLDERS["transformer"]))
             text.save_pretrained(out / A.FOLDERS["text_encoder"])
         _write_log(out, part, info, time.perf_counter() - t0)
@@ -458,13 +490,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step count")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--low-res-every",
+        type=int,
+        default=0,
+        help="train the base on half-size images every N-th step (0: single resolution)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = tuple(s.strip() for s in args.parts.split(",") if s.strip())
-    manifest = train(args.out, parts, args.scale, progress=not args.quiet)
+    manifest = train(
+        args.out, parts, args.scale, progress=not args.quiet, low_res_every=args.low_res_every
+    )
     if manifest:
         print(json.dumps(manifest["metrics"], indent=1))
     return 0

@@ -12,17 +12,32 @@ from dcgen.toy import train_assets as T
 
 def test_every_training_part_runs_and_saves(tmp_path):
     torch.manual_seed(0)
-    T.train(tmp_path, parts=("vae", "evaluator", "dcae", "flux"), scale=0.0005, progress=False)
+    T.train(
+        tmp_path, ("vae", "evaluator", "dcae", "flux"), scale=0.0005, progress=False,
+        low_res_every=3,
+    )  # fmt: skip
     for folder in A.FOLDERS.values():
         assert (tmp_path / folder).is_dir(), folder
     log = json.loads((tmp_path / "training.json").read_text())
     assert set(log) == {"vae", "evaluator", "dcae", "flux"}
+    # The base model also trained on half-size images (3 steps: the third is low-res).
+    assert log["flux"]["low_res_every"] == 3
+    assert log["flux"]["low_res_shift"] < log["flux"]["shift"]  # fewer tokens, smaller shift
     vae = T._load_part(tmp_path, "vae")
     # The latent statistics were written into the config (FLUX's shift/scale convention).
     assert vae.config.scaling_factor != 1.0
     transformer, text = T._load_part(tmp_path, "flux")
     assert transformer.config["_dcgen_latent_patch_size"] == 2
     assert text.config.max_length == 16
+
+
+def test_training_set_pairs_full_and_half_size_latents():
+    vae = A.build_vae().eval()
+    full, half, captions = T.encode_training_set(vae, 3, progress=False, low_res=True)
+    assert full.shape == (3, 4, A.IMAGE_SIZE // 8, A.IMAGE_SIZE // 8)
+    assert half.shape == (3, 4, A.IMAGE_SIZE // 16, A.IMAGE_SIZE // 16)
+    assert len(captions) == 3
+    assert T.encode_training_set(vae, 2, progress=False)[1] is None  # single resolution
 
 
 def test_unknown_part_is_named(tmp_path):
