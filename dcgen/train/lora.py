@@ -20,6 +20,7 @@ caller saves them separately (e.g. with the checkpoint module).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable
@@ -215,9 +216,13 @@ def load_lora(
     if "lora_adapter_metadata" not in header:
         logger.warning("%s has no lora_adapter_metadata: alpha defaults to the rank", path)
 
-    transformer.load_lora_adapter(
-        str(directory), weight_name=weight_name, prefix=LORA_PREFIX, adapter_name=adapter_name
-    )
+    if _has_quantized_linears(transformer):
+        # diffusers' loader builds its own peft config, which cannot wrap quantized linears.
+        _load_lora_on_quantized(transformer, path, header, adapter_name)
+    else:
+        transformer.load_lora_adapter(
+            str(directory), weight_name=weight_name, prefix=LORA_PREFIX, adapter_name=adapter_name
+        )
     loaded = set(get_peft_model_state_dict(transformer, adapter_name=adapter_name))
     if loaded != file_keys:
         raise RuntimeError(
@@ -227,6 +232,49 @@ def load_lora(
     for param in lora_parameters(transformer):
         param.requires_grad_(trainable)
     return transformer
+
+
+def _has_quantized_linears(transformer: nn.Module) -> bool:
+    from dcgen.quant.lora import QUANTIZED_LINEARS
+
+    return any(isinstance(m, QUANTIZED_LINEARS) for m in transformer.modules())
+
+
+def _targets_regex(targets: str | list[str]) -> str:
+    """peft's target_modules as one full-match regex (a list means: the name or a suffix after
+    a dot, peft's rule)."""
+    if isinstance(targets, str):
+        return targets
+    names = "|".join(re.escape(t) for t in targets)
+    return rf"(?:.*\.)?(?:{names})"
+
+
+def _load_lora_on_quantized(
+    transformer: nn.Module, path: Path, header: dict[str, str], adapter_name: str
+) -> None:
+    """Inject the file's adapter (rank, alpha, targets from its metadata) with :func:`add_lora`,
+    which registers the quantized layers, then load the tensors into it."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    raw = json.loads(header.get("lora_adapter_metadata", "{}"))
+    meta = {k.removeprefix(f"{LORA_PREFIX}."): v for k, v in raw.items()}
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in meta]
+    if missing:
+        raise ValueError(
+            f"{path}: loading a LoRA onto a quantized model needs the adapter's rank, alpha and "
+            f"targets in lora_adapter_metadata (as save_lora writes them); missing {missing}"
+        )
+    add_lora(
+        transformer,
+        rank=int(meta["r"]),
+        alpha=float(meta["lora_alpha"]),
+        targets=_targets_regex(meta["target_modules"]),
+        dropout=float(meta.get("lora_dropout") or 0.0),
+        adapter_name=adapter_name,
+    )
+    state = {k.removeprefix(f"{LORA_PREFIX}."): v for k, v in load_file(str(path)).items()}
+    set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
 
 
 def fuse_lora(transformer: nn.Module, scale: float = 1.0, unload: bool = True) -> nn.Module:

@@ -12,7 +12,7 @@ from torch import nn
 
 from dcgen.quant import FP8Config, FP8Linear, NVFP4Config, NVFP4Linear, quantize_
 from dcgen.quant.lora import QuantizedLoraLinear, add_quantized_lora, register_quantized_lora
-from dcgen.train.lora import lora_parameters
+from dcgen.train.lora import add_lora, load_lora, lora_parameters, save_lora
 
 from .test_quantize_api import QUANTIZED, flux_inputs, rel, tiny_flux
 
@@ -137,3 +137,35 @@ def test_merge_refused_and_bad_inputs():
         add_quantized_lora(_quantized(NVFP4Config()), rank=2, targets=r"nothing\.here")
     with pytest.raises(TypeError, match="add_adapter"):
         add_quantized_lora(nn.Sequential(nn.Linear(16, 16)), rank=2)
+
+
+def test_lora_on_quantized_model_saves_and_loads(tmp_path):
+    model = _quantized(NVFP4Config(mode="w4a16"))
+    add_lora(model, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(std=0.05)  # a non-zero B so the adapter changes the output
+    inputs = flux_inputs()
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+    save_lora(model, tmp_path)
+    fresh = _quantized(NVFP4Config(mode="w4a16"))
+    with torch.no_grad():
+        bare = fresh(**inputs)[0]
+    load_lora(fresh, tmp_path)
+    assert isinstance(fresh.get_submodule("transformer_blocks.0.attn.to_q"), QuantizedLoraLinear)
+    with torch.no_grad():
+        got = fresh(**inputs)[0]
+    assert rel(bare, expected) > 1e-3  # the adapter matters
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_file_without_metadata_onto_quantized_model_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(
+        {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32)},
+        str(tmp_path / "pytorch_lora_weights.safetensors"),
+    )
+    with pytest.raises(ValueError, match="rank, alpha and targets"):
+        load_lora(_quantized(NVFP4Config(mode="w4a16")), tmp_path)
