@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ._extension import compiled_op, has_kernel
 from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from .shortcuts import channel_duplicate_to_space, space_to_channel_average
 
 _DTYPES = (*FLOAT_DTYPES, torch.float64)
 
@@ -100,9 +101,7 @@ def up_block_shortcut_reference(y: torch.Tensor, x: torch.Tensor, shuffle_y: boo
     cout = _up_out_channels(y, x, shuffle_y)
     dt = _math_dtype(y)
     main = F.pixel_shuffle(y, 2) if shuffle_y else y
-    # = channel_duplicate_to_space(x, cout, 2), written out so fp64 (gradcheck) works too
-    shortcut = x.to(dt).repeat_interleave(4 * cout // x.shape[1], dim=1)
-    return (main.to(dt) + F.pixel_shuffle(shortcut, 2)).to(y.dtype)
+    return (main.to(dt) + channel_duplicate_to_space(x.to(dt), cout, 2)).to(y.dtype)
 
 
 def down_block_shortcut_reference(y: torch.Tensor, x: torch.Tensor, unshuffle_y: bool = True):
@@ -110,9 +109,7 @@ def down_block_shortcut_reference(y: torch.Tensor, x: torch.Tensor, unshuffle_y:
     cout = _down_out_channels(y, x, unshuffle_y)
     dt = _math_dtype(y)
     main = F.pixel_unshuffle(y, 2) if unshuffle_y else y
-    # = space_to_channel_average(x, cout, 2), written out so fp64 (gradcheck) works too
-    shortcut = F.pixel_unshuffle(x.to(dt), 2).unflatten(1, (cout, -1)).mean(dim=2)
-    return (main.to(dt) + shortcut).to(y.dtype)
+    return (main.to(dt) + space_to_channel_average(x.to(dt), cout, 2)).to(y.dtype)
 
 
 def _use_kernel(name: str, y: torch.Tensor, x: torch.Tensor) -> bool:

@@ -19,7 +19,14 @@ def channel_rms_norm_reference(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """Pure-PyTorch spec: y = x * rsqrt(mean_c(x^2) + eps) * weight + bias, all in fp32."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32, or fp64 for fp64 input
+    return _normalize_wide(x, weight, bias, eps).to(x.dtype)
+
+
+def _normalize_wide(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """The normalized, affine-applied ``x`` in fp32 (fp64 for fp64 input), not yet rounded."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     inv = torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + eps)
     y = xf * inv
     view = (1, -1) + (1,) * (x.ndim - 2)
@@ -27,7 +34,7 @@ def channel_rms_norm_reference(
         y = y * weight.to(xf.dtype).view(view)
     if bias is not None:
         y = y + bias.to(xf.dtype).view(view)
-    return y.to(x.dtype)
+    return y
 
 
 def channel_rms_norm(
@@ -86,17 +93,9 @@ def channel_rms_norm_fused_reference(
 ) -> torch.Tensor:
     """Pure-PyTorch spec: act(channel RMSNorm(x)) + residual, all in fp32, rounded once."""
     act = _check_act(act)
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    inv = torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + eps)
-    y = xf * inv
-    view = (1, -1) + (1,) * (x.ndim - 2)
-    if weight is not None:
-        y = y * weight.to(xf.dtype).view(view)
-    if bias is not None:
-        y = y + bias.to(xf.dtype).view(view)
-    y = _apply_act(y, act)
+    y = _apply_act(_normalize_wide(x, weight, bias, eps), act)
     if residual is not None:
-        y = y + residual.to(xf.dtype)
+        y = y + residual.to(y.dtype)
     return y.to(x.dtype)
 
 

@@ -2,8 +2,8 @@
 
 Down: space-to-channel (pixel_unshuffle by the factor) then average groups of channels.
 Up: duplicate channels (repeat_interleave) then depth-to-space (pixel_shuffle).
-These are references only for now; fused kernels with the main path come with the DC-AE
-speed work.
+These are the training path and the spec; dcgen.ops.block_shortcuts fuses them with the main
+path for inference.
 """
 
 from __future__ import annotations
@@ -11,13 +11,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validate import check_tensor
+from ._validate import FLOAT_DTYPES, check_tensor
+
+# Pure reshapes and means: any float width works, fp64 included (the fused ops' gradchecks).
+_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
 def space_to_channel_average(x: torch.Tensor, out_channels: int, factor: int = 2) -> torch.Tensor:
     """(N, C, H, W) -> (N, out_channels, H/f, W/f): pixel_unshuffle(f), then mean over groups
     of C*f*f/out_channels consecutive channels. factor=1 is pure channel averaging."""
-    check_tensor("space_to_channel_average: x", x, ndim=4)
+    check_tensor("space_to_channel_average: x", x, ndim=4, dtypes=_DTYPES)
     n, c, h, w = x.shape
     if h % factor or w % factor:
         raise ValueError(
@@ -41,7 +44,7 @@ def channel_duplicate_to_space(x: torch.Tensor, out_channels: int, factor: int =
     """(N, C, H, W) -> (N, out_channels, H*f, W*f): repeat each channel
     out_channels*f*f/C times (adjacent copies), then pixel_shuffle(f). factor=1 is pure
     channel duplication."""
-    check_tensor("channel_duplicate_to_space: x", x, ndim=4)
+    check_tensor("channel_duplicate_to_space: x", x, ndim=4, dtypes=_DTYPES)
     c = x.shape[1]
     c_out = out_channels * factor * factor
     if c_out % c:
