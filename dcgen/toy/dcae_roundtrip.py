@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from dcgen.autoencoders import DCAE
-from dcgen.autoencoders.config import reduced_config
 
+from .assets import dcae_config
 from .images import bundled_image_path, load_image, plot_curve, psnr, side_by_side, to_pil
 
 logger = logging.getLogger(__name__)
@@ -36,17 +36,6 @@ class RoundTripSettings:
     seed: int = 0
     device: str = "cpu"
     image: Path | None = None  # default: the bundled picture
-
-
-def demo_config():
-    """The narrow f32c32 DC-AE the demo trains: in-1.0 structure at an eighth of the width."""
-    return reduced_config(
-        "dc-ae-f32c32-in-1.0",
-        width_divisor=8,
-        latent_channels=32,
-        attention_head_dim=8,
-        max_layers=1,
-    )
 
 
 def _random_crops(img: torch.Tensor, n: int, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -93,7 +82,7 @@ def run_dcae_roundtrip(
         )
     image = image.to(s.device)
 
-    model = DCAE(demo_config()).to(s.device)
+    model = DCAE(dcae_config()).to(s.device)  # the toy world's f32c32 structure
     with torch.no_grad():
         psnr_init = psnr(model.eval()(image), image)
 
