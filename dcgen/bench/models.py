@@ -109,6 +109,24 @@ _FLUX_FULL = dict(
     guidance_embeds=True, axes_dims_rope=(16, 56, 56),
 )  # fmt: skip
 
+
+def _sana_spec(name: str, transformer: dict[str, Any], **overrides: Any) -> ModelSpec:
+    """SANA on its own f32c32 DC-AE (1x1 patches), one block list; DC-Gen goes to f64c128 at
+    every resolution (there is no f32 DC-Gen-SANA row)."""
+    fields: dict[str, Any] = dict(
+        family="sana",
+        base_dcae=F32_PRESET,
+        base_factor=32,
+        base_patch=1,
+        blocks=SANA_BLOCKS,
+        text_tokens=SANA_TEXT_TOKENS,
+        f32_max_resolution=0,
+        default_resolutions=(1024, 2048, 4096),
+    )
+    fields.update(overrides)
+    return ModelSpec(name=name, transformer=transformer, **fields)
+
+
 MODELS: dict[str, ModelSpec] = {
     "flux": ModelSpec(
         name="flux",
@@ -142,35 +160,14 @@ MODELS: dict[str, ModelSpec] = {
         dcae_width_divisor=16,
         dcae_max_layers=1,
     ),  # fmt: skip
-    "sana-1.6b": ModelSpec(
-        name="sana-1.6b",
-        family="sana",
-        transformer=dict(SANA_COMMON, num_layers=20),
-        base_dcae=F32_PRESET,
-        base_factor=32,
-        base_patch=1,
-        blocks=SANA_BLOCKS,
-        text_tokens=SANA_TEXT_TOKENS,
-        f32_max_resolution=0,
-        default_resolutions=(1024, 2048, 4096),
-    ),  # fmt: skip
-    "sana-4.8b": ModelSpec(
-        name="sana-4.8b",
-        family="sana",
-        transformer=dict(SANA_COMMON, num_layers=60, qk_norm="rms_norm_across_heads"),
-        base_dcae=F32_PRESET,
-        base_factor=32,
-        base_patch=1,
-        blocks=SANA_BLOCKS,
-        text_tokens=SANA_TEXT_TOKENS,
-        f32_max_resolution=0,
-        default_resolutions=(1024, 2048, 4096),
-    ),  # fmt: skip
+    "sana-1.6b": _sana_spec("sana-1.6b", dict(SANA_COMMON, num_layers=20)),
+    "sana-4.8b": _sana_spec(
+        "sana-4.8b", dict(SANA_COMMON, num_layers=60, qk_norm="rms_norm_across_heads")
+    ),
     # CPU smoke size for the SANA path: the reduced f32 DC-AE has 32 // 16 = 2 latent channels.
-    "tiny-sana": ModelSpec(
-        name="tiny-sana",
-        family="sana",
-        transformer=dict(
+    "tiny-sana": _sana_spec(
+        "tiny-sana",
+        dict(
             in_channels=2,
             out_channels=2,
             patch_size=1,
@@ -183,16 +180,11 @@ MODELS: dict[str, ModelSpec] = {
             caption_channels=32,
             sample_size=8,
         ),
-        base_dcae=F32_PRESET,
-        base_factor=32,
-        base_patch=1,
-        blocks=SANA_BLOCKS,
         text_tokens=8,
-        f32_max_resolution=0,
         default_resolutions=(64, 128),
         dcae_width_divisor=16,
         dcae_max_layers=1,
-    ),  # fmt: skip
+    ),
 }
 
 
