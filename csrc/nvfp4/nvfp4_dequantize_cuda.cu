@@ -21,6 +21,7 @@ namespace dcgen {
 namespace {
 
 using quant::from_e4m3;
+using quant::from_float;
 
 // E2M1 code (sign in bit 3) -> value, from the bits (no table in local memory): exponent
 // field e = bits 2..1 (bias 1), mantissa m = bit 0; e = 0 is the subnormal 0 / 0.5. The sign
@@ -29,21 +30,6 @@ __device__ __forceinline__ float e2m1_value(uint32_t code) {
   const uint32_t e = (code >> 1) & 3u, m = code & 1u;
   const uint32_t mag = e ? (((e + 126u) << 23) | (m << 22)) : (m ? 0x3F000000u : 0u);
   return __uint_as_float(mag | ((code & 8u) << 28));
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
 }
 
 template <typename T>
@@ -57,11 +43,7 @@ __global__ void nvfp4_dequantize_kernel(const uint8_t* __restrict__ packed,
   const int64_t row = t / kb_count;
   const int64_t kb = t - row * kb_count;
   int64_t soff = t;  // plain [N, Kp/16]: block t is scale t
-  if (swizzled) {
-    // offset(m, kb) = ((m/128) * Kbp/4 + kb/4) * 512 + (m%32) * 16 + ((m%128)/32) * 4 + kb%4
-    const int64_t kb4 = (kb_count + 3) >> 2;
-    soff = ((row >> 7) * kb4 + (kb >> 2)) * 512 + (row & 31) * 16 + ((row & 127) >> 5) * 4 + (kb & 3);
-  }
+  if (swizzled) soff = quant::swizzled_scale_offset(row, kb, (kb_count + 3) >> 2);
   const float s = from_e4m3(scales[soff]);
   const float gd = *global;
   // Codes of block t are bytes [8t, 8t + 8): rows are contiguous, Kp/2 = 8 * kb_count bytes.

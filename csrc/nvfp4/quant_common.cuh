@@ -66,6 +66,28 @@ __device__ __forceinline__ float from_e4m3(uint8_t b) {
   return static_cast<float>(f);
 }
 
+// fp32 -> the output element type, round to nearest even (the inverse of to_float).
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+// Byte offset of block scale (m, kb) in the 128x4 swizzled layout, `kb4` = ceil(K/16 / 4):
+// ((m/128) * kb4 + kb/4) * 512 + (m%32) * 16 + ((m%128)/32) * 4 + kb%4.
+__device__ __forceinline__ int64_t swizzled_scale_offset(int64_t m, int64_t kb, int64_t kb4) {
+  return ((m >> 7) * kb4 + (kb >> 2)) * 512 + (m & 31) * 16 + ((m & 127) >> 5) * 4 + (kb & 3);
+}
+
 // Load 8 consecutive elements starting at p as fp32; `valid` (0..8) of them exist, the rest
 // read as 0 (the zero padding of the references). `vec`: p is 16-byte aligned and all 8 exist.
 template <typename T>

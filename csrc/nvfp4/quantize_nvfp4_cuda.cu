@@ -41,9 +41,7 @@ __global__ void quantize_nvfp4_kernel(const T* __restrict__ x, const float* __re
   if (t >= m_padded * kb_padded) return;
   const int64_t m = t / kb_padded;
   const int64_t kb = t - m * kb_padded;
-  // offset(m, kb) = ((m/128) * Kbp/4 + kb/4) * 512 + (m%32) * 16 + ((m%128)/32) * 4 + kb%4
-  const int64_t off = ((m >> 7) * (kb_padded >> 2) + (kb >> 2)) * 512 + (m & 31) * 16 +
-                      ((m & 127) >> 5) * 4 + (kb & 3);
+  const int64_t off = quant::swizzled_scale_offset(m, kb, kb_padded >> 2);
   if (m >= M || kb >= kb_count) {
     scales[off] = 0;
     return;
