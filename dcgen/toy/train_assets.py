@@ -77,6 +77,18 @@ def _cosine(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
+def _update(loss: torch.Tensor, opt: Any, sched: Any, clip_params: Any = None) -> float:
+    """One optimizer step on ``loss`` (gradient norm clipped to 1 over ``clip_params`` if
+    given); returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def _optimizer(params: Any, lr: float, total: int, warmup: int) -> tuple[Any, Any]:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total, warmup))
@@ -108,12 +120,7 @@ def train_vae(steps: int, progress: bool) -> tuple[nn.Module, dict]:
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(_update(loss, opt, sched, vae.parameters()))
     vae.eval()
     # FLUX's latent convention: z_scaled = (z - shift) * scale with unit variance overall.
     with torch.no_grad():
@@ -171,11 +178,7 @@ def train_evaluator(steps: int, progress: bool) -> tuple[ShapeEvaluator, dict]:
     for _ in _progress(range(steps), "evaluator", progress):
         x, _, labels = next(batches)
         loss = evaluator_loss(model(_augment(x, g)), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(_update(loss, opt, sched))
     model.eval()
     return model, {"steps": steps, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
 
@@ -191,12 +194,7 @@ def train_dcae(steps: int, progress: bool) -> tuple[nn.Module, dict]:
         x = next(batches)[0]
         rec = dcae.decode(dcae.encode(x))
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dcae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(_update(loss, opt, sched, dcae.parameters()))
     dcae.eval()
     with torch.no_grad():
         z = torch.cat([dcae.encode(world.batch(i, 32)[0]) for i in range(0, 256, 32)])
@@ -272,19 +270,14 @@ def train_flux(
         ) -> torch.Tensor:
             return adapter.predict(x_t, s, e, p, g)
 
-        loss = flow_matching_loss(model_fn, x0, sigmas, noise=noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        value = _update(flow_matching_loss(model_fn, x0, sigmas, noise=noise), opt, sched, params)
         d = min(decay, (step + 1) / (step + 10))  # warm EMA: early weights do not linger
         with torch.no_grad():
             for live, avg in zip([transformer, text], ema_models):
                 for p, q in zip(live.parameters(), avg.parameters()):
                     q.lerp_(p, 1 - d)
         if not low:  # the reported loss is the full-size one
-            losses.append(loss.item())
+            losses.append(value)
         if progress and step % 500 == 0:
             logger.info("flux step %d loss %.4f", step, sum(losses[-100:]) / len(losses[-100:]))
     transformer_ema, text_ema = ema_models
