@@ -14,7 +14,10 @@ ROW_FIELDS = (
     "model",
     "tokens_per_image",
     "latency_s",
+    "denoise_latency_s",
+    "decode_latency_s",
     "latency_ratio_to_base",
+    "denoise_speedup_vs_base",
     "throughput_images_per_s",
     "throughput_vs_base",
     "speedup_vs_base",
@@ -52,6 +55,11 @@ def test_fast_demo_report_has_every_row_and_field(fast_run):
         for field in ROW_FIELDS:
             assert field in row, (name, field)
         assert row["latency_s"] > 0
+        # The total is the sum of its two timed parts (both positive).
+        assert row["denoise_latency_s"] > 0 and row["decode_latency_s"] > 0
+        assert row["latency_s"] == pytest.approx(
+            row["denoise_latency_s"] + row["decode_latency_s"], rel=0.5
+        )
         assert 0.0 <= row["prompt_accuracy"] <= 1.0
         assert math.isfinite(row["frechet_distance"])
         assert set(row["feature_distance"]) == {str(i) for i in report["alignment"]["layers"]}
