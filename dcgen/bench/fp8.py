@@ -23,22 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant import DEFAULT_EXCLUDE, FP8Config, quality_report, quantize_
+from ..quant import FP8Config, quality_report, quantize_
 
 logger = logging.getLogger(__name__)
-
-#: dcgen.quant's default exclusions, minus the top-level head ``^proj_out$``: names here are
-#: relative to one block, where ``proj_out`` is a FLUX single block's own output linear (which
-#: the default list means to quantize).
-BLOCK_EXCLUDE = tuple(p for p in DEFAULT_EXCLUDE if p != r"^proj_out$")
-
 
 def quantize_block_copies(
     blocks: nn.ModuleList, granularity: str = "row"
 ) -> tuple[nn.ModuleList, int]:
     """FP8 copies of ``blocks`` (the originals are untouched); returns them and the number of
     linears quantized. Copies are made and quantized one block at a time (see module doc)."""
-    config = FP8Config(granularity=granularity, exclude=BLOCK_EXCLUDE)
+    config = FP8Config(granularity=granularity)
     out, count = [], 0
     for block in blocks:
         clone = copy.deepcopy(block)

@@ -48,10 +48,11 @@ FORMATS = (FORMAT, FORMAT_FP8, FORMAT_MIXED)
 FORMAT_VERSION = "1"
 QUANTIZED_TYPES = (NVFP4Linear, FP8Linear)
 
-# Kept in 16-bit by default: embedders facing the latent / text / time, AdaLN modulation
-# linears (norm1.linear, norm1_context.linear, single blocks' norm.linear, norm_out.linear)
-# and the top-level output head. `proj_out` is anchored: FLUX single blocks have their own
-# `single_transformer_blocks.N.proj_out`, which IS quantized.
+# Kept in 16-bit by default: embedders facing the latent / text / time and AdaLN modulation
+# linears (norm1.linear, norm1_context.linear, single blocks' norm.linear, norm_out.linear).
+# The DiT's output head is kept by identity (``keep_latent_layers``), not by a name pattern:
+# the head is called `proj_out`, but so is every FLUX single block's output projection, which
+# IS quantized, also when a block is quantized on its own.
 DEFAULT_EXCLUDE = (
     r"^x_embedder$",
     r"^context_embedder$",
@@ -60,7 +61,6 @@ DEFAULT_EXCLUDE = (
     r"(^|\.)(text_embedder|caption_projection)(\.|$)",
     r"(^|\.)norm[^.]*\.linear$",
     r"(^|\.)norm_out(\.|$)",
-    r"^proj_out$",
     # peft LoRA adapters (lora_A / lora_B / lora_embedding_*): kept in 16/32-bit.
     r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)",
 )
@@ -76,6 +76,11 @@ def _check_patterns(owner: str, include: tuple[str, ...], exclude: tuple[str, ..
             raise ValueError(f"{owner}: invalid regex {pat!r}: {e}") from e
 
 
+def _check_flag(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: expected {name} True or False, got {value!r}")
+
+
 def _matches(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
     return any(re.search(p, name) for p in include) and not any(re.search(p, name) for p in exclude)
 
@@ -85,13 +90,16 @@ class NVFP4Config:
     """What to quantize and how. ``include`` / ``exclude``: regexes matched with ``re.search``
     on the module's qualified name; a Linear is quantized when some include matches and no
     exclude does. ``smoothing_alpha``: when set, :func:`quantize_` needs a calibration
-    callable and folds ``s_j = max|x_j|^a / max|W_j|^(1-a)`` into each weight."""
+    callable and folds ``s_j = max|x_j|^a / max|W_j|^(1-a)`` into each weight.
+    ``keep_latent_layers``: a whole DiT's latent embedder and output head (found through its
+    adapter, whatever their names) stay in 16-bit."""
 
     mode: str = "w4a16"
     rank: int = 0
     include: tuple[str, ...] = (r".*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     smoothing_alpha: float | None = None
+    keep_latent_layers: bool = True
 
     def __post_init__(self) -> None:
         check_mode(self.mode)
@@ -103,6 +111,7 @@ class NVFP4Config:
                 f"got {self.smoothing_alpha}"
             )
         _check_patterns("NVFP4Config", self.include, self.exclude)
+        _check_flag("NVFP4Config", "keep_latent_layers", self.keep_latent_layers)
 
     def matches(self, name: str) -> bool:
         return _matches(name, self.include, self.exclude)
@@ -113,15 +122,17 @@ class FP8Config:
     """FP8 (E4M3) W8A8. ``granularity``: ``"row"`` (a scale per weight output row and per
     activation token) or ``"block128"`` (per 1x128 block along K, weight and activation).
     Activation scales are dynamic (computed on every call). ``include`` / ``exclude`` as in
-    :class:`NVFP4Config` (same defaults)."""
+    :class:`NVFP4Config` (same defaults), ``keep_latent_layers`` too."""
 
     granularity: str = "row"
     include: tuple[str, ...] = (r".*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    keep_latent_layers: bool = True
 
     def __post_init__(self) -> None:
         check_granularity(self.granularity)
         _check_patterns("FP8Config", self.include, self.exclude)
+        _check_flag("FP8Config", "keep_latent_layers", self.keep_latent_layers)
 
     def matches(self, name: str) -> bool:
         return _matches(name, self.include, self.exclude)
@@ -136,10 +147,26 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _latent_layer_names(model: nn.Module) -> tuple[str, ...]:
+    """Qualified names of a DiT's latent-facing embedder and output head (what DC-Gen replaces
+    and trains in full precision); () for a module no adapter knows, such as a single block."""
+    from dcgen.adapters import adapter_for
+
+    try:
+        layers = adapter_for(model).latent_layers()
+    except TypeError:
+        return ()
+    wanted = [layers.embedder, layers.head]
+    return tuple(n for n, m in model.named_modules() if any(m is w for w in wanted))
+
+
 def _targets(model: nn.Module, config: QuantConfig) -> list[str]:
+    kept = _latent_layer_names(model) if config.keep_latent_layers else ()
     names = []
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear or not config.matches(name):
+            continue
+        if any(name == k or name.startswith(k + ".") for k in kept):
             continue
         if mod.in_features % BLOCK:
             logger.warning(

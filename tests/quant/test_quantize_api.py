@@ -102,6 +102,39 @@ def test_quantize_replaces_expected_linears(fp_model):
     assert not leftover & QUANTIZED
 
 
+def test_a_single_block_alone_has_its_proj_out_quantized(fp_model):
+    # The head is kept by identity, not by the name "proj_out": a FLUX single block quantized
+    # on its own has a proj_out of its own, which the defaults mean to quantize.
+    block = copy.deepcopy(fp_model.single_transformer_blocks[0])
+    names = quantize_(block)
+    assert "proj_out" in names
+    assert isinstance(block.proj_out, NVFP4Linear)
+    assert type(block.norm.linear) is nn.Linear  # AdaLN modulation stays 16-bit
+
+
+def test_keep_latent_layers_off_quantizes_the_head(fp_model):
+    model = copy.deepcopy(fp_model)
+    names = quantize_(model, NVFP4Config(keep_latent_layers=False))
+    assert "proj_out" in names and isinstance(model.proj_out, NVFP4Linear)
+    # x_embedder stays out through its own name pattern (an input-facing embedder).
+    assert type(model.x_embedder) is nn.Linear
+
+
+def test_replaced_head_is_kept_whatever_its_name(fp_model):
+    from dcgen.adapters import adapter_for
+
+    model = copy.deepcopy(fp_model)
+    adapter_for(model).replace_latent_layers(32, 1, init="random")
+    names = quantize_(model)
+    assert "proj_out" not in names and type(model.proj_out) is nn.Linear
+    assert model.proj_out.out_features == 32  # the new DC-AE head, still full precision
+
+
+def test_keep_latent_layers_must_be_bool():
+    with pytest.raises(TypeError, match="keep_latent_layers"):
+        NVFP4Config(keep_latent_layers="yes")
+
+
 # Measured on this tiny FLUX (fp32 reference, seed 0): relative L2 error of the final output
 # 0.010 (w4a16), 0.014 (w4a4), 0.011 (w4a4, rank 4, smoothing 0.5); the residual stream keeps
 # it far below the per-layer errors (up to ~0.12). Bounds leave ~3x headroom.
