@@ -447,12 +447,24 @@ def align_embedder(
         embedder.requires_grad_(False)
     mse_after = embedder_mse()
     dist_after = distances()
+    rank = _embedder_rank(embedder.weight.detach().flatten(1))
+    if rank < new_shape[0]:
+        # The targets lie in the span of the base embedder (its rank), so a DC-AE latent with
+        # more channels than that cannot be fully seen by the frozen DiT after stage 1: the
+        # unseen directions (noise included) are left to stages 2 and 3.
+        logger.warning(
+            "stage 1: the aligned embedder has rank %d for %d latent channels; the frozen "
+            "blocks see only that part of the new latent (the base embedder's rank is %d)",
+            rank, new_shape[0], _embedder_rank(base_embedder.weight.detach().flatten(1)),
+        )  # fmt: skip
     head_fit = _fit_head_ridge(adapter, dataset, cfg, ctx) if cfg.align_head == "ridge" else None
     return {
         "stage": "align",
         "tokens": acc.count,
         "downsample_factor": factor,
         "align_mse": {"random": mse_random, "ridge": mse_ridge, "after": mse_after},
+        "embedder_rank": rank,
+        "latent_channels": new_shape[0],
         "feature_distance": {
             "layers": layers,
             "before": [dist_before[i] for i in layers] if dist_before else [],
@@ -465,6 +477,13 @@ def align_embedder(
 
 
 @torch.no_grad()
+def _embedder_rank(weight: torch.Tensor, rtol: float = 1e-3) -> int:
+    """Numerical rank of an embedder weight (out, in): singular values above ``rtol`` times
+    the largest."""
+    sv = torch.linalg.svdvals(weight.double())
+    return int((sv > rtol * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0
+
+
 def _fit_head_ridge(
     adapter: DiTAdapter, dataset: Any, cfg: TrainConfig, ctx: DistContext
 ) -> dict[str, Any]:

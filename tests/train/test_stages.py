@@ -14,6 +14,7 @@ from dcgen.train.data import collate_samples
 from dcgen.train.lora import load_lora, save_lora
 from dcgen.train.stages import (
     FlowMatchingModule,
+    _embedder_rank,
     finetune_lora,
     load_latent_layers,
     load_transformer,
@@ -60,6 +61,10 @@ def test_stage1_aligns_embedder_and_reduces_feature_distance(root: Path, cache: 
     assert len(before) == len(after) == 2
     for b, a in zip(before, after):
         assert a < 0.25 * b, (before, after)
+    # Targets lie in the span of the base embedder, so the aligned one cannot exceed its rank.
+    base_rank = _embedder_rank(load_transformer(root / "base").x_embedder.weight.detach())
+    assert summary["latent_channels"] == DCAE_CHANNELS
+    assert 1 <= summary["embedder_rank"] <= min(DCAE_CHANNELS, base_rank)
     out = Path(cfg.out_dir)
     for name in ("latent_layers.safetensors", "log.jsonl", "loss.png", "config.json"):
         assert (out / name).is_file(), name
@@ -216,3 +221,12 @@ def test_stage3_gradient_checkpointing_gives_the_same_training(root: Path, cache
         assert not transformer.is_gradient_checkpointing, "checkpointing must be switched off after"
         results.append(fixed_loss(transformer, cache))
     assert results[1] == pytest.approx(results[0], rel=1e-5)
+
+
+def test_embedder_rank_counts_significant_singular_values() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 5, generator=g) @ torch.randn(5, 12, generator=g)  # rank 5
+    assert _embedder_rank(w) == 5
+    assert _embedder_rank(w + 1e-9 * torch.randn(64, 12, generator=g)) == 5
+    assert _embedder_rank(torch.randn(64, 12, generator=g)) == 12
+    assert _embedder_rank(torch.zeros(64, 12)) == 0
