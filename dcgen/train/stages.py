@@ -220,12 +220,12 @@ class FlowMatchingModule(nn.Module):
 
 
 def _flow_inputs(
-    adapter: DiTAdapter, cfg: TrainConfig
+    adapter: DiTAdapter, cfg: TrainConfig, latent_key: str = "dcae_latent"
 ) -> Callable[[dict[str, Any], StepRandom], dict[str, Any]]:
     guided = bool(getattr(adapter, "has_guidance_embeds", False))
 
     def make_inputs(batch: dict[str, Any], rnd: StepRandom) -> dict[str, Any]:
-        x0 = batch["dcae_latent"].float()
+        x0 = batch[latent_key].float()
         _, c, h, w = x0.shape
         shift = resolve_shift(
             cfg.shift_rule, adapter.num_tokens(h, w), c, constant=cfg.shift_constant
@@ -484,14 +484,16 @@ def _embedder_rank(weight: torch.Tensor, rtol: float = 1e-3) -> int:
     return int((sv > rtol * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0
 
 
-def _fit_head_ridge(
-    adapter: DiTAdapter, dataset: Any, cfg: TrainConfig, ctx: DistContext
-) -> dict[str, Any]:
-    """Closed-form stage-1 head: the linear map from the frozen DiT's last hidden states (the
-    head's input) to the flow velocity (noise - x0) of the DC-AE latents, fitted by ridge over
-    ``cfg.align_head_samples`` samples at training-distribution noise levels. The embedder is
-    the aligned one, so this is the best linear readout of what the untouched blocks compute.
-    """
+def _head_readout(
+    adapter: DiTAdapter,
+    dataset: Any,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    latent_key: str = "dcae_latent",
+) -> RidgeAccumulator:
+    """Ridge statistics of the linear map from the DiT's last hidden states (the head's input)
+    to the flow velocity (noise - x0) of ``dataset[i][latent_key]``, over
+    ``cfg.align_head_samples`` samples at training-distribution noise levels."""
     from .data import collate_samples
 
     head = adapter.latent_layers().head
@@ -501,7 +503,7 @@ def _fit_head_ridge(
     acc = RidgeAccumulator(head.in_features, head.out_features)
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda m, args, out: captured.append(args[0].float()))
-    make_inputs = _flow_inputs(adapter, cfg)
+    make_inputs = _flow_inputs(adapter, cfg, latent_key)
     n = min(len(dataset), cfg.align_head_samples)
     try:
         for step, start in enumerate(
@@ -517,16 +519,41 @@ def _fit_head_ridge(
             x0, noise, sigmas = inp["x0"], inp["noise"], inp["sigmas"]
             s = sigmas.view(-1, *([1] * (x0.ndim - 1)))
             captured.clear()
-            adapter.predict(
-                (1 - s) * x0 + s * noise, sigmas, inp["prompt_embeds"],
-                inp["pooled_prompt_embeds"], inp["guidance"],
-            )  # fmt: skip
-            acc.update(captured[-1], pack_latents(noise - x0, 1))
+            with torch.no_grad():
+                adapter.predict(
+                    (1 - s) * x0 + s * noise, sigmas, inp["prompt_embeds"],
+                    inp["pooled_prompt_embeds"], inp["guidance"],
+                )  # fmt: skip
+            acc.update(captured[-1], adapter.pack(noise - x0))
     finally:
         hook.remove()
-    acc = _gather_ridge(acc, ctx)
+    return _gather_ridge(acc, ctx)
+
+
+def readout_r2(
+    transformer: nn.Module,
+    dataset: Any,
+    cfg: TrainConfig,
+    latent_key: str = "dcae_latent",
+    ctx: DistContext | None = None,
+) -> float:
+    """How much of the flow velocity a linear head can read from the model's last hidden states
+    (1 - ridge MSE / velocity variance; the head itself is not changed). On the base model
+    (``latent_key="base_latent"``) it is the ceiling a stage-1 head on frozen blocks aims at."""
+    acc = _head_readout(adapter_for(transformer), dataset, cfg, _ctx(ctx), latent_key)
     weight, bias = acc.solve(cfg.align_ridge_l2)
-    init_from_ridge(head, weight, bias)
+    return 1.0 - acc.mse(weight, bias) / max(acc.target_variance(), 1e-30)
+
+
+def _fit_head_ridge(
+    adapter: DiTAdapter, dataset: Any, cfg: TrainConfig, ctx: DistContext
+) -> dict[str, Any]:
+    """Closed-form stage-1 head: the linear map from the frozen DiT's last hidden states to the
+    flow velocity of the DC-AE latents (:func:`_head_readout`). The embedder is the aligned
+    one, so this is the best linear readout of what the untouched blocks compute."""
+    acc = _head_readout(adapter, dataset, cfg, ctx)
+    weight, bias = acc.solve(cfg.align_ridge_l2)
+    init_from_ridge(adapter.latent_layers().head, weight, bias)
     mse = acc.mse(weight, bias)
     logger.info("stage 1 ridge head over %d tokens: velocity MSE %.5g", acc.count, mse)
     return {"tokens": acc.count, "velocity_mse": mse, "target_variance": acc.target_variance()}

@@ -13,6 +13,7 @@ from dcgen.toy.demo import ROWS, DemoSettings
 ROW_FIELDS = (
     "model",
     "tokens_per_image",
+    "sequence_length",
     "latency_s",
     "denoise_latency_s",
     "decode_latency_s",
@@ -65,8 +66,14 @@ def test_fast_demo_report_has_every_row_and_field(fast_run):
         assert set(row["feature_distance"]) == {str(i) for i in report["alignment"]["layers"]}
     rows = report["rows"]
     assert rows["base"]["tokens_per_image"] == 4 * rows["dcgen"]["tokens_per_image"]
+    text_tokens = rows["base"]["sequence_length"] - rows["base"]["tokens_per_image"]
+    assert text_tokens > 0
+    assert rows["dcgen"]["sequence_length"] == rows["dcgen"]["tokens_per_image"] + text_tokens
     assert all(v == 0 for v in rows["base"]["feature_distance"].values())
     align = report["alignment"]
+    assert set(align["velocity_readout_r2"]) == {"base", "stage1"}
+    assert all(r <= 1.0 and math.isfinite(r) for r in align["velocity_readout_r2"].values())
+    assert 1 <= align["embedder_rank"] <= align["latent_channels"]
     assert len(align["feature_distance_random_embedder"]) == len(align["layers"]) >= 2
     # Even two refinement steps after the ridge fit bring the features far closer to the base.
     assert all(

@@ -18,6 +18,7 @@ from dcgen.train.stages import (
     finetune_lora,
     load_latent_layers,
     load_transformer,
+    readout_r2,
     run,
     save_latent_layers,
     train_output_layer,
@@ -97,6 +98,13 @@ def test_stage1_ridge_head_fits_the_velocity(root: Path, cache: Path) -> None:
     ridge_model = load_transformer(root / "s1r" / "transformer")
     assert float(zero_model.proj_out.weight.abs().max()) == 0.0
     assert float(ridge_model.proj_out.weight.abs().max()) > 0.0
+    # readout_r2 refits the same readout without touching the head: it must agree with the
+    # fit stage 1 installed, and leave the weights as they were.
+    cache_ds = LatentCache(cache)
+    before = ridge_model.proj_out.weight.clone()
+    r2 = readout_r2(ridge_model, cache_ds, cfg)
+    assert r2 == pytest.approx(1 - head["velocity_mse"] / head["target_variance"], abs=1e-6)
+    torch.testing.assert_close(ridge_model.proj_out.weight, before, rtol=0, atol=0)
 
 
 def test_stage1_base_positions_scale_rope_by_the_downsample_factor(root: Path, cache: Path) -> None:
