@@ -1,7 +1,9 @@
 """End to end: base vs DC-Gen, denoise + decode, for FLUX.1 (f8c16 VAE 2x2 vs DC-AE 1x1) and
 SANA 1.6B (DC-AE f32c32 vs f64c128, 1x1).
 
-One group per model and resolution, impl=baseline / dcgen. GPU: FLUX.1 / SANA-1.6B size in
+One group per model and resolution, impl=baseline / dcgen. The baseline is what users run today:
+the base model with stock diffusers (SDPA attention, no dcgen kernels); dcgen is the DC-Gen model
+with dcgen's kernels (``dcgen bench --variants stock,kernels`` separates the two effects). GPU: FLUX.1 / SANA-1.6B size in
 bf16, in quick mode (one block per block list, DCGEN_BENCH_E2E_STEPS steps, default 2: the timed
 call is that truncated run plus the full decode; the extrapolated full-depth 20-step latency
 goes to extra_info). Resolutions from DCGEN_BENCH_SIZES (default 1024,2048,4096), each skipped
@@ -20,6 +22,8 @@ from _harness import DEVICE, ON_GPU, measure_peak_memory, rounds, time_it
 from dcgen.bench.speed import BenchSettings, SpeedBench, dcae_preset_for
 
 MODELS = {"flux": "flux", "sana": "sana-1.6b"} if ON_GPU else {"flux": "tiny", "sana": "tiny-sana"}
+#: stock diffusers for the baseline, dcgen's kernels for the DC-Gen model
+VARIANTS = {"baseline": "stock", "dcgen": "kernels"}
 BASELINES = {"flux": "base FLUX.1 (f8c16 VAE, 2x2)", "sana": "base SANA (DC-AE f32c32, 1x1)"}
 STEPS = int(os.environ.get("DCGEN_BENCH_E2E_STEPS", "2"))
 if ON_GPU:
@@ -58,7 +62,8 @@ def test_e2e(benchmark, family, size, impl):
     model = MODELS[family]
     bench = _harness(model)
     steps = bench.settings.quick_steps
-    run = bench.runner(impl, size, batch=1, steps=steps)
+    variant = VARIANTS[impl]
+    run = bench.runner(impl, size, batch=1, steps=steps, variant=variant)
     blocks = "+".join("1" for _ in bench.spec.blocks)
     benchmark.group = f"e2e {model} {size}px ({steps} steps, {blocks} blocks, + decode)"
     benchmark.extra_info.update(
@@ -69,9 +74,9 @@ def test_e2e(benchmark, family, size, impl):
         dtype=bench.settings.dtype,
         device=str(DEVICE),
         measured="truncated model, quick steps, full decode",
-        variant="kernels (dcgen.accelerate + compiled kernels)",
+        variant=variant,
     )
-    full = bench.measure(impl, size, 1)
+    full = bench.measure(impl, size, 1, variant)
     benchmark.extra_info.update(
         extrapolated_total_ms=full["total_ms"],
         extrapolated_denoise_ms=full["denoise_ms"],
