@@ -3,8 +3,8 @@ SANA 1.6B (DC-AE f32c32 vs f64c128, 1x1).
 
 One group per model and resolution, impl=baseline / dcgen. The baseline is what users run today:
 the base model with stock diffusers (SDPA attention, no dcgen kernels); dcgen is the DC-Gen model
-with dcgen's kernels (``dcgen bench --variants stock,kernels`` separates the two effects). GPU: FLUX.1 / SANA-1.6B size in
-bf16, in quick mode (one block per block list, DCGEN_BENCH_E2E_STEPS steps, default 2: the timed
+with dcgen's kernels (``dcgen bench --variants stock,kernels`` separates the two effects).
+GPU: FLUX.1 / SANA-1.6B size in bf16, in quick mode (one block per block list, DCGEN_BENCH_E2E_STEPS steps, default 2: the timed
 call is that truncated run plus the full decode; the extrapolated full-depth 20-step latency
 goes to extra_info). Resolutions from DCGEN_BENCH_SIZES (default 1024,2048,4096), each skipped
 when the free GPU memory is below a rough need. CPU: the tiny models at 64 / 128 px (smoke run).

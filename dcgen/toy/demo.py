@@ -429,9 +429,8 @@ def run_demo(
     )
     # How much of the velocity a linear head reads from the last hidden states: the frozen blocks
     # on the aligned embedder (stage 1's ridge head) vs the base model on its own latents.
-    head1 = summary1["head"]
     readout = {
-        "stage1": 1.0 - head1["velocity_mse"] / max(head1["target_variance"], 1e-30),
+        "stage1": summary1["head"]["readout_r2"],
         "base": readout_r2(base, data, cfg1, latent_key="base_latent"),
     }
     # Stage 2: the output layer (and the embedder) on the flow-matching loss, DiT frozen.

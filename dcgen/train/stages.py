@@ -476,7 +476,6 @@ def align_embedder(
     }
 
 
-@torch.no_grad()
 def _embedder_rank(weight: torch.Tensor, rtol: float = 1e-3) -> int:
     """Numerical rank of an embedder weight (out, in): singular values above ``rtol`` times
     the largest."""
@@ -484,6 +483,7 @@ def _embedder_rank(weight: torch.Tensor, rtol: float = 1e-3) -> int:
     return int((sv > rtol * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0
 
 
+@torch.no_grad()
 def _head_readout(
     adapter: DiTAdapter,
     dataset: Any,
@@ -519,11 +519,10 @@ def _head_readout(
             x0, noise, sigmas = inp["x0"], inp["noise"], inp["sigmas"]
             s = sigmas.view(-1, *([1] * (x0.ndim - 1)))
             captured.clear()
-            with torch.no_grad():
-                adapter.predict(
-                    (1 - s) * x0 + s * noise, sigmas, inp["prompt_embeds"],
-                    inp["pooled_prompt_embeds"], inp["guidance"],
-                )  # fmt: skip
+            adapter.predict(
+                (1 - s) * x0 + s * noise, sigmas, inp["prompt_embeds"],
+                inp["pooled_prompt_embeds"], inp["guidance"],
+            )  # fmt: skip
             acc.update(captured[-1], adapter.pack(noise - x0))
     finally:
         hook.remove()
@@ -541,10 +540,14 @@ def readout_r2(
     (1 - ridge MSE / velocity variance; the head itself is not changed). On the base model
     (``latent_key="base_latent"``) it is the ceiling a stage-1 head on frozen blocks aims at."""
     acc = _head_readout(adapter_for(transformer), dataset, cfg, _ctx(ctx), latent_key)
-    weight, bias = acc.solve(cfg.align_ridge_l2)
-    return 1.0 - acc.mse(weight, bias) / max(acc.target_variance(), 1e-30)
+    return _r2(acc, acc.mse(*acc.solve(cfg.align_ridge_l2)))
 
 
+def _r2(acc: RidgeAccumulator, mse: float) -> float:
+    return 1.0 - mse / max(acc.target_variance(), 1e-30)
+
+
+@torch.no_grad()
 def _fit_head_ridge(
     adapter: DiTAdapter, dataset: Any, cfg: TrainConfig, ctx: DistContext
 ) -> dict[str, Any]:
@@ -556,7 +559,12 @@ def _fit_head_ridge(
     init_from_ridge(adapter.latent_layers().head, weight, bias)
     mse = acc.mse(weight, bias)
     logger.info("stage 1 ridge head over %d tokens: velocity MSE %.5g", acc.count, mse)
-    return {"tokens": acc.count, "velocity_mse": mse, "target_variance": acc.target_variance()}
+    return {
+        "tokens": acc.count,
+        "velocity_mse": mse,
+        "target_variance": acc.target_variance(),
+        "readout_r2": _r2(acc, mse),
+    }
 
 
 # ------------------------------------------------------------------------------ stages 2, 3
