@@ -26,6 +26,7 @@ import logging
 import math
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,21 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: dcgen.bench.MODELS' names, spelled out so building the parser does not import diffusers
 BENCH_MODELS = ("flux", "sana-1.6b", "sana-4.8b", "tiny", "tiny-sana")
+
+
+def _int_list(what: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: '256,512' -> (256, 512), '' -> (); anything else is a usage error
+    naming ``what`` was expected."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, got {text!r}"
+            ) from None
+
+    return parse
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -50,6 +66,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             overrides[name] = value
     if args.positions is not None:
         overrides["align_positions"] = args.positions
+    for name in ("latency_sizes", "curve_steps"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     settings = DemoSettings.fast(**overrides) if args.fast else DemoSettings(**overrides)
     if args.scale != 1.0:
         for name in ("align_sgd_steps", "output_steps", "lora_steps"):
@@ -502,6 +521,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="RoPE positions of the DC-AE models: spaced to span the base grid (default) or "
         "on the DC-AE token grid",
+    )
+    d.add_argument(
+        "--latency-sizes",
+        type=_int_list("image sizes in pixels"),
+        default=None,
+        help="comma-separated larger image sizes for the base vs DC-Gen latency sweep "
+        "(default 256,512,768,1024; '' for none)",
+    )
+    d.add_argument(
+        "--curve-steps",
+        type=_int_list("LoRA step counts"),
+        default=None,
+        help="LoRA steps at which the naive run and stage 3 are also evaluated (default "
+        "100,300; '' for none)",
     )
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(fn=_cmd_demo)

@@ -31,7 +31,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,14 @@ class DemoSettings:
     lr: float = 5e-4
     sampling_steps: int = 20
     latency_repeats: int = 5
+    # Larger images at which the base and DC-Gen latency is also measured (batch 1, one timed
+    # run each after a short warm-up): the speed-up as a function of the token count.
+    latency_sizes: tuple[int, ...] = (256, 512, 768, 1024)
+    resolution_repeats: int = 1
+    # LoRA steps at which the naive run and DC-Gen's stage 3 are also evaluated (snapshots of
+    # the same runs; those >= lora_steps are skipped): how many steps each needs to reach a
+    # given prompt accuracy.
+    curve_steps: tuple[int, ...] = (100, 300)
     grid_prompts: int = 8
     feature_layers: tuple[int, ...] = (0, 1, 2, 3)
     # RoPE positions of the DC-AE models (naive included): "base" spaces them to span the base
@@ -112,6 +120,8 @@ class DemoSettings:
             lora_rank=4,
             sampling_steps=2,
             latency_repeats=1,
+            latency_sizes=(256,),
+            curve_steps=(1,),
             grid_prompts=2,
         )
         values.update(overrides)
@@ -121,6 +131,7 @@ class DemoSettings:
         for name in (
             "train_images", "eval_prompts", "reference_images", "batch_size", "lora_rank",
             "sampling_steps", "latency_repeats", "grid_prompts", "output_steps", "lora_steps",
+            "resolution_repeats",
         ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -128,6 +139,18 @@ class DemoSettings:
         if self.align_sgd_steps < 0:
             raise ValueError(
                 f"demo setting align_sgd_steps: expected >= 0, got {self.align_sgd_steps}"
+            )
+        self.latency_sizes = tuple(self.latency_sizes)
+        bad = [v for v in self.latency_sizes if not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(
+                f"demo setting latency_sizes: expected positive image sizes in pixels, got {bad}"
+            )
+        self.curve_steps = tuple(self.curve_steps)
+        bad = [v for v in self.curve_steps if not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(
+                f"demo setting curve_steps: expected positive LoRA step counts, got {bad}"
             )
         if self.reference_images < 2 or self.eval_prompts < 2:
             raise ValueError("demo settings: the Frechet distance needs at least 2 images per set")
@@ -190,6 +213,11 @@ class Space:
     channels: int
     size: int  # latent side
     decode: Callable[[torch.Tensor], torch.Tensor]
+    factor: int  # image pixels per latent pixel (per side)
+
+    def at(self, image_size: int) -> Space:
+        """The same model sampling ``image_size`` x ``image_size`` images."""
+        return replace(self, size=image_size // self.factor)
 
 
 def _spaces(assets: A.ToyAssets, models: dict[str, nn.Module]) -> dict[str, Space]:
@@ -200,10 +228,14 @@ def _spaces(assets: A.ToyAssets, models: dict[str, nn.Module]) -> dict[str, Spac
     out = {}
     for name, model in models.items():
         if name == "base":
-            out[name] = Space(model, vae_c, s // 8, lambda z: A.vae_decode(assets.vae, z))
+            out[name] = Space(model, vae_c, s // 8, lambda z: A.vae_decode(assets.vae, z), 8)
         else:
             out[name] = Space(
-                model, dcae_c, s // f, lambda z: assets.dcae.decode(z, scaled=True).clamp(-1, 1)
+                model,
+                dcae_c,
+                s // f,
+                lambda z: assets.dcae.decode(z, scaled=True).clamp(-1, 1),
+                f,
             )
     return out
 
@@ -276,13 +308,16 @@ def measure_latency(
     steps: int,
     repeats: int,
     device: torch.device,
+    warmup_steps: int | None = None,
 ) -> dict[str, float]:
-    """Median seconds for one image at batch 1 after one warm-up: ``denoise`` (the transformer's
-    Euler steps, where the token count matters), ``decode`` (the autoencoder) and ``total``."""
+    """Median seconds for one image at batch 1 after one warm-up run (of ``warmup_steps``
+    Euler steps, default ``steps``): ``denoise`` (the transformer's Euler steps, where the token
+    count matters), ``decode`` (the autoencoder) and ``total``."""
     parts: dict[str, list[float]] = {"denoise": [], "decode": [], "total": []}
     for r in range(repeats + 1):
+        n = steps if r > 0 or warmup_steps is None else warmup_steps
         z, t_denoise = _timed(
-            lambda r=r: denoise(space, embeds[:1], pooled[:1], [r], steps, device), device
+            lambda r=r, n=n: denoise(space, embeds[:1], pooled[:1], [r], n, device), device
         )
         _, t_decode = _timed(lambda z=z: space.decode(z), device)
         if r > 0:
@@ -290,6 +325,66 @@ def measure_latency(
             parts["decode"].append(t_decode)
             parts["total"].append(t_denoise + t_decode)
     return {k: statistics.median(v) for k, v in parts.items()}
+
+
+def measure_latencies(
+    spaces: dict[str, Space],
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    steps: int,
+    repeats: int,
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """:func:`measure_latency` for several models, interleaved: each repeat times every model
+    once, so a slow phase of a shared machine hits all rows alike instead of one."""
+    times: dict[str, dict[str, list[float]]] = {
+        n: {"denoise": [], "decode": [], "total": []} for n in spaces
+    }
+    for _ in range(repeats):
+        for name, space in spaces.items():
+            t = measure_latency(space, embeds, pooled, steps, 1, device, warmup_steps=1)
+            for k, v in t.items():
+                times[name][k].append(v)
+    return {n: {k: statistics.median(v) for k, v in parts.items()} for n, parts in times.items()}
+
+
+def latency_by_resolution(
+    base: Space,
+    new: Space,
+    sizes: Sequence[int],
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    steps: int,
+    repeats: int,
+    device: torch.device,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Batch-1 latency of the base and the DC-AE model at larger images than the toy was trained
+    on. The weights do not change the cost, only the token count does: at the training size a
+    tiny model is bound by per-step overhead and the fixed text tokens, at higher resolution
+    the image tokens dominate and the speed-up grows past the 4x token ratio (attention is
+    quadratic), which is the regime DC-Gen is for. The images themselves are not evaluated."""
+    text_tokens = int(embeds.shape[1])
+    out = []
+    for size in _bar(list(sizes), "latency by resolution", progress):
+        row: dict[str, Any] = {"image_size": int(size)}
+        for key, space in (("base", base.at(size)), ("dcgen", new.at(size))):
+            tokens = adapter_for(space.transformer).num_tokens(space.size, space.size)
+            t = measure_latency(space, embeds, pooled, steps, repeats, device, warmup_steps=1)
+            row[key] = {
+                "tokens_per_image": tokens,
+                "sequence_length": tokens + text_tokens,
+                "latency_s": t["total"],
+                "denoise_latency_s": t["denoise"],
+                "decode_latency_s": t["decode"],
+            }
+        row["token_ratio"] = row["base"]["tokens_per_image"] / row["dcgen"]["tokens_per_image"]
+        row["speedup"] = row["base"]["latency_s"] / row["dcgen"]["latency_s"]
+        row["denoise_speedup"] = (
+            row["base"]["denoise_latency_s"] / row["dcgen"]["denoise_latency_s"]
+        )
+        out.append(row)
+    return out
 
 
 def measure_throughput(
@@ -311,6 +406,82 @@ def measure_throughput(
     run()
     _, seconds = _timed(run, device)
     return len(seeds) / seconds
+
+
+def _snapshots(
+    model: nn.Module, steps: Sequence[int]
+) -> tuple[Callable[[int, float], None], dict[int, dict[str, torch.Tensor]]]:
+    """An ``on_step`` callback that copies the trainable weights after each of ``steps``, and
+    the dict it fills (step -> weights)."""
+    saved: dict[int, dict[str, torch.Tensor]] = {}
+    wanted = set(steps)
+
+    def on_step(step: int, loss: float) -> None:
+        if step in wanted:
+            saved[step] = {
+                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+            }
+
+    return on_step, saved
+
+
+def _with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` with ``weights`` (a :func:`_snapshots` entry) loaded."""
+    out = copy.deepcopy(model)
+    params = dict(out.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    return out
+
+
+def lora_curve(
+    rows: dict[str, dict[str, Any]], snapshots: dict[tuple[str, int], dict[str, float]], steps: int
+) -> dict[str, Any]:
+    """Prompt accuracy of the naive run and of DC-Gen's stage 3 against LoRA steps: the
+    snapshots plus the end points (naive at step 0 = random latent layers on the untouched
+    DiT; DC-Gen at step 0 = stage 1+2; both at ``steps`` = the report rows)."""
+    points = {
+        ("naive", steps): rows["naive"],
+        ("dcgen", 0): rows["stage1+2"],
+        ("dcgen", steps): rows["dcgen"],
+    }
+    points.update(snapshots)
+    out: dict[str, Any] = {"steps": sorted({n for _, n in points})}
+    for run in ("naive", "dcgen"):
+        out[run] = {
+            str(n): {
+                "prompt_accuracy": points[(run, n)]["prompt_accuracy"],
+                "frechet_distance": points[(run, n)]["frechet_distance"],
+            }
+            for n in out["steps"]
+            if (run, n) in points
+        }
+
+    def first_reaching(run: str, target: float) -> int | None:
+        hits = [int(n) for n, v in out[run].items() if v["prompt_accuracy"] >= target]
+        return min(hits) if hits else None
+
+    stage1 = rows["stage1"]["prompt_accuracy"]
+    out["stage1_accuracy"] = stage1
+    out["naive_steps_to_reach_stage1"] = first_reaching("naive", stage1)
+    out["dcgen_steps_to_reach_naive_final"] = first_reaching(
+        "dcgen", rows["naive"]["prompt_accuracy"]
+    )
+    return out
+
+
+def _check_latency_sizes(sizes: Sequence[int], assets: A.ToyAssets) -> None:
+    """Every size must give a whole token grid in both spaces: f8 with 2x2 patches and the
+    DC-AE's 1x1 patches."""
+    step = math.lcm(16, assets.dcae.spatial_compression_ratio)
+    bad = [v for v in sizes if v % step]
+    if bad:
+        raise ValueError(
+            f"demo setting latency_sizes: expected multiples of {step} pixels (a whole token grid "
+            f"for the f8 VAE with 2x2 patches and the f{assets.dcae.spatial_compression_ratio} "
+            f"DC-AE), got {bad}"
+        )
 
 
 class BaseFeatures:
@@ -404,6 +575,7 @@ def run_demo(
     ]
     settings.feature_layers = tuple(layers)
     say(f"toy world from {assets.root} ({assets.image_size}x{assets.image_size} images)")
+    _check_latency_sizes(settings.latency_sizes, assets)
     data = build_training_data(assets, settings.train_images, device, progress)
     say(f"encoded {len(data)} training images into both latent spaces")
 
@@ -445,10 +617,12 @@ def run_demo(
     # Stage 3: LoRA on the blocks, embedder and head trained.
     full = copy.deepcopy(s12)
     cfg3 = _stage_config(settings, "finetune", out / "stage3", settings.lora_steps)
+    curve_steps = sorted({n for n in settings.curve_steps if n < settings.lora_steps})
+    snap3, saved3 = _snapshots(full, curve_steps)
     summary3 = stage(
         "stage 3 (LoRA)",
         lambda: finetune_lora(
-            full, data, cfg3, run_dir=_fresh_dir(out / "stage3"), progress=progress
+            full, data, cfg3, run_dir=_fresh_dir(out / "stage3"), progress=progress, on_step=snap3
         ),
     )
     # Naive: random new embedder and head, then the same LoRA budget.
@@ -460,19 +634,28 @@ def run_demo(
         # The same position layout as the aligned models, so the rows differ only by alignment.
         naive_adapter.set_position_scale(adapter_for(s1).position_scale)
     naive.to(device)
+    # Before any training: random latent layers on the untouched DiT, stage 1's counterpart.
+    naive_untrained = copy.deepcopy(naive)
     cfgn = _stage_config(settings, "finetune", out / "naive", settings.lora_steps)
+    snapn, savedn = _snapshots(naive, curve_steps)
     summary_naive = stage(
         "naive baseline (LoRA, no alignment)",
         lambda: finetune_lora(
-            naive, data, cfgn, run_dir=_fresh_dir(out / "naive"), progress=progress
+            naive, data, cfgn, run_dir=_fresh_dir(out / "naive"), progress=progress, on_step=snapn
         ),
     )
+    # The curve's intermediate models: the final ones with the snapshot weights (LoRA unfused).
+    curve_models = {
+        **{("naive", n): _with_weights(naive, w) for n, w in savedn.items()},
+        **{("dcgen", n): _with_weights(full, w) for n, w in saved3.items()},
+        ("naive", 0): naive_untrained,
+    }
 
     # Inference form: LoRA folded into the weights (what `dcgen export` ships).
     fuse_lora(full)
     fuse_lora(naive)
     models = {"base": base, "naive": naive, "stage1": s1, "stage1+2": s12, "dcgen": full}
-    for m in models.values():
+    for m in [*models.values(), *curve_models.values()]:
         m.eval().requires_grad_(False)
     spaces = _spaces(assets, models)
 
@@ -490,15 +673,15 @@ def run_demo(
     images: dict[str, torch.Tensor] = {}
     rows: dict[str, dict[str, Any]] = {}
     t_eval = time.perf_counter()
-    for name in _bar(ROWS, "evaluate", progress):
-        sp = spaces[name]
+    def quality(sp: Space) -> tuple[torch.Tensor, dict[str, float]]:
         imgs = generate(sp, embeds, pooled, seeds, settings.sampling_steps, device)
-        images[name] = imgs
         scores = score_prompts(assets.evaluator.predict(imgs.to(device)).cpu(), captions)
         fd = frechet_distance(assets.evaluator.features(imgs.to(device)).cpu(), real_features)
-        latency = measure_latency(
-            sp, embeds, pooled, settings.sampling_steps, settings.latency_repeats, device
-        )
+        return imgs, {**scores, "frechet_distance": fd}
+
+    for name in _bar(ROWS, "evaluate", progress):
+        sp = spaces[name]
+        images[name], scores = quality(sp)
         throughput = measure_throughput(
             sp, embeds, pooled, settings.sampling_steps, min(32, len(captions)), device
         )
@@ -511,15 +694,43 @@ def run_demo(
             "tokens_per_image": ad.num_tokens(sp.size, sp.size),
             # Joint attention also carries the text tokens, which do not shrink.
             "sequence_length": ad.num_tokens(sp.size, sp.size) + int(embeds.shape[1]),
-            "latency_s": latency["total"],
-            "denoise_latency_s": latency["denoise"],
-            "decode_latency_s": latency["decode"],
             "throughput_images_per_s": throughput,
             **scores,
-            "frechet_distance": fd,
             "feature_distance": {str(i): dist[i] for i in layers},
         }
+    latencies = measure_latencies(
+        {n: spaces[n] for n in ROWS},
+        embeds,
+        pooled,
+        settings.sampling_steps,
+        settings.latency_repeats,
+        device,
+    )
+    for name, latency in latencies.items():
+        rows[name]["latency_s"] = latency["total"]
+        rows[name]["denoise_latency_s"] = latency["denoise"]
+        rows[name]["decode_latency_s"] = latency["decode"]
     timings["evaluation"] = time.perf_counter() - t_eval
+    t_curve = time.perf_counter()
+    curve_scores = {
+        key: quality(_spaces(assets, {key[0]: m})[key[0]])[1]
+        for key, m in _bar(list(curve_models.items()), "accuracy vs LoRA steps", progress)
+    }
+    curve = lora_curve(rows, curve_scores, settings.lora_steps)
+    timings["lora_curve"] = time.perf_counter() - t_curve
+    t_sweep = time.perf_counter()
+    by_size = latency_by_resolution(
+        spaces["base"],
+        spaces["dcgen"],
+        settings.latency_sizes,
+        embeds,
+        pooled,
+        settings.sampling_steps,
+        settings.resolution_repeats,
+        device,
+        progress,
+    )
+    timings["latency_by_resolution"] = time.perf_counter() - t_sweep
     base_row = rows["base"]
     for row in rows.values():
         row["latency_ratio_to_base"] = row["latency_s"] / base_row["latency_s"]
@@ -553,6 +764,8 @@ def run_demo(
         "image_size": assets.image_size,
         "assets": str(assets.root),
         "rows": rows,
+        "latency_by_resolution": by_size,
+        "lora_curve": curve,
         "alignment": {
             "layers": fd1["layers"],
             "feature_distance_random_embedder": fd1["before"],
@@ -603,10 +816,38 @@ def claims(report: dict[str, Any]) -> dict[str, Any]:
         "latency_speedup": rows["dcgen"]["speedup_vs_base"],
         "denoise_latency_speedup": rows["dcgen"]["denoise_speedup_vs_base"],
         "throughput_speedup": rows["dcgen"]["throughput_vs_base"],
+        "latency_matches_token_ratio": _latency_vs_tokens(report),
+        # The same comparison at equal DiT training (none): aligned vs random latent layers.
+        "stage1_beats_untrained_naive": {
+            "stage1": rows["stage1"]["prompt_accuracy"],
+            "naive_untrained": report["lora_curve"]["naive"]["0"]["prompt_accuracy"],
+            "holds": rows["stage1"]["prompt_accuracy"]
+            > report["lora_curve"]["naive"]["0"]["prompt_accuracy"],
+        },
+        "naive_lora_steps_to_reach_stage1": report["lora_curve"]["naive_steps_to_reach_stage1"],
+        "dcgen_lora_steps_to_reach_naive_final": report["lora_curve"][
+            "dcgen_steps_to_reach_naive_final"
+        ],
         "feature_distance_drop_after_stage1": {
             "factor_per_layer": drop,
             "holds": bool(drop) and min(drop) >= 10.0,
         },
+    }
+
+
+def _latency_vs_tokens(report: dict[str, Any]) -> dict[str, Any]:
+    """Does the measured batch-1 speed-up reach the token ratio: at the toy's own size, and at
+    which of the larger sizes first."""
+    rows = report["rows"]
+    ratio = rows["base"]["tokens_per_image"] / rows["dcgen"]["tokens_per_image"]
+    sweep = report.get("latency_by_resolution", [])
+    reached = [r["image_size"] for r in sweep if r["speedup"] >= r["token_ratio"]]
+    return {
+        "token_ratio": ratio,
+        "at_training_size": rows["dcgen"]["speedup_vs_base"],
+        "holds_at_training_size": rows["dcgen"]["speedup_vs_base"] >= ratio,
+        "by_size": {str(r["image_size"]): r["speedup"] for r in sweep},
+        "first_size_reached": reached[0] if reached else None,
     }
 
 
@@ -674,10 +915,19 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{r2['base']:.2f}). The aligned embedder has rank {a['embedder_rank']} for "
         f"{a['latent_channels']} latent channels.",
         "",
+    ]
+    lines += _resolution_section(report)
+    lines += _curve_section(report)
+    lat = c["latency_matches_token_ratio"]
+    first = lat["first_size_reached"]
+    lines += [
         "## Claims",
         "",
         f"- Stage 1 alone beats the naive baseline: {c['stage1_beats_naive']['stage1']:.3f} vs "
-        f"{c['stage1_beats_naive']['naive']:.3f} -> {'yes' if c['stage1_beats_naive']['holds'] else 'NO'}",
+        f"{c['stage1_beats_naive']['naive']:.3f} -> {'yes' if c['stage1_beats_naive']['holds'] else 'NO'}"
+        f" (with no DiT training on either side: {c['stage1_beats_untrained_naive']['stage1']:.3f}"
+        f" vs {c['stage1_beats_untrained_naive']['naive_untrained']:.3f} -> "
+        f"{'yes' if c['stage1_beats_untrained_naive']['holds'] else 'NO'})",
         f"- DC-Gen reaches 90% of the base prompt accuracy: "
         f"{c['dcgen_reaches_90pct_of_base']['dcgen']:.3f} vs base "
         f"{c['dcgen_reaches_90pct_of_base']['base']:.3f} -> "
@@ -687,6 +937,21 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{c['latency_speedup']:.2f}x lower at batch 1 ({c['denoise_latency_speedup']:.2f}x for "
         f"the denoising alone), throughput "
         f"{c['throughput_speedup']:.2f}x higher in batches",
+        f"- Latency ratio matches the {lat['token_ratio']:.0f}x token ratio at the training size: "
+        f"{'yes' if lat['holds_at_training_size'] else 'NO'} "
+        f"({lat['at_training_size']:.2f}x); "
+        + (
+            f"reached from {first}x{first} px on ("
+            + ", ".join(f"{k} px {v:.1f}x" for k, v in lat["by_size"].items())
+            + ")"
+            if first
+            else "not reached at the measured sizes"
+            + (
+                " (" + ", ".join(f"{k} px {v:.1f}x" for k, v in lat["by_size"].items()) + ")"
+                if lat["by_size"]
+                else ""
+            )
+        ),
         f"- Feature distance drops by >= 10x after stage 1 at every reported block: "
         f"{'yes' if c['feature_distance_drop_after_stage1']['holds'] else 'NO'} "
         f"({', '.join(f'{d:.1f}x' for d in c['feature_distance_drop_after_stage1']['factor_per_layer'])})",
@@ -695,6 +960,64 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _resolution_section(report: dict[str, Any]) -> list[str]:
+    sweep = report.get("latency_by_resolution", [])
+    if not sweep:
+        return []
+    lines = [
+        "## Latency by resolution",
+        "",
+        "The same base and DC-Gen models sampling larger images than the toy was trained on "
+        "(batch 1, the same Euler steps, one timed run after a one-step warm-up; the images are "
+        "not evaluated, only the cost, which the token count sets):",
+        "",
+        "| image | tokens base / DC-Gen | base latency | DC-Gen latency | speed-up | "
+        "denoise speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sweep:
+        b, d = r["base"], r["dcgen"]
+        lines.append(
+            f"| {r['image_size']}x{r['image_size']} | {b['tokens_per_image']} / "
+            f"{d['tokens_per_image']} | {b['latency_s'] * 1000:.0f} ms | "
+            f"{d['latency_s'] * 1000:.0f} ms | {r['speedup']:.2f}x | "
+            f"{r['denoise_speedup']:.2f}x |"
+        )
+    return lines + [""]
+
+
+def _curve_section(report: dict[str, Any]) -> list[str]:
+    curve = report["lora_curve"]
+
+    def cell(run: str, n: int) -> str:
+        v = curve[run].get(str(n))
+        return f"{v['prompt_accuracy']:.3f} ({v['frechet_distance']:.1f})" if v else "-"
+
+    lines = [
+        "## Prompt accuracy vs LoRA steps",
+        "",
+        "Snapshots of the naive run and of DC-Gen's stage 3 (the same runs as the rows above; "
+        "Frechet distance in brackets). Step 0: naive = random latent layers on the untouched "
+        "DiT, DC-Gen = stage 1+2. Stage 1 alone (no LoRA step): "
+        f"{curve['stage1_accuracy']:.3f}.",
+        "",
+        "| LoRA steps | naive | DC-Gen |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {n} | {cell('naive', n)} | {cell('dcgen', n)} |" for n in curve["steps"]]
+    reach = curve["naive_steps_to_reach_stage1"]
+    catch = curve["dcgen_steps_to_reach_naive_final"]
+    lines += [
+        "",
+        "The naive run reaches stage 1's accuracy "
+        + (f"after {reach} LoRA steps" if reach is not None else "at none of these steps")
+        + "; DC-Gen reaches the naive run's final accuracy "
+        + (f"after {catch} LoRA steps." if catch is not None else "at none of these steps."),
+        "",
+    ]
+    return lines
 
 
 def image_grid(

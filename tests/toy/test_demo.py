@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -82,7 +83,35 @@ def test_fast_demo_report_has_every_row_and_field(fast_run):
             align["feature_distance_random_embedder"], align["feature_distance_after_stage1"]
         )
     )
-    for claim in ("stage1_beats_naive", "dcgen_reaches_90pct_of_base"):
+    # The resolution sweep (fast mode: one size, twice the toy's): 4x fewer tokens at every
+    # size, both models timed, and the speed-up consistent with the two latencies.
+    sweep = report["latency_by_resolution"]
+    assert [r["image_size"] for r in sweep] == [2 * report["image_size"]]
+    for r in sweep:
+        assert r["token_ratio"] == 4
+        assert r["base"]["tokens_per_image"] == (r["image_size"] // 16) ** 2
+        for key in ("base", "dcgen"):
+            assert r[key]["latency_s"] > 0 and r[key]["denoise_latency_s"] > 0
+            assert r[key]["sequence_length"] == r[key]["tokens_per_image"] + text_tokens
+        assert r["speedup"] == pytest.approx(r["base"]["latency_s"] / r["dcgen"]["latency_s"])
+    lat = report["checks"]["latency_matches_token_ratio"]
+    assert lat["token_ratio"] == 4 and set(lat["by_size"]) == {str(sweep[0]["image_size"])}
+    assert "## Latency by resolution" in (fast_run[0] / "report.md").read_text()
+    # Accuracy vs LoRA steps (fast mode: 2 LoRA steps, a snapshot after 1): both runs at every
+    # step, the end points are the report rows, and the snapshot is a different model.
+    curve = report["lora_curve"]
+    assert curve["steps"] == [0, 1, 2]
+    for run in ("naive", "dcgen"):
+        assert set(curve[run]) == {"0", "1", "2"}
+    assert curve["dcgen"]["0"]["prompt_accuracy"] == rows["stage1+2"]["prompt_accuracy"]
+    assert curve["dcgen"]["2"]["frechet_distance"] == rows["dcgen"]["frechet_distance"]
+    assert curve["naive"]["2"]["frechet_distance"] == rows["naive"]["frechet_distance"]
+    fds = [curve["naive"][k]["frechet_distance"] for k in ("0", "1", "2")]
+    assert len(set(fds)) == 3, fds
+    assert "## Prompt accuracy vs LoRA steps" in (fast_run[0] / "report.md").read_text()
+    for claim in (
+        "stage1_beats_naive", "dcgen_reaches_90pct_of_base", "stage1_beats_untrained_naive"
+    ):  # fmt: skip
         assert isinstance(report["checks"][claim]["holds"], bool)
     md = (fast_run[0] / "report.md").read_text()
     assert "| model | tokens / image |" in md and "## Claims" in md
@@ -93,3 +122,44 @@ def test_settings_reject_bad_values():
         DemoSettings(lora_steps=0).validate()
     with pytest.raises(ValueError, match="align_sgd_steps"):
         DemoSettings(align_sgd_steps=-1).validate()
+    with pytest.raises(ValueError, match="latency_sizes"):
+        DemoSettings(latency_sizes=(256, -1)).validate()
+    with pytest.raises(ValueError, match="curve_steps"):
+        DemoSettings(curve_steps=(0, 100)).validate()
+
+
+def test_snapshots_restore_the_weights_of_their_step():
+    import torch
+
+    from dcgen.toy.demo import _snapshots, _with_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    model[1].requires_grad_(False)  # frozen weights are shared, not snapshotted
+    on_step, saved = _snapshots(model, [2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(1, 4):
+        opt.zero_grad()
+        model(torch.randn(8, 3)).pow(2).mean().backward()
+        opt.step()
+        on_step(step, 0.0)
+        if step == 2:
+            at_two = copy.deepcopy(model.state_dict())
+    assert set(saved) == {2} and set(saved[2]) == {"0.weight", "0.bias"}
+    restored = _with_weights(model, saved[2])
+    for name, value in restored.state_dict().items():
+        assert torch.equal(value, at_two[name]), name
+    assert not torch.equal(model[0].weight, restored[0].weight)  # the model moved on
+
+
+def test_latency_sizes_must_tile_both_token_grids(tmp_path):
+    # 200 px is not a whole number of 2x2-patched f8 tokens nor of f32 DC-AE tokens.
+    with pytest.raises(ValueError, match=r"multiples of 32 pixels.*\[200\]"):
+        from dcgen.toy.demo import run_demo
+
+        run_demo(tmp_path, DemoSettings.fast(latency_sizes=(256, 200)), progress=False)
+
+
+def test_cli_rejects_a_bad_size_list(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--fast", "--latency-sizes", "256,big"])
+    assert "comma-separated image sizes" in capsys.readouterr().err
