@@ -12,7 +12,10 @@ seeds and measures what DC-Gen claims:
 - tokens per image and the measured sampling latency per image at batch 1, split into
   denoising (the transformer) and decoding (the autoencoder),
 - the feature distance to the base model after several blocks: DC-Gen's point is that
-  alignment alone (DiT untouched) brings the new model's hidden states close to the base's.
+  alignment alone (DiT untouched) brings the new model's hidden states close to the base's,
+- the base vs DC-Gen latency at larger images than the toy's (``latency_sizes``), where the image
+  tokens rather than per-step overhead set the cost,
+- prompt accuracy against LoRA steps for the naive run and DC-Gen's stage 3 (``curve_steps``).
 
 The run folder::
 
