@@ -72,7 +72,7 @@ def test_fast_demo_report_has_every_row_and_field(fast_run):
     assert rows["dcgen"]["sequence_length"] == rows["dcgen"]["tokens_per_image"] + text_tokens
     assert all(v == 0 for v in rows["base"]["feature_distance"].values())
     align = report["alignment"]
-    assert set(align["velocity_readout_r2"]) == {"base", "stage1"}
+    assert set(align["velocity_readout_r2"]) == {"base", "stage1", "coarse_base_latent"}
     assert all(r <= 1.0 and math.isfinite(r) for r in align["velocity_readout_r2"].values())
     assert 1 <= align["embedder_rank"] <= align["latent_channels"]
     assert len(align["feature_distance_random_embedder"]) == len(align["layers"]) >= 2
@@ -149,6 +149,24 @@ def test_snapshots_restore_the_weights_of_their_step():
     for name, value in restored.state_dict().items():
         assert torch.equal(value, at_two[name]), name
     assert not torch.equal(model[0].weight, restored[0].weight)  # the model moved on
+
+
+def test_coarse_base_latents_average_the_base_latent_onto_the_new_grid():
+    import torch
+
+    from dcgen.toy.demo import coarse_base_latents
+
+    z = torch.randn(4, 16, 16)
+    (out,) = coarse_base_latents([{"base_latent": z, "dcae_latent": torch.zeros(32, 4, 4)}], 2, 2)
+    coarse = out["dcae_latent"]
+    # f8 latent 16x16 with 2x2 patches = an 8x8 token grid; averaged 2x -> the 4x4 DC-AE grid.
+    assert coarse.shape == (16, 4, 4)
+    # Channel c * 4 + dy * 2 + dx of token (i, j) is the mean of latent channel c over the
+    # 2x2 pixels at (4i + 2dy, 4j + 2dx).
+    c, dy, dx, i, j = 3, 1, 0, 2, 1
+    y, x = 4 * i + 2 * dy, 4 * j + 2 * dx
+    assert torch.allclose(coarse[c * 4 + dy * 2 + dx, i, j], z[c, y : y + 2, x : x + 2].mean())
+    assert torch.equal(out["base_latent"], z)
 
 
 def test_latency_sizes_must_tile_both_token_grids(tmp_path):
