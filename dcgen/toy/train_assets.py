@@ -21,7 +21,8 @@ Every part is seeded. At the shipped thread count (1, the ``--threads`` default)
 reproduces the shipped files bit for bit (measured for the VAE, base transformer and text
 encoder on this project's CPU). Another thread count changes the floating-point summation order,
 and the runs drift apart: at 2 threads the VAE reached 20.9 dB instead of 23.5 and the base
-model 0.13 prompt accuracy instead of 0.54, so the recipe is sensitive to that noise. Steps scale with ``--scale`` (0.01 for a smoke test).
+model 0.13 prompt accuracy instead of 0.54, so the recipe is sensitive to that noise. Steps
+scale with ``--scale`` (0.01 for a smoke test).
 """
 
 from __future__ import annotations

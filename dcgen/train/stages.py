@@ -417,7 +417,7 @@ def align_embedder(
         acc.count,
         mse_random,
         mse_ridge,
-        1.0 - mse_ridge / max(acc.target_variance(), 1e-30),
+        _r2(acc, mse_ridge),
     )
 
     # ---- refinement with the shared loop (checkpointed, multi-process like the other stages).

@@ -171,9 +171,9 @@ def test_coarse_base_latents_average_the_base_latent_onto_the_new_grid():
 
 def test_latency_sizes_must_tile_both_token_grids(tmp_path):
     # 200 px is not a whole number of 2x2-patched f8 tokens nor of f32 DC-AE tokens.
-    with pytest.raises(ValueError, match=r"multiples of 32 pixels.*\[200\]"):
-        from dcgen.toy.demo import run_demo
+    from dcgen.toy.demo import run_demo
 
+    with pytest.raises(ValueError, match=r"multiples of 32 pixels.*\[200\]"):
         run_demo(tmp_path, DemoSettings.fast(latency_sizes=(256, 200)), progress=False)
 
 
