@@ -1,5 +1,6 @@
-// torch binding of the Blackwell NVFP4 GEMMs (dcgen::nvfp4_gemm, CUDA; sm_100a and sm_120a):
-// checks, allocation and capability dispatch. A C++ file (no CUTLASS headers): it only sees nvfp4_gemm.h.
+// torch binding of the NVFP4 GEMMs (dcgen::nvfp4_gemm: sm_100a, sm_120a and sm_90a;
+// dcgen::nvfp4_gemm_w4a16: sm_90a): checks, allocation and capability dispatch. A C++ file (no
+// CUTLASS headers): it only sees nvfp4_gemm.h.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -20,6 +21,8 @@ void check_operand(const char* name, const at::Tensor& q, const at::Tensor& sf, 
   TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kByte && q.dim() == 2 && q.is_contiguous(),
               "dcgen::nvfp4_gemm: expected ", name, " as contiguous packed uint8 [rows, K/2] on CUDA, got ",
               q.scalar_type(), " ", q.sizes(), " on ", q.device());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16 == 0,
+              "dcgen::nvfp4_gemm: expected ", name, " 16-byte aligned (a view at an odd offset?)");
   TORCH_CHECK(q.size(1) * 2 == k, "dcgen::nvfp4_gemm: expected ", name, " with K/2 = ", k / 2,
               " columns, got ", q.sizes());
   TORCH_CHECK(sf.scalar_type() == at::kFloat8_e4m3fn && sf.is_contiguous() &&
@@ -29,6 +32,18 @@ void check_operand(const char* name, const at::Tensor& q, const at::Tensor& sf, 
               " ", sf.sizes(), " on ", sf.device());
 }
 
+void check_alpha(const char* op, const at::Tensor& alpha, const at::Tensor& a) {
+  TORCH_CHECK(alpha.numel() == 1 && alpha.scalar_type() == at::kFloat && alpha.device() == a.device(),
+              op, ": expected alpha as one float32 on ", a.device(), ", got ", alpha.scalar_type(), " ",
+              alpha.sizes(), " on ", alpha.device());
+}
+
+int capability_major(const at::Tensor& t) {
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device());
+  return major;
+}
+
 at::Tensor nvfp4_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                            const at::Tensor& b_scales, const at::Tensor& alpha) {
   TORCH_CHECK(a.dim() == 2, "dcgen::nvfp4_gemm: expected a of shape [M, K/2], got ", a.sizes());
@@ -36,35 +51,70 @@ at::Tensor nvfp4_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, cons
   check_operand("a", a, a_scales, k);
   check_operand("b", b, b_scales, k);
   TORCH_CHECK(a.device() == b.device(), "dcgen::nvfp4_gemm: a is on ", a.device(), ", b on ", b.device());
-  TORCH_CHECK(k % 32 == 0 && b.size(0) % 8 == 0,
-              "dcgen::nvfp4_gemm: expected K % 32 == 0 and N % 8 == 0 (16-byte TMA rows), got K=", k,
-              " N=", b.size(0));
-  TORCH_CHECK(alpha.numel() == 1 && alpha.scalar_type() == at::kFloat && alpha.device() == a.device(),
-              "dcgen::nvfp4_gemm: expected alpha as one float32 on ", a.device());
+  check_alpha("dcgen::nvfp4_gemm", alpha, a);
   const c10::cuda::CUDAGuard guard(a.device());
-  int dev = a.get_device(), major = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  // Capability dispatch: datacenter Blackwell (sm_100a, UMMA) or GeForce Blackwell (sm_120a,
-  // warp-level block-scaled MMA): two kernels, one per file, same operands.
-  TORCH_CHECK(major == 10 || major == 12,
-              "dcgen::nvfp4_gemm: built for sm_100a and sm_120a only, this GPU is sm_", major, "x");
-  const bool sm120 = major == 12;
+  const int major = capability_major(a);
+  // Capability dispatch: datacenter Blackwell (sm_100a, UMMA), GeForce Blackwell (sm_120a,
+  // warp-level block-scaled MMA) or Hopper (sm_90a, dequantization in the mainloop + bf16
+  // wgmma): three kernels, one per file, same operands.
+  TORCH_CHECK(major == 9 || major == 10 || major == 12,
+              "dcgen::nvfp4_gemm: built for sm_90a, sm_100a and sm_120a only, this GPU is sm_", major, "x");
+  TORCH_CHECK(k % 32 == 0 && (major == 9 || b.size(0) % 8 == 0),
+              "dcgen::nvfp4_gemm: expected K % 32 == 0 (and N % 8 == 0 on Blackwell: 16-byte TMA rows), "
+              "got K=", k, " N=", b.size(0));
   at::Tensor d = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kBFloat16));
   if (a.size(0) == 0 || b.size(0) == 0) return d;
   const at::Tensor al = alpha.reshape({1}).contiguous();
   Nvfp4GemmArgs args{a.const_data_ptr(), b.const_data_ptr(), a_scales.const_data_ptr(),
                      b_scales.const_data_ptr(), al.const_data_ptr<float>(), d.mutable_data_ptr(),
                      static_cast<int>(a.size(0)), static_cast<int>(b.size(0)), static_cast<int>(k)};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (major == 9) {
+    const char* err = nvfp4_gemm_sm90(args, stream);
+    TORCH_CHECK(err == nullptr, "dcgen::nvfp4_gemm (sm_90a): ", err ? err : "");
+    return d;
+  }
+  const bool sm120 = major == 12;
   const size_t ws_bytes = sm120 ? nvfp4_gemm_sm120_workspace(args) : nvfp4_gemm_sm100_workspace(args);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, a.options().dtype(at::kByte));
   void* ws_ptr = ws.numel() ? ws.mutable_data_ptr() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const char* err = sm120 ? nvfp4_gemm_sm120(args, ws_ptr, stream) : nvfp4_gemm_sm100(args, ws_ptr, stream);
   TORCH_CHECK(err == nullptr, "dcgen::nvfp4_gemm: ", err ? err : "");
+  return d;
+}
+
+// W4A16 on Hopper: a bf16 activation times an NVFP4 weight, the weight dequantized in the
+// mainloop (its 16-bit copy never exists in global memory).
+at::Tensor nvfp4_gemm_w4a16_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& b_scales,
+                                 const at::Tensor& alpha) {
+  TORCH_CHECK(a.is_cuda() && a.scalar_type() == at::kBFloat16 && a.dim() == 2 && a.is_contiguous(),
+              "dcgen::nvfp4_gemm_w4a16: expected a as contiguous bfloat16 [M, K] on CUDA, got ",
+              a.scalar_type(), " ", a.sizes(), " on ", a.device());
+  const int64_t k = a.size(1);
+  check_operand("b", b, b_scales, k);
+  TORCH_CHECK(a.device() == b.device(), "dcgen::nvfp4_gemm_w4a16: a is on ", a.device(), ", b on ", b.device());
+  TORCH_CHECK(k % 32 == 0, "dcgen::nvfp4_gemm_w4a16: expected K % 32 == 0, got K=", k);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 == 0,
+              "dcgen::nvfp4_gemm_w4a16: expected a 16-byte aligned (a view at an odd offset?)");
+  check_alpha("dcgen::nvfp4_gemm_w4a16", alpha, a);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int major = capability_major(a);
+  TORCH_CHECK(major == 9, "dcgen::nvfp4_gemm_w4a16: built for sm_90a only, this GPU is sm_", major, "x");
+  at::Tensor d = at::empty({a.size(0), b.size(0)}, a.options());
+  if (a.size(0) == 0 || b.size(0) == 0) return d;
+  const at::Tensor al = alpha.reshape({1}).contiguous();
+  Nvfp4W4A16Args args{a.const_data_ptr(), b.const_data_ptr(), b_scales.const_data_ptr(),
+                      al.const_data_ptr<float>(), d.mutable_data_ptr(), static_cast<int>(a.size(0)),
+                      static_cast<int>(b.size(0)), static_cast<int>(k)};
+  const char* err = nvfp4_gemm_w4a16_sm90(args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, "dcgen::nvfp4_gemm_w4a16 (sm_90a): ", err ? err : "");
   return d;
 }
 
 }  // namespace
 }  // namespace dcgen
 
-TORCH_LIBRARY_IMPL(dcgen, CUDA, m) { m.impl("nvfp4_gemm", &dcgen::nvfp4_gemm_cuda); }
+TORCH_LIBRARY_IMPL(dcgen, CUDA, m) {
+  m.impl("nvfp4_gemm", &dcgen::nvfp4_gemm_cuda);
+  m.impl("nvfp4_gemm_w4a16", &dcgen::nvfp4_gemm_w4a16_cuda);
+}

@@ -13,8 +13,11 @@ TORCH_LIBRARY_FRAGMENT(dcgen, m) {
   m.def("quantize_nvfp4(Tensor x, Tensor global_scale) -> (Tensor, Tensor)");
   // Block-scaled NVFP4 x NVFP4 GEMM, D [M, N] bf16 = alpha * A B^T with A, B packed E2M1
   // [rows, K/2] and swizzled E4M3 scales; alpha an fp32 device scalar. Spec:
-  // dcgen/ops/nvfp4_gemm.py. CUDA kernels: CUTLASS, sm_100a and sm_120a.
+  // dcgen/ops/nvfp4_gemm.py. CUDA kernels: CUTLASS sm_100a and sm_120a, CuTe wgmma sm_90a.
   m.def("nvfp4_gemm(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor alpha) -> Tensor");
+  // W4A16: D [M, N] bf16 = alpha * A B^T with A bf16 [M, K] and B as in nvfp4_gemm. Spec:
+  // dcgen/ops/nvfp4_gemm.py. CUDA kernel: Hopper sm_90a (mainloop dequantization, wgmma).
+  m.def("nvfp4_gemm_w4a16(Tensor a, Tensor b, Tensor b_scales, Tensor alpha) -> Tensor");
   // Packed E2M1 uint8 [N, Kp/2] + float8_e4m3fn block scales (plain [N, Kp/16] or, swizzled,
   // the flat 128x4 layout) + fp32 scalar decode scale -> dtype [N, k] (k trims the K padding).
   // Spec: dcgen/ops/nvfp4_dequant.py. The Hopper / Ampere NVFP4Linear path.

@@ -20,6 +20,9 @@ if(DCGEN_WITH_CUDA)
       csrc/nvfp4/nvfp4_gemm_cuda.cpp)
     list(APPEND DCGEN_ALL_ARCHS sm_100a sm_120a)
     list(REMOVE_DUPLICATES DCGEN_ALL_ARCHS)
-    list(APPEND DCGEN_KERNELS nvfp4_gemm:cuda)
+    # Hopper: CuTe wgmma GEMMs that dequantize NVFP4 in the mainloop (W4A4 and W4A16), sm_90a
+    # only, one operand kind per file (about 40 s each on 2 cores).
+    dcgen_cuda_sources(hopper csrc/nvfp4/nvfp4_gemm_sm90.cu csrc/nvfp4/nvfp4_gemm_w4a16_sm90.cu)
+    list(APPEND DCGEN_KERNELS nvfp4_gemm:cuda nvfp4_gemm_w4a16:cuda)
   endif()
 endif()

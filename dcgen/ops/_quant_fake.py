@@ -46,6 +46,13 @@ if extension_loaded() and _has_schema("nvfp4_gemm"):
         return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.bfloat16)
 
 
+if extension_loaded() and _has_schema("nvfp4_gemm_w4a16"):
+
+    @torch.library.register_fake("dcgen::nvfp4_gemm_w4a16")
+    def _nvfp4_gemm_w4a16_fake(a, b, b_scales, alpha):  # noqa: ANN001
+        return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.bfloat16)
+
+
 if extension_loaded() and _has_schema("nvfp4_dequantize"):
 
     @torch.library.register_fake("dcgen::nvfp4_dequantize")

@@ -9,9 +9,18 @@ a weight's), ``alpha`` the product of the two fp32 global decode scales. fp32 ac
 bf16 output. The reference dequantizes both operands exactly (E2M1 x E4M3 products are exact
 in fp32) and runs an fp32 matmul: the CUTLASS kernels (sm_100a, sm_120a) agree up to fp32 summation
 order and the one bf16 rounding.
+
+Hopper (sm_90a) has no FP4 tensor cores. Its kernel (csrc/nvfp4/nvfp4_gemm_sm90.cuh) dequantizes
+the E2M1 tiles to bf16 in the mainloop, which is exact (every E2M1 x E4M3 product is a bf16
+value), and multiplies with bf16 wgmma: the same products and fp32 sums, so the same agreement.
+:func:`nvfp4_gemm_w4a16` is its W4A16 sibling (a bf16 activation, an NVFP4 weight). The Hopper
+kernels compile in CI but have not yet run on a GPU, so they are opt-in until a device check
+has validated them: ``DCGEN_NVFP4_SM90=1`` (their tests run them regardless).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -49,20 +58,48 @@ def nvfp4_gemm_reference(
 # Capability majors with a compiled kernel: 10 = sm_100a (B200/GB200, UMMA), 12 = sm_120a
 # (GeForce RTX 50xx, warp-level block-scaled MMA); one CUTLASS file each, one op.
 NATIVE_MAJORS = (10, 12)
+# 9 = sm_90a (H100/H200): mainloop dequantization + bf16 wgmma, opt-in (module doc).
+HOPPER_MAJOR = 9
+HOPPER_ENV = "DCGEN_NVFP4_SM90"
+
+
+def hopper_enabled() -> bool:
+    """Whether the sm_90a NVFP4 GEMMs are switched on (``DCGEN_NVFP4_SM90=1``)."""
+    return os.environ.get(HOPPER_ENV, "0") == "1"
 
 
 @torch.compiler.assume_constant_result  # a device property: a constant to torch.compile
-def _has_native_fp4(index: int | None) -> bool:
-    return torch.cuda.get_device_capability(index)[0] in NATIVE_MAJORS
+def _capability_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def kernel_available(device: torch.device, n: int, k: int) -> bool:
     """Whether :func:`nvfp4_gemm` runs the compiled kernel for B [n, k] on ``device``."""
-    if device.type != "cuda" or not has_kernel("nvfp4_gemm", device):
+    if device.type != "cuda" or not has_kernel("nvfp4_gemm", device) or k % 32:
         return False
-    # Compiled for sm_100a and sm_120a; other cards (Hopper, Ampere) take the reference here
-    # (NVFP4Linear runs its dequantize + cuBLAS path there instead).
-    return _has_native_fp4(device.index) and k % 32 == 0 and n % 8 == 0
+    major = _capability_major(device.index)
+    if major == HOPPER_MAJOR:
+        return hopper_enabled()
+    # Blackwell: 16-byte TMA rows of the bf16 output. Other cards (Ampere) take the reference
+    # here (NVFP4Linear runs its dequantize + cuBLAS path there instead).
+    return major in NATIVE_MAJORS and n % 8 == 0
+
+
+def w4a16_kernel_available(device: torch.device, k: int) -> bool:
+    """Whether :func:`nvfp4_gemm_w4a16` runs the compiled sm_90a kernel for K = ``k``."""
+    if device.type != "cuda" or not has_kernel("nvfp4_gemm_w4a16", device) or k % 32:
+        return False
+    return _capability_major(device.index) == HOPPER_MAJOR and hopper_enabled()
+
+
+def _check_scales(op: str, name: str, rows: int, k: int, sw: torch.Tensor) -> None:
+    kb = -(-k // 16)
+    want = -(-rows // 128) * 128 * (-(-kb // 4) * 4)
+    if sw.numel() != want:
+        raise ValueError(
+            f"{op}: expected {name} with {want} elements (128x4 swizzled, {rows} rows, "
+            f"K={k}), got {sw.numel()}"
+        )
 
 
 def nvfp4_gemm(
@@ -73,7 +110,8 @@ def nvfp4_gemm(
     alpha: torch.Tensor,
 ) -> torch.Tensor:
     """``alpha * A B^T`` of two NVFP4 operands -> bf16 [M, N] (module doc). Runs the CUTLASS
-    kernel on sm_100 / sm_120 GPUs when built (K % 32 == 0, N % 8 == 0), the reference elsewhere."""
+    kernel on sm_100 / sm_120 GPUs when built (K % 32 == 0, N % 8 == 0), the sm_90a kernel on
+    Hopper when switched on (K % 32 == 0), the reference elsewhere."""
     for name, t in (("a", a), ("b", b)):
         check_tensor(f"nvfp4_gemm: {name}", t, ndim=2, dtypes=(torch.uint8,))
     for name, t in (("a_scales", a_scales), ("b_scales", b_scales)):
@@ -89,15 +127,45 @@ def nvfp4_gemm(
         raise ValueError(f"nvfp4_gemm: expected one alpha, got shape {tuple(alpha.shape)}")
     k = a.shape[1] * 2
     for name, packed, sw in (("a_scales", a, a_scales), ("b_scales", b, b_scales)):
-        rows, kb = packed.shape[0], -(-k // 16)
-        want = -(-rows // 128) * 128 * (-(-kb // 4) * 4)
-        if sw.numel() != want:
-            raise ValueError(
-                f"nvfp4_gemm: expected {name} with {want} elements (128x4 swizzled, {rows} rows, "
-                f"K={k}), got {sw.numel()}"
-            )
+        _check_scales("nvfp4_gemm", name, packed.shape[0], k, sw)
     if kernel_available(a.device, b.shape[0], k):
         return compiled_op("nvfp4_gemm")(
             a.contiguous(), a_scales.contiguous(), b.contiguous(), b_scales.contiguous(), alpha
         )
     return nvfp4_gemm_reference(a, a_scales, b, b_scales, alpha)
+
+
+def nvfp4_gemm_w4a16_reference(
+    a: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
+    """Pure-PyTorch spec of :func:`nvfp4_gemm_w4a16`: [M, N] bf16."""
+    y = a.float() @ _dequant(b, b_scales, a.shape[1]).t()
+    return (y * alpha.float().reshape(())).to(torch.bfloat16)
+
+
+def nvfp4_gemm_w4a16(
+    a: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
+    """W4A16: ``alpha * A B^T`` with A bf16 [M, K] and B an NVFP4 weight (packed E2M1 [N, K/2],
+    128x4 swizzled E4M3 scales) -> bf16 [M, N], fp32 accumulation. Runs the sm_90a kernel on
+    Hopper when built and switched on (K % 32 == 0; the weight is dequantized in the mainloop
+    and never exists in 16 bits in memory), the reference elsewhere."""
+    check_tensor("nvfp4_gemm_w4a16: a", a, ndim=2, dtypes=(torch.bfloat16,))
+    check_tensor("nvfp4_gemm_w4a16: b", b, ndim=2, dtypes=(torch.uint8,))
+    check_tensor("nvfp4_gemm_w4a16: b_scales", b_scales, ndim=1, dtypes=(torch.float8_e4m3fn,))
+    check_tensor("nvfp4_gemm_w4a16: alpha", alpha, dtypes=(torch.float32,))
+    check_same_device(a=a, b=b, b_scales=b_scales, alpha=alpha)
+    k = a.shape[1]
+    if b.shape[1] * 2 != k:
+        raise ValueError(
+            f"nvfp4_gemm_w4a16: expected b with K/2 = {k / 2:g} columns for a of shape "
+            f"{tuple(a.shape)}, got {tuple(b.shape)}"
+        )
+    if alpha.numel() != 1:
+        raise ValueError(f"nvfp4_gemm_w4a16: expected one alpha, got shape {tuple(alpha.shape)}")
+    _check_scales("nvfp4_gemm_w4a16", "b_scales", b.shape[0], k, b_scales)
+    if w4a16_kernel_available(a.device, k):
+        return compiled_op("nvfp4_gemm_w4a16")(
+            a.contiguous(), b.contiguous(), b_scales.contiguous(), alpha
+        )
+    return nvfp4_gemm_w4a16_reference(a, b, b_scales, alpha)

@@ -2,10 +2,11 @@
 dequantize to 16-bit, then a cuBLAS GEMM with fp32 accumulation and an fp32 result.
 
 This is dcgen's first Hopper NVFP4 path: exact, memory-light at rest (the weight stays 4-bit;
-its 16-bit copy lives only during the call), not yet fast. The next step is a wgmma GEMM whose
-mainloop dequantizes the 4-bit tiles in shared memory / registers (no 16-bit weight in HBM);
-CUTLASS's mixed-input mainloop cannot take 16-element scale groups, so it is a custom mainloop
-(docs KERNELS.md, NVFP4).
+its 16-bit copy lives only during the call), not yet fast. Its successor, wgmma GEMMs whose
+mainloop dequantizes the 4-bit tiles in registers (no 16-bit weight in HBM; CUTLASS's
+mixed-input mainloop cannot take 16-element scale groups, so the mainloop is dcgen's own:
+csrc/nvfp4/nvfp4_gemm_sm90.cuh), is opt-in (``DCGEN_NVFP4_SM90=1``) until a GPU run has
+validated it; this path stays the default on Hopper until then.
 
 Why it is exact: :func:`dcgen.ops.nvfp4_dequant.nvfp4_dequantize` with a unit global scale gives
 ``e2m1 * e4m3`` values that are exact in bf16 / fp16 (6 significant bits, within [2^-10, 2688]);

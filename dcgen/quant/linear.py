@@ -208,6 +208,21 @@ class NVFP4Linear(nn.Module):
         y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, gs * self.weight_scale_2)
         return y.float().reshape(*xf.shape[:-1], n)
 
+    def _native_w4a16(self, x: torch.Tensor) -> torch.Tensor | None:
+        # Hopper (sm_90a, opt-in: dcgen.ops.nvfp4_gemm) with a bf16 input and no smoothing:
+        # the weight dequantized in the GEMM's mainloop, never materialised in 16 bits. None
+        # where that kernel does not apply (the dequantize + cuBLAS path or the reference runs).
+        n, k = self.out_features, self.in_features
+        if x.dtype != torch.bfloat16 or self.smooth is not None:
+            return None
+        if not _gemm.w4a16_kernel_available(x.device, k):
+            return None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        w_scales = swizzle_scales(self.weight_scale)
+        y = _gemm.nvfp4_gemm_w4a16(x.reshape(-1, k), self.weight, w_scales, self.weight_scale_2)
+        return y.float().reshape(*x.shape[:-1], n)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
@@ -220,11 +235,14 @@ class NVFP4Linear(nn.Module):
         static = None
         if self.mode == "w4a4" and float(self.input_scale) > 0:
             static = self.input_scale
-        # Dispatch by device: the native block-scaled GEMM (Blackwell, W4A4) where compiled; on
-        # other CUDA GPUs (Hopper, Ampere) and for W4A16 the exact dequantize + cuBLAS path
-        # (dequant_path.py: dcgen's first Hopper path; a wgmma mainloop-dequant GEMM is next);
-        # the pure-PyTorch reference everywhere else.
-        y = self._native_w4a4(xf, static) if self.mode == "w4a4" else None
+        # Dispatch by device: the native NVFP4 GEMM where compiled (Blackwell block-scaled W4A4;
+        # on Hopper, opt-in, the mainloop-dequantizing wgmma GEMMs for W4A4 and W4A16); else on
+        # CUDA GPUs (Hopper, Ampere) the exact dequantize + cuBLAS path (dequant_path.py); the
+        # pure-PyTorch reference everywhere else.
+        if self.mode == "w4a4":
+            y = self._native_w4a4(xf, static)
+        else:
+            y = self._native_w4a16(x)
         if y is None and _dequant_path.available(x.device):
             y = _dequant_path.forward_main(self, x, xf, static)
         if y is None:

@@ -81,3 +81,119 @@ def test_cuda_nvfp4_linear_native_path_matches_reference(rng, monkeypatch):
         monkeypatch.setenv("DCGEN_DISABLE_KERNELS", "1")
         ref = q(x)
     torch.testing.assert_close(native.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+# ---- W4A16 and the Hopper (sm_90a) kernels
+
+
+def test_w4a16_reference_is_activation_times_dequantized_weight(rng):
+    from dcgen.ops.nvfp4_gemm import nvfp4_gemm_w4a16
+
+    x = torch.randn(19, 96, generator=rng).bfloat16()
+    w = torch.randn(40, 96, generator=rng) * 0.05
+    qw = quantize_nvfp4(w)
+    y = nvfp4_gemm_w4a16(x, qw.packed, swizzle_scales(qw.scales), qw.global_scale)
+    assert y.shape == (19, 40) and y.dtype == torch.bfloat16
+    want = x.float() @ dequantize_nvfp4(qw).t()
+    torch.testing.assert_close(y.float(), want, atol=1e-2, rtol=1e-2)
+
+
+def test_w4a16_bad_inputs(rng):
+    from dcgen.ops.nvfp4_gemm import nvfp4_gemm_w4a16
+
+    x = torch.randn(4, 64, generator=rng).bfloat16()
+    qw = quantize_nvfp4(torch.randn(8, 64, generator=rng))
+    b, sb, g = qw.packed, swizzle_scales(qw.scales), qw.global_scale
+    with pytest.raises(TypeError, match="bfloat16"):
+        nvfp4_gemm_w4a16(x.float(), b, sb, g)
+    with pytest.raises(ValueError, match="K/2 = 32"):
+        nvfp4_gemm_w4a16(x, b[:, :16], sb, g)
+    with pytest.raises(ValueError, match="128x4 swizzled"):
+        nvfp4_gemm_w4a16(x, b, sb[:-1], g)
+    with pytest.raises(ValueError, match="one alpha"):
+        nvfp4_gemm_w4a16(x, b, sb, torch.ones(2))
+
+
+def test_hopper_kernels_are_opt_in(monkeypatch):
+    """On an sm_90 device with the kernels built, the mainloop-dequant GEMMs run only with
+    DCGEN_NVFP4_SM90=1 (they have not been validated on a GPU yet), and only for K % 32 == 0."""
+    import dcgen.ops.nvfp4_gemm as g
+
+    monkeypatch.setattr(g, "has_kernel", lambda name, device: True)
+    monkeypatch.setattr(g, "_capability_major", lambda index: 9)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv(g.HOPPER_ENV, raising=False)
+    assert not g.kernel_available(cuda, 24, 64) and not g.w4a16_kernel_available(cuda, 64)
+    monkeypatch.setenv(g.HOPPER_ENV, "1")
+    assert g.kernel_available(cuda, 24, 64) and g.w4a16_kernel_available(cuda, 64)
+    assert not g.kernel_available(cuda, 24, 48) and not g.w4a16_kernel_available(cuda, 48)
+    assert not g.kernel_available(torch.device("cpu"), 24, 64)
+    # Blackwell needs no switch but N % 8 == 0
+    monkeypatch.setattr(g, "_capability_major", lambda index: 10)
+    monkeypatch.delenv(g.HOPPER_ENV)
+    assert g.kernel_available(cuda, 24, 64) and not g.kernel_available(cuda, 20, 64)
+    assert not g.w4a16_kernel_available(cuda, 64)
+
+
+def _hopper_or_skip(op: str) -> None:
+    if not torch.cuda.is_available() or not has_kernel(op, "cuda"):
+        pytest.skip(f"needs the compiled {op} and a CUDA GPU")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs an sm_90 (Hopper) GPU")
+
+
+# M, N, K: one tile; ragged M and N with K a half tile (32) and a tile and a half (96); the FLUX
+# attention-out shape at 4,608 tokens; a single row.
+SM90_SHAPES = [(128, 128, 64), (300, 200, 96), (77, 136, 32), (4608, 3072, 3072), (1, 64, 256)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mnk", SM90_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_sm90_w4a4_matches_reference(mnk, rng, monkeypatch):
+    _hopper_or_skip("nvfp4_gemm")
+    monkeypatch.setenv("DCGEN_NVFP4_SM90", "1")
+    m, n, k = mnk
+    _, _, (a, sa, b, sb, alpha), _ = _operands(m, n, k, rng, "cuda")
+    poison_cuda_allocator()
+    y = nvfp4_gemm(a, sa, b, sb, alpha)
+    ref = nvfp4_gemm_reference(a, sa, b, sb, alpha)
+    assert not y.isnan().any()
+    # identical (exact bf16) products, fp32 sums in another order, one bf16 rounding each
+    torch.testing.assert_close(y.float(), ref.float(), atol=1e-2, rtol=1.6e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mnk", SM90_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_sm90_w4a16_matches_reference(mnk, rng, monkeypatch):
+    from dcgen.ops.nvfp4_gemm import nvfp4_gemm_w4a16, nvfp4_gemm_w4a16_reference
+
+    _hopper_or_skip("nvfp4_gemm_w4a16")
+    monkeypatch.setenv("DCGEN_NVFP4_SM90", "1")
+    m, n, k = mnk
+    x = torch.randn(m, k, generator=rng).cuda().bfloat16()
+    qw = quantize_nvfp4(torch.randn(n, k, generator=rng).cuda() * 0.05)
+    b, sb, alpha = qw.packed, swizzle_scales(qw.scales), qw.global_scale
+    poison_cuda_allocator()
+    y = nvfp4_gemm_w4a16(x, b, sb, alpha)
+    ref = nvfp4_gemm_w4a16_reference(x, b, sb, alpha)
+    assert not y.isnan().any()
+    torch.testing.assert_close(y.float(), ref.float(), atol=1e-2, rtol=1.6e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["w4a4", "w4a16"])
+def test_cuda_sm90_nvfp4_linear_matches_reference(mode, rng, monkeypatch):
+    _hopper_or_skip("nvfp4_gemm_w4a16" if mode == "w4a16" else "nvfp4_gemm")
+    from torch import nn
+
+    from dcgen.quant import NVFP4Linear
+
+    monkeypatch.setenv("DCGEN_NVFP4_SM90", "1")
+    torch.manual_seed(0)
+    q = NVFP4Linear.from_linear(nn.Linear(256, 136).cuda(), mode, rank=4)
+    x = torch.randn(3, 50, 256, generator=rng).cuda().bfloat16()
+    with torch.no_grad():
+        native = q(x)
+        monkeypatch.setenv("DCGEN_DISABLE_KERNELS", "1")
+        ref = q(x)
+    torch.testing.assert_close(native.float(), ref.float(), atol=2e-2, rtol=2e-2)
