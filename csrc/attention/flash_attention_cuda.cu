@@ -1,5 +1,6 @@
 // dcgen::fused_attention on CUDA: checks, strides and dispatch to the compiled configurations
-// of the portable flash-attention forward (flash_fwd.cuh; one .cu per dtype x head dim).
+// of the portable flash-attention forward (flash_fwd.cuh; one .cu per dtype x head dim) or of
+// the Hopper one (flash_fwd_sm90.cuh, opt-in: use_sm90).
 // Spec: dcgen/ops/attention.py (fused_attention_reference).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -49,8 +50,35 @@ bool fuse_k_prologue(int64_t seqlen_q) {
   return (seqlen_q + kFlashBlockM - 1) / kFlashBlockM <= kMaxFusedQueryBlocks;
 }
 
+// The Hopper wgmma kernel (flash_fwd_sm90.cuh) runs on sm_90 when it was built (CUTLASS headers
+// found) and DCGEN_ATTENTION_SM90=1: it compiles in CI but has not yet run on a GPU, so it is
+// opt-in until a device check has validated it against the reference.
+bool use_sm90(const at::Tensor& q) {
+#ifdef DCGEN_ATTENTION_SM90
+  const char* env = std::getenv("DCGEN_ATTENTION_SM90");
+  if (env == nullptr || std::string(env) != "1") return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  return major == 9;
+#else
+  (void)q;
+  return false;
+#endif
+}
+
 template <typename T>
-void dispatch_head_dim(const FlashParams& p, int64_t d, cudaStream_t stream) {
+void dispatch_head_dim(const FlashParams& p, int64_t d, bool sm90, cudaStream_t stream) {
+#ifdef DCGEN_ATTENTION_SM90
+  if (sm90) {
+    if (d == 64) {
+      run_flash_fwd_sm90<T, 64>(p, stream);
+    } else {
+      run_flash_fwd_sm90<T, 128>(p, stream);
+    }
+    return;
+  }
+#endif
+  (void)sm90;
   if (d == 64) {
     run_flash_fwd<T, 64>(p, stream);
   } else {
@@ -150,10 +178,11 @@ at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const char* plain = std::getenv("DCGEN_ATTENTION_PLAIN_LOADS");
   p.plain_loads = plain != nullptr && std::string(plain) == "1";
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool sm90 = use_sm90(q);
   if (q.scalar_type() == at::kBFloat16) {
-    dispatch_head_dim<__nv_bfloat16>(p, D, stream);
+    dispatch_head_dim<__nv_bfloat16>(p, D, sm90, stream);
   } else {
-    dispatch_head_dim<__half>(p, D, stream);
+    dispatch_head_dim<__half>(p, D, sm90, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

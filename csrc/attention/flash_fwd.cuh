@@ -111,11 +111,63 @@ __device__ __forceinline__ uint32_t& word(uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// The QK prologue on one row held by 4 adjacent lanes (thread `sub` holds the row's 16-byte
+// chunks sub, sub + 4, ...; `raw` are its kChunks chunks). When w0 is set, the row is
+// RMS-normalised in fp32 and scaled by w0 (row < norm_split) or w1; when cos is set, RoPE
+// rotates interleaved pairs: (x0, x1) -> (x0 c0 - x1 s0, x1 c1 + x0 s1) with c, s taken from
+// the token's table row at the pair's two columns. One rounding to T at the end. Every lane of
+// the warp must call it (the norm's sum of squares is two shuffles). Shared by the portable and
+// the Hopper kernels.
+template <typename T, int D, int kChunks>
+__device__ __forceinline__ void apply_prologue(uint4 (&raw)[kChunks], int row, bool inside,
+                                               int sub, const float* w0, const float* w1,
+                                               int norm_split, float eps, const float* cos,
+                                               const float* sin) {
+  constexpr int kThreadsPerRow = 4;
+  static_assert(kChunks * kThreadsPerRow * 8 == D, "4 lanes x kChunks x 8 elements per row");
+  if (w0 == nullptr && cos == nullptr) return;  // uniform across the CTA
+  float inv = 1.f;
+  if (w0 != nullptr) {
+    float ss = 0.f;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 x = Element<T>::unpack(word(raw[c], e));
+        ss += x.x * x.x + x.y * x.y;
+      }
+    }
+    // every lane of the warp takes part: the four lanes of a row are adjacent
+    ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+    ss += __shfl_xor_sync(0xffffffffu, ss, 2);
+    inv = rsqrtf(ss / static_cast<float>(D) + eps);
+  }
+  const float* w = row < norm_split ? w0 : w1;
+  const bool rope = cos != nullptr && inside;
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const int col0 = (c * kThreadsPerRow + sub) * 8;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = col0 + 2 * e;
+      float2 x = Element<T>::unpack(word(raw[c], e));
+      if (w0 != nullptr) {
+        x.x = x.x * inv * w[col];
+        x.y = x.y * inv * w[col + 1];
+      }
+      if (rope) {
+        const float2 cs = *reinterpret_cast<const float2*>(cos + row * D + col);
+        const float2 sn = *reinterpret_cast<const float2*>(sin + row * D + col);
+        x = make_float2(x.x * cs.x - x.y * sn.x, x.y * cs.y + x.x * sn.y);
+      }
+      word(raw[c], e) = Element<T>::pack(x.x, x.y);
+    }
+  }
+}
+
 // Loads rows [row0, row0 + 64) of a (seqlen, D) matrix (row stride `stride` elements) into the
-// shared tile `dst` (row stride D + 8), zero-filling rows past `seqlen`. When w0 is set, each
-// row is RMS-normalised in fp32 and scaled by w0 (row < norm_split) or w1; when cos is set,
-// RoPE rotates interleaved pairs: (x0, x1) -> (x0 c0 - x1 s0, x1 c1 + x0 s1) with c, s taken
-// from the token's table row at the pair's two columns. One rounding to T at the end.
+// shared tile `dst` (row stride D + 8), zero-filling rows past `seqlen`, with the prologue
+// (apply_prologue) when w0 or cos is set.
 //
 // Four consecutive threads share a row (so the norm's sum of squares is two shuffles); thread
 // `sub` takes 16-byte chunks sub, sub + 4, ... so the four together read contiguous 64 bytes.
@@ -141,45 +193,7 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, const T* src, int64_t s
       raw[c] = inside ? *reinterpret_cast<const uint4*>(src + row * stride + col)
                       : make_uint4(0u, 0u, 0u, 0u);
     }
-    if (w0 != nullptr || cos != nullptr) {  // uniform across the CTA
-      float inv = 1.f;
-      if (w0 != nullptr) {
-        float ss = 0.f;
-#pragma unroll
-        for (int c = 0; c < kChunksPerThread; ++c) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float2 x = Element<T>::unpack(word(raw[c], e));
-            ss += x.x * x.x + x.y * x.y;
-          }
-        }
-        // every lane of the warp takes part: the four lanes of a row are adjacent
-        ss += __shfl_xor_sync(0xffffffffu, ss, 1);
-        ss += __shfl_xor_sync(0xffffffffu, ss, 2);
-        inv = rsqrtf(ss / static_cast<float>(D) + eps);
-      }
-      const float* w = row < norm_split ? w0 : w1;
-      const bool rope = cos != nullptr && inside;
-#pragma unroll
-      for (int c = 0; c < kChunksPerThread; ++c) {
-        const int col0 = (c * kThreadsPerRow + sub) * 8;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = col0 + 2 * e;
-          float2 x = Element<T>::unpack(word(raw[c], e));
-          if (w0 != nullptr) {
-            x.x = x.x * inv * w[col];
-            x.y = x.y * inv * w[col + 1];
-          }
-          if (rope) {
-            const float2 cs = *reinterpret_cast<const float2*>(cos + row * D + col);
-            const float2 sn = *reinterpret_cast<const float2*>(sin + row * D + col);
-            x = make_float2(x.x * cs.x - x.y * sn.x, x.y * cs.y + x.x * sn.y);
-          }
-          word(raw[c], e) = Element<T>::pack(x.x, x.y);
-        }
-      }
-    }
+    apply_prologue<T, D>(raw, row, inside, sub, w0, w1, norm_split, eps, cos, sin);
 #pragma unroll
     for (int c = 0; c < kChunksPerThread; ++c) {
       const int col = (c * kThreadsPerRow + sub) * 8;

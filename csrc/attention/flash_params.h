@@ -49,4 +49,9 @@ struct FlashParams {
 template <typename T, int D>
 void run_flash_fwd(const FlashParams& params, cudaStream_t stream);
 
+// The Hopper (sm_90a, wgmma) kernel of flash_fwd_sm90.cuh: the same parameters and results
+// (plain_loads is ignored). Built with the CUTLASS/CuTe headers only (DCGEN_ATTENTION_SM90).
+template <typename T, int D>
+void run_flash_fwd_sm90(const FlashParams& params, cudaStream_t stream);
+
 }  // namespace dcgen::attention

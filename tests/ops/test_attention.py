@@ -10,6 +10,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
+import dcgen
 from dcgen.ops import has_kernel
 from dcgen.ops.attention import (
     fused_attention,
@@ -232,8 +233,25 @@ def _require(name):
 
 
 # Kernel variants: fragment loads (ldmatrix, the default, or plain shared loads) x where K's
-# prologue runs (inside the tile loads, or once up front; "auto" picks by sequence length).
-KERNEL_MODES = [("ldmatrix", "fused"), ("ldmatrix", "prepass"), ("plain_loads", "fused")]
+# prologue runs (inside the tile loads, or once up front; "auto" picks by sequence length);
+# "wgmma" is the Hopper kernel (sm_90 only, opt-in with DCGEN_ATTENTION_SM90=1).
+KERNEL_MODES = [
+    ("ldmatrix", "fused"),
+    ("ldmatrix", "prepass"),
+    ("plain_loads", "fused"),
+    ("wgmma", "fused"),
+    ("wgmma", "prepass"),
+]
+
+
+def _hopper_kernel_or_skip(loads, monkeypatch):
+    """Select the kernel: the Hopper one needs an sm_90 GPU and a build with CUTLASS headers."""
+    monkeypatch.setenv("DCGEN_ATTENTION_SM90", "1" if loads == "wgmma" else "0")
+    if loads == "wgmma":
+        if torch.cuda.get_device_capability()[0] != 9:
+            pytest.skip("the wgmma attention kernel needs an sm_90 (Hopper) GPU")
+        if "sm_90a" not in dcgen.build_info().get("cuda_archs", []):
+            pytest.skip("dcgen._C was built without the sm_90a kernels (no CUTLASS headers)")
 
 
 @pytest.mark.cuda
@@ -244,6 +262,7 @@ def test_cuda_fused_attention_matches_reference(
     dtype, variant, loads, k_prologue, rng, monkeypatch
 ):
     _require("fused_attention")
+    _hopper_kernel_or_skip(loads, monkeypatch)
     monkeypatch.setenv("DCGEN_ATTENTION_PLAIN_LOADS", "1" if loads == "plain_loads" else "0")
     monkeypatch.setenv("DCGEN_ATTENTION_K_PROLOGUE", k_prologue)
     for b, h, sq, sk, d in CUDA_SHAPES:
@@ -272,8 +291,10 @@ def test_cuda_fused_attention_matches_reference(
 
 
 @pytest.mark.cuda
-def test_cuda_fused_attention_scale_and_flux_tables(rng):
+@pytest.mark.parametrize("loads", ["ldmatrix", "wgmma"])
+def test_cuda_fused_attention_scale_and_flux_tables(loads, rng, monkeypatch):
     _require("fused_attention")
+    _hopper_kernel_or_skip(loads, monkeypatch)
     cos, sin = flux_tables(31, 9, 11)  # 130 tokens, FLUX's axes (16, 56, 56), D = 128
     s = cos.shape[0]
     q, k, v = _cuda_inputs(1, 3, s, s, 128, torch.bfloat16, rng)
