@@ -75,13 +75,28 @@ def _skip_without_kernel(impl: str) -> None:
 
 
 BACKENDS = ["default", "flash"] if ON_GPU else ["default"]
+# dcgen's kernels: the portable mma.sync one and, on Hopper, the wgmma one (switched on here;
+# opt-in for users until validated). Each gets its own groups, with its own baseline run.
+KERNELS = ["portable", "wgmma"] if ON_GPU else ["portable"]
 
 
+def _select_kernel(kernel: str, monkeypatch) -> str:  # noqa: ANN001
+    """Switch the Hopper kernel on or off; the group-name suffix of the choice."""
+    monkeypatch.setenv("DCGEN_ATTENTION_SM90", "1" if kernel == "wgmma" else "0")
+    if kernel == "portable":
+        return ""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the wgmma attention kernel needs an sm_90 (Hopper) GPU")
+    return " (wgmma)"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("s", SEQS)
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
-def test_attention_core(benchmark, impl, s, backend):
+def test_attention_core(benchmark, impl, s, backend, kernel, monkeypatch):
     _skip_without_kernel(impl)
+    suffix = _select_kernel(kernel, monkeypatch)
     q, k, v = (t.transpose(1, 2) for t in _projections(s))  # (B, H, S, D) views
     if impl == "dcgen":
 
@@ -94,7 +109,7 @@ def test_attention_core(benchmark, impl, s, backend):
                 return F.scaled_dot_product_attention(q, k, v)
 
     name = {"default": "SDPA default (cuDNN on GPU)", "flash": "SDPA flash (FA2)"}[backend]
-    _label(benchmark, f"attention core S={s} vs {backend}", impl, name)
+    _label(benchmark, f"attention core S={s} vs {backend}{suffix}", impl, name)
     with torch.inference_mode():
         time_it(benchmark, fn, n_rounds=rounds(20, 2))
     _tflops(benchmark, s)
@@ -105,11 +120,13 @@ def test_attention_core(benchmark, impl, s, backend):
 K_PROLOGUE = ["auto", "fused"] if ON_GPU else ["auto"]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("k_prologue", K_PROLOGUE)
 @pytest.mark.parametrize("s", SEQS)
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
-def test_norm_rope_attention(benchmark, impl, s, k_prologue, monkeypatch):
+def test_norm_rope_attention(benchmark, impl, s, k_prologue, kernel, monkeypatch):
     _skip_without_kernel(impl)
+    suffix = _select_kernel(kernel, monkeypatch)
     monkeypatch.setenv("DCGEN_ATTENTION_K_PROLOGUE", k_prologue)
     q, k, v = _projections(s)
     cos, sin = _rope(s)
@@ -136,6 +153,7 @@ def test_norm_rope_attention(benchmark, impl, s, k_prologue, monkeypatch):
             return out.transpose(1, 2).flatten(2, 3)
 
     group = f"norm+rope+attention S={s}" + ("" if k_prologue == "auto" else f" K {k_prologue}")
+    group += suffix
     _label(benchmark, group, impl, "diffusers FLUX processor path")
     with torch.inference_mode():
         time_it(benchmark, fn, n_rounds=rounds(20, 2))
