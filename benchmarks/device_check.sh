@@ -9,7 +9,10 @@
 # both tables printed at the very end.
 #
 # Time on an H100 (estimate, not yet measured with this step): build + tests + benchmarks
-# about 3-4 min (measured in earlier sessions); the speed table about 2.5 min more (FLUX: 12
+# about 3-4 min (measured in earlier sessions; since then 6 sm_90a files, about 35-40 s of one
+# core each, built in parallel, and the Hopper kernels' extra test and benchmark cases, which
+# the tests and benchmarks switch on themselves: DCGEN_NVFP4_SM90, DCGEN_ATTENTION_SM90);
+# the speed table about 2.5 min more (FLUX: 12
 # bf16 row pairs + 6 FP8 rows of a 1+1-block model, dominated by the base FLUX VAE decode at
 # 4K, ~2 s each, and ~20 s of imports / model builds; SANA: 6 row pairs of a 1-block model,
 # under 1 min), so about 6-7 min in all. Each bench call is capped by DCGEN_SPEED_TIMEOUT

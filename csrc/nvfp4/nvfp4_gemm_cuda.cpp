@@ -17,17 +17,17 @@ int64_t swizzled_size(int64_t rows, int64_t k) {
   return (rows + 127) / 128 * 128 * ((kb + 3) / 4 * 4);
 }
 
-void check_operand(const char* name, const at::Tensor& q, const at::Tensor& sf, int64_t k) {
+void check_operand(const char* op, const char* name, const at::Tensor& q, const at::Tensor& sf, int64_t k) {
   TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kByte && q.dim() == 2 && q.is_contiguous(),
-              "dcgen::nvfp4_gemm: expected ", name, " as contiguous packed uint8 [rows, K/2] on CUDA, got ",
+              op, ": expected ", name, " as contiguous packed uint8 [rows, K/2] on CUDA, got ",
               q.scalar_type(), " ", q.sizes(), " on ", q.device());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16 == 0,
-              "dcgen::nvfp4_gemm: expected ", name, " 16-byte aligned (a view at an odd offset?)");
-  TORCH_CHECK(q.size(1) * 2 == k, "dcgen::nvfp4_gemm: expected ", name, " with K/2 = ", k / 2,
+              op, ": expected ", name, " 16-byte aligned (a view at an odd offset?)");
+  TORCH_CHECK(q.size(1) * 2 == k, op, ": expected ", name, " with K/2 = ", k / 2,
               " columns, got ", q.sizes());
   TORCH_CHECK(sf.scalar_type() == at::kFloat8_e4m3fn && sf.is_contiguous() &&
                   sf.numel() == swizzled_size(q.size(0), k) && sf.device() == q.device(),
-              "dcgen::nvfp4_gemm: expected ", name, "'s scales as ", swizzled_size(q.size(0), k),
+              op, ": expected ", name, "'s scales as ", swizzled_size(q.size(0), k),
               " contiguous float8_e4m3fn (128x4 swizzled) on ", q.device(), ", got ", sf.scalar_type(),
               " ", sf.sizes(), " on ", sf.device());
 }
@@ -48,8 +48,8 @@ at::Tensor nvfp4_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, cons
                            const at::Tensor& b_scales, const at::Tensor& alpha) {
   TORCH_CHECK(a.dim() == 2, "dcgen::nvfp4_gemm: expected a of shape [M, K/2], got ", a.sizes());
   const int64_t k = a.size(1) * 2;
-  check_operand("a", a, a_scales, k);
-  check_operand("b", b, b_scales, k);
+  check_operand("dcgen::nvfp4_gemm", "a", a, a_scales, k);
+  check_operand("dcgen::nvfp4_gemm", "b", b, b_scales, k);
   TORCH_CHECK(a.device() == b.device(), "dcgen::nvfp4_gemm: a is on ", a.device(), ", b on ", b.device());
   check_alpha("dcgen::nvfp4_gemm", alpha, a);
   const c10::cuda::CUDAGuard guard(a.device());
@@ -91,7 +91,7 @@ at::Tensor nvfp4_gemm_w4a16_cuda(const at::Tensor& a, const at::Tensor& b, const
               "dcgen::nvfp4_gemm_w4a16: expected a as contiguous bfloat16 [M, K] on CUDA, got ",
               a.scalar_type(), " ", a.sizes(), " on ", a.device());
   const int64_t k = a.size(1);
-  check_operand("b", b, b_scales, k);
+  check_operand("dcgen::nvfp4_gemm_w4a16", "b", b, b_scales, k);
   TORCH_CHECK(a.device() == b.device(), "dcgen::nvfp4_gemm_w4a16: a is on ", a.device(), ", b on ", b.device());
   TORCH_CHECK(k % 32 == 0, "dcgen::nvfp4_gemm_w4a16: expected K % 32 == 0, got K=", k);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 == 0,
