@@ -165,24 +165,26 @@ __device__ __forceinline__ void apply_prologue(uint4 (&raw)[kChunks], int row, b
   }
 }
 
-// Loads rows [row0, row0 + 64) of a (seqlen, D) matrix (row stride `stride` elements) into the
-// shared tile `dst` (row stride D + 8), zero-filling rows past `seqlen`, with the prologue
-// (apply_prologue) when w0 or cos is set.
+// Loads rows [row0, row0 + kRowsTile) of a (seqlen, D) matrix (row stride `stride` elements)
+// into shared memory with kCtaThreads threads, zero-filling rows past `seqlen`, with the
+// prologue (apply_prologue) when w0 or cos is set. `at(r, col)` is the shared address of the
+// 8 elements (one 16-byte unit) of tile row r from column col: a padded row-major tile here, a
+// swizzled wgmma tile in the Hopper kernel.
 //
 // Four consecutive threads share a row (so the norm's sum of squares is two shuffles); thread
 // `sub` takes 16-byte chunks sub, sub + 4, ... so the four together read contiguous 64 bytes.
-template <typename T, int D>
-__device__ __forceinline__ void load_tile(uint16_t* dst, const T* src, int64_t stride, int row0,
+template <typename T, int D, int kRowsTile, int kCtaThreads, class At>
+__device__ __forceinline__ void load_rows(At at, const T* src, int64_t stride, int row0,
                                           int seqlen, const float* w0, const float* w1,
                                           int norm_split, float eps, const float* cos,
                                           const float* sin) {
-  constexpr int kLd = D + 8;
   constexpr int kThreadsPerRow = 4;
   constexpr int kChunksPerThread = D / 8 / kThreadsPerRow;
-  constexpr int kRowsPerPass = kThreads / kThreadsPerRow;
+  constexpr int kRowsPerPass = kCtaThreads / kThreadsPerRow;
+  static_assert(kRowsTile % kRowsPerPass == 0, "whole passes");
   const int sub = threadIdx.x % kThreadsPerRow;
 #pragma unroll
-  for (int pass = 0; pass < kBlockM / kRowsPerPass; ++pass) {
+  for (int pass = 0; pass < kRowsTile / kRowsPerPass; ++pass) {
     const int r = pass * kRowsPerPass + threadIdx.x / kThreadsPerRow;
     const int row = row0 + r;
     const bool inside = row < seqlen;
@@ -196,10 +198,20 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, const T* src, int64_t s
     apply_prologue<T, D>(raw, row, inside, sub, w0, w1, norm_split, eps, cos, sin);
 #pragma unroll
     for (int c = 0; c < kChunksPerThread; ++c) {
-      const int col = (c * kThreadsPerRow + sub) * 8;
-      *reinterpret_cast<uint4*>(dst + r * kLd + col) = raw[c];
+      *reinterpret_cast<uint4*>(at(r, (c * kThreadsPerRow + sub) * 8)) = raw[c];
     }
   }
+}
+
+// The portable kernel's 64-row tiles: row stride D + 8 elements in shared memory.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(uint16_t* dst, const T* src, int64_t stride, int row0,
+                                          int seqlen, const float* w0, const float* w1,
+                                          int norm_split, float eps, const float* cos,
+                                          const float* sin) {
+  constexpr int kLd = D + 8;
+  load_rows<T, D, kBlockM, kThreads>([dst](int r, int col) { return dst + r * kLd + col; }, src,
+                                     stride, row0, seqlen, w0, w1, norm_split, eps, cos, sin);
 }
 
 template <typename T, int D, bool kLdsm>

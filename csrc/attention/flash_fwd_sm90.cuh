@@ -81,39 +81,6 @@ __device__ __forceinline__ void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Rows [row0, row0 + kRowsTile) of a (seqlen, D) matrix into a swizzled shared tile, rows past
-// `seqlen` zero, with the QK prologue when w0 / cos are set (apply_prologue, as the portable
-// kernel). 4 adjacent threads per row; `at(r, col)` is the shared address of 8 consecutive
-// elements (a 16-byte unit, which the 128-byte swizzle keeps contiguous).
-template <typename T, int D, int kRowsTile, class At>
-__device__ __forceinline__ void load_rows(At at, const T* src, int64_t stride, int row0, int seqlen,
-                                          const float* w0, const float* w1, int norm_split,
-                                          float eps, const float* cos, const float* sin) {
-  constexpr int kThreadsPerRow = 4;
-  constexpr int kChunks = D / 8 / kThreadsPerRow;
-  constexpr int kRowsPerPass = kThreads / kThreadsPerRow;
-  static_assert(kRowsTile % kRowsPerPass == 0, "whole passes");
-  const int sub = threadIdx.x % kThreadsPerRow;
-#pragma unroll
-  for (int pass = 0; pass < kRowsTile / kRowsPerPass; ++pass) {
-    const int r = pass * kRowsPerPass + threadIdx.x / kThreadsPerRow;
-    const int row = row0 + r;
-    const bool inside = row < seqlen;
-    uint4 raw[kChunks];
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      const int col = (c * kThreadsPerRow + sub) * 8;
-      raw[c] = inside ? *reinterpret_cast<const uint4*>(src + row * stride + col)
-                      : make_uint4(0u, 0u, 0u, 0u);
-    }
-    apply_prologue<T, D>(raw, row, inside, sub, w0, w1, norm_split, eps, cos, sin);
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      *reinterpret_cast<uint4*>(at(r, (c * kThreadsPerRow + sub) * 8)) = raw[c];
-    }
-  }
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const FlashParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -152,19 +119,21 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
   clear(acc_o);
 
   // Q tile with its prologue.
-  load_rows<T, D, kRows>([&](int r, int col) { return &sQ(r, col); }, q, p.q_row_stride,
-                         m_block * kRows, p.seqlen_q, p.q_w0, p.q_w1, p.norm_split, p.eps,
-                         p.q_cos, p.q_sin);
+  load_rows<T, D, kRows, kThreads>([&](int r, int col) { return &sQ(r, col); }, q,
+                                   p.q_row_stride, m_block * kRows, p.seqlen_q, p.q_w0, p.q_w1,
+                                   p.norm_split, p.eps, p.q_cos, p.q_sin);
 
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};  // per thread (its columns); reduced over the quad at the end
 
   for (int n0 = 0; n0 < p.seqlen_k; n0 += kKeys) {
     __syncthreads();  // the last tile's wgmmas (waited for) are done with sK, sV, sP
-    load_rows<T, D, kKeys>([&](int r, int col) { return &sK(r, col); }, k, p.k_row_stride, n0,
-                           p.seqlen_k, p.k_w0, p.k_w1, p.norm_split, p.eps, p.k_cos, p.k_sin);
-    load_rows<T, D, kKeys>([&](int r, int col) { return &sV(col, r); }, v, p.v_row_stride, n0,
-                           p.seqlen_k, nullptr, nullptr, 0, 0.f, nullptr, nullptr);
+    load_rows<T, D, kKeys, kThreads>([&](int r, int col) { return &sK(r, col); }, k,
+                                     p.k_row_stride, n0, p.seqlen_k, p.k_w0, p.k_w1,
+                                     p.norm_split, p.eps, p.k_cos, p.k_sin);
+    load_rows<T, D, kKeys, kThreads>([&](int r, int col) { return &sV(col, r); }, v,
+                                     p.v_row_stride, n0, p.seqlen_k, nullptr, nullptr, 0, 0.f,
+                                     nullptr, nullptr);
     if (tid < kKeys) {
       const int key = n0 + tid;
       keep[tid] = key < p.seqlen_k && (mask == nullptr || mask[key]);
