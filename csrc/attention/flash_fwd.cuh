@@ -214,6 +214,26 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, const T* src, int64_t s
                                      stride, row0, seqlen, w0, w1, norm_split, eps, cos, sin);
 }
 
+// One (batch, head)'s q, k, v, o rows and key mask (null when there is none).
+template <typename T>
+struct HeadSlices {
+  const T* q;
+  const T* k;
+  const T* v;
+  T* o;
+  const bool* mask;
+};
+
+template <typename T>
+__device__ __forceinline__ HeadSlices<T> head_slices(const FlashParams& p, int b, int h) {
+  return {static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride,
+          static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride,
+          static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride,
+          static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride,
+          p.key_padding_mask == nullptr ? nullptr
+                                        : p.key_padding_mask + b * p.mask_batch_stride};
+}
+
 template <typename T, int D, bool kLdsm>
 __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p) {
   static_assert(D % 32 == 0, "D must split into 8-element chunks over 4 threads");
@@ -233,12 +253,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
   const int lm = lane / 8;  // ldmatrix: which 8x8 matrix this lane addresses
   const int lr = lane % 8;  // and which of its rows
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
-  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-  const bool* mask =
-      p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + b * p.mask_batch_stride;
+  const auto [q, k, v, o, mask] = head_slices<T>(p, b, h);
 
   // Q tile (with its prologue) -> shared -> this warp's 16 rows as A fragments in registers.
   load_tile<T, D>(sV, q, p.q_row_stride, m_block * kBlockM, p.seqlen_q, p.q_w0, p.q_w1,

@@ -34,10 +34,13 @@
 
 #include "attention/flash_fwd.cuh"
 #include "attention/flash_params.h"
+#include "common/sm90_sync.cuh"
 
 namespace dcgen::attention::sm90 {
 
 using namespace cute;
+using dcgen::sm90::fence_async_shared;
+using dcgen::sm90::warpgroup_gemm;
 
 template <typename T>
 struct CuteElement;
@@ -76,11 +79,6 @@ struct Config {
   static constexpr int kSmemBytes = kElems * 2 + 1024 + kKeys;
 };
 
-__device__ __forceinline__ void fence_async_shared() {
-  // Generic-proxy writes to shared memory become visible to wgmma (the async proxy).
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const FlashParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -98,12 +96,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
 
   const int tid = threadIdx.x;
   const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
-  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-  const bool* mask =
-      p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + b * p.mask_batch_stride;
+  const auto [q, k, v, o, mask] = head_slices<T>(p, b, h);
 
   typename C::MmaS mma_s;
   typename C::MmaO mma_o;
@@ -144,15 +137,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
     // S = Q K^T (this warpgroup's 64 rows x 64 keys).
     Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRows>, Int<kKeys>>{});
     clear(acc_s);
-    warpgroup_fence_operand(acc_s);
-    warpgroup_arrive();
-#pragma unroll
-    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-      cute::gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb), acc_s);
-    }
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_s);
+    warpgroup_gemm(mma_s, tSrQ, tSrK, acc_s);
 
     // Online softmax in the exp2 domain (fp32).
     float tile_max[2] = {row_max[0], row_max[1]};
@@ -185,15 +170,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
     __syncthreads();  // P complete (each warpgroup reads only its own rows; one barrier is simpler)
 
     // O += P V.
-    warpgroup_fence_operand(acc_o);
-    warpgroup_arrive();
-#pragma unroll
-    for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-      cute::gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb), acc_o);
-    }
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc_o);
+    warpgroup_gemm(mma_o, tOrP, tOrV, acc_o);
   }
 
   // Normalise and store. Rows with no valid key (everything masked) have sum 0 and write 0.

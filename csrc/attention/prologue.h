@@ -66,13 +66,15 @@ at::Tensor norm_rope_one(const at::Tensor& x, const NormWeights& w, const RopeTa
 
 // The kernels use sm_80 instructions (bf16 mma.sync, bf16x2 conversions); older cards get a
 // clear error instead of "no kernel image" (dcgen.ops dispatch never sends them here).
-inline void check_arch(const at::Tensor& x, const char* op) {
+// Returns the compute capability's major number (the wrappers dispatch on it).
+inline int check_arch(const at::Tensor& x, const char* op) {
   int major = 0, minor = 0;
   const int dev = x.get_device();
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
   TORCH_CHECK(major >= 8, op, ": expected a GPU of compute capability 8.0 or newer, got ", major,
               ".", minor, " (use the dcgen.ops Python functions, which fall back to PyTorch)");
+  return major;
 }
 
 }  // namespace dcgen::attention

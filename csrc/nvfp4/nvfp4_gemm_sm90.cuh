@@ -25,6 +25,8 @@
 
 #include <cstdint>
 
+#include "common/sm90_sync.cuh"
+
 namespace dcgen {
 namespace sm90 {
 
@@ -154,11 +156,6 @@ __device__ __forceinline__ void store32(SmemTensor& s, int row, int k0, int stag
     uint4* dst = reinterpret_cast<uint4*>(&s(row, k0 + 8 * j, stage));
     *dst = make_uint4(c.w[4 * j], c.w[4 * j + 1], c.w[4 * j + 2], c.w[4 * j + 3]);
   }
-}
-
-__device__ __forceinline__ void fence_async_shared() {
-  // Generic-proxy writes to shared memory become visible to wgmma (the async proxy).
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 template <class ALoader>

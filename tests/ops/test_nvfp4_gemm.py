@@ -55,32 +55,40 @@ def test_bad_inputs(rng):
 def test_cuda_kernel_matches_reference(mnk, rng):
     if not has_kernel("nvfp4_gemm", "cuda") or not _native_gpu():
         pytest.skip("needs the compiled nvfp4_gemm and an sm_100 / sm_120 GPU")
-    m, n, k = mnk
+    _assert_w4a4_kernel_matches_reference(*mnk, rng)
+
+
+def _assert_w4a4_kernel_matches_reference(m: int, n: int, k: int, rng) -> None:
     _, _, (a, sa, b, sb, alpha), _ = _operands(m, n, k, rng, "cuda")
     poison_cuda_allocator()
     y = nvfp4_gemm(a, sa, b, sb, alpha)
     ref = nvfp4_gemm_reference(a, sa, b, sb, alpha)
     assert not y.isnan().any()
-    # identical products, fp32 sums in another order, one bf16 rounding each
+    # identical (exact bf16) products, fp32 sums in another order, one bf16 rounding each
     torch.testing.assert_close(y.float(), ref.float(), atol=1e-2, rtol=1.6e-2)
 
 
-@pytest.mark.cuda
-def test_cuda_nvfp4_linear_native_path_matches_reference(rng, monkeypatch):
-    if not has_kernel("nvfp4_gemm", "cuda") or not _native_gpu():
-        pytest.skip("needs the compiled nvfp4_gemm and an sm_100 / sm_120 GPU")
+def _assert_linear_kernel_matches_reference(mode: str, n: int, rng, monkeypatch) -> None:
+    """An NVFP4Linear (low-rank branch on) on its kernel path vs DCGEN_DISABLE_KERNELS=1."""
     from torch import nn
 
     from dcgen.quant import NVFP4Linear
 
     torch.manual_seed(0)
-    q = NVFP4Linear.from_linear(nn.Linear(256, 128).cuda(), "w4a4", rank=4)
+    q = NVFP4Linear.from_linear(nn.Linear(256, n).cuda(), mode, rank=4)
     x = torch.randn(3, 50, 256, generator=rng).cuda().bfloat16()
     with torch.no_grad():
         native = q(x)
         monkeypatch.setenv("DCGEN_DISABLE_KERNELS", "1")
         ref = q(x)
     torch.testing.assert_close(native.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_nvfp4_linear_native_path_matches_reference(rng, monkeypatch):
+    if not has_kernel("nvfp4_gemm", "cuda") or not _native_gpu():
+        pytest.skip("needs the compiled nvfp4_gemm and an sm_100 / sm_120 GPU")
+    _assert_linear_kernel_matches_reference("w4a4", 128, rng, monkeypatch)
 
 
 # ---- W4A16 and the Hopper (sm_90a) kernels
@@ -152,14 +160,7 @@ SM90_SHAPES = [(128, 128, 64), (300, 200, 96), (77, 136, 32), (4608, 3072, 3072)
 def test_cuda_sm90_w4a4_matches_reference(mnk, rng, monkeypatch):
     _hopper_or_skip("nvfp4_gemm")
     monkeypatch.setenv("DCGEN_NVFP4_SM90", "1")
-    m, n, k = mnk
-    _, _, (a, sa, b, sb, alpha), _ = _operands(m, n, k, rng, "cuda")
-    poison_cuda_allocator()
-    y = nvfp4_gemm(a, sa, b, sb, alpha)
-    ref = nvfp4_gemm_reference(a, sa, b, sb, alpha)
-    assert not y.isnan().any()
-    # identical (exact bf16) products, fp32 sums in another order, one bf16 rounding each
-    torch.testing.assert_close(y.float(), ref.float(), atol=1e-2, rtol=1.6e-2)
+    _assert_w4a4_kernel_matches_reference(*mnk, rng)
 
 
 @pytest.mark.cuda
@@ -184,16 +185,5 @@ def test_cuda_sm90_w4a16_matches_reference(mnk, rng, monkeypatch):
 @pytest.mark.parametrize("mode", ["w4a4", "w4a16"])
 def test_cuda_sm90_nvfp4_linear_matches_reference(mode, rng, monkeypatch):
     _hopper_or_skip("nvfp4_gemm_w4a16" if mode == "w4a16" else "nvfp4_gemm")
-    from torch import nn
-
-    from dcgen.quant import NVFP4Linear
-
     monkeypatch.setenv("DCGEN_NVFP4_SM90", "1")
-    torch.manual_seed(0)
-    q = NVFP4Linear.from_linear(nn.Linear(256, 136).cuda(), mode, rank=4)
-    x = torch.randn(3, 50, 256, generator=rng).cuda().bfloat16()
-    with torch.no_grad():
-        native = q(x)
-        monkeypatch.setenv("DCGEN_DISABLE_KERNELS", "1")
-        ref = q(x)
-    torch.testing.assert_close(native.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    _assert_linear_kernel_matches_reference(mode, 136, rng, monkeypatch)
