@@ -8,6 +8,8 @@ The extension is compiled against the torch of the current environment, so insta
 - ``DCGEN_REQUIRE_EXTENSION=1``: fail the install if the extension does not build (CI sets it).
   By default a failed build is reported and dcgen installs on its PyTorch references.
 - ``DCGEN_CUDA_ARCHS``: override the generic kernels' arch list (e.g. ``"80;90"``).
+- ``DCGEN_BLACKWELL=0``: leave out the sm_100a / sm_120a NVFP4 GEMMs (the slowest files), e.g.
+  for a build that only ever runs on Hopper.
 - ``MAX_JOBS``: parallel compile jobs (default: CPU count).
 - ``DCGEN_BUILD_DIR``: persistent CMake build directory (default ``build/cmake``), so ccache and
   incremental builds survive reinstalls.
@@ -117,6 +119,8 @@ class CMakeBuild(build_ext):
                 f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",
                 f"-DCMAKE_CUDA_COMPILER={Path(cuda_home, 'bin', 'nvcc')}",
             ]
+            blackwell = os.environ.get("DCGEN_BLACKWELL", "1").lower() not in ("0", "off", "false")
+            args.append(f"-DDCGEN_BLACKWELL={'ON' if blackwell else 'OFF'}")
             if os.environ.get("DCGEN_CUDA_ARCHS"):
                 args.append(f"-DDCGEN_CUDA_ARCHS={os.environ['DCGEN_CUDA_ARCHS']}")
         if shutil.which("ccache"):

@@ -74,6 +74,11 @@ at::Tensor nvfp4_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, cons
     TORCH_CHECK(err == nullptr, "dcgen::nvfp4_gemm (sm_90a): ", err ? err : "");
     return d;
   }
+#ifdef DCGEN_NO_BLACKWELL_GEMM
+  TORCH_CHECK(false, "dcgen::nvfp4_gemm: this build left out the Blackwell kernels (DCGEN_BLACKWELL=0); "
+              "rebuild without it for sm_", major, "x");
+  return d;
+#else
   const bool sm120 = major == 12;
   const size_t ws_bytes = sm120 ? nvfp4_gemm_sm120_workspace(args) : nvfp4_gemm_sm100_workspace(args);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, a.options().dtype(at::kByte));
@@ -81,6 +86,7 @@ at::Tensor nvfp4_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, cons
   const char* err = sm120 ? nvfp4_gemm_sm120(args, ws_ptr, stream) : nvfp4_gemm_sm100(args, ws_ptr, stream);
   TORCH_CHECK(err == nullptr, "dcgen::nvfp4_gemm: ", err ? err : "");
   return d;
+#endif
 }
 
 // W4A16 on Hopper: a bf16 activation times an NVFP4 weight, the weight dequantized in the

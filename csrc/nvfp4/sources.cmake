@@ -9,17 +9,23 @@ if(DCGEN_WITH_CUDA)
   # adds sm_120a, whose block-scaled MMA is a different instruction set). About 3.5 min and
   # 4 GB of RAM on 2 shared cores. 2908: CUTLASS headers' implicit `this` captures (C++20).
   if(DCGEN_CUTLASS_INCLUDE)
-    set_source_files_properties(csrc/nvfp4/nvfp4_gemm_sm100.cu PROPERTIES COMPILE_OPTIONS
-      "-DNDEBUG;-O3;-lineinfo;-gencode=arch=compute_100a,code=sm_100a;-diag-suppress=2908")
     set_source_files_properties(csrc/nvfp4/nvfp4_gemm_cuda.cpp PROPERTIES
       INCLUDE_DIRECTORIES "${CMAKE_CUDA_TOOLKIT_INCLUDE_DIRECTORIES}")
-    # GeForce Blackwell: the Sm120 block-scaled collective, its own file, sm_120a only.
-    set_source_files_properties(csrc/nvfp4/nvfp4_gemm_sm120.cu PROPERTIES COMPILE_OPTIONS
-      "-DNDEBUG;-O3;-lineinfo;-gencode=arch=compute_120a,code=sm_120a;-diag-suppress=2908")
-    list(APPEND DCGEN_SOURCES csrc/nvfp4/nvfp4_gemm_sm100.cu csrc/nvfp4/nvfp4_gemm_sm120.cu
-      csrc/nvfp4/nvfp4_gemm_cuda.cpp)
-    list(APPEND DCGEN_ALL_ARCHS sm_100a sm_120a)
-    list(REMOVE_DUPLICATES DCGEN_ALL_ARCHS)
+    list(APPEND DCGEN_SOURCES csrc/nvfp4/nvfp4_gemm_cuda.cpp)
+    if(DCGEN_BLACKWELL)
+      set_source_files_properties(csrc/nvfp4/nvfp4_gemm_sm100.cu PROPERTIES COMPILE_OPTIONS
+        "-DNDEBUG;-O3;-lineinfo;-gencode=arch=compute_100a,code=sm_100a;-diag-suppress=2908")
+      # GeForce Blackwell: the Sm120 block-scaled collective, its own file, sm_120a only.
+      set_source_files_properties(csrc/nvfp4/nvfp4_gemm_sm120.cu PROPERTIES COMPILE_OPTIONS
+        "-DNDEBUG;-O3;-lineinfo;-gencode=arch=compute_120a,code=sm_120a;-diag-suppress=2908")
+      list(APPEND DCGEN_SOURCES csrc/nvfp4/nvfp4_gemm_sm100.cu csrc/nvfp4/nvfp4_gemm_sm120.cu)
+      list(APPEND DCGEN_ALL_ARCHS sm_100a sm_120a)
+      list(REMOVE_DUPLICATES DCGEN_ALL_ARCHS)
+    else()
+      # The binding then refuses sm_100 / sm_120 with a clear error instead of a link failure.
+      set_property(SOURCE csrc/nvfp4/nvfp4_gemm_cuda.cpp APPEND PROPERTY
+        COMPILE_DEFINITIONS DCGEN_NO_BLACKWELL_GEMM=1)
+    endif()
     # Hopper: CuTe wgmma GEMMs that dequantize NVFP4 in the mainloop (W4A4 and W4A16), sm_90a
     # only, one operand kind per file (about 40 s each on 2 cores).
     dcgen_cuda_sources(hopper csrc/nvfp4/nvfp4_gemm_sm90.cu csrc/nvfp4/nvfp4_gemm_w4a16_sm90.cu)

@@ -20,6 +20,7 @@ has validated them: ``DCGEN_NVFP4_SM90=1`` (their tests run them regardless).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -82,7 +83,17 @@ def kernel_available(device: torch.device, n: int, k: int) -> bool:
         return hopper_enabled()
     # Blackwell: 16-byte TMA rows of the bf16 output. Other cards (Ampere) take the reference
     # here (NVFP4Linear runs its dequantize + cuBLAS path there instead).
-    return major in NATIVE_MAJORS and n % 8 == 0
+    return major in NATIVE_MAJORS and n % 8 == 0 and _built_for(f"sm_{major}0a")
+
+
+@torch.compiler.assume_constant_result  # a build property: a constant to torch.compile
+@functools.cache
+def _built_for(arch: str) -> bool:
+    """Whether the extension holds code for ``arch`` (a DCGEN_BLACKWELL=0 build has no sm_100a /
+    sm_120a GEMM; the op would refuse, so callers take the reference instead)."""
+    import dcgen
+
+    return arch in dcgen.build_info().get("cuda_archs", [])
 
 
 def w4a16_kernel_available(device: torch.device, k: int) -> bool:

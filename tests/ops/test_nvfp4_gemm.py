@@ -136,11 +136,15 @@ def test_hopper_kernels_are_opt_in(monkeypatch):
     assert g.kernel_available(cuda, 24, 64) and g.w4a16_kernel_available(cuda, 64)
     assert not g.kernel_available(cuda, 24, 48) and not g.w4a16_kernel_available(cuda, 48)
     assert not g.kernel_available(torch.device("cpu"), 24, 64)
-    # Blackwell needs no switch but N % 8 == 0
+    # Blackwell needs no switch but N % 8 == 0, and a build that holds its arch
+    built = {"sm_100a"}
+    monkeypatch.setattr(g, "_built_for", lambda arch: arch in built)
     monkeypatch.setattr(g, "_capability_major", lambda index: 10)
     monkeypatch.delenv(g.HOPPER_ENV)
     assert g.kernel_available(cuda, 24, 64) and not g.kernel_available(cuda, 20, 64)
     assert not g.w4a16_kernel_available(cuda, 64)
+    built.clear()  # a DCGEN_BLACKWELL=0 build: the reference, not a refusing op
+    assert not g.kernel_available(cuda, 24, 64)
 
 
 def _hopper_or_skip(op: str) -> None:
