@@ -7,6 +7,9 @@ Groups (each one baseline and one dcgen entry, TFLOP/s counted as 4 * S^2 * D * 
 - ``norm+rope+attention S=...``: the whole step from (B, S, H, D) projections: diffusers' stock
   path (RMSNorm, apply_rotary_emb, SDPA) against dcgen.ops.fused_attention with the prologue
   (on GPU also with K's prologue forced into every tile load: ``... K fused``).
+Each dcgen group comes per path: the portable flash kernel (no suffix), the Hopper one
+(``(wgmma)``) and fused_attention's default, the qk_norm_rope kernel + SDPA
+(``(qk_norm_rope + SDPA)``).
 GPU sizes are the issue's (S = 4,608 and 16,896; B = 1, 24 heads, D = 128, bf16); on CPU a small
 fp32 case so CI runs every benchmark (the dcgen side is then the PyTorch reference).
 """
@@ -77,14 +80,20 @@ def _skip_without_kernel(impl: str) -> None:
 BACKENDS = ["default", "flash"] if ON_GPU else ["default"]
 # dcgen's kernels: the portable mma.sync one and, on Hopper, the wgmma one (switched on here;
 # opt-in for users until validated). Each gets its own groups, with its own baseline run.
-KERNELS = ["portable", "wgmma"] if ON_GPU else ["portable"]
+# "sdpa" is fused_attention's default path (qk_norm_rope kernel + torch SDPA; the module doc of
+# dcgen.ops.attention says why), measured beside the flash kernels.
+KERNELS = ["portable", "wgmma", "sdpa"] if ON_GPU else ["portable"]
 
 
 def _select_kernel(kernel: str, monkeypatch) -> str:  # noqa: ANN001
-    """Switch the Hopper kernel on or off; the group-name suffix of the choice."""
+    """Select dcgen's path (flash kernel, Hopper or portable, or the SDPA path); the group-name
+    suffix of the choice."""
+    monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", "sdpa" if kernel == "sdpa" else "flash")
     monkeypatch.setenv("DCGEN_ATTENTION_SM90", "1" if kernel == "wgmma" else "0")
     if kernel == "portable":
         return ""
+    if kernel == "sdpa":
+        return " (qk_norm_rope + SDPA)"
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the wgmma attention kernel needs an sm_90 (Hopper) GPU")
     return " (wgmma)"
@@ -126,6 +135,8 @@ K_PROLOGUE = ["auto", "fused"] if ON_GPU else ["auto"]
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_norm_rope_attention(benchmark, impl, s, k_prologue, kernel, monkeypatch):
     _skip_without_kernel(impl)
+    if kernel == "sdpa" and k_prologue != "auto":
+        pytest.skip("K's prologue placement is a flash-kernel setting")
     suffix = _select_kernel(kernel, monkeypatch)
     monkeypatch.setenv("DCGEN_ATTENTION_K_PROLOGUE", k_prologue)
     q, k, v = _projections(s)

@@ -418,6 +418,7 @@ def test_attention_label_reports_the_flash_kernel(monkeypatch):
     from dcgen import accelerate
 
     monkeypatch.setattr(ext, "has_kernel", lambda name, device: name == "fused_attention")
+    monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", "flash")
     cpu = torch.device("cpu")
     with torch.device("meta"):
         flux = FluxTransformer2DModel(**dict(MODELS["flux"].transformer, num_layers=1,
@@ -433,4 +434,9 @@ def test_attention_label_reports_the_flash_kernel(monkeypatch):
     )
     assert attention_label(sana, "default", True, cpu, torch.bfloat16) == (
         "dcgen-fused -> fp32 reference"
+    )
+    # the default policy: the qk_norm_rope kernel, then SDPA (dcgen.ops.attention: why)
+    monkeypatch.delenv("DCGEN_ATTENTION_KERNEL")
+    assert attention_label(flux, "flash", True, cpu, torch.bfloat16) == (
+        "dcgen qk_norm_rope + sdpa-flash"
     )

@@ -15,8 +15,9 @@ resident once (models.py says which autoencoders each family compares).
 Variants: ``stock`` = diffusers' attention processors and every dcgen op on its PyTorch
 reference (DCGEN_DISABLE_KERNELS=1); ``kernels`` = ``dcgen.accelerate`` (fused attention
 processors) and the compiled kernels (DC-AE linear attention, channel RMSNorm, FP8 quantize).
-Attention: each name picks torch's SDPA backend (``default`` = torch's choice); every row
-records what its softmax attention ran on (``attention_used``). The FP8 row (``fp8=True``):
+Attention: each name picks torch's SDPA backend for the transformer (``default`` = torch's
+choice; the decode always keeps torch's choice); every row records what its softmax attention
+ran on (``attention_used``). The FP8 row (``fp8=True``):
 DC-Gen with FP8 linears in the transformer blocks (dcgen.bench.fp8; built after every bf16
 row, on copies), its output error vs bf16 on one batch beside the time.
 
@@ -237,7 +238,11 @@ def kernels_enabled(enabled: bool) -> Iterator[None]:
 
 
 def attention_backend(name: str) -> contextlib.AbstractContextManager:
-    """torch SDPA backend selection (diffusers' default attention goes through SDPA)."""
+    """torch SDPA backend selection (diffusers' default attention goes through SDPA), for the
+    denoising loop only: the autoencoders decode with torch's own choice. (The FLUX VAE's
+    mid-block attention has one 512-wide head, which the flash backend rejects: measured on
+    the H200, "No available kernel" ended the first FLUX table when the choice also covered
+    the decode.)"""
     if name == "default":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -279,10 +284,11 @@ def attention_label(
 ) -> str:
     """What the transformer's softmax attention runs on (SANA's linear self-attention is not
     softmax attention and is not counted): ``sdpa-<backend>``, ``dcgen-flash`` (dcgen's fused
-    flash kernel on every attention module), a mix, or the fused path's fallback."""
+    flash kernel on every attention module, DCGEN_ATTENTION_KERNEL=flash), ``dcgen
+    qk_norm_rope + sdpa-<backend>`` (the default fused path), a mix, or the fallback."""
     from ..attention.install import _ORIGINAL
     from ..ops._extension import has_kernel
-    from ..ops.attention import KERNEL_DTYPES, KERNEL_HEAD_DIMS
+    from ..ops.attention import KERNEL_DTYPES, KERNEL_HEAD_DIMS, flash_kernel_selected
 
     sdpa = f"sdpa-{backend}"
     if not fused:
@@ -293,8 +299,10 @@ def attention_label(
     kernel = (
         has_kernel("fused_attention", device)
         and dtype in KERNEL_DTYPES
-        and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0))
+        and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8)
     )
+    if kernel and not flash_kernel_selected():  # the default: qk_norm_rope kernel + SDPA
+        return f"dcgen qk_norm_rope + {sdpa}"
     n_flash = sum(1 for m in modules if kernel and _head_dim(m) in KERNEL_HEAD_DIMS)
     if n_flash == len(modules):
         return "dcgen-flash"
@@ -428,7 +436,6 @@ class SpeedBench:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode())
             stack.enter_context(kernels_enabled(variant == "kernels"))
-            stack.enter_context(attention_backend(attention))
             stack.enter_context(attention_processors(transformer, variant == "kernels"))
             yield
 
@@ -442,7 +449,8 @@ class SpeedBench:
 
         def run() -> Any:
             with self._contexts(pipe.transformer, variant, attention):
-                lat = self._call(pipe, text, resolution, steps)
+                with attention_backend(attention):  # the transformer's attention only
+                    lat = self._call(pipe, text, resolution, steps)
                 return pipe.decode_latents(lat, None, 0)
 
         return run
@@ -495,7 +503,8 @@ class SpeedBench:
                     )
                 clock.sync()
                 t0 = clock.mark()
-                lat = self._call(pipe, text, resolution, n_steps)
+                with attention_backend(attention):  # the transformer's attention only
+                    lat = self._call(pipe, text, resolution, n_steps)
                 t1 = clock.mark()
                 pipe.decode_latents(lat, None, 0)
                 t2 = clock.mark()

@@ -20,6 +20,14 @@ Attention: softmax(scale * q k^T) v, scale = 1/sqrt(D) by default, with an optio
 key-padding mask (B, Sk), True = attend (SANA's cross-attention). A query row that sees no key
 at all returns zeros.
 
+Dispatch on CUDA (bf16/fp16, no gradient). ``DCGEN_ATTENTION_KERNEL`` picks between the two
+fast paths: ``sdpa`` (the default) runs the standalone qk_norm_rope kernel (one pass over q and
+k) and then torch's SDPA, which picks cuDNN / FlashAttention on the card; ``flash`` runs dcgen's
+flash kernel with the prologue fused into its tile loads (D in (64, 128)). The default follows
+the measurement: on the H200 the flash kernel reached 0.26x of cuDNN SDPA's attention core at
+S = 4,608 (1.61 vs 0.43 ms; benchmarks/test_attention.py, 2026-11-26), so fusing the prologue
+(which saves one pass over q and k) cannot pay for it yet.
+
 Numerics: the reference runs everything in fp32 and rounds once to the input dtype. The CUDA
 kernel keeps softmax statistics and accumulators in fp32 but, like every flash attention,
 rounds the prologue's q, k and the probabilities to bf16/fp16 before the tensor-core products.
@@ -28,6 +36,7 @@ rounds the prologue's q, k and the probabilities to bf16/fp16 before the tensor-
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +46,9 @@ from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)  # compiled configurations of the flash kernel
+#: "sdpa" (default: qk_norm_rope kernel + torch SDPA) or "flash" (dcgen's fused flash kernel)
+ATTENTION_KERNEL_ENV = "DCGEN_ATTENTION_KERNEL"
+ATTENTION_KERNELS = ("sdpa", "flash")
 _TABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -195,7 +207,19 @@ def _arch_ok(device_type: str, index: int | None) -> bool:
     """The CUDA kernels use sm_80 instructions (bf16 mma.sync): Ampere or newer."""
     if device_type != "cuda":
         return True
-    return torch.cuda.get_device_capability(index) >= (8, 0)
+    return torch.cuda.get_device_capability(index)[0] >= 8  # ints: Dynamo-safe (see quant/fp8)
+
+
+@torch.compiler.assume_constant_result  # a process setting: a constant to torch.compile
+def flash_kernel_selected() -> bool:
+    """Whether fused_attention may run dcgen's flash kernel (``DCGEN_ATTENTION_KERNEL=flash``)
+    rather than qk_norm_rope + SDPA (``sdpa``, the default; module doc: why)."""
+    choice = os.environ.get(ATTENTION_KERNEL_ENV, "sdpa").strip().lower()
+    if choice not in ATTENTION_KERNELS:
+        raise ValueError(
+            f"{ATTENTION_KERNEL_ENV}: expected one of {ATTENTION_KERNELS}, got {choice!r}"
+        )
+    return choice == "flash"
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -275,9 +299,10 @@ def fused_attention(
 
     q: (B, H, Sq, D); k, v: (B, H, Sk, D); norm weights (D,) or (2, D) (see ``norm_split``);
     RoPE tables (Sq, D) (needs Sq == Sk); key_padding_mask: bool (B, Sk), True = attend.
-    Returns (B, H, Sq, D) with (B, Sq, H, D)-contiguous memory. Runs the CUDA flash kernel
-    (prologue fused into its tile loads) for bf16/fp16 and D in (64, 128) when no gradient is
-    needed; the fp32 reference otherwise.
+    Returns (B, H, Sq, D) with (B, Sq, H, D)-contiguous memory. On CUDA in bf16/fp16: the
+    qk_norm_rope kernel + torch SDPA, or (``DCGEN_ATTENTION_KERNEL=flash``, D in (64, 128), no
+    gradient needed) dcgen's flash kernel with the prologue fused into its tile loads; the fp32
+    reference elsewhere.
     """
     op = "fused_attention"
     _check_qkv(op, q=q, k=k, v=v)
@@ -305,6 +330,7 @@ def fused_attention(
         and not _needs_grad(q, k, v, q_norm_weight, k_norm_weight)
         and has_kernel(op, q.device)
         and _arch_ok(q.device.type, q.device.index)
+        and flash_kernel_selected()
     )
     if use_kernel:
         return compiled_op(op)(
@@ -312,8 +338,8 @@ def fused_attention(
             int(norm_split), key_padding_mask, scale,
         )  # fmt: skip
     if q.is_cuda and q.dtype in KERNEL_DTYPES:
-        # No flash configuration for this head dim (or a gradient is needed): the unfused fast
-        # path, what diffusers runs today, instead of the fp32 reference.
+        # The default (see the module doc), and the path for head dims without a flash
+        # configuration or when a gradient is needed: qk_norm_rope + SDPA.
         return _sdpa_attention(
             q, k, v, q_norm_weight, k_norm_weight, eps, rope_cos, rope_sin, norm_split,
             key_padding_mask, scale,

@@ -72,8 +72,12 @@ def fp8_linear_reference(
 
 
 @torch.compiler.assume_constant_result  # a device property: a constant to torch.compile
-def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _capability(index: int | None) -> int:
+    """The compute capability as one int (9.0 -> 90). An int, not the (major, minor) tuple:
+    torch 2.11's Dynamo fails on comparing a tuple constant from here (measured on the H200:
+    InternalTorchDynamoError when compiling a block with FP8 linears)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 def _case(device: torch.device, granularity: str, bias: bool = False) -> tuple:
@@ -94,8 +98,8 @@ def scaled_mm_supported(
         return False
     cap = case[1]
     if granularity == "row":
-        return cap >= (8, 9)
-    return cap[0] in (9, 10) and k % BLOCK_K == 0
+        return cap >= 89
+    return cap // 10 in (9, 10) and k % BLOCK_K == 0
 
 
 def _scaled_mm(

@@ -174,6 +174,20 @@ def test_input_errors_name_expected_and_got(kwargs, match):
         fused_attention(q, k, v, **args)
 
 
+def test_attention_kernel_switch(monkeypatch):
+    """DCGEN_ATTENTION_KERNEL: "sdpa" by default, "flash" on request, anything else an error
+    that names the variable and the choices."""
+    from dcgen.ops.attention import flash_kernel_selected
+
+    monkeypatch.delenv("DCGEN_ATTENTION_KERNEL", raising=False)
+    assert not flash_kernel_selected()
+    monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", "Flash")
+    assert flash_kernel_selected()
+    monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", "cudnn")
+    with pytest.raises(ValueError, match="DCGEN_ATTENTION_KERNEL.*'sdpa', 'flash'.*'cudnn'"):
+        flash_kernel_selected()
+
+
 def test_rope_needs_equal_lengths():
     q, k = torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 4, 8)
     with pytest.raises(ValueError, match="one sequence length, got 3 and 4"):
@@ -241,11 +255,14 @@ KERNEL_MODES = [
     ("plain_loads", "fused"),
     ("wgmma", "fused"),
     ("wgmma", "prepass"),
+    ("sdpa", "auto"),  # the default policy: qk_norm_rope kernel + torch SDPA
 ]
 
 
 def _hopper_kernel_or_skip(loads, monkeypatch):
-    """Select the kernel: the Hopper one needs an sm_90 GPU and a build with CUTLASS headers."""
+    """Select the path: "sdpa" (the default policy) or one of dcgen's flash kernels; the Hopper
+    one needs an sm_90 GPU and a build with CUTLASS headers."""
+    monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", "sdpa" if loads == "sdpa" else "flash")
     monkeypatch.setenv("DCGEN_ATTENTION_SM90", "1" if loads == "wgmma" else "0")
     if loads == "wgmma":
         if torch.cuda.get_device_capability()[0] != 9:
@@ -291,7 +308,7 @@ def test_cuda_fused_attention_matches_reference(
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("loads", ["ldmatrix", "wgmma"])
+@pytest.mark.parametrize("loads", ["ldmatrix", "wgmma", "sdpa"])
 def test_cuda_fused_attention_scale_and_flux_tables(loads, rng, monkeypatch):
     _require("fused_attention")
     _hopper_kernel_or_skip(loads, monkeypatch)
@@ -339,8 +356,10 @@ def test_cuda_qk_norm_rope_matches_reference(dtype, d, rng):
 
 
 @pytest.mark.cuda
-def test_cuda_compiled_op_traces(rng):
+@pytest.mark.parametrize("path", ["flash", "sdpa"])
+def test_cuda_compiled_op_traces(path, rng, monkeypatch):
     _require("fused_attention")
+    monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", path)
     q, k, v = _cuda_inputs(1, 2, 70, 70, 64, torch.bfloat16, rng)
     args = _prologue_args("norm_rope", 70, 64, rng)
 

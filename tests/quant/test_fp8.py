@@ -127,6 +127,25 @@ def test_fp8_gemm_paths_agree(rng):
     torch.testing.assert_close(y, fp8_linear_reference(xq, xs, wq, ws, b, torch.float32))
 
 
+@pytest.mark.parametrize(
+    "cap, row, block",
+    [((8, 6), False, False), ((8, 9), True, False), ((9, 0), True, True), ((10, 0), True, True),
+     ((12, 0), True, False)],
+)  # fmt: skip
+def test_scaled_mm_capability_gate(cap, row, block, monkeypatch):
+    """Which cards send FP8 GEMMs to torch._scaled_mm: row scales from sm_89 (Ada) on, 1x128
+    blocks on sm_90 / sm_100 only. The capability is one int (see fp8._capability)."""
+    import dcgen.quant.fp8 as f
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap)
+    cuda = torch.device("cuda", 0)
+    assert f._capability(0) == 10 * cap[0] + cap[1]
+    assert scaled_mm_supported(cuda, "row", torch.bfloat16, 32, 256) is row
+    assert scaled_mm_supported(cuda, "block128", torch.bfloat16, 32, 256) is block
+    assert not scaled_mm_supported(cuda, "block128", torch.bfloat16, 32, 200)  # K % 128
+    assert not scaled_mm_supported(cuda, "row", torch.float16, 32, 256)  # bf16 output only
+
+
 def test_lower_error_than_nvfp4(rng):
     torch.manual_seed(0)
     lin = nn.Linear(128, 64)
