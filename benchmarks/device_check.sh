@@ -15,21 +15,31 @@
 #   5. (DCGEN_SPEED_TABLE=1, the default) the paper's speed table in quick mode: `dcgen bench
 #      --quick` for FLUX at 1K/2K/4K (stock and kernels, SDPA default and flash, FP8 rows) and
 #      SANA-1.6B (stock and kernels), md/json/png into $OUT/speed_{flux,sana};
-#   6. the tables, printed last (the reply shows only the end of the output).
+#   6. the tables, printed last (the reply shows only the end of the output); every file the
+#      steps wrote is in $OUT/results.tgz (re-archived at each step boundary).
 # Needs the wheels in .whl/ (diffusers, importlib_metadata, lazy-importer, nvidia-cutlass).
 #
-# Time (estimate): machine start 1-2 min; build 1.5-2 min on 16 cores; steps 2-3 about 2 min;
-# benchmarks about 2 min; the speed table about 2.5 min. Caps: DCGEN_STEP_TIMEOUT scales them
-# (percent). DCGEN_SKIP_BUILD=1 keeps an extension already built (a rerun on a warm machine).
+# Each step has a cap; DCGEN_STEP_TIMEOUT scales them (percent). DCGEN_SKIP_BUILD=1 keeps an extension already built (a rerun on a warm machine).
 #
-#   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=560)
+# Measured on the H200 (2026-11-26): machine start about 1 min; build 78 s; Hopper diagnostics +
+# tests, CUDA tests and benchmarks about 4 min; the whole script 433 s with the FLUX table
+# failing early, so allow the 600 s limit for a full run.
+#
+#   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/dcgen_out}
-mkdir -p "$OUT"
+# The device tool brings back only a few files from $OUT (8 in the 2026-11-26 run; the logs
+# that mattered were left out), so every step writes into a work folder and the whole folder
+# is re-archived into $OUT/results.tgz at each step boundary: a call cut off mid-way still
+# brings back everything up to its last step.
+FINAL_OUT=${OUT:-/tmp/dcgen_out}
+OUT=/tmp/dcgen_results
+rm -rf "$OUT"; mkdir -p "$OUT" "$FINAL_OUT"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+save() { tar czf "$FINAL_OUT/results.tgz.part" -C "$OUT" . 2>/dev/null &&
+         mv "$FINAL_OUT/results.tgz.part" "$FINAL_OUT/results.tgz"; }
+stamp() { save; echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/steps.log"; }
 cap() { echo $(( $1 * ${DCGEN_STEP_TIMEOUT:-100} / 100 )); }  # a step's cap in seconds
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -47,7 +57,7 @@ export DCGEN_BUILD_DIR=/tmp/dcgen_build
 if [ "${DCGEN_SKIP_BUILD:-0}" = 1 ] && compgen -G "dcgen/_C*.so" >/dev/null; then
   echo "DCGEN_SKIP_BUILD=1: keeping the built extension"
 elif ! { rm -f dcgen/_C*.so; DCGEN_REQUIRE_EXTENSION=1 DCGEN_CUDA=1 python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1; }; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; save; exit 1
 fi
 python3 -c "import dcgen, json; print(json.dumps(dcgen.build_info()))" | tee "$OUT/build_info.json"
 
@@ -139,4 +149,5 @@ jsons=$(ls "$OUT"/bench_*.json 2>/dev/null)
 for name in flux sana; do
   [ -f "$OUT/speed_$name/speed.md" ] && { echo; cat "$OUT/speed_$name/speed.md"; }
 done
+save
 exit $(( hopper_rc != 0 || test_rc != 0 || bench_rc != 0 || speed_rc != 0 ))

@@ -14,8 +14,10 @@ Hopper (sm_90a) has no FP4 tensor cores. Its kernel (csrc/nvfp4/nvfp4_gemm_sm90.
 the E2M1 tiles to bf16 in the mainloop, which is exact (every E2M1 x E4M3 product is a bf16
 value), and multiplies with bf16 wgmma: the same products and fp32 sums, so the same agreement.
 :func:`nvfp4_gemm_w4a16` is its W4A16 sibling (a bf16 activation, an NVFP4 weight). The Hopper
-kernels compile in CI but have not yet run on a GPU, so they are opt-in until a device check
-has validated them: ``DCGEN_NVFP4_SM90=1`` (their tests run them regardless).
+kernels pass their tests on an H200 but are slow (2026-11-26, benchmarks/test_quant.py: 0.15x
+of cuBLAS bf16 for W4A4, 0.2x for W4A16 at FLUX shapes; no TMA, no warp specialization yet),
+slower than NVFP4Linear's dequantize + cuBLAS path, so they stay opt-in:
+``DCGEN_NVFP4_SM90=1`` (their tests run them regardless).
 """
 
 from __future__ import annotations

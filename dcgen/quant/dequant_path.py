@@ -5,8 +5,9 @@ This is dcgen's first Hopper NVFP4 path: exact, memory-light at rest (the weight
 its 16-bit copy lives only during the call), not yet fast. Its successor, wgmma GEMMs whose
 mainloop dequantizes the 4-bit tiles in registers (no 16-bit weight in HBM; CUTLASS's
 mixed-input mainloop cannot take 16-element scale groups, so the mainloop is dcgen's own:
-csrc/nvfp4/nvfp4_gemm_sm90.cuh), is opt-in (``DCGEN_NVFP4_SM90=1``) until a GPU run has
-validated it; this path stays the default on Hopper until then.
+csrc/nvfp4/nvfp4_gemm_sm90.cuh), is correct on an H200 but slower than this path (0.2x vs
+0.4-0.6x of cuBLAS bf16 for W4A16, measured 2026-11-26), so it is opt-in
+(``DCGEN_NVFP4_SM90=1``) and this path stays the default on Hopper.
 
 Why it is exact: :func:`dcgen.ops.nvfp4_dequant.nvfp4_dequantize` with a unit global scale gives
 ``e2m1 * e4m3`` values that are exact in bf16 / fp16 (6 significant bits, within [2^-10, 2688]);
