@@ -45,10 +45,19 @@ def _models(preset: str):
     return _cache[preset]
 
 
+# Banded decode (dcgen/autoencoders/banding.py) at the largest size: its own group, its own
+# baseline run, so the memory / time trade of bands is read beside the full-frame group.
+BAND_ROWS = int(os.environ.get("DCGEN_BENCH_BAND_ROWS", "512" if ON_GPU else "32"))
+MODES = ["full", "banded"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("preset", PRESETS)
-def test_dcae_decode(benchmark, preset, size, impl):
+def test_dcae_decode(benchmark, preset, size, impl, mode):
+    if mode == "banded" and size != max(SIZES):
+        pytest.skip("banded decode is benchmarked at the largest size only")
     cfg, ours, theirs = _models(preset)
     f = cfg.spatial_compression_ratio
     gen = torch.Generator(device=DEVICE).manual_seed(size)
@@ -57,9 +66,11 @@ def test_dcae_decode(benchmark, preset, size, impl):
 
     if impl == "dcgen":
 
+        band_rows = BAND_ROWS if mode == "banded" else None
+
         def fn():
             with torch.inference_mode():
-                return ours.decode(z)
+                return ours.decode(z, band_rows=band_rows)
     else:
 
         def fn():
@@ -67,6 +78,8 @@ def test_dcae_decode(benchmark, preset, size, impl):
                 return theirs.decode(z).sample
 
     benchmark.group = f"decode {preset.removeprefix('dc-ae-')} {size}px"
+    if mode == "banded":
+        benchmark.group += f" (dcgen banded, {BAND_ROWS}-row bands)"
     benchmark.extra_info.update(
         impl=impl,
         baseline_name="diffusers AutoencoderDC (eager)",

@@ -19,6 +19,7 @@ from torch import nn
 
 from dcgen.ops import channel_duplicate_to_space, space_to_channel_average
 
+from .banding import LocalStep, local_step, local_suffix, run_banded
 from .blocks import DownBlock, UpBlock, make_block
 from .config import DCAEConfig
 from .fused import use_fused
@@ -108,9 +109,28 @@ class Decoder(nn.Module):
         else:
             self.head = UpBlock(out_width, cfg.in_channels, cfg.upsample_block_type, False)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, band_rows: int | None = None) -> torch.Tensor:
         """Image from latents; z may carry only the first c <= latent_channels channels, which
-        equals decoding z zero-padded to latent_channels (the stem conv weight is sliced)."""
+        equals decoding z zero-padded to latent_channels (the stem conv weight is sliced).
+
+        ``band_rows``: run the local high-resolution tail (everything after the last attention
+        block) ``band_rows`` output rows at a time (banding.py: same result, a fraction of the
+        peak memory)."""
+        h = self._stem(z)
+        if band_rows is None:
+            for stage in reversed(self.stages):
+                h = stage(h)
+            return self._head(h)
+        layers = [m for stage in reversed(self.stages) for m in stage]
+        k = local_suffix(layers)
+        for m in layers[:k]:
+            h = m(h)
+        head_scale = 2 if isinstance(self.head, UpBlock) else 1
+        steps = [local_step(m) for m in layers[k:]]
+        steps.append(LocalStep(self._head, 1, head_scale))  # norm + act (r 0), 3x3 conv (r 1)
+        return run_banded(steps, h, band_rows)
+
+    def _stem(self, z: torch.Tensor) -> torch.Tensor:
         c = z.shape[1]
         if c == self.latent_channels:
             h = self.stem(z)
@@ -122,8 +142,9 @@ class Decoder(nn.Module):
                 # The shortcut duplicates every latent channel; missing channels count as zero.
                 z = F.pad(z, (0, 0, 0, 0, 0, self.latent_channels - c))
             h = h + channel_duplicate_to_space(z, h.shape[1], 1)
-        for stage in reversed(self.stages):
-            h = stage(h)
+        return h
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
         act = fusable_act_name(self.head_act)
         if act is not None and use_fused(h, "channel_rms_norm_fused"):
             h = self.head_norm.fused(h, act=act)  # rebinding frees the pre-norm map early

@@ -31,11 +31,17 @@ Random weights are not trained to be local, so these numbers are pessimistic; a 
 model's tiled error is expected to be much smaller but is not measured here (no pretrained
 weights offline). Prefer tiles of
 >= 512 px with >= 64 px overlap.
+
+Banded decode (``band_rows``, :meth:`DCAE.enable_banded_decode`, banding.py) is the exact
+alternative for memory: the global (attention) stages see the whole latent, and only the local
+high-resolution tail runs band by band with halo rows, so the output equals the full-frame
+decode (bit for bit on the CPU tests; up to convolution algorithm choice elsewhere).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Mapping
@@ -95,6 +101,7 @@ class DCAE(nn.Module):
         self._slice_batch_size: int | None = None
         self._tile_size: int | None = None
         self._tile_overlap: int = 0
+        self._band_rows: int | None = None
 
     # -- construction / IO -------------------------------------------------------------------
 
@@ -245,6 +252,15 @@ class DCAE(nn.Module):
     def disable_tiling(self) -> None:
         self._tile_size, self._tile_overlap = None, 0
 
+    def enable_banded_decode(self, band_rows: int = 512) -> None:
+        """Decode the local high-resolution tail ``band_rows`` output rows at a time (banding.py:
+        the full-frame result up to convolution summation order, at a fraction of the peak
+        activation memory; each band recomputes a few halo rows)."""
+        self._band_rows = self._check_band_rows(band_rows)
+
+    def disable_banded_decode(self) -> None:
+        self._band_rows = None
+
     @torch.no_grad()
     def fold_batchnorm(self) -> DCAE:
         """Fold every BatchNorm into the conv before it (inference only: uses the running
@@ -264,6 +280,14 @@ class DCAE(nn.Module):
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
         return batch_size
+
+    @staticmethod
+    def _check_band_rows(band_rows: int | None) -> int | None:
+        if band_rows is not None and (
+            not isinstance(band_rows, int) or isinstance(band_rows, bool) or band_rows < 1
+        ):
+            raise ValueError(f"band_rows: expected a positive int or None, got {band_rows!r}")
+        return band_rows
 
     def _check_tiling(self, tile_size: int, tile_overlap: int) -> None:
         f = self.spatial_compression_ratio
@@ -398,11 +422,14 @@ class DCAE(nn.Module):
         batch_size: int | None = None,
         tile_size: int | None = None,
         tile_overlap: int | None = None,
+        band_rows: int | None = None,
     ) -> torch.Tensor:
         """Latents (B, c, h, w) with c <= latent_channels -> images (B, in_channels, h*f, w*f).
 
         Fewer than latent_channels channels decode as if zero-padded (DC-AE 1.5). Output is in
         roughly [-1, 1] and not clamped. ``scaled=True`` divides by scaling_factor first.
+        ``band_rows`` (or :meth:`enable_banded_decode`): run the decoder's local tail in bands
+        of that many output rows, for memory (banding.py).
         """
         z = self._check_tensor(z, "decode")
         c = z.shape[1]
@@ -415,7 +442,11 @@ class DCAE(nn.Module):
             z = self._unscale_latents(z)
         f = self.spatial_compression_ratio
         grid = (z.shape[-2], z.shape[-1])
-        return self._run(self.decoder, z, grid, 1, f, batch_size, tile_size, tile_overlap)
+        band_rows = self._check_band_rows(band_rows) or self._band_rows
+        decoder = self.decoder
+        if band_rows is not None:
+            decoder = functools.partial(self.decoder, band_rows=band_rows)
+        return self._run(decoder, z, grid, 1, f, batch_size, tile_size, tile_overlap)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction decode(encode(x))."""
