@@ -59,6 +59,7 @@ def attention_cases(saved: dict, max_cases: int) -> bool:
     from dcgen.ops.attention import fused_attention, fused_attention_reference
 
     os.environ["DCGEN_ATTENTION_SM90"] = "1"
+    os.environ["DCGEN_ATTENTION_KERNEL"] = "flash"  # the default path is qk_norm_rope + SDPA
     g = torch.Generator().manual_seed(0)
     ok = True
     for dtype in (torch.bfloat16, torch.float16):
