@@ -188,6 +188,33 @@ def test_attention_kernel_switch(monkeypatch):
         flash_kernel_selected()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_path_matches_reference(dtype, rng):
+    """The default CUDA path (qk_norm_rope, then torch SDPA; dcgen.ops.attention) run on the CPU:
+    same math as the fp32 reference, key padding included (a batch row with no key at all
+    returns zeros, not NaN)."""
+    from dcgen.ops.attention import _sdpa_attention
+
+    b, h, s, d = 2, 3, 37, 64
+    q, k, v = (torch.randn(b, s, h, d, generator=rng).to(dtype).transpose(1, 2) for _ in "qkv")
+    angles = torch.rand(s, d // 2, generator=rng) * 2 * math.pi
+    args = dict(
+        q_norm_weight=1 + 0.2 * torch.randn(2, d, generator=rng),
+        k_norm_weight=1 + 0.2 * torch.randn(d, generator=rng),
+        eps=1e-6, rope_cos=angles.cos().repeat_interleave(2, dim=1),
+        rope_sin=angles.sin().repeat_interleave(2, dim=1), norm_split=5,
+        key_padding_mask=torch.rand(b, s, generator=rng) > 0.3, scale=0.11,
+    )  # fmt: skip
+    args["key_padding_mask"][1] = False
+    got = _sdpa_attention(q, k, v, *args.values())
+    want = fused_attention_reference(q, k, v, **args)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert got.transpose(1, 2).is_contiguous()  # (B, S, H, D) memory, like the kernels
+    assert not got.isnan().any() and not got[1].any()
+    tol = 1e-5 if dtype == torch.float32 else 2.5e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
 def test_rope_needs_equal_lengths():
     q, k = torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 4, 8)
     with pytest.raises(ValueError, match="one sequence length, got 3 and 4"):
