@@ -24,6 +24,9 @@ low-rank branch can absorb them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -172,6 +175,30 @@ class NVFP4Linear(nn.Module):
                 self._buffers[n] = t.to(self.weight.device)
         return self
 
+    def _memo(self, key: str, source: torch.Tensor, make: Callable[[], Any]) -> Any:
+        """``make()``, computed again only when ``source`` changed: new storage (``.to``, a
+        deep copy) or an in-place write (``copy_``, ``load_state_dict``: its version counter).
+        Keeps per-call work off the hot path: the swizzled weight scales (several small
+        kernels) and the host read of ``input_scale`` (a device sync on every call otherwise).
+        Skipped under torch.compile (it traces ``make``) and for inference-mode buffers (no
+        version counter)."""
+        if torch.compiler.is_compiling():
+            return make()
+        try:
+            tag = (source.data_ptr(), source.device, source._version)
+        except RuntimeError:  # an inference tensor: no version counter to trust
+            return make()
+        memo = self.__dict__.setdefault("_memo_cache", {})
+        hit = memo.get(key)
+        if hit is not None and hit[0] == tag:
+            return hit[1]
+        value = make()
+        memo[key] = (tag, value)
+        return value
+
+    def _swizzled_weight_scales(self) -> torch.Tensor:
+        return self._memo("w_scales", self.weight_scale, lambda: swizzle_scales(self.weight_scale))
+
     def dequantized_weight(self) -> torch.Tensor:
         """The residual weight R (the whole W' when rank is 0), fp32 [N, K]."""
         return dequantize_parts(self.weight, self.weight_scale, self.weight_scale_2)
@@ -204,7 +231,7 @@ class NVFP4Linear(nn.Module):
             return None  # training through the layer: the paths with a straight-through grad
         x2 = xf.reshape(-1, k)
         packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static)
-        w_scales = swizzle_scales(self.weight_scale)
+        w_scales = self._swizzled_weight_scales()
         y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, gs * self.weight_scale_2)
         return y.float().reshape(*xf.shape[:-1], n)
 
@@ -219,7 +246,7 @@ class NVFP4Linear(nn.Module):
             return None
         if torch.is_grad_enabled() and x.requires_grad:
             return None
-        w_scales = swizzle_scales(self.weight_scale)
+        w_scales = self._swizzled_weight_scales()
         y = _gemm.nvfp4_gemm_w4a16(x.reshape(-1, k), self.weight, w_scales, self.weight_scale_2)
         return y.float().reshape(*x.shape[:-1], n)
 
@@ -233,7 +260,9 @@ class NVFP4Linear(nn.Module):
         if self.smooth is not None:
             xf = xf / self.smooth
         static = None
-        if self.mode == "w4a4" and float(self.input_scale) > 0:
+        if self.mode == "w4a4" and self._memo(
+            "static", self.input_scale, lambda: float(self.input_scale) > 0
+        ):
             static = self.input_scale
         # Dispatch by device: the native NVFP4 GEMM where compiled (Blackwell block-scaled W4A4;
         # on Hopper, opt-in, the mainloop-dequantizing wgmma GEMMs for W4A4 and W4A16); else on

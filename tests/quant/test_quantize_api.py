@@ -276,3 +276,32 @@ def test_bad_inputs(caplog):
         model[0](torch.randn(2, 16))
     with pytest.raises(ValueError, match="NVFP4Linear layers, found none"):
         save_quantized(nn.Linear(16, 16), "/nonexistent.safetensors")
+
+
+def test_host_side_values_follow_buffer_changes(rng):
+    """NVFP4Linear caches the swizzled weight scales and whether a static input scale is set
+    (a host read = a device sync per call otherwise); in-place writes, loads and device moves
+    must invalidate them."""
+    from dcgen.quant.nvfp4 import swizzle_scales
+
+    lin = nn.Linear(64, 32)
+    q = NVFP4Linear.from_linear(lin, "w4a4")
+    first = q._swizzled_weight_scales()
+    assert q._swizzled_weight_scales() is first  # cached
+    assert torch.equal(first.view(torch.uint8), swizzle_scales(q.weight_scale).view(torch.uint8))
+    q.weight_scale.copy_(q.weight_scale.flip(0))  # an in-place write (as load_state_dict does)
+    again = q._swizzled_weight_scales()
+    assert again is not first
+    assert torch.equal(again.view(torch.uint8), swizzle_scales(q.weight_scale).view(torch.uint8))
+
+    x = torch.randn(5, 64, generator=rng)
+    with torch.no_grad():
+        dynamic = q(x)
+        # a static scale 3x the dynamic one (a power of two would shift every block scale
+        # exactly and give the same values)
+        q.input_scale.fill_(float(x.abs().max()) / 448 / 6 * 3)
+        static = q(x)
+        q.input_scale.zero_()
+        back = q(x)
+    assert not torch.equal(static, dynamic)  # the static scale took effect...
+    assert torch.equal(back, dynamic)  # ...and zeroing it went back to dynamic scales
