@@ -83,9 +83,14 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         raise NotImplementedError
 
     def decode_latents(
-        self, latents: torch.Tensor, tile_size: int | None, tile_overlap: int
+        self,
+        latents: torch.Tensor,
+        tile_size: int | None,
+        tile_overlap: int,
+        band_rows: int | None = None,
     ) -> torch.Tensor:
-        """Scaled latents -> images in about [-1, 1]."""
+        """Scaled latents -> images in about [-1, 1]. ``band_rows`` (DC-AE only): the exact
+        banded decode (dcgen.autoencoders.banding), which then replaces tiling."""
         raise NotImplementedError
 
     def encode_prompt(
@@ -146,6 +151,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         tile_threshold: int | None = 2048,
         tile_size: int = 1024,
         tile_overlap: int = 128,
+        band_rows: int | None = 512,
     ) -> DCGenPipelineOutput | tuple[Any]:
         """Generate images.
 
@@ -154,7 +160,10 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         guidance_scale feeds the guidance embedding of guidance-distilled models (ignored
         otherwise); true_cfg_scale > 1 runs classifier-free guidance against the negative prompt
         (text or embeddings), doubling the cost. ``shift`` overrides the config's shift rule.
-        Images whose larger side exceeds ``tile_threshold`` pixels decode tile by tile.
+        Images whose larger side exceeds ``tile_threshold`` pixels decode with bounded memory:
+        a DC-AE in bands of ``band_rows`` output rows (the same image as a full-frame decode),
+        or, with ``band_rows=None`` (and always for the base FLUX VAE), tile by tile with
+        blended overlaps (approximate).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -242,7 +251,10 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             images: Any = out
         else:
             use_tiles = tile_threshold is not None and max(height, width) > tile_threshold
-            decoded = self.decode_latents(out, tile_size if use_tiles else None, tile_overlap)
+            decoded = self.decode_latents(
+                out, tile_size if use_tiles else None, tile_overlap,
+                band_rows if use_tiles else None,
+            )  # fmt: skip
             images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -145,10 +145,16 @@ class DCGenFluxPipeline(DCAEComponentMixin, _FluxText, FlowTextToImagePipeline):
             raise ValueError(f"{type(self).__name__} has no vae: set pipe.vae = DCAE(...)")
 
     def decode_latents(
-        self, latents: torch.Tensor, tile_size: int | None, tile_overlap: int
+        self,
+        latents: torch.Tensor,
+        tile_size: int | None,
+        tile_overlap: int,
+        band_rows: int | None = None,
     ) -> torch.Tensor:
         self._require_vae()
         z = latents.to(device=self.vae.device, dtype=self.vae.dtype)
+        if band_rows is not None:
+            return self.vae.decode(z, scaled=True, band_rows=band_rows)  # exact, lean
         if tile_size is None:
             return self.vae.decode(z, scaled=True)
         f = self.vae.spatial_compression_ratio
@@ -201,8 +207,13 @@ class BaseFluxPipeline(_FluxText, FlowTextToImagePipeline):
         return int(self.vae.config.latent_channels)
 
     def decode_latents(
-        self, latents: torch.Tensor, tile_size: int | None, tile_overlap: int
+        self,
+        latents: torch.Tensor,
+        tile_size: int | None,
+        tile_overlap: int,
+        band_rows: int | None = None,
     ) -> torch.Tensor:
+        # band_rows is a DC-AE option; AutoencoderKL tiles (its own tiling) when asked to.
         cfg = self.vae.config
         z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         z = z.to(device=self.vae.device, dtype=self.vae.dtype)

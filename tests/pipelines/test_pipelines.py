@@ -66,10 +66,14 @@ def test_true_cfg_batch_and_tiling(flux_pipe):
               negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)  # fmt: skip
     plain = run(flux_pipe, output_type="latent", num_images_per_prompt=2)
     assert out.shape == (2, 2, 2, 3) and not torch.equal(out, plain)
-    # tiled decode above the threshold: same size out, close to the untiled decode
-    tiled = run(flux_pipe, output_type="pt", height=128, width=128, tile_threshold=64,
-                tile_size=64, tile_overlap=32)  # fmt: skip
+    # above the threshold a DC-AE decodes in bands by default (the full-frame image) or, with
+    # band_rows=None, tile by tile (same size, blended, not the same numbers)
     full = run(flux_pipe, output_type="pt", height=128, width=128)
+    banded = run(flux_pipe, output_type="pt", height=128, width=128, tile_threshold=64,
+                 band_rows=24)  # fmt: skip
+    torch.testing.assert_close(banded, full, rtol=1e-5, atol=1e-5)
+    tiled = run(flux_pipe, output_type="pt", height=128, width=128, tile_threshold=64,
+                tile_size=64, tile_overlap=32, band_rows=None)  # fmt: skip
     assert tiled.shape == full.shape == (1, 3, 128, 128) and not torch.equal(tiled, full)
 
 
