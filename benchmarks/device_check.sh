@@ -19,7 +19,9 @@
 #      steps wrote is in $OUT/results.tgz (re-archived at each step boundary).
 # Needs the wheels in .whl/ (diffusers, importlib_metadata, lazy-importer, nvidia-cutlass).
 #
-# Each step has a cap; DCGEN_STEP_TIMEOUT scales them (percent). DCGEN_SKIP_BUILD=1 keeps an extension already built (a rerun on a warm machine).
+# Each step has a cap; DCGEN_STEP_TIMEOUT scales them (percent). Subsets for a short budget:
+# DCGEN_BENCH_FILES="attention dcae_decode" (benchmarks/test_<name>.py), DCGEN_SPEED_MODELS=flux,
+# DCGEN_FP8_BLOCK=0, DCGEN_SKIP_BENCH=1, DCGEN_SPEED_TABLE=0, DCGEN_TEST_ARGS=... (pytest). DCGEN_SKIP_BUILD=1 keeps an extension already built (a rerun on a warm machine).
 #
 # Measured on the H200 (2026-11-26): machine start about 1 min; build 78 s; Hopper diagnostics +
 # tests, CUDA tests and benchmarks about 4 min; the whole script 433 s with the FLUX table
@@ -106,7 +108,7 @@ if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ]; then
   [ "$hopper_attention" = 1 ] || kexpr+=" and not wgmma"
   [ "$hopper_gemm" = 1 ] || kexpr+=" and not nvfp4_gemm"
   skip=(-k "$kexpr")
-  for f in attention quant dcae_fused ops dcae_decode; do
+  for f in ${DCGEN_BENCH_FILES:-attention quant dcae_fused ops dcae_decode}; do
     case $f in dcae_decode) c=150 ;; quant) c=120 ;; *) c=90 ;; esac
     timeout "$(cap $c)" python3 -m pytest "benchmarks/test_$f.py" -q -p no:cacheprovider \
       "${skip[@]}" --benchmark-json="$OUT/bench_$f.json" ${DCGEN_BENCH_ARGS:-} >"$OUT/bench_$f.log" 2>&1
@@ -127,13 +129,18 @@ if [ "${DCGEN_SPEED_TABLE:-1}" = 1 ]; then
     [ $rc = 0 ] || { tail -20 "$OUT/speed_$name.log"; echo "speed table $name FAILED (rc=$rc)"; }
     return $rc
   }
-  speed flux --model flux --resolutions 1024,2048,4096 --variants stock,kernels \
-    --attention default,flash --fp8 || speed_rc=1
-  stamp "speed table flux done"
-  speed sana --model sana-1.6b --resolutions 1024,2048,4096 --variants stock,kernels || speed_rc=1
+  models=" ${DCGEN_SPEED_MODELS:-flux sana} "
+  if [[ $models == *" flux "* ]]; then
+    speed flux --model flux --resolutions 1024,2048,4096 --variants stock,kernels \
+      --attention default,flash --fp8 || speed_rc=1
+    stamp "speed table flux done"
+  fi
+  if [[ $models == *" sana "* ]]; then
+    speed sana --model sana-1.6b --resolutions 1024,2048,4096 --variants stock,kernels || speed_rc=1
+  fi
 fi
 
-if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ]; then
+if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ] && [ "${DCGEN_FP8_BLOCK:-1}" = 1 ]; then
   # Last: one FLUX double block, bf16 vs FP8 + fused attention, eager and torch.compile'd
   # (issue 6's block goal; the compiles take the most time of any benchmark).
   stamp "benchmark fp8_block"

@@ -27,6 +27,7 @@ from ..quant import FP8Config, quality_report, quantize_
 
 logger = logging.getLogger(__name__)
 
+
 def quantize_block_copies(
     blocks: nn.ModuleList, granularity: str = "row"
 ) -> tuple[nn.ModuleList, int]:

@@ -104,6 +104,4 @@ def add_quantized_lora(
 
     # One injection path for float and quantized models: add_lora registers the quantized
     # linears with peft and selects them by the same target regex.
-    return add_lora(
-        transformer, rank, alpha, targets, dropout, adapter_name, lora_dtype=lora_dtype
-    )
+    return add_lora(transformer, rank, alpha, targets, dropout, adapter_name, lora_dtype=lora_dtype)

@@ -262,7 +262,9 @@ def denoise(
     noise = torch.stack(
         [
             torch.randn(
-                space.channels, space.size, space.size,
+                space.channels,
+                space.size,
+                space.size,
                 generator=torch.Generator().manual_seed(int(s)),
             )  # fmt: skip
             for s in seeds
@@ -714,6 +716,7 @@ def run_demo(
     images: dict[str, torch.Tensor] = {}
     rows: dict[str, dict[str, Any]] = {}
     t_eval = time.perf_counter()
+
     def quality(sp: Space) -> tuple[torch.Tensor, dict[str, float]]:
         imgs = generate(sp, embeds, pooled, seeds, settings.sampling_steps, device)
         scores = score_prompts(assets.evaluator.predict(imgs.to(device)).cpu(), captions)
