@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: dcgen, tests
+from tests.conftest import poison_cuda_allocator  # noqa: E402  (NaN-poisoned free memory)
+
 
 def _where(bad: torch.Tensor, dim: int) -> str:
     """Indices along ``dim`` (of a 2-D mask) holding any bad element, shortened."""
@@ -29,13 +32,6 @@ def _where(bad: torch.Tensor, dim: int) -> str:
         return "-"
     head = ",".join(map(str, idx[:12]))
     return f"{len(idx)} [{head}{',...' if len(idx) > 12 else ''}]"
-
-
-def poison() -> None:
-    """Fill the caching allocator's free memory with NaN: unwritten outputs show as NaN."""
-    torch.cuda.empty_cache()
-    block = torch.full((64 << 20,), float("nan"), device="cuda")
-    del block
 
 
 def report(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> bool:
@@ -75,7 +71,7 @@ def attention_cases(saved: dict, max_cases: int) -> bool:
                 if len(saved) >= max_cases:
                     return ok
                 name = f"attention {str(dtype)[6:]} d{d} s{s} {kind}"
-                poison()
+                poison_cuda_allocator()
                 try:
                     got = fused_attention(q.cuda(), k.cuda(), v.cuda())
                     torch.cuda.synchronize()
@@ -118,7 +114,7 @@ def gemm_cases(saved: dict, max_cases: int) -> bool:
             if len(saved) >= max_cases:
                 return ok
             name = f"nvfp4 {op} {m}x{n}x{k} {kind}"
-            poison()
+            poison_cuda_allocator()
             try:
                 if op == "w4a4":
                     alpha = ga * qw.global_scale
@@ -146,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         print("hopper_debug: needs an sm_90 GPU; nothing to do")
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     saved: dict = {}
     print(f"hopper_debug {args.family}:", flush=True)
     out = Path(args.out) / f"hopper_debug_{args.family}.pt"

@@ -288,7 +288,7 @@ def attention_label(
     qk_norm_rope + sdpa-<backend>`` (the default fused path), a mix, or the fallback."""
     from ..attention.install import _ORIGINAL
     from ..ops._extension import has_kernel
-    from ..ops.attention import KERNEL_DTYPES, KERNEL_HEAD_DIMS, flash_kernel_selected
+    from ..ops.attention import KERNEL_DTYPES, KERNEL_HEAD_DIMS, _arch_ok, flash_kernel_selected
 
     sdpa = f"sdpa-{backend}"
     if not fused:
@@ -299,7 +299,7 @@ def attention_label(
     kernel = (
         has_kernel("fused_attention", device)
         and dtype in KERNEL_DTYPES
-        and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8)
+        and _arch_ok(device.type, device.index)
     )
     if kernel and not flash_kernel_selected():  # the default: qk_norm_rope kernel + SDPA
         return f"dcgen qk_norm_rope + {sdpa}"
