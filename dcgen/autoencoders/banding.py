@@ -90,10 +90,19 @@ def band_ranges(steps: Sequence[LocalStep], heights: Sequence[int], a: int, b: i
     return ranges
 
 
+def check_band_rows(band_rows: int | None) -> int | None:
+    """``band_rows`` itself when it is None or a positive int, else a ValueError."""
+    if band_rows is not None and (
+        not isinstance(band_rows, int) or isinstance(band_rows, bool) or band_rows < 1
+    ):
+        raise ValueError(f"band_rows: expected a positive int or None, got {band_rows!r}")
+    return band_rows
+
+
 def run_banded(steps: Sequence[LocalStep], x: torch.Tensor, band_rows: int) -> torch.Tensor:
     """Apply ``steps`` in order to ``x`` (B, C, H, W), ``band_rows`` output rows at a time."""
-    if not isinstance(band_rows, int) or isinstance(band_rows, bool) or band_rows < 1:
-        raise ValueError(f"band_rows: expected a positive int, got {band_rows!r}")
+    if check_band_rows(band_rows) is None:
+        raise ValueError("band_rows: expected a positive int, got None")
     heights = [x.shape[2]]
     for st in steps:
         heights.append(heights[-1] * st.scale)

@@ -125,9 +125,9 @@ class Decoder(nn.Module):
         k = local_suffix(layers)
         for m in layers[:k]:
             h = m(h)
-        head_scale = 2 if isinstance(self.head, UpBlock) else 1
         steps = [local_step(m) for m in layers[k:]]
-        steps.append(LocalStep(self._head, 1, head_scale))  # norm + act (r 0), 3x3 conv (r 1)
+        head = local_step(self.head)  # the head conv or UpBlock; its norm + act are per pixel
+        steps.append(LocalStep(self._head, head.radius, head.scale))
         return run_banded(steps, h, band_rows)
 
     def _stem(self, z: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .banding import check_band_rows
 from .config import DCAEConfig, find_preset, get_preset
 from .tiling import tiled_apply
 
@@ -256,7 +257,7 @@ class DCAE(nn.Module):
         """Decode the local high-resolution tail ``band_rows`` output rows at a time (banding.py:
         the full-frame result up to convolution summation order, at a fraction of the peak
         activation memory; each band recomputes a few halo rows)."""
-        self._band_rows = self._check_band_rows(band_rows)
+        self._band_rows = check_band_rows(band_rows)
 
     def disable_banded_decode(self) -> None:
         self._band_rows = None
@@ -280,14 +281,6 @@ class DCAE(nn.Module):
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
         return batch_size
-
-    @staticmethod
-    def _check_band_rows(band_rows: int | None) -> int | None:
-        if band_rows is not None and (
-            not isinstance(band_rows, int) or isinstance(band_rows, bool) or band_rows < 1
-        ):
-            raise ValueError(f"band_rows: expected a positive int or None, got {band_rows!r}")
-        return band_rows
 
     def _check_tiling(self, tile_size: int, tile_overlap: int) -> None:
         f = self.spatial_compression_ratio
@@ -442,7 +435,7 @@ class DCAE(nn.Module):
             z = self._unscale_latents(z)
         f = self.spatial_compression_ratio
         grid = (z.shape[-2], z.shape[-1])
-        band_rows = self._check_band_rows(band_rows) or self._band_rows
+        band_rows = check_band_rows(band_rows) or self._band_rows
         decoder = self.decoder
         if band_rows is not None:
             decoder = functools.partial(self.decoder, band_rows=band_rows)
