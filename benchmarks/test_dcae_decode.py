@@ -45,10 +45,13 @@ def _models(preset: str):
     return _cache[preset]
 
 
-# Banded decode (dcgen/autoencoders/banding.py) at the largest size: its own group, its own
-# baseline run, so the memory / time trade of bands is read beside the full-frame group.
+# At the largest size, two more groups, each with its own baseline run so each reads on its own
+# beside the full-frame group:
+# - banded: banded decode (dcgen/autoencoders/banding.py), the memory / time trade of bands;
+# - nchw: dcgen with its convolutions in NCHW (set_memory_format("contiguous")) instead of the
+#   automatic channels_last on CUDA, which isolates what the layout is worth.
 BAND_ROWS = int(os.environ.get("DCGEN_BENCH_BAND_ROWS", "512" if ON_GPU else "32"))
-MODES = ["full", "banded"]
+MODES = ["full", "banded", "nchw"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -56,8 +59,8 @@ MODES = ["full", "banded"]
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_dcae_decode(benchmark, preset, size, impl, mode):
-    if mode == "banded" and size != max(SIZES):
-        pytest.skip("banded decode is benchmarked at the largest size only")
+    if mode != "full" and size != max(SIZES):
+        pytest.skip(f"the {mode} group is benchmarked at the largest size only")
     cfg, ours, theirs = _models(preset)
     f = cfg.spatial_compression_ratio
     gen = torch.Generator(device=DEVICE).manual_seed(size)
@@ -67,6 +70,7 @@ def test_dcae_decode(benchmark, preset, size, impl, mode):
     if impl == "dcgen":
 
         band_rows = BAND_ROWS if mode == "banded" else None
+        ours.set_memory_format("contiguous" if mode == "nchw" else "auto")
 
         def fn():
             with torch.inference_mode():
@@ -80,6 +84,8 @@ def test_dcae_decode(benchmark, preset, size, impl, mode):
     benchmark.group = f"decode {preset.removeprefix('dc-ae-')} {size}px"
     if mode == "banded":
         benchmark.group += f" (dcgen banded, {BAND_ROWS}-row bands)"
+    elif mode == "nchw":
+        benchmark.group += " (dcgen NCHW convolutions)"
     benchmark.extra_info.update(
         impl=impl,
         baseline_name="diffusers AutoencoderDC (eager)",

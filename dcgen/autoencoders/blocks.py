@@ -180,6 +180,10 @@ class LiteMLA(nn.Module):
                 qkv = torch.cat([qkv] + [agg(qkv) for agg in self.aggregators], dim=1)
             out = self._attend(qkv)
         out = out.to(x.dtype).reshape(b, -1, h, w)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # The attention output comes back NCHW; keep the channels_last run unbroken so the
+            # projection conv does not fall back to cuDNN's NCHW path (small: a low-res map).
+            out = out.contiguous(memory_format=torch.channels_last)
         return _residual_norm(x, self.norm, self.proj(out))
 
     def fold_batchnorm(self) -> bool:
@@ -287,6 +291,24 @@ class UpBlock(nn.Module):
             self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         else:
             raise ValueError(f"upsample type: expected pixel_shuffle or interpolate, got {mode!r}")
+        self._subpixel: tuple[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+    def _subpixel_conv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:func:`nearest_up_conv_as_subpixel` of the conv, in the conv weight's memory format,
+        rebuilt only when the weights change (storage, in-place version, dtype or layout)."""
+        w, b = self.conv.weight, self.conv.bias
+        if torch.is_grad_enabled() and w.requires_grad:
+            return nearest_up_conv_as_subpixel(w, b)  # differentiable, so never cached
+        key = tuple(
+            (t.data_ptr(), t._version, t.dtype, t.stride()) for t in (w, b) if t is not None
+        )
+        if self._subpixel is None or self._subpixel[0] != key:
+            with torch.no_grad():
+                weight, bias = nearest_up_conv_as_subpixel(w.detach(), b)
+            if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+                weight = weight.contiguous(memory_format=torch.channels_last)
+            self._subpixel = (key, (weight, bias))
+        return self._subpixel[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shuffle = self.mode == "pixel_shuffle"
@@ -297,7 +319,7 @@ class UpBlock(nn.Module):
             if shuffle:
                 y = self.conv(x)
             else:
-                weight, bias = nearest_up_conv_as_subpixel(self.conv.weight, self.conv.bias)
+                weight, bias = self._subpixel_conv()
                 y = F.conv2d(x, weight, bias, padding=1)
             return up_block_shortcut(y, x, True)
         if shuffle:

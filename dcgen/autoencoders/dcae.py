@@ -36,6 +36,12 @@ Banded decode (``band_rows``, :meth:`DCAE.enable_banded_decode`, banding.py) is 
 alternative for memory: the global (attention) stages see the whole latent, and only the local
 high-resolution tail runs band by band with halo rows, so the output equals the full-frame
 decode (bit for bit on the CPU tests; up to convolution algorithm choice elsewhere).
+
+Memory format (:meth:`DCAE.set_memory_format`): on CUDA the convolutions run channels_last
+(NHWC) by default. cuDNN's tensor-core convolution kernels work in NHWC, so bf16 / fp16 convs on
+NCHW tensors pay layout transposes around each call; the whole DC-AE decode is convolution
+bound, so this is its largest single lever. Every fused dcgen op keeps its input's layout, the
+weights are converted once, and encode / decode still return NCHW-contiguous tensors.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from .tiling import tiled_apply
 logger = logging.getLogger(__name__)
 
 ConfigLike = str | DCAEConfig | Mapping[str, Any]
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 def _resolve_config(spec: ConfigLike) -> DCAEConfig:
@@ -103,6 +110,7 @@ class DCAE(nn.Module):
         self._tile_size: int | None = None
         self._tile_overlap: int = 0
         self._band_rows: int | None = None
+        self._memory_format = "auto"
 
     # -- construction / IO -------------------------------------------------------------------
 
@@ -262,6 +270,38 @@ class DCAE(nn.Module):
     def disable_banded_decode(self) -> None:
         self._band_rows = None
 
+    def set_memory_format(self, memory_format: str = "auto") -> None:
+        """Layout the convolutions run in: ``"channels_last"`` (NHWC), ``"contiguous"`` (NCHW)
+        or ``"auto"`` (the default: channels_last for CUDA inputs, NCHW elsewhere, where the CPU
+        results stay those of the plain NCHW model). Outputs are NCHW-contiguous either way."""
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(
+                f"memory_format: expected one of {MEMORY_FORMATS}, got {memory_format!r}"
+            )
+        self._memory_format = memory_format
+        self._weights_to(self._layout_for(self.device))  # now, not inside the next timed call
+
+    @property
+    def memory_format(self) -> str:
+        return self._memory_format
+
+    def _layout_for(self, device: torch.device) -> torch.memory_format:
+        fmt = self._memory_format
+        if fmt == "auto":
+            fmt = "channels_last" if device.type == "cuda" else "contiguous"
+        return torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+
+    def _weights_to(self, layout: torch.memory_format) -> None:
+        """Put every conv weight in ``layout`` (once; a no-op when they already are)."""
+        weights = [p for p in self.parameters() if p.dim() == 4]
+        if all(p.is_contiguous(memory_format=layout) for p in weights):
+            return
+        # Outside inference mode, so that parameters converted during an inference_mode decode
+        # stay ordinary tensors that training can still use.
+        with torch.inference_mode(False), torch.no_grad():
+            for p in weights:
+                p.data = p.data.contiguous(memory_format=layout)
+
     @torch.no_grad()
     def fold_batchnorm(self) -> DCAE:
         """Fold every BatchNorm into the conv before it (inference only: uses the running
@@ -348,12 +388,18 @@ class DCAE(nn.Module):
             tile_overlap = tile_overlap or 0
             self._check_tiling(tile_size, tile_overlap)
         f = self.spatial_compression_ratio
+        layout = self._layout_for(x.device)
+        # Also here, not only in set_memory_format: the model may have moved device since.
+        self._weights_to(layout)
+
+        def in_layout(t: torch.Tensor) -> torch.Tensor:
+            return fn(t.contiguous(memory_format=layout))
 
         def one(chunk: torch.Tensor) -> torch.Tensor:
             if tile_size is None or max(grid_hw) * f <= tile_size:
-                return fn(chunk)
+                return in_layout(chunk).contiguous()
             return tiled_apply(
-                fn, chunk, grid_hw, tile_size // f, tile_overlap // f, in_scale, out_scale
+                in_layout, chunk, grid_hw, tile_size // f, tile_overlap // f, in_scale, out_scale
             )
 
         if batch_size is None or x.shape[0] <= batch_size:
