@@ -80,6 +80,11 @@ def nearest_up_conv_as_subpixel(
     return sub, sub_bias
 
 
+def _version_key(*tensors: torch.Tensor | None) -> tuple:
+    """Changes whenever any tensor is replaced, updated in place, cast or re-laid out."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.stride()) for t in tensors if t is not None)
+
+
 def _fold_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[nn.Conv2d, nn.Module, bool]:
     if isinstance(norm, nn.BatchNorm2d):
         return fold_batchnorm_into_conv(conv, norm), nn.Identity(), True
@@ -95,15 +100,50 @@ class ResBlock(nn.Module):
         self.act = make_act(act_fn)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.norm = make_norm(norm_type, channels)
+        self._folded: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = use_fused(x, "channel_rms_norm_fused")
         h = self.conv1(x)
-        if can_modify_in_place() and use_fused(x, "channel_rms_norm_fused"):
+        if can_modify_in_place() and fused:
             h = apply_act_inplace(self.act, h)  # no second conv1-sized buffer
         else:
             h = self.act(h)
+        if fused and self._can_fold_norm():
+            # BatchNorm folded into conv2 on the fly: no norm pass, and the residual lands in
+            # place in conv2's fresh output. The module keeps its BatchNorm (and its checkpoint
+            # format); the folded weights are cached until any of them changes.
+            weight, bias = self._folded_conv2()
+            h = F.conv2d(h, weight, bias, padding=1)
+            return h.add_(x)
         h = self.conv2(h)  # rebinding frees conv1's output before the norm allocates its own
         return _residual_norm(x, self.norm, h)
+
+    def _can_fold_norm(self) -> bool:
+        """Inference with BatchNorm's running statistics, where folding changes nothing but
+        rounding (training, or recording gradients, keeps the BatchNorm)."""
+        bn = self.norm
+        return (
+            isinstance(bn, nn.BatchNorm2d)
+            and not bn.training
+            and bn.running_mean is not None
+            and can_modify_in_place()
+        )
+
+    def _folded_conv2(self) -> tuple[torch.Tensor, torch.Tensor]:
+        bn, conv = self.norm, self.conv2
+        key = (
+            _version_key(conv.weight, conv.bias, bn.weight, bn.bias)
+            + _version_key(bn.running_mean, bn.running_var)
+            + (bn.eps,)
+        )
+        if self._folded is None or self._folded[0] != key:
+            folded = fold_batchnorm_into_conv(conv, bn)
+            weight = folded.weight.detach()
+            if conv.weight.is_contiguous(memory_format=torch.channels_last):
+                weight = weight.contiguous(memory_format=torch.channels_last)
+            self._folded = (key, (weight, folded.bias.detach()))
+        return self._folded[1]
 
     def fold_batchnorm(self) -> bool:
         self.conv2, self.norm, folded = _fold_norm(self.conv2, self.norm)
@@ -299,9 +339,7 @@ class UpBlock(nn.Module):
         w, b = self.conv.weight, self.conv.bias
         if torch.is_grad_enabled() and w.requires_grad:
             return nearest_up_conv_as_subpixel(w, b)  # differentiable, so never cached
-        key = tuple(
-            (t.data_ptr(), t._version, t.dtype, t.stride()) for t in (w, b) if t is not None
-        )
+        key = _version_key(w, b)
         if self._subpixel is None or self._subpixel[0] != key:
             with torch.no_grad():
                 weight, bias = nearest_up_conv_as_subpixel(w.detach(), b)

@@ -177,3 +177,55 @@ def test_cuda_kernels_decode_matches_plain_path(name, monkeypatch):
     err_fused = (fused_bf16 - ref).pow(2).mean().sqrt().item()
     err_plain = (plain_bf16 - ref).pow(2).mean().sqrt().item()
     assert err_fused <= 1.5 * err_plain + 1e-3 * ref.abs().max().item(), (err_fused, err_plain)
+
+
+def _batchnorm_calls(model: DCAE) -> list[int]:
+    calls = [0]
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_fused_path_folds_batchnorm_on_the_fly():
+    # in-1.0 ResBlocks end in BatchNorm: the fused path folds it into conv2 (cached) instead
+    # of running a norm pass, and the module keeps its BatchNorm and checkpoint format.
+    model = _model("dc-ae-f32c32-in-1.0")
+    calls = _batchnorm_calls(model)
+    z = torch.randn(1, model.latent_channels, 2, 3)
+    with torch.no_grad():
+        with fused_inference(False):
+            plain = model.decode(z)
+        assert calls[0] > 0
+        calls[0] = 0
+        with fused_inference(True):
+            fused = model.decode(z)
+    assert calls[0] == 0
+    assert_close_scaled(fused, plain, rel=1e-5)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_on_the_fly_fold_follows_running_statistics():
+    # A changed running mean (or any folded tensor) must rebuild the cached fold.
+    model = _model("dc-ae-f32c32-in-1.0")
+    z = torch.randn(1, model.latent_channels, 2, 3)
+    with torch.no_grad(), fused_inference(True):
+        before = model.decode(z)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(0.5)
+        after = model.decode(z)
+        with fused_inference(False):
+            plain = model.decode(z)
+    assert (after - before).abs().max() > 1e-3
+    assert_close_scaled(after, plain, rel=1e-5)
+
+
+def test_batchnorm_in_training_mode_is_not_folded():
+    # Training-mode BatchNorm normalises with batch statistics; folding would be wrong.
+    model = _model("dc-ae-f32c32-in-1.0").train()
+    calls = _batchnorm_calls(model)
+    z = torch.randn(2, model.latent_channels, 2, 3)
+    with torch.no_grad(), fused_inference(True):
+        model.decode(z)
+    assert calls[0] > 0
