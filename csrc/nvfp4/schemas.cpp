@@ -7,6 +7,10 @@ TORCH_LIBRARY_FRAGMENT(dcgen, m) {
   // bf16/fp16/fp32 [M, K] -> (float8_e4m3fn [M, K], fp32 decode scales [M, ceil(K/block)]);
   // block = 0 means one scale per row. Spec: dcgen/ops/quantize_fp8.py.
   m.def("quantize_fp8(Tensor x, int block) -> (Tensor, Tensor)");
+  // The FP8 GEMM's scale epilogue: bf16/fp16 y [M, N] (a unit-scale FP8 product), fp32 row
+  // scales [M] and column scales [N], optional bias [N] -> act(y * rs * cs + bias) in y's dtype;
+  // act "none" or "gelu_tanh". Spec: dcgen/ops/fp8_epilogue.py.
+  m.def("fp8_scale_epilogue(Tensor y, Tensor row_scale, Tensor col_scale, Tensor? bias, str act) -> Tensor");
   // bf16/fp16/fp32 [M, K] + fp32 scalar decode scale -> (packed E2M1 uint8 [M, Kp/2],
   // float8_e4m3fn block scales in the 128x4 swizzled layout, flat). Spec:
   // dcgen/ops/quantize_nvfp4.py (the recipe of dcgen/quant/nvfp4.py).

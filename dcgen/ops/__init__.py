@@ -25,6 +25,7 @@ from .channel_rms_norm import (
     channel_rms_norm_fused_reference,
     channel_rms_norm_reference,
 )
+from .fp8_epilogue import fp8_scale_epilogue, fp8_scale_epilogue_reference
 from .glu_depthwise import glu_depthwise_conv, glu_depthwise_conv_reference
 from .linear_attention import relu_linear_attention, relu_linear_attention_reference
 
@@ -39,6 +40,8 @@ from .shortcuts import channel_duplicate_to_space, space_to_channel_average
 __all__ = [
     "channel_duplicate_to_space",
     "dequantize_fp8",
+    "fp8_scale_epilogue",
+    "fp8_scale_epilogue_reference",
     "fused_attention",
     "fused_attention_reference",
     "nvfp4_dequantize",

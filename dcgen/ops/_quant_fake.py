@@ -58,3 +58,10 @@ if extension_loaded() and _has_schema("nvfp4_dequantize"):
     @torch.library.register_fake("dcgen::nvfp4_dequantize")
     def _nvfp4_dequantize_fake(packed, scales, global_scale, k, swizzled, dtype):  # noqa: ANN001
         return packed.new_empty((packed.shape[0], k), dtype=dtype)
+
+
+if extension_loaded() and _has_schema("fp8_scale_epilogue"):
+
+    @torch.library.register_fake("dcgen::fp8_scale_epilogue")
+    def _fp8_scale_epilogue_fake(y, row_scale, col_scale, bias, act):  # noqa: ANN001
+        return torch.empty_like(y, memory_format=torch.contiguous_format)

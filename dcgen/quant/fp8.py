@@ -16,19 +16,33 @@ order:
 
 - CPU: row scales through ``_scaled_mm`` (any dtype); 1x128 blocks through the reference
   (torch's CPU ``_scaled_mm`` has no blockwise scaling).
-- CUDA, compute capability >= 8.9, bf16 activations: row scales through ``_scaled_mm``
-  (cuBLAS row-wise scaling); 1x128 x 1x128 blocks on sm_90 / sm_100 when K is a multiple of 128
-  (cuBLAS block scaling). fp16 / fp32 activations, older GPUs and any case ``_scaled_mm``
-  rejects at run time (logged once per case) use the reference.
+- CUDA, compute capability >= 8.9, bf16 activations: row scales through ``_scaled_mm``;
+  1x128 x 1x128 blocks on sm_90 / sm_100 when K is a multiple of 128 (cuBLAS block scaling).
+  fp16 / fp32 activations, older GPUs and any case ``_scaled_mm`` rejects at run time (logged
+  once per case) use the reference.
+
+Row scales take one of two routes (``DCGEN_FP8_GEMM``; :func:`row_gemm_route`):
+
+- ``"tensor"`` (the default where dcgen's kernel is built): ``_scaled_mm`` with unit scales,
+  which is cuBLAS's fast per-tensor FP8 GEMM, into the 16-bit output, then
+  :func:`dcgen.ops.fp8_scale_epilogue` applies the row and column scales and the bias (and an
+  activation) in one pass. The product is rounded to 16 bits before it is scaled, one extra
+  rounding (module doc of dcgen/ops/fp8_epilogue.py).
+- ``"rowwise"``: ``_scaled_mm`` with the row scales themselves (torch's row-wise kernel, slower
+  on Hopper: docs/ANCHORS.md against the README's low-precision table).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
+import torch.nn.functional as F
 
+from dcgen.ops import has_kernel
 from dcgen.ops._validate import FLOAT_DTYPES, check_tensor
+from dcgen.ops.fp8_epilogue import ACTIVATIONS, fp8_scale_epilogue
 from dcgen.ops.quantize_fp8 import (
     BLOCK_K,
     check_granularity,
@@ -43,6 +57,33 @@ logger = logging.getLogger(__name__)
 # (device type, capability, granularity, with bias) cases where _scaled_mm failed once: not
 # retried. A rejected bias case still runs _scaled_mm without the bias and adds it afterwards.
 _REJECTED: set[tuple] = set()
+GEMM_ROUTES = ("auto", "tensor", "rowwise")
+_UNIT_SCALES: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def row_gemm_route(device: torch.device) -> str:
+    """How row-scaled FP8 GEMMs run on ``device``: ``"tensor"`` or ``"rowwise"`` (module doc).
+    ``DCGEN_FP8_GEMM`` picks one; "auto" (default) takes "tensor" on CUDA when the epilogue
+    kernel is built, else "rowwise"."""
+    choice = os.environ.get("DCGEN_FP8_GEMM", "auto")
+    if choice not in GEMM_ROUTES:
+        raise ValueError(f"DCGEN_FP8_GEMM: expected one of {GEMM_ROUTES}, got {choice!r}")
+    if choice == "auto":
+        built = device.type == "cuda" and has_kernel("fp8_scale_epilogue", device)
+        return "tensor" if built else "rowwise"
+    return choice
+
+
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """A cached fp32 1.0 on ``device`` (no fill kernel per GEMM)."""
+    key = (device.type, device.index)
+    if key not in _UNIT_SCALES:
+        _UNIT_SCALES[key] = torch.ones((), dtype=torch.float32, device=device)
+    return _UNIT_SCALES[key]
+
+
+def _apply_act(y: torch.Tensor, act: str) -> torch.Tensor:
+    return F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y
 
 
 def quantize_fp8_weight(
@@ -129,13 +170,46 @@ def fp8_gemm(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     granularity: str,
+    act: str = "none",
 ) -> torch.Tensor:
-    """``xq`` [M, K] e4m3 with ``x_scale`` [M, S], ``wq`` [N, K] with ``w_scale`` [N, S] ->
-    [M, N] in ``out_dtype`` (module doc: which path runs where)."""
+    """``act(xq [M, K] e4m3 with x_scale [M, S] times (wq [N, K] with w_scale [N, S])^T +
+    bias)`` -> [M, N] in ``out_dtype``; ``act`` is "none" or "gelu_tanh" (module doc: which
+    path runs where)."""
     check_granularity(granularity)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"fp8_gemm: expected act in {ACTIVATIONS}, got {act!r}")
     n, k = wq.shape
     if not scaled_mm_supported(xq.device, granularity, out_dtype, n, k):
-        return fp8_linear_reference(xq, x_scale, wq, w_scale, bias, out_dtype)
+        return _apply_act(fp8_linear_reference(xq, x_scale, wq, w_scale, bias, out_dtype), act)
+    tensor_case = _case(xq.device, "tensor")
+    if (
+        granularity == "row"
+        and out_dtype in (torch.bfloat16, torch.float16)
+        and tensor_case not in _REJECTED
+        and row_gemm_route(xq.device) == "tensor"
+    ):
+        one = _unit_scale(xq.device)
+        try:
+            y = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=out_dtype)
+        except RuntimeError as err:
+            _REJECTED.add(tensor_case)
+            logger.warning("fp8_gemm: unit-scale _scaled_mm rejected %s (%s)", tensor_case, err)
+        else:
+            return fp8_scale_epilogue(y, x_scale, w_scale, bias, act)
+    return _apply_act(_fp8_gemm_scaled(xq, x_scale, wq, w_scale, bias, out_dtype, granularity), act)
+
+
+def _fp8_gemm_scaled(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    granularity: str,
+) -> torch.Tensor:
+    """``_scaled_mm`` with the operands' own scales (falls back to the reference once a case
+    is rejected)."""
     with_bias = bias is not None and _case(xq.device, granularity, True) not in _REJECTED
     try:
         y = _scaled_mm(

@@ -127,6 +127,52 @@ def test_fp8_gemm_paths_agree(rng):
     torch.testing.assert_close(y, fp8_linear_reference(xq, xs, wq, ws, b, torch.float32))
 
 
+def test_row_gemm_route_choice(monkeypatch):
+    import dcgen.quant.fp8 as f
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("DCGEN_FP8_GEMM", raising=False)
+    assert f.row_gemm_route(cpu) == "rowwise"  # auto: the epilogue kernel is CUDA-only
+    for route in ("tensor", "rowwise"):
+        monkeypatch.setenv("DCGEN_FP8_GEMM", route)
+        assert f.row_gemm_route(cpu) == route
+    monkeypatch.setenv("DCGEN_FP8_GEMM", "fast")
+    with pytest.raises(ValueError, match="DCGEN_FP8_GEMM: expected one of"):
+        f.row_gemm_route(cpu)
+
+
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+@pytest.mark.parametrize("route", ["tensor", "rowwise"])
+def test_fp8_gemm_routes_match_the_spec(route, act, rng, monkeypatch):
+    # "tensor": a unit-scale _scaled_mm into bf16, then the scale epilogue; "rowwise": the scales
+    # inside _scaled_mm. Both equal the spec up to summation order and (tensor) one more bf16
+    # rounding of the unscaled product.
+    import dcgen.quant.fp8 as f
+
+    monkeypatch.setenv("DCGEN_FP8_GEMM", route)
+    calls = []
+    original = f.fp8_scale_epilogue
+    monkeypatch.setattr(
+        f, "fp8_scale_epilogue", lambda *a, **k: calls.append(a) or original(*a, **k)
+    )
+    xq, xs = quantize_fp8_reference(torch.randn(9, 64, generator=rng) * 3, "row")
+    wq, ws = quantize_fp8_reference(torch.randn(40, 64, generator=rng) * 0.1, "row")
+    b = torch.randn(40, generator=rng).bfloat16()
+    y = fp8_gemm(xq, xs, wq, ws, b, torch.bfloat16, "row", act)
+    want = fp8_linear_reference(xq, xs, wq, ws, b, torch.float32)
+    if act == "gelu_tanh":
+        want = torch.nn.functional.gelu(want, approximate="tanh")
+    assert y.dtype == torch.bfloat16 and y.shape == (9, 40)
+    assert len(calls) == (route == "tensor")
+    torch.testing.assert_close(y.float(), want, rtol=2**-7, atol=2e-2)
+
+
+def test_fp8_gemm_rejects_unknown_act(rng):
+    xq, xs = quantize_fp8_reference(torch.randn(2, 16, generator=rng), "row")
+    with pytest.raises(ValueError, match="act"):
+        fp8_gemm(xq, xs, xq, xs, None, torch.float32, "row", "relu")
+
+
 @pytest.mark.parametrize(
     "cap, row, block",
     [((8, 6), False, False), ((8, 9), True, False), ((9, 0), True, True), ((10, 0), True, True),

@@ -1,0 +1,142 @@
+// The FP8 GEMM's row/column scale epilogue as one pass: out = act(y * rs[m] * cs[n] + bias[n]).
+//
+// Why it exists: on Hopper, torch._scaled_mm with per-row scales runs a kernel far slower than
+// cuBLAS's per-tensor FP8 GEMM (docs/ANCHORS.md: about 1,360 TFLOP/s per-tensor at the FLUX
+// shapes, against the ~770 our row-scaled linears reached). So dcgen runs the GEMM with unit
+// scales and applies the token and channel scales, the bias and the activation here, in one read
+// and one write of the output. Spec, followed op for op: dcgen/ops/fp8_epilogue.py.
+//
+// One thread: 8 consecutive columns of one row, 16-byte loads and stores when aligned.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string_view>
+
+#include "nvfp4/quant_common.cuh"
+
+namespace dcgen {
+namespace {
+
+using quant::count_valid;
+using quant::from_float;
+using quant::load8;
+
+constexpr int kNone = 0;
+constexpr int kGeluTanh = 1;
+
+__device__ __forceinline__ float gelu_tanh(float v) {
+  // torch's approximate="tanh" form: 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))).
+  const float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+  return 0.5f * v * (1.f + tanhf(inner));
+}
+
+template <typename T, int kAct>
+__global__ void fp8_epilogue_kernel(const T* __restrict__ y, const float* __restrict__ rs,
+                                    const float* __restrict__ cs, const float* __restrict__ bias,
+                                    T* __restrict__ out, int64_t M, int64_t N, int64_t groups,
+                                    bool vec) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= M * groups) return;
+  const int64_t row = t / groups;
+  const int64_t n0 = (t - row * groups) * 8;
+  const int valid = count_valid(N - n0, 8);
+  const bool v = vec && valid == 8;
+  float vals[8];
+  load8(y + row * N + n0, valid, v, vals);
+  const float r = rs[row];
+  alignas(16) T res[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (i < valid) {
+      float o = __fmul_rn(__fmul_rn(vals[i], r), cs[n0 + i]);
+      if (bias != nullptr) o = __fadd_rn(o, bias[n0 + i]);
+      if constexpr (kAct == kGeluTanh) o = gelu_tanh(o);
+      res[i] = from_float<T>(o);
+    }
+  }
+  T* dst = out + row * N + n0;
+  if (v) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(res);
+  } else {
+    for (int i = 0; i < valid; ++i) dst[i] = res[i];
+  }
+}
+
+template <typename T>
+void launch(const at::Tensor& y, const at::Tensor& rs, const at::Tensor& cs, const float* bias,
+            at::Tensor& out, int act, int64_t groups, bool vec, int64_t blocks,
+            cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const T* yp = reinterpret_cast<const T*>(y.const_data_ptr());
+  T* op = reinterpret_cast<T*>(out.mutable_data_ptr());
+  const float* rp = rs.const_data_ptr<float>();
+  const float* cp = cs.const_data_ptr<float>();
+  const int64_t M = y.size(0), N = y.size(1);
+  if (act == kGeluTanh) {
+    fp8_epilogue_kernel<T, kGeluTanh><<<blocks, kThreads, 0, stream>>>(yp, rp, cp, bias, op, M, N,
+                                                                        groups, vec);
+  } else {
+    fp8_epilogue_kernel<T, kNone><<<blocks, kThreads, 0, stream>>>(yp, rp, cp, bias, op, M, N,
+                                                                    groups, vec);
+  }
+}
+
+at::Tensor fp8_scale_epilogue_cuda(const at::Tensor& y, const at::Tensor& row_scale,
+                                   const at::Tensor& col_scale, const std::optional<at::Tensor>& bias,
+                                   c10::string_view act_name) {
+  const std::string_view name(act_name.data(), act_name.size());
+  TORCH_CHECK(name == "none" || name == "gelu_tanh",
+              "dcgen::fp8_scale_epilogue: expected act 'none' or 'gelu_tanh', got '", name, "'");
+  const int act = name == "gelu_tanh" ? kGeluTanh : kNone;
+  TORCH_CHECK(y.is_cuda(), "dcgen::fp8_scale_epilogue (CUDA): expected y on a CUDA device, got ",
+              y.device());
+  TORCH_CHECK(y.dim() == 2, "dcgen::fp8_scale_epilogue: expected y of shape [M, N], got ", y.sizes());
+  TORCH_CHECK(y.is_contiguous(), "dcgen::fp8_scale_epilogue: expected a contiguous y, got strides ",
+              y.strides());
+  TORCH_CHECK(y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf,
+              "dcgen::fp8_scale_epilogue: expected y of dtype bfloat16 or float16, got ",
+              y.scalar_type());
+  const int64_t M = y.size(0), N = y.size(1);
+  TORCH_CHECK(row_scale.scalar_type() == at::kFloat && row_scale.numel() == M &&
+                  row_scale.is_contiguous() && row_scale.device() == y.device(),
+              "dcgen::fp8_scale_epilogue: expected a contiguous float32 row_scale of ", M,
+              " elements on ", y.device(), ", got ", row_scale.scalar_type(), " ", row_scale.sizes(),
+              " on ", row_scale.device());
+  TORCH_CHECK(col_scale.scalar_type() == at::kFloat && col_scale.numel() == N &&
+                  col_scale.is_contiguous() && col_scale.device() == y.device(),
+              "dcgen::fp8_scale_epilogue: expected a contiguous float32 col_scale of ", N,
+              " elements on ", y.device(), ", got ", col_scale.scalar_type(), " ", col_scale.sizes(),
+              " on ", col_scale.device());
+  at::Tensor b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N && bias->device() == y.device() && bias->is_floating_point(),
+                "dcgen::fp8_scale_epilogue: expected a floating bias of ", N, " elements on ",
+                y.device(), ", got ", bias->scalar_type(), " ", bias->sizes(), " on ",
+                bias->device());
+    b = bias->to(at::kFloat).contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor out = at::empty_like(y);
+  if (y.numel() == 0) return out;
+  const int64_t groups = (N + 7) / 8;
+  const bool vec = N % 8 == 0 && reinterpret_cast<uintptr_t>(y.const_data_ptr()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0;
+  const int64_t blocks = (M * groups + 255) / 256;  // launch() runs 256 threads per block
+  TORCH_CHECK(blocks <= 2147483647LL, "dcgen::fp8_scale_epilogue: output too large: ", y.sizes());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  if (y.scalar_type() == at::kBFloat16) {
+    launch<__nv_bfloat16>(y, row_scale, col_scale, bp, out, act, groups, vec, blocks, stream);
+  } else {
+    launch<__half>(y, row_scale, col_scale, bp, out, act, groups, vec, blocks, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace dcgen
+
+TORCH_LIBRARY_IMPL(dcgen, CUDA, m) { m.impl("fp8_scale_epilogue", &dcgen::fp8_scale_epilogue_cuda); }

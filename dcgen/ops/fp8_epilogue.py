@@ -1,0 +1,95 @@
+"""The FP8 GEMM's scale epilogue: ``act(y * row_scale * col_scale + bias)`` in one pass.
+
+On Hopper, cuBLAS's per-tensor FP8 GEMM runs near 1,360 TFLOP/s at the FLUX shapes, while
+``torch._scaled_mm`` with per-row scales reached about 770 in dcgen's FP8 linears (H200,
+docs/ANCHORS.md and the README's low-precision table). :func:`dcgen.quant.fp8.fp8_gemm` can
+therefore run the GEMM with unit scales into the 16-bit output and apply the per-token and
+per-channel decode scales here, with the bias and, for the MLP's first linear, the tanh GELU.
+The price is one more read and write of the output and a second rounding: the product is
+rounded to 16 bits before it is scaled (relative 2^-9 in bf16, far below the FP8 operands' own
+rounding of about 2^-4).
+
+The spec, per element in fp32: ``o = (float(y) * rs[m]) * cs[n]``, ``o = o + float(bias[n])``,
+``o = gelu_tanh(o)`` when asked, then one rounding to y's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _quant_fake  # noqa: F401  (its fake impl, so torch.compile traces the op)
+from ._extension import compiled_op, has_kernel
+from ._validate import check_same_device, check_tensor
+
+ACTIVATIONS = ("none", "gelu_tanh")
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _check(
+    y: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: str,
+) -> None:
+    check_tensor("fp8_scale_epilogue: y", y, ndim=2, dtypes=_DTYPES)
+    m, n = y.shape
+    for name, t, count in (("row_scale", row_scale, m), ("col_scale", col_scale, n)):
+        check_tensor(f"fp8_scale_epilogue: {name}", t, dtypes=(torch.float32,))
+        if t.numel() != count:
+            raise ValueError(
+                f"fp8_scale_epilogue: expected {name} with {count} elements for y of shape "
+                f"{tuple(y.shape)}, got shape {tuple(t.shape)}"
+            )
+    if bias is not None:
+        check_tensor("fp8_scale_epilogue: bias", bias)
+        if not bias.is_floating_point() or bias.numel() != n:
+            raise ValueError(
+                f"fp8_scale_epilogue: expected a floating bias of {n} elements, got "
+                f"{bias.dtype} of shape {tuple(bias.shape)}"
+            )
+    if act not in ACTIVATIONS:
+        raise ValueError(f"fp8_scale_epilogue: expected act in {ACTIVATIONS}, got {act!r}")
+    check_same_device(y=y, row_scale=row_scale, col_scale=col_scale, bias=bias)
+
+
+def fp8_scale_epilogue_reference(
+    y: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act: str = "none",
+) -> torch.Tensor:
+    """Pure-PyTorch spec (module doc); returns y's shape and dtype."""
+    o = y.float() * row_scale.reshape(-1, 1).float()
+    o = o * col_scale.reshape(1, -1).float()
+    if bias is not None:
+        o = o + bias.reshape(1, -1).float()
+    if act == "gelu_tanh":
+        o = F.gelu(o, approximate="tanh")
+    return o.to(y.dtype)
+
+
+def fp8_scale_epilogue(
+    y: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act: str = "none",
+) -> torch.Tensor:
+    """``act(y * row_scale[:, None] * col_scale[None, :] + bias)`` rounded once to y's dtype.
+
+    y: bf16 / fp16 [M, N]; row_scale: fp32 with M elements ([M] or [M, 1]); col_scale: fp32
+    with N elements; bias: N floats or None; act: "none" or "gelu_tanh". The CUDA kernel runs
+    when built for y's device and nothing needs a gradient; otherwise the reference.
+    """
+    _check(y, row_scale, col_scale, bias, act)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (y, row_scale, col_scale, bias)
+    )
+    if not needs_grad and y.numel() > 0 and has_kernel("fp8_scale_epilogue", y.device):
+        return compiled_op("fp8_scale_epilogue")(
+            y.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias, act
+        )
+    return fp8_scale_epilogue_reference(y, row_scale, col_scale, bias, act)

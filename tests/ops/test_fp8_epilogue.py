@@ -1,0 +1,115 @@
+"""fp8_scale_epilogue: act(y * row_scale * col_scale + bias), its spec and its CUDA kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcgen.ops import fp8_scale_epilogue, fp8_scale_epilogue_reference, has_kernel
+from dcgen.ops._extension import compiled_op
+from tests.conftest import poison_cuda_allocator
+
+DTYPES = [torch.bfloat16, torch.float16]
+# Odd N (scalar tail), N % 8 == 0 (vector path), one row, one column, a FLUX-like width.
+SHAPES = [(5, 24), (3, 13), (1, 1), (7, 1), (1, 9), (33, 3072), (2, 1031)]
+
+
+def _inputs(m, n, dtype, rng, device="cpu", bias=True):
+    # y like an unscaled FP8 product: sums of e4m3 codes, up to ~1e5 in size.
+    y = (torch.randn(m, n, generator=rng) * 3e4).to(dtype)
+    rs = torch.rand(m, 1, generator=rng) * 1e-3 + 1e-5
+    cs = torch.rand(n, 1, generator=rng) * 1e-2 + 1e-4
+    b = torch.randn(n, generator=rng).to(dtype) if bias else None
+    move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+    return move(y), move(rs), move(cs), move(b)
+
+
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+def test_reference_is_the_documented_formula(act, rng):
+    y, rs, cs, b = _inputs(4, 10, torch.bfloat16, rng)
+    got = fp8_scale_epilogue_reference(y, rs, cs, b, act)
+    o = y.double() * rs.double() * cs.double().T + b.double()
+    if act == "gelu_tanh":
+        o = F.gelu(o, approximate="tanh")
+    assert got.dtype == torch.bfloat16 and got.shape == y.shape
+    # fp32 math rounded once to bf16: within one bf16 rounding of the fp64 value.
+    torch.testing.assert_close(got.double(), o, rtol=2**-8, atol=1e-6)
+
+
+def test_public_op_without_bias_and_flat_scales(rng):
+    y, rs, cs, _ = _inputs(6, 16, torch.float16, rng, bias=False)
+    got = fp8_scale_epilogue(y, rs.flatten(), cs.flatten())
+    want = (y.float() * rs * cs.T).half()
+    assert torch.equal(got, want)
+
+
+def test_bad_inputs(rng):
+    y, rs, cs, b = _inputs(4, 8, torch.bfloat16, rng)
+    with pytest.raises(TypeError, match="bfloat16"):
+        fp8_scale_epilogue(y.float(), rs, cs)
+    with pytest.raises(ValueError, match="row_scale with 4 elements"):
+        fp8_scale_epilogue(y, rs[:3], cs)
+    with pytest.raises(ValueError, match="col_scale with 8 elements"):
+        fp8_scale_epilogue(y, rs, torch.ones(9))
+    with pytest.raises(TypeError, match="float32"):
+        fp8_scale_epilogue(y, rs.double(), cs)
+    with pytest.raises(ValueError, match="floating bias of 8"):
+        fp8_scale_epilogue(y, rs, cs, torch.ones(7))
+    with pytest.raises(ValueError, match="act"):
+        fp8_scale_epilogue(y, rs, cs, b, "relu")
+    with pytest.raises(ValueError, match="2"):
+        fp8_scale_epilogue(y[None], rs, cs)
+
+
+def _need_kernel() -> None:
+    if not has_kernel("fp8_scale_epilogue", "cuda"):
+        pytest.skip("dcgen._C has no CUDA fp8_scale_epilogue kernel")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernel_matches_reference(dtype, act, rng):
+    _need_kernel()
+    for m, n in SHAPES:
+        for bias in (True, False):
+            y, rs, cs, b = _inputs(m, n, dtype, rng, "cuda", bias)
+            poison_cuda_allocator()
+            got = compiled_op("fp8_scale_epilogue")(y, rs, cs, b, act)
+            bc = None if b is None else b.cpu()
+            want = fp8_scale_epilogue_reference(y.cpu(), rs.cpu(), cs.cpu(), bc, act)
+            assert got.dtype == dtype and got.shape == (m, n)
+            assert not got.isnan().any(), f"unwritten elements {m}x{n}"
+            if act == "none":
+                # Same fp32 operations in the same order, one rounding: bit-identical.
+                assert torch.equal(got.cpu(), want), (m, n, dtype, bias)
+            else:
+                # tanhf vs torch's CPU tanh: a few fp32 ulps, at most one output rounding step.
+                torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_misaligned_and_flat_inputs(rng):
+    _need_kernel()
+    # A y whose storage starts 2 bytes past a 16-byte boundary takes the scalar path.
+    buf = (torch.randn(1 + 9 * 64, generator=rng) * 100).to(torch.bfloat16).cuda()
+    y = buf[1:].view(9, 64)
+    rs, cs = torch.rand(9, device="cuda") + 0.5, torch.rand(64, device="cuda") + 0.5
+    poison_cuda_allocator()
+    got = fp8_scale_epilogue(y, rs, cs)
+    assert torch.equal(got.cpu(), fp8_scale_epilogue_reference(y.cpu(), rs.cpu(), cs.cpu()))
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_rejects_bad_inputs():
+    _need_kernel()
+    op = compiled_op("fp8_scale_epilogue")
+    y = torch.ones(4, 8, device="cuda", dtype=torch.bfloat16)
+    rs, cs = torch.ones(4, device="cuda"), torch.ones(8, device="cuda")
+    with pytest.raises(RuntimeError, match="act"):
+        op(y, rs, cs, None, "relu")
+    with pytest.raises(RuntimeError, match="row_scale"):
+        op(y, rs[:3], cs, None, "none")
+    with pytest.raises(RuntimeError, match="contiguous y"):
+        op(y.t(), cs, rs, None, "none")
