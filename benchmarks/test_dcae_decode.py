@@ -68,7 +68,6 @@ def test_dcae_decode(benchmark, preset, size, impl, mode):
     z = z.to(DTYPE)
 
     if impl == "dcgen":
-
         band_rows = BAND_ROWS if mode == "banded" else None
         ours.set_memory_format("contiguous" if mode == "nchw" else "auto")
 

@@ -21,7 +21,7 @@ def _inputs(m, n, dtype, rng, device="cpu", bias=True):
     rs = torch.rand(m, 1, generator=rng) * 1e-3 + 1e-5
     cs = torch.rand(n, 1, generator=rng) * 1e-2 + 1e-4
     b = torch.randn(n, generator=rng).to(dtype) if bias else None
-    move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
     return move(y), move(rs), move(cs), move(b)
 
 
