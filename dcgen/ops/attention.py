@@ -384,11 +384,15 @@ def _sdpa_attention(
             rope_sin=rope_sin,
             norm_split=norm_split,
         )
-    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    mask = None
     if key_padding_mask is not None:
-        seen = key_padding_mask.any(dim=-1)[:, None, None, None]
-        out = torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        # A query that sees no key returns zeros (the spec). Rather than a pass over the output
+        # (Sq rows), such batch elements attend every key of a zeroed v: both fixes touch only
+        # (B, Sk)-sized data, small next to the output in SANA's cross-attention.
+        seen = key_padding_mask.any(dim=-1)
+        mask = (key_padding_mask | ~seen[:, None])[:, None, None, :]
+        v = v * seen[:, None, None, None].to(v.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
