@@ -39,6 +39,8 @@ def _setup() -> dict:
         ours = copy.deepcopy(base)
         quantize_(ours, FP8Config())
         dcgen.accelerate(ours)
+        # bf16 weights, dcgen attention only: what the FP8 linears add on top of it.
+        attention_only = dcgen.accelerate(copy.deepcopy(base))
         g = torch.Generator().manual_seed(1)
         n_img = IMG_SIDE * IMG_SIDE
 
@@ -51,35 +53,49 @@ def _setup() -> dict:
         rope = flux.FluxPosEmbed(theta=10000, axes_dim=list(AXES))(ids.to(DEVICE))
         inputs = dict(hidden_states=rand(1, n_img, DIM), encoder_hidden_states=rand(1, TXT, DIM),
                       temb=rand(1, DIM), image_rotary_emb=rope)  # fmt: skip
-        _cache.update(base=base, ours=ours, inputs=inputs, compiled={})
+        _cache.update(
+            base=base, ours=ours, attention_only=attention_only, inputs=inputs, compiled={}
+        )
     return _cache
 
 
-def _model(impl: str, mode: str):  # noqa: ANN202
+def _model(impl: str, mode: str, variant: str = "fp8"):  # noqa: ANN202
     c = _setup()
-    module = c["base"] if impl == "baseline" else c["ours"]
+    if impl == "baseline":
+        module = c["base"]
+    else:
+        module = c["ours"] if variant == "fp8" else c["attention_only"]
     if mode == "eager":
         return module
-    key = f"{impl}-{mode}"
+    key = f"{impl}-{mode}-{variant}"
     if key not in c["compiled"]:
         c["compiled"][key] = torch.compile(module)
     return c["compiled"][key]
 
 
+# "fp8": FP8 linears + dcgen attention (the block); "bf16": dcgen attention alone, in
+# its own group (eager only), so the table splits the gain between the two.
+@pytest.mark.parametrize("variant", ["fp8", "bf16"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
-def test_flux_double_block(benchmark, impl, mode):
-    model = _model(impl, mode)
+def test_flux_double_block(benchmark, impl, mode, variant):
+    if variant == "bf16" and mode != "eager":
+        pytest.skip("the attention-only variant is measured eager only")
+    model = _model(impl, mode, variant)
     inputs = _setup()["inputs"]
 
     def fn():
         return model(**inputs)
 
     benchmark.group = f"FLUX double block {IMG_SIDE * IMG_SIDE}+{TXT} tokens, width {DIM} ({mode})"
+    if variant == "bf16":
+        benchmark.group += " [dcgen: bf16 linears, dcgen attention]"
     benchmark.extra_info.update(
         impl=impl,
         baseline_name=f"{str(DTYPE)[6:]} block, stock processor ({mode})",
-        dcgen_name="FP8 W8A8 linears (row scales) + dcgen.accelerate",
+        dcgen_name="FP8 W8A8 linears (row scales) + dcgen.accelerate"
+        if variant == "fp8"
+        else "dcgen.accelerate (bf16 linears)",
     )
     with torch.inference_mode():
         time_it(benchmark, fn, n_rounds=rounds(20, 2), warmup=2 if mode == "compile" else 1)
