@@ -65,6 +65,28 @@ def has_kernel(name: str, device: torch.device | str) -> bool:
     return (name, key) in _KERNELS
 
 
+COMPILE_OPS_ENV = "DCGEN_COMPILE_OPS"
+COMPILE_OPS = ("inductor", "kernels")
+
+
+@torch.compiler.assume_constant_result  # a process setting: a constant to torch.compile
+def _compile_ops_choice() -> str:
+    choice = os.environ.get(COMPILE_OPS_ENV, "inductor").strip().lower()
+    if choice not in COMPILE_OPS:
+        raise ValueError(f"{COMPILE_OPS_ENV}: expected one of {COMPILE_OPS}, got {choice!r}")
+    return choice
+
+
+def inductor_fuses_instead() -> bool:
+    """True while torch.compile traces and ``DCGEN_COMPILE_OPS`` is "inductor" (the default).
+
+    Ops whose reference is elementwise work or a row reduction (the FP8 activation quantize, the
+    FP8 scale epilogue) then trace their reference instead of the compiled kernel: an opaque
+    custom op would cut Inductor's fusion, while the reference fuses into the neighbouring
+    norm, modulation and residual code. ``DCGEN_COMPILE_OPS=kernels`` keeps the kernels."""
+    return torch.compiler.is_compiling() and _compile_ops_choice() == "inductor"
+
+
 def compiled_op(name: str) -> Any:
     """The OpOverloadPacket torch.ops.dcgen.<name> (only call after has_kernel)."""
     return getattr(torch.ops.dcgen, name)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _quant_fake  # noqa: F401  (its fake impl, so torch.compile traces the op)
-from ._extension import compiled_op, has_kernel
+from ._extension import compiled_op, has_kernel, inductor_fuses_instead
 from ._validate import check_same_device, check_tensor
 
 ACTIVATIONS = ("none", "gelu_tanh")
@@ -82,13 +82,20 @@ def fp8_scale_epilogue(
 
     y: bf16 / fp16 [M, N]; row_scale: fp32 with M elements ([M] or [M, 1]); col_scale: fp32
     with N elements; bias: N floats or None; act: "none" or "gelu_tanh". The CUDA kernel runs
-    when built for y's device and nothing needs a gradient; otherwise the reference.
+    when built for y's device and nothing needs a gradient; otherwise, and under torch.compile
+    (``inductor_fuses_instead``: Inductor fuses the reference into its neighbours), the
+    reference.
     """
     _check(y, row_scale, col_scale, bias, act)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (y, row_scale, col_scale, bias)
     )
-    if not needs_grad and y.numel() > 0 and has_kernel("fp8_scale_epilogue", y.device):
+    if (
+        not needs_grad
+        and y.numel() > 0
+        and has_kernel("fp8_scale_epilogue", y.device)
+        and not inductor_fuses_instead()
+    ):
         return compiled_op("fp8_scale_epilogue")(
             y.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias, act
         )

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _quant_fake  # noqa: F401  (fake impls of the quantize ops)
-from ._extension import compiled_op, has_kernel
+from ._extension import compiled_op, has_kernel, inductor_fuses_instead
 from ._validate import FLOAT_DTYPES, check_tensor
 
 E4M3_MAX = 448.0
@@ -83,14 +83,20 @@ def quantize_fp8(x: torch.Tensor, granularity: str = "row") -> tuple[torch.Tenso
     """Quantize activations ``x`` [..., K] to FP8 with dynamic per-row or 1x128 scales.
 
     Returns ``(q, scales)`` as :func:`quantize_fp8_reference` does. Runs the fused CUDA kernel
-    (one pass) when dcgen._C has one for ``x.device`` and x is fp32/fp16/bf16; otherwise the
-    reference. No gradient flows through either (rounding has none).
+    (one pass) when dcgen._C has one for ``x.device`` and x is fp32/fp16/bf16; otherwise, and
+    under torch.compile (``inductor_fuses_instead``), the reference. No gradient flows through
+    either (rounding has none).
     """
     check_tensor("quantize_fp8: x", x, min_ndim=1, dtypes=(*FLOAT_DTYPES, torch.float64))
     check_granularity(granularity)
     if x.shape[-1] == 0:
         raise ValueError(f"quantize_fp8: expected K >= 1, got shape {tuple(x.shape)}")
-    if x.dtype in FLOAT_DTYPES and x.numel() > 0 and has_kernel("quantize_fp8", x.device):
+    if (
+        x.dtype in FLOAT_DTYPES
+        and x.numel() > 0
+        and has_kernel("quantize_fp8", x.device)
+        and not inductor_fuses_instead()
+    ):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.detach().reshape(-1, k).contiguous()
         block = 0 if granularity == "row" else BLOCK_K

@@ -113,3 +113,36 @@ def test_cuda_kernel_rejects_bad_inputs():
         op(y, rs[:3], cs, None, "none")
     with pytest.raises(RuntimeError, match="contiguous y"):
         op(y.t(), cs, rs, None, "none")
+
+
+@pytest.mark.parametrize("choice, expect_kernel", [("inductor", False), ("kernels", True)])
+def test_compile_traces_the_reference_unless_asked(choice, expect_kernel, monkeypatch, rng):
+    # Under torch.compile the quantize and epilogue ops trace their references by default (so
+    # Inductor fuses them with neighbours); DCGEN_COMPILE_OPS=kernels keeps the custom ops.
+    import dcgen.ops._extension as ext
+    import dcgen.ops.fp8_epilogue as ep
+    import dcgen.ops.quantize_fp8 as qf
+
+    monkeypatch.setenv("DCGEN_COMPILE_OPS", choice)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    calls = []
+    kernels = {  # stand-ins for the compiled ops: record the call, answer like the kernel
+        "fp8_scale_epilogue": lambda y, rs, cs, b, act: ep.fp8_scale_epilogue_reference(
+            y, rs, cs, b, act
+        ),
+        "quantize_fp8": lambda x, block: qf.quantize_fp8_reference(x, "row"),
+    }
+
+    def fake_op(name):
+        return lambda *args: calls.append(name) or kernels[name](*args)
+
+    for mod in (ep, qf):
+        monkeypatch.setattr(mod, "has_kernel", lambda name, device: True)
+        monkeypatch.setattr(mod, "compiled_op", fake_op)
+    y, rs, cs, b = _inputs(3, 16, torch.bfloat16, rng)
+    ep.fp8_scale_epilogue(y, rs, cs, b)
+    qf.quantize_fp8(y, "row")
+    assert calls == (["fp8_scale_epilogue", "quantize_fp8"] if expect_kernel else [])
+    monkeypatch.setenv("DCGEN_COMPILE_OPS", "triton")
+    with pytest.raises(ValueError, match="DCGEN_COMPILE_OPS: expected one of"):
+        ext._compile_ops_choice()

@@ -344,3 +344,19 @@ def test_bad_inputs():
         quantize_fp8(torch.ones(3, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="scales of shape"):
         dequantize_fp8(torch.zeros(2, 256, dtype=torch.float8_e4m3fn), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("route", ["tensor", "rowwise"])
+def test_fp8_linear_traces_without_graph_break(route, rng, monkeypatch):
+    # torch.compile(fullgraph=True) of FP8 linears: the route choice, the compile-ops choice
+    # and the quantize / GEMM / epilogue calls all trace (backend "eager": no codegen on CI).
+    monkeypatch.setenv("DCGEN_FP8_GEMM", route)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.GELU(approximate="tanh"), nn.Linear(48, 32))
+    quantize_(model, FP8Config(exclude=()))
+    model = model.bfloat16()
+    x = torch.randn(5, 64, generator=rng).bfloat16()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).float(), model(x).float(), rtol=2e-2, atol=2e-2)
