@@ -12,7 +12,7 @@ from .api import (
     save_quantized,
 )
 from .fp8 import fp8_gemm, fp8_linear_reference, quantize_fp8_weight
-from .fp8_linear import FP8Linear
+from .fp8_linear import FP8Linear, share_input_quantization, unshare_input_quantization
 from .linear import NVFP4Linear, smoothing_factors
 from .nvfp4 import (
     NVFP4Tensor,
@@ -48,8 +48,10 @@ __all__ = [
     "quantize_nvfp4",
     "quantized_modules",
     "save_quantized",
+    "share_input_quantization",
     "smoothing_factors",
     "swizzle_scales",
     "unpack_e2m1",
+    "unshare_input_quantization",
     "unswizzle_scales",
 ]

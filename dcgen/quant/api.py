@@ -35,7 +35,7 @@ from torch import nn
 
 from dcgen.ops.quantize_fp8 import check_granularity
 
-from .fp8_linear import FP8Linear
+from .fp8_linear import FP8Linear, share_input_quantization
 from .linear import NVFP4Linear, check_mode, smoothing_factors
 from .nvfp4 import BLOCK
 
@@ -223,6 +223,7 @@ def quantize_(
         for name in names:
             lin = model.get_submodule(name)
             _set_module(model, name, FP8Linear.from_linear(lin, config.granularity))
+        share_input_quantization(model)  # one quantize pass per input read by several linears
         logger.info("quantize_: %d linears to FP8 (%s)", len(names), config.granularity)
         return names
     names = _targets(model, config)
@@ -358,6 +359,7 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
             f"load_quantized: state dict mismatch with {path}: missing {missing[:8]}, "
             f"unexpected {unexpected[:8]}"
         )
+    share_input_quantization(model)
     return list(layers)
 
 

@@ -18,6 +18,8 @@ bias gets ``dy`` summed when it requires grad.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -28,12 +30,100 @@ from .fp8 import fp8_gemm, fp8_linear_reference, quantize_fp8_weight
 _FORMAT_BUFFERS = ("weight", "weight_scale")
 
 
-def _forward(x2: torch.Tensor, layer: FP8Linear, gemm: bool) -> torch.Tensor:
-    """[M, K] -> [M, N] in x2's dtype; ``gemm`` False runs the pure reference end to end."""
+class _SharedInputQuantization:
+    """Quantize an activation once when several FP8 linears read it.
+
+    A FLUX double block's to_q / to_k / to_v read one tensor, a single block's projections and
+    its MLP input another; they run one after another, so remembering the last (input,
+    granularity) saves all but the first quantize pass. The reuse is scoped: it is only on
+    inside the forward of a module registered with :func:`share_input_quantization`, module
+    types whose code never modifies that input in place between the projections, and it ends
+    with that forward. Inside, the input matches by identity (weak reference), storage, shape,
+    strides and, where torch tracks it (not for inference-mode tensors), the in-place version.
+    Off while compiling (Inductor deduplicates the traced quantizations) and under autograd."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.clear()
+
+    def clear(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._key: tuple = ()
+        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def _key_of(x: torch.Tensor, granularity: str) -> tuple:
+        version = None if x.is_inference() else x._version
+        return (version, x.data_ptr(), granularity, x.shape, x.stride())
+
+    def quantize(self, x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.depth == 0 or torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return _qop.quantize_fp8(x, granularity)
+        key = self._key_of(x, granularity)
+        if self._ref is not None and self._ref() is x and self._key == key:
+            assert self._value is not None
+            return self._value
+        self._value = _qop.quantize_fp8(x, granularity)
+        self._ref, self._key = weakref.ref(x), key
+        return self._value
+
+    def enter(self, *_: object) -> None:
+        self.depth += 1
+
+    def leave(self, *_: object) -> None:
+        self.depth = max(0, self.depth - 1)
+        if self.depth == 0:
+            self.clear()  # nothing outlives the scope, not even the last quantized tensor
+
+
+_shared = _SharedInputQuantization()
+
+# diffusers modules whose forward feeds one input to several linears and never modifies it in
+# place in between (FLUX attention: q/k/v and the text q/k/v; FLUX single block: q/k/v + MLP;
+# the generic Attention that SANA uses).
+SHARED_INPUT_MODULES = ("FluxAttention", "FluxSingleTransformerBlock", "Attention")
+_HOOKED = "_dcgen_shared_quantization"
+
+
+def share_input_quantization(model: nn.Module) -> int:
+    """Turn on quantize reuse (:class:`_SharedInputQuantization`) inside every module of
+    ``model`` whose type is in SHARED_INPUT_MODULES and that holds FP8 linears; returns how many
+    were registered (idempotent)."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ not in SHARED_INPUT_MODULES or hasattr(module, _HOOKED):
+            continue
+        if not any(isinstance(m, FP8Linear) for m in module.modules()):
+            continue
+        handles = (
+            module.register_forward_pre_hook(_shared.enter),
+            module.register_forward_hook(_shared.leave, always_call=True),
+        )
+        setattr(module, _HOOKED, handles)
+        count += 1
+    return count
+
+
+def unshare_input_quantization(model: nn.Module) -> int:
+    """Undo :func:`share_input_quantization` on ``model``; returns how many modules it left."""
+    count = 0
+    for module in model.modules():
+        handles = module.__dict__.pop(_HOOKED, None)
+        if handles is not None:
+            for handle in handles:
+                handle.remove()
+            count += 1
+    return count
+
+
+def _forward(x: torch.Tensor, layer: FP8Linear, gemm: bool) -> torch.Tensor:
+    """[..., K] -> [M, N] in x's dtype; ``gemm`` False runs the pure reference end to end."""
+    x2 = x.reshape(-1, layer.in_features)
     if gemm:
-        xq, xs = _qop.quantize_fp8(x2, layer.granularity)
+        xq, xs = _shared.quantize(x, layer.granularity)
+        xq, xs = xq.reshape(-1, layer.in_features), xs.reshape(x2.shape[0], -1)
         return fp8_gemm(
-            xq, xs, layer.weight, layer.weight_scale, layer.bias, x2.dtype, layer.granularity
+            xq, xs, layer.weight, layer.weight_scale, layer.bias, x.dtype, layer.granularity
         )
     xq, xs = _qop.quantize_fp8_reference(x2, layer.granularity)
     return fp8_linear_reference(xq, xs, layer.weight, layer.weight_scale, layer.bias, x2.dtype)
@@ -132,14 +222,13 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
         bias = self.bias
         if torch.is_grad_enabled() and (
             x.requires_grad or (bias is not None and bias.requires_grad)
         ):
-            y = _FP8LinearFn.apply(x2, bias, self)
+            y = _FP8LinearFn.apply(x.reshape(-1, self.in_features), bias, self)
         else:
-            y = _forward(x2, self, gemm=True)
+            y = _forward(x, self, gemm=True)  # x itself: the quantize reuse keys on it
         return y.reshape(*lead, self.out_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -360,3 +360,85 @@ def test_fp8_linear_traces_without_graph_break(route, rng, monkeypatch):
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x).float(), model(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def _count_quantize(monkeypatch) -> list[int]:
+    import dcgen.quant.fp8_linear as fl
+
+    calls = [0]
+    original = fl._qop.quantize_fp8
+
+    def counting(x, granularity):
+        calls[0] += 1
+        return original(x, granularity)
+
+    monkeypatch.setattr(fl._qop, "quantize_fp8", counting)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_shared_input_quantized_once_per_scope(fp_model, mode, monkeypatch):
+    # In a FLUX transformer, to_q / to_k / to_v (and the text projections, and a single
+    # block's MLP input) read one tensor: quantized once, same output as quantizing each time.
+    import dcgen.quant.fp8_linear as fl
+
+    model = copy.deepcopy(fp_model)
+    quantize_(model, FP8Config())
+    hooked = [m for m in model.modules() if hasattr(m, fl._HOOKED)]
+    assert {type(m).__name__ for m in hooked} == {"FluxAttention", "FluxSingleTransformerBlock"}
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    calls = _count_quantize(monkeypatch)
+    with ctx:
+        shared = model(**flux_inputs())[0]
+    shared_calls = calls[0]
+    assert fl.unshare_input_quantization(model) == len(hooked)
+    assert not any(hasattr(m, fl._HOOKED) for m in model.modules())
+    calls[0] = 0
+    with ctx:
+        each = model(**flux_inputs())[0]
+    per_call = calls[0]  # without sharing: one quantize per FP8 linear call
+    # Saved: per double block 2 + 2 (image and text q/k/v), per single block 3 (q/k/v + MLP).
+    cfg = model.config
+    assert shared_calls == per_call - 4 * cfg.num_layers - 3 * cfg.num_single_layers
+    assert per_call == sum(isinstance(m, FP8Linear) for m in model.modules())
+    assert torch.equal(shared, each)
+    assert fl._shared._value is None  # nothing kept once the scope is left
+
+
+def test_shared_quantization_sees_in_place_changes(monkeypatch):
+    # Inside a scope, an input modified in place (version counter) is quantized again.
+    import dcgen.quant.fp8_linear as fl
+
+    torch.manual_seed(0)
+    a, b = (FP8Linear.from_linear(nn.Linear(32, 8)) for _ in range(2))
+    x = torch.randn(4, 32)
+    calls = _count_quantize(monkeypatch)
+    with torch.no_grad():
+        fl._shared.enter()
+        try:
+            ya = a(x)
+            a(x)  # same tensor, unchanged: reused
+            assert calls[0] == 1
+            x.mul_(2)
+            yb = b(x)
+            assert calls[0] == 2
+        finally:
+            fl._shared.leave()
+    torch.testing.assert_close(yb, b.reference_forward(x))
+    torch.testing.assert_close(ya, a.reference_forward(x / 2))
+
+
+def test_flux_block_with_shared_quantization_compiles_fullgraph(rng):
+    flux = pytest.importorskip("diffusers.models.transformers.transformer_flux")
+    torch.manual_seed(0)
+    block = flux.FluxSingleTransformerBlock(64, 2, 32).eval()
+    quantize_(block, FP8Config())
+    x, txt = torch.randn(1, 12, 64, generator=rng), torch.randn(1, 5, 64, generator=rng)
+    temb = torch.randn(1, 64, generator=rng)
+    assert any(hasattr(m, "_dcgen_shared_quantization") for m in block.modules())
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        want = block(x, txt, temb)
+        got = compiled(x, txt, temb)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
