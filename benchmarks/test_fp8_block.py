@@ -1,5 +1,5 @@
 """One FLUX double block at DC-Gen-FLUX 4K size (4,096 image + 512 text tokens): the bf16 block
-vs dcgen's (FP8 E4M3 W8A8 linears through ``quantize_`` + ``dcgen.accelerate`` attention), in
+vs dcgen's (FP8 E4M3 W8A8 linears through ``quantize_`` + ``dcgen.accelerate(blocks=True)``), in
 eager mode and both under torch.compile: issue 6's block goal (2.0x eager, 1.4x compiled).
 
 The FP8 block's output error against the bf16 block goes to extra_info ("rel_err"), so speed is
@@ -38,8 +38,10 @@ def _setup() -> dict:
             base = flux.FluxTransformerBlock(DIM, HEADS, HEAD_DIM).to(DTYPE).eval()
         ours = copy.deepcopy(base)
         quantize_(ours, FP8Config())
-        dcgen.accelerate(ours)
-        # bf16 weights, dcgen attention only: what the FP8 linears add on top of it.
+        dcgen.accelerate(ours, blocks=True)
+        # bf16 weights: dcgen attention + fused block glue, and dcgen attention alone, so the
+        # table splits the gain between attention, glue and the FP8 linears.
+        bf16_blocks = dcgen.accelerate(copy.deepcopy(base), blocks=True)
         attention_only = dcgen.accelerate(copy.deepcopy(base))
         g = torch.Generator().manual_seed(1)
         n_img = IMG_SIDE * IMG_SIDE
@@ -54,8 +56,9 @@ def _setup() -> dict:
         inputs = dict(hidden_states=rand(1, n_img, DIM), encoder_hidden_states=rand(1, TXT, DIM),
                       temb=rand(1, DIM), image_rotary_emb=rope)  # fmt: skip
         _cache.update(
-            base=base, ours=ours, attention_only=attention_only, inputs=inputs, compiled={}
-        )
+            base=base, ours=ours, variants={"bf16": bf16_blocks, "bf16-attention": attention_only},
+            inputs=inputs, compiled={},
+        )  # fmt: skip
     return _cache
 
 
@@ -64,7 +67,7 @@ def _model(impl: str, mode: str, variant: str = "fp8"):  # noqa: ANN202
     if impl == "baseline":
         module = c["base"]
     else:
-        module = c["ours"] if variant == "fp8" else c["attention_only"]
+        module = c["ours"] if variant == "fp8" else c["variants"][variant]
     if mode == "eager":
         return module
     key = f"{impl}-{mode}-{variant}"
@@ -73,14 +76,15 @@ def _model(impl: str, mode: str, variant: str = "fp8"):  # noqa: ANN202
     return c["compiled"][key]
 
 
-# "fp8": FP8 linears + dcgen attention (the issue's block); "bf16": dcgen attention alone, in
-# its own group (eager only), so the table splits the gain between the two.
-@pytest.mark.parametrize("variant", ["fp8", "bf16"])
+# "fp8": FP8 linears + dcgen attention + fused block glue (the issue's block); "bf16": bf16
+# linears, dcgen attention + glue; "bf16-attention": dcgen attention alone. The bf16 variants
+# get their own groups (eager only), so the table splits the gain.
+@pytest.mark.parametrize("variant", ["fp8", "bf16", "bf16-attention"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_flux_double_block(benchmark, impl, mode, variant):
-    if variant == "bf16" and mode != "eager":
-        pytest.skip("the attention-only variant is measured eager only")
+    if variant != "fp8" and mode != "eager":
+        pytest.skip("the bf16 variants are measured eager only")
     model = _model(impl, mode, variant)
     inputs = _setup()["inputs"]
 
@@ -88,14 +92,17 @@ def test_flux_double_block(benchmark, impl, mode, variant):
         return model(**inputs)
 
     benchmark.group = f"FLUX double block {IMG_SIDE * IMG_SIDE}+{TXT} tokens, width {DIM} ({mode})"
-    if variant == "bf16":
-        benchmark.group += " [dcgen: bf16 linears, dcgen attention]"
+    names = {
+        "fp8": "FP8 W8A8 linears (row scales) + dcgen.accelerate(blocks=True)",
+        "bf16": "bf16 linears, dcgen.accelerate(blocks=True)",
+        "bf16-attention": "bf16 linears, dcgen.accelerate (attention only)",
+    }
+    if variant != "fp8":
+        benchmark.group += f" [dcgen: {names[variant]}]"
     benchmark.extra_info.update(
         impl=impl,
         baseline_name=f"{str(DTYPE)[6:]} block, stock processor ({mode})",
-        dcgen_name="FP8 W8A8 linears (row scales) + dcgen.accelerate"
-        if variant == "fp8"
-        else "dcgen.accelerate (bf16 linears)",
+        dcgen_name=names[variant],
     )
     with torch.inference_mode():
         time_it(benchmark, fn, n_rounds=rounds(20, 2), warmup=2 if mode == "compile" else 1)

@@ -766,7 +766,7 @@ times S steps and extrapolates to the full depth and --steps. Writes speed.md/.j
                         "FA2-class setting)")  # fmt: skip
     b.add_argument("--variants", default=None, metavar="V1,V2",
                    help="stock (diffusers attention, dcgen ops on references) and/or kernels "
-                        "(dcgen.accelerate + compiled kernels); default kernels")  # fmt: skip
+                        "(dcgen.accelerate(blocks=True) + compiled kernels); default kernels")  # fmt: skip
     b.add_argument("--no-kernels", action="store_true",
                    help="same as --variants stock (DCGEN_DISABLE_KERNELS=1)")  # fmt: skip
     b.add_argument("--fp8", action="store_true",

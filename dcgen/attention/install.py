@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from . import flux_blocks
 from .processors import FluxFusedAttnProcessor, SanaFusedCrossAttnProcessor
 
 logger = logging.getLogger(__name__)
@@ -52,14 +53,20 @@ def _new_processor(module: torch.nn.Module) -> object | None:
     return None
 
 
-def accelerate(model: torch.nn.Module) -> torch.nn.Module:
+def accelerate(model: torch.nn.Module, blocks: bool = False) -> torch.nn.Module:
     """Swap the stock attention processors of ``model`` (a FLUX or SANA transformer, or any
     module holding their attention layers) for dcgen's fused ones. Returns ``model``.
+
+    ``blocks=True`` also runs FLUX double / single blocks with their elementwise glue fused
+    (flux_blocks.py: AdaLN modulation, gated residuals, the MLP's GELU in its GEMM epilogue).
 
     Idempotent; ``unaccelerate(model)`` undoes it. Numerics: the fused path computes norm, RoPE
     and softmax statistics in fp32 (see dcgen.ops.attention), so outputs match the stock
     processors within the input dtype's rounding.
     """
+    if blocks:
+        n = flux_blocks.install(model)
+        logger.info("dcgen.accelerate: fused glue in %d FLUX blocks", n)
     count = 0
     for module in model.modules():
         if _ORIGINAL in module.__dict__:
@@ -77,7 +84,9 @@ def accelerate(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def unaccelerate(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the processors ``accelerate`` replaced. Returns ``model``."""
+    """Restore the processors (and block forwards) ``accelerate`` replaced. Returns
+    ``model``."""
+    flux_blocks.restore(model)
     for module in model.modules():
         original = module.__dict__.pop(_ORIGINAL, None)
         if original is not None:
@@ -86,5 +95,6 @@ def unaccelerate(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_accelerated(model: torch.nn.Module) -> bool:
-    """True when any attention module of ``model`` runs a dcgen fused processor."""
-    return any(_ORIGINAL in m.__dict__ for m in model.modules())
+    """True when any attention module of ``model`` runs a dcgen fused processor or any block
+    its fused forward."""
+    return flux_blocks.is_installed(model) or any(_ORIGINAL in m.__dict__ for m in model.modules())

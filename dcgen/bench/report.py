@@ -91,7 +91,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"{base_ae}, DC-Gen on the DC-AE column with 1x1 patches; {s['steps']} steps + decode, "
         f"text encoding excluded; batch 1 latency, throughput at batch {s['batch']}; SDPA "
         f"backends {_names(s['attention'])}, variants {_names(s['variants'])} (stock: diffusers "
-        f"attention, dcgen ops on references; kernels: dcgen.accelerate + compiled kernels); "
+        f"attention, dcgen ops on references; kernels: dcgen.accelerate(blocks=True) + "
+        f"compiled kernels); "
         f"median of {s['repeats']} run(s) after {s['warmup']} warm-up; timer {report['timer']}.",
         "",
         f"How: {report['method']}.",

@@ -13,8 +13,9 @@ GPU memory. Both pipelines share ONE transformer: the latent-facing layers are s
 resident once (models.py says which autoencoders each family compares).
 
 Variants: ``stock`` = diffusers' attention processors and every dcgen op on its PyTorch
-reference (DCGEN_DISABLE_KERNELS=1); ``kernels`` = ``dcgen.accelerate`` (fused attention
-processors) and the compiled kernels (DC-AE linear attention, channel RMSNorm, FP8 quantize).
+reference (DCGEN_DISABLE_KERNELS=1); ``kernels`` = ``dcgen.accelerate(blocks=True)`` (fused
+attention processors, FLUX blocks with fused glue) and the compiled kernels (DC-AE linear
+attention, channel RMSNorm, FP8 quantize).
 Attention: each name picks torch's SDPA backend for the transformer (``default`` = torch's
 choice; the decode always keeps torch's choice); every row records what its softmax attention
 ran on (``attention_used``). The FP8 row (``fp8=True``):
@@ -258,12 +259,12 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def attention_processors(transformer: nn.Module, fused: bool) -> Iterator[None]:
-    """dcgen's fused attention processors installed while ``fused`` (dcgen.accelerate),
-    diffusers' stock ones otherwise; stock again on exit."""
+    """dcgen's fused attention processors and fused FLUX block glue installed while ``fused``
+    (``dcgen.accelerate(blocks=True)``), diffusers' stock ones otherwise; stock again on exit."""
     from .. import accelerate, unaccelerate
 
     if fused:
-        accelerate(transformer)
+        accelerate(transformer, blocks=True)
     else:
         unaccelerate(transformer)
     try:

@@ -28,6 +28,12 @@ from .channel_rms_norm import (
 from .fp8_epilogue import fp8_scale_epilogue, fp8_scale_epilogue_reference
 from .glu_depthwise import glu_depthwise_conv, glu_depthwise_conv_reference
 from .linear_attention import relu_linear_attention, relu_linear_attention_reference
+from .modulation import (
+    adaln_modulate,
+    adaln_modulate_reference,
+    gated_residual,
+    gated_residual_reference,
+)
 
 # quantize_fp8 and nvfp4_gemm stay module attributes (dcgen.ops.quantize_fp8.quantize_fp8):
 # exporting the functions under the same names would shadow their modules.
@@ -38,6 +44,10 @@ from .quantize_nvfp4 import quantize_nvfp4_activation, quantize_nvfp4_reference
 from .shortcuts import channel_duplicate_to_space, space_to_channel_average
 
 __all__ = [
+    "adaln_modulate",
+    "adaln_modulate_reference",
+    "gated_residual",
+    "gated_residual_reference",
     "channel_duplicate_to_space",
     "dequantize_fp8",
     "fp8_scale_epilogue",

@@ -116,14 +116,15 @@ def unshare_input_quantization(model: nn.Module) -> int:
     return count
 
 
-def _forward(x: torch.Tensor, layer: FP8Linear, gemm: bool) -> torch.Tensor:
-    """[..., K] -> [M, N] in x's dtype; ``gemm`` False runs the pure reference end to end."""
+def _forward(x: torch.Tensor, layer: FP8Linear, gemm: bool, act: str = "none") -> torch.Tensor:
+    """[..., K] -> [M, N] in x's dtype; ``gemm`` False runs the pure reference end to end;
+    ``act`` (GEMM path) is applied in the GEMM's epilogue where the route has one."""
     x2 = x.reshape(-1, layer.in_features)
     if gemm:
         xq, xs = _shared.quantize(x, layer.granularity)
         xq, xs = xq.reshape(-1, layer.in_features), xs.reshape(x2.shape[0], -1)
         return fp8_gemm(
-            xq, xs, layer.weight, layer.weight_scale, layer.bias, x.dtype, layer.granularity
+            xq, xs, layer.weight, layer.weight_scale, layer.bias, x.dtype, layer.granularity, act
         )
     xq, xs = _qop.quantize_fp8_reference(x2, layer.granularity)
     return fp8_linear_reference(xq, xs, layer.weight, layer.weight_scale, layer.bias, x2.dtype)
@@ -219,7 +220,9 @@ class FP8Linear(nn.Module):
         if not x.is_floating_point() or x.dtype == torch.float64 or x.element_size() == 1:
             raise TypeError(f"FP8Linear: expected a float32/float16/bfloat16 input, got {x.dtype}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
+        """``act(x W^T + b)``; ``act`` "none" or "gelu_tanh" (fused into the GEMM epilogue on
+        the kernel route, the fused FLUX MLP's first linear uses it)."""
         self._check(x)
         lead = x.shape[:-1]
         bias = self.bias
@@ -227,8 +230,12 @@ class FP8Linear(nn.Module):
             x.requires_grad or (bias is not None and bias.requires_grad)
         ):
             y = _FP8LinearFn.apply(x.reshape(-1, self.in_features), bias, self)
+            if act == "gelu_tanh":
+                y = torch.nn.functional.gelu(y, approximate="tanh")
+            elif act != "none":
+                raise ValueError(f"FP8Linear: expected act 'none' or 'gelu_tanh', got {act!r}")
         else:
-            y = _forward(x, self, gemm=True)  # x itself: the quantize reuse keys on it
+            y = _forward(x, self, gemm=True, act=act)  # x itself: the quantize reuse keys on it
         return y.reshape(*lead, self.out_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,141 @@
+"""The elementwise glue of a DiT block (FLUX's AdaLN-Zero blocks), one pass each.
+
+diffusers runs ``norm(x) * (1 + scale) + shift`` as a LayerNorm and two more passes, and
+``x + gate * y`` as two; with the activations of a 4K DC-Gen image (4,608 x 3,072 per block)
+each pass is a full trip through memory. Here each is one op:
+
+- :func:`adaln_modulate`: ``LayerNorm(x) * (1 + scale[b]) + shift[b]`` (LayerNorm without
+  affine, biased variance, statistics in fp32);
+- :func:`gated_residual`: ``x + gate[b] * y``.
+
+x and y are (B, S, D) (or (M, D) with B = 1); shift, scale and gate are (B, D), typically chunks
+of the modulation linear's output. The spec computes in fp32 and rounds once to x's dtype, where
+diffusers rounds after every op; the difference is within the dtype's rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._extension import compiled_op, has_kernel, inductor_fuses_instead
+from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _as_rows(name: str, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(B, S, D) or (M, D) -> (x viewed as 3-D, B, S)."""
+    check_tensor(f"{name}: x", x, ndim=(2, 3), dtypes=(*FLOAT_DTYPES, torch.float64))
+    x3 = x if x.dim() == 3 else x.unsqueeze(0)
+    return x3, x3.shape[0], x3.shape[1]
+
+
+def _check_param(name: str, what: str, p: torch.Tensor, b: int, d: int) -> None:
+    check_tensor(f"{name}: {what}", p, ndim=2, dtypes=(*FLOAT_DTYPES, torch.float64))
+    if tuple(p.shape) != (b, d):
+        raise ValueError(
+            f"{name}: expected {what} of shape ({b}, {d}) (B, D), got {tuple(p.shape)}"
+        )
+
+
+def _use_kernel(op: str, x: torch.Tensor, *params: torch.Tensor) -> bool:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+    return (
+        not needs_grad
+        and x.dtype in KERNEL_DTYPES
+        and all(p.dtype in (x.dtype, torch.float32) for p in params)
+        and len({p.dtype for p in params}) == 1
+        and x.numel() > 0
+        and has_kernel(op, x.device)
+        and not inductor_fuses_instead()
+    )
+
+
+def _param_rows(p: torch.Tensor) -> torch.Tensor:
+    """The kernels read a (B, D) parameter with any row stride but unit column stride."""
+    return p if p.stride(-1) == 1 else p.contiguous()
+
+
+def adaln_modulate_reference(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Pure-PyTorch spec (module doc); returns x's shape and dtype."""
+    x3, _, _ = _as_rows("adaln_modulate", x)
+    normed = F.layer_norm(x3.float(), (x3.shape[-1],), eps=eps)
+    out = normed * (1 + scale.float()[:, None]) + shift.float()[:, None]
+    return out.to(x.dtype).reshape(x.shape)
+
+
+def adaln_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``LayerNorm(x) * (1 + scale) + shift`` per batch element, one pass (module doc).
+
+    The CUDA kernel runs for bf16 / fp16 x (shift and scale in x's dtype or fp32) when built
+    and no gradient is needed, except while torch.compile traces (the reference fuses there);
+    otherwise the reference."""
+    name = "adaln_modulate"
+    x3, b, s = _as_rows(name, x)
+    d = x3.shape[-1]
+    _check_param(name, "shift", shift, b, d)
+    _check_param(name, "scale", scale, b, d)
+    check_same_device(x=x, shift=shift, scale=scale)
+    if not eps > 0:
+        raise ValueError(f"{name}: expected eps > 0, got {eps}")
+    if _use_kernel(name, x, shift, scale):
+        out = compiled_op(name)(
+            x3.reshape(b * s, d).contiguous(), _param_rows(shift), _param_rows(scale), s, float(eps)
+        )
+        return out.reshape(x.shape)
+    return adaln_modulate_reference(x, shift, scale, eps)
+
+
+def gated_residual_reference(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch spec (module doc); returns x's shape and dtype."""
+    x3, _, _ = _as_rows("gated_residual", x)
+    out = x3.float() + gate.float()[:, None] * y.reshape(x3.shape).float()
+    return out.to(x.dtype).reshape(x.shape)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + gate * y`` per batch element, one pass (module doc). Dispatch as
+    :func:`adaln_modulate`; y must have x's shape and dtype."""
+    name = "gated_residual"
+    x3, b, s = _as_rows(name, x)
+    d = x3.shape[-1]
+    _check_param(name, "gate", gate, b, d)
+    check_tensor(f"{name}: y", y, dtypes=(x.dtype,))
+    if y.shape != x.shape:
+        raise ValueError(f"{name}: expected y of x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    check_same_device(x=x, gate=gate, y=y)
+    if _use_kernel(name, x, gate) and not (torch.is_grad_enabled() and y.requires_grad):
+        out = compiled_op(name)(
+            x3.reshape(b * s, d).contiguous(),
+            _param_rows(gate),
+            y.reshape(b * s, d).contiguous(),
+            s,
+        )
+        return out.reshape(x.shape)
+    return gated_residual_reference(x, gate, y)
+
+
+# Fake (meta) implementations, so torch.compile traces the compiled ops (with
+# DCGEN_COMPILE_OPS=kernels); only when dcgen._C is loaded and carries these schemas.
+def _has_schema(name: str) -> bool:
+    try:
+        getattr(torch.ops.dcgen, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+if _has_schema("adaln_modulate") and _has_schema("gated_residual"):
+
+    @torch.library.register_fake("dcgen::adaln_modulate")
+    def _adaln_modulate_fake(x, shift, scale, rows_per_batch, eps):  # noqa: ANN001
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("dcgen::gated_residual")
+    def _gated_residual_fake(x, gate, y, rows_per_batch):  # noqa: ANN001
+        return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,0 +1,251 @@
+"""accelerate(model, blocks=True): FLUX blocks with fused glue (dcgen/attention/flux_blocks.py)
+and its ops (dcgen/ops/modulation.py) against diffusers' own forwards and the fp64 math."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_flux import (
+    FluxSingleTransformerBlock,
+    FluxTransformerBlock,
+)
+from torch import nn
+
+from dcgen.attention import accelerate, flux_blocks, is_accelerated, unaccelerate
+from dcgen.ops import (
+    adaln_modulate,
+    adaln_modulate_reference,
+    gated_residual,
+    gated_residual_reference,
+    has_kernel,
+)
+from dcgen.ops._extension import compiled_op
+from dcgen.quant import FP8Config, quantize_
+from tests.conftest import poison_cuda_allocator
+
+from .adapters.tiny import tiny_flux
+from .test_accelerate import flux_inputs
+
+DIM, HEADS, HEAD_DIM = 64, 2, 32
+
+
+def _rand(*shape, g, dtype=torch.float32):
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+# ------------------------------------------------------------------------------ ops: spec
+
+
+def test_adaln_modulate_reference_is_layer_norm_then_modulation(rng):
+    x = _rand(2, 7, 24, g=rng) * 3 + 5  # an offset mean: the variance must be taken about it
+    shift, scale = _rand(2, 24, g=rng), _rand(2, 24, g=rng)
+    got = adaln_modulate_reference(x, shift, scale, eps=1e-6)
+    xd = x.double()
+    mean = xd.mean(-1, keepdim=True)
+    var = (xd - mean).pow(2).mean(-1, keepdim=True)
+    want = (xd - mean) / (var + 1e-6).sqrt() * (1 + scale.double()[:, None]) + shift.double()[
+        :, None
+    ]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # the public op on the CPU, and a 2-D input (B = 1)
+    torch.testing.assert_close(adaln_modulate(x, shift, scale), got)
+    torch.testing.assert_close(
+        adaln_modulate(x[0], shift[:1], scale[:1]),
+        adaln_modulate_reference(x[:1], shift[:1], scale[:1])[0],
+    )
+
+
+def test_gated_residual_reference(rng):
+    x, y, gate = _rand(3, 5, 16, g=rng), _rand(3, 5, 16, g=rng), _rand(3, 16, g=rng)
+    want = x.double() + gate.double()[:, None] * y.double()
+    torch.testing.assert_close(gated_residual(x, gate, y).double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gated_residual_reference(x, gate, y), gated_residual(x, gate, y))
+
+
+def test_modulation_ops_reject_bad_inputs(rng):
+    x, p = _rand(2, 3, 8, g=rng), _rand(2, 8, g=rng)
+    with pytest.raises(ValueError, match=r"shift of shape \(2, 8\)"):
+        adaln_modulate(x, p[:1], p)
+    with pytest.raises(ValueError, match="eps > 0"):
+        adaln_modulate(x, p, p, eps=0.0)
+    with pytest.raises(ValueError, match=r"gate of shape \(2, 8\)"):
+        gated_residual(x, p[:, :4], x)
+    with pytest.raises(ValueError, match="y of x's shape"):
+        gated_residual(x, p, x[:, :2])
+    with pytest.raises(TypeError, match="dtype"):
+        gated_residual(x, p, x.double())
+    with pytest.raises(ValueError, match="dims"):
+        adaln_modulate(x[None], p, p)
+
+
+# ------------------------------------------------------------------------------ ops: CUDA
+
+
+def _need(op: str) -> None:
+    if not has_kernel(op, "cuda"):
+        pytest.skip(f"dcgen._C has no CUDA {op} kernel")
+
+
+SHAPES = [(1, 1, 8), (2, 5, 24), (1, 7, 13), (3, 33, 3072), (2, 4, 1000)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("param_dtype", ["same", "float32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_modulation_kernels_match_reference(dtype, param_dtype, rng):
+    _need("adaln_modulate")
+    for b, s, d in SHAPES:
+        pd = dtype if param_dtype == "same" else torch.float32
+        x = (_rand(b, s, d, g=rng) * 2 + 1).to(dtype).cuda()
+        y = _rand(b, s, d, g=rng).to(dtype).cuda()
+        emb = _rand(b, 3 * d, g=rng).to(pd).cuda()
+        shift, scale, gate = emb.chunk(3, dim=1)  # row stride 3d, as the blocks pass them
+        poison_cuda_allocator()
+        got = compiled_op("adaln_modulate")(x.reshape(b * s, d), shift, scale, s, 1e-6)
+        want = adaln_modulate_reference(x.cpu(), shift.cpu(), scale.cpu(), 1e-6)
+        assert not got.isnan().any(), (b, s, d)
+        # fp32 math in another summation order, one rounding: at most one output ulp apart
+        torch.testing.assert_close(
+            got.reshape(b, s, d).cpu().float(), want.float(), rtol=1e-2, atol=2e-2
+        )
+        poison_cuda_allocator()
+        got = compiled_op("gated_residual")(x.reshape(b * s, d), gate, y.reshape(b * s, d), s)
+        want = gated_residual_reference(x.cpu(), gate.cpu(), y.cpu())
+        assert not got.isnan().any(), (b, s, d)
+        torch.testing.assert_close(
+            got.reshape(b, s, d).cpu().float(), want.float(), rtol=1e-2, atol=1e-2
+        )
+
+
+@pytest.mark.cuda
+def test_cuda_modulation_kernels_reject_bad_inputs():
+    _need("adaln_modulate")
+    x = torch.ones(6, 8, device="cuda", dtype=torch.bfloat16)
+    p = torch.ones(2, 8, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="rows_per_batch"):
+        compiled_op("adaln_modulate")(x, p, p, 4, 1e-6)
+    with pytest.raises(RuntimeError, match="shape"):
+        compiled_op("gated_residual")(x, p[:1], x, 3)
+
+
+# ------------------------------------------------------------------------------ blocks
+
+
+def _block_inputs(batch=2, n_img=12, n_txt=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=_rand(batch, n_img, DIM, g=g),
+        encoder_hidden_states=_rand(batch, n_txt, DIM, g=g),
+        temb=_rand(batch, DIM, g=g),
+        image_rotary_emb=None,
+    )
+
+
+def _blocks():
+    torch.manual_seed(0)
+    return [
+        FluxTransformerBlock(DIM, HEADS, HEAD_DIM).eval(),
+        FluxSingleTransformerBlock(DIM, HEADS, HEAD_DIM).eval(),
+    ]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["double", "single"])
+def test_fused_block_matches_diffusers(index):
+    block = _blocks()[index]
+    inputs = _block_inputs()
+    with torch.no_grad():
+        want = block(**inputs)
+        assert flux_blocks.install(block) == 1 and flux_blocks.is_installed(block)
+        got = block(**inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert flux_blocks.restore(block) == 1
+    assert "forward" not in block.__dict__ and not flux_blocks.is_installed(block)
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["double", "single"])
+def test_fused_block_with_fp8_linears(index, monkeypatch):
+    # FP8 linears: the MLP's GELU goes into the FP8 GEMM's scale epilogue ("tensor" route).
+    monkeypatch.setenv("DCGEN_FP8_GEMM", "tensor")
+    block = _blocks()[index].bfloat16()
+    quantize_(block, FP8Config())
+    inputs = {k: (v.bfloat16() if v is not None else v) for k, v in _block_inputs().items()}
+    with torch.no_grad():
+        want = block(**inputs)
+        flux_blocks.install(block)
+        got = block(**inputs)
+    for g, w in zip(got, want):
+        err = float((g.float() - w.float()).norm() / w.float().norm())
+        assert err < 1e-2, err  # the same FP8 operands; bf16 roundings differ
+
+
+def test_linear_gelu_keeps_wrapped_layers_exact(rng):
+    # A layer that is not a plain nn.Linear / FP8Linear (a LoRA wrapper, say) keeps gelu(proj(x)).
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base, self.delta = nn.Linear(8, 4), nn.Linear(8, 4, bias=False)
+
+        def forward(self, x):
+            return self.base(x) + self.delta(x)
+
+    proj, x = Wrapped(), _rand(3, 8, g=rng)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            flux_blocks.linear_gelu(proj, x), F.gelu(proj(x), approximate="tanh")
+        )
+        lin = nn.Linear(8, 4)
+        torch.testing.assert_close(
+            flux_blocks.linear_gelu(lin, x), F.gelu(lin(x), approximate="tanh")
+        )
+
+
+def test_unfusable_blocks_are_left_alone():
+    double, single = _blocks()
+    double.norm2 = nn.LayerNorm(DIM)  # affine: not the layout the fused forward reads
+    single.act_mlp = nn.GELU()  # exact GELU, not tanh
+    assert not flux_blocks.fusable(double) and not flux_blocks.fusable(single)
+    assert flux_blocks.install(nn.ModuleList([double, single])) == 0
+
+
+def test_accelerate_blocks_on_a_transformer_and_undo():
+    model = tiny_flux()
+    inputs = flux_inputs()
+    with torch.no_grad():
+        want = model(**inputs)[0]
+        accelerate(model, blocks=True)
+        assert is_accelerated(model) and flux_blocks.is_installed(model)
+        got = model(**inputs)[0]
+        unaccelerate(model)
+        assert not is_accelerated(model)
+        again = model(**inputs)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, want)
+
+
+def test_fused_blocks_keep_gradients():
+    # Training through patched blocks: the ops fall back to their (differentiable) references.
+    block = _blocks()[0]
+    ref = copy.deepcopy(block)
+    flux_blocks.install(block)
+    inputs = _block_inputs()
+    for m in (block, ref):
+        out = m(**inputs)
+        (out[0].square().mean() + out[1].square().mean()).backward()
+    for (name, p), q in zip(block.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_block_compiles_fullgraph():
+    block = _blocks()[1]
+    flux_blocks.install(block)
+    inputs = _block_inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        want, got = block(**inputs), compiled(**inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
