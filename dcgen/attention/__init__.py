@@ -1,11 +1,11 @@
 """diffusers attention processors on dcgen's fused attention (QK-RMSNorm + RoPE + flash).
 
 ``accelerate(transformer)`` swaps the stock processors of FLUX (double and single blocks) and
-SANA's cross-attention for the fused ones (``blocks=True``: FLUX blocks with their elementwise
-glue fused too, flux_blocks.py); ``unaccelerate(transformer)`` puts them back.
+SANA's cross-attention for the fused ones (``blocks=True``: FLUX and SANA blocks with their elementwise
+glue fused too, fused_blocks.py); ``unaccelerate(transformer)`` puts them back.
 """
 
-from . import flux_blocks
+from . import fused_blocks
 from .install import accelerate, is_accelerated, unaccelerate
 from .processors import FluxFusedAttnProcessor, SanaFusedCrossAttnProcessor
 
@@ -13,7 +13,7 @@ __all__ = [
     "FluxFusedAttnProcessor",
     "SanaFusedCrossAttnProcessor",
     "accelerate",
-    "flux_blocks",
+    "fused_blocks",
     "is_accelerated",
     "unaccelerate",
 ]

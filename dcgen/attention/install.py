@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from . import flux_blocks
+from . import fused_blocks
 from .processors import FluxFusedAttnProcessor, SanaFusedCrossAttnProcessor
 
 logger = logging.getLogger(__name__)
@@ -57,16 +57,17 @@ def accelerate(model: torch.nn.Module, blocks: bool = False) -> torch.nn.Module:
     """Swap the stock attention processors of ``model`` (a FLUX or SANA transformer, or any
     module holding their attention layers) for dcgen's fused ones. Returns ``model``.
 
-    ``blocks=True`` also runs FLUX double / single blocks with their elementwise glue fused
-    (flux_blocks.py: AdaLN modulation, gated residuals, the MLP's GELU in its GEMM epilogue).
+    ``blocks=True`` also runs FLUX double / single and SANA blocks with their elementwise glue
+    fused (fused_blocks.py: AdaLN modulation, gated residuals, FLUX's MLP GELU in its GEMM
+    epilogue).
 
     Idempotent; ``unaccelerate(model)`` undoes it. Numerics: the fused path computes norm, RoPE
     and softmax statistics in fp32 (see dcgen.ops.attention), so outputs match the stock
     processors within the input dtype's rounding.
     """
     if blocks:
-        n = flux_blocks.install(model)
-        logger.info("dcgen.accelerate: fused glue in %d FLUX blocks", n)
+        n = fused_blocks.install(model)
+        logger.info("dcgen.accelerate: fused glue in %d DiT blocks", n)
     count = 0
     for module in model.modules():
         if _ORIGINAL in module.__dict__:
@@ -86,7 +87,7 @@ def accelerate(model: torch.nn.Module, blocks: bool = False) -> torch.nn.Module:
 def unaccelerate(model: torch.nn.Module) -> torch.nn.Module:
     """Restore the processors (and block forwards) ``accelerate`` replaced. Returns
     ``model``."""
-    flux_blocks.restore(model)
+    fused_blocks.restore(model)
     for module in model.modules():
         original = module.__dict__.pop(_ORIGINAL, None)
         if original is not None:
@@ -97,4 +98,4 @@ def unaccelerate(model: torch.nn.Module) -> torch.nn.Module:
 def is_accelerated(model: torch.nn.Module) -> bool:
     """True when any attention module of ``model`` runs a dcgen fused processor or any block
     its fused forward."""
-    return flux_blocks.is_installed(model) or any(_ORIGINAL in m.__dict__ for m in model.modules())
+    return fused_blocks.is_installed(model) or any(_ORIGINAL in m.__dict__ for m in model.modules())

@@ -1,9 +1,9 @@
-"""FLUX block forwards with the elementwise glue fused (``accelerate(model, blocks=True)``).
+"""DiT block forwards with the elementwise glue fused (``accelerate(model, blocks=True)``).
 
-diffusers' ``FluxTransformerBlock`` and ``FluxSingleTransformerBlock`` spend a large share of
-an eager step outside their GEMMs and attention: every AdaLN modulation is a LayerNorm plus two
-passes, every gated residual two more, and the MLP's tanh GELU one more over its 4x-wide hidden
-state. These forwards compute the same function with
+diffusers' ``FluxTransformerBlock``, ``FluxSingleTransformerBlock`` and ``SanaTransformerBlock``
+spend a large share of an eager step outside their GEMMs and attention: every AdaLN modulation
+is a LayerNorm plus two passes, every gated residual two more, and FLUX's MLP tanh GELU one
+more over its 4x-wide hidden state. These forwards compute the same function with
 
 - :func:`dcgen.ops.adaln_modulate` for ``norm(x) * (1 + scale) + shift`` (one pass),
 - :func:`dcgen.ops.gated_residual` for ``x + gate * y`` (one pass),
@@ -58,7 +58,8 @@ def _gelu_ff(ff: nn.Module) -> bool:
 
 
 def fusable(block: nn.Module) -> bool:
-    """Whether ``block`` is a FLUX double / single block in the layout these forwards read."""
+    """Whether ``block`` is a FLUX double / single or SANA block in the layout these forwards
+    read."""
     name = type(block).__name__
     if name == "FluxTransformerBlock":
         return (
@@ -73,6 +74,15 @@ def fusable(block: nn.Module) -> bool:
         act = getattr(block, "act_mlp", None)
         return (
             _adaln_fusable(block.norm, 3) and isinstance(act, nn.GELU) and act.approximate == "tanh"
+        )
+    if name == "SanaTransformerBlock":
+        table = getattr(block, "scale_shift_table", None)
+        return (
+            isinstance(table, torch.Tensor)
+            and table.dim() == 2
+            and table.shape[0] == 6
+            and _plain_layer_norm(block.norm1)
+            and _plain_layer_norm(block.norm2)
         )
     return False
 
@@ -174,14 +184,45 @@ def single_block_forward(
     return hidden_states[:, :text_len], hidden_states[:, text_len:]
 
 
+def sana_block_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+    timestep: torch.Tensor | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> torch.Tensor:
+    """SanaTransformerBlock.forward (diffusers 0.42) with the glue fused (module doc)."""
+    b = hidden_states.shape[0]
+    table = self.scale_shift_table[None] + timestep.reshape(b, 6, -1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table.unbind(1)  # (B, D)
+    norm_hidden = adaln_modulate(hidden_states, shift_msa, scale_msa, self.norm1.eps)
+    hidden_states = gated_residual(hidden_states, gate_msa, self.attn1(norm_hidden))
+    if self.attn2 is not None:
+        attn_output = self.attn2(
+            hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=encoder_attention_mask,
+        )
+        hidden_states = attn_output + hidden_states
+    norm_hidden = adaln_modulate(hidden_states, shift_mlp, scale_mlp, self.norm2.eps)
+    # GLUMBConv on the token grid as an NCHW view of NHWC memory, as diffusers does.
+    ff_output = self.ff(norm_hidden.unflatten(1, (height, width)).permute(0, 3, 1, 2))
+    ff_output = ff_output.flatten(2, 3).permute(0, 2, 1)
+    return gated_residual(hidden_states, gate_mlp, ff_output.to(hidden_states.dtype))
+
+
 _FORWARDS = {
     "FluxTransformerBlock": double_block_forward,
     "FluxSingleTransformerBlock": single_block_forward,
+    "SanaTransformerBlock": sana_block_forward,
 }
 
 
 def install(model: nn.Module) -> int:
-    """Patch every fusable FLUX block of ``model`` (idempotent); returns how many."""
+    """Patch every fusable DiT block of ``model`` (idempotent); returns how many."""
     count = 0
     for module in model.modules():
         forward = _FORWARDS.get(type(module).__name__)

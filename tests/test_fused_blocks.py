@@ -1,5 +1,6 @@
-"""accelerate(model, blocks=True): FLUX blocks with fused glue (dcgen/attention/flux_blocks.py)
-and its ops (dcgen/ops/modulation.py) against diffusers' own forwards and the fp64 math."""
+"""accelerate(model, blocks=True): FLUX and SANA blocks with fused glue
+(dcgen/attention/fused_blocks.py) and its ops (dcgen/ops/modulation.py) against diffusers' own
+forwards and the fp64 math."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import nn
 
-from dcgen.attention import accelerate, flux_blocks, is_accelerated, unaccelerate
+from dcgen.attention import accelerate, fused_blocks, is_accelerated, unaccelerate
 from dcgen.ops import (
     adaln_modulate,
     adaln_modulate_reference,
@@ -26,7 +27,7 @@ from dcgen.ops._extension import compiled_op
 from dcgen.quant import FP8Config, quantize_
 from tests.conftest import poison_cuda_allocator
 
-from .adapters.tiny import tiny_flux
+from .adapters.tiny import text, tiny_flux, tiny_sana
 from .test_accelerate import flux_inputs
 
 DIM, HEADS, HEAD_DIM = 64, 2, 32
@@ -158,12 +159,12 @@ def test_fused_block_matches_diffusers(index):
     inputs = _block_inputs()
     with torch.no_grad():
         want = block(**inputs)
-        assert flux_blocks.install(block) == 1 and flux_blocks.is_installed(block)
+        assert fused_blocks.install(block) == 1 and fused_blocks.is_installed(block)
         got = block(**inputs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    assert flux_blocks.restore(block) == 1
-    assert "forward" not in block.__dict__ and not flux_blocks.is_installed(block)
+    assert fused_blocks.restore(block) == 1
+    assert "forward" not in block.__dict__ and not fused_blocks.is_installed(block)
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["double", "single"])
@@ -175,7 +176,7 @@ def test_fused_block_with_fp8_linears(index, monkeypatch):
     inputs = {k: (v.bfloat16() if v is not None else v) for k, v in _block_inputs().items()}
     with torch.no_grad():
         want = block(**inputs)
-        flux_blocks.install(block)
+        fused_blocks.install(block)
         got = block(**inputs)
     for g, w in zip(got, want):
         err = float((g.float() - w.float()).norm() / w.float().norm())
@@ -195,11 +196,11 @@ def test_linear_gelu_keeps_wrapped_layers_exact(rng):
     proj, x = Wrapped(), _rand(3, 8, g=rng)
     with torch.no_grad():
         torch.testing.assert_close(
-            flux_blocks.linear_gelu(proj, x), F.gelu(proj(x), approximate="tanh")
+            fused_blocks.linear_gelu(proj, x), F.gelu(proj(x), approximate="tanh")
         )
         lin = nn.Linear(8, 4)
         torch.testing.assert_close(
-            flux_blocks.linear_gelu(lin, x), F.gelu(lin(x), approximate="tanh")
+            fused_blocks.linear_gelu(lin, x), F.gelu(lin(x), approximate="tanh")
         )
 
 
@@ -207,8 +208,8 @@ def test_unfusable_blocks_are_left_alone():
     double, single = _blocks()
     double.norm2 = nn.LayerNorm(DIM)  # affine: not the layout the fused forward reads
     single.act_mlp = nn.GELU()  # exact GELU, not tanh
-    assert not flux_blocks.fusable(double) and not flux_blocks.fusable(single)
-    assert flux_blocks.install(nn.ModuleList([double, single])) == 0
+    assert not fused_blocks.fusable(double) and not fused_blocks.fusable(single)
+    assert fused_blocks.install(nn.ModuleList([double, single])) == 0
 
 
 def test_accelerate_blocks_on_a_transformer_and_undo():
@@ -217,7 +218,7 @@ def test_accelerate_blocks_on_a_transformer_and_undo():
     with torch.no_grad():
         want = model(**inputs)[0]
         accelerate(model, blocks=True)
-        assert is_accelerated(model) and flux_blocks.is_installed(model)
+        assert is_accelerated(model) and fused_blocks.is_installed(model)
         got = model(**inputs)[0]
         unaccelerate(model)
         assert not is_accelerated(model)
@@ -230,7 +231,7 @@ def test_fused_blocks_keep_gradients():
     # Training through patched blocks: the ops fall back to their (differentiable) references.
     block = _blocks()[0]
     ref = copy.deepcopy(block)
-    flux_blocks.install(block)
+    fused_blocks.install(block)
     inputs = _block_inputs()
     for m in (block, ref):
         out = m(**inputs)
@@ -241,7 +242,7 @@ def test_fused_blocks_keep_gradients():
 
 def test_fused_block_compiles_fullgraph():
     block = _blocks()[1]
-    flux_blocks.install(block)
+    fused_blocks.install(block)
     inputs = _block_inputs()
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True, backend="eager")
@@ -249,3 +250,21 @@ def test_fused_block_compiles_fullgraph():
         want, got = block(**inputs), compiled(**inputs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+@torch.no_grad()
+def test_accelerate_blocks_on_sana_matches_stock():
+    model = tiny_sana()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    embeds, _ = text(2, 6)
+    mask = torch.ones(2, 6)
+    mask[1, 3:] = 0
+    kwargs = dict(encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                  timestep=torch.tensor([500.0, 20.0]), return_dict=False)  # fmt: skip
+    want = model(x, **kwargs)[0]
+    accelerate(model, blocks=True)
+    assert fused_blocks.is_installed(model)
+    assert sum("forward" in m.__dict__ for m in model.transformer_blocks) == 2
+    got = model(x, **kwargs)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
