@@ -12,6 +12,7 @@ from dcgen.adapters import adapter_for
 from dcgen.attention import (
     FluxFusedAttnProcessor,
     SanaFusedCrossAttnProcessor,
+    SanaFusedLinearAttnProcessor,
     accelerate,
     is_accelerated,
     unaccelerate,
@@ -252,3 +253,39 @@ def test_accelerated_flux_blocks_compile_without_graph_breaks():
         with torch.no_grad():
             for a, b in zip(compiled(hs, ehs, temb, cos, sin), fn(hs, ehs, temb, cos, sin)):
                 torch.testing.assert_close(a, b)
+
+
+@torch.no_grad()
+def test_sana_linear_self_attention_matches_stock():
+    # accelerate also swaps SANA's ReLU linear self-attention onto dcgen's op.
+    model = tiny_sana()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    embeds, _ = text(2, 6)
+    kwargs = dict(encoder_hidden_states=embeds, timestep=torch.tensor([300.0, 900.0]),
+                  return_dict=False)  # fmt: skip
+    want = model(x, **kwargs)[0]
+    accelerate(model)
+    assert processors(model).count("SanaFusedLinearAttnProcessor") == 2
+    torch.testing.assert_close(model(x, **kwargs)[0], want, atol=1e-5, rtol=1e-5)
+    attn = model.transformer_blocks[0].attn1
+    hs = torch.randn(2, 16, attn.to_q.in_features, generator=g)
+    # another key length or a mask: the stock processor answers, exactly
+    other = torch.randn(2, 9, attn.to_q.in_features, generator=g)
+    stock = attn.processor._stock
+    torch.testing.assert_close(attn.processor(attn, hs, other), stock(attn, hs, other))
+    unaccelerate(model)
+    assert processors(model).count("SanaFusedLinearAttnProcessor") == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_sana_linear_attention_matches_stock(dtype):
+    model = tiny_sana().cuda().to(dtype)
+    attn = model.transformer_blocks[0].attn1
+    g = torch.Generator().manual_seed(4)
+    hs = torch.randn(2, 300, attn.to_q.in_features, generator=g).to("cuda", dtype)
+    with torch.no_grad():
+        want = attn.processor(attn, hs)
+        got = SanaFusedLinearAttnProcessor()(attn, hs)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)

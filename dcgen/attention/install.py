@@ -1,8 +1,9 @@
 """accelerate(transformer): install dcgen's fused attention processors in one call, and undo it.
 
 Only modules running diffusers' stock processor are touched (FluxAttnProcessor on FLUX
-attention, SanaAttnProcessor2_0 on SANA's cross-attention), and only when their q/k norms are
-what the fused prologue computes (per-head RMSNorm, one eps). Custom processors (IP-Adapter,
+attention, SanaAttnProcessor2_0 on SANA's cross-attention, SanaLinearAttnProcessor2_0 on its
+self-attention), and FLUX attention only when its q/k norms are what the fused prologue
+computes (per-head RMSNorm, one eps). Custom processors (IP-Adapter,
 LoRA-specific, user-defined) are left alone. The original processor is kept on the module, so
 ``unaccelerate`` restores it exactly.
 """
@@ -14,7 +15,11 @@ import logging
 import torch
 
 from . import fused_blocks
-from .processors import FluxFusedAttnProcessor, SanaFusedCrossAttnProcessor
+from .processors import (
+    FluxFusedAttnProcessor,
+    SanaFusedCrossAttnProcessor,
+    SanaFusedLinearAttnProcessor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,7 @@ def _flux_fusable(attn: torch.nn.Module) -> bool:
 
 
 def _new_processor(module: torch.nn.Module) -> object | None:
+    from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
     from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
@@ -50,6 +56,8 @@ def _new_processor(module: torch.nn.Module) -> object | None:
         return FluxFusedAttnProcessor() if _flux_fusable(module) else None
     if type(proc) is SanaAttnProcessor2_0:
         return SanaFusedCrossAttnProcessor()
+    if type(proc) is SanaLinearAttnProcessor2_0:
+        return SanaFusedLinearAttnProcessor()
     return None
 
 

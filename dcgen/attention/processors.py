@@ -9,6 +9,10 @@ exactly as with the stock processors; only the norm + RoPE + attention step chan
   and RoPE run inside the attention kernel's tile loads.
 - SANA cross-attention (``Attention`` with ``SanaAttnProcessor2_0``): the caption padding mask,
   which SANA turns into an additive bias of 0 / -10000, becomes a boolean key-padding mask.
+- SANA self-attention (``SanaLinearAttnProcessor2_0``, ReLU linear attention): diffusers runs
+  it as transposes, an fp32 copy of q, k and v, a padded v and two fp32 matmuls; here q, k and v
+  are packed once into the per-head [q | k | v] layout of :func:`dcgen.ops.relu_linear_attention`
+  (the DC-AE's LiteMLA op: fp32 sums, one kernel pair).
 
 Inputs the fused path does not cover go to the stock processor: FLUX with an attention mask,
 SANA with a mask that is not one row per batch element.
@@ -19,6 +23,9 @@ from __future__ import annotations
 import torch
 
 from dcgen.ops.attention import fused_attention
+from dcgen.ops.linear_attention import relu_linear_attention
+
+SANA_LINEAR_EPS = 1e-15  # diffusers' SanaLinearAttnProcessor2_0
 
 
 def _norm_params(norm: torch.nn.Module, dim: int, like: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -168,3 +175,44 @@ class SanaFusedCrossAttnProcessor:
         hidden = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
         hidden = attn.to_out[1](attn.to_out[0](hidden))
         return hidden / attn.rescale_output_factor
+
+
+class SanaFusedLinearAttnProcessor:
+    """Drop-in for diffusers' ``SanaLinearAttnProcessor2_0`` (SANA's self-attention) on
+    :func:`dcgen.ops.relu_linear_attention`. Inputs it does not cover (a mask, or keys of
+    another length than the queries) go to the stock processor."""
+
+    def __init__(self) -> None:
+        from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+
+        self._stock = SanaLinearAttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attention_mask is not None or context.shape[1] != hidden_states.shape[1]:
+            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask)
+        dtype = hidden_states.dtype
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(context)
+        v = attn.to_v(context)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        b, n, c = q.shape
+        h = attn.heads
+        # (B, N, H, 3, d) -> (B, H, 3d, N): per head [q | k | v] rows over the N tokens.
+        qkv = torch.stack([t.unflatten(-1, (h, -1)) for t in (q, k, v)], dim=3)
+        qkv = qkv.permute(0, 2, 3, 4, 1).reshape(b, h, -1, n)
+        out = relu_linear_attention(qkv, SANA_LINEAR_EPS)  # (B, H, d, N)
+        hidden = out.flatten(1, 2).transpose(1, 2).to(dtype)  # (B, N, C)
+        hidden = attn.to_out[1](attn.to_out[0](hidden))
+        if dtype == torch.float16:
+            hidden = hidden.clip(-65504, 65504)
+        return hidden
