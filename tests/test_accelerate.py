@@ -289,3 +289,14 @@ def test_cuda_sana_linear_attention_matches_stock(dtype):
         want = attn.processor(attn, hs)
         got = SanaFusedLinearAttnProcessor()(attn, hs)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_sana_linear_processor_compiles_without_graph_breaks():
+    model = tiny_sana()
+    attn = model.transformer_blocks[0].attn1
+    hs = torch.randn(2, 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(5))
+    proc = SanaFusedLinearAttnProcessor()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: proc(attn, x), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(hs), attn.processor(attn, hs), atol=1e-5, rtol=1e-5)
