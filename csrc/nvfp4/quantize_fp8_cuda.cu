@@ -4,7 +4,8 @@
 // dcgen/ops/quantize_fp8.py: scale = amax / 448 (1 when amax == 0), q = e4m3(clamp(x / scale)).
 //
 // 1x128 blocks: 16 lanes (half a warp) per block, 8 elements each, amax by shuffles.
-// Rows: one CTA per row; the second pass re-reads the row from L1/L2.
+// Rows: one CTA per row. Up to 16,384 columns the row stays in registers (every load issued up
+// front, one read of global memory); longer rows take a second pass that re-reads from L1/L2.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -101,6 +102,42 @@ __global__ void quantize_fp8_row_kernel(const T* __restrict__ x, uint8_t* __rest
   if (threadIdx.x == 0) scales[row] = scale;
 }
 
+// The row in registers: kIters x 8 elements per thread (iterations past K load nothing), all
+// loads unrolled so they are in flight together; same arithmetic as the two-pass kernel.
+template <typename T, int kThreads, int kIters>
+__global__ void quantize_fp8_row_regs_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
+                                             float* __restrict__ scales, int64_t K, bool vec) {
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * K;
+  uint8_t* qr = q + row * K;
+  float vals[kIters][8];
+  float amax = 0.f;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t k0 = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * 8;
+    const int valid = quant::count_valid(K - k0, 8);
+    load8(xr + k0, valid, vec && valid == 8, vals[it]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = nan_max(amax, fabsf(vals[it][i]));
+  }
+  __shared__ float warp_max[kThreads / 32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
+  __syncthreads();
+  amax = warp_max[0];
+#pragma unroll
+  for (int w = 1; w < kThreads / 32; ++w) amax = nan_max(amax, warp_max[w]);
+  const float scale = fp8_scale(amax);
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t k0 = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * 8;
+    const int valid = quant::count_valid(K - k0, 8);
+    if (valid > 0) store_q(qr + k0, vals[it], scale, valid, vec && valid == 8);
+  }
+  if (threadIdx.x == 0) scales[row] = scale;
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_fp8_cuda(const at::Tensor& x, int64_t block) {
   TORCH_CHECK(x.is_cuda(), "dcgen::quantize_fp8 (CUDA): expected x on a CUDA device, got ", x.device());
   TORCH_CHECK(x.dim() == 2, "dcgen::quantize_fp8: expected x of shape [M, K], got ", x.sizes());
@@ -127,7 +164,18 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cuda(const at::Tensor& x, int64_
     const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
     if (block == 0) {
       constexpr int kThreads = 256;
-      quantize_fp8_row_kernel<T, kThreads><<<M, kThreads, 0, stream>>>(xp, qp, sp, K, vec);
+      const int64_t iters = (K + kThreads * 8 - 1) / (kThreads * 8);
+      if (iters <= 1) {
+        quantize_fp8_row_regs_kernel<T, kThreads, 1><<<M, kThreads, 0, stream>>>(xp, qp, sp, K, vec);
+      } else if (iters <= 2) {
+        quantize_fp8_row_regs_kernel<T, kThreads, 2><<<M, kThreads, 0, stream>>>(xp, qp, sp, K, vec);
+      } else if (iters <= 4) {
+        quantize_fp8_row_regs_kernel<T, kThreads, 4><<<M, kThreads, 0, stream>>>(xp, qp, sp, K, vec);
+      } else if (iters <= 8) {
+        quantize_fp8_row_regs_kernel<T, kThreads, 8><<<M, kThreads, 0, stream>>>(xp, qp, sp, K, vec);
+      } else {
+        quantize_fp8_row_kernel<T, kThreads><<<M, kThreads, 0, stream>>>(xp, qp, sp, K, vec);
+      }
     } else {
       constexpr int kThreads = 256;
       const int64_t threads = M * nb * 16;

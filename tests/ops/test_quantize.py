@@ -30,7 +30,9 @@ SHAPES = [
     (129, 136),
     (130, 257),
     (64, 3072),
+    (9, 6000),  # FP8 rows: the register kernel with 4 iterations, partly empty
     (7, 12288 + 8),
+    (3, 16384 + 24),  # FP8 rows past the register kernel: the two-pass one
 ]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
