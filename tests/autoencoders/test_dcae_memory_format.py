@@ -60,13 +60,18 @@ def test_channels_last_matches_contiguous(name, fused):
         model.set_memory_format("channels_last")
         got_dec, got_enc = model.decode(z), model.encode(x)
         banded = model.decode(z, band_rows=f)
-    assert all(w.is_contiguous(memory_format=CL) for w in _conv_weights(model))
+        # tiles and batch slices go through the same layout switch
+        tiled = model.decode(z, tile_size=2 * f, tile_overlap=f, batch_size=1)
+        assert all(w.is_contiguous(memory_format=CL) for w in _conv_weights(model))
+        model.set_memory_format("contiguous")
+        tiled_nchw = model.decode(z, tile_size=2 * f, tile_overlap=f, batch_size=1)
     # Different conv summation order only (mkldnn's NHWC kernels); SANA's sub-pixel rewrite
     # on the fused path rounds like test_dcae_fused_path says.
     assert_close_scaled(got_dec, want_dec, rel=1e-4)
     assert_close_scaled(got_enc, want_enc, rel=1e-4)
     assert_close_scaled(banded, want_dec, rel=1e-4)
-    for out in (got_dec, got_enc, banded):
+    assert_close_scaled(tiled, tiled_nchw, rel=1e-4)
+    for out in (got_dec, got_enc, banded, tiled):
         assert out.is_contiguous()  # callers get NCHW back whatever the inside ran in
 
 
