@@ -155,12 +155,21 @@ void check_param(const char* op, const char* name, const at::Tensor& p, const at
               ": expected ", name, " of x's dtype or float32, got ", p.scalar_type());
 }
 
-template <typename T, typename Fn>
-void with_param_type(const at::Tensor& p, Fn&& fn) {
-  if (p.scalar_type() == at::kFloat) {
-    fn(float{});
+// fn(T{}, P{}) for x's element type T (bf16 / fp16) and the parameter's P (T or float).
+template <typename Fn>
+void dispatch_types(const at::Tensor& x, const at::Tensor& param, Fn&& fn) {
+  auto with_t = [&](auto t) {
+    using T = decltype(t);
+    if (param.scalar_type() == at::kFloat) {
+      fn(t, float{});
+    } else {
+      fn(t, T{});
+    }
+  };
+  if (x.scalar_type() == at::kBFloat16) {
+    with_t(__nv_bfloat16{});
   } else {
-    fn(T{});
+    with_t(__half{});
   }
 }
 
@@ -181,23 +190,16 @@ at::Tensor adaln_modulate_cuda(const at::Tensor& x, const at::Tensor& shift, con
   const bool vec = r.D % 8 == 0 && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
-    with_param_type<T>(shift, [&](auto ptag) {
-      using P = decltype(ptag);
-      adaln_modulate_kernel<T, P><<<r.M, kRowThreads, 0, stream>>>(
-          reinterpret_cast<const T*>(x.const_data_ptr()),
-          reinterpret_cast<const P*>(shift.const_data_ptr()),
-          reinterpret_cast<const P*>(scale.const_data_ptr()),
-          reinterpret_cast<T*>(out.mutable_data_ptr()), r.D, r.S, shift.stride(0),
-          static_cast<float>(eps), vec);
-    });
-  };
-  if (x.scalar_type() == at::kBFloat16) {
-    run(__nv_bfloat16{});
-  } else {
-    run(__half{});
-  }
+  dispatch_types(x, shift, [&](auto t, auto p) {
+    using T = decltype(t);
+    using P = decltype(p);
+    adaln_modulate_kernel<T, P><<<r.M, kRowThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(x.const_data_ptr()),
+        reinterpret_cast<const P*>(shift.const_data_ptr()),
+        reinterpret_cast<const P*>(scale.const_data_ptr()),
+        reinterpret_cast<T*>(out.mutable_data_ptr()), r.D, r.S, shift.stride(0),
+        static_cast<float>(eps), vec);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -222,22 +224,15 @@ at::Tensor gated_residual_cuda(const at::Tensor& x, const at::Tensor& gate, cons
                    reinterpret_cast<uintptr_t>(y.const_data_ptr()) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto run = [&](auto tag) {
-    using T = decltype(tag);
-    with_param_type<T>(gate, [&](auto ptag) {
-      using P = decltype(ptag);
-      gated_residual_kernel<T, P><<<blocks, 256, 0, stream>>>(
-          reinterpret_cast<const T*>(x.const_data_ptr()),
-          reinterpret_cast<const P*>(gate.const_data_ptr()),
-          reinterpret_cast<const T*>(y.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()),
-          r.M, r.D, groups, r.S, gate.stride(0), vec);
-    });
-  };
-  if (x.scalar_type() == at::kBFloat16) {
-    run(__nv_bfloat16{});
-  } else {
-    run(__half{});
-  }
+  dispatch_types(x, gate, [&](auto t, auto p) {
+    using T = decltype(t);
+    using P = decltype(p);
+    gated_residual_kernel<T, P><<<blocks, 256, 0, stream>>>(
+        reinterpret_cast<const T*>(x.const_data_ptr()),
+        reinterpret_cast<const P*>(gate.const_data_ptr()),
+        reinterpret_cast<const T*>(y.const_data_ptr()), reinterpret_cast<T*>(out.mutable_data_ptr()),
+        r.M, r.D, groups, r.S, gate.stride(0), vec);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

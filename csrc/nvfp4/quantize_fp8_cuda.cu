@@ -70,6 +70,20 @@ __global__ void quantize_fp8_block128_kernel(const T* __restrict__ x, uint8_t* _
   if (lane == 0) scales[row * nb + blk] = scale;
 }
 
+// The CTA-wide amax of every thread's partial amax (NaN-propagating), returned to all threads.
+template <int kThreads>
+__device__ __forceinline__ float row_amax(float amax) {
+  __shared__ float warp_max[kThreads / 32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
+  __syncthreads();
+  amax = warp_max[0];
+#pragma unroll
+  for (int w = 1; w < kThreads / 32; ++w) amax = nan_max(amax, warp_max[w]);
+  return amax;
+}
+
 template <typename T, int kThreads>
 __global__ void quantize_fp8_row_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
                                         float* __restrict__ scales, int64_t K, bool vec) {
@@ -84,15 +98,7 @@ __global__ void quantize_fp8_row_kernel(const T* __restrict__ x, uint8_t* __rest
 #pragma unroll
     for (int i = 0; i < 8; ++i) amax = nan_max(amax, fabsf(vals[i]));
   }
-  __shared__ float warp_max[kThreads / 32];
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
-  __syncthreads();
-  amax = warp_max[0];
-#pragma unroll
-  for (int w = 1; w < kThreads / 32; ++w) amax = nan_max(amax, warp_max[w]);
-  const float scale = fp8_scale(amax);
+  const float scale = fp8_scale(row_amax<kThreads>(amax));
   for (int64_t k0 = threadIdx.x * 8; k0 < K; k0 += kThreads * 8) {
     const int valid = quant::count_valid(K - k0, 8);
     const bool v = vec && valid == 8;
@@ -120,15 +126,7 @@ __global__ void quantize_fp8_row_regs_kernel(const T* __restrict__ x, uint8_t* _
 #pragma unroll
     for (int i = 0; i < 8; ++i) amax = nan_max(amax, fabsf(vals[it][i]));
   }
-  __shared__ float warp_max[kThreads / 32];
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = amax;
-  __syncthreads();
-  amax = warp_max[0];
-#pragma unroll
-  for (int w = 1; w < kThreads / 32; ++w) amax = nan_max(amax, warp_max[w]);
-  const float scale = fp8_scale(amax);
+  const float scale = fp8_scale(row_amax<kThreads>(amax));
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t k0 = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * 8;

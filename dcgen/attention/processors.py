@@ -119,6 +119,21 @@ class FluxFusedAttnProcessor:
         return hidden
 
 
+def _sana_projections(
+    attn: torch.nn.Module, hidden_states: torch.Tensor, context: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of a SANA attention, q / k normed when configured (SANA's q/k norms span all
+    heads: they stay in PyTorch, unfused)."""
+    q = attn.to_q(hidden_states)
+    k = attn.to_k(context)
+    v = attn.to_v(context)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
 def _key_padding(mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor | None:
     """SANA's (B, 1, Sk) additive bias (0 keep, -10000 drop) or a bool mask -> bool (B, Sk);
     None when the mask is not one key row per batch element."""
@@ -157,14 +172,7 @@ class SanaFusedCrossAttnProcessor:
             if keep is None:
                 return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask)
 
-        q = attn.to_q(hidden_states)
-        k = attn.to_k(context)
-        v = attn.to_v(context)
-        # SANA's q/k norms (when configured) span all heads: they stay in PyTorch, unfused.
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _sana_projections(attn, hidden_states, context)
         d = k.shape[-1] // attn.heads
         out = fused_attention(
             _heads(q, d).transpose(1, 2),
@@ -198,13 +206,7 @@ class SanaFusedLinearAttnProcessor:
         if attention_mask is not None or context.shape[1] != hidden_states.shape[1]:
             return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask)
         dtype = hidden_states.dtype
-        q = attn.to_q(hidden_states)
-        k = attn.to_k(context)
-        v = attn.to_v(context)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _sana_projections(attn, hidden_states, context)
         b, n, c = q.shape
         h = attn.heads
         # (B, N, H, 3, d) -> (B, H, 3d, N): per head [q | k | v] rows over the N tokens.
