@@ -87,6 +87,18 @@ def inductor_fuses_instead() -> bool:
     return torch.compiler.is_compiling() and _compile_ops_choice() == "inductor"
 
 
+def has_schema(name: str) -> bool:
+    """True when dcgen._C is loaded and registered the op ``dcgen::name`` (an older build may
+    lack it): the condition for registering the op's fake (meta) implementation."""
+    if _C is None:
+        return False
+    try:
+        getattr(torch.ops.dcgen, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def compiled_op(name: str) -> Any:
     """The OpOverloadPacket torch.ops.dcgen.<name> (only call after has_kernel)."""
     return getattr(torch.ops.dcgen, name)

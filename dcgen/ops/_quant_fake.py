@@ -6,17 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from ._extension import extension_loaded
+from ._extension import has_schema
 
-
-def _has_schema(name: str) -> bool:
-    try:
-        return hasattr(torch.ops.dcgen, name)
-    except RuntimeError:
-        return False
-
-
-if extension_loaded() and _has_schema("quantize_fp8"):
+if has_schema("quantize_fp8"):
 
     @torch.library.register_fake("dcgen::quantize_fp8")
     def _quantize_fp8_fake(x, block):  # noqa: ANN001
@@ -27,7 +19,7 @@ if extension_loaded() and _has_schema("quantize_fp8"):
         )
 
 
-if extension_loaded() and _has_schema("quantize_nvfp4"):
+if has_schema("quantize_nvfp4"):
 
     @torch.library.register_fake("dcgen::quantize_nvfp4")
     def _quantize_nvfp4_fake(x, global_scale):  # noqa: ANN001
@@ -39,28 +31,28 @@ if extension_loaded() and _has_schema("quantize_nvfp4"):
         )
 
 
-if extension_loaded() and _has_schema("nvfp4_gemm"):
+if has_schema("nvfp4_gemm"):
 
     @torch.library.register_fake("dcgen::nvfp4_gemm")
     def _nvfp4_gemm_fake(a, a_scales, b, b_scales, alpha):  # noqa: ANN001
         return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.bfloat16)
 
 
-if extension_loaded() and _has_schema("nvfp4_gemm_w4a16"):
+if has_schema("nvfp4_gemm_w4a16"):
 
     @torch.library.register_fake("dcgen::nvfp4_gemm_w4a16")
     def _nvfp4_gemm_w4a16_fake(a, b, b_scales, alpha):  # noqa: ANN001
         return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.bfloat16)
 
 
-if extension_loaded() and _has_schema("nvfp4_dequantize"):
+if has_schema("nvfp4_dequantize"):
 
     @torch.library.register_fake("dcgen::nvfp4_dequantize")
     def _nvfp4_dequantize_fake(packed, scales, global_scale, k, swizzled, dtype):  # noqa: ANN001
         return packed.new_empty((packed.shape[0], k), dtype=dtype)
 
 
-if extension_loaded() and _has_schema("fp8_scale_epilogue"):
+if has_schema("fp8_scale_epilogue"):
 
     @torch.library.register_fake("dcgen::fp8_scale_epilogue")
     def _fp8_scale_epilogue_fake(y, row_scale, col_scale, bias, act):  # noqa: ANN001

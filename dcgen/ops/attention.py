@@ -41,7 +41,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._extension import compiled_op, extension_loaded, has_kernel
+from ._extension import compiled_op, has_kernel, has_schema
 from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -403,15 +403,7 @@ def _sdpa_attention(
 # ---------------------------------------------------------------------------------------------
 
 
-def _has_schema(name: str) -> bool:
-    try:
-        getattr(torch.ops.dcgen, name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-if extension_loaded() and _has_schema("fused_attention") and _has_schema("qk_norm_rope"):
+if has_schema("fused_attention") and has_schema("qk_norm_rope"):
 
     @torch.library.register_fake("dcgen::qk_norm_rope")
     def _qk_norm_rope_fake(q, k, q_weight, k_weight, eps, cos, sin, norm_split):  # noqa: ANN001

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._extension import compiled_op, has_kernel, inductor_fuses_instead
+from ._extension import compiled_op, has_kernel, has_schema, inductor_fuses_instead
 from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -122,15 +122,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
 
 # Fake (meta) implementations, so torch.compile traces the compiled ops (with
 # DCGEN_COMPILE_OPS=kernels); only when dcgen._C is loaded and carries these schemas.
-def _has_schema(name: str) -> bool:
-    try:
-        getattr(torch.ops.dcgen, name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-if _has_schema("adaln_modulate") and _has_schema("gated_residual"):
+if has_schema("adaln_modulate") and has_schema("gated_residual"):
 
     @torch.library.register_fake("dcgen::adaln_modulate")
     def _adaln_modulate_fake(x, shift, scale, rows_per_batch, eps):  # noqa: ANN001
