@@ -21,23 +21,11 @@ namespace dcgen {
 namespace {
 
 using quant::count_valid;
-using quant::from_float;
 using quant::load8;
+using quant::store8;
 using quant::to_float;
 
 constexpr int kRowThreads = 256;
-
-template <typename T>
-__device__ __forceinline__ void store8(T* __restrict__ dst, const float v[8], int valid, bool vec) {
-  alignas(16) T out[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = from_float<T>(v[i]);
-  if (vec) {
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(out);
-  } else {
-    for (int i = 0; i < valid; ++i) dst[i] = out[i];
-  }
-}
 
 __device__ __forceinline__ float block_sum(float v, float* shared) {
 #pragma unroll

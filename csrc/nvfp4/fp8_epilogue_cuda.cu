@@ -20,8 +20,9 @@ namespace dcgen {
 namespace {
 
 using quant::count_valid;
-using quant::from_float;
 using quant::load8;
+using quant::store8;
+using quant::to_float;
 
 constexpr int kNone = 0;
 constexpr int kGeluTanh = 1;
@@ -32,9 +33,10 @@ __device__ __forceinline__ float gelu_tanh(float v) {
   return 0.5f * v * (1.f + tanhf(inner));
 }
 
-template <typename T, int kAct>
+// B: the bias element type (T or float); nullptr = no bias.
+template <typename T, typename B, int kAct>
 __global__ void fp8_epilogue_kernel(const T* __restrict__ y, const float* __restrict__ rs,
-                                    const float* __restrict__ cs, const float* __restrict__ bias,
+                                    const float* __restrict__ cs, const B* __restrict__ bias,
                                     T* __restrict__ out, int64_t M, int64_t N, int64_t groups,
                                     bool vec) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -46,26 +48,20 @@ __global__ void fp8_epilogue_kernel(const T* __restrict__ y, const float* __rest
   float vals[8];
   load8(y + row * N + n0, valid, v, vals);
   const float r = rs[row];
-  alignas(16) T res[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     if (i < valid) {
       float o = __fmul_rn(__fmul_rn(vals[i], r), cs[n0 + i]);
-      if (bias != nullptr) o = __fadd_rn(o, bias[n0 + i]);
+      if (bias != nullptr) o = __fadd_rn(o, to_float(bias[n0 + i]));
       if constexpr (kAct == kGeluTanh) o = gelu_tanh(o);
-      res[i] = from_float<T>(o);
+      vals[i] = o;
     }
   }
-  T* dst = out + row * N + n0;
-  if (v) {
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(res);
-  } else {
-    for (int i = 0; i < valid; ++i) dst[i] = res[i];
-  }
+  store8(out + row * N + n0, vals, valid, v);
 }
 
-template <typename T>
-void launch(const at::Tensor& y, const at::Tensor& rs, const at::Tensor& cs, const float* bias,
+template <typename T, typename B>
+void launch(const at::Tensor& y, const at::Tensor& rs, const at::Tensor& cs, const B* bias,
             at::Tensor& out, int act, int64_t groups, bool vec, int64_t blocks,
             cudaStream_t stream) {
   constexpr int kThreads = 256;
@@ -75,11 +71,32 @@ void launch(const at::Tensor& y, const at::Tensor& rs, const at::Tensor& cs, con
   const float* cp = cs.const_data_ptr<float>();
   const int64_t M = y.size(0), N = y.size(1);
   if (act == kGeluTanh) {
-    fp8_epilogue_kernel<T, kGeluTanh><<<blocks, kThreads, 0, stream>>>(yp, rp, cp, bias, op, M, N,
-                                                                        groups, vec);
+    fp8_epilogue_kernel<T, B, kGeluTanh><<<blocks, kThreads, 0, stream>>>(yp, rp, cp, bias, op, M,
+                                                                           N, groups, vec);
   } else {
-    fp8_epilogue_kernel<T, kNone><<<blocks, kThreads, 0, stream>>>(yp, rp, cp, bias, op, M, N,
-                                                                    groups, vec);
+    fp8_epilogue_kernel<T, B, kNone><<<blocks, kThreads, 0, stream>>>(yp, rp, cp, bias, op, M, N,
+                                                                       groups, vec);
+  }
+}
+
+// The bias is read in its own dtype when that is y's or float32 (a module's 16-bit bias needs
+// no conversion launch per call); any other floating dtype is converted to float32 first.
+template <typename T>
+void launch_with_bias(const at::Tensor& y, const at::Tensor& rs, const at::Tensor& cs,
+                      const std::optional<at::Tensor>& bias, at::Tensor& out, int act,
+                      int64_t groups, bool vec, int64_t blocks, cudaStream_t stream) {
+  if (!bias.has_value()) {
+    launch<T, float>(y, rs, cs, nullptr, out, act, groups, vec, blocks, stream);
+    return;
+  }
+  const at::Tensor b = bias->scalar_type() == y.scalar_type() || bias->scalar_type() == at::kFloat
+                           ? bias->contiguous()
+                           : bias->to(at::kFloat).contiguous();
+  if (b.scalar_type() == at::kFloat) {
+    launch<T, float>(y, rs, cs, b.const_data_ptr<float>(), out, act, groups, vec, blocks, stream);
+  } else {
+    launch<T, T>(y, rs, cs, reinterpret_cast<const T*>(b.const_data_ptr()), out, act, groups, vec,
+                 blocks, stream);
   }
 }
 
@@ -109,13 +126,11 @@ at::Tensor fp8_scale_epilogue_cuda(const at::Tensor& y, const at::Tensor& row_sc
               "dcgen::fp8_scale_epilogue: expected a contiguous float32 col_scale of ", N,
               " elements on ", y.device(), ", got ", col_scale.scalar_type(), " ", col_scale.sizes(),
               " on ", col_scale.device());
-  at::Tensor b;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == N && bias->device() == y.device() && bias->is_floating_point(),
                 "dcgen::fp8_scale_epilogue: expected a floating bias of ", N, " elements on ",
                 y.device(), ", got ", bias->scalar_type(), " ", bias->sizes(), " on ",
                 bias->device());
-    b = bias->to(at::kFloat).contiguous();
   }
   const c10::cuda::CUDAGuard guard(y.device());
   at::Tensor out = at::empty_like(y);
@@ -126,11 +141,11 @@ at::Tensor fp8_scale_epilogue_cuda(const at::Tensor& y, const at::Tensor& row_sc
   const int64_t blocks = (M * groups + 255) / 256;  // launch() runs 256 threads per block
   TORCH_CHECK(blocks <= 2147483647LL, "dcgen::fp8_scale_epilogue: output too large: ", y.sizes());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   if (y.scalar_type() == at::kBFloat16) {
-    launch<__nv_bfloat16>(y, row_scale, col_scale, bp, out, act, groups, vec, blocks, stream);
+    launch_with_bias<__nv_bfloat16>(y, row_scale, col_scale, bias, out, act, groups, vec, blocks,
+                                    stream);
   } else {
-    launch<__half>(y, row_scale, col_scale, bp, out, act, groups, vec, blocks, stream);
+    launch_with_bias<__half>(y, row_scale, col_scale, bias, out, act, groups, vec, blocks, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -110,5 +110,19 @@ __device__ __forceinline__ void load8(const T* __restrict__ p, int valid, bool v
   for (int i = 0; i < 8; ++i) out[i] = i < valid ? to_float(p[i]) : 0.f;
 }
 
+// Store 8 fp32 values at p as T, rounded to nearest even; `valid` (0..8) of them exist. `vec`:
+// p is 16-byte aligned and all 8 exist (one 16-byte store for 16-bit T).
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ p, const float v[8], int valid, bool vec) {
+  alignas(16) T out[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = from_float<T>(v[i]);
+  if (vec && sizeof(T) == 2) {
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(out);
+  } else {
+    for (int i = 0; i < valid; ++i) p[i] = out[i];
+  }
+}
+
 }  // namespace quant
 }  // namespace dcgen

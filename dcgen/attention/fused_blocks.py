@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcgen.ops import adaln_modulate, gated_residual
+from dcgen.quant.fp8_linear import FP8Linear
 
 _PATCHED = "_dcgen_fused_block_forward"
 
@@ -89,8 +90,6 @@ def fusable(block: nn.Module) -> bool:
 
 def linear_gelu(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(proj(x))`` with the GELU in the GEMM's epilogue where ``proj`` allows it."""
-    from dcgen.quant.fp8_linear import FP8Linear
-
     if not torch.is_grad_enabled():
         if type(proj) is nn.Linear and proj.bias is not None and x.is_cuda:
             y = torch._addmm_activation(
