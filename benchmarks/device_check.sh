@@ -64,10 +64,10 @@ fi
 python3 -c "import dcgen, json; print(json.dumps(dcgen.build_info()))" | tee "$OUT/build_info.json"
 
 hopper_rc=0
-hopper_attention=1 hopper_gemm=1 hung_attention=0 hung_gemm=0
+hopper_attention=1 hopper_tma=1 hopper_gemm=1 hung_attention=0 hung_tma=0 hung_gemm=0
 if [ "$major" = 9 ]; then
   stamp "hopper diagnostics"
-  for fam in attention gemm; do
+  for fam in attention tma gemm; do  # tma: the warp-specialized TMA attention kernel
     timeout "$(cap 90)" python3 benchmarks/hopper_debug.py $fam --out "$OUT" >"$OUT/hopper_debug_$fam.log" 2>&1
     rc=$?
     grep -E "FAIL|Error|error" "$OUT/hopper_debug_$fam.log" | head -12
@@ -85,7 +85,8 @@ if [ "$major" = 9 ]; then
   done
   hsel="(wgmma or sm90)"
   [ "$hung_attention" = 0 ] || hsel+=" and not wgmma"
-  [ "$hung_gemm" = 0 ] || hsel+=" and not sm90"
+  [ "$hung_tma" = 0 ] || hsel+=" and not sm90_tma"
+  [ "$hung_gemm" = 0 ] || hsel+=" and not (sm90 and not sm90_tma)"
   stamp "hopper kernel tests (-k '$hsel')"
   timeout "$(cap 150)" python3 -m pytest tests/ops/test_attention.py tests/ops/test_nvfp4_gemm.py \
     -m cuda -k "$hsel" -q -p no:cacheprovider >"$OUT/tests_hopper.log" 2>&1 || hopper_rc=1
@@ -106,6 +107,7 @@ if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ]; then
   stamp "benchmarks"
   kexpr="not nothing"  # pytest keeps only the last -k: one expression
   [ "$hopper_attention" = 1 ] || kexpr+=" and not wgmma"
+  [ "$hopper_tma" = 1 ] || kexpr+=" and not sm90_tma"
   [ "$hopper_gemm" = 1 ] || kexpr+=" and not nvfp4_gemm"
   skip=(-k "$kexpr")
   for f in ${DCGEN_BENCH_FILES:-attention quant dcae_fused ops dcae_decode}; do

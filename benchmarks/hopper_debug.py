@@ -6,7 +6,7 @@ it prints the error and where it sits (which rows / columns are wrong, NaN = nev
 saves inputs, output and reference to $OUT/hopper_debug_<family>.pt for offline analysis.
 Structured cases (one-hot activations, uniform attention) make layout mistakes readable.
 
-    python benchmarks/hopper_debug.py attention|gemm  [--out DIR] [--max-cases N]
+    python benchmarks/hopper_debug.py attention|tma|gemm  [--out DIR] [--max-cases N]
 
 One family per process: an illegal access poisons the CUDA context of the process that made it.
 """
@@ -51,10 +51,11 @@ def report(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: 
     return ok
 
 
-def attention_cases(saved: dict, max_cases: int) -> bool:
+def attention_cases(saved: dict, max_cases: int, kernel: str = "wgmma") -> bool:
+    """``kernel``: the DCGEN_ATTENTION_SM90 choice (wgmma, or tma: the warp-specialized one)."""
     from dcgen.ops.attention import fused_attention, fused_attention_reference
 
-    os.environ["DCGEN_ATTENTION_SM90"] = "1"
+    os.environ["DCGEN_ATTENTION_SM90"] = kernel
     os.environ["DCGEN_ATTENTION_KERNEL"] = "flash"  # the default path is qk_norm_rope + SDPA
     g = torch.Generator().manual_seed(0)
     ok = True
@@ -70,7 +71,7 @@ def attention_cases(saved: dict, max_cases: int) -> bool:
                 q, k, v = (t.to(dtype) for t in (q, k, v))
                 if len(saved) >= max_cases:
                     return ok
-                name = f"attention {str(dtype)[6:]} d{d} s{s} {kind}"
+                name = f"attention-{kernel} {str(dtype)[6:]} d{d} s{s} {kind}"
                 poison_cuda_allocator()
                 try:
                     got = fused_attention(q.cuda(), k.cuda(), v.cuda())
@@ -135,7 +136,8 @@ def gemm_cases(saved: dict, max_cases: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("family", choices=["attention", "gemm"])
+    ap.add_argument("family", choices=["attention", "tma", "gemm"],
+                    help="attention: the wgmma kernel; tma: the warp-specialized TMA one")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/dcgen_out"))
     ap.add_argument("--max-cases", type=int, default=1000, help="stop after N cases")
     args = ap.parse_args(argv)
@@ -146,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hopper_debug {args.family}:", flush=True)
     out = Path(args.out) / f"hopper_debug_{args.family}.pt"
     try:
-        cases = attention_cases if args.family == "attention" else gemm_cases
-        ok = cases(saved, args.max_cases)
+        if args.family == "gemm":
+            ok = gemm_cases(saved, args.max_cases)
+        else:
+            kernel = "tma" if args.family == "tma" else "wgmma"
+            ok = attention_cases(saved, args.max_cases, kernel)
     finally:
         out.parent.mkdir(parents=True, exist_ok=True)
         if not out.exists():  # a sanitizer rerun keeps the first run's tensors

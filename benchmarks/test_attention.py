@@ -82,21 +82,23 @@ BACKENDS = ["default", "flash"] if ON_GPU else ["default"]
 # opt-in for users until validated). Each gets its own groups, with its own baseline run.
 # "sdpa" is fused_attention's default path (qk_norm_rope kernel + torch SDPA; the module doc of
 # dcgen.ops.attention says why), measured beside the flash kernels.
-KERNELS = ["portable", "wgmma", "sdpa"] if ON_GPU else ["portable"]
+# "sm90_tma" is the warp-specialized TMA Hopper kernel (DCGEN_ATTENTION_SM90=tma).
+KERNELS = ["portable", "wgmma", "sm90_tma", "sdpa"] if ON_GPU else ["portable"]
+SM90_CHOICE = {"wgmma": "1", "sm90_tma": "tma"}
 
 
 def _select_kernel(kernel: str, monkeypatch) -> str:  # noqa: ANN001
     """Select dcgen's path (flash kernel, Hopper or portable, or the SDPA path); the group-name
     suffix of the choice."""
     monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", "sdpa" if kernel == "sdpa" else "flash")
-    monkeypatch.setenv("DCGEN_ATTENTION_SM90", "1" if kernel == "wgmma" else "0")
+    monkeypatch.setenv("DCGEN_ATTENTION_SM90", SM90_CHOICE.get(kernel, "0"))
     if kernel == "portable":
         return ""
     if kernel == "sdpa":
         return " (qk_norm_rope + SDPA)"
     if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the wgmma attention kernel needs an sm_90 (Hopper) GPU")
-    return " (wgmma)"
+        pytest.skip(f"the {kernel} attention kernel needs an sm_90 (Hopper) GPU")
+    return f" ({kernel})"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

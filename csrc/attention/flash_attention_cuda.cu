@@ -1,6 +1,6 @@
 // dcgen::fused_attention on CUDA: checks, strides and dispatch to the compiled configurations
 // of the portable flash-attention forward (flash_fwd.cuh; one .cu per dtype x head dim) or of
-// the Hopper one (flash_fwd_sm90.cuh, opt-in: use_sm90).
+// the Hopper ones (flash_fwd_sm90.cuh, flash_fwd_sm90_tma.cuh: sm90_kernel).
 // Spec: dcgen/ops/attention.py (fused_attention_reference).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -50,25 +50,44 @@ bool fuse_k_prologue(int64_t seqlen_q) {
   return (seqlen_q + kFlashBlockM - 1) / kFlashBlockM <= kMaxFusedQueryBlocks;
 }
 
-// The Hopper wgmma kernel (flash_fwd_sm90.cuh) runs on sm_90 when it was built (CUTLASS headers
-// found) unless DCGEN_ATTENTION_SM90=0. Validated on an H200 (2026-11-26: its tests against the
-// reference pass) and at least as fast as the portable kernel there in every benchmark group
-// (1.4-1.6x with K's prologue fused into every tile load).
-bool use_sm90(int major) {
+// Which Hopper kernel runs on sm_90 (when built: CUTLASS headers found). DCGEN_ATTENTION_SM90:
+//   unset, "1" or "wgmma": flash_fwd_sm90.cuh, validated on an H200 (2026-11-26: its tests
+//     against the reference pass) and at least as fast as the portable kernel there in every
+//     benchmark group (1.4-1.6x with K's prologue fused into every tile load);
+//   "tma": flash_fwd_sm90_tma.cuh, warp-specialized with TMA K / V loads and P kept in
+//     registers; compiled and reviewed, not yet run on a GPU, so opt-in until a GPU run
+//     validates and times it (benchmarks/test_attention.py has its group);
+//   "0": the portable mma.sync kernel.
+enum class Sm90Kernel { kNone, kWgmma, kTma };
+
+Sm90Kernel sm90_kernel(int major) {
 #ifdef DCGEN_ATTENTION_SM90
-  if (major != 9) return false;
+  if (major != 9) return Sm90Kernel::kNone;
   const char* env = std::getenv("DCGEN_ATTENTION_SM90");
-  return env == nullptr || std::string(env) != "0";
+  const std::string mode = env == nullptr ? "wgmma" : env;
+  if (mode == "0") return Sm90Kernel::kNone;
+  if (mode == "tma") return Sm90Kernel::kTma;
+  TORCH_CHECK(mode == "1" || mode == "wgmma", kOp,
+              ": expected DCGEN_ATTENTION_SM90 in 0, 1, wgmma, tma, got '", mode, "'");
+  return Sm90Kernel::kWgmma;
 #else
   (void)major;
-  return false;
+  return Sm90Kernel::kNone;
 #endif
 }
 
 template <typename T>
-void dispatch_head_dim(const FlashParams& p, int64_t d, bool sm90, cudaStream_t stream) {
+void dispatch_head_dim(const FlashParams& p, int64_t d, Sm90Kernel sm90, cudaStream_t stream) {
 #ifdef DCGEN_ATTENTION_SM90
-  if (sm90) {
+  if (sm90 == Sm90Kernel::kTma) {
+    if (d == 64) {
+      run_flash_fwd_sm90_tma<T, 64>(p, stream);
+    } else {
+      run_flash_fwd_sm90_tma<T, 128>(p, stream);
+    }
+    return;
+  }
+  if (sm90 == Sm90Kernel::kWgmma) {
     if (d == 64) {
       run_flash_fwd_sm90<T, 64>(p, stream);
     } else {
@@ -121,7 +140,10 @@ at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
               " and ", Sk);
   const RopeTables rope = rope_tables(cos, sin, Sq, D, q, kOp);
   bool k_rope = rope.cos.defined();
-  if ((kw.w.defined() || k_rope) && Sk > 0 && !fuse_k_prologue(Sq)) {
+  const Sm90Kernel sm90 = sm90_kernel(major);
+  // The TMA kernel copies K tiles straight into shared memory, so K must arrive prepared.
+  const bool fuse_k = sm90 != Sm90Kernel::kTma && fuse_k_prologue(Sq);
+  if ((kw.w.defined() || k_rope) && Sk > 0 && !fuse_k) {
     k = norm_rope_one(k, kw, rope, norm_split, eps);  // contiguous, already normed and rotated
     kw = NormWeights{};
     k_rope = false;
@@ -177,7 +199,6 @@ at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const char* plain = std::getenv("DCGEN_ATTENTION_PLAIN_LOADS");
   p.plain_loads = plain != nullptr && std::string(plain) == "1";
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool sm90 = use_sm90(major);
   if (q.scalar_type() == at::kBFloat16) {
     dispatch_head_dim<__nv_bfloat16>(p, D, sm90, stream);
   } else {

@@ -12,14 +12,18 @@ if(DCGEN_WITH_CUDA)
     csrc/attention/flash_fwd_fp16_d64.cu
     csrc/attention/flash_fwd_fp16_d128.cu)
   list(APPEND DCGEN_KERNELS qk_norm_rope:cuda fused_attention:cuda)
-  # Hopper flash forward (CuTe wgmma, sm_90a only; about 35 s per file on 2 cores): needs the
-  # CUTLASS/CuTe headers; the wrapper dispatches to it on sm_90 unless DCGEN_ATTENTION_SM90=0.
+  # Hopper flash forwards (CuTe wgmma, sm_90a only; 35-55 s per file on 2 cores): need the
+  # CUTLASS/CuTe headers; the wrapper picks one on sm_90 by DCGEN_ATTENTION_SM90.
   if(DCGEN_CUTLASS_INCLUDE)
     dcgen_cuda_sources(hopper
       csrc/attention/flash_fwd_sm90_bf16_d64.cu
       csrc/attention/flash_fwd_sm90_bf16_d128.cu
       csrc/attention/flash_fwd_sm90_fp16_d64.cu
-      csrc/attention/flash_fwd_sm90_fp16_d128.cu)
+      csrc/attention/flash_fwd_sm90_fp16_d128.cu
+      csrc/attention/flash_fwd_sm90_tma_bf16_d64.cu
+      csrc/attention/flash_fwd_sm90_tma_bf16_d128.cu
+      csrc/attention/flash_fwd_sm90_tma_fp16_d64.cu
+      csrc/attention/flash_fwd_sm90_tma_fp16_d128.cu)
     set_property(SOURCE csrc/attention/flash_attention_cuda.cu APPEND PROPERTY
       COMPILE_DEFINITIONS DCGEN_ATTENTION_SM90=1)
   endif()

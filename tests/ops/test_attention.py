@@ -238,6 +238,7 @@ CUDA_SHAPES = [
     (1, 24, 333, 333, 128),
     (3, 2, 100, 37, 128),
     (2, 4, 17, 300, 64),
+    (1, 2, 777, 777, 64),  # 13 key tiles: the TMA kernel's stage ring wraps three times
 ]
 
 
@@ -275,25 +276,32 @@ def _require(name):
 
 # Kernel variants: fragment loads (ldmatrix, the default, or plain shared loads) x where K's
 # prologue runs (inside the tile loads, or once up front; "auto" picks by sequence length);
-# "wgmma" is the Hopper kernel (sm_90 only, opt-in with DCGEN_ATTENTION_SM90=1).
+# "wgmma" is the Hopper kernel (sm_90 only, DCGEN_ATTENTION_SM90=1), "sm90_tma" the
+# warp-specialized TMA one (DCGEN_ATTENTION_SM90=tma; it always prepares K up front, so "fused"
+# also checks that the wrapper overrides that request).
 KERNEL_MODES = [
     ("ldmatrix", "fused"),
     ("ldmatrix", "prepass"),
     ("plain_loads", "fused"),
     ("wgmma", "fused"),
     ("wgmma", "prepass"),
+    ("sm90_tma", "fused"),
+    ("sm90_tma", "auto"),
     ("sdpa", "auto"),  # the default policy: qk_norm_rope kernel + torch SDPA
 ]
+
+
+SM90_CHOICE = {"wgmma": "1", "sm90_tma": "tma"}  # test id -> DCGEN_ATTENTION_SM90
 
 
 def _hopper_kernel_or_skip(loads, monkeypatch):
     """Select the path: "sdpa" (the default policy) or one of dcgen's flash kernels; the Hopper
     one needs an sm_90 GPU and a build with CUTLASS headers."""
     monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", "sdpa" if loads == "sdpa" else "flash")
-    monkeypatch.setenv("DCGEN_ATTENTION_SM90", "1" if loads == "wgmma" else "0")
-    if loads == "wgmma":
+    monkeypatch.setenv("DCGEN_ATTENTION_SM90", SM90_CHOICE.get(loads, "0"))
+    if loads in SM90_CHOICE:
         if torch.cuda.get_device_capability()[0] != 9:
-            pytest.skip("the wgmma attention kernel needs an sm_90 (Hopper) GPU")
+            pytest.skip(f"the {loads} attention kernel needs an sm_90 (Hopper) GPU")
         if "sm_90a" not in dcgen.build_info().get("cuda_archs", []):
             pytest.skip("dcgen._C was built without the sm_90a kernels (no CUTLASS headers)")
 
@@ -335,7 +343,7 @@ def test_cuda_fused_attention_matches_reference(
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("loads", ["ldmatrix", "wgmma", "sdpa"])
+@pytest.mark.parametrize("loads", ["ldmatrix", "wgmma", "sm90_tma", "sdpa"])
 def test_cuda_fused_attention_scale_and_flux_tables(loads, rng, monkeypatch):
     _require("fused_attention")
     _hopper_kernel_or_skip(loads, monkeypatch)

@@ -1,0 +1,299 @@
+// Hopper (sm_90a) flash-attention forward, warp-specialized: a producer warp streams K and V
+// tiles with TMA into a ring of shared-memory stages while two consumer warpgroups run the
+// wgmma + online-softmax loop of flash_fwd_sm90.cuh. Spec: dcgen/ops/attention.py.
+//
+// Why a second Hopper kernel: the first one (flash_fwd_sm90.cuh) loads every K / V tile through
+// registers with all threads and then waits, so load latency, the K prologue and the MMAs never
+// overlap; on the H200 it ran at about 0.26x of cuDNN (session-7 run). Here:
+//   - K and V arrive by TMA (one elected thread issues them; mbarriers with transaction counts
+//     say when a stage is full, consumer arrivals say when it is free again), kStages deep, so
+//     the next tiles load while the current one is multiplied;
+//   - P stays in registers: the P V product is an RS wgmma (A from registers), so there is no
+//     shared-memory round trip and no CTA-wide barrier inside the loop. The two consumer
+//     warpgroups only share the stage barriers, so they drift apart and one's softmax overlaps
+//     the other's MMAs;
+//   - K must arrive ready: the wrapper runs K's RMSNorm + RoPE once up front (the standalone
+//     qk_norm_rope kernel) when they are on. Q's prologue stays fused: each CTA loads its Q
+//     tile once, through registers (load_rows), as the first kernel does.
+//
+// Layout facts used below (CuTe's GMMA layouts, PTX ISA "wgmma register fragments"):
+//   - the fp32 accumulator of an m64nN wgmma holds, for thread t of the warpgroup, value i at
+//     row 16 (t / 32) + (t % 32) / 4 + 8 ((i / 2) % 2) and column 2 (t % 4) + (i % 2) + 8 (i / 4);
+//   - the register A operand of an m64nNk16 wgmma (16-bit) holds value v = a + 2 b + 4 c at row
+//     16 (t / 32) + (t % 32) / 4 + 8 b and column 2 (t % 4) + a + 8 c of its 16-wide K block.
+//   So k block j of P (keys 16 j .. 16 j + 15) is accumulator values 8 j .. 8 j + 7 in order:
+//   P's A fragment is the S accumulator converted element by element, no shuffles.
+//
+// Sequence tails: TMA zero-fills rows past seqlen_k (scores are masked to -inf there anyway,
+// and zero V rows keep 0 * V finite); Q rows past seqlen_q are zero and never stored.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+// cute/tensor.hpp first: the TMA traits need Copy_Atom declared.
+#include <cute/tensor.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+
+#include <cstdint>
+
+#include "attention/flash_fwd.cuh"
+#include "attention/flash_fwd_sm90.cuh"
+#include "attention/flash_params.h"
+#include "common/sm90_sync.cuh"
+
+namespace dcgen::attention::sm90_tma {
+
+using namespace cute;
+using dcgen::sm90::fence_async_shared;
+using dcgen::sm90::warpgroup_gemm;
+
+constexpr int kRows = 128;               // query rows per CTA: 64 per consumer warpgroup
+constexpr int kKeys = 64;                // key rows per stage
+constexpr int kConsumerThreads = 256;    // two consumer warpgroups (threads 0 .. 255)
+constexpr int kThreads = kConsumerThreads + 128;  // + the producer warpgroup (one warp works)
+
+template <typename T, int D>
+struct Config {
+  using E = typename sm90::CuteElement<T>::type;
+  // Deep enough to cover TMA latency with one CTA per SM: 32 + 3 x 32 KiB (D = 128) or
+  // 16 + 4 x 16 KiB (D = 64) of shared memory.
+  static constexpr int kStages = D == 128 ? 3 : 4;
+  using SmemQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{},
+                                       Shape<Int<kRows>, Int<D>>{}));
+  using SmemK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{},
+                                       Shape<Int<kKeys>, Int<D>, Int<kStages>>{}));
+  // V as the B operand of P V: (N = D, K = keys), D contiguous = MN-major. The 64 x 8 swizzle
+  // atoms are stacked along the keys first, so one 64-column slab of D holds all the stage's
+  // keys contiguously and TMA fills it with one 8 KiB box (D-first stacking would split the
+  // tile into 1 KiB boxes).
+  using SmemV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{},
+                                       Shape<Int<D>, Int<kKeys>, Int<kStages>>{},
+                                       Step<_2, _1, _3>{}));
+  using MmaS = decltype(make_tiled_mma(
+      SM90::GMMA::ss_op_selector<E, E, float, Shape<_64, Int<kKeys>, Int<D>>, GMMA::Major::K,
+                                 GMMA::Major::K>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  // P from registers (K-major by construction), V from shared memory.
+  using MmaO = decltype(make_tiled_mma(
+      SM90::GMMA::rs_op_selector<E, E, float, Shape<_64, Int<D>, Int<kKeys>>, GMMA::Major::K,
+                                 GMMA::Major::MN>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  static constexpr int kStageBytes = 2 * kKeys * D * int(sizeof(E));  // K + V tile
+  static constexpr int kQElems = int(cosize_v<SmemQ>);
+  static constexpr int kKElems = int(cosize_v<SmemK>);
+  static constexpr int kVElems = int(cosize_v<SmemV>);
+  // Q, K, V (each a multiple of 1 KiB, so every tile starts 1 KiB aligned for the swizzle),
+  // then the 2 x kStages mbarriers; + 1 KiB to align the dynamic shared-memory base.
+  static constexpr int kBarrierOffset = (kQElems + kKElems + kVElems) * 2;
+  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8 + 1024;
+  static_assert(kQElems * 2 % 1024 == 0 && kKElems * 2 % 1024 == 0, "1 KiB aligned tiles");
+};
+
+// The global views the TMA descriptors are built from (host) and indexed with (device): K as
+// (seqlen_k, D, heads, batch) and V as (D, seqlen_k, heads, batch), D contiguous in both.
+template <typename E, int D>
+__host__ __device__ auto k_view(const FlashParams& p) {
+  return make_tensor(make_gmem_ptr(static_cast<const E*>(p.k)),
+                     make_shape(p.seqlen_k, Int<D>{}, p.heads, p.batch),
+                     make_stride(p.k_row_stride, _1{}, p.k_head_stride, p.k_batch_stride));
+}
+
+template <typename E, int D>
+__host__ __device__ auto v_view(const FlashParams& p) {
+  return make_tensor(make_gmem_ptr(static_cast<const E*>(p.v)),
+                     make_shape(Int<D>{}, p.seqlen_k, p.heads, p.batch),
+                     make_stride(_1{}, p.v_row_stride, p.v_head_stride, p.v_batch_stride));
+}
+
+template <typename T, int D, class TmaK, class TmaV>
+__global__ void __launch_bounds__(kThreads, 1)
+    flash_fwd_sm90_tma_kernel(const __grid_constant__ FlashParams p,
+                              const __grid_constant__ TmaK tma_k,
+                              const __grid_constant__ TmaV tma_v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = Config<T, D>;
+  using E = typename C::E;
+  using FullBarrier = cutlass::arch::ClusterTransactionBarrier;
+  using EmptyBarrier = cutlass::arch::ClusterBarrier;
+  constexpr int kStages = C::kStages;
+
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  E* base = reinterpret_cast<E*>(smem);
+  Tensor sQ = make_tensor(make_smem_ptr(base), typename C::SmemQ{});
+  Tensor sK = make_tensor(make_smem_ptr(base + C::kQElems), typename C::SmemK{});
+  Tensor sV = make_tensor(make_smem_ptr(base + C::kQElems + C::kKElems), typename C::SmemV{});
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + C::kBarrierOffset);  // TMA landed
+  uint64_t* empty = full + kStages;  // all consumer threads are done reading the stage
+
+  const int tid = threadIdx.x;
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const auto [q, k_unused, v_unused, o, mask] = head_slices<T>(p, b, h);
+  (void)k_unused;
+  (void)v_unused;
+  const int n_tiles = (p.seqlen_k + kKeys - 1) / kKeys;
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      FullBarrier::init(&full[s], 1);  // the producer's arrive_and_expect_tx
+      EmptyBarrier::init(&empty[s], kConsumerThreads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();  // barriers initialised; the roles split here
+
+  if (tid >= kConsumerThreads) {
+    // Producer: one thread issues every TMA load (the first ones while the consumers load Q);
+    // the rest of the warpgroup has nothing to do.
+    if (tid == kConsumerThreads) {
+      Tensor mK = tma_k.get_tma_tensor(shape(k_view<E, D>(p)));
+      Tensor mV = tma_v.get_tma_tensor(shape(v_view<E, D>(p)));
+      Tensor gK = local_tile(mK(_, _, h, b), Shape<Int<kKeys>, Int<D>>{},
+                             make_coord(_, _0{}));  // (kKeys, D, n_tiles)
+      Tensor gV = local_tile(mV(_, _, h, b), Shape<Int<D>, Int<kKeys>>{},
+                             make_coord(_0{}, _));  // (D, kKeys, n_tiles)
+      auto [tKgK, tKsK] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                        group_modes<0, 2>(gK));
+      auto [tVgV, tVsV] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                        group_modes<0, 2>(gV));
+      for (int n = 0; n < n_tiles; ++n) {
+        const int s = n % kStages;
+        // Reuse of stage s: wait until the consumers released tile n - kStages (phase
+        // n / kStages - 1 of its empty barrier).
+        if (n >= kStages) EmptyBarrier::wait(&empty[s], (n / kStages - 1) & 1);
+        FullBarrier::arrive_and_expect_tx(&full[s], C::kStageBytes);
+        copy(tma_k.with(full[s]), tKgK(_, n), tKsK(_, s));
+        copy(tma_v.with(full[s]), tVgV(_, n), tVsV(_, s));
+      }
+    }
+    return;
+  }
+
+  // Q tile with its prologue, by the consumer threads (load_rows indexes by threadIdx.x), then
+  // a barrier of the 256 consumer threads only (the producer does not take part).
+  load_rows<T, D, kRows, kConsumerThreads>([&](int r, int col) { return &sQ(r, col); }, q,
+                                           p.q_row_stride, m_block * kRows, p.seqlen_q, p.q_w0,
+                                           p.q_w1, p.norm_split, p.eps, p.q_cos, p.q_sin);
+  fence_async_shared();  // Q's generic-proxy stores become visible to wgmma
+  cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, 0);
+
+  // Consumers: warpgroup tid / 128 owns query rows [64 (tid / 128), + 64).
+  typename C::MmaS mma_s;
+  typename C::MmaO mma_o;
+  auto thr_s = mma_s.get_slice(tid);
+  auto thr_o = mma_o.get_slice(tid);
+  Tensor tSrQ = thr_s.make_fragment_A(thr_s.partition_A(sQ));  // descriptors
+  Tensor tSrK = thr_s.make_fragment_B(thr_s.partition_B(sK));  // (MMA, N, K, stage)
+  Tensor tOrV = thr_o.make_fragment_B(thr_o.partition_B(sV));  // (MMA, N, K, stage)
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kKeys>>{}));
+  Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kRows>, Int<D>>{});
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kRows>, Int<kKeys>>{});
+  // P as the register A operand: ((2, 2, 2), 1, kKeys / 16) values, compact, in S's order.
+  Tensor tOrP = make_tensor<E>(partition_shape_A(mma_o, Shape<Int<kRows>, Int<kKeys>>{}));
+  static_assert(decltype(size(acc_s))::value == decltype(size(tOrP))::value,
+                "P's A fragment is the S accumulator, value for value");
+  clear(acc_o);
+
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // per thread (its columns); reduced over the quad at the end
+
+  for (int n = 0; n < n_tiles; ++n) {
+    const int s = n % kStages;
+    const int n0 = n * kKeys;
+    FullBarrier::wait(&full[s], (n / kStages) & 1);
+
+    // S = Q K^T (this warpgroup's 64 rows x 64 keys), fp32.
+    clear(acc_s);
+    warpgroup_gemm(mma_s, tSrQ, tSrK(_, _, _, s), acc_s);
+
+    // Scale into the exp2 domain, mask (sequence tail, key padding), online softmax in fp32.
+    const bool masked = mask != nullptr || n0 + kKeys > p.seqlen_k;
+    float tile_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int i = 0; i < size(acc_s); ++i) {
+      float x = acc_s(i) * p.scale_log2;
+      if (masked) {
+        const int key = n0 + get<1>(tScS(i));
+        if (key >= p.seqlen_k || (mask != nullptr && !mask[key])) x = -INFINITY;
+      }
+      acc_s(i) = x;
+      tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], x);
+    }
+    float alpha[2], shift[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      // A row with no valid key so far keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
+      shift[r] = tile_max[r] == -INFINITY ? 0.f : tile_max[r];
+      alpha[r] = exp2f(row_max[r] - shift[r]);
+      row_max[r] = tile_max[r];
+      row_sum[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int i = 0; i < size(acc_s); ++i) {
+      const float e = exp2f(acc_s(i) - shift[(i / 2) % 2]);
+      row_sum[(i / 2) % 2] += e;
+      tOrP(i) = E(e);  // rounded to T, as the reference's P V in T
+    }
+#pragma unroll
+    for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= alpha[(i / 2) % 2];
+
+    // O += P V, then hand the stage back to the producer.
+    cute::warpgroup_fence_operand(tOrP);
+    warpgroup_gemm(mma_o, tOrP, tOrV(_, _, _, s), acc_o);
+    EmptyBarrier::arrive(&empty[s]);
+  }
+
+  // Normalise and store. Rows with no valid key (everything masked) have sum 0 and write 0.
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
+  }
+  const int row0 = m_block * kRows;
+  Tensor gO = make_tensor(make_gmem_ptr(reinterpret_cast<E*>(o) + row0 * p.o_row_stride),
+                          make_shape(Int<kRows>{}, Int<D>{}), make_stride(p.o_row_stride, _1{}));
+  Tensor tOgO = thr_o.partition_C(gO);
+  Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<D>>{}));
+#pragma unroll
+  for (int i = 0; i < size(acc_o); ++i) {
+    if (row0 + get<0>(tOcO(i)) < p.seqlen_q) tOgO(i) = E(acc_o(i) * inv[(i / 2) % 2]);
+  }
+#endif
+}
+
+}  // namespace dcgen::attention::sm90_tma
+
+namespace dcgen::attention {
+
+// K must carry no prologue here (p.k_w0 and p.k_cos null): the wrapper prepares it first.
+template <typename T, int D>
+void run_flash_fwd_sm90_tma(const FlashParams& params, cudaStream_t stream) {
+  using namespace cute;
+  using C = sm90_tma::Config<T, D>;
+  using E = typename C::E;
+  // Descriptors for this call's K and V (a few microseconds of host work; the tensors change
+  // with every call).
+  auto tma_k = make_tma_atom(SM90_TMA_LOAD{}, sm90_tma::k_view<E, D>(params),
+                             typename C::SmemK{}(_, _, 0),
+                             Shape<Int<sm90_tma::kKeys>, Int<D>>{});
+  auto tma_v = make_tma_atom(SM90_TMA_LOAD{}, sm90_tma::v_view<E, D>(params),
+                             typename C::SmemV{}(_, _, 0),
+                             Shape<Int<D>, Int<sm90_tma::kKeys>>{});
+  auto kernel = &sm90_tma::flash_fwd_sm90_tma_kernel<T, D, decltype(tma_k), decltype(tma_v)>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  const dim3 grid((params.seqlen_q + sm90_tma::kRows - 1) / sm90_tma::kRows, params.heads,
+                  params.batch);
+  kernel<<<grid, sm90_tma::kThreads, C::kSmemBytes, stream>>>(params, tma_k, tma_v);
+}
+
+}  // namespace dcgen::attention

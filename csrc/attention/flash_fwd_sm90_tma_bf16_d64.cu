@@ -1,0 +1,7 @@
+// One configuration of the warp-specialized TMA Hopper (sm_90a) flash-attention forward: bf16,
+// head dim 64.
+#include "attention/flash_fwd_sm90_tma.cuh"
+
+namespace dcgen::attention {
+template void run_flash_fwd_sm90_tma<__nv_bfloat16, 64>(const FlashParams&, cudaStream_t);
+}  // namespace dcgen::attention
