@@ -111,7 +111,7 @@ if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ]; then
   [ "$hopper_gemm" = 1 ] || kexpr+=" and not nvfp4_gemm"
   skip=(-k "$kexpr")
   for f in ${DCGEN_BENCH_FILES:-attention quant dcae_fused ops dcae_decode}; do
-    case $f in dcae_decode) c=150 ;; quant) c=120 ;; *) c=90 ;; esac
+    case $f in dcae_decode) c=150 ;; quant | attention) c=120 ;; *) c=90 ;; esac
     timeout "$(cap $c)" python3 -m pytest "benchmarks/test_$f.py" -q -p no:cacheprovider \
       "${skip[@]}" --benchmark-json="$OUT/bench_$f.json" ${DCGEN_BENCH_ARGS:-} >"$OUT/bench_$f.log" 2>&1
     rc=$?

@@ -52,7 +52,18 @@ def report(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: 
 
 
 def attention_cases(saved: dict, max_cases: int, kernel: str = "wgmma") -> bool:
-    """``kernel``: the DCGEN_ATTENTION_SM90 choice (wgmma, or tma: the warp-specialized one)."""
+    """``kernel``: the DCGEN_ATTENTION_SM90 choice (wgmma, or tma: the warp-specialized one).
+    The TMA kernel runs every case twice: ping-pong off first, then on, so a hang or a wrong
+    result in the ping-pong schedule leaves the plain pipeline's verdict in the log."""
+    ok = True
+    for pingpong in ("0", "1") if kernel == "tma" else ("1",):
+        os.environ["DCGEN_ATTENTION_PINGPONG"] = pingpong
+        tag = f"{kernel}{'-pingpong' if pingpong == '1' and kernel == 'tma' else ''}"
+        ok &= _attention_cases(saved, max_cases, kernel, tag)
+    return ok
+
+
+def _attention_cases(saved: dict, max_cases: int, kernel: str, tag: str) -> bool:
     from dcgen.ops.attention import fused_attention, fused_attention_reference
 
     os.environ["DCGEN_ATTENTION_SM90"] = kernel
@@ -61,7 +72,9 @@ def attention_cases(saved: dict, max_cases: int, kernel: str = "wgmma") -> bool:
     ok = True
     for dtype in (torch.bfloat16, torch.float16):
         for d in (64, 128):
-            for s, kind in ((128, "uniform"), (128, "random"), (64, "random"), (200, "random")):
+            cases = ((128, "uniform"), (128, "random"), (64, "random"), (200, "random"),
+                     (500, "random"))  # fmt: skip
+            for s, kind in cases:
                 if kind == "uniform":  # q = 0: every row is the mean of V, a layout probe
                     q = torch.zeros(1, 1, s, d)
                     k = torch.randn(1, 1, s, d, generator=g)
@@ -71,7 +84,7 @@ def attention_cases(saved: dict, max_cases: int, kernel: str = "wgmma") -> bool:
                 q, k, v = (t.to(dtype) for t in (q, k, v))
                 if len(saved) >= max_cases:
                     return ok
-                name = f"attention-{kernel} {str(dtype)[6:]} d{d} s{s} {kind}"
+                name = f"attention-{tag} {str(dtype)[6:]} d{d} s{s} {kind}"
                 poison_cuda_allocator()
                 try:
                     got = fused_attention(q.cuda(), k.cuda(), v.cuda())
@@ -136,8 +149,11 @@ def gemm_cases(saved: dict, max_cases: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("family", choices=["attention", "tma", "gemm"],
-                    help="attention: the wgmma kernel; tma: the warp-specialized TMA one")
+    ap.add_argument(
+        "family",
+        choices=["attention", "tma", "gemm"],
+        help="attention: the wgmma kernel; tma: the warp-specialized TMA one",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/dcgen_out"))
     ap.add_argument("--max-cases", type=int, default=1000, help="stop after N cases")
     args = ap.parse_args(argv)

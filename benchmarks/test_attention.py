@@ -83,8 +83,11 @@ BACKENDS = ["default", "flash"] if ON_GPU else ["default"]
 # "sdpa" is fused_attention's default path (qk_norm_rope kernel + torch SDPA; the module doc of
 # dcgen.ops.attention says why), measured beside the flash kernels.
 # "sm90_tma" is the warp-specialized TMA Hopper kernel (DCGEN_ATTENTION_SM90=tma).
-KERNELS = ["portable", "wgmma", "sm90_tma", "sdpa"] if ON_GPU else ["portable"]
-SM90_CHOICE = {"wgmma": "1", "sm90_tma": "tma"}
+# "sm90_tma_no_pingpong" is the same kernel with its ping-pong schedule off.
+KERNELS = (
+    ["portable", "wgmma", "sm90_tma", "sm90_tma_no_pingpong", "sdpa"] if ON_GPU else ["portable"]
+)
+SM90_CHOICE = {"wgmma": "1", "sm90_tma": "tma", "sm90_tma_no_pingpong": "tma"}
 
 
 def _select_kernel(kernel: str, monkeypatch) -> str:  # noqa: ANN001
@@ -92,6 +95,7 @@ def _select_kernel(kernel: str, monkeypatch) -> str:  # noqa: ANN001
     suffix of the choice."""
     monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", "sdpa" if kernel == "sdpa" else "flash")
     monkeypatch.setenv("DCGEN_ATTENTION_SM90", SM90_CHOICE.get(kernel, "0"))
+    monkeypatch.setenv("DCGEN_ATTENTION_PINGPONG", "0" if kernel.endswith("no_pingpong") else "1")
     if kernel == "portable":
         return ""
     if kernel == "sdpa":

@@ -32,6 +32,15 @@ at::Tensor vector_ready(const at::Tensor& x) {
   return ok ? x : x.contiguous();
 }
 
+// The TMA kernel's descriptors need positive strides (a broadcast, stride-0 view would make
+// cuTensorMapEncodeTiled fail, which CuTe only reports on stderr): copy such a view once.
+at::Tensor tma_ready(const at::Tensor& x) {
+  for (int64_t d = 0; d < 3; ++d) {
+    if (x.stride(d) <= 0) return x.contiguous();
+  }
+  return x;
+}
+
 // Where K's norm + RoPE runs. "fused": inside the kernel's K tile loads (K makes one trip from
 // memory, but the prologue and its fp32 table reads repeat for every 64-row query block);
 // "prepass": once, by the standalone kernel, into a rotated copy of K (one extra write and read
@@ -131,7 +140,8 @@ at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int major = check_arch(q_in, kOp);
 
-  const at::Tensor q = vector_ready(q_in), v = vector_ready(v_in);
+  const at::Tensor q = vector_ready(q_in);
+  at::Tensor v = vector_ready(v_in);
   at::Tensor k = vector_ready(k_in);
   const NormWeights qw = norm_weights(q_weight, q, kOp, "q_weight");
   NormWeights kw = norm_weights(k_weight, k, kOp, "k_weight");
@@ -147,6 +157,10 @@ at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
     k = norm_rope_one(k, kw, rope, norm_split, eps);  // contiguous, already normed and rotated
     kw = NormWeights{};
     k_rope = false;
+  }
+  if (sm90 == Sm90Kernel::kTma) {
+    k = tma_ready(k);
+    v = tma_ready(v);
   }
   at::Tensor mask;
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
@@ -198,6 +212,8 @@ at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   }
   const char* plain = std::getenv("DCGEN_ATTENTION_PLAIN_LOADS");
   p.plain_loads = plain != nullptr && std::string(plain) == "1";
+  const char* pingpong = std::getenv("DCGEN_ATTENTION_PINGPONG");
+  p.pingpong = pingpong == nullptr || std::string(pingpong) != "0";
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (q.scalar_type() == at::kBFloat16) {
     dispatch_head_dim<__nv_bfloat16>(p, D, sm90, stream);

@@ -9,9 +9,10 @@
 //     say when a stage is full, consumer arrivals say when it is free again), kStages deep, so
 //     the next tiles load while the current one is multiplied;
 //   - P stays in registers: the P V product is an RS wgmma (A from registers), so there is no
-//     shared-memory round trip and no CTA-wide barrier inside the loop. The two consumer
-//     warpgroups only share the stage barriers, so they drift apart and one's softmax overlaps
-//     the other's MMAs;
+//     shared-memory round trip and no CTA-wide barrier inside the loop. Each tile's P V is
+//     issued together with the next tile's Q K^T, and the two consumer warpgroups take turns
+//     issuing (ping-pong, FlashAttention-3's schedule), so one's softmax overlaps the other's
+//     MMAs;
 //   - K must arrive ready: the wrapper runs K's RMSNorm + RoPE once up front (the standalone
 //     qk_norm_rope kernel) when they are on. Q's prologue stays fused: each CTA loads its Q
 //     tile once, through registers (load_rows), as the first kernel does.
@@ -49,7 +50,6 @@ namespace dcgen::attention::sm90_tma {
 
 using namespace cute;
 using dcgen::sm90::fence_async_shared;
-using dcgen::sm90::warpgroup_gemm;
 
 constexpr int kRows = 128;               // query rows per CTA: 64 per consumer warpgroup
 constexpr int kKeys = 64;                // key rows per stage
@@ -203,16 +203,55 @@ __global__ void __launch_bounds__(kThreads, 1)
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};  // per thread (its columns); reduced over the quad at the end
 
-  for (int n = 0; n < n_tiles; ++n) {
+  // Round n issues, as one wgmma batch, P_{n-1} V_{n-1} (P waited in registers since the last
+  // softmax) and S_n = Q K_n^T, waits for both, hands tile n - 1's stage back, then runs the
+  // softmax of S_n. Round n_tiles only adds the last P V. With ping-pong on, a warpgroup
+  // issues its batch only after the other one has issued its own (named barrier kSched + wg,
+  // 256 arrivals: this warpgroup's sync plus the other's arrive), so the tensor cores work for
+  // one warpgroup while the other is in its softmax.
+  const int wg = tid / 128;
+  constexpr int kSched = 1;  // named barriers 1, 2 (0 is the consumers' Q barrier)
+  if (p.pingpong && wg == 1) {
+    cutlass::arch::NamedBarrier::arrive(kConsumerThreads, kSched);  // warpgroup 0 goes first
+  }
+  for (int n = 0; n <= n_tiles; ++n) {
+    const bool has_s = n < n_tiles;
     const int s = n % kStages;
-    const int n0 = n * kKeys;
-    FullBarrier::wait(&full[s], (n / kStages) & 1);
+    const int prev = (n + kStages - 1) % kStages;  // the stage of tile n - 1
+    if (has_s) FullBarrier::wait(&full[s], (n / kStages) & 1);
+    if (p.pingpong) cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, kSched + wg);
 
-    // S = Q K^T (this warpgroup's 64 rows x 64 keys), fp32.
-    clear(acc_s);
-    warpgroup_gemm(mma_s, tSrQ, tSrK(_, _, _, s), acc_s);
+    if (has_s) clear(acc_s);
+    cute::warpgroup_fence_operand(acc_o);
+    cute::warpgroup_fence_operand(acc_s);
+    cute::warpgroup_fence_operand(tOrP);
+    cute::warpgroup_arrive();
+    if (n > 0) {
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+        cute::gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb, prev), acc_o);
+      }
+    }
+    if (has_s) {
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+        cute::gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb, s), acc_s);
+      }
+    }
+    cute::warpgroup_commit_batch();
+    // The other warpgroup's turn. Warpgroup 1 skips its last arrive: warpgroup 0 does not sync
+    // again after round n_tiles, and a barrier must not be left half-arrived at exit.
+    if (p.pingpong && !(wg == 1 && n == n_tiles)) {
+      cutlass::arch::NamedBarrier::arrive(kConsumerThreads, kSched + 1 - wg);
+    }
+    cute::warpgroup_wait<0>();
+    cute::warpgroup_fence_operand(acc_o);
+    cute::warpgroup_fence_operand(acc_s);
+    if (n > 0) EmptyBarrier::arrive(&empty[prev]);  // tile n - 1 fully read
+    if (!has_s) break;
 
     // Scale into the exp2 domain, mask (sequence tail, key padding), online softmax in fp32.
+    const int n0 = n * kKeys;
     const bool masked = mask != nullptr || n0 + kKeys > p.seqlen_k;
     float tile_max[2] = {row_max[0], row_max[1]};
 #pragma unroll
@@ -242,13 +281,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       row_sum[(i / 2) % 2] += e;
       tOrP(i) = E(e);  // rounded to T, as the reference's P V in T
     }
+    // O so far holds P_0 V_0 .. P_{n-1} V_{n-1}: bring it to this tile's max.
 #pragma unroll
     for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= alpha[(i / 2) % 2];
-
-    // O += P V, then hand the stage back to the producer.
-    cute::warpgroup_fence_operand(tOrP);
-    warpgroup_gemm(mma_o, tOrP, tOrV(_, _, _, s), acc_o);
-    EmptyBarrier::arrive(&empty[s]);
   }
 
   // Normalise and store. Rows with no valid key (everything masked) have sum 0 and write 0.

@@ -43,6 +43,10 @@ struct FlashParams {
   // kept selectable with DCGEN_ATTENTION_PLAIN_LOADS=1 so a GPU run can check one against the
   // other).
   bool plain_loads = false;
+  // The TMA Hopper kernel only: ping-pong the two consumer warpgroups with named barriers so
+  // one's MMAs run while the other does its softmax (DCGEN_ATTENTION_PINGPONG=0 switches it off,
+  // for a GPU run to compare or to rule it out).
+  bool pingpong = true;
 };
 
 // T is __nv_bfloat16 or __half; D is 64 or 128. One explicit instantiation per .cu file.

@@ -278,7 +278,7 @@ def _require(name):
 # prologue runs (inside the tile loads, or once up front; "auto" picks by sequence length);
 # "wgmma" is the Hopper kernel (sm_90 only, DCGEN_ATTENTION_SM90=1), "sm90_tma" the
 # warp-specialized TMA one (DCGEN_ATTENTION_SM90=tma; it always prepares K up front, so "fused"
-# also checks that the wrapper overrides that request).
+# also checks that the wrapper overrides that request), with and without its ping-pong.
 KERNEL_MODES = [
     ("ldmatrix", "fused"),
     ("ldmatrix", "prepass"),
@@ -287,11 +287,13 @@ KERNEL_MODES = [
     ("wgmma", "prepass"),
     ("sm90_tma", "fused"),
     ("sm90_tma", "auto"),
+    ("sm90_tma_no_pingpong", "auto"),
     ("sdpa", "auto"),  # the default policy: qk_norm_rope kernel + torch SDPA
 ]
 
 
-SM90_CHOICE = {"wgmma": "1", "sm90_tma": "tma"}  # test id -> DCGEN_ATTENTION_SM90
+# test id -> DCGEN_ATTENTION_SM90 ("sm90_tma_no_pingpong": the TMA kernel, ping-pong off)
+SM90_CHOICE = {"wgmma": "1", "sm90_tma": "tma", "sm90_tma_no_pingpong": "tma"}
 
 
 def _hopper_kernel_or_skip(loads, monkeypatch):
@@ -299,6 +301,7 @@ def _hopper_kernel_or_skip(loads, monkeypatch):
     one needs an sm_90 GPU and a build with CUTLASS headers."""
     monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", "sdpa" if loads == "sdpa" else "flash")
     monkeypatch.setenv("DCGEN_ATTENTION_SM90", SM90_CHOICE.get(loads, "0"))
+    monkeypatch.setenv("DCGEN_ATTENTION_PINGPONG", "0" if loads.endswith("no_pingpong") else "1")
     if loads in SM90_CHOICE:
         if torch.cuda.get_device_capability()[0] != 9:
             pytest.skip(f"the {loads} attention kernel needs an sm_90 (Hopper) GPU")
@@ -356,6 +359,25 @@ def test_cuda_fused_attention_scale_and_flux_tables(loads, rng, monkeypatch):
     poison_cuda_allocator()
     got = fused_attention(q, k, v, **args)
     want = fused_attention_reference(q.cpu(), k.cpu(), v.cpu(), **_to_cpu(args))
+    torch.testing.assert_close(got.cpu().float(), want.float(), atol=2.5e-2, rtol=2.5e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("loads", ["ldmatrix", "wgmma", "sm90_tma", "sdpa"])
+def test_cuda_fused_attention_broadcast_kv(loads, rng, monkeypatch):
+    """K and V expanded over heads (stride 0; shared keys, as in multi-query attention): the
+    flash wrappers must copy what their loads cannot address (TMA rejects a zero stride)."""
+    _require("fused_attention")
+    _hopper_kernel_or_skip(loads, monkeypatch)
+    b, h, s, d = 2, 3, 150, 128
+    q = torch.randn(b, h, s, d, generator=rng).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(b, 1, s, d, generator=rng).to("cuda", torch.bfloat16).expand(b, h, s, d)
+            for _ in range(2))  # fmt: skip
+    assert k.stride(1) == 0
+    poison_cuda_allocator()
+    got = fused_attention(q, k, v)
+    want = fused_attention_reference(q.cpu(), k.cpu(), v.cpu())
+    assert not got.isnan().any()
     torch.testing.assert_close(got.cpu().float(), want.float(), atol=2.5e-2, rtol=2.5e-2)
 
 
