@@ -7,7 +7,8 @@
 // overlap; on the H200 it ran at about 0.26x of cuDNN (session-7 run). Here:
 //   - K and V arrive by TMA (one elected thread issues them; mbarriers with transaction counts
 //     say when a stage is full, consumer arrivals say when it is free again), kStages deep, so
-//     the next tiles load while the current one is multiplied;
+//     the next tiles load while the current one is multiplied; 128 x 128 tiles, with the
+//     registers moved from the producer warpgroup to the consumers (setmaxnreg);
 //   - P stays in registers: the P V product is an RS wgmma (A from registers), so there is no
 //     shared-memory round trip and no CTA-wide barrier inside the loop. Each tile's P V is
 //     issued together with the next tile's Q K^T, and the two consumer warpgroups take turns
@@ -37,6 +38,7 @@
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 
 #include <cstdint>
@@ -52,24 +54,30 @@ using namespace cute;
 using dcgen::sm90::fence_async_shared;
 
 constexpr int kRows = 128;               // query rows per CTA: 64 per consumer warpgroup
-constexpr int kKeys = 64;                // key rows per stage
+constexpr int kKeys = 128;               // key rows per stage (FlashAttention-3's 128 x 128)
 constexpr int kConsumerThreads = 256;    // two consumer warpgroups (threads 0 .. 255)
 constexpr int kThreads = kConsumerThreads + 128;  // + the producer warpgroup (one warp works)
+// Register split (setmaxnreg): 384 threads launch with 168 each; the producer warpgroup gives
+// most of its share to the consumers, whose S (64), P (32) and O (64 at D = 128) fragments
+// would spill at 168 (ptxas: 192 bytes of spill stores without the split, none with it).
+// 128 x 24 + 256 x 240 = 64,512 of the SM's 65,536.
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;
 
 template <typename T, int D>
 struct Config {
   using E = typename sm90::CuteElement<T>::type;
-  // Deep enough to cover TMA latency with one CTA per SM: 32 + 3 x 32 KiB (D = 128) or
-  // 16 + 4 x 16 KiB (D = 64) of shared memory.
-  static constexpr int kStages = D == 128 ? 3 : 4;
+  // One CTA per SM: Q + 2 stages of K and V is 32 + 2 x 64 KiB at D = 128; 16 + 3 x 32 KiB
+  // at D = 64.
+  static constexpr int kStages = D == 128 ? 2 : 3;
   using SmemQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{},
                                        Shape<Int<kRows>, Int<D>>{}));
   using SmemK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{},
                                        Shape<Int<kKeys>, Int<D>, Int<kStages>>{}));
   // V as the B operand of P V: (N = D, K = keys), D contiguous = MN-major. The 64 x 8 swizzle
   // atoms are stacked along the keys first, so one 64-column slab of D holds all the stage's
-  // keys contiguously and TMA fills it with one 8 KiB box (D-first stacking would split the
-  // tile into 1 KiB boxes).
+  // keys contiguously and TMA fills it with one box of 64 x kKeys (D-first stacking would
+  // split the tile into 64 x 8 boxes of 1 KiB).
   using SmemV = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{},
                                        Shape<Int<D>, Int<kKeys>, Int<kStages>>{},
                                        Step<_2, _1, _3>{}));
@@ -149,6 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();  // barriers initialised; the roles split here
 
   if (tid >= kConsumerThreads) {
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();  // the whole warpgroup, first
     // Producer: one thread issues every TMA load (the first ones while the consumers load Q);
     // the rest of the warpgroup has nothing to do.
     if (tid == kConsumerThreads) {
@@ -175,6 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
   // Q tile with its prologue, by the consumer threads (load_rows indexes by threadIdx.x), then
   // a barrier of the 256 consumer threads only (the producer does not take part).
   load_rows<T, D, kRows, kConsumerThreads>([&](int r, int col) { return &sQ(r, col); }, q,

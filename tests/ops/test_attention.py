@@ -238,7 +238,7 @@ CUDA_SHAPES = [
     (1, 24, 333, 333, 128),
     (3, 2, 100, 37, 128),
     (2, 4, 17, 300, 64),
-    (1, 2, 777, 777, 64),  # 13 key tiles: the TMA kernel's stage ring wraps three times
+    (1, 2, 777, 777, 64),  # 7 key tiles of 128: the TMA kernel's 3-stage ring wraps twice
 ]
 
 
