@@ -11,9 +11,9 @@
 //     registers moved from the producer warpgroup to the consumers (setmaxnreg);
 //   - P stays in registers: the P V product is an RS wgmma (A from registers), so there is no
 //     shared-memory round trip and no CTA-wide barrier inside the loop. Each tile's P V is
-//     issued together with the next tile's Q K^T, and the two consumer warpgroups take turns
-//     issuing (ping-pong, FlashAttention-3's schedule), so one's softmax overlaps the other's
-//     MMAs;
+//     issued right after the next tile's Q K^T, and that tile's softmax runs while P V is on
+//     the tensor cores; the two consumer warpgroups also take turns issuing (ping-pong). Both
+//     are FlashAttention-3's schedule;
 //   - K must arrive ready: the wrapper runs K's RMSNorm + RoPE once up front (the standalone
 //     qk_norm_rope kernel) when they are on. Q's prologue stays fused: each CTA loads its Q
 //     tile once, through registers (load_rows), as the first kernel does.
@@ -213,12 +213,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};  // per thread (its columns); reduced over the quad at the end
 
-  // Round n issues, as one wgmma batch, P_{n-1} V_{n-1} (P waited in registers since the last
-  // softmax) and S_n = Q K_n^T, waits for both, hands tile n - 1's stage back, then runs the
-  // softmax of S_n. Round n_tiles only adds the last P V. With ping-pong on, a warpgroup
-  // issues its batch only after the other one has issued its own (named barrier kSched + wg,
-  // 256 arrivals: this warpgroup's sync plus the other's arrive), so the tensor cores work for
-  // one warpgroup while the other is in its softmax.
+  // Round n issues two wgmma groups: S_n = Q K_n^T, then P_{n-1} V_{n-1} (P waited in
+  // registers since the last softmax). It waits for the first only and runs S_n's softmax
+  // while the tensor cores still work on P V (FlashAttention-3's intra-warpgroup overlap); then
+  // it waits for P V, hands tile n - 1's stage back, rescales O and turns S_n into P_n. Round
+  // n_tiles only adds the last P V. With ping-pong on, a warpgroup issues its groups only after
+  // the other one has issued its own (named barrier kSched + wg, 256 arrivals: this
+  // warpgroup's sync plus the other's arrive), so the tensor cores work for one warpgroup while
+  // the other is in its softmax.
   const int wg = tid / 128;
   constexpr int kSched = 1;  // named barriers 1, 2 (0 is the consumers' Q barrier)
   if (p.pingpong && wg == 1) {
@@ -236,64 +238,74 @@ __global__ void __launch_bounds__(kThreads, 1)
     cute::warpgroup_fence_operand(acc_s);
     cute::warpgroup_fence_operand(tOrP);
     cute::warpgroup_arrive();
-    if (n > 0) {
-#pragma unroll
-      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-        cute::gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb, prev), acc_o);
-      }
-    }
     if (has_s) {
 #pragma unroll
       for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
         cute::gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb, s), acc_s);
       }
     }
-    cute::warpgroup_commit_batch();
+    cute::warpgroup_commit_batch();  // group 1: S_n (empty in the last round)
+    if (n > 0) {
+#pragma unroll
+      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+        cute::gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb, prev), acc_o);
+      }
+    }
+    cute::warpgroup_commit_batch();  // group 2: P_{n-1} V_{n-1} (empty in the first round)
     // The other warpgroup's turn. Warpgroup 1 skips its last arrive: warpgroup 0 does not sync
     // again after round n_tiles, and a barrier must not be left half-arrived at exit.
     if (p.pingpong && !(wg == 1 && n == n_tiles)) {
       cutlass::arch::NamedBarrier::arrive(kConsumerThreads, kSched + 1 - wg);
     }
-    cute::warpgroup_wait<0>();
-    cute::warpgroup_fence_operand(acc_o);
+    cute::warpgroup_wait<1>();  // S_n is complete; P V may still run (acc_o, tOrP untouched)
     cute::warpgroup_fence_operand(acc_s);
+
+    float alpha[2] = {1.f, 1.f};
+    if (has_s) {
+      // Scale into the exp2 domain, mask (sequence tail, key padding), online softmax in fp32;
+      // the exponentials stay in acc_s until P V is done with tOrP.
+      const int n0 = n * kKeys;
+      const bool masked = mask != nullptr || n0 + kKeys > p.seqlen_k;
+      float tile_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+      for (int i = 0; i < size(acc_s); ++i) {
+        float x = acc_s(i) * p.scale_log2;
+        if (masked) {
+          const int key = n0 + get<1>(tScS(i));
+          if (key >= p.seqlen_k || (mask != nullptr && !mask[key])) x = -INFINITY;
+        }
+        acc_s(i) = x;
+        tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], x);
+      }
+      float shift[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        // A row with no valid key so far keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
+        shift[r] = tile_max[r] == -INFINITY ? 0.f : tile_max[r];
+        alpha[r] = exp2f(row_max[r] - shift[r]);
+        row_max[r] = tile_max[r];
+        row_sum[r] *= alpha[r];
+      }
+#pragma unroll
+      for (int i = 0; i < size(acc_s); ++i) {
+        const float e = exp2f(acc_s(i) - shift[(i / 2) % 2]);
+        row_sum[(i / 2) % 2] += e;
+        acc_s(i) = e;
+      }
+    }
+
+    cute::warpgroup_wait<0>();  // P_{n-1} V_{n-1} is complete
+    cute::warpgroup_fence_operand(acc_o);
+    cute::warpgroup_fence_operand(tOrP);
     if (n > 0) EmptyBarrier::arrive(&empty[prev]);  // tile n - 1 fully read
     if (!has_s) break;
-
-    // Scale into the exp2 domain, mask (sequence tail, key padding), online softmax in fp32.
-    const int n0 = n * kKeys;
-    const bool masked = mask != nullptr || n0 + kKeys > p.seqlen_k;
-    float tile_max[2] = {row_max[0], row_max[1]};
-#pragma unroll
-    for (int i = 0; i < size(acc_s); ++i) {
-      float x = acc_s(i) * p.scale_log2;
-      if (masked) {
-        const int key = n0 + get<1>(tScS(i));
-        if (key >= p.seqlen_k || (mask != nullptr && !mask[key])) x = -INFINITY;
-      }
-      acc_s(i) = x;
-      tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], x);
-    }
-    float alpha[2], shift[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      // A row with no valid key so far keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
-      shift[r] = tile_max[r] == -INFINITY ? 0.f : tile_max[r];
-      alpha[r] = exp2f(row_max[r] - shift[r]);
-      row_max[r] = tile_max[r];
-      row_sum[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int i = 0; i < size(acc_s); ++i) {
-      const float e = exp2f(acc_s(i) - shift[(i / 2) % 2]);
-      row_sum[(i / 2) % 2] += e;
-      tOrP(i) = E(e);  // rounded to T, as the reference's P V in T
-    }
-    // O so far holds P_0 V_0 .. P_{n-1} V_{n-1}: bring it to this tile's max.
+    // O holds P_0 V_0 .. P_{n-1} V_{n-1}: bring it to this tile's max; P_n for the next round.
 #pragma unroll
     for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= alpha[(i / 2) % 2];
+#pragma unroll
+    for (int i = 0; i < size(acc_s); ++i) tOrP(i) = E(acc_s(i));  // rounded to T (reference)
   }
 
   // Normalise and store. Rows with no valid key (everything masked) have sum 0 and write 0.
