@@ -23,8 +23,9 @@ order:
 
 Row scales take one of two routes (``DCGEN_FP8_GEMM``; :func:`row_gemm_route`):
 
-- ``"tensor"`` (the default where dcgen's kernel is built): ``_scaled_mm`` with unit scales,
-  which is cuBLAS's fast per-tensor FP8 GEMM, into the 16-bit output, then
+- ``"tensor"`` (the default where dcgen's kernel is built; bf16 outputs only, as the unscaled
+  product would overflow fp16): ``_scaled_mm`` with unit scales,
+  which is cuBLAS's fast per-tensor FP8 GEMM, into the bf16 output, then
   :func:`dcgen.ops.fp8_scale_epilogue` applies the row and column scales and the bias (and an
   activation) in one pass. The product is rounded to 16 bits before it is scaled, one extra
   rounding (module doc of dcgen/ops/fp8_epilogue.py).
@@ -182,9 +183,11 @@ def fp8_gemm(
     if not scaled_mm_supported(xq.device, granularity, out_dtype, n, k):
         return _apply_act(fp8_linear_reference(xq, x_scale, wq, w_scale, bias, out_dtype), act)
     tensor_case = _case(xq.device, "tensor")
+    # bf16 only: the unit-scale product is unscaled (codes up to 448 each, summed over K), which
+    # overflows fp16's 65,504 long before bf16's range.
     if (
         granularity == "row"
-        and out_dtype in (torch.bfloat16, torch.float16)
+        and out_dtype == torch.bfloat16
         and tensor_case not in _REJECTED
         and row_gemm_route(xq.device) == "tensor"
     ):

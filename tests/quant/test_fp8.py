@@ -167,6 +167,22 @@ def test_fp8_gemm_routes_match_the_spec(route, act, rng, monkeypatch):
     torch.testing.assert_close(y.float(), want, rtol=2**-7, atol=2e-2)
 
 
+def test_fp8_gemm_fp16_output_never_takes_the_unscaled_route(rng, monkeypatch):
+    # Unit-scale codes of large activations and weights sum past fp16's 65,504: the "tensor"
+    # route would return inf there, so an fp16 output keeps the scales inside the GEMM.
+    import dcgen.quant.fp8 as f
+
+    monkeypatch.setenv("DCGEN_FP8_GEMM", "tensor")
+    calls = []
+    monkeypatch.setattr(f, "fp8_scale_epilogue", lambda *a, **k: calls.append(a))
+    xq, xs = quantize_fp8_reference(torch.ones(4, 512), "row")  # every code 448
+    wq, ws = quantize_fp8_reference(torch.ones(8, 512), "row")  # 512 * 448^2 >> 65,504
+    y = fp8_gemm(xq, xs, wq, ws, None, torch.float16, "row")
+    assert not calls
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), torch.full((4, 8), 512.0), rtol=1e-3, atol=0)
+
+
 def test_fp8_gemm_rejects_unknown_act(rng):
     xq, xs = quantize_fp8_reference(torch.randn(2, 16, generator=rng), "row")
     with pytest.raises(ValueError, match="act"):
