@@ -107,7 +107,24 @@ def test_custom_processors_are_left_alone():
 
 
 @torch.no_grad()
-def test_sana_cross_attention_matches_stock_with_padding():
+def test_sana_cross_attention_defers_to_stock_where_no_kernel_runs(monkeypatch):
+    # On CPU (and on CUDA without the flash kernel or with SANA's 32-wide heads) the fused path
+    # would only put mask conversion in front of the same SDPA call: the stock processor runs.
+    import dcgen.attention.processors as procs
+
+    monkeypatch.setattr(procs, "fused_attention", lambda *a, **k: pytest.fail("fused path ran"))
+    model = tiny_sana()
+    accelerate(model)
+    attn = model.transformer_blocks[0].attn2
+    g = torch.Generator().manual_seed(0)
+    hs, ctx = torch.randn(2, 16, 16, generator=g), torch.randn(2, 6, 16, generator=g)
+    got = attn.processor(attn, hs, ctx, None)
+    torch.testing.assert_close(got, attn.processor._stock(attn, hs, ctx, None))
+
+
+@torch.no_grad()
+def test_sana_cross_attention_matches_stock_with_padding(monkeypatch):
+    monkeypatch.setattr(SanaFusedCrossAttnProcessor, "always_fused", True)
     model = tiny_sana()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
@@ -170,7 +187,8 @@ def test_processor_compiles_without_graph_breaks(joint):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_sana_processor_compiles_without_graph_breaks():
+def test_sana_processor_compiles_without_graph_breaks(monkeypatch):
+    monkeypatch.setattr(SanaFusedCrossAttnProcessor, "always_fused", True)
     model = tiny_sana()
     attn = model.transformer_blocks[0].attn2
     g = torch.Generator().manual_seed(0)
@@ -288,6 +306,36 @@ def test_cuda_sana_linear_attention_matches_stock(dtype):
     with torch.no_grad():
         want = attn.processor(attn, hs)
         got = SanaFusedLinearAttnProcessor()(attn, hs)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_sana_cross_attention_flash_path_matches_stock(monkeypatch):
+    # 64-wide cross-attention heads and DCGEN_ATTENTION_KERNEL=flash: the one case where the
+    # processor runs dcgen's kernel (with the caption's key padding); elsewhere it defers.
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+
+    import dcgen.attention.processors as procs
+
+    monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", "flash")
+    torch.manual_seed(0)
+    attn = Attention(query_dim=128, cross_attention_dim=96, heads=2, dim_head=64, bias=True,
+                     processor=SanaAttnProcessor2_0()).to("cuda", torch.bfloat16).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(6)
+    hs = torch.randn(2, 70, 128, generator=g).to("cuda", torch.bfloat16)
+    ctx = torch.randn(2, 9, 96, generator=g).to("cuda", torch.bfloat16)
+    bias = torch.zeros(2, 1, 9, device="cuda", dtype=torch.bfloat16)
+    bias[1, :, 5:] = -10000.0
+    calls = []
+    original = procs.fused_attention
+    monkeypatch.setattr(
+        procs, "fused_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    with torch.no_grad():
+        want = attn.processor(attn, hs, ctx, bias)
+        got = SanaFusedCrossAttnProcessor()(attn, hs, ctx, bias)
+    assert calls, "the fused path did not run"
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from dcgen.ops.attention import fused_attention
+from dcgen.ops.attention import KERNEL_HEAD_DIMS, flash_kernel_selected, fused_attention
 from dcgen.ops.linear_attention import relu_linear_attention
 
 SANA_LINEAR_EPS = 1e-15  # diffusers' SanaLinearAttnProcessor2_0
@@ -147,15 +147,31 @@ def _key_padding(mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor | No
 class SanaFusedCrossAttnProcessor:
     """Drop-in for diffusers' ``SanaAttnProcessor2_0`` (SANA's cross-attention to the caption).
 
-    Differences from the stock processor, both outside what SANA produces: a mask is read as
-    key padding (bias entries > -1 attend), and a query that sees no key returns zeros where
-    the stock additive -10000 bias would average over the padded keys.
+    SANA's q / k norms span all heads and it has no RoPE, so the only thing dcgen adds here is
+    its flash kernel with a key-padding mask. Where that kernel would not run (not CUDA, the
+    default ``DCGEN_ATTENTION_KERNEL=sdpa`` path, or a head dim without a flash configuration,
+    such as SANA-1.6B's 32) the call goes straight to the stock processor: the fused path would
+    only add the mask conversion and checks in front of the same SDPA call, a cost measured as
+    host overhead at SANA's small token counts. ``always_fused = True`` takes the fused path
+    anyway (tests: its mask handling on the reference).
+
+    Differences of the fused path from the stock processor, both outside what SANA produces: a
+    mask is read as key padding (bias entries > -1 attend), and a query that sees no key
+    returns zeros where the stock additive -10000 bias would average over the padded keys.
     """
+
+    always_fused = False
 
     def __init__(self) -> None:
         from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
 
         self._stock = SanaAttnProcessor2_0()
+
+    def _fused_pays(self, attn: torch.nn.Module, hidden_states: torch.Tensor) -> bool:
+        if self.always_fused:
+            return True
+        head_dim = getattr(attn, "inner_kv_dim", attn.inner_dim) // attn.heads
+        return hidden_states.is_cuda and head_dim in KERNEL_HEAD_DIMS and flash_kernel_selected()
 
     def __call__(
         self,
@@ -164,6 +180,8 @@ class SanaFusedCrossAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if not self._fused_pays(attn, hidden_states):
+            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask)
         batch = hidden_states.shape[0]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         keep = None
