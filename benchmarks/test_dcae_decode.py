@@ -6,6 +6,7 @@ Peak memory (GPU) goes to extra_info. Models are built once per preset and freed
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 
@@ -49,9 +50,23 @@ def _models(preset: str):
 # beside the full-frame group:
 # - banded: banded decode (dcgen/autoencoders/banding.py), the memory / time trade of bands;
 # - nchw: dcgen with its convolutions in NCHW (set_memory_format("contiguous")) instead of the
-#   automatic channels_last on CUDA, which isolates what the layout is worth.
+#   automatic channels_last on CUDA, which isolates what the layout is worth;
+# - autotune: dcgen's decode under torch.backends.cudnn.benchmark (cuDNN times its algorithms
+#   per shape on the first call and keeps the fastest), the baseline as users run it. It says
+#   whether dcgen's decode should switch autotuning on itself; the peak memory is the first
+#   call's, algorithm search included.
 BAND_ROWS = int(os.environ.get("DCGEN_BENCH_BAND_ROWS", "512" if ON_GPU else "32"))
-MODES = ["full", "banded", "nchw"]
+MODES = ["full", "banded", "nchw", "autotune"]
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool):
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on or before
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -72,7 +87,7 @@ def test_dcae_decode(benchmark, preset, size, impl, mode):
         ours.set_memory_format("contiguous" if mode == "nchw" else "auto")
 
         def fn():
-            with torch.inference_mode():
+            with torch.inference_mode(), _cudnn_benchmark(mode == "autotune"):
                 return ours.decode(z, band_rows=band_rows)
     else:
 
@@ -85,6 +100,8 @@ def test_dcae_decode(benchmark, preset, size, impl, mode):
         benchmark.group += f" (dcgen banded, {BAND_ROWS}-row bands)"
     elif mode == "nchw":
         benchmark.group += " (dcgen NCHW convolutions)"
+    elif mode == "autotune":
+        benchmark.group += " (dcgen with cudnn.benchmark)"
     benchmark.extra_info.update(
         impl=impl,
         baseline_name="diffusers AutoencoderDC (eager)",
