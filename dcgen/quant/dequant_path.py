@@ -90,6 +90,39 @@ def weight_16bit(layer: NVFP4Linear, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
+def forward_16bit(layer: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """The whole layer as one GEMM in ``x``'s dtype, for the plain W4A16 case (16-bit input, no
+    smoothing, no low-rank branch, no bias or a bias of ``x``'s dtype); None otherwise.
+
+    ``addmm(bias, x, R16^T, alpha=global scale)``: fp32 accumulation of the exact products, the
+    global scale and the bias applied in fp32 in cuBLAS's epilogue, one rounding to ``x``'s
+    dtype, the same numbers as :func:`forward_main` + bias + cast up to where those fp32
+    roundings fall. It skips the fp32 result and the three passes over it (scale, bias, cast)
+    of the general form: at FLUX's 4,608 x 12,288 outputs they move about 1 GB, more time
+    than the GEMM's own epilogue and the weight dequantization together. The global scale is
+    read to the host once per weight version (``_memo``); under torch.compile, which would
+    break the graph there, the general form runs.
+    """
+    if (
+        layer.mode != "w4a16"
+        or layer.rank
+        or layer.smooth is not None
+        or x.dtype not in _HALF
+        or (layer.bias is not None and layer.bias.dtype != x.dtype)
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    k = layer.in_features
+    alpha = layer._memo("alpha_host", layer.weight_scale_2, lambda: float(layer.weight_scale_2))
+    x2 = x.reshape(-1, k)
+    w = weight_16bit(layer, x.dtype)
+    if layer.bias is not None:
+        y = torch.addmm(layer.bias, x2, w.t(), alpha=alpha)
+    else:  # beta = 0: the (scalar) input is not read, the GEMM writes alpha * x w^T
+        y = torch.addmm(x2.new_zeros(()), x2, w.t(), beta=0, alpha=alpha)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
 def forward_main(
     layer: NVFP4Linear, x: torch.Tensor, xf: torch.Tensor, static: torch.Tensor | None
 ) -> torch.Tensor:

@@ -256,6 +256,18 @@ class NVFP4Linear(nn.Module):
                 f"NVFP4Linear: expected input with last dim {self.in_features}, "
                 f"got shape {tuple(x.shape)}"
             )
+        # Dispatch by device: the native NVFP4 GEMM where compiled (Blackwell block-scaled W4A4;
+        # on Hopper, opt-in, the mainloop-dequantizing wgmma GEMMs for W4A4 and W4A16); else on
+        # CUDA GPUs (Hopper, Ampere) the exact dequantize + cuBLAS path (dequant_path.py; a
+        # plain W4A16 layer on a 16-bit input there is one GEMM in the input's dtype, before
+        # any fp32 copy of x is made); the pure-PyTorch reference everywhere else.
+        y = None
+        if self.mode == "w4a16":
+            y = self._native_w4a16(x)
+            if y is None and _dequant_path.available(x.device):
+                out = _dequant_path.forward_16bit(self, x)
+                if out is not None:
+                    return out
         xf = x.float()
         if self.smooth is not None:
             xf = xf / self.smooth
@@ -264,14 +276,8 @@ class NVFP4Linear(nn.Module):
             "static", self.input_scale, lambda: float(self.input_scale) > 0
         ):
             static = self.input_scale
-        # Dispatch by device: the native NVFP4 GEMM where compiled (Blackwell block-scaled W4A4;
-        # on Hopper, opt-in, the mainloop-dequantizing wgmma GEMMs for W4A4 and W4A16); else on
-        # CUDA GPUs (Hopper, Ampere) the exact dequantize + cuBLAS path (dequant_path.py); the
-        # pure-PyTorch reference everywhere else.
         if self.mode == "w4a4":
             y = self._native_w4a4(xf, static)
-        else:
-            y = self._native_w4a16(x)
         if y is None and _dequant_path.available(x.device):
             y = _dequant_path.forward_main(self, x, xf, static)
         if y is None:

@@ -82,6 +82,55 @@ def test_input_gradient_is_straight_through(mode, rng):
     assert float((x2.grad - want).norm() / want.norm()) < (1e-5 if mode == "w4a16" else 1e-2)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_16bit_equals_the_general_form(bias, dtype, rng):
+    # One GEMM in x's dtype (alpha and bias in its epilogue) against the fp32 general form plus
+    # bias and cast: the same products, one rounding each.
+    layer = _layer("w4a16", 0, False)
+    if not bias:
+        layer.bias = None
+    layer = layer.to(dtype)
+    x = (torch.randn(3, 7, 96, generator=rng) * 3).to(dtype)
+    with torch.no_grad():
+        got = dq.forward_16bit(layer, x)
+        want = dq.forward_main(layer, x, x.float(), None)
+        if bias:
+            want = want + layer.bias.float()
+    assert got.shape == (3, 7, 40) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)
+
+
+def test_forward_16bit_declines_what_it_does_not_cover(rng):
+    x = torch.randn(4, 96, generator=rng).bfloat16()
+    assert dq.forward_16bit(_layer("w4a4", 0, False), x) is None
+    assert dq.forward_16bit(_layer("w4a16", 8, False), x) is None  # low-rank branch
+    assert dq.forward_16bit(_layer("w4a16", 0, True), x) is None  # smoothing: x / s not 16-bit
+    assert dq.forward_16bit(_layer("w4a16", 0, False), x.float()) is None  # fp32 input
+    fp32_bias = _layer("w4a16", 0, False)
+    fp32_bias.bias.data = fp32_bias.bias.data.float()
+    assert dq.forward_16bit(fp32_bias, x) is None  # adding it in bf16 would round it
+
+
+def test_layer_takes_the_one_gemm_path_where_the_dequant_path_runs(rng, monkeypatch):
+    # With the dequantize path available, a plain W4A16 layer on a bf16 input never builds the
+    # fp32 result (forward_main) and still trains its input (straight-through gradient).
+    layer = _layer("w4a16", 0, False)
+    monkeypatch.setattr(dq, "available", lambda device: True)
+    monkeypatch.setattr(dq, "forward_main", lambda *a: pytest.fail("fp32 general form ran"))
+    x = (torch.randn(5, 96, generator=rng) * 2).bfloat16().requires_grad_(True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    dy = torch.randn(5, 40, generator=rng).bfloat16()
+    y.backward(dy)
+    want = dy.float() @ layer.dequantized_weight()
+    assert float((x.grad.float() - want).norm() / want.norm()) < 1e-2
+    monkeypatch.undo()
+    with torch.no_grad():
+        ref = layer(x)  # the CPU reference
+    torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_not_available_on_cpu():
     assert not dq.available(torch.device("cpu"))
 
