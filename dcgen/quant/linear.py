@@ -79,7 +79,13 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class NVFP4Linear(nn.Module):
-    """Linear layer with an NVFP4 weight; build with :meth:`from_linear`."""
+    """Linear layer with an NVFP4 weight; build with :meth:`from_linear`.
+
+    Like ``nn.Linear``, the layer does not check its input for NaN / Inf: that check costs a
+    device synchronisation per call (W4A4 quantizes the input on every call). E2M1 cannot
+    encode them, so a 16-element block holding one gives a non-finite or zero result there;
+    :func:`dcgen.ops.quantize_nvfp4.quantize_nvfp4_activation` called directly does check.
+    """
 
     def __init__(
         self,
@@ -216,7 +222,7 @@ class NVFP4Linear(nn.Module):
         # dequantize(quantize_nvfp4(x)) through the activation-quantize op (the fused kernel
         # where built: swizzled scales, as a Blackwell GEMM would read them).
         x2 = xf.reshape(-1, xf.shape[-1])
-        packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static)
+        packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static, check_finite=False)
         scales = unswizzle_scales(swizzled, x2.shape[0], x2.shape[1])
         return dequantize_parts(packed, scales, gs).reshape(xf.shape)
 
@@ -230,7 +236,7 @@ class NVFP4Linear(nn.Module):
         if torch.is_grad_enabled() and xf.requires_grad:
             return None  # training through the layer: the paths with a straight-through grad
         x2 = xf.reshape(-1, k)
-        packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static)
+        packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static, check_finite=False)
         w_scales = self._swizzled_weight_scales()
         y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, gs * self.weight_scale_2)
         return y.float().reshape(*xf.shape[:-1], n)

@@ -131,6 +131,21 @@ def test_layer_takes_the_one_gemm_path_where_the_dequant_path_runs(rng, monkeypa
     torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+def test_layer_forward_makes_no_finiteness_check(mode, rng, monkeypatch):
+    # The NaN / Inf check of the activation quantize is a device sync: never on the layer's
+    # hot path (NVFP4Linear's doc), on any of its paths.
+    import dcgen.quant.nvfp4 as fmt
+
+    layer = _layer(mode, 4, True)
+    monkeypatch.setattr(dq, "available", lambda device: True)
+    for name in ("ensure_finite", "ensure_global_scale"):
+        monkeypatch.setattr(fmt, name, lambda *a: pytest.fail(f"{name} ran"))
+    with torch.no_grad():
+        y = layer(torch.randn(5, 96, generator=rng).bfloat16())
+    assert torch.isfinite(y).all()
+
+
 def test_not_available_on_cpu():
     assert not dq.available(torch.device("cpu"))
 
