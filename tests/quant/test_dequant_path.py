@@ -140,7 +140,7 @@ def test_layer_forward_makes_no_finiteness_check(mode, rng, monkeypatch):
     layer = _layer(mode, 4, True)
     monkeypatch.setattr(dq, "available", lambda device: True)
     for name in ("ensure_finite", "ensure_global_scale"):
-        monkeypatch.setattr(fmt, name, lambda *a: pytest.fail(f"{name} ran"))
+        monkeypatch.setattr(fmt, name, lambda *a, name=name: pytest.fail(f"{name} ran"))
     with torch.no_grad():
         y = layer(torch.randn(5, 96, generator=rng).bfloat16())
     assert torch.isfinite(y).all()
