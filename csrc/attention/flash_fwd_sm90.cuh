@@ -57,6 +57,51 @@ constexpr int kRows = 128;   // query rows per CTA
 constexpr int kKeys = 64;    // key rows per tile
 constexpr int kThreads = 256;
 
+// Pieces shared with the warp-specialized kernel (flash_fwd_sm90_tma.cuh); both hold a
+// warpgroup's accumulator rows in the m64nN layout described at the top of this file.
+
+// Online-softmax statistics for one key tile: tile_max (this thread's maxima of its two rows,
+// already including row_max) is reduced over the row's 4 lanes; returns via alpha / shift the
+// rescale factor of the running sums and O, and the exponent shift for this tile.
+__device__ __forceinline__ void update_row_stats(float (&tile_max)[2], float (&row_max)[2],
+                                                 float (&row_sum)[2], float (&alpha)[2],
+                                                 float (&shift)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+    // A row with no valid key so far keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
+    shift[r] = tile_max[r] == -INFINITY ? 0.f : tile_max[r];
+    alpha[r] = exp2f(row_max[r] - shift[r]);
+    row_max[r] = tile_max[r];
+    row_sum[r] *= alpha[r];
+  }
+}
+
+// Normalise O by the row sums (per-thread partial sums, reduced over the row's 4 lanes here)
+// and store the CTA's rows below seqlen_q. Rows with no valid key (everything masked) have
+// sum 0 and write 0.
+template <typename E, int kCtaRows, int D, class ThrMma, class Acc>
+__device__ __forceinline__ void store_output(const ThrMma& thr_o, const Acc& acc_o,
+                                             float (&row_sum)[2], void* o, const FlashParams& p,
+                                             int row0) {
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
+  }
+  Tensor gO = make_tensor(make_gmem_ptr(reinterpret_cast<E*>(o) + row0 * p.o_row_stride),
+                          make_shape(Int<kCtaRows>{}, Int<D>{}), make_stride(p.o_row_stride, _1{}));
+  Tensor tOgO = thr_o.partition_C(gO);
+  Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<kCtaRows>, Int<D>>{}));
+#pragma unroll
+  for (int i = 0; i < size(acc_o); ++i) {
+    if (row0 + get<0>(tOcO(i)) < p.seqlen_q) tOgO(i) = E(acc_o(i) * inv[(i / 2) % 2]);
+  }
+}
+
 template <typename T, int D>
 struct Config {
   using E = typename CuteElement<T>::type;
@@ -148,16 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
       tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], x);
     }
     float alpha[2], shift[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      // A row with no valid key so far keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
-      shift[r] = tile_max[r] == -INFINITY ? 0.f : tile_max[r];
-      alpha[r] = exp2f(row_max[r] - shift[r]);
-      row_max[r] = tile_max[r];
-      row_sum[r] *= alpha[r];
-    }
+    update_row_stats(tile_max, row_max, row_sum, alpha, shift);
 #pragma unroll
     for (int i = 0; i < size(acc_s); ++i) {
       const float e = exp2f(acc_s(i) - shift[(i / 2) % 2]);
@@ -173,23 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
     warpgroup_gemm(mma_o, tOrP, tOrV, acc_o);
   }
 
-  // Normalise and store. Rows with no valid key (everything masked) have sum 0 and write 0.
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
-  }
-  const int row0 = m_block * kRows;
-  Tensor gO = make_tensor(make_gmem_ptr(reinterpret_cast<E*>(o) + row0 * p.o_row_stride),
-                          make_shape(Int<kRows>{}, Int<D>{}), make_stride(p.o_row_stride, _1{}));
-  Tensor tOgO = thr_o.partition_C(gO);
-  Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<D>>{}));
-#pragma unroll
-  for (int i = 0; i < size(acc_o); ++i) {
-    if (row0 + get<0>(tOcO(i)) < p.seqlen_q) tOgO(i) = E(acc_o(i) * inv[(i / 2) % 2]);
-  }
+  store_output<E, kRows, D>(thr_o, acc_o, row_sum, o, p, m_block * kRows);
 #endif
 }
 

@@ -213,118 +213,131 @@ __global__ void __launch_bounds__(kThreads, 1)
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};  // per thread (its columns); reduced over the quad at the end
 
-  // Round n issues two wgmma groups: S_n = Q K_n^T, then P_{n-1} V_{n-1} (P waited in
-  // registers since the last softmax). It waits for the first only and runs S_n's softmax
-  // while the tensor cores still work on P V (FlashAttention-3's intra-warpgroup overlap); then
-  // it waits for P V, hands tile n - 1's stage back, rescales O and turns S_n into P_n. Round
-  // n_tiles only adds the last P V. With ping-pong on, a warpgroup issues its groups only after
-  // the other one has issued its own (named barrier kSched + wg, 256 arrivals: this
-  // warpgroup's sync plus the other's arrive), so the tensor cores work for one warpgroup while
-  // the other is in its softmax.
+  // Round n (1 <= n < n_tiles) issues two wgmma groups: S_n = Q K_n^T, then P_{n-1} V_{n-1}
+  // (P waited in registers since the last softmax). It waits for the first only and runs S_n's
+  // softmax while the tensor cores still work on P V (FlashAttention-3's intra-warpgroup
+  // overlap); then it waits for P V, hands tile n - 1's stage back, rescales O and turns S_n
+  // into P_n. Round 0 (S_0 only) and a last round (the last P V only) are peeled off the loop:
+  // a wgmma under a data-dependent branch makes ptxas serialize every wgmma of the kernel
+  // (its warning C7520). With ping-pong on, a warpgroup issues its groups only after the other
+  // one has issued its own (named barrier kSched + wg, 256 arrivals: this warpgroup's sync
+  // plus the other's arrive), so the tensor cores work for one warpgroup while the other is in
+  // its softmax.
   const int wg = tid / 128;
   constexpr int kSched = 1;  // named barriers 1, 2 (0 is the consumers' Q barrier)
-  if (p.pingpong && wg == 1) {
+  const bool pingpong = p.pingpong;
+  if (pingpong && wg == 1) {
     cutlass::arch::NamedBarrier::arrive(kConsumerThreads, kSched);  // warpgroup 0 goes first
   }
-  for (int n = 0; n <= n_tiles; ++n) {
-    const bool has_s = n < n_tiles;
-    const int s = n % kStages;
-    const int prev = (n + kStages - 1) % kStages;  // the stage of tile n - 1
-    if (has_s) FullBarrier::wait(&full[s], (n / kStages) & 1);
-    if (p.pingpong) cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, kSched + wg);
-
-    if (has_s) clear(acc_s);
-    cute::warpgroup_fence_operand(acc_o);
-    cute::warpgroup_fence_operand(acc_s);
-    cute::warpgroup_fence_operand(tOrP);
-    cute::warpgroup_arrive();
-    if (has_s) {
+  auto my_turn = [&]() {
+    if (pingpong) cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, kSched + wg);
+  };
+  auto their_turn = [&]() {
+    if (pingpong) cutlass::arch::NamedBarrier::arrive(kConsumerThreads, kSched + 1 - wg);
+  };
+  auto issue_s = [&](int s) {  // S = Q K^T from stage s (after clear(acc_s) and the fences)
 #pragma unroll
-      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-        cute::gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb, s), acc_s);
-      }
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      cute::gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb, s), acc_s);
     }
-    cute::warpgroup_commit_batch();  // group 1: S_n (empty in the last round)
-    if (n > 0) {
+  };
+  auto issue_pv = [&](int s) {  // O += P V with V from stage s
 #pragma unroll
-      for (int kb = 0; kb < size<2>(tOrP); ++kb) {
-        cute::gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb, prev), acc_o);
-      }
+    for (int kb = 0; kb < size<2>(tOrP); ++kb) {
+      cute::gemm(mma_o, tOrP(_, _, kb), tOrV(_, _, kb, s), acc_o);
     }
-    cute::warpgroup_commit_batch();  // group 2: P_{n-1} V_{n-1} (empty in the first round)
-    // The other warpgroup's turn. Warpgroup 1 skips its last arrive: warpgroup 0 does not sync
-    // again after round n_tiles, and a barrier must not be left half-arrived at exit.
-    if (p.pingpong && !(wg == 1 && n == n_tiles)) {
-      cutlass::arch::NamedBarrier::arrive(kConsumerThreads, kSched + 1 - wg);
+  };
+  // Scale into the exp2 domain, mask (sequence tail, key padding), online softmax in fp32; the
+  // exponentials stay in acc_s (P V may still be reading tOrP). Returns O's rescale factors.
+  auto softmax = [&](int n, float (&alpha)[2]) {
+    const int n0 = n * kKeys;
+    const bool masked = mask != nullptr || n0 + kKeys > p.seqlen_k;
+    float tile_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int i = 0; i < size(acc_s); ++i) {
+      float x = acc_s(i) * p.scale_log2;
+      if (masked) {
+        const int key = n0 + get<1>(tScS(i));
+        if (key >= p.seqlen_k || (mask != nullptr && !mask[key])) x = -INFINITY;
+      }
+      acc_s(i) = x;
+      tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], x);
     }
-    cute::warpgroup_wait<1>();  // S_n is complete; P V may still run (acc_o, tOrP untouched)
-    cute::warpgroup_fence_operand(acc_s);
-
-    float alpha[2] = {1.f, 1.f};
-    if (has_s) {
-      // Scale into the exp2 domain, mask (sequence tail, key padding), online softmax in fp32;
-      // the exponentials stay in acc_s until P V is done with tOrP.
-      const int n0 = n * kKeys;
-      const bool masked = mask != nullptr || n0 + kKeys > p.seqlen_k;
-      float tile_max[2] = {row_max[0], row_max[1]};
+    float shift[2];
+    sm90::update_row_stats(tile_max, row_max, row_sum, alpha, shift);
 #pragma unroll
-      for (int i = 0; i < size(acc_s); ++i) {
-        float x = acc_s(i) * p.scale_log2;
-        if (masked) {
-          const int key = n0 + get<1>(tScS(i));
-          if (key >= p.seqlen_k || (mask != nullptr && !mask[key])) x = -INFINITY;
-        }
-        acc_s(i) = x;
-        tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], x);
-      }
-      float shift[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-        // A row with no valid key so far keeps max -inf: shift by 0 so exp2 gives 0, not NaN.
-        shift[r] = tile_max[r] == -INFINITY ? 0.f : tile_max[r];
-        alpha[r] = exp2f(row_max[r] - shift[r]);
-        row_max[r] = tile_max[r];
-        row_sum[r] *= alpha[r];
-      }
-#pragma unroll
-      for (int i = 0; i < size(acc_s); ++i) {
-        const float e = exp2f(acc_s(i) - shift[(i / 2) % 2]);
-        row_sum[(i / 2) % 2] += e;
-        acc_s(i) = e;
-      }
+    for (int i = 0; i < size(acc_s); ++i) {
+      const float e = exp2f(acc_s(i) - shift[(i / 2) % 2]);
+      row_sum[(i / 2) % 2] += e;
+      acc_s(i) = e;
     }
-
-    cute::warpgroup_wait<0>();  // P_{n-1} V_{n-1} is complete
-    cute::warpgroup_fence_operand(acc_o);
-    cute::warpgroup_fence_operand(tOrP);
-    if (n > 0) EmptyBarrier::arrive(&empty[prev]);  // tile n - 1 fully read
-    if (!has_s) break;
-    // O holds P_0 V_0 .. P_{n-1} V_{n-1}: bring it to this tile's max; P_n for the next round.
+  };
+  // O holds P_0 V_0 .. P_{n-1} V_{n-1}: bring it to tile n's max; P_n for the next round.
+  auto rescale_and_make_p = [&](const float (&alpha)[2]) {
 #pragma unroll
     for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= alpha[(i / 2) % 2];
 #pragma unroll
     for (int i = 0; i < size(acc_s); ++i) tOrP(i) = E(acc_s(i));  // rounded to T (reference)
+  };
+
+  // Round 0: S_0 only.
+  {
+    float alpha[2];
+    FullBarrier::wait(&full[0], 0);
+    my_turn();
+    clear(acc_s);
+    cute::warpgroup_fence_operand(acc_s);
+    cute::warpgroup_arrive();
+    issue_s(0);
+    cute::warpgroup_commit_batch();
+    their_turn();
+    cute::warpgroup_wait<0>();
+    cute::warpgroup_fence_operand(acc_s);
+    softmax(0, alpha);
+    rescale_and_make_p(alpha);
+  }
+  for (int n = 1; n < n_tiles; ++n) {
+    const int s = n % kStages;
+    const int prev = (n - 1) % kStages;  // the stage of tile n - 1
+    float alpha[2];
+    FullBarrier::wait(&full[s], (n / kStages) & 1);
+    my_turn();
+    clear(acc_s);
+    cute::warpgroup_fence_operand(acc_o);
+    cute::warpgroup_fence_operand(acc_s);
+    cute::warpgroup_fence_operand(tOrP);
+    cute::warpgroup_arrive();
+    issue_s(s);
+    cute::warpgroup_commit_batch();  // group 1: S_n
+    issue_pv(prev);
+    cute::warpgroup_commit_batch();  // group 2: P_{n-1} V_{n-1}
+    their_turn();
+    cute::warpgroup_wait<1>();  // S_n is complete; P V may still run (acc_o, tOrP untouched)
+    cute::warpgroup_fence_operand(acc_s);
+    softmax(n, alpha);
+    cute::warpgroup_wait<0>();  // P_{n-1} V_{n-1} is complete
+    cute::warpgroup_fence_operand(acc_o);
+    cute::warpgroup_fence_operand(tOrP);
+    EmptyBarrier::arrive(&empty[prev]);  // tile n - 1 fully read
+    rescale_and_make_p(alpha);
+  }
+  // Last round: the last P V. Warpgroup 1 skips its arrive here: warpgroup 0 does not sync
+  // again, and a barrier must not be left half-arrived at exit.
+  {
+    const int last = (n_tiles - 1) % kStages;
+    my_turn();
+    cute::warpgroup_fence_operand(acc_o);
+    cute::warpgroup_fence_operand(tOrP);
+    cute::warpgroup_arrive();
+    issue_pv(last);
+    cute::warpgroup_commit_batch();
+    if (wg == 0) their_turn();
+    cute::warpgroup_wait<0>();
+    cute::warpgroup_fence_operand(acc_o);
+    EmptyBarrier::arrive(&empty[last]);  // not awaited by anyone; keeps the counts whole
   }
 
-  // Normalise and store. Rows with no valid key (everything masked) have sum 0 and write 0.
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-    inv[r] = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
-  }
-  const int row0 = m_block * kRows;
-  Tensor gO = make_tensor(make_gmem_ptr(reinterpret_cast<E*>(o) + row0 * p.o_row_stride),
-                          make_shape(Int<kRows>{}, Int<D>{}), make_stride(p.o_row_stride, _1{}));
-  Tensor tOgO = thr_o.partition_C(gO);
-  Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<D>>{}));
-#pragma unroll
-  for (int i = 0; i < size(acc_o); ++i) {
-    if (row0 + get<0>(tOcO(i)) < p.seqlen_q) tOgO(i) = E(acc_o(i) * inv[(i / 2) % 2]);
-  }
+  sm90::store_output<E, kRows, D>(thr_o, acc_o, row_sum, o, p, m_block * kRows);
 #endif
 }
 
