@@ -32,11 +32,14 @@ at::Tensor vector_ready(const at::Tensor& x) {
   return ok ? x : x.contiguous();
 }
 
-// The TMA kernel's descriptors need positive strides (a broadcast, stride-0 view would make
-// cuTensorMapEncodeTiled fail, which CuTe only reports on stderr): copy such a view once.
+// The TMA kernel's descriptors need every stride a positive multiple of 16 bytes, size-1
+// dimensions included: PyTorch leaves their strides arbitrary (contiguous() keeps a tensor
+// whose only odd strides are there), and a broadcast view has stride 0. cuTensorMapEncodeTiled
+// would fail, which CuTe only reports on stderr. Such tensors are copied once into standard
+// contiguous strides.
 at::Tensor tma_ready(const at::Tensor& x) {
   for (int64_t d = 0; d < 3; ++d) {
-    if (x.stride(d) <= 0) return x.contiguous();
+    if (x.stride(d) <= 0 || x.stride(d) % 8 != 0) return x.clone(at::MemoryFormat::Contiguous);
   }
   return x;
 }

@@ -67,9 +67,11 @@ constexpr int kConsumerRegs = 240;
 template <typename T, int D>
 struct Config {
   using E = typename sm90::CuteElement<T>::type;
-  // One CTA per SM: Q + 2 stages of K and V is 32 + 2 x 64 KiB at D = 128; 16 + 3 x 32 KiB
-  // at D = 64.
-  static constexpr int kStages = D == 128 ? 2 : 3;
+  // Three stages: K and V of a stage share one pair of barriers and a stage is free only
+  // after its P V, which round n + 1 waits for, so with two stages tile n + 1 could not load
+  // ahead of its use. One CTA per SM: Q + 3 stages of K and V is 32 + 3 x 64 KiB = 225 KiB at
+  // D = 128 (the limit is 227 KiB), 16 + 3 x 32 KiB at D = 64.
+  static constexpr int kStages = 3;
   using SmemQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{},
                                        Shape<Int<kRows>, Int<D>>{}));
   using SmemK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{},
@@ -99,6 +101,7 @@ struct Config {
   static constexpr int kBarrierOffset = (kQElems + kKElems + kVElems) * 2;
   static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8 + 1024;
   static_assert(kQElems * 2 % 1024 == 0 && kKElems * 2 % 1024 == 0, "1 KiB aligned tiles");
+  static_assert(kSmemBytes <= 227 * 1024, "over Hopper's 227 KiB of shared memory per block");
 };
 
 // The global views the TMA descriptors are built from (host) and indexed with (device): K as

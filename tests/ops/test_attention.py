@@ -363,17 +363,27 @@ def test_cuda_fused_attention_scale_and_flux_tables(loads, rng, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["broadcast", "odd_unit_stride"])
 @pytest.mark.parametrize("loads", ["ldmatrix", "wgmma", "sm90_tma", "sdpa"])
-def test_cuda_fused_attention_broadcast_kv(loads, rng, monkeypatch):
-    """K and V expanded over heads (stride 0; shared keys, as in multi-query attention): the
-    flash wrappers must copy what their loads cannot address (TMA rejects a zero stride)."""
+def test_cuda_fused_attention_unusual_kv_strides(loads, layout, rng, monkeypatch):
+    """K and V expanded over heads (stride 0; shared keys, as in multi-query attention), or a
+    batch of one whose batch stride is odd (PyTorch ignores a size-1 dim's stride, so
+    contiguous() keeps it): the flash wrappers must copy what their loads cannot address (TMA
+    descriptors reject both)."""
     _require("fused_attention")
     _hopper_kernel_or_skip(loads, monkeypatch)
-    b, h, s, d = 2, 3, 150, 128
+    h, s, d = 3, 150, 128
+    b = 2 if layout == "broadcast" else 1
     q = torch.randn(b, h, s, d, generator=rng).to("cuda", torch.bfloat16)
-    k, v = (torch.randn(b, 1, s, d, generator=rng).to("cuda", torch.bfloat16).expand(b, h, s, d)
-            for _ in range(2))  # fmt: skip
-    assert k.stride(1) == 0
+    if layout == "broadcast":
+        k, v = (torch.randn(b, 1, s, d, generator=rng).to("cuda", torch.bfloat16)
+                .expand(b, h, s, d) for _ in range(2))  # fmt: skip
+        assert k.stride(1) == 0
+    else:
+        k, v = (torch.empty_strided((1, h, s, d), (3, s * d, d, 1), device="cuda",
+                                    dtype=torch.bfloat16)
+                .copy_(torch.randn(1, h, s, d, generator=rng)) for _ in range(2))  # fmt: skip
+        assert k.is_contiguous() and k.stride(0) == 3
     poison_cuda_allocator()
     got = fused_attention(q, k, v)
     want = fused_attention_reference(q.cpu(), k.cpu(), v.cpu())
