@@ -42,6 +42,8 @@
 #include <cutlass/numeric_types.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "attention/flash_fwd.cuh"
 #include "attention/flash_fwd_sm90.cuh"
@@ -363,6 +365,22 @@ void run_flash_fwd_sm90_tma(const FlashParams& params, cudaStream_t stream) {
                              typename C::SmemV{}(_, _, 0),
                              Shape<Int<D>, Int<sm90_tma::kKeys>>{});
   auto kernel = &sm90_tma::flash_fwd_sm90_tma_kernel<T, D, decltype(tma_k), decltype(tma_v)>;
+  // setmaxnreg.inc waits for registers that setmaxnreg.dec released: the consumers get their
+  // 240 only if the launch allocated 168 per thread (ptxas's count for this kernel today). If a
+  // change ever made ptxas allocate fewer, the kernel would hang; fail loudly instead.
+  static const int regs = [&] {
+    cudaFuncAttributes attr{};
+    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? attr.numRegs : -1;
+  }();
+  constexpr int kNeeded = (128 * sm90_tma::kProducerRegs +
+                           sm90_tma::kConsumerThreads * sm90_tma::kConsumerRegs) /
+                          sm90_tma::kThreads;
+  if (regs >= 0 && regs < kNeeded) {
+    throw std::runtime_error(
+        "dcgen fused_attention (DCGEN_ATTENTION_SM90=tma): the kernel was built with " +
+        std::to_string(regs) + " registers per thread, its setmaxnreg split needs " +
+        std::to_string(kNeeded) + "; use DCGEN_ATTENTION_SM90=wgmma");
+  }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
   const dim3 grid((params.seqlen_q + sm90_tma::kRows - 1) / sm90_tma::kRows, params.heads,
                   params.batch);
