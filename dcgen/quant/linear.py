@@ -285,6 +285,10 @@ class NVFP4Linear(nn.Module):
         if self.mode == "w4a4":
             y = self._native_w4a4(xf, static)
         if y is None and _dequant_path.available(x.device):
+            if self.mode == "w4a4":  # inference on a 16-bit input: all in that dtype
+                out = _dequant_path.forward_w4a4_16bit(self, x, xf, static)
+                if out is not None:
+                    return out
             y = _dequant_path.forward_main(self, x, xf, static)
         if y is None:
             y = self.reference_main(xf, static)

@@ -131,6 +131,53 @@ def test_layer_takes_the_one_gemm_path_where_the_dequant_path_runs(rng, monkeypa
     torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("rank, smooth, bias", [(0, False, True), (0, False, False),
+                                                (8, True, True), (8, False, False)])  # fmt: skip
+def test_w4a4_16bit_form_matches_the_reference(rank, smooth, bias, rng):
+    # The W4A4 inference form in bf16 (GEMM result rounded once before the global scales, the
+    # low-rank branch and bias in bf16) against the fp32 reference layer: a few bf16 roundings.
+    layer = _layer("w4a4", rank, smooth)
+    if not bias:
+        layer.bias = None
+    x = (torch.randn(4, 9, 96, generator=rng) * 3).bfloat16()
+    xf = _smoothed(layer, x)
+    with torch.no_grad():
+        got = dq.forward_w4a4_16bit(layer, x, xf, None)
+        want = layer.reference_main(xf, None)
+        if rank:
+            want = want + (xf @ layer.lora_down.float().t()) @ layer.lora_up.float().t()
+        if bias:
+            want = want + layer.bias.float()
+    assert got.shape == (4, 9, 40) and got.dtype == torch.bfloat16
+    err = float((got.float() - want).norm() / want.norm())
+    assert err < 1e-2, err
+    torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=2e-2)
+
+
+def test_w4a4_16bit_form_declines_training_and_fp32(rng):
+    layer = _layer("w4a4", 0, False)
+    x = torch.randn(4, 96, generator=rng).bfloat16()
+    assert dq.forward_w4a4_16bit(layer, x.float(), x.float(), None) is None
+    xg = x.clone().requires_grad_(True)
+    assert dq.forward_w4a4_16bit(layer, xg, xg.float(), None) is None  # straight-through grad
+    with torch.no_grad():
+        assert dq.forward_w4a4_16bit(layer, xg, xg.float(), None) is not None
+        assert dq.forward_w4a4_16bit(_layer("w4a16", 0, False), x, x.float(), None) is None
+
+
+def test_w4a4_layer_takes_the_16bit_form_in_inference(rng, monkeypatch):
+    layer = _layer("w4a4", 8, True)
+    monkeypatch.setattr(dq, "available", lambda device: True)
+    monkeypatch.setattr(dq, "forward_main", lambda *a: pytest.fail("fp32 form ran"))
+    x = torch.randn(6, 96, generator=rng).bfloat16()
+    with torch.no_grad():
+        y = layer(x)
+        monkeypatch.undo()
+        ref = layer(x)  # the CPU reference
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), atol=5e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
 def test_layer_forward_makes_no_finiteness_check(mode, rng, monkeypatch):
     # The NaN / Inf check of the activation quantize is a device sync: never on the layer's
