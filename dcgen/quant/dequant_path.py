@@ -100,8 +100,11 @@ def forward_16bit(layer: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
     roundings fall. It skips the fp32 result and the three passes over it (scale, bias, cast)
     of the general form: at FLUX's 4,608 x 12,288 outputs they move about 1 GB, more time
     than the GEMM's own epilogue and the weight dequantization together. The global scale is
-    read to the host once per weight version (``_memo``); under torch.compile, which would
-    break the graph there, the general form runs.
+    read to the host once per weight version (``_memo``). Where that cannot be cached (an
+    inference-mode buffer has no version counter, so every call would synchronise) the scale
+    stays on the device and multiplies the 16-bit product in one pass with the bias, one more
+    rounding (as W4A4's form below). Under torch.compile, which would break the graph at the
+    host read, the general form runs.
     """
     if (
         layer.mode != "w4a16"
@@ -113,9 +116,16 @@ def forward_16bit(layer: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
     ):
         return None
     k = layer.in_features
-    alpha = layer._memo("alpha_host", layer.weight_scale_2, lambda: float(layer.weight_scale_2))
     x2 = x.reshape(-1, k)
     w = weight_16bit(layer, x.dtype)
+    gs = layer.weight_scale_2
+    if gs.is_inference():  # no version counter: a host copy could not be kept up to date
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None  # autograd cannot save an inference tensor; the general form runs
+        y = torch.mm(x2, w.t())
+        y = torch.addcmul(layer.bias, y, gs) if layer.bias is not None else y.mul_(gs)
+        return y.reshape(*x.shape[:-1], layer.out_features)
+    alpha = layer._memo("alpha_host", gs, lambda: float(gs))
     if layer.bias is not None:
         y = torch.addmm(layer.bias, x2, w.t(), alpha=alpha)
     else:  # beta = 0: the (scalar) input is not read, the GEMM writes alpha * x w^T

@@ -101,6 +101,19 @@ def test_forward_16bit_equals_the_general_form(bias, dtype, rng):
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)
 
 
+def test_forward_16bit_with_inference_mode_buffers_reads_no_host_scale(rng, monkeypatch):
+    # A layer built under inference_mode has buffers without a version counter: a host copy of
+    # the global scale could not be cached, so the scale stays on the device (no sync per call).
+    with torch.inference_mode():
+        layer = _layer("w4a16", 0, False).bfloat16()
+        x = (torch.randn(6, 96, generator=rng) * 2).bfloat16()
+        assert layer.weight_scale_2.is_inference()
+        monkeypatch.setattr(layer, "_memo", lambda *a: pytest.fail("host read of the scale"))
+        got = dq.forward_16bit(layer, x)
+        want = dq.forward_main(layer, x, x.float(), None) + layer.bias.float()
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)
+
+
 def test_forward_16bit_declines_what_it_does_not_cover(rng):
     x = torch.randn(4, 96, generator=rng).bfloat16()
     assert dq.forward_16bit(_layer("w4a4", 0, False), x) is None
