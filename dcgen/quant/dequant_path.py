@@ -90,6 +90,26 @@ def weight_16bit(layer: NVFP4Linear, dtype: torch.dtype) -> torch.Tensor:
     )
 
 
+def _fits_16bit(layer: NVFP4Linear, x: torch.Tensor) -> bool:
+    """A 16-bit input and a bias (if any) of its dtype: the 16-bit forms below apply."""
+    return x.dtype in _HALF and (layer.bias is None or layer.bias.dtype == x.dtype)
+
+
+def _activation_16bit(
+    x2: torch.Tensor, static: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W4A4's activation: NVFP4-quantized, dequantized with a unit global scale (exact in 16
+    bits), and its global scale. No NaN/Inf check: that is a device sync (NVFP4Linear doc)."""
+    k = x2.shape[-1]
+    packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static, check_finite=False)
+    return _dq.nvfp4_dequantize(packed, swizzled, _unit(x2), k, dtype, swizzled=True), gs
+
+
+def _scaled_sum(y: torch.Tensor, scale: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+    """``add + y * scale`` (``scale`` a device scalar) in one pass; ``y`` is consumed."""
+    return torch.addcmul(add, y, scale) if add is not None else y.mul_(scale)
+
+
 def forward_16bit(layer: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
     """The whole layer as one GEMM in ``x``'s dtype, for the plain W4A16 case (16-bit input, no
     smoothing, no low-rank branch, no bias or a bias of ``x``'s dtype); None otherwise.
@@ -110,8 +130,7 @@ def forward_16bit(layer: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
         layer.mode != "w4a16"
         or layer.rank
         or layer.smooth is not None
-        or x.dtype not in _HALF
-        or (layer.bias is not None and layer.bias.dtype != x.dtype)
+        or not _fits_16bit(layer, x)
         or torch.compiler.is_compiling()
     ):
         return None
@@ -122,8 +141,7 @@ def forward_16bit(layer: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
     if gs.is_inference():  # no version counter: a host copy could not be kept up to date
         if torch.is_grad_enabled() and x.requires_grad:
             return None  # autograd cannot save an inference tensor; the general form runs
-        y = torch.mm(x2, w.t())
-        y = torch.addcmul(layer.bias, y, gs) if layer.bias is not None else y.mul_(gs)
+        y = _scaled_sum(torch.mm(x2, w.t()), gs, layer.bias)
         return y.reshape(*x.shape[:-1], layer.out_features)
     alpha = layer._memo("alpha_host", gs, lambda: float(gs))
     if layer.bias is not None:
@@ -150,26 +168,20 @@ def forward_w4a4_16bit(
     """
     if (
         layer.mode != "w4a4"
-        or x.dtype not in _HALF
+        or not _fits_16bit(layer, x)
         or (torch.is_grad_enabled() and (x.requires_grad or xf.requires_grad))
-        or (layer.bias is not None and layer.bias.dtype != x.dtype)
     ):
         return None
-    k, dt = layer.in_features, x.dtype
-    x2 = xf.reshape(-1, k)
-    packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static, check_finite=False)
-    xq = _dq.nvfp4_dequantize(packed, swizzled, _unit(x2), k, dt, swizzled=True)
+    dt = x.dtype
+    x2 = xf.reshape(-1, layer.in_features)
+    xq, gs = _activation_16bit(x2, static, dt)
     y = torch.mm(xq, weight_16bit(layer, dt).t())
-    alpha = gs * layer.weight_scale_2  # fp32 scalar on the device
+    add = layer.bias  # the low-rank branch and the bias, summed in 16 bits
     if layer.rank:
         t = (x2 @ layer.lora_down.float().t()).to(dt)  # [M, r], fp32 sums rounded once
         up = layer.lora_up.to(dt).t()
-        low = torch.addmm(layer.bias, t, up) if layer.bias is not None else t @ up
-        out = torch.addcmul(low, y, alpha)
-    elif layer.bias is not None:
-        out = torch.addcmul(layer.bias, y, alpha)
-    else:
-        out = y.mul_(alpha)
+        add = torch.addmm(layer.bias, t, up) if layer.bias is not None else t @ up
+    out = _scaled_sum(y, gs * layer.weight_scale_2, add)  # global scales: a device scalar
     return out.reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -185,9 +197,8 @@ def forward_main(
     gs_w = layer.weight_scale_2
     if layer.mode == "w4a4":
         x2 = xf.reshape(-1, k)
-        packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static, check_finite=False)
         # bf16 holds every dequantized value exactly (fp16 too); bf16 GEMMs are the fast ones.
-        xq = _dq.nvfp4_dequantize(packed, swizzled, _unit(x2), k, torch.bfloat16, swizzled=True)
+        xq, gs = _activation_16bit(x2, static, torch.bfloat16)
         y = _ExactLinear.apply(x2, xq, weight_16bit(layer, torch.bfloat16), gs * gs_w, gs_w)
     else:
         exact_16bit = x.dtype in _HALF and layer.smooth is None
