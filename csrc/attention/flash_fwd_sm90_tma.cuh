@@ -372,7 +372,8 @@ void run_flash_fwd_sm90_tma(const FlashParams& params, cudaStream_t stream) {
     cudaFuncAttributes attr{};
     return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? attr.numRegs : -1;
   }();
-  constexpr int kNeeded = (128 * sm90_tma::kProducerRegs +
+  constexpr int kProducerThreads = sm90_tma::kThreads - sm90_tma::kConsumerThreads;
+  constexpr int kNeeded = (kProducerThreads * sm90_tma::kProducerRegs +
                            sm90_tma::kConsumerThreads * sm90_tma::kConsumerRegs) /
                           sm90_tma::kThreads;
   if (regs >= 0 && regs < kNeeded) {
@@ -381,6 +382,7 @@ void run_flash_fwd_sm90_tma(const FlashParams& params, cudaStream_t stream) {
         std::to_string(regs) + " registers per thread, its setmaxnreg split needs " +
         std::to_string(kNeeded) + "; use DCGEN_ATTENTION_SM90=wgmma");
   }
+  // Per call, not once: the shared-memory opt-in belongs to the current device.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
   const dim3 grid((params.seqlen_q + sm90_tma::kRows - 1) / sm90_tma::kRows, params.heads,
                   params.batch);
