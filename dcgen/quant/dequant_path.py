@@ -18,6 +18,12 @@ once (``alpha``). So the output equals the reference (fp32 dequantize-then-matmu
 summation order and the fp32 rounding of where ``alpha`` is applied. The one case computed in
 fp32 operands instead: W4A16 with an fp32 input or with smoothing (``x / s`` is not a 16-bit
 value); it stays exact, at fp32 GEMM speed.
+
+That general form (:func:`forward_main`) returns fp32. With a 16-bit input the layer runs whole
+in that dtype instead (:func:`forward_16bit`, :func:`forward_w4a4_16bit`): the same exact
+products, the fp32 result and its passes skipped, at the cost of one or two 16-bit roundings
+(W4A16's ``x / s`` among them). The fp32 form stays for fp32 inputs, for torch.compile and
+where autograd cannot save the layer's (inference-mode) buffers.
 """
 
 from __future__ import annotations
@@ -110,98 +116,122 @@ def _scaled_sum(y: torch.Tensor, scale: torch.Tensor, add: torch.Tensor | None) 
     return torch.addcmul(add, y, scale) if add is not None else y.mul_(scale)
 
 
-def forward_16bit(layer: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
-    """The whole layer as one GEMM in ``x``'s dtype, for the plain W4A16 case (16-bit input, no
-    smoothing, no low-rank branch, no bias or a bias of ``x``'s dtype); None otherwise.
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
-    ``addmm(bias, x, R16^T, alpha=global scale)``: fp32 accumulation of the exact products, the
-    global scale and the bias applied in fp32 in cuBLAS's epilogue, one rounding to ``x``'s
-    dtype, the same numbers as :func:`forward_main` + bias + cast up to where those fp32
+
+def _any_inference(*tensors: torch.Tensor | None) -> bool:
+    return any(t is not None and t.is_inference() for t in tensors)
+
+
+def _branch_16bit(layer: NVFP4Linear, a: torch.Tensor, dt: torch.dtype) -> torch.Tensor | None:
+    """The low-rank branch plus the bias, ``(a @ down^T) @ up^T + bias``, in the 16-bit ``dt``:
+    two GEMMs with fp32 accumulation, each rounded once to ``dt`` (the bias folded into the
+    second's epilogue). ``a`` is the layer's (smoothed) input, 16-bit or fp32; the first GEMM
+    runs in ``dt`` only where ``a`` and ``lora_down`` already are ``dt`` (exact operands),
+    else in fp32. Just the bias (or None) for a rank-0 layer."""
+    if not layer.rank:
+        return layer.bias
+    down = layer.lora_down
+    if a.dtype == down.dtype == dt:
+        t = a @ down.t()
+    else:
+        t = (a.float() @ down.float().t()).to(dt)
+    up = layer.lora_up.to(dt).t()
+    return torch.addmm(layer.bias, t, up) if layer.bias is not None else t @ up
+
+
+def forward_16bit(layer: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """The whole W4A16 layer in ``x``'s dtype (16-bit input; a bias, if any, of that dtype and
+    low-rank factors of that dtype); None otherwise.
+
+    Plain layer: ``addmm(bias, x, R16^T, alpha=global scale)``, fp32 accumulation of the exact
+    products, the global scale and the bias applied in fp32 in cuBLAS's epilogue, one rounding
+    to ``x``'s dtype: the numbers of :func:`forward_main` + bias + cast up to where those fp32
     roundings fall. It skips the fp32 result and the three passes over it (scale, bias, cast)
-    of the general form: at FLUX's 4,608 x 12,288 outputs they move about 1 GB, more time
-    than the GEMM's own epilogue and the weight dequantization together. The global scale is
-    read to the host once per weight version (``_memo``). Where that cannot be cached (an
-    inference-mode buffer has no version counter, so every call would synchronise) the scale
-    stays on the device and multiplies the 16-bit product in one pass with the bias, one more
-    rounding (as W4A4's form below). Under torch.compile, which would break the graph at the
-    host read, the general form runs.
+    of the general form: at FLUX's 4,608 x 12,288 outputs they move about 1 GB, more time than
+    the GEMM's own epilogue and the weight dequantization together.
+
+    Smoothing: ``x / s`` is rounded to ``x``'s dtype once (the fp32 form keeps it in fp32 and
+    pays an fp32 GEMM, 10-20x slower on tensor-core GPUs). Low-rank branch: computed in 16 bits
+    (:func:`_branch_16bit`) and added in the main GEMM's epilogue (``beta = 1``). Each is one
+    16-bit rounding more than the fp32 form, far below the weight's own 4-bit error.
+
+    The global scale is read to the host once per weight version (``_memo``). Where that cannot
+    be cached (an inference-mode buffer has no version counter, so every call would
+    synchronise) the scale stays on the device and multiplies the 16-bit product in one pass
+    with the branch and bias, one more rounding (as W4A4's form below). Under torch.compile,
+    which would break the graph at the host read, the general form runs.
     """
-    if (
-        layer.mode != "w4a16"
-        or layer.rank
-        or layer.smooth is not None
-        or not _fits_16bit(layer, x)
-        or torch.compiler.is_compiling()
-    ):
+    if layer.mode != "w4a16" or not _fits_16bit(layer, x) or torch.compiler.is_compiling():
         return None
+    dt = x.dtype
+    gs = layer.weight_scale_2
+    buffers = (gs, layer.smooth, layer.lora_down, layer.lora_up)
+    if _needs_grad(x) and _any_inference(*buffers):
+        return None  # autograd cannot save an inference tensor; the general form runs
     k = layer.in_features
     x2 = x.reshape(-1, k)
-    w = weight_16bit(layer, x.dtype)
-    gs = layer.weight_scale_2
+    if layer.smooth is not None:
+        x2 = (x2.float() / layer.smooth).to(dt)
+    add = _branch_16bit(layer, x2, dt)
+    w = weight_16bit(layer, dt)
     if gs.is_inference():  # no version counter: a host copy could not be kept up to date
-        if torch.is_grad_enabled() and x.requires_grad:
-            return None  # autograd cannot save an inference tensor; the general form runs
-        y = _scaled_sum(torch.mm(x2, w.t()), gs, layer.bias)
+        y = _scaled_sum(torch.mm(x2, w.t()), gs, add)
         return y.reshape(*x.shape[:-1], layer.out_features)
     alpha = layer._memo("alpha_host", gs, lambda: float(gs))
-    if layer.bias is not None:
-        y = torch.addmm(layer.bias, x2, w.t(), alpha=alpha)
+    if add is not None:
+        y = torch.addmm(add, x2, w.t(), alpha=alpha)
     else:  # beta = 0: the (scalar) input is not read, the GEMM writes alpha * x w^T
         y = torch.addmm(x2.new_zeros(()), x2, w.t(), beta=0, alpha=alpha)
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 
 def forward_w4a4_16bit(
-    layer: NVFP4Linear, x: torch.Tensor, xf: torch.Tensor, static: torch.Tensor | None
+    layer: NVFP4Linear, x: torch.Tensor, xs: torch.Tensor, static: torch.Tensor | None
 ) -> torch.Tensor | None:
     """W4A4 inference with a 16-bit input: the whole layer (low-rank branch and bias
     included) in ``x``'s dtype; None where it does not apply (a gradient is needed, an fp32
     input, a bias of another dtype).
 
-    The GEMM of the exact 16-bit operands rounds its fp32 sums to ``x``'s dtype once, before
-    the global scales (a device value: the activation's is computed per call) multiply it in
-    the one pass that also adds the low-rank branch and the bias (computed in 16 bits, its
-    fp32 product with ``lora_down`` rounded once). That is one or two more 16-bit roundings
-    than the fp32 form of :func:`forward_main`, which is the same trade FP8's tensor route
-    makes, and far below W4A4's own activation quantization error. It skips the fp32 result
-    and its passes (about 1 GB at FLUX's 4,608 x 12,288 outputs).
+    ``xs``: the activation to quantize, ``x`` itself without smoothing (the quantize reads 16-bit
+    inputs and gives the codes of their fp32 copy: no fp32 copy of ``x`` is made), ``x / s`` in
+    fp32 with it. The GEMM of the exact 16-bit operands rounds its fp32 sums to ``x``'s dtype
+    once, before the global scales (a device value: the activation's is computed per call)
+    multiply it in the one pass that also adds the low-rank branch and the bias
+    (:func:`_branch_16bit`). That is one or two more 16-bit roundings than the fp32 form of
+    :func:`forward_main`, which is the same trade FP8's tensor route makes, and far below
+    W4A4's own activation quantization error. It skips the fp32 result and its passes (about
+    1 GB at FLUX's 4,608 x 12,288 outputs).
     """
-    if (
-        layer.mode != "w4a4"
-        or not _fits_16bit(layer, x)
-        or (torch.is_grad_enabled() and (x.requires_grad or xf.requires_grad))
-    ):
+    if layer.mode != "w4a4" or not _fits_16bit(layer, x) or _needs_grad(x, xs):
         return None
     dt = x.dtype
-    x2 = xf.reshape(-1, layer.in_features)
+    x2 = xs.reshape(-1, layer.in_features)
     xq, gs = _activation_16bit(x2, static, dt)
     y = torch.mm(xq, weight_16bit(layer, dt).t())
-    add = layer.bias  # the low-rank branch and the bias, summed in 16 bits
-    if layer.rank:
-        t = (x2 @ layer.lora_down.float().t()).to(dt)  # [M, r], fp32 sums rounded once
-        up = layer.lora_up.to(dt).t()
-        add = torch.addmm(layer.bias, t, up) if layer.bias is not None else t @ up
-    out = _scaled_sum(y, gs * layer.weight_scale_2, add)  # global scales: a device scalar
+    out = _scaled_sum(y, gs * layer.weight_scale_2, _branch_16bit(layer, x2, dt))
     return out.reshape(*x.shape[:-1], layer.out_features)
 
 
 def forward_main(
-    layer: NVFP4Linear, x: torch.Tensor, xf: torch.Tensor, static: torch.Tensor | None
+    layer: NVFP4Linear, x: torch.Tensor, xs: torch.Tensor, static: torch.Tensor | None
 ) -> torch.Tensor:
     """The quantized product of the layer (no low-rank branch, no bias), fp32 [..., N].
 
-    ``x``: the layer's input; ``xf``: its fp32 (smoothed) version, the reference's operand;
-    ``static``: the W4A4 static activation scale or None (dynamic).
+    ``x``: the layer's input; ``xs``: the activation the reference multiplies, ``x`` itself
+    without smoothing, else ``x / s`` in fp32; ``static``: the W4A4 activation decode scale, or
+    None (dynamic).
     """
     k = layer.in_features
     gs_w = layer.weight_scale_2
     if layer.mode == "w4a4":
-        x2 = xf.reshape(-1, k)
+        x2 = xs.reshape(-1, k)
         # bf16 holds every dequantized value exactly (fp16 too); bf16 GEMMs are the fast ones.
         xq, gs = _activation_16bit(x2, static, torch.bfloat16)
         y = _ExactLinear.apply(x2, xq, weight_16bit(layer, torch.bfloat16), gs * gs_w, gs_w)
     else:
-        exact_16bit = x.dtype in _HALF and layer.smooth is None
-        a = x.reshape(-1, k) if exact_16bit else xf.reshape(-1, k)
+        exact_16bit = xs.dtype in _HALF  # x itself (x / s is fp32)
+        a = xs.reshape(-1, k) if exact_16bit else xs.float().reshape(-1, k)
         y = _ExactLinear.apply(a, a, weight_16bit(layer, a.dtype), gs_w, gs_w)
-    return y.reshape(*xf.shape[:-1], layer.out_features)
+    return y.reshape(*xs.shape[:-1], layer.out_features)

@@ -34,7 +34,14 @@ from dcgen.ops import nvfp4_gemm as _gemm
 from dcgen.ops import quantize_nvfp4 as _qop
 
 from . import dequant_path as _dequant_path
-from .nvfp4 import BLOCK, dequantize_parts, quantize_nvfp4, swizzle_scales, unswizzle_scales
+from .nvfp4 import (
+    BLOCK,
+    dequantize_parts,
+    global_decode_scale,
+    quantize_nvfp4,
+    swizzle_scales,
+    unswizzle_scales,
+)
 
 MODES = ("w4a16", "w4a4")
 _FORMAT_BUFFERS = ("weight_scale", "weight_scale_2", "input_scale", "smooth")
@@ -226,20 +233,20 @@ class NVFP4Linear(nn.Module):
         scales = unswizzle_scales(swizzled, x2.shape[0], x2.shape[1])
         return dequantize_parts(packed, scales, gs).reshape(xf.shape)
 
-    def _native_w4a4(self, xf: torch.Tensor, static: torch.Tensor | None) -> torch.Tensor | None:
+    def _native_w4a4(self, xs: torch.Tensor, static: torch.Tensor | None) -> torch.Tensor | None:
         # Blackwell (sm_100) with the compiled GEMM: quantize x once and multiply the packed
         # operands; the result matches x_q @ deq(R)^T up to fp32 summation order, rounded once
         # to bf16 by the GEMM. None where the kernel is not available (the reference runs).
         n, k = self.out_features, self.in_features
-        if not _gemm.kernel_available(xf.device, n, k):
+        if not _gemm.kernel_available(xs.device, n, k):
             return None
-        if torch.is_grad_enabled() and xf.requires_grad:
+        if torch.is_grad_enabled() and xs.requires_grad:
             return None  # training through the layer: the paths with a straight-through grad
-        x2 = xf.reshape(-1, k)
+        x2 = xs.reshape(-1, k)
         packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static, check_finite=False)
         w_scales = self._swizzled_weight_scales()
         y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, gs * self.weight_scale_2)
-        return y.float().reshape(*xf.shape[:-1], n)
+        return y.float().reshape(*xs.shape[:-1], n)
 
     def _native_w4a16(self, x: torch.Tensor) -> torch.Tensor | None:
         # Hopper (sm_90a, opt-in: dcgen.ops.nvfp4_gemm) with a bf16 input and no smoothing:
@@ -264,32 +271,30 @@ class NVFP4Linear(nn.Module):
             )
         # Dispatch by device: the native NVFP4 GEMM where compiled (Blackwell block-scaled W4A4;
         # on Hopper, opt-in, the mainloop-dequantizing wgmma GEMMs for W4A4 and W4A16); else on
-        # CUDA GPUs (Hopper, Ampere) the exact dequantize + cuBLAS path (dequant_path.py; a
-        # plain W4A16 layer on a 16-bit input there is one GEMM in the input's dtype, before
-        # any fp32 copy of x is made); the pure-PyTorch reference everywhere else.
+        # CUDA GPUs (Hopper, Ampere) the dequantize + cuBLAS path (dequant_path.py: a 16-bit
+        # input runs in its own dtype there, before any fp32 copy of x is made); the
+        # pure-PyTorch reference everywhere else.
         y = None
+        fast = _dequant_path.available(x.device)
         if self.mode == "w4a16":
             y = self._native_w4a16(x)
-            if y is None and _dequant_path.available(x.device):
+            if y is None and fast:
                 out = _dequant_path.forward_16bit(self, x)
                 if out is not None:
                     return out
-        xf = x.float()
-        if self.smooth is not None:
-            xf = xf / self.smooth
-        static = None
-        if self.mode == "w4a4" and self._memo(
-            "static", self.input_scale, lambda: float(self.input_scale) > 0
-        ):
-            static = self.input_scale
+        # The activation operand: x itself without smoothing (quantizing a 16-bit x gives the
+        # codes of its fp32 copy, so the fast paths need no copy), else x / s in fp32.
+        xs = x if self.smooth is None else x.float() / self.smooth
+        static = self._activation_scale(xs) if self.mode == "w4a4" else None
         if self.mode == "w4a4":
-            y = self._native_w4a4(xf, static)
-        if y is None and _dequant_path.available(x.device):
+            y = self._native_w4a4(xs, static)
+        if y is None and fast:
             if self.mode == "w4a4":  # inference on a 16-bit input: all in that dtype
-                out = _dequant_path.forward_w4a4_16bit(self, x, xf, static)
+                out = _dequant_path.forward_w4a4_16bit(self, x, xs, static)
                 if out is not None:
                     return out
-            y = _dequant_path.forward_main(self, x, xf, static)
+            y = _dequant_path.forward_main(self, x, xs, static)
+        xf = xs.float()  # the reference's fp32 operand (no copy when xs already is fp32)
         if y is None:
             y = self.reference_main(xf, static)
         if self.rank:
@@ -297,6 +302,18 @@ class NVFP4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
+
+    def _activation_scale(self, xs: torch.Tensor) -> torch.Tensor | None:
+        """W4A4's activation decode scale: ``input_scale`` when calibrated (> 0), None for the
+        dynamic one (computed per call by the quantize). Whether it is calibrated is a host
+        read, cached per buffer version. An inference-mode buffer has no version counter, so
+        there the choice is made on the device instead (the dynamic scale is computed and one
+        of the two selected): one reduction over x more than a static layer needs, but no
+        device sync per call."""
+        s = self.input_scale
+        if s.is_inference() and not torch.compiler.is_compiling():
+            return torch.where(s > 0, s, global_decode_scale(xs))
+        return s if self._memo("static", s, lambda: float(s) > 0) else None
 
     def extra_repr(self) -> str:
         return (

@@ -117,12 +117,50 @@ def test_forward_16bit_with_inference_mode_buffers_reads_no_host_scale(rng, monk
 def test_forward_16bit_declines_what_it_does_not_cover(rng):
     x = torch.randn(4, 96, generator=rng).bfloat16()
     assert dq.forward_16bit(_layer("w4a4", 0, False), x) is None
-    assert dq.forward_16bit(_layer("w4a16", 8, False), x) is None  # low-rank branch
-    assert dq.forward_16bit(_layer("w4a16", 0, True), x) is None  # smoothing: x / s not 16-bit
     assert dq.forward_16bit(_layer("w4a16", 0, False), x.float()) is None  # fp32 input
     fp32_bias = _layer("w4a16", 0, False)
     fp32_bias.bias.data = fp32_bias.bias.data.float()
     assert dq.forward_16bit(fp32_bias, x) is None  # adding it in bf16 would round it
+    with torch.inference_mode():
+        frozen = _layer("w4a16", 8, True)
+    xg = x.clone().requires_grad_(True)
+    assert dq.forward_16bit(frozen, xg) is None  # autograd cannot save inference buffers
+    with torch.no_grad():
+        assert dq.forward_16bit(frozen, xg) is not None
+
+
+@pytest.mark.parametrize("rank, smooth, bias", [(8, False, True), (0, True, True),
+                                                (8, True, False)])  # fmt: skip
+@pytest.mark.parametrize("inference_buffers", [False, True])
+def test_forward_16bit_with_low_rank_and_smoothing_matches_the_reference(
+    rank, smooth, bias, inference_buffers, rng
+):
+    # W4A16 with an SVDQuant branch and / or smoothing in bf16 (x / s rounded once, the branch
+    # in bf16 added in the GEMM's epilogue) against the fp32 reference layer: a few bf16
+    # roundings, far below the weight's 4-bit error.
+    with torch.inference_mode(inference_buffers):
+        layer = _layer("w4a16", rank, smooth)
+    if not bias:
+        layer.bias = None
+    x = (torch.randn(4, 9, 96, generator=rng) * 3).bfloat16()
+    with torch.no_grad():
+        got = dq.forward_16bit(layer, x)
+        want = layer(x)  # the CPU reference: fp32 throughout, one rounding at the end
+    assert got is not None and got.shape == (4, 9, 40) and got.dtype == torch.bfloat16
+    err = float((got.float() - want.float()).norm() / want.float().norm())
+    assert err < 1e-2, err
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=2e-2)
+
+
+def test_forward_16bit_low_rank_trains_its_input(rng):
+    # Not inference: the gradient reaches x through the main GEMM and the low-rank branch.
+    layer = _layer("w4a16", 8, True)
+    x = (torch.randn(5, 96, generator=rng) * 2).bfloat16().requires_grad_(True)
+    dy = torch.randn(5, 40, generator=rng).bfloat16()
+    dq.forward_16bit(layer, x).backward(dy)
+    w_full = layer.dequantized_weight() + layer.lora_up.float() @ layer.lora_down.float()
+    want = (dy.float() @ w_full) / layer.smooth  # d(x / s) / dx = 1 / s
+    assert float((x.grad.float() - want).norm() / want.norm()) < 2e-2
 
 
 def test_layer_takes_the_one_gemm_path_where_the_dequant_path_runs(rng, monkeypatch):
@@ -189,6 +227,53 @@ def test_w4a4_layer_takes_the_16bit_form_in_inference(rng, monkeypatch):
         ref = layer(x)  # the CPU reference
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref.float(), atol=5e-2, rtol=2e-2)
+
+
+def test_w4a4_layer_quantizes_a_16bit_input_without_an_fp32_copy(rng, monkeypatch):
+    # No smoothing: the activation quantize reads x itself (same codes as its fp32 copy), so
+    # the 16-bit form makes no fp32 copy of x; with smoothing it reads x / s in fp32.
+    seen = []
+    quantize = dq._activation_16bit
+
+    def spy(x2, static, dtype):  # noqa: ANN001, ANN202
+        seen.append(x2.dtype)
+        return quantize(x2, static, dtype)
+
+    monkeypatch.setattr(dq, "available", lambda device: True)
+    monkeypatch.setattr(dq, "_activation_16bit", spy)
+    x = torch.randn(6, 96, generator=rng).bfloat16()
+    with torch.no_grad():
+        plain = _layer("w4a4", 8, False)
+        y = plain(x)
+        _layer("w4a4", 8, True)(x)
+        monkeypatch.undo()
+        ref = plain(x)  # the CPU reference (from the fp32 copy)
+    assert seen == [torch.bfloat16, torch.float32]
+    torch.testing.assert_close(y.float(), ref.float(), atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_w4a4_inference_buffers_choose_the_activation_scale_without_a_host_read(
+    calibrated, rng, monkeypatch
+):
+    # An inference-mode input_scale has no version counter, so "is it calibrated" cannot be
+    # cached: the layer chooses between it and the dynamic scale on the device (no sync per
+    # call) and gives the result of a normal layer with the same buffers.
+    normal = _layer("w4a4", 0, False)
+    if calibrated:
+        normal.input_scale.fill_(0.002)  # saturates the largest activations
+    with torch.inference_mode():
+        frozen = _layer("w4a4", 0, False)
+        frozen.load_state_dict(normal.state_dict())
+    assert frozen.input_scale.is_inference()
+    monkeypatch.setattr(frozen, "_memo", lambda *a: pytest.fail("host read of input_scale"))
+    x = torch.randn(6, 96, generator=rng) * 3
+    with torch.no_grad():
+        got = frozen(x)
+        want = normal(x)
+        other = normal.reference_main(x, None if calibrated else torch.tensor(0.002))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not torch.allclose(got, other + normal.bias, atol=1e-3)  # the choice matters here
 
 
 @pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
