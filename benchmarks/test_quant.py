@@ -184,7 +184,9 @@ DEQUANT_SHAPES = (
 )
 
 
-@pytest.mark.parametrize("mode", ["w4a16", "w4a4"])
+# "w4a4-svdquant": SVDQuant's configuration, rank-32 low-rank branch + smoothing (on CUDA the
+# fused quantize + down-projection kernel feeds it).
+@pytest.mark.parametrize("mode", ["w4a16", "w4a4", "w4a4-svdquant"])
 @pytest.mark.parametrize("mnk", DEQUANT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_nvfp4_linear_dequant_path(benchmark, impl, mnk, mode):
@@ -192,7 +194,7 @@ def test_nvfp4_linear_dequant_path(benchmark, impl, mnk, mode):
     bf16 nn.Linear; extra_info.weight_bytes is each layer's storage at rest (the 16-bit copy
     of the NVFP4 weight exists only during the call). On sm_100 with the native GEMM, W4A4
     takes that instead (test_nvfp4_gemm); this case then measures the native layer."""
-    from dcgen.quant import NVFP4Linear, dequant_path
+    from dcgen.quant import NVFP4Linear, dequant_path, smoothing_factors
 
     m, n, k = mnk
     if impl == "dcgen" and ON_GPU and not dequant_path.available(torch.device(DEVICE)):
@@ -200,7 +202,13 @@ def test_nvfp4_linear_dequant_path(benchmark, impl, mnk, mode):
     torch.manual_seed(0)
     lin = nn.Linear(k, n).to(DEVICE, DTYPE)
     x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
-    layer = lin if impl == "baseline" else NVFP4Linear.from_linear(lin, mode, dtype=DTYPE)
+    if impl == "baseline":
+        layer = lin
+    elif mode == "w4a4-svdquant":
+        smooth = smoothing_factors(x.float().abs().amax(0), lin.weight)
+        layer = NVFP4Linear.from_linear(lin, "w4a4", rank=32, smooth=smooth, dtype=DTYPE)
+    else:
+        layer = NVFP4Linear.from_linear(lin, mode, dtype=DTYPE)
     benchmark.group = f"nvfp4 linear {mode} M={m} N={n} K={k} {str(DTYPE)[6:]}"
     benchmark.extra_info.update(
         impl=impl, baseline_name=f"nn.Linear {str(DTYPE)[6:]}", weight_bytes=_weight_bytes(layer)
@@ -239,6 +247,49 @@ def test_nvfp4_dequantize(benchmark, impl):
 
     benchmark.group = f"dequantize nvfp4 {DQ_SHAPE} -> bf16 (GB/s vs copy)"
     benchmark.extra_info.update(impl=impl, baseline_name="copy (w.clone)", bytes_moved=nbytes)
+    with torch.inference_mode():
+        time_it(benchmark, run, n_rounds=rounds(100, 3), back_to_back=BACK_TO_BACK)
+    if benchmark.stats:
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
+# The SVDQuant layer's activation side at FLUX's hidden width: NVFP4 quantize of x / s plus the
+# rank-32 down-projection, unfused (fp32 x / s, the quantize op, a 16-bit GEMM: x read three
+# times, x / s written once) against dcgen's fused kernel (one read of x). CPU: the references.
+LR_SHAPE, LR_RANK = ((4608, 3072) if ON_GPU else (64, 256)), 32
+
+
+@pytest.mark.parametrize("smooth", [True, False], ids=["smooth", "plain"])
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_quantize_lowrank(benchmark, impl, smooth):
+    from dcgen.ops.quantize_nvfp4 import quantize_nvfp4_lowrank
+
+    if impl == "dcgen" and ON_GPU and not has_kernel("quantize_nvfp4_lowrank", DEVICE):
+        pytest.skip("no compiled quantize_nvfp4_lowrank kernel for this device")
+    m, k = LR_SHAPE
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    down = torch.randn(LR_RANK, k, device=DEVICE, dtype=torch.bfloat16) / k**0.5
+    s = torch.rand(k, device=DEVICE) + 0.5 if smooth else None
+    gs = STATIC_SCALE.to(DEVICE)
+    if impl == "baseline":
+
+        def run():
+            xs = x.float() / s if smooth else x
+            q = quantize_nvfp4_activation(xs, gs, check_finite=False)
+            a = xs.to(down.dtype)
+            if ON_GPU:
+                return q, torch.mm(a, down.t(), out_dtype=torch.float32)
+            return q, a.float() @ down.float().t()
+    else:
+
+        def run():
+            return quantize_nvfp4_lowrank(x, down, gs, s, check_finite=False)
+
+    nbytes = x.numel() * (x.element_size() + 0.5 + 1 / 16)  # one read of x, codes + scales out
+    benchmark.group = f"quantize nvfp4 + low-rank down r={LR_RANK} {LR_SHAPE} bfloat16"
+    benchmark.extra_info.update(
+        impl=impl, baseline_name="unfused (x / s, quantize, GEMM)", bytes_moved=nbytes
+    )
     with torch.inference_mode():
         time_it(benchmark, run, n_rounds=rounds(100, 3), back_to_back=BACK_TO_BACK)
     if benchmark.stats:

@@ -82,6 +82,27 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
 
+// Round-to-nearest-even onto the E2M1 grid, saturating at 6 (ties go to the even code:
+// the midpoints after odd codes round up, >=; after even codes down, >). NaN -> +-0 (the
+// reference never feeds NaN here: such a block has a NaN scale and is written as zeros).
+__device__ __forceinline__ uint32_t e2m1_code(float v) {
+  const float a = fabsf(v);
+  const uint32_t c = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) +
+                     (a >= 3.5f) + (a > 5.f);
+  return c | (signbit(v) ? 8u : 0u);
+}
+
+// The recipe's block scale from a 16-element block's amax and the fp32 decode scale gd:
+// E4M3(min(amax / (6 gd), 448)) (NaN kept), and the block's divisor E4M3 * gd (> 0 unless the
+// block is all zero or non-finite; such a block is written as zero codes).
+__device__ __forceinline__ uint8_t nvfp4_block_scale(float amax, float gd, float* denom) {
+  float s = __fdiv_rn(amax, __fmul_rn(6.f, gd));
+  s = s > 448.f ? 448.f : s;  // clamp(max=448), NaN kept
+  const uint8_t sb = to_e4m3(s);
+  *denom = __fmul_rn(from_e4m3(sb), gd);
+  return sb;
+}
+
 // Byte offset of block scale (m, kb) in the 128x4 swizzled layout, `kb4` = ceil(K/16 / 4):
 // ((m/128) * kb4 + kb/4) * 512 + (m%32) * 16 + ((m%128)/32) * 4 + kb%4.
 __device__ __forceinline__ int64_t swizzled_scale_offset(int64_t m, int64_t kb, int64_t kb4) {

@@ -17,20 +17,9 @@
 namespace dcgen {
 namespace {
 
-using quant::from_e4m3;
+using quant::e2m1_code;
 using quant::load8;
 using quant::nan_max;
-using quant::to_e4m3;
-
-// Round-to-nearest-even onto the E2M1 grid, saturating at 6 (ties go to the even code:
-// the midpoints after odd codes round up, >=; after even codes down, >). NaN -> +-0 (the
-// reference never feeds NaN here: such a block has a NaN scale and is written as zeros).
-__device__ __forceinline__ uint32_t e2m1_code(float v) {
-  const float a = fabsf(v);
-  const uint32_t c = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) +
-                     (a >= 3.5f) + (a > 5.f);
-  return c | (signbit(v) ? 8u : 0u);
-}
 
 template <typename T>
 __global__ void quantize_nvfp4_kernel(const T* __restrict__ x, const float* __restrict__ global,
@@ -57,10 +46,8 @@ __global__ void quantize_nvfp4_kernel(const T* __restrict__ x, const float* __re
   float amax = 0.f;
 #pragma unroll
   for (int i = 0; i < 16; ++i) amax = nan_max(amax, fabsf(v[i]));
-  float s = __fdiv_rn(amax, __fmul_rn(6.f, gd));
-  s = s > 448.f ? 448.f : s;  // clamp(max=448), NaN kept
-  const uint8_t sb = to_e4m3(s);
-  const float denom = __fmul_rn(from_e4m3(sb), gd);
+  float denom;
+  const uint8_t sb = quant::nvfp4_block_scale(amax, gd, &denom);
   const bool nonzero = denom > 0.f;
   uint32_t word[2] = {0u, 0u};
   if (nonzero) {

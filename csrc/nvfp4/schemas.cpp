@@ -15,6 +15,13 @@ TORCH_LIBRARY_FRAGMENT(dcgen, m) {
   // float8_e4m3fn block scales in the 128x4 swizzled layout, flat). Spec:
   // dcgen/ops/quantize_nvfp4.py (the recipe of dcgen/quant/nvfp4.py).
   m.def("quantize_nvfp4(Tensor x, Tensor global_scale) -> (Tensor, Tensor)");
+  // quantize_nvfp4 fused with the SVDQuant down-projection: bf16/fp16 x [M, K], fp32 scalar
+  // decode scale, optional fp32 smoothing factors [K] (x / smooth is quantized), 16-bit
+  // down [r, K] -> (packed, swizzled scales as quantize_nvfp4, fp32 t = xs @ down^T [M, r]).
+  // Spec: dcgen/ops/quantize_nvfp4.py (quantize_nvfp4_lowrank_reference).
+  m.def(
+      "quantize_nvfp4_lowrank(Tensor x, Tensor global_scale, Tensor? smooth, Tensor down) -> "
+      "(Tensor, Tensor, Tensor)");
   // Block-scaled NVFP4 x NVFP4 GEMM, D [M, N] bf16 = alpha * A B^T with A, B packed E2M1
   // [rows, K/2] and swizzled E4M3 scales; alpha an fp32 device scalar. Spec:
   // dcgen/ops/nvfp4_gemm.py. CUDA kernels: CUTLASS sm_100a and sm_120a, CuTe wgmma sm_90a.

@@ -40,7 +40,12 @@ from .modulation import (
 from .nvfp4_dequant import nvfp4_dequantize, nvfp4_dequantize_reference
 from .nvfp4_gemm import nvfp4_gemm_reference
 from .quantize_fp8 import dequantize_fp8, quantize_fp8_reference
-from .quantize_nvfp4 import quantize_nvfp4_activation, quantize_nvfp4_reference
+from .quantize_nvfp4 import (
+    quantize_nvfp4_activation,
+    quantize_nvfp4_lowrank,
+    quantize_nvfp4_lowrank_reference,
+    quantize_nvfp4_reference,
+)
 from .shortcuts import channel_duplicate_to_space, space_to_channel_average
 
 __all__ = [
@@ -61,6 +66,8 @@ __all__ = [
     "qk_norm_rope_reference",
     "quantize_fp8_reference",
     "quantize_nvfp4_activation",
+    "quantize_nvfp4_lowrank",
+    "quantize_nvfp4_lowrank_reference",
     "quantize_nvfp4_reference",
     "channel_rms_norm",
     "channel_rms_norm_reference",

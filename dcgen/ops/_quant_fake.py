@@ -31,6 +31,14 @@ if has_schema("quantize_nvfp4"):
         )
 
 
+if has_schema("quantize_nvfp4_lowrank"):
+
+    @torch.library.register_fake("dcgen::quantize_nvfp4_lowrank")
+    def _quantize_nvfp4_lowrank_fake(x, global_scale, smooth, down):  # noqa: ANN001
+        packed, scales = _quantize_nvfp4_fake(x, global_scale)
+        return packed, scales, x.new_empty((x.shape[0], down.shape[0]), dtype=torch.float32)
+
+
 if has_schema("nvfp4_gemm"):
 
     @torch.library.register_fake("dcgen::nvfp4_gemm")

@@ -71,3 +71,110 @@ def quantize_nvfp4_activation(
         return packed, scales, gs
     packed, scales = quantize_nvfp4_reference(x, gs, check_finite=check_finite)
     return packed, scales, gs
+
+
+# ------------------------------------------------- fused with the low-rank down-projection
+
+LOWRANK_KERNEL_RANKS = (16, 32, 64, 128)
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _smoothed(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+    return x.float() / smooth if smooth is not None else x.float()
+
+
+def quantize_nvfp4_lowrank_reference(
+    x: torch.Tensor,
+    global_scale: torch.Tensor,
+    smooth: torch.Tensor | None,
+    down: torch.Tensor,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch spec of the fused op: ``xs = x / smooth`` in fp32 (``x`` without smoothing)
+    quantized exactly as :func:`quantize_nvfp4_reference` does, and the SVDQuant down-projection
+    ``t = xs' @ down^T`` in fp32 [M, r], where ``xs'`` is ``xs`` rounded once to ``down``'s dtype
+    (the 16-bit operand a tensor-core GEMM reads; ``x`` itself when ``x`` has that dtype and no
+    smoothing). Returns ``(packed, swizzled scales, t)``."""
+    xs = _smoothed(x, smooth)
+    packed, scales = quantize_nvfp4_reference(xs, global_scale, check_finite=check_finite)
+    t = xs.to(down.dtype).float() @ down.float().t()
+    return packed, scales, t
+
+
+def _word_aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous with a 4-byte aligned start (the kernel loads element pairs as words; a
+    view at an odd element offset is copied)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 4 == 0 else t.clone()
+
+
+def _lowrank_kernel_applies(
+    x: torch.Tensor, smooth: torch.Tensor | None, down: torch.Tensor
+) -> bool:
+    return (
+        x.dtype in _HALF
+        and down.dtype == x.dtype
+        and x.shape[1] % 16 == 0
+        and down.shape[0] in LOWRANK_KERNEL_RANKS
+        and x.numel() > 0
+        and has_kernel("quantize_nvfp4_lowrank", x.device)
+    )
+
+
+def quantize_nvfp4_lowrank(
+    x: torch.Tensor,
+    down: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``x / smooth`` (``x`` [M, K] without smoothing) to NVFP4 and project it onto the
+    low-rank branch's ``down`` [r, K] in one read of ``x`` (inference: no gradient); returns ``(packed, swizzled_scales,
+    global_scale, t)`` with ``t`` fp32 [M, r] (spec: :func:`quantize_nvfp4_lowrank_reference`).
+
+    ``global_scale``: fp32 scalar decode scale (static); None computes ``amax / 2688`` of
+    ``x / smooth``. ``smooth``: fp32 [K] smoothing factors or None. The fused CUDA kernel runs
+    for a bf16 / fp16 ``x`` with ``down`` of its dtype, K a multiple of 16 and r in
+    ``LOWRANK_KERNEL_RANKS``; otherwise the quantize op and a separate GEMM give the same
+    result (the reference on CPU). ``check_finite`` as in :func:`quantize_nvfp4_activation`.
+    """
+    name = "quantize_nvfp4_lowrank"
+    check_tensor(f"{name}: x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    x = x.detach()  # an inference op: no gradient flows through the codes or t
+    check_tensor(f"{name}: down", down, ndim=2, dtypes=_HALF)
+    k = x.shape[1]
+    if k == 0 or down.shape[1] != k:
+        raise ValueError(
+            f"{name}: expected x [M, K >= 1] and down [r, K], got {tuple(x.shape)} and "
+            f"{tuple(down.shape)}"
+        )
+    if smooth is not None:
+        check_tensor(f"{name}: smooth", smooth, ndim=1, dtypes=(torch.float32,))
+        if smooth.shape[0] != k:
+            raise ValueError(f"{name}: expected smooth of shape ({k},), got {tuple(smooth.shape)}")
+    check_same_device(x=x, down=down, smooth=smooth, global_scale=global_scale)
+    fmt = _fmt()
+    if global_scale is None:
+        gs = fmt.global_decode_scale(_smoothed(x, smooth) if smooth is not None else x)
+    else:
+        check_tensor(f"{name}: global_scale", global_scale, dtypes=(torch.float32,))
+        if global_scale.numel() != 1:
+            raise ValueError(
+                f"{name}: expected global_scale with one element, got shape "
+                f"{tuple(global_scale.shape)}"
+            )
+        gs = global_scale.reshape(())
+    if check_finite:
+        fmt.ensure_finite(f"{name}: x", x)
+        fmt.ensure_global_scale(name, gs)
+    if _lowrank_kernel_applies(x, smooth, down):
+        s = smooth.contiguous() if smooth is not None else None
+        packed, scales, t = compiled_op(name)(_word_aligned(x), gs, s, _word_aligned(down))
+        return packed, scales, gs, t
+    if x.is_cuda:  # unfused: the quantize op, then the GEMM (fp32 accumulation) on xs'
+        xs = _smoothed(x, smooth) if smooth is not None else x
+        packed, scales, _ = quantize_nvfp4_activation(xs, gs, check_finite=False)
+        t = torch.mm(xs.to(down.dtype), down.t(), out_dtype=torch.float32)
+        return packed, scales, gs, t
+    packed, scales, t = quantize_nvfp4_lowrank_reference(x, gs, smooth, down, check_finite=False)
+    return packed, scales, gs, t

@@ -111,7 +111,18 @@ def _activation_16bit(
     return _dq.nvfp4_dequantize(packed, swizzled, _unit(x2), k, dtype, swizzled=True), gs
 
 
-def _scaled_sum(y: torch.Tensor, scale: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+def product_16bit(
+    layer: NVFP4Linear, packed: torch.Tensor, swizzled: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """W4A4's main product without its global scales, from the quantized activation (packed
+    codes, swizzled block scales): both operands dequantized with unit global scales (exact in
+    ``dtype``), one GEMM with fp32 accumulation rounded once to ``dtype``, [M, N]."""
+    k = layer.in_features
+    xq = _dq.nvfp4_dequantize(packed, swizzled, _unit(packed), k, dtype, swizzled=True)
+    return torch.mm(xq, weight_16bit(layer, dtype).t())
+
+
+def scaled_sum(y: torch.Tensor, scale: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
     """``add + y * scale`` (``scale`` a device scalar) in one pass; ``y`` is consumed."""
     return torch.addcmul(add, y, scale) if add is not None else y.mul_(scale)
 
@@ -177,7 +188,7 @@ def forward_16bit(layer: NVFP4Linear, x: torch.Tensor) -> torch.Tensor | None:
     add = _branch_16bit(layer, x2, dt)
     w = weight_16bit(layer, dt)
     if gs.is_inference():  # no version counter: a host copy could not be kept up to date
-        y = _scaled_sum(torch.mm(x2, w.t()), gs, add)
+        y = scaled_sum(torch.mm(x2, w.t()), gs, add)
         return y.reshape(*x.shape[:-1], layer.out_features)
     alpha = layer._memo("alpha_host", gs, lambda: float(gs))
     if add is not None:
@@ -210,7 +221,7 @@ def forward_w4a4_16bit(
     x2 = xs.reshape(-1, layer.in_features)
     xq, gs = _activation_16bit(x2, static, dt)
     y = torch.mm(xq, weight_16bit(layer, dt).t())
-    out = _scaled_sum(y, gs * layer.weight_scale_2, _branch_16bit(layer, x2, dt))
+    out = scaled_sum(y, gs * layer.weight_scale_2, _branch_16bit(layer, x2, dt))
     return out.reshape(*x.shape[:-1], layer.out_features)
 
 

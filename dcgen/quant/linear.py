@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcgen.ops import has_kernel
 from dcgen.ops import nvfp4_gemm as _gemm
 from dcgen.ops import quantize_nvfp4 as _qop
 
@@ -282,10 +283,12 @@ class NVFP4Linear(nn.Module):
                 out = _dequant_path.forward_16bit(self, x)
                 if out is not None:
                     return out
+        if self.mode == "w4a4" and self._fused_lowrank_applies(x, fast):
+            return self._w4a4_fused_lowrank(x)
         # The activation operand: x itself without smoothing (quantizing a 16-bit x gives the
         # codes of its fp32 copy, so the fast paths need no copy), else x / s in fp32.
         xs = x if self.smooth is None else x.float() / self.smooth
-        static = self._activation_scale(xs) if self.mode == "w4a4" else None
+        static = self._activation_scale(x) if self.mode == "w4a4" else None
         if self.mode == "w4a4":
             y = self._native_w4a4(xs, static)
         if y is None and fast:
@@ -303,17 +306,62 @@ class NVFP4Linear(nn.Module):
             y = y + self.bias.float()
         return y.to(x.dtype)
 
-    def _activation_scale(self, xs: torch.Tensor) -> torch.Tensor | None:
+    def _activation_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         """W4A4's activation decode scale: ``input_scale`` when calibrated (> 0), None for the
         dynamic one (computed per call by the quantize). Whether it is calibrated is a host
         read, cached per buffer version. An inference-mode buffer has no version counter, so
-        there the choice is made on the device instead (the dynamic scale is computed and one
-        of the two selected): one reduction over x more than a static layer needs, but no
-        device sync per call."""
+        there the choice is made on the device instead (the dynamic scale of ``x / s`` is
+        computed and one of the two selected): one reduction over x more than a static layer
+        needs, but no device sync per call."""
         s = self.input_scale
         if s.is_inference() and not torch.compiler.is_compiling():
+            xs = x if self.smooth is None else x.float() / self.smooth
             return torch.where(s > 0, s, global_decode_scale(xs))
         return s if self._memo("static", s, lambda: float(s) > 0) else None
+
+    def _fused_lowrank_applies(self, x: torch.Tensor, dequant_path: bool) -> bool:
+        """W4A4 inference with a low-rank branch on a 16-bit input, where the fused quantize +
+        down-projection kernel runs and a GEMM path takes its codes: the native NVFP4 GEMM
+        (bf16 output, so a bf16 input) or the dequantize path."""
+        if not self.rank or x.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        if self.lora_down.dtype != x.dtype or self.rank not in _qop.LOWRANK_KERNEL_RANKS:
+            return False
+        if self.bias is not None and self.bias.dtype != x.dtype:
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False  # training through the layer: the straight-through paths
+        if not has_kernel("quantize_nvfp4_lowrank", x.device):
+            return False
+        native = x.dtype == torch.bfloat16 and _gemm.kernel_available(
+            x.device, self.out_features, self.in_features
+        )
+        return native or dequant_path
+
+    def _w4a4_fused_lowrank(self, x: torch.Tensor) -> torch.Tensor:
+        """W4A4 + low-rank branch in ``x``'s dtype from one read of ``x``: the fused kernel
+        quantizes ``x / s`` and projects it onto ``lora_down`` (t, fp32); the branch
+        ``t @ lora_up^T + bias`` is one 16-bit GEMM; the main product is the native NVFP4 GEMM
+        (bf16, global scales applied inside) plus the branch, or on the dequantize path the
+        16-bit GEMM of the exact operands, then scales and branch in one pass. One or two
+        16-bit roundings more than the fp32 reference (t, the branch, the sum), as the other
+        16-bit forms (dequant_path.py)."""
+        k, n, dt = self.in_features, self.out_features, x.dtype
+        x2 = x.reshape(-1, k)
+        packed, swizzled, gs, t = _qop.quantize_nvfp4_lowrank(
+            x2, self.lora_down, self._activation_scale(x), self.smooth, check_finite=False
+        )
+        up = self.lora_up.to(dt).t()
+        t16 = t.to(dt)
+        branch = torch.addmm(self.bias, t16, up) if self.bias is not None else t16 @ up
+        if dt == torch.bfloat16 and _gemm.kernel_available(x.device, n, k):
+            w_scales = self._swizzled_weight_scales()
+            y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, gs * self.weight_scale_2)
+            out = y.add_(branch)
+        else:
+            y = _dequant_path.product_16bit(self, packed, swizzled, dt)
+            out = _dequant_path.scaled_sum(y, gs * self.weight_scale_2, branch)
+        return out.reshape(*x.shape[:-1], n)
 
     def extra_repr(self) -> str:
         return (
