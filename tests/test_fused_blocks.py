@@ -66,10 +66,18 @@ def test_gated_residual_reference(rng):
     torch.testing.assert_close(gated_residual_reference(x, gate, y), gated_residual(x, gate, y))
 
 
+def test_modulation_ops_broadcast_one_row_over_the_batch(rng):
+    # diffusers' blocks broadcast a (1, D) modulation over B sequences: so do the ops.
+    x, y, p = _rand(3, 5, 16, g=rng), _rand(3, 5, 16, g=rng), _rand(1, 16, g=rng)
+    q = _rand(3, 16, g=rng)
+    torch.testing.assert_close(adaln_modulate(x, p, q), adaln_modulate(x, p.expand(3, 16), q))
+    torch.testing.assert_close(gated_residual(x, p, y), gated_residual(x, p.expand(3, 16), y))
+
+
 def test_modulation_ops_reject_bad_inputs(rng):
     x, p = _rand(2, 3, 8, g=rng), _rand(2, 8, g=rng)
     with pytest.raises(ValueError, match=r"shift of shape \(2, 8\)"):
-        adaln_modulate(x, p[:1], p)
+        adaln_modulate(x, _rand(3, 8, g=rng), p)
     with pytest.raises(ValueError, match="eps > 0"):
         adaln_modulate(x, p, p, eps=0.0)
     with pytest.raises(ValueError, match=r"gate of shape \(2, 8\)"):
@@ -119,6 +127,31 @@ def test_cuda_modulation_kernels_match_reference(dtype, param_dtype, rng):
         torch.testing.assert_close(
             got.reshape(b, s, d).cpu().float(), want.float(), rtol=1e-2, atol=1e-2
         )
+
+
+@pytest.mark.cuda
+def test_cuda_modulation_params_with_their_own_row_strides(rng):
+    # shift / scale / gate from different tensors (row strides 5d, d and 0: a broadcast row),
+    # through the public ops: each parameter is read with its own stride.
+    _need("adaln_modulate")
+    b, s, d = 3, 7, 264
+    x = (_rand(b, s, d, g=rng) * 2 + 1).bfloat16().cuda()
+    y = _rand(b, s, d, g=rng).bfloat16().cuda()
+    shift = _rand(b, 5 * d, g=rng).bfloat16().cuda()[:, 2 * d : 3 * d]
+    scale = _rand(b, d, g=rng).bfloat16().cuda()
+    row = _rand(1, d, g=rng).bfloat16().cuda()
+    for sh, sc in [(shift, scale), (scale, shift), (row, shift), (scale, row)]:
+        poison_cuda_allocator()
+        with torch.no_grad():
+            got = adaln_modulate(x, sh, sc)
+        want = adaln_modulate_reference(x.cpu(), sh.cpu().expand(b, d), sc.cpu().expand(b, d))
+        torch.testing.assert_close(got.cpu().float(), want.float(), rtol=1e-2, atol=2e-2)
+    for gate in (shift, row):
+        poison_cuda_allocator()
+        with torch.no_grad():
+            got = gated_residual(x, gate, y)
+        want = gated_residual_reference(x.cpu(), gate.cpu().expand(b, d), y.cpu())
+        torch.testing.assert_close(got.cpu().float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.cuda

@@ -44,15 +44,15 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
 template <typename T, typename P>
 __global__ void adaln_modulate_kernel(const T* __restrict__ x, const P* __restrict__ shift,
                                       const P* __restrict__ scale, T* __restrict__ out, int64_t D,
-                                      int64_t rows_per_batch, int64_t param_stride, float eps,
-                                      bool vec) {
+                                      int64_t rows_per_batch, int64_t shift_stride,
+                                      int64_t scale_stride, float eps, bool vec) {
   __shared__ float partial[kRowThreads / 32];
   const int64_t row = blockIdx.x;
   const int64_t b = row / rows_per_batch;
   const T* xr = x + row * D;
   T* orow = out + row * D;
-  const P* sh = shift + b * param_stride;
-  const P* sc = scale + b * param_stride;
+  const P* sh = shift + b * shift_stride;  // each its own row stride (two chunks of one
+  const P* sc = scale + b * scale_stride;  // embedding, or separate tensors, or 0: broadcast)
   float vals[8];
 
   float sum = 0.f;
@@ -185,7 +185,7 @@ at::Tensor adaln_modulate_cuda(const at::Tensor& x, const at::Tensor& shift, con
         reinterpret_cast<const T*>(x.const_data_ptr()),
         reinterpret_cast<const P*>(shift.const_data_ptr()),
         reinterpret_cast<const P*>(scale.const_data_ptr()),
-        reinterpret_cast<T*>(out.mutable_data_ptr()), r.D, r.S, shift.stride(0),
+        reinterpret_cast<T*>(out.mutable_data_ptr()), r.D, r.S, shift.stride(0), scale.stride(0),
         static_cast<float>(eps), vec);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -131,17 +131,48 @@ __device__ __forceinline__ void load8(const T* __restrict__ p, int valid, bool v
   for (int i = 0; i < 8; ++i) out[i] = i < valid ? to_float(p[i]) : 0.f;
 }
 
+// The bits of a 16-bit value, and two values in one register (the lower index in the low
+// half, as memory and the mma fragments order them). Bit moves only: a local array would go
+// through the stack (local memory).
+__device__ __forceinline__ uint16_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ uint16_t bits16(__half v) { return __half_as_ushort(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_bits16(uint16_t b) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __ushort_as_bfloat16(b);
+  } else {
+    return __ushort_as_half(b);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  return static_cast<uint32_t>(bits16(from_float<T>(lo))) |
+         static_cast<uint32_t>(bits16(from_float<T>(hi))) << 16;
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack2(uint32_t word, float* out) {
+  out[0] = to_float(from_bits16<T>(static_cast<uint16_t>(word & 0xffffu)));
+  out[1] = to_float(from_bits16<T>(static_cast<uint16_t>(word >> 16)));
+}
+
 // Store 8 fp32 values at p as T, rounded to nearest even; `valid` (0..8) of them exist. `vec`:
-// p is 16-byte aligned and all 8 exist (one 16-byte store for 16-bit T).
+// p is 16-byte aligned and all 8 exist (one 16-byte store for 16-bit T, packed in registers).
 template <typename T>
 __device__ __forceinline__ void store8(T* __restrict__ p, const float v[8], int valid, bool vec) {
-  alignas(16) T out[8];
+  if constexpr (sizeof(T) == 2) {
+    if (vec) {
+      const uint4 w = make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]),
+                                 pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+      *reinterpret_cast<uint4*>(p) = w;
+      return;
+    }
+  }
 #pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = from_float<T>(v[i]);
-  if (vec && sizeof(T) == 2) {
-    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(out);
-  } else {
-    for (int i = 0; i < valid; ++i) p[i] = out[i];
+  for (int i = 0; i < 8; ++i) {
+    if (i < valid) p[i] = from_float<T>(v[i]);
   }
 }
 

@@ -1,7 +1,8 @@
 // Dynamic FP8 (E4M3) activation quantization in one pass: x [M, K] (bf16 / fp16 / fp32) ->
 // q float8_e4m3fn [M, K] and fp32 decode scales, one per row (block = 0) or per 1x128 block.
 // Spec (followed op for op, so results are bit-identical for finite inputs):
-// dcgen/ops/quantize_fp8.py: scale = amax / 448 (1 when amax == 0), q = e4m3(clamp(x / scale)).
+// dcgen/ops/quantize_fp8.py: scale = amax * fp32(1/448) (1 when amax == 0),
+// q = e4m3(clamp(x / scale)).
 //
 // 1x128 blocks: 16 lanes (half a warp) per block, 8 elements each, amax by shuffles.
 // Rows: one CTA per row. Up to 16,384 columns the row stays in registers (every load issued up
@@ -25,21 +26,28 @@ using quant::to_e4m3;
 constexpr float kE4M3Max = 448.f;
 
 __device__ __forceinline__ float fp8_scale(float amax) {
-  return amax == 0.f ? 1.f : __fdiv_rn(amax, kE4M3Max);
+  // A product with the fp32 reciprocal, as PyTorch on CUDA and Inductor compute amax / 448:
+  // the spec every backend reproduces bit for bit (quantize_fp8.py).
+  return amax == 0.f ? 1.f : __fmul_rn(amax, 1.f / kE4M3Max);
 }
 
 __device__ __forceinline__ void store_q(uint8_t* __restrict__ out, const float v[8], float scale,
                                         int valid, bool vec) {
-  uint8_t b[8];
+  // The 8 codes packed in two registers as they are made (a byte array would live in local
+  // memory).
+  uint32_t w[2] = {0u, 0u};
 #pragma unroll
-  for (int i = 0; i < 8; ++i) b[i] = to_e4m3(nan_clamp(__fdiv_rn(v[i], scale), kE4M3Max));
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t b = to_e4m3(nan_clamp(__fdiv_rn(v[i], scale), kE4M3Max));
+    w[i >> 2] |= b << ((i & 3) * 8);
+  }
   if (vec) {
-    uint2 packed;
-    packed.x = b[0] | (b[1] << 8) | (b[2] << 16) | (static_cast<uint32_t>(b[3]) << 24);
-    packed.y = b[4] | (b[5] << 8) | (b[6] << 16) | (static_cast<uint32_t>(b[7]) << 24);
-    *reinterpret_cast<uint2*>(out) = packed;
+    *reinterpret_cast<uint2*>(out) = make_uint2(w[0], w[1]);
   } else {
-    for (int i = 0; i < valid; ++i) out[i] = b[i];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (i < valid) out[i] = static_cast<uint8_t>(w[i >> 2] >> ((i & 3) * 8));
+    }
   }
 }
 
@@ -161,6 +169,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cuda(const at::Tensor& x, int64_
     using T = quant::device_t<scalar_t>;
     const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
     if (block == 0) {
+      // One CTA per row: gridDim.x caps M (a larger grid would be cut short, rows unwritten).
+      TORCH_CHECK(M <= 2147483647LL, "dcgen::quantize_fp8: expected at most 2^31 - 1 rows per "
+                  "row-scaled call, got ", M);
       constexpr int kThreads = 256;
       const int64_t iters = (K + kThreads * 8 - 1) / (kThreads * 8);
       if (iters <= 1) {

@@ -28,32 +28,6 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kRows = 16;
 
-// Two 16-bit values in one register, the lower column in the low half (the mma fragments'
-// order). Bit moves only: a local array here would go through the stack.
-__device__ __forceinline__ uint16_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-__device__ __forceinline__ uint16_t bits16(__half v) { return __half_as_ushort(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_bits16(uint16_t b) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __ushort_as_bfloat16(b);
-  } else {
-    return __ushort_as_half(b);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  return static_cast<uint32_t>(bits16(quant::from_float<T>(lo))) |
-         static_cast<uint32_t>(bits16(quant::from_float<T>(hi))) << 16;
-}
-
-template <typename T>
-__device__ __forceinline__ void unpack2(uint32_t word, float* out) {
-  out[0] = quant::to_float(from_bits16<T>(static_cast<uint16_t>(word & 0xffffu)));
-  out[1] = quant::to_float(from_bits16<T>(static_cast<uint16_t>(word >> 16)));
-}
-
 // d += a b (m16n8k16, A row-major, B column-major, fp32 accumulators).
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -103,7 +77,7 @@ __device__ __forceinline__ void quantize_block(const float (&v)[4], float gd, in
 }
 
 template <typename T, int NT>  // NT = r / 8 mma tiles of the down projection
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, 1)
     quantize_nvfp4_lowrank_kernel(const T* __restrict__ x, const float* __restrict__ global,
                                   const float* __restrict__ smooth, const T* __restrict__ down,
                                   uint8_t* __restrict__ packed, uint8_t* __restrict__ scales,
@@ -132,10 +106,10 @@ __global__ void __launch_bounds__(kWarps * 32)
     a[2] = ok0 ? *reinterpret_cast<const uint32_t*>(x0 + k0 + 8) : 0u;
     a[3] = ok1 ? *reinterpret_cast<const uint32_t*>(x1 + k0 + 8) : 0u;
     float v0[4], v1[4];  // rows g and g + 8, columns 2q, 2q+1, 2q+8, 2q+9
-    unpack2<T>(a[0], v0);
-    unpack2<T>(a[2], v0 + 2);
-    unpack2<T>(a[1], v1);
-    unpack2<T>(a[3], v1 + 2);
+    quant::unpack2<T>(a[0], v0);
+    quant::unpack2<T>(a[2], v0 + 2);
+    quant::unpack2<T>(a[1], v1);
+    quant::unpack2<T>(a[3], v1 + 2);
     if (smooth != nullptr) {  // xs = x / s in fp32 (the reference's division), then 16-bit
       const float* s = smooth + k0 + 2 * q;
 #pragma unroll
@@ -144,10 +118,10 @@ __global__ void __launch_bounds__(kWarps * 32)
         v0[i] = __fdiv_rn(v0[i], si);
         v1[i] = __fdiv_rn(v1[i], si);
       }
-      a[0] = pack2<T>(v0[0], v0[1]);
-      a[1] = pack2<T>(v1[0], v1[1]);
-      a[2] = pack2<T>(v0[2], v0[3]);
-      a[3] = pack2<T>(v1[2], v1[3]);
+      a[0] = quant::pack2<T>(v0[0], v0[1]);
+      a[1] = quant::pack2<T>(v1[0], v1[1]);
+      a[2] = quant::pack2<T>(v0[2], v0[3]);
+      a[3] = quant::pack2<T>(v1[2], v1[3]);
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {

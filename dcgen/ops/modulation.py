@@ -9,7 +9,7 @@ each pass is a full trip through memory. Here each is one op:
 - :func:`gated_residual`: ``x + gate[b] * y``.
 
 x and y are (B, S, D) (or (M, D) with B = 1); shift, scale and gate are (B, D), typically chunks
-of the modulation linear's output. The spec computes in fp32 and rounds once to x's dtype, where
+of the modulation linear's output, or (1, D) for all batch elements. The spec computes in fp32 and rounds once to x's dtype, where
 diffusers rounds after every op; the difference is within the dtype's rounding.
 """
 
@@ -33,9 +33,10 @@ def _as_rows(name: str, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 def _check_param(name: str, what: str, p: torch.Tensor, b: int, d: int) -> None:
     check_tensor(f"{name}: {what}", p, ndim=2, dtypes=(*FLOAT_DTYPES, torch.float64))
-    if tuple(p.shape) != (b, d):
+    if p.shape[1] != d or p.shape[0] not in (1, b):
         raise ValueError(
-            f"{name}: expected {what} of shape ({b}, {d}) (B, D), got {tuple(p.shape)}"
+            f"{name}: expected {what} of shape ({b}, {d}) (B, D) or (1, {d}) (one row for "
+            f"every batch element, as diffusers' blocks broadcast it), got {tuple(p.shape)}"
         )
 
 
@@ -52,9 +53,11 @@ def _use_kernel(op: str, x: torch.Tensor, *params: torch.Tensor) -> bool:
     )
 
 
-def _param_rows(p: torch.Tensor) -> torch.Tensor:
-    """The kernels read a (B, D) parameter with any row stride but unit column stride."""
-    return p if p.stride(-1) == 1 else p.contiguous()
+def _param_rows(p: torch.Tensor, b: int) -> torch.Tensor:
+    """The kernels read a (B, D) parameter with any row stride (0 included: a (1, D) row
+    expanded to B) but unit column stride."""
+    p = p if p.stride(-1) == 1 else p.contiguous()
+    return p.expand(b, -1)
 
 
 def adaln_modulate_reference(
@@ -85,7 +88,11 @@ def adaln_modulate(
         raise ValueError(f"{name}: expected eps > 0, got {eps}")
     if _use_kernel(name, x, shift, scale):
         out = compiled_op(name)(
-            x3.reshape(b * s, d).contiguous(), _param_rows(shift), _param_rows(scale), s, float(eps)
+            x3.reshape(b * s, d).contiguous(),
+            _param_rows(shift, b),
+            _param_rows(scale, b),
+            s,
+            float(eps),
         )
         return out.reshape(x.shape)
     return adaln_modulate_reference(x, shift, scale, eps)
@@ -112,7 +119,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     if _use_kernel(name, x, gate) and not (torch.is_grad_enabled() and y.requires_grad):
         out = compiled_op(name)(
             x3.reshape(b * s, d).contiguous(),
-            _param_rows(gate),
+            _param_rows(gate, b),
             y.reshape(b * s, d).contiguous(),
             s,
         )

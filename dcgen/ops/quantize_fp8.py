@@ -4,8 +4,11 @@ The recipe (the spec the CUDA kernel follows op for op; all arithmetic in fp32):
 
 1. ``amax`` = max |x| over the row, or over each block of 128 consecutive elements along the
    last dim (K); the last block of a K that is not a multiple of 128 is shorter (zero padded).
-2. ``scale = amax / 448`` (one fp32 division); ``scale = 1`` when ``amax == 0``. This is the
-   *decode* scale: x ~= float(q) * scale.
+2. ``scale = amax * fp32(1 / 448)`` (one fp32 multiplication by the rounded reciprocal);
+   ``scale = 1`` when ``amax == 0``. This is the *decode* scale: x ~= float(q) * scale. A
+   multiplication, not ``amax / 448``: PyTorch on CUDA (and Inductor) computes a division by a
+   constant as exactly this product, while a CPU division rounds differently for about half of
+   all values, so only the product gives every backend the same bits.
 3. ``q = e4m3(clamp(x / scale, -448, 448))``: fp32 division, clamp, round-to-nearest-even
    cast to float8_e4m3fn.
 
@@ -25,6 +28,7 @@ from ._extension import compiled_op, has_kernel, inductor_fuses_instead
 from ._validate import FLOAT_DTYPES, check_tensor
 
 E4M3_MAX = 448.0
+INV_E4M3_MAX = 1.0 / E4M3_MAX  # rounded once to fp32 where it multiplies an fp32 amax
 BLOCK_K = 128
 GRANULARITIES = ("row", "block128")
 
@@ -53,7 +57,7 @@ def quantize_fp8_reference(
     else:
         blocks = F.pad(xf, (0, (-k) % BLOCK_K)).unflatten(-1, (-1, BLOCK_K))
     amax = blocks.abs().amax(dim=-1)  # torch.amax propagates NaN
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / E4M3_MAX)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax * INV_E4M3_MAX)
     q = (blocks / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q.flatten(-2)[..., :k], scale
 

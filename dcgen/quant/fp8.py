@@ -5,7 +5,7 @@ Granularities (the same for weight and activation, both along K):
 - ``"row"``: one fp32 decode scale per weight output row and per activation row (token).
 - ``"block128"``: one per 1x128 block along K, for both (the weight's scales are [N, K/128]).
 
-The recipe is :mod:`dcgen.ops.quantize_fp8`'s (``scale = amax / 448``, ``q = e4m3(x / scale)``);
+The recipe is :mod:`dcgen.ops.quantize_fp8`'s (``scale = amax * fp32(1/448)``, ``q = e4m3(x / scale)``);
 weights additionally must be finite (checked once, at quantization time).
 
 GEMM (the spec, :func:`fp8_linear_reference`):

@@ -30,7 +30,9 @@ def test_reference_equals_quadratic_definition(rng):
     q, k = F.relu(q), F.relu(k)
     scores = torch.einsum("bhdm,bhdn->bhmn", k, q)  # (m: keys, n: queries)
     want = torch.einsum("bhdm,bhmn->bhdn", v, scores) / (scores.sum(dim=2, keepdim=True) + 1e-15)
-    torch.testing.assert_close(relu_linear_attention_reference(qkv), want)
+    # The spec computes in fp32 (a float64 input too): fp32 rounding of sums over 50 tokens,
+    # which float64's default tolerance (1e-7) rejected for some random inputs.
+    torch.testing.assert_close(relu_linear_attention_reference(qkv), want, atol=1e-5, rtol=1e-5)
 
 
 def test_public_op_on_cpu_is_the_reference(rng):
