@@ -9,6 +9,9 @@ keys and values).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +30,7 @@ from .norms import (
     ChannelRMSNorm,
     apply_act_inplace,
     fold_batchnorm_into_conv,
+    folded_conv_bn_weights,
     make_act,
     make_norm,
 )
@@ -80,9 +84,35 @@ def nearest_up_conv_as_subpixel(
     return sub, sub_bias
 
 
-def _version_key(*tensors: torch.Tensor | None) -> tuple:
-    """Changes whenever any tensor is replaced, updated in place, cast or re-laid out."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.stride()) for t in tensors if t is not None)
+def _version_key(*tensors: torch.Tensor | None) -> tuple | None:
+    """Changes whenever any tensor is replaced, updated in place, cast or re-laid out. None
+    when one is an inference tensor: it has no version counter, so nothing derived from it can
+    be cached (the caller recomputes). Writes through ``.data`` bypass the version counter too:
+    after those, call ``DCAE.clear_caches()``."""
+    present = [t for t in tensors if t is not None]
+    if any(t.is_inference() for t in present):
+        return None
+    return tuple((t.data_ptr(), t._version, t.dtype, t.stride()) for t in present)
+
+
+def _layout_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` in ``x``'s memory format: CUDA's pixel_(un)shuffle returns NCHW even for NHWC
+    input (CPU keeps NHWC), and the next conv and residual would each convert it back."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def _cached(
+    slot: tuple[tuple, Any] | None, key: tuple | None, make: Callable[[], Any]
+) -> tuple[tuple[tuple, Any] | None, Any]:
+    """(the new cache slot, the value): ``slot``'s value while its key is ``key``, else
+    ``make()``; uncacheable (``key`` None) values are returned without being kept."""
+    if key is None:
+        return None, make()
+    if slot is None or slot[0] != key:
+        slot = (key, make())
+    return slot, slot[1]
 
 
 def _fold_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[nn.Conv2d, nn.Module, bool]:
@@ -132,21 +162,25 @@ class ResBlock(nn.Module):
 
     def _folded_conv2(self) -> tuple[torch.Tensor, torch.Tensor]:
         bn, conv = self.norm, self.conv2
-        key = (
-            _version_key(conv.weight, conv.bias, bn.weight, bn.bias)
-            + _version_key(bn.running_mean, bn.running_var)
-            + (bn.eps,)
+        key = _version_key(
+            conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var
         )
-        if self._folded is None or self._folded[0] != key:
-            folded = fold_batchnorm_into_conv(conv, bn)
-            weight = folded.weight.detach()
+
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            weight, bias = folded_conv_bn_weights(conv, bn)
             if conv.weight.is_contiguous(memory_format=torch.channels_last):
                 weight = weight.contiguous(memory_format=torch.channels_last)
-            self._folded = (key, (weight, folded.bias.detach()))
-        return self._folded[1]
+            return weight, bias
+
+        self._folded, value = _cached(self._folded, None if key is None else key + (bn.eps,), make)
+        return value
+
+    def clear_fused_cache(self) -> None:
+        self._folded = None
 
     def fold_batchnorm(self) -> bool:
         self.conv2, self.norm, folded = _fold_norm(self.conv2, self.norm)
+        self._folded = None
         return folded
 
 
@@ -310,7 +344,7 @@ class DownBlock(nn.Module):
             # Main path (un)shuffle + averaged space-to-channel shortcut in one pass.
             return down_block_shortcut(y, x, unshuffle)
         if unshuffle:
-            y = F.pixel_unshuffle(y, 2)
+            y = _layout_of(F.pixel_unshuffle(y, 2), x)
         if self.shortcut:
             y = y + space_to_channel_average(x, self.out_channels, 2)
         return y
@@ -339,14 +373,19 @@ class UpBlock(nn.Module):
         w, b = self.conv.weight, self.conv.bias
         if torch.is_grad_enabled() and w.requires_grad:
             return nearest_up_conv_as_subpixel(w, b)  # differentiable, so never cached
-        key = _version_key(w, b)
-        if self._subpixel is None or self._subpixel[0] != key:
+
+        def make() -> tuple[torch.Tensor, torch.Tensor | None]:
             with torch.no_grad():
                 weight, bias = nearest_up_conv_as_subpixel(w.detach(), b)
             if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
                 weight = weight.contiguous(memory_format=torch.channels_last)
-            self._subpixel = (key, (weight, bias))
-        return self._subpixel[1]
+            return weight, bias
+
+        self._subpixel, value = _cached(self._subpixel, _version_key(w, b), make)
+        return value
+
+    def clear_fused_cache(self) -> None:
+        self._subpixel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shuffle = self.mode == "pixel_shuffle"
@@ -361,7 +400,7 @@ class UpBlock(nn.Module):
                 y = F.conv2d(x, weight, bias, padding=1)
             return up_block_shortcut(y, x, True)
         if shuffle:
-            y = F.pixel_shuffle(self.conv(x), 2)
+            y = _layout_of(F.pixel_shuffle(self.conv(x), 2), x)
         else:
             y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         if self.shortcut:

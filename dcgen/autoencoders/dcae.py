@@ -68,6 +68,10 @@ ConfigLike = str | DCAEConfig | Mapping[str, Any]
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
+def _clear_caches_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    module.clear_caches()  # new weights: nothing derived from the old ones may survive
+
+
 def _resolve_config(spec: ConfigLike) -> DCAEConfig:
     if isinstance(spec, DCAEConfig):
         return dataclasses.replace(spec)
@@ -111,6 +115,7 @@ class DCAE(nn.Module):
         self._tile_overlap: int = 0
         self._band_rows: int | None = None
         self._memory_format = "auto"
+        self.register_load_state_dict_post_hook(_clear_caches_after_load)
 
     # -- construction / IO -------------------------------------------------------------------
 
@@ -279,6 +284,7 @@ class DCAE(nn.Module):
                 f"memory_format: expected one of {MEMORY_FORMATS}, got {memory_format!r}"
             )
         self._memory_format = memory_format
+        self.clear_caches()
         self._weights_to(self._layout_for(self.device))  # now, not inside the next timed call
 
     @property
@@ -301,6 +307,22 @@ class DCAE(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             for p in weights:
                 p.data = p.data.contiguous(memory_format=layout)
+
+    def clear_caches(self) -> None:
+        """Drop the weights the fused CUDA path derives and caches (BatchNorm folded into its
+        conv, the sub-pixel form of interpolate up-convs). They follow the weights by storage
+        and version counter; ``.to()``, ``load_state_dict`` and :meth:`set_memory_format` clear
+        them too. Call this after writing weights through ``.data`` (``p.data.copy_``, a LoRA
+        merge's ``weight.data += delta``): such writes bypass the version counter."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "clear_fused_cache"):
+                m.clear_fused_cache()
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
+        # Caches are plain attributes that .to() / .half() would neither move nor cast: drop
+        # them (their old-device memory included).
+        self.clear_caches()
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def fold_batchnorm(self) -> DCAE:

@@ -7,7 +7,7 @@ unfused math in fp32, rounded once), so it only pays off where the ops have kern
 
 * automatic (default): fused when no gradient is being recorded and the input is on CUDA with
   the op's compiled kernel (``DCGEN_DISABLE_KERNELS=1`` turns it off). Training keeps the
-  plain PyTorch path untouched.
+  plain PyTorch path untouched, and so does autocast (mixed dtypes the fused ops do not take).
 * :func:`fused_inference` forces it on or off, e.g. to check on a CPU that the fused path
   (running the ops' references) equals the plain one.
 """
@@ -39,8 +39,19 @@ def fused_inference(enabled: bool | None = True) -> Iterator[None]:
 def use_fused(x: torch.Tensor, op: str) -> bool:
     """Whether a block should call the fused dcgen op ``op`` for input ``x``."""
     if _forced is not None:
-        return _forced
-    return not torch.is_grad_enabled() and x.device.type == "cuda" and has_kernel(op, x.device)
+        return _forced and not _autocasting(x)
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cuda"
+        and not _autocasting(x)
+        and has_kernel(op, x.device)
+    )
+
+
+def _autocasting(x: torch.Tensor) -> bool:
+    """Under autocast an fp32 model's convs return 16-bit outputs while its residuals stay
+    fp32; the fused ops take one dtype, the plain path promotes. So autocast runs plain."""
+    return torch.is_autocast_enabled(x.device.type)
 
 
 def can_modify_in_place() -> bool:

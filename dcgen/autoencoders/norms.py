@@ -86,8 +86,12 @@ def make_act(name: str) -> nn.Module:
 
 
 @torch.no_grad()
-def fold_batchnorm_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A conv computing bn(conv(x)) with BatchNorm's running statistics (eval semantics).
+def folded_conv_bn_weights(
+    conv: nn.Conv2d, bn: nn.BatchNorm2d
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of a conv computing bn(conv(x)) with BatchNorm's running statistics
+    (eval semantics), in the conv weight's dtype and device (plain tensors, no module built, so
+    no random initialisation draws from the global RNG):
 
     y = gamma * (conv(x) - mean) / sqrt(var + eps) + beta
       = conv'(x) with W' = W * s[:, None, None, None], b' = (b - mean) * s + beta,
@@ -102,6 +106,15 @@ def fold_batchnorm_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
     scale = gamma / torch.sqrt(var + bn.eps)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
+    weight = (conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype)
+    return weight, ((bias - mean) * scale + beta).to(dtype)
+
+
+@torch.no_grad()
+def fold_batchnorm_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A conv computing bn(conv(x)) (:func:`folded_conv_bn_weights`), built on the meta device
+    and given the folded tensors, so building it draws nothing from the global RNG."""
+    weight, bias = folded_conv_bn_weights(conv, bn)
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
@@ -112,11 +125,9 @@ def fold_batchnorm_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         groups=conv.groups,
         bias=True,
         padding_mode=conv.padding_mode,
-        device=conv.weight.device,
-        dtype=dtype,
+        device="meta",
+        dtype=weight.dtype,
     )
-    fused.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype))
-    fused.bias.copy_(((bias - mean) * scale + beta).to(dtype))
-    fused.weight.requires_grad_(conv.weight.requires_grad)
-    fused.bias.requires_grad_(conv.weight.requires_grad)
+    fused.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+    fused.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
     return fused

@@ -229,3 +229,70 @@ def test_batchnorm_in_training_mode_is_not_folded():
     with torch.no_grad(), fused_inference(True):
         model.decode(z)
     assert calls[0] > 0
+
+
+@pytest.mark.parametrize("name", ["dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.1"])
+def test_fused_path_with_inference_mode_tensors(name):
+    # Weights and buffers made under inference_mode have no version counter: the fused path's
+    # derived weights (BatchNorm fold, sub-pixel conv) are then computed per call, not cached,
+    # instead of raising. The model built, then cast, inside inference_mode (buffers replaced).
+    with torch.inference_mode():
+        model = _model(name).double().float()
+        z = torch.randn(1, model.latent_channels, 2, 3)
+        assert any(b.is_inference() for b in model.buffers()) or "sana" in name
+        with fused_inference(False):
+            plain = model.decode(z)
+        with fused_inference(True):
+            fused = model.decode(z)
+            again = model.decode(z)
+    assert_close_scaled(fused, plain, rel=1e-4 if "sana" in name else 1e-5)
+    assert torch.equal(fused, again)
+
+
+def test_fused_path_steps_aside_under_autocast():
+    # An fp32 model under autocast: 16-bit conv outputs meet fp32 residuals, which the fused ops
+    # do not take; the plain path promotes. So autocast runs the plain path.
+    model = _model("dc-ae-f32c32-in-1.0")
+    z = torch.randn(1, model.latent_channels, 2, 3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with fused_inference(False):
+            plain = model.decode(z)
+        with fused_inference(True):
+            fused = model.decode(z)
+    assert torch.equal(fused, plain)
+
+
+@pytest.mark.parametrize("name", ["dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.1"])
+def test_clear_caches_after_writes_through_data(name):
+    # Writes through .data bypass the version counter the caches key on; clear_caches() (and
+    # .to(), load_state_dict) drop the derived weights so the next decode uses the new ones.
+    model = _model(name)
+    z = torch.randn(1, model.latent_channels, 2, 3)
+    with torch.no_grad(), fused_inference(True):
+        before = model.decode(z)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+                m.weight.data.mul_(1.5)
+        model.clear_caches()
+        after = model.decode(z)
+        with fused_inference(False):
+            plain = model.decode(z)
+        assert (after - before).abs().max() > 1e-3
+        assert_close_scaled(after, plain, rel=1e-4 if "sana" in name else 1e-5)
+        model.decode(z)  # caches filled again
+        model.to(torch.float64)
+        cached = [m for m in model.modules() if getattr(m, "_folded", None) is not None]
+        cached += [m for m in model.modules() if getattr(m, "_subpixel", None) is not None]
+        assert not cached  # .to() dropped them (and their old-dtype memory)
+        model.load_state_dict(model.state_dict())
+
+
+def test_building_the_fold_draws_nothing_from_the_global_rng():
+    model = _model("dc-ae-f32c32-in-1.0")
+    z = torch.randn(1, model.latent_channels, 2, 3)
+    with torch.no_grad(), fused_inference(True):
+        torch.manual_seed(0)
+        model.decode(z)  # cold caches: every ResBlock folds its BatchNorm
+        drawn = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(drawn, torch.rand(3))
