@@ -26,7 +26,10 @@ def poison_cuda_allocator(nbytes: int = 256 << 20) -> None:
         return
     torch.cuda.empty_cache()
     block = torch.full((nbytes // 4,), float("nan"), device="cuda")
-    del block  # returns to the cache; the next allocations reuse the NaN-filled memory
+    # Allocations up to 1 MiB come from the caching allocator's small-block pool (2 MiB
+    # segments), which the large block above never touches: fill 64 MiB of those too.
+    small = [torch.full((1 << 18,), float("nan"), device="cuda") for _ in range(64)]
+    del block, small  # back to the cache; the next allocations reuse the NaN-filled memory
 
 
 @pytest.fixture

@@ -83,6 +83,20 @@ def _smoothed(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
     return x.float() / smooth if smooth is not None else x.float()
 
 
+def smoothed_decode_scale(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+    """``amax(|x / smooth|) / 2688`` (the dynamic global scale of the smoothed activation)
+    without building ``x / smooth``: per column ``max_i |x_ij| / |s_j|``, bit-identical to the
+    maximum of the divided values (IEEE division by a positive number is monotonic; a zero
+    factor gives Inf or NaN either way)."""
+    fmt = _fmt()
+    if smooth is None:
+        return fmt.global_decode_scale(x)
+    if x.numel() == 0:
+        return fmt.global_decode_scale(x.float())
+    col = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float() / smooth.abs()
+    return fmt.global_decode_scale(col)
+
+
 def quantize_nvfp4_lowrank_reference(
     x: torch.Tensor,
     global_scale: torch.Tensor,
@@ -103,9 +117,10 @@ def quantize_nvfp4_lowrank_reference(
 
 def _word_aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous with a 4-byte aligned start (the kernel loads element pairs as words; a
-    view at an odd element offset is copied)."""
+    view at an odd element offset is copied). By storage offset, which torch.compile can trace
+    (allocations themselves are aligned)."""
     t = t.contiguous()
-    return t if t.data_ptr() % 4 == 0 else t.clone()
+    return t if (t.storage_offset() * t.element_size()) % 4 == 0 else t.clone()
 
 
 def _lowrank_kernel_applies(
@@ -152,20 +167,24 @@ def quantize_nvfp4_lowrank(
         check_tensor(f"{name}: smooth", smooth, ndim=1, dtypes=(torch.float32,))
         if smooth.shape[0] != k:
             raise ValueError(f"{name}: expected smooth of shape ({k},), got {tuple(smooth.shape)}")
-    check_same_device(x=x, down=down, smooth=smooth, global_scale=global_scale)
-    fmt = _fmt()
-    if global_scale is None:
-        gs = fmt.global_decode_scale(_smoothed(x, smooth) if smooth is not None else x)
-    else:
+    if global_scale is not None:
         check_tensor(f"{name}: global_scale", global_scale, dtypes=(torch.float32,))
         if global_scale.numel() != 1:
             raise ValueError(
                 f"{name}: expected global_scale with one element, got shape "
                 f"{tuple(global_scale.shape)}"
             )
+    check_same_device(x=x, down=down, smooth=smooth, global_scale=global_scale)
+    fmt = _fmt()
+    if global_scale is None:
+        gs = smoothed_decode_scale(x, smooth)
+    else:
         gs = global_scale.reshape(())
-    if check_finite:
-        fmt.ensure_finite(f"{name}: x", x)
+    if check_finite:  # what is quantized: x / smooth (a zero factor makes it non-finite)
+        fmt.ensure_finite(
+            f"{name}: x / smooth" if smooth is not None else f"{name}: x",
+            _smoothed(x, smooth) if smooth is not None else x,
+        )
         fmt.ensure_global_scale(name, gs)
     if _lowrank_kernel_applies(x, smooth, down):
         s = smooth.contiguous() if smooth is not None else None

@@ -97,8 +97,11 @@ def weight_16bit(layer: NVFP4Linear, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _fits_16bit(layer: NVFP4Linear, x: torch.Tensor) -> bool:
-    """A 16-bit input and a bias (if any) of its dtype: the 16-bit forms below apply."""
-    return x.dtype in _HALF and (layer.bias is None or layer.bias.dtype == x.dtype)
+    """A bf16 input and a bias (if any) of its dtype: the 16-bit forms below apply. Not fp16:
+    their GEMMs multiply unit-scale operands (up to 6 * 448 = 2688 each, the global scales
+    applied after), whose sums overflow fp16's 65,504 (a W4A4 layer at K = 96 already gave
+    mostly Inf); fp16 inputs take the fp32 form."""
+    return x.dtype == torch.bfloat16 and (layer.bias is None or layer.bias.dtype == x.dtype)
 
 
 def _activation_16bit(

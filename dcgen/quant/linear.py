@@ -38,7 +38,6 @@ from . import dequant_path as _dequant_path
 from .nvfp4 import (
     BLOCK,
     dequantize_parts,
-    global_decode_scale,
     quantize_nvfp4,
     swizzle_scales,
     unswizzle_scales,
@@ -312,18 +311,17 @@ class NVFP4Linear(nn.Module):
         read, cached per buffer version. An inference-mode buffer has no version counter, so
         there the choice is made on the device instead (the dynamic scale of ``x / s`` is
         computed and one of the two selected): one reduction over x more than a static layer
-        needs, but no device sync per call."""
+        needs, but no device sync per call, and no fp32 copy x / s."""
         s = self.input_scale
         if s.is_inference() and not torch.compiler.is_compiling():
-            xs = x if self.smooth is None else x.float() / self.smooth
-            return torch.where(s > 0, s, global_decode_scale(xs))
+            return torch.where(s > 0, s, _qop.smoothed_decode_scale(x, self.smooth))
         return s if self._memo("static", s, lambda: float(s) > 0) else None
 
     def _fused_lowrank_applies(self, x: torch.Tensor, dequant_path: bool) -> bool:
-        """W4A4 inference with a low-rank branch on a 16-bit input, where the fused quantize +
+        """W4A4 inference with a low-rank branch on a bf16 input, where the fused quantize +
         down-projection kernel runs and a GEMM path takes its codes: the native NVFP4 GEMM
-        (bf16 output, so a bf16 input) or the dequantize path."""
-        if not self.rank or x.dtype not in (torch.bfloat16, torch.float16):
+        (bf16 output) or the dequantize path."""
+        if not self.rank or x.dtype != torch.bfloat16:  # fp16: see dequant_path._fits_16bit
             return False
         if self.lora_down.dtype != x.dtype or self.rank not in _qop.LOWRANK_KERNEL_RANKS:
             return False
@@ -333,9 +331,7 @@ class NVFP4Linear(nn.Module):
             return False  # training through the layer: the straight-through paths
         if not has_kernel("quantize_nvfp4_lowrank", x.device):
             return False
-        native = x.dtype == torch.bfloat16 and _gemm.kernel_available(
-            x.device, self.out_features, self.in_features
-        )
+        native = _gemm.kernel_available(x.device, self.out_features, self.in_features)
         return native or dequant_path
 
     def _w4a4_fused_lowrank(self, x: torch.Tensor) -> torch.Tensor:
@@ -354,7 +350,7 @@ class NVFP4Linear(nn.Module):
         up = self.lora_up.to(dt).t()
         t16 = t.to(dt)
         branch = torch.addmm(self.bias, t16, up) if self.bias is not None else t16 @ up
-        if dt == torch.bfloat16 and _gemm.kernel_available(x.device, n, k):
+        if _gemm.kernel_available(x.device, n, k):
             w_scales = self._swizzled_weight_scales()
             y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, gs * self.weight_scale_2)
             out = y.add_(branch)

@@ -80,6 +80,24 @@ def test_bad_inputs_name_what_was_expected(rng):
     bad[1, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
         quantize_nvfp4_lowrank(bad, down)
+    zero_factor = s.clone()
+    zero_factor[5] = 0  # x / s is Inf (or NaN) in that column: what is quantized is checked
+    with pytest.raises(ValueError, match=r"x / smooth: expected finite"):
+        quantize_nvfp4_lowrank(x, down, torch.tensor(0.01), zero_factor)
+    with pytest.raises(TypeError, match="global_scale: expected a torch.Tensor"):
+        quantize_nvfp4_lowrank(x, down, 0.01)
+
+
+def test_dynamic_scale_of_the_smoothed_input_without_building_it(rng):
+    # max_i |x_ij| / |s_j| per column equals max |x / s| bit for bit (division by a positive
+    # number is monotonic), so no fp32 copy x / s is needed for the dynamic scale.
+    from dcgen.ops.quantize_nvfp4 import smoothed_decode_scale
+
+    for _ in range(50):
+        x = (torch.randn(7, 3, 48, generator=rng) * torch.rand(48, generator=rng) * 50).bfloat16()
+        s = torch.rand(48, generator=rng) * 10 + 1e-3
+        assert torch.equal(smoothed_decode_scale(x, s), global_decode_scale(x.float() / s))
+    assert torch.equal(smoothed_decode_scale(x, None), global_decode_scale(x))
 
 
 def _layer(rank: int, smooth: bool, bias: bool = True, k: int = 96, n: int = 40) -> NVFP4Linear:
