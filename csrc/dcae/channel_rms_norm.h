@@ -31,8 +31,15 @@ inline ChannelNormLayout channel_norm_layout(const at::Tensor& input) {
   const auto mf = input.dim() == 4   ? at::MemoryFormat::ChannelsLast
                   : input.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
                                      : at::MemoryFormat::Contiguous;
-  if (!input.is_contiguous() && mf != at::MemoryFormat::Contiguous && input.is_contiguous(mf)) {
-    l.x = input;
+  // Channels-last input (dense, or a strided view such as a band of rows of an NHWC batch,
+  // which suggest_memory_format still reports as channels-last) keeps its layout: the "rows"
+  // kernels, at most one copy into dense NHWC, and an NHWC output, instead of a round trip
+  // through NCHW that the next channels-last conv would undo.
+  const bool channels_last =
+      mf != at::MemoryFormat::Contiguous && !input.is_contiguous() &&
+      (input.is_contiguous(mf) || input.suggest_memory_format() == mf);
+  if (channels_last) {
+    l.x = input.contiguous(mf);
     l.rows = true;
     l.outer = l.channels == 0 ? 0 : input.numel() / l.channels;
     l.inner = 1;

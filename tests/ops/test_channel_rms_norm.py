@@ -37,6 +37,8 @@ def _layouts(x):
     if x.ndim == 4:
         yield "channels_last", x.to(memory_format=torch.channels_last)
         yield "strided", x.transpose(2, 3)  # neither layout: the kernel copies to NCHW
+        if x.shape[2] > 1:  # a band of rows of an NHWC batch: one copy, NHWC kept
+            yield "channels_last band", x.to(memory_format=torch.channels_last)[:, :, 1:]
 
 
 def _check_kernel(device, dtype, gen):
@@ -55,8 +57,8 @@ def _check_kernel(device, dtype, gen):
                 torch.testing.assert_close(
                     got.cpu().float(), want, atol=atol, rtol=rtol, msg=f"{layout} {shape} {affine}"
                 )
-                if layout == "channels_last":
-                    assert got.is_contiguous(memory_format=torch.channels_last)
+                if layout.startswith("channels_last"):
+                    assert got.is_contiguous(memory_format=torch.channels_last), layout
 
 
 def _cpu(t):
@@ -169,6 +171,7 @@ def test_bad_input_errors(args, err, match):
         channel_rms_norm(*args)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_mismatch_error():
     with pytest.raises(ValueError, match="one device"):

@@ -57,6 +57,8 @@ def _layouts(x, r):
         yield "channels_last", x.to(memory_format=cl), r.to(memory_format=cl)
         yield "mixed", x.to(memory_format=cl), r  # residual copied to x's layout
         yield "strided", x.transpose(2, 3), r.transpose(2, 3)
+        if x.shape[2] > 1:  # a band of rows of an NHWC batch (banded decode): strided NHWC
+            yield "channels_last band", x.to(memory_format=cl)[:, :, 1:], r[:, :, 1:]
 
 
 def _check_kernel(device, dtype, gen):
@@ -81,7 +83,7 @@ def _check_kernel(device, dtype, gen):
                     torch.testing.assert_close(
                         got.cpu().float(), want, atol=atol, rtol=rtol, msg=msg
                     )
-                    if layout in ("channels_last", "mixed"):
+                    if layout in ("channels_last", "mixed", "channels_last band"):
                         assert got.is_contiguous(memory_format=torch.channels_last), msg
 
 
