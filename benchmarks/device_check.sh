@@ -112,15 +112,34 @@ if [ "$major" = 9 ] && [ "${DCGEN_SKIP_TESTS:-0}" != 1 ]; then
   fi
 fi
 
+# A Hopper attention kernel that failed or hung its diagnostics stays out of every later step
+# (the flash paths of the benchmarks and the speed table then take the portable kernel).
+[ "$hopper_attention" = 1 ] || export DCGEN_ATTENTION_SM90=0
+
 test_rc=0
 if [ "${DCGEN_SKIP_TESTS:-0}" != 1 ]; then
   stamp "cuda tests"
   if [ "${DCGEN_TEST_ALL:-0}" = 1 ]; then sel=(); else sel=(-m cuda); fi
-  timeout "$(cap 240)" python3 -m pytest tests ${sel[@]+"${sel[@]}"} -k "not wgmma and not sm90" -q \
-    -p no:cacheprovider ${DCGEN_TEST_ARGS:-} >"$OUT/tests.log" 2>&1
-  test_rc=$?
+  # Files whose kernels (or kernel paths) have never run on a GPU get a process each, after
+  # the validated ones: an illegal access poisons the CUDA context of every later test in its
+  # process (and surfaces asynchronously, against an innocent test). DCGEN_ATTENTION_SM90=0:
+  # flash tests in these steps run the portable kernel; the Hopper ones ran above.
+  fresh="tests/ops/test_fp8_epilogue.py tests/ops/test_quantize.py
+         tests/ops/test_quantize_nvfp4_lowrank.py tests/test_fused_blocks.py"
+  ign=(); for f in $fresh; do ign+=(--ignore="$f"); done
+  DCGEN_ATTENTION_SM90=0 timeout "$(cap 200)" python3 -m pytest tests "${ign[@]}" \
+    ${sel[@]+"${sel[@]}"} -k "not wgmma and not sm90" -q -p no:cacheprovider \
+    ${DCGEN_TEST_ARGS:-} >"$OUT/tests.log" 2>&1
+  rc=$?; [ "$rc" = 0 ] || [ "$rc" = 5 ] || test_rc=$rc
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
   tail -2 "$OUT/tests.log"
+  for f in $fresh; do
+    DCGEN_ATTENTION_SM90=0 timeout "$(cap 60)" python3 -m pytest "$f" ${sel[@]+"${sel[@]}"} \
+      -q -p no:cacheprovider ${DCGEN_TEST_ARGS:-} >>"$OUT/tests_fresh.log" 2>&1
+    rc=$?; [ "$rc" = 0 ] || [ "$rc" = 5 ] || test_rc=$rc
+  done
+  grep -E "^(FAILED|ERROR)" "$OUT/tests_fresh.log" | head -20
+  grep -E " (passed|failed)" "$OUT/tests_fresh.log" | tail -4
 fi
 
 bench_rc=0

@@ -20,19 +20,24 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001
 
 
 def poison_cuda_allocator(nbytes: int = 256 << 20) -> None:
-    """Fill free blocks of the caching allocator with NaN so an op's freshly allocated output
-    shows every element the kernel did not write."""
+    """Fill free blocks of the caching allocator with all-ones bytes so an op's freshly
+    allocated output shows every element the kernel did not write: 0xFF... is NaN in fp32,
+    bf16, fp16 and float8_e4m3fn, and 255 in uint8 (an fp32 NaN, 00 00 C0 7F, would read as
+    0.0 in every other 16-bit element)."""
     if not HAS_CUDA:
         return
     torch.cuda.empty_cache()
-    block = torch.full((nbytes // 4,), float("nan"), device="cuda")
+    block = torch.full((nbytes // 4,), -1, dtype=torch.int32, device="cuda")
     # Allocations up to 1 MiB come from the caching allocator's small-block pool (2 MiB
     # segments), which the large block above never touches: fill 64 MiB of those too.
-    small = [torch.full((1 << 18,), float("nan"), device="cuda") for _ in range(64)]
-    del block, small  # back to the cache; the next allocations reuse the NaN-filled memory
+    small = [torch.full((1 << 18,), -1, dtype=torch.int32, device="cuda") for _ in range(64)]
+    del block, small  # back to the cache; the next allocations reuse the poisoned memory
 
 
 @pytest.fixture
 def rng() -> torch.Generator:
-    """A fresh seeded generator per test: inputs are random but reproducible on failure."""
-    return torch.Generator().manual_seed(torch.seed() % (2**31))
+    """A fresh seeded generator per test: inputs are random but reproducible on failure (the
+    seed is printed; pytest shows a failing test's captured output)."""
+    seed = torch.seed() % (2**31)
+    print(f"rng seed: {seed}")
+    return torch.Generator().manual_seed(seed)

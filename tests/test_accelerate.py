@@ -235,10 +235,15 @@ def test_dcgen_sana_pipeline_unchanged_by_accelerate():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["sdpa", "flash"])
 @pytest.mark.parametrize("joint", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_flux_attention_matches_stock(joint, dtype):
-    # FLUX's head dim (128), so the flash kernel (when built) runs the whole step.
+def test_cuda_flux_attention_matches_stock(joint, dtype, kernel, monkeypatch):
+    # FLUX's head dim (128): the processor's whole step (joint text + image, QK norms, RoPE) on
+    # the default path (qk_norm_rope kernel + SDPA) and on dcgen's flash kernel (the portable
+    # one: the Hopper kernels' tests run in their own process).
+    monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", kernel)
+    monkeypatch.setenv("DCGEN_ATTENTION_SM90", "0")
     attn = _flux_attention(joint, dim=256, heads=2).to("cuda", dtype)
     g = torch.Generator().manual_seed(0)
     n_img, n_txt = 300, 77
@@ -319,6 +324,7 @@ def test_cuda_sana_cross_attention_flash_path_matches_stock(monkeypatch):
     import dcgen.attention.processors as procs
 
     monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", "flash")
+    monkeypatch.setenv("DCGEN_ATTENTION_SM90", "0")  # the portable kernel in this process
     torch.manual_seed(0)
     attn = Attention(query_dim=128, cross_attention_dim=96, heads=2, dim_head=64, bias=True,
                      processor=SanaAttnProcessor2_0()).to("cuda", torch.bfloat16).eval()  # fmt: skip

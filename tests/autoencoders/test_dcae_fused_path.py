@@ -130,11 +130,18 @@ def test_automatic_rule_keeps_training_and_cpu_on_plain_path():
         assert not use_fused(x, "channel_rms_norm_fused")  # CPU, even without grad
     with fused_inference(True):
         assert use_fused(x, "anything")
-    if torch.cuda.is_available() and has_kernel("up_block_shortcut", "cuda"):
-        xc = x.cuda()
-        assert not use_fused(xc, "up_block_shortcut")  # grad mode on: training path
-        with torch.inference_mode():
-            assert use_fused(xc, "up_block_shortcut")
+
+
+@pytest.mark.cuda
+def test_cuda_automatic_rule_takes_kernels_in_inference_only():
+    if not has_kernel("up_block_shortcut", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernels for the fused DC-AE path")
+    xc = torch.randn(1, 4, 2, 2, device="cuda")
+    assert not use_fused(xc, "up_block_shortcut")  # grad mode on: training path
+    with torch.inference_mode():
+        assert use_fused(xc, "up_block_shortcut")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert not use_fused(xc, "up_block_shortcut")  # autocast: plain path
 
 
 def test_decoder_head_act_without_fused_name_stays_plain(monkeypatch):
@@ -164,7 +171,9 @@ def test_cuda_kernels_decode_matches_plain_path(name, monkeypatch):
     with torch.inference_mode():
         with fused_inference(False):
             plain = model.decode(z)
+        calls = _spy_fused_ops(monkeypatch)
         fused = model.decode(z)  # automatic rule: kernels
+        assert calls.get("up_block_shortcut", 0) > 0, calls  # the fused path really ran
         assert_close_scaled(fused, plain, rel=1e-4)
         model.to(torch.bfloat16)
         zb = z.bfloat16()

@@ -156,11 +156,20 @@ def test_cuda_auto_runs_channels_last_kernels(name, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = _model(name).cuda()
     z = torch.randn(1, model.latent_channels, 4, 4, device="cuda")
+    import dcgen.autoencoders.blocks as blocks_mod
+
+    calls = []
+    shortcut = blocks_mod.up_block_shortcut
+    monkeypatch.setattr(
+        blocks_mod, "up_block_shortcut", lambda *a: calls.append(a[0].stride()) or shortcut(*a)
+    )
     with torch.inference_mode():
         model.set_memory_format("contiguous")
         want = model.decode(z)
         model.set_memory_format("auto")
+        calls.clear()
         got = model.decode(z)
+    assert calls  # the fused kernels ran (automatic rule)
     assert all(w.is_contiguous(memory_format=CL) for w in _conv_weights(model))
     assert got.is_contiguous()
     assert_close_scaled(got, want, rel=1e-4)

@@ -337,8 +337,11 @@ def test_cuda_layer_matches_reference(mode, rank, smooth, shape, rng, monkeypatc
         ref = layer(x)
     # fp32 results: only the summation order (cuBLAS vs CPU/torch fp32) differs.
     torch.testing.assert_close(fast, ref_main, atol=1e-4, rtol=1e-4)
-    # the layer output: + one bf16 rounding each (two on the native GEMM path)
-    torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    # the layer output in bf16: a few bf16 roundings (GEMM, branch, sum; the rank-8 smoothed
+    # case's main product and branch nearly cancel on some outputs), as the CPU tests allow
+    err = float((y.float() - ref.float()).norm() / ref.float().norm())
+    assert err < 1e-2, err
+    torch.testing.assert_close(y.float(), ref.float(), atol=5e-2, rtol=2e-2)
 
 
 @pytest.mark.cuda
