@@ -166,7 +166,9 @@ if [ "${DCGEN_SPEED_TABLE:-1}" = 1 ]; then
   stamp "speed table (dcgen bench --quick)"
   speed() {  # name, then dcgen bench arguments
     local name=$1; shift
-    timeout "$(cap ${DCGEN_SPEED_TIMEOUT:-200})" python3 -m dcgen.cli bench --quick "$@" \
+    # -v: progress and a traceback per failed row in the log; the report is rewritten after
+    # every row, so a run cut off by its cap keeps the rows it finished.
+    timeout "$(cap ${DCGEN_SPEED_TIMEOUT:-200})" python3 -m dcgen.cli -v bench --quick "$@" \
       --out "$OUT/speed_$name" >"$OUT/speed_$name.log" 2>&1
     local rc=$?
     [ $rc = 0 ] || { tail -20 "$OUT/speed_$name.log"; echo "speed table $name FAILED (rc=$rc)"; }
@@ -174,12 +176,14 @@ if [ "${DCGEN_SPEED_TABLE:-1}" = 1 ]; then
   }
   models=" ${DCGEN_SPEED_MODELS:-flux sana} "
   if [[ $models == *" flux "* ]]; then
+    # --warmup 2: the 2026-11-26 H200 table's first 1K row was under-warmed with one
     speed flux --model flux --resolutions 1024,2048,4096 --variants stock,kernels \
-      --attention default,flash --fp8 || speed_rc=1
+      --attention default,flash --fp8 --warmup 2 || speed_rc=1
     stamp "speed table flux done"
   fi
   if [[ $models == *" sana "* ]]; then
-    speed sana --model sana-1.6b --resolutions 1024,2048,4096 --variants stock,kernels || speed_rc=1
+    speed sana --model sana-1.6b --resolutions 1024,2048,4096 --variants stock,kernels \
+      --warmup 2 || speed_rc=1
   fi
 fi
 

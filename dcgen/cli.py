@@ -465,10 +465,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         fp8_granularity=args.fp8_granularity,
     )  # fmt: skip
     settings.resolved()  # bad input fails before any model is built
-    report = run_speed_bench(settings)
+
+    def partial(report: dict) -> None:  # after every row: a cut-off run keeps what it measured
+        write_report(report, args.out, chart=False)
+
+    report = run_speed_bench(settings, on_row=partial)
     paths = write_report(report, args.out)
     print(format_markdown(report))
     print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
+    if report["errors"]:
+        print(f"{len(report['errors'])} row(s) failed: see the report's last section")
+        return 1
     return 0
 
 

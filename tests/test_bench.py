@@ -180,6 +180,49 @@ def test_cli_bench(tmp_path, capsys):
     assert "multiple of 64" in capsys.readouterr().err
 
 
+def test_a_failing_row_is_recorded_and_the_table_goes_on(tmp_path, monkeypatch, capsys):
+    # One configuration raising (as the 2026-11-26 GPU run's first flash row did) must not lose
+    # the rows before and after it; the CLI rewrites the report after every row and exits 1.
+    measure = SpeedBench.measure
+
+    def flaky(self, impl, resolution, *args, **kwargs):
+        if resolution == 128 and impl == "dcgen":
+            raise RuntimeError("No available kernel.  Aborting execution.\nmore detail")
+        return measure(self, impl, resolution, *args, **kwargs)
+
+    monkeypatch.setattr(SpeedBench, "measure", flaky)
+    written = []
+    real_write = write_report
+    monkeypatch.setattr(
+        "dcgen.bench.write_report",
+        lambda report, out, chart=True: written.append(len(report["rows"]))
+        or real_write(report, out, chart),
+    )
+    out = tmp_path / "b"
+    args = ["bench", "--model", "tiny", "--resolutions", "64,128,192", "--quick", "--steps", "2"]
+    assert main([*args, "--device", "cpu", "--out", str(out)]) == 1
+    report = json.loads((out / "speed.json").read_text())
+    assert [r["resolution"] for r in report["rows"]] == [64, 192]
+    assert report["errors"] == [
+        {"resolution": 128, "attention": "default", "variant": "kernels",
+         "precision": report["rows"][0]["precision"],
+         "error": "RuntimeError: No available kernel.  Aborting execution."}
+    ]  # fmt: skip
+    assert written == [1, 1, 2, 2]  # after each of the 3 rows, then the final report
+    md = (out / "speed.md").read_text()
+    assert "Rows that failed" in md and "resolution 128" in md
+    assert "1 row(s) failed" in capsys.readouterr().out
+
+
+def test_fp8_quantize_failure_keeps_the_bf16_table(monkeypatch):
+    monkeypatch.setattr(SpeedBench, "build_fp8", lambda self: (_ for _ in ()).throw(MemoryError()))
+    settings = BenchSettings(model="tiny", resolutions=(64,), steps=2, quick=True, fp8=True)
+    report = run_speed_bench(settings, clock=FakeClock())
+    assert [r["precision"] for r in report["rows"]] == [report["rows"][0]["precision"]]
+    assert report["errors"][0]["precision"] == "fp8"
+    assert report["errors"][0]["error"].startswith("MemoryError")
+
+
 # -- SANA ----------------------------------------------------------------------------------------
 
 

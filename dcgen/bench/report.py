@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,11 @@ def format_markdown(report: dict[str, Any]) -> str:
                 f"{_ms(e['dcgen_any_ms'])} ({e['dcgen_any_config']}) | {_x(e['speedup_any'])} | "
                 f"{_x(e['paper_setting_speedup'])} |"
             )
+    if report.get("errors"):
+        lines += ["", "Rows that failed (the traceback is in the log; the other rows stand):", ""]
+        for e in report["errors"]:
+            where = ", ".join(f"{k} {v}" for k, v in e.items() if k != "error")
+            lines.append(f"- {where}: {e['error']}")
     if any(r["mode"] == "extrapolated" for r in report["rows"]):
         lines += [
             "",
@@ -204,12 +210,23 @@ def bar_chart(report: dict[str, Any], size: tuple[int, int] | None = None) -> Im
     return img
 
 
-def write_report(report: dict[str, Any], out: str | Path) -> dict[str, Path]:
-    """speed.md, speed.json and speed.png in ``out``; returns their paths."""
+def write_report(report: dict[str, Any], out: str | Path, chart: bool = True) -> dict[str, Path]:
+    """speed.md, speed.json and (``chart``) speed.png in ``out``; returns their paths. Each
+    file is written to a temporary name and renamed, so a run killed mid-write (the CLI
+    rewrites the report after every row) leaves the previous complete version."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "speed.md", "json": out / "speed.json", "png": out / "speed.png"}
-    paths["md"].write_text(format_markdown(report))
-    paths["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
-    bar_chart(report).save(paths["png"])
+    _write_atomic(paths["md"], format_markdown(report).encode())
+    _write_atomic(paths["json"], (json.dumps(report, indent=2, default=str) + "\n").encode())
+    if chart:
+        tmp = paths["png"].with_suffix(".png.part")
+        bar_chart(report).save(tmp, format="PNG")
+        os.replace(tmp, paths["png"])
     return paths
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

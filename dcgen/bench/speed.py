@@ -589,12 +589,38 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err)
 
 
-def run_speed_bench(settings: BenchSettings, clock: Any = None) -> dict[str, Any]:
+def _row_failed(
+    errors: list[dict[str, Any]], bench: SpeedBench, err: Exception, **where: Any
+) -> None:
+    """Record a row that raised (the table keeps the others), with its first error line; the
+    traceback goes to the log. Frees cached device memory after an out-of-memory error."""
+    logger.exception("bench row failed: %s", where)
+    message = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+    errors.append({**where, "error": message[:300]})
+    if bench.on_cuda and _is_oom(err):
+        torch.cuda.empty_cache()
+
+
+def run_speed_bench(
+    settings: BenchSettings,
+    clock: Any = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run every (resolution, attention, variant) for both pipelines, then the FP8 rows when
-    asked; returns the report dict (see dcgen.bench.report for the table, JSON and chart)."""
+    asked; returns the report dict (see dcgen.bench.report for the table, JSON and chart).
+
+    A row that raises is recorded in the report's ``errors`` (the traceback logged) and the
+    others still run: one failing configuration does not lose the table. ``on_row`` gets the
+    partial report after every row (the CLI writes it, so a run cut off by a time limit keeps
+    the rows it finished)."""
     bench = SpeedBench(settings, clock=clock)
     s, spec = bench.settings, bench.spec
     rows: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+
+    def report() -> dict[str, Any]:
+        return _report(bench, rows, errors)
+
     try:
         for res in s.resolutions:
             preset = dcae_preset_for(spec, res)
@@ -610,23 +636,39 @@ def run_speed_bench(settings: BenchSettings, clock: Any = None) -> dict[str, Any
                         **common, "attention": attention, "variant": variant,
                         "precision": s.dtype, "quality": None,
                     }  # fmt: skip
-                    for impl, key in (("baseline", "base"), ("dcgen", "dcgen")):
-                        logger.info("bench %s %dpx %s %s", impl, res, variant, attention)
-                        row[key] = bench.measure(impl, res, 1, variant, attention)
-                        if s.batch > 1:
-                            row[f"{key}_batch"] = bench.measure(
-                                impl, res, s.batch, variant, attention
-                            )
-                    _speedups(row)
-                    rows.append(row)
+                    try:
+                        for impl, key in (("baseline", "base"), ("dcgen", "dcgen")):
+                            logger.info("bench %s %dpx %s %s", impl, res, variant, attention)
+                            row[key] = bench.measure(impl, res, 1, variant, attention)
+                            if s.batch > 1:
+                                row[f"{key}_batch"] = bench.measure(
+                                    impl, res, s.batch, variant, attention
+                                )
+                    except Exception as err:  # noqa: BLE001 (recorded, the table goes on)
+                        _row_failed(errors, bench, err, resolution=res, attention=attention,
+                                    variant=variant, precision=s.dtype)  # fmt: skip
+                    else:
+                        _speedups(row)
+                        rows.append(row)
+                    if on_row is not None:
+                        on_row(report())
         if s.fp8:
-            rows += _fp8_rows(bench, rows)
+            rows += _fp8_rows(bench, rows, errors, on_row)
     finally:
         bench.close()
+    return report()
+
+
+def _report(
+    bench: SpeedBench, rows: list[dict[str, Any]], errors: list[dict[str, Any]]
+) -> dict[str, Any]:
+    s, spec = bench.settings, bench.spec
     order = {
         (r, a): i for i, (r, a) in enumerate((r, a) for r in s.resolutions for a in s.attention)
     }
-    rows.sort(key=lambda r: (order[(r["resolution"], r["attention"])], r["precision"] == "fp8"))
+    ordered = sorted(
+        rows, key=lambda r: (order[(r["resolution"], r["attention"])], r["precision"] == "fp8")
+    )
     return {
         "settings": asdict(s),
         "model": {"name": spec.name, "family": spec.family, "base_ae": spec.base_label},
@@ -634,42 +676,60 @@ def run_speed_bench(settings: BenchSettings, clock: Any = None) -> dict[str, Any
         "torch": torch.__version__,
         "method": _method(s, spec, bench.measured_blocks),
         "timer": type(bench.clock).__name__,
-        "rows": rows,
-        "summary": best_against_best(rows),
+        "rows": ordered,
+        "errors": list(errors),
+        "summary": best_against_best(ordered),
     }
 
 
-def _fp8_rows(bench: SpeedBench, bf16_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _fp8_rows(
+    bench: SpeedBench,
+    bf16_rows: list[dict[str, Any]],
+    errors: list[dict[str, Any]],
+    on_row: Callable[[dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:
     """DC-Gen with FP8 blocks, per resolution and attention, beside the bf16 base of the same
-    (resolution, attention, variant) row (the base is not re-measured)."""
+    (resolution, attention, variant) row (the base is not re-measured). Failures are recorded
+    per row, as for the bf16 rows."""
     s = bench.settings
     variant = s.fp8_variant
-    bench.build_fp8()
-    out = []
-    for ref in bf16_rows:
+    try:
+        bench.build_fp8()
+    except Exception as err:  # noqa: BLE001 (recorded: the bf16 table stands)
+        _row_failed(errors, bench, err, precision="fp8", stage="quantize the FP8 blocks")
+        return []
+    out: list[dict[str, Any]] = []
+    for ref in list(bf16_rows):
         if ref["variant"] != variant:
             continue
         res, attention = ref["resolution"], ref["attention"]
         row = {k: v for k, v in ref.items() if k not in ("dcgen", "dcgen_batch")}
         row.update(precision="fp8", base_precision=ref["precision"], base_from_row=True)
         logger.info("bench dcgen fp8 %dpx %s %s", res, variant, attention)
-        row["dcgen"] = bench.measure("dcgen", res, 1, variant, attention, precision="fp8")
-        if s.batch > 1:
-            row["dcgen_batch"] = bench.measure(
-                "dcgen", res, s.batch, variant, attention, precision="fp8"
-            )
+        try:
+            row["dcgen"] = bench.measure("dcgen", res, 1, variant, attention, precision="fp8")
+            if s.batch > 1:
+                row["dcgen_batch"] = bench.measure(
+                    "dcgen", res, s.batch, variant, attention, precision="fp8"
+                )
+        except Exception as err:  # noqa: BLE001
+            _row_failed(errors, bench, err, resolution=res, attention=attention,
+                        variant=variant, precision="fp8")  # fmt: skip
+            continue
         _speedups(row)
         try:
             quality = bench.fp8_quality(res, variant, attention)
-        except RuntimeError as err:  # quality_report keeps every layer's in/out: may not fit
-            if not _is_oom(err):
-                raise
-            if bench.on_cuda:
-                torch.cuda.empty_cache()
-            quality = {"error": f"out of memory during quality_report at {res}px"}
+        except Exception as err:  # noqa: BLE001 (the timing stands; the quality says why not)
+            logger.exception("FP8 quality report failed at %dpx", res)
+            if bench.on_cuda and _is_oom(err):
+                torch.cuda.empty_cache()  # quality_report keeps every layer's in/out
+            why = "out of memory" if _is_oom(err) else f"{type(err).__name__}: {err}"[:200]
+            quality = {"error": f"{why} during quality_report at {res}px"}
         quality.update(granularity=s.fp8_granularity, linears=bench.fp8.linears)
         row["quality"] = quality
         out.append(row)
+        if on_row is not None:
+            on_row(_report(bench, bf16_rows + out, errors))
     return out
 
 
