@@ -271,9 +271,10 @@ class NVFP4Linear(nn.Module):
             )
         # Dispatch by device: the native NVFP4 GEMM where compiled (Blackwell block-scaled W4A4;
         # on Hopper, opt-in, the mainloop-dequantizing wgmma GEMMs for W4A4 and W4A16); else on
-        # CUDA GPUs (Hopper, Ampere) the dequantize + cuBLAS path (dequant_path.py: a 16-bit
-        # input runs in its own dtype there, before any fp32 copy of x is made); the
-        # pure-PyTorch reference everywhere else.
+        # CUDA GPUs (Hopper, Ampere) the dequantize + cuBLAS path (dequant_path.py: a bf16
+        # input runs in bf16 there, before any fp32 copy of x is made; with W4A4 + a low-rank
+        # branch, from one read of x by the fused quantize); the pure-PyTorch reference
+        # everywhere else.
         y = None
         fast = _dequant_path.available(x.device)
         if self.mode == "w4a16":
@@ -285,7 +286,7 @@ class NVFP4Linear(nn.Module):
         if self.mode == "w4a4" and self._fused_lowrank_applies(x, fast):
             return self._w4a4_fused_lowrank(x)
         # The activation operand: x itself without smoothing (quantizing a 16-bit x gives the
-        # codes of its fp32 copy, so the fast paths need no copy), else x / s in fp32.
+        # codes of its fp32 copy, so the paths below need no copy), else x / s in fp32.
         xs = x if self.smooth is None else x.float() / self.smooth
         static = self._activation_scale(x) if self.mode == "w4a4" else None
         if self.mode == "w4a4":
