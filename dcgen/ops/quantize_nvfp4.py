@@ -37,6 +37,14 @@ def quantize_nvfp4_reference(
     return q.packed, fmt.swizzle_scales(q.scales)
 
 
+def _check_static_scale(name: str, global_scale: torch.Tensor) -> None:
+    check_tensor(f"{name}: global_scale", global_scale, dtypes=(torch.float32,))
+    if global_scale.numel() != 1:
+        raise ValueError(
+            f"{name}: expected global_scale with one element, got shape {tuple(global_scale.shape)}"
+        )
+
+
 def quantize_nvfp4_activation(
     x: torch.Tensor, global_scale: torch.Tensor | None = None, check_finite: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,14 +61,7 @@ def quantize_nvfp4_activation(
     if global_scale is None:
         gs = fmt.global_decode_scale(x)
     else:
-        check_tensor(
-            "quantize_nvfp4_activation: global_scale", global_scale, dtypes=(torch.float32,)
-        )
-        if global_scale.numel() != 1:
-            raise ValueError(
-                "quantize_nvfp4_activation: expected global_scale with one element, "
-                f"got shape {tuple(global_scale.shape)}"
-            )
+        _check_static_scale("quantize_nvfp4_activation", global_scale)
         check_same_device(x=x, global_scale=global_scale)
         gs = global_scale.reshape(())
     if x.dtype in FLOAT_DTYPES and x.numel() > 0 and has_kernel("quantize_nvfp4", x.device):
@@ -123,9 +124,7 @@ def _word_aligned(t: torch.Tensor) -> torch.Tensor:
     return t if (t.storage_offset() * t.element_size()) % 4 == 0 else t.clone()
 
 
-def _lowrank_kernel_applies(
-    x: torch.Tensor, smooth: torch.Tensor | None, down: torch.Tensor
-) -> bool:
+def _lowrank_kernel_applies(x: torch.Tensor, down: torch.Tensor) -> bool:
     return (
         x.dtype in _HALF
         and down.dtype == x.dtype
@@ -144,8 +143,9 @@ def quantize_nvfp4_lowrank(
     check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x / smooth`` (``x`` [M, K] without smoothing) to NVFP4 and project it onto the
-    low-rank branch's ``down`` [r, K] in one read of ``x`` (inference: no gradient); returns ``(packed, swizzled_scales,
-    global_scale, t)`` with ``t`` fp32 [M, r] (spec: :func:`quantize_nvfp4_lowrank_reference`).
+    low-rank branch's ``down`` [r, K] in one read of ``x`` (inference: no gradient); returns
+    ``(packed, swizzled_scales, global_scale, t)`` with ``t`` fp32 [M, r] (spec:
+    :func:`quantize_nvfp4_lowrank_reference`).
 
     ``global_scale``: fp32 scalar decode scale (static); None computes ``amax / 2688`` of
     ``x / smooth``. ``smooth``: fp32 [K] smoothing factors or None. The fused CUDA kernel runs
@@ -168,12 +168,7 @@ def quantize_nvfp4_lowrank(
         if smooth.shape[0] != k:
             raise ValueError(f"{name}: expected smooth of shape ({k},), got {tuple(smooth.shape)}")
     if global_scale is not None:
-        check_tensor(f"{name}: global_scale", global_scale, dtypes=(torch.float32,))
-        if global_scale.numel() != 1:
-            raise ValueError(
-                f"{name}: expected global_scale with one element, got shape "
-                f"{tuple(global_scale.shape)}"
-            )
+        _check_static_scale(name, global_scale)
     check_same_device(x=x, down=down, smooth=smooth, global_scale=global_scale)
     fmt = _fmt()
     if global_scale is None:
@@ -186,7 +181,7 @@ def quantize_nvfp4_lowrank(
             _smoothed(x, smooth) if smooth is not None else x,
         )
         fmt.ensure_global_scale(name, gs)
-    if _lowrank_kernel_applies(x, smooth, down):
+    if _lowrank_kernel_applies(x, down):
         s = smooth.contiguous() if smooth is not None else None
         packed, scales, t = compiled_op(name)(_word_aligned(x), gs, s, _word_aligned(down))
         return packed, scales, gs, t

@@ -109,9 +109,16 @@ def _activation_16bit(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """W4A4's activation: NVFP4-quantized, dequantized with a unit global scale (exact in 16
     bits), and its global scale. No NaN/Inf check: that is a device sync (NVFP4Linear doc)."""
-    k = x2.shape[-1]
     packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static, check_finite=False)
-    return _dq.nvfp4_dequantize(packed, swizzled, _unit(x2), k, dtype, swizzled=True), gs
+    return _dequant_activation(packed, swizzled, x2.shape[-1], dtype), gs
+
+
+def _dequant_activation(
+    packed: torch.Tensor, swizzled: torch.Tensor, k: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """A quantized activation (packed codes, swizzled block scales) with a unit global scale:
+    exact in 16 bits."""
+    return _dq.nvfp4_dequantize(packed, swizzled, _unit(packed), k, dtype, swizzled=True)
 
 
 def product_16bit(
@@ -120,8 +127,7 @@ def product_16bit(
     """W4A4's main product without its global scales, from the quantized activation (packed
     codes, swizzled block scales): both operands dequantized with unit global scales (exact in
     ``dtype``), one GEMM with fp32 accumulation rounded once to ``dtype``, [M, N]."""
-    k = layer.in_features
-    xq = _dq.nvfp4_dequantize(packed, swizzled, _unit(packed), k, dtype, swizzled=True)
+    xq = _dequant_activation(packed, swizzled, layer.in_features, dtype)
     return torch.mm(xq, weight_16bit(layer, dtype).t())
 
 
@@ -151,7 +157,13 @@ def _branch_16bit(layer: NVFP4Linear, a: torch.Tensor, dt: torch.dtype) -> torch
         t = a @ down.t()
     else:
         t = (a.float() @ down.float().t()).to(dt)
-    up = layer.lora_up.to(dt).t()
+    return lowrank_up_16bit(layer, t)
+
+
+def lowrank_up_16bit(layer: NVFP4Linear, t: torch.Tensor) -> torch.Tensor:
+    """``t @ lora_up^T + bias`` in ``t``'s 16-bit dtype, the bias in the GEMM's epilogue: the
+    second half of the low-rank branch, from its down-projection ``t`` [M, r]."""
+    up = layer.lora_up.to(t.dtype).t()
     return torch.addmm(layer.bias, t, up) if layer.bias is not None else t @ up
 
 

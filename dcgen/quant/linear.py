@@ -348,9 +348,7 @@ class NVFP4Linear(nn.Module):
         packed, swizzled, gs, t = _qop.quantize_nvfp4_lowrank(
             x2, self.lora_down, self._activation_scale(x), self.smooth, check_finite=False
         )
-        up = self.lora_up.to(dt).t()
-        t16 = t.to(dt)
-        branch = torch.addmm(self.bias, t16, up) if self.bias is not None else t16 @ up
+        branch = _dequant_path.lowrank_up_16bit(self, t.to(dt))
         if _gemm.kernel_available(x.device, n, k):
             w_scales = self._swizzled_weight_scales()
             y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, gs * self.weight_scale_2)
