@@ -595,7 +595,8 @@ def _row_failed(
     """Record a row that raised (the table keeps the others), with its first error line; the
     traceback goes to the log. Frees cached device memory after an out-of-memory error."""
     logger.exception("bench row failed: %s", where)
-    message = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+    lines = str(err).strip().splitlines()
+    message = f"{type(err).__name__}: {lines[0] if lines else ''}"
     errors.append({**where, "error": message[:300]})
     if bench.on_cuda and _is_oom(err):
         torch.cuda.empty_cache()
@@ -699,7 +700,7 @@ def _fp8_rows(
         _row_failed(errors, bench, err, precision="fp8", stage="quantize the FP8 blocks")
         return []
     out: list[dict[str, Any]] = []
-    for ref in list(bf16_rows):
+    for ref in bf16_rows:
         if ref["variant"] != variant:
             continue
         res, attention = ref["resolution"], ref["attention"]

@@ -9,8 +9,9 @@ each pass is a full trip through memory. Here each is one op:
 - :func:`gated_residual`: ``x + gate[b] * y``.
 
 x and y are (B, S, D) (or (M, D) with B = 1); shift, scale and gate are (B, D), typically chunks
-of the modulation linear's output, or (1, D) for all batch elements. The spec computes in fp32 and rounds once to x's dtype, where
-diffusers rounds after every op; the difference is within the dtype's rounding.
+of the modulation linear's output, or (1, D) for all batch elements. The spec computes in fp32
+and rounds once to x's dtype, where diffusers rounds after every op; the difference is within
+the dtype's rounding.
 """
 
 from __future__ import annotations
