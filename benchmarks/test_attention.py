@@ -78,16 +78,16 @@ def _skip_without_kernel(impl: str) -> None:
 
 
 BACKENDS = ["default", "flash"] if ON_GPU else ["default"]
-# dcgen's kernels: the portable mma.sync one and, on Hopper, the wgmma one (switched on here;
-# opt-in for users until validated). Each gets its own groups, with its own baseline run.
+# dcgen's kernels: the portable mma.sync one and, on Hopper, the first wgmma one
+# (DCGEN_ATTENTION_SM90=wgmma) and the warp-specialized TMA one ("sm90_tma", the Hopper default
+# for flash since the H100 run of 2026-11-27), with its ping-pong schedule off in
+# "sm90_tma_no_pingpong". Each gets its own groups, with its own baseline run.
 # "sdpa" is fused_attention's default path (qk_norm_rope kernel + torch SDPA; the module doc of
 # dcgen.ops.attention says why), measured beside the flash kernels.
-# "sm90_tma" is the warp-specialized TMA Hopper kernel (DCGEN_ATTENTION_SM90=tma).
-# "sm90_tma_no_pingpong" is the same kernel with its ping-pong schedule off.
 KERNELS = (
     ["portable", "wgmma", "sm90_tma", "sm90_tma_no_pingpong", "sdpa"] if ON_GPU else ["portable"]
 )
-SM90_CHOICE = {"wgmma": "1", "sm90_tma": "tma", "sm90_tma_no_pingpong": "tma"}
+SM90_CHOICE = {"wgmma": "wgmma", "sm90_tma": "tma", "sm90_tma_no_pingpong": "tma"}
 
 
 def _select_kernel(kernel: str, monkeypatch) -> str:  # noqa: ANN001

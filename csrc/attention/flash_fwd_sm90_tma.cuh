@@ -351,8 +351,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 namespace dcgen::attention {
 
 // K must carry no prologue here (p.k_w0 and p.k_cos null): the wrapper prepares it first.
+// Returns false, launching nothing, when the build cannot run this kernel (the register count
+// below); the caller then takes the wgmma kernel.
 template <typename T, int D>
-void run_flash_fwd_sm90_tma(const FlashParams& params, cudaStream_t stream) {
+bool run_flash_fwd_sm90_tma(const FlashParams& params, cudaStream_t stream) {
   using namespace cute;
   using C = sm90_tma::Config<T, D>;
   using E = typename C::E;
@@ -367,7 +369,7 @@ void run_flash_fwd_sm90_tma(const FlashParams& params, cudaStream_t stream) {
   auto kernel = &sm90_tma::flash_fwd_sm90_tma_kernel<T, D, decltype(tma_k), decltype(tma_v)>;
   // setmaxnreg.inc waits for registers that setmaxnreg.dec released: the consumers get their
   // 240 only if the launch allocated 168 per thread (ptxas's count for this kernel today). If a
-  // change ever made ptxas allocate fewer, the kernel would hang; fail loudly instead.
+  // change ever made ptxas allocate fewer, the kernel would hang; refuse to launch instead.
   static const int regs = [&] {
     cudaFuncAttributes attr{};
     return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess ? attr.numRegs : -1;
@@ -376,17 +378,13 @@ void run_flash_fwd_sm90_tma(const FlashParams& params, cudaStream_t stream) {
   constexpr int kNeeded = (kProducerThreads * sm90_tma::kProducerRegs +
                            sm90_tma::kConsumerThreads * sm90_tma::kConsumerRegs) /
                           sm90_tma::kThreads;
-  if (regs >= 0 && regs < kNeeded) {
-    throw std::runtime_error(
-        "dcgen fused_attention (DCGEN_ATTENTION_SM90=tma): the kernel was built with " +
-        std::to_string(regs) + " registers per thread, its setmaxnreg split needs " +
-        std::to_string(kNeeded) + "; use DCGEN_ATTENTION_SM90=wgmma");
-  }
+  if (regs >= 0 && regs < kNeeded) return false;  // the caller warns and takes wgmma
   // Per call, not once: the shared-memory opt-in belongs to the current device.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
   const dim3 grid((params.seqlen_q + sm90_tma::kRows - 1) / sm90_tma::kRows, params.heads,
                   params.batch);
   kernel<<<grid, sm90_tma::kThreads, C::kSmemBytes, stream>>>(params, tma_k, tma_v);
+  return true;
 }
 
 }  // namespace dcgen::attention

@@ -3,5 +3,5 @@
 #include "attention/flash_fwd_sm90_tma.cuh"
 
 namespace dcgen::attention {
-template void run_flash_fwd_sm90_tma<__half, 64>(const FlashParams&, cudaStream_t);
+template bool run_flash_fwd_sm90_tma<__half, 64>(const FlashParams&, cudaStream_t);
 }  // namespace dcgen::attention

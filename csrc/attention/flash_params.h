@@ -61,6 +61,6 @@ void run_flash_fwd_sm90(const FlashParams& params, cudaStream_t stream);
 // The warp-specialized TMA Hopper kernel of flash_fwd_sm90_tma.cuh: the same results, with K
 // arriving prepared (k_w0 and k_cos null; the wrapper runs K's prologue first).
 template <typename T, int D>
-void run_flash_fwd_sm90_tma(const FlashParams& params, cudaStream_t stream);
+bool run_flash_fwd_sm90_tma(const FlashParams& params, cudaStream_t stream);
 
 }  // namespace dcgen::attention

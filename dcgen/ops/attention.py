@@ -24,9 +24,11 @@ Dispatch on CUDA (bf16/fp16, no gradient). ``DCGEN_ATTENTION_KERNEL`` picks betw
 fast paths: ``sdpa`` (the default) runs the standalone qk_norm_rope kernel (one pass over q and
 k) and then torch's SDPA, which picks cuDNN / FlashAttention on the card; ``flash`` runs dcgen's
 flash kernel with the prologue fused into its tile loads (D in (64, 128)). The default follows
-the measurement: on the H200 the flash kernel reached 0.26x of cuDNN SDPA's attention core at
-S = 4,608 (1.61 vs 0.43 ms; benchmarks/test_attention.py, 2026-11-26), so fusing the prologue
-(which saves one pass over q and k) cannot pay for it yet.
+the measurement: on an H100 (benchmarks/test_attention.py, 2026-11-27) dcgen's fastest flash
+kernel, the warp-specialized TMA one that sm_90 takes, ran the attention core at S = 4,608 in
+0.82-0.88 ms against cuDNN SDPA's 0.45 (0.5-0.6x), and the whole norm + RoPE + attention step
+in 0.91-0.94 ms against 0.65 ms for this default path, so fusing the prologue (which saves one
+pass over q and k) cannot pay for the slower core yet.
 
 Numerics: the reference runs everything in fp32 and rounds once to the input dtype. The CUDA
 kernel keeps softmax statistics and accumulators in fp32 but, like every flash attention,

@@ -276,7 +276,7 @@ def _require(name):
 
 # Kernel variants: fragment loads (ldmatrix, the default, or plain shared loads) x where K's
 # prologue runs (inside the tile loads, or once up front; "auto" picks by sequence length);
-# "wgmma" is the Hopper kernel (sm_90 only, DCGEN_ATTENTION_SM90=1), "sm90_tma" the
+# "wgmma" is the first Hopper kernel (sm_90 only, DCGEN_ATTENTION_SM90=wgmma), "sm90_tma" the
 # warp-specialized TMA one (DCGEN_ATTENTION_SM90=tma; it always prepares K up front, so "fused"
 # also checks that the wrapper overrides that request), with and without its ping-pong.
 KERNEL_MODES = [
@@ -293,7 +293,7 @@ KERNEL_MODES = [
 
 
 # test id -> DCGEN_ATTENTION_SM90 ("sm90_tma_no_pingpong": the TMA kernel, ping-pong off)
-SM90_CHOICE = {"wgmma": "1", "sm90_tma": "tma", "sm90_tma_no_pingpong": "tma"}
+SM90_CHOICE = {"wgmma": "wgmma", "sm90_tma": "tma", "sm90_tma_no_pingpong": "tma"}
 
 
 def _hopper_kernel_or_skip(loads, monkeypatch):
