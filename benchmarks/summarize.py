@@ -18,7 +18,13 @@ from _harness import format_table, ratio_rows  # noqa: E402
 def load_entries(paths: list[str]) -> tuple[list[dict], dict]:
     entries, machine = [], {}
     for p in paths:
-        data = json.loads(Path(p).read_text())
+        try:
+            data = json.loads(Path(p).read_text())
+        except (OSError, ValueError) as err:
+            # a benchmark process cut off by its time cap leaves an empty or partial JSON: the
+            # other files' rows still make a table
+            print(f"summarize: skipping {p} ({type(err).__name__}: {err})", file=sys.stderr)
+            continue
         machine = data.get("machine_info", machine)
         for b in data.get("benchmarks", []):
             impl = b.get("extra_info", {}).get("impl")

@@ -195,8 +195,9 @@ def test_a_failing_row_is_recorded_and_the_table_goes_on(tmp_path, monkeypatch, 
     real_write = write_report
     monkeypatch.setattr(
         "dcgen.bench.write_report",
-        lambda report, out, chart=True: written.append(len(report["rows"]))
-        or real_write(report, out, chart),
+        lambda report, out, chart=True: (
+            written.append(len(report["rows"])) or real_write(report, out, chart)
+        ),
     )
     out = tmp_path / "b"
     args = ["bench", "--model", "tiny", "--resolutions", "64,128,192", "--quick", "--steps", "2"]
@@ -483,3 +484,28 @@ def test_attention_label_reports_the_flash_kernel(monkeypatch):
     assert attention_label(flux, "flash", True, cpu, torch.bfloat16) == (
         "dcgen qk_norm_rope + sdpa-flash"
     )
+
+
+def test_benchmark_summary_skips_a_cut_off_json(tmp_path, capsys):
+    # device_check.sh summarizes every benchmark JSON; one left empty by a process killed at its
+    # time cap must not take the other files' table down with it.
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "summarize.py"
+    spec = importlib.util.spec_from_file_location("dcgen_bench_summarize", script)
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    good = tmp_path / "good.json"
+    rows = [
+        {"group": "g", "stats": {"median": m}, "extra_info": {"impl": impl}}
+        for impl, m in (("baseline", 2e-3), ("dcgen", 1e-3))
+    ]
+    good.write_text(json.dumps({"benchmarks": rows}))
+    empty = tmp_path / "cut.json"
+    empty.write_text("")
+    entries, _ = summarize.load_entries([str(empty), str(good)])
+    assert [e["impl"] for e in entries] == ["baseline", "dcgen"]
+    assert "skipping" in capsys.readouterr().err
+    assert summarize.main([str(empty), str(good)]) == 0
+    assert "2.00x" in capsys.readouterr().out
