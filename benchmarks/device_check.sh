@@ -31,10 +31,12 @@
 # benchmarks attention 89 s, quant 61 s, dcae_fused 34 s, ops 21 s; dcae_decode (all sizes) cut
 # at its cap twice; FLUX speed table 93 s. Two calls, the second within the 30 s idle window
 # (prepare it before the first returns):
-#   1. DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 DCGEN_BENCH_FILES="attention quant dcae_decode" \
-#      bash benchmarks/device_check.sh                       (timeout_s=540)
-#   2. DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_BENCH_FILES="dcae_fused ops" \
-#      DCGEN_SPEED_MODELS=flux bash benchmarks/device_check.sh   (what is left of the budget)
+#   1. DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 DCGEN_PROFILE=0 \
+#      DCGEN_BENCH_FILES="attention quant dcae_decode" bash benchmarks/device_check.sh
+#      (timeout_s=540)
+#   2. DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_BENCH_FILES=none DCGEN_FP8_BLOCK=0 \
+#      DCGEN_SPEED_MODELS=flux bash benchmarks/device_check.sh   (the step profile, then the
+#      FLUX speed table; what is left of the budget)
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
 #
 #   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=600)
@@ -185,6 +187,17 @@ if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ]; then
   done
 fi
 
+# Where a DC-Gen-FLUX 4K step's time goes (benchmarks/profile_step.py): wall vs GPU-busy time
+# per step and kernel time by family, bf16 and FP8. The 2026-11-27 table had the 4K step at
+# 155 ms against a roofline of about 102, and FP8 rows no faster than bf16.
+profile_rc=0
+if [ "${DCGEN_PROFILE:-1}" = 1 ] && [ "${DCGEN_SKIP_BENCH:-0}" != 1 ]; then
+  stamp "step profile (benchmarks/profile_step.py)"
+  timeout "$(cap 150)" python3 benchmarks/profile_step.py --model flux --resolution 4096 \
+    --precision bf16,fp8 --out "$OUT/profile" >"$OUT/profile.log" 2>&1 || profile_rc=1
+  grep -E "ms/step|Error" "$OUT/profile.log" | head -6
+fi
+
 speed_rc=0
 if [ "${DCGEN_SPEED_TABLE:-1}" = 1 ]; then
   stamp "speed table (dcgen bench --quick)"
@@ -220,7 +233,7 @@ if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ] && [ "${DCGEN_FP8_BLOCK:-1}" = 1 ]; then
   tail -1 "$OUT/bench_fp8_block.log"
 fi
 
-stamp "done (hopper rc=$hopper_rc, tests rc=$test_rc, benchmarks rc=$bench_rc, speed table rc=$speed_rc)"
+stamp "done (hopper rc=$hopper_rc, tests rc=$test_rc, benchmarks rc=$bench_rc, profile rc=$profile_rc, speed table rc=$speed_rc)"
 cat "$OUT/build_info.json"
 jsons=$(ls "$OUT"/bench_*.json 2>/dev/null)
 [ -n "$jsons" ] && python3 benchmarks/summarize.py $jsons --markdown "$OUT/table.md"
@@ -228,4 +241,4 @@ for name in flux sana; do
   [ -f "$OUT/speed_$name/speed.md" ] && { echo; cat "$OUT/speed_$name/speed.md"; }
 done
 save
-exit $(( hopper_rc != 0 || test_rc != 0 || bench_rc != 0 || speed_rc != 0 ))
+exit $(( hopper_rc != 0 || test_rc != 0 || bench_rc != 0 || profile_rc != 0 || speed_rc != 0 ))

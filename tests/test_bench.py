@@ -509,3 +509,31 @@ def test_benchmark_summary_skips_a_cut_off_json(tmp_path, capsys):
     assert "skipping" in capsys.readouterr().err
     assert summarize.main([str(empty), str(good)]) == 0
     assert "2.00x" in capsys.readouterr().out
+
+
+def test_step_profile_writes_a_breakdown(tmp_path):
+    # benchmarks/profile_step.py (run by device_check.sh on the GPU) on the tiny model: every
+    # field of its report, for both precisions, and the kernel families named as intended.
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("dcgen_profile_step", script)
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    assert profile.family_of("flash_fwd_sm90_tma_kernel<bf16>") == "attention"
+    assert profile.family_of("cudnn_generated_fort_native_sdpa_sm90") == "attention"
+    assert profile.family_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
+    assert profile.family_of("nvjet_tst_128x256_64x4") == "gemm"
+    assert profile.family_of("void dcgen::qk_norm_rope_kernel<bf16>") == "dcgen"
+    assert profile.family_of("vectorized_elementwise_kernel") == "other"
+    argv = ["--model", "tiny", "--precision", "bf16,fp8", "--steps", "1", "--out", str(tmp_path)]
+    assert profile.main(argv) == 0
+    for precision in ("bf16", "fp8"):
+        report = json.loads((tmp_path / f"profile_{precision}.json").read_text())
+        assert report["precision"] == precision and report["steps"] == 1
+        assert report["wall_ms_per_step"] > 0
+        assert report["blocks"] == {"double": 1, "single": 1}
+        assert "aten::" in (tmp_path / f"profile_{precision}.txt").read_text()
+    with pytest.raises(SystemExit):
+        profile.main(["--model", "tiny", "--precision", "int3", "--out", str(tmp_path)])
