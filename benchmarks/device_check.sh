@@ -217,6 +217,16 @@ if [ "${DCGEN_SPEED_TABLE:-1}" = 1 ]; then
     speed flux --model flux --resolutions 1024,2048,4096 --variants stock,kernels \
       --attention default,flash --fp8 --warmup 2 || speed_rc=1
     stamp "speed table flux done"
+    # CUDA-graphed blocks (never run on a GPU before 2026-11-28) in their own process and
+    # table, after the main one: a failed capture cannot take the other rows down with it.
+    speed flux_graphs --model flux --resolutions 1024,2048,4096 --variants graphs --warmup 2 ||
+      speed_rc=1
+    stamp "speed table flux (graphs) done"
+    if [ "${DCGEN_PROFILE:-1}" = 1 ]; then  # how much of the step's GPU idle time graphs remove
+      timeout "$(cap 90)" python3 benchmarks/profile_step.py --model flux --resolution 4096 \
+        --variant graphs --out "$OUT/profile_graphs" >>"$OUT/profile.log" 2>&1 || profile_rc=1
+      grep -E "ms/step" "$OUT/profile.log" | tail -1
+    fi
   fi
   if [[ $models == *" sana "* ]]; then
     speed sana --model sana-1.6b --resolutions 1024,2048,4096 --variants stock,kernels \
@@ -237,7 +247,7 @@ stamp "done (hopper rc=$hopper_rc, tests rc=$test_rc, benchmarks rc=$bench_rc, p
 cat "$OUT/build_info.json"
 jsons=$(ls "$OUT"/bench_*.json 2>/dev/null)
 [ -n "$jsons" ] && python3 benchmarks/summarize.py $jsons --markdown "$OUT/table.md"
-for name in flux sana; do
+for name in flux flux_graphs sana; do
   [ -f "$OUT/speed_$name/speed.md" ] && { echo; cat "$OUT/speed_$name/speed.md"; }
 done
 save

@@ -12,7 +12,7 @@ dcgen precompute --data DIR --dcae DCAE --out CACHE [...]   images + captions ->
 dcgen align|output|finetune --config run.toml [--set k=v]   DC-Gen stages 1 / 2 / 3
 dcgen export --transformer DIR --dcae DIR --out DIR [...]   stage outputs -> pipeline folder
 dcgen generate --pipeline DIR --prompt-embeds FILE [...]    pipeline folder -> PNG
-dcgen bench [--model flux|sana-1.6b|...] [--quick] [--variants stock,kernels] [--fp8]
+dcgen bench [--model flux|sana-1.6b|...] [--quick] [--variants stock,kernels,graphs] [--fp8]
                                        speed table, base vs DC-Gen (md/json/png)
 
 Errors in the input print one line and exit with status 2 (-v adds the traceback).
@@ -772,8 +772,9 @@ times S steps and extrapolates to the full depth and --steps. Writes speed.md/.j
                         "cudnn, math (default: torch's choice; 'default,flash' adds the paper's "
                         "FA2-class setting)")  # fmt: skip
     b.add_argument("--variants", default=None, metavar="V1,V2",
-                   help="stock (diffusers attention, dcgen ops on references) and/or kernels "
-                        "(dcgen.accelerate(blocks=True) + compiled kernels); default kernels")  # fmt: skip
+                   help="stock (diffusers attention, dcgen ops on references), kernels "
+                        "(dcgen.accelerate(blocks=True) + compiled kernels) and/or graphs "
+                        "(kernels, each block replayed from a CUDA graph); default kernels")  # fmt: skip
     b.add_argument("--no-kernels", action="store_true",
                    help="same as --variants stock (DCGEN_DISABLE_KERNELS=1)")  # fmt: skip
     b.add_argument("--fp8", action="store_true",

@@ -537,3 +537,32 @@ def test_step_profile_writes_a_breakdown(tmp_path):
         assert "aten::" in (tmp_path / f"profile_{precision}.txt").read_text()
     with pytest.raises(SystemExit):
         profile.main(["--model", "tiny", "--precision", "int3", "--out", str(tmp_path)])
+
+
+def test_graphs_variant_captures_once_per_block(monkeypatch):
+    # The graphs variant keeps its block graphs across the warm-up and every timed run, so each
+    # block is captured once (CPU stand-in for the graph: tests/test_cuda_graphs.py).
+    from dcgen.attention import cuda_graphs, is_accelerated
+
+    from .test_cuda_graphs import StandInGraphs
+
+    captures = []
+
+    def capture(self, run):
+        captures.append(self.name)
+        return StandInGraphs.capture(self, run)
+
+    monkeypatch.setattr(cuda_graphs.BlockGraphs, "applies", staticmethod(StandInGraphs.applies))
+    monkeypatch.setattr(cuda_graphs.BlockGraphs, "capture", capture)
+    monkeypatch.setattr(cuda_graphs.BlockGraphs, "replay", StandInGraphs.replay)
+    settings = BenchSettings(
+        model="tiny", resolutions=(64,), steps=2, quick=True, variants="graphs", warmup=0,
+        repeats=2,
+    )  # fmt: skip
+    bench = SpeedBench(settings)
+    res = bench.measure("dcgen", 64, 1, "graphs")
+    assert sorted(captures) == ["single_transformer_blocks.0", "transformer_blocks.0"]
+    assert res["denoise_ms"] > 0 and res["double_block_ms"] > 0
+    assert not is_accelerated(bench.transformer)  # stock again afterwards
+    report = run_speed_bench(settings)
+    assert {r["variant"] for r in report["rows"]} == {"graphs"}

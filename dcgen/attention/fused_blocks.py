@@ -233,6 +233,14 @@ def install(model: nn.Module) -> int:
     return count
 
 
+def pending(model: nn.Module) -> bool:
+    """True when :func:`install` would patch at least one block of ``model``."""
+    return any(
+        type(m).__name__ in _FORWARDS and _PATCHED not in m.__dict__ and fusable(m)
+        for m in model.modules()
+    )
+
+
 def restore(model: nn.Module) -> int:
     """Undo :func:`install`; returns how many blocks it restored."""
     count = 0

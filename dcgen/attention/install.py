@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from . import cuda_graphs as block_graphs
 from . import fused_blocks
 from .processors import (
     FluxFusedAttnProcessor,
@@ -61,7 +62,9 @@ def _new_processor(module: torch.nn.Module) -> object | None:
     return None
 
 
-def accelerate(model: torch.nn.Module, blocks: bool = False) -> torch.nn.Module:
+def accelerate(
+    model: torch.nn.Module, blocks: bool = False, cuda_graphs: bool = False
+) -> torch.nn.Module:
     """Swap the stock attention processors of ``model`` (a FLUX or SANA transformer, or any
     module holding their attention layers) for dcgen's fused ones. Returns ``model``.
 
@@ -69,32 +72,42 @@ def accelerate(model: torch.nn.Module, blocks: bool = False) -> torch.nn.Module:
     fused (fused_blocks.py: AdaLN modulation, gated residuals, FLUX's MLP GELU in its GEMM
     epilogue).
 
+    ``cuda_graphs=True`` also replays each of those blocks from a CUDA graph in CUDA inference
+    (cuda_graphs.py: one launch per block instead of a few dozen, captured on the first call of
+    each input shape; a block's output is valid until that block runs again).
+
     Idempotent; ``unaccelerate(model)`` undoes it. Numerics: the fused path computes norm, RoPE
     and softmax statistics in fp32 (see dcgen.ops.attention), so outputs match the stock
-    processors within the input dtype's rounding.
+    processors within the input dtype's rounding; graphs replay the same kernels.
     """
+    new_processors = [
+        (m, p)
+        for m in model.modules()
+        if _ORIGINAL not in m.__dict__ and (p := _new_processor(m)) is not None
+    ]
+    if new_processors or (blocks and fused_blocks.pending(model)):
+        # A graph replays what its block ran when it was captured: changes go underneath, so
+        # the graphs are dropped first (and captured again on the next call when asked for).
+        block_graphs.uninstall(model)
     if blocks:
         n = fused_blocks.install(model)
         logger.info("dcgen.accelerate: fused glue in %d DiT blocks", n)
-    count = 0
-    for module in model.modules():
-        if _ORIGINAL in module.__dict__:
-            continue  # already accelerated
-        new = _new_processor(module)
-        if new is None:
-            continue
+    for module, new in new_processors:
         # Plain __dict__ entry: a processor that happens to be an nn.Module must not become a
         # registered submodule (that would change state_dict keys).
         module.__dict__[_ORIGINAL] = module.processor
         module.set_processor(new)
-        count += 1
-    logger.info("dcgen.accelerate: fused attention on %d attention modules", count)
+    logger.info("dcgen.accelerate: fused attention on %d attention modules", len(new_processors))
+    if cuda_graphs:
+        n = block_graphs.install(model)
+        logger.info("dcgen.accelerate: CUDA graphs on %d DiT blocks", n)
     return model
 
 
 def unaccelerate(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the processors (and block forwards) ``accelerate`` replaced. Returns
-    ``model``."""
+    """Restore the processors (and block forwards) ``accelerate`` replaced and drop its CUDA
+    graphs. Returns ``model``."""
+    block_graphs.uninstall(model)
     fused_blocks.restore(model)
     for module in model.modules():
         original = module.__dict__.pop(_ORIGINAL, None)
@@ -106,4 +119,8 @@ def unaccelerate(model: torch.nn.Module) -> torch.nn.Module:
 def is_accelerated(model: torch.nn.Module) -> bool:
     """True when any attention module of ``model`` runs a dcgen fused processor or any block
     its fused forward."""
-    return fused_blocks.is_installed(model) or any(_ORIGINAL in m.__dict__ for m in model.modules())
+    return (
+        fused_blocks.is_installed(model)
+        or bool(block_graphs.graphs_of(model))
+        or any(_ORIGINAL in m.__dict__ for m in model.modules())
+    )

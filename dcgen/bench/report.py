@@ -93,7 +93,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"text encoding excluded; batch 1 latency, throughput at batch {s['batch']}; SDPA "
         f"backends {_names(s['attention'])}, variants {_names(s['variants'])} (stock: diffusers "
         f"attention, dcgen ops on references; kernels: dcgen.accelerate(blocks=True) + "
-        f"compiled kernels); "
+        f"compiled kernels; graphs: kernels with each block replayed from a CUDA graph); "
         f"median of {s['repeats']} run(s) after {s['warmup']} warm-up; timer {report['timer']}.",
         "",
         f"How: {report['method']}.",

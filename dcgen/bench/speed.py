@@ -15,7 +15,9 @@ resident once (models.py says which autoencoders each family compares).
 Variants: ``stock`` = diffusers' attention processors and every dcgen op on its PyTorch
 reference (DCGEN_DISABLE_KERNELS=1); ``kernels`` = ``dcgen.accelerate(blocks=True)`` (fused
 attention processors, FLUX blocks with fused glue) and the compiled kernels (DC-AE linear
-attention, channel RMSNorm, FP8 quantize).
+attention, channel RMSNorm, FP8 quantize); ``graphs`` = ``kernels`` with every transformer
+block replayed from a CUDA graph (``dcgen.accelerate(cuda_graphs=True)``: installed once per
+measurement, so the capture happens in the warm-up and the timed runs replay).
 Attention: each name picks torch's SDPA backend for the transformer (``default`` = torch's
 choice; the decode always keeps torch's choice); every row records what its softmax attention
 ran on (``attention_used``). The FP8 row (``fp8=True``):
@@ -130,7 +132,7 @@ class CudaClock:
 # -- settings ------------------------------------------------------------------------------------
 
 ATTENTION_BACKENDS = ("default", "flash", "efficient", "cudnn", "math")
-VARIANTS = ("stock", "kernels")
+VARIANTS = ("stock", "kernels", "graphs")
 FP8_GRANULARITIES = ("row", "block128")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -161,7 +163,7 @@ class BenchSettings:
     dtype: str | None = None  # None: bf16 on cuda, fp32 on cpu
     #: SDPA backends, one set of rows each ("default,flash" = best available and the paper's)
     attention: tuple[str, ...] | str = ("default",)
-    #: "stock" and / or "kernels", one set of rows each
+    #: "stock", "kernels" and / or "graphs", one set of rows each
     variants: tuple[str, ...] | str = ("kernels",)
     fp8: bool = False  # add DC-Gen rows with FP8 transformer blocks and their quality
     fp8_granularity: str = "row"
@@ -255,6 +257,28 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
         "math": SDPBackend.MATH,
     }[name]
     return sdpa_kernel(backend)
+
+
+def uses_kernels(variant: str) -> bool:
+    """Whether ``variant`` runs dcgen's kernels and fused processors (every variant but stock)."""
+    return variant != "stock"
+
+
+@contextlib.contextmanager
+def graphed_blocks(transformer: nn.Module, variant: str) -> Iterator[None]:
+    """For the ``graphs`` variant: ``dcgen.accelerate(blocks=True, cuda_graphs=True)`` for the
+    whole block (graphs captured on first use survive every call inside it), stock on exit.
+    Other variants: nothing (their processors are set per call by :func:`attention_processors`)."""
+    if variant != "graphs":
+        yield
+        return
+    from .. import accelerate, unaccelerate
+
+    accelerate(transformer, blocks=True, cuda_graphs=True)
+    try:
+        yield
+    finally:
+        unaccelerate(transformer)
 
 
 @contextlib.contextmanager
@@ -436,17 +460,24 @@ class SpeedBench:
     def _contexts(self, transformer: nn.Module, variant: str, attention: str) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode())
-            stack.enter_context(kernels_enabled(variant == "kernels"))
-            stack.enter_context(attention_processors(transformer, variant == "kernels"))
+            stack.enter_context(kernels_enabled(uses_kernels(variant)))
+            if variant != "graphs":  # graphs: installed around the whole measurement
+                stack.enter_context(attention_processors(transformer, uses_kernels(variant)))
             yield
 
     def runner(
         self, impl: str, resolution: int, batch: int, steps: int, variant: str = "kernels",
         attention: str = "default",
     ) -> Callable[[], Any]:  # fmt: skip
-        """A zero-argument call running denoise + decode once (for pytest-benchmark)."""
+        """A zero-argument call running denoise + decode once (for pytest-benchmark). The
+        ``graphs`` variant installs its graphed blocks here and leaves them installed (the
+        captures must outlive the timed calls); ``dcgen.unaccelerate`` removes them."""
         pipe = self.pipeline(impl, resolution)
         text = self.text(batch)
+        if variant == "graphs":
+            from .. import accelerate
+
+            accelerate(pipe.transformer, blocks=True, cuda_graphs=True)
 
         def run() -> Any:
             with self._contexts(pipe.transformer, variant, attention):
@@ -498,7 +529,7 @@ class SpeedBench:
             marks_cm = self._block_marks(transformer) if blocks else _null_marks()
             with self._contexts(transformer, variant, attention), marks_cm as marks:
                 if not used:
-                    fused = variant == "kernels"
+                    fused = uses_kernels(variant)
                     used.append(
                         attention_label(transformer, attention, fused, self.device, self.dtype)
                     )
@@ -523,9 +554,11 @@ class SpeedBench:
             clock.sync()
             torch.cuda.reset_peak_memory_stats(self.device)
             before = torch.cuda.memory_allocated(self.device)
-        for _ in range(s.warmup):
-            once(min(steps, 2), blocks=s.quick)
-        runs = [once(steps, blocks=s.quick) for _ in range(s.repeats)]
+        with graphed_blocks(transformer, variant):
+            # graphs: at least one warm-up, so that the captures stay out of the timed runs
+            for _ in range(max(s.warmup, int(variant == "graphs"))):
+                once(min(steps, 2), blocks=s.quick)
+            runs = [once(steps, blocks=s.quick) for _ in range(s.repeats)]
         if self.on_cuda:
             clock.sync()
             top = torch.cuda.max_memory_allocated(self.device)
@@ -558,7 +591,7 @@ class SpeedBench:
         view = self.transformer_for("fp8")
         with (
             self._contexts(self.transformer, variant, attention),
-            attention_processors(view, variant == "kernels"),
+            attention_processors(view, uses_kernels(variant)),
         ):
             return output_quality(self.transformer, view, capture.kwargs or {})
 

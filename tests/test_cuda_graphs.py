@@ -1,0 +1,150 @@
+"""dcgen.attention.cuda_graphs: per-block CUDA graphs. The bookkeeping (signatures, static
+buffers, install / undo, when graphs apply) runs on the CPU with a stand-in for the graph; the
+real capture and replay are compared with the eager blocks on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten
+
+from dcgen.attention import accelerate, cuda_graphs, fused_blocks, is_accelerated, unaccelerate
+
+from .adapters.tiny import tiny_flux, tiny_sana
+from .conftest import HAS_CUDA
+from .test_accelerate import flux_inputs
+
+
+class StandInGraphs(cuda_graphs.BlockGraphs):
+    """A CUDA graph's contract on the CPU: capture does not run the block's work for the caller
+    (it returns output buffers), and replay recomputes from the static inputs into those same
+    buffers. A wrapper that forgot to copy new inputs in, or returned fresh tensors instead of
+    the static outputs, fails the comparisons below."""
+
+    @staticmethod
+    def applies(leaves):
+        return not torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) for t in leaves)
+
+    def capture(self, run):
+        output = run()
+        for t in tree_flatten(output)[0]:
+            if isinstance(t, torch.Tensor):
+                t.fill_(float("nan"))  # a captured graph has not produced anything yet
+        return run, output
+
+    def replay(self, entry):
+        fresh = tree_flatten(entry.graph())[0]
+        for dst, src in zip(tree_flatten(entry.output)[0], fresh, strict=True):
+            dst.copy_(src)
+
+
+def _blocks(model):
+    return list(model.transformer_blocks) + list(model.single_transformer_blocks)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fused", [False, True])
+def test_graphed_blocks_match_eager_and_recapture_per_shape(fused):
+    model = tiny_flux(layers=2)
+    accelerate(model, blocks=fused)
+    a, b = flux_inputs(seed=0), flux_inputs(seed=1)
+    other_shape = flux_inputs(h=3, w=3, seed=2)
+    want = [model(**kw)[0].clone() for kw in (a, b, other_shape)]
+    assert cuda_graphs.install(model, graphs_cls=StandInGraphs) == 4
+    graphs = cuda_graphs.graphs_of(model)
+    assert len(graphs) == 4 and is_accelerated(model)
+    for _ in range(2):  # the second round replays the graphs captured by the first
+        got = [model(**kw)[0].clone() for kw in (a, b, other_shape)]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+    assert [g.captures for g in graphs] == [2] * 4  # one per input shape
+    assert [g.replays for g in graphs] == [6] * 4
+    assert cuda_graphs.install(model, graphs_cls=StandInGraphs) == 4  # idempotent
+    assert cuda_graphs.graphs_of(model) == graphs
+
+
+@torch.no_grad()
+def test_uninstall_restores_the_forward_underneath():
+    model = tiny_flux(layers=1)
+    accelerate(model, blocks=True)
+    fused = [b.__dict__["forward"] for b in _blocks(model)]
+    cuda_graphs.install(model, graphs_cls=StandInGraphs)
+    assert all(isinstance(b.forward, StandInGraphs) for b in _blocks(model))
+    assert cuda_graphs.uninstall(model) == 2
+    assert [b.__dict__["forward"] for b in _blocks(model)] == fused  # fused glue still on
+    plain = tiny_flux(layers=1)
+    cuda_graphs.install(plain, graphs_cls=StandInGraphs)
+    cuda_graphs.uninstall(plain)
+    assert all("forward" not in b.__dict__ for b in _blocks(plain))  # the class forward again
+
+
+@torch.no_grad()
+def test_accelerate_drops_graphs_before_changing_what_they_replay():
+    model = tiny_flux(layers=1)
+    accelerate(model, cuda_graphs=True)
+    assert len(cuda_graphs.graphs_of(model)) == 2 and not fused_blocks.is_installed(model)
+    accelerate(model, cuda_graphs=True)  # nothing changes: the same graphs stay
+    kept = cuda_graphs.graphs_of(model)
+    accelerate(model, cuda_graphs=True)
+    assert cuda_graphs.graphs_of(model) == kept
+    # fusing the glue changes the blocks' forwards: the graphs go, new ones wrap the fused forward
+    accelerate(model, blocks=True, cuda_graphs=True)
+    now = cuda_graphs.graphs_of(model)
+    assert len(now) == 2 and all(g not in kept for g in now)
+    assert all(g.inner.__func__ in fused_blocks._FORWARDS.values() for g in now)
+    unaccelerate(model)
+    assert not cuda_graphs.graphs_of(model) and not is_accelerated(model)
+    assert all("forward" not in b.__dict__ for b in _blocks(model))
+
+
+def test_graphs_stay_out_of_cpu_autograd_and_sana():
+    # on the CPU (and with autograd on anywhere) the real wrapper runs the block as it is
+    model = tiny_flux(layers=1)
+    kw = flux_inputs()
+    with torch.no_grad():
+        want = model(**kw)[0]
+    accelerate(model, cuda_graphs=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw)[0], want, atol=0, rtol=0)
+    out = model(**kw)[0]
+    assert out.requires_grad or not any(p.requires_grad for p in model.parameters())
+    assert all(g.captures == 0 and g.replays == 0 for g in cuda_graphs.graphs_of(model))
+    sana = tiny_sana()
+    assert cuda_graphs.install(sana, graphs_cls=StandInGraphs) == len(sana.transformer_blocks)
+    cuda_graphs.uninstall(sana)
+
+
+def test_signature_separates_what_a_graph_bakes_in():
+    sig = cuda_graphs._signature
+    x = torch.zeros(2, 3)
+    assert sig(x) == sig(torch.ones(2, 3))  # values are copied in, not baked
+    assert sig(x) != sig(x.t()) and sig(x) != sig(x.half()) and sig(x) != sig(torch.zeros(3, 2))
+    assert sig(4) != sig(5) and sig(None) == sig(None)
+    d = {"scale": 1.0}
+    assert sig(d) == sig(d) and sig(d) != sig({"scale": 1.0})  # unhashable: by identity
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_graphed_flux_matches_eager(fused):
+    model = tiny_flux(layers=2).cuda().to(torch.bfloat16)
+    accelerate(model, blocks=fused)
+    inputs = []
+    for seed in (0, 1):
+        kw = flux_inputs(seed=seed)
+        inputs.append({k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    for kw in inputs:
+        for k in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
+            kw[k] = kw[k].to(torch.bfloat16)
+    with torch.inference_mode():
+        want = [model(**kw)[0].clone() for kw in inputs]
+        accelerate(model, blocks=fused, cuda_graphs=True)
+        for _ in range(2):
+            got = [model(**kw)[0].clone() for kw in inputs]
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
+    graphs = cuda_graphs.graphs_of(model)
+    assert [g.captures for g in graphs] == [1] * 4
+    assert [g.replays for g in graphs] == [4] * 4
+    unaccelerate(model)
