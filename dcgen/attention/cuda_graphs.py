@@ -120,10 +120,11 @@ class BlockGraphs:
                 ) from err
             entry = self.entries[key] = _Entry(static, graph, output)
             self.captures += 1
-        else:
-            for dst, src in zip(entry.static, leaves, strict=True):
-                if isinstance(src, torch.Tensor) and dst is not src:
-                    dst.copy_(src)
+        # Also right after a capture: the warm-up calls ran on the static buffers and a block
+        # may update its inputs in place (fused residual adds without autograd).
+        for dst, src in zip(entry.static, leaves, strict=True):
+            if isinstance(src, torch.Tensor) and dst is not src:
+                dst.copy_(src)
         self.replay(entry)
         self.replays += 1
         return entry.output
