@@ -188,13 +188,14 @@ if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ]; then
 fi
 
 # Where a DC-Gen-FLUX 4K step's time goes (benchmarks/profile_step.py): wall vs GPU-busy time
-# per step and kernel time by family, bf16 and FP8. The 2026-11-27 table had the 4K step at
-# 155 ms against a roofline of about 102, and FP8 rows no faster than bf16.
+# per step and kernel time by family, bf16 and FP8, and the same for the f64c128 4K decode. The
+# 2026-11-27 table had the 4K step at 155 ms against a roofline of about 102, FP8 rows no
+# faster than bf16, and the decode at 435 ms against the DC-AE issue's 290.
 profile_rc=0
 if [ "${DCGEN_PROFILE:-1}" = 1 ] && [ "${DCGEN_SKIP_BENCH:-0}" != 1 ]; then
   stamp "step profile (benchmarks/profile_step.py)"
   timeout "$(cap 150)" python3 benchmarks/profile_step.py --model flux --resolution 4096 \
-    --precision bf16,fp8 --out "$OUT/profile" >"$OUT/profile.log" 2>&1 || profile_rc=1
+    --precision bf16,fp8 --decode --out "$OUT/profile" >"$OUT/profile.log" 2>&1 || profile_rc=1
   grep -E "ms/step|Error" "$OUT/profile.log" | head -6
 fi
 

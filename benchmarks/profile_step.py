@@ -25,20 +25,23 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dcgen.bench import BenchSettings
-from dcgen.bench.speed import VARIANTS, SpeedBench, graphed_blocks
+from dcgen.bench.speed import VARIANTS, SpeedBench, graphed_blocks, kernels_enabled, uses_kernels
 
-# Kernel families by name, first match wins (attention before GEMM: dcgen's Hopper attention
-# kernels carry "sm90" and wgmma names too).
+# Kernel families by name, first match wins: attention first (dcgen's Hopper attention kernels
+# carry wgmma names too), then dcgen's other kernels, then convolutions (cuDNN's implicit-GEMM
+# convolution kernels carry "gemm" too), then GEMMs.
 FAMILIES = (
-    ("attention", re.compile(r"fmha|flash|attention|cudnn.*sdpa|sdpa", re.I)),
-    ("gemm", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|s16816|s1688|wgmma|scaled_mm", re.I)),
+    ("attention", re.compile(r"fmha|flash|attention|sdpa", re.I)),
     ("dcgen", re.compile(r"dcgen|qk_norm_rope|modulat|gated_resid|quantize|fp8_scale|rms_norm")),
+    ("conv", re.compile(r"conv(?!ert)|fprop|dgrad|wgrad|implicit_gemm|winograd", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|s16816|s1688|wgmma|scaled_mm", re.I)),
 )
 
 
@@ -58,63 +61,83 @@ def _device_time_us(entry: Any) -> float:
     return 0.0
 
 
-def profile_precision(
-    bench: SpeedBench, precision: str, resolution: int, steps: int, variant: str
-) -> dict[str, Any]:
-    pipe = bench.pipeline("dcgen", resolution, precision)
-    text = bench.text(1)
-    on_cuda = bench.on_cuda
-
-    def run() -> None:
-        with bench._contexts(pipe.transformer, variant, "default"):
-            bench._call(pipe, text, resolution, steps)
-
-    def sync() -> None:
-        if on_cuda:
-            torch.cuda.synchronize(bench.device)
-
+def _measure(run: Callable[[], Any], sync: Callable[[], None], on_cuda: bool, per: int) -> dict:
+    """Warm ``run`` up, time it once (wall clock), profile it once; per-``per`` numbers."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with graphed_blocks(pipe.transformer, variant):  # graphs: captured in the warm-up
-        run()  # warm-up: kernel selection, caches, lazy init
-        sync()
-        t0 = time.perf_counter()
+    run()  # warm-up: kernel selection, caches, lazy init, graph captures
+    sync()
+    t0 = time.perf_counter()
+    run()
+    sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / per
+    with torch.profiler.profile(activities=activities) as prof:
         run()
         sync()
-        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-        with torch.profiler.profile(activities=activities) as prof:
-            run()
-            sync()
     averages = prof.key_averages()
-
     kernels = []
     for entry in averages:
         us = _device_time_us(entry)
         # kernel rows have device time and no CPU-side self time of their own
         if us > 0 and getattr(entry, "self_cpu_time_total", 0) == 0:
-            kernels.append((entry.key, us / 1e3 / steps, entry.count // steps))
+            kernels.append((entry.key, us / 1e3 / per, entry.count / per))
     kernels.sort(key=lambda k: -k[1])
     families: dict[str, float] = {}
     for name, ms, _ in kernels:
         families[family_of(name)] = families.get(family_of(name), 0.0) + ms
     gpu_ms = sum(ms for _, ms, _ in kernels)
     return {
+        "wall_ms": wall_ms,
+        "gpu_busy_ms": gpu_ms if on_cuda else None,
+        "gpu_idle_ms": wall_ms - gpu_ms if on_cuda else None,
+        "families_ms": families,
+        "top_kernels": [{"name": n[:160], "ms": ms, "calls": c} for n, ms, c in kernels[:30]],
+        "table": _table(averages, on_cuda),
+    }
+
+
+def profile_precision(
+    bench: SpeedBench,
+    precision: str,
+    resolution: int,
+    steps: int,
+    variant: str,
+    decode: bool = False,
+) -> dict[str, Any]:
+    """The denoising step (numbers per step) and, with ``decode``, the DC-AE decode of the
+    image (per decode) of the DC-Gen pipeline."""
+    pipe = bench.pipeline("dcgen", resolution, precision)
+    text = bench.text(1)
+    on_cuda = bench.on_cuda
+    latents: list[torch.Tensor] = []
+
+    def run() -> None:
+        with bench._contexts(pipe.transformer, variant, "default"):
+            latents[:] = [bench._call(pipe, text, resolution, steps)]
+
+    def run_decode() -> None:
+        with torch.inference_mode(), kernels_enabled(uses_kernels(variant)):
+            pipe.decode_latents(latents[0], None, 0)
+
+    def sync() -> None:
+        if on_cuda:
+            torch.cuda.synchronize(bench.device)
+
+    with graphed_blocks(pipe.transformer, variant):  # graphs: captured in the warm-up
+        step = _measure(run, sync, on_cuda, steps)
+    result = {
         "precision": precision,
         "resolution": resolution,
         "variant": variant,
         "steps": steps,
         "blocks": dict(zip(bench.spec.block_kinds, bench.measured_blocks, strict=True)),
         "device": torch.cuda.get_device_name(bench.device) if on_cuda else "cpu",
-        "wall_ms_per_step": wall_ms,
-        "gpu_busy_ms_per_step": gpu_ms if on_cuda else None,
-        "gpu_idle_ms_per_step": wall_ms - gpu_ms if on_cuda else None,
-        "families_ms_per_step": families,
-        "top_kernels": [
-            {"name": n[:160], "ms_per_step": ms, "calls_per_step": c} for n, ms, c in kernels[:30]
-        ],
-        "table": _table(averages, on_cuda),
+        "step": step,
     }
+    if decode:
+        result["decode"] = _measure(run_decode, sync, on_cuda, 1)
+    return result
 
 
 def _table(averages: Any, on_cuda: bool) -> str:
@@ -128,14 +151,19 @@ def _table(averages: Any, on_cuda: bool) -> str:
 
 
 def summary_line(result: dict[str, Any]) -> str:
-    line = f"{result['precision']} {result['resolution']}px: wall {result['wall_ms_per_step']:.1f} ms/step"
-    if result["gpu_busy_ms_per_step"] is not None:
-        fams = ", ".join(f"{k} {v:.1f}" for k, v in sorted(result["families_ms_per_step"].items()))
-        line += (
-            f", GPU busy {result['gpu_busy_ms_per_step']:.1f} (idle "
-            f"{result['gpu_idle_ms_per_step']:.1f}); kernels ms/step: {fams}"
-        )
-    return line
+    parts = []
+    for part, unit in (("step", "step"), ("decode", "decode")):
+        r = result.get(part)
+        if r is None:
+            continue
+        line = f"{part} {r['wall_ms']:.1f} ms/{unit}"
+        if r["gpu_busy_ms"] is not None:
+            fams = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["families_ms"].items()))
+            line += f" (GPU busy {r['gpu_busy_ms']:.1f}, idle {r['gpu_idle_ms']:.1f}; {fams})"
+        parts.append(line)
+    return f"{result['precision']} {result['variant']} {result['resolution']}px: " + "; ".join(
+        parts
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="bf16", help="comma list of bf16, fp8")
     ap.add_argument("--variant", default="kernels", choices=VARIANTS)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--decode", action="store_true", help="also profile the DC-AE decode")
     ap.add_argument("--out", default="runs/profile")
     args = ap.parse_args(argv)
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
@@ -169,8 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         for precision in precisions:
             if precision == "fp8":
                 bench.build_fp8()
-            result = profile_precision(bench, precision, resolution, args.steps, args.variant)
-            (out / f"profile_{precision}.txt").write_text(result.pop("table") + "\n")
+            result = profile_precision(
+                bench, precision, resolution, args.steps, args.variant, decode=args.decode
+            )
+            tables = [f"== {part} ==\n{result[part].pop('table')}" for part in ("step", "decode")
+                      if part in result]  # fmt: skip
+            (out / f"profile_{precision}.txt").write_text("\n\n".join(tables) + "\n")
             (out / f"profile_{precision}.json").write_text(json.dumps(result, indent=1) + "\n")
             print(summary_line(result))
     finally:

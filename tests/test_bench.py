@@ -526,15 +526,19 @@ def test_step_profile_writes_a_breakdown(tmp_path):
     assert profile.family_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
     assert profile.family_of("nvjet_tst_128x256_64x4") == "gemm"
     assert profile.family_of("void dcgen::qk_norm_rope_kernel<bf16>") == "dcgen"
-    assert profile.family_of("vectorized_elementwise_kernel") == "other"
+    assert profile.family_of("vectorized_elementwise_kernel<convert_fp8>") == "other"
+    conv = "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc"
+    assert profile.family_of(conv) == "conv"
+    assert profile.family_of("void dcgen::relu_linear_attention_kernel") == "attention"
     argv = ["--model", "tiny", "--precision", "bf16,fp8", "--steps", "1", "--out", str(tmp_path)]
-    assert profile.main(argv) == 0
+    assert profile.main([*argv, "--decode"]) == 0
     for precision in ("bf16", "fp8"):
         report = json.loads((tmp_path / f"profile_{precision}.json").read_text())
         assert report["precision"] == precision and report["steps"] == 1
-        assert report["wall_ms_per_step"] > 0
+        assert report["step"]["wall_ms"] > 0 and report["decode"]["wall_ms"] > 0
         assert report["blocks"] == {"double": 1, "single": 1}
-        assert "aten::" in (tmp_path / f"profile_{precision}.txt").read_text()
+        text = (tmp_path / f"profile_{precision}.txt").read_text()
+        assert "== step ==" in text and "== decode ==" in text and "aten::" in text
     with pytest.raises(SystemExit):
         profile.main(["--model", "tiny", "--precision", "int3", "--out", str(tmp_path)])
 
