@@ -552,13 +552,19 @@ def test_graphs_variant_captures_once_per_block(monkeypatch):
 
     captures = []
 
-    def capture(self, run):
+    def capture(self, run, device=None):
         captures.append(self.name)
-        return StandInGraphs.capture(self, run)
+        return StandInGraphs.capture(self, run, device)
+
+    replays = []
+
+    def replay(self, entry):
+        replays.append(self.name)
+        StandInGraphs.replay(self, entry)
 
     monkeypatch.setattr(cuda_graphs.BlockGraphs, "applies", staticmethod(StandInGraphs.applies))
     monkeypatch.setattr(cuda_graphs.BlockGraphs, "capture", capture)
-    monkeypatch.setattr(cuda_graphs.BlockGraphs, "replay", StandInGraphs.replay)
+    monkeypatch.setattr(cuda_graphs.BlockGraphs, "replay", replay)
     settings = BenchSettings(
         model="tiny", resolutions=(64,), steps=2, quick=True, variants="graphs", warmup=0,
         repeats=2,
@@ -568,5 +574,16 @@ def test_graphs_variant_captures_once_per_block(monkeypatch):
     assert sorted(captures) == ["single_transformer_blocks.0", "transformer_blocks.0"]
     assert res["denoise_ms"] > 0 and res["double_block_ms"] > 0
     assert not is_accelerated(bench.transformer)  # stock again afterwards
+    assert settings.resolved().fp8_variant == "kernels"  # FP8 rows run ungraphed
+    # runners (pytest-benchmark): a graphs runner stays graphed across other variants' runs,
+    # and a kernels run in between is not graphed
+    run = bench.runner("dcgen", 64, 1, 2, "graphs")
+    run()
+    n_captures, n_replays = len(captures), len(replays)
+    assert n_captures == 4 and n_replays > 0
+    bench.measure("dcgen", 64, 1, "kernels")
+    assert len(replays) == n_replays and len(captures) == n_captures
+    run()
+    assert len(captures) == n_captures + 2 and len(replays) > n_replays  # installed again
     report = run_speed_bench(settings)
     assert {r["variant"] for r in report["rows"]} == {"graphs"}

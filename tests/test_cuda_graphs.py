@@ -25,7 +25,7 @@ class StandInGraphs(cuda_graphs.BlockGraphs):
     def applies(leaves):
         return not torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) for t in leaves)
 
-    def capture(self, run):
+    def capture(self, run, device=None):
         for _ in range(cuda_graphs.WARMUP_CALLS):  # the real capture warms up on the buffers
             run()
         output = run()
@@ -144,32 +144,113 @@ def test_signature_separates_what_a_graph_bakes_in():
     x = torch.zeros(2, 3)
     assert sig(x) == sig(torch.ones(2, 3))  # values are copied in, not baked
     assert sig(x) != sig(x.t()) and sig(x) != sig(x.half()) and sig(x) != sig(torch.zeros(3, 2))
-    assert sig(4) != sig(5) and sig(None) == sig(None)
-    d = {"scale": 1.0}
-    assert sig(d) == sig(d) and sig(d) != sig({"scale": 1.0})  # unhashable: by identity
+    assert sig(4) != sig(5) and sig(None) == sig(None) and sig(1.0) != sig(2.0)
+    with pytest.raises(cuda_graphs._Unhashable):
+        sig({1, 2})  # a set is a leaf to pytree, and unhashable: its call runs eagerly
+
+
+class SanaTransformerBlock(torch.nn.Module):  # named like diffusers' block: it gets graphed
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, extra: object = None) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _graphed(block: torch.nn.Module) -> cuda_graphs.BlockGraphs:
+    holder = torch.nn.Sequential(block)
+    assert cuda_graphs.install(holder, graphs_cls=StandInGraphs) == 1
+    return cuda_graphs.graphs_of(holder)[0]
+
+
+@torch.no_grad()
+def test_signature_cache_is_bounded_and_unhashable_calls_run_eagerly():
+    block = SanaTransformerBlock()
+    graphs = _graphed(block)
+    shapes = [(n, 3) for n in range(1, cuda_graphs.MAX_SIGNATURES + 2)]
+    for shape in shapes:
+        block(torch.ones(shape))
+    assert graphs.captures == len(shapes) and len(graphs.entries) == cuda_graphs.MAX_SIGNATURES
+    block(torch.ones(shapes[-1]))  # still cached
+    block(torch.ones(shapes[0]))  # the least recently used went out: captured again
+    assert graphs.captures == len(shapes) + 1
+    replays = graphs.replays
+    want = block.proj(torch.ones(2, 3))
+    torch.testing.assert_close(block(torch.ones(2, 3), {1}), want)
+    assert graphs.replays == replays  # the set argument: eager
+
+
+def test_inference_mode_capture_then_no_grad_calls():
+    # pipelines run under no_grad; a first call under inference_mode must not leave inference
+    # tensors as the static buffers (copying into them outside inference_mode raises)
+    block = SanaTransformerBlock()
+    graphs = _graphed(block)
+    x = torch.randn(2, 3)
+    with torch.inference_mode():
+        block(x)
+    with torch.no_grad():
+        got = block(x + 1).clone()
+        torch.testing.assert_close(got, block.proj(x + 1))
+    assert graphs.captures == 1 and graphs.replays == 2
+
+
+@torch.no_grad()
+def test_moved_parameters_are_captured_again():
+    block = SanaTransformerBlock()
+    graphs = _graphed(block)
+    x = torch.randn(2, 3)
+    block(x)
+    block(x)
+    assert graphs.captures == 1
+    block.proj.weight.data = block.proj.weight.data.clone()  # new storage, as .to() / offload do
+    torch.testing.assert_close(block(x).clone(), block.proj(x))
+    assert graphs.captures == 2
+
+
+@torch.no_grad()
+def test_a_failed_capture_names_the_block_and_is_not_retried():
+    attempts = []
+
+    class Failing(StandInGraphs):
+        def capture(self, run, device=None):
+            attempts.append(1)
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    holder = torch.nn.Sequential(SanaTransformerBlock())
+    cuda_graphs.install(holder, graphs_cls=Failing)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"capturing 0 failed .*not permitted"):
+            holder[0](torch.ones(2, 3))
+    assert attempts == [1]
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("fused", [False, True])
 def test_cuda_graphed_flux_matches_eager(fused):
+    from .conftest import poison_cuda_allocator
+
     model = tiny_flux(layers=2).cuda().to(torch.bfloat16)
     accelerate(model, blocks=fused)
     inputs = []
-    for seed in (0, 1):
-        kw = flux_inputs(seed=seed)
-        inputs.append({k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
-    for kw in inputs:
+    for kw in (flux_inputs(seed=0), flux_inputs(seed=1), flux_inputs(h=3, w=3, seed=2)):
+        kw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         for k in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
             kw[k] = kw[k].to(torch.bfloat16)
+        inputs.append(kw)
     with torch.inference_mode():
         want = [model(**kw)[0].clone() for kw in inputs]
-        accelerate(model, blocks=fused, cuda_graphs=True)
-        for _ in range(2):
+    accelerate(model, blocks=fused, cuda_graphs=True)
+    poison_cuda_allocator()  # captured buffers start as NaN: anything unwritten shows
+    # captured under inference_mode (as the bench runs), replayed under no_grad (as pipelines
+    # run); two shapes share the model's memory pool
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        with mode():
             got = [model(**kw)[0].clone() for kw in inputs]
-            for g, w in zip(got, want, strict=True):
-                torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
     graphs = cuda_graphs.graphs_of(model)
-    assert [g.captures for g in graphs] == [1] * 4
-    assert [g.replays for g in graphs] == [4] * 4
+    assert [g.captures for g in graphs] == [2] * 4  # two shapes
+    assert [g.replays for g in graphs] == [9] * 4
     unaccelerate(model)

@@ -207,7 +207,9 @@ class BenchSettings:
     def fp8_variant(self) -> str:
         """The variant the FP8 rows run with: kernels when measured, else the one variant."""
         variants = _names("variants", self.variants, VARIANTS)
-        return "kernels" if "kernels" in variants else variants[0]
+        if "kernels" in variants or "graphs" in variants:
+            return "kernels"  # (graphs: the FP8 rows and their quality check run ungraphed)
+        return variants[0]
 
 
 # -- context managers ----------------------------------------------------------------------------
@@ -286,8 +288,10 @@ def attention_processors(transformer: nn.Module, fused: bool) -> Iterator[None]:
     """dcgen's fused attention processors and fused FLUX block glue installed while ``fused``
     (``dcgen.accelerate(blocks=True)``), diffusers' stock ones otherwise; stock again on exit."""
     from .. import accelerate, unaccelerate
+    from ..attention import cuda_graphs
 
     if fused:
+        cuda_graphs.uninstall(transformer)  # a graphs variant's blocks must not leak into this one
         accelerate(transformer, blocks=True)
     else:
         unaccelerate(transformer)
@@ -461,7 +465,13 @@ class SpeedBench:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode())
             stack.enter_context(kernels_enabled(uses_kernels(variant)))
-            if variant != "graphs":  # graphs: installed around the whole measurement
+            if variant == "graphs":
+                # idempotent: graphs captured earlier stay (graphed_blocks / runner installed
+                # them), and come back if anything uninstalled them in between
+                from .. import accelerate
+
+                accelerate(transformer, blocks=True, cuda_graphs=True)
+            else:
                 stack.enter_context(attention_processors(transformer, uses_kernels(variant)))
             yield
 
@@ -470,14 +480,11 @@ class SpeedBench:
         attention: str = "default",
     ) -> Callable[[], Any]:  # fmt: skip
         """A zero-argument call running denoise + decode once (for pytest-benchmark). The
-        ``graphs`` variant installs its graphed blocks here and leaves them installed (the
-        captures must outlive the timed calls); ``dcgen.unaccelerate`` removes them."""
+        ``graphs`` variant leaves its graphed blocks installed after each call (the captures
+        must outlive the timed calls); ``dcgen.unaccelerate`` or any other variant's call
+        removes them."""
         pipe = self.pipeline(impl, resolution)
         text = self.text(batch)
-        if variant == "graphs":
-            from .. import accelerate
-
-            accelerate(pipe.transformer, blocks=True, cuda_graphs=True)
 
         def run() -> Any:
             with self._contexts(pipe.transformer, variant, attention):
