@@ -21,25 +21,31 @@
 #
 # Each step has a cap; DCGEN_STEP_TIMEOUT scales them (percent). Subsets for a short budget:
 # DCGEN_BENCH_FILES="attention dcae_decode" (benchmarks/test_<name>.py), DCGEN_SPEED_MODELS=flux,
-# DCGEN_FP8_BLOCK=0, DCGEN_SKIP_BENCH=1, DCGEN_SPEED_TABLE=0, DCGEN_TEST_ARGS=... (pytest).
+# DCGEN_FP8_BLOCK=0, DCGEN_SKIP_BENCH=1, DCGEN_SPEED_TABLE=0, DCGEN_TEST_ARGS=... (pytest),
+# DCGEN_HOPPER_DIAG=0 (no Hopper error maps), DCGEN_PROFILE=0 (no step profile),
+# DCGEN_SPEED_GRAPHS=0 (no CUDA-graphs table), DCGEN_SPEED_MODELS=none (no main speed table),
+# DCGEN_BENCH_SIZES (decode benchmark sizes, default 4096), DCGEN_DEADLINE (seconds: below).
 # DCGEN_SKIP_BUILD=1 keeps an extension already built and DCGEN_SKIP_TESTS=1 skips the Hopper
 # diagnostics and every test (a second call on a warm machine, after a first one validated the
 # kernels: e.g. the speed table and the FP8 block alone).
 #
 # A full run does not fit one 600 s call, nor the 900 s of device time a task gets. Measured on
-# the H100 (2026-11-27): build 86 s; Hopper diagnostics + their tests 83 s; CUDA tests 129 s;
-# benchmarks attention 89 s, quant 61 s, dcae_fused 34 s, ops 21 s; dcae_decode (all sizes) cut
-# at its cap twice; FLUX speed table 93 s. Two calls, the second within the 30 s idle window
-# (prepare it before the first returns):
-#   1. DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 DCGEN_PROFILE=0 \
-#      DCGEN_BENCH_FILES="attention quant dcae_decode" bash benchmarks/device_check.sh
-#      (timeout_s=540)
-#   2. DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_BENCH_FILES=none DCGEN_FP8_BLOCK=0 \
-#      DCGEN_SPEED_MODELS=flux bash benchmarks/device_check.sh   (the step profile, then the
-#      FLUX speed table; what is left of the budget)
+# the H100 (2026-11-27): build 86 s; Hopper diagnostics 31 s + their tests 52 s; CUDA tests
+# 129 s; benchmarks attention 89 s, quant 61 s, dcae_fused 34 s, ops 21 s; dcae_decode (all
+# sizes) cut at its cap twice; FLUX speed table 93 s. What that run measured need not run
+# again (Hopper diagnostics, attention, dcae_fused, ops, the main FLUX table). Two calls, with
+# carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns);
+# DCGEN_DEADLINE, below each call's timeout_s, makes every step's cap end the script in time:
+#   1. DCGEN_DEADLINE=500 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
+#      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="quant dcae_decode" bash benchmarks/device_check.sh
+#      (timeout_s=540: build, tests, FP8 / NVFP4 and 4K decode benchmarks, crash stacks)
+#   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 \
+#      DCGEN_BENCH_FILES=none DCGEN_FP8_BLOCK=0 DCGEN_SPEED_MODELS=none \
+#      bash benchmarks/device_check.sh   (timeout_s = what is left - 20: the step profile of
+#      bf16, FP8 and the decode, the kernels-vs-graphs FLUX table, the graphed step profile)
+# If the machine was given back in between, call 2 finds no extension and builds it (86 s).
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
 #
-#   run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The device tool brings back only a few files from $OUT (8 in the 2026-11-26 run; the logs
@@ -57,7 +63,17 @@ t0=$(date +%s)
 save() { tar czf "$FINAL_OUT/results.tgz.part" --exclude='*.pt' -C "$OUT" . 2>/dev/null &&
          mv "$FINAL_OUT/results.tgz.part" "$FINAL_OUT/results.tgz"; }
 stamp() { save; echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$OUT/steps.log"; }
-cap() { echo $(( $1 * ${DCGEN_STEP_TIMEOUT:-100} / 100 )); }  # a step's cap in seconds
+# A step's cap in seconds: its nominal cap scaled by DCGEN_STEP_TIMEOUT (percent), and never past
+# DCGEN_DEADLINE seconds after the start (set it below the call's timeout_s: a call killed by
+# the tool brings nothing back, one that ends on time brings back results.tgz). At least 1 s:
+# `timeout 0` would mean no limit.
+cap() {
+  local c=$(( $1 * ${DCGEN_STEP_TIMEOUT:-100} / 100 ))
+  local left=$(( ${DCGEN_DEADLINE:-99999} - ($(date +%s) - t0) ))
+  (( c > left )) && c=$left
+  (( c < 1 )) && c=1
+  echo "$c"
+}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -73,7 +89,8 @@ export DCGEN_CUDA_ARCHS=${DCGEN_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
 export DCGEN_BUILD_DIR=/tmp/dcgen_build
 if [ "${DCGEN_SKIP_BUILD:-0}" = 1 ] && compgen -G "dcgen/_C*.so" >/dev/null; then
   echo "DCGEN_SKIP_BUILD=1: keeping the built extension"
-elif ! { rm -f dcgen/_C*.so; DCGEN_REQUIRE_EXTENSION=1 DCGEN_CUDA=1 python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1; }; then
+elif ! { rm -f dcgen/_C*.so; DCGEN_REQUIRE_EXTENSION=1 DCGEN_CUDA=1 timeout "$(cap 240)" \
+           python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1; }; then
   tail -40 "$OUT/build.log"; echo "BUILD FAILED"; save; exit 1
 fi
 python3 -c "import dcgen, json; print(json.dumps(dcgen.build_info()))" | tee "$OUT/build_info.json"
@@ -82,7 +99,10 @@ hopper_rc=0
 hopper_attention=1 hopper_tma=1 hopper_gemm=1 hung_attention=0 hung_tma=0 hung_gemm=0
 if [ "$major" = 9 ] && [ "${DCGEN_SKIP_TESTS:-0}" != 1 ]; then
   stamp "hopper diagnostics"
-  for fam in attention tma gemm; do  # tma: the warp-specialized TMA attention kernel
+  # DCGEN_HOPPER_DIAG=0 skips the error maps (every case passed on the H100 on 2026-11-27);
+  # the Hopper kernels' tests below still run
+  fams="attention tma gemm"; [ "${DCGEN_HOPPER_DIAG:-1}" = 1 ] || fams=""
+  for fam in $fams; do  # tma: the warp-specialized TMA attention kernel
     timeout "$(cap 90)" python3 benchmarks/hopper_debug.py $fam --out "$OUT" >"$OUT/hopper_debug_$fam.log" 2>&1
     rc=$?
     grep -E "FAIL|Error|error" "$OUT/hopper_debug_$fam.log" | head -12
@@ -121,10 +141,17 @@ if [ "$major" = 9 ] && [ "${DCGEN_SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 # A Hopper attention kernel that failed or hung its diagnostics stays out of every later step
-# (the flash paths of the benchmarks and the speed table then take the portable kernel).
-[ "$hopper_attention" = 1 ] || export DCGEN_ATTENTION_SM90=0
+# (dcgen's flash paths in the benchmarks then take the other Hopper kernel or the portable one;
+# the speed table's attention is SDPA and does not depend on it). TMA is the Hopper default.
+if [ "$hopper_tma" != 1 ]; then
+  if [ "$hopper_attention" = 1 ]; then export DCGEN_ATTENTION_SM90=wgmma
+  else export DCGEN_ATTENTION_SM90=0; fi
+elif [ "$hopper_attention" != 1 ]; then
+  export DCGEN_ATTENTION_SM90=tma
+fi
 
 test_rc=0
+crashed_files=()
 if [ "${DCGEN_SKIP_TESTS:-0}" != 1 ]; then
   stamp "cuda tests"
   if [ "${DCGEN_TEST_ALL:-0}" = 1 ]; then sel=(); else sel=(-m cuda); fi
@@ -146,6 +173,7 @@ if [ "${DCGEN_SKIP_TESTS:-0}" != 1 ]; then
   # A file that kills its process (139: SIGSEGV, 134: SIGABRT) runs again under cuda-gdb for
   # the native stack: on 2026-11-27 (H100) two CUDA ops segfaulted on bad input where this
   # machine's CPU-dispatched copies of the same checks raise cleanly.
+  crashed_files=()
   for f in $fresh; do
     name=$(basename "$f" .py)
     DCGEN_ATTENTION_SM90=0 timeout "$(cap 60)" python3 -m pytest "$f" ${sel[@]+"${sel[@]}"} \
@@ -153,15 +181,7 @@ if [ "${DCGEN_SKIP_TESTS:-0}" != 1 ]; then
     rc=$?; [ "$rc" = 0 ] || [ "$rc" = 5 ] || test_rc=$rc
     echo "$f: rc=$rc, $(grep -E ' (passed|failed)' "$OUT/tests_fresh_$name.log" | tail -1)"
     grep -E "FAILED|ERROR|Fatal Python error" "$OUT/tests_fresh_$name.log" | head -8
-    if [ "$rc" = 139 ] || [ "$rc" = 134 ]; then
-      crashed=$(grep -m1 "Fatal Python error" "$OUT/tests_fresh_$name.log" |
-                grep -oE "::[A-Za-z0-9_]+" | head -1 | tr -d :)
-      gdb=$(command -v cuda-gdb || echo "$CUDA_HOME/bin/cuda-gdb")
-      DCGEN_ATTENTION_SM90=0 timeout "$(cap 90)" "$gdb" -batch -ex run -ex bt -ex "info sharedlibrary" \
-        --args python3 -m pytest "$f" -m cuda -q -p no:cacheprovider ${crashed:+-k "$crashed"} \
-        >"$OUT/crash_$name.log" 2>&1
-      grep -E "^#[0-9]+ " "$OUT/crash_$name.log" | head -16
-    fi
+    if [ "$rc" = 139 ] || [ "$rc" = 134 ]; then crashed_files+=("$f"); fi
   done
 fi
 
@@ -218,10 +238,12 @@ if [ "${DCGEN_SPEED_TABLE:-1}" = 1 ]; then
     speed flux --model flux --resolutions 1024,2048,4096 --variants stock,kernels \
       --attention default,flash --fp8 --warmup 2 || speed_rc=1
     stamp "speed table flux done"
-    # CUDA-graphed blocks (never run on a GPU before 2026-11-28) in their own process and
-    # table, after the main one: a failed capture cannot take the other rows down with it.
-    speed flux_graphs --model flux --resolutions 1024,2048,4096 --variants graphs --warmup 2 ||
-      speed_rc=1
+  fi
+  # CUDA-graphed blocks (first GPU run pending) beside the kernels variant, in their own process
+  # and table: a failed capture cannot take other rows down with it. DCGEN_SPEED_GRAPHS=0 skips.
+  if [ "${DCGEN_SPEED_GRAPHS:-1}" = 1 ]; then
+    speed flux_graphs --model flux --resolutions 1024,2048,4096 --variants kernels,graphs \
+      --warmup 2 || speed_rc=1
     stamp "speed table flux (graphs) done"
     if [ "${DCGEN_PROFILE:-1}" = 1 ]; then  # how much of the step's GPU idle time graphs remove
       timeout "$(cap 90)" python3 benchmarks/profile_step.py --model flux --resolution 4096 \
@@ -243,6 +265,22 @@ if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ] && [ "${DCGEN_FP8_BLOCK:-1}" = 1 ]; then
     --benchmark-json="$OUT/bench_fp8_block.json" >"$OUT/bench_fp8_block.log" 2>&1 || bench_rc=1
   tail -1 "$OUT/bench_fp8_block.log"
 fi
+
+# Last, with whatever time is left: the native stack of each test file that crashed its process
+# (on 2026-11-27 two CUDA ops segfaulted on bad input there; CPU-dispatched copies of the same
+# checks raise cleanly here). No debuginfod lookups (no network), no terminal, killed if it
+# ignores the cap's TERM.
+for f in ${crashed_files[@]+"${crashed_files[@]}"}; do
+  name=$(basename "$f" .py)
+  crashed=$(grep -m1 "Fatal Python error" "$OUT/tests_fresh_$name.log" |
+            grep -oE "::[A-Za-z0-9_]+" | head -1 | tr -d :)
+  gdb=$(command -v cuda-gdb || echo "$CUDA_HOME/bin/cuda-gdb")
+  stamp "cuda-gdb stack of $f${crashed:+ -k $crashed}"
+  DCGEN_ATTENTION_SM90=0 timeout -k 10 "$(cap 90)" "$gdb" -batch -iex "set debuginfod enabled off" \
+    -ex run -ex bt -ex "info sharedlibrary" --args python3 -m pytest "$f" -m cuda -q \
+    -p no:cacheprovider ${crashed:+-k "$crashed"} </dev/null >"$OUT/crash_$name.log" 2>&1
+  grep -E "^#[0-9]+ " "$OUT/crash_$name.log" | head -16
+done
 
 stamp "done (hopper rc=$hopper_rc, tests rc=$test_rc, benchmarks rc=$bench_rc, profile rc=$profile_rc, speed table rc=$speed_rc)"
 cat "$OUT/build_info.json"

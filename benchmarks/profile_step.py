@@ -13,8 +13,12 @@ profiler (wall clock, synchronised), then once under torch.profiler, and reports
 - kernel time by family (GEMM, attention, dcgen kernels, the rest: elementwise, norms, copies)
   and the top kernels.
 
-On a CPU (CI, tiny model) there are no kernels: the families are left empty and the top list is
-of the host-side ops. Output: ``profile_<precision>.json`` and ``profile_<precision>.txt`` in
+Families: attention, dcgen (dcgen's other kernels), conv (cuDNN convolutions), gemm, other
+(elementwise, norms, copies). "Per step" is one pipeline call of ``--steps`` steps divided by
+their number (one sample, per-call setup included); the idle time subtracts the profiled run's
+kernel time from the unprofiled run's wall time, so it is approximate. On a CPU (CI, tiny
+model) there are no kernels: the families and the top list stay empty, and the .txt table
+lists the host-side ops. Output: ``profile_<precision>.json`` and ``profile_<precision>.txt`` in
 ``--out``, and a one-line summary per precision on stdout.
 """
 
@@ -31,7 +35,10 @@ from typing import Any
 
 import torch
 
-from dcgen.bench import BenchSettings
+# `python3 benchmarks/profile_step.py` puts benchmarks/ on the path, not the repo root, and the
+# GPU machine has no installed dcgen (device_check.sh builds it in place)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dcgen.bench import BenchSettings  # noqa: E402
 from dcgen.bench.speed import VARIANTS, SpeedBench, graphed_blocks, kernels_enabled, uses_kernels
 
 # Kernel families by name, first match wins: attention first (dcgen's Hopper attention kernels
@@ -79,7 +86,10 @@ def _measure(run: Callable[[], Any], sync: Callable[[], None], on_cuda: bool, pe
     kernels = []
     for entry in averages:
         us = _device_time_us(entry)
-        # kernel rows have device time and no CPU-side self time of their own
+        # device-side rows (kernels, copies, memsets): device time and no CPU-side self time;
+        # user annotations (record_function ranges) span kernels already counted
+        if getattr(entry, "is_user_annotation", False):
+            continue
         if us > 0 and getattr(entry, "self_cpu_time_total", 0) == 0:
             kernels.append((entry.key, us / 1e3 / per, entry.count / per))
     kernels.sort(key=lambda k: -k[1])

@@ -7,8 +7,9 @@ Groups (each one baseline and one dcgen entry, TFLOP/s counted as 4 * S^2 * D * 
 - ``norm+rope+attention S=...``: the whole step from (B, S, H, D) projections: diffusers' stock
   path (RMSNorm, apply_rotary_emb, SDPA) against dcgen.ops.fused_attention with the prologue
   (on GPU also with K's prologue forced into every tile load: ``... K fused``).
-Each dcgen group comes per path: the portable flash kernel (no suffix), the Hopper one
-(``(wgmma)``) and fused_attention's default, the qk_norm_rope kernel + SDPA
+Each dcgen group comes per path: the portable flash kernel (no suffix), the Hopper ones
+(``(sm90_tma)``, the Hopper default, with and without its ping-pong, and the first one,
+``(wgmma)``) and fused_attention's default, the qk_norm_rope kernel + SDPA
 (``(qk_norm_rope + SDPA)``).
 GPU sizes are the issue's (S = 4,608 and 16,896; B = 1, 24 heads, D = 128, bf16); on CPU a small
 fp32 case so CI runs every benchmark (the dcgen side is then the PyTorch reference).
