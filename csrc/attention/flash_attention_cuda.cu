@@ -95,7 +95,13 @@ void dispatch_head_dim(const FlashParams& p, int64_t d, Sm90Kernel sm90, cudaStr
     const bool ran = d == 64 ? run_flash_fwd_sm90_tma<T, 64>(p, stream)
                              : run_flash_fwd_sm90_tma<T, 128>(p, stream);
     if (ran) return;
-    // K and V are prepared for TMA (prologue applied, aligned), which the wgmma kernel takes too.
+    // Asked for by name (diagnostics, tests, benchmarks): fail rather than time another kernel.
+    const char* env = std::getenv("DCGEN_ATTENTION_SM90");
+    TORCH_CHECK(env == nullptr || std::string(env) != "tma", kOp,
+                " (DCGEN_ATTENTION_SM90=tma): this build's TMA Hopper kernel has fewer registers "
+                "per thread than its setmaxnreg split needs; use DCGEN_ATTENTION_SM90=wgmma");
+    // The default: K and V are prepared for TMA (prologue applied, aligned), which the wgmma
+    // kernel takes too.
     TORCH_WARN_ONCE(kOp, ": this build's TMA Hopper kernel has fewer registers per thread than "
                     "its setmaxnreg split needs; running the wgmma kernel instead");
     sm90 = Sm90Kernel::kWgmma;
