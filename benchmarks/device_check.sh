@@ -24,7 +24,8 @@
 # DCGEN_FP8_BLOCK=0, DCGEN_SKIP_BENCH=1, DCGEN_SPEED_TABLE=0, DCGEN_TEST_ARGS=... (pytest),
 # DCGEN_HOPPER_DIAG=0 (no Hopper error maps), DCGEN_PROFILE=0 (no step profile),
 # DCGEN_SPEED_GRAPHS=0 (no CUDA-graphs table), DCGEN_SPEED_MODELS=none (no main speed table),
-# DCGEN_BENCH_SIZES (decode benchmark sizes, default 4096), DCGEN_DEADLINE (seconds: below).
+# DCGEN_BENCH_SIZES (decode benchmark sizes, default 4096), DCGEN_BENCH_COMPILE=0 (the FP8
+# block without its torch.compile cases), DCGEN_DEADLINE (seconds: below).
 # DCGEN_SKIP_BUILD=1 keeps an extension already built and DCGEN_SKIP_TESTS=1 skips the Hopper
 # diagnostics and every test (a second call on a warm machine, after a first one validated the
 # kernels: e.g. the speed table and the FP8 block alone).
@@ -40,9 +41,10 @@
 #      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="quant dcae_decode" bash benchmarks/device_check.sh
 #      (timeout_s=540: build, tests, FP8 / NVFP4 and 4K decode benchmarks, crash stacks)
 #   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 \
-#      DCGEN_BENCH_FILES=none DCGEN_FP8_BLOCK=0 DCGEN_SPEED_MODELS=none \
+#      DCGEN_BENCH_FILES=none DCGEN_BENCH_COMPILE=0 DCGEN_SPEED_MODELS=none \
 #      bash benchmarks/device_check.sh   (timeout_s = what is left - 20: the step profile of
-#      bf16, FP8 and the decode, the kernels-vs-graphs FLUX table, the graphed step profile)
+#      bf16, FP8 and the decode, the kernels-vs-graphs FLUX table, the graphed step profile,
+#      then the FP8 double block eager and graphed, without its torch.compile cases)
 # If the machine was given back in between, call 2 finds no extension and builds it (86 s).
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
 #

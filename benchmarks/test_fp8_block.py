@@ -1,6 +1,8 @@
 """One FLUX double block at DC-Gen-FLUX 4K size (4,096 image + 512 text tokens): the bf16 block
 vs dcgen's (FP8 E4M3 W8A8 linears through ``quantize_`` + ``dcgen.accelerate(blocks=True)``), in
-eager mode and both under torch.compile: issue 6's block goal (2.0x eager, 1.4x compiled).
+eager mode and both under torch.compile: issue 6's block goal (2.0x eager, 1.4x compiled). The
+"graphs" mode replays dcgen's block from a CUDA graph (``accelerate(cuda_graphs=True)``) against
+the eager bf16 block: what the block costs without its host-side launch work.
 
 The FP8 block's output error against the bf16 block goes to extra_info ("rel_err"), so speed is
 never reported without its quality. GPU: FLUX width (3072, 24 heads of 128), bf16; compiled
@@ -26,7 +28,7 @@ DIM, HEADS, HEAD_DIM, AXES = (3072, 24, 128, (16, 56, 56)) if ON_GPU else (64, 2
 IMG_SIDE, TXT = (64, 512) if ON_GPU else (8, 16)  # 64 x 64 = 4,096 image tokens
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 COMPILE = ON_GPU and os.environ.get("DCGEN_BENCH_COMPILE", "1") == "1"
-MODES = ["eager", "compile"] if COMPILE else ["eager"]
+MODES = ["eager", "graphs", "compile"] if COMPILE else ["eager", "graphs"]
 
 _cache: dict[str, object] = {}
 
@@ -43,6 +45,13 @@ def _setup() -> dict:
         # table splits the gain between attention, glue and the FP8 linears.
         bf16_blocks = dcgen.accelerate(copy.deepcopy(base), blocks=True)
         attention_only = dcgen.accelerate(copy.deepcopy(base))
+        # the same two blocks replayed from CUDA graphs (on the CPU the wrapper runs eagerly)
+        ours_graphs = copy.deepcopy(base)
+        quantize_(ours_graphs, FP8Config())
+        graphed = {
+            "fp8": dcgen.accelerate(ours_graphs, blocks=True, cuda_graphs=True),
+            "bf16": dcgen.accelerate(copy.deepcopy(base), blocks=True, cuda_graphs=True),
+        }
         g = torch.Generator().manual_seed(1)
         n_img = IMG_SIDE * IMG_SIDE
 
@@ -57,7 +66,7 @@ def _setup() -> dict:
                       temb=rand(1, DIM), image_rotary_emb=rope)  # fmt: skip
         _cache.update(
             base=base, ours=ours, variants={"bf16": bf16_blocks, "bf16-attention": attention_only},
-            inputs=inputs, compiled={},
+            inputs=inputs, compiled={}, graphed=graphed,
         )  # fmt: skip
     return _cache
 
@@ -66,9 +75,11 @@ def _model(impl: str, mode: str, variant: str = "fp8"):  # noqa: ANN202
     c = _setup()
     if impl == "baseline":
         module = c["base"]
+    elif mode == "graphs":
+        return c["graphed"][variant]
     else:
         module = c["ours"] if variant == "fp8" else c["variants"][variant]
-    if mode == "eager":
+    if mode in ("eager", "graphs"):  # the baseline of the graphs groups: the eager bf16 block
         return module
     key = f"{impl}-{mode}-{variant}"
     if key not in c["compiled"]:
@@ -83,8 +94,10 @@ def _model(impl: str, mode: str, variant: str = "fp8"):  # noqa: ANN202
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_flux_double_block(benchmark, impl, mode, variant):
-    if variant != "fp8" and mode != "eager":
-        pytest.skip("the bf16 variants are measured eager only")
+    if variant == "bf16-attention" and mode != "eager":
+        pytest.skip("the attention-only variant is measured eager only")
+    if variant == "bf16" and mode == "compile":
+        pytest.skip("the bf16 variant is measured eager and graphed only")
     model = _model(impl, mode, variant)
     inputs = _setup()["inputs"]
 
@@ -101,7 +114,8 @@ def test_flux_double_block(benchmark, impl, mode, variant):
         benchmark.group += f" [dcgen: {names[variant]}]"
     benchmark.extra_info.update(
         impl=impl,
-        baseline_name=f"{str(DTYPE)[6:]} block, stock processor ({mode})",
+        baseline_name=f"{str(DTYPE)[6:]} block, stock processor "
+        f"({'eager' if mode == 'graphs' else mode})",
         dcgen_name=names[variant],
     )
     with torch.inference_mode():
