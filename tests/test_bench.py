@@ -70,6 +70,23 @@ def test_tiny_run_writes_table_json_png(tmp_path):
         assert im.size[0] > 100 and im.size[1] > 100
 
 
+def test_step_split_counts_the_call_overhead_once():
+    from dcgen.bench.speed import split_step_time
+
+    # a 2-step call of 30 ms whose transformer calls began at 8 and 18 ms: 10 ms a step, and
+    # 10 ms of the call is fixed (latents, timesteps, the last step's scheduler update)
+    assert split_step_time(30.0, [8.0, 18.0], 2) == pytest.approx((10.0, 10.0))
+    # two transformer calls a step (unbatched guidance): the step is first call to first call
+    assert split_step_time(50.0, [5.0, 12.0, 25.0, 32.0, 45.0, 52.0], 3) == pytest.approx(
+        (20.0, 0.0)
+    )
+    assert split_step_time(30.0, [8.0], 1) is None  # one step: nothing to split
+    assert split_step_time(30.0, [8.0, 12.0, 18.0], 2) is None  # uneven calls per step
+    assert extrapolate_denoise(10.0, (2.0,), (1,), (3,), 4, fixed_ms=7.0) == pytest.approx(
+        7.0 + (10.0 + 2 * 2.0) * 4
+    )
+
+
 def test_extrapolation_arithmetic():
     # 2 measured steps of a 1+1-block model; full depth 19 + 38 and 20 steps.
     got = extrapolate_denoise(10.0, (2.0, 1.5), (1, 1), (19, 38), 20)
@@ -93,8 +110,12 @@ def test_quick_mode_with_fake_clock(quick_report):
             # Every block interval is exactly 1 fake ms (two adjacent marks).
             assert part["double_block_ms"] == 1.0 and part["single_block_ms"] == 1.0
             assert part["measured_steps"] == 2
-            step = part["measured_step_ms"]
-            expected = (step + (full_d - 1) * 1.0 + (full_s - 1) * 1.0) * 20
+            step, fixed = part["measured_step_ms"], part["fixed_ms"]
+            # fake marks: a step from one transformer call to the next spans the call's own
+            # mark, the step's two block pairs and nothing else, so 5 fake ms; the rest of the
+            # 2-step call is fixed cost, counted once
+            assert step == pytest.approx(5.0) and fixed >= 0
+            expected = fixed + (step + (full_d - 1) * 1.0 + (full_s - 1) * 1.0) * 20
             assert part["denoise_ms"] == pytest.approx(expected)
             assert part["total_ms"] == pytest.approx(expected + part["decode_ms"])
         tput = r["dcgen_batch"]["images_per_s"] / r["base_batch"]["images_per_s"]
@@ -268,7 +289,7 @@ def test_sana_quick_mode_single_block_list():
         for key in ("base", "dcgen"):
             part = r[key]
             assert part["sana_block_ms"] == 1.0 and "double_block_ms" not in part
-            expected = (part["measured_step_ms"] + (full - 1) * 1.0) * 20
+            expected = part["fixed_ms"] + (part["measured_step_ms"] + (full - 1) * 1.0) * 20
             assert part["denoise_ms"] == pytest.approx(expected)
 
 

@@ -81,10 +81,12 @@ def extrapolate_denoise(
     measured_blocks: Sequence[int],
     full_blocks: Sequence[int],
     steps: int,
+    fixed_ms: float = 0.0,
 ) -> float:
     """Full-depth denoise time for ``steps`` steps from a truncated model's step time and its
-    per-block times, one entry per block list (FLUX: double, single; SANA: one list):
-    (step + sum_i (full_i - measured_i) * t_i) * steps."""
+    per-block times, one entry per block list (FLUX: double, single; SANA: one list), plus the
+    pipeline call's fixed cost (latents, timesteps, positions; once per call, not per step):
+    fixed + (step + sum_i (full_i - measured_i) * t_i) * steps."""
     if not len(block_ms) == len(measured_blocks) == len(full_blocks):
         raise ValueError(
             f"expected one block time and count per block list, got {len(block_ms)} times, "
@@ -95,7 +97,23 @@ def extrapolate_denoise(
             f"measured blocks {tuple(measured_blocks)} exceed the full depth {tuple(full_blocks)}"
         )
     extra = sum((f - m) * t for t, m, f in zip(block_ms, measured_blocks, full_blocks, strict=True))
-    return (step_ms + extra) * steps
+    return fixed_ms + (step_ms + extra) * steps
+
+
+def split_step_time(
+    call_ms: float, transformer_marks_ms: Sequence[float], steps: int
+) -> tuple[float, float] | None:
+    """(per-step ms, fixed ms) of one pipeline call of ``steps`` steps, from the call's time and
+    the times (from the call's start) at which each transformer call began: a step is the
+    interval from one step's first transformer call to the next's; what the call spends beyond
+    ``steps`` of them is its fixed cost. None when that cannot be read (one step, or transformer
+    calls that are not the same number every step)."""
+    calls = len(transformer_marks_ms)
+    if steps < 2 or calls == 0 or calls % steps:
+        return None
+    per = calls // steps  # transformer calls per step (two with unbatched guidance)
+    step_ms = (transformer_marks_ms[-per] - transformer_marks_ms[0]) / (steps - 1)
+    return step_ms, max(0.0, call_ms - steps * step_ms)
 
 
 # -- clocks --------------------------------------------------------------------------------------
@@ -534,6 +552,12 @@ class SpeedBench:
 
         def once(n_steps: int, blocks: bool) -> dict[str, float]:
             marks_cm = self._block_marks(transformer) if blocks else _null_marks()
+            calls: list[Any] = []  # a mark as each transformer call begins (quick mode)
+            hook = (
+                transformer.register_forward_pre_hook(lambda *_: calls.append(clock.mark()))
+                if blocks
+                else None
+            )
             with self._contexts(transformer, variant, attention), marks_cm as marks:
                 if not used:
                     fused = uses_kernels(variant)
@@ -548,7 +572,14 @@ class SpeedBench:
                 pipe.decode_latents(lat, None, 0)
                 t2 = clock.mark()
                 clock.sync()
+            if hook is not None:
+                hook.remove()
             out = {"denoise_ms": clock.elapsed_ms(t0, t1), "decode_ms": clock.elapsed_ms(t1, t2)}
+            split = split_step_time(
+                out["denoise_ms"], [clock.elapsed_ms(t0, c) for c in calls], n_steps
+            )
+            if split is not None:
+                out["step_ms"], out["fixed_ms"] = split
             for kind, pairs in marks.items():
                 if pairs:
                     out[f"{kind}_block_ms"] = statistics.mean(
@@ -575,11 +606,14 @@ class SpeedBench:
         res["attention_used"] = used[0]
         res["measured_steps"] = steps
         if s.quick:
-            step_ms = res["denoise_ms"] / steps
-            res["measured_step_ms"] = step_ms
+            # the step from one transformer call to the next, and the call's fixed cost counted
+            # once (else, with one measured step, the call's time spread over its steps)
+            step_ms = res.pop("step_ms", res["denoise_ms"] / steps)
+            fixed_ms = res.pop("fixed_ms", 0.0)
+            res["measured_step_ms"], res["fixed_ms"] = step_ms, fixed_ms
             res["denoise_ms"] = extrapolate_denoise(
                 step_ms, [res[f"{k}_block_ms"] for k in self.spec.block_kinds],
-                self.measured_blocks, self.spec.depth, s.steps,
+                self.measured_blocks, self.spec.depth, s.steps, fixed_ms,
             )  # fmt: skip
         res["total_ms"] = res["denoise_ms"] + res["decode_ms"]
         res["images_per_s"] = batch / (res["total_ms"] / 1e3) if res["total_ms"] > 0 else None
@@ -784,7 +818,9 @@ def _method(s: BenchSettings, spec: ModelSpec, measured: tuple[int, ...]) -> str
         )
         how = (
             f"quick: measured {lists} blocks over {s.quick_steps} steps and the full decode; "
-            f"denoise = (measured step + {extra}) x {s.steps} steps"
+            f"denoise = the call's fixed time + (measured step + {extra}) x {s.steps} steps "
+            f"(a step timed from one transformer call to the next, the fixed time = the call "
+            f"less its steps)"
         )
     else:
         how = f"measured: full depth ({full} blocks), {s.steps} steps, decode"
