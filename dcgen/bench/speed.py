@@ -553,12 +553,11 @@ class SpeedBench:
         def once(n_steps: int, blocks: bool) -> dict[str, float]:
             marks_cm = self._block_marks(transformer) if blocks else _null_marks()
             calls: list[Any] = []  # a mark as each transformer call begins (quick mode)
-            hook = (
-                transformer.register_forward_pre_hook(lambda *_: calls.append(clock.mark()))
-                if blocks
-                else None
-            )
-            with self._contexts(transformer, variant, attention), marks_cm as marks:
+            hooks = contextlib.ExitStack()
+            if blocks:
+                hook = transformer.register_forward_pre_hook(lambda *_: calls.append(clock.mark()))
+                hooks.callback(hook.remove)
+            with hooks, self._contexts(transformer, variant, attention), marks_cm as marks:
                 if not used:
                     fused = uses_kernels(variant)
                     used.append(
@@ -572,8 +571,6 @@ class SpeedBench:
                 pipe.decode_latents(lat, None, 0)
                 t2 = clock.mark()
                 clock.sync()
-            if hook is not None:
-                hook.remove()
             out = {"denoise_ms": clock.elapsed_ms(t0, t1), "decode_ms": clock.elapsed_ms(t1, t2)}
             split = split_step_time(
                 out["denoise_ms"], [clock.elapsed_ms(t0, c) for c in calls], n_steps
