@@ -608,3 +608,21 @@ def test_graphs_variant_captures_once_per_block(monkeypatch):
     assert len(captures) == n_captures + 2 and len(replays) > n_replays  # installed again
     report = run_speed_bench(settings)
     assert {r["variant"] for r in report["rows"]} == {"graphs"}
+
+
+def test_sana_text_has_no_mask_for_the_flash_backend():
+    # SDPA's flash backend takes no attention mask (the SANA table's paper-setting rows failed
+    # on CUDA with one); the all-ones mask keeps every token, so leaving it out changes nothing
+    bench = SpeedBench(BenchSettings(model="tiny-sana", quick=True))
+    assert "prompt_attention_mask" in bench.text(1)
+    flash = bench.text(1, "flash")
+    assert "prompt_attention_mask" not in flash and flash["prompt_embeds"].shape[0] == 1
+    pipe = bench.pipeline("dcgen", 64)
+    with torch.inference_mode():
+        a = bench._call(pipe, bench.text(1), 64, 2)
+        b = bench._call(pipe, flash, 64, 2)
+    torch.testing.assert_close(a, b)
+    flux = SpeedBench(BenchSettings(model="tiny", quick=True))
+    assert (
+        set(flux.text(1, "flash")) == set(flux.text(1)) == {"prompt_embeds", "pooled_prompt_embeds"}
+    )
