@@ -25,7 +25,8 @@
 # DCGEN_HOPPER_DIAG=0 (no Hopper error maps), DCGEN_PROFILE=0 (no step profile),
 # DCGEN_SPEED_GRAPHS=0 (no CUDA-graphs table), DCGEN_SPEED_MODELS=none (no main speed table),
 # DCGEN_BENCH_SIZES (decode benchmark sizes, default 4096), DCGEN_BENCH_COMPILE=0 (the FP8
-# block without its torch.compile cases), DCGEN_DEADLINE (seconds: below).
+# block without its torch.compile cases), DCGEN_THROW_PROBE=1 (the bad-input probe even when
+# no test file crashed), DCGEN_DEADLINE (seconds: below).
 # DCGEN_SKIP_BUILD=1 keeps an extension already built and DCGEN_SKIP_TESTS=1 skips the Hopper
 # diagnostics and every test (a second call on a warm machine, after a first one validated the
 # kernels: e.g. the speed table and the FP8 block alone).
@@ -267,10 +268,17 @@ if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ] && [ "${DCGEN_FP8_BLOCK:-1}" = 1 ]; then
   tail -1 "$OUT/bench_fp8_block.log"
 fi
 
-# Last, with whatever time is left: the native stack of each test file that crashed its process
+# Last, with whatever time is left. First which op checks crash instead of raising (one op call
+# per process: nvcc- vs g++-compiled checks, string vs number messages, and the libstdc++ the
+# process maps), then the native stack of each test file that crashed its process
 # (on 2026-11-27 two CUDA ops segfaulted on bad input there; CPU-dispatched copies of the same
 # checks raise cleanly here). No debuginfod lookups (no network), no terminal, killed if it
 # ignores the cap's TERM.
+if [ "${#crashed_files[@]}" -gt 0 ] || [ "${DCGEN_THROW_PROBE:-0}" = 1 ]; then
+  stamp "throw probe (benchmarks/throw_probe.py)"
+  timeout "$(cap 90)" python3 benchmarks/throw_probe.py >"$OUT/throw_probe.md" 2>&1
+  cat "$OUT/throw_probe.md"
+fi
 for f in ${crashed_files[@]+"${crashed_files[@]}"}; do
   name=$(basename "$f" .py)
   crashed=$(grep -m1 "Fatal Python error" "$OUT/tests_fresh_$name.log" |

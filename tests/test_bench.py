@@ -626,3 +626,21 @@ def test_sana_text_has_no_mask_for_the_flash_backend():
     assert (
         set(flux.text(1, "flash")) == set(flux.text(1)) == {"prompt_embeds", "pooled_prompt_embeds"}
     )
+
+
+def test_throw_probe_tells_a_crash_from_a_raise():
+    # benchmarks/throw_probe.py (device_check.sh, GPU machine) runs each bad-input op call in its
+    # own interpreter: a check that raises must read as rc 1 with its message, a segfault as
+    # the signal, and the table must still come out after a crash.
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throw_probe.py"
+    spec = importlib.util.spec_from_file_location("dcgen_throw_probe", script)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rc, err = probe.run_case("raise RuntimeError('expected x of shape [M, D], got [3]')", "")
+    assert rc == 1 and "expected x of shape" in err
+    rc, _ = probe.run_case("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", "")
+    assert rc == -11
+    assert all(len(case) == 4 for case in probe.CASES)
