@@ -48,7 +48,8 @@
 #   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 \
 #      DCGEN_BENCH_FILES=none DCGEN_BENCH_COMPILE=0 DCGEN_SPEED_MODELS=none \
 #      bash benchmarks/device_check.sh   (timeout_s = what is left - 20: the step profile of
-#      bf16, FP8 and the decode, the kernels-vs-graphs FLUX table, the graphed step profile,
+#      bf16, FP8 and the decode, the kernels-vs-graphs FLUX table with FP8 rows for both, the
+#      graphed step profile,
 #      then the FP8 double block eager and graphed, without its torch.compile cases)
 # If the machine was given back in between, call 2 finds no extension and builds it (86 s).
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
@@ -255,7 +256,7 @@ if [ "${DCGEN_SPEED_TABLE:-1}" = 1 ]; then
   # and table: a failed capture cannot take other rows down with it. DCGEN_SPEED_GRAPHS=0 skips.
   if [ "${DCGEN_SPEED_GRAPHS:-1}" = 1 ]; then
     speed flux_graphs --model flux --resolutions 1024,2048,4096 --variants kernels,graphs \
-      --warmup 2 || speed_rc=1
+      --fp8 --warmup 2 || speed_rc=1
     stamp "speed table flux (graphs) done"
     if [ "${DCGEN_PROFILE:-1}" = 1 ]; then  # how much of the step's GPU idle time graphs remove
       timeout "$(cap 90)" python3 benchmarks/profile_step.py --model flux --resolution 4096 \

@@ -595,7 +595,7 @@ def test_graphs_variant_captures_once_per_block(monkeypatch):
     assert sorted(captures) == ["single_transformer_blocks.0", "transformer_blocks.0"]
     assert res["denoise_ms"] > 0 and res["double_block_ms"] > 0
     assert not is_accelerated(bench.transformer)  # stock again afterwards
-    assert settings.resolved().fp8_variant == "kernels"  # FP8 rows run ungraphed
+    assert settings.resolved().fp8_variants == ("graphs",)
     # runners (pytest-benchmark): a graphs runner stays graphed across other variants' runs,
     # and a kernels run in between is not graphed
     run = bench.runner("dcgen", 64, 1, 2, "graphs")
@@ -608,6 +608,26 @@ def test_graphs_variant_captures_once_per_block(monkeypatch):
     assert len(captures) == n_captures + 2 and len(replays) > n_replays  # installed again
     report = run_speed_bench(settings)
     assert {r["variant"] for r in report["rows"]} == {"graphs"}
+    # FP8 rows for both kernel variants, one quality check per resolution shared by them
+    both = BenchSettings(
+        model="tiny", resolutions=(64,), steps=2, quick=True, variants="stock,kernels,graphs",
+        fp8=True,
+    )  # fmt: skip
+    assert both.resolved().fp8_variants == ("kernels", "graphs")
+    assert BenchSettings(model="tiny", variants="stock").resolved().fp8_variants == ("stock",)
+    checks = []
+    real_quality = SpeedBench.fp8_quality
+
+    def counted(self, res, variant, attention):
+        checks.append((res, variant))
+        return real_quality(self, res, variant, attention)
+
+    monkeypatch.setattr(SpeedBench, "fp8_quality", counted)
+    report = run_speed_bench(both)
+    fp8 = [r for r in report["rows"] if r["precision"] == "fp8"]
+    assert sorted(r["variant"] for r in fp8) == ["graphs", "kernels"]
+    assert checks == [(64, "kernels")]  # graphs replay the same arithmetic: checked once
+    assert fp8[0]["quality"] == fp8[1]["quality"] and "rel_err" in str(fp8[0]["quality"])
 
 
 def test_sana_text_has_no_mask_for_the_flash_backend():

@@ -222,12 +222,11 @@ class BenchSettings:
         return out
 
     @property
-    def fp8_variant(self) -> str:
-        """The variant the FP8 rows run with: kernels when measured, else the one variant."""
+    def fp8_variants(self) -> tuple[str, ...]:
+        """The variants the FP8 rows run with: every measured one that runs dcgen's kernels
+        (kernels, graphs), else the one variant measured (stock)."""
         variants = _names("variants", self.variants, VARIANTS)
-        if "kernels" in variants or "graphs" in variants:
-            return "kernels"  # (graphs: the FP8 rows and their quality check run ungraphed)
-        return variants[0]
+        return tuple(v for v in variants if uses_kernels(v)) or variants[:1]
 
 
 # -- context managers ----------------------------------------------------------------------------
@@ -761,11 +760,13 @@ def _fp8_rows(
     errors: list[dict[str, Any]],
     on_row: Callable[[dict[str, Any]], None] | None,
 ) -> list[dict[str, Any]]:
-    """DC-Gen with FP8 blocks, per resolution and attention, beside the bf16 base of the same
-    (resolution, attention, variant) row (the base is not re-measured). Failures are recorded
-    per row, as for the bf16 rows."""
+    """DC-Gen with FP8 blocks, per resolution, attention and variant (settings.fp8_variants),
+    beside the bf16 base of the same (resolution, attention, variant) row (the base is not
+    re-measured). The quality check runs once per (resolution, attention): variants run the
+    same arithmetic. Failures are recorded per row, as for the bf16 rows."""
     s = bench.settings
-    variant = s.fp8_variant
+    variants = s.fp8_variants
+    qualities: dict[tuple[int, str], dict[str, Any]] = {}
     try:
         bench.build_fp8()
     except Exception as err:  # noqa: BLE001 (recorded: the bf16 table stands)
@@ -773,9 +774,9 @@ def _fp8_rows(
         return []
     out: list[dict[str, Any]] = []
     for ref in bf16_rows:
-        if ref["variant"] != variant:
+        if ref["variant"] not in variants:
             continue
-        res, attention = ref["resolution"], ref["attention"]
+        res, attention, variant = ref["resolution"], ref["attention"], ref["variant"]
         row = {k: v for k, v in ref.items() if k not in ("dcgen", "dcgen_batch")}
         row.update(precision="fp8", base_precision=ref["precision"], base_from_row=True)
         logger.info("bench dcgen fp8 %dpx %s %s", res, variant, attention)
@@ -790,20 +791,28 @@ def _fp8_rows(
                         variant=variant, precision="fp8")  # fmt: skip
             continue
         _speedups(row)
-        try:
-            quality = bench.fp8_quality(res, variant, attention)
-        except Exception as err:  # noqa: BLE001 (the timing stands; the quality says why not)
-            logger.exception("FP8 quality report failed at %dpx", res)
-            if bench.on_cuda and _is_oom(err):
-                torch.cuda.empty_cache()  # quality_report keeps every layer's in/out
-            why = "out of memory" if _is_oom(err) else f"{type(err).__name__}: {err}"[:200]
-            quality = {"error": f"{why} during quality_report at {res}px"}
-        quality.update(granularity=s.fp8_granularity, linears=bench.fp8.linears)
-        row["quality"] = quality
+        if (res, attention) not in qualities:
+            qualities[res, attention] = _fp8_quality(bench, res, variant, attention)
+        row["quality"] = dict(qualities[res, attention])
         out.append(row)
         if on_row is not None:
             on_row(_report(bench, bf16_rows + out, errors))
     return out
+
+
+def _fp8_quality(bench: SpeedBench, res: int, variant: str, attention: str) -> dict[str, Any]:
+    """The FP8 quality report of one (resolution, attention), or why it failed (the timing
+    stands either way). Graphs replay the same kernels: their check runs the kernels variant."""
+    try:
+        quality = bench.fp8_quality(res, "kernels" if variant == "graphs" else variant, attention)
+    except Exception as err:  # noqa: BLE001
+        logger.exception("FP8 quality report failed at %dpx", res)
+        if bench.on_cuda and _is_oom(err):
+            torch.cuda.empty_cache()  # quality_report keeps every layer's in/out
+        why = "out of memory" if _is_oom(err) else f"{type(err).__name__}: {err}"[:200]
+        quality = {"error": f"{why} during quality_report at {res}px"}
+    quality.update(granularity=bench.settings.fp8_granularity, linears=bench.fp8.linears)
+    return quality
 
 
 def _method(s: BenchSettings, spec: ModelSpec, measured: tuple[int, ...]) -> str:
