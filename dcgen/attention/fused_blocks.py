@@ -19,6 +19,7 @@ the one this code reads (``fusable``); ``restore`` puts the class forward back.
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -220,25 +221,27 @@ _FORWARDS = {
 }
 
 
+def _unpatched(model: nn.Module) -> Iterator[nn.Module]:
+    """The fusable DiT blocks of ``model`` that :func:`install` has not patched yet."""
+    for module in model.modules():
+        if type(module).__name__ in _FORWARDS and _PATCHED not in module.__dict__:
+            if fusable(module):
+                yield module
+
+
 def install(model: nn.Module) -> int:
     """Patch every fusable DiT block of ``model`` (idempotent); returns how many."""
     count = 0
-    for module in model.modules():
-        forward = _FORWARDS.get(type(module).__name__)
-        if forward is None or _PATCHED in module.__dict__ or not fusable(module):
-            continue
+    for module in _unpatched(model):
         module.__dict__[_PATCHED] = True
-        module.forward = types.MethodType(forward, module)
+        module.forward = types.MethodType(_FORWARDS[type(module).__name__], module)
         count += 1
     return count
 
 
 def pending(model: nn.Module) -> bool:
     """True when :func:`install` would patch at least one block of ``model``."""
-    return any(
-        type(m).__name__ in _FORWARDS and _PATCHED not in m.__dict__ and fusable(m)
-        for m in model.modules()
-    )
+    return next(_unpatched(model), None) is not None
 
 
 def restore(model: nn.Module) -> int:
