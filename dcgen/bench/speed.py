@@ -285,15 +285,15 @@ def uses_kernels(variant: str) -> bool:
 
 @contextlib.contextmanager
 def graphed_blocks(transformer: nn.Module, variant: str) -> Iterator[None]:
-    """For the ``graphs`` variant: ``dcgen.accelerate(blocks=True, cuda_graphs=True)`` for the
-    whole block (graphs captured on first use survive every call inside it), stock on exit.
-    Other variants: nothing (their processors are set per call by :func:`attention_processors`)."""
+    """The scope of a ``graphs`` measurement: the graphed blocks that ``SpeedBench._contexts``
+    installs on each call (captured on first use) stay across every call inside it, and go on
+    exit with the rest of ``dcgen.accelerate`` (stock again). Other variants: nothing (their
+    processors are set and removed per call by :func:`attention_processors`)."""
     if variant != "graphs":
         yield
         return
-    from .. import accelerate, unaccelerate
+    from .. import unaccelerate
 
-    accelerate(transformer, blocks=True, cuda_graphs=True)
     try:
         yield
     finally:
@@ -484,8 +484,8 @@ class SpeedBench:
             stack.enter_context(torch.inference_mode())
             stack.enter_context(kernels_enabled(uses_kernels(variant)))
             if variant == "graphs":
-                # idempotent: graphs captured earlier stay (graphed_blocks / runner installed
-                # them), and come back if anything uninstalled them in between
+                # idempotent: graphs captured by earlier calls stay (graphed_blocks scopes them;
+                # a runner keeps them), and come back if anything uninstalled them in between
                 from .. import accelerate
 
                 accelerate(transformer, blocks=True, cuda_graphs=True)
