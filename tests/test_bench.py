@@ -43,6 +43,18 @@ class FakeClock:
         return end - start
 
 
+def _benchmark_script(name: str):  # noqa: ANN202
+    """benchmarks/<name>.py as a module (the scripts live outside the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"dcgen_benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def quick_report():
     settings = BenchSettings(model="tiny", resolutions=(64, 128), steps=20, quick=True, batch=2)
@@ -510,13 +522,7 @@ def test_attention_label_reports_the_flash_kernel(monkeypatch):
 def test_benchmark_summary_skips_a_cut_off_json(tmp_path, capsys):
     # device_check.sh summarizes every benchmark JSON; one left empty by a process killed at its
     # time cap must not take the other files' table down with it.
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "summarize.py"
-    spec = importlib.util.spec_from_file_location("dcgen_bench_summarize", script)
-    summarize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize)
+    summarize = _benchmark_script("summarize")
     good = tmp_path / "good.json"
     rows = [
         {"group": "g", "stats": {"median": m}, "extra_info": {"impl": impl}}
@@ -535,13 +541,7 @@ def test_benchmark_summary_skips_a_cut_off_json(tmp_path, capsys):
 def test_step_profile_writes_a_breakdown(tmp_path):
     # benchmarks/profile_step.py (run by device_check.sh on the GPU) on the tiny model: every
     # field of its report, for both precisions, and the kernel families named as intended.
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
-    spec = importlib.util.spec_from_file_location("dcgen_profile_step", script)
-    profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile)
+    profile = _benchmark_script("profile_step")
     assert profile.family_of("flash_fwd_sm90_tma_kernel<bf16>") == "attention"
     assert profile.family_of("cudnn_generated_fort_native_sdpa_sm90") == "attention"
     assert profile.family_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
@@ -652,13 +652,7 @@ def test_throw_probe_tells_a_crash_from_a_raise():
     # benchmarks/throw_probe.py (device_check.sh, GPU machine) runs each bad-input op call in its
     # own interpreter: a check that raises must read as rc 1 with its message, a segfault as
     # the signal, and the table must still come out after a crash.
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throw_probe.py"
-    spec = importlib.util.spec_from_file_location("dcgen_throw_probe", script)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _benchmark_script("throw_probe")
     rc, err = probe.run_case("raise RuntimeError('expected x of shape [M, D], got [3]')", "")
     assert rc == 1 and "expected x of shape" in err
     rc, _ = probe.run_case("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", "")
