@@ -186,7 +186,6 @@ if [ "${DCGEN_SKIP_TESTS:-0}" != 1 ]; then
   # -v names every test, so a crash's log shows which one (faulthandler adds the Python stack).
   # A file that kills its process (139: SIGSEGV, 134: SIGABRT) runs again under cuda-gdb at
   # the end of the script, for the native stack.
-  crashed_files=()
   for f in $fresh; do
     name=$(basename "$f" .py)
     DCGEN_ATTENTION_SM90=0 timeout "$(cap 60)" python3 -m pytest "$f" ${sel[@]+"${sel[@]}"} \
