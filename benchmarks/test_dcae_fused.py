@@ -242,3 +242,35 @@ def test_decode_plain_vs_fused(benchmark, preset, impl):
     with torch.inference_mode():
         benchmark.extra_info.update(measure_peak_memory(fn))
         time_it(benchmark, fn, n_rounds=rounds(3, 2))
+
+
+# Row bands (dcgen/autoencoders/row_bands.py) in the fused decode: ResBlocks write conv2's
+# output band by band into their input, up blocks fill a preallocated output band by band.
+# Baseline: the same fused decode with bands off. What it costs in time for the memory.
+ROW_BAND_BYTES = 256 * 2**20 if ON_GPU else 4096
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+@pytest.mark.parametrize("preset", DECODE_PRESETS)
+def test_decode_row_bands(benchmark, preset, impl):
+    from dcgen.autoencoders.fused import fused_inference
+    from dcgen.autoencoders.row_bands import band_size
+
+    _skip_without("up_block_shortcut", "dcgen")  # both rows are the fused path
+    model = _decode_model(preset)
+    f = model.spatial_compression_ratio
+    z = torch.randn(1, model.latent_channels, DECODE_SIZE // f, DECODE_SIZE // f, device=DEVICE)
+    z = z.to(DTYPE)
+    nbytes = 0 if impl == "baseline" else ROW_BAND_BYTES
+
+    def fn():
+        with fused_inference(True), band_size(nbytes):
+            return model.decode(z)
+
+    benchmark.group = f"decode {preset.removeprefix('dc-ae-')} {DECODE_SIZE}px row bands"
+    benchmark.extra_info.update(
+        impl=impl, baseline_name="fused decode without row bands", band_bytes=nbytes
+    )
+    with torch.inference_mode():
+        benchmark.extra_info.update(measure_peak_memory(fn))
+        time_it(benchmark, fn, n_rounds=rounds(3, 2))

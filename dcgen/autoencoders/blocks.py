@@ -34,6 +34,7 @@ from .norms import (
     make_act,
     make_norm,
 )
+from .row_bands import conv3x3_rows, may_overwrite, row_bands
 
 LINEAR_ATTENTION_EPS = 1e-15
 
@@ -139,7 +140,12 @@ class ResBlock(nn.Module):
             h = apply_act_inplace(self.act, h)  # no second conv1-sized buffer
         else:
             h = self.act(h)
-        if fused and self._can_fold_norm():
+        folded = fused and self._can_fold_norm()
+        if fused and (folded or isinstance(self.norm, (ChannelRMSNorm, nn.Identity))):
+            bands = self._bands(x)
+            if bands is not None:
+                return self._conv2_into_input(x, h, bands, folded)
+        if folded:
             # BatchNorm folded into conv2 on the fly: no norm pass, and the residual lands in
             # place in conv2's fresh output. The module keeps its BatchNorm (and its checkpoint
             # format); the folded weights are cached until any of them changes.
@@ -148,6 +154,37 @@ class ResBlock(nn.Module):
             return h.add_(x)
         h = self.conv2(h)  # rebinding frees conv1's output before the norm allocates its own
         return _residual_norm(x, self.norm, h)
+
+    def _bands(self, x: torch.Tensor) -> list[tuple[int, int, int]] | None:
+        if not may_overwrite(self, x):
+            return None
+        return row_bands(x, x.shape[1] * x.shape[3] * x.element_size())
+
+    def _conv2_into_input(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        bands: list[tuple[int, int, int]],
+        folded: bool,
+    ) -> torch.Tensor:
+        """The residual ending written into x, one band of conv2's output rows at a time
+        (row_bands.py): x and act(conv1(x)) plus one band alive, instead of three full maps.
+        Same rounding as the unbanded path: conv2's output is rounded, then normalised with the
+        residual in one op (RMSNorm) or added to x (BatchNorm folded into conv2, or none)."""
+        if folded:
+            weight, bias = self._folded_conv2()
+        else:
+            weight, bias = self.conv2.weight, self.conv2.bias
+        rms = isinstance(self.norm, ChannelRMSNorm)
+        for i, a, b in bands:
+            xb = x[i : i + 1, :, a:b]
+            t = conv3x3_rows(h[i : i + 1], weight, bias, a, b)
+            if rms:
+                xb.copy_(self.norm.fused(t, residual=xb))
+            else:
+                xb.add_(t)
+            del t
+        return x
 
     def _can_fold_norm(self) -> bool:
         """Inference with BatchNorm's running statistics, where folding changes nothing but
@@ -387,6 +424,36 @@ class UpBlock(nn.Module):
     def clear_fused_cache(self) -> None:
         self._subpixel = None
 
+    def _shortcut_in_bands(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bands: list[tuple[int, int, int]],
+    ) -> torch.Tensor:
+        """The fused path one band of input rows at a time into one preallocated output
+        (row_bands.py): x + the output + one band alive, instead of x + the full conv output +
+        the output. Costs one copy of each output band."""
+        n, _, height, width = x.shape
+        out: torch.Tensor | None = None
+        for i, a, b in bands:
+            y = conv3x3_rows(x[i : i + 1], weight, bias, a, b)
+            band = up_block_shortcut(y, x[i : i + 1, :, a:b], True)
+            del y
+            if out is None:
+                last = band.is_contiguous(memory_format=torch.channels_last)
+                fmt = torch.channels_last if last else torch.contiguous_format
+                out = torch.empty(
+                    (n, band.shape[1], 2 * height, 2 * width),
+                    dtype=band.dtype,
+                    device=band.device,
+                    memory_format=fmt,
+                )
+            out[i : i + 1, :, 2 * a : 2 * b].copy_(band)
+            del band
+        assert out is not None
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shuffle = self.mode == "pixel_shuffle"
         if self.shortcut and use_fused(x, "up_block_shortcut"):
@@ -394,10 +461,16 @@ class UpBlock(nn.Module):
             # interpolate mode runs as the equivalent sub-pixel conv on x, so the 4x larger
             # upsampled input is never built.
             if shuffle:
-                y = self.conv(x)
+                weight, bias = self.conv.weight, self.conv.bias
             else:
                 weight, bias = self._subpixel_conv()
-                y = F.conv2d(x, weight, bias, padding=1)
+            bands = None
+            if can_modify_in_place():
+                row_bytes = 4 * self.out_channels * x.shape[3] * x.element_size()
+                bands = row_bands(x, row_bytes)
+            if bands is not None:
+                return self._shortcut_in_bands(x, weight, bias, bands)
+            y = F.conv2d(x, weight, bias, padding=1)
             return up_block_shortcut(y, x, True)
         if shuffle:
             y = _layout_of(F.pixel_shuffle(self.conv(x), 2), x)

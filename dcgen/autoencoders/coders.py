@@ -24,6 +24,7 @@ from .blocks import DownBlock, UpBlock, make_block
 from .config import DCAEConfig
 from .fused import use_fused
 from .norms import ChannelRMSNorm, fusable_act_name, make_act
+from .row_bands import may_overwrite, owned_activations, row_bands
 
 
 class Encoder(nn.Module):
@@ -61,8 +62,9 @@ class Encoder(nn.Module):
         """Latents of ``x``; with ``channels=c`` only the first c latent channels are computed
         (DC-AE 1.5 structured latents: the head conv's weight is sliced to [:c])."""
         h = self.stem(x)
-        for stage in self.stages:
-            h = stage(h)
+        with owned_activations():
+            for layer in [m for stage in self.stages for m in stage]:
+                h = layer(h)  # rebinding frees each input (a stage's Sequential would hold it)
         c = self.latent_channels if channels is None else channels
         if c == self.latent_channels:
             z = self.head(h)
@@ -117,14 +119,20 @@ class Decoder(nn.Module):
         block) ``band_rows`` output rows at a time (banding.py: same result, a fraction of the
         peak memory)."""
         h = self._stem(z)
-        if band_rows is None:
-            for stage in reversed(self.stages):
-                h = stage(h)
-            return self._head(h)
         layers = [m for stage in reversed(self.stages) for m in stage]
+        if band_rows is None:
+            # Layer by layer, rebinding h: each input is freed as soon as the next layer has
+            # returned (calling a stage's Sequential would keep the stage's input alive to its
+            # end: 1-2 GB at 4K). The blocks may overwrite their inputs (row_bands.py).
+            with owned_activations():
+                for m in layers:
+                    h = m(h)
+                h = self._head_in(h)  # rebinding frees the pre-norm map
+            return self.head(h)
         k = local_suffix(layers)
-        for m in layers[:k]:
-            h = m(h)
+        with owned_activations():
+            for m in layers[:k]:
+                h = m(h)
         steps = [local_step(m) for m in layers[k:]]
         head = local_step(self.head)  # the head conv or UpBlock; its norm + act are per pixel
         steps.append(LocalStep(self._head, head.radius, head.scale))
@@ -145,8 +153,20 @@ class Decoder(nn.Module):
         return h
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self._head_in(h))
+
+    def _head_in(self, h: torch.Tensor) -> torch.Tensor:
+        """act(head_norm(h)), the head conv's input: in place, band by band, where h may be
+        overwritten (row_bands.py), else into a new map."""
         act = fusable_act_name(self.head_act)
-        if act is not None and use_fused(h, "channel_rms_norm_fused"):
-            h = self.head_norm.fused(h, act=act)  # rebinding frees the pre-norm map early
-            return self.head(h)
-        return self.head(self.head_act(self.head_norm(h)))
+        if act is None or not use_fused(h, "channel_rms_norm_fused"):
+            return self.head_act(self.head_norm(h))
+        bands = None
+        if may_overwrite(self.head_norm, h):
+            bands = row_bands(h, h.shape[1] * h.shape[3] * h.element_size())
+        if bands is None:
+            return self.head_norm.fused(h, act=act)
+        for i, a, b in bands:
+            hb = h[i : i + 1, :, a:b]
+            hb.copy_(self.head_norm.fused(hb, act=act))
+        return h

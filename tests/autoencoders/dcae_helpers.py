@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 
 def perturb_norms(model: nn.Module, seed: int = 1) -> nn.Module:
@@ -66,3 +67,19 @@ def ref_encode(model, x):
 
 def ref_decode(model, z):
     return model.decode(z).sample
+
+
+def peak_cpu_bytes(fn) -> int:  # noqa: ANN001
+    """Peak live CPU bytes allocated while fn runs (the profiler's allocation events in time
+    order: an op's own allocations at its start, frees as [memory] events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted(
+        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+        for e in prof.events()
+    )  # fmt: skip
+    live = peak = 0
+    for _, d in deltas:
+        live += d
+        peak = max(peak, live)
+    return peak

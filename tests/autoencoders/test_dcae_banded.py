@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dcae_helpers import perturb_norms
+from dcae_helpers import peak_cpu_bytes, perturb_norms
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from dcgen.autoencoders import DCAE, reduced_config
 from dcgen.autoencoders.banding import LocalStep, band_ranges, local_step, local_suffix
@@ -25,22 +24,6 @@ def _model(name: str) -> DCAE:
 def _latents(model: DCAE, pixels: tuple[int, int], batch: int = 1) -> torch.Tensor:
     f = model.spatial_compression_ratio
     return torch.randn(batch, model.latent_channels, pixels[0] // f, pixels[1] // f)
-
-
-def _peak_bytes(fn) -> int:  # noqa: ANN001
-    """Peak live CPU bytes allocated while fn runs (the profiler's allocation events in time
-    order: an op's own allocations at its start, frees as [memory] events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    deltas = sorted(
-        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-        for e in prof.events()
-    )  # fmt: skip
-    live = peak = 0
-    for _, d in deltas:
-        live += d
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -64,8 +47,8 @@ def test_banded_decode_lowers_peak_memory():
     model = _model("dc-ae-f32c32-sana-1.1")
     z = _latents(model, (512, 512))
     with torch.inference_mode():
-        full = _peak_bytes(lambda: model.decode(z))
-        banded = _peak_bytes(lambda: model.decode(z, band_rows=128))
+        full = peak_cpu_bytes(lambda: model.decode(z))
+        banded = peak_cpu_bytes(lambda: model.decode(z, band_rows=128))
     assert banded < 0.5 * full, (banded, full)
 
 

@@ -1,0 +1,238 @@
+"""Row bands (dcgen/autoencoders/row_bands.py): the fused path's result, in less memory.
+
+On a CPU the fused path is forced (fused_inference(True)) and the ops run their references;
+bands are made tiny (band_size) so that small test maps split into many of them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dcae_helpers import peak_cpu_bytes, perturb_norms
+from torch import nn
+
+from dcgen.autoencoders import DCAE, reduced_config
+from dcgen.autoencoders.blocks import ResBlock, UpBlock
+from dcgen.autoencoders.fused import fused_inference
+from dcgen.autoencoders.row_bands import (
+    band_bytes,
+    band_size,
+    conv3x3_rows,
+    may_overwrite,
+    owned_activations,
+    row_bands,
+)
+
+PRESETS = ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1", "dc-ae-f32c32-in-1.0"]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv3x3_rows_equals_rows_of_the_full_conv(channels_last, with_bias):
+    weight = torch.randn(5, 4, 3, 3)
+    bias = torch.randn(5) if with_bias else None
+    for height in (1, 2, 5, 9):
+        x = torch.randn(2, 4, height, 6)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        full = F.conv2d(x, weight, bias, padding=1)
+        for a in range(height):
+            for b in range(a + 1, height + 1):
+                got = conv3x3_rows(x, weight, bias, a, b)
+                torch.testing.assert_close(got, full[:, :, a:b], rtol=1e-5, atol=1e-5)
+
+
+def test_row_bands_cover_every_row_once_within_the_size():
+    x = torch.empty(2, 4, 10, 3)  # fp32: one row of one sample is 4 * 3 * 4 = 48 bytes
+    with band_size(48 * 3):
+        bands = row_bands(x, 48)
+    assert bands is not None
+    for i in range(2):
+        rows = [r for j, a, b in bands if j == i for r in range(a, b)]
+        assert rows == list(range(10))
+    assert all(b - a <= 3 for _, a, b in bands)
+    with band_size(48 * 20):  # the whole tensor fits one band: the caller's unbanded path
+        assert row_bands(x, 48) is None
+    with band_size(0):  # banding off
+        assert row_bands(x, 48) is None
+    with band_size(1):  # a band never has less than one row
+        assert len(row_bands(x, 48)) == 20
+
+
+def test_band_size_settings_and_errors(monkeypatch):
+    monkeypatch.delenv("DCGEN_DCAE_BAND_MB", raising=False)
+    assert band_bytes() == 256 * 2**20
+    monkeypatch.setenv("DCGEN_DCAE_BAND_MB", "64")
+    assert band_bytes() == 64 * 2**20
+    with band_size(1000):
+        assert band_bytes() == 1000
+    assert band_bytes() == 64 * 2**20
+    monkeypatch.setenv("DCGEN_DCAE_BAND_MB", "lots")
+    with pytest.raises(ValueError, match="DCGEN_DCAE_BAND_MB: expected a number of MiB"):
+        band_bytes()
+    monkeypatch.setenv("DCGEN_DCAE_BAND_MB", "-1")
+    with pytest.raises(ValueError, match="DCGEN_DCAE_BAND_MB: expected a number >= 0"):
+        band_bytes()
+    for bad in (-1, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="band_size: expected a byte count"):
+            with band_size(bad):
+                pass
+
+
+def _resblock(norm: str) -> ResBlock:
+    block = ResBlock(8, "batch_norm" if norm in ("batch_norm", "folded") else "rms_norm", "silu")
+    perturb_norms(block).eval()
+    if norm == "folded":
+        block.fold_batchnorm()  # norm becomes nn.Identity
+    return block
+
+
+def _map(batch: int = 2, channels: int = 8, height: int = 11, width: int = 6) -> torch.Tensor:
+    return torch.randn(batch, channels, height, width)
+
+
+@pytest.mark.parametrize("norm", ["batch_norm", "rms_norm", "folded"])
+def test_resblock_bands_write_the_fused_result_into_the_input(norm):
+    block = _resblock(norm)
+    x = _map()
+    with torch.no_grad(), fused_inference(True):
+        with band_size(0), owned_activations():
+            expected = block(x.clone())  # the unbanded fused path
+        plain = None
+        with fused_inference(False):
+            plain = block(x.clone())
+        owned = x.clone()
+        with band_size(8 * 6 * 4 * 2), owned_activations():  # 2-row bands
+            got = block(owned)
+    assert got is owned  # written in place: no third map
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_resblock_keeps_its_input_unless_the_caller_owns_it():
+    block = _resblock("rms_norm")
+    x = _map()
+    before = x.clone()
+    with torch.no_grad(), fused_inference(True), band_size(1):
+        out = block(x)  # no owned_activations(): a direct call
+        assert out is not x
+        torch.testing.assert_close(x, before, rtol=0, atol=0)
+        with owned_activations():
+            view = x[:, :, 1:]  # a view: its storage belongs to x
+            block(view)
+            torch.testing.assert_close(x, before, rtol=0, atol=0)
+            seen = []
+            handle = block.register_forward_hook(lambda m, args, o: seen.append(args[0]))
+            hooked = block(x)  # a hook may keep the input: not overwritten
+            handle.remove()
+            assert hooked is not x and seen[0] is x
+            torch.testing.assert_close(x, before, rtol=0, atol=0)
+    with torch.enable_grad(), owned_activations():
+        assert not may_overwrite(block, x)  # autograd may need the input
+
+
+@pytest.mark.parametrize("mode", ["pixel_shuffle", "interpolate"])
+def test_up_block_bands_equal_the_unbanded_fused_path(mode):
+    block = UpBlock(8, 4, mode, True).eval()
+    x = _map(height=7)
+    before = x.clone()
+    with torch.no_grad(), fused_inference(True):
+        with band_size(0):
+            expected = block(x)
+        with band_size(16 * 6 * 4 * 3):  # 3 input rows per band
+            got = block(x)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)  # the input is only read
+    assert got.shape == expected.shape == (2, 4, 14, 12)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_decode_and_encode_with_bands_equal_the_plain_path(name):
+    """Batch 2, non-square, bands of a few rows: the same images and latents as the plain path
+    (which the fused path matches, test_dcae_fused_path.py)."""
+    model = perturb_norms(DCAE(reduced_config(name))).eval()
+    f = model.spatial_compression_ratio
+    z = torch.randn(2, model.latent_channels, 3, 2)
+    images = torch.rand(2, 3, 2 * f, 3 * f) * 2 - 1
+    with torch.no_grad():
+        plain = model.decode(z)
+        plain_z = model.encode(images)
+        with fused_inference(True), band_size(512):
+            banded = model.decode(z)
+            banded_z = model.encode(images)
+            band_free = model.decode(z, band_rows=f)  # banding.py's decode: no row bands inside
+    torch.testing.assert_close(banded, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(banded_z, plain_z, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(band_free, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_row_bands_lower_the_measured_peak_memory():
+    """Measured on this CPU (fp32, forced fused path, 512 px, widths / 16, SANA 1.1): 37.7 MB
+    without bands, 16.9 MB with 64 KiB bands (2026-11-27)."""
+    model = perturb_norms(DCAE(reduced_config("dc-ae-f32c32-sana-1.1"))).eval()
+    z = torch.randn(1, model.latent_channels, 16, 16)
+    with torch.inference_mode(), fused_inference(True):
+        with band_size(0):
+            full = peak_cpu_bytes(lambda: model.decode(z))
+        with band_size(64 * 1024):
+            banded = peak_cpu_bytes(lambda: model.decode(z))
+    assert banded < 0.6 * full, (banded, full)
+
+
+def _peak_model():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dcae_peak_model.py"
+    spec = importlib.util.spec_from_file_location("dcgen_benchmarks_dcae_peak_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "preset, largest_map",
+    [
+        ("dc-ae-f64c128-in-1.0", 2048 * 2048 * 256 * 2),  # stage 1: 256 ch at 2048^2, bf16
+        ("dc-ae-f32c32-sana-1.1", 4096 * 4096 * 128 * 2),  # stage 0: 128 ch at 4096^2
+    ],
+)
+def test_4k_decode_plan_holds_two_full_maps_instead_of_three(preset, largest_map):
+    """The 4096^2 decode's activation plan, on the meta device (benchmarks/dcae_peak_model.py):
+    without row bands a ResBlock holds three maps of its stage (input, conv1 and conv2
+    outputs); with them two, plus a few bands. The issue's budgets follow: f64c128 <= 6 GB,
+    SANA < 13 GB (scratch space of cuDNN not counted)."""
+    model = _peak_model()
+    band = 256 * 2**20
+    off = model.predicted_decode_peak(preset, 4096, band_mb=0)["peak_bytes"]
+    on = model.predicted_decode_peak(preset, 4096, band_mb=band / 2**20)["peak_bytes"]
+    assert 2.9 * largest_map <= off <= 3.1 * largest_map, off / largest_map
+    assert on <= 2 * largest_map + 4 * band, (on - 2 * largest_map) / band
+    assert on < (6e9 if "f64c128" in preset else 13e9)
+
+
+def test_peak_model_counts_live_tensors():
+    mode = _peak_model().LiveBytes()
+    with mode:
+        a = torch.empty(1000, dtype=torch.float32)
+        b = a[10:]  # a view: no new storage
+        c = torch.empty(500, dtype=torch.float32)
+        del a, c
+        d = torch.empty(100, dtype=torch.float32)
+    assert mode.peak == 6000  # a and c together
+    assert mode.live == 4400  # a (through its view b) and d
+    del b, d
+
+
+def test_owned_activations_is_scoped():
+    block = nn.Conv2d(1, 1, 1)
+    x = torch.randn(1, 1, 2, 2)
+    with torch.no_grad():
+        assert not may_overwrite(block, x)
+        with owned_activations():
+            assert may_overwrite(block, x)
+            with owned_activations(False):
+                assert not may_overwrite(block, x)
+            assert may_overwrite(block, x)
+        assert not may_overwrite(block, x)
