@@ -40,11 +40,12 @@
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns);
 # DCGEN_DEADLINE, below each call's timeout_s, makes every step's cap end the script in time:
 #   1. DCGEN_DEADLINE=500 DCGEN_HOPPER_DIAG=0 DCGEN_TEST_FILES=none DCGEN_SPEED_TABLE=0 \
-#      DCGEN_FP8_BLOCK=0 DCGEN_PROFILE=0 DCGEN_BENCH_FILES="quant dcae_decode" \
+#      DCGEN_FP8_BLOCK=0 DCGEN_PROFILE=0 DCGEN_BENCH_FILES="dcae_fused quant dcae_decode" \
 #      bash benchmarks/device_check.sh   (timeout_s=540: build; the Hopper kernels' tests and
-#      the never-run test files; FP8 / NVFP4 and 4K decode benchmarks; crash probe and stacks.
-#      About 86 + 52 + 60 + 61 + 150 s, plus the probe: the 126 other CUDA tests passed on
-#      2026-11-27 and are left out, DCGEN_TEST_FILES=tests brings them back, 129 s)
+#      the never-run test files (row bands included); the DC-AE decodes with and without row
+#      bands, FP8 / NVFP4 and the 4K decode vs diffusers; crash probe and stacks.
+#      About 86 + 52 + 70 + 45 + 61 + 150 s, plus the probe: the 126 other CUDA tests passed
+#      on 2026-11-27 and are left out, DCGEN_TEST_FILES=tests brings them back, 129 s)
 #   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 \
 #      DCGEN_BENCH_FILES=none DCGEN_BENCH_COMPILE=0 DCGEN_SPEED_MODELS=none \
 #      bash benchmarks/device_check.sh   (timeout_s = what is left - 20: the step profile of
@@ -169,7 +170,9 @@ if [ "${DCGEN_SKIP_TESTS:-0}" != 1 ]; then
   # flash tests in these steps run the portable kernel; the Hopper ones ran above.
   # (test_quantize.py and test_quantize_nvfp4_lowrank.py passed on the H100 on 2026-11-27;
   # the first two here each crashed their process there; CUDA graphs have never run.)
+  # (test_dcae_row_bands.py: the DC-AE row bands of 2026-11-27, never run on a GPU.)
   fresh="tests/ops/test_fp8_epilogue.py tests/test_fused_blocks.py tests/test_cuda_graphs.py"
+  fresh+=" tests/autoencoders/test_dcae_row_bands.py"
   ign=(); for f in $fresh; do ign+=(--ignore="$f"); done
   # DCGEN_TEST_FILES: the paths of this run (default all of tests/; "none" skips it, keeping the
   # Hopper tests above and the fresh files below: all of it passed on the H100 on 2026-11-27)

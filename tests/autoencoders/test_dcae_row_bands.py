@@ -26,6 +26,8 @@ from dcgen.autoencoders.row_bands import (
     owned_activations,
     row_bands,
 )
+from dcgen.ops import has_kernel
+from tests.conftest import poison_cuda_allocator
 
 PRESETS = ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1", "dc-ae-f32c32-in-1.0"]
 
@@ -236,3 +238,30 @@ def test_owned_activations_is_scoped():
                 assert not may_overwrite(block, x)
             assert may_overwrite(block, x)
         assert not may_overwrite(block, x)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1"])
+def test_cuda_decode_with_row_bands_equals_it_without(name, monkeypatch):
+    """The automatic rule on a GPU (kernels, channels_last): bands of a few rows give the
+    unbanded fused decode, fp32 without TF32 and bf16; poisoned memory shows any output band
+    that was never written."""
+    if not has_kernel("up_block_shortcut", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernels for the fused DC-AE path")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = perturb_norms(DCAE(reduced_config(name))).eval().cuda()
+    f = model.spatial_compression_ratio
+    z = torch.randn(2, model.latent_channels, 5, 3, device="cuda")
+    with torch.inference_mode():
+        for dtype, rel in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+            model.to(dtype)
+            zz = z.to(dtype)
+            with band_size(0):
+                expected = model.decode(zz).float()
+            poison_cuda_allocator()
+            with band_size(4 * 16 * 4 * f):  # a few rows per band at every stage
+                got = model.decode(zz).float()
+            assert torch.isfinite(got).all()
+            scale = max(1.0, expected.abs().max().item())
+            err = (got - expected).abs().max().item()
+            assert err <= rel * scale, (dtype, err, scale)
