@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcgen._hooks import has_forward_hooks
 from dcgen.ops import adaln_modulate, gated_residual
 from dcgen.quant.fp8_linear import FP8Linear
 
@@ -90,8 +91,10 @@ def fusable(block: nn.Module) -> bool:
 
 
 def linear_gelu(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``gelu_tanh(proj(x))`` with the GELU in the GEMM's epilogue where ``proj`` allows it."""
-    if not torch.is_grad_enabled():
+    """``gelu_tanh(proj(x))`` with the GELU in the GEMM's epilogue where ``proj`` allows it.
+    Not under a forward hook: the nn.Linear form skips proj's call and the FP8 form returns
+    the activated output, so a hook (quant.quality_report's) would miss or misread the layer."""
+    if not torch.is_grad_enabled() and not has_forward_hooks(proj):
         if type(proj) is nn.Linear and proj.bias is not None and x.is_cuda:
             y = torch._addmm_activation(
                 proj.bias, x.reshape(-1, x.shape[-1]), proj.weight.t(), use_gelu=True

@@ -37,7 +37,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module_hooks
+
+from dcgen._hooks import has_forward_hooks
 
 from .fused import can_modify_in_place
 
@@ -97,15 +98,6 @@ def owned_activations(enabled: bool = True) -> Iterator[None]:
         _owned = previous
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or _module_hooks._global_forward_hooks
-        or _module_hooks._global_forward_pre_hooks
-    )
-
-
 def may_overwrite(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``module`` may write its result into its input ``x`` (see the module doc)."""
     return (
@@ -113,7 +105,7 @@ def may_overwrite(module: nn.Module, x: torch.Tensor) -> bool:
         and can_modify_in_place()
         and x._base is None  # a view's storage belongs to someone else (banding.py's slices)
         and not x.requires_grad
-        and not _has_hooks(module)
+        and not has_forward_hooks(module)
     )
 
 

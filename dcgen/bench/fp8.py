@@ -104,6 +104,7 @@ def output_quality(
         "rel_err": rep["output"]["rel_err"],
         "cosine": rep["output"]["cosine"],
         "layers": len(rep["layers"]),
+        "unreached_layers": list(rep["unreached"]),
     }
     if rep["layers"]:
         name, worst = max(rep["layers"].items(), key=lambda kv: kv[1]["rel_err"])

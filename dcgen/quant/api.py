@@ -390,7 +390,9 @@ def quality_report(
     args, or one tensor; called once, the same inputs go to both models).
 
     Returns ``{"layers": {name: {"rel_err", "cosine", "rel_err_in_model", "cosine_in_model"}},
-    "output": {"rel_err", "cosine"}}``: ``rel_err = ||y_q - y_fp|| / ||y_fp||``. The plain
+    "output": {"rel_err", "cosine"}, "unreached": [names]}``: ``rel_err = ||y_q - y_fp|| /
+    ||y_fp||``; ``unreached`` lists the quantized layers whose forward did not run in one of the
+    two models (their error is only in the output's). The plain
     pair isolates the layer (the quantized layer fed the fp model's input to that layer); the
     ``_in_model`` pair compares the two models' outputs at that layer (errors accumulated
     upstream included).
@@ -433,8 +435,10 @@ def quality_report(
         for h in handles:
             h.remove()
     layers = {}
+    unreached = []
     for name, mod in qmods.items():
         if name not in fp_io or name not in q_out:
+            unreached.append(name)
             continue
         x_fp, o_fp = fp_io[name]
         local = _errors(o_fp, mod(x_fp))
@@ -444,4 +448,11 @@ def quality_report(
             "rel_err_in_model": in_model["rel_err"],
             "cosine_in_model": in_model["cosine"],
         }
-    return {"layers": layers, "output": _errors(y_fp, y_q)}
+    if unreached:
+        logger.warning(
+            "quality_report: %d quantized layers never ran their forward (first: %s); their "
+            "error shows only in the output's",
+            len(unreached),
+            unreached[0],
+        )
+    return {"layers": layers, "output": _errors(y_fp, y_q), "unreached": unreached}

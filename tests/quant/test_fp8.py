@@ -326,6 +326,36 @@ def test_quality_report(fp_model):
     assert 0 < rep["output"]["rel_err"] < 0.01 and rep["output"]["cosine"] > 0.9999
 
 
+def test_quality_report_through_fused_blocks(fp_model):
+    """dcgen.accelerate(blocks=True) runs the MLP's first linear with its GELU fused (the FP8
+    linear's epilogue; on CUDA also torch's addmm + GELU for bf16). Under the report's hooks
+    both models take the plain linear, so every layer is compared pre-GELU on both sides; before
+    this the FP8 side's hook saw the activated output (in-model error about 0.57 on the GELU
+    linears) and, on CUDA, the bf16 side's hook never fired (14 of 17 layers reported)."""
+    import dcgen
+
+    ref, model = copy.deepcopy(fp_model), copy.deepcopy(fp_model)
+    quantize_(model, FP8Config())
+    dcgen.accelerate(ref, blocks=True)
+    dcgen.accelerate(model, blocks=True)
+    with torch.no_grad():
+        rep = quality_report(ref, model, flux_inputs)
+    assert set(rep["layers"]) == QUANTIZED and rep["unreached"] == []
+    for name, v in rep["layers"].items():
+        assert v["rel_err_in_model"] < 0.1 and v["cosine_in_model"] > 0.995, (name, v)
+
+
+def test_quality_report_names_unreached_layers(fp_model):
+    ref = copy.deepcopy(fp_model)
+    ref.spare = nn.Linear(32, 32)  # quantized like every linear, never called by forward
+    model = copy.deepcopy(ref)
+    quantize_(model, FP8Config())
+    assert isinstance(model.spare, FP8Linear)
+    rep = quality_report(ref, model, flux_inputs)
+    assert rep["unreached"] == ["spare"]
+    assert set(rep["layers"]) == QUANTIZED
+
+
 def test_lora_then_quantize_keeps_adapter_trainable(fp_model):
     from dcgen.train.lora import add_lora, lora_parameters
 

@@ -250,7 +250,7 @@ def test_quality_report(fp_model):
     model = copy.deepcopy(fp_model)
     quantize_(model, NVFP4Config(mode="w4a16"))
     rep = quality_report(fp_model, model, flux_inputs)
-    assert set(rep) == {"layers", "output"}
+    assert set(rep) == {"layers", "output", "unreached"} and rep["unreached"] == []
     assert set(rep["layers"]) == QUANTIZED
     for name, v in rep["layers"].items():
         assert set(v) == {"rel_err", "cosine", "rel_err_in_model", "cosine_in_model"}
