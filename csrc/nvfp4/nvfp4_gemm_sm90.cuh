@@ -8,11 +8,18 @@
 // form are therefore the reference's, and the result differs from the reference
 // (dequantize-then-matmul in fp32) by fp32 summation order and the one bf16 rounding only.
 //
-// Shape of the kernel (one configuration, chosen for a first correct version; no TMA and no
-// warp specialization yet): 256 threads = two consumer warpgroups, CTA tile 128 x 128 x 64, each
-// warpgroup one 64 x 128 wgmma row band. Two shared-memory stages: while the tensor cores work
-// on stage s, every thread loads the next K tile from global memory, dequantizes it and writes
-// stage s ^ 1. Operand A is NVFP4 (W4A4) or bf16 (W4A16, copied as is); B is always NVFP4.
+// Shape of the kernel (one configuration; no TMA and no warp specialization yet): 256 threads =
+// two consumer warpgroups, CTA tile 128 x 128 x 64, each warpgroup one 64 x 128 wgmma row band.
+// Two shared-memory stages: while the tensor cores work on stage s, every thread converts the
+// next K tile and writes stage s ^ 1. Operand A is NVFP4 (W4A4) or bf16 (W4A16, copied as is); B
+// is always NVFP4.
+//
+// Two changes since the first version (0.15-0.2x of cuBLAS bf16 on the H200, where converting a
+// tile took longer than multiplying it, and every tile's global loads were waited for at once):
+//   - the E2M1 decode is e2m1_bf16.h's byte permutes (about 3 instructions per element instead
+//     of about 10) and the block scale one bf16x2 multiply per pair (exact, see above);
+//   - the raw bytes of tile k + 2 are loaded into registers before tile k + 1 is converted, so a
+//     tile's load latency hides behind a whole iteration.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,6 +33,7 @@
 #include <cstdint>
 
 #include "common/sm90_sync.cuh"
+#include "nvfp4/e2m1_bf16.h"
 
 namespace dcgen {
 namespace sm90 {
@@ -75,86 +83,148 @@ __device__ __forceinline__ float e4m3_to_float(uint8_t bits) {
   return __half2float(__half(h));
 }
 
-// bf16 bit pattern of one E2M1 code (sign, 2 exponent bits with bias 1, 1 mantissa bit):
-// a normal code e > 0 is 2^(e-1) * (1 + m/2), so its bf16 exponent field is e + 126 and the
-// mantissa's top bit is m; the subnormal code 0.5 is bf16 exponent 126, and 0 is 0.
-__device__ __forceinline__ uint32_t e2m1_to_bf16_bits(uint32_t code) {
-  const uint32_t sign = (code & 8u) << 12;
-  const uint32_t e = (code >> 1) & 3u, m = code & 1u;
-  const uint32_t mag = e ? (((e + 126u) << 7) | (m << 6)) : (m ? (126u << 7) : 0u);
-  return sign | mag;
-}
-
 // 32 consecutive K elements of one row, as 16 bf16x2 words ready for shared memory.
 struct Chunk32 {
   uint32_t w[16];
 };
 
-// Dequantize 16 packed bytes (32 codes, even index in the low nibble) with the two block scales
-// of their 16-element blocks. The product is exact in fp32 and therefore in bf16.
-__device__ __forceinline__ void dequant32(const uint4& q, float s0, float s1, Chunk32& out) {
-  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {  // pair i = codes 2i (low nibble) and 2i + 1 (high nibble)
-    const uint32_t byte = (words[i / 4] >> ((i % 4) * 8)) & 0xFFu;
-    const float s = i < 8 ? s0 : s1;
-    const float lo = __uint_as_float(e2m1_to_bf16_bits(byte & 0xFu) << 16) * s;
-    const float hi = __uint_as_float(e2m1_to_bf16_bits(byte >> 4) << 16) * s;
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);  // exact: see the file comment
-    out.w[i] = *reinterpret_cast<const uint32_t*>(&pair);
-  }
+__device__ __forceinline__ __nv_bfloat162 e4m3_to_bf16x2(uint32_t bits) {
+  return __bfloat162bfloat162(__float2bfloat16_rn(e4m3_to_float(static_cast<uint8_t>(bits))));
 }
 
-// Thread t of the CTA owns row t / 2 and the K half (t % 2) * 32 of each 128 x 64 tile.
+// The raw bytes of one row's 32-element K chunk: 16 bytes of codes and the two E4M3 scales of
+// its two 16-element blocks (byte 0: elements 0-15, byte 1: elements 16-31).
+struct Fp4Raw {
+  uint4 q;
+  uint32_t scales;
+};
+
+// Thread t of the CTA owns row t / 2 and the K half (t % 2) * 32 of each 128 x 64 tile. A cursor
+// holds that row's pointers at K tile 0; tile kt is a fixed offset from them (the codes 32 bytes
+// further per tile, the swizzled scales one 512-byte 128x4 block further), so the mainloop does
+// no index arithmetic.
 struct Fp4Loader {
+  using Raw = Fp4Raw;
   const uint8_t* packed;
   const uint8_t* scales;
   int rows, k;
 
-  __device__ __forceinline__ void load(int row, int k0, Chunk32& out) const {
-    if (row >= rows || k0 >= k) {  // outside the matrix: zeros (K % 32 == 0: whole chunks)
-#pragma unroll
-      for (int i = 0; i < 16; ++i) out.w[i] = 0u;
-      return;
-    }
-    const uint4 q = *reinterpret_cast<const uint4*>(packed + (int64_t)row * (k / 2) + k0 / 2);
-    // k0 is a multiple of 32, so kb is even and its pair of scales is two adjacent bytes.
+  struct Cursor {
+    const uint8_t* codes;
+    const uint8_t* sf;
+    int k0;
+    bool valid;
+  };
+
+  __device__ __forceinline__ Cursor cursor(int row, int k0) const {
+    const bool valid = row < rows;
+    const int r = valid ? row : 0;  // never dereferenced when invalid
+    // k0 is a multiple of 32, so kb is even and its pair of scales is two adjacent bytes; kb
+    // advances by 4 per K tile, i.e. one 128x4 block of the swizzled layout.
     const int kb = k0 / 16;
-    const uint8_t* sp = scales + swizzled_scale_offset(row, kb, (k + 15) / 16);
-    dequant32(q, e4m3_to_float(sp[0]), e4m3_to_float(sp[1]), out);
+    return {packed + (int64_t)r * (k / 2) + k0 / 2,
+            scales + swizzled_scale_offset(r, kb, (k + 15) / 16), k0, valid};
+  }
+
+  // Outside the matrix: zero codes and scales, which convert to zeros (K % 32 == 0: whole
+  // chunks).
+  __device__ __forceinline__ Raw load(const Cursor& c, int kt) const {
+    Raw r{make_uint4(0u, 0u, 0u, 0u), 0u};
+    if (c.valid && c.k0 + kt * kBK < k) {
+      r.q = *reinterpret_cast<const uint4*>(c.codes + kt * (kBK / 2));
+      const uint8_t* sp = c.sf + kt * 512;
+      r.scales = uint32_t(sp[0]) | (uint32_t(sp[1]) << 8);
+    }
+    return r;
+  }
+
+  // 32 codes times their block scales, as bf16. Each product is exact (file comment), so the
+  // bf16x2 multiply gives the reference's values.
+  __device__ __forceinline__ static void convert(const Raw& r, Chunk32& out) {
+    const __nv_bfloat162 s0 = e4m3_to_bf16x2(r.scales & 0xFFu);
+    const __nv_bfloat162 s1 = e4m3_to_bf16x2((r.scales >> 8) & 0xFFu);
+    const uint32_t words[4] = {r.q.x, r.q.y, r.q.z, r.q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // word i: codes 8i .. 8i + 7
+      uint32_t pairs[4];
+      nvfp4::e2m1x8_to_bf16x8(words[i], pairs);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const __nv_bfloat162 v =
+            __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&pairs[j]), i < 2 ? s0 : s1);
+        out.w[4 * i + j] = *reinterpret_cast<const uint32_t*>(&v);
+      }
+    }
   }
 };
 
 struct Bf16Loader {
+  using Raw = Chunk32;
   const bf16* data;
   int rows, k;
 
-  __device__ __forceinline__ void load(int row, int k0, Chunk32& out) const {
-    if (row >= rows || k0 >= k) {
+  struct Cursor {
+    const bf16* src;
+    int k0;
+    bool valid;
+  };
+
+  __device__ __forceinline__ Cursor cursor(int row, int k0) const {
+    const bool valid = row < rows;
+    return {data + (int64_t)(valid ? row : 0) * k + k0, k0, valid};
+  }
+
+  __device__ __forceinline__ Raw load(const Cursor& c, int kt) const {
+    Raw out;
+    if (!c.valid || c.k0 + kt * kBK >= k) {
 #pragma unroll
       for (int i = 0; i < 16; ++i) out.w[i] = 0u;
-      return;
+      return out;
     }
-    const uint4* src = reinterpret_cast<const uint4*>(data + (int64_t)row * k + k0);
+    const uint4* src = reinterpret_cast<const uint4*>(c.src + kt * kBK);
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const uint4 v = src[c];
-      out.w[4 * c + 0] = v.x;
-      out.w[4 * c + 1] = v.y;
-      out.w[4 * c + 2] = v.z;
-      out.w[4 * c + 3] = v.w;
+    for (int q = 0; q < 4; ++q) {
+      const uint4 v = src[q];
+      out.w[4 * q + 0] = v.x;
+      out.w[4 * q + 1] = v.y;
+      out.w[4 * q + 2] = v.z;
+      out.w[4 * q + 3] = v.w;
     }
+    return out;
   }
+
+  __device__ __forceinline__ static void convert(const Raw& r, Chunk32& out) { out = r; }
 };
 
-// 32 bf16 of one row into a swizzled stage: four 16-byte stores (8 consecutive K elements stay
-// contiguous under the 128-byte swizzle, which permutes 16-byte units within a row).
+// Where a thread's 32 bf16 of one row go in a swizzled stage: four 16-byte units (8 consecutive
+// K elements stay contiguous under the 128-byte swizzle, which permutes 16-byte units within a
+// row), as 32-bit shared-memory addresses for stage 0, and the distance to stage 1. Computed once:
+// the generic pointers of cute's tensor would cost 64-bit address math and generic stores in
+// every iteration.
+struct StageSlots {
+  uint32_t addr[4];
+  uint32_t stage_bytes;
+};
+
 template <class SmemTensor>
-__device__ __forceinline__ void store32(SmemTensor& s, int row, int k0, int stage, const Chunk32& c) {
+__device__ __forceinline__ StageSlots stage_slots(SmemTensor& s, int row, int k0) {
+  StageSlots slots;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    uint4* dst = reinterpret_cast<uint4*>(&s(row, k0 + 8 * j, stage));
-    *dst = make_uint4(c.w[4 * j], c.w[4 * j + 1], c.w[4 * j + 2], c.w[4 * j + 3]);
+    slots.addr[j] = static_cast<uint32_t>(__cvta_generic_to_shared(&s(row, k0 + 8 * j, 0)));
+  }
+  slots.stage_bytes =
+      static_cast<uint32_t>(__cvta_generic_to_shared(&s(row, k0, 1))) - slots.addr[0];
+  return slots;
+}
+
+__device__ __forceinline__ void store32(const StageSlots& slots, int stage, const Chunk32& c) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t addr = slots.addr[j] + stage * slots.stage_bytes;
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(c.w[4 * j]),
+                 "r"(c.w[4 * j + 1]), "r"(c.w[4 * j + 2]), "r"(c.w[4 * j + 3])
+                 : "memory");
   }
 }
 
@@ -181,11 +251,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   clear(accum);
 
   const int k_tiles = (p.k + kBK - 1) / kBK;
+  const auto a_cur = a_loader.cursor(m0 + my_row, my_k);
+  const auto b_cur = b_loader.cursor(n0 + my_row, my_k);
+  const StageSlots a_slots = stage_slots(sA, my_row, my_k);
+  const StageSlots b_slots = stage_slots(sB, my_row, my_k);
   Chunk32 ca, cb;
-  a_loader.load(m0 + my_row, my_k, ca);
-  b_loader.load(n0 + my_row, my_k, cb);
-  store32(sA, my_row, my_k, 0, ca);
-  store32(sB, my_row, my_k, 0, cb);
+  typename ALoader::Raw ra = a_loader.load(a_cur, 0);
+  Fp4Raw rb = b_loader.load(b_cur, 0);
+  ALoader::convert(ra, ca);
+  Fp4Loader::convert(rb, cb);
+  store32(a_slots, 0, ca);
+  store32(b_slots, 0, cb);
+  // ra / rb hold the raw bytes of the next tile from here on (zeros past K).
+  ra = a_loader.load(a_cur, 1);
+  rb = b_loader.load(b_cur, 1);
   fence_async_shared();
   __syncthreads();
 
@@ -198,15 +277,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       cute::gemm(tiled_mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, stage), accum);
     }
     warpgroup_commit_batch();
-    // Overlap: the next tile's global loads and dequantization run while the wgmmas do. The
-    // other stage was last read by the previous iteration's wgmmas, which every warpgroup has
-    // waited for before the barrier that ended that iteration.
+    // Overlap: while the wgmmas run, issue tile kt + 2's global loads, then convert tile kt + 1
+    // (loaded one iteration ago) into the other stage. That stage was last read by the
+    // previous iteration's wgmmas, which every warpgroup has waited for before the barrier
+    // that ended that iteration.
     if (kt + 1 < k_tiles) {
-      const int k_next = (kt + 1) * kBK + my_k;
-      a_loader.load(m0 + my_row, k_next, ca);
-      b_loader.load(n0 + my_row, k_next, cb);
-      store32(sA, my_row, my_k, stage ^ 1, ca);
-      store32(sB, my_row, my_k, stage ^ 1, cb);
+      const typename ALoader::Raw ra_after = a_loader.load(a_cur, kt + 2);
+      const Fp4Raw rb_after = b_loader.load(b_cur, kt + 2);
+      ALoader::convert(ra, ca);
+      Fp4Loader::convert(rb, cb);
+      store32(a_slots, stage ^ 1, ca);
+      store32(b_slots, stage ^ 1, cb);
+      ra = ra_after;
+      rb = rb_after;
     }
     warpgroup_wait<0>();
     warpgroup_fence_operand(accum);
