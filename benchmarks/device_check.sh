@@ -22,7 +22,7 @@
 # Each step has a cap; DCGEN_STEP_TIMEOUT scales them (percent). Subsets for a short budget:
 # DCGEN_BENCH_FILES="attention dcae_decode" (benchmarks/test_<name>.py), DCGEN_SPEED_MODELS=flux,
 # DCGEN_FP8_BLOCK=0, DCGEN_SKIP_BENCH=1, DCGEN_SPEED_TABLE=0, DCGEN_TEST_ARGS=... (pytest),
-# DCGEN_HOPPER_DIAG=0 (no Hopper error maps), DCGEN_PROFILE=0 (no step profile),
+# DCGEN_HOPPER_DIAG=0 (no Hopper error maps; or a list: gemm, tma, attention), DCGEN_PROFILE=0 (no step profile),
 # DCGEN_SPEED_GRAPHS=0 (no CUDA-graphs table), DCGEN_SPEED_MODELS=none (no main speed table),
 # DCGEN_BENCH_SIZES (decode benchmark sizes, default 4096), DCGEN_BENCH_COMPILE=0 (the FP8
 # block without its torch.compile cases), DCGEN_TEST_FILES (paths of the main CUDA test run,
@@ -39,9 +39,10 @@
 # again (Hopper diagnostics, attention, dcae_fused, ops, the main FLUX table). Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns);
 # DCGEN_DEADLINE, below each call's timeout_s, makes every step's cap end the script in time:
-#   1. DCGEN_DEADLINE=500 DCGEN_HOPPER_DIAG=0 DCGEN_TEST_FILES=none DCGEN_SPEED_TABLE=0 \
+#   1. DCGEN_DEADLINE=500 DCGEN_HOPPER_DIAG=gemm DCGEN_TEST_FILES=none DCGEN_SPEED_TABLE=0 \
 #      DCGEN_FP8_BLOCK=0 DCGEN_PROFILE=0 DCGEN_BENCH_FILES="dcae_fused quant dcae_decode" \
-#      bash benchmarks/device_check.sh   (timeout_s=540: build; the Hopper kernels' tests and
+#      bash benchmarks/device_check.sh   (timeout_s=540: build; the NVFP4 GEMMs' error maps
+#      (their mainloop was rewritten after the 2026-11-27 run); the Hopper kernels' tests and
 #      the never-run test files (row bands included); the DC-AE decodes with and without row
 #      bands, FP8 / NVFP4 and the 4K decode vs diffusers; crash probe and stacks.
 #      About 86 + 52 + 70 + 45 + 61 + 150 s, plus the probe: the 126 other CUDA tests passed
@@ -109,8 +110,12 @@ hopper_attention=1 hopper_tma=1 hopper_gemm=1 hung_attention=0 hung_tma=0 hung_g
 if [ "$major" = 9 ] && [ "${DCGEN_SKIP_TESTS:-0}" != 1 ]; then
   stamp "hopper diagnostics"
   # DCGEN_HOPPER_DIAG=0 skips the error maps (every case passed on the H100 on 2026-11-27);
-  # the Hopper kernels' tests below still run
-  fams="attention tma gemm"; [ "${DCGEN_HOPPER_DIAG:-1}" = 1 ] || fams=""
+  # the Hopper kernels' tests below still run. A list ("gemm") runs those families only.
+  case ${DCGEN_HOPPER_DIAG:-1} in
+    1) fams="attention tma gemm" ;;
+    0) fams="" ;;
+    *) fams=$DCGEN_HOPPER_DIAG ;;
+  esac
   for fam in $fams; do  # tma: the warp-specialized TMA attention kernel
     timeout "$(cap 90)" python3 benchmarks/hopper_debug.py $fam --out "$OUT" >"$OUT/hopper_debug_$fam.log" 2>&1
     rc=$?
