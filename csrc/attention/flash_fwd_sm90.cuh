@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1) flash_fwd_sm90_kernel(const Flash
     update_row_stats(tile_max, row_max, row_sum, alpha, shift);
 #pragma unroll
     for (int i = 0; i < size(acc_s); ++i) {
-      const float e = exp2f(acc_s(i) - shift[(i / 2) % 2]);
+      const float e = exp2_approx(acc_s(i) - shift[(i / 2) % 2]);
       row_sum[(i / 2) % 2] += e;
       tSsP(i) = E(e);
     }

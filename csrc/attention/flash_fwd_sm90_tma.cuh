@@ -254,25 +254,30 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   // Scale into the exp2 domain, mask (sequence tail, key padding), online softmax in fp32; the
   // exponentials stay in acc_s (P V may still be reading tOrP). Returns O's rescale factors.
+  // The key checks run only on tiles that need them (the last one, or all of them under a
+  // key-padding mask), behind one tile-wide branch: inside the element loop they compiled to a
+  // branch and a convergence barrier per element on every tile.
   auto softmax = [&](int n, float (&alpha)[2]) {
     const int n0 = n * kKeys;
-    const bool masked = mask != nullptr || n0 + kKeys > p.seqlen_k;
+#pragma unroll
+    for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= p.scale_log2;
+    if (mask != nullptr || n0 + kKeys > p.seqlen_k) {
+#pragma unroll
+      for (int i = 0; i < size(acc_s); ++i) {
+        const int key = n0 + get<1>(tScS(i));
+        if (key >= p.seqlen_k || (mask != nullptr && !mask[key])) acc_s(i) = -INFINITY;
+      }
+    }
     float tile_max[2] = {row_max[0], row_max[1]};
 #pragma unroll
     for (int i = 0; i < size(acc_s); ++i) {
-      float x = acc_s(i) * p.scale_log2;
-      if (masked) {
-        const int key = n0 + get<1>(tScS(i));
-        if (key >= p.seqlen_k || (mask != nullptr && !mask[key])) x = -INFINITY;
-      }
-      acc_s(i) = x;
-      tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], x);
+      tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], acc_s(i));
     }
     float shift[2];
     sm90::update_row_stats(tile_max, row_max, row_sum, alpha, shift);
 #pragma unroll
     for (int i = 0; i < size(acc_s); ++i) {
-      const float e = exp2f(acc_s(i) - shift[(i / 2) % 2]);
+      const float e = exp2_approx(acc_s(i) - shift[(i / 2) % 2]);
       row_sum[(i / 2) % 2] += e;
       acc_s(i) = e;
     }
