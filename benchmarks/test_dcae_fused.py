@@ -127,12 +127,18 @@ def test_down_block_pixel_unshuffle(benchmark, impl):
 GLU_SHAPE = (1, 4096, 512, 512) if ON_GPU else (1, 64, 32, 32)
 
 
+# channels_last is what the decoders run on CUDA (DCAE's "auto" memory format) and what the
+# 4-channel strip kernel serves; NCHW takes the per-element kernel.
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
-def test_glumbconv_depthwise_gate(benchmark, impl):
+def test_glumbconv_depthwise_gate(benchmark, impl, layout):
     _skip_without("glu_depthwise_conv", impl)
     c2 = GLU_SHAPE[1]
     t = _rand(*GLU_SHAPE)
     conv = torch.nn.Conv2d(c2, c2, 3, padding=1, groups=c2).to(DEVICE, DTYPE)
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+        conv = conv.to(memory_format=torch.channels_last)
     if impl == "dcgen":
 
         def fn():
@@ -144,7 +150,8 @@ def test_glumbconv_depthwise_gate(benchmark, impl):
             return y * F.silu(gate)
 
     nbytes = t.numel() * t.element_size() * 3 // 2  # read t, write half
-    _run(benchmark, impl, f"glumbconv dw3x3+gate {GLU_SHAPE}", "cuDNN depthwise + gate", fn, nbytes)
+    group = f"glumbconv dw3x3+gate {GLU_SHAPE} {layout}"
+    _run(benchmark, impl, group, "cuDNN depthwise + gate", fn, nbytes)
 
 
 # SANA f32c32 stage 0 at 4096^2: ResBlock's norm + residual over 128 ch @ 4096^2.

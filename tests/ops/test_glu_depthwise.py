@@ -11,8 +11,12 @@ from dcgen.ops import glu_depthwise_conv, glu_depthwise_conv_reference, has_kern
 from dcgen.ops._extension import compiled_op
 from tests.conftest import poison_cuda_allocator
 
-# (B, 2*Ch, H, W): odd sizes, 1-pixel rows/columns (all-border), a single channel pair.
-SHAPES = [(2, 8, 5, 7), (1, 2, 1, 1), (1, 6, 1, 9), (2, 16, 8, 8), (1, 64, 13, 3)]
+# (B, 2*Ch, H, W): odd sizes, 1-pixel rows/columns (all-border), a single channel pair. On CUDA,
+# channels_last 16-bit maps with Ch % 4 == 0 take the 4-channel strip kernel: rows longer than
+# one strip with a partial last strip (W = 19, strips of 4), and a channel-group count that is
+# not a multiple of the warp (Ch = 260: 65 groups); Ch = 1 and 3 take the per-element kernel.
+SHAPES = [(2, 8, 5, 7), (1, 2, 1, 1), (1, 6, 1, 9), (2, 16, 8, 8), (1, 64, 13, 3),
+          (1, 8, 4, 19), (2, 520, 3, 10)]  # fmt: skip
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
