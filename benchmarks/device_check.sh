@@ -39,20 +39,22 @@
 # again (Hopper diagnostics, attention, dcae_fused, ops, the main FLUX table). Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns);
 # DCGEN_DEADLINE, below each call's timeout_s, makes every step's cap end the script in time:
-#   1. DCGEN_DEADLINE=500 DCGEN_HOPPER_DIAG=gemm DCGEN_TEST_FILES=none DCGEN_SPEED_TABLE=0 \
-#      DCGEN_FP8_BLOCK=0 DCGEN_PROFILE=0 DCGEN_BENCH_FILES="dcae_fused quant dcae_decode" \
-#      bash benchmarks/device_check.sh   (timeout_s=540: build; the NVFP4 GEMMs' error maps
-#      (their mainloop was rewritten after the 2026-11-27 run); the Hopper kernels' tests and
-#      the never-run test files (row bands included); the DC-AE decodes with and without row
-#      bands, FP8 / NVFP4 and the 4K decode vs diffusers; crash probe and stacks.
-#      About 86 + 52 + 70 + 45 + 61 + 150 s, plus the probe: the 126 other CUDA tests passed
-#      on 2026-11-27 and are left out, DCGEN_TEST_FILES=tests brings them back, 129 s)
-#   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 \
-#      DCGEN_BENCH_FILES=none DCGEN_BENCH_COMPILE=0 DCGEN_SPEED_MODELS=none \
-#      bash benchmarks/device_check.sh   (timeout_s = what is left - 20: the step profile of
-#      bf16, FP8 and the decode, the kernels-vs-graphs FLUX table with FP8 rows for both, the
-#      graphed step profile,
-#      then the FP8 double block eager and graphed, without its torch.compile cases)
+#   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG="gemm tma" DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
+#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_attention.py tests/autoencoders" \
+#      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="attention dcae_fused quant" \
+#      bash benchmarks/device_check.sh   (timeout_s=550). Everything changed since the
+#      2026-11-27 run, validated first, then timed: build (86 s); the error maps of the NVFP4
+#      GEMMs (new mainloop) and of the TMA attention kernel (new softmax) (about 20 s); the Hopper
+#      kernels' tests (52 s); the CUDA tests of the portable flash kernel (new exponentials), the
+#      channels_last GLUMBConv kernel and the DC-AE row bands (about 40 s); the never-run files
+#      (row bands, CUDA graphs, and the two that crashed) (about 60 s); the attention,
+#      DC-AE block / decode and FP8 / NVFP4 benchmarks (89 + 45 + 61 s); the crash probe.
+#   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_FP8_BLOCK=0 \
+#      DCGEN_BENCH_FILES=dcae_decode DCGEN_BENCH_COMPILE=0 DCGEN_SPEED_MODELS=none \
+#      bash benchmarks/device_check.sh   (timeout_s = what is left - 20): the 4K decodes against
+#      diffusers (full frame with row bands, banded, NCHW, autotuned; about 150 s), then the
+#      step profile of bf16, FP8 and the decode, then the kernels-vs-graphs FLUX table, as far
+#      as the deadline lets them run.
 # If the machine was given back in between, call 2 finds no extension and builds it (86 s).
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
 #
