@@ -30,6 +30,17 @@ def _rand(*shape: int) -> torch.Tensor:
     return torch.randn(shape, device=DEVICE).to(DTYPE)
 
 
+# The decoders run channels_last on CUDA (DCAE's "auto" memory format); NCHW is what a plain
+# module gets. The block ops take both; their first H100 rows were NCHW only.
+LAYOUTS = ["channels_last", "nchw"]
+
+
+def _in_layout(layout: str, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if layout == "nchw":
+        return ts
+    return tuple(t.contiguous(memory_format=torch.channels_last) for t in ts)
+
+
 def _skip_without(op: str, impl: str) -> None:
     if impl == "dcgen" and not has_kernel(op, DEVICE):
         pytest.skip(f"no compiled {op} kernel for this device")
@@ -49,11 +60,13 @@ def _run(benchmark, impl, group, baseline_name, fn, nbytes, n_rounds=None):  # n
 UP_SHAPE = (512, 256, 1024) if ON_GPU else (32, 16, 32)  # (Cin, Cout, H)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
-def test_up_block_pixel_shuffle(benchmark, impl):
+def test_up_block_pixel_shuffle(benchmark, impl, layout):
     _skip_without("up_block_shortcut", impl)
     cin, cout, h = UP_SHAPE
     x, y = _rand(1, cin, h, h), _rand(1, 4 * cout, h, h)
+    x, y = _in_layout(layout, x, y)
     if impl == "dcgen":
 
         def fn():
@@ -65,7 +78,7 @@ def test_up_block_pixel_shuffle(benchmark, impl):
 
     nbytes = (x.numel() + 2 * y.numel()) * x.element_size()  # read x, y; write out (= y)
     _run(
-        benchmark, impl, f"up_block pixel_shuffle x{tuple(x.shape)}", "pixel_shuffle + shortcut",
+        benchmark, impl, f"up_block pixel_shuffle x{tuple(x.shape)} {layout}", "pixel_shuffle + shortcut",
         fn, nbytes,
     )  # fmt: skip
 
@@ -75,11 +88,13 @@ def test_up_block_pixel_shuffle(benchmark, impl):
 UP_INTERP_SHAPE = (256, 128, 2048) if ON_GPU else (32, 16, 32)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
-def test_up_block_interpolate(benchmark, impl):
+def test_up_block_interpolate(benchmark, impl, layout):
     _skip_without("up_block_shortcut", impl)
     cin, cout, h = UP_INTERP_SHAPE
     x, y = _rand(1, cin, h, h), _rand(1, cout, 2 * h, 2 * h)
+    x, y = _in_layout(layout, x, y)
     if impl == "dcgen":
 
         def fn():
@@ -91,7 +106,7 @@ def test_up_block_interpolate(benchmark, impl):
 
     nbytes = (x.numel() + 2 * y.numel()) * x.element_size()
     _run(
-        benchmark, impl, f"up_block interpolate x{tuple(x.shape)}", "y + shortcut", fn, nbytes,
+        benchmark, impl, f"up_block interpolate x{tuple(x.shape)} {layout}", "y + shortcut", fn, nbytes,
         n_rounds=rounds(10, 3),
     )  # fmt: skip
 
@@ -129,15 +144,15 @@ GLU_SHAPE = (1, 4096, 512, 512) if ON_GPU else (1, 64, 32, 32)
 
 # channels_last is what the decoders run on CUDA (DCAE's "auto" memory format) and what the
 # 4-channel strip kernel serves; NCHW takes the per-element kernel.
-@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_glumbconv_depthwise_gate(benchmark, impl, layout):
     _skip_without("glu_depthwise_conv", impl)
     c2 = GLU_SHAPE[1]
     t = _rand(*GLU_SHAPE)
     conv = torch.nn.Conv2d(c2, c2, 3, padding=1, groups=c2).to(DEVICE, DTYPE)
+    (t,) = _in_layout(layout, t)
     if layout == "channels_last":
-        t = t.contiguous(memory_format=torch.channels_last)
         conv = conv.to(memory_format=torch.channels_last)
     if impl == "dcgen":
 
@@ -158,11 +173,13 @@ def test_glumbconv_depthwise_gate(benchmark, impl, layout):
 NORM_SHAPE = (1, 128, 4096, 4096) if ON_GPU else (1, 64, 64, 64)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
-def test_rms_norm_residual(benchmark, impl):
+def test_rms_norm_residual(benchmark, impl, layout):
     _skip_without("channel_rms_norm_fused", impl)
     c = NORM_SHAPE[1]
     h, x = _rand(*NORM_SHAPE), _rand(*NORM_SHAPE)
+    h, x = _in_layout(layout, h, x)
     w, b = torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)
     if impl == "dcgen":
 
@@ -175,7 +192,7 @@ def test_rms_norm_residual(benchmark, impl):
 
     nbytes = 3 * h.numel() * h.element_size()  # read h, x; write out
     _run(
-        benchmark, impl, f"rms_norm + residual {NORM_SHAPE}", "dcgen norm then add", fn, nbytes,
+        benchmark, impl, f"rms_norm + residual {NORM_SHAPE} {layout}", "dcgen norm then add", fn, nbytes,
         n_rounds=rounds(10, 3),
     )  # fmt: skip
 
