@@ -28,6 +28,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 #include "dcae/output_order.cuh"
 
@@ -84,30 +85,28 @@ __global__ void glu_depthwise_kernel(const T* __restrict__ x, const float* __res
 constexpr int kStrip = 4;         // output pixels per thread along W
 constexpr int kVecThreads = 128;  // 3 CTAs per SM at up to 170 registers (72 weights in them)
 
+// Two 16-bit values of one 32-bit word (the lower channel in the low half) to and from floats.
 template <typename T>
-struct Vec4Traits;
-template <>
-struct Vec4Traits<__nv_bfloat16> {
-  using Pair = __nv_bfloat162;
-  static __device__ __forceinline__ float2 to_float2(uint32_t u) {
-    return __bfloat1622float2(*reinterpret_cast<const Pair*>(&u));
+__device__ __forceinline__ float2 pair_to_float2(uint32_t u) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&u));
   }
-  static __device__ __forceinline__ uint32_t from_float2(float lo, float hi) {
-    const Pair p = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&p);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t float2_to_pair(float lo, float hi) {
+  uint32_t u;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+    u = *reinterpret_cast<const uint32_t*>(&p);
+  } else {
+    const __half2 p = __floats2half2_rn(lo, hi);
+    u = *reinterpret_cast<const uint32_t*>(&p);
   }
-};
-template <>
-struct Vec4Traits<__half> {
-  using Pair = __half2;
-  static __device__ __forceinline__ float2 to_float2(uint32_t u) {
-    return __half22float2(*reinterpret_cast<const Pair*>(&u));
-  }
-  static __device__ __forceinline__ uint32_t from_float2(float lo, float hi) {
-    const Pair p = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&p);
-  }
-};
+  return u;
+}
 
 // 4 consecutive channels of one pixel, raw (two 16-bit pairs); zeros outside the map (the
 // conv's padding). Kept raw in the window and widened at use: half the registers of floats.
@@ -118,7 +117,7 @@ __device__ __forceinline__ uint2 load4(const T* __restrict__ p, bool inside) {
 
 template <typename T>
 __device__ __forceinline__ float channel(const uint2& v, int i) {
-  const float2 f = Vec4Traits<T>::to_float2(i < 2 ? v.x : v.y);
+  const float2 f = pair_to_float2<T>(i < 2 ? v.x : v.y);
   return (i & 1) ? f.y : f.x;
 }
 
@@ -193,8 +192,7 @@ __global__ void __launch_bounds__(kVecThreads, 3)
       res[i] = a * (gate / (1.f + expf(-gate)));
     }
     *reinterpret_cast<uint2*>(orow + static_cast<int64_t>(ow) * ch) =
-        make_uint2(Vec4Traits<T>::from_float2(res[0], res[1]),
-                   Vec4Traits<T>::from_float2(res[2], res[3]));
+        make_uint2(float2_to_pair<T>(res[0], res[1]), float2_to_pair<T>(res[2], res[3]));
     // Slide the window one column right.
 #pragma unroll
     for (int dy = 0; dy < 3; ++dy) {

@@ -13,10 +13,13 @@ Module tree (dcgen names; checkpoint.py maps them to diffusers / original names)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcgen._hooks import has_forward_hooks
 from dcgen.ops import channel_duplicate_to_space, space_to_channel_average
 
 from .banding import LocalStep, local_step, local_suffix, run_banded
@@ -25,6 +28,23 @@ from .config import DCAEConfig
 from .fused import use_fused
 from .norms import ChannelRMSNorm, fusable_act_name, make_act
 from .row_bands import may_overwrite, owned_activations, row_bands
+
+
+def run_stages(stages: Iterable[nn.Module], h: torch.Tensor) -> torch.Tensor:
+    """The stages' layers one by one, rebinding h, so each input is freed as soon as the next
+    layer has returned (a stage's Sequential would keep its input alive to the stage's end: 1-2
+    GB at 4K); the blocks may overwrite their inputs (row_bands.py). A stage with forward hooks
+    runs through its own call, so the hooks still fire, and none of its blocks may overwrite
+    the input the hooks are given."""
+    with owned_activations():
+        for stage in stages:
+            if has_forward_hooks(stage):
+                with owned_activations(False):
+                    h = stage(h)
+                continue
+            for layer in stage:
+                h = layer(h)
+    return h
 
 
 class Encoder(nn.Module):
@@ -61,10 +81,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
         """Latents of ``x``; with ``channels=c`` only the first c latent channels are computed
         (DC-AE 1.5 structured latents: the head conv's weight is sliced to [:c])."""
-        h = self.stem(x)
-        with owned_activations():
-            for layer in [m for stage in self.stages for m in stage]:
-                h = layer(h)  # rebinding frees each input (a stage's Sequential would hold it)
+        h = run_stages(self.stages, self.stem(x))
         c = self.latent_channels if channels is None else channels
         if c == self.latent_channels:
             z = self.head(h)
@@ -119,16 +136,12 @@ class Decoder(nn.Module):
         block) ``band_rows`` output rows at a time (banding.py: same result, a fraction of the
         peak memory)."""
         h = self._stem(z)
-        layers = [m for stage in reversed(self.stages) for m in stage]
         if band_rows is None:
-            # Layer by layer, rebinding h: each input is freed as soon as the next layer has
-            # returned (calling a stage's Sequential would keep the stage's input alive to its
-            # end: 1-2 GB at 4K). The blocks may overwrite their inputs (row_bands.py).
+            h = run_stages(reversed(self.stages), h)
             with owned_activations():
-                for m in layers:
-                    h = m(h)
                 h = self._head_in(h)  # rebinding frees the pre-norm map
             return self.head(h)
+        layers = [m for stage in reversed(self.stages) for m in stage]
         k = local_suffix(layers)
         with owned_activations():
             for m in layers[:k]:

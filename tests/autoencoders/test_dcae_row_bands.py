@@ -172,6 +172,34 @@ def test_decode_and_encode_with_bands_equal_the_plain_path(name):
     torch.testing.assert_close(band_free, plain, rtol=1e-4, atol=1e-4)
 
 
+def test_stage_hooks_fire_and_see_their_input_unchanged():
+    """The decoder runs its blocks one by one; a stage with a forward hook runs through its own
+    call instead, with no block overwriting the input the hook is given."""
+    cfg = reduced_config("dc-ae-f32c32-in-1.0")
+    # All ResBlocks: the deepest stage (the first to run) has no up block, so its first layer is
+    # a ResBlock that, unhooked, would write into the stage's input.
+    cfg = cfg.replace(decoder_block_types=("ResBlock",) * cfg.num_stages)
+    model = perturb_norms(DCAE(cfg)).eval()
+    z = torch.randn(1, model.latent_channels, 3, 3)
+    stage = model.decoder.stages[-1]
+    assert isinstance(stage[0], ResBlock)
+    before, after = [], []
+    with torch.no_grad(), fused_inference(True), band_size(512):
+        expected = model.decode(z)
+        handles = [
+            stage.register_forward_pre_hook(lambda m, args: before.append(args[0].clone())),
+            stage.register_forward_hook(lambda m, args, out: after.append(args[0])),
+        ]
+        try:
+            got = model.decode(z)
+        finally:
+            for h in handles:
+                h.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert len(before) == len(after) == 1
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)  # not overwritten
+
+
 def test_row_bands_lower_the_measured_peak_memory():
     """Measured on this CPU (fp32, forced fused path, 512 px, widths / 16, SANA 1.1): 37.7 MB
     without bands, 16.9 MB with 64 KiB bands (2026-11-27)."""
