@@ -7,13 +7,18 @@
 // k of the up shortcut is input channel k / repeats; the down shortcut averages `group`
 // consecutive space-to-channel channels), never materialised. Math in fp32, one rounding.
 // The work is pure data movement, so index math is kept to two 32-bit divisions per thread;
-// NCHW up blocks make two horizontally adjacent outputs per thread (one paired store).
+// NCHW up blocks make two horizontally adjacent outputs per thread (one paired store);
+// channels_last 16-bit up blocks with Cout % 8 == 0 take 8 channels of one input pixel per
+// thread, with 16-byte loads and stores (up_shortcut_cl8_kernel).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -90,6 +95,91 @@ __global__ void up_shortcut_rows_kernel(const T* __restrict__ y, const T* __rest
   }
 }
 
+// channels_last 16-bit maps with y pixel-shuffled (the fused decoder path: both up-block modes
+// run as conv + pixel_shuffle there), Cout % 8 == 0 and repeats R in {1, 2, 4}: a thread owns
+// one input pixel and 8 output channels c0 .. c0 + 7. Their y channels 4c + s (s = the
+// sub-pixel 2i + j) are 32 consecutive channels, and their shortcut channels (4c + s) / R are
+// 32 / R consecutive x channels: 16-byte loads of both, then one 16-byte store per output
+// pixel (2h + i, 2w + j). The per-element kernel above gathers y with a stride of 4 channels,
+// one 2-byte load per output element.
+template <typename T, int R>
+__global__ void up_shortcut_cl8_kernel(const T* __restrict__ y, const T* __restrict__ x,
+                                       T* __restrict__ out, int64_t items, int groups, int H,
+                                       int W, int cin, int cout) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= items) return;
+  const int g = static_cast<int>(t % groups);
+  const int64_t pix = t / groups;  // (b, h, w) of the input pixel, w fastest
+  const int w = static_cast<int>(pix % W);
+  const int64_t bh = pix / W;
+  const int h = static_cast<int>(bh % H);
+  const int64_t b = bh / H;
+  const int c0 = 8 * g;
+  // y: 32 channels from 4 c0; x: 32 / R channels from 4 c0 / R (16-byte aligned: c0 % 8 == 0).
+  const uint4* yp = reinterpret_cast<const uint4*>(y + pix * (4 * static_cast<int64_t>(cout)) + 4 * c0);
+  const uint4* xp = reinterpret_cast<const uint4*>(x + pix * static_cast<int64_t>(cin) + 4 * c0 / R);
+  uint4 yv[4], xv[4 / R];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) yv[q] = yp[q];
+#pragma unroll
+  for (int q = 0; q < 4 / R; ++q) xv[q] = xp[q];
+  const T* ye = reinterpret_cast<const T*>(yv);
+  const T* xe = reinterpret_cast<const T*>(xv);
+  const int64_t OW = 2 * static_cast<int64_t>(W);
+  T* obase = out + ((b * 2 * H + 2 * h) * OW + 2 * w) * cout + c0;
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    uint4 o;
+    T* oe = reinterpret_cast<T*>(&o);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const int k = 4 * c + s;  // y channel 4 (c0 + c) + s, relative to 4 c0
+      oe[c] = static_cast<T>(static_cast<float>(ye[k]) + static_cast<float>(xe[k / R]));
+    }
+    const int i = s >> 1, j = s & 1;
+    *reinterpret_cast<uint4*>(obase + (i * OW + j) * cout) = o;
+  }
+}
+
+// Whether the 8-channel kernel applies (see it); R = 4 Cout / Cin.
+bool use_cl8_kernel(const at::Tensor& y, const at::Tensor& x, bool shuffle_y, int64_t cout,
+                    int64_t repeats) {
+  const auto st = y.scalar_type();
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  };
+  return shuffle_y && (st == at::kHalf || st == at::kBFloat16) && cout % 8 == 0 &&
+         (repeats == 1 || repeats == 2 || repeats == 4) && prefers_channels_last(y) &&
+         x.is_contiguous(cl) && aligned(y) && aligned(x);
+}
+
+template <typename T>
+void launch_cl8(const at::Tensor& y, const at::Tensor& x, at::Tensor& out, int64_t repeats,
+                cudaStream_t stream) {
+  const int64_t batch = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t cout = out.size(1), groups = cout / 8;
+  const int64_t items = batch * h * w * groups;
+  constexpr int kBlock = 256;
+  const int64_t blocks = (items + kBlock - 1) / kBlock;
+  TORCH_CHECK(blocks <= 2147483647LL && h < (int64_t{1} << 30) && w < (int64_t{1} << 30),
+              "dcgen::up_block_shortcut: input too large: ", x.sizes());
+  const auto* yp = reinterpret_cast<const T*>(y.const_data_ptr());
+  const auto* xp = reinterpret_cast<const T*>(x.const_data_ptr());
+  auto* op = reinterpret_cast<T*>(out.mutable_data_ptr());
+  const dim3 grid(static_cast<unsigned>(blocks));
+  const int gi = static_cast<int>(groups), hi = static_cast<int>(h), wi = static_cast<int>(w);
+  const int ci = static_cast<int>(cin), co = static_cast<int>(cout);
+  if (repeats == 1) {
+    up_shortcut_cl8_kernel<T, 1><<<grid, kBlock, 0, stream>>>(yp, xp, op, items, gi, hi, wi, ci, co);
+  } else if (repeats == 2) {
+    up_shortcut_cl8_kernel<T, 2><<<grid, kBlock, 0, stream>>>(yp, xp, op, items, gi, hi, wi, ci, co);
+  } else {
+    up_shortcut_cl8_kernel<T, 4><<<grid, kBlock, 0, stream>>>(yp, xp, op, items, gi, hi, wi, ci, co);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, bool CL>
 __global__ void down_shortcut_kernel(const T* __restrict__ y, const T* __restrict__ x,
                                      T* __restrict__ out, OutputGrid g, uint32_t group,
@@ -151,6 +241,14 @@ at::Tensor up_block_shortcut_cuda(const at::Tensor& y, const at::Tensor& x, bool
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Strides4 ys = strides_of(y), xs = strides_of(x);
   const uint32_t repeats = static_cast<uint32_t>(4 * cout / cin);
+  if (use_cl8_kernel(y, x, shuffle_y, cout, repeats)) {
+    if (y.scalar_type() == at::kBFloat16) {
+      launch_cl8<__nv_bfloat16>(y, x, out, repeats, stream);
+    } else {
+      launch_cl8<__half>(y, x, out, repeats, stream);
+    }
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "up_block_shortcut_cuda", [&] {
     if (cl) {
       const OutputGrid g = make_grid(out, true);

@@ -21,8 +21,10 @@ from dcgen.ops._extension import compiled_op
 from tests.conftest import poison_cuda_allocator
 
 # (B, Cin, H, W, Cout): the DC-AE ratios (Cin = 2*Cout up, Cout = 2*Cin down), repeats of 1
-# and 4, odd spatial sizes, 1x1 maps.
-UP_CASES = [(2, 8, 5, 7, 4), (1, 16, 3, 3, 4), (1, 4, 1, 1, 4), (2, 6, 4, 9, 3), (1, 3, 2, 2, 3)]
+# and 4, odd spatial sizes, 1x1 maps. Cout % 8 == 0 with repeats 1, 2 and 4 and several channel
+# groups: on CUDA, channels_last 16-bit pixel-shuffled inputs take the 8-channel kernel.
+UP_CASES = [(2, 8, 5, 7, 4), (1, 16, 3, 3, 4), (1, 4, 1, 1, 4), (2, 6, 4, 9, 3), (1, 3, 2, 2, 3),
+            (2, 16, 5, 7, 8), (1, 8, 3, 4, 8), (1, 32, 2, 3, 8), (2, 64, 4, 5, 32)]  # fmt: skip
 DOWN_CASES = [
     (2, 4, 6, 10, 8),
     (1, 8, 4, 4, 8),
@@ -154,9 +156,11 @@ def test_cuda_decoder_sized_map(rng):
         pytest.skip("dcgen._C has no CUDA kernels for the block shortcuts")
     y, x = _up_inputs((1, 64, 96, 80, 32), True, torch.bfloat16, rng)
     y, x = y.cuda(), x.cuda()
-    poison_cuda_allocator()
-    got = up_block_shortcut(y, x)
-    torch.testing.assert_close(got, up_block_shortcut_reference(y, x), atol=0, rtol=0)
+    for fmt in (torch.contiguous_format, torch.channels_last):  # the two kernels
+        yf, xf = y.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt)
+        poison_cuda_allocator()
+        got = up_block_shortcut(yf, xf)
+        torch.testing.assert_close(got, up_block_shortcut_reference(y, x), atol=0, rtol=0)
     yd, xd = _down_inputs((1, 32, 192, 160, 64), True, torch.bfloat16, rng)
     yd, xd = yd.cuda(), xd.cuda()
     poison_cuda_allocator()
