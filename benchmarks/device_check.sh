@@ -40,13 +40,14 @@
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns);
 # DCGEN_DEADLINE, below each call's timeout_s, makes every step's cap end the script in time:
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG="gemm tma" DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
-#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_attention.py tests/autoencoders" \
+#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_block_shortcuts.py tests/ops/test_attention.py tests/autoencoders" \
 #      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="attention dcae_fused quant" \
 #      bash benchmarks/device_check.sh   (timeout_s=550). Everything changed since the
 #      2026-11-27 run, validated first, then timed: build (86 s); the error maps of the NVFP4
 #      GEMMs (new mainloop) and of the TMA attention kernel (new softmax) (about 20 s); the Hopper
 #      kernels' tests (52 s); the CUDA tests of the portable flash kernel (new exponentials), the
-#      channels_last GLUMBConv kernel and the DC-AE row bands (about 40 s); the never-run files
+#      channels_last GLUMBConv and up-block kernels and the DC-AE row bands (about 45 s); the
+#      never-run files
 #      (row bands, CUDA graphs, and the two that crashed) (about 60 s); the attention,
 #      DC-AE block / decode and FP8 / NVFP4 benchmarks (89 + 45 + 61 s); the crash probe.
 #   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_FP8_BLOCK=0 \
