@@ -45,8 +45,7 @@ from .fused import can_modify_in_place
 DEFAULT_BAND_BYTES = 256 * 2**20
 
 _owned = False
-_band_bytes_override: int | None = None
-_override_set = False
+_band_bytes_override: int | None = None  # band_size()'s value; None: DCGEN_DCAE_BAND_MB / default
 
 
 def _env_band_bytes() -> int:
@@ -66,23 +65,23 @@ def _env_band_bytes() -> int:
 
 def band_bytes() -> int:
     """The current band size in bytes (0: banding off)."""
-    return _band_bytes_override if _override_set else _env_band_bytes()  # type: ignore[return-value]
+    return _env_band_bytes() if _band_bytes_override is None else _band_bytes_override
 
 
 @contextmanager
 def band_size(nbytes: int | None) -> Iterator[None]:
     """Use bands of about ``nbytes`` bytes (0 turns banding off; None restores the default)."""
-    global _band_bytes_override, _override_set
+    global _band_bytes_override
     if nbytes is not None and (
         not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0
     ):
         raise ValueError(f"band_size: expected a byte count >= 0 or None, got {nbytes!r}")
-    previous = (_band_bytes_override, _override_set)
-    _band_bytes_override, _override_set = nbytes, nbytes is not None
+    previous = _band_bytes_override
+    _band_bytes_override = nbytes
     try:
         yield
     finally:
-        _band_bytes_override, _override_set = previous
+        _band_bytes_override = previous
 
 
 @contextmanager
