@@ -12,6 +12,20 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 
 
+def benchmark_script(name: str):  # noqa: ANN201
+    """benchmarks/<name>.py as a module (the scripts live outside the package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"dcgen_benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_collection_modifyitems(config, items):  # noqa: ANN001
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

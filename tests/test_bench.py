@@ -24,6 +24,7 @@ from dcgen.bench.speed import MODELS, SpeedBench, attention_label, dcae_factor
 from dcgen.cli import BENCH_MODELS, main
 from dcgen.pipelines import DCGenSanaPipeline
 from dcgen.quant import quantized_modules
+from tests.conftest import benchmark_script
 
 
 class FakeClock:
@@ -41,18 +42,6 @@ class FakeClock:
 
     def elapsed_ms(self, start: float, end: float) -> float:
         return end - start
-
-
-def _benchmark_script(name: str):  # noqa: ANN202
-    """benchmarks/<name>.py as a module (the scripts live outside the package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"dcgen_benchmarks_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -522,7 +511,7 @@ def test_attention_label_reports_the_flash_kernel(monkeypatch):
 def test_benchmark_summary_skips_a_cut_off_json(tmp_path, capsys):
     # device_check.sh summarizes every benchmark JSON; one left empty by a process killed at its
     # time cap must not take the other files' table down with it.
-    summarize = _benchmark_script("summarize")
+    summarize = benchmark_script("summarize")
     good = tmp_path / "good.json"
     rows = [
         {"group": "g", "stats": {"median": m}, "extra_info": {"impl": impl}}
@@ -541,7 +530,7 @@ def test_benchmark_summary_skips_a_cut_off_json(tmp_path, capsys):
 def test_step_profile_writes_a_breakdown(tmp_path):
     # benchmarks/profile_step.py (run by device_check.sh on the GPU) on the tiny model: every
     # field of its report, for both precisions, and the kernel families named as intended.
-    profile = _benchmark_script("profile_step")
+    profile = benchmark_script("profile_step")
     assert profile.family_of("flash_fwd_sm90_tma_kernel<bf16>") == "attention"
     assert profile.family_of("cudnn_generated_fort_native_sdpa_sm90") == "attention"
     assert profile.family_of("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm"
@@ -652,9 +641,36 @@ def test_throw_probe_tells_a_crash_from_a_raise():
     # benchmarks/throw_probe.py (device_check.sh, GPU machine) runs each bad-input op call in its
     # own interpreter: a check that raises must read as rc 1 with its message, a segfault as
     # the signal, and the table must still come out after a crash.
-    probe = _benchmark_script("throw_probe")
+    probe = benchmark_script("throw_probe")
     rc, err = probe.run_case("raise RuntimeError('expected x of shape [M, D], got [3]')", "")
     assert rc == 1 and "expected x of shape" in err
     rc, _ = probe.run_case("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", "")
     assert rc == -11
     assert all(len(case) == 4 for case in probe.CASES)
+
+
+SASS = """
+        Function : _Z6kernelv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   FFMA R3, R2, R2, R3 ;
+        /*0030*/              @!P0 BRA 0x10 ;
+        /*0040*/                   BRA.U.ANY 0x40 ;
+        /*0050*/                   EXIT ;
+        Function : _Z5otherv
+        /*0000*/                   EXIT ;
+"""
+
+
+def test_sass_loops_reads_backward_branches():
+    # benchmarks/sass_loops.py: a loop is a backward branch (not a warp-sync spin), counted
+    # from its target through the branch, opcodes without modifiers.
+    tool = benchmark_script("sass_loops")
+    kernels = tool.parse_sass(SASS)
+    assert [k.name for k in kernels] == ["_Z6kernelv", "_Z5otherv"]
+    loops = kernels[0].loops()
+    assert len(loops) == 1 and (loops[0].start, loops[0].end) == (0x10, 0x30)
+    assert loops[0].ops == {"LDG": 1, "FFMA": 1, "BRA": 1} and loops[0].instructions == 3
+    assert kernels[1].loops() == []
+    with pytest.raises(FileNotFoundError, match="expected a CUDA object file"):
+        tool.read_kernels("/nonexistent.cu.o")

@@ -6,9 +6,6 @@ bands are made tiny (band_size) so that small test maps split into many of them.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +24,7 @@ from dcgen.autoencoders.row_bands import (
     row_bands,
 )
 from dcgen.ops import has_kernel
-from tests.conftest import poison_cuda_allocator
+from tests.conftest import benchmark_script, poison_cuda_allocator
 
 PRESETS = ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1", "dc-ae-f32c32-in-1.0"]
 
@@ -213,14 +210,6 @@ def test_row_bands_lower_the_measured_peak_memory():
     assert banded < 0.6 * full, (banded, full)
 
 
-def _peak_model():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dcae_peak_model.py"
-    spec = importlib.util.spec_from_file_location("dcgen_benchmarks_dcae_peak_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "preset, largest_map",
     [
@@ -233,7 +222,7 @@ def test_4k_decode_plan_holds_two_full_maps_instead_of_three(preset, largest_map
     without row bands a ResBlock holds three maps of its stage (input, conv1 and conv2
     outputs); with them two, plus a few bands. The issue's budgets follow: f64c128 <= 6 GB,
     SANA < 13 GB (scratch space of cuDNN not counted)."""
-    model = _peak_model()
+    model = benchmark_script("dcae_peak_model")
     band = 256 * 2**20
     off = model.predicted_decode_peak(preset, 4096, band_mb=0)["peak_bytes"]
     on = model.predicted_decode_peak(preset, 4096, band_mb=band / 2**20)["peak_bytes"]
@@ -243,7 +232,7 @@ def test_4k_decode_plan_holds_two_full_maps_instead_of_three(preset, largest_map
 
 
 def test_peak_model_counts_live_tensors():
-    mode = _peak_model().LiveBytes()
+    mode = benchmark_script("dcae_peak_model").LiveBytes()
     with mode:
         a = torch.empty(1000, dtype=torch.float32)
         b = a[10:]  # a view: no new storage
