@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,11 @@ from .fused import can_modify_in_place
 
 DEFAULT_BAND_BYTES = 256 * 2**20
 
-_owned = False
-_band_bytes_override: int | None = None  # band_size()'s value; None: DCGEN_DCAE_BAND_MB / default
+# Context variables, not module globals: a decode in one thread must not let a block called
+# directly in another thread overwrite its input.
+_owned: ContextVar[bool] = ContextVar("dcgen_dcae_owned_activations", default=False)
+# band_size()'s value; None: DCGEN_DCAE_BAND_MB or the default
+_band_bytes_override: ContextVar[int | None] = ContextVar("dcgen_dcae_band_bytes", default=None)
 
 
 def _env_band_bytes() -> int:
@@ -65,42 +69,39 @@ def _env_band_bytes() -> int:
 
 def band_bytes() -> int:
     """The current band size in bytes (0: banding off)."""
-    return _env_band_bytes() if _band_bytes_override is None else _band_bytes_override
+    override = _band_bytes_override.get()
+    return _env_band_bytes() if override is None else override
 
 
 @contextmanager
 def band_size(nbytes: int | None) -> Iterator[None]:
     """Use bands of about ``nbytes`` bytes (0 turns banding off; None restores the default)."""
-    global _band_bytes_override
     if nbytes is not None and (
         not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0
     ):
         raise ValueError(f"band_size: expected a byte count >= 0 or None, got {nbytes!r}")
-    previous = _band_bytes_override
-    _band_bytes_override = nbytes
+    token = _band_bytes_override.set(nbytes)
     try:
         yield
     finally:
-        _band_bytes_override = previous
+        _band_bytes_override.reset(token)
 
 
 @contextmanager
 def owned_activations(enabled: bool = True) -> Iterator[None]:
     """Declare that the block inputs passed while this is active belong to the caller's forward
     pass alone, so blocks may overwrite them (the Encoder / Decoder forwards set this)."""
-    global _owned
-    previous = _owned
-    _owned = enabled
+    token = _owned.set(enabled)
     try:
         yield
     finally:
-        _owned = previous
+        _owned.reset(token)
 
 
 def may_overwrite(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``module`` may write its result into its input ``x`` (see the module doc)."""
     return (
-        _owned
+        _owned.get()
         and can_modify_in_place()
         and x._base is None  # a view's storage belongs to someone else (banding.py's slices)
         and not x.requires_grad

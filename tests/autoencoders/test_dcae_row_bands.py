@@ -244,6 +244,34 @@ def test_peak_model_counts_live_tensors():
     del b, d
 
 
+def test_owned_activations_stays_in_its_thread():
+    """A decode's owned_activations in one thread does not let a block called directly in
+    another thread overwrite that caller's input."""
+    import threading
+
+    block = _resblock("rms_norm")
+    x = _map()
+    before = x.clone()
+    inside, done = threading.Event(), threading.Event()
+
+    def decode_like():  # holds the context while the other thread calls the block
+        with owned_activations():
+            inside.set()
+            done.wait(timeout=30)
+
+    t = threading.Thread(target=decode_like)
+    t.start()
+    try:
+        assert inside.wait(timeout=30)
+        with torch.no_grad(), fused_inference(True), band_size(1):
+            out = block(x)
+    finally:
+        done.set()
+        t.join()
+    assert out is not x
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+
+
 def test_owned_activations_is_scoped():
     block = nn.Conv2d(1, 1, 1)
     x = torch.randn(1, 1, 2, 2)
