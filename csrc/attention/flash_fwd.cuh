@@ -80,7 +80,6 @@ struct Element<__half> {
   }
 };
 
-// 32-bit word at element offset `off` (even) of a shared tile of 16-bit elements.
 // 2^x for the softmax's exponentials: one MUFU.EX2. exp2f also handles results below 2^-126
 // (a compare, two multiplies and a select per element, measured in the sm_90a TMA kernel's SASS);
 // those are probabilities that vanish next to the row's maximum, which contributes 1, and that
@@ -92,6 +91,7 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
+// 32-bit word at element offset `off` (even) of a shared tile of 16-bit elements.
 __device__ __forceinline__ uint32_t lds32(const uint16_t* tile, int off) {
   return *reinterpret_cast<const uint32_t*>(tile + off);
 }
