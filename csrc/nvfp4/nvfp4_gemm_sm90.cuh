@@ -14,12 +14,15 @@
 // next K tile and writes stage s ^ 1. Operand A is NVFP4 (W4A4) or bf16 (W4A16, copied as is); B
 // is always NVFP4.
 //
-// Two changes since the first version (0.15-0.2x of cuBLAS bf16 on the H200, where converting a
-// tile took longer than multiplying it, and every tile's global loads were waited for at once):
+// Since the first version (0.15-0.2x of cuBLAS bf16 on the H200, where converting a tile took
+// longer than multiplying it, and every tile's global loads were waited for at once; 1,068 SASS
+// instructions per W4A4 K tile, now 342: benchmarks/sass_loops.py):
 //   - the E2M1 decode is e2m1_bf16.h's byte permutes (about 3 instructions per element instead
 //     of about 10) and the block scale one bf16x2 multiply per pair (exact, see above);
 //   - the raw bytes of tile k + 2 are loaded into registers before tile k + 1 is converted, so a
-//     tile's load latency hides behind a whole iteration.
+//     tile's load latency hides behind a whole iteration;
+//   - per-thread cursors replace the per-tile index math, and the shared-memory stores go to
+//     precomputed 32-bit addresses (cute's generic pointers had made them generic stores).
 #pragma once
 
 #include <cuda_bf16.h>
