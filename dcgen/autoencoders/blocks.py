@@ -34,7 +34,7 @@ from .norms import (
     make_act,
     make_norm,
 )
-from .row_bands import conv3x3_rows, may_overwrite, row_bands
+from .row_bands import conv3x3_rows, overwrite_bands, row_bands
 
 LINEAR_ATTENTION_EPS = 1e-15
 
@@ -142,7 +142,7 @@ class ResBlock(nn.Module):
             h = self.act(h)
         folded = fused and self._can_fold_norm()
         if fused and (folded or isinstance(self.norm, (ChannelRMSNorm, nn.Identity))):
-            bands = self._bands(x)
+            bands = overwrite_bands(self, x)
             if bands is not None:
                 return self._conv2_into_input(x, h, bands, folded)
         if folded:
@@ -154,11 +154,6 @@ class ResBlock(nn.Module):
             return h.add_(x)
         h = self.conv2(h)  # rebinding frees conv1's output before the norm allocates its own
         return _residual_norm(x, self.norm, h)
-
-    def _bands(self, x: torch.Tensor) -> list[tuple[int, int, int]] | None:
-        if not may_overwrite(self, x):
-            return None
-        return row_bands(x, x.shape[1] * x.shape[3] * x.element_size())
 
     def _conv2_into_input(
         self,

@@ -27,7 +27,7 @@ from .blocks import DownBlock, UpBlock, make_block
 from .config import DCAEConfig
 from .fused import use_fused
 from .norms import ChannelRMSNorm, fusable_act_name, make_act
-from .row_bands import may_overwrite, owned_activations, row_bands
+from .row_bands import overwrite_bands, owned_activations
 
 
 def run_stages(stages: Iterable[nn.Module], h: torch.Tensor) -> torch.Tensor:
@@ -174,9 +174,7 @@ class Decoder(nn.Module):
         act = fusable_act_name(self.head_act)
         if act is None or not use_fused(h, "channel_rms_norm_fused"):
             return self.head_act(self.head_norm(h))
-        bands = None
-        if may_overwrite(self.head_norm, h):
-            bands = row_bands(h, h.shape[1] * h.shape[3] * h.element_size())
+        bands = overwrite_bands(self.head_norm, h)
         if bands is None:
             return self.head_norm.fused(h, act=act)
         for i, a, b in bands:

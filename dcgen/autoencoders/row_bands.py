@@ -121,6 +121,14 @@ def row_bands(x: torch.Tensor, row_bytes: int) -> list[tuple[int, int, int]] | N
     return [(i, a, min(a + rows, height)) for i in range(n) for a in range(0, height, rows)]
 
 
+def overwrite_bands(module: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """The bands in which ``module`` may write its result into its own input ``x`` (same shape),
+    or None when it may not (:func:`may_overwrite`) or x fits one band."""
+    if not may_overwrite(module, x):
+        return None
+    return row_bands(x, x.shape[1] * x.shape[3] * x.element_size())
+
+
 def conv3x3_rows(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: int, b: int
 ) -> torch.Tensor:
