@@ -130,9 +130,7 @@ def profile_precision(
         with torch.inference_mode(), kernels_enabled(uses_kernels(variant)):
             pipe.decode_latents(latents[0], None, 0)
 
-    def sync() -> None:
-        if on_cuda:
-            torch.cuda.synchronize(bench.device)
+    sync = bench.clock.sync  # a device synchronisation on CUDA, nothing on the CPU
 
     with graphed_blocks(pipe.transformer, variant):  # graphs: captured in the warm-up
         step = _measure(run, sync, on_cuda, steps)

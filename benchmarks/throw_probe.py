@@ -93,13 +93,10 @@ def run_case(code: str, prelude: str = PRELUDE) -> tuple[int, str]:
 
 
 def libstdcxx() -> str:
-    code = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, {str(ROOT)!r})
-        import dcgen.ops
+    code = PRELUDE.format(root=str(ROOT)) + textwrap.dedent(
+        """
         maps = open("/proc/self/maps").read().splitlines()
-        print(sorted({{line.split()[-1] for line in maps if "libstdc++" in line}}))
+        print(sorted({line.split()[-1] for line in maps if "libstdc++" in line}))
         import dcgen._C as ext
         print(ext.__file__)
         """
