@@ -141,17 +141,16 @@ __global__ void up_shortcut_cl8_kernel(const T* __restrict__ y, const T* __restr
   }
 }
 
-// Whether the 8-channel kernel applies (see it); R = 4 Cout / Cin.
-bool use_cl8_kernel(const at::Tensor& y, const at::Tensor& x, bool shuffle_y, int64_t cout,
-                    int64_t repeats) {
+// Whether the 8-channel kernel applies (see it); cl: y is channels_last; R = 4 Cout / Cin.
+bool use_cl8_kernel(const at::Tensor& y, const at::Tensor& x, bool cl, bool shuffle_y,
+                    int64_t cout, int64_t repeats) {
   const auto st = y.scalar_type();
-  const auto cl = at::MemoryFormat::ChannelsLast;
   const auto aligned = [](const at::Tensor& t) {
     return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   };
   return shuffle_y && (st == at::kHalf || st == at::kBFloat16) && cout % 8 == 0 &&
-         (repeats == 1 || repeats == 2 || repeats == 4) && prefers_channels_last(y) &&
-         x.is_contiguous(cl) && aligned(y) && aligned(x);
+         (repeats == 1 || repeats == 2 || repeats == 4) && cl &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned(y) && aligned(x);
 }
 
 template <typename T>
@@ -241,7 +240,7 @@ at::Tensor up_block_shortcut_cuda(const at::Tensor& y, const at::Tensor& x, bool
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Strides4 ys = strides_of(y), xs = strides_of(x);
   const uint32_t repeats = static_cast<uint32_t>(4 * cout / cin);
-  if (use_cl8_kernel(y, x, shuffle_y, cout, repeats)) {
+  if (use_cl8_kernel(y, x, cl, shuffle_y, cout, repeats)) {
     if (y.scalar_type() == at::kBFloat16) {
       launch_cl8<__nv_bfloat16>(y, x, out, repeats, stream);
     } else {
