@@ -13,7 +13,8 @@
 #      its torch.compile cases, runs after the speed table); the Hopper kernels' benchmark cases
 #      only when their diagnostics passed;
 #   5. (DCGEN_SPEED_TABLE=1, the default) the paper's speed table in quick mode: `dcgen bench
-#      --quick` for FLUX at 1K/2K/4K (stock and kernels, SDPA default and flash, FP8 rows) and
+#      --quick` for FLUX at 1K/2K/4K (stock and kernels, SDPA default and flash, FP8 and NVFP4
+#      W4A4 / W4A16 rows with their block weight memory) and
 #      SANA-1.6B (stock and kernels), md/json/png into $OUT/speed_{flux,sana};
 #   6. the tables, printed last (the reply shows only the end of the output); every file the
 #      steps wrote is in $OUT/results.tgz (re-archived at each step boundary).
@@ -259,7 +260,7 @@ if [ "${DCGEN_SPEED_TABLE:-1}" = 1 ]; then
   if [[ $models == *" flux "* ]]; then
     # --warmup 2: the 2026-11-26 H200 table's first 1K row was under-warmed with one
     speed flux --model flux --resolutions 1024,2048,4096 --variants stock,kernels \
-      --attention default,flash --fp8 --warmup 2 || speed_rc=1
+      --attention default,flash --fp8 --nvfp4 w4a4,w4a16 --warmup 2 || speed_rc=1
     stamp "speed table flux done"
   fi
   # CUDA-graphed blocks (first GPU run pending) beside the kernels variant, in their own process

@@ -1,6 +1,6 @@
 """Where a DC-Gen denoising step's time goes: a torch.profiler breakdown by kernel family.
 
-    python benchmarks/profile_step.py [--model flux] [--resolution 4096] [--precision bf16,fp8]
+    python benchmarks/profile_step.py [--model flux] [--resolution 4096] [--precision bf16,fp8,nvfp4-w4a4]
                                       [--variant kernels] [--steps 2] [--out DIR]
 
 The speed table (`dcgen bench`) says how long a step takes; this says why. It builds the same
@@ -39,7 +39,14 @@ import torch
 # GPU machine has no installed dcgen (device_check.sh builds it in place)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcgen.bench import BenchSettings  # noqa: E402
-from dcgen.bench.speed import VARIANTS, SpeedBench, graphed_blocks, kernels_enabled, uses_kernels
+from dcgen.bench.quantized import QUANT_PRECISIONS  # noqa: E402
+from dcgen.bench.speed import (  # noqa: E402
+    VARIANTS,
+    SpeedBench,
+    graphed_blocks,
+    kernels_enabled,
+    uses_kernels,
+)
 
 # Kernel families by name, first match wins: attention first (dcgen's Hopper attention kernels
 # carry wgmma names too), then dcgen's other kernels, then convolutions (cuDNN's implicit-GEMM
@@ -178,16 +185,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="flux" if torch.cuda.is_available() else "tiny")
     ap.add_argument("--resolution", type=int, default=None, help="default: the model's largest")
-    ap.add_argument("--precision", default="bf16", help="comma list of bf16, fp8")
+    ap.add_argument(
+        "--precision", default="bf16", help=f"comma list of bf16, {', '.join(QUANT_PRECISIONS)}"
+    )
     ap.add_argument("--variant", default="kernels", choices=VARIANTS)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--decode", action="store_true", help="also profile the DC-AE decode")
     ap.add_argument("--out", default="runs/profile")
     args = ap.parse_args(argv)
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
-    bad = [p for p in precisions if p not in ("bf16", "fp8")]
+    allowed = ("bf16", *QUANT_PRECISIONS)
+    bad = [p for p in precisions if p not in allowed]
     if bad or not precisions:
-        ap.error(f"--precision: expected a comma list of bf16, fp8, got {args.precision!r}")
+        ap.error(
+            f"--precision: expected a comma list of {', '.join(allowed)}, got {args.precision!r}"
+        )
     if args.steps < 1:
         ap.error(f"--steps: expected a positive int, got {args.steps}")
     settings = BenchSettings(
@@ -197,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         quick_steps=args.steps,
         variants=(args.variant,),
         fp8="fp8" in precisions,
+        nvfp4=tuple(p.removeprefix("nvfp4-") for p in precisions if p.startswith("nvfp4-")),
     )
     bench = SpeedBench(settings)
     resolution = max(bench.settings.resolutions)
@@ -204,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         for precision in precisions:
-            if precision == "fp8":
-                bench.build_fp8()
+            if precision in QUANT_PRECISIONS:
+                bench.build_quant(precision)  # one quantized set resident at a time
             result = profile_precision(
                 bench, precision, resolution, args.steps, args.variant, decode=args.decode
             )

@@ -13,7 +13,7 @@ dcgen align|output|finetune --config run.toml [--set k=v]   DC-Gen stages 1 / 2 
 dcgen export --transformer DIR --dcae DIR --out DIR [...]   stage outputs -> pipeline folder
 dcgen generate --pipeline DIR --prompt-embeds FILE [...]    pipeline folder -> PNG
 dcgen bench [--model flux|sana-1.6b|...] [--quick] [--variants stock,kernels,graphs] [--fp8]
-                                       speed table, base vs DC-Gen (md/json/png)
+            [--nvfp4 w4a4,w4a16]       speed table, base vs DC-Gen (md/json/png)
 
 Errors in the input print one line and exit with status 2 (-v adds the traceback).
 """
@@ -462,7 +462,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         quick=args.quick, quick_blocks=args.quick_blocks, quick_steps=args.quick_steps,
         repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
         attention=args.attention, variants=variants, fp8=args.fp8,
-        fp8_granularity=args.fp8_granularity,
+        fp8_granularity=args.fp8_granularity, nvfp4=args.nvfp4 or (), nvfp4_rank=args.nvfp4_rank,
     )  # fmt: skip
     settings.resolved()  # bad input fails before any model is built
 
@@ -746,8 +746,8 @@ Time a base model against its DC-Gen version with random weights and random text
 denoise (N steps) and decode, batch-1 latency, batch-N throughput, peak GPU memory.
 FLUX.1: base on the FLUX VAE with 2x2 patches vs DC-Gen-FLUX on DC-AE f32c32 at 1K, f64c128
 above. SANA (1.6B / 4.8B configs): base on DC-AE f32c32 vs DC-Gen-SANA on f64c128, 1x1 patches.
-Rows per resolution x --attention backend x --variants; --fp8 adds DC-Gen rows with FP8 linears
-in the transformer blocks and their output error vs bf16. --quick builds K blocks per block list,
+Rows per resolution x --attention backend x --variants; --fp8 and --nvfp4 add DC-Gen rows with
+FP8 / NVFP4 linears in the transformer blocks, their output error vs bf16 and weight memory. --quick builds K blocks per block list,
 times S steps and extrapolates to the full depth and --steps. Writes speed.md/.json/.png.""",
     )
     b.add_argument("--model", default="flux", choices=BENCH_MODELS,
@@ -782,6 +782,12 @@ times S steps and extrapolates to the full depth and --steps. Writes speed.md/.j
                         "output error vs bf16 (dcgen.quant.quality_report)")  # fmt: skip
     b.add_argument("--fp8-granularity", default="row", choices=["row", "block128"],
                    help="FP8 scales per row or per 1x128 block (default row)")  # fmt: skip
+    b.add_argument("--nvfp4", default=None, metavar="M1,M2",
+                   help="add DC-Gen rows with NVFP4 transformer blocks, one set per mode from "
+                        "w4a4, w4a16, with the output error vs bf16 and the blocks' weight "
+                        "memory")  # fmt: skip
+    b.add_argument("--nvfp4-rank", type=int, default=0, metavar="R",
+                   help="SVDQuant low-rank 16-bit branch of the NVFP4 linears (default 0: none)")  # fmt: skip
     b.add_argument("--out", default="dcgen_bench", help="output folder (default ./dcgen_bench)")
     b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None,

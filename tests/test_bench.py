@@ -19,7 +19,7 @@ from dcgen.bench import (
     token_counts,
     write_report,
 )
-from dcgen.bench.report import COLUMNS, best_against_best
+from dcgen.bench.report import COLUMNS, best_against_best, format_markdown
 from dcgen.bench.speed import MODELS, SpeedBench, attention_label, dcae_factor
 from dcgen.cli import BENCH_MODELS, main
 from dcgen.pipelines import DCGenSanaPipeline
@@ -171,6 +171,10 @@ def test_bad_inputs_have_clear_errors():
         BenchSettings(model="tiny", attention="flash,flash").resolved()
     with pytest.raises(ValueError, match="fp8_granularity"):
         BenchSettings(model="tiny", fp8=True, fp8_granularity="tensor").resolved()
+    with pytest.raises(ValueError, match=r"nvfp4: expected names from \('w4a4', 'w4a16'\)"):
+        BenchSettings(model="tiny", nvfp4="w4a8").resolved()
+    with pytest.raises(ValueError, match="nvfp4_rank: expected an int >= 0, got -1"):
+        BenchSettings(model="tiny", nvfp4="w4a4", nvfp4_rank=-1).resolved()
     with pytest.raises(ValueError, match="quick_blocks 3 exceeds"):
         BenchSettings(model="tiny-sana", quick=True, quick_blocks=3).resolved()
 
@@ -238,7 +242,9 @@ def test_a_failing_row_is_recorded_and_the_table_goes_on(tmp_path, monkeypatch, 
 
 
 def test_fp8_quantize_failure_keeps_the_bf16_table(monkeypatch):
-    monkeypatch.setattr(SpeedBench, "build_fp8", lambda self: (_ for _ in ()).throw(MemoryError()))
+    monkeypatch.setattr(
+        SpeedBench, "build_quant", lambda self, precision: (_ for _ in ()).throw(MemoryError())
+    )
     settings = BenchSettings(model="tiny", resolutions=(64,), steps=2, quick=True, fp8=True)
     report = run_speed_bench(settings, clock=FakeClock())
     assert [r["precision"] for r in report["rows"]] == [report["rows"][0]["precision"]]
@@ -364,7 +370,9 @@ def test_fp8_rows_carry_quality_and_the_bf16_base(variant_report):
 def test_fp8_blocks_are_copies_on_a_view():
     bench = SpeedBench(BenchSettings(model="tiny", quick=True))
     bench.pipeline("dcgen", 64)
-    fp8 = bench.build_fp8()
+    with pytest.raises(ValueError, match=r"call build_quant\('fp8'\) first"):
+        bench.transformer_for("fp8")
+    fp8 = bench.build_quant("fp8")
     view = bench.transformer_for("fp8")
     t = bench.transformer
     # The bf16 model is untouched; the view shares every non-block module.
@@ -383,6 +391,72 @@ def test_fp8_blocks_are_copies_on_a_view():
     bench.close()
 
 
+@pytest.fixture(scope="module")
+def nvfp4_report():
+    settings = BenchSettings(
+        model="tiny", resolutions=(64,), steps=2, quick=True, variants="kernels", fp8=True,
+        nvfp4="w4a4,w4a16", nvfp4_rank=4, warmup=0,
+    )  # fmt: skip
+    return run_speed_bench(settings, clock=FakeClock())
+
+
+def test_nvfp4_rows_follow_the_fp8_row_with_their_quality(nvfp4_report):
+    rows = nvfp4_report["rows"]
+    assert [r["precision"] for r in rows] == ["fp32", "fp8", "nvfp4-w4a4", "nvfp4-w4a16"]
+    ref, fp8, w4a4, w4a16 = rows
+    for r in (fp8, w4a4, w4a16):
+        assert r["base"] == ref["base"] and r["base_from_row"] and r["base_precision"] == "fp32"
+        assert r["speedup"] == pytest.approx(r["base"]["total_ms"] / r["dcgen"]["total_ms"])
+        q = r["quality"]
+        assert q["linears"] == q["layers"] > 0 and 0.0 < q["rel_err"] < 0.1
+    # Coarser formats err more on the same batch: E2M1 keeps 1 mantissa bit to E4M3's 3, and
+    # W4A4 adds the activation's rounding to W4A16's weight rounding.
+    assert fp8["quality"]["rel_err"] < w4a4["quality"]["rel_err"]
+    assert w4a16["quality"]["rel_err"] < w4a4["quality"]["rel_err"]
+    for r in (w4a4, w4a16):  # what ran, in the report (CPU: no NVFP4 kernel)
+        assert r["quality"]["rank"] == 4 and r["quality"]["gemm"] == "PyTorch reference"
+    assert fp8["quality"]["granularity"] == "row" and "rank" not in fp8["quality"]
+    md = format_markdown(nvfp4_report)
+    assert "Low-precision rows (fp8, nvfp4-w4a4, nvfp4-w4a16)" in md
+    assert "NVFP4 GEMMs ran on: PyTorch reference." in md
+    assert "NVFP4 W4A4, rank-4 16-bit branch" in nvfp4_report["method"]
+
+
+def test_block_weights_are_reported_at_full_depth(nvfp4_report):
+    # The quick model holds 1 of the tiny model's 2 blocks per list: the column doubles what
+    # is resident. fp32 rows count the fp32 blocks, quantized rows their own blocks.
+    bench = SpeedBench(BenchSettings(model="tiny", quick=True))
+    t = bench.transformer
+    per_block = sum(p.numel() for p in t.transformer_blocks.parameters()) + sum(
+        p.numel() for p in t.single_transformer_blocks.parameters()
+    )
+    ref, fp8, w4a4, w4a16 = nvfp4_report["rows"]
+    assert ref["block_weights_gb"] == pytest.approx(2 * 4 * per_block / 1e9)
+    # 16-bit norms, biases and the rank-4 branch keep NVFP4 above 4.5 / 32 of fp32
+    assert w4a4["block_weights_gb"] == w4a16["block_weights_gb"]
+    assert 4.5 / 32 < w4a4["block_weights_gb"] / ref["block_weights_gb"] < 0.5
+    assert w4a4["block_weights_gb"] < fp8["block_weights_gb"] < ref["block_weights_gb"]
+    bench.close()
+
+
+def test_one_quantized_set_is_resident_at_a_time():
+    bench = SpeedBench(BenchSettings(model="tiny", quick=True, nvfp4="w4a16"))
+    bench.pipeline("dcgen", 64)
+    first = bench.build_quant("fp8")
+    assert bench.build_quant("fp8") is first  # built once
+    nv = bench.build_quant("nvfp4-w4a16")
+    assert bench.quant is nv and nv.config.mode == "w4a16"
+    with pytest.raises(ValueError, match=r"call build_quant\('fp8'\) first"):
+        bench.transformer_for("fp8")
+    names = quantized_modules(bench.transformer_for("nvfp4-w4a16"))
+    assert len(names) == nv.linears and not quantized_modules(bench.transformer)
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        bench.build_quant("nvfp4-w8a8")
+    bench.drop_quant()
+    assert bench.quant is None
+    bench.close()
+
+
 def test_report_fields(variant_report, tmp_path):
     paths = write_report(variant_report, tmp_path)
     md = paths["md"].read_text()
@@ -394,7 +468,7 @@ def test_report_fields(variant_report, tmp_path):
     assert all(len(line.strip("|").split("|")) == len(COLUMNS) for line in body)
     fp8_lines = [line for line in body if "| fp8 |" in line]
     assert len(fp8_lines) == 2 and all(" / 0.99" in line or " / 1.0" in line for line in fp8_lines)
-    assert "FP8 rows:" in md and "sdpa-math" in md and "Best against best" in md
+    assert "Low-precision rows (fp8)" in md and "sdpa-math" in md and "Best against best" in md
     assert "| 64px | " in md.split("Best against best")[1]
     data = json.loads(paths["json"].read_text())
     assert {"settings", "model", "device", "torch", "method", "timer", "rows", "summary"} <= set(
@@ -584,7 +658,7 @@ def test_graphs_variant_captures_once_per_block(monkeypatch):
     assert sorted(captures) == ["single_transformer_blocks.0", "transformer_blocks.0"]
     assert res["denoise_ms"] > 0 and res["double_block_ms"] > 0
     assert not is_accelerated(bench.transformer)  # stock again afterwards
-    assert settings.resolved().fp8_variants == ("graphs",)
+    assert settings.resolved().quant_variants == ("graphs",)
     # runners (pytest-benchmark): a graphs runner stays graphed across other variants' runs,
     # and a kernels run in between is not graphed
     run = bench.runner("dcgen", 64, 1, 2, "graphs")
@@ -602,21 +676,36 @@ def test_graphs_variant_captures_once_per_block(monkeypatch):
         model="tiny", resolutions=(64,), steps=2, quick=True, variants="stock,kernels,graphs",
         fp8=True,
     )  # fmt: skip
-    assert both.resolved().fp8_variants == ("kernels", "graphs")
-    assert BenchSettings(model="tiny", variants="stock").resolved().fp8_variants == ("stock",)
+    assert both.resolved().quant_variants == ("kernels", "graphs")
+    assert BenchSettings(model="tiny", variants="stock").resolved().quant_variants == ("stock",)
     checks = []
-    real_quality = SpeedBench.fp8_quality
+    real_quality = SpeedBench.quant_quality
 
-    def counted(self, res, variant, attention):
+    def counted(self, precision, res, variant, attention):
         checks.append((res, variant))
-        return real_quality(self, res, variant, attention)
+        return real_quality(self, precision, res, variant, attention)
 
-    monkeypatch.setattr(SpeedBench, "fp8_quality", counted)
+    monkeypatch.setattr(SpeedBench, "quant_quality", counted)
     report = run_speed_bench(both)
     fp8 = [r for r in report["rows"] if r["precision"] == "fp8"]
     assert sorted(r["variant"] for r in fp8) == ["graphs", "kernels"]
     assert checks == [(64, "kernels")]  # graphs replay the same arithmetic: checked once
     assert fp8[0]["quality"] == fp8[1]["quality"] and "rel_err" in str(fp8[0]["quality"])
+
+
+def test_cli_bench_sana_nvfp4(tmp_path, capsys):
+    out = tmp_path / "n"
+    args = ["bench", "--model", "tiny-sana", "--resolutions", "64", "--quick", "--steps", "2",
+            "--nvfp4", "w4a16", "--nvfp4-rank", "2", "--device", "cpu", "--warmup", "0",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    data = json.loads((out / "speed.json").read_text())
+    assert [r["precision"] for r in data["rows"]] == ["fp32", "nvfp4-w4a16"]
+    assert data["rows"][1]["quality"]["rank"] == 2 and not data["errors"]
+    assert "| nvfp4-w4a16 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: --nvfp4-rank takes an int
+        main(["bench", "--nvfp4", "w4a4", "--nvfp4-rank", "two"])
+    assert main(["bench", "--model", "tiny", "--nvfp4", "w4a2", "--out", str(out)]) == 2
 
 
 def test_sana_text_has_no_mask_for_the_flash_backend():

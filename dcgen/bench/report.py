@@ -10,11 +10,13 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from .quantized import QUANT_PRECISIONS
+
 COLUMNS = (
     "resolution", "tokens base / DC-Gen", "DC-AE", "variant", "attention base / DC-Gen",
     "DC-Gen precision", "base latency", "DC-Gen latency", "speedup", "throughput speedup",
     "base denoise / decode", "DC-Gen denoise / decode", "peak GB base / DC-Gen",
-    "quality vs bf16 (rel err / cos)", "numbers",
+    "DC-Gen block weights GB", "quality vs bf16 (rel err / cos)", "numbers",
 )  # fmt: skip
 
 
@@ -31,6 +33,16 @@ def _x(v: float | None) -> str:
 def _gb(row: dict[str, Any], key: str) -> str:
     v = row[key].get("peak_memory_gb")
     return "-" if v is None else f"{v:.1f}"
+
+
+def quantized(row: dict[str, Any]) -> bool:
+    """Whether a row runs low-precision (FP8 / NVFP4) DC-Gen blocks against a 16-bit base."""
+    return row["precision"] in QUANT_PRECISIONS
+
+
+def _weights(row: dict[str, Any]) -> str:
+    v = row.get("block_weights_gb")
+    return "-" if v is None else f"{v:.3g}"
 
 
 def _quality(q: dict[str, Any] | None) -> str:
@@ -52,12 +64,12 @@ def _config(r: dict[str, Any], key: str) -> str:
 def best_against_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per resolution: the fastest base row against the fastest DC-Gen row in the model dtype
     (the issue's "best against best") and against the fastest DC-Gen row of any precision
-    (FP8 included), each with the configuration that achieved it; plus the paper's setting
+    (FP8 / NVFP4 included), each with the configuration that achieved it; plus the paper's setting
     (stock variant, SDPA flash for both) when such a row exists."""
     out = []
     for res in dict.fromkeys(r["resolution"] for r in rows):
         mine = [r for r in rows if r["resolution"] == res]
-        full = [r for r in mine if r["precision"] != "fp8"]
+        full = [r for r in mine if not quantized(r)]
         base = min(full, key=lambda r: r["base"]["total_ms"])
         dc = min(full, key=lambda r: r["dcgen"]["total_ms"])
         dc_any = min(mine, key=lambda r: r["dcgen"]["total_ms"])
@@ -117,6 +129,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"{_ms(b['denoise_ms'])} / {_ms(b['decode_ms'])}",
             f"{_ms(d['denoise_ms'])} / {_ms(d['decode_ms'])}",
             f"{_gb(r, 'base')} / {_gb(r, 'dcgen')}",
+            _weights(r),
             _quality(r.get("quality")),
             r["mode"],
         ]
@@ -151,22 +164,29 @@ def format_markdown(report: dict[str, Any]) -> str:
             "denoise column are measured; the denoise column (and so latency, speedups) is "
             "computed from them as stated above. Peak memory is that of the truncated model.",
         ]
-    if any(r["precision"] == "fp8" for r in report["rows"]):
+    low = [r for r in report["rows"] if quantized(r)]
+    if low:
         lines += [
             "",
-            "FP8 rows: the base columns repeat the bf16 base of the same resolution, variant and "
+            "Low-precision rows ("
+            + ", ".join(dict.fromkeys(r["precision"] for r in low))
+            + "): the base columns repeat the bf16 base of the same resolution, variant and "
             "attention (not re-measured); the DC-Gen peak memory includes the bf16 transformer "
-            "kept resident beside the FP8 blocks. Quality: relative error ||y_fp8 - y|| / ||y||"
+            "kept resident beside the quantized blocks, so the block weights column, at full "
+            "depth, shows what the format saves. Quality: relative error ||y_q - y|| / ||y||"
             " and cosine of the transformer output against the bf16 transformer on one batch "
             "(random weights: a numerics check, not an image-quality claim).",
         ]
+        gemms = {r["quality"]["gemm"] for r in low if r.get("quality") and "gemm" in r["quality"]}
+        if gemms:
+            lines.append(f"NVFP4 GEMMs ran on: {', '.join(sorted(gemms))}.")
     return "\n".join(lines) + "\n"
 
 
 def _row_tag(r: dict[str, Any]) -> str:
     """Short label of a row's configuration for the chart: variant, attention, precision."""
     tag = f"{r['variant']} {r['attention']}"
-    return tag + (" fp8" if r["precision"] == "fp8" else "")
+    return tag + (f" {r['precision']}" if quantized(r) else "")
 
 
 def bar_chart(report: dict[str, Any], size: tuple[int, int] | None = None) -> Image.Image:

@@ -20,9 +20,10 @@ block replayed from a CUDA graph (``dcgen.accelerate(cuda_graphs=True)``: instal
 measurement, so the capture happens in the warm-up and the timed runs replay).
 Attention: each name picks torch's SDPA backend for the transformer (``default`` = torch's
 choice; the decode always keeps torch's choice); every row records what its softmax attention
-ran on (``attention_used``). The FP8 row (``fp8=True``):
-DC-Gen with FP8 linears in the transformer blocks (dcgen.bench.fp8; built after every bf16
-row, on copies), its output error vs bf16 on one batch beside the time.
+ran on (``attention_used``). The low-precision rows (``fp8=True``, ``nvfp4=("w4a4", ...)``):
+DC-Gen with FP8 or NVFP4 linears in the transformer blocks (dcgen.bench.quantized; built after
+every bf16 row, on copies, one precision at a time), with the output error vs bf16 on one
+batch and the blocks' weight memory beside the time.
 
 Quick mode builds the transformer with only K blocks per block list, runs S steps with a clock
 around every block, and extrapolates (measured = the S-step run and the block times):
@@ -58,7 +59,6 @@ from ..adapters import adapter_for
 from ..autoencoders import DCAE
 from ..autoencoders.config import get_preset, reduced_config
 from ..pipelines import BaseFluxPipeline, DCGenFluxPipeline, DCGenSanaPipeline
-from .fp8 import FP8Blocks, InputCapture, output_quality
 from .models import (
     MODELS,
     ModelSpec,
@@ -67,6 +67,16 @@ from .models import (
     dcae_preset_for,
     get_model_spec,
     token_counts,
+)
+from .quantized import (
+    NVFP4_MODES,
+    QUANT_PRECISIONS,
+    InputCapture,
+    QuantizedBlocks,
+    module_bytes,
+    nvfp4_gemm_path,
+    output_quality,
+    quant_config,
 )
 from .report import best_against_best
 
@@ -185,6 +195,9 @@ class BenchSettings:
     variants: tuple[str, ...] | str = ("kernels",)
     fp8: bool = False  # add DC-Gen rows with FP8 transformer blocks and their quality
     fp8_granularity: str = "row"
+    #: NVFP4 modes ("w4a4", "w4a16"), one set of DC-Gen rows each, with their quality
+    nvfp4: tuple[str, ...] | str = ()
+    nvfp4_rank: int = 0  # the SVDQuant low-rank branch of the NVFP4 linears (0: none)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -208,6 +221,13 @@ class BenchSettings:
             raise ValueError(
                 f"fp8_granularity: expected one of {FP8_GRANULARITIES}, got {out.fp8_granularity!r}"
             )
+        out.nvfp4 = _names("nvfp4", self.nvfp4, NVFP4_MODES) if self.nvfp4 else ()
+        if (
+            not isinstance(out.nvfp4_rank, int)
+            or isinstance(out.nvfp4_rank, bool)
+            or (out.nvfp4_rank < 0)
+        ):
+            raise ValueError(f"nvfp4_rank: expected an int >= 0, got {out.nvfp4_rank!r}")
         if out.dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {out.dtype!r}")
         for r in out.resolutions:
@@ -222,9 +242,15 @@ class BenchSettings:
         return out
 
     @property
-    def fp8_variants(self) -> tuple[str, ...]:
-        """The variants the FP8 rows run with: every measured one that runs dcgen's kernels
-        (kernels, graphs), else the one variant measured (stock)."""
+    def quant_precisions(self) -> tuple[str, ...]:
+        """The low-precision labels asked for, in row order (dcgen.bench.quantized)."""
+        modes = _names("nvfp4", self.nvfp4, NVFP4_MODES) if self.nvfp4 else ()
+        return ("fp8",) * bool(self.fp8) + tuple(f"nvfp4-{m}" for m in modes)
+
+    @property
+    def quant_variants(self) -> tuple[str, ...]:
+        """The variants the low-precision rows run with: every measured one that runs dcgen's
+        kernels (kernels, graphs), else the one variant measured (stock)."""
         variants = _names("variants", self.variants, VARIANTS)
         return tuple(v for v in variants if uses_kernels(v)) or variants[:1]
 
@@ -376,7 +402,7 @@ class SpeedBench:
             for _, _, key in self.spec.blocks:
                 cfg[key] = self.settings.quick_blocks
         self._dcae: dict[str, DCAE] = {}
-        self.fp8: FP8Blocks | None = None
+        self.quant: QuantizedBlocks | None = None  # one low-precision set at a time
         torch.manual_seed(self.settings.seed)
         with build_context(self.device, self.dtype):
             if self.spec.family == "flux":
@@ -388,6 +414,8 @@ class SpeedBench:
         self.transformer.eval().requires_grad_(False)
         self.adapter = adapter_for(self.transformer)
         self.measured_blocks = tuple(int(cfg[key]) for _, _, key in self.spec.blocks)
+        self.block_bytes = {attr: module_bytes(getattr(self.transformer, attr))
+                            for _, attr, _ in self.spec.blocks}  # fmt: skip
 
     def dcae(self, preset: str) -> DCAE:
         """The DC-AE of ``preset`` (random weights); at most two resident (base + DC-Gen)."""
@@ -407,25 +435,48 @@ class SpeedBench:
         return self._dcae[preset]
 
     def transformer_for(self, precision: str) -> nn.Module:
-        """The bf16 transformer, or (``"fp8"``) a view of it on the FP8 blocks."""
+        """The model-dtype transformer (``"bf16"``), or a view of it on the quantized blocks
+        of a low-precision label (built first by :meth:`build_quant`)."""
         if precision == "bf16":
             return self.transformer
-        if precision == "fp8":
-            if self.fp8 is None:
-                raise ValueError("precision 'fp8': call build_fp8() first")
-            return self.fp8.view(self.transformer)
-        raise ValueError(f"precision: expected 'bf16' or 'fp8', got {precision!r}")
+        if precision in QUANT_PRECISIONS:
+            if self.quant is None or self.quant.precision != precision:
+                raise ValueError(f"precision {precision!r}: call build_quant({precision!r}) first")
+            return self.quant.view(self.transformer)
+        raise ValueError(
+            f"precision: expected 'bf16' or one of {QUANT_PRECISIONS}, got {precision!r}"
+        )
 
-    def build_fp8(self) -> FP8Blocks:
-        """FP8 copies of every block list (once; the bf16 blocks stay as they are)."""
-        if self.fp8 is None:
+    def build_quant(self, precision: str) -> QuantizedBlocks:
+        """Quantized copies of every block list for ``precision`` (the bf16 blocks stay as they
+        are). One set is resident at a time: another precision's set is dropped first."""
+        if self.quant is not None and self.quant.precision != precision:
+            self.drop_quant()
+        if self.quant is None:
             from .. import unaccelerate
 
+            s = self.settings
+            config = quant_config(precision, s.fp8_granularity, s.nvfp4_rank)
             unaccelerate(self.transformer)  # copy stock blocks
             attrs = [attr for _, attr, _ in self.spec.blocks]
             with torch.inference_mode(False), torch.no_grad():
-                self.fp8 = FP8Blocks(self.transformer, attrs, self.settings.fp8_granularity)
-        return self.fp8
+                self.quant = QuantizedBlocks(self.transformer, attrs, precision, config)
+        return self.quant
+
+    def drop_quant(self) -> None:
+        self.quant = None
+        if self.on_cuda:
+            torch.cuda.empty_cache()
+
+    def full_depth_gb(self, bytes_per_list: dict[str, int]) -> float:
+        """Weight GB of every block list at the model's full depth (a quick-mode model holds
+        ``measured_blocks`` per list; blocks of one list are the same size)."""
+        total = 0.0
+        for (_, attr, _), measured, full in zip(
+            self.spec.blocks, self.measured_blocks, self.spec.depth, strict=True
+        ):
+            total += bytes_per_list[attr] / measured * full
+        return total / 1e9
 
     def _set_latent_layers(self, channels: int, patch: int) -> None:
         if (self.adapter.latent_channels, self.adapter.patch_size) != (channels, patch):
@@ -616,8 +667,10 @@ class SpeedBench:
         res["images_per_s"] = batch / (res["total_ms"] / 1e3) if res["total_ms"] > 0 else None
         return res
 
-    def fp8_quality(self, resolution: int, variant: str, attention: str) -> dict[str, Any]:
-        """Output error of the FP8 transformer vs the bf16 one on one DC-Gen batch at
+    def quant_quality(
+        self, precision: str, resolution: int, variant: str, attention: str
+    ) -> dict[str, Any]:
+        """Output error of the ``precision`` transformer vs the bf16 one on one DC-Gen batch at
         ``resolution`` (the transformer inputs of the first denoising step, batch 1)."""
         pipe = self.pipeline("dcgen", resolution, "bf16")
         capture = InputCapture(self.transformer)
@@ -626,7 +679,7 @@ class SpeedBench:
                 self._call(pipe, self.text(1, attention), resolution, 1)
         finally:
             capture.remove()
-        view = self.transformer_for("fp8")
+        view = self.transformer_for(precision)
         with (
             self._contexts(self.transformer, variant, attention),
             attention_processors(view, uses_kernels(variant)),
@@ -635,7 +688,7 @@ class SpeedBench:
 
     def close(self) -> None:
         self._dcae.clear()
-        self.fp8 = None
+        self.quant = None
         del self.transformer, self.vae
         if self.on_cuda:
             torch.cuda.empty_cache()
@@ -707,6 +760,7 @@ def run_speed_bench(
                     row: dict[str, Any] = {
                         **common, "attention": attention, "variant": variant,
                         "precision": s.dtype, "quality": None,
+                        "block_weights_gb": bench.full_depth_gb(bench.block_bytes),
                     }  # fmt: skip
                     try:
                         for impl, key in (("baseline", "base"), ("dcgen", "dcgen")):
@@ -724,8 +778,9 @@ def run_speed_bench(
                         rows.append(row)
                     if on_row is not None:
                         on_row(report())
-        if s.fp8:
-            rows += _fp8_rows(bench, rows, errors, on_row)
+        for precision in s.quant_precisions:
+            rows += _quant_rows(bench, precision, rows, errors, on_row)
+            bench.drop_quant()
     finally:
         bench.close()
     return report()
@@ -738,8 +793,9 @@ def _report(
     order = {
         (r, a): i for i, (r, a) in enumerate((r, a) for r in s.resolutions for a in s.attention)
     }
+    rank = {p: i for i, p in enumerate((s.dtype, *s.quant_precisions))}
     ordered = sorted(
-        rows, key=lambda r: (order[(r["resolution"], r["attention"])], r["precision"] == "fp8")
+        rows, key=lambda r: (order[(r["resolution"], r["attention"])], rank[r["precision"]])
     )
     return {
         "settings": asdict(s),
@@ -754,64 +810,85 @@ def _report(
     }
 
 
-def _fp8_rows(
+def _quant_rows(
     bench: SpeedBench,
-    bf16_rows: list[dict[str, Any]],
+    precision: str,
+    earlier: list[dict[str, Any]],
     errors: list[dict[str, Any]],
     on_row: Callable[[dict[str, Any]], None] | None,
 ) -> list[dict[str, Any]]:
-    """DC-Gen with FP8 blocks, per resolution, attention and variant (settings.fp8_variants),
-    beside the bf16 base of the same (resolution, attention, variant) row (the base is not
-    re-measured). The quality check runs once per (resolution, attention): variants run the
-    same arithmetic. Failures are recorded per row, as for the bf16 rows."""
+    """DC-Gen with ``precision`` blocks, per resolution, attention and variant
+    (settings.quant_variants), beside the bf16 base of the same (resolution, attention,
+    variant) row (the base is not re-measured). The quality check runs once per (resolution,
+    attention): variants run the same arithmetic. Failures are recorded per row, as for the
+    bf16 rows. ``earlier``: every row so far (the model-dtype rows are the references)."""
     s = bench.settings
-    variants = s.fp8_variants
+    variants = s.quant_variants
     qualities: dict[tuple[int, str], dict[str, Any]] = {}
     try:
-        bench.build_fp8()
+        quant = bench.build_quant(precision)
     except Exception as err:  # noqa: BLE001 (recorded: the bf16 table stands)
-        _row_failed(errors, bench, err, precision="fp8", stage="quantize the FP8 blocks")
+        _row_failed(errors, bench, err, precision=precision, stage="quantize the blocks")
         return []
     out: list[dict[str, Any]] = []
-    for ref in bf16_rows:
-        if ref["variant"] not in variants:
+    for ref in earlier:
+        if ref["precision"] != s.dtype or ref["variant"] not in variants:
             continue
         res, attention, variant = ref["resolution"], ref["attention"], ref["variant"]
         row = {k: v for k, v in ref.items() if k not in ("dcgen", "dcgen_batch")}
-        row.update(precision="fp8", base_precision=ref["precision"], base_from_row=True)
-        logger.info("bench dcgen fp8 %dpx %s %s", res, variant, attention)
+        row.update(
+            precision=precision, base_precision=ref["precision"], base_from_row=True,
+            block_weights_gb=bench.full_depth_gb(quant.bytes_per_list),
+        )  # fmt: skip
+        logger.info("bench dcgen %s %dpx %s %s", precision, res, variant, attention)
         try:
-            row["dcgen"] = bench.measure("dcgen", res, 1, variant, attention, precision="fp8")
+            row["dcgen"] = bench.measure("dcgen", res, 1, variant, attention, precision=precision)
             if s.batch > 1:
                 row["dcgen_batch"] = bench.measure(
-                    "dcgen", res, s.batch, variant, attention, precision="fp8"
+                    "dcgen", res, s.batch, variant, attention, precision=precision
                 )
         except Exception as err:  # noqa: BLE001
             _row_failed(errors, bench, err, resolution=res, attention=attention,
-                        variant=variant, precision="fp8")  # fmt: skip
+                        variant=variant, precision=precision)  # fmt: skip
             continue
         _speedups(row)
         if (res, attention) not in qualities:
-            qualities[res, attention] = _fp8_quality(bench, res, variant, attention)
+            qualities[res, attention] = _quant_quality(bench, precision, res, variant, attention)
         row["quality"] = dict(qualities[res, attention])
         out.append(row)
         if on_row is not None:
-            on_row(_report(bench, bf16_rows + out, errors))
+            on_row(_report(bench, earlier + out, errors))
     return out
 
 
-def _fp8_quality(bench: SpeedBench, res: int, variant: str, attention: str) -> dict[str, Any]:
-    """The FP8 quality report of one (resolution, attention), or why it failed (the timing
-    stands either way). Graphs replay the same kernels: their check runs the kernels variant."""
+def _quant_quality(
+    bench: SpeedBench, precision: str, res: int, variant: str, attention: str
+) -> dict[str, Any]:
+    """The quality report of one (precision, resolution, attention), or why it failed (the
+    timing stands either way), with what the quantization was. Graphs replay the same kernels:
+    their check runs the kernels variant."""
+    quant = bench.quant
+    assert quant is not None and quant.precision == precision
     try:
-        quality = bench.fp8_quality(res, "kernels" if variant == "graphs" else variant, attention)
+        quality = bench.quant_quality(
+            precision, res, "kernels" if variant == "graphs" else variant, attention
+        )
     except Exception as err:  # noqa: BLE001
-        logger.exception("FP8 quality report failed at %dpx", res)
+        logger.exception("%s quality report failed at %dpx", precision, res)
         if bench.on_cuda and _is_oom(err):
             torch.cuda.empty_cache()  # quality_report keeps every layer's in/out
         why = "out of memory" if _is_oom(err) else f"{type(err).__name__}: {err}"[:200]
         quality = {"error": f"{why} during quality_report at {res}px"}
-    quality.update(granularity=bench.settings.fp8_granularity, linears=bench.fp8.linears)
+    quality["linears"] = quant.linears
+    if precision == "fp8":
+        quality["granularity"] = bench.settings.fp8_granularity
+    else:
+        mode = precision.removeprefix("nvfp4-")
+        width = int(bench.spec.transformer.get("num_attention_heads", 1)) * int(
+            bench.spec.transformer.get("attention_head_dim", 1)
+        )
+        quality.update(rank=bench.settings.nvfp4_rank,
+                       gemm=nvfp4_gemm_path(mode, bench.device, k=width, n=width))  # fmt: skip
     return quality
 
 
@@ -831,13 +908,20 @@ def _method(s: BenchSettings, spec: ModelSpec, measured: tuple[int, ...]) -> str
         )
     else:
         how = f"measured: full depth ({full} blocks), {s.steps} steps, decode"
+    kinds = []
     if s.fp8:
+        kinds.append(f"FP8 ({s.fp8_granularity} scales, W8A8)")
+    for mode in s.quant_precisions:
+        if mode.startswith("nvfp4-"):
+            rank = f", rank-{s.nvfp4_rank} 16-bit branch" if s.nvfp4_rank else ""
+            kinds.append(f"NVFP4 {mode.removeprefix('nvfp4-').upper()}{rank}")
+    if kinds:
         how += (
-            f"; FP8 rows: FP8 ({s.fp8_granularity} scales, W8A8) linears in the transformer "
-            f"blocks of DC-Gen, quality = dcgen.quant.quality_report of the transformer output "
-            f"vs bf16 on one batch (first step's inputs, batch 1"
+            f"; low-precision rows: {', '.join(kinds)} linears in the transformer blocks of "
+            f"DC-Gen, quality = dcgen.quant.quality_report of the transformer output vs bf16 on "
+            f"one batch (first step's inputs, batch 1"
             + (f", the {lists}-block model" if s.quick else "")
-            + ")"
+            + "), block weights at full depth"
         )
     return how
 
@@ -851,6 +935,7 @@ def _device_name(device: torch.device) -> str:
 __all__ = [
     "ATTENTION_BACKENDS",
     "FP8_GRANULARITIES",
+    "NVFP4_MODES",
     "MODELS",
     "VARIANTS",
     "BenchSettings",
