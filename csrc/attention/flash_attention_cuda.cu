@@ -146,7 +146,8 @@ at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
               kOp, ": expected k and v of shape (", B, ", ", H, ", Sk, ", D, "), got ",
               k_in.sizes(), " and ", v_in.sizes());
   TORCH_CHECK(eps > 0, kOp, ": expected eps > 0, got ", eps);
-  TORCH_CHECK(Sq < (1LL << 30) && Sk < (1LL << 30), kOp, ": sequence too long");
+  TORCH_CHECK(Sq < (1LL << 30) && Sk < (1LL << 30), kOp,
+              ": expected query and key lengths below 2^30, got Sq=", Sq, " and Sk=", Sk);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int major = check_arch(q_in, kOp);
 

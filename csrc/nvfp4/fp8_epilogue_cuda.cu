@@ -127,9 +127,11 @@ at::Tensor fp8_scale_epilogue_cuda(const at::Tensor& y, const at::Tensor& row_sc
               " elements on ", y.device(), ", got ", col_scale.scalar_type(), " ", col_scale.sizes(),
               " on ", col_scale.device());
   if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N && bias->device() == y.device() && bias->is_floating_point(),
-                "dcgen::fp8_scale_epilogue: expected a floating bias of ", N, " elements on ",
-                y.device(), ", got ", bias->scalar_type(), " ", bias->sizes(), " on ",
+    // The kernel reads the bias as fp32 or as y's own type: any other dtype would be misread.
+    TORCH_CHECK(bias->numel() == N && bias->device() == y.device() &&
+                    (bias->scalar_type() == at::kFloat || bias->scalar_type() == y.scalar_type()),
+                "dcgen::fp8_scale_epilogue: expected a float32 or ", y.scalar_type(), " bias of ", N,
+                " elements on ", y.device(), ", got ", bias->scalar_type(), " ", bias->sizes(), " on ",
                 bias->device());
   }
   const c10::cuda::CUDAGuard guard(y.device());

@@ -22,7 +22,9 @@ void check_operand(const char* op, const char* name, const at::Tensor& q, const 
               op, ": expected ", name, " as contiguous packed uint8 [rows, K/2] on CUDA, got ",
               q.scalar_type(), " ", q.sizes(), " on ", q.device());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16 == 0,
-              op, ": expected ", name, " 16-byte aligned (a view at an odd offset?)");
+              op, ": expected ", name, " 16-byte aligned, got a data pointer at ",
+              reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16, " bytes past a 16-byte boundary (",
+              "storage offset ", q.storage_offset(), ": a view at an odd offset?)");
   TORCH_CHECK(q.size(1) * 2 == k, op, ": expected ", name, " with K/2 = ", k / 2,
               " columns, got ", q.sizes());
   TORCH_CHECK(sf.scalar_type() == at::kFloat8_e4m3fn && sf.is_contiguous() &&
@@ -101,7 +103,10 @@ at::Tensor nvfp4_gemm_w4a16_cuda(const at::Tensor& a, const at::Tensor& b, const
   TORCH_CHECK(a.device() == b.device(), "dcgen::nvfp4_gemm_w4a16: a is on ", a.device(), ", b on ", b.device());
   TORCH_CHECK(k % 32 == 0, "dcgen::nvfp4_gemm_w4a16: expected K % 32 == 0, got K=", k);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 == 0,
-              "dcgen::nvfp4_gemm_w4a16: expected a 16-byte aligned (a view at an odd offset?)");
+              "dcgen::nvfp4_gemm_w4a16: expected a 16-byte aligned, got a data pointer at ",
+              reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16,
+              " bytes past a 16-byte boundary (storage offset ", a.storage_offset(),
+              ": a view at an odd offset?)");
   check_alpha("dcgen::nvfp4_gemm_w4a16", alpha, a);
   const c10::cuda::CUDAGuard guard(a.device());
   const int major = capability_major(a);

@@ -193,7 +193,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_nvfp4_lowrank_cuda(
               ": expected contiguous x and down, got strides ", x.strides(), " and ", down.strides());
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 4 == 0 &&
                   reinterpret_cast<uintptr_t>(down.const_data_ptr()) % 4 == 0,
-              op, ": expected x and down 4-byte aligned (element pairs are loaded as one word)");
+              op, ": expected x and down 4-byte aligned (element pairs are loaded as one word), got "
+              "data pointers ", reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 4, " and ",
+              reinterpret_cast<uintptr_t>(down.const_data_ptr()) % 4,
+              " bytes past a 4-byte boundary (storage offsets ", x.storage_offset(), " and ",
+              down.storage_offset(), ")");
   TORCH_CHECK(global_scale.numel() == 1 && global_scale.scalar_type() == at::kFloat, op,
               ": expected global_scale to be one float32 value, got ", global_scale.scalar_type(),
               " of shape ", global_scale.sizes());

@@ -96,6 +96,8 @@ def fp8_scale_epilogue(
         and has_kernel("fp8_scale_epilogue", y.device)
         and not inductor_fuses_instead()
     ):
+        if bias is not None and bias.dtype not in (torch.float32, y.dtype):
+            bias = bias.float()  # the kernel reads fp32 or y's dtype; exact for 16-bit values
         return compiled_op("fp8_scale_epilogue")(
             y.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias, act
         )

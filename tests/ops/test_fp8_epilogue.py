@@ -106,6 +106,21 @@ def test_cuda_kernel_misaligned_and_flat_inputs(rng):
 
 
 @pytest.mark.cuda
+def test_cuda_kernel_takes_a_bias_of_another_16_bit_type(rng):
+    # The kernel reads the bias as fp32 or as y's dtype; the public op widens any other (an fp16
+    # bias beside bf16 y) to fp32 first, exactly, instead of letting it be read as bf16 bits.
+    _need_kernel()
+    y, rs, cs, b = _inputs(5, 24, torch.bfloat16, rng, "cuda", True)
+    b16 = (torch.randn(24, generator=rng) * 3).half().cuda()
+    poison_cuda_allocator()
+    got = fp8_scale_epilogue(y, rs, cs, b16)
+    want = fp8_scale_epilogue_reference(y.cpu(), rs.cpu(), cs.cpu(), b16.cpu())
+    assert torch.equal(got.cpu(), want)
+    with pytest.raises(RuntimeError, match="expected a float32 or BFloat16 bias of 24 elements"):
+        compiled_op("fp8_scale_epilogue")(y, rs, cs, b16, "none")
+
+
+@pytest.mark.cuda
 def test_cuda_kernel_rejects_bad_inputs():
     _need_kernel()
     op = compiled_op("fp8_scale_epilogue")
