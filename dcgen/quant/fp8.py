@@ -195,11 +195,38 @@ def fp8_gemm(
         try:
             y = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=out_dtype)
         except RuntimeError as err:
-            _REJECTED.add(tensor_case)
-            logger.warning("fp8_gemm: unit-scale _scaled_mm rejected %s (%s)", tensor_case, err)
+            reject_tensor_route(xq.device, err)
         else:
             return fp8_scale_epilogue(y, x_scale, w_scale, bias, act)
     return _apply_act(_fp8_gemm_scaled(xq, x_scale, wq, w_scale, bias, out_dtype, granularity), act)
+
+
+def direct_row_route(
+    device: torch.device, dtype: torch.dtype, n: int, k: int, bias: torch.Tensor | None
+) -> bool:
+    """Whether a row-scaled FP8 linear on ``device`` with ``dtype`` activations may call its
+    three steps straight (FP8Linear's inference route): the quantize and epilogue kernels are
+    built, the GEMM takes the unit-scale "tensor" route (:func:`fp8_gemm`) and that case was
+    never rejected, and the bias is one the epilogue kernel reads (fp32 or bf16)."""
+    if dtype != torch.bfloat16 or (bias is not None and bias.dtype not in (torch.float32, dtype)):
+        return False
+    if not (has_kernel("quantize_fp8", device) and has_kernel("fp8_scale_epilogue", device)):
+        return False
+    if row_gemm_route(device) != "tensor" or _case(device, "tensor") in _REJECTED:
+        return False
+    return scaled_mm_supported(device, "row", dtype, n, k)
+
+
+def reject_tensor_route(device: torch.device, err: BaseException) -> None:
+    """Record that the unit-scale ``_scaled_mm`` failed on ``device`` (never tried again)."""
+    case = _case(device, "tensor")
+    _REJECTED.add(case)
+    logger.warning("fp8_gemm: unit-scale _scaled_mm rejected %s (%s)", case, err)
+
+
+def route_generation() -> int:
+    """Changes whenever a GEMM case is rejected: cached route decisions compare it."""
+    return len(_REJECTED)
 
 
 def _fp8_gemm_scaled(

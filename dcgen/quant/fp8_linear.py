@@ -11,6 +11,15 @@ Forward: activations [..., K] are quantized per row (token) or per 1x128 block o
 :func:`dcgen.quant.fp8.fp8_gemm` (torch._scaled_mm or the exact reference). The pure-PyTorch
 spec of the whole layer is :meth:`FP8Linear.reference_forward`.
 
+The direct route (inference, bf16, row scales, kernels built: every FLUX / SANA linear in a
+quantized pipeline). A GEMM at FLUX's 4K shapes takes about 0.1 ms on an H200 in FP8, while
+the general path spent about 45 us of Python per call on checks and route decisions (measured
+with stubbed ops on this project's CPU: ``benchmarks/test_fp8_host.py``), on top of three op
+dispatches, so the host, not the GPU, set the pace. The route decision is made once per
+(device, dtype, environment) and cached on the layer; each call then runs the quantize kernel,
+``torch._scaled_mm`` with unit scales and the scale epilogue kernel directly. Same ops, same
+arguments, same bits as the general path.
+
 Gradients (LoRA on a quantized base, QLoRA style): the weight is frozen; the input gradient is
 the straight-through one, ``dx = dy @ deq(W)`` (rounding has no useful derivative), and the
 bias gets ``dy`` summed when it requires grad.
@@ -18,6 +27,7 @@ bias gets ``dy`` summed when it requires grad.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -25,6 +35,7 @@ from torch import nn
 
 from dcgen.ops import quantize_fp8 as _qop
 
+from . import fp8 as _fp8
 from .fp8 import fp8_gemm, fp8_linear_reference, quantize_fp8_weight
 
 _FORMAT_BUFFERS = ("weight", "weight_scale")
@@ -59,11 +70,22 @@ class _SharedInputQuantization:
     def quantize(self, x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.depth == 0 or torch.compiler.is_compiling() or torch.is_grad_enabled():
             return _qop.quantize_fp8(x, granularity)
+        return self._reuse(x, granularity, lambda: _qop.quantize_fp8(x, granularity))
+
+    def quantize_rows_direct(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The direct route's quantize (checks done by the caller): the row kernel on x as
+        [M, K], shared like :meth:`quantize`; returns ([M, K] codes, [M, 1] scales)."""
+        if self.depth == 0:
+            return _direct_ops()[0](x.reshape(-1, k).contiguous(), 0)
+        q, sc = self._reuse(x, "row", lambda: _direct_ops()[0](x.reshape(-1, k).contiguous(), 0))
+        return q.reshape(-1, k), sc.reshape(-1, 1)
+
+    def _reuse(self, x: torch.Tensor, granularity: str, make) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
         key = self._key_of(x, granularity)
         if self._ref is not None and self._ref() is x and self._key == key:
             assert self._value is not None
             return self._value
-        self._value = _qop.quantize_fp8(x, granularity)
+        self._value = make()
         self._ref, self._key = weakref.ref(x), key
         return self._value
 
@@ -114,6 +136,23 @@ def unshare_input_quantization(model: nn.Module) -> int:
                 handle.remove()
             count += 1
     return count
+
+
+_DIRECT_OPS: tuple = ()
+_ROUTE_ENV = ("DCGEN_FP8_GEMM", "DCGEN_DISABLE_KERNELS")
+_ACTS = ("none", "gelu_tanh")
+
+
+def _direct_ops() -> tuple:
+    """(quantize_fp8, fp8_scale_epilogue) OpOverloads, looked up once (only after the route
+    check found both kernels, so dcgen._C is loaded)."""
+    global _DIRECT_OPS
+    if not _DIRECT_OPS:
+        _DIRECT_OPS = (
+            torch.ops.dcgen.quantize_fp8.default,
+            torch.ops.dcgen.fp8_scale_epilogue.default,
+        )
+    return _DIRECT_OPS
 
 
 def _forward(x: torch.Tensor, layer: FP8Linear, gemm: bool, act: str = "none") -> torch.Tensor:
@@ -195,6 +234,7 @@ class FP8Linear(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
         # model.to(dtype) / .half() must not touch the format: the e4m3 weight and fp32 scales
         # only follow the device (float8 counts as floating point, so .to(bf16) would cast it).
+        self.__dict__.pop("_route", None)  # the direct route is decided again (device, bias)
         keep = {n: self._buffers[n] for n in _FORMAT_BUFFERS}
         for n in keep:
             self._buffers[n] = None
@@ -220,9 +260,50 @@ class FP8Linear(nn.Module):
         if not x.is_floating_point() or x.dtype == torch.float64 or x.element_size() == 1:
             raise TypeError(f"FP8Linear: expected a float32/float16/bfloat16 input, got {x.dtype}")
 
+    def _direct(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the direct route (module doc): inference on a plain bf16
+        tensor of the right width, not compiling, and the cached route decision says yes."""
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and (
+            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        ):
+            return False
+        if x.shape[-1:] != (self.in_features,) or x.numel() == 0:
+            return False
+        key = (x.device, x.dtype, *map(os.environ.get, _ROUTE_ENV), _fp8.route_generation())
+        route = self.__dict__.get("_route")
+        if route is None or route[0] != key:
+            ok = self.granularity == "row" and _fp8.direct_row_route(
+                x.device, x.dtype, self.out_features, self.in_features, self.bias
+            )
+            route = self.__dict__["_route"] = (key, ok)
+        return route[1]
+
+    def _direct_forward(self, x: torch.Tensor, act: str) -> torch.Tensor | None:
+        """quantize kernel -> unit-scale ``_scaled_mm`` -> scale epilogue kernel, as
+        :func:`dcgen.quant.fp8.fp8_gemm` runs them; None when ``_scaled_mm`` rejects the case
+        (recorded: the general path takes over from then on)."""
+        k = self.in_features
+        xq, xs = _shared.quantize_rows_direct(x, k)
+        one = _fp8._unit_scale(x.device)
+        try:
+            y = torch._scaled_mm(
+                xq, self.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16
+            )
+        except RuntimeError as err:
+            _fp8.reject_tensor_route(x.device, err)
+            return None
+        y = _direct_ops()[1](y, xs, self.weight_scale, self.bias, act)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
         """``act(x W^T + b)``; ``act`` "none" or "gelu_tanh" (fused into the GEMM epilogue on
         the kernel route, the fused FLUX MLP's first linear uses it)."""
+        if act in _ACTS and self._direct(x):
+            y = self._direct_forward(x, act)
+            if y is not None:
+                return y
         self._check(x)
         lead = x.shape[:-1]
         bias = self.bias

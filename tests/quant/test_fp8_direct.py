@@ -1,0 +1,169 @@
+"""FP8Linear's direct inference route (dcgen/quant/fp8_linear.py module doc).
+
+The route needs the quantize and epilogue kernels, which exist on CUDA only. To exercise it on
+a CPU, each test registers CPU kernels for ``dcgen::quantize_fp8`` and
+``dcgen::fp8_scale_epilogue`` that run the PyTorch references (the CUDA kernels are tested
+bit-exact against the same references in tests/ops) and counts their calls, then compares the
+direct route with the general path (``fp8_gemm``) on the same layer and input: same ops, same
+arguments, so the same bits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dcgen.quant.fp8 as f
+import dcgen.quant.fp8_linear as fl
+from dcgen.ops import _extension
+from dcgen.ops.fp8_epilogue import fp8_scale_epilogue_reference
+from dcgen.ops.quantize_fp8 import quantize_fp8_reference
+from dcgen.quant import FP8Linear
+
+if not _extension.has_schema("quantize_fp8") or not _extension.has_schema("fp8_scale_epilogue"):
+    pytest.skip("dcgen._C is not built: no dcgen FP8 ops to route to", allow_module_level=True)
+
+OPS = ("quantize_fp8", "fp8_scale_epilogue")
+
+
+@pytest.fixture
+def cpu_kernels(monkeypatch):
+    """CPU kernels for the two ops (the references), visible to has_kernel; yields the call
+    counts per op and of direct-route calls ("direct"). The unit-scale GEMM route is forced
+    ("auto" takes it on CUDA only)."""
+    calls = dict.fromkeys((*OPS, "direct"), 0)
+
+    def quantize(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        calls["quantize_fp8"] += 1
+        assert x.dim() == 2 and x.is_contiguous()
+        return quantize_fp8_reference(x, "row" if block == 0 else "block128")
+
+    def epilogue(y, row_scale, col_scale, bias, act):  # noqa: ANN001, ANN202
+        calls["fp8_scale_epilogue"] += 1
+        return fp8_scale_epilogue_reference(y, row_scale, col_scale, bias, act)
+
+    direct = FP8Linear._direct_forward
+
+    def counted(self, x, act):  # noqa: ANN001, ANN202
+        calls["direct"] += 1
+        return direct(self, x, act)
+
+    monkeypatch.setattr(FP8Linear, "_direct_forward", counted)
+    lib = torch.library.Library("dcgen", "IMPL")
+    lib.impl("quantize_fp8", quantize, "CPU")
+    lib.impl("fp8_scale_epilogue", epilogue, "CPU")
+    monkeypatch.setattr(_extension, "_KERNELS", _extension._KERNELS | {(n, "CPU") for n in OPS})
+    monkeypatch.setattr(f, "_REJECTED", set())
+    monkeypatch.setenv("DCGEN_FP8_GEMM", "tensor")
+    monkeypatch.delenv("DCGEN_DISABLE_KERNELS", raising=False)
+    try:
+        yield calls
+    finally:
+        lib._destroy()
+
+
+def _layer(k: int = 64, n: int = 40, bias: bool = True, seed: int = 0) -> FP8Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    lin.weight.data *= 3
+    return FP8Linear.from_linear(lin)
+
+
+def _general(layer: FP8Linear, x: torch.Tensor, act: str, monkeypatch) -> torch.Tensor:
+    with monkeypatch.context() as m:
+        m.setattr(FP8Linear, "_direct", lambda self, x: False)
+        return layer(x, act)
+
+
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_direct_route_gives_the_general_paths_bits(cpu_kernels, act, bias, monkeypatch):
+    layer = _layer(bias=bias)
+    x = (torch.randn(2, 5, 64) * 4).bfloat16()
+    with torch.inference_mode():
+        y = layer(x, act)
+        assert cpu_kernels == {"quantize_fp8": 1, "fp8_scale_epilogue": 1, "direct": 1}
+        want = _general(layer, x, act, monkeypatch)
+    # the general path ran the same two kernels, not the direct route
+    assert cpu_kernels == {"quantize_fp8": 2, "fp8_scale_epilogue": 2, "direct": 1}
+    assert y.shape == (2, 5, 40) and y.dtype == torch.bfloat16
+    assert torch.equal(y, want)
+    # and both are the layer's spec up to the extra bf16 rounding of the unit-scale product
+    spec = layer.reference_forward(x).float()
+    if act == "gelu_tanh":
+        spec = torch.nn.functional.gelu(spec, approximate="tanh")
+    torch.testing.assert_close(y.float(), spec, rtol=2**-6, atol=5e-2)
+
+
+def test_route_is_decided_once_then_again_when_the_environment_changes(cpu_kernels, monkeypatch):
+    layer = _layer()
+    x = torch.randn(3, 64).bfloat16()
+    decisions = []
+    real = f.direct_row_route
+    monkeypatch.setattr(f, "direct_row_route", lambda *a: decisions.append(a) or real(*a))
+    with torch.no_grad():
+        a = layer(x)
+        layer(x)
+        assert len(decisions) == 1 and cpu_kernels["direct"] == 2
+        monkeypatch.setenv("DCGEN_DISABLE_KERNELS", "1")  # every op on its reference
+        b = layer(x)
+    assert len(decisions) == 2 and cpu_kernels["direct"] == 2
+    assert cpu_kernels["quantize_fp8"] == 2  # no kernel ran
+    # the references path differs from the kernels path by the unit-scale product's rounding
+    torch.testing.assert_close(a.float(), b.float(), rtol=2**-6, atol=5e-2)
+    layer.to(torch.float32)  # .to() drops the decision (device or bias dtype may change)
+    assert "_route" not in layer.__dict__
+
+
+def test_cases_the_direct_route_leaves_to_the_general_path(cpu_kernels):
+    x = torch.randn(3, 64).bfloat16()
+    layer = _layer()
+    with torch.no_grad():
+        layer(x.half())  # fp16: the unit-scale product could overflow
+        FP8Linear.from_linear(nn.Linear(64, 40), granularity="block128")(x)
+        fp16_bias = _layer()
+        fp16_bias.bias.data = fp16_bias.bias.data.half()  # not a bias the kernel reads
+        fp16_bias(x)
+    assert cpu_kernels["direct"] == 0
+    x.requires_grad_(True)
+    y = layer(x)  # autograd: the straight-through path
+    y.float().sum().backward()
+    assert x.grad is not None and cpu_kernels["direct"] == 0
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="FP8Linear: expected input with last dim 64, got"):
+            layer(torch.randn(3, 32).bfloat16())
+        with pytest.raises(ValueError, match=r"expected act in \('none', 'gelu_tanh'\), got 'relu'"):
+            layer(x.detach(), "relu")
+
+
+def test_a_rejected_gemm_falls_back_for_good(cpu_kernels, monkeypatch):
+    layer = _layer()
+    x = torch.randn(4, 64).bfloat16()
+    with torch.no_grad():
+        want = layer(x)
+
+        def refuse(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            raise RuntimeError("no such FP8 GEMM on this card")
+
+        monkeypatch.setattr(torch, "_scaled_mm", refuse)
+        got = layer(x)  # direct route refused -> general path -> its own fallbacks
+        assert f._case(x.device, "tensor") in f._REJECTED
+        assert cpu_kernels["direct"] == 2
+        layer(x)
+        assert cpu_kernels["direct"] == 2  # no direct attempt any more
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=5e-2)
+
+
+def test_direct_route_shares_one_quantize_per_scope(cpu_kernels):
+    a, b = _layer(seed=1), _layer(seed=2)
+    x = torch.randn(2, 7, 64).bfloat16()
+    with torch.inference_mode():
+        fl._shared.enter()
+        try:
+            ya, yb = a(x), b(x)
+        finally:
+            fl._shared.leave()
+        assert cpu_kernels["quantize_fp8"] == 1 and cpu_kernels["direct"] == 2
+        assert torch.equal(ya, a(x)) and torch.equal(yb, b(x))
+    assert fl._shared._value is None
