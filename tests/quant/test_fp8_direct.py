@@ -133,7 +133,9 @@ def test_cases_the_direct_route_leaves_to_the_general_path(cpu_kernels):
     with torch.no_grad():
         with pytest.raises(ValueError, match="FP8Linear: expected input with last dim 64, got"):
             layer(torch.randn(3, 32).bfloat16())
-        with pytest.raises(ValueError, match=r"expected act in \('none', 'gelu_tanh'\), got 'relu'"):
+        with pytest.raises(
+            ValueError, match=r"expected act in \('none', 'gelu_tanh'\), got 'relu'"
+        ):
             layer(x.detach(), "relu")
 
 
@@ -167,3 +169,27 @@ def test_direct_route_shares_one_quantize_per_scope(cpu_kernels):
         assert cpu_kernels["quantize_fp8"] == 1 and cpu_kernels["direct"] == 2
         assert torch.equal(ya, a(x)) and torch.equal(yb, b(x))
     assert fl._shared._value is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+def test_cuda_direct_route_gives_the_general_paths_bits(act, monkeypatch):
+    # On a GPU with the kernels built the direct route is the default for bf16 inference: the
+    # real kernels and cuBLAS, against fp8_gemm on the same layer and input.
+    if not torch.cuda.is_available() or not f.direct_row_route(
+        torch.device("cuda"), torch.bfloat16, 3072, 3072, None
+    ):
+        pytest.skip("no CUDA device, FP8 kernels or unit-scale FP8 GEMM here")
+    torch.manual_seed(0)
+    layer = FP8Linear.from_linear(nn.Linear(3072, 3072).cuda()).cuda()
+    x = torch.randn(2, 300, 3072, device="cuda").bfloat16()
+    entered = []
+    direct = FP8Linear._direct_forward
+    monkeypatch.setattr(
+        FP8Linear, "_direct_forward", lambda self, x, a: entered.append(1) or direct(self, x, a)
+    )
+    with torch.inference_mode():
+        y = layer(x, act)
+        want = _general(layer, x, act, monkeypatch)
+    assert entered == [1] and not y.isnan().any()
+    assert torch.equal(y, want)
