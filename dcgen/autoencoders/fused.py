@@ -9,37 +9,39 @@ unfused math in fp32, rounded once), so it only pays off where the ops have kern
   the op's compiled kernel (``DCGEN_DISABLE_KERNELS=1`` turns it off). Training keeps the
   plain PyTorch path untouched, and so does autocast (mixed dtypes the fused ops do not take).
 * :func:`fused_inference` forces it on or off, e.g. to check on a CPU that the fused path
-  (running the ops' references) equals the plain one.
+  (running the ops' references) equals the plain one. The setting is a context variable: it
+  holds for the thread (or asyncio task) that entered the context, not for a decode that
+  another thread runs at the same time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
 from dcgen.ops import has_kernel
 
-_forced: bool | None = None
+_forced: ContextVar[bool | None] = ContextVar("dcgen_fused_inference", default=None)
 
 
 @contextmanager
 def fused_inference(enabled: bool | None = True) -> Iterator[None]:
     """Force the blocks' fused path on (True) or off (False); None restores the automatic rule."""
-    global _forced
-    previous = _forced
-    _forced = enabled
+    token = _forced.set(enabled)
     try:
         yield
     finally:
-        _forced = previous
+        _forced.reset(token)
 
 
 def use_fused(x: torch.Tensor, op: str) -> bool:
     """Whether a block should call the fused dcgen op ``op`` for input ``x``."""
-    if _forced is not None:
-        return _forced and not _autocasting(x)
+    forced = _forced.get()
+    if forced is not None:
+        return forced and not _autocasting(x)
     return (
         not torch.is_grad_enabled()
         and x.device.type == "cuda"

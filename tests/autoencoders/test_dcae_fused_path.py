@@ -132,6 +132,34 @@ def test_automatic_rule_keeps_training_and_cpu_on_plain_path():
         assert use_fused(x, "anything")
 
 
+def test_forced_setting_holds_in_its_own_thread_only():
+    # fused_inference is a context variable: while one thread forces the fused path, a decode
+    # in another thread that forced it off stays off, and neither undoes the other's setting.
+    import threading
+
+    x = torch.ones(2)
+    other_in, main_in, other_checked = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def other() -> None:
+        with fused_inference(False):
+            other_in.set()
+            main_in.wait(5)
+            seen["other"] = use_fused(x, "anything")  # main is inside fused_inference(True)
+            other_checked.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    other_in.wait(5)
+    with fused_inference(True):
+        main_in.set()
+        other_checked.wait(5)
+        seen["main"] = use_fused(x, "anything")
+    t.join(5)
+    assert seen == {"main": True, "other": False}
+    assert not use_fused(x, "anything")  # automatic again: CPU
+
+
 @pytest.mark.cuda
 def test_cuda_automatic_rule_takes_kernels_in_inference_only():
     if not has_kernel("up_block_shortcut", "cuda"):
