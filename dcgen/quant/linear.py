@@ -248,10 +248,36 @@ class NVFP4Linear(nn.Module):
         y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, gs * self.weight_scale_2)
         return y.float().reshape(*xs.shape[:-1], n)
 
+    def _native_w4a4_16bit(self, x: torch.Tensor) -> torch.Tensor | None:
+        """W4A4 inference without a low-rank branch or smoothing on a bf16 input, on the native
+        GEMM: quantize, GEMM (global scales applied inside, bf16 out), bias added in bf16. The
+        general form widens the GEMM's bf16 result to fp32 for the bias and rounds it back:
+        three more passes over the output, which at FLUX shapes on Blackwell take longer than
+        the FP4 GEMM itself. One more bf16 rounding (the bias add) than the fp32 reference, as
+        the other 16-bit forms (dequant_path.py). None where this does not apply."""
+        if self.rank or self.smooth is not None or x.dtype != torch.bfloat16:
+            return None
+        if self.bias is not None and self.bias.dtype != x.dtype:
+            return None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        n, k = self.out_features, self.in_features
+        if not _gemm.kernel_available(x.device, n, k):
+            return None
+        x2 = x.reshape(-1, k)
+        static = self._activation_scale(x)
+        packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static, check_finite=False)
+        w_scales = self._swizzled_weight_scales()
+        y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, gs * self.weight_scale_2)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], n)
+
     def _native_w4a16(self, x: torch.Tensor) -> torch.Tensor | None:
         # Hopper (sm_90a, opt-in: dcgen.ops.nvfp4_gemm) with a bf16 input and no smoothing:
-        # the weight dequantized in the GEMM's mainloop, never materialised in 16 bits. None
-        # where that kernel does not apply (the dequantize + cuBLAS path or the reference runs).
+        # the weight dequantized in the GEMM's mainloop, never materialised in 16 bits; the
+        # bf16 result as the kernel returns it. None where that kernel does not apply (the
+        # dequantize + cuBLAS path or the reference runs).
         n, k = self.out_features, self.in_features
         if x.dtype != torch.bfloat16 or self.smooth is not None:
             return None
@@ -261,7 +287,7 @@ class NVFP4Linear(nn.Module):
             return None
         w_scales = self._swizzled_weight_scales()
         y = _gemm.nvfp4_gemm_w4a16(x.reshape(-1, k), self.weight, w_scales, self.weight_scale_2)
-        return y.float().reshape(*x.shape[:-1], n)
+        return y.reshape(*x.shape[:-1], n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -278,13 +304,23 @@ class NVFP4Linear(nn.Module):
         y = None
         fast = _dequant_path.available(x.device)
         if self.mode == "w4a16":
-            y = self._native_w4a16(x)
+            y16 = self._native_w4a16(x)
+            if y16 is not None and not self.rank:
+                # bf16 out of the kernel; the bias (if any) added in bf16 (see _native_w4a4_16bit)
+                bias = self.bias
+                if bias is None or bias.dtype == y16.dtype:
+                    return y16 if bias is None else y16.add_(bias)
+            y = None if y16 is None else y16.float()
             if y is None and fast:
                 out = _dequant_path.forward_16bit(self, x)
                 if out is not None:
                     return out
         if self.mode == "w4a4" and self._fused_lowrank_applies(x, fast):
             return self._w4a4_fused_lowrank(x)
+        if self.mode == "w4a4":
+            out = self._native_w4a4_16bit(x)
+            if out is not None:
+                return out
         # The activation operand: x itself without smoothing (quantizing a 16-bit x gives the
         # codes of its fp32 copy, so the paths below need no copy), else x / s in fp32.
         xs = x if self.smooth is None else x.float() / self.smooth

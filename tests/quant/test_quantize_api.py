@@ -305,3 +305,52 @@ def test_host_side_values_follow_buffer_changes(rng):
         back = q(x)
     assert not torch.equal(static, dynamic)  # the static scale took effect...
     assert torch.equal(back, dynamic)  # ...and zeroing it went back to dynamic scales
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mode", ["w4a4", "w4a16"])
+def test_native_gemm_paths_stay_in_bf16(mode, bias, rng, monkeypatch):
+    # Where the native NVFP4 GEMM runs (Blackwell W4A4; Hopper opt-in W4A4 / W4A16), a bf16
+    # layer without low-rank branch or smoothing returns the GEMM's bf16 result with the bias
+    # added in bf16: no fp32 round trip of the output. Stood in on the CPU by the GEMMs'
+    # references, which round once to bf16 like the kernels; checked against the fp32 form.
+    import dcgen.ops.nvfp4_gemm as g
+    import dcgen.quant.linear as ql
+
+    calls = []
+
+    def ref(name, fn):  # noqa: ANN001, ANN202
+        return lambda *a: calls.append(name) or fn(*a)
+
+    monkeypatch.setattr(ql._gemm, "kernel_available", lambda device, n, k: True)
+    monkeypatch.setattr(ql._gemm, "w4a16_kernel_available", lambda device, k: True)
+    monkeypatch.setattr(ql._gemm, "nvfp4_gemm", ref("w4a4", g.nvfp4_gemm_reference))
+    monkeypatch.setattr(ql._gemm, "nvfp4_gemm_w4a16", ref("w4a16", g.nvfp4_gemm_w4a16_reference))
+    widened = []
+    real_float = torch.Tensor.float
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=bias)
+    q = NVFP4Linear.from_linear(lin, mode)
+    x = (torch.randn(2, 5, 64, generator=rng) * 2).bfloat16()
+    with torch.no_grad():
+        want = q(x.float())  # fp32 input: the general form, rounded once
+        calls.clear()
+        monkeypatch.setattr(
+            torch.Tensor, "float", lambda t: widened.append(t.shape) or real_float(t)
+        )
+        got = q(x)
+    monkeypatch.undo()
+    assert calls == [mode] and got.dtype == torch.bfloat16 and got.shape == (2, 5, 48)
+    assert not [s for s in widened if len(s) and s[-1] == 48]  # the [.., N] output was never widened
+    # the GEMM's rounding and the bias add's: within two bf16 steps of the fp32 form
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2**-7 * want.abs().max())
+    # a low-rank branch keeps the general form (branch and bias in fp32, one rounding)
+    q2 = NVFP4Linear.from_linear(lin, mode, rank=2)
+    with torch.no_grad():
+        monkeypatch.setattr(ql._gemm, "kernel_available", lambda device, n, k: True)
+        monkeypatch.setattr(ql._gemm, "w4a16_kernel_available", lambda device, k: True)
+        monkeypatch.setattr(ql._gemm, "nvfp4_gemm", g.nvfp4_gemm_reference)
+        monkeypatch.setattr(ql._gemm, "nvfp4_gemm_w4a16", g.nvfp4_gemm_w4a16_reference)
+        y2 = q2(x)
+    assert y2.dtype == torch.bfloat16
+    torch.testing.assert_close(y2.float(), q2(x.float()), rtol=2**-7, atol=1e-2)
