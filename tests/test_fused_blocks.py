@@ -237,6 +237,37 @@ def test_linear_gelu_keeps_wrapped_layers_exact(rng):
         )
 
 
+def test_single_block_assembles_proj_out_input_without_cat(monkeypatch):
+    # In inference the [attention | MLP] input of proj_out is one buffer that both halves are
+    # written into (no torch.cat along features); with autograd on, or when the layers do not
+    # state their widths, the concatenation stays. Same output every way.
+    block = _blocks()[1]
+    inputs = _block_inputs()
+    with torch.no_grad():
+        want = block(**inputs)
+    fused_blocks.install(block)
+    feature_cats = []
+    real_cat = torch.cat
+
+    def cat(tensors, dim=0, **kw):  # noqa: ANN001, ANN003, ANN202
+        feature_cats.append(dim in (2, -1))
+        return real_cat(tensors, dim=dim, **kw)
+
+    monkeypatch.setattr(torch, "cat", cat)
+    with torch.no_grad():
+        got = block(**inputs)
+    assert feature_cats == [False]  # only the [text, image] sequence concatenation
+    assert fused_blocks._joint_widths(block) == (DIM, block.proj_mlp.out_features)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    feature_cats.clear()
+    trained = block(**inputs)  # grad mode: the concatenation
+    assert feature_cats == [False, True]
+    torch.testing.assert_close(trained[1].detach(), want[1], rtol=1e-5, atol=1e-5)
+    monkeypatch.delattr(block.proj_mlp, "out_features")
+    assert fused_blocks._joint_widths(block) is None
+
+
 def test_unfusable_blocks_are_left_alone():
     double, single = _blocks()
     double.norm2 = nn.LayerNorm(DIM)  # affine: not the layout the fused forward reads
@@ -319,13 +350,26 @@ def test_cuda_fused_blocks_match_stock(index, fp8):
         encoder_hidden_states=_rand(2, 9, DIM, g=g, dtype=torch.bfloat16).cuda(),
         temb=_rand(2, DIM, g=g, dtype=torch.bfloat16).cuda(),
     )
+    direct = []
+    real = torch._addmm_activation
+
+    def spy(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        direct.append("out" in k)
+        return real(*a, **k)
+
     with torch.inference_mode():
         want = block(**inputs)
         accelerate(block, blocks=True)
-        got = block(**inputs)
+        torch._addmm_activation = spy
+        try:
+            got = block(**inputs)
+        finally:
+            torch._addmm_activation = real
     for a, b in zip(got, want):
         err = float((a.float() - b.float()).norm() / b.float().norm())
         assert err < 1e-2, err  # bf16 roundings in another order; a broken kernel is O(1)
+    # bf16 single block: cuBLAS writes the MLP half of proj_out's input in place
+    assert direct == ([] if fp8 else [index == 1] * (1 if index == 1 else 2))
 
 
 @pytest.mark.cuda
