@@ -341,7 +341,8 @@ def test_native_gemm_paths_stay_in_bf16(mode, bias, rng, monkeypatch):
         got = q(x)
     monkeypatch.undo()
     assert calls == [mode] and got.dtype == torch.bfloat16 and got.shape == (2, 5, 48)
-    assert not [s for s in widened if len(s) and s[-1] == 48]  # the [.., N] output was never widened
+    # the [..., N] output was never widened to fp32
+    assert not [s for s in widened if len(s) and s[-1] == 48]
     # the GEMM's rounding and the bias add's: within two bf16 steps of the fp32 form
     torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2**-7 * want.abs().max())
     # a low-rank branch keeps the general form (branch and bias in fp32, one rounding)
