@@ -7,6 +7,10 @@
 // 1x128 blocks: 16 lanes (half a warp) per block, 8 elements each, amax by shuffles.
 // Rows: one CTA per row. Up to 16,384 columns the row stays in registers (every load issued up
 // front, one read of global memory); longer rows take a second pass that re-reads from L1/L2.
+// 16-bit rows are kept as loaded (8 elements in one 16-byte word, 4 registers instead of 8
+// floats) and widened again for the quantize: the kernel is latency-bound (load the row, reduce,
+// then store), so registers decide how many rows an SM overlaps (at K = 12,288 the fp32 copy
+// took 88 registers, 2 CTAs per SM, and ran at half the copy bandwidth on the H200).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -116,6 +120,55 @@ __global__ void quantize_fp8_row_kernel(const T* __restrict__ x, uint8_t* __rest
   if (threadIdx.x == 0) scales[row] = scale;
 }
 
+// Eight consecutive elements as they were loaded: fp32 as 8 floats, 16-bit types as the raw
+// 16-byte word (zero bits where an element does not exist: +0 in bf16 and fp16 alike).
+template <typename T, bool kWide = (sizeof(T) == 4)>
+struct Raw8 {
+  float v[8];
+  __device__ __forceinline__ void load(const T* __restrict__ p, int valid, bool vec) {
+    load8(p, valid, vec, v);
+  }
+  __device__ __forceinline__ void widen(float out[8]) const {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = v[i];
+  }
+  __device__ __forceinline__ void widen_again(float out[8]) const { widen(out); }
+};
+
+template <typename T>
+struct Raw8<T, false> {
+  uint4 w;
+  __device__ __forceinline__ void load(const T* __restrict__ p, int valid, bool vec) {
+    if (vec) {
+      w = *reinterpret_cast<const uint4*>(p);
+      return;
+    }
+    uint32_t h[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (i < valid) h[i >> 1] |= static_cast<uint32_t>(quant::bits16(p[i])) << ((i & 1) * 16);
+    }
+    w = make_uint4(h[0], h[1], h[2], h[3]);
+  }
+  __device__ __forceinline__ void widen(float out[8]) const { widen_word(w, out); }
+  // The second widening, for the quantize: the words pass through an empty asm the compiler
+  // cannot see into, so it widens them again instead of keeping the first widening's 8 floats
+  // live across the row reduction (which it does for bf16, a shift per element: 90 registers
+  // instead of 56 at 8 slots, sm_90 ptxas).
+  __device__ __forceinline__ void widen_again(float out[8]) const {
+    uint4 c = w;
+    asm volatile("" : "+r"(c.x), "+r"(c.y), "+r"(c.z), "+r"(c.w));
+    widen_word(c, out);
+  }
+
+ private:
+  __device__ __forceinline__ static void widen_word(const uint4& word, float out[8]) {
+    const T* e = reinterpret_cast<const T*>(&word);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = quant::to_float(e[i]);
+  }
+};
+
 // The row in registers: kIters x 8 elements per thread (iterations past K load nothing), all
 // loads unrolled so they are in flight together; same arithmetic as the two-pass kernel.
 template <typename T, int kThreads, int kIters>
@@ -124,22 +177,31 @@ __global__ void quantize_fp8_row_regs_kernel(const T* __restrict__ x, uint8_t* _
   const int64_t row = blockIdx.x;
   const T* xr = x + row * K;
   uint8_t* qr = q + row * K;
-  float vals[kIters][8];
+  Raw8<T> raw[kIters];
   float amax = 0.f;
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t k0 = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * 8;
     const int valid = quant::count_valid(K - k0, 8);
-    load8(xr + k0, valid, vec && valid == 8, vals[it]);
+    raw[it].load(xr + k0, valid, vec && valid == 8);
+  }
 #pragma unroll
-    for (int i = 0; i < 8; ++i) amax = nan_max(amax, fabsf(vals[it][i]));
+  for (int it = 0; it < kIters; ++it) {
+    float vals[8];
+    raw[it].widen(vals);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = nan_max(amax, fabsf(vals[i]));
   }
   const float scale = fp8_scale(row_amax<kThreads>(amax));
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t k0 = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * 8;
     const int valid = quant::count_valid(K - k0, 8);
-    if (valid > 0) store_q(qr + k0, vals[it], scale, valid, vec && valid == 8);
+    if (valid > 0) {
+      float vals[8];
+      raw[it].widen_again(vals);
+      store_q(qr + k0, vals, scale, valid, vec && valid == 8);
+    }
   }
   if (threadIdx.x == 0) scales[row] = scale;
 }
@@ -174,12 +236,16 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cuda(const at::Tensor& x, int64_
                   "row-scaled call, got ", M);
       constexpr int kThreads = 256;
       const int64_t iters = (K + kThreads * 8 - 1) / (kThreads * 8);
+      // The fewest register slots that hold the row: FLUX's K = 3,072 / 12,288 / 15,360 take
+      // 2 / 6 / 8 (a slot past K costs its registers for nothing).
       if (iters <= 1) {
         quantize_fp8_row_regs_kernel<T, kThreads, 1><<<M, kThreads, 0, stream>>>(xp, qp, sp, K, vec);
       } else if (iters <= 2) {
         quantize_fp8_row_regs_kernel<T, kThreads, 2><<<M, kThreads, 0, stream>>>(xp, qp, sp, K, vec);
       } else if (iters <= 4) {
         quantize_fp8_row_regs_kernel<T, kThreads, 4><<<M, kThreads, 0, stream>>>(xp, qp, sp, K, vec);
+      } else if (iters <= 6) {
+        quantize_fp8_row_regs_kernel<T, kThreads, 6><<<M, kThreads, 0, stream>>>(xp, qp, sp, K, vec);
       } else if (iters <= 8) {
         quantize_fp8_row_regs_kernel<T, kThreads, 8><<<M, kThreads, 0, stream>>>(xp, qp, sp, K, vec);
       } else {

@@ -31,6 +31,8 @@ SHAPES = [
     (130, 257),
     (64, 3072),
     (9, 6000),  # FP8 rows: the register kernel with 4 iterations, partly empty
+    (4, 9001),  # FP8 rows: 6 register slots, partly empty, unaligned row starts
+    (5, 12288),  # FP8 rows: 6 slots exactly (FLUX's MLP width)
     (7, 12288 + 8),
     (3, 16384 + 24),  # FP8 rows past the register kernel: the two-pass one
 ]
