@@ -13,7 +13,7 @@ spec of the whole layer is :meth:`FP8Linear.reference_forward`.
 
 The direct route (inference, bf16, row scales, kernels built: every FLUX / SANA linear in a
 quantized pipeline). A GEMM at FLUX's 4K shapes takes about 0.1 ms on an H200 in FP8, while
-the general path spent about 45 us of Python per call on checks and route decisions (measured
+the general path spent 40-90 us of Python per call on checks and route decisions (measured
 with stubbed ops on this project's CPU: ``benchmarks/test_fp8_host.py``), on top of three op
 dispatches, so the host, not the GPU, set the pace. The route decision is made once per
 (device, dtype, environment) and cached on the layer; each call then runs the quantize kernel,
@@ -75,7 +75,7 @@ class _SharedInputQuantization:
     def quantize_rows_direct(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The direct route's quantize (checks done by the caller): the row kernel on x as
         [M, K], shared like :meth:`quantize`; returns ([M, K] codes, [M, 1] scales)."""
-        if self.depth == 0:
+        if self.depth == 0 or torch.is_grad_enabled():  # as quantize: no reuse under autograd
             return _direct_ops()[0](x.reshape(-1, k).contiguous(), 0)
         q, sc = self._reuse(x, "row", lambda: _direct_ops()[0](x.reshape(-1, k).contiguous(), 0))
         return q.reshape(-1, k), sc.reshape(-1, 1)
@@ -265,17 +265,21 @@ class FP8Linear(nn.Module):
         tensor of the right width, not compiling, and the cached route decision says yes."""
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():
             return False
+        bias = self.bias
         if torch.is_grad_enabled() and (
-            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+            x.requires_grad or (bias is not None and bias.requires_grad)
         ):
             return False
         if x.shape[-1:] != (self.in_features,) or x.numel() == 0:
             return False
-        key = (x.device, x.dtype, *map(os.environ.get, _ROUTE_ENV), _fp8.route_generation())
+        key = (
+            x.device, x.dtype, None if bias is None else bias.dtype,
+            *map(os.environ.get, _ROUTE_ENV), _fp8.route_generation(),
+        )  # fmt: skip
         route = self.__dict__.get("_route")
         if route is None or route[0] != key:
             ok = self.granularity == "row" and _fp8.direct_row_route(
-                x.device, x.dtype, self.out_features, self.in_features, self.bias
+                x.device, x.dtype, self.out_features, self.in_features, bias
             )
             route = self.__dict__["_route"] = (key, ok)
         return route[1]

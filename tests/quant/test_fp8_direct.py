@@ -114,6 +114,13 @@ def test_route_is_decided_once_then_again_when_the_environment_changes(cpu_kerne
     torch.testing.assert_close(a.float(), b.float(), rtol=2**-6, atol=5e-2)
     layer.to(torch.float32)  # .to() drops the decision (device or bias dtype may change)
     assert "_route" not in layer.__dict__
+    monkeypatch.delenv("DCGEN_DISABLE_KERNELS")
+    with torch.no_grad():
+        layer(x)  # fp32 bias: a bias the kernel reads, direct
+        assert cpu_kernels["direct"] == 3
+        layer.bias.data = layer.bias.data.half()  # changed behind the cache's back
+        layer(x)
+    assert cpu_kernels["direct"] == 3 and len(decisions) == 4  # decided again: general path
 
 
 def test_cases_the_direct_route_leaves_to_the_general_path(cpu_kernels):
