@@ -6,7 +6,9 @@ is a LayerNorm plus two passes, every gated residual two more, and FLUX's MLP ta
 more over its 4x-wide hidden state. These forwards compute the same function with
 
 - :func:`dcgen.ops.adaln_modulate` for ``norm(x) * (1 + scale) + shift`` (one pass),
-- :func:`dcgen.ops.gated_residual` for ``x + gate * y`` (one pass),
+- :func:`dcgen.ops.gated_residual` for ``x + gate * y`` (one pass), both through their
+  ``_trusted`` forms: these forwards build the arguments, so the kernels are called without
+  the public functions' Python validation (host time counts in an eager step),
 - the GELU in the MLP's first GEMM: cuBLAS's bias + GELU epilogue for a 16-bit nn.Linear
   (``torch._addmm_activation``), dcgen's FP8 scale epilogue for an FP8Linear; any other layer
   (a LoRA wrapper, say) keeps ``gelu(proj(x))``;
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcgen._hooks import has_forward_hooks
-from dcgen.ops import adaln_modulate, gated_residual
+from dcgen.ops.modulation import adaln_modulate_trusted, gated_residual_trusted
 from dcgen.quant.fp8_linear import FP8Linear
 
 _PATCHED = "_dcgen_fused_block_forward"
@@ -154,8 +156,8 @@ def double_block_forward(
     c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _modulation(
         self.norm1_context, temb, 6
     )
-    norm_hidden = adaln_modulate(hidden_states, shift_msa, scale_msa, self.norm1.norm.eps)
-    norm_context = adaln_modulate(
+    norm_hidden = adaln_modulate_trusted(hidden_states, shift_msa, scale_msa, self.norm1.norm.eps)
+    norm_context = adaln_modulate_trusted(
         encoder_hidden_states, c_shift_msa, c_scale_msa, self.norm1_context.norm.eps
     )
     outputs = self.attn(
@@ -166,17 +168,21 @@ def double_block_forward(
     )
     attn_output, context_attn_output = outputs[0], outputs[1]
 
-    hidden_states = gated_residual(hidden_states, gate_msa, attn_output)
-    norm_hidden = adaln_modulate(hidden_states, shift_mlp, scale_mlp, self.norm2.eps)
-    hidden_states = gated_residual(hidden_states, gate_mlp, _feed_forward(self.ff, norm_hidden))
+    hidden_states = gated_residual_trusted(hidden_states, gate_msa, attn_output)
+    norm_hidden = adaln_modulate_trusted(hidden_states, shift_mlp, scale_mlp, self.norm2.eps)
+    hidden_states = gated_residual_trusted(
+        hidden_states, gate_mlp, _feed_forward(self.ff, norm_hidden)
+    )
     if len(outputs) == 3:  # IP-Adapter output
         hidden_states = hidden_states + outputs[2]
 
-    encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_msa, context_attn_output)
-    norm_context = adaln_modulate(
+    encoder_hidden_states = gated_residual_trusted(
+        encoder_hidden_states, c_gate_msa, context_attn_output
+    )
+    norm_context = adaln_modulate_trusted(
         encoder_hidden_states, c_shift_mlp, c_scale_mlp, self.norm2_context.eps
     )
-    encoder_hidden_states = gated_residual(
+    encoder_hidden_states = gated_residual_trusted(
         encoder_hidden_states, c_gate_mlp, _feed_forward(self.ff_context, norm_context)
     )
     return _clip_fp16(encoder_hidden_states), hidden_states
@@ -204,7 +210,7 @@ def single_block_forward(
     text_len = encoder_hidden_states.shape[1]
     residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     shift, scale, gate = _modulation(self.norm, temb, 3)
-    norm_hidden = adaln_modulate(residual, shift, scale, self.norm.norm.eps)
+    norm_hidden = adaln_modulate_trusted(residual, shift, scale, self.norm.norm.eps)
     attention_kwargs = joint_attention_kwargs or {}
     widths = _joint_widths(self)
     if torch.is_grad_enabled() or widths is None:  # autograd: out= has no derivative
@@ -223,7 +229,7 @@ def single_block_forward(
         )
         joint[..., :attn_width].copy_(attn_output)
         out = self.proj_out(joint)
-    hidden_states = _clip_fp16(gated_residual(residual, gate, out))
+    hidden_states = _clip_fp16(gated_residual_trusted(residual, gate, out))
     return hidden_states[:, :text_len], hidden_states[:, text_len:]
 
 
@@ -241,8 +247,8 @@ def sana_block_forward(
     b = hidden_states.shape[0]
     table = self.scale_shift_table[None] + timestep.reshape(b, 6, -1)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table.unbind(1)  # (B, D)
-    norm_hidden = adaln_modulate(hidden_states, shift_msa, scale_msa, self.norm1.eps)
-    hidden_states = gated_residual(hidden_states, gate_msa, self.attn1(norm_hidden))
+    norm_hidden = adaln_modulate_trusted(hidden_states, shift_msa, scale_msa, self.norm1.eps)
+    hidden_states = gated_residual_trusted(hidden_states, gate_msa, self.attn1(norm_hidden))
     if self.attn2 is not None:
         attn_output = self.attn2(
             hidden_states,
@@ -250,11 +256,11 @@ def sana_block_forward(
             attention_mask=encoder_attention_mask,
         )
         hidden_states = attn_output + hidden_states
-    norm_hidden = adaln_modulate(hidden_states, shift_mlp, scale_mlp, self.norm2.eps)
+    norm_hidden = adaln_modulate_trusted(hidden_states, shift_mlp, scale_mlp, self.norm2.eps)
     # GLUMBConv on the token grid as an NCHW view of NHWC memory, as diffusers does.
     ff_output = self.ff(norm_hidden.unflatten(1, (height, width)).permute(0, 3, 1, 2))
     ff_output = ff_output.flatten(2, 3).permute(0, 2, 1)
-    return gated_residual(hidden_states, gate_mlp, ff_output.to(hidden_states.dtype))
+    return gated_residual_trusted(hidden_states, gate_mlp, ff_output.to(hidden_states.dtype))
 
 
 _FORWARDS = {

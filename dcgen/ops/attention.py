@@ -260,15 +260,31 @@ def qk_norm_rope(
     _check_prologue(op, q, k, q_norm_weight, k_norm_weight, eps, rope_cos, rope_sin, norm_split)
     check_same_device(q=q, k=k, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
                       rope_cos=rope_cos, rope_sin=rope_sin)  # fmt: skip
+    return _qk_norm_rope_checked(q, k, q_norm_weight, k_norm_weight, eps, rope_cos, rope_sin,
+                                 norm_split)  # fmt: skip
+
+
+def _qk_norm_rope_checked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    rope_cos: torch.Tensor | None,
+    rope_sin: torch.Tensor | None,
+    norm_split: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`qk_norm_rope`'s dispatch for arguments already validated (by it, or by
+    :func:`fused_attention`, whose checks cover the same ones): the kernel or the reference."""
     use_kernel = (
         q.dtype in KERNEL_DTYPES
         and q.shape[-1] % 2 == 0
         and not _needs_grad(q, k, q_norm_weight, k_norm_weight)
-        and has_kernel(op, q.device)
+        and has_kernel("qk_norm_rope", q.device)
         and _arch_ok(q.device.type, q.device.index)
     )
     if use_kernel:
-        return compiled_op(op)(
+        return compiled_op("qk_norm_rope")(
             q, k, q_norm_weight, k_norm_weight, float(eps), rope_cos, rope_sin, int(norm_split)
         )
     return qk_norm_rope_reference(
@@ -374,17 +390,11 @@ def _sdpa_attention(
     key_padding_mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """qk_norm_rope (kernel when built) + SDPA in the input dtype, same output layout."""
+    """qk_norm_rope (kernel when built) + SDPA in the input dtype, same output layout. The
+    arguments were validated by :func:`fused_attention`: the prologue is not checked again."""
     if q_norm_weight is not None or k_norm_weight is not None or rope_cos is not None:
-        q, k = qk_norm_rope(
-            q,
-            k,
-            q_norm_weight=q_norm_weight,
-            k_norm_weight=k_norm_weight,
-            eps=eps,
-            rope_cos=rope_cos,
-            rope_sin=rope_sin,
-            norm_split=norm_split,
+        q, k = _qk_norm_rope_checked(
+            q, k, q_norm_weight, k_norm_weight, eps, rope_cos, rope_sin, norm_split
         )
     mask = None
     if key_padding_mask is not None:

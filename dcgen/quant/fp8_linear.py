@@ -14,7 +14,7 @@ spec of the whole layer is :meth:`FP8Linear.reference_forward`.
 The direct route (inference, bf16, row scales, kernels built: every FLUX / SANA linear in a
 quantized pipeline). A GEMM at FLUX's 4K shapes takes about 0.1 ms on an H200 in FP8, while
 the general path spent 40-90 us of Python per call on checks and route decisions (measured
-with stubbed ops on this project's CPU: ``benchmarks/test_fp8_host.py``), on top of three op
+with stubbed ops on this project's CPU: ``benchmarks/test_host_time.py``), on top of three op
 dispatches, so the host, not the GPU, set the pace. The route decision is made once per
 (device, dtype, environment) and cached on the layer; each call then runs the quantize kernel,
 ``torch._scaled_mm`` with unit scales and the scale epilogue kernel directly. Same ops, same
