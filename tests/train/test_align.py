@@ -244,6 +244,8 @@ def test_refine_sgd_with_embed_and_target_callables(rng):
     def embed_fn(img):
         return new(F.avg_pool2d(img, 2).flatten(2).mT)  # (B, 4, 8) on the 2x2 grid
 
-    losses = refine_sgd(embed_fn, imgs, target_fn, new.parameters(), steps=40, lr=0.5)
+    # 100 steps: over 200 seeds the loss fell to at most 0.062 of its start (40 steps left 13
+    # of 200 above 0.1: the test was flaky); the optimum is 0 (new = base fits exactly).
+    losses = refine_sgd(embed_fn, imgs, target_fn, new.parameters(), steps=100, lr=0.5)
     assert losses[-1] < 0.1 * losses[0]
     assert base.weight.grad is None  # the target side never sees gradients
