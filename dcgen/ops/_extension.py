@@ -56,13 +56,17 @@ def _registered_kernels() -> frozenset[tuple[str, str]]:
 _KERNELS = _registered_kernels()
 
 
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
 def has_kernel(name: str, device: torch.device | str) -> bool:
-    """True when the compiled op ``dcgen::name`` has a kernel for this device type."""
+    """True when the compiled op ``dcgen::name`` has a kernel for this device type. Called by
+    every op on every call: a torch.device is read as is (building a new one from it cost
+    more than the rest of the check)."""
     if _C is None or _disabled():
         return False
-    dev = torch.device(device)
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(dev.type)
-    return (name, key) in _KERNELS
+    dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return (name, _DISPATCH_KEYS.get(dev_type)) in _KERNELS
 
 
 COMPILE_OPS_ENV = "DCGEN_COMPILE_OPS"

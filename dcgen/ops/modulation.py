@@ -58,7 +58,7 @@ def _param_rows(p: torch.Tensor, b: int) -> torch.Tensor:
     """The kernels read a (B, D) parameter with any row stride (0 included: a (1, D) row
     expanded to B) but unit column stride."""
     p = p if p.stride(-1) == 1 else p.contiguous()
-    return p.expand(b, -1)
+    return p if p.shape[0] == b else p.expand(b, -1)
 
 
 def adaln_modulate_reference(
