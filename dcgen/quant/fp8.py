@@ -182,23 +182,39 @@ def fp8_gemm(
     n, k = wq.shape
     if not scaled_mm_supported(xq.device, granularity, out_dtype, n, k):
         return _apply_act(fp8_linear_reference(xq, x_scale, wq, w_scale, bias, out_dtype), act)
-    tensor_case = _case(xq.device, "tensor")
-    # bf16 only: the unit-scale product is unscaled (codes up to 448 each, summed over K), which
-    # overflows fp16's 65,504 long before bf16's range.
-    if (
-        granularity == "row"
-        and out_dtype == torch.bfloat16
-        and tensor_case not in _REJECTED
-        and row_gemm_route(xq.device) == "tensor"
-    ):
-        one = _unit_scale(xq.device)
-        try:
-            y = torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=out_dtype)
-        except RuntimeError as err:
-            reject_tensor_route(xq.device, err)
-        else:
+    if _takes_tensor_route(xq.device, granularity, out_dtype):
+        y = unit_scale_gemm(xq, wq, out_dtype)
+        if y is not None:
             return fp8_scale_epilogue(y, x_scale, w_scale, bias, act)
     return _apply_act(_fp8_gemm_scaled(xq, x_scale, wq, w_scale, bias, out_dtype, granularity), act)
+
+
+def _takes_tensor_route(device: torch.device, granularity: str, out_dtype: torch.dtype) -> bool:
+    """Whether a GEMM that ``_scaled_mm`` supports runs with unit scales, its scales applied by
+    the epilogue kernel afterwards (module doc). bf16 only: the unit-scale product is unscaled
+    (codes up to 448 each, summed over K), which overflows fp16's 65,504 long before bf16's
+    range."""
+    return (
+        granularity == "row"
+        and out_dtype == torch.bfloat16
+        and _case(device, "tensor") not in _REJECTED
+        and row_gemm_route(device) == "tensor"
+    )
+
+
+def unit_scale_gemm(
+    xq: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The "tensor" route's GEMM: ``xq @ wq^T`` through ``_scaled_mm`` with unit scales. None
+    when ``_scaled_mm`` rejects the case, which is then recorded and never tried again."""
+    one = _unit_scale(xq.device)
+    try:
+        return torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=out_dtype)
+    except RuntimeError as err:
+        case = _case(xq.device, "tensor")
+        _REJECTED.add(case)
+        logger.warning("fp8_gemm: unit-scale _scaled_mm rejected %s (%s)", case, err)
+        return None
 
 
 def direct_row_route(
@@ -206,22 +222,15 @@ def direct_row_route(
 ) -> bool:
     """Whether a row-scaled FP8 linear on ``device`` with ``dtype`` activations may call its
     three steps straight (FP8Linear's inference route): the quantize and epilogue kernels are
-    built, the GEMM takes the unit-scale "tensor" route (:func:`fp8_gemm`) and that case was
-    never rejected, and the bias is one the epilogue kernel reads (fp32 or bf16)."""
-    if dtype != torch.bfloat16 or (bias is not None and bias.dtype not in (torch.float32, dtype)):
+    built, :func:`fp8_gemm` would take the unit-scale "tensor" route, and the bias is one the
+    epilogue kernel reads (fp32 or the activations' dtype)."""
+    if bias is not None and bias.dtype not in (torch.float32, dtype):
         return False
     if not (has_kernel("quantize_fp8", device) and has_kernel("fp8_scale_epilogue", device)):
         return False
-    if row_gemm_route(device) != "tensor" or _case(device, "tensor") in _REJECTED:
-        return False
-    return scaled_mm_supported(device, "row", dtype, n, k)
-
-
-def reject_tensor_route(device: torch.device, err: BaseException) -> None:
-    """Record that the unit-scale ``_scaled_mm`` failed on ``device`` (never tried again)."""
-    case = _case(device, "tensor")
-    _REJECTED.add(case)
-    logger.warning("fp8_gemm: unit-scale _scaled_mm rejected %s (%s)", case, err)
+    return _takes_tensor_route(device, "row", dtype) and scaled_mm_supported(
+        device, "row", dtype, n, k
+    )
 
 
 def route_generation() -> int:

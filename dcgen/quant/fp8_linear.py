@@ -288,15 +288,9 @@ class FP8Linear(nn.Module):
         """quantize kernel -> unit-scale ``_scaled_mm`` -> scale epilogue kernel, as
         :func:`dcgen.quant.fp8.fp8_gemm` runs them; None when ``_scaled_mm`` rejects the case
         (recorded: the general path takes over from then on)."""
-        k = self.in_features
-        xq, xs = _shared.quantize_rows_direct(x, k)
-        one = _fp8._unit_scale(x.device)
-        try:
-            y = torch._scaled_mm(
-                xq, self.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16
-            )
-        except RuntimeError as err:
-            _fp8.reject_tensor_route(x.device, err)
+        xq, xs = _shared.quantize_rows_direct(x, self.in_features)
+        y = _fp8.unit_scale_gemm(xq, self.weight, torch.bfloat16)
+        if y is None:
             return None
         y = _direct_ops()[1](y, xs, self.weight_scale, self.bias, act)
         return y.reshape(*x.shape[:-1], self.out_features)
