@@ -88,15 +88,20 @@ def adaln_modulate(
     if not eps > 0:
         raise ValueError(f"{name}: expected eps > 0, got {eps}")
     if _use_kernel(name, x, shift, scale):
-        out = compiled_op(name)(
-            x3.reshape(b * s, d).contiguous(),
-            _param_rows(shift, b),
-            _param_rows(scale, b),
-            s,
-            float(eps),
-        )
-        return out.reshape(x.shape)
+        return _adaln_kernel(x, x3, shift, scale, eps)
     return adaln_modulate_reference(x, shift, scale, eps)
+
+
+def _adaln_kernel(
+    x: torch.Tensor, x3: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """The compiled adaln_modulate on x (viewed 3-D as x3), returned in x's shape."""
+    b, s, d = x3.shape
+    out = compiled_op("adaln_modulate")(
+        x3.reshape(b * s, d).contiguous(), _param_rows(shift, b), _param_rows(scale, b), s,
+        float(eps),
+    )  # fmt: skip
+    return out.reshape(x.shape)
 
 
 def gated_residual_reference(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -118,14 +123,20 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
         raise ValueError(f"{name}: expected y of x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     check_same_device(x=x, gate=gate, y=y)
     if _use_kernel(name, x, gate) and not (torch.is_grad_enabled() and y.requires_grad):
-        out = compiled_op(name)(
-            x3.reshape(b * s, d).contiguous(),
-            _param_rows(gate, b),
-            y.reshape(b * s, d).contiguous(),
-            s,
-        )
-        return out.reshape(x.shape)
+        return _gated_kernel(x, x3, gate, y)
     return gated_residual_reference(x, gate, y)
+
+
+def _gated_kernel(
+    x: torch.Tensor, x3: torch.Tensor, gate: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """The compiled gated_residual on x (viewed 3-D as x3) and y of x's shape."""
+    b, s, d = x3.shape
+    out = compiled_op("gated_residual")(
+        x3.reshape(b * s, d).contiguous(), _param_rows(gate, b), y.reshape(b * s, d).contiguous(),
+        s,
+    )  # fmt: skip
+    return out.reshape(x.shape)
 
 
 def adaln_modulate_trusted(
@@ -136,17 +147,8 @@ def adaln_modulate_trusted(
     one device): where the kernel runs, straight to it, without re-validating them in Python
     (about 15 us per call, more than the three stock ops it replaces cost to dispatch; the
     C++ op still checks). Anything else takes :func:`adaln_modulate` itself."""
-    if (
-        x.dim() == 3
-        and not torch.compiler.is_compiling()
-        and _use_kernel("adaln_modulate", x, shift, scale)
-    ):
-        b, s, d = x.shape
-        out = compiled_op("adaln_modulate")(
-            x.reshape(b * s, d).contiguous(), _param_rows(shift, b), _param_rows(scale, b), s,
-            float(eps),
-        )  # fmt: skip
-        return out.reshape(x.shape)
+    if x.dim() == 3 and _use_kernel("adaln_modulate", x, shift, scale):
+        return _adaln_kernel(x, x, shift, scale, eps)
     return adaln_modulate(x, shift, scale, eps)
 
 
@@ -157,16 +159,10 @@ def gated_residual_trusted(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor)
         x.dim() == 3
         and y.shape == x.shape
         and y.dtype == x.dtype
-        and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and y.requires_grad)
         and _use_kernel("gated_residual", x, gate)
     ):
-        b, s, d = x.shape
-        out = compiled_op("gated_residual")(
-            x.reshape(b * s, d).contiguous(), _param_rows(gate, b), y.reshape(b * s, d).contiguous(),
-            s,
-        )  # fmt: skip
-        return out.reshape(x.shape)
+        return _gated_kernel(x, x, gate, y)
     return gated_residual(x, gate, y)
 
 
