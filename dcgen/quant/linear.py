@@ -236,7 +236,8 @@ class NVFP4Linear(nn.Module):
     def _native_w4a4(self, xs: torch.Tensor, static: torch.Tensor | None) -> torch.Tensor | None:
         # Blackwell (sm_100) with the compiled GEMM: quantize x once and multiply the packed
         # operands; the result matches x_q @ deq(R)^T up to fp32 summation order, rounded once
-        # to bf16 by the GEMM. None where the kernel is not available (the reference runs).
+        # to bf16 by the GEMM, and is returned as the kernel gives it (bf16). None where the
+        # kernel is not available (the reference runs).
         n, k = self.out_features, self.in_features
         if not _gemm.kernel_available(xs.device, n, k):
             return None
@@ -246,32 +247,21 @@ class NVFP4Linear(nn.Module):
         packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static, check_finite=False)
         w_scales = self._swizzled_weight_scales()
         y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, gs * self.weight_scale_2)
-        return y.float().reshape(*xs.shape[:-1], n)
+        return y.reshape(*xs.shape[:-1], n)
 
-    def _native_w4a4_16bit(self, x: torch.Tensor) -> torch.Tensor | None:
-        """W4A4 inference without a low-rank branch or smoothing on a bf16 input, on the native
-        GEMM: quantize, GEMM (global scales applied inside, bf16 out), bias added in bf16. The
-        general form widens the GEMM's bf16 result to fp32 for the bias and rounds it back:
-        three more passes over the output, which at FLUX shapes on Blackwell take longer than
-        the FP4 GEMM itself. One more bf16 rounding (the bias add) than the fp32 reference, as
-        the other 16-bit forms (dequant_path.py). None where this does not apply."""
-        if self.rank or self.smooth is not None or x.dtype != torch.bfloat16:
+    def _finish_16bit(self, y16: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """A native GEMM's bf16 result as the layer's output, the bias (if any) added in bf16,
+        for a bf16 input without low-rank branch or smoothing; None otherwise (the general fp32
+        form adds them). The fp32 form would widen the output and round it back: three more
+        passes over it, which at FLUX shapes on Blackwell take longer than the FP4 GEMM itself.
+        One more bf16 rounding (the bias add) than the fp32 reference, as the other 16-bit
+        forms (dequant_path.py)."""
+        bias = self.bias
+        if self.rank or self.smooth is not None or y16.dtype != x.dtype:
             return None
-        if self.bias is not None and self.bias.dtype != x.dtype:
+        if bias is not None and bias.dtype != y16.dtype:
             return None
-        if torch.is_grad_enabled() and x.requires_grad:
-            return None
-        n, k = self.out_features, self.in_features
-        if not _gemm.kernel_available(x.device, n, k):
-            return None
-        x2 = x.reshape(-1, k)
-        static = self._activation_scale(x)
-        packed, swizzled, gs = _qop.quantize_nvfp4_activation(x2, static, check_finite=False)
-        w_scales = self._swizzled_weight_scales()
-        y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, gs * self.weight_scale_2)
-        if self.bias is not None:
-            y = y.add_(self.bias)
-        return y.reshape(*x.shape[:-1], n)
+        return y16 if bias is None else y16.add_(bias)
 
     def _native_w4a16(self, x: torch.Tensor) -> torch.Tensor | None:
         # Hopper (sm_90a, opt-in: dcgen.ops.nvfp4_gemm) with a bf16 input and no smoothing:
@@ -305,28 +295,28 @@ class NVFP4Linear(nn.Module):
         fast = _dequant_path.available(x.device)
         if self.mode == "w4a16":
             y16 = self._native_w4a16(x)
-            if y16 is not None and not self.rank:
-                # bf16 out of the kernel; the bias (if any) added in bf16 (see _native_w4a4_16bit)
-                bias = self.bias
-                if bias is None or bias.dtype == y16.dtype:
-                    return y16 if bias is None else y16.add_(bias)
-            y = None if y16 is None else y16.float()
+            if y16 is not None:
+                out = self._finish_16bit(y16, x)
+                if out is not None:
+                    return out
+                y = y16.float()
             if y is None and fast:
                 out = _dequant_path.forward_16bit(self, x)
                 if out is not None:
                     return out
         if self.mode == "w4a4" and self._fused_lowrank_applies(x, fast):
             return self._w4a4_fused_lowrank(x)
-        if self.mode == "w4a4":
-            out = self._native_w4a4_16bit(x)
-            if out is not None:
-                return out
         # The activation operand: x itself without smoothing (quantizing a 16-bit x gives the
         # codes of its fp32 copy, so the paths below need no copy), else x / s in fp32.
         xs = x if self.smooth is None else x.float() / self.smooth
         static = self._activation_scale(x) if self.mode == "w4a4" else None
         if self.mode == "w4a4":
-            y = self._native_w4a4(xs, static)
+            y16 = self._native_w4a4(xs, static)
+            if y16 is not None:
+                out = self._finish_16bit(y16, x)
+                if out is not None:
+                    return out
+                y = y16.float()
         if y is None and fast:
             if self.mode == "w4a4":  # inference on a 16-bit input: all in that dtype
                 out = _dequant_path.forward_w4a4_16bit(self, x, xs, static)
