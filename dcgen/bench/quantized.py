@@ -86,8 +86,7 @@ def quantize_block_copies(blocks: nn.ModuleList, config: QuantConfig) -> tuple[n
 
 class QuantizedBlocks:
     """The quantized copies of every block list of one transformer, built once per precision
-    label. ``bytes_per_list``: weight bytes of each quantized list; ``bf16_bytes_per_list``:
-    the same for the 16-bit originals (the memory the quantization saves)."""
+    label. ``bytes_per_list``: weight bytes of each quantized list."""
 
     def __init__(self, transformer: nn.Module, attrs: Sequence[str], precision: str,
                  config: QuantConfig) -> None:  # fmt: skip
@@ -95,13 +94,10 @@ class QuantizedBlocks:
         self.config = config
         self.lists: dict[str, nn.ModuleList] = {}
         self.bytes_per_list: dict[str, int] = {}
-        self.bf16_bytes_per_list: dict[str, int] = {}
         self.linears = 0
         for attr in attrs:
-            original = getattr(transformer, attr)
-            self.lists[attr], n = quantize_block_copies(original, config)
+            self.lists[attr], n = quantize_block_copies(getattr(transformer, attr), config)
             self.bytes_per_list[attr] = module_bytes(self.lists[attr])
-            self.bf16_bytes_per_list[attr] = module_bytes(original)
             self.linears += n
         logger.info("%s blocks: %d linears quantized", precision, self.linears)
 

@@ -59,6 +59,7 @@ from ..adapters import adapter_for
 from ..autoencoders import DCAE
 from ..autoencoders.config import get_preset, reduced_config
 from ..pipelines import BaseFluxPipeline, DCGenFluxPipeline, DCGenSanaPipeline
+from ..quant import FP8Config
 from .models import (
     MODELS,
     ModelSpec,
@@ -414,8 +415,10 @@ class SpeedBench:
         self.transformer.eval().requires_grad_(False)
         self.adapter = adapter_for(self.transformer)
         self.measured_blocks = tuple(int(cfg[key]) for _, _, key in self.spec.blocks)
-        self.block_bytes = {attr: module_bytes(getattr(self.transformer, attr))
-                            for _, attr, _ in self.spec.blocks}  # fmt: skip
+        # the model-dtype blocks' weight GB at full depth (the bf16 rows' "block weights")
+        self.block_weights_gb = self.full_depth_gb(
+            {attr: module_bytes(getattr(self.transformer, attr)) for _, attr, _ in self.spec.blocks}
+        )
 
     def dcae(self, preset: str) -> DCAE:
         """The DC-AE of ``preset`` (random weights); at most two resident (base + DC-Gen)."""
@@ -760,7 +763,7 @@ def run_speed_bench(
                     row: dict[str, Any] = {
                         **common, "attention": attention, "variant": variant,
                         "precision": s.dtype, "quality": None,
-                        "block_weights_gb": bench.full_depth_gb(bench.block_bytes),
+                        "block_weights_gb": bench.block_weights_gb,
                     }  # fmt: skip
                     try:
                         for impl, key in (("baseline", "base"), ("dcgen", "dcgen")):
@@ -880,15 +883,15 @@ def _quant_quality(
         why = "out of memory" if _is_oom(err) else f"{type(err).__name__}: {err}"[:200]
         quality = {"error": f"{why} during quality_report at {res}px"}
     quality["linears"] = quant.linears
-    if precision == "fp8":
-        quality["granularity"] = bench.settings.fp8_granularity
+    config = quant.config
+    if isinstance(config, FP8Config):
+        quality["granularity"] = config.granularity
     else:
-        mode = precision.removeprefix("nvfp4-")
         width = int(bench.spec.transformer.get("num_attention_heads", 1)) * int(
             bench.spec.transformer.get("attention_head_dim", 1)
         )
-        quality.update(rank=bench.settings.nvfp4_rank,
-                       gemm=nvfp4_gemm_path(mode, bench.device, k=width, n=width))  # fmt: skip
+        quality.update(rank=config.rank,
+                       gemm=nvfp4_gemm_path(config.mode, bench.device, k=width, n=width))  # fmt: skip
     return quality
 
 
