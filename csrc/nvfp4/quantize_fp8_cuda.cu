@@ -163,9 +163,10 @@ struct Raw8<T, false> {
 
  private:
   __device__ __forceinline__ static void widen_word(const uint4& word, float out[8]) {
-    const T* e = reinterpret_cast<const T*>(&word);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = quant::to_float(e[i]);
+    quant::unpack2<T>(word.x, out);
+    quant::unpack2<T>(word.y, out + 2);
+    quant::unpack2<T>(word.z, out + 4);
+    quant::unpack2<T>(word.w, out + 6);
   }
 };
 
