@@ -41,7 +41,7 @@
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns);
 # DCGEN_DEADLINE, below each call's timeout_s, makes every step's cap end the script in time:
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG="gemm tma" DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
-#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_block_shortcuts.py tests/ops/test_attention.py tests/autoencoders tests/quant/test_fp8_direct.py tests/ops/test_fp8_epilogue.py tests/ops/test_compiled_op_checks.py tests/ops/test_quantize.py tests/test_fused_blocks.py" \
+#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_block_shortcuts.py tests/ops/test_attention.py tests/autoencoders tests/quant/test_fp8_direct.py tests/ops/test_fp8_epilogue.py tests/ops/test_compiled_op_checks.py tests/ops/test_quantize.py tests/ops/test_quantize_nvfp4_lowrank.py tests/test_fused_blocks.py" \
 #      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="attention dcae_fused quant" \
 #      bash benchmarks/device_check.sh   (timeout_s=550). Everything changed since the
 #      2026-11-27 run, validated first, then timed: build (86 s); the error maps of the NVFP4
@@ -177,7 +177,8 @@ if [ "${DCGEN_SKIP_TESTS:-0}" != 1 ]; then
   # the validated ones: an illegal access poisons the CUDA context of every later test in its
   # process (and surfaces asynchronously, against an innocent test). DCGEN_ATTENTION_SM90=0:
   # flash tests in these steps run the portable kernel; the Hopper ones ran above.
-  # (test_quantize.py and test_quantize_nvfp4_lowrank.py passed on the H100 on 2026-11-27;
+  # (test_quantize.py and test_quantize_nvfp4_lowrank.py passed on the H100 on 2026-11-27,
+  # before the reciprocal quantize of 2026-11-27 (grid_round.h), which they check again;
   # the first two here each crashed their process there; CUDA graphs have never run.)
   # (test_dcae_row_bands.py: the DC-AE row bands of 2026-11-27, never run on a GPU.)
   fresh="tests/ops/test_fp8_epilogue.py tests/test_fused_blocks.py tests/test_cuda_graphs.py"

@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "nvfp4/grid_round.h"
+
 // The three input dtypes of the quantize ops (no double: the references run those).
 #define DCGEN_DISPATCH_QUANT_INPUT(TYPE, NAME, ...)                  \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                     \
@@ -50,12 +52,21 @@ __device__ __forceinline__ int count_valid(int64_t remaining, int cap) {
 // max that returns NaN when either operand is NaN (torch.amax semantics).
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
-// Clamp to [-lim, lim] keeping NaN (torch.clamp semantics).
-__device__ __forceinline__ float nan_clamp(float v, float lim) {
-  return v > lim ? lim : (v < -lim ? -lim : v);
+// max(a, |v|), NaN if either is NaN, in one instruction (sm_80's max.NaN; ptxas folds the abs
+// into its operand). The NaN it returns is the canonical one, not v's payload: for amaxes that
+// only become E4M3 scales (any NaN encodes as 0x7f) or are tested for > 0.
+__device__ __forceinline__ float nan_abs_max(float a, float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(fabsf(v)));
+  return r;
+#else
+  return nan_max(a, fabsf(v));
+#endif
 }
 
-// Round-to-nearest-even to E4M3 (satfinite never triggers after nan_clamp; NaN stays NaN).
+// Round-to-nearest-even to E4M3, saturating at +-448 (torch.clamp(v, -448, 448) then the cast:
+// the same byte for every v; NaN stays NaN).
 __device__ __forceinline__ uint8_t to_e4m3(float v) {
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
 }
@@ -80,16 +91,6 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
-}
-
-// Round-to-nearest-even onto the E2M1 grid, saturating at 6 (ties go to the even code:
-// the midpoints after odd codes round up, >=; after even codes down, >). NaN -> +-0 (the
-// reference never feeds NaN here: such a block has a NaN scale and is written as zeros).
-__device__ __forceinline__ uint32_t e2m1_code(float v) {
-  const float a = fabsf(v);
-  const uint32_t c = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) +
-                     (a >= 3.5f) + (a > 5.f);
-  return c | (signbit(v) ? 8u : 0u);
 }
 
 // The recipe's block scale from a 16-element block's amax and the fp32 decode scale gd:

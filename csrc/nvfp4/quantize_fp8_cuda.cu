@@ -23,7 +23,6 @@ namespace dcgen {
 namespace {
 
 using quant::load8;
-using quant::nan_clamp;
 using quant::nan_max;
 using quant::to_e4m3;
 
@@ -35,16 +34,48 @@ __device__ __forceinline__ float fp8_scale(float amax) {
   return amax == 0.f ? 1.f : __fmul_rn(amax, 1.f / kE4M3Max);
 }
 
-__device__ __forceinline__ void store_q(uint8_t* __restrict__ out, const float v[8], float scale,
-                                        int valid, bool vec) {
+struct Floats8 {
+  float v[8];
+};
+
+// The IEEE quotients, out of line: inlined, the divisions' slow-path calls cost the row kernels
+// registers around every group of 8.
+__device__ __noinline__ Floats8 divide8(Floats8 x, float d) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) x.v[i] = quant::div_rn(x.v[i], d);
+  return x;
+}
+
+// x / scale for the E4M3 rounding: the 8 products with the reciprocal, or, where one of them
+// could round differently from the IEEE quotient (grid_round.h; about 1 group in 4,000), the 8
+// divisions. One branch per 8 elements: a branch per element costs as much as it saves. The
+// reference's clamp to +-448 is the conversion's saturation (satfinite: the same byte for
+// every quotient, NaN included).
+// The products overwrite v, and the rare division path gets the inputs again from `reload`
+// (from registers or L1/L2): keeping them alive beside the products cost the row kernels a CTA
+// per SM in registers.
+template <typename Reload>
+__device__ __forceinline__ void store_q(uint8_t* __restrict__ out, float (&q)[8],
+                                        const quant::GridDivisor& scale, int valid, bool vec,
+                                        Reload&& reload) {
+  bool decisive = scale.usable;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    q[i] = scale.product(q[i]);
+    decisive &= quant::GridDivisor::decisive(q[i]);
+  }
+  if (!decisive) {
+    Floats8 x;
+    reload(x.v);
+    x = divide8(x, scale.d);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[i] = x.v[i];
+  }
   // The 8 codes packed in two registers as they are made (a byte array would live in local
   // memory).
   uint32_t w[2] = {0u, 0u};
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const uint32_t b = to_e4m3(nan_clamp(__fdiv_rn(v[i], scale), kE4M3Max));
-    w[i >> 2] |= b << ((i & 3) * 8);
-  }
+  for (int i = 0; i < 8; ++i) w[i >> 2] |= static_cast<uint32_t>(to_e4m3(q[i])) << ((i & 3) * 8);
   if (vec) {
     *reinterpret_cast<uint2*>(out) = make_uint2(w[0], w[1]);
   } else {
@@ -78,7 +109,11 @@ __global__ void quantize_fp8_block128_kernel(const T* __restrict__ x, uint8_t* _
   for (int off = 8; off > 0; off >>= 1) amax = nan_max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   if (!live) return;
   const float scale = fp8_scale(amax);
-  if (valid > 0) store_q(q + row * K + k0, vals, scale, valid, v);
+  if (valid > 0) {
+    const T* src = x + row * K + k0;
+    store_q(q + row * K + k0, vals, quant::GridDivisor(scale), valid, v,
+            [&](float (&out)[8]) { load8(src, valid, v, out); });
+  }
   if (lane == 0) scales[row * nb + blk] = scale;
 }
 
@@ -111,11 +146,12 @@ __global__ void quantize_fp8_row_kernel(const T* __restrict__ x, uint8_t* __rest
     for (int i = 0; i < 8; ++i) amax = nan_max(amax, fabsf(vals[i]));
   }
   const float scale = fp8_scale(row_amax<kThreads>(amax));
+  const quant::GridDivisor divisor(scale);
   for (int64_t k0 = threadIdx.x * 8; k0 < K; k0 += kThreads * 8) {
     const int valid = quant::count_valid(K - k0, 8);
     const bool v = vec && valid == 8;
     load8(xr + k0, valid, v, vals);
-    store_q(qr + k0, vals, scale, valid, v);
+    store_q(qr + k0, vals, divisor, valid, v, [&](float (&out)[8]) { load8(xr + k0, valid, v, out); });
   }
   if (threadIdx.x == 0) scales[row] = scale;
 }
@@ -172,8 +208,18 @@ struct Raw8<T, false> {
 
 // The row in registers: kIters x 8 elements per thread (iterations past K load nothing), all
 // loads unrolled so they are in flight together; same arithmetic as the two-pass kernel.
+// Occupancy is what this latency-bound kernel runs on, so for 16-bit rows the CTAs per SM are
+// pinned to what they reached before the reciprocal quantize (56 / 48 / 40 / 32 registers at
+// 8 / 6 / 4 / 2 slots, sm_90 ptxas), which left alone took 2-3 registers more and lost a CTA per
+// SM. fp32 rows (twice the registers) are left to ptxas: pinned, they spill.
+template <typename T, int kIters>
+constexpr int row_regs_min_ctas() {
+  if constexpr (sizeof(T) != 2) return 1;
+  return kIters >= 8 ? 4 : kIters >= 6 ? 5 : kIters >= 4 ? 6 : 8;
+}
+
 template <typename T, int kThreads, int kIters>
-__global__ void quantize_fp8_row_regs_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
+__global__ void __launch_bounds__(kThreads, row_regs_min_ctas<T, kIters>()) quantize_fp8_row_regs_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
                                              float* __restrict__ scales, int64_t K, bool vec) {
   const int64_t row = blockIdx.x;
   const T* xr = x + row * K;
@@ -194,6 +240,7 @@ __global__ void quantize_fp8_row_regs_kernel(const T* __restrict__ x, uint8_t* _
     for (int i = 0; i < 8; ++i) amax = nan_max(amax, fabsf(vals[i]));
   }
   const float scale = fp8_scale(row_amax<kThreads>(amax));
+  const quant::GridDivisor divisor(scale);
 #pragma unroll
   for (int it = 0; it < kIters; ++it) {
     const int64_t k0 = (static_cast<int64_t>(it) * kThreads + threadIdx.x) * 8;
@@ -201,7 +248,8 @@ __global__ void quantize_fp8_row_regs_kernel(const T* __restrict__ x, uint8_t* _
     if (valid > 0) {
       float vals[8];
       raw[it].widen_again(vals);
-      store_q(qr + k0, vals, scale, valid, vec && valid == 8);
+      store_q(qr + k0, vals, divisor, valid, vec && valid == 8,
+              [&](float (&out)[8]) { raw[it].widen_again(out); });
     }
   }
   if (threadIdx.x == 0) scales[row] = scale;

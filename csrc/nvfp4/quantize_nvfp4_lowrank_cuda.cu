@@ -61,8 +61,22 @@ __device__ __forceinline__ void quantize_block(const float (&v)[4], float gd, in
   const uint8_t sb = quant::nvfp4_block_scale(amax, gd, &denom);
   uint32_t lo = 0u, hi = 0u;  // this lane's bytes: q (columns 2q, 2q+1) and 4 + q
   if (denom > 0.f) {
-    lo = quant::e2m1_code(__fdiv_rn(v[0], denom)) | quant::e2m1_code(__fdiv_rn(v[1], denom)) << 4;
-    hi = quant::e2m1_code(__fdiv_rn(v[2], denom)) | quant::e2m1_code(__fdiv_rn(v[3], denom)) << 4;
+    // The quotients as products with the reciprocal, divided only where the two could round
+    // differently (grid_round.h).
+    const quant::GridDivisor div(denom);
+    float q[4];
+    bool decisive = div.usable;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      q[i] = div.product(v[i]);
+      decisive &= quant::GridDivisor::decisive(q[i]);
+    }
+    if (!decisive) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) q[i] = div.exact(v[i]);
+    }
+    lo = quant::e2m1_code(q[0]) | quant::e2m1_code(q[1]) << 4;
+    hi = quant::e2m1_code(q[2]) | quant::e2m1_code(q[3]) << 4;
   }
   lo <<= 8 * q;
   hi <<= 8 * q;

@@ -204,6 +204,91 @@ def test_cuda_nvfp4_quantize_bit_exact(dtype, static, rng):
         assert torch.equal(_bits(sw), _bits(swr)), f"scales {shape} {dtype}"  # padding too
 
 
+# The kernels divide by multiplying with the reciprocal wherever that provably rounds like the
+# reference's IEEE division, and divide where it might not (csrc/nvfp4/grid_round.h). Random
+# inputs almost never reach the second path; these inputs put quotients on and next to every
+# decision point of the grids (ties included), so both paths run and must agree bit for bit.
+E2M1_POINTS = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+# E4M3 block scales with few significant bits (an exact t * s * g in 16 bits); the powers of two
+# make the reciprocal exact
+BLOCK_SCALES = [1.25, 1.5, 1.75, 1.125, 0.625, 3.5, 5.0, 1.0, 2.0, 0.5]
+
+
+def _ties_nvfp4(dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [64, 256] whose blocks have scale s (their first element 6 s g is the amax) and whose
+    other elements are +-t s g for grid points and midpoints t, so x / (s g) = +-t exactly;
+    fp16 / fp32 rows then move some elements one step of their dtype either way."""
+    g = 2.0**-3
+    m, k = 64, 256
+    s = torch.tensor(BLOCK_SCALES)[torch.randint(0, len(BLOCK_SCALES), (m, k // 16), generator=gen)]
+    t = torch.tensor(E2M1_POINTS)[torch.randint(0, len(E2M1_POINTS), (m, k), generator=gen)]
+    sign = torch.where(torch.rand(m, k, generator=gen) < 0.5, -1.0, 1.0)
+    x = sign * t * s.repeat_interleave(16, dim=1) * g
+    x[:, ::16] = 6 * s * g
+    x = x.to(dtype)
+    if dtype != torch.bfloat16:
+        step = torch.randint(-1, 2, (m, k), generator=gen)
+        step[:, ::16] = 0
+        bits = x.view(torch.int16 if dtype == torch.float16 else torch.int32)
+        x = (bits + step.to(bits.dtype)).view(dtype)
+    return x, torch.tensor(g)
+
+
+def _fp8_near_midpoints(gen: torch.Generator) -> torch.Tensor:
+    """fp32 x [16, 512] whose quotients x / scale (scale = amax / 448 as the reference computes
+    it, amax at every 128th element) land on and next to E4M3 midpoints and values."""
+    m, k = 16, 512
+    vals = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    points = torch.cat([(vals[1:] + vals[:-1]) / 2, vals])
+    points = points[points < 440]
+    amax = torch.rand(m, 1, generator=gen) * 100 + 0.1
+    scale = amax * torch.tensor(1 / 448, dtype=torch.float32)
+    x = points[torch.randint(0, len(points), (m, k), generator=gen)] * scale
+    step = torch.randint(-2, 3, (m, k), generator=gen, dtype=torch.int32)
+    x = (x.view(torch.int32) + step).view(torch.float32)
+    x = x * torch.where(torch.rand(m, k, generator=gen) < 0.5, -1.0, 1.0)
+    x[:, ::128] = amax
+    return x
+
+
+def test_tie_inputs_reach_the_division_path(rng):
+    """The inputs of the two tests below do what they are for: many of their reciprocal
+    products fall inside grid_round.h's guard window (and so take the division path)."""
+
+    def guarded(q: torch.Tensor) -> int:
+        b = q.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        return int((((b + 8) & 0x7FFFF) <= 16).sum())
+
+    x, g = _ties_nvfp4(torch.bfloat16, rng)
+    denom = quantize_nvfp4(x, g).scales.float() * g
+    assert guarded(x.float().unflatten(-1, (-1, 16)) * (1 / denom).unsqueeze(-1)) > 1000
+    x8 = _fp8_near_midpoints(rng)
+    scale = x8.abs().amax(-1, keepdim=True) * torch.tensor(1 / 448, dtype=torch.float32)
+    assert guarded(x8 * (1 / scale)) > 1000
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_nvfp4_quantize_ties_bit_exact(dtype, rng):
+    _need("quantize_nvfp4")
+    x, g = _ties_nvfp4(dtype, rng)
+    packed, sw = compiled_op("quantize_nvfp4")(x.cuda(), g.cuda())
+    pr, swr = quantize_nvfp4_reference(x, g)
+    assert torch.equal(packed.cpu(), pr), dtype
+    assert torch.equal(_bits(sw), _bits(swr)), dtype
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("granularity", ["row", "block128"])
+def test_cuda_fp8_quantize_near_midpoints_bit_exact(granularity, rng):
+    _need("quantize_fp8")
+    x = _fp8_near_midpoints(rng)
+    q, s = compiled_op("quantize_fp8")(x.cuda(), 0 if granularity == "row" else 128)
+    qr, sr = quantize_fp8_reference(x, granularity)
+    _same_fp8(q, qr, granularity)
+    assert torch.equal(s.cpu(), sr)
+
+
 @pytest.mark.cuda
 def test_cuda_nvfp4_quantize_non_finite(rng):
     _need("quantize_nvfp4")

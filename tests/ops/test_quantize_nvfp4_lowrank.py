@@ -197,6 +197,23 @@ def test_cuda_kernel_matches_reference(dtype, smooth, static, rng):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_kernel_ties_bit_exact(dtype, rng):
+    """Quotients on and next to every E2M1 decision point (ties included), so the kernel's
+    reciprocal products and its division fallback both run (tests/ops/test_quantize.py)."""
+    from tests.ops.test_quantize import _ties_nvfp4
+
+    _needs_kernel()
+    x, g = _ties_nvfp4(dtype, rng)
+    down = (torch.randn(32, x.shape[1], generator=rng) / 16).to(dtype)
+    packed, scales, t = compiled_op("quantize_nvfp4_lowrank")(x.cuda(), g.cuda(), None, down.cuda())
+    want_p, want_s, want_t = quantize_nvfp4_lowrank_reference(x, g, None, down)
+    assert torch.equal(packed.cpu(), want_p)
+    assert torch.equal(scales.cpu().view(torch.uint8), want_s.view(torch.uint8))
+    torch.testing.assert_close(t.cpu(), want_t, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.cuda
 def test_cuda_kernel_non_finite_block_and_misaligned_view(rng):
     _needs_kernel()
     flat = (torch.randn(40 * 64 + 1, generator=rng) * 3).bfloat16()
