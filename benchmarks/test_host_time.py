@@ -10,6 +10,9 @@ these microseconds, times some hundreds of calls per step, are the step time.
 - FP8Linear: the general path (``fp8_gemm`` and the ops' public wrappers) against the direct
   inference route. On a GPU, a FLUX linear's FP8 GEMM at 4,608 tokens takes about 0.1-0.4 ms
   (README low-precision table).
+- NVFP4Linear W4A4 (static and dynamic activation scale): the general path against the direct
+  route (Blackwell's native GEMM; Hopper opt-in). On an RTX 5090 a FLUX linear's FP4 GEMM at
+  4,608 tokens is some tens of microseconds, so there the host time is the step time.
 - adaln_modulate / gated_residual: the public functions against the ``_trusted`` forms the
   fused FLUX / SANA blocks call (8 calls per FLUX double block, 2 per single block).
 
@@ -24,12 +27,21 @@ import torch
 from _harness import rounds
 from torch import nn
 
+import dcgen.ops.nvfp4_gemm as nvfp4_gemm_module
+import dcgen.quant.dequant_path as dequant_path_module
 import dcgen.quant.fp8 as fp8_module
 from dcgen.ops import _extension, adaln_modulate, gated_residual
 from dcgen.ops.modulation import adaln_modulate_trusted, gated_residual_trusted
-from dcgen.quant import FP8Linear
+from dcgen.quant import FP8Linear, NVFP4Linear
 
-STUBBED = ("quantize_fp8", "fp8_scale_epilogue", "adaln_modulate", "gated_residual")
+STUBBED = (
+    "quantize_fp8",
+    "fp8_scale_epilogue",
+    "adaln_modulate",
+    "gated_residual",
+    "quantize_nvfp4",
+    "nvfp4_gemm",
+)
 pytestmark = pytest.mark.skipif(
     not all(_extension.has_schema(op) for op in STUBBED),
     reason="dcgen._C is not built: no dcgen ops to stub",
@@ -49,6 +61,13 @@ def stubbed(monkeypatch):
     lib.impl("fp8_scale_epilogue", lambda y_, rs, cs, bias, act: y_, "CPU")
     lib.impl("adaln_modulate", lambda x, shift, scale, rows, eps: x, "CPU")
     lib.impl("gated_residual", lambda x, gate, y_, rows: x, "CPU")
+    packed = torch.zeros(M, K // 2, dtype=torch.uint8)
+    swizzled = torch.zeros(128 * K // 16, dtype=torch.float8_e4m3fn)
+    lib.impl("quantize_nvfp4", lambda x, gs: (packed, swizzled), "CPU")
+    lib.impl("nvfp4_gemm", lambda a, sa, b, sb, alpha: y, "CPU")
+    # the GEMM counts as available (as on Blackwell), the Hopper / Ampere dequantize path not
+    monkeypatch.setattr(nvfp4_gemm_module, "kernel_available", lambda device, n, k: True)
+    monkeypatch.setattr(dequant_path_module, "available", lambda device: False)
     monkeypatch.setattr(_extension, "_KERNELS", _extension._KERNELS | {(n, "CPU") for n in STUBBED})
     monkeypatch.setattr(fp8_module, "_REJECTED", set())
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: y)
@@ -69,6 +88,30 @@ def test_fp8_linear_host_time(benchmark, impl, stubbed, monkeypatch):
         monkeypatch.setattr(FP8Linear, "_direct", lambda self, x: False)
     benchmark.group = "fp8 linear host time per call (stubbed kernels)"
     benchmark.extra_info.update(impl=impl, baseline_name="FP8Linear general path")
+
+    def calls() -> None:
+        for _ in range(CALLS):
+            layer(x)
+
+    with torch.inference_mode():
+        layer(x)
+        benchmark.pedantic(calls, rounds=rounds(20, 10), warmup_rounds=1)
+    if benchmark.stats:
+        benchmark.extra_info["us_per_call"] = benchmark.stats.stats.median / CALLS * 1e6
+
+
+@pytest.mark.parametrize("scale", ["static", "dynamic"])
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_nvfp4_linear_host_time(benchmark, impl, scale, stubbed, monkeypatch):
+    torch.manual_seed(0)
+    layer = NVFP4Linear.from_linear(nn.Linear(K, N).bfloat16(), "w4a4")
+    if scale == "static":
+        layer.input_scale.fill_(1e-3)
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    if impl == "baseline":  # the general path: native GEMM through the public wrappers
+        monkeypatch.setattr(NVFP4Linear, "_direct", lambda self, x: False)
+    benchmark.group = f"nvfp4 w4a4 linear ({scale} scale) host time per call (stubbed kernels)"
+    benchmark.extra_info.update(impl=impl, baseline_name="NVFP4Linear general path")
 
     def calls() -> None:
         for _ in range(CALLS):

@@ -94,7 +94,8 @@ def smoothed_decode_scale(x: torch.Tensor, smooth: torch.Tensor | None) -> torch
         return fmt.global_decode_scale(x)
     if x.numel() == 0:
         return fmt.global_decode_scale(x.float())
-    col = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float() / smooth.abs()
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    col = torch.linalg.vector_norm(x2, ord=float("inf"), dim=0).float() / smooth.abs()
     return fmt.global_decode_scale(col)
 
 

@@ -20,10 +20,23 @@ Smoothing rule (SmoothQuant / SVDQuant): ``s_j = max|x_j|^alpha / max|W_:,j|^(1 
 clamped to [1e-5, 1e5], 1 where a channel's activation or weight maximum is 0 (see
 :func:`smoothing_factors`). It moves activation outliers into the weight, where the
 low-rank branch can absorb them.
+
+The direct W4A4 route (inference on a bf16 input, no low-rank branch or smoothing, native
+NVFP4 GEMM built for the device: Blackwell, or Hopper with ``DCGEN_NVFP4_SM90=1``). A native
+FP4 GEMM at FLUX's 4K shapes is tens of microseconds on an RTX 5090, while the general path
+spent 50-100 us of Python per call on checks and path decisions with a static activation
+scale (stubbed ops, this project's CPU: ``benchmarks/test_host_time.py``), so in eager mode
+the host would set the pace. The route takes 1.7-2.2x less (28-50 us); with the dynamic
+scale, whose amax and products are five more small ops per call, 1.1-1.45x less. The
+decision is made once per (device, dtype, bias dtype, environment) and cached on the layer;
+each call then runs the quantize kernel and the GEMM directly, with the static activation
+scale's product with ``weight_scale_2`` computed once. Same ops, same arguments, same bits as
+the general path.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +51,7 @@ from . import dequant_path as _dequant_path
 from .nvfp4 import (
     BLOCK,
     dequantize_parts,
+    global_decode_scale,
     quantize_nvfp4,
     swizzle_scales,
     unswizzle_scales,
@@ -45,6 +59,18 @@ from .nvfp4 import (
 
 MODES = ("w4a16", "w4a4")
 _FORMAT_BUFFERS = ("weight_scale", "weight_scale_2", "input_scale", "smooth")
+# What the direct route's decision depends on besides the layer and the input.
+_ROUTE_ENV = ("DCGEN_DISABLE_KERNELS", _gemm.HOPPER_ENV)
+_DIRECT_OPS: tuple = ()
+
+
+def _direct_ops() -> tuple:
+    """(quantize_nvfp4, nvfp4_gemm) OpOverloads, looked up once (only after the route check
+    found both kernels, so dcgen._C is loaded)."""
+    global _DIRECT_OPS
+    if not _DIRECT_OPS:
+        _DIRECT_OPS = (torch.ops.dcgen.quantize_nvfp4.default, torch.ops.dcgen.nvfp4_gemm.default)
+    return _DIRECT_OPS
 
 
 def check_mode(mode: str) -> str:
@@ -178,6 +204,7 @@ class NVFP4Linear(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
         # model.to(dtype) / .half() must not touch the format: the E4M3 scales and the fp32
         # scalars / smoothing factors only follow the device (the uint8 weight is never cast).
+        self.__dict__.pop("_route", None)  # the direct route is decided again (device, bias)
         keep = {n: self._buffers[n] for n in _FORMAT_BUFFERS if self._buffers.get(n) is not None}
         for n in keep:
             self._buffers[n] = None
@@ -188,17 +215,20 @@ class NVFP4Linear(nn.Module):
                 self._buffers[n] = t.to(self.weight.device)
         return self
 
-    def _memo(self, key: str, source: torch.Tensor, make: Callable[[], Any]) -> Any:
-        """``make()``, computed again only when ``source`` changed: new storage (``.to``, a
-        deep copy) or an in-place write (``copy_``, ``load_state_dict``: its version counter).
-        Keeps per-call work off the hot path: the swizzled weight scales (several small
-        kernels) and the host read of ``input_scale`` (a device sync on every call otherwise).
-        Skipped under torch.compile (it traces ``make``) and for inference-mode buffers (no
-        version counter)."""
+    def _memo(
+        self, key: str, source: torch.Tensor | tuple[torch.Tensor, ...], make: Callable[[], Any]
+    ) -> Any:
+        """``make()``, computed again only when ``source`` (one tensor or several) changed: new
+        storage (``.to``, a deep copy) or an in-place write (``copy_``, ``load_state_dict``: its
+        version counter). Keeps per-call work off the hot path: the swizzled weight scales
+        (several small kernels) and the host read of ``input_scale`` (a device sync on every
+        call otherwise). Skipped under torch.compile (it traces ``make``) and for
+        inference-mode buffers (no version counter)."""
         if torch.compiler.is_compiling():
             return make()
+        sources = source if isinstance(source, tuple) else (source,)
         try:
-            tag = (source.data_ptr(), source.device, source._version)
+            tag = tuple((t.data_ptr(), t.device, t._version) for t in sources)
         except RuntimeError:  # an inference tensor: no version counter to trust
             return make()
         memo = self.__dict__.setdefault("_memo_cache", {})
@@ -291,6 +321,8 @@ class NVFP4Linear(nn.Module):
         # input runs in bf16 there, before any fp32 copy of x is made; with W4A4 + a low-rank
         # branch, from one read of x by the fused quantize); the pure-PyTorch reference
         # everywhere else.
+        if self._direct(x):
+            return self._direct_forward(x)
         y = None
         fast = _dequant_path.available(x.device)
         if self.mode == "w4a16":
@@ -331,6 +363,75 @@ class NVFP4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
+
+    def _direct(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the direct W4A4 route (module doc): inference on a plain
+        tensor of the right width, not compiling, and the cached route decision says yes."""
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+            return False
+        bias = self.bias
+        if torch.is_grad_enabled() and (
+            x.requires_grad or (bias is not None and bias.requires_grad)
+        ):
+            return False
+        if x.shape[-1:] != (self.in_features,) or x.numel() == 0:
+            return False
+        key = (
+            x.device, x.dtype, None if bias is None else bias.dtype, self.smooth is None,
+            *map(os.environ.get, _ROUTE_ENV),
+        )  # fmt: skip
+        route = self.__dict__.get("_route")
+        if route is None or route[0] != key:
+            ok = (
+                self.mode == "w4a4"
+                and not self.rank
+                and self.smooth is None
+                and x.dtype == torch.bfloat16
+                and (bias is None or bias.dtype == x.dtype)
+                and self.weight.is_contiguous()
+                and has_kernel("quantize_nvfp4", x.device)
+                and _gemm.kernel_available(x.device, self.out_features, self.in_features)
+            )
+            route = self.__dict__["_route"] = (key, ok)
+        return route[1]
+
+    def _direct_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantize kernel and the native GEMM, as :meth:`_native_w4a4` and
+        :meth:`_finish_16bit` run them, without their checks (done once by :meth:`_direct`)."""
+        k, n = self.in_features, self.out_features
+        x2 = x.reshape(-1, k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        w_scales, gs, alpha = self._direct_constants(x)
+        if gs is None:  # dynamic: this call's amax
+            gs = global_decode_scale(x2)
+            alpha = gs * self.weight_scale_2
+        quantize, gemm = _direct_ops()
+        packed, swizzled = quantize(x2, gs)
+        y = gemm(packed, swizzled, self.weight, w_scales, alpha)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], n)
+
+    def _direct_constants(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(swizzled weight scales, static activation decode scale, its product with
+        ``weight_scale_2``), the last two None for a dynamic scale; one memo over the three
+        buffers they come from (inference-mode buffers, which have no version counter: the
+        general path's per-call forms)."""
+        s, ws2 = self.input_scale, self.weight_scale_2
+        if s.is_inference():
+            static = self._activation_scale(x)
+            alpha = None if static is None else static * ws2
+            return self._swizzled_weight_scales(), static, alpha
+
+        def make() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+            static = s if float(s) > 0 else None
+            alpha = None if static is None else static * ws2
+            return swizzle_scales(self.weight_scale), static, alpha
+
+        return self._memo("direct", (self.weight_scale, s, ws2), make)
 
     def _activation_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         """W4A4's activation decode scale: ``input_scale`` when calibrated (> 0), None for the
