@@ -79,6 +79,21 @@ def stubbed(monkeypatch):
         lib._destroy()
 
 
+def _time_calls(benchmark, call) -> None:  # noqa: ANN001
+    """CALLS calls per round in inference mode (one untimed call first: route decisions and
+    memos are made there), and the median per call in microseconds."""
+
+    def calls() -> None:
+        for _ in range(CALLS):
+            call()
+
+    with torch.inference_mode():
+        call()
+        benchmark.pedantic(calls, rounds=rounds(20, 10), warmup_rounds=1)
+    if benchmark.stats:
+        benchmark.extra_info["us_per_call"] = benchmark.stats.stats.median / CALLS * 1e6
+
+
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_fp8_linear_host_time(benchmark, impl, stubbed, monkeypatch):
     torch.manual_seed(0)
@@ -88,16 +103,7 @@ def test_fp8_linear_host_time(benchmark, impl, stubbed, monkeypatch):
         monkeypatch.setattr(FP8Linear, "_direct", lambda self, x: False)
     benchmark.group = "fp8 linear host time per call (stubbed kernels)"
     benchmark.extra_info.update(impl=impl, baseline_name="FP8Linear general path")
-
-    def calls() -> None:
-        for _ in range(CALLS):
-            layer(x)
-
-    with torch.inference_mode():
-        layer(x)
-        benchmark.pedantic(calls, rounds=rounds(20, 10), warmup_rounds=1)
-    if benchmark.stats:
-        benchmark.extra_info["us_per_call"] = benchmark.stats.stats.median / CALLS * 1e6
+    _time_calls(benchmark, lambda: layer(x))
 
 
 @pytest.mark.parametrize("scale", ["static", "dynamic"])
@@ -112,16 +118,7 @@ def test_nvfp4_linear_host_time(benchmark, impl, scale, stubbed, monkeypatch):
         monkeypatch.setattr(NVFP4Linear, "_direct", lambda self, x: False)
     benchmark.group = f"nvfp4 w4a4 linear ({scale} scale) host time per call (stubbed kernels)"
     benchmark.extra_info.update(impl=impl, baseline_name="NVFP4Linear general path")
-
-    def calls() -> None:
-        for _ in range(CALLS):
-            layer(x)
-
-    with torch.inference_mode():
-        layer(x)
-        benchmark.pedantic(calls, rounds=rounds(20, 10), warmup_rounds=1)
-    if benchmark.stats:
-        benchmark.extra_info["us_per_call"] = benchmark.stats.stats.median / CALLS * 1e6
+    _time_calls(benchmark, lambda: layer(x))
 
 
 # FLUX's double block at DC-Gen 1K: 1,024 image tokens; here 4 rows of 64 (the stubs make the
@@ -141,13 +138,4 @@ def test_modulation_host_time(benchmark, impl, op, stubbed):
     args = (x, chunk, chunk, 1e-6) if op == "adaln_modulate" else (x, chunk, x)
     benchmark.group = f"{op} host time per call (stubbed kernel)"
     benchmark.extra_info.update(impl=impl, baseline_name=f"dcgen.ops.{op} (validating)")
-
-    def calls() -> None:
-        for _ in range(CALLS):
-            fn(*args)
-
-    with torch.inference_mode():
-        fn(*args)
-        benchmark.pedantic(calls, rounds=rounds(20, 10), warmup_rounds=1)
-    if benchmark.stats:
-        benchmark.extra_info["us_per_call"] = benchmark.stats.stats.median / CALLS * 1e6
+    _time_calls(benchmark, lambda: fn(*args))

@@ -137,6 +137,19 @@ struct GridDivisor {
     return ((float_bits(product) + 8u) & 0x7ffffu) > 16u;
   }
   DCGEN_GRID_FN float exact(float v) const { return div_rn(v, d); }
+
+  // v[i] <- its product, in place; whether every product is decisive (and the divisor usable):
+  // the callers' one branch per group to the division path.
+  template <int N>
+  DCGEN_GRID_FN bool products(float (&v)[N]) const {
+    bool all = usable;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      v[i] = product(v[i]);
+      all &= decisive(v[i]);
+    }
+    return all;
+  }
 };
 
 }  // namespace dcgen::quant

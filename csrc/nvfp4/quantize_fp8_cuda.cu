@@ -58,13 +58,7 @@ template <typename Reload>
 __device__ __forceinline__ void store_q(uint8_t* __restrict__ out, float (&q)[8],
                                         const quant::GridDivisor& scale, int valid, bool vec,
                                         Reload&& reload) {
-  bool decisive = scale.usable;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    q[i] = scale.product(q[i]);
-    decisive &= quant::GridDivisor::decisive(q[i]);
-  }
-  if (!decisive) {
+  if (!scale.products(q)) {
     Floats8 x;
     reload(x.v);
     x = divide8(x, scale.d);

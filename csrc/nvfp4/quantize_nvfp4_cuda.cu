@@ -71,13 +71,7 @@ __global__ void quantize_nvfp4_kernel(const T* __restrict__ x, const float* __re
     // IEEE quotient (about 1 block in 2,000) or 1/denom is not normal, the block is encoded
     // again from its input with divisions, in a function of its own: inlined, its divisions'
     // slow-path calls made ptxas spill the hot path's registers.
-    bool decisive = div.usable;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      v[i] = div.product(v[i]);
-      decisive &= quant::GridDivisor::decisive(v[i]);
-    }
-    if (decisive) {
+    if (div.products(v)) {
 #pragma unroll
       for (int i = 0; i < 16; ++i) word[i >> 3] |= e2m1_code(v[i]) << ((i & 7) * 4);
     } else {

@@ -64,14 +64,8 @@ __device__ __forceinline__ void quantize_block(const float (&v)[4], float gd, in
     // The quotients as products with the reciprocal, divided only where the two could round
     // differently (grid_round.h).
     const quant::GridDivisor div(denom);
-    float q[4];
-    bool decisive = div.usable;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      q[i] = div.product(v[i]);
-      decisive &= quant::GridDivisor::decisive(q[i]);
-    }
-    if (!decisive) {
+    float q[4] = {v[0], v[1], v[2], v[3]};
+    if (!div.products(q)) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) q[i] = div.exact(v[i]);
     }

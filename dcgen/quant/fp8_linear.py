@@ -27,7 +27,6 @@ bias gets ``dy`` summed when it requires grad.
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -36,6 +35,7 @@ from torch import nn
 from dcgen.ops import quantize_fp8 as _qop
 
 from . import fp8 as _fp8
+from .direct_route import takes_direct_route
 from .fp8 import fp8_gemm, fp8_linear_reference, quantize_fp8_weight
 
 _FORMAT_BUFFERS = ("weight", "weight_scale")
@@ -261,28 +261,15 @@ class FP8Linear(nn.Module):
             raise TypeError(f"FP8Linear: expected a float32/float16/bfloat16 input, got {x.dtype}")
 
     def _direct(self, x: torch.Tensor) -> bool:
-        """Whether this call takes the direct route (module doc): inference on a plain bf16
-        tensor of the right width, not compiling, and the cached route decision says yes."""
-        if type(x) is not torch.Tensor or torch.compiler.is_compiling():
-            return False
+        """Whether this call takes the direct route (module doc; the gate in direct_route.py):
+        row scales, a bf16 input, and the kernels and GEMM route it calls available."""
         bias = self.bias
-        if torch.is_grad_enabled() and (
-            x.requires_grad or (bias is not None and bias.requires_grad)
-        ):
-            return False
-        if x.shape[-1:] != (self.in_features,) or x.numel() == 0:
-            return False
-        key = (
-            x.device, x.dtype, None if bias is None else bias.dtype,
-            *map(os.environ.get, _ROUTE_ENV), _fp8.route_generation(),
-        )  # fmt: skip
-        route = self.__dict__.get("_route")
-        if route is None or route[0] != key:
-            ok = self.granularity == "row" and _fp8.direct_row_route(
+        return takes_direct_route(
+            self, x, self.in_features, bias, (_fp8.route_generation(),), _ROUTE_ENV,
+            lambda: self.granularity == "row" and _fp8.direct_row_route(
                 x.device, x.dtype, self.out_features, self.in_features, bias
-            )
-            route = self.__dict__["_route"] = (key, ok)
-        return route[1]
+            ),
+        )  # fmt: skip
 
     def _direct_forward(self, x: torch.Tensor, act: str) -> torch.Tensor | None:
         """quantize kernel -> unit-scale ``_scaled_mm`` -> scale epilogue kernel, as

@@ -36,7 +36,6 @@ the general path.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +47,7 @@ from dcgen.ops import nvfp4_gemm as _gemm
 from dcgen.ops import quantize_nvfp4 as _qop
 
 from . import dequant_path as _dequant_path
+from .direct_route import takes_direct_route
 from .nvfp4 import (
     BLOCK,
     dequantize_parts,
@@ -365,24 +365,13 @@ class NVFP4Linear(nn.Module):
         return y.to(x.dtype)
 
     def _direct(self, x: torch.Tensor) -> bool:
-        """Whether this call takes the direct W4A4 route (module doc): inference on a plain
-        tensor of the right width, not compiling, and the cached route decision says yes."""
-        if type(x) is not torch.Tensor or torch.compiler.is_compiling():
-            return False
+        """Whether this call takes the direct W4A4 route (module doc; the gate in
+        direct_route.py): W4A4 without low-rank branch or smoothing, a bf16 input and bias, and
+        the quantize kernel and a native GEMM built for the device."""
         bias = self.bias
-        if torch.is_grad_enabled() and (
-            x.requires_grad or (bias is not None and bias.requires_grad)
-        ):
-            return False
-        if x.shape[-1:] != (self.in_features,) or x.numel() == 0:
-            return False
-        key = (
-            x.device, x.dtype, None if bias is None else bias.dtype, self.smooth is None,
-            *map(os.environ.get, _ROUTE_ENV),
-        )  # fmt: skip
-        route = self.__dict__.get("_route")
-        if route is None or route[0] != key:
-            ok = (
+
+        def decide() -> bool:
+            return (
                 self.mode == "w4a4"
                 and not self.rank
                 and self.smooth is None
@@ -392,8 +381,10 @@ class NVFP4Linear(nn.Module):
                 and has_kernel("quantize_nvfp4", x.device)
                 and _gemm.kernel_available(x.device, self.out_features, self.in_features)
             )
-            route = self.__dict__["_route"] = (key, ok)
-        return route[1]
+
+        return takes_direct_route(
+            self, x, self.in_features, bias, (self.smooth is None,), _ROUTE_ENV, decide
+        )
 
     def _direct_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The quantize kernel and the native GEMM, as :meth:`_native_w4a4` and

@@ -8,7 +8,6 @@ dcgen.quant.nvfp4.e2m1_decode of the same codes.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,8 +15,7 @@ import pytest
 import torch
 
 from dcgen.quant.nvfp4 import e2m1_decode, unpack_e2m1
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.host_cxx import build_driver
 
 DRIVER = r"""
 #include <cstdio>
@@ -36,18 +34,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def unpack_binary(tmp_path_factory) -> Path:
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    work = tmp_path_factory.mktemp("e2m1")
-    src, exe = work / "driver.cpp", work / "driver"
-    src.write_text(DRIVER)
-    subprocess.run(
-        [cxx, "-std=c++17", "-O2", "-I", str(ROOT / "csrc"), str(src), "-o", str(exe)],
-        check=True,
-        capture_output=True,
-    )
-    return exe
+    return build_driver(tmp_path_factory, "e2m1", DRIVER)
 
 
 def _run(exe: Path, words: torch.Tensor) -> torch.Tensor:

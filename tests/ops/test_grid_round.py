@@ -15,7 +15,6 @@ contraction, like the device intrinsics it calls there) and checked against the 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,8 +22,7 @@ import pytest
 import torch
 
 from dcgen.quant.nvfp4 import e2m1_encode
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.host_cxx import build_driver
 
 DRIVER = r"""
 #include <cmath>
@@ -68,8 +66,9 @@ int main(int argc, char** argv) {
     unsigned vb, db;
     while (std::scanf("%x %x", &vb, &db) == 2) {
       const GridDivisor div(bits_float(db));
-      const float q1 = div.product(bits_float(vb));
-      std::printf("%08x %d %08x\n", float_bits(q1), div.usable && GridDivisor::decisive(q1),
+      float q1[1] = {bits_float(vb)};
+      const bool decisive = div.products(q1);
+      std::printf("%08x %d %08x\n", float_bits(q1[0]), decisive,
                   float_bits(div.exact(bits_float(vb))));
     }
     return 0;
@@ -81,19 +80,7 @@ int main(int argc, char** argv) {
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory) -> Path:
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    work = tmp_path_factory.mktemp("grid_round")
-    src, exe = work / "driver.cpp", work / "driver"
-    src.write_text(DRIVER)
-    subprocess.run(
-        [cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-I", str(ROOT / "csrc"), str(src)]
-        + ["-o", str(exe)],
-        check=True,
-        capture_output=True,
-    )
-    return exe
+    return build_driver(tmp_path_factory, "grid_round", DRIVER)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
