@@ -124,13 +124,21 @@ DCGEN_GRID_FN uint32_t e2m1_code(float q) {
 // on both grids) and above 448 (saturated) q1 and q cannot round differently, so subnormal and
 // huge quotients need no care; infinities and NaN have zero low bits and are never decisive.
 // `usable`: d and 1/d are normal, so e is bounded as above (false for 0, Inf and NaN).
+// `exact_reciprocal`: d is a power of two as well, so r = 1/d exactly and every product IS the quotient
+// (the same real number, rounded once). Such products often have zero low bits (a bf16 value
+// times a power of two, the zeros of an all-zero row whose FP8 scale is 1), which the bit test
+// would send to the division path for nothing.
 struct GridDivisor {
   float d;
   float r;
   bool usable;
+  bool exact_reciprocal;
 
   DCGEN_GRID_FN explicit GridDivisor(float divisor)
-      : d(divisor), r(recip_rn(divisor)), usable(divisor >= 0x1p-125f && divisor <= 0x1p125f) {}
+      : d(divisor),
+        r(recip_rn(divisor)),
+        usable(divisor >= 0x1p-125f && divisor <= 0x1p125f),
+        exact_reciprocal(usable && (float_bits(divisor) & 0x7fffffu) == 0u) {}
 
   DCGEN_GRID_FN float product(float v) const { return mul_rn(v, r); }
   DCGEN_GRID_FN static bool decisive(float product) {
@@ -138,8 +146,8 @@ struct GridDivisor {
   }
   DCGEN_GRID_FN float exact(float v) const { return div_rn(v, d); }
 
-  // v[i] <- its product, in place; whether every product is decisive (and the divisor usable):
-  // the callers' one branch per group to the division path.
+  // v[i] <- its product, in place; whether every product is decisive (and the divisor usable)
+  // or the reciprocal exact: the callers' one branch per group to the division path.
   template <int N>
   DCGEN_GRID_FN bool products(float (&v)[N]) const {
     bool all = usable;
@@ -148,7 +156,7 @@ struct GridDivisor {
       v[i] = product(v[i]);
       all &= decisive(v[i]);
     }
-    return all;
+    return all || exact_reciprocal;
   }
 };
 

@@ -177,6 +177,19 @@ def test_reciprocal_quotient_rounds_like_the_division(driver):
     assert int(decisive.sum()) > 50000 and int((~decisive).sum()) > 50000
     # smooth quotients: nearly all decisive (the kernels' fast path), and the divisor usable
     assert decisive[-40000:].float().mean() > 0.999
+    # a power-of-two divisor: the reciprocal is exact, every product is the quotient itself and
+    # counts as decisive, zero low bits or not
+    pow2 = (_bits(d) & 0x7FFFFF) == 0
+    assert int(pow2.sum()) > 1000
+    assert bool(decisive[pow2].all())
+    assert torch.equal(_bits(q1[pow2]), _bits(q[pow2]))
+
+
+def test_zero_row_divisor_one(driver):
+    """An all-zero FP8 row has scale 1: its products (+-0) are exact and decisive."""
+    rows = [r.split() for r in _run(driver, "divide", ["00000000 3f800000", "80000000 3f800000"])]
+    assert [r[1] for r in rows] == ["1", "1"]
+    assert [r[0] for r in rows] == ["00000000", "80000000"]
 
 
 @pytest.mark.parametrize("d", [0.0, float("inf"), float("nan"), 2.0**-127, 2.0**126])

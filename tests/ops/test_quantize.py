@@ -255,16 +255,22 @@ def test_tie_inputs_reach_the_division_path(rng):
     """The inputs of the two tests below do what they are for: many of their reciprocal
     products fall inside grid_round.h's guard window (and so take the division path)."""
 
-    def guarded(q: torch.Tensor) -> int:
-        b = q.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-        return int((((b + 8) & 0x7FFFF) <= 16).sum())
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+    def guarded(x: torch.Tensor, d: torch.Tensor) -> int:
+        """Products x * (1/d) inside the guard window, where 1/d is not exact (a power-of-two
+        d makes every product the quotient itself: no division)."""
+        b = bits(x * (1 / d))
+        inexact = (bits(d) & 0x7FFFFF) != 0
+        return int(((((b + 8) & 0x7FFFF) <= 16) & inexact).sum())
 
     x, g = _ties_nvfp4(torch.bfloat16, rng)
     denom = quantize_nvfp4(x, g).scales.float() * g
-    assert guarded(x.float().unflatten(-1, (-1, 16)) * (1 / denom).unsqueeze(-1)) > 1000
+    assert guarded(x.float().unflatten(-1, (-1, 16)), denom.unsqueeze(-1)) > 1000
     x8 = _fp8_near_midpoints(rng)
     scale = x8.abs().amax(-1, keepdim=True) * torch.tensor(1 / 448, dtype=torch.float32)
-    assert guarded(x8 * (1 / scale)) > 1000
+    assert guarded(x8, scale) > 1000
 
 
 @pytest.mark.cuda
