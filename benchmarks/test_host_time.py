@@ -13,6 +13,9 @@ these microseconds, times some hundreds of calls per step, are the step time.
 - NVFP4Linear W4A4 (static and dynamic activation scale): the general path against the direct
   route (Blackwell's native GEMM; Hopper opt-in). On an RTX 5090 a FLUX linear's FP4 GEMM at
   4,608 tokens is some tens of microseconds, so there the host time is the step time.
+- FLUX attention from a fused block: the module call (diffusers' FluxAttention.forward inspects
+  the processor's signature on every call) against the fused blocks' direct processor call in
+  inference; the processor is a stub that returns its input (57 attention calls per FLUX step).
 - adaln_modulate / gated_residual: the public functions against the ``_trusted`` forms the
   fused FLUX / SANA blocks call (8 calls per FLUX double block, 2 per single block).
 
@@ -119,6 +122,30 @@ def test_nvfp4_linear_host_time(benchmark, impl, scale, stubbed, monkeypatch):
     benchmark.group = f"nvfp4 w4a4 linear ({scale} scale) host time per call (stubbed kernels)"
     benchmark.extra_info.update(impl=impl, baseline_name="NVFP4Linear general path")
     _time_calls(benchmark, lambda: layer(x))
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_flux_attention_call_host_time(benchmark, impl):
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    from dcgen.attention import fused_blocks
+    from dcgen.attention.processors import FluxFusedAttnProcessor
+
+    class StubProcessor(FluxFusedAttnProcessor):  # the real processor's signature, no work
+        def __call__(  # noqa: ANN204
+            self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,  # noqa: ANN001
+            image_rotary_emb=None,  # noqa: ANN001
+        ):  # fmt: skip
+            return hidden_states
+
+    attn = FluxAttention(query_dim=64, heads=2, dim_head=32, processor=StubProcessor())
+    h = torch.zeros(1, 4, 64)
+    benchmark.group = "flux attention call host time (stub processor)"
+    benchmark.extra_info.update(impl=impl, baseline_name="FluxAttention module call")
+    if impl == "baseline":
+        _time_calls(benchmark, lambda: attn(hidden_states=h, image_rotary_emb=None))
+    else:
+        _time_calls(benchmark, lambda: fused_blocks._attention(attn, h, None, None, None))
 
 
 # FLUX's double block at DC-Gen 1K: 1,024 image tokens; here 4 rows of 64 (the stubs make the

@@ -268,6 +268,45 @@ def test_single_block_assembles_proj_out_input_without_cat(monkeypatch):
     assert fused_blocks._joint_widths(block) is None
 
 
+@pytest.mark.parametrize("index", [0, 1], ids=["double", "single"])
+def test_inference_calls_the_attention_processor_directly(index, monkeypatch):
+    # FluxAttention.forward inspects the processor's signature on every call to filter keyword
+    # arguments; with none to filter, the fused blocks call the processor themselves in
+    # inference. A hook on the attention module, autograd or keyword arguments keep the module
+    # call. Same output every way.
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    block = _blocks()[index]
+    inputs = _block_inputs()
+    with torch.no_grad():
+        want = block(**inputs)
+    fused_blocks.install(block)
+    calls = []
+    real = FluxAttention.forward
+
+    def counted(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FluxAttention, "forward", counted)
+    monkeypatch.setattr(fused_blocks, "_FLUX_ATTENTION_FORWARD", counted)
+    with torch.no_grad():
+        got = block(**inputs)
+    assert calls == []
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    seen = []
+    handle = block.attn.register_forward_hook(lambda m, a, o: seen.append(1))
+    with torch.no_grad():
+        hooked = block(**inputs)
+    handle.remove()
+    assert calls == [1] and seen == [1]
+    block(**inputs)  # grad mode
+    assert calls == [1, 1]
+    for g, w in zip(hooked, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_unfusable_blocks_are_left_alone():
     double, single = _blocks()
     double.norm2 = nn.LayerNorm(DIM)  # affine: not the layout the fused forward reads
