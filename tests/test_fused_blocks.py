@@ -272,8 +272,8 @@ def test_single_block_assembles_proj_out_input_without_cat(monkeypatch):
 def test_inference_calls_the_attention_processor_directly(index, monkeypatch):
     # FluxAttention.forward inspects the processor's signature on every call to filter keyword
     # arguments; with none to filter, the fused blocks call the processor themselves in
-    # inference. A hook on the attention module, autograd or keyword arguments keep the module
-    # call. Same output every way.
+    # inference. A hook on the attention module or autograd keeps the module call (so do
+    # keyword arguments, not exercised here). Same output every way.
     from diffusers.models.transformers.transformer_flux import FluxAttention
 
     block = _blocks()[index]

@@ -26,17 +26,24 @@ namespace {
 using quant::e2m1_code;
 using quant::load8;
 
+// The 16 codes of a block's quotients, packed (even index in the low nibble).
+__device__ __forceinline__ uint2 encode16(const float (&q)[16]) {
+  uint32_t word[2] = {0u, 0u};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) word[i >> 3] |= e2m1_code(q[i]) << ((i & 7) * 4);
+  return make_uint2(word[0], word[1]);
+}
+
 // The block's codes from its input by IEEE divisions (the reference's arithmetic).
 template <typename T>
 __device__ __noinline__ uint2 encode_dividing(const T* __restrict__ src, int lo, int hi, bool vec,
                                               float denom) {
-  uint32_t word[2] = {0u, 0u};
   float v[16];
   load8(src, lo, vec && lo == 8, v);
   load8(src + 8, hi, vec && hi == 8, v + 8);
 #pragma unroll
-  for (int i = 0; i < 16; ++i) word[i >> 3] |= e2m1_code(quant::div_rn(v[i], denom)) << ((i & 7) * 4);
-  return make_uint2(word[0], word[1]);
+  for (int i = 0; i < 16; ++i) v[i] = quant::div_rn(v[i], denom);
+  return encode16(v);
 }
 
 template <typename T>
@@ -64,24 +71,16 @@ __global__ void quantize_nvfp4_kernel(const T* __restrict__ x, const float* __re
   for (int i = 0; i < 16; ++i) amax = quant::nan_abs_max(amax, v[i]);
   float denom;
   const uint8_t sb = quant::nvfp4_block_scale(amax, gd, &denom);
-  uint32_t word[2] = {0u, 0u};
+  uint2 codes = make_uint2(0u, 0u);
   if (denom > 0.f) {  // false for an all-zero block and for a NaN scale: zero codes
     const quant::GridDivisor div(denom);
     // The 16 quotients as products, in place; if any of them could round differently from the
     // IEEE quotient (about 1 block in 2,000) or 1/denom is not normal, the block is encoded
     // again from its input with divisions, in a function of its own: inlined, its divisions'
     // slow-path calls made ptxas spill the hot path's registers.
-    if (div.products(v)) {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) word[i >> 3] |= e2m1_code(v[i]) << ((i & 7) * 4);
-    } else {
-      const uint2 w = encode_dividing(src, lo, hi, vec, denom);
-      word[0] = w.x;
-      word[1] = w.y;
-    }
+    codes = div.products(v) ? encode16(v) : encode_dividing(src, lo, hi, vec, denom);
   }
-  *reinterpret_cast<uint2*>(packed + m * kb_count * 8 + static_cast<int64_t>(kb) * 8) =
-      make_uint2(word[0], word[1]);
+  *reinterpret_cast<uint2*>(packed + m * kb_count * 8 + static_cast<int64_t>(kb) * 8) = codes;
   scales[off] = sb;
 }
 

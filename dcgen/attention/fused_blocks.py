@@ -15,8 +15,7 @@ more over its 4x-wide hidden state. These forwards compute the same function wit
 - in inference, the single block's ``proj_out`` input ``[attention, MLP]`` assembled in place:
   the MLP GEMM writes its half of one buffer directly (16-bit nn.Linear on CUDA) and attention
   is copied into the other, instead of ``torch.cat`` of both (at 4K, 4,608 x 15,360 values
-  read and written again per single block). The same GEMM then reads it: same numbers.
-
+  read and written again per single block). The same GEMM then reads it: same numbers;
 - in inference, FLUX attention called through its processor directly when nothing else would
   run: diffusers' ``FluxAttention.forward`` takes ``inspect.signature`` of the processor on
   every call to filter keyword arguments (about 22 us of host time per call on this project's

@@ -833,6 +833,7 @@ def _quant_rows(
     except Exception as err:  # noqa: BLE001 (recorded: the bf16 table stands)
         _row_failed(errors, bench, err, precision=precision, stage="quantize the blocks")
         return []
+    weights_gb = bench.full_depth_gb(quant.bytes_per_list)
     out: list[dict[str, Any]] = []
     for ref in earlier:
         if ref["precision"] != s.dtype or ref["variant"] not in variants:
@@ -841,7 +842,7 @@ def _quant_rows(
         row = {k: v for k, v in ref.items() if k not in ("dcgen", "dcgen_batch")}
         row.update(
             precision=precision, base_precision=ref["precision"], base_from_row=True,
-            block_weights_gb=bench.full_depth_gb(quant.bytes_per_list),
+            block_weights_gb=weights_gb,
         )  # fmt: skip
         logger.info("bench dcgen %s %dpx %s %s", precision, res, variant, attention)
         try:

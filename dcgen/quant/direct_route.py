@@ -9,6 +9,7 @@ and cached on the layer; a layer drops it in ``_apply`` (a device move).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -41,3 +42,10 @@ def takes_direct_route(
     if route is None or route[0] != full_key:
         route = layer.__dict__["_route"] = (full_key, bool(decide()))
     return route[1]
+
+
+@functools.cache
+def direct_ops(*names: str) -> tuple:
+    """The ``dcgen::<name>.default`` OpOverloads a direct route calls, looked up once (callers
+    ask only after their route check found the kernels, so dcgen._C is loaded)."""
+    return tuple(getattr(torch.ops.dcgen, name).default for name in names)

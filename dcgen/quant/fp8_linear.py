@@ -35,7 +35,7 @@ from torch import nn
 from dcgen.ops import quantize_fp8 as _qop
 
 from . import fp8 as _fp8
-from .direct_route import takes_direct_route
+from .direct_route import direct_ops, takes_direct_route
 from .fp8 import fp8_gemm, fp8_linear_reference, quantize_fp8_weight
 
 _FORMAT_BUFFERS = ("weight", "weight_scale")
@@ -76,8 +76,10 @@ class _SharedInputQuantization:
         """The direct route's quantize (checks done by the caller): the row kernel on x as
         [M, K], shared like :meth:`quantize`; returns ([M, K] codes, [M, 1] scales)."""
         if self.depth == 0 or torch.is_grad_enabled():  # as quantize: no reuse under autograd
-            return _direct_ops()[0](x.reshape(-1, k).contiguous(), 0)
-        q, sc = self._reuse(x, "row", lambda: _direct_ops()[0](x.reshape(-1, k).contiguous(), 0))
+            return direct_ops(*_OPS)[0](x.reshape(-1, k).contiguous(), 0)
+        q, sc = self._reuse(
+            x, "row", lambda: direct_ops(*_OPS)[0](x.reshape(-1, k).contiguous(), 0)
+        )
         return q.reshape(-1, k), sc.reshape(-1, 1)
 
     def _reuse(self, x: torch.Tensor, granularity: str, make) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
@@ -138,21 +140,9 @@ def unshare_input_quantization(model: nn.Module) -> int:
     return count
 
 
-_DIRECT_OPS: tuple = ()
 _ROUTE_ENV = ("DCGEN_FP8_GEMM", "DCGEN_DISABLE_KERNELS")
 _ACTS = ("none", "gelu_tanh")
-
-
-def _direct_ops() -> tuple:
-    """(quantize_fp8, fp8_scale_epilogue) OpOverloads, looked up once (only after the route
-    check found both kernels, so dcgen._C is loaded)."""
-    global _DIRECT_OPS
-    if not _DIRECT_OPS:
-        _DIRECT_OPS = (
-            torch.ops.dcgen.quantize_fp8.default,
-            torch.ops.dcgen.fp8_scale_epilogue.default,
-        )
-    return _DIRECT_OPS
+_OPS = ("quantize_fp8", "fp8_scale_epilogue")
 
 
 def _forward(x: torch.Tensor, layer: FP8Linear, gemm: bool, act: str = "none") -> torch.Tensor:
@@ -279,7 +269,7 @@ class FP8Linear(nn.Module):
         y = _fp8.unit_scale_gemm(xq, self.weight, torch.bfloat16)
         if y is None:
             return None
-        y = _direct_ops()[1](y, xs, self.weight_scale, self.bias, act)
+        y = direct_ops(*_OPS)[1](y, xs, self.weight_scale, self.bias, act)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:

@@ -47,7 +47,7 @@ from dcgen.ops import nvfp4_gemm as _gemm
 from dcgen.ops import quantize_nvfp4 as _qop
 
 from . import dequant_path as _dequant_path
-from .direct_route import takes_direct_route
+from .direct_route import direct_ops, takes_direct_route
 from .nvfp4 import (
     BLOCK,
     dequantize_parts,
@@ -61,16 +61,7 @@ MODES = ("w4a16", "w4a4")
 _FORMAT_BUFFERS = ("weight_scale", "weight_scale_2", "input_scale", "smooth")
 # What the direct route's decision depends on besides the layer and the input.
 _ROUTE_ENV = ("DCGEN_DISABLE_KERNELS", _gemm.HOPPER_ENV)
-_DIRECT_OPS: tuple = ()
-
-
-def _direct_ops() -> tuple:
-    """(quantize_nvfp4, nvfp4_gemm) OpOverloads, looked up once (only after the route check
-    found both kernels, so dcgen._C is loaded)."""
-    global _DIRECT_OPS
-    if not _DIRECT_OPS:
-        _DIRECT_OPS = (torch.ops.dcgen.quantize_nvfp4.default, torch.ops.dcgen.nvfp4_gemm.default)
-    return _DIRECT_OPS
+_OPS = ("quantize_nvfp4", "nvfp4_gemm")
 
 
 def check_mode(mode: str) -> str:
@@ -397,7 +388,7 @@ class NVFP4Linear(nn.Module):
         if gs is None:  # dynamic: this call's amax
             gs = global_decode_scale(x2)
             alpha = gs * self.weight_scale_2
-        quantize, gemm = _direct_ops()
+        quantize, gemm = direct_ops(*_OPS)
         packed, swizzled = quantize(x2, gs)
         y = gemm(packed, swizzled, self.weight, w_scales, alpha)
         if self.bias is not None:
@@ -412,16 +403,14 @@ class NVFP4Linear(nn.Module):
         buffers they come from (inference-mode buffers, which have no version counter: the
         general path's per-call forms)."""
         s, ws2 = self.input_scale, self.weight_scale_2
-        if s.is_inference():
+
+        def make() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
             static = self._activation_scale(x)
             alpha = None if static is None else static * ws2
             return self._swizzled_weight_scales(), static, alpha
 
-        def make() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-            static = s if float(s) > 0 else None
-            alpha = None if static is None else static * ws2
-            return swizzle_scales(self.weight_scale), static, alpha
-
+        if s.is_inference():
+            return make()
         return self._memo("direct", (self.weight_scale, s, ws2), make)
 
     def _activation_scale(self, x: torch.Tensor) -> torch.Tensor | None:
