@@ -278,7 +278,9 @@ def test_tie_inputs_reach_the_division_path(rng):
 def test_cuda_nvfp4_quantize_ties_bit_exact(dtype, rng):
     _need("quantize_nvfp4")
     x, g = _ties_nvfp4(dtype, rng)
-    packed, sw = compiled_op("quantize_nvfp4")(x.cuda(), g.cuda())
+    xc, gc = x.cuda(), g.cuda()
+    poison_cuda_allocator()
+    packed, sw = compiled_op("quantize_nvfp4")(xc, gc)
     pr, swr = quantize_nvfp4_reference(x, g)
     assert torch.equal(packed.cpu(), pr), dtype
     assert torch.equal(_bits(sw), _bits(swr)), dtype
@@ -289,7 +291,9 @@ def test_cuda_nvfp4_quantize_ties_bit_exact(dtype, rng):
 def test_cuda_fp8_quantize_near_midpoints_bit_exact(granularity, rng):
     _need("quantize_fp8")
     x = _fp8_near_midpoints(rng)
-    q, s = compiled_op("quantize_fp8")(x.cuda(), 0 if granularity == "row" else 128)
+    xc = x.cuda()
+    poison_cuda_allocator()
+    q, s = compiled_op("quantize_fp8")(xc, 0 if granularity == "row" else 128)
     qr, sr = quantize_fp8_reference(x, granularity)
     _same_fp8(q, qr, granularity)
     assert torch.equal(s.cpu(), sr)
