@@ -1,5 +1,6 @@
 """Low-precision benchmarks: FP8 W8A8 linears vs bf16 linears at FLUX shapes (docs ANCHORS.md),
-and the activation-quantize kernels' bandwidth against a plain copy of the same input.
+the activation-quantize kernels' bandwidth against a plain copy of the same input, and the
+modulation with its FP8 quantize fused against the two kernels.
 
 On a GPU: M = 4,608 tokens (FLUX 1K = DC-Gen-f64c128 4K: 4,096 image + 512 text), bf16. On a CPU:
 tiny shapes in fp32 so CI runs every case (timings meaningless there)."""
@@ -11,7 +12,7 @@ import torch
 from _harness import DEVICE, ON_GPU, rounds, time_it
 from torch import nn
 
-from dcgen.ops import has_kernel
+from dcgen.ops import adaln_modulate, adaln_modulate_fp8, has_kernel
 from dcgen.ops.quantize_fp8 import quantize_fp8
 from dcgen.ops.quantize_nvfp4 import quantize_nvfp4_activation
 from dcgen.quant import FP8Linear
@@ -108,6 +109,43 @@ def test_activation_quantize(benchmark, impl, what):
     benchmark.extra_info.update(impl=impl, baseline_name="copy (x.clone)", bytes_moved=nbytes)
     with torch.inference_mode():
         time_it(benchmark, run, n_rounds=rounds(100, 3), back_to_back=BACK_TO_BACK)
+    if benchmark.stats:
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
+# A FLUX 4K block input: 4,608 tokens x 3,072 (CPU: small).
+MOD_SHAPE = (4608, 3072) if ON_GPU else (64, 256)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_modulate_then_fp8_quantize(benchmark, impl):
+    # What an FP8 block's modulated input costs: adaln_modulate, then quantize_fp8 over its
+    # output (baseline: the two kernels, as before the fused op) against adaln_modulate_fp8.
+    if impl == "dcgen" and ON_GPU and not has_kernel("adaln_modulate_fp8", DEVICE):
+        pytest.skip("no compiled adaln_modulate_fp8 kernel for this device")
+    m, d = MOD_SHAPE
+    x = torch.randn(1, m, d, device=DEVICE, dtype=DTYPE)
+    emb = torch.randn(1, 2 * d, device=DEVICE, dtype=DTYPE)
+    shift, scale = emb[:, :d], emb[:, d:]
+
+    def two_ops():
+        out = adaln_modulate(x, shift, scale, 1e-6)
+        return out, quantize_fp8(out, "row")
+
+    def fused():
+        return adaln_modulate_fp8(x, shift, scale, 1e-6)
+
+    # bytes at the roofline: x read, the 16-bit output and the codes written (one pass)
+    nbytes = x.numel() * (2 * x.element_size() + 1)
+    benchmark.group = f"adaln_modulate + fp8 row quantize {MOD_SHAPE} {str(DTYPE)[6:]}"
+    benchmark.extra_info.update(
+        impl=impl, baseline_name="adaln_modulate then quantize_fp8", bytes_moved=nbytes
+    )
+    with torch.inference_mode():
+        time_it(
+            benchmark, two_ops if impl == "baseline" else fused, n_rounds=rounds(100, 3),
+            back_to_back=BACK_TO_BACK,
+        )  # fmt: skip
     if benchmark.stats:
         benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
 

@@ -216,6 +216,61 @@ def test_fused_block_with_fp8_linears(index, monkeypatch):
         assert err < 1e-2, err  # the same FP8 operands; bf16 roundings differ
 
 
+@pytest.mark.parametrize("index", [0, 1], ids=["double", "single"])
+def test_fp8_block_inputs_quantized_by_the_modulation(index, monkeypatch):
+    # With FP8 linears, every modulated block input comes with its row quantization from the
+    # modulation op (adaln_modulate_fp8) and the linears reading it take that instead of
+    # quantizing it again: the quantize op then runs only for the other inputs (attention
+    # outputs, the MLPs' second linears). Same bits as the block quantizing every input itself.
+    import dcgen.quant.fp8_linear as fp8_linear
+
+    block = _blocks()[index].bfloat16()
+    quantize_(block, FP8Config())
+    fused_blocks.install(block)
+    inputs = {k: (v.bfloat16() if v is not None else v) for k, v in _block_inputs().items()}
+    quantized = []
+    real_quantize = fp8_linear._qop.quantize_fp8
+
+    def spy(x, granularity):  # noqa: ANN001, ANN202
+        quantized.append(tuple(x.shape))
+        return real_quantize(x, granularity)
+
+    monkeypatch.setattr(fp8_linear._qop, "quantize_fp8", spy)
+    with torch.no_grad():
+        got = block(**inputs)
+        offered_calls = len(quantized)
+        monkeypatch.setattr(fused_blocks, "takes_fp8_rows", lambda layer: False)
+        quantized.clear()
+        want = block(**inputs)
+    # double: to_out, to_add_out and the two MLPs' second linears; single: proj_out
+    assert offered_calls == (4 if index == 0 else 1)
+    # without offers: also the image and text q/k/v inputs and the two MLP inputs (single: the
+    # one shared q/k/v + MLP input)
+    assert len(quantized) == (8 if index == 0 else 2)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_offered_quantization_is_scoped_and_matched_by_identity(rng):
+    from dcgen.quant.fp8_linear import FP8Linear, offered_quantization
+
+    layer = FP8Linear.from_linear(nn.Linear(16, 8))
+    x = _rand(3, 16, g=rng).bfloat16()
+    marker = (torch.zeros(3, 16, dtype=torch.float8_e4m3fn), torch.ones(3, 1))
+    with torch.no_grad():
+        want = layer(x)
+        with offered_quantization(x, marker):
+            # all-zero codes: only the bias is left when the offer is taken
+            torch.testing.assert_close(layer(x), layer.bias.expand(3, 8))
+            assert torch.equal(layer(x.clone()), want)  # another tensor: quantized itself
+            x.mul_(2)  # changed in place (version bump): the offer no longer matches it
+            assert not torch.equal(layer(x), layer.bias.expand(3, 8))
+            x.div_(2)  # exact: a power of two
+        assert torch.equal(layer(x), want)  # the offer ended with the block
+        with offered_quantization(x, marker), torch.enable_grad():
+            assert torch.equal(layer(x), want)  # autograd never takes offers
+
+
 def test_linear_gelu_keeps_wrapped_layers_exact(rng):
     # A layer that is not a plain nn.Linear / FP8Linear (a LoRA wrapper, say) keeps gelu(proj(x)).
     class Wrapped(nn.Module):

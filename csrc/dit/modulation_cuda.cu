@@ -2,25 +2,29 @@
 //
 //   adaln_modulate(x, shift, scale):  LayerNorm(x) * (1 + scale[b]) + shift[b]
 //   gated_residual(x, gate, y):       x + gate[b] * y
+//   adaln_modulate_fp8(x, shift, scale): adaln_modulate's output and its FP8 (E4M3) row
+//                                     quantization (dcgen::quantize_fp8, block 0), one kernel
 //
 // x, y: [M, D] rows of B sequences of S tokens (b = row / S); shift, scale, gate: [B, D] with
 // unit column stride and any row stride (they are chunks of the modulation linear's output).
 // fp32 statistics and arithmetic, one rounding to x's dtype. Spec: dcgen/ops/modulation.py.
 //
-// adaln_modulate: one CTA per row, the row staged once from global memory and re-read from L1
-// for the mean, the variance about it (two passes: no E[x^2] - E[x]^2 cancellation) and the
+// adaln_modulate(_fp8): one CTA per row, the row staged once from global memory and re-read from
+// L1 for the mean, the variance about it (two passes: no E[x^2] - E[x]^2 cancellation) and the
 // output. gated_residual: one thread per 8 consecutive elements.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "nvfp4/fp8_row.cuh"
 #include "nvfp4/quant_common.cuh"
 
 namespace dcgen {
 namespace {
 
 using quant::count_valid;
+using quant::from_float;
 using quant::load8;
 using quant::store8;
 using quant::to_float;
@@ -40,21 +44,13 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
   return total;
 }
 
-// P: the parameter (shift / scale) element type.
-template <typename T, typename P>
-__global__ void adaln_modulate_kernel(const T* __restrict__ x, const P* __restrict__ shift,
-                                      const P* __restrict__ scale, T* __restrict__ out, int64_t D,
-                                      int64_t rows_per_batch, int64_t shift_stride,
-                                      int64_t scale_stride, float eps, bool vec) {
-  __shared__ float partial[kRowThreads / 32];
-  const int64_t row = blockIdx.x;
-  const int64_t b = row / rows_per_batch;
-  const T* xr = x + row * D;
-  T* orow = out + row * D;
-  const P* sh = shift + b * shift_stride;  // each its own row stride (two chunks of one
-  const P* sc = scale + b * scale_stride;  // embedding, or separate tensors, or 0: broadcast)
+// mean and 1 / sqrt(var + eps) of row xr (D elements), in fp32, returned to every thread: the
+// row staged once from global memory and re-read from L1; the variance about the mean (two
+// passes: no E[x^2] - E[x]^2 cancellation).
+template <typename T>
+__device__ __forceinline__ float2 row_mean_rstd(const T* __restrict__ xr, int64_t D, float eps,
+                                                bool vec, float* partial) {
   float vals[8];
-
   float sum = 0.f;
   for (int64_t k0 = threadIdx.x * 8; k0 < D; k0 += kRowThreads * 8) {
     const int valid = count_valid(D - k0, 8);
@@ -74,24 +70,98 @@ __global__ void adaln_modulate_kernel(const T* __restrict__ x, const P* __restri
       sq += d * d;
     }
   }
-  const float rstd = rsqrtf(block_sum(sq, partial) / static_cast<float>(D) + eps);
+  return make_float2(mean, rsqrtf(block_sum(sq, partial) / static_cast<float>(D) + eps));
+}
 
+// The 8 modulated values (x - mean) * rstd * (1 + scale) + shift at k0, 0 past D. Each rounding
+// step is pinned (no contraction choice left to the compiler), so that the FP8 kernel, which
+// computes a row's values twice, gets the same floats both times.
+template <typename T, typename P>
+__device__ __forceinline__ void modulate8(const T* __restrict__ xr, const P* __restrict__ sh,
+                                          const P* __restrict__ sc, int64_t k0, int valid,
+                                          bool vec, float2 stats, float o[8]) {
+  load8(xr + k0, valid, vec, o);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (i < valid) {
+      const float n = __fmul_rn(__fsub_rn(o[i], stats.x), stats.y);
+      o[i] = __fmaf_rn(n, __fadd_rn(1.f, to_float(sc[k0 + i])), to_float(sh[k0 + i]));
+    } else {
+      o[i] = 0.f;
+    }
+  }
+}
+
+// P: the parameter (shift / scale) element type.
+template <typename T, typename P>
+__global__ void adaln_modulate_kernel(const T* __restrict__ x, const P* __restrict__ shift,
+                                      const P* __restrict__ scale, T* __restrict__ out, int64_t D,
+                                      int64_t rows_per_batch, int64_t shift_stride,
+                                      int64_t scale_stride, float eps, bool vec) {
+  __shared__ float partial[kRowThreads / 32];
+  const int64_t row = blockIdx.x;
+  const int64_t b = row / rows_per_batch;
+  const T* xr = x + row * D;
+  T* orow = out + row * D;
+  const P* sh = shift + b * shift_stride;  // each its own row stride (two chunks of one
+  const P* sc = scale + b * scale_stride;  // embedding, or separate tensors, or 0: broadcast)
+  const float2 stats = row_mean_rstd(xr, D, eps, vec, partial);
   for (int64_t k0 = threadIdx.x * 8; k0 < D; k0 += kRowThreads * 8) {
     const int valid = count_valid(D - k0, 8);
     const bool v = vec && valid == 8;
-    load8(xr + k0, valid, v, vals);
     float o[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if (i < valid) {
-        const float n = (vals[i] - mean) * rstd;
-        o[i] = n * (1.f + to_float(sc[k0 + i])) + to_float(sh[k0 + i]);
-      } else {
-        o[i] = 0.f;
-      }
-    }
+    modulate8(xr, sh, sc, k0, valid, v, stats, o);
     store8<T>(orow + k0, o, valid, v);
   }
+}
+
+// adaln_modulate with the FP8 (E4M3) row quantization of its output on the way out: the row is
+// written as adaln_modulate writes it while the CTA reduces the amax of the rounded values,
+// then each thread computes its values again from x (L1 / L2; the same floats, modulate8) and
+// encodes them as dcgen::quantize_fp8 (block 0) encodes the stored row: same scale, same bytes.
+// Saves the quantize kernel's read of the row (4,608 x 3,072 bf16 per FLUX 4K block input).
+template <typename T, typename P>
+__global__ void adaln_modulate_fp8_kernel(const T* __restrict__ x, const P* __restrict__ shift,
+                                          const P* __restrict__ scale, T* __restrict__ out,
+                                          uint8_t* __restrict__ q, float* __restrict__ q_scales,
+                                          int64_t D, int64_t rows_per_batch, int64_t shift_stride,
+                                          int64_t scale_stride, float eps, bool vec, bool qvec) {
+  __shared__ float partial[kRowThreads / 32];
+  const int64_t row = blockIdx.x;
+  const int64_t b = row / rows_per_batch;
+  const T* xr = x + row * D;
+  T* orow = out + row * D;
+  uint8_t* qr = q + row * D;
+  const P* sh = shift + b * shift_stride;
+  const P* sc = scale + b * scale_stride;
+  const float2 stats = row_mean_rstd(xr, D, eps, vec, partial);
+  // The stored element's value: the quantize reads the 16-bit output, not the fp32 one.
+  auto rounded8 = [&](int64_t k0, int valid, bool v, float (&o)[8]) {
+    modulate8(xr, sh, sc, k0, valid, v, stats, o);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[i] = to_float(from_float<T>(o[i]));
+  };
+  float amax = 0.f;
+  for (int64_t k0 = threadIdx.x * 8; k0 < D; k0 += kRowThreads * 8) {
+    const int valid = count_valid(D - k0, 8);
+    const bool v = vec && valid == 8;
+    float o[8];
+    rounded8(k0, valid, v, o);
+    store8<T>(orow + k0, o, valid, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = quant::nan_max(amax, fabsf(o[i]));  // 0 past D
+  }
+  const float qscale = quant::fp8_scale(quant::row_amax<kRowThreads>(amax));
+  const quant::GridDivisor divisor(qscale);
+  for (int64_t k0 = threadIdx.x * 8; k0 < D; k0 += kRowThreads * 8) {
+    const int valid = count_valid(D - k0, 8);
+    const bool v = vec && valid == 8;
+    float o[8];
+    rounded8(k0, valid, v, o);
+    quant::store_q(qr + k0, o, divisor, valid, qvec && valid == 8,
+                   [&](float (&again)[8]) { rounded8(k0, valid, v, again); });
+  }
+  if (threadIdx.x == 0) q_scales[row] = qscale;
 }
 
 template <typename T, typename P>
@@ -161,22 +231,31 @@ void dispatch_types(const at::Tensor& x, const at::Tensor& param, Fn&& fn) {
   }
 }
 
-at::Tensor adaln_modulate_cuda(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
-                               int64_t rows_per_batch, double eps) {
-  const char* op = "adaln_modulate";
+// The checks both adaln kernels make; returns the row shape.
+Rows check_adaln(const char* op, const at::Tensor& x, const at::Tensor& shift,
+                 const at::Tensor& scale, int64_t rows_per_batch, double eps) {
   const Rows r = check_rows(op, x, rows_per_batch);
   check_param(op, "shift", shift, x, r);
   check_param(op, "scale", scale, x, r);
-  TORCH_CHECK(shift.scalar_type() == scale.scalar_type(), "dcgen::adaln_modulate: shift is ",
+  TORCH_CHECK(shift.scalar_type() == scale.scalar_type(), "dcgen::", op, ": shift is ",
               shift.scalar_type(), ", scale ", scale.scalar_type());
-  TORCH_CHECK(eps > 0, "dcgen::adaln_modulate: expected eps > 0, got ", eps);
-  TORCH_CHECK(r.D >= 1, "dcgen::adaln_modulate: expected D >= 1, got ", x.sizes());
+  TORCH_CHECK(eps > 0, "dcgen::", op, ": expected eps > 0, got ", eps);
+  TORCH_CHECK(r.D >= 1, "dcgen::", op, ": expected D >= 1, got ", x.sizes());
+  TORCH_CHECK(r.M <= 2147483647LL, "dcgen::", op, ": too many rows: ", r.M);
+  return r;
+}
+
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+at::Tensor adaln_modulate_cuda(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                               int64_t rows_per_batch, double eps) {
+  const Rows r = check_adaln("adaln_modulate", x, shift, scale, rows_per_batch, eps);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   if (r.M == 0) return out;
-  TORCH_CHECK(r.M <= 2147483647LL, "dcgen::adaln_modulate: too many rows: ", r.M);
-  const bool vec = r.D % 8 == 0 && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0;
+  const bool vec = r.D % 8 == 0 && aligned16(x) && aligned16(out);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_types(x, shift, [&](auto t, auto p) {
     using T = decltype(t);
@@ -190,6 +269,35 @@ at::Tensor adaln_modulate_cuda(const at::Tensor& x, const at::Tensor& shift, con
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+// (out [M, D] like x, q float8_e4m3fn [M, D], q_scales fp32 [M, 1]): out = adaln_modulate(...),
+// (q, q_scales) = quantize_fp8(out, block 0), bit for bit.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fp8_cuda(
+    const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, int64_t rows_per_batch,
+    double eps) {
+  const Rows r = check_adaln("adaln_modulate_fp8", x, shift, scale, rows_per_batch, eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  at::Tensor q = at::empty({r.M, r.D}, x.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor q_scales = at::empty({r.M, 1}, x.options().dtype(at::kFloat));
+  if (r.M == 0) return {out, q, q_scales};
+  const bool vec = r.D % 8 == 0 && aligned16(x) && aligned16(out);
+  const bool qvec = r.D % 8 == 0 && reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 8 == 0;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_types(x, shift, [&](auto t, auto p) {
+    using T = decltype(t);
+    using P = decltype(p);
+    adaln_modulate_fp8_kernel<T, P><<<r.M, kRowThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(x.const_data_ptr()),
+        reinterpret_cast<const P*>(shift.const_data_ptr()),
+        reinterpret_cast<const P*>(scale.const_data_ptr()),
+        reinterpret_cast<T*>(out.mutable_data_ptr()),
+        reinterpret_cast<uint8_t*>(q.mutable_data_ptr()), q_scales.mutable_data_ptr<float>(), r.D,
+        r.S, shift.stride(0), scale.stride(0), static_cast<float>(eps), vec, qvec);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, q, q_scales};
 }
 
 at::Tensor gated_residual_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y,
@@ -208,9 +316,7 @@ at::Tensor gated_residual_cuda(const at::Tensor& x, const at::Tensor& gate, cons
   const int64_t groups = (r.D + 7) / 8;
   const int64_t blocks = (r.M * groups + 255) / 256;
   TORCH_CHECK(blocks <= 2147483647LL, "dcgen::gated_residual: too large: ", x.sizes());
-  const bool vec = r.D % 8 == 0 && reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(y.const_data_ptr()) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0;
+  const bool vec = r.D % 8 == 0 && aligned16(x) && aligned16(y) && aligned16(out);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_types(x, gate, [&](auto t, auto p) {
     using T = decltype(t);
@@ -230,5 +336,6 @@ at::Tensor gated_residual_cuda(const at::Tensor& x, const at::Tensor& gate, cons
 
 TORCH_LIBRARY_IMPL(dcgen, CUDA, m) {
   m.impl("adaln_modulate", &dcgen::adaln_modulate_cuda);
+  m.impl("adaln_modulate_fp8", &dcgen::adaln_modulate_fp8_cuda);
   m.impl("gated_residual", &dcgen::gated_residual_cuda);
 }

@@ -5,7 +5,11 @@ spend a large share of an eager step outside their GEMMs and attention: every Ad
 is a LayerNorm plus two passes, every gated residual two more, and FLUX's MLP tanh GELU one
 more over its 4x-wide hidden state. These forwards compute the same function with
 
-- :func:`dcgen.ops.adaln_modulate` for ``norm(x) * (1 + scale) + shift`` (one pass),
+- :func:`dcgen.ops.adaln_modulate` for ``norm(x) * (1 + scale) + shift`` (one pass); where
+  the linears that read the result are FP8 (row scales), :func:`dcgen.ops.adaln_modulate_fp8`
+  instead, which also writes the result's FP8 row quantization, handed to those linears
+  (``offered_quantization``) so that none runs its own quantize kernel over it (at 4K, 4,608 x
+  3,072 values read once more per block input otherwise),
 - :func:`dcgen.ops.gated_residual` for ``x + gate * y`` (one pass), both through their
   ``_trusted`` forms: these forwards build the arguments, so the kernels are called without
   the public functions' Python validation (host time counts in an eager step),
@@ -37,8 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcgen._hooks import has_forward_hooks
-from dcgen.ops.modulation import adaln_modulate_trusted, gated_residual_trusted
-from dcgen.quant.fp8_linear import FP8Linear
+from dcgen.ops.modulation import (
+    adaln_modulate_fp8_trusted,
+    adaln_modulate_trusted,
+    gated_residual_trusted,
+)
+from dcgen.quant.fp8_linear import FP8Linear, offered_quantization, takes_fp8_rows
 
 _PATCHED = "_dcgen_fused_block_forward"
 
@@ -141,6 +149,30 @@ def _modulation(ada: nn.Module, temb: torch.Tensor, chunks: int) -> tuple[torch.
     return ada.linear(ada.silu(temb)).chunk(chunks, dim=1)
 
 
+def _modulate(
+    reader: nn.Module | None, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``adaln_modulate(x, shift, scale)`` and, where ``reader`` (the first linear that reads
+    it) is an FP8 row linear in inference, the result's row quantization from the same kernel,
+    for :func:`offered_quantization`; None otherwise."""
+    if (
+        reader is not None
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()  # Inductor fuses the traced quantize itself
+        and takes_fp8_rows(reader)
+    ):
+        out, q, q_scales = adaln_modulate_fp8_trusted(x, shift, scale, eps)
+        return out, (q, q_scales)
+    return adaln_modulate_trusted(x, shift, scale, eps), None
+
+
+def _first_projection(attn: nn.Module, context: bool = False) -> nn.Module | None:
+    """The first linear a FLUX / SANA attention module applies to its (context) input."""
+    if getattr(attn, "fused_projections", False):
+        return getattr(attn, "to_added_qkv" if context else "to_qkv", None)
+    return getattr(attn, "add_q_proj" if context else "to_q", None)
+
+
 def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
@@ -199,31 +231,40 @@ def double_block_forward(
     c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _modulation(
         self.norm1_context, temb, 6
     )
-    norm_hidden = adaln_modulate_trusted(hidden_states, shift_msa, scale_msa, self.norm1.norm.eps)
-    norm_context = adaln_modulate_trusted(
-        encoder_hidden_states, c_shift_msa, c_scale_msa, self.norm1_context.norm.eps
+    norm_hidden, q_hidden = _modulate(
+        _first_projection(self.attn), hidden_states, shift_msa, scale_msa, self.norm1.norm.eps
     )
-    outputs = _attention(
-        self.attn, norm_hidden, norm_context, image_rotary_emb, joint_attention_kwargs
-    )
+    norm_context, q_context = _modulate(
+        _first_projection(self.attn, context=True),
+        encoder_hidden_states, c_shift_msa, c_scale_msa, self.norm1_context.norm.eps,
+    )  # fmt: skip
+    with offered_quantization(norm_hidden, q_hidden), offered_quantization(norm_context, q_context):
+        outputs = _attention(
+            self.attn, norm_hidden, norm_context, image_rotary_emb, joint_attention_kwargs
+        )
     attn_output, context_attn_output = outputs[0], outputs[1]
 
     hidden_states = gated_residual_trusted(hidden_states, gate_msa, attn_output)
-    norm_hidden = adaln_modulate_trusted(hidden_states, shift_mlp, scale_mlp, self.norm2.eps)
-    hidden_states = gated_residual_trusted(
-        hidden_states, gate_mlp, _feed_forward(self.ff, norm_hidden)
+    norm_hidden, q_hidden = _modulate(
+        self.ff.net[0].proj, hidden_states, shift_mlp, scale_mlp, self.norm2.eps
     )
+    with offered_quantization(norm_hidden, q_hidden):
+        ff_output = _feed_forward(self.ff, norm_hidden)
+    hidden_states = gated_residual_trusted(hidden_states, gate_mlp, ff_output)
     if len(outputs) == 3:  # IP-Adapter output
         hidden_states = hidden_states + outputs[2]
 
     encoder_hidden_states = gated_residual_trusted(
         encoder_hidden_states, c_gate_msa, context_attn_output
     )
-    norm_context = adaln_modulate_trusted(
-        encoder_hidden_states, c_shift_mlp, c_scale_mlp, self.norm2_context.eps
-    )
+    norm_context, q_context = _modulate(
+        self.ff_context.net[0].proj,
+        encoder_hidden_states, c_shift_mlp, c_scale_mlp, self.norm2_context.eps,
+    )  # fmt: skip
+    with offered_quantization(norm_context, q_context):
+        context_ff_output = _feed_forward(self.ff_context, norm_context)
     encoder_hidden_states = gated_residual_trusted(
-        encoder_hidden_states, c_gate_mlp, _feed_forward(self.ff_context, norm_context)
+        encoder_hidden_states, c_gate_mlp, context_ff_output
     )
     return _clip_fp16(encoder_hidden_states), hidden_states
 
@@ -250,7 +291,21 @@ def single_block_forward(
     text_len = encoder_hidden_states.shape[1]
     residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     shift, scale, gate = _modulation(self.norm, temb, 3)
-    norm_hidden = adaln_modulate_trusted(residual, shift, scale, self.norm.norm.eps)
+    # the MLP reads the modulated input first, then q / k / v
+    norm_hidden, q_hidden = _modulate(self.proj_mlp, residual, shift, scale, self.norm.norm.eps)
+    with offered_quantization(norm_hidden, q_hidden):
+        out = _single_block_mixing(self, norm_hidden, image_rotary_emb, joint_attention_kwargs)
+    hidden_states = _clip_fp16(gated_residual_trusted(residual, gate, out))
+    return hidden_states[:, :text_len], hidden_states[:, text_len:]
+
+
+def _single_block_mixing(
+    self: nn.Module,
+    norm_hidden: torch.Tensor,
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+    joint_attention_kwargs: dict[str, Any] | None,
+) -> torch.Tensor:
+    """``proj_out([attention(x), gelu(proj_mlp(x))])`` of a FLUX single block, x modulated."""
     attention_kwargs = joint_attention_kwargs or {}
     widths = _joint_widths(self)
     if torch.is_grad_enabled() or widths is None:  # autograd: out= has no derivative
@@ -265,8 +320,7 @@ def single_block_forward(
         attn_output = _attention(self.attn, norm_hidden, None, image_rotary_emb, attention_kwargs)
         joint[..., :attn_width].copy_(attn_output)
         out = self.proj_out(joint)
-    hidden_states = _clip_fp16(gated_residual_trusted(residual, gate, out))
-    return hidden_states[:, :text_len], hidden_states[:, text_len:]
+    return out
 
 
 def sana_block_forward(
@@ -283,8 +337,12 @@ def sana_block_forward(
     b = hidden_states.shape[0]
     table = self.scale_shift_table[None] + timestep.reshape(b, 6, -1)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table.unbind(1)  # (B, D)
-    norm_hidden = adaln_modulate_trusted(hidden_states, shift_msa, scale_msa, self.norm1.eps)
-    hidden_states = gated_residual_trusted(hidden_states, gate_msa, self.attn1(norm_hidden))
+    norm_hidden, q_hidden = _modulate(
+        _first_projection(self.attn1), hidden_states, shift_msa, scale_msa, self.norm1.eps
+    )
+    with offered_quantization(norm_hidden, q_hidden):
+        attn_output = self.attn1(norm_hidden)
+    hidden_states = gated_residual_trusted(hidden_states, gate_msa, attn_output)
     if self.attn2 is not None:
         attn_output = self.attn2(
             hidden_states,

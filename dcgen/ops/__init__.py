@@ -30,6 +30,8 @@ from .glu_depthwise import glu_depthwise_conv, glu_depthwise_conv_reference
 from .linear_attention import relu_linear_attention, relu_linear_attention_reference
 from .modulation import (
     adaln_modulate,
+    adaln_modulate_fp8,
+    adaln_modulate_fp8_reference,
     adaln_modulate_reference,
     gated_residual,
     gated_residual_reference,
@@ -50,6 +52,8 @@ from .shortcuts import channel_duplicate_to_space, space_to_channel_average
 
 __all__ = [
     "adaln_modulate",
+    "adaln_modulate_fp8",
+    "adaln_modulate_fp8_reference",
     "adaln_modulate_reference",
     "gated_residual",
     "gated_residual_reference",

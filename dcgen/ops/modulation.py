@@ -6,7 +6,11 @@ each pass is a full trip through memory. Here each is one op:
 
 - :func:`adaln_modulate`: ``LayerNorm(x) * (1 + scale[b]) + shift[b]`` (LayerNorm without
   affine, biased variance, statistics in fp32);
-- :func:`gated_residual`: ``x + gate[b] * y``.
+- :func:`gated_residual`: ``x + gate[b] * y``;
+- :func:`adaln_modulate_fp8`: :func:`adaln_modulate`'s output together with its FP8 (E4M3) row
+  quantization (:func:`dcgen.ops.quantize_fp8`, "row"), for blocks whose next linears are FP8:
+  the quantize reads the modulated row while the kernel still has it, instead of a second
+  kernel reading it back from memory.
 
 x and y are (B, S, D) (or (M, D) with B = 1); shift, scale and gate are (B, D), typically chunks
 of the modulation linear's output, or (1, D) for all batch elements. The spec computes in fp32
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 
 from ._extension import compiled_op, has_kernel, has_schema, inductor_fuses_instead
 from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from .quantize_fp8 import quantize_fp8_reference
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -104,6 +109,61 @@ def _adaln_kernel(
     return out.reshape(x.shape)
 
 
+def adaln_modulate_fp8_reference(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch spec of :func:`adaln_modulate_fp8`: the modulated ``out`` (x's shape and
+    dtype) and ``quantize_fp8_reference(out, "row")`` of it, the stored (rounded) values."""
+    out = adaln_modulate_reference(x, shift, scale, eps)
+    q, q_scales = quantize_fp8_reference(out, "row")
+    return out, q, q_scales
+
+
+def adaln_modulate_fp8(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, q, q_scales)``: ``out = adaln_modulate(x, shift, scale, eps)`` and its FP8 row
+    quantization, ``q`` float8_e4m3fn of x's shape, ``q_scales`` fp32 ``(*x.shape[:-1], 1)``
+    decode scales, exactly as ``dcgen.ops.quantize_fp8(out, "row")`` gives them (module doc).
+
+    One CUDA kernel for bf16 / fp16 x when built (inference; not while torch.compile traces),
+    else the reference. No gradient: the quantized copy is for FP8 linears in inference (the
+    output is the reference's, which autograd differentiates, where a gradient is needed)."""
+    name = "adaln_modulate_fp8"
+    x3, b, s = _as_rows(name, x)
+    d = x3.shape[-1]
+    _check_param(name, "shift", shift, b, d)
+    _check_param(name, "scale", scale, b, d)
+    check_same_device(x=x, shift=shift, scale=scale)
+    if not eps > 0:
+        raise ValueError(f"{name}: expected eps > 0, got {eps}")
+    if _use_kernel(name, x, shift, scale):
+        return _adaln_fp8_kernel(x, x3, shift, scale, eps)
+    return adaln_modulate_fp8_reference(x, shift, scale, eps)
+
+
+def _adaln_fp8_kernel(
+    x: torch.Tensor, x3: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, s, d = x3.shape
+    out, q, q_scales = compiled_op("adaln_modulate_fp8")(
+        x3.reshape(b * s, d).contiguous(), _param_rows(shift, b), _param_rows(scale, b), s,
+        float(eps),
+    )  # fmt: skip
+    lead = x.shape[:-1]
+    return out.reshape(x.shape), q.reshape(x.shape), q_scales.reshape(*lead, 1)
+
+
+def adaln_modulate_fp8_trusted(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`adaln_modulate_fp8` for dcgen's own block forwards (see
+    :func:`adaln_modulate_trusted`)."""
+    if x.dim() == 3 and _use_kernel("adaln_modulate_fp8", x, shift, scale):
+        return _adaln_fp8_kernel(x, x, shift, scale, eps)
+    return adaln_modulate_fp8(x, shift, scale, eps)
+
+
 def gated_residual_reference(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Pure-PyTorch spec (module doc); returns x's shape and dtype."""
     x3, _, _ = _as_rows("gated_residual", x)
@@ -177,3 +237,15 @@ if has_schema("adaln_modulate") and has_schema("gated_residual"):
     @torch.library.register_fake("dcgen::gated_residual")
     def _gated_residual_fake(x, gate, y, rows_per_batch):  # noqa: ANN001
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+if has_schema("adaln_modulate_fp8"):
+
+    @torch.library.register_fake("dcgen::adaln_modulate_fp8")
+    def _adaln_modulate_fp8_fake(x, shift, scale, rows_per_batch, eps):  # noqa: ANN001
+        m = x.shape[0]
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+            x.new_empty((m, 1), dtype=torch.float32),
+        )

@@ -27,7 +27,9 @@ bias gets ``dy`` summed when it requires grad.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -51,10 +53,16 @@ class _SharedInputQuantization:
     types whose code never modifies that input in place between the projections, and it ends
     with that forward. Inside, the input matches by identity (weak reference), storage, shape,
     strides and, where torch tracks it (not for inference-mode tensors), the in-place version.
-    Off while compiling (Inductor deduplicates the traced quantizations) and under autograd."""
+    Off while compiling (Inductor deduplicates the traced quantizations) and under autograd.
+
+    Offers (:meth:`offered`): code that produced an activation together with its row
+    quantization (dcgen.ops.adaln_modulate_fp8: the fused FLUX blocks) hands it over for the
+    span of a ``with`` block; the linears reading that exact tensor (same match) take it
+    instead of quantizing, in or out of a registered module's forward."""
 
     def __init__(self) -> None:
         self.depth = 0
+        self._offers: list[tuple[weakref.ref, tuple, tuple[torch.Tensor, torch.Tensor]]] = []
         self.clear()
 
     def clear(self) -> None:
@@ -67,15 +75,52 @@ class _SharedInputQuantization:
         version = None if x.is_inference() else x._version
         return (version, x.data_ptr(), granularity, x.shape, x.stride())
 
+    @contextlib.contextmanager
+    def offered(
+        self, x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> Iterator[None]:
+        """While the block runs, ``quantized`` = (codes of x's shape, row scales
+        ``(*x.shape[:-1], 1)``), exactly ``quantize_fp8(x, "row")``, stands for x's row
+        quantization. ``quantized`` None: nothing is offered."""
+        if quantized is None:
+            yield
+            return
+        entry = (weakref.ref(x), self._key_of(x, "row"), quantized)
+        self._offers.append(entry)
+        try:
+            yield
+        finally:
+            # by identity: list.remove would compare other entries' tensors with ==
+            self._offers = [e for e in self._offers if e is not entry]
+
+    def _offer_for(self, x: torch.Tensor, granularity: str) -> tuple | None:
+        if not self._offers or granularity != "row":
+            return None
+        key = self._key_of(x, granularity)
+        for ref, k, value in self._offers:
+            if ref() is x and k == key:
+                return value
+        return None
+
     def quantize(self, x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.depth == 0 or torch.compiler.is_compiling() or torch.is_grad_enabled():
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return _qop.quantize_fp8(x, granularity)
+        offer = self._offer_for(x, granularity)
+        if offer is not None:
+            return offer
+        if self.depth == 0:
             return _qop.quantize_fp8(x, granularity)
         return self._reuse(x, granularity, lambda: _qop.quantize_fp8(x, granularity))
 
     def quantize_rows_direct(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The direct route's quantize (checks done by the caller): the row kernel on x as
         [M, K], shared like :meth:`quantize`; returns ([M, K] codes, [M, 1] scales)."""
-        if self.depth == 0 or torch.is_grad_enabled():  # as quantize: no reuse under autograd
+        if torch.is_grad_enabled():  # as quantize: no reuse under autograd
+            return direct_ops(*_OPS)[0](x.reshape(-1, k).contiguous(), 0)
+        offer = self._offer_for(x, "row")
+        if offer is not None:
+            return offer[0].reshape(-1, k), offer[1].reshape(-1, 1)
+        if self.depth == 0:
             return direct_ops(*_OPS)[0](x.reshape(-1, k).contiguous(), 0)
         q, sc = self._reuse(
             x, "row", lambda: direct_ops(*_OPS)[0](x.reshape(-1, k).contiguous(), 0)
@@ -101,6 +146,17 @@ class _SharedInputQuantization:
 
 
 _shared = _SharedInputQuantization()
+#: ``with offered_quantization(x, (q, scales)):`` (:meth:`_SharedInputQuantization.offered`)
+offered_quantization = _shared.offered
+
+
+def takes_fp8_rows(layer: nn.Module | None) -> bool:
+    """Whether ``layer`` quantizes its input per row as an FP8Linear, directly or as the base
+    layer of a wrapper (peft's LoRA layers keep it as ``base_layer``)."""
+    while layer is not None and not isinstance(layer, FP8Linear):
+        layer = getattr(layer, "base_layer", None)
+    return layer is not None and layer.granularity == "row"
+
 
 # diffusers modules whose forward feeds one input to several linears and never modifies it in
 # place in between (FLUX attention: q/k/v and the text q/k/v; FLUX single block: q/k/v + MLP;

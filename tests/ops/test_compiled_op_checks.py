@@ -37,6 +37,7 @@ reach its check (its substrings are asserted first), and the fix shows up as an 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -306,6 +307,19 @@ ADALN = [
         lambda: (cu(6, 0), cu(2, 0), cu(2, 0), 3, 1e-6),
         f"{P}: expected D >= 1, got [6, 0]",
     ),
+]
+
+# --- adaln_modulate_fp8(x, shift, scale, rows_per_batch, eps): dit/modulation_cuda.cu ---
+# The same host checks as adaln_modulate (check_adaln), each under its own op name.
+ADALN_FP8 = [
+    dataclasses.replace(
+        c,
+        op="adaln_modulate_fp8",
+        expect=tuple(
+            e.replace(P + ":", P + "_fp8:").replace(P + " ", P + "_fp8 ") for e in c.expect
+        ),
+    )
+    for c in ADALN
 ]
 
 # --- gated_residual(x, gate, y, rows_per_batch): dit/modulation_cuda.cu ---
@@ -1256,7 +1270,7 @@ LINEAR = [
 ]
 
 CASES: list[Case] = [
-    *FP8_EPILOGUE, *ADALN, *GATED, *QUANTIZE_FP8, *QUANTIZE_NVFP4, *LOWRANK, *DEQUANT, *GEMM,
+    *FP8_EPILOGUE, *ADALN, *ADALN_FP8, *GATED, *QUANTIZE_FP8, *QUANTIZE_NVFP4, *LOWRANK, *DEQUANT, *GEMM,
     *W4A16, *QK, *ATTENTION, *RMS, *RMS_FUSED, *UP, *DOWN, *GLU, *LINEAR,
 ]  # fmt: skip
 BY_ID = {case.id: case for case in CASES}
