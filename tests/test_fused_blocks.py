@@ -323,6 +323,57 @@ def test_single_block_assembles_proj_out_input_without_cat(monkeypatch):
     assert fused_blocks._joint_widths(block) is None
 
 
+def test_chained_single_blocks_join_their_halves_without_cat(monkeypatch):
+    # The (text, image) halves a single block returns are views of one buffer; the next single
+    # block takes them as that buffer instead of concatenating them again (inference). Same
+    # outputs as the stock blocks; the first block, fed separate tensors, still concatenates.
+    torch.manual_seed(0)
+    first, second = (FluxSingleTransformerBlock(DIM, HEADS, HEAD_DIM).eval() for _ in range(2))
+    inputs = _block_inputs()
+    temb = inputs["temb"]
+
+    def chain():  # noqa: ANN202
+        text, image = first(**inputs)
+        return second(hidden_states=image, encoder_hidden_states=text, temb=temb)
+
+    with torch.no_grad():
+        want = chain()
+    for block in (first, second):
+        fused_blocks.install(block)
+    sequence_cats = []
+    real_cat = torch.cat
+
+    def cat(tensors, dim=0, **kw):  # noqa: ANN001, ANN003, ANN202
+        sequence_cats.append(dim == 1)
+        return real_cat(tensors, dim=dim, **kw)
+
+    monkeypatch.setattr(torch, "cat", cat)
+    with torch.no_grad():
+        got = chain()
+    assert sequence_cats == [True]  # the first block's only
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    sequence_cats.clear()
+    chain()  # autograd on: both blocks concatenate
+    assert sequence_cats.count(True) == 2
+
+
+def test_adjacent_join_only_joins_what_lies_together(rng):
+    buf = _rand(2, 7, 4, g=rng)
+    text, image = buf[:, :3], buf[:, 3:]
+    with torch.no_grad():
+        joined = fused_blocks._adjacent_join(text, image)
+        assert joined is not None and joined.data_ptr() == buf.data_ptr()
+        assert torch.equal(joined, buf)
+        assert fused_blocks._adjacent_join(image, text) is None  # wrong order
+        assert fused_blocks._adjacent_join(text, image.clone()) is None  # another buffer
+        assert fused_blocks._adjacent_join(buf[:, :2], image) is None  # a gap between them
+        assert fused_blocks._adjacent_join(buf[:1, :3], buf[:1, 3:]) is not None  # batch 1
+        wide = _rand(2, 7, 8, g=rng)[..., :4]  # rows with a stride past their width
+        assert fused_blocks._adjacent_join(wide[:, :3], wide[:, 3:]) is None
+    assert fused_blocks._adjacent_join(text, image) is None  # autograd: no aliasing views
+
+
 @pytest.mark.parametrize("index", [0, 1], ids=["double", "single"])
 def test_inference_calls_the_attention_processor_directly(index, monkeypatch):
     # FluxAttention.forward inspects the processor's signature on every call to filter keyword
