@@ -164,6 +164,59 @@ def _rope(n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     return angles.cos().repeat_interleave(2, 1), angles.sin().repeat_interleave(2, 1)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_joint_projections_write_one_buffer(batch, monkeypatch):
+    # In inference the joint [text, image] q / k / v are one buffer per projection that the
+    # GEMMs write their rows of (batch 1: six addmm with out=, no sequence torch.cat; batch 2:
+    # rows of one element are not one block, so each result is copied in). Same bits as the
+    # concatenation the processor does under autograd.
+    attn = _flux_attention(joint=True)
+    attn.set_processor(FluxFusedAttnProcessor())
+    g = torch.Generator().manual_seed(3)
+    image, text = torch.randn(batch, 11, 32, generator=g), torch.randn(batch, 4, 32, generator=g)
+    rope = _rope(15, 16)
+    with torch.enable_grad():  # nothing requires grad: the same values, through torch.cat
+        want = attn(hidden_states=image, encoder_hidden_states=text, image_rotary_emb=rope)
+    calls = []
+    real_cat, real_addmm = torch.cat, torch.addmm
+
+    def cat(tensors, dim=0, **kw):  # noqa: ANN001, ANN003, ANN202
+        calls.append(f"cat{dim}")
+        return real_cat(tensors, dim=dim, **kw)
+
+    def addmm(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        calls.append("addmm-out" if "out" in kw else "addmm")
+        return real_addmm(*args, **kw)
+
+    monkeypatch.setattr(torch, "cat", cat)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    with torch.no_grad():
+        got = attn(hidden_states=image, encoder_hidden_states=text, image_rotary_emb=rope)
+    assert "cat1" not in calls
+    assert calls.count("addmm-out") == (6 if batch == 1 else 0)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b.detach())
+
+
+def test_joint_projections_copy_what_cannot_write_in_place(rng):
+    # A hooked layer (its hook must see the call) is called and copied in; a layer that states
+    # no width is concatenated. The result is the concatenation either way.
+    from dcgen.attention.processors import _joint_projection
+
+    lin, other = torch.nn.Linear(8, 6), torch.nn.Linear(8, 6)
+    seen = []
+    other.register_forward_hook(lambda *a: seen.append(1))
+    text, image = torch.randn(1, 3, 8, generator=rng), torch.randn(1, 5, 8, generator=rng)
+    with torch.no_grad():
+        want = torch.cat([other(text), lin(image)], dim=1)
+        seen.clear()
+        assert torch.equal(_joint_projection(other, lin, text, image), want)
+        assert seen == [1]
+        unstated = torch.nn.Sequential(lin)  # no out_features: concatenated
+        assert torch.equal(_joint_projection(unstated, lin, text, image), torch.cat(
+            [lin(text), lin(image)], dim=1))  # fmt: skip
+
+
 @pytest.mark.parametrize("joint", [True, False])
 def test_processor_compiles_without_graph_breaks(joint):
     attn = _flux_attention(joint)

@@ -39,7 +39,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dcgen._hooks import has_forward_hooks
@@ -48,7 +47,9 @@ from dcgen.ops.modulation import (
     adaln_modulate_trusted,
     gated_residual_trusted,
 )
-from dcgen.quant.fp8_linear import FP8Linear, offered_quantization, takes_fp8_rows
+from dcgen.quant.fp8_linear import offered_quantization, takes_fp8_rows
+
+from .linear_out import linear_gelu, linear_gelu_into
 
 _PATCHED = "_dcgen_fused_block_forward"
 
@@ -108,36 +109,6 @@ def fusable(block: nn.Module) -> bool:
             and _plain_layer_norm(block.norm2)
         )
     return False
-
-
-def linear_gelu(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``gelu_tanh(proj(x))`` with the GELU in the GEMM's epilogue where ``proj`` allows it.
-    Not under a forward hook: the nn.Linear form skips proj's call and the FP8 form returns
-    the activated output, so a hook (quant.quality_report's) would miss or misread the layer."""
-    if not torch.is_grad_enabled() and not has_forward_hooks(proj):
-        if type(proj) is nn.Linear and proj.bias is not None and x.is_cuda:
-            y = torch._addmm_activation(
-                proj.bias, x.reshape(-1, x.shape[-1]), proj.weight.t(), use_gelu=True
-            )
-            return y.reshape(*x.shape[:-1], proj.out_features)
-        if type(proj) is FP8Linear:
-            return proj(x, act="gelu_tanh")
-    return F.gelu(proj(x), approximate="tanh")
-
-
-def linear_gelu_into(proj: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-    """:func:`linear_gelu` written into ``out`` (a [..., N] view, e.g. part of a wider buffer;
-    inference only). A 16-bit nn.Linear with a bias on CUDA has cuBLAS write there directly,
-    any other layer a copy of :func:`linear_gelu`'s result."""
-    direct = type(proj) is nn.Linear and proj.bias is not None and x.is_cuda
-    if direct and out.dtype == x.dtype == proj.weight.dtype:
-        if not has_forward_hooks(proj) and not torch.is_autocast_enabled(x.device.type):
-            n, k = proj.out_features, x.shape[-1]
-            torch._addmm_activation(
-                proj.bias, x.reshape(-1, k), proj.weight.t(), use_gelu=True, out=out.view(-1, n)
-            )
-            return
-    out.copy_(linear_gelu(proj, x))
 
 
 def _feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:

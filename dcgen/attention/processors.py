@@ -21,9 +21,12 @@ SANA with a mask that is not one row per batch element.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from dcgen.ops.attention import KERNEL_HEAD_DIMS, flash_kernel_selected, fused_attention
 from dcgen.ops.linear_attention import relu_linear_attention
+
+from .linear_out import linear_into
 
 SANA_LINEAR_EPS = 1e-15  # diffusers' SanaLinearAttnProcessor2_0
 
@@ -42,6 +45,24 @@ def _norm_params(norm: torch.nn.Module, dim: int, like: torch.Tensor) -> tuple[t
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(B, S, H * D) -> (B, S, H, D) view."""
     return x.unflatten(-1, (-1, head_dim))
+
+
+def _joint_projection(
+    text_proj: nn.Module, image_proj: nn.Module, text: torch.Tensor, image: torch.Tensor
+) -> torch.Tensor:
+    """``torch.cat([text_proj(text), image_proj(image)], dim=1)`` (B, T + S, N), assembled in
+    one buffer that the GEMMs write into (inference). Layers that do not state their width, or
+    disagree, and autocast are concatenated as before."""
+    n = getattr(image_proj, "out_features", None)
+    same_width = isinstance(n, int) and getattr(text_proj, "out_features", None) == n
+    # under autocast the output dtype is autocast's, not the input's: let cat decide it
+    if not same_width or torch.is_autocast_enabled(image.device.type):
+        return torch.cat([text_proj(text), image_proj(image)], dim=1)
+    b, t = text.shape[:2]
+    out = image.new_empty(b, t + image.shape[1], n)
+    linear_into(text_proj, text, out[:, :t])
+    linear_into(image_proj, image, out[:, t:])
+    return out
 
 
 class FluxFusedAttnProcessor:
@@ -67,28 +88,49 @@ class FluxFusedAttnProcessor:
             )
         d = attn.head_dim
         joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
-        if attn.fused_projections:
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        norm_split = 0
+        if (
+            joint
+            and not attn.fused_projections
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # Inductor plans the concatenation itself
+        ):
+            # [text, image] rows of one buffer per projection, each GEMM writing its own rows
+            # (linear_out.linear_into): no concatenation pass over q, k and v.
+            q, k, v = (
+                _joint_projection(text_proj, image_proj, encoder_hidden_states, hidden_states)
+                for text_proj, image_proj in (
+                    (attn.add_q_proj, attn.to_q),
+                    (attn.add_k_proj, attn.to_k),
+                    (attn.add_v_proj, attn.to_v),
+                )
+            )
+            q, k, v = _heads(q, d), _heads(k, d), _heads(v, d)
+            norm_split = encoder_hidden_states.shape[1]  # the text tokens keep their own norms
         else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k, v = _heads(q, d), _heads(k, d), _heads(v, d)  # (B, S, H, D) views
+            if attn.fused_projections:
+                q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            else:
+                q = attn.to_q(hidden_states)
+                k, v = attn.to_k(hidden_states), attn.to_v(hidden_states)
+            q, k, v = _heads(q, d), _heads(k, d), _heads(v, d)  # (B, S, H, D) views
+            if joint:
+                if attn.fused_projections:
+                    eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+                else:
+                    eq = attn.add_q_proj(encoder_hidden_states)
+                    ek = attn.add_k_proj(encoder_hidden_states)
+                    ev = attn.add_v_proj(encoder_hidden_states)
+                eq, ek, ev = _heads(eq, d), _heads(ek, d), _heads(ev, d)
+                # Text first, as diffusers concatenates; the text tokens keep their own norms.
+                norm_split = eq.shape[1]
+                q = torch.cat([eq, q], dim=1)
+                k = torch.cat([ek, k], dim=1)
+                v = torch.cat([ev, v], dim=1)
 
         q_weight, eps = _norm_params(attn.norm_q, d, q)
         k_weight, _ = _norm_params(attn.norm_k, d, k)
-        norm_split = 0
         if joint:
-            if attn.fused_projections:
-                eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
-            else:
-                eq = attn.add_q_proj(encoder_hidden_states)
-                ek = attn.add_k_proj(encoder_hidden_states)
-                ev = attn.add_v_proj(encoder_hidden_states)
-            eq, ek, ev = _heads(eq, d), _heads(ek, d), _heads(ev, d)
-            # Text first, as diffusers concatenates; the text tokens keep their own norms.
-            norm_split = eq.shape[1]
-            q = torch.cat([eq, q], dim=1)
-            k = torch.cat([ek, k], dim=1)
-            v = torch.cat([ev, v], dim=1)
             aq, _ = _norm_params(attn.norm_added_q, d, q)
             ak, _ = _norm_params(attn.norm_added_k, d, k)
             q_weight = torch.stack([aq.to(q_weight.dtype), q_weight])
