@@ -217,6 +217,39 @@ def test_joint_projections_copy_what_cannot_write_in_place(rng):
             [lin(text), lin(image)], dim=1))  # fmt: skip
 
 
+def test_joint_norm_weights_are_kept_until_they_change(monkeypatch):
+    # The (2, D) [text, image] norm weights are stacked once per module in inference and kept
+    # while the weights stay the same tensors, unchanged; an in-place update is seen.
+    attn = _flux_attention(joint=True)
+    attn.set_processor(FluxFusedAttnProcessor())
+    g = torch.Generator().manual_seed(4)
+    image, text = torch.randn(1, 6, 32, generator=g), torch.randn(1, 3, 32, generator=g)
+    rope = _rope(9, 16)
+    stacks = []
+    real_stack = torch.stack
+
+    def stack(tensors, dim=0, **kw):  # noqa: ANN001, ANN003, ANN202
+        if tensors[0].dim() == 1:  # norm weights (the CPU reference's RoPE stacks too)
+            stacks.append(len(tensors))
+        return real_stack(tensors, dim=dim, **kw)
+
+    def run():  # noqa: ANN202
+        return attn(hidden_states=image, encoder_hidden_states=text, image_rotary_emb=rope)
+
+    monkeypatch.setattr(torch, "stack", stack)
+    with torch.no_grad():
+        first = run()
+        assert len(stacks) == 2  # q and k
+        assert all(torch.equal(a, b) for a, b in zip(run(), first)) and len(stacks) == 2
+        attn.norm_added_q.weight.mul_(2)  # in place: the cache must notice
+        moved = run()
+        assert len(stacks) == 3 and not torch.equal(moved[1], first[1])  # text queries
+        attn.norm_added_q.weight.div_(2)
+        assert all(torch.equal(a, b) for a, b in zip(run(), first)) and len(stacks) == 4
+    run()  # autograd: stacked on every call, differentiable
+    assert len(stacks) == 6
+
+
 @pytest.mark.parametrize("joint", [True, False])
 def test_processor_compiles_without_graph_breaks(joint):
     attn = _flux_attention(joint)
