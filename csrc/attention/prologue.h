@@ -59,10 +59,11 @@ inline RopeTables rope_tables(const std::optional<at::Tensor>& cos,
   return out;
 }
 
-// Per-head RMSNorm + RoPE of one (B, H, S, D) bf16/fp16 tensor into a new contiguous one, fp32
-// math and one rounding (qk_norm_rope_cuda.cu). The flash wrapper uses it to prepare K once.
+// Per-head RMSNorm + RoPE of one (B, H, S, D) bf16/fp16 tensor into a new one, fp32 math and one
+// rounding (qk_norm_rope_cuda.cu): contiguous, or with (B, S, H, D) memory when `token_major`
+// (the qk_norm_rope op). The flash wrapper uses it (contiguous) to prepare K once.
 at::Tensor norm_rope_one(const at::Tensor& x, const NormWeights& w, const RopeTables& rope,
-                         int64_t norm_split, double eps);
+                         int64_t norm_split, double eps, bool token_major = false);
 
 // The kernels use sm_80 instructions (bf16 mma.sync, bf16x2 conversions); older cards get a
 // clear error instead of "no kernel image" (dcgen.ops dispatch never sends them here).

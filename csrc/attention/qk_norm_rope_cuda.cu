@@ -3,8 +3,13 @@
 //
 // One warp per (b, h, s) row: lanes stride over interleaved pairs with 32-bit loads (coalesced
 // along the row), reduce the sum of squares with shuffles, then re-read the row (an L1 hit) and
-// write norm + RoPE in fp32 with one rounding. The output is contiguous (B, H, S, D) whatever
-// the input strides, so (B, S, H, D) projections come out in the layout attention kernels want.
+// write norm + RoPE in fp32 with one rounding. Rows are taken token-major, (b, s, h): the warps
+// of a CTA read neighbouring heads of one token, which lie side by side in a DiT's (B, S, H, D)
+// projections, and share its RoPE row.
+// Output layout: the qk_norm_rope op writes (B, H, S, D) tensors with (B, S, H, D) memory, the
+// projections' own layout, in which torch's SDPA (cuDNN, FlashAttention) returns its output in
+// the same layout, so the (B, S, H * D) tokens after it are a view rather than a copy. The flash
+// wrapper's K preparation keeps contiguous (B, H, S, D) (norm_rope_one's `token_major` false).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -39,7 +44,8 @@ struct Pair<at::Half> {
 template <typename T>
 __global__ void qk_norm_rope_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows,
                                     int heads, int seqlen, int d, int64_t sb, int64_t sh,
-                                    int64_t ss, const float* __restrict__ w0,
+                                    int64_t ss, int64_t ysb, int64_t ysh, int64_t yss,
+                                    const float* __restrict__ w0,
                                     const float* __restrict__ w1, int norm_split, float eps,
                                     const float* __restrict__ cos,
                                     const float* __restrict__ sin) {
@@ -47,12 +53,12 @@ __global__ void qk_norm_rope_kernel(const T* __restrict__ x, T* __restrict__ y, 
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;  // warp-uniform
-  const int s = static_cast<int>(row % seqlen);
-  const int64_t bh = row / seqlen;
-  const int h = static_cast<int>(bh % heads);
-  const int64_t b = bh / heads;
+  const int h = static_cast<int>(row % heads);
+  const int64_t bs = row / heads;
+  const int s = static_cast<int>(bs % seqlen);
+  const int64_t b = bs / seqlen;
   const V* xr = reinterpret_cast<const V*>(x + b * sb + h * sh + s * ss);
-  V* yr = reinterpret_cast<V*>(y + row * d);
+  V* yr = reinterpret_cast<V*>(y + b * ysb + h * ysh + s * yss);
   const int pairs = d / 2;
   float inv = 1.f;
   if (w0 != nullptr) {
@@ -83,14 +89,18 @@ __global__ void qk_norm_rope_kernel(const T* __restrict__ x, T* __restrict__ y, 
 }  // namespace
 
 at::Tensor norm_rope_one(const at::Tensor& x_in, const NormWeights& w, const RopeTables& rope,
-                         int64_t norm_split, double eps) {
+                         int64_t norm_split, double eps, bool token_major) {
   // 32-bit pair loads need an even stride everywhere and a 4-byte aligned base.
   at::Tensor x = x_in;
   const bool pairs_ok = x.stride(3) == 1 && x.stride(0) % 2 == 0 && x.stride(1) % 2 == 0 &&
                         x.stride(2) % 2 == 0 &&
                         reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 4 == 0;
   if (!pairs_ok) x = x.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  // (B, H, S, D) sizes; memory (B, S, H, D) when token_major, else contiguous.
+  at::Tensor y = token_major
+                     ? at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options())
+                           .transpose(1, 2)
+                     : at::empty(x.sizes(), x.options());
   const int64_t rows = x.size(0) * x.size(1) * x.size(2);
   if (rows == 0 || x.size(3) == 0) return y;
   constexpr int kThreads = 256;
@@ -103,12 +113,14 @@ at::Tensor norm_rope_one(const at::Tensor& x_in, const NormWeights& w, const Rop
                        qk_norm_rope_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
                            x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), rows,
                            x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2),
-                           w.w0(), w.w1(), norm_split, static_cast<float>(eps), cos, sin);
+                           y.stride(0), y.stride(1), y.stride(2), w.w0(), w.w1(), norm_split,
+                           static_cast<float>(eps), cos, sin);
                      }) AT_DISPATCH_CASE(at::kHalf, [&] {
                        qk_norm_rope_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
                            x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), rows,
                            x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2),
-                           w.w0(), w.w1(), norm_split, static_cast<float>(eps), cos, sin);
+                           y.stride(0), y.stride(1), y.stride(2), w.w0(), w.w1(), norm_split,
+                           static_cast<float>(eps), cos, sin);
                      }));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
@@ -142,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cuda(
   TORCH_CHECK(!rope_on || q.size(2) == k.size(2), op,
               ": RoPE needs q and k of one sequence length, got ", q.size(2), " and ", k.size(2));
   const RopeTables rope = rope_tables(cos, sin, q.size(2), q.size(3), q, op);
-  return {norm_rope_one(q, qw, rope, norm_split, eps), norm_rope_one(k, kw, rope, norm_split, eps)};
+  return {norm_rope_one(q, qw, rope, norm_split, eps, /*token_major=*/true),
+          norm_rope_one(k, kw, rope, norm_split, eps, /*token_major=*/true)};
 }
 
 }  // namespace

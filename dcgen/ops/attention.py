@@ -22,7 +22,10 @@ at all returns zeros.
 
 Dispatch on CUDA (bf16/fp16, no gradient). ``DCGEN_ATTENTION_KERNEL`` picks between the two
 fast paths: ``sdpa`` (the default) runs the standalone qk_norm_rope kernel (one pass over q and
-k) and then torch's SDPA, which picks cuDNN / FlashAttention on the card; ``flash`` runs dcgen's
+k, written in (B, S, H, D) memory, in which SDPA then also writes its output: torch's cuDNN
+attention allocates its output in q's layout, and the contiguous (B, H, S, D) q of earlier
+versions made it a copy per call) and then torch's SDPA, which picks cuDNN / FlashAttention on
+the card; ``flash`` runs dcgen's
 flash kernel with the prologue fused into its tile loads (D in (64, 128)). The default follows
 the measurement: on an H100 (benchmarks/test_attention.py, 2026-11-27) dcgen's fastest flash
 kernel, the warp-specialized TMA one that sm_90 takes, ran the attention core at S = 4,608 in
@@ -108,10 +111,16 @@ def qk_norm_rope_reference(
     rope_sin: torch.Tensor | None = None,
     norm_split: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spec of qk_norm_rope: fp32 norm then RoPE, one rounding, contiguous (B, H, S, D) out."""
+    """Spec of qk_norm_rope: fp32 norm then RoPE, one rounding; (B, H, S, D) out with
+    (B, S, H, D) memory (:func:`qk_norm_rope`)."""
     qo = _prologue(q, q_norm_weight, eps, rope_cos, rope_sin, norm_split)
     ko = _prologue(k, k_norm_weight, eps, rope_cos, rope_sin, norm_split)
-    return qo.to(q.dtype).contiguous(), ko.to(k.dtype).contiguous()
+    return _token_major(qo.to(q.dtype)), _token_major(ko.to(k.dtype))
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) with (B, S, H, D)-contiguous memory (a copy unless it already is)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def fused_attention_reference(
@@ -246,9 +255,11 @@ def qk_norm_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm + interleaved RoPE of q and k (B, H, S, D) in one pass each.
 
-    Returns (q, k) as contiguous (B, H, S, D) tensors in the input dtype, ready for any
-    attention kernel. Runs the CUDA kernel for bf16/fp16 inputs when no gradient is needed,
-    the fp32 reference otherwise. See the module docstring for the layout and the math.
+    Returns (q, k) as (B, H, S, D) tensors in the input dtype with (B, S, H, D) memory (a DiT's
+    projections' own layout: torch's SDPA then returns its output in that layout too, so the
+    tokens after attention are a view, not a copy), ready for any attention kernel. Runs the
+    CUDA kernel for bf16/fp16 inputs when no gradient is needed, the fp32 reference otherwise.
+    See the module docstring for the layout and the math.
     """
     op = "qk_norm_rope"
     _check_qkv(op, q=q, k=k)
@@ -405,7 +416,8 @@ def _sdpa_attention(
         mask = (key_padding_mask | ~seen[:, None])[:, None, None, :]
         v = v * seen[:, None, None, None].to(v.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2).contiguous().transpose(1, 2)
+    # (B, S, H, D) memory; no copy where SDPA already wrote it so (q's layout, above)
+    return _token_major(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +431,9 @@ if has_schema("fused_attention") and has_schema("qk_norm_rope"):
 
     @torch.library.register_fake("dcgen::qk_norm_rope")
     def _qk_norm_rope_fake(q, k, q_weight, k_weight, eps, cos, sin, norm_split):  # noqa: ANN001
-        return q.new_empty(q.shape), k.new_empty(k.shape)
+        # the kernel's layout: (B, H, S, D) sizes, (B, S, H, D) memory
+        return tuple(t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).transpose(1, 2)
+                     for t in (q, k))  # fmt: skip
 
     @torch.library.register_fake("dcgen::fused_attention")
     def _fused_attention_fake(q, k, v, q_weight, k_weight, eps, cos, sin, norm_split, mask, scale):  # noqa: ANN001
