@@ -41,7 +41,7 @@
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns);
 # DCGEN_DEADLINE, below each call's timeout_s, makes every step's cap end the script in time:
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG="gemm tma" DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
-#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_block_shortcuts.py tests/ops/test_attention.py tests/autoencoders tests/quant/test_fp8_direct.py tests/ops/test_fp8_epilogue.py tests/ops/test_compiled_op_checks.py tests/ops/test_quantize.py tests/ops/test_quantize_nvfp4_lowrank.py tests/test_fused_blocks.py" \
+#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_block_shortcuts.py tests/ops/test_attention.py tests/autoencoders tests/quant/test_fp8_direct.py tests/ops/test_fp8_epilogue.py tests/ops/test_compiled_op_checks.py tests/ops/test_quantize.py tests/ops/test_quantize_nvfp4_lowrank.py tests/ops/test_modulation_fp8.py tests/test_fused_blocks.py tests/test_accelerate.py" \
 #      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="attention dcae_fused quant" \
 #      bash benchmarks/device_check.sh   (timeout_s=550). Everything changed since the
 #      2026-11-27 run, validated first, then timed: build (86 s); the error maps of the NVFP4
