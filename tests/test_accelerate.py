@@ -201,7 +201,7 @@ def test_joint_projections_write_one_buffer(batch, monkeypatch):
 def test_joint_projections_copy_what_cannot_write_in_place(rng):
     # A hooked layer (its hook must see the call) is called and copied in; a layer that states
     # no width is concatenated. The result is the concatenation either way.
-    from dcgen.attention.processors import _joint_projection
+    from dcgen.attention.processors import _joint_projections
 
     lin, other = torch.nn.Linear(8, 6), torch.nn.Linear(8, 6)
     seen = []
@@ -210,11 +210,11 @@ def test_joint_projections_copy_what_cannot_write_in_place(rng):
     with torch.no_grad():
         want = torch.cat([other(text), lin(image)], dim=1)
         seen.clear()
-        assert torch.equal(_joint_projection(other, lin, text, image), want)
-        assert seen == [1]
+        (got,) = _joint_projections((other,), (lin,), text, image)
+        assert torch.equal(got, want) and seen == [1]
         unstated = torch.nn.Sequential(lin)  # no out_features: concatenated
-        assert torch.equal(_joint_projection(unstated, lin, text, image), torch.cat(
-            [lin(text), lin(image)], dim=1))  # fmt: skip
+        (got,) = _joint_projections((unstated,), (lin,), text, image)
+        assert torch.equal(got, torch.cat([lin(text), lin(image)], dim=1))
 
 
 def test_joint_norm_weights_are_kept_until_they_change(monkeypatch):

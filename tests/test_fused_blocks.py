@@ -216,17 +216,23 @@ def test_fused_block_with_fp8_linears(index, monkeypatch):
         assert err < 1e-2, err  # the same FP8 operands; bf16 roundings differ
 
 
+@pytest.mark.parametrize("processor", ["stock", "dcgen"])
 @pytest.mark.parametrize("index", [0, 1], ids=["double", "single"])
-def test_fp8_block_inputs_quantized_by_the_modulation(index, monkeypatch):
+def test_fp8_block_inputs_quantized_by_the_modulation(index, processor, monkeypatch):
     # With FP8 linears, every modulated block input comes with its row quantization from the
     # modulation op (adaln_modulate_fp8) and the linears reading it take that instead of
     # quantizing it again: the quantize op then runs only for the other inputs (attention
     # outputs, the MLPs' second linears). Same bits as the block quantizing every input itself.
     import dcgen.quant.fp8_linear as fp8_linear
 
+    # With dcgen's attention processor too (its joint q / k / v buffers call the image
+    # projections, then the text ones, so the shared quantization still serves each input).
     block = _blocks()[index].bfloat16()
     quantize_(block, FP8Config())
-    fused_blocks.install(block)
+    if processor == "dcgen":
+        accelerate(block, blocks=True)
+    else:
+        fused_blocks.install(block)
     inputs = {k: (v.bfloat16() if v is not None else v) for k, v in _block_inputs().items()}
     quantized = []
     real_quantize = fp8_linear._qop.quantize_fp8

@@ -49,22 +49,34 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))
 
 
-def _joint_projection(
-    text_proj: nn.Module, image_proj: nn.Module, text: torch.Tensor, image: torch.Tensor
-) -> torch.Tensor:
-    """``torch.cat([text_proj(text), image_proj(image)], dim=1)`` (B, T + S, N), assembled in
-    one buffer that the GEMMs write into (inference). Layers that do not state their width, or
-    disagree, and autocast are concatenated as before."""
-    n = getattr(image_proj, "out_features", None)
-    same_width = isinstance(n, int) and getattr(text_proj, "out_features", None) == n
+def _joint_projections(
+    text_projs: tuple[nn.Module, ...],
+    image_projs: tuple[nn.Module, ...],
+    text: torch.Tensor,
+    image: torch.Tensor,
+) -> list[torch.Tensor]:
+    """``torch.cat([t(text), i(image)], dim=1)`` (B, T + S, N) for each pair of projections,
+    each assembled in one buffer that the GEMMs write their rows of (inference). The image
+    projections run first, then the text ones, as diffusers calls them (so an FP8 input
+    quantized for one of them is reused by the next: fp8_linear's shared quantization). Layers
+    that do not state one width, and autocast, are concatenated as before."""
+    widths = [getattr(p, "out_features", None) for p in image_projs]
+    same = all(
+        isinstance(n, int) and getattr(t, "out_features", None) == n
+        for n, t in zip(widths, text_projs, strict=True)
+    )
     # under autocast the output dtype is autocast's, not the input's: let cat decide it
-    if not same_width or torch.is_autocast_enabled(image.device.type):
-        return torch.cat([text_proj(text), image_proj(image)], dim=1)
+    if not same or torch.is_autocast_enabled(image.device.type):
+        image_out = [p(image) for p in image_projs]
+        text_out = [p(text) for p in text_projs]
+        return [torch.cat(pair, dim=1) for pair in zip(text_out, image_out, strict=True)]
     b, t = text.shape[:2]
-    out = image.new_empty(b, t + image.shape[1], n)
-    linear_into(text_proj, text, out[:, :t])
-    linear_into(image_proj, image, out[:, t:])
-    return out
+    outs = [image.new_empty(b, t + image.shape[1], n) for n in widths]
+    for proj, out in zip(image_projs, outs, strict=True):
+        linear_into(proj, image, out[:, t:])
+    for proj, out in zip(text_projs, outs, strict=True):
+        linear_into(proj, text, out[:, :t])
+    return outs
 
 
 _JOINT_NORM_CACHE = "_dcgen_joint_norm_weights"
@@ -127,13 +139,11 @@ class FluxFusedAttnProcessor:
         ):
             # [text, image] rows of one buffer per projection, each GEMM writing its own rows
             # (linear_out.linear_into): no concatenation pass over q, k and v.
-            q, k, v = (
-                _joint_projection(text_proj, image_proj, encoder_hidden_states, hidden_states)
-                for text_proj, image_proj in (
-                    (attn.add_q_proj, attn.to_q),
-                    (attn.add_k_proj, attn.to_k),
-                    (attn.add_v_proj, attn.to_v),
-                )
+            q, k, v = _joint_projections(
+                (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                (attn.to_q, attn.to_k, attn.to_v),
+                encoder_hidden_states,
+                hidden_states,
             )
             q, k, v = _heads(q, d), _heads(k, d), _heads(v, d)
             norm_split = encoder_hidden_states.shape[1]  # the text tokens keep their own norms

@@ -77,14 +77,11 @@ class _SharedInputQuantization:
 
     @contextlib.contextmanager
     def offered(
-        self, x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None
+        self, x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor]
     ) -> Iterator[None]:
         """While the block runs, ``quantized`` = (codes of x's shape, row scales
         ``(*x.shape[:-1], 1)``), exactly ``quantize_fp8(x, "row")``, stands for x's row
-        quantization. ``quantized`` None: nothing is offered."""
-        if quantized is None:
-            yield
-            return
+        quantization."""
         entry = (weakref.ref(x), self._key_of(x, "row"), quantized)
         self._offers.append(entry)
         try:
@@ -146,8 +143,16 @@ class _SharedInputQuantization:
 
 
 _shared = _SharedInputQuantization()
-#: ``with offered_quantization(x, (q, scales)):`` (:meth:`_SharedInputQuantization.offered`)
-offered_quantization = _shared.offered
+_NOTHING_OFFERED = contextlib.nullcontext()
+
+
+def offered_quantization(
+    x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None
+) -> contextlib.AbstractContextManager:
+    """``with offered_quantization(x, (q, scales)):`` the FP8 linears reading x take (q,
+    scales) as its row quantization (:meth:`_SharedInputQuantization.offered`). ``quantized``
+    None: a shared no-op context (the 16-bit path pays no generator per block input)."""
+    return _NOTHING_OFFERED if quantized is None else _shared.offered(x, quantized)
 
 
 def takes_fp8_rows(layer: nn.Module | None) -> bool:
