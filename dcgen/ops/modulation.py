@@ -20,6 +20,8 @@ the dtype's rounding.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -84,29 +86,42 @@ def adaln_modulate(
     The CUDA kernel runs for bf16 / fp16 x (shift and scale in x's dtype or fp32) when built
     and no gradient is needed, except while torch.compile traces (the reference fuses there);
     otherwise the reference."""
-    name = "adaln_modulate"
-    x3, b, s = _as_rows(name, x)
+    x3 = _check_adaln("adaln_modulate", x, shift, scale, eps)
+    if _use_kernel("adaln_modulate", x, shift, scale):
+        return _adaln_kernel(x, x3, shift, scale, eps)
+    return adaln_modulate_reference(x, shift, scale, eps)
+
+
+def _check_adaln(
+    name: str, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """The public adaln ops' argument checks; returns x viewed 3-D."""
+    x3, b, _ = _as_rows(name, x)
     d = x3.shape[-1]
     _check_param(name, "shift", shift, b, d)
     _check_param(name, "scale", scale, b, d)
     check_same_device(x=x, shift=shift, scale=scale)
     if not eps > 0:
         raise ValueError(f"{name}: expected eps > 0, got {eps}")
-    if _use_kernel(name, x, shift, scale):
-        return _adaln_kernel(x, x3, shift, scale, eps)
-    return adaln_modulate_reference(x, shift, scale, eps)
+    return x3
+
+
+def _adaln_call(
+    op: str, x3: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> Any:
+    """The compiled adaln op ``op`` on x3 (B, S, D) as [B * S, D] rows; its raw outputs."""
+    b, s, d = x3.shape
+    return compiled_op(op)(
+        x3.reshape(b * s, d).contiguous(), _param_rows(shift, b), _param_rows(scale, b), s,
+        float(eps),
+    )  # fmt: skip
 
 
 def _adaln_kernel(
     x: torch.Tensor, x3: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """The compiled adaln_modulate on x (viewed 3-D as x3), returned in x's shape."""
-    b, s, d = x3.shape
-    out = compiled_op("adaln_modulate")(
-        x3.reshape(b * s, d).contiguous(), _param_rows(shift, b), _param_rows(scale, b), s,
-        float(eps),
-    )  # fmt: skip
-    return out.reshape(x.shape)
+    return _adaln_call("adaln_modulate", x3, shift, scale, eps).reshape(x.shape)
 
 
 def adaln_modulate_fp8_reference(
@@ -129,15 +144,8 @@ def adaln_modulate_fp8(
     One CUDA kernel for bf16 / fp16 x when built (inference; not while torch.compile traces),
     else the reference. No gradient: the quantized copy is for FP8 linears in inference (the
     output is the reference's, which autograd differentiates, where a gradient is needed)."""
-    name = "adaln_modulate_fp8"
-    x3, b, s = _as_rows(name, x)
-    d = x3.shape[-1]
-    _check_param(name, "shift", shift, b, d)
-    _check_param(name, "scale", scale, b, d)
-    check_same_device(x=x, shift=shift, scale=scale)
-    if not eps > 0:
-        raise ValueError(f"{name}: expected eps > 0, got {eps}")
-    if _use_kernel(name, x, shift, scale):
+    x3 = _check_adaln("adaln_modulate_fp8", x, shift, scale, eps)
+    if _use_kernel("adaln_modulate_fp8", x, shift, scale):
         return _adaln_fp8_kernel(x, x3, shift, scale, eps)
     return adaln_modulate_fp8_reference(x, shift, scale, eps)
 
@@ -145,11 +153,7 @@ def adaln_modulate_fp8(
 def _adaln_fp8_kernel(
     x: torch.Tensor, x3: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, s, d = x3.shape
-    out, q, q_scales = compiled_op("adaln_modulate_fp8")(
-        x3.reshape(b * s, d).contiguous(), _param_rows(shift, b), _param_rows(scale, b), s,
-        float(eps),
-    )  # fmt: skip
+    out, q, q_scales = _adaln_call("adaln_modulate_fp8", x3, shift, scale, eps)
     lead = x.shape[:-1]
     return out.reshape(x.shape), q.reshape(x.shape), q_scales.reshape(*lead, 1)
 
