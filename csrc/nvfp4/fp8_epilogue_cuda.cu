@@ -7,6 +7,8 @@
 // and one write of the output. Spec, followed op for op: dcgen/ops/fp8_epilogue.py.
 //
 // One thread: 8 consecutive columns of one row, 16-byte loads and stores when aligned.
+// fp8_scale_epilogue_into writes the same values into a given [M, N] view with any row stride
+// (part of a wider or longer buffer).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -37,8 +39,8 @@ __device__ __forceinline__ float gelu_tanh(float v) {
 template <typename T, typename B, int kAct>
 __global__ void fp8_epilogue_kernel(const T* __restrict__ y, const float* __restrict__ rs,
                                     const float* __restrict__ cs, const B* __restrict__ bias,
-                                    T* __restrict__ out, int64_t M, int64_t N, int64_t groups,
-                                    bool vec) {
+                                    T* __restrict__ out, int64_t out_stride, int64_t M,
+                                    int64_t N, int64_t groups, bool vec) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= M * groups) return;
   const int64_t row = t / groups;
@@ -57,25 +59,25 @@ __global__ void fp8_epilogue_kernel(const T* __restrict__ y, const float* __rest
       vals[i] = o;
     }
   }
-  store8(out + row * N + n0, vals, valid, v);
+  store8(out + row * out_stride + n0, vals, valid, v);
 }
 
 template <typename T, typename B>
 void launch(const at::Tensor& y, const at::Tensor& rs, const at::Tensor& cs, const B* bias,
-            at::Tensor& out, int act, int64_t groups, bool vec, int64_t blocks,
+            const at::Tensor& out, int act, int64_t groups, bool vec, int64_t blocks,
             cudaStream_t stream) {
   constexpr int kThreads = 256;
   const T* yp = reinterpret_cast<const T*>(y.const_data_ptr());
   T* op = reinterpret_cast<T*>(out.mutable_data_ptr());
   const float* rp = rs.const_data_ptr<float>();
   const float* cp = cs.const_data_ptr<float>();
-  const int64_t M = y.size(0), N = y.size(1);
+  const int64_t M = y.size(0), N = y.size(1), ld = out.stride(0);
   if (act == kGeluTanh) {
-    fp8_epilogue_kernel<T, B, kGeluTanh><<<blocks, kThreads, 0, stream>>>(yp, rp, cp, bias, op, M,
-                                                                           N, groups, vec);
+    fp8_epilogue_kernel<T, B, kGeluTanh><<<blocks, kThreads, 0, stream>>>(yp, rp, cp, bias, op, ld,
+                                                                           M, N, groups, vec);
   } else {
-    fp8_epilogue_kernel<T, B, kNone><<<blocks, kThreads, 0, stream>>>(yp, rp, cp, bias, op, M, N,
-                                                                       groups, vec);
+    fp8_epilogue_kernel<T, B, kNone><<<blocks, kThreads, 0, stream>>>(yp, rp, cp, bias, op, ld, M,
+                                                                       N, groups, vec);
   }
 }
 
@@ -83,7 +85,7 @@ void launch(const at::Tensor& y, const at::Tensor& rs, const at::Tensor& cs, con
 // no conversion launch per call); any other floating dtype is converted to float32 first.
 template <typename T>
 void launch_with_bias(const at::Tensor& y, const at::Tensor& rs, const at::Tensor& cs,
-                      const std::optional<at::Tensor>& bias, at::Tensor& out, int act,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& out, int act,
                       int64_t groups, bool vec, int64_t blocks, cudaStream_t stream) {
   if (!bias.has_value()) {
     launch<T, float>(y, rs, cs, nullptr, out, act, groups, vec, blocks, stream);
@@ -100,48 +102,54 @@ void launch_with_bias(const at::Tensor& y, const at::Tensor& rs, const at::Tenso
   }
 }
 
-at::Tensor fp8_scale_epilogue_cuda(const at::Tensor& y, const at::Tensor& row_scale,
-                                   const at::Tensor& col_scale, const std::optional<at::Tensor>& bias,
-                                   c10::string_view act_name) {
+// The checks both forms make (y, scales, bias, act); returns the activation code.
+int check_epilogue(const char* op, const at::Tensor& y, const at::Tensor& row_scale,
+                   const at::Tensor& col_scale, const std::optional<at::Tensor>& bias,
+                   c10::string_view act_name) {
   const std::string_view name(act_name.data(), act_name.size());
-  TORCH_CHECK(name == "none" || name == "gelu_tanh",
-              "dcgen::fp8_scale_epilogue: expected act 'none' or 'gelu_tanh', got '", name, "'");
-  const int act = name == "gelu_tanh" ? kGeluTanh : kNone;
-  TORCH_CHECK(y.is_cuda(), "dcgen::fp8_scale_epilogue (CUDA): expected y on a CUDA device, got ",
-              y.device());
-  TORCH_CHECK(y.dim() == 2, "dcgen::fp8_scale_epilogue: expected y of shape [M, N], got ", y.sizes());
-  TORCH_CHECK(y.is_contiguous(), "dcgen::fp8_scale_epilogue: expected a contiguous y, got strides ",
+  TORCH_CHECK(name == "none" || name == "gelu_tanh", "dcgen::", op,
+              ": expected act 'none' or 'gelu_tanh', got '", name, "'");
+  TORCH_CHECK(y.is_cuda(), "dcgen::", op, " (CUDA): expected y on a CUDA device, got ", y.device());
+  TORCH_CHECK(y.dim() == 2, "dcgen::", op, ": expected y of shape [M, N], got ", y.sizes());
+  TORCH_CHECK(y.is_contiguous(), "dcgen::", op, ": expected a contiguous y, got strides ",
               y.strides());
-  TORCH_CHECK(y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf,
-              "dcgen::fp8_scale_epilogue: expected y of dtype bfloat16 or float16, got ",
-              y.scalar_type());
+  TORCH_CHECK(y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf, "dcgen::", op,
+              ": expected y of dtype bfloat16 or float16, got ", y.scalar_type());
   const int64_t M = y.size(0), N = y.size(1);
   TORCH_CHECK(row_scale.scalar_type() == at::kFloat && row_scale.numel() == M &&
                   row_scale.is_contiguous() && row_scale.device() == y.device(),
-              "dcgen::fp8_scale_epilogue: expected a contiguous float32 row_scale of ", M,
-              " elements on ", y.device(), ", got ", row_scale.scalar_type(), " ", row_scale.sizes(),
-              " on ", row_scale.device());
+              "dcgen::", op, ": expected a contiguous float32 row_scale of ", M, " elements on ",
+              y.device(), ", got ", row_scale.scalar_type(), " ", row_scale.sizes(), " on ",
+              row_scale.device());
   TORCH_CHECK(col_scale.scalar_type() == at::kFloat && col_scale.numel() == N &&
                   col_scale.is_contiguous() && col_scale.device() == y.device(),
-              "dcgen::fp8_scale_epilogue: expected a contiguous float32 col_scale of ", N,
-              " elements on ", y.device(), ", got ", col_scale.scalar_type(), " ", col_scale.sizes(),
-              " on ", col_scale.device());
+              "dcgen::", op, ": expected a contiguous float32 col_scale of ", N, " elements on ",
+              y.device(), ", got ", col_scale.scalar_type(), " ", col_scale.sizes(), " on ",
+              col_scale.device());
   if (bias.has_value()) {
     // The kernel reads the bias as fp32 or as y's own type: any other dtype would be misread.
     TORCH_CHECK(bias->numel() == N && bias->device() == y.device() &&
                     (bias->scalar_type() == at::kFloat || bias->scalar_type() == y.scalar_type()),
-                "dcgen::fp8_scale_epilogue: expected a float32 or ", y.scalar_type(), " bias of ", N,
-                " elements on ", y.device(), ", got ", bias->scalar_type(), " ", bias->sizes(), " on ",
-                bias->device());
+                "dcgen::", op, ": expected a float32 or ", y.scalar_type(), " bias of ", N,
+                " elements on ", y.device(), ", got ", bias->scalar_type(), " ", bias->sizes(),
+                " on ", bias->device());
   }
-  const c10::cuda::CUDAGuard guard(y.device());
-  at::Tensor out = at::empty_like(y);
-  if (y.numel() == 0) return out;
+  return name == "gelu_tanh" ? kGeluTanh : kNone;
+}
+
+// One launch into `out` (y's shape, unit column stride, any row stride); the caller holds the
+// device guard.
+void run_epilogue(const char* op, const at::Tensor& y, const at::Tensor& row_scale,
+                  const at::Tensor& col_scale, const std::optional<at::Tensor>& bias, int act,
+                  const at::Tensor& out) {
+  if (y.numel() == 0) return;
+  const int64_t M = y.size(0), N = y.size(1);
   const int64_t groups = (N + 7) / 8;
-  const bool vec = N % 8 == 0 && reinterpret_cast<uintptr_t>(y.const_data_ptr()) % 16 == 0 &&
+  const bool vec = N % 8 == 0 && out.stride(0) % 8 == 0 &&
+                   reinterpret_cast<uintptr_t>(y.const_data_ptr()) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0;
   const int64_t blocks = (M * groups + 255) / 256;  // launch() runs 256 threads per block
-  TORCH_CHECK(blocks <= 2147483647LL, "dcgen::fp8_scale_epilogue: output too large: ", y.sizes());
+  TORCH_CHECK(blocks <= 2147483647LL, "dcgen::", op, ": output too large: ", y.sizes());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (y.scalar_type() == at::kBFloat16) {
     launch_with_bias<__nv_bfloat16>(y, row_scale, col_scale, bias, out, act, groups, vec, blocks,
@@ -150,10 +158,43 @@ at::Tensor fp8_scale_epilogue_cuda(const at::Tensor& y, const at::Tensor& row_sc
     launch_with_bias<__half>(y, row_scale, col_scale, bias, out, act, groups, vec, blocks, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor fp8_scale_epilogue_cuda(const at::Tensor& y, const at::Tensor& row_scale,
+                                   const at::Tensor& col_scale, const std::optional<at::Tensor>& bias,
+                                   c10::string_view act_name) {
+  const char* op = "fp8_scale_epilogue";
+  const int act = check_epilogue(op, y, row_scale, col_scale, bias, act_name);
+  const c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor out = at::empty_like(y);
+  run_epilogue(op, y, row_scale, col_scale, bias, act, out);
   return out;
+}
+
+// The same epilogue written into `out`: y's shape, dtype and device, unit column stride, any row
+// stride of at least N (a column block of a wider buffer, or rows of a longer one), so a layer's
+// output lands where the next op reads it without a copy.
+void fp8_scale_epilogue_into_cuda(const at::Tensor& y, const at::Tensor& row_scale,
+                                  const at::Tensor& col_scale, const std::optional<at::Tensor>& bias,
+                                  c10::string_view act_name, const at::Tensor& out) {
+  const char* op = "fp8_scale_epilogue_into";
+  const int act = check_epilogue(op, y, row_scale, col_scale, bias, act_name);
+  TORCH_CHECK(out.device() == y.device() && out.scalar_type() == y.scalar_type() &&
+                  out.dim() == 2 && out.size(0) == y.size(0) && out.size(1) == y.size(1),
+              "dcgen::", op, ": expected out of y's shape ", y.sizes(), ", dtype ", y.scalar_type(),
+              " and device ", y.device(), ", got ", out.sizes(), " ", out.scalar_type(), " on ",
+              out.device());
+  TORCH_CHECK(out.stride(1) == 1 && (out.size(0) <= 1 || out.stride(0) >= out.size(1)), "dcgen::",
+              op, ": expected out rows with unit column stride, one row apart by at least ",
+              out.size(1), " elements, got strides ", out.strides());
+  const c10::cuda::CUDAGuard guard(y.device());
+  run_epilogue(op, y, row_scale, col_scale, bias, act, out);
 }
 
 }  // namespace
 }  // namespace dcgen
 
-TORCH_LIBRARY_IMPL(dcgen, CUDA, m) { m.impl("fp8_scale_epilogue", &dcgen::fp8_scale_epilogue_cuda); }
+TORCH_LIBRARY_IMPL(dcgen, CUDA, m) {
+  m.impl("fp8_scale_epilogue", &dcgen::fp8_scale_epilogue_cuda);
+  m.impl("fp8_scale_epilogue_into", &dcgen::fp8_scale_epilogue_into_cuda);
+}

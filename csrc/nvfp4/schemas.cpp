@@ -11,6 +11,10 @@ TORCH_LIBRARY_FRAGMENT(dcgen, m) {
   // scales [M] and column scales [N], optional bias [N] -> act(y * rs * cs + bias) in y's dtype;
   // act "none" or "gelu_tanh". Spec: dcgen/ops/fp8_epilogue.py.
   m.def("fp8_scale_epilogue(Tensor y, Tensor row_scale, Tensor col_scale, Tensor? bias, str act) -> Tensor");
+  // The same, written into out: y's shape and dtype, unit column stride, any row stride >= N.
+  m.def(
+      "fp8_scale_epilogue_into(Tensor y, Tensor row_scale, Tensor col_scale, Tensor? bias, "
+      "str act, Tensor(a!) out) -> ()");
   // bf16/fp16/fp32 [M, K] + fp32 scalar decode scale -> (packed E2M1 uint8 [M, Kp/2],
   // float8_e4m3fn block scales in the 128x4 swizzled layout, flat). Spec:
   // dcgen/ops/quantize_nvfp4.py (the recipe of dcgen/quant/nvfp4.py).

@@ -3,8 +3,10 @@ GEMM's output written straight into part of a larger buffer (cuBLAS with ``out=`
 buffer a fused DiT block reads next is assembled without a ``torch.cat`` pass over it.
 
 Direct writes need a plain nn.Linear with a bias in the input's dtype, no forward hooks (they
-would be skipped) and no autocast; every other layer (FP8, LoRA wrappers, hooked layers) is
-called as usual and its result copied into place, which costs what the concatenation did.
+would be skipped) and no autocast, or an FP8Linear without hooks on its direct route (its scale
+epilogue writes the result: FP8Linear.forward_into); every other layer (LoRA wrappers, hooked
+layers) is called as usual and its result copied into place, which costs what the
+concatenation did.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ def linear_gelu(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def linear_gelu_into(proj: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
     """:func:`linear_gelu` written into ``out`` (a [..., N] view, e.g. part of a wider buffer;
     inference only). A 16-bit nn.Linear with a bias on CUDA has cuBLAS write there directly
-    (on CUDA only: the CPU's fused GELU epilogue rounds differently from gelu(linear)), any
-    other layer a copy of :func:`linear_gelu`'s result."""
+    (on CUDA only: the CPU's fused GELU epilogue rounds differently from gelu(linear)), an
+    FP8Linear its scale epilogue (``forward_into``), any other layer a copy of
+    :func:`linear_gelu`'s result."""
     if x.is_cuda and _writes_directly(proj, x, out):
         rows = _rows(out, proj.out_features)
         if rows is not None:
@@ -63,16 +66,23 @@ def linear_gelu_into(proj: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Non
                 proj.bias, x.reshape(-1, x.shape[-1]), proj.weight.t(), use_gelu=True, out=rows
             )
             return
+    if type(proj) is FP8Linear and not has_forward_hooks(proj):
+        proj.forward_into(x, out, act="gelu_tanh")  # its scale epilogue writes there
+        return
     out.copy_(linear_gelu(proj, x))
 
 
 def linear_into(proj: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
     """``out[...] = proj(x)`` for ``out`` a [..., N] view of a larger buffer (inference only):
     written there by the GEMM itself where it can (module doc; ``torch.addmm(out=)`` gives the
-    bits of ``F.linear``, on CPU too), else a copy of ``proj(x)``."""
+    bits of ``F.linear``, on CPU too) or by an FP8Linear's scale epilogue, else a copy of
+    ``proj(x)``."""
     if _writes_directly(proj, x, out):
         rows = _rows(out, proj.out_features)
         if rows is not None:
             torch.addmm(proj.bias, x.reshape(-1, x.shape[-1]), proj.weight.t(), out=rows)
             return
+    if type(proj) is FP8Linear and not has_forward_hooks(proj):
+        proj.forward_into(x, out)  # its scale epilogue writes there
+        return
     out.copy_(proj(x))

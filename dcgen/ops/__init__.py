@@ -25,7 +25,11 @@ from .channel_rms_norm import (
     channel_rms_norm_fused_reference,
     channel_rms_norm_reference,
 )
-from .fp8_epilogue import fp8_scale_epilogue, fp8_scale_epilogue_reference
+from .fp8_epilogue import (
+    fp8_scale_epilogue,
+    fp8_scale_epilogue_into,
+    fp8_scale_epilogue_reference,
+)
 from .glu_depthwise import glu_depthwise_conv, glu_depthwise_conv_reference
 from .linear_attention import relu_linear_attention, relu_linear_attention_reference
 from .modulation import (
@@ -60,6 +64,7 @@ __all__ = [
     "channel_duplicate_to_space",
     "dequantize_fp8",
     "fp8_scale_epilogue",
+    "fp8_scale_epilogue_into",
     "fp8_scale_epilogue_reference",
     "fused_attention",
     "fused_attention_reference",

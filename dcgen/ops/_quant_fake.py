@@ -19,6 +19,13 @@ if has_schema("quantize_fp8"):
         )
 
 
+if has_schema("fp8_scale_epilogue_into"):
+
+    @torch.library.register_fake("dcgen::fp8_scale_epilogue_into")
+    def _fp8_scale_epilogue_into_fake(y, row_scale, col_scale, bias, act, out):  # noqa: ANN001
+        return None  # writes out in place
+
+
 if has_schema("quantize_nvfp4"):
 
     @torch.library.register_fake("dcgen::quantize_nvfp4")

@@ -102,3 +102,40 @@ def fp8_scale_epilogue(
             y.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias, act
         )
     return fp8_scale_epilogue_reference(y, row_scale, col_scale, bias, act)
+
+
+def fp8_scale_epilogue_into(
+    y: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: str,
+    out: torch.Tensor,
+) -> None:
+    """:func:`fp8_scale_epilogue` written into ``out`` (inference): an [M, N] view of y's
+    dtype with unit column stride and any row stride (a column block of a wider buffer, rows of
+    a longer one), so the result lands where the next op reads it. The CUDA kernel writes it
+    there directly when built (``dcgen::fp8_scale_epilogue_into``); otherwise the result is
+    copied in."""
+    _check(y, row_scale, col_scale, bias, act)
+    check_tensor("fp8_scale_epilogue_into: out", out, ndim=2, dtypes=(y.dtype,))
+    if tuple(out.shape) != tuple(y.shape) or out.device != y.device:
+        raise ValueError(
+            f"fp8_scale_epilogue_into: expected out of y's shape {tuple(y.shape)} on "
+            f"{y.device}, got {tuple(out.shape)} on {out.device}"
+        )
+    rows_ok = out.stride(1) == 1 and (out.shape[0] <= 1 or out.stride(0) >= out.shape[1])
+    if (
+        rows_ok
+        and not torch.is_grad_enabled()
+        and y.numel() > 0
+        and has_kernel("fp8_scale_epilogue_into", y.device)
+        and not torch.compiler.is_compiling()
+    ):
+        if bias is not None and bias.dtype not in (torch.float32, y.dtype):
+            bias = bias.float()
+        compiled_op("fp8_scale_epilogue_into")(
+            y.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias, act, out
+        )
+        return
+    out.copy_(fp8_scale_epilogue(y, row_scale, col_scale, bias, act))

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from dcgen.ops import has_kernel
 from dcgen.ops import quantize_fp8 as _qop
 
 from . import fp8 as _fp8
@@ -354,6 +355,30 @@ class FP8Linear(nn.Module):
         else:
             y = _forward(x, self, gemm=True, act=act)  # x itself: the quantize reuse keys on it
         return y.reshape(*lead, self.out_features)
+
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor, act: str = "none") -> None:
+        """``out[...] = self(x, act)`` for ``out`` a [..., N] view of a larger buffer
+        (inference; the module is not called, so forward hooks do not run: callers with hooked
+        layers call it instead). On the direct route the scale epilogue writes its result there
+        itself (``dcgen::fp8_scale_epilogue_into``); otherwise the output is copied in."""
+        if (
+            act in _ACTS
+            and out.dtype == torch.bfloat16
+            and self._direct(x)
+            and has_kernel("fp8_scale_epilogue_into", x.device)
+        ):
+            try:
+                rows = out.view(-1, self.out_features)
+            except RuntimeError:  # rows of several row blocks: not one [M, N] view
+                rows = None
+            if rows is not None and rows.shape[0] == x.numel() // self.in_features:
+                xq, xs = _shared.quantize_rows_direct(x, self.in_features)
+                y = _fp8.unit_scale_gemm(xq, self.weight, torch.bfloat16)
+                if y is not None:
+                    epilogue_into = direct_ops("fp8_scale_epilogue_into")[0]
+                    epilogue_into(y, xs, self.weight_scale, self.bias, act, rows)
+                    return
+        out.copy_(self(x, act=act))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's spec in pure PyTorch: reference quantize, exact dequantize, fp32 matmul."""

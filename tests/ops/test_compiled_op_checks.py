@@ -205,6 +205,57 @@ FP8_EPILOGUE = [
     ),
 ]
 
+# --- fp8_scale_epilogue_into(y, row_scale, col_scale, bias, act, out): the same checks
+# (check_epilogue) under its own name, then its own on out ---
+P_INTO = P + "_into"
+FP8_EPILOGUE_INTO = [
+    dataclasses.replace(
+        c,
+        op="fp8_scale_epilogue_into",
+        build=lambda build=c.build: (*build(), cu(4, 8)),
+        expect=tuple(
+            e.replace(P + ":", P_INTO + ":").replace(P + " ", P_INTO + " ") for e in c.expect
+        ),  # fmt: skip
+    )
+    for c in FP8_EPILOGUE
+] + [
+    _c(
+        "fp8_scale_epilogue_into",
+        "out-shape",
+        lambda: (cu(4, 8), cu(4, dtype=F32), cu(8, dtype=F32), None, "none", cu(4, 9)),
+        f"{P_INTO}: expected out of y's shape [4, 8], dtype BFloat16 and device cuda:0, got "
+        "[4, 9] BFloat16 on cuda:0",
+    ),
+    _c(
+        "fp8_scale_epilogue_into",
+        "out-dtype",
+        lambda: (cu(4, 8), cu(4, dtype=F32), cu(8, dtype=F32), None, "none", cu(4, 8, dtype=F16)),
+        f"{P_INTO}: expected out of y's shape [4, 8], dtype BFloat16 and device cuda:0, got "
+        "[4, 8] Half on cuda:0",
+    ),
+    _c(
+        "fp8_scale_epilogue_into",
+        "out-column-stride",
+        lambda: (cu(4, 8), cu(4, dtype=F32), cu(8, dtype=F32), None, "none", cu(8, 4).t()),
+        f"{P_INTO}: expected out rows with unit column stride, one row apart by at least 8 "
+        "elements, got strides [1, 4]",
+    ),
+    _c(
+        "fp8_scale_epilogue_into",
+        "out-overlapping-rows",
+        lambda: (
+            cu(4, 8),
+            cu(4, dtype=F32),
+            cu(8, dtype=F32),
+            None,
+            "none",
+            cu(40).as_strided((4, 8), (4, 1)),
+        ),  # fmt: skip
+        f"{P_INTO}: expected out rows with unit column stride, one row apart by at least 8 "
+        "elements, got strides [4, 1]",
+    ),
+]
+
 # --- adaln_modulate(x, shift, scale, rows_per_batch, eps): dit/modulation_cuda.cu ---
 OP = "adaln_modulate"
 P = "dcgen::adaln_modulate"
@@ -1270,7 +1321,7 @@ LINEAR = [
 ]
 
 CASES: list[Case] = [
-    *FP8_EPILOGUE, *ADALN, *ADALN_FP8, *GATED, *QUANTIZE_FP8, *QUANTIZE_NVFP4, *LOWRANK, *DEQUANT, *GEMM,
+    *FP8_EPILOGUE, *FP8_EPILOGUE_INTO, *ADALN, *ADALN_FP8, *GATED, *QUANTIZE_FP8, *QUANTIZE_NVFP4, *LOWRANK, *DEQUANT, *GEMM,
     *W4A16, *QK, *ATTENTION, *RMS, *RMS_FUSED, *UP, *DOWN, *GLU, *LINEAR,
 ]  # fmt: skip
 BY_ID = {case.id: case for case in CASES}

@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcgen.ops import fp8_scale_epilogue, fp8_scale_epilogue_reference, has_kernel
+from dcgen.ops import (
+    fp8_scale_epilogue,
+    fp8_scale_epilogue_into,
+    fp8_scale_epilogue_reference,
+    has_kernel,
+)
 from dcgen.ops._extension import compiled_op
 from tests.conftest import poison_cuda_allocator
 
@@ -66,6 +71,34 @@ def test_bad_inputs(rng):
         fp8_scale_epilogue(y[None], rs, cs)
 
 
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+def test_into_writes_only_its_block_of_a_larger_buffer(layout, rng):
+    # out as a column block of a wider buffer (a single block's [attention | MLP] input) or a
+    # row block of a longer one (a joint [text, image] sequence): the block gets
+    # fp8_scale_epilogue's values, everything around it stays as it was.
+    y, rs, cs, b = _inputs(5, 24, torch.bfloat16, rng)
+    if layout == "columns":
+        buf = torch.full((5, 40), 7.0, dtype=torch.bfloat16)
+        block = (slice(None), slice(10, 34))
+    else:
+        buf = torch.full((9, 24), 7.0, dtype=torch.bfloat16)
+        block = (slice(2, 7), slice(None))
+    before = buf.clone()
+    fp8_scale_epilogue_into(y, rs, cs, b, "gelu_tanh", buf[block])
+    assert torch.equal(buf[block], fp8_scale_epilogue(y, rs, cs, b, "gelu_tanh"))
+    outside = torch.ones_like(buf, dtype=torch.bool)
+    outside[block] = False
+    assert torch.equal(buf[outside], before[outside])
+
+
+def test_into_rejects_an_out_that_does_not_fit(rng):
+    y, rs, cs, b = _inputs(4, 8, torch.bfloat16, rng)
+    with pytest.raises(ValueError, match=r"expected out of y's shape \(4, 8\).*got \(4, 9\)"):
+        fp8_scale_epilogue_into(y, rs, cs, b, "none", torch.empty(4, 9, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="fp8_scale_epilogue_into: out"):
+        fp8_scale_epilogue_into(y, rs, cs, b, "none", torch.empty(4, 8, dtype=torch.float16))
+
+
 def _need_kernel() -> None:
     if not has_kernel("fp8_scale_epilogue", "cuda"):
         pytest.skip("dcgen._C has no CUDA fp8_scale_epilogue kernel")
@@ -91,6 +124,25 @@ def test_cuda_kernel_matches_reference(dtype, act, rng):
             else:
                 # tanhf vs torch's CPU tanh: a few fp32 ulps, at most one output rounding step.
                 torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+def test_cuda_into_kernel_writes_its_block_bit_for_bit(act, rng):
+    # dcgen::fp8_scale_epilogue_into into a poisoned wider buffer: its block equals
+    # fp8_scale_epilogue's output bit for bit, the columns around it stay poisoned (NaN).
+    if not has_kernel("fp8_scale_epilogue_into", "cuda"):
+        pytest.skip("dcgen._C has no CUDA fp8_scale_epilogue_into kernel")
+    for m, n in SHAPES:
+        for pad in (0, 8, 3):  # 16-byte aligned rows, and rows that are not
+            y, rs, cs, b = _inputs(m, n, torch.bfloat16, rng, "cuda")
+            want = fp8_scale_epilogue(y, rs, cs, b, act)
+            poison_cuda_allocator()
+            buf = torch.empty(m, n + 2 * pad, dtype=torch.bfloat16, device="cuda")
+            out = buf[:, pad : pad + n]
+            compiled_op("fp8_scale_epilogue_into")(y, rs, cs, b, act, out)
+            assert torch.equal(out.cpu(), want.cpu()), (m, n, pad)
+            assert buf[:, :pad].isnan().all() and buf[:, pad + n :].isnan().all(), (m, n, pad)
 
 
 @pytest.mark.cuda

@@ -16,15 +16,16 @@ from torch import nn
 
 import dcgen.quant.fp8 as f
 import dcgen.quant.fp8_linear as fl
-from dcgen.ops import _extension
+from dcgen.ops import _extension, has_kernel
 from dcgen.ops.fp8_epilogue import fp8_scale_epilogue_reference
 from dcgen.ops.quantize_fp8 import quantize_fp8_reference
 from dcgen.quant import FP8Linear
+from tests.conftest import poison_cuda_allocator
 
-if not _extension.has_schema("quantize_fp8") or not _extension.has_schema("fp8_scale_epilogue"):
+if not all(_extension.has_schema(op) for op in ("quantize_fp8", "fp8_scale_epilogue_into")):
     pytest.skip("dcgen._C is not built: no dcgen FP8 ops to route to", allow_module_level=True)
 
-OPS = ("quantize_fp8", "fp8_scale_epilogue")
+OPS = ("quantize_fp8", "fp8_scale_epilogue", "fp8_scale_epilogue_into")
 
 
 @pytest.fixture
@@ -43,6 +44,10 @@ def cpu_kernels(monkeypatch):
         calls["fp8_scale_epilogue"] += 1
         return fp8_scale_epilogue_reference(y, row_scale, col_scale, bias, act)
 
+    def epilogue_into(y, row_scale, col_scale, bias, act, out):  # noqa: ANN001, ANN202
+        calls["fp8_scale_epilogue_into"] += 1
+        out.copy_(fp8_scale_epilogue_reference(y, row_scale, col_scale, bias, act))
+
     direct = FP8Linear._direct_forward
 
     def counted(self, x, act):  # noqa: ANN001, ANN202
@@ -53,6 +58,7 @@ def cpu_kernels(monkeypatch):
     lib = torch.library.Library("dcgen", "IMPL")
     lib.impl("quantize_fp8", quantize, "CPU")
     lib.impl("fp8_scale_epilogue", epilogue, "CPU")
+    lib.impl("fp8_scale_epilogue_into", epilogue_into, "CPU")
     monkeypatch.setattr(_extension, "_KERNELS", _extension._KERNELS | {(n, "CPU") for n in OPS})
     monkeypatch.setattr(f, "_REJECTED", set())
     monkeypatch.setenv("DCGEN_FP8_GEMM", "tensor")
@@ -83,10 +89,14 @@ def test_direct_route_gives_the_general_paths_bits(cpu_kernels, act, bias, monke
     x = (torch.randn(2, 5, 64) * 4).bfloat16()
     with torch.inference_mode():
         y = layer(x, act)
-        assert cpu_kernels == {"quantize_fp8": 1, "fp8_scale_epilogue": 1, "direct": 1}
+        assert cpu_kernels == {
+            "quantize_fp8": 1, "fp8_scale_epilogue": 1, "fp8_scale_epilogue_into": 0, "direct": 1
+        }  # fmt: skip
         want = _general(layer, x, act, monkeypatch)
     # the general path ran the same two kernels, not the direct route
-    assert cpu_kernels == {"quantize_fp8": 2, "fp8_scale_epilogue": 2, "direct": 1}
+    assert cpu_kernels == {
+        "quantize_fp8": 2, "fp8_scale_epilogue": 2, "fp8_scale_epilogue_into": 0, "direct": 1
+    }  # fmt: skip
     assert y.shape == (2, 5, 40) and y.dtype == torch.bfloat16
     assert torch.equal(y, want)
     # and both are the layer's spec up to the extra bf16 rounding of the unit-scale product
@@ -178,6 +188,42 @@ def test_direct_route_shares_one_quantize_per_scope(cpu_kernels):
     assert fl._shared._value is None
 
 
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+def test_forward_into_writes_the_layers_output_in_place(cpu_kernels, act):
+    # On the direct route the scale epilogue writes the layer's output into the given block of
+    # a larger buffer (a single block's [attention | MLP] input, say): the layer's own bits,
+    # nothing around the block touched, no separate output and copy.
+    layer = _layer()
+    x = (torch.randn(1, 6, 64) * 4).bfloat16()
+    buf = torch.full((1, 6, 100), 3.0, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = layer(x, act)
+        calls_before = dict(cpu_kernels)
+        layer.forward_into(x, buf[..., 50:90], act)
+    assert cpu_kernels["fp8_scale_epilogue_into"] == 1
+    assert cpu_kernels["fp8_scale_epilogue"] == calls_before["fp8_scale_epilogue"]
+    assert torch.equal(buf[..., 50:90], want)
+    assert (buf[..., :50] == 3).all() and (buf[..., 90:] == 3).all()
+
+
+def test_forward_into_copies_where_it_cannot_write_in_place(cpu_kernels):
+    # Rows of two batch elements inside a longer sequence are not one [M, N] view, and the
+    # general path (autograd) has no in-place form: both copy the layer's output in.
+    layer = _layer()
+    x = (torch.randn(2, 3, 64) * 4).bfloat16()
+    buf = torch.zeros(2, 5, 40, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = layer(x)
+        layer.forward_into(x, buf[:, 2:])
+    assert cpu_kernels["fp8_scale_epilogue_into"] == 0
+    assert torch.equal(buf[:, 2:], want) and not buf[:, :2].any()
+    with torch.no_grad():
+        out = torch.empty(2, 3, 40, dtype=torch.bfloat16)
+        layer.forward_into(x.float(), out)  # fp32 input: the general path, cast into out
+    assert cpu_kernels["fp8_scale_epilogue_into"] == 0
+    torch.testing.assert_close(out, layer(x.float()).bfloat16())
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("act", ["none", "gelu_tanh"])
 def test_cuda_direct_route_gives_the_general_paths_bits(act, monkeypatch):
@@ -200,3 +246,48 @@ def test_cuda_direct_route_gives_the_general_paths_bits(act, monkeypatch):
         want = _general(layer, x, act, monkeypatch)
     assert entered == [1] and not y.isnan().any()
     assert torch.equal(y, want)
+    # forward_into: the epilogue kernel writes the same bits into a poisoned buffer's columns
+    if has_kernel("fp8_scale_epilogue_into", "cuda"):
+        poison_cuda_allocator()
+        buf = torch.empty(2, 300, 3072 + 16, device="cuda", dtype=torch.bfloat16)
+        with torch.inference_mode():
+            layer.forward_into(x, buf[..., 8 : 8 + 3072], act)
+        assert torch.equal(buf[..., 8 : 8 + 3072], y)
+        assert buf[..., :8].isnan().all() and buf[..., 8 + 3072 :].isnan().all()
+
+
+@pytest.mark.parametrize("kind", ["double", "single"])
+def test_fused_flux_blocks_write_fp8_outputs_in_place(cpu_kernels, kind):
+    # In accelerated FLUX blocks with FP8 linears on the direct route, the outputs that go into
+    # a larger buffer are written there by the scale epilogue: a double block's six joint
+    # q / k / v projections, a single block's MLP (its half of proj_out's input). Same bits as
+    # the same blocks copying each output in.
+    from diffusers.models.transformers.transformer_flux import (
+        FluxSingleTransformerBlock,
+        FluxTransformerBlock,
+    )
+
+    from dcgen.attention import accelerate
+    from dcgen.quant import FP8Config, quantize_
+
+    torch.manual_seed(0)
+    block = (FluxTransformerBlock if kind == "double" else FluxSingleTransformerBlock)(64, 2, 32)
+    block = block.eval().bfloat16()
+    quantize_(block, FP8Config())
+    accelerate(block, blocks=True)
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(1, 12, 64, generator=g).bfloat16(),
+        encoder_hidden_states=torch.randn(1, 5, 64, generator=g).bfloat16(),
+        temb=torch.randn(1, 64, generator=g).bfloat16(),
+    )
+    with torch.inference_mode():
+        got = block(**inputs)
+        in_place = cpu_kernels["fp8_scale_epilogue_into"]
+        with pytest.MonkeyPatch.context() as m:  # every output copied in instead
+            m.setattr(FP8Linear, "forward_into", lambda self, x, out, act="none": out.copy_(
+                self(x, act=act)))  # fmt: skip
+            want = block(**inputs)
+    assert in_place == (6 if kind == "double" else 1)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
