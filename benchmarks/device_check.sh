@@ -51,12 +51,14 @@
 #      never-run files
 #      (row bands, CUDA graphs, and the two that crashed) (about 60 s); the attention,
 #      DC-AE block / decode and FP8 / NVFP4 benchmarks (89 + 45 + 61 s); the crash probe.
-#   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_FP8_BLOCK=0 \
+#   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_FP8_BLOCK=1 \
 #      DCGEN_BENCH_FILES=dcae_decode DCGEN_BENCH_COMPILE=0 DCGEN_SPEED_MODELS=none \
-#      bash benchmarks/device_check.sh   (timeout_s = what is left - 20): the 4K decodes against
-#      diffusers (full frame with row bands, banded, NCHW, autotuned; about 150 s), then the
-#      step profile of bf16, FP8 and the decode, then the kernels-vs-graphs FLUX table, as far
-#      as the deadline lets them run.
+#      DCGEN_SPEED_GRAPHS=0 bash benchmarks/device_check.sh   (timeout_s = what is left - 20):
+#      the 4K decodes against diffusers (full frame with row bands, banded, NCHW, autotuned;
+#      about 150 s), then the step profile of bf16, FP8 and the decode, then the FP8 double
+#      block against bf16 in eager mode and CUDA-graphed (the FP8 issue's block goal; the FP8
+#      path changed most since the last run), as far as the deadline lets them run. The
+#      kernels-vs-graphs FLUX table (DCGEN_SPEED_GRAPHS=1) waits for a session with more time.
 # If the machine was given back in between, call 2 finds no extension and builds it (86 s).
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
 #
