@@ -1,6 +1,6 @@
 """Low-precision benchmarks: FP8 W8A8 linears vs bf16 linears at FLUX shapes (docs ANCHORS.md),
 the activation-quantize kernels' bandwidth against a plain copy of the same input, and the
-modulation with its FP8 quantize fused against the two kernels.
+modulation and the GELU scale epilogue with their FP8 quantize fused against the two kernels.
 
 On a GPU: M = 4,608 tokens (FLUX 1K = DC-Gen-f64c128 4K: 4,096 image + 512 text), bf16. On a CPU:
 tiny shapes in fp32 so CI runs every case (timings meaningless there)."""
@@ -12,7 +12,13 @@ import torch
 from _harness import DEVICE, ON_GPU, rounds, time_it
 from torch import nn
 
-from dcgen.ops import adaln_modulate, adaln_modulate_fp8, has_kernel
+from dcgen.ops import (
+    adaln_modulate,
+    adaln_modulate_fp8,
+    fp8_scale_epilogue,
+    fp8_scale_epilogue_fp8,
+    has_kernel,
+)
 from dcgen.ops.quantize_fp8 import quantize_fp8
 from dcgen.ops.quantize_nvfp4 import quantize_nvfp4_activation
 from dcgen.quant import FP8Linear
@@ -140,6 +146,44 @@ def test_modulate_then_fp8_quantize(benchmark, impl):
     benchmark.group = f"adaln_modulate + fp8 row quantize {MOD_SHAPE} {str(DTYPE)[6:]}"
     benchmark.extra_info.update(
         impl=impl, baseline_name="adaln_modulate then quantize_fp8", bytes_moved=nbytes
+    )
+    with torch.inference_mode():
+        time_it(
+            benchmark, two_ops if impl == "baseline" else fused, n_rounds=rounds(100, 3),
+            back_to_back=BACK_TO_BACK,
+        )  # fmt: skip
+    if benchmark.stats:
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
+# FLUX's MLP hidden state at 4K: 4,608 tokens x 12,288 (CPU: small).
+EPI_SHAPE = (4608, 12288) if ON_GPU else (64, 512)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_gelu_epilogue_then_fp8_quantize(benchmark, impl):
+    # The MLP's first FP8 linear feeding its second: the GELU scale epilogue, then quantize_fp8
+    # over its output (baseline: the two kernels) against fp8_scale_epilogue_fp8 (one kernel).
+    if impl == "dcgen" and ON_GPU and not has_kernel("fp8_scale_epilogue_fp8", DEVICE):
+        pytest.skip("no compiled fp8_scale_epilogue_fp8 kernel for this device")
+    m, n = EPI_SHAPE
+    dtype = torch.bfloat16
+    y = (torch.randn(m, n, device=DEVICE) * 1e3).to(dtype)
+    rs = torch.rand(m, 1, device=DEVICE) * 1e-3
+    cs = torch.rand(n, 1, device=DEVICE) * 1e-2
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+
+    def two_ops():
+        out = fp8_scale_epilogue(y, rs, cs, bias, "gelu_tanh")
+        return out, quantize_fp8(out, "row")
+
+    def fused():
+        return fp8_scale_epilogue_fp8(y, rs, cs, bias, "gelu_tanh")
+
+    nbytes = y.numel() * (2 + 2 + 1)  # y read, the bf16 output and the codes written
+    benchmark.group = f"gelu scale epilogue + fp8 row quantize {EPI_SHAPE} bfloat16"
+    benchmark.extra_info.update(
+        impl=impl, baseline_name="fp8_scale_epilogue then quantize_fp8", bytes_moved=nbytes
     )
     with torch.inference_mode():
         time_it(

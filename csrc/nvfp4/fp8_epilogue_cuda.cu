@@ -8,14 +8,18 @@
 //
 // One thread: 8 consecutive columns of one row, 16-byte loads and stores when aligned.
 // fp8_scale_epilogue_into writes the same values into a given [M, N] view with any row stride
-// (part of a wider or longer buffer).
+// (part of a wider or longer buffer); fp8_scale_epilogue_fp8 also writes the output's FP8 row
+// quantization (one CTA per row).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <string_view>
+#include <tuple>
+#include <type_traits>
 
+#include "nvfp4/fp8_row.cuh"
 #include "nvfp4/quant_common.cuh"
 
 namespace dcgen {
@@ -30,9 +34,30 @@ constexpr int kNone = 0;
 constexpr int kGeluTanh = 1;
 
 __device__ __forceinline__ float gelu_tanh(float v) {
-  // torch's approximate="tanh" form: 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))).
-  const float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-  return 0.5f * v * (1.f + tanhf(inner));
+  // torch's approximate="tanh" form: 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))). Each
+  // rounding pinned, so the quantizing kernel's two passes compute the same floats.
+  const float cube = __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, v), v), v);
+  const float inner = __fmul_rn(0.7978845608028654f, __fadd_rn(v, cube));
+  return __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.f, tanhf(inner)));
+}
+
+// act(y * r * c + b) of 8 consecutive columns (0 past N), as the epilogue kernels compute it.
+template <typename T, typename B, int kAct>
+__device__ __forceinline__ void epilogue8(const T* __restrict__ yr, float r,
+                                          const float* __restrict__ cs, const B* __restrict__ bias,
+                                          int64_t n0, int valid, bool vec, float vals[8]) {
+  load8(yr + n0, valid, vec, vals);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (i < valid) {
+      float o = __fmul_rn(__fmul_rn(vals[i], r), cs[n0 + i]);
+      if (bias != nullptr) o = __fadd_rn(o, to_float(bias[n0 + i]));
+      if constexpr (kAct == kGeluTanh) o = gelu_tanh(o);
+      vals[i] = o;
+    } else {
+      vals[i] = 0.f;
+    }
+  }
 }
 
 // B: the bias element type (T or float); nullptr = no bias.
@@ -48,18 +73,52 @@ __global__ void fp8_epilogue_kernel(const T* __restrict__ y, const float* __rest
   const int valid = count_valid(N - n0, 8);
   const bool v = vec && valid == 8;
   float vals[8];
-  load8(y + row * N + n0, valid, v, vals);
-  const float r = rs[row];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    if (i < valid) {
-      float o = __fmul_rn(__fmul_rn(vals[i], r), cs[n0 + i]);
-      if (bias != nullptr) o = __fadd_rn(o, to_float(bias[n0 + i]));
-      if constexpr (kAct == kGeluTanh) o = gelu_tanh(o);
-      vals[i] = o;
-    }
-  }
+  epilogue8<T, B, kAct>(y + row * N, rs[row], cs, bias, n0, valid, v, vals);
   store8(out + row * out_stride + n0, vals, valid, v);
+}
+
+// The epilogue with the FP8 (E4M3) row quantization of its output, for an FP8 linear whose
+// output feeds another (FLUX's MLP: the GELU'd hidden state is the next linear's input): one CTA
+// per row writes the row as fp8_scale_epilogue does while reducing the amax of the rounded
+// values, then computes them again from y (L2; epilogue8's pinned arithmetic, the same floats)
+// and encodes them as dcgen::quantize_fp8 (block 0) encodes the stored row.
+constexpr int kRowThreads = 256;
+
+template <typename T, typename B, int kAct>
+__global__ void fp8_epilogue_quantize_kernel(const T* __restrict__ y, const float* __restrict__ rs,
+                                             const float* __restrict__ cs,
+                                             const B* __restrict__ bias, T* __restrict__ out,
+                                             uint8_t* __restrict__ q, float* __restrict__ q_scales,
+                                             int64_t N, bool vec, bool qvec) {
+  const int64_t row = blockIdx.x;
+  const T* yr = y + row * N;
+  const float r = rs[row];
+  auto rounded8 = [&](int64_t n0, int valid, bool v, float (&o)[8]) {
+    epilogue8<T, B, kAct>(yr, r, cs, bias, n0, valid, v, o);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[i] = to_float(quant::from_float<T>(o[i]));
+  };
+  float amax = 0.f;
+  for (int64_t n0 = threadIdx.x * 8; n0 < N; n0 += kRowThreads * 8) {
+    const int valid = count_valid(N - n0, 8);
+    const bool v = vec && valid == 8;
+    float o[8];
+    rounded8(n0, valid, v, o);
+    store8(out + row * N + n0, o, valid, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = quant::nan_max(amax, fabsf(o[i]));  // 0 past N
+  }
+  const float qscale = quant::fp8_scale(quant::row_amax<kRowThreads>(amax));
+  const quant::GridDivisor divisor(qscale);
+  for (int64_t n0 = threadIdx.x * 8; n0 < N; n0 += kRowThreads * 8) {
+    const int valid = count_valid(N - n0, 8);
+    const bool v = vec && valid == 8;
+    float o[8];
+    rounded8(n0, valid, v, o);
+    quant::store_q(q + row * N + n0, o, divisor, valid, qvec && valid == 8,
+                   [&](float (&again)[8]) { rounded8(n0, valid, v, again); });
+  }
+  if (threadIdx.x == 0) q_scales[row] = qscale;
 }
 
 template <typename T, typename B>
@@ -81,25 +140,33 @@ void launch(const at::Tensor& y, const at::Tensor& rs, const at::Tensor& cs, con
   }
 }
 
-// The bias is read in its own dtype when that is y's or float32 (a module's 16-bit bias needs
-// no conversion launch per call); any other floating dtype is converted to float32 first.
+// fn(bias pointer) with the bias read in its own dtype when that is y's or float32 (a module's
+// 16-bit bias needs no conversion launch per call); any other floating dtype is converted to
+// float32 first; no bias: a null float pointer.
+template <typename T, typename Fn>
+void with_bias(const std::optional<at::Tensor>& bias, at::ScalarType y_type, Fn&& fn) {
+  if (!bias.has_value()) {
+    fn(static_cast<const float*>(nullptr));
+    return;
+  }
+  const at::Tensor b = bias->scalar_type() == y_type || bias->scalar_type() == at::kFloat
+                           ? bias->contiguous()
+                           : bias->to(at::kFloat).contiguous();
+  if (b.scalar_type() == at::kFloat) {
+    fn(b.const_data_ptr<float>());
+  } else {
+    fn(reinterpret_cast<const T*>(b.const_data_ptr()));
+  }
+}
+
 template <typename T>
 void launch_with_bias(const at::Tensor& y, const at::Tensor& rs, const at::Tensor& cs,
                       const std::optional<at::Tensor>& bias, const at::Tensor& out, int act,
                       int64_t groups, bool vec, int64_t blocks, cudaStream_t stream) {
-  if (!bias.has_value()) {
-    launch<T, float>(y, rs, cs, nullptr, out, act, groups, vec, blocks, stream);
-    return;
-  }
-  const at::Tensor b = bias->scalar_type() == y.scalar_type() || bias->scalar_type() == at::kFloat
-                           ? bias->contiguous()
-                           : bias->to(at::kFloat).contiguous();
-  if (b.scalar_type() == at::kFloat) {
-    launch<T, float>(y, rs, cs, b.const_data_ptr<float>(), out, act, groups, vec, blocks, stream);
-  } else {
-    launch<T, T>(y, rs, cs, reinterpret_cast<const T*>(b.const_data_ptr()), out, act, groups, vec,
-                 blocks, stream);
-  }
+  with_bias<T>(bias, y.scalar_type(), [&](auto bp) {
+    using B = std::remove_cv_t<std::remove_pointer_t<decltype(bp)>>;
+    launch<T, B>(y, rs, cs, bp, out, act, groups, vec, blocks, stream);
+  });
 }
 
 // The checks both forms make (y, scales, bias, act); returns the activation code.
@@ -191,10 +258,57 @@ void fp8_scale_epilogue_into_cuda(const at::Tensor& y, const at::Tensor& row_sca
   run_epilogue(op, y, row_scale, col_scale, bias, act, out);
 }
 
+// (out [M, N] like y, q float8_e4m3fn [M, N], q_scales fp32 [M, 1]): out = the epilogue's
+// output, (q, q_scales) = quantize_fp8(out, block 0), bit for bit.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_scale_epilogue_fp8_cuda(
+    const at::Tensor& y, const at::Tensor& row_scale, const at::Tensor& col_scale,
+    const std::optional<at::Tensor>& bias, c10::string_view act_name) {
+  const char* op = "fp8_scale_epilogue_fp8";
+  const int act = check_epilogue(op, y, row_scale, col_scale, bias, act_name);
+  const int64_t M = y.size(0), N = y.size(1);
+  TORCH_CHECK(M <= 2147483647LL, "dcgen::", op, ": expected at most 2^31 - 1 rows, got ", M);
+  const c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor out = at::empty_like(y);
+  at::Tensor q = at::empty({M, N}, y.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor q_scales = at::empty({M, 1}, y.options().dtype(at::kFloat));
+  if (y.numel() == 0) return {out, q, q_scales};
+  const bool vec = N % 8 == 0 && reinterpret_cast<uintptr_t>(y.const_data_ptr()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0;
+  const bool qvec = N % 8 == 0;  // q rows start 8-byte aligned then (a fresh allocation)
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&](auto t) {
+    using T = decltype(t);
+    with_bias<T>(bias, y.scalar_type(), [&](auto bp) {
+      using B = std::remove_cv_t<std::remove_pointer_t<decltype(bp)>>;
+      const T* yp = reinterpret_cast<const T*>(y.const_data_ptr());
+      T* outp = reinterpret_cast<T*>(out.mutable_data_ptr());
+      auto* qp = reinterpret_cast<uint8_t*>(q.mutable_data_ptr());
+      float* sp = q_scales.mutable_data_ptr<float>();
+      const float* rp = row_scale.const_data_ptr<float>();
+      const float* cp = col_scale.const_data_ptr<float>();
+      if (act == kGeluTanh) {
+        fp8_epilogue_quantize_kernel<T, B, kGeluTanh><<<M, kRowThreads, 0, stream>>>(
+            yp, rp, cp, bp, outp, qp, sp, N, vec, qvec);
+      } else {
+        fp8_epilogue_quantize_kernel<T, B, kNone><<<M, kRowThreads, 0, stream>>>(
+            yp, rp, cp, bp, outp, qp, sp, N, vec, qvec);
+      }
+    });
+  };
+  if (y.scalar_type() == at::kBFloat16) {
+    run(__nv_bfloat16{});
+  } else {
+    run(__half{});
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, q, q_scales};
+}
+
 }  // namespace
 }  // namespace dcgen
 
 TORCH_LIBRARY_IMPL(dcgen, CUDA, m) {
   m.impl("fp8_scale_epilogue", &dcgen::fp8_scale_epilogue_cuda);
   m.impl("fp8_scale_epilogue_into", &dcgen::fp8_scale_epilogue_into_cuda);
+  m.impl("fp8_scale_epilogue_fp8", &dcgen::fp8_scale_epilogue_fp8_cuda);
 }

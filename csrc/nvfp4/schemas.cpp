@@ -15,6 +15,11 @@ TORCH_LIBRARY_FRAGMENT(dcgen, m) {
   m.def(
       "fp8_scale_epilogue_into(Tensor y, Tensor row_scale, Tensor col_scale, Tensor? bias, "
       "str act, Tensor(a!) out) -> ()");
+  // The same epilogue and its output's FP8 row quantization, as quantize_fp8(out, 0) gives it:
+  // (out [M, N], q float8_e4m3fn [M, N], q_scales fp32 [M, 1]).
+  m.def(
+      "fp8_scale_epilogue_fp8(Tensor y, Tensor row_scale, Tensor col_scale, Tensor? bias, "
+      "str act) -> (Tensor, Tensor, Tensor)");
   // bf16/fp16/fp32 [M, K] + fp32 scalar decode scale -> (packed E2M1 uint8 [M, Kp/2],
   // float8_e4m3fn block scales in the 128x4 swizzled layout, flat). Spec:
   // dcgen/ops/quantize_nvfp4.py (the recipe of dcgen/quant/nvfp4.py).

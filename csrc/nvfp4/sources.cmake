@@ -6,7 +6,8 @@ if(DCGEN_WITH_CUDA)
     csrc/nvfp4/nvfp4_dequantize_cuda.cu csrc/nvfp4/fp8_epilogue_cuda.cu
     csrc/nvfp4/quantize_nvfp4_lowrank_cuda.cu)
   list(APPEND DCGEN_KERNELS quantize_fp8:cuda quantize_nvfp4:cuda nvfp4_dequantize:cuda
-    fp8_scale_epilogue:cuda fp8_scale_epilogue_into:cuda quantize_nvfp4_lowrank:cuda)
+    fp8_scale_epilogue:cuda fp8_scale_epilogue_into:cuda
+    fp8_scale_epilogue_fp8:cuda quantize_nvfp4_lowrank:cuda)
   # CUTLASS block-scaled GEMM: an Sm100 kernel builds for sm_100a only (the "blackwell" family
   # adds sm_120a, whose block-scaled MMA is a different instruction set). About 3.5 min and
   # 4 GB of RAM on 2 shared cores. 2908: CUTLASS headers' implicit `this` captures (C++20).

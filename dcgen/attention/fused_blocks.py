@@ -14,8 +14,10 @@ more over its 4x-wide hidden state. These forwards compute the same function wit
   ``_trusted`` forms: these forwards build the arguments, so the kernels are called without
   the public functions' Python validation (host time counts in an eager step),
 - the GELU in the MLP's first GEMM: cuBLAS's bias + GELU epilogue for a 16-bit nn.Linear
-  (``torch._addmm_activation``), dcgen's FP8 scale epilogue for an FP8Linear; any other layer
-  (a LoRA wrapper, say) keeps ``gelu(proj(x))``;
+  (``torch._addmm_activation``), dcgen's FP8 scale epilogue for an FP8Linear (which, when the
+  MLP's second linear is FP8 too, also writes the GELU output's FP8 row quantization for it:
+  ``FP8Linear.forward_quantized``); any other layer (a LoRA wrapper, say) keeps
+  ``gelu(proj(x))``;
 - in inference, a single block's input ``[text, image]`` taken as it lies when the previous
   single block's output halves are passed in (views of one buffer), instead of ``torch.cat``;
 - in inference, the single block's ``proj_out`` input ``[attention, MLP]`` assembled in place:
@@ -47,7 +49,7 @@ from dcgen.ops.modulation import (
     adaln_modulate_trusted,
     gated_residual_trusted,
 )
-from dcgen.quant.fp8_linear import offered_quantization, takes_fp8_rows
+from dcgen.quant.fp8_linear import FP8Linear, offered_quantization, takes_fp8_rows
 
 from .linear_out import linear_gelu, linear_gelu_into
 
@@ -112,9 +114,21 @@ def fusable(block: nn.Module) -> bool:
 
 
 def _feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    h = linear_gelu(ff.net[0].proj, x)
-    for layer in ff.net[1:]:
-        h = layer(h)
+    proj, rest = ff.net[0].proj, ff.net[1:]
+    hq = None
+    if (
+        type(proj) is FP8Linear
+        and not torch.is_grad_enabled()
+        and not has_forward_hooks(proj)
+        and any(takes_fp8_rows(layer) for layer in rest)
+    ):
+        # the second FP8 linear's input quantized by the first one's epilogue (module doc)
+        h, hq = proj.forward_quantized(x, act="gelu_tanh")
+    else:
+        h = linear_gelu(proj, x)
+    with offered_quantization(h, hq):
+        for layer in rest:
+            h = layer(h)
     return h
 
 

@@ -27,6 +27,8 @@ from .channel_rms_norm import (
 )
 from .fp8_epilogue import (
     fp8_scale_epilogue,
+    fp8_scale_epilogue_fp8,
+    fp8_scale_epilogue_fp8_reference,
     fp8_scale_epilogue_into,
     fp8_scale_epilogue_reference,
 )
@@ -64,6 +66,8 @@ __all__ = [
     "channel_duplicate_to_space",
     "dequantize_fp8",
     "fp8_scale_epilogue",
+    "fp8_scale_epilogue_fp8",
+    "fp8_scale_epilogue_fp8_reference",
     "fp8_scale_epilogue_into",
     "fp8_scale_epilogue_reference",
     "fused_attention",

@@ -26,6 +26,18 @@ if has_schema("fp8_scale_epilogue_into"):
         return None  # writes out in place
 
 
+if has_schema("fp8_scale_epilogue_fp8"):
+
+    @torch.library.register_fake("dcgen::fp8_scale_epilogue_fp8")
+    def _fp8_scale_epilogue_fp8_fake(y, row_scale, col_scale, bias, act):  # noqa: ANN001
+        m, n = y.shape
+        return (
+            torch.empty_like(y, memory_format=torch.contiguous_format),
+            y.new_empty((m, n), dtype=torch.float8_e4m3fn),
+            y.new_empty((m, 1), dtype=torch.float32),
+        )
+
+
 if has_schema("quantize_nvfp4"):
 
     @torch.library.register_fake("dcgen::quantize_nvfp4")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import _quant_fake  # noqa: F401  (its fake impl, so torch.compile traces the op)
 from ._extension import compiled_op, has_kernel, inductor_fuses_instead
 from ._validate import check_same_device, check_tensor
+from .quantize_fp8 import quantize_fp8_reference
 
 ACTIVATIONS = ("none", "gelu_tanh")
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -139,3 +140,44 @@ def fp8_scale_epilogue_into(
         )
         return
     out.copy_(fp8_scale_epilogue(y, row_scale, col_scale, bias, act))
+
+
+def fp8_scale_epilogue_fp8_reference(
+    y: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spec of :func:`fp8_scale_epilogue_fp8`: the epilogue's output and
+    ``quantize_fp8_reference(out, "row")`` of it (the stored, rounded values)."""
+    out = fp8_scale_epilogue_reference(y, row_scale, col_scale, bias, act)
+    q, q_scales = quantize_fp8_reference(out, "row")
+    return out, q, q_scales
+
+
+def fp8_scale_epilogue_fp8(
+    y: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, q, q_scales)``: ``out = fp8_scale_epilogue(...)`` and its FP8 row quantization
+    (float8_e4m3fn [M, N] codes, fp32 [M, 1] decode scales), exactly as
+    ``dcgen.ops.quantize_fp8(out, "row")`` gives them: for an FP8 linear whose output is the
+    next FP8 linear's input (FLUX's MLP), so the quantize reads the row while the kernel has
+    it. One CUDA kernel (one CTA per row) in inference when built; else the reference."""
+    _check(y, row_scale, col_scale, bias, act)
+    if (
+        not torch.is_grad_enabled()
+        and y.numel() > 0
+        and has_kernel("fp8_scale_epilogue_fp8", y.device)
+        and not torch.compiler.is_compiling()
+    ):
+        if bias is not None and bias.dtype not in (torch.float32, y.dtype):
+            bias = bias.float()
+        return compiled_op("fp8_scale_epilogue_fp8")(
+            y.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias, act
+        )
+    return fp8_scale_epilogue_fp8_reference(y, row_scale, col_scale, bias, act)

@@ -380,6 +380,25 @@ class FP8Linear(nn.Module):
                     return
         out.copy_(self(x, act=act))
 
+    def forward_quantized(
+        self, x: torch.Tensor, act: str = "none"
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``(self(x, act), its FP8 row quantization or None)`` (inference; the module is not
+        called, so forward hooks do not run: callers with hooked layers call it instead). On
+        the direct route the scale epilogue also writes its output's row quantization
+        (``dcgen::fp8_scale_epilogue_fp8``), exactly ``quantize_fp8(out, "row")``, for the next
+        FP8 linear (:func:`offered_quantization`); otherwise only the output."""
+        if act in _ACTS and self._direct(x) and has_kernel("fp8_scale_epilogue_fp8", x.device):
+            xq, xs = _shared.quantize_rows_direct(x, self.in_features)
+            y = _fp8.unit_scale_gemm(xq, self.weight, torch.bfloat16)
+            if y is not None:
+                epilogue_fp8 = direct_ops("fp8_scale_epilogue_fp8")[0]
+                out, q, q_scales = epilogue_fp8(y, xs, self.weight_scale, self.bias, act)
+                lead = x.shape[:-1]
+                shape = (*lead, self.out_features)
+                return out.reshape(shape), (q.reshape(shape), q_scales.reshape(*lead, 1))
+        return self(x, act=act), None
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's spec in pure PyTorch: reference quantize, exact dequantize, fp32 matmul."""
         self._check(x)

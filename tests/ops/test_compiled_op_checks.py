@@ -256,6 +256,19 @@ FP8_EPILOGUE_INTO = [
     ),
 ]
 
+# --- fp8_scale_epilogue_fp8(y, row_scale, col_scale, bias, act): the same checks ---
+P_FP8 = P + "_fp8"
+FP8_EPILOGUE_FP8 = [
+    dataclasses.replace(
+        c,
+        op="fp8_scale_epilogue_fp8",
+        expect=tuple(
+            e.replace(P + ":", P_FP8 + ":").replace(P + " ", P_FP8 + " ") for e in c.expect
+        ),  # fmt: skip
+    )
+    for c in FP8_EPILOGUE
+]
+
 # --- adaln_modulate(x, shift, scale, rows_per_batch, eps): dit/modulation_cuda.cu ---
 OP = "adaln_modulate"
 P = "dcgen::adaln_modulate"
@@ -1321,7 +1334,7 @@ LINEAR = [
 ]
 
 CASES: list[Case] = [
-    *FP8_EPILOGUE, *FP8_EPILOGUE_INTO, *ADALN, *ADALN_FP8, *GATED, *QUANTIZE_FP8, *QUANTIZE_NVFP4, *LOWRANK, *DEQUANT, *GEMM,
+    *FP8_EPILOGUE, *FP8_EPILOGUE_INTO, *FP8_EPILOGUE_FP8, *ADALN, *ADALN_FP8, *GATED, *QUANTIZE_FP8, *QUANTIZE_NVFP4, *LOWRANK, *DEQUANT, *GEMM,
     *W4A16, *QK, *ATTENTION, *RMS, *RMS_FUSED, *UP, *DOWN, *GLU, *LINEAR,
 ]  # fmt: skip
 BY_ID = {case.id: case for case in CASES}

@@ -1,4 +1,6 @@
-"""fp8_scale_epilogue: act(y * row_scale * col_scale + bias), its spec and its CUDA kernel."""
+"""fp8_scale_epilogue: act(y * row_scale * col_scale + bias), its spec and its CUDA kernel, and
+its two other forms: written into part of a larger buffer (_into), and with the output's FP8 row
+quantization (_fp8)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,13 @@ import torch.nn.functional as F
 
 from dcgen.ops import (
     fp8_scale_epilogue,
+    fp8_scale_epilogue_fp8,
     fp8_scale_epilogue_into,
     fp8_scale_epilogue_reference,
     has_kernel,
 )
 from dcgen.ops._extension import compiled_op
+from dcgen.ops.quantize_fp8 import quantize_fp8
 from tests.conftest import poison_cuda_allocator
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -99,6 +103,17 @@ def test_into_rejects_an_out_that_does_not_fit(rng):
         fp8_scale_epilogue_into(y, rs, cs, b, "none", torch.empty(4, 8, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+def test_fp8_form_is_the_epilogue_and_its_row_quantization(act, rng):
+    y, rs, cs, b = _inputs(6, 40, torch.bfloat16, rng)
+    out, q, q_scales = fp8_scale_epilogue_fp8(y, rs, cs, b, act)
+    assert torch.equal(out, fp8_scale_epilogue(y, rs, cs, b, act))
+    want_q, want_s = quantize_fp8(out, "row")
+    assert q.dtype == torch.float8_e4m3fn and q_scales.shape == (6, 1)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(q_scales, want_s)
+
+
 def _need_kernel() -> None:
     if not has_kernel("fp8_scale_epilogue", "cuda"):
         pytest.skip("dcgen._C has no CUDA fp8_scale_epilogue kernel")
@@ -143,6 +158,38 @@ def test_cuda_into_kernel_writes_its_block_bit_for_bit(act, rng):
             compiled_op("fp8_scale_epilogue_into")(y, rs, cs, b, act, out)
             assert torch.equal(out.cpu(), want.cpu()), (m, n, pad)
             assert buf[:, :pad].isnan().all() and buf[:, pad + n :].isnan().all(), (m, n, pad)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor, msg: object) -> None:
+    """Bit-equal except that any NaN matches any NaN."""
+    nan_a, nan_b = a.float().isnan().cpu(), b.float().isnan().cpu()
+    assert torch.equal(nan_a, nan_b), msg
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    assert torch.equal(a.cpu().view(bits)[~nan_a], b.cpu().view(bits)[~nan_b]), msg
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_fp8_kernel_is_epilogue_then_quantize_bit_for_bit(dtype, act, rng):
+    # dcgen::fp8_scale_epilogue_fp8 against the two kernels it replaces, on poisoned memory:
+    # the same output and the same codes and scales (rows of one and several CTA passes, odd N,
+    # with and without bias, a NaN row).
+    if not has_kernel("fp8_scale_epilogue_fp8", "cuda"):
+        pytest.skip("dcgen._C has no CUDA fp8_scale_epilogue_fp8 kernel")
+    for m, n in [*SHAPES, (3, 12288), (2, 12288 + 5)]:
+        for bias in (True, False):
+            y, rs, cs, b = _inputs(m, n, dtype, rng, "cuda", bias)
+            if m > 2:
+                y[1, n // 2] = float("nan")
+            poison_cuda_allocator()
+            out, q, q_scales = fp8_scale_epilogue_fp8(y, rs, cs, b, act)
+            torch.cuda.synchronize()
+            want_out = fp8_scale_epilogue(y, rs, cs, b, act)
+            want_q, want_s = quantize_fp8(want_out, "row")
+            _same_bits(out, want_out, (m, n, bias, "out"))
+            _same_bits(q, want_q, (m, n, bias, "q"))
+            _same_bits(q_scales, want_s, (m, n, bias, "scales"))
 
 
 @pytest.mark.cuda

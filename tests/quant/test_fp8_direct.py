@@ -22,10 +22,10 @@ from dcgen.ops.quantize_fp8 import quantize_fp8_reference
 from dcgen.quant import FP8Linear
 from tests.conftest import poison_cuda_allocator
 
-if not all(_extension.has_schema(op) for op in ("quantize_fp8", "fp8_scale_epilogue_into")):
+if not all(_extension.has_schema(op) for op in ("quantize_fp8", "fp8_scale_epilogue_fp8")):
     pytest.skip("dcgen._C is not built: no dcgen FP8 ops to route to", allow_module_level=True)
 
-OPS = ("quantize_fp8", "fp8_scale_epilogue", "fp8_scale_epilogue_into")
+OPS = ("quantize_fp8", "fp8_scale_epilogue", "fp8_scale_epilogue_into", "fp8_scale_epilogue_fp8")
 
 
 @pytest.fixture
@@ -48,6 +48,11 @@ def cpu_kernels(monkeypatch):
         calls["fp8_scale_epilogue_into"] += 1
         out.copy_(fp8_scale_epilogue_reference(y, row_scale, col_scale, bias, act))
 
+    def epilogue_fp8(y, row_scale, col_scale, bias, act):  # noqa: ANN001, ANN202
+        calls["fp8_scale_epilogue_fp8"] += 1
+        out = fp8_scale_epilogue_reference(y, row_scale, col_scale, bias, act)
+        return (out, *quantize_fp8_reference(out, "row"))
+
     direct = FP8Linear._direct_forward
 
     def counted(self, x, act):  # noqa: ANN001, ANN202
@@ -59,6 +64,7 @@ def cpu_kernels(monkeypatch):
     lib.impl("quantize_fp8", quantize, "CPU")
     lib.impl("fp8_scale_epilogue", epilogue, "CPU")
     lib.impl("fp8_scale_epilogue_into", epilogue_into, "CPU")
+    lib.impl("fp8_scale_epilogue_fp8", epilogue_fp8, "CPU")
     monkeypatch.setattr(_extension, "_KERNELS", _extension._KERNELS | {(n, "CPU") for n in OPS})
     monkeypatch.setattr(f, "_REJECTED", set())
     monkeypatch.setenv("DCGEN_FP8_GEMM", "tensor")
@@ -90,12 +96,14 @@ def test_direct_route_gives_the_general_paths_bits(cpu_kernels, act, bias, monke
     with torch.inference_mode():
         y = layer(x, act)
         assert cpu_kernels == {
-            "quantize_fp8": 1, "fp8_scale_epilogue": 1, "fp8_scale_epilogue_into": 0, "direct": 1
+            "quantize_fp8": 1, "fp8_scale_epilogue": 1, "fp8_scale_epilogue_into": 0,
+            "fp8_scale_epilogue_fp8": 0, "direct": 1,
         }  # fmt: skip
         want = _general(layer, x, act, monkeypatch)
     # the general path ran the same two kernels, not the direct route
     assert cpu_kernels == {
-        "quantize_fp8": 2, "fp8_scale_epilogue": 2, "fp8_scale_epilogue_into": 0, "direct": 1
+        "quantize_fp8": 2, "fp8_scale_epilogue": 2, "fp8_scale_epilogue_into": 0,
+        "fp8_scale_epilogue_fp8": 0, "direct": 1,
     }  # fmt: skip
     assert y.shape == (2, 5, 40) and y.dtype == torch.bfloat16
     assert torch.equal(y, want)
@@ -206,6 +214,27 @@ def test_forward_into_writes_the_layers_output_in_place(cpu_kernels, act):
     assert (buf[..., :50] == 3).all() and (buf[..., 90:] == 3).all()
 
 
+def test_forward_quantized_gives_the_output_and_its_quantization(cpu_kernels):
+    # On the direct route the epilogue also returns its output's row quantization (the same
+    # bits as quantizing the output); off it (autograd here), only the output.
+    layer = _layer()
+    x = (torch.randn(2, 5, 64) * 4).bfloat16()
+    with torch.inference_mode():
+        want = layer(x, "gelu_tanh")
+        y, quantized = layer.forward_quantized(x, act="gelu_tanh")
+    assert cpu_kernels["fp8_scale_epilogue_fp8"] == 1
+    assert torch.equal(y, want) and quantized is not None
+    q, scales = quantized
+    want_q, want_s = quantize_fp8_reference(want, "row")
+    assert q.shape == (2, 5, 40) and scales.shape == (2, 5, 1)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(scales, want_s)
+    xg = x.clone().requires_grad_()
+    y, quantized = layer.forward_quantized(xg, act="gelu_tanh")
+    assert quantized is None and cpu_kernels["fp8_scale_epilogue_fp8"] == 1
+    assert torch.equal(y, layer(xg, "gelu_tanh"))  # the layer's own autograd path
+
+
 def test_forward_into_copies_where_it_cannot_write_in_place(cpu_kernels):
     # Rows of two batch elements inside a longer sequence are not one [M, N] view, and the
     # general path (autograd) has no in-place form: both copy the layer's output in.
@@ -260,8 +289,9 @@ def test_cuda_direct_route_gives_the_general_paths_bits(act, monkeypatch):
 def test_fused_flux_blocks_write_fp8_outputs_in_place(cpu_kernels, kind):
     # In accelerated FLUX blocks with FP8 linears on the direct route, the outputs that go into
     # a larger buffer are written there by the scale epilogue: a double block's six joint
-    # q / k / v projections, a single block's MLP (its half of proj_out's input). Same bits as
-    # the same blocks copying each output in.
+    # q / k / v projections, a single block's MLP (its half of proj_out's input); and each FP8
+    # input is quantized by the op that produces it where that op can. Same bits as the same
+    # blocks copying each output in.
     from diffusers.models.transformers.transformer_flux import (
         FluxSingleTransformerBlock,
         FluxTransformerBlock,
@@ -282,12 +312,19 @@ def test_fused_flux_blocks_write_fp8_outputs_in_place(cpu_kernels, kind):
         temb=torch.randn(1, 64, generator=g).bfloat16(),
     )
     with torch.inference_mode():
+        quantizes = cpu_kernels["quantize_fp8"]
         got = block(**inputs)
+        quantizes = cpu_kernels["quantize_fp8"] - quantizes
         in_place = cpu_kernels["fp8_scale_epilogue_into"]
         with pytest.MonkeyPatch.context() as m:  # every output copied in instead
             m.setattr(FP8Linear, "forward_into", lambda self, x, out, act="none": out.copy_(
                 self(x, act=act)))  # fmt: skip
             want = block(**inputs)
     assert in_place == (6 if kind == "double" else 1)
+    # Quantized by their producers: every modulated input (adaln_modulate_fp8) and the MLPs'
+    # GELU outputs (the first linear's epilogue). Left: the attention outputs (double: image and
+    # text) and a single block's proj_out input.
+    assert quantizes == (2 if kind == "double" else 1)
+    assert cpu_kernels["fp8_scale_epilogue_fp8"] >= (2 if kind == "double" else 0)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
