@@ -143,10 +143,15 @@ def test_modulate_then_fp8_quantize(benchmark, impl):
 
     # bytes at the roofline: x read, the 16-bit output and the codes written (one pass)
     nbytes = x.numel() * (2 * x.element_size() + 1)
-    benchmark.group = f"adaln_modulate + fp8 row quantize {MOD_SHAPE} {str(DTYPE)[6:]}"
-    benchmark.extra_info.update(
-        impl=impl, baseline_name="adaln_modulate then quantize_fp8", bytes_moved=nbytes
-    )
+    group = f"adaln_modulate + fp8 row quantize {MOD_SHAPE} {str(DTYPE)[6:]}"
+    _time_fused_pair(benchmark, impl, two_ops, fused, group, "adaln_modulate then quantize_fp8",
+                     nbytes)  # fmt: skip
+
+
+def _time_fused_pair(benchmark, impl, two_ops, fused, group, baseline_name, nbytes) -> None:  # noqa: ANN001
+    """Time the two-kernel baseline or the fused op, with the bytes a single pass moves."""
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, baseline_name=baseline_name, bytes_moved=nbytes)
     with torch.inference_mode():
         time_it(
             benchmark, two_ops if impl == "baseline" else fused, n_rounds=rounds(100, 3),
@@ -181,17 +186,9 @@ def test_gelu_epilogue_then_fp8_quantize(benchmark, impl):
         return fp8_scale_epilogue_fp8(y, rs, cs, bias, "gelu_tanh")
 
     nbytes = y.numel() * (2 + 2 + 1)  # y read, the bf16 output and the codes written
-    benchmark.group = f"gelu scale epilogue + fp8 row quantize {EPI_SHAPE} bfloat16"
-    benchmark.extra_info.update(
-        impl=impl, baseline_name="fp8_scale_epilogue then quantize_fp8", bytes_moved=nbytes
-    )
-    with torch.inference_mode():
-        time_it(
-            benchmark, two_ops if impl == "baseline" else fused, n_rounds=rounds(100, 3),
-            back_to_back=BACK_TO_BACK,
-        )  # fmt: skip
-    if benchmark.stats:
-        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+    group = f"gelu scale epilogue + fp8 row quantize {EPI_SHAPE} bfloat16"
+    _time_fused_pair(benchmark, impl, two_ops, fused, group,
+                     "fp8_scale_epilogue then quantize_fp8", nbytes)  # fmt: skip
 
 
 @pytest.mark.parametrize("nk", LINEAR_SHAPES[:2], ids=lambda nk: f"{nk[0]}x{nk[1]}")

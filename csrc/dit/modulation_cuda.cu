@@ -131,37 +131,17 @@ __global__ void adaln_modulate_fp8_kernel(const T* __restrict__ x, const P* __re
   const int64_t b = row / rows_per_batch;
   const T* xr = x + row * D;
   T* orow = out + row * D;
-  uint8_t* qr = q + row * D;
   const P* sh = shift + b * shift_stride;
   const P* sc = scale + b * scale_stride;
   const float2 stats = row_mean_rstd(xr, D, eps, vec, partial);
   // The stored element's value: the quantize reads the 16-bit output, not the fp32 one.
-  auto rounded8 = [&](int64_t k0, int valid, bool v, float (&o)[8]) {
-    modulate8(xr, sh, sc, k0, valid, v, stats, o);
+  quant::store_row_and_quantize<kRowThreads, T>(
+      orow, q + row * D, q_scales + row, D, vec, qvec,
+      [&](int64_t k0, int valid, bool v, float (&o)[8]) {
+        modulate8(xr, sh, sc, k0, valid, v, stats, o);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) o[i] = to_float(from_float<T>(o[i]));
-  };
-  float amax = 0.f;
-  for (int64_t k0 = threadIdx.x * 8; k0 < D; k0 += kRowThreads * 8) {
-    const int valid = count_valid(D - k0, 8);
-    const bool v = vec && valid == 8;
-    float o[8];
-    rounded8(k0, valid, v, o);
-    store8<T>(orow + k0, o, valid, v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) amax = quant::nan_max(amax, fabsf(o[i]));  // 0 past D
-  }
-  const float qscale = quant::fp8_scale(quant::row_amax<kRowThreads>(amax));
-  const quant::GridDivisor divisor(qscale);
-  for (int64_t k0 = threadIdx.x * 8; k0 < D; k0 += kRowThreads * 8) {
-    const int valid = count_valid(D - k0, 8);
-    const bool v = vec && valid == 8;
-    float o[8];
-    rounded8(k0, valid, v, o);
-    quant::store_q(qr + k0, o, divisor, valid, qvec && valid == 8,
-                   [&](float (&again)[8]) { rounded8(k0, valid, v, again); });
-  }
-  if (threadIdx.x == 0) q_scales[row] = qscale;
+        for (int i = 0; i < 8; ++i) o[i] = to_float(from_float<T>(o[i]));
+      });
 }
 
 template <typename T, typename P>

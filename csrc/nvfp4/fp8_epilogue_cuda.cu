@@ -93,32 +93,13 @@ __global__ void fp8_epilogue_quantize_kernel(const T* __restrict__ y, const floa
   const int64_t row = blockIdx.x;
   const T* yr = y + row * N;
   const float r = rs[row];
-  auto rounded8 = [&](int64_t n0, int valid, bool v, float (&o)[8]) {
-    epilogue8<T, B, kAct>(yr, r, cs, bias, n0, valid, v, o);
+  quant::store_row_and_quantize<kRowThreads, T>(
+      out + row * N, q + row * N, q_scales + row, N, vec, qvec,
+      [&](int64_t n0, int valid, bool v, float (&o)[8]) {
+        epilogue8<T, B, kAct>(yr, r, cs, bias, n0, valid, v, o);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) o[i] = to_float(quant::from_float<T>(o[i]));
-  };
-  float amax = 0.f;
-  for (int64_t n0 = threadIdx.x * 8; n0 < N; n0 += kRowThreads * 8) {
-    const int valid = count_valid(N - n0, 8);
-    const bool v = vec && valid == 8;
-    float o[8];
-    rounded8(n0, valid, v, o);
-    store8(out + row * N + n0, o, valid, v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) amax = quant::nan_max(amax, fabsf(o[i]));  // 0 past N
-  }
-  const float qscale = quant::fp8_scale(quant::row_amax<kRowThreads>(amax));
-  const quant::GridDivisor divisor(qscale);
-  for (int64_t n0 = threadIdx.x * 8; n0 < N; n0 += kRowThreads * 8) {
-    const int valid = count_valid(N - n0, 8);
-    const bool v = vec && valid == 8;
-    float o[8];
-    rounded8(n0, valid, v, o);
-    quant::store_q(q + row * N + n0, o, divisor, valid, qvec && valid == 8,
-                   [&](float (&again)[8]) { rounded8(n0, valid, v, again); });
-  }
-  if (threadIdx.x == 0) q_scales[row] = qscale;
+        for (int i = 0; i < 8; ++i) o[i] = to_float(quant::from_float<T>(o[i]));
+      });
 }
 
 template <typename T, typename B>

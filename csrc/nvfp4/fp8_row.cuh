@@ -81,5 +81,40 @@ __device__ __forceinline__ void store_q(uint8_t* __restrict__ out, float (&q)[8]
   }
 }
 
+// A kernel's output row and its FP8 row quantization, written by one CTA of kThreads threads:
+// `values(k0, valid, vec, o)` computes the 8 output values at column k0 (0 past n) already
+// rounded to T, and must give the same floats every time it is called for a k0 (it is called
+// twice, three times on the rare division path: the row is not kept in registers). Pass 1
+// stores the row and reduces its amax; pass 2 encodes the values as quantize_fp8 (block 0)
+// encodes the stored row. `vec`: the 16-byte path of out (n % 8 == 0, aligned); `qvec`: the
+// 8-byte path of q.
+template <int kThreads, typename T, typename Values>
+__device__ __forceinline__ void store_row_and_quantize(T* __restrict__ out_row,
+                                                       uint8_t* __restrict__ q_row,
+                                                       float* __restrict__ q_scale, int64_t n,
+                                                       bool vec, bool qvec, Values&& values) {
+  float amax = 0.f;
+  for (int64_t k0 = threadIdx.x * 8; k0 < n; k0 += kThreads * 8) {
+    const int valid = count_valid(n - k0, 8);
+    const bool v = vec && valid == 8;
+    float o[8];
+    values(k0, valid, v, o);
+    store8<T>(out_row + k0, o, valid, v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = nan_max(amax, fabsf(o[i]));  // 0 past n
+  }
+  const float scale = fp8_scale(row_amax<kThreads>(amax));
+  const GridDivisor divisor(scale);
+  for (int64_t k0 = threadIdx.x * 8; k0 < n; k0 += kThreads * 8) {
+    const int valid = count_valid(n - k0, 8);
+    const bool v = vec && valid == 8;
+    float o[8];
+    values(k0, valid, v, o);
+    store_q(q_row + k0, o, divisor, valid, qvec && valid == 8,
+            [&](float (&again)[8]) { values(k0, valid, v, again); });
+  }
+  if (threadIdx.x == 0) *q_scale = scale;
+}
+
 }  // namespace quant
 }  // namespace dcgen

@@ -55,6 +55,27 @@ def _check(
     check_same_device(y=y, row_scale=row_scale, col_scale=col_scale, bias=bias)
 
 
+def _kernel_args(
+    y: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None
+) -> tuple:
+    """The kernels' (y, row_scale, col_scale, bias): contiguous, the bias in fp32 unless it is
+    y's dtype (the kernels read fp32 or y's dtype; exact for 16-bit values)."""
+    if bias is not None and bias.dtype not in (torch.float32, y.dtype):
+        bias = bias.float()
+    return y.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias
+
+
+def _inference_kernel(op: str, y: torch.Tensor) -> bool:
+    """Whether the in-place / quantizing forms run their kernel: built for y's device, nothing
+    traced or differentiated, something to do."""
+    return (
+        not torch.is_grad_enabled()
+        and y.numel() > 0
+        and has_kernel(op, y.device)
+        and not torch.compiler.is_compiling()
+    )
+
+
 def fp8_scale_epilogue_reference(
     y: torch.Tensor,
     row_scale: torch.Tensor,
@@ -97,11 +118,7 @@ def fp8_scale_epilogue(
         and has_kernel("fp8_scale_epilogue", y.device)
         and not inductor_fuses_instead()
     ):
-        if bias is not None and bias.dtype not in (torch.float32, y.dtype):
-            bias = bias.float()  # the kernel reads fp32 or y's dtype; exact for 16-bit values
-        return compiled_op("fp8_scale_epilogue")(
-            y.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias, act
-        )
+        return compiled_op("fp8_scale_epilogue")(*_kernel_args(y, row_scale, col_scale, bias), act)
     return fp8_scale_epilogue_reference(y, row_scale, col_scale, bias, act)
 
 
@@ -126,18 +143,9 @@ def fp8_scale_epilogue_into(
             f"{y.device}, got {tuple(out.shape)} on {out.device}"
         )
     rows_ok = out.stride(1) == 1 and (out.shape[0] <= 1 or out.stride(0) >= out.shape[1])
-    if (
-        rows_ok
-        and not torch.is_grad_enabled()
-        and y.numel() > 0
-        and has_kernel("fp8_scale_epilogue_into", y.device)
-        and not torch.compiler.is_compiling()
-    ):
-        if bias is not None and bias.dtype not in (torch.float32, y.dtype):
-            bias = bias.float()
-        compiled_op("fp8_scale_epilogue_into")(
-            y.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias, act, out
-        )
+    if rows_ok and _inference_kernel("fp8_scale_epilogue_into", y):
+        args = _kernel_args(y, row_scale, col_scale, bias)
+        compiled_op("fp8_scale_epilogue_into")(*args, act, out)
         return
     out.copy_(fp8_scale_epilogue(y, row_scale, col_scale, bias, act))
 
@@ -169,15 +177,7 @@ def fp8_scale_epilogue_fp8(
     next FP8 linear's input (FLUX's MLP), so the quantize reads the row while the kernel has
     it. One CUDA kernel (one CTA per row) in inference when built; else the reference."""
     _check(y, row_scale, col_scale, bias, act)
-    if (
-        not torch.is_grad_enabled()
-        and y.numel() > 0
-        and has_kernel("fp8_scale_epilogue_fp8", y.device)
-        and not torch.compiler.is_compiling()
-    ):
-        if bias is not None and bias.dtype not in (torch.float32, y.dtype):
-            bias = bias.float()
-        return compiled_op("fp8_scale_epilogue_fp8")(
-            y.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias, act
-        )
+    if _inference_kernel("fp8_scale_epilogue_fp8", y):
+        args = _kernel_args(y, row_scale, col_scale, bias)
+        return compiled_op("fp8_scale_epilogue_fp8")(*args, act)
     return fp8_scale_epilogue_fp8_reference(y, row_scale, col_scale, bias, act)
