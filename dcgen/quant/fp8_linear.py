@@ -18,7 +18,9 @@ with stubbed ops on this project's CPU: ``benchmarks/test_host_time.py``), on to
 dispatches, so the host, not the GPU, set the pace. The route decision is made once per
 (device, dtype, environment) and cached on the layer; each call then runs the quantize kernel,
 ``torch._scaled_mm`` with unit scales and the scale epilogue kernel directly. Same ops, same
-arguments, same bits as the general path.
+arguments, same bits as the general path. Two variants serve the fused DiT blocks:
+``forward_into`` (the epilogue writes into part of a caller's buffer) and ``forward_quantized``
+(the epilogue also returns its output's FP8 row quantization, for the next FP8 linear).
 
 Gradients (LoRA on a quantized base, QLoRA style): the weight is frozen; the input gradient is
 the straight-through one, ``dx = dy @ deq(W)`` (rounding has no useful derivative), and the
