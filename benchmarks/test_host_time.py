@@ -18,6 +18,8 @@ these microseconds, times some hundreds of calls per step, are the step time.
   inference; the processor is a stub that returns its input (57 attention calls per FLUX step).
 - adaln_modulate / gated_residual: the public functions against the ``_trusted`` forms the
   fused FLUX / SANA blocks call (8 calls per FLUX double block, 2 per single block).
+- whole FLUX double and single blocks: diffusers' block with its stock processor against
+  ``dcgen.accelerate(blocks=True)``, GEMMs and attention stubbed on both sides.
 
 Both rows of a group run on the CPU wherever this file runs (the GPU machine included): host
 work is the same code either way, minus CUDA's own launch cost, which both forms pay.
@@ -166,3 +168,55 @@ def test_modulation_host_time(benchmark, impl, op, stubbed):
     benchmark.group = f"{op} host time per call (stubbed kernel)"
     benchmark.extra_info.update(impl=impl, baseline_name=f"dcgen.ops.{op} (validating)")
     _time_calls(benchmark, lambda: fn(*args))
+
+
+# A whole FLUX block at tiny widths (64 wide, 2 heads, 16 image + 4 text tokens, bf16). The
+# GEMMs and attention are stubs on both sides (they return empty outputs of the right shape and
+# layout: a bf16 GEMM on this CPU costs tens of microseconds of arithmetic, more than the whole
+# Python path around it, and on the GPU these are timed as kernels); dcgen's modulation ops are
+# stubbed as above; the stock block's own elementwise ops run for real on tiny tensors (a few
+# microseconds each, about a CUDA launch). What remains is each block's host work per call,
+# which an eager FLUX step pays 57 times and which sets the step time where the GPU's work is
+# shorter (DC-Gen at 1K and 2K).
+@pytest.mark.parametrize("kind", ["double", "single"])
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_flux_block_host_time(benchmark, impl, kind, stubbed, monkeypatch):
+    import copy
+
+    import diffusers.models.transformers.transformer_flux as tf
+
+    import dcgen.attention.processors as processors
+    from dcgen.attention import accelerate
+
+    def attention_stub(q, k, v, **_):  # noqa: ANN001, ANN003, ANN202
+        b, h, s, d = q.shape
+        return q.new_zeros(b, s, h, d).transpose(1, 2)
+
+    def stock_attention_stub(query, key, value, *_, **__):  # noqa: ANN001, ANN002, ANN003, ANN202
+        return torch.zeros_like(query)  # (B, S, H, D), as diffusers' dispatch returns it
+
+    def linear_stub(x, weight, bias=None):  # noqa: ANN001, ANN202
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    def addmm_stub(bias, x, weight_t, *_, out=None, **__):  # noqa: ANN001, ANN002, ANN003, ANN202
+        return out if out is not None else x.new_empty(x.shape[0], weight_t.shape[1])
+
+    monkeypatch.setattr(processors, "fused_attention", attention_stub)
+    monkeypatch.setattr(tf, "dispatch_attention_fn", stock_attention_stub)
+    monkeypatch.setattr(torch.nn.functional, "linear", linear_stub)
+    monkeypatch.setattr(torch, "addmm", addmm_stub)
+    monkeypatch.setattr(torch, "_addmm_activation", addmm_stub)
+    torch.manual_seed(0)
+    cls = tf.FluxTransformerBlock if kind == "double" else tf.FluxSingleTransformerBlock
+    block = cls(64, 2, 32).eval().bfloat16()
+    if impl == "dcgen":
+        block = accelerate(copy.deepcopy(block), blocks=True)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 64, generator=g).bfloat16(),
+        encoder_hidden_states=torch.randn(1, 4, 64, generator=g).bfloat16(),
+        temb=torch.randn(1, 64, generator=g).bfloat16(),
+    )
+    benchmark.group = f"flux {kind} block host time per call (stubbed attention and kernels)"
+    benchmark.extra_info.update(impl=impl, baseline_name="diffusers block, stock processor")
+    _time_calls(benchmark, lambda: block(**inputs))

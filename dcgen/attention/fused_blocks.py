@@ -114,7 +114,14 @@ def fusable(block: nn.Module) -> bool:
 
 
 def _feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    proj, rest = ff.net[0].proj, ff.net[1:]
+    # ff.net is [GELU(proj), Dropout, Linear(, Dropout)]; not ff.net[1:], which builds a new
+    # ModuleList (an nn.Module __init__) per call. An inactive Dropout (eval, or p = 0) is the
+    # identity: skipped, it costs no module call.
+    layers = [
+        m for m in ff.net._modules.values()
+        if not (isinstance(m, nn.Dropout) and (not m.training or m.p == 0))
+    ]  # fmt: skip
+    proj, rest = layers[0].proj, layers[1:]
     hq = None
     if (
         type(proj) is FP8Linear

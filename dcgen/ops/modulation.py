@@ -30,6 +30,7 @@ from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
 from .quantize_fp8 import quantize_fp8_reference
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+F32 = torch.float32
 
 
 def _as_rows(name: str, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -49,16 +50,19 @@ def _check_param(name: str, what: str, p: torch.Tensor, b: int, d: int) -> None:
 
 
 def _use_kernel(op: str, x: torch.Tensor, *params: torch.Tensor) -> bool:
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
-    return (
-        not needs_grad
-        and x.dtype in KERNEL_DTYPES
-        and all(p.dtype in (x.dtype, torch.float32) for p in params)
-        and len({p.dtype for p in params}) == 1
-        and x.numel() > 0
-        and has_kernel(op, x.device)
-        and not inductor_fuses_instead()
-    )
+    """Whether ``op`` runs its kernel on x and its (B, D) parameters: no gradient wanted, a
+    16-bit x, parameters of one dtype (x's or fp32), something to do, a kernel for x's device,
+    not while Inductor traces. Called on every block glue op of an eager step (8 per FLUX
+    double block), so written as plain comparisons: no generators or sets."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    param_dtype = params[0].dtype
+    if x.dtype not in KERNEL_DTYPES or (param_dtype is not x.dtype and param_dtype is not F32):
+        return False
+    for p in params:
+        if p.dtype is not param_dtype:
+            return False
+    return x.numel() > 0 and has_kernel(op, x.device) and not inductor_fuses_instead()
 
 
 def _param_rows(p: torch.Tensor, b: int) -> torch.Tensor:
