@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from dcgen._hooks import has_forward_hooks
+from dcgen.ops import has_kernel
 from dcgen.ops.modulation import (
     adaln_modulate_fp8_trusted,
     adaln_modulate_trusted,
@@ -154,6 +155,8 @@ def _modulate(
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()  # Inductor fuses the traced quantize itself
         and takes_fp8_rows(reader)
+        # on a GPU only with the fused kernel: its reference is two passes of torch ops there
+        and (not x.is_cuda or has_kernel("adaln_modulate_fp8", x.device))
     ):
         out, q, q_scales = adaln_modulate_fp8_trusted(x, shift, scale, eps)
         return out, (q, q_scales)
