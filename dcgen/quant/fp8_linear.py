@@ -325,15 +325,22 @@ class FP8Linear(nn.Module):
             ),
         )  # fmt: skip
 
-    def _direct_forward(self, x: torch.Tensor, act: str) -> torch.Tensor | None:
-        """quantize kernel -> unit-scale ``_scaled_mm`` -> scale epilogue kernel, as
-        :func:`dcgen.quant.fp8.fp8_gemm` runs them; None when ``_scaled_mm`` rejects the case
-        (recorded: the general path takes over from then on)."""
+    def _unit_scale_product(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The direct route's first two kernels: x quantized per row (shared or offered), then
+        the unit-scale ``_scaled_mm``: (bf16 product [M, N], row scales [M, 1]); None when
+        ``_scaled_mm`` rejects the case (recorded: the general path takes over from then on).
+        Each direct form adds its own scale epilogue."""
         xq, xs = _shared.quantize_rows_direct(x, self.in_features)
         y = _fp8.unit_scale_gemm(xq, self.weight, torch.bfloat16)
-        if y is None:
+        return None if y is None else (y, xs)
+
+    def _direct_forward(self, x: torch.Tensor, act: str) -> torch.Tensor | None:
+        """quantize kernel -> unit-scale ``_scaled_mm`` -> scale epilogue kernel, as
+        :func:`dcgen.quant.fp8.fp8_gemm` runs them; None when ``_scaled_mm`` rejects the case."""
+        product = self._unit_scale_product(x)
+        if product is None:
             return None
-        y = direct_ops(*_OPS)[1](y, xs, self.weight_scale, self.bias, act)
+        y = direct_ops(*_OPS)[1](*product, self.weight_scale, self.bias, act)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
@@ -374,11 +381,10 @@ class FP8Linear(nn.Module):
             except RuntimeError:  # rows of several row blocks: not one [M, N] view
                 rows = None
             if rows is not None and rows.shape[0] == x.numel() // self.in_features:
-                xq, xs = _shared.quantize_rows_direct(x, self.in_features)
-                y = _fp8.unit_scale_gemm(xq, self.weight, torch.bfloat16)
-                if y is not None:
+                product = self._unit_scale_product(x)
+                if product is not None:
                     epilogue_into = direct_ops("fp8_scale_epilogue_into")[0]
-                    epilogue_into(y, xs, self.weight_scale, self.bias, act, rows)
+                    epilogue_into(*product, self.weight_scale, self.bias, act, rows)
                     return
         out.copy_(self(x, act=act))
 
@@ -391,11 +397,10 @@ class FP8Linear(nn.Module):
         (``dcgen::fp8_scale_epilogue_fp8``), exactly ``quantize_fp8(out, "row")``, for the next
         FP8 linear (:func:`offered_quantization`); otherwise only the output."""
         if act in _ACTS and self._direct(x) and has_kernel("fp8_scale_epilogue_fp8", x.device):
-            xq, xs = _shared.quantize_rows_direct(x, self.in_features)
-            y = _fp8.unit_scale_gemm(xq, self.weight, torch.bfloat16)
-            if y is not None:
+            product = self._unit_scale_product(x)
+            if product is not None:
                 epilogue_fp8 = direct_ops("fp8_scale_epilogue_fp8")[0]
-                out, q, q_scales = epilogue_fp8(y, xs, self.weight_scale, self.bias, act)
+                out, q, q_scales = epilogue_fp8(*product, self.weight_scale, self.bias, act)
                 lead = x.shape[:-1]
                 shape = (*lead, self.out_features)
                 return out.reshape(shape), (q.reshape(shape), q_scales.reshape(*lead, 1))
