@@ -55,3 +55,17 @@ def rng() -> torch.Generator:
     seed = torch.seed() % (2**31)
     print(f"rng seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def cat_dims(monkeypatch) -> list[int]:  # noqa: ANN001
+    """Spy on torch.cat for the rest of a test: the dim of each call, in order (tests that a
+    fast path concatenates nothing, or only along the dim it should)."""
+    dims: list[int] = []
+    real_cat = torch.cat
+
+    def cat(tensors, dim=0, **kw):  # noqa: ANN001, ANN003, ANN202
+        dims.append(dim)
+        return real_cat(tensors, dim=dim, **kw)
+
+    monkeypatch.setattr(torch, "cat", cat)
+    return dims

@@ -25,7 +25,7 @@ from dcgen.ops import (
 )
 from dcgen.ops._extension import compiled_op
 from dcgen.quant import FP8Config, quantize_
-from tests.conftest import poison_cuda_allocator
+from tests.conftest import cat_dims, poison_cuda_allocator
 
 from .adapters.tiny import text, tiny_flux, tiny_sana
 from .test_accelerate import flux_inputs
@@ -307,22 +307,17 @@ def test_single_block_assembles_proj_out_input_without_cat(monkeypatch):
     with torch.no_grad():
         want = block(**inputs)
     fused_blocks.install(block)
-    feature_cats = []
-    real_cat = torch.cat
-
-    def cat(tensors, dim=0, **kw):  # noqa: ANN001, ANN003, ANN202
-        feature_cats.append(dim in (2, -1))
-        return real_cat(tensors, dim=dim, **kw)
-
-    monkeypatch.setattr(torch, "cat", cat)
+    dims = cat_dims(monkeypatch)
     with torch.no_grad():
         got = block(**inputs)
+    feature_cats = [d in (2, -1) for d in dims]
     assert feature_cats == [False]  # only the [text, image] sequence concatenation
     assert fused_blocks._joint_widths(block) == (DIM, block.proj_mlp.out_features)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    feature_cats.clear()
+    dims.clear()
     trained = block(**inputs)  # grad mode: the concatenation
+    feature_cats = [d in (2, -1) for d in dims]
     assert feature_cats == [False, True]
     torch.testing.assert_close(trained[1].detach(), want[1], rtol=1e-5, atol=1e-5)
     monkeypatch.delattr(block.proj_mlp, "out_features")
@@ -346,21 +341,16 @@ def test_chained_single_blocks_join_their_halves_without_cat(monkeypatch):
         want = chain()
     for block in (first, second):
         fused_blocks.install(block)
-    sequence_cats = []
-    real_cat = torch.cat
-
-    def cat(tensors, dim=0, **kw):  # noqa: ANN001, ANN003, ANN202
-        sequence_cats.append(dim == 1)
-        return real_cat(tensors, dim=dim, **kw)
-
-    monkeypatch.setattr(torch, "cat", cat)
+    dims = cat_dims(monkeypatch)
     with torch.no_grad():
         got = chain()
+    sequence_cats = [d == 1 for d in dims]
     assert sequence_cats == [True]  # the first block's only
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    sequence_cats.clear()
+    dims.clear()
     chain()  # autograd on: both blocks concatenate
+    sequence_cats = [d == 1 for d in dims]
     assert sequence_cats.count(True) == 2
 
 
