@@ -1,6 +1,7 @@
 """Low-precision benchmarks: FP8 W8A8 linears vs bf16 linears at FLUX shapes (docs ANCHORS.md),
 the activation-quantize kernels' bandwidth against a plain copy of the same input, and the
-modulation and the GELU scale epilogue with their FP8 quantize fused against the two kernels.
+modulation and the GELU scale epilogue with their FP8 quantize fused against the two kernels,
+and the epilogue writing into part of a larger buffer against writing a new tensor and copying.
 
 On a GPU: M = 4,608 tokens (FLUX 1K = DC-Gen-f64c128 4K: 4,096 image + 512 text), bf16. On a CPU:
 tiny shapes in fp32 so CI runs every case (timings meaningless there)."""
@@ -17,6 +18,7 @@ from dcgen.ops import (
     adaln_modulate_fp8,
     fp8_scale_epilogue,
     fp8_scale_epilogue_fp8,
+    fp8_scale_epilogue_into,
     has_kernel,
 )
 from dcgen.ops.quantize_fp8 import quantize_fp8
@@ -189,6 +191,33 @@ def test_gelu_epilogue_then_fp8_quantize(benchmark, impl):
     group = f"gelu scale epilogue + fp8 row quantize {EPI_SHAPE} bfloat16"
     _time_fused_pair(benchmark, impl, two_ops, fused, group,
                      "fp8_scale_epilogue then quantize_fp8", nbytes)  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_gelu_epilogue_into_buffer(benchmark, impl):
+    # A FLUX single block's FP8 MLP output into its half of proj_out's [attention | MLP] input:
+    # the epilogue into a new tensor, then copied in (baseline), against the epilogue writing
+    # the strided column block itself (fp8_scale_epilogue_into).
+    if impl == "dcgen" and ON_GPU and not has_kernel("fp8_scale_epilogue_into", DEVICE):
+        pytest.skip("no compiled fp8_scale_epilogue_into kernel for this device")
+    m, n = EPI_SHAPE
+    y = (torch.randn(m, n, device=DEVICE) * 1e3).bfloat16()
+    rs = torch.rand(m, 1, device=DEVICE) * 1e-3
+    cs = torch.rand(n, 1, device=DEVICE) * 1e-2
+    bias = torch.randn(n, device=DEVICE).bfloat16()
+    joint = torch.empty(m, n // 4 + n, device=DEVICE, dtype=torch.bfloat16)  # [attn | MLP]
+    out = joint[:, n // 4 :]
+
+    def two_ops():
+        out.copy_(fp8_scale_epilogue(y, rs, cs, bias, "gelu_tanh"))
+
+    def fused():
+        fp8_scale_epilogue_into(y, rs, cs, bias, "gelu_tanh", out)
+
+    nbytes = y.numel() * (2 + 2)  # y read, the block written
+    group = f"gelu scale epilogue into a column block {EPI_SHAPE} bfloat16"
+    _time_fused_pair(benchmark, impl, two_ops, fused, group,
+                     "fp8_scale_epilogue then copy", nbytes)  # fmt: skip
 
 
 @pytest.mark.parametrize("nk", LINEAR_SHAPES[:2], ids=lambda nk: f"{nk[0]}x{nk[1]}")
