@@ -41,6 +41,9 @@ def _setup() -> dict:
         ours = copy.deepcopy(base)
         quantize_(ours, FP8Config())
         dcgen.accelerate(ours, blocks=True)
+        fast = copy.deepcopy(base)  # the same with fast accumulation in the FP8 GEMMs
+        quantize_(fast, FP8Config(fast_accum=True))
+        dcgen.accelerate(fast, blocks=True)
         # bf16 weights: dcgen attention + fused block glue, and dcgen attention alone, so the
         # table splits the gain between attention, glue and the FP8 linears.
         bf16_blocks = dcgen.accelerate(copy.deepcopy(base), blocks=True)
@@ -50,6 +53,7 @@ def _setup() -> dict:
         quantize_(ours_graphs, FP8Config())
         graphed = {
             "fp8": dcgen.accelerate(ours_graphs, blocks=True, cuda_graphs=True),
+            "fp8-fast": dcgen.accelerate(copy.deepcopy(fast), blocks=True, cuda_graphs=True),
             "bf16": dcgen.accelerate(copy.deepcopy(base), blocks=True, cuda_graphs=True),
         }
         g = torch.Generator().manual_seed(1)
@@ -65,7 +69,8 @@ def _setup() -> dict:
         inputs = dict(hidden_states=rand(1, n_img, DIM), encoder_hidden_states=rand(1, TXT, DIM),
                       temb=rand(1, DIM), image_rotary_emb=rope)  # fmt: skip
         _cache.update(
-            base=base, ours=ours, variants={"bf16": bf16_blocks, "bf16-attention": attention_only},
+            base=base, ours=ours,
+            variants={"fp8-fast": fast, "bf16": bf16_blocks, "bf16-attention": attention_only},
             inputs=inputs, compiled={}, graphed=graphed,
         )  # fmt: skip
     return _cache
@@ -87,17 +92,18 @@ def _model(impl: str, mode: str, variant: str = "fp8"):  # noqa: ANN202
     return c["compiled"][key]
 
 
-# "fp8": FP8 linears + dcgen attention + fused block glue (the block); "bf16": bf16
-# linears, dcgen attention + glue; "bf16-attention": dcgen attention alone. The bf16 variants
-# get their own groups (eager only), so the table splits the gain.
-@pytest.mark.parametrize("variant", ["fp8", "bf16", "bf16-attention"])
+# "fp8": FP8 linears + dcgen attention + fused block glue (the block); "fp8-fast": the
+# same with FP8Config(fast_accum=True); "bf16": bf16 linears, dcgen attention + glue;
+# "bf16-attention": dcgen attention alone. The variants get their own groups, so the table
+# splits the gain.
+@pytest.mark.parametrize("variant", ["fp8", "fp8-fast", "bf16", "bf16-attention"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_flux_double_block(benchmark, impl, mode, variant):
     if variant == "bf16-attention" and mode != "eager":
         pytest.skip("the attention-only variant is measured eager only")
-    if variant == "bf16" and mode == "compile":
-        pytest.skip("the bf16 variant is measured eager and graphed only")
+    if variant in ("bf16", "fp8-fast") and mode == "compile":
+        pytest.skip(f"the {variant} variant is measured eager and graphed only")
     model = _model(impl, mode, variant)
     inputs = _setup()["inputs"]
 
@@ -107,6 +113,8 @@ def test_flux_double_block(benchmark, impl, mode, variant):
     benchmark.group = f"FLUX double block {IMG_SIDE * IMG_SIDE}+{TXT} tokens, width {DIM} ({mode})"
     names = {
         "fp8": "FP8 W8A8 linears (row scales) + dcgen.accelerate(blocks=True)",
+        "fp8-fast": "FP8 W8A8 linears (row scales, fast accumulation) + "
+        "dcgen.accelerate(blocks=True)",
         "bf16": "bf16 linears, dcgen.accelerate(blocks=True)",
         "bf16-attention": "bf16 linears, dcgen.accelerate (attention only)",
     }

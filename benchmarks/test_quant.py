@@ -41,19 +41,25 @@ LINEAR_SHAPES = (
 
 # "row": per-row scales by the default route (on CUDA with the kernel built: unit-scale
 # _scaled_mm + dcgen's scale epilogue); "row-rowwise": the same scales inside torch._scaled_mm
-# (DCGEN_FP8_GEMM=rowwise), so one run shows which route is faster on the card.
-@pytest.mark.parametrize("variant", ["row", "row-rowwise", "block128"])
+# (DCGEN_FP8_GEMM=rowwise; cuBLAS's outer-vector scaling with the bias fused, one kernel), so
+# one run shows which route is faster on the card; "-fast": the same with fast accumulation
+# (FP8Config(fast_accum=True)).
+VARIANTS = ["row", "row-rowwise", "row-fast", "row-rowwise-fast", "block128"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("nk", LINEAR_SHAPES, ids=lambda nk: f"{nk[0]}x{nk[1]}")
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_fp8_linear(benchmark, impl, nk, variant, monkeypatch):
     n, k = nk
     granularity = variant.split("-")[0]
-    if variant == "row-rowwise":
+    if "rowwise" in variant:
         monkeypatch.setenv("DCGEN_FP8_GEMM", "rowwise")
     torch.manual_seed(0)
     lin = nn.Linear(k, n).to(DEVICE, DTYPE)
     x = torch.randn(M, k, device=DEVICE, dtype=DTYPE)
-    layer = lin if impl == "baseline" else FP8Linear.from_linear(lin, granularity, dtype=DTYPE)
+    fast = variant.endswith("-fast")
+    layer = lin if impl == "baseline" else FP8Linear.from_linear(lin, granularity, DTYPE, fast)
     benchmark.group = f"linear M={M} N={n} K={k} fp8-{variant} {str(DTYPE)[6:]}"
     benchmark.extra_info.update(impl=impl, baseline_name=f"nn.Linear {str(DTYPE)[6:]}")
     with torch.inference_mode():

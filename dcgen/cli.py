@@ -462,7 +462,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         quick=args.quick, quick_blocks=args.quick_blocks, quick_steps=args.quick_steps,
         repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
         attention=args.attention, variants=variants, fp8=args.fp8,
-        fp8_granularity=args.fp8_granularity, nvfp4=args.nvfp4 or (), nvfp4_rank=args.nvfp4_rank,
+        fp8_granularity=args.fp8_granularity, fp8_fast_accum=args.fp8_fast_accum,
+        nvfp4=args.nvfp4 or (), nvfp4_rank=args.nvfp4_rank,
     )  # fmt: skip
     settings.resolved()  # bad input fails before any model is built
 
@@ -782,6 +783,9 @@ times S steps and extrapolates to the full depth and --steps. Writes speed.md/.j
                         "output error vs bf16 (dcgen.quant.quality_report)")  # fmt: skip
     b.add_argument("--fp8-granularity", default="row", choices=["row", "block128"],
                    help="FP8 scales per row or per 1x128 block (default row)")  # fmt: skip
+    b.add_argument("--fp8-fast-accum", action="store_true",
+                   help="FP8 GEMMs accumulate without fp32 promotion (faster on Hopper, larger "
+                        "summation error; row scales only)")  # fmt: skip
     b.add_argument("--nvfp4", default=None, metavar="M1,M2",
                    help="add DC-Gen rows with NVFP4 transformer blocks, one set per mode from "
                         "w4a4, w4a16, with the output error vs bf16 and the blocks' weight "

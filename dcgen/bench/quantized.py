@@ -37,10 +37,12 @@ QUANT_PRECISIONS = ("fp8", "nvfp4-w4a4", "nvfp4-w4a16")
 NVFP4_MODES = ("w4a4", "w4a16")
 
 
-def quant_config(precision: str, fp8_granularity: str = "row", nvfp4_rank: int = 0) -> QuantConfig:
+def quant_config(
+    precision: str, fp8_granularity: str = "row", nvfp4_rank: int = 0, fp8_fast_accum: bool = False
+) -> QuantConfig:
     """The dcgen.quant config of a precision label (see :data:`QUANT_PRECISIONS`)."""
     if precision == "fp8":
-        return FP8Config(granularity=fp8_granularity)
+        return FP8Config(granularity=fp8_granularity, fast_accum=fp8_fast_accum)
     if precision.startswith("nvfp4-") and precision.removeprefix("nvfp4-") in NVFP4_MODES:
         return NVFP4Config(mode=precision.removeprefix("nvfp4-"), rank=nvfp4_rank)
     raise ValueError(f"precision: expected one of {QUANT_PRECISIONS}, got {precision!r}")

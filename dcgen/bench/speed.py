@@ -196,6 +196,8 @@ class BenchSettings:
     variants: tuple[str, ...] | str = ("kernels",)
     fp8: bool = False  # add DC-Gen rows with FP8 transformer blocks and their quality
     fp8_granularity: str = "row"
+    #: FP8 GEMMs without fp32 promotion of their partial sums (FP8Config.fast_accum; row only)
+    fp8_fast_accum: bool = False
     #: NVFP4 modes ("w4a4", "w4a16"), one set of DC-Gen rows each, with their quality
     nvfp4: tuple[str, ...] | str = ()
     nvfp4_rank: int = 0  # the SVDQuant low-rank branch of the NVFP4 linears (0: none)
@@ -221,6 +223,12 @@ class BenchSettings:
         if out.fp8_granularity not in FP8_GRANULARITIES:
             raise ValueError(
                 f"fp8_granularity: expected one of {FP8_GRANULARITIES}, got {out.fp8_granularity!r}"
+            )
+        if not isinstance(out.fp8_fast_accum, bool):
+            raise ValueError(f"fp8_fast_accum: expected a bool, got {out.fp8_fast_accum!r}")
+        if out.fp8_fast_accum and out.fp8_granularity != "row":
+            raise ValueError(
+                f"fp8_fast_accum: expected fp8_granularity 'row', got {out.fp8_granularity!r}"
             )
         out.nvfp4 = _names("nvfp4", self.nvfp4, NVFP4_MODES) if self.nvfp4 else ()
         if (
@@ -459,7 +467,7 @@ class SpeedBench:
             from .. import unaccelerate
 
             s = self.settings
-            config = quant_config(precision, s.fp8_granularity, s.nvfp4_rank)
+            config = quant_config(precision, s.fp8_granularity, s.nvfp4_rank, s.fp8_fast_accum)
             unaccelerate(self.transformer)  # copy stock blocks
             attrs = [attr for _, attr, _ in self.spec.blocks]
             with torch.inference_mode(False), torch.no_grad():
@@ -887,6 +895,7 @@ def _quant_quality(
     config = quant.config
     if isinstance(config, FP8Config):
         quality["granularity"] = config.granularity
+        quality["fast_accum"] = config.fast_accum
     else:
         width = int(bench.spec.transformer.get("num_attention_heads", 1)) * int(
             bench.spec.transformer.get("attention_head_dim", 1)
@@ -914,7 +923,8 @@ def _method(s: BenchSettings, spec: ModelSpec, measured: tuple[int, ...]) -> str
         how = f"measured: full depth ({full} blocks), {s.steps} steps, decode"
     kinds = []
     if s.fp8:
-        kinds.append(f"FP8 ({s.fp8_granularity} scales, W8A8)")
+        fast = ", fast accumulation" if s.fp8_fast_accum else ""
+        kinds.append(f"FP8 ({s.fp8_granularity} scales{fast}, W8A8)")
     for mode in s.quant_precisions:
         if mode.startswith("nvfp4-"):
             rank = f", rank-{s.nvfp4_rank} 16-bit branch" if s.nvfp4_rank else ""

@@ -35,6 +35,7 @@ from torch import nn
 
 from dcgen.ops.quantize_fp8 import check_granularity
 
+from .fp8 import check_fast_accum
 from .fp8_linear import FP8Linear, share_input_quantization
 from .linear import NVFP4Linear, check_mode, smoothing_factors
 from .nvfp4 import BLOCK
@@ -122,17 +123,23 @@ class FP8Config:
     """FP8 (E4M3) W8A8. ``granularity``: ``"row"`` (a scale per weight output row and per
     activation token) or ``"block128"`` (per 1x128 block along K, weight and activation).
     Activation scales are dynamic (computed on every call). ``include`` / ``exclude`` as in
-    :class:`NVFP4Config` (same defaults), ``keep_latent_layers`` too."""
+    :class:`NVFP4Config` (same defaults), ``keep_latent_layers`` too. ``fast_accum`` (row
+    scales only): the GEMMs accumulate in the FP8 tensor cores' own precision instead of
+    promoting to fp32 every few K steps (faster on Hopper, a larger summation error; the quality
+    report measures it; :mod:`dcgen.quant.fp8`)."""
 
     granularity: str = "row"
     include: tuple[str, ...] = (r".*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     keep_latent_layers: bool = True
+    fast_accum: bool = False
 
     def __post_init__(self) -> None:
         check_granularity(self.granularity)
         _check_patterns("FP8Config", self.include, self.exclude)
         _check_flag("FP8Config", "keep_latent_layers", self.keep_latent_layers)
+        _check_flag("FP8Config", "fast_accum", self.fast_accum)
+        check_fast_accum(self.granularity, self.fast_accum)
 
     def matches(self, name: str) -> bool:
         return _matches(name, self.include, self.exclude)
@@ -222,7 +229,8 @@ def quantize_(
         names = _targets(model, config)
         for name in names:
             lin = model.get_submodule(name)
-            _set_module(model, name, FP8Linear.from_linear(lin, config.granularity))
+            q = FP8Linear.from_linear(lin, config.granularity, fast_accum=config.fast_accum)
+            _set_module(model, name, q)
         share_input_quantization(model)  # one quantize pass per input read by several linears
         logger.info("quantize_: %d linears to FP8 (%s)", len(names), config.granularity)
         return names
@@ -255,7 +263,8 @@ def quantized_modules(model: nn.Module) -> dict[str, NVFP4Linear | FP8Linear]:
 
 def _layer_spec(m: NVFP4Linear | FP8Linear) -> dict:
     if isinstance(m, FP8Linear):
-        return {"kind": "fp8", "granularity": m.granularity, "bias": m.bias is not None}
+        spec = {"kind": "fp8", "granularity": m.granularity, "bias": m.bias is not None}
+        return spec | ({"fast_accum": True} if m.fast_accum else {})
     return {
         "kind": "nvfp4",
         "mode": m.mode,
@@ -273,7 +282,8 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
     """Write the whole state dict (quantized layers in the ModelOpt / vLLM layouts) to
     safetensors, with metadata: format, format_version, mode (``w4a16`` / ``w4a4`` /
     ``fp8-row`` / ``fp8-block128``, comma-joined), rank and ``modules`` (JSON: name ->
-    {kind: "nvfp4", mode, rank, smooth, bias} or {kind: "fp8", granularity, bias})."""
+    {kind: "nvfp4", mode, rank, smooth, bias} or {kind: "fp8", granularity, bias} plus
+    ``fast_accum: true`` where a layer has it)."""
     mods = quantized_modules(model)
     if not mods:
         raise ValueError(
@@ -336,6 +346,7 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
                 bias=spec["bias"],
                 granularity=spec["granularity"],
                 device=dev,
+                fast_accum=spec.get("fast_accum", False),
             )
         elif kind == "nvfp4":
             q = NVFP4Linear(

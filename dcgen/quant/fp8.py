@@ -31,6 +31,12 @@ Row scales take one of two routes (``DCGEN_FP8_GEMM``; :func:`row_gemm_route`):
   rounding (module doc of dcgen/ops/fp8_epilogue.py).
 - ``"rowwise"``: ``_scaled_mm`` with the row scales themselves (torch's row-wise kernel, slower
   on Hopper: docs/ANCHORS.md against the README's low-precision table).
+
+Fast accumulation (``fast_accum=True``, row scales only; ``FP8Config(fast_accum=True)``): the
+GEMM runs with ``_scaled_mm(use_fast_accum=True)``, so Hopper's FP8 tensor cores keep their
+partial sums in their own reduced-precision accumulator instead of promoting them to fp32 every
+few K steps. Faster, with a larger summation error that grows with K; off by default, measured
+by the quality report. CPU kernels ignore the flag (they sum in fp32 either way).
 """
 
 from __future__ import annotations
@@ -152,6 +158,7 @@ def _scaled_mm(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     granularity: str,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     if granularity == "row":
         sa, sb = x_scale.contiguous(), w_scale.reshape(1, -1).contiguous()
@@ -160,7 +167,9 @@ def _scaled_mm(
         # [K/128, N] row-major (the layout torch's own blockwise tests pass).
         sa, sb = x_scale.t().contiguous().t(), w_scale.t().contiguous()
     b = bias.to(out_dtype) if bias is not None else None
-    return torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=out_dtype)
+    return torch._scaled_mm(
+        xq, wq.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=out_dtype, use_fast_accum=fast_accum
+    )
 
 
 def fp8_gemm(
@@ -172,21 +181,36 @@ def fp8_gemm(
     out_dtype: torch.dtype,
     granularity: str,
     act: str = "none",
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """``act(xq [M, K] e4m3 with x_scale [M, S] times (wq [N, K] with w_scale [N, S])^T +
-    bias)`` -> [M, N] in ``out_dtype``; ``act`` is "none" or "gelu_tanh" (module doc: which
-    path runs where)."""
+    bias)`` -> [M, N] in ``out_dtype``; ``act`` is "none" or "gelu_tanh"; ``fast_accum`` (row
+    scales only) lets the GEMM accumulate without fp32 promotion (module doc: which path runs
+    where)."""
     check_granularity(granularity)
     if act not in ACTIVATIONS:
         raise ValueError(f"fp8_gemm: expected act in {ACTIVATIONS}, got {act!r}")
+    check_fast_accum(granularity, fast_accum)
     n, k = wq.shape
     if not scaled_mm_supported(xq.device, granularity, out_dtype, n, k):
         return _apply_act(fp8_linear_reference(xq, x_scale, wq, w_scale, bias, out_dtype), act)
     if _takes_tensor_route(xq.device, granularity, out_dtype):
-        y = unit_scale_gemm(xq, wq, out_dtype)
+        y = unit_scale_gemm(xq, wq, out_dtype, fast_accum)
         if y is not None:
             return fp8_scale_epilogue(y, x_scale, w_scale, bias, act)
-    return _apply_act(_fp8_gemm_scaled(xq, x_scale, wq, w_scale, bias, out_dtype, granularity), act)
+    y = _fp8_gemm_scaled(xq, x_scale, wq, w_scale, bias, out_dtype, granularity, fast_accum)
+    return _apply_act(y, act)
+
+
+def check_fast_accum(granularity: str, fast_accum: bool) -> None:
+    """Fast accumulation is offered for row scales only (the routes that run cuBLAS's
+    per-tensor or outer-vector FP8 GEMMs); 1x128 blocks keep the default accumulation."""
+    if not isinstance(fast_accum, bool):
+        raise TypeError(f"fast_accum: expected a bool, got {type(fast_accum).__name__}")
+    if fast_accum and granularity != "row":
+        raise ValueError(
+            f"fast_accum: expected granularity 'row' with fast_accum=True, got {granularity!r}"
+        )
 
 
 def _takes_tensor_route(device: torch.device, granularity: str, out_dtype: torch.dtype) -> bool:
@@ -203,13 +227,15 @@ def _takes_tensor_route(device: torch.device, granularity: str, out_dtype: torch
 
 
 def unit_scale_gemm(
-    xq: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype
+    xq: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype, fast_accum: bool = False
 ) -> torch.Tensor | None:
     """The "tensor" route's GEMM: ``xq @ wq^T`` through ``_scaled_mm`` with unit scales. None
     when ``_scaled_mm`` rejects the case, which is then recorded and never tried again."""
     one = _unit_scale(xq.device)
     try:
-        return torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=out_dtype)
+        return torch._scaled_mm(
+            xq, wq.t(), scale_a=one, scale_b=one, out_dtype=out_dtype, use_fast_accum=fast_accum
+        )
     except RuntimeError as err:
         case = _case(xq.device, "tensor")
         _REJECTED.add(case)
@@ -246,19 +272,21 @@ def _fp8_gemm_scaled(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     granularity: str,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """``_scaled_mm`` with the operands' own scales (falls back to the reference once a case
     is rejected)."""
     with_bias = bias is not None and _case(xq.device, granularity, True) not in _REJECTED
     try:
         y = _scaled_mm(
-            xq, x_scale, wq, w_scale, bias if with_bias else None, out_dtype, granularity
-        )
+            xq, x_scale, wq, w_scale, bias if with_bias else None, out_dtype, granularity,
+            fast_accum,
+        )  # fmt: skip
     except RuntimeError as err:
         case = _case(xq.device, granularity, with_bias)
         _REJECTED.add(case)
         logger.warning("fp8_gemm: torch._scaled_mm rejected %s (%s); falling back", case, err)
-        return fp8_gemm(xq, x_scale, wq, w_scale, bias, out_dtype, granularity)
+        return fp8_gemm(xq, x_scale, wq, w_scale, bias, out_dtype, granularity, "none", fast_accum)
     if bias is not None and not with_bias:
         y = y + bias.to(out_dtype)
     return y

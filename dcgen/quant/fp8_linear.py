@@ -217,8 +217,9 @@ def _forward(x: torch.Tensor, layer: FP8Linear, gemm: bool, act: str = "none") -
         xq, xs = _shared.quantize(x, layer.granularity)
         xq, xs = xq.reshape(-1, layer.in_features), xs.reshape(x2.shape[0], -1)
         return fp8_gemm(
-            xq, xs, layer.weight, layer.weight_scale, layer.bias, x.dtype, layer.granularity, act
-        )
+            xq, xs, layer.weight, layer.weight_scale, layer.bias, x.dtype, layer.granularity, act,
+            layer.fast_accum,
+        )  # fmt: skip
     xq, xs = _qop.quantize_fp8_reference(x2, layer.granularity)
     return fp8_linear_reference(xq, xs, layer.weight, layer.weight_scale, layer.bias, x2.dtype)
 
@@ -253,15 +254,20 @@ class FP8Linear(nn.Module):
         granularity: str = "row",
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        fast_accum: bool = False,
     ) -> None:
         super().__init__()
         _qop.check_granularity(granularity)
+        _fp8.check_fast_accum(granularity, fast_accum)
         if in_features < 1 or out_features < 1:
             raise ValueError(
                 f"FP8Linear: expected positive in/out features, got {in_features}, {out_features}"
             )
         self.in_features, self.out_features = in_features, out_features
         self.granularity = granularity
+        # GEMMs accumulate without fp32 promotion (dcgen.quant.fp8 module doc); a plain
+        # attribute, so it can be switched on a loaded model
+        self.fast_accum = fast_accum
         n, k = out_features, in_features
         s = _qop.fp8_scale_count(k, granularity)
         self.register_buffer("weight", torch.zeros(n, k, dtype=torch.float8_e4m3fn, device=device))
@@ -270,14 +276,18 @@ class FP8Linear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, granularity: str = "row", dtype: torch.dtype = torch.bfloat16
+        cls,
+        linear: nn.Linear,
+        granularity: str = "row",
+        dtype: torch.dtype = torch.bfloat16,
+        fast_accum: bool = False,
     ) -> FP8Linear:
         """Quantize ``linear`` (its weight must be finite)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"FP8Linear.from_linear: expected nn.Linear, got {type(linear)}")
         w = linear.weight.detach()
         n, k = w.shape
-        mod = cls(k, n, linear.bias is not None, granularity, dtype, w.device)
+        mod = cls(k, n, linear.bias is not None, granularity, dtype, w.device, fast_accum)
         q, s = quantize_fp8_weight(w, granularity)
         mod.weight.copy_(q)
         mod.weight_scale.copy_(s)
@@ -331,7 +341,7 @@ class FP8Linear(nn.Module):
         ``_scaled_mm`` rejects the case (recorded: the general path takes over from then on).
         Each direct form adds its own scale epilogue."""
         xq, xs = _shared.quantize_rows_direct(x, self.in_features)
-        y = _fp8.unit_scale_gemm(xq, self.weight, torch.bfloat16)
+        y = _fp8.unit_scale_gemm(xq, self.weight, torch.bfloat16, self.fast_accum)
         return None if y is None else (y, xs)
 
     def _direct_forward(self, x: torch.Tensor, act: str) -> torch.Tensor | None:
@@ -416,4 +426,5 @@ class FP8Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, granularity={self.granularity}"
+            + (", fast_accum=True" if self.fast_accum else "")
         )

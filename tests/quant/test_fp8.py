@@ -180,6 +180,70 @@ def test_fp8_gemm_routes_match_the_spec(route, act, rng, monkeypatch):
     torch.testing.assert_close(y.float(), want, rtol=2**-7, atol=2e-2)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("route", ["tensor", "rowwise"])
+def test_fast_accum_reaches_scaled_mm_on_both_routes(route, fast, rng, monkeypatch):
+    # fast_accum is _scaled_mm's use_fast_accum on either route (the CPU kernel sums in fp32
+    # either way, so the bits are the same; on Hopper it is the faster, less exact sum).
+    import dcgen.quant.fp8 as f
+
+    monkeypatch.setenv("DCGEN_FP8_GEMM", route)
+    monkeypatch.setattr(f, "_REJECTED", set())
+    seen = []
+    original = torch._scaled_mm
+    monkeypatch.setattr(
+        torch, "_scaled_mm", lambda *a, **k: seen.append(k["use_fast_accum"]) or original(*a, **k)
+    )
+    xq, xs = quantize_fp8_reference(torch.randn(9, 64, generator=rng) * 3, "row")
+    wq, ws = quantize_fp8_reference(torch.randn(40, 64, generator=rng) * 0.1, "row")
+    b = torch.randn(40, generator=rng).bfloat16()
+    y = fp8_gemm(xq, xs, wq, ws, b, torch.bfloat16, "row", "none", fast)
+    assert seen == [fast]
+    assert torch.equal(y, fp8_gemm(xq, xs, wq, ws, b, torch.bfloat16, "row"))
+
+
+def test_fast_accum_is_checked():
+    xq, xs = quantize_fp8_reference(torch.randn(2, 128), "block128")
+    with pytest.raises(ValueError, match="fast_accum: expected granularity 'row'"):
+        fp8_gemm(xq, xs, xq, xs, None, torch.float32, "block128", "none", True)
+    with pytest.raises(ValueError, match="fast_accum: expected granularity 'row'"):
+        FP8Config(granularity="block128", fast_accum=True)
+    with pytest.raises(TypeError, match="expected fast_accum True or False"):
+        FP8Config(fast_accum=1)
+    with pytest.raises(ValueError, match="fast_accum: expected granularity 'row'"):
+        FP8Linear(128, 8, granularity="block128", fast_accum=True)
+    with pytest.raises(TypeError, match="fast_accum: expected a bool"):
+        FP8Linear(128, 8, fast_accum="yes")
+
+
+def test_fast_accum_config_reaches_layers_and_survives_save_load(fp_model, tmp_path, monkeypatch):
+    from dcgen.quant import quantized_modules
+
+    model = copy.deepcopy(fp_model)
+    quantize_(model, FP8Config(fast_accum=True))
+    layers = quantized_modules(model)
+    assert layers and all(m.fast_accum for m in layers.values())
+    assert "fast_accum=True" in repr(next(iter(layers.values())))
+    seen = []
+    original = torch._scaled_mm
+    monkeypatch.setattr(
+        torch, "_scaled_mm", lambda *a, **k: seen.append(k["use_fast_accum"]) or original(*a, **k)
+    )
+    with torch.no_grad():
+        model(**flux_inputs())
+    assert seen and all(seen)
+    save_quantized(model, tmp_path / "q.safetensors")
+    fresh = copy.deepcopy(fp_model)
+    load_quantized(fresh, tmp_path / "q.safetensors")
+    assert all(m.fast_accum for m in quantized_modules(fresh).values())
+    # a file without the flag (written before it existed) loads with the default
+    plain = copy.deepcopy(fp_model)
+    quantize_(plain, FP8Config())
+    save_quantized(plain, tmp_path / "p.safetensors")
+    load_quantized(fresh, tmp_path / "p.safetensors")
+    assert not any(m.fast_accum for m in quantized_modules(fresh).values())
+
+
 def test_fp8_gemm_fp16_output_never_takes_the_unscaled_route(rng, monkeypatch):
     # Unit-scale codes of large activations and weights sum past fp16's 65,504: the "tensor"
     # route would return inf there, so an fp16 output keeps the scales inside the GEMM.

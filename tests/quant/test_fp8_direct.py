@@ -235,6 +235,27 @@ def test_forward_quantized_gives_the_output_and_its_quantization(cpu_kernels):
     assert torch.equal(y, layer(xg, "gelu_tanh"))  # the layer's own autograd path
 
 
+def test_direct_forms_pass_fast_accum_to_the_gemm(cpu_kernels, monkeypatch):
+    # A fast_accum layer's direct route (forward, forward_into, forward_quantized) runs its
+    # unit-scale GEMM with use_fast_accum, and a plain layer without it.
+    seen = []
+    original = torch._scaled_mm
+    monkeypatch.setattr(
+        torch, "_scaled_mm", lambda *a, **k: seen.append(k["use_fast_accum"]) or original(*a, **k)
+    )
+    x = (torch.randn(2, 5, 64) * 4).bfloat16()
+    for fast in (True, False):
+        layer = _layer()
+        layer.fast_accum = fast
+        seen.clear()
+        with torch.inference_mode():
+            y = layer(x)
+            layer.forward_into(x, torch.empty_like(y))
+            layer.forward_quantized(x)
+        assert seen == [fast] * 3
+    assert cpu_kernels["direct"] == 2
+
+
 def test_forward_into_copies_where_it_cannot_write_in_place(cpu_kernels):
     # Rows of two batch elements inside a longer sequence are not one [M, N] view, and the
     # general path (autograd) has no in-place form: both copy the layer's output in.
@@ -283,6 +304,33 @@ def test_cuda_direct_route_gives_the_general_paths_bits(act, monkeypatch):
             layer.forward_into(x, buf[..., 8 : 8 + 3072], act)
         assert torch.equal(buf[..., 8 : 8 + 3072], y)
         assert buf[..., :8].isnan().all() and buf[..., 8 + 3072 :].isnan().all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", [3072, 12288])
+def test_cuda_fast_accum_stays_close_to_the_spec(k):
+    # Fast accumulation changes how the tensor cores sum (no fp32 promotion), so the bits may
+    # differ; the result must stay within a small relative error of the layer's fp32 spec at
+    # FLUX's K (3,072 and the MLP's 12,288), with no NaN: at most 1e-2 (relative norm), or 2x
+    # the default accumulation's error on the same input where that is larger. (The FP8 block
+    # of docs/ANCHORS.md is at 6.7e-3 against bf16, quantization included.)
+    if not torch.cuda.is_available() or not f.scaled_mm_supported(
+        torch.device("cuda"), "row", torch.bfloat16, 1024, k
+    ):
+        pytest.skip("no CUDA device with row-scaled FP8 _scaled_mm here")
+    torch.manual_seed(0)
+    lin = nn.Linear(k, 1024).cuda()
+    x = torch.randn(512, k, device="cuda").bfloat16()
+    with torch.inference_mode():
+        plain = FP8Linear.from_linear(lin).cuda()
+        fast = FP8Linear.from_linear(lin, fast_accum=True).cuda()
+        spec = plain.reference_forward(x).float()
+        err = {}
+        for name, layer in (("plain", plain), ("fast", fast)):
+            y = layer(x).float()
+            assert not y.isnan().any()
+            err[name] = ((y - spec).norm() / spec.norm()).item()
+    assert err["fast"] <= max(2 * err["plain"], 1e-2), err
 
 
 @pytest.mark.parametrize("kind", ["double", "single"])
