@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -17,6 +19,7 @@ from dcgen.attention import (
     is_accelerated,
     unaccelerate,
 )
+from dcgen.attention.processors import clear_joint_norm_cache
 from dcgen.pipelines import DCGenFluxPipeline, DCGenSanaPipeline
 
 from .adapters.tiny import text, tiny_dcae, tiny_flux, tiny_sana
@@ -248,6 +251,29 @@ def test_joint_norm_weights_are_kept_until_they_change(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(run(), first)) and len(stacks) == 4
     run()  # autograd: stacked on every call, differentiable
     assert len(stacks) == 6
+    # a write through .data bypasses the version counter: clear_joint_norm_cache forgets
+    with torch.no_grad():
+        attn.norm_added_q.weight.data.mul_(2)
+        clear_joint_norm_cache()
+        assert not torch.equal(run()[1], first[1]) and len(stacks) == 8
+
+
+def test_accelerated_attention_pickles_after_inference():
+    # The norm-weight cache lives outside the module: torch.save of a whole model (or pipeline)
+    # after an inference call must not meet its weak references.
+    attn = _flux_attention(joint=True)
+    attn.set_processor(FluxFusedAttnProcessor())
+    g = torch.Generator().manual_seed(4)
+    image, text = torch.randn(1, 6, 32, generator=g), torch.randn(1, 3, 32, generator=g)
+    with torch.no_grad():
+        want = attn(hidden_states=image, encoder_hidden_states=text, image_rotary_emb=_rope(9, 16))
+    buf = io.BytesIO()
+    torch.save(attn, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        got = loaded(hidden_states=image, encoder_hidden_states=text, image_rotary_emb=_rope(9, 16))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("joint", [True, False])
@@ -324,17 +350,19 @@ def test_dcgen_sana_pipeline_unchanged_by_accelerate():
 @pytest.mark.parametrize("kernel", ["sdpa", "flash"])
 @pytest.mark.parametrize("joint", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_flux_attention_matches_stock(joint, dtype, kernel, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cuda_flux_attention_matches_stock(batch, joint, dtype, kernel, monkeypatch):
     # FLUX's head dim (128): the processor's whole step (joint text + image, QK norms, RoPE) on
     # the default path (qk_norm_rope kernel + SDPA) and on dcgen's flash kernel (the portable
-    # one: the Hopper kernels' tests run in their own process).
+    # one: the Hopper kernels' tests run in their own process). Batch 1 writes the joint
+    # q / k / v projections in place (addmm(out=)), batch 2 copies them in.
     monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", kernel)
     monkeypatch.setenv("DCGEN_ATTENTION_SM90", "0")
     attn = _flux_attention(joint, dim=256, heads=2).to("cuda", dtype)
     g = torch.Generator().manual_seed(0)
     n_img, n_txt = 300, 77
-    hs = torch.randn(2, n_img, 256, generator=g).to("cuda", dtype)
-    ehs = torch.randn(2, n_txt, 256, generator=g).to("cuda", dtype) if joint else None
+    hs = torch.randn(batch, n_img, 256, generator=g).to("cuda", dtype)
+    ehs = torch.randn(batch, n_txt, 256, generator=g).to("cuda", dtype) if joint else None
     cos, sin = _rope(n_img + (n_txt if joint else 0), 128)
     rope = (cos.cuda(), sin.cuda())
     with torch.no_grad():

@@ -79,7 +79,9 @@ def _joint_projections(
     return outs
 
 
-_JOINT_NORM_CACHE = "_dcgen_joint_norm_weights"
+# attention module -> {"q" / "k": cache entry}; outside the module so pickling a model (torch.save
+# of a whole pipeline) never meets the entries' weak references, and gone with the module.
+_JOINT_NORM_CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def _joint_norm_weight(
@@ -88,7 +90,8 @@ def _joint_norm_weight(
     """The (2, D) norm weight of a joint sequence, [text row, image row]. In inference it is
     kept on ``attn`` while both rows are the same tensors, at the same address and unchanged in
     place, instead of stacked on every call (a kernel launch and some microseconds of host time
-    each, two per double block)."""
+    each, two per double block). A write through ``weight.data`` bypasses the version counter
+    and is not seen: :func:`clear_joint_norm_cache` after such writes."""
     cacheable = not (
         torch.is_grad_enabled()
         or torch.compiler.is_compiling()
@@ -98,13 +101,19 @@ def _joint_norm_weight(
     if not cacheable:
         return torch.stack([text_weight.to(image_weight.dtype), image_weight])
     key = tuple((w.data_ptr(), w._version) for w in (text_weight, image_weight))
-    cache = attn.__dict__.setdefault(_JOINT_NORM_CACHE, {})
+    cache = _JOINT_NORM_CACHE.setdefault(attn, {})
     hit = cache.get(name)
     if hit is not None and hit[0]() is text_weight and hit[1]() is image_weight and hit[2] == key:
         return hit[3]
     stacked = torch.stack([text_weight.to(image_weight.dtype), image_weight])
     cache[name] = (weakref.ref(text_weight), weakref.ref(image_weight), key, stacked)
     return stacked
+
+
+def clear_joint_norm_cache() -> None:
+    """Forget every stacked joint norm weight (after weights were written through ``.data``,
+    which no version counter records)."""
+    _JOINT_NORM_CACHE.clear()
 
 
 class FluxFusedAttnProcessor:
