@@ -478,18 +478,20 @@ def test_accelerate_blocks_on_sana_matches_stock():
 @pytest.mark.cuda
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("index", [0, 1], ids=["double", "single"])
-def test_cuda_fused_blocks_match_stock(index, fp8):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cuda_fused_blocks_match_stock(batch, index, fp8):
     # On a GPU every fused piece runs its kernel: the modulation ops, cuBLAS's bias + GELU
     # epilogue (bf16) or the FP8 scale epilogue (fp8), with dcgen attention around them.
+    # Batch 1 also writes the joint q / k / v in place (batch 2 copies them in).
     _need("adaln_modulate")
     block = _blocks()[index].cuda().bfloat16()
     if fp8:
         quantize_(block, FP8Config())
     g = torch.Generator().manual_seed(7)
     inputs = dict(
-        hidden_states=_rand(2, 40, DIM, g=g, dtype=torch.bfloat16).cuda(),
-        encoder_hidden_states=_rand(2, 9, DIM, g=g, dtype=torch.bfloat16).cuda(),
-        temb=_rand(2, DIM, g=g, dtype=torch.bfloat16).cuda(),
+        hidden_states=_rand(batch, 40, DIM, g=g, dtype=torch.bfloat16).cuda(),
+        encoder_hidden_states=_rand(batch, 9, DIM, g=g, dtype=torch.bfloat16).cuda(),
+        temb=_rand(batch, DIM, g=g, dtype=torch.bfloat16).cuda(),
     )
     direct = []
     real = torch._addmm_activation

@@ -24,7 +24,8 @@ from tests.conftest import poison_cuda_allocator
 # and 4, odd spatial sizes, 1x1 maps. Cout % 8 == 0 with repeats 1, 2 and 4 and several channel
 # groups: on CUDA, channels_last 16-bit pixel-shuffled inputs take the 8-channel kernel.
 UP_CASES = [(2, 8, 5, 7, 4), (1, 16, 3, 3, 4), (1, 4, 1, 1, 4), (2, 6, 4, 9, 3), (1, 3, 2, 2, 3),
-            (2, 16, 5, 7, 8), (1, 8, 3, 4, 8), (1, 32, 2, 3, 8), (2, 64, 4, 5, 32)]  # fmt: skip
+            (2, 16, 5, 7, 8), (1, 8, 3, 4, 8), (1, 32, 2, 3, 8), (2, 64, 4, 5, 32),
+            (2, 16, 1, 5, 8), (1, 32, 3, 1, 8)]  # fmt: skip
 DOWN_CASES = [
     (2, 4, 6, 10, 8),
     (1, 8, 4, 4, 8),
@@ -147,6 +148,38 @@ def test_cuda_down_kernel_matches_reference(dtype, rng):
     _check_kernel(
         "down_block_shortcut", DOWN_CASES, _down_inputs, down_block_shortcut_reference, dtype, rng
     )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_up_channels_last_views(dtype, rng):
+    # Views as the banded decode makes them: a row band of a later batch element (16-byte
+    # aligned offsets: the 8-channel kernel) and channels_last-dense views one element into
+    # their storage (misaligned: the host gate must send them to the per-element kernel).
+    if not has_kernel("up_block_shortcut", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernel for up_block_shortcut")
+    kernel = compiled_op("up_block_shortcut")
+    y, x = _up_inputs((2, 32, 5, 6, 16), True, dtype, rng)
+    cl = torch.channels_last
+    yc, xc = y.cuda().to(memory_format=cl), x.cuda().to(memory_format=cl)
+
+    def shifted(t: torch.Tensor) -> torch.Tensor:
+        flat = torch.empty(t.numel() + 1, device="cuda", dtype=dtype)
+        out = flat[1:].as_strided(t.shape, t.stride())
+        out.copy_(t)
+        return out
+
+    views = {
+        "band": (yc[1:2, :, 1:4], xc[1:2, :, 1:4], y[1:2, :, 1:4], x[1:2, :, 1:4]),
+        "misaligned": (shifted(yc), shifted(xc), y, x),
+    }
+    for name, (yv, xv, ycpu, xcpu) in views.items():
+        poison_cuda_allocator()
+        got = kernel(yv, xv, True)
+        assert not got.isnan().any(), f"unwritten output ({name})"
+        want = up_block_shortcut_reference(ycpu.float(), xcpu.float(), True)
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(got.cpu().float(), want, atol=atol, rtol=rtol, msg=name)
 
 
 @pytest.mark.cuda

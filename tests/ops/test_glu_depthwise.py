@@ -14,9 +14,11 @@ from tests.conftest import poison_cuda_allocator
 # (B, 2*Ch, H, W): odd sizes, 1-pixel rows/columns (all-border), a single channel pair. On CUDA,
 # channels_last 16-bit maps with Ch % 4 == 0 take the 4-channel strip kernel: rows longer than
 # one strip with a partial last strip (W = 19, strips of 4), and a channel-group count that is
-# not a multiple of the warp (Ch = 260: 65 groups); Ch = 1 and 3 take the per-element kernel.
+# not a multiple of the warp (Ch = 260: 65 groups), and rows or columns of 1 and 2 pixels
+# (every tap at a border) with W % 4 of 1 and 2; Ch = 1 and 3 take the per-element kernel.
 SHAPES = [(2, 8, 5, 7), (1, 2, 1, 1), (1, 6, 1, 9), (2, 16, 8, 8), (1, 64, 13, 3),
-          (1, 8, 4, 19), (2, 520, 3, 10)]  # fmt: skip
+          (1, 8, 4, 19), (2, 520, 3, 10), (1, 8, 1, 5), (2, 8, 2, 1), (1, 8, 2, 2),
+          (3, 8, 3, 9)]  # fmt: skip
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
@@ -81,6 +83,31 @@ def test_cuda_kernel_matches_reference(dtype, rng):
     if not has_kernel("glu_depthwise_conv", "cuda"):
         pytest.skip("dcgen._C has no CUDA kernel for glu_depthwise_conv")
     _check_kernel(dtype, rng)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_channels_last_views(dtype, rng):
+    # Views of a channels_last batch: a later batch element (an offset that keeps the 8-byte
+    # alignment: the 4-channel kernel) and a channels_last-dense view one element into its
+    # storage (misaligned: the host gate must send it to the per-element kernel).
+    if not has_kernel("glu_depthwise_conv", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernel for glu_depthwise_conv")
+    kernel = compiled_op("glu_depthwise_conv")
+    x, w, b = _inputs((3, 16, 5, 9), dtype, rng)
+    big = x.cuda().to(memory_format=torch.channels_last)
+    flat = torch.empty(big.numel() + 1, device="cuda", dtype=dtype)
+    shifted = flat[1:].as_strided(big.shape, big.stride())
+    shifted.copy_(big)
+    views = {"offset": (big[1:], x[1:]), "misaligned": (shifted, x)}
+    for name, (xv, xc) in views.items():
+        assert xv.is_contiguous(memory_format=torch.channels_last), name
+        poison_cuda_allocator()
+        got = kernel(xv, w.cuda(), b.cuda())
+        assert not got.isnan().any(), f"unwritten output ({name})"
+        want = glu_depthwise_conv_reference(xc.float(), w.float(), b.float())
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(got.cpu().float(), want, atol=atol, rtol=rtol, msg=name)
 
 
 @pytest.mark.cuda
