@@ -2,6 +2,7 @@
 // dcgen::nvfp4_gemm_w4a16: sm_90a): checks, allocation and capability dispatch. A C++ file (no
 // CUTLASS headers): it only sees nvfp4_gemm.h.
 #include <ATen/ATen.h>
+#include <algorithm>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
@@ -46,6 +47,14 @@ int capability_major(const at::Tensor& t) {
   return major;
 }
 
+// The kernels index with 32-bit ints (output offset m * N + n, activation offset m * K):
+// dcgen.ops.nvfp4_gemm splits larger products into row chunks before they get here.
+void check_index_range(const char* op, int64_t m, int64_t n, int64_t k) {
+  TORCH_CHECK(m * std::max(n, k) < (int64_t(1) << 31), op,
+              ": expected M x max(N, K) below 2^31 (32-bit indexing), got M=", m, " N=", n,
+              " K=", k, "; call it through dcgen.ops, which splits the rows");
+}
+
 at::Tensor nvfp4_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                            const at::Tensor& b_scales, const at::Tensor& alpha) {
   TORCH_CHECK(a.dim() == 2, "dcgen::nvfp4_gemm: expected a of shape [M, K/2], got ", a.sizes());
@@ -64,6 +73,7 @@ at::Tensor nvfp4_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, cons
   TORCH_CHECK(k % 32 == 0 && (major == 9 || b.size(0) % 8 == 0),
               "dcgen::nvfp4_gemm: expected K % 32 == 0 (and N % 8 == 0 on Blackwell: 16-byte TMA rows), "
               "got K=", k, " N=", b.size(0));
+  check_index_range("dcgen::nvfp4_gemm", a.size(0), b.size(0), k);
   at::Tensor d = at::empty({a.size(0), b.size(0)}, a.options().dtype(at::kBFloat16));
   if (a.size(0) == 0 || b.size(0) == 0) return d;
   const at::Tensor al = alpha.reshape({1}).contiguous();
@@ -111,6 +121,7 @@ at::Tensor nvfp4_gemm_w4a16_cuda(const at::Tensor& a, const at::Tensor& b, const
   const c10::cuda::CUDAGuard guard(a.device());
   const int major = capability_major(a);
   TORCH_CHECK(major == 9, "dcgen::nvfp4_gemm_w4a16: built for sm_90a only, this GPU is sm_", major, "x");
+  check_index_range("dcgen::nvfp4_gemm_w4a16", a.size(0), b.size(0), k);
   at::Tensor d = at::empty({a.size(0), b.size(0)}, a.options());
   if (a.size(0) == 0 || b.size(0) == 0) return d;
   const at::Tensor al = alpha.reshape({1}).contiguous();

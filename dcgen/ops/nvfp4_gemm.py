@@ -115,6 +115,28 @@ def _check_scales(op: str, name: str, rows: int, k: int, sw: torch.Tensor) -> No
         )
 
 
+# The kernels index rows x columns with 32-bit ints (the sm_90a epilogue's output offset is
+# m * N + n): larger products run as several calls over row chunks (:func:`_row_chunks`).
+INDEX_LIMIT = 2**31
+
+
+def _row_chunks(m: int, n: int, k: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges, each a multiple of 128 rows long (an A operand's swizzled scales
+    are 128-row tiles, so a chunk's scales are one contiguous slice), such that a chunk's
+    rows x max(N, K) stays below :data:`INDEX_LIMIT`; one range when the whole fits."""
+    if m * max(n, k) < INDEX_LIMIT:
+        return [(0, m)]
+    step = max(128, (INDEX_LIMIT - 1) // max(n, k) // 128 * 128)
+    return [(r, min(r + step, m)) for r in range(0, m, step)]
+
+
+def _scale_rows(scales: torch.Tensor, r0: int, r1: int, k: int) -> torch.Tensor:
+    """The swizzled scales of rows [r0, r1) (r0 a multiple of 128) of an operand with K = k."""
+    k_blocks = -(-k // 16)
+    tile = -(-k_blocks // 4) * 512  # bytes of one 128-row tile: ceil(K/16 / 4) * 4 * 128
+    return scales[r0 // 128 * tile : -(-r1 // 128) * tile]
+
+
 def nvfp4_gemm(
     a: torch.Tensor,
     a_scales: torch.Tensor,
@@ -142,9 +164,15 @@ def nvfp4_gemm(
     for name, packed, sw in (("a_scales", a, a_scales), ("b_scales", b, b_scales)):
         _check_scales("nvfp4_gemm", name, packed.shape[0], k, sw)
     if kernel_available(a.device, b.shape[0], k):
-        return compiled_op("nvfp4_gemm")(
-            a.contiguous(), a_scales.contiguous(), b.contiguous(), b_scales.contiguous(), alpha
-        )
+        kernel = compiled_op("nvfp4_gemm")
+        a, a_scales, b, b_scales = (t.contiguous() for t in (a, a_scales, b, b_scales))
+        chunks = _row_chunks(a.shape[0], b.shape[0], k)
+        if len(chunks) == 1:
+            return kernel(a, a_scales, b, b_scales, alpha)
+        out = torch.empty(a.shape[0], b.shape[0], device=a.device, dtype=torch.bfloat16)
+        for r0, r1 in chunks:
+            out[r0:r1] = kernel(a[r0:r1], _scale_rows(a_scales, r0, r1, k), b, b_scales, alpha)
+        return out
     return nvfp4_gemm_reference(a, a_scales, b, b_scales, alpha)
 
 
@@ -178,7 +206,13 @@ def nvfp4_gemm_w4a16(
         raise ValueError(f"nvfp4_gemm_w4a16: expected one alpha, got shape {tuple(alpha.shape)}")
     _check_scales("nvfp4_gemm_w4a16", "b_scales", b.shape[0], k, b_scales)
     if w4a16_kernel_available(a.device, k):
-        return compiled_op("nvfp4_gemm_w4a16")(
-            a.contiguous(), b.contiguous(), b_scales.contiguous(), alpha
-        )
+        kernel = compiled_op("nvfp4_gemm_w4a16")
+        a, b, b_scales = a.contiguous(), b.contiguous(), b_scales.contiguous()
+        chunks = _row_chunks(a.shape[0], b.shape[0], k)
+        if len(chunks) == 1:
+            return kernel(a, b, b_scales, alpha)
+        out = torch.empty(a.shape[0], b.shape[0], device=a.device, dtype=torch.bfloat16)
+        for r0, r1 in chunks:
+            out[r0:r1] = kernel(a[r0:r1], b, b_scales, alpha)
+        return out
     return nvfp4_gemm_w4a16_reference(a, b, b_scales, alpha)

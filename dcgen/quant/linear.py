@@ -390,7 +390,10 @@ class NVFP4Linear(nn.Module):
             alpha = gs * self.weight_scale_2
         quantize, gemm = direct_ops(*_OPS)
         packed, swizzled = quantize(x2, gs)
-        y = gemm(packed, swizzled, self.weight, w_scales, alpha)
+        if x2.shape[0] * max(n, k) < _gemm.INDEX_LIMIT:
+            y = gemm(packed, swizzled, self.weight, w_scales, alpha)
+        else:  # beyond the kernels' 32-bit indexing: the public op splits the rows
+            y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, alpha)
         if self.bias is not None:
             y.add_(self.bias)
         return y.reshape(*x.shape[:-1], n)

@@ -68,14 +68,17 @@ def _assert_w4a4_kernel_matches_reference(m: int, n: int, k: int, rng) -> None:
     torch.testing.assert_close(y.float(), ref.float(), atol=1e-2, rtol=1.6e-2)
 
 
-def _assert_linear_kernel_matches_reference(mode: str, n: int, rng, monkeypatch) -> None:
-    """An NVFP4Linear (low-rank branch on) on its kernel path vs DCGEN_DISABLE_KERNELS=1."""
+def _assert_linear_kernel_matches_reference(
+    mode: str, n: int, rng, monkeypatch, rank: int = 4
+) -> None:
+    """An NVFP4Linear (low-rank branch of ``rank``; 0: none) on its kernel path vs
+    DCGEN_DISABLE_KERNELS=1."""
     from torch import nn
 
     from dcgen.quant import NVFP4Linear
 
     torch.manual_seed(0)
-    q = NVFP4Linear.from_linear(nn.Linear(256, n).cuda(), mode, rank=4)
+    q = NVFP4Linear.from_linear(nn.Linear(256, n).cuda(), mode, rank=rank)
     x = torch.randn(3, 50, 256, generator=rng).cuda().bfloat16()
     with torch.no_grad():
         native = q(x)
@@ -147,6 +150,43 @@ def test_hopper_kernels_are_opt_in(monkeypatch):
     assert not g.kernel_available(cuda, 24, 64)
 
 
+@pytest.mark.parametrize("m", [300, 257, 128])
+def test_products_beyond_32_bit_indexing_run_in_row_chunks(m, rng, monkeypatch):
+    # The kernels index with 32-bit ints: with the limit lowered, a GEMM whose M x max(N, K)
+    # passes it runs as calls over 128-row-aligned chunks (each with its slice of A's swizzled
+    # scales) whose results equal the one-call result exactly. Here "the kernel" is the
+    # reference, with the check the C++ side makes.
+    import dcgen.ops.nvfp4_gemm as g
+
+    _, _, (a, sa, b, sb, alpha), _ = _operands(m, 40, 96, rng)
+    x16 = torch.randn(m, 96, generator=rng).bfloat16()
+    want = g.nvfp4_gemm_reference(a, sa, b, sb, alpha)
+    want16 = g.nvfp4_gemm_w4a16_reference(x16, b, sb, alpha)
+    monkeypatch.setattr(g, "INDEX_LIMIT", 100 * 96)  # chunks of 128 rows (100 rounds up)
+    calls = []
+
+    def kernel(name):  # noqa: ANN001, ANN202
+        def run(*args):  # noqa: ANN002, ANN202
+            rows = args[0].shape[0]
+            assert rows % 128 == 0 or rows == m % 128, rows
+            calls.append(rows)
+            if name == "nvfp4_gemm":
+                return g.nvfp4_gemm_reference(*args)
+            return g.nvfp4_gemm_w4a16_reference(*args)
+
+        return run
+
+    monkeypatch.setattr(g, "compiled_op", kernel)
+    monkeypatch.setattr(g, "kernel_available", lambda *a: True)
+    monkeypatch.setattr(g, "w4a16_kernel_available", lambda *a: True)
+    assert g._row_chunks(m, 40, 96) == [(r, min(r + 128, m)) for r in range(0, m, 128)]
+    assert torch.equal(nvfp4_gemm(a, sa, b, sb, alpha), want)
+    assert torch.equal(g.nvfp4_gemm_w4a16(x16, b, sb, alpha), want16)
+    assert calls == [r1 - r0 for r0, r1 in g._row_chunks(m, 40, 96)] * 2
+    monkeypatch.setattr(g, "INDEX_LIMIT", 2**31)
+    assert g._row_chunks(m, 40, 96) == [(0, m)]
+
+
 def _hopper_or_skip(op: str) -> None:
     if not torch.cuda.is_available() or not has_kernel(op, "cuda"):
         pytest.skip(f"needs the compiled {op} and a CUDA GPU")
@@ -187,7 +227,10 @@ def test_cuda_sm90_w4a16_matches_reference(mnk, rng, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["w4a4", "w4a16"])
-def test_cuda_sm90_nvfp4_linear_matches_reference(mode, rng, monkeypatch):
+@pytest.mark.parametrize("rank", [4, 16, 0])
+def test_cuda_sm90_nvfp4_linear_matches_reference(mode, rank, rng, monkeypatch):
+    # rank 4: the branch beside an unfused quantize; 16 (a LOWRANK_KERNEL_RANKS size): the fused
+    # low-rank quantize kernel; 0: no branch, the GEMM's bf16 result with the bias added in bf16.
     _hopper_or_skip("nvfp4_gemm_w4a16" if mode == "w4a16" else "nvfp4_gemm")
     monkeypatch.setenv("DCGEN_NVFP4_SM90", "1")
-    _assert_linear_kernel_matches_reference(mode, 136, rng, monkeypatch)
+    _assert_linear_kernel_matches_reference(mode, 136, rng, monkeypatch, rank)

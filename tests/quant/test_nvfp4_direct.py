@@ -91,6 +91,22 @@ def test_direct_route_gives_the_general_paths_bits(cpu_kernels, monkeypatch, bia
     assert torch.equal(got, want)
 
 
+def test_direct_route_splits_products_beyond_32_bit_indexing(cpu_kernels, monkeypatch):
+    # Past the kernels' 32-bit indexing (limit lowered here) the direct route hands the GEMM to
+    # the public op, which runs it over 128-row chunks: 300 rows -> 3 kernel calls, same bits.
+    import dcgen.ops.nvfp4_gemm as g
+
+    layer = _layer()
+    x = torch.randn(3, 100, 64).bfloat16()
+    with torch.inference_mode():
+        whole = layer(x)
+        assert cpu_kernels["direct"] == 1 and cpu_kernels["nvfp4_gemm"] == 1
+        monkeypatch.setattr(g, "INDEX_LIMIT", 100 * 64)
+        split = layer(x)
+    assert cpu_kernels["direct"] == 2 and cpu_kernels["nvfp4_gemm"] == 4
+    assert torch.equal(split, whole)
+
+
 def test_static_scale_change_is_seen(cpu_kernels, monkeypatch):
     """The route caches the static scale's product with weight_scale_2; writing either buffer
     (or switching to the dynamic scale) must be picked up on the next call."""
@@ -157,6 +173,7 @@ def test_route_decided_again_after_env_and_device_changes(cpu_kernels, monkeypat
 
 @pytest.mark.cuda
 def test_cuda_direct_route_matches_general_path(monkeypatch):
+    monkeypatch.setenv("DCGEN_NVFP4_SM90", "1")  # Hopper's native GEMMs are opt-in
     layer = _layer(k=256, n=128).cuda()
     x = torch.randn(2, 33, 256, device="cuda").bfloat16()
     if not layer._direct(x):
