@@ -171,6 +171,12 @@ def test_bad_inputs_have_clear_errors():
         BenchSettings(model="tiny", attention="flash,flash").resolved()
     with pytest.raises(ValueError, match="fp8_granularity"):
         BenchSettings(model="tiny", fp8=True, fp8_granularity="tensor").resolved()
+    with pytest.raises(ValueError, match="fp8_fast_accum: expected fp8_granularity 'row'"):
+        BenchSettings(
+            model="tiny", fp8=True, fp8_granularity="block128", fp8_fast_accum=True
+        ).resolved()
+    with pytest.raises(ValueError, match="fp8_fast_accum: expected a bool"):
+        BenchSettings(model="tiny", fp8=True, fp8_fast_accum="yes").resolved()
     with pytest.raises(ValueError, match=r"nvfp4: expected names from \('w4a4', 'w4a16'\)"):
         BenchSettings(model="tiny", nvfp4="w4a8").resolved()
     with pytest.raises(ValueError, match="nvfp4_rank: expected an int >= 0, got -1"):
@@ -493,7 +499,7 @@ def test_cli_bench_sana_variants_fp8(tmp_path, capsys):
     out = tmp_path / "s"
     args = ["bench", "--model", "tiny-sana", "--resolutions", "64", "--quick", "--steps", "2",
             "--variants", "stock,kernels", "--attention", "default,flash", "--fp8",
-            "--device", "cpu", "--out", str(out)]  # fmt: skip
+            "--fp8-fast-accum", "--device", "cpu", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
     table = printed.split("Best against best")[0]
@@ -501,7 +507,9 @@ def test_cli_bench_sana_variants_fp8(tmp_path, capsys):
     assert "sdpa-flash / sdpa-flash" in printed
     data = json.loads((out / "speed.json").read_text())
     assert data["model"]["name"] == "tiny-sana"
-    assert sum(r["quality"] is not None for r in data["rows"]) == 2
+    quality = [r["quality"] for r in data["rows"] if r["quality"] is not None]
+    assert len(quality) == 2 and all(q["fast_accum"] for q in quality)
+    assert "fast accumulation" in data["method"]
 
 
 @pytest.mark.parametrize(
