@@ -65,11 +65,14 @@ def _kernel_args(
     return y.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias
 
 
-def _inference_kernel(op: str, y: torch.Tensor) -> bool:
+def _inference_kernel(op: str, y: torch.Tensor, *params: torch.Tensor | None) -> bool:
     """Whether the in-place / quantizing forms run their kernel: built for y's device, nothing
-    traced or differentiated, something to do."""
+    traced, no gradient needed (as :func:`fp8_scale_epilogue` decides), something to do."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (y, *params)
+    )
     return (
-        not torch.is_grad_enabled()
+        not needs_grad
         and y.numel() > 0
         and has_kernel(op, y.device)
         and not torch.compiler.is_compiling()
@@ -143,7 +146,7 @@ def fp8_scale_epilogue_into(
             f"{y.device}, got {tuple(out.shape)} on {out.device}"
         )
     rows_ok = out.stride(1) == 1 and (out.shape[0] <= 1 or out.stride(0) >= out.shape[1])
-    if rows_ok and _inference_kernel("fp8_scale_epilogue_into", y):
+    if rows_ok and _inference_kernel("fp8_scale_epilogue_into", y, row_scale, col_scale, bias):
         args = _kernel_args(y, row_scale, col_scale, bias)
         compiled_op("fp8_scale_epilogue_into")(*args, act, out)
         return
@@ -177,7 +180,7 @@ def fp8_scale_epilogue_fp8(
     next FP8 linear's input (FLUX's MLP), so the quantize reads the row while the kernel has
     it. One CUDA kernel (one CTA per row) in inference when built; else the reference."""
     _check(y, row_scale, col_scale, bias, act)
-    if _inference_kernel("fp8_scale_epilogue_fp8", y):
+    if _inference_kernel("fp8_scale_epilogue_fp8", y, row_scale, col_scale, bias):
         args = _kernel_args(y, row_scale, col_scale, bias)
         return compiled_op("fp8_scale_epilogue_fp8")(*args, act)
     return fp8_scale_epilogue_fp8_reference(y, row_scale, col_scale, bias, act)

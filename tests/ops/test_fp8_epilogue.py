@@ -114,6 +114,46 @@ def test_fp8_form_is_the_epilogue_and_its_row_quantization(act, rng):
     assert torch.equal(q_scales, want_s)
 
 
+def test_every_form_takes_its_kernel_unless_a_gradient_is_needed(monkeypatch, rng):
+    # The plain, in-place and quantizing forms decide alike: the kernel whenever nothing that
+    # requires grad is involved (grad mode on or off), the reference when something does. (The
+    # in-place and quantizing forms once required grad mode off, so a CUDA test calling them
+    # with grad on compared the reference with the kernels instead of testing its kernel.)
+    import dcgen.ops.fp8_epilogue as ep
+
+    calls = []
+
+    def fake_op(name):
+        def run(y, rs, cs, b, act, *out):  # noqa: ANN001, ANN002, ANN202
+            calls.append(name)
+            res = ep.fp8_scale_epilogue_reference(y, rs, cs, b, act)
+            if name.endswith("_into"):
+                return out[0].copy_(res)
+            return (res, *quantize_fp8(res, "row")) if name.endswith("_fp8") else res
+
+        return run
+
+    monkeypatch.setattr(ep, "has_kernel", lambda name, device: True)
+    monkeypatch.setattr(ep, "compiled_op", fake_op)
+    y, rs, cs, b = _inputs(4, 16, torch.bfloat16, rng)
+    forms = {
+        "fp8_scale_epilogue": lambda y: ep.fp8_scale_epilogue(y, rs, cs, b),
+        "fp8_scale_epilogue_into": lambda y: ep.fp8_scale_epilogue_into(
+            y, rs, cs, b, "none", torch.empty(4, 16, dtype=torch.bfloat16)
+        ),
+        "fp8_scale_epilogue_fp8": lambda y: ep.fp8_scale_epilogue_fp8(y, rs, cs, b),
+    }
+    for name, form in forms.items():
+        for grad_mode in (True, False):
+            calls.clear()
+            with torch.set_grad_enabled(grad_mode):
+                form(y)
+            assert calls == [name], (name, grad_mode)
+        calls.clear()
+        form(y.clone().requires_grad_())
+        assert calls == [], name
+
+
 def _need_kernel() -> None:
     if not has_kernel("fp8_scale_epilogue", "cuda"):
         pytest.skip("dcgen._C has no CUDA fp8_scale_epilogue kernel")
@@ -146,18 +186,23 @@ def test_cuda_kernel_matches_reference(dtype, act, rng):
 def test_cuda_into_kernel_writes_its_block_bit_for_bit(act, rng):
     # dcgen::fp8_scale_epilogue_into into a poisoned wider buffer: its block equals
     # fp8_scale_epilogue's output bit for bit, the columns around it stay poisoned (NaN).
+    # Both 16-bit types; the block starts one row down (a row offset) and, with pad 3, at an
+    # odd column, so rows of odd N have an odd stride (M = 1 included).
     if not has_kernel("fp8_scale_epilogue_into", "cuda"):
         pytest.skip("dcgen._C has no CUDA fp8_scale_epilogue_into kernel")
-    for m, n in SHAPES:
-        for pad in (0, 8, 3):  # 16-byte aligned rows, and rows that are not
-            y, rs, cs, b = _inputs(m, n, torch.bfloat16, rng, "cuda")
-            want = fp8_scale_epilogue(y, rs, cs, b, act)
-            poison_cuda_allocator()
-            buf = torch.empty(m, n + 2 * pad, dtype=torch.bfloat16, device="cuda")
-            out = buf[:, pad : pad + n]
-            compiled_op("fp8_scale_epilogue_into")(y, rs, cs, b, act, out)
-            assert torch.equal(out.cpu(), want.cpu()), (m, n, pad)
-            assert buf[:, :pad].isnan().all() and buf[:, pad + n :].isnan().all(), (m, n, pad)
+    for dtype in DTYPES:
+        for m, n in SHAPES:
+            for pad in (0, 8, 3):  # 16-byte aligned rows, and rows that are not
+                y, rs, cs, b = _inputs(m, n, dtype, rng, "cuda")
+                want = fp8_scale_epilogue(y, rs, cs, b, act)
+                poison_cuda_allocator()
+                buf = torch.empty(m + 2, n + 2 * pad, dtype=dtype, device="cuda")
+                out = buf[1 : m + 1, pad : pad + n]
+                compiled_op("fp8_scale_epilogue_into")(y, rs, cs, b, act, out)
+                case = (dtype, m, n, pad)
+                _same_bits(out, want, case)
+                assert buf[:, :pad].isnan().all() and buf[:, pad + n :].isnan().all(), case
+                assert buf[0].isnan().all() and buf[m + 1].isnan().all(), case
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor, msg: object) -> None:
@@ -190,6 +235,31 @@ def test_cuda_fp8_kernel_is_epilogue_then_quantize_bit_for_bit(dtype, act, rng):
             _same_bits(out, want_out, (m, n, bias, "out"))
             _same_bits(q, want_q, (m, n, bias, "q"))
             _same_bits(q_scales, want_s, (m, n, bias, "scales"))
+
+
+@pytest.mark.cuda
+def test_cuda_fp8_kernel_misaligned_y_and_fp16_overflow(rng):
+    # y 2 bytes past a 16-byte boundary with N % 8 == 0: the scalar loads and stores beside the
+    # vector FP8 stores; and fp16 rows whose scaled values pass 65,504 (inf output, inf scale,
+    # the quantize's division path), against the two kernels it replaces.
+    if not has_kernel("fp8_scale_epilogue_fp8", "cuda"):
+        pytest.skip("dcgen._C has no CUDA fp8_scale_epilogue_fp8 kernel")
+    for dtype in DTYPES:
+        buf = (torch.randn(1 + 9 * 64, generator=rng) * 100).to(dtype).cuda()
+        y = buf[1:].view(9, 64)
+        rs, cs = torch.rand(9, device="cuda") + 0.5, torch.rand(64, device="cuda") + 0.5
+        if dtype == torch.float16:
+            rs[4] = 1e4  # row 4: 100 * 1e4 >> 65,504
+        for act in ("none", "gelu_tanh"):
+            poison_cuda_allocator()
+            out, q, q_scales = fp8_scale_epilogue_fp8(y, rs, cs, None, act)
+            want_out = fp8_scale_epilogue(y, rs, cs, None, act)
+            want_q, want_s = quantize_fp8(want_out, "row")
+            if dtype == torch.float16:
+                assert want_out[4].isinf().any(), "no overflow: the case tests nothing"
+            _same_bits(out, want_out, (dtype, act, "out"))
+            _same_bits(q, want_q, (dtype, act, "q"))
+            _same_bits(q_scales, want_s, (dtype, act, "scales"))
 
 
 @pytest.mark.cuda
