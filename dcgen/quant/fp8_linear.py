@@ -390,7 +390,15 @@ class FP8Linear(nn.Module):
                 rows = out.view(-1, self.out_features)
             except RuntimeError:  # rows of several row blocks: not one [M, N] view
                 rows = None
-            if rows is not None and rows.shape[0] == x.numel() // self.in_features:
+            # what the kernel writes: unit column stride, rows that do not overlap, y's device
+            # (anything else is copied in, as the public fp8_scale_epilogue_into does)
+            if (
+                rows is not None
+                and rows.shape[0] == x.numel() // self.in_features
+                and rows.stride(1) == 1
+                and (rows.shape[0] <= 1 or rows.stride(0) >= rows.shape[1])
+                and out.device == x.device
+            ):
                 product = self._unit_scale_product(x)
                 if product is not None:
                     epilogue_into = direct_ops("fp8_scale_epilogue_into")[0]

@@ -267,6 +267,12 @@ def test_forward_into_copies_where_it_cannot_write_in_place(cpu_kernels):
         layer.forward_into(x, buf[:, 2:])
     assert cpu_kernels["fp8_scale_epilogue_into"] == 0
     assert torch.equal(buf[:, 2:], want) and not buf[:, :2].any()
+    # a column-major out (column stride 40 != 1) is one [M, N] view the kernel cannot write
+    cols = torch.zeros(40, 6, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        layer.forward_into(x.reshape(6, 64), cols.t())
+    assert cpu_kernels["fp8_scale_epilogue_into"] == 0
+    assert torch.equal(cols.t(), want.reshape(6, 40))
     with torch.no_grad():
         out = torch.empty(2, 3, 40, dtype=torch.bfloat16)
         layer.forward_into(x.float(), out)  # fp32 input: the general path, cast into out
