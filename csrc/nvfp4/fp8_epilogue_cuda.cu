@@ -248,6 +248,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_scale_epilogue_fp8_cuda(
   const int act = check_epilogue(op, y, row_scale, col_scale, bias, act_name);
   const int64_t M = y.size(0), N = y.size(1);
   TORCH_CHECK(M <= 2147483647LL, "dcgen::", op, ": expected at most 2^31 - 1 rows, got ", M);
+  // quantize_fp8 has no scale for an empty row (it rejects K = 0): neither does this form
+  TORCH_CHECK(N >= 1, "dcgen::", op, ": expected y with at least one column, got ", y.sizes());
   const c10::cuda::CUDAGuard guard(y.device());
   at::Tensor out = at::empty_like(y);
   at::Tensor q = at::empty({M, N}, y.options().dtype(at::kFloat8_e4m3fn));

@@ -267,6 +267,13 @@ FP8_EPILOGUE_FP8 = [
         ),  # fmt: skip
     )
     for c in FP8_EPILOGUE
+] + [
+    _c(
+        "fp8_scale_epilogue_fp8",
+        "no-columns",
+        lambda: (cu(4, 0), cu(4, dtype=F32), cu(0, dtype=F32), None, "none"),
+        f"{P_FP8}: expected y with at least one column, got [4, 0]",
+    ),
 ]
 
 # --- adaln_modulate(x, shift, scale, rows_per_batch, eps): dit/modulation_cuda.cu ---
