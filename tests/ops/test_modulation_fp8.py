@@ -175,6 +175,30 @@ def test_cuda_kernel_misaligned_rows(rng):
     scale = torch.randn(1, d, generator=rng).bfloat16().cuda()
     poison_cuda_allocator()
     out, q, q_scales = adaln_modulate_fp8(x, shift, scale, eps=1e-5)
-    want_q, want_s = quantize_fp8(adaln_modulate(x, shift, scale, eps=1e-5), "row")
+    want_out = adaln_modulate(x, shift, scale, eps=1e-5)
+    want_q, want_s = quantize_fp8(want_out, "row")
+    _same_bits(out, want_out, "out")
+    _same_bits(q, want_q, "q")
+    _same_bits(q_scales, want_s, "scales")
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_broadcast_parameters_and_fp16_overflow(rng):
+    # (1, D) shift / scale shared by a batch of 2 (stride-0 rows per batch element), and fp16
+    # rows whose modulated values pass 65,504: inf in the output, so that row's scale is inf
+    # and its codes come from the division path, as quantize_fp8 does on the two-op path.
+    _need_kernel()
+    d = 256
+    x = (torch.randn(2, 4, d, generator=rng) * 2).half().cuda()
+    shift = torch.randn(1, d, generator=rng).half().cuda()
+    scale = torch.randn(1, d, generator=rng).half().cuda()
+    x[..., 7] = 50.0  # normalized to about 13 in every row ...
+    scale[0, 7] = 30000.0  # ... times 1 + scale: past fp16's range in column 7
+    poison_cuda_allocator()
+    out, q, q_scales = adaln_modulate_fp8(x, shift, scale, eps=1e-6)
+    want_out = adaln_modulate(x, shift, scale, eps=1e-6)
+    want_q, want_s = quantize_fp8(want_out, "row")
+    assert out[..., 7].isinf().any(), "no overflow: the case tests nothing"
+    _same_bits(out, want_out, "out")
     _same_bits(q, want_q, "q")
     _same_bits(q_scales, want_s, "scales")
