@@ -41,7 +41,7 @@
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns);
 # DCGEN_DEADLINE, below each call's timeout_s, makes every step's cap end the script in time:
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG="gemm tma" DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
-#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_block_shortcuts.py tests/ops/test_attention.py tests/autoencoders tests/quant/test_fp8_direct.py tests/ops/test_fp8_epilogue.py tests/ops/test_compiled_op_checks.py tests/ops/test_quantize.py tests/ops/test_quantize_nvfp4_lowrank.py tests/ops/test_modulation_fp8.py tests/test_fused_blocks.py tests/test_accelerate.py" \
+#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_block_shortcuts.py tests/ops/test_attention.py tests/autoencoders tests/quant/test_fp8_direct.py tests/ops/test_fp8_epilogue.py tests/ops/test_compiled_op_checks.py tests/ops/test_quantize.py tests/ops/test_quantize_nvfp4_lowrank.py tests/ops/test_modulation_fp8.py tests/test_fused_blocks.py tests/test_accelerate.py tests/quant/test_nvfp4_direct.py" \
 #      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="attention dcae_fused quant" \
 #      bash benchmarks/device_check.sh   (timeout_s=550). Everything changed since the
 #      2026-11-27 run, validated first, then timed: build (86 s); the error maps of the NVFP4
@@ -50,14 +50,16 @@
 #      channels_last GLUMBConv and up-block kernels and the DC-AE row bands (about 45 s); the
 #      never-run files
 #      (row bands, CUDA graphs, and the two that crashed) (about 60 s); the attention,
-#      DC-AE block / decode and FP8 / NVFP4 benchmarks (89 + 45 + 61 s); the crash probe.
+#      DC-AE block / decode and FP8 / NVFP4 benchmarks (89 + 45 + 61 s, the FP8 linears now
+#      also with fast accumulation on both routes); the crash probe.
 #   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_FP8_BLOCK=1 \
 #      DCGEN_BENCH_FILES=dcae_decode DCGEN_BENCH_COMPILE=0 DCGEN_SPEED_MODELS=none \
 #      DCGEN_SPEED_GRAPHS=0 bash benchmarks/device_check.sh   (timeout_s = what is left - 20):
 #      the 4K decodes against diffusers (full frame with row bands, banded, NCHW, autotuned;
 #      about 150 s), then the step profile of bf16, FP8 and the decode, then the FP8 double
-#      block against bf16 in eager mode and CUDA-graphed (the FP8 issue's block goal; the FP8
-#      path changed most since the last run), as far as the deadline lets them run. The
+#      block against bf16 in eager mode and CUDA-graphed, with and without fast accumulation
+#      (the FP8 issue's block goal; the FP8 path changed most since the last run), as far as the
+#      deadline lets them run. The
 #      kernels-vs-graphs FLUX table (DCGEN_SPEED_GRAPHS=1) waits for a session with more time.
 # If the machine was given back in between, call 2 finds no extension and builds it (86 s).
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
