@@ -33,6 +33,15 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001
             item.add_marker(skip)
 
 
+def misaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with its strides (its memory format) one element into a fresh storage:
+    the same dense layout at a data pointer no vector path may assume aligned."""
+    flat = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    out = flat[1:].as_strided(t.shape, t.stride())
+    out.copy_(t)
+    return out
+
+
 def poison_cuda_allocator(nbytes: int = 256 << 20) -> None:
     """Fill free blocks of the caching allocator with all-ones bytes so an op's freshly
     allocated output shows every element the kernel did not write: 0xFF... is NaN in fp32,

@@ -18,7 +18,7 @@ from dcgen.ops import (
     up_block_shortcut_reference,
 )
 from dcgen.ops._extension import compiled_op
-from tests.conftest import poison_cuda_allocator
+from tests.conftest import misaligned_copy, poison_cuda_allocator
 
 # (B, Cin, H, W, Cout): the DC-AE ratios (Cin = 2*Cout up, Cout = 2*Cin down), repeats of 1
 # and 4, odd spatial sizes, 1x1 maps. Cout % 8 == 0 with repeats 1, 2 and 4 and several channel
@@ -162,16 +162,9 @@ def test_cuda_up_channels_last_views(dtype, rng):
     y, x = _up_inputs((2, 32, 5, 6, 16), True, dtype, rng)
     cl = torch.channels_last
     yc, xc = y.cuda().to(memory_format=cl), x.cuda().to(memory_format=cl)
-
-    def shifted(t: torch.Tensor) -> torch.Tensor:
-        flat = torch.empty(t.numel() + 1, device="cuda", dtype=dtype)
-        out = flat[1:].as_strided(t.shape, t.stride())
-        out.copy_(t)
-        return out
-
     views = {
         "band": (yc[1:2, :, 1:4], xc[1:2, :, 1:4], y[1:2, :, 1:4], x[1:2, :, 1:4]),
-        "misaligned": (shifted(yc), shifted(xc), y, x),
+        "misaligned": (misaligned_copy(yc), misaligned_copy(xc), y, x),
     }
     for name, (yv, xv, ycpu, xcpu) in views.items():
         poison_cuda_allocator()

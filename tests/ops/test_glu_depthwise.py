@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dcgen.ops import glu_depthwise_conv, glu_depthwise_conv_reference, has_kernel
 from dcgen.ops._extension import compiled_op
-from tests.conftest import poison_cuda_allocator
+from tests.conftest import misaligned_copy, poison_cuda_allocator
 
 # (B, 2*Ch, H, W): odd sizes, 1-pixel rows/columns (all-border), a single channel pair. On CUDA,
 # channels_last 16-bit maps with Ch % 4 == 0 take the 4-channel strip kernel: rows longer than
@@ -96,10 +96,7 @@ def test_cuda_channels_last_views(dtype, rng):
     kernel = compiled_op("glu_depthwise_conv")
     x, w, b = _inputs((3, 16, 5, 9), dtype, rng)
     big = x.cuda().to(memory_format=torch.channels_last)
-    flat = torch.empty(big.numel() + 1, device="cuda", dtype=dtype)
-    shifted = flat[1:].as_strided(big.shape, big.stride())
-    shifted.copy_(big)
-    views = {"offset": (big[1:], x[1:]), "misaligned": (shifted, x)}
+    views = {"offset": (big[1:], x[1:]), "misaligned": (misaligned_copy(big), x)}
     for name, (xv, xc) in views.items():
         assert xv.is_contiguous(memory_format=torch.channels_last), name
         poison_cuda_allocator()
