@@ -23,22 +23,32 @@ it has at that moment: diffusers' own or dcgen's fused one) in a :class:`BlockGr
   tokens in bf16).
 
 Only CUDA inference calls are graphed: with autograd on, on the CPU, while torch.compile traces,
-while another capture is running, or with a non-tensor argument that cannot be hashed, the
-wrapped forward runs as it is. A graph replays what the block did when it was captured:
+while another capture is running, with a non-tensor argument other than None / bool / int /
+float / str / dtype / device (anything else could hold tensors a graph would bake in unseen),
+or for a block whose own tensors are not all on CUDA or that carries an offloading hook
+(accelerate / diffusers), the wrapped forward runs as it is. Autocast's state is part of the
+signature. A graph replays what the block did when it was captured:
 
-- parameters and buffers are read from their storage at capture time. A block whose tensors
-  moved (``model.to``, offloading, a ``.data`` rebind) has its graphs dropped and captured again
-  on the next call; a new Parameter object assigned to the module is not seen (call
-  :func:`uninstall` / ``dcgen.unaccelerate`` after such surgery);
+- parameters and buffers are read from their storage at capture time. The block's tensors are
+  recorded at each capture (weakly: a graph never keeps a replaced layer alive) and checked
+  before each replay: a tensor that is gone (its layer swapped, by ``quantize_`` say), moved
+  (``model.to``, offloading, a ``.data`` rebind) or updated in place (``load_state_dict``; the
+  version counter, so tensors derived from it in Python are rebuilt) drops the block's graphs,
+  and the next call captures again. A new layer that replaced one still referenced elsewhere is
+  not seen (call :func:`uninstall` / ``dcgen.unaccelerate`` after such surgery);
 - settings read in Python during the forward (``DCGEN_*`` variables, the SDPA backend, hooks,
   LoRA scales) are frozen at capture: change them with the graphs uninstalled;
+- the graphs of one :func:`install` share one side stream per device (captures and their
+  warm-up run there), so they share one memory pool;
 - a capture that fails (a host synchronisation inside the block, say) raises an error naming
-  the block, and so does every later call with that signature.
+  the block and the cause, leaves the caller's stream current, and every later call with that
+  signature raises it again.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from itertools import chain
@@ -57,18 +67,35 @@ WARMUP_CALLS = 2
 MAX_SIGNATURES = 4
 
 
+#: non-tensor arguments a graph may bake in: plain values that hold no tensor
+_PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+#: attributes of accelerate's / diffusers' offloading hooks (they move weights per call)
+_OFFLOAD_HOOKS = ("_hf_hook", "_diffusers_hook")
+
+
 class _Unhashable(Exception):
-    pass
+    """A leaf a graph cannot take: its call runs eagerly."""
 
 
 def _signature(leaf: Any) -> Any:
     if isinstance(leaf, torch.Tensor):
         return ("T", tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device)
-    try:
-        hash(leaf)
-    except TypeError as err:
-        raise _Unhashable from err  # its contents would be baked in unseen: not graphed
+    if type(leaf) not in _PLAIN_VALUES:
+        raise _Unhashable  # an object could carry tensors a graph would bake in unseen
     return ("V", type(leaf), leaf)
+
+
+def _autocast_state() -> Any:
+    """Autocast on CUDA changes what a block computes: part of every signature."""
+    if torch.is_autocast_enabled("cuda"):
+        return ("autocast", torch.get_autocast_dtype("cuda"))
+    return None
+
+
+def _stamp(t: torch.Tensor) -> tuple[int, int | None]:
+    """Where a tensor lives and its in-place version (None for an inference tensor, which has
+    no version counter)."""
+    return t.data_ptr(), None if t.is_inference() else t._version
 
 
 class _Entry:
@@ -80,20 +107,23 @@ class _Entry:
 
 class BlockGraphs:
     """Callable replacing one block's forward (module doc). ``inner`` is the forward it wraps,
-    ``module`` the block (its parameters' storage is checked before each replay), ``pool`` and
-    ``stream`` the memory pool and side stream shared by the model's graphs."""
+    ``module`` the block (its tensors, recorded at each capture, are checked before each
+    replay), ``pool`` and ``streams`` the memory pool and the side stream per device shared by
+    the model's graphs."""
 
     def __init__(
         self,
         inner: Callable[..., Any],
         module: nn.Module | None = None,
         pool: Any = None,
-        stream: Any = None,
+        streams: dict[torch.device, Any] | None = None,
         name: str = "block",
     ) -> None:
-        self.inner, self.pool, self.stream, self.name = inner, pool, stream, name
-        self._tensors = list(chain(module.parameters(), module.buffers())) if module else []
-        self._storage: list[int] = []
+        self.inner, self.pool, self.name = inner, pool, name
+        self.streams = {} if streams is None else streams
+        self._module = weakref.ref(module) if module is not None else None
+        # (weak reference, stamp) of each block tensor at the last capture
+        self._watched: list[tuple[weakref.ref, tuple[int, int | None]]] = []
         self.entries: OrderedDict[Any, _Entry | Exception] = OrderedDict()
         self.captures = 0  # how many signatures were captured (tests, diagnostics)
         self.replays = 0
@@ -111,27 +141,54 @@ class BlockGraphs:
             and not torch.cuda.is_current_stream_capturing()
         )
 
-    def _storage_moved(self) -> bool:
-        now = [t.data_ptr() for t in self._tensors]
-        moved = now != self._storage
-        self._storage = now
-        return moved
+    def _block_tensors(self) -> list[torch.Tensor]:
+        module = self._module() if self._module is not None else None
+        if module is None:
+            return []
+        return list(chain(module.parameters(), module.buffers()))
+
+    def _graphable_block(self, device: torch.device) -> bool:
+        """The block's own tensors all on the inputs' (CUDA) device and no offloading hook on
+        it or its children."""
+        module = self._module() if self._module is not None else None
+        if module is None:
+            return True
+        if any(hasattr(m, h) for m in module.modules() for h in _OFFLOAD_HOOKS):
+            return False
+        return all(t.device == device for t in self._block_tensors())
+
+    def _tensors_changed(self) -> bool:
+        """Whether a tensor recorded at the last capture is gone, moved or updated in place."""
+        for ref, stamp in self._watched:
+            t = ref()
+            if t is None or _stamp(t) != stamp:
+                return True
+        return False
+
+    def _watch(self) -> None:
+        self._watched = [(weakref.ref(t), _stamp(t)) for t in self._block_tensors()]
 
     # -- capture and replay (CUDA; tests substitute a stand-in) ---------------------------------
 
     def capture(self, run: Callable[[], Any], device: torch.device) -> tuple[Any, Any]:
-        """Warm ``run`` up on the side stream, capture one call on it; returns (graph,
-        output)."""
+        """Warm ``run`` up on the device's side stream, capture one call on it; returns
+        (graph, output)."""
         with torch.cuda.device(device):
-            side = self.stream or torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_CALLS):
-                    run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=side):
-                output = run()
+            if device not in self.streams:  # one per device, shared by the install's blocks
+                self.streams[device] = torch.cuda.Stream(device)
+            side = self.streams[device]
+            caller = torch.cuda.current_stream()
+            # torch.cuda.graph does not restore the caller's stream when the capture raises:
+            # this outer context does
+            with torch.cuda.stream(caller):
+                side.wait_stream(caller)
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_CALLS):
+                        run()
+                caller.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=side):
+                    output = run()
         return graph, output
 
     def replay(self, entry: _Entry) -> None:
@@ -144,16 +201,19 @@ class BlockGraphs:
         if not self.applies(leaves):
             return self.inner(*args, **kwargs)
         try:
-            key = (spec, tuple(_signature(leaf) for leaf in leaves))
+            key = (spec, tuple(_signature(leaf) for leaf in leaves), _autocast_state())
         except _Unhashable:
             return self.inner(*args, **kwargs)
-        if self._storage_moved() and self.entries:
-            logger.info("dcgen CUDA graphs: %s's tensors moved; capturing again", self.name)
+        if self.entries and self._tensors_changed():
+            logger.info("dcgen CUDA graphs: %s's tensors changed; capturing again", self.name)
             self.entries.clear()
         entry = self.entries.get(key)
         if isinstance(entry, Exception):
             raise entry
         if entry is None:
+            device = next(t.device for t in leaves if isinstance(t, torch.Tensor))
+            if not self._graphable_block(device):  # offloaded or elsewhere: eager
+                return self.inner(*args, **kwargs)
             entry = self._capture(key, leaves, spec)
         self.entries.move_to_end(key)
         # Also right after a capture: the warm-up calls ran on the static buffers and a block
@@ -178,14 +238,20 @@ class BlockGraphs:
             try:
                 graph, output = self.capture(lambda: self.inner(*s_args, **s_kwargs), device)
             except Exception as err:
+                # torch.cuda.graph's own error ("operation failed due to a previous error
+                # during capture") hides the block's: name the first cause
+                cause = err.__context__ or err
                 failure = RuntimeError(
-                    f"dcgen CUDA graphs: capturing {self.name} failed ({type(err).__name__}: "
-                    f"{err}); run without cuda_graphs to use it"
+                    f"dcgen CUDA graphs: capturing {self.name} failed ({type(cause).__name__}: "
+                    f"{cause}); run without cuda_graphs to use it"
                 )
                 self.entries[key] = failure
                 raise failure from err
         entry = self.entries[key] = _Entry(static, graph, output)
         self.captures += 1
+        # the tensors this block's graphs read, as they are after the capture (a block that
+        # updates a buffer in place does so on every replay too, unseen by the version counter)
+        self._watch()
         return entry
 
 
@@ -198,17 +264,14 @@ def _blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def install(model: nn.Module, graphs_cls: type[BlockGraphs] = BlockGraphs) -> int:
     """Wrap every graphable block's current forward (idempotent); returns how many blocks are
     graphed now. ``graphs_cls`` lets tests run the bookkeeping with a CPU stand-in."""
-    pool = stream = None
-    if torch.cuda.is_available():
-        pool = torch.cuda.graph_pool_handle()
-        device = next((p.device for p in model.parameters() if p.is_cuda), None)
-        if device is not None:
-            stream = torch.cuda.Stream(device)
+    pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
+    streams: dict[torch.device, Any] = {}  # side streams, made at the first capture per device
     count = 0
     for name, module in _blocks(model):
         if _GRAPHS not in module.__dict__:
             previous = module.__dict__.get("forward")  # an instance forward (fused glue) or None
-            graphs = graphs_cls(module.forward, module, pool, stream, name or type(module).__name__)
+            label = name or type(module).__name__
+            graphs = graphs_cls(module.forward, module, pool, streams, label)
             module.__dict__[_GRAPHS] = (graphs, previous)
             module.forward = graphs
         count += 1

@@ -97,6 +97,9 @@ def _joint_norm_weight(
         or torch.compiler.is_compiling()
         or text_weight.is_inference()  # no version counter to tell an in-place update
         or image_weight.is_inference()
+        # a CUDA graph being captured stacks them itself: its replays must not read a cached
+        # tensor that clear_joint_norm_cache (or a new weight) may free
+        or (image_weight.is_cuda and torch.cuda.is_current_stream_capturing())
     )
     if not cacheable:
         return torch.stack([text_weight.to(image_weight.dtype), image_weight])
