@@ -9,9 +9,10 @@
 #      poisons only that process's CUDA context);
 #   3. the CUDA tests (`-m cuda`; CI runs the CPU tests; DCGEN_TEST_ALL=1 runs the whole suite);
 #   4. the benchmark suite, one pytest process and JSON per file (the end-to-end file is left to
-#      the speed table, which times the same pipelines in more detail; the FP8 block file, with
-#      its torch.compile cases, runs after the speed table); the Hopper kernels' benchmark cases
-#      only when their diagnostics passed;
+#      the speed table, which times the same pipelines in more detail), then the FP8 block file
+#      (eager, graphs, torch.compile), then the step profile; the Hopper kernels' benchmark
+#      cases only when their diagnostics passed; the decode's autotune group comes last, in a
+#      process of its own;
 #   5. (DCGEN_SPEED_TABLE=1, the default) the paper's speed table in quick mode: `dcgen bench
 #      --quick` for FLUX at 1K/2K/4K (stock and kernels, SDPA default and flash, FP8 and NVFP4
 #      W4A4 / W4A16 rows with their block weight memory) and
@@ -41,8 +42,8 @@
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns);
 # DCGEN_DEADLINE, below each call's timeout_s, makes every step's cap end the script in time:
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG="gemm tma" DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
-#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_block_shortcuts.py tests/ops/test_attention.py tests/autoencoders tests/quant/test_fp8_direct.py tests/ops/test_fp8_epilogue.py tests/ops/test_compiled_op_checks.py tests/ops/test_quantize.py tests/ops/test_quantize_nvfp4_lowrank.py tests/ops/test_modulation_fp8.py tests/test_fused_blocks.py tests/test_accelerate.py tests/quant/test_nvfp4_direct.py" \
-#      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="attention dcae_fused quant" \
+#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_block_shortcuts.py tests/ops/test_attention.py tests/autoencoders tests/quant/test_fp8_direct.py tests/ops/test_compiled_op_checks.py tests/ops/test_quantize.py tests/ops/test_quantize_nvfp4_lowrank.py tests/ops/test_modulation_fp8.py tests/test_accelerate.py tests/quant/test_nvfp4_direct.py" \
+#      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="quant attention dcae_fused" \
 #      bash benchmarks/device_check.sh   (timeout_s=550). Everything changed since the
 #      2026-11-27 run, validated first, then timed: build (86 s); the error maps of the NVFP4
 #      GEMMs (new mainloop) and of the TMA attention kernel (new softmax) (about 20 s); the Hopper
@@ -50,16 +51,18 @@
 #      channels_last GLUMBConv and up-block kernels and the DC-AE row bands (about 45 s); the
 #      never-run files
 #      (row bands, CUDA graphs, and the two that crashed) (about 60 s); the attention,
-#      DC-AE block / decode and FP8 / NVFP4 benchmarks (89 + 45 + 61 s, the FP8 linears now
-#      also with fast accumulation on both routes); the crash probe.
+#      DC-AE block / decode and FP8 / NVFP4 benchmarks (89 + 45 + 61 s measured, quant since
+#      grown from 86 to 114 cases: the FP8 linears with fast accumulation on both routes, the
+#      fused pairs; first, as FP8 changed most), as far as the deadline lets them run; the
+#      bad-input crash probe only if a test file crashed its process.
 #   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_FP8_BLOCK=1 \
 #      DCGEN_BENCH_FILES=dcae_decode DCGEN_BENCH_COMPILE=0 DCGEN_SPEED_MODELS=none \
 #      DCGEN_SPEED_GRAPHS=0 bash benchmarks/device_check.sh   (timeout_s = what is left - 20):
 #      the 4K decodes against diffusers (full frame with row bands, banded, NCHW, autotuned;
-#      about 150 s), then the step profile of bf16, FP8 and the decode, then the FP8 double
-#      block against bf16 in eager mode and CUDA-graphed, with and without fast accumulation
-#      (the FP8 issue's block goal; the FP8 path changed most since the last run), as far as the
-#      deadline lets them run. The
+#      about 150 s), then the FP8 double block against bf16 in eager mode and CUDA-graphed, with
+#      and without fast accumulation (the FP8 issue's block goal; the FP8 path changed most
+#      since the last run), then the step profile of bf16, FP8 and the decode, then the
+#      decode's autotune group, as far as the deadline lets them run. The
 #      kernels-vs-graphs FLUX table (DCGEN_SPEED_GRAPHS=1) waits for a session with more time.
 # If the machine was given back in between, call 2 finds no extension and builds it (86 s).
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
@@ -191,7 +194,12 @@ if [ "${DCGEN_SKIP_TESTS:-0}" != 1 ]; then
   # DCGEN_TEST_FILES: the paths of this run (default all of tests/; "none" skips it, keeping the
   # Hopper tests above and the fresh files below: all of it passed on the H100 on 2026-11-27)
   main_tests=${DCGEN_TEST_FILES:-tests}
-  if [ "$main_tests" != none ]; then
+  # a fresh file named here too would also run in this process (pytest's --ignore does not
+  # apply to paths given on the command line), where its crash would stop the rest
+  kept=""
+  for f in $main_tests; do case " $fresh " in *" $f "*) ;; *) kept+=" $f" ;; esac; done
+  main_tests=${kept# }
+  if [ -n "$main_tests" ] && [ "$main_tests" != none ]; then
     # shellcheck disable=SC2086  # a space-separated list of paths
     DCGEN_ATTENTION_SM90=0 timeout "$(cap 200)" python3 -m pytest $main_tests "${ign[@]}" \
       ${sel[@]+"${sel[@]}"} -k "not wgmma and not sm90" -q -p no:cacheprovider \
@@ -227,13 +235,26 @@ if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ]; then
   for f in ${DCGEN_BENCH_FILES:-attention quant dcae_decode dcae_fused ops}; do
     [ "$f" = none ] && continue  # DCGEN_BENCH_FILES=none: only the FP8 block below
     case $f in dcae_decode) c=200 ;; quant | attention) c=120 ;; *) c=90 ;; esac
-    DCGEN_BENCH_SIZES=${DCGEN_BENCH_SIZES:-4096} \
+    # the decode's autotune group runs last, in a process of its own (test_dcae_decode.py)
+    DCGEN_DECODE_MODES=full,banded,nchw DCGEN_BENCH_SIZES=${DCGEN_BENCH_SIZES:-4096} \
     timeout "$(cap $c)" python3 -m pytest "benchmarks/test_$f.py" -q -p no:cacheprovider \
       "${skip[@]}" --benchmark-json="$OUT/bench_$f.json" ${DCGEN_BENCH_ARGS:-} >"$OUT/bench_$f.log" 2>&1
     rc=$?
     stamp "  $f: rc=$rc, $(tail -1 "$OUT/bench_$f.log")"
     [ $rc = 0 ] || [ $rc = 5 ] || bench_rc=1
   done
+fi
+
+if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ] && [ "${DCGEN_FP8_BLOCK:-1}" = 1 ]; then
+  # One FLUX double block, bf16 vs FP8 + fused attention, eager, CUDA-graphed and
+  # torch.compile'd (issue 6's block goal; the compiles, DCGEN_BENCH_COMPILE=1, take the most
+  # time of any benchmark). Before the profile: pytest-benchmark writes its JSON only at the
+  # end, so a run cut off by the deadline brings back nothing, while the profile saves each
+  # precision as it goes.
+  stamp "benchmark fp8_block"
+  timeout "$(cap 180)" python3 -m pytest benchmarks/test_fp8_block.py -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench_fp8_block.json" >"$OUT/bench_fp8_block.log" 2>&1 || bench_rc=1
+  tail -1 "$OUT/bench_fp8_block.log"
 fi
 
 # Where a DC-Gen-FLUX 4K step's time goes (benchmarks/profile_step.py): wall vs GPU-busy time
@@ -286,13 +307,14 @@ if [ "${DCGEN_SPEED_TABLE:-1}" = 1 ]; then
   fi
 fi
 
-if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ] && [ "${DCGEN_FP8_BLOCK:-1}" = 1 ]; then
-  # Last: one FLUX double block, bf16 vs FP8 + fused attention, eager and torch.compile'd
-  # (issue 6's block goal; the compiles take the most time of any benchmark).
-  stamp "benchmark fp8_block"
-  timeout "$(cap 180)" python3 -m pytest benchmarks/test_fp8_block.py -q -p no:cacheprovider \
-    --benchmark-json="$OUT/bench_fp8_block.json" >"$OUT/bench_fp8_block.log" 2>&1 || bench_rc=1
-  tail -1 "$OUT/bench_fp8_block.log"
+# The decode's autotune group (cudnn.benchmark) in a process whose convolutions have not run
+# yet (cuDNN's plan cache ignores the flag), with what time is left.
+if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ] && [[ " ${DCGEN_BENCH_FILES:-attention quant dcae_decode dcae_fused ops} " == *" dcae_decode "* ]]; then
+  stamp "benchmark dcae_decode (autotune group)"
+  DCGEN_DECODE_MODES=autotune DCGEN_BENCH_SIZES=${DCGEN_BENCH_SIZES:-4096} \
+  timeout "$(cap 120)" python3 -m pytest benchmarks/test_dcae_decode.py -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench_dcae_decode_autotune.json" >"$OUT/bench_dcae_decode_autotune.log" 2>&1
+  stamp "  dcae_decode autotune: rc=$?, $(tail -1 "$OUT/bench_dcae_decode_autotune.log")"
 fi
 
 # Last, with whatever time is left. First which op checks crash instead of raising (one op call

@@ -54,9 +54,15 @@ def _models(preset: str):
 # - autotune: dcgen's decode under torch.backends.cudnn.benchmark (cuDNN times its algorithms
 #   per shape on the first call and keeps the fastest), the baseline as users run it. It says
 #   whether dcgen's decode should switch autotuning on itself; the peak memory is the first
-#   call's, algorithm search included.
+#   call's, algorithm search included. cuDNN's plan cache is looked up before the autotune
+#   flag, and its key does not hold the flag: after the full group ran the same convolutions,
+#   no search would happen. On a GPU this group therefore needs a process of its own
+#   (DCGEN_DECODE_MODES=autotune; benchmarks/device_check.sh runs it so).
 BAND_ROWS = int(os.environ.get("DCGEN_BENCH_BAND_ROWS", "512" if ON_GPU else "32"))
-MODES = ["full", "banded", "nchw", "autotune"]
+ALL_MODES = ("full", "banded", "nchw", "autotune")
+MODES = os.environ.get("DCGEN_DECODE_MODES", ",".join(ALL_MODES)).split(",")
+if not set(MODES) <= set(ALL_MODES):
+    raise ValueError(f"DCGEN_DECODE_MODES: expected names from {ALL_MODES}, got {MODES}")
 
 
 @contextlib.contextmanager
