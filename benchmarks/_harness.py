@@ -72,7 +72,7 @@ def ratio_rows(entries: Iterable[Mapping]) -> list[dict]:
         row = groups.setdefault(e["group"], {"group": e["group"]})
         impl = e["impl"]
         row[f"{impl}_ms"] = e["median_s"] * 1e3 if e["median_s"] is not None else None
-        for key in ("peak_memory_gb", "peak_activation_gb", "tflops", "gbps"):
+        for key in ("peak_memory_gb", "peak_activation_gb", "tflops", "gbps", "rel_err"):
             if key in e["extra"]:
                 row[f"{impl}_{key}"] = e["extra"][key]
         if impl == "baseline":
@@ -87,21 +87,24 @@ def ratio_rows(entries: Iterable[Mapping]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table. Peak memory is the activation peak (allocated above what was live before
-    the call): both models stay resident during a run, so the total would count the other one."""
+    the call): both models stay resident during a run, so the total would count the other one.
+    The last column is dcgen's output error against the baseline where a benchmark records it
+    (a speed-up never reads without its quality)."""
 
     def f(v: object, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
     lines = [
         "| case | baseline | baseline ms | dcgen ms | speedup | baseline peak act. GB "
-        "| dcgen peak act. GB | dcgen GB/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dcgen peak act. GB | dcgen GB/s | dcgen rel. error |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['group']} | {r.get('baseline_name', '-')} | {f(r.get('baseline_ms'), '.2f')} "
             f"| {f(r.get('dcgen_ms'), '.2f')} | {f(r.get('speedup'), '.2f')}x "
             f"| {f(r.get('baseline_peak_activation_gb'), '.2f')} "
-            f"| {f(r.get('dcgen_peak_activation_gb'), '.2f')} | {f(r.get('dcgen_gbps'), '.0f')} |"
+            f"| {f(r.get('dcgen_peak_activation_gb'), '.2f')} | {f(r.get('dcgen_gbps'), '.0f')} "
+            f"| {f(r.get('dcgen_rel_err'), '.1e')} |"
         )
     return "\n".join(lines)
