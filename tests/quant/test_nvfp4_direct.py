@@ -176,9 +176,18 @@ def test_cuda_direct_route_matches_general_path(monkeypatch):
     monkeypatch.setenv("DCGEN_NVFP4_SM90", "1")  # Hopper's native GEMMs are opt-in
     layer = _layer(k=256, n=128).cuda()
     x = torch.randn(2, 33, 256, device="cuda").bfloat16()
-    if not layer._direct(x):
-        pytest.skip("no native NVFP4 GEMM for this GPU (Blackwell; Hopper with DCGEN_NVFP4_SM90=1)")
+    with torch.inference_mode():  # (with grad mode on, the bias Parameter rules the route out)
+        if not layer._direct(x):
+            pytest.skip("no native NVFP4 GEMM for this GPU (Blackwell; Hopper: DCGEN_NVFP4_SM90=1)")
+    entered = []
+    direct = NVFP4Linear._direct_forward
+    monkeypatch.setattr(
+        NVFP4Linear, "_direct_forward", lambda self, x: entered.append(1) or direct(self, x)
+    )
     with torch.inference_mode():
         for value in (0.0, 0.003):
             layer.input_scale.fill_(value)
-            torch.testing.assert_close(layer(x), _general(layer, x, monkeypatch), rtol=0, atol=0)
+            got = layer(x)
+            assert not got.isnan().any()
+            torch.testing.assert_close(got, _general(layer, x, monkeypatch), rtol=0, atol=0)
+    assert entered == [1, 1], "the direct route did not run"
