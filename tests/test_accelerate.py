@@ -220,6 +220,28 @@ def test_joint_projections_copy_what_cannot_write_in_place(rng):
         assert torch.equal(got, torch.cat([lin(text), lin(image)], dim=1))
 
 
+def test_wrapped_forwards_count_as_hooks():
+    # accelerate's / diffusers' offloading wraps a module's forward (moving its weights in)
+    # instead of registering a torch hook: the fast paths that skip a module's call must see
+    # that too, and call the module instead.
+    from dcgen._hooks import has_forward_hooks
+    from dcgen.attention.linear_out import linear_into
+
+    lin = torch.nn.Linear(8, 4)
+    assert not has_forward_hooks(lin)
+    calls = []
+    plain = lin.forward
+    lin.forward = lambda x: calls.append(1) or plain(x)
+    assert has_forward_hooks(lin)
+    x, out = torch.randn(2, 8), torch.empty(2, 4)
+    with torch.no_grad():
+        linear_into(lin, x, out)
+    assert calls == [1] and torch.equal(out, plain(x))
+    offloaded = torch.nn.Linear(8, 4)
+    offloaded._hf_hook = object()
+    assert has_forward_hooks(offloaded)
+
+
 def test_joint_norm_weights_are_kept_until_they_change(monkeypatch):
     # The (2, D) [text, image] norm weights are stacked once per module in inference and kept
     # while the weights stay the same tensors, unchanged; an in-place update is seen.

@@ -43,7 +43,7 @@ def linear_gelu(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Not under a forward hook: the nn.Linear form skips proj's call and the FP8 form returns
     the activated output, so a hook (quant.quality_report's) would miss or misread the layer."""
     if not torch.is_grad_enabled() and not has_forward_hooks(proj):
-        if type(proj) is nn.Linear and proj.bias is not None and x.is_cuda:
+        if x.is_cuda and _writes_directly(proj, x, x):  # same dtypes, no autocast
             y = torch._addmm_activation(
                 proj.bias, x.reshape(-1, x.shape[-1]), proj.weight.t(), use_gelu=True
             )
