@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcgen._hooks import has_forward_hooks
 from dcgen.ops import (
     channel_duplicate_to_space,
     down_block_shortcut,
@@ -451,7 +452,9 @@ class UpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shuffle = self.mode == "pixel_shuffle"
-        if self.shortcut and use_fused(x, "up_block_shortcut"):
+        # the fused form calls F.conv2d on the conv's weight: a hook on the conv (or a wrapped
+        # forward, such as an offloading hook's) must see its call, so it keeps the plain form
+        if self.shortcut and use_fused(x, "up_block_shortcut") and not has_forward_hooks(self.conv):
             # Depth-to-space of the conv output + duplicated-channel shortcut in one pass. The
             # interpolate mode runs as the equivalent sub-pixel conv on x, so the 4x larger
             # upsampled input is never built.

@@ -25,26 +25,40 @@ from dcgen.ops import channel_duplicate_to_space, space_to_channel_average
 from .banding import LocalStep, local_step, local_suffix, run_banded
 from .blocks import DownBlock, UpBlock, make_block
 from .config import DCAEConfig
-from .fused import use_fused
+from .fused import hooks_watching, use_fused
 from .norms import ChannelRMSNorm, fusable_act_name, make_act
 from .row_bands import overwrite_bands, owned_activations
 
 
-def run_stages(stages: Iterable[nn.Module], h: torch.Tensor) -> torch.Tensor:
+def watched(module: nn.Module) -> bool:
+    """Whether a hook on ``module`` or on a module inside it may hold on to a tensor of its
+    call (its input, or an output that is ``module``'s own): such tensors must not be
+    overwritten afterwards."""
+    return any(has_forward_hooks(m) for m in module.modules())
+
+
+def run_stages(
+    stages: Iterable[nn.Module], h: torch.Tensor, owned: bool = True
+) -> tuple[torch.Tensor, bool]:
     """The stages' layers one by one, rebinding h, so each input is freed as soon as the next
     layer has returned (a stage's Sequential would keep its input alive to the stage's end: 1-2
-    GB at 4K); the blocks may overwrite their inputs (row_bands.py). A stage with forward hooks
-    runs through its own call, so the hooks still fire, and none of its blocks may overwrite
-    the input the hooks are given."""
-    with owned_activations():
-        for stage in stages:
-            if has_forward_hooks(stage):
-                with owned_activations(False):
-                    h = stage(h)
-                continue
-            for layer in stage:
+    GB at 4K); a layer may overwrite its input (row_bands.py) unless a hook saw that tensor
+    (``owned`` False for the first: its producer is watched). A stage with forward hooks runs
+    through its own call, so the hooks still fire, and none of its blocks may overwrite the
+    input the hooks are given. Returns h and whether it may be overwritten in turn."""
+    for stage in stages:
+        if has_forward_hooks(stage):
+            inner = any(watched(m) for m in stage)
+            with owned_activations(False), hooks_watching(inner):
+                h = stage(h)
+            owned = False  # the stage's hooks were given this output
+            continue
+        for layer in stage:
+            seen = watched(layer)
+            with owned_activations(owned), hooks_watching(seen):
                 h = layer(h)
-    return h
+            owned = not seen
+    return h, owned
 
 
 class Encoder(nn.Module):
@@ -81,7 +95,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
         """Latents of ``x``; with ``channels=c`` only the first c latent channels are computed
         (DC-AE 1.5 structured latents: the head conv's weight is sliced to [:c])."""
-        h = run_stages(self.stages, self.stem(x))
+        h, _ = run_stages(self.stages, self.stem(x), owned=not watched(self.stem))
         c = self.latent_channels if channels is None else channels
         if c == self.latent_channels:
             z = self.head(h)
@@ -136,16 +150,21 @@ class Decoder(nn.Module):
         block) ``band_rows`` output rows at a time (banding.py: same result, a fraction of the
         peak memory)."""
         h = self._stem(z)
+        owned = not watched(self.stem)
         if band_rows is None:
-            h = run_stages(reversed(self.stages), h)
-            with owned_activations():
+            h, owned = run_stages(reversed(self.stages), h, owned)
+            seen = watched(self.head_norm) or watched(self.head_act)
+            with owned_activations(owned), hooks_watching(seen):
                 h = self._head_in(h)  # rebinding frees the pre-norm map
-            return self.head(h)
+            with hooks_watching(watched(self.head)):
+                return self.head(h)
         layers = [m for stage in reversed(self.stages) for m in stage]
         k = local_suffix(layers)
-        with owned_activations():
-            for m in layers[:k]:
+        for m in layers[:k]:
+            seen = watched(m)
+            with owned_activations(owned), hooks_watching(seen):
                 h = m(h)
+            owned = not seen
         steps = [local_step(m) for m in layers[k:]]
         head = local_step(self.head)  # the head conv or UpBlock; its norm + act are per pixel
         steps.append(LocalStep(self._head, head.radius, head.scale))

@@ -12,6 +12,9 @@ unfused math in fp32, rounded once), so it only pays off where the ops have kern
   (running the ops' references) equals the plain one. The setting is a context variable: it
   holds for the thread (or asyncio task) that entered the context, not for a decode that
   another thread runs at the same time.
+* :func:`hooks_watching` (set by the Encoder / Decoder around a layer with a forward hook on it
+  or inside it): the plain path, nothing in place, so every hook sees its module's own call and
+  keeps the tensors it was given.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from dcgen.ops import has_kernel
 
 _forced: ContextVar[bool | None] = ContextVar("dcgen_fused_inference", default=None)
+_watched: ContextVar[bool] = ContextVar("dcgen_hooks_watching", default=False)
 
 
 @contextmanager
@@ -37,8 +41,22 @@ def fused_inference(enabled: bool | None = True) -> Iterator[None]:
         _forced.reset(token)
 
 
+@contextmanager
+def hooks_watching(enabled: bool = True) -> Iterator[None]:
+    """Run what is inside on the plain path with nothing in place (enabled), because forward
+    hooks watch a module in it: a fused op would skip a hooked module's call, and an in-place
+    op would change a tensor a hook kept."""
+    token = _watched.set(enabled)
+    try:
+        yield
+    finally:
+        _watched.reset(token)
+
+
 def use_fused(x: torch.Tensor, op: str) -> bool:
     """Whether a block should call the fused dcgen op ``op`` for input ``x``."""
+    if _watched.get():
+        return False
     forced = _forced.get()
     if forced is not None:
         return forced and not _autocasting(x)
@@ -57,5 +75,6 @@ def _autocasting(x: torch.Tensor) -> bool:
 
 
 def can_modify_in_place() -> bool:
-    """In-place adds on fresh intermediates are safe only when autograd records nothing."""
-    return not torch.is_grad_enabled()
+    """In-place adds on fresh intermediates are safe only when autograd records nothing and no
+    hook may hold one of them (:func:`hooks_watching`)."""
+    return not torch.is_grad_enabled() and not _watched.get()

@@ -105,7 +105,8 @@ def may_overwrite(module: nn.Module, x: torch.Tensor) -> bool:
         and can_modify_in_place()
         and x._base is None  # a view's storage belongs to someone else (banding.py's slices)
         and not x.requires_grad
-        and not has_forward_hooks(module)
+        # a hook on the module or inside it (a conv of a ResBlock, say) is given x
+        and not any(has_forward_hooks(m) for m in module.modules())
     )
 
 

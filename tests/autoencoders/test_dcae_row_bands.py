@@ -197,6 +197,46 @@ def test_stage_hooks_fire_and_see_their_input_unchanged():
     torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)  # not overwritten
 
 
+@pytest.mark.parametrize("preset", ["dc-ae-f32c32-in-1.0", "dc-ae-f32c32-sana-1.1"])
+def test_layer_hooks_keep_what_they_were_given(preset):
+    """Forward hooks on decoder layers (and on a ResBlock's first conv and an up block's conv)
+    keep their inputs and outputs: on the in-place path no later layer may write into a tensor
+    a hook was given, the up block's fused form must not bypass a hooked conv, and the decode
+    is unchanged."""
+    model = perturb_norms(DCAE(reduced_config(preset))).eval()
+    z = torch.randn(1, model.latent_channels, 3, 3)
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, tensor, copy at hook time)
+
+    def keep(name):  # noqa: ANN001, ANN202
+        def hook(m, args, out):  # noqa: ANN001, ANN202
+            for t in (args[0], out):
+                seen.append((name, t, t.clone()))
+
+        return hook
+
+    layers = [
+        (f"{i}.{j}", m) for i, st in enumerate(model.decoder.stages) for j, m in enumerate(st)
+    ]
+    res = next(m for _, m in layers if isinstance(m, ResBlock))
+    ups = [m for _, m in layers if isinstance(m, UpBlock) and m.shortcut]
+    with torch.no_grad(), fused_inference(True), band_size(512):
+        expected = model.decode(z)
+        handles = [m.register_forward_hook(keep(n)) for n, m in layers]
+        handles.append(res.conv1.register_forward_hook(keep("res.conv1")))
+        handles += [u.conv.register_forward_hook(keep("up.conv")) for u in ups]
+        handles.append(model.decoder.head_norm.register_forward_hook(keep("head_norm")))
+        try:
+            got = model.decode(z)
+        finally:
+            for h in handles:
+                h.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    names = {n for n, _, _ in seen}
+    assert {"res.conv1", "head_norm"} <= names and (not ups or "up.conv" in names)
+    for name, t, copy in seen:
+        torch.testing.assert_close(t, copy, rtol=0, atol=0, msg=f"{name}: overwritten")
+
+
 def test_row_bands_lower_the_measured_peak_memory():
     """Measured on this CPU (fp32, forced fused path, 512 px, widths / 16, SANA 1.1): 37.7 MB
     without bands, 16.9 MB with 64 KiB bands (2026-11-27)."""
@@ -289,24 +329,33 @@ def test_owned_activations_is_scoped():
 @pytest.mark.parametrize("name", ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1"])
 def test_cuda_decode_with_row_bands_equals_it_without(name, monkeypatch):
     """The automatic rule on a GPU (kernels, channels_last): bands of a few rows give the
-    unbanded fused decode, fp32 without TF32 and bf16; poisoned memory shows any output band
-    that was never written."""
+    unbanded fused decode in fp32 without TF32; poisoned memory shows any output band that was
+    never written. In bf16, cuDNN may sum a band's convs in another order than the full map's
+    (other algorithms for other shapes), and a random model amplifies one-ulp differences
+    (measured on the CPU by reordering the banded sums: up to 8e-2 relative max error in 3 of
+    6 seeds), so bf16 is judged as the fused path's own test judges it: the banded decode about
+    as close to the fp32 result as the unbanded one."""
     if not has_kernel("up_block_shortcut", "cuda"):
         pytest.skip("dcgen._C has no CUDA kernels for the fused DC-AE path")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
     model = perturb_norms(DCAE(reduced_config(name))).eval().cuda()
     f = model.spatial_compression_ratio
     z = torch.randn(2, model.latent_channels, 5, 3, device="cuda")
+    bands = 4 * 16 * 4 * f  # a few rows per band at every stage
+
+    def decode(dtype: torch.dtype, nbytes: int) -> torch.Tensor:
+        model.to(dtype)
+        poison_cuda_allocator()
+        with band_size(nbytes):
+            out = model.decode(z.to(dtype)).float()
+        assert torch.isfinite(out).all(), (dtype, nbytes)
+        return out
+
     with torch.inference_mode():
-        for dtype, rel in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-            model.to(dtype)
-            zz = z.to(dtype)
-            with band_size(0):
-                expected = model.decode(zz).float()
-            poison_cuda_allocator()
-            with band_size(4 * 16 * 4 * f):  # a few rows per band at every stage
-                got = model.decode(zz).float()
-            assert torch.isfinite(got).all()
-            scale = max(1.0, expected.abs().max().item())
-            err = (got - expected).abs().max().item()
-            assert err <= rel * scale, (dtype, err, scale)
+        ref, got32 = decode(torch.float32, 0), decode(torch.float32, bands)
+        scale = max(1.0, ref.abs().max().item())
+        assert (got32 - ref).abs().max().item() <= 1e-4 * scale
+        full16, got16 = decode(torch.bfloat16, 0), decode(torch.bfloat16, bands)
+    rms = lambda a: float((a - ref).pow(2).mean().sqrt())  # noqa: E731
+    assert rms(got16) <= 1.5 * rms(full16) + 1e-3 * scale, (rms(got16), rms(full16))
