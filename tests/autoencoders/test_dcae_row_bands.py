@@ -359,3 +359,55 @@ def test_cuda_decode_with_row_bands_equals_it_without(name, monkeypatch):
         full16, got16 = decode(torch.bfloat16, 0), decode(torch.bfloat16, bands)
     rms = lambda a: float((a - ref).pow(2).mean().sqrt())  # noqa: E731
     assert rms(got16) <= 1.5 * rms(full16) + 1e-3 * scale, (rms(got16), rms(full16))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fold", [False, True], ids=["bn", "folded"])
+@pytest.mark.parametrize("name", ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1"])
+def test_cuda_band_paths_in_both_layouts_encode_and_band_rows(name, fold, monkeypatch):
+    """The banded CUDA paths no other test reaches: the NCHW layout (set_memory_format
+    "contiguous": the norm kernel's copy of NCHW band views, the up-block kernel on strided
+    views), encode (the fused down blocks, ResBlocks writing into the stem output), an explicit
+    fold_batchnorm(), and decode(band_rows=...) with row bands inside. fp32 (no TF32) equals
+    the unbanded run; bf16 is judged by RMS against that fp32 result, as the unbanded bf16
+    run is."""
+    if not has_kernel("up_block_shortcut", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernels for the fused DC-AE path")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = perturb_norms(DCAE(reduced_config(name))).eval().cuda()
+    if fold:
+        model.fold_batchnorm()
+    f = model.spatial_compression_ratio
+    z = torch.randn(2, model.latent_channels, 5, 3, device="cuda")
+    img = torch.rand(2, 3, 5 * f, 3 * f, device="cuda") * 2 - 1
+    bands = 4 * 16 * 4 * f
+    ref: dict[tuple[str, str], torch.Tensor] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        for fmt in ("channels_last", "contiguous"):
+            model.set_memory_format(fmt)
+            zz, xx = z.to(dtype), img.to(dtype)
+            with torch.inference_mode():
+                with band_size(0):
+                    full = {"decode": model.decode(zz).float(), "encode": model.encode(xx).float()}
+                poison_cuda_allocator()
+                with band_size(bands):
+                    got = {
+                        "decode": model.decode(zz).float(),
+                        "encode": model.encode(xx).float(),
+                        "band_rows": model.decode(zz, band_rows=f + 3).float(),
+                    }
+            full["band_rows"] = full["decode"]
+            for what, out in got.items():
+                case = (dtype, fmt, what)
+                assert torch.isfinite(out).all(), case
+                if dtype == torch.float32:
+                    ref[fmt, what] = full[what]
+                    scale = max(1.0, full[what].abs().max().item())
+                    assert (out - full[what]).abs().max().item() <= 1e-4 * scale, case
+                else:
+                    r = ref[fmt, what]
+                    rms = lambda a, r=r: float((a - r).pow(2).mean().sqrt())  # noqa: E731
+                    bound = 1.5 * rms(full[what]) + 1e-3 * max(1.0, r.abs().max().item())
+                    assert rms(out) <= bound, (*case, rms(out), rms(full[what]))
