@@ -195,14 +195,20 @@ def test_inference_mode_capture_then_no_grad_calls():
     assert graphs.captures == 1 and graphs.replays == 2
 
 
-@torch.no_grad()
-def test_moved_parameters_are_captured_again():
+def _captured_once() -> tuple[torch.nn.Module, cuda_graphs.BlockGraphs, torch.Tensor]:
+    """A graphed block called twice with one input: one capture, then a replay."""
     block = SanaTransformerBlock()
     graphs = _graphed(block)
     x = torch.randn(2, 3)
     block(x)
     block(x)
     assert graphs.captures == 1
+    return block, graphs, x
+
+
+@torch.no_grad()
+def test_moved_parameters_are_captured_again():
+    block, graphs, x = _captured_once()
     block.proj.weight.data = block.proj.weight.data.clone()  # new storage, as .to() / offload do
     torch.testing.assert_close(block(x).clone(), block.proj(x))
     assert graphs.captures == 2
@@ -236,12 +242,7 @@ def test_swapped_layers_are_released_and_captured_again():
 def test_in_place_weight_updates_are_captured_again():
     # load_state_dict copies into the same storage: the graph would read the new weights, but
     # tensors derived from them in Python (stacked norm weights, scale layouts) would be stale
-    block = SanaTransformerBlock()
-    graphs = _graphed(block)
-    x = torch.randn(2, 3)
-    block(x)
-    block(x)
-    assert graphs.captures == 1
+    block, graphs, x = _captured_once()
     state = {k: v * 2 for k, v in block.state_dict().items()}
     block.load_state_dict(state)
     torch.testing.assert_close(block(x).clone(), block.proj(x))

@@ -169,6 +169,14 @@ def test_decode_and_encode_with_bands_equal_the_plain_path(name):
     torch.testing.assert_close(band_free, plain, rtol=1e-4, atol=1e-4)
 
 
+def _decode_then_unhook(model: DCAE, z: torch.Tensor, handles: list) -> torch.Tensor:
+    try:
+        return model.decode(z)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_stage_hooks_fire_and_see_their_input_unchanged():
     """The decoder runs its blocks one by one; a stage with a forward hook runs through its own
     call instead, with no block overwriting the input the hook is given."""
@@ -187,11 +195,7 @@ def test_stage_hooks_fire_and_see_their_input_unchanged():
             stage.register_forward_pre_hook(lambda m, args: before.append(args[0].clone())),
             stage.register_forward_hook(lambda m, args, out: after.append(args[0])),
         ]
-        try:
-            got = model.decode(z)
-        finally:
-            for h in handles:
-                h.remove()
+        got = _decode_then_unhook(model, z, handles)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert len(before) == len(after) == 1
     torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)  # not overwritten
@@ -225,11 +229,7 @@ def test_layer_hooks_keep_what_they_were_given(preset):
         handles.append(res.conv1.register_forward_hook(keep("res.conv1")))
         handles += [u.conv.register_forward_hook(keep("up.conv")) for u in ups]
         handles.append(model.decoder.head_norm.register_forward_hook(keep("head_norm")))
-        try:
-            got = model.decode(z)
-        finally:
-            for h in handles:
-                h.remove()
+        got = _decode_then_unhook(model, z, handles)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     names = {n for n, _, _ in seen}
     assert {"res.conv1", "head_norm"} <= names and (not ups or "up.conv" in names)
