@@ -23,7 +23,7 @@ from dcgen.ops import (
 )
 from dcgen.ops.quantize_fp8 import quantize_fp8
 from dcgen.ops.quantize_nvfp4 import quantize_nvfp4_activation
-from dcgen.quant import FP8Linear
+from dcgen.quant import FP8Linear, fp8
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 # Calls per synchronisation (_harness.time_it): these kernels run for tens to hundreds of
@@ -53,6 +53,9 @@ VARIANTS = ["row", "row-rowwise", "row-fast", "row-rowwise-fast", "block128"]
 def test_fp8_linear(benchmark, impl, nk, variant, monkeypatch):
     n, k = nk
     granularity = variant.split("-")[0]
+    # a GEMM case _scaled_mm rejects is recorded process-wide and re-routes every later one:
+    # each case starts clean, and reports what it rejected
+    monkeypatch.setattr(fp8, "_REJECTED", set())
     if "rowwise" in variant:
         monkeypatch.setenv("DCGEN_FP8_GEMM", "rowwise")
     torch.manual_seed(0)
@@ -66,6 +69,9 @@ def test_fp8_linear(benchmark, impl, nk, variant, monkeypatch):
         time_it(benchmark, lambda: layer(x), n_rounds=rounds(50, 3), back_to_back=BACK_TO_BACK)
     if benchmark.stats:
         benchmark.extra_info["tflops"] = 2 * M * n * k / benchmark.stats.stats.median / 1e12
+    if impl == "dcgen":
+        benchmark.extra_info["rejected_gemm_cases"] = sorted(map(str, fp8._REJECTED))
+        benchmark.extra_info["direct_route"] = bool(layer.__dict__.get("_route", (None, 0))[1])
 
 
 # Activations of FLUX's widest input (12,288 MLP hidden) at 4,608 tokens; CPU: small.

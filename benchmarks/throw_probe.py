@@ -77,13 +77,21 @@ CASES = [
 ]
 
 
+CASE_TIMEOUT_S = 20
+
+
 def run_case(code: str, prelude: str = PRELUDE) -> tuple[int, str]:
     """Exit code (1: raised, as it should; negative: killed by that signal) and the error line
     of ``code`` run after ``prelude`` in a fresh interpreter."""
     src = prelude.format(root=str(ROOT)) + code
     try:
+        # 20 s a case (an import and one op call): the whole probe runs under device_check's
+        # 90 s cap; -X faulthandler puts a crash's stack where the error line is read
         done = subprocess.run(
-            [sys.executable, "-c", src], capture_output=True, text=True, timeout=120
+            [sys.executable, "-X", "faulthandler", "-c", src],
+            capture_output=True,
+            text=True,
+            timeout=CASE_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired:
         return 124, "timed out"
@@ -101,7 +109,12 @@ def libstdcxx() -> str:
         print(ext.__file__)
         """
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=CASE_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        return "libstdc++ mapped: (timed out)"
     lines = done.stdout.splitlines()
     out = [f"libstdc++ mapped: {lines[0] if lines else done.stderr[-300:]}"]
     if len(lines) > 1:
