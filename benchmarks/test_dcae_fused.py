@@ -230,10 +230,7 @@ def _decode_model(preset: str):  # noqa: ANN202
     from dcgen.autoencoders import DCAE
     from dcgen.autoencoders.config import get_preset, reduced_config
 
-    if preset not in _decode_models:
-        _decode_models.clear()
-        if ON_GPU:
-            torch.cuda.empty_cache()
+    if preset not in _decode_models:  # both kept (about 2 GB in bf16): built once each
         cfg = get_preset(preset) if ON_GPU else reduced_config(preset, width_divisor=16)
         torch.manual_seed(0)
         with torch.device(DEVICE):
