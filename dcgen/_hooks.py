@@ -8,8 +8,17 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 #: attributes of accelerate's and diffusers' hooks, which wrap the forward itself (offloading
-#: moves the weights onto the device inside it) instead of registering a torch hook
+#: moves the weights onto the device inside it) instead of registering a torch hook. Neither
+#: hook object is an nn.Module, so both land in the module's __dict__: looked up there, not
+#: with hasattr (a miss goes through nn.Module.__getattr__ and an exception, microseconds on a
+#: path called several times per block).
 _WRAPPING_HOOKS = ("_hf_hook", "_diffusers_hook")
+
+
+def offload_hooked(module: nn.Module) -> bool:
+    """Whether accelerate or diffusers has wrapped ``module``'s forward with its hooks."""
+    attrs = module.__dict__
+    return _WRAPPING_HOOKS[0] in attrs or _WRAPPING_HOOKS[1] in attrs
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
@@ -22,5 +31,12 @@ def has_forward_hooks(module: nn.Module) -> bool:
         or _module._global_forward_hooks
         or _module._global_forward_pre_hooks
         or "forward" in module.__dict__
-        or any(hasattr(module, h) for h in _WRAPPING_HOOKS)
+        or offload_hooked(module)
     )
+
+
+def watched(module: nn.Module) -> bool:
+    """Whether a hook on ``module`` or on a module inside it may hold on to a tensor of its
+    call (its input, or an output that is ``module``'s own): such tensors must not be
+    overwritten afterwards."""
+    return any(has_forward_hooks(m) for m in module.modules())

@@ -58,6 +58,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from dcgen._hooks import offload_hooked
+
 logger = logging.getLogger(__name__)
 
 #: block classes whose forward is graphed (diffusers names)
@@ -69,8 +71,6 @@ MAX_SIGNATURES = 4
 
 #: non-tensor arguments a graph may bake in: plain values that hold no tensor
 _PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
-#: attributes of accelerate's / diffusers' offloading hooks (they move weights per call)
-_OFFLOAD_HOOKS = ("_hf_hook", "_diffusers_hook")
 
 
 class _Unhashable(Exception):
@@ -153,7 +153,7 @@ class BlockGraphs:
         module = self._module() if self._module is not None else None
         if module is None:
             return True
-        if any(hasattr(m, h) for m in module.modules() for h in _OFFLOAD_HOOKS):
+        if any(offload_hooked(m) for m in module.modules()):  # they move weights per call
             return False
         return all(t.device == device for t in self._block_tensors())
 

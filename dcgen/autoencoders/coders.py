@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcgen._hooks import has_forward_hooks
+from dcgen._hooks import has_forward_hooks, watched
 from dcgen.ops import channel_duplicate_to_space, space_to_channel_average
 
 from .banding import LocalStep, local_step, local_suffix, run_banded
@@ -28,13 +28,6 @@ from .config import DCAEConfig
 from .fused import hooks_watching, use_fused
 from .norms import ChannelRMSNorm, fusable_act_name, make_act
 from .row_bands import overwrite_bands, owned_activations
-
-
-def watched(module: nn.Module) -> bool:
-    """Whether a hook on ``module`` or on a module inside it may hold on to a tensor of its
-    call (its input, or an output that is ``module``'s own): such tensors must not be
-    overwritten afterwards."""
-    return any(has_forward_hooks(m) for m in module.modules())
 
 
 def run_stages(

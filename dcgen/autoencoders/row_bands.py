@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcgen._hooks import has_forward_hooks
+from dcgen._hooks import watched
 
 from .fused import can_modify_in_place
 
@@ -106,7 +106,7 @@ def may_overwrite(module: nn.Module, x: torch.Tensor) -> bool:
         and x._base is None  # a view's storage belongs to someone else (banding.py's slices)
         and not x.requires_grad
         # a hook on the module or inside it (a conv of a ResBlock, say) is given x
-        and not any(has_forward_hooks(m) for m in module.modules())
+        and not watched(module)
     )
 
 
