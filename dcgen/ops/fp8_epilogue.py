@@ -65,18 +65,31 @@ def _kernel_args(
     return y.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias
 
 
-def _inference_kernel(op: str, y: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    """Whether the in-place / quantizing forms run their kernel: built for y's device, nothing
-    traced, no gradient needed (as :func:`fp8_scale_epilogue` decides), something to do."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (y, *params)
-    )
-    return (
-        not needs_grad
-        and y.numel() > 0
-        and has_kernel(op, y.device)
-        and not torch.compiler.is_compiling()
-    )
+def _takes_kernel(
+    op: str, y: torch.Tensor, *params: torch.Tensor | None, traced: bool | None = None
+) -> bool:
+    """Whether an epilogue form runs its kernel: no gradient needed, something to do, built for
+    y's device, and not ``traced`` (default: while torch.compile traces at all; the plain form
+    passes :func:`inductor_fuses_instead`, since it keeps its op under
+    ``DCGEN_COMPILE_OPS=kernels``)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y, *params)):
+        return False
+    if traced is None:
+        traced = torch.compiler.is_compiling()
+    return y.numel() > 0 and has_kernel(op, y.device) and not traced
+
+
+def kernel_rows(out: torch.Tensor, n: int) -> torch.Tensor | None:
+    """``out`` ([..., N]) as the [M, N] view ``dcgen::fp8_scale_epilogue_into`` writes: unit
+    column stride and rows that do not overlap; None where it is not one such view (rows of
+    several row blocks, a transposed buffer), which the callers copy into instead."""
+    try:
+        rows = out.view(-1, n)
+    except RuntimeError:
+        return None
+    if rows.stride(1) == 1 and (rows.shape[0] <= 1 or rows.stride(0) >= rows.shape[1]):
+        return rows
+    return None
 
 
 def fp8_scale_epilogue_reference(
@@ -112,15 +125,8 @@ def fp8_scale_epilogue(
     reference.
     """
     _check(y, row_scale, col_scale, bias, act)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (y, row_scale, col_scale, bias)
-    )
-    if (
-        not needs_grad
-        and y.numel() > 0
-        and has_kernel("fp8_scale_epilogue", y.device)
-        and not inductor_fuses_instead()
-    ):
+    traced = inductor_fuses_instead()
+    if _takes_kernel("fp8_scale_epilogue", y, row_scale, col_scale, bias, traced=traced):
         return compiled_op("fp8_scale_epilogue")(*_kernel_args(y, row_scale, col_scale, bias), act)
     return fp8_scale_epilogue_reference(y, row_scale, col_scale, bias, act)
 
@@ -145,8 +151,8 @@ def fp8_scale_epilogue_into(
             f"fp8_scale_epilogue_into: expected out of y's shape {tuple(y.shape)} on "
             f"{y.device}, got {tuple(out.shape)} on {out.device}"
         )
-    rows_ok = out.stride(1) == 1 and (out.shape[0] <= 1 or out.stride(0) >= out.shape[1])
-    if rows_ok and _inference_kernel("fp8_scale_epilogue_into", y, row_scale, col_scale, bias):
+    rows_ok = kernel_rows(out, out.shape[1]) is not None
+    if rows_ok and _takes_kernel("fp8_scale_epilogue_into", y, row_scale, col_scale, bias):
         args = _kernel_args(y, row_scale, col_scale, bias)
         compiled_op("fp8_scale_epilogue_into")(*args, act, out)
         return
@@ -180,7 +186,7 @@ def fp8_scale_epilogue_fp8(
     next FP8 linear's input (FLUX's MLP), so the quantize reads the row while the kernel has
     it. One CUDA kernel (one CTA per row) in inference when built; else the reference."""
     _check(y, row_scale, col_scale, bias, act)
-    if _inference_kernel("fp8_scale_epilogue_fp8", y, row_scale, col_scale, bias):
+    if _takes_kernel("fp8_scale_epilogue_fp8", y, row_scale, col_scale, bias):
         args = _kernel_args(y, row_scale, col_scale, bias)
         return compiled_op("fp8_scale_epilogue_fp8")(*args, act)
     return fp8_scale_epilogue_fp8_reference(y, row_scale, col_scale, bias, act)

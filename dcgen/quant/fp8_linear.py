@@ -38,6 +38,7 @@ from torch import nn
 
 from dcgen.ops import has_kernel
 from dcgen.ops import quantize_fp8 as _qop
+from dcgen.ops.fp8_epilogue import kernel_rows
 
 from . import fp8 as _fp8
 from .direct_route import direct_ops, takes_direct_route
@@ -386,17 +387,12 @@ class FP8Linear(nn.Module):
             and self._direct(x)
             and has_kernel("fp8_scale_epilogue_into", x.device)
         ):
-            try:
-                rows = out.view(-1, self.out_features)
-            except RuntimeError:  # rows of several row blocks: not one [M, N] view
-                rows = None
-            # what the kernel writes: unit column stride, rows that do not overlap, y's device
-            # (anything else is copied in, as the public fp8_scale_epilogue_into does)
+            # a view the kernel writes, on x's device (else copied in, as the public
+            # fp8_scale_epilogue_into does)
+            rows = kernel_rows(out, self.out_features)
             if (
                 rows is not None
                 and rows.shape[0] == x.numel() // self.in_features
-                and rows.stride(1) == 1
-                and (rows.shape[0] <= 1 or rows.stride(0) >= rows.shape[1])
                 and out.device == x.device
             ):
                 product = self._unit_scale_product(x)
