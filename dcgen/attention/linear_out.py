@@ -42,13 +42,14 @@ def linear_gelu(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(proj(x))`` with the GELU in the GEMM's epilogue where ``proj`` allows it.
     Not under a forward hook: the nn.Linear form skips proj's call and the FP8 form returns
     the activated output, so a hook (quant.quality_report's) would miss or misread the layer."""
-    if not torch.is_grad_enabled() and not has_forward_hooks(proj):
-        if x.is_cuda and _writes_directly(proj, x, x):  # same dtypes, no autocast
+    if not torch.is_grad_enabled():
+        # (each branch checks proj's hooks once: _writes_directly for the nn.Linear form)
+        if x.is_cuda and _writes_directly(proj, x, x):  # same dtypes, no autocast, no hooks
             y = torch._addmm_activation(
                 proj.bias, x.reshape(-1, x.shape[-1]), proj.weight.t(), use_gelu=True
             )
             return y.reshape(*x.shape[:-1], proj.out_features)
-        if type(proj) is FP8Linear:
+        if type(proj) is FP8Linear and not has_forward_hooks(proj):
             return proj(x, act="gelu_tanh")
     return F.gelu(proj(x), approximate="tanh")
 
