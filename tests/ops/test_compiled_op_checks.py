@@ -115,6 +115,21 @@ def _c(op: str, name: str, build, *expect: str, **kw) -> Case:  # noqa: ANN001
     return Case(op, name, build, expect, **kw)
 
 
+def _as_op(cases: list[Case], op: str, extra: Callable[[], tuple] | None = None) -> list[Case]:
+    """``cases`` for another op whose host function runs the same checks first: its name in
+    every message, and ``extra()`` (valid) arguments after theirs."""
+
+    def renamed(c: Case) -> Case:
+        old, new = f"dcgen::{c.op}", f"dcgen::{op}"
+        build = c.build if extra is None else (lambda build=c.build: (*build(), *extra()))
+        expect = tuple(
+            e.replace(old + ":", new + ":").replace(old + " ", new + " ") for e in c.expect
+        )
+        return dataclasses.replace(c, op=op, build=build, expect=expect)
+
+    return [renamed(c) for c in cases]
+
+
 # --- fp8_scale_epilogue(y, row_scale, col_scale, bias, act): nvfp4/fp8_epilogue_cuda.cu ---
 OP = "fp8_scale_epilogue"
 P = "dcgen::fp8_scale_epilogue"
@@ -208,17 +223,7 @@ FP8_EPILOGUE = [
 # --- fp8_scale_epilogue_into(y, row_scale, col_scale, bias, act, out): the same checks
 # (check_epilogue) under its own name, then its own on out ---
 P_INTO = P + "_into"
-FP8_EPILOGUE_INTO = [
-    dataclasses.replace(
-        c,
-        op="fp8_scale_epilogue_into",
-        build=lambda build=c.build: (*build(), cu(4, 8)),
-        expect=tuple(
-            e.replace(P + ":", P_INTO + ":").replace(P + " ", P_INTO + " ") for e in c.expect
-        ),  # fmt: skip
-    )
-    for c in FP8_EPILOGUE
-] + [
+FP8_EPILOGUE_INTO = _as_op(FP8_EPILOGUE, "fp8_scale_epilogue_into", lambda: (cu(4, 8),)) + [
     _c(
         "fp8_scale_epilogue_into",
         "out-shape",
@@ -258,16 +263,7 @@ FP8_EPILOGUE_INTO = [
 
 # --- fp8_scale_epilogue_fp8(y, row_scale, col_scale, bias, act): the same checks ---
 P_FP8 = P + "_fp8"
-FP8_EPILOGUE_FP8 = [
-    dataclasses.replace(
-        c,
-        op="fp8_scale_epilogue_fp8",
-        expect=tuple(
-            e.replace(P + ":", P_FP8 + ":").replace(P + " ", P_FP8 + " ") for e in c.expect
-        ),  # fmt: skip
-    )
-    for c in FP8_EPILOGUE
-] + [
+FP8_EPILOGUE_FP8 = _as_op(FP8_EPILOGUE, "fp8_scale_epilogue_fp8") + [
     _c(
         "fp8_scale_epilogue_fp8",
         "no-columns",
@@ -382,16 +378,7 @@ ADALN = [
 
 # --- adaln_modulate_fp8(x, shift, scale, rows_per_batch, eps): dit/modulation_cuda.cu ---
 # The same host checks as adaln_modulate (check_adaln), each under its own op name.
-ADALN_FP8 = [
-    dataclasses.replace(
-        c,
-        op="adaln_modulate_fp8",
-        expect=tuple(
-            e.replace(P + ":", P + "_fp8:").replace(P + " ", P + "_fp8 ") for e in c.expect
-        ),
-    )
-    for c in ADALN
-]
+ADALN_FP8 = _as_op(ADALN, "adaln_modulate_fp8")
 
 # --- gated_residual(x, gate, y, rows_per_batch): dit/modulation_cuda.cu ---
 OP = "gated_residual"
