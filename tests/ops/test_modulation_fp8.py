@@ -119,6 +119,21 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor, msg: str) -> None:
     assert torch.equal(a.cpu().view(bits)[~nan_a], b.cpu().view(bits)[~nan_b]), msg
 
 
+def _fused_equals_two_ops(x, shift, scale, eps: float, msg: str = "") -> tuple:  # noqa: ANN001
+    """adaln_modulate_fp8 on poisoned memory against the two-op path it replaces
+    (adaln_modulate, then quantize_fp8 of the rounded output): the same bits in all three
+    outputs. Returns the fused outputs for further checks."""
+    poison_cuda_allocator()
+    out, q, q_scales = adaln_modulate_fp8(x, shift, scale, eps=eps)
+    torch.cuda.synchronize()
+    want_out = adaln_modulate(x, shift, scale, eps=eps)
+    want_q, want_s = quantize_fp8(want_out, "row")
+    _same_bits(out, want_out, msg + " (out)")
+    _same_bits(q, want_q, msg + " (q)")
+    _same_bits(q_scales, want_s, msg + " (scales)")
+    return out, q, q_scales
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("param_dtype", ["same", torch.float32])
@@ -128,15 +143,7 @@ def test_cuda_kernel_is_modulate_then_quantize_bit_for_bit(dtype, param_dtype, r
         pd = dtype if param_dtype == "same" else param_dtype
         x, shift, scale = (t.cuda() for t in _inputs(b, s, d, rng, dtype, pd))
         msg = f"{dtype} params {pd} shape {(b, s, d)}"
-        poison_cuda_allocator()
-        out, q, q_scales = adaln_modulate_fp8(x, shift, scale, eps=1e-6)
-        torch.cuda.synchronize()
-        # The two-op path the fused kernel replaces: the same rounded output, the same bytes.
-        want_out = adaln_modulate(x, shift, scale, eps=1e-6)
-        want_q, want_s = quantize_fp8(want_out, "row")
-        _same_bits(out, want_out, msg + " (out)")
-        _same_bits(q, want_q, msg + " (q)")
-        _same_bits(q_scales, want_s, msg + " (scales)")
+        out, _, _ = _fused_equals_two_ops(x, shift, scale, 1e-6, msg)
         # and the fp32 spec within one rounding of the output dtype
         ref_out, _, _ = adaln_modulate_fp8_reference(x.cpu(), shift.cpu(), scale.cpu(), 1e-6)
         torch.testing.assert_close(out.cpu().float(), ref_out.float(), rtol=1e-2, atol=2e-2)
@@ -153,13 +160,7 @@ def test_cuda_kernel_zero_and_non_finite_rows(rng):
     x[0, 2, 17] = float("nan")
     x[0, 3, 250] = float("inf")
     x, shift, scale = x.cuda(), shift.cuda(), scale.cuda()
-    poison_cuda_allocator()
-    out, q, q_scales = adaln_modulate_fp8(x, shift, scale, eps=1e-6)
-    want_out = adaln_modulate(x, shift, scale, eps=1e-6)
-    want_q, want_s = quantize_fp8(want_out, "row")
-    _same_bits(out, want_out, "out")
-    _same_bits(q, want_q, "q")
-    _same_bits(q_scales, want_s, "scales")
+    _, q, q_scales = _fused_equals_two_ops(x, shift, scale, 1e-6)
     assert float(q_scales[0, 1]) == 1.0 and not q[0, 1].view(torch.uint8).any()
     assert bool(q_scales[0, 2].isnan()) and bool(q_scales[0, 3].isnan())
 
@@ -173,13 +174,7 @@ def test_cuda_kernel_misaligned_rows(rng):
     x = base[:, 1:].reshape(1, 3, d)
     shift = torch.randn(1, d, generator=rng).bfloat16().cuda()
     scale = torch.randn(1, d, generator=rng).bfloat16().cuda()
-    poison_cuda_allocator()
-    out, q, q_scales = adaln_modulate_fp8(x, shift, scale, eps=1e-5)
-    want_out = adaln_modulate(x, shift, scale, eps=1e-5)
-    want_q, want_s = quantize_fp8(want_out, "row")
-    _same_bits(out, want_out, "out")
-    _same_bits(q, want_q, "q")
-    _same_bits(q_scales, want_s, "scales")
+    _fused_equals_two_ops(x, shift, scale, 1e-5)
 
 
 @pytest.mark.cuda
@@ -194,11 +189,5 @@ def test_cuda_kernel_broadcast_parameters_and_fp16_overflow(rng):
     scale = torch.randn(1, d, generator=rng).half().cuda()
     x[..., 7] = 50.0  # normalized to about 13 in every row ...
     scale[0, 7] = 30000.0  # ... times 1 + scale: past fp16's range in column 7
-    poison_cuda_allocator()
-    out, q, q_scales = adaln_modulate_fp8(x, shift, scale, eps=1e-6)
-    want_out = adaln_modulate(x, shift, scale, eps=1e-6)
-    want_q, want_s = quantize_fp8(want_out, "row")
+    out, _, _ = _fused_equals_two_ops(x, shift, scale, 1e-6)
     assert out[..., 7].isinf().any(), "no overflow: the case tests nothing"
-    _same_bits(out, want_out, "out")
-    _same_bits(q, want_q, "q")
-    _same_bits(q_scales, want_s, "scales")
