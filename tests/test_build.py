@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +45,77 @@ print(json.dumps(dcgen.build_info()))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["extension"] is False and info["error"]
+
+
+# ----------------------------------------------------------------- libstdc++ linking
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBSTDCXX_PY = ROOT / "cmake" / "libstdcxx.py"
+
+
+def _libstdcxx_helper(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(LIBSTDCXX_PY), *args], capture_output=True, text=True
+    )
+
+
+def _extension_path() -> str:
+    try:
+        import dcgen._C as ext
+    except ImportError as err:
+        pytest.skip(f"dcgen._C not built: {err}")
+    return ext.__file__
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="no nm (binutils)")
+def test_extension_carries_no_private_libstdcxx():
+    # A private static libstdc++ inside _C turned every check that formats a number into a
+    # crash on the GPU machine (cmake/libstdcxx.py): the build links the shared one.
+    res = _libstdcxx_helper("check", _extension_path())
+    assert res.returncode == 0, res.stderr
+
+
+def test_check_message_formats_numbers():
+    # What broke with a private libstdc++: the message stopped (or the process died) at the
+    # first number. Here a C++-compiled CPU check must carry its numbers and sizes whole.
+    _extension_path()
+    if not has_kernel("channel_rms_norm", "cpu"):
+        pytest.skip("no C++ channel_rms_norm kernel")
+    x = torch.randn(2, 8, 4, 4)
+    with pytest.raises(RuntimeError, match=r"expected weight of shape \(8\), got \[7\]"):
+        torch.ops.dcgen.channel_rms_norm(x, torch.ones(7), torch.ones(8), 1e-5)
+
+
+@pytest.mark.skipif(
+    shutil.which("nm") is None or shutil.which("g++") is None, reason="no g++ or nm"
+)
+def test_libstdcxx_check_and_link_recipe(tmp_path):
+    # A library linked with -static-libstdc++ (what the GPU machine's g++ did by default) is
+    # flagged and, with --remove, deleted; naming the shared libstdc++ torch maps ahead of the
+    # driver's own -lstdc++ (cmake/DcgenLibstdcxx.cmake's recipe) keeps the copy out.
+    found = _libstdcxx_helper("find")
+    assert found.returncode == 0, found.stderr
+    shared = found.stdout.strip()
+    if not shared:
+        pytest.skip("this process maps no libstdc++.so")
+    src = tmp_path / "fmt.cpp"
+    src.write_text(
+        "#include <sstream>\n#include <string>\n"
+        "std::string dcgen_fmt(long n) { std::ostringstream s; s << n; return s.str(); }\n"
+    )
+
+    def link(name: str, *libs: str) -> Path:
+        # CMake's order: objects, then the target's libraries, then the driver's own -lstdc++
+        out = tmp_path / name
+        cmd = ["g++", "-shared", "-fPIC", "-O1", str(src), *libs, "-static-libstdc++"]
+        subprocess.run([*cmd, "-o", str(out)], check=True, capture_output=True)
+        return out
+
+    static = link("static.so")
+    res = _libstdcxx_helper("check", str(static))
+    assert res.returncode == 1 and "_ZNSo9_M_insertIlEERSoT_" in res.stderr, res.stderr
+    fixed = link("fixed.so", shared)
+    res = _libstdcxx_helper("check", str(fixed))
+    assert res.returncode == 0, res.stderr
+    res = _libstdcxx_helper("check", "--remove", str(static))
+    assert res.returncode == 1 and not static.exists()
