@@ -160,16 +160,26 @@ def _scaled_mm(
     granularity: str,
     fast_accum: bool = False,
 ) -> torch.Tensor:
+    m = xq.shape[0]
+    pad = 0
     if granularity == "row":
         sa, sb = x_scale.contiguous(), w_scale.reshape(1, -1).contiguous()
     else:
         # cuBLAS reads 1x128 scales outer-dim-major: A's as [M, K/128] with M fastest, B's as
-        # [K/128, N] row-major (the layout torch's own blockwise tests pass).
+        # [K/128, N] row-major (the layout torch's own blockwise tests pass). It also wants M a
+        # multiple of 4 (M = 66 got CUBLAS_STATUS_NOT_SUPPORTED on the H200 of 2026-11-27 while
+        # M = 4,608 ran): zero rows with unit scales pad A, and their outputs are dropped.
+        pad = -m % 4
+        if pad:
+            xq = torch.cat([xq.view(torch.uint8), xq.new_zeros(pad, xq.shape[1]).view(torch.uint8)])
+            xq = xq.view(torch.float8_e4m3fn)
+            x_scale = torch.cat([x_scale, x_scale.new_ones(pad, x_scale.shape[1])])
         sa, sb = x_scale.t().contiguous().t(), w_scale.t().contiguous()
     b = bias.to(out_dtype) if bias is not None else None
-    return torch._scaled_mm(
+    y = torch._scaled_mm(
         xq, wq.t(), scale_a=sa, scale_b=sb, bias=b, out_dtype=out_dtype, use_fast_accum=fast_accum
     )
+    return y[:m] if pad else y
 
 
 def fp8_gemm(

@@ -202,6 +202,33 @@ def test_fast_accum_reaches_scaled_mm_on_both_routes(route, fast, rng, monkeypat
     assert torch.equal(y, fp8_gemm(xq, xs, wq, ws, b, torch.bfloat16, "row"))
 
 
+@pytest.mark.parametrize("m", [66, 64, 1])
+def test_block128_scaled_mm_gets_row_count_a_multiple_of_4(m, rng, monkeypatch):
+    # cuBLAS's 1x128 blockwise GEMM rejects an M that is not a multiple of 4 (H200, torch 2.11):
+    # _scaled_mm pads A with zero rows at unit scale and returns the first M rows. The CPU has no
+    # blockwise _scaled_mm, so a stand-in with cuBLAS's condition computes the blockwise spec.
+    import dcgen.quant.fp8 as f
+
+    shapes = []
+
+    def blockwise(a, b, scale_a, scale_b, bias=None, out_dtype=None, use_fast_accum=False):
+        shapes.append(tuple(a.shape))
+        if a.shape[0] % 4 or scale_a.stride(0) != 1:
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+        da = a.float() * scale_a.repeat_interleave(128, 1)
+        db = b.float() * scale_b.repeat_interleave(128, 0)
+        return (da @ db + (0 if bias is None else bias.float())).to(out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", blockwise)
+    xq, xs = quantize_fp8_reference(torch.randn(m, 256, generator=rng) * 3, "block128")
+    wq, ws = quantize_fp8_reference(torch.randn(48, 256, generator=rng) * 0.1, "block128")
+    b = torch.randn(48, generator=rng).bfloat16()
+    y = f._scaled_mm(xq, xs, wq, ws, b, torch.bfloat16, "block128")
+    assert shapes == [(m + (-m % 4), 256)] and y.shape == (m, 48)
+    want = f.fp8_linear_reference(xq, xs, wq, ws, b, torch.bfloat16)
+    torch.testing.assert_close(y.float(), want.float(), rtol=2**-7, atol=1e-2)
+
+
 def test_fast_accum_is_checked():
     xq, xs = quantize_fp8_reference(torch.randn(2, 128), "block128")
     with pytest.raises(ValueError, match="fast_accum: expected granularity 'row'"):
