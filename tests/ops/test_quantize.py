@@ -245,7 +245,9 @@ def _fp8_near_midpoints(gen: torch.Generator) -> torch.Tensor:
     scale = amax * torch.tensor(1 / 448, dtype=torch.float32)
     x = points[torch.randint(0, len(points), (m, k), generator=gen)] * scale
     step = torch.randint(-2, 3, (m, k), generator=gen, dtype=torch.int32)
-    x = (x.view(torch.int32) + step).view(torch.float32)
+    # clamped: a step below +0.0's bits would wrap to 0xFFFFFFFx, a NaN whose row's amax (and
+    # so scale) is NaN too (the H200 run of 2026-11-27 compared NaN scales with torch.equal)
+    x = (x.view(torch.int32) + step).clamp_min(0).view(torch.float32)
     x = x * torch.where(torch.rand(m, k, generator=gen) < 0.5, -1.0, 1.0)
     x[:, ::128] = amax
     return x
