@@ -74,8 +74,8 @@ __device__ __forceinline__ float2 row_mean_rstd(const T* __restrict__ xr, int64_
 }
 
 // The 8 modulated values (x - mean) * rstd * (1 + scale) + shift at k0, 0 past D. Each rounding
-// step is pinned (no contraction choice left to the compiler), so that the FP8 kernel, which
-// computes a row's values twice, gets the same floats both times.
+// step is pinned (no contraction choice left to the compiler): adaln_modulate and
+// adaln_modulate_fp8 give the same bits whatever nvcc fuses.
 template <typename T, typename P>
 __device__ __forceinline__ void modulate8(const T* __restrict__ xr, const P* __restrict__ sh,
                                           const P* __restrict__ sc, int64_t k0, int valid,
@@ -117,8 +117,8 @@ __global__ void adaln_modulate_kernel(const T* __restrict__ x, const P* __restri
 
 // adaln_modulate with the FP8 (E4M3) row quantization of its output on the way out: the row is
 // written as adaln_modulate writes it while the CTA reduces the amax of the rounded values,
-// then each thread computes its values again from x (L1 / L2; the same floats, modulate8) and
-// encodes them as dcgen::quantize_fp8 (block 0) encodes the stored row: same scale, same bytes.
+// then each thread reads its stored values back (L2) and encodes them as dcgen::quantize_fp8
+// (block 0) encodes the stored row: same scale, same bytes (quant::store_row_and_quantize).
 // Saves the quantize kernel's read of the row (4,608 x 3,072 bf16 per FLUX 4K block input).
 template <typename T, typename P>
 __global__ void adaln_modulate_fp8_kernel(const T* __restrict__ x, const P* __restrict__ shift,

@@ -35,7 +35,7 @@ constexpr int kGeluTanh = 1;
 
 __device__ __forceinline__ float gelu_tanh(float v) {
   // torch's approximate="tanh" form: 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))). Each
-  // rounding pinned, so the quantizing kernel's two passes compute the same floats.
+  // rounding pinned (no FMA contraction): the kernels give the same bits whatever nvcc fuses.
   const float cube = __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, v), v), v);
   const float inner = __fmul_rn(0.7978845608028654f, __fadd_rn(v, cube));
   return __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.f, tanhf(inner)));
@@ -80,8 +80,8 @@ __global__ void fp8_epilogue_kernel(const T* __restrict__ y, const float* __rest
 // The epilogue with the FP8 (E4M3) row quantization of its output, for an FP8 linear whose
 // output feeds another (FLUX's MLP: the GELU'd hidden state is the next linear's input): one CTA
 // per row writes the row as fp8_scale_epilogue does while reducing the amax of the rounded
-// values, then computes them again from y (L2; epilogue8's pinned arithmetic, the same floats)
-// and encodes them as dcgen::quantize_fp8 (block 0) encodes the stored row.
+// values, then reads the stored row back (L2) and encodes it as dcgen::quantize_fp8 (block 0)
+// encodes it (quant::store_row_and_quantize).
 constexpr int kRowThreads = 256;
 
 template <typename T, typename B, int kAct>

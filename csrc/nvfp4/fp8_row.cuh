@@ -83,11 +83,13 @@ __device__ __forceinline__ void store_q(uint8_t* __restrict__ out, float (&q)[8]
 
 // A kernel's output row and its FP8 row quantization, written by one CTA of kThreads threads:
 // `values(k0, valid, vec, o)` computes the 8 output values at column k0 (0 past n) already
-// rounded to T, and must give the same floats every time it is called for a k0 (it is called
-// twice, three times on the rare division path: the row is not kept in registers). Pass 1
-// stores the row and reduces its amax; pass 2 encodes the values as quantize_fp8 (block 0)
-// encodes the stored row. `vec`: the 16-byte path of out (n % 8 == 0, aligned); `qvec`: the
-// 8-byte path of q.
+// rounded to T, once per k0. Pass 1 stores the row and reduces its amax; pass 2 reads the
+// stored row back (each thread the columns it wrote itself, so no fence is needed; from L2)
+// and encodes it as quantize_fp8 (block 0) encodes a stored row: same bytes by construction.
+// Reading back rather than computing the values again: the H200 run of 2026-11-27 timed the
+// GELU epilogue that recomputed (two tanh per element) at 0.31 ms for 4,608 x 12,288 bf16,
+// slower than the epilogue and quantize_fp8 as two kernels (0.19 ms). `vec`: the 16-byte path
+// of out (n % 8 == 0, aligned); `qvec`: the 8-byte path of q.
 template <int kThreads, typename T, typename Values>
 __device__ __forceinline__ void store_row_and_quantize(T* __restrict__ out_row,
                                                        uint8_t* __restrict__ q_row,
@@ -109,9 +111,9 @@ __device__ __forceinline__ void store_row_and_quantize(T* __restrict__ out_row,
     const int valid = count_valid(n - k0, 8);
     const bool v = vec && valid == 8;
     float o[8];
-    values(k0, valid, v, o);
+    load8<T>(out_row + k0, valid, v, o);
     store_q(q_row + k0, o, divisor, valid, qvec && valid == 8,
-            [&](float (&again)[8]) { values(k0, valid, v, again); });
+            [&](float (&again)[8]) { load8<T>(out_row + k0, valid, v, again); });
   }
   if (threadIdx.x == 0) *q_scale = scale;
 }
