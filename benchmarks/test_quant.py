@@ -39,10 +39,11 @@ LINEAR_SHAPES = (
 )
 
 
-# "row": per-row scales by the default route (on CUDA with the kernel built: unit-scale
-# _scaled_mm + dcgen's scale epilogue); "row-rowwise": the same scales inside torch._scaled_mm
-# (DCGEN_FP8_GEMM=rowwise; cuBLAS's outer-vector scaling with the bias fused, one kernel), so
-# one run shows which route is faster on the card; "-fast": the same with fast accumulation
+# "row": per-row scales on the "tensor" route (DCGEN_FP8_GEMM=tensor; on CUDA with the kernel
+# built: unit-scale _scaled_mm + dcgen's scale epilogue); "row-rowwise": the same scales inside
+# torch._scaled_mm (DCGEN_FP8_GEMM=rowwise; cuBLAS's outer-vector scaling with the bias fused,
+# one kernel; the default on Hopper since the H200 run of 2026-11-27), so one run shows which
+# route is faster on the card; "-fast": the same with fast accumulation
 # (FP8Config(fast_accum=True)).
 VARIANTS = ["row", "row-rowwise", "row-fast", "row-rowwise-fast", "block128"]
 
@@ -56,8 +57,8 @@ def test_fp8_linear(benchmark, impl, nk, variant, monkeypatch):
     # a GEMM case _scaled_mm rejects is recorded process-wide and re-routes every later one:
     # each case starts clean, and reports what it rejected
     monkeypatch.setattr(fp8, "_REJECTED", set())
-    if "rowwise" in variant:
-        monkeypatch.setenv("DCGEN_FP8_GEMM", "rowwise")
+    if granularity == "row":
+        monkeypatch.setenv("DCGEN_FP8_GEMM", "rowwise" if "rowwise" in variant else "tensor")
     torch.manual_seed(0)
     lin = nn.Linear(k, n).to(DEVICE, DTYPE)
     x = torch.randn(M, k, device=DEVICE, dtype=DTYPE)

@@ -23,14 +23,17 @@ order:
 
 Row scales take one of two routes (``DCGEN_FP8_GEMM``; :func:`row_gemm_route`):
 
-- ``"tensor"`` (the default where dcgen's kernel is built; bf16 outputs only, as the unscaled
+- ``"tensor"`` (the default where dcgen's kernel is built, except as below; bf16 outputs only, as the unscaled
   product would overflow fp16): ``_scaled_mm`` with unit scales,
   which is cuBLAS's fast per-tensor FP8 GEMM, into the bf16 output, then
   :func:`dcgen.ops.fp8_scale_epilogue` applies the row and column scales and the bias (and an
   activation) in one pass. The product is rounded to 16 bits before it is scaled, one extra
   rounding (module doc of dcgen/ops/fp8_epilogue.py).
-- ``"rowwise"``: ``_scaled_mm`` with the row scales themselves (torch's row-wise kernel, slower
-  on Hopper: docs/ANCHORS.md against the README's low-precision table).
+- ``"rowwise"``: ``_scaled_mm`` with the row scales themselves. With torch built for CUDA
+  >= 12.9 that is cuBLAS's outer-vector scaling with the bias fused, one kernel; the default
+  there on Hopper: the H200 run of 2026-11-27 timed it faster than "tensor" + epilogue at every
+  FLUX linear shape (1.19-1.58x bf16 against 0.91-1.29x; README). Older builds ran torch's
+  own row-wise kernel, slower than "tensor" on Hopper (docs/ANCHORS.md).
 
 Fast accumulation (``fast_accum=True``, row scales only; ``FP8Config(fast_accum=True)``): the
 GEMM runs with ``_scaled_mm(use_fast_accum=True)``, so Hopper's FP8 tensor cores keep their
@@ -70,15 +73,30 @@ _UNIT_SCALES: dict[tuple[str, int | None], torch.Tensor] = {}
 
 def row_gemm_route(device: torch.device) -> str:
     """How row-scaled FP8 GEMMs run on ``device``: ``"tensor"`` or ``"rowwise"`` (module doc).
-    ``DCGEN_FP8_GEMM`` picks one; "auto" (default) takes "tensor" on CUDA when the epilogue
-    kernel is built, else "rowwise"."""
+    ``DCGEN_FP8_GEMM`` picks one; "auto" (default) takes "rowwise" on Hopper when torch's
+    cuBLAS has outer-vector scaling, else "tensor" on CUDA when the epilogue kernel is built,
+    else "rowwise"."""
     choice = os.environ.get("DCGEN_FP8_GEMM", "auto")
     if choice not in GEMM_ROUTES:
         raise ValueError(f"DCGEN_FP8_GEMM: expected one of {GEMM_ROUTES}, got {choice!r}")
     if choice == "auto":
-        built = device.type == "cuda" and has_kernel("fp8_scale_epilogue", device)
-        return "tensor" if built else "rowwise"
+        if device.type != "cuda":
+            return "rowwise"
+        if _capability(device.index) // 10 == 9 and _outer_vector_cublas():
+            return "rowwise"
+        return "tensor" if has_kernel("fp8_scale_epilogue", device) else "rowwise"
     return choice
+
+
+@torch.compiler.assume_constant_result
+def _outer_vector_cublas() -> bool:
+    """Whether torch was built for CUDA >= 12.9, where its row-scaled ``_scaled_mm`` is
+    cuBLAS's outer-vector FP8 GEMM (torch's own row-wise kernel before)."""
+    version = torch.version.cuda
+    if not version:
+        return False
+    major, minor = (int(p) for p in version.split(".")[:2])
+    return (major, minor) >= (12, 9)
 
 
 def _unit_scale(device: torch.device) -> torch.Tensor:
@@ -255,18 +273,48 @@ def unit_scale_gemm(
 
 def direct_row_route(
     device: torch.device, dtype: torch.dtype, n: int, k: int, bias: torch.Tensor | None
-) -> bool:
-    """Whether a row-scaled FP8 linear on ``device`` with ``dtype`` activations may call its
-    three steps straight (FP8Linear's inference route): the quantize and epilogue kernels are
-    built, :func:`fp8_gemm` would take the unit-scale "tensor" route, and the bias is one the
-    epilogue kernel reads (fp32 or the activations' dtype)."""
-    if bias is not None and bias.dtype not in (torch.float32, dtype):
-        return False
-    if not (has_kernel("quantize_fp8", device) and has_kernel("fp8_scale_epilogue", device)):
-        return False
-    return _takes_tensor_route(device, "row", dtype) and scaled_mm_supported(
+) -> str:
+    """Which route a row-scaled FP8 linear on ``device`` with ``dtype`` activations may call
+    straight (FP8Linear's inference route), "" for none. "tensor": the quantize and epilogue
+    kernels are built, :func:`fp8_gemm` would take the unit-scale route, and the bias is one
+    the epilogue kernel reads (fp32 or the activations' dtype). "rowwise": the quantize kernel
+    is built, :func:`fp8_gemm` would take the row-scaled ``_scaled_mm``, and the bias (fused
+    into that GEMM) has the output's dtype, bf16."""
+    if not has_kernel("quantize_fp8", device) or not scaled_mm_supported(
         device, "row", dtype, n, k
-    )
+    ):
+        return ""
+    if _takes_tensor_route(device, "row", dtype):
+        bias_ok = bias is None or bias.dtype in (torch.float32, dtype)
+        return "tensor" if bias_ok and has_kernel("fp8_scale_epilogue", device) else ""
+    if dtype != torch.bfloat16 or row_gemm_route(device) != "rowwise":
+        return ""
+    if bias is not None and (bias.dtype != dtype or _case(device, "row", True) in _REJECTED):
+        return ""
+    return "rowwise"
+
+
+def rowwise_gemm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    fast_accum: bool = False,
+) -> torch.Tensor | None:
+    """The direct "rowwise" route's GEMM: ``_scaled_mm`` with the row scales ([M, 1] and
+    [N, 1]) and the bf16 bias fused, into bf16. None when ``_scaled_mm`` rejects the case,
+    which is then recorded (the general path takes over from then on)."""
+    try:
+        return torch._scaled_mm(
+            xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), bias=bias,
+            out_dtype=torch.bfloat16, use_fast_accum=fast_accum,
+        )  # fmt: skip
+    except RuntimeError as err:
+        case = _case(xq.device, "row", bias is not None)
+        _REJECTED.add(case)
+        logger.warning("fp8_gemm: row-scaled _scaled_mm rejected %s (%s)", case, err)
+        return None
 
 
 def route_generation() -> int:

@@ -16,11 +16,14 @@ quantized pipeline). A GEMM at FLUX's 4K shapes takes about 0.1 ms on an H200 in
 the general path spent 40-90 us of Python per call on checks and route decisions (measured
 with stubbed ops on this project's CPU: ``benchmarks/test_host_time.py``), on top of three op
 dispatches, so the host, not the GPU, set the pace. The route decision is made once per
-(device, dtype, environment) and cached on the layer; each call then runs the quantize kernel,
-``torch._scaled_mm`` with unit scales and the scale epilogue kernel directly. Same ops, same
-arguments, same bits as the general path. Two variants serve the fused DiT blocks:
-``forward_into`` (the epilogue writes into part of a caller's buffer) and ``forward_quantized``
-(the epilogue also returns its output's FP8 row quantization, for the next FP8 linear).
+(device, dtype, environment) and cached on the layer; each call then runs, directly, the
+quantize kernel and the GEMM route :func:`dcgen.quant.fp8.row_gemm_route` picks: "tensor",
+``torch._scaled_mm`` with unit scales then the scale epilogue kernel, or "rowwise",
+``torch._scaled_mm`` with the row scales and the bias (then GELU where asked). Same ops, same
+arguments, same bits as the general path. On the "tensor" route two variants serve the fused
+DiT blocks: ``forward_into`` (the epilogue writes into part of a caller's buffer) and
+``forward_quantized`` (the epilogue also returns its output's FP8 row quantization, for the next
+FP8 linear); on "rowwise" they copy the output in and return no quantization.
 
 Gradients (LoRA on a quantized base, QLoRA style): the weight is frozen; the input gradient is
 the straight-through one, ``dx = dy @ deq(W)`` (rounding has no useful derivative), and the
@@ -331,10 +334,24 @@ class FP8Linear(nn.Module):
         bias = self.bias
         return takes_direct_route(
             self, x, self.in_features, bias, (_fp8.route_generation(),), _ROUTE_ENV,
-            lambda: self.granularity == "row" and _fp8.direct_row_route(
-                x.device, x.dtype, self.out_features, self.in_features, bias
-            ),
+            lambda: self._decide_direct(x, bias),
         )  # fmt: skip
+
+    def _decide_direct(self, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """The direct route's decision, made when its key changes: which GEMM route it calls
+        ("tensor" or "rowwise", kept as ``_direct_kind``), or none."""
+        kind = ""
+        if self.granularity == "row":
+            kind = _fp8.direct_row_route(
+                x.device, x.dtype, self.out_features, self.in_features, bias
+            )
+        self.__dict__["_direct_kind"] = kind
+        return bool(kind)
+
+    def _direct_epilogue(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the direct route with the unit-scale GEMM, whose scale
+        epilogue kernels the fused forms (forward_into, forward_quantized) build on."""
+        return self._direct(x) and self.__dict__.get("_direct_kind") == "tensor"
 
     def _unit_scale_product(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The direct route's first two kernels: x quantized per row (shared or offered), then
@@ -346,12 +363,24 @@ class FP8Linear(nn.Module):
         return None if y is None else (y, xs)
 
     def _direct_forward(self, x: torch.Tensor, act: str) -> torch.Tensor | None:
-        """quantize kernel -> unit-scale ``_scaled_mm`` -> scale epilogue kernel, as
-        :func:`dcgen.quant.fp8.fp8_gemm` runs them; None when ``_scaled_mm`` rejects the case."""
-        product = self._unit_scale_product(x)
-        if product is None:
-            return None
-        y = direct_ops(*_OPS)[1](*product, self.weight_scale, self.bias, act)
+        """As :func:`dcgen.quant.fp8.fp8_gemm` runs them: quantize kernel -> unit-scale
+        ``_scaled_mm`` -> scale epilogue kernel ("tensor"), or quantize kernel -> row-scaled
+        ``_scaled_mm`` with the bias -> GELU ("rowwise"); None when ``_scaled_mm`` rejects the
+        case."""
+        if self.__dict__.get("_direct_kind") == "rowwise":
+            xq, xs = _shared.quantize_rows_direct(x, self.in_features)
+            y = _fp8.rowwise_gemm(
+                xq, xs, self.weight, self.weight_scale, self.bias, self.fast_accum
+            )
+            if y is None:
+                return None
+            if act == "gelu_tanh":
+                y = torch.nn.functional.gelu(y, approximate="tanh")
+        else:
+            product = self._unit_scale_product(x)
+            if product is None:
+                return None
+            y = direct_ops(*_OPS)[1](*product, self.weight_scale, self.bias, act)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
@@ -384,7 +413,7 @@ class FP8Linear(nn.Module):
         if (
             act in _ACTS
             and out.dtype == torch.bfloat16
-            and self._direct(x)
+            and self._direct_epilogue(x)
             and has_kernel("fp8_scale_epilogue_into", x.device)
         ):
             # a view the kernel writes, on x's device (else copied in, as the public
@@ -410,7 +439,11 @@ class FP8Linear(nn.Module):
         the direct route the scale epilogue also writes its output's row quantization
         (``dcgen::fp8_scale_epilogue_fp8``), exactly ``quantize_fp8(out, "row")``, for the next
         FP8 linear (:func:`offered_quantization`); otherwise only the output."""
-        if act in _ACTS and self._direct(x) and has_kernel("fp8_scale_epilogue_fp8", x.device):
+        if (
+            act in _ACTS
+            and self._direct_epilogue(x)
+            and has_kernel("fp8_scale_epilogue_fp8", x.device)
+        ):
             product = self._unit_scale_product(x)
             if product is not None:
                 epilogue_fp8 = direct_ops("fp8_scale_epilogue_fp8")[0]

@@ -256,6 +256,89 @@ def test_direct_forms_pass_fast_accum_to_the_gemm(cpu_kernels, monkeypatch):
     assert cpu_kernels["direct"] == 2
 
 
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rowwise_direct_route_gives_the_general_paths_bits(
+    cpu_kernels, act, bias, fast, monkeypatch
+):
+    # The "rowwise" route taken straight: the quantize kernel, then one _scaled_mm with the
+    # row scales and the bias, then GELU; no epilogue kernel. The general path runs the same
+    # ops on the same operands, so the same bits.
+    monkeypatch.setenv("DCGEN_FP8_GEMM", "rowwise")
+    gemms = []
+    original = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: gemms.append(k) or original(*a, **k))
+    layer = _layer(bias=bias)
+    layer.fast_accum = fast
+    x = (torch.randn(2, 5, 64) * 4).bfloat16()
+    with torch.inference_mode():
+        y = layer(x, act)
+        assert layer.__dict__["_direct_kind"] == "rowwise"
+        assert cpu_kernels["direct"] == 1 and cpu_kernels["quantize_fp8"] == 1
+        want = _general(layer, x, act, monkeypatch)
+    assert cpu_kernels["fp8_scale_epilogue"] == 0
+    assert [g["scale_a"].shape for g in gemms] == [(10, 1)] * 2  # row scales, both paths
+    assert all(g["use_fast_accum"] is fast and (g["bias"] is not None) is bias for g in gemms)
+    assert y.shape == (2, 5, 40) and torch.equal(y, want)
+    spec = layer.reference_forward(x).float()
+    if act == "gelu_tanh":
+        spec = torch.nn.functional.gelu(spec, approximate="tanh")
+    torch.testing.assert_close(y.float(), spec, rtol=2**-7, atol=2e-2)
+
+
+def test_rowwise_direct_route_forms_and_its_limits(cpu_kernels, monkeypatch):
+    # On "rowwise" forward_into copies the output in and forward_quantized offers no
+    # quantization (their fused epilogues belong to the "tensor" route); an fp32 bias (which
+    # _scaled_mm would not take with a bf16 output) and a rejected GEMM leave the general path.
+    monkeypatch.setenv("DCGEN_FP8_GEMM", "rowwise")
+    layer = _layer()
+    x = (torch.randn(1, 6, 64) * 4).bfloat16()
+    buf = torch.full((1, 6, 100), 3.0, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = layer(x, "gelu_tanh")
+        layer.forward_into(x, buf[..., 50:90], "gelu_tanh")
+        y, quantized = layer.forward_quantized(x, act="gelu_tanh")
+    assert torch.equal(buf[..., 50:90], want) and (buf[..., :50] == 3).all()
+    assert torch.equal(y, want) and quantized is None
+    assert cpu_kernels["fp8_scale_epilogue_into"] == cpu_kernels["fp8_scale_epilogue_fp8"] == 0
+    assert cpu_kernels["direct"] == 3
+    fp32_bias = _layer()
+    fp32_bias.bias.data = fp32_bias.bias.data.float()
+    with torch.inference_mode():
+        fp32_bias(x)
+    assert fp32_bias.__dict__["_direct_kind"] == "" and cpu_kernels["direct"] == 3
+
+    def refuse(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("no such FP8 GEMM on this card")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    with torch.inference_mode():
+        got = layer(x)  # refused once: recorded, then the general path's own fallbacks
+        assert f._case(x.device, "row", True) in f._REJECTED
+        layer(x)
+    assert cpu_kernels["direct"] == 4  # no direct attempt after the rejection
+    torch.testing.assert_close(got.float(), layer.reference_forward(x).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("cap", "cuda", "want"),
+    [(90, "13.0", "rowwise"), (90, "12.9", "rowwise"), (90, "12.8", "tensor"),
+     (100, "13.0", "tensor"), (89, "13.0", "tensor"), (90, None, "tensor")],
+)  # fmt: skip
+def test_auto_row_route_takes_rowwise_on_hopper_with_outer_vector_cublas(
+    cap, cuda, want, monkeypatch
+):
+    # Measured on the H200 (torch 2.11, CUDA 13.0): the row-scaled _scaled_mm beat unit scales
+    # + epilogue at every FLUX shape; elsewhere unmeasured, so the epilogue route stays.
+    monkeypatch.delenv("DCGEN_FP8_GEMM", raising=False)
+    monkeypatch.setattr(f, "_capability", lambda index: cap)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(f, "has_kernel", lambda name, device: True)
+    assert f.row_gemm_route(torch.device("cuda", 0)) == want
+    assert f.row_gemm_route(torch.device("cpu")) == "rowwise"
+
+
 def test_forward_into_copies_where_it_cannot_write_in_place(cpu_kernels):
     # Rows of two batch elements inside a longer sequence are not one [M, N] view, and the
     # general path (autograd) has no in-place form: both copy the layer's output in.
@@ -281,14 +364,18 @@ def test_forward_into_copies_where_it_cannot_write_in_place(cpu_kernels):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("route", ["tensor", "rowwise"])
 @pytest.mark.parametrize("act", ["none", "gelu_tanh"])
-def test_cuda_direct_route_gives_the_general_paths_bits(act, monkeypatch):
+def test_cuda_direct_route_gives_the_general_paths_bits(act, route, monkeypatch):
     # On a GPU with the kernels built the direct route is the default for bf16 inference: the
-    # real kernels and cuBLAS, against fp8_gemm on the same layer and input.
-    if not torch.cuda.is_available() or not f.direct_row_route(
-        torch.device("cuda"), torch.bfloat16, 3072, 3072, None
+    # real kernels and cuBLAS, against fp8_gemm on the same layer and input, on both GEMM
+    # routes.
+    monkeypatch.setenv("DCGEN_FP8_GEMM", route)
+    monkeypatch.setattr(f, "_REJECTED", set())
+    if not torch.cuda.is_available() or (
+        f.direct_row_route(torch.device("cuda"), torch.bfloat16, 3072, 3072, None) != route
     ):
-        pytest.skip("no CUDA device, FP8 kernels or unit-scale FP8 GEMM here")
+        pytest.skip(f"no CUDA device, FP8 kernels or {route} FP8 GEMM here")
     torch.manual_seed(0)
     layer = FP8Linear.from_linear(nn.Linear(3072, 3072).cuda()).cuda()
     x = torch.randn(2, 300, 3072, device="cuda").bfloat16()
@@ -303,7 +390,8 @@ def test_cuda_direct_route_gives_the_general_paths_bits(act, monkeypatch):
         want = _general(layer, x, act, monkeypatch)
     assert entered == [1] and not y.isnan().any()
     assert torch.equal(y, want)
-    # forward_into: the epilogue kernel writes the same bits into a poisoned buffer's columns
+    # forward_into: the epilogue kernel ("tensor"; a copy on "rowwise") writes the same bits
+    # into a poisoned buffer's columns
     if has_kernel("fp8_scale_epilogue_into", "cuda"):
         # NaN-filled by hand: a 3.7 MB buffer can come from a fresh segment that the allocator
         # poisoning never touched (the H200 run of 2026-11-27 read stale fp32 data around it)
