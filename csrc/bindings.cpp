@@ -18,6 +18,9 @@ TORCH_LIBRARY(dcgen, m) {
   m.def("down_block_shortcut(Tensor y, Tensor x, bool unshuffle_y) -> Tensor");
   // GLUMBConv depthwise 3x3 + SiLU gate; spec: dcgen/ops/glu_depthwise.py.
   m.def("glu_depthwise_conv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // A conv output's bias, act ('none'|'relu'|'silu') and residual in one pass, written into out
+  // (which may be x or the residual); spec: dcgen/ops/bias_act.py.
+  m.def("bias_act_(Tensor(a!) out, Tensor x, Tensor bias, str act, Tensor? residual) -> ()");
 }
 
 namespace py = pybind11;

@@ -13,6 +13,7 @@ from .attention import (
     qk_norm_rope,
     qk_norm_rope_reference,
 )
+from .bias_act import bias_act_, bias_act_reference
 from .block_shortcuts import (
     down_block_shortcut,
     down_block_shortcut_reference,
@@ -88,6 +89,8 @@ __all__ = [
     "channel_rms_norm_fused_reference",
     "down_block_shortcut",
     "down_block_shortcut_reference",
+    "bias_act_",
+    "bias_act_reference",
     "glu_depthwise_conv",
     "glu_depthwise_conv_reference",
     "up_block_shortcut",

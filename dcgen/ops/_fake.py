@@ -46,6 +46,12 @@ if extension_loaded():
         def _channel_rms_norm_fused_fake(x, weight, bias, residual, act, eps):  # noqa: ANN001
             return torch.empty_like(x, memory_format=_layout_like(x))
 
+    if _registered("bias_act_"):
+
+        @torch.library.register_fake("dcgen::bias_act_")
+        def _bias_act_fake(out, x, bias, act, residual):  # noqa: ANN001
+            return None
+
     if _registered("up_block_shortcut"):
 
         @torch.library.register_fake("dcgen::up_block_shortcut")

@@ -1327,9 +1327,71 @@ LINEAR = [
     _c(OP, "eps-nan", lambda: (cu(1, 2, 24, 16), float("nan")), f"{P}: expected eps > 0, got nan"),
 ]
 
+# --- bias_act_(out, x, bias, act, residual): dcae/bias_act_cuda.cu ---
+OP = "bias_act_"
+P = "dcgen::bias_act_"
+BIAS_ACT = [
+    _c(
+        OP,
+        "x-cpu",
+        lambda: (cpu(2, 8, 5, 7), cpu(2, 8, 5, 7), cpu(8), "none", None),
+        f"{P} (CUDA): expected out, x, bias and residual on one CUDA device, got x on cpu, "
+        "out on cpu, bias on cpu",
+    ),
+    _c(
+        OP,
+        "x-3d",
+        lambda: (cu(2, 8, 5), cu(2, 8, 5), cu(8), "none", None),
+        f"{P}: expected a 4-d x (N, C, H, W), got 3 dims",
+    ),
+    _c(
+        OP,
+        "dtype",
+        lambda: (
+            cu(1, 8, 2, 2, dtype=F64),
+            cu(1, 8, 2, 2, dtype=F64),
+            cu(8, dtype=F64),
+            "none",
+            None,
+        ),
+        f"{P}: expected dtype float32, float16 or bfloat16, got Double",
+    ),
+    _c(
+        OP,
+        "bias-dtype",
+        lambda: (cu(1, 8, 2, 2), cu(1, 8, 2, 2), cu(8, dtype=F16), "relu", None),
+        f"{P}: expected out, bias and residual of x's dtype BFloat16, got out BFloat16, bias Half",
+    ),
+    _c(
+        OP,
+        "bias-shape",
+        lambda: (cu(1, 8, 2, 2), cu(1, 8, 2, 2), cu(7), "relu", None),
+        f"{P}: expected a contiguous bias of shape (8), got [7]",
+    ),
+    _c(
+        OP,
+        "x-strides",
+        lambda: (cu(2, 8, 5, 7), cu(2, 8, 7, 5).transpose(2, 3), cu(8), "none", None),
+        f"{P}: expected x dense in channels_last or NCHW, got strides [280, 35, 1, 5]",
+    ),
+    _c(
+        OP,
+        "out-shape",
+        lambda: (cu(2, 8, 5, 6), cu(2, 8, 5, 7), cu(8), "none", None),
+        f"{P}: expected out and residual with x's shape [2, 8, 5, 7] and strides "
+        "[280, 35, 7, 1], got out [2, 8, 5, 6] / [240, 30, 6, 1]",
+    ),
+    _c(
+        OP,
+        "act",
+        lambda: (cu(1, 8, 2, 2), cu(1, 8, 2, 2), cu(8), "gelu", None),
+        f"{P}: expected act 'none', 'relu' or 'silu', got 'gelu'",
+    ),
+]
+
 CASES: list[Case] = [
     *FP8_EPILOGUE, *FP8_EPILOGUE_INTO, *FP8_EPILOGUE_FP8, *ADALN, *ADALN_FP8, *GATED, *QUANTIZE_FP8, *QUANTIZE_NVFP4, *LOWRANK, *DEQUANT, *GEMM,
-    *W4A16, *QK, *ATTENTION, *RMS, *RMS_FUSED, *UP, *DOWN, *GLU, *LINEAR,
+    *W4A16, *QK, *ATTENTION, *RMS, *RMS_FUSED, *UP, *DOWN, *GLU, *LINEAR, *BIAS_ACT,
 ]  # fmt: skip
 BY_ID = {case.id: case for case in CASES}
 assert len(BY_ID) == len(CASES), "case ids must be unique"
