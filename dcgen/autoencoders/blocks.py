@@ -18,9 +18,11 @@ from torch import nn
 
 from dcgen._hooks import has_forward_hooks
 from dcgen.ops import (
+    bias_act_,
     channel_duplicate_to_space,
     down_block_shortcut,
     glu_depthwise_conv,
+    has_kernel,
     relu_linear_attention,
     space_to_channel_average,
     up_block_shortcut,
@@ -32,12 +34,20 @@ from .norms import (
     apply_act_inplace,
     fold_batchnorm_into_conv,
     folded_conv_bn_weights,
+    fusable_act_name,
     make_act,
     make_norm,
 )
 from .row_bands import conv3x3_rows, overwrite_bands, row_bands
 
 LINEAR_ATTENTION_EPS = 1e-15
+
+
+def _bias_act_kernel(x: torch.Tensor) -> bool:
+    """Whether the blocks hand their convolutions' bias (with the activation or the residual)
+    to bias_act_: on the fused path and only where its kernel exists (its reference would add
+    fp32 temporaries of a full map where the plain path adds in place)."""
+    return use_fused(x, "bias_act_") and has_kernel("bias_act_", x.device)
 
 
 def _residual_norm(x: torch.Tensor, norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -136,11 +146,14 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = use_fused(x, "channel_rms_norm_fused")
-        h = self.conv1(x)
-        if can_modify_in_place() and fused:
-            h = apply_act_inplace(self.act, h)  # no second conv1-sized buffer
-        else:
-            h = self.act(h)
+        bias_act = fused and can_modify_in_place() and _bias_act_kernel(x)
+        h = self._conv1_act(x) if bias_act else None
+        if h is None:
+            h = self.conv1(x)
+            if can_modify_in_place() and fused:
+                h = apply_act_inplace(self.act, h)  # no second conv1-sized buffer
+            else:
+                h = self.act(h)
         folded = fused and self._can_fold_norm()
         if fused and (folded or isinstance(self.norm, (ChannelRMSNorm, nn.Identity))):
             bands = overwrite_bands(self, x)
@@ -151,10 +164,24 @@ class ResBlock(nn.Module):
             # place in conv2's fresh output. The module keeps its BatchNorm (and its checkpoint
             # format); the folded weights are cached until any of them changes.
             weight, bias = self._folded_conv2()
+            if bias_act:  # the folded bias and the residual in one pass (bias_act_)
+                h = F.conv2d(h, weight, None, padding=1)
+                return bias_act_(h, h, bias, "none", x)
             h = F.conv2d(h, weight, bias, padding=1)
             return h.add_(x)
         h = self.conv2(h)  # rebinding frees conv1's output before the norm allocates its own
         return _residual_norm(x, self.norm, h)
+
+    def _conv1_act(self, x: torch.Tensor) -> torch.Tensor | None:
+        """act(conv1(x)) with conv1 run without its bias, and the bias and the activation
+        applied in place by one bias_act_ pass (PyTorch's own bias add after a cuDNN
+        convolution is a broadcast add that never vectorizes); None where that form does not
+        apply (no bias, or an activation bias_act_ lacks)."""
+        conv, act = self.conv1, fusable_act_name(self.act)
+        if act is None or conv.bias is None:
+            return None
+        h = conv._conv_forward(x, conv.weight, None)
+        return bias_act_(h, h, conv.bias, act)
 
     def _conv2_into_input(
         self,
@@ -174,6 +201,12 @@ class ResBlock(nn.Module):
         rms = isinstance(self.norm, ChannelRMSNorm)
         for i, a, b in bands:
             xb = x[i : i + 1, :, a:b]
+            if bias is not None and not rms and _bias_act_kernel(x):
+                # the bias and the residual in one pass, written into x's band (bias_act_)
+                t = conv3x3_rows(h[i : i + 1], weight, None, a, b)
+                bias_act_(xb, t, bias, "none", xb)
+                del t
+                continue
             t = conv3x3_rows(h[i : i + 1], weight, bias, a, b)
             if rms:
                 xb.copy_(self.norm.fused(t, residual=xb))

@@ -1,0 +1,179 @@
+"""dcgen.ops.bias_act_: a convolution's bias, activation and residual in one pass (module doc
+of dcgen/ops/bias_act.py), and the DC-AE ResBlocks that hand it their biases."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcgen.autoencoders import DCAE, reduced_config
+from dcgen.autoencoders.fused import fused_inference
+from dcgen.ops import _extension, bias_act_, bias_act_reference, has_kernel
+from dcgen.ops._extension import compiled_op
+from tests.conftest import poison_cuda_allocator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "autoencoders"))
+from dcae_helpers import perturb_norms  # noqa: E402
+
+ACTS = ["none", "relu", "silu"]
+
+
+def _spec(x, bias, act, residual):  # noqa: ANN001, ANN202
+    # float64 math: the reference's fp32 result rounded once is within an ulp of this
+    v = x.double() + bias.double().view(1, -1, 1, 1)
+    v = {"none": v, "relu": F.relu(v), "silu": F.silu(v)}[act]
+    return v if residual is None else v + residual.double()
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_reference_is_the_fp32_formula_rounded_once(act, with_residual, rng):
+    x = torch.randn(2, 6, 5, 7, generator=rng).bfloat16()
+    bias = torch.randn(6, generator=rng).bfloat16()
+    res = torch.randn(2, 6, 5, 7, generator=rng).bfloat16() if with_residual else None
+    got = bias_act_reference(x, bias, act, res)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    torch.testing.assert_close(got.double(), _spec(x, bias, act, res), rtol=2**-8, atol=1e-6)
+    # one rounding: the fp32 result rounded to bf16, not a bf16 sum rounded twice
+    v = x.float() + bias.float().view(1, -1, 1, 1)
+    v = {"none": v, "relu": F.relu(v), "silu": F.silu(v)}[act]
+    assert torch.equal(got, (v if res is None else v + res.float()).bfloat16())
+
+
+def test_out_may_be_x_or_the_residual(rng):
+    x = torch.randn(1, 4, 3, 5, generator=rng)
+    bias, res = torch.randn(4, generator=rng), torch.randn(1, 4, 3, 5, generator=rng)
+    want = bias_act_reference(x, bias, "silu", res)
+    a, r = x.clone(), res.clone()
+    assert bias_act_(a, a, bias, "silu", res) is a and torch.equal(a, want)
+    assert bias_act_(r, x, bias, "silu", r) is r and torch.equal(r, want)
+
+
+def test_bad_inputs_name_what_came():
+    x, b = torch.randn(1, 4, 3, 5), torch.randn(4)
+    with pytest.raises(ValueError, match=r"expected act in \('none', 'relu', 'silu'\), got 'gelu'"):
+        bias_act_(x, x, b, "gelu")
+    with pytest.raises(ValueError, match=r"expected a bias of x's 4 channels, got \(3,\)"):
+        bias_act_(x, x, torch.randn(3), "none")
+    with pytest.raises(
+        TypeError, match="expected bias of x's dtype torch.float32, got torch.bfloat16"
+    ):
+        bias_act_(x, x, b.bfloat16(), "none")
+    with pytest.raises(
+        ValueError, match=r"expected residual of x's shape \(1, 4, 3, 5\), got \(1, 4, 3, 4\)"
+    ):
+        bias_act_(x, x, b, "none", torch.randn(1, 4, 3, 4))
+    with pytest.raises(ValueError, match="bias_act_: x"):
+        bias_act_(x[0], x[0], b, "none")
+
+
+@pytest.fixture
+def cpu_kernel(monkeypatch):
+    """A CPU kernel for dcgen::bias_act_ that runs the reference (the CUDA kernel is tested
+    against the same reference below), visible to has_kernel; yields its call count."""
+    if not _extension.has_schema("bias_act_"):
+        pytest.skip("dcgen._C is not built: no dcgen::bias_act_ schema")
+    calls = [0]
+
+    def kernel(out, x, bias, act, residual):  # noqa: ANN001, ANN202
+        calls[0] += 1
+        out.copy_(bias_act_reference(x, bias, act, residual))
+
+    lib = torch.library.Library("dcgen", "IMPL")
+    lib.impl("bias_act_", kernel, "CPU")
+    monkeypatch.setattr(_extension, "_KERNELS", _extension._KERNELS | {("bias_act_", "CPU")})
+    monkeypatch.setattr("dcgen.ops.bias_act.kernel_takes", lambda *a: True)
+    try:
+        yield calls
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.parametrize("preset", ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1"])
+@pytest.mark.parametrize("bands", [False, True])
+def test_resblocks_hand_their_biases_to_bias_act(cpu_kernel, preset, bands):
+    # The fused decode with the bias_act_ kernel available equals the plain decode: conv1's
+    # bias + activation (every ResBlock) and the folded BatchNorm's bias + residual (the in-1.0
+    # decoders' high-resolution stages), with and without row bands.
+    from dcgen.autoencoders.row_bands import band_size
+
+    model = perturb_norms(DCAE(reduced_config(preset))).eval()
+    z = torch.randn(1, model.latent_channels, 8, 8)
+    with torch.inference_mode():
+        with fused_inference(False):
+            want = model.decode(z)
+        with fused_inference(True), band_size(48 * 3 if bands else 0):
+            got = model.decode(z)
+    assert cpu_kernel[0] > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def _need_kernel() -> None:
+    if not torch.cuda.is_available() or not has_kernel("bias_act_", "cuda"):
+        pytest.skip("no CUDA device or bias_act_ kernel")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("shape", [(2, 64, 9, 13), (1, 12, 5, 7), (1, 3, 4, 4)])
+def test_cuda_kernel_matches_reference(dtype, layout, shape):
+    # vector paths (C % 8 == 0 channels_last, H W % 8 == 0 NCHW) and scalar ones; a separate,
+    # poisoned out, then in place into x and into the residual
+    _need_kernel()
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    kernel = compiled_op("bias_act_")
+    for act in ACTS:
+        x = (torch.randn(shape, device="cuda") * 3).to(dtype).contiguous(memory_format=fmt)
+        bias = torch.randn(shape[1], device="cuda").to(dtype)
+        res = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+        for r in (None, res):
+            want = bias_act_reference(x, bias, act, r)
+            out = torch.full_like(x, float("nan"))
+            kernel(out, x, bias, act, r)
+            tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}
+            torch.testing.assert_close(out, want, **tol, msg=f"{act} residual={r is not None}")
+        a, b = x.clone(), res.clone()
+        kernel(a, a, bias, act, None)
+        kernel(b, x, bias, act, b)
+        torch.testing.assert_close(a, bias_act_reference(x, bias, act, None))
+        torch.testing.assert_close(b, bias_act_reference(x, bias, act, res))
+
+
+@pytest.mark.cuda
+def test_cuda_kernel_band_views_and_misaligned_pointers():
+    # A row band of a one-image channels_last map (another batch stride) as out and residual,
+    # and a storage offset that breaks 16-byte alignment (the scalar path)
+    _need_kernel()
+    poison_cuda_allocator()
+    full = (
+        torch.randn(1, 16, 12, 10, device="cuda")
+        .bfloat16()
+        .contiguous(memory_format=torch.channels_last)
+    )
+    band = full[:, :, 3:7]
+    t = (
+        torch.randn(1, 16, 4, 10, device="cuda")
+        .bfloat16()
+        .contiguous(memory_format=torch.channels_last)
+    )
+    bias = torch.randn(16, device="cuda").bfloat16()
+    want = bias_act_reference(t, bias, "none", band.clone())
+    before = full.clone()
+    bias_act_(band, t, bias, "none", band)
+    assert torch.equal(full[:, :, 3:7], want)
+    assert torch.equal(full[:, :, :3], before[:, :, :3]) and torch.equal(
+        full[:, :, 7:], before[:, :, 7:]
+    )
+    storage = torch.randn(1 + 2 * 8 * 4 * 4, device="cuda").bfloat16()
+    x = storage[1:].view(2, 8, 4, 4)
+    out = torch.full_like(x, float("nan"))
+    compiled_op("bias_act_")(out, x, bias[:8].contiguous(), "silu", None)
+    torch.testing.assert_close(out, bias_act_reference(x, bias[:8].contiguous(), "silu"))
