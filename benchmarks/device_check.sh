@@ -35,35 +35,29 @@
 # kernels: e.g. the speed table and the FP8 block alone).
 #
 # A full run does not fit one 600 s call, nor the 900 s of device time a task gets. Measured on
-# the H100 (2026-11-27): build 86 s; Hopper diagnostics 31 s + their tests 52 s; CUDA tests
-# 129 s; benchmarks attention 89 s, quant 61 s, dcae_fused 34 s, ops 21 s; dcae_decode (all
-# sizes) cut at its cap twice; FLUX speed table 93 s. What that run measured need not run
-# again (Hopper diagnostics, attention, dcae_fused, ops, the main FLUX table). Two calls, with
-# carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns);
-# DCGEN_DEADLINE, below each call's timeout_s, makes every step's cap end the script in time:
-#   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG="gemm tma" DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
-#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_block_shortcuts.py tests/ops/test_attention.py tests/autoencoders tests/quant/test_fp8_direct.py tests/ops/test_compiled_op_checks.py tests/ops/test_quantize.py tests/ops/test_quantize_nvfp4_lowrank.py tests/ops/test_modulation_fp8.py tests/test_accelerate.py tests/quant/test_nvfp4_direct.py" \
-#      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="quant attention dcae_fused" \
-#      bash benchmarks/device_check.sh   (timeout_s=550). Everything changed since the
-#      2026-11-27 run, validated first, then timed: build (86 s); the error maps of the NVFP4
-#      GEMMs (new mainloop) and of the TMA attention kernel (new softmax) (about 20 s); the Hopper
-#      kernels' tests (52 s); the CUDA tests of the portable flash kernel (new exponentials), the
-#      channels_last GLUMBConv and up-block kernels and the DC-AE row bands (about 45 s); the
-#      never-run files
-#      (row bands, CUDA graphs, and the two that crashed) (about 60 s); the attention,
-#      DC-AE block / decode and FP8 / NVFP4 benchmarks (89 + 45 + 61 s measured, quant since
-#      grown from 86 to 114 cases: the FP8 linears with fast accumulation on both routes, the
-#      fused pairs; first, as FP8 changed most), as far as the deadline lets them run; the
-#      bad-input crash probe only if a test file crashed its process.
+# the H200 (2026-11-27, evening; README "Latest GPU run"): build 90 s; Hopper diagnostics
+# 23 s + their tests 45 s; CUDA tests (11 files) 125 s; benchmarks quant 49 s, attention 61 s,
+# dcae_fused 37 s; the throw probe 57 s; second call (fresh machine: build again 93 s) decodes
+# 79 s, FP8 block 27 s, profile 23 s, decode autotune 43 s. Device time per call also counts
+# the machine's start (37 s and 66 s beyond the script's wall time). What changed since, to validate first, then time: the build's
+# shared libstdc++ (the build's own post-link check; every bad-input test must now raise: tests/test_fused_blocks.py and
+# tests/ops/test_fp8_epilogue.py crashed), the FP8 row-quantizing kernels' read-back
+# (test_fp8_epilogue, test_modulation_fp8), the rowwise FP8 direct route (now the Hopper
+# default; test_fp8_direct), the block128 row padding (test_quantize), bias_act_ and the
+# ResBlocks that call it (test_bias_act, tests/autoencoders). Two calls, with carry=[".whl"],
+# the second within the 30 s idle window (prepare it before the first returns):
+#   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
+#      DCGEN_TEST_FILES="tests/ops/test_bias_act.py tests/ops/test_fp8_epilogue.py tests/test_fused_blocks.py tests/ops/test_modulation_fp8.py tests/quant/test_fp8_direct.py tests/ops/test_quantize.py tests/autoencoders" \
+#      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="quant dcae_decode" bash benchmarks/device_check.sh
+#      (timeout_s=550): build, the tests above, then the FP8 linears and epilogues (rowwise
+#      default, the read-back kernels) and the 4K decodes against diffusers (bias_act_).
 #   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_FP8_BLOCK=1 \
-#      DCGEN_BENCH_FILES=dcae_decode DCGEN_BENCH_COMPILE=0 DCGEN_SPEED_MODELS=none \
+#      DCGEN_BENCH_FILES=none DCGEN_BENCH_COMPILE=0 DCGEN_SPEED_MODELS=flux \
 #      DCGEN_SPEED_GRAPHS=0 bash benchmarks/device_check.sh   (timeout_s = what is left - 20):
-#      the 4K decodes against diffusers (full frame with row bands, banded, NCHW, autotuned;
-#      about 150 s), then the FP8 double block against bf16 in eager mode and CUDA-graphed, with
-#      and without fast accumulation (the FP8 issue's block goal; the FP8 path changed most
-#      since the last run), then the step profile of bf16, FP8 and the decode, then the
-#      decode's autotune group, as far as the deadline lets them run. The
-#      kernels-vs-graphs FLUX table (DCGEN_SPEED_GRAPHS=1) waits for a session with more time.
+#      the FP8 double block (now on the rowwise route) against bf16, eager and graphed, the
+#      step profile (FP8 host time; the decode's bias adds), then the FLUX speed table as far
+#      as the deadline lets it run. The kernels-vs-graphs FLUX table (DCGEN_SPEED_GRAPHS=1)
+#      waits for a session with more time.
 # If the machine was given back in between, call 2 finds no extension and builds it (86 s).
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
 #
