@@ -50,6 +50,13 @@ def _bias_act_kernel(x: torch.Tensor) -> bool:
     return use_fused(x, "bias_act_") and has_kernel("bias_act_", x.device)
 
 
+def _split_conv_bias(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a fused block runs a convolution without its bias and adds the bias itself with
+    bias_act_ (one vectorized pass in place; PyTorch's own add after a cuDNN convolution is a
+    broadcast add that does not vectorize)."""
+    return bias is not None and can_modify_in_place() and _bias_act_kernel(x)
+
+
 def _residual_norm(x: torch.Tensor, norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """x + norm(h), the ending of ResBlock, LiteMLA and GLUMBConv. Fused path: RMSNorm and the
     add in one op, or (norm folded away) an in-place add into the fresh h."""
@@ -465,8 +472,11 @@ class UpBlock(nn.Module):
         the output. Costs one copy of each output band."""
         n, _, height, width = x.shape
         out: torch.Tensor | None = None
+        split = _split_conv_bias(x, bias)
         for i, a, b in bands:
-            y = conv3x3_rows(x[i : i + 1], weight, bias, a, b)
+            y = conv3x3_rows(x[i : i + 1], weight, None if split else bias, a, b)
+            if split:
+                bias_act_(y, y, bias, "none")
             band = up_block_shortcut(y, x[i : i + 1, :, a:b], True)
             del y
             if out is None:
@@ -501,7 +511,10 @@ class UpBlock(nn.Module):
                 bands = row_bands(x, row_bytes)
             if bands is not None:
                 return self._shortcut_in_bands(x, weight, bias, bands)
-            y = F.conv2d(x, weight, bias, padding=1)
+            split = _split_conv_bias(x, bias)
+            y = F.conv2d(x, weight, None if split else bias, padding=1)
+            if split:
+                bias_act_(y, y, bias, "none")
             return up_block_shortcut(y, x, True)
         if shuffle:
             y = _layout_of(F.pixel_shuffle(self.conv(x), 2), x)

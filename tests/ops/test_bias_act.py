@@ -74,13 +74,13 @@ def test_bad_inputs_name_what_came():
 @pytest.fixture
 def cpu_kernel(monkeypatch):
     """A CPU kernel for dcgen::bias_act_ that runs the reference (the CUDA kernel is tested
-    against the same reference below), visible to has_kernel; yields its call count."""
+    against the same reference below), visible to has_kernel; yields the act of each call."""
     if not _extension.has_schema("bias_act_"):
         pytest.skip("dcgen._C is not built: no dcgen::bias_act_ schema")
-    calls = [0]
+    calls: list[str] = []
 
     def kernel(out, x, bias, act, residual):  # noqa: ANN001, ANN202
-        calls[0] += 1
+        calls.append(act)
         out.copy_(bias_act_reference(x, bias, act, residual))
 
     lib = torch.library.Library("dcgen", "IMPL")
@@ -97,8 +97,9 @@ def cpu_kernel(monkeypatch):
 @pytest.mark.parametrize("bands", [False, True])
 def test_resblocks_hand_their_biases_to_bias_act(cpu_kernel, preset, bands):
     # The fused decode with the bias_act_ kernel available equals the plain decode: conv1's
-    # bias + activation (every ResBlock) and the folded BatchNorm's bias + residual (the in-1.0
-    # decoders' high-resolution stages), with and without row bands.
+    # bias + activation (every ResBlock), the folded BatchNorm's bias + residual (the in-1.0
+    # decoders' high-resolution stages) and the up blocks' conv bias, with and without row
+    # bands.
     from dcgen.autoencoders.row_bands import band_size
 
     model = perturb_norms(DCAE(reduced_config(preset))).eval()
@@ -108,8 +109,29 @@ def test_resblocks_hand_their_biases_to_bias_act(cpu_kernel, preset, bands):
             want = model.decode(z)
         with fused_inference(True), band_size(48 * 3 if bands else 0):
             got = model.decode(z)
-    assert cpu_kernel[0] > 0
+    assert cpu_kernel
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_up_blocks_add_their_conv_bias_with_bias_act(cpu_kernel):
+    # Every biased conv an up block runs on the fused path goes through bias_act_ ("none"),
+    # banded or not; the result equals the plain up block
+    from dcgen.autoencoders.blocks import UpBlock
+    from dcgen.autoencoders.row_bands import band_size
+
+    acts = cpu_kernel
+    torch.manual_seed(0)
+    block = UpBlock(8, 8, "pixel_shuffle", shortcut=True).eval()
+    x = torch.randn(1, 8, 12, 6)
+    with torch.inference_mode():
+        with fused_inference(False):
+            want = block(x)
+        for size in (0, 4 * 8 * 6 * 4 * 3):
+            acts.clear()
+            with fused_inference(True), band_size(size):
+                got = block(x)
+            assert len(acts) == (1 if size == 0 else 4) and set(acts) == {"none"}
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- CUDA
