@@ -306,10 +306,7 @@ def rowwise_gemm(
     [N, 1]) and the bf16 bias fused, into bf16. None when ``_scaled_mm`` rejects the case,
     which is then recorded (the general path takes over from then on)."""
     try:
-        return torch._scaled_mm(
-            xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), bias=bias,
-            out_dtype=torch.bfloat16, use_fast_accum=fast_accum,
-        )  # fmt: skip
+        return _scaled_mm(xq, x_scale, wq, w_scale, bias, torch.bfloat16, "row", fast_accum)
     except RuntimeError as err:
         case = _case(xq.device, "row", bias is not None)
         _REJECTED.add(case)
