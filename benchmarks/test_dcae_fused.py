@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from _harness import DEVICE, ON_GPU, measure_peak_memory, rounds, time_it
 
 from dcgen.ops import (
+    bias_act_,
     channel_duplicate_to_space,
     channel_rms_norm,
     channel_rms_norm_fused,
@@ -195,6 +196,38 @@ def test_rms_norm_residual(benchmark, impl, layout):
         benchmark, impl, f"rms_norm + residual {NORM_SHAPE} {layout}", "dcgen norm then add", fn, nbytes,
         n_rounds=rounds(10, 3),
     )  # fmt: skip
+
+
+# f64c128 @ 4096^2, stage 1: a ResBlock's conv1 output, 256 ch @ 2048^2, channels_last.
+CONV_OUT_SHAPE = (1, 256, 2048, 2048) if ON_GPU else (1, 32, 64, 64)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_conv_bias_relu(benchmark, impl):
+    # What PyTorch runs after a cuDNN convolution (the broadcast bias add_, then the in-place
+    # ReLU) against one bias_act_ pass; both in place on the conv output
+    _skip_without("bias_act_", impl)
+    (h,) = _in_layout("channels_last", _rand(*CONV_OUT_SHAPE))
+    b = _rand(CONV_OUT_SHAPE[1])
+    if impl == "dcgen":
+
+        def fn():
+            return bias_act_(h, h, b, "relu")
+    else:
+
+        def fn():
+            return torch.relu_(h.add_(b.view(1, -1, 1, 1)))
+
+    nbytes = 2 * h.numel() * h.element_size()  # read and write h once
+    name = "conv bias + relu in place"
+    _run(
+        benchmark,
+        impl,
+        f"{name} {CONV_OUT_SHAPE} channels_last",
+        "add_ bias then relu_",
+        fn,
+        nbytes,
+    )
 
 
 # The f64c128 decoder head at 4096^2: RMSNorm then ReLU over 256 ch @ 2048^2.
