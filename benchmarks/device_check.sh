@@ -48,9 +48,10 @@
 # the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
 #      DCGEN_TEST_FILES="tests/ops/test_bias_act.py tests/ops/test_fp8_epilogue.py tests/test_fused_blocks.py tests/ops/test_modulation_fp8.py tests/quant/test_fp8_direct.py tests/ops/test_quantize.py tests/autoencoders" \
-#      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="quant dcae_decode" bash benchmarks/device_check.sh
+#      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="quant dcae_decode dcae_fused" bash benchmarks/device_check.sh
 #      (timeout_s=550): build, the tests above, then the FP8 linears and epilogues (rowwise
-#      default, the read-back kernels) and the 4K decodes against diffusers (bias_act_).
+#      default, the read-back kernels), the 4K decodes against diffusers and the bias_act_ group
+#      (conv bias + relu in place) of dcae_fused, as far as the deadline lets them run.
 #   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_FP8_BLOCK=1 \
 #      DCGEN_BENCH_FILES=none DCGEN_BENCH_COMPILE=0 DCGEN_SPEED_MODELS=flux \
 #      DCGEN_SPEED_GRAPHS=0 bash benchmarks/device_check.sh   (timeout_s = what is left - 20):
