@@ -53,10 +53,10 @@
 #      default, the read-back kernels), the 4K decodes against diffusers and the bias_act_ group
 #      (conv bias + relu in place) of dcae_fused, as far as the deadline lets them run.
 #   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_FP8_BLOCK=1 \
-#      DCGEN_BENCH_FILES=none DCGEN_BENCH_COMPILE=0 DCGEN_SPEED_MODELS=flux \
+#      DCGEN_BENCH_FILES=none DCGEN_BENCH_COMPILE=0 DCGEN_DECODE_COMPILED=1 DCGEN_SPEED_MODELS=flux \
 #      DCGEN_SPEED_GRAPHS=0 bash benchmarks/device_check.sh   (timeout_s = what is left - 20):
 #      the FP8 double block (now on the rowwise route) against bf16, eager and graphed, the
-#      step profile (FP8 host time; the decode's bias adds), then the FLUX speed table as far
+#      f64c128 4K decode against diffusers under torch.compile, the step profile (FP8 host time; the decode's bias adds), then the FLUX speed table as far
 #      as the deadline lets it run. The kernels-vs-graphs FLUX table (DCGEN_SPEED_GRAPHS=1)
 #      waits for a session with more time.
 # If the machine was given back in between, call 2 finds no extension and builds it (86 s).
@@ -250,6 +250,20 @@ if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ] && [ "${DCGEN_FP8_BLOCK:-1}" = 1 ]; then
   timeout "$(cap 180)" python3 -m pytest benchmarks/test_fp8_block.py -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_fp8_block.json" >"$OUT/bench_fp8_block.log" 2>&1 || bench_rc=1
   tail -1 "$OUT/bench_fp8_block.log"
+fi
+
+# The 4K decode against diffusers under torch.compile (the DC-AE issue's second baseline; dcgen
+# stays eager), opt-in: inductor's compile of a 4K decoder takes minutes. DCGEN_DECODE_COMPILED=1;
+# DCGEN_DECODE_PRESETS picks the presets (default f64c128 alone, the preset with the time goal;
+# pytest-benchmark writes its JSON only at the end, so one preset per call is the safe size).
+if [ "${DCGEN_SKIP_BENCH:-0}" != 1 ] && [ "${DCGEN_DECODE_COMPILED:-0}" = 1 ]; then
+  stamp "benchmark dcae_decode (diffusers under torch.compile)"
+  DCGEN_DECODE_MODES=compiled DCGEN_BENCH_SIZES=${DCGEN_BENCH_SIZES:-4096} \
+  DCGEN_DECODE_PRESETS=${DCGEN_DECODE_PRESETS:-dc-ae-f64c128-in-1.0} \
+  timeout "$(cap 240)" python3 -m pytest benchmarks/test_dcae_decode.py -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench_dcae_decode_compiled.json" >"$OUT/bench_dcae_decode_compiled.log" 2>&1
+  stamp "  dcae_decode compiled: rc=$?, $(tail -1 "$OUT/bench_dcae_decode_compiled.log")"
+  grep -A4 "^dcgen vs baseline" "$OUT/bench_dcae_decode_compiled.log" | tail -2
 fi
 
 # Where a DC-Gen-FLUX 4K step's time goes (benchmarks/profile_step.py): wall vs GPU-busy time
