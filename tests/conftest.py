@@ -54,7 +54,29 @@ def poison_cuda_allocator(nbytes: int = 256 << 20) -> None:
     # Allocations up to 1 MiB come from the caching allocator's small-block pool (2 MiB
     # segments), which the large block above never touches: fill 64 MiB of those too.
     small = [torch.full((1 << 18,), -1, dtype=torch.int32, device="cuda") for _ in range(64)]
-    del block, small  # back to the cache; the next allocations reuse the poisoned memory
+    gaps = _fill_free_blocks()
+    del block, small, gaps  # back to the cache; the next allocations reuse the poisoned memory
+
+
+def _fill_free_blocks(rounds: int = 3, most: int = 4096) -> list[torch.Tensor]:
+    """All-ones tensors over the free blocks of segments that live tensors still hold: those
+    segments survive empty_cache, and a small output lands in one of their gaps before any
+    fresh segment (the H200 run of 2026-11-27: a test's small buffer came back with stale,
+    non-NaN bytes). Each free block is taken by an allocation of exactly its size (the
+    allocator's best fit), so nothing it hands out next was left unpoisoned."""
+    held: list[torch.Tensor] = []
+    for _ in range(rounds):
+        sizes = [
+            blk.get("size", 0)
+            for seg in torch.cuda.memory_snapshot()
+            for blk in seg.get("blocks", [])
+            if blk.get("state") == "inactive"
+        ]
+        sizes = sorted((s for s in sizes if s > 0), reverse=True)[:most]
+        if not sizes:
+            break
+        held += [torch.full((size,), 255, dtype=torch.uint8, device="cuda") for size in sizes]
+    return held
 
 
 @pytest.fixture
