@@ -75,8 +75,16 @@ def _device_time_us(entry: Any) -> float:
     return 0.0
 
 
-def _measure(run: Callable[[], Any], sync: Callable[[], None], on_cuda: bool, per: int) -> dict:
-    """Warm ``run`` up, time it once (wall clock), profile it once; per-``per`` numbers."""
+def _measure(
+    run: Callable[[], Any],
+    sync: Callable[[], None],
+    on_cuda: bool,
+    per: int,
+    call_sites: bool = False,
+) -> dict:
+    """Warm ``run`` up, time it once (wall clock), profile it once; per-``per`` numbers.
+    ``call_sites``: also the op table by input shape and by Python call site (the profiled run
+    records shapes and stacks, which costs host time: for GPU-bound runs such as the decode)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -86,7 +94,14 @@ def _measure(run: Callable[[], Any], sync: Callable[[], None], on_cuda: bool, pe
     run()
     sync()
     wall_ms = (time.perf_counter() - t0) * 1e3 / per
-    with torch.profiler.profile(activities=activities) as prof:
+    extra: dict[str, Any] = {}
+    if call_sites:
+        # Python frames reach the events only with the verbose experimental config (torch 2.11
+        # and 2.14: with_stack alone records none)
+        from torch._C._profiler import _ExperimentalConfig
+
+        extra = dict(with_stack=True, experimental_config=_ExperimentalConfig(verbose=True))
+    with torch.profiler.profile(activities=activities, record_shapes=call_sites, **extra) as prof:
         run()
         sync()
     averages = prof.key_averages()
@@ -111,6 +126,16 @@ def _measure(run: Callable[[], Any], sync: Callable[[], None], on_cuda: bool, pe
         "families_ms": families,
         "top_kernels": [{"name": n[:160], "ms": ms, "calls": c} for n, ms, c in kernels[:30]],
         "table": _table(averages, on_cuda),
+        **(_call_site_tables(prof, on_cuda) if call_sites else {}),
+    }
+
+
+def _call_site_tables(prof: Any, on_cuda: bool) -> dict[str, str]:
+    """Which shapes and which lines of Python the time goes to: the 2026-11-27 decode profile
+    had 15 ms of layout copies and 10 ms of broadcast adds whose kernels name no caller."""
+    return {
+        "table_by_shape": _table(prof.key_averages(group_by_input_shape=True), on_cuda),
+        "table_by_stack": _table(prof.key_averages(group_by_stack_n=8), on_cuda),
     }
 
 
@@ -151,7 +176,7 @@ def profile_precision(
         "step": step,
     }
     if decode:
-        result["decode"] = _measure(run_decode, sync, on_cuda, 1)
+        result["decode"] = _measure(run_decode, sync, on_cuda, 1, call_sites=True)
     return result
 
 
@@ -224,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             tables = [f"== {part} ==\n{result[part].pop('table')}" for part in ("step", "decode")
                       if part in result]  # fmt: skip
+            for key in ("table_by_shape", "table_by_stack"):  # the decode's call sites
+                if key in result.get("decode", {}):
+                    tables.append(f"== decode, {key[6:].replace('_', ' ')} ==\n"
+                                  f"{result['decode'].pop(key)}")  # fmt: skip
             (out / f"profile_{precision}.txt").write_text("\n\n".join(tables) + "\n")
             (out / f"profile_{precision}.json").write_text(json.dumps(result, indent=1) + "\n")
             print(summary_line(result))

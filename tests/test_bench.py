@@ -631,6 +631,11 @@ def test_step_profile_writes_a_breakdown(tmp_path):
         assert report["blocks"] == {"double": 1, "single": 1}
         text = (tmp_path / f"profile_{precision}.txt").read_text()
         assert "== step ==" in text and "== decode ==" in text and "aten::" in text
+        # the decode's call sites: ops by input shape, and by the Python lines that ran them
+        by_shape = text.split("== decode, by shape ==")[1].split("== decode, by stack ==")[0]
+        assert "Input Shape" in by_shape and "convolution" in by_shape
+        assert "autoencoders/" in text.split("== decode, by stack ==")[1]
+        assert "table_by_shape" not in report["decode"]  # the tables went to the text file
     with pytest.raises(SystemExit):
         profile.main(["--model", "tiny", "--precision", "int3", "--out", str(tmp_path)])
 
