@@ -35,30 +35,29 @@
 # kernels: e.g. the speed table and the FP8 block alone).
 #
 # A full run does not fit one 600 s call, nor the 900 s of device time a task gets. Measured on
-# the H200 (2026-11-27, evening; README "Latest GPU run"): build 90 s; Hopper diagnostics
-# 23 s + their tests 45 s; CUDA tests (11 files) 125 s; benchmarks quant 49 s, attention 61 s,
-# dcae_fused 37 s; the throw probe 57 s; second call (fresh machine: build again 93 s) decodes
-# 79 s, FP8 block 27 s, profile 23 s, decode autotune 43 s. Device time per call also counts
-# the machine's start (37 s and 66 s beyond the script's wall time). What changed since, to validate first, then time: the build's
-# shared libstdc++ (the build's own post-link check; every bad-input test must now raise: tests/test_fused_blocks.py and
-# tests/ops/test_fp8_epilogue.py crashed), the FP8 row-quantizing kernels' read-back
-# (test_fp8_epilogue, test_modulation_fp8), the rowwise FP8 direct route (now the Hopper
-# default; test_fp8_direct), the block128 row padding (test_quantize), bias_act_ and the
-# ResBlocks that call it (test_bias_act, tests/autoencoders). Two calls, with carry=[".whl"],
-# the second within the 30 s idle window (prepare it before the first returns):
+# the H200 (2026-11-27, 20:58-21:12 UTC; README "Latest GPU run"): first call (fresh machine,
+# 34 s of start beyond the script) build 100 s, CUDA tests of 7 paths 150 s (the three files
+# that run in fresh processes included), benchmarks quant 59 s, dcae_decode 76 s, dcae_fused
+# 37 s, decode autotune 42 s; second call on the warm machine: FP8 block (no compile) 23 s,
+# decode against torch.compile'd diffusers (f64c128) 67 s, step profile 26 s, FLUX speed table
+# 91 s. What changed since, to validate first, then time: poison_cuda_allocator's free-block
+# filling (tests/test_poisoning.py; every poisoned test uses it), the fp8_scale_epilogue_into
+# test's own NaN buffer, GLUMBConv's expand bias + SiLU through bias_act_ (tests/ops/test_bias_act.py,
+# tests/autoencoders), the step profile's decode tables by shape and call site. Two calls, with
+# carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
-#      DCGEN_TEST_FILES="tests/ops/test_bias_act.py tests/ops/test_fp8_epilogue.py tests/test_fused_blocks.py tests/ops/test_modulation_fp8.py tests/quant/test_fp8_direct.py tests/ops/test_quantize.py tests/autoencoders" \
-#      DCGEN_PROFILE=0 DCGEN_BENCH_FILES="quant dcae_decode dcae_fused" bash benchmarks/device_check.sh
-#      (timeout_s=550): build, the tests above, then the FP8 linears and epilogues (rowwise
-#      default, the read-back kernels), the 4K decodes against diffusers and the bias_act_ group
-#      (conv bias + relu in place) of dcae_fused, as far as the deadline lets them run.
+#      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops tests/autoencoders tests/test_fused_blocks.py tests/quant" \
+#      DCGEN_BENCH_FILES="dcae_decode dcae_fused" bash benchmarks/device_check.sh   (timeout_s=550):
+#      build, the tests above (with the stronger poisoning every kernel test checks its
+#      unwritten elements again), the 4K decodes against eager diffusers, the DC-AE block
+#      kernels, then the step profile with the decode's call-site tables (where the 15 ms of
+#      layout copies come from), as far as the deadline lets them run.
 #   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_FP8_BLOCK=1 \
-#      DCGEN_BENCH_FILES=none DCGEN_BENCH_COMPILE=0 DCGEN_DECODE_COMPILED=1 DCGEN_SPEED_MODELS=flux \
-#      DCGEN_SPEED_GRAPHS=0 bash benchmarks/device_check.sh   (timeout_s = what is left - 20):
-#      the FP8 double block (now on the rowwise route) against bf16, eager and graphed, the
-#      f64c128 4K decode against diffusers under torch.compile, the step profile (FP8 host time; the decode's bias adds), then the FLUX speed table as far
-#      as the deadline lets it run. The kernels-vs-graphs FLUX table (DCGEN_SPEED_GRAPHS=1)
-#      waits for a session with more time.
+#      DCGEN_BENCH_FILES=none DCGEN_BENCH_COMPILE=1 DCGEN_PROFILE=0 DCGEN_SPEED_MODELS=sana \
+#      DCGEN_SPEED_GRAPHS=1 bash benchmarks/device_check.sh   (timeout_s = what is left - 20):
+#      the FP8 double block with its torch.compile rows (the FP8 issue's second block goal),
+#      the kernels-vs-graphs FLUX table and the SANA speed table, as far as the deadline lets
+#      them run.
 # If the machine was given back in between, call 2 finds no extension and builds it (86 s).
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
 #
