@@ -63,12 +63,17 @@ def _fill_free_blocks(rounds: int = 3, most: int = 4096) -> list[torch.Tensor]:
     segments survive empty_cache, and a small output lands in one of their gaps before any
     fresh segment (the H200 run of 2026-11-27: a test's small buffer came back with stale,
     non-NaN bytes). Each free block is taken by an allocation of exactly its size (the
-    allocator's best fit), so nothing it hands out next was left unpoisoned."""
+    allocator's best fit), so nothing it hands out next was left unpoisoned. Only the blocks
+    this stream's allocations can take: not a CUDA graph's private pool, not another stream's
+    (an allocation of their size would take fresh memory instead, round after round)."""
+    stream = torch.cuda.current_stream().cuda_stream
     held: list[torch.Tensor] = []
     for _ in range(rounds):
         sizes = [
             blk.get("size", 0)
             for seg in torch.cuda.memory_snapshot()
+            if seg.get("stream", stream) == stream
+            and tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0)
             for blk in seg.get("blocks", [])
             if blk.get("state") == "inactive"
         ]
