@@ -43,7 +43,9 @@
 # 91 s. What changed since, to validate first, then time: poison_cuda_allocator's free-block
 # filling (tests/test_poisoning.py; every poisoned test uses it), the fp8_scale_epilogue_into
 # test's own NaN buffer, GLUMBConv's expand bias + SiLU through bias_act_ (tests/ops/test_bias_act.py,
-# tests/autoencoders), the step profile's decode tables by shape and call site. Two calls, with
+# tests/autoencoders), bias_act_'s vector path with one channel division a thread (same tests;
+# dcae_fused's two bias_act_ groups time it), the step profile's decode tables by shape and
+# call site. Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
 #      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops tests/autoencoders tests/test_fused_blocks.py tests/quant" \

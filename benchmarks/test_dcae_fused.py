@@ -230,6 +230,34 @@ def test_conv_bias_relu(benchmark, impl):
     )
 
 
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_conv_bias_residual(benchmark, impl):
+    # A ResBlock's ending with its BatchNorm folded into conv2 (the f64c128 decoder's ResBlock
+    # stages, 95 of the 4K decode's 110 bias_act_ calls): PyTorch's broadcast bias add_ on the
+    # conv output, then the residual add into x, against one bias_act_ pass written into x
+    _skip_without("bias_act_", impl)
+    t, x = _in_layout("channels_last", _rand(*CONV_OUT_SHAPE), _rand(*CONV_OUT_SHAPE))
+    b = _rand(CONV_OUT_SHAPE[1])
+    if impl == "dcgen":
+
+        def fn():
+            return bias_act_(x, t, b, "none", x)
+    else:
+
+        def fn():
+            return x.add_(t.add_(b.view(1, -1, 1, 1)))
+
+    nbytes = 3 * t.numel() * t.element_size()  # read t and x, write x
+    _run(
+        benchmark,
+        impl,
+        f"conv bias + residual into x {CONV_OUT_SHAPE} channels_last",
+        "add_ bias then add_ into x",
+        fn,
+        nbytes,
+    )
+
+
 # The f64c128 decoder head at 4096^2: RMSNorm then ReLU over 256 ch @ 2048^2.
 HEAD_SHAPE = (1, 256, 2048, 2048) if ON_GPU else (1, 32, 64, 64)
 
