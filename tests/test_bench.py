@@ -635,6 +635,7 @@ def test_step_profile_writes_a_breakdown(tmp_path):
         by_shape = text.split("== decode, by shape ==")[1].split("== decode, by stack ==")[0]
         assert "Input Shape" in by_shape and "convolution" in by_shape
         assert "autoencoders/" in text.split("== decode, by stack ==")[1]
+        assert "== step, by shape ==" in text and "== step, by stack ==" in text
         assert "table_by_shape" not in report["decode"]  # the tables went to the text file
     with pytest.raises(SystemExit):
         profile.main(["--model", "tiny", "--precision", "int3", "--out", str(tmp_path)])
