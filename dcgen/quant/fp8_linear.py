@@ -23,7 +23,9 @@ quantize kernel and the GEMM route :func:`dcgen.quant.fp8.row_gemm_route` picks:
 arguments, same bits as the general path. On the "tensor" route two variants serve the fused
 DiT blocks: ``forward_into`` (the epilogue writes into part of a caller's buffer) and
 ``forward_quantized`` (the epilogue also returns its output's FP8 row quantization, for the next
-FP8 linear); on "rowwise" they copy the output in and return no quantization.
+FP8 linear); on "rowwise" ``forward_into`` copies the output in, and ``forward_quantized``
+with GELU runs GELU and the quantization in one epilogue kernel pass at unit scales (without
+GELU it returns no quantization: there is no pass to save).
 
 Gradients (LoRA on a quantized base, QLoRA style): the weight is frozen; the input gradient is
 the straight-through one, ``dx = dy @ deq(W)`` (rounding has no useful derivative), and the
@@ -436,9 +438,11 @@ class FP8Linear(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """``(self(x, act), its FP8 row quantization or None)`` (inference; the module is not
         called, so forward hooks do not run: callers with hooked layers call it instead). On
-        the direct route the scale epilogue also writes its output's row quantization
+        the direct "tensor" route the scale epilogue also writes its output's row quantization
         (``dcgen::fp8_scale_epilogue_fp8``), exactly ``quantize_fp8(out, "row")``, for the next
-        FP8 linear (:func:`offered_quantization`); otherwise only the output."""
+        FP8 linear (:func:`offered_quantization`); on the direct "rowwise" route with GELU the
+        same kernel at unit scales applies GELU and quantizes (its GELU, not PyTorch's: equal
+        within one bf16 rounding); otherwise only the output."""
         if (
             act in _ACTS
             and self._direct_epilogue(x)
@@ -451,7 +455,37 @@ class FP8Linear(nn.Module):
                 lead = x.shape[:-1]
                 shape = (*lead, self.out_features)
                 return out.reshape(shape), (q.reshape(shape), q_scales.reshape(*lead, 1))
+        if (
+            act == "gelu_tanh"
+            and self._direct(x)
+            and self.__dict__.get("_direct_kind") == "rowwise"
+            and has_kernel("fp8_scale_epilogue_fp8", x.device)
+        ):
+            result = self._rowwise_gelu_quantized(x)
+            if result is not None:
+                return result
         return self(x, act=act), None
+
+    def _rowwise_gelu_quantized(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None:
+        """forward_quantized on the "rowwise" route with GELU: the quantize kernel, the
+        row-scaled ``_scaled_mm`` with the bias, then one ``fp8_scale_epilogue_fp8`` pass at
+        unit scales (exact: y * 1 * 1) for GELU and its output's row quantization, instead of
+        a GELU pass and the next linear's quantize pass over the same [M, N] output (FLUX's
+        MLP: 4,608 x 12,288 at 4K). Without GELU there is no pass to save: not used. None when
+        ``_scaled_mm`` rejects the case."""
+        xq, xs = _shared.quantize_rows_direct(x, self.in_features)
+        y = _fp8.rowwise_gemm(xq, xs, self.weight, self.weight_scale, self.bias, self.fast_accum)
+        if y is None:
+            return None
+        m, n = y.shape
+        epilogue_fp8 = direct_ops("fp8_scale_epilogue_fp8")[0]
+        ones_m, ones_n = _fp8.unit_column(y.device, m), _fp8.unit_column(y.device, n)
+        out, q, q_scales = epilogue_fp8(y, ones_m, ones_n, None, "gelu_tanh")
+        lead = x.shape[:-1]
+        shape = (*lead, self.out_features)
+        return out.reshape(shape), (q.reshape(shape), q_scales.reshape(*lead, 1))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's spec in pure PyTorch: reference quantize, exact dequantize, fp32 matmul."""

@@ -288,9 +288,10 @@ def test_rowwise_direct_route_gives_the_general_paths_bits(
 
 
 def test_rowwise_direct_route_forms_and_its_limits(cpu_kernels, monkeypatch):
-    # On "rowwise" forward_into copies the output in and forward_quantized offers no
-    # quantization (their fused epilogues belong to the "tensor" route); an fp32 bias (which
-    # _scaled_mm would not take with a bf16 output) and a rejected GEMM leave the general path.
+    # On "rowwise" forward_into copies the output in and forward_quantized without GELU offers
+    # no quantization (the fused scale epilogues belong to the "tensor" route); an fp32 bias
+    # (which _scaled_mm would not take with a bf16 output) and a rejected GEMM leave the
+    # general path.
     monkeypatch.setenv("DCGEN_FP8_GEMM", "rowwise")
     layer = _layer()
     x = (torch.randn(1, 6, 64) * 4).bfloat16()
@@ -298,16 +299,17 @@ def test_rowwise_direct_route_forms_and_its_limits(cpu_kernels, monkeypatch):
     with torch.inference_mode():
         want = layer(x, "gelu_tanh")
         layer.forward_into(x, buf[..., 50:90], "gelu_tanh")
-        y, quantized = layer.forward_quantized(x, act="gelu_tanh")
+        y, quantized = layer.forward_quantized(x)
+        want_plain = layer(x)
     assert torch.equal(buf[..., 50:90], want) and (buf[..., :50] == 3).all()
-    assert torch.equal(y, want) and quantized is None
+    assert torch.equal(y, want_plain) and quantized is None
     assert cpu_kernels["fp8_scale_epilogue_into"] == cpu_kernels["fp8_scale_epilogue_fp8"] == 0
-    assert cpu_kernels["direct"] == 3
+    assert cpu_kernels["direct"] == 4
     fp32_bias = _layer()
     fp32_bias.bias.data = fp32_bias.bias.data.float()
     with torch.inference_mode():
         fp32_bias(x)
-    assert fp32_bias.__dict__["_direct_kind"] == "" and cpu_kernels["direct"] == 3
+    assert fp32_bias.__dict__["_direct_kind"] == "" and cpu_kernels["direct"] == 4
 
     def refuse(*a, **k):  # noqa: ANN002, ANN003, ANN202
         raise RuntimeError("no such FP8 GEMM on this card")
@@ -317,8 +319,60 @@ def test_rowwise_direct_route_forms_and_its_limits(cpu_kernels, monkeypatch):
         got = layer(x)  # refused once: recorded, then the general path's own fallbacks
         assert f._case(x.device, "row", True) in f._REJECTED
         layer(x)
-    assert cpu_kernels["direct"] == 4  # no direct attempt after the rejection
+    assert cpu_kernels["direct"] == 5  # no direct attempt after the rejection
     torch.testing.assert_close(got.float(), layer.reference_forward(x).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_rowwise_forward_quantized_runs_gelu_and_the_quantize_in_one_pass(
+    cpu_kernels, fast, monkeypatch
+):
+    # "rowwise" with GELU: quantize kernel, one row-scaled _scaled_mm with the bias, then one
+    # fp8_scale_epilogue_fp8 at unit scales (no separate GELU, no quantize for the next
+    # layer). Its output is the layer's GELU output within one bf16 rounding (its own GELU);
+    # the quantization is exactly quantize_fp8(out, "row"); a rejected GEMM leaves it.
+    monkeypatch.setenv("DCGEN_FP8_GEMM", "rowwise")
+    seen = []
+    original = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: seen.append(k) or original(*a, **k))
+    layer = _layer()
+    layer.fast_accum = fast
+    x = (torch.randn(2, 5, 64) * 4).bfloat16()
+    with torch.inference_mode():
+        want = layer(x, "gelu_tanh")
+        seen.clear()
+        quantizes = cpu_kernels["quantize_fp8"]
+        y, quantized = layer.forward_quantized(x, act="gelu_tanh")
+    assert (
+        cpu_kernels["fp8_scale_epilogue_fp8"] == 1 and cpu_kernels["quantize_fp8"] == quantizes + 1
+    )
+    assert len(seen) == 1 and seen[0]["scale_a"].shape == (10, 1) and seen[0]["bias"] is not None
+    assert seen[0]["use_fast_accum"] is fast
+    assert y.shape == (2, 5, 40) and quantized is not None
+    torch.testing.assert_close(y, want, rtol=2**-8, atol=1e-3)
+    q, scales = quantized
+    want_q, want_s = quantize_fp8_reference(y.reshape(10, 40), "row")
+    assert q.shape == (2, 5, 40) and scales.shape == (2, 5, 1)
+    assert torch.equal(q.reshape(10, 40).view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(scales.reshape(10, 1), want_s)
+
+    def refuse(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("no such FP8 GEMM on this card")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    with torch.inference_mode():
+        y, quantized = layer.forward_quantized(x, act="gelu_tanh")
+    assert quantized is None and cpu_kernels["fp8_scale_epilogue_fp8"] == 1
+    torch.testing.assert_close(y, want, rtol=0, atol=0)  # the general path's fallback
+
+
+def test_unit_column_is_a_view_of_one_growing_buffer():
+    a = f.unit_column(torch.device("cpu"), 3)
+    b = f.unit_column(torch.device("cpu"), 5000)
+    c = f.unit_column(torch.device("cpu"), 7)
+    assert a.shape == (3, 1) and b.shape == (5000, 1) and c.shape == (7, 1)
+    assert a.dtype == torch.float32 and bool((b == 1).all()) and bool((a == 1).all())
+    assert c.data_ptr() == b.data_ptr() and c.is_contiguous()
 
 
 @pytest.mark.parametrize(
@@ -400,6 +454,33 @@ def test_cuda_direct_route_gives_the_general_paths_bits(act, route, monkeypatch)
             layer.forward_into(x, buf[..., 8 : 8 + 3072], act)
         assert torch.equal(buf[..., 8 : 8 + 3072], y)
         assert buf[..., :8].isnan().all() and buf[..., 8 + 3072 :].isnan().all()
+
+
+@pytest.mark.cuda
+def test_cuda_rowwise_forward_quantized_matches_gelu_then_quantize(monkeypatch):
+    # The real kernels on the "rowwise" route: forward_quantized's GELU output within one bf16
+    # rounding of the layer's (PyTorch's GELU), and its quantization bit for bit
+    # quantize_fp8(out, "row") of its own output; outputs poisoned first.
+    monkeypatch.setenv("DCGEN_FP8_GEMM", "rowwise")
+    monkeypatch.setattr(f, "_REJECTED", set())
+    if not torch.cuda.is_available() or (
+        f.direct_row_route(torch.device("cuda"), torch.bfloat16, 3072, 3072, None) != "rowwise"
+        or not has_kernel("fp8_scale_epilogue_fp8", "cuda")
+    ):
+        pytest.skip("no CUDA device, FP8 kernels or rowwise FP8 GEMM here")
+    torch.manual_seed(0)
+    layer = FP8Linear.from_linear(nn.Linear(3072, 12288).cuda()).cuda()
+    x = torch.randn(2, 300, 3072, device="cuda").bfloat16()
+    poison_cuda_allocator()
+    with torch.inference_mode():
+        want = layer(x, "gelu_tanh")
+        y, quantized = layer.forward_quantized(x, act="gelu_tanh")
+    assert quantized is not None and not y.isnan().any()
+    torch.testing.assert_close(y, want, rtol=2**-8, atol=1e-3)
+    q, scales = quantized
+    want_q, want_s = quantize_fp8_reference(y.reshape(-1, 12288), "row")
+    assert torch.equal(q.reshape(-1, 12288).view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(scales.reshape(-1, 1), want_s)
 
 
 @pytest.mark.cuda
