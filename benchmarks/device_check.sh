@@ -44,22 +44,24 @@
 # filling (tests/test_poisoning.py; every poisoned test uses it), the fp8_scale_epilogue_into
 # test's own NaN buffer, GLUMBConv's expand bias + SiLU through bias_act_ (tests/ops/test_bias_act.py,
 # tests/autoencoders), bias_act_'s vector path with one channel division a thread (same tests;
-# dcae_fused's two bias_act_ groups time it), the step profile's decode tables by shape and
-# call site. Two calls, with
+# dcae_fused's two bias_act_ groups time it), FP8Linear.forward_quantized on the rowwise route
+# (GELU + the next linear's quantize in one epilogue kernel: tests/quant/test_fp8_direct.py;
+# the FP8 block times it), the step profile's tables by shape and call site. Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
-#      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops tests/autoencoders tests/test_fused_blocks.py tests/quant" \
+#      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops/test_bias_act.py tests/ops/test_fp8_epilogue.py tests/quant/test_fp8_direct.py tests/autoencoders tests/test_fused_blocks.py" \
 #      DCGEN_BENCH_FILES="dcae_decode dcae_fused" bash benchmarks/device_check.sh   (timeout_s=550):
-#      build, the tests above (with the stronger poisoning every kernel test checks its
-#      unwritten elements again), the 4K decodes against eager diffusers, the DC-AE block
-#      kernels, then the step profile with the decode's call-site tables (where the 15 ms of
-#      layout copies come from), as far as the deadline lets them run.
-#   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_SKIP_TESTS=1 DCGEN_FP8_BLOCK=1 \
-#      DCGEN_BENCH_FILES=none DCGEN_BENCH_COMPILE=1 DCGEN_PROFILE=0 DCGEN_SPEED_MODELS=sana \
-#      DCGEN_SPEED_GRAPHS=1 bash benchmarks/device_check.sh   (timeout_s = what is left - 20):
-#      the FP8 double block with its torch.compile rows (the FP8 issue's second block goal),
-#      the kernels-vs-graphs FLUX table and the SANA speed table, as far as the deadline lets
-#      them run.
+#      build, the tests of what changed, the 4K decodes against eager diffusers, the DC-AE
+#      block kernels (the two bias_act_ groups), then the step profile with its call-site
+#      tables (where the decode's 15 ms of layout copies and the FP8 step's non-vectorized
+#      kernels come from) and the decode's autotune group, as far as the deadline lets them.
+#   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_HOPPER_DIAG=0 \
+#      DCGEN_TEST_FILES="tests/ops tests/quant" DCGEN_BENCH_FILES=none DCGEN_FP8_BLOCK=1 \
+#      DCGEN_BENCH_COMPILE=1 DCGEN_PROFILE=0 DCGEN_SPEED_TABLE=0 bash benchmarks/device_check.sh
+#      (timeout_s = what is left - 20): every op and quant CUDA test under the stronger
+#      poisoning (a kernel that leaves elements unwritten shows now where it may not have),
+#      then the FP8 double block with its torch.compile rows (the FP8 issue's second block
+#      goal), as far as the deadline lets them run. The SANA and graphs speed tables wait.
 # If the machine was given back in between, call 2 finds no extension and builds it (86 s).
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
 #
