@@ -178,15 +178,12 @@ def test_modulation_host_time(benchmark, impl, op, stubbed):
 # microseconds each, about a CUDA launch). What remains is each block's host work per call,
 # which an eager FLUX step pays 57 times and which sets the step time where the GPU's work is
 # shorter (DC-Gen at 1K and 2K).
-@pytest.mark.parametrize("kind", ["double", "single"])
-@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
-def test_flux_block_host_time(benchmark, impl, kind, stubbed, monkeypatch):
-    import copy
-
+def _stub_gemms_and_attention(monkeypatch) -> None:  # noqa: ANN001
+    """Attention (dcgen's processor and diffusers' dispatch) and the bf16 GEMMs (F.linear,
+    addmm, addmm + activation) as stubs returning outputs of the right shapes."""
     import diffusers.models.transformers.transformer_flux as tf
 
     import dcgen.attention.processors as processors
-    from dcgen.attention import accelerate
 
     def attention_stub(q, k, v, **_):  # noqa: ANN001, ANN003, ANN202
         b, h, s, d = q.shape
@@ -206,17 +203,33 @@ def test_flux_block_host_time(benchmark, impl, kind, stubbed, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "linear", linear_stub)
     monkeypatch.setattr(torch, "addmm", addmm_stub)
     monkeypatch.setattr(torch, "_addmm_activation", addmm_stub)
+
+
+def _flux_block(kind: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A small bf16 FLUX double or single block (random weights) and its inputs."""
+    import diffusers.models.transformers.transformer_flux as tf
+
     torch.manual_seed(0)
     cls = tf.FluxTransformerBlock if kind == "double" else tf.FluxSingleTransformerBlock
     block = cls(64, 2, 32).eval().bfloat16()
-    if impl == "dcgen":
-        block = accelerate(copy.deepcopy(block), blocks=True)
     g = torch.Generator().manual_seed(0)
     inputs = dict(
         hidden_states=torch.randn(1, 16, 64, generator=g).bfloat16(),
         encoder_hidden_states=torch.randn(1, 4, 64, generator=g).bfloat16(),
         temb=torch.randn(1, 64, generator=g).bfloat16(),
     )
+    return block, inputs
+
+
+@pytest.mark.parametrize("kind", ["double", "single"])
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_flux_block_host_time(benchmark, impl, kind, stubbed, monkeypatch):
+    from dcgen.attention import accelerate
+
+    _stub_gemms_and_attention(monkeypatch)
+    block, inputs = _flux_block(kind)
+    if impl == "dcgen":
+        block = accelerate(block, blocks=True)
     benchmark.group = f"flux {kind} block host time per call (stubbed attention and kernels)"
     benchmark.extra_info.update(impl=impl, baseline_name="diffusers block, stock processor")
     _time_calls(benchmark, lambda: block(**inputs))
@@ -274,41 +287,15 @@ def fp8_stubbed(monkeypatch):
 @pytest.mark.parametrize("kind", ["double", "single"])
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_flux_fp8_block_host_time(benchmark, impl, kind, fp8_stubbed, monkeypatch):
-    import copy
-
-    import diffusers.models.transformers.transformer_flux as tf
-
-    import dcgen.attention.processors as processors
     from dcgen.attention import accelerate
     from dcgen.quant import FP8Config, quantize_
 
-    def attention_stub(q, k, v, **_):  # noqa: ANN001, ANN003, ANN202
-        b, h, s, d = q.shape
-        return q.new_zeros(b, s, h, d).transpose(1, 2)
-
-    def linear_stub(x, weight, bias=None):  # noqa: ANN001, ANN202
-        return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-    def addmm_stub(bias, x, weight_t, *_, out=None, **__):  # noqa: ANN001, ANN002, ANN003, ANN202
-        return out if out is not None else x.new_empty(x.shape[0], weight_t.shape[1])
-
-    monkeypatch.setattr(processors, "fused_attention", attention_stub)
-    monkeypatch.setattr(torch.nn.functional, "linear", linear_stub)
-    monkeypatch.setattr(torch, "addmm", addmm_stub)
-    monkeypatch.setattr(torch, "_addmm_activation", addmm_stub)
-    torch.manual_seed(0)
-    cls = tf.FluxTransformerBlock if kind == "double" else tf.FluxSingleTransformerBlock
-    block = accelerate(cls(64, 2, 32).eval().bfloat16(), blocks=True)
+    _stub_gemms_and_attention(monkeypatch)
+    block, inputs = _flux_block(kind)
+    block = accelerate(block, blocks=True)
     if impl == "dcgen":
-        block = copy.deepcopy(block)
         quantize_(block, FP8Config(exclude=()))
         assert any(type(m) is FP8Linear for m in block.modules())
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, 64, generator=g).bfloat16(),
-        encoder_hidden_states=torch.randn(1, 4, 64, generator=g).bfloat16(),
-        temb=torch.randn(1, 64, generator=g).bfloat16(),
-    )
     benchmark.group = f"flux {kind} block FP8 host time per call (stubbed attention and kernels)"
     benchmark.extra_info.update(
         impl=impl, baseline_name="bf16 block, dcgen.accelerate(blocks=True)"
