@@ -108,19 +108,24 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
 
 
 _UNIT_COLUMNS: dict[tuple[str, int | None], torch.Tensor] = {}
+# Buffers a longer one replaced: kept, since a captured CUDA graph may still read them.
+_RETIRED_UNIT_COLUMNS: list[torch.Tensor] = []
 
 
 def unit_column(device: torch.device, n: int) -> torch.Tensor:
     """An fp32 [n, 1] of ones on ``device``: unit row or column scales for the scale epilogue
-    kernels (no fill kernel per call: a view of one cached buffer, grown when too short). While
-    a CUDA graph is being captured a buffer too short is not replaced: the new one would live in
-    the graph's private pool, so that call gets a fresh tensor of its own."""
+    kernels (no fill kernel per call: a view of one cached buffer, 64K long at first, replaced
+    by a longer one when too short, the old one kept alive). While a CUDA graph is being
+    captured a buffer too short is not replaced: the new one would live in the graph's private
+    pool, so that call gets a fresh tensor of its own."""
     key = (device.type, device.index)
     buf = _UNIT_COLUMNS.get(key)
     if buf is None or buf.numel() < n:
-        ones = torch.ones(max(n, 4096), dtype=torch.float32, device=device)
+        ones = torch.ones(max(n, 1 << 16), dtype=torch.float32, device=device)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return ones[:n].view(n, 1)
+        if buf is not None:
+            _RETIRED_UNIT_COLUMNS.append(buf)
         _UNIT_COLUMNS[key] = buf = ones
     return buf[:n].view(n, 1)
 

@@ -366,13 +366,17 @@ def test_rowwise_forward_quantized_runs_gelu_and_the_quantize_in_one_pass(
     torch.testing.assert_close(y, want, rtol=0, atol=0)  # the general path's fallback
 
 
-def test_unit_column_is_a_view_of_one_growing_buffer():
-    a = f.unit_column(torch.device("cpu"), 3)
-    b = f.unit_column(torch.device("cpu"), 5000)
-    c = f.unit_column(torch.device("cpu"), 7)
-    assert a.shape == (3, 1) and b.shape == (5000, 1) and c.shape == (7, 1)
-    assert a.dtype == torch.float32 and bool((b == 1).all()) and bool((a == 1).all())
-    assert c.data_ptr() == b.data_ptr() and c.is_contiguous()
+def test_unit_column_is_a_view_of_one_growing_buffer(monkeypatch):
+    monkeypatch.setattr(f, "_UNIT_COLUMNS", {})
+    monkeypatch.setattr(f, "_RETIRED_UNIT_COLUMNS", [])
+    cpu = torch.device("cpu")
+    a, b = f.unit_column(cpu, 3), f.unit_column(cpu, 5000)
+    assert a.shape == (3, 1) and b.shape == (5000, 1) and b.data_ptr() == a.data_ptr()
+    assert a.dtype == torch.float32 and a.is_contiguous() and bool((b == 1).all())
+    c = f.unit_column(cpu, 100_000)  # longer than the buffer: a new one, the old one kept
+    assert c.shape == (100_000, 1) and bool((c == 1).all()) and c.data_ptr() != a.data_ptr()
+    assert f._RETIRED_UNIT_COLUMNS[0].data_ptr() == a.data_ptr()
+    assert f.unit_column(cpu, 7).data_ptr() == c.data_ptr()
 
 
 @pytest.mark.parametrize(
