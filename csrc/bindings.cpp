@@ -13,6 +13,8 @@ TORCH_LIBRARY(dcgen, m) {
   m.def("relu_linear_attention(Tensor qkv, float eps) -> Tensor");
   // channel_rms_norm then act ('none'|'relu'|'silu') then + residual, one rounding; same spec file.
   m.def("channel_rms_norm_fused(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, str act, float eps) -> Tensor");
+  // the same written into out (x's shape, dtype and layout; may be x or the residual)
+  m.def("channel_rms_norm_fused_out(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, str act, float eps, Tensor(a!) out) -> ()");
   // DC-AE up/down block main path + shortcut in one pass; spec: dcgen/ops/block_shortcuts.py.
   m.def("up_block_shortcut(Tensor y, Tensor x, bool shuffle_y) -> Tensor");
   m.def("down_block_shortcut(Tensor y, Tensor x, bool unshuffle_y) -> Tensor");

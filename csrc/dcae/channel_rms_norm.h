@@ -92,4 +92,24 @@ inline at::Tensor channel_norm_residual(const std::optional<at::Tensor>& residua
                                        : at::MemoryFormat::ChannelsLast3d);
 }
 
+// The out variant's destination: x's shape and dtype, on x's device, laid out as the kernels
+// walk x (the strides of the dense view `l.x` on every dimension longer than 1: a band of rows
+// of an NHWC image qualifies). out may be x itself or the residual: every element is read and
+// then written by the same thread (CPU loop, GPU thread or warp), after the statistics.
+inline void check_norm_out(const at::Tensor& out, const ChannelNormLayout& l, const at::Tensor& input) {
+  TORCH_CHECK(out.sizes() == input.sizes(), "dcgen::channel_rms_norm_fused_out: expected out of shape ",
+              input.sizes(), " (x's), got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == input.scalar_type(),
+              "dcgen::channel_rms_norm_fused_out: expected out of x's dtype ", input.scalar_type(),
+              ", got ", out.scalar_type());
+  TORCH_CHECK(out.device() == input.device(), "dcgen::channel_rms_norm_fused_out: out is on ",
+              out.device(), " but x is on ", input.device());
+  bool dense = true;
+  for (int64_t d = 0; d < out.dim(); ++d) {
+    if (out.size(d) > 1 && out.stride(d) != l.x.stride(d)) dense = false;
+  }
+  TORCH_CHECK(dense, "dcgen::channel_rms_norm_fused_out: expected out laid out as x (strides ",
+              l.x.strides(), " where a dimension is longer than 1), got strides ", out.strides());
+}
+
 }  // namespace dcgen

@@ -88,6 +88,25 @@ void norm_rows(const T* x, T* y, const float* w, const float* b, const T* r, Nor
   });
 }
 
+// act(norm(l.x)) (+ res) into out, which has l.x's layout (checked by the callers).
+void run_norm(const ChannelNormLayout& l, const at::Tensor& w, const at::Tensor& b,
+              const at::Tensor& res, NormAct act, double eps, const at::Tensor& out) {
+  if (l.x.numel() == 0) return;
+  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.x.scalar_type(), "channel_rms_norm_cpu", [&] {
+    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = reinterpret_cast<scalar_t*>(out.data_ptr());
+    if (l.rows) {
+      norm_rows<scalar_t>(l.x.const_data_ptr<scalar_t>(), op, wp, bp, rp, act, l.outer, l.channels,
+                          static_cast<float>(eps));
+    } else {
+      norm_planes<scalar_t>(l.x.const_data_ptr<scalar_t>(), op, wp, bp, rp, act, l.outer, l.channels,
+                            l.inner, static_cast<float>(eps));
+    }
+  });
+}
+
 at::Tensor channel_rms_norm_fused_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                       const std::optional<at::Tensor>& bias,
                                       const std::optional<at::Tensor>& residual,
@@ -100,20 +119,23 @@ at::Tensor channel_rms_norm_fused_cpu(const at::Tensor& input, const std::option
   const at::Tensor b = channel_param(bias, l.x, l.channels, "bias");
   const at::Tensor res = channel_norm_residual(residual, l, input);
   at::Tensor out = at::empty_like(l.x);
-  if (l.x.numel() == 0) return out;
-  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.x.scalar_type(), "channel_rms_norm_cpu", [&] {
-    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
-    if (l.rows) {
-      norm_rows<scalar_t>(l.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), wp, bp,
-                          rp, act, l.outer, l.channels, static_cast<float>(eps));
-    } else {
-      norm_planes<scalar_t>(l.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), wp, bp,
-                            rp, act, l.outer, l.channels, l.inner, static_cast<float>(eps));
-    }
-  });
+  run_norm(l, w, b, res, act, eps, out);
   return out;
+}
+
+void channel_rms_norm_fused_out_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& residual,
+                                    c10::string_view act_name, double eps, const at::Tensor& out) {
+  TORCH_CHECK(input.device().is_cpu(), "dcgen::channel_rms_norm (CPU): x is on ", input.device());
+  TORCH_CHECK(eps > 0, "dcgen::channel_rms_norm: expected eps > 0, got ", eps);
+  const NormAct act = parse_norm_act(std::string_view(act_name.data(), act_name.size()));
+  auto l = channel_norm_layout(input);
+  check_norm_out(out, l, input);
+  const at::Tensor w = channel_param(weight, l.x, l.channels, "weight");
+  const at::Tensor b = channel_param(bias, l.x, l.channels, "bias");
+  const at::Tensor res = channel_norm_residual(residual, l, input);
+  run_norm(l, w, b, res, act, eps, out);
 }
 
 at::Tensor channel_rms_norm_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -126,6 +148,7 @@ at::Tensor channel_rms_norm_cpu(const at::Tensor& input, const std::optional<at:
 TORCH_LIBRARY_IMPL(dcgen, CPU, m) {
   m.impl("channel_rms_norm", &channel_rms_norm_cpu);
   m.impl("channel_rms_norm_fused", &channel_rms_norm_fused_cpu);
+  m.impl("channel_rms_norm_fused_out", &channel_rms_norm_fused_out_cpu);
 }
 
 }  // namespace dcgen

@@ -147,6 +147,38 @@ bool vector_ok(const ChannelNormLayout& l, const at::Tensor& out, const at::Tens
          (!res.defined() || reinterpret_cast<uintptr_t>(res.const_data_ptr()) % 16 == 0);
 }
 
+// act(norm(l.x)) (+ res) into out, which has l.x's layout (checked by the callers).
+void launch_norm(const ChannelNormLayout& l, const at::Tensor& w, const at::Tensor& b,
+                 const at::Tensor& res, NormAct act, double eps, const at::Tensor& out) {
+  if (l.x.numel() == 0) return;
+  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 256;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.x.scalar_type(), "channel_rms_norm_cuda", [&] {
+    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = reinterpret_cast<scalar_t*>(out.data_ptr());
+    if (l.rows) {
+      const int64_t blocks = (l.outer + kThreads / 32 - 1) / (kThreads / 32);
+      norm_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          l.x.const_data_ptr<scalar_t>(), op, wp, bp, rp, act, l.outer, l.channels,
+          static_cast<float>(eps));
+    } else if (vector_ok<scalar_t>(l, out, res)) {
+      constexpr int V = 16 / sizeof(scalar_t);
+      const int64_t blocks = (l.outer * (l.inner / V) + kThreads - 1) / kThreads;
+      norm_planes_vec_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(
+          l.x.const_data_ptr<scalar_t>(), op, wp, bp, rp, act, l.outer, l.channels, l.inner,
+          static_cast<float>(eps));
+    } else {
+      const int64_t blocks = (l.outer * l.inner + kThreads - 1) / kThreads;
+      norm_planes_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          l.x.const_data_ptr<scalar_t>(), op, wp, bp, rp, act, l.outer, l.channels, l.inner,
+          static_cast<float>(eps));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 at::Tensor channel_rms_norm_fused_cuda(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                        const std::optional<at::Tensor>& bias,
                                        const std::optional<at::Tensor>& residual,
@@ -160,33 +192,26 @@ at::Tensor channel_rms_norm_fused_cuda(const at::Tensor& input, const std::optio
   const at::Tensor b = channel_param(bias, l.x, l.channels, "bias");
   const at::Tensor res = channel_norm_residual(residual, l, input);
   at::Tensor out = at::empty_like(l.x);
-  if (l.x.numel() == 0) return out;
-  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  constexpr int kThreads = 256;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.x.scalar_type(), "channel_rms_norm_cuda", [&] {
-    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
-    if (l.rows) {
-      const int64_t blocks = (l.outer + kThreads / 32 - 1) / (kThreads / 32);
-      norm_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-          l.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), wp, bp, rp, act,
-          l.outer, l.channels, static_cast<float>(eps));
-    } else if (vector_ok<scalar_t>(l, out, res)) {
-      constexpr int V = 16 / sizeof(scalar_t);
-      const int64_t blocks = (l.outer * (l.inner / V) + kThreads - 1) / kThreads;
-      norm_planes_vec_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(
-          l.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), wp, bp, rp, act,
-          l.outer, l.channels, l.inner, static_cast<float>(eps));
-    } else {
-      const int64_t blocks = (l.outer * l.inner + kThreads - 1) / kThreads;
-      norm_planes_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-          l.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), wp, bp, rp, act,
-          l.outer, l.channels, l.inner, static_cast<float>(eps));
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_norm(l, w, b, res, act, eps, out);
   return out;
+}
+
+// The same into a caller's tensor (x itself or the residual included): no output allocation
+// and no copy where the result belongs in place (the DC-AE ResBlocks' banded ending).
+void channel_rms_norm_fused_out_cuda(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& residual,
+                                     c10::string_view act_name, double eps, const at::Tensor& out) {
+  TORCH_CHECK(input.is_cuda(), "dcgen::channel_rms_norm (CUDA): x is on ", input.device());
+  TORCH_CHECK(eps > 0, "dcgen::channel_rms_norm: expected eps > 0, got ", eps);
+  const NormAct act = parse_norm_act(std::string_view(act_name.data(), act_name.size()));
+  auto l = channel_norm_layout(input);
+  check_norm_out(out, l, input);  // before the guard: a bad call never touches the device
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor w = channel_param(weight, l.x, l.channels, "weight");
+  const at::Tensor b = channel_param(bias, l.x, l.channels, "bias");
+  const at::Tensor res = channel_norm_residual(residual, l, input);
+  launch_norm(l, w, b, res, act, eps, out);
 }
 
 at::Tensor channel_rms_norm_cuda(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -198,6 +223,7 @@ at::Tensor channel_rms_norm_cuda(const at::Tensor& input, const std::optional<at
 
 TORCH_LIBRARY_IMPL(dcgen, CUDA, m) {
   m.impl("channel_rms_norm", &channel_rms_norm_cuda);
+  m.impl("channel_rms_norm_fused_out", &channel_rms_norm_fused_out_cuda);
   m.impl("channel_rms_norm_fused", &channel_rms_norm_fused_cuda);
 }
 

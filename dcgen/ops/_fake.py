@@ -46,6 +46,12 @@ if extension_loaded():
         def _channel_rms_norm_fused_fake(x, weight, bias, residual, act, eps):  # noqa: ANN001
             return torch.empty_like(x, memory_format=_layout_like(x))
 
+    if _registered("channel_rms_norm_fused_out"):
+
+        @torch.library.register_fake("dcgen::channel_rms_norm_fused_out")
+        def _channel_rms_norm_fused_out_fake(x, weight, bias, residual, act, eps, out):  # noqa: ANN001
+            return None
+
     if _registered("bias_act_"):
 
         @torch.library.register_fake("dcgen::bias_act_")

@@ -106,6 +106,7 @@ def channel_rms_norm_fused(
     eps: float = 1e-5,
     act: str = "none",
     residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(channel_rms_norm(x, weight, bias, eps)) + residual`` in one pass, one rounding.
 
@@ -113,6 +114,11 @@ def channel_rms_norm_fused(
     DC-AE blocks use it as norm + residual (ResBlock, LiteMLA, GLUMBConv: x + norm(...)) and as
     norm + act (the decoder's head). Dispatch as :func:`channel_rms_norm`; the output follows
     x's layout (channels_last stays channels_last).
+
+    ``out`` (optional, x's shape and dtype; may be x itself or the residual): the result is
+    written there and ``out`` returned. Where x is dense and ``out`` has its strides, the kernel
+    writes it directly (``dcgen::channel_rms_norm_fused_out``: every element is read, then
+    written, by the same thread, after the statistics); otherwise the result is copied in.
     """
     check_tensor("channel_rms_norm_fused: x", x, min_ndim=2, dtypes=(*FLOAT_DTYPES, torch.float64))
     channels = x.shape[1]
@@ -126,13 +132,44 @@ def channel_rms_norm_fused(
                 f"channel_rms_norm_fused: expected residual of x's shape {tuple(x.shape)}, "
                 f"got {tuple(residual.shape)}"
             )
-    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
+    if out is not None:
+        check_tensor("channel_rms_norm_fused: out", out, dtypes=(x.dtype,))
+        if out.shape != x.shape:
+            raise ValueError(
+                f"channel_rms_norm_fused: expected out of x's shape {tuple(x.shape)}, "
+                f"got {tuple(out.shape)}"
+            )
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual, out=out)
     if not eps > 0:
         raise ValueError(f"channel_rms_norm_fused: expected eps > 0, got {eps}")
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, residual)
+        t is not None and t.requires_grad for t in (x, weight, bias, residual, out)
     )
     use_kernel = not needs_grad and x.dtype in FLOAT_DTYPES and x.numel() > 0
+    if out is not None:
+        if (
+            use_kernel
+            and _writes_in_place(out, x)
+            and has_kernel("channel_rms_norm_fused_out", x.device)
+        ):
+            compiled_op("channel_rms_norm_fused_out")(
+                x, weight, bias, residual, act, float(eps), out
+            )
+            return out
+        result = channel_rms_norm_fused(x, weight, bias, eps, act, residual)
+        return out.copy_(result)
     if use_kernel and has_kernel("channel_rms_norm_fused", x.device):
         return compiled_op("channel_rms_norm_fused")(x, weight, bias, residual, act, float(eps))
     return channel_rms_norm_fused_reference(x, weight, bias, eps, act, residual)
+
+
+def _writes_in_place(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the out kernel takes ``out`` for ``x``: x dense (channels_last for a 4-d x that
+    is not NCHW-contiguous, as the kernels choose) and out with x's strides wherever a dimension
+    is longer than 1 (the kernels' check)."""
+    dense = x.is_contiguous() or (
+        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    )
+    return dense and all(
+        n == 1 or a == b for n, a, b in zip(x.shape, out.stride(), x.stride(), strict=True)
+    )

@@ -117,6 +117,90 @@ def test_cuda_misaligned_residual_takes_scalar_path(rng):
     torch.testing.assert_close(got.float(), want, atol=1.6e-2, rtol=1.6e-2)
 
 
+def _check_out_kernel(device, dtype, gen):
+    # channel_rms_norm_fused_out into a fresh poisoned tensor, into the residual (the banded
+    # ResBlock ending) and into x itself (the head): the out-of-place kernel's bits each time.
+    out_kernel = compiled_op("channel_rms_norm_fused_out")
+    kernel = compiled_op("channel_rms_norm_fused")
+    for shape in SHAPES:
+        for act in ACTS:
+            x, w, b, r = _inputs(shape, dtype, device, gen)
+            for layout, xl, rl in _layouts(x, r):
+                if layout in ("strided", "mixed"):
+                    continue  # out must have x's dense layout; those go through a copy
+                want = kernel(xl, w, b, rl, act, 1e-5)
+                msg = f"{layout} {shape} {act}"
+                out = torch.full_like(xl, float("nan"))  # poisoned, in x's layout
+                out_kernel(xl, w, b, rl, act, 1e-5, out)
+                assert torch.equal(out, want), msg
+                res = torch.empty_like(xl).copy_(rl)  # the residual, in x's dense layout
+                out_kernel(xl, w, b, res, act, 1e-5, res)  # out is the residual
+                assert torch.equal(res, want), msg
+                xc = xl.clone()
+                out_kernel(xc, w, b, None, act, 1e-5, xc)  # out is x itself
+                assert torch.equal(xc, kernel(xl, w, b, None, act, 1e-5)), msg
+
+
+@pytest.mark.skipif(
+    not has_kernel("channel_rms_norm_fused_out", "cpu"), reason="dcgen._C not built"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_out_kernel_writes_the_fused_kernels_bits_in_place(dtype, rng):
+    _check_out_kernel("cpu", dtype, rng)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_out_kernel_writes_the_fused_kernels_bits_in_place(dtype, rng):
+    if not has_kernel("channel_rms_norm_fused_out", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernel for channel_rms_norm_fused_out")
+    _check_out_kernel("cuda", dtype, rng)
+
+
+@pytest.mark.skipif(
+    not has_kernel("channel_rms_norm_fused_out", "cpu"), reason="dcgen._C not built"
+)
+def test_public_out_argument_writes_in_place_or_copies(rng):
+    # out= returns out with the result: the kernel writes a band of an NHWC map in place; an
+    # out laid out otherwise (NCHW for a channels_last x) gets the result copied in; autograd
+    # takes the reference and copies too.
+    x, w, b, r = _inputs((1, 16, 12, 6), torch.bfloat16, "cpu", rng)
+    big = x.to(memory_format=torch.channels_last)
+    band, rband = big[:, :, 2:7], r.to(memory_format=torch.channels_last)[:, :, 2:7]
+    want = channel_rms_norm_fused(band, w, b, 1e-5, "silu", rband)
+    before = big.clone()
+    got = channel_rms_norm_fused(band, w, b, 1e-5, "silu", rband, out=band)
+    assert got is band and torch.equal(big[:, :, 2:7], want)
+    assert torch.equal(big[:, :, :2], before[:, :, :2]) and torch.equal(
+        big[:, :, 7:], before[:, :, 7:]
+    )
+    nchw = torch.empty(band.shape, dtype=band.dtype)
+    assert channel_rms_norm_fused(band, w, b, 1e-5, "silu", rband, out=nchw) is nchw
+    assert torch.equal(nchw, channel_rms_norm_fused(band, w, b, 1e-5, "silu", rband))
+    xg = x.float().requires_grad_()
+    out = torch.empty(x.shape)
+    got = channel_rms_norm_fused(xg, w, b, 1e-5, "relu", None, out=out)
+    assert got is out and got.requires_grad  # the reference, copied in (differentiably)
+    want = channel_rms_norm_fused_reference(x.float(), w, b, 1e-5, "relu")
+    torch.testing.assert_close(got.detach(), want)
+
+
+@pytest.mark.skipif(
+    not has_kernel("channel_rms_norm_fused_out", "cpu"), reason="dcgen._C not built"
+)
+def test_out_kernel_rejects_a_bad_out():
+    x = torch.randn(2, 4, 3, 5)
+    op = compiled_op("channel_rms_norm_fused_out")
+    with pytest.raises(RuntimeError, match=r"expected out of shape \[2, 4, 3, 5\]"):
+        op(x, None, None, None, "none", 1e-5, torch.empty(2, 4, 3, 4))
+    with pytest.raises(RuntimeError, match="expected out of x's dtype Float, got BFloat16"):
+        op(x, None, None, None, "none", 1e-5, torch.empty(2, 4, 3, 5, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="expected out laid out as x"):
+        op(x, None, None, None, "none", 1e-5, torch.empty(2, 4, 5, 3).transpose(2, 3))
+    with pytest.raises(ValueError, match=r"expected out of x's shape \(2, 4, 3, 5\)"):
+        channel_rms_norm_fused(x, out=torch.empty(2, 4, 3))
+
+
 @pytest.mark.skipif(not has_kernel("channel_rms_norm", "cpu"), reason="dcgen._C not built")
 def test_plain_op_unchanged_by_fusion(rng):
     # The plain op runs the fused kernel with neither act nor residual: identical results.

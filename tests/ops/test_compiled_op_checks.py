@@ -1092,6 +1092,36 @@ RMS_FUSED = [
         "dcgen::channel_rms_norm_fused: expected act 'none', 'relu' or 'silu', got ''",
     ),
 ]
+OP = "channel_rms_norm_fused_out"
+PO = "dcgen::channel_rms_norm_fused_out"
+RMS_FUSED += [
+    _c(
+        OP,
+        "x-cpu",
+        lambda: (cpu(2, 8, 4, 4), None, None, None, "none", 1e-6, cpu(2, 8, 4, 4)),
+        f"{P} (CUDA): x is on cpu",
+        says_expected_got=False,
+    ),
+    _c(
+        OP,
+        "out-shape",
+        lambda: (X(), None, None, None, "relu", 1e-6, cu(2, 8, 4, 3)),
+        f"{PO}: expected out of shape [2, 8, 4, 4] (x's), got [2, 8, 4, 3]",
+    ),
+    _c(
+        OP,
+        "out-dtype",
+        lambda: (X(), None, None, None, "relu", 1e-6, cu(2, 8, 4, 4, dtype=F16)),
+        f"{PO}: expected out of x's dtype BFloat16, got Half",
+    ),
+    _c(
+        OP,
+        "out-layout",
+        lambda: (X(), None, None, None, "none", 1e-6, cu(2, 8, 4, 4).transpose(2, 3)),
+        f"{PO}: expected out laid out as x (strides [128, 16, 4, 1] where a dimension is longer "
+        "than 1), got strides [128, 16, 1, 4]",
+    ),
+]
 
 # --- up_block_shortcut(y, x, shuffle_y) and down_block_shortcut(y, x, unshuffle_y):
 #     dcae/block_shortcuts_cuda.cu ---
