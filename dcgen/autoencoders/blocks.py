@@ -216,7 +216,7 @@ class ResBlock(nn.Module):
                 continue
             t = conv3x3_rows(h[i : i + 1], weight, bias, a, b)
             if rms:
-                xb.copy_(self.norm.fused(t, residual=xb))
+                self.norm.fused(t, residual=xb, out=xb)  # written into x's band, no copy
             else:
                 xb.add_(t)
             del t

@@ -191,5 +191,5 @@ class Decoder(nn.Module):
             return self.head_norm.fused(h, act=act)
         for i, a, b in bands:
             hb = h[i : i + 1, :, a:b]
-            hb.copy_(self.head_norm.fused(hb, act=act))
+            self.head_norm.fused(hb, act=act, out=hb)  # in place on h's band, no copy
         return h

@@ -28,10 +28,15 @@ class ChannelRMSNorm(nn.Module):
         return channel_rms_norm(x, self.weight, self.bias, self.eps)
 
     def fused(
-        self, x: torch.Tensor, act: str = "none", residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        act: str = "none",
+        residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """act(self(x)) + residual in one op (act "none", "relu" or "silu"), rounded once."""
-        return channel_rms_norm_fused(x, self.weight, self.bias, self.eps, act, residual)
+        """act(self(x)) + residual in one op (act "none", "relu" or "silu"), rounded once;
+        written into ``out`` when given (x or the residual included)."""
+        return channel_rms_norm_fused(x, self.weight, self.bias, self.eps, act, residual, out)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
