@@ -92,6 +92,27 @@ inline at::Tensor channel_norm_residual(const std::optional<at::Tensor>& residua
                                        : at::MemoryFormat::ChannelsLast3d);
 }
 
+// What every channel RMSNorm entry point checks and prepares, in this order: eps, act, x's
+// layout, weight / bias (fp32), the residual in x's layout.
+struct NormArgs {
+  ChannelNormLayout l;
+  at::Tensor w, b, res;
+  NormAct act = NormAct::kNone;
+};
+
+inline NormArgs prepare_norm(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual, std::string_view act, double eps) {
+  TORCH_CHECK(eps > 0, "dcgen::channel_rms_norm: expected eps > 0, got ", eps);
+  NormArgs a;
+  a.act = parse_norm_act(act);
+  a.l = channel_norm_layout(input);
+  a.w = channel_param(weight, a.l.x, a.l.channels, "weight");
+  a.b = channel_param(bias, a.l.x, a.l.channels, "bias");
+  a.res = channel_norm_residual(residual, a.l, input);
+  return a;
+}
+
 // The out variant's destination: x's shape and dtype, on x's device, laid out as the kernels
 // walk x (the strides of the dense view `l.x` on every dimension longer than 1: a band of rows
 // of an NHWC image qualifies). out may be x itself or the residual: every element is read and

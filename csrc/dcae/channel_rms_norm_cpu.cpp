@@ -112,14 +112,10 @@ at::Tensor channel_rms_norm_fused_cpu(const at::Tensor& input, const std::option
                                       const std::optional<at::Tensor>& residual,
                                       c10::string_view act_name, double eps) {
   TORCH_CHECK(input.device().is_cpu(), "dcgen::channel_rms_norm (CPU): x is on ", input.device());
-  TORCH_CHECK(eps > 0, "dcgen::channel_rms_norm: expected eps > 0, got ", eps);
-  const NormAct act = parse_norm_act(std::string_view(act_name.data(), act_name.size()));
-  auto l = channel_norm_layout(input);
-  const at::Tensor w = channel_param(weight, l.x, l.channels, "weight");
-  const at::Tensor b = channel_param(bias, l.x, l.channels, "bias");
-  const at::Tensor res = channel_norm_residual(residual, l, input);
-  at::Tensor out = at::empty_like(l.x);
-  run_norm(l, w, b, res, act, eps, out);
+  const NormArgs a = prepare_norm(input, weight, bias, residual,
+                                  std::string_view(act_name.data(), act_name.size()), eps);
+  at::Tensor out = at::empty_like(a.l.x);
+  run_norm(a.l, a.w, a.b, a.res, a.act, eps, out);
   return out;
 }
 
@@ -128,14 +124,10 @@ void channel_rms_norm_fused_out_cpu(const at::Tensor& input, const std::optional
                                     const std::optional<at::Tensor>& residual,
                                     c10::string_view act_name, double eps, const at::Tensor& out) {
   TORCH_CHECK(input.device().is_cpu(), "dcgen::channel_rms_norm (CPU): x is on ", input.device());
-  TORCH_CHECK(eps > 0, "dcgen::channel_rms_norm: expected eps > 0, got ", eps);
-  const NormAct act = parse_norm_act(std::string_view(act_name.data(), act_name.size()));
-  auto l = channel_norm_layout(input);
-  check_norm_out(out, l, input);
-  const at::Tensor w = channel_param(weight, l.x, l.channels, "weight");
-  const at::Tensor b = channel_param(bias, l.x, l.channels, "bias");
-  const at::Tensor res = channel_norm_residual(residual, l, input);
-  run_norm(l, w, b, res, act, eps, out);
+  const NormArgs a = prepare_norm(input, weight, bias, residual,
+                                  std::string_view(act_name.data(), act_name.size()), eps);
+  check_norm_out(out, a.l, input);
+  run_norm(a.l, a.w, a.b, a.res, a.act, eps, out);
 }
 
 at::Tensor channel_rms_norm_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,

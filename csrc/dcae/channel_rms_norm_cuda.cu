@@ -184,15 +184,11 @@ at::Tensor channel_rms_norm_fused_cuda(const at::Tensor& input, const std::optio
                                        const std::optional<at::Tensor>& residual,
                                        c10::string_view act_name, double eps) {
   TORCH_CHECK(input.is_cuda(), "dcgen::channel_rms_norm (CUDA): x is on ", input.device());
-  TORCH_CHECK(eps > 0, "dcgen::channel_rms_norm: expected eps > 0, got ", eps);
-  const NormAct act = parse_norm_act(std::string_view(act_name.data(), act_name.size()));
+  const NormArgs a = prepare_norm(input, weight, bias, residual,
+                                  std::string_view(act_name.data(), act_name.size()), eps);
   const c10::cuda::CUDAGuard guard(input.device());
-  auto l = channel_norm_layout(input);
-  const at::Tensor w = channel_param(weight, l.x, l.channels, "weight");
-  const at::Tensor b = channel_param(bias, l.x, l.channels, "bias");
-  const at::Tensor res = channel_norm_residual(residual, l, input);
-  at::Tensor out = at::empty_like(l.x);
-  launch_norm(l, w, b, res, act, eps, out);
+  at::Tensor out = at::empty_like(a.l.x);
+  launch_norm(a.l, a.w, a.b, a.res, a.act, eps, out);
   return out;
 }
 
@@ -203,15 +199,11 @@ void channel_rms_norm_fused_out_cuda(const at::Tensor& input, const std::optiona
                                      const std::optional<at::Tensor>& residual,
                                      c10::string_view act_name, double eps, const at::Tensor& out) {
   TORCH_CHECK(input.is_cuda(), "dcgen::channel_rms_norm (CUDA): x is on ", input.device());
-  TORCH_CHECK(eps > 0, "dcgen::channel_rms_norm: expected eps > 0, got ", eps);
-  const NormAct act = parse_norm_act(std::string_view(act_name.data(), act_name.size()));
-  auto l = channel_norm_layout(input);
-  check_norm_out(out, l, input);  // before the guard: a bad call never touches the device
+  const NormArgs a = prepare_norm(input, weight, bias, residual,
+                                  std::string_view(act_name.data(), act_name.size()), eps);
+  check_norm_out(out, a.l, input);  // before the guard: a bad call never touches the device
   const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor w = channel_param(weight, l.x, l.channels, "weight");
-  const at::Tensor b = channel_param(bias, l.x, l.channels, "bias");
-  const at::Tensor res = channel_norm_residual(residual, l, input);
-  launch_norm(l, w, b, res, act, eps, out);
+  launch_norm(a.l, a.w, a.b, a.res, a.act, eps, out);
 }
 
 at::Tensor channel_rms_norm_cuda(const at::Tensor& input, const std::optional<at::Tensor>& weight,

@@ -125,19 +125,14 @@ def channel_rms_norm_fused(
     check_channel_param("channel_rms_norm_fused: weight", weight, channels)
     check_channel_param("channel_rms_norm_fused: bias", bias, channels)
     act = _check_act(act)
-    if residual is not None:
-        check_tensor("channel_rms_norm_fused: residual", residual, dtypes=(x.dtype,))
-        if residual.shape != x.shape:
+    for name, t in (("residual", residual), ("out", out)):
+        if t is None:
+            continue
+        check_tensor(f"channel_rms_norm_fused: {name}", t, dtypes=(x.dtype,))
+        if t.shape != x.shape:
             raise ValueError(
-                f"channel_rms_norm_fused: expected residual of x's shape {tuple(x.shape)}, "
-                f"got {tuple(residual.shape)}"
-            )
-    if out is not None:
-        check_tensor("channel_rms_norm_fused: out", out, dtypes=(x.dtype,))
-        if out.shape != x.shape:
-            raise ValueError(
-                f"channel_rms_norm_fused: expected out of x's shape {tuple(x.shape)}, "
-                f"got {tuple(out.shape)}"
+                f"channel_rms_norm_fused: expected {name} of x's shape {tuple(x.shape)}, "
+                f"got {tuple(t.shape)}"
             )
     check_same_device(x=x, weight=weight, bias=bias, residual=residual, out=out)
     if not eps > 0:
