@@ -208,7 +208,7 @@ class ResBlock(nn.Module):
         rms = isinstance(self.norm, ChannelRMSNorm)
         for i, a, b in bands:
             xb = x[i : i + 1, :, a:b]
-            if bias is not None and not rms and _bias_act_kernel(x):
+            if not rms and _split_conv_bias(x, bias):
                 # the bias and the residual in one pass, written into x's band (bias_act_)
                 t = conv3x3_rows(h[i : i + 1], weight, None, a, b)
                 bias_act_(xb, t, bias, "none", xb)

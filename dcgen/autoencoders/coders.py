@@ -47,11 +47,18 @@ def run_stages(
             owned = False  # the stage's hooks were given this output
             continue
         for layer in stage:
-            seen = watched(layer)
-            with owned_activations(owned), hooks_watching(seen):
-                h = layer(h)
-            owned = not seen
+            h, owned = run_layer(layer, h, owned)
     return h, owned
+
+
+def run_layer(layer: nn.Module, h: torch.Tensor, owned: bool) -> tuple[torch.Tensor, bool]:
+    """``layer(h)``, allowed to overwrite h when ``owned``, on the plain path when a hook
+    watches it; returns the output and whether the next layer may overwrite it (not when a
+    hook was given it)."""
+    seen = watched(layer)
+    with owned_activations(owned), hooks_watching(seen):
+        h = layer(h)
+    return h, not seen
 
 
 class Encoder(nn.Module):
@@ -154,10 +161,7 @@ class Decoder(nn.Module):
         layers = [m for stage in reversed(self.stages) for m in stage]
         k = local_suffix(layers)
         for m in layers[:k]:
-            seen = watched(m)
-            with owned_activations(owned), hooks_watching(seen):
-                h = m(h)
-            owned = not seen
+            h, owned = run_layer(m, h, owned)
         steps = [local_step(m) for m in layers[k:]]
         head = local_step(self.head)  # the head conv or UpBlock; its norm + act are per pixel
         steps.append(LocalStep(self._head, head.radius, head.scale))

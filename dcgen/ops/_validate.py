@@ -33,6 +33,23 @@ def check_tensor(
     return t
 
 
+def dense_layout(x: torch.Tensor) -> bool:
+    """Dense in one of the two layouts the elementwise DC-AE kernels walk: NCHW-contiguous, or
+    channels_last for a 4-d tensor."""
+    return x.is_contiguous() or (
+        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def dense_as(t: torch.Tensor, like: torch.Tensor) -> bool:
+    """Same shape as ``like`` and the same strides on every dimension longer than 1: the rule
+    the elementwise DC-AE kernels apply to the tensors they write (a band of rows of an NHWC
+    image qualifies; the batch stride no element's address uses may differ)."""
+    return t.shape == like.shape and all(
+        n == 1 or a == b for n, a, b in zip(like.shape, t.stride(), like.stride(), strict=True)
+    )
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     devices = {k: v.device for k, v in tensors.items() if v is not None}
     if len(set(devices.values())) > 1:

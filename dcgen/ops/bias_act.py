@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._extension import compiled_op, has_kernel
-from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from ._validate import FLOAT_DTYPES, check_same_device, check_tensor, dense_as, dense_layout
 
 ACTS = ("none", "relu", "silu")
 
@@ -62,13 +62,6 @@ def bias_act_reference(
     return v.to(x.dtype)
 
 
-def _dense_as(t: torch.Tensor, like: torch.Tensor) -> bool:
-    """Same shape, same strides on every dimension longer than 1 (the kernel's rule)."""
-    return t.shape == like.shape and all(
-        n == 1 or a == b for n, a, b in zip(like.shape, t.stride(), like.stride(), strict=True)
-    )
-
-
 def kernel_takes(
     out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None
 ) -> bool:
@@ -81,9 +74,9 @@ def kernel_takes(
         and x.is_cuda
         and x.dtype in FLOAT_DTYPES
         and bias.is_contiguous()
-        and (x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous())
-        and _dense_as(out, x)
-        and (residual is None or _dense_as(residual, x))
+        and dense_layout(x)
+        and dense_as(out, x)
+        and (residual is None or dense_as(residual, x))
         and has_kernel("bias_act_", x.device)
     )
 

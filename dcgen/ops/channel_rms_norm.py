@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 
 from ._extension import compiled_op, has_kernel
-from ._validate import FLOAT_DTYPES, check_channel_param, check_same_device, check_tensor
+from ._validate import (
+    FLOAT_DTYPES,
+    check_channel_param,
+    check_same_device,
+    check_tensor,
+    dense_as,
+    dense_layout,
+)
 
 
 def channel_rms_norm_reference(
@@ -160,11 +167,5 @@ def channel_rms_norm_fused(
 
 def _writes_in_place(out: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the out kernel takes ``out`` for ``x``: x dense (channels_last for a 4-d x that
-    is not NCHW-contiguous, as the kernels choose) and out with x's strides wherever a dimension
-    is longer than 1 (the kernels' check)."""
-    dense = x.is_contiguous() or (
-        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    )
-    return dense and all(
-        n == 1 or a == b for n, a, b in zip(x.shape, out.stride(), x.stride(), strict=True)
-    )
+    is not NCHW-contiguous, as the kernels choose) and out laid out as x (the kernels' check)."""
+    return dense_layout(x) and dense_as(out, x)

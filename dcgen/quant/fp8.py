@@ -211,10 +211,9 @@ def _scaled_mm(
         # multiple of 4 (M = 66 got CUBLAS_STATUS_NOT_SUPPORTED on the H200 of 2026-11-27 while
         # M = 4,608 ran): zero rows with unit scales pad A, and their outputs are dropped.
         pad = -m % 4
-        if pad:
-            xq = torch.cat([xq.view(torch.uint8), xq.new_zeros(pad, xq.shape[1]).view(torch.uint8)])
-            xq = xq.view(torch.float8_e4m3fn)
-            x_scale = torch.cat([x_scale, x_scale.new_ones(pad, x_scale.shape[1])])
+        if pad:  # padded as bytes: zero bytes are +0.0 codes, whatever float8 kernels exist
+            xq = F.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(torch.float8_e4m3fn)
+            x_scale = F.pad(x_scale, (0, 0, 0, pad), value=1.0)
         sa, sb = x_scale.t().contiguous().t(), w_scale.t().contiguous()
     b = bias.to(out_dtype) if bias is not None else None
     y = torch._scaled_mm(

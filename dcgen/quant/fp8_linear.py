@@ -364,16 +364,29 @@ class FP8Linear(nn.Module):
         y = _fp8.unit_scale_gemm(xq, self.weight, torch.bfloat16, self.fast_accum)
         return None if y is None else (y, xs)
 
+    def _rowwise_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The "rowwise" direct route's two kernels: x quantized per row (shared or offered),
+        then the row-scaled ``_scaled_mm`` with the bias fused: the bf16 [M, N] output; None
+        when ``_scaled_mm`` rejects the case."""
+        xq, xs = _shared.quantize_rows_direct(x, self.in_features)
+        return _fp8.rowwise_gemm(xq, xs, self.weight, self.weight_scale, self.bias, self.fast_accum)
+
+    def _shaped(
+        self, x: torch.Tensor, out: torch.Tensor, q: torch.Tensor, q_scales: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """forward_quantized's result from an [M, N] output and its row quantization, in x's
+        leading shape."""
+        lead = x.shape[:-1]
+        shape = (*lead, self.out_features)
+        return out.reshape(shape), (q.reshape(shape), q_scales.reshape(*lead, 1))
+
     def _direct_forward(self, x: torch.Tensor, act: str) -> torch.Tensor | None:
         """As :func:`dcgen.quant.fp8.fp8_gemm` runs them: quantize kernel -> unit-scale
         ``_scaled_mm`` -> scale epilogue kernel ("tensor"), or quantize kernel -> row-scaled
         ``_scaled_mm`` with the bias -> GELU ("rowwise"); None when ``_scaled_mm`` rejects the
         case."""
         if self.__dict__.get("_direct_kind") == "rowwise":
-            xq, xs = _shared.quantize_rows_direct(x, self.in_features)
-            y = _fp8.rowwise_gemm(
-                xq, xs, self.weight, self.weight_scale, self.bias, self.fast_accum
-            )
+            y = self._rowwise_product(x)
             if y is None:
                 return None
             if act == "gelu_tanh":
@@ -451,10 +464,7 @@ class FP8Linear(nn.Module):
             product = self._unit_scale_product(x)
             if product is not None:
                 epilogue_fp8 = direct_ops("fp8_scale_epilogue_fp8")[0]
-                out, q, q_scales = epilogue_fp8(*product, self.weight_scale, self.bias, act)
-                lead = x.shape[:-1]
-                shape = (*lead, self.out_features)
-                return out.reshape(shape), (q.reshape(shape), q_scales.reshape(*lead, 1))
+                return self._shaped(x, *epilogue_fp8(*product, self.weight_scale, self.bias, act))
         if (
             act == "gelu_tanh"
             and self._direct(x)
@@ -475,17 +485,13 @@ class FP8Linear(nn.Module):
         a GELU pass and the next linear's quantize pass over the same [M, N] output (FLUX's
         MLP: 4,608 x 12,288 at 4K). Without GELU there is no pass to save: not used. None when
         ``_scaled_mm`` rejects the case."""
-        xq, xs = _shared.quantize_rows_direct(x, self.in_features)
-        y = _fp8.rowwise_gemm(xq, xs, self.weight, self.weight_scale, self.bias, self.fast_accum)
+        y = self._rowwise_product(x)
         if y is None:
             return None
         m, n = y.shape
         epilogue_fp8 = direct_ops("fp8_scale_epilogue_fp8")[0]
         ones_m, ones_n = _fp8.unit_column(y.device, m), _fp8.unit_column(y.device, n)
-        out, q, q_scales = epilogue_fp8(y, ones_m, ones_n, None, "gelu_tanh")
-        lead = x.shape[:-1]
-        shape = (*lead, self.out_features)
-        return out.reshape(shape), (q.reshape(shape), q_scales.reshape(*lead, 1))
+        return self._shaped(x, *epilogue_fp8(y, ones_m, ones_n, None, "gelu_tanh"))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's spec in pure PyTorch: reference quantize, exact dequantize, fp32 matmul."""
