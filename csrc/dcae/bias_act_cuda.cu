@@ -22,6 +22,7 @@
 #include <optional>
 #include <string_view>
 
+#include "dcae/elementwise.h"
 #include "nvfp4/quant_common.cuh"
 
 namespace dcgen {
@@ -32,23 +33,13 @@ using quant::load8;
 using quant::store8;
 using quant::to_float;
 
-constexpr int kNone = 0;
-constexpr int kRelu = 1;
-constexpr int kSilu = 2;
 constexpr int kThreads = 256;
-
-template <int kAct>
-__device__ __forceinline__ float activate(float v) {
-  if constexpr (kAct == kRelu) return v > 0.f ? v : 0.f;  // relu(NaN) stays NaN via the compare
-  if constexpr (kAct == kSilu) return v / (1.f + expf(-v));
-  return v;
-}
 
 // kCl: channels_last (channel = e % C) or NCHW (channel = (e / hw) % C).
 // The channel index costs one 64-bit division per thread on the vector path, not one per
 // element: with 8 divisions a thread the kernel was bound by its index arithmetic (1.90 ms for
 // a (1, 256, 2048, 2048) channels_last map on the H200, 2.26 TB/s against a 3.8 TB/s copy).
-template <typename T, int kAct, bool kCl>
+template <typename T, DcaeAct kAct, bool kCl>
 __global__ void bias_act_kernel(const T* __restrict__ x, const T* __restrict__ bias,
                                 const T* residual, T* out, int64_t numel, int64_t C,
                                 int64_t hw, bool vec) {
@@ -83,23 +74,13 @@ __global__ void bias_act_kernel(const T* __restrict__ x, const T* __restrict__ b
     }
   }
 #pragma unroll
-  for (int i = 0; i < 8; ++i) vals[i] = activate<kAct>(vals[i] + b[i]) + res[i];
+  for (int i = 0; i < 8; ++i) vals[i] = apply_dcae_act(vals[i] + b[i], kAct) + res[i];
   store8(out + e0, vals, valid, v);
-}
-
-// Same shape and the same strides on every dimension longer than 1 (a row band of a
-// one-image batch has another batch stride, which no element's address uses).
-bool dense_as(const at::Tensor& t, const at::Tensor& like) {
-  if (t.sizes() != like.sizes()) return false;
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.size(d) > 1 && t.stride(d) != like.stride(d)) return false;
-  }
-  return true;
 }
 
 template <typename T>
 void launch(const at::Tensor& out, const at::Tensor& x, const at::Tensor& bias,
-            const std::optional<at::Tensor>& residual, int act, bool cl) {
+            const std::optional<at::Tensor>& residual, DcaeAct act, bool cl) {
   const int64_t numel = x.numel(), C = x.size(1), hw = x.size(2) * x.size(3);
   const T* xp = reinterpret_cast<const T*>(x.const_data_ptr());
   const T* bp = reinterpret_cast<const T*>(bias.const_data_ptr());
@@ -118,12 +99,12 @@ void launch(const at::Tensor& out, const at::Tensor& x, const at::Tensor& bias,
     bias_act_kernel<T, ACT, false><<<blocks, kThreads, 0, stream>>>(xp, bp, rp, op, numel,   \
                                                                      C, hw, vec);            \
   }
-  if (act == kRelu) {
-    DCGEN_BIAS_ACT(kRelu)
-  } else if (act == kSilu) {
-    DCGEN_BIAS_ACT(kSilu)
+  if (act == DcaeAct::kRelu) {
+    DCGEN_BIAS_ACT(DcaeAct::kRelu)
+  } else if (act == DcaeAct::kSilu) {
+    DCGEN_BIAS_ACT(DcaeAct::kSilu)
   } else {
-    DCGEN_BIAS_ACT(kNone)
+    DCGEN_BIAS_ACT(DcaeAct::kNone)
   }
 #undef DCGEN_BIAS_ACT
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -154,12 +135,7 @@ void bias_act_cuda(const at::Tensor& out, const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(dense_as(out, x) && (!residual || dense_as(*residual, x)),
               "dcgen::bias_act_: expected out and residual with x's shape ", x.sizes(),
               " and strides ", x.strides(), ", got out ", out.sizes(), " / ", out.strides());
-  int a = -1;
-  if (act == "none") a = kNone;
-  if (act == "relu") a = kRelu;
-  if (act == "silu") a = kSilu;
-  TORCH_CHECK(a >= 0, "dcgen::bias_act_: expected act 'none', 'relu' or 'silu', got '",
-              std::string(act), "'");
+  const DcaeAct a = parse_dcae_act(act, "dcgen::bias_act_");
   if (x.numel() == 0) return;
   TORCH_CHECK(x.numel() / 8 / kThreads < 2147483647LL,
               "dcgen::bias_act_: x too large for one launch, got ", x.numel(), " elements");

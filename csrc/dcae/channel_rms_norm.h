@@ -7,6 +7,8 @@
 #include <optional>
 #include <string_view>
 
+#include "dcae/elementwise.h"
+
 namespace dcgen {
 
 // How the kernels walk the tensor. NCHW-contiguous: `outer` images, channel stride `inner`
@@ -62,19 +64,6 @@ inline at::Tensor channel_param(const std::optional<at::Tensor>& p, const at::Te
   return p->to(at::kFloat).contiguous();
 }
 
-// The fused variant's epilogue: out = act(norm(x) * w + b) (+ residual). The codes are the
-// schema's `act` strings.
-enum class NormAct : int { kNone = 0, kRelu = 1, kSilu = 2 };
-
-inline NormAct parse_norm_act(std::string_view act) {
-  if (act == "none") return NormAct::kNone;
-  if (act == "relu") return NormAct::kRelu;
-  if (act == "silu") return NormAct::kSilu;
-  TORCH_CHECK(false, "dcgen::channel_rms_norm_fused: expected act 'none', 'relu' or 'silu', got '",
-              std::string(act), "'");
-  return NormAct::kNone;
-}
-
 // The residual in x's (dense) layout, or an undefined tensor.
 inline at::Tensor channel_norm_residual(const std::optional<at::Tensor>& residual,
                                         const ChannelNormLayout& l, const at::Tensor& input) {
@@ -97,7 +86,7 @@ inline at::Tensor channel_norm_residual(const std::optional<at::Tensor>& residua
 struct NormArgs {
   ChannelNormLayout l;
   at::Tensor w, b, res;
-  NormAct act = NormAct::kNone;
+  DcaeAct act = DcaeAct::kNone;
 };
 
 inline NormArgs prepare_norm(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -105,7 +94,7 @@ inline NormArgs prepare_norm(const at::Tensor& input, const std::optional<at::Te
                              const std::optional<at::Tensor>& residual, std::string_view act, double eps) {
   TORCH_CHECK(eps > 0, "dcgen::channel_rms_norm: expected eps > 0, got ", eps);
   NormArgs a;
-  a.act = parse_norm_act(act);
+  a.act = parse_dcae_act(act, "dcgen::channel_rms_norm_fused");
   a.l = channel_norm_layout(input);
   a.w = channel_param(weight, a.l.x, a.l.channels, "weight");
   a.b = channel_param(bias, a.l.x, a.l.channels, "bias");
@@ -125,11 +114,7 @@ inline void check_norm_out(const at::Tensor& out, const ChannelNormLayout& l, co
               ", got ", out.scalar_type());
   TORCH_CHECK(out.device() == input.device(), "dcgen::channel_rms_norm_fused_out: out is on ",
               out.device(), " but x is on ", input.device());
-  bool dense = true;
-  for (int64_t d = 0; d < out.dim(); ++d) {
-    if (out.size(d) > 1 && out.stride(d) != l.x.stride(d)) dense = false;
-  }
-  TORCH_CHECK(dense, "dcgen::channel_rms_norm_fused_out: expected out laid out as x (strides ",
+  TORCH_CHECK(dense_as(out, l.x), "dcgen::channel_rms_norm_fused_out: expected out laid out as x (strides ",
               l.x.strides(), " where a dimension is longer than 1), got strides ", out.strides());
 }
 

@@ -12,17 +12,10 @@
 namespace dcgen {
 namespace {
 
-// act(v), the fused variant's epilogue before the residual add.
-inline float norm_epilogue(float v, NormAct act) {
-  if (act == NormAct::kRelu) return v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
-  if (act == NormAct::kSilu) return v / (1.f + std::exp(-v));
-  return v;
-}
-
 // NCHW: for a block of spatial positions, accumulate sum of squares channel by channel so the
 // inner loop runs over contiguous memory.
 template <typename T>
-void norm_planes(const T* x, T* y, const float* w, const float* b, const T* r, NormAct act,
+void norm_planes(const T* x, T* y, const float* w, const float* b, const T* r, DcaeAct act,
                  int64_t outer, int64_t C, int64_t inner, float eps) {
   constexpr int64_t kChunk = 256;
   const int64_t chunks = (inner + kChunk - 1) / kChunk;
@@ -49,13 +42,13 @@ void norm_planes(const T* x, T* y, const float* w, const float* b, const T* r, N
         T* yc = yo + c * inner;
         const float wc = w ? w[c] : 1.f;
         const float bc = b ? b[c] : 0.f;
-        if (!ro && act == NormAct::kNone) {  // the plain norm: keep its tight loop
+        if (!ro && act == DcaeAct::kNone) {  // the plain norm: keep its tight loop
           for (int64_t s = 0; s < n; ++s) yc[s] = static_cast<T>(static_cast<float>(xc[s]) * inv[s] * wc + bc);
           continue;
         }
         const T* rc = ro ? ro + c * inner : nullptr;
         for (int64_t s = 0; s < n; ++s) {
-          float v = norm_epilogue(static_cast<float>(xc[s]) * inv[s] * wc + bc, act);
+          float v = apply_dcae_act(static_cast<float>(xc[s]) * inv[s] * wc + bc, act);
           if (rc) v += static_cast<float>(rc[s]);
           yc[s] = static_cast<T>(v);
         }
@@ -66,7 +59,7 @@ void norm_planes(const T* x, T* y, const float* w, const float* b, const T* r, N
 
 // channels_last: one contiguous row of C values per pixel.
 template <typename T>
-void norm_rows(const T* x, T* y, const float* w, const float* b, const T* r, NormAct act,
+void norm_rows(const T* x, T* y, const float* w, const float* b, const T* r, DcaeAct act,
                int64_t rows, int64_t C, float eps) {
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -80,7 +73,7 @@ void norm_rows(const T* x, T* y, const float* w, const float* b, const T* r, Nor
       }
       const float inv = 1.f / std::sqrt(acc / C + eps);
       for (int64_t c = 0; c < C; ++c) {
-        float v = norm_epilogue(static_cast<float>(xr[c]) * inv * (w ? w[c] : 1.f) + (b ? b[c] : 0.f), act);
+        float v = apply_dcae_act(static_cast<float>(xr[c]) * inv * (w ? w[c] : 1.f) + (b ? b[c] : 0.f), act);
         if (rr) v += static_cast<float>(rr[c]);
         yr[c] = static_cast<T>(v);
       }
@@ -90,7 +83,7 @@ void norm_rows(const T* x, T* y, const float* w, const float* b, const T* r, Nor
 
 // act(norm(l.x)) (+ res) into out, which has l.x's layout (checked by the callers).
 void run_norm(const ChannelNormLayout& l, const at::Tensor& w, const at::Tensor& b,
-              const at::Tensor& res, NormAct act, double eps, const at::Tensor& out) {
+              const at::Tensor& res, DcaeAct act, double eps, const at::Tensor& out) {
   if (l.x.numel() == 0) return;
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;

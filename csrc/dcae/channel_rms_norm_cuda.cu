@@ -21,17 +21,10 @@
 namespace dcgen {
 namespace {
 
-// act(v) + residual, the fused variant's epilogue (act kNone and r == nullptr: plain norm).
-__device__ __forceinline__ float norm_epilogue(float v, NormAct act) {
-  if (act == NormAct::kRelu) return v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
-  if (act == NormAct::kSilu) return v / (1.f + expf(-v));
-  return v;
-}
-
 template <typename T>
 __global__ void norm_planes_kernel(const T* __restrict__ x, T* __restrict__ y,
                                    const float* __restrict__ w, const float* __restrict__ b,
-                                   const T* __restrict__ r, NormAct act, int64_t outer, int64_t C,
+                                   const T* __restrict__ r, DcaeAct act, int64_t outer, int64_t C,
                                    int64_t inner, float eps) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= outer * inner) return;
@@ -50,7 +43,7 @@ __global__ void norm_planes_kernel(const T* __restrict__ x, T* __restrict__ y,
     float v = static_cast<float>(xp[c * inner]) * inv;
     if (w) v *= w[c];
     if (b) v += b[c];
-    v = norm_epilogue(v, act);
+    v = apply_dcae_act(v, act);
     if (rp) v += static_cast<float>(rp[c * inner]);
     yp[c * inner] = static_cast<T>(v);
   }
@@ -65,7 +58,7 @@ struct alignas(sizeof(T) * V) Packet {
 template <typename T, int V>
 __global__ void norm_planes_vec_kernel(const T* __restrict__ x, T* __restrict__ y,
                                        const float* __restrict__ w, const float* __restrict__ b,
-                                       const T* __restrict__ r, NormAct act, int64_t outer,
+                                       const T* __restrict__ r, DcaeAct act, int64_t outer,
                                        int64_t C, int64_t inner, float eps) {
   using P = Packet<T, V>;
   const int64_t groups = inner / V;
@@ -101,7 +94,7 @@ __global__ void norm_planes_vec_kernel(const T* __restrict__ x, T* __restrict__ 
     P q;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      float v = norm_epilogue(static_cast<float>(p.v[j]) * acc[j] * wc + bc, act);
+      float v = apply_dcae_act(static_cast<float>(p.v[j]) * acc[j] * wc + bc, act);
       if (rp) v += static_cast<float>(rv.v[j]);
       q.v[j] = static_cast<T>(v);
     }
@@ -112,7 +105,7 @@ __global__ void norm_planes_vec_kernel(const T* __restrict__ x, T* __restrict__ 
 template <typename T>
 __global__ void norm_rows_kernel(const T* __restrict__ x, T* __restrict__ y,
                                  const float* __restrict__ w, const float* __restrict__ b,
-                                 const T* __restrict__ r, NormAct act, int64_t rows, int64_t C,
+                                 const T* __restrict__ r, DcaeAct act, int64_t rows, int64_t C,
                                  float eps) {
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
@@ -131,7 +124,7 @@ __global__ void norm_rows_kernel(const T* __restrict__ x, T* __restrict__ y,
     float v = static_cast<float>(xr[c]) * inv;
     if (w) v *= w[c];
     if (b) v += b[c];
-    v = norm_epilogue(v, act);
+    v = apply_dcae_act(v, act);
     if (rr) v += static_cast<float>(rr[c]);
     yr[c] = static_cast<T>(v);
   }
@@ -149,7 +142,7 @@ bool vector_ok(const ChannelNormLayout& l, const at::Tensor& out, const at::Tens
 
 // act(norm(l.x)) (+ res) into out, which has l.x's layout (checked by the callers).
 void launch_norm(const ChannelNormLayout& l, const at::Tensor& w, const at::Tensor& b,
-                 const at::Tensor& res, NormAct act, double eps, const at::Tensor& out) {
+                 const at::Tensor& res, DcaeAct act, double eps, const at::Tensor& out) {
   if (l.x.numel() == 0) return;
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;

@@ -219,3 +219,27 @@ def test_cuda_kernel_band_views_and_misaligned_pointers():
     out = torch.full_like(x, float("nan"))
     compiled_op("bias_act_")(out, x, bias[:8].contiguous(), "silu", None)
     torch.testing.assert_close(out, bias_act_reference(x, bias[:8].contiguous(), "silu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_cuda_kernel_keeps_nan_through_every_act(layout):
+    # NaN (and +-inf) inputs come out as the reference gives them: relu keeps NaN, as
+    # torch.relu does (the kernel's own relu once turned NaN into 0), on the vector path
+    # (C = 8) and the scalar one (C = 3)
+    _need_kernel()
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    kernel = compiled_op("bias_act_")
+    for c in (8, 3):
+        x = torch.randn(1, c, 4, 4, device="cuda").bfloat16()
+        x[0, :, 0, 0] = float("nan")
+        x[0, :, 1, 1] = float("inf")
+        x[0, :, 2, 2] = float("-inf")
+        x = x.contiguous(memory_format=fmt)
+        bias = torch.randn(c, device="cuda").bfloat16()
+        for act in ACTS:
+            out = torch.empty_like(x)
+            kernel(out, x, bias, act, None)
+            want = bias_act_reference(x, bias, act)
+            torch.testing.assert_close(out, want, equal_nan=True, msg=f"{act} C={c}")
+            assert out[0, :, 0, 0].isnan().all(), f"{act} C={c}: NaN lost"
