@@ -28,11 +28,6 @@
 namespace dcgen {
 namespace {
 
-using quant::count_valid;
-using quant::load8;
-using quant::store8;
-using quant::to_float;
-
 constexpr int kThreads = 256;
 
 // kCl: channels_last (channel = e % C) or NCHW (channel = (e / hw) % C).
@@ -45,12 +40,12 @@ __global__ void bias_act_kernel(const T* __restrict__ x, const T* __restrict__ b
                                 int64_t hw, bool vec) {
   const int64_t e0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
   if (e0 >= numel) return;
-  const int valid = count_valid(numel - e0, 8);
+  const int valid = quant::count_valid(numel - e0, 8);
   const bool v = vec && valid == 8;
   float vals[8];
-  load8(x + e0, valid, v, vals);
+  quant::load8(x + e0, valid, v, vals);
   float res[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  if (residual != nullptr) load8(residual + e0, valid, v, res);
+  if (residual != nullptr) quant::load8(residual + e0, valid, v, res);
   float b[8];
   if (v) {
     // The vector path's condition (launch) makes the 8 elements share one channel pattern:
@@ -59,9 +54,9 @@ __global__ void bias_act_kernel(const T* __restrict__ x, const T* __restrict__ b
     if constexpr (kCl) {
       const int64_t c0 = e0 % C;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) b[i] = to_float(bias[c0 + i]);
+      for (int i = 0; i < 8; ++i) b[i] = quant::to_float(bias[c0 + i]);
     } else {
-      const float bc = to_float(bias[(e0 / hw) % C]);
+      const float bc = quant::to_float(bias[(e0 / hw) % C]);
 #pragma unroll
       for (int i = 0; i < 8; ++i) b[i] = bc;
     }
@@ -70,12 +65,12 @@ __global__ void bias_act_kernel(const T* __restrict__ x, const T* __restrict__ b
     for (int i = 0; i < 8; ++i) {
       const int64_t e = e0 + i;
       const int64_t c = kCl ? e % C : (e / hw) % C;
-      b[i] = i < valid ? to_float(bias[c]) : 0.f;
+      b[i] = i < valid ? quant::to_float(bias[c]) : 0.f;
     }
   }
 #pragma unroll
   for (int i = 0; i < 8; ++i) vals[i] = apply_dcae_act(vals[i] + b[i], kAct) + res[i];
-  store8(out + e0, vals, valid, v);
+  quant::store8(out + e0, vals, valid, v);
 }
 
 template <typename T>

@@ -64,18 +64,22 @@ inline at::Tensor channel_param(const std::optional<at::Tensor>& p, const at::Te
   return p->to(at::kFloat).contiguous();
 }
 
+// `t` (the residual or out, named `what` in errors of `op`) has x's shape, dtype and device.
+inline void check_like_x(const at::Tensor& t, const at::Tensor& input, const char* op, const char* what) {
+  TORCH_CHECK(t.sizes() == input.sizes(), op, ": expected ", what, " of shape ", input.sizes(),
+              " (x's), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": expected ", what, " of x's dtype ",
+              input.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), op, ": ", what, " is on ", t.device(), " but x is on ",
+              input.device());
+}
+
 // The residual in x's (dense) layout, or an undefined tensor.
 inline at::Tensor channel_norm_residual(const std::optional<at::Tensor>& residual,
                                         const ChannelNormLayout& l, const at::Tensor& input) {
   if (!residual.has_value() || !residual->defined()) return at::Tensor();
   const at::Tensor& r = *residual;
-  TORCH_CHECK(r.sizes() == input.sizes(), "dcgen::channel_rms_norm_fused: expected residual of shape ",
-              input.sizes(), " (x's), got ", r.sizes());
-  TORCH_CHECK(r.scalar_type() == input.scalar_type(),
-              "dcgen::channel_rms_norm_fused: expected residual of x's dtype ", input.scalar_type(),
-              ", got ", r.scalar_type());
-  TORCH_CHECK(r.device() == input.device(), "dcgen::channel_rms_norm_fused: residual is on ",
-              r.device(), " but x is on ", input.device());
+  check_like_x(r, input, "dcgen::channel_rms_norm_fused", "residual");
   if (!l.rows) return r.contiguous();
   return r.contiguous(input.dim() == 4 ? at::MemoryFormat::ChannelsLast
                                        : at::MemoryFormat::ChannelsLast3d);
@@ -107,13 +111,7 @@ inline NormArgs prepare_norm(const at::Tensor& input, const std::optional<at::Te
 // of an NHWC image qualifies). out may be x itself or the residual: every element is read and
 // then written by the same thread (CPU loop, GPU thread or warp), after the statistics.
 inline void check_norm_out(const at::Tensor& out, const ChannelNormLayout& l, const at::Tensor& input) {
-  TORCH_CHECK(out.sizes() == input.sizes(), "dcgen::channel_rms_norm_fused_out: expected out of shape ",
-              input.sizes(), " (x's), got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == input.scalar_type(),
-              "dcgen::channel_rms_norm_fused_out: expected out of x's dtype ", input.scalar_type(),
-              ", got ", out.scalar_type());
-  TORCH_CHECK(out.device() == input.device(), "dcgen::channel_rms_norm_fused_out: out is on ",
-              out.device(), " but x is on ", input.device());
+  check_like_x(out, input, "dcgen::channel_rms_norm_fused_out", "out");
   TORCH_CHECK(dense_as(out, l.x), "dcgen::channel_rms_norm_fused_out: expected out laid out as x (strides ",
               l.x.strides(), " where a dimension is longer than 1), got strides ", out.strides());
 }

@@ -141,20 +141,12 @@ def _check_out_kernel(device, dtype, gen):
                 assert torch.equal(xc, kernel(xl, w, b, None, act, 1e-5)), msg
 
 
-@pytest.mark.skipif(
-    not has_kernel("channel_rms_norm_fused_out", "cpu"), reason="dcgen._C not built"
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_out_kernel_writes_the_fused_kernels_bits_in_place(dtype, rng):
-    _check_out_kernel("cpu", dtype, rng)
-
-
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_out_kernel_writes_the_fused_kernels_bits_in_place(dtype, rng):
-    if not has_kernel("channel_rms_norm_fused_out", "cuda"):
-        pytest.skip("dcgen._C has no CUDA kernel for channel_rms_norm_fused_out")
-    _check_out_kernel("cuda", dtype, rng)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_out_kernel_writes_the_fused_kernels_bits_in_place(device, dtype, rng):
+    if not has_kernel("channel_rms_norm_fused_out", device):
+        pytest.skip(f"dcgen._C has no {device} kernel for channel_rms_norm_fused_out")
+    _check_out_kernel(device, dtype, rng)
 
 
 @pytest.mark.skipif(
