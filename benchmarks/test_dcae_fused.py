@@ -198,6 +198,30 @@ def test_rms_norm_residual(benchmark, impl, layout):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_rms_norm_residual_into_x(benchmark, impl):
+    # The banded RMSNorm ResBlock ending (SANA's decoder): norm(conv2 band) + x written into
+    # x's band. Before: the fused op into a new band, then a copy into x; now the out form.
+    _skip_without("channel_rms_norm_fused_out", impl)
+    c = NORM_SHAPE[1]
+    h, x = _in_layout("channels_last", _rand(*NORM_SHAPE), _rand(*NORM_SHAPE))
+    w, b = torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)
+    if impl == "dcgen":
+
+        def fn():
+            return channel_rms_norm_fused(h, w, b, 1e-5, "none", x, out=x)
+    else:
+
+        def fn():
+            return x.copy_(channel_rms_norm_fused(h, w, b, 1e-5, "none", x))
+
+    nbytes = 3 * h.numel() * h.element_size()  # read h, x; write x
+    _run(
+        benchmark, impl, f"rms_norm + residual into x {NORM_SHAPE} channels_last",
+        "fused norm into a new tensor, then copy_", fn, nbytes, n_rounds=rounds(10, 3),
+    )  # fmt: skip
+
+
 # f64c128 @ 4096^2, stage 1: a ResBlock's conv1 output, 256 ch @ 2048^2, channels_last.
 CONV_OUT_SHAPE = (1, 256, 2048, 2048) if ON_GPU else (1, 32, 64, 64)
 
