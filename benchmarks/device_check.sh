@@ -49,10 +49,13 @@
 # the FP8 block times it), channel_rms_norm_fused_out and the banded RMSNorm ResBlock ending
 # that writes into x's band with it (tests/ops/test_channel_rms_norm_fused.py,
 # tests/autoencoders; the SANA decode times it), the step profile's tables by shape and call
-# site. Two calls, with
+# site, and up_block_shortcut_out (the up blocks' conv bias added in the shortcut kernel, and
+# banded up blocks writing their rows into the output instead of a bias_act_ pass and a copy
+# per band: tests/ops/test_block_shortcuts.py, tests/autoencoders; dcae_fused's "up_block band"
+# group and the f64c128 decode time it). Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
-#      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops/test_bias_act.py tests/ops/test_channel_rms_norm_fused.py tests/ops/test_fp8_epilogue.py tests/quant/test_fp8_direct.py tests/autoencoders tests/test_fused_blocks.py" \
+#      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops/test_bias_act.py tests/ops/test_block_shortcuts.py tests/ops/test_channel_rms_norm_fused.py tests/ops/test_fp8_epilogue.py tests/quant/test_fp8_direct.py tests/autoencoders tests/test_fused_blocks.py" \
 #      DCGEN_BENCH_FILES="dcae_decode dcae_fused" bash benchmarks/device_check.sh   (timeout_s=550):
 #      build, the tests of what changed, the 4K decodes against eager diffusers, the DC-AE
 #      block kernels (the two bias_act_ groups), then the step profile with its call-site

@@ -84,6 +84,36 @@ def test_up_block_pixel_shuffle(benchmark, impl, layout):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_up_block_band_into_output(benchmark, impl):
+    # A banded up block's work after its convolution (row_bands.py), on the shape above: the
+    # conv bias by bias_act_, the shortcut op into a fresh band, then the band copied into the
+    # full output map (what the fused decode did up to session 19), against one
+    # up_block_shortcut_out pass that adds the bias and writes the output's rows itself.
+    _skip_without("up_block_shortcut_out", impl)
+    _skip_without("bias_act_", "dcgen")  # the baseline's bias pass is the bias_act_ kernel
+    cin, cout, h = UP_SHAPE
+    x, y = _in_layout("channels_last", _rand(1, cin, h, h), _rand(1, 4 * cout, h, h))
+    b = _rand(4 * cout)
+    (full,) = _in_layout("channels_last", _rand(1, cout, 4 * h, 2 * h))  # two bands tall
+    rows = full[:, :, : 2 * h]
+    if impl == "dcgen":
+
+        def fn():
+            return up_block_shortcut(y, x, True, bias=b, out=rows)
+    else:
+
+        def fn():
+            bias_act_(y, y, b, "none")
+            return rows.copy_(up_block_shortcut(y, x, True))
+
+    nbytes = (x.numel() + 2 * y.numel()) * x.element_size()  # read x, y; write the rows
+    _run(
+        benchmark, impl, f"up_block band + conv bias into out x{tuple(x.shape)} channels_last",
+        "bias_act_, shortcut op, copy_ into out", fn, nbytes,
+    )  # fmt: skip
+
+
 # SANA f32c32 @ 4096^2: the stage-1 -> stage-0 up block (interpolate mode), 256 ch @ 2048^2
 # -> 128 ch @ 4096^2; the main path's conv output is already at full size.
 UP_INTERP_SHAPE = (256, 128, 2048) if ON_GPU else (32, 16, 32)

@@ -17,6 +17,8 @@ TORCH_LIBRARY(dcgen, m) {
   m.def("channel_rms_norm_fused_out(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, str act, float eps, Tensor(a!) out) -> ()");
   // DC-AE up/down block main path + shortcut in one pass; spec: dcgen/ops/block_shortcuts.py.
   m.def("up_block_shortcut(Tensor y, Tensor x, bool shuffle_y) -> Tensor");
+  // the up block's with y's conv bias added, written into out (a row band of the full map, say)
+  m.def("up_block_shortcut_out(Tensor y, Tensor x, bool shuffle_y, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("down_block_shortcut(Tensor y, Tensor x, bool unshuffle_y) -> Tensor");
   // GLUMBConv depthwise 3x3 + SiLU gate; spec: dcgen/ops/glu_depthwise.py.
   m.def("glu_depthwise_conv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

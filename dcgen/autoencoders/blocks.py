@@ -27,6 +27,7 @@ from dcgen.ops import (
     space_to_channel_average,
     up_block_shortcut,
 )
+from dcgen.ops.block_shortcuts import up_block_output_layout
 
 from .fused import can_modify_in_place, use_fused
 from .norms import (
@@ -55,6 +56,15 @@ def _split_conv_bias(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     bias_act_ (one vectorized pass in place; PyTorch's own add after a cuDNN convolution is a
     broadcast add that does not vectorize)."""
     return bias is not None and can_modify_in_place() and _bias_act_kernel(x)
+
+
+def _shortcut_writes_out(x: torch.Tensor) -> bool:
+    """Whether a fused up block hands its conv bias (and, banded, its output rows) to
+    up_block_shortcut's out kernel: where that kernel exists, it adds the bias while it
+    shuffles and writes the rows in place, instead of a bias_act_ pass over the conv output and
+    a copy of each band (the f64c128 4K decode's three banded up blocks: about 30 GB of memory
+    traffic, by count of bytes)."""
+    return has_kernel("up_block_shortcut_out", x.device)
 
 
 def _residual_norm(x: torch.Tensor, norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -481,27 +491,29 @@ class UpBlock(nn.Module):
         bands: list[tuple[int, int, int]],
     ) -> torch.Tensor:
         """The fused path one band of input rows at a time into one preallocated output
-        (row_bands.py): x + the output + one band alive, instead of x + the full conv output +
-        the output. Costs one copy of each output band."""
+        (row_bands.py): x + the output + one band of the conv output alive, instead of x + the
+        full conv output + the output. Where up_block_shortcut's out kernel runs, it adds the
+        conv bias and writes each band into the output itself; otherwise each band is made
+        apart and copied in."""
         n, _, height, width = x.shape
         out: torch.Tensor | None = None
-        split = _split_conv_bias(x, bias)
+        into = _shortcut_writes_out(x)
+        split = not into and _split_conv_bias(x, bias)
         for i, a, b in bands:
-            y = conv3x3_rows(x[i : i + 1], weight, None if split else bias, a, b)
+            y = conv3x3_rows(x[i : i + 1], weight, None if split or into else bias, a, b)
+            if out is None:
+                fmt = up_block_output_layout(y)
+                shape = (n, self.out_channels, 2 * height, 2 * width)
+                out = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=fmt)
+            rows = out[i : i + 1, :, 2 * a : 2 * b]
+            if into:
+                up_block_shortcut(y, x[i : i + 1, :, a:b], True, bias=bias, out=rows)
+                continue
             if split:
                 bias_act_(y, y, bias, "none")
             band = up_block_shortcut(y, x[i : i + 1, :, a:b], True)
             del y
-            if out is None:
-                last = band.is_contiguous(memory_format=torch.channels_last)
-                fmt = torch.channels_last if last else torch.contiguous_format
-                out = torch.empty(
-                    (n, band.shape[1], 2 * height, 2 * width),
-                    dtype=band.dtype,
-                    device=band.device,
-                    memory_format=fmt,
-                )
-            out[i : i + 1, :, 2 * a : 2 * b].copy_(band)
+            rows.copy_(band)
             del band
         assert out is not None
         return out
@@ -524,6 +536,9 @@ class UpBlock(nn.Module):
                 bands = row_bands(x, row_bytes)
             if bands is not None:
                 return self._shortcut_in_bands(x, weight, bias, bands)
+            if _shortcut_writes_out(x):  # the bias added by the shortcut kernel
+                y = F.conv2d(x, weight, None, padding=1)
+                return up_block_shortcut(y, x, True, bias=bias)
             split = _split_conv_bias(x, bias)
             y = F.conv2d(x, weight, None if split else bias, padding=1)
             if split:

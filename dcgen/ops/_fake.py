@@ -66,6 +66,12 @@ if extension_loaded():
             cout = y.shape[1] // 4 if shuffle_y else y.shape[1]
             return _empty((b, cout, 2 * h, 2 * w), y)
 
+    if _registered("up_block_shortcut_out"):
+
+        @torch.library.register_fake("dcgen::up_block_shortcut_out")
+        def _up_block_shortcut_out_fake(y, x, shuffle_y, bias, out):  # noqa: ANN001
+            return None
+
     if _registered("down_block_shortcut"):
 
         @torch.library.register_fake("dcgen::down_block_shortcut")

@@ -16,6 +16,11 @@ Down block (factor 2):
 The channel orders are those of dcgen.ops.shortcuts (= diffusers' AutoencoderDC). The sum (and
 the channel mean) runs in fp32 and is rounded once to y's dtype; the shortcut tensor is never
 materialised by the kernel.
+
+The up block's op also takes the main-path conv's ``bias`` (one value per y channel, added to y
+before the shuffle, in the same fp32 sum) and an ``out`` to write into: the fused decoder runs
+its up-block convolutions without their bias and writes each row band straight into the full
+output map, so neither a bias pass over y nor a copy of each band is needed.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ._extension import compiled_op, has_kernel
-from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from ._validate import FLOAT_DTYPES, check_same_device, check_tensor, dense_as
 from .shortcuts import channel_duplicate_to_space, space_to_channel_average
 
 _DTYPES = (*FLOAT_DTYPES, torch.float64)
@@ -96,12 +101,48 @@ def _down_out_channels(y: torch.Tensor, x: torch.Tensor, unshuffle_y: bool) -> i
     return cout
 
 
-def up_block_shortcut_reference(y: torch.Tensor, x: torch.Tensor, shuffle_y: bool = True):
-    """Pure-PyTorch spec of :func:`up_block_shortcut` (sum in fp32, one rounding)."""
+def _check_up_bias(y: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if bias is None:
+        return
+    check_tensor("up_block_shortcut: bias", bias, ndim=1, dtypes=(y.dtype,))
+    if bias.shape[0] != y.shape[1]:
+        raise ValueError(
+            f"up_block_shortcut: expected a bias of y's {y.shape[1]} channels, got "
+            f"{tuple(bias.shape)}"
+        )
+
+
+def up_block_output_layout(y: torch.Tensor) -> torch.memory_format:
+    """The layout of up_block_shortcut's output for main-path input ``y``: channels_last when y
+    is (and is not also NCHW-contiguous), else NCHW."""
+    if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_up_out(y: torch.Tensor, x: torch.Tensor, cout: int, out: torch.Tensor) -> None:
+    check_tensor("up_block_shortcut: out", out, ndim=4, dtypes=(y.dtype,))
+    shape = (y.shape[0], cout, 2 * x.shape[2], 2 * x.shape[3])
+    if tuple(out.shape) != shape:
+        raise ValueError(
+            f"up_block_shortcut: expected out of shape {shape}, got {tuple(out.shape)}"
+        )
+
+
+def up_block_shortcut_reference(
+    y: torch.Tensor, x: torch.Tensor, shuffle_y: bool = True, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Pure-PyTorch spec of :func:`up_block_shortcut`: (y + bias) + shortcut in fp32, rounded
+    once."""
     cout = _up_out_channels(y, x, shuffle_y)
+    _check_up_bias(y, bias)
     dt = _math_dtype(y)
-    main = F.pixel_shuffle(y, 2) if shuffle_y else y
-    return (main.to(dt) + channel_duplicate_to_space(x.to(dt), cout, 2)).to(y.dtype)
+    main = y.to(dt)
+    if bias is not None:
+        main = main + bias.to(dt).view(1, -1, 1, 1)
+    if shuffle_y:
+        main = F.pixel_shuffle(main, 2)
+    return (main + channel_duplicate_to_space(x.to(dt), cout, 2)).to(y.dtype)
 
 
 def down_block_shortcut_reference(y: torch.Tensor, x: torch.Tensor, unshuffle_y: bool = True):
@@ -112,8 +153,10 @@ def down_block_shortcut_reference(y: torch.Tensor, x: torch.Tensor, unshuffle_y:
     return (main.to(dt) + space_to_channel_average(x.to(dt), cout, 2)).to(y.dtype)
 
 
-def _use_kernel(name: str, y: torch.Tensor, x: torch.Tensor) -> bool:
-    needs_grad = torch.is_grad_enabled() and (y.requires_grad or x.requires_grad)
+def _use_kernel(name: str, y: torch.Tensor, x: torch.Tensor, *more: torch.Tensor | None) -> bool:
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (y, x, *more)
+    )
     return (
         not needs_grad
         and y.dtype in FLOAT_DTYPES
@@ -123,17 +166,58 @@ def _use_kernel(name: str, y: torch.Tensor, x: torch.Tensor) -> bool:
     )
 
 
-def up_block_shortcut(y: torch.Tensor, x: torch.Tensor, shuffle_y: bool = True) -> torch.Tensor:
-    """Up block output: (pixel_shuffle(y, 2) if shuffle_y else y) + the channel-duplicating
-    depth-to-space shortcut of x, shape (B, Cout, 2H, 2W), in y's dtype.
+def up_block_shortcut(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    shuffle_y: bool = True,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Up block output: (pixel_shuffle(y + bias, 2) if shuffle_y else y + bias) + the
+    channel-duplicating depth-to-space shortcut of x, shape (B, Cout, 2H, 2W), in y's dtype.
+
+    ``bias`` (optional): the main-path conv's bias, one value per channel of y, in y's dtype.
+    ``out`` (optional, the output's shape and y's dtype): the result is written there and
+    ``out`` returned. Where ``out`` is laid out as the kernel's own output would be (a row band
+    of a larger channels_last map qualifies) and shares no memory with y or x, the kernel
+    writes it directly (``dcgen::up_block_shortcut_out``); otherwise the result is copied in.
 
     The CUDA kernel runs when built, the tensors are on a GPU and no gradient is needed;
     otherwise the reference. The output is channels_last when y is, else NCHW-contiguous.
     """
-    _up_out_channels(y, x, shuffle_y)
-    if _use_kernel("up_block_shortcut", y, x):
-        return compiled_op("up_block_shortcut")(y, x, bool(shuffle_y))
-    return up_block_shortcut_reference(y, x, shuffle_y)
+    cout = _up_out_channels(y, x, shuffle_y)
+    _check_up_bias(y, bias)
+    if out is not None:
+        _check_up_out(y, x, cout, out)
+    check_same_device(y=y, x=x, bias=bias, out=out)
+    shuffle_y = bool(shuffle_y)
+    if bias is None and out is None:
+        if _use_kernel("up_block_shortcut", y, x):
+            return compiled_op("up_block_shortcut")(y, x, shuffle_y)
+    elif _use_kernel("up_block_shortcut_out", y, x, bias, out):
+        target = out
+        if out is None or not _kernel_writes(out, y, x):
+            shape = (y.shape[0], cout, 2 * x.shape[2], 2 * x.shape[3])
+            fmt = up_block_output_layout(y)
+            target = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=fmt)
+        compiled_op("up_block_shortcut_out")(y, x, shuffle_y, bias, target)
+        return target if out is None or target is out else out.copy_(target)
+    result = up_block_shortcut_reference(y, x, shuffle_y, bias)
+    return result if out is None else out.copy_(result)
+
+
+def _kernel_writes(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the out kernel takes ``out`` as it is: dense in the kernel's own output layout
+    (sizes-1 dimensions aside), element-aligned for the NCHW kernel's paired stores, and in
+    memory of its own (the kernel reads y and x while writing out)."""
+    fmt = up_block_output_layout(y)
+    like = torch.empty(out.shape, dtype=out.dtype, device="meta", memory_format=fmt)
+    if not dense_as(out, like):
+        return False
+    if fmt == torch.contiguous_format and out.data_ptr() % (2 * out.element_size()):
+        return False
+    shared = out.untyped_storage().data_ptr()
+    return all(t.untyped_storage().data_ptr() != shared for t in (y, x))
 
 
 def down_block_shortcut(y: torch.Tensor, x: torch.Tensor, unshuffle_y: bool = True) -> torch.Tensor:

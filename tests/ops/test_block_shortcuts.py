@@ -276,3 +276,269 @@ def test_public_ops_fall_back_and_are_differentiable(rng):
 def test_bad_input_errors(fn, args, err, match):
     with pytest.raises(err, match=match):
         fn(*args)
+
+
+# ---------------------------------------------- up_block_shortcut with bias= and out=
+
+
+def _bias_for(y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(y.shape[1], generator=gen).to(y.dtype)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("case", UP_CASES)
+def test_up_reference_with_bias_equals_unfused_block_math(case, shuffle, rng):
+    # The conv bias belongs to y (before the shuffle): (y + bias) then the block, in fp32.
+    y, x = _up_inputs(case, shuffle, torch.float32, rng)
+    bias = _bias_for(y, rng)
+    main = y + bias.view(1, -1, 1, 1)
+    main = F.pixel_shuffle(main, 2) if shuffle else main
+    want = main + channel_duplicate_to_space(x, case[4], 2)
+    got = up_block_shortcut_reference(y, x, shuffle, bias)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_up_reference_with_bias_rounds_once(rng):
+    y, x = _up_inputs((1, 8, 4, 4, 4), True, torch.bfloat16, rng)
+    bias = _bias_for(y, rng)
+    want = up_block_shortcut_reference(y.float(), x.float(), True, bias.float())
+    got = up_block_shortcut_reference(y, x, True, bias)
+    torch.testing.assert_close(got, want.to(torch.bfloat16), atol=0, rtol=0)
+
+
+def _nan_rows_band(shape, dtype, device, extra_rows=3, fmt=torch.channels_last):
+    """(full, band): a NaN-filled map ``extra_rows`` taller than ``shape`` and the band of
+    ``shape``'s rows that starts at row 2 (a batch-1 channels_last band is dense)."""
+    b, c, h, w = shape
+    full = torch.full((b, c, h + extra_rows, w), float("nan"), dtype=dtype, device=device)
+    full = full.contiguous(memory_format=fmt)
+    return full, full[:, :, 2 : 2 + h]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_up_public_op_writes_into_a_band_of_out(bias, rng):
+    # CPU (the reference, then copied in): the band holds the result, the rows around it are
+    # untouched, and out itself is returned.
+    y, x = _up_inputs((1, 16, 3, 5, 8), True, torch.float32, rng)
+    y, x = y.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    b = _bias_for(y, rng) if bias else None
+    full, band = _nan_rows_band((1, 8, 6, 10), torch.float32, "cpu")
+    got = up_block_shortcut(y, x, True, bias=b, out=band)
+    assert got is band
+    torch.testing.assert_close(band, up_block_shortcut_reference(y, x, True, b), atol=0, rtol=0)
+    assert full[:, :, :2].isnan().all() and full[:, :, 8:].isnan().all()
+
+
+def test_up_public_op_with_bias_is_differentiable(rng):
+    y, x = _up_inputs((1, 4, 3, 3, 2), True, torch.float64, rng)
+    bias = torch.randn(y.shape[1], dtype=torch.float64, generator=rng, requires_grad=True)
+    y.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda y, b: up_block_shortcut(y, x, True, bias=b), (y, bias))
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(bias=torch.randn(7)), ValueError, r"expected a bias of y's 8 channels, got \(7,\)"),
+        (dict(bias=torch.randn(8).half()), TypeError, "up_block_shortcut: bias"),
+        (dict(bias=torch.randn(2, 4)), ValueError, "up_block_shortcut: bias"),
+        (
+            dict(out=torch.empty(1, 2, 4, 6)),
+            ValueError,
+            r"expected out of shape \(1, 2, 4, 4\), got \(1, 2, 4, 6\)",
+        ),
+        (dict(out=torch.empty(1, 2, 4, 4).half()), TypeError, "up_block_shortcut: out"),
+    ],
+)
+def test_up_bias_and_out_errors(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        up_block_shortcut(torch.randn(1, 8, 2, 2), torch.randn(1, 2, 2, 2), True, **kwargs)
+
+
+@pytest.fixture
+def cpu_out_kernel(monkeypatch):
+    """A CPU kernel for dcgen::up_block_shortcut_out that runs the reference into out (the CUDA
+    kernel is tested against the same reference below), visible to has_kernel; yields the
+    (bias given, out's data pointer) of each call."""
+    from dcgen.ops import _extension
+
+    if not _extension.has_schema("up_block_shortcut_out"):
+        pytest.skip("dcgen._C is not built: no dcgen::up_block_shortcut_out schema")
+    calls: list[tuple[bool, int]] = []
+
+    def kernel(y, x, shuffle_y, bias, out):  # noqa: ANN001, ANN202
+        calls.append((bias is not None, out.data_ptr()))
+        out.copy_(up_block_shortcut_reference(y, x, shuffle_y, bias))
+
+    lib = torch.library.Library("dcgen", "IMPL")
+    lib.impl("up_block_shortcut_out", kernel, "CPU")
+    monkeypatch.setattr(
+        _extension, "_KERNELS", _extension._KERNELS | {("up_block_shortcut_out", "CPU")}
+    )
+    try:
+        yield calls
+    finally:
+        lib._destroy()
+
+
+def test_up_public_op_hands_dense_outs_to_the_kernel(cpu_out_kernel, rng):
+    # A dense band of a channels_last map goes to the kernel as it is; an out laid out unlike
+    # the kernel's output, or one sharing memory with x, gets the result copied in.
+    y, x = _up_inputs((1, 16, 3, 5, 8), True, torch.float32, rng)
+    cl = torch.channels_last
+    y, x = y.to(memory_format=cl), x.to(memory_format=cl)
+    bias = _bias_for(y, rng)
+    want = up_block_shortcut_reference(y, x, True, bias)
+    full, band = _nan_rows_band((1, 8, 6, 10), torch.float32, "cpu")
+    up_block_shortcut(y, x, True, bias=bias, out=band)
+    assert cpu_out_kernel == [(True, band.data_ptr())]
+    torch.testing.assert_close(band, want, atol=0, rtol=0)
+    assert full[:, :, :2].isnan().all() and full[:, :, 8:].isnan().all()
+
+    cpu_out_kernel.clear()
+    nchw = torch.full_like(want, float("nan"), memory_format=torch.contiguous_format)
+    up_block_shortcut(y, x, True, bias=bias, out=nchw)
+    assert len(cpu_out_kernel) == 1 and cpu_out_kernel[0][1] != nchw.data_ptr()
+    torch.testing.assert_close(nchw, want, atol=0, rtol=0)
+
+    cpu_out_kernel.clear()
+    got = up_block_shortcut(y, x, True, bias=bias)  # no out: a fresh one, y's layout
+    assert len(cpu_out_kernel) == 1 and got.is_contiguous(memory_format=cl)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    # out in x's storage (the kernel reads x while it writes out): copied in after
+    cpu_out_kernel.clear()
+    xs = torch.randn(1, 8, 3, 5, generator=rng).to(memory_format=cl)
+    ys = torch.randn(1, 4, 6, 10, generator=rng).to(memory_format=cl)  # y at output size
+    store = torch.zeros(xs.numel() + ys.numel())
+    xv = store[: xs.numel()].view(1, 3, 5, 8).permute(0, 3, 1, 2).copy_(xs)
+    outv = store[xs.numel() :].view(1, 6, 10, 4).permute(0, 3, 1, 2)
+    want = up_block_shortcut_reference(ys, xs, False)
+    up_block_shortcut(ys, xv, False, out=outv)
+    assert len(cpu_out_kernel) == 1 and cpu_out_kernel[0][1] != outv.data_ptr()
+    torch.testing.assert_close(outv, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["pixel_shuffle", "interpolate"])
+@pytest.mark.parametrize("band_bytes", [0, 4 * 8 * 6 * 4 * 3])
+def test_up_blocks_hand_bias_and_rows_to_the_out_kernel(cpu_out_kernel, mode, band_bytes):
+    # Where the out kernel exists, a fused up block runs its conv without the bias and the
+    # kernel adds it (banded: writing each band into the output); equal to the plain block.
+    from dcgen.autoencoders.blocks import UpBlock
+    from dcgen.autoencoders.fused import fused_inference
+    from dcgen.autoencoders.row_bands import band_size
+
+    torch.manual_seed(0)
+    block = UpBlock(8, 8, mode, shortcut=True).eval()
+    with torch.no_grad():
+        block.conv.bias.normal_()
+    x = torch.randn(1, 8, 12, 6).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        with fused_inference(False):
+            want = block(x)
+        with fused_inference(True), band_size(band_bytes):
+            got = block(x)
+    assert cpu_out_kernel and all(has_bias for has_bias, _ in cpu_out_kernel)
+    assert len(cpu_out_kernel) == (1 if band_bytes == 0 else 4)
+    if band_bytes:  # each band written in place: four distinct row offsets of one map
+        assert len({ptr for _, ptr in cpu_out_kernel}) == 4
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1"])
+def test_banded_decodes_with_the_out_kernel_equal_the_plain_ones(cpu_out_kernel, preset):
+    from dcgen.autoencoders import DCAE
+    from dcgen.autoencoders.config import reduced_config
+    from dcgen.autoencoders.fused import fused_inference
+    from dcgen.autoencoders.row_bands import band_size
+
+    torch.manual_seed(0)
+    model = DCAE(reduced_config(preset)).eval()
+    z = torch.randn(1, model.latent_channels, 8, 8)
+    with torch.inference_mode():
+        with fused_inference(False):
+            want = model.decode(z)
+        with fused_inference(True), band_size(48 * 3):
+            got = model.decode(z)
+    assert cpu_out_kernel
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------ up_block_shortcut_out (CUDA)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_up_out_kernel_matches_reference(dtype, rng):
+    # Every case, both main-path modes, all input layouts, with and without bias, into a
+    # poisoned out in the kernel's own layout; batch-1 channels_last cases also into a row band
+    # of a taller NaN-filled map, whose other rows must stay NaN.
+    if not has_kernel("up_block_shortcut_out", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernel for up_block_shortcut_out")
+    kernel = compiled_op("up_block_shortcut_out")
+    atol, rtol = TOL[dtype]
+    for case in UP_CASES:
+        for shuffle in (True, False):
+            y, x = _up_inputs(case, shuffle, dtype, rng)
+            for with_bias in (False, True):
+                bias = _bias_for(y, rng).cuda() if with_bias else None
+                for layout, yl, xl in _layouts(y.cuda(), x.cuda()):
+                    want = up_block_shortcut_reference(
+                        yl.cpu().float(), xl.cpu().float(), shuffle,
+                        None if bias is None else bias.cpu().float(),
+                    )  # fmt: skip
+                    fmt = torch.channels_last if yl.is_contiguous(
+                        memory_format=torch.channels_last
+                    ) and not yl.is_contiguous() else torch.contiguous_format  # fmt: skip
+                    outs = []
+                    poison_cuda_allocator()
+                    outs.append((None, torch.empty(want.shape, dtype=dtype, device="cuda",
+                                                   memory_format=fmt)))  # fmt: skip
+                    if fmt == torch.channels_last and case[0] == 1:
+                        outs.append(_nan_rows_band(want.shape, dtype, "cuda"))
+                    for full, out in outs:
+                        kernel(yl, xl, shuffle, bias, out)
+                        msg = f"{layout} {case} shuffle={shuffle} bias={with_bias}"
+                        assert not out.isnan().any(), f"unwritten output ({msg})"
+                        torch.testing.assert_close(
+                            out.cpu().float(), want, atol=atol, rtol=rtol, msg=msg
+                        )
+                        if full is not None:
+                            h = want.shape[2]
+                            assert full[:, :, :2].isnan().all(), msg
+                            assert full[:, :, 2 + h :].isnan().all(), msg
+
+
+@pytest.mark.cuda
+def test_cuda_up_out_kernel_bit_exact_at_decoder_size(rng):
+    # A stage-sized bf16 map into row bands of one channels_last output, as the banded decode
+    # writes it: bit-equal to the reference (the same fp32 sum, one rounding).
+    if not has_kernel("up_block_shortcut_out", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernel for up_block_shortcut_out")
+    cl = torch.channels_last
+    y, x = _up_inputs((1, 64, 96, 80, 32), True, torch.bfloat16, rng)
+    y, x = y.cuda().to(memory_format=cl), x.cuda().to(memory_format=cl)
+    bias = _bias_for(y, rng).cuda()
+    want = up_block_shortcut_reference(y, x, True, bias)
+    out = torch.full_like(want, float("nan"), memory_format=cl)
+    for a in range(0, 96, 40):
+        b = min(a + 40, 96)
+        up_block_shortcut(y[:, :, a:b], x[:, :, a:b], True, bias=bias, out=out[:, :, 2 * a : 2 * b])
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_up_out_kernel_rejects_overlap_and_passes_opcheck(rng):
+    if not has_kernel("up_block_shortcut_out", "cuda"):
+        pytest.skip("dcgen._C has no CUDA kernel for up_block_shortcut_out")
+    op = torch.ops.dcgen.up_block_shortcut_out.default
+    x = torch.randn(1, 4, 3, 3, device="cuda")
+    y_full = torch.randn(1, 4, 6, 6, device="cuda")  # without shuffle: the output's shape
+    with pytest.raises(RuntimeError, match="unsupported operation"):
+        op(y_full, x, False, None, y_full)  # out is y
+    y = torch.randn(1, 16, 3, 3, device="cuda")
+    out = torch.empty(1, 4, 6, 6, device="cuda")
+    bias = torch.randn(16, device="cuda")
+    torch.library.opcheck(
+        op, (y, x, True, bias, out), test_utils=("test_schema", "test_faketensor")
+    )

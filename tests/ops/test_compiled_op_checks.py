@@ -1192,6 +1192,74 @@ UP = [
         says_expected_got=False,
     ),
 ]
+# up_block_shortcut_out(y, x, shuffle_y, bias, out): the same checks first, then bias and out
+OP = "up_block_shortcut_out"
+P = "dcgen::up_block_shortcut_out"
+UP_OUT = _as_op(UP, OP, lambda: (None, cu(2, 4, 10, 14))) + [
+    _c(
+        OP,
+        "bias-channels",
+        lambda: (cu(2, 16, 5, 7), cu(2, 8, 5, 7), True, cu(4), cu(2, 4, 10, 14)),
+        f"{P}: expected a contiguous bias of y's 16 channels, dtype BFloat16 and device cuda:0, "
+        "got BFloat16 [4] strides [1] on cuda:0",
+    ),
+    _c(
+        OP,
+        "bias-dtype",
+        lambda: (cu(2, 16, 5, 7), cu(2, 8, 5, 7), True, cu(16, dtype=F32), cu(2, 4, 10, 14)),
+        "got Float [16] strides [1] on cuda:0",
+    ),
+    _c(
+        OP,
+        "bias-strided",
+        lambda: (cu(2, 16, 5, 7), cu(2, 8, 5, 7), True, cu(32)[::2], cu(2, 4, 10, 14)),
+        "got BFloat16 [16] strides [2] on cuda:0",
+    ),
+    _c(
+        OP,
+        "bias-cpu",
+        lambda: (cu(2, 16, 5, 7), cu(2, 8, 5, 7), True, cpu(16), cu(2, 4, 10, 14)),
+        "got BFloat16 [16] strides [1] on cpu",
+    ),
+    _c(
+        OP,
+        "out-dtype",
+        lambda: (cu(2, 16, 5, 7), cu(2, 8, 5, 7), True, None, cu(2, 4, 10, 14, dtype=F16)),
+        f"{P}: expected out of y's dtype BFloat16 on cuda:0, got Half on cuda:0",
+    ),
+    _c(
+        OP,
+        "out-cpu",
+        lambda: (cu(2, 16, 5, 7), cu(2, 8, 5, 7), True, None, cpu(2, 4, 10, 14)),
+        "got BFloat16 on cpu",
+    ),
+    _c(
+        OP,
+        "out-shape",
+        lambda: (cu(2, 16, 5, 7), cu(2, 8, 5, 7), True, None, cu(2, 4, 10, 12)),
+        f"{P}: expected out of shape [2, 4, 10, 14] with strides [560, 140, 14, 1] (NCHW, as y; "
+        "dimensions of size 1 may differ), got [2, 4, 10, 12] / [480, 120, 12, 1]",
+    ),
+    _c(
+        OP,
+        "out-layout",
+        lambda: (
+            cu(2, 16, 5, 7).to(memory_format=torch.channels_last),
+            cu(2, 8, 5, 7),
+            True,
+            None,
+            cu(2, 4, 10, 14),
+        ),
+        f"{P}: expected out of shape [2, 4, 10, 14] with strides [560, 1, 56, 4] (channels_last, "
+        "as y; dimensions of size 1 may differ), got [2, 4, 10, 14] / [560, 140, 14, 1]",
+    ),
+    _c(
+        OP,
+        "out-misaligned",
+        lambda: (cu(2, 16, 5, 7), cu(2, 8, 5, 7), True, None, at_offset(2, 4, 10, 14)),
+        f"{P}: expected an NCHW out aligned to 4 bytes, got storage offset 1",
+    ),
+]
 OP = "down_block_shortcut"
 P = "dcgen::down_block_shortcut"
 DOWN = [
@@ -1421,7 +1489,7 @@ BIAS_ACT = [
 
 CASES: list[Case] = [
     *FP8_EPILOGUE, *FP8_EPILOGUE_INTO, *FP8_EPILOGUE_FP8, *ADALN, *ADALN_FP8, *GATED, *QUANTIZE_FP8, *QUANTIZE_NVFP4, *LOWRANK, *DEQUANT, *GEMM,
-    *W4A16, *QK, *ATTENTION, *RMS, *RMS_FUSED, *UP, *DOWN, *GLU, *LINEAR, *BIAS_ACT,
+    *W4A16, *QK, *ATTENTION, *RMS, *RMS_FUSED, *UP, *UP_OUT, *DOWN, *GLU, *LINEAR, *BIAS_ACT,
 ]  # fmt: skip
 BY_ID = {case.id: case for case in CASES}
 assert len(BY_ID) == len(CASES), "case ids must be unique"
