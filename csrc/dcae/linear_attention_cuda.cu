@@ -1,12 +1,23 @@
 // ReLU linear attention on CUDA (spec: dcgen/ops/linear_attention.py).
 //
-// Two deterministic passes over the interleaved (BH, 3d, N) qkv tensor, fp32 throughout:
+// Two deterministic passes over the interleaved (B, heads, 3d, N) qkv tensor, fp32 throughout:
 //  1. reduce: blocks (head, split) each sum [v;1] relu(k)^T over their slice of tokens into a
 //     (d+1) x d partial in a workspace [BH, splits, d+1, d]; no atomics, so results do not
 //     depend on scheduling.
 //  2. apply: blocks (head, token tile) add the partials in a fixed order into shared memory,
 //     then each thread takes one token: o = vk relu(q_n), out = o[:d] / (o[d] + eps).
 // q, k and v are each read once per pass that needs them; the padded ones row is implicit.
+//
+// Two layouts of qkv are read in place, through its strides:
+//  - token-fastest (stride(3) == 1): a plain (B, heads, 3d, N) tensor; the output is the same
+//    (B, heads, d, N), contiguous;
+//  - channel-fastest (stride(2) == 1, TOK): the view LiteMLA takes of a channels_last conv
+//    output (B, 3 heads d, H, W), where a token's channels are contiguous. The output is laid
+//    out the same way, (B, heads, d, N) with strides (N heads d, d, 1, heads d), so its
+//    (B, heads d, H, W) view is channels_last again. Both views are free: before, the kernel made
+//    qkv contiguous (a transposing copy of the whole qkv map) and LiteMLA copied the output back
+//    to channels_last, two layout copies per block.
+// Any other layout is copied to the first.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 
 namespace dcgen {
 namespace {
@@ -22,19 +34,32 @@ constexpr int kMaxD = 32;
 constexpr int kTile = 64;       // tokens staged in shared memory per step of the reduce
 constexpr int kThreads = 256;
 
+// Element strides of qkv (and of the output) as (B, heads, rows, N), and the head count.
+struct Layout4 {
+  int64_t sb, sh, sr, sn;
+  int heads;
+};
+
+__device__ __forceinline__ int64_t head_offset(const Layout4& L, int64_t bh) {
+  return (bh / L.heads) * L.sb + (bh % L.heads) * L.sh;
+}
+
 // D > 0: head dim known at compile time (the DC-AE / SANA value 32), so per-thread arrays stay
-// in registers; D == 0: any d <= kMaxD at run time.
-template <typename T, int D>
-__global__ void linear_attention_reduce(const T* __restrict__ qkv, float* __restrict__ partial,
-                                        int d_rt, int64_t n, int64_t per_split, int splits) {
+// in registers; D == 0: any d <= kMaxD at run time. TOK: channel-fastest layout (L.sr == 1),
+// else token-fastest (L.sn == 1).
+template <typename T, int D, bool TOK>
+__global__ void linear_attention_reduce(const T* __restrict__ qkv, Layout4 L,
+                                        float* __restrict__ partial, int d_rt, int64_t n,
+                                        int64_t per_split, int splits) {
   constexpr int kPer = ((kMaxD + 1) * kMaxD + kThreads - 1) / kThreads;
   __shared__ float ks[kMaxD][kTile + 1];
   __shared__ float vs[kMaxD][kTile + 1];
   const int d = D > 0 ? D : d_rt;
   const int64_t bh = blockIdx.y;
   const int split = blockIdx.x;
-  const T* k = qkv + (bh * 3 * d + d) * n;
-  const T* v = qkv + (bh * 3 * d + 2 * d) * n;
+  const T* base = qkv + head_offset(L, bh);
+  const T* k = base + d * L.sr;
+  const T* v = base + 2 * d * L.sr;
   const int64_t start = split * per_split;
   const int64_t stop = std::min<int64_t>(n, start + per_split);
   const int outputs = (d + 1) * d;  // row i = d is the "ones" row: sum_n k_j
@@ -45,11 +70,14 @@ __global__ void linear_attention_reduce(const T* __restrict__ qkv, float* __rest
   for (int64_t t0 = start; t0 < stop; t0 += kTile) {
     const int len = static_cast<int>(std::min<int64_t>(kTile, stop - t0));
     for (int e = threadIdx.x; e < d * kTile; e += kThreads) {
-      const int row = e / kTile, col = e % kTile;
+      // consecutive threads read consecutive elements of the fastest dimension
+      const int row = TOK ? e % d : e / kTile;
+      const int col = TOK ? e / d : e % kTile;
       float kv = 0.f, vv = 0.f;
       if (col < len) {
-        kv = fmaxf(static_cast<float>(k[row * n + t0 + col]), 0.f);
-        vv = static_cast<float>(v[row * n + t0 + col]);
+        const int64_t off = TOK ? row + (t0 + col) * L.sn : row * L.sr + t0 + col;
+        kv = fmaxf(static_cast<float>(k[off]), 0.f);
+        vv = static_cast<float>(v[off]);
       }
       ks[row][col] = kv;
       vs[row][col] = vv;
@@ -79,10 +107,35 @@ __global__ void linear_attention_reduce(const T* __restrict__ qkv, float* __rest
   }
 }
 
-template <typename T, int D>
-__global__ void linear_attention_apply(const T* __restrict__ qkv, const float* __restrict__ partial,
-                                       T* __restrict__ y, int d_rt, int64_t n, int splits,
-                                       float eps) {
+// The D values of one token as floats: 16-byte loads (vec: TOK, D == 32 and every address
+// 16-byte aligned, checked on the host) or one load per element.
+template <typename T, int D, bool TOK>
+__device__ __forceinline__ void load_token(const T* __restrict__ p, int64_t stride, int d,
+                                           bool vec, float* r) {
+  constexpr int kQ = D > 0 ? D : kMaxD;
+  if constexpr (TOK && D == 32) {
+    if (vec) {
+      constexpr int kChunks = D * sizeof(T) / 16;
+      constexpr int kPerChunk = 16 / sizeof(T);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        const uint4 u = reinterpret_cast<const uint4*>(p)[c];
+        const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int t = 0; t < kPerChunk; ++t) r[c * kPerChunk + t] = static_cast<float>(e[t]);
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kQ; ++j) r[j] = j < d ? static_cast<float>(p[j * stride]) : 0.f;
+}
+
+template <typename T, int D, bool TOK>
+__global__ void linear_attention_apply(const T* __restrict__ qkv, Layout4 L,
+                                       const float* __restrict__ partial, T* __restrict__ y,
+                                       Layout4 Y, int d_rt, int64_t n, int splits, float eps,
+                                       bool vec) {
   __shared__ float vk[kMaxD + 1][kMaxD];
   const int d = D > 0 ? D : d_rt;
   const int64_t bh = blockIdx.y;
@@ -96,35 +149,60 @@ __global__ void linear_attention_apply(const T* __restrict__ qkv, const float* _
   __syncthreads();
   const int64_t tok = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (tok >= n) return;
-  const T* q = qkv + bh * 3 * d * n + tok;
   constexpr int kQ = D > 0 ? D : kMaxD;
   float qr[kQ];
+  load_token<T, D, TOK>(qkv + head_offset(L, bh) + tok * L.sn, L.sr, d, vec, qr);
 #pragma unroll
-  for (int j = 0; j < kQ; ++j) qr[j] = j < d ? fmaxf(static_cast<float>(q[j * n]), 0.f) : 0.f;
+  for (int j = 0; j < kQ; ++j) qr[j] = fmaxf(qr[j], 0.f);
   float den = 0.f;
 #pragma unroll
   for (int j = 0; j < kQ; ++j) den += (j < d ? vk[d][j] : 0.f) * qr[j];
   const float inv = 1.f / (den + eps);
-  T* out = y + bh * d * n + tok;
+  T* out = y + head_offset(Y, bh) + tok * Y.sn;
+  if constexpr (TOK && D == 32) {
+    if (vec) {  // the token's D outputs are contiguous: 16-byte stores
+      constexpr int kPerChunk = 16 / sizeof(T);
+#pragma unroll
+      for (int c = 0; c < D / kPerChunk; ++c) {
+        uint4 u;
+        T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+        for (int t = 0; t < kPerChunk; ++t) {
+          const int i = c * kPerChunk + t;
+          float s = 0.f;
+#pragma unroll
+          for (int j = 0; j < kQ; ++j) s += vk[i][j] * qr[j];
+          e[t] = static_cast<T>(s * inv);
+        }
+        reinterpret_cast<uint4*>(out)[c] = u;
+      }
+      return;
+    }
+  }
   for (int i = 0; i < d; ++i) {
     float s = 0.f;
 #pragma unroll
     for (int j = 0; j < kQ; ++j) s += (j < d ? vk[i][j] : 0.f) * qr[j];
-    out[i * n] = static_cast<T>(s * inv);
+    out[i * Y.sr] = static_cast<T>(s * inv);
   }
 }
 
-template <typename T, int D>
-void launch(const at::Tensor& qkv, at::Tensor& partial, at::Tensor& y, int d, int64_t bh, int64_t n,
-            int64_t per_split, int splits, float eps, cudaStream_t stream) {
-  linear_attention_reduce<T, D><<<dim3(splits, bh), kThreads, 0, stream>>>(
-      qkv.const_data_ptr<T>(), partial.mutable_data_ptr<float>(), d, n, per_split, splits);
+template <typename T, int D, bool TOK>
+void launch(const at::Tensor& qkv, const Layout4& L, at::Tensor& partial, at::Tensor& y,
+            const Layout4& Y, int d, int64_t bh, int64_t n, int64_t per_split, int splits,
+            float eps, bool vec, cudaStream_t stream) {
+  linear_attention_reduce<T, D, TOK><<<dim3(splits, bh), kThreads, 0, stream>>>(
+      qkv.const_data_ptr<T>(), L, partial.mutable_data_ptr<float>(), d, n, per_split, splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t tiles = (n + kThreads - 1) / kThreads;
-  linear_attention_apply<T, D><<<dim3(tiles, bh), kThreads, 0, stream>>>(
-      qkv.const_data_ptr<T>(), partial.const_data_ptr<float>(), y.mutable_data_ptr<T>(), d, n,
-      splits, eps);
+  linear_attention_apply<T, D, TOK><<<dim3(tiles, bh), kThreads, 0, stream>>>(
+      qkv.const_data_ptr<T>(), L, partial.const_data_ptr<float>(), y.mutable_data_ptr<T>(), Y, d,
+      n, splits, eps, vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Layout4 layout_of(const at::Tensor& t) {
+  return Layout4{t.stride(0), t.stride(1), t.stride(2), t.stride(3), static_cast<int>(t.size(1))};
 }
 
 at::Tensor relu_linear_attention_cuda(const at::Tensor& qkv_in, double eps) {
@@ -137,13 +215,25 @@ at::Tensor relu_linear_attention_cuda(const at::Tensor& qkv_in, double eps) {
               kMaxD, "], got ", d64);
   TORCH_CHECK(eps > 0, "dcgen::relu_linear_attention: expected eps > 0, got ", eps);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
-  const at::Tensor qkv = qkv_in.contiguous();
-  const int d = static_cast<int>(d64);
-  const int64_t bh = qkv.size(0) * qkv.size(1);
-  const int64_t n = qkv.size(3);
+  const int64_t bh = qkv_in.size(0) * qkv_in.size(1);
+  const int64_t n = qkv_in.size(3);
   TORCH_CHECK(bh <= 65535, "dcgen::relu_linear_attention: at most 65535 batch*heads, got ", bh);
-  at::Tensor y = at::empty({qkv.size(0), qkv.size(1), d64, n}, qkv.options());
+  // Channel-fastest (the channels_last view) or token-fastest qkv is read in place; a token
+  // count of 1 has no token stride to speak of and takes the plain layout.
+  const bool tok = qkv_in.stride(2) == 1 && n > 1 && qkv_in.stride(3) != 1;
+  const at::Tensor qkv = tok || qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
+  const int d = static_cast<int>(d64);
+  const int64_t batch = qkv.size(0), heads = qkv.size(1);
+  // The output in qkv's order: (B, N, heads, d) memory viewed as (B, heads, d, N) when tok.
+  at::Tensor y = tok ? at::empty({batch, n, heads, d64}, qkv.options()).permute({0, 2, 3, 1})
+                     : at::empty({batch, heads, d64, n}, qkv.options());
   if (y.numel() == 0) return y;
+  const Layout4 L = layout_of(qkv), Y = layout_of(y);
+  // 16-byte token loads and stores: D = 32, every head's and token's start 16-byte aligned.
+  const int64_t per16 = 16 / qkv.element_size();
+  const bool vec = tok && d == 32 && reinterpret_cast<uintptr_t>(qkv.const_data_ptr()) % 16 == 0 &&
+                   L.sb % per16 == 0 && L.sh % per16 == 0 && L.sn % per16 == 0 &&
+                   Y.sb % per16 == 0 && Y.sh % per16 == 0 && Y.sn % per16 == 0;
   // Enough (head, split) blocks to fill the GPU several times over; each split >= one tile.
   int sms = 132;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, qkv.get_device());
@@ -152,12 +242,19 @@ at::Tensor relu_linear_attention_cuda(const at::Tensor& qkv_in, double eps) {
   const int64_t per_split = ((n + splits - 1) / splits + kTile - 1) / kTile * kTile;
   at::Tensor partial = at::empty({bh, splits, d64 + 1, d64}, qkv.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const float e = static_cast<float>(eps);
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    if (d == 32) {
-      launch<T, 32>(qkv, partial, y, d, bh, n, per_split, splits, static_cast<float>(eps), stream);
+    if (tok) {
+      if (d == 32) {
+        launch<T, 32, true>(qkv, L, partial, y, Y, d, bh, n, per_split, splits, e, vec, stream);
+      } else {
+        launch<T, 0, true>(qkv, L, partial, y, Y, d, bh, n, per_split, splits, e, vec, stream);
+      }
+    } else if (d == 32) {
+      launch<T, 32, false>(qkv, L, partial, y, Y, d, bh, n, per_split, splits, e, vec, stream);
     } else {
-      launch<T, 0>(qkv, partial, y, d, bh, n, per_split, splits, static_cast<float>(eps), stream);
+      launch<T, 0, false>(qkv, L, partial, y, Y, d, bh, n, per_split, splits, e, vec, stream);
     }
   };
   switch (qkv.scalar_type()) {

@@ -28,6 +28,7 @@ from dcgen.ops import (
     up_block_shortcut,
 )
 from dcgen.ops.block_shortcuts import up_block_output_layout
+from dcgen.ops.linear_attention import token_major
 
 from .fused import can_modify_in_place, use_fused
 from .norms import (
@@ -287,6 +288,17 @@ class QKVAggregator(nn.Module):
         return self.grouped(self.depthwise(qkv))
 
 
+def _attention_map(o: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A (B, heads, d, N) attention output as the (B, heads*d, H, W) map, without a copy: the
+    kernel's channel-fastest output (linear_attention.py) becomes channels_last with the
+    canonical strides (a plain reshape gives a one-image batch another stride, and torch.cat
+    then falls back to NCHW), a contiguous one NCHW."""
+    b = o.shape[0]
+    if token_major(o):
+        return o.permute(0, 3, 1, 2).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+    return o.reshape(b, -1, h, w)
+
+
 class LiteMLA(nn.Module):
     """ReLU linear attention with optional multi-scale q/k/v aggregation, plus residual.
 
@@ -328,18 +340,21 @@ class LiteMLA(nn.Module):
         qkv = self.qkv(x)
         if len(self.aggregators) and use_fused(x, "relu_linear_attention"):
             # Heads are independent: attend per scale and concatenate the (3x smaller) outputs
-            # instead of a (1 + scales)x copy of qkv.
+            # instead of a (1 + scales)x copy of qkv. Each output's (B, heads*d, H, W) view is
+            # channels_last where the kernel read a channels_last qkv, and so is their cat.
             outs = [self._attend(qkv)] + [self._attend(agg(qkv)) for agg in self.aggregators]
             del qkv
-            out = torch.cat(outs, dim=1)
+            out = torch.cat([_attention_map(o, h, w) for o in outs], dim=1)
         else:
             if len(self.aggregators):
                 qkv = torch.cat([qkv] + [agg(qkv) for agg in self.aggregators], dim=1)
-            out = self._attend(qkv)
-        out = out.to(x.dtype).reshape(b, -1, h, w)
+            out = _attention_map(self._attend(qkv), h, w)
+        out = out.to(x.dtype)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            # The attention output comes back NCHW; keep the channels_last run unbroken so the
-            # projection conv does not fall back to cuDNN's NCHW path (small: a low-res map).
+            # Keep the channels_last run unbroken so the projection conv does not fall back to
+            # cuDNN's NCHW path: a no-op after the CUDA kernel, which reads the channels_last
+            # qkv in place and writes its output channels_last (linear_attention.py); a copy
+            # after the reference or the quadratic form.
             out = out.contiguous(memory_format=torch.channels_last)
         return _residual_norm(x, self.norm, self.proj(out))
 

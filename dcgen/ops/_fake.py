@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ._extension import extension_loaded
+from .linear_attention import token_major
 
 if extension_loaded():
 
@@ -22,6 +23,8 @@ if extension_loaded():
     @torch.library.register_fake("dcgen::relu_linear_attention")
     def _relu_linear_attention_fake(qkv, eps):  # noqa: ANN001
         b, h, d3, n = qkv.shape
+        if token_major(qkv):  # the kernel's output follows a channel-fastest qkv
+            return qkv.new_empty((b, n, h, d3 // 3)).permute(0, 2, 3, 1)
         return qkv.new_empty((b, h, d3 // 3, n))
 
     def _registered(name: str) -> bool:

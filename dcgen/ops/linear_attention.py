@@ -9,6 +9,11 @@ Input is the per-head interleaved qkv map the fused 1x1 conv produces, viewed as
     out  = o[:d] / (o[d] + eps)
 
 The sums over N are why fp32 matters: at 4K token counts they overflow fp16.
+
+Layouts: the CUDA kernel reads qkv through its strides, token-fastest (a plain tensor) or
+channel-fastest (:func:`token_major`: LiteMLA's (B, heads, 3d, H*W) view of a channels_last
+conv output), and writes its output in the same order, so that LiteMLA's (B, heads*d, H, W)
+view of it is channels_last again. Neither layout is copied.
 """
 
 from __future__ import annotations
@@ -20,6 +25,13 @@ from ._extension import compiled_op, has_kernel
 from ._validate import FLOAT_DTYPES, check_tensor
 
 MAX_KERNEL_HEAD_DIM = 32  # the CUDA kernel keeps a (d+1) x d fp32 tile per head in shared memory
+
+
+def token_major(qkv: torch.Tensor) -> bool:
+    """Whether (B, heads, 3d, N) ``qkv`` is channel-fastest (each token's channels contiguous,
+    as in a view of a channels_last map), the layout the CUDA kernel reads in place and gives
+    its output: (B, heads, d, N) with strides (N*heads*d, d, 1, heads*d)."""
+    return qkv.stride(2) == 1 and qkv.shape[3] > 1 and qkv.stride(3) != 1
 
 
 def relu_linear_attention_reference(qkv: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
@@ -37,7 +49,8 @@ def relu_linear_attention(qkv: torch.Tensor, eps: float = 1e-15) -> torch.Tensor
     """ReLU linear attention of an interleaved (B, heads, 3*d, N) qkv tensor -> (B, heads, d, N).
 
     The CUDA kernel (d <= 32) runs when built, the tensor is on a GPU and no gradient is
-    needed; otherwise the reference.
+    needed; otherwise the reference. The kernel's output is channel-fastest where qkv is
+    (:func:`token_major`), else contiguous; the reference's is contiguous.
     """
     check_tensor("relu_linear_attention: qkv", qkv, ndim=4, dtypes=(*FLOAT_DTYPES, torch.float64))
     if qkv.shape[2] % 3:
