@@ -52,10 +52,14 @@
 # site, and up_block_shortcut_out (the up blocks' conv bias added in the shortcut kernel, and
 # banded up blocks writing their rows into the output instead of a bias_act_ pass and a copy
 # per band: tests/ops/test_block_shortcuts.py, tests/autoencoders; dcae_fused's "up_block band"
-# group and the f64c128 decode time it). Two calls, with
+# group and the f64c128 decode time it), relu_linear_attention reading channels_last qkv in
+# place (tests/ops/test_linear_attention.py, incl. a no-layout-copy LiteMLA check) and
+# glu_depthwise_conv's expand_bias (GLUMBConv's expand bias + SiLU applied as the depthwise
+# kernel loads, instead of a bias_act_ pass: tests/ops/test_glu_depthwise.py; dcae_fused's
+# "glumbconv expand bias" group). Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
-#      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops/test_bias_act.py tests/ops/test_block_shortcuts.py tests/ops/test_channel_rms_norm_fused.py tests/ops/test_fp8_epilogue.py tests/quant/test_fp8_direct.py tests/autoencoders tests/test_fused_blocks.py" \
+#      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops/test_bias_act.py tests/ops/test_block_shortcuts.py tests/ops/test_linear_attention.py tests/ops/test_glu_depthwise.py tests/ops/test_channel_rms_norm_fused.py tests/ops/test_fp8_epilogue.py tests/quant/test_fp8_direct.py tests/autoencoders tests/test_fused_blocks.py" \
 #      DCGEN_BENCH_FILES="dcae_decode dcae_fused" bash benchmarks/device_check.sh   (timeout_s=550):
 #      build, the tests of what changed, the 4K decodes against eager diffusers, the DC-AE
 #      block kernels (the two bias_act_ groups), then the step profile with its call-site

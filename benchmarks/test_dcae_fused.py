@@ -200,6 +200,32 @@ def test_glumbconv_depthwise_gate(benchmark, impl, layout):
     _run(benchmark, impl, group, "cuDNN depthwise + gate", fn, nbytes)
 
 
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_glumbconv_expand_bias_silu(benchmark, impl):
+    # GLUMBConv's fused middle from the expand conv's bias-less output: the expand bias and
+    # SiLU by a bias_act_ pass, then the depthwise + gate kernel (the fused decode up to session
+    # 19), against the depthwise + gate kernel applying them as it loads (expand_bias=)
+    _skip_without("glu_depthwise_conv", impl)
+    _skip_without("glu_depthwise_conv", "dcgen")  # both rows run dcgen's depthwise kernel
+    _skip_without("bias_act_", "dcgen")
+    c2 = GLU_SHAPE[1]
+    (t,) = _in_layout("channels_last", _rand(*GLU_SHAPE))
+    w, b, eb = _rand(c2, 1, 3, 3) / 3, _rand(c2), _rand(c2)
+    if impl == "dcgen":
+
+        def fn():
+            return glu_depthwise_conv(t, w, b, expand_bias=eb)
+    else:
+
+        def fn():
+            bias_act_(t, t, eb, "silu")  # in place, as the fused decode ran it
+            return glu_depthwise_conv(t, w, b)
+
+    nbytes = t.numel() * t.element_size() * 3 // 2  # read t, write half
+    group = f"glumbconv expand bias+silu, dw3x3+gate {GLU_SHAPE} channels_last"
+    _run(benchmark, impl, group, "bias_act_ silu pass, then the dw+gate kernel", fn, nbytes)
+
+
 # SANA f32c32 stage 0 at 4096^2: ResBlock's norm + residual over 128 ch @ 4096^2.
 NORM_SHAPE = (1, 128, 4096, 4096) if ON_GPU else (1, 64, 64, 64)
 

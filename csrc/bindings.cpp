@@ -21,7 +21,9 @@ TORCH_LIBRARY(dcgen, m) {
   m.def("up_block_shortcut_out(Tensor y, Tensor x, bool shuffle_y, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("down_block_shortcut(Tensor y, Tensor x, bool unshuffle_y) -> Tensor");
   // GLUMBConv depthwise 3x3 + SiLU gate; spec: dcgen/ops/glu_depthwise.py.
-  m.def("glu_depthwise_conv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // expand_bias: x is the expand conv's output without its bias; silu(x + expand_bias), rounded
+  // to x's dtype, is the depthwise input
+  m.def("glu_depthwise_conv(Tensor x, Tensor weight, Tensor? bias, Tensor? expand_bias=None) -> Tensor");
   // A conv output's bias, act ('none'|'relu'|'silu') and residual in one pass, written into out
   // (which may be x or the residual); spec: dcgen/ops/bias_act.py.
   m.def("bias_act_(Tensor(a!) out, Tensor x, Tensor bias, str act, Tensor? residual) -> ()");

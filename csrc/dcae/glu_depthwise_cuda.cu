@@ -16,6 +16,11 @@
 //     reads, which L1 serves.
 // Both read the weights as fp32, accumulate in fp32 in the same order (taps row by row, then
 // the bias) and round once.
+//
+// expand_bias (optional): x is then the expand 1x1 conv's output without its bias, and both
+// kernels apply that conv's bias and SiLU to each input value as they load it, rounded to x's
+// dtype: the values bias_act_ (the pass this replaces) would have stored, so the result is bit
+// for bit the two-kernel one, without that pass's read and write of the 2*Ch-channel map.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -30,6 +35,7 @@
 #include <optional>
 #include <type_traits>
 
+#include "dcae/elementwise.h"
 #include "dcae/output_order.cuh"
 
 namespace dcgen {
@@ -41,20 +47,29 @@ using output_order::OutputGrid;
 using output_order::Strides4;
 using output_order::strides_of;
 
+// silu(v + b) rounded to T: an expand conv output value as bias_act_ "silu" stores it.
+template <typename T>
+__device__ __forceinline__ float expand_act(float v, float b) {
+  return static_cast<float>(static_cast<T>(apply_dcae_act(v + b, DcaeAct::kSilu)));
+}
+
+// `eb`: the channel's expand bias, applied (with SiLU) to each input when `expand`.
 template <typename T>
 __device__ __forceinline__ float depthwise3x3(const T* __restrict__ plane, const float* __restrict__ w9,
                                               int64_t oh, int64_t ow, int64_t H, int64_t W, int64_t sh,
-                                              int64_t sw) {
+                                              int64_t sw, bool expand, float eb) {
   float acc = 0.f;
 #pragma unroll
   for (int dy = -1; dy <= 1; ++dy) {
     const int64_t r = oh + dy;
-    if (r < 0 || r >= H) continue;  // zero padding
+    if (r < 0 || r >= H) continue;  // zero padding (of the activated map)
 #pragma unroll
     for (int dx = -1; dx <= 1; ++dx) {
       const int64_t col = ow + dx;
       if (col < 0 || col >= W) continue;
-      acc += static_cast<float>(plane[r * sh + col * sw]) * w9[(dy + 1) * 3 + (dx + 1)];
+      float v = static_cast<float>(plane[r * sh + col * sw]);
+      if (expand) v = expand_act<T>(v, eb);
+      acc += v * w9[(dy + 1) * 3 + (dx + 1)];
     }
   }
   return acc;
@@ -62,15 +77,20 @@ __device__ __forceinline__ float depthwise3x3(const T* __restrict__ plane, const
 
 template <typename T, bool CL>
 __global__ void glu_depthwise_kernel(const T* __restrict__ x, const float* __restrict__ weight,
-                                     const float* __restrict__ bias, T* __restrict__ out,
+                                     const float* __restrict__ bias,
+                                     const float* __restrict__ expand_bias, T* __restrict__ out,
                                      OutputGrid g, Strides4 xs) {
+  const bool expand = expand_bias != nullptr;
   DCGEN_FOR_EACH_OUTPUT(g, row, col) {
     uint32_t b, c, oh, ow;
     coords<CL>(g, row, col, b, c, oh, ow);
     const T* base = x + b * xs.s[0];
     const uint32_t gc = c + g.C;  // the gate channel
-    float a = depthwise3x3<T>(base + c * xs.s[1], weight + c * 9, oh, ow, g.OH, g.OW, xs.s[2], xs.s[3]);
-    float gate = depthwise3x3<T>(base + gc * xs.s[1], weight + gc * 9, oh, ow, g.OH, g.OW, xs.s[2], xs.s[3]);
+    const float eba = expand ? expand_bias[c] : 0.f, ebg = expand ? expand_bias[gc] : 0.f;
+    float a = depthwise3x3<T>(base + c * xs.s[1], weight + c * 9, oh, ow, g.OH, g.OW, xs.s[2],
+                              xs.s[3], expand, eba);
+    float gate = depthwise3x3<T>(base + gc * xs.s[1], weight + gc * 9, oh, ow, g.OH, g.OW,
+                                 xs.s[2], xs.s[3], expand, ebg);
     if (bias) {
       a += bias[c];
       gate += bias[gc];
@@ -121,14 +141,24 @@ __device__ __forceinline__ float channel(const uint2& v, int i) {
   return (i & 1) ? f.y : f.x;
 }
 
+// expand_act of each of 4 raw channels (biases eb[0..3]), kept raw.
+template <typename T>
+__device__ __forceinline__ uint2 expand_act4(const uint2& v, const float* eb) {
+  float f[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) f[i] = apply_dcae_act(channel<T>(v, i) + eb[i], DcaeAct::kSilu);
+  return make_uint2(float2_to_pair<T>(f[0], f[1]), float2_to_pair<T>(f[2], f[3]));
+}
+
 // Thread t: channel group g = t % G (channels 4g .. 4g + 3 of each half, G = Ch / 4), then the
 // strip, the output row and the image; consecutive threads take consecutive channel groups of
 // the same pixels, so every load and store of a warp is one contiguous 256-byte run.
 template <typename T>
 __global__ void __launch_bounds__(kVecThreads, 3)
     glu_depthwise_cl4_kernel(const T* __restrict__ x, const float* __restrict__ weight,
-                             const float* __restrict__ bias, T* __restrict__ out, int64_t items,
-                             int groups, int strips, int H, int W, int ch) {
+                             const float* __restrict__ bias, const float* __restrict__ expand_bias,
+                             T* __restrict__ out, int64_t items, int groups, int strips, int H,
+                             int W, int ch) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kVecThreads + threadIdx.x;
   if (t >= items) return;
   const int g = static_cast<int>(t % groups);
@@ -152,6 +182,13 @@ __global__ void __launch_bounds__(kVecThreads, 3)
     ba[i] = bias ? bias[c0 + i] : 0.f;
     bg[i] = bias ? bias[ch + c0 + i] : 0.f;
   }
+  // The expand conv's biases of this thread's channels (used only with expand_bias).
+  float eba[4], ebg[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    eba[i] = expand_bias ? expand_bias[c0 + i] : 0.f;
+    ebg[i] = expand_bias ? expand_bias[ch + c0 + i] : 0.f;
+  }
 
   const int64_t pixel_stride = 2 * static_cast<int64_t>(ch);  // elements per input pixel
   const T* img = x + b * H * W * pixel_stride;
@@ -165,6 +202,10 @@ __global__ void __launch_bounds__(kVecThreads, 3)
       const T* p = img + (static_cast<int64_t>(r) * W + col) * pixel_stride + c0;
       xa[dy][slot] = load4(p, inside);
       xg[dy][slot] = load4(p + ch, inside);
+      if (expand_bias != nullptr && inside) {  // padding stays zero: it pads the activated map
+        xa[dy][slot] = expand_act4<T>(xa[dy][slot], eba);
+        xg[dy][slot] = expand_act4<T>(xg[dy][slot], ebg);
+      }
     }
   };
   load_column(0, ow0 - 1);
@@ -212,8 +253,8 @@ bool use_cl4_kernel(const at::Tensor& x, bool cl) {
 }
 
 template <typename T>
-void launch_cl4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& out,
-                cudaStream_t stream) {
+void launch_cl4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                const at::Tensor& eb, at::Tensor& out, cudaStream_t stream) {
   const int64_t batch = x.size(0), ch = x.size(1) / 2, h = x.size(2), wd = x.size(3);
   const int64_t groups = ch / 4, strips = (wd + kStrip - 1) / kStrip;
   const int64_t items = batch * h * strips * groups;
@@ -224,13 +265,15 @@ void launch_cl4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, a
   glu_depthwise_cl4_kernel<T><<<static_cast<unsigned>(blocks), kVecThreads, 0, stream>>>(
       reinterpret_cast<const T*>(x.const_data_ptr()), w.const_data_ptr<float>(),
       b.defined() ? b.const_data_ptr<float>() : nullptr,
+      eb.defined() ? eb.const_data_ptr<float>() : nullptr,
       reinterpret_cast<T*>(out.mutable_data_ptr()), items, static_cast<int>(groups),
       static_cast<int>(strips), static_cast<int>(h), static_cast<int>(wd), static_cast<int>(ch));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor glu_depthwise_conv_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                   const std::optional<at::Tensor>& bias) {
+                                   const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& expand_bias) {
   TORCH_CHECK(x.is_cuda(), "dcgen::glu_depthwise_conv (CUDA): x is on ", x.device());
   TORCH_CHECK(x.dim() == 4, "dcgen::glu_depthwise_conv: expected x of shape (B, 2*Ch, H, W), got ",
               x.sizes());
@@ -254,6 +297,15 @@ at::Tensor glu_depthwise_conv_cuda(const at::Tensor& x, const at::Tensor& weight
                 bias->device(), " but x is on ", x.device());
     b = bias->to(at::kFloat).contiguous();
   }
+  at::Tensor eb;
+  if (expand_bias.has_value() && expand_bias->defined()) {
+    TORCH_CHECK(expand_bias->dim() == 1 && expand_bias->size(0) == c2,
+                "dcgen::glu_depthwise_conv: expected expand_bias of shape (", c2, "), got ",
+                expand_bias->sizes());
+    TORCH_CHECK(expand_bias->device() == x.device(), "dcgen::glu_depthwise_conv: expand_bias is on ",
+                expand_bias->device(), " but x is on ", x.device());
+    eb = expand_bias->to(at::kFloat).contiguous();
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const bool cl = output_order::prefers_channels_last(x);
@@ -264,9 +316,9 @@ at::Tensor glu_depthwise_conv_cuda(const at::Tensor& x, const at::Tensor& weight
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (use_cl4_kernel(x, cl)) {
     if (st == at::kBFloat16) {
-      launch_cl4<__nv_bfloat16>(x, w, b, out, stream);
+      launch_cl4<__nv_bfloat16>(x, w, b, eb, out, stream);
     } else {
-      launch_cl4<__half>(x, w, b, out, stream);
+      launch_cl4<__half>(x, w, b, eb, out, stream);
     }
     return out;
   }
@@ -277,7 +329,8 @@ at::Tensor glu_depthwise_conv_cuda(const at::Tensor& x, const at::Tensor& weight
       constexpr bool CL = decltype(layout)::value;
       glu_depthwise_kernel<scalar_t, CL><<<output_order::launch_blocks(g), output_order::kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-          b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<scalar_t>(), g, xs);
+          b.defined() ? b.const_data_ptr<float>() : nullptr,
+          eb.defined() ? eb.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<scalar_t>(), g, xs);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

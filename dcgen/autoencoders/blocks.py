@@ -377,10 +377,11 @@ class GLUMBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fused(x, "glu_depthwise_conv"):
-            # SiLU in place on the fresh expand output, then depthwise + gate in one op, so
-            # neither the 8C-channel depthwise output nor its gated half is ever stored.
-            t = self._expand_silu(x)
-            y = glu_depthwise_conv(t, self.depthwise.weight, self.depthwise.bias)
+            # depthwise + gate in one op, so neither the 8C-channel depthwise output nor its
+            # gated half is ever stored
+            t, expand_bias = self._expand(x)
+            dw = self.depthwise
+            y = glu_depthwise_conv(t, dw.weight, dw.bias, expand_bias=expand_bias)
             del t
         else:
             y = self.depthwise(F.silu(self.expand(x)))
@@ -388,18 +389,19 @@ class GLUMBConv(nn.Module):
             y = y * F.silu(gate)
         return _residual_norm(x, self.norm, self.project(y))
 
-    def _expand_silu(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(expand(x)) into a fresh 8C-channel map. Where bias_act_'s kernel runs, the
-        convolution runs without its bias and one bias_act_ pass adds the bias and applies SiLU
-        in place: PyTorch's bias add after a cuDNN convolution is a broadcast add that does not
-        vectorize, then SiLU is a second pass (the f64c128 4K decode on the H200, 2026-11-27:
-        8 adds of about 1.0 ms and 8 SiLU passes of 0.47 ms, the largest maps of its EfficientViT
-        stages)."""
+    def _expand(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused path's depthwise input: (the expand conv's output without its bias, the
+        bias), which glu_depthwise_conv applies with the SiLU as it loads each value. PyTorch's
+        bias add after a cuDNN convolution is a broadcast add that does not vectorize, and SiLU
+        a second pass (the f64c128 4K decode on the H200, 2026-11-27: 8 adds of about 1.0 ms and
+        8 SiLU passes of 0.47 ms, on the largest maps of its EfficientViT stages); a separate
+        bias_act_ pass would still read and write the whole 8C-channel map once. Where the op
+        has no kernel (its reference would add fp32 temporaries of the 8C map), or without a
+        bias: silu(expand(x)), in place, and None."""
         conv = self.expand
-        if _split_conv_bias(x, conv.bias):
-            t = conv._conv_forward(x, conv.weight, None)
-            return bias_act_(t, t, conv.bias, "silu")
-        return F.silu(conv(x), inplace=can_modify_in_place())
+        if conv.bias is not None and has_kernel("glu_depthwise_conv", x.device):
+            return conv._conv_forward(x, conv.weight, None), conv.bias
+        return F.silu(conv(x), inplace=can_modify_in_place()), None
 
 
 class EfficientViTBlock(nn.Module):

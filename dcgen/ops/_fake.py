@@ -86,6 +86,6 @@ if extension_loaded():
     if _registered("glu_depthwise_conv"):
 
         @torch.library.register_fake("dcgen::glu_depthwise_conv")
-        def _glu_depthwise_conv_fake(x, weight, bias):  # noqa: ANN001
+        def _glu_depthwise_conv_fake(x, weight, bias, expand_bias=None):  # noqa: ANN001
             b, c2, h, w = x.shape
             return _empty((b, c2 // 2, h, w), x)

@@ -1381,6 +1381,19 @@ GLU = [
         f"{P}: bias is on cpu but x is on cuda:0",
         says_expected_got=False,
     ),
+    _c(
+        OP,
+        "expand_bias-shape",
+        lambda: (GX(), GW(), None, cu(2, 4)),
+        f"{P}: expected expand_bias of shape (8), got [2, 4]",
+    ),
+    _c(
+        OP,
+        "expand_bias-cpu",
+        lambda: (GX(), GW(), cu(8), cpu(8)),
+        f"{P}: expand_bias is on cpu but x is on cuda:0",
+        says_expected_got=False,
+    ),
 ]
 
 # --- relu_linear_attention(qkv, eps): dcae/linear_attention_cuda.cu ---

@@ -22,6 +22,11 @@ SHAPES = [(2, 8, 5, 7), (1, 2, 1, 1), (1, 6, 1, 9), (2, 16, 8, 8), (1, 64, 13, 3
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
+def glu_expand_act(x: torch.Tensor, expand_bias: torch.Tensor) -> torch.Tensor:
+    """silu(x + expand_bias) in fp32, rounded to x's dtype: bias_act_ "silu"'s stored values."""
+    return F.silu(x.float() + expand_bias.float().view(1, -1, 1, 1)).to(x.dtype)
+
+
 def _inputs(shape, dtype, gen, with_bias=True):
     c2 = shape[1]
     x = torch.randn(shape, generator=gen).to(dtype)
@@ -53,14 +58,21 @@ def test_reference_zero_padding_at_corner(rng):
 
 
 def _check_kernel(dtype, gen):
+    # with and without the depthwise bias, and with the expand bias (x pre-activation); the
+    # reference gets x in x's dtype with the expand bias, as its activated input is rounded there
     kernel = compiled_op("glu_depthwise_conv")
     for shape in SHAPES:
-        for with_bias in (True, False):
+        for with_bias, with_expand in ((True, False), (False, False), (True, True)):
             x, w, b = _inputs(shape, dtype, gen, with_bias)
+            eb = torch.randn(shape[1], generator=gen).to(dtype).cuda() if with_expand else None
             x, w = x.cuda(), w.cuda()
             b = None if b is None else b.cuda()
             b_cpu = None if b is None else b.cpu().float()
-            want = glu_depthwise_conv_reference(x.cpu().float(), w.cpu().float(), b_cpu)
+            if eb is None:
+                want = glu_depthwise_conv_reference(x.cpu().float(), w.cpu().float(), b_cpu)
+            else:
+                act = glu_expand_act(x.cpu(), eb.cpu()).float()
+                want = glu_depthwise_conv_reference(act, w.cpu().float(), b_cpu)
             layouts = {
                 "contiguous": x,
                 "channels_last": x.to(memory_format=torch.channels_last),
@@ -68,13 +80,12 @@ def _check_kernel(dtype, gen):
             }
             for layout, xl in layouts.items():
                 poison_cuda_allocator()
-                got = kernel(xl, w, b)
-                assert got.shape == want.shape and got.dtype == dtype, (layout, shape)
-                assert not got.isnan().any(), f"unwritten output ({layout}, {shape})"
+                got = kernel(xl, w, b, eb)
+                msg = f"{layout} {shape} bias={with_bias} expand_bias={with_expand}"
+                assert got.shape == want.shape and got.dtype == dtype, msg
+                assert not got.isnan().any(), f"unwritten output ({msg})"
                 atol, rtol = TOL[dtype]
-                torch.testing.assert_close(
-                    got.cpu().float(), want, atol=atol, rtol=rtol, msg=f"{layout} {shape}"
-                )
+                torch.testing.assert_close(got.cpu().float(), want, atol=atol, rtol=rtol, msg=msg)
 
 
 @pytest.mark.cuda
@@ -139,3 +150,91 @@ def test_public_op_falls_back_and_is_differentiable(rng):
 def test_bad_input_errors(args, err, match):
     with pytest.raises(err, match=match):
         glu_depthwise_conv(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES[:4])
+def test_reference_expand_bias_is_the_activated_input(shape, dtype, rng):
+    # glu(x, expand_bias=e) == glu(silu(x + e) rounded to x's dtype): bit for bit, so the fused
+    # GLUMBConv gives what the bias_act_ pass it replaces gave.
+    x, w, b = _inputs(shape, dtype, rng)
+    e = torch.randn(shape[1], generator=rng).to(dtype)
+    want = glu_depthwise_conv_reference(glu_expand_act(x, e), w, b)
+    torch.testing.assert_close(glu_depthwise_conv_reference(x, w, b, e), want, atol=0, rtol=0)
+    torch.testing.assert_close(glu_depthwise_conv(x, w, b, expand_bias=e), want, atol=0, rtol=0)
+
+
+def test_expand_bias_zero_padding_is_of_the_activated_map(rng):
+    # The conv's zero padding pads silu(x + e), not x: corner output (0, 0) sees 4 activated
+    # inputs and 5 zeros (silu(0 + e) != 0 would leak into the border otherwise).
+    x, w, _ = _inputs((1, 2, 4, 4), torch.float64, rng, with_bias=False)
+    e = torch.tensor([0.7, -0.3], dtype=torch.float64)
+    act = F.silu(x + e.view(1, -1, 1, 1))
+    out = glu_depthwise_conv_reference(x, w, expand_bias=e)
+    a = (act[0, 0, :2, :2] * w[0, 0, 1:, 1:]).sum()
+    g = (act[0, 1, :2, :2] * w[1, 0, 1:, 1:]).sum()
+    torch.testing.assert_close(out[0, 0, 0, 0], a * g * torch.sigmoid(g))
+
+
+def test_expand_bias_errors():
+    x, w = torch.randn(1, 4, 3, 3), torch.randn(4, 1, 3, 3)
+    with pytest.raises(ValueError, match=r"expected expand_bias of shape \(4,\), got \(3,\)"):
+        glu_depthwise_conv(x, w, expand_bias=torch.randn(3))
+    with pytest.raises(TypeError, match="glu_depthwise_conv: expand_bias"):
+        glu_depthwise_conv(x, w, expand_bias=torch.randint(0, 2, (4,)))
+
+
+def test_expand_bias_is_differentiable(rng):
+    x, w, b = _inputs((1, 4, 3, 3), torch.float64, rng)
+    e = torch.randn(4, dtype=torch.float64, generator=rng, requires_grad=True)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, e: glu_depthwise_conv(x, w, b, expand_bias=e), (x, e))
+
+
+@pytest.fixture
+def cpu_glu_kernel(monkeypatch):
+    """A CPU kernel for dcgen::glu_depthwise_conv that runs the reference (the CUDA kernel is
+    tested against the same reference above), visible to has_kernel; yields each call's
+    expand_bias."""
+    from dcgen.ops import _extension
+
+    if not _extension.has_schema("glu_depthwise_conv"):
+        pytest.skip("dcgen._C is not built: no dcgen::glu_depthwise_conv schema")
+    calls: list[torch.Tensor | None] = []
+
+    def kernel(x, weight, bias, expand_bias):  # noqa: ANN001, ANN202
+        calls.append(expand_bias)
+        return glu_depthwise_conv_reference(x, weight, bias, expand_bias)
+
+    lib = torch.library.Library("dcgen", "IMPL")
+    lib.impl("glu_depthwise_conv", kernel, "CPU")
+    monkeypatch.setattr(
+        _extension, "_KERNELS", _extension._KERNELS | {("glu_depthwise_conv", "CPU")}
+    )
+    try:
+        yield calls
+    finally:
+        lib._destroy()
+
+
+def test_glumbconv_hands_its_expand_bias_to_the_depthwise_kernel(cpu_glu_kernel, rng):
+    # Where the kernel exists, the fused path runs the expand conv without its bias and the
+    # kernel applies the bias and SiLU as it loads (no separate pass); equal to the plain block.
+    # (Without a kernel the fused path keeps the bias in the conv: the reference would only add
+    # fp32 temporaries, and the CPU results stay those of the plain path.)
+    import dcgen.autoencoders.blocks as blocks
+    from dcgen.autoencoders.fused import fused_inference
+
+    torch.manual_seed(0)
+    block = blocks.GLUMBConv(8).eval()
+    with torch.no_grad():
+        block.expand.bias.normal_()
+        block.norm.weight.normal_()
+    x = torch.randn(1, 8, 7, 5)
+    with torch.inference_mode():
+        with fused_inference(False):
+            want = block(x)
+        with fused_inference(True):
+            got = block(x)
+    assert len(cpu_glu_kernel) == 1 and cpu_glu_kernel[0] is block.expand.bias
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
