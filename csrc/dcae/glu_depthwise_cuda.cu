@@ -141,19 +141,21 @@ __device__ __forceinline__ float channel(const uint2& v, int i) {
   return (i & 1) ? f.y : f.x;
 }
 
-// expand_act of each of 4 raw channels (biases eb[0..3]), kept raw.
+// expand_act of each of 4 raw channels, kept raw. The biases eb[0..3] are read from global
+// memory (L1) at each use: kept in registers they pushed the kernel past its register budget.
 template <typename T>
-__device__ __forceinline__ uint2 expand_act4(const uint2& v, const float* eb) {
+__device__ __forceinline__ uint2 expand_act4(const uint2& v, const float* __restrict__ eb) {
   float f[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) f[i] = apply_dcae_act(channel<T>(v, i) + eb[i], DcaeAct::kSilu);
+  for (int i = 0; i < 4; ++i) f[i] = apply_dcae_act(channel<T>(v, i) + __ldg(eb + i), DcaeAct::kSilu);
   return make_uint2(float2_to_pair<T>(f[0], f[1]), float2_to_pair<T>(f[2], f[3]));
 }
 
 // Thread t: channel group g = t % G (channels 4g .. 4g + 3 of each half, G = Ch / 4), then the
 // strip, the output row and the image; consecutive threads take consecutive channel groups of
 // the same pixels, so every load and store of a warp is one contiguous 256-byte run.
-template <typename T>
+// Expand: expand_bias is given (a template flag: the plain kernel keeps its registers).
+template <typename T, bool Expand>
 __global__ void __launch_bounds__(kVecThreads, 3)
     glu_depthwise_cl4_kernel(const T* __restrict__ x, const float* __restrict__ weight,
                              const float* __restrict__ bias, const float* __restrict__ expand_bias,
@@ -182,13 +184,6 @@ __global__ void __launch_bounds__(kVecThreads, 3)
     ba[i] = bias ? bias[c0 + i] : 0.f;
     bg[i] = bias ? bias[ch + c0 + i] : 0.f;
   }
-  // The expand conv's biases of this thread's channels (used only with expand_bias).
-  float eba[4], ebg[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    eba[i] = expand_bias ? expand_bias[c0 + i] : 0.f;
-    ebg[i] = expand_bias ? expand_bias[ch + c0 + i] : 0.f;
-  }
 
   const int64_t pixel_stride = 2 * static_cast<int64_t>(ch);  // elements per input pixel
   const T* img = x + b * H * W * pixel_stride;
@@ -202,9 +197,9 @@ __global__ void __launch_bounds__(kVecThreads, 3)
       const T* p = img + (static_cast<int64_t>(r) * W + col) * pixel_stride + c0;
       xa[dy][slot] = load4(p, inside);
       xg[dy][slot] = load4(p + ch, inside);
-      if (expand_bias != nullptr && inside) {  // padding stays zero: it pads the activated map
-        xa[dy][slot] = expand_act4<T>(xa[dy][slot], eba);
-        xg[dy][slot] = expand_act4<T>(xg[dy][slot], ebg);
+      if (Expand && inside) {  // padding stays zero: it pads the activated map
+        xa[dy][slot] = expand_act4<T>(xa[dy][slot], expand_bias + c0);
+        xg[dy][slot] = expand_act4<T>(xg[dy][slot], expand_bias + ch + c0);
       }
     }
   };
@@ -262,7 +257,8 @@ void launch_cl4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
   TORCH_CHECK(blocks <= 2147483647LL && ch <= (int64_t{1} << 30) && h < (int64_t{1} << 31) &&
                   wd < (int64_t{1} << 31),
               "dcgen::glu_depthwise_conv: input too large: ", x.sizes());
-  glu_depthwise_cl4_kernel<T><<<static_cast<unsigned>(blocks), kVecThreads, 0, stream>>>(
+  auto kernel = eb.defined() ? glu_depthwise_cl4_kernel<T, true> : glu_depthwise_cl4_kernel<T, false>;
+  kernel<<<static_cast<unsigned>(blocks), kVecThreads, 0, stream>>>(
       reinterpret_cast<const T*>(x.const_data_ptr()), w.const_data_ptr<float>(),
       b.defined() ? b.const_data_ptr<float>() : nullptr,
       eb.defined() ? eb.const_data_ptr<float>() : nullptr,
