@@ -4,12 +4,14 @@
 //
 // Two kernels:
 //   - channels_last 16-bit input with Ch % 4 == 0 (what the DC-AE decoders run on CUDA): a thread
-//     owns 4 channels of a strip of kStrip output pixels along W. Its 72 weights and 8 biases
-//     stay in registers for the strip, its 3x3 window of 4-channel vectors (8-byte loads, 256
-//     contiguous bytes per warp) slides along the strip, so each input vector is loaded once
-//     per output row that reads it instead of once per tap. The first version (the kernel
-//     below) reached 302 GB/s on the SANA decoder's (1, 4096, 512, 512) map on the H100, about
-//     a tenth of the memory bandwidth: 18 scalar loads and 18 weight loads per output element.
+//     owns 4 channels and a run of strips of kStrip output pixels along W. Its 72 weights sit
+//     in its own slots of shared memory, loaded once per run (coalesced float4 loads), its 3x3
+//     window of 4-channel vectors (8-byte loads, 256 contiguous bytes per warp) slides along
+//     the strips, so each input vector is loaded once per output row that reads it instead of
+//     once per tap. The first version (the kernel below) reached 302 GB/s on the SANA decoder's
+//     (1, 4096, 512, 512) map on the H100, about a tenth of the memory bandwidth: 18 scalar
+//     loads and 18 weight loads per output element; the strip kernel with its weights reloaded
+//     for every strip, about 650 GB/s on the H200.
 //   - anything else (NCHW, fp32, Ch % 4 != 0): one thread per output element in the output's
 //     memory order (NCHW or channels_last, as the input; see output_order.cuh), reading its two
 //     3x3 neighbourhoods through the input's strides; neighbouring threads share most of those
@@ -102,8 +104,9 @@ __global__ void glu_depthwise_kernel(const T* __restrict__ x, const float* __res
 
 // ---------------------------------------------------------------- channels_last, 4 channels
 
-constexpr int kStrip = 4;         // output pixels per thread along W
-constexpr int kVecThreads = 128;  // 3 CTAs per SM at up to 170 registers (72 weights in them)
+constexpr int kStrip = 4;         // output pixels per strip along W
+constexpr int kStripsPerThread = 8;  // consecutive strips a thread walks with one weight load
+constexpr int kVecThreads = 128;  // 3 CTAs per SM: up to 170 registers, 36 KB shared memory each
 
 // Two 16-bit values of one 32-bit word (the lower channel in the low half) to and from floats.
 template <typename T>
@@ -141,6 +144,17 @@ __device__ __forceinline__ float channel(const uint2& v, int i) {
   return (i & 1) ? f.y : f.x;
 }
 
+// A 16-byte shared-memory load the compiler may not hoist out of the strip loop (it would hoist
+// plain loads of the loop-invariant weights back into 72 registers, and spill).
+__device__ __forceinline__ float4 lds128(const float4* p) {
+  float4 v;
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(addr));
+  return v;
+}
+
 // expand_act of each of 4 raw channels, kept raw. The biases eb[0..3] are read from global
 // memory (L1) at each use: kept in registers they pushed the kernel past its register budget.
 template <typename T>
@@ -151,91 +165,115 @@ __device__ __forceinline__ uint2 expand_act4(const uint2& v, const float* __rest
   return make_uint2(float2_to_pair<T>(f[0], f[1]), float2_to_pair<T>(f[2], f[3]));
 }
 
-// Thread t: channel group g = t % G (channels 4g .. 4g + 3 of each half, G = Ch / 4), then the
-// strip, the output row and the image; consecutive threads take consecutive channel groups of
-// the same pixels, so every load and store of a warp is one contiguous 256-byte run.
+// Thread t: channel group g = t % G (channels 4g .. 4g + 3 of each half, G = Ch / 4) and a run
+// of kStripsPerThread consecutive strips (strip fastest, then the output row, then the image);
+// consecutive threads take consecutive channel groups of the same pixels, so every load and
+// store of a warp is one contiguous 256-byte run.
+//
+// The thread loads its 72 weights once for its whole run, as 18 float4 loads from the
+// [half][tap][channel] copy `wt` (consecutive threads: consecutive 16 bytes). The first version
+// loaded them for every strip of 4 pixels from the (channel, tap) layout, 72 scalar loads 36
+// floats apart across a warp's threads: 32 cache lines per warp instruction, likely the reason
+// it reached about 650 GB/s (README, H200, the (1, 4096, 512, 512) group) instead of the
+// memory's 3-4 TB/s. A strip that continues the previous one in the same row keeps the window
+// (its two first columns are the previous strip's two last).
 // Expand: expand_bias is given (a template flag: the plain kernel keeps its registers).
 template <typename T, bool Expand>
 __global__ void __launch_bounds__(kVecThreads, 3)
-    glu_depthwise_cl4_kernel(const T* __restrict__ x, const float* __restrict__ weight,
+    glu_depthwise_cl4_kernel(const T* __restrict__ x, const float4* __restrict__ wt,
                              const float* __restrict__ bias, const float* __restrict__ expand_bias,
-                             T* __restrict__ out, int64_t items, int groups, int strips, int H,
+                             T* __restrict__ out, int64_t strip_count, int groups, int strips, int H,
                              int W, int ch) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kVecThreads + threadIdx.x;
-  if (t >= items) return;
   const int g = static_cast<int>(t % groups);
-  int64_t rest = t / groups;
-  const int strip = static_cast<int>(rest % strips);
-  rest /= strips;
-  const int oh = static_cast<int>(rest % H);
-  const int64_t b = rest / H;
+  const int64_t first = (t / groups) * kStripsPerThread;
+  if (first >= strip_count) return;
+  const int64_t last = first + kStripsPerThread < strip_count ? first + kStripsPerThread : strip_count;
   const int c0 = 4 * g;
-  const int ow0 = strip * kStrip;
 
-  // Weights (2 Ch, 1, 3, 3) as fp32: this thread's 4 value channels then its 4 gate channels.
-  float wa[4][9], wg[4][9], ba[4], bg[4];
+  // Weights as fp32, wt[(half * 9 + k) * G + g] holding tap k of channels 4g .. 4g + 3: copied
+  // once into this thread's own slots of shared memory (no other thread reads them, so no
+  // barrier), read back as float4 per tap. In registers, 72 of them with the window and the
+  // strip loop's state spilled (ptxas, sm_90).
+  __shared__ float4 ws[18][kVecThreads];
+#pragma unroll
+  for (int k = 0; k < 18; ++k) ws[k][threadIdx.x] = wt[static_cast<int64_t>(k) * groups + g];
+  float ba[4], bg[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int k = 0; k < 9; ++k) {
-      wa[i][k] = weight[(c0 + i) * 9 + k];
-      wg[i][k] = weight[(ch + c0 + i) * 9 + k];
-    }
     ba[i] = bias ? bias[c0 + i] : 0.f;
     bg[i] = bias ? bias[ch + c0 + i] : 0.f;
   }
 
   const int64_t pixel_stride = 2 * static_cast<int64_t>(ch);  // elements per input pixel
-  const T* img = x + b * H * W * pixel_stride;
   // The window: [row dy][column slot], value and gate halves; slot 2 is the newest column.
   uint2 xa[3][3], xg[3][3];
-  auto load_column = [&](int slot, int col) {
+  int64_t windowed = -1;  // the strip whose successor the window is ready for (-1: none)
+  for (int64_t item = first; item < last; ++item) {
+    const int strip = static_cast<int>(item % strips);
+    const int64_t rest = item / strips;
+    const int oh = static_cast<int>(rest % H);
+    const int64_t b = rest / H;
+    const int ow0 = strip * kStrip;
+    const T* img = x + b * H * W * pixel_stride;
+    auto load_column = [&](int slot, int col) {
 #pragma unroll
-    for (int dy = 0; dy < 3; ++dy) {
-      const int r = oh + dy - 1;
-      const bool inside = r >= 0 && r < H && col >= 0 && col < W;
-      const T* p = img + (static_cast<int64_t>(r) * W + col) * pixel_stride + c0;
-      xa[dy][slot] = load4(p, inside);
-      xg[dy][slot] = load4(p + ch, inside);
-      if (Expand && inside) {  // padding stays zero: it pads the activated map
-        xa[dy][slot] = expand_act4<T>(xa[dy][slot], expand_bias + c0);
-        xg[dy][slot] = expand_act4<T>(xg[dy][slot], expand_bias + ch + c0);
+      for (int dy = 0; dy < 3; ++dy) {
+        const int r = oh + dy - 1;
+        const bool inside = r >= 0 && r < H && col >= 0 && col < W;
+        const T* p = img + (static_cast<int64_t>(r) * W + col) * pixel_stride + c0;
+        xa[dy][slot] = load4(p, inside);
+        xg[dy][slot] = load4(p + ch, inside);
+        if (Expand && inside) {  // padding stays zero: it pads the activated map
+          xa[dy][slot] = expand_act4<T>(xa[dy][slot], expand_bias + c0);
+          xg[dy][slot] = expand_act4<T>(xg[dy][slot], expand_bias + ch + c0);
+        }
       }
+    };
+    if (windowed != item - 1 || strip == 0) {  // a fresh row (or run): load the first columns
+      load_column(0, ow0 - 1);
+      load_column(1, ow0);
     }
-  };
-  load_column(0, ow0 - 1);
-  load_column(1, ow0);
-  T* orow = out + ((b * H + oh) * static_cast<int64_t>(W)) * ch + c0;
+    T* orow = out + ((b * H + oh) * static_cast<int64_t>(W)) * ch + c0;
+    windowed = -1;
 #pragma unroll
-  for (int j = 0; j < kStrip; ++j) {
-    const int ow = ow0 + j;
-    if (ow >= W) break;
-    load_column(2, ow + 1);
-    float res[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float a = 0.f, gate = 0.f;
+    for (int j = 0; j < kStrip; ++j) {
+      const int ow = ow0 + j;
+      if (ow >= W) break;
+      load_column(2, ow + 1);
+      // Per channel: the taps row by row, then the bias (the per-element kernel's order).
+      float a[4] = {0.f, 0.f, 0.f, 0.f}, gate[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int dy = 0; dy < 3; ++dy) {
 #pragma unroll
         for (int dx = 0; dx < 3; ++dx) {
-          a += channel<T>(xa[dy][dx], i) * wa[i][dy * 3 + dx];
-          gate += channel<T>(xg[dy][dx], i) * wg[i][dy * 3 + dx];
+          const float4 wa = lds128(&ws[dy * 3 + dx][threadIdx.x]);
+          const float4 wg = lds128(&ws[9 + dy * 3 + dx][threadIdx.x]);
+          const float wa4[4] = {wa.x, wa.y, wa.z, wa.w}, wg4[4] = {wg.x, wg.y, wg.z, wg.w};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            a[i] += channel<T>(xa[dy][dx], i) * wa4[i];
+            gate[i] += channel<T>(xg[dy][dx], i) * wg4[i];
+          }
         }
       }
-      a += ba[i];
-      gate += bg[i];
-      res[i] = a * (gate / (1.f + expf(-gate)));
-    }
-    *reinterpret_cast<uint2*>(orow + static_cast<int64_t>(ow) * ch) =
-        make_uint2(float2_to_pair<T>(res[0], res[1]), float2_to_pair<T>(res[2], res[3]));
-    // Slide the window one column right.
+      float res[4];
 #pragma unroll
-    for (int dy = 0; dy < 3; ++dy) {
-      xa[dy][0] = xa[dy][1];
-      xa[dy][1] = xa[dy][2];
-      xg[dy][0] = xg[dy][1];
-      xg[dy][1] = xg[dy][2];
+      for (int i = 0; i < 4; ++i) {
+        const float av = a[i] + ba[i], gv = gate[i] + bg[i];
+        res[i] = av * (gv / (1.f + expf(-gv)));
+      }
+      *reinterpret_cast<uint2*>(orow + static_cast<int64_t>(ow) * ch) =
+          make_uint2(float2_to_pair<T>(res[0], res[1]), float2_to_pair<T>(res[2], res[3]));
+      // Slide the window one column right.
+#pragma unroll
+      for (int dy = 0; dy < 3; ++dy) {
+        xa[dy][0] = xa[dy][1];
+        xa[dy][1] = xa[dy][2];
+        xg[dy][0] = xg[dy][1];
+        xg[dy][1] = xg[dy][2];
+      }
+      if (j == kStrip - 1) windowed = item;  // all kStrip columns done: the window slid fully
     }
   }
 }
@@ -252,17 +290,22 @@ void launch_cl4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                 const at::Tensor& eb, at::Tensor& out, cudaStream_t stream) {
   const int64_t batch = x.size(0), ch = x.size(1) / 2, h = x.size(2), wd = x.size(3);
   const int64_t groups = ch / 4, strips = (wd + kStrip - 1) / kStrip;
-  const int64_t items = batch * h * strips * groups;
-  const int64_t blocks = (items + kVecThreads - 1) / kVecThreads;
+  const int64_t strip_count = batch * h * strips;
+  const int64_t runs = (strip_count + kStripsPerThread - 1) / kStripsPerThread;
+  const int64_t blocks = (runs * groups + kVecThreads - 1) / kVecThreads;
   TORCH_CHECK(blocks <= 2147483647LL && ch <= (int64_t{1} << 30) && h < (int64_t{1} << 31) &&
                   wd < (int64_t{1} << 31),
               "dcgen::glu_depthwise_conv: input too large: ", x.sizes());
+  // (2 Ch, 1, 3, 3) fp32 -> [half][tap][channel], read 4 channels at a time (float4: the
+  // channel offsets 4g are 16-byte aligned in a fresh tensor)
+  const at::Tensor wt = w.reshape({2, ch, 9}).transpose(1, 2).contiguous();
   auto kernel = eb.defined() ? glu_depthwise_cl4_kernel<T, true> : glu_depthwise_cl4_kernel<T, false>;
   kernel<<<static_cast<unsigned>(blocks), kVecThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(x.const_data_ptr()), w.const_data_ptr<float>(),
+      reinterpret_cast<const T*>(x.const_data_ptr()),
+      reinterpret_cast<const float4*>(wt.const_data_ptr<float>()),
       b.defined() ? b.const_data_ptr<float>() : nullptr,
       eb.defined() ? eb.const_data_ptr<float>() : nullptr,
-      reinterpret_cast<T*>(out.mutable_data_ptr()), items, static_cast<int>(groups),
+      reinterpret_cast<T*>(out.mutable_data_ptr()), strip_count, static_cast<int>(groups),
       static_cast<int>(strips), static_cast<int>(h), static_cast<int>(wd), static_cast<int>(ch));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -15,10 +15,12 @@ from tests.conftest import misaligned_copy, poison_cuda_allocator
 # channels_last 16-bit maps with Ch % 4 == 0 take the 4-channel strip kernel: rows longer than
 # one strip with a partial last strip (W = 19, strips of 4), and a channel-group count that is
 # not a multiple of the warp (Ch = 260: 65 groups), and rows or columns of 1 and 2 pixels
-# (every tap at a border) with W % 4 of 1 and 2; Ch = 1 and 3 take the per-element kernel.
+# (every tap at a border) with W % 4 of 1 and 2; Ch = 1 and 3 take the per-element kernel. A
+# thread of the strip kernel walks 8 strips: rows of 10 strips (W = 40) make runs that carry
+# their window from strip to strip and cross a row, and (3, 8, 3, 9) runs that cross images.
 SHAPES = [(2, 8, 5, 7), (1, 2, 1, 1), (1, 6, 1, 9), (2, 16, 8, 8), (1, 64, 13, 3),
           (1, 8, 4, 19), (2, 520, 3, 10), (1, 8, 1, 5), (2, 8, 2, 1), (1, 8, 2, 2),
-          (3, 8, 3, 9)]  # fmt: skip
+          (3, 8, 3, 9), (1, 16, 5, 40)]  # fmt: skip
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
