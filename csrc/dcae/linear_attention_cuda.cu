@@ -7,6 +7,8 @@
 //  2. apply: blocks (head, token tile) add the partials in a fixed order into shared memory,
 //     then each thread takes one token: o = vk relu(q_n), out = o[:d] / (o[d] + eps).
 // q, k and v are each read once per pass that needs them; the padded ones row is implicit.
+// Channel-fastest qkv with d = 32 (every DC-AE and SANA head) takes a register-tiled reduce
+// (linear_attention_reduce_tok32).
 //
 // Two layouts of qkv are read in place, through its strides:
 //  - token-fastest (stride(3) == 1): a plain (B, heads, 3d, N) tensor; the output is the same
@@ -107,6 +109,88 @@ __global__ void linear_attention_reduce(const T* __restrict__ qkv, Layout4 L,
   }
 }
 
+// The reduce for channel-fastest qkv with d = 32 (every DC-AE and SANA head), register-tiled:
+// the generic reduce above gives each thread whole dot products over the staged tile, two
+// scalar shared-memory loads per FMA (ptxas sm_90: 465 LDS for 155 FFMA), which made it bound
+// by shared memory. Here the tile is staged token-major (kT[c][j]: a token's 32 channels in a
+// row), and thread (group, ti, tj) accumulates the 4x4 block [4 ti, 4 ti + 4) x [4 tj, 4 tj + 4)
+// of [v;1] k^T (and the ones row's 4 columns) over its group's quarter of each tile's tokens:
+// two 16-byte loads per 16 FMAs. The four groups' sums are added in a fixed order at the end.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    linear_attention_reduce_tok32(const T* __restrict__ qkv, Layout4 L, float* __restrict__ partial,
+                                  int64_t n, int64_t per_split, int splits) {
+  constexpr int D = 32;
+  static_assert(kThreads % 64 == 0 && kTile % (kThreads / 64) == 0, "thread layout");
+  constexpr int kGroups = kThreads / 64;      // token groups of 64 threads (8 x 8 blocks each)
+  constexpr int kPerGroup = kTile / kGroups;  // tokens of a tile per group
+  __shared__ __align__(16) float kT[kTile][D];
+  __shared__ __align__(16) float vT[kTile][D];
+  __shared__ float red[kGroups][D + 1][D];
+  const int64_t bh = blockIdx.y;
+  const int split = blockIdx.x;
+  const T* base = qkv + head_offset(L, bh);
+  const T* k = base + D;  // rows d .. 2d - 1 (channel stride 1)
+  const T* v = base + 2 * D;
+  const int64_t start = split * per_split;
+  const int64_t stop = std::min<int64_t>(n, start + per_split);
+  const int grp = threadIdx.x / 64, ti = (threadIdx.x % 64) / 8, tj = threadIdx.x % 8;
+  float acc[4][4], ones[4];
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+    ones[a] = 0.f;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) acc[a][b] = 0.f;
+  }
+  for (int64_t t0 = start; t0 < stop; t0 += kTile) {
+    const int len = static_cast<int>(std::min<int64_t>(kTile, stop - t0));
+    for (int e = threadIdx.x; e < D * kTile; e += kThreads) {
+      const int j = e % D, c = e / D;  // consecutive threads: one token's consecutive channels
+      float kv = 0.f, vv = 0.f;        // tokens past the tile's end count as zeros
+      if (c < len) {
+        const int64_t off = (t0 + c) * L.sn + j;
+        kv = fmaxf(static_cast<float>(k[off]), 0.f);
+        vv = static_cast<float>(v[off]);
+      }
+      kT[c][j] = kv;
+      vT[c][j] = vv;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int c = grp * kPerGroup; c < (grp + 1) * kPerGroup; ++c) {
+      const float4 v4 = *reinterpret_cast<const float4*>(&vT[c][4 * ti]);
+      const float4 k4 = *reinterpret_cast<const float4*>(&kT[c][4 * tj]);
+      const float vv[4] = {v4.x, v4.y, v4.z, v4.w}, kk[4] = {k4.x, k4.y, k4.z, k4.w};
+#pragma unroll
+      for (int a = 0; a < 4; ++a) {
+#pragma unroll
+        for (int b = 0; b < 4; ++b) acc[a][b] += vv[a] * kk[b];
+      }
+#pragma unroll
+      for (int b = 0; b < 4; ++b) ones[b] += kk[b];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) red[grp][4 * ti + a][4 * tj + b] = acc[a][b];
+  }
+  if (ti == 0) {
+#pragma unroll
+    for (int b = 0; b < 4; ++b) red[grp][D][4 * tj + b] = ones[b];
+  }
+  __syncthreads();
+  float* out = partial + (bh * splits + split) * ((D + 1) * D);
+  for (int o = threadIdx.x; o < (D + 1) * D; o += kThreads) {
+    const int i = o / D, j = o % D;
+    float s = red[0][i][j];
+#pragma unroll
+    for (int g = 1; g < kGroups; ++g) s += red[g][i][j];  // fixed order: deterministic
+    out[o] = s;
+  }
+}
+
 // The D values of one token as floats: 16-byte loads (vec: TOK, D == 32 and every address
 // 16-byte aligned, checked on the host) or one load per element.
 template <typename T, int D, bool TOK>
@@ -191,8 +275,13 @@ template <typename T, int D, bool TOK>
 void launch(const at::Tensor& qkv, const Layout4& L, at::Tensor& partial, at::Tensor& y,
             const Layout4& Y, int d, int64_t bh, int64_t n, int64_t per_split, int splits,
             float eps, bool vec, cudaStream_t stream) {
-  linear_attention_reduce<T, D, TOK><<<dim3(splits, bh), kThreads, 0, stream>>>(
-      qkv.const_data_ptr<T>(), L, partial.mutable_data_ptr<float>(), d, n, per_split, splits);
+  if constexpr (TOK && D == 32) {
+    linear_attention_reduce_tok32<T><<<dim3(splits, bh), kThreads, 0, stream>>>(
+        qkv.const_data_ptr<T>(), L, partial.mutable_data_ptr<float>(), n, per_split, splits);
+  } else {
+    linear_attention_reduce<T, D, TOK><<<dim3(splits, bh), kThreads, 0, stream>>>(
+        qkv.const_data_ptr<T>(), L, partial.mutable_data_ptr<float>(), d, n, per_split, splits);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t tiles = (n + kThreads - 1) / kThreads;
   linear_attention_apply<T, D, TOK><<<dim3(tiles, bh), kThreads, 0, stream>>>(

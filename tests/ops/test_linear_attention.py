@@ -76,6 +76,9 @@ def test_cuda_kernel_is_deterministic_and_traceable(rng):
     a = relu_linear_attention(qkv)
     b = relu_linear_attention(qkv)
     assert torch.equal(a, b), "no atomics: the same input must give bit-identical output"
+    # the channel-fastest layout's register-tiled reduce too
+    cl = _channels_last_qkv(1, 8, 32, (250, 400), torch.bfloat16, "cuda", rng)
+    assert torch.equal(relu_linear_attention(cl), relu_linear_attention(cl))
     torch.library.opcheck(
         torch.ops.dcgen.relu_linear_attention.default, (qkv[:, :2, :, :300].contiguous(), 1e-15),
         test_utils=("test_schema", "test_faketensor"),
