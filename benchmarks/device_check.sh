@@ -58,7 +58,9 @@
 # kernel loads, instead of a bias_act_ pass: tests/ops/test_glu_depthwise.py; dcae_fused's
 # "glumbconv expand bias" group), and the GLU strip kernel's weights loaded once per run of 8
 # strips (same tests; the "glumbconv dw3x3+gate" groups: it was 4.92 ms, about 650 GB/s, for
-# the channels_last (1, 4096, 512, 512) map). Two calls, with
+# the channels_last (1, 4096, 512, 512) map), and the linear attention's register-tiled reduce
+# for channel-fastest qkv (test_ops' "relu_linear_attention channels_last view" group: not in
+# the first call's DCGEN_BENCH_FILES; add "ops" when time allows). Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
 #      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops/test_bias_act.py tests/ops/test_block_shortcuts.py tests/ops/test_linear_attention.py tests/ops/test_glu_depthwise.py tests/ops/test_channel_rms_norm_fused.py tests/ops/test_fp8_epilogue.py tests/quant/test_fp8_direct.py tests/autoencoders tests/test_fused_blocks.py" \

@@ -79,3 +79,45 @@ def test_relu_linear_attention(benchmark, impl):
         time_it(benchmark, fn, n_rounds=rounds(30, 3))
     if benchmark.stats:
         benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_relu_linear_attention_channels_last(benchmark, impl):
+    # LiteMLA's call on the same shape, from its channels_last qkv conv output: what it ran up
+    # to session 19 (the kernel made the qkv view contiguous, a transposing copy, and LiteMLA
+    # copied the output back to channels_last) against the kernel reading the view in place and
+    # writing channels_last (its register-tiled reduce included). Both rows run dcgen's kernel.
+    if not has_kernel("relu_linear_attention", DEVICE):
+        pytest.skip("no compiled relu_linear_attention kernel for this device")
+    from dcgen.autoencoders.blocks import _attention_map
+
+    b, heads, d3, n = LA_SHAPE
+    side = int(n**0.5)
+    conv_out = torch.randn(b, heads * d3, side, side, device=DEVICE).to(DTYPE)
+    conv_out = conv_out.contiguous(memory_format=torch.channels_last)
+    qkv = conv_out.reshape(b, heads, d3, n)  # a view, channel-fastest
+    cl = torch.channels_last
+    if impl == "dcgen":
+
+        def fn():
+            return _attention_map(relu_linear_attention(qkv), side, side)
+    else:
+
+        def fn():
+            out = relu_linear_attention(qkv.contiguous())
+            return out.reshape(b, -1, side, side).contiguous(memory_format=cl)
+
+    nbytes = qkv.numel() * qkv.element_size() * 4 // 3  # read q, k, v once, write out once
+    benchmark.group = (
+        f"relu_linear_attention channels_last view {tuple(LA_SHAPE)} "
+        f"{str(DTYPE).removeprefix('torch.')}"
+    )
+    benchmark.extra_info.update(
+        impl=impl,
+        baseline_name="contiguous() copy, kernel, copy back to channels_last",
+        bytes_floor=nbytes,
+    )
+    with torch.inference_mode():
+        time_it(benchmark, fn, n_rounds=rounds(30, 3))
+    if benchmark.stats:
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
