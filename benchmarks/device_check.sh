@@ -59,16 +59,17 @@
 # "glumbconv expand bias" group), and the GLU strip kernel's weights loaded once per run of 8
 # strips (same tests; the "glumbconv dw3x3+gate" groups: it was 4.92 ms, about 650 GB/s, for
 # the channels_last (1, 4096, 512, 512) map), and the linear attention's register-tiled reduce
-# for channel-fastest qkv (test_ops' "relu_linear_attention channels_last view" group: not in
-# the first call's DCGEN_BENCH_FILES; add "ops" when time allows). Two calls, with
+# for channel-fastest qkv (test_ops' "relu_linear_attention channels_last view" group: "ops"
+# in the first call's DCGEN_BENCH_FILES). Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
 #      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops/test_bias_act.py tests/ops/test_block_shortcuts.py tests/ops/test_linear_attention.py tests/ops/test_glu_depthwise.py tests/ops/test_channel_rms_norm_fused.py tests/ops/test_fp8_epilogue.py tests/quant/test_fp8_direct.py tests/autoencoders tests/test_fused_blocks.py" \
-#      DCGEN_BENCH_FILES="dcae_decode dcae_fused" bash benchmarks/device_check.sh   (timeout_s=550):
+#      DCGEN_BENCH_FILES="dcae_decode dcae_fused ops" bash benchmarks/device_check.sh   (timeout_s=550):
 #      build, the tests of what changed, the 4K decodes against eager diffusers, the DC-AE
-#      block kernels (the two bias_act_ groups), then the step profile with its call-site
-#      tables (where the decode's 15 ms of layout copies and the FP8 step's non-vectorized
-#      kernels come from) and the decode's autotune group, as far as the deadline lets them.
+#      block kernels (the bias_act_, up-block band, GLU and linear-attention groups), then the
+#      step profile with its call-site tables (whether the decode's 15 ms of layout copies are
+#      gone, and where the FP8 step's non-vectorized kernels come from) and the decode's
+#      autotune group, as far as the deadline lets them.
 #   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_HOPPER_DIAG=0 \
 #      DCGEN_TEST_FILES="tests/ops tests/quant" DCGEN_BENCH_FILES=none DCGEN_FP8_BLOCK=1 \
 #      DCGEN_BENCH_COMPILE=1 DCGEN_PROFILE=0 DCGEN_SPEED_TABLE=0 bash benchmarks/device_check.sh
