@@ -60,10 +60,12 @@
 # strips (same tests; the "glumbconv dw3x3+gate" groups: it was 4.92 ms, about 650 GB/s, for
 # the channels_last (1, 4096, 512, 512) map), and the linear attention's register-tiled reduce
 # for channel-fastest qkv (test_ops' "relu_linear_attention channels_last view" group: "ops"
-# in the first call's DCGEN_BENCH_FILES). Two calls, with
+# in the first call's DCGEN_BENCH_FILES), and the channels_last RMSNorm's packet kernel
+# (tests/ops/test_channel_rms_norm*.py; dcae_fused's "rms_norm" groups, 8.35 ms before for norm
+# + residual at (1, 128, 4096, 4096) channels_last). Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
-#      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops/test_bias_act.py tests/ops/test_block_shortcuts.py tests/ops/test_linear_attention.py tests/ops/test_glu_depthwise.py tests/ops/test_channel_rms_norm_fused.py tests/ops/test_fp8_epilogue.py tests/quant/test_fp8_direct.py tests/autoencoders tests/test_fused_blocks.py" \
+#      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops/test_bias_act.py tests/ops/test_channel_rms_norm.py tests/ops/test_block_shortcuts.py tests/ops/test_linear_attention.py tests/ops/test_glu_depthwise.py tests/ops/test_channel_rms_norm_fused.py tests/ops/test_fp8_epilogue.py tests/quant/test_fp8_direct.py tests/autoencoders tests/test_fused_blocks.py" \
 #      DCGEN_BENCH_FILES="dcae_decode dcae_fused ops" bash benchmarks/device_check.sh   (timeout_s=550):
 #      build, the tests of what changed, the 4K decodes against eager diffusers, the DC-AE
 #      block kernels (the bias_act_, up-block band, GLU and linear-attention groups), then the

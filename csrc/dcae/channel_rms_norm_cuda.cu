@@ -3,8 +3,12 @@
 // NCHW: one thread per pixel (or per V adjacent pixels with 16-byte vector loads when the plane
 // size and pointers allow) walks the channels; neighbouring threads read neighbouring pixels of
 // the same channel plane, so every load is coalesced. The second pass re-reads x, which is
-// still in L2 for the block's pixels. channels_last: one warp per pixel row, lanes stride over
-// the channels and reduce with shuffles. The fused variant (channel_rms_norm_fused) applies
+// still in L2 for the block's pixels. channels_last: G lanes per pixel (G = min(32, C / V)),
+// each holding P 16-byte packets of V channels in registers (one read of x, 16-byte loads and
+// stores, the sum of squares reduced over the G lanes with shuffles) where C, the pointers and
+// the weights allow; else one warp per pixel row, lanes striding over the channels with
+// 2-byte accesses and reading x twice (about 1.5 TB/s for norm + residual at 4096^2 x 128 on
+// the H200, half the NCHW kernel's rate). The fused variant (channel_rms_norm_fused) applies
 // relu/silu to the affine result and adds a residual of x's shape before the one rounding;
 // the plain op is the fused one with neither.
 #include <ATen/Dispatch.h>
@@ -15,6 +19,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "dcae/channel_rms_norm.h"
 
@@ -130,6 +135,110 @@ __global__ void norm_rows_kernel(const T* __restrict__ x, T* __restrict__ y,
   }
 }
 
+// channels_last, 16-byte packets: G lanes per pixel row (a power of two <= 32; consecutive
+// groups of lanes take consecutive pixels, so a warp's loads are 32 contiguous packets), each
+// lane its P packets q = p * G + lane % G of V channels, kept in registers between the sum of
+// squares and the output. The G lanes of a pixel exit together, and the shuffles use only
+// their own lanes' mask.
+template <typename T, int G, int P>
+__global__ void norm_rows_vec_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                     const float* __restrict__ w, const float* __restrict__ b,
+                                     const T* __restrict__ r, DcaeAct act, int64_t rows, int C,
+                                     float eps) {
+  constexpr int V = 16 / sizeof(T);
+  using Pk = Packet<T, V>;
+  const int lane = threadIdx.x & 31;
+  const int sub = lane % G;
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+  if (row >= rows) return;
+  const unsigned mask = G == 32 ? 0xffffffffu : ((1u << G) - 1u) << (lane - sub);
+  const Pk* xr = reinterpret_cast<const Pk*>(x + row * C);
+  float v[P][V];
+  float acc = 0.f;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const Pk pk = xr[p * G + sub];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      v[p][i] = static_cast<float>(pk.v[i]);
+      acc += v[p][i] * v[p][i];
+    }
+  }
+#pragma unroll
+  for (int offset = G / 2; offset > 0; offset >>= 1) acc += __shfl_xor_sync(mask, acc, offset);
+  const float inv = rsqrtf(acc / static_cast<float>(C) + eps);
+  const Pk* rr = r ? reinterpret_cast<const Pk*>(r + row * C) : nullptr;
+  Pk* yr = reinterpret_cast<Pk*>(y + row * C);
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int q = p * G + sub;  // packet index: channels q * V .. q * V + V - 1
+    float wv[V], bv[V];
+#pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      const float4 w4 = w ? reinterpret_cast<const float4*>(w + q * V)[i / 4] : make_float4(1.f, 1.f, 1.f, 1.f);
+      const float4 b4 = b ? reinterpret_cast<const float4*>(b + q * V)[i / 4] : make_float4(0.f, 0.f, 0.f, 0.f);
+      wv[i] = w4.x, wv[i + 1] = w4.y, wv[i + 2] = w4.z, wv[i + 3] = w4.w;
+      bv[i] = b4.x, bv[i + 1] = b4.y, bv[i + 2] = b4.z, bv[i + 3] = b4.w;
+    }
+    Pk res;
+    if (rr) res = rr[q];
+    Pk out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      // the scalar kernels' operations in their order: * inv, * w, + b, act, + residual
+      float o = v[p][i] * inv;
+      if (w) o *= wv[i];
+      if (b) o += bv[i];
+      o = apply_dcae_act(o, act);
+      if (rr) o += static_cast<float>(res.v[i]);
+      out.v[i] = static_cast<T>(o);
+    }
+    yr[q] = out;
+  }
+}
+
+// The packet kernel's (G, P) for C channels of V per packet, or G = 0 when it does not apply.
+template <typename T>
+std::pair<int, int> rows_vec_shape(int64_t C) {
+  constexpr int V = 16 / sizeof(T);
+  if (C % V) return {0, 0};
+  const int64_t packets = C / V;
+  if (packets >= 4 && packets < 32 && (packets & (packets - 1)) == 0) return {static_cast<int>(packets), 1};
+  if (packets % 32 == 0 && packets / 32 <= 8 && ((packets / 32) & (packets / 32 - 1)) == 0)
+    return {32, static_cast<int>(packets / 32)};
+  return {0, 0};
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+void launch_rows_vec(const T* x, T* y, const float* w, const float* b, const T* r, DcaeAct act,
+                     int64_t rows, int64_t C, float eps, int G, int P, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t blocks = (rows * G + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= 2147483647LL, "dcgen::channel_rms_norm: input too large: ", rows, " rows");
+  const dim3 grid(static_cast<unsigned>(blocks));
+  const int c = static_cast<int>(C);
+#define DCGEN_ROWS_VEC(GG, PP)                                                                    \
+  norm_rows_vec_kernel<T, GG, PP><<<grid, kThreads, 0, stream>>>(x, y, w, b, r, act, rows, c, eps)
+  if (G == 4) {
+    DCGEN_ROWS_VEC(4, 1);
+  } else if (G == 8) {
+    DCGEN_ROWS_VEC(8, 1);
+  } else if (G == 16) {
+    DCGEN_ROWS_VEC(16, 1);
+  } else if (P == 1) {
+    DCGEN_ROWS_VEC(32, 1);
+  } else if (P == 2) {
+    DCGEN_ROWS_VEC(32, 2);
+  } else if (P == 4) {
+    DCGEN_ROWS_VEC(32, 4);
+  } else {
+    DCGEN_ROWS_VEC(32, 8);
+  }
+#undef DCGEN_ROWS_VEC
+}
+
 // 16-byte packets need the plane size to be a multiple of the packet and both base pointers
 // 16-byte aligned (a tensor with a storage offset may not be).
 template <typename T>
@@ -151,7 +260,13 @@ void launch_norm(const ChannelNormLayout& l, const at::Tensor& w, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.x.scalar_type(), "channel_rms_norm_cuda", [&] {
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = reinterpret_cast<scalar_t*>(out.data_ptr());
-    if (l.rows) {
+    const auto [vg, vp] = rows_vec_shape<scalar_t>(l.channels);
+    if (l.rows && vg > 0 && aligned16(l.x.const_data_ptr()) && aligned16(op) &&
+        (rp == nullptr || aligned16(rp)) && (wp == nullptr || aligned16(wp)) &&
+        (bp == nullptr || aligned16(bp))) {
+      launch_rows_vec<scalar_t>(l.x.const_data_ptr<scalar_t>(), op, wp, bp, rp, act, l.outer,
+                                l.channels, static_cast<float>(eps), vg, vp, stream);
+    } else if (l.rows) {
       const int64_t blocks = (l.outer + kThreads / 32 - 1) / (kThreads / 32);
       norm_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
           l.x.const_data_ptr<scalar_t>(), op, wp, bp, rp, act, l.outer, l.channels,

@@ -20,6 +20,10 @@ SHAPES = [
     (2, 8, 33),
     (2, 64, 32, 48),
     (1, 5, 2, 6),
+    # channels_last 16-byte packet kernel: 16 lanes a pixel (128 channels of 16-bit), 32 lanes
+    # of 8 packets (2048)
+    (1, 128, 3, 5),
+    (1, 2048, 2, 3),
 ]
 TOL = {torch.float32: (2e-6, 2e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 

@@ -18,7 +18,10 @@ from dcgen.ops import (
 from dcgen.ops._extension import compiled_op
 from tests.conftest import poison_cuda_allocator
 
-SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 32, 16, 16), (3, 130, 9, 11), (2, 8, 33), (2, 64, 8, 6)]
+# C = 32 / 64 / 128 / 512 / 2048 channels_last: the packet kernel with 4 / 8 / 16 lanes a pixel
+# (16-bit) and 32 lanes of 2 / 8 packets; C = 130 and 3 take the per-element kernels.
+SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (1, 32, 16, 16), (3, 130, 9, 11), (2, 8, 33), (2, 64, 8, 6),
+          (2, 128, 4, 5), (1, 512, 3, 5), (1, 2048, 2, 3)]  # fmt: skip
 ACTS = ["none", "relu", "silu"]
 TOL = {torch.float32: (4e-6, 4e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 _ACT_FN = {"none": lambda t: t, "relu": F.relu, "silu": F.silu}
