@@ -198,6 +198,8 @@ __global__ void __launch_bounds__(kVecThreads, 3)
   __shared__ float4 ws[18][kVecThreads];
 #pragma unroll
   for (int k = 0; k < 18; ++k) ws[k][threadIdx.x] = wt[static_cast<int64_t>(k) * groups + g];
+  // lds128 hides its address from the compiler: keep these stores ahead of every read of them
+  asm volatile("" ::: "memory");
   float ba[4], bg[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {

@@ -63,8 +63,8 @@ def _shortcut_writes_out(x: torch.Tensor) -> bool:
     """Whether a fused up block hands its conv bias (and, banded, its output rows) to
     up_block_shortcut's out kernel: where that kernel exists, it adds the bias while it
     shuffles and writes the rows in place, instead of a bias_act_ pass over the conv output and
-    a copy of each band (the f64c128 4K decode's three banded up blocks: about 30 GB of memory
-    traffic, by count of bytes)."""
+    a copy of each band (the 4K decodes' banded up blocks: about 13 GB of f64c128's and 30 GB
+    of SANA's memory traffic, by count of bytes)."""
     return has_kernel("up_block_shortcut_out", x.device)
 
 
