@@ -6,6 +6,9 @@ run on the GPU machine through benchmarks/device_check.sh.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import pytest
 import torch
 
@@ -82,6 +85,25 @@ def _fill_free_blocks(rounds: int = 3, most: int = 4096) -> list[torch.Tensor]:
             break
         held += [torch.full((size,), 255, dtype=torch.uint8, device="cuda") for size in sizes]
     return held
+
+
+@contextlib.contextmanager
+def registered_cpu_kernel(monkeypatch, name: str, fn: Callable) -> Iterator[None]:  # noqa: ANN001
+    """``fn`` registered as the CPU kernel of ``dcgen::<name>`` and visible to has_kernel while
+    the context is open: CPU tests of the code paths that only take a compiled kernel (their
+    ``fn`` runs the op's reference, against which the CUDA kernel is tested). Skips the test
+    where dcgen._C is not built (no schema to register against)."""
+    from dcgen.ops import _extension
+
+    if not _extension.has_schema(name):
+        pytest.skip(f"dcgen._C is not built: no dcgen::{name} schema")
+    lib = torch.library.Library("dcgen", "IMPL")
+    lib.impl(name, fn, "CPU")
+    monkeypatch.setattr(_extension, "_KERNELS", _extension._KERNELS | {(name, "CPU")})
+    try:
+        yield
+    finally:
+        lib._destroy()
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from dcgen.autoencoders import DCAE, reduced_config
 from dcgen.autoencoders.fused import fused_inference
-from dcgen.ops import _extension, bias_act_, bias_act_reference, has_kernel
+from dcgen.ops import bias_act_, bias_act_reference, has_kernel
 from dcgen.ops._extension import compiled_op
-from tests.conftest import poison_cuda_allocator
+from tests.conftest import poison_cuda_allocator, registered_cpu_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "autoencoders"))
 from dcae_helpers import perturb_norms  # noqa: E402
@@ -75,22 +75,15 @@ def test_bad_inputs_name_what_came():
 def cpu_kernel(monkeypatch):
     """A CPU kernel for dcgen::bias_act_ that runs the reference (the CUDA kernel is tested
     against the same reference below), visible to has_kernel; yields the act of each call."""
-    if not _extension.has_schema("bias_act_"):
-        pytest.skip("dcgen._C is not built: no dcgen::bias_act_ schema")
     calls: list[str] = []
 
     def kernel(out, x, bias, act, residual):  # noqa: ANN001, ANN202
         calls.append(act)
         out.copy_(bias_act_reference(x, bias, act, residual))
 
-    lib = torch.library.Library("dcgen", "IMPL")
-    lib.impl("bias_act_", kernel, "CPU")
-    monkeypatch.setattr(_extension, "_KERNELS", _extension._KERNELS | {("bias_act_", "CPU")})
     monkeypatch.setattr("dcgen.ops.bias_act.kernel_takes", lambda *a: True)
-    try:
+    with registered_cpu_kernel(monkeypatch, "bias_act_", kernel):
         yield calls
-    finally:
-        lib._destroy()
 
 
 @pytest.mark.parametrize("preset", ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1"])
@@ -100,8 +93,13 @@ def test_resblocks_hand_their_biases_to_bias_act(cpu_kernel, preset, bands):
     # bias + activation (every ResBlock), the folded BatchNorm's bias + residual (the in-1.0
     # decoders' high-resolution stages) and the up blocks' conv bias, with and without row
     # bands.
+    # Seeded: a random-weight decoder's head RMSNorm can meet a pixel whose channels nearly
+    # cancel, and amplify the ~1e-6 rounding differences of the split bias past the tolerance
+    # (measured on this project's CPU, 2026-11-27: 1 of 40 seeds for SANA, before and after
+    # session 19's changes alike); that is the model's sensitivity, not the fused path's error.
     from dcgen.autoencoders.row_bands import band_size
 
+    torch.manual_seed(0)
     model = perturb_norms(DCAE(reduced_config(preset))).eval()
     z = torch.randn(1, model.latent_channels, 8, 8)
     with torch.inference_mode():

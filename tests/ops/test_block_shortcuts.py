@@ -18,7 +18,7 @@ from dcgen.ops import (
     up_block_shortcut_reference,
 )
 from dcgen.ops._extension import compiled_op
-from tests.conftest import misaligned_copy, poison_cuda_allocator
+from tests.conftest import misaligned_copy, poison_cuda_allocator, registered_cpu_kernel
 
 # (B, Cin, H, W, Cout): the DC-AE ratios (Cin = 2*Cout up, Cout = 2*Cin down), repeats of 1
 # and 4, odd spatial sizes, 1x1 maps. Cout % 8 == 0 with repeats 1, 2 and 4 and several channel
@@ -360,25 +360,14 @@ def cpu_out_kernel(monkeypatch):
     """A CPU kernel for dcgen::up_block_shortcut_out that runs the reference into out (the CUDA
     kernel is tested against the same reference below), visible to has_kernel; yields the
     (bias given, out's data pointer) of each call."""
-    from dcgen.ops import _extension
-
-    if not _extension.has_schema("up_block_shortcut_out"):
-        pytest.skip("dcgen._C is not built: no dcgen::up_block_shortcut_out schema")
     calls: list[tuple[bool, int]] = []
 
     def kernel(y, x, shuffle_y, bias, out):  # noqa: ANN001, ANN202
         calls.append((bias is not None, out.data_ptr()))
         out.copy_(up_block_shortcut_reference(y, x, shuffle_y, bias))
 
-    lib = torch.library.Library("dcgen", "IMPL")
-    lib.impl("up_block_shortcut_out", kernel, "CPU")
-    monkeypatch.setattr(
-        _extension, "_KERNELS", _extension._KERNELS | {("up_block_shortcut_out", "CPU")}
-    )
-    try:
+    with registered_cpu_kernel(monkeypatch, "up_block_shortcut_out", kernel):
         yield calls
-    finally:
-        lib._destroy()
 
 
 def test_up_public_op_hands_dense_outs_to_the_kernel(cpu_out_kernel, rng):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dcgen.ops import glu_depthwise_conv, glu_depthwise_conv_reference, has_kernel
 from dcgen.ops._extension import compiled_op
-from tests.conftest import misaligned_copy, poison_cuda_allocator
+from tests.conftest import misaligned_copy, poison_cuda_allocator, registered_cpu_kernel
 
 # (B, 2*Ch, H, W): odd sizes, 1-pixel rows/columns (all-border), a single channel pair. On CUDA,
 # channels_last 16-bit maps with Ch % 4 == 0 take the 4-channel strip kernel: rows longer than
@@ -198,25 +198,14 @@ def cpu_glu_kernel(monkeypatch):
     """A CPU kernel for dcgen::glu_depthwise_conv that runs the reference (the CUDA kernel is
     tested against the same reference above), visible to has_kernel; yields each call's
     expand_bias."""
-    from dcgen.ops import _extension
-
-    if not _extension.has_schema("glu_depthwise_conv"):
-        pytest.skip("dcgen._C is not built: no dcgen::glu_depthwise_conv schema")
     calls: list[torch.Tensor | None] = []
 
     def kernel(x, weight, bias, expand_bias):  # noqa: ANN001, ANN202
         calls.append(expand_bias)
         return glu_depthwise_conv_reference(x, weight, bias, expand_bias)
 
-    lib = torch.library.Library("dcgen", "IMPL")
-    lib.impl("glu_depthwise_conv", kernel, "CPU")
-    monkeypatch.setattr(
-        _extension, "_KERNELS", _extension._KERNELS | {("glu_depthwise_conv", "CPU")}
-    )
-    try:
+    with registered_cpu_kernel(monkeypatch, "glu_depthwise_conv", kernel):
         yield calls
-    finally:
-        lib._destroy()
 
 
 def test_glumbconv_hands_its_expand_bias_to_the_depthwise_kernel(cpu_glu_kernel, rng):

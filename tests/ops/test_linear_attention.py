@@ -11,13 +11,23 @@ import torch.nn.functional as F
 from dcgen.ops import has_kernel, relu_linear_attention, relu_linear_attention_reference
 from dcgen.ops._extension import compiled_op
 from dcgen.ops.linear_attention import token_major
-from tests.conftest import poison_cuda_allocator
+from tests.conftest import poison_cuda_allocator, registered_cpu_kernel
 
 # (B, heads, d, N): DC-AE head dim 32, reduced-test head dims, N below / at / above a tile,
 # odd N and a 4K-decoder-like token count.
 CASES = [(1, 1, 32, 1), (2, 3, 32, 17), (1, 2, 32, 64), (1, 2, 32, 65), (2, 4, 8, 1000),
          (1, 2, 2, 130), (1, 4, 32, 4097), (1, 2, 16, 20000)]  # fmt: skip
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def _assert_close_scaled(got: torch.Tensor, want: torch.Tensor, dtype, msg: str) -> None:  # noqa: ANN001
+    """Kernel output against the (fp32) reference: outputs are ratios of sums, so they are
+    compared relative to the output's own scale, at the dtype's tolerance."""
+    atol, rtol = TOL[dtype]
+    scale = want.abs().max().item() + 1e-6
+    torch.testing.assert_close(
+        got.float().cpu() / scale, want / scale, atol=atol, rtol=rtol, msg=msg
+    )
 
 
 def _qkv(b, h, d, n, dtype, device, gen):
@@ -61,11 +71,7 @@ def test_cuda_kernel_matches_reference(dtype, rng):
         want = relu_linear_attention_reference(qkv.double().cpu()).float()
         assert got.shape == (b, h, d, n) and got.dtype == dtype
         assert not got.isnan().any(), f"unwritten or NaN output at {(b, h, d, n)}"
-        atol, rtol = TOL[dtype]
-        # outputs are ratios of sums; compare relative to the output's own scale
-        scale = want.abs().max().item() + 1e-6
-        torch.testing.assert_close(got.float().cpu() / scale, want / scale, atol=atol, rtol=rtol,
-                                   msg=f"{(b, h, d, n)} {dtype}")  # fmt: skip
+        _assert_close_scaled(got, want, dtype, f"{(b, h, d, n)} {dtype}")
 
 
 @pytest.mark.cuda
@@ -144,7 +150,6 @@ def test_cuda_kernel_reads_channels_last_in_place(dtype, rng):
     if not has_kernel("relu_linear_attention", "cuda"):
         pytest.skip("dcgen._C has no CUDA kernel for relu_linear_attention")
     kernel = compiled_op("relu_linear_attention")
-    atol, rtol = TOL[dtype]
     views = {
         "d32": _channels_last_qkv(2, 3, 32, (33, 65), dtype, "cuda", rng),
         "d8": _channels_last_qkv(1, 4, 8, (40, 25), dtype, "cuda", rng),
@@ -161,9 +166,7 @@ def test_cuda_kernel_reads_channels_last_in_place(dtype, rng):
         assert got.stride() == (n * h * (d3 // 3), d3 // 3, 1, h * (d3 // 3)), name
         assert not got.isnan().any(), f"unwritten or NaN output ({name})"
         want = relu_linear_attention_reference(qkv.double().cpu()).float()
-        scale = want.abs().max().item() + 1e-6
-        torch.testing.assert_close(got.float().cpu() / scale, want / scale, atol=atol, rtol=rtol,
-                                   msg=f"{name} {dtype}")  # fmt: skip
+        _assert_close_scaled(got, want, dtype, f"{name} {dtype}")
 
 
 @pytest.mark.cuda
@@ -199,10 +202,6 @@ def token_major_cpu_kernel(monkeypatch):
     """A CPU kernel for dcgen::relu_linear_attention with the CUDA kernel's output layout (the
     reference's values, channel-fastest for a channel-fastest qkv), visible to has_kernel;
     yields whether each call's qkv was channel-fastest."""
-    from dcgen.ops import _extension
-
-    if not _extension.has_schema("relu_linear_attention"):
-        pytest.skip("dcgen._C is not built: no dcgen::relu_linear_attention schema")
     calls: list[bool] = []
 
     def kernel(qkv, eps):  # noqa: ANN001, ANN202
@@ -212,15 +211,8 @@ def token_major_cpu_kernel(monkeypatch):
             y = y.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
         return y
 
-    lib = torch.library.Library("dcgen", "IMPL")
-    lib.impl("relu_linear_attention", kernel, "CPU")
-    monkeypatch.setattr(
-        _extension, "_KERNELS", _extension._KERNELS | {("relu_linear_attention", "CPU")}
-    )
-    try:
+    with registered_cpu_kernel(monkeypatch, "relu_linear_attention", kernel):
         yield calls
-    finally:
-        lib._destroy()
 
 
 @pytest.mark.parametrize("scales", [(), (5,)])
