@@ -40,29 +40,32 @@
 # that run in fresh processes included), benchmarks quant 59 s, dcae_decode 76 s, dcae_fused
 # 37 s, decode autotune 42 s; second call on the warm machine: FP8 block (no compile) 23 s,
 # decode against torch.compile'd diffusers (f64c128) 67 s, step profile 26 s, FLUX speed table
-# 91 s. What changed since, to validate first, then time: poison_cuda_allocator's free-block
-# filling (tests/test_poisoning.py; every poisoned test uses it), the fp8_scale_epilogue_into
-# test's own NaN buffer, GLUMBConv's expand bias + SiLU through bias_act_ (tests/ops/test_bias_act.py,
-# tests/autoencoders), bias_act_'s vector path with one channel division a thread (same tests;
-# dcae_fused's two bias_act_ groups time it), FP8Linear.forward_quantized on the rowwise route
-# (GELU + the next linear's quantize in one epilogue kernel: tests/quant/test_fp8_direct.py;
-# the FP8 block times it), channel_rms_norm_fused_out and the banded RMSNorm ResBlock ending
-# that writes into x's band with it (tests/ops/test_channel_rms_norm_fused.py,
-# tests/autoencoders; the SANA decode times it), the step profile's tables by shape and call
-# site, and up_block_shortcut_out (the up blocks' conv bias added in the shortcut kernel, and
-# banded up blocks writing their rows into the output instead of a bias_act_ pass and a copy
-# per band: tests/ops/test_block_shortcuts.py, tests/autoencoders; dcae_fused's "up_block band"
-# group and the f64c128 decode time it), relu_linear_attention reading channels_last qkv in
-# place (tests/ops/test_linear_attention.py, incl. a no-layout-copy LiteMLA check) and
-# glu_depthwise_conv's expand_bias (GLUMBConv's expand bias + SiLU applied as the depthwise
-# kernel loads, instead of a bias_act_ pass: tests/ops/test_glu_depthwise.py; dcae_fused's
-# "glumbconv expand bias" group), and the GLU strip kernel's weights loaded once per run of 8
-# strips (same tests; the "glumbconv dw3x3+gate" groups: it was 4.92 ms, about 650 GB/s, for
-# the channels_last (1, 4096, 512, 512) map), and the linear attention's register-tiled reduce
-# for channel-fastest qkv (test_ops' "relu_linear_attention channels_last view" group: "ops"
-# in the first call's DCGEN_BENCH_FILES), and the channels_last RMSNorm's packet kernel
-# (tests/ops/test_channel_rms_norm*.py; dcae_fused's "rms_norm" groups, 8.35 ms before for norm
-# + residual at (1, 128, 4096, 4096) channels_last). Two calls, with
+# 91 s. What changed since, to validate first, then time (none of it has run on a GPU):
+#   session 18
+#   - poison_cuda_allocator's free-block filling (tests/test_poisoning.py; every poisoned test
+#     uses it) and the fp8_scale_epilogue_into test's own NaN buffer;
+#   - bias_act_'s vector path with one channel division a thread (tests/ops/test_bias_act.py;
+#     dcae_fused's bias_act_ groups);
+#   - FP8Linear.forward_quantized on the rowwise route (GELU + the next linear's quantize in one
+#     epilogue kernel: tests/quant/test_fp8_direct.py; the FP8 block times it);
+#   - channel_rms_norm_fused_out and the banded RMSNorm ResBlock ending that writes into x's
+#     band (tests/ops/test_channel_rms_norm_fused.py, tests/autoencoders; the SANA decode);
+#   - the step profile's tables by shape and call site;
+#   session 19
+#   - up_block_shortcut_out: the up blocks' conv bias added in the shortcut kernel, banded up
+#     blocks writing their rows into the output (tests/ops/test_block_shortcuts.py,
+#     tests/autoencoders; dcae_fused's "up_block band" group, the decodes);
+#   - relu_linear_attention reading channels_last qkv in place, with a register-tiled reduce
+#     (tests/ops/test_linear_attention.py, incl. a no-layout-copy LiteMLA check; test_ops'
+#     "relu_linear_attention channels_last view" group);
+#   - glu_depthwise_conv's expand_bias (GLUMBConv's expand bias + SiLU applied as the kernel
+#     loads) and its strip kernel's weights loaded once per run of 8 strips
+#     (tests/ops/test_glu_depthwise.py; dcae_fused's "glumbconv" groups: 4.92 ms, about 650
+#     GB/s, before, for the channels_last (1, 4096, 512, 512) map);
+#   - the channels_last RMSNorm's 16-byte packet kernel (tests/ops/test_channel_rms_norm*.py;
+#     dcae_fused's "rms_norm" groups: 8.35 ms before for norm + residual at (1, 128, 4096,
+#     4096) channels_last).
+# Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
 #      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops/test_bias_act.py tests/ops/test_channel_rms_norm.py tests/ops/test_block_shortcuts.py tests/ops/test_linear_attention.py tests/ops/test_glu_depthwise.py tests/ops/test_channel_rms_norm_fused.py tests/ops/test_fp8_epilogue.py tests/quant/test_fp8_direct.py tests/autoencoders tests/test_fused_blocks.py" \
