@@ -81,9 +81,8 @@ void launch(const at::Tensor& out, const at::Tensor& x, const at::Tensor& bias,
   const T* bp = reinterpret_cast<const T*>(bias.const_data_ptr());
   const T* rp = residual ? reinterpret_cast<const T*>(residual->const_data_ptr()) : nullptr;
   T* op = reinterpret_cast<T*>(out.mutable_data_ptr());
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  const bool vec = (cl ? C % 8 == 0 : hw % 8 == 0) && aligned(xp) && aligned(op) &&
-                   (rp == nullptr || aligned(rp));
+  const bool vec = (cl ? C % 8 == 0 : hw % 8 == 0) && aligned16(xp) && aligned16(op) &&
+                   (rp == nullptr || aligned16(rp));
   const int64_t blocks = (numel + 8LL * kThreads - 1) / (8LL * kThreads);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 #define DCGEN_BIAS_ACT(ACT)                                                                  \

@@ -169,17 +169,14 @@ __global__ void up_shortcut_cl8_kernel(const T* __restrict__ y, const T* __restr
 }
 
 // Whether the 8-channel kernel applies (see it); cl: y is channels_last; R = 4 Cout / Cin.
-bool aligned16(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-}
-
 bool use_cl8_kernel(const at::Tensor& y, const at::Tensor& x, const at::Tensor* bias,
                     const at::Tensor& out, bool cl, bool shuffle_y, int64_t cout, int64_t repeats) {
   const auto st = y.scalar_type();
   return shuffle_y && (st == at::kHalf || st == at::kBFloat16) && cout % 8 == 0 &&
          (repeats == 1 || repeats == 2 || repeats == 4) && cl &&
-         x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(y) && aligned16(x) &&
-         aligned16(out) && (bias == nullptr || aligned16(*bias));
+         x.is_contiguous(at::MemoryFormat::ChannelsLast) && aligned16(y.const_data_ptr()) &&
+         aligned16(x.const_data_ptr()) && aligned16(out.const_data_ptr()) &&
+         (bias == nullptr || aligned16(bias->const_data_ptr()));
 }
 
 template <typename T>

@@ -209,8 +209,6 @@ std::pair<int, int> rows_vec_shape(int64_t C) {
   return {0, 0};
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T>
 void launch_rows_vec(const T* x, T* y, const float* w, const float* b, const T* r, DcaeAct act,
                      int64_t rows, int64_t C, float eps, int G, int P, cudaStream_t stream) {
@@ -239,16 +237,6 @@ void launch_rows_vec(const T* x, T* y, const float* w, const float* b, const T* 
 #undef DCGEN_ROWS_VEC
 }
 
-// 16-byte packets need the plane size to be a multiple of the packet and both base pointers
-// 16-byte aligned (a tensor with a storage offset may not be).
-template <typename T>
-bool vector_ok(const ChannelNormLayout& l, const at::Tensor& out, const at::Tensor& res) {
-  constexpr int V = 16 / sizeof(T);
-  return l.inner % V == 0 && reinterpret_cast<uintptr_t>(l.x.const_data_ptr()) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0 &&
-         (!res.defined() || reinterpret_cast<uintptr_t>(res.const_data_ptr()) % 16 == 0);
-}
-
 // act(norm(l.x)) (+ res) into out, which has l.x's layout (checked by the callers).
 void launch_norm(const ChannelNormLayout& l, const at::Tensor& w, const at::Tensor& b,
                  const at::Tensor& res, DcaeAct act, double eps, const at::Tensor& out) {
@@ -260,10 +248,13 @@ void launch_norm(const ChannelNormLayout& l, const at::Tensor& w, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.x.scalar_type(), "channel_rms_norm_cuda", [&] {
     const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = reinterpret_cast<scalar_t*>(out.data_ptr());
+    // Both packet kernels move x, out and the residual in 16-byte packets.
+    const bool io16 = aligned16(l.x.const_data_ptr()) && aligned16(op) &&
+                      (rp == nullptr || aligned16(rp));
+    constexpr int V = 16 / sizeof(scalar_t);
     const auto [vg, vp] = rows_vec_shape<scalar_t>(l.channels);
-    if (l.rows && vg > 0 && aligned16(l.x.const_data_ptr()) && aligned16(op) &&
-        (rp == nullptr || aligned16(rp)) && (wp == nullptr || aligned16(wp)) &&
-        (bp == nullptr || aligned16(bp))) {
+    if (l.rows && vg > 0 && io16 && (wp == nullptr || aligned16(wp)) &&
+        (bp == nullptr || aligned16(bp))) {  // the rows kernel reads w and b as float4 too
       launch_rows_vec<scalar_t>(l.x.const_data_ptr<scalar_t>(), op, wp, bp, rp, act, l.outer,
                                 l.channels, static_cast<float>(eps), vg, vp, stream);
     } else if (l.rows) {
@@ -271,8 +262,7 @@ void launch_norm(const ChannelNormLayout& l, const at::Tensor& w, const at::Tens
       norm_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
           l.x.const_data_ptr<scalar_t>(), op, wp, bp, rp, act, l.outer, l.channels,
           static_cast<float>(eps));
-    } else if (vector_ok<scalar_t>(l, out, res)) {
-      constexpr int V = 16 / sizeof(scalar_t);
+    } else if (l.inner % V == 0 && io16) {  // the plane size a whole number of packets
       const int64_t blocks = (l.outer * (l.inner / V) + kThreads - 1) / kThreads;
       norm_planes_vec_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(
           l.x.const_data_ptr<scalar_t>(), op, wp, bp, rp, act, l.outer, l.channels, l.inner,

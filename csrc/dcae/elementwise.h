@@ -1,13 +1,15 @@
 // What the DC-AE elementwise ops (channel_rms_norm_fused and its _out form, bias_act_) share:
 // the activation codes of their schemas' `act` strings, the activations themselves (host and
 // device; relu keeps NaN, as torch.relu and the ops' references do), and the layout rule for
-// the tensors they write. Spec: dcgen/ops/channel_rms_norm.py, dcgen/ops/bias_act.py.
+// the tensors they write. Spec: dcgen/ops/channel_rms_norm.py, dcgen/ops/bias_act.py. The other
+// DC-AE kernels use its activations and its test for 16-byte vector access too.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -29,6 +31,10 @@ C10_HOST_DEVICE inline float apply_dcae_act(float v, DcaeAct act) {
   if (act == DcaeAct::kSilu) return v / (1.f + expf(-v));
   return v;
 }
+
+// Whether a pointer allows the 16-byte vector loads and stores of the DC-AE kernels (a tensor
+// with a storage offset may not).
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Same shape as `like` and the same strides on every dimension longer than 1 (a band of rows of
 // a one-image NHWC batch has another batch stride, which no element's address uses).

@@ -29,6 +29,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "dcae/elementwise.h"
+
 namespace dcgen {
 namespace {
 
@@ -320,7 +322,7 @@ at::Tensor relu_linear_attention_cuda(const at::Tensor& qkv_in, double eps) {
   const Layout4 L = layout_of(qkv), Y = layout_of(y);
   // 16-byte token loads and stores: D = 32, every head's and token's start 16-byte aligned.
   const int64_t per16 = 16 / qkv.element_size();
-  const bool vec = tok && d == 32 && reinterpret_cast<uintptr_t>(qkv.const_data_ptr()) % 16 == 0 &&
+  const bool vec = tok && d == 32 && aligned16(qkv.const_data_ptr()) &&
                    L.sb % per16 == 0 && L.sh % per16 == 0 && L.sn % per16 == 0 &&
                    Y.sb % per16 == 0 && Y.sh % per16 == 0 && Y.sn % per16 == 0;
   // Enough (head, split) blocks to fill the GPU several times over; each split >= one tile.

@@ -27,7 +27,7 @@ from dcgen.ops import (
     space_to_channel_average,
     up_block_shortcut,
 )
-from dcgen.ops.block_shortcuts import up_block_output_layout
+from dcgen.ops._validate import kernel_layout
 from dcgen.ops.linear_attention import token_major
 
 from .fused import can_modify_in_place, use_fused
@@ -519,7 +519,7 @@ class UpBlock(nn.Module):
         for i, a, b in bands:
             y = conv3x3_rows(x[i : i + 1], weight, None if split or into else bias, a, b)
             if out is None:
-                fmt = up_block_output_layout(y)
+                fmt = kernel_layout(y)
                 shape = (n, self.out_channels, 2 * height, 2 * width)
                 out = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=fmt)
             rows = out[i : i + 1, :, 2 * a : 2 * b]

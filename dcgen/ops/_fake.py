@@ -6,19 +6,14 @@ from __future__ import annotations
 import torch
 
 from ._extension import extension_loaded
+from ._validate import kernel_layout
 from .linear_attention import token_major
 
 if extension_loaded():
 
     @torch.library.register_fake("dcgen::channel_rms_norm")
     def _channel_rms_norm_fake(x, weight, bias, eps):  # noqa: ANN001
-        # Same layout rule as the kernels: channels_last stays channels_last, anything else
-        # comes back NCHW-contiguous.
-        if x.ndim in (4, 5) and not x.is_contiguous():
-            fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
-            if x.is_contiguous(memory_format=fmt):
-                return torch.empty_like(x, memory_format=fmt)
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return torch.empty_like(x, memory_format=kernel_layout(x))
 
     @torch.library.register_fake("dcgen::relu_linear_attention")
     def _relu_linear_attention_fake(qkv, eps):  # noqa: ANN001
@@ -31,23 +26,15 @@ if extension_loaded():
         # A _C built before an op existed (stale build) must not break the import.
         return hasattr(torch.ops.dcgen, name)
 
-    def _layout_like(x):  # noqa: ANN001, ANN202
-        # The DC-AE kernels' rule: channels_last in, channels_last out; anything else NCHW.
-        if x.ndim in (4, 5) and not x.is_contiguous():
-            fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
-            if x.is_contiguous(memory_format=fmt):
-                return fmt
-        return torch.contiguous_format
-
     def _empty(shape, like):  # noqa: ANN001, ANN202
-        fmt = _layout_like(like)
+        fmt = kernel_layout(like)
         return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
     if _registered("channel_rms_norm_fused"):
 
         @torch.library.register_fake("dcgen::channel_rms_norm_fused")
         def _channel_rms_norm_fused_fake(x, weight, bias, residual, act, eps):  # noqa: ANN001
-            return torch.empty_like(x, memory_format=_layout_like(x))
+            return torch.empty_like(x, memory_format=kernel_layout(x))
 
     if _registered("channel_rms_norm_fused_out"):
 

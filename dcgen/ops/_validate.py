@@ -41,6 +41,17 @@ def dense_layout(x: torch.Tensor) -> bool:
     )
 
 
+def kernel_layout(x: torch.Tensor) -> torch.memory_format:
+    """The layout the DC-AE kernels give their outputs for input ``x``: channels_last (3d for a
+    5-d x) when x is, and is not also NCHW-contiguous (1-channel or 1x1 maps are both), else
+    NCHW. The fakes and the Python callers that allocate outputs for the kernels follow it."""
+    if x.ndim in (4, 5) and not x.is_contiguous():
+        fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
 def dense_as(t: torch.Tensor, like: torch.Tensor) -> bool:
     """Same shape as ``like`` and the same strides on every dimension longer than 1: the rule
     the elementwise DC-AE kernels apply to the tensors they write (a band of rows of an NHWC

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ._extension import compiled_op, has_kernel
-from ._validate import FLOAT_DTYPES, check_same_device, check_tensor, dense_as
+from ._validate import FLOAT_DTYPES, check_same_device, check_tensor, dense_as, kernel_layout
 from .shortcuts import channel_duplicate_to_space, space_to_channel_average
 
 _DTYPES = (*FLOAT_DTYPES, torch.float64)
@@ -112,14 +112,6 @@ def _check_up_bias(y: torch.Tensor, bias: torch.Tensor | None) -> None:
         )
 
 
-def up_block_output_layout(y: torch.Tensor) -> torch.memory_format:
-    """The layout of up_block_shortcut's output for main-path input ``y``: channels_last when y
-    is (and is not also NCHW-contiguous), else NCHW."""
-    if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _check_up_out(y: torch.Tensor, x: torch.Tensor, cout: int, out: torch.Tensor) -> None:
     check_tensor("up_block_shortcut: out", out, ndim=4, dtypes=(y.dtype,))
     shape = (y.shape[0], cout, 2 * x.shape[2], 2 * x.shape[3])
@@ -198,7 +190,7 @@ def up_block_shortcut(
         target = out
         if out is None or not _kernel_writes(out, y, x):
             shape = (y.shape[0], cout, 2 * x.shape[2], 2 * x.shape[3])
-            fmt = up_block_output_layout(y)
+            fmt = kernel_layout(y)
             target = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=fmt)
         compiled_op("up_block_shortcut_out")(y, x, shuffle_y, bias, target)
         return target if out is None or target is out else out.copy_(target)
@@ -210,7 +202,7 @@ def _kernel_writes(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the out kernel takes ``out`` as it is: dense in the kernel's own output layout
     (sizes-1 dimensions aside), element-aligned for the NCHW kernel's paired stores, and in
     memory of its own (the kernel reads y and x while writing out)."""
-    fmt = up_block_output_layout(y)
+    fmt = kernel_layout(y)
     like = torch.empty(out.shape, dtype=out.dtype, device="meta", memory_format=fmt)
     if not dense_as(out, like):
         return False
