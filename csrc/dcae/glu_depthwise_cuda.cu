@@ -288,7 +288,7 @@ bool use_cl4_kernel(const at::Tensor& x, bool cl) {
 }
 
 template <typename T>
-void launch_cl4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+void launch_cl4(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& b,
                 const at::Tensor& eb, at::Tensor& out, cudaStream_t stream) {
   const int64_t batch = x.size(0), ch = x.size(1) / 2, h = x.size(2), wd = x.size(3);
   const int64_t groups = ch / 4, strips = (wd + kStrip - 1) / kStrip;
@@ -298,9 +298,10 @@ void launch_cl4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
   TORCH_CHECK(blocks <= 2147483647LL && ch <= (int64_t{1} << 30) && h < (int64_t{1} << 31) &&
                   wd < (int64_t{1} << 31),
               "dcgen::glu_depthwise_conv: input too large: ", x.sizes());
-  // (2 Ch, 1, 3, 3) fp32 -> [half][tap][channel], read 4 channels at a time (float4: the
-  // channel offsets 4g are 16-byte aligned in a fresh tensor)
-  const at::Tensor wt = w.reshape({2, ch, 9}).transpose(1, 2).contiguous();
+  // (2 Ch, 1, 3, 3) -> fp32 [half][tap][channel] in one copy, read 4 channels at a time
+  // (float4: the channel offsets 4g are 16-byte aligned in a fresh tensor)
+  at::Tensor wt = at::empty({2, 9, ch}, weight.options().dtype(at::kFloat));
+  wt.copy_(weight.reshape({2, ch, 9}).transpose(1, 2));
   auto kernel = eb.defined() ? glu_depthwise_cl4_kernel<T, true> : glu_depthwise_cl4_kernel<T, false>;
   kernel<<<static_cast<unsigned>(blocks), kVecThreads, 0, stream>>>(
       reinterpret_cast<const T*>(x.const_data_ptr()),
@@ -348,7 +349,6 @@ at::Tensor glu_depthwise_conv_cuda(const at::Tensor& x, const at::Tensor& weight
     eb = expand_bias->to(at::kFloat).contiguous();
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
   const bool cl = output_order::prefers_channels_last(x);
   const int64_t ch = c2 / 2, h = x.size(2), wd = x.size(3);
   at::Tensor out = at::empty({x.size(0), ch, h, wd}, x.options(),
@@ -357,12 +357,13 @@ at::Tensor glu_depthwise_conv_cuda(const at::Tensor& x, const at::Tensor& weight
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (use_cl4_kernel(x, cl)) {
     if (st == at::kBFloat16) {
-      launch_cl4<__nv_bfloat16>(x, w, b, eb, out, stream);
+      launch_cl4<__nv_bfloat16>(x, weight, b, eb, out, stream);
     } else {
-      launch_cl4<__half>(x, w, b, eb, out, stream);
+      launch_cl4<__half>(x, weight, b, eb, out, stream);
     }
     return out;
   }
+  const at::Tensor w = weight.to(at::kFloat).contiguous();  // the per-element kernel's layout
   const Strides4 xs = strides_of(x);
   const OutputGrid g = make_grid(out, cl);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "glu_depthwise_conv_cuda", [&] {
