@@ -21,6 +21,11 @@ def offload_hooked(module: nn.Module) -> bool:
     return _WRAPPING_HOOKS[0] in attrs or _WRAPPING_HOOKS[1] in attrs
 
 
+def global_forward_hooks() -> bool:
+    """Whether forward or forward-pre hooks are registered for every module."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
 def has_forward_hooks(module: nn.Module) -> bool:
     """True when ``module`` or every module (global hooks) has a forward or forward-pre hook,
     or ``module``'s forward is wrapped (an accelerate / diffusers hook, or any forward set on

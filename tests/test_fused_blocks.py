@@ -409,6 +409,53 @@ def test_inference_calls_the_attention_processor_directly(index, monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("index", [0, 1], ids=["double", "single"])
+def test_fp8_blocks_call_the_processor_directly_in_the_sharing_scope(index, monkeypatch):
+    # quantize_ puts FP8 input sharing's two hooks on every FluxAttention; with only those the
+    # fused blocks still call the processor directly, inside the scope the hooks would open
+    # (sharing depth one more than outside: the single block is itself a sharing module). Any
+    # other hook keeps the module call. Same bits every way.
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    import dcgen.quant.fp8_linear as fp8_linear
+
+    block = _blocks()[index].bfloat16()
+    quantize_(block, FP8Config())
+    assert fp8_linear.shared_quantization_scope(block.attn) is not None
+    fused_blocks.install(block)
+    inputs = {k: (v.bfloat16() if v is not None else v) for k, v in _block_inputs().items()}
+    calls, depths = [], []
+    real, processor = FluxAttention.forward, block.attn.processor
+
+    def counted(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(1)
+        return real(self, *a, **k)
+
+    def spy(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        depths.append(fp8_linear._shared.depth)
+        return processor(*a, **k)
+
+    monkeypatch.setattr(FluxAttention, "forward", counted)
+    monkeypatch.setattr(fused_blocks, "_FLUX_ATTENTION_FORWARD", counted)
+    block.attn.processor = spy
+    with torch.no_grad():
+        got = block(**inputs)
+        assert calls == [] and depths == [1 + index] and fp8_linear._shared.depth == 0
+        monkeypatch.setattr(fused_blocks, "shared_quantization_scope", lambda m: None)
+        want = block(**inputs)  # the module call, its hooks open the scope
+        assert calls == [1] and depths == [1 + index] * 2
+        monkeypatch.undo()
+        monkeypatch.setattr(FluxAttention, "forward", counted)
+        monkeypatch.setattr(fused_blocks, "_FLUX_ATTENTION_FORWARD", counted)
+        handle = block.attn.register_forward_pre_hook(lambda m, a: None)
+        assert fp8_linear.shared_quantization_scope(block.attn) is None
+        hooked = block(**inputs)
+        handle.remove()
+    assert calls == [1, 1]
+    for g, w, h in zip(got, want, hooked):
+        assert torch.equal(g, w) and torch.equal(h, w)
+
+
 def test_unfusable_blocks_are_left_alone():
     double, single = _blocks()
     double.norm2 = nn.LayerNorm(DIM)  # affine: not the layout the fused forward reads

@@ -33,15 +33,32 @@ def takes_direct_route(
         return False
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return False
-    if x.shape[-1:] != (in_features,) or x.numel() == 0:
+    if x.ndim == 0 or x.shape[-1] != in_features or x.numel() == 0:
         return False
-    full_key = (
-        x.device, x.dtype, None if bias is None else bias.dtype, *key, *map(os.environ.get, env)
-    )  # fmt: skip
+    full_key = (x.device, x.dtype, None if bias is None else bias.dtype, *key, *environment(env))
     route = layer.__dict__.get("_route")
     if route is None or route[0] != full_key:
         route = layer.__dict__["_route"] = (full_key, bool(decide()))
     return route[1]
+
+
+# os.environ's own mapping (POSIX: bytes keys and values). os.environ.get goes through
+# Mapping.get, __getitem__ and the key's encoding: about 0.7 us a read on this project's CPU,
+# and the route key reads its variables on every call.
+_ENVIRON_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+@functools.cache
+def _encoded(names: tuple[str, ...]) -> tuple[bytes, ...]:
+    return tuple(os.fsencode(name) for name in names)
+
+
+def environment(names: tuple[str, ...]) -> tuple:
+    """The values of the environment variables ``names`` (None where unset), for comparison
+    only: raw bytes where os.environ keeps them so, str elsewhere."""
+    if isinstance(_ENVIRON_DATA, dict):
+        return tuple(map(_ENVIRON_DATA.get, _encoded(names)))
+    return tuple(map(os.environ.get, names))
 
 
 @functools.cache

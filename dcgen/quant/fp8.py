@@ -319,16 +319,25 @@ def direct_row_route(
 def rowwise_gemm(
     xq: torch.Tensor,
     x_scale: torch.Tensor,
-    wq: torch.Tensor,
-    w_scale: torch.Tensor,
+    wq_t: torch.Tensor,
+    w_scale_row: torch.Tensor,
     bias: torch.Tensor | None,
     fast_accum: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """The direct "rowwise" route's GEMM: ``_scaled_mm`` with the row scales ([M, 1] and
-    [N, 1]) and the bf16 bias fused, into bf16. None when ``_scaled_mm`` rejects the case,
-    which is then recorded (the general path takes over from then on)."""
+    """The direct "rowwise" route's GEMM: ``_scaled_mm(xq, wq_t)`` with the row scales
+    (x_scale [M, 1], ``w_scale_row`` [1, N]) and the bf16 bias fused, into bf16 (into ``out``,
+    a bf16 [M, N] view with unit column stride, where given: the fused blocks' joint buffers).
+    The operands come as ``_scaled_mm`` takes them (``wq_t`` the [N, K] weight's transposed
+    view; FP8Linear keeps both views per weight), so the call adds no per-call reshapes. None
+    when ``_scaled_mm`` rejects the case, which is then recorded (the general path takes over
+    from then on)."""
+    kwargs = {} if out is None else {"out": out}
     try:
-        return _scaled_mm(xq, x_scale, wq, w_scale, bias, torch.bfloat16, "row", fast_accum)
+        return torch._scaled_mm(
+            xq, wq_t, scale_a=x_scale, scale_b=w_scale_row, bias=bias,
+            out_dtype=torch.bfloat16, use_fast_accum=fast_accum, **kwargs,
+        )  # fmt: skip
     except RuntimeError as err:
         case = _case(xq.device, "row", bias is not None)
         _REJECTED.add(case)

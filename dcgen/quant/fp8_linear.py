@@ -41,6 +41,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from dcgen._hooks import global_forward_hooks as _global_hooks
+from dcgen._hooks import offload_hooked
 from dcgen.ops import has_kernel
 from dcgen.ops import quantize_fp8 as _qop
 from dcgen.ops.fp8_epilogue import kernel_rows
@@ -102,9 +104,9 @@ class _SharedInputQuantization:
     def _offer_for(self, x: torch.Tensor, granularity: str) -> tuple | None:
         if not self._offers or granularity != "row":
             return None
-        key = self._key_of(x, granularity)
-        for ref, k, value in self._offers:
-            if ref() is x and k == key:
+        for ref, key, value in self._offers:
+            # identity first: the key (a tuple of five tensor properties) only for a candidate
+            if ref() is x and key == self._key_of(x, granularity):
                 return value
         return None
 
@@ -134,12 +136,11 @@ class _SharedInputQuantization:
         return q.reshape(-1, k), sc.reshape(-1, 1)
 
     def _reuse(self, x: torch.Tensor, granularity: str, make) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-        key = self._key_of(x, granularity)
-        if self._ref is not None and self._ref() is x and self._key == key:
+        if self._ref is not None and self._ref() is x and self._key == self._key_of(x, granularity):
             assert self._value is not None
             return self._value
         self._value = make()
-        self._ref, self._key = weakref.ref(x), key
+        self._ref, self._key = weakref.ref(x), self._key_of(x, granularity)
         return self._value
 
     def enter(self, *_: object) -> None:
@@ -196,6 +197,41 @@ def share_input_quantization(model: nn.Module) -> int:
         setattr(module, _HOOKED, handles)
         count += 1
     return count
+
+
+class _SharedScope:
+    """What the hooks of :func:`share_input_quantization` do around a module's forward, as a
+    reusable context manager (no generator per use): for callers that skip the module call."""
+
+    def __enter__(self) -> None:
+        _shared.enter()
+
+    def __exit__(self, *_: object) -> None:
+        _shared.leave()
+
+
+_SHARED_SCOPE = _SharedScope()
+
+
+def shared_quantization_scope(module: nn.Module) -> contextlib.AbstractContextManager | None:
+    """For a caller that would call ``module``'s forward code directly, skipping the module
+    call (and with it diffusers' per-call signature inspection, about 20 us of host time: the
+    fused FLUX blocks' attention): a context that stands in for its hooks when the only hooks
+    it has are the two :func:`share_input_quantization` registered (checked by handle id, no
+    global hooks, forward not wrapped); None otherwise (the caller makes the module call)."""
+    handles = module.__dict__.get(_HOOKED)
+    if handles is None:
+        return None
+    pre, post = handles
+    if (
+        module._forward_pre_hooks.keys() != {pre.id}
+        or module._forward_hooks.keys() != {post.id}
+        or _global_hooks()
+        or "forward" in module.__dict__
+        or offload_hooked(module)
+    ):
+        return None
+    return _SHARED_SCOPE
 
 
 def unshare_input_quantization(model: nn.Module) -> int:
@@ -278,7 +314,8 @@ class FP8Linear(nn.Module):
         s = _qop.fp8_scale_count(k, granularity)
         self.register_buffer("weight", torch.zeros(n, k, dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("weight_scale", torch.ones(n, s, device=device))
-        self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
+        bias_param = nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
+        self.register_parameter("bias", bias_param)  # in _parameters even when None
 
     @classmethod
     def from_linear(
@@ -305,6 +342,7 @@ class FP8Linear(nn.Module):
         # model.to(dtype) / .half() must not touch the format: the e4m3 weight and fp32 scales
         # only follow the device (float8 counts as floating point, so .to(bf16) would cast it).
         self.__dict__.pop("_route", None)  # the direct route is decided again (device, bias)
+        self.__dict__.pop("_rowwise_views", None)  # views of the old buffers
         keep = {n: self._buffers[n] for n in _FORMAT_BUFFERS}
         for n in keep:
             self._buffers[n] = None
@@ -333,7 +371,7 @@ class FP8Linear(nn.Module):
     def _direct(self, x: torch.Tensor) -> bool:
         """Whether this call takes the direct route (module doc; the gate in direct_route.py):
         row scales, a bf16 input, and the kernels and GEMM route it calls available."""
-        bias = self.bias
+        bias = self._parameters.get("bias")  # not self.bias: nn.Module.__getattr__ costs ~1 us
         return takes_direct_route(
             self, x, self.in_features, bias, (_fp8.route_generation(),), _ROUTE_ENV,
             lambda: self._decide_direct(x, bias),
@@ -364,12 +402,30 @@ class FP8Linear(nn.Module):
         y = _fp8.unit_scale_gemm(xq, self.weight, torch.bfloat16, self.fast_accum)
         return None if y is None else (y, xs)
 
-    def _rowwise_product(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _rowwise_product(
+        self, x: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The "rowwise" direct route's two kernels: x quantized per row (shared or offered),
-        then the row-scaled ``_scaled_mm`` with the bias fused: the bf16 [M, N] output; None
-        when ``_scaled_mm`` rejects the case."""
+        then the row-scaled ``_scaled_mm`` with the bias fused: the bf16 [M, N] output (written
+        into ``out``, an [M, N] view, where given); None when ``_scaled_mm`` rejects the
+        case."""
         xq, xs = _shared.quantize_rows_direct(x, self.in_features)
-        return _fp8.rowwise_gemm(xq, xs, self.weight, self.weight_scale, self.bias, self.fast_accum)
+        wq_t, w_scale_row = self._rowwise_operands()
+        return _fp8.rowwise_gemm(
+            xq, xs, wq_t, w_scale_row, self._parameters.get("bias"), self.fast_accum, out
+        )
+
+    def _rowwise_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight as ``_scaled_mm`` takes it ([K, N] transposed view) and its scales as a
+        [1, N] view, made once per weight: kept while the buffers are the same tensors
+        (in-place updates show through the views; a new buffer, or a device move, makes new
+        ones). Two views fewer per call: about 3 us of host time on this project's CPU."""
+        w, s = self._buffers["weight"], self._buffers["weight_scale"]
+        kept = self.__dict__.get("_rowwise_views")
+        if kept is None or kept[0] is not w or kept[1] is not s:
+            kept = (w, s, w.t(), s.reshape(1, -1))
+            self.__dict__["_rowwise_views"] = kept
+        return kept[2], kept[3]
 
     def _shaped(
         self, x: torch.Tensor, out: torch.Tensor, q: torch.Tensor, q_scales: torch.Tensor
@@ -423,22 +479,31 @@ class FP8Linear(nn.Module):
     def forward_into(self, x: torch.Tensor, out: torch.Tensor, act: str = "none") -> None:
         """``out[...] = self(x, act)`` for ``out`` a [..., N] view of a larger buffer
         (inference; the module is not called, so forward hooks do not run: callers with hooked
-        layers call it instead). On the direct route the scale epilogue writes its result there
-        itself (``dcgen::fp8_scale_epilogue_into``); otherwise the output is copied in."""
-        if (
-            act in _ACTS
-            and out.dtype == torch.bfloat16
-            and self._direct_epilogue(x)
-            and has_kernel("fp8_scale_epilogue_into", x.device)
-        ):
-            # a view the kernel writes, on x's device (else copied in, as the public
+        layers call it instead). On the direct route the result is written there, not copied:
+        by the scale epilogue (``dcgen::fp8_scale_epilogue_into``, "tensor" route) or by the
+        GEMM itself (``_scaled_mm(out=)``, "rowwise" route; GELU then runs in place, the same
+        kernel as the out-of-place one). Otherwise the output is copied in."""
+        rows = None
+        if act in _ACTS and out.dtype == torch.bfloat16 and self._direct(x):
+            # a view the kernels write, on x's device (else copied in, as the public
             # fp8_scale_epilogue_into does)
             rows = kernel_rows(out, self.out_features)
-            if (
-                rows is not None
-                and rows.shape[0] == x.numel() // self.in_features
-                and out.device == x.device
+            if rows is not None and (
+                rows.shape[0] != x.numel() // self.in_features or out.device != x.device
             ):
+                rows = None
+        if rows is not None:
+            kind = self.__dict__.get("_direct_kind")
+            # GELU in place gives the out-of-place bits on CUDA (one scalar functor for every
+            # layout); on the CPU only on contiguous rows (a strided row's tail takes the
+            # scalar loop, whose tanh may differ in the last bit from the vector one)
+            in_place = act == "none" or x.is_cuda or rows.is_contiguous()
+            if kind == "rowwise" and in_place:
+                if self._rowwise_product(x, rows) is not None:
+                    if act == "gelu_tanh":
+                        torch.ops.aten.gelu_.default(rows, approximate="tanh")
+                    return
+            elif kind == "tensor" and has_kernel("fp8_scale_epilogue_into", x.device):
                 product = self._unit_scale_product(x)
                 if product is not None:
                     epilogue_into = direct_ops("fp8_scale_epilogue_into")[0]

@@ -288,22 +288,42 @@ def test_rowwise_direct_route_gives_the_general_paths_bits(
 
 
 def test_rowwise_direct_route_forms_and_its_limits(cpu_kernels, monkeypatch):
-    # On "rowwise" forward_into copies the output in and forward_quantized without GELU offers
-    # no quantization (the fused scale epilogues belong to the "tensor" route); an fp32 bias
-    # (which _scaled_mm would not take with a bf16 output) and a rejected GEMM leave the
-    # general path.
+    # On "rowwise" forward_into has the GEMM write into the caller's view (then GELU in
+    # place) and forward_quantized without GELU offers no quantization (the fused scale
+    # epilogues belong to the "tensor" route); an fp32 bias (which _scaled_mm would not take
+    # with a bf16 output) and a rejected GEMM leave the general path.
     monkeypatch.setenv("DCGEN_FP8_GEMM", "rowwise")
     layer = _layer()
     x = (torch.randn(1, 6, 64) * 4).bfloat16()
     buf = torch.full((1, 6, 100), 3.0, dtype=torch.bfloat16)
+    original, outs = torch._scaled_mm, []
+
+    def recording(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        outs.append(k.get("out"))
+        return original(*a, **k)
+
+    rows = torch.full((2, 6, 40), 3.0, dtype=torch.bfloat16)  # rows[1]: contiguous rows
     with torch.inference_mode():
         want = layer(x, "gelu_tanh")
-        layer.forward_into(x, buf[..., 50:90], "gelu_tanh")
+        with monkeypatch.context() as m:
+            m.setattr(torch, "_scaled_mm", recording)
+            layer.forward_into(x, buf[..., 50:90], "gelu_tanh")  # CPU, strided: copied in
+            layer.forward_into(x, buf[..., 10:50])
+            layer.forward_into(x, rows[1], "gelu_tanh")
         y, quantized = layer.forward_quantized(x)
         want_plain = layer(x)
-    assert torch.equal(buf[..., 50:90], want) and (buf[..., :50] == 3).all()
+    assert torch.equal(buf[..., 50:90], want) and torch.equal(buf[..., 10:50], want_plain)
+    assert torch.equal(rows[1], want[0]) and (rows[0] == 3).all()
+    assert (buf[..., :10] == 3).all() and (buf[..., 90:] == 3).all()
+    assert [None if o is None else o.data_ptr() for o in outs] == [
+        None,
+        buf[0, 0, 10].data_ptr(),
+        rows[1].data_ptr(),
+    ]
     assert torch.equal(y, want_plain) and quantized is None
     assert cpu_kernels["fp8_scale_epilogue_into"] == cpu_kernels["fp8_scale_epilogue_fp8"] == 0
+    # layer calls: want, the strided GELU form's copy path, forward_quantized, want_plain (the
+    # in-place forms do not call the layer)
     assert cpu_kernels["direct"] == 4
     fp32_bias = _layer()
     fp32_bias.bias.data = fp32_bias.bias.data.float()
@@ -321,6 +341,31 @@ def test_rowwise_direct_route_forms_and_its_limits(cpu_kernels, monkeypatch):
         layer(x)
     assert cpu_kernels["direct"] == 5  # no direct attempt after the rejection
     torch.testing.assert_close(got.float(), layer.reference_forward(x).float(), rtol=0, atol=0)
+
+
+def test_rowwise_route_follows_a_new_or_updated_weight(cpu_kernels, monkeypatch):
+    # The "rowwise" route keeps the weight's transposed view and its [1, N] scales per layer:
+    # an in-place update shows through them, a new buffer (or a device move) makes new ones.
+    monkeypatch.setenv("DCGEN_FP8_GEMM", "rowwise")
+    layer, other = _layer(seed=0), _layer(seed=1)
+    x = (torch.randn(3, 64) * 4).bfloat16()
+    with torch.inference_mode():
+        first = layer(x)
+        layer.weight.copy_(other.weight)
+        layer.weight_scale.copy_(other.weight_scale)
+        updated = layer(x)
+        layer.weight = other.weight.clone()
+        layer.weight_scale = other.weight_scale * 2
+        replaced = layer(x)
+        spec = _general(layer, x, "none", monkeypatch)
+    assert cpu_kernels["direct"] == 3 and layer.__dict__["_direct_kind"] == "rowwise"
+    layer.weight, layer.weight_scale = other.weight, other.weight_scale
+    with torch.inference_mode():
+        assert torch.equal(updated, _general(layer, x, "none", monkeypatch))
+    assert not torch.equal(first, updated) and torch.equal(replaced, spec)
+    assert layer.__dict__["_rowwise_views"][0] is not other.weight  # built for the clone
+    layer.to("cpu")  # a device move drops the views
+    assert "_rowwise_views" not in layer.__dict__
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -448,8 +493,8 @@ def test_cuda_direct_route_gives_the_general_paths_bits(act, route, monkeypatch)
         want = _general(layer, x, act, monkeypatch)
     assert entered == [1] and not y.isnan().any()
     assert torch.equal(y, want)
-    # forward_into: the epilogue kernel ("tensor"; a copy on "rowwise") writes the same bits
-    # into a poisoned buffer's columns
+    # forward_into: the epilogue kernel ("tensor") or _scaled_mm(out=) then GELU in place
+    # ("rowwise") writes the same bits into a NaN buffer's columns (rows 3,088 apart)
     if has_kernel("fp8_scale_epilogue_into", "cuda"):
         # NaN-filled by hand: a 3.7 MB buffer can come from a fresh segment that the allocator
         # poisoning never touched (the H200 run of 2026-11-27 read stale fp32 data around it)
