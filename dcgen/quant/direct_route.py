@@ -10,11 +10,12 @@ and cached on the layer; a layer drops it in ``_apply`` (a device move).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from dcgen.ops._extension import environment
 
 
 def takes_direct_route(
@@ -40,25 +41,6 @@ def takes_direct_route(
     if route is None or route[0] != full_key:
         route = layer.__dict__["_route"] = (full_key, bool(decide()))
     return route[1]
-
-
-# os.environ's own mapping (POSIX: bytes keys and values). os.environ.get goes through
-# Mapping.get, __getitem__ and the key's encoding: about 0.7 us a read on this project's CPU,
-# and the route key reads its variables on every call.
-_ENVIRON_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
-
-
-@functools.cache
-def _encoded(names: tuple[str, ...]) -> tuple[bytes, ...]:
-    return tuple(os.fsencode(name) for name in names)
-
-
-def environment(names: tuple[str, ...]) -> tuple:
-    """The values of the environment variables ``names`` (None where unset), for comparison
-    only: raw bytes where os.environ keeps them so, str elsewhere."""
-    if isinstance(_ENVIRON_DATA, dict):
-        return tuple(map(_ENVIRON_DATA.get, _encoded(names)))
-    return tuple(map(os.environ.get, names))
 
 
 @functools.cache
