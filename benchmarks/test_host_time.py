@@ -283,7 +283,8 @@ def fp8_stubbed(monkeypatch):
 # dcgen.accelerate(blocks=True), GEMMs (bf16 linear / addmm, FP8 _scaled_mm), attention and
 # dcgen's kernels stubbed. On the H200 (2026-11-27) the FP8 double block ran 2.23 ms eager
 # against 1.83 ms CUDA-graphed while the bf16 block ran 2.24 / 2.22: the FP8 block's eager time
-# is its host time.
+# is its host time. On this project's CPU the FP8 / bf16 host-time ratio was 2.27x (double)
+# and 2.79x (single) at 171a1be, 1.62x and 1.76x after session 20 (README).
 @pytest.mark.parametrize("kind", ["double", "single"])
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_flux_fp8_block_host_time(benchmark, impl, kind, fp8_stubbed, monkeypatch):
