@@ -25,7 +25,8 @@
 # DCGEN_BENCH_FILES="attention dcae_decode" (benchmarks/test_<name>.py), DCGEN_SPEED_MODELS=flux,
 # DCGEN_FP8_BLOCK=0, DCGEN_SKIP_BENCH=1, DCGEN_SPEED_TABLE=0, DCGEN_TEST_ARGS=... (pytest),
 # DCGEN_HOPPER_DIAG=0 (no Hopper error maps; or a list: gemm, tma, attention), DCGEN_PROFILE=0 (no step profile),
-# DCGEN_SPEED_GRAPHS=0 (no CUDA-graphs table), DCGEN_SPEED_MODELS=none (no main speed table),
+# DCGEN_SPEED_GRAPHS=0 (no CUDA-graphs table), DCGEN_SPEED_MODELS=none (no main speed table;
+# "flux sana sana48" adds the SANA-4.8B table), DCGEN_SPEED_BATCH=N (batch-N throughput rows),
 # DCGEN_BENCH_SIZES (decode benchmark sizes, default 4096), DCGEN_BENCH_COMPILE=0 (the FP8
 # block without its torch.compile cases), DCGEN_TEST_FILES (paths of the main CUDA test run,
 # default tests; none skips it), DCGEN_THROW_PROBE=1 (the bad-input probe even when
@@ -65,6 +66,12 @@
 #   - the channels_last RMSNorm's 16-byte packet kernel (tests/ops/test_channel_rms_norm*.py;
 #     dcae_fused's "rms_norm" groups: 8.35 ms before for norm + residual at (1, 128, 4096,
 #     4096) channels_last).
+#   session 20
+#   - the FP8 blocks' host time (the fused blocks' direct processor call inside FP8 input
+#     sharing's scope; the rowwise route's kept weight views) and forward_into on the rowwise
+#     route writing through _scaled_mm(out=) with GELU in place (tests/quant/test_fp8_direct.py,
+#     tests/test_fused_blocks.py; the FP8 double block's eager row: 2.23 ms on the H200 before,
+#     1.83 ms graphed).
 # Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
@@ -317,8 +324,11 @@ if [ "${DCGEN_SPEED_TABLE:-1}" = 1 ]; then
   models=" ${DCGEN_SPEED_MODELS:-flux sana} "
   if [[ $models == *" flux "* ]]; then
     # --warmup 2: the 2026-11-26 H200 table's first 1K row was under-warmed with one
+    # DCGEN_SPEED_BATCH=N adds the batch-N throughput runs (the speed issue's throughput
+    # column; each such row times N images, so it costs about N times the batch-1 row)
     speed flux --model flux --resolutions 1024,2048,4096 --variants stock,kernels \
-      --attention default,flash --fp8 --nvfp4 w4a4,w4a16 --warmup 2 || speed_rc=1
+      --attention default,flash --fp8 --nvfp4 w4a4,w4a16 --warmup 2 \
+      ${DCGEN_SPEED_BATCH:+--batch "$DCGEN_SPEED_BATCH"} || speed_rc=1
     stamp "speed table flux done"
   fi
   # CUDA-graphed blocks (first GPU run pending) beside the kernels variant, in their own process
@@ -335,7 +345,11 @@ if [ "${DCGEN_SPEED_TABLE:-1}" = 1 ]; then
   fi
   if [[ $models == *" sana "* ]]; then
     speed sana --model sana-1.6b --resolutions 1024,2048,4096 --variants stock,kernels \
-      --warmup 2 || speed_rc=1
+      --warmup 2 ${DCGEN_SPEED_BATCH:+--batch "$DCGEN_SPEED_BATCH"} || speed_rc=1
+  fi
+  if [[ $models == *" sana48 "* ]]; then  # SANA 1.5's 4.8B config (60 blocks)
+    speed sana48 --model sana-4.8b --resolutions 1024,2048,4096 --variants stock,kernels \
+      --warmup 2 ${DCGEN_SPEED_BATCH:+--batch "$DCGEN_SPEED_BATCH"} || speed_rc=1
   fi
 fi
 
@@ -376,7 +390,7 @@ stamp "done (hopper rc=$hopper_rc, tests rc=$test_rc, benchmarks rc=$bench_rc, p
 cat "$OUT/build_info.json"
 jsons=$(ls "$OUT"/bench_*.json 2>/dev/null)
 [ -n "$jsons" ] && python3 benchmarks/summarize.py $jsons --markdown "$OUT/table.md"
-for name in flux flux_graphs sana; do
+for name in flux flux_graphs sana sana48; do
   [ -f "$OUT/speed_$name/speed.md" ] && { echo; cat "$OUT/speed_$name/speed.md"; }
 done
 save
