@@ -143,7 +143,8 @@ class NVFP4Linear(nn.Module):
         )
         self.register_buffer("weight_scale_2", torch.ones((), device=device))
         self.register_buffer("input_scale", torch.zeros((), device=device))
-        self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
+        bias_param = nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
+        self.register_parameter("bias", bias_param)  # in _parameters even when None
         if rank:
             self.register_buffer("lora_down", torch.zeros(rank, k, dtype=dtype, device=device))
             self.register_buffer("lora_up", torch.zeros(n, rank, dtype=dtype, device=device))
@@ -359,7 +360,7 @@ class NVFP4Linear(nn.Module):
         """Whether this call takes the direct W4A4 route (module doc; the gate in
         direct_route.py): W4A4 without low-rank branch or smoothing, a bf16 input and bias, and
         the quantize kernel and a native GEMM built for the device."""
-        bias = self.bias
+        bias = self._parameters.get("bias")  # not self.bias: nn.Module.__getattr__, ~1 us
 
         def decide() -> bool:
             return (
@@ -394,8 +395,9 @@ class NVFP4Linear(nn.Module):
             y = gemm(packed, swizzled, self.weight, w_scales, alpha)
         else:  # beyond the kernels' 32-bit indexing: the public op splits the rows
             y = _gemm.nvfp4_gemm(packed, swizzled, self.weight, w_scales, alpha)
-        if self.bias is not None:
-            y.add_(self.bias)
+        bias = self._parameters.get("bias")
+        if bias is not None:
+            y.add_(bias)
         return y.reshape(*x.shape[:-1], n)
 
     def _direct_constants(
