@@ -347,6 +347,11 @@ class FP8Linear(nn.Module):
             mod.bias.data.copy_(linear.bias.detach())
         return mod
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _FORMAT_BUFFERS:  # a new weight or scale buffer: drop the views of the old
+            self.__dict__.pop("_rowwise_views", None)  # (they would keep its memory alive)
+        super().__setattr__(name, value)
+
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
         # model.to(dtype) / .half() must not touch the format: the e4m3 weight and fp32 scales
         # only follow the device (float8 counts as floating point, so .to(bf16) would cast it).

@@ -355,17 +355,18 @@ def test_rowwise_route_follows_a_new_or_updated_weight(cpu_kernels, monkeypatch)
         layer.weight_scale.copy_(other.weight_scale)
         updated = layer(x)
         layer.weight = other.weight.clone()
+        assert "_rowwise_views" not in layer.__dict__  # not kept alive until the next call
         layer.weight_scale = other.weight_scale * 2
         replaced = layer(x)
         spec = _general(layer, x, "none", monkeypatch)
     assert cpu_kernels["direct"] == 3 and layer.__dict__["_direct_kind"] == "rowwise"
+    assert layer.__dict__["_rowwise_views"][0] is layer.weight  # built for the clone
+    layer.to("cpu")  # a device move drops the views
+    assert "_rowwise_views" not in layer.__dict__
     layer.weight, layer.weight_scale = other.weight, other.weight_scale
     with torch.inference_mode():
         assert torch.equal(updated, _general(layer, x, "none", monkeypatch))
     assert not torch.equal(first, updated) and torch.equal(replaced, spec)
-    assert layer.__dict__["_rowwise_views"][0] is not other.weight  # built for the clone
-    layer.to("cpu")  # a device move drops the views
-    assert "_rowwise_views" not in layer.__dict__
 
 
 @pytest.mark.parametrize("fast", [False, True])
