@@ -71,7 +71,8 @@
 #     sharing's scope; the rowwise route's kept weight views) and forward_into on the rowwise
 #     route writing through _scaled_mm(out=) with GELU in place (tests/quant/test_fp8_direct.py,
 #     tests/test_fused_blocks.py; the FP8 double block's eager row: 2.23 ms on the H200 before,
-#     1.83 ms graphed).
+#     1.83 ms graphed; its new host-time group times the bf16-kernels and FP8 blocks at 16+8
+#     tokens, back to back: the host's work per block with the real kernels).
 # Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
