@@ -345,6 +345,18 @@ def rowwise_gemm(
         return None
 
 
+def rowwise_writes_strided_rows(device: torch.device) -> bool:
+    """Whether the row-scaled ``_scaled_mm(out=)`` may be handed an ``out`` whose rows lie
+    further apart than its width (a column block of a wider buffer). torch passes such an
+    ``out`` to cuBLAS with its row stride as the leading dimension; the CUTLASS row-wise kernel
+    that older cuBLAS builds, pre-Hopper GPUs and Blackwell take instead was not checked for
+    it, so there callers hand over contiguous rows only (or copy). The CPU kernel takes any
+    strides."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and _capability(device.index) // 10 == 9 and _outer_vector_cublas()
+
+
 def route_generation() -> int:
     """Changes whenever a GEMM case is rejected: cached route decisions compare it."""
     return len(_REJECTED)

@@ -511,7 +511,10 @@ class FP8Linear(nn.Module):
             # GELU in place gives the out-of-place bits on CUDA (one scalar functor for every
             # layout); on the CPU only on contiguous rows (a strided row's tail takes the
             # scalar loop, whose tanh may differ in the last bit from the vector one)
-            in_place = act == "none" or x.is_cuda or rows.is_contiguous()
+            contiguous = rows.is_contiguous()
+            in_place = (act == "none" or x.is_cuda or contiguous) and (
+                contiguous or _fp8.rowwise_writes_strided_rows(x.device)
+            )
             if kind == "rowwise" and in_place:
                 if self._rowwise_product(x, rows) is not None:
                     if act == "gelu_tanh":

@@ -343,6 +343,32 @@ def test_rowwise_direct_route_forms_and_its_limits(cpu_kernels, monkeypatch):
     torch.testing.assert_close(got.float(), layer.reference_forward(x).float(), rtol=0, atol=0)
 
 
+def test_rowwise_forward_into_gives_strided_rows_only_where_checked(cpu_kernels, monkeypatch):
+    # _scaled_mm(out=) gets a column block of a wider buffer (rows further apart than its
+    # width) only where dcgen checked the GEMM honours that stride (cuBLAS on Hopper, the
+    # CPU); elsewhere such a block is copied into, and contiguous rows are still written.
+    monkeypatch.setenv("DCGEN_FP8_GEMM", "rowwise")
+    monkeypatch.setattr(f, "rowwise_writes_strided_rows", lambda device: False)
+    layer = _layer()
+    x = (torch.randn(1, 6, 64) * 4).bfloat16()
+    buf = torch.full((1, 6, 100), 3.0, dtype=torch.bfloat16)
+    rows = torch.full((2, 6, 40), 3.0, dtype=torch.bfloat16)
+    original, outs = torch._scaled_mm, []
+
+    def recording(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        outs.append(k.get("out"))
+        return original(*a, **k)
+
+    with torch.inference_mode():
+        want = layer(x)
+        monkeypatch.setattr(torch, "_scaled_mm", recording)
+        layer.forward_into(x, buf[..., 10:50])
+        layer.forward_into(x, rows[1])
+    assert outs[0] is None and outs[1].data_ptr() == rows[1].data_ptr()
+    assert torch.equal(buf[..., 10:50], want) and torch.equal(rows[1], want[0])
+    assert (buf[..., :10] == 3).all() and (buf[..., 50:] == 3).all() and (rows[0] == 3).all()
+
+
 def test_rowwise_route_follows_a_new_or_updated_weight(cpu_kernels, monkeypatch):
     # The "rowwise" route keeps the weight's transposed view and its [1, N] scales per layer:
     # an in-place update shows through them, a new buffer (or a device move) makes new ones.
@@ -441,6 +467,9 @@ def test_auto_row_route_takes_rowwise_on_hopper_with_outer_vector_cublas(
     monkeypatch.setattr(f, "has_kernel", lambda name, device: True)
     assert f.row_gemm_route(torch.device("cuda", 0)) == want
     assert f.row_gemm_route(torch.device("cpu")) == "rowwise"
+    # the same cases are the ones whose row-scaled GEMM takes a strided out (cuBLAS)
+    assert f.rowwise_writes_strided_rows(torch.device("cuda", 0)) == (want == "rowwise")
+    assert f.rowwise_writes_strided_rows(torch.device("cpu"))
 
 
 def test_forward_into_copies_where_it_cannot_write_in_place(cpu_kernels):
