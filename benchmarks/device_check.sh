@@ -72,7 +72,10 @@
 #     route writing through _scaled_mm(out=) with GELU in place (tests/quant/test_fp8_direct.py,
 #     tests/test_fused_blocks.py; the FP8 double block's eager row: 2.23 ms on the H200 before,
 #     1.83 ms graphed; its new host-time group times the bf16-kernels and FP8 blocks at 16+8
-#     tokens, back to back: the host's work per block with the real kernels).
+#     tokens, back to back: the host's work per block with the real kernels);
+#   - the NVFP4 activation quantize, about 13% fewer instructions and two blocks a thread
+#     (tests/ops/test_quantize.py; the quant file's "activation quantize" groups: 0.61x of the
+#     copy bandwidth in session 18, the FP8 issue's goal 0.7x).
 # Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
@@ -84,12 +87,13 @@
 #      gone, and where the FP8 step's non-vectorized kernels come from) and the decode's
 #      autotune group, as far as the deadline lets them.
 #   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_HOPPER_DIAG=0 \
-#      DCGEN_TEST_FILES="tests/ops tests/quant" DCGEN_BENCH_FILES=none DCGEN_FP8_BLOCK=1 \
+#      DCGEN_TEST_FILES="tests/ops tests/quant" DCGEN_BENCH_FILES=quant DCGEN_FP8_BLOCK=1 \
 #      DCGEN_BENCH_COMPILE=1 DCGEN_PROFILE=0 DCGEN_SPEED_TABLE=0 bash benchmarks/device_check.sh
 #      (timeout_s = what is left - 20): every op and quant CUDA test under the stronger
 #      poisoning (a kernel that leaves elements unwritten shows now where it may not have),
-#      then the FP8 double block with its torch.compile rows (the FP8 issue's second block
-#      goal), as far as the deadline lets them run. The SANA and graphs speed tables wait.
+#      the quant benchmarks (the NVFP4 quantize against copy), then the FP8 double block with
+#      its host-time group and torch.compile rows (the FP8 issue's second block goal), as far
+#      as the deadline lets them run. The SANA and graphs speed tables wait.
 # If the machine was given back in between, call 2 finds no extension and builds it (86 s).
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
 #

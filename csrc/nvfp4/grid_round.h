@@ -76,17 +76,16 @@ DCGEN_GRID_FN float recip_rn(float d) {
 #endif
 }
 
-DCGEN_GRID_FN float abs_min8(float v) {  // min(|v|, 8); NaN -> 8, as fminf
+DCGEN_GRID_FN float abs_min6(float v) {  // min(|v|, 6); NaN -> 6, as fminf
 #if defined(__CUDA_ARCH__)
-  return fminf(fabsf(v), 8.f);  // one FMNMX with an |operand|
+  return fminf(fabsf(v), 6.f);  // one FMNMX with an |operand|
 #else
   const float a = bits_float(float_bits(v) & 0x7fffffffu);
-  return a < 8.f ? a : 8.f;
+  return a < 6.f ? a : 6.f;
 #endif
 }
 
 DCGEN_GRID_FN uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
-DCGEN_GRID_FN uint32_t umin(uint32_t a, uint32_t b) { return a < b ? a : b; }
 
 // E2M1 code of q (a value already divided by its block scale): round to nearest, ties to the
 // even code, saturating at 6 (code 7); the sign (q's sign bit, -0 included) in bit 3. The same
@@ -98,15 +97,17 @@ DCGEN_GRID_FN uint32_t umin(uint32_t a, uint32_t b) { return a < b ? a : b; }
 // 1 it stays 0.5 (E2M1's subnormals). That is the fp32 spacing just above M = 2^(max(e,0)+22), so
 // the fp32 sum a + M rounds a onto the grid, ties to even (an even multiple of the spacing is an
 // even code), and its bit pattern counts grid steps above M. code = steps + 2 max(e, 0). a is
-// capped at 8 first, which keeps M finite (everything from 7 up is code 7 either way).
+// capped at 6 first, the largest E2M1 value: everything above 5 is code 7 either way, and the
+// cap keeps the code at 7 without a final min (an instruction per element; a cap at 8 let 7
+// and up round to 8, code 8).
 DCGEN_GRID_FN uint32_t e2m1_code(float q) {
   const uint32_t sign = (float_bits(q) >> 28) & 8u;
-  const float a = abs_min8(q);
+  const float a = abs_min6(q);
   const uint32_t binade = umax(float_bits(a) & 0x7f800000u, 0x3f800000u);  // 2^max(e, 0)
   const uint32_t m = binade + (22u << 23);                                // M = 2^(max(e,0)+22)
   const uint32_t steps = float_bits(add_rn(a, bits_float(m))) - m;
   // (binade >> 22) - 254 = 2 max(e, 0): the exponent field, doubled, less twice the bias
-  return umin(steps + (binade >> 22) - 254u, 7u) | sign;
+  return (steps + (binade >> 22) - 254u) | sign;
 }
 
 // x / d for a grid rounding, by a multiply with the reciprocal where that provably rounds the
@@ -141,8 +142,11 @@ struct GridDivisor {
         exact_reciprocal(usable && (float_bits(divisor) & 0x7fffffu) == 0u) {}
 
   DCGEN_GRID_FN float product(float v) const { return mul_rn(v, r); }
+  // The low 19 bits of (bits + 8) above 16, i.e. bits more than 8 steps from a multiple of
+  // 2^19: shifted to the top of the word, one multiply-add and one compare per product (the
+  // mask form took an add, a mask and a compare).
   DCGEN_GRID_FN static bool decisive(float product) {
-    return ((float_bits(product) + 8u) & 0x7ffffu) > 16u;
+    return (float_bits(product) + 8u) << 13 > (16u << 13);
   }
   DCGEN_GRID_FN float exact(float v) const { return div_rn(v, d); }
 

@@ -115,7 +115,18 @@ __device__ __forceinline__ int64_t swizzled_scale_offset(int64_t m, int64_t kb, 
 template <typename T>
 __device__ __forceinline__ void load8(const T* __restrict__ p, int valid, bool vec, float out[8]) {
   if (vec) {
-    if constexpr (sizeof(T) == 2) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      // bf16 is fp32's top half: each 32-bit word gives its low element by a shift and its
+      // high one by a mask (one instruction each; the per-element conversion took a byte
+      // permute and a shift for the high one)
+      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        out[2 * i] = __uint_as_float(w[i] << 16);
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+      }
+    } else if constexpr (sizeof(T) == 2) {
       const uint4 raw = *reinterpret_cast<const uint4*>(p);
       const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
