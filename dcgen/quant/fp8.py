@@ -329,13 +329,15 @@ def rowwise_gemm(
     (x_scale [M, 1], ``w_scale_row`` [1, N]) and the bf16 bias fused, into bf16 (into ``out``,
     a bf16 [M, N] view with unit column stride, where given: the fused blocks' joint buffers).
     The operands come as ``_scaled_mm`` takes them (``wq_t`` the [N, K] weight's transposed
-    view; FP8Linear keeps both views per weight), so the call adds no per-call reshapes. None
+    view; FP8Linear keeps both views per weight), so the call adds no per-call reshapes (x's
+    scales are made contiguous, a no-op for the quantize kernels' own [M, 1]: cuBLAS's row
+    scaling wants them so, and a refusal here would be recorded as the GEMM's). None
     when ``_scaled_mm`` rejects the case, which is then recorded (the general path takes over
     from then on)."""
     kwargs = {} if out is None else {"out": out}
     try:
         return torch._scaled_mm(
-            xq, wq_t, scale_a=x_scale, scale_b=w_scale_row, bias=bias,
+            xq, wq_t, scale_a=x_scale.contiguous(), scale_b=w_scale_row, bias=bias,
             out_dtype=torch.bfloat16, use_fast_accum=fast_accum, **kwargs,
         )  # fmt: skip
     except RuntimeError as err:
