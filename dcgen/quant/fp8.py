@@ -71,6 +71,20 @@ GEMM_ROUTES = ("auto", "tensor", "rowwise")
 _UNIT_SCALES: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
+# Errors a GEMM call can raise that say nothing about whether _scaled_mm supports the case: out
+# of memory, and a device error (an earlier kernel's fault surfacing here). They propagate; only
+# other RuntimeErrors (cuBLAS refusing a layout, a missing kernel) are recorded as refusals.
+_NOT_REFUSALS: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None))
+    if t is not None
+)  # fmt: skip
+
+
+def _refusal(err: RuntimeError) -> bool:
+    """Whether ``err`` from ``_scaled_mm`` means the case is unsupported (see _NOT_REFUSALS)."""
+    return not isinstance(err, _NOT_REFUSALS)
+
+
 def row_gemm_route(device: torch.device) -> str:
     """How row-scaled FP8 GEMMs run on ``device``: ``"tensor"`` or ``"rowwise"`` (module doc).
     ``DCGEN_FP8_GEMM`` picks one; "auto" (default) takes "rowwise" on Hopper when torch's
@@ -287,6 +301,8 @@ def unit_scale_gemm(
             xq, wq.t(), scale_a=one, scale_b=one, out_dtype=out_dtype, use_fast_accum=fast_accum
         )
     except RuntimeError as err:
+        if not _refusal(err):
+            raise
         case = _case(xq.device, "tensor")
         _REJECTED.add(case)
         logger.warning("fp8_gemm: unit-scale _scaled_mm rejected %s (%s)", case, err)
@@ -341,6 +357,8 @@ def rowwise_gemm(
             out_dtype=torch.bfloat16, use_fast_accum=fast_accum, **kwargs,
         )  # fmt: skip
     except RuntimeError as err:
+        if not _refusal(err):
+            raise
         case = _case(xq.device, "row", bias is not None)
         _REJECTED.add(case)
         logger.warning("fp8_gemm: row-scaled _scaled_mm rejected %s (%s)", case, err)
@@ -383,6 +401,8 @@ def _fp8_gemm_scaled(
             fast_accum,
         )  # fmt: skip
     except RuntimeError as err:
+        if not _refusal(err):
+            raise
         case = _case(xq.device, granularity, with_bias)
         _REJECTED.add(case)
         logger.warning("fp8_gemm: torch._scaled_mm rejected %s (%s); falling back", case, err)

@@ -182,6 +182,39 @@ def test_a_rejected_gemm_falls_back_for_good(cpu_kernels, monkeypatch):
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=5e-2)
 
 
+@pytest.mark.parametrize("route", ["tensor", "rowwise"])
+@pytest.mark.parametrize("error", ["OutOfMemoryError", "AcceleratorError"])
+def test_out_of_memory_is_not_recorded_as_a_refusal(cpu_kernels, route, error, monkeypatch):
+    # An out-of-memory or device error from _scaled_mm says nothing about the case: it reaches
+    # the caller, and the layer keeps its route (a refusal would switch it for good, onto the
+    # general path's fallbacks, which need more memory still).
+    kind = getattr(torch, error, None)
+    if kind is None:
+        pytest.skip(f"torch.{error} does not exist in this torch")
+    monkeypatch.setenv("DCGEN_FP8_GEMM", route)
+    layer = _layer()
+    x = torch.randn(4, 64).bfloat16()
+
+    def fail(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise kind("out of memory")
+
+    with torch.no_grad():
+        want = layer(x)
+        with monkeypatch.context() as m:
+            m.setattr(torch, "_scaled_mm", fail)
+            with pytest.raises(kind):
+                layer(x)
+            with pytest.raises(kind):  # the general path lets it through as well
+                f.fp8_gemm(*_general_operands(layer, x), "none")
+        assert not f._REJECTED
+        assert torch.equal(layer(x), want)  # same route, same bits
+
+
+def _general_operands(layer: FP8Linear, x: torch.Tensor) -> tuple:
+    xq, xs = f.quantize_fp8_reference(x, "row")
+    return (xq, xs, layer.weight, layer.weight_scale, layer.bias, torch.bfloat16, "row")
+
+
 def test_direct_route_shares_one_quantize_per_scope(cpu_kernels):
     a, b = _layer(seed=1), _layer(seed=2)
     x = torch.randn(2, 7, 64).bfloat16()
