@@ -75,7 +75,11 @@
 #     tokens, back to back: the host's work per block with the real kernels);
 #   - the NVFP4 activation quantize, about 13% fewer instructions and two blocks a thread
 #     (tests/ops/test_quantize.py; the quant file's "activation quantize" groups: 0.61x of the
-#     copy bandwidth in session 18, the FP8 issue's goal 0.7x).
+#     copy bandwidth in session 18, the FP8 issue's goal 0.7x);
+#   - the opt-in cuDNN fused conv + bias + ReLU for the ReLU ResBlocks' conv1
+#     (DCGEN_DCAE_CUDNN_CONV_RELU=1): tests/ops/test_bias_act.py's NaN-safety test under the
+#     poisoned allocator, dcae_fused's "conv3x3 + bias + relu" group; if both hold, make it
+#     the default (about 20 ms of f64c128's 4K decode by count).
 # Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \

@@ -311,6 +311,41 @@ def test_conv_bias_relu(benchmark, impl):
 
 
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_conv_relu_cudnn_fused(benchmark, impl):
+    # The opt-in DCGEN_DCAE_CUDNN_CONV_RELU (dcgen/autoencoders/blocks.py): a ReLU ResBlock's
+    # whole conv1 (3x3, 256 -> 256 ch at 2048^2, channels_last) as cuDNN's fused conv + bias +
+    # ReLU against dcgen's default, the convolution then one bias_act_ pass. Whether cuDNN's
+    # fused kernel keeps the plain one's speed decides the default (about 20 ms of f64c128's
+    # 4K decode are these bias_act_ passes). CUDA only.
+    if not ON_GPU or not hasattr(torch, "cudnn_convolution_relu"):
+        pytest.skip("torch.cudnn_convolution_relu runs on CUDA only")
+    _skip_without("bias_act_", "dcgen")
+    c = CONV_OUT_SHAPE[1]
+    (x,) = _in_layout("channels_last", _rand(*CONV_OUT_SHAPE))
+    w = _rand(c, c, 3, 3).contiguous(memory_format=torch.channels_last) * 0.05
+    b = _rand(c)
+    if impl == "dcgen":
+
+        def fn():
+            return torch.cudnn_convolution_relu(x, w, b, (1, 1), (1, 1), (1, 1), 1)
+    else:
+
+        def fn():
+            h = torch.nn.functional.conv2d(x, w, None, padding=1)
+            return bias_act_(h, h, b, "relu")
+
+    nbytes = 2 * x.numel() * x.element_size()  # read x, write the output (the fused floor)
+    _run(
+        benchmark,
+        impl,
+        f"conv3x3 + bias + relu {CONV_OUT_SHAPE} channels_last",
+        "cuDNN conv then bias_act_ (dcgen's default)",
+        fn,
+        nbytes,
+    )
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_conv_bias_residual(benchmark, impl):
     # A ResBlock's ending with its BatchNorm folded into conv2 (the f64c128 decoder's ResBlock
     # stages, 95 of the 4K decode's 110 bias_act_ calls): PyTorch's broadcast bias add_ on the

@@ -221,3 +221,82 @@ def test_cuda_kernel_keeps_nan_through_every_act(layout):
             want = bias_act_reference(x, bias, act)
             torch.testing.assert_close(out, want, equal_nan=True, msg=f"{act} C={c}")
             assert out[0, :, 0, 0].isnan().all(), f"{act} C={c}: NaN lost"
+
+
+# ------------------------------------------- opt-in: cuDNN's fused conv + bias + ReLU for conv1
+
+
+def test_relu_resblocks_opt_into_cudnn_fused_conv(cpu_kernel, monkeypatch):
+    # With DCGEN_DCAE_CUDNN_CONV_RELU=1 a ReLU ResBlock's conv1 + bias + ReLU is one
+    # torch.cudnn_convolution_relu call (CUDA only; stood in for here by the same math on the
+    # CPU, with the gate's device check bypassed): called with conv1's own parameters, for the
+    # ReLU blocks only (SiLU ones keep bias_act_), and the decode equals the plain one. Off by
+    # default.
+    import dcgen.autoencoders.blocks as blocks
+
+    calls = []
+
+    def fused_conv(x, w, b, stride, padding, dilation, groups):  # noqa: ANN001, ANN202
+        calls.append((w.shape, tuple(stride), tuple(padding), tuple(dilation), groups))
+        return F.relu(F.conv2d(x, w, b, stride, padding, dilation, groups))
+
+    real_gate = blocks._cudnn_conv_relu
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", fused_conv, raising=False)
+    torch.manual_seed(0)
+    model = perturb_norms(DCAE(reduced_config("dc-ae-f64c128-in-1.0"))).eval()
+    z = torch.randn(1, model.latent_channels, 8, 8)
+    with torch.inference_mode():
+        with fused_inference(False):
+            want = model.decode(z)
+        # the real gate, opted out (default) and opted in: a CPU input never qualifies
+        x = torch.randn(1, 4, 3, 3)
+        conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        assert not real_gate(x, conv)
+        monkeypatch.setenv(blocks.CUDNN_CONV_RELU_ENV, "1")
+        assert not real_gate(x, conv)
+        with fused_inference(True):
+            model.decode(z)
+        assert not calls
+        monkeypatch.setattr(blocks, "_cudnn_conv_relu", lambda x, conv: True)
+        cpu_kernel.clear()
+        with fused_inference(True):
+            got = model.decode(z)
+    relu_blocks = [
+        m for m in model.decoder.modules()
+        if isinstance(m, blocks.ResBlock) and isinstance(m.act, torch.nn.ReLU)
+    ]  # fmt: skip
+    assert relu_blocks and len(calls) == len(relu_blocks)
+    assert all(c[1:] == ((1, 1), (1, 1), (1, 1), 1) for c in calls)
+    assert "relu" not in cpu_kernel  # the ReLU conv1s no longer take bias_act_'s relu
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_cudnn_fused_conv_relu_is_nan_safe_and_matches(dtype, monkeypatch):
+    # The question DCGEN_DCAE_CUDNN_CONV_RELU waits on: torch.cudnn_convolution_relu hands
+    # cuDNN its own fresh output as the z input scaled by 0. With every free block of the
+    # allocator NaN-poisoned, a cuDNN that reads z anyway returns NaN here. Then: the fused
+    # conv1 equals conv + bias_act_ within one rounding of the 16-bit output (the two-kernel
+    # form rounds the convolution before the bias).
+    import dcgen.autoencoders.blocks as blocks
+
+    if not torch.cuda.is_available() or not hasattr(torch, "cudnn_convolution_relu"):
+        pytest.skip("no CUDA device or no torch.cudnn_convolution_relu")
+    monkeypatch.setenv(blocks.CUDNN_CONV_RELU_ENV, "1")
+    torch.manual_seed(0)
+    block = blocks.ResBlock(64, "batch_norm", "relu").cuda().to(dtype).eval()
+    block = block.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 64, 33, 40, device="cuda").to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert blocks._cudnn_conv_relu(x, block.conv1)
+    for _ in range(3):  # fresh outputs from poisoned blocks each time
+        poison_cuda_allocator()
+        with torch.inference_mode():
+            got = block._conv1_act(x)
+        assert got is not None and not got.isnan().any(), "cuDNN read the NaN z buffer"
+    with torch.inference_mode():
+        h = F.conv2d(x, block.conv1.weight, None, padding=1)
+        want = bias_act_reference(h, block.conv1.bias, "relu")
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=2e-2)
