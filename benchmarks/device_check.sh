@@ -79,7 +79,10 @@
 #   - the opt-in cuDNN fused conv + bias + ReLU for the ReLU ResBlocks' conv1
 #     (DCGEN_DCAE_CUDNN_CONV_RELU=1): tests/ops/test_bias_act.py's NaN-safety test under the
 #     poisoned allocator, dcae_fused's "conv3x3 + bias + relu" group; if both hold, make it
-#     the default (about 20 ms of f64c128's 4K decode by count).
+#     the default (about 20 ms of f64c128's 4K decode by count);
+#   - the speed table's rows record the SDPA backend torch picked (`sdpa_chosen` in
+#     speed.json): which kernel "default" means at 1K, where it ran 1.87 s against 1.26 s
+#     with flash forced.
 # Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \

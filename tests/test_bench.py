@@ -348,6 +348,12 @@ def test_variants_and_backends_each_get_rows(variant_report):
                 assert used == f"sdpa-{r['attention']}"
             else:  # dcgen's fused processors were installed (CPU: no kernel, fp32 reference)
                 assert used == "dcgen-fused -> fp32 reference"
+            # the backend torch's SDPA dispatch picked for the transformer's calls: the forced
+            # one, or for "default" whatever torch chose (recorded, not assumed)
+            chosen = r[key]["sdpa_chosen"]
+            assert chosen and "unknown" not in chosen
+            if r["attention"] == "math":
+                assert chosen == ["math"]
     assert os.environ.get("DCGEN_DISABLE_KERNELS") is None  # restored after the stock rows
 
 

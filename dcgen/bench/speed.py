@@ -313,6 +313,48 @@ def attention_backend(name: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel(backend)
 
 
+_SDPA_NAMES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+
+
+class SdpaChoices(torch.overrides.TorchFunctionMode):
+    """Records which SDPA backend torch picks for each ``scaled_dot_product_attention`` call
+    inside it (torch's own dispatch rule, ``torch._fused_sdp_choice``, asked with the call's
+    arguments under the backend flags in force), for a row's report: "default" means
+    different kernels on different inputs (the H200's 1K DC-Gen rows ran 1.87 s with the
+    default against 1.26 s with the flash backend forced, unexplained), so the JSON says which
+    one ran. Host-side only; used on the first timed call of a measurement."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.seen.add(_sdpa_choice(*args, **kwargs))
+        return func(*args, **kwargs)
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+
+def _sdpa_choice(*args: Any, **kwargs: Any) -> str:
+    """The backend torch's SDPA dispatch picks for these call arguments (positional or by
+    name, as diffusers passes them); "unknown" if the private query fails (it never stops the
+    measured call)."""
+    try:
+        named = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
+        q, k, v = named.pop("query"), named.pop("key"), named.pop("value")
+        choice = torch._fused_sdp_choice(
+            q, k, v, named.get("attn_mask"), named.get("dropout_p", 0.0),
+            named.get("is_causal", False), scale=named.get("scale"),
+            enable_gqa=named.get("enable_gqa", False),
+        )  # fmt: skip
+    except Exception:  # noqa: BLE001 (a private API: absent, changed, or rejecting the args)
+        return "unknown"
+    return _SDPA_NAMES.get(int(choice), f"backend {int(choice)}")
+
+
 def uses_kernels(variant: str) -> bool:
     """Whether ``variant`` runs dcgen's kernels and fused processors (every variant but stock)."""
     return variant != "stock"
@@ -611,6 +653,7 @@ class SpeedBench:
         text = self.text(batch, attention)
         clock = self.clock
         used: list[str] = []
+        sdpa = SdpaChoices()
 
         def once(n_steps: int, blocks: bool) -> dict[str, float]:
             marks_cm = self._block_marks(transformer) if blocks else _null_marks()
@@ -625,9 +668,11 @@ class SpeedBench:
                     used.append(
                         attention_label(transformer, attention, fused, self.device, self.dtype)
                     )
+                # the first call also records the SDPA backends the attention resolves to
+                spy = sdpa if not sdpa.seen else contextlib.nullcontext()
                 clock.sync()
                 t0 = clock.mark()
-                with attention_backend(attention):  # the transformer's attention only
+                with attention_backend(attention), spy:  # the transformer's attention only
                     lat = self._call(pipe, text, resolution, n_steps)
                 t1 = clock.mark()
                 pipe.decode_latents(lat, None, 0)
@@ -663,6 +708,7 @@ class SpeedBench:
         res: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         res.update(peak)
         res["attention_used"] = used[0]
+        res["sdpa_chosen"] = sorted(sdpa.seen)  # [] where the attention never calls SDPA
         res["measured_steps"] = steps
         if s.quick:
             # the step from one transformer call to the next, and the call's fixed cost counted
