@@ -322,7 +322,7 @@ class SdpaChoices(torch.overrides.TorchFunctionMode):
     arguments under the backend flags in force), for a row's report: "default" means
     different kernels on different inputs (the H200's 1K DC-Gen rows ran 1.87 s with the
     default against 1.26 s with the flash backend forced, unexplained), so the JSON says which
-    one ran. Host-side only; used on the first timed call of a measurement."""
+    one ran. Host-side only; used on the first warm-up call of a measurement."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -654,6 +654,9 @@ class SpeedBench:
         clock = self.clock
         used: list[str] = []
         sdpa = SdpaChoices()
+        # spied on the first warm-up call only (a function mode slows every op it sees); no
+        # warm-up, no record
+        spy_pending = [s.warmup > 0 or variant == "graphs"]
 
         def once(n_steps: int, blocks: bool) -> dict[str, float]:
             marks_cm = self._block_marks(transformer) if blocks else _null_marks()
@@ -669,7 +672,8 @@ class SpeedBench:
                         attention_label(transformer, attention, fused, self.device, self.dtype)
                     )
                 # the first call also records the SDPA backends the attention resolves to
-                spy = sdpa if not sdpa.seen else contextlib.nullcontext()
+                spy = sdpa if spy_pending[0] else contextlib.nullcontext()
+                spy_pending[0] = False
                 clock.sync()
                 t0 = clock.mark()
                 with attention_backend(attention), spy:  # the transformer's attention only
@@ -708,7 +712,7 @@ class SpeedBench:
         res: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         res.update(peak)
         res["attention_used"] = used[0]
-        res["sdpa_chosen"] = sorted(sdpa.seen)  # [] where the attention never calls SDPA
+        res["sdpa_chosen"] = sorted(sdpa.seen)  # [] without SDPA calls or without a warm-up
         res["measured_steps"] = steps
         if s.quick:
             # the step from one transformer call to the next, and the call's fixed cost counted
