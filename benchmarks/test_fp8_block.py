@@ -180,3 +180,24 @@ def test_flux_double_block_host_time(benchmark, impl):
     )
     with torch.inference_mode():
         time_it(benchmark, lambda: model(**inputs), n_rounds=rounds(20, 2), back_to_back=50)
+
+
+# The same split for one linear (FLUX's 3,072 x 3,072, 16 tokens): nn.Linear in bf16 against
+# the FP8Linear direct route (quantize kernel + _scaled_mm), called back to back. Their
+# difference is the FP8 linear's extra host work: Python, the quantize launch and
+# _scaled_mm's own host path (cuBLASLt setup), which the stubbed CPU benchmark cannot see.
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_linear_host_time(benchmark, impl):
+    from dcgen.quant import FP8Linear
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        lin = torch.nn.Linear(DIM, DIM).to(DTYPE)
+    layer = lin if impl == "baseline" else FP8Linear.from_linear(lin, dtype=DTYPE)
+    x = torch.randn(1, 16, DIM, device=DEVICE).to(DTYPE)
+    benchmark.group = f"linear host time, 16 tokens, {DIM} x {DIM} (eager, back to back)"
+    benchmark.extra_info.update(
+        impl=impl, baseline_name=f"nn.Linear {str(DTYPE)[6:]}", dcgen_name="FP8Linear (row scales)"
+    )
+    with torch.inference_mode():
+        time_it(benchmark, lambda: layer(x), n_rounds=rounds(20, 2), back_to_back=200)
