@@ -21,23 +21,23 @@ def offload_hooked(module: nn.Module) -> bool:
     return _WRAPPING_HOOKS[0] in attrs or _WRAPPING_HOOKS[1] in attrs
 
 
-def global_forward_hooks() -> bool:
-    """Whether forward or forward-pre hooks are registered for every module."""
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+def forward_wrapped(module: nn.Module) -> bool:
+    """Whether something other than ``module``'s own forward hooks watches its call: global
+    forward hooks, or its forward wrapped (an accelerate / diffusers hook, or any forward set
+    on the instance)."""
+    return bool(
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or "forward" in module.__dict__
+        or offload_hooked(module)
+    )
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
     """True when ``module`` or every module (global hooks) has a forward or forward-pre hook,
     or ``module``'s forward is wrapped (an accelerate / diffusers hook, or any forward set on
     the instance): a fast path that skips the module's call would skip that too."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or _module._global_forward_hooks
-        or _module._global_forward_pre_hooks
-        or "forward" in module.__dict__
-        or offload_hooked(module)
-    )
+    return bool(module._forward_hooks or module._forward_pre_hooks or forward_wrapped(module))
 
 
 def watched(module: nn.Module) -> bool:

@@ -36,6 +36,7 @@ the one this code reads (``fusable``); ``restore`` puts the class forward back.
 
 from __future__ import annotations
 
+import contextlib
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -189,6 +190,7 @@ def _flux_attention_forward() -> Any:
 
 
 _FLUX_ATTENTION_FORWARD = _flux_attention_forward()
+_NO_HOOKS = contextlib.nullcontext()  # the direct call's scope when nothing watches the module
 
 
 def _attention(
@@ -211,11 +213,7 @@ def _attention(
         and type(attn).forward is _FLUX_ATTENTION_FORWARD
         and "forward" not in attn.__dict__
     ):
-        if not has_forward_hooks(attn):
-            return attn.processor(
-                attn, hidden_states, encoder_hidden_states, None, image_rotary_emb
-            )
-        scope = shared_quantization_scope(attn)
+        scope = _NO_HOOKS if not has_forward_hooks(attn) else shared_quantization_scope(attn)
         if scope is not None:
             with scope:
                 return attn.processor(

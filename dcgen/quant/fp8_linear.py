@@ -40,8 +40,7 @@ import weakref
 import torch
 from torch import nn
 
-from dcgen._hooks import global_forward_hooks as _global_hooks
-from dcgen._hooks import offload_hooked
+from dcgen._hooks import forward_wrapped
 from dcgen.ops import has_kernel
 from dcgen.ops import quantize_fp8 as _qop
 from dcgen.ops.fp8_epilogue import kernel_rows
@@ -235,9 +234,7 @@ def shared_quantization_scope(module: nn.Module) -> contextlib.AbstractContextMa
     if (
         module._forward_pre_hooks.keys() != {pre.id}
         or module._forward_hooks.keys() != {post.id}
-        or _global_hooks()
-        or "forward" in module.__dict__
-        or offload_hooked(module)
+        or forward_wrapped(module)
     ):
         return None
     return _SHARED_SCOPE
