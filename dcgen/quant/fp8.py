@@ -96,10 +96,15 @@ def row_gemm_route(device: torch.device) -> str:
     if choice == "auto":
         if device.type != "cuda":
             return "rowwise"
-        if _capability(device.index) // 10 == 9 and _outer_vector_cublas():
+        if _hopper_outer_vector(device):
             return "rowwise"
         return "tensor" if has_kernel("fp8_scale_epilogue", device) else "rowwise"
     return choice
+
+
+def _hopper_outer_vector(device: torch.device) -> bool:
+    """A Hopper GPU with torch's row-scaled ``_scaled_mm`` on cuBLAS (outer-vector scaling)."""
+    return device.type == "cuda" and _capability(device.index) // 10 == 9 and _outer_vector_cublas()
 
 
 @torch.compiler.assume_constant_result
@@ -372,9 +377,7 @@ def rowwise_writes_strided_rows(device: torch.device) -> bool:
     that older cuBLAS builds, pre-Hopper GPUs and Blackwell take instead was not checked for
     it, so there callers hand over contiguous rows only (or copy). The CPU kernel takes any
     strides."""
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda" and _capability(device.index) // 10 == 9 and _outer_vector_cublas()
+    return device.type == "cpu" or _hopper_outer_vector(device)
 
 
 def route_generation() -> int:

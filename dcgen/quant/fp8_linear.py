@@ -390,13 +390,18 @@ class FP8Linear(nn.Module):
 
     def _decide_direct(self, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """The direct route's decision, made when its key changes: which GEMM route it calls
-        ("tensor" or "rowwise", kept as ``_direct_kind``), or none."""
+        ("tensor" or "rowwise", kept as ``_direct_kind``), or none; and whether its rowwise
+        GEMM may write a column block of a wider buffer (``_strided_out``, for forward_into:
+        a device property, decided here rather than on every call)."""
         kind = ""
         if self.granularity == "row":
             kind = _fp8.direct_row_route(
                 x.device, x.dtype, self.out_features, self.in_features, bias
             )
         self.__dict__["_direct_kind"] = kind
+        self.__dict__["_strided_out"] = kind == "rowwise" and _fp8.rowwise_writes_strided_rows(
+            x.device
+        )
         return bool(kind)
 
     def _direct_epilogue(self, x: torch.Tensor) -> bool:
@@ -510,7 +515,7 @@ class FP8Linear(nn.Module):
             # scalar loop, whose tanh may differ in the last bit from the vector one)
             contiguous = rows.is_contiguous()
             in_place = (act == "none" or x.is_cuda or contiguous) and (
-                contiguous or _fp8.rowwise_writes_strided_rows(x.device)
+                contiguous or self.__dict__.get("_strided_out", False)
             )
             if kind == "rowwise" and in_place:
                 if self._rowwise_product(x, rows) is not None:
