@@ -80,9 +80,14 @@ _NOT_REFUSALS: tuple[type[BaseException], ...] = tuple(
 )  # fmt: skip
 
 
-def _refusal(err: RuntimeError) -> bool:
-    """Whether ``err`` from ``_scaled_mm`` means the case is unsupported (see _NOT_REFUSALS)."""
-    return not isinstance(err, _NOT_REFUSALS)
+def _record_refusal(err: RuntimeError, case: tuple, what: str) -> None:
+    """In an ``except RuntimeError`` around a ``_scaled_mm`` call: re-raise ``err`` unless it
+    says the case is unsupported (see _NOT_REFUSALS); else record the case (never tried
+    again: route decisions compare :func:`route_generation`) and log it once."""
+    if isinstance(err, _NOT_REFUSALS):
+        raise err
+    _REJECTED.add(case)
+    logger.warning("fp8_gemm: %s rejected %s (%s)", what, case, err)
 
 
 def row_gemm_route(device: torch.device) -> str:
@@ -306,11 +311,7 @@ def unit_scale_gemm(
             xq, wq.t(), scale_a=one, scale_b=one, out_dtype=out_dtype, use_fast_accum=fast_accum
         )
     except RuntimeError as err:
-        if not _refusal(err):
-            raise
-        case = _case(xq.device, "tensor")
-        _REJECTED.add(case)
-        logger.warning("fp8_gemm: unit-scale _scaled_mm rejected %s (%s)", case, err)
+        _record_refusal(err, _case(xq.device, "tensor"), "unit-scale _scaled_mm")
         return None
 
 
@@ -362,11 +363,7 @@ def rowwise_gemm(
             out_dtype=torch.bfloat16, use_fast_accum=fast_accum, **kwargs,
         )  # fmt: skip
     except RuntimeError as err:
-        if not _refusal(err):
-            raise
-        case = _case(xq.device, "row", bias is not None)
-        _REJECTED.add(case)
-        logger.warning("fp8_gemm: row-scaled _scaled_mm rejected %s (%s)", case, err)
+        _record_refusal(err, _case(xq.device, "row", bias is not None), "row-scaled _scaled_mm")
         return None
 
 
@@ -404,11 +401,7 @@ def _fp8_gemm_scaled(
             fast_accum,
         )  # fmt: skip
     except RuntimeError as err:
-        if not _refusal(err):
-            raise
-        case = _case(xq.device, granularity, with_bias)
-        _REJECTED.add(case)
-        logger.warning("fp8_gemm: torch._scaled_mm rejected %s (%s); falling back", case, err)
+        _record_refusal(err, _case(xq.device, granularity, with_bias), "_scaled_mm (falling back)")
         return fp8_gemm(xq, x_scale, wq, w_scale, bias, out_dtype, granularity, "none", fast_accum)
     if bias is not None and not with_bias:
         y = y + bias.to(out_dtype)
