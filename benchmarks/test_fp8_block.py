@@ -33,6 +33,23 @@ MODES = ["eager", "graphs", "compile"] if COMPILE else ["eager", "graphs"]
 _cache: dict[str, object] = {}
 
 
+def _block_inputs(side: int, txt: int, seed: int) -> dict:
+    """A double block's inputs at side x side image + txt text tokens (FLUX's width), with
+    FLUX's 3-axis RoPE over the image grid."""
+    g = torch.Generator().manual_seed(seed)
+    n_img = side * side
+    ids = torch.zeros(txt + n_img, 3)
+    ids[txt:, 1] = torch.arange(n_img).div(side, rounding_mode="floor").float()
+    ids[txt:, 2] = torch.arange(n_img).remainder(side).float()
+    rope = flux.FluxPosEmbed(theta=10000, axes_dim=list(AXES))(ids.to(DEVICE))
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(DEVICE, DTYPE)
+
+    return dict(hidden_states=rand(1, n_img, DIM), encoder_hidden_states=rand(1, txt, DIM),
+                temb=rand(1, DIM), image_rotary_emb=rope)  # fmt: skip
+
+
 def _setup() -> dict:
     if not _cache:
         torch.manual_seed(0)
@@ -56,18 +73,7 @@ def _setup() -> dict:
             "fp8-fast": dcgen.accelerate(copy.deepcopy(fast), blocks=True, cuda_graphs=True),
             "bf16": dcgen.accelerate(copy.deepcopy(base), blocks=True, cuda_graphs=True),
         }
-        g = torch.Generator().manual_seed(1)
-        n_img = IMG_SIDE * IMG_SIDE
-
-        def rand(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=g).to(DEVICE, DTYPE)
-
-        ids = torch.zeros(TXT + n_img, 3)
-        ids[TXT:, 1] = torch.arange(n_img).div(IMG_SIDE, rounding_mode="floor").float()
-        ids[TXT:, 2] = torch.arange(n_img).remainder(IMG_SIDE).float()
-        rope = flux.FluxPosEmbed(theta=10000, axes_dim=list(AXES))(ids.to(DEVICE))
-        inputs = dict(hidden_states=rand(1, n_img, DIM), encoder_hidden_states=rand(1, TXT, DIM),
-                      temb=rand(1, DIM), image_rotary_emb=rope)  # fmt: skip
+        inputs = _block_inputs(IMG_SIDE, TXT, seed=1)
         _cache.update(
             base=base, ours=ours,
             variants={"fp8-fast": fast, "bf16": bf16_blocks, "bf16-attention": attention_only},
@@ -145,22 +151,6 @@ def test_flux_double_block(benchmark, impl, mode, variant):
             assert max(err) < 0.1, f"FP8 block output error {err} vs the bf16 block"
 
 
-def _small_inputs(side: int = 4, txt: int = 8) -> dict:
-    """The block's inputs at side x side image + txt text tokens (FLUX's width)."""
-    g = torch.Generator().manual_seed(2)
-    n_img = side * side
-    ids = torch.zeros(txt + n_img, 3)
-    ids[txt:, 1] = torch.arange(n_img).div(side, rounding_mode="floor").float()
-    ids[txt:, 2] = torch.arange(n_img).remainder(side).float()
-    rope = flux.FluxPosEmbed(theta=10000, axes_dim=list(AXES))(ids.to(DEVICE))
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(DEVICE, DTYPE)
-
-    return dict(hidden_states=rand(1, n_img, DIM), encoder_hidden_states=rand(1, txt, DIM),
-                temb=rand(1, DIM), image_rotary_emb=rope)  # fmt: skip
-
-
 # The eager FP8 block at 4K ran 2.23 ms on the H200 (2026-11-27) against 1.83 ms replayed from
 # a CUDA graph: host-bound. Here the same two blocks, bf16 with dcgen's kernels (baseline) and
 # FP8, at 16 image + 8 text tokens, where a block's GPU work is some tens of microseconds:
@@ -171,7 +161,7 @@ def _small_inputs(side: int = 4, txt: int = 8) -> dict:
 def test_flux_double_block_host_time(benchmark, impl):
     c = _setup()
     model = c["variants"]["bf16"] if impl == "baseline" else c["ours"]
-    inputs = _small_inputs()
+    inputs = _block_inputs(4, 8, seed=2)
     benchmark.group = f"FLUX double block host time, 16+8 tokens, width {DIM} (eager, back to back)"
     benchmark.extra_info.update(
         impl=impl,
