@@ -48,4 +48,9 @@ struct Nvfp4W4A16Args {
 };
 const char* nvfp4_gemm_w4a16_sm90(const Nvfp4W4A16Args& args, cudaStream_t stream);
 
+// The same product on Hopper with the weight as wgmma's register operand, the activation by TMA
+// and a producer warp (nvfp4_gemm_rs_sm90.cu): the default sm_90a kernel of both ops (W4A4
+// expands its activation to bf16 first). K % 32 == 0.
+const char* nvfp4_gemm_rs_sm90(const Nvfp4W4A16Args& args, cudaStream_t stream);
+
 }  // namespace dcgen

@@ -2,7 +2,10 @@
 // dcgen::nvfp4_gemm_w4a16: sm_90a): checks, allocation and capability dispatch. A C++ file (no
 // CUTLASS headers): it only sees nvfp4_gemm.h.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
@@ -55,6 +58,37 @@ void check_index_range(const char* op, int64_t m, int64_t n, int64_t k) {
               " K=", k, "; call it through dcgen.ops, which splits the rows");
 }
 
+// Which Hopper kernel runs: the register-operand kernel (nvfp4_gemm_rs_sm90.cu, default) or the
+// first one, which converts both operands into shared memory (DCGEN_NVFP4_SM90_KERNEL=mainloop).
+// Read per call (a getenv next to a GEMM), so tests and benchmarks can compare the two.
+bool sm90_mainloop_kernel() {
+  const char* v = std::getenv("DCGEN_NVFP4_SM90_KERNEL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "rs") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "mainloop") == 0,
+              "DCGEN_NVFP4_SM90_KERNEL: expected 'rs' (default) or 'mainloop', got '", v, "'");
+  return true;
+}
+
+// W4A4 through the register-operand kernel: the activation's codes times its block scales as
+// bf16 (exact: each product is a bf16 value; the global scales stay in alpha), then the W4A16
+// product. The bf16 copy costs one pass over the activation (M x K x 2.5 bytes of traffic).
+at::Tensor w4a4_via_bf16_sm90(const at::Tensor& a, const at::Tensor& a_scales, const Nvfp4GemmArgs& args,
+                              at::Tensor& d) {
+  static const auto dequantize =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dcgen::nvfp4_dequantize", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
+                            at::ScalarType)>();
+  const at::Tensor one = at::ones({1}, a.options().dtype(at::kFloat));
+  const at::Tensor a16 =
+      dequantize.call(a, a_scales.reshape({-1}), one, a.size(1) * 2, true, at::kBFloat16);
+  const Nvfp4W4A16Args w{a16.const_data_ptr(), args.b, args.sfb, args.alpha, args.d,
+                         args.m, args.n, args.k};
+  const char* err = nvfp4_gemm_rs_sm90(w, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, "dcgen::nvfp4_gemm (sm_90a): ", err ? err : "");
+  return d;
+}
+
 at::Tensor nvfp4_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                            const at::Tensor& b_scales, const at::Tensor& alpha) {
   TORCH_CHECK(a.dim() == 2, "dcgen::nvfp4_gemm: expected a of shape [M, K/2], got ", a.sizes());
@@ -82,6 +116,7 @@ at::Tensor nvfp4_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, cons
                      static_cast<int>(a.size(0)), static_cast<int>(b.size(0)), static_cast<int>(k)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (major == 9) {
+    if (!sm90_mainloop_kernel()) return w4a4_via_bf16_sm90(a, a_scales, args, d);
     const char* err = nvfp4_gemm_sm90(args, stream);
     TORCH_CHECK(err == nullptr, "dcgen::nvfp4_gemm (sm_90a): ", err ? err : "");
     return d;
@@ -128,7 +163,8 @@ at::Tensor nvfp4_gemm_w4a16_cuda(const at::Tensor& a, const at::Tensor& b, const
   Nvfp4W4A16Args args{a.const_data_ptr(), b.const_data_ptr(), b_scales.const_data_ptr(),
                       al.const_data_ptr<float>(), d.mutable_data_ptr(), static_cast<int>(a.size(0)),
                       static_cast<int>(b.size(0)), static_cast<int>(k)};
-  const char* err = nvfp4_gemm_w4a16_sm90(args, c10::cuda::getCurrentCUDAStream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const char* err = sm90_mainloop_kernel() ? nvfp4_gemm_w4a16_sm90(args, stream) : nvfp4_gemm_rs_sm90(args, stream);
   TORCH_CHECK(err == nullptr, "dcgen::nvfp4_gemm_w4a16 (sm_90a): ", err ? err : "");
   return d;
 }

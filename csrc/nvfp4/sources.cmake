@@ -29,9 +29,11 @@ if(DCGEN_WITH_CUDA)
       set_property(SOURCE csrc/nvfp4/nvfp4_gemm_cuda.cpp APPEND PROPERTY
         COMPILE_DEFINITIONS DCGEN_NO_BLACKWELL_GEMM=1)
     endif()
-    # Hopper: CuTe wgmma GEMMs that dequantize NVFP4 in the mainloop (W4A4 and W4A16), sm_90a
-    # only, one operand kind per file (about 40 s each on 2 cores).
-    dcgen_cuda_sources(hopper csrc/nvfp4/nvfp4_gemm_sm90.cu csrc/nvfp4/nvfp4_gemm_w4a16_sm90.cu)
+    # Hopper: CuTe wgmma GEMMs that dequantize NVFP4 in the mainloop, sm_90a only, one kernel
+    # per file (about 25-40 s each on 2 cores): the register-operand kernel (default for both
+    # ops) and the first kernel's W4A4 and W4A16 forms (DCGEN_NVFP4_SM90_KERNEL=mainloop).
+    dcgen_cuda_sources(hopper csrc/nvfp4/nvfp4_gemm_rs_sm90.cu csrc/nvfp4/nvfp4_gemm_sm90.cu
+      csrc/nvfp4/nvfp4_gemm_w4a16_sm90.cu)
     list(APPEND DCGEN_KERNELS nvfp4_gemm:cuda nvfp4_gemm_w4a16:cuda)
   endif()
 endif()

@@ -195,25 +195,51 @@ def _hopper_or_skip(op: str) -> None:
 
 
 # M, N, K: one tile; ragged M and N with K a half tile (32) and a tile and a half (96); the FLUX
-# attention-out shape at 4,608 tokens; a single row.
-SM90_SHAPES = [(128, 128, 64), (300, 200, 96), (77, 136, 32), (4608, 3072, 3072), (1, 64, 256)]
+# attention-out shape at 4,608 tokens; a single row; N not a multiple of 8 (the register-operand
+# kernel's element-wise store) with an odd K-tile count (2.5 tiles, padded to 4); M just past
+# one 256-row tile with 16.5 K tiles (the 4-stage ring wraps several times).
+SM90_SHAPES = [
+    (128, 128, 64),
+    (300, 200, 96),
+    (77, 136, 32),
+    (4608, 3072, 3072),
+    (1, 64, 256),
+    (33, 45, 160),
+    (257, 384, 1056),
+]
+# The two Hopper kernels (csrc/nvfp4): the register-operand one (default) and the first one.
+SM90_KERNELS = ["rs", "mainloop"]
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", SM90_KERNELS)
 @pytest.mark.parametrize("mnk", SM90_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cuda_sm90_w4a4_matches_reference(mnk, rng, monkeypatch):
+def test_cuda_sm90_w4a4_matches_reference(mnk, kernel, rng, monkeypatch):
     _hopper_or_skip("nvfp4_gemm")
     monkeypatch.setenv("DCGEN_NVFP4_SM90", "1")
+    monkeypatch.setenv("DCGEN_NVFP4_SM90_KERNEL", kernel)
     _assert_w4a4_kernel_matches_reference(*mnk, rng)
 
 
 @pytest.mark.cuda
+def test_cuda_sm90_kernel_choice_is_checked(rng, monkeypatch):
+    _hopper_or_skip("nvfp4_gemm")
+    _, _, (a, sa, b, sb, alpha), _ = _operands(4, 8, 32, rng, "cuda")
+    monkeypatch.setenv("DCGEN_NVFP4_SM90", "1")
+    monkeypatch.setenv("DCGEN_NVFP4_SM90_KERNEL", "fast")
+    with pytest.raises(RuntimeError, match="expected 'rs' .* or 'mainloop', got 'fast'"):
+        nvfp4_gemm(a, sa, b, sb, alpha)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", SM90_KERNELS)
 @pytest.mark.parametrize("mnk", SM90_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cuda_sm90_w4a16_matches_reference(mnk, rng, monkeypatch):
+def test_cuda_sm90_w4a16_matches_reference(mnk, kernel, rng, monkeypatch):
     from dcgen.ops.nvfp4_gemm import nvfp4_gemm_w4a16, nvfp4_gemm_w4a16_reference
 
     _hopper_or_skip("nvfp4_gemm_w4a16")
     monkeypatch.setenv("DCGEN_NVFP4_SM90", "1")
+    monkeypatch.setenv("DCGEN_NVFP4_SM90_KERNEL", kernel)
     m, n, k = mnk
     x = torch.randn(m, k, generator=rng).cuda().bfloat16()
     qw = quantize_nvfp4(torch.randn(n, k, generator=rng).cuda() * 0.05)
