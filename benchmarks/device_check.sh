@@ -84,6 +84,14 @@
 #   - the speed table's rows record the SDPA backend torch picked (`sdpa_chosen` in
 #     speed.json): which kernel "default" means at 1K, where it ran 1.87 s against 1.26 s
 #     with flash forced.
+#   session 21
+#   - the register-operand Hopper NVFP4 GEMM (csrc/nvfp4/nvfp4_gemm_rs_sm90.cuh: weight as
+#     wgmma's register A operand, activation by TMA, producer warp, 128 x 256 tiles), now the
+#     default sm_90a kernel of nvfp4_gemm_w4a16 and (after a bf16 expansion of the activation)
+#     of nvfp4_gemm: hopper_debug.py gemm (error maps; a failure or hang switches the later
+#     steps to the first kernel), tests/ops/test_nvfp4_gemm.py's sm90 tests for both kernels,
+#     the quant file's nvfp4 gemm groups for both (the first kernel's rows say "(mainloop
+#     kernel)"; session 18: 0.29-0.35x of cuBLAS bf16, the issue's goal 0.8x).
 # Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
@@ -94,12 +102,14 @@
 #      step profile with its call-site tables (whether the decode's 15 ms of layout copies are
 #      gone, and where the FP8 step's non-vectorized kernels come from) and the decode's
 #      autotune group, as far as the deadline lets them.
-#   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_HOPPER_DIAG=0 \
+#   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_HOPPER_DIAG=gemm \
 #      DCGEN_TEST_FILES="tests/ops tests/quant" DCGEN_BENCH_FILES=quant DCGEN_FP8_BLOCK=1 \
 #      DCGEN_BENCH_COMPILE=1 DCGEN_PROFILE=0 DCGEN_SPEED_TABLE=0 bash benchmarks/device_check.sh
-#      (timeout_s = what is left - 20): every op and quant CUDA test under the stronger
+#      (timeout_s = what is left - 20): the new Hopper NVFP4 GEMM's error maps and both Hopper
+#      GEMMs' tests, every op and quant CUDA test under the stronger
 #      poisoning (a kernel that leaves elements unwritten shows now where it may not have),
-#      the quant benchmarks (the NVFP4 quantize against copy), then the FP8 double block with
+#      the quant benchmarks (the NVFP4 quantize against copy, the two Hopper NVFP4 GEMMs
+#      against cuBLAS bf16), then the FP8 double block with
 #      its host-time group and torch.compile rows (the FP8 issue's second block goal), as far
 #      as the deadline lets them run. The SANA and graphs speed tables wait.
 # If the machine was given back in between, call 2 finds no extension and builds it (86 s).
@@ -212,6 +222,10 @@ if [ "$hopper_tma" != 1 ]; then
 elif [ "$hopper_attention" != 1 ]; then
   export DCGEN_ATTENTION_SM90=tma
 fi
+
+# The Hopper NVFP4 GEMMs: if the diagnostics of the default (register-operand) kernel failed or
+# hung, every later step takes the first kernel, which passed on the H200 (2026-11-27).
+if [ "$hopper_gemm" != 1 ]; then export DCGEN_NVFP4_SM90_KERNEL=mainloop; fi
 
 test_rc=0
 crashed_files=()

@@ -233,12 +233,25 @@ def test_gelu_epilogue_into_buffer(benchmark, impl):
                      "fp8_scale_epilogue then copy", nbytes)  # fmt: skip
 
 
+def _sm90_kernel_or_skip(kernel: str, monkeypatch) -> str:
+    """Selects one of the two Hopper kernels (DCGEN_NVFP4_SM90_KERNEL); the first one's rows run
+    on Hopper GPUs only. Returns the benchmark group's suffix."""
+    if kernel == "rs":
+        return ""
+    if not ON_GPU or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the first Hopper kernel (mainloop) is compared on sm_90 GPUs only")
+    monkeypatch.setenv("DCGEN_NVFP4_SM90_KERNEL", kernel)
+    return f" ({kernel} kernel)"
+
+
+@pytest.mark.parametrize("kernel", ["rs", "mainloop"])
 @pytest.mark.parametrize("nk", LINEAR_SHAPES[:2], ids=lambda nk: f"{nk[0]}x{nk[1]}")
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
-def test_nvfp4_gemm(benchmark, impl, nk, monkeypatch):
+def test_nvfp4_gemm(benchmark, impl, nk, kernel, monkeypatch):
     """NVFP4 x NVFP4 (operands quantized beforehand) vs a bf16 matmul; on GPUs only where a
     kernel runs: sm_100a / sm_120a, or sm_90a (switched on here: the Hopper kernels are opt-in
-    for users until validated). Elsewhere the reference would time an fp32 dequantize + matmul."""
+    for users until validated; `kernel` picks which of the two, with the baseline timed again in
+    each group). Elsewhere the reference would time an fp32 dequantize + matmul."""
     from dcgen.ops.nvfp4_gemm import HOPPER_ENV, kernel_available, nvfp4_gemm
     from dcgen.quant.nvfp4 import quantize_nvfp4, swizzle_scales
 
@@ -246,6 +259,7 @@ def test_nvfp4_gemm(benchmark, impl, nk, monkeypatch):
     monkeypatch.setenv(HOPPER_ENV, "1")
     if ON_GPU and not kernel_available(torch.device(DEVICE), n, k):
         pytest.skip("the NVFP4 GEMM kernels need an sm_90 / sm_100 / sm_120 GPU and their files")
+    suffix = _sm90_kernel_or_skip(kernel, monkeypatch)
     x = torch.randn(M, k, device=DEVICE, dtype=DTYPE)
     w = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * 0.02
     if impl == "baseline":
@@ -260,7 +274,7 @@ def test_nvfp4_gemm(benchmark, impl, nk, monkeypatch):
         def run():
             return nvfp4_gemm(a, sa, b, sb, alpha)
 
-    benchmark.group = f"gemm M={M} N={n} K={k} nvfp4 {str(DTYPE)[6:]}"
+    benchmark.group = f"gemm M={M} N={n} K={k} nvfp4 {str(DTYPE)[6:]}{suffix}"
     benchmark.extra_info.update(impl=impl, baseline_name=f"matmul {str(DTYPE)[6:]}")
     with torch.inference_mode():
         time_it(benchmark, run, n_rounds=rounds(50, 3), back_to_back=BACK_TO_BACK)
@@ -268,9 +282,10 @@ def test_nvfp4_gemm(benchmark, impl, nk, monkeypatch):
         benchmark.extra_info["tflops"] = 2 * M * n * k / benchmark.stats.stats.median / 1e12
 
 
+@pytest.mark.parametrize("kernel", ["rs", "mainloop"])
 @pytest.mark.parametrize("nk", LINEAR_SHAPES[:2], ids=lambda nk: f"{nk[0]}x{nk[1]}")
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
-def test_nvfp4_gemm_w4a16(benchmark, impl, nk, monkeypatch):
+def test_nvfp4_gemm_w4a16(benchmark, impl, nk, kernel, monkeypatch):
     """W4A16 on Hopper: bf16 activations x an NVFP4 weight dequantized in the GEMM's mainloop,
     vs a bf16 matmul (the issue's goal: 0.8x its TFLOP/s with 3.5x less weight memory). GPUs:
     sm_90 only; CPU: the reference at toy sizes."""
@@ -281,6 +296,7 @@ def test_nvfp4_gemm_w4a16(benchmark, impl, nk, monkeypatch):
     monkeypatch.setenv(HOPPER_ENV, "1")
     if ON_GPU and not w4a16_kernel_available(torch.device(DEVICE), k):
         pytest.skip("the W4A16 NVFP4 GEMM kernel needs an sm_90 GPU and its sm_90a file")
+    suffix = _sm90_kernel_or_skip(kernel, monkeypatch)
     x = torch.randn(M, k, device=DEVICE, dtype=torch.bfloat16)
     w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
     if impl == "baseline":
@@ -294,7 +310,7 @@ def test_nvfp4_gemm_w4a16(benchmark, impl, nk, monkeypatch):
         def run():
             return nvfp4_gemm_w4a16(x, b, sb, alpha)
 
-    benchmark.group = f"gemm M={M} N={n} K={k} nvfp4 w4a16 bfloat16"
+    benchmark.group = f"gemm M={M} N={n} K={k} nvfp4 w4a16 bfloat16{suffix}"
     benchmark.extra_info.update(impl=impl, baseline_name="matmul bfloat16")
     with torch.inference_mode():
         time_it(benchmark, run, n_rounds=rounds(50, 3), back_to_back=BACK_TO_BACK)
