@@ -10,14 +10,23 @@ bf16 output. The reference dequantizes both operands exactly (E2M1 x E4M3 produc
 in fp32) and runs an fp32 matmul: the CUTLASS kernels (sm_100a, sm_120a) agree up to fp32 summation
 order and the one bf16 rounding.
 
-Hopper (sm_90a) has no FP4 tensor cores. Its kernel (csrc/nvfp4/nvfp4_gemm_sm90.cuh) dequantizes
-the E2M1 tiles to bf16 in the mainloop, which is exact (every E2M1 x E4M3 product is a bf16
-value), and multiplies with bf16 wgmma: the same products and fp32 sums, so the same agreement.
-:func:`nvfp4_gemm_w4a16` is its W4A16 sibling (a bf16 activation, an NVFP4 weight). The Hopper
-kernels pass their tests on an H200 but are slow (2026-11-26, benchmarks/test_quant.py: 0.15x
-of cuBLAS bf16 for W4A4, 0.2x for W4A16 at FLUX shapes; no TMA, no warp specialization yet),
-slower than NVFP4Linear's dequantize + cuBLAS path, so they stay opt-in:
-``DCGEN_NVFP4_SM90=1`` (their tests run them regardless).
+Hopper (sm_90a) has no FP4 tensor cores. Its kernels dequantize the E2M1 tiles to bf16 in the
+mainloop, which is exact (every E2M1 x E4M3 product is a bf16 value), and multiply with bf16
+wgmma: the same products and fp32 sums, so the same agreement. :func:`nvfp4_gemm_w4a16` is the
+W4A16 form (a bf16 activation, an NVFP4 weight). Two kernels, chosen per call by
+``DCGEN_NVFP4_SM90_KERNEL``:
+
+- ``rs`` (default; csrc/nvfp4/nvfp4_gemm_rs_sm90.cuh): the weight is wgmma's register operand,
+  converted by each thread for its own fragment, the activation arrives by TMA from a producer
+  warp, 128 x 256 tiles. W4A4 first expands its activation to bf16 (exact, one extra pass).
+  Written without a GPU (2026-11-28): compiled and its fragment mapping checked on the host,
+  not yet run;
+- ``mainloop`` (csrc/nvfp4/nvfp4_gemm_sm90.cuh): both operands converted into shared memory by
+  the threads that issue the wgmmas. Passes its tests on an H200 at 0.29-0.35x of cuBLAS bf16
+  (2026-11-27, benchmarks/test_quant.py, FLUX shapes).
+
+Both are slower than NVFP4Linear's dequantize + cuBLAS path as measured so far, so they stay
+opt-in: ``DCGEN_NVFP4_SM90=1`` (their tests run them regardless).
 """
 
 from __future__ import annotations
