@@ -151,15 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   (void)v_unused;
   const int n_tiles = (p.seqlen_k + kKeys - 1) / kKeys;
 
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < kStages; ++s) {
-      FullBarrier::init(&full[s], 1);  // the producer's arrive_and_expect_tx
-      EmptyBarrier::init(&empty[s], kConsumerThreads);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();  // barriers initialised; the roles split here
+  dcgen::sm90::init_stage_barriers<kStages>(full, empty, kConsumerThreads);  // the roles split here
 
   if (tid >= kConsumerThreads) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();  // the whole warpgroup, first

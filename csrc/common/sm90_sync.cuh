@@ -5,6 +5,9 @@
 
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 #include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include <cstdint>
 
 namespace dcgen::sm90 {
 
@@ -29,6 +32,25 @@ __device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, const FragA& a, co
   cute::warpgroup_commit_batch();
   cute::warpgroup_wait<0>();
   cute::warpgroup_fence_operand(acc);
+}
+
+// The mbarriers of a TMA producer / wgmma consumer ring (the TMA kernels): full[s] completes on
+// the producer's arrive_and_expect_tx plus the stage's TMA bytes, empty[s] on
+// `consumer_arrivals` arrivals of the threads that read the stage. Every thread of the block
+// calls it: thread 0 initialises, and the block barrier at the end makes the barriers visible
+// before the roles split.
+template <int kStages>
+__device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* empty,
+                                                    int consumer_arrivals) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      cutlass::arch::ClusterTransactionBarrier::init(&full[s], 1);
+      cutlass::arch::ClusterBarrier::init(&empty[s], consumer_arrivals);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
 }
 
 }  // namespace dcgen::sm90

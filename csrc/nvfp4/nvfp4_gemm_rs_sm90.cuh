@@ -49,6 +49,7 @@
 
 #include "common/sm90_sync.cuh"
 #include "nvfp4/e2m1_bf16.h"
+#include "nvfp4/scale_layout.h"
 #include "nvfp4/rs_fragment.h"
 
 namespace dcgen::sm90_rs {
@@ -144,12 +145,7 @@ struct WeightCursor {
   }
 };
 
-// Byte offset of scale (row, kb) in the 128x4 swizzled layout (kb = k / 16).
-__device__ __forceinline__ int64_t swizzled_scale_offset(int row, int kb, int kb_total) {
-  const int64_t kb_tiles = (kb_total + 3) / 4;
-  return ((int64_t)(row / 128) * kb_tiles + kb / 4) * 512 + (row % 32) * 16 + ((row % 128) / 32) * 4 +
-         kb % 4;
-}
+using nvfp4::swizzled_scale_offset;  // nvfp4/scale_layout.h
 
 // The quad's 4 x 4 byte transpose: lane c of the quad passes its word x (bytes x[0..3]) and gets
 // back (x_0[c], x_1[c], x_2[c], x_3[c]) where x_L is lane L's word. Two butterfly stages whose
@@ -245,15 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x;
   const int n_block = blockIdx.x, m_block = blockIdx.y;
 
-  if (tid == 0) {
-#pragma unroll
-    for (int s = 0; s < kStages; ++s) {
-      FullBarrier::init(&full[s], 1);  // the producer's arrive_and_expect_tx
-      EmptyBarrier::init(&empty[s], kConsumerThreads);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();  // barriers initialised; the roles split here
+  dcgen::sm90::init_stage_barriers<kStages>(full, empty, kConsumerThreads);  // the roles split here
 
   if (tid >= kConsumerThreads) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();  // the whole warpgroup, first

@@ -37,6 +37,7 @@
 
 #include "common/sm90_sync.cuh"
 #include "nvfp4/e2m1_bf16.h"
+#include "nvfp4/scale_layout.h"
 
 namespace dcgen {
 namespace sm90 {
@@ -74,12 +75,7 @@ struct Sm90GemmParams {
   int m, n, k;
 };
 
-// Byte offset of scale (row, kb) in the 128x4 swizzled layout (kb = k / 16).
-__device__ __forceinline__ int64_t swizzled_scale_offset(int row, int kb, int kb_total) {
-  const int64_t kb_tiles = (kb_total + 3) / 4;
-  return ((int64_t)(row / 128) * kb_tiles + kb / 4) * 512 + (row % 32) * 16 + ((row % 128) / 32) * 4 +
-         kb % 4;
-}
+using nvfp4::swizzled_scale_offset;  // nvfp4/scale_layout.h
 
 __device__ __forceinline__ float e4m3_to_float(uint8_t bits) {
   const __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(bits), __NV_E4M3);
