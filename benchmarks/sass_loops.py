@@ -10,6 +10,8 @@ counts as HGMMA), e.g.
     python benchmarks/sass_loops.py build/cmake/CMakeFiles/_C.dir/csrc/nvfp4/nvfp4_gemm_sm90.cu.o
     python benchmarks/sass_loops.py OBJ --kernel tma --top 12
 
+Kernels with wgmma also get a check of their register discipline (wgmma_register_hazards).
+
 ``cuobjdump`` comes from CUDA_HOME/bin or, as on this project's CPU machines, from the copy
 that the triton package ships. Counts are static: a branch inside a loop body (a masked tile,
 say) is counted whether or not it is taken.
@@ -63,6 +65,82 @@ class Kernel:
                         loop.ops[o.split(".")[0]] += 1
                 found.append(loop)
         return sorted(found, key=lambda lp: lp.end - lp.start)
+
+
+# wgmma (HGMMA in SASS) reads its register A operand and its accumulators asynchronously: until
+# a WARPGROUP.DEPBAR retires its group, no other instruction may write them. ptxas keeps this
+# for what PTX declares, but a kernel that double-buffers register fragments relies on the
+# compiler's register assignment too, so this reads the final SASS.
+_HGMMA_SHAPE = re.compile(r"HGMMA\.64x(\d+)x")
+_REG = re.compile(r"^R(\d+)$")
+# Opcodes whose first operand is not a destination register.
+_NO_DEST = ("ST", "RED", "ATOM", "BRA", "BAR", "SYNCS", "WARPGROUP", "EXIT", "RET", "CALL",
+            "NOP", "ISETP", "FSETP", "HSETP", "DSETP", "UISETP", "PLOP3", "PSETP", "VOTEU",
+            "ELECT", "FENCE", "MEMBAR", "ERRBAR", "CCTL", "DEPBAR", "BSSY", "BSYNC", "WARPSYNC",
+            "NANOSLEEP", "UTMA", "UBLKCP", "STSM")  # fmt: skip
+
+
+def _dest_registers(op: str, rest: str) -> set[int]:
+    if op.startswith(_NO_DEST) or op.startswith("HGMMA"):
+        return set()
+    first = rest.strip().split(",")[0].strip()
+    m = _REG.match(first)
+    if m is None:
+        return set()
+    width = 4 if ".128" in op else (2 if ".64" in op or op.startswith("CS2R") else 1)
+    return set(range(int(m.group(1)), int(m.group(1)) + width))
+
+
+def _hgmma_registers(op: str, rest: str) -> set[int]:
+    """The registers an HGMMA reads or accumulates asynchronously: its fp32 accumulators (N / 2
+    for 64 x N) and, for a register A operand, the 4 registers of A."""
+    # The instruction pattern stops the opcode at the shape's lowercase "x" (HGMMA.64 +
+    # "x256x16.F32.BF16 R24, ..."): split the whole text at its first space instead.
+    mnemonic, _, args = (op + rest).strip().partition(" ")
+    operands = [o.strip() for o in args.split(",")]
+    regs: set[int] = set()
+    shape = _HGMMA_SHAPE.match(mnemonic)
+    acc = _REG.match(operands[0]) if operands else None
+    if shape and acc:
+        regs |= set(range(int(acc.group(1)), int(acc.group(1)) + int(shape.group(1)) // 2))
+    a = _REG.match(operands[1]) if len(operands) > 1 else None
+    if a:
+        regs |= set(range(int(a.group(1)), int(a.group(1)) + 4))
+    return regs
+
+
+def wgmma_register_hazards(kernel: Kernel) -> list[str]:
+    """Writes to a register that an in-flight HGMMA group reads (its A fragment) or accumulates
+    into, as "0xADDR: instruction" lines (empty: none found). A group closes at the HGMMA
+    marked gsb0; WARPGROUP.DEPBAR.LE gsb0, N leaves only the N newest groups in flight. The
+    kernel is scanned straight through, and each loop body twice in a row, so a write at the
+    top of an iteration also meets the groups the previous iteration left in flight."""
+    seqs = [kernel.instructions]
+    for lp in kernel.loops():
+        body = [i for i in kernel.instructions if lp.start <= i[0] <= lp.end]
+        seqs.append(body + body)
+    found: list[str] = []
+    for seq in seqs:
+        groups: list[set[int]] = []  # closed groups in flight, oldest first
+        open_group: set[int] = set()
+        for addr, op, rest in seq:
+            if op.startswith("HGMMA"):
+                open_group |= _hgmma_registers(op, rest)
+                if "gsb0" in rest:
+                    groups.append(open_group)
+                    open_group = set()
+                continue
+            if op.startswith("WARPGROUP.DEPBAR"):
+                keep = int(rest.split(",")[-1].strip(), 0)
+                groups = groups[len(groups) - keep :] if keep else []
+                continue
+            busy = set().union(open_group, *groups)
+            hit = _dest_registers(op, rest) & busy
+            if hit:
+                line = f"0x{addr:x}: {op}{rest}"
+                if line not in found:
+                    found.append(line)
+    return found
 
 
 def find_cuobjdump() -> str:
@@ -124,6 +202,11 @@ def main() -> None:
             for lp in k.loops():
                 mix = ", ".join(f"{op} {n}" for op, n in lp.ops.most_common(args.top))
                 print(f"  loop 0x{lp.start:x}-0x{lp.end:x}: {lp.instructions} ({mix})")
+            if any(op.startswith("HGMMA") for _, op, _ in k.instructions):
+                hazards = wgmma_register_hazards(k)
+                print(f"  wgmma register hazards: {len(hazards) or 'none'}")
+                for h in hazards[:8]:
+                    print(f"    {h}")
 
 
 if __name__ == "__main__":

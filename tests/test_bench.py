@@ -783,3 +783,75 @@ def test_sass_loops_reads_backward_branches():
     assert kernels[1].loops() == []
     with pytest.raises(FileNotFoundError, match="expected a CUDA object file"):
         tool.read_kernels("/nonexistent.cu.o")
+
+
+HGMMA_SASS = """
+        Function : _Z2rsv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   WARPGROUP.ARRIVE ;
+        /*0020*/                   HGMMA.64x16x16.F32.BF16 R24, R152, gdesc[UR4], R24, gsb0 ;
+        /*0030*/                   HMUL2.BF16_V2 R156, R10, R11 ;
+        /*0040*/                   IMAD.MOV.U32 R153, RZ, RZ, R9 ;
+        /*0050*/                   WARPGROUP.ARRIVE ;
+        /*0060*/                   HGMMA.64x16x16.F32.BF16 R24, R156, gdesc[UR4], R24, gsb0 ;
+        /*0070*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0080*/                   HMUL2.BF16_V2 R152, R10, R11 ;
+        /*0090*/                   FMUL R30, R30, R2 ;
+        /*00a0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*00b0*/                   FMUL R31, R31, R2 ;
+        /*00c0*/                   HMUL2.BF16_V2 R157, R10, R11 ;
+        /*00d0*/                   EXIT ;
+"""
+
+
+def test_wgmma_register_hazards_follow_the_groups_in_flight():
+    # An HGMMA group (closed by gsb0) keeps its A registers (4 from the second operand) and its
+    # accumulators (N / 2 from the first) busy until a DEPBAR.LE leaves fewer groups in flight.
+    tool = benchmark_script("sass_loops")
+    (kernel,) = tool.parse_sass(HGMMA_SASS)
+    hazards = tool.wgmma_register_hazards(kernel)
+    # R153: the first group's A (R152-R155) in flight; R30: both groups' accumulators
+    # (R24-R31) until the second DEPBAR. R156 before the second group and R152 / R157 after
+    # the DEPBARs that retire their groups are fine.
+    assert [h.split(":")[0] for h in hazards] == ["0x40", "0x90"]
+    # A loop whose last group (A in R156-R159) is still in flight when it branches back: the
+    # write to R156 at the top of the next iteration is found.
+    looped = HGMMA_SASS.replace(
+        "/*00d0*/                   EXIT ;",
+        "/*00d0*/                   WARPGROUP.ARRIVE ;\n"
+        "        /*00e0*/                   HGMMA.64x16x16.F32.BF16 R24, R156, gdesc[UR4], R24, gsb0 ;\n"
+        "        /*00f0*/                   BRA 0x30 ;",
+    )
+    (kernel,) = tool.parse_sass(looped)
+    assert "0x30" in [h.split(":")[0] for h in tool.wgmma_register_hazards(kernel)]
+
+
+# The sm_90a kernels that issue wgmma with register operands or double-buffered fragments.
+WGMMA_OBJECTS = [
+    "nvfp4/nvfp4_gemm_rs_sm90",
+    "nvfp4/nvfp4_gemm_sm90",
+    "nvfp4/nvfp4_gemm_w4a16_sm90",
+    "attention/flash_fwd_sm90_tma_bf16_d128",
+    "attention/flash_fwd_sm90_bf16_d128",
+]
+
+
+@pytest.mark.parametrize("name", WGMMA_OBJECTS)
+def test_built_wgmma_kernels_have_no_register_hazards(name):
+    # The compiled objects of this checkout's build (CI builds them; skipped where the CUDA
+    # sources were not compiled): no instruction writes a register an in-flight wgmma reads.
+    from pathlib import Path
+
+    tool = benchmark_script("sass_loops")
+    root = Path(__file__).resolve().parents[1]
+    obj = root / "build" / "cmake" / "CMakeFiles" / "_C.dir" / "csrc" / f"{name}.cu.o"
+    if not obj.is_file():
+        pytest.skip(f"{obj.relative_to(root)} not built (no CUDA build here)")
+    try:
+        kernels = tool.read_kernels(obj)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    with_wgmma = [k for k in kernels if any(op.startswith("HGMMA") for _, op, _ in k.instructions)]
+    assert with_wgmma, f"no HGMMA in {name}: the object is not an sm_90a build?"
+    for k in with_wgmma:
+        assert tool.wgmma_register_hazards(k) == [], k.name[:120]
