@@ -342,13 +342,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   // done with every stage first (their last wgmmas read them).
   cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, 1);
   const float alpha = *p.alpha;
+  const uint32_t out_base = static_cast<uint32_t>(__cvta_generic_to_shared(stage_base));
   {
     // acc value i: v0 = i % 2 (column + 1), v1 = (i / 2) % 2 (row + 8), j = i / 4 (column + 8 j);
     // the register (v1, j) holds rows n = 16 w + g + 8 v1, columns m = 8 j + 2c, + 1. One
     // stmatrix writes matrices q = 0..3: q % 2 = v1, j = 2 jj + q / 2.
     const int q = lane / 8, i = lane % 8;
     const int n_local = 64 * (tid / 128) + 16 * ((tid % 128) / 32) + 8 * (q % 2);
-    const uint32_t out_base = static_cast<uint32_t>(__cvta_generic_to_shared(stage_base));
 #pragma unroll
     for (int jj = 0; jj < kTileM / 16; ++jj) {
       const int m_local = 8 * (2 * jj + q / 2) + i;
@@ -371,12 +371,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int row = id / kPieces, piece = id % kPieces;
     const int m = m0 + row, n = n0 + 8 * piece;
     if (m >= p.m || n >= p.n) continue;
-    const bf16* src = stage_base + row * kOutPitch + 8 * piece;
+    // A shared-space load (through the generic pointer it compiled to a generic LD).
+    uint4 v;
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(out_base + uint32_t(row * kOutPitch + 8 * piece) * 2u));
     bf16* dst = p.d + int64_t(m) * p.n + n;
     if (vector_rows && n + 8 <= p.n) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+      *reinterpret_cast<uint4*>(dst) = v;
     } else {
-      for (int e = 0; e < 8 && n + e < p.n; ++e) dst[e] = src[e];
+      const bf16* e8 = reinterpret_cast<const bf16*>(&v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {  // static indices: v stays in registers
+        if (n + e < p.n) dst[e] = e8[e];
+      }
     }
   }
 #endif
