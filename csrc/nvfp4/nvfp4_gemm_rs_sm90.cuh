@@ -344,20 +344,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float alpha = *p.alpha;
   const uint32_t out_base = static_cast<uint32_t>(__cvta_generic_to_shared(stage_base));
   {
-    // acc value i: v0 = i % 2 (column + 1), v1 = (i / 2) % 2 (row + 8), j = i / 4 (column + 8 j);
-    // the register (v1, j) holds rows n = 16 w + g + 8 v1, columns m = 8 j + 2c, + 1. One
-    // stmatrix writes matrices q = 0..3: q % 2 = v1, j = 2 jj + q / 2.
-    const int q = lane / 8, i = lane % 8;
-    const int n_local = 64 * (tid / 128) + 16 * ((tid % 128) / 32) + 8 * (q % 2);
+    // Index math in rs_fragment.h (host-tested): one store writes 4 matrices of 8 x 8, each
+    // register the bf16 pair of two neighbouring accumulators.
 #pragma unroll
     for (int jj = 0; jj < kTileM / 16; ++jj) {
-      const int m_local = 8 * (2 * jj + q / 2) + i;
+      int m_local, n_local;
+      nvfp4::stmatrix_row_start(tid, jj, m_local, n_local);
       const uint32_t addr = out_base + uint32_t(m_local * kOutPitch + n_local) * 2u;
       uint32_t r[4];
 #pragma unroll
-      for (int qq = 0; qq < 4; ++qq) {
-        const int j = 2 * jj + qq / 2, v1 = qq % 2;
-        r[qq] = pack_bf16x2(alpha * acc(4 * j + 2 * v1), alpha * acc(4 * j + 2 * v1 + 1));
+      for (int q = 0; q < 4; ++q) {
+        const int a = nvfp4::stmatrix_acc_index(jj, q);
+        r[q] = pack_bf16x2(alpha * acc(a), alpha * acc(a + 1));
       }
       stmatrix_x4_trans(addr, r[0], r[1], r[2], r[3]);
     }

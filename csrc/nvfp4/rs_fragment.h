@@ -26,4 +26,25 @@ namespace dcgen::nvfp4 {
 DCGEN_E2M1_FN uint32_t quad_stage1_selector(int c) { return (c & 1) ? 0x3715u : 0x6240u; }
 DCGEN_E2M1_FN uint32_t quad_stage2_selector(int c) { return (c & 2) ? 0x3276u : 0x5410u; }
 
+// The epilogue's stmatrix .x4 .trans stores (csrc/nvfp4/nvfp4_gemm_rs_sm90.cuh). The fp32
+// accumulators of D^T (wgmma's 64 x N fragment of a consumer warpgroup: row = weight n,
+// column = activation m) hold, at value i, v0 = i % 2 (column + 1), v1 = (i / 2) % 2 (row + 8)
+// and j = i / 4 (column + 8 j), i.e. rows n = 16 w + g + 8 v1 and columns m = 8 j + 2c + v0 for
+// lane 4 g + c of warp w. Store jj writes four 8 x 8 matrices, matrix q holding v1 = q % 2 and
+// j = 2 jj + q / 2; .trans puts a matrix's columns (m) in the memory rows, so a memory row is
+// 8 consecutive n of one m: the staged tile is D's rows.
+
+// The accumulator index of the low half of matrix q's register in store jj (the high half is
+// the next index).
+DCGEN_E2M1_FN int stmatrix_acc_index(int jj, int q) { return 4 * (2 * jj + q / 2) + 2 * (q % 2); }
+
+// The staged-tile element (activation row m, weight column n, both CTA-local) at which the
+// address of consumer thread `tid` (0..255) points in store jj: lane l names memory row l % 8 of
+// matrix l / 8.
+DCGEN_E2M1_FN void stmatrix_row_start(int tid, int jj, int& m_local, int& n_local) {
+  const int lane = tid % 32, q = lane / 8;
+  n_local = 64 * (tid / 128) + 16 * ((tid % 128) / 32) + 8 * (q % 2);
+  m_local = 8 * (2 * jj + q / 2) + lane % 8;
+}
+
 }  // namespace dcgen::nvfp4

@@ -71,3 +71,60 @@ def test_each_lane_gets_its_wgmma_a_fragment(quad_binary, rng):
         k = 16 * s + 8 * h + 2 * c  # (lane, block): the pair's even K index
         want = bits[:, k] | (bits[:, k + 1] << 16)
         assert torch.equal(got[:, h], want), f"register {2 * h} of the fragment"
+
+
+EPILOGUE_DRIVER = r"""
+#include <cstdio>
+#include "nvfp4/rs_fragment.h"
+using namespace dcgen::nvfp4;
+// wgmma's accumulator layout (PTX ISA, m64nNk16 D fragment), for consumer thread tid of the
+// two warpgroups: value i sits at row n and column m of the CTA's 128 x 256 D^T tile.
+static void acc_coords(int tid, int i, int& n, int& m) {
+  const int lane = tid % 32, g = lane / 4, c = lane % 4;
+  n = 64 * (tid / 128) + 16 * ((tid % 128) / 32) + g + 8 * ((i / 2) % 2);
+  m = 8 * (i / 4) + 2 * c + i % 2;
+}
+int main() {
+  static int tag_n[256][128], tag_m[256][128], writes[256][128];
+  for (int warp = 0; warp < 8; ++warp) {
+    for (int jj = 0; jj < 16; ++jj) {
+      for (int q = 0; q < 4; ++q) {
+        for (int src = 0; src < 32; ++src) {
+          for (int h = 0; h < 2; ++h) {
+            // stmatrix .trans: element (row src / 4, column 2 (src % 4) + h) of matrix q goes
+            // to position `row` of the memory row that lane 8 q + column addresses.
+            const int row = src / 4, col = 2 * (src % 4) + h;
+            int m_local, n_local;
+            stmatrix_row_start(32 * warp + 8 * q + col, jj, m_local, n_local);
+            int n, m;
+            acc_coords(32 * warp + src, stmatrix_acc_index(jj, q) + h, n, m);
+            tag_n[m_local][n_local + row] = n;
+            tag_m[m_local][n_local + row] = m;
+            ++writes[m_local][n_local + row];
+          }
+        }
+      }
+    }
+  }
+  int wrong = 0, unwritten = 0, twice = 0;
+  for (int m = 0; m < 256; ++m)
+    for (int n = 0; n < 128; ++n) {
+      if (writes[m][n] == 0) ++unwritten;
+      else if (writes[m][n] > 1) ++twice;
+      else if (tag_n[m][n] != n || tag_m[m][n] != m) ++wrong;
+    }
+  std::printf("%d %d %d\n", wrong, unwritten, twice);
+  return 0;
+}
+"""
+
+
+def test_epilogue_stores_put_each_accumulator_at_its_d_element(tmp_path_factory):
+    # The epilogue's index math (stmatrix_row_start, stmatrix_acc_index) with wgmma's
+    # accumulator layout and stmatrix .trans's semantics modelled in the driver: every element
+    # of the staged 256 x 128 tile (D's rows m, columns n) is written once, by the accumulator
+    # of D^T's (n, m).
+    exe = build_driver(tmp_path_factory, "rs_epilogue", EPILOGUE_DRIVER)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
+    wrong, unwritten, twice = map(int, out.stdout.split())
+    assert (wrong, unwritten, twice) == (0, 0, 0)
