@@ -298,30 +298,79 @@ def test_linear_gelu_keeps_wrapped_layers_exact(rng):
         )
 
 
-def test_single_block_assembles_proj_out_input_without_cat(monkeypatch):
-    # In inference the [attention | MLP] input of proj_out is one buffer that both halves are
-    # written into (no torch.cat along features); with autograd on, or when the layers do not
-    # state their widths, the concatenation stays. Same output every way.
+def test_single_block_proj_out_input_is_never_concatenated(monkeypatch):
+    # In inference proj_out's [attention | MLP] input is never torch.cat-ed along features. A
+    # plain nn.Linear proj_out runs one GEMM per half (linear_of_parts); one with a forward
+    # hook (or any other layer) reads one buffer both halves were written into, and its hook
+    # runs. With autograd on, or when the layers do not state their widths, the concatenation
+    # stays. Same output every way.
     block = _blocks()[1]
     inputs = _block_inputs()
     with torch.no_grad():
         want = block(**inputs)
     fused_blocks.install(block)
+    split_calls = []
+    real_split = fused_blocks.linear_of_parts
+
+    def spy(proj, parts):  # noqa: ANN001, ANN202
+        split_calls.append([p.shape[-1] for p in parts])
+        return real_split(proj, parts)
+
+    monkeypatch.setattr(fused_blocks, "linear_of_parts", spy)
     dims = cat_dims(monkeypatch)
     with torch.no_grad():
         got = block(**inputs)
-    feature_cats = [d in (2, -1) for d in dims]
-    assert feature_cats == [False]  # only the [text, image] sequence concatenation
+    assert [d in (2, -1) for d in dims] == [False]  # only the [text, image] sequence cat
     assert fused_blocks._joint_widths(block) == (DIM, block.proj_mlp.out_features)
+    assert split_calls == [[DIM, block.proj_mlp.out_features]]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+    seen = []
+    handle = block.proj_out.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1]))
+    dims.clear()
+    with torch.no_grad():
+        hooked = block(**inputs)
+    handle.remove()
+    assert [d in (2, -1) for d in dims] == [False] and len(split_calls) == 1
+    assert seen == [DIM + block.proj_mlp.out_features]  # the joint buffer, through the hook
+    for g, w in zip(hooked, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
     dims.clear()
     trained = block(**inputs)  # grad mode: the concatenation
-    feature_cats = [d in (2, -1) for d in dims]
-    assert feature_cats == [False, True]
+    assert [d in (2, -1) for d in dims] == [False, True]
     torch.testing.assert_close(trained[1].detach(), want[1], rtol=1e-5, atol=1e-5)
     monkeypatch.delattr(block.proj_mlp, "out_features")
     assert fused_blocks._joint_widths(block) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_of_parts_is_the_linear_of_the_concatenation(dtype, rng):
+    from dcgen.attention.linear_out import linear_of_parts, splits_over_parts
+
+    lin = nn.Linear(48 + 80, 40).to(dtype)
+    parts = [
+        torch.randn(2, 7, 48, generator=rng).to(dtype),
+        torch.randn(2, 7, 80, generator=rng).to(dtype),
+    ]
+    with torch.no_grad():
+        assert splits_over_parts(lin, parts[0])
+        got = linear_of_parts(lin, parts)
+        want = lin(torch.cat(parts, dim=-1))
+        assert got.shape == want.shape == (2, 7, 40) and got.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # summation order
+        else:  # one more bf16 rounding of the first part's partial sum
+            err = float((got.float() - want.float()).norm() / want.float().norm())
+            assert err < 1e-2, err
+        with pytest.raises(ValueError, match="sum to in_features=128"):
+            linear_of_parts(lin, parts[:1])
+    assert not splits_over_parts(lin, parts[0])  # grad mode: the caller concatenates
+    with torch.no_grad():
+        assert not splits_over_parts(nn.Linear(128, 40, bias=False).to(dtype), parts[0])
+        half = parts[0].half()  # fp16: a partial sum could overflow where the whole fits
+        assert not splits_over_parts(lin.half(), half)
 
 
 def test_chained_single_blocks_join_their_halves_without_cat(monkeypatch):
@@ -564,8 +613,9 @@ def test_cuda_fused_blocks_match_stock(batch, index, fp8):
         assert err < 1e-2, err  # bf16 roundings in another order; a broken kernel is O(1)
         rerun = float((c.float() - a.float()).norm() / a.float().norm())
         assert rerun < 1e-3, rerun  # the same kernels again (bits unless cuBLAS varies)
-    # bf16 single block: cuBLAS writes the MLP half of proj_out's input in place
-    assert direct == ([] if fp8 else [index == 1] * (1 if index == 1 else 2))
+    # bf16: every GELU is cuBLAS's epilogue on a contiguous output (the single block's plain
+    # proj_out runs one GEMM per half: linear_of_parts); fp8: dcgen's scale epilogue
+    assert direct == ([] if fp8 else [False] * (1 if index == 1 else 2))
 
 
 @pytest.mark.cuda

@@ -20,10 +20,13 @@ more over its 4x-wide hidden state. These forwards compute the same function wit
   ``gelu(proj(x))``;
 - in inference, a single block's input ``[text, image]`` taken as it lies when the previous
   single block's output halves are passed in (views of one buffer), instead of ``torch.cat``;
-- in inference, the single block's ``proj_out`` input ``[attention, MLP]`` assembled in place:
-  the MLP GEMM writes its half of one buffer directly (16-bit nn.Linear on CUDA) and attention
-  is copied into the other, instead of ``torch.cat`` of both (at 4K, 4,608 x 15,360 values
-  read and written again per single block). The same GEMM then reads it: same numbers;
+- in inference, no ``torch.cat`` of the single block's ``proj_out`` input ``[attention, MLP]``
+  (at 4K, 4,608 x 15,360 values read and written again per single block). A plain nn.Linear
+  ``proj_out`` runs as one GEMM per half, each adding into the output (``linear_of_parts``:
+  the MLP half keeps cuBLAS's fused bias + GELU, which a strided output would lose; one more
+  rounding of a partial sum). Other layers (FP8, LoRA wrappers) get the two halves written
+  into one buffer: the MLP's own epilogue writes its half (FP8Linear.forward_into) and
+  attention is copied into the other; the same GEMM then reads it: same numbers;
 - in inference, FLUX attention called through its processor directly when nothing else would
   run: diffusers' ``FluxAttention.forward`` takes ``inspect.signature`` of the processor on
   every call to filter keyword arguments (about 22 us of host time per call on this project's
@@ -58,7 +61,7 @@ from dcgen.quant.fp8_linear import (
     takes_fp8_rows,
 )
 
-from .linear_out import linear_gelu, linear_gelu_into
+from .linear_out import linear_gelu, linear_gelu_into, linear_of_parts, splits_over_parts
 
 _PATCHED = "_dcgen_fused_block_forward"
 
@@ -341,13 +344,21 @@ def _single_block_mixing(
     image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
     joint_attention_kwargs: dict[str, Any] | None,
 ) -> torch.Tensor:
-    """``proj_out([attention(x), gelu(proj_mlp(x))])`` of a FLUX single block, x modulated."""
+    """``proj_out([attention(x), gelu(proj_mlp(x))])`` of a FLUX single block, x modulated:
+    with a plain proj_out one GEMM per half (linear_of_parts), else (FP8, LoRA wrappers) the
+    two halves written into one [attention | MLP] buffer that proj_out reads whole."""
     attention_kwargs = joint_attention_kwargs or {}
     widths = _joint_widths(self)
     if torch.is_grad_enabled() or widths is None:  # autograd: out= has no derivative
         mlp_hidden = linear_gelu(self.proj_mlp, norm_hidden)
         attn_output = _attention(self.attn, norm_hidden, None, image_rotary_emb, attention_kwargs)
         out = self.proj_out(torch.cat([attn_output, mlp_hidden], dim=2))
+    elif splits_over_parts(self.proj_out, norm_hidden):
+        # A plain proj_out: one GEMM per half (linear_of_parts), so the MLP half keeps cuBLAS's
+        # fused bias + GELU and neither half is copied into a joint buffer.
+        mlp_hidden = linear_gelu(self.proj_mlp, norm_hidden)
+        attn_output = _attention(self.attn, norm_hidden, None, image_rotary_emb, attention_kwargs)
+        out = linear_of_parts(self.proj_out, (attn_output, mlp_hidden))
     else:
         # [attention | MLP] assembled in one buffer (module doc); proj_out reads it whole.
         attn_width, mlp_width = widths
