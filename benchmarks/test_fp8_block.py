@@ -191,3 +191,61 @@ def test_linear_host_time(benchmark, impl):
     )
     with torch.inference_mode():
         time_it(benchmark, lambda: layer(x), n_rounds=rounds(20, 2), back_to_back=200)
+
+
+_single_cache: dict[str, object] = {}
+
+
+def _single_setup() -> dict:
+    """A FLUX single block (bf16) as diffusers runs it, with dcgen.accelerate(blocks=True), and
+    the same with a no-op forward hook on proj_out, which sends it down the joint-buffer path
+    (the two halves written into one [attention | MLP] buffer; before session 21 the path of
+    every single block) instead of one GEMM per half (linear_of_parts)."""
+    if not _single_cache:
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            base = flux.FluxSingleTransformerBlock(DIM, HEADS, HEAD_DIM).to(DTYPE).eval()
+        joint = dcgen.accelerate(copy.deepcopy(base), blocks=True)
+        joint.proj_out.register_forward_hook(lambda module, args, out: None)
+        _single_cache.update(
+            base=base,
+            split=dcgen.accelerate(copy.deepcopy(base), blocks=True),
+            joint=joint,
+            inputs=_block_inputs(IMG_SIDE, TXT, seed=3),
+        )
+    return _single_cache
+
+
+# A FLUX single block at 4,096 + 512 tokens, eager: the stock bf16 block against dcgen's fused
+# one. Its proj_out input [attention | MLP] either never exists ("split": one GEMM per half,
+# the MLP GEMM with cuBLAS's bias + GELU epilogue) or is one buffer both halves are written
+# into ("joint": the MLP GEMM writes a strided column block, where PyTorch runs the GEMM and a
+# separate non-vectorized gelu_; session 18's step profile: 0.17 ms of gelu_ per block).
+@pytest.mark.parametrize("variant", ["split", "joint"])
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_flux_single_block(benchmark, impl, variant):
+    c = _single_setup()
+    model = c["base"] if impl == "baseline" else c[variant]
+    inputs = c["inputs"]
+    names = {
+        "split": "bf16, dcgen.accelerate(blocks=True): proj_out one GEMM per half",
+        "joint": "bf16, dcgen.accelerate(blocks=True), proj_out hooked: joint buffer",
+    }
+    benchmark.group = (
+        f"FLUX single block {IMG_SIDE * IMG_SIDE}+{TXT} tokens, width {DIM} (eager) [{variant}]"
+    )
+    benchmark.extra_info.update(
+        impl=impl,
+        baseline_name=f"{str(DTYPE)[6:]} block, stock processor (eager)",
+        dcgen_name=names[variant],
+    )
+    with torch.inference_mode():
+        time_it(benchmark, lambda: model(**inputs), n_rounds=rounds(20, 2))
+        if impl == "dcgen":
+            want = c["base"](**inputs)
+            got = model(**inputs)
+            err = max(
+                float((g.float() - w.float()).norm() / w.float().norm()) for g, w in zip(got, want)
+            )
+            benchmark.extra_info["rel_err"] = err
+            assert err < 2e-2, f"fused single block output error {err} vs the stock block"
