@@ -403,8 +403,9 @@ def test_cuda_unsupported_head_dim_takes_the_sdpa_path(dtype, rng):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [64, 128, 80, 2])
+@pytest.mark.parametrize("d", [64, 128, 256, 80, 2])
 def test_cuda_qk_norm_rope_matches_reference(dtype, d, rng):
+    # 64 / 128 / 256: the 16-byte kernel (D / 8 lanes a row); 80 and 2: the pair kernel
     _require("qk_norm_rope")
     for b, h, s in [(1, 1, 1), (2, 3, 37), (1, 24, 300)]:
         for variant in ("norm", "rope", "norm_rope"):
@@ -421,6 +422,25 @@ def test_cuda_qk_norm_rope_matches_reference(dtype, d, rng):
                 tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
                 torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol,
                                            msg=f"{(b, h, s, d)} {variant}")  # fmt: skip
+
+
+@pytest.mark.cuda
+def test_cuda_qk_norm_rope_misaligned_rows_take_the_pair_kernel(rng):
+    # Head dim 128 but rows 4 bytes past a 16-byte boundary (a view 2 elements into its
+    # storage): the 16-byte kernel cannot load them, the pair kernel must; same results.
+    _require("qk_norm_rope")
+    b, h, s, d = 2, 3, 37, 128
+    args = _prologue_args("norm_rope", s, d, rng)
+    base = torch.randn(b * h * s * d + 2, generator=rng).cuda().bfloat16()
+    q = base[2:].view(b, h, s, d)
+    k = torch.randn(b, h, s, d, generator=rng).cuda().bfloat16()
+    assert q.data_ptr() % 16 == 4
+    poison_cuda_allocator()
+    gq, gk = qk_norm_rope(q, k, **args)
+    wq, wk = qk_norm_rope_reference(q.cpu(), k.cpu(), **_to_cpu(args))
+    for got, want in ((gq, wq), (gk, wk)):
+        assert not got.isnan().any()
+        torch.testing.assert_close(got.cpu().float(), want.float(), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.cuda
