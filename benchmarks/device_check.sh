@@ -91,7 +91,12 @@
 #     of nvfp4_gemm: hopper_debug.py gemm (error maps; a failure or hang switches the later
 #     steps to the first kernel), tests/ops/test_nvfp4_gemm.py's sm90 tests for both kernels,
 #     the quant file's nvfp4 gemm groups for both (the first kernel's rows say "(mainloop
-#     kernel)"; session 18: 0.29-0.35x of cuBLAS bf16, the issue's goal 0.8x).
+#     kernel)"; session 18: 0.29-0.35x of cuBLAS bf16, the issue's goal 0.8x);
+#   - the fused FLUX single block's plain proj_out as one GEMM per half (linear_of_parts;
+#     tests/test_fused_blocks.py; the FP8 block file's new "FLUX single block" groups, split
+#     against the joint-buffer path in one run);
+#   - qk_norm_rope's 16-byte kernel for head dims 64 / 128 / 256 (tests/ops/test_attention.py's
+#     qk_norm_rope tests; session 18's profile: 95 us for q and k at 4K, about 1.2 TB/s).
 # Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
