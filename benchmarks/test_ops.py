@@ -121,3 +121,47 @@ def test_relu_linear_attention_channels_last(benchmark, impl):
         time_it(benchmark, fn, n_rounds=rounds(30, 3))
     if benchmark.stats:
         benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
+# FLUX attention's q / k prologue at DC-Gen-FLUX 4K: 4,608 tokens, 24 heads of 128 (B, S, H, D
+# as the projections leave them); CPU: small.
+QK_SHAPE = (1, 4608, 24, 128) if ON_GPU else (1, 80, 2, 32)
+
+
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_qk_norm_rope(benchmark, impl):
+    """Per-head RMSNorm + interleaved RoPE of q and k: diffusers' RMSNorm modules then its
+    apply_rotary_emb (what FluxAttention's processor runs) against dcgen's one-pass kernel."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from dcgen.ops import qk_norm_rope
+
+    if impl == "dcgen" and not has_kernel("qk_norm_rope", DEVICE):
+        pytest.skip("no compiled qk_norm_rope kernel for this device")
+    b, s, h, d = QK_SHAPE
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(b, s, h, d, generator=g).to(DEVICE, DTYPE) for _ in range(2))
+    norm_q, norm_k = (diffusers_norm.RMSNorm(d, eps=1e-6).to(DEVICE, DTYPE) for _ in range(2))
+    angles = torch.rand(s, d // 2, generator=g) * 6.28
+    cos, sin = (t.repeat_interleave(2, dim=1).to(DEVICE) for t in (angles.cos(), angles.sin()))
+
+    if impl == "dcgen":
+
+        def fn():
+            return qk_norm_rope(q.transpose(1, 2), k.transpose(1, 2), q_norm_weight=norm_q.weight,
+                                k_norm_weight=norm_k.weight, rope_cos=cos, rope_sin=sin)  # fmt: skip
+    else:
+
+        def fn():
+            return (apply_rotary_emb(norm_q(q), (cos, sin), sequence_dim=1),
+                    apply_rotary_emb(norm_k(k), (cos, sin), sequence_dim=1))  # fmt: skip
+
+    nbytes = 4 * q.numel() * q.element_size()  # q and k read and written once
+    benchmark.group = f"qk_norm_rope q, k {tuple(QK_SHAPE)} (B, S, H, D) {str(DTYPE)[6:]}"
+    benchmark.extra_info.update(
+        impl=impl, baseline_name="diffusers RMSNorm + apply_rotary_emb", bytes_floor=nbytes
+    )
+    with torch.inference_mode():
+        time_it(benchmark, fn, n_rounds=rounds(50, 5))
+    if benchmark.stats:
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
