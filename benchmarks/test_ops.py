@@ -15,6 +15,15 @@ from dcgen.ops import (
 
 diffusers_norm = pytest.importorskip("diffusers.models.normalization")
 
+
+def _time_with_bandwidth(benchmark, fn, nbytes: int, n_rounds: int) -> None:  # noqa: ANN001
+    """Time ``fn`` in inference mode and record the bandwidth its ``nbytes`` floor implies."""
+    with torch.inference_mode():
+        time_it(benchmark, fn, n_rounds=n_rounds)
+    if benchmark.stats:
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
 # DC-AE decoder stage-0 activation at 2048^2 output (f32c32 SANA: 128 channels); CPU: small.
 SHAPE = (1, 128, 1024, 1024) if ON_GPU else (1, 128, 64, 64)
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
@@ -44,10 +53,7 @@ def test_channel_rms_norm(benchmark, impl):
     benchmark.extra_info.update(
         impl=impl, baseline_name="diffusers RMSNorm (movedim)", bytes_floor=nbytes
     )
-    with torch.inference_mode():
-        time_it(benchmark, fn, n_rounds=rounds(50, 5))
-    if benchmark.stats:
-        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+    _time_with_bandwidth(benchmark, fn, nbytes, rounds(50, 5))
 
 
 # The 4K decoders' largest linear-attention call: stage 3 of the f64c128 and SANA f32c32
@@ -75,10 +81,7 @@ def test_relu_linear_attention(benchmark, impl):
     benchmark.extra_info.update(
         impl=impl, baseline_name="PyTorch reference (fp32 matmuls)", bytes_floor=nbytes
     )
-    with torch.inference_mode():
-        time_it(benchmark, fn, n_rounds=rounds(30, 3))
-    if benchmark.stats:
-        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+    _time_with_bandwidth(benchmark, fn, nbytes, rounds(30, 3))
 
 
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
@@ -117,10 +120,7 @@ def test_relu_linear_attention_channels_last(benchmark, impl):
         baseline_name="contiguous() copy, kernel, copy back to channels_last",
         bytes_floor=nbytes,
     )
-    with torch.inference_mode():
-        time_it(benchmark, fn, n_rounds=rounds(30, 3))
-    if benchmark.stats:
-        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+    _time_with_bandwidth(benchmark, fn, nbytes, rounds(30, 3))
 
 
 # FLUX attention's q / k prologue at DC-Gen-FLUX 4K: 4,608 tokens, 24 heads of 128 (B, S, H, D
@@ -161,7 +161,4 @@ def test_qk_norm_rope(benchmark, impl):
     benchmark.extra_info.update(
         impl=impl, baseline_name="diffusers RMSNorm + apply_rotary_emb", bytes_floor=nbytes
     )
-    with torch.inference_mode():
-        time_it(benchmark, fn, n_rounds=rounds(50, 5))
-    if benchmark.stats:
-        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+    _time_with_bandwidth(benchmark, fn, nbytes, rounds(50, 5))
