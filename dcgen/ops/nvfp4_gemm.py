@@ -21,12 +21,12 @@ W4A16 form (a bf16 activation, an NVFP4 weight). Two kernels, chosen per call by
   warp, 128 x 256 tiles. W4A4 first expands its activation to bf16 (exact, one extra pass).
   Written without a GPU (2026-11-28): compiled and its fragment mapping checked on the host,
   not yet run;
-- ``mainloop`` (csrc/nvfp4/nvfp4_gemm_sm90.cuh): both operands converted into shared memory by
-  the threads that issue the wgmmas. Passes its tests on an H200 at 0.29-0.35x of cuBLAS bf16
+- ``mainloop`` (csrc/nvfp4/nvfp4_gemm_sm90.cuh): the first kernel, both operands converted into
+  shared memory by the threads that issue the wgmmas. Passes its tests on an H200 at 0.29-0.35x of cuBLAS bf16
   (2026-11-27, benchmarks/test_quant.py, FLUX shapes).
 
-Both are slower than NVFP4Linear's dequantize + cuBLAS path as measured so far, so they stay
-opt-in: ``DCGEN_NVFP4_SM90=1`` (their tests run them regardless).
+The first measured kernel is slower than NVFP4Linear's dequantize + cuBLAS path and the new one
+is unmeasured, so both stay opt-in: ``DCGEN_NVFP4_SM90=1`` (their tests run them regardless).
 """
 
 from __future__ import annotations
