@@ -96,7 +96,8 @@
 #     tests/test_fused_blocks.py; the FP8 block file's new "FLUX single block" groups, split
 #     against the joint-buffer path in one run);
 #   - qk_norm_rope's 16-byte kernel for head dims 64 / 128 / 256 (tests/ops/test_attention.py's
-#     qk_norm_rope tests; session 18's profile: 95 us for q and k at 4K, about 1.2 TB/s).
+#     qk_norm_rope tests; session 18's profile: 95 us for q and k at 4K, about 1.2 TB/s;
+#     rollback: DCGEN_QK_NORM_ROPE_VEC=0).
 # Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \

@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <tuple>
 
 #include "attention/prologue.h"
@@ -193,8 +194,11 @@ at::Tensor norm_rope_one(const at::Tensor& x_in, const NormWeights& w, const Rop
   const float* cos = rope.cos.defined() ? rope.cos.const_data_ptr<float>() : nullptr;
   const float* sin = rope.sin.defined() ? rope.sin.const_data_ptr<float>() : nullptr;
   // 16-byte pieces: head dim 64 / 128 / 256, every row start and table row 16-byte aligned.
+  // DCGEN_QK_NORM_ROPE_VEC=0 keeps the pair kernel (a rollback until a GPU run has validated
+  // the 16-byte one).
   const int64_t d = x.size(3);
-  const bool vec = (d == 64 || d == 128 || d == 256) && x.stride(0) % 8 == 0 &&
+  const char* vec_env = std::getenv("DCGEN_QK_NORM_ROPE_VEC");
+  const bool vec = !(vec_env != nullptr && vec_env[0] == '0') && (d == 64 || d == 128 || d == 256) && x.stride(0) % 8 == 0 &&
                    x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0 && aligned16(x.const_data_ptr()) &&
                    aligned16(y.const_data_ptr()) && aligned16(w.w0()) && aligned16(w.w1()) &&
                    aligned16(cos) && aligned16(sin);

@@ -425,6 +425,23 @@ def test_cuda_qk_norm_rope_matches_reference(dtype, d, rng):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("vec", ["1", "0"], ids=["16-byte", "pair-forced"])
+def test_cuda_qk_norm_rope_kernels_agree(vec, rng, monkeypatch):
+    # DCGEN_QK_NORM_ROPE_VEC=0 forces the pair kernel at head dim 128 (the rollback): both
+    # kernels give the reference's values.
+    _require("qk_norm_rope")
+    monkeypatch.setenv("DCGEN_QK_NORM_ROPE_VEC", vec)
+    q, k, _ = _cuda_inputs(2, 3, 37, 37, 128, torch.bfloat16, rng)
+    args = _prologue_args("norm_rope", 37, 128, rng)
+    poison_cuda_allocator()
+    gq, gk = qk_norm_rope(q, k, **args)
+    wq, wk = qk_norm_rope_reference(q.cpu(), k.cpu(), **_to_cpu(args))
+    for got, want in ((gq, wq), (gk, wk)):
+        assert not got.isnan().any()
+        torch.testing.assert_close(got.cpu().float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.cuda
 def test_cuda_qk_norm_rope_misaligned_rows_take_the_pair_kernel(rng):
     # Head dim 128 but rows 4 bytes past a 16-byte boundary (a view 2 elements into its
     # storage): the 16-byte kernel cannot load them, the pair kernel must; same results.
