@@ -116,8 +116,8 @@ struct RawTile {
 // lies outside it is zeroed at conversion by the scale mask (zero scale, zero product: E2M1
 // codes are always finite).
 struct WeightCursor {
-  const uint8_t* codes_lo;  // row g, this lane's block of K tile 0
-  const uint8_t* codes_hi;  // row g + 8
+  const uint8_t* codes_lo;  // row g's codes
+  const uint8_t* codes_hi;  // row g + 8's
   const uint8_t* sf_lo;     // row g's scales of K tile 0
   const uint8_t* sf_hi;
   int lane_code_offset;  // 8 c: this lane's block within a tile
@@ -127,7 +127,7 @@ struct WeightCursor {
   int full_blocks;       // 16-element blocks in K
 
   __device__ __forceinline__ RawTile load(int kt) const {
-    const int code_off = min(kt * (kBK / 2) + lane_code_offset, last_code_offset) - lane_code_offset;
+    const int code_off = min(kt * (kBK / 2) + lane_code_offset, last_code_offset);
     const int sf_off = min(kt, last_tile) * 512;
     RawTile r;
     r.codes_lo = *reinterpret_cast<const uint2*>(codes_lo + code_off);
@@ -276,13 +276,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // This thread's weight rows (wgmma's A fragment: warpgroup, warp, lane / 4) and K block.
   const int lane = tid % 32, c = lane % 4;
-  const int row_lo = n_block * kTileN + 64 * (tid / 128) + 16 * ((tid % 128) / 32) + lane / 4;
+  const int row_lo = n_block * kTileN + nvfp4::fragment_row_base(tid) + lane / 4;
   const int row_hi = row_lo + 8;
   const int k_blocks = p.k / 16;
   const bool lo_valid = row_lo < p.n, hi_valid = row_hi < p.n;
   WeightCursor wc;
-  wc.codes_lo = p.w + int64_t(lo_valid ? row_lo : 0) * (p.k / 2) + 8 * c;
-  wc.codes_hi = p.w + int64_t(hi_valid ? row_hi : 0) * (p.k / 2) + 8 * c;
+  wc.codes_lo = p.w + int64_t(lo_valid ? row_lo : 0) * (p.k / 2);
+  wc.codes_hi = p.w + int64_t(hi_valid ? row_hi : 0) * (p.k / 2);
   wc.sf_lo = p.sfw + swizzled_scale_offset(lo_valid ? row_lo : 0, 0, k_blocks);
   wc.sf_hi = p.sfw + swizzled_scale_offset(hi_valid ? row_hi : 0, 0, k_blocks);
   wc.lane_code_offset = 8 * c;

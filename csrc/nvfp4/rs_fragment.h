@@ -26,6 +26,10 @@ namespace dcgen::nvfp4 {
 DCGEN_E2M1_FN uint32_t quad_stage1_selector(int c) { return (c & 1) ? 0x3715u : 0x6240u; }
 DCGEN_E2M1_FN uint32_t quad_stage2_selector(int c) { return (c & 2) ? 0x3276u : 0x5410u; }
 
+// The first of the 16 weight rows (CTA-local) whose wgmma fragments consumer thread `tid`
+// (0..255) holds: 64 per warpgroup, 16 per warp; its lane adds lane / 4 (and + 8).
+DCGEN_E2M1_FN int fragment_row_base(int tid) { return 64 * (tid / 128) + 16 * ((tid % 128) / 32); }
+
 // The epilogue's stmatrix .x4 .trans stores (csrc/nvfp4/nvfp4_gemm_rs_sm90.cuh). The fp32
 // accumulators of D^T (wgmma's 64 x N fragment of a consumer warpgroup: row = weight n,
 // column = activation m) hold, at value i, v0 = i % 2 (column + 1), v1 = (i / 2) % 2 (row + 8)
@@ -43,7 +47,7 @@ DCGEN_E2M1_FN int stmatrix_acc_index(int jj, int q) { return 4 * (2 * jj + q / 2
 // matrix l / 8.
 DCGEN_E2M1_FN void stmatrix_row_start(int tid, int jj, int& m_local, int& n_local) {
   const int lane = tid % 32, q = lane / 8;
-  n_local = 64 * (tid / 128) + 16 * ((tid % 128) / 32) + 8 * (q % 2);
+  n_local = fragment_row_base(tid) + 8 * (q % 2);
   m_local = 8 * (2 * jj + q / 2) + lane % 8;
 }
 
