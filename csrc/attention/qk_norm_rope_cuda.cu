@@ -169,6 +169,20 @@ void launch_vec(const at::Tensor& x, at::Tensor& y, int64_t rows, const NormWeig
       norm_split, static_cast<float>(eps), cos, sin);
 }
 
+// The 16-byte kernel's configuration for head dim d (64, 128 or 256).
+template <typename T>
+void launch_vec_for_dim(int64_t d, const at::Tensor& x, at::Tensor& y, int64_t rows,
+                        const NormWeights& w, const float* cos, const float* sin,
+                        int64_t norm_split, double eps, cudaStream_t stream) {
+  if (d == 64) {
+    launch_vec<T, 8>(x, y, rows, w, cos, sin, norm_split, eps, stream);
+  } else if (d == 128) {
+    launch_vec<T, 16>(x, y, rows, w, cos, sin, norm_split, eps, stream);
+  } else {
+    launch_vec<T, 32>(x, y, rows, w, cos, sin, norm_split, eps, stream);
+  }
+}
+
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
@@ -205,13 +219,9 @@ at::Tensor norm_rope_one(const at::Tensor& x_in, const NormWeights& w, const Rop
   if (vec) {
     AT_DISPATCH_SWITCH(x.scalar_type(), "dcgen::qk_norm_rope",
                        AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                         if (d == 64) launch_vec<scalar_t, 8>(x, y, rows, w, cos, sin, norm_split, eps, stream);
-                         else if (d == 128) launch_vec<scalar_t, 16>(x, y, rows, w, cos, sin, norm_split, eps, stream);
-                         else launch_vec<scalar_t, 32>(x, y, rows, w, cos, sin, norm_split, eps, stream);
+                         launch_vec_for_dim<scalar_t>(d, x, y, rows, w, cos, sin, norm_split, eps, stream);
                        }) AT_DISPATCH_CASE(at::kHalf, [&] {
-                         if (d == 64) launch_vec<scalar_t, 8>(x, y, rows, w, cos, sin, norm_split, eps, stream);
-                         else if (d == 128) launch_vec<scalar_t, 16>(x, y, rows, w, cos, sin, norm_split, eps, stream);
-                         else launch_vec<scalar_t, 32>(x, y, rows, w, cos, sin, norm_split, eps, stream);
+                         launch_vec_for_dim<scalar_t>(d, x, y, rows, w, cos, sin, norm_split, eps, stream);
                        }));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return y;
