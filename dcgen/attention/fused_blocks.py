@@ -349,16 +349,16 @@ def _single_block_mixing(
     two halves written into one [attention | MLP] buffer that proj_out reads whole."""
     attention_kwargs = joint_attention_kwargs or {}
     widths = _joint_widths(self)
-    if torch.is_grad_enabled() or widths is None:  # autograd: out= has no derivative
+    # A plain proj_out in inference: one GEMM per half (linear_of_parts), so the MLP half keeps
+    # cuBLAS's fused bias + GELU and neither half is copied into a joint buffer.
+    split = widths is not None and splits_over_parts(self.proj_out, norm_hidden)
+    if split or torch.is_grad_enabled() or widths is None:  # autograd: out= has no derivative
         mlp_hidden = linear_gelu(self.proj_mlp, norm_hidden)
         attn_output = _attention(self.attn, norm_hidden, None, image_rotary_emb, attention_kwargs)
-        out = self.proj_out(torch.cat([attn_output, mlp_hidden], dim=2))
-    elif splits_over_parts(self.proj_out, norm_hidden):
-        # A plain proj_out: one GEMM per half (linear_of_parts), so the MLP half keeps cuBLAS's
-        # fused bias + GELU and neither half is copied into a joint buffer.
-        mlp_hidden = linear_gelu(self.proj_mlp, norm_hidden)
-        attn_output = _attention(self.attn, norm_hidden, None, image_rotary_emb, attention_kwargs)
-        out = linear_of_parts(self.proj_out, (attn_output, mlp_hidden))
+        if split:
+            out = linear_of_parts(self.proj_out, (attn_output, mlp_hidden))
+        else:
+            out = self.proj_out(torch.cat([attn_output, mlp_hidden], dim=2))
     else:
         # [attention | MLP] assembled in one buffer (module doc); proj_out reads it whole.
         attn_width, mlp_width = widths

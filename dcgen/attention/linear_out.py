@@ -94,26 +94,23 @@ def linear_of_parts(proj: nn.Linear, parts: Sequence[torch.Tensor]) -> torch.Ten
     session 18's step profile). Here the MLP half keeps cuBLAS's fused bias + GELU. Numerics: the
     output dtype rounds once per part instead of once (one more bf16 rounding of a partial sum).
     """
-    n = proj.out_features
-    lead = parts[0].shape[:-1]
-    weight = proj.weight
+    widths = [p.shape[-1] for p in parts]
+    if sum(widths) != proj.in_features:
+        raise ValueError(
+            f"linear_of_parts: expected parts whose widths sum to in_features={proj.in_features}, "
+            f"got {widths}"
+        )
     out = None
     start = 0
-    for part in parts:
-        width = part.shape[-1]
-        w = weight[:, start : start + width].t()  # a transposed view: cuBLAS takes it as is
+    for part, width in zip(parts, widths):
+        w = proj.weight[:, start : start + width].t()  # a transposed view: cuBLAS takes it as is
         rows = part.reshape(-1, width)
         if out is None:
             out = torch.addmm(proj.bias, rows, w)
         else:
             out.addmm_(rows, w)
         start += width
-    if start != proj.in_features:
-        raise ValueError(
-            f"linear_of_parts: expected parts whose widths sum to in_features={proj.in_features}, "
-            f"got {[p.shape[-1] for p in parts]}"
-        )
-    return out.reshape(*lead, n)
+    return out.reshape(*parts[0].shape[:-1], proj.out_features)
 
 
 def linear_into(proj: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
