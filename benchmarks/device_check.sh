@@ -36,7 +36,7 @@
 # kernels: e.g. the speed table and the FP8 block alone).
 #
 # A full run does not fit one 600 s call, nor the 900 s of device time a task gets. Measured on
-# the H200 (2026-11-27, 20:58-21:12 UTC; README "Latest GPU run"): first call (fresh machine,
+# the H200 (2026-11-27, 20:58-21:12 UTC; docs/benchmark-log.md): first call (fresh machine,
 # 34 s of start beyond the script) build 100 s, CUDA tests of 7 paths 150 s (the three files
 # that run in fresh processes included), benchmarks quant 59 s, dcae_decode 76 s, dcae_fused
 # 37 s, decode autotune 42 s; second call on the warm machine: FP8 block (no compile) 23 s,

@@ -9,7 +9,7 @@ these microseconds, times some hundreds of calls per step, are the step time.
 
 - FP8Linear: the general path (``fp8_gemm`` and the ops' public wrappers) against the direct
   inference route. On a GPU, a FLUX linear's FP8 GEMM at 4,608 tokens takes about 0.1-0.4 ms
-  (README low-precision table).
+  (docs/benchmark-log.md, low precision).
 - NVFP4Linear W4A4 (static and dynamic activation scale): the general path against the direct
   route (Blackwell's native GEMM; Hopper opt-in). On an RTX 5090 a FLUX linear's FP4 GEMM at
   4,608 tokens is some tens of microseconds, so there the host time is the step time.
@@ -284,7 +284,7 @@ def fp8_stubbed(monkeypatch):
 # dcgen's kernels stubbed. On the H200 (2026-11-27) the FP8 double block ran 2.23 ms eager
 # against 1.83 ms CUDA-graphed while the bf16 block ran 2.24 / 2.22: the FP8 block's eager time
 # is its host time. On this project's CPU the FP8 / bf16 host-time ratio was 2.27x (double)
-# and 2.79x (single) at 171a1be, 1.62x and 1.76x after session 20 (README).
+# and 2.79x (single) at 171a1be, 1.62x and 1.76x after session 20 (docs/benchmark-log.md).
 @pytest.mark.parametrize("kind", ["double", "single"])
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_flux_fp8_block_host_time(benchmark, impl, kind, fp8_stubbed, monkeypatch):

@@ -174,7 +174,7 @@ __device__ __forceinline__ uint2 expand_act4(const uint2& v, const float* __rest
 // [half][tap][channel] copy `wt` (consecutive threads: consecutive 16 bytes). The first version
 // loaded them for every strip of 4 pixels from the (channel, tap) layout, 72 scalar loads 36
 // floats apart across a warp's threads: 32 cache lines per warp instruction, likely the reason
-// it reached about 650 GB/s (README, H200, the (1, 4096, 512, 512) group) instead of the
+// it reached about 650 GB/s (docs/benchmark-log.md, H200, the (1, 4096, 512, 512) group) instead of the
 // memory's 3-4 TB/s. A strip that continues the previous one in the same row keeps the window
 // (its two first columns are the previous strip's two last).
 // Expand: expand_bias is given (a template flag: the plain kernel keeps its registers).

@@ -32,7 +32,7 @@ Row scales take one of two routes (``DCGEN_FP8_GEMM``; :func:`row_gemm_route`):
 - ``"rowwise"``: ``_scaled_mm`` with the row scales themselves. With torch built for CUDA
   >= 12.9 that is cuBLAS's outer-vector scaling with the bias fused, one kernel; the default
   there on Hopper: the H200 run of 2026-11-27 timed it faster than "tensor" + epilogue at every
-  FLUX linear shape (1.19-1.58x bf16 against 0.91-1.29x; README). Older builds ran torch's
+  FLUX linear shape (1.19-1.58x bf16 against 0.91-1.29x; docs/benchmark-log.md). Older builds ran torch's
   own row-wise kernel, slower than "tensor" on Hopper (docs/ANCHORS.md).
 
 Fast accumulation (``fast_accum=True``, row scales only; ``FP8Config(fast_accum=True)``): the

@@ -4,7 +4,7 @@ was expected and what came. Nothing may crash the process.
 
 Why: on the H100 of 2026-11-27 two ops (``fp8_scale_epilogue`` and, by the evidence,
 ``adaln_modulate``) segfaulted instead of raising when a test fed them bad input on purpose
-(README, benchmarks/throw_probe.py). The Python wrappers in dcgen.ops validate first, so only
+(docs/benchmark-log.md, benchmarks/throw_probe.py). The Python wrappers in dcgen.ops validate first, so only
 direct ``torch.ops.dcgen`` calls reach these checks, and the CUDA tests that reach them run only
 on a GPU machine. This file runs them everywhere the extension is built with its CUDA kernels
 (CI builds it with nvcc).
