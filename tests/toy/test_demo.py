@@ -131,11 +131,11 @@ def test_settings_reject_bad_values():
 def test_snapshots_restore_the_weights_of_their_step():
     import torch
 
-    from dcgen.toy.demo import _snapshots, _with_weights
+    from dcgen.toy.demo_analysis import weight_snapshots, with_weights
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
     model[1].requires_grad_(False)  # frozen weights are shared, not snapshotted
-    on_step, saved = _snapshots(model, [2])
+    on_step, saved = weight_snapshots(model, [2])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(1, 4):
         opt.zero_grad()
@@ -145,7 +145,7 @@ def test_snapshots_restore_the_weights_of_their_step():
         if step == 2:
             at_two = copy.deepcopy(model.state_dict())
     assert set(saved) == {2} and set(saved[2]) == {"0.weight", "0.bias"}
-    restored = _with_weights(model, saved[2])
+    restored = with_weights(model, saved[2])
     for name, value in restored.state_dict().items():
         assert torch.equal(value, at_two[name]), name
     assert not torch.equal(model[0].weight, restored[0].weight)  # the model moved on
