@@ -40,13 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dcgen.bench import BenchSettings  # noqa: E402
 from dcgen.bench.quantized import QUANT_PRECISIONS  # noqa: E402
-from dcgen.bench.speed import (  # noqa: E402
-    VARIANTS,
-    SpeedBench,
-    graphed_blocks,
-    kernels_enabled,
-    uses_kernels,
-)
+from dcgen.bench.speed import VARIANTS, SpeedBench  # noqa: E402
+from dcgen.bench.variants import graphed_blocks, kernels_enabled, uses_kernels  # noqa: E402
 
 # Kernel families by name, first match wins: attention first (dcgen's Hopper attention kernels
 # carry wgmma names too), then dcgen's other kernels, then convolutions (cuDNN's implicit-GEMM

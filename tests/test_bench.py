@@ -72,7 +72,7 @@ def test_tiny_run_writes_table_json_png(tmp_path):
 
 
 def test_step_split_counts_the_call_overhead_once():
-    from dcgen.bench.speed import split_step_time
+    from dcgen.bench.timing import split_step_time
 
     # a 2-step call of 30 ms whose transformer calls began at 8 and 18 ms: 10 ms a step, and
     # 10 ms of the call is fixed (latents, timesteps, the last step's scheduler update)

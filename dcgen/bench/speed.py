@@ -41,8 +41,7 @@ import contextlib
 import logging
 import os
 import statistics
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,83 +79,19 @@ from .quantized import (
     quant_config,
 )
 from .report import best_against_best
+from .timing import CudaClock, WallClock, extrapolate_denoise, split_step_time
+from .variants import (
+    SdpaChoices,
+    attention_backend,
+    attention_label,
+    attention_processors,
+    build_context,
+    graphed_blocks,
+    kernels_enabled,
+    uses_kernels,
+)
 
 logger = logging.getLogger(__name__)
-
-# -- the pure arithmetic of quick mode ------------------------------------------------------------
-
-
-def extrapolate_denoise(
-    step_ms: float,
-    block_ms: Sequence[float],
-    measured_blocks: Sequence[int],
-    full_blocks: Sequence[int],
-    steps: int,
-    fixed_ms: float = 0.0,
-) -> float:
-    """Full-depth denoise time for ``steps`` steps from a truncated model's step time and its
-    per-block times, one entry per block list (FLUX: double, single; SANA: one list), plus the
-    pipeline call's fixed cost (latents, timesteps, positions; once per call, not per step):
-    fixed + (step + sum_i (full_i - measured_i) * t_i) * steps."""
-    if not len(block_ms) == len(measured_blocks) == len(full_blocks):
-        raise ValueError(
-            f"expected one block time and count per block list, got {len(block_ms)} times, "
-            f"{len(measured_blocks)} measured and {len(full_blocks)} full counts"
-        )
-    if any(m > f for m, f in zip(measured_blocks, full_blocks, strict=True)):
-        raise ValueError(
-            f"measured blocks {tuple(measured_blocks)} exceed the full depth {tuple(full_blocks)}"
-        )
-    extra = sum((f - m) * t for t, m, f in zip(block_ms, measured_blocks, full_blocks, strict=True))
-    return fixed_ms + (step_ms + extra) * steps
-
-
-def split_step_time(
-    call_ms: float, transformer_marks_ms: Sequence[float], steps: int
-) -> tuple[float, float] | None:
-    """(per-step ms, fixed ms) of one pipeline call of ``steps`` steps, from the call's time and
-    the times (from the call's start) at which each transformer call began: a step is the
-    interval from one step's first transformer call to the next's; what the call spends beyond
-    ``steps`` of them is its fixed cost. None when that cannot be read (one step, or transformer
-    calls that are not the same number every step)."""
-    calls = len(transformer_marks_ms)
-    if steps < 2 or calls == 0 or calls % steps:
-        return None
-    per = calls // steps  # transformer calls per step (two with unbatched guidance)
-    step_ms = (transformer_marks_ms[-per] - transformer_marks_ms[0]) / (steps - 1)
-    return step_ms, max(0.0, call_ms - steps * step_ms)
-
-
-# -- clocks --------------------------------------------------------------------------------------
-
-
-class WallClock:
-    """perf_counter marks (CPU)."""
-
-    def mark(self) -> float:
-        return time.perf_counter()
-
-    def sync(self) -> None:
-        pass
-
-    def elapsed_ms(self, start: Any, end: Any) -> float:
-        return (end - start) * 1e3
-
-
-class CudaClock:
-    """CUDA events (read after ``sync``): device time without host stalls between marks."""
-
-    def mark(self) -> torch.cuda.Event:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def sync(self) -> None:
-        torch.cuda.synchronize()
-
-    def elapsed_ms(self, start: Any, end: Any) -> float:
-        return float(start.elapsed_time(end))
-
 
 # -- settings ------------------------------------------------------------------------------------
 
@@ -265,174 +200,6 @@ class BenchSettings:
 
 
 # -- context managers ----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def build_context(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Parameters are created on ``device`` in ``dtype`` directly (no fp32 CPU init + copy)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-@contextlib.contextmanager
-def kernels_enabled(enabled: bool) -> Iterator[None]:
-    """DCGEN_DISABLE_KERNELS=1 while ``enabled`` is False (dcgen ops fall back to references)."""
-    old = os.environ.get("DCGEN_DISABLE_KERNELS")
-    if not enabled:
-        os.environ["DCGEN_DISABLE_KERNELS"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("DCGEN_DISABLE_KERNELS", None)
-        else:
-            os.environ["DCGEN_DISABLE_KERNELS"] = old
-
-
-def attention_backend(name: str) -> contextlib.AbstractContextManager:
-    """torch SDPA backend selection (diffusers' default attention goes through SDPA), for the
-    denoising loop only: the autoencoders decode with torch's own choice. (The FLUX VAE's
-    mid-block attention has one 512-wide head, which the flash backend rejects: measured on
-    the H200, "No available kernel" ended the first FLUX table when the choice also covered
-    the decode.)"""
-    if name == "default":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "math": SDPBackend.MATH,
-    }[name]
-    return sdpa_kernel(backend)
-
-
-_SDPA_NAMES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
-
-
-class SdpaChoices(torch.overrides.TorchFunctionMode):
-    """Records which SDPA backend torch picks for each ``scaled_dot_product_attention`` call
-    inside it (torch's own dispatch rule, ``torch._fused_sdp_choice``, asked with the call's
-    arguments under the backend flags in force), for a row's report: "default" means
-    different kernels on different inputs (the H200's 1K DC-Gen rows ran 1.87 s with the
-    default against 1.26 s with the flash backend forced, unexplained), so the JSON says which
-    one ran. Host-side only; used on the first warm-up call of a measurement."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            self.seen.add(_sdpa_choice(*args, **kwargs))
-        return func(*args, **kwargs)
-
-
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-
-
-def _sdpa_choice(*args: Any, **kwargs: Any) -> str:
-    """The backend torch's SDPA dispatch picks for these call arguments (positional or by
-    name, as diffusers passes them); "unknown" if the private query fails (it never stops the
-    measured call)."""
-    try:
-        named = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
-        q, k, v = named.pop("query"), named.pop("key"), named.pop("value")
-        choice = torch._fused_sdp_choice(
-            q, k, v, named.get("attn_mask"), named.get("dropout_p", 0.0),
-            named.get("is_causal", False), scale=named.get("scale"),
-            enable_gqa=named.get("enable_gqa", False),
-        )  # fmt: skip
-    except Exception:  # noqa: BLE001 (a private API: absent, changed, or rejecting the args)
-        return "unknown"
-    return _SDPA_NAMES.get(int(choice), f"backend {int(choice)}")
-
-
-def uses_kernels(variant: str) -> bool:
-    """Whether ``variant`` runs dcgen's kernels and fused processors (every variant but stock)."""
-    return variant != "stock"
-
-
-@contextlib.contextmanager
-def graphed_blocks(transformer: nn.Module, variant: str) -> Iterator[None]:
-    """The scope of a ``graphs`` measurement: the graphed blocks that ``SpeedBench._contexts``
-    installs on each call (captured on first use) stay across every call inside it, and go on
-    exit with the rest of ``dcgen.accelerate`` (stock again). Other variants: nothing (their
-    processors are set and removed per call by :func:`attention_processors`)."""
-    if variant != "graphs":
-        yield
-        return
-    from .. import unaccelerate
-
-    try:
-        yield
-    finally:
-        unaccelerate(transformer)
-
-
-@contextlib.contextmanager
-def attention_processors(transformer: nn.Module, fused: bool) -> Iterator[None]:
-    """dcgen's fused attention processors and fused FLUX block glue installed while ``fused``
-    (``dcgen.accelerate(blocks=True)``), diffusers' stock ones otherwise; stock again on exit."""
-    from .. import accelerate, unaccelerate
-    from ..attention import cuda_graphs
-
-    if fused:
-        cuda_graphs.uninstall(transformer)  # a graphs variant's blocks must not leak into this one
-        accelerate(transformer, blocks=True)
-    else:
-        unaccelerate(transformer)
-    try:
-        yield
-    finally:
-        unaccelerate(transformer)
-
-
-def _head_dim(module: nn.Module) -> int | None:
-    d = getattr(module, "head_dim", None)
-    if d is None and getattr(module, "heads", None):
-        d = getattr(module, "inner_dim", 0) // module.heads
-    return d
-
-
-def attention_label(
-    transformer: nn.Module, backend: str, fused: bool, device: torch.device, dtype: torch.dtype
-) -> str:
-    """What the transformer's softmax attention runs on (SANA's linear self-attention is not
-    softmax attention and is not counted): ``sdpa-<backend>``, ``dcgen-flash`` (dcgen's fused
-    flash kernel on every attention module, DCGEN_ATTENTION_KERNEL=flash), ``dcgen
-    qk_norm_rope + sdpa-<backend>`` (the default fused path), a mix, or the fallback."""
-    from ..attention.install import _ORIGINAL
-    from ..ops._extension import has_kernel
-    from ..ops.attention import KERNEL_DTYPES, KERNEL_HEAD_DIMS, _arch_ok, flash_kernel_selected
-
-    sdpa = f"sdpa-{backend}"
-    if not fused:
-        return sdpa
-    modules = [m for m in transformer.modules() if _ORIGINAL in m.__dict__]
-    if not modules:
-        return sdpa
-    kernel = (
-        has_kernel("fused_attention", device)
-        and dtype in KERNEL_DTYPES
-        and _arch_ok(device.type, device.index)
-    )
-    if kernel and not flash_kernel_selected():  # the default: qk_norm_rope kernel + SDPA
-        return f"dcgen qk_norm_rope + {sdpa}"
-    n_flash = sum(1 for m in modules if kernel and _head_dim(m) in KERNEL_HEAD_DIMS)
-    if n_flash == len(modules):
-        return "dcgen-flash"
-    fallback = sdpa if device.type == "cuda" and dtype in KERNEL_DTYPES else "fp32 reference"
-    if n_flash == 0:
-        return f"dcgen-fused -> {fallback}"
-    return f"dcgen-flash ({n_flash}/{len(modules)}) + {fallback}"
 
 
 # -- the harness ---------------------------------------------------------------------------------
