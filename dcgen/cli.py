@@ -12,6 +12,7 @@ dcgen precompute --data DIR --dcae DCAE --out CACHE [...]   images + captions ->
 dcgen align|output|finetune --config run.toml [--set k=v]   DC-Gen stages 1 / 2 / 3
 dcgen export --transformer DIR --dcae DIR --out DIR [...]   stage outputs -> pipeline folder
 dcgen generate --pipeline DIR --prompt-embeds FILE [...]    pipeline folder -> PNG
+dcgen quantize --pipeline DIR --format nvfp4-w4a4 --out F  transformer -> FP8 / NVFP4 checkpoint
 dcgen bench [--model flux|sana-1.6b|...] [--quick] [--variants stock,kernels,graphs] [--fp8]
             [--nvfp4 w4a4,w4a16]       speed table, base vs DC-Gen (md/json/png)
 
@@ -414,6 +415,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {out}: expected a .png file name")
     kwargs = _prompt_kwargs(args)
     pipe = _load_pipeline(Path(args.pipeline), dtype, device)
+    if args.quantized is not None:
+        from dcgen.quant import load_quantized
+
+        path = Path(args.quantized)
+        if not path.is_file():
+            raise FileNotFoundError(f"--quantized {path}: no such file")
+        layers = load_quantized(pipe.transformer, path)
+        print(f"loaded {len(layers)} quantized linears from {path}")
     pipe.set_progress_bar_config(disable=args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     images = []
@@ -440,6 +449,94 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     _grid(images).save(out)
     print(f"wrote {out} ({len(images)} seeds in a grid)")
+    return 0
+
+
+QUANT_FORMATS = ("fp8-row", "fp8-block128", "nvfp4-w4a4", "nvfp4-w4a16")
+
+
+def _quant_config(args: argparse.Namespace) -> Any:
+    """The dcgen.quant config of ``dcgen quantize``'s options."""
+    from dcgen.quant import FP8Config, NVFP4Config
+    from dcgen.quant.api import DEFAULT_EXCLUDE
+
+    include = tuple(args.include) or (r".*",)
+    exclude = DEFAULT_EXCLUDE + tuple(args.exclude)
+    if args.format.startswith("fp8-"):
+        if args.rank or args.smoothing is not None:
+            raise CLIError(f"--rank and --smoothing apply to the nvfp4 formats, got {args.format}")
+        return FP8Config(
+            granularity=args.format.removeprefix("fp8-"),
+            include=include,
+            exclude=exclude,
+            fast_accum=args.fast_accum,
+        )
+    if args.fast_accum:
+        raise CLIError(f"--fast-accum applies to fp8-row, got {args.format}")
+    return NVFP4Config(
+        mode=args.format.removeprefix("nvfp4-"),
+        rank=args.rank,
+        include=include,
+        exclude=exclude,
+        smoothing_alpha=args.smoothing,
+    )
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from dcgen.autoencoders.checkpoint import atomic_write
+    from dcgen.quant import save_quantized
+    from dcgen.quant.pipeline_quant import (
+        capture_transformer_inputs,
+        needs_calibration,
+        quantize_transformer,
+        summarize_report,
+    )
+
+    device = _device(args.device)
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if device == "cuda" else torch.float32)
+    )
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise CLIError(f"--out {out}: expected a .safetensors file name")
+    if args.report is not None and args.no_report:
+        raise CLIError("--report and --no-report: give one of them, not both")
+    config = _quant_config(args)
+    report = not args.no_report
+    if (report or needs_calibration(config)) and args.prompt_embeds is None:
+        raise CLIError(
+            "--prompt-embeds is needed to calibrate (--smoothing) and for the quality report "
+            "(skip the report with --no-report)"
+        )
+    kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
+    pipe = _load_pipeline(Path(args.pipeline), dtype, device)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    calls = None
+    if kwargs:
+        calls = capture_transformer_inputs(
+            pipe, args.calibration_steps, args.height, args.width, seed=args.seed, **kwargs
+        )
+    names, rep = quantize_transformer(pipe.transformer, config, calls, report=report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_quantized(pipe.transformer, out)
+    print(f"quantized {len(names)} linears to {args.format}; wrote {out}")
+    if rep is None:
+        return 0
+    summary = summarize_report(rep)
+    o = summary["output"]
+    print(
+        f"transformer output vs {str(dtype).removeprefix('torch.')}: relative error "
+        f"{o['rel_err']:.3g}, cosine {o['cosine']:.6f} ({len(calls or [])} calls recorded, "
+        f"the middle one compared)"
+    )
+    for layer in summary["worst_layers"][:3]:
+        print(f"  {layer['name']}: relative error {layer['rel_err']:.3g} (isolated)")
+    report_path = Path(args.report) if args.report else out.with_suffix(".quality.json")
+    text = json.dumps({"format": args.format, "summary": summary, "report": rep}, indent=1)
+    atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
+    print(f"wrote {report_path}")
     return 0
 
 
@@ -734,8 +831,63 @@ format, with --caption choosing the entry. Several --seed values give one PNG pe
                    help="default: cuda when available")  # fmt: skip
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="model dtype (default bf16 on cuda, fp32 on cpu)")  # fmt: skip
+    g.add_argument("--quantized", default=None, metavar="FILE",
+                   help="a `dcgen quantize` checkpoint: its FP8 / NVFP4 linears replace the "
+                   "transformer's")  # fmt: skip
     _add_progress(g)
     g.set_defaults(fn=_cmd_generate)
+
+    # -- quantize
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a pipeline's transformer (FP8 / NVFP4) with a quality report",
+        formatter_class=fmt,
+        description="""\
+Quantize the transformer of a pipeline folder (as generate loads it) and write one safetensors
+checkpoint (dcgen.quant.save_quantized: ModelOpt-style layouts, metadata naming every quantized
+layer) for `dcgen generate --quantized FILE`. The embedders, AdaLN modulation and the output head
+stay in 16-bit (dcgen.quant's default exclude list; --exclude adds patterns, --include narrows).
+With --prompt-embeds (format of generate) the pipeline first runs --calibration-steps denoising
+steps at --height x --width, recording every transformer call: NVFP4 smoothing (--smoothing,
+SVDQuant) takes its activation statistics from them, and the quality report compares the
+quantized transformer with a 16-bit copy on the middle call (per layer and end to end; JSON next
+to --out unless --report; the copy doubles the transformer's memory, --no-report skips it).""",
+    )
+    q.add_argument("--pipeline", required=True, metavar="DIR", help="pipeline folder")
+    q.add_argument("--format", required=True, choices=QUANT_FORMATS,
+                   help="fp8-row / fp8-block128 (W8A8, Hopper speed), nvfp4-w4a4 / nvfp4-w4a16")  # fmt: skip
+    q.add_argument(
+        "--out", required=True, metavar="FILE", help="checkpoint to write (.safetensors)"
+    )
+    q.add_argument("--rank", type=int, default=0, metavar="R",
+                   help="NVFP4: rank of the 16-bit low-rank branch (SVDQuant; default 0: none)")  # fmt: skip
+    q.add_argument("--smoothing", type=float, default=None, metavar="ALPHA",
+                   help="NVFP4: activation smoothing exponent in [0, 1] (needs --prompt-embeds)")  # fmt: skip
+    q.add_argument("--fast-accum", action="store_true",
+                   help="fp8-row: accumulate in the tensor cores' own precision (faster on Hopper)")  # fmt: skip
+    q.add_argument("--include", action="append", default=[], metavar="REGEX",
+                   help="quantize only linears whose name matches (re.search; repeatable)")  # fmt: skip
+    q.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="also keep these linears in 16-bit (repeatable)")  # fmt: skip
+    q.add_argument("--prompt-embeds", default=None, metavar="FILE",
+                   help="calibration prompt embeddings (generate's format)")  # fmt: skip
+    q.add_argument("--caption", default=None, help="entry of a text-embeddings table")
+    q.add_argument(
+        "--height", type=int, default=1024, help="calibration image height (default 1024)"
+    )
+    q.add_argument("--width", type=int, default=1024, help="calibration image width (default 1024)")
+    q.add_argument("--calibration-steps", type=int, default=4, metavar="N",
+                   help="denoising steps recorded for calibration (default 4)")  # fmt: skip
+    q.add_argument("--seed", type=int, default=0, help="calibration noise seed (default 0)")
+    q.add_argument("--report", default=None, metavar="FILE",
+                   help="quality report JSON (default: <out>.quality.json)")  # fmt: skip
+    q.add_argument("--no-report", action="store_true", help="skip the quality report")
+    q.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available")  # fmt: skip
+    q.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="16-bit dtype of the kept layers (default bf16 on cuda, fp32 on cpu)")  # fmt: skip
+    _add_progress(q)
+    q.set_defaults(fn=_cmd_quantize, negative_caption=None)
 
     # -- bench
     b = sub.add_parser(

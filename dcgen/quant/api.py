@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dcgen.autoencoders.checkpoint import atomic_write
 from dcgen.ops.quantize_fp8 import check_granularity
 
 from .fp8 import check_fast_accum
@@ -303,7 +304,9 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
     }
     # clone() so tied (shared-storage) tensors, which safetensors refuses, are saved apart.
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
+    # Written next to the target and renamed: an interrupted save never leaves a truncated
+    # file under the checkpoint's name.
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
