@@ -403,6 +403,26 @@ def _grid(images: list[Any]) -> Any:
     return out
 
 
+ACCELERATE_MODES = ("auto", "off", "attention", "blocks", "graphs")
+
+
+def _accelerate(transformer: torch.nn.Module, mode: str, device: str) -> None:
+    """dcgen.accelerate as ``--accelerate`` asks; "auto" is "blocks" on CUDA (fused attention
+    and block glue) and "off" on the CPU, where dcgen's ops run their references anyway."""
+    import dcgen
+
+    if mode == "auto":
+        mode = "blocks" if device == "cuda" else "off"
+    if mode == "graphs" and device != "cuda":
+        raise CLIError(
+            f"--accelerate graphs replays CUDA graphs: it needs --device cuda, got {device}"
+        )
+    if mode == "off":
+        return
+    dcgen.accelerate(transformer, blocks=mode in ("blocks", "graphs"), cuda_graphs=mode == "graphs")
+    print(f"dcgen.accelerate: {mode}")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     dtype = (
@@ -423,6 +443,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--quantized {path}: no such file")
         layers = load_quantized(pipe.transformer, path)
         print(f"loaded {len(layers)} quantized linears from {path}")
+    _accelerate(pipe.transformer, args.accelerate, device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     images = []
@@ -831,6 +852,10 @@ format, with --caption choosing the entry. Several --seed values give one PNG pe
                    help="default: cuda when available")  # fmt: skip
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="model dtype (default bf16 on cuda, fp32 on cpu)")  # fmt: skip
+    g.add_argument("--accelerate", choices=ACCELERATE_MODES, default="auto",
+                   help="dcgen's fused attention (attention), plus fused block glue (blocks), plus "
+                   "each block replayed from a CUDA graph (graphs); default auto: blocks on "
+                   "cuda, off on cpu")  # fmt: skip
     g.add_argument("--quantized", default=None, metavar="FILE",
                    help="a `dcgen quantize` checkpoint: its FP8 / NVFP4 linears replace the "
                    "transformer's")  # fmt: skip

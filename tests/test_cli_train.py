@@ -8,6 +8,7 @@ import importlib.util
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
@@ -208,6 +209,32 @@ def test_generate_writes_pngs(pipeline_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--prompt-embeds", str(table), "--out", str(out2)]) == 2
     assert "pick one with --caption" in _error_line(capsys)
+
+
+def test_generate_accelerate(pipeline_dir, tmp_path, capsys, monkeypatch):
+    import dcgen
+
+    base = ["generate", "--pipeline", str(pipeline_dir), "--prompt-embeds",
+            str(pipeline_dir / "prompt.safetensors"), "--height", "64", "--width", "64",
+            "--steps", "2", "--no-progress", "--device", "cpu"]  # fmt: skip
+    seen = []
+    real = dcgen.accelerate
+    monkeypatch.setattr(dcgen, "accelerate", lambda m, **kw: seen.append(kw) or real(m, **kw))
+    assert main([*base, "--out", str(tmp_path / "off.png")]) == 0  # auto on the CPU: off
+    assert seen == [] and "dcgen.accelerate" not in capsys.readouterr().out
+    assert main([*base, "--accelerate", "blocks", "--out", str(tmp_path / "blocks.png")]) == 0
+    assert seen == [{"blocks": True, "cuda_graphs": False}]
+    assert "dcgen.accelerate: blocks" in capsys.readouterr().out
+    # the fused blocks run their references here: the same image up to float rounding
+    off, fused = (
+        np.array(Image.open(tmp_path / f"{n}.png"), dtype=np.float32) for n in ("off", "blocks")
+    )
+    assert np.abs(off - fused).mean() < 1.0
+    assert main([*base, "--accelerate", "graphs", "--out", str(tmp_path / "g.png")]) == 2
+    assert (
+        "--accelerate graphs replays CUDA graphs: it needs --device cuda, got cpu"
+        in _error_line(capsys)
+    )
 
 
 def test_generate_bad_input(pipeline_dir, tmp_path, capsys):
