@@ -359,7 +359,7 @@ def test_entry_point_module_is_importable():
 def test_example_config_is_valid_for_every_stage(stage):
     from pathlib import Path
 
-    from dcgen.cli import _read_config_file, _stage_settings
+    from dcgen.cli.train import _read_config_file, _stage_settings
     from dcgen.train.config import TrainConfig
 
     path = Path(__file__).parents[1] / "examples" / "flux_dcgen_f64c128.toml"

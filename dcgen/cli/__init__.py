@@ -1,0 +1,49 @@
+"""The `dcgen` command.
+
+dcgen demo [--out DIR] [--fast] [...] the main job: DC-Gen end to end on the shipped toy world
+dcgen demo-dcae [--out DIR]            DC-AE round trip on the bundled picture (fit, tile, save)
+dcgen info                             build info: compiled kernels, CUDA archs, torch
+dcgen presets                          the DC-AE presets and their scaling factors
+dcgen convert-dcae SRC DST [--preset NAME] [--dtype bf16]
+                                       original or diffusers DC-AE checkpoint -> diffusers folder
+
+Post-training (README "Post-training recipe"):
+dcgen precompute --data DIR --dcae DCAE --out CACHE [...]   images + captions -> latent cache
+dcgen align|output|finetune --config run.toml [--set k=v]   DC-Gen stages 1 / 2 / 3
+dcgen export --transformer DIR --dcae DIR --out DIR [...]   stage outputs -> pipeline folder
+dcgen generate --pipeline DIR --prompt-embeds FILE [...]    pipeline folder -> PNG
+dcgen quantize --pipeline DIR --format nvfp4-w4a4 --out F  transformer -> FP8 / NVFP4 checkpoint
+dcgen bench [--model flux|sana-1.6b|...] [--quick] [--variants stock,kernels,graphs] [--fp8]
+            [--nvfp4 w4a4,w4a16]       speed table, base vs DC-Gen (md/json/png)
+
+Errors in the input print one line and exit with status 2 (-v adds the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+from .common import DTYPES, CLIError
+from .parser import BENCH_MODELS, build_parser
+
+__all__ = ["BENCH_MODELS", "DTYPES", "CLIError", "build_parser", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.fn(args)
+    except (ValueError, TypeError, KeyError, OSError, ImportError, RuntimeError) as err:
+        # Bad input is reported, not dumped: one line (no traceback unless -v).
+        if args.verbose:
+            traceback.print_exc()
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        message = " ".join(message.split())
+        print(f"dcgen {args.command}: error: {message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,113 @@
+"""`dcgen demo`, `demo-dcae`, `info`, `presets` and `convert-dcae`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import DTYPES
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dcgen.toy.demo import DemoSettings, run_demo
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    overrides: dict[str, Any] = {"device": device, "seed": args.seed, "assets": args.assets}
+    for name in (
+        "train_images", "eval_prompts", "align_sgd_steps", "output_steps", "lora_steps",
+        "lora_rank", "sampling_steps", "batch_size", "lr",
+    ):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.positions is not None:
+        overrides["align_positions"] = args.positions
+    for name in ("latency_sizes", "curve_steps"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    settings = DemoSettings.fast(**overrides) if args.fast else DemoSettings(**overrides)
+    if args.scale != 1.0:
+        for name in ("align_sgd_steps", "output_steps", "lora_steps"):
+            setattr(settings, name, max(1, round(getattr(settings, name) * args.scale)))
+    settings.validate()
+    print(
+        f"dcgen demo: DC-Gen on the toy world ({device}): stage 1 {settings.align_sgd_steps} "
+        f"refinement steps, stage 2 {settings.output_steps} steps, stage 3 {settings.lora_steps} "
+        f"LoRA steps (and the naive baseline); writing {args.out}/"
+    )
+    run_demo(args.out, settings, progress=not args.no_progress, echo=print)
+    print()
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def _cmd_demo_dcae(args: argparse.Namespace) -> int:
+    from dcgen.toy.dcae_roundtrip import RoundTripSettings, run_dcae_roundtrip
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = RoundTripSettings(
+        steps=args.steps,
+        seed=args.seed,
+        device=device,
+        image=Path(args.image) if args.image else None,
+    )
+    print(
+        f"dcgen demo-dcae: DC-AE round trip on {'the bundled image' if not args.image else args.image}, "
+        f"{args.steps} training steps on {device}; writing {args.out}/"
+    )
+    report = run_dcae_roundtrip(args.out, settings)
+    print()
+    for key in (
+        "image_size",
+        "latent_shape",
+        "compression",
+        "tokens_dcae_f32_1x1",
+        "tokens_flux_vae_f8_2x2",
+        "psnr_random_init_db",
+        "psnr_trained_db",
+        "psnr_tiled_decode_db",
+        "encode_ms",
+        "decode_ms",
+        "reload_max_abs_diff",
+        "batchnorm_fold_max_abs_diff",
+        "train_seconds",
+    ):
+        print(f"  {key:30s} {report[key]}")
+    print(f"\nreport: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import dcgen
+
+    info = dcgen.build_info()
+    info["dcgen_version"] = dcgen.__version__
+    info["runtime_torch"] = torch.__version__
+    info["cuda_available"] = torch.cuda.is_available()
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from dcgen.autoencoders import get_preset, list_presets
+
+    for name in list_presets():
+        cfg = get_preset(name)
+        print(
+            f"{name:32s} f{cfg.spatial_compression_ratio}c{cfg.latent_channels:<4d} "
+            f"scaling_factor={cfg.scaling_factor}"
+        )
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from dcgen.autoencoders import DCAE
+
+    model = DCAE.from_pretrained(args.src, config=args.preset)
+    model.save_pretrained(args.dst, dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote diffusers-format DC-AE to {args.dst}")
+    return 0

@@ -1,0 +1,252 @@
+"""Sampling and shipping a pipeline folder: `generate` and `quantize`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import DTYPES, CLIError, _device
+
+# -- generate ---------------------------------------------------------------------------------
+
+PIPELINE_CLASSES = ("DCGenFluxPipeline", "DCGenSanaPipeline", "BaseFluxPipeline")
+EMBED_NAMES = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
+
+
+def _load_pipeline(folder: Path, dtype: torch.dtype, device: str) -> Any:
+    import dcgen.pipelines as pipelines
+
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder} is not a pipeline folder (no model_index.json)")
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in PIPELINE_CLASSES:
+        raise CLIError(f"{index}: pipeline class {name!r} is not one of {list(PIPELINE_CLASSES)}")
+    pipe = getattr(pipelines, name).from_pretrained(folder, torch_dtype=dtype)
+    return pipe.to(device)
+
+
+def _batched(t: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
+    """Add the batch dimension to one caption's tensor; check the rank."""
+    if t.ndim == ndim - 1:
+        t = t.unsqueeze(0)
+    if t.ndim != ndim:
+        raise CLIError(f"{name}: expected {ndim - 1} or {ndim} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def _prompt_kwargs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Pipeline keyword arguments from --prompt-embeds (plain file or text-embeddings table)."""
+    from safetensors import SafetensorError, safe_open
+
+    from dcgen.train.prepare import TEXT_EMBEDDINGS_FORMAT, TextEmbeddingTable
+
+    path = Path(args.prompt_embeds)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt-embeddings file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            plain = {k: f.get_tensor(k) for k in f.keys() if "/" not in k}
+    except (SafetensorError, OSError) as err:
+        raise CLIError(f"{path} is not a readable safetensors file: {err}") from err
+    kwargs: dict[str, torch.Tensor] = {}
+    if meta.get("format") == TEXT_EMBEDDINGS_FORMAT:
+        table = TextEmbeddingTable(path)
+        caption = args.caption
+        if caption is None:
+            if len(table) != 1:
+                raise CLIError(f"{path} holds {len(table)} captions: pick one with --caption")
+            caption = table.captions[0]
+        for prefix, text in (("", caption), ("negative_", args.negative_caption)):
+            if text is None:
+                continue
+            for name, t in table.get(text).items():
+                kwargs[prefix + name] = t.unsqueeze(0)
+    else:
+        if args.caption is not None or args.negative_caption is not None:
+            raise CLIError(f"--caption needs a text-embeddings table; {path} is a plain file")
+        kwargs = dict(plain)
+    if "prompt_embeds" not in kwargs:
+        raise CLIError(f"{path}: no prompt_embeds tensor (keys: {sorted(kwargs)})")
+    known = {p + n for p in ("", "negative_") for n in EMBED_NAMES}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise CLIError(f"{path}: unexpected tensors {unknown}; expected some of {sorted(known)}")
+    ranks = {"prompt_embeds": 3, "pooled_prompt_embeds": 2, "prompt_attention_mask": 2}
+    return {k: _batched(v, k, ranks[k.removeprefix("negative_")]) for k, v in kwargs.items()}
+
+
+def _grid(images: list[Any]) -> Any:
+    from PIL import Image
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    out = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        out.paste(im, ((i % cols) * w, (i // cols) * h))
+    return out
+
+
+ACCELERATE_MODES = ("auto", "off", "attention", "blocks", "graphs")
+
+
+def _accelerate(transformer: torch.nn.Module, mode: str, device: str) -> None:
+    """dcgen.accelerate as ``--accelerate`` asks; "auto" is "blocks" on CUDA (fused attention
+    and block glue) and "off" on the CPU, where dcgen's ops run their references anyway."""
+    import dcgen
+
+    if mode == "auto":
+        mode = "blocks" if device == "cuda" else "off"
+    if mode == "graphs" and device != "cuda":
+        raise CLIError(
+            f"--accelerate graphs replays CUDA graphs: it needs --device cuda, got {device}"
+        )
+    if mode == "off":
+        return
+    dcgen.accelerate(transformer, blocks=mode in ("blocks", "graphs"), cuda_graphs=mode == "graphs")
+    print(f"dcgen.accelerate: {mode}")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if device == "cuda" else torch.float32)
+    )
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CLIError(f"--out {out}: expected a .png file name")
+    kwargs = _prompt_kwargs(args)
+    pipe = _load_pipeline(Path(args.pipeline), dtype, device)
+    if args.quantized is not None:
+        from dcgen.quant import load_quantized
+
+        path = Path(args.quantized)
+        if not path.is_file():
+            raise FileNotFoundError(f"--quantized {path}: no such file")
+        layers = load_quantized(pipe.transformer, path)
+        print(f"loaded {len(layers)} quantized linears from {path}")
+    _accelerate(pipe.transformer, args.accelerate, device)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = []
+    for seed in args.seed:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        result = pipe(
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            true_cfg_scale=args.true_cfg,
+            generator=generator,
+            shift=args.shift,
+            **kwargs,
+        )
+        images.append(result.images[0])
+    if len(images) == 1:
+        images[0].save(out)
+        print(f"wrote {out}")
+        return 0
+    for seed, image in zip(args.seed, images):
+        path = out.with_name(f"{out.stem}-seed{seed}{out.suffix}")
+        image.save(path)
+        print(f"wrote {path}")
+    _grid(images).save(out)
+    print(f"wrote {out} ({len(images)} seeds in a grid)")
+    return 0
+
+
+QUANT_FORMATS = ("fp8-row", "fp8-block128", "nvfp4-w4a4", "nvfp4-w4a16")
+
+
+def _quant_config(args: argparse.Namespace) -> Any:
+    """The dcgen.quant config of ``dcgen quantize``'s options."""
+    from dcgen.quant import FP8Config, NVFP4Config
+    from dcgen.quant.api import DEFAULT_EXCLUDE
+
+    include = tuple(args.include) or (r".*",)
+    exclude = DEFAULT_EXCLUDE + tuple(args.exclude)
+    if args.format.startswith("fp8-"):
+        if args.rank or args.smoothing is not None:
+            raise CLIError(f"--rank and --smoothing apply to the nvfp4 formats, got {args.format}")
+        return FP8Config(
+            granularity=args.format.removeprefix("fp8-"),
+            include=include,
+            exclude=exclude,
+            fast_accum=args.fast_accum,
+        )
+    if args.fast_accum:
+        raise CLIError(f"--fast-accum applies to fp8-row, got {args.format}")
+    return NVFP4Config(
+        mode=args.format.removeprefix("nvfp4-"),
+        rank=args.rank,
+        include=include,
+        exclude=exclude,
+        smoothing_alpha=args.smoothing,
+    )
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from dcgen.autoencoders.checkpoint import atomic_write
+    from dcgen.quant import save_quantized
+    from dcgen.quant.pipeline_quant import (
+        capture_transformer_inputs,
+        needs_calibration,
+        quantize_transformer,
+        summarize_report,
+    )
+
+    device = _device(args.device)
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if device == "cuda" else torch.float32)
+    )
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise CLIError(f"--out {out}: expected a .safetensors file name")
+    if args.report is not None and args.no_report:
+        raise CLIError("--report and --no-report: give one of them, not both")
+    config = _quant_config(args)
+    report = not args.no_report
+    if (report or needs_calibration(config)) and args.prompt_embeds is None:
+        raise CLIError(
+            "--prompt-embeds is needed to calibrate (--smoothing) and for the quality report "
+            "(skip the report with --no-report)"
+        )
+    kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
+    pipe = _load_pipeline(Path(args.pipeline), dtype, device)
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    calls = None
+    if kwargs:
+        calls = capture_transformer_inputs(
+            pipe, args.calibration_steps, args.height, args.width, seed=args.seed, **kwargs
+        )
+    names, rep = quantize_transformer(pipe.transformer, config, calls, report=report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_quantized(pipe.transformer, out)
+    print(f"quantized {len(names)} linears to {args.format}; wrote {out}")
+    if rep is None:
+        return 0
+    summary = summarize_report(rep)
+    o = summary["output"]
+    print(
+        f"transformer output vs {str(dtype).removeprefix('torch.')}: relative error "
+        f"{o['rel_err']:.3g}, cosine {o['cosine']:.6f} ({len(calls or [])} calls recorded, "
+        f"the middle one compared)"
+    )
+    for layer in summary["worst_layers"][:3]:
+        print(f"  {layer['name']}: relative error {layer['rel_err']:.3g} (isolated)")
+    report_path = Path(args.report) if args.report else out.with_suffix(".quality.json")
+    text = json.dumps({"format": args.format, "summary": summary, "report": rep}, indent=1)
+    atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
+    print(f"wrote {report_path}")
+    return 0

@@ -1,0 +1,162 @@
+"""The post-training subcommands: `precompute`, `align` / `output` / `finetune` and `export`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import DTYPES, CLIError, _device, _dtype
+
+# -- precompute -------------------------------------------------------------------------------
+
+
+def _cmd_precompute(args: argparse.Namespace) -> int:
+    from dcgen.train.prepare import run_precompute
+
+    resolution = args.resolution
+    if resolution is None and args.buckets is None:
+        resolution = 1024
+    device = _device(args.device)
+    print(f"dcgen precompute: {args.data} -> {args.out} on {device}", file=sys.stderr)
+    cache = run_precompute(
+        args.data,
+        args.dcae,
+        args.out,
+        base_vae=args.base_vae,
+        text_embeddings=args.text_embeddings,
+        text_encoder=args.text_encoder,
+        resolution=resolution,
+        buckets=args.buckets,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        dtype=_dtype(args.dtype),
+        encoder_dtype=DTYPES[args.encoder_dtype],
+        device=device,
+        num_workers=args.num_workers,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    first = cache.samples[0]
+    print(f"latent cache {args.out}: {len(cache)} samples in {len(cache.shards)} shard(s)")
+    for name in sorted(first["shapes"]):
+        print(f"  {name:24s} {first['shapes'][name]} {first['dtypes'][name]}  (first sample)")
+    return 0
+
+
+# -- training stages --------------------------------------------------------------------------
+
+STAGES = ("align", "output", "finetune")
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as err:
+            raise CLIError(f"{path}: YAML configs need pyyaml (pip install pyyaml)") from err
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise CLIError(f"{path}: invalid YAML: {err}") from err
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise CLIError(f"{path}: invalid JSON: {err}") from err
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise CLIError(f"{path}: invalid TOML: {err}") from err
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: expected a table of settings, got {type(data).__name__}")
+    return data
+
+
+def _stage_settings(data: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The flat settings for one stage from a (possibly all-stage) config file."""
+    if isinstance(data.get("train"), dict):
+        # TrainConfig.from_file's convention: a [train] table holds the config.
+        data = data["train"]
+    # One file for all three stages: shared keys at the top level, per-stage keys in
+    # [align] / [output] / [finetune] tables; the table of the stage being run wins.
+    merged = {k: v for k, v in data.items() if not (k in STAGES and isinstance(v, dict))}
+    section = data.get(stage)
+    if isinstance(section, dict):
+        merged.update(section)
+    return merged
+
+
+def _train_config(args: argparse.Namespace, stage: str) -> Any:
+    try:
+        from dcgen.train.config import TrainConfig
+    except ImportError as err:
+        raise CLIError(f"the training stages are not available in this install ({err})") from err
+    path = Path(args.config)
+    settings = _stage_settings(_read_config_file(path), stage)
+    settings["stage"] = stage
+    if args.out is not None:
+        settings["out_dir"] = str(args.out)
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--set {item!r}: expected KEY=VALUE")
+        # Same rule as TrainConfig.with_overrides: JSON when it parses (10, [1, 4], null,
+        # true), else the raw string (paths). Applied before building so the config is
+        # validated once, with the overrides in place.
+        try:
+            settings[key.strip()] = json.loads(raw)
+        except ValueError:
+            settings[key.strip()] = raw
+    try:
+        config = TrainConfig.from_dict(settings)
+    except ValueError as err:
+        raise CLIError(f"{path}: {err}") from err
+    config.validate()
+    return config
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    config = _train_config(args, args.command)
+    try:
+        from dcgen.train.stages import run
+    except ImportError as err:
+        raise CLIError(f"the training stages are not available in this install ({err})") from err
+    print(f"dcgen {args.command}: writing {config.out_dir}", file=sys.stderr)
+    summary = run(config, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dcgen.train.export import export_pipeline
+
+    print(f"dcgen export: {args.transformer} -> {args.out}", file=sys.stderr)
+    out = export_pipeline(
+        args.transformer,
+        args.dcae,
+        args.out,
+        lora_dir=args.lora,
+        latent_layers=args.latent_layers,
+        dtype=_dtype(args.dtype),
+        family=args.family,
+        shift_rule=args.shift_rule,
+        shift=args.shift,
+        lora_scale=args.lora_scale,
+    )
+    print(f"wrote pipeline folder {out} (load with dcgen generate --pipeline {out})")
+    return 0
