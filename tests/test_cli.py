@@ -73,3 +73,21 @@ def test_convert_dcae_roundtrip(tmp_path, capsys):
 def test_bad_input_is_an_error_not_a_crash(tmp_path, capsys):
     assert main(["convert-dcae", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_closed_pipe_is_not_an_error():
+    """`dcgen presets | head -1`: the reader leaves early; the command ends quietly, status 0."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcgen.cli", "presets"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+    proc.stdout.read(1)
+    proc.stdout.close()  # later writes hit a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0
+    assert "error" not in err and "Traceback" not in err, err

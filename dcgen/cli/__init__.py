@@ -22,6 +22,7 @@ Errors in the input print one line and exit with status 2 (-v adds the traceback
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.fn(args)
+    except BrokenPipeError:
+        # The reader went away (`dcgen presets | head -2`): not an error of ours. Point stdout
+        # at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, KeyError, OSError, ImportError, RuntimeError) as err:
         # Bad input is reported, not dumped: one line (no traceback unless -v).
         if args.verbose:
