@@ -141,6 +141,29 @@ def test_precompute_entry_point_fills_missing_captions(assets, tmp_path, capsys)
     assert cache[0]["prompt_embeds"].dtype == torch.bfloat16  # default storage dtype
 
 
+def test_precompute_with_a_dcae_base_for_sana(assets, tmp_path):
+    """SANA's base latent space is a DC-AE's (f32c32): --base-vae takes a DC-AE, whose scaled
+    latent is base_latent, one token per latent pixel (patch size 1)."""
+    from dcgen.autoencoders import DCAE
+
+    out = tmp_path / "c"
+    argv = ["precompute", "--data", str(assets / "data"), "--dcae", str(assets / "dcae"),
+            "--base-vae", str(assets / "dcae"), "--out", str(out), "--resolution", "64",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    cache = LatentCache(out)
+    ae = DCAE.from_pretrained(assets / "dcae")
+    (sample,) = [cache[i] for i in range(len(cache)) if cache[i]["key"] == "a.png"]  # 64 x 64
+    image = pil_to_tensor(Image.open(assets / "data" / "a.png"))
+    with torch.no_grad():
+        want = ae.encode(image[None], scaled=True)[0]
+    assert sample["base_latent"].shape == want.shape == (ae.latent_channels, 2, 2)
+    # stored in bf16 (the cache's default dtype)
+    torch.testing.assert_close(sample["base_latent"].float(), want, rtol=1e-2, atol=1e-2)
+    # the same DC-AE made both latents here: the same tensors
+    assert torch.equal(sample["base_latent"], sample["dcae_latent"])
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -150,7 +173,18 @@ def test_precompute_entry_point_fills_missing_captions(assets, tmp_path, capsys)
         (lambda a, t: ["--text-embeddings", str(t / "few.safetensors")], "have no entry in"),
         (lambda a, t: ["--text-encoder", "tests.nowhere:fn"], "cannot import"),
         (lambda a, t: ["--text-embeddings", str(a / "dcae" / "config.json")], "safetensors"),
-        (lambda a, t: ["--base-vae", str(a / "dcae")], "expected AutoencoderKL"),
+        (
+            lambda a, t: (tiny_flux().save_pretrained(t / "tr"), ["--base-vae", str(t / "tr")])[1],
+            "holds a FluxTransformer2DModel, expected an AutoencoderKL (FLUX) or a DC-AE (SANA)",
+        ),
+        (
+            lambda a, t: ["--base-vae", str(a / "vae"), "--base-patch-size", "0"],
+            "--base-patch-size: expected a positive integer, got 0",
+        ),
+        (
+            lambda a, t: ["--base-vae", str(a / "vae"), "--base-patch-size", "3"],
+            "not a multiple of 96",
+        ),
     ],
 )
 def test_precompute_bad_input_exits_2(assets, tmp_path, capsys, change, message):
@@ -356,14 +390,17 @@ def test_entry_point_module_is_importable():
     reason="dcgen.train.config is not written yet (lead runs after merge)",
 )
 @pytest.mark.parametrize("stage", ["align", "output", "finetune"])
-def test_example_config_is_valid_for_every_stage(stage):
+@pytest.mark.parametrize("example", ["flux_dcgen_f64c128", "sana_dcgen_f64c128"])
+def test_example_config_is_valid_for_every_stage(example, stage):
     from pathlib import Path
 
     from dcgen.cli.train import _read_config_file, _stage_settings
     from dcgen.train.config import TrainConfig
 
-    path = Path(__file__).parents[1] / "examples" / "flux_dcgen_f64c128.toml"
+    path = Path(__file__).parents[1] / "examples" / f"{example}.toml"
     settings = _stage_settings(_read_config_file(path), stage)
     config = TrainConfig.from_dict({**settings, "stage": stage})
     assert config.out_dir == f"runs/{stage}"
     assert config.dcae.endswith("dc-ae-f64c128-in-1.0-diffusers")
+    if example.startswith("sana"):
+        assert (config.shift_rule, config.shift_constant) == ("constant", 3.0)

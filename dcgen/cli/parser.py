@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         description="""\
 Encode every image of an image-caption folder with the DC-AE (dcae_latent, scaled), optionally
-the base model's AutoencoderKL (base_latent, (mode - shift_factor) * scaling_factor as FLUX
-does; needed by stage 1), and attach text embeddings (prompt_embeds, pooled_prompt_embeds, ...;
+the base model's autoencoder (base_latent, needed by stage 1: for FLUX an AutoencoderKL's
+(mode - shift_factor) * scaling_factor as FluxPipeline makes it, for SANA its DC-AE's scaled
+latent), and attach text embeddings (prompt_embeds, pooled_prompt_embeds, ...;
 needed by stages 2 and 3). Resumable: rerunning keeps finished shards.
 
 Text embeddings (text encoders are pluggable, dcgen does not run them itself):
@@ -130,8 +131,12 @@ Text embeddings (text encoders are pluggable, dcgen does not run them itself):
                     help="DC-AE folder/checkpoint, or a preset name (random weights: smoke "
                     "tests only)")  # fmt: skip
     pc.add_argument("--base-vae", default=None, metavar="DIR",
-                    help="base model's AutoencoderKL folder (or a pipeline folder with vae/); "
-                    "adds base_latent for stage 1")  # fmt: skip
+                    help="base model's autoencoder: an AutoencoderKL folder (FLUX), a DC-AE "
+                    "folder or checkpoint (SANA), or a pipeline folder with vae/; adds "
+                    "base_latent for stage 1")  # fmt: skip
+    pc.add_argument("--base-patch-size", type=int, default=None, metavar="P",
+                    help="the base DiT's token packing on --base-vae's latents (default: 2 for "
+                    "an AutoencoderKL, FLUX's 2x2; 1 for a DC-AE, SANA's)")  # fmt: skip
     pc.add_argument("--text-embeddings", default=None, metavar="FILE_OR_DIR",
                     help="precomputed text-embeddings file or folder (format above)")  # fmt: skip
     pc.add_argument("--text-encoder", default=None, metavar="MODULE:FUNCTION",

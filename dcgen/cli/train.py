@@ -26,6 +26,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
         args.dcae,
         args.out,
         base_vae=args.base_vae,
+        base_patch_size=args.base_patch_size,
         text_embeddings=args.text_embeddings,
         text_encoder=args.text_encoder,
         resolution=resolution,

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ __all__ = [
     "TEXT_EMBEDDINGS_FORMAT",
     "PrepareError",
     "TextEmbeddingTable",
+    "BaseAutoencoder",
     "base_vae_encoder",
     "combine_text_sources",
     "load_base_vae",
@@ -227,26 +229,90 @@ def load_dcae(spec: str | Path, dtype: torch.dtype | None = None, device: str = 
     return DCAE.from_config(preset).to(dtype=dtype or torch.float32, device=device).eval()
 
 
-def load_base_vae(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> Any:
-    """A diffusers AutoencoderKL folder, or a pipeline folder holding ``vae/``."""
+#: a base DiT's token packing on its autoencoder: FLUX packs 2x2 VAE pixels into a token, SANA
+#: embeds each DC-AE pixel (patch size 1)
+DEFAULT_BASE_PATCH = {"AutoencoderKL": 2, "DC-AE": 1}
+
+
+@dataclass
+class BaseAutoencoder:
+    """The base DiT's autoencoder as precompute uses it: ``encode`` maps images to the latents
+    the base DiT was trained on; one base token covers ``token_factor`` x ``token_factor``
+    pixels (the autoencoder's spatial factor times the DiT's patch size)."""
+
+    module: Any
+    kind: str  # "AutoencoderKL" (FLUX) or "DC-AE" (SANA)
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    spatial_factor: int
+    patch_size: int
+
+    @property
+    def token_factor(self) -> int:
+        return self.spatial_factor * self.patch_size
+
+
+def load_base_vae(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    patch_size: int | None = None,
+) -> BaseAutoencoder:
+    """The base model's autoencoder: a diffusers AutoencoderKL folder (FLUX), a DC-AE folder or
+    original checkpoint (SANA: the base latent space is DC-AE f32c32), or a pipeline folder
+    holding ``vae/``. ``patch_size``: the base DiT's token packing; default 2 for an
+    AutoencoderKL, 1 for a DC-AE (:data:`DEFAULT_BASE_PATCH`)."""
     from diffusers import AutoencoderKL
 
+    if patch_size is not None:
+        _patch(patch_size, "DC-AE")  # checked before any weights load
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"--base-vae {folder} does not exist")
-    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+    if (
+        folder.is_dir()
+        and not (folder / "config.json").is_file()
+        and (folder / "vae" / "config.json").is_file()
+    ):
         folder = folder / "vae"
     config = json.loads((folder / "config.json").read_text()) if folder.is_dir() else {}
-    if config.get("_class_name") not in (None, "AutoencoderKL"):
-        raise PrepareError(f"{folder} holds a {config['_class_name']}, expected AutoencoderKL")
-    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype or torch.float32)
-    return vae.to(device).eval()
+    name = config.get("_class_name")
+    if name == "AutoencoderKL":
+        vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype or torch.float32)
+        vae = vae.to(device).eval()
+        return BaseAutoencoder(
+            vae, "AutoencoderKL", base_vae_encoder(vae), _base_vae_factor(vae),
+            _patch(patch_size, "AutoencoderKL"),
+        )  # fmt: skip
+    if name not in (None, "AutoencoderDC"):  # None: an original DC-AE checkpoint
+        raise PrepareError(
+            f"--base-vae {folder} holds a {name}, expected an AutoencoderKL (FLUX) or a DC-AE "
+            "(SANA)"
+        )
+    try:
+        ae = load_dcae(folder, dtype=dtype, device=device)
+    except (OSError, ValueError, KeyError) as err:
+        raise PrepareError(
+            f"--base-vae {folder}: expected an AutoencoderKL folder (FLUX) or a DC-AE folder / "
+            f"checkpoint (SANA), could not load it as either ({err})"
+        ) from err
+    return BaseAutoencoder(
+        ae, "DC-AE", lambda x: ae.encode(x.to(ae.dtype), scaled=True),
+        ae.spatial_compression_ratio, _patch(patch_size, "DC-AE"),
+    )  # fmt: skip
+
+
+def _patch(patch_size: int | None, kind: str) -> int:
+    if patch_size is None:
+        return DEFAULT_BASE_PATCH[kind]
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise PrepareError(f"--base-patch-size: expected a positive integer, got {patch_size!r}")
+    return patch_size
 
 
 def base_vae_encoder(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Images -> the base DiT's latents, as FluxPipeline prepares them: the posterior mode,
-    then (z - shift_factor) * scaling_factor. The mode (not a sample) keeps targets
-    deterministic, which the stage-1 least-squares fit wants."""
+    """Images -> the base DiT's latents for an AutoencoderKL, as FluxPipeline prepares them:
+    the posterior mode, then (z - shift_factor) * scaling_factor. The mode (not a sample)
+    keeps targets deterministic, which the stage-1 least-squares fit wants."""
     cfg = vae.config
     shift = float(cfg.shift_factor or 0.0)
     scale = float(cfg.scaling_factor)
@@ -289,6 +355,7 @@ def run_precompute(
     out_dir: str | Path,
     *,
     base_vae: str | Path | None = None,
+    base_patch_size: int | None = None,
     text_embeddings: str | Path | None = None,
     text_encoder: str | TextEncoderFn | None = None,
     resolution: int | None = None,
@@ -305,9 +372,10 @@ def run_precompute(
     """Build the latent cache the training stages read (see ``dcgen precompute --help``).
 
     Tensors: ``dcae_latent`` = ``DCAE.encode(x, scaled=True)``; ``base_latent`` (with
-    ``base_vae``) = :func:`base_vae_encoder`; text tensors from the sources above. Images are
-    sized so every autoencoder divides them: multiples of lcm(DC-AE factor, 2 x base VAE
-    factor), the 2 for base FLUX's 2x2 packing. Inputs are checked (captions against the
+    ``base_vae``) = the base model's latents (:func:`load_base_vae`: an AutoencoderKL's as
+    FluxPipeline makes them, or a base DC-AE's scaled latents for SANA); text tensors from the
+    sources above. Images are sized so every autoencoder divides them: multiples of
+    lcm(DC-AE factor, base factor x base patch size: 2x2 packing for FLUX, 1 for SANA). Inputs are checked (captions against the
     embeddings, sizes against the factors) before anything is encoded.
     """
     if resolution is not None and buckets is not None:
@@ -322,13 +390,15 @@ def run_precompute(
     factor = ae.spatial_compression_ratio
     vae = None
     if base_vae is not None:
-        vae = load_base_vae(base_vae, dtype=encoder_dtype, device=device)
-        factor = math.lcm(factor, 2 * _base_vae_factor(vae))
+        vae = load_base_vae(
+            base_vae, dtype=encoder_dtype, device=device, patch_size=base_patch_size
+        )
+        factor = math.lcm(factor, vae.token_factor)
     if resolution is not None and resolution % factor:
         raise PrepareError(
             f"--resolution {resolution} is not a multiple of {factor} (the DC-AE's f"
             f"{ae.spatial_compression_ratio}"
-            + (" and the base VAE's 2x2 token" if vae else "")
+            + (f" and the base model's {vae.token_factor}-pixel token" if vae else "")
             + f"); try {max(factor, resolution // factor * factor)}"
         )
     bucket_list = None
@@ -354,7 +424,7 @@ def run_precompute(
         "dcae_latent": lambda x: ae.encode(x.to(ae.dtype), scaled=True)
     }
     if vae is not None:
-        encoders["base_latent"] = base_vae_encoder(vae)
+        encoders["base_latent"] = vae.encode
 
     # The cache's own fingerprint covers the data and tensor names, not which weights made
     # them; fold the autoencoders and text sources in so a rerun with others is refused.
@@ -363,6 +433,7 @@ def run_precompute(
         "dcae": str(Path(dcae).resolve()) if Path(dcae).exists() else str(dcae),
         "dcae_config": ae.config.to_dict(),
         "base_vae": None if base_vae is None else str(Path(base_vae).resolve()),
+        "base_patch_size": None if vae is None else vae.patch_size,
         "text_embeddings": None
         if text_embeddings is None
         else str(Path(text_embeddings).resolve()),

@@ -212,9 +212,12 @@ class FlowMatchingModule(nn.Module):
         prompt_embeds: torch.Tensor,
         pooled_prompt_embeds: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         def model_fn(x_t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            return self.adapter.predict(x_t, s, prompt_embeds, pooled_prompt_embeds, guidance)
+            return self.adapter.predict(
+                x_t, s, prompt_embeds, pooled_prompt_embeds, guidance, attention_mask=attention_mask
+            )
 
         return flow_matching_loss(model_fn, x0, sigmas, noise=noise)
 
@@ -245,6 +248,8 @@ def _flow_inputs(
             "prompt_embeds": batch["prompt_embeds"].float(),
             "pooled_prompt_embeds": None if pooled is None else pooled.float(),
             "guidance": guidance,
+            # padded text (SANA's Gemma embeddings): the mask the pipelines sample with
+            "attention_mask": batch.get("prompt_attention_mask"),
         }
 
     return make_inputs
@@ -276,6 +281,7 @@ def _block_features(
             batch["prompt_embeds"].float(),
             None if pooled is None else pooled.float(),
             guidance,
+            attention_mask=batch.get("prompt_attention_mask"),
         )
     return {i: feats[i].float() for i in layers}
 
@@ -521,7 +527,7 @@ def _head_readout(
             captured.clear()
             adapter.predict(
                 (1 - s) * x0 + s * noise, sigmas, inp["prompt_embeds"],
-                inp["pooled_prompt_embeds"], inp["guidance"],
+                inp["pooled_prompt_embeds"], inp["guidance"], attention_mask=inp["attention_mask"],
             )  # fmt: skip
             acc.update(captured[-1], adapter.pack(noise - x0))
     finally:
@@ -698,9 +704,10 @@ def open_cache(cfg: TrainConfig) -> LatentCache:
             f"cache_dir {cfg.cache_dir} has no {missing} tensor(s) (has {cache.tensor_names}); "
             f"stage {cfg.stage!r} needs {need}"
         )
-    wanted = need + [
-        n for n in ("prompt_embeds", "pooled_prompt_embeds") if n in cache.tensor_names
-    ]
+    # (SANA's padded captions carry prompt_attention_mask: the model must see it in training
+    # as the pipelines pass it in sampling)
+    optional = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
+    wanted = need + [n for n in optional if n in cache.tensor_names]
     return LatentCache(cfg.cache_dir, tensors=list(dict.fromkeys(wanted)))
 
 

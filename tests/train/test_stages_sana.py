@@ -1,0 +1,156 @@
+"""DC-Gen's three stages on a tiny SANA (base latent space: a DC-AE's, patch size 1), and SANA's
+padded-caption mask reaching the model in every stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcgen.adapters import adapter_for
+from dcgen.train import precompute
+from dcgen.train.cache import LatentCache
+from dcgen.train.data import collate_samples
+from dcgen.train.lora import load_lora, save_lora
+from dcgen.train.stages import (
+    FlowMatchingModule,
+    finetune_lora,
+    load_latent_layers,
+    load_transformer,
+    run,
+    save_latent_layers,
+    train_output_layer,
+)
+from tests.adapters.tiny import tiny_sana
+from tests.train.stage_utils import (
+    DCAE_CHANNELS,
+    ImageSet,
+    base_encoder,
+    config,
+    dcae_encoder,
+    make_cache,
+    text_encoder,
+)
+
+BASE_CHANNELS = 16  # stage_utils' base latent: (16, 16, 16), one SANA token per pixel
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stages_sana")
+
+
+@pytest.fixture(scope="module")
+def cache(root: Path) -> Path:
+    return make_cache(root)
+
+
+def save_sana_base(root: Path) -> Path:
+    path = root / "sana_base"
+    tiny_sana(in_channels=BASE_CHANNELS).save_pretrained(str(path))
+    return path
+
+
+def save_sana_adapted(root: Path) -> Path:
+    model = tiny_sana(in_channels=BASE_CHANNELS)
+    torch.manual_seed(3)
+    adapter_for(model).replace_latent_layers(DCAE_CHANNELS, 1)
+    path = root / "sana_adapted"
+    model.save_pretrained(str(path))
+    return path
+
+
+@torch.no_grad()
+def fixed_loss(transformer: torch.nn.Module, cache_dir: Path) -> float:
+    batch = collate_samples([LatentCache(cache_dir)[i] for i in range(4)])
+    x0 = batch["dcae_latent"]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(123))
+    sigmas = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    return float(FlowMatchingModule(transformer)(x0, noise, sigmas, batch["prompt_embeds"]))
+
+
+def test_stage1_aligns_the_sana_embedder(root: Path, cache: Path) -> None:
+    cfg = config(root, "align", save_sana_base(root), cache, out_dir=str(root / "s1"))
+    summary = run(cfg, progress=False)
+    assert summary["downsample_factor"] == 4  # 16x16 base tokens onto the 4x4 DC-AE grid
+    mse = summary["align_mse"]
+    assert mse["ridge"] < 0.2 * mse["random"] and mse["after"] < 0.2 * mse["random"]
+    before, after = summary["feature_distance"]["before"], summary["feature_distance"]["after"]
+    assert len(before) == len(after) == 2
+    for b, a in zip(before, after, strict=True):
+        assert a < 0.25 * b, (before, after)
+    adapted = load_transformer(root / "s1" / "transformer")
+    assert adapter_for(adapted).latent_channels == DCAE_CHANNELS
+    base = load_transformer(root / "sana_base")
+    load_latent_layers(base, root / "s1" / "latent_layers.safetensors")
+    torch.testing.assert_close(
+        base.patch_embed.proj.weight, adapted.patch_embed.proj.weight, rtol=0, atol=0
+    )
+
+
+def test_stage2_trains_the_sana_head_with_blocks_frozen(root: Path, cache: Path) -> None:
+    transformer = load_transformer(save_sana_adapted(root))
+    blocks = {k: v.clone() for k, v in transformer.transformer_blocks.state_dict().items()}
+    before = fixed_loss(transformer, cache)
+    cfg = config(root, "output", root / "sana_adapted", cache, steps=20, lr=1e-2,
+                 out_dir=str(root / "s2"))  # fmt: skip
+    train_output_layer(transformer, LatentCache(cache), cfg, progress=False)
+    assert fixed_loss(transformer, cache) < 0.8 * before
+    for k, v in transformer.transformer_blocks.state_dict().items():
+        assert torch.equal(v, blocks[k]), k
+
+
+def test_stage3_sana_lora_reduces_loss_and_round_trips(
+    root: Path, cache: Path, tmp_path: Path
+) -> None:
+    path = save_sana_adapted(root)
+    transformer = load_transformer(path)
+    before = fixed_loss(transformer, cache)
+    cfg = config(root, "finetune", path, cache, steps=20, lr=1e-2, out_dir=str(root / "s3"))
+    finetune_lora(transformer, LatentCache(cache), cfg, progress=False)
+    after = fixed_loss(transformer, cache)
+    assert after < 0.8 * before, (before, after)
+    save_lora(transformer, tmp_path)
+    save_latent_layers(transformer, tmp_path / "latent_layers.safetensors")
+    fresh = load_transformer(path)
+    load_latent_layers(fresh, tmp_path / "latent_layers.safetensors")
+    load_lora(fresh, tmp_path)
+    assert fixed_loss(fresh, cache) == pytest.approx(after, rel=1e-6)
+
+
+def masked_text_encoder(captions: list[str]) -> dict[str, torch.Tensor]:
+    """stage_utils' embeddings with SANA-style padding: the last of 3 tokens is padding."""
+    out = text_encoder(captions)
+    mask = torch.tensor([1.0, 1.0, 0.0]).expand(len(captions), 3).clone()
+    return {"prompt_embeds": out["prompt_embeds"], "prompt_attention_mask": mask}
+
+
+@pytest.mark.parametrize("stage", ["align", "output", "finetune"])
+def test_every_stage_passes_the_caption_mask_to_the_model(
+    root: Path, stage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stage 1's feature distances and head, and stages 2-3's loss, run the model as the
+    pipelines sample it: with the padded tokens masked."""
+    masked = root / "masked_cache"
+    if not masked.exists():
+        encoders = {"base_latent": base_encoder, "dcae_latent": dcae_encoder}
+        precompute(ImageSet(8), encoders, masked_text_encoder, masked, shard_size=4,
+                   batch_size=4, progress=False)  # fmt: skip
+    transformer = save_sana_base(root) if stage == "align" else save_sana_adapted(root)
+    cls = type(adapter_for(tiny_sana()))
+    seen: list[torch.Tensor | None] = []
+    real = cls.predict
+
+    def recording(self, *args, attention_mask=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(attention_mask)
+        return real(self, *args, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(cls, "predict", recording)
+    cfg = config(root, stage, transformer, masked, steps=2, out_dir=str(root / f"m-{stage}"),
+                 align_sgd_steps=1, align_head="ridge")  # fmt: skip
+    run(cfg, progress=False)
+    assert seen and all(m is not None for m in seen)
+    for m in seen:
+        assert m.shape[-1] == 3 and torch.equal(m[:, 2].float(), torch.zeros(len(m)))
+        assert torch.equal(m[:, :2].float(), torch.ones(len(m), 2))
