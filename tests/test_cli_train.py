@@ -21,7 +21,7 @@ from dcgen.pipelines import DCGenFluxPipeline
 from dcgen.train import LatentCache, pil_to_tensor
 from dcgen.train.prepare import save_text_embeddings
 
-from .adapters.tiny import TEXT_DIM, text, tiny_dcae, tiny_flux
+from .adapters.tiny import TEXT_DIM, text, tiny_dcae, tiny_flux, tiny_sana
 from .train.conftest import write_image
 
 CAPTIONS = {"a": "a red square", "b": "a blue circle", "c": "a green tree"}
@@ -377,6 +377,46 @@ def test_three_stages_export_generate_end_to_end(assets, tmp_path, capsys):
     assert main(["generate", "--pipeline", str(pipe), "--prompt-embeds", str(assets / "text.safetensors"),
                  "--caption", "a red square", "--height", "64", "--width", "64", "--steps", "2",
                  "--out", str(tmp_path / "x.png"), "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    assert Image.open(tmp_path / "x.png").size == (64, 64)
+
+
+def test_sana_three_stages_export_generate_end_to_end(assets, tmp_path):
+    """DC-Gen-SANA through the commands: the base latent is a DC-AE's (--base-vae takes it),
+    captions are padded with a mask, the export is a DCGenSanaPipeline."""
+    embeds = {
+        caption: {
+            "prompt_embeds": torch.randn(6, TEXT_DIM),
+            "prompt_attention_mask": torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0]),
+        }
+        for caption in CAPTIONS.values()
+    }
+    save_text_embeddings(tmp_path / "gemma.safetensors", embeds)
+    cache = tmp_path / "cache"
+    assert _precompute(assets, cache, "--base-vae", str(assets / "dcae"), "--text-embeddings",
+                       str(tmp_path / "gemma.safetensors")) == 0  # fmt: skip
+    assert "prompt_attention_mask" in LatentCache(cache).tensor_names
+    tiny_sana(in_channels=tiny_dcae().latent_channels).save_pretrained(tmp_path / "base")
+    runs = tmp_path / "runs"
+    (tmp_path / "run.toml").write_text(
+        f'transformer = "{tmp_path / "base"}"\ncache_dir = "{cache}"\ndcae = "{assets / "dcae"}"\n'
+        'batch_size = 2\nsteps = 2\nshift_rule = "constant"\nshift_constant = 3.0\n'
+        f'[align]\nout_dir = "{runs / "align"}"\n'
+        f'[output]\ntransformer = "{runs / "align" / "transformer"}"\nout_dir = "{runs / "output"}"\n'
+        f'[finetune]\ntransformer = "{runs / "output" / "transformer"}"\n'
+        f'out_dir = "{runs / "finetune"}"\nlora_rank = 4\n'
+    )
+    cfg = str(tmp_path / "run.toml")
+    for stage in ("align", "output", "finetune"):
+        assert main([stage, "--config", cfg, "--no-progress"]) == 0, stage
+    ft, pipe = runs / "finetune", tmp_path / "pipe"
+    assert main(["export", "--transformer", str(runs / "output" / "transformer"), "--latent-layers",
+                 str(ft / "latent_layers.safetensors"), "--lora", str(ft), "--dcae",
+                 str(assets / "dcae"), "--out", str(pipe), "--dtype", "fp32"]) == 0  # fmt: skip
+    assert json.loads((pipe / "model_index.json").read_text())["_class_name"] == "DCGenSanaPipeline"
+    assert main(["generate", "--pipeline", str(pipe), "--prompt-embeds",
+                 str(tmp_path / "gemma.safetensors"), "--caption", "a red square", "--height", "64",
+                 "--width", "64", "--steps", "2", "--out", str(tmp_path / "x.png"), "--no-progress",
+                 "--device", "cpu"]) == 0  # fmt: skip
     assert Image.open(tmp_path / "x.png").size == (64, 64)
 
 
