@@ -94,6 +94,13 @@ def _grid(images: list[Any]) -> Any:
     return out
 
 
+def _model_dtype(name: str | None, device: str) -> torch.dtype:
+    """--dtype, or the default: bf16 on CUDA, fp32 on the CPU."""
+    if name is not None:
+        return DTYPES[name]
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
 ACCELERATE_MODES = ("auto", "off", "attention", "blocks", "graphs")
 
 
@@ -116,24 +123,20 @@ def _accelerate(transformer: torch.nn.Module, mode: str, device: str) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     device = _device(args.device)
-    dtype = (
-        DTYPES[args.dtype]
-        if args.dtype
-        else (torch.bfloat16 if device == "cuda" else torch.float32)
-    )
+    dtype = _model_dtype(args.dtype, device)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out {out}: expected a .png file name")
+    quantized = Path(args.quantized) if args.quantized is not None else None
+    if quantized is not None and not quantized.is_file():  # before loading a 12B model
+        raise FileNotFoundError(f"--quantized {quantized}: no such file")
     kwargs = _prompt_kwargs(args)
     pipe = _load_pipeline(Path(args.pipeline), dtype, device)
-    if args.quantized is not None:
+    if quantized is not None:
         from dcgen.quant import load_quantized
 
-        path = Path(args.quantized)
-        if not path.is_file():
-            raise FileNotFoundError(f"--quantized {path}: no such file")
-        layers = load_quantized(pipe.transformer, path)
-        print(f"loaded {len(layers)} quantized linears from {path}")
+        layers = load_quantized(pipe.transformer, quantized)
+        print(f"loaded {len(layers)} quantized linears from {quantized}")
     _accelerate(pipe.transformer, args.accelerate, device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,11 +208,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     )
 
     device = _device(args.device)
-    dtype = (
-        DTYPES[args.dtype]
-        if args.dtype
-        else (torch.bfloat16 if device == "cuda" else torch.float32)
-    )
+    dtype = _model_dtype(args.dtype, device)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise CLIError(f"--out {out}: expected a .safetensors file name")
