@@ -116,3 +116,21 @@ def trainable_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
     ckpt = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"), restore_rng=False)
     return ckpt.model_state["trainable"]
+
+
+def assert_lora_round_trip(
+    transformer: torch.nn.Module, base: Path, out: Path, loss: Any, expected: float
+) -> None:
+    """Stage 3's files (LoRA + latent layers) rebuild the trained model on a fresh copy of
+    ``base``: ``loss(model)`` comes back as ``expected``."""
+    import pytest
+
+    from dcgen.train.lora import load_lora, save_lora
+    from dcgen.train.stages import load_latent_layers, load_transformer, save_latent_layers
+
+    save_lora(transformer, out)
+    save_latent_layers(transformer, out / "latent_layers.safetensors")
+    fresh = load_transformer(base)
+    load_latent_layers(fresh, out / "latent_layers.safetensors")
+    load_lora(fresh, out)
+    assert loss(fresh) == pytest.approx(expected, rel=1e-6)

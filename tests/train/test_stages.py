@@ -11,7 +11,6 @@ from dcgen.adapters import adapter_for
 from dcgen.train.cache import CacheError, LatentCache
 from dcgen.train.config import ConfigError, TrainConfig, load_config
 from dcgen.train.data import collate_samples
-from dcgen.train.lora import load_lora, save_lora
 from dcgen.train.stages import (
     FlowMatchingModule,
     _embedder_rank,
@@ -20,10 +19,16 @@ from dcgen.train.stages import (
     load_transformer,
     readout_r2,
     run,
-    save_latent_layers,
     train_output_layer,
 )
-from tests.train.stage_utils import DCAE_CHANNELS, config, make_cache, save_adapted, save_base
+from tests.train.stage_utils import (
+    DCAE_CHANNELS,
+    assert_lora_round_trip,
+    config,
+    make_cache,
+    save_adapted,
+    save_base,
+)
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +150,7 @@ def test_stage3_lora_reduces_loss_and_round_trips(root: Path, cache: Path, tmp_p
     finetune_lora(transformer, LatentCache(cache), cfg, progress=False)
     after = fixed_loss(transformer, cache)
     assert after < 0.8 * before, (before, after)
-
-    save_lora(transformer, tmp_path)
-    save_latent_layers(transformer, tmp_path / "latent_layers.safetensors")
-    fresh = load_transformer(path)
-    load_latent_layers(fresh, tmp_path / "latent_layers.safetensors")
-    load_lora(fresh, tmp_path)
-    assert fixed_loss(fresh, cache) == pytest.approx(after, rel=1e-6)
+    assert_lora_round_trip(transformer, path, tmp_path, lambda m: fixed_loss(m, cache), after)
 
 
 def test_config_files_and_overrides(tmp_path: Path) -> None:

@@ -12,20 +12,19 @@ from dcgen.adapters import adapter_for
 from dcgen.train import precompute
 from dcgen.train.cache import LatentCache
 from dcgen.train.data import collate_samples
-from dcgen.train.lora import load_lora, save_lora
 from dcgen.train.stages import (
     FlowMatchingModule,
     finetune_lora,
     load_latent_layers,
     load_transformer,
     run,
-    save_latent_layers,
     train_output_layer,
 )
 from tests.adapters.tiny import tiny_sana
 from tests.train.stage_utils import (
     DCAE_CHANNELS,
     ImageSet,
+    assert_lora_round_trip,
     base_encoder,
     config,
     dcae_encoder,
@@ -111,12 +110,7 @@ def test_stage3_sana_lora_reduces_loss_and_round_trips(
     finetune_lora(transformer, LatentCache(cache), cfg, progress=False)
     after = fixed_loss(transformer, cache)
     assert after < 0.8 * before, (before, after)
-    save_lora(transformer, tmp_path)
-    save_latent_layers(transformer, tmp_path / "latent_layers.safetensors")
-    fresh = load_transformer(path)
-    load_latent_layers(fresh, tmp_path / "latent_layers.safetensors")
-    load_lora(fresh, tmp_path)
-    assert fixed_loss(fresh, cache) == pytest.approx(after, rel=1e-6)
+    assert_lora_round_trip(transformer, path, tmp_path, lambda m: fixed_loss(m, cache), after)
 
 
 def masked_text_encoder(captions: list[str]) -> dict[str, torch.Tensor]:
