@@ -108,6 +108,9 @@ class SampleWriter:
         self.prompt_embeds = torch.stack([s["prompt_embeds"].float() for s in picked])
         pooled = [s.get("pooled_prompt_embeds") for s in picked]
         self.pooled = None if pooled[0] is None else torch.stack([p.float() for p in pooled])
+        # SANA's padded captions: sampled with their mask, as the pipelines are used
+        masks = [s.get("prompt_attention_mask") for s in picked]
+        self.mask = None if masks[0] is None else torch.stack(masks)
 
     @property
     def active(self) -> bool:
@@ -178,6 +181,7 @@ class SampleWriter:
         out = pipe(
             prompt_embeds=self.prompt_embeds.to(self.device),
             pooled_prompt_embeds=None if self.pooled is None else self.pooled.to(self.device),
+            prompt_attention_mask=None if self.mask is None else self.mask.to(self.device),
             height=h * f,
             width=w * f,
             num_inference_steps=self.cfg.sample_steps,

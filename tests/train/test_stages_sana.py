@@ -124,8 +124,8 @@ def masked_text_encoder(captions: list[str]) -> dict[str, torch.Tensor]:
 def test_every_stage_passes_the_caption_mask_to_the_model(
     root: Path, stage: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stage 1's feature distances and head, and stages 2-3's loss, run the model as the
-    pipelines sample it: with the padded tokens masked."""
+    """Stage 1's feature distances and head, stages 2-3's loss and their sample grids run the
+    model as the pipelines sample it: with the padded tokens masked."""
     masked = root / "masked_cache"
     if not masked.exists():
         encoders = {"base_latent": base_encoder, "dcae_latent": dcae_encoder}
@@ -141,9 +141,12 @@ def test_every_stage_passes_the_caption_mask_to_the_model(
         return real(self, *args, attention_mask=attention_mask, **kwargs)
 
     monkeypatch.setattr(cls, "predict", recording)
+    extra = {} if stage == "align" else {"sample_every": 2, "sample_count": 2, "sample_steps": 1}
     cfg = config(root, stage, transformer, masked, steps=2, out_dir=str(root / f"m-{stage}"),
-                 align_sgd_steps=1, align_head="ridge")  # fmt: skip
+                 align_sgd_steps=1, align_head="ridge", **extra)  # fmt: skip
     run(cfg, progress=False)
+    if extra:  # the training-time sample grid ran through the model too
+        assert (root / f"m-{stage}" / "samples" / "step-00000002.png").is_file()
     assert seen and all(m is not None for m in seen)
     for m in seen:
         assert m.shape[-1] == 3 and torch.equal(m[:, 2].float(), torch.zeros(len(m)))
