@@ -289,8 +289,9 @@ stay in 16-bit (dcgen.quant's default exclude list; --exclude adds patterns, --i
 With --prompt-embeds (format of generate) the pipeline first runs --calibration-steps denoising
 steps at --height x --width, recording every transformer call: NVFP4 smoothing (--smoothing,
 SVDQuant) takes its activation statistics from them, and the quality report compares the
-quantized transformer with a 16-bit copy on the middle call (per layer and end to end; JSON next
-to --out unless --report; the copy doubles the transformer's memory, --no-report skips it).""",
+quantized transformer with the 16-bit one on the middle call: per layer, per block and end to
+end (JSON next to --out unless --report). The blocks are quantized one at a time, each compared
+with a 16-bit copy of itself, so the report costs one block of memory, not a second model.""",
     )
     q.add_argument("--pipeline", required=True, metavar="DIR", help="pipeline folder")
     q.add_argument("--format", required=True, choices=QUANT_FORMATS,

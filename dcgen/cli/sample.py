@@ -242,6 +242,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         f"{o['rel_err']:.3g}, cosine {o['cosine']:.6f} ({len(calls or [])} calls recorded, "
         f"the middle one compared)"
     )
+    for block in summary["worst_blocks"][:2]:
+        print(f"  {block['name']}: relative error {block['rel_err']:.3g} (block output)")
     for layer in summary["worst_layers"][:3]:
         print(f"  {layer['name']}: relative error {layer['rel_err']:.3g} (isolated)")
     report_path = Path(args.report) if args.report else out.with_suffix(".quality.json")

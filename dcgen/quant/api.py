@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,11 +168,11 @@ def _latent_layer_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(n for n, m in model.named_modules() if any(m is w for w in wanted))
 
 
-def _targets(model: nn.Module, config: QuantConfig) -> list[str]:
+def _targets(model: nn.Module, config: QuantConfig, name_prefix: str = "") -> list[str]:
     kept = _latent_layer_names(model) if config.keep_latent_layers else ()
     names = []
     for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear or not config.matches(name):
+        if type(mod) is not nn.Linear or not config.matches(name_prefix + name):
             continue
         if any(name == k or name.startswith(k + ".") for k in kept):
             continue
@@ -215,19 +215,29 @@ def quantize_(
     model: nn.Module,
     config: QuantConfig | None = None,
     calibrate: Callable[[nn.Module], Any] | None = None,
+    *,
+    name_prefix: str = "",
+    activation_amax: Mapping[str, torch.Tensor] | None = None,
 ) -> list[str]:
     """Replace matching Linears of ``model`` by :class:`NVFP4Linear` (NVFP4Config, the
     default) or :class:`FP8Linear` (FP8Config) in place; returns their names.
-    ``calibrate(model)`` runs representative inputs (needed for NVFP4 smoothing)."""
+    ``calibrate(model)`` runs representative inputs (needed for NVFP4 smoothing).
+
+    For quantizing a model part by part: ``name_prefix`` is ``model``'s qualified name in
+    the whole model (include / exclude patterns match the whole-model names), and
+    ``activation_amax`` (name within ``model`` -> per-channel max |x|, as measured on the
+    16-bit model) replaces ``calibrate``."""
     config = config or NVFP4Config()
     if not isinstance(config, NVFP4Config | FP8Config):
         raise TypeError(
             f"quantize_: expected an NVFP4Config or FP8Config, got {type(config).__name__}"
         )
     if isinstance(config, FP8Config):
-        if calibrate is not None:
-            raise ValueError("quantize_: FP8Config scales activations dynamically; got calibrate")
-        names = _targets(model, config)
+        if calibrate is not None or activation_amax is not None:
+            raise ValueError(
+                "quantize_: FP8Config scales activations dynamically; got calibrate or activation_amax"
+            )
+        names = _targets(model, config, name_prefix)
         for name in names:
             lin = model.get_submodule(name)
             q = FP8Linear.from_linear(lin, config.granularity, fast_accum=config.fast_accum)
@@ -235,14 +245,17 @@ def quantize_(
         share_input_quantization(model)  # one quantize pass per input read by several linears
         logger.info("quantize_: %d linears to FP8 (%s)", len(names), config.granularity)
         return names
-    names = _targets(model, config)
-    stats: dict[str, torch.Tensor] = {}
+    names = _targets(model, config, name_prefix)
+    stats: Mapping[str, torch.Tensor] = {}
     if config.smoothing_alpha is not None:
-        if calibrate is None:
+        if activation_amax is not None:
+            stats = activation_amax
+        elif calibrate is None:
             raise ValueError(
                 "quantize_: smoothing_alpha is set, expected a calibrate(model) callable"
             )
-        stats = _activation_amax(model, names, calibrate)
+        else:
+            stats = _activation_amax(model, names, calibrate)
     for name in names:
         lin = model.get_submodule(name)
         smooth = None
@@ -401,7 +414,8 @@ def quality_report(
     model_fp: nn.Module, model_q: nn.Module, inputs_fn: Callable[[], Any]
 ) -> dict[str, Any]:
     """Compare ``model_q`` to ``model_fp`` on ``inputs_fn()`` (a dict of kwargs, a tuple of
-    args, or one tensor; called once, the same inputs go to both models).
+    args, one tensor, or an object whose ``run(model)`` makes the call; called once, the same
+    inputs go to both models).
 
     Returns ``{"layers": {name: {"rel_err", "cosine", "rel_err_in_model", "cosine_in_model"}},
     "output": {"rel_err", "cosine"}, "unreached": [names]}``: ``rel_err = ||y_q - y_fp|| /
@@ -436,6 +450,8 @@ def quality_report(
     inputs = inputs_fn()
 
     def call(model: nn.Module) -> torch.Tensor:
+        if callable(getattr(inputs, "run", None)):  # a recorded call (pipeline_quant)
+            return _first_tensor(inputs.run(model))
         if isinstance(inputs, dict):
             return _first_tensor(model(**inputs))
         if isinstance(inputs, tuple | list):

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import types
 
 import numpy as np
 import pytest
@@ -75,14 +77,32 @@ def test_capture_rejects_bad_steps():
         capture_transformer_inputs(_pipe(), 0, SIZE, SIZE, **_prompt())
 
 
-def test_recorder_rejects_positional_calls():
-    model = tiny_flux()
-    recorder = CallRecorder(model)
+def test_recorder_replays_positional_and_nested_arguments():
+    """SANA's blocks are called positionally, FLUX's get a (cos, sin) tuple: both replay."""
+    block = torch.nn.Bilinear(4, 4, 3)
+    recorder = CallRecorder(block, limit=1)
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
     try:
-        with pytest.raises(TypeError, match="keyword arguments only"):
-            model(torch.zeros(1, 4, 64))
+        first = block(x, y)
+        block(y, x)  # past the limit: not recorded
     finally:
         recorder.remove()
+    (call,) = recorder.calls
+    x.zero_()  # the recording holds copies
+    torch.testing.assert_close(call.run(block), first, rtol=0, atol=0)
+    pair = TransformerPair()
+    rec = CallRecorder(pair)
+    try:
+        out = pair(torch.ones(3), rope=(torch.ones(3), torch.full((3,), 2.0)))
+    finally:
+        rec.remove()
+    torch.testing.assert_close(rec.calls[0].run(pair), out, rtol=0, atol=0)
+    assert isinstance(rec.calls[0].kwargs["rope"], tuple)
+
+
+class TransformerPair(torch.nn.Module):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return x * rope[0] + rope[1]
 
 
 @pytest.mark.parametrize(
@@ -132,6 +152,44 @@ def test_sana_pipeline_calibrates_and_quantizes():
     names, rep = quantize_transformer(pipe.transformer, FP8Config(), calls)
     assert names and set(rep["layers"]) == set(names)
     assert 0 < rep["output"]["rel_err"] < 0.1  # FP8 on 16-wide layers: a few % per layer
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        NVFP4Config(mode="w4a4", rank=4, smoothing_alpha=0.5),
+        FP8Config(include=(r"^single_transformer_blocks\.",)),
+    ],
+    ids=["nvfp4-svdquant", "fp8-single-blocks-only"],
+)
+def test_block_by_block_report_quantizes_as_the_whole_model_would(config, monkeypatch):
+    """The report quantizes one block at a time (patterns on whole-model names, smoothing
+    statistics from the 16-bit model): the same layers and weights as quantizing at once, and
+    never a copy of more than one block."""
+    import dcgen.quant.pipeline_quant as pq
+
+    pipe = _pipe()
+    calls = capture_transformer_inputs(pipe, 2, SIZE, SIZE, **_prompt())
+    at_once = copy.deepcopy(pipe.transformer)
+    quantize_transformer(at_once, config, calls, report=False)
+    copied: list[str] = []
+    real = copy.deepcopy
+    spy = types.SimpleNamespace(deepcopy=lambda m: copied.append(type(m).__name__) or real(m))
+    monkeypatch.setattr(pq, "copy", spy)
+    names, rep = quantize_transformer(pipe.transformer, config, calls)
+    assert names == sorted(quantized_modules(at_once))
+    block_types = {type(b).__name__ for b in adapter_for(pipe.transformer).blocks()}
+    assert copied and set(copied) <= block_types  # block copies only, never the transformer
+    for key, value in at_once.state_dict().items():
+        assert torch.equal(value, pipe.transformer.state_dict()[key]), key
+    # a report entry for exactly the blocks that hold quantized layers
+    holding = {b for b in rep["blocks"] if any(n.startswith(b + ".") for n in names)}
+    assert holding == set(rep["blocks"])
+    assert all(any(n.startswith(b + ".") for b in rep["blocks"]) for n in names)
+    assert all(0 < v["rel_err"] < 0.5 and v["cosine"] > 0.9 for v in rep["blocks"].values())
+    if isinstance(config, FP8Config):
+        assert names and all(n.startswith("single_transformer_blocks.") for n in names)
+        assert set(rep["blocks"]) == {"single_transformer_blocks.0"}
 
 
 def test_quantize_transformer_bad_input():
