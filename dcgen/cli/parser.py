@@ -291,7 +291,8 @@ steps at --height x --width, recording every transformer call: NVFP4 smoothing (
 SVDQuant) takes its activation statistics from them, and the quality report compares the
 quantized transformer with the 16-bit one on the middle call: per layer, per block and end to
 end (JSON next to --out unless --report). The blocks are quantized one at a time, each compared
-with a 16-bit copy of itself, so the report costs one block of memory, not a second model.""",
+with a 16-bit copy of itself: the report holds one block copy and each block's inputs of one
+call (tens of MB a block at 1024 px for FLUX), not a second model.""",
     )
     q.add_argument("--pipeline", required=True, metavar="DIR", help="pipeline folder")
     q.add_argument("--format", required=True, choices=QUANT_FORMATS,

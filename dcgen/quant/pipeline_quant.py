@@ -10,8 +10,9 @@ Memory: the report never holds a second copy of the transformer. The blocks are 
 at a time in place, each compared with a 16-bit copy of itself (the only copy alive) on the
 inputs it received in the 16-bit model's run of that call: per layer (isolated, and within the
 block) and per block (its image hidden states). The end-to-end error compares the whole
-model's output before and after. So a FLUX-size model (24 GB in bf16) needs about one block
-(about 0.4 GB) more than sampling does. The checkpoint is :func:`dcgen.quant.save_quantized`'s
+model's output before and after. So a FLUX-size model (24 GB in bf16) needs one block copy
+(about 0.4 GB) and each block's inputs of one call (4,608 tokens at 1024 px for base FLUX:
+about 30 MB a block) beyond what sampling needs, not a second model. The checkpoint is :func:`dcgen.quant.save_quantized`'s
 safetensors file, which ``dcgen generate --quantized`` (:func:`dcgen.quant.load_quantized`)
 mounts on a freshly loaded pipeline.
 """
