@@ -26,6 +26,7 @@ from .nvfp4 import (
     unpack_e2m1,
     unswizzle_scales,
 )
+from .pipeline_quant import capture_transformer_inputs, quantize_transformer
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -34,6 +35,7 @@ __all__ = [
     "NVFP4Config",
     "NVFP4Linear",
     "NVFP4Tensor",
+    "capture_transformer_inputs",
     "dequantize_nvfp4",
     "e2m1_decode",
     "e2m1_encode",
@@ -45,6 +47,7 @@ __all__ = [
     "quality_report",
     "quantize_",
     "quantize_fp8_weight",
+    "quantize_transformer",
     "quantize_nvfp4",
     "quantized_modules",
     "save_quantized",
