@@ -164,6 +164,20 @@ def test_precompute_with_a_dcae_base_for_sana(assets, tmp_path):
     assert torch.equal(sample["base_latent"], sample["dcae_latent"])
 
 
+def test_precompute_base_patch_size_is_part_of_the_cache_identity(assets, tmp_path, capsys):
+    out = tmp_path / "c"
+    argv = ["precompute", "--data", str(assets / "data"), "--dcae", str(assets / "dcae"),
+            "--base-vae", str(assets / "vae"), "--out", str(out), "--resolution", "64",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    # the default spelled out is the same cache (a rerun resumes it) ...
+    assert main([*argv, "--base-patch-size", "2"]) == 0
+    capsys.readouterr()
+    # ... another packing is another cache
+    assert main([*argv, "--base-patch-size", "1"]) == 2
+    assert "holds a latent cache of other data or settings" in _error_line(capsys)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -433,7 +433,6 @@ def run_precompute(
         "dcae": str(Path(dcae).resolve()) if Path(dcae).exists() else str(dcae),
         "dcae_config": ae.config.to_dict(),
         "base_vae": None if base_vae is None else str(Path(base_vae).resolve()),
-        "base_patch_size": None if vae is None else vae.patch_size,
         "text_embeddings": None
         if text_embeddings is None
         else str(Path(text_embeddings).resolve()),
@@ -442,6 +441,9 @@ def run_precompute(
         else getattr(text_encoder, "__qualname__", type(text_encoder).__qualname__),
         "encoder_dtype": str(encoder_dtype),
     }
+    if vae is not None and vae.patch_size != DEFAULT_BASE_PATCH[vae.kind]:
+        # only when not the default, so caches made before the option keep their fingerprint
+        identity["base_patch_size"] = vae.patch_size
     fingerprint = hashlib.sha256(
         json.dumps(identity, sort_keys=True, default=str).encode()
     ).hexdigest()
