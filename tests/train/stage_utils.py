@@ -90,6 +90,30 @@ def save_adapted(root: Path) -> Path:
     return path
 
 
+SANA_BASE_CHANNELS = 16  # the base latent above: one SANA token per pixel (patch size 1)
+
+
+def save_sana_base(root: Path) -> Path:
+    """Tiny SANA in the base layout (16 latent channels, patch size 1)."""
+    from tests.adapters.tiny import tiny_sana
+
+    path = root / "sana_base"
+    tiny_sana(in_channels=SANA_BASE_CHANNELS).save_pretrained(str(path))
+    return path
+
+
+def save_sana_adapted(root: Path) -> Path:
+    """Tiny SANA already moved to 4-channel DC-AE latents."""
+    from tests.adapters.tiny import tiny_sana
+
+    model = tiny_sana(in_channels=SANA_BASE_CHANNELS)
+    torch.manual_seed(3)
+    adapter_for(model).replace_latent_layers(DCAE_CHANNELS, 1)
+    path = root / "sana_adapted"
+    model.save_pretrained(str(path))
+    return path
+
+
 def config(root: Path, stage: str, transformer: Path, cache: Path, **kw: Any) -> TrainConfig:
     base = dict(
         stage=stage,

@@ -7,12 +7,19 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from dcgen.train.config import TrainConfig
 from dcgen.train.stages import run
-from tests.train.stage_utils import config, make_cache, save_adapted, trainable_weights
+from tests.train.stage_utils import (
+    config,
+    make_cache,
+    save_adapted,
+    save_sana_adapted,
+    trainable_weights,
+)
 
 
 def _free_port() -> int:
@@ -33,9 +40,10 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict) -> None:
     run(TrainConfig.from_dict(cfg_dict), progress=False)
 
 
-def test_two_processes_match_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["flux", "sana"])
+def test_two_processes_match_one(tmp_path: Path, family: str) -> None:
     cache = make_cache(tmp_path)
-    adapted = save_adapted(tmp_path)
+    adapted = save_adapted(tmp_path) if family == "flux" else save_sana_adapted(tmp_path)
     kw = dict(steps=4, batch_size=4, checkpoint_every=4)
     single = config(tmp_path, "finetune", adapted, cache, out_dir=str(tmp_path / "one"), **kw)
     run(single, progress=False)

@@ -10,13 +10,20 @@ import torch
 import torch.multiprocessing as mp
 
 from dcgen.train.config import ConfigError
-from tests.train.stage_utils import config, make_cache, save_adapted, trainable_weights
+from tests.train.stage_utils import (
+    config,
+    make_cache,
+    save_adapted,
+    save_sana_adapted,
+    trainable_weights,
+)
 from tests.train.test_distributed import _free_port, _worker
 
 
-def test_fsdp_two_processes_match_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["flux", "sana"])
+def test_fsdp_two_processes_match_one(tmp_path: Path, family: str) -> None:
     cache = make_cache(tmp_path)
-    adapted = save_adapted(tmp_path)
+    adapted = save_adapted(tmp_path) if family == "flux" else save_sana_adapted(tmp_path)
     kw = dict(steps=4, batch_size=4, checkpoint_every=2)
     single = config(tmp_path, "finetune", adapted, cache, out_dir=str(tmp_path / "one"), **kw)
     from dcgen.train.stages import run

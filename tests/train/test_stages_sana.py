@@ -29,10 +29,10 @@ from tests.train.stage_utils import (
     config,
     dcae_encoder,
     make_cache,
+    save_sana_adapted,
+    save_sana_base,
     text_encoder,
 )
-
-BASE_CHANNELS = 16  # stage_utils' base latent: (16, 16, 16), one SANA token per pixel
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +43,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cache(root: Path) -> Path:
     return make_cache(root)
-
-
-def save_sana_base(root: Path) -> Path:
-    path = root / "sana_base"
-    tiny_sana(in_channels=BASE_CHANNELS).save_pretrained(str(path))
-    return path
-
-
-def save_sana_adapted(root: Path) -> Path:
-    model = tiny_sana(in_channels=BASE_CHANNELS)
-    torch.manual_seed(3)
-    adapter_for(model).replace_latent_layers(DCAE_CHANNELS, 1)
-    path = root / "sana_adapted"
-    model.save_pretrained(str(path))
-    return path
 
 
 @torch.no_grad()
