@@ -142,6 +142,28 @@ def trainable_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return ckpt.model_state["trainable"]
 
 
+@torch.no_grad()
+def fixed_loss(transformer: torch.nn.Module, cache_dir: Path) -> float:
+    """Flow-matching loss on a fixed batch, noise and sigmas (independent of training RNG);
+    guidance 3.5 where the model has guidance embeddings (FLUX), none otherwise (SANA, which
+    also ignores the pooled embedding)."""
+    from dcgen.train.cache import LatentCache
+    from dcgen.train.data import collate_samples
+    from dcgen.train.stages import FlowMatchingModule
+
+    batch = collate_samples([LatentCache(cache_dir)[i] for i in range(4)])
+    x0 = batch["dcae_latent"]
+    g = torch.Generator().manual_seed(123)
+    noise = torch.randn(x0.shape, generator=g)
+    sigmas = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    guided = getattr(adapter_for(transformer), "has_guidance_embeds", False)
+    loss = FlowMatchingModule(transformer)(
+        x0, noise, sigmas, batch["prompt_embeds"], batch.get("pooled_prompt_embeds"),
+        torch.full((4,), 3.5) if guided else None,
+    )  # fmt: skip
+    return float(loss)
+
+
 def assert_lora_round_trip(
     transformer: torch.nn.Module, base: Path, out: Path, loss: Any, expected: float
 ) -> None:

@@ -10,9 +10,7 @@ import torch
 from dcgen.adapters import adapter_for
 from dcgen.train.cache import CacheError, LatentCache
 from dcgen.train.config import ConfigError, TrainConfig, load_config
-from dcgen.train.data import collate_samples
 from dcgen.train.stages import (
-    FlowMatchingModule,
     _embedder_rank,
     finetune_lora,
     load_latent_layers,
@@ -25,6 +23,7 @@ from tests.train.stage_utils import (
     DCAE_CHANNELS,
     assert_lora_round_trip,
     config,
+    fixed_loss,
     make_cache,
     save_adapted,
     save_base,
@@ -39,21 +38,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cache(root: Path) -> Path:
     return make_cache(root)
-
-
-@torch.no_grad()
-def fixed_loss(transformer: torch.nn.Module, cache_dir: Path) -> float:
-    """Flow-matching loss on a fixed batch, noise and sigmas (independent of training RNG)."""
-    batch = collate_samples([LatentCache(cache_dir)[i] for i in range(4)])
-    x0 = batch["dcae_latent"]
-    g = torch.Generator().manual_seed(123)
-    noise = torch.randn(x0.shape, generator=g)
-    sigmas = torch.tensor([0.2, 0.4, 0.6, 0.8])
-    loss = FlowMatchingModule(transformer)(
-        x0, noise, sigmas, batch["prompt_embeds"], batch["pooled_prompt_embeds"],
-        torch.full((4,), 3.5),
-    )  # fmt: skip
-    return float(loss)
 
 
 def test_stage1_aligns_embedder_and_reduces_feature_distance(root: Path, cache: Path) -> None:

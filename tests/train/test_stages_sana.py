@@ -11,9 +11,7 @@ import torch
 from dcgen.adapters import adapter_for
 from dcgen.train import precompute
 from dcgen.train.cache import LatentCache
-from dcgen.train.data import collate_samples
 from dcgen.train.stages import (
-    FlowMatchingModule,
     finetune_lora,
     load_latent_layers,
     load_transformer,
@@ -28,6 +26,7 @@ from tests.train.stage_utils import (
     base_encoder,
     config,
     dcae_encoder,
+    fixed_loss,
     make_cache,
     save_sana_adapted,
     save_sana_base,
@@ -43,15 +42,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cache(root: Path) -> Path:
     return make_cache(root)
-
-
-@torch.no_grad()
-def fixed_loss(transformer: torch.nn.Module, cache_dir: Path) -> float:
-    batch = collate_samples([LatentCache(cache_dir)[i] for i in range(4)])
-    x0 = batch["dcae_latent"]
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(123))
-    sigmas = torch.tensor([0.2, 0.4, 0.6, 0.8])
-    return float(FlowMatchingModule(transformer)(x0, noise, sigmas, batch["prompt_embeds"]))
 
 
 def test_stage1_aligns_the_sana_embedder(root: Path, cache: Path) -> None:
