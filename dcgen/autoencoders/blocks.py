@@ -57,11 +57,11 @@ def _bias_act_kernel(x: torch.Tensor) -> bool:
 #: convolution (torch.cudnn_convolution_relu) instead of the convolution then a bias_act_ pass.
 #: Off by default until a GPU run has checked two things: that it is NaN-safe (torch passes
 #: the op's own freshly allocated output as cuDNN's z input, scaled by 0, and 0 * NaN is NaN
-#: if cuDNN reads it: tests/autoencoders/test_cudnn_conv_relu.py poisons the allocator to
-#: see), and that cuDNN's fused kernels are as fast as its plain ones. f64c128's 15 ReLU
-#: ResBlocks spend about 20 ms of its 4K decode in those bias_act_ passes (by count of bytes:
-#: 5 maps of (256, 2048, 2048) and 10 of (512, 1024, 1024) bf16, read and written once each,
-#: at the 1.9 ms the H200 measured for the first shape).
+#: if cuDNN reads it: tests/ops/test_bias_act.py poisons the allocator to see), and that
+#: cuDNN's fused kernels are as fast as its plain ones. f64c128's 15 ReLU ResBlocks spend
+#: about 20 ms of its 4K decode in those bias_act_ passes (by count of bytes: 5 maps of
+#: (256, 2048, 2048) and 10 of (512, 1024, 1024) bf16, read and written once each, at the
+#: 1.9 ms the H200 measured for the first shape).
 CUDNN_CONV_RELU_ENV = "DCGEN_DCAE_CUDNN_CONV_RELU"
 
 

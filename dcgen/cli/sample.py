@@ -216,7 +216,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise CLIError("--report and --no-report: give one of them, not both")
     config = _quant_config(args)
     report = not args.no_report
-    if (report or needs_calibration(config)) and args.prompt_embeds is None:
+    needs_calls = report or needs_calibration(config)
+    if needs_calls and args.prompt_embeds is None:
         raise CLIError(
             "--prompt-embeds is needed to calibrate (--smoothing) and for the quality report "
             "(skip the report with --no-report)"
@@ -225,7 +226,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(Path(args.pipeline), dtype, device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     calls = None
-    if kwargs:
+    if needs_calls:  # (prompt embeddings given for nothing else are not sampled with)
         calls = capture_transformer_inputs(
             pipe, args.calibration_steps, args.height, args.width, seed=args.seed, **kwargs
         )
@@ -239,7 +240,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     o = summary["output"]
     print(
         f"transformer output vs {str(dtype).removeprefix('torch.')}: relative error "
-        f"{o['rel_err']:.3g}, cosine {o['cosine']:.6f} ({len(calls or [])} calls recorded, "
+        f"{o['rel_err']:.3g}, cosine {o['cosine']:.6f} ({len(calls)} calls recorded, "
         f"the middle one compared)"
     )
     for block in summary["worst_blocks"][:2]:

@@ -145,14 +145,15 @@ def quantize_transformer(
     if (report or needs_calibration(config)) and not calls:
         what = "NVFP4 smoothing" if needs_calibration(config) else "the quality report"
         raise ValueError(f"quantize_transformer: {what} needs recorded transformer calls, got none")
-    if not _targets(transformer, config):
+    targets = _targets(transformer, config)
+    if not targets:
         raise ValueError(
             "quantize_transformer: no linear matched the config's include / exclude patterns"
         )
     amax = None
     if needs_calibration(config):  # on the 16-bit model, before any layer changes
         assert calls is not None
-        amax = _activation_amax(transformer, _targets(transformer, config), _replay(calls))
+        amax = _activation_amax(transformer, targets, _replay(calls))
     if not report:
         quantize_(transformer, config, activation_amax=amax)
         return sorted(quantized_modules(transformer)), None
