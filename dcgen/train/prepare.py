@@ -263,8 +263,9 @@ def load_base_vae(
     AutoencoderKL, 1 for a DC-AE (:data:`DEFAULT_BASE_PATCH`)."""
     from diffusers import AutoencoderKL
 
-    if patch_size is not None:
-        _patch(patch_size, "DC-AE")  # checked before any weights load
+    if patch_size is not None and (not isinstance(patch_size, int) or patch_size < 1):
+        # checked before any weights load
+        raise PrepareError(f"--base-patch-size: expected a positive integer, got {patch_size!r}")
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"--base-vae {folder} does not exist")
@@ -281,7 +282,7 @@ def load_base_vae(
         vae = vae.to(device).eval()
         return BaseAutoencoder(
             vae, "AutoencoderKL", base_vae_encoder(vae), _base_vae_factor(vae),
-            _patch(patch_size, "AutoencoderKL"),
+            patch_size or DEFAULT_BASE_PATCH["AutoencoderKL"],
         )  # fmt: skip
     if name not in (None, "AutoencoderDC"):  # None: an original DC-AE checkpoint
         raise PrepareError(
@@ -297,16 +298,8 @@ def load_base_vae(
         ) from err
     return BaseAutoencoder(
         ae, "DC-AE", lambda x: ae.encode(x.to(ae.dtype), scaled=True),
-        ae.spatial_compression_ratio, _patch(patch_size, "DC-AE"),
+        ae.spatial_compression_ratio, patch_size or DEFAULT_BASE_PATCH["DC-AE"],
     )  # fmt: skip
-
-
-def _patch(patch_size: int | None, kind: str) -> int:
-    if patch_size is None:
-        return DEFAULT_BASE_PATCH[kind]
-    if not isinstance(patch_size, int) or patch_size < 1:
-        raise PrepareError(f"--base-patch-size: expected a positive integer, got {patch_size!r}")
-    return patch_size
 
 
 def base_vae_encoder(vae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
