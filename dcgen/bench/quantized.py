@@ -119,28 +119,6 @@ def blocks_view(transformer: nn.Module, block_lists: dict[str, nn.ModuleList]) -
     return view
 
 
-class InputCapture:
-    """Records the keyword arguments of the first forward call of a module (one denoising step's
-    transformer inputs), detached, so the same batch can be replayed."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.kwargs: dict[str, Any] | None = None
-        self.args: tuple[Any, ...] = ()
-        self._handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.kwargs is None:
-            self.args = tuple(_detach(a) for a in args)
-            self.kwargs = {k: _detach(v) for k, v in kwargs.items()}
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
-def _detach(v: Any) -> Any:
-    return v.detach().clone() if isinstance(v, torch.Tensor) else v
-
-
 def output_quality(
     reference: nn.Module, quantized: nn.Module, inputs: dict[str, Any]
 ) -> dict[str, Any]:
@@ -162,7 +140,6 @@ def output_quality(
 __all__ = [
     "NVFP4_MODES",
     "QUANT_PRECISIONS",
-    "InputCapture",
     "QuantizedBlocks",
     "blocks_view",
     "module_bytes",

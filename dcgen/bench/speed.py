@@ -59,6 +59,7 @@ from ..autoencoders import DCAE
 from ..autoencoders.config import get_preset, reduced_config
 from ..pipelines import BaseFluxPipeline, DCGenFluxPipeline, DCGenSanaPipeline
 from ..quant import FP8Config
+from ..quant.pipeline_quant import CallRecorder
 from .models import (
     MODELS,
     ModelSpec,
@@ -71,7 +72,6 @@ from .models import (
 from .quantized import (
     NVFP4_MODES,
     QUANT_PRECISIONS,
-    InputCapture,
     QuantizedBlocks,
     module_bytes,
     nvfp4_gemm_path,
@@ -501,7 +501,7 @@ class SpeedBench:
         """Output error of the ``precision`` transformer vs the bf16 one on one DC-Gen batch at
         ``resolution`` (the transformer inputs of the first denoising step, batch 1)."""
         pipe = self.pipeline("dcgen", resolution, "bf16")
-        capture = InputCapture(self.transformer)
+        capture = CallRecorder(self.transformer, limit=1)
         try:
             with self._contexts(self.transformer, variant, attention):
                 self._call(pipe, self.text(1, attention), resolution, 1)
@@ -512,7 +512,8 @@ class SpeedBench:
             self._contexts(self.transformer, variant, attention),
             attention_processors(view, uses_kernels(variant)),
         ):
-            return output_quality(self.transformer, view, capture.kwargs or {})
+            inputs = capture.calls[0].kwargs if capture.calls else {}
+            return output_quality(self.transformer, view, inputs)
 
     def close(self) -> None:
         self._dcae.clear()
