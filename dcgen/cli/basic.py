@@ -19,7 +19,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"device": device, "seed": args.seed, "assets": args.assets}
     for name in (
         "train_images", "eval_prompts", "align_sgd_steps", "output_steps", "lora_steps",
-        "lora_rank", "sampling_steps", "batch_size", "lr",
+        "lora_rank", "sampling_steps", "batch_size", "lr", "checkpoint_every",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
@@ -37,9 +37,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"dcgen demo: DC-Gen on the toy world ({device}): stage 1 {settings.align_sgd_steps} "
         f"refinement steps, stage 2 {settings.output_steps} steps, stage 3 {settings.lora_steps} "
-        f"LoRA steps (and the naive baseline); writing {args.out}/"
+        f"LoRA steps (and the naive baseline); "
+        f"{'resuming' if args.resume else 'writing'} {args.out}/"
     )
-    run_demo(args.out, settings, progress=not args.no_progress, echo=print)
+    run_demo(args.out, settings, progress=not args.no_progress, echo=print, resume=args.resume)
     print()
     print((Path(args.out) / "report.md").read_text())
     return 0

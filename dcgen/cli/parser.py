@@ -48,8 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("--sampling-steps", int, "Euler steps per image"),
         ("--batch-size", int, "training batch size"),
         ("--lr", float, "learning rate of stages 2 and 3 and the refinement"),
+        ("--checkpoint-every", int, "training steps between checkpoints (default 100)"),
     ):
         d.add_argument(flag, type=kind, default=None, help=what)
+    d.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run in --out (same settings) from its checkpoints instead of "
+        "starting over",
+    )
     d.add_argument(
         "--positions",
         choices=["base", "grid"],

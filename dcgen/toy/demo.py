@@ -22,7 +22,13 @@ The run folder::
     report.md / report.json   one row per model (base, naive, stage 1, stage 1+2, DC-Gen)
     grid.png                  same prompts and seeds, one column per model
     loss_curves.png           every training stage's loss
-    stage1/ stage2/ stage3/ naive/   the stages' logs (and their checkpoints)
+    stage1/ stage2/ stage3/ naive/   the stages' logs, checkpoints and LoRA-curve snapshots
+    demo_settings.json        the settings, checked by ``resume=True`` (``dcgen demo --resume``)
+
+A killed run resumes where it stopped (``resume=True``): finished phases reload their final
+checkpoint, the interrupted one continues from its last (every ``checkpoint_every`` steps), and
+the report is the one the uninterrupted run writes. The evaluation after training is not
+checkpointed; it reruns (about a third of the default run).
 
 This module runs it; ``demo_sampling`` samples and times the rows, ``demo_analysis`` holds the
 measurements beside the samples, ``demo_report`` writes the report.
@@ -34,6 +40,7 @@ import copy
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -43,8 +50,10 @@ from typing import Any
 import torch
 
 from dcgen.adapters import adapter_for
+from dcgen.autoencoders.checkpoint import atomic_write
+from dcgen.train.checkpoint import checkpoint_step, latest_checkpoint
 from dcgen.train.config import TrainConfig
-from dcgen.train.loop import LOG_NAME
+from dcgen.train.loop import CHECKPOINT_DIR, LOG_NAME
 from dcgen.train.lora import fuse_lora
 from dcgen.train.stages import (
     align_embedder,
@@ -59,6 +68,7 @@ from .demo_analysis import (
     coarse_base_latents,
     coarse_reference_r2,
     lora_curve,
+    snapshot_path,
     weight_snapshots,
     with_weights,
 )
@@ -113,6 +123,8 @@ class DemoSettings:
     seed: int = 0
     device: str = "cpu"
     assets: str | None = None  # None: the shipped toy world
+    # Training steps between checkpoints (and at each phase's end): what a killed run loses.
+    checkpoint_every: int = 100
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -139,7 +151,7 @@ class DemoSettings:
         for name in (
             "train_images", "eval_prompts", "reference_images", "batch_size", "lora_rank",
             "sampling_steps", "latency_repeats", "grid_prompts", "output_steps", "lora_steps",
-            "resolution_repeats",
+            "resolution_repeats", "checkpoint_every",
         ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -218,7 +230,76 @@ def _check_latency_sizes(sizes: Sequence[int], assets: A.ToyAssets) -> None:
 # ------------------------------------------------------------------------------------ run
 
 
-def _stage_config(settings: DemoSettings, stage: str, out_dir: Path, steps: int) -> TrainConfig:
+SETTINGS_NAME = "demo_settings.json"
+SNAPSHOT_DIR = "snapshots"
+# Settings a resumed run may change: they change no number of the report.
+_FREE_ON_RESUME = ("checkpoint_every",)
+
+
+PHASES = ("stage1", "stage2", "stage3", "naive")
+
+
+def _start_run_folder(out: Path, settings: DemoSettings, resume: bool) -> bool:
+    """Write the run's settings and return whether there is a run to resume. Resuming first
+    checks that the settings are the ones the run started with (a run resumed with other
+    settings would report numbers of neither). Starting over clears every phase's folder up
+    front, so no phase can later resume from an older run's checkpoints."""
+    path = out / SETTINGS_NAME
+    record = json.loads(json.dumps(asdict(settings)))  # tuples -> lists, as read back
+    if resume and not path.is_file():
+        logger.warning("%s has no %s: nothing to resume, starting over", out, SETTINGS_NAME)
+        resume = False
+    if resume:
+        old = json.loads(path.read_text())
+        changed = sorted(
+            k
+            for k in set(old) | set(record)
+            if k not in _FREE_ON_RESUME and old.get(k) != record.get(k)
+        )
+        if changed:
+            what = "; ".join(f"{k}: {old.get(k)!r} then, {record.get(k)!r} now" for k in changed)
+            raise ValueError(
+                f"cannot resume the demo in {out}: it was started with other settings ({what}). "
+                "Resume with the same settings, or run without resume to start over."
+            )
+    else:
+        for folder in PHASES:
+            _phase_dir(out / folder, resume=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    return resume
+
+
+def _phase_dir(path: Path, resume: bool, snapshot_steps: Sequence[int] = ()) -> int:
+    """Prepare one training phase's folder; return the step it resumes from (0: from scratch,
+    after removing a previous run's log, checkpoints and snapshots). A phase whose checkpoint
+    is past a LoRA-curve step without that step's snapshot starts over (a kill between the
+    checkpoint and the snapshot), so that the curve is never missing a point."""
+    path.mkdir(parents=True, exist_ok=True)
+    start = 0
+    if resume:
+        latest = latest_checkpoint(path / CHECKPOINT_DIR)
+        start = checkpoint_step(latest) if latest is not None else 0
+        missing = [
+            n
+            for n in snapshot_steps
+            if n <= start and not snapshot_path(path / SNAPSHOT_DIR, n).is_file()
+        ]
+        if missing:
+            logger.warning(
+                "%s: checkpoint at step %d but no snapshot of step(s) %s; the phase starts over",
+                path, start, missing,
+            )  # fmt: skip
+            start = 0
+    if start == 0:
+        (path / LOG_NAME).unlink(missing_ok=True)
+        shutil.rmtree(path / CHECKPOINT_DIR, ignore_errors=True)
+        shutil.rmtree(path / SNAPSHOT_DIR, ignore_errors=True)
+    return start
+
+
+def _stage_config(
+    settings: DemoSettings, stage: str, out_dir: Path, steps: int, resume: bool
+) -> TrainConfig:
     return TrainConfig(
         stage=stage,
         transformer="(in memory: the toy base model)",
@@ -237,19 +318,12 @@ def _stage_config(settings: DemoSettings, stage: str, out_dir: Path, steps: int)
         align_head="ridge",  # stage 1 alone must sample: a closed-form head on the frozen DiT
         align_head_samples=settings.train_images,
         align_positions=settings.align_positions,
-        checkpoint_every=max(steps, settings.align_sgd_steps, 1),
+        checkpoint_every=settings.checkpoint_every,
         keep_checkpoints=1,
         log_every=1,
-        resume=False,
+        resume=resume,
         device=settings.device,
     ).validate()
-
-
-def _fresh_dir(path: Path) -> Path:
-    """A stage folder without a previous run's log (the demo always trains from scratch)."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / LOG_NAME).unlink(missing_ok=True)
-    return path
 
 
 def run_demo(
@@ -257,8 +331,10 @@ def run_demo(
     settings: DemoSettings | None = None,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """The whole demo; returns the report dict (also written as report.json)."""
+    """The whole demo; returns the report dict (also written as report.json). ``resume``
+    continues a killed run in ``out_dir`` (same settings) instead of starting over."""
     settings = (settings or DemoSettings()).validate()
     say = echo or (lambda msg: logger.info("%s", msg))
     out = Path(out_dir)
@@ -272,6 +348,7 @@ def run_demo(
         i for i in settings.feature_layers if i < len(adapter_for(assets.transformer).blocks())
     ]
     settings.feature_layers = tuple(layers)
+    resume = _start_run_folder(out, settings, resume)
     say(f"toy world from {assets.root} ({assets.image_size}x{assets.image_size} images)")
     _check_latency_sizes(settings.latency_sizes, assets)
     data = build_training_data(assets, settings.train_images, device, progress)
@@ -279,6 +356,19 @@ def run_demo(
 
     timings: dict[str, float] = {}
     base = assets.transformer
+
+    curve_steps = sorted({n for n in settings.curve_steps if n < settings.lora_steps})
+    resumed: dict[str, int] = {}
+
+    def phase(folder: str, stage_name: str, steps: int) -> tuple[TrainConfig, Path]:
+        """The config and folder of one training phase, resuming it when asked and possible."""
+        run_dir = out / folder
+        snapshots = curve_steps if stage_name == "finetune" else ()
+        start = _phase_dir(run_dir, resume, snapshots)
+        if start:
+            resumed[folder] = start
+            say(f"{folder}: resuming at step {start} of {steps}")
+        return _stage_config(settings, stage_name, run_dir, steps, resume and start > 0), run_dir
 
     def stage(name: str, fn: Callable[[], dict]) -> dict:
         t0 = time.perf_counter()
@@ -290,12 +380,10 @@ def run_demo(
 
     # Stage 1: new embedder (ridge fit + refinement) and a zero head; the DiT is not touched.
     s1 = copy.deepcopy(base)
-    cfg1 = _stage_config(settings, "align", out / "stage1", settings.output_steps)
+    cfg1, dir1 = phase("stage1", "align", settings.output_steps)
     summary1 = stage(
         "stage 1 (align embedder)",
-        lambda: align_embedder(
-            s1, data, cfg1, run_dir=_fresh_dir(out / "stage1"), progress=progress
-        ),
+        lambda: align_embedder(s1, data, cfg1, run_dir=dir1, progress=progress),
     )
     # How much of the velocity a linear head reads from the last hidden states: the frozen blocks
     # on the aligned embedder (stage 1's ridge head) vs the base model on its own latents.
@@ -314,23 +402,18 @@ def run_demo(
     }
     # Stage 2: the output layer (and the embedder) on the flow-matching loss, DiT frozen.
     s12 = copy.deepcopy(s1)
-    cfg2 = _stage_config(settings, "output", out / "stage2", settings.output_steps)
+    cfg2, dir2 = phase("stage2", "output", settings.output_steps)
     summary2 = stage(
         "stage 2 (output layer)",
-        lambda: train_output_layer(
-            s12, data, cfg2, run_dir=_fresh_dir(out / "stage2"), progress=progress
-        ),
+        lambda: train_output_layer(s12, data, cfg2, run_dir=dir2, progress=progress),
     )
     # Stage 3: LoRA on the blocks, embedder and head trained.
     full = copy.deepcopy(s12)
-    cfg3 = _stage_config(settings, "finetune", out / "stage3", settings.lora_steps)
-    curve_steps = sorted({n for n in settings.curve_steps if n < settings.lora_steps})
-    snap3, saved3 = weight_snapshots(full, curve_steps)
+    cfg3, dir3 = phase("stage3", "finetune", settings.lora_steps)
+    snap3, saved3 = weight_snapshots(full, curve_steps, dir3 / SNAPSHOT_DIR)
     summary3 = stage(
         "stage 3 (LoRA)",
-        lambda: finetune_lora(
-            full, data, cfg3, run_dir=_fresh_dir(out / "stage3"), progress=progress, on_step=snap3
-        ),
+        lambda: finetune_lora(full, data, cfg3, run_dir=dir3, progress=progress, on_step=snap3),
     )
     # Naive: random new embedder and head, then the same LoRA budget.
     naive = copy.deepcopy(base)
@@ -343,13 +426,11 @@ def run_demo(
     naive.to(device)
     # Before any training: random latent layers on the untouched DiT, stage 1's counterpart.
     naive_untrained = copy.deepcopy(naive)
-    cfgn = _stage_config(settings, "finetune", out / "naive", settings.lora_steps)
-    snapn, savedn = weight_snapshots(naive, curve_steps)
+    cfgn, dirn = phase("naive", "finetune", settings.lora_steps)
+    snapn, savedn = weight_snapshots(naive, curve_steps, dirn / SNAPSHOT_DIR)
     summary_naive = stage(
         "naive baseline (LoRA, no alignment)",
-        lambda: finetune_lora(
-            naive, data, cfgn, run_dir=_fresh_dir(out / "naive"), progress=progress, on_step=snapn
-        ),
+        lambda: finetune_lora(naive, data, cfgn, run_dir=dirn, progress=progress, on_step=snapn),
     )
     # The curve's intermediate models: the final ones with the snapshot weights (LoRA unfused).
     curve_models = {
@@ -460,7 +541,7 @@ def run_demo(
         captions[: settings.grid_prompts],
     )
     grid.save(out / "grid.png")
-    curves = loss_curves(out, ["stage1", "stage2", "stage3", "naive"])
+    curves = loss_curves(out, list(PHASES))
     curves.save(out / "loss_curves.png")
     timings["total"] = time.perf_counter() - t_start
     fd1 = summary1["feature_distance"]
@@ -490,6 +571,8 @@ def run_demo(
             "naive": summary_naive,
         },
         "timings_s": timings,
+        # Training phases continued from a checkpoint (folder -> step), {} for one clean run.
+        "resumed_from_step": resumed,
         "files": {"grid": "grid.png", "loss_curves": "loss_curves.png", "report": "report.md"},
     }
     report["checks"] = claims(report)

@@ -7,13 +7,16 @@ from __future__ import annotations
 import copy
 import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dcgen.adapters import adapter_for
+from dcgen.autoencoders.checkpoint import atomic_write
 from dcgen.train.config import TrainConfig
 from dcgen.train.features import feature_distance
 from dcgen.train.stages import _block_features, align_embedder
@@ -47,20 +50,37 @@ def coarse_reference_r2(
 
 
 def weight_snapshots(
-    model: nn.Module, steps: Sequence[int]
+    model: nn.Module, steps: Sequence[int], folder: str | Path | None = None
 ) -> tuple[Callable[[int, float], None], dict[int, dict[str, torch.Tensor]]]:
     """An ``on_step`` callback that copies the trainable weights after each of ``steps``, and
-    the dict it fills (step -> weights)."""
+    the dict it fills (step -> weights).
+
+    With ``folder``, each copy is also written there (``step-N.safetensors``, atomically) and the
+    dict starts with the copies already there: a resumed run that starts past a step still has
+    that step's weights."""
     saved: dict[int, dict[str, torch.Tensor]] = {}
     wanted = set(steps)
+    where = Path(folder) if folder is not None else None
+    if where is not None:
+        for step in sorted(wanted):
+            if snapshot_path(where, step).is_file():
+                saved[step] = load_file(str(snapshot_path(where, step)))
 
     def on_step(step: int, loss: float) -> None:
         if step in wanted:
             saved[step] = {
                 n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
             }
+            if where is not None:
+                weights = {n: t.contiguous().cpu() for n, t in saved[step].items()}
+                atomic_write(snapshot_path(where, step), lambda tmp: save_file(weights, tmp))
 
     return on_step, saved
+
+
+def snapshot_path(folder: Path, step: int) -> Path:
+    """Where :func:`weight_snapshots` keeps the weights of ``step``."""
+    return folder / f"step-{step:08d}.safetensors"
 
 
 def with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:

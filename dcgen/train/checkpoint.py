@@ -54,6 +54,7 @@ __all__ = [
     "Checkpointer",
     "RunState",
     "capture_rng_state",
+    "checkpoint_step",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -168,6 +169,14 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 def latest_checkpoint(directory: str | Path) -> Path | None:
     ckpts = list_checkpoints(directory)
     return ckpts[-1] if ckpts else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint folder (``step-NNNNNNNN``) was saved at."""
+    m = _STEP_DIR.match(Path(path).name)
+    if m is None:
+        raise CheckpointError(f"{path} is not a checkpoint folder (expected step-NNNNNNNN)")
+    return int(m.group(1))
 
 
 def _flatten_models(model_state: ModelState) -> dict[str, torch.Tensor]:

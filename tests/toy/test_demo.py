@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
@@ -32,14 +31,6 @@ ROW_FIELDS = (
     "frechet_distance",
     "feature_distance",
 )
-
-
-@pytest.fixture(scope="module")
-def fast_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    code = main(["demo", "--fast", "--out", str(out), "--device", "cpu", "--no-progress"])
-    assert code == 0
-    return out, json.loads((out / "report.json").read_text())
 
 
 def test_fast_demo_writes_every_file(fast_run):

@@ -181,6 +181,16 @@ def test_keep_last_and_resave(tmp_path):
     assert load_latest_checkpoint(tmp_path / "nothing") is None
 
 
+def test_checkpoint_step_reads_the_folder_name(tmp_path):
+    model = _module()
+    for step in (9, 120):
+        save_checkpoint(tmp_path, step, {"m": model}, keep_last=None)
+    latest = ckpt_mod.latest_checkpoint(tmp_path)
+    assert ckpt_mod.checkpoint_step(latest) == 120 == load_latest_checkpoint(tmp_path).step
+    with pytest.raises(CheckpointError, match="step-NNNNNNNN"):
+        ckpt_mod.checkpoint_step(tmp_path / "final")
+
+
 def test_rng_round_trip():
     state = capture_rng_state()
     draws = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3))
