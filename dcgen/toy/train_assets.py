@@ -49,6 +49,8 @@ from .text import ToyTextEncoder
 
 logger = logging.getLogger(__name__)
 
+Device = torch.device | str
+
 PARTS = ("vae", "evaluator", "dcae", "flux", "manifest")
 # Steps at --scale 1 (about an hour in all on 2 CPU cores).
 STEPS = {"vae": 3000, "evaluator": 1200, "dcae": 3000, "flux": 4000}
@@ -110,16 +112,16 @@ def _random_crops(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tenso
 # ------------------------------------------------------------------------------------ parts
 
 
-def train_vae(steps: int, progress: bool) -> tuple[nn.Module, dict]:
+def train_vae(steps: int, progress: bool, device: Device = "cpu") -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
-    vae = A.build_vae().train()
+    vae = A.build_vae().to(device).train()
     world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=10**9)
     g = torch.Generator().manual_seed(0)
     opt, sched = _optimizer(vae.parameters(), 1e-3, steps, 100)
     batches = world.iter_batches(8, start=2_000_000)
     losses = []
     for _ in _progress(range(steps), "vae", progress):
-        x = _random_crops(next(batches)[0], 64, g)
+        x = _random_crops(next(batches)[0], 64, g).to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
@@ -129,11 +131,14 @@ def train_vae(steps: int, progress: bool) -> tuple[nn.Module, dict]:
     # FLUX's latent convention: z_scaled = (z - shift) * scale with unit variance overall.
     with torch.no_grad():
         z = torch.cat(
-            [vae.encode(world.batch(i, 32)[0]).latent_dist.mean for i in range(0, 256, 32)]
+            [
+                vae.encode(world.batch(i, 32)[0].to(device)).latent_dist.mean
+                for i in range(0, 256, 32)
+            ]
         )
     shift, scale = float(z.mean()), float(1.0 / z.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    return vae, {
+    return vae.cpu(), {
         "steps": steps,
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "shift_factor": shift,
@@ -171,9 +176,11 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.cat(out).clamp(-1, 1)
 
 
-def train_evaluator(steps: int, progress: bool) -> tuple[ShapeEvaluator, dict]:
+def train_evaluator(
+    steps: int, progress: bool, device: Device = "cpu"
+) -> tuple[ShapeEvaluator, dict]:
     torch.manual_seed(0)
-    model = ShapeEvaluator().train()
+    model = ShapeEvaluator().to(device).train()
     world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=10**9)
     g = torch.Generator().manual_seed(1)
     opt, sched = _optimizer(model.parameters(), 2e-3, steps, 50)
@@ -181,30 +188,31 @@ def train_evaluator(steps: int, progress: bool) -> tuple[ShapeEvaluator, dict]:
     losses = []
     for _ in _progress(range(steps), "evaluator", progress):
         x, _, labels = next(batches)
-        loss = evaluator_loss(model(_augment(x, g)), labels)
+        labels = labels.to(device)
+        loss = evaluator_loss(model(_augment(x, g).to(device)), labels)
         losses.append(_update(loss, opt, sched))
     model.eval()
-    return model, {"steps": steps, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+    return model.cpu(), {"steps": steps, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
 
 
-def train_dcae(steps: int, progress: bool) -> tuple[nn.Module, dict]:
+def train_dcae(steps: int, progress: bool, device: Device = "cpu") -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
-    dcae = A.build_dcae().train()
+    dcae = A.build_dcae().to(device).train()
     world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=10**9)
     opt, sched = _optimizer(dcae.parameters(), 1e-3, steps, 100)
     batches = world.iter_batches(8, start=6_000_000)
     losses = []
     for _ in _progress(range(steps), "dcae", progress):
-        x = next(batches)[0]
+        x = next(batches)[0].to(device)
         rec = dcae.decode(dcae.encode(x))
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         losses.append(_update(loss, opt, sched, dcae.parameters()))
     dcae.eval()
     with torch.no_grad():
-        z = torch.cat([dcae.encode(world.batch(i, 32)[0]) for i in range(0, 256, 32)])
+        z = torch.cat([dcae.encode(world.batch(i, 32)[0].to(device)) for i in range(0, 256, 32)])
     scale = float(1.0 / z.std())
     dcae.config = dcae.config.replace(scaling_factor=scale)
-    return dcae, {
+    return dcae.cpu(), {
         "steps": steps,
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "scaling_factor": scale,
@@ -215,12 +223,15 @@ def train_dcae(steps: int, progress: bool) -> tuple[nn.Module, dict]:
 def encode_training_set(
     vae: nn.Module, count: int, progress: bool, low_res: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
-    """VAE latents of the training images, at half size too (2x2 area average) if ``low_res``
-    (else None), and their captions (the same for both sizes: positions are quadrants)."""
+    """VAE latents of the training images (on the VAE's device), at half size too (2x2 area
+    average) if ``low_res`` (else None), and their captions (the same for both sizes: positions
+    are quadrants)."""
+    device = next(vae.parameters()).device
     world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=count)
     lats, low, caps = [], [], []
     for start in _progress(range(0, count, 64), "encode", progress):
         x, c, _ = world.batch(start, min(64, count - start))
+        x = x.to(device)
         lats.append(A.vae_encode(vae, x))
         if low_res:
             low.append(A.vae_encode(vae, F.avg_pool2d(x, 2)))
@@ -241,8 +252,9 @@ def train_flux(
     from dcgen.train.losses import flow_matching_loss, guidance_values, sample_timesteps
 
     torch.manual_seed(0)
-    transformer = A.build_transformer().train()
-    text = ToyTextEncoder().train()
+    device = latents.device  # trains where the latents are
+    transformer = A.build_transformer().to(device).train()
+    text = ToyTextEncoder().to(device).train()
     adapter = adapter_for(transformer)
     params = list(transformer.parameters()) + list(text.parameters())
     opt, sched = _optimizer(params, 5e-4, steps, 200)
@@ -263,10 +275,11 @@ def train_flux(
         low = len(sizes) > 1 and step % low_res_every == low_res_every - 1
         source, shift = sizes[1] if low else sizes[0]
         idx = torch.randint(0, len(source), (FLUX_BATCH,), generator=g)
-        x0 = source[idx]
-        sigmas = sample_timesteps(FLUX_BATCH, g, mode="logit_normal", shift=shift)
-        noise = torch.randn(x0.shape, generator=g)
-        guidance = guidance_values(FLUX_BATCH, g, low=1.0, high=5.0)
+        x0 = source[idx.to(device)]
+        # The random draws stay on the CPU generator: the same numbers on every device.
+        sigmas = sample_timesteps(FLUX_BATCH, g, mode="logit_normal", shift=shift).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        guidance = guidance_values(FLUX_BATCH, g, low=1.0, high=5.0).to(device)
         embeds, pooled = text([captions[i] for i in idx.tolist()])
 
         def model_fn(
@@ -286,8 +299,8 @@ def train_flux(
             logger.info("flux step %d loss %.4f", step, sum(losses[-100:]) / len(losses[-100:]))
     transformer_ema, text_ema = ema_models
     return (
-        transformer_ema.eval(),
-        text_ema.eval(),
+        transformer_ema.cpu().eval(),
+        text_ema.cpu().eval(),
         {
             "steps": steps,
             "batch_size": FLUX_BATCH,
@@ -316,24 +329,25 @@ def sample_base(
     from dcgen.sampling.shift import resolve_shift
 
     adapter = adapter_for(transformer)
+    device = next(transformer.parameters()).device
     lat = A.IMAGE_SIZE // 8
     c = adapter.latent_channels
     shift = resolve_shift("flux", adapter.num_tokens(lat, lat), c)
-    sigmas = flow_sigmas(steps, shift)
+    sigmas = flow_sigmas(steps, shift, device=device)
     images = []
     for start in range(0, len(captions), batch_size):
         caps = captions[start : start + batch_size]
         g = torch.Generator().manual_seed(seed + start)
-        noise = torch.randn(len(caps), c, lat, lat, generator=g)
+        noise = torch.randn(len(caps), c, lat, lat, generator=g).to(device)
         embeds, pooled = text(caps)
-        guidance = torch.full((len(caps),), GUIDANCE)
+        guidance = torch.full((len(caps),), GUIDANCE, device=device)
 
         def model_fn(
             x: torch.Tensor, s: torch.Tensor, e=embeds, p=pooled, g=guidance
         ) -> torch.Tensor:
             return adapter.predict(x, s, e, p, g)
 
-        images.append(A.vae_decode(vae, sample_euler(model_fn, noise, sigmas)))
+        images.append(A.vae_decode(vae, sample_euler(model_fn, noise, sigmas)).cpu())
     return torch.cat(images)
 
 
@@ -342,28 +356,33 @@ def measure(assets: A.ToyAssets, count: int = 256) -> dict[str, Any]:
     """The numbers the manifest records (also the asset tests' expectations)."""
     world = ShapesWorld(A.EVAL_SEED, A.IMAGE_SIZE, length=count)
     x, caps, labels = world.batch(0, count)
-    ev = assets.evaluator
-    vae_rec = A.vae_decode(assets.vae, A.vae_encode(assets.vae, x[:64]))
-    dcae_rec = assets.dcae.decode(assets.dcae.encode(x[:64]))
-    real = score_prompts(ev.predict(x), caps)
-    noise = score_prompts(ev.predict(noise_images(count, A.IMAGE_SIZE)), caps)
+    device = next(assets.evaluator.parameters()).device
+    x64 = x[:64].to(device)
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return assets.evaluator.predict(images.to(device)).cpu()
+
+    vae_rec = A.vae_decode(assets.vae, A.vae_encode(assets.vae, x64)).cpu()
+    dcae_rec = assets.dcae.decode(assets.dcae.encode(x64)).cpu()
+    real = score_prompts(predict(x), caps)
+    noise = score_prompts(predict(noise_images(count, A.IMAGE_SIZE)), caps)
     base_images = sample_base(
         assets.transformer, assets.text_encoder, assets.vae, caps[:128], seed=0
     )
-    base = score_prompts(ev.predict(base_images), caps[:128])
+    base = score_prompts(predict(base_images), caps[:128])
     return {
         "vae_psnr_db": psnr(vae_rec, x[:64]),
         "dcae_psnr_db": psnr(dcae_rec, x[:64]),
-        "evaluator_label_accuracy_real": label_accuracy(ev.predict(x), labels),
+        "evaluator_label_accuracy_real": label_accuracy(predict(x), labels),
         "evaluator_prompt_accuracy_real": real["prompt_accuracy"],
         "evaluator_prompt_accuracy_noise": noise["prompt_accuracy"],
         "evaluator_attribute_accuracy_noise": {
             k: v for k, v in noise.items() if k != "prompt_accuracy"
         },
-        "vae_decoded_prompt_accuracy": score_prompts(ev.predict(vae_rec), caps[:64])[
+        "vae_decoded_prompt_accuracy": score_prompts(predict(vae_rec), caps[:64])[
             "prompt_accuracy"
         ],
-        "dcae_decoded_prompt_accuracy": score_prompts(ev.predict(dcae_rec), caps[:64])[
+        "dcae_decoded_prompt_accuracy": score_prompts(predict(dcae_rec), caps[:64])[
             "prompt_accuracy"
         ],
         "base_prompt_accuracy": base["prompt_accuracy"],
@@ -375,7 +394,14 @@ def measure(assets: A.ToyAssets, count: int = 256) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- driver
 
 
-def _load_part(out: Path, part: str) -> Any:
+def _load_part(out: Path, part: str, device: Device = "cpu") -> Any:
+    loaded = _read_part(out, part)
+    if isinstance(loaded, tuple):
+        return tuple(m.to(device) for m in loaded)
+    return loaded.to(device)
+
+
+def _read_part(out: Path, part: str) -> Any:
     from diffusers import AutoencoderKL
 
     from dcgen.autoencoders import DCAE
@@ -395,10 +421,12 @@ def _load_part(out: Path, part: str) -> Any:
     raise KeyError(part)
 
 
-def _write_log(out: Path, part: str, info: dict, seconds: float) -> None:
+def _write_log(out: Path, part: str, info: dict, seconds: float, device: Device = "cpu") -> None:
     log = out / "training.json"
     data = json.loads(log.read_text()) if log.is_file() else {}
     data[part] = {**info, "seconds": round(seconds, 1), "threads": torch.get_num_threads()}
+    if str(device) != "cpu":
+        data[part]["device"] = str(device)
     log.write_text(json.dumps(data, indent=1))
 
 
@@ -408,6 +436,7 @@ def train(
     scale: float = 1.0,
     progress: bool = True,
     low_res_every: int = 0,
+    device: Device = "cpu",
 ) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -425,16 +454,16 @@ def train(
             continue
         t0 = time.perf_counter()
         if part == "vae":
-            vae, info = train_vae(steps("vae"), progress)
+            vae, info = train_vae(steps("vae"), progress, device)
             vae.save_pretrained(str(out / A.FOLDERS["vae"]))
         elif part == "evaluator":
-            ev, info = train_evaluator(steps("evaluator"), progress)
+            ev, info = train_evaluator(steps("evaluator"), progress, device)
             ev.save_pretrained(out / A.FOLDERS["evaluator"])
         elif part == "dcae":
-            dcae, info = train_dcae(steps("dcae"), progress)
+            dcae, info = train_dcae(steps("dcae"), progress, device)
             dcae.save_pretrained(out / A.FOLDERS["dcae"])
         else:
-            vae = _load_part(out, "vae")
+            vae = _load_part(out, "vae", device)
             count = max(256, int(FLUX_TRAIN_IMAGES * min(scale * 10, 1.0)))
             latents, low_res, captions = encode_training_set(
                 vae, count, progress, low_res=low_res_every > 0
@@ -444,15 +473,15 @@ def train(
             )
             transformer.save_pretrained(str(out / A.FOLDERS["transformer"]))
             text.save_pretrained(out / A.FOLDERS["text_encoder"])
-        _write_log(out, part, info, time.perf_counter() - t0)
+        _write_log(out, part, info, time.perf_counter() - t0, device)
         logger.info("%s done in %.0f s: %s", part, time.perf_counter() - t0, info)
 
     if "manifest" not in parts:
         return {}
-    transformer, text = _load_part(out, "flux")
+    transformer, text = _load_part(out, "flux", device)
     assets = A.ToyAssets(
-        _load_part(out, "vae"), _load_part(out, "dcae"), transformer, text,
-        _load_part(out, "evaluator"), {}, out,
+        _load_part(out, "vae", device), _load_part(out, "dcae", device), transformer, text,
+        _load_part(out, "evaluator", device), {}, out,
     )  # fmt: skip
     metrics = measure(assets)
     training = (
@@ -475,7 +504,8 @@ def train(
         "scale": scale,
         "training": training,
         "metrics": metrics,
-        "command": f"python scripts/train_toy_assets.py --out {out} --scale {scale}",
+        "command": f"python scripts/train_toy_assets.py --out {out} --scale {scale}"
+        + (f" --device {device}" if str(device) != "cpu" else ""),
     }
     (out / A.MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -499,15 +529,34 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="train the base on half-size images every N-th step (0: single resolution)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default; bit-reproducible at one thread) or cuda[:N] (minutes instead of hours; "
+        "other kernels, so the results drift from the shipped files as another thread count does)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads < 1:
         p.error(f"--threads: expected a positive integer, got {args.threads}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device: expected cpu or cuda[:N], got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device: expected cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch sees no CUDA GPU (use --device cpu)")
     torch.set_num_threads(args.threads)
     parts = tuple(s.strip() for s in args.parts.split(",") if s.strip())
     manifest = train(
-        args.out, parts, args.scale, progress=not args.quiet, low_res_every=args.low_res_every
+        args.out,
+        parts,
+        args.scale,
+        progress=not args.quiet,
+        low_res_every=args.low_res_every,
+        device=device,
     )
     if manifest:
         print(json.dumps(manifest["metrics"], indent=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from dcgen.toy import assets as A
@@ -41,8 +42,6 @@ def test_training_set_pairs_full_and_half_size_latents():
 
 
 def test_unknown_part_is_named(tmp_path):
-    import pytest
-
     with pytest.raises(ValueError, match="unknown part"):
         T.train(tmp_path, parts=("vae", "gan"))
 
@@ -65,8 +64,31 @@ def test_vae_recipe_is_deterministic_at_a_fixed_thread_count():
 
 
 def test_threads_must_be_positive(tmp_path, capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         T.main(["--out", str(tmp_path), "--parts", "manifest", "--threads", "0"])
     assert "--threads" in capsys.readouterr().err
+
+
+def test_device_must_be_cpu_or_cuda(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        T.main(["--out", str(tmp_path), "--parts", "vae", "--device", "tpu"])
+    assert "--device: expected cpu or cuda[:N], got 'tpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            T.main(["--out", str(tmp_path), "--parts", "vae", "--device", "cuda"])
+        assert "sees no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_the_recipe_trains_on_a_gpu_and_saves_cpu_loadable_parts(tmp_path):
+    """Every part, the manifest included, on CUDA: the minutes-not-hours path. The saved
+    folders load on the CPU and the manifest measured every model."""
+    manifest = T.train(tmp_path, T.PARTS, scale=0.0005, progress=False, device="cuda")
+    log = json.loads((tmp_path / "training.json").read_text())
+    assert {entry["device"] for entry in log.values()} == {"cuda"}
+    assets = A.load_toy_assets(tmp_path, torch.device("cpu"))
+    assert next(assets.transformer.parameters()).device.type == "cpu"
+    for key in ("vae_psnr_db", "dcae_psnr_db", "base_prompt_accuracy"):
+        value = manifest["metrics"][key]
+        assert isinstance(value, float) and value == value, key  # measured, not NaN
+    assert manifest["command"].endswith("--device cuda")
