@@ -17,6 +17,9 @@ Parts, in dependency order (a part reads the folders of the parts before it from
                  on noise, base prompt accuracy) and writes ``manifest.json`` (the folder is
                  complete once it exists).
 
+``--resume`` keeps the parts an earlier (killed) run finished in ``--out`` and trains the rest;
+``--device cuda`` trains on a GPU.
+
 Every part is seeded. At the shipped thread count (1, the ``--threads`` default) a rerun
 reproduces the shipped files bit for bit (measured for the VAE, base transformer and text
 encoder on this project's CPU). Another thread count changes the floating-point summation order,
@@ -40,6 +43,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dcgen.autoencoders.checkpoint import atomic_write
 
 from . import assets as A
 from .evaluator import ShapeEvaluator, evaluator_loss, label_accuracy, score_prompts
@@ -427,7 +432,18 @@ def _write_log(out: Path, part: str, info: dict, seconds: float, device: Device 
     data[part] = {**info, "seconds": round(seconds, 1), "threads": torch.get_num_threads()}
     if str(device) != "cpu":
         data[part]["device"] = str(device)
-    log.write_text(json.dumps(data, indent=1))
+    # Atomic: a part counts as finished (resume) only once its entry is here in full.
+    atomic_write(log, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
+
+
+def _finished(out: Path, part: str, steps: int) -> bool:
+    """Whether ``out`` holds ``part`` trained for ``steps`` steps: its training.json entry is
+    written only after the part's folder is saved."""
+    log = out / "training.json"
+    if not log.is_file():
+        return False
+    entry = json.loads(log.read_text()).get(part)
+    return entry is not None and entry.get("steps") == steps
 
 
 def train(
@@ -437,7 +453,10 @@ def train(
     progress: bool = True,
     low_res_every: int = 0,
     device: Device = "cpu",
+    resume: bool = False,
 ) -> dict:
+    """Train ``parts`` into ``out``; with ``resume``, parts already finished there at the same
+    step count are kept (a killed run loses only the part it was in)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if low_res_every < 0:
@@ -451,6 +470,9 @@ def train(
 
     for part in PARTS[:-1]:
         if part not in parts:
+            continue
+        if resume and _finished(out, part, steps(part)):
+            logger.info("%s: already trained in %s (training.json), kept", part, out)
             continue
         t0 = time.perf_counter()
         if part == "vae":
@@ -535,6 +557,11 @@ def main(argv: list[str] | None = None) -> int:
         help="cpu (default; bit-reproducible at one thread) or cuda[:N] (minutes instead of hours; "
         "other kernels, so the results drift from the shipped files as another thread count does)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the parts already finished in --out (same step counts); train the rest",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -557,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.quiet,
         low_res_every=args.low_res_every,
         device=device,
+        resume=args.resume,
     )
     if manifest:
         print(json.dumps(manifest["metrics"], indent=1))

@@ -92,3 +92,19 @@ def test_the_recipe_trains_on_a_gpu_and_saves_cpu_loadable_parts(tmp_path):
         value = manifest["metrics"][key]
         assert isinstance(value, float) and value == value, key  # measured, not NaN
     assert manifest["command"].endswith("--device cuda")
+
+
+def test_resume_keeps_the_finished_parts(tmp_path, monkeypatch):
+    T.train(tmp_path, ("vae",), scale=0.0005, progress=False)
+    first = json.loads((tmp_path / "training.json").read_text())["vae"]
+
+    def no_retraining(*args, **kwargs):
+        raise AssertionError("the finished VAE was trained again")
+
+    monkeypatch.setattr(T, "train_vae", no_retraining)
+    T.train(tmp_path, ("vae", "evaluator"), scale=0.0005, progress=False, resume=True)
+    log = json.loads((tmp_path / "training.json").read_text())
+    assert log["vae"] == first and "evaluator" in log
+    # Another step count is another recipe: the part is trained again, not kept.
+    with pytest.raises(AssertionError, match="trained again"):
+        T.train(tmp_path, ("vae",), scale=0.001, progress=False, resume=True)
