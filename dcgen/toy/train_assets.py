@@ -20,12 +20,13 @@ Parts, in dependency order (a part reads the folders of the parts before it from
 ``--resume`` keeps the parts an earlier (killed) run finished in ``--out`` and trains the rest;
 ``--device cuda`` trains on a GPU.
 
-Every part is seeded. At the shipped thread count (1, the ``--threads`` default) a rerun
-reproduces the shipped files bit for bit (measured for the VAE, base transformer and text
-encoder on this project's CPU). Another thread count changes the floating-point summation order,
-and the runs drift apart: at 2 threads the VAE reached 20.9 dB instead of 23.5 and the base
-model 0.13 prompt accuracy instead of 0.54, so the recipe is sensitive to that noise. Steps
-scale with ``--scale`` (0.01 for a smoke test).
+Every part is seeded. At the shipped thread count (1, the ``--threads`` default) a rerun on
+the same CPU reproduces the shipped files bit for bit (measured for the VAE, base transformer
+and text encoder); on a CPU whose kernels round differently every part lands within noise of
+the shipped one instead (all five measured; README, "The toy world"). Another thread count
+changes the floating-point summation order: in one 2-thread run the VAE reached 20.9 dB instead
+of 23.5 and the base model 0.13 prompt accuracy instead of 0.54. Steps scale with ``--scale``
+(0.01 for a smoke test).
 """
 
 from __future__ import annotations
