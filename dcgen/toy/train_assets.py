@@ -17,8 +17,10 @@ Parts, in dependency order (a part reads the folders of the parts before it from
                  on noise, base prompt accuracy) and writes ``manifest.json`` (the folder is
                  complete once it exists).
 
-``--resume`` keeps the parts an earlier (killed) run finished in ``--out`` and trains the rest;
-``--device cuda`` trains on a GPU.
+Each part checkpoints every CHECKPOINT_EVERY steps (``--out``/.partial, removed once the part is
+saved). ``--resume`` keeps the parts an earlier (killed) run finished in ``--out`` and continues
+the interrupted one from its checkpoint, exactly (``part_checkpoint``); ``--device cuda`` trains
+on a GPU.
 
 Every part is seeded. At the shipped thread count (1, the ``--threads`` default) a rerun on
 the same CPU reproduces the shipped files bit for bit (measured for the VAE, base transformer
@@ -50,6 +52,7 @@ from dcgen.autoencoders.checkpoint import atomic_write
 from . import assets as A
 from .evaluator import ShapeEvaluator, evaluator_loss, label_accuracy, score_prompts
 from .images import psnr
+from .part_checkpoint import PARTIAL_DIR, PartCheckpoint
 from .shapes import ShapesWorld, noise_images
 from .text import ToyTextEncoder
 
@@ -68,6 +71,8 @@ FLUX_TRAIN_IMAGES = 10_000
 FLUX_BATCH = 32
 SAMPLING_STEPS = 20
 GUIDANCE = 3.5
+# Steps between the in-part checkpoints (part_checkpoint): what a killed part loses at most.
+CHECKPOINT_EVERY = 250
 
 
 def _progress(it: range, desc: str, enabled: bool) -> Iterator[int]:
@@ -118,21 +123,32 @@ def _random_crops(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tenso
 # ------------------------------------------------------------------------------------ parts
 
 
-def train_vae(steps: int, progress: bool, device: Device = "cpu") -> tuple[nn.Module, dict]:
+def train_vae(
+    steps: int,
+    progress: bool,
+    device: Device = "cpu",
+    *,
+    ckpt_dir: Path | None = None,
+    resume: bool = False,
+) -> tuple[nn.Module, dict]:
+    """The f8c4 VAE. With ``ckpt_dir``, a checkpoint every CHECKPOINT_EVERY steps there;
+    ``resume`` continues from it (exactly: see part_checkpoint)."""
     torch.manual_seed(0)
     vae = A.build_vae().to(device).train()
     world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=10**9)
     g = torch.Generator().manual_seed(0)
     opt, sched = _optimizer(vae.parameters(), 1e-3, steps, 100)
-    batches = world.iter_batches(8, start=2_000_000)
-    losses = []
-    for _ in _progress(range(steps), "vae", progress):
+    ckpt = PartCheckpoint(ckpt_dir, "vae", CHECKPOINT_EVERY, {"vae": vae}, opt, sched, g)
+    first, losses = ckpt.start(steps, resume)
+    batches = world.iter_batches(8, start=2_000_000 + 8 * first)
+    for step in _progress(range(first, steps), "vae", progress):
         x = _random_crops(next(batches)[0], 64, g).to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
         losses.append(_update(loss, opt, sched, vae.parameters()))
+        ckpt.step_done(step + 1, steps, losses)
     vae.eval()
     # FLUX's latent convention: z_scaled = (z - shift) * scale with unit variance overall.
     with torch.no_grad():
@@ -183,36 +199,54 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def train_evaluator(
-    steps: int, progress: bool, device: Device = "cpu"
+    steps: int,
+    progress: bool,
+    device: Device = "cpu",
+    *,
+    ckpt_dir: Path | None = None,
+    resume: bool = False,
 ) -> tuple[ShapeEvaluator, dict]:
+    """The attribute classifiers (checkpoints as :func:`train_vae`)."""
     torch.manual_seed(0)
     model = ShapeEvaluator().to(device).train()
     world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=10**9)
     g = torch.Generator().manual_seed(1)
     opt, sched = _optimizer(model.parameters(), 2e-3, steps, 50)
-    batches = world.iter_batches(32, start=4_000_000)
-    losses = []
-    for _ in _progress(range(steps), "evaluator", progress):
+    ckpt = PartCheckpoint(ckpt_dir, "evaluator", CHECKPOINT_EVERY, {"ev": model}, opt, sched, g)
+    first, losses = ckpt.start(steps, resume)
+    batches = world.iter_batches(32, start=4_000_000 + 32 * first)
+    for step in _progress(range(first, steps), "evaluator", progress):
         x, _, labels = next(batches)
         labels = labels.to(device)
         loss = evaluator_loss(model(_augment(x, g).to(device)), labels)
         losses.append(_update(loss, opt, sched))
+        ckpt.step_done(step + 1, steps, losses)
     model.eval()
     return model.cpu(), {"steps": steps, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
 
 
-def train_dcae(steps: int, progress: bool, device: Device = "cpu") -> tuple[nn.Module, dict]:
+def train_dcae(
+    steps: int,
+    progress: bool,
+    device: Device = "cpu",
+    *,
+    ckpt_dir: Path | None = None,
+    resume: bool = False,
+) -> tuple[nn.Module, dict]:
+    """The f32c32 DC-AE (checkpoints as :func:`train_vae`)."""
     torch.manual_seed(0)
     dcae = A.build_dcae().to(device).train()
     world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=10**9)
     opt, sched = _optimizer(dcae.parameters(), 1e-3, steps, 100)
-    batches = world.iter_batches(8, start=6_000_000)
-    losses = []
-    for _ in _progress(range(steps), "dcae", progress):
+    ckpt = PartCheckpoint(ckpt_dir, "dcae", CHECKPOINT_EVERY, {"dcae": dcae}, opt, sched)
+    first, losses = ckpt.start(steps, resume)
+    batches = world.iter_batches(8, start=6_000_000 + 8 * first)
+    for step in _progress(range(first, steps), "dcae", progress):
         x = next(batches)[0].to(device)
         rec = dcae.decode(dcae.encode(x))
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
         losses.append(_update(loss, opt, sched, dcae.parameters()))
+        ckpt.step_done(step + 1, steps, losses)
     dcae.eval()
     with torch.no_grad():
         z = torch.cat([dcae.encode(world.batch(i, 32)[0].to(device)) for i in range(0, 256, 32)])
@@ -252,7 +286,12 @@ def train_flux(
     progress: bool,
     low_res_latents: torch.Tensor | None = None,
     low_res_every: int = 3,
+    *,
+    ckpt_dir: Path | None = None,
+    resume: bool = False,
 ) -> tuple[nn.Module, ToyTextEncoder, dict]:
+    """The base transformer and text encoder, jointly, with EMA weights (checkpoints as
+    :func:`train_vae`, the EMA copies included)."""
     from dcgen.adapters import adapter_for
     from dcgen.sampling.shift import resolve_shift
     from dcgen.train.losses import flow_matching_loss, guidance_values, sample_timesteps
@@ -276,8 +315,11 @@ def train_flux(
     if low_res_latents is not None:
         lh, lw = low_res_latents.shape[-2:]
         sizes.append((low_res_latents, resolve_shift("flux", adapter.num_tokens(lh, lw), c)))
-    losses = []
-    for step in _progress(range(steps), "flux", progress):
+    modules = {"transformer": transformer, "text": text}
+    modules.update({"ema_transformer": ema_models[0], "ema_text": ema_models[1]})
+    ckpt = PartCheckpoint(ckpt_dir, "flux", CHECKPOINT_EVERY, modules, opt, sched, g)
+    first, losses = ckpt.start(steps, resume)
+    for step in _progress(range(first, steps), "flux", progress):
         low = len(sizes) > 1 and step % low_res_every == low_res_every - 1
         source, shift = sizes[1] if low else sizes[0]
         idx = torch.randint(0, len(source), (FLUX_BATCH,), generator=g)
@@ -301,8 +343,9 @@ def train_flux(
                     q.lerp_(p, 1 - d)
         if not low:  # the reported loss is the full-size one
             losses.append(value)
-        if progress and step % 500 == 0:
+        if progress and step % 500 == 0 and losses:
             logger.info("flux step %d loss %.4f", step, sum(losses[-100:]) / len(losses[-100:]))
+        ckpt.step_done(step + 1, steps, losses)
     transformer_ema, text_ema = ema_models
     return (
         transformer_ema.cpu().eval(),
@@ -457,7 +500,8 @@ def train(
     resume: bool = False,
 ) -> dict:
     """Train ``parts`` into ``out``; with ``resume``, parts already finished there at the same
-    step count are kept (a killed run loses only the part it was in)."""
+    step count are kept and an interrupted part continues from its last checkpoint (a killed
+    run loses at most CHECKPOINT_EVERY steps)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if low_res_every < 0:
@@ -477,13 +521,15 @@ def train(
             continue
         t0 = time.perf_counter()
         if part == "vae":
-            vae, info = train_vae(steps("vae"), progress, device)
+            vae, info = train_vae(steps("vae"), progress, device, ckpt_dir=out, resume=resume)
             vae.save_pretrained(str(out / A.FOLDERS["vae"]))
         elif part == "evaluator":
-            ev, info = train_evaluator(steps("evaluator"), progress, device)
+            ev, info = train_evaluator(
+                steps("evaluator"), progress, device, ckpt_dir=out, resume=resume
+            )
             ev.save_pretrained(out / A.FOLDERS["evaluator"])
         elif part == "dcae":
-            dcae, info = train_dcae(steps("dcae"), progress, device)
+            dcae, info = train_dcae(steps("dcae"), progress, device, ckpt_dir=out, resume=resume)
             dcae.save_pretrained(out / A.FOLDERS["dcae"])
         else:
             vae = _load_part(out, "vae", device)
@@ -492,11 +538,14 @@ def train(
                 vae, count, progress, low_res=low_res_every > 0
             )
             transformer, text, info = train_flux(
-                latents, captions, steps("flux"), progress, low_res, max(low_res_every, 1)
-            )
+                latents, captions, steps("flux"), progress, low_res, max(low_res_every, 1),
+                ckpt_dir=out, resume=resume,
+            )  # fmt: skip
             transformer.save_pretrained(str(out / A.FOLDERS["transformer"]))
             text.save_pretrained(out / A.FOLDERS["text_encoder"])
         _write_log(out, part, info, time.perf_counter() - t0, device)
+        # Only now, with the part saved and logged, is its in-part checkpoint not needed.
+        (out / PARTIAL_DIR / f"{part}.pt").unlink(missing_ok=True)
         logger.info("%s done in %.0f s: %s", part, time.perf_counter() - t0, info)
 
     if "manifest" not in parts:
@@ -561,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="keep the parts already finished in --out (same step counts); train the rest",
+        help="keep the parts already finished in --out (same step counts), continue the "
+        "interrupted one from its checkpoint, train the rest",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)

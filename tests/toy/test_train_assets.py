@@ -108,3 +108,69 @@ def test_resume_keeps_the_finished_parts(tmp_path, monkeypatch):
     # Another step count is another recipe: the part is trained again, not kept.
     with pytest.raises(AssertionError, match="trained again"):
         T.train(tmp_path, ("vae",), scale=0.001, progress=False, resume=True)
+
+
+def _kill_after(monkeypatch, step: int) -> None:
+    """The next training part raises KeyboardInterrupt right after its checkpoint of ``step``."""
+    from dcgen.toy.part_checkpoint import PartCheckpoint
+
+    real = PartCheckpoint.step_done
+
+    def step_done(self, n, steps, losses):
+        real(self, n, steps, losses)
+        if n == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PartCheckpoint, "step_done", step_done)
+
+
+@pytest.mark.parametrize("part", ["vae", "flux"])
+def test_a_killed_part_resumes_exactly(tmp_path, monkeypatch, part):
+    # The VAE draws from the global RNG and its own generator; the base model has EMA copies
+    # and low-resolution steps: all of it must come back for the resumed run to match.
+    monkeypatch.setattr(T, "CHECKPOINT_EVERY", 1)
+    parts = ("vae", "flux") if part == "flux" else ("vae",)
+    kwargs = dict(scale=0.001, progress=False, low_res_every=2)
+    T.train(tmp_path / "whole", parts, **kwargs)
+
+    out = tmp_path / "killed"
+    if part == "flux":
+        T.train(out, ("vae",), **kwargs)
+    with monkeypatch.context() as m:
+        _kill_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(out, (part,), **kwargs)
+    assert (out / ".partial" / f"{part}.pt").is_file()
+    T.train(out, parts, resume=True, **kwargs)
+    assert not (out / ".partial" / f"{part}.pt").exists()  # removed once the part is saved
+
+    whole = json.loads((tmp_path / "whole" / "training.json").read_text())
+    resumed = json.loads((out / "training.json").read_text())
+    assert resumed[part]["final_loss"] == whole[part]["final_loss"]
+    a, b = T._load_part(tmp_path / "whole", part), T._load_part(out, part)
+    pairs = zip(a, b) if part == "flux" else [(a, b)]
+    for x, y in pairs:
+        for (name, u), (_, v) in zip(x.state_dict().items(), y.state_dict().items()):
+            assert torch.equal(u, v), (part, name)
+
+
+def test_a_stale_part_checkpoint_is_not_resumed_by_another_recipe(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "CHECKPOINT_EVERY", 1)
+    with monkeypatch.context() as m:
+        _kill_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(tmp_path, ("dcae",), scale=0.001, progress=False)
+    calls = []
+    from dcgen.toy.part_checkpoint import PartCheckpoint
+
+    real = PartCheckpoint.restore
+
+    def restore(self, steps):
+        first, losses = real(self, steps)
+        calls.append((first, list(losses)))  # a copy: training appends to the list
+        return first, losses
+
+    monkeypatch.setattr(PartCheckpoint, "restore", restore)
+    # Another --scale is another step count: the saved state is not continued.
+    T.train(tmp_path, ("dcae",), scale=0.002, progress=False, resume=True)
+    assert calls == [(0, [])]

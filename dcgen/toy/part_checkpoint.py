@@ -1,0 +1,99 @@
+"""Exact resume inside one part of the toy world's asset recipe (``train_assets``).
+
+A part trains for 8-30 minutes at one thread; a kill used to lose all of it. Every ``every``
+steps this saves what the next step depends on, to ``<out>/.partial/<part>.pt`` (atomically):
+the modules (EMA copies included), optimizer, LR schedule, the part's own random generator, the
+global RNG (the VAE samples its posterior from it) and the losses so far. The data needs no
+state: the recipe's batches are a pure function of the step. A resumed part therefore continues
+with exactly the numbers the uninterrupted run would have used, and the file is removed once
+the part is saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcgen.autoencoders.checkpoint import atomic_write
+
+PARTIAL_DIR = ".partial"
+FORMAT = "dcgen.toy_part_checkpoint/1"
+
+
+class PartCheckpoint:
+    """Save / restore one part's training state. ``folder=None`` turns it off (tests, callers
+    that do not want files)."""
+
+    def __init__(
+        self,
+        folder: str | Path | None,
+        part: str,
+        every: int,
+        modules: dict[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"checkpoint every: expected a positive step count, got {every}")
+        self.path = Path(folder) / PARTIAL_DIR / f"{part}.pt" if folder is not None else None
+        self.part, self.every = part, every
+        self.modules, self.optimizer, self.scheduler = modules, optimizer, scheduler
+        self.generator = generator
+
+    def start(self, steps: int, resume: bool) -> tuple[int, list[float]]:
+        """(first step to run, losses so far): :meth:`restore` when resuming; else the part
+        starts over and a previous run's state is removed."""
+        if not resume:
+            self.clear()
+            return 0, []
+        return self.restore(steps)
+
+    def restore(self, steps: int) -> tuple[int, list[float]]:
+        """(first step to run, losses so far): from the saved state when there is one for a run
+        of ``steps`` steps, else (0, [])."""
+        if self.path is None or not self.path.is_file():
+            return 0, []
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("format") != FORMAT or state.get("total_steps") != steps:
+            # Another recipe's (or another --scale's) state: not this run's to continue.
+            return 0, []
+        for name, module in self.modules.items():
+            module.load_state_dict(state["modules"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return int(state["step"]), list(state["losses"])
+
+    def step_done(self, step: int, steps: int, losses: list[float]) -> None:
+        """After optimizer step ``step`` (1-based) of ``steps``: save every ``every`` steps
+        (not after the last: the finished part is saved by the recipe itself)."""
+        if self.path is None or step % self.every or step >= steps:
+            return
+        state = {
+            "format": FORMAT,
+            "part": self.part,
+            "step": step,
+            "total_steps": steps,
+            "losses": list(losses),
+            "modules": {n: m.state_dict() for n, m in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state() if self.generator is not None else None,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        path = self.path
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def clear(self) -> None:
+        """Remove the saved state (the part is finished and saved, or starts over)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
