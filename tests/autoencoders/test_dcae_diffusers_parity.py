@@ -68,11 +68,16 @@ def test_variant_files_roundtrip(tmp_path):
     loaded = DCAE.from_pretrained(tmp_path, variant="bf16", dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16
     x, _ = _inputs(cfg, batch=1)
-    x = x.bfloat16()
     with torch.no_grad():
-        ours, theirs = loaded.encode(x), ref.encode(x).latent
-    # bf16 rounding order differs slightly (dcgen's RMSNorm rounds once, diffusers twice)
-    assert_close_scaled(ours, theirs, rel=5e-2)
+        latent = loaded.encode(x.bfloat16())
+        assert latent.dtype == torch.bfloat16 and torch.isfinite(latent).all()
+        # The same weights in both: compared in fp64 (bf16 weights widen exactly), where the
+        # two libraries' different rounding orders (dcgen's RMSNorm rounds once, diffusers'
+        # twice) are not amplified by a random encoder's ill-conditioned linear attention
+        # into a bf16-sized difference (0.23 on 2026-11-28's CPU, 0.17 allowed). diffusers
+        # takes its RMSNorm statistics in fp32 even for fp64 inputs: about 4e-7 remains.
+        ours, theirs = loaded.double().encode(x.double()), ref.double().encode(x.double()).latent
+    assert_close_scaled(ours, theirs, rel=1e-5)
 
 
 @pytest.mark.slow
