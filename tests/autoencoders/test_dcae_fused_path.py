@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from dcae_helpers import assert_close_scaled, perturb_norms
+from dcae_helpers import assert_close_scaled, perturb_norms, well_conditioned_latent
 
 import dcgen.autoencoders.blocks as blocks_mod
 import dcgen.autoencoders.coders as coders_mod
@@ -214,6 +214,24 @@ def test_decoder_head_act_without_fused_name_stays_plain(monkeypatch):
     assert coders_mod.fusable_act_name(model.decoder.head_act) is None
 
 
+def test_well_conditioned_latent_avoids_ill_conditioned_points():
+    """The helper the fp32 CUDA comparisons draw their latents from: a draw known to be
+    ill-conditioned (the one this file's fp32 end-to-end check failed on, 2026-11-28) shows what
+    it guards against; the latent it returns is well-conditioned."""
+    torch.manual_seed(0)
+    model = _model("dc-ae-f32c32-sana-1.1")
+    bad = torch.randn(2, model.latent_channels, 3, 2)  # the draw of 2026-11-28's failure
+    with torch.no_grad(), fused_inference(False):
+        a = model.decode(bad)
+        b = model.decode(bad + 1e-5 * torch.randn(bad.shape))
+    assert (a - b).abs().max() > 0.01  # 1e-5 in, > 1e-2 out: ill-conditioned
+    z = well_conditioned_latent(model, (2, model.latent_channels, 3, 2))
+    with torch.no_grad(), fused_inference(False):
+        a = model.decode(z)
+        b = model.decode(z + 1e-5 * torch.randn(z.shape))
+    assert (a - b).abs().max() < 1e-3
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1"])
 def test_cuda_kernels_decode_matches_plain_path(name, monkeypatch):
@@ -223,7 +241,7 @@ def test_cuda_kernels_decode_matches_plain_path(name, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = _model(name).cuda()
-    z = torch.randn(1, model.latent_channels, 4, 4, device="cuda")
+    z = well_conditioned_latent(model, (1, model.latent_channels, 4, 4), "cuda")
     with torch.inference_mode():
         with fused_inference(False):
             plain = model.decode(z)
