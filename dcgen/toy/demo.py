@@ -367,7 +367,8 @@ def run_demo(
         start = _phase_dir(run_dir, resume, snapshots)
         if start:
             resumed[folder] = start
-            say(f"{folder}: resuming at step {start} of {steps}")
+            total = settings.align_sgd_steps if stage_name == "align" else steps
+            say(f"{folder}: resuming at step {start} of {total}")
         return _stage_config(settings, stage_name, run_dir, steps, resume and start > 0), run_dir
 
     def stage(name: str, fn: Callable[[], dict]) -> dict:
