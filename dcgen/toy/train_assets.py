@@ -604,8 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--device",
         default="cpu",
-        help="cpu (default; bit-reproducible at one thread) or cuda[:N] (minutes instead of hours; "
-        "other kernels, so the results drift from the shipped files as another thread count does)",
+        help="cpu (default; at one thread bit for bit on the same CPU type) or cuda[:N] (not "
+        "yet timed on a GPU; other kernels, so the results differ from the shipped files, "
+        "as they do on another CPU (within noise there)",
     )
     p.add_argument(
         "--resume",
