@@ -364,7 +364,8 @@ def run_demo(
         """The config and folder of one training phase, resuming it when asked and possible."""
         run_dir = out / folder
         snapshots = curve_steps if stage_name == "finetune" else ()
-        start = _phase_dir(run_dir, resume, snapshots)
+        # Without resume, _start_run_folder already cleared the folder.
+        start = _phase_dir(run_dir, True, snapshots) if resume else 0
         if start:
             resumed[folder] = start
             total = settings.align_sgd_steps if stage_name == "align" else steps

@@ -3,7 +3,8 @@
 A part trains for 8-30 minutes at one thread; a kill used to lose all of it. Every ``every``
 steps this saves what the next step depends on, to ``<out>/.partial/<part>.pt`` (atomically):
 the modules (EMA copies included), optimizer, LR schedule, the part's own random generator, the
-global RNG (the VAE samples its posterior from it) and the losses so far. The data needs no
+global RNGs (the VAE samples its posterior from torch's; dcgen.train.checkpoint's
+capture_rng_state, as the training loop's checkpoints keep them) and the losses so far. The data needs no
 state: the recipe's batches are a pure function of the step. A resumed part therefore continues
 with exactly the numbers the uninterrupted run would have used, and the file is removed once
 the part is saved.
@@ -18,9 +19,15 @@ import torch
 from torch import nn
 
 from dcgen.autoencoders.checkpoint import atomic_write
+from dcgen.train.checkpoint import capture_rng_state, restore_rng_state
 
 PARTIAL_DIR = ".partial"
 FORMAT = "dcgen.toy_part_checkpoint/1"
+
+
+def partial_state_path(folder: str | Path, part: str) -> Path:
+    """Where :class:`PartCheckpoint` keeps ``part``'s state under the recipe's ``folder``."""
+    return Path(folder) / PARTIAL_DIR / f"{part}.pt"
 
 
 class PartCheckpoint:
@@ -39,7 +46,7 @@ class PartCheckpoint:
     ) -> None:
         if every < 1:
             raise ValueError(f"checkpoint every: expected a positive step count, got {every}")
-        self.path = Path(folder) / PARTIAL_DIR / f"{part}.pt" if folder is not None else None
+        self.path = partial_state_path(folder, part) if folder is not None else None
         self.part, self.every = part, every
         self.modules, self.optimizer, self.scheduler = modules, optimizer, scheduler
         self.generator = generator
@@ -67,9 +74,7 @@ class PartCheckpoint:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.generator is not None:
             self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["rng"])
-        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        restore_rng_state(state["rng"])
         return int(state["step"]), list(state["losses"])
 
     def step_done(self, step: int, steps: int, losses: list[float]) -> None:
@@ -87,8 +92,7 @@ class PartCheckpoint:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state() if self.generator is not None else None,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng": capture_rng_state(),
         }
         path = self.path
         atomic_write(path, lambda tmp: torch.save(state, tmp))

@@ -52,7 +52,7 @@ from dcgen.autoencoders.checkpoint import atomic_write
 from . import assets as A
 from .evaluator import ShapeEvaluator, evaluator_loss, label_accuracy, score_prompts
 from .images import psnr
-from .part_checkpoint import PARTIAL_DIR, PartCheckpoint
+from .part_checkpoint import PartCheckpoint, partial_state_path
 from .shapes import ShapesWorld, noise_images
 from .text import ToyTextEncoder
 
@@ -545,7 +545,7 @@ def train(
             text.save_pretrained(out / A.FOLDERS["text_encoder"])
         _write_log(out, part, info, time.perf_counter() - t0, device)
         # Only now, with the part saved and logged, is its in-part checkpoint not needed.
-        (out / PARTIAL_DIR / f"{part}.pt").unlink(missing_ok=True)
+        partial_state_path(out, part).unlink(missing_ok=True)
         logger.info("%s done in %.0f s: %s", part, time.perf_counter() - t0, info)
 
     if "manifest" not in parts:
