@@ -121,7 +121,10 @@ the base model's autoencoder (base_latent, needed by stage 1: for FLUX an Autoen
 latent), and attach text embeddings (prompt_embeds, pooled_prompt_embeds, ...;
 needed by stages 2 and 3). Resumable: rerunning keeps finished shards.
 
-Text embeddings (text encoders are pluggable, dcgen does not run them itself):
+Text embeddings (from the base model's own text encoders, a file, or any function):
+  --text-encoders DIR         the base model's diffusers pipeline folder (FLUX.1: CLIP + T5,
+                              SANA: Gemma with its attention mask), run here on --device exactly
+                              as the pipelines encode a prompt (--max-sequence-length tokens);
   --text-embeddings FILE|DIR  safetensors with tensors "<i>/prompt_embeds" (T, D),
                               "<i>/pooled_prompt_embeds" (D',) [, "<i>/<other>"] and metadata
                               {"format": "dcgen.text_embeddings", "captions": JSON list}, <i> =
@@ -129,8 +132,8 @@ Text embeddings (text encoders are pluggable, dcgen does not run them itself):
                               Write one with dcgen.train.prepare.save_text_embeddings.
   --text-encoder MOD:FUNC     FUNC(captions: list[str]) -> {"prompt_embeds": (B, T, D),
                               "pooled_prompt_embeds": (B, D'), ...}, imported from sys.path.
-  Both: the file where it has the caption, the function for the rest. Neither: latents only
-  (enough for stage 1).""",
+  A file and an encoder: the file where it has the caption, the encoder for the rest. None:
+  latents only (enough for stage 1).""",
     )
     pc.add_argument("--data", required=True, metavar="DIR",
                     help="image folder; captions in <stem>.txt or metadata.jsonl")  # fmt: skip
@@ -146,8 +149,15 @@ Text embeddings (text encoders are pluggable, dcgen does not run them itself):
                     "an AutoencoderKL, FLUX's 2x2; 1 for a DC-AE, SANA's)")  # fmt: skip
     pc.add_argument("--text-embeddings", default=None, metavar="FILE_OR_DIR",
                     help="precomputed text-embeddings file or folder (format above)")  # fmt: skip
-    pc.add_argument("--text-encoder", default=None, metavar="MODULE:FUNCTION",
-                    help="callable that embeds a list of captions (contract above)")  # fmt: skip
+    text_src = pc.add_mutually_exclusive_group()
+    text_src.add_argument("--text-encoders", default=None, metavar="DIR",
+                          help="diffusers pipeline folder whose text encoders embed the "
+                          "captions (above)")  # fmt: skip
+    text_src.add_argument("--text-encoder", default=None, metavar="MODULE:FUNCTION",
+                          help="callable that embeds a list of captions (contract above)")  # fmt: skip
+    pc.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                    help="text tokens with --text-encoders (default: 512 for FLUX, 300 for "
+                    "SANA)")  # fmt: skip
     pc.add_argument("--out", required=True, metavar="CACHE_DIR", help="latent cache folder")
     size = pc.add_mutually_exclusive_group()
     size.add_argument("--resolution", type=int, default=None, metavar="PIXELS",
@@ -209,8 +219,9 @@ tables (the table of the stage being run overrides the shared keys). The stage i
         description="""\
 Load the transformer, apply the latent-layers file (replacing the embedder/head when the channel
 count differs), load and fuse the LoRA, and write a diffusers pipeline folder (transformer/,
-vae/ = the DC-AE, scheduler/, model_index.json) that DCGenFluxPipeline / DCGenSanaPipeline
-.from_pretrained and `dcgen generate` load.""",
+vae/ = the DC-AE, scheduler/, model_index.json, and with --text-encoders the base model's text
+encoders and tokenizers) that DCGenFluxPipeline / DCGenSanaPipeline .from_pretrained and
+`dcgen generate` load.""",
     )
     ex.add_argument("--transformer", required=True, metavar="DIR",
                     help="transformer folder (base or adapted), or a folder holding "
@@ -234,23 +245,43 @@ vae/ = the DC-AE, scheduler/, model_index.json) that DCGenFluxPipeline / DCGenSa
                     help="constant scheduler shift (default: FLUX dynamic shifting; SANA 3.0)")  # fmt: skip
     ex.add_argument("--lora-scale", type=float, default=1.0,
                     help="scale of the LoRA delta when fusing (default 1.0)")  # fmt: skip
+    ex.add_argument("--text-encoders", default=None, metavar="DIR",
+                    help="base model's diffusers pipeline folder: its text encoders and "
+                    "tokenizers are copied into the output, which then takes text prompts")  # fmt: skip
+    ex.add_argument("--link-text-encoders", action="store_true",
+                    help="symlink the --text-encoders subfolders instead of copying them "
+                    "(T5-XXL alone is 9.5 GB)")  # fmt: skip
     ex.set_defaults(fn=_cmd_export)
 
     # -- generate
     g = sub.add_parser(
         "generate",
-        help="sample images from a saved pipeline folder with precomputed prompt embeddings",
+        help="sample images from a saved pipeline folder, from a text prompt or its embeddings",
         formatter_class=fmt,
         description="""\
 Load a pipeline folder (DCGenFluxPipeline, DCGenSanaPipeline or BaseFluxPipeline, by the class in
-model_index.json) and write PNGs. --prompt-embeds is a safetensors file with prompt_embeds
-(T, D) or (1, T, D), pooled_prompt_embeds (FLUX), prompt_attention_mask (SANA, optional) and
-optionally negative_* of each for --true-cfg; or a text-embeddings table from precompute's
-format, with --caption choosing the entry. Several --seed values give one PNG per seed
-(<out>-seed<N>.png) plus a grid at --out.""",
+model_index.json) and write PNGs. The prompt is one of:
+  --prompt TEXT        encoded by the text encoders of the pipeline folder (`dcgen export
+                       --text-encoders` puts them there) or of --text-encoders DIR (the base
+                       model's diffusers folder: FLUX.1's CLIP + T5, SANA's Gemma), once for
+                       all seeds; the encoders are then dropped before sampling;
+  --prompt-embeds FILE a safetensors file with prompt_embeds (T, D) or (1, T, D),
+                       pooled_prompt_embeds (FLUX), prompt_attention_mask (SANA, optional) and
+                       optionally negative_* of each for --true-cfg; or a text-embeddings table
+                       from precompute's format, with --caption choosing the entry.
+Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at --out.""",
     )
     g.add_argument("--pipeline", required=True, metavar="DIR", help="pipeline folder")
-    g.add_argument("--prompt-embeds", required=True, metavar="FILE",
+    g.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="text prompt (needs text encoders: see above)")  # fmt: skip
+    g.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="negative text prompt for --true-cfg (default there: the empty prompt)")  # fmt: skip
+    g.add_argument("--text-encoders", default=None, metavar="DIR",
+                   help="diffusers pipeline folder whose text encoders and tokenizers encode "
+                   "--prompt (default: the pipeline folder's own)")  # fmt: skip
+    g.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="text tokens of --prompt (default: 512 for FLUX, 300 for SANA)")  # fmt: skip
+    g.add_argument("--prompt-embeds", default=None, metavar="FILE",
                    help="safetensors prompt embeddings (format above)")  # fmt: skip
     g.add_argument("--caption", default=None,
                    help="entry of a text-embeddings table to use as the prompt")  # fmt: skip

@@ -27,7 +27,7 @@ def _load_pipeline(folder: Path, dtype: torch.dtype, device: str) -> Any:
     name = json.loads(index.read_text()).get("_class_name")
     if name not in PIPELINE_CLASSES:
         raise CLIError(f"{index}: pipeline class {name!r} is not one of {list(PIPELINE_CLASSES)}")
-    pipe = getattr(pipelines, name).from_pretrained(folder, torch_dtype=dtype)
+    pipe = getattr(pipelines, name).from_pretrained(folder, dtype=dtype)
     return pipe.to(device)
 
 
@@ -82,6 +82,67 @@ def _prompt_kwargs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     return {k: _batched(v, k, ranks[k.removeprefix("negative_")]) for k, v in kwargs.items()}
 
 
+def _check_text_source(pipeline_dir: Path, text_encoders: str | None) -> None:
+    """--prompt TEXT needs text encoders: the pipeline folder's own, or --text-encoders DIR's."""
+    from dcgen.pipelines.text_encoders import family_of_pipeline, has_text_components
+
+    if not (pipeline_dir / "model_index.json").is_file():
+        return  # _load_pipeline names the problem
+    family = family_of_pipeline(pipeline_dir)
+    source = Path(text_encoders) if text_encoders else pipeline_dir
+    if not has_text_components(source, family):
+        hint = (
+            ""
+            if text_encoders
+            else "; pass --text-encoders DIR (the base model's diffusers "
+            "folder, e.g. FLUX.1-dev's) or export with --text-encoders"
+        )
+        raise CLIError(
+            f"--prompt TEXT: {source} has no {family.upper()} text encoders (model_index.json "
+            f"registers none of the full set){hint}, or give --prompt-embeds FILE"
+        )
+
+
+def _encode_text(
+    pipe: Any, args: argparse.Namespace, device: str, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Encode --prompt (and --negative-prompt, or "" under --true-cfg) once for every seed,
+    then drop the text encoders so the transformer has their memory (T5-XXL: 9.5 GB)."""
+    from dcgen.pipelines.text_encoders import (
+        TEXT_COMPONENTS,
+        PipelineTextEncoder,
+        family_of_pipeline,
+        load_text_components,
+    )
+
+    family = family_of_pipeline(Path(args.pipeline))
+    # T5 overflows in fp16 (inf activations): its encoders run in bf16 under --dtype fp16.
+    enc_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+    if args.text_encoders:
+        components = load_text_components(args.text_encoders, family, enc_dtype)
+    else:
+        components = {n: getattr(pipe, n) for n in TEXT_COMPONENTS[family]}
+        for module in components.values():
+            if isinstance(module, torch.nn.Module):
+                module.to(enc_dtype)
+    encoder = PipelineTextEncoder(
+        family=family, components=components, device=device,
+        max_sequence_length=args.max_sequence_length,
+    )  # fmt: skip
+    kwargs: dict[str, torch.Tensor] = {}
+    negative = None
+    if args.true_cfg > 1.0:
+        negative = "" if args.negative_prompt is None else args.negative_prompt
+    for prefix, text in (("", args.prompt), ("negative_", negative)):
+        if text is None:
+            continue
+        for name, t in encoder([text]).items():
+            kwargs[prefix + name] = t if name.endswith("mask") else t.to(dtype)
+    pipe.register_modules(**dict.fromkeys(TEXT_COMPONENTS[family]))
+    del encoder, components
+    return kwargs
+
+
 def _grid(images: list[Any]) -> Any:
     from PIL import Image
 
@@ -130,8 +191,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     quantized = Path(args.quantized) if args.quantized is not None else None
     if quantized is not None and not quantized.is_file():  # before loading a 12B model
         raise FileNotFoundError(f"--quantized {quantized}: no such file")
-    kwargs = _prompt_kwargs(args)
-    pipe = _load_pipeline(Path(args.pipeline), dtype, device)
+    if (args.prompt is None) == (args.prompt_embeds is None):
+        raise CLIError(
+            "give the prompt as --prompt TEXT (encoded by the pipeline's text encoders or "
+            "--text-encoders DIR) or as --prompt-embeds FILE, one of them"
+        )
+    if args.prompt is None and (args.text_encoders or args.negative_prompt is not None):
+        raise CLIError("--text-encoders and --negative-prompt go with --prompt TEXT")
+    if args.prompt is not None and (args.caption or args.negative_caption):
+        raise CLIError("--caption and --negative-caption pick entries of --prompt-embeds tables")
+    if args.negative_prompt is not None and args.true_cfg <= 1.0:
+        raise CLIError(
+            f"--negative-prompt is used by classifier-free guidance: give --true-cfg > 1 "
+            f"(got {args.true_cfg:g})"
+        )
+    pipeline_dir = Path(args.pipeline)
+    if args.prompt is not None:  # before loading a 12B model: can the text be encoded at all?
+        _check_text_source(pipeline_dir, args.text_encoders)
+    kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
+    pipe = _load_pipeline(pipeline_dir, dtype, device)
+    if args.prompt is not None:
+        kwargs = _encode_text(pipe, args, device, dtype)
     if quantized is not None:
         from dcgen.quant import load_quantized
 

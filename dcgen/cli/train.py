@@ -21,6 +21,21 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
         resolution = 1024
     device = _device(args.device)
     print(f"dcgen precompute: {args.data} -> {args.out} on {device}", file=sys.stderr)
+    text_encoder: Any = args.text_encoder
+    if args.max_sequence_length is not None and args.text_encoders is None:
+        raise CLIError("--max-sequence-length goes with --text-encoders DIR")
+    if args.text_encoders is not None:
+        import torch
+
+        from dcgen.pipelines.text_encoders import PipelineTextEncoder
+
+        # T5 overflows in fp16 (inf activations): the text encoders run in bf16 then.
+        enc_dtype = DTYPES[args.encoder_dtype]
+        text_encoder = PipelineTextEncoder(
+            args.text_encoders, device=device,
+            dtype=torch.bfloat16 if enc_dtype == torch.float16 else enc_dtype,
+            max_sequence_length=args.max_sequence_length,
+        )  # fmt: skip
     cache = run_precompute(
         args.data,
         args.dcae,
@@ -28,7 +43,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
         base_vae=args.base_vae,
         base_patch_size=args.base_patch_size,
         text_embeddings=args.text_embeddings,
-        text_encoder=args.text_encoder,
+        text_encoder=text_encoder,
         resolution=resolution,
         buckets=args.buckets,
         shard_size=args.shard_size,
@@ -158,6 +173,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         shift_rule=args.shift_rule,
         shift=args.shift,
         lora_scale=args.lora_scale,
+        text_encoders=args.text_encoders,
+        link_text_encoders=args.link_text_encoders,
     )
     print(f"wrote pipeline folder {out} (load with dcgen generate --pipeline {out})")
     return 0

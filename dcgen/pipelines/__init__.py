@@ -3,6 +3,7 @@
 from .base import OUTPUT_TYPES, DCGenPipelineOutput, FlowTextToImagePipeline
 from .flux import BaseFluxPipeline, DCGenFluxPipeline
 from .sana import DCGenSanaPipeline
+from .text_encoders import PipelineTextEncoder, copy_text_components, load_text_components
 
 __all__ = [
     "OUTPUT_TYPES",
@@ -11,4 +12,7 @@ __all__ = [
     "DCGenPipelineOutput",
     "DCGenSanaPipeline",
     "FlowTextToImagePipeline",
+    "PipelineTextEncoder",
+    "copy_text_components",
+    "load_text_components",
 ]

@@ -60,7 +60,7 @@ class DCAEComponentMixin:
                     f"{cls.__name__}.from_pretrained: no {VAE_FOLDER}/ folder in {folder}; pass "
                     "vae=DCAE.from_pretrained(...) or vae=None"
                 )
-            dtype = kwargs.get("torch_dtype")
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # diffusers 0.42 renamed it
             vae = DCAE.from_pretrained(
                 vae_dir, dtype=dtype if isinstance(dtype, torch.dtype) else None,
                 variant=kwargs.get("variant"),

@@ -151,6 +151,8 @@ def export_pipeline(
     shift_rule: str = "auto",
     shift: float | None = None,
     lora_scale: float = 1.0,
+    text_encoders: str | Path | None = None,
+    link_text_encoders: bool = False,
 ) -> Path:
     """Write a complete pipeline folder to ``out_dir`` and return its path.
 
@@ -159,13 +161,25 @@ def export_pipeline(
     ``lora_dir``: a folder with ``pytorch_lora_weights.safetensors`` (loaded, then fused with
     ``lora_scale``). Everything is combined in float32 and cast to ``dtype`` (default float32)
     only at the end, so the fused weights are rounded once. The transformer's latent channels
-    must equal the DC-AE's.
+    must equal the DC-AE's. ``text_encoders``: a diffusers pipeline folder (the base model's)
+    whose text encoders and tokenizers are copied into the output (symlinked with
+    ``link_text_encoders``), so the pipeline encodes text prompts itself.
     """
     from ..autoencoders import DCAE
     from ..pipelines import DCGenFluxPipeline, DCGenSanaPipeline
+    from ..pipelines.text_encoders import (
+        TextEncodersError,
+        check_text_components,
+        copy_text_components,
+    )
     from .lora import fuse_lora, load_lora
 
     transformer, family = load_transformer(transformer_dir, family=family)
+    if text_encoders is not None:
+        try:
+            check_text_components(text_encoders, family)
+        except TextEncodersError as err:
+            raise ExportError(f"--text-encoders: {err}") from err
     adapter = adapter_for(transformer)
     if latent_layers is not None:
         load_latent_layers(adapter, latent_layers)
@@ -194,5 +208,9 @@ def export_pipeline(
     pipe = cls(transformer, vae=vae, scheduler=scheduler, shift_rule=shift_rule)
     out = Path(out_dir)
     pipe.save_pretrained(out)
+    if text_encoders is not None:
+        names = copy_text_components(text_encoders, out, family, link=link_text_encoders)
+        logger.info("%s text components %s from %s", "linked" if link_text_encoders else
+                    "copied", names, text_encoders)  # fmt: skip
     logger.info("exported %s to %s", cls.__name__, out)
     return out

@@ -278,7 +278,7 @@ def load_base_vae(
     config = json.loads((folder / "config.json").read_text()) if folder.is_dir() else {}
     name = config.get("_class_name")
     if name == "AutoencoderKL":
-        vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype or torch.float32)
+        vae = AutoencoderKL.from_pretrained(folder, dtype=dtype or torch.float32)
         vae = vae.to(device).eval()
         return BaseAutoencoder(
             vae, "AutoencoderKL", base_vae_encoder(vae), _base_vae_factor(vae),
@@ -431,7 +431,11 @@ def run_precompute(
         else str(Path(text_embeddings).resolve()),
         "text_encoder": text_encoder
         if isinstance(text_encoder, str) or text_encoder is None
-        else getattr(text_encoder, "__qualname__", type(text_encoder).__qualname__),
+        else getattr(
+            text_encoder,
+            "fingerprint_name",  # e.g. PipelineTextEncoder: which folder, family, tokens
+            getattr(text_encoder, "__qualname__", type(text_encoder).__qualname__),
+        ),
         "encoder_dtype": str(encoder_dtype),
     }
     if vae is not None and vae.patch_size != DEFAULT_BASE_PATCH[vae.kind]:

@@ -104,7 +104,7 @@ def load_transformer(
     cls = getattr(diffusers, str(name), None)
     if cls is None:
         raise ValueError(f"transformer: {cfg_file} names class {name!r}, not a diffusers model")
-    model = cls.from_pretrained(str(path), torch_dtype=dtype)
+    model = cls.from_pretrained(str(path), dtype=dtype)
     return model.to(device)
 
 

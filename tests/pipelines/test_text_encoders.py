@@ -1,5 +1,5 @@
 """The pipelines' own text-encoder path: tiny random CLIP + T5 (FLUX) and a tiny encoder (SANA)
-with word-level tokenizers built in code (nothing downloaded). Encoding inside the pipeline must
+with word-level tokenizers built in code (nothing downloaded; tests/pipelines/tiny_text.py). Encoding inside the pipeline must
 give exactly what passing the same encoders' outputs as prompt embeddings gives."""
 
 from __future__ import annotations
@@ -11,41 +11,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from dcgen.adapters import adapter_for
 from dcgen.pipelines import DCGenFluxPipeline, DCGenSanaPipeline
 
-from ..adapters.tiny import TEXT_DIM, tiny_dcae, tiny_flux, tiny_sana
+from ..adapters.tiny import tiny_dcae, tiny_flux, tiny_sana
+from .tiny_text import PROMPT, tiny_clip, tiny_t5, word_tokenizer
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-WORDS = ["[PAD]", "[UNK]", "a", "red", "blue", "square", "circle", "on", "the", "left"]
-PROMPT = "a red square on the left"
-
-
-def word_tokenizer(max_length: int):
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", model_max_length=max_length
-    )
-
-
-def tiny_clip():
-    torch.manual_seed(1)
-    cfg = transformers.CLIPTextConfig(
-        vocab_size=len(WORDS), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=16, projection_dim=TEXT_DIM,
-        eos_token_id=1,
-    )  # fmt: skip
-    return transformers.CLIPTextModel(cfg).eval()
-
-
-def tiny_t5():
-    torch.manual_seed(2)
-    cfg = transformers.T5Config(
-        vocab_size=len(WORDS), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
-        decoder_start_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return transformers.T5EncoderModel(cfg).eval()
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
 
 
 def _images(pipe, **kwargs):

@@ -1,0 +1,239 @@
+"""A base pipeline's own text encoders, reused by dcgen's commands.
+
+A FLUX or SANA user already has the text encoders on disk, inside the diffusers pipeline folder
+of the base model (FLUX.1: ``text_encoder`` = CLIP-L with ``tokenizer``, ``text_encoder_2`` =
+T5-XXL with ``tokenizer_2``; SANA: ``text_encoder`` = Gemma-2 with ``tokenizer``), each
+registered in ``model_index.json`` as ``[library, class]``. DC-Gen changes neither, so:
+
+- :func:`load_text_components` loads them from such a folder (by the classes it names);
+- :func:`copy_text_components` puts them into an exported DC-Gen pipeline folder (copied or
+  linked), so the folder is self-contained and ``from_pretrained`` loads them;
+- :class:`PipelineTextEncoder` encodes captions with them exactly as the pipelines do
+  (``DCGenFluxPipeline.encode_prompt`` / ``DCGenSanaPipeline.encode_prompt``), for
+  ``dcgen precompute`` and ``dcgen generate``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "TEXT_COMPONENTS",
+    "DEFAULT_MAX_SEQUENCE_LENGTH",
+    "TextEncodersError",
+    "PipelineTextEncoder",
+    "check_text_components",
+    "copy_text_components",
+    "family_of_pipeline",
+    "has_text_components",
+    "load_text_components",
+]
+
+#: model_index.json component names of each family's text encoding, encoders before tokenizers.
+TEXT_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "flux": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+    "sana": ("text_encoder", "tokenizer"),
+}
+#: T5 tokens of FLUX.1-dev (schnell uses 256) and Gemma tokens of SANA, as their pipelines.
+DEFAULT_MAX_SEQUENCE_LENGTH: dict[str, int] = {"flux": 512, "sana": 300}
+
+_PIPELINE_FAMILIES = {
+    "DCGenFluxPipeline": "flux",
+    "BaseFluxPipeline": "flux",
+    "FluxPipeline": "flux",
+    "DCGenSanaPipeline": "sana",
+    "SanaPipeline": "sana",
+}
+
+
+class TextEncodersError(ValueError):
+    """A folder without the text components a family needs; the message names the folder."""
+
+
+def _model_index(folder: Path) -> dict[str, Any]:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise TextEncodersError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json); the text "
+            "encoders come from one, e.g. the base model's FLUX.1-dev or SANA folder"
+        )
+    try:
+        return json.loads(index.read_text())
+    except json.JSONDecodeError as err:
+        raise TextEncodersError(f"{index} is not valid JSON: {err}") from err
+
+
+def _entry(index: dict[str, Any], name: str) -> tuple[str, str] | None:
+    value = index.get(name)
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+        return value[0], value[1]
+    return None
+
+
+def family_of_pipeline(folder: str | Path) -> str:
+    """'flux' or 'sana' for a pipeline folder: by its class, else by the components it has."""
+    index = _model_index(Path(folder))
+    family = _PIPELINE_FAMILIES.get(index.get("_class_name", ""))
+    if family is not None:
+        return family
+    if _entry(index, "text_encoder_2") is not None:
+        return "flux"
+    if _entry(index, "text_encoder") is not None:
+        return "sana"
+    raise TextEncodersError(
+        f"{folder}: pipeline class {index.get('_class_name')!r} is not FLUX or SANA and it "
+        "registers no text encoder"
+    )
+
+
+def has_text_components(folder: str | Path, family: str) -> bool:
+    """Whether ``folder`` holds every text component of ``family`` (see check_text_components)."""
+    try:
+        _checked_entries(Path(folder), family)
+    except TextEncodersError:
+        return False
+    return True
+
+
+def _components(family: str) -> tuple[str, ...]:
+    if family not in TEXT_COMPONENTS:
+        raise TextEncodersError(
+            f"family: expected one of {sorted(TEXT_COMPONENTS)}, got {family!r}"
+        )
+    return TEXT_COMPONENTS[family]
+
+
+def _checked_entries(folder: Path, family: str) -> dict[str, tuple[str, str]]:
+    index = _model_index(folder)
+    entries = {name: _entry(index, name) for name in _components(family)}
+    missing = [n for n, e in entries.items() if e is None or not (folder / n).is_dir()]
+    if missing:
+        raise TextEncodersError(
+            f"{folder} lacks the {family.upper()} text components {missing} (expected "
+            f"{list(_components(family))}, each registered in model_index.json and present as "
+            "a subfolder)"
+        )
+    return entries  # type: ignore[return-value]
+
+
+def check_text_components(folder: str | Path, family: str) -> None:
+    """Raise TextEncodersError naming what is missing unless ``folder`` holds every text
+    component of ``family`` (registered in model_index.json and present as a subfolder)."""
+    _checked_entries(Path(folder), family)
+
+
+def load_text_components(
+    folder: str | Path, family: str, dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """The text encoders and tokenizers of the pipeline folder ``folder``, by the classes its
+    model_index.json names (``dtype`` for the encoders; the stored dtype when None)."""
+    folder = Path(folder)
+    out: dict[str, Any] = {}
+    for name, (library, cls_name) in _checked_entries(folder, family).items():
+        try:
+            cls = getattr(importlib.import_module(library), cls_name)
+        except (ImportError, AttributeError) as err:
+            raise TextEncodersError(
+                f"{folder / 'model_index.json'}: {name} is {library}.{cls_name}, which this "
+                f"environment cannot import ({err})"
+            ) from err
+        kwargs = {"dtype": dtype} if dtype is not None and name.startswith("text_encoder") else {}
+        component = cls.from_pretrained(folder / name, **kwargs)
+        if name.startswith("text_encoder"):
+            component.eval().requires_grad_(False)
+        out[name] = component
+    return out
+
+
+def copy_text_components(
+    source: str | Path, out: str | Path, family: str, link: bool = False
+) -> list[str]:
+    """Copy (``link``: symlink, saving T5-XXL's 9.5 GB) the text components of ``family`` from
+    the pipeline folder ``source`` into the pipeline folder ``out`` and register them in its
+    model_index.json. Each subfolder is copied under a temporary name and renamed, and the index
+    is replaced atomically, so an interrupted copy leaves no half component registered."""
+    source, out = Path(source).resolve(), Path(out)
+    entries = _checked_entries(source, family)
+    index_path = out / "model_index.json"
+    index = _model_index(out)
+    for name in entries:
+        target = out / name
+        tmp = out / f".{name}.tmp"
+        for stale in (tmp, target):
+            if stale.is_symlink() or stale.is_file():
+                stale.unlink()
+            elif stale.exists():
+                shutil.rmtree(stale)
+        if link:
+            os.symlink(source / name, tmp, target_is_directory=True)
+        else:
+            shutil.copytree(source / name, tmp, symlinks=False)
+        os.replace(tmp, target)
+    index.update({name: list(entry) for name, entry in entries.items()})
+    tmp_index = out / ".model_index.json.tmp"
+    tmp_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_index, index_path)
+    return list(entries)
+
+
+class PipelineTextEncoder:
+    """``captions -> {"prompt_embeds": (B, T, D), "pooled_prompt_embeds": (B, D')}`` (FLUX) or
+    ``{"prompt_embeds", "prompt_attention_mask"}`` (SANA), computed with the text components of
+    a pipeline folder exactly as the dcgen pipelines encode a text prompt. The callable
+    ``dcgen precompute --text-encoders`` and ``dcgen generate --prompt`` use."""
+
+    def __init__(
+        self,
+        folder: str | Path | None = None,
+        family: str | None = None,
+        *,
+        components: dict[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        max_sequence_length: int | None = None,
+    ) -> None:
+        if (folder is None) == (components is None):
+            raise TextEncodersError("PipelineTextEncoder: pass a folder or components, not both")
+        if folder is not None:
+            family = family or family_of_pipeline(folder)
+            components = load_text_components(folder, family, dtype)
+        if family is None:
+            raise TextEncodersError("PipelineTextEncoder: family is needed with components")
+        _components(family)
+        self.family = family
+        self.device = torch.device(device)
+        self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[family]
+        for module in (components or {}).values():
+            if isinstance(module, torch.nn.Module):
+                module.to(self.device)
+        # The pipelines' encode_prompt reads only these attributes: call it on a namespace
+        # holding them, so precompute encodes exactly as sampling does without a transformer.
+        self._holder = types.SimpleNamespace(**(components or {}))
+        self.fingerprint_name = (
+            f"pipeline-text-encoders:{Path(folder).resolve() if folder else 'in-memory'}:"
+            f"{self.family}:{self.max_sequence_length}"
+        )
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        from .flux import DCGenFluxPipeline
+        from .sana import DCGenSanaPipeline
+
+        cls = DCGenFluxPipeline if self.family == "flux" else DCGenSanaPipeline
+        embeds, pooled, mask = cls.encode_prompt(
+            self._holder, list(captions), self.device, self.max_sequence_length
+        )
+        out = {"prompt_embeds": embeds}
+        if pooled is not None:
+            out["pooled_prompt_embeds"] = pooled
+        if mask is not None:
+            out["prompt_attention_mask"] = mask
+        return out

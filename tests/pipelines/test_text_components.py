@@ -1,0 +1,144 @@
+"""A base pipeline folder's text encoders reused by dcgen (dcgen.pipelines.text_encoders):
+loaded by the classes model_index.json names, copied or linked into another pipeline folder,
+and encoding captions exactly as the pipelines encode a prompt."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dcgen.pipelines import DCGenFluxPipeline, DCGenSanaPipeline
+from dcgen.pipelines.text_encoders import (
+    PipelineTextEncoder,
+    TextEncodersError,
+    copy_text_components,
+    family_of_pipeline,
+    has_text_components,
+    load_text_components,
+)
+
+from .tiny_text import PROMPT, save_flux_pipeline, save_sana_pipeline
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text_components")
+    return {
+        "flux": save_flux_pipeline(root / "flux", with_text=True),
+        "flux_bare": save_flux_pipeline(root / "flux_bare", with_text=False),
+        "sana": save_sana_pipeline(root / "sana", with_text=True),
+    }
+
+
+def _pipeline_encoding(cls, folder, prompt: str, max_len: int):  # noqa: ANN001
+    """What the pipeline loaded from ``folder`` makes of ``prompt`` itself."""
+    pipe = cls.from_pretrained(folder)
+    with torch.no_grad():
+        return pipe.encode_prompt([prompt], torch.device("cpu"), max_len)
+
+
+def test_flux_encoder_matches_the_pipeline_and_loads_in_the_dtype_asked(folders):
+    assert family_of_pipeline(folders["flux"]) == "flux"
+    enc = PipelineTextEncoder(folders["flux"], max_sequence_length=16)
+    out = enc([PROMPT, "a blue circle"])
+    assert sorted(out) == ["pooled_prompt_embeds", "prompt_embeds"]
+    assert out["prompt_embeds"].shape[:2] == (2, 16)
+    embeds, pooled, mask = _pipeline_encoding(DCGenFluxPipeline, folders["flux"], PROMPT, 16)
+    assert mask is None
+    assert torch.equal(out["prompt_embeds"][:1], embeds)
+    assert torch.equal(out["pooled_prompt_embeds"][:1], pooled)
+    assert not torch.equal(out["prompt_embeds"][0], out["prompt_embeds"][1])
+    assert PipelineTextEncoder(folders["flux"]).max_sequence_length == 512  # FLUX.1-dev's T5
+    parts = load_text_components(folders["flux"], "flux", torch.bfloat16)
+    assert parts["text_encoder"].dtype == parts["text_encoder_2"].dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in parts["text_encoder_2"].parameters())
+
+
+def test_sana_encoder_returns_the_attention_mask(folders):
+    enc = PipelineTextEncoder(folders["sana"], max_sequence_length=12)
+    assert enc.family == "sana"
+    out = enc([PROMPT])
+    assert sorted(out) == ["prompt_attention_mask", "prompt_embeds"]
+    embeds, pooled, mask = _pipeline_encoding(DCGenSanaPipeline, folders["sana"], PROMPT, 12)
+    assert pooled is None
+    assert torch.equal(out["prompt_embeds"], embeds) and torch.equal(
+        out["prompt_attention_mask"], mask
+    )
+    assert out["prompt_attention_mask"].sum() == len(PROMPT.split())  # the padding is masked
+
+
+def test_missing_components_are_named(folders, tmp_path):
+    with pytest.raises(TextEncodersError, match="no model_index.json"):
+        load_text_components(tmp_path, "flux")
+    with pytest.raises(TextEncodersError, match=r"lacks the FLUX text components \['text_encoder'"):
+        load_text_components(folders["flux_bare"], "flux")
+    # a SANA folder has one text encoder, not FLUX's two
+    with pytest.raises(TextEncodersError, match=r"\['text_encoder_2', 'tokenizer_2'\]"):
+        load_text_components(folders["sana"], "flux")
+    with pytest.raises(TextEncodersError, match="family: expected one of"):
+        load_text_components(folders["flux"], "sd3")
+    # registered but its folder is gone
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["flux"], broken)
+    shutil.rmtree(broken / "tokenizer_2")
+    assert not has_text_components(broken, "flux")
+    with pytest.raises(TextEncodersError, match=r"\['tokenizer_2'\]"):
+        load_text_components(broken, "flux")
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_copy_makes_a_bare_pipeline_encode_text(folders, tmp_path, link):
+    out = tmp_path / "pipe"
+    shutil.copytree(folders["flux_bare"], out)
+    assert not has_text_components(out, "flux")
+    names = copy_text_components(folders["flux"], out, "flux", link=link)
+    assert sorted(names) == ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    assert all((out / n).is_symlink() == link for n in names)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder_2"] == ["transformers", "T5EncoderModel"]
+    assert not list(out.glob(".*tmp"))
+    pipe = DCGenFluxPipeline.from_pretrained(out)
+    assert pipe._has_text_encoders()
+    with torch.no_grad():
+        got = pipe.encode_prompt([PROMPT], torch.device("cpu"), 16)
+    want = _pipeline_encoding(DCGenFluxPipeline, folders["flux"], PROMPT, 16)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_an_interrupted_copy_registers_nothing_and_a_rerun_completes(
+    folders, tmp_path, monkeypatch
+):
+    out = tmp_path / "pipe"
+    shutil.copytree(folders["flux_bare"], out)
+    before = (out / "model_index.json").read_text()
+    real = shutil.copytree
+    calls = []
+
+    def dies_on_the_second(src, dst, **kw):  # noqa: ANN001, ANN202
+        calls.append(dst)
+        if len(calls) == 2:
+            real(src, dst, **kw)  # half written, then the process "dies"
+            raise KeyboardInterrupt
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(shutil, "copytree", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        copy_text_components(folders["flux"], out, "flux")
+    assert (out / "model_index.json").read_text() == before  # nothing registered
+    assert not has_text_components(out, "flux")
+    monkeypatch.setattr(shutil, "copytree", real)
+    copy_text_components(folders["flux"], out, "flux")  # leftovers replaced
+    assert has_text_components(out, "flux") and not list(out.glob(".*tmp"))
+    assert DCGenFluxPipeline.from_pretrained(out)._has_text_encoders()
+
+
+def test_fingerprint_names_the_folder_and_length(folders):
+    a = PipelineTextEncoder(folders["flux"], max_sequence_length=16).fingerprint_name
+    b = PipelineTextEncoder(folders["flux"], max_sequence_length=32).fingerprint_name
+    assert str(folders["flux"].resolve()) in a and a != b

@@ -1,0 +1,174 @@
+"""Text prompts through the commands: `export --text-encoders`, `generate --prompt` (the pipeline
+folder's text encoders or --text-encoders DIR's) and `precompute --text-encoders`, each against
+the same tiny encoders run by hand (tests/pipelines/tiny_text.py; nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from dcgen.cli import main
+from dcgen.pipelines.text_encoders import PipelineTextEncoder
+from dcgen.train import LatentCache
+
+from .adapters.tiny import tiny_dcae, tiny_flux
+from .pipelines.tiny_text import PROMPT, save_flux_pipeline, save_sana_pipeline
+from .test_cli_train import CAPTIONS, _error_line, _precompute, assets  # noqa: F401 (fixture)
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+SIZE = ["--height", "64", "--width", "64", "--steps", "2", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_text")
+    return {
+        "base": save_flux_pipeline(root / "base", with_text=True),  # stands in for FLUX.1-dev
+        "bare": save_flux_pipeline(root / "bare", with_text=False),
+        "sana": save_sana_pipeline(root / "sana", with_text=True),
+    }
+
+
+def _pixels(path) -> np.ndarray:  # noqa: ANN001
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def _embeds_file(folder, prompt: str, path, max_len: int = 16):  # noqa: ANN001, ANN202
+    """--prompt-embeds file with the encoders of ``folder`` run by hand."""
+    out = PipelineTextEncoder(folder, max_sequence_length=max_len)([prompt])
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+    return path
+
+
+def test_generate_from_text_equals_generate_from_its_embeddings(folders, tmp_path):
+    by_text, by_embeds = tmp_path / "text.png", tmp_path / "embeds.png"
+    argv = ["generate", "--pipeline", str(folders["base"]), *SIZE, "--max-sequence-length", "16"]
+    assert main([*argv, "--prompt", PROMPT, "--out", str(by_text)]) == 0
+    emb = _embeds_file(folders["base"], PROMPT, tmp_path / "e.safetensors")
+    assert main([*argv, "--prompt-embeds", str(emb), "--out", str(by_embeds)]) == 0
+    assert np.array_equal(_pixels(by_text), _pixels(by_embeds))
+    other = tmp_path / "other.png"
+    assert main([*argv, "--prompt", "a blue circle", "--out", str(other)]) == 0
+    assert not np.array_equal(_pixels(other), _pixels(by_text)), "the text must reach the model"
+
+
+def test_generate_with_text_encoders_of_another_folder(folders, tmp_path):
+    """A pipeline folder without text encoders borrows the base model's (--text-encoders)."""
+    # same transformer weights as "base" (tiny_flux is seeded), so the same image
+    out, want = tmp_path / "bare.png", tmp_path / "base.png"
+    common = [*SIZE, "--max-sequence-length", "16", "--prompt", PROMPT]
+    assert main(["generate", "--pipeline", str(folders["base"]), *common, "--out", str(want)]) == 0
+    argv = ["generate", "--pipeline", str(folders["bare"]), "--text-encoders",
+            str(folders["base"]), *common, "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert np.array_equal(_pixels(out), _pixels(want))
+
+
+def test_generate_true_cfg_encodes_the_negative_prompt(folders, tmp_path):
+    argv = ["generate", "--pipeline", str(folders["base"]), *SIZE, "--max-sequence-length", "16",
+            "--prompt", PROMPT, "--true-cfg", "3"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "empty.png")]) == 0  # negative "" by default
+    assert main([*argv, "--negative-prompt", "blue circle", "--out", str(tmp_path / "n.png")]) == 0
+    assert not np.array_equal(_pixels(tmp_path / "empty.png"), _pixels(tmp_path / "n.png"))
+
+
+def test_generate_text_errors_exit_2_before_loading(folders, tmp_path, capsys):
+    base = ["generate", *SIZE, "--out", str(tmp_path / "x.png")]
+    cases = [
+        (["--pipeline", str(folders["bare"]), "--prompt", PROMPT],
+         "has no FLUX text encoders"),
+        (["--pipeline", str(folders["bare"]), "--prompt", PROMPT, "--text-encoders",
+          str(folders["sana"])], "has no FLUX text encoders"),
+        (["--pipeline", str(folders["base"])], "--prompt TEXT"),
+        (["--pipeline", str(folders["base"]), "--prompt", PROMPT, "--prompt-embeds",
+          str(tmp_path / "e.safetensors")], "one of them"),
+        (["--pipeline", str(folders["base"]), "--prompt", PROMPT, "--negative-prompt", "x"],
+         "give --true-cfg > 1"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert message in _error_line(capsys), extra
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_export_with_text_encoders_makes_a_folder_that_takes_text(folders, tmp_path, link):
+    from dcgen.adapters import adapter_for
+    from dcgen.train.export import save_latent_layers
+
+    model = tiny_flux()
+    model.save_pretrained(tmp_path / "transformer")
+    adapter = adapter_for(model)
+    adapter.replace_latent_layers(tiny_dcae().latent_channels)
+    save_latent_layers(adapter, tmp_path / "ll.safetensors")
+    tiny_dcae().save_pretrained(tmp_path / "dcae")
+    out = tmp_path / "pipe"
+    argv = ["export", "--transformer", str(tmp_path / "transformer"), "--latent-layers",
+            str(tmp_path / "ll.safetensors"), "--dcae", str(tmp_path / "dcae"), "--out", str(out),
+            "--dtype", "fp32", "--text-encoders", str(folders["base"])]  # fmt: skip
+    assert main([*argv, *(["--link-text-encoders"] if link else [])]) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert (out / "text_encoder_2").is_symlink() == link
+    img = tmp_path / "x.png"
+    gen = ["generate", "--pipeline", str(out), *SIZE, "--max-sequence-length", "16"]
+    assert main([*gen, "--prompt", PROMPT, "--out", str(img)]) == 0
+    emb = _embeds_file(folders["base"], PROMPT, tmp_path / "e.safetensors")
+    assert main([*gen, "--prompt-embeds", str(emb), "--out", str(tmp_path / "y.png")]) == 0
+    assert np.array_equal(_pixels(img), _pixels(tmp_path / "y.png"))
+
+
+def test_export_refuses_a_folder_without_the_family_text_encoders(folders, tmp_path, capsys):
+    model = tiny_flux(in_channels=tiny_dcae().latent_channels)
+    model.save_pretrained(tmp_path / "transformer")
+    tiny_dcae().save_pretrained(tmp_path / "dcae")
+    argv = ["export", "--transformer", str(tmp_path / "transformer"), "--dcae",
+            str(tmp_path / "dcae"), "--out", str(tmp_path / "pipe"), "--text-encoders",
+            str(folders["sana"])]  # fmt: skip
+    assert main(argv) == 2
+    assert "--text-encoders:" in (line := _error_line(capsys)) and "text_encoder_2" in line
+    assert not (tmp_path / "pipe").exists()  # checked before anything is written
+
+
+@pytest.mark.parametrize("family", ["base", "sana"])
+def test_precompute_with_the_base_text_encoders(assets, folders, tmp_path, family):  # noqa: F811
+    out = tmp_path / "cache"
+    argv = (
+        "--text-encoders",
+        str(folders[family]),
+        "--max-sequence-length",
+        "12",
+        "--dtype",
+        "fp32",
+    )
+    assert _precompute(assets, out, *argv) == 0
+    cache = LatentCache(out)
+    encoder = PipelineTextEncoder(folders[family], max_sequence_length=12)
+    names = {"base": ["pooled_prompt_embeds", "prompt_embeds"],
+             "sana": ["prompt_attention_mask", "prompt_embeds"]}[family]  # fmt: skip
+    assert sorted(n for n in cache.tensor_names if n != "dcae_latent") == names
+    for i in range(len(cache)):
+        sample = cache[i]
+        want = encoder([sample["caption"]])
+        for name in names:
+            torch.testing.assert_close(sample[name].float(), want[name][0].float(), rtol=0, atol=0)
+    assert sorted(cache[i]["caption"] for i in range(len(cache))) == sorted(CAPTIONS.values())
+    # the encoders are part of the cache's identity: another length is refused
+    assert _precompute(assets, out, *argv[:3], "16", *argv[4:]) == 2
+
+
+def test_precompute_text_option_errors(assets, folders, tmp_path, capsys):  # noqa: F811
+    assert _precompute(assets, tmp_path / "c", "--max-sequence-length", "12") == 2
+    assert "goes with --text-encoders" in _error_line(capsys)
+    assert _precompute(assets, tmp_path / "c", "--text-encoders", str(folders["bare"])) == 2
+    assert "no model_index.json" not in (line := _error_line(capsys)) and "text_encoder" in line
+    with pytest.raises(SystemExit):  # argparse: the two text encoders exclude each other
+        _precompute(assets, tmp_path / "c", "--text-encoders", str(folders["base"]),
+                    "--text-encoder", "tests.test_cli_train:fake_text_encoder")  # fmt: skip
