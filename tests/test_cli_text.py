@@ -172,3 +172,32 @@ def test_precompute_text_option_errors(assets, folders, tmp_path, capsys):  # no
     with pytest.raises(SystemExit):  # argparse: the two text encoders exclude each other
         _precompute(assets, tmp_path / "c", "--text-encoders", str(folders["base"]),
                     "--text-encoder", "tests.test_cli_train:fake_text_encoder")  # fmt: skip
+
+
+def test_quantize_calibrates_on_a_text_prompt_as_on_its_embeddings(folders, tmp_path):
+    from safetensors.torch import load_file
+
+    argv = ["quantize", "--pipeline", str(folders["base"]), "--format", "nvfp4-w4a4",
+            "--smoothing", "0.5", "--height", "64", "--width", "64", "--calibration-steps", "2",
+            "--device", "cpu", "--no-progress", "--max-sequence-length", "16"]  # fmt: skip
+    by_text, by_embeds = tmp_path / "t.safetensors", tmp_path / "e.safetensors"
+    assert main([*argv, "--prompt", PROMPT, "--out", str(by_text)]) == 0
+    emb = _embeds_file(folders["base"], PROMPT, tmp_path / "p.safetensors")
+    argv = [a for a in argv if a not in ("--max-sequence-length", "16")]
+    assert main([*argv, "--prompt-embeds", str(emb), "--out", str(by_embeds)]) == 0
+    a, b = load_file(str(by_text)), load_file(str(by_embeds))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # smoothing takes its statistics from the prompt: another prompt, other smoothing factors
+    other = tmp_path / "o.safetensors"
+    argv_o = [
+        *argv,
+        "--max-sequence-length",
+        "16",
+        "--prompt",
+        "a blue circle",
+        "--out",
+        str(other),
+    ]
+    assert main(argv_o) == 0
+    c = load_file(str(other))
+    assert any(not torch.equal(a[k], c[k]) for k in a)

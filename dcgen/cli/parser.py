@@ -324,7 +324,8 @@ Quantize the transformer of a pipeline folder (as generate loads it) and write o
 checkpoint (dcgen.quant.save_quantized: ModelOpt-style layouts, metadata naming every quantized
 layer) for `dcgen generate --quantized FILE`. The embedders, AdaLN modulation and the output head
 stay in 16-bit (dcgen.quant's default exclude list; --exclude adds patterns, --include narrows).
-With --prompt-embeds (format of generate) the pipeline first runs --calibration-steps denoising
+With a prompt (--prompt TEXT or --prompt-embeds FILE, as in generate) the pipeline first runs
+--calibration-steps denoising
 steps at --height x --width, recording every transformer call: NVFP4 smoothing (--smoothing,
 SVDQuant) takes its activation statistics from them, and the quality report compares the
 quantized transformer with the 16-bit one on the middle call: per layer, per block and end to
@@ -341,13 +342,20 @@ call (tens of MB a block at 1024 px for FLUX), not a second model.""",
     q.add_argument("--rank", type=int, default=0, metavar="R",
                    help="NVFP4: rank of the 16-bit low-rank branch (SVDQuant; default 0: none)")  # fmt: skip
     q.add_argument("--smoothing", type=float, default=None, metavar="ALPHA",
-                   help="NVFP4: activation smoothing exponent in [0, 1] (needs --prompt-embeds)")  # fmt: skip
+                   help="NVFP4: activation smoothing exponent in [0, 1] (needs a prompt)")  # fmt: skip
     q.add_argument("--fast-accum", action="store_true",
                    help="fp8-row: accumulate in the tensor cores' own precision (faster on Hopper)")  # fmt: skip
     q.add_argument("--include", action="append", default=[], metavar="REGEX",
                    help="quantize only linears whose name matches (re.search; repeatable)")  # fmt: skip
     q.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="also keep these linears in 16-bit (repeatable)")  # fmt: skip
+    q.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="calibration prompt as text (text encoders as in generate)")  # fmt: skip
+    q.add_argument("--text-encoders", default=None, metavar="DIR",
+                   help="pipeline folder whose text encoders encode --prompt (default: the "
+                   "pipeline folder's own)")  # fmt: skip
+    q.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="text tokens of --prompt (default: 512 for FLUX, 300 for SANA)")  # fmt: skip
     q.add_argument("--prompt-embeds", default=None, metavar="FILE",
                    help="calibration prompt embeddings (generate's format)")  # fmt: skip
     q.add_argument("--caption", default=None, help="entry of a text-embeddings table")
@@ -366,7 +374,7 @@ call (tens of MB a block at 1024 px for FLUX), not a second model.""",
     q.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="16-bit dtype of the kept layers (default bf16 on cuda, fp32 on cpu)")  # fmt: skip
     _add_progress(q)
-    q.set_defaults(fn=_cmd_quantize, negative_caption=None)
+    q.set_defaults(fn=_cmd_quantize, negative_caption=None, negative_prompt=None, true_cfg=1.0)
 
     # -- bench
     b = sub.add_parser(

@@ -297,13 +297,24 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     config = _quant_config(args)
     report = not args.no_report
     needs_calls = report or needs_calibration(config)
-    if needs_calls and args.prompt_embeds is None:
+    if args.prompt is not None and args.prompt_embeds is not None:
         raise CLIError(
-            "--prompt-embeds is needed to calibrate (--smoothing) and for the quality report "
-            "(skip the report with --no-report)"
+            "give the calibration prompt as --prompt TEXT or --prompt-embeds FILE, not both"
         )
+    if args.prompt is None and args.text_encoders:
+        raise CLIError("--text-encoders goes with --prompt TEXT")
+    if needs_calls and args.prompt is None and args.prompt_embeds is None:
+        raise CLIError(
+            "a prompt (--prompt TEXT or --prompt-embeds FILE) is needed to calibrate "
+            "(--smoothing) and for the quality report (skip the report with --no-report)"
+        )
+    pipeline_dir = Path(args.pipeline)
+    if args.prompt is not None:
+        _check_text_source(pipeline_dir, args.text_encoders)
     kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
-    pipe = _load_pipeline(Path(args.pipeline), dtype, device)
+    pipe = _load_pipeline(pipeline_dir, dtype, device)
+    if args.prompt is not None:
+        kwargs = _encode_text(pipe, args, device, dtype)
     pipe.set_progress_bar_config(disable=args.no_progress)
     calls = None
     if needs_calls:  # (prompt embeddings given for nothing else are not sampled with)

@@ -297,11 +297,13 @@ def test_quantize_command_without_report(pipeline_dir, tmp_path, capsys):
     "extra, message",
     [
         (["--format", "fp8-row", "--out-suffix", ".pt"], "expected a .safetensors file name"),
-        (["--format", "fp8-row"], "--prompt-embeds is needed"),
+        (["--format", "fp8-row"], "--prompt-embeds FILE) is needed"),
         (
             ["--format", "nvfp4-w4a4", "--smoothing", "0.5", "--no-report"],
-            "--prompt-embeds is needed",
+            "--prompt-embeds FILE) is needed",
         ),
+        (["--format", "fp8-row", "--prompt", "a", "--prompt-embeds", "p"], "not both"),
+        (["--format", "fp8-row", "--text-encoders", "d", "--no-report"], "goes with --prompt"),
         (["--format", "fp8-row", "--rank", "4", "--no-report"], "--rank and --smoothing apply"),
         (
             ["--format", "nvfp4-w4a16", "--fast-accum", "--no-report"],
