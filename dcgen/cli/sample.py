@@ -128,6 +128,7 @@ def _encode_text(
     encoder = PipelineTextEncoder(
         family=family, components=components, device=device,
         max_sequence_length=args.max_sequence_length,
+        complex_human_instruction=getattr(pipe.config, "complex_human_instruction", True),
     )  # fmt: skip
     kwargs: dict[str, torch.Tensor] = {}
     negative = None
@@ -136,7 +137,7 @@ def _encode_text(
     for prefix, text in (("", args.prompt), ("negative_", negative)):
         if text is None:
             continue
-        for name, t in encoder([text]).items():
+        for name, t in encoder([text], negative=bool(prefix)).items():
             kwargs[prefix + name] = t if name.endswith("mask") else t.to(dtype)
     pipe.register_modules(**dict.fromkeys(TEXT_COMPONENTS[family]))
     del encoder, components

@@ -94,9 +94,14 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         raise NotImplementedError
 
     def encode_prompt(
-        self, prompt: list[str], device: torch.device, max_sequence_length: int
+        self,
+        prompt: list[str],
+        device: torch.device,
+        max_sequence_length: int,
+        negative: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(prompt_embeds, pooled_prompt_embeds, attention_mask) for text prompts."""
+        """(prompt_embeds, pooled_prompt_embeds, attention_mask) for text prompts; ``negative``:
+        they are negative prompts (SANA encodes those without its instruction prefix)."""
         raise NotImplementedError
 
     def _has_text_encoders(self) -> bool:
@@ -321,7 +326,9 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                 f"pass {what}_embeds instead (or build the pipeline with its text encoders)"
             )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return self.encode_prompt(prompts, device, max_sequence_length)
+        return self.encode_prompt(
+            prompts, device, max_sequence_length, negative=what == "negative_prompt"
+        )
 
     needs_pooled = False
 

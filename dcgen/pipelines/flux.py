@@ -71,6 +71,32 @@ class DCAEComponentMixin:
         return pipe
 
 
+def encode_clip_t5(
+    tokenizer: Any,
+    text_encoder: Any,
+    tokenizer_2: Any,
+    text_encoder_2: Any,
+    prompt: list[str],
+    device: torch.device,
+    max_sequence_length: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLUX.1's prompt encoding, as FluxPipeline does it: the CLIP text model's pooled output
+    (its tokenizer's own length, 77) and T5's last hidden state over ``max_sequence_length``
+    tokens (padded, no attention mask: FLUX.1 is trained on unmasked T5 outputs)."""
+    clip_tok = tokenizer(
+        prompt, padding="max_length", max_length=tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
+    )  # fmt: skip
+    pooled = text_encoder(clip_tok.input_ids.to(device), output_hidden_states=False)
+    pooled = pooled.pooler_output
+    t5_tok = tokenizer_2(
+        prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    embeds = text_encoder_2(t5_tok.input_ids.to(device), output_hidden_states=False)[0]
+    return embeds, pooled
+
+
 class _FluxText:
     """FLUX.1 prompt encoding: CLIP pooled output + T5 token embeddings."""
 
@@ -81,20 +107,16 @@ class _FluxText:
         return all(getattr(self, n, None) is not None for n in names)
 
     def encode_prompt(
-        self, prompt: list[str], device: torch.device, max_sequence_length: int
+        self,
+        prompt: list[str],
+        device: torch.device,
+        max_sequence_length: int,
+        negative: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        clip_tok = self.tokenizer(
-            prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
+        embeds, pooled = encode_clip_t5(
+            self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2,
+            prompt, device, max_sequence_length,
         )  # fmt: skip
-        pooled = self.text_encoder(clip_tok.input_ids.to(device), output_hidden_states=False)
-        pooled = pooled.pooler_output
-        t5_tok = self.tokenizer_2(
-            prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
-            return_tensors="pt",
-        )  # fmt: skip
-        embeds = self.text_encoder_2(t5_tok.input_ids.to(device), output_hidden_states=False)[0]
-        # FLUX.1 is trained on unmasked T5 outputs (pad tokens included): no attention mask.
         return embeds, pooled, None
 
 

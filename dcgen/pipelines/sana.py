@@ -11,11 +11,59 @@ from ..autoencoders import DCAE
 from .flux import DCGenFluxPipeline
 
 
+def sana_instruction() -> list[str]:
+    """The "complex human instruction" SANA prefixes to every (positive) prompt before Gemma
+    encodes it: read from diffusers' SanaPipeline defaults, the reference this recipe follows,
+    so dcgen encodes what a SANA checkpoint is sampled with there and keeps no copy of it."""
+    import inspect
+
+    from diffusers import SanaPipeline
+
+    default = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"]
+    return list(default.default or [])
+
+
+def encode_gemma(
+    tokenizer: Any,
+    text_encoder: Any,
+    prompt: list[str],
+    device: torch.device,
+    max_sequence_length: int,
+    instruction: list[str] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SANA's prompt encoding: (embeds (B, max_sequence_length, D), attention mask).
+
+    Each prompt is lower-cased and stripped; with ``instruction``, its lines joined by newlines
+    are put in front and the token budget grows by the instruction's length, so the prompt
+    itself keeps ``max_sequence_length`` - 2 tokens. The text encoder sees the whole
+    right-padded sequence with its mask; the output keeps the first token (BOS) and the last
+    ``max_sequence_length`` - 1 positions: the prompt's tokens and their padding, the
+    instruction dropped (SANA paper, section 3.1)."""
+    if max_sequence_length < 2:
+        raise ValueError(f"max_sequence_length: expected at least 2, got {max_sequence_length}")
+    tokenizer.padding_side = "right"
+    texts = [p.lower().strip() for p in prompt]
+    length = max_sequence_length
+    if instruction:
+        prefix = "\n".join(instruction)
+        texts = [prefix + t for t in texts]
+        length = len(tokenizer.encode(prefix)) + max_sequence_length - 2
+    tok = tokenizer(
+        texts, padding="max_length", max_length=length, truncation=True,
+        add_special_tokens=True, return_tensors="pt",
+    )  # fmt: skip
+    mask = tok.attention_mask.to(device)
+    embeds = text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
+    keep = [0, *range(length - max_sequence_length + 1, length)]
+    return embeds[:, keep], mask[:, keep]
+
+
 class DCGenSanaPipeline(DCGenFluxPipeline):
     """SANA on a DC-AE. Text: ``tokenizer`` + ``text_encoder`` (e.g. Gemma-2) last hidden
-    state with its attention mask, or prompt_embeds (+ prompt_attention_mask). No pooled
-    embedding. shift_rule 'auto' = the scheduler's constant ``shift`` (SANA's flow_shift);
-    guidance_scale only feeds guidance-embedding variants, CFG is true_cfg_scale."""
+    state with its attention mask (encode_gemma: SANA's instruction prefix on positive prompts
+    unless ``complex_human_instruction=False``), or prompt_embeds (+ prompt_attention_mask).
+    No pooled embedding. shift_rule 'auto' = the scheduler's constant ``shift`` (SANA's
+    flow_shift); guidance_scale only feeds guidance-embedding variants, CFG is true_cfg_scale."""
 
     _optional_components = ["vae", "scheduler", "text_encoder", "tokenizer"]
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -30,6 +78,7 @@ class DCGenSanaPipeline(DCGenFluxPipeline):
         text_encoder: Any = None,
         tokenizer: Any = None,
         shift_rule: str = "auto",
+        complex_human_instruction: bool = True,
     ) -> None:
         # Skip DCGenFluxPipeline.__init__ (different components); keep the DCAE handling.
         super(DCGenFluxPipeline, self).__init__()
@@ -39,18 +88,22 @@ class DCGenSanaPipeline(DCGenFluxPipeline):
             transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
             tokenizer=tokenizer,
         )  # fmt: skip
+        self.register_to_config(complex_human_instruction=bool(complex_human_instruction))
         self._init_common(shift_rule)
 
     def _has_text_encoders(self) -> bool:
         return self.text_encoder is not None and self.tokenizer is not None
 
     def encode_prompt(
-        self, prompt: list[str], device: torch.device, max_sequence_length: int
+        self,
+        prompt: list[str],
+        device: torch.device,
+        max_sequence_length: int,
+        negative: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        tok = self.tokenizer(
-            prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
-            add_special_tokens=True, return_tensors="pt",
+        use = self.config.complex_human_instruction and not negative
+        embeds, mask = encode_gemma(
+            self.tokenizer, self.text_encoder, prompt, device, max_sequence_length,
+            sana_instruction() if use else None,
         )  # fmt: skip
-        mask = tok.attention_mask.to(device)
-        embeds = self.text_encoder(tok.input_ids.to(device), attention_mask=mask)[0]
         return embeds, None, mask

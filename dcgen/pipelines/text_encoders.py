@@ -19,7 +19,6 @@ import importlib
 import json
 import os
 import shutil
-import types
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +185,9 @@ def copy_text_components(
 
 class PipelineTextEncoder:
     """``captions -> {"prompt_embeds": (B, T, D), "pooled_prompt_embeds": (B, D')}`` (FLUX) or
-    ``{"prompt_embeds", "prompt_attention_mask"}`` (SANA), computed with the text components of
-    a pipeline folder exactly as the dcgen pipelines encode a text prompt. The callable
+    ``{"prompt_embeds", "prompt_attention_mask"}`` (SANA, with its instruction prefix unless
+    ``complex_human_instruction=False``), computed with the text components of a pipeline
+    folder by the functions the dcgen pipelines encode a text prompt with. The callable
     ``dcgen precompute --text-encoders`` and ``dcgen generate --prompt`` use."""
 
     def __init__(
@@ -199,6 +199,7 @@ class PipelineTextEncoder:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         max_sequence_length: int | None = None,
+        complex_human_instruction: bool = True,
     ) -> None:
         if (folder is None) == (components is None):
             raise TextEncodersError("PipelineTextEncoder: pass a folder or components, not both")
@@ -211,29 +212,33 @@ class PipelineTextEncoder:
         self.family = family
         self.device = torch.device(device)
         self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[family]
-        for module in (components or {}).values():
+        self.complex_human_instruction = family == "sana" and complex_human_instruction
+        self.components = dict(components or {})
+        for module in self.components.values():
             if isinstance(module, torch.nn.Module):
                 module.to(self.device)
-        # The pipelines' encode_prompt reads only these attributes: call it on a namespace
-        # holding them, so precompute encodes exactly as sampling does without a transformer.
-        self._holder = types.SimpleNamespace(**(components or {}))
         self.fingerprint_name = (
             f"pipeline-text-encoders:{Path(folder).resolve() if folder else 'in-memory'}:"
             f"{self.family}:{self.max_sequence_length}"
+            + (":instruction" if self.complex_human_instruction else "")
         )
 
     @torch.no_grad()
-    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        from .flux import DCGenFluxPipeline
-        from .sana import DCGenSanaPipeline
+    def __call__(self, captions: list[str], negative: bool = False) -> dict[str, torch.Tensor]:
+        """Embeddings of ``captions``; ``negative``: as negative prompts (SANA: no prefix)."""
+        from .flux import encode_clip_t5
+        from .sana import encode_gemma, sana_instruction
 
-        cls = DCGenFluxPipeline if self.family == "flux" else DCGenSanaPipeline
-        embeds, pooled, mask = cls.encode_prompt(
-            self._holder, list(captions), self.device, self.max_sequence_length
-        )
-        out = {"prompt_embeds": embeds}
-        if pooled is not None:
-            out["pooled_prompt_embeds"] = pooled
-        if mask is not None:
-            out["prompt_attention_mask"] = mask
-        return out
+        c, captions = self.components, list(captions)
+        if self.family == "flux":
+            embeds, pooled = encode_clip_t5(
+                c["tokenizer"], c["text_encoder"], c["tokenizer_2"], c["text_encoder_2"],
+                captions, self.device, self.max_sequence_length,
+            )  # fmt: skip
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        use = self.complex_human_instruction and not negative
+        embeds, mask = encode_gemma(
+            c["tokenizer"], c["text_encoder"], captions, self.device, self.max_sequence_length,
+            sana_instruction() if use else None,
+        )  # fmt: skip
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}

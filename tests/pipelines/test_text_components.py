@@ -67,10 +67,55 @@ def test_sana_encoder_returns_the_attention_mask(folders):
     assert sorted(out) == ["prompt_attention_mask", "prompt_embeds"]
     embeds, pooled, mask = _pipeline_encoding(DCGenSanaPipeline, folders["sana"], PROMPT, 12)
     assert pooled is None
-    assert torch.equal(out["prompt_embeds"], embeds) and torch.equal(
-        out["prompt_attention_mask"], mask
-    )
-    assert out["prompt_attention_mask"].sum() == len(PROMPT.split())  # the padding is masked
+    assert torch.equal(out["prompt_embeds"], embeds)
+    assert torch.equal(out["prompt_attention_mask"], mask)
+    # kept: the first token, the prompt's words (and here the instruction's last token: the
+    # budget assumes a tokenizer that adds BOS, as Gemma's does, this word-level one does not),
+    # then the padding, masked
+    mask = out["prompt_attention_mask"][0]
+    assert mask.tolist() == [1] * 8 + [0] * 4
+
+
+def test_encodings_equal_the_diffusers_pipelines(folders):
+    """The reference recipe is diffusers' own: FluxPipeline.encode_prompt (CLIP pooled + T5)
+    and SanaPipeline.encode_prompt (lower-cased prompt, the complex human instruction in front
+    of positive prompts only, BOS + the last max_sequence_length - 1 positions)."""
+    from diffusers import FluxPipeline, SanaPipeline
+
+    from dcgen.pipelines.sana import sana_instruction
+
+    cpu = torch.device("cpu")
+    parts = load_text_components(folders["flux"], "flux")
+    ref = FluxPipeline(scheduler=None, vae=None, transformer=None, **parts)
+    with torch.no_grad():
+        embeds, pooled, _ = ref.encode_prompt(PROMPT, device=cpu, max_sequence_length=16)
+    ours = PipelineTextEncoder(family="flux", components=parts, max_sequence_length=16)([PROMPT])
+    assert torch.equal(ours["prompt_embeds"], embeds)
+    assert torch.equal(ours["pooled_prompt_embeds"], pooled)
+
+    parts = load_text_components(folders["sana"], "sana")
+    ref = SanaPipeline(vae=None, transformer=None, scheduler=None, **parts)
+    instruction = sana_instruction()
+    assert len(instruction) > 1 and instruction[0].startswith("Given a user prompt")
+    prompt = "A Red Square on the left "  # lower-cased and stripped by both
+    with torch.no_grad():
+        e, m, ne, nm = ref.encode_prompt(
+            prompt, negative_prompt="blue circle", device=cpu, max_sequence_length=12,
+            complex_human_instruction=instruction,
+        )  # fmt: skip
+    enc = PipelineTextEncoder(family="sana", components=parts, max_sequence_length=12)
+    ours, neg = enc([prompt]), enc(["blue circle"], negative=True)
+    assert torch.equal(ours["prompt_embeds"], e) and torch.equal(ours["prompt_attention_mask"], m)
+    assert torch.equal(neg["prompt_embeds"], ne) and torch.equal(neg["prompt_attention_mask"], nm)
+    # without the instruction: another encoding, as diffusers gives with none
+    plain = PipelineTextEncoder(
+        family="sana", components=parts, max_sequence_length=12, complex_human_instruction=False
+    )([prompt])
+    with torch.no_grad():
+        e0, _, _, _ = ref.encode_prompt(
+            prompt, do_classifier_free_guidance=False, device=cpu, max_sequence_length=12
+        )
+    assert torch.equal(plain["prompt_embeds"], e0) and not torch.equal(e0, e)
 
 
 def test_missing_components_are_named(folders, tmp_path):

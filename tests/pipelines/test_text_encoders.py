@@ -52,8 +52,9 @@ def test_sana_pipeline_encodes_prompts_with_mask():
     adapter_for(model).replace_latent_layers(ae.latent_channels)
     tok, enc = word_tokenizer(12), tiny_t5()  # any encoder with a last hidden state works
     pipe = DCGenSanaPipeline(
-        model, ae, FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=enc, tokenizer=tok
-    )
+        model, ae, FlowMatchEulerDiscreteScheduler(shift=3.0), text_encoder=enc, tokenizer=tok,
+        complex_human_instruction=False,
+    )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         ids = tok([PROMPT], padding="max_length", max_length=12, return_tensors="pt")
@@ -61,3 +62,18 @@ def test_sana_pipeline_encodes_prompts_with_mask():
     by_text = _images(pipe, prompt=PROMPT, max_sequence_length=12)
     by_embeds = _images(pipe, prompt_embeds=embeds, prompt_attention_mask=ids.attention_mask)
     assert torch.equal(by_text, by_embeds)
+    # by default the pipeline encodes as diffusers' SanaPipeline does, instruction prefix included
+    from diffusers import SanaPipeline
+
+    from dcgen.pipelines.sana import sana_instruction
+
+    pipe.register_to_config(complex_human_instruction=True)
+    with torch.no_grad():
+        e, m, _, _ = SanaPipeline(tokenizer=tok, text_encoder=enc, vae=None, transformer=None,
+                                  scheduler=None).encode_prompt(
+            PROMPT, do_classifier_free_guidance=False, max_sequence_length=12,
+            complex_human_instruction=sana_instruction(),
+        )  # fmt: skip
+    by_text = _images(pipe, prompt=PROMPT, max_sequence_length=12)
+    assert torch.equal(by_text, _images(pipe, prompt_embeds=e, prompt_attention_mask=m))
+    assert not torch.equal(by_text, by_embeds)
