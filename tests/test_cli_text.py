@@ -49,13 +49,14 @@ def _embeds_file(folder, prompt: str, path, max_len: int = 16):  # noqa: ANN001,
 
 def test_generate_from_text_equals_generate_from_its_embeddings(folders, tmp_path):
     by_text, by_embeds = tmp_path / "text.png", tmp_path / "embeds.png"
-    argv = ["generate", "--pipeline", str(folders["base"]), *SIZE, "--max-sequence-length", "16"]
-    assert main([*argv, "--prompt", PROMPT, "--out", str(by_text)]) == 0
+    argv = ["generate", "--pipeline", str(folders["base"]), *SIZE]
+    text = ["--max-sequence-length", "16", "--prompt"]
+    assert main([*argv, *text, PROMPT, "--out", str(by_text)]) == 0
     emb = _embeds_file(folders["base"], PROMPT, tmp_path / "e.safetensors")
     assert main([*argv, "--prompt-embeds", str(emb), "--out", str(by_embeds)]) == 0
     assert np.array_equal(_pixels(by_text), _pixels(by_embeds))
     other = tmp_path / "other.png"
-    assert main([*argv, "--prompt", "a blue circle", "--out", str(other)]) == 0
+    assert main([*argv, *text, "a blue circle", "--out", str(other)]) == 0
     assert not np.array_equal(_pixels(other), _pixels(by_text)), "the text must reach the model"
 
 
@@ -83,9 +84,14 @@ def test_generate_text_errors_exit_2_before_loading(folders, tmp_path, capsys):
     base = ["generate", *SIZE, "--out", str(tmp_path / "x.png")]
     cases = [
         (["--pipeline", str(folders["bare"]), "--prompt", PROMPT],
-         "has no FLUX text encoders"),
+         "lacks the FLUX text components ['text_encoder', 'text_encoder_2', 'tokenizer', "
+         "'tokenizer_2']"),
+        (["--pipeline", str(folders["bare"]), "--prompt", PROMPT], "pass --text-encoders DIR"),
         (["--pipeline", str(folders["bare"]), "--prompt", PROMPT, "--text-encoders",
-          str(folders["sana"])], "has no FLUX text encoders"),
+          str(folders["sana"])], "lacks the FLUX text components ['text_encoder_2', "
+         "'tokenizer_2']"),
+        (["--pipeline", str(folders["base"]), "--prompt-embeds", "e.safetensors",
+          "--max-sequence-length", "8"], "--max-sequence-length: these go with --prompt"),
         (["--pipeline", str(folders["base"])], "--prompt TEXT"),
         (["--pipeline", str(folders["base"]), "--prompt", PROMPT, "--prompt-embeds",
           str(tmp_path / "e.safetensors")], "one of them"),
@@ -118,8 +124,8 @@ def test_export_with_text_encoders_makes_a_folder_that_takes_text(folders, tmp_p
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
     assert (out / "text_encoder_2").is_symlink() == link
     img = tmp_path / "x.png"
-    gen = ["generate", "--pipeline", str(out), *SIZE, "--max-sequence-length", "16"]
-    assert main([*gen, "--prompt", PROMPT, "--out", str(img)]) == 0
+    gen = ["generate", "--pipeline", str(out), *SIZE]
+    assert main([*gen, "--max-sequence-length", "16", "--prompt", PROMPT, "--out", str(img)]) == 0
     emb = _embeds_file(folders["base"], PROMPT, tmp_path / "e.safetensors")
     assert main([*gen, "--prompt-embeds", str(emb), "--out", str(tmp_path / "y.png")]) == 0
     assert np.array_equal(_pixels(img), _pixels(tmp_path / "y.png"))

@@ -82,25 +82,36 @@ def _prompt_kwargs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     return {k: _batched(v, k, ranks[k.removeprefix("negative_")]) for k, v in kwargs.items()}
 
 
-def _check_text_source(pipeline_dir: Path, text_encoders: str | None) -> None:
-    """--prompt TEXT needs text encoders: the pipeline folder's own, or --text-encoders DIR's."""
-    from dcgen.pipelines.text_encoders import family_of_pipeline, has_text_components
+def _check_text_source(args: argparse.Namespace) -> None:
+    """--prompt TEXT needs text encoders: the pipeline folder's own, or --text-encoders DIR's.
+    Checked before a 12B model loads; the other text options go with --prompt only."""
+    from dcgen.pipelines.text_encoders import (
+        TextEncodersError,
+        check_text_components,
+        family_of_pipeline,
+    )
 
+    if args.prompt is None:
+        given = [o for o, v in (("--text-encoders", args.text_encoders),
+                                ("--max-sequence-length", args.max_sequence_length),
+                                ("--negative-prompt", args.negative_prompt)) if v is not None]  # fmt: skip
+        if given:
+            raise CLIError(f"{', '.join(given)}: these go with --prompt TEXT")
+        return
+    pipeline_dir = Path(args.pipeline)
     if not (pipeline_dir / "model_index.json").is_file():
         return  # _load_pipeline names the problem
     family = family_of_pipeline(pipeline_dir)
-    source = Path(text_encoders) if text_encoders else pipeline_dir
-    if not has_text_components(source, family):
+    try:
+        check_text_components(args.text_encoders or pipeline_dir, family)
+    except TextEncodersError as err:
         hint = (
             ""
-            if text_encoders
-            else "; pass --text-encoders DIR (the base model's diffusers "
-            "folder, e.g. FLUX.1-dev's) or export with --text-encoders"
+            if args.text_encoders
+            else "; pass --text-encoders DIR (the base model's diffusers folder, e.g. "
+            "FLUX.1-dev's) or export with --text-encoders"
         )
-        raise CLIError(
-            f"--prompt TEXT: {source} has no {family.upper()} text encoders (model_index.json "
-            f"registers none of the full set){hint}, or give --prompt-embeds FILE"
-        )
+        raise CLIError(f"--prompt TEXT: {err}{hint}; or give --prompt-embeds FILE") from err
 
 
 def _encode_text(
@@ -197,8 +208,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             "give the prompt as --prompt TEXT (encoded by the pipeline's text encoders or "
             "--text-encoders DIR) or as --prompt-embeds FILE, one of them"
         )
-    if args.prompt is None and (args.text_encoders or args.negative_prompt is not None):
-        raise CLIError("--text-encoders and --negative-prompt go with --prompt TEXT")
     if args.prompt is not None and (args.caption or args.negative_caption):
         raise CLIError("--caption and --negative-caption pick entries of --prompt-embeds tables")
     if args.negative_prompt is not None and args.true_cfg <= 1.0:
@@ -206,9 +215,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"--negative-prompt is used by classifier-free guidance: give --true-cfg > 1 "
             f"(got {args.true_cfg:g})"
         )
+    _check_text_source(args)
     pipeline_dir = Path(args.pipeline)
-    if args.prompt is not None:  # before loading a 12B model: can the text be encoded at all?
-        _check_text_source(pipeline_dir, args.text_encoders)
     kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
     pipe = _load_pipeline(pipeline_dir, dtype, device)
     if args.prompt is not None:
@@ -302,16 +310,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise CLIError(
             "give the calibration prompt as --prompt TEXT or --prompt-embeds FILE, not both"
         )
-    if args.prompt is None and args.text_encoders:
-        raise CLIError("--text-encoders goes with --prompt TEXT")
     if needs_calls and args.prompt is None and args.prompt_embeds is None:
         raise CLIError(
             "a prompt (--prompt TEXT or --prompt-embeds FILE) is needed to calibrate "
             "(--smoothing) and for the quality report (skip the report with --no-report)"
         )
+    _check_text_source(args)
     pipeline_dir = Path(args.pipeline)
-    if args.prompt is not None:
-        _check_text_source(pipeline_dir, args.text_encoders)
     kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
     pipe = _load_pipeline(pipeline_dir, dtype, device)
     if args.prompt is not None:

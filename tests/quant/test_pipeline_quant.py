@@ -303,7 +303,7 @@ def test_quantize_command_without_report(pipeline_dir, tmp_path, capsys):
             "--prompt-embeds FILE) is needed",
         ),
         (["--format", "fp8-row", "--prompt", "a", "--prompt-embeds", "p"], "not both"),
-        (["--format", "fp8-row", "--text-encoders", "d", "--no-report"], "goes with --prompt"),
+        (["--format", "fp8-row", "--text-encoders", "d", "--no-report"], "go with --prompt TEXT"),
         (["--format", "fp8-row", "--rank", "4", "--no-report"], "--rank and --smoothing apply"),
         (
             ["--format", "nvfp4-w4a16", "--fast-accum", "--no-report"],
