@@ -141,6 +141,10 @@ def test_export_refuses_a_folder_without_the_family_text_encoders(folders, tmp_p
     assert main(argv) == 2
     assert "--text-encoders:" in (line := _error_line(capsys)) and "text_encoder_2" in line
     assert not (tmp_path / "pipe").exists()  # checked before anything is written
+    # the output folder as its own source (which a copy would first delete) is refused
+    argv[argv.index("--text-encoders") + 1] = str(tmp_path / "pipe")
+    assert main(argv) == 2
+    assert "is the output folder itself" in _error_line(capsys)
 
 
 @pytest.mark.parametrize("family", ["base", "sana"])

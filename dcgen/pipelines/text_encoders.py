@@ -160,6 +160,8 @@ def copy_text_components(
     model_index.json. Each subfolder is copied under a temporary name and renamed, and the index
     is replaced atomically, so an interrupted copy leaves no half component registered."""
     source, out = Path(source).resolve(), Path(out)
+    if source == out.resolve():
+        raise TextEncodersError(f"copy_text_components: {out} is its own source; nothing to copy")
     entries = _checked_entries(source, family)
     index_path = out / "model_index.json"
     index = _model_index(out)

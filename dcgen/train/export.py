@@ -176,6 +176,8 @@ def export_pipeline(
 
     transformer, family = load_transformer(transformer_dir, family=family)
     if text_encoders is not None:
+        if Path(text_encoders).resolve() == Path(out_dir).resolve():
+            raise ExportError(f"--text-encoders {text_encoders} is the output folder itself")
         try:
             check_text_components(text_encoders, family)
         except TextEncodersError as err:

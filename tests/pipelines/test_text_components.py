@@ -181,6 +181,9 @@ def test_an_interrupted_copy_registers_nothing_and_a_rerun_completes(
     copy_text_components(folders["flux"], out, "flux")  # leftovers replaced
     assert has_text_components(out, "flux") and not list(out.glob(".*tmp"))
     assert DCGenFluxPipeline.from_pretrained(out)._has_text_encoders()
+    with pytest.raises(TextEncodersError, match="is its own source"):
+        copy_text_components(out, out, "flux")  # would delete what it copies
+    assert has_text_components(out, "flux")
 
 
 def test_fingerprint_names_the_folder_and_length(folders):
