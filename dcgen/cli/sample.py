@@ -15,6 +15,9 @@ from .common import DTYPES, CLIError, _device
 # -- generate ---------------------------------------------------------------------------------
 
 PIPELINE_CLASSES = ("DCGenFluxPipeline", "DCGenSanaPipeline", "BaseFluxPipeline")
+# diffusers' own folders of the base models load into the dcgen class of the same structure:
+# FLUX.1 (AutoencoderKL, 2x2 packing) and SANA (its DC-AE, 1x1), for base-vs-DC-Gen comparisons.
+DIFFUSERS_CLASSES = {"FluxPipeline": "BaseFluxPipeline", "SanaPipeline": "DCGenSanaPipeline"}
 EMBED_NAMES = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
 
 
@@ -25,8 +28,10 @@ def _load_pipeline(folder: Path, dtype: torch.dtype, device: str) -> Any:
     if not index.is_file():
         raise FileNotFoundError(f"{folder} is not a pipeline folder (no model_index.json)")
     name = json.loads(index.read_text()).get("_class_name")
+    name = DIFFUSERS_CLASSES.get(name, name)
     if name not in PIPELINE_CLASSES:
-        raise CLIError(f"{index}: pipeline class {name!r} is not one of {list(PIPELINE_CLASSES)}")
+        known = [*PIPELINE_CLASSES, *DIFFUSERS_CLASSES]
+        raise CLIError(f"{index}: pipeline class {name!r} is not one of {known}")
     pipe = getattr(pipelines, name).from_pretrained(folder, dtype=dtype)
     return pipe.to(device)
 

@@ -280,7 +280,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             rule,
             num_tokens,
             latent_channels,
-            constant=float(cfg.get("shift", 1.0) or 1.0),
+            constant=scheduler_constant_shift(cfg),
             base_tokens=int(cfg.get("base_image_seq_len", 256) or 256),
             max_tokens=int(cfg.get("max_image_seq_len", 4096) or 4096),
             base_shift=float(cfg.get("base_shift", 0.5) or 0.5),
@@ -331,6 +331,18 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         )
 
     needs_pooled = False
+
+
+def scheduler_constant_shift(config: Any) -> float:
+    """The constant flow shift a scheduler config holds: ``shift`` (FlowMatchEulerDiscrete
+    Scheduler) or ``flow_shift`` (DPMSolverMultistepScheduler with flow sigmas, what diffusers'
+    SANA conversion writes into SANA pipeline folders); 1.0 when neither is set. dcgen samples
+    with its own Euler steps and takes only this number from the scheduler."""
+    for key in ("shift", "flow_shift"):
+        value = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+        if value is not None and (key == "flow_shift" or float(value) != 1.0):
+            return float(value)
+    return 1.0
 
 
 def _repeat(

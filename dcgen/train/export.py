@@ -123,8 +123,22 @@ def default_scheduler(
         # source is the transformer folder; a pipeline folder keeps scheduler/ beside it.
         cand = Path(source).parent / "scheduler"
         if (cand / "scheduler_config.json").is_file():
-            logger.info("reusing scheduler config from %s", cand)
-            return FlowMatchEulerDiscreteScheduler.from_pretrained(cand)
+            config = json.loads((cand / "scheduler_config.json").read_text())
+            if config.get("_class_name", "FlowMatchEulerDiscreteScheduler") == (
+                "FlowMatchEulerDiscreteScheduler"
+            ):
+                logger.info("reusing scheduler config from %s", cand)
+                return FlowMatchEulerDiscreteScheduler.from_pretrained(cand)
+            # SANA folders ship DPM-Solver++ with flow sigmas: dcgen samples with Euler steps
+            # and takes the flow shift from it (from_pretrained would drop it and keep 1.0).
+            from ..pipelines.base import scheduler_constant_shift
+
+            flow_shift = scheduler_constant_shift(config)
+            logger.info(
+                "%s in %s: an Euler scheduler with its flow shift %g",
+                config.get("_class_name"), cand, flow_shift,
+            )  # fmt: skip
+            return FlowMatchEulerDiscreteScheduler(shift=flow_shift)
     if family == "flux" and shift is None:
         return FlowMatchEulerDiscreteScheduler(
             use_dynamic_shifting=True,
