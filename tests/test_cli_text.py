@@ -211,3 +211,36 @@ def test_quantize_calibrates_on_a_text_prompt_as_on_its_embeddings(folders, tmp_
     assert main(argv_o) == 0
     c = load_file(str(other))
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_generate_moves_to_the_device_without_text_encoders_and_after_quantizing(
+    folders, tmp_path, monkeypatch
+):
+    """Order on a GPU: text encoded, encoders dropped, quantized linears swapped in (on the
+    CPU), and only then the pipeline moved: the GPU never holds T5 beside the transformer, nor
+    the 16-bit linears a quantized checkpoint replaces. Spied here at the move itself."""
+    from dcgen.pipelines.base import FlowTextToImagePipeline
+    from dcgen.quant import quantized_modules
+
+    ckpt = tmp_path / "q.safetensors"
+    argv = ["quantize", "--pipeline", str(folders["base"]), "--format", "fp8-row", "--no-report",
+            "--device", "cpu", "--no-progress", "--out", str(ckpt)]  # fmt: skip
+    assert main(argv) == 0
+    seen = []
+    real = FlowTextToImagePipeline.to
+
+    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        seen.append(
+            (self.text_encoder, self.text_encoder_2, len(quantized_modules(self.transformer)))
+        )
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlowTextToImagePipeline, "to", spy)
+    gen = ["generate", "--pipeline", str(folders["base"]), *SIZE, "--quantized", str(ckpt),
+           "--out", str(tmp_path / "x.png")]  # fmt: skip
+    assert main([*gen, "--max-sequence-length", "16", "--prompt", PROMPT]) == 0
+    emb = _embeds_file(folders["base"], PROMPT, tmp_path / "e.safetensors")
+    assert main([*gen, "--prompt-embeds", str(emb)]) == 0
+    assert len(seen) == 2
+    for te, te2, n_quantized in seen:
+        assert te is None and te2 is None and n_quantized > 0

@@ -21,7 +21,11 @@ DIFFUSERS_CLASSES = {"FluxPipeline": "BaseFluxPipeline", "SanaPipeline": "DCGenS
 EMBED_NAMES = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
 
 
-def _load_pipeline(folder: Path, dtype: torch.dtype, device: str) -> Any:
+def _load_pipeline(folder: Path, dtype: torch.dtype) -> Any:
+    """The pipeline of ``folder`` on the CPU: the callers encode the text and swap in quantized
+    linears before moving it to the device, so the GPU never holds the text encoders and the
+    transformer at once, nor a 16-bit transformer that a quantized one replaces (NVFP4 FLUX
+    on a 32 GB card)."""
     import dcgen.pipelines as pipelines
 
     index = folder / "model_index.json"
@@ -32,8 +36,7 @@ def _load_pipeline(folder: Path, dtype: torch.dtype, device: str) -> Any:
     if name not in PIPELINE_CLASSES:
         known = [*PIPELINE_CLASSES, *DIFFUSERS_CLASSES]
         raise CLIError(f"{index}: pipeline class {name!r} is not one of {known}")
-    pipe = getattr(pipelines, name).from_pretrained(folder, dtype=dtype)
-    return pipe.to(device)
+    return getattr(pipelines, name).from_pretrained(folder, dtype=dtype)
 
 
 def _batched(t: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
@@ -155,9 +158,19 @@ def _encode_text(
             continue
         for name, t in encoder([text], negative=bool(prefix)).items():
             kwargs[prefix + name] = t if name.endswith("mask") else t.to(dtype)
-    pipe.register_modules(**dict.fromkeys(TEXT_COMPONENTS[family]))
     del encoder, components
+    _drop_text_components(pipe)
     return kwargs
+
+
+def _drop_text_components(pipe: Any) -> None:
+    """Unregister the pipeline's text encoders and tokenizers (prompts are embeddings by now),
+    so moving the pipeline to the GPU does not take them along."""
+    from dcgen.pipelines.text_encoders import TEXT_COMPONENTS
+
+    names = [n for ns in TEXT_COMPONENTS.values() for n in ns if getattr(pipe, n, None) is not None]
+    if names:
+        pipe.register_modules(**dict.fromkeys(names))
 
 
 def _grid(images: list[Any]) -> Any:
@@ -223,14 +236,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _check_text_source(args)
     pipeline_dir = Path(args.pipeline)
     kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
-    pipe = _load_pipeline(pipeline_dir, dtype, device)
+    pipe = _load_pipeline(pipeline_dir, dtype)
     if args.prompt is not None:
         kwargs = _encode_text(pipe, args, device, dtype)
+    _drop_text_components(pipe)  # with --prompt-embeds, a folder's encoders go unused
     if quantized is not None:
         from dcgen.quant import load_quantized
 
         layers = load_quantized(pipe.transformer, quantized)
         print(f"loaded {len(layers)} quantized linears from {quantized}")
+    pipe.to(device)
     _accelerate(pipe.transformer, args.accelerate, device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,9 +338,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     _check_text_source(args)
     pipeline_dir = Path(args.pipeline)
     kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
-    pipe = _load_pipeline(pipeline_dir, dtype, device)
+    pipe = _load_pipeline(pipeline_dir, dtype)
     if args.prompt is not None:
         kwargs = _encode_text(pipe, args, device, dtype)
+    _drop_text_components(pipe)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     calls = None
     if needs_calls:  # (prompt embeddings given for nothing else are not sampled with)
