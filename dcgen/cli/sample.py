@@ -125,8 +125,8 @@ def _check_text_source(args: argparse.Namespace) -> None:
 def _encode_text(
     pipe: Any, args: argparse.Namespace, device: str, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Encode --prompt (and --negative-prompt, or "" under --true-cfg) once for every seed,
-    then drop the text encoders so the transformer has their memory (T5-XXL: 9.5 GB)."""
+    """Encode --prompt (and --negative-prompt, or "" under --true-cfg) once for every seed, on
+    ``device``; the caller then drops the encoders (T5-XXL: 9.5 GB) before the model moves."""
     from dcgen.pipelines.text_encoders import (
         TEXT_COMPONENTS,
         PipelineTextEncoder,
@@ -159,8 +159,22 @@ def _encode_text(
         for name, t in encoder([text], negative=bool(prefix)).items():
             kwargs[prefix + name] = t if name.endswith("mask") else t.to(dtype)
     del encoder, components
-    _drop_text_components(pipe)
     return kwargs
+
+
+def _pipeline_and_prompt(
+    args: argparse.Namespace, device: str, dtype: torch.dtype
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The pipeline, still on the CPU and without text encoders, and the prompt's pipeline
+    keyword arguments (--prompt-embeds read, or --prompt encoded on ``device``). Input errors
+    are raised before the model loads."""
+    _check_text_source(args)
+    kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
+    pipe = _load_pipeline(Path(args.pipeline), dtype)
+    if args.prompt is not None:
+        kwargs = _encode_text(pipe, args, device, dtype)
+    _drop_text_components(pipe)  # with --prompt-embeds, a folder's own encoders go unused
+    return pipe, kwargs
 
 
 def _drop_text_components(pipe: Any) -> None:
@@ -233,13 +247,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"--negative-prompt is used by classifier-free guidance: give --true-cfg > 1 "
             f"(got {args.true_cfg:g})"
         )
-    _check_text_source(args)
-    pipeline_dir = Path(args.pipeline)
-    kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
-    pipe = _load_pipeline(pipeline_dir, dtype)
-    if args.prompt is not None:
-        kwargs = _encode_text(pipe, args, device, dtype)
-    _drop_text_components(pipe)  # with --prompt-embeds, a folder's encoders go unused
+    pipe, kwargs = _pipeline_and_prompt(args, device, dtype)
     if quantized is not None:
         from dcgen.quant import load_quantized
 
@@ -335,13 +343,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             "a prompt (--prompt TEXT or --prompt-embeds FILE) is needed to calibrate "
             "(--smoothing) and for the quality report (skip the report with --no-report)"
         )
-    _check_text_source(args)
-    pipeline_dir = Path(args.pipeline)
-    kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
-    pipe = _load_pipeline(pipeline_dir, dtype)
-    if args.prompt is not None:
-        kwargs = _encode_text(pipe, args, device, dtype)
-    _drop_text_components(pipe)
+    pipe, kwargs = _pipeline_and_prompt(args, device, dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     calls = None
