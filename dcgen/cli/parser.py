@@ -14,6 +14,16 @@ from .train import STAGES, _cmd_export, _cmd_precompute, _cmd_stage
 BENCH_MODELS = ("flux", "sana-1.6b", "sana-4.8b", "tiny", "tiny-sana")
 
 
+def _add_text_prompt(parser: argparse.ArgumentParser, prompt_help: str) -> None:
+    """--prompt TEXT and the options that say how it is encoded (generate, quantize)."""
+    parser.add_argument("--prompt", default=None, metavar="TEXT", help=prompt_help)
+    parser.add_argument("--text-encoders", default=None, metavar="DIR",
+                        help="diffusers pipeline folder whose text encoders and tokenizers "
+                        "encode --prompt (default: the pipeline folder's own)")  # fmt: skip
+    parser.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                        help="text tokens of --prompt (default: 512 for FLUX, 300 for SANA)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dcgen", description="DC-Gen: DiTs in deep-compression latent spaces"
@@ -274,15 +284,9 @@ write PNGs. The prompt is one of:
 Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at --out.""",
     )
     g.add_argument("--pipeline", required=True, metavar="DIR", help="pipeline folder")
-    g.add_argument("--prompt", default=None, metavar="TEXT",
-                   help="text prompt (needs text encoders: see above)")  # fmt: skip
+    _add_text_prompt(g, "text prompt (needs text encoders: see above)")
     g.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="negative text prompt for --true-cfg (default there: the empty prompt)")  # fmt: skip
-    g.add_argument("--text-encoders", default=None, metavar="DIR",
-                   help="diffusers pipeline folder whose text encoders and tokenizers encode "
-                   "--prompt (default: the pipeline folder's own)")  # fmt: skip
-    g.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
-                   help="text tokens of --prompt (default: 512 for FLUX, 300 for SANA)")  # fmt: skip
     g.add_argument("--prompt-embeds", default=None, metavar="FILE",
                    help="safetensors prompt embeddings (format above)")  # fmt: skip
     g.add_argument("--caption", default=None,
@@ -351,13 +355,7 @@ call (tens of MB a block at 1024 px for FLUX), not a second model.""",
                    help="quantize only linears whose name matches (re.search; repeatable)")  # fmt: skip
     q.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="also keep these linears in 16-bit (repeatable)")  # fmt: skip
-    q.add_argument("--prompt", default=None, metavar="TEXT",
-                   help="calibration prompt as text (text encoders as in generate)")  # fmt: skip
-    q.add_argument("--text-encoders", default=None, metavar="DIR",
-                   help="pipeline folder whose text encoders encode --prompt (default: the "
-                   "pipeline folder's own)")  # fmt: skip
-    q.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
-                   help="text tokens of --prompt (default: 512 for FLUX, 300 for SANA)")  # fmt: skip
+    _add_text_prompt(q, "calibration prompt as text (text encoders as in generate)")
     q.add_argument("--prompt-embeds", default=None, metavar="FILE",
                    help="calibration prompt embeddings (generate's format)")  # fmt: skip
     q.add_argument("--caption", default=None, help="entry of a text-embeddings table")
