@@ -244,3 +244,33 @@ def test_generate_moves_to_the_device_without_text_encoders_and_after_quantizing
     assert len(seen) == 2
     for te, te2, n_quantized in seen:
         assert te is None and te2 is None and n_quantized > 0
+
+
+def test_sana_samples_with_classifier_free_guidance_by_default(folders, tmp_path, capsys):
+    """As diffusers' SanaPipeline (guidance 4.5); FLUX.1-dev-style models are distilled: off."""
+    base = ["generate", "--pipeline", str(folders["sana"]), *SIZE, "--max-sequence-length", "12",
+            "--prompt", PROMPT]  # fmt: skip
+
+    def run(name: str, *extra: str):  # noqa: ANN202
+        assert main([*base, *extra, "--out", str(tmp_path / name)]) == 0
+        return _pixels(tmp_path / name)
+
+    default, cfg, off = (
+        run("d.png"),
+        run("c.png", "--true-cfg", "4.5"),
+        run("o.png", "--true-cfg", "1"),
+    )
+    assert np.array_equal(default, cfg) and not np.array_equal(default, off)
+    # embeddings without a negative: no guidance, and the command says so
+    emb = _embeds_file(folders["sana"], PROMPT, tmp_path / "e.safetensors", max_len=12)
+    capsys.readouterr()
+    argv = ["generate", "--pipeline", str(folders["sana"]), *SIZE, "--prompt-embeds", str(emb)]
+    assert main([*argv, "--out", str(tmp_path / "e.png")]) == 0
+    assert "runs without guidance" in capsys.readouterr().out
+    assert np.array_equal(_pixels(tmp_path / "e.png"), off)
+    # FLUX: off by default
+    flux = ["generate", "--pipeline", str(folders["base"]), *SIZE, "--max-sequence-length", "16",
+            "--prompt", PROMPT]  # fmt: skip
+    assert main([*flux, "--out", str(tmp_path / "f.png")]) == 0
+    assert main([*flux, "--true-cfg", "1", "--out", str(tmp_path / "f1.png")]) == 0
+    assert np.array_equal(_pixels(tmp_path / "f.png"), _pixels(tmp_path / "f1.png"))

@@ -298,9 +298,11 @@ Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at -
     g.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
     g.add_argument("--guidance", type=float, default=3.5,
                    help="guidance-embedding scale of guidance-distilled models (default 3.5)")  # fmt: skip
-    g.add_argument("--true-cfg", type=float, default=1.0,
-                   help="classifier-free guidance scale; > 1 needs negative embeddings "
-                   "(default 1.0: off)")  # fmt: skip
+    g.add_argument("--true-cfg", type=float, default=None,
+                   help="classifier-free guidance scale; > 1 needs a negative prompt (text, or "
+                   "embeddings). Default: 4.5 for SANA without guidance embeddings (as "
+                   "diffusers' SanaPipeline samples; 1.0 if the embeddings have no negative), "
+                   "1.0 (off) for guidance-distilled FLUX")  # fmt: skip
     g.add_argument("--shift", type=float, default=None,
                    help="timestep shift override (default: the pipeline's shift rule)")  # fmt: skip
     g.add_argument("--seed", type=int, nargs="+", default=[0], metavar="N",

@@ -90,6 +90,24 @@ def _prompt_kwargs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     return {k: _batched(v, k, ranks[k.removeprefix("negative_")]) for k, v in kwargs.items()}
 
 
+#: diffusers' SanaPipeline samples with classifier-free guidance 4.5 by default.
+SANA_CFG = 4.5
+
+
+def _samples_with_cfg(folder: Path) -> bool:
+    """Whether the model of ``folder`` is one sampled with classifier-free guidance by default:
+    SANA without guidance embeddings (FLUX.1-dev-style models are guidance-distilled)."""
+    from dcgen.pipelines.text_encoders import TextEncodersError, family_of_pipeline
+
+    try:
+        if family_of_pipeline(folder) != "sana":
+            return False
+    except TextEncodersError:
+        return False  # not a pipeline folder: _load_pipeline names the problem
+    config = folder / "transformer" / "config.json"
+    return not (config.is_file() and json.loads(config.read_text()).get("guidance_embeds"))
+
+
 def _check_text_source(args: argparse.Namespace) -> None:
     """--prompt TEXT needs text encoders: the pipeline folder's own, or --text-encoders DIR's.
     Checked before a 12B model loads; the other text options go with --prompt only."""
@@ -242,12 +260,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     if args.prompt is not None and (args.caption or args.negative_caption):
         raise CLIError("--caption and --negative-caption pick entries of --prompt-embeds tables")
+    sana_cfg = args.true_cfg is None and _samples_with_cfg(Path(args.pipeline))
+    if args.true_cfg is None:  # the embeddings path decides once it sees a negative (below)
+        args.true_cfg = SANA_CFG if sana_cfg and args.prompt is not None else 1.0
     if args.negative_prompt is not None and args.true_cfg <= 1.0:
         raise CLIError(
             f"--negative-prompt is used by classifier-free guidance: give --true-cfg > 1 "
             f"(got {args.true_cfg:g})"
         )
     pipe, kwargs = _pipeline_and_prompt(args, device, dtype)
+    if sana_cfg and args.prompt is None:
+        if "negative_prompt_embeds" in kwargs:
+            args.true_cfg = SANA_CFG
+        else:
+            print(
+                f"note: SANA samples with classifier-free guidance {SANA_CFG:g}, which needs a "
+                "negative prompt; these embeddings have none (negative_* tensors or "
+                "--negative-caption), so this runs without guidance (--true-cfg 1)"
+            )
     if quantized is not None:
         from dcgen.quant import load_quantized
 
