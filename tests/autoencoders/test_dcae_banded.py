@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dcae_helpers import peak_cpu_bytes, perturb_norms
+from dcae_helpers import peak_cpu_bytes, perturb_norms, small_config
 from torch import nn
 
-from dcgen.autoencoders import DCAE, reduced_config
+from dcgen.autoencoders import DCAE
 from dcgen.autoencoders.banding import LocalStep, band_ranges, local_step, local_suffix
 from dcgen.autoencoders.blocks import EfficientViTBlock, ResBlock, UpBlock
 
@@ -18,7 +18,7 @@ PRESETS = ["dc-ae-f64c128-in-1.0", "dc-ae-f32c32-sana-1.1", "dc-ae-lite-f32c32-s
 
 
 def _model(name: str) -> DCAE:
-    return perturb_norms(DCAE(reduced_config(name))).eval()
+    return perturb_norms(DCAE(small_config(name))).eval()
 
 
 def _latents(model: DCAE, pixels: tuple[int, int], batch: int = 1) -> torch.Tensor:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import torch
-from dcae_helpers import assert_close_scaled, perturb_norms, rel_rms
+from dcae_helpers import assert_close_scaled, perturb_norms, rel_rms, small_config
 from torch import nn
 
-from dcgen.autoencoders import DCAE, reduced_config
+from dcgen.autoencoders import DCAE
 
 
 def _model(name: str, **kw) -> DCAE:
-    return perturb_norms(DCAE(reduced_config(name, **kw))).eval()
+    return perturb_norms(DCAE(small_config(name, **kw))).eval()
 
 
 def test_fold_batchnorm_matches():
@@ -26,7 +26,7 @@ def test_fold_batchnorm_matches():
 
 def test_fold_batchnorm_in_attention_norm():
     """A decoder EfficientViT stage with batch_norm folds its LiteMLA projection too."""
-    cfg = reduced_config("dc-ae-f32c32-in-1.0")
+    cfg = small_config("dc-ae-f32c32-in-1.0")
     cfg = cfg.replace(decoder_norm_types=("batch_norm",) * cfg.num_stages)
     model = perturb_norms(DCAE(cfg)).eval()
     z = torch.randn(1, cfg.latent_channels, 2, 2)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from dcae_helpers import assert_close_scaled, perturb_norms, well_conditioned_latent
+from dcae_helpers import assert_close_scaled, perturb_norms, small_config, well_conditioned_latent
 
 import dcgen.autoencoders.blocks as blocks_mod
 import dcgen.autoencoders.coders as coders_mod
-from dcgen.autoencoders import DCAE, reduced_config
+from dcgen.autoencoders import DCAE
 from dcgen.autoencoders.blocks import nearest_up_conv_as_subpixel
 from dcgen.autoencoders.fused import fused_inference, use_fused
 from dcgen.autoencoders.norms import ChannelRMSNorm
@@ -29,8 +29,8 @@ PRESETS = [
 ]
 
 
-def _model(name: str) -> DCAE:
-    return perturb_norms(DCAE(reduced_config(name))).eval()
+def _model(name: str, **kwargs: int) -> DCAE:
+    return perturb_norms(DCAE(small_config(name, **kwargs))).eval()
 
 
 def _spy(monkeypatch, module, name: str, calls: dict[str, int]) -> None:
@@ -202,7 +202,7 @@ def test_cuda_automatic_rule_takes_kernels_in_inference_only():
 
 def test_decoder_head_act_without_fused_name_stays_plain(monkeypatch):
     # GELU has no fused-norm code: the head keeps norm -> act as modules.
-    cfg = reduced_config("dc-ae-f32c32-sana-1.1").replace(decoder_conv_act_fn="gelu")
+    cfg = small_config("dc-ae-f32c32-sana-1.1").replace(decoder_conv_act_fn="gelu")
     model = perturb_norms(DCAE(cfg)).eval()
     z = torch.randn(1, cfg.latent_channels, 2, 2)
     with torch.no_grad():
@@ -219,7 +219,8 @@ def test_well_conditioned_latent_avoids_ill_conditioned_points():
     ill-conditioned (the one this file's fp32 end-to-end check failed on, 2026-11-28) shows what
     it guards against; the latent it returns is well-conditioned."""
     torch.manual_seed(0)
-    model = _model("dc-ae-f32c32-sana-1.1")
+    # head dim 2 (reduced_config's own), where the failure was; the tests now use TEST_HEAD_DIM
+    model = _model("dc-ae-f32c32-sana-1.1", attention_head_dim=2)
     bad = torch.randn(2, model.latent_channels, 3, 2)  # the draw of 2026-11-28's failure
     with torch.no_grad(), fused_inference(False):
         a = model.decode(bad)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dcae_helpers import assert_close_scaled, perturb_norms
+from dcae_helpers import assert_close_scaled, perturb_norms, small_config
 
-from dcgen.autoencoders import DCAE, reduced_config
+from dcgen.autoencoders import DCAE
 from dcgen.autoencoders.fused import fused_inference
 from dcgen.ops import has_kernel
 
@@ -24,7 +24,7 @@ PRESETS = [
 
 
 def _model(name: str) -> DCAE:
-    return perturb_norms(DCAE(reduced_config(name))).eval()
+    return perturb_norms(DCAE(small_config(name))).eval()
 
 
 def _conv_weights(model: DCAE) -> list[torch.Tensor]:

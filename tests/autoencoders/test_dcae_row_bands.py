@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from dcae_helpers import peak_cpu_bytes, perturb_norms, well_conditioned_latent
+from dcae_helpers import peak_cpu_bytes, perturb_norms, small_config, well_conditioned_latent
 from torch import nn
 
-from dcgen.autoencoders import DCAE, reduced_config
+from dcgen.autoencoders import DCAE
 from dcgen.autoencoders.blocks import ResBlock, UpBlock
 from dcgen.autoencoders.fused import fused_inference
 from dcgen.autoencoders.row_bands import (
@@ -153,7 +153,7 @@ def test_up_block_bands_equal_the_unbanded_fused_path(mode):
 def test_decode_and_encode_with_bands_equal_the_plain_path(name):
     """Batch 2, non-square, bands of a few rows: the same images and latents as the plain path
     (which the fused path matches, test_dcae_fused_path.py)."""
-    model = perturb_norms(DCAE(reduced_config(name))).eval()
+    model = perturb_norms(DCAE(small_config(name))).eval()
     f = model.spatial_compression_ratio
     z = torch.randn(2, model.latent_channels, 3, 2)
     images = torch.rand(2, 3, 2 * f, 3 * f) * 2 - 1
@@ -180,7 +180,7 @@ def _decode_then_unhook(model: DCAE, z: torch.Tensor, handles: list) -> torch.Te
 def test_stage_hooks_fire_and_see_their_input_unchanged():
     """The decoder runs its blocks one by one; a stage with a forward hook runs through its own
     call instead, with no block overwriting the input the hook is given."""
-    cfg = reduced_config("dc-ae-f32c32-in-1.0")
+    cfg = small_config("dc-ae-f32c32-in-1.0")
     # All ResBlocks: the deepest stage (the first to run) has no up block, so its first layer is
     # a ResBlock that, unhooked, would write into the stage's input.
     cfg = cfg.replace(decoder_block_types=("ResBlock",) * cfg.num_stages)
@@ -207,7 +207,7 @@ def test_layer_hooks_keep_what_they_were_given(preset):
     keep their inputs and outputs: on the in-place path no later layer may write into a tensor
     a hook was given, the up block's fused form must not bypass a hooked conv, and the decode
     is unchanged."""
-    model = perturb_norms(DCAE(reduced_config(preset))).eval()
+    model = perturb_norms(DCAE(small_config(preset))).eval()
     z = torch.randn(1, model.latent_channels, 3, 3)
     seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, tensor, copy at hook time)
 
@@ -240,7 +240,7 @@ def test_layer_hooks_keep_what_they_were_given(preset):
 def test_row_bands_lower_the_measured_peak_memory():
     """Measured on this CPU (fp32, forced fused path, 512 px, widths / 16, SANA 1.1): 37.7 MB
     without bands, 16.9 MB with 64 KiB bands (2026-11-27)."""
-    model = perturb_norms(DCAE(reduced_config("dc-ae-f32c32-sana-1.1"))).eval()
+    model = perturb_norms(DCAE(small_config("dc-ae-f32c32-sana-1.1"))).eval()
     z = torch.randn(1, model.latent_channels, 16, 16)
     with torch.inference_mode(), fused_inference(True):
         with band_size(0):
@@ -339,7 +339,7 @@ def test_cuda_decode_with_row_bands_equals_it_without(name, monkeypatch):
         pytest.skip("dcgen._C has no CUDA kernels for the fused DC-AE path")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
-    model = perturb_norms(DCAE(reduced_config(name))).eval().cuda()
+    model = perturb_norms(DCAE(small_config(name))).eval().cuda()
     f = model.spatial_compression_ratio
     z = well_conditioned_latent(model, (2, model.latent_channels, 5, 3), "cuda")
     bands = 4 * 16 * 4 * f  # a few rows per band at every stage
@@ -375,7 +375,7 @@ def test_cuda_band_paths_in_both_layouts_encode_and_band_rows(name, fold, monkey
         pytest.skip("dcgen._C has no CUDA kernels for the fused DC-AE path")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
-    model = perturb_norms(DCAE(reduced_config(name))).eval().cuda()
+    model = perturb_norms(DCAE(small_config(name))).eval().cuda()
     if fold:
         model.fold_batchnorm()
     f = model.spatial_compression_ratio

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from dcae_helpers import perturb_norms, rel_rms
+from dcae_helpers import perturb_norms, rel_rms, small_config
 
-from dcgen.autoencoders import DCAE, reduced_config
+from dcgen.autoencoders import DCAE
 from dcgen.autoencoders.tiling import tile_starts, tiled_apply
 
 
@@ -31,7 +31,7 @@ def test_blend_weights_are_a_partition_of_unity(overlap):
 
 
 def _model(name="dc-ae-f32c32-in-1.0"):
-    return perturb_norms(DCAE(reduced_config(name))).eval()
+    return perturb_norms(DCAE(small_config(name))).eval()
 
 
 def test_tile_larger_than_image_is_exact():
