@@ -152,7 +152,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         shift: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         tile_threshold: int | None = 2048,
         tile_size: int = 1024,
         tile_overlap: int = 128,
@@ -172,6 +172,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
+        if max_sequence_length is None:  # text tokens: FLUX.1's T5 512, SANA's Gemma 300
+            max_sequence_length = self.default_max_sequence_length
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(
                 f"num_inference_steps: expected a positive int, got {num_inference_steps!r}"
@@ -331,6 +333,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         )
 
     needs_pooled = False
+    default_max_sequence_length = 512
 
 
 def scheduler_constant_shift(config: Any) -> float:

@@ -69,6 +69,7 @@ class DCGenSanaPipeline(DCGenFluxPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     default_shift_rule = "constant"
     needs_pooled = False
+    default_max_sequence_length = 300  # Gemma tokens, as SanaPipeline
 
     def __init__(
         self,

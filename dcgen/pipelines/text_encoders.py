@@ -24,6 +24,9 @@ from typing import Any
 
 import torch
 
+from .flux import DCGenFluxPipeline
+from .sana import DCGenSanaPipeline
+
 __all__ = [
     "TEXT_COMPONENTS",
     "DEFAULT_MAX_SEQUENCE_LENGTH",
@@ -41,8 +44,11 @@ TEXT_COMPONENTS: dict[str, tuple[str, ...]] = {
     "flux": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
     "sana": ("text_encoder", "tokenizer"),
 }
-#: T5 tokens of FLUX.1-dev (schnell uses 256) and Gemma tokens of SANA, as their pipelines.
-DEFAULT_MAX_SEQUENCE_LENGTH: dict[str, int] = {"flux": 512, "sana": 300}
+#: T5 tokens of FLUX.1-dev (schnell uses 256) and Gemma tokens of SANA: the pipelines' defaults.
+DEFAULT_MAX_SEQUENCE_LENGTH: dict[str, int] = {
+    "flux": DCGenFluxPipeline.default_max_sequence_length,
+    "sana": DCGenSanaPipeline.default_max_sequence_length,
+}
 
 _PIPELINE_FAMILIES = {
     "DCGenFluxPipeline": "flux",

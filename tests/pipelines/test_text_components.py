@@ -190,3 +190,22 @@ def test_fingerprint_names_the_folder_and_length(folders):
     a = PipelineTextEncoder(folders["flux"], max_sequence_length=16).fingerprint_name
     b = PipelineTextEncoder(folders["flux"], max_sequence_length=32).fingerprint_name
     assert str(folders["flux"].resolve()) in a and a != b
+
+
+def test_pipelines_default_to_their_models_text_length(folders, monkeypatch):
+    """Called with a text prompt and no max_sequence_length, FLUX encodes 512 T5 tokens and
+    SANA 300 Gemma tokens, as FluxPipeline and SanaPipeline do."""
+    seen = []
+    for cls, folder, want in ((DCGenFluxPipeline, "flux", 512), (DCGenSanaPipeline, "sana", 300)):
+        real = cls.encode_prompt
+
+        def spy(self, prompt, device, max_sequence_length, negative=False, _real=real):  # noqa: ANN001, ANN202
+            seen.append(max_sequence_length)
+            return _real(self, prompt, device, 12, negative)  # (encode short: a fast test)
+
+        monkeypatch.setattr(cls, "encode_prompt", spy)
+        pipe = cls.from_pretrained(folders[folder])
+        pipe.set_progress_bar_config(disable=True)
+        pipe(prompt=PROMPT, height=64, width=64, num_inference_steps=1, output_type="latent")
+        assert seen[-1] == want
+        monkeypatch.undo()
