@@ -14,9 +14,12 @@ from .train import STAGES, _cmd_export, _cmd_precompute, _cmd_stage
 BENCH_MODELS = ("flux", "sana-1.6b", "sana-4.8b", "tiny", "tiny-sana")
 
 
-def _add_text_prompt(parser: argparse.ArgumentParser, prompt_help: str) -> None:
+def _add_text_prompt(
+    parser: argparse.ArgumentParser, prompt_help: str, repeatable: bool = False
+) -> None:
     """--prompt TEXT and the options that say how it is encoded (generate, quantize)."""
-    parser.add_argument("--prompt", default=None, metavar="TEXT", help=prompt_help)
+    parser.add_argument("--prompt", default=None, metavar="TEXT", help=prompt_help,
+                        action="append" if repeatable else "store")  # fmt: skip
     parser.add_argument("--text-encoders", default=None, metavar="DIR",
                         help="diffusers pipeline folder whose text encoders and tokenizers "
                         "encode --prompt (default: the pipeline folder's own)")  # fmt: skip
@@ -284,7 +287,10 @@ write PNGs. The prompt is one of:
 Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at --out.""",
     )
     g.add_argument("--pipeline", required=True, metavar="DIR", help="pipeline folder")
-    _add_text_prompt(g, "text prompt (needs text encoders: see above)")
+    _add_text_prompt(
+        g, "text prompt (needs text encoders: see above); repeat it for several prompts, one "
+        "image each (<out>-p<i>.png, a prompts x seeds grid at --out)", repeatable=True,
+    )  # fmt: skip
     g.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="negative text prompt for --true-cfg (default there: the empty prompt)")  # fmt: skip
     g.add_argument("--prompt-embeds", default=None, metavar="FILE",

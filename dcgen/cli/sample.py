@@ -143,8 +143,9 @@ def _check_text_source(args: argparse.Namespace) -> None:
 def _encode_text(
     pipe: Any, args: argparse.Namespace, device: str, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Encode --prompt (and --negative-prompt, or "" under --true-cfg) once for every seed, on
-    ``device``; the caller then drops the encoders (T5-XXL: 9.5 GB) before the model moves."""
+    """Encode --prompt (one or several: a batch; and --negative-prompt, or "" under --true-cfg)
+    once for every seed, on ``device``; the caller then drops the encoders (T5-XXL: 9.5 GB)
+    before the model moves."""
     from dcgen.pipelines.text_encoders import (
         TEXT_COMPONENTS,
         PipelineTextEncoder,
@@ -171,10 +172,11 @@ def _encode_text(
     negative = None
     if args.true_cfg > 1.0:
         negative = "" if args.negative_prompt is None else args.negative_prompt
-    for prefix, text in (("", args.prompt), ("negative_", negative)):
-        if text is None:
+    prompts = args.prompt if isinstance(args.prompt, list) else [args.prompt]
+    for prefix, texts in (("", prompts), ("negative_", None if negative is None else [negative])):
+        if texts is None:
             continue
-        for name, t in encoder([text], negative=bool(prefix)).items():
+        for name, t in encoder(texts, negative=bool(prefix)).items():
             kwargs[prefix + name] = t if name.endswith("mask") else t.to(dtype)
     del encoder, components
     return kwargs
@@ -205,10 +207,11 @@ def _drop_text_components(pipe: Any) -> None:
         pipe.register_modules(**dict.fromkeys(names))
 
 
-def _grid(images: list[Any]) -> Any:
+def _grid(images: list[Any], cols: int | None = None) -> Any:
+    """The images pasted row by row, ``cols`` a row (default: about square)."""
     from PIL import Image
 
-    cols = math.ceil(math.sqrt(len(images)))
+    cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
     out = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
@@ -287,30 +290,42 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _accelerate(pipe.transformer, args.accelerate, device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    images = []
-    for seed in args.seed:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        result = pipe(
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            true_cfg_scale=args.true_cfg,
-            generator=generator,
-            shift=args.shift,
-            **kwargs,
-        )
-        images.append(result.images[0])
+    n_prompts = len(args.prompt) if args.prompt is not None else 1
+    images, names = [], []
+    for i in range(n_prompts):
+        # one prompt's rows of the batched encodings; a negative is shared by all prompts
+        one = {k: v if k.startswith("negative_") or n_prompts == 1 else v[i : i + 1]
+               for k, v in kwargs.items()}  # fmt: skip
+        for seed in args.seed:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            result = pipe(
+                height=args.height,
+                width=args.width,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                true_cfg_scale=args.true_cfg,
+                generator=generator,
+                shift=args.shift,
+                **one,
+            )
+            images.append(result.images[0])
+            parts = ([f"p{i}"] if n_prompts > 1 else []) + (
+                [f"seed{seed}"] if len(args.seed) > 1 else []
+            )
+            names.append("-".join(parts))
     if len(images) == 1:
         images[0].save(out)
         print(f"wrote {out}")
         return 0
-    for seed, image in zip(args.seed, images):
-        path = out.with_name(f"{out.stem}-seed{seed}{out.suffix}")
+    for name, image in zip(names, images):
+        path = out.with_name(f"{out.stem}-{name}{out.suffix}")
         image.save(path)
         print(f"wrote {path}")
-    _grid(images).save(out)
-    print(f"wrote {out} ({len(images)} seeds in a grid)")
+    _grid(images, cols=len(args.seed) if n_prompts > 1 else None).save(out)
+    what = (
+        f"{n_prompts} prompts x {len(args.seed)} seeds" if n_prompts > 1 else f"{len(images)} seeds"
+    )
+    print(f"wrote {out} ({what} in a grid)")
     return 0
 
 
