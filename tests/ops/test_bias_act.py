@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcgen.autoencoders import DCAE, reduced_config
+from dcgen.autoencoders import DCAE
 from dcgen.autoencoders.fused import fused_inference
 from dcgen.ops import bias_act_, bias_act_reference, has_kernel
 from dcgen.ops._extension import compiled_op
 from tests.conftest import poison_cuda_allocator, registered_cpu_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "autoencoders"))
-from dcae_helpers import perturb_norms  # noqa: E402
+from dcae_helpers import perturb_norms, small_config  # noqa: E402
 
 ACTS = ["none", "relu", "silu"]
 
@@ -100,7 +100,7 @@ def test_resblocks_hand_their_biases_to_bias_act(cpu_kernel, preset, bands):
     from dcgen.autoencoders.row_bands import band_size
 
     torch.manual_seed(0)
-    model = perturb_norms(DCAE(reduced_config(preset))).eval()
+    model = perturb_norms(DCAE(small_config(preset))).eval()
     z = torch.randn(1, model.latent_channels, 8, 8)
     with torch.inference_mode():
         with fused_inference(False):
@@ -243,7 +243,7 @@ def test_relu_resblocks_opt_into_cudnn_fused_conv(cpu_kernel, monkeypatch):
     real_gate = blocks._cudnn_conv_relu
     monkeypatch.setattr(torch, "cudnn_convolution_relu", fused_conv, raising=False)
     torch.manual_seed(0)
-    model = perturb_norms(DCAE(reduced_config("dc-ae-f64c128-in-1.0"))).eval()
+    model = perturb_norms(DCAE(small_config("dc-ae-f64c128-in-1.0"))).eval()
     z = torch.randn(1, model.latent_channels, 8, 8)
     with torch.inference_mode():
         with fused_inference(False):

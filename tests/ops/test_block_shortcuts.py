@@ -442,7 +442,8 @@ def test_banded_decodes_with_the_out_kernel_equal_the_plain_ones(cpu_out_kernel,
     from dcgen.autoencoders.row_bands import band_size
 
     torch.manual_seed(0)
-    model = DCAE(reduced_config(preset)).eval()
+    # head dim 8, as tests/autoencoders' small_config (why: dcae_helpers.TEST_HEAD_DIM)
+    model = DCAE(reduced_config(preset, attention_head_dim=8)).eval()
     z = torch.randn(1, model.latent_channels, 8, 8)
     with torch.inference_mode():
         with fused_inference(False):
