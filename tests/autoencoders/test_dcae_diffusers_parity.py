@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dcae_helpers import assert_close_scaled, assert_computes_like, perturb_norms
+from dcae_helpers import assert_close_scaled, assert_computes_like, perturb_norms, small_config
 
-from dcgen.autoencoders import DCAE, get_preset, list_presets, reduced_config
+from dcgen.autoencoders import DCAE, get_preset, list_presets
 from dcgen.autoencoders.checkpoint import diffusers_to_dcgen
 
 diffusers = pytest.importorskip("diffusers")
@@ -22,7 +22,7 @@ def _inputs(cfg, batch=2):
 
 @pytest.mark.parametrize("name", list_presets())
 def test_diffusers_folder_loads_and_matches(name, tmp_path):
-    cfg = reduced_config(name)
+    cfg = small_config(name)
     ref = perturb_norms(AutoencoderDC(**cfg.to_dict())).eval()
     ref.save_pretrained(tmp_path)
     model = DCAE.from_pretrained(tmp_path)
@@ -35,7 +35,7 @@ def test_diffusers_folder_loads_and_matches(name, tmp_path):
              "dc-ae-1.5-f32c128"]
 )  # fmt: skip
 def test_dcae_save_loads_in_diffusers(name, tmp_path):
-    cfg = reduced_config(name)
+    cfg = small_config(name)
     model = perturb_norms(DCAE(cfg)).eval()
     model.save_pretrained(tmp_path)
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -48,7 +48,7 @@ def test_dcae_save_loads_in_diffusers(name, tmp_path):
 
 
 def test_variant_files_roundtrip(tmp_path):
-    cfg = reduced_config("dc-ae-f32c32-in-1.0")
+    cfg = small_config("dc-ae-f32c32-in-1.0")
     model = perturb_norms(DCAE(cfg)).eval()
     model.save_pretrained(tmp_path, variant="bf16", dtype=torch.bfloat16)
     assert (tmp_path / "diffusion_pytorch_model.bf16.safetensors").is_file()
@@ -86,7 +86,7 @@ def test_full_width_preset_matches_diffusers():
 
 
 def test_sharded_diffusers_folder(tmp_path):
-    cfg = reduced_config("dc-ae-f32c32-in-1.0")
+    cfg = small_config("dc-ae-f32c32-in-1.0")
     ref = perturb_norms(AutoencoderDC(**cfg.to_dict())).eval()
     ref.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").is_file()

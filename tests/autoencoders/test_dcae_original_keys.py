@@ -12,10 +12,10 @@ import re
 
 import pytest
 import torch
-from dcae_helpers import assert_computes_like, perturb_norms
+from dcae_helpers import assert_computes_like, perturb_norms, small_config
 from safetensors.torch import save_file
 
-from dcgen.autoencoders import DCAE, reduced_config
+from dcgen.autoencoders import DCAE
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -120,7 +120,7 @@ def diffusers_to_original(sd: dict, cfg) -> dict:
              "dc-ae-1.5-f32c128"]
 )  # fmt: skip
 def test_original_checkpoint_loads(name, tmp_path):
-    cfg = reduced_config(name)
+    cfg = small_config(name)
     ref = perturb_norms(diffusers.AutoencoderDC(**cfg.to_dict())).eval()
     original = diffusers_to_original(ref.state_dict(), cfg)
     assert any(".op_list." in k for k in original)
