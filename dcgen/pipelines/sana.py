@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -11,16 +12,26 @@ from ..autoencoders import DCAE
 from .flux import DCGenFluxPipeline
 
 
-def sana_instruction() -> list[str]:
-    """The "complex human instruction" SANA prefixes to every (positive) prompt before Gemma
-    encodes it: read from diffusers' SanaPipeline defaults, the reference this recipe follows,
-    so dcgen encodes what a SANA checkpoint is sampled with there and keeps no copy of it."""
+@functools.cache
+def _diffusers_instruction() -> tuple[str, ...]:
     import inspect
 
     from diffusers import SanaPipeline
 
     default = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"]
-    return list(default.default or [])
+    return tuple(default.default or ())
+
+
+def sana_instruction() -> list[str]:
+    """The "complex human instruction" SANA prefixes to every (positive) prompt before Gemma
+    encodes it: read (once) from diffusers' SanaPipeline defaults, the reference this recipe
+    follows, so dcgen encodes what a SANA checkpoint is sampled with there and keeps no copy."""
+    return list(_diffusers_instruction())
+
+
+def prompt_instruction(enabled: bool, negative: bool) -> list[str] | None:
+    """The instruction for one encode_gemma call: SANA's, on positive prompts only."""
+    return sana_instruction() if enabled and not negative else None
 
 
 def encode_gemma(
@@ -102,9 +113,8 @@ class DCGenSanaPipeline(DCGenFluxPipeline):
         max_sequence_length: int,
         negative: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        use = self.config.complex_human_instruction and not negative
         embeds, mask = encode_gemma(
             self.tokenizer, self.text_encoder, prompt, device, max_sequence_length,
-            sana_instruction() if use else None,
+            prompt_instruction(self.config.complex_human_instruction, negative),
         )  # fmt: skip
         return embeds, None, mask

@@ -235,7 +235,7 @@ class PipelineTextEncoder:
     def __call__(self, captions: list[str], negative: bool = False) -> dict[str, torch.Tensor]:
         """Embeddings of ``captions``; ``negative``: as negative prompts (SANA: no prefix)."""
         from .flux import encode_clip_t5
-        from .sana import encode_gemma, sana_instruction
+        from .sana import encode_gemma, prompt_instruction
 
         c, captions = self.components, list(captions)
         if self.family == "flux":
@@ -244,9 +244,8 @@ class PipelineTextEncoder:
                 captions, self.device, self.max_sequence_length,
             )  # fmt: skip
             return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        use = self.complex_human_instruction and not negative
         embeds, mask = encode_gemma(
             c["tokenizer"], c["text_encoder"], captions, self.device, self.max_sequence_length,
-            sana_instruction() if use else None,
+            prompt_instruction(self.complex_human_instruction, negative),
         )  # fmt: skip
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
