@@ -108,9 +108,10 @@ def _samples_with_cfg(folder: Path) -> bool:
     return not (config.is_file() and json.loads(config.read_text()).get("guidance_embeds"))
 
 
-def _check_text_source(args: argparse.Namespace) -> None:
+def _check_text_source(args: argparse.Namespace) -> str | None:
     """--prompt TEXT needs text encoders: the pipeline folder's own, or --text-encoders DIR's.
-    Checked before a 12B model loads; the other text options go with --prompt only."""
+    Checked before a 12B model loads; the other text options go with --prompt only. Returns
+    the folder's family with --prompt (None without, or for a folder _load_pipeline refuses)."""
     from dcgen.pipelines.text_encoders import (
         TextEncodersError,
         check_text_components,
@@ -123,10 +124,10 @@ def _check_text_source(args: argparse.Namespace) -> None:
                                 ("--negative-prompt", args.negative_prompt)) if v is not None]  # fmt: skip
         if given:
             raise CLIError(f"{', '.join(given)}: these go with --prompt TEXT")
-        return
+        return None
     pipeline_dir = Path(args.pipeline)
     if not (pipeline_dir / "model_index.json").is_file():
-        return  # _load_pipeline names the problem
+        return None  # _load_pipeline names the problem
     family = family_of_pipeline(pipeline_dir)
     try:
         check_text_components(args.text_encoders or pipeline_dir, family)
@@ -138,10 +139,11 @@ def _check_text_source(args: argparse.Namespace) -> None:
             "FLUX.1-dev's) or export with --text-encoders"
         )
         raise CLIError(f"--prompt TEXT: {err}{hint}; or give --prompt-embeds FILE") from err
+    return family
 
 
 def _encode_text(
-    pipe: Any, args: argparse.Namespace, device: str, dtype: torch.dtype
+    pipe: Any, args: argparse.Namespace, family: str, device: str, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Encode --prompt (one or several: a batch; and --negative-prompt, or "" under --true-cfg)
     once for every seed, on ``device``; the caller then drops the encoders (T5-XXL: 9.5 GB)
@@ -149,11 +151,9 @@ def _encode_text(
     from dcgen.pipelines.text_encoders import (
         TEXT_COMPONENTS,
         PipelineTextEncoder,
-        family_of_pipeline,
         load_text_components,
     )
 
-    family = family_of_pipeline(Path(args.pipeline))
     # T5 overflows in fp16 (inf activations): its encoders run in bf16 under --dtype fp16.
     enc_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
     if args.text_encoders:
@@ -178,7 +178,6 @@ def _encode_text(
             continue
         for name, t in encoder(texts, negative=bool(prefix)).items():
             kwargs[prefix + name] = t if name.endswith("mask") else t.to(dtype)
-    del encoder, components
     return kwargs
 
 
@@ -188,11 +187,11 @@ def _pipeline_and_prompt(
     """The pipeline, still on the CPU and without text encoders, and the prompt's pipeline
     keyword arguments (--prompt-embeds read, or --prompt encoded on ``device``). Input errors
     are raised before the model loads."""
-    _check_text_source(args)
+    family = _check_text_source(args)
     kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
     pipe = _load_pipeline(Path(args.pipeline), dtype)
-    if args.prompt is not None:
-        kwargs = _encode_text(pipe, args, device, dtype)
+    if family is not None:  # --prompt TEXT (the load above refused a folder without a family)
+        kwargs = _encode_text(pipe, args, family, device, dtype)
     _drop_text_components(pipe)  # with --prompt-embeds, a folder's own encoders go unused
     return pipe, kwargs
 
