@@ -341,11 +341,10 @@ def scheduler_constant_shift(config: Any) -> float:
     Scheduler) or ``flow_shift`` (DPMSolverMultistepScheduler with flow sigmas, what diffusers'
     SANA conversion writes into SANA pipeline folders); 1.0 when neither is set. dcgen samples
     with its own Euler steps and takes only this number from the scheduler."""
-    for key in ("shift", "flow_shift"):
-        value = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
-        if value is not None and (key == "flow_shift" or float(value) != 1.0):
-            return float(value)
-    return 1.0
+    shift, flow_shift = config.get("shift"), config.get("flow_shift")
+    if shift is not None and float(shift) != 1.0:
+        return float(shift)
+    return 1.0 if flow_shift is None else float(flow_shift)
 
 
 def _repeat(
