@@ -301,7 +301,11 @@ Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at -
                    help="entry of a text-embeddings table used as negative prompt (--true-cfg)")  # fmt: skip
     g.add_argument("--height", type=int, default=1024, help="image height in pixels (default 1024)")
     g.add_argument("--width", type=int, default=1024, help="image width in pixels (default 1024)")
-    g.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
+    g.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    g.add_argument("--sampler", choices=["auto", "euler", "dpm"], default="auto",
+                   help="ODE solver: euler, or dpm (DPM-Solver++ 2M, SANA's); default auto: the "
+                   "pipeline's scheduler decides (dpm for a DPMSolverMultistepScheduler, as SANA "
+                   "folders ship; euler otherwise)")  # fmt: skip
     g.add_argument("--guidance", type=float, default=3.5,
                    help="guidance-embedding scale of guidance-distilled models (default 3.5)")  # fmt: skip
     g.add_argument("--true-cfg", type=float, default=None,
@@ -439,6 +443,9 @@ times S steps and extrapolates to the full depth and --steps. Writes speed.md/.j
                         "memory")  # fmt: skip
     b.add_argument("--nvfp4-rank", type=int, default=0, metavar="R",
                    help="SVDQuant low-rank 16-bit branch of the NVFP4 linears (default 0: none)")  # fmt: skip
+    b.add_argument("--cfg", type=float, default=None, metavar="SCALE",
+                   help="classifier-free guidance scale, 1 = off (default: as the family samples: "
+                   "SANA 4.5, two transformer calls a step; FLUX.1-dev off, guidance embedding)")  # fmt: skip
     b.add_argument("--out", default="dcgen_bench", help="output folder (default ./dcgen_bench)")
     b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -90,10 +90,6 @@ def _prompt_kwargs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     return {k: _batched(v, k, ranks[k.removeprefix("negative_")]) for k, v in kwargs.items()}
 
 
-#: diffusers' SanaPipeline samples with classifier-free guidance 4.5 by default.
-SANA_CFG = 4.5
-
-
 def _samples_with_cfg(folder: Path) -> bool:
     """Whether the model of ``folder`` is one sampled with classifier-free guidance by default:
     SANA without guidance embeddings (FLUX.1-dev-style models are guidance-distilled)."""
@@ -262,6 +258,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     if args.prompt is not None and (args.caption or args.negative_caption):
         raise CLIError("--caption and --negative-caption pick entries of --prompt-embeds tables")
+    from dcgen.pipelines.sana import SANA_CFG_SCALE as SANA_CFG  # diffusers' SanaPipeline's
+
     sana_cfg = args.true_cfg is None and _samples_with_cfg(Path(args.pipeline))
     if args.true_cfg is None:  # the embeddings path decides once it sees a negative (below)
         args.true_cfg = SANA_CFG if sana_cfg and args.prompt is not None else 1.0
@@ -305,6 +303,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 true_cfg_scale=args.true_cfg,
                 generator=generator,
                 shift=args.shift,
+                sampler=args.sampler,
                 **one,
             )
             images.append(result.images[0])

@@ -5,10 +5,13 @@ embeddings, and the default shift rule. Everything else is here: input checks, i
 the Euler loop with guidance embedding and true CFG, decoding (tiled above a size threshold),
 post-processing and the output object.
 
-Sampling uses dcgen.sampling (our shift rules + Euler), not ``scheduler.step``: the registered
-FlowMatchEulerDiscreteScheduler only supplies the shift parameters from its config (FLUX:
-use_dynamic_shifting with base/max shift and sequence lengths; SANA: a constant ``shift``), so
-stock scheduler folders load and keep meaning the same thing, while the shift math stays ours.
+Sampling uses dcgen.sampling (our shift rules, Euler and DPM-Solver++), not ``scheduler.step``:
+the registered scheduler supplies the shift parameters from its config (FLUX: use_dynamic_shifting
+with base/max shift and sequence lengths; SANA: a constant ``shift`` or ``flow_shift``) and, by its
+class, the default solver: Euler for a FlowMatchEulerDiscreteScheduler, DPM-Solver++ 2M for the
+DPMSolverMultistepScheduler SANA folders ship (dcgen.sampling.dpm follows its grid, its integer
+model timesteps and its order schedule). Stock scheduler folders load and keep meaning the same
+thing, while the sampling math stays ours.
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..adapters import DiTAdapter, adapter_for
 from ..sampling import SHIFT_RULES, flow_sigmas, resolve_shift, sample_euler
+from ..sampling.dpm import DPMSettings, dpm_flow_sigmas, dpm_settings_from_config, sample_dpm_solver
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+#: "auto": the registered scheduler's kind (DPM-Solver++ for a DPMSolverMultistepScheduler,
+#: Euler otherwise); "euler" / "dpm" force one.
+SAMPLERS = ("auto", "euler", "dpm")
 
 
 @dataclass
@@ -139,7 +146,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         width: int = 1024,
         num_inference_steps: int = 20,
         guidance_scale: float = 3.5,
-        true_cfg_scale: float = 1.0,
+        true_cfg_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -157,6 +164,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         tile_size: int = 1024,
         tile_overlap: int = 128,
         band_rows: int | None = 512,
+        sampler: str = "auto",
     ) -> DCGenPipelineOutput | tuple[Any]:
         """Generate images.
 
@@ -164,7 +172,9 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         (``prompt_embeds`` (B, T, D), plus ``pooled_prompt_embeds`` (B, D') for FLUX).
         guidance_scale feeds the guidance embedding of guidance-distilled models (ignored
         otherwise); true_cfg_scale > 1 runs classifier-free guidance against the negative prompt
-        (text or embeddings), doubling the cost. ``shift`` overrides the config's shift rule.
+        (text or embeddings), doubling the cost; None = the model's default (SANA without
+        guidance embeddings: 4.5 as diffusers' SanaPipeline, when a negative prompt can be had;
+        otherwise 1). ``shift`` overrides the config's shift rule. ``sampler``: one of SAMPLERS.
         Images whose larger side exceeds ``tile_threshold`` pixels decode with bounded memory:
         a DC-AE in bands of ``band_rows`` output rows (the same image as a full-frame decode),
         or, with ``band_rows=None`` (and always for the base FLUX VAE), tile by tile with
@@ -178,6 +188,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             raise ValueError(
                 f"num_inference_steps: expected a positive int, got {num_inference_steps!r}"
             )
+        dpm = self.dpm_settings(sampler)  # None: Euler
         self.check_components()
         self.check_size(height, width)
         device = self._execution_device
@@ -188,6 +199,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             max_sequence_length, "prompt",
         )  # fmt: skip
         batch = cond[0].shape[0]
+        if true_cfg_scale is None:
+            true_cfg_scale = self._default_true_cfg(negative_prompt, negative_prompt_embeds)
         do_cfg = true_cfg_scale > 1.0
         uncond = None
         if do_cfg:
@@ -229,10 +242,16 @@ class FlowTextToImagePipeline(DiffusionPipeline):
 
         if shift is None:
             shift = self._shift_for(adapter.num_tokens(h, w), c)
-        sigmas = flow_sigmas(num_inference_steps, shift, device=device)
+        if dpm is None:
+            sigmas, model_sigmas = flow_sigmas(num_inference_steps, shift, device=device), None
+        else:
+            sigmas, model_sigmas = dpm_flow_sigmas(
+                num_inference_steps, shift, dpm.train_timesteps, device=device
+            )
         logger.info(
-            "sampling %d image(s) at %dx%d: %d tokens, shift %.4g, %d steps",
+            "sampling %d image(s) at %dx%d: %d tokens, shift %.4g, %d %s steps",
             total, height, width, adapter.num_tokens(h, w), shift, num_inference_steps,
+            "Euler" if dpm is None else "DPM-Solver++",
         )  # fmt: skip
 
         guidance = None
@@ -252,7 +271,12 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             return v.float()
 
         with self.progress_bar(total=num_inference_steps) as bar:
-            out = sample_euler(velocity, noise, sigmas, on_step=lambda i, x: bar.update())
+            if dpm is None:
+                out = sample_euler(velocity, noise, sigmas, on_step=lambda i, x: bar.update())
+            else:
+                out = sample_dpm_solver(
+                    velocity, noise, sigmas, model_sigmas, dpm, on_step=lambda i, x: bar.update()
+                )
 
         if output_type == "latent":
             images: Any = out
@@ -269,6 +293,41 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         return DCGenPipelineOutput(images=images)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def dpm_settings(self, sampler: str = "auto") -> DPMSettings | None:
+        """The DPM-Solver++ settings ``sampler`` asks for, or None for Euler steps. "auto" follows
+        the registered scheduler: a DPMSolverMultistepScheduler (SANA folders) gives DPM-Solver++
+        with its order and solver type, or a ValueError if its config asks for something dcgen's
+        solver does not implement; anything else (or no scheduler) gives Euler."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+        if sampler == "euler":
+            return None
+        sched = getattr(self, "scheduler", None)
+        is_dpm = type(sched).__name__ == "DPMSolverMultistepScheduler"
+        if sampler == "auto" and not is_dpm:
+            return None
+        if is_dpm:
+            return dpm_settings_from_config(sched.config)
+        cfg = sched.config if sched is not None else {}
+        return DPMSettings(train_timesteps=int(cfg.get("num_train_timesteps", 1000) or 1000))
+
+    #: classifier-free guidance when true_cfg_scale is None (SANA: 4.5)
+    default_true_cfg_scale = 1.0
+
+    def _default_true_cfg(self, negative_prompt: Any, negative_prompt_embeds: Any) -> float:
+        cfg = self.default_true_cfg_scale
+        if cfg <= 1.0 or getattr(self.adapter, "has_guidance_embeds", False):
+            return 1.0
+        if negative_prompt is None and negative_prompt_embeds is None:
+            if not self._has_text_encoders():
+                logger.warning(
+                    "true_cfg_scale: this model samples with classifier-free guidance %g by "
+                    "default, which needs a negative prompt; without text encoders or "
+                    "negative_prompt_embeds it runs without guidance (true_cfg_scale=1)", cfg,
+                )  # fmt: skip
+                return 1.0
+        return cfg
 
     def _shift_for(self, num_tokens: int, latent_channels: int) -> float:
         rule = self.config.shift_rule

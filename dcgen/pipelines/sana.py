@@ -6,10 +6,17 @@ import functools
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SanaTransformer2DModel,
+)
 
 from ..autoencoders import DCAE
 from .flux import DCGenFluxPipeline
+
+#: diffusers' SanaPipeline samples with classifier-free guidance 4.5 by default.
+SANA_CFG_SCALE = 4.5
 
 
 @functools.cache
@@ -74,19 +81,23 @@ class DCGenSanaPipeline(DCGenFluxPipeline):
     state with its attention mask (encode_gemma: SANA's instruction prefix on positive prompts
     unless ``complex_human_instruction=False``), or prompt_embeds (+ prompt_attention_mask).
     No pooled embedding. shift_rule 'auto' = the scheduler's constant ``shift`` (SANA's
-    flow_shift); guidance_scale only feeds guidance-embedding variants, CFG is true_cfg_scale."""
+    flow_shift); guidance_scale only feeds guidance-embedding variants, CFG is true_cfg_scale
+    (default 4.5, as diffusers' SanaPipeline, for models without guidance embeddings). The
+    sampler follows the scheduler: a SANA folder's DPMSolverMultistepScheduler gives
+    DPM-Solver++ 2M (the images diffusers' SanaPipeline samples), an Euler scheduler Euler."""
 
     _optional_components = ["vae", "scheduler", "text_encoder", "tokenizer"]
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     default_shift_rule = "constant"
     needs_pooled = False
     default_max_sequence_length = 300  # Gemma tokens, as SanaPipeline
+    default_true_cfg_scale = SANA_CFG_SCALE
 
     def __init__(
         self,
         transformer: SanaTransformer2DModel,
         vae: DCAE | None = None,
-        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+        scheduler: FlowMatchEulerDiscreteScheduler | DPMSolverMultistepScheduler | None = None,
         text_encoder: Any = None,
         tokenizer: Any = None,
         shift_rule: str = "auto",

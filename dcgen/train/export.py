@@ -109,36 +109,43 @@ def load_transformer(
 def default_scheduler(
     family: str, source: str | Path | None = None, shift: float | None = None
 ) -> Any:
-    """FlowMatchEulerDiscreteScheduler for an exported pipeline.
+    """The scheduler of an exported pipeline (it sets the shift and, by its kind, the sampler).
 
     A ``scheduler/`` folder beside the source transformer folder (a diffusers pipeline folder
-    such as FLUX.1-dev's) is reused as is. Otherwise FLUX gets FLUX.1's dynamic shifting (mu linear in the token count,
-    0.5 at 256 tokens to 1.15 at 4096: a 4K f64c128 model at 4096 tokens gets the shift base
-    FLUX uses at 1K), SANA a constant flow shift (``shift``, default 3.0 as SANA 1K ships).
-    ``shift`` for FLUX switches to a constant shift instead.
+    such as FLUX.1-dev's or SANA's) is reused: an Euler one as is (unless ``shift`` is given), a
+    SANA folder's DPM-Solver++ (flow sigmas) as is with ``shift`` as its flow_shift, so the
+    DC-Gen model samples with its base model's solver (a DPM config dcgen's solver does not
+    implement becomes an Euler scheduler with its flow shift). Otherwise FLUX gets FLUX.1's
+    dynamic shifting (mu linear in the token count, 0.5 at 256 tokens to 1.15 at 4096: a 4K
+    f64c128 model at 4096 tokens gets the shift base FLUX uses at 1K), SANA a constant flow
+    shift (``shift``, default 3.0 as SANA 1K ships). ``shift`` for FLUX switches to a constant
+    shift instead.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-    if source is not None and shift is None:
-        # source is the transformer folder; a pipeline folder keeps scheduler/ beside it.
-        cand = Path(source).parent / "scheduler"
-        if (cand / "scheduler_config.json").is_file():
-            config = json.loads((cand / "scheduler_config.json").read_text())
-            if config.get("_class_name", "FlowMatchEulerDiscreteScheduler") == (
-                "FlowMatchEulerDiscreteScheduler"
-            ):
-                logger.info("reusing scheduler config from %s", cand)
-                return FlowMatchEulerDiscreteScheduler.from_pretrained(cand)
-            # SANA folders ship DPM-Solver++ with flow sigmas: dcgen samples with Euler steps
-            # and takes the flow shift from it (from_pretrained would drop it and keep 1.0).
+    # source is the transformer folder; a pipeline folder keeps scheduler/ beside it.
+    cand = None if source is None else Path(source).parent / "scheduler"
+    if cand is not None and (cand / "scheduler_config.json").is_file():
+        config = json.loads((cand / "scheduler_config.json").read_text())
+        kind = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+        if kind == "FlowMatchEulerDiscreteScheduler" and shift is None:
+            logger.info("reusing scheduler config from %s", cand)
+            return FlowMatchEulerDiscreteScheduler.from_pretrained(cand)
+        if kind == "DPMSolverMultistepScheduler":
             from ..pipelines.base import scheduler_constant_shift
+            from ..sampling.dpm import dpm_settings_from_config
 
-            flow_shift = scheduler_constant_shift(config)
-            logger.info(
-                "%s in %s: an Euler scheduler with its flow shift %g",
-                config.get("_class_name"), cand, flow_shift,
-            )  # fmt: skip
-            return FlowMatchEulerDiscreteScheduler(shift=flow_shift)
+            flow_shift = scheduler_constant_shift(config) if shift is None else float(shift)
+            try:
+                dpm_settings_from_config(config)
+            except ValueError as err:
+                # from_pretrained into an Euler class would drop flow_shift and keep 1.0
+                logger.warning("%s: %s; exporting an Euler scheduler with flow shift %g",
+                               cand, err, flow_shift)  # fmt: skip
+                return FlowMatchEulerDiscreteScheduler(shift=flow_shift)
+            logger.info("reusing the DPM-Solver++ scheduler of %s (flow shift %g)",
+                        cand, flow_shift)  # fmt: skip
+            return DPMSolverMultistepScheduler.from_pretrained(cand, flow_shift=flow_shift)
     if family == "flux" and shift is None:
         return FlowMatchEulerDiscreteScheduler(
             use_dynamic_shifting=True,

@@ -1,9 +1,11 @@
 """The base models as users have them: diffusers' own FluxPipeline / SanaPipeline folders.
 
-BaseFluxPipeline samples FLUX.1 as diffusers' FluxPipeline does (same noise, same embeddings:
-the same image up to float rounding), both load such folders (text encoders included), and a
-SANA folder's DPM-Solver scheduler gives its flow shift to dcgen's Euler sampling and to an
-exported DC-Gen pipeline (from_pretrained into an Euler scheduler would silently drop it)."""
+BaseFluxPipeline samples FLUX.1 as diffusers' FluxPipeline does, and DCGenSanaPipeline on SANA's
+own DC-AE samples as diffusers' SanaPipeline does (DPM-Solver++ 2M, integer model timesteps, CFG
+4.5 by default): same noise, same embeddings, the same image up to float rounding. Both load such
+folders (text encoders included), and a SANA folder's DPM-Solver scheduler gives its flow shift
+and its solver to dcgen's sampling and to an exported DC-Gen pipeline (from_pretrained into an
+Euler scheduler would silently drop the shift)."""
 
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ from diffusers import (
     SanaPipeline,
 )
 
+from dcgen.autoencoders import DCAE
 from dcgen.autoencoders.checkpoint import dcgen_to_diffusers
 from dcgen.cli import main
 from dcgen.pipelines import BaseFluxPipeline, DCGenSanaPipeline
 
 from ..adapters.tiny import text, tiny_dcae, tiny_flux, tiny_sana
+from ..autoencoders.dcae_helpers import small_config
 from .tiny_text import PROMPT, flux_text_components, sana_text_components
 
 pytest.importorskip("transformers")
@@ -72,6 +76,84 @@ def test_base_flux_samples_as_diffusers_flux_pipeline(steps):
     torch.testing.assert_close(got_img, want_img, rtol=0, atol=1e-5)
 
 
+def _sana_pair(scheduler) -> tuple[SanaPipeline, DCGenSanaPipeline]:
+    """diffusers' SanaPipeline and dcgen's on the same tiny transformer and DC-AE weights. The
+    DC-AE has attention head dim 8: at tiny_dcae's 2 the two decoders' fp32 roundings differ by
+    up to 1e-2 on these latents (an ill-conditioned linear attention, tests/autoencoders)."""
+    torch.manual_seed(0)
+    ae = DCAE(small_config("dc-ae-f32c32-in-1.0", width_divisor=16, max_layers=1)).eval()
+    vae = AutoencoderDC(**ae.config.to_dict())
+    vae.load_state_dict(dcgen_to_diffusers(ae.state_dict()))
+    model = tiny_sana(in_channels=ae.latent_channels)
+    ref = SanaPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), transformer=model,
+                       scheduler=scheduler)  # fmt: skip
+    ours = DCGenSanaPipeline(model, ae, scheduler)
+    for p in (ref, ours):
+        p.set_progress_bar_config(disable=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("steps", [1, 3, 20])
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_sana_samples_as_diffusers_sana_pipeline(steps, solver_type):
+    sched = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
+                                        prediction_type="flow_prediction", solver_type=solver_type)  # fmt: skip
+    ref, ours = _sana_pair(sched)
+    noise = torch.randn(2, 2, 2, 3)  # 64 x 96 pixels, two images
+    (pos, _), (neg, _) = text(2, tokens=6, seed=1), text(2, tokens=6, seed=2)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0  # padded text tokens in the second prompt
+    kw = dict(prompt_embeds=pos, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+              negative_prompt_attention_mask=mask, height=64, width=96,
+              num_inference_steps=steps, latents=noise)  # fmt: skip
+    with torch.no_grad():
+        # both at their defaults: CFG 4.5, the scheduler's DPM-Solver++ (dcgen: sampler "auto")
+        plain = dict(use_resolution_binning=False, negative_prompt=None)  # SanaPipeline's "" off
+        want = ref(output_type="latent", **plain, **kw).images
+        got = ours(output_type="latent", **kw).images
+        # measured (this CPU, two noise draws, 1-20 steps): at most 7e-6 on latents reaching 3.8,
+        # and 3e-6 on the images; Euler steps instead land 0.05-0.24 away
+        torch.testing.assert_close(got, want, rtol=0, atol=3e-5)
+        euler = ours(output_type="latent", sampler="euler", **kw).images
+        assert (euler - want).abs().max() > 1e-2  # the solver is what makes them agree
+        want_img = ref(output_type="pt", **plain, **kw).images
+        got_img = ours(output_type="pt", **kw).images
+    torch.testing.assert_close(got_img, want_img, rtol=0, atol=3e-5)
+
+
+def test_sana_default_cfg_needs_a_negative():
+    """CFG 4.5 is SANA's default only where a negative prompt can be had: embeddings without
+    negatives and no text encoders sample without guidance (a warning), as the CLI does."""
+    ref, ours = _sana_pair(DPMSolverMultistepScheduler(
+        flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction"))  # fmt: skip
+    pos, _ = text(1, tokens=6, seed=1)
+    kw = dict(prompt_embeds=pos, height=64, width=64, num_inference_steps=2, output_type="latent",
+              latents=torch.randn(1, 2, 2, 2))  # fmt: skip
+    with torch.no_grad():
+        default = ours(**kw).images
+        torch.testing.assert_close(default, ours(true_cfg_scale=1.0, **kw).images)
+        with pytest.raises(ValueError, match="needs a negative prompt"):
+            ours(true_cfg_scale=4.5, **kw)
+    assert ours.dpm_settings() is not None and ours.dpm_settings("euler") is None
+    with pytest.raises(ValueError, match="sampler: expected one of"):
+        ours.dpm_settings("ddim")
+
+
+def test_unsupported_dpm_configs_are_refused():
+    for bad in (dict(algorithm_type="sde-dpmsolver++"), dict(use_karras_sigmas=True),
+                dict(solver_order=3), dict(use_flow_sigmas=False)):  # fmt: skip
+        sched = DPMSolverMultistepScheduler(
+            **{"flow_shift": 3.0, "use_flow_sigmas": True, "prediction_type": "flow_prediction",
+               **bad})  # fmt: skip
+        _, ours = _sana_pair(sched)
+        with pytest.raises(ValueError, match="sampler='euler'|order: expected 1 or 2"):
+            ours(prompt_embeds=text(1)[0], height=64, width=64, num_inference_steps=2,
+                 true_cfg_scale=1.0, output_type="latent")  # fmt: skip
+        # Euler remains available for such a folder
+        ours(prompt_embeds=text(1)[0], height=64, width=64, num_inference_steps=2,
+             true_cfg_scale=1.0, output_type="latent", sampler="euler")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def base_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("diffusers_folders")
@@ -117,17 +199,37 @@ def test_generate_takes_diffusers_folders(base_folders, tmp_path):
         assert out.is_file()
 
 
-def test_export_from_a_sana_folder_keeps_its_flow_shift(base_folders, tmp_path):
+def test_generate_sampler_option(base_folders, tmp_path):
+    """--sampler: auto follows the folder's scheduler (SANA: DPM-Solver++), euler forces Euler."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = {}
+    for sampler in ("auto", "dpm", "euler"):
+        out = tmp_path / f"{sampler}.png"
+        argv = ["generate", "--pipeline", str(base_folders / "sana"), "--prompt", PROMPT,
+                "--max-sequence-length", "12", "--height", "64", "--width", "64", "--steps", "3",
+                "--no-progress", "--device", "cpu", "--sampler", sampler, "--out", str(out)]  # fmt: skip
+        assert main(argv) == 0, sampler
+        pixels[sampler] = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.array_equal(pixels["auto"], pixels["dpm"])
+    assert np.abs(pixels["auto"] - pixels["euler"]).max() > 0
+
+
+def test_export_from_a_sana_folder_keeps_its_solver_and_flow_shift(base_folders, tmp_path):
     from dcgen.train.export import default_scheduler
 
-    sched = default_scheduler("sana", source=base_folders / "sana" / "transformer")
-    assert type(sched).__name__ == "FlowMatchEulerDiscreteScheduler"
-    assert sched.config.shift == 3.0
+    source = base_folders / "sana" / "transformer"
+    sched = default_scheduler("sana", source=source)
+    assert type(sched).__name__ == "DPMSolverMultistepScheduler"
+    assert sched.config.flow_shift == 3.0 and sched.config.use_flow_sigmas
+    assert default_scheduler("sana", source=source, shift=4.0).config.flow_shift == 4.0
     out = tmp_path / "pipe"
     tiny_dcae().save_pretrained(tmp_path / "dcae")
     argv = ["export", "--transformer", str(base_folders / "sana"), "--dcae",
             str(tmp_path / "dcae"), "--out", str(out), "--dtype", "fp32"]  # fmt: skip
     assert main(argv) == 0
     config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
-    assert config["shift"] == 3.0
-    assert DCGenSanaPipeline.from_pretrained(out)._shift_for(4, 2) == 3.0
+    assert config["_class_name"] == "DPMSolverMultistepScheduler" and config["flow_shift"] == 3.0
+    exported = DCGenSanaPipeline.from_pretrained(out)
+    assert exported._shift_for(4, 2) == 3.0 and exported.dpm_settings() is not None

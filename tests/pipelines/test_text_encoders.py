@@ -59,8 +59,10 @@ def test_sana_pipeline_encodes_prompts_with_mask():
     with torch.no_grad():
         ids = tok([PROMPT], padding="max_length", max_length=12, return_tensors="pt")
         embeds = enc(ids.input_ids, attention_mask=ids.attention_mask)[0]
-    by_text = _images(pipe, prompt=PROMPT, max_sequence_length=12)
-    by_embeds = _images(pipe, prompt_embeds=embeds, prompt_attention_mask=ids.attention_mask)
+    by_text = _images(pipe, true_cfg_scale=1.0, prompt=PROMPT, max_sequence_length=12)
+    by_embeds = _images(
+        pipe, true_cfg_scale=1.0, prompt_embeds=embeds, prompt_attention_mask=ids.attention_mask
+    )
     assert torch.equal(by_text, by_embeds)
     # by default the pipeline encodes as diffusers' SanaPipeline does, instruction prefix included
     from diffusers import SanaPipeline
@@ -74,6 +76,13 @@ def test_sana_pipeline_encodes_prompts_with_mask():
             PROMPT, do_classifier_free_guidance=False, max_sequence_length=12,
             complex_human_instruction=sana_instruction(),
         )  # fmt: skip
-    by_text = _images(pipe, prompt=PROMPT, max_sequence_length=12)
-    assert torch.equal(by_text, _images(pipe, prompt_embeds=e, prompt_attention_mask=m))
+    by_text = _images(pipe, true_cfg_scale=1.0, prompt=PROMPT, max_sequence_length=12)
+    assert torch.equal(
+        by_text, _images(pipe, true_cfg_scale=1.0, prompt_embeds=e, prompt_attention_mask=m)
+    )
     assert not torch.equal(by_text, by_embeds)
+    # SANA's default is CFG 4.5 against the empty prompt, as diffusers' SanaPipeline samples
+    default = _images(pipe, prompt=PROMPT, max_sequence_length=12)
+    cfg = _images(pipe, prompt=PROMPT, negative_prompt="", true_cfg_scale=4.5,
+                  max_sequence_length=12)  # fmt: skip
+    assert torch.equal(default, cfg) and not torch.equal(default, by_text)
