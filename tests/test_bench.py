@@ -93,8 +93,12 @@ def test_extrapolation_arithmetic():
     got = extrapolate_denoise(10.0, (2.0, 1.5), (1, 1), (19, 38), 20)
     assert got == pytest.approx((10.0 + 18 * 2.0 + 37 * 1.5) * 20)
     assert extrapolate_denoise(5.0, (9.0, 9.0), (2, 2), (2, 2), 3) == pytest.approx(15.0)
-    # SANA: one block list.
+    # SANA: one block list; under CFG each block runs twice a step.
     assert extrapolate_denoise(4.0, (3.0,), (1,), (20,), 20) == pytest.approx((4.0 + 19 * 3.0) * 20)
+    got = extrapolate_denoise(4.0, (3.0,), (1,), (20,), 20, calls_per_step=2)
+    assert got == pytest.approx((4.0 + 2 * 19 * 3.0) * 20)
+    with pytest.raises(ValueError, match="calls_per_step: expected a positive int, got 0"):
+        extrapolate_denoise(1.0, (1.0,), (1,), (2,), 1, calls_per_step=0)
     with pytest.raises(ValueError, match="exceed"):
         extrapolate_denoise(1.0, (1.0, 1.0), (3, 1), (2, 2), 1)
     with pytest.raises(ValueError, match="one block time and count per block list"):
@@ -183,6 +187,9 @@ def test_bad_inputs_have_clear_errors():
         BenchSettings(model="tiny", nvfp4="w4a4", nvfp4_rank=-1).resolved()
     with pytest.raises(ValueError, match="quick_blocks 3 exceeds"):
         BenchSettings(model="tiny-sana", quick=True, quick_blocks=3).resolved()
+    with pytest.raises(ValueError, match=r"cfg: expected a number >= 1 \(1 = off\), got 0.5"):
+        BenchSettings(model="tiny", cfg=0.5).resolved()
+    assert BenchSettings(model="tiny").resolved().cfg == 1.0  # FLUX.1-dev: guidance embedding
 
 
 def test_pipelines_switch_latent_layers():
@@ -288,10 +295,23 @@ def test_sana_specs():
     assert token_counts(4096, 64, MODELS["sana-1.6b"].base_side) == (16384, 4096)
 
 
-def test_sana_quick_mode_single_block_list():
-    settings = BenchSettings(model="tiny-sana", resolutions=(64, 128), steps=20, quick=True)
+@pytest.mark.parametrize("cfg,calls", [(None, 2), (1.0, 1)])
+def test_sana_quick_mode_single_block_list(cfg, calls):
+    """SANA samples with CFG 4.5 by default: two transformer calls a step, both counted."""
+    settings = BenchSettings(model="tiny-sana", resolutions=(64, 128), steps=20, quick=True,
+                             cfg=cfg)  # fmt: skip
+    bench = SpeedBench(settings, clock=FakeClock())
+    seen = []
+    hook = bench.transformer.register_forward_pre_hook(lambda *_: seen.append(1))
+    bench.measure("dcgen", 64, 1)
+    hook.remove()
+    assert len(seen) == calls * (2 + 2)  # a 2-step warm-up, one timed run of quick_steps 2
+    assert ("negative_prompt_embeds" in bench.text(1)) == (calls == 2)
     report = run_speed_bench(settings, clock=FakeClock())
     (full,) = MODELS["tiny-sana"].depth
+    assert report["settings"]["cfg"] == (4.5 if cfg is None else cfg)
+    guidance = "guidance 4.5 (two" if calls == 2 else "no classifier-free guidance"
+    assert guidance in format_markdown(report)
     assert report["model"]["family"] == "sana"
     assert "sana-block time" in report["method"]
     for r in report["rows"]:
@@ -302,7 +322,8 @@ def test_sana_quick_mode_single_block_list():
         for key in ("base", "dcgen"):
             part = r[key]
             assert part["sana_block_ms"] == 1.0 and "double_block_ms" not in part
-            expected = part["fixed_ms"] + (part["measured_step_ms"] + (full - 1) * 1.0) * 20
+            extra = calls * (full - 1) * 1.0
+            expected = part["fixed_ms"] + (part["measured_step_ms"] + extra) * 20
             assert part["denoise_ms"] == pytest.approx(expected)
 
 

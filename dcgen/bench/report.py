@@ -93,6 +93,13 @@ def best_against_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _guidance(cfg: float | None) -> str:
+    """The caption's guidance clause (reports written before the setting existed: no CFG)."""
+    if cfg is None or cfg <= 1.0:
+        return "no classifier-free guidance (one transformer call a step)"
+    return f"classifier-free guidance {cfg:g} (two transformer calls a step)"
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     model = report.get("model", {}).get("name", s["model"])
@@ -102,7 +109,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         "",
         f"{report['device']}, torch {report['torch']}, {s['dtype']}, random weights; base on "
         f"{base_ae}, DC-Gen on the DC-AE column with 1x1 patches; {s['steps']} steps + decode, "
-        f"text encoding excluded; batch 1 latency, throughput at batch {s['batch']}; SDPA "
+        f"text encoding excluded; {_guidance(s.get('cfg'))}; batch 1 latency, throughput at "
+        f"batch {s['batch']}; SDPA "
         f"backends {_names(s['attention'])}, variants {_names(s['variants'])} (stock: diffusers "
         f"attention, dcgen ops on references; kernels: dcgen.accelerate(blocks=True) + "
         f"compiled kernels; graphs: kernels with each block replayed from a CUDA graph); "

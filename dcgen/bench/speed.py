@@ -1,8 +1,10 @@
 """Latency of a base model vs its DC-Gen version (FLUX.1 or SANA), the DC-Gen paper's table.
 
 Random weights, random precomputed text embeddings (text encoding is excluded, as in the
-paper's table). Per resolution, per attention backend and per variant the run times, after a
-warm-up:
+paper's table). Guidance as each family samples by default: FLUX.1-dev's guidance embedding (one
+transformer call a step), SANA's classifier-free guidance 4.5 (two calls a step, against random
+negative embeddings); ``cfg`` overrides it. Per resolution, per attention backend and per variant
+the run times, after a warm-up:
 
 - ``denoise``: N Euler steps through the pipeline's ``__call__`` (``output_type="latent"``),
 - ``decode``: the autoencoder decode of those latents (no tiling),
@@ -29,7 +31,7 @@ Quick mode builds the transformer with only K blocks per block list, runs S step
 around every block, and extrapolates (measured = the S-step run and the block times):
 
     step_full   = step_measured + sum over block lists of (full_i - K) * t_block_i
-    denoise     = step_full * steps
+    denoise     = step_full * steps      (block times x 2 calls a step under CFG)
 
 where step_measured = (S-step time) / S includes everything outside the blocks (embedders,
 RoPE, the head, the sampler). The decode is always measured in full.
@@ -58,6 +60,7 @@ from ..adapters import adapter_for
 from ..autoencoders import DCAE
 from ..autoencoders.config import get_preset, reduced_config
 from ..pipelines import BaseFluxPipeline, DCGenFluxPipeline, DCGenSanaPipeline
+from ..pipelines.sana import SANA_CFG_SCALE
 from ..quant import FP8Config
 from ..quant.pipeline_quant import CallRecorder
 from .models import (
@@ -137,6 +140,9 @@ class BenchSettings:
     nvfp4: tuple[str, ...] | str = ()
     nvfp4_rank: int = 0  # the SVDQuant low-rank branch of the NVFP4 linears (0: none)
     seed: int = 0
+    #: classifier-free guidance scale (> 1: two transformer calls a step); None: the family's
+    #: default sampling (SANA 4.5 as diffusers' SanaPipeline, FLUX.1-dev 1 = off)
+    cfg: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> BenchSettings:
@@ -146,6 +152,11 @@ class BenchSettings:
             raise ValueError(f"resolutions: expected a sequence of ints, got {self.resolutions!r}")
         out.resolutions = tuple(self.resolutions or spec.default_resolutions)
         out.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if out.cfg is None:
+            out.cfg = SANA_CFG_SCALE if spec.family == "sana" else 1.0
+        if isinstance(out.cfg, bool) or not isinstance(out.cfg, int | float) or not out.cfg >= 1:
+            raise ValueError(f"cfg: expected a number >= 1 (1 = off), got {self.cfg!r}")
+        out.cfg = float(out.cfg)
         out.dtype = self.dtype or ("bf16" if out.device.startswith("cuda") else "fp32")
         for name in ("steps", "batch", "quick_blocks", "quick_steps", "repeats"):
             v = getattr(out, name)
@@ -327,25 +338,34 @@ class SpeedBench:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    @property
+    def calls_per_step(self) -> int:
+        """Transformer calls per denoising step: 2 under classifier-free guidance."""
+        return 2 if self.settings.cfg > 1.0 else 1
+
     def text(self, batch: int, attention: str = "default") -> dict[str, torch.Tensor]:
         """Random precomputed text inputs for the pipeline call (FLUX: T5 + pooled CLIP;
         SANA: Gemma-2 hidden states and an all-ones attention mask, left out for the ``flash``
-        SDPA backend, which takes no mask: every token is kept either way)."""
+        SDPA backend, which takes no mask: every token is kept either way), and under CFG the
+        same again as the negative prompt."""
         g = torch.Generator(device=self.device).manual_seed(self.settings.seed)
         shape = (batch, self.spec.text_tokens, self.spec.text_dim)
         kw = dict(generator=g, device=self.device, dtype=self.dtype)
-        out = {"prompt_embeds": torch.randn(shape, **kw)}
-        if self.spec.family == "flux":
-            pooled = (batch, self.spec.transformer["pooled_projection_dim"])
-            out["pooled_prompt_embeds"] = torch.randn(pooled, **kw)
-        elif attention != "flash":
-            out["prompt_attention_mask"] = torch.ones(shape[:2], device=self.device)
+        out: dict[str, torch.Tensor] = {}
+        for prefix in ("", "negative_")[: self.calls_per_step]:
+            out[f"{prefix}prompt_embeds"] = torch.randn(shape, **kw)
+            if self.spec.family == "flux":
+                pooled = (batch, self.spec.transformer["pooled_projection_dim"])
+                out[f"{prefix}pooled_prompt_embeds"] = torch.randn(pooled, **kw)
+            elif attention != "flash":
+                out[f"{prefix}prompt_attention_mask"] = torch.ones(shape[:2], device=self.device)
         return out
 
     def _call(self, pipe: Any, text: dict[str, torch.Tensor], resolution: int, steps: int) -> Any:
         return pipe(
             **text, height=resolution, width=resolution, num_inference_steps=steps,
             output_type="latent", max_sequence_length=self.spec.text_tokens,
+            true_cfg_scale=self.settings.cfg,
             generator=torch.Generator(device=self.device).manual_seed(0),
         ).images  # fmt: skip
 
@@ -489,7 +509,7 @@ class SpeedBench:
             res["measured_step_ms"], res["fixed_ms"] = step_ms, fixed_ms
             res["denoise_ms"] = extrapolate_denoise(
                 step_ms, [res[f"{k}_block_ms"] for k in self.spec.block_kinds],
-                self.measured_blocks, self.spec.depth, s.steps, fixed_ms,
+                self.measured_blocks, self.spec.depth, s.steps, fixed_ms, self.calls_per_step,
             )  # fmt: skip
         res["total_ms"] = res["denoise_ms"] + res["decode_ms"]
         res["images_per_s"] = batch / (res["total_ms"] / 1e3) if res["total_ms"] > 0 else None

@@ -19,11 +19,16 @@ def extrapolate_denoise(
     full_blocks: Sequence[int],
     steps: int,
     fixed_ms: float = 0.0,
+    calls_per_step: int = 1,
 ) -> float:
     """Full-depth denoise time for ``steps`` steps from a truncated model's step time and its
-    per-block times, one entry per block list (FLUX: double, single; SANA: one list), plus the
-    pipeline call's fixed cost (latents, timesteps, positions; once per call, not per step):
-    fixed + (step + sum_i (full_i - measured_i) * t_i) * steps."""
+    per-block times (the mean over block calls), one entry per block list (FLUX: double,
+    single; SANA: one list), plus the pipeline call's fixed cost (latents, timesteps,
+    positions; once per call, not per step); each block runs ``calls_per_step`` times a step
+    (2 under classifier-free guidance):
+    fixed + (step + calls_per_step * sum_i (full_i - measured_i) * t_i) * steps."""
+    if not isinstance(calls_per_step, int) or calls_per_step < 1:
+        raise ValueError(f"calls_per_step: expected a positive int, got {calls_per_step!r}")
     if not len(block_ms) == len(measured_blocks) == len(full_blocks):
         raise ValueError(
             f"expected one block time and count per block list, got {len(block_ms)} times, "
@@ -34,7 +39,7 @@ def extrapolate_denoise(
             f"measured blocks {tuple(measured_blocks)} exceed the full depth {tuple(full_blocks)}"
         )
     extra = sum((f - m) * t for t, m, f in zip(block_ms, measured_blocks, full_blocks, strict=True))
-    return fixed_ms + (step_ms + extra) * steps
+    return fixed_ms + (step_ms + calls_per_step * extra) * steps
 
 
 def split_step_time(

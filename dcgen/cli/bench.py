@@ -25,7 +25,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=args.dtype,
         attention=args.attention, variants=variants, fp8=args.fp8,
         fp8_granularity=args.fp8_granularity, fp8_fast_accum=args.fp8_fast_accum,
-        nvfp4=args.nvfp4 or (), nvfp4_rank=args.nvfp4_rank,
+        nvfp4=args.nvfp4 or (), nvfp4_rank=args.nvfp4_rank, cfg=args.cfg,
     )  # fmt: skip
     settings.resolved()  # bad input fails before any model is built
 
