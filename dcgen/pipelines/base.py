@@ -38,6 +38,8 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 #: "auto": the registered scheduler's kind (DPM-Solver++ for a DPMSolverMultistepScheduler,
 #: Euler otherwise); "euler" / "dpm" force one.
 SAMPLERS = ("auto", "euler", "dpm")
+#: scheduler classes whose sampling is dcgen's Euler loop (they supply only the shift)
+EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
 @dataclass
@@ -304,8 +306,15 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         if sampler == "euler":
             return None
         sched = getattr(self, "scheduler", None)
-        is_dpm = type(sched).__name__ == "DPMSolverMultistepScheduler"
+        kind = type(sched).__name__
+        is_dpm = kind == "DPMSolverMultistepScheduler"
         if sampler == "auto" and not is_dpm:
+            if sched is not None and kind not in EULER_SCHEDULERS:
+                # e.g. SANA-Sprint's SCMScheduler: its own few-step rule, which dcgen lacks
+                logger.warning(
+                    "scheduler %s: dcgen samples with Euler or DPM-Solver++ only; using Euler "
+                    "steps at its shift (pass sampler='euler' or 'dpm' to choose)", kind,
+                )  # fmt: skip
             return None
         if is_dpm:
             return dpm_settings_from_config(sched.config)

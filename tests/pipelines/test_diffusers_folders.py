@@ -10,6 +10,7 @@ Euler scheduler would silently drop the shift)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -121,7 +122,7 @@ def test_sana_samples_as_diffusers_sana_pipeline(steps, solver_type):
     torch.testing.assert_close(got_img, want_img, rtol=0, atol=3e-5)
 
 
-def test_sana_default_cfg_needs_a_negative():
+def test_sana_default_cfg_needs_a_negative(caplog):
     """CFG 4.5 is SANA's default only where a negative prompt can be had: embeddings without
     negatives and no text encoders sample without guidance (a warning), as the CLI does."""
     ref, ours = _sana_pair(DPMSolverMultistepScheduler(
@@ -135,6 +136,17 @@ def test_sana_default_cfg_needs_a_negative():
         with pytest.raises(ValueError, match="needs a negative prompt"):
             ours(true_cfg_scale=4.5, **kw)
     assert ours.dpm_settings() is not None and ours.dpm_settings("euler") is None
+    # a scheduler dcgen has no solver for: Euler, said out loud
+    assert "it runs without guidance (true_cfg_scale=1)" in caplog.text  # the default call's
+    caplog.clear()
+    ours.scheduler = FlowMatchEulerDiscreteScheduler()
+    assert ours.dpm_settings() is None and not caplog.records
+    from diffusers import SCMScheduler
+
+    ours.scheduler = SCMScheduler()
+    with caplog.at_level(logging.WARNING, logger="dcgen.pipelines.base"):
+        assert ours.dpm_settings() is None
+    assert "SCMScheduler: dcgen samples with Euler or DPM-Solver++ only" in caplog.text
     with pytest.raises(ValueError, match="sampler: expected one of"):
         ours.dpm_settings("ddim")
 
