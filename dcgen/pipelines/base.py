@@ -2,7 +2,7 @@
 
 What the subclasses decide: the autoencoder (DC-AE or the base VAE), how prompts become
 embeddings, and the default shift rule. Everything else is here: input checks, initial noise,
-the Euler loop with guidance embedding and true CFG, decoding (tiled above a size threshold),
+the sampling loop with guidance embedding and true CFG, decoding (tiled above a size threshold),
 post-processing and the output object.
 
 Sampling uses dcgen.sampling (our shift rules, Euler and DPM-Solver++), not ``scheduler.step``:
@@ -248,7 +248,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             sigmas, model_sigmas = flow_sigmas(num_inference_steps, shift, device=device), None
         else:
             sigmas, model_sigmas = dpm_flow_sigmas(
-                num_inference_steps, shift, dpm.train_timesteps, device=device
+                num_inference_steps, shift, dpm.train_timesteps, device, dpm.integer_timesteps
             )
         logger.info(
             "sampling %d image(s) at %dx%d: %d tokens, shift %.4g, %d %s steps",
@@ -318,8 +318,10 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             return None
         if is_dpm:
             return dpm_settings_from_config(sched.config)
+        # forced on an Euler scheduler's model (FLUX): the model keeps its float timesteps
         cfg = sched.config if sched is not None else {}
-        return DPMSettings(train_timesteps=int(cfg.get("num_train_timesteps", 1000) or 1000))
+        steps = int(cfg.get("num_train_timesteps", 1000) or 1000)
+        return DPMSettings(train_timesteps=steps, integer_timesteps=False)
 
     #: classifier-free guidance when true_cfg_scale is None (SANA: 4.5)
     default_true_cfg_scale = 1.0

@@ -37,12 +37,14 @@ SOLVER_TYPES = ("midpoint", "heun")
 @dataclass(frozen=True)
 class DPMSettings:
     """What a DPM-Solver++ run needs besides the shift: ``order`` (1 or 2), ``solver_type`` of
-    the second-order correction ('midpoint' as SANA ships, or 'heun') and ``train_timesteps`` T
-    (the model's integer timestep range)."""
+    the second-order correction ('midpoint' as SANA ships, or 'heun'), ``train_timesteps`` T
+    and ``integer_timesteps``: whether the model sees floor(sigma T) / T (diffusers' scheduler
+    convention, what SANA checkpoints are sampled with) or the solver's own sigma."""
 
     order: int = 2
     solver_type: str = "midpoint"
     train_timesteps: int = 1000
+    integer_timesteps: bool = True
 
     def __post_init__(self) -> None:
         if self.order not in (1, 2):
@@ -94,12 +96,14 @@ def dpm_flow_sigmas(
     shift: float = 1.0,
     train_timesteps: int = 1000,
     device: torch.device | str | None = None,
+    integer_timesteps: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmas, model_sigmas) for ``num_steps`` DPM-Solver++ steps on flow sigmas.
 
     ``sigmas``: ``num_steps + 1`` float32 values from (shifted) 1 - 1/T down to a terminal 0, the
-    solver's grid. ``model_sigmas``: ``num_steps`` values floor(sigma T) / T, what the model is
-    conditioned on at each step (the integer timestep of a SANA checkpoint's sampling)."""
+    solver's grid. ``model_sigmas``: the ``num_steps`` values the model is conditioned on,
+    floor(sigma T) / T (the integer timestep of a SANA checkpoint's sampling) or, without
+    ``integer_timesteps``, the grid's own."""
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
     if not shift > 0:
@@ -107,7 +111,7 @@ def dpm_flow_sigmas(
     t = float(train_timesteps)
     base = 1.0 - torch.linspace(1.0, 1.0 / t, num_steps + 1, dtype=torch.float64)
     grid = shift_sigmas(base.flip(0)[:-1], float(shift))
-    model = torch.floor(grid * t) / t
+    model = torch.floor(grid * t) / t if integer_timesteps else grid
     sigmas = torch.cat([grid, grid.new_zeros(1)]).to(device=device, dtype=torch.float32)
     return sigmas, model.to(device=device, dtype=torch.float32)
 

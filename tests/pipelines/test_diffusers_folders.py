@@ -139,8 +139,10 @@ def test_sana_default_cfg_needs_a_negative(caplog):
     # a scheduler dcgen has no solver for: Euler, said out loud
     assert "it runs without guidance (true_cfg_scale=1)" in caplog.text  # the default call's
     caplog.clear()
+    assert ours.dpm_settings().integer_timesteps  # SanaPipeline's int64 timesteps
     ours.scheduler = FlowMatchEulerDiscreteScheduler()
     assert ours.dpm_settings() is None and not caplog.records
+    assert ours.dpm_settings("dpm").integer_timesteps is False  # forced: float timesteps
     from diffusers import SCMScheduler
 
     ours.scheduler = SCMScheduler()

@@ -39,6 +39,9 @@ def test_grid_and_model_timesteps_are_diffusers(steps, shift):
     assert torch.equal(sigmas, sched.sigmas)
     assert torch.equal((model_sigmas.double() * 1000).round().long(), sched.timesteps)
     assert sigmas[0] < 1 and sigmas[-1] == 0
+    # a model trained on float timesteps (FLUX) sees the grid itself
+    _, float_sigmas = dpm_flow_sigmas(steps, shift, integer_timesteps=False)
+    assert torch.equal(float_sigmas, sigmas[:-1])
 
 
 @pytest.mark.parametrize("order,solver_type", [(2, "midpoint"), (2, "heun"), (1, "midpoint")])
