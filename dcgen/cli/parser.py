@@ -27,6 +27,18 @@ def _add_text_prompt(
                         help="text tokens of --prompt (default: 512 for FLUX, 300 for SANA)")  # fmt: skip
 
 
+def _add_lora(parser: argparse.ArgumentParser, what: str) -> None:
+    """--lora PATH (repeatable) and --lora-scale (generate, quantize)."""
+    parser.add_argument("--lora", action="append", default=None, metavar="PATH",
+                        help=f"a LoRA made for the base model (FLUX.1 or SANA; a .safetensors "
+                        f"file or a folder with pytorch_lora_weights.safetensors; diffusers, "
+                        f"kohya, xlabs formats), fused into the transformer {what}; repeat to "
+                        f"stack several. Entries for the latent-facing layers are skipped")  # fmt: skip
+    parser.add_argument("--lora-scale", action="append", type=float, default=None,
+                        metavar="S", help="strength of each --lora (one value for all, or one "
+                        "per --lora; default 1)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dcgen", description="DC-Gen: DiTs in deep-compression latent spaces"
@@ -329,6 +341,7 @@ Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at -
     g.add_argument("--quantized", default=None, metavar="FILE",
                    help="a `dcgen quantize` checkpoint: its FP8 / NVFP4 linears replace the "
                    "transformer's")  # fmt: skip
+    _add_lora(g, "before sampling (not with --quantized: quantize the LoRA'd model instead)")
     _add_progress(g)
     g.set_defaults(fn=_cmd_generate)
 
@@ -385,6 +398,7 @@ call (tens of MB a block at 1024 px for FLUX), not a second model.""",
                    help="default: cuda when available")  # fmt: skip
     q.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="16-bit dtype of the kept layers (default bf16 on cuda, fp32 on cpu)")  # fmt: skip
+    _add_lora(q, "before quantizing (the checkpoint then holds the styled model)")
     _add_progress(q)
     q.set_defaults(fn=_cmd_quantize, negative_caption=None, negative_prompt=None, true_cfg=1.0)
 

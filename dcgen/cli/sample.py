@@ -184,12 +184,56 @@ def _pipeline_and_prompt(
     keyword arguments (--prompt-embeds read, or --prompt encoded on ``device``). Input errors
     are raised before the model loads."""
     family = _check_text_source(args)
+    loras = _lora_files(args)
     kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
     pipe = _load_pipeline(Path(args.pipeline), dtype)
+    if loras:  # before encoding: a LoRA may carry text-encoder layers too
+        _fuse_loras(pipe, loras)
     if family is not None:  # --prompt TEXT (the load above refused a folder without a family)
         kwargs = _encode_text(pipe, args, family, device, dtype)
     _drop_text_components(pipe)  # with --prompt-embeds, a folder's own encoders go unused
     return pipe, kwargs
+
+
+def _lora_files(args: argparse.Namespace) -> list[tuple[Path, str | None, float]]:
+    """(folder or file, weight name, scale) per --lora, checked before any model loads."""
+    paths, scales = args.lora or [], args.lora_scale
+    if not paths:
+        if scales:
+            raise CLIError("--lora-scale goes with --lora PATH")
+        return []
+    if scales and len(scales) not in (1, len(paths)):
+        raise CLIError(
+            f"--lora-scale: expected one value or one per --lora ({len(paths)}), got {len(scales)}"
+        )
+    if not scales or len(scales) == 1:
+        scales = (scales or [1.0]) * len(paths)
+    out = []
+    for path, scale in zip((Path(p) for p in paths), scales, strict=True):
+        if path.is_dir():
+            name = "pytorch_lora_weights.safetensors"
+            out.append((path, name if (path / name).is_file() else None, scale))
+        elif path.is_file():
+            out.append((path.parent, path.name, scale))
+        else:
+            raise FileNotFoundError(f"--lora {path}: no such file or folder")
+    return out
+
+
+def _fuse_loras(pipe: Any, loras: list[tuple[Path, str | None, float]]) -> None:
+    """Load each LoRA as its own adapter (diffusers' load_lora_weights: the DC-Gen pipelines
+    skip the latent-facing layers' entries), weight them, fuse them into the weights and drop
+    the adapter layers: sampling then costs what it costs without a LoRA."""
+    if not hasattr(pipe, "load_lora_weights"):
+        raise CLIError(f"--lora: {type(pipe).__name__} does not load LoRAs")
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, (folder, weight_name, _) in zip(names, loras, strict=True):
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+    pipe.set_adapters(names, [scale for _, _, scale in loras])
+    pipe.fuse_lora(adapter_names=names)
+    pipe.unload_lora_weights()
+    print(f"fused {len(loras)} LoRA(s): " + ", ".join(
+        f"{(folder / (w or '')).as_posix().rstrip('/')} x {s:g}" for folder, w, s in loras))  # fmt: skip
 
 
 def _drop_text_components(pipe: Any) -> None:
@@ -251,6 +295,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     quantized = Path(args.quantized) if args.quantized is not None else None
     if quantized is not None and not quantized.is_file():  # before loading a 12B model
         raise FileNotFoundError(f"--quantized {quantized}: no such file")
+    if quantized is not None and args.lora:
+        raise CLIError(
+            "--lora with --quantized: a quantized checkpoint replaces the weights a LoRA would "
+            "fuse into; quantize with --lora instead (dcgen quantize --lora PATH)"
+        )
     if (args.prompt is None) == (args.prompt_embeds is None):
         raise CLIError(
             "give the prompt as --prompt TEXT (encoded by the pipeline's text encoders or "

@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.loaders import FluxLoraLoaderMixin
 
 from ..autoencoders import DCAE
 from .base import FlowTextToImagePipeline
+from .lora import latent_safe_lora_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -120,14 +122,20 @@ class _FluxText:
         return embeds, pooled, None
 
 
-class DCGenFluxPipeline(DCAEComponentMixin, _FluxText, FlowTextToImagePipeline):
+class DCGenFluxPipeline(
+    DCAEComponentMixin, _FluxText, FluxLoraLoaderMixin, FlowTextToImagePipeline
+):
     """FLUX with DC-Gen latent layers on a DC-AE (1x1 patches by default).
 
     ``DCGenFluxPipeline(transformer, vae=DCAE, scheduler=FlowMatchEulerDiscreteScheduler(...))``;
     text encoders are optional (without them, pass prompt_embeds + pooled_prompt_embeds).
     shift_rule: 'auto' (FLUX mu rule if the scheduler uses dynamic shifting, else its constant
     shift), 'flux', 'sqrt' (the released DC-Gen 1K rule), 'constant', 'none'.
+    FLUX.1 LoRAs load with diffusers' ``load_lora_weights`` / ``set_adapters`` / ``fuse_lora``;
+    their x_embedder / proj_out entries are skipped (dcgen.pipelines.lora).
     """
+
+    lora_state_dict = latent_safe_lora_state_dict(FluxLoraLoaderMixin, ("x_embedder", "proj_out"))
 
     _optional_components = [
         "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"
@@ -190,9 +198,9 @@ class DCGenFluxPipeline(DCAEComponentMixin, _FluxText, FlowTextToImagePipeline):
         super().check_components()
 
 
-class BaseFluxPipeline(_FluxText, FlowTextToImagePipeline):
+class BaseFluxPipeline(_FluxText, FluxLoraLoaderMixin, FlowTextToImagePipeline):
     """Base FLUX.1 (2x2 packing of the f8c16 AutoencoderKL latent) under the same call API,
-    for side-by-side comparisons with DCGenFluxPipeline."""
+    for side-by-side comparisons with DCGenFluxPipeline (FLUX.1 LoRAs load whole)."""
 
     _optional_components = [
         "scheduler",

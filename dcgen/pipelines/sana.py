@@ -11,9 +11,11 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     SanaTransformer2DModel,
 )
+from diffusers.loaders import SanaLoraLoaderMixin
 
 from ..autoencoders import DCAE
 from .flux import DCGenFluxPipeline
+from .lora import latent_safe_lora_state_dict
 
 #: diffusers' SanaPipeline samples with classifier-free guidance 4.5 by default.
 SANA_CFG_SCALE = 4.5
@@ -76,7 +78,7 @@ def encode_gemma(
     return embeds[:, keep], mask[:, keep]
 
 
-class DCGenSanaPipeline(DCGenFluxPipeline):
+class DCGenSanaPipeline(SanaLoraLoaderMixin, DCGenFluxPipeline):
     """SANA on a DC-AE. Text: ``tokenizer`` + ``text_encoder`` (e.g. Gemma-2) last hidden
     state with its attention mask (encode_gemma: SANA's instruction prefix on positive prompts
     unless ``complex_human_instruction=False``), or prompt_embeds (+ prompt_attention_mask).
@@ -84,7 +86,11 @@ class DCGenSanaPipeline(DCGenFluxPipeline):
     flow_shift); guidance_scale only feeds guidance-embedding variants, CFG is true_cfg_scale
     (default 4.5, as diffusers' SanaPipeline, for models without guidance embeddings). The
     sampler follows the scheduler: a SANA folder's DPMSolverMultistepScheduler gives
-    DPM-Solver++ 2M (the images diffusers' SanaPipeline samples), an Euler scheduler Euler."""
+    DPM-Solver++ 2M (the images diffusers' SanaPipeline samples), an Euler scheduler Euler.
+    SANA LoRAs load with diffusers' ``load_lora_weights`` (SanaLoraLoaderMixin); their
+    patch_embed / proj_out entries are skipped (dcgen.pipelines.lora)."""
+
+    lora_state_dict = latent_safe_lora_state_dict(SanaLoraLoaderMixin, ("patch_embed", "proj_out"))
 
     _optional_components = ["vae", "scheduler", "text_encoder", "tokenizer"]
     model_cpu_offload_seq = "text_encoder->transformer->vae"

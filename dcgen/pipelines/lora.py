@@ -1,0 +1,65 @@
+"""LoRAs made for the base model (a FLUX.1 or SANA style LoRA) on DC-Gen pipelines.
+
+DC-Gen keeps the base model's blocks and replaces only its latent-facing layers, so a LoRA on
+the blocks' attention and MLP linears still finds the layers it was trained on, and diffusers'
+own LoRA loading (``load_lora_weights``, with its conversions of kohya / xlabs / ... files,
+``set_adapters``, ``fuse_lora``) works on a DC-Gen pipeline unchanged, except for one part:
+a LoRA that also trains the latent-facing layers (``x_embedder`` / ``proj_out`` for FLUX,
+``patch_embed`` / ``proj_out`` for SANA) has deltas for the base latent space, which a DC-Gen
+model no longer has. diffusers would even widen the new embedder to the LoRA's input size
+(its FLUX Control path). Those entries are dropped, with a warning naming them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def drop_latent_layer_keys(
+    loaded: Any, modules: tuple[str, ...], prefix: str = "transformer"
+) -> Any:
+    """``lora_state_dict``'s result (a state dict, or a tuple whose first element is one and
+    whose second, if a dict, holds the network alphas) without the entries of ``modules``
+    (top-level transformer modules, with or without the ``prefix.`` of diffusers' keys)."""
+    starts = tuple(f"{p}{m}." for m in modules for p in (f"{prefix}.", ""))
+
+    def keep(state: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in state.items() if not k.startswith(starts)}
+
+    state = loaded[0] if isinstance(loaded, tuple) else loaded
+    dropped = sorted(
+        {k.split(".lora")[0].split(".alpha")[0] for k in state if k.startswith(starts)}
+    )
+    if not dropped:
+        return loaded
+    logger.warning(
+        "LoRA entries for %s skipped: DC-Gen replaced these latent-facing layers, so deltas "
+        "trained for the base model's latent space do not apply (the LoRA's other layers load)",
+        ", ".join(dropped),
+    )
+    if not isinstance(loaded, tuple):
+        return keep(state)
+    rest = list(loaded[1:])
+    if rest and isinstance(rest[0], dict):
+        rest[0] = keep(rest[0])
+    return (keep(state), *rest)
+
+
+def latent_safe_lora_state_dict(loader: type, modules: tuple[str, ...]) -> classmethod:
+    """A ``lora_state_dict`` classmethod for a pipeline class: ``loader``'s (diffusers'
+    FluxLoraLoaderMixin or SanaLoraLoaderMixin), then :func:`drop_latent_layer_keys`. Every
+    loading path of the mixin (``load_lora_weights`` first of all) goes through it."""
+    base: Callable[..., Any] = loader.lora_state_dict.__func__  # the classmethod's function
+
+    def lora_state_dict(cls: type, *args: Any, **kwargs: Any) -> Any:
+        return drop_latent_layer_keys(base(cls, *args, **kwargs), modules)
+
+    lora_state_dict.__doc__ = (
+        f"{loader.__name__}.lora_state_dict without the entries of the latent-facing layers "
+        f"{modules} (dcgen.pipelines.lora)."
+    )
+    return classmethod(lora_state_dict)

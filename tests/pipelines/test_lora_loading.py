@@ -1,0 +1,213 @@
+"""LoRAs made for the base model on DC-Gen pipelines: diffusers' load_lora_weights applies the
+block layers' deltas exactly and skips the latent-facing layers DC-Gen replaced (FLUX and SANA);
+the base pipeline takes them whole; `generate` / `quantize --lora` fuse them."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, SanaPipeline
+from PIL import Image
+
+from dcgen.adapters import adapter_for
+from dcgen.cli import main
+from dcgen.pipelines import BaseFluxPipeline, DCGenFluxPipeline, DCGenSanaPipeline
+from dcgen.pipelines.lora import drop_latent_layer_keys
+
+from ..adapters.tiny import text, tiny_dcae, tiny_flux, tiny_sana
+from .tiny_text import save_flux_pipeline
+
+peft = pytest.importorskip("peft")
+
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "x_embedder", "proj_out"]  # proj_out: head and blocks
+SANA_TARGETS = ["to_q", "to_k", "to_v", "proj", "proj_out"]  # proj: patch_embed.proj (a conv)
+
+
+def _base_lora(model: torch.nn.Module, targets: list[str], folder, saver) -> dict:  # noqa: ANN001
+    """A random rank-4 LoRA (alpha 8: scale 2) trained, as it were, on the base model; saved
+    where diffusers' save_lora_weights puts it. Returns its transformer state dict."""
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(5)
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)
+    model.add_adapter(config)
+    state = get_peft_model_state_dict(model)
+    saver.save_lora_weights(folder, transformer_lora_layers=state,
+                            transformer_lora_adapter_metadata=config.to_dict())  # fmt: skip
+    return state
+
+
+def _delta(state: dict, module: str) -> torch.Tensor:
+    return 2.0 * state[f"{module}.lora_B.weight"] @ state[f"{module}.lora_A.weight"]
+
+
+def _latents(pipe, **extra) -> torch.Tensor:  # noqa: ANN001
+    e, p = text(1)
+    kw = dict(prompt_embeds=e, height=64, width=64, num_inference_steps=2, output_type="latent",
+              generator=torch.Generator().manual_seed(0), **extra)  # fmt: skip
+    if isinstance(pipe, DCGenSanaPipeline):
+        kw["true_cfg_scale"] = 1.0
+    else:
+        kw["pooled_prompt_embeds"] = p
+    with torch.no_grad():
+        return pipe(**kw).images
+
+
+def test_flux_lora_on_dcgen_skips_the_latent_layers(tmp_path, caplog):
+    state = _base_lora(tiny_flux(), FLUX_TARGETS, tmp_path, FluxPipeline)
+    ae, model = tiny_dcae(), tiny_flux()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    pipe = DCGenFluxPipeline(model, ae)
+    pipe.set_progress_bar_config(disable=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain = _latents(pipe)
+    with caplog.at_level(logging.WARNING, logger="dcgen.pipelines.lora"):
+        pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors")
+    assert "transformer.proj_out, transformer.x_embedder skipped" in caplog.text
+    # the new latent layers keep their shape (diffusers would widen x_embedder to 64 inputs)
+    assert type(model.x_embedder) is torch.nn.Linear and model.x_embedder.in_features == 2
+    assert type(model.proj_out) is torch.nn.Linear
+    with_lora = _latents(pipe)
+    assert (with_lora - plain).abs().max() > 1e-3
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(_latents(pipe), with_lora, rtol=0, atol=1e-5)
+    weights = dict(model.named_parameters())
+    for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"):
+        want = before[f"{name}.weight"] + _delta(state, name)
+        torch.testing.assert_close(weights[f"{name}.weight"], want, rtol=0, atol=1e-6)
+    for name in (
+        "x_embedder.weight",
+        "proj_out.weight",
+        "transformer_blocks.0.attn.to_out.0.weight",
+    ):
+        assert torch.equal(weights[name], before[name]), name  # skipped, or not a target
+
+
+def test_flux_lora_on_the_base_pipeline_loads_whole(tmp_path):
+    state = _base_lora(tiny_flux(in_channels=64), FLUX_TARGETS, tmp_path, FluxPipeline)
+    model = tiny_flux(in_channels=64)
+    x_before = model.x_embedder.weight.detach().clone()
+    pipe = BaseFluxPipeline(model, vae=None)
+    pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    want = x_before + _delta(state, "x_embedder")
+    torch.testing.assert_close(model.x_embedder.weight, want, rtol=0, atol=1e-6)
+
+
+def test_sana_lora_on_dcgen_skips_the_latent_layers(tmp_path, caplog):
+    state = _base_lora(tiny_sana(), SANA_TARGETS, tmp_path, SanaPipeline)
+    assert "patch_embed.proj.lora_A.weight" in state  # the LoRA does train the embedder
+    ae, model = tiny_dcae(), tiny_sana()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    pipe = DCGenSanaPipeline(model, ae)
+    pipe.set_progress_bar_config(disable=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain = _latents(pipe)
+    with caplog.at_level(logging.WARNING, logger="dcgen.pipelines.lora"):
+        pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors")
+    assert "transformer.patch_embed.proj, transformer.proj_out skipped" in caplog.text
+    assert (_latents(pipe) - plain).abs().max() > 1e-3
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    weights = dict(model.named_parameters())
+    name = "transformer_blocks.0.attn1.to_q"
+    want = before[f"{name}.weight"] + _delta(state, name)
+    torch.testing.assert_close(weights[f"{name}.weight"], want, rtol=0, atol=1e-6)
+    for name in ("patch_embed.proj.weight", "proj_out.weight"):
+        assert torch.equal(weights[name], before[name]), name
+
+
+def test_drop_latent_layer_keys_keeps_other_entries_and_alphas():
+    t = torch.zeros(1)
+    state = {"transformer.x_embedder.lora_A.weight": t, "transformer.proj_out.lora_B.weight": t,
+             "transformer.single_transformer_blocks.0.proj_out.lora_A.weight": t,
+             "x_embedder.lora_A.weight": t}  # fmt: skip
+    alphas = {"transformer.x_embedder.alpha": 4.0, "transformer.blocks.0.alpha": 4.0}
+    kept, kept_alphas, meta = drop_latent_layer_keys(
+        (state, alphas, {"r": 4}), ("x_embedder", "proj_out")
+    )
+    assert list(kept) == ["transformer.single_transformer_blocks.0.proj_out.lora_A.weight"]
+    assert kept_alphas == {"transformer.blocks.0.alpha": 4.0} and meta == {"r": 4}
+    plain = {"transformer.blocks.0.lora_A.weight": t}
+    assert drop_latent_layer_keys(plain, ("x_embedder",)) is plain
+
+
+@pytest.fixture(scope="module")
+def lora_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_cli")
+    pipe = save_flux_pipeline(root / "pipe", with_text=False)
+    _base_lora(tiny_flux(), FLUX_TARGETS, root / "lora", FluxPipeline)
+    e, p = text(1)
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeds": e[0].contiguous(), "pooled_prompt_embeds": p[0].contiguous()},
+              str(root / "embeds.safetensors"))  # fmt: skip
+    return root, pipe
+
+
+def _generate(root, pipe, out, *extra) -> np.ndarray:  # noqa: ANN001
+    argv = ["generate", "--pipeline", str(pipe), "--prompt-embeds", str(root / "embeds.safetensors"),
+            "--height", "64", "--width", "64", "--steps", "2", "--no-progress", "--device", "cpu",
+            "--out", str(out), *extra]  # fmt: skip
+    assert main(argv) == 0
+    return np.asarray(Image.open(out), dtype=np.int16)
+
+
+def test_generate_fuses_loras(lora_folders, tmp_path, capsys):
+    root, pipe = lora_folders
+    plain = _generate(root, pipe, tmp_path / "plain.png")
+    folder = str(root / "lora")
+    file = str(root / "lora" / "pytorch_lora_weights.safetensors")
+    styled = _generate(root, pipe, tmp_path / "lora.png", "--lora", folder)
+    assert "fused 1 LoRA(s)" in capsys.readouterr().out
+    assert np.abs(styled - plain).max() > 0
+    # a file path, and the same LoRA stacked at half strength twice: the same deltas
+    halves = _generate(root, pipe, tmp_path / "halves.png", "--lora", file, "--lora", folder,
+                       "--lora-scale", "0.5")  # fmt: skip
+    assert np.abs(halves - styled).max() <= 1
+    off = _generate(root, pipe, tmp_path / "off.png", "--lora", folder, "--lora-scale", "0")
+    assert np.abs(off - plain).max() <= 1
+
+
+def test_lora_option_errors(lora_folders, tmp_path, capsys):
+    root, pipe = lora_folders
+    base = ["generate", "--pipeline", str(pipe), "--prompt-embeds",
+            str(root / "embeds.safetensors"), "--out", str(tmp_path / "x.png")]  # fmt: skip
+    cases = [
+        (["--lora", str(tmp_path / "none")], "no such file or folder"),
+        (["--lora-scale", "0.5"], "--lora-scale goes with --lora PATH"),
+        (
+            ["--lora", str(root / "lora")] * 2
+            + ["--lora-scale", "1", "--lora-scale", "1", "--lora-scale", "1"],
+            "one value or one per --lora (2), got 3",
+        ),  # fmt: skip
+        (
+            ["--lora", str(root / "lora"), "--quantized", str(root / "embeds.safetensors")],
+            "quantize with --lora instead",
+        ),  # fmt: skip
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+
+
+def test_quantize_fuses_the_lora_first(lora_folders, tmp_path):
+    from safetensors.torch import load_file
+
+    root, pipe = lora_folders
+    argv = ["quantize", "--pipeline", str(pipe), "--format", "fp8-row", "--no-report",
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    outs = {}
+    for name, extra in (("plain", []), ("lora", ["--lora", str(root / "lora")]),
+                        ("off", ["--lora", str(root / "lora"), "--lora-scale", "0"])):  # fmt: skip
+        outs[name] = tmp_path / f"{name}.safetensors"
+        assert main([*argv, *extra, "--out", str(outs[name])]) == 0, name
+    plain, lora, off = (load_file(str(outs[n])) for n in ("plain", "lora", "off"))
+    key = next(k for k in plain if "transformer_blocks.0.attn.to_q" in k and "weight" in k)
+    assert not torch.equal(plain[key], lora[key])  # the checkpoint holds the styled weights
+    assert all(torch.equal(plain[k], off[k]) for k in plain)
