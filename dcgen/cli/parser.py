@@ -341,7 +341,11 @@ Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at -
     g.add_argument("--quantized", default=None, metavar="FILE",
                    help="a `dcgen quantize` checkpoint: its FP8 / NVFP4 linears replace the "
                    "transformer's")  # fmt: skip
-    _add_lora(g, "before sampling (not with --quantized: quantize the LoRA'd model instead)")
+    _add_lora(
+        g,
+        "before sampling (with --quantized: attached unmerged, in full precision, "
+        "to the quantized layers)",
+    )
     _add_progress(g)
     g.set_defaults(fn=_cmd_generate)
 

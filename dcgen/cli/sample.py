@@ -187,8 +187,8 @@ def _pipeline_and_prompt(
     loras = _lora_files(args)
     kwargs = _prompt_kwargs(args) if args.prompt_embeds is not None else {}
     pipe = _load_pipeline(Path(args.pipeline), dtype)
-    if loras:  # before encoding: a LoRA may carry text-encoder layers too
-        _fuse_loras(pipe, loras)
+    if loras and getattr(args, "quantized", None) is None:
+        _fuse_loras(pipe, loras)  # before encoding: a LoRA may carry text-encoder layers too
     if family is not None:  # --prompt TEXT (the load above refused a folder without a family)
         kwargs = _encode_text(pipe, args, family, device, dtype)
     _drop_text_components(pipe)  # with --prompt-embeds, a folder's own encoders go unused
@@ -220,20 +220,44 @@ def _lora_files(args: argparse.Namespace) -> list[tuple[Path, str | None, float]
     return out
 
 
-def _fuse_loras(pipe: Any, loras: list[tuple[Path, str | None, float]]) -> None:
+def _load_loras(pipe: Any, loras: list[tuple[Path, str | None, float]]) -> list[str]:
     """Load each LoRA as its own adapter (diffusers' load_lora_weights: the DC-Gen pipelines
-    skip the latent-facing layers' entries), weight them, fuse them into the weights and drop
-    the adapter layers: sampling then costs what it costs without a LoRA."""
+    skip the latent-facing layers' entries) and weight them; returns the adapter names."""
     if not hasattr(pipe, "load_lora_weights"):
         raise CLIError(f"--lora: {type(pipe).__name__} does not load LoRAs")
     names = [f"lora{i}" for i in range(len(loras))]
     for name, (folder, weight_name, _) in zip(names, loras, strict=True):
         pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
     pipe.set_adapters(names, [scale for _, _, scale in loras])
+    return names
+
+
+def _lora_list(loras: list[tuple[Path, str | None, float]]) -> str:
+    return ", ".join(
+        f"{(folder / (w or '')).as_posix().rstrip('/')} x {s:g}" for folder, w, s in loras
+    )
+
+
+def _fuse_loras(pipe: Any, loras: list[tuple[Path, str | None, float]]) -> None:
+    """Load the LoRAs, fuse them into the weights and drop the adapter layers: sampling then
+    costs what it costs without a LoRA."""
+    names = _load_loras(pipe, loras)
     pipe.fuse_lora(adapter_names=names)
     pipe.unload_lora_weights()
-    print(f"fused {len(loras)} LoRA(s): " + ", ".join(
-        f"{(folder / (w or '')).as_posix().rstrip('/')} x {s:g}" for folder, w, s in loras))  # fmt: skip
+    print(f"fused {len(loras)} LoRA(s): {_lora_list(loras)}")
+
+
+def _attach_loras(pipe: Any, loras: list[tuple[Path, str | None, float]]) -> None:
+    """Load the LoRAs onto a transformer with quantized linears, unmerged (a delta cannot be
+    folded into 4- or 8-bit weights without re-quantizing): each adapted layer adds its
+    full-precision low-rank product, a few percent of the layer's work at the usual ranks."""
+    from dcgen.pipelines.lora import load_lora_on_quantized
+
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, (folder, weight_name, _) in zip(names, loras, strict=True):
+        load_lora_on_quantized(pipe, str(folder), name, weight_name)
+    pipe.transformer.set_adapters(names, [scale for _, _, scale in loras])
+    print(f"attached {len(loras)} LoRA(s) to the quantized transformer: {_lora_list(loras)}")
 
 
 def _drop_text_components(pipe: Any) -> None:
@@ -295,11 +319,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     quantized = Path(args.quantized) if args.quantized is not None else None
     if quantized is not None and not quantized.is_file():  # before loading a 12B model
         raise FileNotFoundError(f"--quantized {quantized}: no such file")
-    if quantized is not None and args.lora:
-        raise CLIError(
-            "--lora with --quantized: a quantized checkpoint replaces the weights a LoRA would "
-            "fuse into; quantize with --lora instead (dcgen quantize --lora PATH)"
-        )
+
     if (args.prompt is None) == (args.prompt_embeds is None):
         raise CLIError(
             "give the prompt as --prompt TEXT (encoded by the pipeline's text encoders or "
@@ -332,6 +352,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
         layers = load_quantized(pipe.transformer, quantized)
         print(f"loaded {len(layers)} quantized linears from {quantized}")
+        if args.lora:
+            _attach_loras(pipe, _lora_files(args))
     pipe.to(device)
     _accelerate(pipe.transformer, args.accelerate, device)
     pipe.set_progress_bar_config(disable=args.no_progress)

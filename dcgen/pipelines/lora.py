@@ -8,6 +8,10 @@ a LoRA that also trains the latent-facing layers (``x_embedder`` / ``proj_out`` 
 ``patch_embed`` / ``proj_out`` for SANA) has deltas for the base latent space, which a DC-Gen
 model no longer has. diffusers would even widen the new embedder to the LoRA's input size
 (its FLUX Control path). Those entries are dropped, with a warning naming them.
+
+On a transformer whose linears ``quantize_`` replaced (FP8 / NVFP4), a LoRA cannot be fused
+(the delta would have to be re-quantized into the 4- or 8-bit weight):
+:func:`load_lora_on_quantized` loads it unmerged, in full precision, beside them.
 """
 
 from __future__ import annotations
@@ -63,3 +67,28 @@ def latent_safe_lora_state_dict(loader: type, modules: tuple[str, ...]) -> class
         f"{modules} (dcgen.pipelines.lora)."
     )
     return classmethod(lora_state_dict)
+
+
+def load_lora_on_quantized(
+    pipe: Any, source: str, adapter_name: str, weight_name: str | None = None
+) -> None:
+    """Load a LoRA file onto ``pipe.transformer`` whose linears are (partly) dcgen's quantized
+    ones, as adapter ``adapter_name``, unmerged. The pipeline class's ``lora_state_dict``
+    converts the file (and skips the latent-facing layers); the transformer's own
+    ``load_lora_adapter`` injects it, with dcgen's quantized LoRA layer registered
+    (:func:`dcgen.quant.lora.quantized_lora_loading`). The pipeline-level
+    ``load_lora_weights`` is not used: its FLUX branch compares each LoRA's input size with the
+    stored weight's, which a packed 4-bit weight does not have."""
+    from ..quant.lora import quantized_lora_loading
+
+    # FLUX returns (state, alphas, metadata); SANA, which has no alphas, (state, metadata)
+    out = type(pipe).lora_state_dict(
+        source, weight_name=weight_name, return_alphas=True, return_lora_metadata=True
+    )
+    state, metadata = out[0], out[-1]
+    alphas = out[1] if len(out) == 3 else None
+    with quantized_lora_loading():
+        pipe.transformer.load_lora_adapter(
+            state, prefix="transformer", adapter_name=adapter_name, network_alphas=alphas,
+            metadata=metadata,
+        )  # fmt: skip

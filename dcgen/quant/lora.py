@@ -27,6 +27,8 @@ Usage (a diffusers FLUX / SANA transformer)::
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -105,3 +107,32 @@ def add_quantized_lora(
     # One injection path for float and quantized models: add_lora registers the quantized
     # linears with peft and selects them by the same target regex.
     return add_lora(transformer, rank, alpha, targets, dropout, adapter_name, lora_dtype=lora_dtype)
+
+
+@contextlib.contextmanager
+def quantized_lora_loading() -> Iterator[None]:
+    """While active, the LoraConfig that diffusers builds for every ``load_lora_weights`` /
+    ``load_lora_adapter`` call knows dcgen's quantized linears, so a LoRA file (any format
+    diffusers converts) loads onto a transformer whose linears ``quantize_`` replaced: the
+    adapters stay unmerged, in full precision, beside the 4- or 8-bit weights. diffusers has no
+    hook for custom peft layers, so this wraps its config builder (a private function of
+    ``diffusers.loaders.peft``) for the duration, and fails clearly if that ever moves."""
+    import diffusers
+    import diffusers.loaders.peft as loader
+
+    original = getattr(loader, "_create_lora_config", None)
+    if original is None:
+        raise RuntimeError(
+            "quantized_lora_loading: diffusers.loaders.peft._create_lora_config is gone in "
+            f"diffusers {diffusers.__version__}; load the LoRA on the 16-bit model and quantize "
+            "after (dcgen quantize --lora)"
+        )
+
+    def create(*args: Any, **kwargs: Any) -> LoraConfig:
+        return register_quantized_lora(original(*args, **kwargs))
+
+    loader._create_lora_config = create
+    try:
+        yield
+    finally:
+        loader._create_lora_config = original

@@ -1,6 +1,7 @@
 """LoRAs made for the base model on DC-Gen pipelines: diffusers' load_lora_weights applies the
 block layers' deltas exactly and skips the latent-facing layers DC-Gen replaced (FLUX and SANA);
-the base pipeline takes them whole; `generate` / `quantize --lora` fuse them."""
+the base pipeline takes them whole; `generate` / `quantize --lora` fuse them, and on a quantized
+transformer they stay unmerged beside the 4- / 8-bit weights."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from PIL import Image
 from dcgen.adapters import adapter_for
 from dcgen.cli import main
 from dcgen.pipelines import BaseFluxPipeline, DCGenFluxPipeline, DCGenSanaPipeline
-from dcgen.pipelines.lora import drop_latent_layer_keys
+from dcgen.pipelines.lora import drop_latent_layer_keys, load_lora_on_quantized
+from dcgen.quant import FP8Config, NVFP4Config, quantize_
 
 from ..adapters.tiny import text, tiny_dcae, tiny_flux, tiny_sana
 from .tiny_text import save_flux_pipeline
@@ -186,10 +188,6 @@ def test_lora_option_errors(lora_folders, tmp_path, capsys):
             + ["--lora-scale", "1", "--lora-scale", "1", "--lora-scale", "1"],
             "one value or one per --lora (2), got 3",
         ),  # fmt: skip
-        (
-            ["--lora", str(root / "lora"), "--quantized", str(root / "embeds.safetensors")],
-            "quantize with --lora instead",
-        ),  # fmt: skip
     ]
     for extra, message in cases:
         assert main(base + extra) == 2, extra
@@ -211,3 +209,40 @@ def test_quantize_fuses_the_lora_first(lora_folders, tmp_path):
     key = next(k for k in plain if "transformer_blocks.0.attn.to_q" in k and "weight" in k)
     assert not torch.equal(plain[key], lora[key])  # the checkpoint holds the styled weights
     assert all(torch.equal(plain[k], off[k]) for k in plain)
+
+
+@pytest.mark.parametrize("config", [NVFP4Config(mode="w4a16"), FP8Config()], ids=["nvfp4", "fp8"])
+def test_lora_on_a_quantized_transformer_stays_unmerged(tmp_path, config):
+    state = _base_lora(tiny_flux(), FLUX_TARGETS, tmp_path, FluxPipeline)
+    ae, model = tiny_dcae(), tiny_flux()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    quantize_(model, config)
+    pipe = DCGenFluxPipeline(model, ae)
+    load_lora_on_quantized(pipe, str(tmp_path), "style", "pytorch_lora_weights.safetensors")
+    torch.manual_seed(0)
+    for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"):
+        layer = model.get_submodule(name)
+        assert type(layer.get_base_layer()).__name__ in ("NVFP4Linear", "FP8Linear")
+        x = torch.randn(3, layer.in_features)
+        with torch.no_grad():
+            base = layer.get_base_layer()(x)
+            delta = x @ state[f"{name}.lora_A.weight"].T @ state[f"{name}.lora_B.weight"].T
+            # measured: equal to the last bit on this CPU (the same ops in the same order)
+            torch.testing.assert_close(layer(x), base + 2.0 * delta, rtol=0, atol=1e-5)
+    assert type(model.x_embedder) is torch.nn.Linear  # skipped, and kept in 16-bit by quantize_
+
+
+def test_generate_attaches_loras_to_a_quantized_checkpoint(lora_folders, tmp_path, capsys):
+    root, pipe = lora_folders
+    ckpt = tmp_path / "fp8.safetensors"
+    argv = ["quantize", "--pipeline", str(pipe), "--format", "fp8-row", "--no-report",
+            "--device", "cpu", "--no-progress", "--out", str(ckpt)]  # fmt: skip
+    assert main(argv) == 0
+    lora = str(root / "lora")
+    quant = _generate(root, pipe, tmp_path / "q.png", "--quantized", str(ckpt))
+    styled = _generate(root, pipe, tmp_path / "ql.png", "--quantized", str(ckpt), "--lora", lora)
+    assert "attached 1 LoRA(s) to the quantized transformer" in capsys.readouterr().out
+    assert np.abs(styled - quant).max() > 0
+    off = _generate(root, pipe, tmp_path / "q0.png", "--quantized", str(ckpt), "--lora", lora,
+                    "--lora-scale", "0")  # fmt: skip
+    assert np.abs(off - quant).max() <= 1
