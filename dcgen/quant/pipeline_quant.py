@@ -93,6 +93,9 @@ def capture_transformer_inputs(
     DCGenSanaPipeline) at ``height`` x ``width`` on the given prompt embeddings; no decode."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"calibration steps: expected a positive integer, got {steps!r}")
+    if "negative_prompt_embeds" not in prompt_kwargs:
+        # no negative to guide against: calibrate unguided (SANA's default CFG would warn)
+        prompt_kwargs.setdefault("true_cfg_scale", 1.0)
     recorder = CallRecorder(pipe.transformer)
     try:
         pipe(

@@ -187,6 +187,9 @@ class SampleWriter:
             num_inference_steps=self.cfg.sample_steps,
             latents=noise.to(self.device),
             shift=shift,
+            # unguided previews (SANA's default CFG would need negative embeddings the cache
+            # does not hold: the pipeline would warn at every sample)
+            true_cfg_scale=1.0,
             output_type="pt" if decoded else "latent",
         ).images
         if decoded:
