@@ -20,6 +20,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 
@@ -70,7 +72,11 @@ def latent_safe_lora_state_dict(loader: type, modules: tuple[str, ...]) -> class
 
 
 def load_lora_on_quantized(
-    pipe: Any, source: str, adapter_name: str, weight_name: str | None = None
+    pipe: Any,
+    source: str,
+    adapter_name: str,
+    weight_name: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Load a LoRA file onto ``pipe.transformer`` whose linears are (partly) dcgen's quantized
     ones, as adapter ``adapter_name``, unmerged. The pipeline class's ``lora_state_dict``
@@ -78,7 +84,9 @@ def load_lora_on_quantized(
     ``load_lora_adapter`` injects it, with dcgen's quantized LoRA layer registered
     (:func:`dcgen.quant.lora.quantized_lora_loading`). The pipeline-level
     ``load_lora_weights`` is not used: its FLUX branch compares each LoRA's input size with the
-    stored weight's, which a packed 4-bit weight does not have."""
+    stored weight's, which a packed 4-bit weight does not have. The adapter weights end in
+    ``dtype`` (default: the transformer's 16-bit dtype, that of its latent embedder): peft
+    would otherwise keep them in fp32 beside a bf16 model and cast every input up."""
     from ..quant.lora import quantized_lora_loading
 
     # FLUX returns (state, alphas, metadata); SANA, which has no alphas, (state, metadata)
@@ -87,8 +95,18 @@ def load_lora_on_quantized(
     )
     state, metadata = out[0], out[-1]
     alphas = out[1] if len(out) == 3 else None
+    transformer = pipe.transformer
     with quantized_lora_loading():
-        pipe.transformer.load_lora_adapter(
+        transformer.load_lora_adapter(
             state, prefix="transformer", adapter_name=adapter_name, network_alphas=alphas,
             metadata=metadata,
         )  # fmt: skip
+    if dtype is None:
+        from ..adapters import adapter_for
+
+        dtype = adapter_for(transformer).latent_layers().embedder.weight.dtype
+    marks = (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.")
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if any(m in name for m in marks) and param.dtype != dtype:
+                param.data = param.data.to(dtype)

@@ -232,6 +232,20 @@ def test_lora_on_a_quantized_transformer_stays_unmerged(tmp_path, config):
     assert type(model.x_embedder) is torch.nn.Linear  # skipped, and kept in 16-bit by quantize_
 
 
+def test_lora_adapters_on_a_quantized_model_take_its_16_bit_dtype(tmp_path):
+    _base_lora(tiny_flux(), FLUX_TARGETS, tmp_path, FluxPipeline)
+    ae, model = tiny_dcae(), tiny_flux()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    quantize_(model.to(torch.bfloat16), FP8Config())
+    pipe = DCGenFluxPipeline(model, ae)
+    load_lora_on_quantized(pipe, str(tmp_path), "style", "pytorch_lora_weights.safetensors")
+    lora = {n: p.dtype for n, p in model.named_parameters() if ".lora_" in n}
+    assert lora and set(lora.values()) == {torch.bfloat16}
+    layer = model.transformer_blocks[0].attn.to_q
+    out = layer(torch.randn(2, layer.in_features, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
 def test_generate_attaches_loras_to_a_quantized_checkpoint(lora_folders, tmp_path, capsys):
     root, pipe = lora_folders
     ckpt = tmp_path / "fp8.safetensors"
