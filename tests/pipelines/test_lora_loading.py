@@ -58,17 +58,29 @@ def _latents(pipe, **extra) -> torch.Tensor:  # noqa: ANN001
         return pipe(**kw).images
 
 
+def _dcgen(cls, model: torch.nn.Module):  # noqa: ANN001, ANN202
+    """A DC-Gen pipeline of ``cls`` on the tiny DC-AE, and a copy of its weights."""
+    ae = tiny_dcae()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    pipe = cls(model, ae)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _load_logged(pipe, folder, caplog) -> str:  # noqa: ANN001
+    """load_lora_weights(folder); the warnings it logged."""
+    with caplog.at_level(logging.WARNING, logger="dcgen.pipelines.lora"):
+        pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors")
+    return caplog.text
+
+
 def test_flux_lora_on_dcgen_skips_the_latent_layers(tmp_path, caplog):
     state = _base_lora(tiny_flux(), FLUX_TARGETS, tmp_path, FluxPipeline)
-    ae, model = tiny_dcae(), tiny_flux()
-    adapter_for(model).replace_latent_layers(ae.latent_channels)
-    pipe = DCGenFluxPipeline(model, ae)
-    pipe.set_progress_bar_config(disable=True)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    plain = _latents(pipe)
-    with caplog.at_level(logging.WARNING, logger="dcgen.pipelines.lora"):
-        pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors")
-    assert "transformer.proj_out, transformer.x_embedder skipped" in caplog.text
+    pipe, before = _dcgen(DCGenFluxPipeline, tiny_flux())
+    model, plain = pipe.transformer, _latents(pipe)
+    assert "transformer.proj_out, transformer.x_embedder skipped" in _load_logged(
+        pipe, tmp_path, caplog
+    )
     # the new latent layers keep their shape (diffusers would widen x_embedder to 64 inputs)
     assert type(model.x_embedder) is torch.nn.Linear and model.x_embedder.in_features == 2
     assert type(model.proj_out) is torch.nn.Linear
@@ -104,15 +116,11 @@ def test_flux_lora_on_the_base_pipeline_loads_whole(tmp_path):
 def test_sana_lora_on_dcgen_skips_the_latent_layers(tmp_path, caplog):
     state = _base_lora(tiny_sana(), SANA_TARGETS, tmp_path, SanaPipeline)
     assert "patch_embed.proj.lora_A.weight" in state  # the LoRA does train the embedder
-    ae, model = tiny_dcae(), tiny_sana()
-    adapter_for(model).replace_latent_layers(ae.latent_channels)
-    pipe = DCGenSanaPipeline(model, ae)
-    pipe.set_progress_bar_config(disable=True)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    plain = _latents(pipe)
-    with caplog.at_level(logging.WARNING, logger="dcgen.pipelines.lora"):
-        pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors")
-    assert "transformer.patch_embed.proj, transformer.proj_out skipped" in caplog.text
+    pipe, before = _dcgen(DCGenSanaPipeline, tiny_sana())
+    model, plain = pipe.transformer, _latents(pipe)
+    assert "transformer.patch_embed.proj, transformer.proj_out skipped" in _load_logged(
+        pipe, tmp_path, caplog
+    )
     assert (_latents(pipe) - plain).abs().max() > 1e-3
     pipe.fuse_lora()
     pipe.unload_lora_weights()
