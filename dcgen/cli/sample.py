@@ -220,14 +220,22 @@ def _lora_files(args: argparse.Namespace) -> list[tuple[Path, str | None, float]
     return out
 
 
-def _load_loras(pipe: Any, loras: list[tuple[Path, str | None, float]]) -> list[str]:
-    """Load each LoRA as its own adapter (diffusers' load_lora_weights: the DC-Gen pipelines
-    skip the latent-facing layers' entries) and weight them; returns the adapter names."""
+def _load_loras(
+    pipe: Any, loras: list[tuple[Path, str | None, float]], on_quantized: bool = False
+) -> list[str]:
+    """Load each LoRA as its own adapter and weight them; returns the adapter names. Plain
+    transformers take diffusers' load_lora_weights (the DC-Gen pipelines skip the latent-facing
+    layers' entries); quantized ones dcgen.pipelines.lora.load_lora_on_quantized (unmerged)."""
+    from dcgen.pipelines.lora import load_lora_on_quantized
+
     if not hasattr(pipe, "load_lora_weights"):
         raise CLIError(f"--lora: {type(pipe).__name__} does not load LoRAs")
     names = [f"lora{i}" for i in range(len(loras))]
     for name, (folder, weight_name, _) in zip(names, loras, strict=True):
-        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+        if on_quantized:
+            load_lora_on_quantized(pipe, str(folder), name, weight_name)
+        else:
+            pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
     pipe.set_adapters(names, [scale for _, _, scale in loras])
     return names
 
@@ -250,13 +258,8 @@ def _fuse_loras(pipe: Any, loras: list[tuple[Path, str | None, float]]) -> None:
 def _attach_loras(pipe: Any, loras: list[tuple[Path, str | None, float]]) -> None:
     """Load the LoRAs onto a transformer with quantized linears, unmerged (a delta cannot be
     folded into 4- or 8-bit weights without re-quantizing): each adapted layer adds its
-    full-precision low-rank product, a few percent of the layer's work at the usual ranks."""
-    from dcgen.pipelines.lora import load_lora_on_quantized
-
-    names = [f"lora{i}" for i in range(len(loras))]
-    for name, (folder, weight_name, _) in zip(names, loras, strict=True):
-        load_lora_on_quantized(pipe, str(folder), name, weight_name)
-    pipe.transformer.set_adapters(names, [scale for _, _, scale in loras])
+    16-bit low-rank product, a few percent of the layer's work at the usual ranks."""
+    _load_loras(pipe, loras, on_quantized=True)
     print(f"attached {len(loras)} LoRA(s) to the quantized transformer: {_lora_list(loras)}")
 
 
@@ -319,7 +322,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     quantized = Path(args.quantized) if args.quantized is not None else None
     if quantized is not None and not quantized.is_file():  # before loading a 12B model
         raise FileNotFoundError(f"--quantized {quantized}: no such file")
-
     if (args.prompt is None) == (args.prompt_embeds is None):
         raise CLIError(
             "give the prompt as --prompt TEXT (encoded by the pipeline's text encoders or "
@@ -327,11 +329,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     if args.prompt is not None and (args.caption or args.negative_caption):
         raise CLIError("--caption and --negative-caption pick entries of --prompt-embeds tables")
-    from dcgen.pipelines.sana import SANA_CFG_SCALE as SANA_CFG  # diffusers' SanaPipeline's
+    from dcgen.pipelines.sana import SANA_CFG_SCALE  # diffusers' SanaPipeline's default
 
     sana_cfg = args.true_cfg is None and _samples_with_cfg(Path(args.pipeline))
     if args.true_cfg is None:  # the embeddings path decides once it sees a negative (below)
-        args.true_cfg = SANA_CFG if sana_cfg and args.prompt is not None else 1.0
+        args.true_cfg = SANA_CFG_SCALE if sana_cfg and args.prompt is not None else 1.0
     if args.negative_prompt is not None and args.true_cfg <= 1.0:
         raise CLIError(
             f"--negative-prompt is used by classifier-free guidance: give --true-cfg > 1 "
@@ -340,11 +342,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     pipe, kwargs = _pipeline_and_prompt(args, device, dtype)
     if sana_cfg and args.prompt is None:
         if "negative_prompt_embeds" in kwargs:
-            args.true_cfg = SANA_CFG
+            args.true_cfg = SANA_CFG_SCALE
         else:
             print(
-                f"note: SANA samples with classifier-free guidance {SANA_CFG:g}, which needs a "
-                "negative prompt; these embeddings have none (negative_* tensors or "
+                f"note: SANA samples with classifier-free guidance {SANA_CFG_SCALE:g}, which "
+                "needs a negative prompt; these embeddings have none (negative_* tensors or "
                 "--negative-caption), so this runs without guidance (--true-cfg 1)"
             )
     if quantized is not None:
