@@ -296,3 +296,29 @@ def test_fused_blocks_keep_the_lora_of_quantized_layers(tmp_path):
         dcgen.unaccelerate(model)
     # measured: 0 on this CPU; the fused glue may round differently from the stock code
     torch.testing.assert_close(fused, plain, rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", [NVFP4Config(mode="w4a16"), FP8Config()], ids=["nvfp4", "fp8"])
+def test_lora_on_a_quantized_transformer_on_cuda(tmp_path, config):
+    """The same sum through the CUDA paths (FP8 GEMMs, NVFP4 dequantize + cuBLAS) in bf16: the
+    adapters in bf16 too, so the tolerance is bf16's on the delta."""
+    state = _base_lora(tiny_flux(), FLUX_TARGETS, tmp_path, FluxPipeline)
+    ae, model = tiny_dcae(), tiny_flux()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    quantize_(model.to("cuda", torch.bfloat16), config)
+    pipe = DCGenFluxPipeline(model, ae.to("cuda"))
+    load_lora_on_quantized(pipe, str(tmp_path), "style", "pytorch_lora_weights.safetensors")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"):
+        layer = model.get_submodule(name)
+        x = torch.randn(64, layer.in_features, device="cuda", dtype=torch.bfloat16, generator=g)
+        with torch.no_grad():
+            base = layer.get_base_layer()(x).float()
+            a, b = (state[f"{name}.lora_{k}.weight"].cuda() for k in "AB")
+            delta = 2.0 * x.float() @ a.T @ b.T
+            got = layer(x).float()
+        assert torch.isfinite(got).all()
+        # bf16 adapters and a bf16 output: about 3 significant digits of base + delta
+        scale = (base + delta).abs().max().item()
+        torch.testing.assert_close(got, base + delta, rtol=2e-2, atol=1e-2 * scale)
