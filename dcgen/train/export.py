@@ -117,9 +117,9 @@ def default_scheduler(
     DC-Gen model samples with its base model's solver (a DPM config dcgen's solver does not
     implement becomes an Euler scheduler with its flow shift). Otherwise FLUX gets FLUX.1's
     dynamic shifting (mu linear in the token count, 0.5 at 256 tokens to 1.15 at 4096: a 4K
-    f64c128 model at 4096 tokens gets the shift base FLUX uses at 1K), SANA a constant flow
-    shift (``shift``, default 3.0 as SANA 1K ships). ``shift`` for FLUX switches to a constant
-    shift instead.
+    f64c128 model at 4096 tokens gets the shift base FLUX uses at 1K), SANA the DPM-Solver++
+    its checkpoints ship, at flow shift ``shift`` (default 3.0 as SANA 1K ships). ``shift``
+    for FLUX switches to a constant shift instead.
     """
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -146,7 +146,13 @@ def default_scheduler(
             logger.info("reusing the DPM-Solver++ scheduler of %s (flow shift %g)",
                         cand, flow_shift)  # fmt: skip
             return DPMSolverMultistepScheduler.from_pretrained(cand, flow_shift=flow_shift)
-    if family == "flux" and shift is None:
+    if family == "sana":
+        # the scheduler SANA checkpoints ship and are sampled with (diffusers' SANA conversion)
+        return DPMSolverMultistepScheduler(
+            flow_shift=3.0 if shift is None else float(shift), use_flow_sigmas=True,
+            prediction_type="flow_prediction",
+        )  # fmt: skip
+    if shift is None:
         return FlowMatchEulerDiscreteScheduler(
             use_dynamic_shifting=True,
             base_shift=0.5,
@@ -154,7 +160,7 @@ def default_scheduler(
             base_image_seq_len=256,
             max_image_seq_len=4096,
         )
-    return FlowMatchEulerDiscreteScheduler(shift=3.0 if shift is None else float(shift))
+    return FlowMatchEulerDiscreteScheduler(shift=float(shift))
 
 
 # -- export -----------------------------------------------------------------------------------

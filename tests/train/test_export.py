@@ -103,7 +103,9 @@ def test_export_sana_and_dtype(tmp_path):
     model.save_pretrained(tmp_path / "adapted")  # stage 1-2 style: layers already adapted
     out = export_pipeline(tmp_path / "adapted", ae, tmp_path / "pipe", dtype=torch.bfloat16)
     pipe = DCGenSanaPipeline.from_pretrained(out, torch_dtype=torch.bfloat16)
-    assert pipe.scheduler.config.shift == 3.0
+    # SANA's own sampler: DPM-Solver++ on flow sigmas at flow shift 3
+    assert pipe.scheduler.config.flow_shift == 3.0 and pipe.dpm_settings() is not None
+    assert pipe._shift_for(4, 2) == 3.0
     assert next(pipe.transformer.parameters()).dtype == torch.bfloat16
     # stored in bf16 (diffusers would upcast on load without torch_dtype)
     with safe_open(str(out / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
@@ -120,4 +122,5 @@ def test_export_errors(trained, tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(ExportError, match="not a diffusers transformer folder"):
         export_pipeline(tmp_path / "junk", root / "dcae", tmp_path / "x")
-    assert isinstance(default_scheduler("sana"), FlowMatchEulerDiscreteScheduler)
+    assert isinstance(default_scheduler("flux", shift=2.0), FlowMatchEulerDiscreteScheduler)
+    assert default_scheduler("sana", shift=4.0).config.flow_shift == 4.0
