@@ -449,3 +449,39 @@ def test_quantize_lowrank(benchmark, impl, smooth):
         time_it(benchmark, run, n_rounds=rounds(100, 3), back_to_back=BACK_TO_BACK)
     if benchmark.stats:
         benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
+# A base-model LoRA on a quantized FLUX linear (generate --quantized --lora): it cannot be fused
+# into FP8 weights, so it runs unmerged (dcgen.quant.lora's layer, adapters in the model dtype).
+# Against the bf16 linear with the LoRA fused (what a bf16 user pays: nothing extra), and against
+# the FP8 linear without a LoRA (the adapter's own cost).
+LORA_RANK = 32
+
+
+@pytest.mark.parametrize("against", ["bf16-fused", "fp8-plain"])
+@pytest.mark.parametrize("nk", LINEAR_SHAPES[:2], ids=lambda nk: f"{nk[0]}x{nk[1]}")
+@pytest.mark.parametrize("impl", ["baseline", "dcgen"])
+def test_lora_on_fp8_linear(benchmark, impl, nk, against):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from dcgen.quant.lora import register_quantized_lora
+
+    n, k = nk
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n).to(DEVICE, DTYPE)
+    x = torch.randn(M, k, device=DEVICE, dtype=DTYPE)
+    holder = nn.Module()
+    holder.proj = FP8Linear.from_linear(lin, "row", DTYPE)
+    if impl == "dcgen":
+        config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["proj"],
+                            init_lora_weights=False)  # fmt: skip
+        inject_adapter_in_model(register_quantized_lora(config), holder)
+        for name, p in holder.named_parameters():  # adapters in the model dtype, as loaded
+            if ".lora_" in name:
+                p.data = p.data.to(DEVICE, DTYPE)
+    layer = holder.proj if impl == "dcgen" or against == "fp8-plain" else lin
+    baseline = "nn.Linear (LoRA fused)" if against == "bf16-fused" else "FP8Linear, no LoRA"
+    benchmark.group = f"LoRA r={LORA_RANK} on fp8-row linear M={M} N={n} K={k} vs {against}"
+    benchmark.extra_info.update(impl=impl, baseline_name=f"{baseline} {str(DTYPE)[6:]}")
+    with torch.inference_mode():
+        time_it(benchmark, lambda: layer(x), n_rounds=rounds(50, 3), back_to_back=BACK_TO_BACK)
