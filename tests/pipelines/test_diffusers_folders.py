@@ -265,3 +265,16 @@ def test_a_sana_folder_gives_diffusers_image_from_a_text_prompt(base_folders):
                                generator=torch.Generator().manual_seed(3), **extra).images)  # fmt: skip
     # measured: at most 5e-7 on this CPU (seeds 3-5)
     torch.testing.assert_close(images[1], images[0], rtol=0, atol=3e-5)
+
+
+def test_a_flux_folder_gives_diffusers_image_from_a_text_prompt(base_folders):
+    """The same for FLUX.1: FluxPipeline and BaseFluxPipeline on one folder, one text prompt."""
+    folder = base_folders / "flux"
+    images = []
+    for pipe in (FluxPipeline.from_pretrained(folder), BaseFluxPipeline.from_pretrained(folder)):
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            images.append(pipe(prompt=PROMPT, height=64, width=96, num_inference_steps=4,
+                               guidance_scale=3.5, max_sequence_length=16, output_type="pt",
+                               generator=torch.Generator().manual_seed(3)).images)  # fmt: skip
+    torch.testing.assert_close(images[1], images[0], rtol=0, atol=3e-5)
