@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .flow import after_step
 from .shift import shift_sigmas
 
 SOLVER_TYPES = ("midpoint", "heun")
@@ -159,13 +160,14 @@ def sample_dpm_solver(
     sigmas: torch.Tensor,
     model_sigmas: torch.Tensor | None = None,
     settings: DPMSettings | None = None,
-    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    on_step: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Integrate from ``noise`` (at sigmas[0]) to sigmas[-1] = 0 with DPM-Solver++.
 
     velocity_fn(x, sigma_batch) -> v as for sample_euler; it is called with ``model_sigmas[i]``
     (default: the solver's sigmas) while the data prediction x0 = x - sigma v uses sigmas[i].
-    First order on the first and last steps, ``settings.order`` in between. Returns float32."""
+    First order on the first and last steps, ``settings.order`` in between. ``on_step(i, x)``
+    as in sample_euler (a tensor it returns replaces x). Returns float32."""
     settings = settings or DPMSettings()
     grid = [float(s) for s in sigmas]
     if len(grid) < 2 or grid[-1] != 0.0:
@@ -190,6 +192,5 @@ def sample_dpm_solver(
             (grid[i - 1] if second else None, s, grid[i + 1]), settings.solver_type,
         )  # fmt: skip
         prev_x0 = x0
-        if on_step is not None:
-            on_step(i, x)
+        x = after_step(on_step, i, x)
     return x

@@ -53,22 +53,37 @@ def sample_euler(
     velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     noise: torch.Tensor,
     sigmas: torch.Tensor,
-    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    on_step: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Integrate from ``noise`` (sigma = sigmas[0]) to sigmas[-1] with Euler steps.
 
     velocity_fn(x, sigma_batch) -> v, with sigma_batch of shape (B,). ``on_step(i, x)`` runs after
-    each step (progress bars, callbacks). Returns float32 latents.
+    each step (progress bars, callbacks); a tensor it returns replaces x (anything else is
+    ignored). Returns float32 latents.
     """
     x = noise.float()
     batch = x.shape[0]
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         v = velocity_fn(x, sigma.expand(batch).to(x.device))
-        x = euler_step(x, v, sigma, sigmas[i + 1])
-        if on_step is not None:
-            on_step(i, x)
+        x = after_step(on_step, i, euler_step(x, v, sigma, sigmas[i + 1]))
     return x
+
+
+def after_step(
+    on_step: Callable[[int, torch.Tensor], torch.Tensor | None] | None, i: int, x: torch.Tensor
+) -> torch.Tensor:
+    """``x`` after the samplers' per-step hook: the hook's tensor if it returns one (a callback
+    editing the latents), else ``x`` (a progress bar's update returns other things)."""
+    out = on_step(i, x) if on_step is not None else None
+    if not isinstance(out, torch.Tensor):
+        return x
+    if out.shape != x.shape:
+        raise ValueError(
+            f"on_step: the latents it returns must keep their shape {tuple(x.shape)}, "
+            f"got {tuple(out.shape)}"
+        )
+    return out.to(device=x.device, dtype=torch.float32)
 
 
 def _per_sample(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
