@@ -39,6 +39,9 @@ class DiTAdapter(abc.ABC):
 
     #: diffusers class names this adapter handles (matched against the transformer's MRO)
     transformer_class_names: ClassVar[tuple[str, ...]] = ()
+    #: predict()'s keyword for the transformer's attention kwargs (diffusers names it per model:
+    #: FLUX ``joint_attention_kwargs``, SANA ``attention_kwargs``; ``{"scale": s}`` scales LoRAs)
+    attention_kwargs_name: ClassVar[str] = "attention_kwargs"
 
     def __init__(self, transformer: nn.Module) -> None:
         self.transformer = transformer

@@ -61,6 +61,7 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int, patch_size: in
 @register_adapter
 class FluxAdapter(DiTAdapter):
     transformer_class_names = ("FluxTransformer2DModel",)
+    attention_kwargs_name = "joint_attention_kwargs"
 
     def __init__(self, transformer: nn.Module, latent_patch_size: int | None = None) -> None:
         super().__init__(transformer)

@@ -17,6 +17,7 @@ thing, while the sampling math stays ours.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +168,10 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         tile_overlap: int = 128,
         band_rows: int | None = 512,
         sampler: str = "auto",
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> DCGenPipelineOutput | tuple[Any]:
         """Generate images.
 
@@ -177,6 +182,11 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         (text or embeddings), doubling the cost; None = the model's default (SANA without
         guidance embeddings: 4.5 as diffusers' SanaPipeline, when a negative prompt can be had;
         otherwise 1). ``shift`` overrides the config's shift rule. ``sampler``: one of SAMPLERS.
+        ``joint_attention_kwargs`` (FLUX's name) or ``attention_kwargs`` (SANA's; either works
+        for both) go to the transformer; ``{"scale": s}`` scales unfused LoRAs.
+        ``callback_on_step_end(pipe, i, t, {"latents": x})`` runs after each step, as in
+        diffusers (t: the step's timestep, sigma x 1000; x: (B, C, h, w) float32 latents in the
+        DiT's space); a "latents" entry in the dict it returns replaces them.
         Images whose larger side exceeds ``tile_threshold`` pixels decode with bounded memory:
         a DC-AE in bands of ``band_rows`` output rows (the same image as a full-frame decode),
         or, with ``band_rows=None`` (and always for the base FLUX VAE), tile by tile with
@@ -191,6 +201,19 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                 f"num_inference_steps: expected a positive int, got {num_inference_steps!r}"
             )
         dpm = self.dpm_settings(sampler)  # None: Euler
+        if joint_attention_kwargs is not None and attention_kwargs is not None:
+            raise ValueError("pass joint_attention_kwargs or attention_kwargs, not both")
+        attn_kwargs = joint_attention_kwargs if attention_kwargs is None else attention_kwargs
+        inputs = (
+            ["latents"]
+            if callback_on_step_end_tensor_inputs is None
+            else list(callback_on_step_end_tensor_inputs)
+        )
+        if set(inputs) - {"latents"}:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs: expected a subset of ['latents'], got "
+                f"{inputs}"
+            )
         self.check_components()
         self.check_size(height, width)
         device = self._execution_device
@@ -260,25 +283,37 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         if getattr(adapter, "has_guidance_embeds", False):
             guidance = torch.full((total,), float(guidance_scale), device=device)
 
+        extra = {} if attn_kwargs is None else {adapter.attention_kwargs_name: attn_kwargs}
+
         def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             x = x.to(model_dtype)
             v = adapter.predict(
-                x, sigma, cond[0], cond[1], guidance=guidance, attention_mask=cond[2]
+                x, sigma, cond[0], cond[1], guidance=guidance, attention_mask=cond[2], **extra
             )
             if uncond is not None:
                 v_neg = adapter.predict(
-                    x, sigma, uncond[0], uncond[1], guidance=guidance, attention_mask=uncond[2]
-                )
+                    x, sigma, uncond[0], uncond[1], guidance=guidance, attention_mask=uncond[2],
+                    **extra,
+                )  # fmt: skip
                 v = v_neg.float() + true_cfg_scale * (v.float() - v_neg.float())
             return v.float()
 
+        model_t = sigmas[:-1] if model_sigmas is None else model_sigmas
+
         with self.progress_bar(total=num_inference_steps) as bar:
+
+            def on_step(i: int, x: torch.Tensor) -> torch.Tensor | None:
+                bar.update()
+                if callback_on_step_end is None:
+                    return None
+                given = {"latents": x} if inputs else {}
+                returned = callback_on_step_end(self, i, model_t[i] * 1000.0, given) or {}
+                return returned.get("latents")
+
             if dpm is None:
-                out = sample_euler(velocity, noise, sigmas, on_step=lambda i, x: bar.update())
+                out = sample_euler(velocity, noise, sigmas, on_step=on_step)
             else:
-                out = sample_dpm_solver(
-                    velocity, noise, sigmas, model_sigmas, dpm, on_step=lambda i, x: bar.update()
-                )
+                out = sample_dpm_solver(velocity, noise, sigmas, model_sigmas, dpm, on_step=on_step)
 
         if output_type == "latent":
             images: Any = out

@@ -322,3 +322,31 @@ def test_lora_on_a_quantized_transformer_on_cuda(tmp_path, config):
         # bf16 adapters and a bf16 output: about 3 significant digits of base + delta
         scale = (base + delta).abs().max().item()
         torch.testing.assert_close(got, base + delta, rtol=2e-2, atol=1e-2 * scale)
+
+
+@pytest.mark.parametrize("family", ["flux", "sana"])
+def test_the_lora_scale_goes_through_attention_kwargs(tmp_path, family):
+    """diffusers' runtime LoRA strength, {"scale": s} in (joint_)attention_kwargs, reaches the
+    transformer from the DC-Gen pipelines (either name works for both families)."""
+    if family == "flux":
+        _base_lora(tiny_flux(), FLUX_TARGETS, tmp_path, FluxPipeline)
+        pipe, _ = _dcgen(DCGenFluxPipeline, tiny_flux())
+    else:
+        _base_lora(tiny_sana(), SANA_TARGETS, tmp_path, SanaPipeline)
+        pipe, _ = _dcgen(DCGenSanaPipeline, tiny_sana())
+    plain = _latents(pipe)
+    pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors")
+    full = _latents(pipe)
+    off = _latents(pipe, joint_attention_kwargs={"scale": 0.0})
+    torch.testing.assert_close(off, plain, rtol=0, atol=1e-6)
+    half = _latents(pipe, attention_kwargs={"scale": 0.5})
+    assert (half - plain).abs().max() > 1e-4 and (half - full).abs().max() > 1e-4
+    import dcgen
+
+    dcgen.accelerate(pipe.transformer, blocks=True)  # the fused forwards pass it on too
+    try:
+        torch.testing.assert_close(_latents(pipe, attention_kwargs={"scale": 0.5}), half)
+    finally:
+        dcgen.unaccelerate(pipe.transformer)
+    with pytest.raises(ValueError, match="not both"):
+        _latents(pipe, attention_kwargs={}, joint_attention_kwargs={})

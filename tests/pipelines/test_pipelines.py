@@ -164,3 +164,39 @@ def test_base_flux_pipeline():
     assert out.shape == (1, 3, 16, 24)
     with pytest.raises(ValueError, match="multiple of 4"):
         run(pipe, height=18)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpm"])
+def test_callback_on_step_end_sees_and_edits_the_latents(sampler):
+    """diffusers' callback_on_step_end: called once a step with the step's timestep and the
+    latents; the latents it returns replace the sampler's."""
+    ae, model = tiny_dcae(), tiny_flux()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    pipe = DCGenFluxPipeline(model, ae)
+    pipe.set_progress_bar_config(disable=True)
+    e, p = text(1)
+    kw = dict(prompt_embeds=e, pooled_prompt_embeds=p, height=64, width=64,
+              num_inference_steps=3, output_type="latent", sampler=sampler,
+              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    seen = []
+
+    def watch(pipe_, i, t, kwargs):  # noqa: ANN001, ANN202
+        seen.append((i, float(t), kwargs["latents"].clone()))
+        return {}
+
+    with torch.no_grad():
+        out = pipe(callback_on_step_end=watch, **kw).images
+    assert [i for i, _, _ in seen] == [0, 1, 2]
+    assert all(a > b for (_, a, _), (_, b, _) in zip(seen, seen[1:]))  # timesteps fall
+    assert 0 < seen[-1][1] < seen[0][1] <= 1000
+    torch.testing.assert_close(seen[-1][2], out)  # the last step's latents are the output
+
+    def zero_after_first(pipe_, i, t, kwargs):  # noqa: ANN001, ANN202
+        return {"latents": torch.zeros_like(kwargs["latents"])} if i == 0 else {}
+
+    kw["generator"] = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        edited = pipe(callback_on_step_end=zero_after_first, **kw).images
+    assert (edited - out).abs().max() > 1e-3  # the edit changed the rest of the trajectory
+    with pytest.raises(ValueError, match=r"expected a subset of \['latents'\]"):
+        pipe(callback_on_step_end=watch, callback_on_step_end_tensor_inputs=["noise"], **kw)
