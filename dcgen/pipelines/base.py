@@ -204,16 +204,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         if joint_attention_kwargs is not None and attention_kwargs is not None:
             raise ValueError("pass joint_attention_kwargs or attention_kwargs, not both")
         attn_kwargs = joint_attention_kwargs if attention_kwargs is None else attention_kwargs
-        inputs = (
-            ["latents"]
-            if callback_on_step_end_tensor_inputs is None
-            else list(callback_on_step_end_tensor_inputs)
-        )
-        if set(inputs) - {"latents"}:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs: expected a subset of ['latents'], got "
-                f"{inputs}"
-            )
+        callback_inputs = _callback_inputs(callback_on_step_end_tensor_inputs)
         self.check_components()
         self.check_size(height, width)
         device = self._execution_device
@@ -306,7 +297,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                 bar.update()
                 if callback_on_step_end is None:
                     return None
-                given = {"latents": x} if inputs else {}
+                given = {"latents": x} if callback_inputs else {}
                 returned = callback_on_step_end(self, i, model_t[i] * 1000.0, given) or {}
                 return returned.get("latents")
 
@@ -362,17 +353,19 @@ class FlowTextToImagePipeline(DiffusionPipeline):
     default_true_cfg_scale = 1.0
 
     def _default_true_cfg(self, negative_prompt: Any, negative_prompt_embeds: Any) -> float:
+        """true_cfg_scale=None: the class default where the model samples with CFG (no guidance
+        embedding) and a negative prompt can be had (given, or "" through text encoders)."""
         cfg = self.default_true_cfg_scale
         if cfg <= 1.0 or getattr(self.adapter, "has_guidance_embeds", False):
             return 1.0
-        if negative_prompt is None and negative_prompt_embeds is None:
-            if not self._has_text_encoders():
-                logger.warning(
-                    "true_cfg_scale: this model samples with classifier-free guidance %g by "
-                    "default, which needs a negative prompt; without text encoders or "
-                    "negative_prompt_embeds it runs without guidance (true_cfg_scale=1)", cfg,
-                )  # fmt: skip
-                return 1.0
+        has_negative = negative_prompt is not None or negative_prompt_embeds is not None
+        if not has_negative and not self._has_text_encoders():
+            logger.warning(
+                "true_cfg_scale: this model samples with classifier-free guidance %g by default, "
+                "which needs a negative prompt; without text encoders or negative_prompt_embeds "
+                "it runs without guidance (true_cfg_scale=1)", cfg,
+            )  # fmt: skip
+            return 1.0
         return cfg
 
     def _shift_for(self, num_tokens: int, latent_channels: int) -> float:
@@ -439,6 +432,16 @@ class FlowTextToImagePipeline(DiffusionPipeline):
 
     needs_pooled = False
     default_max_sequence_length = 512
+
+
+def _callback_inputs(names: list[str] | None) -> list[str]:
+    """callback_on_step_end_tensor_inputs, checked: the latents are the one tensor offered."""
+    names = ["latents"] if names is None else list(names)
+    if set(names) - {"latents"}:
+        raise ValueError(
+            f"callback_on_step_end_tensor_inputs: expected a subset of ['latents'], got {names}"
+        )
+    return names
 
 
 def scheduler_constant_shift(config: Any) -> float:
