@@ -126,7 +126,7 @@ def dpm_step(
     x: torch.Tensor,
     x0: torch.Tensor,
     prev_x0: torch.Tensor | None,
-    sigmas: tuple[float, float, float | None],
+    sigmas: tuple[float | None, float, float],
     solver_type: str = "midpoint",
 ) -> torch.Tensor:
     """One DPM-Solver++ step from sigma s to t in float32.
@@ -172,7 +172,7 @@ def sample_dpm_solver(
     grid = [float(s) for s in sigmas]
     if len(grid) < 2 or grid[-1] != 0.0:
         raise ValueError(f"sigmas: expected at least 2 values ending in 0, got {grid}")
-    if not all(1.0 > a > b for a, b in zip(grid[:-1], grid[1:], strict=False)):
+    if not all(1.0 > a > b for a, b in zip(grid[:-1], grid[1:], strict=True)):
         raise ValueError(f"sigmas: expected strictly decreasing values below 1, got {grid}")
     steps = len(grid) - 1
     if model_sigmas is None:
