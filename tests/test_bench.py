@@ -295,22 +295,32 @@ def test_sana_specs():
     assert token_counts(4096, 64, MODELS["sana-1.6b"].base_side) == (16384, 4096)
 
 
-@pytest.mark.parametrize("cfg,calls", [(None, 2), (1.0, 1)])
-def test_sana_quick_mode_single_block_list(cfg, calls):
-    """SANA samples with CFG 4.5 by default: two transformer calls a step, both counted."""
+@pytest.mark.parametrize(
+    "cfg,one_batch,calls,batch", [(None, True, 1, 2), (None, False, 2, 1), (1.0, True, 1, 1)]
+)
+def test_sana_quick_mode_single_block_list(cfg, one_batch, calls, batch, monkeypatch):
+    """SANA samples with CFG 4.5 by default: both predictions in one call of batch 2 (or, with
+    cfg_in_one_batch off, two calls a step, both counted by the extrapolation)."""
+    from dcgen.pipelines.base import FlowTextToImagePipeline
+
+    monkeypatch.setattr(FlowTextToImagePipeline, "cfg_in_one_batch", one_batch)
     settings = BenchSettings(model="tiny-sana", resolutions=(64, 128), steps=20, quick=True,
                              cfg=cfg)  # fmt: skip
     bench = SpeedBench(settings, clock=FakeClock())
     seen = []
-    hook = bench.transformer.register_forward_pre_hook(lambda *_: seen.append(1))
+    hook = bench.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"].shape[0]),
+        with_kwargs=True,
+    )
     bench.measure("dcgen", 64, 1)
     hook.remove()
-    assert len(seen) == calls * (2 + 2)  # a 2-step warm-up, one timed run of quick_steps 2
-    assert ("negative_prompt_embeds" in bench.text(1)) == (calls == 2)
+    assert seen == [batch] * calls * (2 + 2)  # a 2-step warm-up, one timed run of 2 steps
+    assert bench.calls_per_step == calls
+    assert ("negative_prompt_embeds" in bench.text(1)) == (cfg is None)
     report = run_speed_bench(settings, clock=FakeClock())
     (full,) = MODELS["tiny-sana"].depth
     assert report["settings"]["cfg"] == (4.5 if cfg is None else cfg)
-    guidance = "guidance 4.5 (two" if calls == 2 else "no classifier-free guidance"
+    guidance = "guidance 4.5 (negative and positive" if cfg is None else "no classifier-free"
     assert guidance in format_markdown(report)
     assert report["model"]["family"] == "sana"
     assert "sana-block time" in report["method"]

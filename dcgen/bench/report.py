@@ -96,8 +96,8 @@ def best_against_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _guidance(cfg: float | None) -> str:
     """The caption's guidance clause (reports written before the setting existed: no CFG)."""
     if cfg is None or cfg <= 1.0:
-        return "no classifier-free guidance (one transformer call a step)"
-    return f"classifier-free guidance {cfg:g} (two transformer calls a step)"
+        return "no classifier-free guidance"
+    return f"classifier-free guidance {cfg:g} (negative and positive prompt in one batch)"
 
 
 def format_markdown(report: dict[str, Any]) -> str:

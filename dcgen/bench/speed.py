@@ -1,9 +1,9 @@
 """Latency of a base model vs its DC-Gen version (FLUX.1 or SANA), the DC-Gen paper's table.
 
 Random weights, random precomputed text embeddings (text encoding is excluded, as in the
-paper's table). Guidance as each family samples by default: FLUX.1-dev's guidance embedding (one
-transformer call a step), SANA's classifier-free guidance 4.5 (two calls a step, against random
-negative embeddings); ``cfg`` overrides it. Per resolution, per attention backend and per variant
+paper's table). Guidance as each family samples by default: FLUX.1-dev's guidance embedding, SANA's
+classifier-free guidance 4.5 against random negative embeddings (both predictions in one call of
+twice the batch, as the pipelines run it); ``cfg`` overrides it. Per resolution, per attention backend and per variant
 the run times, after a warm-up:
 
 - ``denoise``: N Euler steps through the pipeline's ``__call__`` (``output_type="latent"``),
@@ -31,7 +31,7 @@ Quick mode builds the transformer with only K blocks per block list, runs S step
 around every block, and extrapolates (measured = the S-step run and the block times):
 
     step_full   = step_measured + sum over block lists of (full_i - K) * t_block_i
-    denoise     = step_full * steps      (block times x 2 calls a step under CFG)
+    denoise     = step_full * steps      (block times x calls a step: 2 under unbatched CFG)
 
 where step_measured = (S-step time) / S includes everything outside the blocks (embedders,
 RoPE, the head, the sampler). The decode is always measured in full.
@@ -60,6 +60,7 @@ from ..adapters import adapter_for
 from ..autoencoders import DCAE
 from ..autoencoders.config import get_preset, reduced_config
 from ..pipelines import BaseFluxPipeline, DCGenFluxPipeline, DCGenSanaPipeline
+from ..pipelines.base import FlowTextToImagePipeline
 from ..pipelines.sana import SANA_CFG_SCALE
 from ..quant import FP8Config
 from ..quant.pipeline_quant import CallRecorder
@@ -140,7 +141,7 @@ class BenchSettings:
     nvfp4: tuple[str, ...] | str = ()
     nvfp4_rank: int = 0  # the SVDQuant low-rank branch of the NVFP4 linears (0: none)
     seed: int = 0
-    #: classifier-free guidance scale (> 1: two transformer calls a step); None: the family's
+    #: classifier-free guidance scale (> 1: twice the transformer work a step); None: the family's
     #: default sampling (SANA 4.5 as diffusers' SanaPipeline, FLUX.1-dev 1 = off)
     cfg: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -339,9 +340,16 @@ class SpeedBench:
         return pipe
 
     @property
+    def guided(self) -> bool:
+        """Whether the rows sample with classifier-free guidance (a negative prompt too)."""
+        return self.settings.cfg > 1.0
+
+    @property
     def calls_per_step(self) -> int:
-        """Transformer calls per denoising step: 2 under classifier-free guidance."""
-        return 2 if self.settings.cfg > 1.0 else 1
+        """Transformer calls per denoising step: 1, or 2 under classifier-free guidance when
+        the pipelines run its two predictions as separate calls (``cfg_in_one_batch`` off;
+        on, the default, one call of twice the batch)."""
+        return 2 if self.guided and not FlowTextToImagePipeline.cfg_in_one_batch else 1
 
     def text(self, batch: int, attention: str = "default") -> dict[str, torch.Tensor]:
         """Random precomputed text inputs for the pipeline call (FLUX: T5 + pooled CLIP;
@@ -352,7 +360,7 @@ class SpeedBench:
         shape = (batch, self.spec.text_tokens, self.spec.text_dim)
         kw = dict(generator=g, device=self.device, dtype=self.dtype)
         out: dict[str, torch.Tensor] = {}
-        for prefix in ("", "negative_")[: self.calls_per_step]:
+        for prefix in ("", "negative_")[: 1 + self.guided]:
             out[f"{prefix}prompt_embeds"] = torch.randn(shape, **kw)
             if self.spec.family == "flux":
                 pooled = (batch, self.spec.transformer["pooled_projection_dim"])

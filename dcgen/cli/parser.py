@@ -463,7 +463,8 @@ times S steps and extrapolates to the full depth and --steps. Writes speed.md/.j
                    help="SVDQuant low-rank 16-bit branch of the NVFP4 linears (default 0: none)")  # fmt: skip
     b.add_argument("--cfg", type=float, default=None, metavar="SCALE",
                    help="classifier-free guidance scale, 1 = off (default: as the family samples: "
-                   "SANA 4.5, two transformer calls a step; FLUX.1-dev off, guidance embedding)")  # fmt: skip
+                   "SANA 4.5, the negative and positive prompt in one batch; FLUX.1-dev off, guidance "
+                   "embedding)")  # fmt: skip
     b.add_argument("--out", default="dcgen_bench", help="output folder (default ./dcgen_bench)")
     b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None,
