@@ -296,3 +296,25 @@ def test_generate_several_prompts_one_load(folders, tmp_path, capsys):
     assert not np.array_equal(
         _pixels(tmp_path / "g-p0-seed0.png"), _pixels(tmp_path / "g-p1-seed0.png")
     )
+
+
+def test_quantize_calibrates_sana_under_its_guidance(folders, tmp_path, monkeypatch):
+    """SANA samples with CFG: its calibration runs see the negative prompt too (one batch of
+    negative and positive), so the activation statistics cover both halves of a step."""
+    import dcgen.quant.pipeline_quant as pq
+
+    batches = []
+    real = pq.capture_transformer_inputs
+
+    def spy(pipe, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls = real(pipe, *args, **kwargs)
+        batches.extend(c.kwargs["hidden_states"].shape[0] for c in calls)
+        return calls
+
+    monkeypatch.setattr(pq, "capture_transformer_inputs", spy)
+    argv = ["quantize", "--pipeline", str(folders["sana"]), "--format", "fp8-row", "--height",
+            "64", "--width", "64", "--calibration-steps", "2", "--device", "cpu",
+            "--no-progress", "--max-sequence-length", "12", "--prompt", PROMPT,
+            "--out", str(tmp_path / "s.safetensors")]  # fmt: skip
+    assert main(argv) == 0
+    assert batches == [2, 2]  # negative and positive prompt, one call a step

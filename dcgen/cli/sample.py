@@ -459,6 +459,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             "a prompt (--prompt TEXT or --prompt-embeds FILE) is needed to calibrate "
             "(--smoothing) and for the quality report (skip the report with --no-report)"
         )
+    if args.prompt is not None and _samples_with_cfg(Path(args.pipeline)):
+        from dcgen.pipelines.sana import SANA_CFG_SCALE
+
+        # calibrate on what sampling runs: SANA's guided steps see the empty negative prompt
+        # in half their batch (embeddings take part only if the file holds a negative)
+        args.true_cfg = SANA_CFG_SCALE
     pipe, kwargs = _pipeline_and_prompt(args, device, dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=args.no_progress)
