@@ -318,3 +318,23 @@ def test_quantize_calibrates_sana_under_its_guidance(folders, tmp_path, monkeypa
             "--out", str(tmp_path / "s.safetensors")]  # fmt: skip
     assert main(argv) == 0
     assert batches == [2, 2]  # negative and positive prompt, one call a step
+
+
+@pytest.mark.parametrize("folder", ["base", "sana"])
+def test_generate_batches_seeds(folders, tmp_path, capsys, folder):
+    """--batch-size N: N seeds in one call, each image from its own seed's noise: the images of
+    one call per seed (FLUX; and SANA, whose CFG then runs a batch of 2N)."""
+    max_len = "16" if folder == "base" else "12"
+    base = ["generate", "--pipeline", str(folders[folder]), *SIZE, "--max-sequence-length",
+            max_len, "--prompt", PROMPT, "--seed", "3", "4", "5"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "one.png")]) == 0
+    assert main([*base, "--batch-size", "2", "--out", str(tmp_path / "two.png")]) == 0
+    for seed in (3, 4, 5):
+        a, b = (_pixels(tmp_path / f"{n}-seed{seed}.png") for n in ("one", "two"))
+        assert np.abs(a - b).max() <= 1, seed  # batched GEMMs may round differently: 1 level
+    assert not np.array_equal(
+        _pixels(tmp_path / "two-seed3.png"), _pixels(tmp_path / "two-seed4.png")
+    )
+    capsys.readouterr()
+    assert main([*base, "--batch-size", "0", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--batch-size: expected a positive integer, got 0" in capsys.readouterr().err

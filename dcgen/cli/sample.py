@@ -327,6 +327,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             "give the prompt as --prompt TEXT (encoded by the pipeline's text encoders or "
             "--text-encoders DIR) or as --prompt-embeds FILE, one of them"
         )
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     if args.prompt is not None and (args.caption or args.negative_caption):
         raise CLIError("--caption and --negative-caption pick entries of --prompt-embeds tables")
     from dcgen.pipelines.sana import SANA_CFG_SCALE  # diffusers' SanaPipeline's default
@@ -366,24 +368,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         # one prompt's rows of the batched encodings; a negative is shared by all prompts
         one = {k: v if k.startswith("negative_") or n_prompts == 1 else v[i : i + 1]
                for k, v in kwargs.items()}  # fmt: skip
-        for seed in args.seed:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
+        for start in range(0, len(args.seed), args.batch_size):
+            # a call samples several seeds as one batch, each image from its own generator's
+            # noise: the images one call per seed gives, up to the batch's float rounding
+            seeds = args.seed[start : start + args.batch_size]
+            generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
             result = pipe(
                 height=args.height,
                 width=args.width,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
                 true_cfg_scale=args.true_cfg,
-                generator=generator,
+                num_images_per_prompt=len(seeds),
+                generator=generators if len(seeds) > 1 else generators[0],
                 shift=args.shift,
                 sampler=args.sampler,
                 **one,
             )
-            images.append(result.images[0])
-            parts = ([f"p{i}"] if n_prompts > 1 else []) + (
-                [f"seed{seed}"] if len(args.seed) > 1 else []
-            )
-            names.append("-".join(parts))
+            for seed, image in zip(seeds, result.images, strict=True):
+                images.append(image)
+                parts = ([f"p{i}"] if n_prompts > 1 else []) + (
+                    [f"seed{seed}"] if len(args.seed) > 1 else []
+                )
+                names.append("-".join(parts))
     if len(images) == 1:
         images[0].save(out)
         print(f"wrote {out}")
