@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from dcgen.cli import main
 from dcgen.pipelines.text_encoders import PipelineTextEncoder
 from dcgen.train import LatentCache
+from dcgen.train.null_text import load_null_text
 
 from .adapters.tiny import tiny_dcae, tiny_flux
 from .pipelines.tiny_text import PROMPT, save_flux_pipeline, save_sana_pipeline
@@ -170,6 +171,12 @@ def test_precompute_with_the_base_text_encoders(assets, folders, tmp_path, famil
         for name in names:
             torch.testing.assert_close(sample[name].float(), want[name][0].float(), rtol=0, atol=0)
     assert sorted(cache[i]["caption"] for i in range(len(cache))) == sorted(CAPTIONS.values())
+    # the empty prompt, encoded as the pipelines encode the default negative (caption dropout)
+    null = load_null_text(out / "null_text.safetensors")
+    want = encoder([""], negative=True)
+    assert sorted(null) == names
+    for name in names:
+        torch.testing.assert_close(null[name].float(), want[name][0].float(), rtol=0, atol=0)
     # the encoders are part of the cache's identity: another length is refused
     assert _precompute(assets, out, *argv[:3], "16", *argv[4:]) == 2
 

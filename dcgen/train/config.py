@@ -64,6 +64,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     ema_decay: float | None = None
     guidance_range: tuple[float, float] | None = (1.0, 5.0)
+    # Stages 2-3: the fraction of samples whose text is replaced by the empty prompt's, so the
+    # unconditional prediction CFG uses (SANA) is trained too; null_text: its embeddings
+    # (default: <cache_dir>/null_text.safetensors, written by precompute). dcgen.train.null_text
+    caption_dropout: float = 0.0
+    null_text: str | None = None
     timestep_sampling: str = "logit_normal"
     shift_rule: str = "flux"
     align_downsample: str = "avg"
@@ -205,6 +210,13 @@ class TrainConfig:
             raise ConfigError("ema_decay: not supported with parallel='fsdp' (use 'ddp')")
         if not self.lr > 0:
             raise ConfigError(f"lr: expected > 0, got {self.lr!r}")
+        dropout = self.caption_dropout
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, int | float)
+            or not 0 <= dropout < 1
+        ):
+            raise ConfigError(f"caption_dropout: expected a number in [0, 1), got {dropout!r}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.align_ridge_l2 < 0:
             raise ConfigError(
                 "weight_decay, grad_clip and align_ridge_l2 must be >= 0 "

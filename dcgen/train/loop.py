@@ -81,6 +81,11 @@ class StepRandom:
         g = guidance_values(self.global_size, self.generator, low=low, high=high)
         return g[self.shard].to(self.device)
 
+    def uniform(self) -> torch.Tensor:
+        """One U[0, 1) value per sample (caption dropout)."""
+        u = torch.rand(self.global_size, generator=self.generator)
+        return u[self.shard].to(self.device)
+
 
 class TrainableState:
     """The trainable parameters of a module as a state-dict provider for the Checkpointer: a

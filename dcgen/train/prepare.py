@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from .buckets import make_buckets
 from .cache import LatentCache, precompute
 from .data import ImageCaptionFolder
+from .null_text import encode_null_text, save_null_text
 
 logger = logging.getLogger(__name__)
 
@@ -444,7 +445,7 @@ def run_precompute(
     fingerprint = hashlib.sha256(
         json.dumps(identity, sort_keys=True, default=str).encode()
     ).hexdigest()
-    return precompute(
+    cache = precompute(
         dataset,
         encoders,
         text_fn,
@@ -458,3 +459,11 @@ def run_precompute(
         overwrite=overwrite,
         progress=progress,
     )
+    # the empty prompt's embeddings, for caption dropout in stages 2-3 (dcgen.train.null_text)
+    null = encode_null_text(table, fn)
+    if null is not None:
+        save_null_text(out_dir, null, dtype)
+    elif text_fn is not None:
+        logger.info("no empty-prompt embeddings (the table has no \"\" entry): caption "
+                    "dropout will need null_text")  # fmt: skip
+    return cache

@@ -56,6 +56,7 @@ from .latent_layers import (
 from .loop import LOG_NAME, LoopResult, StepRandom, read_log, train_loop
 from .lora import add_lora, save_lora
 from .losses import flow_matching_loss
+from .null_text import NULL_TEXT_NAME, drop_captions, load_null_text
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +224,13 @@ class FlowMatchingModule(nn.Module):
 
 
 def _flow_inputs(
-    adapter: DiTAdapter, cfg: TrainConfig, latent_key: str = "dcae_latent"
+    adapter: DiTAdapter,
+    cfg: TrainConfig,
+    latent_key: str = "dcae_latent",
+    null_text: dict[str, torch.Tensor] | None = None,
 ) -> Callable[[dict[str, Any], StepRandom], dict[str, Any]]:
+    """The training step's inputs from a batch; with ``null_text``, each sample's text is the
+    empty prompt's with probability ``cfg.caption_dropout`` (drawn after the others)."""
     guided = bool(getattr(adapter, "has_guidance_embeds", False))
 
     def make_inputs(batch: dict[str, Any], rnd: StepRandom) -> dict[str, Any]:
@@ -241,7 +247,7 @@ def _flow_inputs(
             lo, hi = cfg.guidance_range or (DEFAULT_GUIDANCE, DEFAULT_GUIDANCE)
             guidance = rnd.guidance(lo, hi)
         pooled = batch.get("pooled_prompt_embeds")
-        return {
+        inputs = {
             "x0": x0,
             "noise": noise,
             "sigmas": sigmas,
@@ -251,8 +257,18 @@ def _flow_inputs(
             # padded text (SANA's Gemma embeddings): the mask the pipelines sample with
             "attention_mask": batch.get("prompt_attention_mask"),
         }
+        if null_text is not None:
+            inputs = drop_captions(inputs, rnd.uniform() < cfg.caption_dropout, null_text)
+        return inputs
 
     return make_inputs
+
+
+def _null_text(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """The empty prompt's embeddings when ``cfg.caption_dropout`` asks for them."""
+    if not cfg.caption_dropout:
+        return None
+    return load_null_text(cfg.null_text or Path(cfg.cache_dir) / NULL_TEXT_NAME)
 
 
 # ---------------------------------------------------------------------------------- stage 1
@@ -600,7 +616,7 @@ def train_output_layer(
     run_dir = Path(run_dir if run_dir is not None else cfg.out_dir)
     loop = train_loop(
         FlowMatchingModule(transformer),
-        _flow_inputs(adapter, cfg),
+        _flow_inputs(adapter, cfg, null_text=_null_text(cfg)),
         dataset,
         cfg,
         ctx,
@@ -663,7 +679,7 @@ def finetune_lora(
     run_dir = Path(run_dir if run_dir is not None else cfg.out_dir)
     loop = train_loop(
         FlowMatchingModule(transformer),
-        _flow_inputs(adapter, cfg),
+        _flow_inputs(adapter, cfg, null_text=_null_text(cfg)),
         dataset,
         cfg,
         ctx,
