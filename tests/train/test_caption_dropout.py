@@ -43,6 +43,15 @@ def test_drop_captions_replaces_exactly_the_dropped_rows():
             want = null[name] if drop[i] else inputs[name][i]
             assert torch.equal(out[name][i], want), (i, name)
     assert out["x0"] is inputs["x0"] and out["prompt_embeds"] is not inputs["prompt_embeds"]
+    # SANA: the mask of padded text tokens goes with its embeddings
+    masked = {"prompt_embeds": inputs["prompt_embeds"], "attention_mask": torch.ones(4, 3).long()}
+    null_mask = {
+        "prompt_embeds": null["prompt_embeds"],
+        "prompt_attention_mask": torch.tensor([1, 0, 0]),
+    }
+    out = drop_captions(masked, drop, null_mask)
+    assert out["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]]
+    assert out["attention_mask"].dtype == torch.long
     with pytest.raises(ValueError, match=r"shape \(2, 8\), the batch's rows \(3, 8\)"):
         drop_captions(inputs, drop, {**null, "prompt_embeds": torch.zeros(2, 8)})
     with pytest.raises(ValueError, match="no 'pooled_prompt_embeds'"):
