@@ -6,7 +6,8 @@ classifier-free guidance 4.5 against random negative embeddings (both prediction
 twice the batch, as the pipelines run it); ``cfg`` overrides it. Per resolution, per attention backend and per variant
 the run times, after a warm-up:
 
-- ``denoise``: N Euler steps through the pipeline's ``__call__`` (``output_type="latent"``),
+- ``denoise``: N sampling steps through the pipeline's ``__call__`` (``output_type="latent"``;
+  FLUX Euler, SANA DPM-Solver++ as their folders name),
 - ``decode``: the autoencoder decode of those latents (no tiling),
 
 at batch 1 (latency) and, when ``batch > 1``, at batch N (throughput, images/s), plus the peak
@@ -50,7 +51,7 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
+    DPMSolverMultistepScheduler,
     FluxTransformer2DModel,
     SanaTransformer2DModel,
 )
@@ -329,8 +330,11 @@ class SpeedBench:
             raise ValueError(f"impl: expected 'baseline' or 'dcgen', got {impl!r}")
         transformer = self.transformer_for(precision)
         if spec.family == "sana":
-            # SANA's flow shift (3.0 at 1K); a constant shift costs the same at any value.
-            sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+            # the scheduler SANA folders ship (DPM-Solver++ at flow shift 3.0, as at 1K; a
+            # constant shift costs the same at any value)
+            sched = DPMSolverMultistepScheduler(
+                flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction"
+            )
             pipe = DCGenSanaPipeline(transformer, vae=ae, scheduler=sched)
         elif impl == "baseline":
             pipe = BaseFluxPipeline(transformer, ae)
