@@ -42,6 +42,11 @@ def drop_latent_layer_keys(
     )
     if not dropped:
         return loaded
+    if all(k.startswith(starts) for k in state):
+        raise ValueError(
+            f"this LoRA holds entries for {', '.join(dropped)} only: the latent-facing layers "
+            "DC-Gen replaced, so nothing of it applies to a DC-Gen model"
+        )
     logger.warning(
         "LoRA entries for %s skipped: DC-Gen replaced these latent-facing layers, so deltas "
         "trained for the base model's latent space do not apply (the LoRA's other layers load)",

@@ -145,6 +145,9 @@ def test_drop_latent_layer_keys_keeps_other_entries_and_alphas():
     assert kept_alphas == {"transformer.blocks.0.alpha": 4.0} and meta == {"r": 4}
     plain = {"transformer.blocks.0.lora_A.weight": t}
     assert drop_latent_layer_keys(plain, ("x_embedder",)) is plain
+    only_latent = {"transformer.x_embedder.lora_A.weight": t}
+    with pytest.raises(ValueError, match="holds entries for transformer.x_embedder only"):
+        drop_latent_layer_keys(only_latent, ("x_embedder", "proj_out"))
 
 
 @pytest.fixture(scope="module")
