@@ -186,7 +186,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         for both) go to the transformer; ``{"scale": s}`` scales unfused LoRAs.
         ``callback_on_step_end(pipe, i, t, {"latents": x})`` runs after each step, as in
         diffusers (t: the step's timestep, sigma x 1000; x: (B, C, h, w) float32 latents in the
-        DiT's space); a "latents" entry in the dict it returns replaces them.
+        DiT's space); a "latents" entry in the dict it returns replaces them, and setting
+        ``pipe._interrupt = True`` there ends the sampling after that step (diffusers' way).
         Images whose larger side exceeds ``tile_threshold`` pixels decode with bounded memory:
         a DC-AE in bands of ``band_rows`` output rows (the same image as a full-frame decode),
         or, with ``band_rows=None`` (and always for the base FLUX VAE), tile by tile with
@@ -308,12 +309,21 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                     return None
                 given = {"latents": x} if callback_inputs else {}
                 returned = callback_on_step_end(self, i, model_t[i] * 1000.0, given) or {}
-                return returned.get("latents")
+                x = returned.get("latents", x)
+                if self._interrupt:  # set by the callback: stop here, keep these latents
+                    raise _Interrupted(x)
+                return x
 
-            if dpm is None:
-                out = sample_euler(velocity, noise, sigmas, on_step=on_step)
-            else:
-                out = sample_dpm_solver(velocity, noise, sigmas, model_sigmas, dpm, on_step=on_step)
+            self._interrupt = False
+            try:
+                if dpm is None:
+                    out = sample_euler(velocity, noise, sigmas, on_step=on_step)
+                else:
+                    out = sample_dpm_solver(
+                        velocity, noise, sigmas, model_sigmas, dpm, on_step=on_step
+                    )
+            except _Interrupted as stop:
+                out = stop.latents.float()
 
         if output_type == "latent":
             images: Any = out
@@ -357,6 +367,14 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         cfg = sched.config if sched is not None else {}
         steps = int(cfg.get("num_train_timesteps", 1000) or 1000)
         return DPMSettings(train_timesteps=steps, integer_timesteps=False)
+
+    _interrupt = False
+
+    @property
+    def interrupt(self) -> bool:
+        """diffusers' early stop: a callback_on_step_end that sets ``pipe._interrupt = True``
+        ends the sampling after that step; the latents so far are decoded."""
+        return self._interrupt
 
     #: classifier-free guidance when true_cfg_scale is None (SANA: 4.5)
     default_true_cfg_scale = 1.0
@@ -445,6 +463,14 @@ class FlowTextToImagePipeline(DiffusionPipeline):
 
     needs_pooled = False
     default_max_sequence_length = 512
+
+
+class _Interrupted(Exception):
+    """Raised out of the sampler by the step hook when the callback set ``_interrupt``."""
+
+    def __init__(self, latents: torch.Tensor) -> None:
+        super().__init__("sampling interrupted by callback_on_step_end")
+        self.latents = latents
 
 
 def _stacked(

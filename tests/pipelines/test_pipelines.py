@@ -201,6 +201,21 @@ def test_callback_on_step_end_sees_and_edits_the_latents(sampler):
     with pytest.raises(ValueError, match=r"expected a subset of \['latents'\]"):
         pipe(callback_on_step_end=watch, callback_on_step_end_tensor_inputs=["noise"], **kw)
 
+    # diffusers' early stop: the callback sets _interrupt; the latents of that step come out
+    def stop_after_first(pipe_, i, t, kwargs):  # noqa: ANN001, ANN202
+        pipe_._interrupt = i == 0
+        return {}
+
+    seen.clear()
+    kw["generator"] = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        stopped = pipe(callback_on_step_end=stop_after_first, **kw).images
+        rerun = pipe(
+            callback_on_step_end=watch, **{**kw, "generator": torch.Generator().manual_seed(0)}
+        ).images
+    torch.testing.assert_close(stopped, seen[0][2])  # the first step's latents
+    assert pipe.interrupt is False and torch.equal(rerun, out)  # the next call runs whole
+
 
 def test_cfg_runs_both_predictions_in_one_batch(monkeypatch):
     """CFG's negative and positive predictions go through one transformer call of twice the
