@@ -19,6 +19,7 @@ from dcgen.adapters import adapter_for
 from dcgen.cli import build_parser, main
 from dcgen.pipelines import DCGenFluxPipeline
 from dcgen.train import LatentCache, pil_to_tensor
+from dcgen.train.null_text import load_null_text
 from dcgen.train.prepare import save_text_embeddings
 
 from .adapters.tiny import TEXT_DIM, text, tiny_dcae, tiny_flux, tiny_sana
@@ -139,6 +140,25 @@ def test_precompute_entry_point_fills_missing_captions(assets, tmp_path, capsys)
     got = by_caption["a blue circle"]["prompt_embeds"].float()
     assert torch.equal(got, torch.full((5, TEXT_DIM), 13.0))
     assert cache[0]["prompt_embeds"].dtype == torch.bfloat16  # default storage dtype
+    # the empty prompt through the entry point, for caption dropout (stored like the cache)
+    null = load_null_text(out / "null_text.safetensors")
+    assert torch.equal(null["prompt_embeds"].float(), torch.zeros(5, TEXT_DIM))
+    assert null["prompt_embeds"].dtype == torch.bfloat16
+
+
+def refusing_text_encoder(captions: list[str]) -> dict[str, torch.Tensor]:
+    """--text-encoder entry point that cannot take the empty prompt."""
+    if any(not c for c in captions):
+        raise ValueError("empty caption")
+    return fake_text_encoder(captions)
+
+
+def test_precompute_survives_an_encoder_that_refuses_the_empty_prompt(assets, tmp_path, caplog):
+    out = tmp_path / "cache"
+    spec = "tests.test_cli_train:refusing_text_encoder"
+    assert _precompute(assets, out, "--text-encoder", spec) == 0
+    assert len(LatentCache(out)) > 0 and not (out / "null_text.safetensors").exists()
+    assert "failed on the empty prompt (empty caption)" in caplog.text
 
 
 def test_precompute_with_a_dcae_base_for_sana(assets, tmp_path):
