@@ -335,7 +335,10 @@ def test_generate_batches_seeds(folders, tmp_path, capsys, folder):
     base = ["generate", "--pipeline", str(folders[folder]), *SIZE, "--max-sequence-length",
             max_len, "--prompt", PROMPT, "--seed", "3", "4", "5"]  # fmt: skip
     assert main([*base, "--out", str(tmp_path / "one.png")]) == 0
+    capsys.readouterr()
     assert main([*base, "--batch-size", "2", "--out", str(tmp_path / "two.png")]) == 0
+    printed = capsys.readouterr().out  # each call's wall time
+    assert "sampled seed(s) 3, 4 in " in printed and "sampled seed(s) 5 in " in printed
     for seed in (3, 4, 5):
         a, b = (_pixels(tmp_path / f"{n}-seed{seed}.png") for n in ("one", "two"))
         assert np.abs(a - b).max() <= 1, seed  # batched GEMMs may round differently: 1 level

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +374,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             # noise: the images one call per seed gives, up to the batch's float rounding
             seeds = args.seed[start : start + args.batch_size]
             generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+            started = time.perf_counter()
             result = pipe(
                 height=args.height,
                 width=args.width,
@@ -385,6 +387,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 sampler=args.sampler,
                 **one,
             )
+            # PIL images are on the host: the GPU work of the call is done
+            seconds = time.perf_counter() - started
+            first = " (the first call: warm-up included)" if not images and device == "cuda" else ""
+            print(f"sampled seed(s) {', '.join(map(str, seeds))}"
+                  + (f" of prompt {i}" if n_prompts > 1 else "")
+                  + f" in {seconds:.2f} s{first}")  # fmt: skip
             for seed, image in zip(seeds, result.images, strict=True):
                 images.append(image)
                 parts = ([f"p{i}"] if n_prompts > 1 else []) + (
