@@ -346,8 +346,7 @@ Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at -
                    "transformer's")  # fmt: skip
     _add_lora(
         g,
-        "before sampling (with --quantized: attached unmerged, in full precision, "
-        "to the quantized layers)",
+        "before sampling (with --quantized: attached unmerged, in 16-bit, to the quantized layers)",
     )
     _add_progress(g)
     g.set_defaults(fn=_cmd_generate)

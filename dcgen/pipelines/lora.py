@@ -11,7 +11,7 @@ model no longer has. diffusers would even widen the new embedder to the LoRA's i
 
 On a transformer whose linears ``quantize_`` replaced (FP8 / NVFP4), a LoRA cannot be fused
 (the delta would have to be re-quantized into the 4- or 8-bit weight):
-:func:`load_lora_on_quantized` loads it unmerged, in full precision, beside them.
+:func:`load_lora_on_quantized` loads it unmerged, in the model's 16-bit dtype, beside them.
 """
 
 from __future__ import annotations
