@@ -114,7 +114,8 @@ def quantized_lora_loading() -> Iterator[None]:
     """While active, the LoraConfig that diffusers builds for every ``load_lora_weights`` /
     ``load_lora_adapter`` call knows dcgen's quantized linears, so a LoRA file (any format
     diffusers converts) loads onto a transformer whose linears ``quantize_`` replaced: the
-    adapters stay unmerged, in full precision, beside the 4- or 8-bit weights. diffusers has no
+    adapters stay unmerged beside the 4- or 8-bit weights (in fp32 as peft makes them;
+    dcgen.pipelines.lora.load_lora_on_quantized casts them to the model's dtype). diffusers has no
     hook for custom peft layers, so this wraps its config builder (a private function of
     ``diffusers.loaders.peft``) for the duration, and fails clearly if that ever moves."""
     import diffusers
