@@ -19,6 +19,10 @@ are directly comparable.
   layout are the same either way; the PNG's ``dcgen:decoded`` text chunk says which it is.
 - Under FSDP the forward is collective, so every rank samples and only rank 0 writes; under DDP
   (or one process) only rank 0 samples, on the unwrapped module.
+- Models sampled with classifier-free guidance (SANA: the pipeline's ``default_true_cfg_scale``)
+  are previewed with it, against the empty prompt's embeddings, when precompute wrote them
+  (``null_text``, dcgen.train.null_text): unguided SANA images say little about the run.
+  Without them (or for guidance-distilled FLUX) the previews are unguided.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+from .null_text import NULL_TEXT_NAME, load_null_text
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +116,8 @@ class SampleWriter:
         # SANA's padded captions: sampled with their mask, as the pipelines are used
         masks = [s.get("prompt_attention_mask") for s in picked]
         self.mask = None if masks[0] is None else torch.stack(masks)
+        null_path = Path(cfg.null_text or Path(cfg.cache_dir) / NULL_TEXT_NAME)
+        self.null = load_null_text(null_path) if null_path.is_file() else None
 
     @property
     def active(self) -> bool:
@@ -187,14 +194,30 @@ class SampleWriter:
             num_inference_steps=self.cfg.sample_steps,
             latents=noise.to(self.device),
             shift=shift,
-            # unguided previews (SANA's default CFG would need negative embeddings the cache
-            # does not hold: the pipeline would warn at every sample)
-            true_cfg_scale=1.0,
             output_type="pt" if decoded else "latent",
+            **self._guidance(pipe, n),
         ).images
         if decoded:
             return out.float().cpu() * 2 - 1, True  # "pt" images are in [0, 1]
         return latent_preview(out), False
+
+    def _guidance(self, pipe: Any, n: int) -> dict[str, Any]:
+        """The pipeline's default CFG against the empty prompt, for a model sampled with CFG
+        when its embeddings exist; else unguided (SANA's default would warn at every grid)."""
+        guided = pipe.default_true_cfg_scale > 1 and not getattr(
+            pipe.adapter, "has_guidance_embeds", False
+        )
+        if self.null is None or not guided:
+            return {"true_cfg_scale": 1.0}
+        names = {"prompt_embeds": "negative_prompt_embeds",
+                 "pooled_prompt_embeds": "negative_pooled_prompt_embeds",
+                 "prompt_attention_mask": "negative_prompt_attention_mask"}  # fmt: skip
+        out: dict[str, Any] = {"true_cfg_scale": pipe.default_true_cfg_scale}
+        for name, t in self.null.items():
+            if name in names:
+                value = t.float() if t.is_floating_point() else t
+                out[names[name]] = value.unsqueeze(0).expand(n, *t.shape).to(self.device)
+        return out
 
 
 class _LatentOK:

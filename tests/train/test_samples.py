@@ -51,3 +51,32 @@ def test_latent_preview_shapes() -> None:
     assert y.shape == (2, 3, 64, 64) and y.abs().max() <= 1
     y2 = latent_preview(torch.randn(1, 1, 8, 8), min_size=16)  # one channel repeated
     assert y2.shape == (1, 3, 16, 16) and torch.equal(y2[:, 0], y2[:, 1])
+
+
+def test_sana_previews_use_its_guidance_when_the_empty_prompt_exists(tmp_path: Path) -> None:
+    """SANA samples with CFG: previews too, against the empty prompt precompute wrote; without
+    that file they stay unguided."""
+    from dcgen.train.cache import LatentCache
+    from dcgen.train.null_text import NULL_TEXT_NAME, save_null_text
+    from dcgen.train.samples import SampleWriter
+    from dcgen.train.stages import load_transformer
+    from tests.train.stage_utils import save_sana_adapted, text_encoder
+
+    cache = make_cache(tmp_path)
+    adapted = save_sana_adapted(tmp_path)
+    transformer = load_transformer(adapted)
+    cfg = config(tmp_path, "output", adapted, cache, sample_every=1, sample_steps=2,
+                 sample_count=3)  # fmt: skip
+    batches: list[int] = []
+    transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    unguided = SampleWriter(transformer, LatentCache(cache), cfg, tmp_path / "a")
+    assert unguided(1).is_file() and batches == [3, 3]
+    save_null_text(cache, {k: v[0] for k, v in text_encoder([""]).items()}, torch.float32)
+    assert (cache / NULL_TEXT_NAME).is_file()
+    batches.clear()
+    guided = SampleWriter(transformer, LatentCache(cache), cfg, tmp_path / "b")
+    assert guided(1).is_file() and batches == [6, 6]  # negative and positive, one call a step
+    with Image.open(guided.path(1)) as a, Image.open(unguided.path(1)) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
