@@ -158,7 +158,8 @@ Text embeddings (from the base model's own text encoders, a file, or any functio
   --text-encoder MOD:FUNC     FUNC(captions: list[str]) -> {"prompt_embeds": (B, T, D),
                               "pooled_prompt_embeds": (B, D'), ...}, imported from sys.path.
   A file and an encoder: the file where it has the caption, the encoder for the rest. None:
-  latents only (enough for stage 1).""",
+  latents only (enough for stage 1). With an encoder (or a file holding ""), the empty prompt's
+  embeddings go to <out>/null_text.safetensors too, for caption_dropout in stages 2-3.""",
     )
     pc.add_argument("--data", required=True, metavar="DIR",
                     help="image folder; captions in <stem>.txt or metadata.jsonl")  # fmt: skip
