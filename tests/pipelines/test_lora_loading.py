@@ -222,7 +222,11 @@ def test_quantize_fuses_the_lora_first(lora_folders, tmp_path):
     assert all(torch.equal(plain[k], off[k]) for k in plain)
 
 
-@pytest.mark.parametrize("config", [NVFP4Config(mode="w4a16"), FP8Config()], ids=["nvfp4", "fp8"])
+QUANT_CONFIGS = [NVFP4Config(mode="w4a16"), NVFP4Config(mode="w4a4"), FP8Config()]
+QUANT_IDS = ["nvfp4-w4a16", "nvfp4-w4a4", "fp8"]
+
+
+@pytest.mark.parametrize("config", QUANT_CONFIGS, ids=QUANT_IDS)
 def test_lora_on_a_quantized_transformer_stays_unmerged(tmp_path, config):
     state = _base_lora(tiny_flux(), FLUX_TARGETS, tmp_path, FluxPipeline)
     ae, model = tiny_dcae(), tiny_flux()
@@ -302,9 +306,9 @@ def test_fused_blocks_keep_the_lora_of_quantized_layers(tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("config", [NVFP4Config(mode="w4a16"), FP8Config()], ids=["nvfp4", "fp8"])
+@pytest.mark.parametrize("config", QUANT_CONFIGS, ids=QUANT_IDS)
 def test_lora_on_a_quantized_transformer_on_cuda(tmp_path, config):
-    """The same sum through the CUDA paths (FP8 GEMMs, NVFP4 dequantize + cuBLAS) in bf16: the
+    """The same sum through the CUDA paths (FP8 GEMMs, the NVFP4 W4A16 and W4A4 GEMMs) in bf16: the
     adapters in bf16 too, so the tolerance is bf16's on the delta."""
     state = _base_lora(tiny_flux(), FLUX_TARGETS, tmp_path, FluxPipeline)
     ae, model = tiny_dcae(), tiny_flux()
