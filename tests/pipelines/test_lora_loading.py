@@ -164,9 +164,10 @@ def lora_folders(tmp_path_factory):
 
 
 def _generate(root, pipe, out, *extra) -> np.ndarray:  # noqa: ANN001
-    argv = ["generate", "--pipeline", str(pipe), "--prompt-embeds", str(root / "embeds.safetensors"),
-            "--height", "64", "--width", "64", "--steps", "2", "--no-progress", "--device", "cpu",
-            "--out", str(out), *extra]  # fmt: skip
+    embeds = str(root / "embeds.safetensors")
+    argv = ["generate", "--pipeline", str(pipe), "--prompt-embeds", embeds, "--height", "64",
+            "--width", "64", "--steps", "2", "--no-progress", "--device", "cpu", "--out",
+            str(out), *extra]  # fmt: skip
     assert main(argv) == 0
     return np.asarray(Image.open(out), dtype=np.int16)
 
@@ -308,8 +309,8 @@ def test_fused_blocks_keep_the_lora_of_quantized_layers(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("config", QUANT_CONFIGS, ids=QUANT_IDS)
 def test_lora_on_a_quantized_transformer_on_cuda(tmp_path, config):
-    """The same sum through the CUDA paths (FP8 GEMMs, the NVFP4 W4A16 and W4A4 GEMMs) in bf16: the
-    adapters in bf16 too, so the tolerance is bf16's on the delta."""
+    """The same sum through the CUDA paths (FP8 GEMMs, the NVFP4 W4A16 and W4A4 GEMMs) in
+    bf16: the adapters in bf16 too, so the tolerance is bf16's on the delta."""
     state = _base_lora(tiny_flux(), FLUX_TARGETS, tmp_path, FluxPipeline)
     ae, model = tiny_dcae(), tiny_flux()
     adapter_for(model).replace_latent_layers(ae.latent_channels)
