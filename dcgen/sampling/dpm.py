@@ -52,7 +52,8 @@ class DPMSettings:
             raise ValueError(f"DPM-Solver++ order: expected 1 or 2, got {self.order!r}")
         if self.solver_type not in SOLVER_TYPES:
             raise ValueError(
-                f"DPM-Solver++ solver_type: expected one of {SOLVER_TYPES}, got {self.solver_type!r}"
+                f"DPM-Solver++ solver_type: expected one of {SOLVER_TYPES}, "
+                f"got {self.solver_type!r}"
             )
         if not isinstance(self.train_timesteps, int) or self.train_timesteps < 2:
             raise ValueError(f"train_timesteps: expected an int >= 2, got {self.train_timesteps!r}")
