@@ -89,7 +89,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     sample_every: int | None = None
-    sample_steps: int = 4  # Euler steps per sample grid (see dcgen.train.samples)
+    sample_steps: int = 4  # sampling steps per sample grid (see dcgen.train.samples)
     sample_count: int = 4  # images per sample grid (fixed seeds, first prompts of the data)
     parallel: str = "ddp"  # multi-process strategy: "ddp" or "fsdp" (FSDP2 fully_shard)
     # Extensions beyond the agreed surface (all optional).

@@ -2,9 +2,9 @@
 
 Every ``sample_every`` optimizer steps, and once at the end, the main process writes
 ``out_dir/samples/step-XXXXXXXX.png``: ``sample_count`` images side by side, each drawn with
-the DC-Gen pipeline (``sample_steps`` Euler steps) from a fixed seed (``cfg.seed + i``) and the
-text embeddings of the i-th usable sample of the training data, so grids of successive steps
-are directly comparable.
+the DC-Gen pipeline (``sample_steps`` steps: Euler for FLUX, SANA's DPM-Solver++) from a fixed
+seed (``cfg.seed + i``) and the text embeddings of the i-th usable sample of the training data,
+so grids of successive steps are directly comparable.
 
 - The run's own transformer is used, switched to eval mode under ``torch.no_grad`` and put back
   in the mode it was in afterwards. The noise comes from per-image CPU generators and the global
@@ -141,7 +141,12 @@ class SampleWriter:
         cls = DCGenSanaPipeline if type(adapter).__name__.lower().startswith("sana") else None
         cls = cls or DCGenFluxPipeline
         shift_rule = self.cfg.shift_rule
-        pipe = _LatentOK.make(cls)(self.transformer, vae=self.dcae, shift_rule=shift_rule)
+        extra = {}
+        if cls is DCGenSanaPipeline:  # the solver SANA is sampled with (dcgen.sampling.dpm)
+            from .export import default_scheduler
+
+            extra["scheduler"] = default_scheduler("sana")
+        pipe = _LatentOK.make(cls)(self.transformer, vae=self.dcae, shift_rule=shift_rule, **extra)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
