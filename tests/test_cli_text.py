@@ -348,3 +348,29 @@ def test_generate_batches_seeds(folders, tmp_path, capsys, folder):
     capsys.readouterr()
     assert main([*base, "--batch-size", "0", "--out", str(tmp_path / "x.png")]) == 2
     assert "--batch-size: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_generate_prompt_file(folders, tmp_path, capsys):
+    """--prompt-file: one prompt per line, as repeated --prompt (blank lines skipped)."""
+    base = ["generate", "--pipeline", str(folders["base"]), *SIZE, "--max-sequence-length", "16"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n\n  a blue circle  \n")
+    assert main([*base, "--prompt-file", str(prompts), "--out", str(tmp_path / "f.png")]) == 0
+    argv = [
+        *base,
+        "--prompt",
+        PROMPT,
+        "--prompt",
+        "a blue circle",
+        "--out",
+        str(tmp_path / "r.png"),
+    ]
+    assert main(argv) == 0
+    for i in (0, 1):
+        assert np.array_equal(_pixels(tmp_path / f"f-p{i}.png"), _pixels(tmp_path / f"r-p{i}.png"))
+    capsys.readouterr()
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for path, message in ((tmp_path / "none.txt", "no such file"),
+                          (tmp_path / "empty.txt", "expected one prompt per line, found none")):  # fmt: skip
+        assert main([*base, "--prompt-file", str(path), "--out", str(tmp_path / "x.png")]) == 2
+        assert message in capsys.readouterr().err

@@ -304,6 +304,9 @@ Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at -
         g, "text prompt (needs text encoders: see above); repeat it for several prompts, one "
         "image each (<out>-p<i>.png, a prompts x seeds grid at --out)", repeatable=True,
     )  # fmt: skip
+    g.add_argument("--prompt-file", default=None, metavar="FILE",
+                   help="text prompts, one per line (blank lines skipped), as repeated --prompt "
+                   "(after any --prompt given)")  # fmt: skip
     g.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="negative text prompt for --true-cfg (default there: the empty prompt)")  # fmt: skip
     g.add_argument("--prompt-embeds", default=None, metavar="FILE",

@@ -91,6 +91,17 @@ def _prompt_kwargs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     return {k: _batched(v, k, ranks[k.removeprefix("negative_")]) for k, v in kwargs.items()}
 
 
+def _read_prompt_file(path: Path) -> list[str]:
+    """--prompt-file: one prompt per line, blank lines skipped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-file {path}: no such file")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise CLIError(f"--prompt-file {path}: expected one prompt per line, found none")
+    return prompts
+
+
 def _samples_with_cfg(folder: Path) -> bool:
     """Whether the model of ``folder`` is one sampled with classifier-free guidance by default:
     SANA without guidance embeddings (FLUX.1-dev-style models are guidance-distilled)."""
@@ -323,6 +334,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     quantized = Path(args.quantized) if args.quantized is not None else None
     if quantized is not None and not quantized.is_file():  # before loading a 12B model
         raise FileNotFoundError(f"--quantized {quantized}: no such file")
+    if args.prompt_file is not None:
+        args.prompt = (args.prompt or []) + _read_prompt_file(Path(args.prompt_file))
     if (args.prompt is None) == (args.prompt_embeds is None):
         raise CLIError(
             "give the prompt as --prompt TEXT (encoded by the pipeline's text encoders or "
