@@ -54,8 +54,8 @@ def _pack(x: torch.Tensor) -> torch.Tensor:
     return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, 4 * c)
 
 
-@pytest.mark.parametrize("steps", [2, 4])
-def test_base_flux_samples_as_diffusers_flux_pipeline(steps):
+def _flux_pair() -> tuple[FluxPipeline, BaseFluxPipeline]:
+    """diffusers' FluxPipeline and dcgen's BaseFluxPipeline on the same tiny FLUX.1 and VAE."""
     vae, model = _tiny_kl(), tiny_flux(in_channels=64)
     sched = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     ref = FluxPipeline(scheduler=sched, vae=vae, transformer=model, text_encoder=None,
@@ -63,6 +63,12 @@ def test_base_flux_samples_as_diffusers_flux_pipeline(steps):
     ours = BaseFluxPipeline(model, vae, sched)
     for p in (ref, ours):
         p.set_progress_bar_config(disable=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_base_flux_samples_as_diffusers_flux_pipeline(steps):
+    ref, ours = _flux_pair()
     noise = torch.randn(1, 16, 32, 48)  # 64 x 96 pixels
     embeds, pooled = text(1)
     kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=96,
@@ -283,13 +289,7 @@ def test_a_flux_folder_gives_diffusers_image_from_a_text_prompt(base_folders):
 def test_base_flux_true_cfg_as_diffusers_flux_pipeline():
     """FLUX.1 with true CFG against a negative prompt: dcgen's one-batch CFG gives FluxPipeline's
     result (which runs the negative as a second call)."""
-    vae, model = _tiny_kl(), tiny_flux(in_channels=64)
-    sched = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
-    ref = FluxPipeline(scheduler=sched, vae=vae, transformer=model, text_encoder=None,
-                       tokenizer=None, text_encoder_2=None, tokenizer_2=None)  # fmt: skip
-    ours = BaseFluxPipeline(model, vae, sched)
-    for p in (ref, ours):
-        p.set_progress_bar_config(disable=True)
+    ref, ours = _flux_pair()
     noise = torch.randn(1, 16, 32, 32)
     (pos, pooled), (neg, neg_pooled) = text(1, seed=1), text(1, seed=2)
     kw = dict(prompt_embeds=pos, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
