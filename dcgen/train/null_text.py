@@ -70,6 +70,12 @@ def save_null_text(
     return path
 
 
+def null_text_path(cfg: Any) -> Path:
+    """Where a run's empty-prompt embeddings are: ``cfg.null_text``, else the file precompute
+    writes next to ``cfg.cache_dir``."""
+    return Path(cfg.null_text or Path(cfg.cache_dir) / NULL_TEXT_NAME)
+
+
 def load_null_text(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors :func:`save_null_text` wrote; a clear error for a missing or foreign file."""
     path = Path(path)

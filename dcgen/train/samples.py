@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .null_text import NULL_TEXT_NAME, load_null_text
+from .null_text import load_null_text, null_text_path
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class SampleWriter:
         # SANA's padded captions: sampled with their mask, as the pipelines are used
         masks = [s.get("prompt_attention_mask") for s in picked]
         self.mask = None if masks[0] is None else torch.stack(masks)
-        null_path = Path(cfg.null_text or Path(cfg.cache_dir) / NULL_TEXT_NAME)
+        null_path = null_text_path(cfg)
         self.null = load_null_text(null_path) if null_path.is_file() else None
 
     @property

@@ -56,7 +56,7 @@ from .latent_layers import (
 from .loop import LOG_NAME, LoopResult, StepRandom, read_log, train_loop
 from .lora import add_lora, save_lora
 from .losses import flow_matching_loss
-from .null_text import NULL_TEXT_NAME, drop_captions, load_null_text
+from .null_text import drop_captions, load_null_text, null_text_path
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def _null_text(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
     """The empty prompt's embeddings when ``cfg.caption_dropout`` asks for them."""
     if not cfg.caption_dropout:
         return None
-    return load_null_text(cfg.null_text or Path(cfg.cache_dir) / NULL_TEXT_NAME)
+    return load_null_text(null_text_path(cfg))
 
 
 # ---------------------------------------------------------------------------------- stage 1
