@@ -200,24 +200,22 @@ class SampleWriter:
             latents=noise.to(self.device),
             shift=shift,
             output_type="pt" if decoded else "latent",
-            **self._guidance(pipe, n),
+            **self._guidance(n),
         ).images
         if decoded:
             return out.float().cpu() * 2 - 1, True  # "pt" images are in [0, 1]
         return latent_preview(out), False
 
-    def _guidance(self, pipe: Any, n: int) -> dict[str, Any]:
-        """The pipeline's default CFG against the empty prompt, for a model sampled with CFG
-        when its embeddings exist; else unguided (SANA's default would warn at every grid)."""
-        guided = pipe.default_true_cfg_scale > 1 and not getattr(
-            pipe.adapter, "has_guidance_embeds", False
-        )
-        if self.null is None or not guided:
+    def _guidance(self, n: int) -> dict[str, Any]:
+        """With the empty prompt's embeddings: them as the negative prompt, the CFG scale left
+        to the pipeline's default (SANA 4.5, guidance-distilled FLUX none). Without: unguided
+        (SANA's default would warn at every grid for want of a negative)."""
+        if self.null is None:
             return {"true_cfg_scale": 1.0}
         names = {"prompt_embeds": "negative_prompt_embeds",
                  "pooled_prompt_embeds": "negative_pooled_prompt_embeds",
                  "prompt_attention_mask": "negative_prompt_attention_mask"}  # fmt: skip
-        out: dict[str, Any] = {"true_cfg_scale": pipe.default_true_cfg_scale}
+        out: dict[str, Any] = {}
         for name, t in self.null.items():
             if name in names:
                 value = t.float() if t.is_floating_point() else t
