@@ -1,10 +1,10 @@
 """Latency of a base model vs its DC-Gen version (FLUX.1 or SANA), the DC-Gen paper's table.
 
 Random weights, random precomputed text embeddings (text encoding is excluded, as in the
-paper's table). Guidance as each family samples by default: FLUX.1-dev's guidance embedding, SANA's
-classifier-free guidance 4.5 against random negative embeddings (both predictions in one call of
-twice the batch, as the pipelines run it); ``cfg`` overrides it. Per resolution, per attention backend and per variant
-the run times, after a warm-up:
+paper's table). Guidance as each family samples by default: FLUX.1-dev's guidance embedding,
+SANA's classifier-free guidance 4.5 against random negative embeddings (both predictions in one
+call of twice the batch, as the pipelines run it); ``cfg`` overrides it. Per resolution, per
+attention backend and per variant the run times, after a warm-up:
 
 - ``denoise``: N sampling steps through the pipeline's ``__call__`` (``output_type="latent"``;
   FLUX Euler, SANA DPM-Solver++ as their folders name),
@@ -51,7 +51,6 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
-    DPMSolverMultistepScheduler,
     FluxTransformer2DModel,
     SanaTransformer2DModel,
 )
@@ -65,6 +64,7 @@ from ..pipelines.base import FlowTextToImagePipeline
 from ..pipelines.sana import SANA_CFG_SCALE
 from ..quant import FP8Config
 from ..quant.pipeline_quant import CallRecorder
+from ..train.export import default_scheduler
 from .models import (
     MODELS,
     ModelSpec,
@@ -332,10 +332,7 @@ class SpeedBench:
         if spec.family == "sana":
             # the scheduler SANA folders ship (DPM-Solver++ at flow shift 3.0, as at 1K; a
             # constant shift costs the same at any value)
-            sched = DPMSolverMultistepScheduler(
-                flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction"
-            )
-            pipe = DCGenSanaPipeline(transformer, vae=ae, scheduler=sched)
+            pipe = DCGenSanaPipeline(transformer, vae=ae, scheduler=default_scheduler("sana"))
         elif impl == "baseline":
             pipe = BaseFluxPipeline(transformer, ae)
         else:
