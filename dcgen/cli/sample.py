@@ -191,9 +191,11 @@ def _encode_text(
 
 def _pipeline_and_prompt(
     args: argparse.Namespace, device: str, dtype: torch.dtype
-) -> tuple[Any, dict[str, torch.Tensor]]:
-    """The pipeline, still on the CPU and without text encoders, and the prompt's pipeline
-    keyword arguments (--prompt-embeds read, or --prompt encoded on ``device``). Input errors
+) -> tuple[Any, dict[str, torch.Tensor], list[tuple[Path, str | None, float]]]:
+    """The pipeline, still on the CPU and without text encoders, the prompt's pipeline
+    keyword arguments (--prompt-embeds read, or --prompt encoded on ``device``), and the
+    --lora files left to attach: none once fused; all with --quantized, whose linears replace
+    the weights a fusion would change (the caller attaches them after the swap). Input errors
     are raised before the model loads."""
     family = _check_text_source(args)
     loras = _lora_files(args)
@@ -201,10 +203,11 @@ def _pipeline_and_prompt(
     pipe = _load_pipeline(Path(args.pipeline), dtype)
     if loras and getattr(args, "quantized", None) is None:
         _fuse_loras(pipe, loras)  # before encoding: a LoRA may carry text-encoder layers too
+        loras = []
     if family is not None:  # --prompt TEXT (the load above refused a folder without a family)
         kwargs = _encode_text(pipe, args, family, device, dtype)
     _drop_text_components(pipe)  # with --prompt-embeds, a folder's own encoders go unused
-    return pipe, kwargs
+    return pipe, kwargs, loras
 
 
 def _lora_files(args: argparse.Namespace) -> list[tuple[Path, str | None, float]]:
@@ -240,8 +243,6 @@ def _load_loras(
     layers' entries); quantized ones dcgen.pipelines.lora.load_lora_on_quantized (unmerged)."""
     from dcgen.pipelines.lora import load_lora_on_quantized
 
-    if not hasattr(pipe, "load_lora_weights"):
-        raise CLIError(f"--lora: {type(pipe).__name__} does not load LoRAs")
     names = [f"lora{i}" for i in range(len(loras))]
     for name, (folder, weight_name, _) in zip(names, loras, strict=True):
         if on_quantized:
@@ -355,7 +356,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"--negative-prompt is used by classifier-free guidance: give --true-cfg > 1 "
             f"(got {args.true_cfg:g})"
         )
-    pipe, kwargs = _pipeline_and_prompt(args, device, dtype)
+    pipe, kwargs, unfused_loras = _pipeline_and_prompt(args, device, dtype)
     if sana_cfg and args.prompt is None:
         if "negative_prompt_embeds" in kwargs:
             args.true_cfg = SANA_CFG_SCALE
@@ -370,8 +371,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
         layers = load_quantized(pipe.transformer, quantized)
         print(f"loaded {len(layers)} quantized linears from {quantized}")
-        if args.lora:
-            _attach_loras(pipe, _lora_files(args))
+        if unfused_loras:
+            _attach_loras(pipe, unfused_loras)
     pipe.to(device)
     _accelerate(pipe.transformer, args.accelerate, device)
     pipe.set_progress_bar_config(disable=args.no_progress)
@@ -493,7 +494,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         # calibrate on what sampling runs: SANA's guided steps see the empty negative prompt
         # in half their batch (embeddings take part only if the file holds a negative)
         args.true_cfg = SANA_CFG_SCALE
-    pipe, kwargs = _pipeline_and_prompt(args, device, dtype)
+    pipe, kwargs, _ = _pipeline_and_prompt(args, device, dtype)  # (no --quantized: all fused)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     calls = None
