@@ -160,10 +160,10 @@ def _encode_text(
         TEXT_COMPONENTS,
         PipelineTextEncoder,
         load_text_components,
+        text_encoder_dtype,
     )
 
-    # T5 overflows in fp16 (inf activations): its encoders run in bf16 under --dtype fp16.
-    enc_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+    enc_dtype = text_encoder_dtype(dtype)  # bf16 under --dtype fp16
     if args.text_encoders:
         components = load_text_components(args.text_encoders, family, enc_dtype)
     else:

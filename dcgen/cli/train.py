@@ -25,15 +25,11 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     if args.max_sequence_length is not None and args.text_encoders is None:
         raise CLIError("--max-sequence-length goes with --text-encoders DIR")
     if args.text_encoders is not None:
-        import torch
+        from dcgen.pipelines.text_encoders import PipelineTextEncoder, text_encoder_dtype
 
-        from dcgen.pipelines.text_encoders import PipelineTextEncoder
-
-        # T5 overflows in fp16 (inf activations): the text encoders run in bf16 then.
-        enc_dtype = DTYPES[args.encoder_dtype]
         text_encoder = PipelineTextEncoder(
             args.text_encoders, device=device,
-            dtype=torch.bfloat16 if enc_dtype == torch.float16 else enc_dtype,
+            dtype=text_encoder_dtype(DTYPES[args.encoder_dtype]),
             max_sequence_length=args.max_sequence_length,
         )  # fmt: skip
     cache = run_precompute(

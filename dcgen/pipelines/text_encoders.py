@@ -59,6 +59,12 @@ _PIPELINE_FAMILIES = {
 }
 
 
+def text_encoder_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the text encoders run in for a model in ``dtype``: bf16 instead of fp16, in
+    which T5 overflows (inf activations)."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
 class TextEncodersError(ValueError):
     """A folder without the text components a family needs; the message names the folder."""
 
