@@ -43,6 +43,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, settings, progress=not args.no_progress, echo=print, resume=args.resume)
     print()
     print((Path(args.out) / "report.md").read_text())
+    pipeline = Path(args.out) / "pipeline"
+    print(
+        f"The DC-Gen model is a pipeline folder now ({pipeline}); sample it with\n"
+        f'  dcgen generate --pipeline {pipeline} --prompt "a large red circle top left" '
+        "--height 128 --width 128 --out circle.png"
+    )
     return 0
 
 

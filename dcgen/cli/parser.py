@@ -287,8 +287,8 @@ encoders and tokenizers) that DCGenFluxPipeline / DCGenSanaPipeline .from_pretra
         description="""\
 Load a pipeline folder (DCGenFluxPipeline, DCGenSanaPipeline or BaseFluxPipeline, by the class in
 model_index.json; a diffusers FluxPipeline folder such as FLUX.1-dev's loads as BaseFluxPipeline,
-a SanaPipeline folder as DCGenSanaPipeline on its DC-AE: the base models, for comparisons) and
-write PNGs. The prompt is one of:
+a SanaPipeline folder as DCGenSanaPipeline on its DC-AE: the base models, for comparisons; the
+DCGenToyPipeline folder `dcgen demo` writes, <out>/pipeline, loads too) and write PNGs. The prompt is one of:
   --prompt TEXT        encoded by the text encoders of the pipeline folder (`dcgen export
                        --text-encoders` puts them there) or of --text-encoders DIR (the base
                        model's diffusers folder: FLUX.1's CLIP + T5, SANA's Gemma), once for

@@ -15,7 +15,12 @@ from .common import DTYPES, CLIError, _device
 
 # -- generate ---------------------------------------------------------------------------------
 
-PIPELINE_CLASSES = ("DCGenFluxPipeline", "DCGenSanaPipeline", "BaseFluxPipeline")
+PIPELINE_CLASSES = (
+    "DCGenFluxPipeline",
+    "DCGenSanaPipeline",
+    "BaseFluxPipeline",
+    "DCGenToyPipeline",
+)
 # diffusers' own folders of the base models load into the dcgen class of the same structure:
 # FLUX.1 (AutoencoderKL, 2x2 packing) and SANA (its DC-AE, 1x1), for base-vs-DC-Gen comparisons.
 DIFFUSERS_CLASSES = {"FluxPipeline": "BaseFluxPipeline", "SanaPipeline": "DCGenSanaPipeline"}

@@ -4,6 +4,7 @@ from .base import OUTPUT_TYPES, DCGenPipelineOutput, FlowTextToImagePipeline
 from .flux import BaseFluxPipeline, DCGenFluxPipeline
 from .sana import DCGenSanaPipeline
 from .text_encoders import PipelineTextEncoder, copy_text_components, load_text_components
+from .toy import DCGenToyPipeline
 
 __all__ = [
     "OUTPUT_TYPES",
@@ -11,6 +12,7 @@ __all__ = [
     "DCGenFluxPipeline",
     "DCGenPipelineOutput",
     "DCGenSanaPipeline",
+    "DCGenToyPipeline",
     "FlowTextToImagePipeline",
     "PipelineTextEncoder",
     "copy_text_components",

@@ -26,6 +26,7 @@ import torch
 
 from .flux import DCGenFluxPipeline
 from .sana import DCGenSanaPipeline
+from .toy import DCGenToyPipeline
 
 __all__ = [
     "TEXT_COMPONENTS",
@@ -43,11 +44,14 @@ __all__ = [
 TEXT_COMPONENTS: dict[str, tuple[str, ...]] = {
     "flux": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
     "sana": ("text_encoder", "tokenizer"),
+    # the toy world's one caption-level encoder (dcgen demo's pipeline folder)
+    "toy": ("text_encoder",),
 }
 #: T5 tokens of FLUX.1-dev (schnell uses 256) and Gemma tokens of SANA: the pipelines' defaults.
 DEFAULT_MAX_SEQUENCE_LENGTH: dict[str, int] = {
     "flux": DCGenFluxPipeline.default_max_sequence_length,
     "sana": DCGenSanaPipeline.default_max_sequence_length,
+    "toy": DCGenToyPipeline.default_max_sequence_length,
 }
 
 _PIPELINE_FAMILIES = {
@@ -56,6 +60,7 @@ _PIPELINE_FAMILIES = {
     "FluxPipeline": "flux",
     "DCGenSanaPipeline": "sana",
     "SanaPipeline": "sana",
+    "DCGenToyPipeline": "toy",
 }
 
 
@@ -90,7 +95,8 @@ def _entry(index: dict[str, Any], name: str) -> tuple[str, str] | None:
 
 
 def family_of_pipeline(folder: str | Path) -> str:
-    """'flux' or 'sana' for a pipeline folder: by its class, else by the components it has."""
+    """'flux', 'sana' or 'toy' for a pipeline folder: by its class, else by the components it
+    has."""
     index = _model_index(Path(folder))
     family = _PIPELINE_FAMILIES.get(index.get("_class_name", ""))
     if family is not None:
@@ -223,6 +229,11 @@ class PipelineTextEncoder:
         if family is None:
             raise TextEncodersError("PipelineTextEncoder: family is needed with components")
         _components(family)
+        if family == "toy" and max_sequence_length is not None:
+            raise TextEncodersError(
+                "max_sequence_length: the toy text encoder pads every caption to its own "
+                f"length; leave it unset (got {max_sequence_length})"
+            )
         self.family = family
         self.device = torch.device(device)
         self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[family]
@@ -244,6 +255,9 @@ class PipelineTextEncoder:
         from .sana import encode_gemma, prompt_instruction
 
         c, captions = self.components, list(captions)
+        if self.family == "toy":  # one module, captions in (its own fixed length)
+            embeds, pooled = c["text_encoder"](captions)
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         if self.family == "flux":
             embeds, pooled = encode_clip_t5(
                 c["tokenizer"], c["text_encoder"], c["tokenizer_2"], c["text_encoder_2"],

@@ -22,6 +22,8 @@ The run folder::
     report.md / report.json   one row per model (base, naive, stage 1, stage 1+2, DC-Gen)
     grid.png                  same prompts and seeds, one column per model
     loss_curves.png           every training stage's loss
+    pipeline/                 the DC-Gen model as a diffusers folder (DCGenToyPipeline):
+                              ``dcgen generate --pipeline <out>/pipeline --prompt "..."``
     stage1/ stage2/ stage3/ naive/   the stages' logs, checkpoints and LoRA-curve snapshots
     demo_settings.json        the settings, checked by ``resume=True`` (``dcgen demo --resume``)
 
@@ -232,11 +234,32 @@ def _check_latency_sizes(sizes: Sequence[int], assets: A.ToyAssets) -> None:
 
 SETTINGS_NAME = "demo_settings.json"
 SNAPSHOT_DIR = "snapshots"
+PIPELINE_DIR = "pipeline"  # the DC-Gen model as a DCGenToyPipeline folder
 # Settings a resumed run may change: they change no number of the report.
 _FREE_ON_RESUME = ("checkpoint_every",)
 
 
 PHASES = ("stage1", "stage2", "stage3", "naive")
+
+
+def _write_pipeline(path: Path, transformer: torch.nn.Module, assets: A.ToyAssets) -> None:
+    """Save the trained DC-Gen model with the toy world's DC-AE, text encoder and the FLUX
+    scheduler the demo samples with (its Euler steps and shift rule) as a pipeline folder.
+    Written beside ``path`` and renamed into place, so a killed run leaves no half folder."""
+    from dcgen.pipelines import DCGenToyPipeline
+    from dcgen.train.export import default_scheduler
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = DCGenToyPipeline(
+        transformer=transformer,
+        vae=assets.dcae,
+        scheduler=default_scheduler("flux"),
+        text_encoder=assets.text_encoder,
+    )
+    pipe.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
 
 
 def _start_run_folder(out: Path, settings: DemoSettings, resume: bool) -> bool:
@@ -444,6 +467,8 @@ def run_demo(
     # Inference form: LoRA folded into the weights (what `dcgen export` ships).
     fuse_lora(full)
     fuse_lora(naive)
+    _write_pipeline(out / PIPELINE_DIR, full, assets)
+    say(f"wrote the DC-Gen model to {out / PIPELINE_DIR} (dcgen generate --pipeline ...)")
     models = {"base": base, "naive": naive, "stage1": s1, "stage1+2": s12, "dcgen": full}
     for m in [*models.values(), *curve_models.values()]:
         m.eval().requires_grad_(False)
@@ -575,7 +600,12 @@ def run_demo(
         "timings_s": timings,
         # Training phases continued from a checkpoint (folder -> step), {} for one clean run.
         "resumed_from_step": resumed,
-        "files": {"grid": "grid.png", "loss_curves": "loss_curves.png", "report": "report.md"},
+        "files": {
+            "grid": "grid.png",
+            "loss_curves": "loss_curves.png",
+            "report": "report.md",
+            "pipeline": PIPELINE_DIR,
+        },
     }
     report["checks"] = claims(report)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))

@@ -91,5 +91,7 @@ class ToyTextEncoder(nn.Module):
         save_module(self, self.config, path)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> ToyTextEncoder:
-        return load_module(cls, TextEncoderConfig, path, "toy text encoder")
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> ToyTextEncoder:
+        """The encoder saved in ``path``; ``dtype`` casts it (as transformers' ``dtype=``)."""
+        model = load_module(cls, TextEncoderConfig, path, "toy text encoder")
+        return model if dtype is None else model.to(dtype)

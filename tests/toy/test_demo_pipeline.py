@@ -1,0 +1,142 @@
+"""The pipeline folder `dcgen demo` writes (DCGenToyPipeline): it holds the trained DC-Gen model,
+loads back, samples exactly as the demo's own sampler does, and `dcgen generate` runs on it."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcgen.adapters import adapter_for
+from dcgen.cli import main
+from dcgen.pipelines import DCGenToyPipeline, PipelineTextEncoder
+from dcgen.pipelines.text_encoders import TextEncodersError
+from dcgen.toy import assets as A
+from dcgen.toy.demo import _write_pipeline
+from dcgen.toy.demo_sampling import generate, model_spaces
+
+CAPTIONS = ["a large red circle top left", "a small blue square bottom right"]
+
+
+@pytest.fixture(scope="module")
+def assets():
+    return A.load_toy_assets(None, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def dcgen_model(assets):
+    """A DC-Gen-shaped toy model: the base with random DC-AE latent layers, positions spaced."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(assets.transformer)
+    adapter = adapter_for(model)
+    adapter.replace_latent_layers(int(assets.dcae.latent_channels), 1, init="random")
+    adapter.set_position_scale(2)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, assets, dcgen_model):
+    path = tmp_path_factory.mktemp("toy_pipeline") / "pipeline"
+    _write_pipeline(path, dcgen_model, assets)
+    return path
+
+
+def test_the_folder_holds_the_model_and_loads_back(folder, dcgen_model):
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "DCGenToyPipeline"
+    assert index["text_encoder"] == ["dcgen.toy.text", "ToyTextEncoder"]
+    assert index["vae"] == ["diffusers", "AutoencoderDC"]
+    assert not list(folder.parent.glob(".*tmp"))  # written beside and renamed into place
+    pipe = DCGenToyPipeline.from_pretrained(folder)
+    saved = pipe.transformer.state_dict()
+    for name, value in dcgen_model.state_dict().items():
+        assert torch.equal(saved[name], value), name
+    assert adapter_for(pipe.transformer).position_scale == 2.0
+    assert pipe.text_encoder is not None and pipe.vae is not None
+
+
+def test_the_pipeline_samples_as_the_demo_does(folder, assets, dcgen_model):
+    """Same weights, seeds and steps: the pipeline's images are the demo sampler's, bit for bit
+    up to the [0, 1] conversion (both Euler on FLUX's shift rule, guidance 3.5)."""
+    pipe = DCGenToyPipeline.from_pretrained(folder)
+    seeds = [3, 11]
+    out = pipe(
+        prompt=CAPTIONS,
+        height=assets.image_size,
+        width=assets.image_size,
+        num_inference_steps=3,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="pt",
+    ).images
+    space = model_spaces(assets, {"dcgen": dcgen_model})["dcgen"]
+    with torch.no_grad():
+        embeds, pooled = assets.text_encoder(CAPTIONS)
+    ref = generate(space, embeds, pooled, seeds, 3, torch.device("cpu"))
+    torch.testing.assert_close(out.float(), ref.clamp(-1, 1) / 2 + 0.5, atol=1e-6, rtol=0)
+
+
+def test_generate_command_samples_the_folder(folder, assets, tmp_path):
+    png = tmp_path / "circle.png"
+    code = main(
+        ["generate", "--pipeline", str(folder), "--prompt", CAPTIONS[0], "--height", "128",
+         "--width", "128", "--steps", "2", "--seed", "5", "--out", str(png), "--device", "cpu",
+         "--dtype", "fp32", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    pipe = DCGenToyPipeline.from_pretrained(folder)
+    expected = pipe(
+        prompt=CAPTIONS[0], height=128, width=128, num_inference_steps=2,
+        generator=torch.Generator().manual_seed(5),
+    ).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(expected))
+
+
+def test_max_sequence_length_is_refused_for_the_toy_encoder(folder, tmp_path, capsys):
+    code = main(
+        ["generate", "--pipeline", str(folder), "--prompt", CAPTIONS[0], "--height", "128",
+         "--width", "128", "--steps", "1", "--max-sequence-length", "32",
+         "--out", str(tmp_path / "x.png"), "--device", "cpu", "--no-progress"]
+    )  # fmt: skip
+    assert code != 0
+    assert "max_sequence_length" in capsys.readouterr().err
+    with pytest.raises(TextEncodersError, match="own length"):
+        PipelineTextEncoder(folder, max_sequence_length=32)
+
+
+def test_text_encoder_component_is_the_toy_family(folder):
+    encode = PipelineTextEncoder(folder)
+    assert encode.family == "toy"
+    out = encode(CAPTIONS)
+    assert out["prompt_embeds"].shape[0] == 2 and out["pooled_prompt_embeds"].shape[0] == 2
+
+
+def test_bad_components_are_clear_errors(assets, dcgen_model, folder, tmp_path):
+    with pytest.raises(TypeError, match="DCAE"):
+        DCGenToyPipeline(dcgen_model, vae=assets.vae)
+    with pytest.raises(TypeError, match="captions"):
+        DCGenToyPipeline(dcgen_model, vae=assets.dcae, text_encoder="not a module")
+    # A folder whose text encoder is some other class is refused by name, not imported.
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    index = json.loads((other / "model_index.json").read_text())
+    index["text_encoder"] = ["os", "system"]
+    (other / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="DCGenToyPipeline loads only"):
+        DCGenToyPipeline.from_pretrained(other)
+
+
+def test_the_fast_demo_writes_its_dcgen_model(fast_run, assets):
+    out, report = fast_run
+    assert report["files"]["pipeline"] == "pipeline"
+    pipe = DCGenToyPipeline.from_pretrained(out / report["files"]["pipeline"])
+    adapter = adapter_for(pipe.transformer)
+    assert adapter.latent_channels == assets.dcae.latent_channels
+    assert adapter.patch_size == 1
+    # Stage 3's LoRA is fused: a plain diffusers transformer, no peft layers left.
+    assert not any("lora" in name for name, _ in pipe.transformer.named_parameters())
