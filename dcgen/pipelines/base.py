@@ -17,7 +17,7 @@ thing, while the sampling math stays ours.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..adapters import DiTAdapter, adapter_for
 from ..sampling import SHIFT_RULES, flow_sigmas, resolve_shift, sample_euler
 from ..sampling.dpm import DPMSettings, dpm_flow_sigmas, dpm_settings_from_config, sample_dpm_solver
+from ..sampling.flow import check_custom_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
         shift: float | None = None,
+        sigmas: Sequence[float] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         max_sequence_length: int | None = None,
@@ -181,7 +183,10 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         otherwise); true_cfg_scale > 1 runs classifier-free guidance against the negative prompt
         (text or embeddings), doubling the cost; None = the model's default (SANA without
         guidance embeddings: 4.5 as diffusers' SanaPipeline, when a negative prompt can be had;
-        otherwise 1). ``shift`` overrides the config's shift rule. ``sampler``: one of SAMPLERS.
+        otherwise 1). ``shift`` overrides the config's shift rule. ``sigmas``: custom unshifted
+        sigmas, one per step (decreasing, in (0, 1]), shifted and ended with 0 as diffusers'
+        FluxPipeline does with its ``sigmas=``; they set the step count (Euler sampler only).
+        ``sampler``: one of SAMPLERS.
         ``joint_attention_kwargs`` (FLUX's name) or ``attention_kwargs`` (SANA's; either works
         for both) go to the transformer; ``{"scale": s}`` scales unfused LoRAs.
         ``callback_on_step_end(pipe, i, t, {"latents": x})`` runs after each step, as in
@@ -202,6 +207,13 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                 f"num_inference_steps: expected a positive int, got {num_inference_steps!r}"
             )
         dpm = self.dpm_settings(sampler)  # None: Euler
+        if sigmas is not None:
+            if dpm is not None:
+                raise ValueError(
+                    "sigmas: custom sigmas need the Euler sampler; this pipeline's scheduler "
+                    "selects DPM-Solver++ (pass sampler='euler')"
+                )
+            num_inference_steps = len(check_custom_sigmas(sigmas))
         if joint_attention_kwargs is not None and attention_kwargs is not None:
             raise ValueError("pass joint_attention_kwargs or attention_kwargs, not both")
         attn_kwargs = joint_attention_kwargs if attention_kwargs is None else attention_kwargs
@@ -260,9 +272,10 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         if shift is None:
             shift = self._shift_for(adapter.num_tokens(h, w), c)
         if dpm is None:
-            sigmas, model_sigmas = flow_sigmas(num_inference_steps, shift, device=device), None
+            schedule = flow_sigmas(num_inference_steps, shift, device=device, base=sigmas)
+            model_sigmas = None
         else:
-            sigmas, model_sigmas = dpm_flow_sigmas(
+            schedule, model_sigmas = dpm_flow_sigmas(
                 num_inference_steps, shift, dpm.train_timesteps, device, dpm.integer_timesteps
             )
         logger.info(
@@ -299,7 +312,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                 )  # fmt: skip
             return v_neg.float() + true_cfg_scale * (v.float() - v_neg.float())
 
-        model_t = sigmas[:-1] if model_sigmas is None else model_sigmas
+        model_t = schedule[:-1] if model_sigmas is None else model_sigmas
 
         with self.progress_bar(total=num_inference_steps) as bar:
 
@@ -317,10 +330,10 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             self._interrupt = False
             try:
                 if dpm is None:
-                    out = sample_euler(velocity, noise, sigmas, on_step=on_step)
+                    out = sample_euler(velocity, noise, schedule, on_step=on_step)
                 else:
                     out = sample_dpm_solver(
-                        velocity, noise, sigmas, model_sigmas, dpm, on_step=on_step
+                        velocity, noise, schedule, model_sigmas, dpm, on_step=on_step
                     )
             except _Interrupted as stop:
                 out = stop.latents.float()

@@ -8,7 +8,7 @@ diffusers' FlowMatchEulerDiscreteScheduler (non-stochastic); training code uses 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -27,16 +27,43 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def flow_sigmas(
-    num_steps: int, shift: float = 1.0, device: torch.device | str | None = None
+    num_steps: int,
+    shift: float = 1.0,
+    device: torch.device | str | None = None,
+    base: Sequence[float] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``num_steps + 1`` sigmas from 1 to 0: uniform in [1, 1/num_steps] (the FLUX.1 schedule),
-    then shifted by ``shift``, then a terminal 0. float32 (fp32 keeps step sizes exact)."""
+    then shifted by ``shift``, then a terminal 0. float32 (fp32 keeps step sizes exact).
+
+    ``base`` replaces the uniform grid with custom unshifted sigmas, as ``sigmas=`` does in
+    diffusers' FluxPipeline (shifted the same way; ``num_steps`` must be their count)."""
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
-    base = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
-    sigmas = shift_sigmas(base, shift)
+    if base is None:
+        grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
+    else:
+        grid = check_custom_sigmas(base)
+        if len(grid) != num_steps:
+            raise ValueError(f"sigmas: {len(grid)} values for {num_steps} steps")
+    sigmas = shift_sigmas(grid, shift)
     sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
     return sigmas.to(device=device, dtype=torch.float32)
+
+
+def check_custom_sigmas(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Custom unshifted sigmas as float64: one per step, finite, in (0, 1], strictly
+    decreasing (the sampler appends the terminal 0 itself)."""
+    try:
+        grid = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"sigmas: expected a list of numbers, got {sigmas!r}") from err
+    if grid.ndim != 1 or grid.numel() == 0:
+        raise ValueError(f"sigmas: expected a non-empty 1-D list, got shape {tuple(grid.shape)}")
+    if not torch.isfinite(grid).all() or (grid <= 0).any() or (grid > 1).any():
+        raise ValueError(f"sigmas: expected values in (0, 1], got {grid.tolist()}")
+    if (grid[1:] >= grid[:-1]).any():
+        raise ValueError(f"sigmas: expected strictly decreasing values, got {grid.tolist()}")
+    return grid
 
 
 def euler_step(

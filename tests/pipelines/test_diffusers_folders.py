@@ -83,6 +83,25 @@ def test_base_flux_samples_as_diffusers_flux_pipeline(steps):
     torch.testing.assert_close(got_img, want_img, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "custom", [[1.0, 0.7, 0.3], [0.9, 0.85, 0.5, 0.1], [1.0]], ids=["three", "four", "one"]
+)
+def test_custom_sigmas_sample_as_diffusers_flux_pipeline(custom):
+    """``sigmas=`` as FluxPipeline takes it: unshifted values, shifted by the token-count rule
+    and ended with 0; their count sets the steps (num_inference_steps is overridden)."""
+    ref, ours = _flux_pair()
+    noise = torch.randn(1, 16, 32, 48)
+    embeds, pooled = text(1)
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=96,
+              num_inference_steps=20, guidance_scale=3.5, sigmas=custom)  # fmt: skip
+    with torch.no_grad():
+        want = ref(latents=_pack(noise), output_type="latent", **kw).images
+        got = ours(latents=noise, output_type="latent", **kw).images
+        default = ours(latents=noise, output_type="latent", **{**kw, "sigmas": None}).images
+    torch.testing.assert_close(_pack(got), want, rtol=0, atol=1e-5)
+    assert (got - default).abs().max() > 1e-3  # the custom schedule is not the default one
+
+
 def _sana_pair(scheduler) -> tuple[SanaPipeline, DCGenSanaPipeline]:
     """diffusers' SanaPipeline and dcgen's on the same tiny transformer and DC-AE weights. The
     DC-AE has attention head dim 8: at tiny_dcae's 2 the two decoders' fp32 roundings differ by

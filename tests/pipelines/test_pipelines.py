@@ -101,6 +101,35 @@ def test_bad_inputs(flux_pipe):
         DCGenFluxPipeline(model, torch.nn.Linear(1, 1))
 
 
+@pytest.mark.parametrize(
+    ("sigmas", "match"),
+    [([], "non-empty"), ([1.0, 1.0], "strictly decreasing"), ([0.5, 0.7], "strictly decreasing"),
+     ([1.2, 0.5], r"in \(0, 1\]"), ([0.5, 0.0], r"in \(0, 1\]"), ([1.0, float("nan")], "in"),
+     ([[1.0, 0.5]], "1-D"), ("fast", "list of numbers")],
+)  # fmt: skip
+def test_bad_custom_sigmas_are_named(flux_pipe, sigmas, match):
+    with pytest.raises(ValueError, match=match):
+        run(flux_pipe, sigmas=sigmas)
+
+
+def test_custom_sigmas_need_the_euler_sampler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    ae = tiny_dcae()
+    model = tiny_sana()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    sched = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
+                                        prediction_type="flow_prediction")  # fmt: skip
+    pipe = DCGenSanaPipeline(model, ae, sched)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt_embeds=torch.randn(1, 5, 32), height=64, width=64, true_cfg_scale=1.0,
+                  output_type="latent", sigmas=[1.0, 0.5])  # fmt: skip
+    with pytest.raises(ValueError, match="Euler sampler"):
+        pipe(**kwargs)
+    out = pipe(sampler="euler", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.isfinite(out).all()
+
+
 def test_shift_rules_change_sampling():
     dynamic = run(dcgen_flux(dynamic=True), output_type="latent")
     constant = run(dcgen_flux(dynamic=False), output_type="latent")  # scheduler shift 1.0
