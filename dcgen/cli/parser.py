@@ -331,6 +331,13 @@ Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at -
                    "1.0 (off) for guidance-distilled FLUX")  # fmt: skip
     g.add_argument("--shift", type=float, default=None,
                    help="timestep shift override (default: the pipeline's shift rule)")  # fmt: skip
+    g.add_argument("--image", default=None, metavar="FILE",
+                   help="image-to-image: start from this picture (resized to --height x --width; "
+                   "e.g. a 1K image re-rendered at native 4K) instead of pure noise (Euler sampler)")  # fmt: skip
+    g.add_argument("--strength", type=float, default=None,
+                   help="with --image: how far from the picture the sampling starts, in (0, 1]; "
+                   "1 ignores it, small values keep it (default 0.6, as diffusers' "
+                   "FluxImg2ImgPipeline)")  # fmt: skip
     g.add_argument("--seed", type=int, nargs="+", default=[0], metavar="N",
                    help="one or more seeds; several make a grid (default 0)")  # fmt: skip
     g.add_argument("--batch-size", type=int, default=1, metavar="N",

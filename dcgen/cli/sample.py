@@ -107,6 +107,19 @@ def _read_prompt_file(path: Path) -> list[str]:
     return prompts
 
 
+def _read_image(path: Path) -> Any:
+    """--image FILE as an RGB PIL image, read before any model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError as err:
+        raise CLIError(f"--image {path}: no such file") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise CLIError(f"--image {path}: not an image PIL can read ({err})") from err
+
+
 def _samples_with_cfg(folder: Path) -> bool:
     """Whether the model of ``folder`` is one sampled with classifier-free guidance by default:
     SANA without guidance embeddings (FLUX.1-dev-style models are guidance-distilled)."""
@@ -349,6 +362,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    init_image = _read_image(Path(args.image)) if args.image is not None else None
+    if init_image is None and args.strength is not None:
+        raise CLIError("--strength goes with --image FILE")
+    if init_image is not None:
+        from dcgen.pipelines.base import DEFAULT_STRENGTH
+        from dcgen.sampling.flow import strength_start
+
+        args.strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+        try:
+            strength_start(args.steps, args.strength)  # before the model loads
+        except ValueError as err:
+            raise CLIError(f"--strength: {err}") from err
     if args.prompt is not None and (args.caption or args.negative_caption):
         raise CLIError("--caption and --negative-caption pick entries of --prompt-embeds tables")
     from dcgen.pipelines.sana import SANA_CFG_SCALE  # diffusers' SanaPipeline's default
@@ -404,6 +429,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 generator=generators if len(seeds) > 1 else generators[0],
                 shift=args.shift,
                 sampler=args.sampler,
+                **({} if init_image is None else {"image": init_image, "strength": args.strength}),
                 **one,
             )
             # PIL images are on the host: the GPU work of the call is done

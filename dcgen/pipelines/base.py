@@ -32,9 +32,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..adapters import DiTAdapter, adapter_for
 from ..sampling import SHIFT_RULES, flow_sigmas, resolve_shift, sample_euler
 from ..sampling.dpm import DPMSettings, dpm_flow_sigmas, dpm_settings_from_config, sample_dpm_solver
-from ..sampling.flow import check_custom_sigmas
+from ..sampling.flow import check_custom_sigmas, strength_start
 
 logger = logging.getLogger(__name__)
+
+#: image-to-image strength when none is given: diffusers' FluxImg2ImgPipeline's default
+DEFAULT_STRENGTH = 0.6
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 #: "auto": the registered scheduler's kind (DPM-Solver++ for a DPMSolverMultistepScheduler,
@@ -104,6 +107,16 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         banded decode (dcgen.autoencoders.banding), which then replaces tiling."""
         raise NotImplementedError
 
+    def encode_images(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        tiles: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> latents in the DiT's (scaled) space; ``tiles``:
+        (tile_size, tile_overlap) for a bounded-memory encode."""
+        raise NotImplementedError
+
     def encode_prompt(
         self,
         prompt: list[str],
@@ -154,6 +167,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        image: Any = None,
+        strength: float = DEFAULT_STRENGTH,
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
@@ -186,7 +201,12 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         otherwise 1). ``shift`` overrides the config's shift rule. ``sigmas``: custom unshifted
         sigmas, one per step (decreasing, in (0, 1]), shifted and ended with 0 as diffusers'
         FluxPipeline does with its ``sigmas=``; they set the step count (Euler sampler only).
-        ``sampler``: one of SAMPLERS.
+        ``sampler``: one of SAMPLERS. ``image`` (PIL image(s), arrays or (B, 3, H, W) tensors in
+        [0, 1]; resized to height x width) turns the call into image-to-image as diffusers'
+        FluxImg2ImgPipeline: the schedule's first int(steps - steps x ``strength``) steps are
+        skipped, the image's latents noised to the first sigma left, the rest sampled (Euler
+        sampler only; ``latents`` is then the noise mixed in). One image for every prompt, one
+        per prompt or one per output image.
         ``joint_attention_kwargs`` (FLUX's name) or ``attention_kwargs`` (SANA's; either works
         for both) go to the transformer; ``{"scale": s}`` scales unfused LoRAs.
         ``callback_on_step_end(pipe, i, t, {"latents": x})`` runs after each step, as in
@@ -214,6 +234,14 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                     "selects DPM-Solver++ (pass sampler='euler')"
                 )
             num_inference_steps = len(check_custom_sigmas(sigmas))
+        skip = 0
+        if image is not None:
+            if dpm is not None:
+                raise ValueError(
+                    "image: image-to-image needs the Euler sampler; this pipeline's scheduler "
+                    "selects DPM-Solver++ (pass sampler='euler')"
+                )
+            skip = strength_start(num_inference_steps, strength)
         if joint_attention_kwargs is not None and attention_kwargs is not None:
             raise ValueError("pass joint_attention_kwargs or attention_kwargs, not both")
         attn_kwargs = joint_attention_kwargs if attention_kwargs is None else attention_kwargs
@@ -258,6 +286,13 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         h, w = height // self.ae_factor, width // self.ae_factor
         c = adapter.latent_channels
         model_dtype = next(self.transformer.parameters()).dtype
+        use_tiles = tile_threshold is not None and max(height, width) > tile_threshold
+        image_latents = None
+        if image is not None:  # encoded first: a VAE posterior sample draws from the generator
+            image_latents = self._image_latents(
+                image, height, width, batch, n, generator, device,
+                (tile_size, tile_overlap) if use_tiles else None,
+            )  # fmt: skip
         if latents is None:
             noise = randn_tensor(
                 (total, c, h, w), generator=generator, device=device, dtype=torch.float32
@@ -278,9 +313,12 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             schedule, model_sigmas = dpm_flow_sigmas(
                 num_inference_steps, shift, dpm.train_timesteps, device, dpm.integer_timesteps
             )
+        if image_latents is not None:
+            schedule = schedule[skip:]
+            noise = schedule[0] * noise + (1 - schedule[0]) * image_latents
         logger.info(
             "sampling %d image(s) at %dx%d: %d tokens, shift %.4g, %d %s steps",
-            total, height, width, adapter.num_tokens(h, w), shift, num_inference_steps,
+            total, height, width, adapter.num_tokens(h, w), shift, len(schedule) - 1,
             "Euler" if dpm is None else "DPM-Solver++",
         )  # fmt: skip
 
@@ -314,7 +352,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
 
         model_t = schedule[:-1] if model_sigmas is None else model_sigmas
 
-        with self.progress_bar(total=num_inference_steps) as bar:
+        with self.progress_bar(total=len(schedule) - 1) as bar:
 
             def on_step(i: int, x: torch.Tensor) -> torch.Tensor | None:
                 bar.update()
@@ -341,7 +379,6 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         if output_type == "latent":
             images: Any = out
         else:
-            use_tiles = tile_threshold is not None and max(height, width) > tile_threshold
             decoded = self.decode_latents(
                 out, tile_size if use_tiles else None, tile_overlap,
                 band_rows if use_tiles else None,
@@ -430,6 +467,30 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             base_shift=float(cfg.get("base_shift", 0.5) or 0.5),
             max_shift=float(cfg.get("max_shift", 1.15) or 1.15),
         )
+
+    def _image_latents(
+        self,
+        image: Any,
+        height: int,
+        width: int,
+        batch: int,
+        n: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        device: torch.device,
+        tiles: tuple[int, int] | None,
+    ) -> torch.Tensor:
+        """float32 latents (batch * n, C, h, w) of the image-to-image input."""
+        pixels = self.image_processor.preprocess(image, height=height, width=width)
+        k = pixels.shape[0]
+        if k not in (1, batch, batch * n):
+            raise ValueError(
+                f"image: {k} images for {batch} prompt(s) x {n} image(s) per prompt; expected "
+                f"1, {batch} or {batch * n}"
+            )
+        z = self.encode_images(pixels.to(device), generator, tiles).to(device, torch.float32)
+        if k == 1:
+            return z.expand(batch * n, *z.shape[1:])
+        return z.repeat_interleave(n, dim=0) if k == batch and n > 1 else z
 
     def _embeddings(
         self,

@@ -193,6 +193,22 @@ class DCGenFluxPipeline(
         overlap = min(tile_overlap // f * f, size - f)
         return self.vae.decode(z, scaled=True, tile_size=size, tile_overlap=overlap)
 
+    def encode_images(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        tiles: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        self._require_vae()  # a DC-AE encodes deterministically: the generator is not used
+        x = images.to(device=self.vae.device, dtype=self.vae.dtype)
+        if tiles is None:
+            return self.vae.encode(x, scaled=True)
+        f = self.vae.spatial_compression_ratio
+        size = max(f, tiles[0] // f * f)
+        return self.vae.encode(
+            x, scaled=True, tile_size=size, tile_overlap=min(tiles[1] // f * f, size - f)
+        )
+
     def check_components(self) -> None:
         self._require_vae()
         super().check_components()
@@ -235,6 +251,30 @@ class BaseFluxPipeline(_FluxText, FluxLoraLoaderMixin, FlowTextToImagePipeline):
     @property
     def ae_latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
+
+    def encode_images(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        tiles: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        # As FluxImg2ImgPipeline: a posterior sample, image i from generator[i] given a list.
+        cfg = self.vae.config
+        x = images.to(device=self.vae.device, dtype=self.vae.dtype)
+        if tiles is not None:
+            self.vae.enable_tiling()  # its own tile size, from its config
+        try:
+            if isinstance(generator, list):
+                z = torch.cat([
+                    self.vae.encode(x[i : i + 1]).latent_dist.sample(generator[i])
+                    for i in range(len(x))
+                ])  # fmt: skip
+            else:
+                z = self.vae.encode(x).latent_dist.sample(generator)
+        finally:
+            if tiles is not None:
+                self.vae.disable_tiling()
+        return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
     def decode_latents(
         self,

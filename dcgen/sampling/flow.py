@@ -50,6 +50,26 @@ def flow_sigmas(
     return sigmas.to(device=device, dtype=torch.float32)
 
 
+def strength_start(steps: int, strength: float) -> int:
+    """How many of ``steps`` steps an image-to-image run at ``strength`` skips:
+    ``int(steps - steps * strength)``, as diffusers' FluxImg2ImgPipeline counts them (strength 1
+    keeps every step: pure noise; small strengths start close to the input image, with at least
+    one step left). A ValueError when the strength is outside (0, 1] or leaves no step (a
+    strength too small to move ``steps - steps * strength`` below ``steps`` in floating
+    point)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+        raise ValueError(f"strength: expected a number in (0, 1], got {strength!r}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength: expected a number in (0, 1], got {strength!r}")
+    start = int(max(steps - min(steps * strength, steps), 0))
+    if start >= steps:
+        raise ValueError(
+            f"strength {strength:g} of {steps} steps leaves no step to sample (it skips "
+            "int(steps - steps x strength) of them); raise the strength"
+        )
+    return start
+
+
 def check_custom_sigmas(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """Custom unshifted sigmas as float64: one per step, finite, in (0, 1], strictly
     decreasing (the sampler appends the terminal 0 itself)."""

@@ -102,6 +102,35 @@ def test_custom_sigmas_sample_as_diffusers_flux_pipeline(custom):
     assert (got - default).abs().max() > 1e-3  # the custom schedule is not the default one
 
 
+@pytest.mark.parametrize(("steps", "strength"), [(4, 0.6), (5, 1.0), (10, 0.35)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_image_to_image_samples_as_diffusers_flux_img2img(steps, strength, batch):
+    """image= / strength= as FluxImg2ImgPipeline: the VAE posterior sampled from the generator
+    first, then the noise, the image noised to the first kept sigma, the last int(steps x
+    strength) Euler steps."""
+    from diffusers import FluxImg2ImgPipeline
+
+    _, ours = _flux_pair()
+    ref = FluxImg2ImgPipeline(scheduler=ours.scheduler, vae=ours.vae, transformer=ours.transformer,
+                              text_encoder=None, tokenizer=None, text_encoder_2=None,
+                              tokenizer_2=None)  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    torch.manual_seed(7)
+    image = torch.rand(batch, 3, 64, 96)  # in [0, 1], as diffusers takes tensors
+    embeds, pooled = text(batch)
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=image, height=64,
+              width=96, num_inference_steps=steps, strength=strength, guidance_scale=3.5,
+              output_type="latent")  # fmt: skip
+
+    def gens():
+        return [torch.Generator().manual_seed(40 + i) for i in range(batch)]
+
+    with torch.no_grad():
+        want = ref(generator=gens(), **kw).images
+        got = ours(generator=gens(), **kw).images
+    torch.testing.assert_close(_pack(got), want, rtol=0, atol=1e-5)
+
+
 def _sana_pair(scheduler) -> tuple[SanaPipeline, DCGenSanaPipeline]:
     """diffusers' SanaPipeline and dcgen's on the same tiny transformer and DC-AE weights. The
     DC-AE has attention head dim 8: at tiny_dcae's 2 the two decoders' fp32 roundings differ by

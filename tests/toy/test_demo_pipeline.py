@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -140,3 +141,43 @@ def test_the_fast_demo_writes_its_dcgen_model(fast_run, assets):
     assert adapter.patch_size == 1
     # Stage 3's LoRA is fused: a plain diffusers transformer, no peft layers left.
     assert not any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_generate_image_to_image(folder, tmp_path):
+    """--image / --strength: the pipeline's image-to-image call, read from a PNG."""
+    source = tmp_path / "source.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(source)
+    png = tmp_path / "edit.png"
+    args = ["generate", "--pipeline", str(folder), "--prompt", CAPTIONS[1], "--height", "128",
+            "--width", "128", "--steps", "4", "--seed", "2", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main([*args, "--image", str(source), "--strength", "0.5", "--out", str(png)]) == 0
+    pipe = DCGenToyPipeline.from_pretrained(folder)
+    expected = pipe(
+        prompt=CAPTIONS[1], image=Image.open(source).convert("RGB"), strength=0.5, height=128,
+        width=128, num_inference_steps=4, generator=torch.Generator().manual_seed(2),
+    ).images[0]  # fmt: skip
+    got = np.asarray(Image.open(png))
+    assert np.array_equal(got, np.asarray(expected))
+    plain = tmp_path / "plain.png"
+    assert main([*args, "--out", str(plain)]) == 0
+    assert not np.array_equal(got, np.asarray(Image.open(plain)))  # the image was used
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [(["--strength", "0.5"], "--strength goes with --image"),
+     (["--image", "missing.png"], "no such file"),
+     (["--image", "{not_png}"], "not an image"),
+     (["--image", "{png}", "--strength", "1.5"], r"--strength: strength: expected a number")],
+)  # fmt: skip
+def test_generate_image_options_are_named(folder, tmp_path, capsys, extra, match):
+    not_png = tmp_path / "notes.txt"
+    not_png.write_text("not an image")
+    png = tmp_path / "ok.png"
+    Image.new("RGB", (16, 16)).save(png)
+    extra = [e.format(not_png=not_png, png=png) for e in extra]
+    code = main(["generate", "--pipeline", str(folder), "--prompt", CAPTIONS[0],
+                 "--out", str(tmp_path / "x.png"), "--device", "cpu", *extra])  # fmt: skip
+    assert code != 0
+    assert re.search(match, capsys.readouterr().err)

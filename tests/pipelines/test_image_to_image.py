@@ -1,0 +1,112 @@
+"""image= / strength= on the DC-AE pipelines (image-to-image, as diffusers' FluxImg2ImgPipeline;
+the base FLUX pipeline's parity with it is in test_diffusers_folders.py): the start latents,
+the steps run, batching of the input images, and the errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dcgen.sampling import flow_sigmas
+
+from ..adapters.tiny import text
+from .test_pipelines import dcgen_flux
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return dcgen_flux()
+
+
+def _first_inputs(pipe, monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every (x, sigma) the transformer is called with, recorded."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    predict = type(pipe.adapter).predict
+
+    def spy(self, x, sigma, *args, **kwargs):
+        calls.append((x.detach().clone(), sigma.detach().clone()))
+        return predict(self, x, sigma, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe.adapter), "predict", spy)
+    return calls
+
+
+def _image(batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, 64, 96, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    ("steps", "strength", "kept"), [(10, 0.3, 3), (4, 0.6, 3), (5, 1.0, 5), (20, 0.01, 1)]
+)
+def test_start_latents_and_steps_follow_the_strength(pipe, monkeypatch, steps, strength, kept):
+    calls = _first_inputs(pipe, monkeypatch)
+    embeds, pooled = text(1)
+    noise = torch.randn(1, 2, 2, 3, generator=torch.Generator().manual_seed(3))
+    image = _image()
+    pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=image, strength=strength,
+         latents=noise, height=64, width=96, num_inference_steps=steps, output_type="latent")  # fmt: skip
+    assert len(calls) == kept  # steps - int(steps - steps x strength): diffusers' count
+    full = flow_sigmas(steps, pipe._shift_for(6, 2))
+    sigma0 = full[steps - kept]
+    assert torch.allclose(calls[0][1], sigma0.expand(1))
+    z = pipe.vae.encode(image * 2 - 1, scaled=True)  # the image in [-1, 1], as preprocess gives
+    torch.testing.assert_close(calls[0][0], sigma0 * noise + (1 - sigma0) * z, rtol=0, atol=1e-6)
+
+
+def test_strength_one_is_text_to_image(pipe):
+    """At strength 1 the first sigma is 1: the image's weight is 0, the run is text-to-image."""
+    embeds, pooled = text(1)
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=96,
+              num_inference_steps=3, output_type="latent")  # fmt: skip
+    plain = pipe(generator=torch.Generator().manual_seed(5), **kw).images
+    img2img = pipe(generator=torch.Generator().manual_seed(5), image=_image(), strength=1.0, **kw)
+    torch.testing.assert_close(img2img.images, plain, rtol=0, atol=1e-6)
+    lower = pipe(generator=torch.Generator().manual_seed(5), image=_image(), strength=0.5, **kw)
+    assert (lower.images - plain).abs().max() > 1e-3
+
+
+def test_input_images_pair_with_prompts(pipe, monkeypatch):
+    """One image per prompt, repeated for that prompt's images; one for all; one per output."""
+    calls = _first_inputs(pipe, monkeypatch)
+    embeds, pooled = text(2)
+    zeros = torch.zeros(4, 2, 2, 3)  # no noise: the start latents are the scaled image latents
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, latents=zeros, strength=0.5,
+              height=64, width=96, num_inference_steps=2, num_images_per_prompt=2,
+              output_type="latent")  # fmt: skip
+    pipe(image=_image(2), **kw)
+    x = calls[0][0]
+    assert torch.equal(x[0], x[1]) and torch.equal(x[2], x[3]) and not torch.equal(x[0], x[2])
+    calls.clear()
+    pipe(image=_image(1), **kw)
+    assert all(torch.equal(calls[0][0][0], calls[0][0][i]) for i in range(4))
+    calls.clear()
+    pipe(image=_image(4), **kw)
+    assert len({calls[0][0][i].sum().item() for i in range(4)}) == 4
+    with pytest.raises(ValueError, match="3 images for 2 prompt"):
+        pipe(image=_image(3), **kw)
+
+
+@pytest.mark.parametrize(
+    ("strength", "match"),
+    [(0.0, r"in \(0, 1\]"), (1.5, r"in \(0, 1\]"), ("high", "a number"), (True, "a number"),
+     (1e-17, "leaves no step")],
+)  # fmt: skip
+def test_bad_strengths_are_named(pipe, strength, match):
+    embeds, pooled = text(1)
+    with pytest.raises(ValueError, match=match):
+        pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=_image(), strength=strength,
+             height=64, width=96, num_inference_steps=10)  # fmt: skip
+
+
+def test_image_to_image_needs_the_euler_sampler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = dcgen_flux()
+    pipe.scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
+                                                 prediction_type="flow_prediction")  # fmt: skip
+    embeds, pooled = text(1)
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=_image(), height=64,
+              width=96, num_inference_steps=4, output_type="latent")  # fmt: skip
+    with pytest.raises(ValueError, match="Euler sampler"):
+        pipe(**kw)
+    assert torch.isfinite(pipe(sampler="euler", **kw).images).all()
