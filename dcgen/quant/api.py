@@ -344,6 +344,7 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
     tensor (strict). ``model`` is a freshly built (unquantized) model of the same config."""
     meta = read_metadata(path)
     layers: dict[str, dict] = json.loads(meta["modules"])
+    state = load_file(str(path), device=str(next(model.parameters()).device))
     for name, spec in layers.items():
         try:
             lin = model.get_submodule(name)
@@ -354,6 +355,9 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
                 f"load_quantized: expected {name} to be a Linear, got {type(lin).__name__}"
             )
         dev = next(lin.buffers(), lin.weight).device
+        # the 16-bit parts (bias, low-rank factors) in the dtype they were saved in
+        stored = state.get(f"{name}.bias", state.get(f"{name}.lora_down"))
+        dtype = stored.dtype if stored is not None else torch.bfloat16
         kind = spec.get("kind", "nvfp4")  # files written before FP8 existed have no kind
         if kind == "fp8":
             q = FP8Linear(
@@ -361,6 +365,7 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
                 lin.out_features,
                 bias=spec["bias"],
                 granularity=spec["granularity"],
+                dtype=dtype,
                 device=dev,
                 fast_accum=spec.get("fast_accum", False),
             )
@@ -372,6 +377,7 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
                 mode=spec["mode"],
                 rank=spec["rank"],
                 smooth=spec["smooth"],
+                dtype=dtype,
                 device=dev,
             )
         else:
@@ -379,7 +385,6 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
                 f"load_quantized: expected kind 'nvfp4' or 'fp8' for {name}, got {kind!r}"
             )
         _set_module(model, name, q)
-    state = load_file(str(path), device=str(next(model.parameters()).device))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
