@@ -7,7 +7,13 @@ import argparse
 from .basic import _cmd_convert, _cmd_demo, _cmd_demo_dcae, _cmd_info, _cmd_presets
 from .bench import _cmd_bench
 from .common import DTYPES, _add_progress, _int_list
-from .sample import ACCELERATE_MODES, QUANT_FORMATS, _cmd_generate, _cmd_quantize
+from .sample import (
+    ACCELERATE_MODES,
+    QUANT_FORMATS,
+    _cmd_convert_quantized,
+    _cmd_generate,
+    _cmd_quantize,
+)
 from .train import STAGES, _cmd_export, _cmd_precompute, _cmd_stage
 
 #: dcgen.bench.MODELS' names, spelled out so building the parser does not import diffusers
@@ -418,6 +424,31 @@ call (tens of MB a block at 1024 px for FLUX), not a second model.""",
     _add_lora(q, "before quantizing (the checkpoint then holds the styled model)")
     _add_progress(q)
     q.set_defaults(fn=_cmd_quantize, negative_caption=None, negative_prompt=None, true_cfg=1.0)
+
+    # -- convert-quantized
+    cq = sub.add_parser(
+        "convert-quantized",
+        help="a Black Forest Labs FP8 / NVFP4 FLUX checkpoint -> a dcgen quantized checkpoint",
+        formatter_class=fmt,
+        description="""\
+Load a FLUX checkpoint Black Forest Labs quantized (FP8 with row scales, or NVFP4: ModelOpt
+layout with a calibrated activation scale) through diffusers (from_single_file with
+BFLQuantizationConfig, the transformer config of --pipeline), swap its quantized linears for
+dcgen's with the same bytes (dcgen.quant.adopt_quantized: no re-quantization) and write a dcgen
+checkpoint: `dcgen generate --pipeline DIR --quantized OUT` then samples it with dcgen's kernels
+(Hopper's NVFP4 and FP8 paths too, where diffusers dequantizes every call).""",
+    )
+    cq.add_argument("src", help="the BFL single-file checkpoint (.safetensors)")
+    cq.add_argument("--pipeline", required=True, metavar="DIR",
+                    help="the matching FLUX.1 pipeline folder (its transformer/ config), or a "
+                    "transformer folder")  # fmt: skip
+    cq.add_argument("--out", required=True, metavar="FILE", help="dcgen checkpoint to write")
+    cq.add_argument("--nvfp4-mode", choices=["w4a4", "w4a16"], default="w4a4",
+                    help="NVFP4 activations: w4a4 with the checkpoint's calibrated scale "
+                    "(default, as BFL runs it on Blackwell) or 16-bit (w4a16)")  # fmt: skip
+    cq.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                    help="dtype of the layers kept in 16-bit (default bf16)")  # fmt: skip
+    cq.set_defaults(fn=_cmd_convert_quantized)
 
     # -- bench
     b = sub.add_parser(

@@ -555,3 +555,40 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {report_path}")
     return 0
+
+
+def _cmd_convert_quantized(args: argparse.Namespace) -> int:
+    from dcgen.quant import adopt_quantized, quantized_modules, save_quantized
+
+    src, out = Path(args.src), Path(args.out)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such checkpoint file")
+    pipeline = Path(args.pipeline)
+    config = pipeline / "transformer" if (pipeline / "transformer").is_dir() else pipeline
+    if not (config / "config.json").is_file():
+        raise CLIError(
+            f"--pipeline {pipeline}: expected a FLUX pipeline folder (transformer/config.json) "
+            "or a transformer folder (config.json)"
+        )
+    try:
+        from diffusers import FluxTransformer2DModel
+        from diffusers.quantizers.quantization_config import BFLQuantizationConfig
+    except ImportError as err:
+        raise CLIError(f"this diffusers has no BFL quantization support ({err})") from err
+    dtype = DTYPES[args.dtype]
+    model = FluxTransformer2DModel.from_single_file(
+        str(src), config=str(config), quantization_config=BFLQuantizationConfig(dtype),
+        torch_dtype=dtype,
+    )  # fmt: skip
+    names = adopt_quantized(model, nvfp4_mode=args.nvfp4_mode)
+    kinds: dict[str, int] = {}
+    for layer in quantized_modules(model).values():
+        kind = type(layer).__name__
+        kinds[kind] = kinds.get(kind, 0) + 1
+    save_quantized(model, out)
+    print(
+        f"{len(names)} quantized linears ("
+        + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        + f"; NVFP4 {args.nvfp4_mode}) -> {out} ({out.stat().st_size / 2**30:.2f} GiB)"
+    )
+    return 0

@@ -1,6 +1,8 @@
 """Quantization: the NVFP4 format, NVFP4Linear, FP8 (E4M3) W8A8 FP8Linear and the quantize_
-API (pure-PyTorch reference paths; the CUDA kernels plug in behind the same functions)."""
+API (pure-PyTorch reference paths; the CUDA kernels plug in behind the same functions), and
+adopt_quantized for checkpoints quantized elsewhere (diffusers' BFL FP8 / NVFP4 layers)."""
 
+from .adopt import adopt_quantized
 from .api import (
     DEFAULT_EXCLUDE,
     FP8Config,
@@ -35,6 +37,7 @@ __all__ = [
     "NVFP4Config",
     "NVFP4Linear",
     "NVFP4Tensor",
+    "adopt_quantized",
     "capture_transformer_inputs",
     "dequantize_nvfp4",
     "e2m1_decode",
