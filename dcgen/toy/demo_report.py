@@ -180,7 +180,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{'yes' if c['feature_distance_drop_after_stage1']['holds'] else 'NO'} "
         f"({', '.join(f'{d:.1f}x' for d in c['feature_distance_drop_after_stage1']['factor_per_layer'])})",
         "",
-        "Files: grid.png (rows: prompts; columns: " + ", ".join(ROWS) + "), loss_curves.png.",
+        "Files: grid.png (rows: prompts; columns: " + ", ".join(ROWS) + "), loss_curves.png, "
+        "pipeline/ (the DC-Gen model as a DCGenToyPipeline folder, for `dcgen generate "
+        "--pipeline`).",
         "",
     ]
     return "\n".join(lines)
