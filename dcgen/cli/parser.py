@@ -339,7 +339,7 @@ Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at -
                    help="timestep shift override (default: the pipeline's shift rule)")  # fmt: skip
     g.add_argument("--image", default=None, metavar="FILE",
                    help="image-to-image: start from this picture (resized to --height x --width; "
-                   "e.g. a 1K image re-rendered at native 4K) instead of pure noise (Euler sampler)")  # fmt: skip
+                   "e.g. a 1K image re-rendered at native 4K) instead of pure noise")  # fmt: skip
     g.add_argument("--strength", type=float, default=None,
                    help="with --image: how far from the picture the sampling starts, in (0, 1]; "
                    "1 ignores it, small values keep it (default 0.6, as diffusers' "

@@ -204,8 +204,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         ``sampler``: one of SAMPLERS. ``image`` (PIL image(s), arrays or (B, 3, H, W) tensors in
         [0, 1]; resized to height x width) turns the call into image-to-image as diffusers'
         FluxImg2ImgPipeline: the schedule's first int(steps - steps x ``strength``) steps are
-        skipped, the image's latents noised to the first sigma left, the rest sampled (Euler
-        sampler only; ``latents`` is then the noise mixed in). One image for every prompt, one
+        skipped, the image's latents noised to the first sigma left, the rest sampled (either
+        sampler; ``latents`` is then the noise mixed in). One image for every prompt, one
         per prompt or one per output image.
         ``joint_attention_kwargs`` (FLUX's name) or ``attention_kwargs`` (SANA's; either works
         for both) go to the transformer; ``{"scale": s}`` scales unfused LoRAs.
@@ -234,14 +234,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                     "selects DPM-Solver++ (pass sampler='euler')"
                 )
             num_inference_steps = len(check_custom_sigmas(sigmas))
-        skip = 0
-        if image is not None:
-            if dpm is not None:
-                raise ValueError(
-                    "image: image-to-image needs the Euler sampler; this pipeline's scheduler "
-                    "selects DPM-Solver++ (pass sampler='euler')"
-                )
-            skip = strength_start(num_inference_steps, strength)
+        skip = strength_start(num_inference_steps, strength) if image is not None else 0
         if joint_attention_kwargs is not None and attention_kwargs is not None:
             raise ValueError("pass joint_attention_kwargs or attention_kwargs, not both")
         attn_kwargs = joint_attention_kwargs if attention_kwargs is None else attention_kwargs
@@ -313,8 +306,9 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             schedule, model_sigmas = dpm_flow_sigmas(
                 num_inference_steps, shift, dpm.train_timesteps, device, dpm.integer_timesteps
             )
-        if image_latents is not None:
+        if image_latents is not None:  # start at step `skip`: DPM-Solver++ then has no history
             schedule = schedule[skip:]
+            model_sigmas = None if model_sigmas is None else model_sigmas[skip:]
             noise = schedule[0] * noise + (1 - schedule[0]) * image_latents
         logger.info(
             "sampling %d image(s) at %dx%d: %d tokens, shift %.4g, %d %s steps",

@@ -98,15 +98,33 @@ def test_bad_strengths_are_named(pipe, strength, match):
              height=64, width=96, num_inference_steps=10)  # fmt: skip
 
 
-def test_image_to_image_needs_the_euler_sampler():
+def test_image_to_image_under_dpm_solver_starts_late_on_the_same_grid(monkeypatch):
+    """SANA folders sample with DPM-Solver++: image-to-image skips the same steps on its grid,
+    the model first sees the integer timestep of the first kept step (the solver's own late start is checked against diffusers' scheduler in
+    tests/sampling/test_dpm.py)."""
     from diffusers import DPMSolverMultistepScheduler
+
+    from dcgen.sampling.dpm import dpm_flow_sigmas
 
     pipe = dcgen_flux()
     pipe.scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
                                                  prediction_type="flow_prediction")  # fmt: skip
+    calls = _first_inputs(pipe, monkeypatch)
     embeds, pooled = text(1)
-    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=_image(), height=64,
-              width=96, num_inference_steps=4, output_type="latent")  # fmt: skip
-    with pytest.raises(ValueError, match="Euler sampler"):
-        pipe(**kw)
-    assert torch.isfinite(pipe(sampler="euler", **kw).images).all()
+    noise = torch.randn(1, 2, 2, 3, generator=torch.Generator().manual_seed(8))
+    image = _image()
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, latents=noise, height=64,
+              width=96, num_inference_steps=10, output_type="latent")  # fmt: skip
+    pipe(image=image, strength=0.45, **kw)  # skips int(10 - 4.5) = 5 steps
+    assert len(calls) == 5
+    sigmas, model_sigmas = dpm_flow_sigmas(10, 3.0)
+    assert torch.allclose(calls[0][1], model_sigmas[5].expand(1))
+    z = pipe.vae.encode(image * 2 - 1, scaled=True)
+    s0 = sigmas[5]
+    torch.testing.assert_close(calls[0][0], s0 * noise + (1 - s0) * z, rtol=0, atol=1e-6)
+    # strength 1 runs every step from the grid's top, 1 - 1/1000: a trace of the image stays
+    calls.clear()
+    pipe(image=image, strength=1.0, **kw)
+    assert len(calls) == 10
+    top = sigmas[0]
+    torch.testing.assert_close(calls[0][0], top * noise + (1 - top) * z, rtol=0, atol=1e-6)

@@ -62,6 +62,27 @@ def test_steps_equal_the_diffusers_scheduler(steps, order, solver_type):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize(("steps", "skip"), [(20, 8), (10, 9), (28, 5), (6, 0)])
+def test_a_late_start_equals_the_scheduler_from_its_begin_index(steps, skip, order):
+    """Image-to-image under DPM-Solver++: the solver run on the grid's tail equals diffusers'
+    scheduler started at that step with set_begin_index (first order on its first step, no
+    history)."""
+    sched = DPMSolverMultistepScheduler(flow_shift=3.0, solver_order=order, **FLOW)
+    sched.set_timesteps(steps)
+    sched.set_begin_index(skip)
+    velocity = _field(steps + skip)
+    start = torch.randn(2, 3, 4, 4)
+    want = start.clone()
+    for t in sched.timesteps[skip:]:
+        want = sched.step(velocity(want, (t.float() / 1000).expand(2)), t, want).prev_sample
+    sigmas, model_sigmas = dpm_flow_sigmas(steps, 3.0)
+    got = sample_dpm_solver(
+        velocity, start, sigmas[skip:], model_sigmas[skip:], DPMSettings(order, "midpoint", 1000)
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_second_order_converges_faster_than_euler():
     """Gaussian data N(0, c^2): the exact flow maps noise z at sigma to
     sqrt((1 - sigma)^2 c^2 + sigma^2) z, so the sample at sigma 0 must be c z."""
