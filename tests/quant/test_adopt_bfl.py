@@ -248,3 +248,6 @@ def test_convert_quantized_command_writes_a_dcgen_checkpoint(checkpoint, tmp_pat
     assert "no such checkpoint" in capsys.readouterr().err
     assert main([*args[:3], str(tmp_path), *args[4:]]) != 0
     assert "expected a FLUX pipeline folder" in capsys.readouterr().err
+    # the BFL file itself given where a dcgen checkpoint goes: the error says what to do
+    with pytest.raises(ValueError, match="convert it with `dcgen convert-quantized"):
+        load_quantized(fresh, src)
