@@ -71,6 +71,10 @@ class ToyTextEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:  # diffusers' pipeline.to() reads it of every component
+        return self.embed.weight.dtype
+
     def forward(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_embeds (B, max_length, dim), pooled_prompt_embeds (B, pooled_dim))."""
         ids, mask = tokenize(captions, self.config.max_length)

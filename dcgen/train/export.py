@@ -193,20 +193,25 @@ def export_pipeline(
     ``link_text_encoders``), so the pipeline encodes text prompts itself.
     """
     from ..autoencoders import DCAE
-    from ..pipelines import DCGenFluxPipeline, DCGenSanaPipeline
+    from ..pipelines import DCGenFluxPipeline, DCGenSanaPipeline, DCGenToyPipeline
     from ..pipelines.text_encoders import (
         TextEncodersError,
         check_text_components,
         copy_text_components,
+        family_of_pipeline,
     )
     from .lora import fuse_lora, load_lora
 
     transformer, family = load_transformer(transformer_dir, family=family)
+    text_family = family
     if text_encoders is not None:
         if Path(text_encoders).resolve() == Path(out_dir).resolve():
             raise ExportError(f"--text-encoders {text_encoders} is the output folder itself")
         try:
-            check_text_components(text_encoders, family)
+            # the toy world's caption encoder serves its FLUX-architecture model
+            if family == "flux" and family_of_pipeline(text_encoders) == "toy":
+                text_family = "toy"
+            check_text_components(text_encoders, text_family)
         except TextEncodersError as err:
             raise ExportError(f"--text-encoders: {err}") from err
     adapter = adapter_for(transformer)
@@ -233,12 +238,13 @@ def export_pipeline(
     scheduler = default_scheduler(
         family, source=_transformer_folder(Path(transformer_dir)), shift=shift
     )
-    cls = DCGenFluxPipeline if family == "flux" else DCGenSanaPipeline
+    classes = {"flux": DCGenFluxPipeline, "sana": DCGenSanaPipeline, "toy": DCGenToyPipeline}
+    cls = classes[text_family]
     pipe = cls(transformer, vae=vae, scheduler=scheduler, shift_rule=shift_rule)
     out = Path(out_dir)
     pipe.save_pretrained(out)
     if text_encoders is not None:
-        names = copy_text_components(text_encoders, out, family, link=link_text_encoders)
+        names = copy_text_components(text_encoders, out, text_family, link=link_text_encoders)
         logger.info("%s text components %s from %s", "linked" if link_text_encoders else
                     "copied", names, text_encoders)  # fmt: skip
     logger.info("exported %s to %s", cls.__name__, out)

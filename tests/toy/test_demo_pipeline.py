@@ -58,6 +58,8 @@ def test_the_folder_holds_the_model_and_loads_back(folder, dcgen_model):
         assert torch.equal(saved[name], value), name
     assert adapter_for(pipe.transformer).position_scale == 2.0
     assert pipe.text_encoder is not None and pipe.vae is not None
+    pipe.to("cpu")  # diffusers' .to() reads every component's dtype and device
+    assert pipe.text_encoder.dtype == torch.float32
 
 
 def test_the_pipeline_samples_as_the_demo_does(folder, assets, dcgen_model):
