@@ -578,7 +578,7 @@ def _cmd_convert_quantized(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     model = FluxTransformer2DModel.from_single_file(
         str(src), config=str(config), quantization_config=BFLQuantizationConfig(dtype),
-        torch_dtype=dtype,
+        dtype=dtype,
     )  # fmt: skip
     names = adopt_quantized(model, nvfp4_mode=args.nvfp4_mode)
     kinds: dict[str, int] = {}

@@ -102,7 +102,7 @@ def _load(checkpoint) -> FluxTransformer2DModel:
     folder, state = checkpoint
     model = FluxTransformer2DModel.from_single_file(
         dict(state), config=str(folder), quantization_config=BFLQuantizationConfig(torch.float32),
-        torch_dtype=torch.float32,
+        dtype=torch.float32,
     )  # fmt: skip
     return model.eval()
 
