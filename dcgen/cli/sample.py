@@ -32,6 +32,11 @@ def _load_pipeline(folder: Path, dtype: torch.dtype) -> Any:
     linears before moving it to the device, so the GPU never holds the text encoders and the
     transformer at once, nor a 16-bit transformer that a quantized one replaces (NVFP4 FLUX
     on a 32 GB card)."""
+    return _pipeline_class(folder).from_pretrained(folder, dtype=dtype)
+
+
+def _pipeline_class(folder: Path) -> Any:
+    """The dcgen pipeline class that loads ``folder``, by its model_index.json."""
     import dcgen.pipelines as pipelines
 
     index = folder / "model_index.json"
@@ -42,7 +47,7 @@ def _load_pipeline(folder: Path, dtype: torch.dtype) -> Any:
     if name not in PIPELINE_CLASSES:
         known = [*PIPELINE_CLASSES, *DIFFUSERS_CLASSES]
         raise CLIError(f"{index}: pipeline class {name!r} is not one of {known}")
-    return getattr(pipelines, name).from_pretrained(folder, dtype=dtype)
+    return getattr(pipelines, name)
 
 
 def _batched(t: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
@@ -120,18 +125,19 @@ def _read_image(path: Path) -> Any:
         raise CLIError(f"--image {path}: not an image PIL can read ({err})") from err
 
 
-def _samples_with_cfg(folder: Path) -> bool:
-    """Whether the model of ``folder`` is one sampled with classifier-free guidance by default:
-    SANA without guidance embeddings (FLUX.1-dev-style models are guidance-distilled)."""
-    from dcgen.pipelines.text_encoders import TextEncodersError, family_of_pipeline
-
+def _default_cfg_scale(folder: Path) -> float:
+    """The classifier-free guidance scale the model of ``folder`` samples with by default, read
+    before it loads: its pipeline class's ``default_true_cfg_scale`` (SANA: 4.5), 1 (none) for
+    a guidance-distilled transformer (FLUX.1-dev style), as the pipeline decides it once
+    loaded (FlowTextToImagePipeline._default_true_cfg)."""
     try:
-        if family_of_pipeline(folder) != "sana":
-            return False
-    except TextEncodersError:
-        return False  # not a pipeline folder: _load_pipeline names the problem
+        cls = _pipeline_class(folder)
+    except (OSError, ValueError):
+        return 1.0  # not a loadable folder: _load_pipeline names the problem
     config = folder / "transformer" / "config.json"
-    return not (config.is_file() and json.loads(config.read_text()).get("guidance_embeds"))
+    if config.is_file() and json.loads(config.read_text()).get("guidance_embeds"):
+        return 1.0
+    return float(cls.default_true_cfg_scale)
 
 
 def _check_text_source(args: argparse.Namespace) -> str | None:
@@ -376,25 +382,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise CLIError(f"--strength: {err}") from err
     if args.prompt is not None and (args.caption or args.negative_caption):
         raise CLIError("--caption and --negative-caption pick entries of --prompt-embeds tables")
-    from dcgen.pipelines.sana import SANA_CFG_SCALE  # diffusers' SanaPipeline's default
-
-    sana_cfg = args.true_cfg is None and _samples_with_cfg(Path(args.pipeline))
+    default_cfg = _default_cfg_scale(Path(args.pipeline)) if args.true_cfg is None else 1.0
     if args.true_cfg is None:  # the embeddings path decides once it sees a negative (below)
-        args.true_cfg = SANA_CFG_SCALE if sana_cfg and args.prompt is not None else 1.0
+        args.true_cfg = default_cfg if args.prompt is not None else 1.0
     if args.negative_prompt is not None and args.true_cfg <= 1.0:
         raise CLIError(
             f"--negative-prompt is used by classifier-free guidance: give --true-cfg > 1 "
             f"(got {args.true_cfg:g})"
         )
     pipe, kwargs, unfused_loras = _pipeline_and_prompt(args, device, dtype)
-    if sana_cfg and args.prompt is None:
+    if default_cfg > 1.0 and args.prompt is None:
         if "negative_prompt_embeds" in kwargs:
-            args.true_cfg = SANA_CFG_SCALE
+            args.true_cfg = default_cfg
         else:
             print(
-                f"note: SANA samples with classifier-free guidance {SANA_CFG_SCALE:g}, which "
-                "needs a negative prompt; these embeddings have none (negative_* tensors or "
-                "--negative-caption), so this runs without guidance (--true-cfg 1)"
+                f"note: this model samples with classifier-free guidance {default_cfg:g}, "
+                "which needs a negative prompt; these embeddings have none (negative_* tensors "
+                "or --negative-caption), so this runs without guidance (--true-cfg 1)"
             )
     if quantized is not None:
         from dcgen.quant import load_quantized
@@ -519,12 +523,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             "a prompt (--prompt TEXT or --prompt-embeds FILE) is needed to calibrate "
             "(--smoothing) and for the quality report (skip the report with --no-report)"
         )
-    if args.prompt is not None and _samples_with_cfg(Path(args.pipeline)):
-        from dcgen.pipelines.sana import SANA_CFG_SCALE
-
+    default_cfg = _default_cfg_scale(Path(args.pipeline))
+    if args.prompt is not None and default_cfg > 1.0:
         # calibrate on what sampling runs: SANA's guided steps see the empty negative prompt
         # in half their batch (embeddings take part only if the file holds a negative)
-        args.true_cfg = SANA_CFG_SCALE
+        args.true_cfg = default_cfg
     pipe, kwargs, _ = _pipeline_and_prompt(args, device, dtype)  # (no --quantized: all fused)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=args.no_progress)
