@@ -1,4 +1,5 @@
-"""Banded decode: the decoder's high-resolution tail run one horizontal band at a time.
+"""Banded decode and encode: the high-resolution local layers run one horizontal band at a
+time (the decoder's tail, the encoder's head).
 
 Where the 4K decode's memory goes: the last stages work at 1024^2-2048^2 with 256-512 channels
 (2.1 GB per bf16 map at 2048^2 x 256), and a ResBlock holds three or four such maps at once.
@@ -15,6 +16,12 @@ padding, so every output row is computed from exactly the inputs of the full-fra
 result equals the full-frame decode up to the convolution algorithm's summation order (cuDNN
 and oneDNN may pick other algorithms for a smaller input); peak memory becomes the global
 prefix's output plus one band's activations. Cost: each band recomputes its halo rows.
+
+The encoder is the mirror image: its local layers come first (stem, ResBlocks, down blocks at
+full resolution) and its global ones last, so the longest local *prefix* runs band by band
+and the rest on the whole (small) map. A down block's output row y reads input rows
+[2y - r, 2y + 2 + r); its input slices start on even rows (the halo is rounded up to whole
+row pairs), so pixel_unshuffle and a stride-2 conv pair the rows as on the full map.
 """
 
 from __future__ import annotations
@@ -25,17 +32,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import ResBlock, UpBlock
+from .blocks import DownBlock, ResBlock, UpBlock
 from .norms import ChannelRMSNorm
 
 
 @dataclass(frozen=True)
 class LocalStep:
-    """A layer whose output row y depends only on input rows within ``radius`` of y / scale."""
+    """A layer whose output row y depends only on input rows within ``radius`` of y / scale
+    (``scale`` output rows per input row), or, for a layer that halves the map (``down`` = 2),
+    on input rows [down * y - radius, down * (y + 1) + radius)."""
 
     fn: Callable[[torch.Tensor], torch.Tensor]
     radius: int
     scale: int
+    down: int = 1
 
 
 _POINTWISE = (ChannelRMSNorm, nn.Identity, nn.ReLU, nn.SiLU, nn.GELU, nn.Mish)
@@ -61,6 +71,8 @@ def local_step(module: nn.Module) -> LocalStep | None:
         return LocalStep(module, 2, 1)  # two 3x3 convs
     if isinstance(module, UpBlock):
         return LocalStep(module, 1, 2)  # one 3x3 conv (before or after the x2 upscale)
+    if isinstance(module, DownBlock):
+        return LocalStep(module, 1, 1, down=2)  # one 3x3 conv (stride 1 or 2) at the input
     if _is_conv3x3_same(module):
         return LocalStep(module, 1, 1)
     if isinstance(module, nn.BatchNorm2d) and not module.training:
@@ -78,6 +90,14 @@ def local_suffix(modules: Sequence[nn.Module]) -> int:
     return k
 
 
+def local_prefix(modules: Sequence[nn.Module]) -> int:
+    """Length of the longest all-local run at the start of ``modules``."""
+    k = 0
+    while k < len(modules) and local_step(modules[k]) is not None:
+        k += 1
+    return k
+
+
 def band_ranges(steps: Sequence[LocalStep], heights: Sequence[int], a: int, b: int) -> list:
     """Rows [lo, hi) each level needs for output rows [a, b): level 0 is the input of the first
     step, level len(steps) the output. ``heights`` are the full map heights per level."""
@@ -85,8 +105,12 @@ def band_ranges(steps: Sequence[LocalStep], heights: Sequence[int], a: int, b: i
     ranges[-1] = (a, b)
     for i in reversed(range(len(steps))):
         lo, hi = ranges[i + 1]
-        s, r = steps[i].scale, steps[i].radius
-        ranges[i] = (max(lo // s - r, 0), min(-(-hi // s) + r, heights[i]))
+        s, r, d = steps[i].scale, steps[i].radius, steps[i].down
+        if d > 1:  # whole groups of d rows: the slice starts where the full map's groups do
+            halo = -(-r // d) * d
+            ranges[i] = (max(lo * d - halo, 0), min(hi * d + halo, heights[i]))
+        else:
+            ranges[i] = (max(lo // s - r, 0), min(-(-hi // s) + r, heights[i]))
     return ranges
 
 
@@ -105,7 +129,11 @@ def run_banded(steps: Sequence[LocalStep], x: torch.Tensor, band_rows: int) -> t
         raise ValueError("band_rows: expected a positive int, got None")
     heights = [x.shape[2]]
     for st in steps:
-        heights.append(heights[-1] * st.scale)
+        if heights[-1] % st.down:
+            raise ValueError(
+                f"run_banded: a map of {heights[-1]} rows cannot be divided by {st.down}"
+            )
+        heights.append(heights[-1] * st.scale // st.down)
     out: torch.Tensor | None = None
     for a in range(0, heights[-1], band_rows):
         b = min(a + band_rows, heights[-1])
@@ -113,7 +141,7 @@ def run_banded(steps: Sequence[LocalStep], x: torch.Tensor, band_rows: int) -> t
         h = x[:, :, ranges[0][0] : ranges[0][1]]
         for i, st in enumerate(steps):
             h = st.fn(h)
-            first = ranges[i][0] * st.scale  # the full-map row of h's row 0
+            first = ranges[i][0] * st.scale // st.down  # the full-map row of h's row 0
             lo, hi = ranges[i + 1]
             h = h[:, :, lo - first : hi - first]
         if out is None:

@@ -13,6 +13,7 @@ Module tree (dcgen names; checkpoint.py maps them to diffusers / original names)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from dcgen._hooks import has_forward_hooks, watched
 from dcgen.ops import channel_duplicate_to_space, space_to_channel_average
 
-from .banding import LocalStep, local_step, local_suffix, run_banded
+from .banding import LocalStep, local_prefix, local_step, local_suffix, run_banded
 from .blocks import DownBlock, UpBlock, make_block
 from .config import DCAEConfig
 from .fused import hooks_watching, use_fused
@@ -92,10 +93,19 @@ class Encoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.head = nn.Conv2d(widths[-1], cfg.latent_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, channels: int | None = None, band_rows: int | None = None
+    ) -> torch.Tensor:
         """Latents of ``x``; with ``channels=c`` only the first c latent channels are computed
-        (DC-AE 1.5 structured latents: the head conv's weight is sliced to [:c])."""
-        h, _ = run_stages(self.stages, self.stem(x), owned=not watched(self.stem))
+        (DC-AE 1.5 structured latents: the head conv's weight is sliced to [:c]).
+
+        ``band_rows``: run the local high-resolution head (the stem and every layer before the
+        first attention block) about ``band_rows`` input rows at a time (banding.py: the same
+        latents, a fraction of the peak memory)."""
+        if band_rows is None:
+            h, _ = run_stages(self.stages, self.stem(x), owned=not watched(self.stem))
+        else:
+            h = self._banded_head(x, band_rows)
         c = self.latent_channels if channels is None else channels
         if c == self.latent_channels:
             z = self.head(h)
@@ -105,6 +115,18 @@ class Encoder(nn.Module):
         if self.out_shortcut:
             z = z + space_to_channel_average(h, self.latent_channels, 1)[:, :c]
         return z
+
+    def _banded_head(self, x: torch.Tensor, band_rows: int) -> torch.Tensor:
+        layers = [self.stem, *(m for stage in self.stages for m in stage)]
+        k = local_prefix(layers)
+        steps = [local_step(m) for m in layers[:k]]
+        down = math.prod(st.down for st in steps)
+        # band_rows counts input rows; the bands are cut at the head's output, down x smaller
+        h = run_banded(steps, x, max(1, band_rows // down)) if steps else x
+        owned = True
+        for m in layers[k:]:
+            h, owned = run_layer(m, h, owned)
+        return h
 
 
 class Decoder(nn.Module):

@@ -437,6 +437,7 @@ class DCAE(nn.Module):
         batch_size: int | None = None,
         tile_size: int | None = None,
         tile_overlap: int | None = None,
+        band_rows: int | None = None,
     ) -> torch.Tensor:
         """Images (B, in_channels, H, W), H and W multiples of the compression factor f, ->
         latents (B, C, H/f, W/f).
@@ -446,8 +447,11 @@ class DCAE(nn.Module):
         scaled: multiply by scaling_factor (diffusion-model space), see the module docstring.
         batch_size: process at most this many images at once (default: enable_slicing's).
         tile_size / tile_overlap: tiled encoding in pixels (default: enable_tiling's).
+        band_rows: run the encoder's local high-resolution head about that many image rows at
+            a time (banding.py): the full-frame latents at a fraction of the peak memory.
         """
         x = self._check_tensor(x, "encode")
+        band_rows = check_band_rows(band_rows)
         cfg = self.config
         if x.shape[1] != cfg.in_channels:
             raise ValueError(
@@ -470,7 +474,7 @@ class DCAE(nn.Module):
             )
 
         def fn(t: torch.Tensor) -> torch.Tensor:
-            return self.encoder(t, channels)
+            return self.encoder(t, channels, band_rows)
 
         z = self._run(fn, x, (h // f, w // f), f, 1, batch_size, tile_size, tile_overlap)
         return self._scale_latents(z) if scaled else z

@@ -112,9 +112,11 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         images: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         tiles: tuple[int, int] | None = None,
+        band_rows: int | None = None,
     ) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> latents in the DiT's (scaled) space; ``tiles``:
-        (tile_size, tile_overlap) for a bounded-memory encode."""
+        """Images (B, 3, H, W) in [-1, 1] -> latents in the DiT's (scaled) space, with bounded
+        memory when asked: ``band_rows`` (a DC-AE's exact banded encode) or ``tiles``
+        (tile_size, tile_overlap)."""
         raise NotImplementedError
 
     def encode_prompt(
@@ -216,7 +218,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         Images whose larger side exceeds ``tile_threshold`` pixels decode with bounded memory:
         a DC-AE in bands of ``band_rows`` output rows (the same image as a full-frame decode),
         or, with ``band_rows=None`` (and always for the base FLUX VAE), tile by tile with
-        blended overlaps (approximate).
+        blended overlaps (approximate); an image-to-image input encodes the same way (a DC-AE:
+        the full-frame latents, band by band).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -285,6 +288,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             image_latents = self._image_latents(
                 image, height, width, batch, n, generator, device,
                 (tile_size, tile_overlap) if use_tiles else None,
+                band_rows if use_tiles else None,
             )  # fmt: skip
         if latents is None:
             noise = randn_tensor(
@@ -472,6 +476,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         device: torch.device,
         tiles: tuple[int, int] | None,
+        band_rows: int | None,
     ) -> torch.Tensor:
         """float32 latents (batch * n, C, h, w) of the image-to-image input."""
         pixels = self.image_processor.preprocess(image, height=height, width=width)
@@ -481,7 +486,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                 f"image: {k} images for {batch} prompt(s) x {n} image(s) per prompt; expected "
                 f"1, {batch} or {batch * n}"
             )
-        z = self.encode_images(pixels.to(device), generator, tiles).to(device, torch.float32)
+        z = self.encode_images(pixels.to(device), generator, tiles, band_rows)
+        z = z.to(device, torch.float32)
         if k == 1:
             return z.expand(batch * n, *z.shape[1:])
         return z.repeat_interleave(n, dim=0) if k == batch and n > 1 else z

@@ -198,9 +198,12 @@ class DCGenFluxPipeline(
         images: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         tiles: tuple[int, int] | None = None,
+        band_rows: int | None = None,
     ) -> torch.Tensor:
         self._require_vae()  # a DC-AE encodes deterministically: the generator is not used
         x = images.to(device=self.vae.device, dtype=self.vae.dtype)
+        if band_rows is not None:  # exact: the full-frame latents, bounded memory
+            return self.vae.encode(x, scaled=True, band_rows=band_rows)
         if tiles is None:
             return self.vae.encode(x, scaled=True)
         f = self.vae.spatial_compression_ratio
@@ -257,11 +260,14 @@ class BaseFluxPipeline(_FluxText, FluxLoraLoaderMixin, FlowTextToImagePipeline):
         images: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         tiles: tuple[int, int] | None = None,
+        band_rows: int | None = None,
     ) -> torch.Tensor:
         # As FluxImg2ImgPipeline: a posterior sample, image i from generator[i] given a list.
         cfg = self.vae.config
         x = images.to(device=self.vae.device, dtype=self.vae.dtype)
-        if tiles is not None:
+        # AutoencoderKL has no banded encode: bounded memory means its own tiling
+        tiling = tiles is not None or band_rows is not None
+        if tiling:
             self.vae.enable_tiling()  # its own tile size, from its config
         try:
             if isinstance(generator, list):
@@ -272,7 +278,7 @@ class BaseFluxPipeline(_FluxText, FluxLoraLoaderMixin, FlowTextToImagePipeline):
             else:
                 z = self.vae.encode(x).latent_dist.sample(generator)
         finally:
-            if tiles is not None:
+            if tiling:
                 self.vae.disable_tiling()
         return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 

@@ -128,3 +128,27 @@ def test_image_to_image_under_dpm_solver_starts_late_on_the_same_grid(monkeypatc
     assert len(calls) == 10
     top = sigmas[0]
     torch.testing.assert_close(calls[0][0], top * noise + (1 - top) * z, rtol=0, atol=1e-6)
+
+
+def test_large_images_encode_in_exact_bands(pipe, monkeypatch):
+    """Above tile_threshold the DC-AE encodes the input image in row bands (band_rows), which
+    gives the full-frame latents; band_rows=None falls back to blended tiles."""
+    embeds, pooled = text(1)
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=_image(), strength=0.5,
+              height=64, width=96, num_inference_steps=2, output_type="latent")  # fmt: skip
+    seen: list[dict] = []
+    encode = type(pipe.vae).encode
+
+    def spy(self, x, **kwargs):
+        seen.append(kwargs)
+        return encode(self, x, **kwargs)
+
+    monkeypatch.setattr(type(pipe.vae), "encode", spy)
+    full = pipe(generator=torch.Generator().manual_seed(1), tile_threshold=None, **kw).images
+    banded = pipe(generator=torch.Generator().manual_seed(1), tile_threshold=32, band_rows=16,
+                  **kw).images  # fmt: skip
+    tiled = pipe(generator=torch.Generator().manual_seed(1), tile_threshold=32, band_rows=None,
+                 tile_size=64, tile_overlap=32, **kw).images  # fmt: skip
+    assert "band_rows" not in seen[0] and seen[1]["band_rows"] == 16 and "tile_size" in seen[2]
+    torch.testing.assert_close(banded, full, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(tiled).all()
