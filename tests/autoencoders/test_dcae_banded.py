@@ -153,8 +153,8 @@ def test_the_encoder_bands_its_local_head_up_to_the_first_attention_block():
 
 
 def test_banded_encode_lowers_peak_memory():
-    """Measured on CPU, fp32, 512 px, widths / 16 (f32c32 SANA 1.1): the encoder's
-    full-resolution head one band at a time."""
+    """The encoder's full-resolution head one band at a time: measured on CPU, fp32, 512 px,
+    widths / 16 (f32c32 SANA 1.1): full 33.6 MB vs 10.3 MB at 64-row bands."""
     model = _model("dc-ae-f32c32-sana-1.1")
     x = torch.randn(1, 3, 512, 512)
     with torch.inference_mode():
