@@ -368,7 +368,8 @@ def test_cuda_band_paths_in_both_layouts_encode_and_band_rows(name, fold, monkey
     """The banded CUDA paths no other test reaches: the NCHW layout (set_memory_format
     "contiguous": the norm kernel's copy of NCHW band views, the up-block kernel on strided
     views), encode (the fused down blocks, ResBlocks writing into the stem output), an explicit
-    fold_batchnorm(), and decode(band_rows=...) with row bands inside. fp32 (no TF32) equals
+    fold_batchnorm(), decode(band_rows=...) with row bands inside and encode(band_rows=...)
+    (strided row-band views into the fused encoder blocks). fp32 (no TF32) equals
     the unbanded run; bf16 is judged by RMS against that fp32 result, as the unbanded bf16
     run is."""
     if not has_kernel("up_block_shortcut", "cuda"):
@@ -397,8 +398,10 @@ def test_cuda_band_paths_in_both_layouts_encode_and_band_rows(name, fold, monkey
                         "decode": model.decode(zz).float(),
                         "encode": model.encode(xx).float(),
                         "band_rows": model.decode(zz, band_rows=f + 3).float(),
+                        "encode_band_rows": model.encode(xx, band_rows=f + 6).float(),
                     }
             full["band_rows"] = full["decode"]
+            full["encode_band_rows"] = full["encode"]
             for what, out in got.items():
                 case = (dtype, fmt, what)
                 assert torch.isfinite(out).all(), case
