@@ -150,7 +150,9 @@ Encode every image of an image-caption folder with the DC-AE (dcae_latent, scale
 the base model's autoencoder (base_latent, needed by stage 1: for FLUX an AutoencoderKL's
 (mode - shift_factor) * scaling_factor as FluxPipeline makes it, for SANA its DC-AE's scaled
 latent), and attach text embeddings (prompt_embeds, pooled_prompt_embeds, ...;
-needed by stages 2 and 3). Resumable: rerunning keeps finished shards.
+needed by stages 2 and 3). Resumable: rerunning keeps finished shards. Under torchrun
+(torchrun --nproc_per_node N -m dcgen.cli precompute ...) each process encodes every N-th
+shard on its own GPU and rank 0 writes the index: the cache one process writes.
 
 Text embeddings (from the base model's own text encoders, a file, or any function):
   --text-encoders DIR         the base model's diffusers pipeline folder (FLUX.1: CLIP + T5,

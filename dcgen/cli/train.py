@@ -14,43 +14,55 @@ from .common import DTYPES, CLIError, _device, _dtype
 
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
+    from dcgen.train.distributed import init_distributed
     from dcgen.train.prepare import run_precompute
 
     resolution = args.resolution
     if resolution is None and args.buckets is None:
         resolution = 1024
-    device = _device(args.device)
-    print(f"dcgen precompute: {args.data} -> {args.out} on {device}", file=sys.stderr)
-    text_encoder: Any = args.text_encoder
     if args.max_sequence_length is not None and args.text_encoders is None:
         raise CLIError("--max-sequence-length goes with --text-encoders DIR")
-    if args.text_encoders is not None:
-        from dcgen.pipelines.text_encoders import PipelineTextEncoder, text_encoder_dtype
+    # under torchrun each process encodes every world_size-th shard on its own GPU
+    ctx = init_distributed(_device(args.device))
+    try:
+        device = str(ctx.device)
+        if ctx.is_main:
+            print(f"dcgen precompute: {args.data} -> {args.out} on {device}"
+                  + (f" (x{ctx.world_size} processes)" if ctx.enabled else ""),
+                  file=sys.stderr)  # fmt: skip
+        text_encoder: Any = args.text_encoder
+        if args.text_encoders is not None:
+            from dcgen.pipelines.text_encoders import PipelineTextEncoder, text_encoder_dtype
 
-        text_encoder = PipelineTextEncoder(
-            args.text_encoders, device=device,
-            dtype=text_encoder_dtype(DTYPES[args.encoder_dtype]),
-            max_sequence_length=args.max_sequence_length,
-        )  # fmt: skip
-    cache = run_precompute(
-        args.data,
-        args.dcae,
-        args.out,
-        base_vae=args.base_vae,
-        base_patch_size=args.base_patch_size,
-        text_embeddings=args.text_embeddings,
-        text_encoder=text_encoder,
-        resolution=resolution,
-        buckets=args.buckets,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        dtype=_dtype(args.dtype),
-        encoder_dtype=DTYPES[args.encoder_dtype],
-        device=device,
-        num_workers=args.num_workers,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+            text_encoder = PipelineTextEncoder(
+                args.text_encoders, device=device,
+                dtype=text_encoder_dtype(DTYPES[args.encoder_dtype]),
+                max_sequence_length=args.max_sequence_length,
+            )  # fmt: skip
+        cache = run_precompute(
+            args.data,
+            args.dcae,
+            args.out,
+            base_vae=args.base_vae,
+            base_patch_size=args.base_patch_size,
+            text_embeddings=args.text_embeddings,
+            text_encoder=text_encoder,
+            resolution=resolution,
+            buckets=args.buckets,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            dtype=_dtype(args.dtype),
+            encoder_dtype=DTYPES[args.encoder_dtype],
+            device=device,
+            num_workers=args.num_workers,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            ctx=ctx,
+        )
+    finally:
+        ctx.close()
+    if not ctx.is_main:
+        return 0
     first = cache.samples[0]
     print(f"latent cache {args.out}: {len(cache)} samples in {len(cache.shards)} shard(s)")
     for name in sorted(first["shapes"]):

@@ -41,7 +41,7 @@ import os
 import tempfile
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -50,6 +50,9 @@ from tqdm.auto import tqdm
 
 from ._fs import fsync_path
 from .data import ImageCaptionDataset
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +131,7 @@ def precompute(
     num_workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> LatentCache:
     """Encode every sample of ``dataset`` once and store the results under ``out_dir``.
 
@@ -140,7 +144,13 @@ def precompute(
     Resumable: finished shards are kept on re-run when the fingerprint (dataset fingerprint,
     tensor names, shard size, dtype) matches; a different fingerprint raises unless
     ``overwrite=True``. A shard holds ``shard_size`` samples in memory before it is written.
+
+    Several processes (``ctx`` from :func:`~dcgen.train.distributed.init_distributed`, under
+    torchrun): rank r computes shards r, r + world_size, ...; after a barrier rank 0 reads the
+    others' shard records and writes the index, and every rank returns once it is written.
+    The cache is the one a single process makes (the same shards, bit for bit).
     """
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     if shard_size <= 0 or batch_size <= 0:
         raise ValueError(
             f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}"
@@ -176,13 +186,16 @@ def precompute(
                 f"{out} holds a latent cache of other data or settings (fingerprint {old_fp} != "
                 f"{cache_fp}); pass overwrite=True or choose another out_dir"
             )
-        index_path.unlink()
+        if rank == 0:
+            index_path.unlink(missing_ok=True)
 
     n_shards = (n + shard_size - 1) // shard_size
-    records: list[dict[str, Any]] = []
-    pbar = tqdm(total=n, desc="precompute", unit="img", disable=not progress)
+    mine = range(rank, n_shards, world)
+    by_shard: dict[int, list[dict[str, Any]]] = {}
+    total = sum(min(n, (s + 1) * shard_size) - s * shard_size for s in mine)
+    pbar = tqdm(total=total, desc="precompute", unit="img", disable=not progress)
     try:
-        for s in range(n_shards):
+        for s in mine:
             start, stop = s * shard_size, min(n, (s + 1) * shard_size)
             path = out / shard_name(s)
             done = _finished_shard(path, cache_fp, start, stop - start, overwrite)
@@ -203,9 +216,23 @@ def precompute(
             else:
                 logger.info("keeping finished shard %s", path.name)
                 pbar.update(stop - start)
-            records.extend(done[0])
+            by_shard[s] = done[0]
     finally:
         pbar.close()
+    if world > 1:
+        assert ctx is not None
+        ctx.barrier()  # every shard is written
+        if rank != 0:
+            ctx.barrier()  # rank 0 has written the index
+            return LatentCache(out)
+        for s in range(n_shards):  # the other ranks' shards, from their own metadata
+            if s not in by_shard:
+                start, stop = s * shard_size, min(n, (s + 1) * shard_size)
+                done = _finished_shard(out / shard_name(s), cache_fp, start, stop - start, False)
+                if done is None:
+                    raise CacheError(f"shard {shard_name(s)} is missing after every rank finished")
+                by_shard[s] = done[0]
+    records = [r for s in range(n_shards) for r in by_shard[s]]
 
     # Extra shards from an earlier, larger run would otherwise sit unused next to the index.
     for p in sorted(out.glob("shard-*.safetensors")):
@@ -244,6 +271,9 @@ def precompute(
 
     _atomic_write_bytes(index_path, write_index)
     logger.info("latent cache %s: %d samples in %d shards", out, n, n_shards)
+    if world > 1:
+        assert ctx is not None
+        ctx.barrier()  # the other ranks return once the index exists
     return LatentCache(out)
 
 

@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -44,6 +44,9 @@ from .buckets import make_buckets
 from .cache import LatentCache, precompute
 from .data import ImageCaptionFolder
 from .null_text import encode_null_text, save_null_text
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -362,6 +365,7 @@ def run_precompute(
     num_workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> LatentCache:
     """Build the latent cache the training stages read (see ``dcgen precompute --help``).
 
@@ -458,7 +462,10 @@ def run_precompute(
         num_workers=num_workers,
         overwrite=overwrite,
         progress=progress,
+        ctx=ctx,
     )
+    if ctx is not None and not ctx.is_main:
+        return cache  # rank 0 writes the cache's one extra file
     # the empty prompt's embeddings, for caption dropout in stages 2-3 (dcgen.train.null_text);
     # optional: an encoder that cannot take "" costs the cache nothing
     try:
