@@ -305,7 +305,9 @@ DCGenToyPipeline folder `dcgen demo` writes, <out>/pipeline, loads too) and writ
                        pooled_prompt_embeds (FLUX), prompt_attention_mask (SANA, optional) and
                        optionally negative_* of each for --true-cfg; or a text-embeddings table
                        from precompute's format, with --caption choosing the entry.
-Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at --out.""",
+Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at --out. Under
+torchrun each process samples every N-th (prompt, seed batch) on its own GPU and writes
+those files (no grid).""",
     )
     g.add_argument("--pipeline", required=True, metavar="DIR", help="pipeline folder")
     _add_text_prompt(

@@ -351,7 +351,12 @@ def _accelerate(transformer: torch.nn.Module, mode: str, device: str) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from dcgen.train.distributed import launch_env
+
     device = _device(args.device)
+    launch = launch_env()  # torchrun: (rank, world, local rank); the prompts are split
+    if device == "cuda" and launch[1] > 1:
+        torch.cuda.set_device(launch[2])  # "cuda" is then this process's GPU
     dtype = _model_dtype(args.dtype, device)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -412,54 +417,60 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     n_prompts = len(args.prompt) if args.prompt is not None else 1
+    # (prompt, seed batch) work items; under torchrun each process samples every world-th
+    rank, world = launch[0], launch[1]
+    items = [(i, args.seed[s : s + args.batch_size]) for i in range(n_prompts)
+             for s in range(0, len(args.seed), args.batch_size)]  # fmt: skip
     images, names = [], []
-    for i in range(n_prompts):
+    for i, seeds in items[rank::world]:
         # one prompt's rows of the batched encodings; a negative is shared by all prompts
         one = {k: v if k.startswith("negative_") or n_prompts == 1 else v[i : i + 1]
                for k, v in kwargs.items()}  # fmt: skip
-        for start in range(0, len(args.seed), args.batch_size):
-            # a call samples several seeds as one batch, each image from its own generator's
-            # noise: the images one call per seed gives, up to the batch's float rounding
-            seeds = args.seed[start : start + args.batch_size]
-            generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-            started = time.perf_counter()
-            result = pipe(
-                height=args.height,
-                width=args.width,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                true_cfg_scale=args.true_cfg,
-                num_images_per_prompt=len(seeds),
-                generator=generators if len(seeds) > 1 else generators[0],
-                shift=args.shift,
-                sampler=args.sampler,
-                **({} if init_image is None else {"image": init_image, "strength": args.strength}),
-                **one,
+        # a call samples several seeds as one batch, each image from its own generator's
+        # noise: the images one call per seed gives, up to the batch's float rounding
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        started = time.perf_counter()
+        result = pipe(
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            true_cfg_scale=args.true_cfg,
+            num_images_per_prompt=len(seeds),
+            generator=generators if len(seeds) > 1 else generators[0],
+            shift=args.shift,
+            sampler=args.sampler,
+            **({} if init_image is None else {"image": init_image, "strength": args.strength}),
+            **one,
+        )
+        # PIL images are on the host: the GPU work of the call is done
+        seconds = time.perf_counter() - started
+        first = " (the first call: warm-up included)" if not images and device == "cuda" else ""
+        print(f"sampled seed(s) {', '.join(map(str, seeds))}"
+              + (f" of prompt {i}" if n_prompts > 1 else "")
+              + f" in {seconds:.2f} s{first}")  # fmt: skip
+        for seed, image in zip(seeds, result.images, strict=True):
+            images.append(image)
+            parts = ([f"p{i}"] if n_prompts > 1 else []) + (
+                [f"seed{seed}"] if len(args.seed) > 1 else []
             )
-            # PIL images are on the host: the GPU work of the call is done
-            seconds = time.perf_counter() - started
-            first = " (the first call: warm-up included)" if not images and device == "cuda" else ""
-            print(f"sampled seed(s) {', '.join(map(str, seeds))}"
-                  + (f" of prompt {i}" if n_prompts > 1 else "")
-                  + f" in {seconds:.2f} s{first}")  # fmt: skip
-            for seed, image in zip(seeds, result.images, strict=True):
-                images.append(image)
-                parts = ([f"p{i}"] if n_prompts > 1 else []) + (
-                    [f"seed{seed}"] if len(args.seed) > 1 else []
-                )
-                names.append("-".join(parts))
-    if len(images) == 1:
-        images[0].save(out)
-        print(f"wrote {out}")
+            names.append("-".join(parts))
+    total = n_prompts * len(args.seed)
+    if total == 1:
+        if images:  # (under torchrun, the one process that had the work item)
+            images[0].save(out)
+            print(f"wrote {out}")
         return 0
     for name, image in zip(names, images):
         path = out.with_name(f"{out.stem}-{name}{out.suffix}")
         image.save(path)
         print(f"wrote {path}")
+    if world > 1:
+        print(f"process {rank} of {world}: wrote {len(images)} of {total} images (no grid under "
+              "torchrun: the images are split between the processes)")  # fmt: skip
+        return 0
     _grid(images, cols=len(args.seed) if n_prompts > 1 else None).save(out)
-    what = (
-        f"{n_prompts} prompts x {len(args.seed)} seeds" if n_prompts > 1 else f"{len(images)} seeds"
-    )
+    what = f"{n_prompts} prompts x {len(args.seed)} seeds" if n_prompts > 1 else f"{total} seeds"
     print(f"wrote {out} ({what} in a grid)")
     return 0
 

@@ -27,7 +27,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistContext", "FSDPState", "init_distributed"]
+__all__ = ["DistContext", "FSDPState", "init_distributed", "launch_env"]
 
 
 @dataclass
@@ -206,6 +206,16 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError as err:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer") from err
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it. For
+    jobs whose processes never talk to each other (sampling a prompt list), no process group."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"torchrun environment: RANK={rank} is not in [0, WORLD_SIZE={world})")
+    return rank, world, _env_int("LOCAL_RANK", rank if world > 1 else 0)
 
 
 def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> DistContext:

@@ -183,3 +183,38 @@ def test_generate_image_options_are_named(folder, tmp_path, capsys, extra, match
                  "--out", str(tmp_path / "x.png"), "--device", "cpu", *extra])  # fmt: skip
     assert code != 0
     assert re.search(match, capsys.readouterr().err)
+
+
+def _generate_worker(rank: int, world: int, argv: list[str]) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)  # two processes on two shared cores
+    if main(argv) != 0:
+        raise SystemExit(f"rank {rank}: generate failed")
+
+
+def test_generate_under_torchrun_splits_the_images(folder, tmp_path):
+    """Two processes (torchrun's environment) sample a 3 prompts x 2 seeds job between them:
+    together the files one process writes, pixel for pixel (no grid: no process has them all)."""
+    import torch.multiprocessing as mp
+
+    def argv(out):
+        return ["generate", "--pipeline", str(folder), "--prompt", CAPTIONS[0], "--prompt",
+                CAPTIONS[1], "--prompt", "a small green triangle top right", "--seed", "1", "2",
+                "--height", "128", "--width", "128", "--steps", "2", "--device", "cpu",
+                "--no-progress", "--out", str(out)]  # fmt: skip
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker: the same summation order, the same pixels
+    try:
+        assert main(argv(tmp_path / "one" / "x.png")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_generate_worker, args=(2, argv(tmp_path / "two" / "x.png")), nprocs=2, join=True)
+    one = {p.name for p in (tmp_path / "one").iterdir()} - {"x.png"}  # the grid
+    two = {p.name for p in (tmp_path / "two").iterdir()}
+    assert one == two and len(two) == 6
+    for name in two:
+        a = np.asarray(Image.open(tmp_path / "one" / name))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / name)), a), name

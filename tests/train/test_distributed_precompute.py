@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from diffusers import AutoencoderKL
@@ -71,3 +72,18 @@ def test_two_processes_write_the_cache_one_process_writes(tmp_path: Path) -> Non
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
     assert (two / "null_text.safetensors").is_file()  # written once, by rank 0
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_launch_env_reads_torchrun_and_refuses_a_bad_rank(monkeypatch) -> None:
+    from dcgen.train.distributed import launch_env
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert launch_env() == (0, 1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert launch_env() == (3, 4, 1)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match=r"RANK=4 is not in \[0, WORLD_SIZE=4\)"):
+        launch_env()
