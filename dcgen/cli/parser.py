@@ -354,6 +354,9 @@ those files (no grid).""",
                    help="seeds sampled together in one call (faster on a GPU, N times the "
                    "activation memory; the same images; default 1)")  # fmt: skip
     g.add_argument("--out", default="image.png", help="output PNG (default image.png)")
+    g.add_argument("--skip-existing", action="store_true",
+                   help="keep the PNGs a killed (or earlier) run already wrote and sample only "
+                   "the missing ones (each PNG is written as its call ends, atomically)")  # fmt: skip
     g.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available")  # fmt: skip
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None,

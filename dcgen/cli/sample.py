@@ -421,8 +421,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     rank, world = launch[0], launch[1]
     items = [(i, args.seed[s : s + args.batch_size]) for i in range(n_prompts)
              for s in range(0, len(args.seed), args.batch_size)]  # fmt: skip
-    images, names = [], []
+    n_seeds, total = len(args.seed), n_prompts * len(args.seed)
+    images: list[Any] = []  # this process's, in order (the grid's when it has them all)
     for i, seeds in items[rank::world]:
+        paths = [_image_path(out, n_prompts, n_seeds, i, seed) for seed in seeds]
+        if args.skip_existing and all(p.is_file() for p in paths):
+            print(f"kept {', '.join(map(str, paths))} (--skip-existing)")
+            images.extend(_read_png(p) for p in paths)
+            continue
         # one prompt's rows of the batched encodings; a negative is shared by all prompts
         one = {k: v if k.startswith("negative_") or n_prompts == 1 else v[i : i + 1]
                for k, v in kwargs.items()}  # fmt: skip
@@ -449,30 +455,43 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"sampled seed(s) {', '.join(map(str, seeds))}"
               + (f" of prompt {i}" if n_prompts > 1 else "")
               + f" in {seconds:.2f} s{first}")  # fmt: skip
-        for seed, image in zip(seeds, result.images, strict=True):
-            images.append(image)
-            parts = ([f"p{i}"] if n_prompts > 1 else []) + (
-                [f"seed{seed}"] if len(args.seed) > 1 else []
-            )
-            names.append("-".join(parts))
-    total = n_prompts * len(args.seed)
-    if total == 1:
-        if images:  # (under torchrun, the one process that had the work item)
-            images[0].save(out)
-            print(f"wrote {out}")
-        return 0
-    for name, image in zip(names, images):
-        path = out.with_name(f"{out.stem}-{name}{out.suffix}")
-        image.save(path)
-        print(f"wrote {path}")
-    if world > 1:
-        print(f"process {rank} of {world}: wrote {len(images)} of {total} images (no grid under "
+        # written as each call ends: a killed job keeps what it finished (--skip-existing)
+        for path, image in zip(paths, result.images, strict=True):
+            _save_png(image, path)
+            print(f"wrote {path}")
+        images.extend(result.images)
+    if world > 1 and total > 1:
+        print(f"process {rank} of {world}: {len(images)} of {total} images (no grid under "
               "torchrun: the images are split between the processes)")  # fmt: skip
+    if world > 1 or total == 1:
         return 0
-    _grid(images, cols=len(args.seed) if n_prompts > 1 else None).save(out)
-    what = f"{n_prompts} prompts x {len(args.seed)} seeds" if n_prompts > 1 else f"{total} seeds"
+    _save_png(_grid(images, cols=n_seeds if n_prompts > 1 else None), out)
+    what = f"{n_prompts} prompts x {n_seeds} seeds" if n_prompts > 1 else f"{total} seeds"
     print(f"wrote {out} ({what} in a grid)")
     return 0
+
+
+def _image_path(out: Path, n_prompts: int, n_seeds: int, prompt: int, seed: int) -> Path:
+    """The PNG of one (prompt, seed): --out itself for a single image, else
+    <out>-p<prompt>-seed<seed>.png (each part only when there are several)."""
+    if n_prompts * n_seeds == 1:
+        return out
+    parts = ([f"p{prompt}"] if n_prompts > 1 else []) + ([f"seed{seed}"] if n_seeds > 1 else [])
+    return out.with_name(f"{out.stem}-{'-'.join(parts)}{out.suffix}")
+
+
+def _save_png(image: Any, path: Path) -> None:
+    """Written beside ``path`` and renamed into place: a killed job leaves no half PNG."""
+    from dcgen.autoencoders.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def _read_png(path: Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 QUANT_FORMATS = ("fp8-row", "fp8-block128", "nvfp4-w4a4", "nvfp4-w4a16")

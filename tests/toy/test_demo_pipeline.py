@@ -218,3 +218,25 @@ def test_generate_under_torchrun_splits_the_images(folder, tmp_path):
     for name in two:
         a = np.asarray(Image.open(tmp_path / "one" / name))
         assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / name)), a), name
+
+
+def test_generate_skip_existing_samples_only_what_is_missing(folder, tmp_path, capsys):
+    """A killed job's rerun: the PNGs already there are kept, the missing ones sampled (the
+    same pixels a full run gives), and the grid is made from both."""
+    out = tmp_path / "x.png"
+    argv = ["generate", "--pipeline", str(folder), "--prompt", CAPTIONS[0], "--seed", "1", "2",
+            "3", "--height", "128", "--width", "128", "--steps", "2", "--device", "cpu",
+            "--no-progress", "--out", str(out), "--skip-existing"]  # fmt: skip
+    assert main(argv) == 0
+    full = {p.name: np.asarray(Image.open(p)) for p in tmp_path.glob("x*.png")}
+    assert set(full) == {"x.png", "x-seed1.png", "x-seed2.png", "x-seed3.png"}
+    (tmp_path / "x-seed2.png").unlink()
+    (tmp_path / "x.png").unlink()
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("sampled seed(s)") == 1 and "sampled seed(s) 2 " in printed
+    assert printed.count("(--skip-existing)") == 2
+    for name, pixels in full.items():
+        assert np.array_equal(np.asarray(Image.open(tmp_path / name)), pixels), name
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no leftovers
