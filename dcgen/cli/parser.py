@@ -348,6 +348,9 @@ those files (no grid).""",
                    help="with --image: how far from the picture the sampling starts, in (0, 1]; "
                    "1 ignores it, small values keep it (default 0.6, as diffusers' "
                    "FluxImg2ImgPipeline)")  # fmt: skip
+    g.add_argument("--mask", default=None, metavar="FILE",
+                   help="with --image: inpaint, repainting where this picture is white (binarized "
+                   "at half grey, resized to the latent grid) and keeping the rest")  # fmt: skip
     g.add_argument("--seed", type=int, nargs="+", default=[0], metavar="N",
                    help="one or more seeds; several make a grid (default 0)")  # fmt: skip
     g.add_argument("--batch-size", type=int, default=1, metavar="N",

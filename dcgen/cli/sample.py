@@ -112,17 +112,17 @@ def _read_prompt_file(path: Path) -> list[str]:
     return prompts
 
 
-def _read_image(path: Path) -> Any:
-    """--image FILE as an RGB PIL image, read before any model loads."""
+def _read_image(path: Path, option: str = "--image") -> Any:
+    """``option``'s FILE as an RGB PIL image, read before any model loads."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError as err:
-        raise CLIError(f"--image {path}: no such file") from err
+        raise CLIError(f"{option} {path}: no such file") from err
     except (UnidentifiedImageError, OSError) as err:
-        raise CLIError(f"--image {path}: not an image PIL can read ({err})") from err
+        raise CLIError(f"{option} {path}: not an image PIL can read ({err})") from err
 
 
 def _default_cfg_scale(folder: Path) -> float:
@@ -374,8 +374,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     init_image = _read_image(Path(args.image)) if args.image is not None else None
-    if init_image is None and args.strength is not None:
-        raise CLIError("--strength goes with --image FILE")
+    if init_image is None and (args.strength is not None or args.mask is not None):
+        raise CLIError("--strength and --mask go with --image FILE")
+    mask = _read_image(Path(args.mask), "--mask") if args.mask is not None else None
     if init_image is not None:
         from dcgen.pipelines.base import DEFAULT_STRENGTH
         from dcgen.sampling.flow import strength_start
@@ -447,6 +448,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             shift=args.shift,
             sampler=args.sampler,
             **({} if init_image is None else {"image": init_image, "strength": args.strength}),
+            **({} if mask is None else {"mask_image": mask}),
             **one,
         )
         # PIL images are on the host: the GPU work of the call is done

@@ -171,6 +171,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         image: Any = None,
         strength: float = DEFAULT_STRENGTH,
+        mask_image: Any = None,
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
@@ -208,7 +209,10 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         FluxImg2ImgPipeline: the schedule's first int(steps - steps x ``strength``) steps are
         skipped, the image's latents noised to the first sigma left, the rest sampled (either
         sampler; ``latents`` is then the noise mixed in). One image for every prompt, one
-        per prompt or one per output image.
+        per prompt or one per output image. ``mask_image`` (with ``image``; white = repaint)
+        inpaints as diffusers' FluxInpaintPipeline: the mask is binarized and resized (nearest)
+        to the latent grid, and after every step the kept region is reset to the image's
+        latents noised to the next sigma (the clean latents after the last).
         ``joint_attention_kwargs`` (FLUX's name) or ``attention_kwargs`` (SANA's; either works
         for both) go to the transformer; ``{"scale": s}`` scales unfused LoRAs.
         ``callback_on_step_end(pipe, i, t, {"latents": x})`` runs after each step, as in
@@ -238,6 +242,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                 )
             num_inference_steps = len(check_custom_sigmas(sigmas))
         skip = strength_start(num_inference_steps, strength) if image is not None else 0
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image: inpainting needs the image to inpaint (image=...)")
         if joint_attention_kwargs is not None and attention_kwargs is not None:
             raise ValueError("pass joint_attention_kwargs or attention_kwargs, not both")
         attn_kwargs = joint_attention_kwargs if attention_kwargs is None else attention_kwargs
@@ -310,10 +316,14 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             schedule, model_sigmas = dpm_flow_sigmas(
                 num_inference_steps, shift, dpm.train_timesteps, device, dpm.integer_timesteps
             )
+        start = noise
         if image_latents is not None:  # start at step `skip`: DPM-Solver++ then has no history
             schedule = schedule[skip:]
             model_sigmas = None if model_sigmas is None else model_sigmas[skip:]
-            noise = schedule[0] * noise + (1 - schedule[0]) * image_latents
+            start = schedule[0] * noise + (1 - schedule[0]) * image_latents
+        keep = None  # inpainting: where the image's own latents are put back after each step
+        if mask_image is not None:
+            keep = 1 - self._latent_mask(mask_image, height, width, batch, n, (h, w), device)
         logger.info(
             "sampling %d image(s) at %dx%d: %d tokens, shift %.4g, %d %s steps",
             total, height, width, adapter.num_tokens(h, w), shift, len(schedule) - 1,
@@ -354,8 +364,17 @@ class FlowTextToImagePipeline(DiffusionPipeline):
 
             def on_step(i: int, x: torch.Tensor) -> torch.Tensor | None:
                 bar.update()
+                if keep is not None:
+                    # the kept region at this step's end: noised to the next sigma, or clean
+                    s = schedule[i + 1]
+                    known = (
+                        s * noise + (1 - s) * image_latents
+                        if i < len(schedule) - 2
+                        else image_latents
+                    )
+                    x = keep * known + (1 - keep) * x
                 if callback_on_step_end is None:
-                    return None
+                    return x if keep is not None else None
                 given = {"latents": x} if callback_inputs else {}
                 returned = callback_on_step_end(self, i, model_t[i] * 1000.0, given) or {}
                 x = returned.get("latents", x)
@@ -366,10 +385,10 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             self._interrupt = False
             try:
                 if dpm is None:
-                    out = sample_euler(velocity, noise, schedule, on_step=on_step)
+                    out = sample_euler(velocity, start, schedule, on_step=on_step)
                 else:
                     out = sample_dpm_solver(
-                        velocity, noise, schedule, model_sigmas, dpm, on_step=on_step
+                        velocity, start, schedule, model_sigmas, dpm, on_step=on_step
                     )
             except _Interrupted as stop:
                 out = stop.latents.float()
@@ -491,6 +510,34 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         if k == 1:
             return z.expand(batch * n, *z.shape[1:])
         return z.repeat_interleave(n, dim=0) if k == batch and n > 1 else z
+
+    def _latent_mask(
+        self,
+        mask_image: Any,
+        height: int,
+        width: int,
+        batch: int,
+        n: int,
+        grid: tuple[int, int],
+        device: torch.device,
+    ) -> torch.Tensor:
+        """float32 (batch * n, 1, h, w) inpainting mask on the latent grid, 1 = repaint: the
+        mask image(s) to grayscale, binarized at 0.5, resized (nearest), as FluxInpaintPipeline
+        makes it."""
+        processor = VaeImageProcessor(
+            vae_scale_factor=1, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
+        mask = processor.preprocess(mask_image, height=height, width=width)
+        k = mask.shape[0]
+        if k not in (1, batch, batch * n):
+            raise ValueError(
+                f"mask_image: {k} masks for {batch} prompt(s) x {n} image(s) per prompt; "
+                f"expected 1, {batch} or {batch * n}"
+            )
+        mask = torch.nn.functional.interpolate(mask.float(), size=grid).to(device)
+        if k == 1:
+            return mask.expand(batch * n, *mask.shape[1:])
+        return mask.repeat_interleave(n, dim=0) if k == batch and n > 1 else mask
 
     def _embeddings(
         self,

@@ -131,6 +131,35 @@ def test_image_to_image_samples_as_diffusers_flux_img2img(steps, strength, batch
     torch.testing.assert_close(_pack(got), want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(("steps", "strength"), [(4, 1.0), (6, 0.6), (5, 0.3)])
+def test_inpainting_samples_as_diffusers_flux_inpaint(steps, strength):
+    """mask_image= as FluxInpaintPipeline: the binarized mask on the latent grid, the kept
+    region reset to the image's latents noised to the next sigma after every step."""
+    from diffusers import FluxInpaintPipeline
+
+    _, ours = _flux_pair()
+    ref = FluxInpaintPipeline(scheduler=ours.scheduler, vae=ours.vae, transformer=ours.transformer,
+                              text_encoder=None, tokenizer=None, text_encoder_2=None,
+                              tokenizer_2=None)  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    torch.manual_seed(11)
+    image = torch.rand(1, 3, 64, 96)
+    mask = torch.zeros(1, 1, 64, 96)
+    mask[..., 16:48, 40:] = 1.0  # repaint a block on the right
+    mask[..., 0:8, 0:20] = 0.7  # above 0.5: binarized to 1
+    embeds, pooled = text(1)
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=image, mask_image=mask,
+              height=64, width=96, num_inference_steps=steps, strength=strength,
+              guidance_scale=3.5, output_type="latent")  # fmt: skip
+    with torch.no_grad():
+        want = ref(generator=torch.Generator().manual_seed(3), **kw).images
+        got = ours(generator=torch.Generator().manual_seed(3), **kw).images
+        plain = ours(generator=torch.Generator().manual_seed(3),
+                     **{**kw, "mask_image": None}).images  # fmt: skip
+    torch.testing.assert_close(_pack(got), want, rtol=0, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the mask changed the result
+
+
 def _sana_pair(scheduler) -> tuple[SanaPipeline, DCGenSanaPipeline]:
     """diffusers' SanaPipeline and dcgen's on the same tiny transformer and DC-AE weights. The
     DC-AE has attention head dim 8: at tiny_dcae's 2 the two decoders' fp32 roundings differ by

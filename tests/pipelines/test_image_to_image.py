@@ -152,3 +152,31 @@ def test_large_images_encode_in_exact_bands(pipe, monkeypatch):
     assert "band_rows" not in seen[0] and seen[1]["band_rows"] == 16 and "tile_size" in seen[2]
     torch.testing.assert_close(banded, full, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(tiled).all()
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpm"])
+def test_inpainting_keeps_the_unmasked_latents(pipe, sampler):
+    """mask_image (white = repaint): after the last step the kept latent cells are the image's
+    own latents; the masked ones are sampled (FluxInpaintPipeline's parity on base FLUX is in
+    test_diffusers_folders.py)."""
+    embeds, pooled = text(1)
+    image = _image()
+    mask = torch.zeros(1, 1, 64, 96)
+    mask[..., :, 64:] = 1.0  # the right third: the last latent column of the 2 x 3 grid
+    out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=image, mask_image=mask,
+               strength=0.8, height=64, width=96, num_inference_steps=4, sampler=sampler,
+               output_type="latent", generator=torch.Generator().manual_seed(2)).images  # fmt: skip
+    z = pipe.vae.encode(image * 2 - 1, scaled=True)
+    torch.testing.assert_close(out[..., :2], z[..., :2], rtol=0, atol=1e-6)
+    assert (out[..., 2] - z[..., 2]).abs().max() > 1e-3
+
+
+def test_inpainting_errors_are_named(pipe):
+    embeds, pooled = text(2)
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=96,
+              num_inference_steps=2, output_type="latent")  # fmt: skip
+    mask = torch.ones(3, 1, 64, 96)
+    with pytest.raises(ValueError, match="mask_image: inpainting needs the image"):
+        pipe(mask_image=mask[:1], **kw)
+    with pytest.raises(ValueError, match="3 masks for 2 prompt"):
+        pipe(image=_image(), mask_image=mask, **kw)

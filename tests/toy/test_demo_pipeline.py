@@ -164,11 +164,25 @@ def test_generate_image_to_image(folder, tmp_path):
     plain = tmp_path / "plain.png"
     assert main([*args, "--out", str(plain)]) == 0
     assert not np.array_equal(got, np.asarray(Image.open(plain)))  # the image was used
+    # --mask: inpainting, the pipeline's mask_image call
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.where(np.arange(128)[None, :] >= 64, 255, 0).astype(np.uint8).repeat(
+        128, 0)).save(mask)  # fmt: skip
+    inpainted = tmp_path / "inpainted.png"
+    assert main([*args, "--image", str(source), "--mask", str(mask), "--out", str(inpainted)]) == 0
+    expected = pipe(
+        prompt=CAPTIONS[1], image=Image.open(source).convert("RGB"),
+        mask_image=Image.open(mask).convert("RGB"), height=128, width=128,
+        num_inference_steps=4, generator=torch.Generator().manual_seed(2),
+    ).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(inpainted)), np.asarray(expected))
 
 
 @pytest.mark.parametrize(
     ("extra", "match"),
-    [(["--strength", "0.5"], "--strength goes with --image"),
+    [(["--strength", "0.5"], "--strength and --mask go with --image"),
+     (["--mask", "{png}"], "--strength and --mask go with --image"),
+     (["--image", "{png}", "--mask", "missing.png"], "--mask missing.png: no such file"),
      (["--image", "missing.png"], "no such file"),
      (["--image", "{not_png}"], "not an image"),
      (["--image", "{png}", "--strength", "1.5"], r"--strength: strength: expected a number")],
