@@ -606,12 +606,21 @@ def _cmd_convert_quantized(args: argparse.Namespace) -> int:
             "or a transformer folder (config.json)"
         )
     try:
-        from diffusers import FluxTransformer2DModel
+        import diffusers
         from diffusers.quantizers.quantization_config import BFLQuantizationConfig
     except ImportError as err:
         raise CLIError(f"this diffusers has no BFL quantization support ({err})") from err
+    # the transformer class the folder names (FLUX.1's, FLUX.2's, ...): diffusers converts
+    # BFL's single-file keys for the classes it knows
+    name = json.loads((config / "config.json").read_text()).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_single_file"):
+        raise CLIError(
+            f"{config / 'config.json'}: transformer class {name!r} has no single-file loader in "
+            "this diffusers (BFL checkpoints load into FLUX transformers)"
+        )
     dtype = DTYPES[args.dtype]
-    model = FluxTransformer2DModel.from_single_file(
+    model = cls.from_single_file(
         str(src), config=str(config), quantization_config=BFLQuantizationConfig(dtype),
         dtype=dtype,
     )  # fmt: skip

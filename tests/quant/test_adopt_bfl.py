@@ -248,6 +248,11 @@ def test_convert_quantized_command_writes_a_dcgen_checkpoint(checkpoint, tmp_pat
     assert "no such checkpoint" in capsys.readouterr().err
     assert main([*args[:3], str(tmp_path), *args[4:]]) != 0
     assert "expected a FLUX pipeline folder" in capsys.readouterr().err
+    other = tmp_path / "sd3"
+    other.mkdir()
+    (other / "config.json").write_text('{"_class_name": "NoSuchTransformer"}')
+    assert main([*args[:3], str(other), *args[4:]]) != 0
+    assert "'NoSuchTransformer' has no single-file loader" in capsys.readouterr().err
     # the BFL file itself given where a dcgen checkpoint goes: the error says what to do
     with pytest.raises(ValueError, match="convert it with `dcgen convert-quantized"):
         load_quantized(fresh, src)
