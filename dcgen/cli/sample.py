@@ -174,12 +174,16 @@ def _check_text_source(args: argparse.Namespace) -> str | None:
     return family
 
 
+ENCODE_CHUNK = 8  # prompts per text-encoder call: a long --prompt-file fits T5-XXL's memory
+
+
 def _encode_text(
     pipe: Any, args: argparse.Namespace, family: str, device: str, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Encode --prompt (one or several: a batch; and --negative-prompt, or "" under --true-cfg)
-    once for every seed, on ``device``; the caller then drops the encoders (T5-XXL: 9.5 GB)
-    before the model moves."""
+    once for every seed, on ``device``, ENCODE_CHUNK prompts a call, the results kept on the
+    CPU (the pipeline moves each call's rows); the caller then drops the encoders (T5-XXL:
+    9.5 GB) before the model moves."""
     from dcgen.pipelines.text_encoders import (
         TEXT_COMPONENTS,
         PipelineTextEncoder,
@@ -208,7 +212,13 @@ def _encode_text(
     for prefix, texts in (("", prompts), ("negative_", None if negative is None else [negative])):
         if texts is None:
             continue
-        for name, t in encoder(texts, negative=bool(prefix)).items():
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            chunk = texts[start : start + ENCODE_CHUNK]
+            for name, t in encoder(chunk, negative=bool(prefix)).items():
+                parts.setdefault(name, []).append(t.cpu())
+        for name, ts in parts.items():
+            t = torch.cat(ts)
             kwargs[prefix + name] = t if name.endswith("mask") else t.to(dtype)
     return kwargs
 
@@ -373,6 +383,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    # (prompt, seed batch) work items; under torchrun each process samples every world-th
+    rank, world = launch[0], launch[1]
+    n_prompts = len(args.prompt) if args.prompt is not None else 1
+    items = [(i, args.seed[s : s + args.batch_size]) for i in range(n_prompts)
+             for s in range(0, len(args.seed), args.batch_size)][rank::world]  # fmt: skip
+    if not items:
+        print(f"process {rank} of {world}: no image to sample")
+        return 0
+    # the rows this process encodes: its own prompts only (a long --prompt-file, 8 GPUs)
+    mine = sorted({i for i, _ in items})
+    row_of = {i: r for r, i in enumerate(mine)}
+    if args.prompt is not None and world > 1:
+        args.prompt = [args.prompt[i] for i in mine]
     init_image = _read_image(Path(args.image)) if args.image is not None else None
     if init_image is None and (args.strength is not None or args.mask is not None):
         raise CLIError("--strength and --mask go with --image FILE")
@@ -417,21 +440,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _accelerate(pipe.transformer, args.accelerate, device)
     pipe.set_progress_bar_config(disable=args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    n_prompts = len(args.prompt) if args.prompt is not None else 1
-    # (prompt, seed batch) work items; under torchrun each process samples every world-th
-    rank, world = launch[0], launch[1]
-    items = [(i, args.seed[s : s + args.batch_size]) for i in range(n_prompts)
-             for s in range(0, len(args.seed), args.batch_size)]  # fmt: skip
     n_seeds, total = len(args.seed), n_prompts * len(args.seed)
     images: list[Any] = []  # this process's, in order (the grid's when it has them all)
-    for i, seeds in items[rank::world]:
+    for i, seeds in items:
         paths = [_image_path(out, n_prompts, n_seeds, i, seed) for seed in seeds]
         if args.skip_existing and all(p.is_file() for p in paths):
             print(f"kept {', '.join(map(str, paths))} (--skip-existing)")
             images.extend(_read_png(p) for p in paths)
             continue
         # one prompt's rows of the batched encodings; a negative is shared by all prompts
-        one = {k: v if k.startswith("negative_") or n_prompts == 1 else v[i : i + 1]
+        r = row_of[i]
+        one = {k: v if k.startswith("negative_") or n_prompts == 1 else v[r : r + 1]
                for k, v in kwargs.items()}  # fmt: skip
         # a call samples several seeds as one batch, each image from its own generator's
         # noise: the images one call per seed gives, up to the batch's float rounding

@@ -254,3 +254,35 @@ def test_generate_skip_existing_samples_only_what_is_missing(folder, tmp_path, c
     for name, pixels in full.items():
         assert np.array_equal(np.asarray(Image.open(tmp_path / name)), pixels), name
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no leftovers
+
+
+def test_generate_encodes_long_prompt_lists_in_chunks(folder, tmp_path, monkeypatch):
+    """A long --prompt-file is encoded ENCODE_CHUNK prompts per text-encoder call (T5-XXL on
+    thousands of prompts at once would not fit a GPU), the embeddings kept on the CPU; the
+    images are the ones an all-at-once encoding gives."""
+    import dcgen.cli.sample as sample
+
+    prompts = [f"a {size} {colour} circle top left" for size in ("large", "small")
+               for colour in ("red", "blue", "green", "yellow")][:7]  # fmt: skip
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    calls: list[int] = []
+    encode = PipelineTextEncoder.__call__
+
+    def spy(self, captions, negative=False):
+        calls.append(len(captions))
+        return encode(self, captions, negative)
+
+    monkeypatch.setattr(PipelineTextEncoder, "__call__", spy)
+    argv = ["generate", "--pipeline", str(folder), "--prompt-file", str(tmp_path / "prompts.txt"),
+            "--height", "128", "--width", "128", "--steps", "1", "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+    monkeypatch.setattr(sample, "ENCODE_CHUNK", 3)
+    assert main([*argv, "--out", str(tmp_path / "a" / "x.png")]) == 0
+    assert calls == [3, 3, 1]
+    monkeypatch.setattr(sample, "ENCODE_CHUNK", 100)
+    assert main([*argv, "--out", str(tmp_path / "b" / "x.png")]) == 0
+    assert calls[3:] == [7]
+    for i in range(7):
+        a = np.asarray(Image.open(tmp_path / "a" / f"x-p{i}.png")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "b" / f"x-p{i}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1, i  # the same images (up to a rounding step)
