@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -644,10 +645,7 @@ def _cmd_convert_quantized(args: argparse.Namespace) -> int:
         dtype=dtype,
     )  # fmt: skip
     names = adopt_quantized(model, nvfp4_mode=args.nvfp4_mode)
-    kinds: dict[str, int] = {}
-    for layer in quantized_modules(model).values():
-        kind = type(layer).__name__
-        kinds[kind] = kinds.get(kind, 0) + 1
+    kinds = Counter(type(layer).__name__ for layer in quantized_modules(model).values())
     save_quantized(model, out)
     print(
         f"{len(names)} quantized linears ("
