@@ -442,6 +442,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     n_seeds, total = len(args.seed), n_prompts * len(args.seed)
+    extra: dict[str, Any] = {}  # image-to-image / inpainting
+    if init_image is not None:
+        extra.update(image=init_image, strength=args.strength)
+    if mask is not None:
+        extra.update(mask_image=mask)
     images: list[Any] = []  # this process's, in order (the grid's when it has them all)
     for i, seeds in items:
         paths = [_image_path(out, n_prompts, n_seeds, i, seed) for seed in seeds]
@@ -453,24 +458,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         r = row_of[i]
         one = {k: v if k.startswith("negative_") or n_prompts == 1 else v[r : r + 1]
                for k, v in kwargs.items()}  # fmt: skip
-        # a call samples several seeds as one batch, each image from its own generator's
-        # noise: the images one call per seed gives, up to the batch's float rounding
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         started = time.perf_counter()
-        result = pipe(
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            true_cfg_scale=args.true_cfg,
-            num_images_per_prompt=len(seeds),
-            generator=generators if len(seeds) > 1 else generators[0],
-            shift=args.shift,
-            sampler=args.sampler,
-            **({} if init_image is None else {"image": init_image, "strength": args.strength}),
-            **({} if mask is None else {"mask_image": mask}),
-            **one,
-        )
+        sampled = _sample_call(pipe, args, seeds, {**extra, **one})
         # PIL images are on the host: the GPU work of the call is done
         seconds = time.perf_counter() - started
         first = " (the first call: warm-up included)" if not images and device == "cuda" else ""
@@ -478,10 +467,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               + (f" of prompt {i}" if n_prompts > 1 else "")
               + f" in {seconds:.2f} s{first}")  # fmt: skip
         # written as each call ends: a killed job keeps what it finished (--skip-existing)
-        for path, image in zip(paths, result.images, strict=True):
+        for path, image in zip(paths, sampled, strict=True):
             _save_png(image, path)
             print(f"wrote {path}")
-        images.extend(result.images)
+        images.extend(sampled)
     if world > 1 and total > 1:
         print(f"process {rank} of {world}: {len(images)} of {total} images (no grid under "
               "torchrun: the images are split between the processes)")  # fmt: skip
@@ -491,6 +480,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     what = f"{n_prompts} prompts x {n_seeds} seeds" if n_prompts > 1 else f"{total} seeds"
     print(f"wrote {out} ({what} in a grid)")
     return 0
+
+
+def _sample_call(pipe: Any, args: argparse.Namespace, seeds: list[int], kwargs: dict) -> list:
+    """One pipeline call for ``seeds`` as one batch, each image from its own generator's noise:
+    the images one call per seed gives, up to the batch's float rounding."""
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    return pipe(
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        true_cfg_scale=args.true_cfg,
+        num_images_per_prompt=len(seeds),
+        generator=generators if len(seeds) > 1 else generators[0],
+        shift=args.shift,
+        sampler=args.sampler,
+        **kwargs,
+    ).images
 
 
 def _image_path(out: Path, n_prompts: int, n_seeds: int, prompt: int, seed: int) -> Path:
