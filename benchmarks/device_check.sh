@@ -107,11 +107,16 @@
 #   session 25
 #   - base-model LoRAs attached unmerged to FP8 / NVFP4 layers (generate --quantized --lora):
 #     tests/pipelines/test_lora_loading.py's cuda tests (in call 1's files).
+#   session 26
+#   - the banded DC-AE encode (encode(band_rows=), image-to-image inputs above tile_threshold):
+#     tests/autoencoders/test_dcae_row_bands.py's cuda case (in call 1's tests/autoencoders);
+#     its benchmark, benchmarks/test_dcae_encode.py (full and banded encode against diffusers,
+#     peak memory), is in call 1's bench files after the decode.
 # Two calls, with
 # carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
 #   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
 #      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops/test_bias_act.py tests/ops/test_channel_rms_norm.py tests/ops/test_block_shortcuts.py tests/ops/test_linear_attention.py tests/ops/test_glu_depthwise.py tests/ops/test_channel_rms_norm_fused.py tests/ops/test_fp8_epilogue.py tests/quant/test_fp8_direct.py tests/autoencoders tests/test_fused_blocks.py tests/toy/test_train_assets.py tests/pipelines/test_lora_loading.py" \
-#      DCGEN_BENCH_FILES="dcae_decode dcae_fused ops" bash benchmarks/device_check.sh   (timeout_s=550):
+#      DCGEN_BENCH_FILES="dcae_decode dcae_encode dcae_fused ops" bash benchmarks/device_check.sh   (timeout_s=550):
 #      build, the tests of what changed, the 4K decodes against eager diffusers, the DC-AE
 #      block kernels (the bias_act_, up-block band, GLU and linear-attention groups), then the
 #      step profile with its call-site tables (whether the decode's 15 ms of layout copies are

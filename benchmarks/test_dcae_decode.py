@@ -7,16 +7,12 @@ Peak memory (GPU) goes to extra_info. Models are built once per preset and freed
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 
 import pytest
 import torch
+from _dcae_models import DTYPE, dcae_pair
 from _harness import DEVICE, ON_GPU, measure_peak_memory, rounds, time_it
-
-from dcgen.autoencoders import DCAE
-from dcgen.autoencoders.checkpoint import dcgen_to_diffusers
-from dcgen.autoencoders.config import get_preset, reduced_config
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -25,27 +21,12 @@ if ON_GPU:
     SIZES = [int(s) for s in os.environ.get("DCGEN_BENCH_SIZES", "1024,2048,4096").split(",")]
 else:
     SIZES = [64, 128]
-DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 
-_cache: dict[str, tuple] = {}
 _compiled: dict[str, object] = {}
 
 
 def _models(preset: str):
-    if preset not in _cache:
-        _cache.clear()
-        _compiled.clear()
-        gc.collect()
-        if ON_GPU:
-            torch.cuda.empty_cache()
-        cfg = get_preset(preset) if ON_GPU else reduced_config(preset, width_divisor=16)
-        torch.manual_seed(0)
-        with torch.device(DEVICE):
-            ours = DCAE(cfg).to(DTYPE).eval()
-            theirs = diffusers.AutoencoderDC(**cfg.to_dict()).to(DTYPE).eval()
-        theirs.load_state_dict(dcgen_to_diffusers(ours.state_dict()))
-        _cache[preset] = (cfg, ours, theirs)
-    return _cache[preset]
+    return dcae_pair(preset, on_free=_compiled.clear)
 
 
 # At the largest size, two more groups, each with its own baseline run so each reads on its own
