@@ -22,7 +22,7 @@ from dcgen.train import LatentCache, pil_to_tensor
 from dcgen.train.null_text import load_null_text
 from dcgen.train.prepare import save_text_embeddings
 
-from .adapters.tiny import TEXT_DIM, text, tiny_dcae, tiny_flux, tiny_sana
+from .adapters.tiny import TEXT_DIM, text, tiny_dcae, tiny_flux, tiny_kl, tiny_sana
 from .train.conftest import write_image
 
 CAPTIONS = {"a": "a red square", "b": "a blue circle", "c": "a green tree"}
@@ -43,12 +43,7 @@ def assets(tmp_path_factory):
     """Tiny DC-AE and AutoencoderKL folders, a captioned PNG folder, a text-embeddings file."""
     root = tmp_path_factory.mktemp("cli_train")
     tiny_dcae().save_pretrained(root / "dcae")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        block_out_channels=(8, 8), layers_per_block=1, latent_channels=16, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        scaling_factor=0.3611, shift_factor=0.1159,
-    ).save_pretrained(root / "vae")  # fmt: skip
+    tiny_kl().save_pretrained(root / "vae")
     data = root / "data"
     data.mkdir()
     for i, (stem, caption) in enumerate(CAPTIONS.items()):

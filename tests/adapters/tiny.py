@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import FluxTransformer2DModel, SanaTransformer2DModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SanaTransformer2DModel
 
 from dcgen.autoencoders import DCAE, reduced_config
 
@@ -50,6 +50,16 @@ def tiny_dcae() -> DCAE:
     """f32, 2 latent channels (the f32c32 preset with widths / 16)."""
     torch.manual_seed(0)
     return DCAE(reduced_config("dc-ae-f32c32-in-1.0", width_divisor=16, max_layers=1)).eval()
+
+
+def tiny_kl(seed: int = 0) -> AutoencoderKL:
+    """A two-level f2 AutoencoderKL with FLUX.1's latent channels, scale and shift."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 8), layers_per_block=1, latent_channels=16, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        scaling_factor=0.3611, shift_factor=0.1159,
+    ).eval()  # fmt: skip
 
 
 def text(batch: int = 1, tokens: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,6 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderDC,
-    AutoencoderKL,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
@@ -28,7 +27,7 @@ from dcgen.autoencoders.checkpoint import dcgen_to_diffusers
 from dcgen.cli import main
 from dcgen.pipelines import BaseFluxPipeline, DCGenSanaPipeline
 
-from ..adapters.tiny import text, tiny_dcae, tiny_flux, tiny_sana
+from ..adapters.tiny import text, tiny_dcae, tiny_flux, tiny_kl, tiny_sana
 from ..autoencoders.dcae_helpers import small_config
 from .tiny_text import PROMPT, flux_text_components, sana_text_components
 
@@ -39,15 +38,6 @@ FLUX_SCHEDULER = dict(use_dynamic_shifting=True, base_image_seq_len=256, max_ima
                       base_shift=0.5, max_shift=1.15, shift=3.0)  # fmt: skip
 
 
-def _tiny_kl() -> AutoencoderKL:
-    torch.manual_seed(3)
-    return AutoencoderKL(
-        block_out_channels=(8, 8), layers_per_block=1, latent_channels=16, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        scaling_factor=0.3611, shift_factor=0.1159,
-    ).eval()  # fmt: skip
-
-
 def _pack(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> FLUX's 2x2-packed tokens (B, H/2 * W/2, 4C)."""
     b, c, h, w = x.shape
@@ -56,7 +46,7 @@ def _pack(x: torch.Tensor) -> torch.Tensor:
 
 def _flux_pair() -> tuple[FluxPipeline, BaseFluxPipeline]:
     """diffusers' FluxPipeline and dcgen's BaseFluxPipeline on the same tiny FLUX.1 and VAE."""
-    vae, model = _tiny_kl(), tiny_flux(in_channels=64)
+    vae, model = tiny_kl(seed=3), tiny_flux(in_channels=64)
     sched = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     ref = FluxPipeline(scheduler=sched, vae=vae, transformer=model, text_encoder=None,
                        tokenizer=None, text_encoder_2=None, tokenizer_2=None)  # fmt: skip
@@ -255,7 +245,7 @@ def test_unsupported_dpm_configs_are_refused():
 def base_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("diffusers_folders")
     FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=_tiny_kl(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=tiny_kl(seed=3),
         transformer=tiny_flux(in_channels=64), **flux_text_components(),
     ).save_pretrained(root / "flux")  # fmt: skip
     ae = tiny_dcae()

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from dcgen.cli import main
 from dcgen.train.cache import INDEX_NAME
 
-from ..adapters.tiny import tiny_dcae
+from ..adapters.tiny import tiny_dcae, tiny_kl
 from .conftest import write_image
 from .test_distributed import _free_port
 
@@ -40,12 +39,7 @@ def _worker(rank: int, world: int, port: int, argv: list[str]) -> None:
 
 def test_two_processes_write_the_cache_one_process_writes(tmp_path: Path) -> None:
     tiny_dcae().save_pretrained(tmp_path / "dcae")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        block_out_channels=(8, 8), layers_per_block=1, latent_channels=16, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        scaling_factor=0.3611, shift_factor=0.1159,
-    ).save_pretrained(tmp_path / "vae")  # fmt: skip
+    tiny_kl().save_pretrained(tmp_path / "vae")
     data = tmp_path / "data"
     data.mkdir()
     for i in range(7):  # 4 shards of 2: rank 0 takes shards 0 and 2, rank 1 shards 1 and 3
