@@ -458,6 +458,9 @@ checkpoint: `dcgen generate --pipeline DIR --quantized OUT` then samples it with
                     "(default, as BFL runs it on Blackwell) or 16-bit (w4a16)")  # fmt: skip
     cq.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                     help="dtype of the layers kept in 16-bit (default bf16)")  # fmt: skip
+    cq.add_argument("--report", action="store_true",
+                    help="also compare every quantized weight with the 16-bit one in --pipeline's "
+                    "transformer (relative error, cosine): <out>.weights.json")  # fmt: skip
     cq.set_defaults(fn=_cmd_convert_quantized)
 
     # -- bench

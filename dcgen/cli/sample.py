@@ -654,9 +654,45 @@ def _cmd_convert_quantized(args: argparse.Namespace) -> int:
     names = adopt_quantized(model, nvfp4_mode=args.nvfp4_mode)
     kinds = Counter(type(layer).__name__ for layer in quantized_modules(model).values())
     save_quantized(model, out)
+    if args.report:
+        from dcgen.autoencoders.checkpoint import atomic_write
+        from dcgen.quant.adopt import weight_errors
+
+        report = weight_errors(model, _weights_reader(config))
+        path = out.with_name(out.stem + ".weights.json")
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+        sm = report["summary"]
+        print(f"weights vs {config}: {sm['layers']} layers, relative error mean "
+              f"{sm['mean_rel_err']:.4f} / max {sm['max_rel_err']:.4f}, min cosine "
+              f"{sm['min_cosine']:.5f} -> {path}")  # fmt: skip
     print(
         f"{len(names)} quantized linears ("
         + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         + f"; NVFP4 {args.nvfp4_mode}) -> {out} ({out.stat().st_size / 2**30:.2f} GiB)"
     )
     return 0
+
+
+def _weights_reader(folder: Path) -> Any:
+    """``name -> tensor or None`` over a diffusers model folder's safetensors (one file, or
+    shards with their index), read one tensor at a time."""
+    from safetensors import safe_open
+
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        single = folder / "diffusion_pytorch_model.safetensors"
+        if not single.is_file():
+            raise CLIError(f"--report: no safetensors weights in {folder}")
+        with safe_open(str(single), framework="pt") as f:
+            weight_map = dict.fromkeys(f.keys(), single.name)
+
+    def read(name: str) -> Any:
+        file = weight_map.get(name)
+        if file is None:
+            return None
+        with safe_open(str(folder / file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    return read

@@ -31,18 +31,20 @@ BFL's call asks cuBLAS for fast accumulation).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .api import _set_module
+from .api import _errors, _set_module, quantized_modules
 from .fp8_linear import FP8Linear, share_input_quantization
 from .linear import NVFP4Linear, check_mode
 from .nvfp4 import BLOCK
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BFL_LINEARS", "adopt_quantized"]
+__all__ = ["BFL_LINEARS", "adopt_quantized", "weight_errors"]
 
 #: diffusers' BFL layer classes (diffusers.quantizers.bfl.utils) and the format of each
 BFL_LINEARS = {"BFLNVFP4Linear": "nvfp4", "BFLFP8RLinear": "fp8"}
@@ -164,3 +166,42 @@ def adopt_quantized(model: nn.Module, nvfp4_mode: str = "w4a4") -> list[str]:
         "adopt_quantized: %d BFL linears now dcgen layers (NVFP4 %s)", len(found), nvfp4_mode
     )
     return list(found)
+
+
+@torch.no_grad()
+def weight_errors(
+    model: nn.Module, reference: Callable[[str], torch.Tensor | None]
+) -> dict[str, Any]:
+    """How far each quantized layer's weight is from the 16-bit one it stands for:
+    ``reference(name)`` returns the original ``<name>.weight`` (or None when it is missing),
+    compared with the layer's dequantized weight (relative Frobenius error, cosine). For a
+    checkpoint quantized elsewhere, whose calibration data is unknown, the weights are what
+    can be checked without running the model; returns {"layers": {name: errors}, "summary"}.
+    Layers with a low-rank branch are refused (their dequantized weight is only the residual)."""
+    layers: dict[str, dict[str, float]] = {}
+    missing = []
+    for name, layer in quantized_modules(model).items():
+        if getattr(layer, "rank", 0):
+            raise ValueError(
+                f"weight_errors: {name} has a low-rank branch; compare outputs instead"
+            )
+        ref = reference(f"{name}.weight")
+        if ref is None:
+            missing.append(name)
+            continue
+        got = layer.dequantized_weight()
+        if tuple(ref.shape) != tuple(got.shape):
+            raise ValueError(
+                f"weight_errors: {name}: the reference weight has shape {tuple(ref.shape)}, the "
+                f"quantized layer {tuple(got.shape)}"
+            )
+        layers[name] = _errors(ref.to(got.device), got)
+    rel = [e["rel_err"] for e in layers.values()]
+    summary = {
+        "layers": len(layers),
+        "missing_reference": missing,
+        "mean_rel_err": sum(rel) / len(rel) if rel else float("nan"),
+        "max_rel_err": max(rel) if rel else float("nan"),
+        "min_cosine": min((e["cosine"] for e in layers.values()), default=float("nan")),
+    }
+    return {"layers": layers, "summary": summary}

@@ -10,6 +10,8 @@ double and one single block (530M parameters, about 10 s on this CPU)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
@@ -34,6 +36,7 @@ QUANTIZED = {"double_blocks.0.img_attn.qkv": ("transformer_blocks.0.attn.to_q",
                                          "single_transformer_blocks.0.attn.to_v",
                                          "single_transformer_blocks.0.proj_mlp")}  # fmt: skip
 INPUT_SCALE = 0.02
+originals: dict[str, torch.Tensor] = {}  # the 16-bit weights of the quantized layers (fixture)
 
 
 def _bfl_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,6 +92,8 @@ def checkpoint(tmp_path_factory):
     model = FluxTransformer2DModel(**CONFIG)
     folder = tmp_path_factory.mktemp("flux_config")
     model.save_config(folder)
+    originals.update({f"{n}.weight": model.get_submodule(n).weight.detach().clone()
+                      for names in QUANTIZED.values() for n in names})  # fmt: skip
     state = _bfl_state_dict(model.state_dict())
     for key in QUANTIZED:
         w, ws, ws2 = bfl.quantize_nvfp4(state[key + ".weight"])
@@ -256,3 +261,43 @@ def test_convert_quantized_command_writes_a_dcgen_checkpoint(checkpoint, tmp_pat
     # the BFL file itself given where a dcgen checkpoint goes: the error says what to do
     with pytest.raises(ValueError, match="convert it with `dcgen convert-quantized"):
         load_quantized(fresh, src)
+
+
+def test_weight_errors_compare_with_the_16bit_weights(checkpoint):
+    """NVFP4 (E2M1 with E4M3 block scales) of a random Gaussian weight: a few percent of
+    relative error, cosine near 1; a missing reference is listed, not guessed."""
+    from dcgen.quant.adopt import weight_errors
+
+    model = _load(checkpoint)
+    adopt_quantized(model)
+    report = weight_errors(model, originals.get)
+    assert set(report["layers"]) == {n for names in QUANTIZED.values() for n in names}
+    for name, e in report["layers"].items():
+        assert 0.01 < e["rel_err"] < 0.2 and e["cosine"] > 0.98, (name, e)
+    assert report["summary"]["missing_reference"] == []
+    partial = weight_errors(model, lambda key: originals.get(key) if "to_q" in key else None)
+    assert len(partial["layers"]) == 2 and len(partial["summary"]["missing_reference"]) == 5
+    with pytest.raises(ValueError, match="the reference weight has shape"):
+        weight_errors(model, lambda key: torch.zeros(3, 3))
+
+
+def test_convert_quantized_report_reads_the_pipeline_weights(checkpoint, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from dcgen.cli import main
+
+    folder, state = checkpoint
+    src = tmp_path / "bfl.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, src)
+    ref = tmp_path / "transformer"
+    ref.mkdir()
+    (ref / "config.json").write_text((folder / "config.json").read_text())
+    key = "transformer_blocks.0.attn.to_q.weight"
+    save_file({key: originals[key].to(torch.bfloat16)}, ref / "diffusion_pytorch_model.safetensors")
+    out = tmp_path / "dcgen.safetensors"
+    assert main(["convert-quantized", str(src), "--pipeline", str(ref), "--out", str(out),
+                 "--dtype", "fp32", "--report"]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "dcgen.weights.json").read_text())
+    assert list(report["layers"]) == ["transformer_blocks.0.attn.to_q"]
+    assert len(report["summary"]["missing_reference"]) == 6
+    assert "weights vs" in capsys.readouterr().out
