@@ -177,7 +177,8 @@ def weight_errors(
     compared with the layer's dequantized weight (relative Frobenius error, cosine). For a
     checkpoint quantized elsewhere, whose calibration data is unknown, the weights are what
     can be checked without running the model; returns {"layers": {name: errors}, "summary"}.
-    Layers with a low-rank branch are refused (their dequantized weight is only the residual)."""
+    Layers with a low-rank branch are refused (their dequantized weight is only the residual);
+    smoothed ones are compared after dividing the smoothing factors back out."""
     layers: dict[str, dict[str, float]] = {}
     missing = []
     for name, layer in quantized_modules(model).items():
@@ -190,6 +191,9 @@ def weight_errors(
             missing.append(name)
             continue
         got = layer.dequantized_weight()
+        smooth = getattr(layer, "smooth", None)
+        if smooth is not None:  # the stored weight is W * s per input channel
+            got = got / smooth.float()
         if tuple(ref.shape) != tuple(got.shape):
             raise ValueError(
                 f"weight_errors: {name}: the reference weight has shape {tuple(ref.shape)}, the "

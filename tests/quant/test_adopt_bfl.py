@@ -301,3 +301,22 @@ def test_convert_quantized_report_reads_the_pipeline_weights(checkpoint, tmp_pat
     assert list(report["layers"]) == ["transformer_blocks.0.attn.to_q"]
     assert len(report["summary"]["missing_reference"]) == 6
     assert "weights vs" in capsys.readouterr().out
+
+
+def test_weight_errors_divide_smoothing_out_and_refuse_low_rank_layers():
+    from dcgen.quant import NVFP4Config, quantize_
+    from dcgen.quant.adopt import weight_errors
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    ref = {f"{n}.weight": layer.weight.detach().clone() for n, layer in model.named_children()}
+    x = torch.randn(8, 64) * torch.linspace(0.1, 10, 64)  # outlier channels: strong smoothing
+    config = NVFP4Config("w4a16", smoothing_alpha=0.5, include=(r".*",))
+    quantize_(model, config, calibrate=lambda m: m(x))
+    assert model[0].smooth is not None
+    errors = weight_errors(model, ref.get)["layers"]
+    assert all(e["rel_err"] < 0.2 and e["cosine"] > 0.98 for e in errors.values()), errors
+    low_rank = nn.Sequential(nn.Linear(64, 32))
+    quantize_(low_rank, NVFP4Config("w4a16", rank=4, include=(r".*",)))
+    with pytest.raises(ValueError, match="low-rank branch"):
+        weight_errors(low_rank, lambda key: torch.zeros(32, 64))
