@@ -128,17 +128,14 @@ def _read_image(path: Path, option: str = "--image") -> Any:
 
 def _default_cfg_scale(folder: Path) -> float:
     """The classifier-free guidance scale the model of ``folder`` samples with by default, read
-    before it loads: its pipeline class's ``default_true_cfg_scale`` (SANA: 4.5), 1 (none) for
-    a guidance-distilled transformer (FLUX.1-dev style), as the pipeline decides it once
-    loaded (FlowTextToImagePipeline._default_true_cfg)."""
+    before it loads: its pipeline class's rule (model_cfg_scale: SANA 4.5, 1 for a
+    guidance-distilled transformer) on the folder's transformer config.json."""
     try:
         cls = _pipeline_class(folder)
     except (OSError, ValueError):
         return 1.0  # not a loadable folder: _load_pipeline names the problem
     config = folder / "transformer" / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("guidance_embeds"):
-        return 1.0
-    return float(cls.default_true_cfg_scale)
+    return cls.model_cfg_scale(json.loads(config.read_text()) if config.is_file() else {})
 
 
 def _check_text_source(args: argparse.Namespace) -> str | None:

@@ -450,11 +450,21 @@ class FlowTextToImagePipeline(DiffusionPipeline):
     #: same shapes; False: two calls (half the activation memory)
     cfg_in_one_batch = True
 
+    @classmethod
+    def model_cfg_scale(cls, transformer_config: Any) -> float:
+        """The CFG scale this class samples a transformer of ``transformer_config`` (its
+        config, or a config.json's dict) with by default: ``default_true_cfg_scale``, or 1
+        (none) for a guidance-distilled one (guidance embeddings). The one rule: the CLI reads
+        it from a folder's config.json before the model loads."""
+        if transformer_config.get("guidance_embeds", False):
+            return 1.0
+        return float(cls.default_true_cfg_scale)
+
     def _default_true_cfg(self, negative_prompt: Any, negative_prompt_embeds: Any) -> float:
         """true_cfg_scale=None: the class default where the model samples with CFG (no guidance
         embedding) and a negative prompt can be had (given, or "" through text encoders)."""
-        cfg = self.default_true_cfg_scale
-        if cfg <= 1.0 or getattr(self.adapter, "has_guidance_embeds", False):
+        cfg = self.model_cfg_scale(self.transformer.config)
+        if cfg <= 1.0:
             return 1.0
         has_negative = negative_prompt is not None or negative_prompt_embeds is not None
         if not has_negative and not self._has_text_encoders():

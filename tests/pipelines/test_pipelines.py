@@ -290,3 +290,13 @@ def test_cfg_runs_both_predictions_in_one_batch(monkeypatch):
     monkeypatch.setattr(DCGenSanaPipeline, "cfg_in_one_batch", True)
     run(short)
     assert batches == [2] * 6  # 6 vs 4 text tokens: two calls
+
+
+def test_the_default_cfg_rule_reads_a_config():
+    """One rule for the pipeline (its transformer's config) and the CLI (a folder's
+    config.json, before loading): the class default unless the model is guidance-distilled."""
+    assert DCGenSanaPipeline.model_cfg_scale({}) == 4.5
+    assert DCGenSanaPipeline.model_cfg_scale({"guidance_embeds": True}) == 1.0
+    assert DCGenFluxPipeline.model_cfg_scale({"guidance_embeds": False}) == 1.0
+    model = tiny_sana()
+    assert DCGenSanaPipeline.model_cfg_scale(model.config) == 4.5
