@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,11 +189,13 @@ class DCGenFluxPipeline(
             return self.vae.decode(z, scaled=True, band_rows=band_rows)  # exact, lean
         if tile_size is None:
             return self.vae.decode(z, scaled=True)
+        return self.vae.decode(z, scaled=True, **self._dcae_tiles(tile_size, tile_overlap))
+
+    def _dcae_tiles(self, tile_size: int, tile_overlap: int) -> dict[str, int]:
+        """DCAE tiles are multiples of f: the size rounded down, the overlap kept smaller."""
         f = self.vae.spatial_compression_ratio
-        # DCAE tiles must be multiples of f; round down, keep the overlap smaller than the tile.
         size = max(f, tile_size // f * f)
-        overlap = min(tile_overlap // f * f, size - f)
-        return self.vae.decode(z, scaled=True, tile_size=size, tile_overlap=overlap)
+        return {"tile_size": size, "tile_overlap": min(tile_overlap // f * f, size - f)}
 
     def encode_images(
         self,
@@ -206,11 +210,7 @@ class DCGenFluxPipeline(
             return self.vae.encode(x, scaled=True, band_rows=band_rows)
         if tiles is None:
             return self.vae.encode(x, scaled=True)
-        f = self.vae.spatial_compression_ratio
-        size = max(f, tiles[0] // f * f)
-        return self.vae.encode(
-            x, scaled=True, tile_size=size, tile_overlap=min(tiles[1] // f * f, size - f)
-        )
+        return self.vae.encode(x, scaled=True, **self._dcae_tiles(*tiles))
 
     def check_components(self) -> None:
         self._require_vae()
@@ -266,10 +266,7 @@ class BaseFluxPipeline(_FluxText, FluxLoraLoaderMixin, FlowTextToImagePipeline):
         cfg = self.vae.config
         x = images.to(device=self.vae.device, dtype=self.vae.dtype)
         # AutoencoderKL has no banded encode: bounded memory means its own tiling
-        tiling = tiles is not None or band_rows is not None
-        if tiling:
-            self.vae.enable_tiling()  # its own tile size, from its config
-        try:
+        with self._kl_tiling(tiles is not None or band_rows is not None):
             if isinstance(generator, list):
                 z = torch.cat([
                     self.vae.encode(x[i : i + 1]).latent_dist.sample(generator[i])
@@ -277,9 +274,6 @@ class BaseFluxPipeline(_FluxText, FluxLoraLoaderMixin, FlowTextToImagePipeline):
                 ])  # fmt: skip
             else:
                 z = self.vae.encode(x).latent_dist.sample(generator)
-        finally:
-            if tiling:
-                self.vae.disable_tiling()
         return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
     def decode_latents(
@@ -293,11 +287,17 @@ class BaseFluxPipeline(_FluxText, FluxLoraLoaderMixin, FlowTextToImagePipeline):
         cfg = self.vae.config
         z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         z = z.to(device=self.vae.device, dtype=self.vae.dtype)
-        if tile_size is None:
+        with self._kl_tiling(tile_size is not None):
             return self.vae.decode(z, return_dict=False)[0]
-        # AutoencoderKL's own tiling (its tile size comes from its config).
+
+    @contextlib.contextmanager
+    def _kl_tiling(self, on: bool) -> Iterator[None]:
+        """AutoencoderKL's own tiling (its tile size comes from its config) while ``on``."""
+        if not on:
+            yield
+            return
         self.vae.enable_tiling()
         try:
-            return self.vae.decode(z, return_dict=False)[0]
+            yield
         finally:
             self.vae.disable_tiling()
