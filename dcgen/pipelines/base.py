@@ -509,17 +509,9 @@ class FlowTextToImagePipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """float32 latents (batch * n, C, h, w) of the image-to-image input."""
         pixels = self.image_processor.preprocess(image, height=height, width=width)
-        k = pixels.shape[0]
-        if k not in (1, batch, batch * n):
-            raise ValueError(
-                f"image: {k} images for {batch} prompt(s) x {n} image(s) per prompt; expected "
-                f"1, {batch} or {batch * n}"
-            )
+        _check_per_output(pixels.shape[0], batch, n, "image", "images")
         z = self.encode_images(pixels.to(device), generator, tiles, band_rows)
-        z = z.to(device, torch.float32)
-        if k == 1:
-            return z.expand(batch * n, *z.shape[1:])
-        return z.repeat_interleave(n, dim=0) if k == batch and n > 1 else z
+        return _per_output(z.to(device, torch.float32), batch, n)
 
     def _latent_mask(
         self,
@@ -538,16 +530,9 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             vae_scale_factor=1, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
         mask = processor.preprocess(mask_image, height=height, width=width)
-        k = mask.shape[0]
-        if k not in (1, batch, batch * n):
-            raise ValueError(
-                f"mask_image: {k} masks for {batch} prompt(s) x {n} image(s) per prompt; "
-                f"expected 1, {batch} or {batch * n}"
-            )
+        _check_per_output(mask.shape[0], batch, n, "mask_image", "masks")
         mask = torch.nn.functional.interpolate(mask.float(), size=grid).to(device)
-        if k == 1:
-            return mask.expand(batch * n, *mask.shape[1:])
-        return mask.repeat_interleave(n, dim=0) if k == batch and n > 1 else mask
+        return _per_output(mask, batch, n)
 
     def _embeddings(
         self,
@@ -594,6 +579,22 @@ class FlowTextToImagePipeline(DiffusionPipeline):
 
     needs_pooled = False
     default_max_sequence_length = 512
+
+
+def _check_per_output(k: int, batch: int, n: int, what: str, items: str) -> None:
+    """An image-to-image input comes once for every prompt, once per prompt or per output."""
+    if k not in (1, batch, batch * n):
+        raise ValueError(
+            f"{what}: {k} {items} for {batch} prompt(s) x {n} image(s) per prompt; expected "
+            f"1, {batch} or {batch * n}"
+        )
+
+
+def _per_output(t: torch.Tensor, batch: int, n: int) -> torch.Tensor:
+    """``t`` (1, batch or batch * n rows) as one row per output image, prompt-major."""
+    if t.shape[0] == 1:
+        return t.expand(batch * n, *t.shape[1:])
+    return t.repeat_interleave(n, dim=0) if t.shape[0] == batch and n > 1 else t
 
 
 class _Interrupted(Exception):
