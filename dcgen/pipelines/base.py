@@ -16,9 +16,12 @@ thing, while the sampling math stays ours.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -579,6 +582,17 @@ class FlowTextToImagePipeline(DiffusionPipeline):
 
     needs_pooled = False
     default_max_sequence_length = 512
+
+
+def register_components(folder: str | os.PathLike, entries: dict[str, list[str]]) -> None:
+    """Record components a pipeline saved itself (``name -> [library, class]``) in the
+    folder's model_index.json, replaced atomically: a killed save never leaves a torn index."""
+    index_path = Path(folder) / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index.update(entries)
+    tmp = index_path.with_name(".model_index.json.tmp")
+    tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, index_path)
 
 
 def _check_per_output(k: int, batch: int, n: int, what: str, items: str) -> None:

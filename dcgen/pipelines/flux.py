@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from diffusers.loaders import FluxLoraLoaderMixin
 
 from ..autoencoders import DCAE
-from .base import FlowTextToImagePipeline
+from .base import FlowTextToImagePipeline, register_components
 from .lora import latent_safe_lora_state_dict
 
 logger = logging.getLogger(__name__)
@@ -46,10 +45,7 @@ class DCAEComponentMixin:
         if vae is None:
             return
         vae.save_pretrained(Path(save_directory) / VAE_FOLDER, variant=kwargs.get("variant"))
-        index = Path(save_directory) / "model_index.json"
-        data = json.loads(index.read_text())
-        data["vae"] = ["diffusers", "AutoencoderDC"]
-        index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        register_components(save_directory, {"vae": ["diffusers", "AutoencoderDC"]})
 
     @classmethod
     def from_pretrained(

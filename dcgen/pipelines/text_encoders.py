@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .base import register_components
 from .flux import DCGenFluxPipeline
 from .sana import DCGenSanaPipeline
 from .toy import DCGenToyPipeline
@@ -181,8 +182,7 @@ def copy_text_components(
     if source == out.resolve():
         raise TextEncodersError(f"copy_text_components: {out} is its own source; nothing to copy")
     entries = _checked_entries(source, family)
-    index_path = out / "model_index.json"
-    index = _model_index(out)
+    _model_index(out)  # a pipeline folder, or a clear error before anything is copied
     for name in entries:
         target = out / name
         tmp = out / f".{name}.tmp"
@@ -196,10 +196,7 @@ def copy_text_components(
         else:
             shutil.copytree(source / name, tmp, symlinks=False)
         os.replace(tmp, target)
-    index.update({name: list(entry) for name, entry in entries.items()})
-    tmp_index = out / ".model_index.json.tmp"
-    tmp_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_index, index_path)
+    register_components(out, {name: list(entry) for name, entry in entries.items()})
     return list(entries)
 
 

@@ -24,6 +24,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
 from ..autoencoders import DCAE
+from .base import register_components
 from .flux import DCGenFluxPipeline
 
 TEXT_ENCODER_FOLDER = "text_encoder"
@@ -99,12 +100,8 @@ class DCGenToyPipeline(DCGenFluxPipeline):
         if encoder is None:
             return
         encoder.save_pretrained(Path(save_directory) / TEXT_ENCODER_FOLDER)
-        index_path = Path(save_directory) / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["text_encoder"] = [type(encoder).__module__, type(encoder).__name__]
-        tmp = index_path.with_name(".model_index.json.tmp")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, index_path)
+        entry = [type(encoder).__module__, type(encoder).__name__]
+        register_components(save_directory, {"text_encoder": entry})
 
     @classmethod
     def from_pretrained(
