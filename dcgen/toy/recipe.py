@@ -27,17 +27,13 @@ from typing import Any
 
 import torch
 
+from dcgen.pipelines.toy import TEXT_ENCODER_FOLDER, TOY_TEXT_ENCODER, DCGenToyPipeline
+
 from . import assets as A
 from .evaluator import frechet_distance, score_prompts
 from .shapes import ShapesWorld
 
 __all__ = ["export_world", "score_pipeline"]
-
-#: model_index.json of the text-encoder-only folder: the family "toy" for --text-encoders
-_TEXT_INDEX = {
-    "_class_name": "DCGenToyPipeline",
-    "text_encoder": ["dcgen.toy.text", "ToyTextEncoder"],
-}
 
 
 def export_world(out: str | Path, images: int = 2048, root: str | Path | None = None) -> Path:
@@ -52,8 +48,10 @@ def export_world(out: str | Path, images: int = 2048, root: str | Path | None = 
     for name, folder in (("transformer", "transformer"), ("vae", "vae"), ("dcae", "dcae")):
         shutil.copytree(src / A.FOLDERS[name], out / folder, dirs_exist_ok=True)
     text = out / "text"
-    shutil.copytree(src / A.FOLDERS["text_encoder"], text / "text_encoder", dirs_exist_ok=True)
-    (text / "model_index.json").write_text(json.dumps(_TEXT_INDEX, indent=2) + "\n")
+    # a folder holding only DCGenToyPipeline's text encoder: the family "toy" for --text-encoders
+    shutil.copytree(src / A.FOLDERS["text_encoder"], text / TEXT_ENCODER_FOLDER, dirs_exist_ok=True)
+    index = {"_class_name": DCGenToyPipeline.__name__, "text_encoder": list(TOY_TEXT_ENCODER)}
+    (text / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     size = int(json.loads((src / A.MANIFEST).read_text()).get("image_size", 128))
@@ -82,8 +80,6 @@ def score_pipeline(
     """Sample the demo's first ``prompts`` held-out prompts (seeds as the demo's, seed 0) with
     the pipeline folder and score them: prompt accuracy, per-attribute accuracies and the
     Frechet distance to ``reference_images`` real images (what `dcgen demo` reports)."""
-    from dcgen.pipelines import DCGenToyPipeline
-
     assets = A.load_toy_assets(root, device)
     pipe = DCGenToyPipeline.from_pretrained(pipeline).to(device)
     pipe.set_progress_bar_config(disable=True)
