@@ -190,13 +190,17 @@ def precompute(
             index_path.unlink(missing_ok=True)
 
     n_shards = (n + shard_size - 1) // shard_size
+
+    def bounds(s: int) -> tuple[int, int]:  # shard s holds samples [start, stop)
+        return s * shard_size, min(n, (s + 1) * shard_size)
+
     mine = range(rank, n_shards, world)
     by_shard: dict[int, list[dict[str, Any]]] = {}
-    total = sum(min(n, (s + 1) * shard_size) - s * shard_size for s in mine)
+    total = sum(stop - start for start, stop in map(bounds, mine))
     pbar = tqdm(total=total, desc="precompute", unit="img", disable=not progress)
     try:
         for s in mine:
-            start, stop = s * shard_size, min(n, (s + 1) * shard_size)
+            start, stop = bounds(s)
             path = out / shard_name(s)
             done = _finished_shard(path, cache_fp, start, stop - start, overwrite)
             if done is None:
@@ -227,7 +231,7 @@ def precompute(
             return LatentCache(out)
         for s in range(n_shards):  # the other ranks' shards, from their own metadata
             if s not in by_shard:
-                start, stop = s * shard_size, min(n, (s + 1) * shard_size)
+                start, stop = bounds(s)
                 done = _finished_shard(out / shard_name(s), cache_fp, start, stop - start, False)
                 if done is None:
                     raise CacheError(f"shard {shard_name(s)} is missing after every rank finished")
@@ -257,11 +261,11 @@ def precompute(
         "shards": [
             {
                 "file": shard_name(s),
-                "start": s * shard_size,
-                "count": min(n, (s + 1) * shard_size) - s * shard_size,
+                "start": start,
+                "count": stop - start,
                 "bytes": (out / shard_name(s)).stat().st_size,
             }
-            for s in range(n_shards)
+            for s, (start, stop) in ((s, bounds(s)) for s in range(n_shards))
         ],
         "samples": records,
     }
