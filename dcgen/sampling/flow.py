@@ -61,7 +61,7 @@ def strength_start(steps: int, strength: float) -> int:
         raise ValueError(f"strength: expected a number in (0, 1], got {strength!r}")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength: expected a number in (0, 1], got {strength!r}")
-    start = int(max(steps - min(steps * strength, steps), 0))
+    start = int(steps - steps * strength)  # in [0, steps] for a strength in (0, 1]
     if start >= steps:
         raise ValueError(
             f"strength {strength:g} of {steps} steps leaves no step to sample (it skips "
