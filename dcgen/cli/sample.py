@@ -684,12 +684,14 @@ def _weights_reader(folder: Path) -> Any:
             raise CLIError(f"--report: no safetensors weights in {folder}")
         with safe_open(str(single), framework="pt") as f:
             weight_map = dict.fromkeys(f.keys(), single.name)
+    opened: dict[str, Any] = {}  # one memory-mapped handle per shard, not one per tensor
 
     def read(name: str) -> Any:
         file = weight_map.get(name)
         if file is None:
             return None
-        with safe_open(str(folder / file), framework="pt") as f:
-            return f.get_tensor(name)
+        if file not in opened:
+            opened[file] = safe_open(str(folder / file), framework="pt")
+        return opened[file].get_tensor(name)
 
     return read
