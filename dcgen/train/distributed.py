@@ -224,9 +224,7 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     ``device`` None: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU. A process group that
     already exists (e.g. set up by the caller) is reused and left alone on ``close``.
     """
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local = _env_int("LOCAL_RANK", rank if world > 1 else 0)
+    rank, world, local = launch_env()
     if device is None:
         dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
