@@ -325,23 +325,23 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
 def read_metadata(path: str | Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        keys = list(f.keys()) if meta.get("format") not in FORMATS else []
-    if meta.get("format") not in FORMATS:
-        # A checkpoint quantized elsewhere (BFL's, in FLUX's original key names) is converted
-        # once, not read here.
-        bfl = any(k.startswith(("double_blocks.", "single_blocks.")) for k in keys) and any(
-            k.endswith(".weight_scale") for k in keys
-        )
-        hint = (
-            "; it looks like a Black Forest Labs quantized FLUX checkpoint: convert it with "
-            "`dcgen convert-quantized FILE --pipeline DIR --out OUT`"
-            if bfl
-            else ""
-        )
-        raise ValueError(
-            f"load_quantized: expected a file of format {' / '.join(FORMATS)}, "
-            f"got format {meta.get('format')!r} in {path}{hint}"
-        )
+        if meta.get("format") not in FORMATS:
+            # A checkpoint quantized elsewhere (BFL's, in FLUX's original key names) is
+            # converted once, not read here.
+            keys = list(f.keys())
+            bfl = any(k.startswith(("double_blocks.", "single_blocks.")) for k in keys) and any(
+                k.endswith(".weight_scale") for k in keys
+            )
+            hint = (
+                "; it looks like a Black Forest Labs quantized FLUX checkpoint: convert it with "
+                "`dcgen convert-quantized FILE --pipeline DIR --out OUT`"
+                if bfl
+                else ""
+            )
+            raise ValueError(
+                f"load_quantized: expected a file of format {' / '.join(FORMATS)}, "
+                f"got format {meta.get('format')!r} in {path}{hint}"
+            )
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"load_quantized: expected format_version {FORMAT_VERSION!r}, "
