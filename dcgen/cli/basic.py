@@ -13,7 +13,7 @@ from .common import DTYPES
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dcgen.toy.demo import DemoSettings, run_demo
+    from dcgen.toy.demo import PIPELINE_DIR, DemoSettings, run_demo
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides: dict[str, Any] = {"device": device, "seed": args.seed, "assets": args.assets}
@@ -43,7 +43,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.out, settings, progress=not args.no_progress, echo=print, resume=args.resume)
     print()
     print((Path(args.out) / "report.md").read_text())
-    pipeline = Path(args.out) / "pipeline"
+    pipeline = Path(args.out) / PIPELINE_DIR
     print(
         f"The DC-Gen model is a pipeline folder now ({pipeline}); sample it with\n"
         f'  dcgen generate --pipeline {pipeline} --prompt "a large red circle top left" '
