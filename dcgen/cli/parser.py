@@ -351,6 +351,10 @@ those files (no grid).""",
     g.add_argument("--mask", default=None, metavar="FILE",
                    help="with --image: inpaint, repainting where this picture is white (binarized "
                    "at half grey, resized to the latent grid) and keeping the rest")  # fmt: skip
+    g.add_argument("--mask-blur", type=float, default=None, metavar="PX",
+                   help="with --mask: blend in pixel space instead, the mask feathered by a "
+                   "Gaussian of PX pixels (0 = hard edge): pixels away from the mask stay the "
+                   "picture's own, byte for byte (default: the latent-grid mask alone)")  # fmt: skip
     g.add_argument("--seed", type=int, nargs="+", default=[0], metavar="N",
                    help="one or more seeds; several make a grid (default 0)")  # fmt: skip
     g.add_argument("--batch-size", type=int, default=1, metavar="N",

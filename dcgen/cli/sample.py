@@ -397,6 +397,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     init_image = _read_image(Path(args.image)) if args.image is not None else None
     if init_image is None and (args.strength is not None or args.mask is not None):
         raise CLIError("--strength and --mask go with --image FILE")
+    if args.mask_blur is not None and args.mask is None:
+        raise CLIError("--mask-blur feathers --mask FILE: give the mask too")
+    if args.mask_blur is not None and not args.mask_blur >= 0:  # NaN too
+        raise CLIError(f"--mask-blur: expected pixels >= 0, got {args.mask_blur:g}")
     mask = _read_image(Path(args.mask), "--mask") if args.mask is not None else None
     if init_image is not None:
         from dcgen.pipelines.base import DEFAULT_STRENGTH
@@ -443,7 +447,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if init_image is not None:
         extra.update(image=init_image, strength=args.strength)
     if mask is not None:
-        extra.update(mask_image=mask)
+        extra.update(mask_image=mask, mask_blur=args.mask_blur)
     images: list[Any] = []  # this process's, in order (the grid's when it has them all)
     for i, seeds in items:
         paths = [_image_path(out, n_prompts, n_seeds, i, seed) for seed in seeds]

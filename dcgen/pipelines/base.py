@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -175,6 +176,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         image: Any = None,
         strength: float = DEFAULT_STRENGTH,
         mask_image: Any = None,
+        mask_blur: float | None = None,
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
@@ -215,7 +217,13 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         per prompt or one per output image. ``mask_image`` (with ``image``; white = repaint)
         inpaints as diffusers' FluxInpaintPipeline: the mask is binarized and resized (nearest)
         to the latent grid, and after every step the kept region is reset to the image's
-        latents noised to the next sigma (the clean latents after the last).
+        latents noised to the next sigma (the clean latents after the last). A DC-AE's latent
+        cell is 32 or 64 pixels wide, so that mask is coarse and the kept cells come back through
+        the autoencoder; ``mask_blur`` (pixels, >= 0) composites in pixel space instead: every
+        latent cell the mask touches is repainted, and the decoded image is blended with the input
+        image through the full-resolution mask feathered by a Gaussian of that standard deviation
+        (cut at 3 sigma; 0 = a hard edge), so pixels farther than that from the mask are the input
+        image's own.
         ``joint_attention_kwargs`` (FLUX's name) or ``attention_kwargs`` (SANA's; either works
         for both) go to the transformer; ``{"scale": s}`` scales unfused LoRAs.
         ``callback_on_step_end(pipe, i, t, {"latents": x})`` runs after each step, as in
@@ -247,6 +255,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         skip = strength_start(num_inference_steps, strength) if image is not None else 0
         if mask_image is not None and image is None:
             raise ValueError("mask_image: inpainting needs the image to inpaint (image=...)")
+        _check_mask_blur(mask_blur, mask_image, output_type)
         if joint_attention_kwargs is not None and attention_kwargs is not None:
             raise ValueError("pass joint_attention_kwargs or attention_kwargs, not both")
         attn_kwargs = joint_attention_kwargs if attention_kwargs is None else attention_kwargs
@@ -292,13 +301,15 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         c = adapter.latent_channels
         model_dtype = next(self.transformer.parameters()).dtype
         use_tiles = tile_threshold is not None and max(height, width) > tile_threshold
-        image_latents = None
+        image_latents = pixels = None
         if image is not None:  # encoded first: a VAE posterior sample draws from the generator
-            image_latents = self._image_latents(
-                image, height, width, batch, n, generator, device,
+            pixels = self._image_pixels(image, height, width, batch, n)
+            image_latents = self.encode_images(
+                pixels.to(device), generator,
                 (tile_size, tile_overlap) if use_tiles else None,
                 band_rows if use_tiles else None,
-            )  # fmt: skip
+            ).to(device, torch.float32)  # fmt: skip
+            image_latents = _per_output(image_latents, batch, n)
         if latents is None:
             noise = randn_tensor(
                 (total, c, h, w), generator=generator, device=device, dtype=torch.float32
@@ -325,8 +336,11 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             model_sigmas = None if model_sigmas is None else model_sigmas[skip:]
             start = schedule[0] * noise + (1 - schedule[0]) * image_latents
         keep = None  # inpainting: where the image's own latents are put back after each step
+        pixel_mask = None  # mask_blur: the full-resolution mask (1 = repaint), for the composite
         if mask_image is not None:
-            keep = 1 - self._latent_mask(mask_image, height, width, batch, n, (h, w), device)
+            pixel_mask = self._pixel_mask(mask_image, height, width, batch, n)
+            keep = 1 - _latent_cells(pixel_mask, (h, w), cover=mask_blur is not None).to(device)
+            pixel_mask = None if mask_blur is None else pixel_mask
         logger.info(
             "sampling %d image(s) at %dx%d: %d tokens, shift %.4g, %d %s steps",
             total, height, width, adapter.num_tokens(h, w), shift, len(schedule) - 1,
@@ -403,7 +417,10 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                 out, tile_size if use_tiles else None, tile_overlap,
                 band_rows if use_tiles else None,
             )  # fmt: skip
-            images = self.image_processor.postprocess(decoded.float(), output_type=output_type)
+            decoded = decoded.float()
+            if pixel_mask is not None:
+                decoded = _composite(decoded, _per_output(pixels, batch, n), pixel_mask, mask_blur)
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -498,44 +515,27 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             max_shift=float(cfg.get("max_shift", 1.15) or 1.15),
         )
 
-    def _image_latents(
-        self,
-        image: Any,
-        height: int,
-        width: int,
-        batch: int,
-        n: int,
-        generator: torch.Generator | list[torch.Generator] | None,
-        device: torch.device,
-        tiles: tuple[int, int] | None,
-        band_rows: int | None,
+    def _image_pixels(
+        self, image: Any, height: int, width: int, batch: int, n: int
     ) -> torch.Tensor:
-        """float32 latents (batch * n, C, h, w) of the image-to-image input."""
+        """The image-to-image input(s) as float32 (k, 3, height, width) in [-1, 1] on the CPU,
+        k = 1, batch or batch * n (checked)."""
         pixels = self.image_processor.preprocess(image, height=height, width=width)
         _check_per_output(pixels.shape[0], batch, n, "image", "images")
-        z = self.encode_images(pixels.to(device), generator, tiles, band_rows)
-        return _per_output(z.to(device, torch.float32), batch, n)
+        return pixels.float()
 
-    def _latent_mask(
-        self,
-        mask_image: Any,
-        height: int,
-        width: int,
-        batch: int,
-        n: int,
-        grid: tuple[int, int],
-        device: torch.device,
+    def _pixel_mask(
+        self, mask_image: Any, height: int, width: int, batch: int, n: int
     ) -> torch.Tensor:
-        """float32 (batch * n, 1, h, w) inpainting mask on the latent grid, 1 = repaint: the
-        mask image(s) to grayscale, binarized at 0.5, resized (nearest), as FluxInpaintPipeline
-        makes it."""
+        """float32 (batch * n, 1, height, width) inpainting mask, 1 = repaint: the mask image(s)
+        to grayscale, binarized at 0.5, as FluxInpaintPipeline makes it (a view per output where
+        one mask serves them all)."""
         processor = VaeImageProcessor(
             vae_scale_factor=1, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
         mask = processor.preprocess(mask_image, height=height, width=width)
         _check_per_output(mask.shape[0], batch, n, "mask_image", "masks")
-        mask = torch.nn.functional.interpolate(mask.float(), size=grid).to(device)
-        return _per_output(mask, batch, n)
+        return _per_output(mask.float(), batch, n)
 
     def _embeddings(
         self,
@@ -593,6 +593,62 @@ def register_components(folder: str | os.PathLike, entries: dict[str, list[str]]
     tmp = index_path.with_name(".model_index.json.tmp")
     tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, index_path)
+
+
+def _check_mask_blur(mask_blur: float | None, mask_image: Any, output_type: str) -> None:
+    if mask_blur is None:
+        return
+    if mask_image is None:
+        raise ValueError("mask_blur: feathers the inpainting mask; pass mask_image (and image)")
+    if isinstance(mask_blur, bool) or not isinstance(mask_blur, (int, float)):
+        raise ValueError(f"mask_blur: expected a number of pixels >= 0, got {mask_blur!r}")
+    if not math.isfinite(mask_blur) or mask_blur < 0:
+        raise ValueError(f"mask_blur: expected a number of pixels >= 0, got {mask_blur!r}")
+    if output_type == "latent":
+        raise ValueError(
+            "mask_blur: blends decoded images with the input image; output_type='latent' has "
+            "none (leave mask_blur=None for the latent-grid inpainting alone)"
+        )
+
+
+def _latent_cells(mask: torch.Tensor, grid: tuple[int, int], cover: bool) -> torch.Tensor:
+    """The pixel mask on the latent grid: nearest resize (FluxInpaintPipeline's cells), or with
+    ``cover`` every cell that holds any masked pixel (the pixel composite repaints those)."""
+    if cover:
+        return torch.nn.functional.adaptive_max_pool2d(mask, grid)
+    return torch.nn.functional.interpolate(mask, size=grid)
+
+
+def _feathered(mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``mask`` (B, 1, H, W) blurred by a Gaussian of standard deviation ``sigma`` pixels, cut at
+    3 sigma (so the blend weight is exactly 0 beyond that) and normalised; the borders are
+    extended, so a mask that touches the frame stays 1 there."""
+    radius = math.ceil(3 * sigma)
+    if radius == 0:
+        return mask
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=mask.device)
+    taps = torch.exp(-0.5 * (x / sigma) ** 2)
+    taps = taps / taps.sum()
+    # two 1-D passes; edge padding, not zeros, so the frame does not fade the mask
+    out = torch.nn.functional.pad(mask, (radius, radius, 0, 0), mode="replicate")
+    out = torch.nn.functional.conv2d(out, taps.view(1, 1, 1, -1))
+    out = torch.nn.functional.pad(out, (0, 0, radius, radius), mode="replicate")
+    out = torch.nn.functional.conv2d(out, taps.view(1, 1, -1, 1))
+    return out.clamp_(0.0, 1.0)
+
+
+def _composite(
+    decoded: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor, sigma: float
+) -> torch.Tensor:
+    """The decoded images where the feathered mask is 1, the input images where it is 0 (both
+    in [-1, 1]), one image at a time (a 4K mask's blur is 16M pixels)."""
+    out = torch.empty_like(decoded)
+    for i in range(decoded.shape[0]):
+        weight = _feathered(mask[i : i + 1].to(decoded.device), sigma)
+        out[i : i + 1] = torch.lerp(
+            pixels[i : i + 1].to(decoded.device), decoded[i : i + 1], weight
+        )
+    return out
 
 
 def _check_per_output(k: int, batch: int, n: int, what: str, items: str) -> None:

@@ -4,6 +4,10 @@ the steps run, batching of the input images, and the errors."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -180,3 +184,81 @@ def test_inpainting_errors_are_named(pipe):
         pipe(mask_image=mask[:1], **kw)
     with pytest.raises(ValueError, match="3 masks for 2 prompt"):
         pipe(image=_image(), mask_image=mask, **kw)
+
+
+def _distance_from(mask: torch.Tensor) -> torch.Tensor:
+    """Each pixel's Chebyshev distance (in pixels) to the nearest masked pixel of (H, W)."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    h, w = mask.shape
+    yy = torch.arange(h).view(h, 1, 1) - ys.view(1, 1, -1)
+    xx = torch.arange(w).view(1, w, 1) - xs.view(1, 1, -1)
+    return torch.maximum(yy.abs(), xx.abs()).amin(dim=-1)
+
+
+@pytest.mark.parametrize("blur", [0.0, 2.0])
+def test_mask_blur_repaints_every_touched_cell_and_keeps_the_pixels_beyond(pipe, monkeypatch, blur):
+    """A mask smaller than one 32-pixel latent cell, off the cell's corner: the nearest resize
+    (diffusers' cells) misses it, mask_blur repaints that cell, and every pixel farther than
+    3 sigma from the mask is the input image's own, byte for byte, after the composite."""
+    seen: list[torch.Tensor] = []
+    decode = type(pipe).decode_latents
+
+    def spy(self, latents, *args, **kwargs):
+        seen.append(latents.detach().clone())
+        return decode(self, latents, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "decode_latents", spy)
+    embeds, pooled = text(1)
+    rng = np.random.default_rng(4)
+    image = PIL.Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    mask = torch.zeros(64, 96)
+    mask[10:20, 70:80] = 1.0  # inside latent cell (0, 2), away from its top-left pixel
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=image,
+              mask_image=mask.view(1, 1, 64, 96), strength=0.9, height=64, width=96,
+              num_inference_steps=3, generator=torch.Generator().manual_seed(5))  # fmt: skip
+    out = np.asarray(pipe(mask_blur=blur, **kw).images[0]).astype(np.int16)
+    z = pipe.vae.encode(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None] / 127.5 - 1,
+                        scaled=True)  # fmt: skip
+    cells = (seen[0] - z).abs().amax(dim=1)[0]  # (2, 3): which cells were sampled
+    assert cells[0, 2] > 1e-3
+    assert cells[[0, 1, 1, 1, 0], [0, 0, 1, 2, 1]].max() < 1e-5
+    far = (_distance_from(mask) > math.ceil(3 * blur)).numpy()
+    np.testing.assert_array_equal(out[far], np.asarray(image)[far])
+    inside = mask.bool().numpy()
+    assert np.abs(out[inside] - np.asarray(image)[inside]).mean() > 2  # generated there
+    pipe(**kw)  # without mask_blur: the nearest cells, none of which holds a masked pixel
+    torch.testing.assert_close(seen[-1], z, rtol=0, atol=1e-5)
+
+
+def test_feathered_mask_is_normalised_and_cut_at_three_sigma():
+    from dcgen.pipelines.base import _feathered
+
+    mask = torch.zeros(1, 1, 40, 50)
+    mask[..., 15:25, 20:30] = 1.0
+    soft = _feathered(mask, 1.5)
+    far = _distance_from(mask[0, 0]) > 5  # ceil(3 x 1.5)
+    assert (soft[0, 0][far] == 0).all() and (soft[0, 0][~far] > 0).all()
+    torch.testing.assert_close(soft.sum(), mask.sum(), rtol=1e-5, atol=0)  # mass conserved
+    torch.testing.assert_close(soft, soft.flip(-1).flip(-2))  # the box is centred: symmetric
+    assert soft[0, 0, 20, 25] > 0.99
+    half = torch.zeros(1, 1, 8, 30)
+    half[..., 15:] = 1.0  # a straight edge: the two pixels beside it share the weight
+    soft = _feathered(half, 2.0)
+    torch.testing.assert_close(soft[..., 14] + soft[..., 15], torch.ones(1, 1, 8))
+    ones = torch.ones(1, 1, 12, 12)  # the frame's edge does not fade a full mask
+    torch.testing.assert_close(_feathered(ones, 3.0), ones)
+    assert torch.equal(_feathered(mask, 0.0), mask)
+
+
+def test_mask_blur_errors_are_named(pipe):
+    embeds, pooled = text(1)
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=96,
+              num_inference_steps=2, image=_image())  # fmt: skip
+    mask = torch.ones(1, 1, 64, 96)
+    with pytest.raises(ValueError, match="mask_blur: feathers the inpainting mask"):
+        pipe(mask_blur=2.0, **kw)
+    for bad in (-1.0, float("nan"), "3", True):
+        with pytest.raises(ValueError, match="mask_blur: expected a number of pixels >= 0"):
+            pipe(mask_image=mask, mask_blur=bad, **kw)
+    with pytest.raises(ValueError, match="output_type='latent' has none"):
+        pipe(mask_image=mask, mask_blur=1.0, output_type="latent", **kw)

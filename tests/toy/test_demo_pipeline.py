@@ -176,6 +176,13 @@ def test_generate_image_to_image(folder, tmp_path):
         num_inference_steps=4, generator=torch.Generator().manual_seed(2),
     ).images[0]  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(inpainted)), np.asarray(expected))
+    # --mask-blur: the pixel composite; the left half, beyond 3 sigma of the mask, is the source
+    blended = tmp_path / "blended.png"
+    assert main([*args, "--image", str(source), "--mask", str(mask), "--mask-blur", "2",
+                 "--out", str(blended)]) == 0  # fmt: skip
+    got = np.asarray(Image.open(blended))
+    assert np.array_equal(got[:, :58], np.asarray(Image.open(source))[:, :58])
+    assert not np.array_equal(got[:, 64:], np.asarray(Image.open(source))[:, 64:])
 
 
 @pytest.mark.parametrize(
@@ -185,7 +192,10 @@ def test_generate_image_to_image(folder, tmp_path):
      (["--image", "{png}", "--mask", "missing.png"], "--mask missing.png: no such file"),
      (["--image", "missing.png"], "no such file"),
      (["--image", "{not_png}"], "not an image"),
-     (["--image", "{png}", "--strength", "1.5"], r"--strength: strength: expected a number")],
+     (["--image", "{png}", "--strength", "1.5"], r"--strength: strength: expected a number"),
+     (["--image", "{png}", "--mask-blur", "2"], "--mask-blur feathers --mask FILE"),
+     (["--image", "{png}", "--mask", "{png}", "--mask-blur", "-1"], "--mask-blur: expected pixels >= 0"),
+     (["--image", "{png}", "--mask", "{png}", "--mask-blur", "nan"], "--mask-blur: expected pixels >= 0")],
 )  # fmt: skip
 def test_generate_image_options_are_named(folder, tmp_path, capsys, extra, match):
     not_png = tmp_path / "notes.txt"
