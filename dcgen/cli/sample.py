@@ -362,9 +362,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from dcgen.train.distributed import launch_env
 
     device = _device(args.device)
-    launch = launch_env()  # torchrun: (rank, world, local rank); the prompts are split
-    if device == "cuda" and launch[1] > 1:
-        torch.cuda.set_device(launch[2])  # "cuda" is then this process's GPU
+    rank, world, local_rank = launch_env()  # torchrun: the (prompt, seeds) items are split
+    if device == "cuda" and world > 1:
+        torch.cuda.set_device(local_rank)  # "cuda" is then this process's GPU
     dtype = _model_dtype(args.dtype, device)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -372,6 +372,39 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     quantized = Path(args.quantized) if args.quantized is not None else None
     if quantized is not None and not quantized.is_file():  # before loading a 12B model
         raise FileNotFoundError(f"--quantized {quantized}: no such file")
+    _gather_prompts(args)
+    n_prompts = len(args.prompt) if args.prompt is not None else 1
+    items = _work_items(n_prompts, args.seed, args.batch_size)[rank::world]
+    if not items:
+        print(f"process {rank} of {world}: no image to sample")
+        return 0
+    # the rows this process encodes: its own prompts only (a long --prompt-file, 8 GPUs)
+    mine = sorted({i for i, _ in items})
+    if args.prompt is not None and world > 1:
+        args.prompt = [args.prompt[i] for i in mine]
+    image_kwargs = _image_kwargs(args)
+    pipe, kwargs = _generate_pipeline(args, device, dtype, quantized)
+    row_of = {i: r for r, i in enumerate(mine)}
+    prompt_kwargs = {  # one prompt's rows of the batched encodings; a negative serves them all
+        i: {k: v if k.startswith("negative_") or n_prompts == 1 else v[row_of[i] : row_of[i] + 1]
+            for k, v in kwargs.items()}
+        for i in mine
+    }  # fmt: skip
+    images = _sample_items(pipe, args, items, prompt_kwargs, image_kwargs, out, n_prompts, device)
+    total = n_prompts * len(args.seed)
+    if world > 1 and total > 1:
+        print(f"process {rank} of {world}: {len(images)} of {total} images (no grid under "
+              "torchrun: the images are split between the processes)")  # fmt: skip
+    if world > 1 or total == 1:
+        return 0
+    _save_png(_grid(images, cols=len(args.seed) if n_prompts > 1 else None), out)
+    what = f"{n_prompts} prompts x {len(args.seed)} seeds" if n_prompts > 1 else f"{total} seeds"
+    print(f"wrote {out} ({what} in a grid)")
+    return 0
+
+
+def _gather_prompts(args: argparse.Namespace) -> None:
+    """--prompt-file appended to --prompt; exactly one prompt source; --batch-size checked."""
     if args.prompt_file is not None:
         args.prompt = (args.prompt or []) + _read_prompt_file(Path(args.prompt_file))
     if (args.prompt is None) == (args.prompt_embeds is None):
@@ -379,40 +412,50 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             "give the prompt as --prompt TEXT (encoded by the pipeline's text encoders or "
             "--text-encoders DIR) or as --prompt-embeds FILE, one of them"
         )
+    if args.prompt is not None and (args.caption or args.negative_caption):
+        raise CLIError("--caption and --negative-caption pick entries of --prompt-embeds tables")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    # (prompt, seed batch) work items; under torchrun each process samples every world-th
-    rank, world = launch[0], launch[1]
-    n_prompts = len(args.prompt) if args.prompt is not None else 1
-    items = [(i, args.seed[s : s + args.batch_size]) for i in range(n_prompts)
-             for s in range(0, len(args.seed), args.batch_size)][rank::world]  # fmt: skip
-    if not items:
-        print(f"process {rank} of {world}: no image to sample")
-        return 0
-    # the rows this process encodes: its own prompts only (a long --prompt-file, 8 GPUs)
-    mine = sorted({i for i, _ in items})
-    row_of = {i: r for r, i in enumerate(mine)}
-    if args.prompt is not None and world > 1:
-        args.prompt = [args.prompt[i] for i in mine]
-    init_image = _read_image(Path(args.image)) if args.image is not None else None
-    if init_image is None and (args.strength is not None or args.mask is not None):
-        raise CLIError("--strength and --mask go with --image FILE")
+
+
+def _work_items(n_prompts: int, seeds: list[int], batch_size: int) -> list[tuple[int, list[int]]]:
+    """(prompt index, seed batch) in output order: one pipeline call each. Under torchrun each
+    process takes every world-th item."""
+    return [(i, seeds[s : s + batch_size])
+            for i in range(n_prompts) for s in range(0, len(seeds), batch_size)]  # fmt: skip
+
+
+def _image_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline's image-to-image / inpainting arguments from --image, --strength, --mask and
+    --mask-blur, checked (and the strength against --steps) before any model loads."""
+    if args.image is None:
+        if args.strength is not None or args.mask is not None:
+            raise CLIError("--strength and --mask go with --image FILE")
+        return {}
+    from dcgen.pipelines.base import DEFAULT_STRENGTH
+    from dcgen.sampling.flow import strength_start
+
+    kwargs: dict[str, Any] = {"image": _read_image(Path(args.image))}
     if args.mask_blur is not None and args.mask is None:
         raise CLIError("--mask-blur feathers --mask FILE: give the mask too")
     if args.mask_blur is not None and not args.mask_blur >= 0:  # NaN too
         raise CLIError(f"--mask-blur: expected pixels >= 0, got {args.mask_blur:g}")
-    mask = _read_image(Path(args.mask), "--mask") if args.mask is not None else None
-    if init_image is not None:
-        from dcgen.pipelines.base import DEFAULT_STRENGTH
-        from dcgen.sampling.flow import strength_start
+    if args.mask is not None:
+        kwargs.update(mask_image=_read_image(Path(args.mask), "--mask"), mask_blur=args.mask_blur)
+    kwargs["strength"] = DEFAULT_STRENGTH if args.strength is None else args.strength
+    try:
+        strength_start(args.steps, kwargs["strength"])
+    except ValueError as err:
+        raise CLIError(f"--strength: {err}") from err
+    return kwargs
 
-        args.strength = DEFAULT_STRENGTH if args.strength is None else args.strength
-        try:
-            strength_start(args.steps, args.strength)  # before the model loads
-        except ValueError as err:
-            raise CLIError(f"--strength: {err}") from err
-    if args.prompt is not None and (args.caption or args.negative_caption):
-        raise CLIError("--caption and --negative-caption pick entries of --prompt-embeds tables")
+
+def _generate_pipeline(
+    args: argparse.Namespace, device: str, dtype: torch.dtype, quantized: Path | None
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The pipeline, on ``device`` and accelerated, with the encoded prompts; sets
+    ``args.true_cfg`` (the model's default guidance where none was given and a negative
+    prompt can be had)."""
     default_cfg = _default_cfg_scale(Path(args.pipeline)) if args.true_cfg is None else 1.0
     if args.true_cfg is None:  # the embeddings path decides once it sees a negative (below)
         args.true_cfg = default_cfg if args.prompt is not None else 1.0
@@ -441,46 +484,43 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     pipe.to(device)
     _accelerate(pipe.transformer, args.accelerate, device)
     pipe.set_progress_bar_config(disable=args.no_progress)
+    return pipe, kwargs
+
+
+def _sample_items(
+    pipe: Any,
+    args: argparse.Namespace,
+    items: list[tuple[int, list[int]]],
+    prompt_kwargs: dict[int, dict[str, torch.Tensor]],
+    image_kwargs: dict[str, Any],
+    out: Path,
+    n_prompts: int,
+    device: str,
+) -> list[Any]:
+    """One pipeline call per (prompt, seed batch), each image written as its call ends (a
+    killed job keeps what it finished; --skip-existing reads those back instead of sampling).
+    Returns this process's images in order."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    n_seeds, total = len(args.seed), n_prompts * len(args.seed)
-    extra: dict[str, Any] = {}  # image-to-image / inpainting
-    if init_image is not None:
-        extra.update(image=init_image, strength=args.strength)
-    if mask is not None:
-        extra.update(mask_image=mask, mask_blur=args.mask_blur)
-    images: list[Any] = []  # this process's, in order (the grid's when it has them all)
+    images: list[Any] = []
     for i, seeds in items:
-        paths = [_image_path(out, n_prompts, n_seeds, i, seed) for seed in seeds]
+        paths = [_image_path(out, n_prompts, len(args.seed), i, seed) for seed in seeds]
         if args.skip_existing and all(p.is_file() for p in paths):
             print(f"kept {', '.join(map(str, paths))} (--skip-existing)")
             images.extend(_read_png(p) for p in paths)
             continue
-        # one prompt's rows of the batched encodings; a negative is shared by all prompts
-        r = row_of[i]
-        one = {k: v if k.startswith("negative_") or n_prompts == 1 else v[r : r + 1]
-               for k, v in kwargs.items()}  # fmt: skip
         started = time.perf_counter()
-        sampled = _sample_call(pipe, args, seeds, {**extra, **one})
+        sampled = _sample_call(pipe, args, seeds, {**image_kwargs, **prompt_kwargs[i]})
         # PIL images are on the host: the GPU work of the call is done
         seconds = time.perf_counter() - started
         first = " (the first call: warm-up included)" if not images and device == "cuda" else ""
         print(f"sampled seed(s) {', '.join(map(str, seeds))}"
               + (f" of prompt {i}" if n_prompts > 1 else "")
               + f" in {seconds:.2f} s{first}")  # fmt: skip
-        # written as each call ends: a killed job keeps what it finished (--skip-existing)
         for path, image in zip(paths, sampled, strict=True):
             _save_png(image, path)
             print(f"wrote {path}")
         images.extend(sampled)
-    if world > 1 and total > 1:
-        print(f"process {rank} of {world}: {len(images)} of {total} images (no grid under "
-              "torchrun: the images are split between the processes)")  # fmt: skip
-    if world > 1 or total == 1:
-        return 0
-    _save_png(_grid(images, cols=n_seeds if n_prompts > 1 else None), out)
-    what = f"{n_prompts} prompts x {n_seeds} seeds" if n_prompts > 1 else f"{total} seeds"
-    print(f"wrote {out} ({what} in a grid)")
-    return 0
+    return images
 
 
 def _sample_call(pipe: Any, args: argparse.Namespace, seeds: list[int], kwargs: dict) -> list:
