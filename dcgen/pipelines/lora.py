@@ -100,6 +100,15 @@ def load_lora_on_quantized(
     )
     state, metadata = out[0], out[-1]
     alphas = out[1] if len(out) == 3 else None
+    # text-encoder parts (a kohya FLUX LoRA's CLIP layers): only the transformer's linears were
+    # quantized and take adapters here, so say what is left out rather than drop it silently
+    others = sorted({key.split(".", 1)[0] for key in state if not key.startswith("transformer.")})
+    if others:
+        logger.warning(
+            "%s: the LoRA's %s entries are not loaded: on a quantized transformer only its "
+            "transformer part is applied (prompts encode without it)",
+            source if weight_name is None else f"{source}/{weight_name}", ", ".join(others),
+        )  # fmt: skip
     transformer = pipe.transformer
     with quantized_lora_loading():
         transformer.load_lora_adapter(

@@ -262,6 +262,25 @@ def test_lora_adapters_on_a_quantized_model_take_its_16_bit_dtype(tmp_path):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+def test_text_encoder_parts_left_out_on_a_quantized_transformer_are_named(tmp_path, caplog):
+    """A LoRA with CLIP layers too: the transformer part loads unmerged, the text-encoder part
+    (which the quantized path cannot apply) is named in a warning, not dropped silently."""
+    state = _base_lora(tiny_flux(), FLUX_TARGETS, tmp_path / "plain", FluxPipeline)
+    clip = {"text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 32),
+            "text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(32, 4)}  # fmt: skip
+    FluxPipeline.save_lora_weights(tmp_path / "both", transformer_lora_layers=state,
+                                   text_encoder_lora_layers=clip)  # fmt: skip
+    for folder, warned in (("plain", False), ("both", True)):
+        ae, model = tiny_dcae(), tiny_flux()
+        adapter_for(model).replace_latent_layers(ae.latent_channels)
+        quantize_(model, FP8Config())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dcgen.pipelines.lora"):
+            load_lora_on_quantized(DCGenFluxPipeline(model, ae), str(tmp_path / folder), "s")
+        assert ("text_encoder entries are not loaded" in caplog.text) == warned
+        assert any(".lora_A.s." in n for n, _ in model.named_parameters())
+
+
 def test_generate_attaches_loras_to_a_quantized_checkpoint(lora_folders, tmp_path, capsys):
     root, pipe = lora_folders
     ckpt = tmp_path / "fp8.safetensors"
