@@ -307,7 +307,7 @@ DCGenToyPipeline folder `dcgen demo` writes, <out>/pipeline, loads too) and writ
                        from precompute's format, with --caption choosing the entry.
 Several --seed values give one PNG per seed (<out>-seed<N>.png) plus a grid at --out. Under
 torchrun each process samples every N-th (prompt, seed batch) on its own GPU and writes
-those files (no grid).""",
+those files; process 0 then waits for the others' and writes the grid.""",
     )
     g.add_argument("--pipeline", required=True, metavar="DIR", help="pipeline folder")
     _add_text_prompt(

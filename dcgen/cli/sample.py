@@ -392,15 +392,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     }  # fmt: skip
     images = _sample_items(pipe, args, items, prompt_kwargs, image_kwargs, out, n_prompts, device)
     total = n_prompts * len(args.seed)
-    if world > 1 and total > 1:
-        print(f"process {rank} of {world}: {len(images)} of {total} images (no grid under "
-              "torchrun: the images are split between the processes)")  # fmt: skip
-    if world > 1 or total == 1:
+    if total == 1 or rank > 0:
+        if total > 1:
+            print(f"process {rank} of {world}: {len(images)} of {total} images (process 0 "
+                  "writes the grid)")  # fmt: skip
         return 0
+    if world > 1:  # the grid needs every process's images: read back as they are written
+        images = _await_images([
+            _image_path(out, n_prompts, len(args.seed), i, seed)
+            for i in range(n_prompts) for seed in args.seed
+        ])  # fmt: skip
     _save_png(_grid(images, cols=len(args.seed) if n_prompts > 1 else None), out)
     what = f"{n_prompts} prompts x {len(args.seed)} seeds" if n_prompts > 1 else f"{total} seeds"
     print(f"wrote {out} ({what} in a grid)")
     return 0
+
+
+def _await_images(paths: list[Path], poll_s: float = 0.5) -> list[Any]:
+    """The images at ``paths`` once every one exists. Each is renamed into place whole by the
+    process that sampled it, so existing means complete; torchrun stops the job if a process
+    fails, so the wait ends either way."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        print(f"waiting for {len(missing)} image(s) from the other processes for the grid")
+    while missing:
+        time.sleep(poll_s)
+        missing = [p for p in missing if not p.is_file()]
+    return [_read_png(p) for p in paths]
 
 
 def _gather_prompts(args: argparse.Namespace) -> None:

@@ -220,7 +220,8 @@ def _generate_worker(rank: int, world: int, argv: list[str]) -> None:
 
 def test_generate_under_torchrun_splits_the_images(folder, tmp_path):
     """Two processes (torchrun's environment) sample a 3 prompts x 2 seeds job between them:
-    together the files one process writes, pixel for pixel (no grid: no process has them all)."""
+    together the files one process writes, pixel for pixel, and process 0 the same grid once the
+    other's images are there."""
     import torch.multiprocessing as mp
 
     def argv(out):
@@ -236,9 +237,9 @@ def test_generate_under_torchrun_splits_the_images(folder, tmp_path):
     finally:
         torch.set_num_threads(threads)
     mp.spawn(_generate_worker, args=(2, argv(tmp_path / "two" / "x.png")), nprocs=2, join=True)
-    one = {p.name for p in (tmp_path / "one").iterdir()} - {"x.png"}  # the grid
+    one = {p.name for p in (tmp_path / "one").iterdir()}
     two = {p.name for p in (tmp_path / "two").iterdir()}
-    assert one == two and len(two) == 6
+    assert one == two and len(two) == 7  # six images and the grid
     for name in two:
         a = np.asarray(Image.open(tmp_path / "one" / name))
         assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / name)), a), name
