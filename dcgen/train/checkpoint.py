@@ -153,6 +153,23 @@ class Checkpoint:
     extra: dict[str, Any]
 
 
+def check_shapes(
+    saved: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], what: str
+) -> None:
+    """CheckpointError naming the tensors whose saved shape is not the current one (a config
+    change between runs) before any is copied: a bare size mismatch names none."""
+    wrong = [
+        (n, tuple(saved[n].shape), tuple(t.shape))
+        for n, t in current.items()
+        if n in saved and tuple(saved[n].shape) != tuple(t.shape)
+    ]
+    if wrong:
+        listed = "; ".join(f"{n}: saved {s}, now {c}" for n, s, c in wrong[:3])
+        raise CheckpointError(
+            f"{what}: {len(wrong)} tensor(s) of another shape than the checkpoint's: {listed}"
+        )
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """Finished checkpoints under ``directory``, oldest step first."""
     d = Path(directory)
@@ -292,6 +309,8 @@ def save_checkpoint(
 
     if keep_last is not None:
         for old in list_checkpoints(directory)[:-keep_last]:
+            if old == final:  # never the one just written, whatever higher steps lie about
+                continue
             logger.info("removing old checkpoint %s", old)
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -345,7 +364,13 @@ def load_checkpoint(
         for name, module in models.items():
             if name not in model_state:
                 raise CheckpointError(f"{path} has no module {name!r} (has {sorted(model_state)})")
-            module.load_state_dict(model_state[name], strict=strict)
+            try:
+                module.load_state_dict(model_state[name], strict=strict)
+            except (KeyError, RuntimeError, ValueError) as err:
+                raise CheckpointError(
+                    f"{path}: {name!r} does not fit this run's model: {err} (was the config "
+                    "changed since, e.g. lora_rank? resume = false starts over)"
+                ) from err
 
     opt_state = _torch_load(path / "optimizer.pt", map_location) if state["has_optimizer"] else None
     sched_state = _torch_load(path / "scheduler.pt", "cpu") if state["has_scheduler"] else None

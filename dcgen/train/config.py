@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -200,7 +202,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name}: expected an integer >= 0, got {value!r}")
-        if self.sample_every is not None and self.sample_every < 1:
+        if self.sample_every is not None and (
+            not isinstance(self.sample_every, int)
+            or isinstance(self.sample_every, bool)
+            or self.sample_every < 1
+        ):
             raise ConfigError(
                 f"sample_every: expected a positive integer or null, got {self.sample_every!r}"
             )
@@ -208,33 +214,50 @@ class TrainConfig:
             raise ConfigError(f"parallel: expected 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.parallel == "fsdp" and self.ema_decay is not None:
             raise ConfigError("ema_decay: not supported with parallel='fsdp' (use 'ddp')")
-        if not self.lr > 0:
-            raise ConfigError(f"lr: expected > 0, got {self.lr!r}")
+        _number("lr", self.lr, "> 0", lambda v: v > 0)
         dropout = self.caption_dropout
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, int | float)
-            or not 0 <= dropout < 1
+        _number("caption_dropout", dropout, "in [0, 1)", lambda v: 0 <= v < 1)
+        for name in ("weight_decay", "grad_clip", "align_ridge_l2"):
+            _number(name, getattr(self, name), ">= 0", lambda v: v >= 0)
+        _number("shift_constant", self.shift_constant, "> 0", lambda v: v > 0)
+        if self.lora_alpha is not None:
+            _number("lora_alpha", self.lora_alpha, "> 0 or null", lambda v: v > 0)
+        if self.lora_targets is not None:
+            if not isinstance(self.lora_targets, str):
+                raise ConfigError(
+                    f"lora_targets: expected a regular expression string or null, got "
+                    f"{self.lora_targets!r}"
+                )
+            try:  # a typo fails here, not after a 12B transformer has loaded
+                re.compile(self.lora_targets)
+            except re.error as err:
+                raise ConfigError(
+                    f"lora_targets: not a valid regular expression {self.lora_targets!r}: {err}"
+                ) from err
+        layers = self.align_feature_layers
+        if not isinstance(layers, tuple | list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
         ):
-            raise ConfigError(f"caption_dropout: expected a number in [0, 1), got {dropout!r}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.align_ridge_l2 < 0:
             raise ConfigError(
-                "weight_decay, grad_clip and align_ridge_l2 must be >= 0 "
-                f"(got {self.weight_decay}, {self.grad_clip}, {self.align_ridge_l2})"
+                f"align_feature_layers: expected a list of block indices >= 0, got {layers!r}"
             )
         if self.mixed_precision not in ("no", "bf16"):
             raise ConfigError(
                 f"mixed_precision: expected 'no' or 'bf16', got {self.mixed_precision!r}"
             )
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError(
-                f"ema_decay: expected a value in (0, 1) or null, got {self.ema_decay}"
-            )
+        if self.ema_decay is not None:
+            _number("ema_decay", self.ema_decay, "in (0, 1) or null", lambda v: 0 < v < 1)
         if self.guidance_range is not None:
-            lo, hi = self.guidance_range
-            if hi < lo:
+            g = self.guidance_range
+            if (
+                not isinstance(g, tuple | list)
+                or len(g) != 2
+                or not all(_is_number(v) and math.isfinite(v) for v in g)
+                or g[1] < g[0]
+            ):
                 raise ConfigError(
-                    f"guidance_range: expected (low, high), got {self.guidance_range}"
+                    f"guidance_range: expected [low, high] numbers with low <= high, or null, "
+                    f"got {g!r}"
                 )
         if self.timestep_sampling not in ("logit_normal", "uniform"):
             raise ConfigError(
@@ -258,11 +281,18 @@ class TrainConfig:
             raise ConfigError(
                 f"align_head_samples: expected a positive integer, got {self.align_head_samples!r}"
             )
-        if not 0.0 <= self.align_eval_sigma <= 1.0:
-            raise ConfigError(
-                f"align_eval_sigma: expected a value in [0, 1], got {self.align_eval_sigma}"
-            )
+        _number("align_eval_sigma", self.align_eval_sigma, "in [0, 1]", lambda v: 0 <= v <= 1)
         return self
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number(name: str, value: Any, wanted: str, ok: Callable[[float], bool]) -> None:
+    """A real number (not a string, bool or null) for which ``ok`` holds; NaN never does."""
+    if not _is_number(value) or math.isnan(value) or not ok(value):
+        raise ConfigError(f"{name}: expected a number {wanted}, got {value!r}")
 
 
 def _coerce(name: str, value: Any) -> Any:

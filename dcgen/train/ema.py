@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .checkpoint import check_shapes
+
 __all__ = ["EMA"]
 
 
@@ -37,6 +39,7 @@ class EMA:
         missing = set(self.shadow) - set(state)
         if strict and (missing or set(state) - set(self.shadow)):
             raise KeyError(f"EMA state does not match: missing {sorted(missing)[:5]}")
+        check_shapes(state, self.shadow, "EMA weights")
         for k in self.shadow:
             if k in state:
                 self.shadow[k].copy_(state[k])

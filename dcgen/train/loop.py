@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .buckets import BucketBatchSampler
-from .checkpoint import Checkpointer, RunState
+from .checkpoint import Checkpointer, CheckpointError, RunState, check_shapes, list_checkpoints
 from .config import TrainConfig
 from .data import collate_samples
 from .distributed import DistContext, FSDPState
@@ -107,6 +108,7 @@ class TrainableState:
                 f"checkpoint does not match the trainable parameters: missing "
                 f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
+        check_shapes(state, self.params, "trainable parameters")
         for n, p in self.params.items():
             if n in state:
                 p.copy_(state[n])
@@ -152,6 +154,20 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
 def _load_batch(dataset: Any, indices: Sequence[int], device: torch.device) -> dict[str, Any]:
     batch = collate_samples([dataset[i] for i in indices])
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _set_aside_checkpoints(ckpt_dir: Path) -> None:
+    """A fresh run (resume = false) where an earlier run left checkpoints: move them to
+    ``checkpoints.before-<time>``, kept, so they neither resume into this run later nor count
+    as its newest when keep_checkpoints prunes (which would delete this run's own)."""
+    if not list_checkpoints(ckpt_dir):
+        return
+    aside = ckpt_dir.with_name(f"{ckpt_dir.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside, n = aside.with_name(f"{aside.name.rsplit('~', 1)[0]}~{n}"), n + 1
+    os.replace(ckpt_dir, aside)
+    logger.warning("resume = false: the earlier run's checkpoints were moved to %s", aside)
 
 
 def _truncate_log(path: Path, tag: str, step: int) -> None:
@@ -241,7 +257,17 @@ def train_loop(
         keep_last=cfg.keep_checkpoints,
         model_state=lambda: {name: obj.state_dict() for name, obj in states.items()},
     )
+    if not cfg.resume:
+        if ctx.is_main:
+            _set_aside_checkpoints(ckpt_dir)
+        ctx.barrier()
     state = ckpt.resume() if cfg.resume else RunState()
+    if state.step > steps:
+        raise CheckpointError(
+            f"{ckpt_dir}: the newest checkpoint is at step {state.step}, past this run's "
+            f"steps={steps}: raise steps to continue that run, or set resume = false to start "
+            "over (its checkpoints are then moved aside)"
+        )
     start = state.step
     log_path = run_dir / LOG_NAME
     if ctx.is_main:
@@ -273,6 +299,7 @@ def train_loop(
                 norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
@@ -288,7 +315,7 @@ def train_loop(
                     "tag": tag,
                     "step": state.step,
                     "loss": value,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr,
                     "grad_norm": grad_norm,
                     "time_s": round(time.perf_counter() - t0, 3),
                 }

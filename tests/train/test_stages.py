@@ -179,6 +179,29 @@ def test_bad_config_names_the_field(data: dict, field: str) -> None:
         TrainConfig.from_dict(data)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "wanted"),
+    [("lr", "abc", "a number > 0"), ("lr", float("nan"), "a number > 0"),
+     ("weight_decay", "0.1", "a number >= 0"), ("grad_clip", None, "a number >= 0"),
+     ("align_ridge_l2", -1.0, "a number >= 0"), ("ema_decay", "0.99", "in \\(0, 1\\)"),
+     ("ema_decay", True, "in \\(0, 1\\)"), ("shift_constant", 0.0, "a number > 0"),
+     ("align_eval_sigma", "0.5", "in \\[0, 1\\]"), ("lora_alpha", 0.0, "> 0 or null"),
+     ("lora_alpha", "x", "> 0 or null"), ("sample_every", "100", "a positive integer"),
+     ("guidance_range", [1.0, 2.0, 3.0], "\\[low, high\\]"),
+     ("guidance_range", 5, "\\[low, high\\]"), ("guidance_range", [4.0, 1.0], "low <= high"),
+     ("align_feature_layers", ["a"], "block indices"),
+     ("align_feature_layers", [0, -1], "block indices"),
+     ("lora_targets", "attn.(to_q", "not a valid regular expression"),
+     ("lora_targets", 3, "a regular expression string")],
+)  # fmt: skip
+def test_badly_typed_config_values_name_the_field(field: str, value: object, wanted: str) -> None:
+    """Strings, nulls, NaN, bools and malformed lists give a ConfigError naming the field and
+    what it takes, at load time (a bad LoRA regex not after the transformer has loaded)."""
+    data = {"stage": "3", "transformer": "t", "cache_dir": "c", "out_dir": "o", field: value}
+    with pytest.raises(ConfigError, match=f"^{field}: .*{wanted}"):
+        TrainConfig.from_dict(data)
+
+
 def test_cache_without_dcae_latent_is_a_clear_error(root: Path, tmp_path: Path) -> None:
     cache = make_cache(tmp_path, with_dcae=False)
     cfg = config(tmp_path, "output", save_adapted(tmp_path), cache)
