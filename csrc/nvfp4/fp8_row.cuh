@@ -1,7 +1,7 @@
 // The FP8 (E4M3) row quantization's device steps, shared by dcgen::quantize_fp8 and the kernels
 // that quantize their own output on the way out (dcgen::adaln_modulate_fp8), so both give the
 // same bytes: the scale from the row's amax, the CTA-wide amax, and the 8-element encode.
-// Spec: dcgen/ops/quantize_fp8.py (scale = amax * fp32(1/448), 1 when amax == 0;
+// Spec: dcgen/ops/quantize_fp8.py (scale = amax * fp32(1/448), 1 where that is 0;
 // q = e4m3(clamp(x / scale))).
 #pragma once
 
@@ -16,8 +16,10 @@ constexpr float kE4M3Max = 448.f;
 
 __device__ __forceinline__ float fp8_scale(float amax) {
   // A product with the fp32 reciprocal, as PyTorch on CUDA and Inductor compute amax / 448:
-  // the spec every backend reproduces bit for bit (quantize_fp8.py).
-  return amax == 0.f ? 1.f : __fmul_rn(amax, 1.f / kE4M3Max);
+  // the spec every backend reproduces bit for bit (quantize_fp8.py). 1 where the product is 0:
+  // an all-zero row, or a subnormal amax whose product underflows (x / 0 would give NaN codes).
+  const float s = __fmul_rn(amax, 1.f / kE4M3Max);
+  return s == 0.f ? 1.f : s;
 }
 
 // The CTA-wide amax of every thread's partial amax (NaN-propagating), returned to all threads.

@@ -1,7 +1,7 @@
 // Dynamic FP8 (E4M3) activation quantization in one pass: x [M, K] (bf16 / fp16 / fp32) ->
 // q float8_e4m3fn [M, K] and fp32 decode scales, one per row (block = 0) or per 1x128 block.
 // Spec (followed op for op, so results are bit-identical for finite inputs):
-// dcgen/ops/quantize_fp8.py: scale = amax * fp32(1/448) (1 when amax == 0),
+// dcgen/ops/quantize_fp8.py: scale = amax * fp32(1/448) (1 where that is 0),
 // q = e4m3(clamp(x / scale)).
 //
 // 1x128 blocks: 16 lanes (half a warp) per block, 8 elements each, amax by shuffles.

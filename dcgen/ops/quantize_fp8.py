@@ -5,7 +5,9 @@ The recipe (the spec the CUDA kernel follows op for op; all arithmetic in fp32):
 1. ``amax`` = max |x| over the row, or over each block of 128 consecutive elements along the
    last dim (K); the last block of a K that is not a multiple of 128 is shorter (zero padded).
 2. ``scale = amax * fp32(1 / 448)`` (one fp32 multiplication by the rounded reciprocal);
-   ``scale = 1`` when ``amax == 0``. This is the *decode* scale: x ~= float(q) * scale. A
+   ``scale = 1`` where that product is 0: an all-zero row / block, or an amax so small
+   (below about 448 x 2^-149) that the product underflows, which would otherwise divide by
+   zero into NaN codes. This is the *decode* scale: x ~= float(q) * scale. A
    multiplication, not ``amax / 448``: PyTorch on CUDA (and Inductor) computes a division by a
    constant as exactly this product, while a CPU division rounds differently for about half of
    all values, so only the product gives every backend the same bits.
@@ -57,7 +59,8 @@ def quantize_fp8_reference(
     else:
         blocks = F.pad(xf, (0, (-k) % BLOCK_K)).unflatten(-1, (-1, BLOCK_K))
     amax = blocks.abs().amax(dim=-1)  # torch.amax propagates NaN
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax * INV_E4M3_MAX)
+    scale = amax * INV_E4M3_MAX
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # zero or underflowed
     q = (blocks / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q.flatten(-2)[..., :k], scale
 

@@ -171,6 +171,8 @@ def _latent_layer_names(model: nn.Module) -> tuple[str, ...]:
 def _targets(model: nn.Module, config: QuantConfig, name_prefix: str = "") -> list[str]:
     kept = _latent_layer_names(model) if config.keep_latent_layers else ()
     names = []
+    if name_prefix and not name_prefix.endswith("."):
+        name_prefix += "."  # "blocks.0" + "norm.linear": the patterns anchor on the dots
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear or not config.matches(name_prefix + name):
             continue
@@ -224,7 +226,8 @@ def quantize_(
     ``calibrate(model)`` runs representative inputs (needed for NVFP4 smoothing).
 
     For quantizing a model part by part: ``name_prefix`` is ``model``'s qualified name in
-    the whole model (include / exclude patterns match the whole-model names), and
+    the whole model (``"blocks.0"``, with or without the trailing dot; include / exclude
+    patterns match the whole-model names), and
     ``activation_amax`` (name within ``model`` -> per-channel max |x|, as measured on the
     16-bit model) replaces ``calibrate``."""
     config = config or NVFP4Config()

@@ -207,6 +207,14 @@ class NVFP4Linear(nn.Module):
                 self._buffers[n] = t.to(self.weight.device)
         return self
 
+    def clear_cache(self) -> None:
+        """Forget what was derived from the buffers (the calibrated-or-dynamic choice of
+        ``input_scale``, the swizzled weight scales, the direct GEMM route). Writes through
+        ``copy_`` / ``load_state_dict`` / ``.to`` are noticed on their own; call this after
+        writing a buffer through ``.data`` (no version counter moves) or in inference mode."""
+        self.__dict__.pop("_memo_cache", None)
+        self.__dict__.pop("_route", None)
+
     def _memo(
         self, key: str, source: torch.Tensor | tuple[torch.Tensor, ...], make: Callable[[], Any]
     ) -> Any:

@@ -11,7 +11,8 @@ The recipe (docs KERNELS.md, "NVFP4"), followed op for op, all arithmetic in fp3
 2. K is padded with zeros to a multiple of 16; the original shape (and K) are recorded and
    :func:`dequantize_nvfp4` trims the padding.
 3. ``global_decode = amax / (6 * 448)`` with ``amax = max|x|`` over the whole tensor (one fp32
-   division by 2688). An all-zero tensor gets ``global_decode = 1``. A caller may pass a
+   division by 2688). Where that is 0 (an all-zero tensor, or an amax so small the quotient
+   underflows) ``global_decode = 1``. A caller may pass a
    static ``global_scale`` instead (the calibrated ``input_scale`` of a W4A4 layer).
 4. ``block_scale = e4m3(min(block_amax / (6 * global_decode), 448))``: fp32 product
    ``6 * global_decode``, fp32 division, clamp to E4M3's max 448 (only reachable with a static
@@ -80,7 +81,9 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     saturating to +-6; returns the 4-bit codes as uint8 (sign in bit 3). NaN is not encodable:
     callers check for it first (here it would become +0)."""
     check_tensor("e2m1_encode: v", v, dtypes=(*FLOAT_DTYPES, torch.float64))
-    a = v.abs().float()
+    # compared in the input's precision where it is wider than fp32: rounding a float64 to fp32
+    # first can land a value just below a midpoint on it, and the tie then goes to even
+    a = v.abs() if v.dtype == torch.float64 else v.abs().float()
     code = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
     for i, t in enumerate(_MIDPOINTS):
         up = a >= t if i % 2 == 1 else a > t
@@ -117,8 +120,8 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
 
 
 def global_decode_scale(x: torch.Tensor) -> torch.Tensor:
-    """``amax / (6 * 448)`` over the whole tensor as an fp32 scalar; 1 for an all-zero tensor
-    (and for a NaN amax, where the test amax > 0 is false). The amax is one reduction, the
+    """``amax / (6 * 448)`` over the whole tensor as an fp32 scalar; 1 where that is not > 0:
+    an all-zero tensor, an amax whose quotient underflows, and a NaN amax. The amax is one reduction, the
     inf-norm: ``abs().amax()`` would first write |x| in full, a second pass over an activation
     that W4A4's dynamic scale reads on every call. Same value."""
     if x.numel():  # the max of |x| is exact in the input's dtype; taken in fp32 where it fits
@@ -128,7 +131,8 @@ def global_decode_scale(x: torch.Tensor) -> torch.Tensor:
         ).float()
     else:
         amax = torch.zeros((), device=x.device)
-    return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), 1.0)
+    scale = amax / (E2M1_MAX * E4M3_MAX)
+    return torch.where(scale > 0, scale, 1.0)
 
 
 def ensure_finite(name: str, x: torch.Tensor) -> None:

@@ -162,6 +162,21 @@ def test_cuda_fp8_quantize_bit_exact(dtype, granularity, rng):
 
 
 @pytest.mark.cuda
+def test_cuda_quantize_underflowing_amax_matches_the_reference(rng):
+    """Rows / blocks whose amax is a subnormal the scale product underflows: scale 1 and zero
+    codes on the kernel too (it used to divide by zero), the same bytes as the reference."""
+    _need("quantize_fp8")
+    x = torch.randn(4, 384, generator=rng)
+    x[1] = torch.tensor([1e-43, -2e-44, 5e-45]).repeat(128)  # a whole row of subnormals
+    x[2, 128:256] = 3e-44  # one block
+    for g, block in [("row", 0), ("block128", 128)]:
+        q, s = compiled_op("quantize_fp8")(x.cuda(), block)
+        qr, sr = quantize_fp8_reference(x, g)
+        _same_fp8(q, qr, g)
+        assert torch.equal(s.cpu(), sr) and torch.isfinite(s).all()
+
+
+@pytest.mark.cuda
 def test_cuda_quantize_non_finite_and_misaligned(rng):
     _need("quantize_fp8")
     _need("quantize_nvfp4")

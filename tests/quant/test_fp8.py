@@ -86,6 +86,18 @@ def test_recipe_block128_tails(k, rng):
     assert (err <= x.abs() / 16 + s.repeat_interleave(128, -1)[:, :k] * 2**-9).all()
 
 
+def test_an_underflowing_scale_is_one_not_nan():
+    """A finite amax so small that amax * fp32(1/448) underflows to 0 (fp32 subnormals) gets
+    scale 1, as an all-zero row does, not x / 0 = NaN codes; rows beside it are unchanged."""
+    tiny = torch.tensor([[1e-43, -2e-44, 0.0, 5e-45], [1.0, -2.0, 0.5, 0.25]])
+    assert (tiny[0].abs().amax() * torch.tensor(1 / 448)).item() == 0.0  # the case at hand
+    for g in GRANS:
+        q, s = quantize_fp8_reference(tiny, g)
+        assert s[0].tolist() == [1.0] and s[1, 0] == torch.tensor(2.0) * torch.tensor(1 / 448)
+        deq = dequantize_fp8(q, s)
+        assert torch.isfinite(deq).all() and (deq[0] == 0).all()
+
+
 def test_recipe_non_finite_poisons_row_or_block():
     x = torch.ones(4, 256)
     x[0, 3] = float("nan")

@@ -38,6 +38,16 @@ def test_ties_round_to_even(v, expected):
     assert e2m1_decode(e2m1_encode(x)).tolist() == [expected, -expected]
 
 
+def test_float64_rounds_once():
+    """float64 values just off a midpoint round to their nearest code (a cast to fp32 first
+    would put them on the midpoint and send them to the even code)."""
+    mids = torch.tensor([0.25, 0.75, 1.75, 3.5], dtype=torch.float64)
+    below = torch.nextafter(mids, torch.zeros_like(mids))
+    above = torch.nextafter(mids, torch.full_like(mids, 10.0))
+    assert e2m1_decode(e2m1_encode(below)).tolist() == [0.0, 0.5, 1.5, 3.0]
+    assert e2m1_decode(e2m1_encode(above)).tolist() == [0.5, 1.0, 2.0, 4.0]
+
+
 def test_off_tie_rounding_and_saturation():
     x = torch.tensor([0.26, 0.74, 2.51, 4.99, 5.01, 6.0, 7.0, 1e30, -100.0])
     assert e2m1_decode(e2m1_encode(x)).tolist() == [0.5, 0.5, 3.0, 4.0, 6.0, 6.0, 6.0, 6.0, -6.0]
@@ -122,6 +132,16 @@ def test_zero_tensor_and_zero_blocks():
     assert torch.isfinite(d).all()
     assert q.scales.float()[0].tolist()[0] == 0.0 and (d[0, :16] == 0).all() and (d[1] == 0).all()
     assert float((d - x).norm() / x.norm()) < 0.1
+
+
+def test_an_underflowing_global_scale_is_one_not_nan():
+    """A tensor of subnormals whose amax / 2688 underflows: global scale 1 (as for zeros),
+    finite codes, a zero result, not a division by zero."""
+    x = torch.tensor([[1e-42, -3e-43] * 8])
+    q = quantize_nvfp4(x)
+    assert float(q.global_scale) == 1.0
+    d = dequantize_nvfp4(q)
+    assert torch.isfinite(d).all() and (d == 0).all()
 
 
 def test_odd_k_pads_and_trims(rng):

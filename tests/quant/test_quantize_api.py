@@ -112,6 +112,20 @@ def test_a_single_block_alone_has_its_proj_out_quantized(fp_model):
     assert type(block.norm.linear) is nn.Linear  # AdaLN modulation stays 16-bit
 
 
+@pytest.mark.parametrize("prefix", ["single_transformer_blocks.0", "single_transformer_blocks.0."])
+def test_name_prefix_with_or_without_its_dot_matches_the_whole_model(fp_model, prefix):
+    """A block quantized on its own under its whole-model name takes the layers the
+    whole-model call takes in it: the patterns anchor on dots, so a prefix without its
+    trailing dot must not glue "...0" onto "norm.linear" (which then escaped the exclude)."""
+    whole = copy.deepcopy(fp_model)
+    names = quantize_(whole)
+    want = sorted(n.removeprefix("single_transformer_blocks.0.") for n in names
+                  if n.startswith("single_transformer_blocks.0."))  # fmt: skip
+    block = copy.deepcopy(fp_model.single_transformer_blocks[0])
+    assert sorted(quantize_(block, name_prefix=prefix)) == want
+    assert type(block.norm.linear) is nn.Linear
+
+
 def test_keep_latent_layers_off_quantizes_the_head(fp_model):
     model = copy.deepcopy(fp_model)
     names = quantize_(model, NVFP4Config(keep_latent_layers=False))
@@ -305,6 +319,12 @@ def test_host_side_values_follow_buffer_changes(rng):
         back = q(x)
     assert not torch.equal(static, dynamic)  # the static scale took effect...
     assert torch.equal(back, dynamic)  # ...and zeroing it went back to dynamic scales
+    # a write through .data moves no version counter: clear_cache() is the documented way
+    q.input_scale.data.fill_(float(x.abs().max()) / 448 / 6 * 3)
+    with torch.no_grad():
+        assert torch.equal(q(x), dynamic)  # the cached choice, as documented...
+        q.clear_cache()
+        assert torch.equal(q(x), static)  # ...until the cache is cleared
 
 
 @pytest.mark.parametrize("bias", [True, False])
