@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
     def check_size(self, height: int, width: int) -> None:
         f = self.spatial_factor
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % f:
+            if not _is_int(value) or value <= 0 or value % f:
                 raise ValueError(
                     f"{name} must be a positive multiple of {f} (autoencoder factor "
                     f"{self.ae_factor} x patch size {self.adapter.patch_size}), got {value!r}"
@@ -240,10 +241,17 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
         if max_sequence_length is None:  # text tokens: FLUX.1's T5 512, SANA's Gemma 300
             max_sequence_length = self.default_max_sequence_length
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(
                 f"num_inference_steps: expected a positive int, got {num_inference_steps!r}"
             )
+        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+            raise ValueError(
+                f"num_images_per_prompt: expected a positive int, got {num_images_per_prompt!r}"
+            )
+        num_inference_steps, num_images_per_prompt = (
+            int(num_inference_steps), int(num_images_per_prompt)
+        )  # numpy integers work as diffusers' pipelines take them
         dpm = self.dpm_settings(sampler)  # None: Euler
         if sigmas is not None:
             if dpm is not None:
@@ -262,6 +270,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         callback_inputs = _callback_inputs(callback_on_step_end_tensor_inputs)
         self.check_components()
         self.check_size(height, width)
+        height, width = int(height), int(width)
         device = self._execution_device
         adapter = self.adapter
 
@@ -296,6 +305,11 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         cond = _repeat(cond, n)
         uncond = _repeat(uncond, n) if uncond is not None else None
         total = batch * n
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(
+                f"generator: a list of {len(generator)} generators for {total} image(s) "
+                f"({batch} prompt(s) x {n} per prompt); pass one generator or a list of {total}"
+            )
 
         h, w = height // self.ae_factor, width // self.ae_factor
         c = adapter.latent_channels
@@ -595,12 +609,17 @@ def register_components(folder: str | os.PathLike, entries: dict[str, list[str]]
     os.replace(tmp, index_path)
 
 
+def _is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_mask_blur(mask_blur: float | None, mask_image: Any, output_type: str) -> None:
     if mask_blur is None:
         return
     if mask_image is None:
         raise ValueError("mask_blur: feathers the inpainting mask; pass mask_image (and image)")
-    if isinstance(mask_blur, bool) or not isinstance(mask_blur, (int, float)):
+    if isinstance(mask_blur, bool) or not isinstance(mask_blur, numbers.Real):
         raise ValueError(f"mask_blur: expected a number of pixels >= 0, got {mask_blur!r}")
     if not math.isfinite(mask_blur) or mask_blur < 0:
         raise ValueError(f"mask_blur: expected a number of pixels >= 0, got {mask_blur!r}")
@@ -685,7 +704,12 @@ def _stacked(
     for a, b in zip(first, second, strict=True):
         if (a is None) != (b is None) or (a is not None and a.shape[1:] != b.shape[1:]):
             return None
-        out.append(None if a is None else torch.cat([a, b.to(a.dtype)]))
+        if a is None:
+            out.append(None)
+            continue
+        # the wider of the two dtypes: neither half rounded (the two-call path rounds neither)
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        out.append(torch.cat([a.to(dtype), b.to(dtype)]))
     return tuple(out)  # type: ignore[return-value]
 
 

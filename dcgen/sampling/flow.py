@@ -8,6 +8,7 @@ diffusers' FlowMatchEulerDiscreteScheduler (non-stochastic); training code uses 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -57,8 +58,9 @@ def strength_start(steps: int, strength: float) -> int:
     one step left). A ValueError when the strength is outside (0, 1] or leaves no step (a
     strength too small to move ``steps - steps * strength`` below ``steps`` in floating
     point)."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
         raise ValueError(f"strength: expected a number in (0, 1], got {strength!r}")
+    strength = float(strength)  # numpy scalars too, as diffusers takes them
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength: expected a number in (0, 1], got {strength!r}")
     start = int(steps - steps * strength)  # in [0, steps] for a strength in (0, 1]

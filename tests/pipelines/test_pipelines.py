@@ -101,6 +101,42 @@ def test_bad_inputs(flux_pipe):
         DCGenFluxPipeline(model, torch.nn.Linear(1, 1))
 
 
+def test_generator_lists_and_counts_are_checked(flux_pipe):
+    """A generator list must hold one generator per output image (diffusers' rule): a short or
+    long one is named, not an IndexError deep in the noise draw or silently truncated;
+    num_images_per_prompt must be positive."""
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    embeds, pooled = text(1)
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64,
+              num_inference_steps=1, output_type="latent")  # fmt: skip
+    for k in (1, 2, 4):
+        with pytest.raises(ValueError, match=f"a list of {k} generators for 3 image"):
+            flux_pipe(generator=[torch.Generator()] * k, num_images_per_prompt=3, **kw)
+    out = flux_pipe(generator=gens, num_images_per_prompt=3, **kw).images
+    assert out.shape[0] == 3
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="num_images_per_prompt: expected a positive int"):
+            flux_pipe(num_images_per_prompt=bad, **kw)
+
+
+def test_numpy_scalars_are_taken_as_their_values(flux_pipe):
+    """Sizes, step counts and strengths given as numpy scalars (as diffusers takes them)."""
+    embeds, pooled = text(1)
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, output_type="latent")
+
+    def call(**extra):  # noqa: ANN003, ANN202
+        return flux_pipe(generator=torch.Generator().manual_seed(0), **kw, **extra).images
+
+    plain = call(height=64, width=96, num_inference_steps=2, num_images_per_prompt=2)
+    numpy = call(height=np.int64(64), width=np.int32(96), num_inference_steps=np.int64(2),
+                 num_images_per_prompt=np.int64(2))  # fmt: skip
+    assert torch.equal(plain, numpy)
+    image = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    a = call(height=64, width=96, num_inference_steps=4, image=image, strength=0.5)
+    b = call(height=64, width=96, num_inference_steps=4, image=image, strength=np.float32(0.5))
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(
     ("sigmas", "match"),
     [([], "non-empty"), ([1.0, 1.0], "strictly decreasing"), ([0.5, 0.7], "strictly decreasing"),
@@ -290,6 +326,11 @@ def test_cfg_runs_both_predictions_in_one_batch(monkeypatch):
     monkeypatch.setattr(DCGenSanaPipeline, "cfg_in_one_batch", True)
     run(short)
     assert batches == [2] * 6  # 6 vs 4 text tokens: two calls
+    # negatives in bf16 beside fp32 prompts: the stacked batch takes the wider dtype, so the
+    # prompts are not rounded to bf16 there (the two-call path never rounds them)
+    together = run(neg.bfloat16())
+    monkeypatch.setattr(DCGenSanaPipeline, "cfg_in_one_batch", False)
+    torch.testing.assert_close(together, run(neg.bfloat16()), rtol=0, atol=1e-5)
 
 
 def test_the_default_cfg_rule_reads_a_config():
