@@ -249,9 +249,11 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             raise ValueError(
                 f"num_images_per_prompt: expected a positive int, got {num_images_per_prompt!r}"
             )
+        # numpy integers work, as diffusers' pipelines take them
         num_inference_steps, num_images_per_prompt = (
-            int(num_inference_steps), int(num_images_per_prompt)
-        )  # numpy integers work as diffusers' pipelines take them
+            int(num_inference_steps),
+            int(num_images_per_prompt),
+        )
         dpm = self.dpm_settings(sampler)  # None: Euler
         if sigmas is not None:
             if dpm is not None:
