@@ -150,9 +150,14 @@ QuantConfig = NVFP4Config | FP8Config
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+    """Put ``module`` where ``name`` is, and under every other name of the same layer (a linear
+    registered twice, as tied layers are, stays one layer; named_modules lists it once)."""
+    old = model.get_submodule(name)
+    aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is old] or [name]
+    for alias in aliases:
+        parent_name, _, child = alias.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module)
 
 
 def _latent_layer_names(model: nn.Module) -> tuple[str, ...]:

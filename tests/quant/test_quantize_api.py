@@ -112,6 +112,29 @@ def test_a_single_block_alone_has_its_proj_out_quantized(fp_model):
     assert type(block.norm.linear) is nn.Linear  # AdaLN modulation stays 16-bit
 
 
+def test_a_linear_registered_twice_stays_one_layer(tmp_path):
+    """A tied linear (one module under two names): both names get the one quantized layer,
+    and a saved checkpoint loads back into a fresh tied model with the tie kept."""
+
+    def tied() -> nn.Module:
+        torch.manual_seed(0)
+        m = nn.Module()
+        m.a = nn.Linear(64, 32)
+        m.b = m.a
+        return m
+
+    m = tied()
+    assert quantize_(m) == ["a"]
+    assert m.b is m.a and isinstance(m.b, NVFP4Linear)
+    save_quantized(m, tmp_path / "q.safetensors")
+    fresh = tied()
+    load_quantized(fresh, tmp_path / "q.safetensors")
+    assert fresh.b is fresh.a and isinstance(fresh.a, NVFP4Linear)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh.b(x), m.a(x))
+
+
 @pytest.mark.parametrize("prefix", ["single_transformer_blocks.0", "single_transformer_blocks.0."])
 def test_name_prefix_with_or_without_its_dot_matches_the_whole_model(fp_model, prefix):
     """A block quantized on its own under its whole-model name takes the layers the
