@@ -97,6 +97,58 @@ def test_flux_processor_uses_fused_op_per_block():
     assert not torch.allclose(moved, base)
 
 
+@pytest.mark.parametrize(
+    "options", [{"blocks": True}, {"cuda_graphs": True}, {"blocks": True, "cuda_graphs": True}]
+)
+def test_accelerated_model_saves_loads_and_copies_whole(options):
+    """torch.save / torch.load of a whole accelerated model (fused block forwards, CUDA-graph
+    wrappers) and copy.deepcopy give a model that runs like the original, still accelerated,
+    with its wrappers bound to its own blocks."""
+    import copy
+
+    model = tiny_flux(layers=2)
+    accelerate(model, **options)
+    kwargs = flux_inputs()
+    with torch.no_grad():
+        want = model(**kwargs)[0]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        assert is_accelerated(other)
+        with torch.no_grad():
+            torch.testing.assert_close(other(**kwargs)[0], want, rtol=0, atol=0)
+        if options.get("cuda_graphs"):  # each wrapper watches the copy's block, not the original
+            from dcgen.attention.cuda_graphs import graphs_of
+
+            assert graphs_of(other)[0]._module() is other.transformer_blocks[0]
+        unaccelerate(other)
+        assert not is_accelerated(other)
+
+
+def test_processors_set_after_accelerate_are_respected():
+    """A processor set by other code after accelerate (set_attn_processor: a user's, an
+    IP-Adapter's, a reset to stock) is not overwritten by unaccelerate, and accelerate after a
+    reset to stock installs the fused processors again."""
+    model = tiny_flux()
+
+    class Mine(FluxAttnProcessor):
+        pass
+
+    accelerate(model)
+    model.set_attn_processor(Mine())
+    assert not is_accelerated(model)
+    unaccelerate(model)
+    assert set(processors(model)) == {"Mine"}
+    accelerate(model)
+    assert set(processors(model)) == {"Mine"}  # custom: left alone
+    model.set_attn_processor(FluxAttnProcessor())  # a reset to stock
+    accelerate(model)
+    assert set(processors(model)) == {"FluxFusedAttnProcessor"} and is_accelerated(model)
+    unaccelerate(model)
+    assert set(processors(model)) == {"FluxAttnProcessor"}
+
+
 def test_custom_processors_are_left_alone():
     model = tiny_flux()
 

@@ -79,10 +79,20 @@ class SanaAdapter(DiTAdapter):
         embed.patch_size = patch_size
         embed.height = embed.width = embed.base_size = t.config.sample_size // patch_size
         if embed.pos_embed is not None:
-            logger.warning(
-                "SANA model uses sincos positional embeddings on a %d-latent grid; they are "
-                "recomputed for each input size, but sample_size was not changed",
-                t.config.sample_size,
+            # its table is for the old grid, and diffusers recomputes it only for inputs of
+            # another grid: rebuilt for the new one, as PatchEmbed builds it (and as a
+            # save / load round trip would)
+            from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+            table = get_2d_sincos_pos_embed(
+                self.inner_dim, embed.height, base_size=embed.base_size,
+                interpolation_scale=embed.interpolation_scale, output_type="pt",
+            )  # fmt: skip
+            persistent = "pos_embed" not in embed._non_persistent_buffers_set
+            embed.register_buffer(
+                "pos_embed",
+                table.float().unsqueeze(0).to(embed.pos_embed.device),
+                persistent=persistent,
             )
         t.register_to_config(
             in_channels=latent_channels, out_channels=latent_channels, patch_size=patch_size

@@ -128,6 +128,18 @@ class BlockGraphs:
         self.captures = 0  # how many signatures were captured (tests, diagnostics)
         self.replays = 0
 
+    # -- pickling (torch.save of a whole model) ------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The wrapped forward, the block and the label; captured graphs, the pool, streams and
+        # stamps are device state (a weak reference does not pickle at all). A loaded model
+        # captures afresh, each block in a pool of its own until accelerate shares one again.
+        module = self._module() if self._module is not None else None
+        return {"inner": self.inner, "module": module, "name": self.name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["inner"], state["module"], name=state["name"])  # type: ignore[misc]
+
     # -- when to graph --------------------------------------------------------------------------
 
     @staticmethod

@@ -40,7 +40,7 @@ the one this code reads (``fusable``); ``restore`` puts the class forward back.
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -424,7 +424,9 @@ def install(model: nn.Module) -> int:
     count = 0
     for module in _unpatched(model):
         module.__dict__[_PATCHED] = True
-        module.forward = types.MethodType(_FORWARDS[type(module).__name__], module)
+        # a partial, not a bound method: a pickled bound method is looked up by name on the
+        # block at load time (torch.save(model) wrote files torch.load could not read)
+        module.forward = functools.partial(_FORWARDS[type(module).__name__], module)
         count += 1
     return count
 

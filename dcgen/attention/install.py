@@ -4,8 +4,8 @@ Only modules running diffusers' stock processor are touched (FluxAttnProcessor o
 attention, SanaAttnProcessor2_0 on SANA's cross-attention, SanaLinearAttnProcessor2_0 on its
 self-attention), and FLUX attention only when its q/k norms are what the fused prologue
 computes (per-head RMSNorm, one eps). Custom processors (IP-Adapter,
-LoRA-specific, user-defined) are left alone. The original processor is kept on the module, so
-``unaccelerate`` restores it exactly.
+LoRA-specific, user-defined) are left alone, also when set after ``accelerate``: the original
+processor kept on the module is put back by ``unaccelerate`` only where dcgen's still runs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ from .processors import (
 logger = logging.getLogger(__name__)
 
 _ORIGINAL = "_dcgen_original_processor"
+_FUSED = (FluxFusedAttnProcessor, SanaFusedCrossAttnProcessor, SanaFusedLinearAttnProcessor)
+
+
+def _runs_fused(module: torch.nn.Module) -> bool:
+    """Whether ``module`` runs a processor ``accelerate`` installed (and nobody replaced since:
+    set_attn_processor from other code leaves a stale saved original behind)."""
+    return _ORIGINAL in module.__dict__ and isinstance(getattr(module, "processor", None), _FUSED)
 
 
 def _is_rms_norm(norm: object, dim: int) -> bool:
@@ -80,6 +87,9 @@ def accelerate(
     and softmax statistics in fp32 (see dcgen.ops.attention), so outputs match the stock
     processors within the input dtype's rounding; graphs replay the same kernels.
     """
+    for m in model.modules():  # a processor set by other code since: its saved original is stale
+        if _ORIGINAL in m.__dict__ and not _runs_fused(m):
+            del m.__dict__[_ORIGINAL]
     new_processors = [
         (m, p)
         for m in model.modules()
@@ -110,8 +120,9 @@ def unaccelerate(model: torch.nn.Module) -> torch.nn.Module:
     block_graphs.uninstall(model)
     fused_blocks.restore(model)
     for module in model.modules():
+        fused = _runs_fused(module)  # else another processor was set since: it stays
         original = module.__dict__.pop(_ORIGINAL, None)
-        if original is not None:
+        if original is not None and fused:
             module.set_processor(original)
     return model
 
@@ -122,5 +133,5 @@ def is_accelerated(model: torch.nn.Module) -> bool:
     return (
         fused_blocks.is_installed(model)
         or bool(block_graphs.graphs_of(model))
-        or any(_ORIGINAL in m.__dict__ for m in model.modules())
+        or any(_runs_fused(m) for m in model.modules())
     )

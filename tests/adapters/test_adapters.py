@@ -206,6 +206,32 @@ def test_sana_predict_equals_direct_call_and_round_trip(tmp_path):
     assert sorted(feats) == [0, 1] and feats[0].shape == (1, 16, 16)
 
 
+@pytest.mark.parametrize(("old", "new"), [(1, 2), (2, 1)])
+def test_sana_sincos_positions_follow_a_new_patch_size(tmp_path, old, new):
+    """A SANA model with sincos positions (interpolation_scale set) keeps a table for its
+    sample_size grid, which diffusers recomputes only for inputs of another grid: after a
+    patch-size change the table is rebuilt, so the native-size input runs and equals the
+    saved-and-reloaded model's output at every size."""
+    torch.manual_seed(0)
+    model = SanaTransformer2DModel(
+        patch_size=old, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
+        attention_head_dim=8, num_cross_attention_heads=2, cross_attention_head_dim=8,
+        cross_attention_dim=16, caption_channels=32, sample_size=8, interpolation_scale=1.0,
+    ).eval()  # fmt: skip
+    adapter = adapter_for(model)
+    adapter.replace_latent_layers(latent_channels=6, patch_size=new)
+    assert model.patch_embed.pos_embed.shape == (1, (8 // new) ** 2, 16)
+    model.save_pretrained(tmp_path)
+    loaded = adapter_for(SanaTransformer2DModel.from_pretrained(tmp_path).eval())
+    embeds = torch.randn(1, 5, 32)
+    for size in (8, 16):  # the sample_size grid (the stored table) and another (recomputed)
+        latents = torch.randn(1, 6, size, size)
+        with torch.no_grad():
+            # measured: equal up to 2.4e-7 (the new layers' weights sit in other memory layouts)
+            torch.testing.assert_close(adapter.predict(latents, 0.5, embeds),
+                                       loaded.predict(latents, 0.5, embeds))  # fmt: skip
+
+
 def test_sana_structured_latents():
     adapter = adapter_for(tiny_sana(in_channels=4, patch_size=2))
     adapter.enable_structured_latents()
