@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .common import DTYPES
+from .common import DTYPES, CLIError, check_out_path
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -29,6 +30,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for name in ("latency_sizes", "curve_steps"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        raise CLIError(f"--scale: expected a positive number, got {args.scale:g}")
+    check_out_path(Path(args.out), "--out", folder=True)
     settings = DemoSettings.fast(**overrides) if args.fast else DemoSettings(**overrides)
     if args.scale != 1.0:
         for name in ("align_sgd_steps", "output_steps", "lora_steps"):
@@ -56,6 +60,13 @@ def _cmd_demo_dcae(args: argparse.Namespace) -> int:
     from dcgen.toy.dcae_roundtrip import RoundTripSettings, run_dcae_roundtrip
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.steps < 0:
+        raise CLIError(f"--steps: expected an integer >= 0, got {args.steps}")
+    if args.image:  # read before anything is written, as generate reads --image
+        from .sample import _read_image
+
+        _read_image(Path(args.image))
+    check_out_path(Path(args.out), "--out", folder=True)
     settings = RoundTripSettings(
         steps=args.steps,
         seed=args.seed,
@@ -114,7 +125,12 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from dcgen.autoencoders import DCAE
 
-    model = DCAE.from_pretrained(args.src, config=args.preset)
+    check_out_path(Path(args.dst), "DST", folder=True)
+    try:
+        model = DCAE.from_pretrained(args.src, config=args.preset)
+    except ValueError as err:  # the library's advice names its keyword; here it is --preset
+        raise CLIError(str(err).replace("pass config=<preset name or DCAEConfig>",
+                                        "pass --preset NAME (dcgen presets lists them)")) from err  # fmt: skip
     model.save_pretrained(args.dst, dtype=DTYPES[args.dtype] if args.dtype else None)
     print(f"wrote diffusers-format DC-AE to {args.dst}")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import CLIError
+
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from dcgen.bench import BenchSettings, format_markdown, run_speed_bench, write_report
@@ -27,7 +29,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         fp8_granularity=args.fp8_granularity, fp8_fast_accum=args.fp8_fast_accum,
         nvfp4=args.nvfp4 or (), nvfp4_rank=args.nvfp4_rank, cfg=args.cfg,
     )  # fmt: skip
-    settings.resolved()  # bad input fails before any model is built
+    resolved = settings.resolved()  # bad input fails before any model is built
+    if "graphs" in resolved.variants and not resolved.device.startswith("cuda"):
+        raise CLIError(
+            f"--variants graphs replays CUDA graphs: it needs a CUDA device, got {resolved.device}"
+        )
+    if not args.fp8 and (args.fp8_fast_accum or args.fp8_granularity != "row"):
+        raise CLIError("--fp8-granularity and --fp8-fast-accum go with --fp8")
 
     def partial(report: dict) -> None:  # after every row: a cut-off run keeps what it measured
         write_report(report, args.out, chart=False)

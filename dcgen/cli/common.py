@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,21 @@ def _device(name: str | None) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available on this machine")
     return device
+
+
+def check_out_path(path: Path, option: str, folder: bool = False) -> None:
+    """An output path that can be written, checked before the work that fills it: a file
+    path is not an existing folder, a folder path not an existing file, and no part of the way
+    there is a file."""
+    if folder and path.exists() and not path.is_dir():
+        raise CLIError(f"{option} {path}: expected a folder to write into, it is a file")
+    if not folder and path.is_dir():
+        raise CLIError(f"{option} {path}: expected a file path, it is a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"{option} {path}: {parent} is a file, not a folder")
+            break
 
 
 def _int_list(what: str) -> Callable[[str], tuple[int, ...]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .common import DTYPES, CLIError, _device
+from .common import DTYPES, CLIError, _device, check_out_path
 
 # -- generate ---------------------------------------------------------------------------------
 
@@ -43,7 +43,17 @@ def _pipeline_class(folder: Path) -> Any:
     index = folder / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{folder} is not a pipeline folder (no model_index.json)")
-    name = json.loads(index.read_text()).get("_class_name")
+    try:
+        data = json.loads(index.read_text())
+    except ValueError as err:
+        raise CLIError(f"{index}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CLIError(
+            f"{index}: expected a JSON object with _class_name, got {type(data).__name__}"
+        )
+    if not (folder / "transformer" / "config.json").is_file():
+        raise CLIError(f"{folder}: no transformer/config.json: not a complete pipeline folder")
+    name = data.get("_class_name")
     name = DIFFUSERS_CLASSES.get(name, name)
     if name not in PIPELINE_CLASSES:
         known = [*PIPELINE_CLASSES, *DIFFUSERS_CLASSES]
@@ -104,9 +114,15 @@ def _prompt_kwargs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 def _read_prompt_file(path: Path) -> list[str]:
     """--prompt-file: one prompt per line, blank lines skipped."""
+    if path.is_dir():
+        raise CLIError(f"--prompt-file {path}: is a folder; expected a text file")
     if not path.is_file():
         raise FileNotFoundError(f"--prompt-file {path}: no such file")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CLIError(f"--prompt-file {path}: expected a UTF-8 text file ({err.reason})") from err
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p]
     if not prompts:
         raise CLIError(f"--prompt-file {path}: expected one prompt per line, found none")
@@ -369,10 +385,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out {out}: expected a .png file name")
+    check_out_path(out, "--out")
     quantized = Path(args.quantized) if args.quantized is not None else None
     if quantized is not None and not quantized.is_file():  # before loading a 12B model
         raise FileNotFoundError(f"--quantized {quantized}: no such file")
     _gather_prompts(args)
+    _check_sampling_numbers(args)
     n_prompts = len(args.prompt) if args.prompt is not None else 1
     items = _work_items(n_prompts, args.seed, args.batch_size)[rank::world]
     if not items:
@@ -436,6 +454,17 @@ def _gather_prompts(args: argparse.Namespace) -> None:
         raise CLIError(f"--batch-size: expected a positive integer, got {args.batch_size}")
 
 
+def _check_sampling_numbers(args: argparse.Namespace) -> None:
+    """--steps, --shift, --guidance and --true-cfg checked before any model loads."""
+    if args.steps < 1:
+        raise CLIError(f"--steps: expected a positive integer, got {args.steps}")
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        raise CLIError(f"--shift: expected a positive number, got {args.shift:g}")
+    for option, value in (("--guidance", args.guidance), ("--true-cfg", args.true_cfg)):
+        if value is not None and not math.isfinite(value):
+            raise CLIError(f"{option}: expected a finite number, got {value:g}")
+
+
 def _work_items(n_prompts: int, seeds: list[int], batch_size: int) -> list[tuple[int, list[int]]]:
     """(prompt index, seed batch) in output order: one pipeline call each. Under torchrun each
     process takes every world-th item."""
@@ -447,8 +476,8 @@ def _image_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The pipeline's image-to-image / inpainting arguments from --image, --strength, --mask and
     --mask-blur, checked (and the strength against --steps) before any model loads."""
     if args.image is None:
-        if args.strength is not None or args.mask is not None:
-            raise CLIError("--strength and --mask go with --image FILE")
+        if args.strength is not None or args.mask is not None or args.mask_blur is not None:
+            raise CLIError("--strength, --mask and --mask-blur go with --image FILE")
         return {}
     from dcgen.pipelines.base import DEFAULT_STRENGTH
     from dcgen.sampling.flow import strength_start
@@ -627,6 +656,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise CLIError(f"--out {out}: expected a .safetensors file name")
+    check_out_path(out, "--out")
+    if args.caption is not None and args.prompt_embeds is None:  # (6)
+        raise CLIError("--caption picks an entry of a --prompt-embeds table: give the table")
     if args.report is not None and args.no_report:
         raise CLIError("--report and --no-report: give one of them, not both")
     config = _quant_config(args)
@@ -684,6 +716,9 @@ def _cmd_convert_quantized(args: argparse.Namespace) -> int:
     src, out = Path(args.src), Path(args.out)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such checkpoint file")
+    if out.suffix != ".safetensors":
+        raise CLIError(f"--out {out}: expected a .safetensors file name")
+    check_out_path(out, "--out")
     pipeline = Path(args.pipeline)
     config = pipeline / "transformer" if (pipeline / "transformer").is_dir() else pipeline
     if not (config / "config.json").is_file():
@@ -706,6 +741,7 @@ def _cmd_convert_quantized(args: argparse.Namespace) -> int:
             "this diffusers (BFL checkpoints load into FLUX transformers)"
         )
     dtype = DTYPES[args.dtype]
+    reference = _weights_reader(config) if args.report else None  # its errors before the load
     model = cls.from_single_file(
         str(src), config=str(config), quantization_config=BFLQuantizationConfig(dtype),
         dtype=dtype,
@@ -717,7 +753,7 @@ def _cmd_convert_quantized(args: argparse.Namespace) -> int:
         from dcgen.autoencoders.checkpoint import atomic_write
         from dcgen.quant.adopt import weight_errors
 
-        report = weight_errors(model, _weights_reader(config))
+        report = weight_errors(model, reference)
         path = out.with_name(out.stem + ".weights.json")
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
         sm = report["summary"]

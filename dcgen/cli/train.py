@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from .common import DTYPES, CLIError, _device, _dtype
+from .common import DTYPES, CLIError, _device, _dtype, check_out_path
 
 # -- precompute -------------------------------------------------------------------------------
 
@@ -22,6 +23,15 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
         resolution = 1024
     if args.max_sequence_length is not None and args.text_encoders is None:
         raise CLIError("--max-sequence-length goes with --text-encoders DIR")
+    # what run_precompute checks too, here before the DC-AE and the text encoders load
+    if not Path(args.data).is_dir():
+        raise CLIError(f"--data {args.data}: the folder does not exist")
+    for option, value, least in (("--shard-size", args.shard_size, 1),
+                                 ("--batch-size", args.batch_size, 1),
+                                 ("--num-workers", args.num_workers, 0)):  # fmt: skip
+        if value < least:
+            raise CLIError(f"{option}: expected an integer >= {least}, got {value}")
+    check_out_path(Path(args.out), "--out", folder=True)
     # under torchrun each process encodes every world_size-th shard on its own GPU
     ctx = init_distributed(_device(args.device))
     try:
@@ -136,6 +146,10 @@ def _train_config(args: argparse.Namespace, stage: str) -> Any:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise CLIError(f"--set {item!r}: expected KEY=VALUE")
+        if key.strip() == "stage":
+            raise CLIError(
+                f"--set stage: the command sets the stage ({stage}); run that stage's command"
+            )
         # Same rule as TrainConfig.with_overrides: JSON when it parses (10, [1, 4], null,
         # true), else the raw string (paths). Applied before building so the config is
         # validated once, with the overrides in place.
@@ -146,7 +160,8 @@ def _train_config(args: argparse.Namespace, stage: str) -> Any:
     try:
         config = TrainConfig.from_dict(settings)
     except ValueError as err:
-        raise CLIError(f"{path}: {err}") from err
+        where = f"{path} with --set" if args.set else str(path)
+        raise CLIError(f"{where}: {err}") from err
     config.validate()
     return config
 
@@ -169,6 +184,17 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from dcgen.train.export import export_pipeline
 
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        raise CLIError(f"--shift: expected a positive number, got {args.shift:g}")
+    if args.lora is None and args.lora_scale != 1.0:
+        raise CLIError("--lora-scale goes with --lora DIR")
+    if args.link_text_encoders and args.text_encoders is None:
+        raise CLIError("--link-text-encoders goes with --text-encoders DIR")
+    for option, value in (("--dcae", args.dcae), ("--lora", args.lora),
+                          ("--latent-layers", args.latent_layers)):  # fmt: skip
+        if value is not None and not Path(value).exists():  # before the transformer loads
+            raise FileNotFoundError(f"{option} {value}: no such file or folder")
+    check_out_path(Path(args.out), "--out", folder=True)
     print(f"dcgen export: {args.transformer} -> {args.out}", file=sys.stderr)
     out = export_pipeline(
         args.transformer,

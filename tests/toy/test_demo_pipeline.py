@@ -187,26 +187,39 @@ def test_generate_image_to_image(folder, tmp_path):
 
 @pytest.mark.parametrize(
     ("extra", "match"),
-    [(["--strength", "0.5"], "--strength and --mask go with --image"),
-     (["--mask", "{png}"], "--strength and --mask go with --image"),
+    [(["--strength", "0.5"], "--strength, --mask and --mask-blur go with --image"),
+     (["--mask", "{png}"], "--strength, --mask and --mask-blur go with --image"),
      (["--image", "{png}", "--mask", "missing.png"], "--mask missing.png: no such file"),
      (["--image", "missing.png"], "no such file"),
      (["--image", "{not_png}"], "not an image"),
      (["--image", "{png}", "--strength", "1.5"], r"--strength: strength: expected a number"),
      (["--image", "{png}", "--mask-blur", "2"], "--mask-blur feathers --mask FILE"),
      (["--image", "{png}", "--mask", "{png}", "--mask-blur", "-1"], "--mask-blur: expected pixels >= 0"),
-     (["--image", "{png}", "--mask", "{png}", "--mask-blur", "nan"], "--mask-blur: expected pixels >= 0")],
+     (["--image", "{png}", "--mask", "{png}", "--mask-blur", "nan"], "--mask-blur: expected pixels >= 0"),
+     (["--mask-blur", "2"], "--strength, --mask and --mask-blur go with --image"),
+     (["--steps", "0"], "--steps: expected a positive integer, got 0"),
+     (["--shift", "-1"], "--shift: expected a positive number"),
+     (["--guidance", "nan"], "--guidance: expected a finite number"),
+     (["--out", "{dir_png}"], "expected a file path, it is a folder"),
+     (["--out", "{png}/x.png"], "ok.png is a file, not a folder"),
+     (["--prompt-file", "{png}"], "--prompt-file .*: expected a UTF-8 text file"),
+     (["--prompt-file", "{tmp}"], "--prompt-file .*: is a folder")],
 )  # fmt: skip
 def test_generate_image_options_are_named(folder, tmp_path, capsys, extra, match):
+    """Bad options are named before the pipeline loads (nothing is sampled, no traceback)."""
     not_png = tmp_path / "notes.txt"
     not_png.write_text("not an image")
     png = tmp_path / "ok.png"
     Image.new("RGB", (16, 16)).save(png)
-    extra = [e.format(not_png=not_png, png=png) for e in extra]
+    (tmp_path / "dir.png").mkdir()
+    extra = [e.format(not_png=not_png, png=png, tmp=tmp_path, dir_png=tmp_path / "dir.png")
+             for e in extra]  # fmt: skip
     code = main(["generate", "--pipeline", str(folder), "--prompt", CAPTIONS[0],
                  "--out", str(tmp_path / "x.png"), "--device", "cpu", *extra])  # fmt: skip
     assert code != 0
-    assert re.search(match, capsys.readouterr().err)
+    captured = capsys.readouterr()
+    assert re.search(match, captured.err) and "Traceback" not in captured.err
+    assert "sampled" not in captured.out
 
 
 def _generate_worker(rank: int, world: int, argv: list[str]) -> None:
