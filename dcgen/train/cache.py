@@ -37,8 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +46,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ._fs import fsync_path
+from .._files import atomic_write
 from .data import ImageCaptionDataset
 
 if TYPE_CHECKING:
@@ -76,21 +74,6 @@ def shard_name(index: int) -> str:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_path(path.parent)
 
 
 def _dataset_fingerprint(dataset: ImageCaptionDataset, given: str | None) -> str:
@@ -273,7 +256,7 @@ def precompute(
     def write_index(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(index, indent=1))
 
-    _atomic_write_bytes(index_path, write_index)
+    atomic_write(index_path, write_index, durable=True)
     logger.info("latent cache %s: %d samples in %d shards", out, n, n_shards)
     if world > 1:
         assert ctx is not None
@@ -400,7 +383,7 @@ def _write_shard(
         "start": str(start),
         "samples": json.dumps(records),
     }
-    _atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), durable=True)
 
 
 class LatentCache(torch.utils.data.Dataset):

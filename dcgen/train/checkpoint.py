@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ._fs import fsync_path
+from .._files import fsync_path, public_mode
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +275,7 @@ def save_checkpoint(
     _remove_stale_temps(directory)
     final = directory / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=directory))
+    public_mode(tmp, directory=True)  # mkdtemp's 0700 would stay on the renamed checkpoint
     try:
         files = {"model.safetensors"}
         save_file(_flatten_models(model_state), str(tmp / "model.safetensors"))

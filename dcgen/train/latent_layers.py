@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .._files import atomic_write
 from ..adapters import DiTAdapter, FluxAdapter, SanaAdapter, adapter_for
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def save_latent_layers(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     logger.info("saved latent layers (%s) to %s", metadata, path)
     return path
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._files import atomic_write
 from .buckets import BucketBatchSampler
 from .checkpoint import Checkpointer, CheckpointError, RunState, check_shapes, list_checkpoints
 from .config import TrainConfig
@@ -175,7 +176,8 @@ def _truncate_log(path: Path, tag: str, step: int) -> None:
     entries = read_log(path)
     kept = [e for e in entries if e.get("tag") != tag or e.get("step", 0) <= step]
     if len(kept) != len(entries):
-        path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        text = "".join(json.dumps(e) + "\n" for e in kept)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # a kill here keeps the log
 
 
 def _last_logged_loss(path: Path, tag: str) -> float:

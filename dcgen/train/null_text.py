@@ -14,8 +14,6 @@ whenever it has a text encoder, or a text-embeddings table with a "" entry.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ._fs import fsync_path
+from .._files import atomic_write
 
 NULL_TEXT_NAME = "null_text.safetensors"
 NULL_TEXT_FORMAT = "dcgen.null_text"
@@ -57,16 +55,11 @@ def save_null_text(
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
         for k, v in tensors.items()
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".null_text.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(stored, tmp, metadata={"format": NULL_TEXT_FORMAT})
-        fsync_path(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    fsync_path(path.parent)
+    atomic_write(
+        path,
+        lambda tmp: save_file(stored, tmp, metadata={"format": NULL_TEXT_FORMAT}),
+        durable=True,
+    )
     return path
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcgen._files import atomic_write
 from dcgen.adapters import DiTAdapter, adapter_for, pack_latents
 from dcgen.sampling.shift import resolve_shift
 
@@ -754,7 +755,8 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
             )
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        text = json.dumps(cfg.to_dict(), indent=1)
+        atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
     torch.manual_seed(cfg.seed)
     transformer = load_transformer(cfg.transformer, ctx.device)
     if cfg.latent_layers:
@@ -783,7 +785,8 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
         paths["log"] = str(run_dir / LOG_NAME)
         paths["config"] = str(run_dir / "config.json")
         summary["paths"] = paths
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        text = json.dumps(summary, indent=1)
+        atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
     ctx.barrier()
     summary.setdefault("paths", paths)
     logger.info("stage %s done: %s", cfg.stage, {k: summary[k] for k in ("steps", "final_loss")})

@@ -181,6 +181,22 @@ def test_keep_last_and_resave(tmp_path):
     assert load_latest_checkpoint(tmp_path / "nothing") is None
 
 
+def test_checkpoints_and_cache_files_get_the_modes_of_new_ones(tmp_path):
+    """A checkpoint folder (made by mkdtemp, 0700) and an atomically written file (mkstemp,
+    0600) end with the modes a plain new folder / file gets under the umask."""
+    from dcgen._files import atomic_write
+
+    mask = os.umask(0o022)
+    try:
+        final = save_checkpoint(tmp_path, 1, {"m": _module()})
+        atomic_write(tmp_path / "index.json", lambda tmp: Path(tmp).write_text("{}"), durable=True)
+    finally:
+        os.umask(mask)
+    assert final.stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "index.json").stat().st_mode & 0o777 == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_checkpoint_step_reads_the_folder_name(tmp_path):
     model = _module()
     for step in (9, 120):
