@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dcgen.autoencoders.checkpoint import atomic_write
+from dcgen._files import atomic_write
 from dcgen.cli import main
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from .._files import atomic_write  # noqa: F401  (re-exported: its long-standing import path)
 from .config import DCAEConfig
 
 logger = logging.getLogger(__name__)

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._files import atomic_write
 from . import checkpoint as ckpt
 from .banding import check_band_rows
 from .config import DCAEConfig, find_preset, get_preset
@@ -222,9 +223,9 @@ class DCAE(nn.Module):
         cfg = {"_class_name": "AutoencoderDC", "_diffusers_version": _diffusers_version()}
         cfg.update(self.config.to_dict())
         weights = path / ckpt.weights_name(variant)
-        ckpt.atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-        ckpt.atomic_write(path / ckpt.CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(path / ckpt.CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
         logger.info("saved DC-AE (diffusers format) to %s", path)
 
     # -- properties -----------------------------------------------------------------------------

@@ -599,7 +599,7 @@ def _image_path(out: Path, n_prompts: int, n_seeds: int, prompt: int, seed: int)
 
 def _save_png(image: Any, path: Path) -> None:
     """Written beside ``path`` and renamed into place: a killed job leaves no half PNG."""
-    from dcgen.autoencoders.checkpoint import atomic_write
+    from dcgen._files import atomic_write
 
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
@@ -642,7 +642,7 @@ def _quant_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from dcgen.autoencoders.checkpoint import atomic_write
+    from dcgen._files import atomic_write
     from dcgen.quant import save_quantized
     from dcgen.quant.pipeline_quant import (
         capture_transformer_inputs,
@@ -750,7 +750,7 @@ def _cmd_convert_quantized(args: argparse.Namespace) -> int:
     kinds = Counter(type(layer).__name__ for layer in quantized_modules(model).values())
     save_quantized(model, out)
     if args.report:
-        from dcgen.autoencoders.checkpoint import atomic_write
+        from dcgen._files import atomic_write
         from dcgen.quant.adopt import weight_errors
 
         report = weight_errors(model, reference)

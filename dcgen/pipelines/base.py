@@ -34,6 +34,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._files import atomic_write
 from ..adapters import DiTAdapter, adapter_for
 from ..sampling import SHIFT_RULES, flow_sigmas, resolve_shift, sample_euler
 from ..sampling.dpm import DPMSettings, dpm_flow_sigmas, dpm_settings_from_config, sample_dpm_solver
@@ -606,9 +607,8 @@ def register_components(folder: str | os.PathLike, entries: dict[str, list[str]]
     index_path = Path(folder) / "model_index.json"
     index = json.loads(index_path.read_text())
     index.update(entries)
-    tmp = index_path.with_name(".model_index.json.tmp")
-    tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, index_path)
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    atomic_write(index_path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _is_int(value: Any) -> bool:

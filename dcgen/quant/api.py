@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dcgen.autoencoders.checkpoint import atomic_write
+from dcgen._files import atomic_write
 from dcgen.ops.quantize_fp8 import check_granularity
 
 from .fp8 import check_fast_accum

@@ -51,8 +51,8 @@ from typing import Any
 
 import torch
 
+from dcgen._files import atomic_write
 from dcgen.adapters import adapter_for
-from dcgen.autoencoders.checkpoint import atomic_write
 from dcgen.train.checkpoint import checkpoint_step, latest_checkpoint
 from dcgen.train.config import TrainConfig
 from dcgen.train.loop import CHECKPOINT_DIR, LOG_NAME

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dcgen._files import atomic_write
 from dcgen.adapters import adapter_for
-from dcgen.autoencoders.checkpoint import atomic_write
 from dcgen.train.config import TrainConfig
 from dcgen.train.features import feature_distance
 from dcgen.train.stages import _block_features, align_embedder

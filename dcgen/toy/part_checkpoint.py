@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcgen.autoencoders.checkpoint import atomic_write
+from dcgen._files import atomic_write
 from dcgen.train.checkpoint import capture_rng_state, restore_rng_state
 
 PARTIAL_DIR = ".partial"

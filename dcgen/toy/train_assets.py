@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcgen.autoencoders.checkpoint import atomic_write
+from dcgen._files import atomic_write
 
 from . import assets as A
 from .evaluator import ShapeEvaluator, evaluator_loss, label_accuracy, score_prompts
