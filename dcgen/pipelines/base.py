@@ -353,10 +353,11 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             model_sigmas = None if model_sigmas is None else model_sigmas[skip:]
             start = schedule[0] * noise + (1 - schedule[0]) * image_latents
         keep = None  # inpainting: where the image's own latents are put back after each step
-        pixel_mask = None  # mask_blur: the full-resolution mask (1 = repaint), for the composite
+        pixel_mask = None  # mask_blur: the full-resolution mask(s) (1 = repaint), for the composite
         if mask_image is not None:
             pixel_mask = self._pixel_mask(mask_image, height, width, batch, n)
-            keep = 1 - _latent_cells(pixel_mask, (h, w), cover=mask_blur is not None).to(device)
+            cells = _latent_cells(pixel_mask, (h, w), cover=mask_blur is not None)
+            keep = 1 - _per_output(cells, batch, n).to(device)
             pixel_mask = None if mask_blur is None else pixel_mask
         logger.info(
             "sampling %d image(s) at %dx%d: %d tokens, shift %.4g, %d %s steps",
@@ -436,7 +437,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             )  # fmt: skip
             decoded = decoded.float()
             if pixel_mask is not None:
-                decoded = _composite(decoded, _per_output(pixels, batch, n), pixel_mask, mask_blur)
+                decoded = _composite(decoded, pixels, pixel_mask, mask_blur, batch, n)
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -544,15 +545,15 @@ class FlowTextToImagePipeline(DiffusionPipeline):
     def _pixel_mask(
         self, mask_image: Any, height: int, width: int, batch: int, n: int
     ) -> torch.Tensor:
-        """float32 (batch * n, 1, height, width) inpainting mask, 1 = repaint: the mask image(s)
-        to grayscale, binarized at 0.5, as FluxInpaintPipeline makes it (a view per output where
-        one mask serves them all)."""
+        """The inpainting mask(s) as float32 (k, 1, height, width), 1 = repaint, k = 1, batch or
+        batch * n (checked): the mask image(s) to grayscale, binarized at 0.5, as
+        FluxInpaintPipeline makes it."""
         processor = VaeImageProcessor(
             vae_scale_factor=1, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
         mask = processor.preprocess(mask_image, height=height, width=width)
         _check_per_output(mask.shape[0], batch, n, "mask_image", "masks")
-        return _per_output(mask.float(), batch, n)
+        return mask.float()
 
     def _embeddings(
         self,
@@ -659,16 +660,26 @@ def _feathered(mask: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _composite(
-    decoded: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor, sigma: float
+    decoded: torch.Tensor,
+    pixels: torch.Tensor,
+    masks: torch.Tensor,
+    sigma: float,
+    batch: int,
+    n: int,
 ) -> torch.Tensor:
-    """The decoded images where the feathered mask is 1, the input images where it is 0 (both
-    in [-1, 1]), one image at a time (a 4K mask's blur is 16M pixels)."""
+    """The decoded images (batch * n) where the feathered mask is 1, the input images where it
+    is 0 (both in [-1, 1]); ``pixels`` and ``masks`` as given (1, batch or batch * n rows).
+    One image at a time (a 4K mask's blur is 16M pixels), each mask feathered once: the
+    outputs that share it are adjacent (prompt-major)."""
     out = torch.empty_like(decoded)
+    feathered: tuple[int, torch.Tensor] | None = None  # (mask row, its feathered weight)
     for i in range(decoded.shape[0]):
-        weight = _feathered(mask[i : i + 1].to(decoded.device), sigma)
-        out[i : i + 1] = torch.lerp(
-            pixels[i : i + 1].to(decoded.device), decoded[i : i + 1], weight
-        )
+        row = _source_row(i, masks.shape[0], batch, n)
+        if feathered is None or feathered[0] != row:
+            feathered = (row, _feathered(masks[row : row + 1].to(decoded.device), sigma))
+        src = _source_row(i, pixels.shape[0], batch, n)
+        picture = pixels[src : src + 1].to(decoded.device)
+        out[i : i + 1] = torch.lerp(picture, decoded[i : i + 1], feathered[1])
     return out
 
 
@@ -679,6 +690,12 @@ def _check_per_output(k: int, batch: int, n: int, what: str, items: str) -> None
             f"{what}: {k} {items} for {batch} prompt(s) x {n} image(s) per prompt; expected "
             f"1, {batch} or {batch * n}"
         )
+
+
+def _source_row(i: int, k: int, batch: int, n: int) -> int:
+    """The row of a k-row input (1, batch or batch * n) that output ``i`` takes: the rule
+    _per_output applies to whole tensors."""
+    return 0 if k == 1 else i // n if k == batch else i
 
 
 def _per_output(t: torch.Tensor, batch: int, n: int) -> torch.Tensor:
