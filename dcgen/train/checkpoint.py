@@ -500,3 +500,18 @@ class Checkpointer:
             position=int(pos.get("position", 0)),
             extra=dict(ckpt.extra),
         )
+
+    def start_fresh(self) -> RunState:
+        """A run that does not resume (resume = false) where an earlier run left checkpoints:
+        move them to ``<directory>.before-<time>``, kept, so they neither resume into this run
+        later nor count as its newest when keep_last prunes (which would delete this run's
+        own). Returns the RunState of step 0. One process calls it (rank 0)."""
+        if list_checkpoints(self.directory):
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = self.directory.with_name(f"{self.directory.name}.before-{stamp}")
+            n = 1
+            while aside.exists():
+                aside, n = aside.with_name(f"{aside.name.rsplit('~', 1)[0]}~{n}"), n + 1
+            os.replace(self.directory, aside)
+            logger.warning("resume = false: the earlier run's checkpoints were moved to %s", aside)
+        return RunState()

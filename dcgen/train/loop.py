@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .._files import atomic_write
 from .buckets import BucketBatchSampler
-from .checkpoint import Checkpointer, CheckpointError, RunState, check_shapes, list_checkpoints
+from .checkpoint import Checkpointer, CheckpointError, RunState, check_shapes
 from .config import TrainConfig
 from .data import collate_samples
 from .distributed import DistContext, FSDPState
@@ -157,20 +156,6 @@ def _load_batch(dataset: Any, indices: Sequence[int], device: torch.device) -> d
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _set_aside_checkpoints(ckpt_dir: Path) -> None:
-    """A fresh run (resume = false) where an earlier run left checkpoints: move them to
-    ``checkpoints.before-<time>``, kept, so they neither resume into this run later nor count
-    as its newest when keep_checkpoints prunes (which would delete this run's own)."""
-    if not list_checkpoints(ckpt_dir):
-        return
-    aside = ckpt_dir.with_name(f"{ckpt_dir.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
-    while aside.exists():
-        aside, n = aside.with_name(f"{aside.name.rsplit('~', 1)[0]}~{n}"), n + 1
-    os.replace(ckpt_dir, aside)
-    logger.warning("resume = false: the earlier run's checkpoints were moved to %s", aside)
-
-
 def _truncate_log(path: Path, tag: str, step: int) -> None:
     """Drop the entries a killed run wrote after its last checkpoint; they are replayed."""
     entries = read_log(path)
@@ -259,11 +244,11 @@ def train_loop(
         keep_last=cfg.keep_checkpoints,
         model_state=lambda: {name: obj.state_dict() for name, obj in states.items()},
     )
-    if not cfg.resume:
-        if ctx.is_main:
-            _set_aside_checkpoints(ckpt_dir)
-        ctx.barrier()
-    state = ckpt.resume() if cfg.resume else RunState()
+    if cfg.resume:
+        state = ckpt.resume()
+    else:
+        state = ckpt.start_fresh() if ctx.is_main else RunState()
+        ctx.barrier()  # the earlier run's checkpoints are out of the way on every rank
     if state.step > steps:
         raise CheckpointError(
             f"{ckpt_dir}: the newest checkpoint is at step {state.step}, past this run's "
