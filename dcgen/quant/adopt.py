@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import _errors, _set_module, quantized_modules
+from .api import _errors, _set_module, _shared_layers, quantized_modules
 from .fp8_linear import FP8Linear, share_input_quantization
 from .linear import NVFP4Linear, check_mode
 from .nvfp4 import BLOCK
@@ -151,10 +151,11 @@ def adopt_quantized(model: nn.Module, nvfp4_mode: str = "w4a4") -> list[str]:
             _check_nvfp4(name, module, nvfp4_mode)
         else:
             _check_fp8(name, module)
+    shared = _shared_layers(model)
     for name, kind in found.items():
         module = model.get_submodule(name)
         layer = _nvfp4_layer(module, nvfp4_mode) if kind == "nvfp4" else _fp8_layer(module)
-        _set_module(model, name, layer)
+        _set_module(model, name, layer, shared)
     if any(isinstance(m, FP8Linear) for m in model.modules()):
         share_input_quantization(model)  # as quantize_ does: one activation pass per input
     if getattr(model, "hf_quantizer", None) is not None:

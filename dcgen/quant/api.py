@@ -149,12 +149,27 @@ class FP8Config:
 QuantConfig = NVFP4Config | FP8Config
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` where ``name`` is, and under every other name of the same layer (a linear
-    registered twice, as tied layers are, stays one layer; named_modules lists it once)."""
+def _shared_layers(model: nn.Module) -> dict[int, tuple[nn.Module, list[str]]]:
+    """Modules registered under more than one name (tied layers), by id, with every name:
+    one scan of the model for all of a swap's _set_module calls (named_modules lists such a
+    module once)."""
+    names: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), (module, []))[1].append(name)
+    return {key: entry for key, entry in names.items() if len(entry[1]) > 1}
+
+
+def _set_module(
+    model: nn.Module,
+    name: str,
+    module: nn.Module,
+    shared: dict[int, tuple[nn.Module, list[str]]],
+) -> None:
+    """Put ``module`` where ``name`` is, and under every other name of the same layer
+    (``shared``: ``_shared_layers(model)``), so a tied layer stays one layer."""
     old = model.get_submodule(name)
-    aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is old] or [name]
-    for alias in aliases:
+    entry = shared.get(id(old))
+    for alias in entry[1] if entry is not None and entry[0] is old else [name]:
         parent_name, _, child = alias.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module)
@@ -246,10 +261,11 @@ def quantize_(
                 "quantize_: FP8Config scales activations dynamically; got calibrate or activation_amax"
             )
         names = _targets(model, config, name_prefix)
+        shared = _shared_layers(model)
         for name in names:
             lin = model.get_submodule(name)
             q = FP8Linear.from_linear(lin, config.granularity, fast_accum=config.fast_accum)
-            _set_module(model, name, q)
+            _set_module(model, name, q, shared)
         share_input_quantization(model)  # one quantize pass per input read by several linears
         logger.info("quantize_: %d linears to FP8 (%s)", len(names), config.granularity)
         return names
@@ -264,6 +280,7 @@ def quantize_(
             )
         else:
             stats = _activation_amax(model, names, calibrate)
+    shared = _shared_layers(model)
     for name in names:
         lin = model.get_submodule(name)
         smooth = None
@@ -273,7 +290,7 @@ def quantize_(
             else:
                 smooth = smoothing_factors(stats[name], lin.weight, config.smoothing_alpha)
         rank = min(config.rank, lin.in_features, lin.out_features)
-        _set_module(model, name, NVFP4Linear.from_linear(lin, config.mode, rank, smooth))
+        _set_module(model, name, NVFP4Linear.from_linear(lin, config.mode, rank, smooth), shared)
     logger.info("quantize_: %d linears to NVFP4 (%s)", len(names), config.mode)
     return names
 
@@ -365,6 +382,7 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
     meta = read_metadata(path)
     layers: dict[str, dict] = json.loads(meta["modules"])
     state = load_file(str(path), device=str(next(model.parameters()).device))
+    shared = _shared_layers(model)
     for name, spec in layers.items():
         try:
             lin = model.get_submodule(name)
@@ -404,7 +422,7 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
             raise ValueError(
                 f"load_quantized: expected kind 'nvfp4' or 'fp8' for {name}, got {kind!r}"
             )
-        _set_module(model, name, q)
+        _set_module(model, name, q, shared)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
