@@ -436,7 +436,7 @@ def _await_images(paths: list[Path], poll_s: float = 0.5) -> list[Any]:
     while missing:
         time.sleep(poll_s)
         missing = [p for p in missing if not p.is_file()]
-    return [_read_png(p) for p in paths]
+    return [_read_image(p, "grid image") for p in paths]
 
 
 def _gather_prompts(args: argparse.Namespace) -> None:
@@ -553,7 +553,7 @@ def _sample_items(
         paths = [_image_path(out, n_prompts, len(args.seed), i, seed) for seed in seeds]
         if args.skip_existing and all(p.is_file() for p in paths):
             print(f"kept {', '.join(map(str, paths))} (--skip-existing)")
-            images.extend(_read_png(p) for p in paths)
+            images.extend(_read_image(p, "--skip-existing") for p in paths)
             continue
         started = time.perf_counter()
         sampled = _sample_call(pipe, args, seeds, {**image_kwargs, **prompt_kwargs[i]})
@@ -602,13 +602,6 @@ def _save_png(image: Any, path: Path) -> None:
     from dcgen._files import atomic_write
 
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def _read_png(path: Path) -> Any:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 QUANT_FORMATS = ("fp8-row", "fp8-block128", "nvfp4-w4a4", "nvfp4-w4a16")
