@@ -622,9 +622,8 @@ def _check_mask_blur(mask_blur: float | None, mask_image: Any, output_type: str)
         return
     if mask_image is None:
         raise ValueError("mask_blur: feathers the inpainting mask; pass mask_image (and image)")
-    if isinstance(mask_blur, bool) or not isinstance(mask_blur, numbers.Real):
-        raise ValueError(f"mask_blur: expected a number of pixels >= 0, got {mask_blur!r}")
-    if not math.isfinite(mask_blur) or mask_blur < 0:
+    number = isinstance(mask_blur, numbers.Real) and not isinstance(mask_blur, bool)
+    if not number or not math.isfinite(mask_blur) or mask_blur < 0:
         raise ValueError(f"mask_blur: expected a number of pixels >= 0, got {mask_blur!r}")
     if output_type == "latent":
         raise ValueError(

@@ -196,16 +196,14 @@ class TrainConfig:
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
         for name in ("warmup_steps", "align_sgd_steps", "seed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ConfigError(f"{name}: expected an integer >= 0, got {value!r}")
         if self.sample_every is not None and (
-            not isinstance(self.sample_every, int)
-            or isinstance(self.sample_every, bool)
-            or self.sample_every < 1
+            not _is_int(self.sample_every) or self.sample_every < 1
         ):
             raise ConfigError(
                 f"sample_every: expected a positive integer or null, got {self.sample_every!r}"
@@ -235,9 +233,7 @@ class TrainConfig:
                     f"lora_targets: not a valid regular expression {self.lora_targets!r}: {err}"
                 ) from err
         layers = self.align_feature_layers
-        if not isinstance(layers, tuple | list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
-        ):
+        if not isinstance(layers, tuple | list) or not all(_is_int(i) and i >= 0 for i in layers):
             raise ConfigError(
                 f"align_feature_layers: expected a list of block indices >= 0, got {layers!r}"
             )
@@ -283,6 +279,10 @@ class TrainConfig:
             )
         _number("align_eval_sigma", self.align_eval_sigma, "in [0, 1]", lambda v: 0 <= v <= 1)
         return self
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
