@@ -58,11 +58,10 @@ def strength_start(steps: int, strength: float) -> int:
     one step left). A ValueError when the strength is outside (0, 1] or leaves no step (a
     strength too small to move ``steps - steps * strength`` below ``steps`` in floating
     point)."""
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+    number = isinstance(strength, numbers.Real) and not isinstance(strength, bool)
+    if not number or not 0.0 < strength <= 1.0:  # numpy scalars too, as diffusers takes them
         raise ValueError(f"strength: expected a number in (0, 1], got {strength!r}")
-    strength = float(strength)  # numpy scalars too, as diffusers takes them
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength: expected a number in (0, 1], got {strength!r}")
+    strength = float(strength)
     start = int(steps - steps * strength)  # in [0, steps] for a strength in (0, 1]
     if start >= steps:
         raise ValueError(
