@@ -163,7 +163,7 @@ def test_cuda_auto_runs_channels_last_kernels(name, monkeypatch):
     monkeypatch.setattr(
         blocks_mod,
         "up_block_shortcut",
-        lambda *a: calls.append(a[0].is_contiguous(memory_format=CL)) or shortcut(*a),
+        lambda *a, **k: calls.append(a[0].is_contiguous(memory_format=CL)) or shortcut(*a, **k),
     )
     with torch.inference_mode():
         model.set_memory_format("contiguous")
