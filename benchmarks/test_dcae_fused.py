@@ -203,8 +203,9 @@ def test_glumbconv_depthwise_gate(benchmark, impl, layout):
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
 def test_glumbconv_expand_bias_silu(benchmark, impl):
     # GLUMBConv's fused middle from the expand conv's bias-less output: the expand bias and
-    # SiLU by a bias_act_ pass, then the depthwise + gate kernel (the fused decode up to session
-    # 19), against the depthwise + gate kernel applying them as it loads (expand_bias=)
+    # SiLU by a bias_act_ pass, then the depthwise + gate kernel (the fused decode's form: the
+    # H200 measured 4.56 ms, 2026-11-28), against the depthwise + gate kernel applying them as
+    # it loads (expand_bias=; the decode's form in sessions 19-27: 11.59 ms, 0.39x)
     _skip_without("glu_depthwise_conv", impl)
     _skip_without("glu_depthwise_conv", "dcgen")  # both rows run dcgen's depthwise kernel
     _skip_without("bias_act_", "dcgen")
@@ -310,18 +311,22 @@ def test_conv_bias_relu(benchmark, impl):
     )
 
 
+# f64c128's ReLU ResBlocks' conv1 at 4K: 5 at (256, 2048^2) and 10 at (512, 1024^2)
+CONV_RELU_SHAPES = [CONV_OUT_SHAPE, (1, 512, 1024, 1024) if ON_GPU else (1, 64, 32, 32)]
+
+
+@pytest.mark.parametrize("shape", CONV_RELU_SHAPES, ids=["stage1", "stage2"])
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
-def test_conv_relu_cudnn_fused(benchmark, impl):
-    # The opt-in DCGEN_DCAE_CUDNN_CONV_RELU (dcgen/autoencoders/blocks.py): a ReLU ResBlock's
-    # whole conv1 (3x3, 256 -> 256 ch at 2048^2, channels_last) as cuDNN's fused conv + bias +
-    # ReLU against dcgen's default, the convolution then one bias_act_ pass. Whether cuDNN's
-    # fused kernel keeps the plain one's speed decides the default (about 20 ms of f64c128's
-    # 4K decode are these bias_act_ passes). CUDA only.
+def test_conv_relu_cudnn_fused(benchmark, impl, shape):
+    # A ReLU ResBlock's whole conv1 (3x3, channels_last) as cuDNN's fused conv + bias + ReLU
+    # (dcgen's default since 2026-11-28, DCGEN_DCAE_CUDNN_CONV_RELU in
+    # dcgen/autoencoders/blocks.py) against the convolution then one bias_act_ pass (the
+    # default before; the H200 measured 7.06 against 7.87 ms at (256, 2048^2)). CUDA only.
     if not ON_GPU or not hasattr(torch, "cudnn_convolution_relu"):
         pytest.skip("torch.cudnn_convolution_relu runs on CUDA only")
     _skip_without("bias_act_", "dcgen")
-    c = CONV_OUT_SHAPE[1]
-    (x,) = _in_layout("channels_last", _rand(*CONV_OUT_SHAPE))
+    c = shape[1]
+    (x,) = _in_layout("channels_last", _rand(*shape))
     w = _rand(c, c, 3, 3).contiguous(memory_format=torch.channels_last) * 0.05
     b = _rand(c)
     if impl == "dcgen":
@@ -338,8 +343,8 @@ def test_conv_relu_cudnn_fused(benchmark, impl):
     _run(
         benchmark,
         impl,
-        f"conv3x3 + bias + relu {CONV_OUT_SHAPE} channels_last",
-        "cuDNN conv then bias_act_ (dcgen's default)",
+        f"conv3x3 + bias + relu {shape} channels_last",
+        "cuDNN conv then bias_act_",
         fn,
         nbytes,
     )

@@ -53,24 +53,23 @@ def _bias_act_kernel(x: torch.Tensor) -> bool:
     return use_fused(x, "bias_act_") and has_kernel("bias_act_", x.device)
 
 
-#: Opt-in: ResBlocks whose activation is ReLU run conv1 + bias + ReLU as one cuDNN fused
-#: convolution (torch.cudnn_convolution_relu) instead of the convolution then a bias_act_ pass.
-#: Off by default until a GPU run has checked two things: that it is NaN-safe (torch passes
-#: the op's own freshly allocated output as cuDNN's z input, scaled by 0, and 0 * NaN is NaN
-#: if cuDNN reads it: tests/ops/test_bias_act.py poisons the allocator to see), and that
-#: cuDNN's fused kernels are as fast as its plain ones. f64c128's 15 ReLU ResBlocks spend
-#: about 20 ms of its 4K decode in those bias_act_ passes (by count of bytes: 5 maps of
-#: (256, 2048, 2048) and 10 of (512, 1024, 1024) bf16, read and written once each, at the
-#: 1.9 ms the H200 measured for the first shape).
+#: ResBlocks whose activation is ReLU run conv1 + bias + ReLU as one cuDNN fused convolution
+#: (torch.cudnn_convolution_relu) instead of the convolution then a bias_act_ pass; "0" in
+#: this variable turns it off. Default since the H200 run of 2026-11-28 checked both
+#: conditions: NaN-safe (torch passes the op's own fresh output as cuDNN's z input scaled by
+#: 0, and 0 * NaN is NaN if cuDNN reads it: tests/ops/test_bias_act.py poisons the allocator
+#: and saw no NaN), and faster (benchmarks/test_dcae_fused.py: 7.06 ms against 7.87 ms for
+#: conv + bias_act_ at (1, 256, 2048, 2048) channels_last bf16). f64c128's 4K decode runs 15
+#: such conv1s, whose bias_act_ passes took 13.9 ms in the same run's profile.
 CUDNN_CONV_RELU_ENV = "DCGEN_DCAE_CUDNN_CONV_RELU"
 
 
 def _cudnn_conv_relu(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether conv1 + bias + ReLU runs as one cuDNN fused convolution (see
-    CUDNN_CONV_RELU_ENV): opted in, a CUDA input in 16 bits with cuDNN on, a plain
+    CUDNN_CONV_RELU_ENV): not opted out, a CUDA input in 16 bits with cuDNN on, a plain
     zero-padded convolution with a bias of the input's dtype."""
     return (
-        os.environ.get(CUDNN_CONV_RELU_ENV, "0") == "1"
+        os.environ.get(CUDNN_CONV_RELU_ENV, "1") != "0"
         and x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
         and torch.backends.cudnn.is_available()
@@ -230,7 +229,7 @@ class ResBlock(nn.Module):
         if act is None or conv.bias is None:
             return None
         if act == "relu" and _cudnn_conv_relu(x, conv):
-            # one cuDNN pass (opt-in, see CUDNN_CONV_RELU_ENV): conv + bias + ReLU in fp32,
+            # one cuDNN pass (see CUDNN_CONV_RELU_ENV): conv + bias + ReLU in fp32,
             # rounded once (the two-kernel form rounds the convolution first: 1 bf16 ulp apart)
             return torch.cudnn_convolution_relu(
                 x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
@@ -416,9 +415,8 @@ class GLUMBConv(nn.Module):
         if use_fused(x, "glu_depthwise_conv"):
             # depthwise + gate in one op, so neither the 8C-channel depthwise output nor its
             # gated half is ever stored
-            t, expand_bias = self._expand(x)
-            dw = self.depthwise
-            y = glu_depthwise_conv(t, dw.weight, dw.bias, expand_bias=expand_bias)
+            t = self._expand_act(x)
+            y = glu_depthwise_conv(t, self.depthwise.weight, self.depthwise.bias)
             del t
         else:
             y = self.depthwise(F.silu(self.expand(x)))
@@ -426,19 +424,25 @@ class GLUMBConv(nn.Module):
             y = y * F.silu(gate)
         return _residual_norm(x, self.norm, self.project(y))
 
-    def _expand(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The fused path's depthwise input: (the expand conv's output without its bias, the
-        bias), which glu_depthwise_conv applies with the SiLU as it loads each value. PyTorch's
-        bias add after a cuDNN convolution is a broadcast add that does not vectorize, and SiLU
-        a second pass (the f64c128 4K decode on the H200, 2026-11-27: 8 adds of about 1.0 ms and
-        8 SiLU passes of 0.47 ms, on the largest maps of its EfficientViT stages); a separate
-        bias_act_ pass would still read and write the whole 8C-channel map once. Where the op
-        has no kernel (its reference would add fp32 temporaries of the 8C map), or without a
-        bias: silu(expand(x)), in place, and None."""
+    def _expand_act(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(expand(x)), the depthwise kernel's input. Where bias_act_ has a kernel, the
+        conv runs without its bias and one bias_act_ pass adds it and applies SiLU in place:
+        PyTorch's bias add after a cuDNN convolution is a broadcast add that does not
+        vectorize, then SiLU is a second pass (the f64c128 4K decode on the H200, 2026-11-27:
+        8 adds of about 1.0 ms and 8 SiLU passes of 0.47 ms on its EfficientViT stages' largest
+        maps).
+
+        Not glu_depthwise_conv's expand_bias (bias and SiLU applied by the depthwise kernel as
+        it loads, which saves this pass's read and write of the 8C-channel map): that kernel
+        form computes the SiLU for every load of a value, three per value, and measured 2.5x
+        slower than this pass plus the plain kernel on the H200 (2026-11-28,
+        benchmarks/test_dcae_fused.py's "glumbconv expand bias+silu" group at (1, 4096, 512,
+        512) channels_last bf16: 11.59 ms against 4.56 ms; the plain kernel alone 3.09 ms)."""
         conv = self.expand
-        if conv.bias is not None and has_kernel("glu_depthwise_conv", x.device):
-            return conv._conv_forward(x, conv.weight, None), conv.bias
-        return F.silu(conv(x), inplace=can_modify_in_place()), None
+        if _split_conv_bias(x, conv.bias):
+            t = conv._conv_forward(x, conv.weight, None)
+            return bias_act_(t, t, conv.bias, "silu")
+        return F.silu(conv(x), inplace=can_modify_in_place())
 
 
 class EfficientViTBlock(nn.Module):

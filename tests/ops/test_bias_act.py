@@ -223,15 +223,14 @@ def test_cuda_kernel_keeps_nan_through_every_act(layout):
             assert out[0, :, 0, 0].isnan().all(), f"{act} C={c}: NaN lost"
 
 
-# ------------------------------------------- opt-in: cuDNN's fused conv + bias + ReLU for conv1
+# ------------------------------------------- cuDNN's fused conv + bias + ReLU for conv1
 
 
 def test_relu_resblocks_opt_into_cudnn_fused_conv(cpu_kernel, monkeypatch):
-    # With DCGEN_DCAE_CUDNN_CONV_RELU=1 a ReLU ResBlock's conv1 + bias + ReLU is one
-    # torch.cudnn_convolution_relu call (CUDA only; stood in for here by the same math on the
-    # CPU, with the gate's device check bypassed): called with conv1's own parameters, for the
-    # ReLU blocks only (SiLU ones keep bias_act_), and the decode equals the plain one. Off by
-    # default.
+    # A ReLU ResBlock's conv1 + bias + ReLU is one torch.cudnn_convolution_relu call (CUDA
+    # only; stood in for here by the same math on the CPU, with the gate's device check
+    # bypassed): called with conv1's own parameters, for the ReLU blocks only (SiLU ones keep
+    # bias_act_), and the decode equals the plain one. A CPU input never qualifies.
     import dcgen.autoencoders.blocks as blocks
 
     calls = []
@@ -248,9 +247,10 @@ def test_relu_resblocks_opt_into_cudnn_fused_conv(cpu_kernel, monkeypatch):
     with torch.inference_mode():
         with fused_inference(False):
             want = model.decode(z)
-        # the real gate, opted out (default) and opted in: a CPU input never qualifies
+        # the real gate, by default and opted in: a CPU input never qualifies
         x = torch.randn(1, 4, 3, 3)
         conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        monkeypatch.delenv(blocks.CUDNN_CONV_RELU_ENV, raising=False)
         assert not real_gate(x, conv)
         monkeypatch.setenv(blocks.CUDNN_CONV_RELU_ENV, "1")
         assert not real_gate(x, conv)
@@ -274,7 +274,8 @@ def test_relu_resblocks_opt_into_cudnn_fused_conv(cpu_kernel, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_cudnn_fused_conv_relu_is_nan_safe_and_matches(dtype, monkeypatch):
-    # The question DCGEN_DCAE_CUDNN_CONV_RELU waits on: torch.cudnn_convolution_relu hands
+    # What DCGEN_DCAE_CUDNN_CONV_RELU's default rests on (held on the H200, 2026-11-28):
+    # torch.cudnn_convolution_relu hands
     # cuDNN its own fresh output as the z input scaled by 0. With every free block of the
     # allocator NaN-poisoned, a cuDNN that reads z anyway returns NaN here. Then: the fused
     # conv1 equals conv + bias_act_ within one rounding of the 16-bit output (the two-kernel
@@ -283,12 +284,14 @@ def test_cuda_cudnn_fused_conv_relu_is_nan_safe_and_matches(dtype, monkeypatch):
 
     if not torch.cuda.is_available() or not hasattr(torch, "cudnn_convolution_relu"):
         pytest.skip("no CUDA device or no torch.cudnn_convolution_relu")
-    monkeypatch.setenv(blocks.CUDNN_CONV_RELU_ENV, "1")
     torch.manual_seed(0)
     block = blocks.ResBlock(64, "batch_norm", "relu").cuda().to(dtype).eval()
     block = block.to(memory_format=torch.channels_last)
     x = torch.randn(2, 64, 33, 40, device="cuda").to(dtype)
     x = x.contiguous(memory_format=torch.channels_last)
+    monkeypatch.setenv(blocks.CUDNN_CONV_RELU_ENV, "0")  # the opt-out
+    assert not blocks._cudnn_conv_relu(x, block.conv1)
+    monkeypatch.delenv(blocks.CUDNN_CONV_RELU_ENV)  # the default
     assert blocks._cudnn_conv_relu(x, block.conv1)
     for _ in range(3):  # fresh outputs from poisoned blocks each time
         poison_cuda_allocator()
