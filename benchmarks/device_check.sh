@@ -36,103 +36,36 @@
 # kernels: e.g. the speed table and the FP8 block alone).
 #
 # A full run does not fit one 600 s call, nor the 900 s of device time a task gets. Measured on
-# the H200 (2026-11-27, 20:58-21:12 UTC; docs/benchmark-log.md): first call (fresh machine,
-# 34 s of start beyond the script) build 100 s, CUDA tests of 7 paths 150 s (the three files
-# that run in fresh processes included), benchmarks quant 59 s, dcae_decode 76 s, dcae_fused
-# 37 s, decode autotune 42 s; second call on the warm machine: FP8 block (no compile) 23 s,
-# decode against torch.compile'd diffusers (f64c128) 67 s, step profile 26 s, FLUX speed table
-# 91 s. What changed since, to validate first, then time (none of it has run on a GPU):
-#   session 18
-#   - poison_cuda_allocator's free-block filling (tests/test_poisoning.py; every poisoned test
-#     uses it) and the fp8_scale_epilogue_into test's own NaN buffer;
-#   - bias_act_'s vector path with one channel division a thread (tests/ops/test_bias_act.py;
-#     dcae_fused's bias_act_ groups);
-#   - FP8Linear.forward_quantized on the rowwise route (GELU + the next linear's quantize in one
-#     epilogue kernel: tests/quant/test_fp8_direct.py; the FP8 block times it);
-#   - channel_rms_norm_fused_out and the banded RMSNorm ResBlock ending that writes into x's
-#     band (tests/ops/test_channel_rms_norm_fused.py, tests/autoencoders; the SANA decode);
-#   - the step profile's tables by shape and call site;
-#   session 19
-#   - up_block_shortcut_out: the up blocks' conv bias added in the shortcut kernel, banded up
-#     blocks writing their rows into the output (tests/ops/test_block_shortcuts.py,
-#     tests/autoencoders; dcae_fused's "up_block band" group, the decodes);
-#   - relu_linear_attention reading channels_last qkv in place, with a register-tiled reduce
-#     (tests/ops/test_linear_attention.py, incl. a no-layout-copy LiteMLA check; test_ops'
-#     "relu_linear_attention channels_last view" group);
-#   - glu_depthwise_conv's expand_bias (GLUMBConv's expand bias + SiLU applied as the kernel
-#     loads) and its strip kernel's weights loaded once per run of 8 strips
-#     (tests/ops/test_glu_depthwise.py; dcae_fused's "glumbconv" groups: 4.92 ms, about 650
-#     GB/s, before, for the channels_last (1, 4096, 512, 512) map);
-#   - the channels_last RMSNorm's 16-byte packet kernel (tests/ops/test_channel_rms_norm*.py;
-#     dcae_fused's "rms_norm" groups: 8.35 ms before for norm + residual at (1, 128, 4096,
-#     4096) channels_last).
-#   session 20
-#   - the FP8 blocks' host time (the fused blocks' direct processor call inside FP8 input
-#     sharing's scope; the rowwise route's kept weight views) and forward_into on the rowwise
-#     route writing through _scaled_mm(out=) with GELU in place (tests/quant/test_fp8_direct.py,
-#     tests/test_fused_blocks.py; the FP8 double block's eager row: 2.23 ms on the H200 before,
-#     1.83 ms graphed; its new host-time group times the bf16-kernels and FP8 blocks at 16+8
-#     tokens, back to back: the host's work per block with the real kernels; and one
-#     3,072 x 3,072 linear the same way, nn.Linear against FP8Linear);
-#   - the NVFP4 activation quantize, about 13% fewer instructions and two blocks a thread
-#     (tests/ops/test_quantize.py; the quant file's "activation quantize" groups: 0.61x of the
-#     copy bandwidth in session 18, the FP8 issue's goal 0.7x);
-#   - the opt-in cuDNN fused conv + bias + ReLU for the ReLU ResBlocks' conv1
-#     (DCGEN_DCAE_CUDNN_CONV_RELU=1): tests/ops/test_bias_act.py's NaN-safety test under the
-#     poisoned allocator, dcae_fused's "conv3x3 + bias + relu" group; if both hold, make it
-#     the default (about 20 ms of f64c128's 4K decode by count);
-#   - the speed table's rows record the SDPA backend torch picked (`sdpa_chosen` in
-#     speed.json): which kernel "default" means at 1K, where it ran 1.87 s against 1.26 s
-#     with flash forced.
-#   session 21
-#   - the register-operand Hopper NVFP4 GEMM (csrc/nvfp4/nvfp4_gemm_rs_sm90.cuh: weight as
-#     wgmma's register A operand, activation by TMA, producer warp, 128 x 256 tiles), now the
-#     default sm_90a kernel of nvfp4_gemm_w4a16 and (after a bf16 expansion of the activation)
-#     of nvfp4_gemm: hopper_debug.py gemm (error maps; a failure or hang switches the later
-#     steps to the first kernel), tests/ops/test_nvfp4_gemm.py's sm90 tests for both kernels,
-#     the quant file's nvfp4 gemm groups for both (the first kernel's rows say "(mainloop
-#     kernel)"; session 18: 0.29-0.35x of cuBLAS bf16, the issue's goal 0.8x);
-#   - the fused FLUX single block's plain proj_out as one GEMM per half (linear_of_parts;
-#     tests/test_fused_blocks.py; the FP8 block file's new "FLUX single block" groups, split
-#     against the joint-buffer path in one run);
-#   - qk_norm_rope's 16-byte kernel for head dims 64 / 128 / 256 (tests/ops/test_attention.py's
-#     qk_norm_rope tests; session 18's profile: 95 us for q and k at 4K, about 1.2 TB/s;
-#     rollback: DCGEN_QK_NORM_ROPE_VEC=0).
-#   session 23
-#   - the toy world's asset recipe on CUDA (`scripts/train_toy_assets.py --device cuda`): every
-#     part and the manifest at a tiny scale, tests/toy/test_train_assets.py (its cuda test;
-#     in call 1's files). The issue asks for "GPU in minutes"; a timed full-scale run
-#     (python scripts/train_toy_assets.py --out /tmp/toy --device cuda --quiet) waits for a
-#     session with device time to spare.
-#   session 25
-#   - base-model LoRAs attached unmerged to FP8 / NVFP4 layers (generate --quantized --lora):
-#     tests/pipelines/test_lora_loading.py's cuda tests (in call 1's files).
-#   session 26
-#   - the banded DC-AE encode (encode(band_rows=), image-to-image inputs above tile_threshold):
-#     tests/autoencoders/test_dcae_row_bands.py's cuda case (in call 1's tests/autoencoders);
-#     its benchmark, benchmarks/test_dcae_encode.py (full and banded encode against diffusers,
-#     peak memory), is in call 1's bench files after the decode.
-# Two calls, with
-# carry=[".whl"], the second within the 30 s idle window (prepare it before the first returns):
-#   1. DCGEN_DEADLINE=510 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
-#      DCGEN_TEST_FILES="tests/test_poisoning.py tests/ops/test_bias_act.py tests/ops/test_channel_rms_norm.py tests/ops/test_block_shortcuts.py tests/ops/test_linear_attention.py tests/ops/test_glu_depthwise.py tests/ops/test_channel_rms_norm_fused.py tests/ops/test_fp8_epilogue.py tests/quant/test_fp8_direct.py tests/autoencoders tests/test_fused_blocks.py tests/toy/test_train_assets.py tests/pipelines/test_lora_loading.py" \
-#      DCGEN_BENCH_FILES="dcae_decode dcae_encode dcae_fused ops" bash benchmarks/device_check.sh   (timeout_s=550):
-#      build, the tests of what changed, the 4K decodes against eager diffusers, the DC-AE
-#      block kernels (the bias_act_, up-block band, GLU and linear-attention groups), then the
-#      step profile with its call-site tables (whether the decode's 15 ms of layout copies are
-#      gone, and where the FP8 step's non-vectorized kernels come from) and the decode's
-#      autotune group, as far as the deadline lets them.
-#   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_SKIP_BUILD=1 DCGEN_HOPPER_DIAG=gemm \
-#      DCGEN_TEST_FILES="tests/ops tests/quant" DCGEN_BENCH_FILES=quant DCGEN_FP8_BLOCK=1 \
-#      DCGEN_BENCH_COMPILE=1 DCGEN_PROFILE=0 DCGEN_SPEED_TABLE=0 bash benchmarks/device_check.sh
-#      (timeout_s = what is left - 20): the new Hopper NVFP4 GEMM's error maps and both Hopper
-#      GEMMs' tests, every op and quant CUDA test under the stronger
-#      poisoning (a kernel that leaves elements unwritten shows now where it may not have),
-#      the quant benchmarks (the NVFP4 quantize against copy, the two Hopper NVFP4 GEMMs
-#      against cuBLAS bf16), then the FP8 double block with
-#      its host-time group and torch.compile rows (the FP8 issue's second block goal), as far
-#      as the deadline lets them run. The SANA and graphs speed tables wait.
-# If the machine was given back in between, call 2 finds no extension and builds it (86 s).
+# the H200 (2026-11-28, 18:33-18:57 UTC; docs/benchmark-log.md): first call (fresh machine)
+# build 100 s, Hopper kernel tests 49 s, CUDA tests of 13 paths 128 s (the fresh-process files
+# included), benchmarks dcae_decode 71 s, dcae_encode 50 s, dcae_fused 37 s, ops 16 s, step
+# profile 23 s; the second call found the machine released (the reply and the next call took
+# longer than the 30 s idle window), built again (92 s), and its deadline cut the benchmarks.
+# Plan for a fresh machine on each call, or put everything in one call.
+#
+# That run validated every CUDA change of sessions 18-27. Left to measure, by priority:
+#   - the DC-AE changes of session 28: GLUMBConv back on a bias_act_ "silu" pass + the plain
+#     depthwise kernel (its expand_bias form ran 0.39x: tests/ops/test_glu_depthwise.py,
+#     dcae_fused's glumbconv groups) and cuDNN's fused conv + bias + ReLU as the ReLU
+#     ResBlocks' default (dcae_fused's "conv3x3 + bias + relu" groups, now at both f64c128
+#     conv1 shapes); the 4K decodes (dcae_decode) and against diffusers under torch.compile
+#     (DCGEN_DECODE_COMPILED=1): the DC-AE issue's 290 ms goal (333.8 ms on 2026-11-28);
+#     tests/autoencoders/test_dcae_memory_format.py's CUDA test (its spy now takes bias=);
+#   - the quant file: the NVFP4 activation quantize against copy (goal 0.7x), the two Hopper
+#     NVFP4 GEMMs against cuBLAS bf16 (goal 0.8x), LoRA r=32 on an FP8 linear;
+#   - the FP8 block file with its torch.compile rows (issue 6's 2.0x eager / 1.4x compiled);
+#   - the FLUX and SANA speed tables (issue 8; SANA with CFG).
+# One call for all of it does not fit; two calls, each on a fresh machine (carry=[".whl"]):
+#   1. DCGEN_DEADLINE=520 DCGEN_HOPPER_DIAG=0 DCGEN_SPEED_TABLE=0 DCGEN_FP8_BLOCK=0 \
+#      DCGEN_PROFILE=0 DCGEN_DECODE_COMPILED=1 \
+#      DCGEN_TEST_FILES="tests/ops/test_glu_depthwise.py tests/ops/test_bias_act.py tests/autoencoders" \
+#      DCGEN_BENCH_FILES="dcae_fused dcae_decode quant" bash benchmarks/device_check.sh
+#      (timeout_s=560)
+#   2. DCGEN_DEADLINE=<timeout_s - 30> DCGEN_HOPPER_DIAG=0 DCGEN_SKIP_TESTS=1 \
+#      DCGEN_BENCH_FILES=none DCGEN_FP8_BLOCK=1 DCGEN_BENCH_COMPILE=1 DCGEN_PROFILE=0 \
+#      DCGEN_SPEED_MODELS=flux bash benchmarks/device_check.sh  (timeout_s = what is left - 20):
+#      the FP8 block (eager, graphs, torch.compile) and the FLUX speed table, as far as the
+#      deadline lets them.
 # Each call brings back $OUT/results.tgz (every log, JSON and table, not the saved tensors).
 #
 set -uo pipefail
