@@ -275,6 +275,10 @@ def test_sana_samples_with_classifier_free_guidance_by_default(folders, tmp_path
     assert main([*argv, "--out", str(tmp_path / "e.png")]) == 0
     assert "runs without guidance" in capsys.readouterr().out
     assert np.array_equal(_pixels(tmp_path / "e.png"), off)
+    # ... and asked for guidance, an error in the command's terms (not the pipeline's keywords)
+    assert main([*argv, "--true-cfg", "4.5", "--out", str(tmp_path / "g.png")]) == 2
+    assert "--true-cfg 4.5 needs a negative prompt" in _error_line(capsys)
+    assert not (tmp_path / "g.png").exists()
     # FLUX: off by default
     flux = ["generate", "--pipeline", str(folders["base"]), *SIZE, "--max-sequence-length", "16",
             "--prompt", PROMPT]  # fmt: skip

@@ -455,9 +455,13 @@ def _gather_prompts(args: argparse.Namespace) -> None:
 
 
 def _check_sampling_numbers(args: argparse.Namespace) -> None:
-    """--steps, --shift, --guidance and --true-cfg checked before any model loads."""
+    """--steps, --shift, --guidance, --true-cfg and the image size checked before any model
+    loads (the size's multiple of the autoencoder factor needs the loaded pipeline)."""
     if args.steps < 1:
         raise CLIError(f"--steps: expected a positive integer, got {args.steps}")
+    for option, value in (("--height", args.height), ("--width", args.width)):
+        if value < 1:
+            raise CLIError(f"{option}: expected a positive number of pixels, got {value}")
     if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
         raise CLIError(f"--shift: expected a positive number, got {args.shift:g}")
     for option, value in (("--guidance", args.guidance), ("--true-cfg", args.true_cfg)):
@@ -512,6 +516,11 @@ def _generate_pipeline(
             f"(got {args.true_cfg:g})"
         )
     pipe, kwargs, unfused_loras = _pipeline_and_prompt(args, device, dtype)
+    if args.true_cfg > 1.0 and args.prompt is None and "negative_prompt_embeds" not in kwargs:
+        raise CLIError(
+            f"--true-cfg {args.true_cfg:g} needs a negative prompt: these embeddings have none "
+            "(give a table with negative_* tensors, or --negative-caption NAME)"
+        )
     if default_cfg > 1.0 and args.prompt is None:
         if "negative_prompt_embeds" in kwargs:
             args.true_cfg = default_cfg

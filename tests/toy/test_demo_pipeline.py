@@ -199,6 +199,8 @@ def test_generate_image_to_image(folder, tmp_path):
      (["--mask-blur", "2"], "--strength, --mask and --mask-blur go with --image"),
      (["--steps", "0"], "--steps: expected a positive integer, got 0"),
      (["--shift", "-1"], "--shift: expected a positive number"),
+     (["--height", "0"], "--height: expected a positive number of pixels, got 0"),
+     (["--width", "-32"], "--width: expected a positive number of pixels, got -32"),
      (["--guidance", "nan"], "--guidance: expected a finite number"),
      (["--out", "{dir_png}"], "expected a file path, it is a folder"),
      (["--out", "{png}/x.png"], "ok.png is a file, not a folder"),
