@@ -204,6 +204,69 @@ def test_pipelines_switch_latent_layers():
     bench.close()
 
 
+def test_peak_memory_leaves_out_the_weights_a_row_does_not_use():
+    # Resident beside a row's pipeline: the other resolutions' autoencoders (and under a
+    # quantized row the bf16 blocks); counted, they made a row's peak depend on the rows
+    # before it. _unused_bytes is what measure() takes off the allocator's peak on CUDA.
+    from dcgen.bench.quantized import module_bytes
+
+    bench = SpeedBench(BenchSettings(model="tiny", quick=True, resolutions=(64, 128)))
+    base = bench.pipeline("baseline", 64)
+    assert bench._unused_bytes(base) == 0  # nothing else built yet
+    dc_f32 = bench.pipeline("dcgen", 64)  # tiny: f32c32 up to 64 px, f64c128 above
+    dc_f64 = bench.pipeline("dcgen", 128)
+    assert dc_f32.vae is not dc_f64.vae
+    ae_bytes = {id(ae): module_bytes(ae) for ae in (bench.vae, dc_f32.vae, dc_f64.vae)}
+    assert bench._unused_bytes(dc_f64) == ae_bytes[id(bench.vae)] + ae_bytes[id(dc_f32.vae)]
+    assert (
+        bench._unused_bytes(bench.pipeline("baseline", 128))
+        == sum(ae_bytes.values()) - (ae_bytes[id(bench.vae)])
+    )
+    bench.build_quant("fp8")
+    quant = bench.pipeline("dcgen", 128, "fp8")
+    blocks = sum(module_bytes(getattr(bench.transformer, a)) for _, a, _ in bench.spec.blocks)
+    assert bench._unused_bytes(quant) == blocks + ae_bytes[id(bench.vae)] + ae_bytes[id(dc_f32.vae)]
+    bench.close()
+
+
+def test_cuda_clock_marks_and_waits_on_its_device(monkeypatch):
+    # The bench's device's stream, not the current device's (cuda:0 unless set): a row on
+    # cuda:1 was timed by events on cuda:0's idle stream. Spied: no GPU needed.
+    from dcgen.bench import CudaClock
+
+    streams, syncs, recorded = [], [], []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: streams.append(d) or f"s{d}")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: syncs.append(d))
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            pass
+
+        def record(self, stream=None):  # noqa: ANN001, ANN202
+            recorded.append(stream)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    clock = CudaClock("cuda:1")
+    clock.mark()
+    clock.sync()
+    assert streams == [torch.device("cuda:1")] and recorded == ["scuda:1"]
+    assert syncs == [torch.device("cuda:1")]
+
+
+def test_quick_method_states_the_one_step_fallback():
+    from dcgen.bench.speed import _method
+
+    bench = SpeedBench(BenchSettings(model="tiny", quick=True))
+    two = _method(bench.settings, bench.spec, bench.measured_blocks)
+    one = _method(
+        BenchSettings(model="tiny", quick=True, quick_steps=1).resolved(),
+        bench.spec, bench.measured_blocks,
+    )  # fmt: skip
+    assert "the call's fixed time +" in two and "counted in every step" not in two
+    assert "counted in every step" in one and "the call's fixed time +" not in one
+    bench.close()
+
+
 def test_cli_bench(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--help"])

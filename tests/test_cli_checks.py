@@ -83,6 +83,8 @@ CASES = [
      "--variants graphs replays CUDA graphs: it needs a CUDA device"),
     ("bench --model tiny --quick --device cpu --fp8-fast-accum --out {tmp}/b",
      "--fp8-granularity and --fp8-fast-accum go with --fp8"),
+    ("bench --model tiny --quick --device cpu --out {file}",
+     "--out .*a_file: expected a folder to write into, it is a file"),
 ]  # fmt: skip
 
 

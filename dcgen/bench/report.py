@@ -179,9 +179,10 @@ def format_markdown(report: dict[str, Any]) -> str:
             "Low-precision rows ("
             + ", ".join(dict.fromkeys(r["precision"] for r in low))
             + "): the base columns repeat the bf16 base of the same resolution, variant and "
-            "attention (not re-measured); the DC-Gen peak memory includes the bf16 transformer "
-            "kept resident beside the quantized blocks, so the block weights column, at full "
-            "depth, shows what the format saves. Quality: relative error ||y_q - y|| / ||y||"
+            "attention (not re-measured); the DC-Gen peak memory leaves out the bf16 blocks "
+            "kept resident beside the quantized ones (and every row's, the autoencoders it does "
+            "not use); the block weights column, at full depth, shows what the format saves. "
+            "Quality: relative error ||y_q - y|| / ||y||"
             " and cosine of the transformer output against the bf16 transformer on one batch "
             "(random weights: a numerics check, not an image-quality claim).",
         ]

@@ -227,7 +227,7 @@ class SpeedBench:
         self.device = torch.device(self.settings.device)
         self.dtype = _DTYPES[self.settings.dtype]
         self.on_cuda = self.device.type == "cuda"
-        self.clock = clock or (CudaClock() if self.on_cuda else WallClock())
+        self.clock = clock or (CudaClock(self.device) if self.on_cuda else WallClock())
         cfg = dict(self.spec.transformer)
         if self.settings.quick:
             for _, _, key in self.spec.blocks:
@@ -295,6 +295,20 @@ class SpeedBench:
             with torch.inference_mode(False), torch.no_grad():
                 self.quant = QuantizedBlocks(self.transformer, attrs, precision, config)
         return self.quant
+
+    def _unused_bytes(self, pipe: Any) -> int:
+        """Bytes of the resident weights (transformer, autoencoders, quantized block copies)
+        that ``pipe`` does not use; tensors shared with it are not counted."""
+        used = {id(t) for m in (pipe.transformer, pipe.vae) for t in _tensors(m)}
+        resident = [self.transformer, self.vae, *self._dcae.values()]
+        if self.quant is not None:
+            resident.extend(self.quant.lists.values())
+        seen: dict[int, int] = {}
+        for module in resident:
+            for t in _tensors(module):
+                if id(t) not in used and t.device.type == self.device.type:
+                    seen[id(t)] = t.numel() * t.element_size()
+        return sum(seen.values())
 
     def drop_quant(self) -> None:
         self.quant = None
@@ -504,7 +518,11 @@ class SpeedBench:
         if self.on_cuda:
             clock.sync()
             top = torch.cuda.max_memory_allocated(self.device)
-            peak = {"peak_memory_gb": top / 1e9, "peak_activation_gb": (top - before) / 1e9}
+            # the row's own peak: less the resident weights its pipeline never touches (the
+            # other resolutions' autoencoders, the bf16 blocks under a quantized row), which
+            # otherwise made a row's number depend on the rows before it
+            rows_own = top - self._unused_bytes(pipe)
+            peak = {"peak_memory_gb": rows_own / 1e9, "peak_activation_gb": (top - before) / 1e9}
         res: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         res.update(peak)
         res["attention_used"] = used[0]
@@ -752,6 +770,11 @@ def _quant_quality(
     return quality
 
 
+def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+
+
 def _method(s: BenchSettings, spec: ModelSpec, measured: tuple[int, ...]) -> str:
     lists = " + ".join(f"{n} {k}" for n, k in zip(measured, spec.block_kinds, strict=True))
     full = " + ".join(f"{n} {k}" for n, k in zip(spec.depth, spec.block_kinds, strict=True))
@@ -760,11 +783,20 @@ def _method(s: BenchSettings, spec: ModelSpec, measured: tuple[int, ...]) -> str
             f"({f} - {m}) x {k}-block time"
             for f, m, k in zip(spec.depth, measured, spec.block_kinds, strict=True)
         )
+        if s.quick_steps > 1:
+            step = (
+                f"the call's fixed time + (measured step + {extra}) x {s.steps} steps (a step "
+                f"timed from one transformer call to the next, the fixed time = the call less "
+                f"its steps)"
+            )
+        else:  # one step: no call-to-call interval, so the fixed time rides on every step
+            step = (
+                f"(measured one-step call + {extra}) x {s.steps} steps (one measured step: the "
+                f"call's fixed time is counted in every step, an overestimate)"
+            )
         how = (
             f"quick: measured {lists} blocks over {s.quick_steps} steps and the full decode; "
-            f"denoise = the call's fixed time + (measured step + {extra}) x {s.steps} steps "
-            f"(a step timed from one transformer call to the next, the fixed time = the call "
-            f"less its steps)"
+            f"denoise = {step}"
         )
     else:
         how = f"measured: full depth ({full} blocks), {s.steps} steps, decode"

@@ -75,15 +75,20 @@ class WallClock:
 
 
 class CudaClock:
-    """CUDA events (read after ``sync``): device time without host stalls between marks."""
+    """CUDA events (read after ``sync``): device time without host stalls between marks, on
+    ``device``'s current stream (the one the timed work runs on: with no device given, the
+    current device's, which is cuda:0 unless set, whatever device the work is on)."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else None
 
     def mark(self) -> torch.cuda.Event:
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def sync(self) -> None:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(self.device)
 
     def elapsed_ms(self, start: Any, end: Any) -> float:
         return float(start.elapsed_time(end))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from .common import CLIError
+from .common import CLIError, check_out_path
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -30,6 +31,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         nvfp4=args.nvfp4 or (), nvfp4_rank=args.nvfp4_rank, cfg=args.cfg,
     )  # fmt: skip
     resolved = settings.resolved()  # bad input fails before any model is built
+    check_out_path(Path(args.out), "--out", folder=True)
     if "graphs" in resolved.variants and not resolved.device.startswith("cuda"):
         raise CLIError(
             f"--variants graphs replays CUDA graphs: it needs a CUDA device, got {resolved.device}"
