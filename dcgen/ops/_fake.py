@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 
 from ._extension import extension_loaded
-from ._validate import kernel_layout
+from ._validate import kernel_layout, rms_norm_layout
 from .linear_attention import token_major
 
 if extension_loaded():
 
     @torch.library.register_fake("dcgen::channel_rms_norm")
     def _channel_rms_norm_fake(x, weight, bias, eps):  # noqa: ANN001
-        return torch.empty_like(x, memory_format=kernel_layout(x))
+        return torch.empty_like(x, memory_format=rms_norm_layout(x))
 
     @torch.library.register_fake("dcgen::relu_linear_attention")
     def _relu_linear_attention_fake(qkv, eps):  # noqa: ANN001
@@ -34,7 +34,7 @@ if extension_loaded():
 
         @torch.library.register_fake("dcgen::channel_rms_norm_fused")
         def _channel_rms_norm_fused_fake(x, weight, bias, residual, act, eps):  # noqa: ANN001
-            return torch.empty_like(x, memory_format=kernel_layout(x))
+            return torch.empty_like(x, memory_format=rms_norm_layout(x))
 
     if _registered("channel_rms_norm_fused_out"):
 

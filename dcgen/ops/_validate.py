@@ -52,6 +52,20 @@ def kernel_layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def rms_norm_layout(x: torch.Tensor) -> torch.memory_format:
+    """The channel RMSNorm kernels' output layout (csrc/dcae/channel_rms_norm.h), wider than
+    kernel_layout's: a strided channels_last view (a band of rows of an NHWC batch, every
+    other image) is one too when torch's suggest_memory_format says so, since the kernel copies
+    it into dense NHWC rather than round-trip through NCHW."""
+    from torch._prims_common import suggest_memory_format
+
+    if x.ndim in (4, 5) and not x.is_contiguous():
+        fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=fmt) or suggest_memory_format(x) == fmt:
+            return fmt
+    return torch.contiguous_format
+
+
 def dense_as(t: torch.Tensor, like: torch.Tensor) -> bool:
     """Same shape as ``like`` and the same strides on every dimension longer than 1: the rule
     the elementwise DC-AE kernels apply to the tensors they write (a band of rows of an NHWC

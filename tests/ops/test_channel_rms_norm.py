@@ -148,7 +148,17 @@ def test_disabled_kernels_fall_back_to_reference(monkeypatch, rng):
 def test_opcheck_schema_fake_and_strides(rng):
     op = torch.ops.dcgen.channel_rms_norm.default
     x, w, b = _inputs((2, 8, 5, 3), torch.float32, "cpu", rng)
-    for xl in (x, x.to(memory_format=torch.channels_last), x.transpose(2, 3)):
+    # a band of rows of a channels_last batch (B > 1: not dense in any layout), and every other
+    # image: the kernel keeps channels_last for these too, so must the fake (a torch.compile'd
+    # decoder head's band failed inductor's output stride check)
+    cl = torch.randn(4, 8, 10, 3, generator=rng).to(memory_format=torch.channels_last)
+    for xl in (
+        x,
+        x.to(memory_format=torch.channels_last),
+        x.transpose(2, 3),
+        cl[:, :, 2:7],
+        cl[::2],
+    ):
         torch.library.opcheck(op, (xl, w, b, 1e-5), test_utils=("test_schema", "test_faketensor"))
 
 

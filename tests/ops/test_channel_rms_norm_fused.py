@@ -212,7 +212,8 @@ def test_plain_op_unchanged_by_fusion(rng):
 def test_opcheck_schema_fake_and_compile(rng):
     op = torch.ops.dcgen.channel_rms_norm_fused.default
     x, w, b, r = _inputs((2, 8, 5, 3), torch.float32, "cpu", rng)
-    for xl, rl in ((x, r), (x.to(memory_format=torch.channels_last), r), (x, None)):
+    band = torch.randn(2, 8, 9, 3, generator=rng).to(memory_format=torch.channels_last)[:, :, 2:7]
+    for xl, rl in ((x, r), (x.to(memory_format=torch.channels_last), r), (x, None), (band, None)):
         torch.library.opcheck(
             op, (xl, w, b, rl, "silu", 1e-5), test_utils=("test_schema", "test_faketensor")
         )
