@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ._extension import compiled_op, has_kernel
 from ._validate import FLOAT_DTYPES, check_same_device, check_tensor, dense_as, kernel_layout
-from .shortcuts import channel_duplicate_to_space, space_to_channel_average
+from .shortcuts import channel_duplicate_to_space, space_to_channel_average, unshuffle
 
 _DTYPES = (*FLOAT_DTYPES, torch.float64)
 
@@ -141,7 +141,7 @@ def down_block_shortcut_reference(y: torch.Tensor, x: torch.Tensor, unshuffle_y:
     """Pure-PyTorch spec of :func:`down_block_shortcut` (mean and sum in fp32, one rounding)."""
     cout = _down_out_channels(y, x, unshuffle_y)
     dt = _math_dtype(y)
-    main = F.pixel_unshuffle(y, 2) if unshuffle_y else y
+    main = unshuffle(y, 2) if unshuffle_y else y
     return (main.to(dt) + space_to_channel_average(x.to(dt), cout, 2)).to(y.dtype)
 
 

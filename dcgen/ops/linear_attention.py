@@ -53,9 +53,10 @@ def relu_linear_attention(qkv: torch.Tensor, eps: float = 1e-15) -> torch.Tensor
     (:func:`token_major`), else contiguous; the reference's is contiguous.
     """
     check_tensor("relu_linear_attention: qkv", qkv, ndim=4, dtypes=(*FLOAT_DTYPES, torch.float64))
-    if qkv.shape[2] % 3:
+    if qkv.shape[2] % 3 or qkv.shape[2] == 0:
         raise ValueError(
-            "relu_linear_attention: expected dim 2 = 3*head_dim (interleaved q|k|v per head), "
+            "relu_linear_attention: expected dim 2 = 3*head_dim with head_dim >= 1 (interleaved "
+            "q|k|v per head), "
             f"got shape {tuple(qkv.shape)}"
         )
     if not eps > 0:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import _quant_fake  # noqa: F401  (fake impls of the quantize ops)
 from ._extension import compiled_op, has_kernel, inductor_fuses_instead
-from ._validate import FLOAT_DTYPES, check_tensor
+from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
 
 E4M3_MAX = 448.0
 INV_E4M3_MAX = 1.0 / E4M3_MAX  # rounded once to fp32 where it multiplies an fp32 amax
@@ -72,6 +72,7 @@ def dequantize_fp8(
     The granularity follows from the scales' last dim (1: per row)."""
     check_tensor("dequantize_fp8: q", q, min_ndim=1, dtypes=(torch.float8_e4m3fn,))
     check_tensor("dequantize_fp8: scales", scales, min_ndim=1, dtypes=(torch.float32,))
+    check_same_device(q=q, scales=scales)
     k, s = q.shape[-1], scales.shape[-1]
     if tuple(scales.shape[:-1]) != tuple(q.shape[:-1]) or s not in (1, -(-k // BLOCK_K)):
         raise ValueError(

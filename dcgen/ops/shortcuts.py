@@ -17,17 +17,34 @@ from ._validate import FLOAT_DTYPES, check_tensor
 _DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
+def _check_sizes(op: str, x: torch.Tensor, out_channels: int, factor: int) -> None:
+    for name, value in (("out_channels", out_channels), ("factor", factor)):
+        if isinstance(value, bool) or not isinstance(value, int | torch.SymInt) or value < 1:
+            raise ValueError(f"{op}: expected {name} a positive int, got {value!r}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{op}: expected x with at least one channel, got shape {tuple(x.shape)}")
+
+
+def unshuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """pixel_unshuffle, also for an empty x (torch returns an empty input unchanged)."""
+    if x.numel():
+        return F.pixel_unshuffle(x, factor)
+    n, c, h, w = x.shape
+    return x.new_empty((n, c * factor * factor, h // factor, w // factor))
+
+
 def space_to_channel_average(x: torch.Tensor, out_channels: int, factor: int = 2) -> torch.Tensor:
     """(N, C, H, W) -> (N, out_channels, H/f, W/f): pixel_unshuffle(f), then mean over groups
     of C*f*f/out_channels consecutive channels. factor=1 is pure channel averaging."""
     check_tensor("space_to_channel_average: x", x, ndim=4, dtypes=_DTYPES)
+    _check_sizes("space_to_channel_average", x, out_channels, factor)
     n, c, h, w = x.shape
     if h % factor or w % factor:
         raise ValueError(
             f"space_to_channel_average: spatial size must be divisible by {factor}, got {h}x{w}"
         )
     if factor > 1:
-        x = F.pixel_unshuffle(x, factor)
+        x = unshuffle(x, factor)
     c_in = c * factor * factor
     if c_in % out_channels:
         raise ValueError(
@@ -45,6 +62,7 @@ def channel_duplicate_to_space(x: torch.Tensor, out_channels: int, factor: int =
     out_channels*f*f/C times (adjacent copies), then pixel_shuffle(f). factor=1 is pure
     channel duplication."""
     check_tensor("channel_duplicate_to_space: x", x, ndim=4, dtypes=_DTYPES)
+    _check_sizes("channel_duplicate_to_space", x, out_channels, factor)
     c = x.shape[1]
     c_out = out_channels * factor * factor
     if c_out % c:

@@ -96,6 +96,7 @@ def test_cuda_kernel_is_deterministic_and_traceable(rng):
     [
         (torch.randn(2, 96, 10), "expected a tensor with 4 dims"),
         (torch.randn(1, 2, 95, 10), "3\\*head_dim"),
+        (torch.randn(1, 1, 0, 5), "head_dim >= 1"),  # was a tuple-unpacking error
     ],
 )
 def test_bad_input(qkv, match):

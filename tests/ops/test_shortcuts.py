@@ -45,3 +45,32 @@ def test_shortcut_errors():
         space_to_channel_average(torch.randn(1, 4, 4, 4), 5)
     with pytest.raises(ValueError, match="not a multiple"):
         channel_duplicate_to_space(torch.randn(1, 3, 4, 4), 4)
+
+
+@pytest.mark.parametrize(
+    ("fn", "kwargs", "match"),
+    [(space_to_channel_average, {"out_channels": 0}, "expected out_channels a positive int, got 0"),
+     (space_to_channel_average, {"out_channels": 4, "factor": 0}, "expected factor a positive int"),
+     (space_to_channel_average, {"out_channels": -4}, "expected out_channels a positive int"),
+     (channel_duplicate_to_space, {"out_channels": -1}, "expected out_channels a positive int"),
+     (channel_duplicate_to_space, {"out_channels": 4, "factor": 0}, "expected factor a positive"),
+     (channel_duplicate_to_space, {"out_channels": 4, "factor": True}, "got True")],
+)  # fmt: skip
+def test_shortcut_sizes_are_checked(fn, kwargs, match):
+    # factor 0 returned the input unchanged, a negative one a 1-channel map, out_channels 0 a
+    # ZeroDivisionError
+    with pytest.raises(ValueError, match=match):
+        fn(torch.randn(1, 4, 4, 4), **kwargs)
+    with pytest.raises(ValueError, match="at least one channel, got shape \\(1, 0, 4, 4\\)"):
+        fn(torch.randn(1, 0, 4, 4), 4)
+
+
+def test_empty_batches_keep_the_shortcut_shapes():
+    # torch's pixel_unshuffle hands an empty input back unchanged (wrong shape)
+    from dcgen.ops import down_block_shortcut_reference
+
+    assert space_to_channel_average(torch.empty(0, 4, 4, 4), 16).shape == (0, 16, 2, 2)
+    assert space_to_channel_average(torch.empty(2, 4, 0, 0), 8).shape == (2, 8, 0, 0)
+    assert channel_duplicate_to_space(torch.empty(0, 8, 2, 2), 4).shape == (0, 4, 4, 4)
+    y, x = torch.empty(0, 2, 4, 4), torch.empty(0, 4, 4, 4)
+    assert down_block_shortcut_reference(y, x).shape == (0, 8, 2, 2)

@@ -111,6 +111,13 @@ def test_recipe_non_finite_poisons_row_or_block():
     assert dequantize_fp8(q, s)[:2].isnan().all()
 
 
+def test_dequantize_fp8_names_a_device_mix():
+    # the scales on another device failed inside torch's multiply
+    q = torch.zeros(4, 8, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="expected all tensors on one device, got q on cpu, "):
+        dequantize_fp8(q, torch.ones(4, 1, device="meta"))
+
+
 def test_public_op_matches_reference_and_shapes(rng):
     x = torch.randn(2, 3, 200, generator=rng).bfloat16()
     for g in GRANS:
