@@ -217,15 +217,22 @@ def _list_keys(keys: Iterable[str], limit: int = 20) -> str:
 def check_state_dict(
     expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], source: str
 ) -> None:
-    """Strict key and shape check; raises CheckpointError naming every offending key."""
+    """Strict key, shape and kind check (a floating-point weight needs a floating-point
+    tensor); raises CheckpointError naming every offending key."""
     missing = set(expected) - set(got)
     unexpected = set(got) - set(expected)
+    common = sorted(set(expected) & set(got))
     mismatched = [
         f"{k}: expected {tuple(expected[k].shape)}, got {tuple(got[k].shape)}"
-        for k in sorted(set(expected) & set(got))
+        for k in common
         if tuple(expected[k].shape) != tuple(got[k].shape)
     ]
-    if not (missing or unexpected or mismatched):
+    kinds = [
+        f"{k}: expected a floating-point tensor, got {got[k].dtype}"
+        for k in common
+        if expected[k].is_floating_point() and not got[k].is_floating_point()
+    ]
+    if not (missing or unexpected or mismatched or kinds):
         return
     parts = [f"checkpoint {source} does not match the DC-AE config"]
     if missing:
@@ -236,6 +243,9 @@ def check_state_dict(
         shown = "; ".join(mismatched[:20])
         more = f"; ... ({len(mismatched) - 20} more)" if len(mismatched) > 20 else ""
         parts.append(f"shape mismatches ({len(mismatched)}): {shown}{more}")
+    if kinds:
+        more = f"; ... ({len(kinds) - 20} more)" if len(kinds) > 20 else ""
+        parts.append(f"dtype mismatches ({len(kinds)}): {'; '.join(kinds[:20])}{more}")
     parts.append("(dcgen key names; pass the matching preset or config.json)")
     raise CheckpointError("\n  ".join(parts))
 
@@ -286,8 +296,14 @@ def _unwrap(obj: object, path: Path) -> StateDict:
     for key in ("state_dict", "model", "module", "ema"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
+    others = {k: type(v).__name__ for k, v in obj.items() if not isinstance(v, torch.Tensor)}
+    if others:
+        shown = ", ".join(f"{k!r} ({t})" for k, t in list(others.items())[:10])
+        raise CheckpointError(
+            f"{path}: expected a state dict of tensors, got {len(others)} other entries: {shown}"
+        )
     return dict(obj)
 
 

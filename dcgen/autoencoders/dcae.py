@@ -341,7 +341,9 @@ class DCAE(nn.Module):
 
     @staticmethod
     def _check_batch_size(batch_size: int | None) -> int | None:
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
         return batch_size
 
@@ -467,7 +469,9 @@ class DCAE(nn.Module):
                 f"got {h}x{w} (pad or crop to {h // f * f or f}x{w // f * f or f})"
             )
         if channels is not None and (
-            not isinstance(channels, int) or not 1 <= channels <= cfg.latent_channels
+            isinstance(channels, bool)
+            or not isinstance(channels, int)
+            or not 1 <= channels <= cfg.latent_channels
         ):
             raise ValueError(
                 f"DCAE.encode: channels must be an int in [1, {cfg.latent_channels}], got "
@@ -499,9 +503,9 @@ class DCAE(nn.Module):
         """
         z = self._check_tensor(z, "decode")
         c = z.shape[1]
-        if c > self.latent_channels:
+        if not 1 <= c <= self.latent_channels:
             raise ValueError(
-                f"DCAE.decode: expected at most {self.latent_channels} latent channels, got {c} "
+                f"DCAE.decode: expected 1 to {self.latent_channels} latent channels, got {c} "
                 f"(shape {tuple(z.shape)})"
             )
         if scaled:

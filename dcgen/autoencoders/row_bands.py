@@ -30,6 +30,7 @@ sets it, 0 turns banding off).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,8 +63,8 @@ def _env_band_bytes() -> int:
         raise ValueError(
             f"DCGEN_DCAE_BAND_MB: expected a number of MiB (0 disables banding), got {raw!r}"
         ) from None
-    if mb < 0:
-        raise ValueError(f"DCGEN_DCAE_BAND_MB: expected a number >= 0, got {raw!r}")
+    if not (math.isfinite(mb) and mb >= 0) or mb * 2**20 > 2**62:
+        raise ValueError(f"DCGEN_DCAE_BAND_MB: expected a finite number >= 0, got {raw!r}")
     return int(mb * 2**20)
 
 

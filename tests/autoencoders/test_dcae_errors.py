@@ -18,10 +18,14 @@ def model():
 def test_wrong_channel_count(model):
     with pytest.raises(ValueError, match=r"expected 3 input channels, got 4"):
         model.encode(torch.randn(1, 4, 32, 32))
-    with pytest.raises(ValueError, match=r"at most 2 latent channels, got 5"):
+    with pytest.raises(ValueError, match=r"expected 1 to 2 latent channels, got 5"):
         model.decode(torch.randn(1, 5, 1, 1))
+    with pytest.raises(ValueError, match=r"expected 1 to 2 latent channels, got 0"):
+        model.decode(torch.randn(1, 0, 1, 1))  # was an error from deep inside the decoder
     with pytest.raises(ValueError, match=r"channels must be an int in \[1, 2\], got 3"):
         model.encode(torch.randn(1, 3, 32, 32), channels=3)
+    with pytest.raises(ValueError, match=r"channels must be an int in \[1, 2\], got True"):
+        model.encode(torch.randn(1, 3, 32, 32), channels=True)  # was 1 channel, silently
 
 
 def test_spatial_size_not_divisible(model):
@@ -59,8 +63,11 @@ def test_bad_tiling_and_batch_options(model):
         ValueError, match=r"tile_overlap \(64\) must be smaller than tile_size \(64\)"
     ):
         model.decode(z, tile_size=64, tile_overlap=64)
-    with pytest.raises(ValueError, match=r"batch_size: expected a positive int or None, got 0"):
-        model.decode(z, batch_size=0)
+    for bad in (0, True):
+        with pytest.raises(
+            ValueError, match=rf"batch_size: expected a positive int or None, got {bad}"
+        ):
+            model.decode(z, batch_size=bad)
 
 
 def test_checkpoint_not_matching_config(tmp_path):
@@ -81,6 +88,27 @@ def test_checkpoint_not_matching_config(tmp_path):
     shallower = cfg.replace(encoder_layers_per_block=(0, 4, 8, 2, 2, 1))
     with pytest.raises(CheckpointError, match=r"unexpected keys \(\d+\): encoder.stages.5.1"):
         DCAE.from_pretrained(tmp_path, config=shallower)
+
+
+def test_checkpoint_with_integer_weights_or_extra_entries(tmp_path):
+    # an integer tensor for a float weight got past the key / shape check and failed inside
+    # load_state_dict; a pickle with one non-tensor entry was "got dict"
+    from safetensors.torch import load_file, save_file
+
+    from dcgen.autoencoders.checkpoint import read_weights
+
+    cfg = reduced_config("dc-ae-f32c32-in-1.0")
+    DCAE(cfg).save_pretrained(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(path))
+    key = next(k for k in weights if k.endswith("weight"))
+    save_file({**weights, key: weights[key].to(torch.int32)}, str(path))
+    with pytest.raises(CheckpointError, match=r"dtype mismatches \(1\): .*: expected a floating"):
+        DCAE.from_pretrained(tmp_path)
+    pickle = tmp_path / "model.pt"
+    torch.save({**weights, "global_step": 1000}, pickle)
+    with pytest.raises(CheckpointError, match=r"got 1 other entries: 'global_step' \(int\)"):
+        read_weights(pickle)
 
 
 def test_truncated_safetensors(tmp_path):

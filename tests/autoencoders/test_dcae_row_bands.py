@@ -73,9 +73,10 @@ def test_band_size_settings_and_errors(monkeypatch):
     monkeypatch.setenv("DCGEN_DCAE_BAND_MB", "lots")
     with pytest.raises(ValueError, match="DCGEN_DCAE_BAND_MB: expected a number of MiB"):
         band_bytes()
-    monkeypatch.setenv("DCGEN_DCAE_BAND_MB", "-1")
-    with pytest.raises(ValueError, match="DCGEN_DCAE_BAND_MB: expected a number >= 0"):
-        band_bytes()
+    for raw in ("-1", "nan", "inf", "1e400"):  # nan / inf were a bare int() conversion error
+        monkeypatch.setenv("DCGEN_DCAE_BAND_MB", raw)
+        with pytest.raises(ValueError, match="DCGEN_DCAE_BAND_MB: expected a finite number >= 0"):
+            band_bytes()
     for bad in (-1, 2.5, True, "64"):
         with pytest.raises(ValueError, match="band_size: expected a byte count"):
             with band_size(bad):
