@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,25 @@ _LEGACY_ALIASES = {
 
 class DCAEConfigError(ValueError):
     """A DC-AE configuration that cannot describe a working model (names the bad field)."""
+
+
+def _sequence(name: str, value: Any) -> Sequence[Any]:
+    """A config field's per-stage list (a list or tuple; a string is not one)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise DCAEConfigError(f"{name}: expected a list, got {value!r}")
+    return value
+
+
+def _whole(name: str, value: Any) -> int:
+    """An integer entry of a config list: ints, and floats with no fraction (JSON 64.0)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Real)
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
+        raise DCAEConfigError(f"{name}: expected whole numbers, got {value!r}")
+    return int(value)
 
 
 def _per_stage(name: str, value: Any, num_stages: int) -> tuple:
@@ -86,12 +107,13 @@ class DCAEConfig:
     # -- construction helpers -------------------------------------------------------------
 
     def _normalise(self) -> None:
-        n_enc = len(self.encoder_block_out_channels)
-        n_dec = len(self.decoder_block_out_channels)
-        self.encoder_block_out_channels = tuple(int(c) for c in self.encoder_block_out_channels)
-        self.decoder_block_out_channels = tuple(int(c) for c in self.decoder_block_out_channels)
-        self.encoder_layers_per_block = tuple(int(d) for d in self.encoder_layers_per_block)
-        self.decoder_layers_per_block = tuple(int(d) for d in self.decoder_layers_per_block)
+        n_enc = len(_sequence("encoder_block_out_channels", self.encoder_block_out_channels))
+        n_dec = len(_sequence("decoder_block_out_channels", self.decoder_block_out_channels))
+        for name in ("encoder_block_out_channels", "decoder_block_out_channels",
+                     "encoder_layers_per_block", "decoder_layers_per_block"):  # fmt: skip
+            setattr(
+                self, name, tuple(_whole(name, v) for v in _sequence(name, getattr(self, name)))
+            )
         self.encoder_block_types = _per_stage(
             "encoder_block_types", self.encoder_block_types, n_enc
         )
@@ -100,22 +122,30 @@ class DCAEConfig:
         )
         self.decoder_norm_types = _per_stage("decoder_norm_types", self.decoder_norm_types, n_dec)
         self.decoder_act_fns = _per_stage("decoder_act_fns", self.decoder_act_fns, n_dec)
-        self.encoder_qkv_multiscales = tuple(
-            tuple(int(k) for k in ks) for ks in self.encoder_qkv_multiscales
-        )
-        self.decoder_qkv_multiscales = tuple(
-            tuple(int(k) for k in ks) for ks in self.decoder_qkv_multiscales
-        )
+        for name in ("encoder_qkv_multiscales", "decoder_qkv_multiscales"):
+            stages = _sequence(name, getattr(self, name))
+            setattr(self, name, tuple(
+                tuple(_whole(name, k) for k in _sequence(name, ks)) for ks in stages
+            ))  # fmt: skip
+        if isinstance(self.scaling_factor, bool) or not isinstance(self.scaling_factor, Real):
+            raise DCAEConfigError(f"scaling_factor: expected a number, got {self.scaling_factor!r}")
         self.scaling_factor = float(self.scaling_factor)
 
     def validate(self) -> None:
         """Raise DCAEConfigError naming the field when the config cannot build a model."""
         for name in ("in_channels", "latent_channels", "attention_head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DCAEConfigError(f"{name}: expected a positive int, got {value!r}")
-        if not self.scaling_factor > 0:
-            raise DCAEConfigError(f"scaling_factor: expected > 0, got {self.scaling_factor}")
+        for name in ("encoder_out_shortcut", "decoder_in_shortcut"):
+            if not isinstance(getattr(self, name), bool):
+                raise DCAEConfigError(
+                    f"{name}: expected true or false, got {getattr(self, name)!r}"
+                )
+        if not (math.isfinite(self.scaling_factor) and self.scaling_factor > 0):
+            raise DCAEConfigError(
+                f"scaling_factor: expected a finite number > 0, got {self.scaling_factor}"
+            )
         if self.downsample_block_type not in DOWNSAMPLE_TYPES:
             raise DCAEConfigError(
                 f"downsample_block_type: expected one of {DOWNSAMPLE_TYPES}, "

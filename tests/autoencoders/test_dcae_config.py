@@ -112,7 +112,17 @@ def test_from_dict_errors():
             dict(decoder_block_out_channels=(128, 256)),
             r"decoder_layers_per_block: expected 2 entries",
         ),
-        (dict(scaling_factor=0.0), r"scaling_factor: expected > 0"),
+        (dict(scaling_factor=0.0), r"scaling_factor: expected a finite number > 0"),
+        # wrong types: named by field (were bare int() / len() errors, or silently accepted)
+        (dict(scaling_factor=float("inf")), r"scaling_factor: expected a finite number > 0"),
+        (dict(scaling_factor=None), r"scaling_factor: expected a number, got None"),
+        (dict(encoder_block_out_channels=64), r"encoder_block_out_channels: expected a list"),
+        (dict(encoder_layers_per_block=["a"] * 6), r"encoder_layers_per_block: expected whole"),
+        (dict(decoder_block_out_channels=(128.5,) * 6), r"expected whole numbers, got 128.5"),
+        (dict(encoder_qkv_multiscales=[5] * 6), r"encoder_qkv_multiscales: expected a list"),
+        (dict(encoder_out_shortcut="false"), r"encoder_out_shortcut: expected true or false"),
+        (dict(decoder_in_shortcut=0.0), r"decoder_in_shortcut: expected true or false"),
+        (dict(in_channels=True), r"in_channels: expected a positive int, got True"),
         (dict(encoder_qkv_multiscales=((),) * 3 + ((4,),) * 3), r"odd kernel sizes"),
     ],
 )
