@@ -169,3 +169,32 @@ def test_banded_encode_rejects_bad_band_rows():
     for bad in (0, -3, 2.5, True, "64"):
         with pytest.raises(ValueError, match="band_rows: expected a positive int"):
             model.encode(x, band_rows=bad)
+
+
+def test_hooked_coders_run_full_frame_so_hooks_see_what_they_would():
+    # Bands run a stage's layers outside the stage's call and a banded layer once per band: a
+    # stage hook never fired and a layer hook saw partial maps. Hooked coders run full frame
+    # (same output); offloading wrappers do not count as hooks.
+    model = _model("dc-ae-f32c32-sana-1.1")
+    f = model.spatial_compression_ratio
+    z, x = _latents(model, (2 * f, 2 * f)), torch.randn(1, 3, 2 * f, 2 * f)
+    seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def hook(name: str):  # noqa: ANN202
+        return lambda mod, args, out: seen.append((name, tuple(out.shape)))
+
+    handles = [
+        model.decoder.stages[0].register_forward_hook(hook("dec stage 0")),
+        model.decoder.stages[0][-1].register_forward_hook(hook("dec layer")),
+        model.encoder.stages[0].register_forward_hook(hook("enc stage 0")),
+    ]
+    with torch.no_grad():
+        plain = (model.decode(z), model.encode(x))
+        calls = list(seen)
+        seen.clear()
+        banded = (model.decode(z, band_rows=8), model.encode(x, band_rows=8))
+    assert seen == calls and len(calls) == 3
+    for a, b in zip(banded, plain, strict=True):
+        torch.testing.assert_close(a, b)
+    for h in handles:
+        h.remove()
