@@ -45,3 +45,13 @@ def watched(module: nn.Module) -> bool:
     call (its input, or an output that is ``module``'s own): such tensors must not be
     overwritten afterwards."""
     return any(has_forward_hooks(m) for m in module.modules())
+
+
+def has_hook_callbacks(*modules: nn.Module) -> bool:
+    """Whether a torch forward hook (global, or on any of ``modules`` or inside them) will be
+    called: unlike :func:`watched`, forward wrappers (accelerate's and diffusers' offloading)
+    do not count. Paths that only change how often or on what part of a map a module runs
+    (row bands) must not run under such a hook; offloading moves weights and does not mind."""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for mod in modules for m in mod.modules())

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcgen._hooks import has_forward_hooks, watched
+from dcgen._hooks import has_forward_hooks, has_hook_callbacks, watched
 from dcgen.ops import channel_duplicate_to_space, space_to_channel_average
 
 from .banding import LocalStep, local_prefix, local_step, local_suffix, run_banded
@@ -102,8 +102,10 @@ class Encoder(nn.Module):
         ``band_rows``: run the local high-resolution head (the stem and every layer before the
         first attention block) about ``band_rows`` input rows at a time (banding.py: the same
         latents, a fraction of the peak memory)."""
-        if band_rows is not None and _hooked(self.stem, *self.stages):
-            band_rows = None  # the full frame, so hooks see what they would without bands
+        if band_rows is not None and has_hook_callbacks(self.stem, *self.stages):
+            # bands run a stage's layers outside its call and a layer once per band: the
+            # full frame, so hooks see what they would without bands (same output)
+            band_rows = None
         if band_rows is None:
             h, _ = run_stages(self.stages, self.stem(x), owned=not watched(self.stem))
         else:
@@ -129,19 +131,6 @@ class Encoder(nn.Module):
         for m in layers[k:]:
             h, owned = run_layer(m, h, owned)
         return h
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook sits on any of ``modules`` or inside them. Row bands run the
-    stages' layers outside their stage's call (a stage's hooks would never fire) and a banded
-    layer once per band of rows (its hooks would see partial maps), so hooked coders run full
-    frame: the same output, without the bands' memory saving. Offloading wrappers
-    (accelerate, diffusers) only move weights and keep the bands."""
-    from torch.nn.modules import module as _module
-
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for mod in modules for m in mod.modules())
 
 
 class Decoder(nn.Module):
@@ -188,10 +177,10 @@ class Decoder(nn.Module):
         peak memory)."""
         h = self._stem(z)
         owned = not watched(self.stem)
-        if band_rows is not None and _hooked(
+        if band_rows is not None and has_hook_callbacks(
             *self.stages, self.head_norm, self.head_act, self.head
         ):
-            band_rows = None  # the full frame, so hooks see what they would without bands
+            band_rows = None  # as in Encoder.forward: hooks see the full frame
         if band_rows is None:
             h, owned = run_stages(reversed(self.stages), h, owned)
             seen = watched(self.head_norm) or watched(self.head_act)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -48,10 +48,16 @@ def quant_config(
     raise ValueError(f"precision: expected one of {QUANT_PRECISIONS}, got {precision!r}")
 
 
+def module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Every parameter and buffer of ``module``."""
+    yield from module.parameters()
+    yield from module.buffers()
+
+
 def module_bytes(module: nn.Module) -> int:
     """Bytes of every parameter and buffer of ``module`` (shared tensors counted once)."""
     seen: dict[int, int] = {}
-    for t in (*module.parameters(), *module.buffers()):
+    for t in module_tensors(module):
         seen[id(t)] = t.numel() * t.element_size()
     return sum(seen.values())
 
@@ -143,6 +149,7 @@ __all__ = [
     "QuantizedBlocks",
     "blocks_view",
     "module_bytes",
+    "module_tensors",
     "nvfp4_gemm_path",
     "output_quality",
     "quant_config",

@@ -79,6 +79,7 @@ from .quantized import (
     QUANT_PRECISIONS,
     QuantizedBlocks,
     module_bytes,
+    module_tensors,
     nvfp4_gemm_path,
     output_quality,
     quant_config,
@@ -299,13 +300,13 @@ class SpeedBench:
     def _unused_bytes(self, pipe: Any) -> int:
         """Bytes of the resident weights (transformer, autoencoders, quantized block copies)
         that ``pipe`` does not use; tensors shared with it are not counted."""
-        used = {id(t) for m in (pipe.transformer, pipe.vae) for t in _tensors(m)}
+        used = {id(t) for m in (pipe.transformer, pipe.vae) for t in module_tensors(m)}
         resident = [self.transformer, self.vae, *self._dcae.values()]
         if self.quant is not None:
             resident.extend(self.quant.lists.values())
         seen: dict[int, int] = {}
         for module in resident:
-            for t in _tensors(module):
+            for t in module_tensors(module):
                 if id(t) not in used and t.device.type == self.device.type:
                     seen[id(t)] = t.numel() * t.element_size()
         return sum(seen.values())
@@ -768,11 +769,6 @@ def _quant_quality(
         quality.update(rank=config.rank,
                        gemm=nvfp4_gemm_path(config.mode, bench.device, k=width, n=width))  # fmt: skip
     return quality
-
-
-def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
-    yield from module.parameters()
-    yield from module.buffers()
 
 
 def _method(s: BenchSettings, spec: ModelSpec, measured: tuple[int, ...]) -> str:
