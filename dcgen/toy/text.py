@@ -80,7 +80,13 @@ class ToyTextEncoder(nn.Module):
         ids, mask = tokenize(captions, self.config.max_length)
         ids, mask = ids.to(self.device), mask.to(self.device)
         x = self.embed(ids) + self.position
-        x = self.norm(self.encoder(x, src_key_padding_mask=~mask))
+        # An empty caption masks every key; torch's fused (no-grad) encoder path then returns
+        # NaN rows, which the zeroing below would keep. Letting such a row attend to its first
+        # (padding) position keeps it finite; its outputs are zeroed anyway, so the sequence is
+        # all zeros and the pooled vector is pool.bias, as on the autograd path.
+        key_padding = ~mask
+        key_padding[~mask.any(1), 0] = False
+        x = self.norm(self.encoder(x, src_key_padding_mask=key_padding))
         # Padding positions are zeroed so the sequence FLUX sees depends only on the words.
         x = x * mask[..., None]
         pooled = self.pool(x.sum(1) / mask.sum(1, keepdim=True).clamp(min=1))

@@ -26,3 +26,20 @@ def test_outputs_depend_only_on_the_words(tmp_path):
     again = ToyTextEncoder.from_pretrained(tmp_path / "te")
     e2, p2 = again.encode(["a small red circle top left", "a large blue square bottom right"])
     assert torch.equal(e, e2) and torch.equal(p, p2)
+
+
+def test_empty_caption_is_finite_on_both_encoder_paths():
+    """An empty caption masks every token. Under no_grad torch takes its fused encoder path,
+    which returned NaN rows for a fully masked sequence (and the demo's true-CFG negative
+    prompt and the stored null-text embeddings are exactly such captions)."""
+    torch.manual_seed(0)
+    enc = ToyTextEncoder().eval()
+    captions = ["", "   ", "a red circle"]
+    with torch.no_grad():
+        e, p = enc(captions)
+    assert torch.isfinite(e).all() and torch.isfinite(p).all()
+    assert (e[:2] == 0).all()  # no words: the sequence is zero, the pool sees only its bias
+    torch.testing.assert_close(p[:2], enc.pool.bias.detach().expand(2, -1))
+    e_grad, p_grad = enc(captions)  # autograd path: the unfused encoder
+    torch.testing.assert_close(e, e_grad.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p, p_grad.detach(), rtol=1e-5, atol=1e-5)
