@@ -23,14 +23,15 @@ second-order multistep one adds a correction from the previous step's data predi
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .flow import after_step
-from .shift import shift_sigmas
+from .flow import after_step, check_steps
+from .shift import check_shift, shift_sigmas
 
 SOLVER_TYPES = ("midpoint", "heun")
 
@@ -106,10 +107,15 @@ def dpm_flow_sigmas(
     solver's grid. ``model_sigmas``: the ``num_steps`` values the model is conditioned on,
     floor(sigma T) / T (the integer timestep of a SANA checkpoint's sampling) or, without
     ``integer_timesteps``, the grid's own."""
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
-    if not shift > 0:
-        raise ValueError(f"shift: expected a positive number, got {shift!r}")
+    num_steps = check_steps(num_steps)
+    shift = check_shift(shift)
+    # T = 1 would put the whole grid at sigma 0 (1 - 1/T), T = 0 divides by zero.
+    if (
+        not isinstance(train_timesteps, numbers.Integral)
+        or isinstance(train_timesteps, bool)
+        or train_timesteps < 2
+    ):
+        raise ValueError(f"train_timesteps: expected an int >= 2, got {train_timesteps!r}")
     t = float(train_timesteps)
     base = 1.0 - torch.linspace(1.0, 1.0 / t, num_steps + 1, dtype=torch.float64)
     grid = shift_sigmas(base.flip(0)[:-1], float(shift))
@@ -178,8 +184,13 @@ def sample_dpm_solver(
     steps = len(grid) - 1
     if model_sigmas is None:
         model_sigmas = sigmas[:-1]
-    if len(model_sigmas) != steps:
-        raise ValueError(f"model_sigmas: expected {steps} values, got {len(model_sigmas)}")
+    # A list of floats is accepted like the grid itself (each value is expanded to the batch).
+    if not isinstance(model_sigmas, torch.Tensor):
+        model_sigmas = torch.as_tensor(model_sigmas, dtype=torch.float32)
+    if model_sigmas.ndim != 1 or len(model_sigmas) != steps:
+        raise ValueError(
+            f"model_sigmas: expected {steps} values, got shape {tuple(model_sigmas.shape)}"
+        )
     x = noise.float()
     batch = x.shape[0]
     prev_x0 = None

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .shift import shift_sigmas
+from .shift import check_shift, shift_sigmas
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -27,6 +27,14 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
+def check_steps(num_steps: object) -> int:
+    """``num_steps`` as an int when it is a positive integer (numpy ints count, a bool does
+    not), else a ValueError that says what came."""
+    if not isinstance(num_steps, numbers.Integral) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
+    return int(num_steps)
+
+
 def flow_sigmas(
     num_steps: int,
     shift: float = 1.0,
@@ -38,8 +46,8 @@ def flow_sigmas(
 
     ``base`` replaces the uniform grid with custom unshifted sigmas, as ``sigmas=`` does in
     diffusers' FluxPipeline (shifted the same way; ``num_steps`` must be their count)."""
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
+    num_steps = check_steps(num_steps)
+    shift = check_shift(shift)
     if base is None:
         grid = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
     else:

@@ -18,6 +18,7 @@ larger shift to destroy the same amount of structure; the rules below differ onl
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal
 
 import torch
@@ -28,9 +29,21 @@ SHIFT_RULES: tuple[str, ...] = ("flux", "sqrt", "constant", "none")
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """sigma' = s * sigma / (1 + (s - 1) * sigma). ``shift`` must be positive (1 = identity)."""
-    if not shift > 0 or not math.isfinite(shift):
-        raise ValueError(f"shift_sigmas: expected a positive finite shift, got {shift!r}")
+    shift = check_shift(shift, "shift_sigmas")
     return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def check_shift(shift: object, name: str = "shift") -> float:
+    """``shift`` as a float when it is a positive finite real number (numpy scalars count; a
+    bool or a string does not), else a ValueError naming ``name`` and what came."""
+    if (
+        not isinstance(shift, numbers.Real)
+        or isinstance(shift, bool)
+        or not math.isfinite(shift)
+        or not shift > 0
+    ):
+        raise ValueError(f"{name}: expected a positive finite shift, got {shift!r}")
+    return float(shift)
 
 
 def flux_mu(
@@ -89,7 +102,7 @@ def resolve_shift(
     if rule == "sqrt":
         return sqrt_shift(num_tokens, latent_channels)
     if rule == "constant":
-        return float(constant)
+        return check_shift(constant, "resolve_shift: constant")
     if rule == "none":
         return 1.0
     raise ValueError(f"unknown shift rule {rule!r}; expected one of {SHIFT_RULES}")

@@ -27,6 +27,27 @@ def test_shift_sigmas_hand_values():
     torch.testing.assert_close(shift_sigmas(sigmas, 1.0), sigmas)
     with pytest.raises(ValueError, match="positive"):
         shift_sigmas(sigmas, 0.0)
+    torch.testing.assert_close(shift_sigmas(sigmas, np.float32(3.0)), shift_sigmas(sigmas, 3.0))
+
+
+@pytest.mark.parametrize("shift", [None, "3", True, float("inf"), -1.0])
+def test_a_bad_shift_is_named_not_a_type_error(shift):
+    with pytest.raises(
+        ValueError, match=rf"shift: expected a positive finite shift, got {shift!r}"
+    ):
+        flow_sigmas(4, shift)
+    with pytest.raises(ValueError, match=r"resolve_shift: constant: expected a positive finite"):
+        resolve_shift("constant", 1, 1, constant=shift)
+
+
+@pytest.mark.parametrize("steps", [0, True, 2.0, "4"])
+def test_flow_sigmas_steps_must_be_a_positive_int(steps):
+    with pytest.raises(ValueError, match=r"num_steps: expected a positive int"):
+        flow_sigmas(steps)
+
+
+def test_flow_sigmas_accepts_numpy_ints():
+    torch.testing.assert_close(flow_sigmas(np.int64(4), 2.0), flow_sigmas(4, 2.0))
 
 
 def test_flux_mu_rule():

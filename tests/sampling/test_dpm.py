@@ -116,7 +116,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="strictly decreasing values below 1"):
         sample_dpm_solver(velocity, x, flow_sigmas(4))  # the Euler grid starts at 1
     sigmas, model_sigmas = dpm_flow_sigmas(4)
-    with pytest.raises(ValueError, match="model_sigmas: expected 4 values, got 3"):
+    with pytest.raises(ValueError, match=r"model_sigmas: expected 4 values, got shape \(3,\)"):
         sample_dpm_solver(velocity, x, sigmas, model_sigmas[:3])
     with pytest.raises(ValueError, match="order: expected 1 or 2, got 3"):
         DPMSettings(order=3)
@@ -124,11 +124,25 @@ def test_bad_inputs_are_named():
         DPMSettings(solver_type="bh2")
     with pytest.raises(ValueError, match="num_steps: expected a positive int"):
         dpm_flow_sigmas(0)
-    with pytest.raises(ValueError, match="shift: expected a positive number"):
+    with pytest.raises(ValueError, match="shift: expected a positive finite shift, got 0.0"):
         dpm_flow_sigmas(4, 0.0)
+    with pytest.raises(ValueError, match="shift: expected a positive finite shift, got None"):
+        dpm_flow_sigmas(4, None)
+    for bad in (1, 0, 2.5, True):  # T = 1 collapses the grid to 0, T = 0 divides by zero
+        with pytest.raises(ValueError, match=rf"train_timesteps: expected an int >= 2, got {bad}"):
+            dpm_flow_sigmas(4, 1.0, bad)
     for key, value in (("algorithm_type", "dpmsolver"), ("prediction_type", "epsilon"),
                        ("use_flow_sigmas", False), ("final_sigmas_type", "sigma_min"),
                        ("thresholding", True), ("use_karras_sigmas", True)):  # fmt: skip
         config = {**FLOW, key: value}
         with pytest.raises(ValueError, match=f"{key}={value!r}.*sampler='euler'"):
             dpm_settings_from_config(config)
+
+
+def test_model_sigmas_may_be_a_list_of_floats():
+    velocity = _field(0)
+    x = torch.randn(1, 3, 4, 4)
+    sigmas, model_sigmas = dpm_flow_sigmas(4)
+    from_tensor = sample_dpm_solver(velocity, x, sigmas, model_sigmas)
+    from_list = sample_dpm_solver(velocity, x, sigmas, model_sigmas.tolist())
+    torch.testing.assert_close(from_list, from_tensor, rtol=0, atol=0)
