@@ -34,6 +34,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._checks import is_int
 from .._files import atomic_write
 from ..adapters import DiTAdapter, adapter_for
 from ..sampling import SHIFT_RULES, flow_sigmas, resolve_shift, sample_euler
@@ -153,7 +154,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
     def check_size(self, height: int, width: int) -> None:
         f = self.spatial_factor
         for name, value in (("height", height), ("width", width)):
-            if not _is_int(value) or value <= 0 or value % f:
+            if not is_int(value) or value <= 0 or value % f:
                 raise ValueError(
                     f"{name} must be a positive multiple of {f} (autoencoder factor "
                     f"{self.ae_factor} x patch size {self.adapter.patch_size}), got {value!r}"
@@ -242,11 +243,11 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
         if max_sequence_length is None:  # text tokens: FLUX.1's T5 512, SANA's Gemma 300
             max_sequence_length = self.default_max_sequence_length
-        if not _is_int(num_inference_steps) or num_inference_steps < 1:
+        if not is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(
                 f"num_inference_steps: expected a positive int, got {num_inference_steps!r}"
             )
-        if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+        if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
             raise ValueError(
                 f"num_images_per_prompt: expected a positive int, got {num_images_per_prompt!r}"
             )
@@ -610,11 +611,6 @@ def register_components(folder: str | os.PathLike, entries: dict[str, list[str]]
     index.update(entries)
     text = json.dumps(index, indent=2, sort_keys=True) + "\n"
     atomic_write(index_path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _is_int(value: Any) -> bool:
-    """An integer (Python or numpy), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_mask_blur(mask_blur: float | None, mask_image: Any, output_type: str) -> None:

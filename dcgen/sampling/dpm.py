@@ -23,13 +23,13 @@ second-order multistep one adds a correction from the previous step's data predi
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .._checks import is_int
 from .flow import after_step, check_steps
 from .shift import check_shift, shift_sigmas
 
@@ -110,11 +110,7 @@ def dpm_flow_sigmas(
     num_steps = check_steps(num_steps)
     shift = check_shift(shift)
     # T = 1 would put the whole grid at sigma 0 (1 - 1/T), T = 0 divides by zero.
-    if (
-        not isinstance(train_timesteps, numbers.Integral)
-        or isinstance(train_timesteps, bool)
-        or train_timesteps < 2
-    ):
+    if not is_int(train_timesteps) or train_timesteps < 2:
         raise ValueError(f"train_timesteps: expected an int >= 2, got {train_timesteps!r}")
     t = float(train_timesteps)
     base = 1.0 - torch.linspace(1.0, 1.0 / t, num_steps + 1, dtype=torch.float64)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .._checks import is_int
 from .shift import check_shift, shift_sigmas
 
 
@@ -30,7 +31,7 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def check_steps(num_steps: object) -> int:
     """``num_steps`` as an int when it is a positive integer (numpy ints count, a bool does
     not), else a ValueError that says what came."""
-    if not isinstance(num_steps, numbers.Integral) or isinstance(num_steps, bool) or num_steps < 1:
+    if not is_int(num_steps) or num_steps < 1:
         raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
     return int(num_steps)
 
