@@ -149,6 +149,10 @@ def score_prompts(predicted: torch.Tensor, captions: Sequence[str]) -> dict[str,
 def label_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of (image, quadrant, head) entries right, ignoring empty quadrants' attributes."""
     valid = labels >= 0
+    if not valid.any():
+        raise ValueError(
+            f"label_accuracy: no labelled entries to score (labels of shape {tuple(labels.shape)})"
+        )
     return float(((predicted == labels) & valid).sum() / valid.sum())
 
 

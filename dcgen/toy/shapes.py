@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .._checks import is_int
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 45, 40),
@@ -77,14 +79,23 @@ def parse_caption(caption: str) -> list[ShapeObject]:
             or obj.position not in POSITIONS
         ):
             raise ValueError(f"caption part {part!r}: a word is outside the toy vocabulary")
+        if any(o.position == obj.position for o in objects):
+            # The world draws at most one object per quadrant, and labels_of keeps one row per
+            # quadrant: a second object there would be silently dropped from the labels.
+            raise ValueError(
+                f"caption {caption!r}: two objects at {obj.position!r}; the toy world puts at "
+                "most one object in each quadrant"
+            )
         objects.append(obj)
     return objects
 
 
 def _rng(seed: int, index: int) -> np.random.Generator:
-    if index < 0:
-        raise IndexError(f"sample index must be >= 0, got {index}")
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index)])
+    if not is_int(index) or index < 0:
+        raise IndexError(f"sample index: expected an int >= 0, got {index!r}")
+    # numpy's SeedSequence takes integers of any size, so seeds past 2**32 stay distinct
+    # (they used to be masked to 32 bits, making seed 2**32 a copy of seed 0).
+    return np.random.default_rng([int(seed), int(index)])
 
 
 def sample_objects(rng: np.random.Generator) -> list[ShapeObject]:
@@ -169,10 +180,12 @@ class ShapesWorld(torch.utils.data.Dataset):
     """
 
     def __init__(self, seed: int = 0, size: int = 128, length: int = 10_000) -> None:
-        if size < 32 or size % 32:
-            raise ValueError(f"size: expected a multiple of 32 (>= 32), got {size}")
-        if length < 1:
-            raise ValueError(f"length: expected >= 1, got {length}")
+        if not is_int(seed) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+        if not is_int(size) or size < 32 or size % 32:
+            raise ValueError(f"size: expected a multiple of 32 (>= 32), got {size!r}")
+        if not is_int(length) or length < 1:
+            raise ValueError(f"length: expected an int >= 1, got {length!r}")
         self.seed, self.size, self.length = int(seed), int(size), int(length)
 
     def __len__(self) -> int:
@@ -196,6 +209,8 @@ class ShapesWorld(torch.utils.data.Dataset):
 
     def batch(self, start: int, count: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """Samples ``start .. start+count-1`` stacked: (images, captions, labels)."""
+        if not is_int(count) or count < 1:
+            raise ValueError(f"count: expected a positive int, got {count!r}")
         items = [self.sample(i) for i in range(start, start + count)]
         return (
             torch.stack([s.image for s in items]),
@@ -204,6 +219,12 @@ class ShapesWorld(torch.utils.data.Dataset):
         )
 
     def iter_batches(self, batch_size: int, start: int = 0) -> Iterator[tuple]:
+        """Endless consecutive batches of ``batch_size`` from ``start`` (see :meth:`batch`)."""
+        if not is_int(batch_size) or batch_size < 1:  # checked here, not at the first next()
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        return self._batches(batch_size, start)
+
+    def _batches(self, batch_size: int, start: int) -> Iterator[tuple]:
         i = start
         while True:
             yield self.batch(i, batch_size)

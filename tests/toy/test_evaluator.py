@@ -12,7 +12,7 @@ from dcgen.toy.evaluator import (
     label_accuracy,
     score_prompts,
 )
-from dcgen.toy.shapes import ShapesWorld, labels_of, parse_caption
+from dcgen.toy.shapes import POSITIONS, ShapesWorld, labels_of, parse_caption
 
 
 def test_score_prompts_counts_every_asked_attribute():
@@ -35,6 +35,9 @@ def test_label_accuracy_ignores_empty_quadrant_attributes():
     pred = labels.clone()
     pred[labels < 0] = 2  # anything where the truth is "no attribute"
     assert label_accuracy(pred, labels) == 1.0
+    empty = torch.zeros(0, len(POSITIONS), 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="no labelled entries"):  # was NaN (0 / 0)
+        label_accuracy(empty, empty)
 
 
 def test_frechet_distance_properties():

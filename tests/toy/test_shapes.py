@@ -94,3 +94,28 @@ def test_bad_arguments():
         ShapesWorld(size=100)
     with pytest.raises(IndexError):
         ShapesWorld(length=3)[3]
+    with pytest.raises(ValueError, match=r"size: expected a multiple of 32 \(>= 32\), got '64'"):
+        ShapesWorld(size="64")
+    with pytest.raises(ValueError, match="seed: expected a non-negative int, got -1"):
+        ShapesWorld(seed=-1)
+    with pytest.raises(ValueError, match="length: expected an int >= 1, got 2.5"):
+        ShapesWorld(length=2.5)
+    world = ShapesWorld(size=32)
+    with pytest.raises(ValueError, match="count: expected a positive int, got 0"):
+        world.batch(0, 0)
+    with pytest.raises(ValueError, match="batch_size: expected a positive int, got 0"):
+        world.iter_batches(0)  # raised on the call, not at the first next()
+    with pytest.raises(IndexError, match="sample index: expected an int >= 0, got 1.5"):
+        world.sample(1.5)
+
+
+def test_seeds_past_32_bits_are_their_own_worlds():
+    """Seeds used to be masked to 32 bits, so seed 2**32 silently repeated seed 0."""
+    a, b = ShapesWorld(seed=0, size=32), ShapesWorld(seed=2**32, size=32)
+    assert not torch.equal(a.sample(0).image, b.sample(0).image)
+
+
+def test_parse_caption_rejects_two_objects_in_one_quadrant():
+    # labels_of keeps one row per quadrant, so the second object would vanish from the labels
+    with pytest.raises(ValueError, match="two objects at 'top left'"):
+        parse_caption("a small red circle top left and a large blue square top left")
