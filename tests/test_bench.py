@@ -383,8 +383,10 @@ def test_sana_quick_mode_single_block_list(cfg, one_batch, calls, batch, monkeyp
     report = run_speed_bench(settings, clock=FakeClock())
     (full,) = MODELS["tiny-sana"].depth
     assert report["settings"]["cfg"] == (4.5 if cfg is None else cfg)
-    guidance = "guidance 4.5 (negative and positive" if cfg is None else "no classifier-free"
-    assert guidance in format_markdown(report)
+    how = "in one batch" if one_batch else "as two transformer calls"
+    guidance = f"guidance 4.5 (negative and positive prompt {how})"
+    assert (guidance if cfg is None else "no classifier-free") in format_markdown(report)
+    assert report["cfg_in_one_batch"] is one_batch
     assert report["model"]["family"] == "sana"
     assert "sana-block time" in report["method"]
     for r in report["rows"]:

@@ -93,11 +93,13 @@ def best_against_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _guidance(cfg: float | None) -> str:
-    """The caption's guidance clause (reports written before the setting existed: no CFG)."""
+def _guidance(cfg: float | None, one_batch: bool = True) -> str:
+    """The caption's guidance clause (reports written before the setting existed: no CFG;
+    before ``cfg_in_one_batch`` was recorded: one batch, the pipelines' only way then)."""
     if cfg is None or cfg <= 1.0:
         return "no classifier-free guidance"
-    return f"classifier-free guidance {cfg:g} (negative and positive prompt in one batch)"
+    how = "in one batch" if one_batch else "as two transformer calls"
+    return f"classifier-free guidance {cfg:g} (negative and positive prompt {how})"
 
 
 def format_markdown(report: dict[str, Any]) -> str:
@@ -109,7 +111,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         "",
         f"{report['device']}, torch {report['torch']}, {s['dtype']}, random weights; base on "
         f"{base_ae}, DC-Gen on the DC-AE column with 1x1 patches; {s['steps']} steps + decode, "
-        f"text encoding excluded; {_guidance(s.get('cfg'))}; batch 1 latency, throughput at "
+        f"text encoding excluded; {_guidance(s.get('cfg'), report.get('cfg_in_one_batch', True))}; batch 1 latency, throughput at "
         f"batch {s['batch']}; SDPA "
         f"backends {_names(s['attention'])}, variants {_names(s['variants'])} (stock: diffusers "
         f"attention, dcgen ops on references; kernels: dcgen.accelerate(blocks=True) + "

@@ -681,6 +681,8 @@ def _report(
         "torch": torch.__version__,
         "method": _method(s, spec, bench.measured_blocks),
         "timer": type(bench.clock).__name__,
+        # How the rows ran CFG's two predictions (a class switch of the pipelines).
+        "cfg_in_one_batch": FlowTextToImagePipeline.cfg_in_one_batch,
         "rows": ordered,
         "errors": list(errors),
         "summary": best_against_best(ordered),

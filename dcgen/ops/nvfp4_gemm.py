@@ -170,6 +170,11 @@ def nvfp4_gemm(
     if alpha.numel() != 1:
         raise ValueError(f"nvfp4_gemm: expected one alpha, got shape {tuple(alpha.shape)}")
     k = a.shape[1] * 2
+    if k % 16:  # packed operands hold whole 16-element scale blocks (quantize_nvfp4 pads K)
+        raise ValueError(
+            f"nvfp4_gemm: expected packed a and b with K/2 a multiple of 8 (K padded to the "
+            f"16-element block), got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     for name, packed, sw in (("a_scales", a, a_scales), ("b_scales", b, b_scales)):
         _check_scales("nvfp4_gemm", name, packed.shape[0], k, sw)
     if kernel_available(a.device, b.shape[0], k):
@@ -213,6 +218,11 @@ def nvfp4_gemm_w4a16(
         )
     if alpha.numel() != 1:
         raise ValueError(f"nvfp4_gemm_w4a16: expected one alpha, got shape {tuple(alpha.shape)}")
+    if k % 16:
+        raise ValueError(
+            f"nvfp4_gemm_w4a16: expected K a multiple of 16 (whole scale blocks), got a of "
+            f"shape {tuple(a.shape)}"
+        )
     _check_scales("nvfp4_gemm_w4a16", "b_scales", b.shape[0], k, b_scales)
     if w4a16_kernel_available(a.device, k):
         kernel = compiled_op("nvfp4_gemm_w4a16")

@@ -75,9 +75,13 @@ def dequantize_fp8(
     check_same_device(q=q, scales=scales)
     k, s = q.shape[-1], scales.shape[-1]
     if tuple(scales.shape[:-1]) != tuple(q.shape[:-1]) or s not in (1, -(-k // BLOCK_K)):
+        blocks = -(-k // BLOCK_K)
+        # With K <= 128 one block is the whole row: the two shapes coincide, name it once.
+        shapes = f"{(*q.shape[:-1], 1)} (per row)"
+        if blocks != 1:
+            shapes += f" or {(*q.shape[:-1], blocks)} (1x128 blocks)"
         raise ValueError(
-            f"dequantize_fp8: expected scales of shape {(*q.shape[:-1], 1)} (per row) or "
-            f"{(*q.shape[:-1], -(-k // BLOCK_K))} (1x128 blocks) for q {tuple(q.shape)}, "
+            f"dequantize_fp8: expected scales of shape {shapes} for q {tuple(q.shape)}, "
             f"got {tuple(scales.shape)}"
         )
     qf = q.float()

@@ -48,6 +48,11 @@ def test_bad_inputs(rng):
         nvfp4_gemm(a.float(), sa, b, sb, alpha)
     with pytest.raises(ValueError, match="one alpha"):
         nvfp4_gemm(a, sa, b, sb, torch.ones(2))
+    # K = 40 packed raw (20 bytes a row), not padded to whole 16-element blocks by the quantizer
+    raw = torch.zeros(4, 20, dtype=torch.uint8)
+    scales = torch.zeros(128 * 4, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"nvfp4_gemm: expected packed a and b with K/2 a multi"):
+        nvfp4_gemm(raw, scales, raw, scales, alpha)
 
 
 @pytest.mark.cuda
@@ -123,6 +128,8 @@ def test_w4a16_bad_inputs(rng):
         nvfp4_gemm_w4a16(x, b, sb[:-1], g)
     with pytest.raises(ValueError, match="one alpha"):
         nvfp4_gemm_w4a16(x, b, sb, torch.ones(2))
+    with pytest.raises(ValueError, match=r"nvfp4_gemm_w4a16: expected K a multiple of 16"):
+        nvfp4_gemm_w4a16(x[:, :40], b[:, :20], sb, g)
 
 
 def test_hopper_kernels_are_opt_in(monkeypatch):

@@ -511,8 +511,11 @@ def test_bad_inputs():
         quantize_fp8(torch.randn(3, 0))
     with pytest.raises(TypeError, match="dtype"):
         quantize_fp8(torch.ones(3, 4, dtype=torch.int32))
-    with pytest.raises(ValueError, match="scales of shape"):
+    with pytest.raises(ValueError, match=r"scales of shape \(2, 1\) \(per row\) or \(2, 2\) \(1x"):
         dequantize_fp8(torch.zeros(2, 256, dtype=torch.float8_e4m3fn), torch.ones(2, 3))
+    # K <= 128: one block is the row, so the message names one shape, not the same one twice
+    with pytest.raises(ValueError, match=r"scales of shape \(2, 1\) \(per row\) for q"):
+        dequantize_fp8(torch.zeros(2, 64, dtype=torch.float8_e4m3fn), torch.ones(2, 3))
 
 
 @pytest.mark.parametrize("route", ["tensor", "rowwise"])
