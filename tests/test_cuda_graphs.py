@@ -4,6 +4,9 @@ real capture and replay are compared with the eager blocks on CUDA."""
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 from torch.utils._pytree import tree_flatten
@@ -281,6 +284,35 @@ def test_install_shares_one_stream_table():
     cuda_graphs.install(model, graphs_cls=StandInGraphs)
     graphs = cuda_graphs.graphs_of(model)
     assert len(graphs) == 4 and all(g.streams is graphs[0].streams for g in graphs)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_loaded_model_keeps_one_group_for_its_blocks(how):
+    # torch.save of an accelerated model used to give each loaded block a pool and stream
+    # table of its own (activations paid once per block instead of once per model)
+    model = tiny_flux(layers=2)
+    cuda_graphs.install(model, graphs_cls=StandInGraphs)
+    model.eval()
+    with torch.no_grad():
+        want = model(**flux_inputs(seed=0))[0]
+    cuda_graphs.graphs_of(model)[0].streams["marker"] = object()  # device state: not carried
+    if how == "torch.save":
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+    else:
+        loaded = copy.deepcopy(model)
+    graphs = cuda_graphs.graphs_of(loaded)
+    assert len(graphs) == 4 and all(type(g) is StandInGraphs for g in graphs)
+    assert all(g.group is graphs[0].group for g in graphs)
+    assert all(g.streams is graphs[0].streams for g in graphs)
+    assert graphs[0].group is not cuda_graphs.graphs_of(model)[0].group
+    assert graphs[0].streams == {} and all(g.captures == 0 for g in graphs)
+    with torch.no_grad():
+        got = loaded(**flux_inputs(seed=0))[0]
+    assert all(g.captures == 1 for g in graphs)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @torch.no_grad()

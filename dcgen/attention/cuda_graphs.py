@@ -105,22 +105,46 @@ class _Entry:
         self.static, self.graph, self.output = static, graph, output
 
 
+class GraphGroup:
+    """What the graphs of one :func:`install` share: one memory pool (made at the first
+    capture) and one side stream per device.
+
+    It is device state, so it pickles empty; pickle's memo (one ``torch.save`` of a model, or a
+    ``copy.deepcopy``) keeps it shared: the loaded model's blocks get one new group between
+    them, and their graphs one pool again instead of one pool per block."""
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+        self.streams: dict[torch.device, Any] = {}
+
+    @property
+    def pool(self) -> Any:
+        if self._pool is None and torch.cuda.is_available():
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
 class BlockGraphs:
     """Callable replacing one block's forward (module doc). ``inner`` is the forward it wraps,
     ``module`` the block (its tensors, recorded at each capture, are checked before each
-    replay), ``pool`` and ``streams`` the memory pool and the side stream per device shared by
-    the model's graphs."""
+    replay), ``group`` the memory pool and side streams shared by the model's graphs (a group
+    of its own when None)."""
 
     def __init__(
         self,
         inner: Callable[..., Any],
         module: nn.Module | None = None,
-        pool: Any = None,
-        streams: dict[torch.device, Any] | None = None,
+        group: GraphGroup | None = None,
         name: str = "block",
     ) -> None:
-        self.inner, self.pool, self.name = inner, pool, name
-        self.streams = {} if streams is None else streams
+        self.inner, self.name = inner, name
+        self.group = GraphGroup() if group is None else group
         self._module = weakref.ref(module) if module is not None else None
         # (weak reference, stamp) of each block tensor at the last capture
         self._watched: list[tuple[weakref.ref, tuple[int, int | None]]] = []
@@ -131,14 +155,25 @@ class BlockGraphs:
     # -- pickling (torch.save of a whole model) ------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        # The wrapped forward, the block and the label; captured graphs, the pool, streams and
-        # stamps are device state (a weak reference does not pickle at all). A loaded model
-        # captures afresh, each block in a pool of its own until accelerate shares one again.
+        # The wrapped forward, the block, the group and the label; captured graphs and stamps
+        # are device state (a weak reference does not pickle at all). A loaded model captures
+        # afresh, its blocks sharing one new group (GraphGroup pickles empty, once per save).
         module = self._module() if self._module is not None else None
-        return {"inner": self.inner, "module": module, "name": self.name}
+        return {"inner": self.inner, "module": module, "group": self.group, "name": self.name}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["inner"], state["module"], name=state["name"])  # type: ignore[misc]
+        group = state.get("group")  # absent in a model pickled before groups existed
+        self.__init__(state["inner"], state["module"], group, state["name"])  # type: ignore[misc]
+
+    @property
+    def streams(self) -> dict[torch.device, Any]:
+        """The side stream per device, shared by the group's graphs."""
+        return self.group.streams
+
+    @property
+    def pool(self) -> Any:
+        """The group's memory pool handle (None without CUDA)."""
+        return self.group.pool
 
     # -- when to graph --------------------------------------------------------------------------
 
@@ -277,14 +312,13 @@ def _blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def install(model: nn.Module, graphs_cls: type[BlockGraphs] = BlockGraphs) -> int:
     """Wrap every graphable block's current forward (idempotent); returns how many blocks are
     graphed now. ``graphs_cls`` lets tests run the bookkeeping with a CPU stand-in."""
-    pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
-    streams: dict[torch.device, Any] = {}  # side streams, made at the first capture per device
+    group = GraphGroup()  # one pool and side stream per device for this install's blocks
     count = 0
     for name, module in _blocks(model):
         if _GRAPHS not in module.__dict__:
             previous = module.__dict__.get("forward")  # an instance forward (fused glue) or None
             label = name or type(module).__name__
-            graphs = graphs_cls(module.forward, module, pool, streams, label)
+            graphs = graphs_cls(module.forward, module, group, label)
             module.__dict__[_GRAPHS] = (graphs, previous)
             module.forward = graphs
         count += 1
