@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._files import atomic_write
+
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -18,10 +20,15 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def save_module(module: nn.Module, config: Any, path: str | Path) -> None:
+    """Weights first, then the config, each written atomically: a folder a killed save left
+    behind holds either the old files or whole new ones, and without a config it does not
+    load at all (:func:`load_module` checks for it first)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_NAME).write_text(json.dumps(asdict(config), indent=1))
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path / WEIGHTS_NAME)
+    tensors = {k: v.contiguous() for k, v in module.state_dict().items()}
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
+    text = json.dumps(asdict(config), indent=1)
+    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def load_module(cls: type[M], config_cls: type, path: str | Path, what: str) -> M:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dcgen.toy.text import VOCAB, ToyTextEncoder, tokenize
@@ -43,3 +44,25 @@ def test_empty_caption_is_finite_on_both_encoder_paths():
     e_grad, p_grad = enc(captions)  # autograd path: the unfused encoder
     torch.testing.assert_close(e, e_grad.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p, p_grad.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_save_leaves_the_previous_folder_whole(tmp_path, monkeypatch):
+    import dcgen.toy._folder as folder
+
+    torch.manual_seed(0)
+    old = ToyTextEncoder().eval()
+    old.save_pretrained(tmp_path / "te")
+    before = sorted(p.name for p in (tmp_path / "te").iterdir())
+
+    def dies_midway(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt  # a kill during the weights' write
+
+    monkeypatch.setattr(folder, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ToyTextEncoder().save_pretrained(tmp_path / "te")
+    assert sorted(p.name for p in (tmp_path / "te").iterdir()) == before  # no temp file left
+    again = ToyTextEncoder.from_pretrained(tmp_path / "te")
+    for k, v in old.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
