@@ -40,6 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .._files import atomic_write
 from .buckets import make_buckets
 from .cache import LatentCache, precompute
 from .data import ImageCaptionFolder
@@ -88,9 +89,9 @@ def save_text_embeddings(
         for name, t in embeddings[caption].items()
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": TEXT_EMBEDDINGS_FORMAT, "captions": json.dumps(captions)}
-    save_file(tensors, str(path), metadata=metadata)
+    # atomic: a TextEmbeddingTable over the folder never meets a half-written file
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 

@@ -1,0 +1,42 @@
+"""save_text_embeddings / TextEmbeddingTable: the precomputed-captions file format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dcgen.train.prepare as prepare
+from dcgen.train.prepare import TextEmbeddingTable, save_text_embeddings
+
+
+def _embeddings(seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        c: {"prompt_embeds": torch.randn(3, 8, generator=g), "pooled_prompt_embeds": torch.randn(4, generator=g)}
+        for c in ("a red square", "a blue circle")
+    }  # fmt: skip
+
+
+def test_round_trip_by_caption(tmp_path):
+    want = _embeddings(0)
+    table = TextEmbeddingTable(save_text_embeddings(tmp_path / "text.safetensors", want))
+    got = table(["a blue circle", "a red square"])
+    for i, caption in enumerate(["a blue circle", "a red square"]):
+        for name, t in want[caption].items():
+            assert torch.equal(got[name][i], t), (caption, name)
+
+
+def test_a_killed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = save_text_embeddings(tmp_path / "text.safetensors", _embeddings(0))
+
+    def dies_midway(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_text_embeddings(path, _embeddings(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["text.safetensors"]  # no temp file left
+    got = TextEmbeddingTable(tmp_path)(["a red square"])
+    assert torch.equal(got["prompt_embeds"][0], _embeddings(0)["a red square"]["prompt_embeds"])
