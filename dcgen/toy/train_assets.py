@@ -579,7 +579,8 @@ def train(
         "command": f"python scripts/train_toy_assets.py --out {out} --scale {scale}"
         + (f" --device {device}" if str(device) != "cpu" else ""),
     }
-    (out / A.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    text = json.dumps(manifest, indent=1)
+    atomic_write(out / A.MANIFEST, lambda tmp: Path(tmp).write_text(text))
     return manifest
 
 
