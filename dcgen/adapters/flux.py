@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import is_int
 from .base import DiTAdapter, LatentLayers, register_adapter
 from .structured import StructuredLinear
 
@@ -79,6 +80,8 @@ class FluxAdapter(DiTAdapter):
         return int(p)
 
     def _set_patch_size(self, p: int) -> None:
+        if not is_int(p) or p < 1:
+            raise ValueError(f"latent_patch_size: expected a positive int, got {p!r}")
         if self.transformer.x_embedder.in_features % (p * p):
             raise ValueError(
                 f"x_embedder has {self.transformer.x_embedder.in_features} input features, not a "

@@ -138,7 +138,8 @@ class SanaAdapter(DiTAdapter):
         if not self.has_guidance_embeds and guidance is not None:
             raise ValueError("this SANA transformer has no guidance embeddings; use true CFG")
         sigma = self._check_sigma(sigma, b, latents)
-        dtype = self.transformer.proj_out.weight.dtype
+        # the patch embedder's conv stays in 16/32 bits; a quantized head's weight does not
+        dtype = self.transformer.patch_embed.proj.weight.dtype
         timestep = sigma * 1000.0 * float(self.config.timestep_scale)
         if guidance is not None:
             guidance = self._check_sigma(guidance, b, latents, "guidance")

@@ -528,10 +528,11 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             num_tokens,
             latent_channels,
             constant=scheduler_constant_shift(cfg),
-            base_tokens=int(cfg.get("base_image_seq_len", 256) or 256),
-            max_tokens=int(cfg.get("max_image_seq_len", 4096) or 4096),
-            base_shift=float(cfg.get("base_shift", 0.5) or 0.5),
-            max_shift=float(cfg.get("max_shift", 1.15) or 1.15),
+            # a missing (or null) value takes FLUX.1's default; a 0 stays 0, as in diffusers
+            base_tokens=int(_setting(cfg, "base_image_seq_len", 256)),
+            max_tokens=int(_setting(cfg, "max_image_seq_len", 4096)),
+            base_shift=float(_setting(cfg, "base_shift", 0.5)),
+            max_shift=float(_setting(cfg, "max_shift", 1.15)),
         )
 
     def _image_pixels(
@@ -611,6 +612,12 @@ def register_components(folder: str | os.PathLike, entries: dict[str, list[str]]
     index.update(entries)
     text = json.dumps(index, indent=2, sort_keys=True) + "\n"
     atomic_write(index_path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _setting(cfg: Any, key: str, default: float) -> Any:
+    """A scheduler config value, ``default`` only when it is missing or None."""
+    value = cfg.get(key)
+    return default if value is None else value
 
 
 def _check_mask_blur(mask_blur: float | None, mask_image: Any, output_type: str) -> None:

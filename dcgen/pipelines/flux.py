@@ -292,8 +292,10 @@ class BaseFluxPipeline(_FluxText, FluxLoraLoaderMixin, FlowTextToImagePipeline):
         if not on:
             yield
             return
+        was_on = bool(getattr(self.vae, "use_tiling", False))  # the user's own setting stays
         self.vae.enable_tiling()
         try:
             yield
         finally:
-            self.vae.disable_tiling()
+            if not was_on:
+                self.vae.disable_tiling()

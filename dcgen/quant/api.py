@@ -69,6 +69,12 @@ DEFAULT_EXCLUDE = (
 
 
 def _check_patterns(owner: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
+    for name, patterns in (("include", include), ("exclude", exclude)):
+        if isinstance(patterns, str):  # iterating it would make each character a pattern
+            raise TypeError(
+                f"{owner}: expected {name} as a tuple of regex strings, got the string "
+                f"{patterns!r} (write ({patterns!r},))"
+            )
     for pat in (*include, *exclude):
         if not isinstance(pat, str):
             raise TypeError(f"{owner}: expected regex strings, got {type(pat).__name__} {pat!r}")

@@ -263,7 +263,8 @@ def _forward(x: torch.Tensor, layer: FP8Linear, gemm: bool, act: str = "none") -
     x2 = x.reshape(-1, layer.in_features)
     if gemm:
         xq, xs = _shared.quantize(x, layer.granularity)
-        xq, xs = xq.reshape(-1, layer.in_features), xs.reshape(x2.shape[0], -1)
+        # explicit scale columns: -1 is ambiguous for an empty batch (0 rows)
+        xq, xs = xq.reshape(-1, layer.in_features), xs.reshape(x2.shape[0], xs.shape[-1])
         return fp8_gemm(
             xq, xs, layer.weight, layer.weight_scale, layer.bias, x.dtype, layer.granularity, act,
             layer.fast_accum,

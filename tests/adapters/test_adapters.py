@@ -242,3 +242,14 @@ def test_sana_structured_latents():
         v_part = adapter.predict(part, 0.5, embeds)
         v_pad = adapter.predict(padded, 0.5, embeds)
     torch.testing.assert_close(v_part, v_pad[:, :2])
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_flux_latent_patch_size_must_be_a_positive_int(bad):
+    # 0 was a ZeroDivisionError; -2 was accepted and written into the transformer's config
+    model = tiny_flux()
+    with pytest.raises(
+        ValueError, match=rf"latent_patch_size: expected a positive int, got {bad!r}"
+    ):
+        FluxAdapter(model, latent_patch_size=bad)
+    assert FluxAdapter(model).patch_size == 2  # the config was left alone (stock default)

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -229,6 +231,18 @@ def test_base_flux_pipeline():
     assert out.shape == (1, 3, 16, 24)
     with pytest.raises(ValueError, match="multiple of 4"):
         run(pipe, height=18)
+    # a call above tile_threshold tiles the VAE for itself and leaves the user's setting as it
+    # was (it used to switch off tiling the user had turned on)
+    for user_tiling in (False, True):
+        if user_tiling:
+            vae.enable_tiling()
+        run(pipe, output_type="pt", height=16, width=24, tile_threshold=8)
+        assert vae.use_tiling is user_tiling
+    # FLUX.1's shift rule reads the scheduler's values; a 0 is a value, not "use the default"
+    pipe.scheduler.register_to_config(base_shift=0.0)
+    tokens = 4 * 6
+    mu = 0.0 + (1.15 - 0.0) / (4096 - 256) * (tokens - 256)
+    assert pipe._shift_for(tokens, 16) == pytest.approx(math.exp(mu))
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpm"])

@@ -149,6 +149,19 @@ def test_linear_gemm_matches_its_spec(granularity, dtype, rng):
     assert rel(y, lin(x.float())) < 0.06
 
 
+@pytest.mark.parametrize("granularity", GRANS)
+@pytest.mark.parametrize("shape", [(0, 256), (2, 0, 256)])
+def test_linear_takes_an_empty_batch_like_nn_linear(granularity, shape):
+    lin = nn.Linear(256, 8)
+    q = FP8Linear.from_linear(lin, granularity)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert q(x).shape == lin(x).shape == (*shape[:-1], 8)
+    y = q(x.requires_grad_())  # the gradient path too
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def test_fp8_gemm_paths_agree(rng):
     xq, xs = quantize_fp8_reference(torch.randn(9, 64, generator=rng), "row")
     wq, ws = quantize_fp8_reference(torch.randn(32, 64, generator=rng), "row")

@@ -11,6 +11,7 @@ from diffusers import FluxTransformer2DModel
 from torch import nn
 
 from dcgen.quant import (
+    FP8Config,
     NVFP4Config,
     NVFP4Linear,
     load_quantized,
@@ -398,3 +399,37 @@ def test_native_gemm_paths_stay_in_bf16(mode, bias, rng, monkeypatch):
         y2 = q2(x)
     assert y2.dtype == torch.bfloat16
     torch.testing.assert_close(y2.float(), q2(x.float()), rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "config", [NVFP4Config(keep_latent_layers=False), FP8Config(keep_latent_layers=False)]
+)
+def test_sana_predicts_with_a_quantized_head(config):
+    # SanaAdapter took its compute dtype from proj_out.weight: uint8 / float8 once quantized
+    from dcgen.adapters import adapter_for
+
+    from ..adapters.tiny import tiny_sana
+
+    model = tiny_sana()
+    adapter = adapter_for(model)
+    g = torch.Generator().manual_seed(0)
+    latents, embeds = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        want = adapter.predict(latents, torch.tensor([0.5]), embeds)
+        assert "proj_out" in quantize_(model, config)
+        got = adapter.predict(latents, torch.tensor([0.5]), embeds)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert rel(got, want) < 0.3  # the head's quantization error only
+
+
+@pytest.mark.parametrize("config_cls", [NVFP4Config, FP8Config])
+def test_a_bare_string_pattern_is_refused(config_cls):
+    # a string is iterable: each character used to become its own pattern ("to_q" -> t, o, _, q)
+    with pytest.raises(
+        TypeError, match=r"expected include as a tuple of regex strings, got the string 'to_q'"
+    ):
+        config_cls(include="to_q")
+    with pytest.raises(
+        TypeError, match=r"expected exclude as a tuple .* got the string 'proj_out'"
+    ):
+        config_cls(exclude="proj_out")
