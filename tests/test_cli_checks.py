@@ -59,6 +59,8 @@ CASES = [
     ("export --transformer {tmp} --dcae {tmp} --out {tmp}/e --shift -2", "--shift: expected a positive"),
     ("export --transformer {tmp} --dcae {tmp} --out {tmp}/e --lora-scale 3",
      "--lora-scale goes with --lora DIR"),
+    ("export --transformer {tmp} --dcae {tmp} --out {tmp}/e --lora {tmp} --lora-scale nan",
+     "--lora-scale: expected a finite number, got nan"),
     ("export --transformer {tmp} --dcae {tmp} --out {tmp}/e --link-text-encoders",
      "--link-text-encoders goes with --text-encoders DIR"),
     ("export --transformer {tmp} --dcae {tmp}/nope --out {tmp}/e", "--dcae .*nope: no such file"),

@@ -186,6 +186,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
         raise CLIError(f"--shift: expected a positive number, got {args.shift:g}")
+    if not math.isfinite(args.lora_scale):  # NaN / inf would be fused into every weight
+        raise CLIError(f"--lora-scale: expected a finite number, got {args.lora_scale:g}")
     if args.lora is None and args.lora_scale != 1.0:
         raise CLIError("--lora-scale goes with --lora DIR")
     if args.link_text_encoders and args.text_encoders is None:

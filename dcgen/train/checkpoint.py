@@ -252,6 +252,8 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # None or an empty mapping stores no RNG state, like False: has_rng must say so
+    rng = capture_rng_state() if rng_state is True else (rng_state or None)
     try:
         state_json = json.dumps(
             {
@@ -262,7 +264,7 @@ def save_checkpoint(
                 "extra": dict(extra or {}),
                 "has_optimizer": optimizer is not None,
                 "has_scheduler": scheduler is not None,
-                "has_rng": rng_state is not False,
+                "has_rng": rng is not None,
                 "torch_version": torch.__version__,
                 "time": time.time(),
             },
@@ -270,7 +272,6 @@ def save_checkpoint(
         )
     except TypeError as err:
         raise TypeError(f"data_position and extra must be JSON-serialisable: {err}") from err
-    rng = capture_rng_state() if rng_state is True else (rng_state or None)
 
     _remove_stale_temps(directory)
     final = directory / f"step-{step:08d}"

@@ -273,11 +273,15 @@ class TrainConfig:
             raise ConfigError(
                 f"align_positions: expected 'grid' or 'base', got {self.align_positions!r}"
             )
-        if not isinstance(self.align_head_samples, int) or self.align_head_samples < 1:
+        if not _is_int(self.align_head_samples) or self.align_head_samples < 1:
             raise ConfigError(
                 f"align_head_samples: expected a positive integer, got {self.align_head_samples!r}"
             )
         _number("align_eval_sigma", self.align_eval_sigma, "in [0, 1]", lambda v: 0 <= v <= 1)
+        for name in ("resume", "gradient_checkpointing", "train_embedder_in_stage2"):
+            # a string from --set resume=False would be truthy: only a real bool is taken
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         return self
 
 
@@ -290,9 +294,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _number(name: str, value: Any, wanted: str, ok: Callable[[float], bool]) -> None:
-    """A real number (not a string, bool or null) for which ``ok`` holds; NaN never does."""
-    if not _is_number(value) or math.isnan(value) or not ok(value):
-        raise ConfigError(f"{name}: expected a number {wanted}, got {value!r}")
+    """A finite real number (not a string, bool or null) for which ``ok`` holds; NaN and
+    infinity never do (lr = inf trained to NaN weights)."""
+    if not _is_number(value) or not math.isfinite(value) or not ok(value):
+        raise ConfigError(f"{name}: expected a finite number {wanted}, got {value!r}")
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -65,7 +65,8 @@ class StepRandom:
         self, seed: int, step: int, global_size: int, shard: slice, device: torch.device
     ) -> None:
         # A large odd multiplier keeps (seed, step) pairs from colliding for realistic values.
-        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        # Reduced into torch's seed range: a large seed (a date, 20240601120000) overflowed it.
+        self.generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
         self.global_size = global_size
         self.shard = shard
         self.device = device

@@ -104,5 +104,5 @@ def test_stage2_trains_with_caption_dropout(root: Path, cache: Path, tmp_path: P
 
 def test_caption_dropout_is_checked(root: Path, cache: Path):
     for bad in (1.0, -0.1, "0.1", True):
-        with pytest.raises(ConfigError, match="caption_dropout: expected a number in"):
+        with pytest.raises(ConfigError, match="caption_dropout: expected a finite number in"):
             config(root, "output", root / "adapted", cache, caption_dropout=bad).validate()

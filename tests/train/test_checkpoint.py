@@ -241,3 +241,21 @@ def test_model_state_forms_and_errors(tmp_path):
 if __name__ == "__main__":
     directory, total, every, kill_at = sys.argv[1:5]
     train(Path(directory), int(total), int(every), int(kill_at))
+
+
+@pytest.mark.parametrize("rng_state", [False, None, {}])
+def test_a_checkpoint_without_rng_state_loads(tmp_path, rng_state):
+    # None / {} stored no rng.pt but marked has_rng, so loading failed on the missing file
+    model = torch.nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path, 5, {"model": model}, rng_state=rng_state)
+    loaded = ckpt_mod.load_checkpoint(path, {"model": torch.nn.Linear(3, 2)})
+    assert loaded.step == 5 and loaded.rng_state is None
+
+
+def test_a_large_seed_draws_and_stays_distinct():
+    from dcgen.train.loop import StepRandom
+
+    big = 20240601120000  # a date as a seed overflowed torch's seed range once multiplied
+    a = StepRandom(big, 3, 2, slice(0, 2), torch.device("cpu")).generator.initial_seed()
+    b = StepRandom(big, 4, 2, slice(0, 2), torch.device("cpu")).generator.initial_seed()
+    assert a != b

@@ -181,10 +181,10 @@ def test_bad_config_names_the_field(data: dict, field: str) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value", "wanted"),
-    [("lr", "abc", "a number > 0"), ("lr", float("nan"), "a number > 0"),
-     ("weight_decay", "0.1", "a number >= 0"), ("grad_clip", None, "a number >= 0"),
-     ("align_ridge_l2", -1.0, "a number >= 0"), ("ema_decay", "0.99", "in \\(0, 1\\)"),
-     ("ema_decay", True, "in \\(0, 1\\)"), ("shift_constant", 0.0, "a number > 0"),
+    [("lr", "abc", "a finite number > 0"), ("lr", float("nan"), "a finite number > 0"),
+     ("weight_decay", "0.1", "a finite number >= 0"), ("grad_clip", None, "a finite number >= 0"),
+     ("align_ridge_l2", -1.0, "a finite number >= 0"), ("ema_decay", "0.99", "in \\(0, 1\\)"),
+     ("ema_decay", True, "in \\(0, 1\\)"), ("shift_constant", 0.0, "a finite number > 0"),
      ("align_eval_sigma", "0.5", "in \\[0, 1\\]"), ("lora_alpha", 0.0, "> 0 or null"),
      ("lora_alpha", "x", "> 0 or null"), ("sample_every", "100", "a positive integer"),
      ("guidance_range", [1.0, 2.0, 3.0], "\\[low, high\\]"),
@@ -192,7 +192,12 @@ def test_bad_config_names_the_field(data: dict, field: str) -> None:
      ("align_feature_layers", ["a"], "block indices"),
      ("align_feature_layers", [0, -1], "block indices"),
      ("lora_targets", "attn.(to_q", "not a valid regular expression"),
-     ("lora_targets", 3, "a regular expression string")],
+     ("lora_targets", 3, "a regular expression string"),
+     ("lr", float("inf"), "a finite number > 0"), ("lora_alpha", float("inf"), "finite"),
+     ("shift_constant", float("inf"), "finite"), ("align_head_samples", True, "a positive"),
+     ("resume", "False", "true or false, got 'False'"),
+     ("gradient_checkpointing", "no", "true or false"),
+     ("train_embedder_in_stage2", 1, "true or false")],
 )  # fmt: skip
 def test_badly_typed_config_values_name_the_field(field: str, value: object, wanted: str) -> None:
     """Strings, nulls, NaN, bools and malformed lists give a ConfigError naming the field and
