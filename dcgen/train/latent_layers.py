@@ -76,6 +76,11 @@ def save_latent_layers(
         "patch_size": str(adapter.patch_size),
         **(extra or {}),
     }
+    scale = getattr(adapter, "position_scale", None)
+    if scale is not None and scale != 1.0:
+        # align_positions="base" spaces the RoPE positions (a FLUX config key): part of the
+        # adapted model, so base transformer + this file must get it back
+        metadata["position_scale"] = repr(float(scale))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -100,6 +105,8 @@ def read_latent_layers_metadata(path: str | Path) -> dict[str, Any]:
             "family": short.get(meta["family"], meta["family"]),
             "latent_channels": int(meta["latent_channels"]),
             "patch_size": int(meta["patch_size"]),
+            # absent: unscaled positions (files of grid-position runs, or older files)
+            "position_scale": float(meta.get("position_scale", 1.0)),
         }
     except (KeyError, ValueError) as err:
         raise LatentLayersError(
@@ -151,5 +158,12 @@ def load_latent_layers(model: nn.Module | DiTAdapter, path: str | Path) -> dict[
                     )
                 state[k] = t.to(dtype=ref.dtype, device=ref.device)
             module.load_state_dict(state, strict=True)
+    if hasattr(adapter, "set_position_scale"):
+        adapter.set_position_scale(meta["position_scale"])
+    elif meta["position_scale"] != 1.0:
+        raise LatentLayersError(
+            f"{path}: position_scale {meta['position_scale']:g} but {family} transformers "
+            "have no scaled positions"
+        )
     logger.info("loaded latent layers from %s", path)
     return meta

@@ -72,6 +72,30 @@ def test_latent_layers_file_format(trained):
         load_latent_layers(adapter_for(tiny_sana()), root / "latent_layers.safetensors")
 
 
+def test_latent_layers_carry_the_position_scale(tmp_path):
+    # align_positions="base" sets a RoPE position scale in the transformer's config; the file
+    # left it out, so base transformer + file was another model than the trained one
+    model, ae = tiny_flux(), tiny_dcae()
+    adapter = adapter_for(model)
+    adapter.replace_latent_layers(ae.latent_channels)
+    adapter.set_position_scale(2.0)
+    path = save_latent_layers(adapter, tmp_path / "scaled.safetensors")
+    rebuilt = adapter_for(tiny_flux())
+    assert load_latent_layers(rebuilt, path)["position_scale"] == 2.0
+    assert rebuilt.position_scale == 2.0
+    e, p = text(1)
+    x, sigma, g = torch.randn(1, ae.latent_channels, 4, 4), torch.tensor([0.7]), torch.tensor([3.5])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            rebuilt.predict(x, sigma, e, p, g), adapter.predict(x, sigma, e, p, g), rtol=0, atol=0
+        )
+    # a file of unscaled positions resets a scaled model: the file is the adapted layers' truth
+    adapter.set_position_scale(1.0)
+    plain = save_latent_layers(adapter, tmp_path / "plain.safetensors")
+    assert load_latent_layers(rebuilt, plain)["position_scale"] == 1.0
+    assert rebuilt.position_scale == 1.0
+
+
 def test_export_round_trip_matches_unfused_model(trained, tmp_path):
     root, model, ae = trained
     # In memory, peft layers unfused; same scheduler config the export writes for FLUX.
