@@ -272,6 +272,16 @@ def test_generate_writes_pngs(pipeline_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--prompt-embeds", str(table), "--out", str(out2)]) == 2
     assert "pick one with --caption" in _error_line(capsys)
+    # this model is guidance-distilled (no CFG by default): a negative caption would go unused
+    argv = [*base, "--prompt-embeds", str(table), "--caption", "x", "--negative-caption", "y"]
+    assert main([*argv, "--out", str(tmp_path / "neg.png")]) == 2
+    assert "--negative-caption is used by classifier-free guidance" in _error_line(capsys)
+    # a plain file holds one caption: two rows sampled both, then crashed saving one PNG
+    two = tmp_path / "two.safetensors"
+    save_file({"prompt_embeds": torch.cat([embeds, embeds]), "pooled_prompt_embeds": torch.cat([pooled, pooled])}, str(two))  # fmt: skip
+    assert main([*base, "--prompt-embeds", str(two), "--out", str(tmp_path / "two.png")]) == 2
+    assert "prompt_embeds: expected one caption" in _error_line(capsys)
+    assert not (tmp_path / "two.png").exists()
 
 
 def test_generate_accelerate(pipeline_dir, tmp_path, capsys, monkeypatch):

@@ -67,6 +67,11 @@ def _batched(t: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
         t = t.unsqueeze(0)
     if t.ndim != ndim:
         raise CLIError(f"{name}: expected {ndim - 1} or {ndim} dims, got shape {tuple(t.shape)}")
+    if t.shape[0] != 1:  # one caption per file: rows would be sampled, then not saved
+        raise CLIError(
+            f"{name}: expected one caption, shape {tuple(t.shape[1:])} or "
+            f"{(1, *t.shape[1:])}, got {tuple(t.shape)}"
+        )
     return t
 
 
@@ -530,6 +535,13 @@ def _generate_pipeline(
                 "which needs a negative prompt; these embeddings have none (negative_* tensors "
                 "or --negative-caption), so this runs without guidance (--true-cfg 1)"
             )
+    if args.true_cfg <= 1.0 and "negative_prompt_embeds" in kwargs:
+        if args.negative_caption is not None:  # asked for, and would be silently unused
+            raise CLIError(
+                f"--negative-caption is used by classifier-free guidance: give --true-cfg > 1 "
+                f"(got {args.true_cfg:g})"
+            )
+        print("note: the negative_* embeddings are not used without --true-cfg > 1")
     if quantized is not None:
         from dcgen.quant import load_quantized
 
