@@ -580,6 +580,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                     if what == "prompt"
                     else "negative_prompt_embeds given without negative_pooled_prompt_embeds"
                 )
+            _check_companions(what, embeds, pooled, mask)
             return (
                 embeds.to(device),
                 None if pooled is None else pooled.to(device),
@@ -595,9 +596,17 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                 f"{what} was given as text but this pipeline has no text encoders/tokenizers; "
                 f"pass {what}_embeds instead (or build the pipeline with its text encoders)"
             )
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if (
+            not isinstance(prompts, list | tuple)
+            or not prompts
+            or not all(isinstance(p, str) for p in prompts)
+        ):
+            raise ValueError(
+                f"{what}: expected a string or a non-empty list of strings, got {prompt!r}"
+            )
         return self.encode_prompt(
-            prompts, device, max_sequence_length, negative=what == "negative_prompt"
+            list(prompts), device, max_sequence_length, negative=what == "negative_prompt"
         )
 
     needs_pooled = False
@@ -612,6 +621,25 @@ def register_components(folder: str | os.PathLike, entries: dict[str, list[str]]
     index.update(entries)
     text = json.dumps(index, indent=2, sort_keys=True) + "\n"
     atomic_write(index_path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _check_companions(
+    what: str, embeds: torch.Tensor, pooled: torch.Tensor | None, mask: torch.Tensor | None
+) -> None:
+    """The pooled embedding and the text mask belong to ``embeds`` row for row (and the mask
+    token for token): a mismatch broadcast silently or failed deep inside the transformer."""
+    negative = "negative_" if what == "negative_prompt" else ""
+    batch, tokens = embeds.shape[:2]
+    if pooled is not None and (pooled.ndim != 2 or pooled.shape[0] != batch):
+        raise ValueError(
+            f"{negative}pooled_prompt_embeds: expected ({batch}, dim) for {what}_embeds of "
+            f"shape {tuple(embeds.shape)}, got {tuple(pooled.shape)}"
+        )
+    if mask is not None and tuple(mask.shape) != (batch, tokens):
+        raise ValueError(
+            f"{negative}prompt_attention_mask: expected shape {(batch, tokens)} for "
+            f"{what}_embeds of shape {tuple(embeds.shape)}, got {tuple(mask.shape)}"
+        )
 
 
 def _setting(cfg: Any, key: str, default: float) -> Any:

@@ -355,3 +355,32 @@ def test_the_default_cfg_rule_reads_a_config():
     assert DCGenFluxPipeline.model_cfg_scale({"guidance_embeds": False}) == 1.0
     model = tiny_sana()
     assert DCGenSanaPipeline.model_cfg_scale(model.config) == 4.5
+
+
+def test_embeddings_and_their_companions_must_match(flux_pipe):
+    """pooled embeddings and text masks are checked against prompt_embeds row for row: a
+    batch-1 pooled for two prompts was broadcast silently, other mismatches failed deep in
+    the transformer with a bare RuntimeError."""
+    embeds, pooled = text(2)
+    kw = dict(height=64, width=64, num_inference_steps=1, output_type="latent")
+    with pytest.raises(
+        ValueError, match=r"^pooled_prompt_embeds: expected \(2, dim\) for prompt_embeds"
+    ):
+        flux_pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled[:1], **kw)
+    with pytest.raises(ValueError, match=r"^negative_pooled_prompt_embeds: expected \(2, dim\)"):
+        flux_pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, true_cfg_scale=2.0,
+                  negative_prompt_embeds=embeds, negative_pooled_prompt_embeds=pooled[:1], **kw)  # fmt: skip
+    sana = DCGenSanaPipeline(tiny_sana(), vae=tiny_dcae())
+    sana.set_progress_bar_config(disable=True)
+    adapter_for(sana.transformer).replace_latent_layers(tiny_dcae().latent_channels)
+    sana_embeds = torch.randn(2, 5, 32)
+    with pytest.raises(
+        ValueError, match=r"^prompt_attention_mask: expected shape \(2, 5\) .* got \(2, 7\)"
+    ):
+        sana(prompt_embeds=sana_embeds, prompt_attention_mask=torch.ones(2, 7), **kw)
+    with pytest.raises(
+        ValueError, match=r"^negative_prompt_attention_mask: expected shape \(2, 5\)"
+    ):
+        sana(prompt_embeds=sana_embeds, prompt_attention_mask=torch.ones(2, 5),
+             negative_prompt_embeds=sana_embeds, negative_prompt_attention_mask=torch.ones(1, 5),
+             **kw)  # fmt: skip

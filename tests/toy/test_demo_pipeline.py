@@ -82,6 +82,14 @@ def test_the_pipeline_samples_as_the_demo_does(folder, assets, dcgen_model):
     torch.testing.assert_close(out.float(), ref.clamp(-1, 1) / 2 + 0.5, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("prompt", [[], ["a red circle top left", None], 3])
+def test_a_prompt_that_is_not_text_is_named(folder, prompt):
+    # [] failed in a reshape inside the transformer, None in the tokenizer's .lower()
+    pipe = DCGenToyPipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match=r"^prompt: expected a string or a non-empty list of str"):
+        pipe(prompt=prompt, height=128, width=128, num_inference_steps=1, output_type="latent")
+
+
 def test_generate_command_samples_the_folder(folder, assets, tmp_path):
     png = tmp_path / "circle.png"
     code = main(
