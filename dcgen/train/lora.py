@@ -25,6 +25,7 @@ import logging
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,6 +105,7 @@ def add_lora(
     adapter_name: str = "default",
     train_modules: Iterable[str] = (),
     lora_dtype: torch.dtype | None = torch.float32,
+    config_extra: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Inject LoRA (rank, alpha; scale = alpha / rank) into ``transformer`` in place.
 
@@ -112,7 +114,8 @@ def add_lora(
     in ``train_modules`` (exact names, e.g. ``("x_embedder", "proj_out")`` for DC-Gen's stage 3,
     which trains the new embedder and head fully). ``lora_dtype`` keeps the LoRA weights in fp32
     when the base is bf16 (peft casts activations to the LoRA dtype and back), None leaves them
-    in the base dtype. Returns ``transformer`` (the same object, now carrying the adapter).
+    in the base dtype. ``config_extra``: further LoraConfig options. Returns ``transformer``
+    (the same object, now carrying the adapter).
     """
     from peft import LoraConfig
 
@@ -134,6 +137,7 @@ def add_lora(
         lora_dropout=dropout,
         target_modules=targets,
         init_lora_weights=True,  # A Kaiming-uniform, B zero: training starts at the base model
+        **(config_extra or {}),  # further LoraConfig options (a loaded file's rsLoRA, patterns)
     )
     from dcgen.quant.lora import register_quantized_lora
 
@@ -249,6 +253,16 @@ def _targets_regex(targets: str | list[str]) -> str:
     return rf"(?:.*\.)?(?:{names})"
 
 
+# LoraConfig options that change an adapter's shape or scale beyond (r, lora_alpha): a file
+# saved with them loads onto a quantized model with them (they were dropped: rsLoRA's
+# alpha / sqrt(r) became alpha / r, per-module ranks failed to load).
+_SCALING_OPTIONS = ("use_rslora", "rank_pattern", "alpha_pattern", "use_dora", "fan_in_fan_out")
+
+
+def _scaling_options(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: meta[k] for k in _SCALING_OPTIONS if meta.get(k) is not None}
+
+
 def _load_lora_on_quantized(
     transformer: nn.Module, path: Path, header: dict[str, str], adapter_name: str
 ) -> None:
@@ -272,6 +286,7 @@ def _load_lora_on_quantized(
         targets=_targets_regex(meta["target_modules"]),
         dropout=float(meta.get("lora_dropout") or 0.0),
         adapter_name=adapter_name,
+        config_extra=_scaling_options(meta),
     )
     state = {k.removeprefix(f"{LORA_PREFIX}."): v for k, v in load_file(str(path)).items()}
     set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)

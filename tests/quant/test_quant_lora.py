@@ -160,6 +160,29 @@ def test_lora_on_quantized_model_saves_and_loads(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"use_rslora": True}, {"alpha_pattern": {"transformer_blocks.0.attn.to_q": 32.0}},
+     {"rank_pattern": {"transformer_blocks.0.attn.to_q": 8}}],
+)  # fmt: skip
+def test_a_lora_file_keeps_its_scaling_options_on_a_quantized_model(tmp_path, options):
+    # the quantized path rebuilt the adapter from (r, alpha, targets) only: rsLoRA's
+    # alpha / sqrt(r) became alpha / r, alpha_pattern was dropped, rank_pattern failed to load
+    from peft import LoraConfig
+
+    from dcgen.train.lora import DEFAULT_TARGETS
+
+    source = tiny_flux()
+    source.add_adapter(LoraConfig(r=4, lora_alpha=8.0, target_modules=DEFAULT_TARGETS, **options))
+    save_lora(source, tmp_path)
+    name = "transformer_blocks.0.attn.to_q"
+    want = source.get_submodule(name)
+    for model in (tiny_flux(), _quantized(FP8Config())):  # the float path is the reference
+        load_lora(model, tmp_path)
+        got = model.get_submodule(name)
+        assert got.scaling == want.scaling and got.r == want.r, type(got.base_layer)
+
+
 def test_lora_file_without_metadata_onto_quantized_model_is_a_clear_error(tmp_path):
     from safetensors.torch import save_file
 
