@@ -414,9 +414,18 @@ def align_embedder(
     layers_new.head.to(device)
     dist_before = distances()
 
-    def target_tokens(base_latent: torch.Tensor) -> torch.Tensor:
+    def target_tokens(base_latent: torch.Tensor, new_hw: tuple[int, int]) -> torch.Tensor:
+        # The grid of this batch: a bucketed cache holds several sizes and aspect ratios (the
+        # first sample's grid reshaped transposed buckets wrongly and crashed on others).
+        hw = (base_latent.shape[-2] // p_base, base_latent.shape[-1] // p_base)
+        if hw != (new_hw[0] * factor, new_hw[1] * factor):
+            raise ValueError(
+                f"a base token grid {hw[0]}x{hw[1]} (base_latent {tuple(base_latent.shape[-2:])}"
+                f" / patch {p_base}) is not {factor}x the DC-AE grid {tuple(new_hw)} (the "
+                "factor of the first sample): every sample needs the same compression ratio"
+            )
         tokens = _embed(base_embedder, base_latent.float(), p_base).float()
-        return downsample_tokens(tokens, (grid_h, grid_w), factor, cfg.align_downsample)  # type: ignore[arg-type]
+        return downsample_tokens(tokens, hw, factor, cfg.align_downsample)  # type: ignore[arg-type]
 
     # ---- closed form: ridge over every cached token, each rank streaming its own share.
     acc = RidgeAccumulator(new_shape[0], adapter.inner_dim)
@@ -424,7 +433,8 @@ def align_embedder(
         for i in range(ctx.rank, len(dataset), ctx.world_size):
             s = dataset[i]
             x = pack_latents(s["dcae_latent"][None].to(device).float(), 1)
-            acc.update(x, target_tokens(s["base_latent"][None].to(device)))
+            new_hw = tuple(s["dcae_latent"].shape[-2:])
+            acc.update(x, target_tokens(s["base_latent"][None].to(device), new_hw))
     acc = _gather_ridge(acc, ctx)
     embedder = layers_new.embedder
 
@@ -451,7 +461,7 @@ def align_embedder(
 
         def make_inputs(batch: dict[str, Any], rnd: StepRandom) -> dict[str, Any]:
             with torch.no_grad():
-                target = target_tokens(batch["base_latent"])
+                target = target_tokens(batch["base_latent"], batch["dcae_latent"].shape[-2:])
             return {"latents": batch["dcae_latent"].float(), "target": target}
 
         loop = train_loop(
@@ -528,11 +538,20 @@ def _head_readout(
     hook = head.register_forward_hook(lambda m, args, out: captured.append(args[0].float()))
     make_inputs = _flow_inputs(adapter, cfg, latent_key)
     n = min(len(dataset), cfg.align_head_samples)
+    # Batches of one bucket each (a bucketed cache holds several latent sizes), in the order of
+    # the samples; with one bucket these are the consecutive index ranges. Rank r takes every
+    # world_size-th batch.
+    buckets = getattr(dataset, "bucket_ids", None) or [None] * len(dataset)
+    groups: dict[Any, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(buckets[i], []).append(i)
+    batches = [
+        ids[j : j + cfg.batch_size]
+        for ids in groups.values()
+        for j in range(0, len(ids), cfg.batch_size)
+    ]
     try:
-        for step, start in enumerate(
-            range(ctx.rank * cfg.batch_size, n, cfg.batch_size * ctx.world_size)
-        ):
-            idx = list(range(start, min(start + cfg.batch_size, n)))
+        for step, idx in enumerate(batches[ctx.rank :: ctx.world_size]):
             batch = collate_samples([dataset[i] for i in idx])
             batch = {
                 k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
