@@ -61,6 +61,8 @@ class DCAEComponentMixin:
                     "vae=DCAE.from_pretrained(...) or vae=None"
                 )
             dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # diffusers 0.42 renamed it
+            if isinstance(dtype, dict):  # per component, as diffusers takes it
+                dtype = dtype.get(VAE_FOLDER, dtype.get("default"))
             vae = DCAE.from_pretrained(
                 vae_dir, dtype=dtype if isinstance(dtype, torch.dtype) else None,
                 variant=kwargs.get("variant"),

@@ -111,9 +111,12 @@ class NVFP4Config:
 
     def __post_init__(self) -> None:
         check_mode(self.mode)
-        if not isinstance(self.rank, int) or self.rank < 0:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
             raise ValueError(f"NVFP4Config: expected rank >= 0, got {self.rank!r}")
-        if self.smoothing_alpha is not None and not 0.0 <= self.smoothing_alpha <= 1.0:
+        alpha = self.smoothing_alpha
+        if alpha is not None and (
+            not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0
+        ):
             raise ValueError(
                 f"NVFP4Config: expected smoothing_alpha in [0, 1] or None, "
                 f"got {self.smoothing_alpha}"

@@ -176,6 +176,12 @@ class NVFP4Linear(nn.Module):
                     f"got {tuple(smooth.shape)}"
                 )
             s = smooth.detach().float().to(w.device)
+            bad = int((~torch.isfinite(s) | (s == 0)).sum())
+            if bad:  # a zero factor divides the activations by zero on every forward
+                raise ValueError(
+                    f"NVFP4Linear.from_linear: expected finite, non-zero smooth factors, got "
+                    f"{bad} zero/NaN/Inf of {k}"
+                )
             mod.smooth.copy_(s)
             w = w * s
         if rank:

@@ -195,6 +195,13 @@ def test_save_load_round_trip(flux_pipe, tmp_path):
     from diffusers import AutoencoderDC
 
     AutoencoderDC.from_pretrained(tmp_path / "vae")
+    # a per-component dtype, as diffusers takes it: the DC-AE ignored it
+    mixed = DCGenFluxPipeline.from_pretrained(
+        tmp_path, dtype={"vae": torch.bfloat16, "default": torch.float32}
+    )
+    assert mixed.vae.dtype == torch.bfloat16 and mixed.transformer.dtype == torch.float32
+    default = DCGenFluxPipeline.from_pretrained(tmp_path, dtype={"default": torch.bfloat16})
+    assert default.vae.dtype == torch.bfloat16
 
 
 def test_sana_pipeline():

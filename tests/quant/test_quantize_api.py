@@ -303,6 +303,15 @@ def test_bad_inputs(caplog):
         NVFP4Linear.from_linear(nn.Linear(32, 8), "int4")
     with pytest.raises(ValueError, match="rank"):
         NVFP4Config(rank=-1)
+    with pytest.raises(ValueError, match="expected rank >= 0, got True"):
+        NVFP4Config(rank=True)
+    for alpha in (True, "0.5"):  # a bool was taken as 1, a string was a bare TypeError
+        with pytest.raises(ValueError, match="expected smoothing_alpha in"):
+            NVFP4Config(smoothing_alpha=alpha)
+    smooth = torch.ones(32)
+    smooth[3] = 0.0  # every later forward divided the activations by zero: NaN
+    with pytest.raises(ValueError, match="expected finite, non-zero smooth factors, got 1 zero"):
+        NVFP4Linear.from_linear(nn.Linear(32, 8), "w4a4", smooth=smooth)
     with pytest.raises(ValueError, match="multiple of 16"):
         NVFP4Linear.from_linear(nn.Linear(24, 8))
     model = nn.Sequential(nn.Linear(32, 24), nn.Linear(24, 16))
