@@ -130,6 +130,15 @@ def add_lora(
     names = lora_target_names(transformer, targets)
     if not names:
         raise ValueError(f"the LoRA target regex matches no linear or Conv2d module: {targets!r}")
+    trained = tuple(train_modules)
+    overlap = sorted(n for n in names for t in trained if n == t or n.startswith(t + "."))
+    if overlap:
+        # peft would wrap a fully trained module too: its saved keys (base_layer, lora_A/B)
+        # then match neither the plain layer nor the LoRA file
+        raise ValueError(
+            f"the LoRA targets {targets!r} match {overlap}, which are trained fully "
+            f"(train_modules {list(trained)}): leave them out of the targets"
+        )
 
     config = LoraConfig(
         r=rank,

@@ -154,3 +154,19 @@ def test_sana_targets():
     assert "proj_out" not in names and "patch_embed.proj" not in names
     add_lora(sana, rank=2)
     assert all("lora_" in n for n, p in sana.named_parameters() if p.requires_grad)
+
+
+def test_lora_targets_may_not_wrap_a_fully_trained_module():
+    # stage 3 ran to the end, then wrote latent layers (head.base_layer.*, head.lora_A.*) that
+    # nothing could load
+    from dcgen.train.lora import add_lora
+
+    from ..adapters.tiny import tiny_flux
+
+    with pytest.raises(ValueError, match=r"match \['proj_out'\], which are trained fully"):
+        add_lora(
+            tiny_flux(),
+            rank=2,
+            targets=r".*(to_q|proj_out)",
+            train_modules=("x_embedder", "proj_out"),
+        )
