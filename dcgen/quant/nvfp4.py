@@ -178,6 +178,12 @@ def quantize_nvfp4(
     if global_scale is None:
         gd = global_decode_scale(xf)
     else:
+        if isinstance(global_scale, bool) or (
+            isinstance(global_scale, torch.Tensor) and global_scale.numel() != 1
+        ):
+            raise ValueError(
+                f"quantize_nvfp4: expected one global_scale number, got {global_scale!r}"
+            )
         gd = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device).reshape(())
         if check_finite:
             ensure_global_scale("quantize_nvfp4", gd)

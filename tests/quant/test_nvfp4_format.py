@@ -173,6 +173,10 @@ def test_bad_inputs():
         pack_e2m1(torch.zeros(3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="global_scale"):
         quantize_nvfp4(torch.ones(16), torch.tensor(0.0))
+    # two scales were a bare reshape RuntimeError, True was taken as 1.0
+    for bad in (torch.tensor([1.0, 2.0]), True):
+        with pytest.raises(ValueError, match="expected one global_scale number"):
+            quantize_nvfp4(torch.ones(16), bad)
 
 
 def test_static_global_scale_clamps_and_saturates():
