@@ -520,6 +520,12 @@ def _generate_pipeline(
             f"--negative-prompt is used by classifier-free guidance: give --true-cfg > 1 "
             f"(got {args.true_cfg:g})"
         )
+    # A negative caption turns on the model's default CFG below; without one it would go unused.
+    if args.negative_caption is not None and args.true_cfg <= 1.0 and default_cfg <= 1.0:
+        raise CLIError(
+            f"--negative-caption is used by classifier-free guidance: give --true-cfg > 1 "
+            f"(got {args.true_cfg:g})"
+        )
     pipe, kwargs, unfused_loras = _pipeline_and_prompt(args, device, dtype)
     if args.true_cfg > 1.0 and args.prompt is None and "negative_prompt_embeds" not in kwargs:
         raise CLIError(
@@ -536,11 +542,6 @@ def _generate_pipeline(
                 "or --negative-caption), so this runs without guidance (--true-cfg 1)"
             )
     if args.true_cfg <= 1.0 and "negative_prompt_embeds" in kwargs:
-        if args.negative_caption is not None:  # asked for, and would be silently unused
-            raise CLIError(
-                f"--negative-caption is used by classifier-free guidance: give --true-cfg > 1 "
-                f"(got {args.true_cfg:g})"
-            )
         print("note: the negative_* embeddings are not used without --true-cfg > 1")
     if quantized is not None:
         from dcgen.quant import load_quantized

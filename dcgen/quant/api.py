@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dcgen._checks import is_int
 from dcgen._files import atomic_write
 from dcgen.ops.quantize_fp8 import check_granularity
 
@@ -111,7 +112,7 @@ class NVFP4Config:
 
     def __post_init__(self) -> None:
         check_mode(self.mode)
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+        if not is_int(self.rank) or self.rank < 0:
             raise ValueError(f"NVFP4Config: expected rank >= 0, got {self.rank!r}")
         alpha = self.smoothing_alpha
         if alpha is not None and (

@@ -43,6 +43,7 @@ from dcgen.adapters import DiTAdapter, adapter_for, pack_latents
 from dcgen.sampling.shift import resolve_shift
 
 from .align import RidgeAccumulator, alignment_loss, downsample_tokens, init_from_ridge
+from .buckets import BucketBatchSampler
 from .cache import CacheError, LatentCache
 from .config import ConfigError, TrainConfig
 from .distributed import DistContext, init_distributed
@@ -539,17 +540,11 @@ def _head_readout(
     make_inputs = _flow_inputs(adapter, cfg, latent_key)
     n = min(len(dataset), cfg.align_head_samples)
     # Batches of one bucket each (a bucketed cache holds several latent sizes), in the order of
-    # the samples; with one bucket these are the consecutive index ranges. Rank r takes every
-    # world_size-th batch.
-    buckets = getattr(dataset, "bucket_ids", None) or [None] * len(dataset)
-    groups: dict[Any, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(buckets[i], []).append(i)
-    batches = [
-        ids[j : j + cfg.batch_size]
-        for ids in groups.values()
-        for j in range(0, len(ids), cfg.batch_size)
-    ]
+    # the samples, none dropped; with one bucket these are the consecutive index ranges. Rank r
+    # takes every world_size-th batch.
+    buckets = list(getattr(dataset, "bucket_ids", None) or [None] * len(dataset))[:n]
+    order = BucketBatchSampler(buckets, cfg.batch_size, shuffle=False, drop_last=False) if n else []
+    batches = list(order)
     try:
         for step, idx in enumerate(batches[ctx.rank :: ctx.world_size]):
             batch = collate_samples([dataset[i] for i in idx])
