@@ -8,8 +8,11 @@
   a multiple of 16 are SKIPPED with a logged warning (the NVFP4 GEMMs need whole 16-element
   blocks along K; the FP8 GEMMs, cuBLAS's 16-element alignment).
 - LoRA: peft's ``lora_A`` / ``lora_B`` linears are excluded by default, so quantizing a model
-  that already carries a LoRA adapter quantizes each wrapped ``base_layer`` and keeps the
-  adapter in 16/32-bit (QLoRA style); FP8Linear passes gradients through to its input.
+  that already carries a LoRA adapter quantizes each wrapped ``base_layer``, keeps the
+  adapter in 16/32-bit (QLoRA style) and turns the wrapper into a QuantizedLoraLinear (later
+  adapters stay fp32, merging is refused); DoRA / lora_bias adapters are refused (they need
+  the base weight in full precision). FP8Linear passes gradients through to its input.
+  ``save_quantized`` refuses a model with adapters: save them with ``save_lora``.
 - :func:`save_quantized` / :func:`load_quantized`: one safetensors file with the whole
   state dict (quantized layers in the ModelOpt / vLLM layouts) and metadata naming the format
   (``dcgen-nvfp4``, ``dcgen-fp8``, or ``dcgen-quant`` when both kinds are present), mode,
@@ -40,6 +43,7 @@ from dcgen.ops.quantize_fp8 import check_granularity
 from .fp8 import check_fast_accum
 from .fp8_linear import FP8Linear, share_input_quantization
 from .linear import NVFP4Linear, check_mode, smoothing_factors
+from .lora import adopt_quantized_bases, check_lora_before_quantize
 from .nvfp4 import BLOCK
 
 logger = logging.getLogger(__name__)
@@ -271,15 +275,18 @@ def quantize_(
                 "quantize_: FP8Config scales activations dynamically; got calibrate or activation_amax"
             )
         names = _targets(model, config, name_prefix)
+        check_lora_before_quantize(model, names)
         shared = _shared_layers(model)
         for name in names:
             lin = model.get_submodule(name)
             q = FP8Linear.from_linear(lin, config.granularity, fast_accum=config.fast_accum)
             _set_module(model, name, q, shared)
+        adopt_quantized_bases(model, names)
         share_input_quantization(model)  # one quantize pass per input read by several linears
         logger.info("quantize_: %d linears to FP8 (%s)", len(names), config.granularity)
         return names
     names = _targets(model, config, name_prefix)
+    check_lora_before_quantize(model, names)
     stats: Mapping[str, torch.Tensor] = {}
     if config.smoothing_alpha is not None:
         if activation_amax is not None:
@@ -301,6 +308,7 @@ def quantize_(
                 smooth = smoothing_factors(stats[name], lin.weight, config.smoothing_alpha)
         rank = min(config.rank, lin.in_features, lin.out_features)
         _set_module(model, name, NVFP4Linear.from_linear(lin, config.mode, rank, smooth), shared)
+    adopt_quantized_bases(model, names)
     logger.info("quantize_: %d linears to NVFP4 (%s)", len(names), config.mode)
     return names
 
@@ -337,6 +345,17 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
     if not mods:
         raise ValueError(
             "save_quantized: expected a model with FP8Linear or NVFP4Linear layers, found none"
+        )
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if wrapped:
+        # Its keys would name peft's base_layer, which a fresh model (load_quantized) lacks.
+        raise ValueError(
+            f"save_quantized: expected a model without LoRA adapters, got peft layers at "
+            f"{wrapped[:3]}{' ...' if len(wrapped) > 3 else ''}: save the adapter with "
+            "dcgen.train.lora.save_lora, remove it (transformer.unload_lora()), then save the "
+            "quantized model; load_quantized + load_lora rebuild it"
         )
     layers = {n: _layer_spec(m) for n, m in mods.items()}
     kinds = {spec["kind"] for spec in layers.values()}

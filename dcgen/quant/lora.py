@@ -81,6 +81,54 @@ class QuantizedLoraLinear(_PeftLoraLinear):
         return "dcgen." + super().__repr__().replace("lora.Linear", "QuantizedLoraLinear")
 
 
+def _lora_wrappers(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """The peft layers among the parents of ``names`` (linears ``quantize_`` will swap), by the
+    parent's name: a model that carried LoRA before it was quantized."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrappers = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if child == "base_layer" and isinstance(parent, BaseTunerLayer):
+            wrappers[parent_name] = parent
+    return wrappers
+
+
+def check_lora_before_quantize(model: nn.Module, names: list[str]) -> None:
+    """Refuse, before anything is swapped, to quantize a linear under a peft layer that cannot
+    run on a 4- or 8-bit base: another tuner than LoRA, or DoRA / lora_bias adapters (they need
+    the base weight in full precision)."""
+    for parent_name, wrapper in _lora_wrappers(model, names).items():
+        if type(wrapper) not in (_PeftLoraLinear, QuantizedLoraLinear):
+            raise TypeError(
+                f"quantize_: {parent_name} is a {type(wrapper).__module__}."
+                f"{type(wrapper).__name__} around the linear; expected peft's LoRA Linear (the "
+                "only adapter dcgen runs over a quantized weight)"
+            )
+        dora = [a for a, on in getattr(wrapper, "use_dora", {}).items() if on]
+        bias = [a for a, on in getattr(wrapper, "lora_bias", {}).items() if on]
+        if dora or bias:
+            raise ValueError(
+                f"quantize_: {parent_name} carries adapters with use_dora {dora} / lora_bias "
+                f"{bias}; expected plain LoRA over a quantized weight (both need the base "
+                "weight in full precision): fuse them into the 16-bit model first"
+            )
+
+
+def adopt_quantized_bases(model: nn.Module, names: list[str]) -> int:
+    """After ``quantize_`` swapped the ``base_layer`` of peft LoRA layers (LoRA added before
+    quantizing), make each such layer a :class:`QuantizedLoraLinear`: the same object and
+    adapters, with the quantized-base rules (adapters added later stay fp32 instead of taking
+    the float8 / uint8 weight dtype; merging is refused). Returns how many were adopted."""
+    wrappers = _lora_wrappers(model, names)
+    for wrapper in wrappers.values():
+        # QuantizedLoraLinear adds no state to peft's class, only overrides: re-classing keeps
+        # every adapter, scaling and the merged flag as they are.
+        wrapper.__class__ = QuantizedLoraLinear
+    return len(wrappers)
+
+
 def register_quantized_lora(config: LoraConfig) -> LoraConfig:
     """Teach ``config`` (a peft LoraConfig) to wrap dcgen's quantized linears; returns it."""
     if not isinstance(config, LoraConfig):

@@ -81,19 +81,41 @@ def _lora_module_kinds() -> tuple[type[nn.Module], ...]:
 
 def lora_target_names(transformer: nn.Module, targets: str = DEFAULT_TARGETS) -> list[str]:
     """Names of the Linear / Conv2d (and dcgen quantized linear) modules the target regex
-    selects (peft's full-match rule)."""
+    selects (peft's full-match rule). A layer that already carries an adapter counts under its
+    own name (peft adds a further adapter to the same wrapper), never its ``base_layer``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     pattern = re.compile(targets)
     kinds = _lora_module_kinds()
+
+    def lora_able(module: nn.Module) -> bool:
+        if isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
+        return isinstance(module, kinds)
+
     return [
         name
         for name, module in transformer.named_modules()
-        if isinstance(module, kinds) and pattern.fullmatch(name)
+        if lora_able(module) and pattern.fullmatch(name)
     ]
 
 
 def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:
     """The LoRA parameters (lora_A / lora_B / magnitude...) of an injected model."""
     return [p for name, p in transformer.named_parameters() if "lora_" in name]
+
+
+def _adapter_parameters(transformer: nn.Module, adapter_name: str) -> list[nn.Parameter]:
+    """The LoRA parameters of one adapter (peft names them ``lora_A.<adapter>.weight``)."""
+
+    def of_adapter(name: str) -> bool:
+        parts = name.split(".")
+        return any(
+            a.startswith("lora_") and b == adapter_name
+            for a, b in zip(parts, parts[1:], strict=False)
+        )
+
+    return [p for name, p in transformer.named_parameters() if of_adapter(name)]
 
 
 def add_lora(
@@ -140,6 +162,13 @@ def add_lora(
             f"(train_modules {list(trained)}): leave them out of the targets"
         )
 
+    existing = getattr(transformer, "peft_config", {})
+    if adapter_name in existing:
+        raise ValueError(
+            f"the model already has a LoRA adapter named {adapter_name!r} (adapters: "
+            f"{sorted(existing)}); expected a new adapter_name"
+        )
+
     config = LoraConfig(
         r=rank,
         lora_alpha=float(alpha if alpha is not None else rank),
@@ -154,7 +183,8 @@ def add_lora(
     transformer.requires_grad_(False)
     transformer.add_adapter(config, adapter_name=adapter_name)
 
-    for param in lora_parameters(transformer):
+    # Only the new adapter's weights: an earlier adapter keeps its dtype, and stays frozen.
+    for param in _adapter_parameters(transformer, adapter_name):
         param.requires_grad_(True)
         if lora_dtype is not None:
             param.data = param.data.to(lora_dtype)
@@ -165,7 +195,7 @@ def add_lora(
             raise KeyError(f"train_modules: no module named {name!r} in the transformer")
         modules[name].requires_grad_(True)
 
-    n_lora = sum(p.numel() for p in lora_parameters(transformer))
+    n_lora = sum(p.numel() for p in _adapter_parameters(transformer, adapter_name))
     logger.info(
         "LoRA rank %d on %d modules, %d trainable LoRA parameters", rank, len(names), n_lora
     )

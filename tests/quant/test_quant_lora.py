@@ -192,3 +192,96 @@ def test_lora_file_without_metadata_onto_quantized_model_is_a_clear_error(tmp_pa
     )
     with pytest.raises(ValueError, match="rank, alpha and targets"):
         load_lora(_quantized(NVFP4Config(mode="w4a16")), tmp_path)
+
+
+def _float_with_lora(seed: int = 0) -> nn.Module:
+    """A tiny float FLUX with a rank-4 LoRA whose B is non-zero (the adapter matters)."""
+    torch.manual_seed(seed)
+    model = tiny_flux()
+    add_lora(model, rank=4)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("which", ["nvfp4-w4a16", "fp8-row"])
+def test_lora_added_before_quantize_keeps_working(which):
+    # quantize_ swapped the base_layer inside peft's lora.Linear but left peft's class: a later
+    # adapter was cast to float8 / uint8 and fuse_lora failed deep inside peft
+    model = _float_with_lora()
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    plain = copy.deepcopy(model)
+    plain.unload_lora()  # the same base without the adapter
+    quantize_(model, CONFIGS[which])
+    quantize_(plain, CONFIGS[which])
+    kind = FP8Linear if which.startswith("fp8") else NVFP4Linear
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, QuantizedLoraLinear)}
+    assert wrapped == QUANTIZED
+    assert all(isinstance(model.get_submodule(n).base_layer, kind) for n in wrapped)
+    # the adapter itself is untouched, and it still acts: with it disabled the output is the
+    # quantized base's
+    assert all(torch.equal(p, adapters[n]) for n, p in model.named_parameters() if "lora_" in n)
+    inputs = flux_inputs()
+    with torch.no_grad():
+        with_lora = model(**inputs)[0]
+        model.disable_adapters()
+        without = model(**inputs)[0]
+        model.enable_adapters()
+        torch.testing.assert_close(without, plain(**inputs)[0], rtol=0, atol=0)
+    assert rel(with_lora, without) > 1e-2
+    # a second adapter stays fp32 (not the base's float8 / uint8); merging is refused clearly
+    add_lora(model, rank=2, adapter_name="second")
+    second = [p for n, p in model.named_parameters() if ".second." in n]
+    assert second and all(p.dtype == torch.float32 and p.requires_grad for p in second)
+    with pytest.raises(NotImplementedError, match="re-quantize"):
+        model.fuse_lora()
+
+
+def test_quantize_refuses_dora_under_lora_before_swapping_anything():
+    from peft import LoraConfig
+
+    from dcgen.train.lora import DEFAULT_TARGETS
+
+    model = tiny_flux()
+    model.add_adapter(LoraConfig(r=4, target_modules=DEFAULT_TARGETS, use_dora=True))
+    with pytest.raises(ValueError, match="use_dora"):
+        quantize_(model, NVFP4Config(mode="w4a16"))
+    assert not any(isinstance(m, (NVFP4Linear, FP8Linear)) for m in model.modules())
+
+
+def test_a_second_adapter_on_a_float_model():
+    # lora_target_names skipped peft-wrapped layers, so a second add_lora matched nothing
+    model = _float_with_lora()
+    first = {n: p for n, p in model.named_parameters() if ".default." in n}
+    with pytest.raises(ValueError, match="already has a LoRA adapter named 'default'"):
+        add_lora(model, rank=2)
+    add_lora(model, rank=2, adapter_name="style")
+    layer = model.get_submodule("transformer_blocks.0.attn.to_q")
+    assert set(layer.lora_A) == {"default", "style"} and layer.lora_A["style"].weight.shape[0] == 2
+    # only the new adapter trains; the first one is frozen as it was
+    assert not any(p.requires_grad for p in first.values())
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".style." in n)
+
+
+def test_save_quantized_refuses_adapters_and_the_split_round_trip(tmp_path):
+    from dcgen.quant import load_quantized, save_quantized
+
+    model = _quantized(NVFP4Config(mode="w4a16"))
+    add_lora(model, rank=4)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(std=0.05)
+        expected = model(**flux_inputs())[0]
+    # the file would name peft's base_layer, which a fresh model does not have
+    with pytest.raises(ValueError, match="without LoRA adapters.*save_lora"):
+        save_quantized(model, tmp_path / "q.safetensors")
+    assert not (tmp_path / "q.safetensors").exists()
+    save_lora(model, tmp_path)
+    model.unload_lora()
+    save_quantized(model, tmp_path / "q.safetensors")
+    fresh = tiny_flux()
+    load_quantized(fresh, tmp_path / "q.safetensors")
+    load_lora(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**flux_inputs())[0], expected, rtol=1e-5, atol=1e-5)
