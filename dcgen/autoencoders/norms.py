@@ -42,11 +42,30 @@ class ChannelRMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class BatchNorm2dFP32(nn.BatchNorm2d):
+    """BatchNorm2d whose parameters and running statistics stay fp32 when the model is cast to
+    fp16 / bf16 (``.to(dtype)``, ``.half()``); its input and output keep the model's dtype
+    (PyTorch's batch_norm takes 16-bit input with fp32 statistics, as under autocast).
+
+    Why: a trained DC-AE's running variance can pass fp16's 65,504 (the toy world's f32 DC-AE
+    has one of 1e9), so a plain ``.half()`` turned it into inf and the decode into NaN; in
+    bf16 it would keep 3 significant digits of its statistics."""
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.dtype in (torch.float16, torch.bfloat16):
+                return t.to(device=out.device, dtype=torch.float32)  # the move, not the cast
+            return out
+
+        return super()._apply(keep_fp32, recurse)
+
+
 def make_norm(norm_type: str, channels: int) -> nn.Module:
     if norm_type == "rms_norm":
         return ChannelRMSNorm(channels)
     if norm_type == "batch_norm":
-        return nn.BatchNorm2d(channels, eps=BN_EPS)
+        return BatchNorm2dFP32(channels, eps=BN_EPS)
     raise ValueError(f"norm type: expected 'rms_norm' or 'batch_norm', got {norm_type!r}")
 
 

@@ -114,6 +114,48 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         banded decode (dcgen.autoencoders.banding), which then replaces tiling."""
         raise NotImplementedError
 
+    def _decode_finite(
+        self,
+        latents: torch.Tensor,
+        tile_size: int | None,
+        tile_overlap: int,
+        band_rows: int | None,
+    ) -> torch.Tensor:
+        """decode_latents in fp32, never an image of NaN / Inf written as a black picture: an
+        fp16 autoencoder whose activations overflow (fp16 tops out at 65,504; a DC-AE's GLU
+        products pass that) decodes again in fp32, as diffusers' ``force_upcast`` does for
+        such VAEs; non-finite latents or an fp32 / bf16 decode that overflows raise."""
+        if not torch.isfinite(latents).all():
+            raise FloatingPointError(
+                "sampling produced non-finite latents (NaN / Inf) with the transformer in "
+                f"{self.transformer.dtype}; expected finite values: run it in bfloat16 or "
+                "float32"
+            )
+        decoded = self.decode_latents(latents, tile_size, tile_overlap, band_rows).float()
+        if torch.isfinite(decoded).all():
+            return decoded
+        vae_dtype = self.vae.dtype
+        if vae_dtype != torch.float16:
+            raise FloatingPointError(
+                f"the autoencoder ({type(self.vae).__name__}, {vae_dtype}) decoded finite "
+                "latents to non-finite pixels; expected finite images"
+            )
+        logger.warning(
+            "%s overflowed in float16 (non-finite pixels); decoding again in float32",
+            type(self.vae).__name__,
+        )
+        self.vae.to(torch.float32)
+        try:
+            decoded = self.decode_latents(latents, tile_size, tile_overlap, band_rows).float()
+        finally:
+            self.vae.to(vae_dtype)
+        if not torch.isfinite(decoded).all():
+            raise FloatingPointError(
+                f"the autoencoder ({type(self.vae).__name__}) decoded finite latents to "
+                "non-finite pixels, in float16 and again in float32; expected finite images"
+            )
+        return decoded
+
     def encode_images(
         self,
         images: torch.Tensor,
@@ -432,11 +474,10 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         if output_type == "latent":
             images: Any = out
         else:
-            decoded = self.decode_latents(
+            decoded = self._decode_finite(
                 out, tile_size if use_tiles else None, tile_overlap,
                 band_rows if use_tiles else None,
             )  # fmt: skip
-            decoded = decoded.float()
             if pixel_mask is not None:
                 decoded = _composite(decoded, pixels, pixel_mask, mask_blur, batch, n)
             images = self.image_processor.postprocess(decoded, output_type=output_type)

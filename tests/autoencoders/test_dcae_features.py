@@ -89,6 +89,33 @@ def test_bf16_no_nan_and_close_to_fp32():
     assert rel_rms(y16, y32) < 0.05
 
 
+def test_batchnorm_statistics_stay_fp32_when_the_model_is_cast(tmp_path):
+    # a running variance past fp16's 65,504 (the toy DC-AE has one of 1e9) became inf under
+    # .half(), and every decode NaN; the statistics now stay fp32 while the convs go 16-bit
+    model = _model("dc-ae-f32c32-in-1.0")  # decoder stages 0-2 use BatchNorm
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.running_mean.mul_(1e3)
+            bn.running_var.mul_(1e6).add_(1e5)
+    z = torch.randn(1, model.latent_channels, 2, 2)
+    with torch.no_grad():
+        y32 = model.decode(z)
+        for dtype in (torch.float16, torch.bfloat16):
+            model.to(dtype)
+            assert model.decoder.stem.weight.dtype == dtype
+            assert all(t.dtype == torch.float32 for bn in bns for t in bn.state_dict().values()
+                       if t.is_floating_point())  # fmt: skip
+            y = model.decode(z.to(dtype))
+            assert y.dtype == dtype and torch.isfinite(y).all(), dtype
+            assert rel_rms(y, y32) < 0.05, dtype
+            model.float()
+    model.half().save_pretrained(tmp_path)  # and the saved statistics load back exactly
+    back = DCAE.from_pretrained(tmp_path)
+    for name, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name].to(value.dtype), value), name
+
+
 def test_large_activations_in_bf16_do_not_overflow():
     """Linear attention sums over all pixels; done in fp32 it stays finite for large inputs."""
     model = _model("dc-ae-f32c32-sana-1.0").to(torch.bfloat16)

@@ -320,3 +320,29 @@ def test_generate_encodes_long_prompt_lists_in_chunks(folder, tmp_path, monkeypa
         a = np.asarray(Image.open(tmp_path / "a" / f"x-p{i}.png")).astype(int)
         b = np.asarray(Image.open(tmp_path / "b" / f"x-p{i}.png")).astype(int)
         assert np.abs(a - b).max() <= 1, i  # the same images (up to a rounding step)
+
+
+def test_an_fp16_autoencoder_that_overflows_decodes_again_in_fp32(folder, caplog):
+    # the toy DC-AE's GLU products pass fp16's 65,504 at 128 px: the pipeline wrote the NaN
+    # image as a black PNG with no error
+    pipe = DCGenToyPipeline.from_pretrained(folder)
+    run = dict(prompt=CAPTIONS[:1], height=128, width=128, num_inference_steps=2)
+    latents = pipe(**run, output_type="latent", generator=torch.Generator().manual_seed(2)).images
+    with torch.no_grad():
+        expected = pipe._decode_finite(latents, None, 0, None)
+        pipe.vae.to(torch.float16)
+        assert not torch.isfinite(pipe.decode_latents(latents, None, 0)).all()  # the overflow
+        with caplog.at_level("WARNING", logger="dcgen.pipelines.base"):
+            images = pipe(**run, output_type="pt", generator=torch.Generator().manual_seed(2))
+    images = images.images
+    assert "decoding again in float32" in caplog.text
+    assert pipe.vae.dtype == torch.float16  # restored
+    # the retry runs the fp16-rounded weights in fp32: within 1e-3 of the fp32 model's image
+    assert torch.isfinite(images).all()
+    torch.testing.assert_close(images.float(), (expected / 2 + 0.5).clamp(0, 1), atol=1e-3, rtol=0)
+
+
+def test_non_finite_latents_are_an_error_not_a_black_image(folder):
+    pipe = DCGenToyPipeline.from_pretrained(folder)
+    with pytest.raises(FloatingPointError, match="non-finite latents"):
+        pipe._decode_finite(torch.full((1, 32, 4, 4), float("nan")), None, 0, None)
