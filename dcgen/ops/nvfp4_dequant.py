@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import is_int
 from . import _quant_fake  # noqa: F401  (fake impls of the quantize / dequantize ops)
 from ._extension import compiled_op, has_kernel
 from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
@@ -75,6 +76,8 @@ def _check(
             f"got shape {tuple(packed.shape)}"
         )
     k = kp if k is None else k
+    if not is_int(k):  # 20.0 reached the kernel's int argument as a bare TypeError
+        raise TypeError(f"{name}: expected k an int or None, got {k!r}")
     if not kp - 16 < k <= kp:
         raise ValueError(f"{name}: expected k in ({kp - 16}, {kp}] for Kp={kp}, got {k}")
     kb = kp // 16

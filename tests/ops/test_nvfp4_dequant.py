@@ -67,6 +67,9 @@ def test_bad_inputs(rng):
         nvfp4_dequantize(p, s.float(), g)
     with pytest.raises(ValueError, match=r"k in \(16, 32\]"):
         nvfp4_dequantize(p, s, g, k=16)
+    for k in (20.0, True):  # 20.0 was a bare TypeError from a slice, True a k of 1
+        with pytest.raises(TypeError, match=rf"expected k an int or None, got {k}"):
+            nvfp4_dequantize(p, s, g, k=k)
     with pytest.raises(ValueError, match="one element"):
         nvfp4_dequantize(p, s, torch.ones(2))
     with pytest.raises(ValueError, match="dtype"):
