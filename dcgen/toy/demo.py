@@ -406,6 +406,9 @@ def run_demo(
     # Stage 1: new embedder (ridge fit + refinement) and a zero head; the DiT is not touched.
     s1 = copy.deepcopy(base)
     cfg1, dir1 = phase("stage1", "align", settings.output_steps)
+    # Stage 1 runs align_sgd_steps (its warmup, from output_steps, as in every measured run);
+    # steps back at its default, which stage 1 does not use (and warns about otherwise).
+    cfg1 = replace(cfg1, steps=TrainConfig.steps)
     summary1 = stage(
         "stage 1 (align embedder)",
         lambda: align_embedder(s1, data, cfg1, run_dir=dir1, progress=progress),

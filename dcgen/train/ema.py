@@ -1,4 +1,4 @@
-"""Exponential moving average of the trainable parameters (optional, stage 3).
+"""Exponential moving average of the trainable parameters (optional, stages 2 and 3).
 
 Only the parameters that train are averaged (LoRA + latent layers), so the EMA costs a few
 hundred MB at 12B rather than a second copy of the model. The shadow copy is fp32 whatever the

@@ -29,6 +29,7 @@ cache named by a :class:`TrainConfig` and writes the run folder::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -319,6 +320,21 @@ def _gather_ridge(acc: RidgeAccumulator, ctx: DistContext) -> RidgeAccumulator:
     return merged
 
 
+def _warn_unused_in_stage1(cfg: TrainConfig) -> None:
+    """Stage 1 runs a ridge fit and ``align_sgd_steps`` refinement steps: a ``steps`` or
+    ``ema_decay`` set for it would otherwise be ignored without a word."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    if cfg.steps != defaults["steps"]:
+        logger.warning(
+            "stage 1 (align) does not use steps=%d: it runs align_sgd_steps=%d refinement "
+            "steps after the ridge fit; set align_sgd_steps instead",
+            cfg.steps,
+            cfg.align_sgd_steps,
+        )
+    if cfg.ema_decay is not None:
+        logger.warning("stage 1 (align) keeps no EMA: ema_decay=%s is not used", cfg.ema_decay)
+
+
 def align_embedder(
     transformer: nn.Module,
     dataset: Any,
@@ -337,6 +353,7 @@ def align_embedder(
     token grid (H / p_base) divided by an integer factor (2 for f32, 4 for f64).
     """
     ctx = _ctx(ctx)
+    _warn_unused_in_stage1(cfg)
     run_dir = Path(run_dir if run_dir is not None else cfg.out_dir)
     device = ctx.device
     adapter = adapter_for(transformer)
@@ -618,7 +635,8 @@ def train_output_layer(
     on_step: OnStep | None = None,
 ) -> dict[str, Any]:
     """Stage 2 (in place): DiT frozen, head (and embedder when
-    ``cfg.train_embedder_in_stage2``) trained with the flow-matching loss."""
+    ``cfg.train_embedder_in_stage2``) trained with the flow-matching loss. With ``ema_decay``
+    the EMA weights are loaded into the model at the end (what gets saved), as in stage 3."""
     ctx = _ctx(ctx)
     adapter = adapter_for(transformer)
     _check_channels(adapter, dataset)
@@ -628,22 +646,55 @@ def train_output_layer(
     layers.head.requires_grad_(True)
     if cfg.train_embedder_in_stage2:
         layers.embedder.requires_grad_(True)
-    run_dir = Path(run_dir if run_dir is not None else cfg.out_dir)
-    loop = train_loop(
-        FlowMatchingModule(transformer),
-        _flow_inputs(adapter, cfg, null_text=_null_text(cfg)),
-        dataset,
-        cfg,
-        ctx,
-        run_dir,
-        steps=cfg.steps,
-        tag="output",
-        progress=progress,
-        on_step=on_step,
-        on_sample=_sample_writer(transformer, dataset, cfg, ctx, run_dir),
-    )
+    loop = _train_flow(transformer, dataset, cfg, ctx, run_dir, "output", progress, on_step)
     transformer.requires_grad_(False)
     return {"stage": "output", "steps": loop.steps, "final_loss": loop.final_loss}
+
+
+def _train_flow(
+    transformer: nn.Module,
+    dataset: Any,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    run_dir: str | Path | None,
+    tag: str,
+    progress: bool,
+    on_step: OnStep | None,
+) -> Any:
+    """The flow-matching loop of stages 2 and 3 over the parameters that require grad, with
+    ``cfg.gradient_checkpointing`` on for its duration and, with ``cfg.ema_decay``, the EMA
+    weights loaded into the model at the end (what gets saved); returns the loop's result."""
+    adapter = adapter_for(transformer)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    ema = None
+    if cfg.ema_decay is not None:
+        named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+        ema = EMA(named, cfg.ema_decay)
+    run_dir = Path(run_dir if run_dir is not None else cfg.out_dir)
+    try:
+        loop = train_loop(
+            FlowMatchingModule(transformer),
+            _flow_inputs(adapter, cfg, null_text=_null_text(cfg)),
+            dataset,
+            cfg,
+            ctx,
+            run_dir,
+            steps=cfg.steps,
+            tag=tag,
+            ema=ema,
+            progress=progress,
+            on_step=on_step,
+            on_sample=_sample_writer(transformer, dataset, cfg, ctx, run_dir),
+        )
+    finally:
+        if cfg.gradient_checkpointing:
+            transformer.disable_gradient_checkpointing()
+    if ema is not None:
+        with torch.no_grad():
+            for n, p in ema.params.items():
+                p.copy_(ema.shadow[n].to(p.dtype))
+    return loop
 
 
 def _module_name(transformer: nn.Module, module: nn.Module) -> str:
@@ -685,33 +736,7 @@ def finetune_lora(
         train_modules=train_modules,
     )
     transformer.to(ctx.device)
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    ema = None
-    if cfg.ema_decay is not None:
-        named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
-        ema = EMA(named, cfg.ema_decay)
-    run_dir = Path(run_dir if run_dir is not None else cfg.out_dir)
-    loop = train_loop(
-        FlowMatchingModule(transformer),
-        _flow_inputs(adapter, cfg, null_text=_null_text(cfg)),
-        dataset,
-        cfg,
-        ctx,
-        run_dir,
-        steps=cfg.steps,
-        tag="finetune",
-        ema=ema,
-        progress=progress,
-        on_step=on_step,
-        on_sample=_sample_writer(transformer, dataset, cfg, ctx, run_dir),
-    )
-    if ema is not None:
-        with torch.no_grad():
-            for n, p in ema.params.items():
-                p.copy_(ema.shadow[n].to(p.dtype))
-    if cfg.gradient_checkpointing:
-        transformer.disable_gradient_checkpointing()
+    loop = _train_flow(transformer, dataset, cfg, ctx, run_dir, "finetune", progress, on_step)
     return {"stage": "finetune", "steps": loop.steps, "final_loss": loop.final_loss}
 
 

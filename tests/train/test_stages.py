@@ -293,3 +293,42 @@ def test_stage1_on_a_bucketed_cache_aligns_every_bucket(root: Path, tmp_path: Pa
     mse = summary["align_mse"]
     assert summary["tokens"] == 4 * (32 + 32 + 16) and mse["ridge"] < 0.1 * mse["random"], mse
     assert summary["head"]["init"] == "ridge" and summary["head"]["tokens"] > 0
+
+
+def test_stage2_keeps_an_ema_and_checkpoints_gradients(root: Path, cache: Path) -> None:
+    # ema_decay and gradient_checkpointing were silently ignored by stage 2
+    path = save_adapted(root)
+
+    def train(out: str, **kw) -> tuple[torch.nn.Module, list[torch.Tensor], list[bool]]:
+        transformer = load_transformer(path)
+        head = adapter_for(transformer).latent_layers().head
+        seen, checkpointing = [head.weight.detach().clone()], []
+
+        def on_step(step: int, loss: float) -> None:
+            seen.append(head.weight.detach().clone())
+            checkpointing.append(transformer.is_gradient_checkpointing)
+
+        cfg = config(root, "output", path, cache, steps=4, out_dir=str(root / out), **kw)
+        train_output_layer(transformer, LatentCache(cache), cfg, progress=False, on_step=on_step)
+        return transformer, seen, checkpointing
+
+    _, raw, plain_ckpt = train("s2-raw")
+    model, _, ckpt = train("s2-ema", ema_decay=0.5, gradient_checkpointing=True)
+    assert ckpt == [True] * 4 and plain_ckpt == [False] * 4
+    assert not model.is_gradient_checkpointing  # switched off after
+    # the saved head is the EMA of the raw trajectory (training itself is unchanged by both)
+    expected = raw[0].clone()
+    for w in raw[1:]:
+        expected.lerp_(w, 0.5)
+    got = adapter_for(model).latent_layers().head.weight
+    assert not torch.allclose(raw[-1], expected)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_stage1_names_the_settings_it_does_not_use(root: Path, cache: Path, caplog) -> None:
+    cfg = config(root, "align", save_base(root), cache, align_sgd_steps=0, steps=50,
+                 ema_decay=0.9, out_dir=str(root / "s1-unused"))  # fmt: skip
+    with caplog.at_level("WARNING", logger="dcgen.train.stages"):
+        run(cfg, progress=False)
+    assert "does not use steps=50: it runs align_sgd_steps=0" in caplog.text
+    assert "ema_decay=0.9 is not used" in caplog.text
