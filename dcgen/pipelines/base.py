@@ -310,6 +310,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         if mask_image is not None and image is None:
             raise ValueError("mask_image: inpainting needs the image to inpaint (image=...)")
         _check_mask_blur(mask_blur, mask_image, output_type)
+        _check_scalars(guidance_scale, true_cfg_scale, latents, tile_threshold, tile_size,
+                       tile_overlap, band_rows)  # fmt: skip
         if joint_attention_kwargs is not None and attention_kwargs is not None:
             raise ValueError("pass joint_attention_kwargs or attention_kwargs, not both")
         attn_kwargs = joint_attention_kwargs if attention_kwargs is None else attention_kwargs
@@ -687,6 +689,43 @@ def _setting(cfg: Any, key: str, default: float) -> Any:
     """A scheduler config value, ``default`` only when it is missing or None."""
     value = cfg.get(key)
     return default if value is None else value
+
+
+def _check_scalars(
+    guidance_scale: Any,
+    true_cfg_scale: Any,
+    latents: Any,
+    tile_threshold: Any,
+    tile_size: Any,
+    tile_overlap: Any,
+    band_rows: Any,
+) -> None:
+    """The call's number and tensor options, before any model runs: None, a string or an
+    array failed deep inside sampling (a bare TypeError / AttributeError), and a negative
+    tile size was taken."""
+
+    def real(value: Any) -> bool:
+        return (
+            isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        )
+
+    if not real(guidance_scale):
+        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
+    if true_cfg_scale is not None and not real(true_cfg_scale):
+        raise ValueError(
+            f"true_cfg_scale: expected a finite number or None, got {true_cfg_scale!r}"
+        )
+    if latents is not None and not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents: expected a torch.Tensor or None, got {type(latents).__name__}")
+    for name, value in (("tile_threshold", tile_threshold), ("band_rows", band_rows)):
+        if value is not None and (not is_int(value) or value < 1):
+            raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
+    if not is_int(tile_size) or tile_size < 1:
+        raise ValueError(f"tile_size: expected a positive int, got {tile_size!r}")
+    if not is_int(tile_overlap) or not 0 <= tile_overlap < tile_size:
+        raise ValueError(
+            f"tile_overlap: expected an int in [0, tile_size={tile_size}), got {tile_overlap!r}"
+        )
 
 
 def _check_mask_blur(mask_blur: float | None, mask_image: Any, output_type: str) -> None:

@@ -103,6 +103,26 @@ def test_bad_inputs(flux_pipe):
         DCGenFluxPipeline(model, torch.nn.Linear(1, 1))
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "error", "match"),
+    [
+        ("guidance_scale", None, ValueError, "guidance_scale: expected a finite number, got None"),
+        ("guidance_scale", float("nan"), ValueError, "guidance_scale: expected a finite number"),
+        ("true_cfg_scale", "2", ValueError, "true_cfg_scale: expected a finite number or None"),
+        ("latents", np.zeros((1, 2, 2, 3)), TypeError, "latents: expected a torch.Tensor"),
+        ("tile_size", -64, ValueError, "tile_size: expected a positive int, got -64"),
+        ("tile_overlap", 64, ValueError, r"tile_overlap: expected an int in \[0, tile_size=64\)"),
+        ("tile_threshold", 0, ValueError, "tile_threshold: expected a positive int or None"),
+        ("band_rows", 2.5, ValueError, "band_rows: expected a positive int or None"),
+    ],
+)  # fmt: skip
+def test_bad_scalar_options_are_named_before_sampling(flux_pipe, option, value, error, match):
+    # None / strings / arrays failed deep inside sampling; a negative tile size was taken
+    kw = {"tile_size": 64, option: value}
+    with pytest.raises(error, match=match):
+        run(flux_pipe, output_type="latent", **kw)
+
+
 def test_generator_lists_and_counts_are_checked(flux_pipe):
     """A generator list must hold one generator per output image (diffusers' rule): a short or
     long one is named, not an IndexError deep in the noise draw or silently truncated;
