@@ -4,6 +4,7 @@ every writer (checkpoints, caches, reports, images) shares."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -57,3 +58,25 @@ def atomic_write(path: Path, write: Callable[[str], None], durable: bool = False
         raise
     if durable:
         fsync_path(path.parent)
+
+
+def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_folder)`` for a fresh folder next to ``path``, then swap it into place:
+    an interrupted write leaves the old folder (or none), never a half-written one under the
+    final name. An existing ``path`` is moved aside first and deleted after the swap."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    public_mode(tmp, directory=True)  # mkdtemp's 0700 would stay on the renamed folder
+    try:
+        write(tmp)
+        if path.exists() or path.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .._files import atomic_folder
 from .common import DTYPES, CLIError, check_out_path
 
 
@@ -131,6 +132,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     except ValueError as err:  # the library's advice names its keyword; here it is --preset
         raise CLIError(str(err).replace("pass config=<preset name or DCAEConfig>",
                                         "pass --preset NAME (dcgen presets lists them)")) from err  # fmt: skip
-    model.save_pretrained(args.dst, dtype=DTYPES[args.dtype] if args.dtype else None)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    # built beside DST and swapped in: a killed conversion leaves no half-written model there
+    atomic_folder(Path(args.dst), lambda tmp: model.save_pretrained(tmp, dtype=dtype))
     print(f"wrote diffusers-format DC-AE to {args.dst}")
     return 0

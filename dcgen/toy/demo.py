@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from dcgen._files import atomic_write
+from dcgen._files import atomic_folder, atomic_write
 from dcgen.adapters import adapter_for
 from dcgen.train.checkpoint import checkpoint_step, latest_checkpoint
 from dcgen.train.config import TrainConfig
@@ -249,17 +249,13 @@ def _write_pipeline(path: Path, transformer: torch.nn.Module, assets: A.ToyAsset
     from dcgen.pipelines import DCGenToyPipeline
     from dcgen.train.export import default_scheduler
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     pipe = DCGenToyPipeline(
         transformer=transformer,
         vae=assets.dcae,
         scheduler=default_scheduler("flux"),
         text_encoder=assets.text_encoder,
     )
-    pipe.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    atomic_folder(path, lambda tmp: pipe.save_pretrained(tmp))
 
 
 def _start_run_folder(out: Path, settings: DemoSettings, resume: bool) -> bool:

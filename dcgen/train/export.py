@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .._files import atomic_folder
 from ..adapters import adapter_for
 from .latent_layers import (
     LATENT_LAYERS_FORMAT,
@@ -242,10 +243,17 @@ def export_pipeline(
     cls = classes[text_family]
     pipe = cls(transformer, vae=vae, scheduler=scheduler, shift_rule=shift_rule)
     out = Path(out_dir)
-    pipe.save_pretrained(out)
-    if text_encoders is not None:
-        names = copy_text_components(text_encoders, out, text_family, link=link_text_encoders)
-        logger.info("%s text components %s from %s", "linked" if link_text_encoders else
-                    "copied", names, text_encoders)  # fmt: skip
+
+    def write(folder: Path) -> None:
+        pipe.save_pretrained(folder)
+        if text_encoders is not None:
+            names = copy_text_components(text_encoders, folder, text_family,
+                                         link=link_text_encoders)  # fmt: skip
+            logger.info("%s text components %s from %s", "linked" if link_text_encoders else
+                        "copied", names, text_encoders)  # fmt: skip
+
+    # the whole folder is built beside out_dir and swapped in: an export killed half way leaves
+    # the previous pipeline (or none), never a folder that loads with a missing component
+    atomic_folder(out, write)
     logger.info("exported %s to %s", cls.__name__, out)
     return out

@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from dcgen._files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -220,16 +224,24 @@ def save_lora(
     state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     state = {k: v.detach().contiguous() for k, v in state.items()}
     metadata = peft_config[adapter_name].to_dict()
-    LoraBaseMixin.write_lora_layers(
-        state_dict=_pack_dict_with_prefix(state, LORA_PREFIX),
-        save_directory=str(directory),
-        is_main_process=True,
-        weight_name=weight_name,
-        save_function=None,
-        safe_serialization=True,
-        lora_adapter_metadata=_pack_dict_with_prefix(metadata, LORA_PREFIX),
-    )
     path = Path(directory) / weight_name
+
+    def write(tmp: str) -> None:
+        # diffusers writes into a folder under a name: a private one beside the target, whose
+        # file is renamed into place (a killed save leaves the old file, never half a new one)
+        with tempfile.TemporaryDirectory(prefix=".lora.", dir=path.parent) as folder:
+            LoraBaseMixin.write_lora_layers(
+                state_dict=_pack_dict_with_prefix(state, LORA_PREFIX),
+                save_directory=folder,
+                is_main_process=True,
+                weight_name=weight_name,
+                save_function=None,
+                safe_serialization=True,
+                lora_adapter_metadata=_pack_dict_with_prefix(metadata, LORA_PREFIX),
+            )
+            os.replace(Path(folder) / weight_name, tmp)
+
+    atomic_write(path, write)
     logger.info("saved %d LoRA tensors to %s", len(state), path)
     return path
 

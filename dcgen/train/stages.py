@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcgen._files import atomic_write
+from dcgen._files import atomic_folder, atomic_write
 from dcgen.adapters import DiTAdapter, adapter_for, pack_latents
 from dcgen.sampling.shift import resolve_shift
 
@@ -810,16 +810,19 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
         paths["latent_layers"] = str(
             save_latent_layers(transformer, run_dir / LATENT_LAYERS_NAME, meta)
         )
+        # every file is written beside its name and renamed into place: a run killed while
+        # saving leaves the previous result (or none), never half of one
         if cfg.stage == "finetune":
             paths["lora"] = str(save_lora(transformer, run_dir))
         else:
-            transformer.save_pretrained(str(run_dir / TRANSFORMER_DIR))
+            atomic_folder(run_dir / TRANSFORMER_DIR, lambda tmp: transformer.save_pretrained(tmp))
             paths["transformer"] = str(run_dir / TRANSFORMER_DIR)
         losses = [float(e["loss"]) for e in read_log(run_dir / LOG_NAME)]
         if losses:
             from dcgen.toy.images import plot_curve
 
-            plot_curve(losses, f"dcgen {cfg.stage}: loss").save(run_dir / "loss.png")
+            curve = plot_curve(losses, f"dcgen {cfg.stage}: loss")
+            atomic_write(run_dir / "loss.png", lambda tmp: curve.save(tmp, format="PNG"))
             paths["loss_curve"] = str(run_dir / "loss.png")
         paths["log"] = str(run_dir / LOG_NAME)
         paths["config"] = str(run_dir / "config.json")

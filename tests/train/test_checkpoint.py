@@ -259,3 +259,29 @@ def test_a_large_seed_draws_and_stays_distinct():
     a = StepRandom(big, 3, 2, slice(0, 2), torch.device("cpu")).generator.initial_seed()
     b = StepRandom(big, 4, 2, slice(0, 2), torch.device("cpu")).generator.initial_seed()
     assert a != b
+
+
+def test_atomic_folder_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):
+    from dcgen._files import atomic_folder
+
+    target = tmp_path / "model"
+    mask = os.umask(0o022)
+    try:
+        atomic_folder(target, lambda d: (d / "a.txt").write_text("one"))
+    finally:
+        os.umask(mask)
+    assert (target / "a.txt").read_text() == "one" and target.stat().st_mode & 0o777 == 0o755
+
+    def killed(d: Path) -> None:
+        (d / "a.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_folder(target, killed)
+    assert [p.name for p in target.iterdir()] == ["a.txt"] and (
+        target / "a.txt"
+    ).read_text() == "one"
+    # a finished write replaces the whole folder: no file of the old one stays behind
+    atomic_folder(target, lambda d: (d / "b.txt").write_text("two"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or old folder left

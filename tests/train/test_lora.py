@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,6 +122,25 @@ def test_save_load_roundtrip_diffusers_format(tmp_path):
     load_lora(fresh, tmp_path)
     assert not any(p.requires_grad for p in lora_parameters(fresh))
     torch.testing.assert_close(run(fresh), out, rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LORA_WEIGHT_NAME]  # no temp left
+
+
+def test_a_killed_lora_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    from diffusers.loaders.lora_base import LoraBaseMixin
+
+    model = add_lora(tiny_flux(), rank=4)
+    randomise_lora_b(model)
+    before = save_lora(model, tmp_path).read_bytes()
+
+    def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        (Path(kwargs["save_directory"]) / LORA_WEIGHT_NAME).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LoraBaseMixin, "write_lora_layers", staticmethod(killed))
+    with pytest.raises(KeyboardInterrupt):
+        save_lora(model, tmp_path)
+    assert (tmp_path / LORA_WEIGHT_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LORA_WEIGHT_NAME]
 
 
 def test_fused_equals_unfused():
