@@ -61,22 +61,40 @@ def atomic_write(path: Path, write: Callable[[str], None], durable: bool = False
 
 
 def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_folder)`` for a fresh folder next to ``path``, then swap it into place:
-    an interrupted write leaves the old folder (or none), never a half-written one under the
-    final name. An existing ``path`` is moved aside first and deleted after the swap."""
+    """Call ``write(tmp_folder)`` for a fresh folder next to ``path``, then swap it into place,
+    so an interrupted write never leaves a half-written file or subfolder under ``path``.
+
+    A missing ``path``, or one holding nothing the new folder does not (a previous save), is
+    swapped whole. A folder with other entries too (the user's own files beside an export) is
+    kept: each entry of the new folder is swapped in on its own and the others stay."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     public_mode(tmp, directory=True)  # mkdtemp's 0700 would stay on the renamed folder
     try:
         write(tmp)
-        if path.exists() or path.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
+        if not (path.exists() or path.is_symlink()):
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            return
+        new = {p.name for p in tmp.iterdir()}
+        if path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} - new:
+            for name in sorted(new):
+                _swap_in(tmp / name, path / name)
+            tmp.rmdir()
         else:
-            os.replace(tmp, path)
+            _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Rename ``new`` to ``final``; an existing ``final`` is moved aside first (a folder cannot
+    be replaced by a rename) and deleted after."""
+    if not (final.exists() or final.is_symlink()):
+        os.replace(new, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    os.replace(final, old / final.name)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -281,7 +281,11 @@ def test_atomic_folder_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_
     assert [p.name for p in target.iterdir()] == ["a.txt"] and (
         target / "a.txt"
     ).read_text() == "one"
-    # a finished write replaces the whole folder: no file of the old one stays behind
-    atomic_folder(target, lambda d: (d / "b.txt").write_text("two"))
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    # a previous save is swapped whole; the user's own files beside one are kept
+    atomic_folder(target, lambda d: [(d / n).write_text("two") for n in ("a.txt", "b.txt")])
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"a.txt": "two", "b.txt": "two"}
+    (target / "notes.md").write_text("mine")
+    atomic_folder(target, lambda d: (d / "a.txt").write_text("three"))
+    got = {p.name: p.read_text() for p in target.iterdir()}
+    assert got == {"a.txt": "three", "b.txt": "two", "notes.md": "mine"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or old folder left
