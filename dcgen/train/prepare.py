@@ -206,6 +206,15 @@ def combine_text_sources(
         if not missing:
             return table(captions)
         computed = fn(missing)
+        shapes = {k: tuple(v.shape[1:]) for k, v in computed.items()}
+        if table.names is not None and shapes != table.shapes:
+            # mixed in one cache they would give samples of different tensors (the index
+            # names those of the first), or a bare KeyError where one batch mixes both
+            raise PrepareError(
+                f"the text encoder gives tensors {shapes} per caption, the text embeddings "
+                f"in {table.path} {table.shapes}; expected the same names and shapes (made "
+                "with the same encoder and token length)"
+            )
         per_caption = {c: {k: v[j] for k, v in computed.items()} for j, c in enumerate(missing)}
         rows = [table.get(c) if c in table else per_caption[c] for c in captions]
         return {name: torch.stack([r[name] for r in rows]) for name in rows[0]}

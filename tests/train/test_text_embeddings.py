@@ -40,3 +40,30 @@ def test_a_killed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["text.safetensors"]  # no temp file left
     got = TextEmbeddingTable(tmp_path)(["a red square"])
     assert torch.equal(got["prompt_embeds"][0], _embeddings(0)["a red square"]["prompt_embeds"])
+
+
+def test_table_and_encoder_mix_and_must_agree(tmp_path):
+    from dcgen.train.prepare import PrepareError, combine_text_sources
+
+    want = _embeddings(0)
+    table = TextEmbeddingTable(save_text_embeddings(tmp_path / "text.safetensors", want))
+
+    def encoder(pad: int):  # noqa: ANN202
+        def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+            n = len(captions)
+            return {
+                "prompt_embeds": torch.ones(n, 3 + pad, 8),
+                "pooled_prompt_embeds": torch.ones(n, 4),
+            }
+
+        return encode
+
+    # the table where it has the caption, the encoder for the rest, in the callers' order
+    got = combine_text_sources(table, encoder(0))(["a green star", "a red square"])
+    assert torch.equal(got["prompt_embeds"][0], torch.ones(3, 8))
+    assert torch.equal(got["prompt_embeds"][1], want["a red square"]["prompt_embeds"])
+    # an encoder with another token length (or other names) would make a cache whose samples
+    # differ, or fail in a bare KeyError / stack error: named instead
+    mixed = combine_text_sources(table, encoder(2))
+    with pytest.raises(PrepareError, match=r"the text encoder gives tensors .*\(5, 8\).*\(3, 8\)"):
+        mixed(["a green star", "a red square"])
