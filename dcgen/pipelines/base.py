@@ -121,29 +121,34 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         tile_overlap: int,
         band_rows: int | None,
     ) -> torch.Tensor:
-        """decode_latents in fp32, never an image of NaN / Inf written as a black picture: an
-        fp16 autoencoder whose activations overflow (fp16 tops out at 65,504; a DC-AE's GLU
-        products pass that) decodes again in fp32, as diffusers' ``force_upcast`` does for
-        such VAEs; non-finite latents or an fp32 / bf16 decode that overflows raise."""
+        """decode_latents, as fp32 images, never an image of NaN / Inf written as a black
+        picture: an fp16 autoencoder whose activations overflow (fp16 tops out at 65,504; a
+        DC-AE's GLU products pass that) decodes again in fp32, as diffusers' ``force_upcast``
+        does for such VAEs, and this pipeline then decodes in fp32 straight away; non-finite
+        latents, or pixels from an fp32 / bf16 decode, raise."""
         if not torch.isfinite(latents).all():
             raise FloatingPointError(
                 "sampling produced non-finite latents (NaN / Inf) with the transformer in "
                 f"{self.transformer.dtype}; expected finite values: run it in bfloat16 or "
                 "float32"
             )
-        decoded = self.decode_latents(latents, tile_size, tile_overlap, band_rows).float()
-        if torch.isfinite(decoded).all():
-            return decoded
         vae_dtype = self.vae.dtype
-        if vae_dtype != torch.float16:
-            raise FloatingPointError(
-                f"the autoencoder ({type(self.vae).__name__}, {vae_dtype}) decoded finite "
-                "latents to non-finite pixels; expected finite images"
+        upcast = vae_dtype == torch.float16 and getattr(self, "_fp16_vae_overflows", False)
+        if not upcast:
+            decoded = self.decode_latents(latents, tile_size, tile_overlap, band_rows).float()
+            if torch.isfinite(decoded).all():
+                return decoded
+            if vae_dtype != torch.float16:
+                raise FloatingPointError(
+                    f"the autoencoder ({type(self.vae).__name__}, {vae_dtype}) decoded finite "
+                    "latents to non-finite pixels; expected finite images"
+                )
+            logger.warning(
+                "%s overflowed in float16 (non-finite pixels); decoding again in float32, and "
+                "in float32 from now on",
+                type(self.vae).__name__,
             )
-        logger.warning(
-            "%s overflowed in float16 (non-finite pixels); decoding again in float32",
-            type(self.vae).__name__,
-        )
+            self._fp16_vae_overflows = True
         self.vae.to(torch.float32)
         try:
             decoded = self.decode_latents(latents, tile_size, tile_overlap, band_rows).float()

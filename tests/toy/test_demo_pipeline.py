@@ -337,6 +337,20 @@ def test_an_fp16_autoencoder_that_overflows_decodes_again_in_fp32(folder, caplog
     images = images.images
     assert "decoding again in float32" in caplog.text
     assert pipe.vae.dtype == torch.float16  # restored
+    # the next call decodes in fp32 straight away (one decode, no second warning)
+    caplog.clear()
+    calls = []
+    decode = pipe.decode_latents
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(pipe.vae.dtype)
+        return decode(*args, **kwargs)
+
+    pipe.decode_latents = counted
+    with torch.no_grad(), caplog.at_level("WARNING", logger="dcgen.pipelines.base"):
+        again = pipe._decode_finite(latents, None, 0, None)
+    assert calls == [torch.float32] and not caplog.text
+    torch.testing.assert_close(again, expected, atol=2e-3, rtol=0)
     # the retry runs the fp16-rounded weights in fp32: within 1e-3 of the fp32 model's image
     assert torch.isfinite(images).all()
     torch.testing.assert_close(images.float(), (expected / 2 + 0.5).clamp(0, 1), atol=1e-3, rtol=0)
