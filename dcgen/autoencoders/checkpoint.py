@@ -108,6 +108,11 @@ def _rename(key: str, table: Iterable[tuple[str, str]]) -> str:
     return key
 
 
+def diffusers_key(key: str) -> str:
+    """The diffusers name of a dcgen key that is not a fused qkv weight (those split in three)."""
+    return _rename(key, DCGEN_TO_DIFFUSERS)
+
+
 def dcgen_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """dcgen state dict -> diffusers AutoencoderDC state dict."""
     out: StateDict = {}
@@ -118,7 +123,7 @@ def dcgen_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
             for part, chunk in zip(_QKV_PARTS, value.flatten(1).chunk(3, dim=0)):
                 out[f"{prefix}{part}.weight"] = chunk.contiguous()
             continue
-        new_key = _rename(key, DCGEN_TO_DIFFUSERS)
+        new_key = diffusers_key(key)
         if key.endswith(".attn.proj.weight"):
             value = value.flatten(1)  # 1x1 conv -> Linear
         out[new_key] = value

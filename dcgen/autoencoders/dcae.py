@@ -61,6 +61,7 @@ from .._files import atomic_write
 from . import checkpoint as ckpt
 from .banding import check_band_rows
 from .config import DCAEConfig, find_preset, get_preset
+from .norms import BatchNorm2dFP32
 from .tiling import tiled_apply
 
 logger = logging.getLogger(__name__)
@@ -214,10 +215,18 @@ class DCAE(nn.Module):
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"save_pretrained: expected a floating dtype, got {dtype}")
         path = Path(path)
+        # BatchNorm statistics stay fp32 in a 16-bit file too (a running variance past fp16's
+        # 65,504 would be stored as inf): the model keeps them fp32 (BatchNorm2dFP32)
+        keep = {
+            ckpt.diffusers_key(f"{name}.{key}")
+            for name, module in self.named_modules()
+            if isinstance(module, BatchNorm2dFP32)
+            for key in module.state_dict()
+        }
         state = {}
         for key, value in ckpt.dcgen_to_diffusers(self.state_dict()).items():
             value = value.detach()
-            if dtype is not None and value.is_floating_point():
+            if dtype is not None and value.is_floating_point() and key not in keep:
                 value = value.to(dtype)
             state[key] = value.cpu().contiguous()
         cfg = {"_class_name": "AutoencoderDC", "_diffusers_version": _diffusers_version()}

@@ -114,6 +114,12 @@ def test_batchnorm_statistics_stay_fp32_when_the_model_is_cast(tmp_path):
     back = DCAE.from_pretrained(tmp_path)
     for name, value in model.state_dict().items():
         assert torch.equal(back.state_dict()[name].to(value.dtype), value), name
+    # a 16-bit file of the fp32 model keeps them fp32 too (they were written as inf)
+    model.float().save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    back = DCAE.from_pretrained(tmp_path / "fp16")
+    for bn, saved in zip(bns, [m for m in back.modules() if isinstance(m, nn.BatchNorm2d)]):
+        for key, value in bn.state_dict().items():
+            assert torch.equal(saved.state_dict()[key], value), key
 
 
 def test_large_activations_in_bf16_do_not_overflow():
