@@ -137,7 +137,9 @@ def up_block_shortcut_reference(
     return (main + channel_duplicate_to_space(x.to(dt), cout, 2)).to(y.dtype)
 
 
-def down_block_shortcut_reference(y: torch.Tensor, x: torch.Tensor, unshuffle_y: bool = True):
+def down_block_shortcut_reference(
+    y: torch.Tensor, x: torch.Tensor, unshuffle_y: bool = True
+) -> torch.Tensor:
     """Pure-PyTorch spec of :func:`down_block_shortcut` (mean and sum in fp32, one rounding)."""
     cout = _down_out_channels(y, x, unshuffle_y)
     dt = _math_dtype(y)
