@@ -43,6 +43,9 @@ from ..sampling.flow import check_custom_sigmas, strength_start
 
 logger = logging.getLogger(__name__)
 
+#: the guidance-embedding value FLUX.1-dev samples with (diffusers' FluxPipeline default)
+DEFAULT_GUIDANCE_SCALE = 3.5
+
 #: image-to-image strength when none is given: diffusers' FluxImg2ImgPipeline's default
 DEFAULT_STRENGTH = 0.6
 
@@ -218,7 +221,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         height: int = 1024,
         width: int = 1024,
         num_inference_steps: int = 20,
-        guidance_scale: float = 3.5,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         true_cfg_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -418,6 +421,14 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         guidance = None
         if getattr(adapter, "has_guidance_embeds", False):
             guidance = torch.full((total,), float(guidance_scale), device=device)
+        elif guidance_scale != DEFAULT_GUIDANCE_SCALE:
+            # diffusers' SanaPipeline calls its CFG scale guidance_scale: say where it went
+            logger.warning(
+                "guidance_scale=%g is not used: this transformer has no guidance embedding; "
+                "classifier-free guidance is true_cfg_scale (now %g)",
+                guidance_scale,
+                true_cfg_scale,
+            )
 
         extra = {} if attn_kwargs is None else {adapter.attention_kwargs_name: attn_kwargs}
         # CFG's two predictions as one batch [negative, positive] where the embeddings stack

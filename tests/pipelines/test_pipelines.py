@@ -188,6 +188,23 @@ def test_custom_sigmas_need_the_euler_sampler():
     assert torch.isfinite(out).all()
 
 
+def test_a_guidance_scale_the_model_cannot_use_is_named(caplog):
+    # diffusers' SanaPipeline calls its CFG scale guidance_scale; here that is true_cfg_scale,
+    # and guidance_scale=7 on a model without a guidance embedding changed nothing, silently
+    ae = tiny_dcae()
+    model = tiny_sana()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    pipe = DCGenSanaPipeline(model, ae, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt_embeds=torch.randn(1, 5, 32), height=64, width=64, num_inference_steps=1,
+              true_cfg_scale=1.0, output_type="latent")  # fmt: skip
+    with caplog.at_level("WARNING", logger="dcgen.pipelines.base"):
+        pipe(**kw)
+        assert "guidance_scale" not in caplog.text  # the default says nothing
+        pipe(guidance_scale=7.0, **kw)
+    assert "guidance_scale=7 is not used" in caplog.text and "true_cfg_scale (now 1)" in caplog.text
+
+
 def test_shift_rules_change_sampling():
     dynamic = run(dcgen_flux(dynamic=True), output_type="latent")
     constant = run(dcgen_flux(dynamic=False), output_type="latent")  # scheduler shift 1.0
