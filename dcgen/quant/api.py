@@ -224,6 +224,11 @@ def _targets(model: nn.Module, config: QuantConfig, name_prefix: str = "") -> li
     return names
 
 
+def _linear_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A linear's input as its forward hook sees it: positional, or ``input=`` by keyword."""
+    return args[0] if args else kwargs["input"]
+
+
 @torch.no_grad()
 def _activation_amax(
     model: nn.Module, names: Sequence[str], calibrate: Callable[[nn.Module], Any]
@@ -231,13 +236,16 @@ def _activation_amax(
     stats: dict[str, torch.Tensor] = {}
 
     def hook(name: str):  # noqa: ANN202
-        def fn(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            a = args[0].detach().float().abs().flatten(0, -2).amax(dim=0)
+        def fn(mod: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+            x = _linear_input(args, kwargs).detach()
+            a = x.float().abs().reshape(-1, x.shape[-1]).amax(dim=0)  # 1-D inputs too
             stats[name] = torch.maximum(stats[name], a) if name in stats else a
 
         return fn
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in names
+    ]
     try:
         calibrate(model)
     finally:
@@ -506,8 +514,8 @@ def quality_report(
     q_out: dict[str, torch.Tensor] = {}
 
     def fp_hook(name: str):  # noqa: ANN202
-        def fn(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            fp_io.setdefault(name, (args[0].detach(), out.detach()))
+        def fn(mod: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+            fp_io.setdefault(name, (_linear_input(args, kwargs).detach(), out.detach()))
 
         return fn
 
@@ -517,7 +525,7 @@ def quality_report(
 
         return fn
 
-    handles = [fp_mods[n].register_forward_hook(fp_hook(n)) for n in qmods]
+    handles = [fp_mods[n].register_forward_hook(fp_hook(n), with_kwargs=True) for n in qmods]
     handles += [m.register_forward_hook(q_hook(n)) for n, m in qmods.items()]
     inputs = inputs_fn()
 

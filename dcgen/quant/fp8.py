@@ -33,7 +33,11 @@ Row scales take one of two routes (``DCGEN_FP8_GEMM``; :func:`row_gemm_route`):
   >= 12.9 that is cuBLAS's outer-vector scaling with the bias fused, one kernel; the default
   there on Hopper: the H200 run of 2026-11-27 timed it faster than "tensor" + epilogue at every
   FLUX linear shape (1.19-1.58x bf16 against 0.91-1.29x; docs/benchmark-log.md). Older builds ran torch's
-  own row-wise kernel, slower than "tensor" on Hopper (docs/ANCHORS.md).
+  own row-wise kernel, slower than "tensor" on Hopper (docs/ANCHORS.md). ``_scaled_mm``
+  takes its bias in the output dtype: an fp32 bias under 16-bit activations (an FP8Linear
+  built with ``dtype=torch.float32`` and fed bf16) is rounded to 16 bits first, one more
+  rounding than the reference (1 bf16 ulp on some outputs); ``quantize_`` keeps each bias in
+  the model's dtype, where this does not arise.
 
 Fast accumulation (``fast_accum=True``, row scales only; ``FP8Config(fast_accum=True)``): the
 GEMM runs with ``_scaled_mm(use_fast_accum=True)``, so Hopper's FP8 tensor cores keep their
@@ -166,6 +170,11 @@ def quantize_fp8_weight(
         "quantize_fp8_weight: weight", weight, ndim=2, dtypes=(*FLOAT_DTYPES, torch.float64)
     )
     ensure_finite("quantize_fp8_weight: weight", weight)
+    if weight.dtype == torch.float64:
+        # the recipe runs in fp32: a float64 value past its range would be an Inf there
+        ensure_finite(
+            "quantize_fp8_weight: weight (in fp32, the recipe's precision)", weight.float()
+        )
     return quantize_fp8_reference(weight, granularity)
 
 

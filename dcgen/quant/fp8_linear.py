@@ -471,9 +471,11 @@ class FP8Linear(nn.Module):
             y = direct_ops(*_OPS)[1](*product, self.weight_scale, self.bias, act)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
+    def forward(self, input: torch.Tensor, act: str = "none") -> torch.Tensor:
         """``act(x W^T + b)``; ``act`` "none" or "gelu_tanh" (fused into the GEMM epilogue on
-        the kernel route, the fused FLUX MLP's first linear uses it)."""
+        the kernel route, the fused FLUX MLP's first linear uses it). The input's name is
+        nn.Linear's, so a drop-in layer is also called as ``layer(input=x)``."""
+        x = input
         if act in _ACTS and self._direct(x):
             y = self._direct_forward(x, act)
             if y is not None:

@@ -315,11 +315,17 @@ class NVFP4Linear(nn.Module):
         y = _gemm.nvfp4_gemm_w4a16(x.reshape(-1, k), self.weight, w_scales, self.weight_scale_2)
         return y.reshape(*x.shape[:-1], n)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = input  # nn.Linear's parameter name: a drop-in layer is also called as layer(input=x)
+        if not isinstance(x, torch.Tensor) or x.shape[-1:] != (self.in_features,):
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
-                f"NVFP4Linear: expected input with last dim {self.in_features}, "
-                f"got shape {tuple(x.shape)}"
+                f"NVFP4Linear: expected input with last dim {self.in_features}, got {got}"
+            )
+        if not x.is_floating_point() or x.element_size() == 1:
+            # an integer input came back as truncated integers (nn.Linear raises)
+            raise TypeError(
+                f"NVFP4Linear: expected a floating-point (16/32/64-bit) input, got {x.dtype}"
             )
         # Dispatch by device: the native NVFP4 GEMM where compiled (Blackwell block-scaled W4A4;
         # on Hopper, opt-in, the mainloop-dequantizing wgmma GEMMs for W4A4 and W4A16); else on

@@ -10,9 +10,11 @@ The recipe (docs KERNELS.md, "NVFP4"), followed op for op, all arithmetic in fp3
    has no encoding for them, and one Inf would make every other scale meaningless).
 2. K is padded with zeros to a multiple of 16; the original shape (and K) are recorded and
    :func:`dequantize_nvfp4` trims the padding.
-3. ``global_decode = amax / (6 * 448)`` with ``amax = max|x|`` over the whole tensor (one fp32
-   division by 2688). Where that is 0 (an all-zero tensor, or an amax so small the quotient
-   underflows) ``global_decode = 1``. A caller may pass a
+3. ``global_decode = amax * fp32(1 / (6 * 448))`` with ``amax = max|x|`` over the whole tensor
+   (one fp32 multiplication by the rounded reciprocal of 2688: what PyTorch on CUDA computes
+   for ``amax / 2688``, so every device gives the same bits). Where that is not a finite
+   number > 0 (an all-zero tensor, an amax so small the product underflows, a NaN or Inf
+   amax) ``global_decode = 1``. A caller may pass a
    static ``global_scale`` instead (the calibrated ``input_scale`` of a W4A4 layer).
 4. ``block_scale = e4m3(min(block_amax / (6 * global_decode), 448))``: fp32 product
    ``6 * global_decode``, fp32 division, clamp to E4M3's max 448 (only reachable with a static
@@ -37,11 +39,14 @@ from dataclasses import dataclass
 
 import torch
 
+from dcgen._checks import is_int
 from dcgen.ops._validate import FLOAT_DTYPES, check_tensor
 
 BLOCK = 16
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
+# 1 / (6 * 448), rounded once to fp32 where it multiplies an fp32 amax (global_decode_scale)
+INV_GLOBAL_MAX = 1.0 / (E2M1_MAX * E4M3_MAX)
 # Magnitudes of codes 0..7; codes 8..15 are the same negated.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Midpoints between consecutive magnitudes. A tie at the midpoint after code i goes to the
@@ -120,10 +125,16 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
 
 
 def global_decode_scale(x: torch.Tensor) -> torch.Tensor:
-    """``amax / (6 * 448)`` over the whole tensor as an fp32 scalar; 1 where that is not > 0:
-    an all-zero tensor, an amax whose quotient underflows, and a NaN amax. The amax is one reduction, the
-    inf-norm: ``abs().amax()`` would first write |x| in full, a second pass over an activation
-    that W4A4's dynamic scale reads on every call. Same value."""
+    """``amax * fp32(1 / (6 * 448))`` over the whole tensor as an fp32 scalar; 1 where that is
+    not a finite number > 0: an all-zero tensor, an amax whose product underflows, and a NaN or
+    Inf amax (an Inf scale would zero every finite block, and their dequantized 0 * Inf be NaN:
+    one Inf token made a whole W4A4 batch NaN). The amax is one reduction, the inf-norm:
+    ``abs().amax()`` would first write |x| in full, a second pass over an activation that
+    W4A4's dynamic scale reads on every call. Same value.
+
+    A multiplication by the rounded reciprocal, not ``amax / 2688``: PyTorch on CUDA computes a
+    division by a Python scalar that way, one rounding step away from the CPU's true division
+    for about a quarter of tensors; this form gives the same bits on every device."""
     if x.numel():  # the max of |x| is exact in the input's dtype; taken in fp32 where it fits
         wide = x.dtype == torch.float64
         amax = torch.linalg.vector_norm(
@@ -131,8 +142,20 @@ def global_decode_scale(x: torch.Tensor) -> torch.Tensor:
         ).float()
     else:
         amax = torch.zeros((), device=x.device)
-    scale = amax / (E2M1_MAX * E4M3_MAX)
-    return torch.where(scale > 0, scale, 1.0)
+    scale = amax * INV_GLOBAL_MAX
+    return torch.where((scale > 0) & (scale < float("inf")), scale, 1.0)
+
+
+def _one_scale(name: str, value: object, device: torch.device) -> torch.Tensor:
+    """``value`` (a Python / numpy number or a one-element tensor) as an fp32 scalar tensor."""
+    wrong = isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.numel() != 1)
+    if not wrong:
+        try:
+            return torch.as_tensor(value, dtype=torch.float32, device=device).reshape(())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    shown = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+    raise ValueError(f"{name}: expected one global_scale number, got {shown}")
 
 
 def ensure_finite(name: str, x: torch.Tensor) -> None:
@@ -175,16 +198,13 @@ def quantize_nvfp4(
         ensure_finite("quantize_nvfp4: x", x)
     shape = tuple(x.shape)
     xf = _pad_k(x.detach().float())
+    if check_finite and x.dtype == torch.float64:
+        # the recipe runs in fp32: a float64 value past its range would be an Inf there
+        ensure_finite("quantize_nvfp4: x (in fp32, the recipe's precision)", xf)
     if global_scale is None:
         gd = global_decode_scale(xf)
     else:
-        if isinstance(global_scale, bool) or (
-            isinstance(global_scale, torch.Tensor) and global_scale.numel() != 1
-        ):
-            raise ValueError(
-                f"quantize_nvfp4: expected one global_scale number, got {global_scale!r}"
-            )
-        gd = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device).reshape(())
+        gd = _one_scale("quantize_nvfp4", global_scale, x.device)
         if check_finite:
             ensure_global_scale("quantize_nvfp4", gd)
     blocks = xf.unflatten(-1, (-1, BLOCK))
@@ -223,8 +243,15 @@ def dequantize_parts(
             f"for packed {tuple(packed.shape)} (K padded to a multiple of {BLOCK}), "
             f"got {tuple(scales.shape)}"
         )
+    if k is not None and (not is_int(k) or not kp - BLOCK < k <= kp):
+        raise ValueError(
+            f"dequantize_nvfp4: expected k an int in ({kp - BLOCK}, {kp}] for packed "
+            f"{tuple(packed.shape)}, got {k!r}"
+        )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dequantize_nvfp4: expected a floating dtype, got {dtype}")
     vals = e2m1_decode(unpack_e2m1(packed)).unflatten(-1, (-1, BLOCK))
-    gd = global_scale.float().reshape(())
+    gd = _one_scale("dequantize_nvfp4", global_scale, packed.device)
     out = (vals * scales.float().unsqueeze(-1) * gd).flatten(-2)
     if k is not None:
         out = out[..., :k]

@@ -94,7 +94,7 @@ def test_block_scales_follow_e4m3_rne():
 def test_recipe_op_for_op(rng):
     x = torch.randn(8, 64, generator=rng) * 3
     q = quantize_nvfp4(x)
-    gd = x.abs().amax() / (6 * 448)
+    gd = x.abs().amax() * (1 / (6 * 448))  # the rounded reciprocal: same bits on every device
     assert torch.equal(q.global_scale, gd)
     scales = (x.view(8, 4, 16).abs().amax(-1) / (6 * gd)).to(torch.float8_e4m3fn)
     assert torch.equal(q.scales.view(torch.uint8), scales.view(torch.uint8))
@@ -174,9 +174,58 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="global_scale"):
         quantize_nvfp4(torch.ones(16), torch.tensor(0.0))
     # two scales were a bare reshape RuntimeError, True was taken as 1.0
-    for bad in (torch.tensor([1.0, 2.0]), True):
+    # ... and a string or a list of two a bare TypeError / RuntimeError from torch
+    for bad in (torch.tensor([1.0, 2.0]), True, "a", [0.5, 0.5]):
         with pytest.raises(ValueError, match="expected one global_scale number"):
             quantize_nvfp4(torch.ones(16), bad)
+    # float64 past fp32's range passed the finite check, then the fp32 recipe made it Inf
+    with pytest.raises(ValueError, match=r"in fp32, the recipe's precision.*got 1 NaN/Inf"):
+        quantize_nvfp4(torch.tensor([1e300] + [1.0] * 15, dtype=torch.float64))
+
+
+def test_dequantize_parts_checks_its_inputs():
+    from dcgen.quant.nvfp4 import NVFP4Tensor, dequantize_parts
+
+    q = quantize_nvfp4(torch.randn(2, 32))
+    parts = (q.packed, q.scales, q.global_scale)
+    # k past Kp or far below it was taken (32 or 29 columns back), a float or int dtype
+    # truncated, a float / two-element global scale failed in .float() / reshape
+    for k in (100, -3, 16, 20.0):
+        with pytest.raises(ValueError, match=r"expected k an int in \(16, 32\]"):
+            dequantize_parts(*parts, k=k)
+    with pytest.raises(ValueError, match="floating dtype"):
+        dequantize_parts(*parts, dtype=torch.int32)
+    with pytest.raises(ValueError, match="expected one global_scale number, got shape \\(2,\\)"):
+        dequantize_parts(q.packed, q.scales, torch.ones(2))
+    assert torch.equal(dequantize_parts(q.packed, q.scales, float(q.global_scale)), q.dequantize())
+    with pytest.raises(ValueError, match="expected k an int"):
+        NVFP4Tensor(*parts, shape=(2, 40)).dequantize()
+
+
+def test_the_global_scale_is_a_rounded_reciprocal_product_and_infinite_amax_is_one():
+    from dcgen.quant.nvfp4 import global_decode_scale
+
+    # amax * fp32(1/2688), not amax / 2688: PyTorch on CUDA multiplies by the reciprocal, so
+    # only this form is the same on every device. The two differ for some tensors:
+    g = torch.Generator().manual_seed(5)
+    amaxes = torch.rand(1000, generator=g) * 100
+    by_product = amaxes * torch.tensor(1 / 2688, dtype=torch.float32)
+    assert not torch.equal(by_product, amaxes / 2688)
+    for a in amaxes[:50]:
+        x = torch.tensor([[float(a)] + [0.0] * 15])
+        assert torch.equal(global_decode_scale(x), a * torch.tensor(1 / 2688))
+    # a NaN or Inf amax gives 1, as zero does: an Inf scale zeroes every finite block
+    for bad in (float("inf"), float("nan"), 0.0):
+        assert global_decode_scale(torch.tensor([bad, 0.0])).item() == 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_global_scale_has_the_same_bits_on_cuda(rng):
+    from dcgen.quant.nvfp4 import global_decode_scale
+
+    for _ in range(200):
+        x = torch.randn(64, 64, generator=rng) * 10
+        assert torch.equal(global_decode_scale(x.cuda()).cpu(), global_decode_scale(x))
 
 
 def test_static_global_scale_clamps_and_saturates():

@@ -323,6 +323,55 @@ def test_bad_inputs(caplog):
         model[0](torch.randn(2, 16))
     with pytest.raises(ValueError, match="NVFP4Linear layers, found none"):
         save_quantized(nn.Linear(16, 16), "/nonexistent.safetensors")
+    # an integer input came back as truncated integers, a list as a bare AttributeError
+    with pytest.raises(TypeError, match="expected a floating-point .* got torch.int64"):
+        model[0](torch.ones(2, 32, dtype=torch.int64))
+    with pytest.raises(ValueError, match="last dim 32, got list"):
+        model[0]([1.0] * 32)
+    # float64 past fp32's range passed the finite check and became an Inf row scale
+    from dcgen.quant.fp8 import quantize_fp8_weight
+
+    w = torch.ones(2, 16, dtype=torch.float64)
+    w[0, 0] = 1e39
+    with pytest.raises(ValueError, match="in fp32, the recipe's precision"):
+        quantize_fp8_weight(w)
+
+
+def test_one_inf_token_stays_in_its_row_under_w4a4():
+    # the dynamic global scale became Inf, every finite block's scale 0, and its dequantized
+    # 0 * 0 * Inf NaN: one overflowing token made the whole batch (both CFG halves) NaN
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 4)
+    x = torch.randn(3, 32)
+    x[0, 0] = float("inf")
+    for mode in ("w4a4", "w4a16"):
+        y = NVFP4Linear.from_linear(lin, mode)(x)
+        assert torch.isfinite(y[1:]).all(), mode
+        assert rel(y[1:], lin(x)[1:].detach()) < 0.2, mode
+
+
+def test_calibration_sees_one_dimensional_and_keyword_inputs():
+    # the calibration hook flattened (0, -2) and read args[0]: a 1-D input was an IndexError,
+    # a linear called as layer(input=x) a bare "tuple index out of range"
+    class Calls(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(input=self.a(x))
+
+    torch.manual_seed(0)
+    model, x = Calls(), torch.randn(32)
+    reference = copy.deepcopy(model)
+    names = quantize_(model, NVFP4Config(smoothing_alpha=0.5, exclude=()), calibrate=lambda m: m(x))
+    assert names == ["a", "b"] and all(model.get_submodule(n).smooth is not None for n in names)
+    rep = quality_report(reference, model, lambda: x)
+    assert set(rep["layers"]) == {"a", "b"} and rep["output"]["rel_err"] < 0.2
+    # both quantized layers take nn.Linear's keyword, as the model above calls b
+    fp8 = copy.deepcopy(reference)
+    quantize_(fp8, FP8Config(exclude=()))
+    torch.testing.assert_close(fp8(x), fp8.b(fp8.a(x)), rtol=0, atol=0)
 
 
 def test_host_side_values_follow_buffer_changes(rng):
