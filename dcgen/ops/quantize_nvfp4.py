@@ -4,7 +4,7 @@ E4M3 block scales already in the 128x4 swizzled layout (Blackwell's operand form
 The recipe is :mod:`dcgen.quant.nvfp4`'s, op for op: the reference here is ``quantize_nvfp4``
 followed by ``swizzle_scales``, and the CUDA kernel does both in one pass, bit-identically.
 The tensor (decode) scale is an input: a static calibrated ``input_scale``, or, when None,
-``amax / (6 * 448)`` of ``x`` computed first (one reduction, no host sync).
+``amax * fp32(1 / (6 * 448))`` of ``x`` computed first (one reduction, no host sync).
 
 Non-finite inputs: by default the public function raises, like the reference (one device sync
 to count them). ``check_finite=False`` skips that; the recipe then runs as written: a block
@@ -50,7 +50,8 @@ def quantize_nvfp4_activation(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` [M, K] to NVFP4; returns ``(packed, swizzled_scales, global_scale)``.
 
-    ``global_scale``: fp32 scalar decode scale (static); None computes ``amax / 2688``.
+    ``global_scale``: fp32 scalar decode scale (static); None computes ``amax * fp32(1/2688)``
+    (:func:`dcgen.quant.nvfp4.global_decode_scale`).
     The fused CUDA kernel runs when dcgen._C has one for ``x.device`` and x is fp32/fp16/bf16;
     otherwise the reference. ``unswizzle_scales(scales, M, K)`` gives the [M, ceil(K/16)] view.
     """
@@ -85,7 +86,7 @@ def _smoothed(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
 
 
 def smoothed_decode_scale(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
-    """``amax(|x / smooth|) / 2688`` (the dynamic global scale of the smoothed activation)
+    """``amax(|x / smooth|) * fp32(1/2688)`` (the smoothed activation's dynamic global scale)
     without building ``x / smooth``: per column ``max_i |x_ij| / |s_j|``, bit-identical to the
     maximum of the divided values (IEEE division by a positive number is monotonic; a zero
     factor gives Inf or NaN either way)."""
@@ -148,8 +149,8 @@ def quantize_nvfp4_lowrank(
     ``(packed, swizzled_scales, global_scale, t)`` with ``t`` fp32 [M, r] (spec:
     :func:`quantize_nvfp4_lowrank_reference`).
 
-    ``global_scale``: fp32 scalar decode scale (static); None computes ``amax / 2688`` of
-    ``x / smooth``. ``smooth``: fp32 [K] smoothing factors or None. The fused CUDA kernel runs
+    ``global_scale``: fp32 scalar decode scale (static); None computes ``amax * fp32(1/2688)``
+    of ``x / smooth``. ``smooth``: fp32 [K] smoothing factors or None. The fused CUDA kernel runs
     for a bf16 / fp16 ``x`` with ``down`` of its dtype, K a multiple of 16 and r in
     ``LOWRANK_KERNEL_RANKS``; otherwise the quantize op and a separate GEMM give the same
     result (the reference on CPU). ``check_finite`` as in :func:`quantize_nvfp4_activation`.

@@ -184,7 +184,7 @@ def quantize_nvfp4(
 ) -> NVFP4Tensor:
     """Quantize ``x`` [..., K] to NVFP4 along its last dim (module docstring: the recipe).
 
-    ``global_scale``: an fp32 scalar decode scale to use instead of ``amax / (6 * 448)``
+    ``global_scale``: an fp32 scalar decode scale to use instead of the dynamic one (step 3)
     (static activation scales); block scales then clamp at 448 and elements saturate at +-6.
     ``check_finite=False`` skips step 1 and the global-scale check (both sync the device); the
     recipe then runs as written on NaN/Inf: a NaN block amax gives a NaN block scale, whose
