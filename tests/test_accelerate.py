@@ -149,6 +149,20 @@ def test_processors_set_after_accelerate_are_respected():
     assert set(processors(model)) == {"FluxAttnProcessor"}
 
 
+def test_accelerate_names_what_it_needs():
+    # None / a pipeline was a bare AttributeError ('... has no attribute modules')
+    from dcgen import accelerate, unaccelerate
+
+    class Pipe:
+        transformer = None
+
+    for fn in (accelerate, unaccelerate):
+        with pytest.raises(TypeError, match="expected a torch.nn.Module .* got NoneType"):
+            fn(None)
+        with pytest.raises(TypeError, match=r"got Pipe \(a pipeline: pass pipe.transformer\)"):
+            fn(Pipe())
+
+
 def test_custom_processors_are_left_alone():
     model = tiny_flux()
 

@@ -158,6 +158,10 @@ def test_bad_inputs_have_clear_errors():
         BenchSettings(model="sana-9b").resolved()
     with pytest.raises(ValueError, match="steps"):
         BenchSettings(model="tiny", steps=0).resolved()
+    # inf passed, then every row failed in the pipeline after the models were built
+    for cfg in (float("inf"), float("nan"), 0.5):
+        with pytest.raises(ValueError, match="cfg: expected a finite number >= 1"):
+            BenchSettings(model="tiny", cfg=cfg).resolved()
     with pytest.raises(ValueError, match="attention"):
         BenchSettings(model="tiny", attention="xformers").resolved()
     with pytest.raises(ValueError, match="quick_blocks"):
@@ -187,7 +191,7 @@ def test_bad_inputs_have_clear_errors():
         BenchSettings(model="tiny", nvfp4="w4a4", nvfp4_rank=-1).resolved()
     with pytest.raises(ValueError, match="quick_blocks 3 exceeds"):
         BenchSettings(model="tiny-sana", quick=True, quick_blocks=3).resolved()
-    with pytest.raises(ValueError, match=r"cfg: expected a number >= 1 \(1 = off\), got 0.5"):
+    with pytest.raises(ValueError, match=r"cfg: expected a finite number >= 1 \(1 = off\), got 0.5"):
         BenchSettings(model="tiny", cfg=0.5).resolved()
     assert BenchSettings(model="tiny").resolved().cfg == 1.0  # FLUX.1-dev: guidance embedding
 

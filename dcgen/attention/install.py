@@ -69,6 +69,15 @@ def _new_processor(module: torch.nn.Module) -> object | None:
     return None
 
 
+def _check_model(name: str, model: object) -> None:
+    if not isinstance(model, torch.nn.Module):
+        hint = " (a pipeline: pass pipe.transformer)" if hasattr(model, "transformer") else ""
+        raise TypeError(
+            f"{name}: expected a torch.nn.Module (a FLUX or SANA transformer), got "
+            f"{type(model).__name__}{hint}"
+        )
+
+
 def accelerate(
     model: torch.nn.Module, blocks: bool = False, cuda_graphs: bool = False
 ) -> torch.nn.Module:
@@ -87,6 +96,7 @@ def accelerate(
     and softmax statistics in fp32 (see dcgen.ops.attention), so outputs match the stock
     processors within the input dtype's rounding; graphs replay the same kernels.
     """
+    _check_model("accelerate", model)
     for m in model.modules():  # a processor set by other code since: its saved original is stale
         if _ORIGINAL in m.__dict__ and not _runs_fused(m):
             del m.__dict__[_ORIGINAL]
@@ -117,6 +127,7 @@ def accelerate(
 def unaccelerate(model: torch.nn.Module) -> torch.nn.Module:
     """Restore the processors (and block forwards) ``accelerate`` replaced and drop its CUDA
     graphs. Returns ``model``."""
+    _check_model("unaccelerate", model)
     block_graphs.uninstall(model)
     fused_blocks.restore(model)
     for module in model.modules():

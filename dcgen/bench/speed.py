@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import statistics
 from collections.abc import Callable, Iterator
@@ -157,8 +158,9 @@ class BenchSettings:
         out.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if out.cfg is None:
             out.cfg = SANA_CFG_SCALE if spec.family == "sana" else 1.0
-        if isinstance(out.cfg, bool) or not isinstance(out.cfg, int | float) or not out.cfg >= 1:
-            raise ValueError(f"cfg: expected a number >= 1 (1 = off), got {self.cfg!r}")
+        cfg = out.cfg
+        if isinstance(cfg, bool) or not isinstance(cfg, int | float) or not 1 <= cfg < math.inf:
+            raise ValueError(f"cfg: expected a finite number >= 1 (1 = off), got {self.cfg!r}")
         out.cfg = float(out.cfg)
         out.dtype = self.dtype or ("bf16" if out.device.startswith("cuda") else "fp32")
         for name in ("steps", "batch", "quick_blocks", "quick_steps", "repeats"):
