@@ -191,7 +191,9 @@ def test_bad_inputs_have_clear_errors():
         BenchSettings(model="tiny", nvfp4="w4a4", nvfp4_rank=-1).resolved()
     with pytest.raises(ValueError, match="quick_blocks 3 exceeds"):
         BenchSettings(model="tiny-sana", quick=True, quick_blocks=3).resolved()
-    with pytest.raises(ValueError, match=r"cfg: expected a finite number >= 1 \(1 = off\), got 0.5"):
+    with pytest.raises(
+        ValueError, match=r"cfg: expected a finite number >= 1 \(1 = off\), got 0.5"
+    ):
         BenchSettings(model="tiny", cfg=0.5).resolved()
     assert BenchSettings(model="tiny").resolved().cfg == 1.0  # FLUX.1-dev: guidance embedding
 

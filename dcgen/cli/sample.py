@@ -678,6 +678,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise CLIError("--report and --no-report: give one of them, not both")
     config = _quant_config(args)
     report = not args.no_report
+    report_path = Path(args.report) if args.report else out.with_suffix(".quality.json")
+    if report:  # checked before any work: the report is written after the checkpoint
+        if report_path.resolve() == out.resolve():
+            raise CLIError(f"--report {report_path}: expected another file than --out {out}")
+        check_out_path(report_path, "--report")
+    elif not needs_calibration(config) and (
+        args.prompt is not None or args.prompt_embeds is not None
+    ):
+        raise CLIError(
+            "--prompt / --prompt-embeds: nothing uses them with --no-report and no --smoothing "
+            "(they calibrate the smoothing and feed the quality report); drop them"
+        )
     needs_calls = report or needs_calibration(config)
     if args.prompt is not None and args.prompt_embeds is not None:
         raise CLIError(
@@ -718,7 +730,6 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(f"  {block['name']}: relative error {block['rel_err']:.3g} (block output)")
     for layer in summary["worst_layers"][:3]:
         print(f"  {layer['name']}: relative error {layer['rel_err']:.3g} (isolated)")
-    report_path = Path(args.report) if args.report else out.with_suffix(".quality.json")
     text = json.dumps({"format": args.format, "summary": summary, "report": rep}, indent=1)
     atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {report_path}")

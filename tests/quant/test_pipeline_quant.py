@@ -315,6 +315,8 @@ def test_quantize_command_without_report(pipeline_dir, tmp_path, capsys):
             "smoothing_alpha in [0, 1]",
         ),
         (["--format", "fp8-row", "--include", "(", "--no-report"], "invalid regex"),
+        # the prompt was encoded for nothing
+        (["--format", "fp8-row", "--prompt", "a", "--no-report"], "nothing uses them"),
     ],
 )
 def test_quantize_command_bad_input(pipeline_dir, tmp_path, capsys, extra, message):
@@ -337,3 +339,20 @@ def test_generate_quantized_missing_file(pipeline_dir, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--quantized" in err and "no such file" in err and "Traceback" not in err
+
+
+def test_quantize_checks_the_report_path_before_any_work(pipeline_dir, tmp_path, capsys):
+    # --report equal to --out overwrote the checkpoint with the JSON and exited 0; a folder or
+    # a path under a file failed after the whole run, leaving the checkpoint and a temp name
+    out = tmp_path / "q.safetensors"
+    prompt = str(pipeline_dir / "prompt.safetensors")
+    (tmp_path / "a.png").write_bytes(b"x")
+    for report, message in ((out, "expected another file than --out"),
+                            (tmp_path, "expected a file path, it is a folder"),
+                            (tmp_path / "a.png" / "r.json", "is a file, not a folder")):  # fmt: skip
+        argv = _quantize_argv(pipeline_dir, out, "--format", "fp8-row", "--prompt-embeds", prompt,
+                              "--report", str(report))  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and message in err, err
+        assert not out.exists()
