@@ -71,10 +71,11 @@ class ExportError(LatentLayersError):
 def _transformer_folder(path: Path) -> Path:
     """Accept the transformer folder itself, or a folder holding ``transformer/`` (a stage's
     out_dir or a diffusers pipeline folder)."""
-    if (path / "config.json").is_file():
-        return path
+    # transformer/ first: a stage's out_dir has a config.json of its own (the training config)
     if (path / "transformer" / "config.json").is_file():
         return path / "transformer"
+    if (path / "config.json").is_file():
+        return path
     if not path.exists():
         raise FileNotFoundError(f"transformer folder {path} does not exist")
     raise ExportError(
@@ -95,7 +96,7 @@ def load_transformer(
         if not matches:
             raise ExportError(
                 f"{folder}/config.json: _class_name {class_name!r} is not one of "
-                f"{sorted(TRANSFORMER_CLASSES.values())}; pass family= to force one"
+                f"{sorted(TRANSFORMER_CLASSES.values())}; pass family= (dcgen export --family) to force one"
             )
         family = matches[0]
     if family not in TRANSFORMER_CLASSES:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -118,6 +121,16 @@ def test_export_round_trip_matches_unfused_model(trained, tmp_path):
         latent_layers=root / "latent_layers.safetensors",
     )  # fmt: skip
     assert (_images(DCGenFluxPipeline.from_pretrained(no_lora)) - want).abs().max() > 1e-2
+    # a stage's out_dir (its own config.json is the training config, transformer/ beside it),
+    # as --help says: its config.json was taken for the transformer's and refused
+    stage = tmp_path / "runs" / "output"
+    shutil.copytree(root / "base", stage / "transformer")
+    (stage / "config.json").write_text(json.dumps({"stage": "output", "steps": 3}))
+    from_stage = export_pipeline(
+        stage, root / "dcae", tmp_path / "from_stage", lora_dir=root / "lora",
+        latent_layers=root / "latent_layers.safetensors",
+    )  # fmt: skip
+    torch.testing.assert_close(_images(DCGenFluxPipeline.from_pretrained(from_stage)), got)
 
 
 def test_export_sana_and_dtype(tmp_path):
