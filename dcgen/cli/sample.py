@@ -472,6 +472,15 @@ def _check_sampling_numbers(args: argparse.Namespace) -> None:
     for option, value in (("--guidance", args.guidance), ("--true-cfg", args.true_cfg)):
         if value is not None and not math.isfinite(value):
             raise CLIError(f"{option}: expected a finite number, got {value:g}")
+    seeds = getattr(args, "seed", None) or []
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:  # the second image overwrote the first's file, and the grid showed it twice
+        raise CLIError(f"--seed: expected each seed once, got {repeated} more than once")
+    for seed in seeds:
+        try:  # a generator's range, checked before the model loads rather than after
+            torch.Generator().manual_seed(seed)
+        except (RuntimeError, OverflowError, ValueError) as err:
+            raise CLIError(f"--seed {seed}: not a seed a torch.Generator takes ({err})") from err
 
 
 def _work_items(n_prompts: int, seeds: list[int], batch_size: int) -> list[tuple[int, list[int]]]:
@@ -574,8 +583,15 @@ def _sample_items(
     for i, seeds in items:
         paths = [_image_path(out, n_prompts, len(args.seed), i, seed) for seed in seeds]
         if args.skip_existing and all(p.is_file() for p in paths):
+            kept = [_read_image(p, "--skip-existing") for p in paths]
+            for path, image in zip(paths, kept, strict=True):
+                if image.size != (args.width, args.height):  # another job's image
+                    raise CLIError(
+                        f"--skip-existing: {path} is {image.size[0]}x{image.size[1]}, this run "
+                        f"samples {args.width}x{args.height}; remove it or choose another --out"
+                    )
             print(f"kept {', '.join(map(str, paths))} (--skip-existing)")
-            images.extend(_read_image(p, "--skip-existing") for p in paths)
+            images.extend(kept)
             continue
         started = time.perf_counter()
         sampled = _sample_call(pipe, args, seeds, {**image_kwargs, **prompt_kwargs[i]})

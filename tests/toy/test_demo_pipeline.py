@@ -288,6 +288,28 @@ def test_generate_skip_existing_samples_only_what_is_missing(folder, tmp_path, c
     for name, pixels in full.items():
         assert np.array_equal(np.asarray(Image.open(tmp_path / name)), pixels), name
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no leftovers
+    # another job's images (another size) were kept and pasted into a clipped grid
+    Image.new("RGB", (64, 64)).save(tmp_path / "x-seed3.png")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--skip-existing: " in err and "x-seed3.png is 64x64, this run samples 128x128" in err
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [(["3", "3"], "expected each seed once, got [3] more than once"),
+     (["99999999999999999999999"], "not a seed a torch.Generator takes")],
+)  # fmt: skip
+def test_generate_names_bad_seeds_before_loading(
+    folder, tmp_path, capsys, monkeypatch, seeds, message
+):
+    # a repeated seed overwrote its own file and filled two grid cells; a huge one failed
+    # only after the model had loaded
+    monkeypatch.setattr(DCGenToyPipeline, "from_pretrained", None)  # loading would fail loudly
+    argv = ["generate", "--pipeline", str(folder), "--prompt", CAPTIONS[0], "--seed", *seeds,
+            "--height", "128", "--width", "128", "--device", "cpu", "--out", str(tmp_path / "s.png")]  # fmt: skip
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_generate_encodes_long_prompt_lists_in_chunks(folder, tmp_path, monkeypatch):
