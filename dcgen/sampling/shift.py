@@ -62,9 +62,20 @@ def flux_mu(
     return base_shift + slope * (num_tokens - base_tokens)
 
 
+#: the largest mu whose e^mu is a finite float (e^709.78 is the largest double)
+MAX_LOG_SHIFT = 709.0
+
+
 def flux_shift(num_tokens: int, **kwargs: float) -> float:
     """s = e^mu with mu from :func:`flux_mu` (kwargs go to flux_mu)."""
-    return math.exp(flux_mu(num_tokens, **kwargs))
+    mu = flux_mu(num_tokens, **kwargs)
+    if mu > MAX_LOG_SHIFT:  # math.exp raised a bare OverflowError
+        raise ValueError(
+            f"flux_shift: the FLUX resolution rule gives mu = {mu:.4g} at {num_tokens} image "
+            f"tokens, a shift past {MAX_LOG_SHIFT:g} in log space; expected an image size the "
+            "rule extrapolates to, or pass the shift itself"
+        )
+    return math.exp(mu)
 
 
 def sqrt_shift(num_tokens: int, latent_channels: int, reference: int = 4096) -> float:

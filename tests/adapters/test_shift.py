@@ -57,6 +57,10 @@ def test_flux_mu_rule():
     assert flux_shift(4096) == pytest.approx(math.exp(1.15))
     # 4K with f64c128: 64x64 tokens, same shift as base FLUX at 1K (64x64 tokens of 2x2 f8).
     assert resolve_shift("flux", 64 * 64, 128) == pytest.approx(math.exp(1.15))
+    # 100,000 px squared on f32 (9.8M tokens): math.exp raised a bare OverflowError, a
+    # traceback out of `dcgen generate`
+    with pytest.raises(ValueError, match=r"mu = 1653 at 9765625 image tokens"):
+        flux_shift(3125 * 3125)
 
 
 def test_sqrt_rule():
