@@ -190,7 +190,10 @@ def test_precompute_base_patch_size_is_part_of_the_cache_identity(assets, tmp_pa
     capsys.readouterr()
     # ... another packing is another cache
     assert main([*argv, "--base-patch-size", "1"]) == 2
-    assert "holds a latent cache of other data or settings" in _error_line(capsys)
+    line = _error_line(capsys)
+    assert "holds a latent cache of other data or settings" in line
+    # in the command's words, not the library's keyword arguments
+    assert "pass --overwrite or choose another --out" in line and "overwrite=True" not in line
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,18 @@ from .common import DTYPES, CLIError, _device, _dtype, check_out_path
 # -- precompute -------------------------------------------------------------------------------
 
 
+def _cli_cache_errors(run: Any) -> Any:
+    """``run()``, a CacheError's advice in the command's words: the library names its
+    keyword arguments (overwrite=True, out_dir), the command line has --overwrite and --out."""
+    from dcgen.train.cache import CacheError
+
+    try:
+        return run()
+    except CacheError as err:
+        text = str(err).replace("overwrite=True", "--overwrite").replace("out_dir", "--out")
+        raise CLIError(text) from err
+
+
 def _cmd_precompute(args: argparse.Namespace) -> int:
     from dcgen.train.distributed import init_distributed
     from dcgen.train.prepare import run_precompute
@@ -49,7 +61,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
                 dtype=text_encoder_dtype(DTYPES[args.encoder_dtype]),
                 max_sequence_length=args.max_sequence_length,
             )  # fmt: skip
-        cache = run_precompute(
+        cache = _cli_cache_errors(lambda: run_precompute(
             args.data,
             args.dcae,
             args.out,
@@ -68,7 +80,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             ctx=ctx,
-        )
+        ))  # fmt: skip
     finally:
         ctx.close()
     if not ctx.is_main:
