@@ -415,12 +415,17 @@ class DCAE(nn.Module):
         tile_overlap: int | None,
     ) -> torch.Tensor:
         batch_size = self._check_batch_size(batch_size) or self._slice_batch_size
+        if tile_overlap is None:  # enable_tiling's overlap also under a tile_size of the call
+            tile_overlap = self._tile_overlap if self._tile_size is not None else 0
         if tile_size is None:
             tile_size = self._tile_size
-            tile_overlap = self._tile_overlap if tile_overlap is None else tile_overlap
         if tile_size is not None:
-            tile_overlap = tile_overlap or 0
             self._check_tiling(tile_size, tile_overlap)
+        elif tile_overlap:  # it was ignored without a word
+            raise ValueError(
+                f"tile_overlap={tile_overlap!r} needs tiling: expected a tile_size with it (or "
+                "enable_tiling), got none"
+            )
         f = self.spatial_compression_ratio
         layout = self._layout_for(x.device)
         # Also here, not only in set_memory_format: the model may have moved device since.

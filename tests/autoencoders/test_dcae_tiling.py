@@ -85,3 +85,20 @@ def test_tiled_close_to_full_and_no_worse_than_diffusers():
     assert rel_rms(z_t, z) < 0.4 and rel_rms(y_t, y) < 0.4
     assert rel_rms(z_t, z) <= 1.1 * rel_rms(z_ref, z)
     assert rel_rms(y_t, y) <= 1.1 * rel_rms(y_ref, y)
+
+
+def test_a_call_tile_size_keeps_enable_tilings_overlap_and_a_lone_overlap_is_refused():
+    # decode(z, tile_size=...) after enable_tiling(overlap=...) blended with no overlap (seams);
+    # a tile_overlap without any tiling was ignored
+    model = _model()
+    z = torch.randn(1, model.latent_channels, 6, 6)
+    with torch.no_grad():
+        model.enable_tiling(tile_size=64, tile_overlap=32)
+        enabled = model.decode(z)
+        torch.testing.assert_close(model.decode(z, tile_size=64), enabled, rtol=0, atol=0)
+        assert not torch.equal(model.decode(z, tile_size=64, tile_overlap=0), enabled)
+        model.disable_tiling()
+        for overlap in (-7, 32):
+            with pytest.raises(ValueError, match=f"tile_overlap={overlap} needs tiling"):
+                model.decode(z, tile_overlap=overlap)
+        torch.testing.assert_close(model.decode(z, tile_overlap=0), model.decode(z))
