@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .._checks import is_int
+
 logger = logging.getLogger(__name__)
 
 
@@ -80,10 +82,15 @@ class DiTAdapter(abc.ABC):
         from_pretrained round-trip, and return the old layers (also kept in
         ``self.original_layers``). ``init="zero_head"`` zeroes the new head, so the initial
         velocity is 0 (a common DiT start for fine-tuning)."""
-        if latent_channels < 1 or patch_size < 1:
+        if (
+            not (is_int(latent_channels) and is_int(patch_size))
+            or latent_channels < 1
+            or patch_size < 1
+        ):
+            # 2.5 failed inside torch.empty, True built a 1-channel embedder
             raise ValueError(
-                f"replace_latent_layers: expected positive latent_channels and patch_size, got "
-                f"{latent_channels}, {patch_size}"
+                f"replace_latent_layers: expected positive int latent_channels and patch_size, "
+                f"got {latent_channels!r}, {patch_size!r}"
             )
         if init not in ("random", "zero_head"):
             raise ValueError(f"init: expected 'random' or 'zero_head', got {init!r}")
@@ -143,6 +150,10 @@ class DiTAdapter(abc.ABC):
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)
             raise ValueError(f"{what}: expected a (B, C, H, W) tensor, got {shape}")
         b, c, h, w = latents.shape
+        if not (b and h and w):  # an empty grid came back as an empty velocity, batch 0 failed
+            raise ValueError(
+                f"{what}: expected a non-empty batch and grid, got {tuple(latents.shape)}"
+            )
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(
@@ -206,6 +217,48 @@ class DiTAdapter(abc.ABC):
         finally:
             for handle in handles:
                 handle.remove()
+
+    @staticmethod
+    def check_text(
+        prompt_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        batch: int,
+        width: int,
+        pooled: torch.Tensor | None = None,
+        pooled_width: int | None = None,
+    ) -> None:
+        """The text inputs of ``predict`` against the latents' batch and the transformer's text
+        widths: a 2-D embedding, another width or batch, or a mask of another length each
+        failed deep in the transformer (a matmul or a torch.cat of mismatched sizes)."""
+
+        def shape(t: object) -> object:
+            return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+        e = prompt_embeds
+        if (
+            not isinstance(e, torch.Tensor)
+            or e.ndim != 3
+            or e.shape[0] != batch
+            or e.shape[2] != width
+        ):
+            raise ValueError(
+                f"prompt_embeds: expected ({batch}, tokens, {width}) (the latents' batch, the "
+                f"transformer's text width), got {shape(e)}"
+            )
+        m = attention_mask
+        if m is not None and (
+            not isinstance(m, torch.Tensor) or tuple(m.shape) != (batch, e.shape[1])
+        ):
+            raise ValueError(
+                f"attention_mask: expected ({batch}, {e.shape[1]}) (one entry per text token), "
+                f"got {shape(m)}"
+            )
+        if pooled is not None and (
+            not isinstance(pooled, torch.Tensor) or tuple(pooled.shape) != (batch, pooled_width)
+        ):
+            raise ValueError(
+                f"pooled_prompt_embeds: expected ({batch}, {pooled_width}), got {shape(pooled)}"
+            )
 
     @staticmethod
     def _check_sigma(

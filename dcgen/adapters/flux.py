@@ -204,6 +204,9 @@ class FluxAdapter(DiTAdapter):
             raise ValueError(
                 "this FLUX transformer has no guidance embeddings; use true CFG instead of guidance"
             )
+        cfg = self.transformer.config
+        self.check_text(prompt_embeds, attention_mask, b, int(cfg.joint_attention_dim),
+                        pooled_prompt_embeds, int(cfg.pooled_projection_dim))  # fmt: skip
         sigma = self._check_sigma(sigma, b, latents)
         dtype = self.transformer.x_embedder.weight.dtype
         tokens = self.pack(latents).to(dtype)

@@ -137,6 +137,7 @@ class SanaAdapter(DiTAdapter):
             raise ValueError("this SANA transformer has guidance embeddings: pass guidance")
         if not self.has_guidance_embeds and guidance is not None:
             raise ValueError("this SANA transformer has no guidance embeddings; use true CFG")
+        self.check_text(prompt_embeds, attention_mask, b, int(self.config.caption_channels))
         sigma = self._check_sigma(sigma, b, latents)
         # the patch embedder's conv stays in 16/32 bits; a quantized head's weight does not
         dtype = self.transformer.patch_embed.proj.weight.dtype

@@ -85,6 +85,37 @@ def test_flux_predict_errors():
         adapter.predict(torch.randn(1, 16, 3, 4), 0.5, embeds, pooled, guidance=3.5)
 
 
+def test_predict_names_bad_text_inputs_and_empty_latents():
+    # each of these failed deep in the transformer (a matmul / torch.cat size mismatch, an
+    # IndexError), or came back as an empty velocity
+    flux = adapter_for(tiny_flux())
+    embeds, pooled = text(2)  # (2, 5, 32), (2, 32)
+    x = torch.randn(2, 16, 4, 4)
+    kw = dict(guidance=3.5)
+    cases = [
+        ((x, 0.5, embeds[0], pooled), r"prompt_embeds: expected \(2, tokens, 32\).* got \(5, 32\)"),
+        ((x, 0.5, embeds[..., :7], pooled), r"got \(2, 5, 7\)"),
+        ((x, 0.5, embeds[:1], pooled[:1]), r"prompt_embeds: expected \(2, tokens, 32\)"),
+        ((x, 0.5, embeds, pooled[:, :7]), r"pooled_prompt_embeds: expected \(2, 32\)"),
+        ((torch.randn(2, 16, 0, 4), 0.5, embeds, pooled), "non-empty batch and grid"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            flux.predict(*args, **kw)
+    for mask in (torch.ones(2, 4), torch.ones(5)):
+        with pytest.raises(ValueError, match=r"attention_mask: expected \(2, 5\)"):
+            flux.predict(x, 0.5, embeds, pooled, attention_mask=mask, **kw)
+    sana = adapter_for(tiny_sana())
+    y = torch.randn(2, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"prompt_embeds: expected \(2, tokens, 32\)"):
+        sana.predict(y, 0.5, torch.randn(1, 6, 32))
+    with pytest.raises(ValueError, match=r"attention_mask: expected \(2, 6\)"):
+        sana.predict(y, 0.5, torch.randn(2, 6, 32), attention_mask=torch.ones(2, 5))
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match="expected positive int latent_channels"):
+            adapter_for(tiny_flux()).replace_latent_layers(bad)
+
+
 def test_flux_position_scale_spans_the_base_grid_and_round_trips(tmp_path):
     model = tiny_flux()
     adapter = adapter_for(model)
