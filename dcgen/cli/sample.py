@@ -387,6 +387,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if device == "cuda" and world > 1:
         torch.cuda.set_device(local_rank)  # "cuda" is then this process's GPU
     dtype = _model_dtype(args.dtype, device)
+    if args.accelerate == "graphs" and device != "cuda":  # said before the model loads
+        raise CLIError(
+            f"--accelerate graphs replays CUDA graphs: it needs --device cuda, got {device}"
+        )
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out {out}: expected a .png file name")
