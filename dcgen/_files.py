@@ -66,18 +66,23 @@ def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:
 
     A missing ``path``, or one holding nothing the new folder does not (a previous save), is
     swapped whole. A folder with other entries too (the user's own files beside an export) is
-    kept: each entry of the new folder is swapped in on its own and the others stay."""
+    kept: each entry of the new folder is swapped in on its own and the others stay. A
+    symlink is followed: the folder it names is the one written."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path}: expected a folder to write into, it is a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     public_mode(tmp, directory=True)  # mkdtemp's 0700 would stay on the renamed folder
     try:
         write(tmp)
-        if not (path.exists() or path.is_symlink()):
+        if not path.exists():
             os.replace(tmp, path)
             return
         new = {p.name for p in tmp.iterdir()}
-        if path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} - new:
+        if {p.name for p in path.iterdir()} - new:
             for name in sorted(new):
                 _swap_in(tmp / name, path / name)
             tmp.rmdir()

@@ -289,3 +289,11 @@ def test_atomic_folder_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_
     got = {p.name: p.read_text() for p in target.iterdir()}
     assert got == {"a.txt": "three", "b.txt": "two", "notes.md": "mine"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or old folder left
+    # a symlink is followed (the link stays a link); a file is not replaced by a folder
+    (tmp_path / "link").symlink_to(target)
+    atomic_folder(tmp_path / "link", lambda d: (d / "a.txt").write_text("four"))
+    assert (tmp_path / "link").is_symlink() and (target / "a.txt").read_text() == "four"
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(NotADirectoryError, match="it is a file"):
+        atomic_folder(tmp_path / "file", lambda d: (d / "a.txt").write_text("x"))
+    assert (tmp_path / "file").read_text() == "mine"
