@@ -660,7 +660,7 @@ def _train_flow(
     tag: str,
     progress: bool,
     on_step: OnStep | None,
-) -> Any:
+) -> LoopResult:
     """The flow-matching loop of stages 2 and 3 over the parameters that require grad, with
     ``cfg.gradient_checkpointing`` on for its duration and, with ``cfg.ema_decay``, the EMA
     weights loaded into the model at the end (what gets saved); returns the loop's result."""
