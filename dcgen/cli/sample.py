@@ -501,14 +501,16 @@ def _image_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if args.strength is not None or args.mask is not None or args.mask_blur is not None:
             raise CLIError("--strength, --mask and --mask-blur go with --image FILE")
         return {}
-    from dcgen.pipelines.base import DEFAULT_STRENGTH
+    from dcgen.pipelines.base import DEFAULT_STRENGTH, MAX_MASK_BLUR
     from dcgen.sampling.flow import strength_start
 
     kwargs: dict[str, Any] = {"image": _read_image(Path(args.image))}
     if args.mask_blur is not None and args.mask is None:
         raise CLIError("--mask-blur feathers --mask FILE: give the mask too")
-    if args.mask_blur is not None and not args.mask_blur >= 0:  # NaN too
-        raise CLIError(f"--mask-blur: expected pixels >= 0, got {args.mask_blur:g}")
+    if args.mask_blur is not None and not 0 <= args.mask_blur <= MAX_MASK_BLUR:  # NaN, inf too
+        raise CLIError(
+            f"--mask-blur: expected pixels in [0, {MAX_MASK_BLUR:g}], got {args.mask_blur:g}"
+        )
     if args.mask is not None:
         kwargs.update(mask_image=_read_image(Path(args.mask), "--mask"), mask_blur=args.mask_blur)
     kwargs["strength"] = DEFAULT_STRENGTH if args.strength is None else args.strength
