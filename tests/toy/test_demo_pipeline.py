@@ -207,6 +207,8 @@ def test_generate_image_to_image(folder, tmp_path):
      (["--image", "{png}", "--mask", "{png}", "--mask-blur", "inf"], r"--mask-blur: expected pixels in \[0, 16384\]"),
      (["--image", "{png}", "--mask", "{png}", "--mask-blur", "1e9"], r"--mask-blur: expected pixels in \[0, 16384\]"),
      (["--mask-blur", "2"], "--strength, --mask and --mask-blur go with --image"),
+     # a traceback (SafetensorError) after the model had loaded
+     (["--quantized", "{not_png}"], "--quantized .*notes.txt: not a readable safetensors file"),
      (["--steps", "0"], "--steps: expected a positive integer, got 0"),
      (["--shift", "-1"], "--shift: expected a positive number"),
      (["--height", "0"], "--height: expected a positive number of pixels, got 0"),
@@ -232,6 +234,18 @@ def test_generate_image_options_are_named(folder, tmp_path, capsys, extra, match
     captured = capsys.readouterr()
     assert re.search(match, captured.err) and "Traceback" not in captured.err
     assert "sampled" not in captured.out
+
+
+def test_sixteen_bit_grayscale_inputs_keep_their_values(tmp_path):
+    # PIL's convert("RGB") clips 16-bit values at 255: 99.6% of a random 16-bit image became
+    # white, silently, as an --image (or a --mask: nearly all repainted)
+    from dcgen.cli.sample import _read_image
+
+    values = np.random.default_rng(0).integers(0, 65536, (8, 8), dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    rgb = np.asarray(_read_image(tmp_path / "g16.png"))
+    assert rgb.shape == (8, 8, 3) and (rgb == rgb[..., :1]).all()
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(values / 65535 * 255).astype(np.uint8))
 
 
 def _generate_worker(rank: int, world: int, argv: list[str]) -> None:
