@@ -333,7 +333,11 @@ def _fuse_loras(pipe: Any, loras: list[tuple[Path, str | None, float]]) -> None:
     """Load the LoRAs, fuse them into the weights and drop the adapter layers: sampling then
     costs what it costs without a LoRA."""
     names = _load_loras(pipe, loras)
-    pipe.fuse_lora(adapter_names=names)
+    # every component that took LoRA layers: diffusers fuses the transformer alone by default,
+    # and unload_lora_weights then dropped a LoRA's text-encoder part without a word
+    loadable = getattr(pipe, "_lora_loadable_modules", ["transformer"])
+    components = [c for c in loadable if getattr(pipe, c, None) is not None]
+    pipe.fuse_lora(components=components, adapter_names=names)
     pipe.unload_lora_weights()
     print(f"fused {len(loras)} LoRA(s): {_lora_list(loras)}")
 

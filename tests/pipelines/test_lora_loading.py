@@ -377,3 +377,34 @@ def test_the_lora_scale_goes_through_attention_kwargs(tmp_path, family):
         dcgen.unaccelerate(pipe.transformer)
     with pytest.raises(ValueError, match="not both"):
         _latents(pipe, attention_kwargs={}, joint_attention_kwargs={})
+
+
+def test_generate_applies_a_loras_text_encoder_part(tmp_path, capsys):
+    # diffusers' fuse_lora fuses the transformer alone by default, and unload_lora_weights then
+    # dropped the text-encoder layers: "fused 1 LoRA(s)", and the image of no LoRA at all
+    import peft
+    from peft.utils import get_peft_model_state_dict
+
+    from .tiny_text import tiny_clip
+
+    pipe = save_flux_pipeline(tmp_path / "pipe", with_text=True)
+    torch.manual_seed(0)
+    clip = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                        target_modules=["q_proj", "k_proj", "v_proj"]),
+        tiny_clip(),
+    )  # fmt: skip
+    FluxPipeline.save_lora_weights(
+        tmp_path / "lora_te", text_encoder_lora_layers=get_peft_model_state_dict(clip)
+    )
+    argv = ["generate", "--pipeline", str(pipe), "--prompt", "a red square", "--height", "64",
+            "--width", "64", "--steps", "2", "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "plain.png")]) == 0
+    assert (
+        main([*argv, "--lora", str(tmp_path / "lora_te"), "--out", str(tmp_path / "te.png")]) == 0
+    )
+    assert "fused 1 LoRA(s)" in capsys.readouterr().out
+    plain, styled = (
+        np.asarray(Image.open(tmp_path / n), dtype=np.int16) for n in ("plain.png", "te.png")
+    )
+    assert np.abs(styled - plain).max() > 0
