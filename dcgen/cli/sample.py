@@ -150,17 +150,19 @@ def _wide_gray_to_rgb(image: Any) -> Any:
 
 def _read_image(path: Path, option: str = "--image") -> Any:
     """``option``'s FILE as an RGB PIL image, read before any model loads."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as opened:
+            # as the picture is shown: a phone portrait's EXIF rotation (and masks line up)
+            image = ImageOps.exif_transpose(opened)
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 # 16-bit or float grayscale: PIL's convert("RGB") clips at 255, a frame of white
                 return _wide_gray_to_rgb(image)
             return image.convert("RGB")
     except FileNotFoundError as err:
         raise CLIError(f"{option} {path}: no such file") from err
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise CLIError(f"{option} {path}: not an image PIL can read ({err})") from err
 
 
@@ -444,6 +446,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is not None and world > 1:
         args.prompt = [args.prompt[i] for i in mine]
     image_kwargs = _image_kwargs(args)
+    _check_outputs_spare_inputs(args, out, n_prompts)
     pipe, kwargs = _generate_pipeline(args, device, dtype, quantized)
     row_of = {i: r for r, i in enumerate(mine)}
     prompt_kwargs = {  # one prompt's rows of the batched encodings; a negative serves them all
@@ -664,6 +667,24 @@ def _sample_call(pipe: Any, args: argparse.Namespace, seeds: list[int], kwargs: 
         sampler=args.sampler,
         **kwargs,
     ).images
+
+
+def _check_outputs_spare_inputs(args: argparse.Namespace, out: Path, n_prompts: int) -> None:
+    """No PNG this run writes (the grid, each image) may be its --image or --mask: --out
+    photo.png overwrote the photo it started from (and --skip-existing kept it as a result)."""
+    inputs = {
+        Path(p).resolve(): o for o, p in (("--image", args.image), ("--mask", args.mask)) if p
+    }
+    if not inputs:
+        return
+    outputs = [out] + [
+        _image_path(out, n_prompts, len(args.seed), i, seed)
+        for i in range(n_prompts) for seed in args.seed
+    ]  # fmt: skip
+    for path in outputs:
+        option = inputs.get(path.resolve())
+        if option is not None:
+            raise CLIError(f"--out {out}: this run writes {path}, which is its {option} file")
 
 
 def _image_path(out: Path, n_prompts: int, n_seeds: int, prompt: int, seed: int) -> Path:

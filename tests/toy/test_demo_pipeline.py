@@ -207,6 +207,9 @@ def test_generate_image_to_image(folder, tmp_path):
      (["--image", "{png}", "--mask", "{png}", "--mask-blur", "inf"], r"--mask-blur: expected pixels in \[0, 16384\]"),
      (["--image", "{png}", "--mask", "{png}", "--mask-blur", "1e9"], r"--mask-blur: expected pixels in \[0, 16384\]"),
      (["--mask-blur", "2"], "--strength, --mask and --mask-blur go with --image"),
+     # the input photo was overwritten by the result
+     (["--image", "{out}"], "this run writes .*x.png, which is its --image file"),
+     (["--image", "{png}", "--mask", "{out}"], "which is its --mask file"),
      # a traceback (SafetensorError) after the model had loaded
      (["--quantized", "{not_png}"], "--quantized .*notes.txt: not a readable safetensors file"),
      (["--steps", "0"], "--steps: expected a positive integer, got 0"),
@@ -226,8 +229,9 @@ def test_generate_image_options_are_named(folder, tmp_path, capsys, extra, match
     png = tmp_path / "ok.png"
     Image.new("RGB", (16, 16)).save(png)
     (tmp_path / "dir.png").mkdir()
-    extra = [e.format(not_png=not_png, png=png, tmp=tmp_path, dir_png=tmp_path / "dir.png")
-             for e in extra]  # fmt: skip
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")  # --out itself, as an input
+    extra = [e.format(not_png=not_png, png=png, tmp=tmp_path, dir_png=tmp_path / "dir.png",
+                      out=tmp_path / "x.png") for e in extra]  # fmt: skip
     code = main(["generate", "--pipeline", str(folder), "--prompt", CAPTIONS[0],
                  "--out", str(tmp_path / "x.png"), "--device", "cpu", *extra])  # fmt: skip
     assert code != 0
@@ -246,6 +250,22 @@ def test_sixteen_bit_grayscale_inputs_keep_their_values(tmp_path):
     rgb = np.asarray(_read_image(tmp_path / "g16.png"))
     assert rgb.shape == (8, 8, 3) and (rgb == rgb[..., :1]).all()
     np.testing.assert_array_equal(rgb[..., 0], np.rint(values / 65535 * 255).astype(np.uint8))
+
+
+def test_image_inputs_are_read_as_shown_and_bombs_are_named(tmp_path, monkeypatch):
+    # the EXIF rotation of a phone portrait was ignored (rotated, stretched, masks misplaced);
+    # an image past PIL's pixel limit was a DecompressionBombError traceback
+    from dcgen.cli import CLIError
+    from dcgen.cli.sample import _read_image
+
+    landscape = Image.new("RGB", (32, 16), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    landscape.save(tmp_path / "portrait.jpg", exif=exif)
+    assert _read_image(tmp_path / "portrait.jpg").size == (16, 32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(CLIError, match="--image .*portrait.jpg: not an image PIL can read"):
+        _read_image(tmp_path / "portrait.jpg")
 
 
 def _generate_worker(rank: int, world: int, argv: list[str]) -> None:
