@@ -822,6 +822,11 @@ def _cmd_convert_quantized(args: argparse.Namespace) -> int:
     if out.suffix != ".safetensors":
         raise CLIError(f"--out {out}: expected a .safetensors file name")
     check_out_path(out, "--out")
+    if out.resolve() == src.resolve():  # it replaced the source checkpoint
+        raise CLIError(f"--out {out}: expected another file than the checkpoint it converts")
+    report_path = out.with_name(out.stem + ".weights.json")
+    if args.report:  # checked before the conversion, not after it
+        check_out_path(report_path, "--report's file")
     pipeline = Path(args.pipeline)
     config = pipeline / "transformer" if (pipeline / "transformer").is_dir() else pipeline
     if not (config / "config.json").is_file():
@@ -857,7 +862,7 @@ def _cmd_convert_quantized(args: argparse.Namespace) -> int:
         from dcgen.quant.adopt import weight_errors
 
         report = weight_errors(model, reference)
-        path = out.with_name(out.stem + ".weights.json")
+        path = report_path
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
         sm = report["summary"]
         print(f"weights vs {config}: {sm['layers']} layers, relative error mean "

@@ -248,6 +248,16 @@ def test_convert_quantized_command_writes_a_dcgen_checkpoint(checkpoint, tmp_pat
     adopted = _load(checkpoint)
     adopt_quantized(adopted)
     torch.testing.assert_close(_run(fresh, seed=2), _run(adopted, seed=2), rtol=0, atol=0)
+    # --out the source replaced it; a --report file that cannot be written failed after the
+    # whole conversion: both named before any work
+    before = src.read_bytes()
+    assert main([*args[:4], "--out", str(src)]) == 2
+    assert "expected another file than the checkpoint" in capsys.readouterr().err
+    assert src.read_bytes() == before
+    (tmp_path / "other.weights.json").mkdir()
+    other = tmp_path / "other.safetensors"
+    assert main([*args[:4], "--out", str(other), "--report"]) == 2
+    assert "--report's file" in capsys.readouterr().err and not other.exists()
     # bad inputs, named
     assert main([*args[:1], str(tmp_path / "missing.safetensors"), *args[2:]]) != 0
     assert "no such checkpoint" in capsys.readouterr().err
