@@ -22,7 +22,8 @@ def _cli_cache_errors(run: Any) -> Any:
     try:
         return run()
     except CacheError as err:
-        text = str(err).replace("overwrite=True", "--overwrite").replace("out_dir", "--out")
+        text = str(err).replace("overwrite=True", "--overwrite")
+        text = text.replace("another out_dir", "another --out")  # not inside a path
         raise CLIError(text) from err
 
 
