@@ -109,6 +109,13 @@ def load_lora_on_quantized(
             "transformer part is applied (prompts encode without it)",
             source if weight_name is None else f"{source}/{weight_name}", ", ".join(others),
         )  # fmt: skip
+    shown = source if weight_name is None else f"{source}/{weight_name}"
+    if not any(key.startswith("transformer.") for key in state):
+        # peft then failed later with "Adapter name(s) ... not in the list of present adapters"
+        raise ValueError(
+            f"{shown}: expected transformer entries in the LoRA, got only "
+            f"{', '.join(others) or 'none'}: nothing of it applies to a quantized transformer"
+        )
     transformer = pipe.transformer
     with quantized_lora_loading():
         transformer.load_lora_adapter(

@@ -279,6 +279,12 @@ def test_text_encoder_parts_left_out_on_a_quantized_transformer_are_named(tmp_pa
             load_lora_on_quantized(DCGenFluxPipeline(model, ae), str(tmp_path / folder), "s")
         assert ("text_encoder entries are not loaded" in caplog.text) == warned
         assert any(".lora_A.s." in n for n, _ in model.named_parameters())
+    # a text-encoder-only LoRA: peft's "Adapter name(s) ... not in the list" after the load
+    FluxPipeline.save_lora_weights(tmp_path / "clip_only", text_encoder_lora_layers=clip)
+    with pytest.raises(
+        ValueError, match="expected transformer entries in the LoRA, got only text_encoder"
+    ):
+        load_lora_on_quantized(DCGenFluxPipeline(model, ae), str(tmp_path / "clip_only"), "t")
 
 
 def test_generate_attaches_loras_to_a_quantized_checkpoint(lora_folders, tmp_path, capsys):
