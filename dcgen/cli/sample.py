@@ -843,6 +843,12 @@ def _cmd_convert_quantized(args: argparse.Namespace) -> int:
     # BFL's single-file keys for the classes it knows
     name = json.loads((config / "config.json").read_text()).get("_class_name", "")
     cls = getattr(diffusers, name, None)
+    if cls is not None and hasattr(cls, "from_single_file") and not name.startswith("Flux"):
+        # a SANA folder failed inside diffusers with "error: pos_embed"
+        raise CLIError(
+            f"{config / 'config.json'}: expected a FLUX transformer (Black Forest Labs "
+            f"checkpoints are FLUX's), got {name!r}"
+        )
     if cls is None or not hasattr(cls, "from_single_file"):
         raise CLIError(
             f"{config / 'config.json'}: transformer class {name!r} has no single-file loader in "

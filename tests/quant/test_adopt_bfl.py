@@ -258,6 +258,13 @@ def test_convert_quantized_command_writes_a_dcgen_checkpoint(checkpoint, tmp_pat
     other = tmp_path / "other.safetensors"
     assert main([*args[:4], "--out", str(other), "--report"]) == 2
     assert "--report's file" in capsys.readouterr().err and not other.exists()
+    # a SANA folder failed inside diffusers with "error: pos_embed"
+    from ..adapters.tiny import tiny_sana
+
+    tiny_sana().save_pretrained(tmp_path / "sana")
+    assert main(["convert-quantized", str(src), "--pipeline", str(tmp_path / "sana"), "--out",
+                 str(other)]) == 2  # fmt: skip
+    assert "expected a FLUX transformer" in capsys.readouterr().err
     # bad inputs, named
     assert main([*args[:1], str(tmp_path / "missing.safetensors"), *args[2:]]) != 0
     assert "no such checkpoint" in capsys.readouterr().err
