@@ -614,6 +614,13 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         )
         mask = processor.preprocess(mask_image, height=height, width=width)
         _check_per_output(mask.shape[0], batch, n, "mask_image", "masks")
+        empty = [i for i in range(mask.shape[0]) if not mask[i].any()]
+        if empty:  # the output would be the input image: say so (an RGBA mask's alpha is not read)
+            logger.warning(
+                "mask_image %s selects no pixel to repaint (white = repaint, read as grayscale; "
+                "an alpha channel is ignored): those outputs keep the input image",
+                empty,
+            )
         return mask.float()
 
     def _embeddings(

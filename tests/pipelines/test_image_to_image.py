@@ -265,3 +265,17 @@ def test_mask_blur_errors_are_named(pipe):
             pipe(mask_image=mask, mask_blur=bad, **kw)
     with pytest.raises(ValueError, match="output_type='latent' has none"):
         pipe(mask_image=mask, mask_blur=1.0, output_type="latent", **kw)
+
+
+def test_a_mask_that_selects_nothing_is_named(pipe, caplog):
+    # an all-black mask (or an RGBA one whose region is only in its alpha) repainted nothing:
+    # the input image back, silently
+    embeds, pooled = text(1)
+    kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=96,
+              num_inference_steps=1, image=_image(), output_type="latent")  # fmt: skip
+    with caplog.at_level("WARNING", logger="dcgen.pipelines.base"):
+        pipe(mask_image=torch.ones(1, 1, 64, 96), **kw)
+        assert "selects no pixel" not in caplog.text
+        rgba = PIL.Image.new("RGBA", (96, 64), (0, 0, 0, 255))
+        pipe(mask_image=rgba, **kw)
+    assert "mask_image [0] selects no pixel to repaint" in caplog.text
