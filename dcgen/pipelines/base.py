@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .._checks import is_int
+from .._checks import is_int, is_real
 from .._files import atomic_write
 from ..adapters import DiTAdapter, adapter_for
 from ..sampling import SHIFT_RULES, flow_sigmas, resolve_shift, sample_euler
@@ -128,19 +127,16 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         picture: an fp16 autoencoder whose activations overflow (fp16 tops out at 65,504; a
         DC-AE's GLU products pass that) decodes again in fp32, as diffusers' ``force_upcast``
         does for such VAEs, and this pipeline then decodes in fp32 straight away; non-finite
-        latents, or pixels from an fp32 / bf16 decode, raise."""
-        if not torch.isfinite(latents).all():
-            raise FloatingPointError(
-                "sampling produced non-finite latents (NaN / Inf) with the transformer in "
-                f"{self.transformer.dtype}; expected finite values: run it in bfloat16 or "
-                "float32"
-            )
+        latents, or pixels from an fp32 / bf16 decode, raise. The latents are only looked at
+        when the pixels are not finite (non-finite latents never decode to finite pixels): one
+        finiteness pass per call, not two."""
         vae_dtype = self.vae.dtype
         upcast = vae_dtype == torch.float16 and getattr(self, "_fp16_vae_overflows", False)
         if not upcast:
             decoded = self.decode_latents(latents, tile_size, tile_overlap, band_rows).float()
             if torch.isfinite(decoded).all():
                 return decoded
+            self._check_finite_latents(latents)
             if vae_dtype != torch.float16:
                 raise FloatingPointError(
                     f"the autoencoder ({type(self.vae).__name__}, {vae_dtype}) decoded finite "
@@ -158,11 +154,20 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         finally:
             self.vae.to(vae_dtype)
         if not torch.isfinite(decoded).all():
+            self._check_finite_latents(latents)
             raise FloatingPointError(
                 f"the autoencoder ({type(self.vae).__name__}) decoded finite latents to "
                 "non-finite pixels, in float16 and again in float32; expected finite images"
             )
         return decoded
+
+    def _check_finite_latents(self, latents: torch.Tensor) -> None:
+        if not torch.isfinite(latents).all():
+            raise FloatingPointError(
+                "sampling produced non-finite latents (NaN / Inf) with the transformer in "
+                f"{self.transformer.dtype}; expected finite values: run it in bfloat16 or "
+                "float32"
+            )
 
     def encode_images(
         self,
@@ -728,9 +733,7 @@ def _check_scalars(
     tile size was taken."""
 
     def real(value: Any) -> bool:
-        return (
-            isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-        )
+        return is_real(value) and math.isfinite(value)
 
     if not real(guidance_scale):
         raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
@@ -761,8 +764,7 @@ def _check_mask_blur(mask_blur: float | None, mask_image: Any, output_type: str)
         return
     if mask_image is None:
         raise ValueError("mask_blur: feathers the inpainting mask; pass mask_image (and image)")
-    number = isinstance(mask_blur, numbers.Real) and not isinstance(mask_blur, bool)
-    if not number or not 0 <= mask_blur <= MAX_MASK_BLUR:  # NaN and inf too
+    if not is_real(mask_blur) or not 0 <= mask_blur <= MAX_MASK_BLUR:  # NaN and inf too
         raise ValueError(
             f"mask_blur: expected a number of pixels in [0, {MAX_MASK_BLUR:g}], got {mask_blur!r}"
         )

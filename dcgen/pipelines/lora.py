@@ -103,12 +103,6 @@ def load_lora_on_quantized(
     # text-encoder parts (a kohya FLUX LoRA's CLIP layers): only the transformer's linears were
     # quantized and take adapters here, so say what is left out rather than drop it silently
     others = sorted({key.split(".", 1)[0] for key in state if not key.startswith("transformer.")})
-    if others:
-        logger.warning(
-            "%s: the LoRA's %s entries are not loaded: on a quantized transformer only its "
-            "transformer part is applied (prompts encode without it)",
-            source if weight_name is None else f"{source}/{weight_name}", ", ".join(others),
-        )  # fmt: skip
     shown = source if weight_name is None else f"{source}/{weight_name}"
     if not any(key.startswith("transformer.") for key in state):
         # peft then failed later with "Adapter name(s) ... not in the list of present adapters"
@@ -116,6 +110,12 @@ def load_lora_on_quantized(
             f"{shown}: expected transformer entries in the LoRA, got only "
             f"{', '.join(others) or 'none'}: nothing of it applies to a quantized transformer"
         )
+    if others:
+        logger.warning(
+            "%s: the LoRA's %s entries are not loaded: on a quantized transformer only its "
+            "transformer part is applied (prompts encode without it)",
+            shown, ", ".join(others),
+        )  # fmt: skip
     transformer = pipe.transformer
     with quantized_lora_loading():
         transformer.load_lora_adapter(

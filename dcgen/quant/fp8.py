@@ -169,12 +169,14 @@ def quantize_fp8_weight(
     check_tensor(
         "quantize_fp8_weight: weight", weight, ndim=2, dtypes=(*FLOAT_DTYPES, torch.float64)
     )
-    ensure_finite("quantize_fp8_weight: weight", weight)
     if weight.dtype == torch.float64:
-        # the recipe runs in fp32: a float64 value past its range would be an Inf there
+        # the recipe runs in fp32: a float64 value past its range would be an Inf there (the
+        # fp32 copy also holds every NaN / Inf of the weight: one check)
         ensure_finite(
             "quantize_fp8_weight: weight (in fp32, the recipe's precision)", weight.float()
         )
+    else:
+        ensure_finite("quantize_fp8_weight: weight", weight)
     return quantize_fp8_reference(weight, granularity)
 
 

@@ -194,13 +194,14 @@ def quantize_nvfp4(
     check_tensor("quantize_nvfp4: x", x, min_ndim=1, dtypes=(*FLOAT_DTYPES, torch.float64))
     if x.shape[-1] == 0:
         raise ValueError(f"quantize_nvfp4: expected K >= 1, got shape {tuple(x.shape)}")
-    if check_finite:
-        ensure_finite("quantize_nvfp4: x", x)
     shape = tuple(x.shape)
     xf = _pad_k(x.detach().float())
-    if check_finite and x.dtype == torch.float64:
-        # the recipe runs in fp32: a float64 value past its range would be an Inf there
-        ensure_finite("quantize_nvfp4: x (in fp32, the recipe's precision)", xf)
+    if check_finite:
+        # one check, on what the recipe reads: the fp32 copy holds every NaN / Inf of x, and a
+        # float64 value past fp32's range becomes an Inf there
+        wide = x.dtype == torch.float64
+        ensure_finite("quantize_nvfp4: x" + (" (in fp32, the recipe's precision)" if wide else ""),
+                      xf if wide else x)  # fmt: skip
     if global_scale is None:
         gd = global_decode_scale(xf)
     else:

@@ -8,12 +8,11 @@ diffusers' FlowMatchEulerDiscreteScheduler (non-stochastic); training code uses 
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 
-from .._checks import is_int
+from .._checks import is_int, is_real
 from .shift import check_shift, shift_sigmas
 
 
@@ -67,8 +66,9 @@ def strength_start(steps: int, strength: float) -> int:
     one step left). A ValueError when the strength is outside (0, 1] or leaves no step (a
     strength too small to move ``steps - steps * strength`` below ``steps`` in floating
     point)."""
-    number = isinstance(strength, numbers.Real) and not isinstance(strength, bool)
-    if not number or not 0.0 < strength <= 1.0:  # numpy scalars too, as diffusers takes them
+    if (
+        not is_real(strength) or not 0.0 < strength <= 1.0
+    ):  # numpy scalars too, as diffusers takes them
         raise ValueError(f"strength: expected a number in (0, 1], got {strength!r}")
     strength = float(strength)
     start = int(steps - steps * strength)  # in [0, steps] for a strength in (0, 1]

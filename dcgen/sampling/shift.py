@@ -18,10 +18,11 @@ larger shift to destroy the same amount of structure; the rules below differ onl
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Literal
 
 import torch
+
+from .._checks import is_real
 
 ShiftRule = Literal["flux", "sqrt", "constant", "none"]
 SHIFT_RULES: tuple[str, ...] = ("flux", "sqrt", "constant", "none")
@@ -36,12 +37,7 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 def check_shift(shift: object, name: str = "shift") -> float:
     """``shift`` as a float when it is a positive finite real number (numpy scalars count; a
     bool or a string does not), else a ValueError naming ``name`` and what came."""
-    if (
-        not isinstance(shift, numbers.Real)
-        or isinstance(shift, bool)
-        or not math.isfinite(shift)
-        or not shift > 0
-    ):
+    if not is_real(shift) or not math.isfinite(shift) or not shift > 0:
         raise ValueError(f"{name}: expected a positive finite shift, got {shift!r}")
     return float(shift)
 

@@ -29,7 +29,6 @@ cache named by a :class:`TrainConfig` and writes the run folder::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -323,8 +322,7 @@ def _gather_ridge(acc: RidgeAccumulator, ctx: DistContext) -> RidgeAccumulator:
 def _warn_unused_in_stage1(cfg: TrainConfig) -> None:
     """Stage 1 runs a ridge fit and ``align_sgd_steps`` refinement steps: a ``steps`` or
     ``ema_decay`` set for it would otherwise be ignored without a word."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    if cfg.steps != defaults["steps"]:
+    if cfg.steps != TrainConfig.steps:  # the dataclass default
         logger.warning(
             "stage 1 (align) does not use steps=%d: it runs align_sgd_steps=%d refinement "
             "steps after the ridge fit; set align_sgd_steps instead",
