@@ -99,36 +99,12 @@ STAGES = ("align", "output", "finetune")
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as err:
-            raise CLIError(f"{path}: YAML configs need pyyaml (pip install pyyaml)") from err
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise CLIError(f"{path}: invalid YAML: {err}") from err
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as err:
-            raise CLIError(f"{path}: invalid JSON: {err}") from err
-    else:
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise CLIError(f"{path}: invalid TOML: {err}") from err
-    if not isinstance(data, dict):
-        raise CLIError(f"{path}: expected a table of settings, got {type(data).__name__}")
-    return data
+    from dcgen.train.config import ConfigError, read_config_file
+
+    try:
+        return read_config_file(path)
+    except ConfigError as err:
+        raise CLIError(str(err)) from err
 
 
 def _stage_settings(data: dict[str, Any], stage: str) -> dict[str, Any]:

@@ -19,13 +19,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from dcgen.sampling.shift import SHIFT_RULES
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the backport (a dependency there, see pyproject.toml)
+    import tomli as tomllib  # type: ignore[no-redef]
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAGES", "ConfigError", "TrainConfig", "load_config"]
+__all__ = ["STAGES", "ConfigError", "TrainConfig", "load_config", "read_config_file"]
 
 #: stage names in pipeline order: 1 embedder alignment, 2 output layer, 3 LoRA fine-tuning
 STAGES: tuple[str, ...] = ("align", "output", "finetune")
@@ -123,24 +126,7 @@ class TrainConfig:
         """TOML (``.toml``) or YAML (``.yaml`` / ``.yml``, needs pyyaml) or JSON. A top-level
         ``[train]`` table, when present, is used as the config."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        suffix = path.suffix.lower()
-        text = path.read_text()
-        if suffix == ".toml":
-            data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as err:
-                raise ConfigError(f"{path}: YAML configs need pyyaml (pip install pyyaml)") from err
-            data = yaml.safe_load(text) or {}
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"{path}: expected a .toml, .yaml/.yml or .json config file")
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the config must be a table/mapping, got {type(data)}")
+        data = read_config_file(path)
         if "train" in data and isinstance(data["train"], dict):
             data = data["train"]
         try:
@@ -309,6 +295,41 @@ def _coerce(name: str, value: Any) -> Any:
         except TypeError as err:  # pragma: no cover - lists are always iterable
             raise ConfigError(f"{name}: expected a list, got {value!r}") from err
     return value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The table of settings in a TOML (``.toml``), YAML (``.yaml`` / ``.yml``, needs pyyaml) or
+    JSON file; a file that does not parse, or holds something other than a table, raises
+    :class:`ConfigError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"{path}: expected a .toml, .yaml/.yml or .json config file")
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from err
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise ConfigError(f"{path}: invalid JSON: {err}") from err
+    else:
+        try:
+            import yaml
+        except ImportError as err:
+            raise ConfigError(f"{path}: YAML configs need pyyaml (pip install pyyaml)") from err
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings, got {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path) -> TrainConfig:
