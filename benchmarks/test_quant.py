@@ -1,4 +1,4 @@
-"""Low-precision benchmarks: FP8 W8A8 linears vs bf16 linears at FLUX shapes (docs ANCHORS.md),
+"""Low-precision benchmarks: FP8 W8A8 linears vs bf16 linears at FLUX shapes (docs/baselines.md),
 the activation-quantize kernels' bandwidth against a plain copy of the same input, and the
 modulation and the GELU scale epilogue with their FP8 quantize fused against the two kernels,
 and the epilogue writing into part of a larger buffer against writing a new tensor and copying.

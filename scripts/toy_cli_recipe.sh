@@ -4,7 +4,7 @@
 # `dcgen demo` trains with), export, generate, and the toy evaluator's score of the exported
 # pipeline on the demo's held-out prompts.
 #
-#   bash scripts/toy_cli_recipe.sh [WORK_DIR]        (default: toy; about 10 minutes on 2 cores)
+#   bash scripts/toy_cli_recipe.sh [WORK_DIR]        (default: toy; 3-6 minutes on a 2-core CPU)
 #
 # Environment: IMAGES (training images, default 2048), SCALE (multiplies the stage-2 / stage-3
 # steps and the stage-1 refinement, default 1), PROMPTS (scored prompts, default 128).

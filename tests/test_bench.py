@@ -145,7 +145,7 @@ def test_paper_autoencoder_choice():
     assert dcae_factor(dcae_preset_for(flux, 1024)) == 32
     assert dcae_factor(dcae_preset_for(flux, 2048)) == 64
     assert dcae_factor(dcae_preset_for(flux, 4096)) == 64
-    # 4K DC-Gen-f64 has the token count of base FLUX at 1K (METHOD.md section 1).
+    # 4K DC-Gen-f64 has the token count of base FLUX at 1K (docs/method.md section 1).
     assert token_counts(4096, 64)[1] == token_counts(1024, 64)[0] == 4096
 
 

@@ -1,4 +1,4 @@
-"""DC-AE building blocks (METHOD.md section 3), numerically matching diffusers' AutoencoderDC.
+"""DC-AE building blocks (docs/method.md section 3), numerically matching diffusers' AutoencoderDC.
 
 Parameter names are dcgen's own; checkpoint.py maps them to diffusers' and to the original
 mit-han-lab names. The one layout difference that matters: LiteMLA keeps the original fused

@@ -333,7 +333,7 @@ class DCAEConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Published configurations (METHOD.md section 3).
+# Published configurations (docs/method.md section 3).
 # ---------------------------------------------------------------------------------------------
 
 _R, _E = "ResBlock", "EfficientViTBlock"
@@ -418,7 +418,7 @@ def _v15(widths: tuple[int, ...], scaling_factor: float) -> dict[str, Any]:
     )
 
 
-# Placeholder for presets whose published scaling factor is UNKNOWN (METHOD.md): 1.0 leaves the
+# Placeholder for presets whose published scaling factor is UNKNOWN (docs/method.md): 1.0 leaves the
 # latents unscaled. Measure the real value as 1 / std(latents) over your data before training.
 PLACEHOLDER_SCALING_FACTOR = 1.0
 
@@ -445,7 +445,7 @@ _PRESET_KWARGS: dict[str, dict[str, Any]] = {
 UNKNOWN_SCALING_FACTOR = frozenset({"dc-ae-1.5-f32c128", "dc-ae-1.5-f64c128"})
 
 #: Every published DC-AE configuration, by name. Scaling factors are the published ones
-#: (METHOD.md section 3) except for the presets in UNKNOWN_SCALING_FACTOR. The 1.5 presets'
+#: (docs/method.md section 3) except for the presets in UNKNOWN_SCALING_FACTOR. The 1.5 presets'
 #: decoder norms/activations (rms_norm/silu everywhere) are also an assumption: the public record
 #: gives only widths, depths, block types, the dropped shortcuts and the SiLU output activation.
 PRESETS: dict[str, DCAEConfig] = {

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="DC-Gen end to end on the shipped toy world (about 10 minutes on 2 CPU cores)",
+        help="DC-Gen end to end on the shipped toy world (6-9 minutes on a 2-core CPU)",
     )
     d.add_argument("--out", default="dcgen_demo", help="run folder (default: ./dcgen_demo)")
     d.add_argument("--fast", action="store_true", help="a few steps of everything (smoke test)")
@@ -231,7 +231,7 @@ Text embeddings (from the base model's own text encoders, a file, or any functio
             description=f"""\
 DC-Gen {what[stage]}.
 
-The config file (TOML, or YAML with pyyaml) holds TrainConfig keys. It may serve all three
+The config file (TOML, JSON, or YAML with pyyaml) holds TrainConfig keys. It may serve all three
 stages: shared keys at the top level, per-stage keys in [align], [output] and [finetune]
 tables (the table of the stage being run overrides the shared keys). The stage is forced to
 '{stage}'. See examples/flux_dcgen_f64c128.toml.""",
@@ -429,7 +429,7 @@ call (tens of MB a block at 1024 px for FLUX), not a second model.""",
                    help="denoising steps recorded for calibration (default 4)")  # fmt: skip
     q.add_argument("--seed", type=int, default=0, help="calibration noise seed (default 0)")
     q.add_argument("--report", default=None, metavar="FILE",
-                   help="quality report JSON (default: <out>.quality.json)")  # fmt: skip
+                   help="quality report JSON (default: <out> with .quality.json for its suffix)")  # fmt: skip
     q.add_argument("--no-report", action="store_true", help="skip the quality report")
     q.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available")  # fmt: skip

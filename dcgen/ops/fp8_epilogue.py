@@ -2,7 +2,7 @@
 
 On Hopper, cuBLAS's per-tensor FP8 GEMM runs near 1,360 TFLOP/s at the FLUX shapes, while
 ``torch._scaled_mm`` with per-row scales reached about 770 in dcgen's FP8 linears (H200,
-docs/ANCHORS.md and docs/benchmark-log.md). :func:`dcgen.quant.fp8.fp8_gemm` can
+docs/baselines.md and docs/benchmark-log.md). :func:`dcgen.quant.fp8.fp8_gemm` can
 therefore run the GEMM with unit scales into the 16-bit output and apply the per-token and
 per-channel decode scales here, with the bias and, for the MLP's first linear, the tanh GELU.
 The price is one more read and write of the output and a second rounding: the product is

@@ -1,4 +1,4 @@
-"""DC-AE's residual-autoencoding shortcuts (non-parametric, METHOD.md section 3).
+"""DC-AE's residual-autoencoding shortcuts (non-parametric, docs/method.md section 3).
 
 Down: space-to-channel (pixel_unshuffle by the factor) then average groups of channels.
 Up: duplicate channels (repeat_interleave) then depth-to-space (pixel_shuffle).

@@ -33,7 +33,7 @@ Row scales take one of two routes (``DCGEN_FP8_GEMM``; :func:`row_gemm_route`):
   >= 12.9 that is cuBLAS's outer-vector scaling with the bias fused, one kernel; the default
   there on Hopper: the H200 run of 2026-11-27 timed it faster than "tensor" + epilogue at every
   FLUX linear shape (1.19-1.58x bf16 against 0.91-1.29x; docs/benchmark-log.md). Older builds ran torch's
-  own row-wise kernel, slower than "tensor" on Hopper (docs/ANCHORS.md). ``_scaled_mm``
+  own row-wise kernel, slower than "tensor" on Hopper (docs/benchmark-log.md). ``_scaled_mm``
   takes its bias in the output dtype: an fp32 bias under 16-bit activations (an FP8Linear
   built with ``dtype=torch.float32`` and fed bf16) is rounded to 16 bits first, one more
   rounding than the reference (1 bf16 ulp on some outputs); ``quantize_`` keeps each bias in

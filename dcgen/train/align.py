@@ -1,4 +1,4 @@
-"""Stage 1 of DC-Gen: patch-embedder alignment (METHOD.md section 1, step 1).
+"""Stage 1 of DC-Gen: patch-embedder alignment (docs/method.md section 1, step 1).
 
 For the same clean image x the target is the base model's token map, spatially downsampled to
 the new (coarser) latent grid, e = Down(x_embedder_base(pack2x2(VAE_base(x)))), and the new

@@ -1,4 +1,4 @@
-"""One configuration object for the three DC-Gen post-training stages (METHOD.md section 1).
+"""One configuration object for the three DC-Gen post-training stages (docs/method.md section 1).
 
 A run is described by a :class:`TrainConfig`: which stage, which transformer and latent cache,
 where to write, and the optimisation settings. It is read from TOML (always available through

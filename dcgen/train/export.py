@@ -19,7 +19,7 @@ Latent-layers file (``latent_layers.safetensors``)::
 ``family`` is the transformer class name, as ``dcgen.train.stages`` writes it (so the stages and
 this module read each other's files); the short names "flux" / "sana" are accepted on reading.
 
-The embedder/head live outside peft (METHOD.md section 5), so the LoRA file never holds them.
+The embedder/head live outside peft (docs/method.md section 5), so the LoRA file never holds them.
 """
 
 from __future__ import annotations

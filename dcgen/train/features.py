@@ -1,4 +1,4 @@
-"""Feature-distance analysis (METHOD.md section 1, "Feature distance to the base model").
+"""Feature-distance analysis (docs/method.md section 1, "Feature distance to the base model").
 
 The paper compares, block by block, the hidden states of the base DiT (base VAE, 2x2 packing)
 with those of the adapted DiT (DC-AE, 1x1 packing) for the same image: a naive re-initialised

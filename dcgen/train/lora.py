@@ -1,4 +1,4 @@
-"""Stage 3 of DC-Gen: LoRA on the DiT blocks through peft (METHOD.md sections 1 and 5).
+"""Stage 3 of DC-Gen: LoRA on the DiT blocks through peft (docs/method.md sections 1 and 5).
 
 LoRA layers are injected in place, the way diffusers' own training scripts do it
 (``ModelMixin.add_adapter`` -> ``peft.inject_adapter_in_model``), instead of wrapping the model

@@ -1,4 +1,4 @@
-"""Flow-matching training objective (stages 2 and 3; METHOD.md section 2).
+"""Flow-matching training objective (stages 2 and 3; docs/method.md section 2).
 
 Convention (rectified flow, as in FLUX/SD3 and diffusers' FlowMatchEulerDiscreteScheduler):
 x_t = (1 - sigma) * x0 + sigma * noise, sigma in (0, 1), sigma = 1 is pure noise, and the model

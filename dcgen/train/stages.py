@@ -1,4 +1,4 @@
-"""The three DC-Gen post-training stages (METHOD.md section 1) and the ``run`` entry point.
+"""The three DC-Gen post-training stages (docs/method.md section 1) and the ``run`` entry point.
 
 - stage 1, ``align``: :func:`align_embedder`. The new embedder (DC-AE latents, 1x1 patches) is
   fitted to the base embedder's token map downsampled onto the new grid: closed-form ridge

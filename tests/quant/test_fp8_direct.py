@@ -602,7 +602,7 @@ def test_cuda_fast_accum_stays_close_to_the_spec(k):
     # differ; the result must stay within a small relative error of the layer's fp32 spec at
     # FLUX's K (3,072 and the MLP's 12,288), with no NaN: at most 1e-2 (relative norm), or 2x
     # the default accumulation's error on the same input where that is larger. (The FP8 block
-    # of docs/ANCHORS.md is at 6.7e-3 against bf16, quantization included.)
+    # of docs/baselines.md is at 6.7e-3 against bf16, quantization included.)
     if not torch.cuda.is_available() or not f.scaled_mm_supported(
         torch.device("cuda"), "row", torch.bfloat16, 1024, k
     ):

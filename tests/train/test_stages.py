@@ -1,4 +1,4 @@
-"""The three DC-Gen stages on tiny models: each does what METHOD.md says it should."""
+"""The three DC-Gen stages on tiny models: each does what docs/method.md says it should."""
 
 from __future__ import annotations
 
