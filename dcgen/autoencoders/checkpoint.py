@@ -270,16 +270,47 @@ ORIGINAL_WEIGHT_NAMES = (
 )
 
 
-def weights_name(variant: str | None) -> str:
-    if variant is None:
-        return WEIGHTS_NAME
-    stem, ext = WEIGHTS_NAME.rsplit(".", 1)
-    return f"{stem}.{variant}.{ext}"
+def weights_name(variant: str | None, ext: str = "safetensors") -> str:
+    """diffusers' weights file name: diffusion_pytorch_model[.variant].<ext>."""
+    stem = WEIGHTS_NAME.rsplit(".", 1)[0]
+    return f"{stem}{'.' + variant if variant else ''}.{ext}"
 
 
-def index_name(variant: str | None) -> str:
+def index_name(variant: str | None, ext: str = "safetensors") -> str:
     """diffusers' shard index name (the variant goes before ``.json``)."""
-    return f"{WEIGHTS_NAME}.index{'.' + variant if variant else ''}.json"
+    return f"{weights_name(None, ext)}.index{'.' + variant if variant else ''}.json"
+
+
+def diffusers_weight_names(variant: str | None) -> list[str]:
+    """The files a diffusers folder may hold its weights in, in diffusers' order of preference:
+    safetensors before a torch pickle (``save_pretrained(safe_serialization=False)``), a shard
+    index before a single file (diffusers reads the index whenever one is there)."""
+    return [
+        index_name(variant),
+        weights_name(variant),
+        index_name(variant, "bin"),
+        weights_name(variant, "bin"),
+    ]
+
+
+def remove_stale_shards(folder: Path, variant: str | None, keep: Path) -> None:
+    """Delete a shard index of ``variant`` (both formats) and the shards it lists, left by an
+    earlier sharded save in ``folder``: diffusers prefers an index to the single file ``keep``
+    just written, so a stale one would load the old weights."""
+    for ext in ("safetensors", "bin"):
+        index = folder / index_name(variant, ext)
+        if not index.is_file():
+            continue
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = set()  # unreadable: the index goes, its shards cannot be named
+        # The index first: once it is gone no loader looks at the shards.
+        index.unlink()
+        for name in shards:
+            shard = folder / str(name)
+            if shard.parent == folder and shard != keep and shard.is_file():
+                shard.unlink()
 
 
 def read_safetensors(path: Path, device: str | torch.device = "cpu") -> StateDict:
@@ -317,15 +348,18 @@ def read_weights(path: Path, device: str | torch.device = "cpu") -> StateDict:
     loaded with weights_only=True so no code in it runs)."""
     if path.suffix == ".safetensors":
         return read_safetensors(path, device)
-    if ".safetensors.index" in path.name and path.suffix == ".json":
+    if path.suffix == ".json" and (".safetensors.index" in path.name or ".bin.index" in path.name):
         try:
             index = json.loads(path.read_text())
             shards = sorted(set(index["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"could not read shard index {path}: {err}") from err
         merged: StateDict = {}
         for shard in shards:
-            merged.update(read_safetensors(path.parent / shard, device))
+            shard_path = path.parent / str(shard)
+            if not shard_path.is_file():
+                raise CheckpointError(f"shard {shard_path} listed in {path} is missing")
+            merged.update(read_weights(shard_path, device))
         return merged
     try:
         obj = torch.load(str(path), map_location=device, weights_only=True)

@@ -136,7 +136,7 @@ class DCAE(nn.Module):
         config: ConfigLike | None = None,
     ) -> DCAE:
         """Load a diffusers-format folder (config.json + diffusion_pytorch_model[.variant]
-        .safetensors, sharded or not) or an original mit-han-lab checkpoint (folder with
+        .safetensors, sharded or not, or the .bin files of a safe_serialization=False save) or an original mit-han-lab checkpoint (folder with
         model.safetensors / .pt, or the file itself).
 
         The config comes from ``config`` (preset name, DCAEConfig or dict) if given, else from
@@ -165,7 +165,7 @@ class DCAE(nn.Module):
     def _find_weights(path: Path, variant: str | None) -> Path:
         if path.is_file():
             return path
-        names = [ckpt.weights_name(variant), ckpt.index_name(variant)]
+        names = ckpt.diffusers_weight_names(variant)
         if variant is None:
             names += list(ckpt.ORIGINAL_WEIGHT_NAMES)
         for name in names:
@@ -235,6 +235,7 @@ class DCAE(nn.Module):
         atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
         atomic_write(path / ckpt.CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        ckpt.remove_stale_shards(path, variant, keep=weights)
         logger.info("saved DC-AE (diffusers format) to %s", path)
 
     # -- properties -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from diffusers.loaders import FluxLoraLoaderMixin
 
 from ..autoencoders import DCAE
+from ..autoencoders.checkpoint import diffusers_weight_names
 from .base import FlowTextToImagePipeline, register_components
 from .lora import latent_safe_lora_state_dict
 
@@ -63,10 +64,16 @@ class DCAEComponentMixin:
             dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))  # diffusers 0.42 renamed it
             if isinstance(dtype, dict):  # per component, as diffusers takes it
                 dtype = dtype.get(VAE_FOLDER, dtype.get("default"))
+            variant = kwargs.get("variant")
+            if variant is not None and not any(
+                (vae_dir / name).is_file() for name in diffusers_weight_names(variant)
+            ):
+                # As diffusers' pipeline loader does: a component without files of the
+                # requested variant loads its plain weights.
+                variant = None
             vae = DCAE.from_pretrained(
-                vae_dir, dtype=dtype if isinstance(dtype, torch.dtype) else None,
-                variant=kwargs.get("variant"),
-            )  # fmt: skip
+                vae_dir, dtype=dtype if isinstance(dtype, torch.dtype) else None, variant=variant
+            )
         # vae=None keeps diffusers from trying to load the component itself.
         pipe = super().from_pretrained(pretrained_model_name_or_path, vae=None, **kwargs)  # type: ignore[misc]
         pipe.register_modules(vae=vae)

@@ -94,3 +94,51 @@ def test_sharded_diffusers_folder(tmp_path):
     f = cfg.spatial_compression_ratio
     x, z = torch.randn(1, 3, f, f), torch.randn(1, cfg.latent_channels, 2, 2)
     assert_computes_like(model, ref, x, z)
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+@pytest.mark.parametrize("shard", [None, "100KB"])
+def test_pickled_diffusers_folder(tmp_path, variant, shard):
+    # save_pretrained(safe_serialization=False) writes diffusion_pytorch_model[.variant].bin
+    # (or .bin shards and an index); diffusers loads those, so dcgen must too.
+    cfg = small_config("dc-ae-f32c32-in-1.0")
+    ref = perturb_norms(AutoencoderDC(**cfg.to_dict())).eval()
+    kwargs = {"max_shard_size": shard} if shard else {}
+    ref.save_pretrained(tmp_path, safe_serialization=False, variant=variant, **kwargs)
+    assert not list(tmp_path.glob("*.safetensors"))
+    assert list(tmp_path.glob("*.bin"))
+    model = DCAE.from_pretrained(tmp_path, variant=variant)
+    for k, v in diffusers_to_dcgen(ref.state_dict()).items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_saving_over_a_sharded_folder_leaves_no_stale_weights(tmp_path):
+    # diffusers reads a shard index whenever one is there: an index left by an earlier sharded
+    # save would make it load the old weights from a folder dcgen just saved new ones into.
+    cfg = small_config("dc-ae-f32c32-in-1.0")
+    old = perturb_norms(AutoencoderDC(**cfg.to_dict()), seed=2).eval()
+    old.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = [p.name for p in tmp_path.glob("*-of-*.safetensors")]
+    assert len(shards) > 1
+    (tmp_path / "notes.txt").write_text("a user's file stays")
+    new = perturb_norms(DCAE(cfg), seed=3).eval()
+    new.save_pretrained(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["config.json", "diffusion_pytorch_model.safetensors", "notes.txt"]
+    for loaded in (AutoencoderDC.from_pretrained(tmp_path), DCAE.from_pretrained(tmp_path)):
+        state = loaded.state_dict()
+        if isinstance(loaded, AutoencoderDC):
+            state = diffusers_to_dcgen(state)
+        for k, v in new.state_dict().items():
+            assert torch.equal(state[k], v), k
+
+
+def test_saving_one_variant_keeps_another_variants_shards(tmp_path):
+    cfg = small_config("dc-ae-f32c32-in-1.0")
+    old = perturb_norms(AutoencoderDC(**cfg.to_dict()), seed=2).eval()
+    old.save_pretrained(tmp_path, max_shard_size="100KB", variant="fp16")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    DCAE(cfg).save_pretrained(tmp_path)
+    after = sorted(p.name for p in tmp_path.iterdir())
+    assert set(before) <= set(after)
+    assert "diffusion_pytorch_model.safetensors" in after

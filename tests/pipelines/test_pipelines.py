@@ -428,3 +428,27 @@ def test_embeddings_and_their_companions_must_match(flux_pipe):
         sana(prompt_embeds=sana_embeds, prompt_attention_mask=torch.ones(2, 5),
              negative_prompt_embeds=sana_embeds, negative_prompt_attention_mask=torch.ones(1, 5),
              **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [DCGenFluxPipeline, DCGenSanaPipeline])
+def test_a_variant_missing_from_vae_loads_its_plain_weights(cls, tmp_path):
+    # diffusers' pipeline loader hands a component the requested variant only where it has
+    # files of that variant; a folder with a bf16 transformer and a plain vae/ loads as a whole.
+    model = tiny_flux() if cls is DCGenFluxPipeline else tiny_sana()
+    ae = tiny_dcae()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    cls(model, ae).save_pretrained(tmp_path)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "transformer", variant="bf16")
+    assert not list((tmp_path / "vae").glob("*bf16*"))
+    pipe = cls.from_pretrained(tmp_path, variant="bf16")
+    for k, v in ae.state_dict().items():
+        assert torch.equal(pipe.vae.state_dict()[k], v), k
+    # a vae/ with files of the variant still gets them
+    other = tiny_dcae()
+    with torch.no_grad():
+        for t in other.parameters():
+            t.add_(0.5)
+    other.save_pretrained(tmp_path / "vae", variant="bf16")
+    pipe = cls.from_pretrained(tmp_path, variant="bf16")
+    for k, v in other.state_dict().items():
+        assert torch.equal(pipe.vae.state_dict()[k], v), k
