@@ -43,6 +43,28 @@ _STAGE_ALIASES = {
 _REQUIRED = ("stage", "transformer", "cache_dir", "out_dir")
 
 
+#: Settings a resumed run may change: its length and how it is logged, checkpointed, sampled
+#: and reported. Every other setting must match the run being continued.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "steps",
+        "resume",
+        "device",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "sample_every",
+        "sample_steps",
+        "sample_count",
+        "gradient_checkpointing",  # recomputes activations; the gradients are the same
+        "align_feature_layers",  # the stage-1 report's depths
+        "align_eval_sigma",  # the stage-1 report's noise level
+        "extra",
+    }
+)
+_PATH_FIELDS = ("transformer", "cache_dir", "out_dir", "dcae", "latent_layers", "null_text")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field."""
 
@@ -140,6 +162,27 @@ class TrainConfig:
         for k, v in out.items():
             if isinstance(v, tuple):
                 out[k] = list(v)
+        return out
+
+    def changed_for_resume(self, earlier: Mapping[str, Any]) -> list[str]:
+        """The settings in which this config differs from ``earlier`` (the ``config.json`` of
+        the run whose checkpoints it would continue) that a resumed run cannot change: they
+        shaped the steps already taken (data order, schedule, loss, model), so continuing under
+        other values would give a run that matches neither. ``steps`` and the bookkeeping
+        settings (:data:`RESUMABLE_CHANGES`) may change; paths compare as resolved paths;
+        fields ``earlier`` lacks (a config from an older dcgen) are not compared."""
+        now = json.loads(json.dumps(self.to_dict()))
+        out = []
+        for name, value in now.items():
+            if name in RESUMABLE_CHANGES or name not in earlier:
+                continue
+            before = earlier[name]
+            if name in _PATH_FIELDS and isinstance(value, str) and isinstance(before, str):
+                same = Path(value).expanduser().resolve() == Path(before).expanduser().resolve()
+            else:
+                same = value == before
+            if not same:
+                out.append(f"{name}: {before!r} then, {value!r} now")
         return out
 
     def with_overrides(self, overrides: Iterable[str]) -> TrainConfig:

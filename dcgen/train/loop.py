@@ -257,6 +257,14 @@ def train_loop(
             "over (its checkpoints are then moved aside)"
         )
     start = state.step
+    if start:
+        # The optimizer's state brought back the learning rate its run had reached, which is
+        # this run's only while `steps` is the same (the cosine's length): set this schedule's
+        # lr for the next step, as LambdaLR computes it (the same bits when nothing changed).
+        for group, base, fn in zip(
+            optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * fn(scheduler.last_epoch)
     log_path = run_dir / LOG_NAME
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

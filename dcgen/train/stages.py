@@ -45,6 +45,7 @@ from dcgen.sampling.shift import resolve_shift
 from .align import RidgeAccumulator, alignment_loss, downsample_tokens, init_from_ridge
 from .buckets import BucketBatchSampler
 from .cache import CacheError, LatentCache
+from .checkpoint import latest_checkpoint
 from .config import ConfigError, TrainConfig
 from .distributed import DistContext, init_distributed
 from .ema import EMA
@@ -55,7 +56,7 @@ from .latent_layers import (
     load_latent_layers,
     save_latent_layers,
 )
-from .loop import LOG_NAME, LoopResult, StepRandom, read_log, train_loop
+from .loop import CHECKPOINT_DIR, LOG_NAME, LoopResult, StepRandom, read_log, train_loop
 from .lora import add_lora, save_lora
 from .losses import flow_matching_loss
 from .null_text import drop_captions, load_null_text, null_text_path
@@ -779,6 +780,29 @@ def run(config: TrainConfig, progress: bool = True, *, on_step: OnStep | None = 
         ctx.close()
 
 
+def _check_resume_settings(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to continue a run's checkpoints under settings that shaped its steps differently
+    (its config.json is the config they were made with): the result would match neither run,
+    and the config.json written next would describe steps that did not run that way."""
+    earlier_file = run_dir / "config.json"
+    if not cfg.resume or latest_checkpoint(run_dir / CHECKPOINT_DIR) is None:
+        return
+    if not earlier_file.is_file():
+        return
+    try:
+        earlier = json.loads(earlier_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{earlier_file}: could not read the run's config: {err}") from err
+    changed = cfg.changed_for_resume(earlier) if isinstance(earlier, dict) else []
+    if changed:
+        raise ConfigError(
+            f"{run_dir} holds checkpoints of a run with other settings ({'; '.join(changed)}): "
+            "continue it with its own settings (only steps and the logging, checkpoint and "
+            "sample settings may change), or set resume = false to start over (its "
+            "checkpoints are then moved aside)"
+        )
+
+
 def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | None) -> dict:
     run_dir = Path(cfg.out_dir)
     cache = open_cache(cfg)
@@ -790,6 +814,8 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
                 f"dcae {cfg.dcae!r} has {c_ae} latent channels but the cache's dcae_latent has "
                 f"{c_cache}: the cache was made with another DC-AE"
             )
+    _check_resume_settings(cfg, run_dir)
+    ctx.barrier()  # every rank has read the earlier config.json before it is replaced
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(cfg.to_dict(), indent=1)

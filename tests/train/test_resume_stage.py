@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from dcgen.train.checkpoint import CheckpointError, list_checkpoints
+from dcgen.train.config import ConfigError
 from dcgen.train.loop import read_log
 from dcgen.train.stages import run
 from tests.train.stage_utils import config, make_cache, save_adapted, trainable_weights
@@ -81,13 +83,20 @@ def test_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path: Path) -> Non
 
 def test_resume_errors_name_the_cause(tmp_path: Path) -> None:
     """A checkpoint past this run's steps, or one whose LoRA rank the config has since
-    changed: a CheckpointError naming the step / the tensors and both shapes."""
+    changed: a CheckpointError naming the step, a ConfigError naming the setting (or, without
+    the run's config.json, a CheckpointError naming the tensors and both shapes)."""
     cache, adapted = make_cache(tmp_path), save_adapted(tmp_path)
     kw = dict(out_dir=str(tmp_path / "run"), checkpoint_every=2)
     run(config(tmp_path, "finetune", adapted, cache, steps=4, lora_rank=4, **kw), progress=False)
     with pytest.raises(CheckpointError, match="at step 4, past this run's steps=2"):
         run(config(tmp_path, "finetune", adapted, cache, steps=2, lora_rank=4, **kw),
             progress=False)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"other settings \(lora_rank: 4 then, 8 now\)"):
+        run(config(tmp_path, "finetune", adapted, cache, steps=6, lora_rank=8, **kw),
+            progress=False)  # fmt: skip
+    # Without the run's config.json (a folder copied without it), the checkpoint's own shapes
+    # still catch it.
+    (tmp_path / "run" / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"lora_A.*saved \(4, \d+\), now \(8, \d+\)"):
         run(config(tmp_path, "finetune", adapted, cache, steps=6, lora_rank=8, **kw),
             progress=False)  # fmt: skip
@@ -101,3 +110,54 @@ def test_the_log_records_the_lr_each_step_trained_with(tmp_path: Path) -> None:
     run(cfg, progress=False)
     logged = [e["lr"] for e in read_log(Path(cfg.out_dir) / "log.jsonl")]
     assert logged == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+
+
+def test_continuing_with_more_steps_follows_the_longer_schedule(tmp_path: Path) -> None:
+    """A finished 3-step run continued to 6 steps (what the loop's error message suggests):
+    from the first resumed step on, the learning rate is the 6-step schedule's, as in a
+    straight 6-step run, not the lr the 3-step cosine had decayed to (0 at its end)."""
+    cache, adapted = make_cache(tmp_path), save_adapted(tmp_path)
+    kw = dict(checkpoint_every=3, warmup_steps=1, lr=3e-3)
+    straight = config(tmp_path, "output", adapted, cache, out_dir=str(tmp_path / "a"), steps=6,
+                      **kw)  # fmt: skip
+    run(straight, progress=False)
+    out = str(tmp_path / "b")
+    run(config(tmp_path, "output", adapted, cache, out_dir=out, steps=3, **kw), progress=False)
+    run(config(tmp_path, "output", adapted, cache, out_dir=out, steps=6, **kw), progress=False)
+    ref = {e["step"]: e["lr"] for e in read_log(tmp_path / "a" / "log.jsonl")}
+    got = {e["step"]: e["lr"] for e in read_log(tmp_path / "b" / "log.jsonl")}
+    # (without the reset, step 4 ran at the 3-step cosine's end: lr 0)
+    assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]
+    assert got[4] > 0
+
+
+@pytest.mark.parametrize(
+    ("changed", "value"),
+    [("lr", 0.01), ("seed", 1), ("batch_size", 2), ("lora_alpha", 32.0), ("ema_decay", 0.5)],
+)
+def test_resuming_with_changed_settings_is_refused(tmp_path, changed, value) -> None:
+    cache, adapted = make_cache(tmp_path), save_adapted(tmp_path)
+    kw = dict(out_dir=str(tmp_path / "run"), steps=4, checkpoint_every=2, ema_decay=0.8)
+
+    def stop(step: int, loss: float) -> None:
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(config(tmp_path, "finetune", adapted, cache, **kw), progress=False, on_step=stop)
+    before = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ConfigError, match=rf"other settings \({changed}: .* then, .* now\)"):
+        run(config(tmp_path, "finetune", adapted, cache, **{**kw, changed: value}),
+            progress=False)  # fmt: skip
+    assert (tmp_path / "run" / "config.json").read_text() == before  # still the run's own
+
+
+def test_resuming_may_change_the_length_and_bookkeeping(tmp_path) -> None:
+    cache, adapted = make_cache(tmp_path), save_adapted(tmp_path)
+    kw = dict(out_dir=str(tmp_path / "run"), checkpoint_every=2)
+    run(config(tmp_path, "output", adapted, cache, steps=2, **kw), progress=False)
+    relative = os.path.relpath(kw["out_dir"])  # the same folder, named another way
+    more = dict(steps=4, checkpoint_every=1, keep_checkpoints=5, log_every=1,
+                out_dir=str(relative))  # fmt: skip
+    summary = run(config(tmp_path, "output", adapted, cache, **more), progress=False)
+    assert summary["steps"] == 4
