@@ -583,10 +583,20 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         rule = self.config.shift_rule
         sched = getattr(self, "scheduler", None)
         cfg = sched.config if sched is not None else {}
+        if type(sched).__name__ in EULER_SCHEDULERS:
+            check_flow_euler_config(cfg)
         if rule == "auto":
             rule = self.default_shift_rule
             if rule == "flux" and sched is not None and not cfg.get("use_dynamic_shifting", False):
                 rule = "constant"
+            elif rule == "constant" and cfg.get("use_dynamic_shifting", False):
+                # SanaPipeline refuses this config (it passes the scheduler no mu); dcgen keeps
+                # the model's fixed shift, and says so
+                logger.warning(
+                    "scheduler config use_dynamic_shifting=True: %s samples at the fixed shift "
+                    "%g (the config's shift / flow_shift), not a resolution-dependent one",
+                    type(self).__name__, scheduler_constant_shift(cfg),
+                )  # fmt: skip
         return resolve_shift(
             rule,
             num_tokens,
@@ -882,6 +892,33 @@ def _callback_inputs(names: list[str] | None) -> list[str]:
             f"callback_on_step_end_tensor_inputs: expected a subset of ['latents'], got {names}"
         )
     return names
+
+
+# FlowMatchEulerDiscreteScheduler entries that change its sigmas or its steps, with the values
+# under which dcgen's Euler steps (shifted flow sigmas, deterministic) are the same schedule.
+_EULER_REQUIRED = {
+    "time_shift_type": ("exponential", None),  # "linear" shifts by mu instead of e^mu
+    "shift_terminal": (None, 0, 0.0),  # stretches the schedule to end at this sigma
+    "use_karras_sigmas": (False, None),
+    "use_exponential_sigmas": (False, None),
+    "use_beta_sigmas": (False, None),
+    "stochastic_sampling": (False, None),  # re-noises at every step
+    "invert_sigmas": (False, None),
+}
+
+
+def check_flow_euler_config(config: Any) -> None:
+    """A ValueError naming the first FlowMatchEulerDiscreteScheduler setting in ``config`` that
+    dcgen's Euler steps do not implement: sampling on would give other images than diffusers'
+    pipeline with the same folder, with no sign of it."""
+    for key, allowed in _EULER_REQUIRED.items():
+        value = config.get(key, allowed[0])
+        if value not in allowed:
+            raise ValueError(
+                f"scheduler config {key}={value!r}: dcgen's Euler sampler implements {key} in "
+                f"{allowed} (shifted flow sigmas, deterministic steps); set it so in the "
+                "scheduler's config to sample with dcgen"
+            )
 
 
 def scheduler_constant_shift(config: Any) -> float:

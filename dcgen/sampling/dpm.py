@@ -10,7 +10,9 @@ own implementation of that sampler, written from the solver's definition (Lu et 
   shifted by ``shift`` (s' = shift s / (1 + (shift - 1) s)), then a terminal 0; the first sigma
   is 1 - 1/T (not 1: the data-prediction form needs alpha = 1 - sigma > 0);
 * what the model sees: the integer timestep floor(sigma T) (diffusers casts the float timesteps
-  to int64), so ``model_sigmas`` = floor(sigma T) / T, while the solver uses the float sigma;
+  to int64) and hands to the model as is, so ``model_sigmas`` = floor(sigma T) / 1000 on the
+  adapters' 0..1000 timestep scale (floor(sigma T) / T for SANA's T = 1000), while the solver
+  uses the float sigma;
 * the order schedule: first order on the first step (no history yet) and on the last (to sigma 0,
   where the update is the data prediction itself), second order in between.
 
@@ -40,8 +42,9 @@ SOLVER_TYPES = ("midpoint", "heun")
 class DPMSettings:
     """What a DPM-Solver++ run needs besides the shift: ``order`` (1 or 2), ``solver_type`` of
     the second-order correction ('midpoint' as SANA ships, or 'heun'), ``train_timesteps`` T
-    and ``integer_timesteps``: whether the model sees floor(sigma T) / T (diffusers' scheduler
-    convention, what SANA checkpoints are sampled with) or the solver's own sigma."""
+    and ``integer_timesteps``: whether the model sees the integer timestep floor(sigma T)
+    (diffusers' scheduler convention, what SANA checkpoints are sampled with) or the solver's
+    own sigma."""
 
     order: int = 2
     solver_type: str = "midpoint"
@@ -105,7 +108,8 @@ def dpm_flow_sigmas(
 
     ``sigmas``: ``num_steps + 1`` float32 values from (shifted) 1 - 1/T down to a terminal 0, the
     solver's grid. ``model_sigmas``: the ``num_steps`` values the model is conditioned on,
-    floor(sigma T) / T (the integer timestep of a SANA checkpoint's sampling) or, without
+    floor(sigma T) / 1000 (the integer timestep of a SANA checkpoint's sampling, which the
+    adapter scales by 1000 again; floor(sigma T) / T for SANA's T = 1000) or, without
     ``integer_timesteps``, the grid's own."""
     num_steps = check_steps(num_steps)
     shift = check_shift(shift)
@@ -115,7 +119,10 @@ def dpm_flow_sigmas(
     t = float(train_timesteps)
     base = 1.0 - torch.linspace(1.0, 1.0 / t, num_steps + 1, dtype=torch.float64)
     grid = shift_sigmas(base.flip(0)[:-1], float(shift))
-    model = torch.floor(grid * t) / t if integer_timesteps else grid
+    # The integer timestep floor(sigma T) reaches the model as diffusers hands it over: as is,
+    # on the 0..1000 scale the adapters' sigma maps to (the same as floor(sigma T) / T at T =
+    # 1000, SANA's; a config with another T gets the model the timesteps diffusers gives it).
+    model = torch.floor(grid * t) / 1000.0 if integer_timesteps else grid
     sigmas = torch.cat([grid, grid.new_zeros(1)]).to(device=device, dtype=torch.float32)
     return sigmas, model.to(device=device, dtype=torch.float32)
 

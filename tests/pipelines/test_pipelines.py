@@ -452,3 +452,49 @@ def test_a_variant_missing_from_vae_loads_its_plain_weights(cls, tmp_path):
     pipe = cls.from_pretrained(tmp_path, variant="bf16")
     for k, v in other.state_dict().items():
         assert torch.equal(pipe.vae.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("time_shift_type", "linear"),
+        ("shift_terminal", 0.1),
+        ("use_karras_sigmas", True),
+        ("use_exponential_sigmas", True),
+        ("use_beta_sigmas", True),
+        ("stochastic_sampling", True),
+        ("invert_sigmas", True),
+    ],
+)
+def test_euler_scheduler_settings_dcgen_does_not_implement_are_refused(setting, value):
+    # Each of these gives diffusers' pipeline another schedule (or random steps); sampling on
+    # would quietly give other images from the same folder.
+    pipe = dcgen_flux()
+    kwargs = {"use_dynamic_shifting": True, setting: value}
+    if setting.startswith("use_") and setting.endswith("_sigmas"):
+        pytest.importorskip("scipy")  # diffusers needs it for these schedules
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(**kwargs)
+    with pytest.raises(ValueError, match=rf"scheduler config {setting}={value!r}"):
+        run(pipe)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    assert torch.isfinite(run(pipe, output_type="pt")).all()
+
+
+def test_sana_with_a_dynamic_shifting_euler_scheduler_says_it_keeps_its_shift(caplog):
+    ae = tiny_dcae()
+    model = tiny_sana()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    pipe = DCGenSanaPipeline(model, ae, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True,
+                                                                        shift=3.0))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    fixed = DCGenSanaPipeline(model, ae, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    fixed.set_progress_bar_config(disable=True)
+    embeds, _ = text(1)
+    kw = dict(prompt_embeds=embeds, height=64, width=64, num_inference_steps=2,
+              output_type="latent", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    with torch.no_grad():
+        got = pipe(**kw).images
+    assert "use_dynamic_shifting=True" in caplog.text and "fixed shift 3" in caplog.text
+    kw["generator"] = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        torch.testing.assert_close(got, fixed(**kw).images, rtol=0, atol=0)
