@@ -314,9 +314,14 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         dpm = self.dpm_settings(sampler)  # None: Euler
         if sigmas is not None:
             if dpm is not None:
+                chosen = (
+                    "sampler='dpm' selects"
+                    if sampler == "dpm"
+                    else "this pipeline's scheduler selects"
+                )
                 raise ValueError(
-                    "sigmas: custom sigmas need the Euler sampler; this pipeline's scheduler "
-                    "selects DPM-Solver++ (pass sampler='euler')"
+                    f"sigmas: custom sigmas need the Euler sampler; {chosen} DPM-Solver++ (pass "
+                    "sampler='euler')"
                 )
             num_inference_steps = len(check_custom_sigmas(sigmas))
         skip = strength_start(num_inference_steps, strength) if image is not None else 0

@@ -182,8 +182,10 @@ def test_custom_sigmas_need_the_euler_sampler():
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(prompt_embeds=torch.randn(1, 5, 32), height=64, width=64, true_cfg_scale=1.0,
                   output_type="latent", sigmas=[1.0, 0.5])  # fmt: skip
-    with pytest.raises(ValueError, match="Euler sampler"):
+    with pytest.raises(ValueError, match="Euler sampler; this pipeline's scheduler selects"):
         pipe(**kwargs)
+    with pytest.raises(ValueError, match="Euler sampler; sampler='dpm' selects"):
+        pipe(sampler="dpm", **kwargs)
     out = pipe(sampler="euler", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert torch.isfinite(out).all()
 
