@@ -193,9 +193,28 @@ class _FSDPOptimizerState:
         set_optimizer_state_dict(
             self.owner.module,
             self.owner._optim,
-            state,
+            self._keyed_by_name(state),
             options=StateDictOptions(full_state_dict=True),
         )
+
+    def _keyed_by_name(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` with its parameters named: a one-process run saves the plain optimizer's
+        state, keyed by parameter index (the order of the trainable parameters, the same in
+        every run of the loop), while FSDP's loader reads parameter names."""
+        groups = state.get("param_groups", [])
+        ids = [i for g in groups for i in g.get("params", [])]
+        if not ids or not all(isinstance(i, int) for i in ids):
+            return state  # already by name (an FSDP run's checkpoint)
+        names = [n for n, p in self.owner.module.named_parameters() if p.requires_grad]
+        if sorted(ids) != list(range(len(names))):
+            raise ValueError(
+                f"optimizer checkpoint: it holds {len(ids)} parameters, this model trains "
+                f"{len(names)}; the checkpoint is of another model or settings"
+            )
+        return {
+            "state": {names[i]: v for i, v in state.get("state", {}).items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups],
+        }
 
 
 def _env_int(name: str, default: int) -> int:

@@ -15,11 +15,12 @@ draws the same global batch and the same random numbers, then keeps its shard of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,21 @@ def _unshard_for_saving(
         module.get_submodule(owner)._parameters[leaf] = orig
 
 
+@contextlib.contextmanager
+def _unsharded(root: nn.Module | None) -> Iterator[None]:
+    """The FSDP root's own parameters (the embedder and head; the blocks are sharded units of
+    their own) gathered while inside: a sampler calls the inner transformer, which skips the
+    root's forward, where FSDP would gather them. Nothing to do without FSDP (``None``)."""
+    if root is None:
+        yield
+        return
+    root.unshard()  # type: ignore[operator]  # an FSDPModule after fully_shard
+    try:
+        yield
+    finally:
+        root.reshard()  # type: ignore[operator]
+
+
 def train_loop(
     module: nn.Module,
     make_inputs: Callable[[dict[str, Any], StepRandom], dict[str, Any]],
@@ -327,7 +343,8 @@ def train_loop(
                 ctx.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
             every = cfg.sample_every
             if on_sample is not None and every and (state.step % every == 0 or state.step == steps):
-                on_sample(state.step)
+                with _unsharded(model if fsdp else None):
+                    on_sample(state.step)
             if on_step is not None:
                 on_step(state.step, value)
             if state.step >= steps:

@@ -562,7 +562,10 @@ def _head_readout(
     order = BucketBatchSampler(buckets, cfg.batch_size, shuffle=False, drop_last=False) if n else []
     batches = list(order)
     try:
-        for step, idx in enumerate(batches[ctx.rank :: ctx.world_size]):
+        # The noise of a batch is seeded by its global number, so any world size draws the
+        # same noise for it (numbering each rank's own batches gave rank 1 rank 0's noise).
+        for step in range(ctx.rank, len(batches), ctx.world_size):
+            idx = batches[step]
             batch = collate_samples([dataset[i] for i in idx])
             batch = {
                 k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()

@@ -62,3 +62,25 @@ def test_two_processes_match_one(tmp_path: Path, family: str) -> None:
     lines = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
     assert len(lines) == 4
     assert (tmp_path / "two" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_two_processes_fit_the_same_ridge_head(tmp_path: Path) -> None:
+    """Stage 1's closed-form head: every batch's noise is seeded by its global number, so two
+    processes (each fitting every other batch) draw the noise one process does."""
+    from safetensors.torch import load_file
+
+    from tests.train.stage_utils import save_base
+
+    cache, base = make_cache(tmp_path), save_base(tmp_path)
+    # 8 samples, batch 4: two batches, one per rank
+    kw = dict(align_head="ridge", align_sgd_steps=2, batch_size=4, checkpoint_every=2)
+    run(config(tmp_path, "align", base, cache, out_dir=str(tmp_path / "one"), **kw),
+        progress=False)  # fmt: skip
+    multi = config(tmp_path, "align", base, cache, out_dir=str(tmp_path / "two"), **kw)
+    mp.spawn(_worker, args=(2, _free_port(), multi.to_dict()), nprocs=2, join=True)
+    one = load_file(str(tmp_path / "one" / "latent_layers.safetensors"))
+    two = load_file(str(tmp_path / "two" / "latent_layers.safetensors"))
+    assert one.keys() == two.keys() and any(k.startswith("head.") for k in one)
+    for k in one:
+        # measured before the fix: the head 6.0 apart (rank 1 reused rank 0's noise)
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)

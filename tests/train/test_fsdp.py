@@ -64,3 +64,41 @@ def test_fsdp_config_checks(tmp_path: Path) -> None:
         config(tmp_path, "finetune", tmp_path, tmp_path, parallel="zero3")
     with pytest.raises(ConfigError, match="ema_decay"):
         config(tmp_path, "finetune", tmp_path, tmp_path, parallel="fsdp", ema_decay=0.9)
+
+
+def test_fsdp_continues_a_one_process_run_and_samples_as_it(tmp_path: Path) -> None:
+    """A run started in one process, continued by two FSDP processes: the optimizer state the
+    one process saved (keyed by parameter index) loads into FSDP (which reads names), and the
+    sample grids written under FSDP (the root's embedder and head gathered around the sampler)
+    are the one-process run's."""
+    import numpy as np
+    from PIL import Image
+
+    from dcgen.train.stages import run
+
+    cache, adapted = make_cache(tmp_path), save_adapted(tmp_path)
+    kw = dict(steps=4, batch_size=4, checkpoint_every=2, sample_every=2, sample_count=2,
+              sample_steps=1, parallel="fsdp")  # fmt: skip
+    run(config(tmp_path, "output", adapted, cache, out_dir=str(tmp_path / "one"), **kw),
+        progress=False)  # fmt: skip
+
+    class Stop(RuntimeError):
+        pass
+
+    def stop(step: int, loss: float) -> None:
+        if step == 3:
+            raise Stop
+
+    two = config(tmp_path, "output", adapted, cache, out_dir=str(tmp_path / "two"), **kw)
+    with pytest.raises(Stop):  # one process: parallel="fsdp" has nothing to shard
+        run(two, progress=False, on_step=stop)
+    mp.spawn(_worker, args=(2, _free_port(), two.to_dict()), nprocs=2, join=True)
+
+    a, b = trainable_weights(tmp_path / "one"), trainable_weights(tmp_path / "two")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    grid = "samples/step-00000004.png"
+    ref = np.asarray(Image.open(tmp_path / "one" / grid)).astype(int)
+    got = np.asarray(Image.open(tmp_path / "two" / grid)).astype(int)
+    assert ref.shape == got.shape and np.abs(ref - got).max() <= 1
