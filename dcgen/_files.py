@@ -103,3 +103,28 @@ def _swap_in(new: Path, final: Path) -> None:
     os.replace(final, old / final.name)
     os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sampled_digest(path: str | os.PathLike, samples: int = 16, chunk: int = 1 << 14) -> str:
+    """A cheap content fingerprint of a file or folder: for each file (a folder's, recursively,
+    in name order) its name, byte size and the SHA-256 of ``samples`` chunks spread over it
+    (the first and the last included). Files rewritten at the same path with new values almost
+    surely change it, without reading gigabytes of weights or embeddings; a copy to another
+    machine keeps it (no mtimes)."""
+    import hashlib
+
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        h.update(f"{file.relative_to(root).as_posix() if file != root else ''}:{size}".encode())
+        with open(file, "rb") as f:
+            if size <= samples * chunk:
+                h.update(f.read())
+                continue
+            step = (size - chunk) / (samples - 1)
+            for i in range(samples):
+                f.seek(int(i * step))
+                h.update(f.read(chunk))
+    return h.hexdigest()

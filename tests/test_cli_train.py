@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -486,3 +487,36 @@ def test_example_config_is_valid_for_every_stage(example, stage):
     assert config.dcae.endswith("dc-ae-f64c128-in-1.0-diffusers")
     if example.startswith("sana"):
         assert (config.shift_rule, config.shift_constant) == ("constant", 3.0)
+
+
+def test_precompute_refuses_embeddings_rewritten_at_the_same_path(assets, tmp_path, capsys):
+    # The cache records what the text embeddings held, not only where: a file regenerated in
+    # place (same captions, same shapes, same size) must not leave the old values in the cache.
+    text = tmp_path / "text.safetensors"
+    captions = list(CAPTIONS.values())
+    zero = {c: {"prompt_embeds": torch.zeros(5, TEXT_DIM),
+                "pooled_prompt_embeds": torch.zeros(TEXT_DIM)} for c in captions}  # fmt: skip
+    save_text_embeddings(text, zero)
+    out = tmp_path / "cache"
+    assert _precompute(assets, out, "--text-embeddings", str(text)) == 0
+    ones = {c: {k: torch.ones_like(v) for k, v in t.items()} for c, t in zero.items()}
+    save_text_embeddings(text, ones)
+    capsys.readouterr()
+    assert _precompute(assets, out, "--text-embeddings", str(text)) == 2
+    assert "other data or settings" in _error_line(capsys)
+    assert _precompute(assets, out, "--text-embeddings", str(text), "--overwrite") == 0
+    assert LatentCache(out)[0]["prompt_embeds"].eq(1).all()
+
+
+def test_precompute_with_workers_reports_a_bad_image_as_without(assets, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(assets / "data", data)
+    broken = sorted(data.glob("*.png"))[1]
+    broken.write_bytes(broken.read_bytes()[:300])  # truncated
+    for workers in ("0", "2"):
+        args = ["precompute", "--data", str(data), "--dcae", str(assets / "dcae"),
+                "--out", str(tmp_path / f"cache{workers}"), "--resolution", "64",
+                "--no-progress", "--device", "cpu", "--num-workers", workers]  # fmt: skip
+        assert main(args) == 2
+        line = _error_line(capsys)
+        assert f"could not read image {broken}" in line and "DataLoader" not in line, line

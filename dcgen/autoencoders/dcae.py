@@ -136,8 +136,9 @@ class DCAE(nn.Module):
         config: ConfigLike | None = None,
     ) -> DCAE:
         """Load a diffusers-format folder (config.json + diffusion_pytorch_model[.variant]
-        .safetensors, sharded or not, or the .bin files of a safe_serialization=False save) or an original mit-han-lab checkpoint (folder with
-        model.safetensors / .pt, or the file itself).
+        .safetensors, sharded or not, or the .bin files of a safe_serialization=False save) or
+        an original mit-han-lab checkpoint (folder with model.safetensors / .pt, or the file
+        itself).
 
         The config comes from ``config`` (preset name, DCAEConfig or dict) if given, else from
         config.json next to the weights (diffusers fields, or an original ``model_name``), else

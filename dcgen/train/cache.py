@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -292,6 +292,34 @@ def _finished_shard(
     return None
 
 
+def _worker_errors_as_raised(loader: Iterable[Any]) -> Iterator[Any]:
+    """``loader``'s items; an error raised in a DataLoader worker comes back with the message it
+    was raised with. torch re-raises it with the worker's whole traceback as its message, which
+    the command line would print flattened into one line instead of "could not read image
+    <path>: ..."."""
+    it = iter(loader)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as err:
+            text = str(err)
+            if not text.startswith(f"Caught {type(err).__name__} in DataLoader worker"):
+                raise
+            last = text.rstrip().splitlines()[-1]
+            # the traceback's last line: "<module>.<Type>: <original message>"
+            _, sep, original = last.partition(f"{type(err).__name__}: ")
+            if not sep:
+                raise
+            try:
+                clean = type(err)(original)
+            except Exception:  # an exception type that takes other arguments
+                raise err from None
+            raise clean from err
+        yield item
+
+
 def _compute_shard(
     dataset: ImageCaptionDataset,
     indices: range,
@@ -352,7 +380,7 @@ def _compute_shard(
             }
         pbar.update(len(group))
 
-    for slot, sample in enumerate(loader):
+    for slot, sample in enumerate(_worker_errors_as_raised(loader)):
         if not isinstance(sample, Mapping) or not {"image", "caption", "key"} <= set(sample):
             raise ValueError(
                 f"dataset[{indices[slot]}] must be a dict with image, caption, key; got "

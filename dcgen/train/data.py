@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, TypedDict, runtime_checkable
@@ -63,6 +64,35 @@ class ImageCaptionDataset(Protocol):
     def __getitem__(self, index: int) -> Sample: ...
 
 
+def _read_text(path: Path) -> str:
+    """A caption or metadata file as text: UTF-8, with the byte-order mark some editors write
+    removed (str.strip keeps it, and it would reach the text encoder as part of the caption); a
+    file in another encoding raises a DataError naming it."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: expected UTF-8 text, {err.reason} at byte {err.start}") from err
+
+
+def _image_files(root: Path) -> list[Path]:
+    """The image files under ``root``, following symlinked folders (Path.rglob does not, so a
+    dataset split over disks by links lost those parts without a word); each real folder is
+    entered once, so a link loop ends."""
+    seen: set[tuple[int, int]] = set()
+    out: list[Path] = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for name in names:
+            path = Path(folder) / name
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                out.append(path)
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
 def _as_size(resolution: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(resolution, int):
         return resolution, resolution
@@ -101,10 +131,25 @@ def resize_center_crop(
     return img.crop((left, top, left + tw, top + th))
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """``img`` with a 16-bit (or 32-bit integer) single channel brought to 8-bit "L": Pillow's
+    own conversion to RGB clips such values at 255, so all but the darkest pixels of a 16-bit
+    greyscale PNG came out white. Other modes are returned as they are (Pillow already reduces
+    16-bit RGB / RGBA to 8 bits when it opens them)."""
+    if img.mode != "I" and not img.mode.startswith("I;16"):
+        return img
+    arr = np.asarray(img).astype(np.float64)
+    # 16-bit greyscale: 0..65535 (a 32-bit "I" image from a 16-bit PNG holds the same range)
+    eight = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(eight, mode="L")
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL image (any mode) -> (3, H, W) float32 in [-1, 1]."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Transparent pixels often carry arbitrary colour; compose on white as viewers show them.
+    img = to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        # Transparent pixels often carry arbitrary colour; compose on white as viewers show them
+        # (alpha channels, palette transparency and the colour key of an L / RGB PNG's tRNS).
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
@@ -179,14 +224,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             for b in self.buckets:
                 _check_divisible((b.height, b.width), factor, "bucket")
 
-        files = sorted(
-            (
-                p
-                for p in self.root.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            ),
-            key=lambda p: p.relative_to(self.root).as_posix(),
-        )
+        files = _image_files(self.root)
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
         metadata = self._read_metadata()
@@ -197,7 +235,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             rel = path.relative_to(self.root).as_posix()
             caption = metadata.get(rel)
             if caption is None and path.with_suffix(".txt").is_file():
-                caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+                caption = _read_text(path.with_suffix(".txt")).strip()
             if caption is None:
                 missing.append(rel)
                 if missing_caption == "skip":
@@ -247,7 +285,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             path = self.root / name
             if not path.is_file():
                 continue
-            for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for lineno, line in enumerate(_read_text(path).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -294,7 +332,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             with Image.open(path) as img:
                 img.load()
                 # Phone photos store rotation in EXIF; apply it so the pixels match the header size.
-                img = ImageOps.exif_transpose(img)
+                img = to_8bit(ImageOps.exif_transpose(img))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise DataError(f"could not read image {path}: {err}") from err
         size = self.target_size(index)

@@ -40,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .._files import atomic_write
+from .._files import atomic_write, sampled_digest
 from .buckets import make_buckets
 from .cache import LatentCache, precompute
 from .data import ImageCaptionFolder
@@ -452,6 +452,17 @@ def run_precompute(
             getattr(text_encoder, "__qualname__", type(text_encoder).__qualname__),
         ),
         "encoder_dtype": str(encoder_dtype),
+    }
+    # The contents too (sampled), not only the paths: embeddings or weights rewritten at the
+    # same path must not be taken for the ones the cache was made with.
+    identity["contents"] = {
+        name: sampled_digest(source)
+        for name, source in (
+            ("dcae", dcae),
+            ("base_vae", base_vae),
+            ("text_embeddings", text_embeddings),
+        )
+        if source is not None and Path(source).exists()
     }
     if vae is not None and vae.patch_size != DEFAULT_BASE_PATCH[vae.kind]:
         # only when not the default, so caches made before the option keep their fingerprint

@@ -254,3 +254,59 @@ def test_sampler_with_dataloader(make_folder):
     ]
     for b in batches:
         assert b["image"].shape == (2, 3, *ds.target_size(ds.keys.index(b["key"][0])))
+
+
+# ------------------------------------------------------------------------------ odd inputs
+
+
+def test_16_bit_greyscale_keeps_its_tones(tmp_path):
+    # Pillow's own RGB conversion clips 16-bit values at 255: a gradient came out white.
+    ramp = np.tile(np.linspace(0, 65535, 32).round().astype(np.uint16), (32, 1))
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    Image.fromarray((ramp / 257).round().astype(np.uint8)).save(tmp_path / "g8.png")
+    for name in ("g16", "g8"):
+        (tmp_path / f"{name}.txt").write_text("a grey ramp")
+    with Image.open(tmp_path / "g16.png") as img:
+        assert img.mode.startswith("I")  # what Pillow opens a 16-bit greyscale PNG as
+    ds = ImageCaptionFolder(tmp_path, resolution=32)
+    g16, g8 = ds[0]["image"], ds[1]["image"]
+    assert ds.keys == ["g16.png", "g8.png"]
+    torch.testing.assert_close(g16, g8, rtol=0, atol=1 / 127.5)  # one 8-bit step
+    assert g16[:, :, 16].mean() < 0.1  # the middle is grey, not white
+
+
+def test_a_colour_key_is_transparent_like_an_alpha_channel(tmp_path):
+    img = Image.new("RGB", (16, 16), (10, 20, 30))
+    img.paste((200, 0, 0), (0, 0, 8, 16))
+    img.save(tmp_path / "key.png", transparency=(10, 20, 30))  # tRNS: this colour is clear
+    from dcgen.train.data import pil_to_tensor
+
+    with Image.open(tmp_path / "key.png") as im:
+        x = pil_to_tensor(im)
+    torch.testing.assert_close(x[:, :, 12], torch.ones(3, 16))  # keyed pixels: white
+    assert x[0, 0, 0] > 0.5 and x[1, 0, 0] < -0.9  # the red half stays red
+
+
+def test_caption_files_with_a_byte_order_mark_and_bad_encodings(make_folder):
+    root = make_folder(images=[("a", 32, 32), ("b", 32, 32)])
+    (root / "a.txt").write_bytes("\ufeffa red car\n".encode())  # "UTF-8 with BOM"
+    assert ImageCaptionFolder(root, resolution=32).captions[0] == "a red car"
+    (root / "b.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError, match=r"b\.txt: expected UTF-8 text"):
+        ImageCaptionFolder(root, resolution=32)
+    (root / "b.txt").write_text("fine")
+    (root / "metadata.jsonl").write_bytes(
+        b'{"file_name": "a.png", "text": "caf\xe9"}\n'  # latin-1, not UTF-8
+    )
+    with pytest.raises(DataError, match=r"metadata\.jsonl: expected UTF-8 text"):
+        ImageCaptionFolder(root, resolution=32)
+
+
+def test_symlinked_folders_are_followed_once(make_folder, tmp_path):
+    root = make_folder(images=[("a", 32, 32)])
+    elsewhere = make_folder(images=[("b", 32, 32), ("c", 32, 32)], name="other_disk")
+    (root / "part2").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(root, target_is_directory=True)  # a link cycle
+    ds = ImageCaptionFolder(root, resolution=32)
+    assert ds.keys == ["a.png", "part2/b.png", "part2/c.png"]
+    assert ds.captions[1] == "a photo of b"
