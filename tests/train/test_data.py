@@ -310,3 +310,40 @@ def test_symlinked_folders_are_followed_once(make_folder, tmp_path):
     ds = ImageCaptionFolder(root, resolution=32)
     assert ds.keys == ["a.png", "part2/b.png", "part2/c.png"]
     assert ds.captions[1] == "a photo of b"
+
+
+def test_the_crop_is_resampled_from_the_source_box_only(monkeypatch):
+    # A 3000 x 1 strip cropped to 64 x 64: only the centred 1 x 1 box is resampled, to 64 x 64,
+    # instead of the whole strip to 192,000 x 64 first (memory grew with the square of the
+    # resolution).
+    from dcgen.train.data import resize_center_crop
+
+    calls = []
+    real = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        calls.append(tuple(size))
+        return real(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    strip = Image.fromarray(np.arange(3000, dtype=np.uint8)[None, :].repeat(1, 0))
+    out = resize_center_crop(strip, (64, 64))
+    assert out.size == (64, 64) and calls == [(64, 64)]
+    assert np.asarray(out).std() < 1  # one source pixel's value, spread
+    assert abs(float(np.asarray(out).mean()) - 1500 % 256) <= 1  # from the centre of the strip
+
+
+@pytest.mark.parametrize(
+    ("w", "h", "size"), [(90, 40, (32, 32)), (40, 90, (32, 48)), (7, 5, (32, 32))]
+)
+def test_the_crop_is_centred(w, h, size):
+    # an image symmetric about its centre gives a symmetric crop
+    from dcgen.train.data import resize_center_crop
+
+    rng = np.random.default_rng(0)
+    half = rng.integers(0, 256, (h, (w + 1) // 2, 3), dtype=np.uint8)
+    arr = np.concatenate([half, half[:, ::-1][:, w % 2 :]], axis=1)
+    arr = np.concatenate([arr, arr[::-1]], axis=0)  # symmetric top / bottom too
+    out = np.asarray(resize_center_crop(Image.fromarray(arr), size)).astype(int)
+    assert out.shape == (*size, 3)
+    assert np.abs(out - out[:, ::-1]).max() <= 1 and np.abs(out - out[::-1]).max() <= 1
