@@ -93,6 +93,24 @@ def _image_files(root: Path) -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 
+def _png_has_exif(path: Path) -> bool:
+    """Whether the PNG file holds an eXIf chunk, from its chunk headers alone (8 bytes a chunk,
+    the data skipped)."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return False
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"eXIf":
+                return True
+            if kind == b"IEND":
+                return False
+            f.seek(length + 4, 1)  # the data and its CRC
+
+
 def _as_size(resolution: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(resolution, int):
         return resolution, resolution
@@ -310,7 +328,10 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         try:
             with Image.open(path) as img:
                 w, h = img.size
-                orientation = img.getexif().get(0x0112, 1)
+                # Pillow decodes a whole PNG to look for an eXIf chunk after its pixel data;
+                # walking the chunk headers finds out without decoding (most PNGs have none).
+                no_exif = img.format == "PNG" and "exif" not in img.info and not _png_has_exif(path)
+                orientation = 1 if no_exif else img.getexif().get(0x0112, 1)
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise DataError(f"could not read image {path}: {err}") from err
         return (w, h) if orientation in _TRANSPOSED_ORIENTATIONS else (h, w)

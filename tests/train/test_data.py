@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -347,3 +348,35 @@ def test_the_crop_is_centred(w, h, size):
     out = np.asarray(resize_center_crop(Image.fromarray(arr), size)).astype(int)
     assert out.shape == (*size, 3)
     assert np.abs(out - out[:, ::-1]).max() <= 1 and np.abs(out - out[::-1]).max() <= 1
+
+
+def test_png_headers_are_read_without_decoding_and_late_exif_is_found(tmp_path, monkeypatch):
+    import zlib
+
+    from PIL import PngImagePlugin
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    # b.png: the same picture with an EXIF orientation of 6 (rotate 90) in an eXIf chunk after
+    # the pixel data, where Pillow only finds it by decoding the image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = exif.tobytes()
+    chunk = len(payload).to_bytes(4, "big") + b"eXIf" + payload
+    chunk += zlib.crc32(b"eXIf" + payload).to_bytes(4, "big")
+    raw = (tmp_path / "a.png").read_bytes()
+    end = raw.rindex(b"IEND") - 4
+    (tmp_path / "b.png").write_bytes(raw[:end] + chunk + raw[end:])
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text("noise")
+    loads = []
+    real = PngImagePlugin.PngImageFile.load
+
+    def counting(self, *args, **kwargs):
+        loads.append(self.filename)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", counting)
+    ds = ImageCaptionFolder(tmp_path, buckets=[Bucket(32, 64), Bucket(64, 32)], factor=16)
+    assert ds.sizes == [(32, 64), (64, 32)]  # b is displayed rotated
+    assert [Path(f).name for f in loads] == ["b.png"]  # only the late-EXIF file was decoded
