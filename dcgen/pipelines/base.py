@@ -38,7 +38,7 @@ from .._files import atomic_write
 from ..adapters import DiTAdapter, adapter_for
 from ..sampling import SHIFT_RULES, flow_sigmas, resolve_shift, sample_euler
 from ..sampling.dpm import DPMSettings, dpm_flow_sigmas, dpm_settings_from_config, sample_dpm_solver
-from ..sampling.flow import check_custom_sigmas, strength_start
+from ..sampling.flow import check_custom_sigmas, check_flow_euler_config, strength_start
 
 logger = logging.getLogger(__name__)
 
@@ -897,33 +897,6 @@ def _callback_inputs(names: list[str] | None) -> list[str]:
             f"callback_on_step_end_tensor_inputs: expected a subset of ['latents'], got {names}"
         )
     return names
-
-
-# FlowMatchEulerDiscreteScheduler entries that change its sigmas or its steps, with the values
-# under which dcgen's Euler steps (shifted flow sigmas, deterministic) are the same schedule.
-_EULER_REQUIRED = {
-    "time_shift_type": ("exponential", None),  # "linear" shifts by mu instead of e^mu
-    "shift_terminal": (None, 0, 0.0),  # stretches the schedule to end at this sigma
-    "use_karras_sigmas": (False, None),
-    "use_exponential_sigmas": (False, None),
-    "use_beta_sigmas": (False, None),
-    "stochastic_sampling": (False, None),  # re-noises at every step
-    "invert_sigmas": (False, None),
-}
-
-
-def check_flow_euler_config(config: Any) -> None:
-    """A ValueError naming the first FlowMatchEulerDiscreteScheduler setting in ``config`` that
-    dcgen's Euler steps do not implement: sampling on would give other images than diffusers'
-    pipeline with the same folder, with no sign of it."""
-    for key, allowed in _EULER_REQUIRED.items():
-        value = config.get(key, allowed[0])
-        if value not in allowed:
-            raise ValueError(
-                f"scheduler config {key}={value!r}: dcgen's Euler sampler implements {key} in "
-                f"{allowed} (shifted flow sigmas, deterministic steps); set it so in the "
-                "scheduler's config to sample with dcgen"
-            )
 
 
 def scheduler_constant_shift(config: Any) -> float:

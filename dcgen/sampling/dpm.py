@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .._checks import is_int
-from .flow import after_step, check_steps
+from .flow import after_step, check_scheduler_config, check_steps
 from .shift import check_shift, shift_sigmas
 
 SOLVER_TYPES = ("midpoint", "heun")
@@ -83,13 +83,7 @@ def dpm_settings_from_config(config: Mapping[str, Any]) -> DPMSettings:
     """DPMSettings from a DPMSolverMultistepScheduler config (a SANA folder's scheduler), or a
     ValueError naming the entry dcgen's solver does not implement. The flow shift is not read
     here: the pipeline's shift rule supplies it (``flow_shift`` for SANA)."""
-    for key, allowed in _REQUIRED.items():
-        value = config.get(key, allowed[0])
-        if value not in allowed:
-            raise ValueError(
-                f"scheduler config {key}={value!r}: dcgen's DPM-Solver++ implements "
-                f"{key} in {allowed}; sample with sampler='euler' instead"
-            )
+    check_scheduler_config(config, _REQUIRED, "DPM-Solver++", "sample with sampler='euler' instead")
     return DPMSettings(
         order=int(config.get("solver_order", 2)),
         solver_type=str(config.get("solver_type", "midpoint")),

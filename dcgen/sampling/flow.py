@@ -8,7 +8,8 @@ diffusers' FlowMatchEulerDiscreteScheduler (non-stochastic); training code uses 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -152,3 +153,42 @@ def _per_sample(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor
             f"sigma: expected a scalar or shape ({like.shape[0]},), got {tuple(sigma.shape)}"
         )
     return sigma.view(-1, *([1] * (like.ndim - 1)))
+
+
+def check_scheduler_config(
+    config: Mapping[str, Any], required: Mapping[str, tuple[Any, ...]], sampler: str, advice: str
+) -> None:
+    """A ValueError naming the first entry of a diffusers scheduler ``config`` whose value is not
+    one of ``required[entry]`` (an absent entry takes the first allowed value): dcgen's
+    ``sampler`` does not implement it, and sampling on would give other images than diffusers'
+    pipeline with the same folder, with no sign of it."""
+    for key, allowed in required.items():
+        value = config.get(key, allowed[0])
+        if value not in allowed:
+            raise ValueError(
+                f"scheduler config {key}={value!r}: dcgen's {sampler} implements {key} in "
+                f"{allowed}; {advice}"
+            )
+
+
+# FlowMatchEulerDiscreteScheduler entries that change its sigmas or its steps, with the values
+# under which dcgen's Euler steps (shifted flow sigmas, deterministic) are the same schedule.
+_EULER_REQUIRED = {
+    "time_shift_type": ("exponential", None),  # "linear" shifts by mu instead of e^mu
+    "shift_terminal": (None, 0, 0.0),  # stretches the schedule to end at this sigma
+    "use_karras_sigmas": (False, None),
+    "use_exponential_sigmas": (False, None),
+    "use_beta_sigmas": (False, None),
+    "stochastic_sampling": (False, None),  # re-noises at every step
+    "invert_sigmas": (False, None),
+}
+
+
+def check_flow_euler_config(config: Mapping[str, Any]) -> None:
+    """:func:`check_scheduler_config` for a FlowMatchEulerDiscreteScheduler's config."""
+    check_scheduler_config(
+        config,
+        _EULER_REQUIRED,
+        "Euler sampler (shifted flow sigmas, deterministic steps)",
+        "set it so in the scheduler's config to sample with dcgen",
+    )
