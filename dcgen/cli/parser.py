@@ -170,7 +170,8 @@ Text embeddings (from the base model's own text encoders, a file, or any functio
   embeddings go to <out>/null_text.safetensors too, for caption_dropout in stages 2-3.""",
     )
     pc.add_argument("--data", required=True, metavar="DIR",
-                    help="image folder; captions in <stem>.txt or metadata.jsonl")  # fmt: skip
+                    help="image folder, searched recursively (symlinked folders followed); "
+                         "captions (UTF-8) in <stem>.txt or metadata.jsonl")  # fmt: skip
     pc.add_argument("--dcae", required=True, metavar="DCAE",
                     help="DC-AE folder/checkpoint, or a preset name (random weights: smoke "
                     "tests only)")  # fmt: skip
