@@ -817,6 +817,8 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
                 f"dcae {cfg.dcae!r} has {c_ae} latent channels but the cache's dcae_latent has "
                 f"{c_cache}: the cache was made with another DC-AE"
             )
+    if cfg.stage != "align" or cfg.align_sgd_steps > 0:
+        ctx.shard(cfg.batch_size)  # an uneven batch fails now, not after stage 1's ridge fit
     _check_resume_settings(cfg, run_dir)
     ctx.barrier()  # every rank has read the earlier config.json before it is replaced
     if ctx.is_main:

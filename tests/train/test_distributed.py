@@ -84,3 +84,17 @@ def test_two_processes_fit_the_same_ridge_head(tmp_path: Path) -> None:
     for k in one:
         # measured before the fix: the head 6.0 apart (rank 1 reused rank 0's noise)
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_an_uneven_batch_fails_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    # batch_size 3 over 2 processes: refused at the start (it was refused at the first training
+    # step, after config.json and, in stage 1, after the whole ridge fit)
+    import dcgen.train.stages as stages
+    from dcgen.train.distributed import DistContext
+
+    cache, adapted = make_cache(tmp_path), save_adapted(tmp_path)
+    monkeypatch.setattr(stages, "init_distributed", lambda device: DistContext(world_size=2))
+    cfg = config(tmp_path, "output", adapted, cache, out_dir=str(tmp_path / "run"), batch_size=3)
+    with pytest.raises(ValueError, match="batch_size 3 must be a multiple of the number of"):
+        run(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
