@@ -88,23 +88,27 @@ def ratio_rows(entries: Iterable[Mapping]) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     """Markdown table. Peak memory is the activation peak (allocated above what was live before
     the call): both models stay resident during a run, so the total would count the other one.
-    The last column is dcgen's output error against the baseline where a benchmark records it
-    (a speed-up never reads without its quality)."""
+    Bandwidth (GB/s) counts each side's own bytes, so where the two move different amounts (a
+    quantize against a copy of its input) the bandwidth ratio, not the speed-up, is the
+    comparison. The last column is dcgen's output error against the baseline where a benchmark
+    records it (a speed-up never reads without its quality)."""
 
-    def f(v: object, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
+    def f(v: object, spec: str, unit: str = "") -> str:
+        return "-" if v is None else format(v, spec) + unit
 
     lines = [
         "| case | baseline | baseline ms | dcgen ms | speedup | baseline peak act. GB "
-        "| dcgen peak act. GB | dcgen GB/s | dcgen rel. error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dcgen peak act. GB | baseline GB/s | dcgen GB/s | GB/s ratio | dcgen rel. error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        b_bw, d_bw = r.get("baseline_gbps"), r.get("dcgen_gbps")
+        bw_ratio = d_bw / b_bw if b_bw and d_bw else None
         lines.append(
             f"| {r['group']} | {r.get('baseline_name', '-')} | {f(r.get('baseline_ms'), '.2f')} "
-            f"| {f(r.get('dcgen_ms'), '.2f')} | {f(r.get('speedup'), '.2f')}x "
+            f"| {f(r.get('dcgen_ms'), '.2f')} | {f(r.get('speedup'), '.2f', 'x')} "
             f"| {f(r.get('baseline_peak_activation_gb'), '.2f')} "
-            f"| {f(r.get('dcgen_peak_activation_gb'), '.2f')} | {f(r.get('dcgen_gbps'), '.0f')} "
-            f"| {f(r.get('dcgen_rel_err'), '.1e')} |"
+            f"| {f(r.get('dcgen_peak_activation_gb'), '.2f')} | {f(b_bw, '.0f')} "
+            f"| {f(d_bw, '.0f')} | {f(bw_ratio, '.2f', 'x')} | {f(r.get('dcgen_rel_err'), '.1e')} |"
         )
     return "\n".join(lines)

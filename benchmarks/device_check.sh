@@ -8,8 +8,10 @@
 #      offline analysis), then the Hopper kernels' tests in their own process (an illegal access
 #      poisons only that process's CUDA context);
 #   3. the CUDA tests (`-m cuda`; CI runs the CPU tests; DCGEN_TEST_ALL=1 runs the whole suite);
-#   4. the benchmark suite, one pytest process and JSON per file (the end-to-end file is left to
-#      the speed table, which times the same pipelines in more detail), then the FP8 block file
+#   4. the benchmark suite, one pytest process and JSON per file: by default attention, quant,
+#      dcae_decode, dcae_fused and ops (dcae_encode only when DCGEN_BENCH_FILES names it; the
+#      end-to-end file is left to the speed table, which times the same pipelines in more
+#      detail), then the FP8 block file
 #      (eager, graphs, torch.compile), then the step profile; the Hopper kernels' benchmark
 #      cases only when their diagnostics passed; the decode's autotune group comes last, in a
 #      process of its own;

@@ -2,8 +2,12 @@
 SANA 1.6B (DC-AE f32c32 vs f64c128, 1x1).
 
 One group per model and resolution, impl=baseline / dcgen. The baseline is what users run today:
-the base model with stock diffusers (SDPA attention, no dcgen kernels); dcgen is the DC-Gen model
-with dcgen's kernels (``dcgen bench --variants stock,kernels`` separates the two effects).
+the base model with stock diffusers attention (SDPA, no dcgen kernels); SANA's base DC-AE there
+is dcgen's own DCAE on its PyTorch reference ops (numerically diffusers' AutoencoderDC, not that
+class: the DC-Gen pipeline decodes through a DCAE), so its decode time is the reference ops',
+not diffusers' (on this project's CPU, 512 px at width / 16, 1.33 s against AutoencoderDC's
+1.06 s, one noisy comparison; not measured on a GPU). dcgen is the DC-Gen model with dcgen's
+kernels (``dcgen bench --variants stock,kernels`` separates the two effects).
 GPU: FLUX.1 / SANA-1.6B size in bf16, in quick mode (one block per block list, DCGEN_BENCH_E2E_STEPS steps, default 2: the timed
 call is that truncated run plus the full decode; the extrapolated full-depth 20-step latency
 goes to extra_info). Resolutions from DCGEN_BENCH_SIZES (default 1024,2048,4096), each skipped
