@@ -71,16 +71,37 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         try:
             self._build(ext)
+        except ImportError as err:
+            # torch or pybind11 missing where the build runs: pip's isolated build environment
+            if os.environ.get("DCGEN_REQUIRE_EXTENSION", "0") == "1":
+                raise ImportError(
+                    f"dcgen._C: {err} in the build environment; install with "
+                    "`pip install --no-build-isolation .` so the extension compiles against the "
+                    "torch already installed"
+                ) from err
+            self._without_extension(ext, f"{err}; install with --no-build-isolation to build it")
         except (subprocess.CalledProcessError, OSError) as err:
             if os.environ.get("DCGEN_REQUIRE_EXTENSION", "0") == "1":
                 raise
-            print(
-                f"WARNING: dcgen._C failed to build ({err}); dcgen installs without it and every "
-                "op runs its PyTorch reference. Set DCGEN_REQUIRE_EXTENSION=1 to make this fatal.",
-                file=sys.stderr,
-            )
+            self._without_extension(ext, str(err))
+
+    def _without_extension(self, ext: Extension, why: str) -> None:
+        # An extension left by an earlier build would otherwise be installed in its place.
+        target = Path(self.get_ext_fullpath(ext.name))
+        for old in target.parent.glob(target.name.split(".")[0] + ".*so"):
+            old.unlink()
+        print(
+            f"WARNING: dcgen._C failed to build ({why}); dcgen installs without it and every "
+            "op runs its PyTorch reference. Set DCGEN_REQUIRE_EXTENSION=1 to make this fatal.",
+            file=sys.stderr,
+        )
 
     def _build(self, ext: Extension) -> None:
+        if not (ROOT / "CMakeLists.txt").is_file() or not (ROOT / "csrc").is_dir():
+            raise OSError(
+                f"the C++ sources (CMakeLists.txt, csrc/) are not in {ROOT}: build from a clone "
+                "of the repository or a complete source distribution"
+            )
         import pybind11
         import torch
         import torch.utils

@@ -119,3 +119,31 @@ def test_libstdcxx_check_and_link_recipe(tmp_path):
     assert res.returncode == 0, res.stderr
     res = _libstdcxx_helper("check", "--remove", str(static))
     assert res.returncode == 1 and not static.exists()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the git checkout (file list)")
+def test_the_source_distribution_can_build_the_extension(tmp_path):
+    """The sdist carries every tracked CMake / C++ / CUDA file and the examples the CLI points
+    to, and no build output (it held only the Python package before: `pip install` of it
+    installed without the extension, saying nothing)."""
+    import tarfile
+
+    run = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
+         "sdist", "--dist-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    (sdist,) = tmp_path.glob("dcgen-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    tracked = subprocess.run(
+        ["git", "ls-files", "CMakeLists.txt", "cmake", "csrc", "examples", "dcgen/assets"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert tracked and not sorted(set(tracked) - names)
+    assert "dcgen/py.typed" in names
+    assert not [n for n in names if n.endswith(".so") or n.startswith("build/")]

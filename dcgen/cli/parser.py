@@ -235,10 +235,11 @@ DC-Gen {what[stage]}.
 The config file (TOML, JSON, or YAML with pyyaml) holds TrainConfig keys. It may serve all three
 stages: shared keys at the top level, per-stage keys in [align], [output] and [finetune]
 tables (the table of the stage being run overrides the shared keys). The stage is forced to
-'{stage}'. See examples/flux_dcgen_f64c128.toml.""",
+'{stage}'. See examples/flux_dcgen_f64c128.toml in the dcgen repository or source
+distribution.""",
         )
         sp.add_argument("--config", required=True, metavar="FILE",
-                        help="TOML/YAML run config (TrainConfig keys)")  # fmt: skip
+                        help="TOML / JSON / YAML run config (TrainConfig keys)")  # fmt: skip
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set steps=200 (repeatable)")  # fmt: skip
         sp.add_argument("--out", default=None, metavar="DIR",
