@@ -134,32 +134,18 @@ def _read_prompt_file(path: Path) -> list[str]:
     return prompts
 
 
-def _wide_gray_to_rgb(image: Any) -> Any:
-    """A 16-bit (or 32-bit int / float) grayscale image as 8-bit RGB, its range scaled: 0-65535
-    for 16-bit PNGs, the image's own maximum for the rest."""
-    import numpy as np
-    from PIL import Image
-
-    values = np.asarray(image, dtype=np.float64)
-    top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-    if image.mode == "F" and values.max(initial=0) <= 1.0:
-        top = 1.0  # a float image in [0, 1]
-    gray = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(gray).convert("RGB")
-
-
 def _read_image(path: Path, option: str = "--image") -> Any:
     """``option``'s FILE as an RGB PIL image, read before any model loads."""
     from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from .._images import wide_gray_to_8bit
 
     try:
         with Image.open(path) as opened:
             # as the picture is shown: a phone portrait's EXIF rotation (and masks line up)
             image = ImageOps.exif_transpose(opened)
-            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                # 16-bit or float grayscale: PIL's convert("RGB") clips at 255, a frame of white
-                return _wide_gray_to_rgb(image)
-            return image.convert("RGB")
+            # 16-bit or float grayscale: PIL's convert("RGB") would clip it at 255 (white)
+            return wide_gray_to_8bit(image).convert("RGB")
     except FileNotFoundError as err:
         raise CLIError(f"{option} {path}: no such file") from err
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:

@@ -99,12 +99,11 @@ STAGES = ("align", "output", "finetune")
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
-    from dcgen.train.config import ConfigError, read_config_file
+    # imported here, as the command line imports the training code only when a stage runs; a
+    # ConfigError is a ValueError, which the command line reports in one line like its own
+    from dcgen.train.config import read_config_file
 
-    try:
-        return read_config_file(path)
-    except ConfigError as err:
-        raise CLIError(str(err)) from err
+    return read_config_file(path)
 
 
 def _stage_settings(data: dict[str, Any], stage: str) -> dict[str, Any]:

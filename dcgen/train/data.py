@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .._images import wide_gray_to_8bit
 from .buckets import Bucket, nearest_bucket
 
 logger = logging.getLogger(__name__)
@@ -151,22 +152,9 @@ def resize_center_crop(
     return img.resize((tw, th), resample=resample, box=(left, top, left + bw, top + bh))
 
 
-def to_8bit(img: Image.Image) -> Image.Image:
-    """``img`` with a 16-bit (or 32-bit integer) single channel brought to 8-bit "L": Pillow's
-    own conversion to RGB clips such values at 255, so all but the darkest pixels of a 16-bit
-    greyscale PNG came out white. Other modes are returned as they are (Pillow already reduces
-    16-bit RGB / RGBA to 8 bits when it opens them)."""
-    if img.mode != "I" and not img.mode.startswith("I;16"):
-        return img
-    arr = np.asarray(img).astype(np.float64)
-    # 16-bit greyscale: 0..65535 (a 32-bit "I" image from a 16-bit PNG holds the same range)
-    eight = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(eight, mode="L")
-
-
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL image (any mode) -> (3, H, W) float32 in [-1, 1]."""
-    img = to_8bit(img)
+    img = wide_gray_to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         # Transparent pixels often carry arbitrary colour; compose on white as viewers show them
         # (alpha channels, palette transparency and the colour key of an L / RGB PNG's tRNS).
@@ -355,7 +343,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             with Image.open(path) as img:
                 img.load()
                 # Phone photos store rotation in EXIF; apply it so the pixels match the header size.
-                img = to_8bit(ImageOps.exif_transpose(img))
+                img = wide_gray_to_8bit(ImageOps.exif_transpose(img))
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise DataError(f"could not read image {path}: {err}") from err
         size = self.target_size(index)
