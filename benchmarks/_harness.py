@@ -65,6 +65,60 @@ def time_it(  # noqa: ANN001
     benchmark.pedantic(run, rounds=n_rounds, warmup_rounds=warmup, iterations=n)
 
 
+def relative_error(got: object, want: object) -> float:
+    """||got - want|| / ||want|| in fp32 (Frobenius), the largest over paired outputs when the
+    functions return tuples. Shapes must match: a kernel that returns another shape is wrong."""
+    gots = got if isinstance(got, tuple | list) else (got,)
+    wants = want if isinstance(want, tuple | list) else (want,)
+    if len(gots) != len(wants):
+        raise AssertionError(f"expected {len(wants)} outputs like the baseline, got {len(gots)}")
+    errs = []
+    for a, b in zip(gots, wants):
+        if a.shape != b.shape:
+            raise AssertionError(
+                f"expected the baseline's shape {tuple(b.shape)}, got {tuple(a.shape)}"
+            )
+        b = b.float()
+        errs.append(float((a.float() - b).norm() / b.norm().clamp_min(1e-30)))
+    return max(errs)
+
+
+def record_rel_err(  # noqa: ANN001
+    benchmark,
+    ours: Callable[[], object],
+    baseline: Callable[[], object],
+    restore: Iterable[torch.Tensor] = (),
+    limit: float | None = 2e-2,
+) -> float:
+    """Run dcgen's function and the baseline's once each on the same inputs, record dcgen's
+    relative error against the baseline as extra_info["rel_err"] (the table's last column) and
+    fail above ``limit`` (None: record only): a speed-up of a wrong result is no result.
+
+    Tensors in ``restore`` (inputs that the functions change in place, outputs written into
+    them included) are snapshotted first and put back after each run, so both functions see the
+    same values and the benchmark's inputs are left as they were. Call it after the timing:
+    its extra allocations stay out of the peak-memory reading."""
+    restore = list(restore)
+    with torch.inference_mode():
+        saved = [t.clone() for t in restore]
+
+    def run(fn: Callable[[], object]) -> object:
+        with torch.inference_mode():
+            out = fn()
+            out = tuple(o.clone() for o in out) if isinstance(out, tuple | list) else out.clone()
+            for t, s in zip(restore, saved):
+                t.copy_(s)
+        return out
+
+    err = relative_error(run(ours), run(baseline))
+    benchmark.extra_info["rel_err"] = err
+    if limit is not None:
+        assert err <= limit, (
+            f"dcgen's output differs from the baseline's: relative error {err:.2e} > {limit:g}"
+        )
+    return err
+
+
 def ratio_rows(entries: Iterable[Mapping]) -> list[dict]:
     """Group entries ({group, impl, median_s, extra}) into rows baseline vs dcgen."""
     groups: dict[str, dict] = {}

@@ -22,7 +22,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from _harness import DEVICE, ON_GPU, rounds, time_it
+from _harness import DEVICE, ON_GPU, record_rel_err, rounds, time_it
 
 from dcgen.ops import has_kernel
 from dcgen.ops.attention import fused_attention
@@ -120,21 +120,23 @@ def test_attention_core(benchmark, impl, s, backend, kernel, monkeypatch):
     _skip_without_kernel(impl)
     suffix = _select_kernel(kernel, monkeypatch)
     q, k, v = (t.transpose(1, 2) for t in _projections(s))  # (B, H, S, D) views
-    if impl == "dcgen":
 
-        def fn():
-            return fused_attention(q, k, v)
-    else:
+    def ours():
+        return fused_attention(q, k, v)
 
-        def fn():
-            with _backend(backend):
-                return F.scaled_dot_product_attention(q, k, v)
+    def base():
+        with _backend(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    fn = ours if impl == "dcgen" else base
 
     name = {"default": "SDPA default (cuDNN on GPU)", "flash": "SDPA flash (FA2)"}[backend]
     _label(benchmark, f"attention core S={s} vs {backend}{suffix}", impl, name)
     with torch.inference_mode():
         time_it(benchmark, fn, n_rounds=rounds(20, 2))
     _tflops(benchmark, s)
+    if impl == "dcgen":
+        record_rel_err(benchmark, ours, base)
 
 
 # Where the kernel runs K's norm + RoPE (see csrc/attention/flash_attention_cuda.cu): "auto"
@@ -159,25 +161,25 @@ def test_norm_rope_attention(benchmark, impl, s, k_prologue, kernel, monkeypatch
     cos, sin = _rope(s)
     norm_q = torch.nn.RMSNorm(HEAD_DIM, eps=1e-6).to(DEVICE, DTYPE)
     norm_k = torch.nn.RMSNorm(HEAD_DIM, eps=1e-6).to(DEVICE, DTYPE)
-    if impl == "dcgen":
 
-        def fn():
-            out = fused_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                q_norm_weight=norm_q.weight, k_norm_weight=norm_k.weight, eps=1e-6,
-                rope_cos=cos, rope_sin=sin,
-            )  # fmt: skip
-            return out.transpose(1, 2).flatten(2, 3)
-    else:
+    def ours():
+        out = fused_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            q_norm_weight=norm_q.weight, k_norm_weight=norm_k.weight, eps=1e-6,
+            rope_cos=cos, rope_sin=sin,
+        )  # fmt: skip
+        return out.transpose(1, 2).flatten(2, 3)
 
-        def fn():
-            # diffusers' FluxAttnProcessor: norm, RoPE on (B, S, H, D), SDPA on (B, H, S, D)
-            qn = embeddings.apply_rotary_emb(norm_q(q), (cos, sin), sequence_dim=1)
-            kn = embeddings.apply_rotary_emb(norm_k(k), (cos, sin), sequence_dim=1)
-            out = F.scaled_dot_product_attention(
-                qn.transpose(1, 2), kn.transpose(1, 2), v.transpose(1, 2)
-            )
-            return out.transpose(1, 2).flatten(2, 3)
+    def base():
+        # diffusers' FluxAttnProcessor: norm, RoPE on (B, S, H, D), SDPA on (B, H, S, D)
+        qn = embeddings.apply_rotary_emb(norm_q(q), (cos, sin), sequence_dim=1)
+        kn = embeddings.apply_rotary_emb(norm_k(k), (cos, sin), sequence_dim=1)
+        out = F.scaled_dot_product_attention(
+            qn.transpose(1, 2), kn.transpose(1, 2), v.transpose(1, 2)
+        )
+        return out.transpose(1, 2).flatten(2, 3)
+
+    fn = ours if impl == "dcgen" else base
 
     group = f"norm+rope+attention S={s}" + ("" if k_prologue == "auto" else f" K {k_prologue}")
     group += suffix
@@ -185,3 +187,5 @@ def test_norm_rope_attention(benchmark, impl, s, k_prologue, kernel, monkeypatch
     with torch.inference_mode():
         time_it(benchmark, fn, n_rounds=rounds(20, 2))
     _tflops(benchmark, s)
+    if impl == "dcgen":
+        record_rel_err(benchmark, ours, base)

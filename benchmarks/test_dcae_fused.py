@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _harness import DEVICE, ON_GPU, measure_peak_memory, rounds, time_it
+from _harness import DEVICE, ON_GPU, measure_peak_memory, record_rel_err, rounds, time_it
 
 from dcgen.ops import (
     bias_act_,
@@ -47,7 +47,11 @@ def _skip_without(op: str, impl: str) -> None:
         pytest.skip(f"no compiled {op} kernel for this device")
 
 
-def _run(benchmark, impl, group, baseline_name, fn, nbytes, n_rounds=None):  # noqa: ANN001
+def _run(benchmark, impl, group, baseline_name, fns, nbytes, n_rounds=None, restore=()):  # noqa: ANN001
+    """Time dcgen's function or the baseline's (``fns`` = (ours, base)); dcgen's row also
+    records its output error against the baseline (``restore``: the tensors they change)."""
+    ours, base = fns
+    fn = ours if impl == "dcgen" else base
     benchmark.group = f"{group} {str(DTYPE).removeprefix('torch.')}"
     benchmark.extra_info.update(impl=impl, baseline_name=baseline_name, bytes_floor=nbytes)
     with torch.inference_mode():
@@ -55,6 +59,8 @@ def _run(benchmark, impl, group, baseline_name, fn, nbytes, n_rounds=None):  # n
         time_it(benchmark, fn, n_rounds=n_rounds or rounds(20, 3))
     if benchmark.stats:
         benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+    if impl == "dcgen":
+        record_rel_err(benchmark, ours, base, restore)
 
 
 # f64c128 @ 4096^2: the stage-2 -> stage-1 up block, 512 ch @ 1024^2 -> 256 ch @ 2048^2.
@@ -68,19 +74,17 @@ def test_up_block_pixel_shuffle(benchmark, impl, layout):
     cin, cout, h = UP_SHAPE
     x, y = _rand(1, cin, h, h), _rand(1, 4 * cout, h, h)
     x, y = _in_layout(layout, x, y)
-    if impl == "dcgen":
 
-        def fn():
-            return up_block_shortcut(y, x, True)
-    else:
+    def ours():
+        return up_block_shortcut(y, x, True)
 
-        def fn():
-            return F.pixel_shuffle(y, 2) + channel_duplicate_to_space(x, cout, 2)
+    def base():
+        return F.pixel_shuffle(y, 2) + channel_duplicate_to_space(x, cout, 2)
 
     nbytes = (x.numel() + 2 * y.numel()) * x.element_size()  # read x, y; write out (= y)
     _run(
         benchmark, impl, f"up_block pixel_shuffle x{tuple(x.shape)} {layout}", "pixel_shuffle + shortcut",
-        fn, nbytes,
+        (ours, base), nbytes,
     )  # fmt: skip
 
 
@@ -97,20 +101,18 @@ def test_up_block_band_into_output(benchmark, impl):
     b = _rand(4 * cout)
     (full,) = _in_layout("channels_last", _rand(1, cout, 4 * h, 2 * h))  # two bands tall
     rows = full[:, :, : 2 * h]
-    if impl == "dcgen":
 
-        def fn():
-            return up_block_shortcut(y, x, True, bias=b, out=rows)
-    else:
+    def ours():
+        return up_block_shortcut(y, x, True, bias=b, out=rows)
 
-        def fn():
-            bias_act_(y, y, b, "none")
-            return rows.copy_(up_block_shortcut(y, x, True))
+    def base():
+        bias_act_(y, y, b, "none")
+        return rows.copy_(up_block_shortcut(y, x, True))
 
     nbytes = (x.numel() + 2 * y.numel()) * x.element_size()  # read x, y; write the rows
     _run(
         benchmark, impl, f"up_block band + conv bias into out x{tuple(x.shape)} channels_last",
-        "bias_act_, shortcut op, copy_ into out", fn, nbytes,
+        "bias_act_, shortcut op, copy_ into out", (ours, base), nbytes, restore=(y, full),
     )  # fmt: skip
 
 
@@ -126,18 +128,16 @@ def test_up_block_interpolate(benchmark, impl, layout):
     cin, cout, h = UP_INTERP_SHAPE
     x, y = _rand(1, cin, h, h), _rand(1, cout, 2 * h, 2 * h)
     x, y = _in_layout(layout, x, y)
-    if impl == "dcgen":
 
-        def fn():
-            return up_block_shortcut(y, x, False)
-    else:
+    def ours():
+        return up_block_shortcut(y, x, False)
 
-        def fn():
-            return y + channel_duplicate_to_space(x, cout, 2)
+    def base():
+        return y + channel_duplicate_to_space(x, cout, 2)
 
     nbytes = (x.numel() + 2 * y.numel()) * x.element_size()
     _run(
-        benchmark, impl, f"up_block interpolate x{tuple(x.shape)} {layout}", "y + shortcut", fn, nbytes,
+        benchmark, impl, f"up_block interpolate x{tuple(x.shape)} {layout}", "y + shortcut", (ours, base), nbytes,
         n_rounds=rounds(10, 3),
     )  # fmt: skip
 
@@ -152,19 +152,17 @@ def test_down_block_pixel_unshuffle(benchmark, impl):
     _skip_without("down_block_shortcut", impl)
     cin, cout, h = DOWN_SHAPE
     x, y = _rand(1, cin, h, h), _rand(1, cout // 4, h, h)
-    if impl == "dcgen":
 
-        def fn():
-            return down_block_shortcut(y, x, True)
-    else:
+    def ours():
+        return down_block_shortcut(y, x, True)
 
-        def fn():
-            return F.pixel_unshuffle(y, 2) + space_to_channel_average(x, cout, 2)
+    def base():
+        return F.pixel_unshuffle(y, 2) + space_to_channel_average(x, cout, 2)
 
     nbytes = (x.numel() + 2 * y.numel()) * x.element_size()
     _run(
         benchmark, impl, f"down_block pixel_unshuffle x{tuple(x.shape)}",
-        "pixel_unshuffle + shortcut", fn, nbytes,
+        "pixel_unshuffle + shortcut", (ours, base), nbytes,
     )  # fmt: skip
 
 
@@ -185,19 +183,17 @@ def test_glumbconv_depthwise_gate(benchmark, impl, layout):
     (t,) = _in_layout(layout, t)
     if layout == "channels_last":
         conv = conv.to(memory_format=torch.channels_last)
-    if impl == "dcgen":
 
-        def fn():
-            return glu_depthwise_conv(t, conv.weight, conv.bias)
-    else:
+    def ours():
+        return glu_depthwise_conv(t, conv.weight, conv.bias)
 
-        def fn():
-            y, gate = conv(t).chunk(2, dim=1)
-            return y * F.silu(gate)
+    def base():
+        y, gate = conv(t).chunk(2, dim=1)
+        return y * F.silu(gate)
 
     nbytes = t.numel() * t.element_size() * 3 // 2  # read t, write half
     group = f"glumbconv dw3x3+gate {GLU_SHAPE} {layout}"
-    _run(benchmark, impl, group, "cuDNN depthwise + gate", fn, nbytes)
+    _run(benchmark, impl, group, "cuDNN depthwise + gate", (ours, base), nbytes)
 
 
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
@@ -212,19 +208,25 @@ def test_glumbconv_expand_bias_silu(benchmark, impl):
     c2 = GLU_SHAPE[1]
     (t,) = _in_layout("channels_last", _rand(*GLU_SHAPE))
     w, b, eb = _rand(c2, 1, 3, 3) / 3, _rand(c2), _rand(c2)
-    if impl == "dcgen":
 
-        def fn():
-            return glu_depthwise_conv(t, w, b, expand_bias=eb)
-    else:
+    def ours():
+        return glu_depthwise_conv(t, w, b, expand_bias=eb)
 
-        def fn():
-            bias_act_(t, t, eb, "silu")  # in place, as the fused decode ran it
-            return glu_depthwise_conv(t, w, b)
+    def base():
+        bias_act_(t, t, eb, "silu")  # in place, as the fused decode ran it
+        return glu_depthwise_conv(t, w, b)
 
     nbytes = t.numel() * t.element_size() * 3 // 2  # read t, write half
     group = f"glumbconv expand bias+silu, dw3x3+gate {GLU_SHAPE} channels_last"
-    _run(benchmark, impl, group, "bias_act_ silu pass, then the dw+gate kernel", fn, nbytes)
+    _run(
+        benchmark,
+        impl,
+        group,
+        "bias_act_ silu pass, then the dw+gate kernel",
+        (ours, base),
+        nbytes,
+        restore=(t,),
+    )
 
 
 # SANA f32c32 stage 0 at 4096^2: ResBlock's norm + residual over 128 ch @ 4096^2.
@@ -239,18 +241,16 @@ def test_rms_norm_residual(benchmark, impl, layout):
     h, x = _rand(*NORM_SHAPE), _rand(*NORM_SHAPE)
     h, x = _in_layout(layout, h, x)
     w, b = torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)
-    if impl == "dcgen":
 
-        def fn():
-            return channel_rms_norm_fused(h, w, b, 1e-5, "none", x)
-    else:
+    def ours():
+        return channel_rms_norm_fused(h, w, b, 1e-5, "none", x)
 
-        def fn():
-            return x + channel_rms_norm(h, w, b, 1e-5)
+    def base():
+        return x + channel_rms_norm(h, w, b, 1e-5)
 
     nbytes = 3 * h.numel() * h.element_size()  # read h, x; write out
     _run(
-        benchmark, impl, f"rms_norm + residual {NORM_SHAPE} {layout}", "dcgen norm then add", fn, nbytes,
+        benchmark, impl, f"rms_norm + residual {NORM_SHAPE} {layout}", "dcgen norm then add", (ours, base), nbytes,
         n_rounds=rounds(10, 3),
     )  # fmt: skip
 
@@ -263,19 +263,18 @@ def test_rms_norm_residual_into_x(benchmark, impl):
     c = NORM_SHAPE[1]
     h, x = _in_layout("channels_last", _rand(*NORM_SHAPE), _rand(*NORM_SHAPE))
     w, b = torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)
-    if impl == "dcgen":
 
-        def fn():
-            return channel_rms_norm_fused(h, w, b, 1e-5, "none", x, out=x)
-    else:
+    def ours():
+        return channel_rms_norm_fused(h, w, b, 1e-5, "none", x, out=x)
 
-        def fn():
-            return x.copy_(channel_rms_norm_fused(h, w, b, 1e-5, "none", x))
+    def base():
+        return x.copy_(channel_rms_norm_fused(h, w, b, 1e-5, "none", x))
 
     nbytes = 3 * h.numel() * h.element_size()  # read h, x; write x
     _run(
         benchmark, impl, f"rms_norm + residual into x {NORM_SHAPE} channels_last",
-        "fused norm into a new tensor, then copy_", fn, nbytes, n_rounds=rounds(10, 3),
+        "fused norm into a new tensor, then copy_", (ours, base), nbytes, n_rounds=rounds(10, 3),
+        restore=(x,),
     )  # fmt: skip
 
 
@@ -290,14 +289,12 @@ def test_conv_bias_relu(benchmark, impl):
     _skip_without("bias_act_", impl)
     (h,) = _in_layout("channels_last", _rand(*CONV_OUT_SHAPE))
     b = _rand(CONV_OUT_SHAPE[1])
-    if impl == "dcgen":
 
-        def fn():
-            return bias_act_(h, h, b, "relu")
-    else:
+    def ours():
+        return bias_act_(h, h, b, "relu")
 
-        def fn():
-            return torch.relu_(h.add_(b.view(1, -1, 1, 1)))
+    def base():
+        return torch.relu_(h.add_(b.view(1, -1, 1, 1)))
 
     nbytes = 2 * h.numel() * h.element_size()  # read and write h once
     name = "conv bias + relu in place"
@@ -306,8 +303,9 @@ def test_conv_bias_relu(benchmark, impl):
         impl,
         f"{name} {CONV_OUT_SHAPE} channels_last",
         "add_ bias then relu_",
-        fn,
+        (ours, base),
         nbytes,
+        restore=(h,),
     )
 
 
@@ -329,15 +327,13 @@ def test_conv_relu_cudnn_fused(benchmark, impl, shape):
     (x,) = _in_layout("channels_last", _rand(*shape))
     w = _rand(c, c, 3, 3).contiguous(memory_format=torch.channels_last) * 0.05
     b = _rand(c)
-    if impl == "dcgen":
 
-        def fn():
-            return torch.cudnn_convolution_relu(x, w, b, (1, 1), (1, 1), (1, 1), 1)
-    else:
+    def ours():
+        return torch.cudnn_convolution_relu(x, w, b, (1, 1), (1, 1), (1, 1), 1)
 
-        def fn():
-            h = torch.nn.functional.conv2d(x, w, None, padding=1)
-            return bias_act_(h, h, b, "relu")
+    def base():
+        h = torch.nn.functional.conv2d(x, w, None, padding=1)
+        return bias_act_(h, h, b, "relu")
 
     nbytes = 2 * x.numel() * x.element_size()  # read x, write the output (the fused floor)
     _run(
@@ -345,7 +341,7 @@ def test_conv_relu_cudnn_fused(benchmark, impl, shape):
         impl,
         f"conv3x3 + bias + relu {shape} channels_last",
         "cuDNN conv then bias_act_",
-        fn,
+        (ours, base),
         nbytes,
     )
 
@@ -358,14 +354,12 @@ def test_conv_bias_residual(benchmark, impl):
     _skip_without("bias_act_", impl)
     t, x = _in_layout("channels_last", _rand(*CONV_OUT_SHAPE), _rand(*CONV_OUT_SHAPE))
     b = _rand(CONV_OUT_SHAPE[1])
-    if impl == "dcgen":
 
-        def fn():
-            return bias_act_(x, t, b, "none", x)
-    else:
+    def ours():
+        return bias_act_(x, t, b, "none", x)
 
-        def fn():
-            return x.add_(t.add_(b.view(1, -1, 1, 1)))
+    def base():
+        return x.add_(t.add_(b.view(1, -1, 1, 1)))
 
     nbytes = 3 * t.numel() * t.element_size()  # read t and x, write x
     _run(
@@ -373,8 +367,9 @@ def test_conv_bias_residual(benchmark, impl):
         impl,
         f"conv bias + residual into x {CONV_OUT_SHAPE} channels_last",
         "add_ bias then add_ into x",
-        fn,
+        (ours, base),
         nbytes,
+        restore=(x, t),
     )
 
 
@@ -388,17 +383,22 @@ def test_rms_norm_act(benchmark, impl):
     c = HEAD_SHAPE[1]
     h = _rand(*HEAD_SHAPE)
     w, b = torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)
-    if impl == "dcgen":
 
-        def fn():
-            return channel_rms_norm_fused(h, w, b, 1e-5, "relu")
-    else:
+    def ours():
+        return channel_rms_norm_fused(h, w, b, 1e-5, "relu")
 
-        def fn():
-            return F.relu(channel_rms_norm(h, w, b, 1e-5))
+    def base():
+        return F.relu(channel_rms_norm(h, w, b, 1e-5))
 
     nbytes = 2 * h.numel() * h.element_size()
-    _run(benchmark, impl, f"rms_norm + relu {HEAD_SHAPE}", "dcgen norm then relu", fn, nbytes)
+    _run(
+        benchmark,
+        impl,
+        f"rms_norm + relu {HEAD_SHAPE}",
+        "dcgen norm then relu",
+        (ours, base),
+        nbytes,
+    )
 
 
 # The whole decode, dcgen's plain module path vs its fused path (same model, same run).
@@ -444,6 +444,13 @@ def test_decode_plain_vs_fused(benchmark, preset, impl):
     with torch.inference_mode():
         benchmark.extra_info.update(measure_peak_memory(fn))
         time_it(benchmark, fn, n_rounds=rounds(3, 2))
+    if impl == "dcgen":  # record only (a deep random-weight decoder; the tests hold tolerances)
+
+        def plain():
+            with fused_inference(False):
+                return model.decode(z)
+
+        record_rel_err(benchmark, fn, plain, limit=None)
 
 
 # Row bands (dcgen/autoencoders/row_bands.py) in the fused decode: ResBlocks write conv2's
@@ -476,3 +483,10 @@ def test_decode_row_bands(benchmark, preset, impl):
     with torch.inference_mode():
         benchmark.extra_info.update(measure_peak_memory(fn))
         time_it(benchmark, fn, n_rounds=rounds(3, 2))
+    if impl == "dcgen":  # record only, as above
+
+        def unbanded():
+            with fused_inference(True), band_size(0):
+                return model.decode(z)
+
+        record_rel_err(benchmark, fn, unbanded, limit=None)

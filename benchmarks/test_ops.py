@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _harness import DEVICE, ON_GPU, rounds, time_it
+from _harness import DEVICE, ON_GPU, record_rel_err, rounds, time_it
 
 from dcgen.ops import (
     channel_rms_norm,
@@ -38,15 +38,14 @@ def test_channel_rms_norm(benchmark, impl):
     norm = diffusers_norm.RMSNorm(c, eps=1e-5, elementwise_affine=True, bias=True)
     norm = norm.to(DEVICE, DTYPE)
 
-    if impl == "dcgen":
+    def ours():
+        return channel_rms_norm(x, norm.weight, norm.bias, 1e-5)
 
-        def fn():
-            return channel_rms_norm(x, norm.weight, norm.bias, 1e-5)
-    else:
+    def base():
+        # diffusers' DC-AE applies its RMSNorm on a channels-last view, like this
+        return norm(x.movedim(1, -1)).movedim(-1, 1)
 
-        def fn():
-            # diffusers' DC-AE applies its RMSNorm on a channels-last view, like this
-            return norm(x.movedim(1, -1)).movedim(-1, 1)
+    fn = ours if impl == "dcgen" else base
 
     nbytes = 2 * x.numel() * x.element_size()  # one read + one write is the floor
     benchmark.group = f"channel_rms_norm {tuple(SHAPE)} {str(DTYPE).removeprefix('torch.')}"
@@ -54,6 +53,8 @@ def test_channel_rms_norm(benchmark, impl):
         impl=impl, baseline_name="diffusers RMSNorm (movedim)", bytes_floor=nbytes
     )
     _time_with_bandwidth(benchmark, fn, nbytes, rounds(50, 5))
+    if impl == "dcgen":
+        record_rel_err(benchmark, ours, base)
 
 
 # The 4K decoders' largest linear-attention call: stage 3 of the f64c128 and SANA f32c32
@@ -66,15 +67,15 @@ def test_relu_linear_attention(benchmark, impl):
     if impl == "dcgen" and not has_kernel("relu_linear_attention", DEVICE):
         pytest.skip("no compiled relu_linear_attention kernel for this device")
     qkv = torch.randn(LA_SHAPE, device=DEVICE).to(DTYPE)
-    if impl == "dcgen":
 
-        def fn():
-            return relu_linear_attention(qkv)
-    else:
+    def ours():
+        return relu_linear_attention(qkv)
 
-        def fn():
-            # diffusers' / the reference math: fp32 copy, pad with ones, two batched matmuls
-            return relu_linear_attention_reference(qkv)
+    def base():
+        # diffusers' / the reference math: fp32 copy, pad with ones, two batched matmuls
+        return relu_linear_attention_reference(qkv)
+
+    fn = ours if impl == "dcgen" else base
 
     nbytes = qkv.numel() * qkv.element_size() * 4 // 3  # read q, k, v once, write out once
     benchmark.group = f"relu_linear_attention {tuple(LA_SHAPE)} {str(DTYPE).removeprefix('torch.')}"
@@ -82,6 +83,8 @@ def test_relu_linear_attention(benchmark, impl):
         impl=impl, baseline_name="PyTorch reference (fp32 matmuls)", bytes_floor=nbytes
     )
     _time_with_bandwidth(benchmark, fn, nbytes, rounds(30, 3))
+    if impl == "dcgen":
+        record_rel_err(benchmark, ours, base)
 
 
 @pytest.mark.parametrize("impl", ["baseline", "dcgen"])
@@ -100,15 +103,15 @@ def test_relu_linear_attention_channels_last(benchmark, impl):
     conv_out = conv_out.contiguous(memory_format=torch.channels_last)
     qkv = conv_out.reshape(b, heads, d3, n)  # a view, channel-fastest
     cl = torch.channels_last
-    if impl == "dcgen":
 
-        def fn():
-            return _attention_map(relu_linear_attention(qkv), side, side)
-    else:
+    def ours():
+        return _attention_map(relu_linear_attention(qkv), side, side)
 
-        def fn():
-            out = relu_linear_attention(qkv.contiguous())
-            return out.reshape(b, -1, side, side).contiguous(memory_format=cl)
+    def base():
+        out = relu_linear_attention(qkv.contiguous())
+        return out.reshape(b, -1, side, side).contiguous(memory_format=cl)
+
+    fn = ours if impl == "dcgen" else base
 
     nbytes = qkv.numel() * qkv.element_size() * 4 // 3  # read q, k, v once, write out once
     benchmark.group = (
@@ -121,6 +124,8 @@ def test_relu_linear_attention_channels_last(benchmark, impl):
         bytes_floor=nbytes,
     )
     _time_with_bandwidth(benchmark, fn, nbytes, rounds(30, 3))
+    if impl == "dcgen":
+        record_rel_err(benchmark, ours, base)
 
 
 # FLUX attention's q / k prologue at DC-Gen-FLUX 4K: 4,608 tokens, 24 heads of 128 (B, S, H, D
@@ -147,27 +152,18 @@ def test_qk_norm_rope(benchmark, impl):
     angles = torch.rand(s, d // 2, generator=g) * 6.28
     cos, sin = (t.repeat_interleave(2, dim=1).to(DEVICE) for t in (angles.cos(), angles.sin()))
 
-    if impl == "dcgen":
-
-        def fn():
-            return qk_norm_rope(q.transpose(1, 2), k.transpose(1, 2), q_norm_weight=norm_q.weight,
-                                k_norm_weight=norm_k.weight, rope_cos=cos, rope_sin=sin)  # fmt: skip
+    def kernel():
+        return qk_norm_rope(q.transpose(1, 2), k.transpose(1, 2), q_norm_weight=norm_q.weight,
+                            k_norm_weight=norm_k.weight, rope_cos=cos, rope_sin=sin)  # fmt: skip
 
     def stock():
         return (apply_rotary_emb(norm_q(q), (cos, sin), sequence_dim=1),
                 apply_rotary_emb(norm_k(k), (cos, sin), sequence_dim=1))  # fmt: skip
 
-    if impl == "dcgen":
-        with torch.no_grad():  # its output against the stock one ((B, H, S, D) vs (B, S, H, D))
-            got, want = fn(), stock()
-            err = max(
-                float((a.transpose(1, 2).float() - b.float()).norm() / b.float().norm())
-                for a, b in zip(got, want)
-            )
-        benchmark.extra_info["rel_err"] = err
-        assert err < 1e-2, f"qk_norm_rope differs from the stock path: relative error {err:.2e}"
-    else:
-        fn = stock
+    def kernel_in_stock_layout():  # (B, H, S, D) -> (B, S, H, D), for the error only
+        return tuple(t.transpose(1, 2) for t in kernel())
+
+    fn = kernel if impl == "dcgen" else stock
 
     nbytes = 4 * q.numel() * q.element_size()  # q and k read and written once
     benchmark.group = f"qk_norm_rope q, k {tuple(QK_SHAPE)} (B, S, H, D) {str(DTYPE)[6:]}"
@@ -175,3 +171,5 @@ def test_qk_norm_rope(benchmark, impl):
         impl=impl, baseline_name="torch RMSNorm + diffusers apply_rotary_emb", bytes_floor=nbytes
     )
     _time_with_bandwidth(benchmark, fn, nbytes, rounds(50, 5))
+    if impl == "dcgen":
+        record_rel_err(benchmark, kernel_in_stock_layout, stock, limit=1e-2)
