@@ -9,6 +9,7 @@ keys and values).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,8 @@ from .norms import (
     make_norm,
 )
 from .row_bands import conv3x3_rows, overwrite_bands, row_bands
+
+logger = logging.getLogger(__name__)
 
 LINEAR_ATTENTION_EPS = 1e-15
 
@@ -176,9 +179,19 @@ def _cached(
 
 
 def _fold_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[nn.Conv2d, nn.Module, bool]:
-    if isinstance(norm, nn.BatchNorm2d):
-        return fold_batchnorm_into_conv(conv, norm), nn.Identity(), True
-    return conv, norm, False
+    """(conv, norm, whether folded): a BatchNorm folded into the conv before it, unless the
+    folded weights overflow the conv's dtype (then both are kept, with a warning)."""
+    if not isinstance(norm, nn.BatchNorm2d):
+        return conv, norm, False
+    folded = fold_batchnorm_into_conv(conv, norm)
+    if folded is None:
+        logger.warning(
+            "fold_batchnorm: kept a BatchNorm whose folded weights overflow %s (extreme running "
+            "statistics); its block runs the norm instead",
+            conv.weight.dtype,
+        )
+        return conv, norm, False
+    return folded, nn.Identity(), True
 
 
 class ResBlock(nn.Module):
@@ -278,16 +291,22 @@ class ResBlock(nn.Module):
             and not bn.training
             and bn.running_mean is not None
             and can_modify_in_place()
+            and self._folded_conv2() is not None  # None: the fold overflows the dtype
         )
 
-    def _folded_conv2(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _folded_conv2(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """conv2's weight and bias with the BatchNorm folded in (cached), or None where they
+        overflow conv2's dtype."""
         bn, conv = self.norm, self.conv2
         key = _version_key(
             conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var
         )
 
-        def make() -> tuple[torch.Tensor, torch.Tensor]:
-            weight, bias = folded_conv_bn_weights(conv, bn)
+        def make() -> tuple[torch.Tensor, torch.Tensor] | None:
+            folded = folded_conv_bn_weights(conv, bn)
+            if folded is None:
+                return None
+            weight, bias = folded
             if conv.weight.is_contiguous(memory_format=torch.channels_last):
                 weight = weight.contiguous(memory_format=torch.channels_last)
             return weight, bias
@@ -357,10 +376,12 @@ class LiteMLA(nn.Module):
 
     def _quadratic(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # Used (like the reference) when a map has no more pixels than head_dim, where the
-        # N x N form is cheaper; normalised in fp32.
-        scores = torch.matmul(k.transpose(-1, -2), q).float()
+        # N x N form is cheaper. All in fp32 and rounded once, as the linear form: the scores
+        # are sums of head_dim products and overflow fp16 (NaN after the normalisation) where
+        # the activations are in the hundreds (diffusers multiplies them in 16 bits).
+        scores = torch.matmul(k.float().transpose(-1, -2), q.float())
         scores = scores / (scores.sum(dim=2, keepdim=True) + LINEAR_ATTENTION_EPS)
-        return torch.matmul(v, scores.to(v.dtype))
+        return torch.matmul(v.float(), scores).to(v.dtype)
 
     def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
         b, _, h, w = qkv.shape

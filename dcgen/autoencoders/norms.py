@@ -112,7 +112,7 @@ def make_act(name: str) -> nn.Module:
 @torch.no_grad()
 def folded_conv_bn_weights(
     conv: nn.Conv2d, bn: nn.BatchNorm2d
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The weight and bias of a conv computing bn(conv(x)) with BatchNorm's running statistics
     (eval semantics), in the conv weight's dtype and device (plain tensors, no module built, so
     no random initialisation draws from the global RNG):
@@ -120,6 +120,11 @@ def folded_conv_bn_weights(
     y = gamma * (conv(x) - mean) / sqrt(var + eps) + beta
       = conv'(x) with W' = W * s[:, None, None, None], b' = (b - mean) * s + beta,
     s = gamma / sqrt(var + eps). The arithmetic runs in fp64 and is rounded once.
+
+    None where W' or b' does not fit the dtype (a large running mean over a small variance
+    gives a b' past fp16's 65,504 while the unfolded block, its statistics in fp32
+    (BatchNorm2dFP32), stays finite): the caller keeps the BatchNorm. Statistics that are
+    themselves not finite fold as they are (the unfolded block is not finite either).
     """
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("fold_batchnorm: BatchNorm2d without running statistics cannot be folded")
@@ -130,15 +135,26 @@ def folded_conv_bn_weights(
     beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
     scale = gamma / torch.sqrt(var + bn.eps)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
-    weight = (conv.weight.double() * scale.view(-1, 1, 1, 1)).to(dtype)
-    return weight, ((bias - mean) * scale + beta).to(dtype)
+    weight64 = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    bias64 = (bias - mean) * scale + beta
+    weight, bias = weight64.to(dtype), bias64.to(dtype)
+    if weight.is_meta:  # a memory plan on the meta device (no values): the fold's shapes
+        return weight, bias
+    overflowed = (torch.isinf(weight) & torch.isfinite(weight64)).any() | (
+        torch.isinf(bias) & torch.isfinite(bias64)
+    ).any()
+    return None if bool(overflowed) else (weight, bias)
 
 
 @torch.no_grad()
-def fold_batchnorm_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+def fold_batchnorm_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d | None:
     """A conv computing bn(conv(x)) (:func:`folded_conv_bn_weights`), built on the meta device
-    and given the folded tensors, so building it draws nothing from the global RNG."""
-    weight, bias = folded_conv_bn_weights(conv, bn)
+    and given the folded tensors, so building it draws nothing from the global RNG; None where
+    the folded weights overflow the conv's dtype."""
+    folded = folded_conv_bn_weights(conv, bn)
+    if folded is None:
+        return None
+    weight, bias = folded
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,

@@ -146,3 +146,58 @@ def test_forward_roundtrip_shape():
     with torch.no_grad():
         assert model(x).shape == x.shape
         assert model.encode(x).shape == (1, model.latent_channels, 1, 2)
+
+
+def test_small_map_attention_stays_finite_in_fp16():
+    """Maps of at most head_dim pixels take LiteMLA's N x N form; its k^T q scores reached
+    1.6e5 here and overflowed fp16 (NaN outputs) when multiplied in 16 bits."""
+    from dcgen.autoencoders.blocks import LiteMLA
+
+    torch.manual_seed(0)
+    block = LiteMLA(32, head_dim=32, kernel_sizes=(), norm_type="rms_norm").eval()
+    x = torch.randn(1, 32, 4, 4) * 200  # 16 pixels <= head_dim 32
+    with torch.no_grad():
+        y32 = block(x)
+        y16 = block.half()(x.half())
+    assert torch.isfinite(y16).all()
+    assert rel_rms(y16, y32) < 1e-2
+
+
+def _overflowing_fold_block() -> nn.Module:
+    """A BatchNorm ResBlock whose folded conv2 bias, (0 - mean) * gamma / sqrt(var), is -1e5:
+    past fp16's 65,504, while the unfolded block's values all fit (conv2 = identity, its input
+    near the running mean)."""
+    from dcgen.autoencoders.blocks import ResBlock
+
+    block = ResBlock(8, "batch_norm", "silu").eval()
+    with torch.no_grad():
+        block.conv1.weight.zero_()
+        block.conv1.bias.fill_(1000.0)
+        block.conv2.weight.zero_()
+        block.conv2.weight[:, :, 1, 1] = torch.eye(8)
+        block.norm.running_mean.fill_(1000.0)
+        block.norm.running_var.fill_(1e-4)
+        block.norm.weight.fill_(1.0)
+        block.norm.bias.normal_()
+    return block
+
+
+def test_batchnorm_is_not_folded_where_the_fold_overflows_fp16(caplog):
+    from dcgen.autoencoders.fused import fused_inference
+
+    block = _overflowing_fold_block()
+    x = torch.randn(1, 8, 4, 4)
+    with torch.no_grad():
+        want = block(x)
+        block.half()
+        for mode in (False, True):  # plain, then fused (which folds on the fly where it can)
+            with fused_inference(mode):
+                got = block(x.half())
+            assert torch.isfinite(got).all(), mode
+            assert rel_rms(got, want) < 0.05, mode
+        # an explicit fold keeps that BatchNorm, says so, and the block stays finite
+        with caplog.at_level("WARNING"):
+            assert block.fold_batchnorm() is False
+        assert isinstance(block.norm, nn.BatchNorm2d)
+        assert "fp16" in caplog.text or "float16" in caplog.text
+        assert torch.isfinite(block(x.half())).all()
