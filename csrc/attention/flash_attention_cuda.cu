@@ -24,12 +24,13 @@ constexpr const char* kOp = "dcgen::fused_attention";
 
 // The kernel reads 16-byte row chunks: last dim contiguous, other strides multiples of 8
 // elements and a 16-byte aligned base. Anything else is copied once (rare: projections and
-// their transposed views already qualify).
+// their transposed views already qualify). A clone, not contiguous(): a contiguous view at an
+// odd element offset would come back as itself, its base still unaligned.
 at::Tensor vector_ready(const at::Tensor& x) {
   const bool ok = x.stride(3) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 &&
                   x.stride(2) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
-  return ok ? x : x.contiguous();
+  return ok ? x : x.clone(at::MemoryFormat::Contiguous);
 }
 
 // The TMA kernel's descriptors need every stride a positive multiple of 16 bytes, size-1
@@ -38,6 +39,10 @@ at::Tensor vector_ready(const at::Tensor& x) {
 // would fail, which CuTe only reports on stderr. Such tensors are copied once into standard
 // contiguous strides.
 at::Tensor tma_ready(const at::Tensor& x) {
+  // the descriptor's global address must be 16-byte aligned as well
+  if (reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 != 0) {
+    return x.clone(at::MemoryFormat::Contiguous);
+  }
   for (int64_t d = 0; d < 3; ++d) {
     if (x.stride(d) <= 0 || x.stride(d) % 8 != 0) return x.clone(at::MemoryFormat::Contiguous);
   }

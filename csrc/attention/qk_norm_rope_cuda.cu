@@ -194,7 +194,8 @@ at::Tensor norm_rope_one(const at::Tensor& x_in, const NormWeights& w, const Rop
   const bool pairs_ok = x.stride(3) == 1 && x.stride(0) % 2 == 0 && x.stride(1) % 2 == 0 &&
                         x.stride(2) % 2 == 0 &&
                         reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 4 == 0;
-  if (!pairs_ok) x = x.contiguous();
+  // a clone: contiguous() would return a contiguous view at an odd offset as itself
+  if (!pairs_ok) x = x.clone(at::MemoryFormat::Contiguous);
   // (B, H, S, D) sizes; memory (B, S, H, D) when token_major, else contiguous.
   at::Tensor y = token_major
                      ? at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options())

@@ -363,19 +363,31 @@ def test_cuda_fused_attention_scale_and_flux_tables(loads, rng, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("layout", ["broadcast", "odd_unit_stride"])
+@pytest.mark.parametrize("layout", ["broadcast", "odd_unit_stride", "odd_offset"])
 @pytest.mark.parametrize("loads", ["ldmatrix", "wgmma", "sm90_tma", "sdpa"])
 def test_cuda_fused_attention_unusual_kv_strides(loads, layout, rng, monkeypatch):
-    """K and V expanded over heads (stride 0; shared keys, as in multi-query attention), or a
+    """K and V expanded over heads (stride 0; shared keys, as in multi-query attention), a
     batch of one whose batch stride is odd (PyTorch ignores a size-1 dim's stride, so
-    contiguous() keeps it): the flash wrappers must copy what their loads cannot address (TMA
-    descriptors reject both)."""
+    contiguous() keeps it), or q, k, v contiguous but one element into their storage (2 bytes
+    past a 16-byte boundary; contiguous() returns such a view as it is): the wrappers must copy
+    what their loads cannot address (TMA descriptors reject all three)."""
     _require("fused_attention")
     _hopper_kernel_or_skip(loads, monkeypatch)
     h, s, d = 3, 150, 128
     b = 2 if layout == "broadcast" else 1
     q = torch.randn(b, h, s, d, generator=rng).to("cuda", torch.bfloat16)
-    if layout == "broadcast":
+    args = {}
+    if layout == "odd_offset":
+
+        def shifted():
+            n = b * h * s * d
+            store = torch.randn(n + 1, generator=rng).to("cuda", torch.bfloat16)
+            return store[1:].view(b, h, s, d)
+
+        q, k, v = shifted(), shifted(), shifted()
+        assert q.is_contiguous() and q.data_ptr() % 16 == 2
+        args = _prologue_args("norm_rope", s, d, rng)  # the sdpa path: the qk_norm_rope kernel
+    elif layout == "broadcast":
         k, v = (torch.randn(b, 1, s, d, generator=rng).to("cuda", torch.bfloat16)
                 .expand(b, h, s, d) for _ in range(2))  # fmt: skip
         assert k.stride(1) == 0
@@ -385,8 +397,8 @@ def test_cuda_fused_attention_unusual_kv_strides(loads, layout, rng, monkeypatch
                 .copy_(torch.randn(1, h, s, d, generator=rng)) for _ in range(2))  # fmt: skip
         assert k.is_contiguous() and k.stride(0) == 3
     poison_cuda_allocator()
-    got = fused_attention(q, k, v)
-    want = fused_attention_reference(q.cpu(), k.cpu(), v.cpu())
+    got = fused_attention(q, k, v, **args)
+    want = fused_attention_reference(q.cpu(), k.cpu(), v.cpu(), **_to_cpu(args))
     assert not got.isnan().any()
     torch.testing.assert_close(got.cpu().float(), want.float(), atol=2.5e-2, rtol=2.5e-2)
 
@@ -447,16 +459,18 @@ def test_cuda_qk_norm_rope_kernels_agree(vec, rng, monkeypatch):
 
 
 @pytest.mark.cuda
-def test_cuda_qk_norm_rope_misaligned_rows_take_the_pair_kernel(rng):
+@pytest.mark.parametrize("offset", [2, 1])
+def test_cuda_qk_norm_rope_misaligned_rows_take_the_pair_kernel(offset, rng):
     # Head dim 128 but rows 4 bytes past a 16-byte boundary (a view 2 elements into its
-    # storage): the 16-byte kernel cannot load them, the pair kernel must; same results.
+    # storage): the 16-byte kernel cannot load them, the pair kernel must; same results. At
+    # one element (2 bytes) not even the pair loads can: the op copies q once.
     _require("qk_norm_rope")
     b, h, s, d = 2, 3, 37, 128
     args = _prologue_args("norm_rope", s, d, rng)
-    base = torch.randn(b * h * s * d + 2, generator=rng).cuda().bfloat16()
-    q = base[2:].view(b, h, s, d)
+    base = torch.randn(b * h * s * d + offset, generator=rng).cuda().bfloat16()
+    q = base[offset:].view(b, h, s, d)
     k = torch.randn(b, h, s, d, generator=rng).cuda().bfloat16()
-    assert q.data_ptr() % 16 == 4
+    assert q.data_ptr() % 16 == 2 * offset
     _assert_bf16_qk_norm_rope_matches_reference(q, k, args)
 
 
