@@ -36,6 +36,12 @@ void check_operand(const char* op, const char* name, const at::Tensor& q, const 
               op, ": expected ", name, "'s scales as ", swizzled_size(q.size(0), k),
               " contiguous float8_e4m3fn (128x4 swizzled) on ", q.device(), ", got ", sf.scalar_type(),
               " ", sf.sizes(), " on ", sf.device());
+  // the kernels read scales in 4-byte words (sm_90a) or by TMA (Blackwell)
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(sf.const_data_ptr()) % 16 == 0,
+              op, ": expected ", name, "'s scales 16-byte aligned, got a data pointer at ",
+              reinterpret_cast<uintptr_t>(sf.const_data_ptr()) % 16, " bytes past a 16-byte boundary (",
+              "storage offset ", sf.storage_offset(), ")");
+  TORCH_CHECK(k > 0, op, ": expected K > 0, got K=", k);
 }
 
 void check_alpha(const char* op, const at::Tensor& alpha, const at::Tensor& a) {
@@ -48,6 +54,15 @@ int capability_major(const at::Tensor& t) {
   int major = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device());
   return major;
+}
+
+// Arch-specific code (sm_90a, sm_100a, sm_120a) loads on exactly that capability: a 10.3 or
+// 12.1 card has no image of these kernels.
+void check_capability_minor(const char* op, const at::Tensor& t, int major) {
+  int minor = 0;
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, t.get_device());
+  TORCH_CHECK(minor == 0, op, ": built for sm_90a, sm_100a and sm_120a only (arch-specific code "
+              "runs on exactly that capability), this GPU is sm_", major, minor);
 }
 
 // The kernels index with 32-bit ints (output offset m * N + n, activation offset m * K):
@@ -104,6 +119,7 @@ at::Tensor nvfp4_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scales, cons
   // wgmma): three kernels, one per file, same operands.
   TORCH_CHECK(major == 9 || major == 10 || major == 12,
               "dcgen::nvfp4_gemm: built for sm_90a, sm_100a and sm_120a only, this GPU is sm_", major, "x");
+  check_capability_minor("dcgen::nvfp4_gemm", a, major);
   TORCH_CHECK(k % 32 == 0 && (major == 9 || b.size(0) % 8 == 0),
               "dcgen::nvfp4_gemm: expected K % 32 == 0 (and N % 8 == 0 on Blackwell: 16-byte TMA rows), "
               "got K=", k, " N=", b.size(0));
@@ -156,6 +172,7 @@ at::Tensor nvfp4_gemm_w4a16_cuda(const at::Tensor& a, const at::Tensor& b, const
   const c10::cuda::CUDAGuard guard(a.device());
   const int major = capability_major(a);
   TORCH_CHECK(major == 9, "dcgen::nvfp4_gemm_w4a16: built for sm_90a only, this GPU is sm_", major, "x");
+  check_capability_minor("dcgen::nvfp4_gemm_w4a16", a, major);
   check_index_range("dcgen::nvfp4_gemm_w4a16", a.size(0), b.size(0), k);
   at::Tensor d = at::empty({a.size(0), b.size(0)}, a.options());
   if (a.size(0) == 0 || b.size(0) == 0) return d;

@@ -81,15 +81,19 @@ def hopper_enabled() -> bool:
 
 
 @torch.compiler.assume_constant_result  # a device property: a constant to torch.compile
-def _capability_major(index: int | None) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def _kernel_major(index: int | None) -> int | None:
+    """The capability major of a card the arch-specific GEMMs (sm_90a, sm_100a, sm_120a) can
+    run on, or None: such code loads on exactly its capability (X.0), so a 10.3 (B300) or 12.1
+    card takes the reference (NVFP4Linear: its dequantize + cuBLAS path) instead."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return major if minor == 0 else None
 
 
 def kernel_available(device: torch.device, n: int, k: int) -> bool:
     """Whether :func:`nvfp4_gemm` runs the compiled kernel for B [n, k] on ``device``."""
-    if device.type != "cuda" or not has_kernel("nvfp4_gemm", device) or k % 32:
+    if device.type != "cuda" or not has_kernel("nvfp4_gemm", device) or k <= 0 or k % 32:
         return False
-    major = _capability_major(device.index)
+    major = _kernel_major(device.index)
     if major == HOPPER_MAJOR:
         return hopper_enabled()
     # Blackwell: 16-byte TMA rows of the bf16 output. Other cards (Ampere) take the reference
@@ -109,9 +113,9 @@ def _built_for(arch: str) -> bool:
 
 def w4a16_kernel_available(device: torch.device, k: int) -> bool:
     """Whether :func:`nvfp4_gemm_w4a16` runs the compiled sm_90a kernel for K = ``k``."""
-    if device.type != "cuda" or not has_kernel("nvfp4_gemm_w4a16", device) or k % 32:
+    if device.type != "cuda" or not has_kernel("nvfp4_gemm_w4a16", device) or k <= 0 or k % 32:
         return False
-    return _capability_major(device.index) == HOPPER_MAJOR and hopper_enabled()
+    return _kernel_major(device.index) == HOPPER_MAJOR and hopper_enabled()
 
 
 def _check_scales(op: str, name: str, rows: int, k: int, sw: torch.Tensor) -> None:
@@ -137,6 +141,14 @@ def _row_chunks(m: int, n: int, k: int) -> list[tuple[int, int]]:
         return [(0, m)]
     step = max(128, (INDEX_LIMIT - 1) // max(n, k) // 128 * 128)
     return [(r, min(r + step, m)) for r in range(0, m, step)]
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous at a 16-byte aligned address, as the kernels load it (a contiguous view
+    at an odd offset is copied: contiguous() would return it as it is)."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _scale_rows(scales: torch.Tensor, r0: int, r1: int, k: int) -> torch.Tensor:
@@ -179,7 +191,7 @@ def nvfp4_gemm(
         _check_scales("nvfp4_gemm", name, packed.shape[0], k, sw)
     if kernel_available(a.device, b.shape[0], k):
         kernel = compiled_op("nvfp4_gemm")
-        a, a_scales, b, b_scales = (t.contiguous() for t in (a, a_scales, b, b_scales))
+        a, a_scales, b, b_scales = (_aligned(t) for t in (a, a_scales, b, b_scales))
         chunks = _row_chunks(a.shape[0], b.shape[0], k)
         if len(chunks) == 1:
             return kernel(a, a_scales, b, b_scales, alpha)
@@ -226,7 +238,7 @@ def nvfp4_gemm_w4a16(
     _check_scales("nvfp4_gemm_w4a16", "b_scales", b.shape[0], k, b_scales)
     if w4a16_kernel_available(a.device, k):
         kernel = compiled_op("nvfp4_gemm_w4a16")
-        a, b, b_scales = a.contiguous(), b.contiguous(), b_scales.contiguous()
+        a, b, b_scales = (_aligned(t) for t in (a, b, b_scales))
         chunks = _row_chunks(a.shape[0], b.shape[0], k)
         if len(chunks) == 1:
             return kernel(a, b, b_scales, alpha)

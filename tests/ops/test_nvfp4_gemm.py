@@ -138,7 +138,8 @@ def test_hopper_kernels_are_opt_in(monkeypatch):
     import dcgen.ops.nvfp4_gemm as g
 
     monkeypatch.setattr(g, "has_kernel", lambda name, device: True)
-    monkeypatch.setattr(g, "_capability_major", lambda index: 9)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[0])
     cuda = torch.device("cuda", 0)
     monkeypatch.delenv(g.HOPPER_ENV, raising=False)
     assert not g.kernel_available(cuda, 24, 64) and not g.w4a16_kernel_available(cuda, 64)
@@ -146,13 +147,24 @@ def test_hopper_kernels_are_opt_in(monkeypatch):
     assert g.kernel_available(cuda, 24, 64) and g.w4a16_kernel_available(cuda, 64)
     assert not g.kernel_available(cuda, 24, 48) and not g.w4a16_kernel_available(cuda, 48)
     assert not g.kernel_available(torch.device("cpu"), 24, 64)
+    # K = 0 (nothing to sum: zeros) is the reference's; the kernels prefetch a first tile
+    assert not g.kernel_available(cuda, 24, 0) and not g.w4a16_kernel_available(cuda, 0)
     # Blackwell needs no switch but N % 8 == 0, and a build that holds its arch
     built = {"sm_100a"}
     monkeypatch.setattr(g, "_built_for", lambda arch: arch in built)
-    monkeypatch.setattr(g, "_capability_major", lambda index: 10)
+    capability[0] = (10, 0)
     monkeypatch.delenv(g.HOPPER_ENV)
     assert g.kernel_available(cuda, 24, 64) and not g.kernel_available(cuda, 20, 64)
     assert not g.w4a16_kernel_available(cuda, 64)
+    # arch-specific code loads on exactly its capability: sm_100a has no image for a 10.3
+    # (B300) card, sm_120a none for 12.1, so those take the reference
+    built.add("sm_120a")
+    for other in ((10, 3), (12, 1)):
+        capability[0] = other
+        assert not g.kernel_available(cuda, 24, 64), other
+    capability[0] = (12, 0)
+    assert g.kernel_available(cuda, 24, 64)
+    capability[0] = (10, 0)
     built.clear()  # a DCGEN_BLACKWELL=0 build: the reference, not a refusing op
     assert not g.kernel_available(cuda, 24, 64)
 
@@ -192,6 +204,43 @@ def test_products_beyond_32_bit_indexing_run_in_row_chunks(m, rng, monkeypatch):
     assert calls == [r1 - r0 for r0, r1 in g._row_chunks(m, 40, 96)] * 2
     monkeypatch.setattr(g, "INDEX_LIMIT", 2**31)
     assert g._row_chunks(m, 40, 96) == [(0, m)]
+
+
+def test_operands_reach_the_kernels_contiguous_and_16_byte_aligned(rng, monkeypatch):
+    # The kernels load operands and scales in 16-byte vectors or by TMA: a contiguous view at
+    # an odd offset (contiguous() returns it as it is) must arrive copied to an aligned buffer.
+    import dcgen.ops.nvfp4_gemm as g
+
+    _, _, (a, sa, b, sb, alpha), _ = _operands(40, 32, 64, rng)
+    x16 = torch.randn(40, 64, generator=rng).bfloat16()
+
+    def shifted(t: torch.Tensor) -> torch.Tensor:  # the same values, one byte into storage
+        store = torch.empty(t.numel() * t.element_size() + 1, dtype=torch.uint8)
+        view = store[1:].view(t.dtype).view(t.shape)
+        return view.copy_(t)
+
+    seen = []
+
+    def kernel(name):  # noqa: ANN001, ANN202
+        def run(*args):  # noqa: ANN002, ANN202
+            seen.extend(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in args[:-1])
+            if name == "nvfp4_gemm":
+                return g.nvfp4_gemm_reference(*args)
+            return g.nvfp4_gemm_w4a16_reference(*args)
+
+        return run
+
+    monkeypatch.setattr(g, "compiled_op", kernel)
+    monkeypatch.setattr(g, "kernel_available", lambda *a: True)
+    monkeypatch.setattr(g, "w4a16_kernel_available", lambda *a: True)
+    a1, sa1, b1, sb1 = (shifted(t) for t in (a, sa, b, sb))
+    assert b1.data_ptr() % 16 == 1 and sb1.is_contiguous()
+    assert torch.equal(
+        nvfp4_gemm(a1, sa1, b1, sb1, alpha), g.nvfp4_gemm_reference(a, sa, b, sb, alpha)
+    )
+    want16 = g.nvfp4_gemm_w4a16_reference(x16, b, sb, alpha)
+    assert torch.equal(g.nvfp4_gemm_w4a16(x16, b1, sb1, alpha), want16)
+    assert seen and all(seen), seen
 
 
 def _hopper_or_skip(op: str) -> None:
