@@ -84,7 +84,7 @@ from .demo_sampling import (
     model_spaces,
     progress_bar,
 )
-from .evaluator import frechet_distance, score_prompts
+from .evaluator import ShapeEvaluator, frechet_distance, score_prompts
 from .shapes import ShapesWorld
 
 logger = logging.getLogger(__name__)
@@ -108,8 +108,9 @@ class DemoSettings:
     lr: float = 5e-4
     sampling_steps: int = 20
     latency_repeats: int = 5
-    # Larger images at which the base and DC-Gen latency is also measured (batch 1, one timed
-    # run each after a short warm-up): the speed-up as a function of the token count.
+    # Larger images at which the base and DC-Gen latency is also measured (batch 1, the median
+    # of resolution_repeats timed runs each after a short warm-up): the speed-up as a function
+    # of the token count.
     latency_sizes: tuple[int, ...] = (256, 512, 768, 1024)
     resolution_repeats: int = 1
     # LoRA steps at which the naive run and DC-Gen's stage 3 are also evaluated (snapshots of
@@ -174,6 +175,16 @@ class DemoSettings:
             raise ValueError(
                 f"demo setting curve_steps: expected positive LoRA step counts, got {bad}"
             )
+        self.feature_layers = tuple(self.feature_layers)
+        bad = [v for v in self.feature_layers if not isinstance(v, int) or v < 0]
+        if bad:
+            raise ValueError(f"demo setting feature_layers: expected block indices >= 0, got {bad}")
+        dupes = sorted({v for v in self.feature_layers if self.feature_layers.count(v) > 1})
+        if dupes:
+            raise ValueError(
+                f"demo setting feature_layers: expected distinct block indices, got duplicates "
+                f"{dupes} in {list(self.feature_layers)}"
+            )
         if self.reference_images < 2 or self.eval_prompts < 2:
             raise ValueError("demo settings: the Frechet distance needs at least 2 images per set")
         if not self.lr > 0:
@@ -214,6 +225,36 @@ def build_training_data(
                 }
             )
     return samples
+
+
+def _check_feature_layers(layers: Sequence[int], assets: A.ToyAssets) -> None:
+    """Every block index must exist in the base model: known once it is loaded, and checked
+    then, before any training (a run used to drop the others silently)."""
+    n = len(adapter_for(assets.transformer).blocks())
+    bad = [i for i in layers if i >= n]
+    if bad:
+        raise ValueError(
+            f"demo setting feature_layers: expected block indices in 0..{n - 1} (the base model "
+            f"has {n} blocks), got {bad}"
+        )
+
+
+def quality_scores(
+    evaluator: ShapeEvaluator,
+    images: torch.Tensor,
+    captions: Sequence[str],
+    real_features: torch.Tensor,
+    device: torch.device,
+) -> dict[str, float]:
+    """Prompt accuracies and the Frechet distance to ``real_features`` of one row's images.
+    Non-finite images (a diverged model) count as wrong answers and make the distance inf,
+    with their number in ``non_finite_images``: one diverged row is reported, not a crash of
+    the whole run after its training."""
+    scores = score_prompts(evaluator.predict(images.to(device)).cpu(), captions)
+    features = evaluator.features(images.to(device)).cpu()
+    bad = int((~torch.isfinite(features)).any(1).sum())
+    fd = math.inf if bad else frechet_distance(features, real_features)
+    return {**scores, "frechet_distance": fd, "non_finite_images": bad}
 
 
 def _check_latency_sizes(sizes: Sequence[int], assets: A.ToyAssets) -> None:
@@ -363,10 +404,8 @@ def run_demo(
     torch.manual_seed(settings.seed)
 
     assets = A.load_toy_assets(settings.assets, device)
-    layers = [
-        i for i in settings.feature_layers if i < len(adapter_for(assets.transformer).blocks())
-    ]
-    settings.feature_layers = tuple(layers)
+    _check_feature_layers(settings.feature_layers, assets)
+    layers = list(settings.feature_layers)
     resume = _start_run_folder(out, settings, resume)
     say(f"toy world from {assets.root} ({assets.image_size}x{assets.image_size} images)")
     _check_latency_sizes(settings.latency_sizes, assets)
@@ -488,15 +527,19 @@ def run_demo(
     rows: dict[str, dict[str, Any]] = {}
     t_eval = time.perf_counter()
 
-    def quality(sp: Space) -> tuple[torch.Tensor, dict[str, float]]:
+    def quality(sp: Space, what: str) -> tuple[torch.Tensor, dict[str, float]]:
         imgs = generate(sp, embeds, pooled, seeds, settings.sampling_steps, device)
-        scores = score_prompts(assets.evaluator.predict(imgs.to(device)).cpu(), captions)
-        fd = frechet_distance(assets.evaluator.features(imgs.to(device)).cpu(), real_features)
-        return imgs, {**scores, "frechet_distance": fd}
+        scores = quality_scores(assets.evaluator, imgs, captions, real_features, device)
+        if scores["non_finite_images"]:
+            logger.warning(
+                "%s: %d of %d images are not finite (diverged): scored wrong, Frechet distance "
+                "inf", what, scores["non_finite_images"], len(imgs),
+            )  # fmt: skip
+        return imgs, scores
 
     for name in progress_bar(ROWS, "evaluate", progress):
         sp = spaces[name]
-        images[name], scores = quality(sp)
+        images[name], scores = quality(sp, name)
         throughput = measure_throughput(
             sp, embeds, pooled, settings.sampling_steps, min(32, len(captions)), device
         )
@@ -528,7 +571,7 @@ def run_demo(
     timings["evaluation"] = time.perf_counter() - t_eval
     t_curve = time.perf_counter()
     curve_scores = {
-        key: quality(model_spaces(assets, {key[0]: m})[key[0]])[1]
+        key: quality(model_spaces(assets, {key[0]: m})[key[0]], f"{key[0]} at step {key[1]}")[1]
         for key, m in progress_bar(list(curve_models.items()), "accuracy vs LoRA steps", progress)
     }
     curve = lora_curve(rows, curve_scores, settings.lora_steps)

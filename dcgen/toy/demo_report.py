@@ -60,9 +60,10 @@ def claims(report: dict[str, Any]) -> dict[str, Any]:
         "dcgen_lora_steps_to_reach_naive_final": report["lora_curve"][
             "dcgen_steps_to_reach_naive_final"
         ],
+        # holds None: not measured (no feature_layers), rather than a failed claim.
         "feature_distance_drop_after_stage1": {
             "factor_per_layer": drop,
-            "holds": bool(drop) and min(drop) >= 10.0,
+            "holds": min(drop) >= 10.0 if drop else None,
         },
     }
 
@@ -86,12 +87,11 @@ def _latency_vs_tokens(report: dict[str, Any]) -> dict[str, Any]:
 def markdown_report(report: dict[str, Any]) -> str:
     rows = report["rows"]
     layers = report["alignment"]["layers"]
+    # Each cell carries its own trailing " |": no layers must leave no empty cell behind.
     head = (
         "| model | tokens / image | latency / image | vs base | denoise / image | vs base | "
         "decode / image | batch throughput | vs base | "
-        "prompt accuracy | Frechet dist. | "
-        + " | ".join(f"feat. dist. block {i}" for i in layers)
-        + " |"
+        "prompt accuracy | Frechet dist. |" + "".join(f" feat. dist. block {i} |" for i in layers)
     )
     lines = [
         "# dcgen demo: DC-Gen on the toy world",
@@ -113,10 +113,21 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"{r['denoise_speedup_vs_base']:.2f}x | {r['decode_latency_s'] * 1000:.1f} ms | "
             f"{r['throughput_images_per_s']:.1f} img/s | "
             f"{r['throughput_vs_base']:.2f}x | {r['prompt_accuracy']:.3f} | "
-            f"{r['frechet_distance']:.3f} | "
-            + " | ".join(f"{r['feature_distance'][str(i)]:.3f}" for i in layers)
-            + " |"
+            f"{r['frechet_distance']:.3f} |"
+            + "".join(f" {r['feature_distance'][str(i)]:.3f} |" for i in layers)
         )
+    diverged = [
+        f"{rows[n]['model']}: {rows[n]['non_finite_images']} of "
+        f"{report['settings']['eval_prompts']} images not finite"
+        for n in ROWS
+        if rows[n].get("non_finite_images")
+    ]
+    if diverged:
+        lines += [
+            "",
+            "Diverged rows (their non-finite images count as wrong answers and their Frechet "
+            "distance is inf): " + "; ".join(diverged) + ".",
+        ]
     a = report["alignment"]
     c = report["checks"]
     lines += [
@@ -176,9 +187,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"({lat['at_training_size']:.2f}x); "
         + (f"reached from {first}x{first} px on" if first else "not reached at the measured sizes")
         + (f" ({by_size})" if by_size else ""),
-        f"- Feature distance drops by >= 10x after stage 1 at every reported block: "
-        f"{'yes' if c['feature_distance_drop_after_stage1']['holds'] else 'NO'} "
-        f"({', '.join(f'{d:.1f}x' for d in c['feature_distance_drop_after_stage1']['factor_per_layer'])})",
+        "- Feature distance drops by >= 10x after stage 1 at every reported block: "
+        + _feature_drop_verdict(c["feature_distance_drop_after_stage1"]),
         "",
         "Files: grid.png (rows: prompts; columns: " + ", ".join(ROWS) + "), loss_curves.png, "
         "pipeline/ (the DC-Gen model as a DCGenToyPipeline folder, for `dcgen generate "
@@ -188,15 +198,25 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _feature_drop_verdict(claim: dict[str, Any]) -> str:
+    factors = claim["factor_per_layer"]
+    if claim["holds"] is None or not factors:
+        return "not measured (no feature_layers)"
+    verdict = "yes" if claim["holds"] else "NO"
+    return f"{verdict} ({', '.join(f'{d:.1f}x' for d in factors)})"
+
+
 def _resolution_section(report: dict[str, Any]) -> list[str]:
     sweep = report.get("latency_by_resolution", [])
     if not sweep:
         return []
+    repeats = int(report["settings"].get("resolution_repeats", 1))
+    timed = "one timed run" if repeats == 1 else f"the median of {repeats} timed runs"
     lines = [
         "## Latency by resolution",
         "",
         "The same base and DC-Gen models sampling larger images than the toy was trained on "
-        "(batch 1, the same Euler steps, one timed run after a one-step warm-up; the images are "
+        f"(batch 1, the same Euler steps, {timed} after a one-step warm-up; the images are "
         "not evaluated, only the cost, which the token count sets):",
         "",
         "| image | tokens base / DC-Gen | base latency | DC-Gen latency | speed-up | "

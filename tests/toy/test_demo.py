@@ -172,3 +172,82 @@ def test_cli_rejects_a_bad_size_list(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--fast", "--latency-sizes", "256,big"])
     assert "comma-separated image sizes" in capsys.readouterr().err
+
+
+def test_settings_reject_duplicate_or_negative_feature_layers():
+    with pytest.raises(ValueError, match=r"feature_layers.*duplicates.*\[1\]"):
+        DemoSettings(feature_layers=(1, 0, 1)).validate()
+    with pytest.raises(ValueError, match=r"feature_layers.*>= 0.*\[-1\]"):
+        DemoSettings(feature_layers=(0, -1)).validate()
+
+
+def test_feature_layers_beyond_the_model_are_named_before_training(tmp_path):
+    # Were dropped silently (the toy model has 4 blocks), after a whole run.
+    from dcgen.toy.demo import run_demo
+
+    with pytest.raises(ValueError, match=r"feature_layers.*0\.\.3.*\[7\]"):
+        run_demo(tmp_path, DemoSettings.fast(feature_layers=(0, 7)), progress=False)
+    assert not (tmp_path / "stage1" / "log.jsonl").exists()
+
+
+def _table_widths(md: str) -> list[int]:
+    table = [line for line in md.splitlines() if line.startswith("| model |")][0]
+    lines = md.splitlines()
+    i = lines.index(table)
+    return [len(line.strip().strip("|").split("|")) for line in lines[i : i + 3]]
+
+
+def test_report_without_feature_layers_has_a_valid_table_and_no_verdict(fast_run):
+    from dcgen.toy.demo_report import claims, markdown_report
+
+    report = copy.deepcopy(fast_run[1])
+    a = report["alignment"]
+    a["layers"], a["feature_distance_random_embedder"], a["feature_distance_after_stage1"] = (
+        [],
+        [],
+        [],
+    )
+    for row in report["rows"].values():
+        row["feature_distance"] = {}
+    report["checks"] = claims(report)
+    assert report["checks"]["feature_distance_drop_after_stage1"]["holds"] is None
+    md = markdown_report(report)
+    header, delimiter, first_row = _table_widths(md)
+    assert header == delimiter == first_row == 11  # was 12 header cells (an empty one)
+    claim = [line for line in md.splitlines() if "Feature distance drops" in line][0]
+    assert claim.endswith("not measured (no feature_layers)"), claim  # was "NO ()"
+
+
+def test_resolution_section_counts_the_timed_runs(fast_run):
+    from dcgen.toy.demo_report import markdown_report
+
+    report = copy.deepcopy(fast_run[1])
+    assert "one timed run after" in markdown_report(report)
+    report["settings"]["resolution_repeats"] = 5
+    md = markdown_report(report)
+    assert "median of 5 timed runs after" in md and "one timed run" not in md
+
+
+def test_a_diverged_row_is_reported_not_a_crash(fast_run):
+    import torch
+
+    from dcgen.toy.demo import quality_scores
+    from dcgen.toy.demo_report import markdown_report
+    from dcgen.toy.evaluator import ShapeEvaluator
+    from dcgen.toy.shapes import ShapesWorld
+
+    torch.manual_seed(0)
+    evaluator = ShapeEvaluator().eval()
+    real, captions, _ = ShapesWorld(size=128).batch(0, 4)
+    images = real.clone()
+    images[1:3] = float("nan")  # what a diverged model decodes
+    # Was a LinAlgError from the Frechet distance's eigh, after all the training.
+    scores = quality_scores(
+        evaluator, images, captions, evaluator.features(real), torch.device("cpu")
+    )
+    assert scores["frechet_distance"] == math.inf and scores["non_finite_images"] == 2
+    assert scores["prompt_accuracy"] <= 0.5  # the two NaN images count wrong
+    report = copy.deepcopy(fast_run[1])
+    report["rows"]["naive"].update(frechet_distance=math.inf, non_finite_images=2)
+    md = markdown_report(report)
+    assert "naive (random embedder/head + LoRA): 2 of 8 images not finite" in md

@@ -69,3 +69,45 @@ def test_untrained_evaluator_shapes_loss_and_roundtrip(tmp_path):
     assert torch.equal(again.predict(x), model.eval().predict(x))
     with pytest.raises(ValueError, match="expected \\(B, 3, H, W\\)"):
         model(torch.zeros(2, 1, 128, 128))
+
+
+def test_images_outside_minus_one_one_are_an_error_not_a_clamped_score():
+    torch.manual_seed(0)
+    model = ShapeEvaluator().eval()
+    x, _, _ = ShapesWorld(size=128).batch(0, 2)
+    # A decoder's small overshoot is clamped as before; [0, 255] pixels were clamped to a
+    # white image and scored 0 accuracy without a word.
+    overshoot = x.clone()
+    overshoot[0, 0, 0, 0], overshoot[1, 2, 5, 5] = 1.05, -1.05
+    assert model.features(overshoot).shape == (2, model.config.feature_dim)
+    for call in (model.predict, model.features):
+        with pytest.raises(ValueError, match=r"expected images in \[-1, 1\], got values in \[3"):
+            call((x + 1) * 127.5)
+
+
+def test_non_finite_images_score_wrong_not_as_class_0():
+    torch.manual_seed(0)
+    model = ShapeEvaluator().eval()
+    images = torch.full((2, 3, 128, 128), float("nan"))
+    pred = model.predict(images)
+    assert (pred == -1).all()  # no class at all, not argmax(NaN) = 0
+    # Class 0 of shape and colour is a circle and red: a NaN image scored 1.0 on both.
+    s = score_prompts(pred, ["a large red circle top left"] * 2)
+    assert all(v == 0.0 for v in s.values()), s
+
+
+def test_frechet_distance_names_non_finite_rows():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(10, 4, generator=g), torch.randn(10, 4, generator=g)
+    a[0, 0], a[3, 1] = float("nan"), float("inf")
+    # Was NaN or a LinAlgError from eigh, depending on the data.
+    with pytest.raises(ValueError, match="2 of 10 rows"):
+        frechet_distance(a, b)
+    with pytest.raises(ValueError, match="2 of 10 rows"):
+        frechet_distance(b, a)
+
+
+def test_score_prompts_rejects_an_empty_set():
+    empty = torch.zeros(0, len(POSITIONS), 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="no prompts to score"):  # was 0.0 accuracy
+        score_prompts(empty, [])
