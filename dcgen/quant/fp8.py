@@ -159,7 +159,14 @@ def unit_column(device: torch.device, n: int) -> torch.Tensor:
 
 
 def _apply_act(y: torch.Tensor, act: str) -> torch.Tensor:
-    return F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y
+    if act != "gelu_tanh":
+        return y
+    if y.dtype == torch.float16:
+        # A pre-activation below fp16's range rounded to -inf, and GELU(-inf) is NaN (-inf x 0)
+        # where the exact answer, GELU of a large negative number, is -0: clamp the low side
+        # (the high side's inf is the true overflow, as in the fused epilogue).
+        y = y.clamp_min(-torch.finfo(torch.float16).max)
+    return F.gelu(y, approximate="tanh")
 
 
 def quantize_fp8_weight(

@@ -665,3 +665,19 @@ def test_fused_flux_blocks_write_fp8_outputs_in_place(cpu_kernels, kind):
     assert cpu_kernels["fp8_scale_epilogue_fp8"] >= (2 if kind == "double" else 0)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+def test_fp16_gelu_of_a_pre_activation_below_the_range_is_zero_not_nan():
+    # fp16 inputs of 3000 over K = 32: pre-activations of -96,000 / +96,000 / 48,000. The
+    # first rounds to -inf in fp16, and GELU(-inf) was NaN; the exact answer rounds to -0.
+    lin = nn.Linear(32, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[0], lin.weight[1], lin.weight[2] = -1.0, 1.0, 0.5
+    x = torch.full((2, 32), 3000.0, dtype=torch.float16)
+    layer = FP8Linear.from_linear(lin, granularity="row", dtype=torch.float16)
+    with torch.no_grad():
+        y = layer(x, act="gelu_tanh")
+    assert not y.isnan().any(), y
+    assert (y[:, 0] == 0).all() and (y[:, 1] == float("inf")).all()
+    assert (y[:, 2] == 48000).all() and (y[:, 3] == 0).all()
