@@ -188,6 +188,18 @@ SHARED_INPUT_MODULES = ("FluxAttention", "FluxSingleTransformerBlock", "Attentio
 _HOOKED = "_dcgen_shared_quantization"
 
 
+# The hooks are module-level functions, not bound methods of _shared: copy.deepcopy and pickle
+# (torch.save of a whole model) take a function by reference but would copy the object a bound
+# method holds, leaving a copied model's hooks counting scopes on a private _SharedInputQuantization
+# that the linears (which use the global) never consult: reuse silently off in the copy.
+def _enter_shared_scope(*_: object) -> None:
+    _shared.enter()
+
+
+def _leave_shared_scope(*_: object) -> None:
+    _shared.leave()
+
+
 def share_input_quantization(model: nn.Module) -> int:
     """Turn on quantize reuse (:class:`_SharedInputQuantization`) inside every module of
     ``model`` whose type is in SHARED_INPUT_MODULES and that holds FP8 linears; returns how many
@@ -199,8 +211,8 @@ def share_input_quantization(model: nn.Module) -> int:
         if not any(isinstance(m, FP8Linear) for m in module.modules()):
             continue
         handles = (
-            module.register_forward_pre_hook(_shared.enter),
-            module.register_forward_hook(_shared.leave, always_call=True),
+            module.register_forward_pre_hook(_enter_shared_scope),
+            module.register_forward_hook(_leave_shared_scope, always_call=True),
         )
         setattr(module, _HOOKED, handles)
         count += 1

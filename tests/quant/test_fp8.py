@@ -590,6 +590,33 @@ def test_shared_input_quantized_once_per_scope(fp_model, mode, monkeypatch):
     assert fl._shared._value is None  # nothing kept once the scope is left
 
 
+def test_shared_input_quantization_survives_deepcopy_and_torch_save(fp_model, monkeypatch):
+    # A copy of a quantized model (copy.deepcopy, torch.save + torch.load) reuses quantizations
+    # like the original: its hooks must reach the module-global scope, not a private copy of it.
+    import io
+
+    import dcgen.quant.fp8_linear as fl
+
+    model = copy.deepcopy(fp_model)
+    quantize_(model, FP8Config())
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    copies = {"deepcopy": copy.deepcopy(model), "torch.load": torch.load(buf, weights_only=False)}
+    calls = _count_quantize(monkeypatch)
+    with torch.no_grad():
+        want = model(**flux_inputs())[0]
+    original_calls = calls[0]
+    assert original_calls < sum(isinstance(m, FP8Linear) for m in model.modules())  # reuse on
+    for name, other in copies.items():
+        calls[0] = 0
+        with torch.no_grad():
+            got = other(**flux_inputs())[0]
+        assert calls[0] == original_calls, name
+        assert torch.equal(got, want), name
+        assert fl._shared.depth == 0, name  # every scope entered was left
+
+
 def test_shared_quantization_sees_in_place_changes(monkeypatch):
     # Inside a scope, an input modified in place (version counter) is quantized again.
     import dcgen.quant.fp8_linear as fl
