@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcgen._checks import is_int
 from dcgen._files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,31 @@ def _adapter_parameters(transformer: nn.Module, adapter_name: str) -> list[nn.Pa
     return [p for name, p in transformer.named_parameters() if of_adapter(name)]
 
 
+def _check_train_modules(transformer: nn.Module, train_modules: object) -> tuple[str, ...]:
+    """``train_modules`` as a tuple of names of modules of ``transformer``, or an error."""
+    if isinstance(train_modules, str):  # iterating it would name one module per letter
+        raise TypeError(
+            "train_modules: expected an iterable of module names (pass a tuple, e.g. "
+            f"({train_modules!r},)), got str {train_modules!r}"
+        )
+    if not isinstance(train_modules, Iterable):
+        raise TypeError(
+            "train_modules: expected an iterable of module names, got "
+            f"{type(train_modules).__name__}"
+        )
+    trained = tuple(train_modules)
+    for name in trained:
+        if not isinstance(name, str):
+            raise TypeError(
+                f"train_modules: expected module names (str), got {type(name).__name__} {name!r}"
+            )
+    modules = dict(transformer.named_modules())
+    for name in trained:
+        if name not in modules:
+            raise KeyError(f"train_modules: no module named {name!r} in the transformer")
+    return trained
+
+
 def add_lora(
     transformer: nn.Module,
     rank: int,
@@ -150,13 +176,18 @@ def add_lora(
             f"{type(transformer).__name__} has no add_adapter(); expected a diffusers ModelMixin "
             "with PeftAdapterMixin (FluxTransformer2DModel, SanaTransformer2DModel)"
         )
+    # Every argument is checked before the model is touched: a refused call must leave it
+    # unfrozen and without the adapter, or the corrected retry is refused ("already has ...").
+    if not is_int(rank):
+        raise TypeError(f"LoRA: expected a positive int rank, got {type(rank).__name__} {rank!r}")
     if rank < 1:
         raise ValueError(f"LoRA: expected rank >= 1, got {rank}")
+    rank = int(rank)  # a numpy integer (read from a config) as the int peft and torch take
+    trained = _check_train_modules(transformer, train_modules)
     targets = targets or DEFAULT_TARGETS
     names = lora_target_names(transformer, targets)
     if not names:
         raise ValueError(f"the LoRA target regex matches no linear or Conv2d module: {targets!r}")
-    trained = tuple(train_modules)
     overlap = sorted(n for n in names for t in trained if n == t or n.startswith(t + "."))
     if overlap:
         # peft would wrap a fully trained module too: its saved keys (base_layer, lora_A/B)
@@ -194,9 +225,7 @@ def add_lora(
             param.data = param.data.to(lora_dtype)
 
     modules = dict(transformer.named_modules())
-    for name in train_modules:
-        if name not in modules:
-            raise KeyError(f"train_modules: no module named {name!r} in the transformer")
+    for name in trained:  # checked above: all present
         modules[name].requires_grad_(True)
 
     n_lora = sum(p.numel() for p in _adapter_parameters(transformer, adapter_name))

@@ -100,6 +100,42 @@ def test_only_lora_params_trainable_and_zero_b_is_base():
         add_lora(tiny_flux(), rank=4, train_modules=("nope",))
 
 
+def _trainable(model: torch.nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        # a typo among train_modules: found only after the adapter was injected and the model
+        # frozen, so the corrected retry was refused ("already has a LoRA adapter")
+        (dict(rank=4, train_modules=("x_embeder",)), KeyError, "no module named 'x_embeder'"),
+        # a plain str was taken letter by letter ("no module named 'x'")
+        (dict(rank=4, train_modules="x_embedder"), TypeError, r"a tuple.*got str 'x_embedder'"),
+        (dict(rank=4, train_modules=(3,)), TypeError, "module names.*got int"),
+        (dict(rank=4, train_modules=None), TypeError, "iterable of module names.*got NoneType"),
+        # a float rank failed deep in torch with the model frozen; a str / None one on '<'
+        (dict(rank=2.5), TypeError, "positive int rank, got float 2.5"),
+        (dict(rank="4"), TypeError, "positive int rank, got str '4'"),
+        (dict(rank=None), TypeError, "positive int rank, got NoneType"),
+        (dict(rank=True), TypeError, "positive int rank, got bool"),
+        (dict(rank=0), ValueError, "rank >= 1, got 0"),
+    ],
+)
+def test_a_refused_add_lora_leaves_the_model_unchanged(kwargs, error, match):
+    model = tiny_flux()
+    before = _trainable(model)
+    with pytest.raises(error, match=match):
+        add_lora(model, **kwargs)
+    assert _trainable(model) == before  # nothing frozen
+    assert not getattr(model, "peft_config", {})  # no adapter injected
+    assert not lora_parameters(model)
+    add_lora(model, rank=4, train_modules=("x_embedder",))  # the corrected call goes through
+    extra = {n for n in _trainable(model) if "lora_" not in n}
+    assert extra == {"x_embedder.weight", "x_embedder.bias"}
+    assert len(lora_parameters(model)) == 2 * 17
+
+
 def test_save_load_roundtrip_diffusers_format(tmp_path):
     model = tiny_flux()
     fresh = copy.deepcopy(model)
