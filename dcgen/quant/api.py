@@ -224,6 +224,42 @@ def _targets(model: nn.Module, config: QuantConfig, name_prefix: str = "") -> li
     return names
 
 
+def _check_model(name: str, model: object) -> None:
+    """accelerate's check and wording (a pipeline gets the pipe.transformer hint); imported
+    on use: dcgen.attention imports this package's layers."""
+    from dcgen.attention.install import _check_model as check
+
+    check(name, model)
+
+
+def _check_calibration(calibrate: object, activation_amax: object) -> None:
+    """``calibrate`` a callable and ``activation_amax`` a Mapping[str, Tensor], where given: a
+    list as activation_amax had every layer quantized without smoothing, warning per layer."""
+    if calibrate is not None and not callable(calibrate):
+        raise TypeError(
+            "quantize_: calibrate: expected a callable run as calibrate(model), got "
+            f"{type(calibrate).__name__} {calibrate!r}"
+        )
+    if activation_amax is None:
+        return
+    if not isinstance(activation_amax, Mapping):
+        raise TypeError(
+            "quantize_: activation_amax: expected a Mapping[str, Tensor] (module name -> "
+            f"per-channel max |x|), got {type(activation_amax).__name__}"
+        )
+    for name, amax in activation_amax.items():
+        if not isinstance(name, str):
+            raise TypeError(
+                f"quantize_: activation_amax: expected str keys (module names), got "
+                f"{type(name).__name__} {name!r}"
+            )
+        if not isinstance(amax, torch.Tensor):
+            raise TypeError(
+                f"quantize_: activation_amax[{name!r}]: expected a tensor (per-channel max "
+                f"|x|), got {type(amax).__name__}"
+            )
+
+
 def _linear_input(args: tuple, kwargs: dict) -> torch.Tensor:
     """A linear's input as its forward hook sees it: positional, or ``input=`` by keyword."""
     return args[0] if args else kwargs["input"]
@@ -272,6 +308,7 @@ def quantize_(
     patterns match the whole-model names), and
     ``activation_amax`` (name within ``model`` -> per-channel max |x|, as measured on the
     16-bit model) replaces ``calibrate``."""
+    _check_model("quantize_", model)
     config = config or NVFP4Config()
     if not isinstance(config, NVFP4Config | FP8Config):
         raise TypeError(
@@ -293,6 +330,7 @@ def quantize_(
         share_input_quantization(model)  # one quantize pass per input read by several linears
         logger.info("quantize_: %d linears to FP8 (%s)", len(names), config.granularity)
         return names
+    _check_calibration(calibrate, activation_amax)
     names = _targets(model, config, name_prefix)
     check_lora_before_quantize(model, names)
     stats: Mapping[str, torch.Tensor] = {}
@@ -349,6 +387,7 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
     ``fp8-row`` / ``fp8-block128``, comma-joined), rank and ``modules`` (JSON: name ->
     {kind: "nvfp4", mode, rank, smooth, bias} or {kind: "fp8", granularity, bias} plus
     ``fast_accum: true`` where a layer has it)."""
+    _check_model("save_quantized", model)
     mods = quantized_modules(model)
     if not mods:
         raise ValueError(
@@ -412,54 +451,99 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+def _loaded_layer_target(model: nn.Module, name: str) -> nn.Module:
+    """The layer of ``model`` that load_quantized replaces for the file's module ``name``."""
+    try:
+        lin = model.get_submodule(name)
+    except AttributeError as e:
+        raise ValueError(f"load_quantized: the model has no module {name!r}") from e
+    if not isinstance(lin, (nn.Linear, *QUANTIZED_TYPES)):
+        raise TypeError(f"load_quantized: expected {name} to be a Linear, got {type(lin).__name__}")
+    return lin
+
+
+def _quantized_layer(
+    name: str, spec: dict, lin: nn.Module, state: Mapping[str, torch.Tensor], dev: torch.device
+) -> NVFP4Linear | FP8Linear:
+    """An empty NVFP4Linear / FP8Linear of ``lin``'s shape, as the metadata ``spec`` says."""
+    # the 16-bit parts (bias, low-rank factors) in the dtype they were saved in
+    stored = state.get(f"{name}.bias", state.get(f"{name}.lora_down"))
+    dtype = stored.dtype if stored is not None else torch.bfloat16
+    kind = spec.get("kind", "nvfp4")  # files written before FP8 existed have no kind
+    if kind == "fp8":
+        return FP8Linear(
+            lin.in_features,
+            lin.out_features,
+            bias=spec["bias"],
+            granularity=spec["granularity"],
+            dtype=dtype,
+            device=dev,
+            fast_accum=spec.get("fast_accum", False),
+        )
+    if kind == "nvfp4":
+        return NVFP4Linear(
+            lin.in_features,
+            lin.out_features,
+            bias=spec["bias"],
+            mode=spec["mode"],
+            rank=spec["rank"],
+            smooth=spec["smooth"],
+            dtype=dtype,
+            device=dev,
+        )
+    raise ValueError(f"load_quantized: expected kind 'nvfp4' or 'fp8' for {name}, got {kind!r}")
+
+
+def _check_loaded_state(
+    expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], path: str | Path
+) -> None:
+    """The file's tensors against the converted model's (names and shapes; the dtype is cast
+    by load_state_dict, as before)."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"load_quantized: state dict mismatch with {path}: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise ValueError(
+                f"load_quantized: {path} does not fit the model: {key}: the model expects "
+                f"{tuple(shape)}, the file has {tuple(state[key].shape)}"
+            )
+
+
 @torch.no_grad()
 def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
     """Swap the layers named in ``path``'s metadata for NVFP4Linear / FP8Linear and load every
     tensor (strict). ``model`` is a freshly built (unquantized) model of the same config."""
+    _check_model("load_quantized", model)
     meta = read_metadata(path)
     layers: dict[str, dict] = json.loads(meta["modules"])
     state = load_file(str(path), device=str(next(model.parameters()).device))
     shared = _shared_layers(model)
+    # Every layer is built and the file checked against the converted model's state dict first,
+    # on the meta device (no memory): a file that does not fit (another config, another model)
+    # is refused before the first swap, instead of by load_state_dict with the model half
+    # converted.
+    swapped: dict[str, dict[str, torch.Tensor]] = {}  # every name of a layer: its new tensors
     for name, spec in layers.items():
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(f"load_quantized: the model has no module {name!r}") from e
-        if not isinstance(lin, (nn.Linear, *QUANTIZED_TYPES)):
-            raise TypeError(
-                f"load_quantized: expected {name} to be a Linear, got {type(lin).__name__}"
-            )
+        lin = _loaded_layer_target(model, name)
+        fresh = _quantized_layer(name, spec, lin, state, torch.device("meta")).state_dict()
+        for alias in shared.get(id(lin), (None, [name]))[1]:
+            swapped[alias] = fresh
+    # the swapped layers are leaves: a key's module is all but its last part
+    expected = {
+        k: v.shape for k, v in model.state_dict().items() if k.rpartition(".")[0] not in swapped
+    }
+    for alias, fresh in swapped.items():
+        expected |= {f"{alias}.{k}": v.shape for k, v in fresh.items()}
+    _check_loaded_state(expected, state, path)
+    for name, spec in layers.items():
+        lin = model.get_submodule(name)
         dev = next(lin.buffers(), lin.weight).device
-        # the 16-bit parts (bias, low-rank factors) in the dtype they were saved in
-        stored = state.get(f"{name}.bias", state.get(f"{name}.lora_down"))
-        dtype = stored.dtype if stored is not None else torch.bfloat16
-        kind = spec.get("kind", "nvfp4")  # files written before FP8 existed have no kind
-        if kind == "fp8":
-            q = FP8Linear(
-                lin.in_features,
-                lin.out_features,
-                bias=spec["bias"],
-                granularity=spec["granularity"],
-                dtype=dtype,
-                device=dev,
-                fast_accum=spec.get("fast_accum", False),
-            )
-        elif kind == "nvfp4":
-            q = NVFP4Linear(
-                lin.in_features,
-                lin.out_features,
-                bias=spec["bias"],
-                mode=spec["mode"],
-                rank=spec["rank"],
-                smooth=spec["smooth"],
-                dtype=dtype,
-                device=dev,
-            )
-        else:
-            raise ValueError(
-                f"load_quantized: expected kind 'nvfp4' or 'fp8' for {name}, got {kind!r}"
-            )
-        _set_module(model, name, q, shared)
+        _set_module(model, name, _quantized_layer(name, spec, lin, state, dev), shared)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

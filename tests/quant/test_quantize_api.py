@@ -12,6 +12,7 @@ from torch import nn
 
 from dcgen.quant import (
     FP8Config,
+    FP8Linear,
     NVFP4Config,
     NVFP4Linear,
     load_quantized,
@@ -335,6 +336,100 @@ def test_bad_inputs(caplog):
     w[0, 0] = 1e39
     with pytest.raises(ValueError, match="in fp32, the recipe's precision"):
         quantize_fp8_weight(w)
+
+
+class _PipelineLike:
+    def __init__(self) -> None:
+        self.transformer = tiny_flux()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda model, path: quantize_(model, FP8Config()),
+        lambda model, path: quantize_(model, NVFP4Config()),
+        lambda model, path: save_quantized(model, path),
+        lambda model, path: load_quantized(model, path),
+    ],
+    ids=["quantize_fp8", "quantize_nvfp4", "save_quantized", "load_quantized"],
+)
+def test_a_non_module_is_refused_like_accelerate(call, tmp_path):
+    # None or a pipeline gave a bare AttributeError ("'NoneType' object has no attribute
+    # 'named_modules'"); accelerate names what it expected and hints at pipe.transformer
+    path = tmp_path / "q.safetensors"
+    quantized = tiny_flux()
+    quantize_(quantized, FP8Config())
+    save_quantized(quantized, path)
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match=r"expected a torch.nn.Module .*got NoneType$"):
+        call(None, path)
+    pipe = _PipelineLike()
+    with pytest.raises(TypeError, match=r"got _PipelineLike \(a pipeline: pass pipe.transformer\)"):
+        call(pipe, path)
+    assert not any(isinstance(m, NVFP4Linear | FP8Linear) for m in pipe.transformer.modules())
+    assert path.read_bytes() == before  # a refused save leaves the file alone
+
+
+def test_activation_amax_and_calibrate_types_are_checked(fp_model):
+    # A list as activation_amax was taken and every layer quantized without smoothing (a logged
+    # warning each); calibrate="x" failed as "'str' object is not callable".
+    config = NVFP4Config("w4a4", smoothing_alpha=0.5)
+    cases = [
+        (dict(activation_amax=[1, 2]), "activation_amax: expected a Mapping.*got list"),
+        (dict(activation_amax={1: torch.ones(32)}), "activation_amax: expected str keys.*got int"),
+        (
+            dict(activation_amax={"transformer_blocks.0.attn.to_q": 1.0}),
+            r"activation_amax\['transformer_blocks.0.attn.to_q'\]: expected a tensor.*got float",
+        ),
+        (dict(calibrate="x"), "calibrate: expected a callable.*got str 'x'"),
+    ]
+    for kwargs, match in cases:
+        model = copy.deepcopy(fp_model)
+        with pytest.raises(TypeError, match=match):
+            quantize_(model, config, **kwargs)
+        assert not any(isinstance(m, NVFP4Linear) for m in model.modules())  # left alone
+    # the corrected call smooths: its layers carry smooth factors
+    model = copy.deepcopy(fp_model)
+    amax = {n: torch.ones(model.get_submodule(n).in_features) for n in QUANTIZED}
+    quantize_(model, config, activation_amax=amax)
+    assert all(model.get_submodule(n).smooth is not None for n in QUANTIZED)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_file_that_does_not_fit_leaves_the_model_untouched(fp_model, tmp_path):
+    # load_quantized swapped every layer, then load_state_dict found the mismatch: the model
+    # was left half converted (17 NVFP4Linear layers with zero weights) after torch's error
+    model = copy.deepcopy(fp_model)
+    quantize_(model, NVFP4Config(mode="w4a4", rank=2))
+    path = tmp_path / "q.safetensors"
+    save_quantized(model, path)
+
+    other_channels = shared_tiny_flux(in_channels=8, guidance_embeds=False)  # a kept layer
+    other_width = tiny_flux()  # a quantized layer of another shape
+    other_width.transformer_blocks[0].attn.to_q = nn.Linear(32, 48)
+    two_blocks = shared_tiny_flux(in_channels=16, guidance_embeds=False, layers=2)  # more keys
+    cases = [
+        (
+            other_channels,
+            r"x_embedder.weight: the model expects \(32, 8\), the file has \(32, 16\)",
+        ),
+        (other_width, r"to_q.bias: the model expects \(48,\), the file has \(32,\)"),
+        (two_blocks, r"missing \['transformer_blocks.1"),
+    ]
+    for target, match in cases:
+        before = _state(target)
+        types = [type(m) for m in target.modules()]
+        with pytest.raises(ValueError, match=match):
+            load_quantized(target, path)
+        assert [type(m) for m in target.modules()] == types
+        after = target.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+    fresh = tiny_flux()  # a fitting model still loads
+    assert set(load_quantized(fresh, path)) == QUANTIZED
 
 
 def test_one_inf_token_stays_in_its_row_under_w4a4():
