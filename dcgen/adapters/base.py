@@ -265,7 +265,18 @@ class DiTAdapter(abc.ABC):
         sigma: torch.Tensor | float, batch: int, like: torch.Tensor, what: str = "sigma"
     ) -> torch.Tensor:
         """A (B,) float tensor on ``like``'s device; scalars are broadcast."""
-        sigma = torch.as_tensor(sigma, device=like.device, dtype=torch.float32)
+        expected = f"{what}: expected a real number or a real tensor of shape () or ({batch},)"
+        # a bool is not a noise level (True became 1.0), a complex one lost its imaginary part,
+        # and None / a str failed in torch without naming the argument
+        if sigma is None or isinstance(sigma, bool | complex | str):
+            raise TypeError(f"{expected}, got {type(sigma).__name__} {sigma!r}")
+        try:
+            value = torch.as_tensor(sigma)  # tensors, numbers, lists, numpy arrays as before
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{expected}, got {type(sigma).__name__} ({e})") from e
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{expected}, got {value.dtype}")
+        sigma = value.to(device=like.device, dtype=torch.float32)
         if sigma.ndim == 0:
             sigma = sigma.expand(batch)
         if sigma.shape != (batch,):

@@ -116,6 +116,36 @@ def test_predict_names_bad_text_inputs_and_empty_latents():
             adapter_for(tiny_flux()).replace_latent_layers(bad)
 
 
+_BAD_SIGMAS = [
+    ("0.5", "str"),  # was "new(): invalid data type 'str'"
+    (True, "bool"),  # was taken as 1.0
+    (torch.tensor([True, False]), "torch.bool"),
+    (torch.tensor(0.5 + 1j), "torch.complex64"),  # lost its imaginary part (a warning)
+    (0.5 + 1j, "complex"),  # was "must be real number, not complex"
+]
+
+
+@pytest.mark.parametrize(
+    "what, bad, got",
+    [("sigma", None, "NoneType")]  # was "must be real number, not NoneType" (guidance may be None)
+    + [(what, bad, got) for what in ("sigma", "guidance") for bad, got in _BAD_SIGMAS],
+)
+def test_predict_names_a_bad_sigma_or_guidance(what, bad, got):
+    flux = adapter_for(tiny_flux())
+    embeds, pooled = text(2)
+    x = torch.randn(2, 16, 4, 4)
+    kw = {"sigma": 0.5, "guidance": 3.5} | {what: bad}
+    match = rf"^{what}: expected a real number or a real tensor of shape \(\) or \(2,\), got {got}"
+    with torch.no_grad(), pytest.raises(TypeError, match=match):
+        flux.predict(x, kw["sigma"], embeds, pooled, guidance=kw["guidance"])
+    # numbers, integer / float tensors and lists are still taken
+    with torch.no_grad():
+        want = flux.predict(x, 0.5, embeds, pooled, guidance=3.0)
+        for sigma, guidance in ((torch.tensor([0.5, 0.5]), 3), ([0.5, 0.5], torch.tensor(3))):
+            got_out = flux.predict(x, sigma, embeds, pooled, guidance=guidance)
+            assert torch.equal(got_out, want)
+
+
 def test_flux_position_scale_spans_the_base_grid_and_round_trips(tmp_path):
     model = tiny_flux()
     adapter = adapter_for(model)
