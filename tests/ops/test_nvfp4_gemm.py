@@ -169,6 +169,25 @@ def test_hopper_kernels_are_opt_in(monkeypatch):
     assert not g.kernel_available(cuda, 24, 64)
 
 
+def _reference_as_kernels(monkeypatch, on_call) -> None:  # noqa: ANN001
+    """Make both GEMM wrappers take their kernel route, with "the kernel" the reference
+    behind ``on_call(*args)``, which sees the arguments the kernel would get."""
+    import dcgen.ops.nvfp4_gemm as g
+
+    def kernel(name):  # noqa: ANN001, ANN202
+        def run(*args):  # noqa: ANN002, ANN202
+            on_call(*args)
+            if name == "nvfp4_gemm":
+                return g.nvfp4_gemm_reference(*args)
+            return g.nvfp4_gemm_w4a16_reference(*args)
+
+        return run
+
+    monkeypatch.setattr(g, "compiled_op", kernel)
+    monkeypatch.setattr(g, "kernel_available", lambda *a: True)
+    monkeypatch.setattr(g, "w4a16_kernel_available", lambda *a: True)
+
+
 @pytest.mark.parametrize("m", [300, 257, 128])
 def test_products_beyond_32_bit_indexing_run_in_row_chunks(m, rng, monkeypatch):
     # The kernels index with 32-bit ints: with the limit lowered, a GEMM whose M x max(N, K)
@@ -184,20 +203,12 @@ def test_products_beyond_32_bit_indexing_run_in_row_chunks(m, rng, monkeypatch):
     monkeypatch.setattr(g, "INDEX_LIMIT", 100 * 96)  # chunks of 128 rows (100 rounds up)
     calls = []
 
-    def kernel(name):  # noqa: ANN001, ANN202
-        def run(*args):  # noqa: ANN002, ANN202
-            rows = args[0].shape[0]
-            assert rows % 128 == 0 or rows == m % 128, rows
-            calls.append(rows)
-            if name == "nvfp4_gemm":
-                return g.nvfp4_gemm_reference(*args)
-            return g.nvfp4_gemm_w4a16_reference(*args)
+    def on_call(*args):  # noqa: ANN002, ANN202
+        rows = args[0].shape[0]
+        assert rows % 128 == 0 or rows == m % 128, rows
+        calls.append(rows)
 
-        return run
-
-    monkeypatch.setattr(g, "compiled_op", kernel)
-    monkeypatch.setattr(g, "kernel_available", lambda *a: True)
-    monkeypatch.setattr(g, "w4a16_kernel_available", lambda *a: True)
+    _reference_as_kernels(monkeypatch, on_call)
     assert g._row_chunks(m, 40, 96) == [(r, min(r + 128, m)) for r in range(0, m, 128)]
     assert torch.equal(nvfp4_gemm(a, sa, b, sb, alpha), want)
     assert torch.equal(g.nvfp4_gemm_w4a16(x16, b, sb, alpha), want16)
@@ -221,18 +232,10 @@ def test_operands_reach_the_kernels_contiguous_and_16_byte_aligned(rng, monkeypa
 
     seen = []
 
-    def kernel(name):  # noqa: ANN001, ANN202
-        def run(*args):  # noqa: ANN002, ANN202
-            seen.extend(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in args[:-1])
-            if name == "nvfp4_gemm":
-                return g.nvfp4_gemm_reference(*args)
-            return g.nvfp4_gemm_w4a16_reference(*args)
+    def on_call(*args):  # noqa: ANN002, ANN202
+        seen.extend(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in args[:-1])
 
-        return run
-
-    monkeypatch.setattr(g, "compiled_op", kernel)
-    monkeypatch.setattr(g, "kernel_available", lambda *a: True)
-    monkeypatch.setattr(g, "w4a16_kernel_available", lambda *a: True)
+    _reference_as_kernels(monkeypatch, on_call)
     a1, sa1, b1, sb1 = (shifted(t) for t in (a, sa, b, sb))
     assert b1.data_ptr() % 16 == 1 and sb1.is_contiguous()
     assert torch.equal(
