@@ -35,6 +35,7 @@ bias gets ``dy`` summed when it requires grad.
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 
 import torch
@@ -52,8 +53,12 @@ from .fp8 import fp8_gemm, fp8_linear_reference, quantize_fp8_weight
 _FORMAT_BUFFERS = ("weight", "weight_scale")
 
 
-class _SharedInputQuantization:
+class _SharedInputQuantization(threading.local):
     """Quantize an activation once when several FP8 linears read it.
+
+    Its state (scope depth, the remembered quantization, the offers) is per thread: two
+    threads serving two models at once each see their own (shared, one thread's cached
+    quantization was returned for the other's input: wrong outputs).
 
     A FLUX double block's to_q / to_k / to_v read one tensor, a single block's projections and
     its MLP input another; they run one after another, so remembering the last (input,

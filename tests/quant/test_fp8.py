@@ -654,3 +654,36 @@ def test_flux_block_with_shared_quantization_compiles_fullgraph(rng):
         want = block(x, txt, temb)
         got = compiled(x, txt, temb)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_quantization_state_is_per_thread():
+    # Two threads serving two FP8 models shared one scope counter, one remembered quantization
+    # and one offer list: one thread's cached codes were returned for the other's input (16 of
+    # 3,000 outputs wrong in a two-thread race). Each thread now sees only its own state.
+    import threading
+
+    import dcgen.quant.fp8_linear as fl
+
+    x = torch.randn(4, 32)
+    codes = quantize_fp8(x, "row")
+    seen: dict = {}
+    entered, checked = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with torch.no_grad(), fl.offered_quantization(x, codes):  # this thread's offer
+            fl._shared.enter()
+            fl._shared.quantize(x, "row")
+            entered.set()
+            checked.wait(10)
+            fl._shared.leave()
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert entered.wait(10)
+    try:
+        seen = {"depth": fl._shared.depth, "value": fl._shared._value,
+                "offer": fl._shared._offer_for(x, "row")}  # fmt: skip
+    finally:
+        checked.set()
+        t.join(10)
+    assert seen == {"depth": 0, "value": None, "offer": None}
