@@ -609,9 +609,10 @@ def quality_report(
 
         return fn
 
+    # the inputs first: hooks registered before a failing inputs_fn() stayed on both models
+    inputs = inputs_fn()
     handles = [fp_mods[n].register_forward_hook(fp_hook(n), with_kwargs=True) for n in qmods]
     handles += [m.register_forward_hook(q_hook(n)) for n, m in qmods.items()]
-    inputs = inputs_fn()
 
     def call(model: nn.Module) -> torch.Tensor:
         if callable(getattr(inputs, "run", None)):  # a recorded call (pipeline_quant)

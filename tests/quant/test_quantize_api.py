@@ -586,3 +586,24 @@ def test_a_bare_string_pattern_is_refused(config_cls):
         TypeError, match=r"expected exclude as a tuple .* got the string 'proj_out'"
     ):
         config_cls(exclude="proj_out")
+
+
+def test_a_failing_inputs_fn_leaves_no_hooks_behind():
+    # quality_report hooked every quantized layer of both models, then called inputs_fn()
+    # outside the try that removes the hooks: one failure left them on for good (holding the
+    # next call's activations, and turning off the paths that skip hooked modules)
+    fp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).to(torch.bfloat16)
+    q = copy.deepcopy(fp)
+    quantize_(q)
+
+    def hooks(m: nn.Module) -> int:
+        return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())
+
+    before = hooks(fp), hooks(q)
+
+    def failing() -> None:
+        raise RuntimeError("no calibration prompts")
+
+    with pytest.raises(RuntimeError, match="no calibration prompts"):
+        quality_report(fp, q, failing)
+    assert (hooks(fp), hooks(q)) == before
