@@ -28,6 +28,7 @@ Usage (a diffusers FLUX / SANA transformer)::
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -166,8 +167,31 @@ def quantized_lora_loading() -> Iterator[None]:
     dcgen.pipelines.lora.load_lora_on_quantized casts them to the model's dtype). diffusers has no
     hook for custom peft layers, so this wraps its config builder (a private function of
     ``diffusers.loaders.peft``) for the duration, and fails clearly if that ever moves."""
-    import diffusers
     import diffusers.loaders.peft as loader
+
+    with _LORA_PATCH_LOCK:
+        if not _LORA_PATCH["users"]:
+            _LORA_PATCH["original"] = _install_lora_patch(loader)
+        _LORA_PATCH["users"] += 1
+    try:
+        yield
+    finally:
+        with _LORA_PATCH_LOCK:
+            _LORA_PATCH["users"] -= 1
+            if not _LORA_PATCH["users"]:
+                loader._create_lora_config = _LORA_PATCH.pop("original")
+
+
+# One wrapper installed while any quantized_lora_loading() is active, the original put back
+# by the last to leave: each context saving and restoring what it found left the wrapper in
+# diffusers for good when two overlapping loads (two threads) left in the order they came.
+_LORA_PATCH_LOCK = threading.Lock()
+_LORA_PATCH: dict[str, Any] = {"users": 0}
+
+
+def _install_lora_patch(loader: Any) -> Any:
+    """Wrap ``loader._create_lora_config``; returns the original."""
+    import diffusers
 
     original = getattr(loader, "_create_lora_config", None)
     if original is None:
@@ -181,7 +205,4 @@ def quantized_lora_loading() -> Iterator[None]:
         return register_quantized_lora(original(*args, **kwargs))
 
     loader._create_lora_config = create
-    try:
-        yield
-    finally:
-        loader._create_lora_config = original
+    return original

@@ -285,3 +285,23 @@ def test_save_quantized_refuses_adapters_and_the_split_round_trip(tmp_path):
     load_lora(fresh, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**flux_inputs())[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_overlapping_quantized_lora_loads_restore_diffusers():
+    # Two overlapping loads (two threads) leaving in the order they came: each context put
+    # back what it had found, so the second restored the first's wrapper into diffusers for
+    # good. The last to leave now restores diffusers' own function.
+    import diffusers.loaders.peft as loader
+
+    from dcgen.quant.lora import quantized_lora_loading
+
+    original = loader._create_lora_config
+    first, second = quantized_lora_loading(), quantized_lora_loading()
+    first.__enter__()
+    second.__enter__()
+    wrapped = loader._create_lora_config
+    assert wrapped is not original
+    first.__exit__(None, None, None)
+    assert loader._create_lora_config is wrapped  # the second load is still running
+    second.__exit__(None, None, None)
+    assert loader._create_lora_config is original
