@@ -484,6 +484,20 @@ def test_unit_column_is_a_view_of_one_growing_buffer(monkeypatch):
     assert f.unit_column(cpu, 7).data_ptr() == c.data_ptr()
 
 
+def test_unit_column_retired_buffers_stay_smaller_than_the_live_one(monkeypatch):
+    # Rows growing by one FLUX 4K image (4,608 tokens) per call, batch 15 to 64, as a server
+    # sees them: every replaced buffer was kept, one per size (33.6 MiB for 1.1 MiB live)
+    monkeypatch.setattr(f, "_UNIT_COLUMNS", {})
+    monkeypatch.setattr(f, "_RETIRED_UNIT_COLUMNS", [])
+    cpu = torch.device("cpu")
+    for batch in range(15, 65):
+        assert bool((f.unit_column(cpu, 4608 * batch) == 1).all())
+    live = f._UNIT_COLUMNS[("cpu", None)].numel()
+    retired = sum(t.numel() for t in f._RETIRED_UNIT_COLUMNS)
+    assert live >= 4608 * 64 and retired < live, (live, retired)
+    assert len(f._RETIRED_UNIT_COLUMNS) <= 3
+
+
 @pytest.mark.parametrize(
     ("cap", "cuda", "want"),
     [(90, "13.0", "rowwise"), (90, "12.9", "rowwise"), (90, "12.8", "tensor"),
