@@ -4,6 +4,10 @@ hook would see other tensors than the module's plain forward gives it."""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Any
+
 from torch import nn
 from torch.nn.modules import module as _module
 
@@ -55,3 +59,26 @@ def has_hook_callbacks(*modules: nn.Module) -> bool:
     if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for mod in modules for m in mod.modules())
+
+
+class WeakForward:
+    """``fn(module, *args, **kwargs)`` as a forward set on ``module`` itself, holding the module
+    by a weak reference: a bound method or a partial of the module, stored in the module's own
+    __dict__, is a reference cycle, and ``del model`` then freed none of its weights (GPU
+    memory included) until Python's cycle collector happened to run. Pickles and deep-copies
+    with the module (the module is memoised before its __dict__ is, so the cycle is rebuilt)."""
+
+    __slots__ = ("fn", "_module", "__weakref__")
+
+    def __init__(self, fn: Callable[..., Any], module: nn.Module) -> None:
+        self.fn = fn
+        self._module = weakref.ref(module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self._module()
+        if module is None:
+            raise ReferenceError(f"{getattr(self.fn, '__name__', self.fn)}: its module is gone")
+        return self.fn(module, *args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return (WeakForward, (self.fn, self._module()))

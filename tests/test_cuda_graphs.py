@@ -96,7 +96,7 @@ def test_accelerate_drops_graphs_before_changing_what_they_replay():
     accelerate(model, blocks=True, cuda_graphs=True)
     now = cuda_graphs.graphs_of(model)
     assert len(now) == 2 and all(g not in kept for g in now)
-    assert all(g.inner.func in fused_blocks._FORWARDS.values() for g in now)
+    assert all(g.inner.fn in fused_blocks._FORWARDS.values() for g in now)
     unaccelerate(model)
     assert not cuda_graphs.graphs_of(model) and not is_accelerated(model)
     assert all("forward" not in b.__dict__ for b in _blocks(model))

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dcgen._hooks import offload_hooked
+from dcgen._hooks import WeakForward, offload_hooked
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +318,10 @@ def install(model: nn.Module, graphs_cls: type[BlockGraphs] = BlockGraphs) -> in
         if _GRAPHS not in module.__dict__:
             previous = module.__dict__.get("forward")  # an instance forward (fused glue) or None
             label = name or type(module).__name__
-            graphs = graphs_cls(module.forward, module, group, label)
+            # the class forward through a weak reference: the bound method, kept on the block,
+            # would make the block hold itself (del model then freed no weight)
+            inner = WeakForward(type(module).forward, module) if previous is None else previous
+            graphs = graphs_cls(inner, module, group, label)
             module.__dict__[_GRAPHS] = (graphs, previous)
             module.forward = graphs
         count += 1

@@ -40,14 +40,13 @@ the one this code reads (``fusable``); ``restore`` puts the class forward back.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from dcgen._hooks import has_forward_hooks
+from dcgen._hooks import WeakForward, has_forward_hooks
 from dcgen.ops import has_kernel
 from dcgen.ops.modulation import (
     adaln_modulate_fp8_trusted,
@@ -424,9 +423,10 @@ def install(model: nn.Module) -> int:
     count = 0
     for module in _unpatched(model):
         module.__dict__[_PATCHED] = True
-        # a partial, not a bound method: a pickled bound method is looked up by name on the
-        # block at load time (torch.save(model) wrote files torch.load could not read)
-        module.forward = functools.partial(_FORWARDS[type(module).__name__], module)
+        # not a bound method: a pickled bound method is looked up by name on the block at load
+        # time (torch.save(model) wrote files torch.load could not read); a weak one, no
+        # partial: the block would hold itself (del model then freed no weight)
+        module.forward = WeakForward(_FORWARDS[type(module).__name__], module)
         count += 1
     return count
 
