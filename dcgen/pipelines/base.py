@@ -404,6 +404,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         if shift is None:
             shift = self._shift_for(adapter.num_tokens(h, w), c)
         if dpm is None:
+            if sigmas is None:
+                sigmas = self._euler_grid(num_inference_steps)
             schedule = flow_sigmas(num_inference_steps, shift, device=device, base=sigmas)
             model_sigmas = None
         else:
@@ -583,6 +585,12 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             )  # fmt: skip
             return 1.0
         return cfg
+
+    def _euler_grid(self, num_steps: int) -> torch.Tensor | None:
+        """The unshifted Euler grid without ``sigmas=``: None for FluxPipeline's
+        linspace(1, 1/N) (it passes its scheduler those sigmas); a pipeline whose diffusers
+        counterpart lets the scheduler choose returns that choice."""
+        return None
 
     def _shift_for(self, num_tokens: int, latent_channels: int) -> float:
         rule = self.config.shift_rule

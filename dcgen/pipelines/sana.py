@@ -14,6 +14,8 @@ from diffusers import (
 from diffusers.loaders import SanaLoraLoaderMixin
 
 from ..autoencoders import DCAE
+from ..sampling.shift import shift_sigmas
+from .base import scheduler_constant_shift
 from .flux import DCGenFluxPipeline
 from .lora import latent_safe_lora_state_dict
 
@@ -122,6 +124,19 @@ class DCGenSanaPipeline(SanaLoraLoaderMixin, DCGenFluxPipeline):
 
     def _has_text_encoders(self) -> bool:
         return self.text_encoder is not None and self.tokenizer is not None
+
+    def _euler_grid(self, num_steps: int) -> torch.Tensor | None:
+        """SanaPipeline passes its scheduler no sigmas: a FlowMatchEulerDiscreteScheduler then
+        spaces them from 1 to its sigma_min, which is 1/T already shifted at construction
+        (unshifted under dynamic shifting), and shifts the grid again; dcgen follows it."""
+        sched = getattr(self, "scheduler", None)
+        if type(sched).__name__ != "FlowMatchEulerDiscreteScheduler":
+            return None
+        cfg = sched.config
+        low = torch.tensor([1.0 / int(cfg.get("num_train_timesteps", 1000) or 1000)])
+        if not cfg.get("use_dynamic_shifting", False):
+            low = shift_sigmas(low.double(), scheduler_constant_shift(cfg))
+        return torch.linspace(1.0, float(low), num_steps, dtype=torch.float64)
 
     def encode_prompt(
         self,

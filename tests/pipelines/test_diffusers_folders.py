@@ -195,6 +195,25 @@ def test_sana_samples_as_diffusers_sana_pipeline(steps, solver_type):
     torch.testing.assert_close(got_img, want_img, rtol=0, atol=3e-5)
 
 
+@pytest.mark.parametrize("steps", [1, 5, 20])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_sana_with_an_euler_scheduler_samples_as_diffusers_sana_pipeline(steps, shift):
+    # SanaPipeline passes its scheduler no sigmas: the scheduler's own grid, linspace(1,
+    # sigma_min, N) with sigma_min its shifted 1/T, shifted again. dcgen used FluxPipeline's
+    # linspace(1, 1/N) for every Euler scheduler: 0.16-0.49 apart on the latents at 5 steps.
+    ref, ours = _sana_pair(FlowMatchEulerDiscreteScheduler(shift=shift))
+    (pos, _), (neg, _) = text(2, tokens=6, seed=1), text(2, tokens=6, seed=2)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    kw = dict(prompt_embeds=pos, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+              negative_prompt_attention_mask=mask, height=64, width=96,
+              num_inference_steps=steps, latents=torch.randn(2, 2, 2, 3), output_type="latent")  # fmt: skip
+    with torch.no_grad():
+        want = ref(use_resolution_binning=False, negative_prompt=None, **kw).images
+        got = ours(**kw).images
+    torch.testing.assert_close(got, want, rtol=0, atol=3e-5)
+
+
 @pytest.mark.parametrize("train_timesteps", [500, 1000])
 def test_sana_with_other_train_timesteps_samples_as_diffusers(train_timesteps):
     # diffusers hands the model the integer timestep floor(sigma T) itself, whatever T is
