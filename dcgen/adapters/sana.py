@@ -149,7 +149,7 @@ class SanaAdapter(DiTAdapter):
         if isinstance(head, StructuredLinear):
             head.active_channels = c
         try:
-            return self.transformer(
+            out = self.transformer(
                 hidden_states=latents.to(dtype),
                 encoder_hidden_states=prompt_embeds.to(dtype),
                 timestep=timestep,
@@ -161,3 +161,8 @@ class SanaAdapter(DiTAdapter):
         finally:
             if isinstance(head, StructuredLinear):
                 head.active_channels = None
+        if out.shape[1] == 2 * c:
+            # a learned-sigma head (out_channels = 2 x in_channels): the velocity is the first
+            # half, as SanaPipeline reads it (the sampler failed on the doubled channels)
+            out = out[:, :c]
+        return out

@@ -29,12 +29,15 @@ def tiny_flux(
     ).eval()
 
 
-def tiny_sana(in_channels: int = 4, patch_size: int = 1) -> SanaTransformer2DModel:
+def tiny_sana(
+    in_channels: int = 4, patch_size: int = 1, out_channels: int | None = None
+) -> SanaTransformer2DModel:
+    """``out_channels`` 2 x ``in_channels``: a learned-sigma head (velocity first)."""
     torch.manual_seed(0)
     return SanaTransformer2DModel(
         patch_size=patch_size,
         in_channels=in_channels,
-        out_channels=in_channels,
+        out_channels=out_channels or in_channels,
         num_layers=2,
         num_attention_heads=2,
         attention_head_dim=8,

@@ -150,7 +150,7 @@ def test_inpainting_samples_as_diffusers_flux_inpaint(steps, strength):
     assert (got - plain).abs().max() > 1e-3  # the mask changed the result
 
 
-def _sana_pair(scheduler) -> tuple[SanaPipeline, DCGenSanaPipeline]:
+def _sana_pair(scheduler, learned_sigma: bool = False) -> tuple[SanaPipeline, DCGenSanaPipeline]:
     """diffusers' SanaPipeline and dcgen's on the same tiny transformer and DC-AE weights. The
     DC-AE has attention head dim 8: at tiny_dcae's 2 the two decoders' fp32 roundings differ by
     up to 1e-2 on these latents (an ill-conditioned linear attention, tests/autoencoders)."""
@@ -158,7 +158,8 @@ def _sana_pair(scheduler) -> tuple[SanaPipeline, DCGenSanaPipeline]:
     ae = DCAE(small_config("dc-ae-f32c32-in-1.0", width_divisor=16, max_layers=1)).eval()
     vae = AutoencoderDC(**ae.config.to_dict())
     vae.load_state_dict(dcgen_to_diffusers(ae.state_dict()))
-    model = tiny_sana(in_channels=ae.latent_channels)
+    c = ae.latent_channels
+    model = tiny_sana(in_channels=c, out_channels=2 * c if learned_sigma else None)
     ref = SanaPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(), transformer=model,
                        scheduler=scheduler)  # fmt: skip
     ours = DCGenSanaPipeline(model, ae, scheduler)
@@ -208,6 +209,23 @@ def test_sana_with_an_euler_scheduler_samples_as_diffusers_sana_pipeline(steps, 
     kw = dict(prompt_embeds=pos, prompt_attention_mask=mask, negative_prompt_embeds=neg,
               negative_prompt_attention_mask=mask, height=64, width=96,
               num_inference_steps=steps, latents=torch.randn(2, 2, 2, 3), output_type="latent")  # fmt: skip
+    with torch.no_grad():
+        want = ref(use_resolution_binning=False, negative_prompt=None, **kw).images
+        got = ours(**kw).images
+    torch.testing.assert_close(got, want, rtol=0, atol=3e-5)
+
+
+def test_a_learned_sigma_sana_samples_as_diffusers_sana_pipeline():
+    # out_channels = 2 x in_channels: SanaPipeline reads the velocity from the first half;
+    # dcgen's sampler failed on the doubled channels ("size of tensor a (2) must match ... (4)")
+    sched = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
+                                        prediction_type="flow_prediction")  # fmt: skip
+    ref, ours = _sana_pair(sched, learned_sigma=True)
+    (pos, _), (neg, _) = text(1, tokens=6, seed=1), text(1, tokens=6, seed=2)
+    mask = torch.ones(1, 6, dtype=torch.long)
+    kw = dict(prompt_embeds=pos, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+              negative_prompt_attention_mask=mask, height=64, width=64, num_inference_steps=3,
+              latents=torch.randn(1, 2, 2, 2), output_type="latent")  # fmt: skip
     with torch.no_grad():
         want = ref(use_resolution_binning=False, negative_prompt=None, **kw).images
         got = ours(**kw).images
