@@ -94,6 +94,8 @@ class DiTAdapter(abc.ABC):
             )
         if init not in ("random", "zero_head"):
             raise ValueError(f"init: expected 'random' or 'zero_head', got {init!r}")
+        # plain ints: a numpy int reached the config, which save_pretrained's JSON refused
+        latent_channels, patch_size = int(latent_channels), int(patch_size)
         old = self.latent_layers()
         self._install_latent_layers(old, latent_channels, patch_size)
         if init == "zero_head":
@@ -160,10 +162,11 @@ class DiTAdapter(abc.ABC):
                 f"{what}: latent height and width must be multiples of the patch size {p}, "
                 f"got {h}x{w}"
             )
-        if c != self.latent_channels and not (self.structured and c < self.latent_channels):
+        if c != self.latent_channels and not (self.structured and 1 <= c < self.latent_channels):
             raise ValueError(
-                f"{what}: the transformer expects {self.latent_channels} latent channels, got {c} "
-                f"(shape {tuple(latents.shape)})"
+                f"{what}: the transformer expects {self.latent_channels} latent channels"
+                + (f" (structured: 1 to {self.latent_channels})" if self.structured else "")
+                + f", got {c} (shape {tuple(latents.shape)})"
                 + ("" if self.structured else "; enable_structured_latents() accepts c < C")
             )
         return latents

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import is_int
 from .._files import atomic_write
 from . import checkpoint as ckpt
 from .banding import check_band_rows
@@ -485,14 +486,13 @@ class DCAE(nn.Module):
                 f"got {h}x{w} (pad or crop to {h // f * f or f}x{w // f * f or f})"
             )
         if channels is not None and (
-            isinstance(channels, bool)
-            or not isinstance(channels, int)
-            or not 1 <= channels <= cfg.latent_channels
+            not is_int(channels) or not 1 <= channels <= cfg.latent_channels
         ):
             raise ValueError(
                 f"DCAE.encode: channels must be an int in [1, {cfg.latent_channels}], got "
                 f"{channels!r}"
             )
+        channels = None if channels is None else int(channels)  # a numpy int, as elsewhere
 
         def fn(t: torch.Tensor) -> torch.Tensor:
             return self.encoder(t, channels, band_rows)

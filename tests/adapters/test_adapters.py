@@ -314,3 +314,20 @@ def test_flux_latent_patch_size_must_be_a_positive_int(bad):
     ):
         FluxAdapter(model, latent_patch_size=bad)
     assert FluxAdapter(model).patch_size == 2  # the config was left alone (stock default)
+
+
+@pytest.mark.parametrize("make", [tiny_flux, tiny_sana], ids=["flux", "sana"])
+def test_numpy_int_latent_layers_save_and_structured_zero_channels_are_refused(make, tmp_path):
+    # numpy ints passed the checks and reached the config: save_pretrained then failed
+    # ("Object of type int64 is not JSON serializable")
+    import numpy as np
+
+    adapter = adapter_for(make())
+    adapter.replace_latent_layers(np.int64(8), patch_size=np.int64(2))
+    config = adapter.transformer.config
+    assert type(config.in_channels) is int and type(config.patch_size) is int
+    adapter.transformer.save_pretrained(tmp_path)
+    # a structured adapter took a 0-channel latent, then failed deep in the model
+    adapter.enable_structured_latents()
+    with pytest.raises(ValueError, match=r"structured: 1 to 8\), got 0"):
+        adapter.check_latents(torch.randn(1, 0, 4, 4))

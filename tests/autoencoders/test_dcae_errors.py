@@ -26,6 +26,12 @@ def test_wrong_channel_count(model):
         model.encode(torch.randn(1, 3, 32, 32), channels=3)
     with pytest.raises(ValueError, match=r"channels must be an int in \[1, 2\], got True"):
         model.encode(torch.randn(1, 3, 32, 32), channels=True)  # was 1 channel, silently
+    # a numpy int counts as an int, as everywhere in the public API (it was refused)
+    import numpy as np
+
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.encode(x, channels=np.int64(1)), model.encode(x, channels=1))
 
 
 def test_spatial_size_not_divisible(model):
