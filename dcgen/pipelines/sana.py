@@ -127,15 +127,15 @@ class DCGenSanaPipeline(SanaLoraLoaderMixin, DCGenFluxPipeline):
 
     def _euler_grid(self, num_steps: int) -> torch.Tensor | None:
         """SanaPipeline passes its scheduler no sigmas: a FlowMatchEulerDiscreteScheduler then
-        spaces them from 1 to its sigma_min, which is 1/T already shifted at construction
-        (unshifted under dynamic shifting), and shifts the grid again; dcgen follows it."""
+        spaces them from 1 to its sigma_min, which is 1/T already shifted at construction, and
+        shifts the grid again; dcgen follows it. A dynamic-shifting config (which SanaPipeline
+        refuses) samples as the same config at its fixed shift, as _shift_for says."""
         sched = getattr(self, "scheduler", None)
         if type(sched).__name__ != "FlowMatchEulerDiscreteScheduler":
             return None
         cfg = sched.config
         low = torch.tensor([1.0 / int(cfg.get("num_train_timesteps", 1000) or 1000)])
-        if not cfg.get("use_dynamic_shifting", False):
-            low = shift_sigmas(low.double(), scheduler_constant_shift(cfg))
+        low = shift_sigmas(low.double(), scheduler_constant_shift(cfg))
         return torch.linspace(1.0, float(low), num_steps, dtype=torch.float64)
 
     def encode_prompt(
