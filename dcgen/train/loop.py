@@ -53,6 +53,13 @@ __all__ = [
 
 LOG_NAME = "log.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+#: consecutive steps with non-finite gradients after which a run stops (each one is skipped)
+MAX_NONFINITE_STEPS = 10
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient (the weights, the
+    checkpoints and the EMA were left as they were before the first of them)."""
 
 
 class StepRandom:
@@ -292,6 +299,7 @@ def train_loop(
         device_type=device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"
     )
     losses: list[float] = []
+    nonfinite_in_a_row = 0
     bar = tqdm(total=steps, initial=start, desc=tag, disable=not (progress and ctx.is_main))
     model.train()
     t0 = time.perf_counter()
@@ -310,11 +318,32 @@ def train_loop(
             else:
                 norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            optimizer.step()
+            # A non-finite loss gives non-finite gradients; an optimizer step on them made every
+            # weight NaN, and the run went on checkpointing NaN (pruning the good checkpoints).
+            # Such a step is skipped: no update, no EMA update; the schedule and the data move
+            # on as for any step. The norm is the global one (gradients already averaged over
+            # ranks, FSDP's full tensor), so every rank decides the same.
+            finite = math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+                nonfinite_in_a_row = 0
+            else:
+                nonfinite_in_a_row += 1
+                logger.warning(
+                    "%s step %d: non-finite loss or gradients (gradient norm %s): step skipped, "
+                    "weights unchanged", tag, state.step + 1, grad_norm,
+                )  # fmt: skip
+                if nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+                    raise TrainingDivergedError(
+                        f"{tag}: {nonfinite_in_a_row} steps in a row up to step {state.step + 1} "
+                        "had a non-finite loss or gradients (each skipped): the data (e.g. a "
+                        "cached latent with inf / NaN) or the learning rate; the checkpoints "
+                        f"in {ckpt_dir} hold the weights from before"
+                    )
             lr = optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
+            if ema is not None and finite:
                 ema.update()
             state.advance()
             # ---- bookkeeping ---------------------------------------------------------------
@@ -331,6 +360,8 @@ def train_loop(
                     "grad_norm": grad_norm,
                     "time_s": round(time.perf_counter() - t0, 3),
                 }
+                if not finite:
+                    entry["skipped"] = True
                 with open(log_path, "a") as f:
                     f.write(json.dumps(entry) + "\n")
                 if state.step % cfg.log_every == 0 or state.step == steps:

@@ -1,0 +1,82 @@
+"""A step with a non-finite loss or gradient is skipped, not taken: one made every weight NaN,
+and the run went on checkpointing NaN weights (pruning the good checkpoints)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dcgen.train import loop
+from dcgen.train.checkpoint import list_checkpoints, load_checkpoint
+from dcgen.train.config import TrainConfig
+from dcgen.train.distributed import DistContext
+
+
+class _Pairs:
+    def __init__(self, bad: list[int], n: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 4, generator=g), torch.randn(n, 2, generator=g)
+        for i in bad:
+            self.x[i, 0] = float("inf")  # a corrupt sample (e.g. a cached latent with inf)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+class _Regression(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((self.lin(x) - y) ** 2).mean()
+
+
+def _run(root: Path, bad: list[int], steps: int = 12) -> tuple[nn.Module, list[dict]]:
+    cfg = TrainConfig.from_dict(dict(
+        stage="finetune", transformer="t", cache_dir="c", out_dir=str(root), steps=steps,
+        batch_size=2, lr=1e-2, mixed_precision="no", checkpoint_every=2, keep_checkpoints=3,
+        device="cpu", grad_clip=1.0,
+    ))  # fmt: skip
+    torch.manual_seed(0)
+    model = _Regression()
+    try:
+        loop.train_loop(model, lambda b, r: {"x": b["x"], "y": b["y"]}, _Pairs(bad), cfg,
+                        DistContext(), root, steps=steps, bucket_key="x", progress=False)  # fmt: skip
+    finally:
+        lines = (root / loop.LOG_NAME).read_text().splitlines()
+    return model, [json.loads(line) for line in lines]
+
+
+def _checkpoints_finite(root: Path) -> bool:
+    kept = list_checkpoints(root / loop.CHECKPOINT_DIR)
+    assert kept
+    return all(
+        torch.isfinite(t).all()
+        for p in kept
+        for t in load_checkpoint(p, restore_rng=False).model_state["trainable"].values()
+    )
+
+
+def test_a_corrupt_sample_skips_its_steps_and_the_run_stays_finite(tmp_path):
+    model, log = _run(tmp_path, bad=[5])
+    skipped = [e["step"] for e in log if e.get("skipped")]
+    assert skipped and len(skipped) < len(log)  # the corrupt batch's steps only
+    assert all(e["loss"] == e["loss"] and abs(e["loss"]) != float("inf")
+               for e in log if not e.get("skipped"))  # fmt: skip
+    assert torch.isfinite(model.lin.weight).all() and torch.isfinite(model.lin.bias).all()
+    assert _checkpoints_finite(tmp_path)
+
+
+def test_a_run_that_keeps_diverging_stops_with_its_checkpoints_finite(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "MAX_NONFINITE_STEPS", 3)
+    with pytest.raises(loop.TrainingDivergedError, match=r"3 steps in a row up to step \d+"):
+        _run(tmp_path, bad=list(range(8)))  # every sample corrupt: every step skipped
+    assert _checkpoints_finite(tmp_path)
