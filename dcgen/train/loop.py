@@ -244,6 +244,17 @@ def train_loop(
     else:
         model = ctx.wrap(module)
     params = [p for p in module.parameters() if p.requires_grad]
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.dtype.itemsize < 4})
+    if low:
+        # AdamW keeps its moments in the parameter's dtype, and a 16-bit weight does not move
+        # by an update below its ulp (measured: 20% of a bf16 head's weights moved in 20 steps
+        # at lr 1e-4, all of them in fp32)
+        logger.warning(
+            "%s: %d trainable tensors are %s: updates smaller than their rounding are lost; "
+            "train fp32 weights (load the transformer in fp32; mixed_precision='bf16' computes "
+            "in bf16 under autocast)", tag, sum(p.dtype.itemsize < 4 for p in params),
+            " / ".join(low),
+        )  # fmt: skip
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     fsdp_state = FSDPState(module, optimizer) if fsdp else None
     trainable: Any = fsdp_state if fsdp_state is not None else TrainableState(module)

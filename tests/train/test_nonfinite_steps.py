@@ -1,5 +1,6 @@
 """A step with a non-finite loss or gradient is skipped, not taken: one made every weight NaN,
-and the run went on checkpointing NaN weights (pruning the good checkpoints)."""
+and the run went on checkpointing NaN weights (pruning the good checkpoints). And 16-bit
+trainable weights, whose small updates are lost, are warned about."""
 
 from __future__ import annotations
 
@@ -39,16 +40,18 @@ class _Regression(nn.Module):
         return ((self.lin(x) - y) ** 2).mean()
 
 
-def _run(root: Path, bad: list[int], steps: int = 12) -> tuple[nn.Module, list[dict]]:
+def _run(
+    root: Path, bad: list[int], steps: int = 12, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, list[dict]]:
     cfg = TrainConfig.from_dict(dict(
         stage="finetune", transformer="t", cache_dir="c", out_dir=str(root), steps=steps,
         batch_size=2, lr=1e-2, mixed_precision="no", checkpoint_every=2, keep_checkpoints=3,
         device="cpu", grad_clip=1.0,
     ))  # fmt: skip
     torch.manual_seed(0)
-    model = _Regression()
+    model = _Regression().to(dtype)
     try:
-        loop.train_loop(model, lambda b, r: {"x": b["x"], "y": b["y"]}, _Pairs(bad), cfg,
+        loop.train_loop(model, lambda b, r: {"x": b["x"].to(dtype), "y": b["y"].to(dtype)}, _Pairs(bad), cfg,
                         DistContext(), root, steps=steps, bucket_key="x", progress=False)  # fmt: skip
     finally:
         lines = (root / loop.LOG_NAME).read_text().splitlines()
@@ -80,3 +83,14 @@ def test_a_run_that_keeps_diverging_stops_with_its_checkpoints_finite(tmp_path, 
     with pytest.raises(loop.TrainingDivergedError, match=r"3 steps in a row up to step \d+"):
         _run(tmp_path, bad=list(range(8)))  # every sample corrupt: every step skipped
     assert _checkpoints_finite(tmp_path)
+
+
+def test_16_bit_trainable_weights_are_warned_about(tmp_path, caplog):
+    # AdamW on bf16 weights keeps bf16 moments and loses updates below a weight's ulp (the
+    # stage functions trained a bf16 model's new embedder and head so, without a word)
+    with caplog.at_level("WARNING"):
+        _run(tmp_path / "fp32", bad=[], steps=2)
+    assert "trainable tensors are" not in caplog.text
+    with caplog.at_level("WARNING"):
+        _run(tmp_path / "bf16", bad=[], steps=2, dtype=torch.bfloat16)
+    assert "2 trainable tensors are bfloat16" in caplog.text
