@@ -23,6 +23,8 @@ cache named by a :class:`TrainConfig` and writes the run folder::
                                              metadata: format, family, latent_channels,
                                              patch_size, inner_dim, stage
     out_dir/transformer/                     stages 1-2: the adapted transformer (save_pretrained)
+    out_dir/scheduler/                       stages 1-2: the source pipeline's scheduler/, where
+                                             it has one (export samples with its solver, shift)
     out_dir/pytorch_lora_weights.safetensors stage 3: the LoRA (dcgen.train.lora.save_lora)
     out_dir/summary.json                     what run() returns
 """
@@ -87,6 +89,21 @@ OnStep = Callable[[int, float], None]
 
 
 # ---------------------------------------------------------------------------------- file helpers
+
+
+def _copy_source_scheduler(source: str | Path, run_dir: Path) -> str | None:
+    """The source pipeline's ``scheduler/`` (beside its transformer folder) copied beside this
+    stage's transformer: export reads the solver and flow shift from there, and an export from
+    a stage's output fell back to the family default (SANA: flow shift 3.0 whatever the base
+    model sampled with). None where the source has none."""
+    import shutil
+
+    src = Path(source).parent / "scheduler"
+    if not (src / "scheduler_config.json").is_file():
+        return None
+    dst = run_dir / "scheduler"
+    atomic_folder(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
+    return str(dst)
 
 
 def load_transformer(
@@ -846,6 +863,9 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
         else:
             atomic_folder(run_dir / TRANSFORMER_DIR, lambda tmp: transformer.save_pretrained(tmp))
             paths["transformer"] = str(run_dir / TRANSFORMER_DIR)
+            scheduler = _copy_source_scheduler(cfg.transformer, run_dir)
+            if scheduler is not None:
+                paths["scheduler"] = scheduler
         losses = [float(e["loss"]) for e in read_log(run_dir / LOG_NAME)]
         if losses:
             from dcgen.toy.images import plot_curve

@@ -126,3 +126,31 @@ def test_every_stage_passes_the_caption_mask_to_the_model(
     for m in seen:
         assert m.shape[-1] == 3 and torch.equal(m[:, 2].float(), torch.zeros(len(m)))
         assert torch.equal(m[:, :2].float(), torch.ones(len(m), 2))
+
+
+def test_a_stage_keeps_its_base_pipelines_scheduler_for_export(root: Path, cache: Path) -> None:
+    # The README's route exports from a stage's output folder, which had no scheduler/: a SANA
+    # base sampling at flow shift 6 exported at the family default, 3.0, and previews (at the
+    # configured shift) and exported samples differed
+    import json
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    from dcgen.autoencoders import DCAE
+    from dcgen.autoencoders.config import reduced_config
+    from dcgen.train.export import export_pipeline
+
+    base = root / "sana_pipeline"
+    tiny_sana(in_channels=16).save_pretrained(base / "transformer")
+    DPMSolverMultistepScheduler(flow_shift=6.0, use_flow_sigmas=True,
+                                prediction_type="flow_prediction").save_pretrained(base / "scheduler")  # fmt: skip
+    cfg = config(root, "align", base / "transformer", cache, out_dir=str(root / "s1_shift6"),
+                 shift_rule="constant", shift_constant=6.0)  # fmt: skip
+    summary = run(cfg, progress=False)
+    assert summary["paths"]["scheduler"] == str(root / "s1_shift6" / "scheduler")
+    vae = DCAE(reduced_config("dc-ae-f32c32-in-1.0", width_divisor=16, max_layers=1,
+                              latent_channels=DCAE_CHANNELS)).eval()  # fmt: skip
+    out = export_pipeline(root / "s1_shift6" / "transformer", vae, root / "export_shift6")
+    config_file = out / "scheduler" / "scheduler_config.json"
+    saved = json.loads(config_file.read_text())
+    assert saved["_class_name"] == "DPMSolverMultistepScheduler" and saved["flow_shift"] == 6.0
