@@ -256,6 +256,14 @@ class RidgeAccumulator:
         if l2 < 0:
             raise ValueError(f"l2 must be >= 0, got {l2}")
         n = self.count
+        stats = (self.mean_x, self.mean_y, self.cxx, self.cxy)
+        if not all(bool(torch.isfinite(t).all()) for t in stats):
+            # one NaN / inf token spreads through the statistics; the solvers then failed with
+            # a misleading "not positive definite" warning and a LAPACK parameter error
+            raise ValueError(
+                f"RidgeAccumulator.solve: the statistics of the {n} tokens hold NaN or inf: a "
+                "non-finite input among them (check the cached latents and captured features)"
+            )
         if fit_bias:
             a = self.cxx / n
             rhs = self.cxy / n

@@ -249,3 +249,16 @@ def test_refine_sgd_with_embed_and_target_callables(rng):
     losses = refine_sgd(embed_fn, imgs, target_fn, new.parameters(), steps=100, lr=0.5)
     assert losses[-1] < 0.1 * losses[0]
     assert base.weight.grad is None  # the target side never sees gradients
+
+
+def test_ridge_with_a_non_finite_token_says_so(rng):
+    # one NaN token gave a "not positive definite" warning, then a LAPACK parameter error from
+    # lstsq (an INTERNAL ASSERT), naming neither the data nor the cause
+    acc = RidgeAccumulator(4, 3)
+    for i in range(5):
+        x, y = torch.randn(100, 4, generator=rng), torch.randn(100, 3, generator=rng)
+        if i == 3:
+            x[7, 1] = float("nan")
+        acc.update(x, y)
+    with pytest.raises(ValueError, match="statistics of the 500 tokens hold NaN or inf"):
+        acc.solve(1e-3)
