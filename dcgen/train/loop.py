@@ -45,6 +45,7 @@ __all__ = [
     "LoopResult",
     "StepRandom",
     "TrainableState",
+    "TrainingDivergedError",
     "bucket_ids_of",
     "read_log",
     "train_loop",
