@@ -844,6 +844,14 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
         atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
     torch.manual_seed(cfg.seed)
     transformer = load_transformer(cfg.transformer, ctx.device)
+    if type(transformer).__name__ == "SanaTransformer2DModel" and cfg.shift_rule == "flux":
+        # SANA samples at its scheduler's constant flow_shift: training (and the previews) at
+        # FLUX's resolution-dependent shift, the config default, sees other noise levels
+        logger.warning(
+            "shift_rule = 'flux' (the default) on a SANA transformer: SANA samples at a constant "
+            "flow shift; set shift_rule = 'constant' and shift_constant to its scheduler's "
+            "flow_shift (3.0 for SANA 1K, examples/sana_dcgen_f64c128.toml)"
+        )
     if cfg.latent_layers:
         load_latent_layers(transformer, cfg.latent_layers)
         transformer.to(ctx.device)  # replaced layers are created on the CPU

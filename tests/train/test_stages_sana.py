@@ -63,6 +63,21 @@ def test_stage1_aligns_the_sana_embedder(root: Path, cache: Path) -> None:
     )
 
 
+def test_a_sana_run_at_the_flux_shift_rule_is_warned_about(root: Path, cache: Path, caplog) -> None:
+    # TrainConfig's default shift_rule is FLUX's resolution-dependent one; SANA samples at a
+    # constant flow shift, so a SANA run left at the default trained at other noise levels
+    kw = dict(align_sgd_steps=0)
+    with caplog.at_level("WARNING"):
+        run(config(root, "align", save_sana_base(root), cache, out_dir=str(root / "s1_flux"),
+                   shift_rule="flux", **kw), progress=False)  # fmt: skip
+    assert "shift_rule = 'flux' (the default) on a SANA transformer" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run(config(root, "align", save_sana_base(root), cache, out_dir=str(root / "s1_const"),
+                   shift_rule="constant", shift_constant=3.0, **kw), progress=False)  # fmt: skip
+    assert "shift_rule" not in caplog.text
+
+
 def test_stage2_trains_the_sana_head_with_blocks_frozen(root: Path, cache: Path) -> None:
     transformer = load_transformer(save_sana_adapted(root))
     blocks = {k: v.clone() for k, v in transformer.transformer_blocks.state_dict().items()}
