@@ -146,6 +146,10 @@ def _row_chunks(m: int, n: int, k: int) -> list[tuple[int, int]]:
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous at a 16-byte aligned address, as the kernels load it (a contiguous view
     at an odd offset is copied: contiguous() would return it as it is)."""
+    if torch.compiler.is_compiling():
+        # a traced tensor has no address (data_ptr() breaks the graph); the op itself refuses
+        # an unaligned operand or scale with a clear error
+        return t.contiguous()
     if t.is_contiguous() and t.data_ptr() % 16 == 0:
         return t
     return t.clone(memory_format=torch.contiguous_format)

@@ -169,6 +169,15 @@ def test_hopper_kernels_are_opt_in(monkeypatch):
     assert not g.kernel_available(cuda, 24, 64)
 
 
+def test_the_alignment_copy_traces_under_torch_compile():
+    # data_ptr() of a traced tensor raised in a fullgraph compile (a graph break otherwise)
+    from dcgen.ops.nvfp4_gemm import _aligned
+
+    compiled = torch.compile(lambda t: _aligned(t) * 2, fullgraph=True, backend="eager")
+    x = torch.randn(8)
+    assert torch.equal(compiled(x), x * 2)
+
+
 def _reference_as_kernels(monkeypatch, on_call) -> None:  # noqa: ANN001
     """Make both GEMM wrappers take their kernel route, with "the kernel" the reference
     behind ``on_call(*args)``, which sees the arguments the kernel would get."""
