@@ -215,16 +215,16 @@ class ResBlock(nn.Module):
                 h = apply_act_inplace(self.act, h)  # no second conv1-sized buffer
             else:
                 h = self.act(h)
-        folded = fused and self._can_fold_norm()
-        if fused and (folded or isinstance(self.norm, (ChannelRMSNorm, nn.Identity))):
+        folded = self._folded_norm() if fused else None
+        if fused and (folded is not None or isinstance(self.norm, (ChannelRMSNorm, nn.Identity))):
             bands = overwrite_bands(self, x)
             if bands is not None:
                 return self._conv2_into_input(x, h, bands, folded)
-        if folded:
+        if folded is not None:
             # BatchNorm folded into conv2 on the fly: no norm pass, and the residual lands in
             # place in conv2's fresh output. The module keeps its BatchNorm (and its checkpoint
             # format); the folded weights are cached until any of them changes.
-            weight, bias = self._folded_conv2()
+            weight, bias = folded
             if bias_act:  # the folded bias and the residual in one pass (bias_act_)
                 h = F.conv2d(h, weight, None, padding=1)
                 return bias_act_(h, h, bias, "none", x)
@@ -255,16 +255,13 @@ class ResBlock(nn.Module):
         x: torch.Tensor,
         h: torch.Tensor,
         bands: list[tuple[int, int, int]],
-        folded: bool,
+        folded: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         """The residual ending written into x, one band of conv2's output rows at a time
         (row_bands.py): x and act(conv1(x)) plus one band alive, instead of three full maps.
         Same rounding as the unbanded path: conv2's output is rounded, then normalised with the
         residual in one op (RMSNorm) or added to x (BatchNorm folded into conv2, or none)."""
-        if folded:
-            weight, bias = self._folded_conv2()
-        else:
-            weight, bias = self.conv2.weight, self.conv2.bias
+        weight, bias = folded if folded is not None else (self.conv2.weight, self.conv2.bias)
         rms = isinstance(self.norm, ChannelRMSNorm)
         for i, a, b in bands:
             xb = x[i : i + 1, :, a:b]
@@ -282,17 +279,19 @@ class ResBlock(nn.Module):
             del t
         return x
 
-    def _can_fold_norm(self) -> bool:
-        """Inference with BatchNorm's running statistics, where folding changes nothing but
-        rounding (training, or recording gradients, keeps the BatchNorm)."""
+    def _folded_norm(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """conv2's weights with the BatchNorm folded in, where folding changes nothing but
+        rounding: inference with BatchNorm's running statistics (training, or recording
+        gradients, keeps the BatchNorm), and folded weights that fit conv2's dtype."""
         bn = self.norm
-        return (
+        if (
             isinstance(bn, nn.BatchNorm2d)
             and not bn.training
             and bn.running_mean is not None
             and can_modify_in_place()
-            and self._folded_conv2() is not None  # None: the fold overflows the dtype
-        )
+        ):
+            return self._folded_conv2()
+        return None
 
     def _folded_conv2(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """conv2's weight and bias with the BatchNorm folded in (cached), or None where they

@@ -528,8 +528,9 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
     # is refused before the first swap, instead of by load_state_dict with the model half
     # converted.
     swapped: dict[str, dict[str, torch.Tensor]] = {}  # every name of a layer: its new tensors
+    targets = {name: _loaded_layer_target(model, name) for name in layers}
     for name, spec in layers.items():
-        lin = _loaded_layer_target(model, name)
+        lin = targets[name]
         fresh = _quantized_layer(name, spec, lin, state, torch.device("meta")).state_dict()
         for alias in shared.get(id(lin), (None, [name]))[1]:
             swapped[alias] = fresh
@@ -541,15 +542,10 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
         expected |= {f"{alias}.{k}": v.shape for k, v in fresh.items()}
     _check_loaded_state(expected, state, path)
     for name, spec in layers.items():
-        lin = model.get_submodule(name)
+        lin = targets[name]
         dev = next(lin.buffers(), lin.weight).device
         _set_module(model, name, _quantized_layer(name, spec, lin, state, dev), shared)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"load_quantized: state dict mismatch with {path}: missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}"
-        )
+    model.load_state_dict(state)  # names and shapes checked above
     share_input_quantization(model)
     return list(layers)
 

@@ -224,9 +224,8 @@ def add_lora(
         if lora_dtype is not None:
             param.data = param.data.to(lora_dtype)
 
-    modules = dict(transformer.named_modules())
     for name in trained:  # checked above: all present
-        modules[name].requires_grad_(True)
+        transformer.get_submodule(name).requires_grad_(True)
 
     n_lora = sum(p.numel() for p in _adapter_parameters(transformer, adapter_name))
     logger.info(
