@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .._checks import is_int
+from .._compiled import unwrap_compiled
 
 logger = logging.getLogger(__name__)
 
@@ -306,8 +307,12 @@ def register_adapter(cls: type[DiTAdapter]) -> type[DiTAdapter]:
 
 
 def adapter_for(transformer: nn.Module, **kwargs: Any) -> DiTAdapter:
-    """The adapter for a diffusers transformer, chosen by its class (or a base class) name."""
-    names = [klass.__name__ for klass in type(transformer).__mro__]
+    """The adapter for a diffusers transformer, chosen by its class (or a base class) name.
+
+    A ``torch.compile(transformer)`` wrapper (diffusers' documented way to compile a pipeline's
+    transformer) is matched by the module it wraps and kept: the adapter calls the compiled
+    forward, and attribute reads (``x_embedder``, ``config``) reach the wrapped module."""
+    names = [klass.__name__ for klass in type(unwrap_compiled(transformer)).__mro__]
     for cls in _REGISTRY:
         if any(name in cls.transformer_class_names for name in names):
             return cls(transformer, **kwargs)

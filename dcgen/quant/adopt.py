@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcgen._compiled import sees_through_compile
+
 from .api import _errors, _set_module, _shared_layers, quantized_modules
 from .fp8_linear import FP8Linear, share_input_quantization
 from .linear import NVFP4Linear, check_mode
@@ -128,6 +130,7 @@ def _fp8_layer(module: nn.Module) -> FP8Linear:
     return layer
 
 
+@sees_through_compile
 def adopt_quantized(model: nn.Module, nvfp4_mode: str = "w4a4") -> list[str]:
     """Replace, in place, every diffusers BFL quantized linear of ``model`` (a transformer
     loaded with ``BFLQuantizationConfig``) by dcgen's layer with the same bytes; returns their

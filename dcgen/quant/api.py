@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dcgen._checks import is_int
+from dcgen._compiled import sees_through_compile, unwrap_compiled
 from dcgen._files import atomic_write
 from dcgen.ops.quantize_fp8 import check_granularity
 
@@ -291,6 +292,7 @@ def _activation_amax(
 
 
 @torch.no_grad()
+@sees_through_compile
 def quantize_(
     model: nn.Module,
     config: QuantConfig | None = None,
@@ -359,6 +361,7 @@ def quantize_(
     return names
 
 
+@sees_through_compile
 def quantized_modules(model: nn.Module) -> dict[str, NVFP4Linear | FP8Linear]:
     """Every NVFP4Linear / FP8Linear of ``model`` by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)}
@@ -381,6 +384,7 @@ def _mode(m: NVFP4Linear | FP8Linear) -> str:
     return m.mode if isinstance(m, NVFP4Linear) else f"fp8-{m.granularity}"
 
 
+@sees_through_compile
 def save_quantized(model: nn.Module, path: str | Path) -> None:
     """Write the whole state dict (quantized layers in the ModelOpt / vLLM layouts) to
     safetensors, with metadata: format, format_version, mode (``w4a16`` / ``w4a4`` /
@@ -515,6 +519,7 @@ def _check_loaded_state(
 
 
 @torch.no_grad()
+@sees_through_compile
 def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
     """Swap the layers named in ``path``'s metadata for NVFP4Linear / FP8Linear and load every
     tensor (strict). ``model`` is a freshly built (unquantized) model of the same config."""
@@ -585,6 +590,8 @@ def quality_report(
     ``_in_model`` pair compares the two models' outputs at that layer (errors accumulated
     upstream included).
     """
+    # a torch.compile wrapper prefixes every module name: compare the modules it wraps
+    model_fp, model_q = unwrap_compiled(model_fp), unwrap_compiled(model_q)
     qmods = quantized_modules(model_q)
     fp_mods = dict(model_fp.named_modules())
     missing = [n for n in qmods if n not in fp_mods]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcgen._compiled import sees_through_compile
 from dcgen.adapters import adapter_for
 
 from .api import (
@@ -129,6 +130,7 @@ def needs_calibration(config: QuantConfig) -> bool:
 
 
 @torch.no_grad()
+@sees_through_compile
 def quantize_transformer(
     transformer: nn.Module,
     config: QuantConfig,

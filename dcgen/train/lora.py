@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from dcgen._checks import is_int
+from dcgen._compiled import sees_through_compile
 from dcgen._files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def _lora_module_kinds() -> tuple[type[nn.Module], ...]:
     return (nn.Linear, nn.Conv2d, *QUANTIZED_LINEARS)
 
 
+@sees_through_compile
 def lora_target_names(transformer: nn.Module, targets: str = DEFAULT_TARGETS) -> list[str]:
     """Names of the Linear / Conv2d (and dcgen quantized linear) modules the target regex
     selects (peft's full-match rule). A layer that already carries an adapter counts under its
@@ -148,6 +150,7 @@ def _check_train_modules(transformer: nn.Module, train_modules: object) -> tuple
     return trained
 
 
+@sees_through_compile
 def add_lora(
     transformer: nn.Module,
     rank: int,
@@ -234,6 +237,7 @@ def add_lora(
     return transformer
 
 
+@sees_through_compile
 def save_lora(
     transformer: nn.Module,
     directory: str | Path,
@@ -274,6 +278,7 @@ def save_lora(
     return path
 
 
+@sees_through_compile
 def load_lora(
     transformer: nn.Module,
     directory: str | Path,
@@ -371,6 +376,7 @@ def _load_lora_on_quantized(
     set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
 
 
+@sees_through_compile
 def fuse_lora(transformer: nn.Module, scale: float = 1.0, unload: bool = True) -> nn.Module:
     """Merge the LoRA deltas (times ``scale``) into the base weights, in place.
 

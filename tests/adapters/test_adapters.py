@@ -331,3 +331,28 @@ def test_numpy_int_latent_layers_save_and_structured_zero_channels_are_refused(m
     adapter.enable_structured_latents()
     with pytest.raises(ValueError, match=r"structured: 1 to 8\), got 0"):
         adapter.check_latents(torch.randn(1, 0, 4, 4))
+
+
+def test_adapter_for_a_torch_compiled_transformer_runs_the_compiled_forward():
+    # diffusers documents `pipe.transformer = torch.compile(pipe.transformer)`; the wrapper's
+    # type is OptimizedModule, which adapter_for refused ("no dcgen adapter").
+    sana = torch.compile(tiny_sana(patch_size=2), backend="eager")
+    assert isinstance(adapter_for(sana), SanaAdapter) and adapter_for(sana).transformer is sana
+    model = tiny_flux().eval()
+    traced = []
+
+    def backend(graph, inputs):  # counts what dynamo compiles, runs it as traced
+        traced.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(model, backend=backend)
+    adapter = adapter_for(compiled)
+    assert isinstance(adapter, FluxAdapter) and adapter.transformer is compiled
+    latents = torch.randn(1, 16, 4, 4)
+    embeds, pooled = text(1)
+    args = (latents, torch.tensor([0.5]), embeds, pooled)
+    with torch.no_grad():
+        ours = adapter.predict(*args, guidance=torch.full((1,), 3.5))
+        plain = adapter_for(model).predict(*args, guidance=torch.full((1,), 3.5))
+    assert traced, "predict did not run the compiled forward"
+    torch.testing.assert_close(ours, plain)
