@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,7 +230,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     old = path.read_bytes()
 
     def broken(tensors, filename, metadata=None):  # noqa: ANN001, ANN202
-        open(filename, "wb").write(b"partial")
+        Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(api, "save_file", broken)
