@@ -2,7 +2,9 @@
 // of the portable flash-attention forward (flash_fwd.cuh; one .cu per dtype x head dim) or of
 // the Hopper ones (flash_fwd_sm90.cuh, flash_fwd_sm90_tma.cuh: sm90_kernel).
 // Spec: dcgen/ops/attention.py (fused_attention_reference).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: every op's header, minutes of nvcc time
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

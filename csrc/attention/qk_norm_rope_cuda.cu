@@ -10,7 +10,9 @@
 // projections' own layout, in which torch's SDPA (cuDNN, FlashAttention) returns its output in
 // the same layout, so the (B, S, H * D) tokens after it are a view rather than a copy. The flash
 // wrapper's K preparation keeps contiguous (B, H, S, D) (norm_rope_one's `token_major` false).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: every op's header, minutes of nvcc time
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -15,7 +15,9 @@
 // shuffle) and writes into a caller's tensor (a row band of the full map, say): the fused
 // decoder runs its up-block convs without their bias, so neither a separate bias pass over y
 // nor a copy of each band into the full output is needed.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: every op's header, minutes of nvcc time
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>

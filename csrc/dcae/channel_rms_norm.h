@@ -2,7 +2,9 @@
 // (outer, channels, inner) view of the input. Spec: dcgen/ops/channel_rms_norm.py.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: every op's header, minutes of nvcc time
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <optional>
 #include <string_view>

@@ -5,7 +5,9 @@
 // DC-AE kernels use its activations and its test for 16-byte vector access too.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: every op's header, minutes of nvcc time
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/macros/Macros.h>
 
 #include <cmath>

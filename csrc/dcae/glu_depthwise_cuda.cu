@@ -23,7 +23,9 @@
 // kernels apply that conv's bias and SiLU to each input value as they load it, rounded to x's
 // dtype: the values bias_act_ (the pass this replaces) would have stored, so the result is bit
 // for bit the two-kernel one, without that pass's read and write of the 2*Ch-channel map.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: every op's header, minutes of nvcc time
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -20,7 +20,9 @@
 //    qkv contiguous (a transposing copy of the whole qkv map) and LiteMLA copied the output back
 //    to channels_last, two layout copies per block.
 // Any other layout is copied to the first.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: every op's header, minutes of nvcc time
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

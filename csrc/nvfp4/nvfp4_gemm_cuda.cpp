@@ -1,7 +1,10 @@
 // torch binding of the NVFP4 GEMMs (dcgen::nvfp4_gemm: sm_100a, sm_120a and sm_90a;
 // dcgen::nvfp4_gemm_w4a16: sm_90a): checks, allocation and capability dispatch. A C++ file (no
 // CUTLASS headers): it only sees nvfp4_gemm.h.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: every op's header, minutes of nvcc time
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <algorithm>
 #include <cstdlib>

@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "nvfp4/quant_common.cuh"
