@@ -28,6 +28,9 @@ from .._compiled import unwrap_compiled
 
 logger = logging.getLogger(__name__)
 
+# Set (a nesting count) on a transformer while capture_hidden_states records its blocks.
+_CAPTURING = "_dcgen_capturing_hidden_states"
+
 
 @dataclass
 class LatentLayers:
@@ -216,11 +219,25 @@ class DiTAdapter(abc.ABC):
 
         for i in indices:
             handles.append(blocks[i].register_forward_hook(make_hook(i)))
+        inner = unwrap_compiled(self.transformer)
+        inner.__dict__[_CAPTURING] = inner.__dict__.get(_CAPTURING, 0) + 1
         try:
             yield captured
         finally:
             for handle in handles:
                 handle.remove()
+            if inner.__dict__[_CAPTURING] == 1:
+                del inner.__dict__[_CAPTURING]
+            else:
+                inner.__dict__[_CAPTURING] -= 1
+
+    def _model_to_call(self) -> nn.Module:
+        """The transformer ``predict`` calls: a ``torch.compile`` wrapper as given, except while
+        ``capture_hidden_states`` records, when the module it wraps runs instead: dynamo does not
+        guard on forward hooks added to submodules after compiling, so the compiled graph would
+        run without them and capture nothing."""
+        inner = unwrap_compiled(self.transformer)
+        return inner if inner.__dict__.get(_CAPTURING) else self.transformer
 
     @staticmethod
     def check_text(

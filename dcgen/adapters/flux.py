@@ -222,7 +222,7 @@ class FluxAdapter(DiTAdapter):
         if isinstance(head, StructuredLinear):
             head.active_channels = c
         try:
-            out = self.transformer(
+            out = self._model_to_call()(
                 hidden_states=tokens,
                 encoder_hidden_states=prompt_embeds.to(dtype),
                 pooled_projections=pooled_prompt_embeds.to(dtype),

@@ -149,7 +149,7 @@ class SanaAdapter(DiTAdapter):
         if isinstance(head, StructuredLinear):
             head.active_channels = c
         try:
-            out = self.transformer(
+            out = self._model_to_call()(
                 hidden_states=latents.to(dtype),
                 encoder_hidden_states=prompt_embeds.to(dtype),
                 timestep=timestep,

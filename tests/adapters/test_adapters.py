@@ -356,3 +356,14 @@ def test_adapter_for_a_torch_compiled_transformer_runs_the_compiled_forward():
         plain = adapter_for(model).predict(*args, guidance=torch.full((1,), 3.5))
     assert traced, "predict did not run the compiled forward"
     torch.testing.assert_close(ours, plain)
+    # Hooks added after compiling are not guarded by dynamo: the warm compiled graph ran without
+    # them and capture_hidden_states recorded nothing (stage 1's feature distances failed).
+    captured = {}
+    for name, a in (("compiled", adapter), ("plain", adapter_for(model))):
+        with torch.no_grad(), a.capture_hidden_states([0, 1]) as feats:
+            a.predict(*args, guidance=torch.full((1,), 3.5))
+        captured[name] = feats
+    assert sorted(captured["compiled"]) == [0, 1]
+    for i in (0, 1):
+        torch.testing.assert_close(captured["compiled"][i], captured["plain"][i])
+    assert adapter._model_to_call() is compiled  # after the capture, the compiled forward again
