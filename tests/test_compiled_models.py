@@ -84,3 +84,23 @@ def test_lora_on_a_compiled_model_trains_and_saves_the_plain_names(tmp_path):
     assert keys["wrapped"] == keys["plain"] and keys["plain"]
     assert fuse_lora(wrapper) is wrapper
     assert not [n for n, _ in model.named_modules() if "lora_" in n]
+
+
+def test_fused_flux_blocks_with_fp8_linears_compile_into_one_graph():
+    # accelerate(blocks=True) on an FP8 model stands in for the attention's input-sharing hooks
+    # by reading their handles, which broke the graph at every FluxAttention under compile.
+    from torch._dynamo.testing import CompileCounter
+
+    import dcgen
+
+    model = tiny_flux().eval()
+    quantize_(model, FP8Config())
+    dcgen.accelerate(model, blocks=True)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    inputs = _inputs(model)
+    with torch.no_grad():
+        out = compiled(**inputs).sample
+        ref = model(**inputs).sample
+    assert counter.frame_count == 1
+    torch.testing.assert_close(out, ref)

@@ -245,7 +245,9 @@ def shared_quantization_scope(module: nn.Module) -> contextlib.AbstractContextMa
     it has are the two :func:`share_input_quantization` registered (checked by handle id, no
     global hooks, forward not wrapped); None otherwise (the caller makes the module call)."""
     handles = module.__dict__.get(_HOOKED)
-    if handles is None:
+    if handles is None or torch.compiler.is_compiling():
+        # Under torch.compile the host time saved is moot, and reading the hook handles (made
+        # outside the traced code) broke the graph at every attention (fullgraph failed).
         return None
     pre, post = handles
     if (
