@@ -14,8 +14,6 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from torch import nn
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -25,9 +23,7 @@ def unwrap_compiled(module: Any) -> Any:
     # not imported here: dynamo is slow to import).
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
-        inner = module._orig_mod
-        if isinstance(inner, nn.Module):
-            return inner
+        return module._orig_mod
     return module
 
 
