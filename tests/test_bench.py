@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -69,6 +70,22 @@ def test_tiny_run_writes_table_json_png(tmp_path):
     assert md.count("| measured |") == 2
     with Image.open(paths["png"]) as im:
         assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_the_json_report_is_strict_json_with_non_finite_numbers(quick_report, tmp_path):
+    # a row can carry a non-finite number (a ratio to a part that took no measurable time, a
+    # quality error from an overflowing output): speed.json writes null, not NaN / Infinity
+    report = copy.deepcopy(quick_report)
+    report["rows"][0]["speedup"] = float("inf")
+    report["rows"][1]["base"]["decode_ms"] = float("nan")
+    paths = write_report(report, tmp_path, chart=False)
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"speed.json holds {token}, which is not JSON")
+
+    data = json.loads(paths["json"].read_text(), parse_constant=refuse)
+    assert data["rows"][0]["speedup"] is None and data["rows"][1]["base"]["decode_ms"] is None
+    assert data["rows"][0]["resolution"] == quick_report["rows"][0]["resolution"]
 
 
 def test_step_split_counts_the_call_overhead_once():

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+from dcgen._json import dumps
 
 from .quantized import QUANT_PRECISIONS
 
@@ -249,7 +250,7 @@ def write_report(report: dict[str, Any], out: str | Path, chart: bool = True) ->
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "speed.md", "json": out / "speed.json", "png": out / "speed.png"}
     _write_atomic(paths["md"], format_markdown(report).encode())
-    _write_atomic(paths["json"], (json.dumps(report, indent=2, default=str) + "\n").encode())
+    _write_atomic(paths["json"], (dumps(report, indent=2, default=str) + "\n").encode())
     if chart:
         tmp = paths["png"].with_suffix(".png.part")
         bar_chart(report).save(tmp, format="PNG")

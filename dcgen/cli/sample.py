@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from dcgen._json import dumps
+
 from .common import DTYPES, CLIError, _device, check_out_path
 
 # -- generate ---------------------------------------------------------------------------------
@@ -789,7 +791,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(f"  {block['name']}: relative error {block['rel_err']:.3g} (block output)")
     for layer in summary["worst_layers"][:3]:
         print(f"  {layer['name']}: relative error {layer['rel_err']:.3g} (isolated)")
-    text = json.dumps({"format": args.format, "summary": summary, "report": rep}, indent=1)
+    text = dumps({"format": args.format, "summary": summary, "report": rep}, indent=1)
     atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {report_path}")
     return 0
@@ -851,7 +853,7 @@ def _cmd_convert_quantized(args: argparse.Namespace) -> int:
 
         report = weight_errors(model, reference)
         path = report_path
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(dumps(report, indent=1)))
         sm = report["summary"]
         print(f"weights vs {config}: {sm['layers']} layers, relative error mean "
               f"{sm['mean_rel_err']:.4f} / max {sm['max_rel_err']:.4f}, min cosine "

@@ -9,7 +9,6 @@ latent shape and token counts. Everything lands in one run folder with a report.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dcgen._json import dumps
 from dcgen.autoencoders import DCAE
 
 from .assets import dcae_config
@@ -161,7 +161,7 @@ def run_dcae_roundtrip(
         "batchnorm_fold_max_abs_diff": fold_diff,
         "device": s.device,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.json").write_text(dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_markdown(report))
     return report
 

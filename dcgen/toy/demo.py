@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from dcgen._files import atomic_folder, atomic_write
+from dcgen._json import dumps
 from dcgen.adapters import adapter_for
 from dcgen.train.checkpoint import checkpoint_step, latest_checkpoint
 from dcgen.train.config import TrainConfig
@@ -650,6 +651,6 @@ def run_demo(
         },
     }
     report["checks"] = claims(report)
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    (out / "report.json").write_text(dumps(report, indent=1, default=float))
     (out / "report.md").write_text(markdown_report(report))
     return report

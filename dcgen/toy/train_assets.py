@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcgen._files import atomic_write
+from dcgen._json import dumps
 
 from . import assets as A
 from .evaluator import ShapeEvaluator, evaluator_loss, label_accuracy, score_prompts
@@ -477,7 +478,7 @@ def _write_log(out: Path, part: str, info: dict, seconds: float, device: Device 
     if str(device) != "cpu":
         data[part]["device"] = str(device)
     # Atomic: a part counts as finished (resume) only once its entry is here in full.
-    atomic_write(log, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
+    atomic_write(log, lambda tmp: Path(tmp).write_text(dumps(data, indent=1)))
 
 
 def _finished(out: Path, part: str, steps: int) -> bool:
@@ -579,7 +580,7 @@ def train(
         "command": f"python scripts/train_toy_assets.py --out {out} --scale {scale}"
         + (f" --device {device}" if str(device) != "cpu" else ""),
     }
-    text = json.dumps(manifest, indent=1)
+    text = dumps(manifest, indent=1)
     atomic_write(out / A.MANIFEST, lambda tmp: Path(tmp).write_text(text))
     return manifest
 

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._files import atomic_write
+from .._json import dumps
 from .buckets import BucketBatchSampler
 from .checkpoint import Checkpointer, CheckpointError, RunState, check_shapes
 from .config import TrainConfig
@@ -154,11 +155,22 @@ def bucket_ids_of(dataset: Any, key: str) -> list[Any]:
     return [tuple(dataset[i][key].shape) for i in range(len(dataset))]
 
 
+# Numbers a step logs that can be non-finite; everything else in an entry is always set.
+_FLOAT_FIELDS = ("loss", "lr", "grad_norm")
+
+
 def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The log's entries. A non-finite loss or gradient norm is written as ``null`` (strict
+    JSON, see dcgen._json) and read back as NaN, so the values stay floats."""
     p = Path(path)
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    for entry in entries:
+        for key in _FLOAT_FIELDS:
+            if key in entry and entry[key] is None:
+                entry[key] = math.nan
+    return entries
 
 
 def _load_batch(dataset: Any, indices: Sequence[int], device: torch.device) -> dict[str, Any]:
@@ -171,7 +183,7 @@ def _truncate_log(path: Path, tag: str, step: int) -> None:
     entries = read_log(path)
     kept = [e for e in entries if e.get("tag") != tag or e.get("step", 0) <= step]
     if len(kept) != len(entries):
-        text = "".join(json.dumps(e) + "\n" for e in kept)
+        text = "".join(dumps(e) + "\n" for e in kept)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # a kill here keeps the log
 
 
@@ -375,7 +387,7 @@ def train_loop(
                 if not finite:
                     entry["skipped"] = True
                 with open(log_path, "a") as f:
-                    f.write(json.dumps(entry) + "\n")
+                    f.write(dumps(entry) + "\n")
                 if state.step % cfg.log_every == 0 or state.step == steps:
                     logger.info("%s step %d/%d: loss %.5g", tag, state.step, steps, value)
             if state.step % cfg.checkpoint_every == 0 or state.step == steps:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from dcgen._files import atomic_folder, atomic_write
+from dcgen._json import dumps
 from dcgen.adapters import DiTAdapter, adapter_for, pack_latents
 from dcgen.sampling.shift import resolve_shift
 
@@ -884,7 +885,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
         paths["log"] = str(run_dir / LOG_NAME)
         paths["config"] = str(run_dir / "config.json")
         summary["paths"] = paths
-        text = json.dumps(summary, indent=1)
+        text = dumps(summary, indent=1)
         atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
     ctx.barrier()
     summary.setdefault("paths", paths)

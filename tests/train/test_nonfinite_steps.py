@@ -55,7 +55,11 @@ def _run(
                         DistContext(), root, steps=steps, bucket_key="x", progress=False)  # fmt: skip
     finally:
         lines = (root / loop.LOG_NAME).read_text().splitlines()
-    return model, [json.loads(line) for line in lines]
+    return model, [json.loads(line, parse_constant=_not_json) for line in lines]
+
+
+def _not_json(token: str) -> float:
+    raise AssertionError(f"the log holds {token}, which is not JSON (jq, JSON.parse refuse it)")
 
 
 def _checkpoints_finite(root: Path) -> bool:
@@ -76,6 +80,10 @@ def test_a_corrupt_sample_skips_its_steps_and_the_run_stays_finite(tmp_path):
                for e in log if not e.get("skipped"))  # fmt: skip
     assert torch.isfinite(model.lin.weight).all() and torch.isfinite(model.lin.bias).all()
     assert _checkpoints_finite(tmp_path)
+    # a skipped step's loss and norm are null in the file and NaN through read_log
+    assert all(e["loss"] is None and e["grad_norm"] is None for e in log if e.get("skipped"))
+    read = {e["step"]: e for e in loop.read_log(tmp_path / loop.LOG_NAME)}
+    assert all(read[s]["loss"] != read[s]["loss"] for s in skipped)  # NaN
 
 
 def test_a_run_that_keeps_diverging_stops_with_its_checkpoints_finite(tmp_path, monkeypatch):
