@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dcgen._json import dumps
+
 from .common import DTYPES, CLIError, _device, _dtype, check_out_path
 
 # -- precompute -------------------------------------------------------------------------------
@@ -162,7 +164,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         raise CLIError(f"the training stages are not available in this install ({err})") from err
     print(f"dcgen {args.command}: writing {config.out_dir}", file=sys.stderr)
     summary = run(config, progress=not args.no_progress)
-    print(json.dumps(summary, indent=2, default=str))
+    print(dumps(summary, indent=2, default=str))
     return 0
 
 

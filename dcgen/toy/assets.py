@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcgen._json import dumps
 from dcgen.autoencoders import DCAE, reduced_config
 from dcgen.autoencoders.config import DCAEConfig
 
@@ -200,7 +201,7 @@ def save_toy_assets(assets: ToyAssets, root: str | Path, manifest: dict[str, Any
     assets.text_encoder.save_pretrained(root / FOLDERS["text_encoder"])
     assets.evaluator.save_pretrained(root / FOLDERS["evaluator"])
     tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.write_text(dumps(manifest, indent=1))
     tmp.replace(root / MANIFEST)
     return root
 

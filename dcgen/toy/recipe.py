@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dcgen._json import dumps
 from dcgen.pipelines.toy import TEXT_ENCODER_FOLDER, TOY_TEXT_ENCODER, DCGenToyPipeline
 
 from . import assets as A
@@ -126,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote the toy world to {args.out} ({args.images} training images)")
         else:
             result = score_pipeline(args.pipeline, args.prompts, args.steps)
-            print(json.dumps(result, indent=1))
+            print(dumps(result, indent=1))
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
     )
     if manifest:
-        print(json.dumps(manifest["metrics"], indent=1))
+        print(dumps(manifest["metrics"], indent=1))
     return 0
 
 
