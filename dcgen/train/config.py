@@ -90,6 +90,9 @@ class TrainConfig:
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False
     ema_decay: float | None = None
+    # Ramp the EMA decay up over the first steps (dcgen.train.ema.warmup_decay), as diffusers'
+    # EMAModel does; false: ema_decay from the first step.
+    ema_warmup: bool = True
     guidance_range: tuple[float, float] | None = (1.0, 5.0)
     # Stages 2-3: the fraction of samples whose text is replaced by the empty prompt's, so the
     # unconditional prediction CFG uses (SANA) is trained too; null_text: its embeddings
@@ -183,6 +186,14 @@ class TrainConfig:
                 same = value == before
             if not same:
                 out.append(f"{name}: {before!r} then, {value!r} now")
+        if (
+            earlier.get("ema_decay") is not None
+            and "ema_warmup" not in earlier
+            and now.get("ema_warmup")
+        ):
+            # A dcgen from before EMA warmup averaged at ema_decay from the first step: going
+            # on with warmup would switch the decay mid-run.
+            out.append("ema_warmup: absent then (no warmup), True now (continue with false)")
         return out
 
     def with_overrides(self, overrides: Iterable[str]) -> TrainConfig:
@@ -307,7 +318,7 @@ class TrainConfig:
                 f"align_head_samples: expected a positive integer, got {self.align_head_samples!r}"
             )
         _number("align_eval_sigma", self.align_eval_sigma, "in [0, 1]", lambda v: 0 <= v <= 1)
-        for name in ("resume", "gradient_checkpointing", "train_embedder_in_stage2"):
+        for name in ("resume", "gradient_checkpointing", "train_embedder_in_stage2", "ema_warmup"):
             # a string from --set resume=False would be truthy: only a real bool is taken
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")

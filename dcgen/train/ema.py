@@ -2,7 +2,8 @@
 
 Only the parameters that train are averaged (LoRA + latent layers), so the EMA costs a few
 hundred MB at 12B rather than a second copy of the model. The shadow copy is fp32 whatever the
-parameter dtype, and it exposes ``state_dict`` / ``load_state_dict`` so the Checkpointer saves
+parameter dtype; with ``warmup`` the decay ramps up over the first steps (:func:`warmup_decay`).
+It exposes ``state_dict`` / ``load_state_dict`` so the Checkpointer saves
 and restores it like a module.
 """
 
@@ -16,21 +17,39 @@ from torch import nn
 
 from .checkpoint import check_shapes
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "warmup_decay"]
+
+
+def warmup_decay(decay: float, step: int) -> float:
+    """The decay after optimizer step ``step`` (1-based) under warmup: 0 at the first step (the
+    average starts at the trained weights), then ``min(decay, step / (9 + step))``, as
+    diffusers' ``EMAModel`` does by default. Without it a 0.9999 average of a 2,000-step run
+    is still 82% the weights training started from (for LoRA: mostly no adapter)."""
+    return 0.0 if step <= 1 else min(decay, step / (9.0 + step))
 
 
 class EMA:
-    def __init__(self, named_params: dict[str, nn.Parameter], decay: float) -> None:
+    def __init__(
+        self, named_params: dict[str, nn.Parameter], decay: float, warmup: bool = False
+    ) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup
         self.params = dict(named_params)
         self.shadow = {k: p.detach().float().clone() for k, p in self.params.items()}
 
+    def decay_at(self, step: int) -> float:
+        """The decay used after optimizer step ``step`` (1-based)."""
+        return warmup_decay(self.decay, step) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
+        """Average in the weights after optimizer step ``step`` (1-based; the step count, not
+        a count of updates, so a resumed run continues the same decay schedule)."""
+        weight = 1.0 - self.decay_at(step)
         for k, p in self.params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
+            self.shadow[k].lerp_(p.detach().float(), weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

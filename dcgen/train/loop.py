@@ -368,7 +368,7 @@ def train_loop(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None and finite:
-                ema.update()
+                ema.update(state.step + 1)
             state.advance()
             # ---- bookkeeping ---------------------------------------------------------------
             value = ctx.mean(float(loss.detach()))

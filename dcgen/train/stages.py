@@ -690,7 +690,7 @@ def _train_flow(
     ema = None
     if cfg.ema_decay is not None:
         named = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
-        ema = EMA(named, cfg.ema_decay)
+        ema = EMA(named, cfg.ema_decay, warmup=cfg.ema_warmup)
     run_dir = Path(run_dir if run_dir is not None else cfg.out_dir)
     try:
         loop = train_loop(

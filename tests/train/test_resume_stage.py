@@ -133,8 +133,9 @@ def test_continuing_with_more_steps_follows_the_longer_schedule(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     ("changed", "value"),
-    [("lr", 0.01), ("seed", 1), ("batch_size", 2), ("lora_alpha", 32.0), ("ema_decay", 0.5)],
-)
+    [("lr", 0.01), ("seed", 1), ("batch_size", 2), ("lora_alpha", 32.0), ("ema_decay", 0.5),
+     ("ema_warmup", False)],
+)  # fmt: skip
 def test_resuming_with_changed_settings_is_refused(tmp_path, changed, value) -> None:
     cache, adapted = make_cache(tmp_path), save_adapted(tmp_path)
     kw = dict(out_dir=str(tmp_path / "run"), steps=4, checkpoint_every=2, ema_decay=0.8)
@@ -150,6 +151,20 @@ def test_resuming_with_changed_settings_is_refused(tmp_path, changed, value) -> 
         run(config(tmp_path, "finetune", adapted, cache, **{**kw, changed: value}),
             progress=False)  # fmt: skip
     assert (tmp_path / "run" / "config.json").read_text() == before  # still the run's own
+
+
+def test_a_run_from_before_ema_warmup_resumes_only_without_it(tmp_path) -> None:
+    # its config.json has no ema_warmup: it averaged at ema_decay from the first step, and the
+    # new default (warmup) would switch the decay schedule mid-run
+    cfg = config(tmp_path, "finetune", tmp_path, tmp_path, ema_decay=0.9)
+    old = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k != "ema_warmup"}
+    assert cfg.changed_for_resume(old) == [
+        "ema_warmup: absent then (no warmup), True now (continue with false)"
+    ]
+    assert config(tmp_path, "finetune", tmp_path, tmp_path, ema_decay=0.9,
+                  ema_warmup=False).changed_for_resume(old) == []  # fmt: skip
+    no_ema = {k: v for k, v in old.items() if k != "ema_decay"} | {"ema_decay": None}
+    assert config(tmp_path, "finetune", tmp_path, tmp_path).changed_for_resume(no_ema) == []
 
 
 def test_resuming_may_change_the_length_and_bookkeeping(tmp_path) -> None:
