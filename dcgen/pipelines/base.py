@@ -70,6 +70,9 @@ class FlowTextToImagePipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
     #: default shift rule when ``shift_rule="auto"``
     default_shift_rule = "flux"
+    #: whether encode_images samples from the generator (a KL VAE's posterior; a DC-AE
+    #: encodes deterministically)
+    encode_draws_noise = False
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -384,8 +387,14 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         image_latents = pixels = None
         if image is not None:  # encoded first: a VAE posterior sample draws from the generator
             pixels = self._image_pixels(image, height, width, batch, n)
+            encoded = pixels
+            if isinstance(generator, list) and self.encode_draws_noise:
+                # One row per output, so output i's posterior sample comes from generator[i],
+                # as when it is sampled alone: with one shared image, generator[0] alone drew
+                # it and every other output's noise moved (`--batch-size` changed the images).
+                encoded = _per_output(pixels, batch, n)
             image_latents = self.encode_images(
-                pixels.to(device), generator,
+                encoded.to(device), generator,
                 (tile_size, tile_overlap) if use_tiles else None,
                 band_rows if use_tiles else None,
             ).to(device, torch.float32)  # fmt: skip

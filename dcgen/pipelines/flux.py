@@ -226,6 +226,8 @@ class BaseFluxPipeline(_FluxText, FluxLoraLoaderMixin, FlowTextToImagePipeline):
     """Base FLUX.1 (2x2 packing of the f8c16 AutoencoderKL latent) under the same call API,
     for side-by-side comparisons with DCGenFluxPipeline (FLUX.1 LoRAs load whole)."""
 
+    encode_draws_noise = True  # the AutoencoderKL posterior is sampled
+
     _optional_components = [
         "scheduler",
         "text_encoder",

@@ -121,6 +121,34 @@ def test_image_to_image_samples_as_diffusers_flux_img2img(steps, strength, batch
     torch.testing.assert_close(_pack(got), want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_image_to_image_output_i_depends_on_generator_i_alone(rows):
+    """One image (or one per prompt) shared by several outputs, a generator per output: each
+    output is the image its generator gives alone (`dcgen generate --image X --seed 0 1
+    --batch-size 2` passes exactly this). The posterior was sampled once per input row, from
+    generator[0] only, so every other output's noise moved with the batch; diffusers'
+    FluxImg2ImgPipeline does the same, and is not batch-invariant there."""
+    _, ours = _flux_pair()
+    torch.manual_seed(9)
+    image = torch.rand(rows, 3, 32, 32)
+    embeds, pooled = text(rows)
+    kw = dict(strength=0.6, height=32, width=32, num_inference_steps=4, output_type="latent")
+    n = 2  # images per prompt
+
+    def gen(seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
+    with torch.no_grad():
+        both = ours(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=image,
+                    num_images_per_prompt=n, generator=[gen(i) for i in range(rows * n)],
+                    **kw).images  # fmt: skip
+        for i in range(rows * n):
+            p = i // n
+            alone = ours(prompt_embeds=embeds[p : p + 1], pooled_prompt_embeds=pooled[p : p + 1],
+                         image=image[p : p + 1], generator=gen(i), **kw).images  # fmt: skip
+            torch.testing.assert_close(both[i : i + 1], alone, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(("steps", "strength"), [(4, 1.0), (6, 0.6), (5, 0.3)])
 def test_inpainting_samples_as_diffusers_flux_inpaint(steps, strength):
     """mask_image= as FluxInpaintPipeline: the binarized mask on the latent grid, the kept
