@@ -139,7 +139,7 @@ def test_attention_core(benchmark, impl, s, backend, kernel, monkeypatch):
         record_rel_err(benchmark, ours, base)
 
 
-# Where the kernel runs K's norm + RoPE (see csrc/attention/flash_attention_cuda.cu): "auto"
+# Where the kernel runs K's norm + RoPE (see csrc/attention/flash_attention_cuda.cpp): "auto"
 # (the default policy) and, on GPU, "fused" into every K tile load, to measure the policy.
 K_PROLOGUE = ["auto", "fused"] if ON_GPU else ["auto"]
 

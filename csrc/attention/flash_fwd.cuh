@@ -16,7 +16,7 @@
 //     and uniform across the CTA, so one compiled configuration serves every combination.
 //     The K prologue runs once per (query block, key tile): cheap for short sequences, but for
 //     long ones it re-reads the fp32 RoPE tables from L2 for every query block, so the wrapper
-//     then normalises K once up front instead (flash_attention_cuda.cu).
+//     then normalises K once up front instead (flash_attention_cuda.cpp).
 //
 // mma.sync.m16n8k16 fragment layouts (PTX ISA), g = lane / 4, t = lane % 4:
 //   A (16x16, row-major) regs: {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}

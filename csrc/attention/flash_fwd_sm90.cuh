@@ -15,7 +15,7 @@
 // Written for correctness first: no TMA, no producer warpgroup, no overlap of the softmax with
 // the next tile's MMAs (FlashAttention-3's ping-pong); those are the next steps once a GPU run
 // has validated this one. Dispatch picks it on sm_90 when built and switched on
-// (flash_attention_cuda.cu).
+// (flash_attention_cuda.cpp).
 //
 // Accumulator layout of an m64nN wgmma (CuTe's CLayout_64xN): thread t of the warpgroup holds
 // rows 16 (t / 32) + (t % 32) / 4 and that + 8; value i of its fragment sits in row slot

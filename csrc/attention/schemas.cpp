@@ -1,6 +1,6 @@
 // Schemas of the fused DiT attention ops (spec: dcgen/ops/attention.py). Kept in this family's
 // own TORCH_LIBRARY_FRAGMENT so the CPU-only build registers them too; the CUDA kernels register
-// their implementations in qk_norm_rope_cuda.cu and flash_attention_cuda.cu.
+// their implementations in qk_norm_rope_cuda.cu and flash_attention_cuda.cpp.
 //
 // Shared arguments of both ops:
 //   q_weight / k_weight  per-head RMSNorm scale, (D,) or (2, D); None switches the norm off.

@@ -969,7 +969,7 @@ QK = [
 ]
 
 # --- fused_attention(q, k, v, q_weight, k_weight, eps, cos, sin, norm_split, key_padding_mask,
-#     scale): attention/flash_attention_cuda.cu ---
+#     scale): attention/flash_attention_cuda.cpp ---
 OP = "fused_attention"
 P = "dcgen::fused_attention"
 
