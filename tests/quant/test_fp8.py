@@ -422,6 +422,37 @@ def test_save_load_round_trip(fp_model, tmp_path, granularity):
     assert ws.dtype == torch.float32 and ws.shape == (32, 1)
 
 
+def test_save_writes_the_model_tensors_without_copying_them(fp_model, tmp_path, monkeypatch):
+    # Every tensor was cloned before writing: a second full model in memory during the save
+    # (12 GB more for an FP8 FLUX). Only tied / view tensors (which safetensors refuses) and
+    # non-contiguous ones may be copied, and the file must still hold the right values.
+    import dcgen.quant.api as api
+
+    model = copy.deepcopy(fp_model)
+    quantize_(model, FP8Config(granularity="row"))
+    model.proj_out.weight = model.x_embedder.weight  # tied: shares the storage
+    model.context_embedder.weight = nn.Parameter(
+        model.context_embedder.weight.detach().t().contiguous().t()
+    )
+    state = model.state_dict()
+    written = {}
+    real = api.save_file
+
+    def spy(tensors, filename, metadata=None):  # noqa: ANN001, ANN202
+        written.update(tensors)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(api, "save_file", spy)
+    path = tmp_path / "fp8.safetensors"
+    save_quantized(model, path)
+    copied = {k for k, v in written.items() if v.data_ptr() != state[k].data_ptr()}
+    assert copied == {"context_embedder.weight", "proj_out.weight"}
+    from safetensors.torch import load_file
+
+    for k, v in load_file(str(path)).items():
+        assert torch.equal(v, state[k]), k
+
+
 def test_mixed_nvfp4_and_fp8_round_trip(fp_model, tmp_path):
     from dcgen.quant import NVFP4Config
 
