@@ -70,6 +70,27 @@ def test_convert_dcae_roundtrip(tmp_path, capsys):
     assert (got - want).abs().max() < 0.1 * want.abs().max() + 1e-3
 
 
+def test_convert_dcae_keeps_the_source_dtype_by_default(tmp_path):
+    # it loaded in fp32 and wrote a bf16 source out as fp32 (and held 3x its size doing so)
+    from safetensors import safe_open
+
+    cfg = reduced_config("dc-ae-f32c32-in-1.0", width_divisor=16, max_layers=1)
+    DCAE(cfg).eval().save_pretrained(tmp_path / "src", dtype=torch.bfloat16)
+    assert main(["convert-dcae", str(tmp_path / "src"), str(tmp_path / "dst")]) == 0
+
+    def tensors(folder):  # noqa: ANN001, ANN202
+        with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    src, dst = tensors(tmp_path / "src"), tensors(tmp_path / "dst")
+    assert src.keys() == dst.keys()
+    for k, v in src.items():
+        assert v.dtype == dst[k].dtype and torch.equal(v, dst[k]), k
+    assert sum(v.numel() for v in dst.values() if v.dtype == torch.bfloat16) > 0.9 * sum(
+        v.numel() for v in dst.values()
+    )  # the weights; BatchNorm statistics stay fp32
+
+
 def test_bad_input_is_an_error_not_a_crash(tmp_path, capsys):
     assert main(["convert-dcae", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err

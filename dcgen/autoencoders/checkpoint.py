@@ -362,10 +362,28 @@ def read_weights(path: Path, device: str | torch.device = "cpu") -> StateDict:
             merged.update(read_weights(shard_path, device))
         return merged
     try:
-        obj = torch.load(str(path), map_location=device, weights_only=True)
+        try:
+            # mmap: the tensors stay in the file's pages until used (a read copied the whole
+            # checkpoint into memory); files in torch's legacy (pre-zip) format cannot be
+            # mapped and are read.
+            obj = torch.load(str(path), map_location=device, weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            obj = torch.load(str(path), map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for a bad pickle / zip
         raise CheckpointError(f"could not read torch checkpoint {path}: {err}") from err
     return _unwrap(obj, path)
+
+
+def stored_dtype(state: StateDict) -> torch.dtype:
+    """The dtype most of ``state``'s floating-point elements are stored in (float32 if none):
+    a bf16 checkpoint's, whatever its fp32 BatchNorm statistics."""
+    count: dict[torch.dtype, int] = {}
+    for t in state.values():
+        if t.is_floating_point():
+            count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    return max(count, key=count.__getitem__) if count else torch.float32
 
 
 def read_config_json(path: Path) -> dict:

@@ -52,7 +52,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -131,7 +131,7 @@ class DCAE(nn.Module):
     def from_pretrained(
         cls,
         path: str | Path,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | Literal["auto"] | None = None,
         device: str | torch.device | None = None,
         variant: str | None = None,
         config: ConfigLike | None = None,
@@ -145,7 +145,9 @@ class DCAE(nn.Module):
         config.json next to the weights (diffusers fields, or an original ``model_name``), else
         from a preset whose name matches the folder / file name. Key checking is strict:
         missing, unexpected and wrongly shaped tensors are all listed by name. ``dtype``
-        defaults to float32 (like diffusers), ``device`` to CPU.
+        defaults to float32 (like diffusers); ``"auto"`` keeps the dtype the checkpoint stores
+        (its floating weights' most common one), so nothing is cast or copied; ``device``
+        defaults to CPU.
         """
         path = Path(path)
         if not path.exists():
@@ -159,6 +161,14 @@ class DCAE(nn.Module):
             model = cls(cfg)
         ckpt.check_state_dict(model.state_dict(), converted, source=f"{weights_file} ({layout})")
         model.load_state_dict(converted, strict=True, assign=True)
+        if dtype == "auto":
+            dtype = ckpt.stored_dtype(converted)
+        elif dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"DCAE.from_pretrained: dtype: expected a floating torch.dtype, "
+                            f"'auto' or None, got {dtype!r}")  # fmt: skip
+        # The model holds the tensors now: without the dict's references each one is freed as
+        # soon as .to() has cast it (with them, both copies lived until the end).
+        del converted
         model.to(dtype=dtype or torch.float32, device=device)
         logger.info("loaded DC-AE %s weights from %s", layout, weights_file)
         return model.eval()

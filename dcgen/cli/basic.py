@@ -127,13 +127,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from dcgen.autoencoders import DCAE
 
     check_out_path(Path(args.dst), "DST", folder=True)
+    # Loaded straight in the dtype written (the source's by default): loading in fp32 and
+    # casting on save held an fp32 model plus the cast copy, 3x a bf16 checkpoint's size, and
+    # wrote a bf16 source out as fp32 unless --dtype said otherwise.
+    dtype = DTYPES[args.dtype] if args.dtype else "auto"
     try:
-        model = DCAE.from_pretrained(args.src, config=args.preset)
+        model = DCAE.from_pretrained(args.src, config=args.preset, dtype=dtype)
     except ValueError as err:  # the library's advice names its keyword; here it is --preset
         raise CLIError(str(err).replace("pass config=<preset name or DCAEConfig>",
                                         "pass --preset NAME (dcgen presets lists them)")) from err  # fmt: skip
-    dtype = DTYPES[args.dtype] if args.dtype else None
     # built beside DST and swapped in: a killed conversion leaves no half-written model there
-    atomic_folder(Path(args.dst), lambda tmp: model.save_pretrained(tmp, dtype=dtype))
+    atomic_folder(Path(args.dst), lambda tmp: model.save_pretrained(tmp))
     print(f"wrote diffusers-format DC-AE to {args.dst}")
     return 0

@@ -136,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="output diffusers AutoencoderDC folder")
     c.add_argument("--preset", default=None, help="config preset when SRC has no config.json")
     c.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="storage dtype (default: as loaded)"
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="storage dtype (default: the source's)",
     )
     c.set_defaults(fn=_cmd_convert)
 

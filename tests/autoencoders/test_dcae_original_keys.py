@@ -139,6 +139,48 @@ def test_original_checkpoint_loads(name, tmp_path):
         assert_computes_like(m, ref, x, z)
 
 
+def test_pickles_load_memory_mapped_and_in_the_legacy_format(tmp_path, monkeypatch):
+    """A zip-format .pt is mapped (read whole, an original f64c128 checkpoint sat in memory
+    beside the model); torch's legacy format cannot be and still loads."""
+    cfg = small_config("dc-ae-f32c32-in-1.0")
+    ref = perturb_norms(diffusers.AutoencoderDC(**cfg.to_dict())).eval()
+    original = diffusers_to_original(ref.state_dict(), cfg)
+    torch.save({"state_dict": original}, tmp_path / "zip.pt")
+    torch.save(
+        {"state_dict": original}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False
+    )
+    mapped = []
+    real = torch.load
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        mapped.append(kwargs.get("mmap", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    f = cfg.spatial_compression_ratio
+    x, z = torch.randn(1, 3, 2 * f, 2 * f), torch.randn(1, cfg.latent_channels, 2, 2)
+    assert_computes_like(DCAE.from_pretrained(tmp_path / "zip.pt", config=cfg), ref, x, z)
+    assert mapped == [True]
+    assert_computes_like(DCAE.from_pretrained(tmp_path / "legacy.pt", config=cfg), ref, x, z)
+    assert mapped == [True, True, False]  # tried mapped, then read
+
+
+def test_auto_dtype_keeps_the_stored_one(tmp_path):
+    cfg = small_config("dc-ae-f32c32-in-1.0")
+    model = DCAE(cfg).eval()
+    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    auto = DCAE.from_pretrained(tmp_path / "bf16", dtype="auto")
+    from dcgen.autoencoders.norms import BatchNorm2dFP32
+
+    bn = {id(p) for m in auto.modules() if isinstance(m, BatchNorm2dFP32) for p in m.parameters()}
+    assert {p.dtype for p in auto.parameters() if id(p) not in bn} == {torch.bfloat16}
+    for k, v in auto.state_dict().items():
+        assert torch.equal(v.float(), model.state_dict()[k].to(torch.bfloat16).float()), k
+    assert DCAE.from_pretrained(tmp_path / "bf16").dtype == torch.float32  # the default
+    with pytest.raises(TypeError, match="expected a floating torch.dtype, 'auto' or None"):
+        DCAE.from_pretrained(tmp_path / "bf16", dtype="bf16")
+
+
 def test_config_from_folder_name(tmp_path):
     """Original hub folders carry no diffusers config; the folder name picks the preset."""
 
