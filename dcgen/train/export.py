@@ -188,8 +188,10 @@ def export_pipeline(
     ``dcae``: a DC-AE folder / original checkpoint, or a loaded ``DCAE``. ``latent_layers``: a
     latent-layers file (applied first, replacing the layers when the channel count differs).
     ``lora_dir``: a folder with ``pytorch_lora_weights.safetensors`` (loaded, then fused with
-    ``lora_scale``). Everything is combined in float32 and cast to ``dtype`` (default float32)
-    only at the end, so the fused weights are rounded once. The transformer's latent channels
+    ``lora_scale``). With a LoRA the transformer is combined in float32 and cast to ``dtype``
+    (default float32) only at the end, so the fused weights are rounded once; without one it
+    is loaded in ``dtype`` directly, as is the DC-AE (loading in float32 held twice a bf16
+    FLUX's size in memory, 48 GB, to export it unchanged). The transformer's latent channels
     must equal the DC-AE's. ``text_encoders``: a diffusers pipeline folder (the base model's)
     whose text encoders and tokenizers are copied into the output (symlinked with
     ``link_text_encoders``), so the pipeline encodes text prompts itself.
@@ -204,7 +206,12 @@ def export_pipeline(
     )
     from .lora import fuse_lora, load_lora
 
-    transformer, family = load_transformer(transformer_dir, family=family)
+    target = dtype or torch.float32
+    # A LoRA is fused in float32 and the sum rounded once at the end (peft's adapters would
+    # take the model's dtype, rounding the delta before the sum); without one, the weights
+    # are only cast, which loading in ``target`` does as well without an fp32 copy.
+    load_dtype = torch.float32 if lora_dir is not None else target
+    transformer, family = load_transformer(transformer_dir, family=family, dtype=load_dtype)
     text_family = family
     if text_encoders is not None:
         if Path(text_encoders).resolve() == Path(out_dir).resolve():
@@ -227,7 +234,7 @@ def export_pipeline(
     if isinstance(dcae, DCAE):
         vae = dcae
     else:
-        vae = DCAE.from_pretrained(dcae)
+        vae = DCAE.from_pretrained(dcae, dtype=target)
     if adapter.latent_channels != vae.latent_channels:
         raise ExportError(
             f"the transformer takes {adapter.latent_channels}-channel latents but the DC-AE "

@@ -133,6 +133,42 @@ def test_export_round_trip_matches_unfused_model(trained, tmp_path):
     torch.testing.assert_close(_images(DCGenFluxPipeline.from_pretrained(from_stage)), got)
 
 
+def test_export_without_a_lora_loads_in_the_target_dtype(trained, tmp_path, monkeypatch):
+    """export(dtype=bf16) loaded the transformer (and the DC-AE) in fp32 and cast at the end:
+    twice a bf16 FLUX's size in memory (48 GB) for weights that are only cast. Without a LoRA
+    they load in bf16, to the same bits; a LoRA is still fused in fp32 and rounded once."""
+    import dcgen.train.export as export
+
+    root, _, _ = trained
+    loaded = []
+    real = export.load_diffusers_transformer
+
+    def spy(folder, dtype, class_name):  # noqa: ANN001, ANN202
+        loaded.append(dtype)
+        return real(folder, dtype=dtype, class_name=class_name)
+
+    monkeypatch.setattr(export, "load_diffusers_transformer", spy)
+    layers = root / "latent_layers.safetensors"
+
+    def weights(out, part="transformer"):  # noqa: ANN001, ANN202
+        with safe_open(str(out / part / "diffusion_pytorch_model.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    bf16 = export_pipeline(root / "base", root / "dcae", tmp_path / "bf16", dtype=torch.bfloat16,
+                           latent_layers=layers)  # fmt: skip
+    fp32 = export_pipeline(root / "base", root / "dcae", tmp_path / "fp32", latent_layers=layers)
+    export_pipeline(root / "base", root / "dcae", tmp_path / "lora", dtype=torch.bfloat16,
+                    latent_layers=layers, lora_dir=root / "lora")  # fmt: skip
+    assert loaded == [torch.bfloat16, torch.float32, torch.float32]
+    for part in ("transformer", "vae"):
+        got, want = weights(bf16, part), weights(fp32, part)
+        assert got.keys() == want.keys()
+        for k, v in want.items():  # the same values, rounded once (BatchNorm stats stay fp32)
+            assert torch.equal(got[k], v.to(got[k].dtype)), (part, k)
+        bf16_share = sum(v.numel() for v in got.values() if v.dtype == torch.bfloat16)
+        assert bf16_share > 0.9 * sum(v.numel() for v in got.values()), part
+
+
 def test_export_sana_and_dtype(tmp_path):
     ae = tiny_dcae()
     model = tiny_sana()
