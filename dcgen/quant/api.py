@@ -564,9 +564,12 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
         expected |= {f"{alias}.{k}": v.shape for k, v in fresh.items()}
     _check_loaded_state(expected, state, path)
     for name, spec in layers.items():
-        lin = targets[name]
+        # popped: once swapped out, each full-precision layer is freed before the next one is
+        # built (all of them lived until the end, beside every new layer)
+        lin = targets.pop(name)
         dev = next(lin.buffers(), lin.weight).device
         _set_module(model, name, _quantized_layer(name, spec, lin, state, dev), shared)
+        del lin
     model.load_state_dict(state)  # names and shapes checked above
     share_input_quantization(model)
     return list(layers)
