@@ -112,3 +112,14 @@ def test_closed_pipe_is_not_an_error():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0
     assert "error" not in err and "Traceback" not in err, err
+
+
+def test_python_m_dcgen_runs_the_command():
+    """`python -m dcgen` is the `dcgen` command (where the console script is not on PATH)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dcgen", "presets"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "dc-ae-f32c32-in-1.0" in out.stdout
