@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -221,6 +222,12 @@ class TrainConfig:
         self.stage = _STAGE_ALIASES.get(str(self.stage).lower(), str(self.stage).lower())
         if self.stage not in STAGES:
             raise ConfigError(f"stage: expected one of {STAGES} (or 1/2/3), got {self.stage!r}")
+        for name in _PATH_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                # a shell expands ~ on a command line, a config file's value arrives as written
+                # (cache_dir="~/x" was not found, out_dir="~/runs" made a folder named ~)
+                setattr(self, name, os.path.expanduser(value))
         for name in _REQUIRED[1:]:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"{name}: expected a non-empty path, got {getattr(self, name)!r}")

@@ -137,6 +137,23 @@ def test_stage3_lora_reduces_loss_and_round_trips(root: Path, cache: Path, tmp_p
     assert_lora_round_trip(transformer, path, tmp_path, lambda m: fixed_loss(m, cache), after)
 
 
+def test_config_paths_expand_the_home_folder(tmp_path: Path, monkeypatch) -> None:
+    # a config file's "~/x" arrives as written (no shell): cache_dir was not found and out_dir
+    # made a folder named "~" in the working directory
+    monkeypatch.setenv("HOME", str(tmp_path))
+    toml = tmp_path / "c.toml"
+    toml.write_text('stage = "align"\ntransformer = "~/base"\ncache_dir = "~/cache"\n'
+                    'out_dir = "~/runs/align"\ndcae = "dc-ae-f32c32-in-1.0"\n')  # fmt: skip
+    cfg = load_config(toml)
+    assert (cfg.transformer, cfg.cache_dir, cfg.out_dir) == (
+        str(tmp_path / "base"),
+        str(tmp_path / "cache"),
+        str(tmp_path / "runs" / "align"),
+    )
+    assert cfg.dcae == "dc-ae-f32c32-in-1.0"  # a preset name is not a path
+    assert cfg.with_overrides(["cache_dir=~/other"]).cache_dir == str(tmp_path / "other")
+
+
 def test_config_files_and_overrides(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
     toml.write_text(
