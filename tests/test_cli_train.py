@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shlex
 import shutil
 import sys
 
@@ -341,13 +342,15 @@ def test_export_cli(assets, tmp_path, capsys):
     adapter = adapter_for(model)
     adapter.replace_latent_layers(2)
     save_latent_layers(adapter, tmp_path / "ll.safetensors")
+    out = tmp_path / "my pipeline"  # a space: the printed command quotes it
     argv = ["export", "--transformer", str(tmp_path / "base"), "--dcae", str(ae_dir), "--out",
-            str(tmp_path / "p"), "--latent-layers", str(tmp_path / "ll.safetensors")]  # fmt: skip
+            str(out), "--latent-layers", str(tmp_path / "ll.safetensors")]  # fmt: skip
+    capsys.readouterr()
     assert main(argv) == 0
-    assert (
-        json.loads((tmp_path / "p" / "model_index.json").read_text())["_class_name"]
-        == "DCGenFluxPipeline"
-    )
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "DCGenFluxPipeline"
+    printed = capsys.readouterr().out
+    command = printed[printed.index("dcgen generate") : printed.rindex(")")]
+    assert shlex.split(command) == ["dcgen", "generate", "--pipeline", str(out)]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     pipeline = Path(args.out) / PIPELINE_DIR
     print(
         f"The DC-Gen model is a pipeline folder now ({pipeline}); sample it with\n"
-        f'  dcgen generate --pipeline {pipeline} --prompt "a large red circle top left" '
+        f"  dcgen generate --pipeline {shlex.quote(str(pipeline))} "
+        '--prompt "a large red circle top left" '
         "--height 128 --width 128 --out circle.png"
     )
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -202,5 +203,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         text_encoders=args.text_encoders,
         link_text_encoders=args.link_text_encoders,
     )
-    print(f"wrote pipeline folder {out} (load with dcgen generate --pipeline {out})")
+    # quoted: the command is for copying into a shell, and folder names may hold spaces
+    print(f"wrote pipeline folder {out} (load with dcgen generate --pipeline "
+          f"{shlex.quote(str(out))})")  # fmt: skip
     return 0
