@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -123,3 +124,41 @@ def test_python_m_dcgen_runs_the_command():
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "dc-ae-f32c32-in-1.0" in out.stdout
+
+
+def test_a_console_that_cannot_encode_a_path_gets_it_escaped(tmp_path):
+    """A cp1252 console (Windows) and a path in another script: a status line on stdout raised
+    UnicodeEncodeError mid-run (`generate` stopped after its first image)."""
+    import os
+    import subprocess
+    import sys
+
+    src, dst = tmp_path / "src", tmp_path / "日本" / "dst"
+    DCAE(reduced_config("dc-ae-f32c32-in-1.0", width_divisor=16, max_layers=1)).save_pretrained(src)
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    out = subprocess.run([sys.executable, "-m", "dcgen", "convert-dcae", str(src), str(dst)],
+                         capture_output=True, env=env, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode("cp1252")
+    assert "\\u65e5\\u672c" in out.stdout.decode("cp1252")  # the path, escaped
+    assert (dst / "config.json").is_file()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(
+    tmp_path, capsys, monkeypatch
+):
+    # it failed after sampling (generate) or converting, naming a temporary file
+    import os
+
+    import dcgen.cli.common as common
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(common.os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    src = tmp_path / "src"
+    DCAE(reduced_config("dc-ae-f32c32-in-1.0", width_divisor=16, max_layers=1)).save_pretrained(src)
+    for dst in (locked / "dst", locked / "new" / "dst"):
+        assert main(["convert-dcae", str(src), str(dst)]) == 2
+        assert f"cannot write in {locked} (permission denied)" in capsys.readouterr().err
+        assert not dst.exists()
+    assert main(["convert-dcae", str(src), str(tmp_path / "dst")]) == 0

@@ -33,6 +33,13 @@ __all__ = ["BENCH_MODELS", "DTYPES", "CLIError", "build_parser", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        # A console that cannot encode a path's characters (cp1252 on Windows, a C locale)
+        # made a status line raise UnicodeEncodeError mid-run: `generate` wrote the first
+        # image and stopped. Such characters are printed escaped instead.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

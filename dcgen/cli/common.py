@@ -4,6 +4,7 @@ device options, argparse helpers."""
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def check_out_path(path: Path, option: str, folder: bool = False) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise CLIError(f"{option} {path}: {parent} is a file, not a folder")
+            # Outputs are written beside their name and renamed (or their folders made here):
+            # a folder we cannot write in failed only after the work, naming a temp file.
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CLIError(f"{option} {path}: cannot write in {parent} (permission denied)")
             break
 
 
