@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import unicodedata
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, TypedDict, runtime_checkable
@@ -63,6 +64,13 @@ class ImageCaptionDataset(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> Sample: ...
+
+
+def _nfc(name: str) -> str:
+    """A file name in Unicode's composed form: macOS file systems and zips made there store
+    names decomposed ("e" + combining accent), metadata files are usually written composed, and
+    the two looked alike but did not match (the image "had no caption")."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _read_text(path: Path) -> str:
@@ -241,7 +249,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         missing: list[str] = []
         for path in files:
             rel = path.relative_to(self.root).as_posix()
-            caption = metadata.get(rel)
+            caption = metadata.get(_nfc(rel))
             if caption is None and path.with_suffix(".txt").is_file():
                 caption = _read_text(path.with_suffix(".txt")).strip()
             if caption is None:
@@ -307,7 +315,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                 if not isinstance(text, str):
                     raise DataError(f"{path}:{lineno}: 'text' must be a string, got {text!r}")
                 # setdefault: the first metadata file listed in METADATA_FILES wins on duplicates.
-                captions.setdefault(Path(file_name).as_posix(), text)
+                captions.setdefault(_nfc(Path(file_name).as_posix()), text)
         return captions
 
     @staticmethod

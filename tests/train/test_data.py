@@ -76,6 +76,26 @@ def test_captions_jsonl_subfolders(tmp_path, make_folder):
     assert ds.keys[-1] == "sub/a.png" and ds.captions[-1] == "nested"
 
 
+def test_metadata_matches_names_in_either_unicode_form(make_folder):
+    # macOS file systems (and zips made there) store names decomposed, metadata files are
+    # usually written composed: "größe é.png" had no caption though the names look alike
+    import unicodedata
+
+    root = make_folder(captions="none")
+    name = "größe é.png"
+    (root / "a.png").rename(root / unicodedata.normalize("NFD", name))
+    (root / "b.png").rename(root / "café.png")  # composed on disk, decomposed in the file
+    rows = [
+        {"file_name": unicodedata.normalize("NFC", name), "text": "composed"},
+        {"file_name": unicodedata.normalize("NFD", "café.png"), "text": "decomposed"},
+    ]
+    rows += [{"file_name": f"{s}.png", "text": s} for s in "cde"]  # fmt: skip
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = ImageCaptionFolder(root, resolution=32)
+    got = {unicodedata.normalize("NFC", k): c for k, c in zip(ds.keys, ds.captions, strict=True)}
+    assert got[name] == "composed" and got["café.png"] == "decomposed"
+
+
 def test_bad_metadata_line_names_file(make_folder):
     root = make_folder()
     (root / "metadata.jsonl").write_text('{"file_name": "a.png"}\nnot json\n')
