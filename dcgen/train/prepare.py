@@ -31,6 +31,8 @@ import importlib
 import json
 import logging
 import math
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,14 +176,24 @@ class TextEmbeddingTable:
 
 
 def load_entry_point(spec: str) -> TextEncoderFn:
-    """``"package.module:function"`` -> the callable (imported from the current sys.path)."""
+    """``"package.module:function"`` -> the callable (imported from sys.path, or else from the
+    working directory)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise PrepareError(
             f"text encoder entry point must look like 'module:function', got {spec!r}"
         )
     try:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            # `python -m dcgen` puts the working directory on sys.path, the installed `dcgen`
+            # command does not: a module beside the user was found by one and not the other.
+            here = os.getcwd()
+            if err.name != module_name.partition(".")[0] or here in sys.path:
+                raise
+            sys.path.insert(0, here)
+            module = importlib.import_module(module_name)
     except ImportError as err:
         raise PrepareError(f"cannot import {module_name!r} for --text-encoder: {err}") from err
     fn: Any = module

@@ -67,3 +67,19 @@ def test_table_and_encoder_mix_and_must_agree(tmp_path):
     mixed = combine_text_sources(table, encoder(2))
     with pytest.raises(PrepareError, match=r"the text encoder gives tensors .*\(5, 8\).*\(3, 8\)"):
         mixed(["a green star", "a red square"])
+
+
+def test_a_text_encoder_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
+    # `python -m dcgen` puts the working directory on sys.path, the installed `dcgen` command
+    # does not: --text-encoder my_encoder:encode worked with one and not the other
+    import sys
+
+    from dcgen.train.prepare import PrepareError, load_entry_point
+
+    (tmp_path / "dcgen_test_cwd_encoder.py").write_text("def encode(captions):\n    return 7\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "dcgen_test_cwd_encoder", raising=False)
+    assert load_entry_point("dcgen_test_cwd_encoder:encode")(["x"]) == 7
+    with pytest.raises(PrepareError, match="cannot import 'no_such_module_xyz'"):
+        load_entry_point("no_such_module_xyz:encode")
