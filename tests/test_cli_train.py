@@ -511,6 +511,37 @@ def test_precompute_refuses_embeddings_rewritten_at_the_same_path(assets, tmp_pa
     assert LatentCache(out)[0]["prompt_embeds"].eq(1).all()
 
 
+def test_precompute_keeps_its_cache_in_a_copied_project(assets, tmp_path, monkeypatch):
+    # the cache's identity held the absolute paths of the DC-AE, VAE and embeddings: the same
+    # relative command in a copy of the project refused the finished cache ("other data")
+    import dcgen.train.prepare as prepare
+
+    project = tmp_path / "a"
+    for name in ("dcae", "vae", "data"):
+        shutil.copytree(assets / name, project / name)
+    shutil.copy(assets / "text.safetensors", project)
+    argv = ["precompute", "--data", "data", "--dcae", "dcae", "--base-vae", "vae",
+            "--text-embeddings", "text.safetensors", "--out", "cache", "--resolution", "64",
+            "--no-progress", "--device", "cpu"]  # fmt: skip
+    monkeypatch.chdir(project)
+    assert main(argv) == 0
+    index = json.loads((project / "cache" / "index.json").read_text())
+    shutil.copytree(project, tmp_path / "b")
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "b" / "cache" / "index.json").read_text()) == index
+    # a cache made under the old identity (paths) at its own place keeps being recognised
+    digests = []
+    real = prepare._identity_digest
+    monkeypatch.setattr(
+        prepare, "_identity_digest", lambda i: digests.append(real(i)) or digests[-1]
+    )
+    monkeypatch.setattr(prepare, "_cache_data_fingerprint", lambda out: digests[1])
+    assert main([("cache2" if a == "cache" else a) for a in argv]) == 0
+    made = json.loads((tmp_path / "b" / "cache2" / "index.json").read_text())
+    assert made["dataset_fingerprint"] == digests[1] != digests[0]
+
+
 def test_precompute_with_workers_reports_a_bad_image_as_without(assets, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(assets / "data", data)

@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 from .._files import atomic_write, sampled_digest
 from .buckets import make_buckets
-from .cache import LatentCache, precompute
+from .cache import INDEX_NAME, LatentCache, precompute
 from .data import ImageCaptionFolder
 from .null_text import encode_null_text, save_null_text
 
@@ -173,6 +173,18 @@ class TextEmbeddingTable:
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
         rows = [self.get(c) for c in captions]
         return {name: torch.stack([r[name] for r in rows]) for name in self.names or []}
+
+
+def _identity_digest(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cache_data_fingerprint(out_dir: str | Path) -> str | None:
+    """The data fingerprint a finished cache in ``out_dir`` was made with (None: none there)."""
+    try:
+        return json.loads((Path(out_dir) / INDEX_NAME).read_text()).get("dataset_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_entry_point(spec: str) -> TextEncoderFn:
@@ -448,14 +460,14 @@ def run_precompute(
 
     # The cache's own fingerprint covers the data and tensor names, not which weights made
     # them; fold the autoencoders and text sources in so a rerun with others is refused.
+    # Local files count by their contents ("contents" below), not where they are: absolute
+    # paths made a copied or moved project refuse its own cache.
     identity = {
         "data": dataset.fingerprint(),
-        "dcae": str(Path(dcae).resolve()) if Path(dcae).exists() else str(dcae),
+        "dcae": "local" if Path(dcae).exists() else str(dcae),
         "dcae_config": ae.config.to_dict(),
-        "base_vae": None if base_vae is None else str(Path(base_vae).resolve()),
-        "text_embeddings": None
-        if text_embeddings is None
-        else str(Path(text_embeddings).resolve()),
+        "base_vae": None if base_vae is None else "local",
+        "text_embeddings": None if text_embeddings is None else "local",
         "text_encoder": text_encoder
         if isinstance(text_encoder, str) or text_encoder is None
         else getattr(
@@ -479,9 +491,14 @@ def run_precompute(
     if vae is not None and vae.patch_size != DEFAULT_BASE_PATCH[vae.kind]:
         # only when not the default, so caches made before the option keep their fingerprint
         identity["base_patch_size"] = vae.patch_size
-    fingerprint = hashlib.sha256(
-        json.dumps(identity, sort_keys=True, default=str).encode()
-    ).hexdigest()
+    fingerprint = _identity_digest(identity)
+    legacy = _identity_digest(identity | {  # how caches made before 2026-11-29 were named
+        "dcae": str(Path(dcae).resolve()) if Path(dcae).exists() else str(dcae),
+        "base_vae": None if base_vae is None else str(Path(base_vae).resolve()),
+        "text_embeddings": None if text_embeddings is None else str(Path(text_embeddings).resolve()),
+    })  # fmt: skip
+    if _cache_data_fingerprint(out_dir) == legacy:
+        fingerprint = legacy  # the same inputs at the same place: the cache stays valid
     cache = precompute(
         dataset,
         encoders,
