@@ -63,7 +63,7 @@ RESUMABLE_CHANGES = frozenset(
         "extra",
     }
 )
-_PATH_FIELDS = ("transformer", "cache_dir", "out_dir", "dcae", "latent_layers", "null_text")
+PATH_FIELDS = ("transformer", "cache_dir", "out_dir", "dcae", "latent_layers", "null_text")
 
 
 class ConfigError(ValueError):
@@ -181,7 +181,7 @@ class TrainConfig:
             if name in RESUMABLE_CHANGES or name not in earlier:
                 continue
             before = earlier[name]
-            if name in _PATH_FIELDS and isinstance(value, str) and isinstance(before, str):
+            if name in PATH_FIELDS and isinstance(value, str) and isinstance(before, str):
                 same = Path(value).expanduser().resolve() == Path(before).expanduser().resolve()
             else:
                 same = value == before
@@ -222,7 +222,7 @@ class TrainConfig:
         self.stage = _STAGE_ALIASES.get(str(self.stage).lower(), str(self.stage).lower())
         if self.stage not in STAGES:
             raise ConfigError(f"stage: expected one of {STAGES} (or 1/2/3), got {self.stage!r}")
-        for name in _PATH_FIELDS:
+        for name in PATH_FIELDS:
             value = getattr(self, name)
             if isinstance(value, str) and value.startswith("~"):
                 # a shell expands ~ on a command line, a config file's value arrives as written

@@ -49,7 +49,7 @@ from .align import RidgeAccumulator, alignment_loss, downsample_tokens, init_fro
 from .buckets import BucketBatchSampler
 from .cache import CacheError, LatentCache
 from .checkpoint import latest_checkpoint
-from .config import ConfigError, TrainConfig
+from .config import PATH_FIELDS, ConfigError, TrainConfig
 from .distributed import DistContext, init_distributed
 from .ema import EMA
 from .features import feature_distance
@@ -801,6 +801,18 @@ def run(config: TrainConfig, progress: bool = True, *, on_step: OnStep | None = 
         ctx.close()
 
 
+def _recorded_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config a run writes beside its checkpoints, with the paths that exist made absolute:
+    the resume check compares them with a later run's, which may start in another working
+    directory (relative paths named other files from there and the same run was refused)."""
+    record = cfg.to_dict()
+    for name in PATH_FIELDS:
+        value = record.get(name)
+        if isinstance(value, str) and Path(value).expanduser().exists():
+            record[name] = str(Path(value).expanduser().resolve())
+    return record
+
+
 def _check_resume_settings(cfg: TrainConfig, run_dir: Path) -> None:
     """Refuse to continue a run's checkpoints under settings that shaped its steps differently
     (its config.json is the config they were made with): the result would match neither run,
@@ -841,7 +853,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
     ctx.barrier()  # every rank has read the earlier config.json before it is replaced
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(cfg.to_dict(), indent=1)
+        text = json.dumps(_recorded_config(cfg), indent=1)
         atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
     torch.manual_seed(cfg.seed)
     transformer = load_transformer(cfg.transformer, ctx.device)

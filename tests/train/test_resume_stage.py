@@ -153,6 +153,28 @@ def test_resuming_with_changed_settings_is_refused(tmp_path, changed, value) -> 
     assert (tmp_path / "run" / "config.json").read_text() == before  # still the run's own
 
 
+def test_a_run_resumes_from_another_working_directory(tmp_path, monkeypatch) -> None:
+    # config.json kept the paths as written, relative to where the run started; the resume
+    # check read them from the new working directory and refused the same run
+    cache, adapted = make_cache(tmp_path), save_adapted(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    kw = dict(steps=4, checkpoint_every=2)
+
+    def stop(step: int, loss: float) -> None:
+        if step == 3:
+            raise Interrupt
+
+    first = config(tmp_path, "finetune", Path(adapted.name), Path(cache.name), out_dir="run", **kw)
+    with pytest.raises(Interrupt):
+        run(first, progress=False, on_step=stop)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = config(tmp_path, "finetune", Path("..", adapted.name), Path("..", cache.name),
+                   out_dir=str(Path("..", "run")), **kw)  # fmt: skip
+    assert run(again, progress=False)["steps"] == 4
+    assert [e["step"] for e in read_log(tmp_path / "run" / "log.jsonl")][-1] == 4
+
+
 def test_a_run_from_before_ema_warmup_resumes_only_without_it(tmp_path) -> None:
     # its config.json has no ema_warmup: it averaged at ema_decay from the first step, and the
     # new default (warmup) would switch the decay schedule mid-run
