@@ -35,6 +35,7 @@ drives a ``BucketBatchSampler`` directly. Conventional tensor names: ``base_late
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -181,14 +182,24 @@ def precompute(
     by_shard: dict[int, list[dict[str, Any]]] = {}
     total = sum(stop - start for start, stop in map(bounds, mine))
     pbar = tqdm(total=total, desc="precompute", unit="img", disable=not progress)
+    plan = [
+        (
+            s,
+            *bounds(s),
+            _finished_shard(out / shard_name(s), cache_fp, *_span(bounds(s)), overwrite),
+        )
+        for s in mine
+    ]
+    # One loader over every sample still to compute: its workers start once (a loader per
+    # shard restarted them each shard, about 5 s apiece where processes spawn: macOS, Windows).
+    todo = [i for _, start, stop, done in plan if done is None for i in range(start, stop)]
+    samples = _samples(dataset, todo, num_workers)
     try:
-        for s in mine:
-            start, stop = bounds(s)
+        for s, start, stop, done in plan:
             path = out / shard_name(s)
-            done = _finished_shard(path, cache_fp, start, stop - start, overwrite)
             if done is None:
                 done = _compute_shard(
-                    dataset,
+                    samples,
                     range(start, stop),
                     s,
                     encoders,
@@ -196,7 +207,6 @@ def precompute(
                     device,
                     dtype,
                     batch_size,
-                    num_workers,
                     pbar,
                 )
                 _write_shard(path, done, cache_fp, start)
@@ -264,6 +274,21 @@ def precompute(
     return LatentCache(out)
 
 
+def _span(bounds: tuple[int, int]) -> tuple[int, int]:
+    """(start, count) of a shard's [start, stop)."""
+    return bounds[0], bounds[1] - bounds[0]
+
+
+def _samples(dataset: ImageCaptionDataset, indices: list[int], num_workers: int) -> Iterator[Any]:
+    """``dataset[i]`` for ``indices`` in order, read by ``num_workers`` DataLoader workers."""
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),  # type: ignore[arg-type]
+        batch_size=None,  # one sample at a time: sizes may differ, batching happens later
+        num_workers=num_workers,
+    )
+    return _worker_errors_as_raised(loader)
+
+
 def _finished_shard(
     path: Path, cache_fp: str, start: int, count: int, overwrite: bool
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]] | None:
@@ -321,7 +346,7 @@ def _worker_errors_as_raised(loader: Iterable[Any]) -> Iterator[Any]:
 
 
 def _compute_shard(
-    dataset: ImageCaptionDataset,
+    samples: Iterator[Any],
     indices: range,
     shard: int,
     encoders: Mapping[str, ImageEncoder],
@@ -329,14 +354,9 @@ def _compute_shard(
     device: str | torch.device,
     dtype: torch.dtype | None,
     batch_size: int,
-    num_workers: int,
     pbar: tqdm,
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, list(indices)),  # type: ignore[arg-type]
-        batch_size=None,  # one sample at a time: sizes may differ, batching happens below
-        num_workers=num_workers,
-    )
+    """Encode the shard's samples, the next ``len(indices)`` items of ``samples``."""
     # Group by image size so each encoder call sees one stackable batch.
     pending: dict[tuple[int, ...], list[tuple[int, dict]]] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -380,7 +400,7 @@ def _compute_shard(
             }
         pbar.update(len(group))
 
-    for slot, sample in enumerate(_worker_errors_as_raised(loader)):
+    for slot, sample in enumerate(itertools.islice(samples, len(indices))):
         if not isinstance(sample, Mapping) or not {"image", "caption", "key"} <= set(sample):
             raise ValueError(
                 f"dataset[{indices[slot]}] must be a dict with image, caption, key; got "

@@ -243,3 +243,34 @@ def test_with_dcae(dataset, tmp_path):
         d // 32 for d in dataset.target_size(3)
     )
     torch.testing.assert_close(got, want)
+
+
+class _PidCaptions(torch.utils.data.Dataset):
+    """Samples whose caption names the process that read them (a DataLoader worker)."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> dict:
+        import os
+
+        return {"image": torch.zeros(3, 64, 64), "caption": f"pid {os.getpid()}", "key": f"k{i}"}
+
+    def fingerprint(self) -> str:
+        return "pid-captions-6"
+
+
+def test_workers_start_once_for_every_shard_to_compute(tmp_path):
+    # a DataLoader per shard restarted its workers each shard: about 5 s apiece where worker
+    # processes spawn (macOS, Windows), more than the encoding itself for small shards
+    cache = precompute(_PidCaptions(), encoders(), None, tmp_path / "c", shard_size=2,
+                       batch_size=2, num_workers=1, progress=False)  # fmt: skip
+    captions = {cache[i]["caption"] for i in range(len(cache))}
+    assert len(captions) == 1 and captions != {f"pid {__import__('os').getpid()}"}
+    # resumed with one shard missing: only that shard's samples are read again
+    (tmp_path / "c" / "shard-00001.safetensors").unlink()
+    (tmp_path / "c" / "index.json").unlink()
+    again = precompute(_PidCaptions(), encoders(), None, tmp_path / "c", shard_size=2,
+                       batch_size=2, num_workers=1, progress=False)  # fmt: skip
+    assert [again[i]["key"] for i in range(6)] == [f"k{i}" for i in range(6)]
+    assert again[2]["caption"] != again[0]["caption"]  # read by the new run's worker
