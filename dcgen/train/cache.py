@@ -180,8 +180,6 @@ def precompute(
 
     mine = range(rank, n_shards, world)
     by_shard: dict[int, list[dict[str, Any]]] = {}
-    total = sum(stop - start for start, stop in map(bounds, mine))
-    pbar = tqdm(total=total, desc="precompute", unit="img", disable=not progress)
     plan = [
         (
             s,
@@ -194,6 +192,8 @@ def precompute(
     # shard restarted them each shard, about 5 s apiece where processes spawn: macOS, Windows).
     todo = [i for _, start, stop, done in plan if done is None for i in range(start, stop)]
     samples = _samples(dataset, todo, num_workers)
+    total = sum(stop - start for start, stop in map(bounds, mine))
+    pbar = tqdm(total=total, desc="precompute", unit="img", disable=not progress)
     try:
         for s, start, stop, done in plan:
             path = out / shard_name(s)
