@@ -3,10 +3,11 @@ every writer (checkpoints, caches, reports, images) shares."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -38,13 +39,26 @@ def public_mode(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError from making the temporary file or folder beside ``path`` names ``path``: the
+    temporary name ("Permission denied: '.out.png.1ex6i460.tmp'") is not one the user gave."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from err
+
+
 def atomic_write(path: Path, write: Callable[[str], None], durable: bool = False) -> None:
     """Call ``write(tmp_path)`` for a temp file next to ``path``, then os.replace it into place
     (a crash mid-write never leaves a half-written file under the final name). ``durable``:
     fsync the file before the rename and the folder after it (caches a later run trusts)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -73,8 +87,9 @@ def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:
         path = path.resolve()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path}: expected a folder to write into, it is a file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     public_mode(tmp, directory=True)  # mkdtemp's 0700 would stay on the renamed folder
     try:
         write(tmp)

@@ -197,6 +197,25 @@ def test_checkpoints_and_cache_files_get_the_modes_of_new_ones(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_folder_that_cannot_be_written_is_named_in_the_error(tmp_path, monkeypatch):
+    # the error named the temporary file beside the target ("Permission denied:
+    # '.out.png.1ex6i460.tmp'"), a name the user never gave
+    import tempfile
+
+    from dcgen._files import atomic_folder, atomic_write
+
+    def denied(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".out.png.x1y2.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    with pytest.raises(PermissionError, match=r"cannot write .*out\.png: Permission denied") as err:
+        atomic_write(tmp_path / "out.png", lambda tmp: None)
+    assert ".tmp" not in str(err.value) and err.value.errno == 13
+    with pytest.raises(PermissionError, match=r"cannot write .*pipe: Permission denied"):
+        atomic_folder(tmp_path / "pipe", lambda tmp: None)
+
+
 def test_checkpoint_step_reads_the_folder_name(tmp_path):
     model = _module()
     for step in (9, 120):
