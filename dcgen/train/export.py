@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,45 @@ def _transformer_folder(path: Path) -> Path:
     raise ExportError(
         f"{path} is not a diffusers transformer folder (no config.json, no transformer/config.json)"
     )
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+                       "F16": torch.float16}  # fmt: skip
+
+
+def _stored_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype most of a transformer folder's floating-point weights are stored in, from the
+    safetensors headers (no tensor is read); None without safetensors files."""
+    from safetensors import safe_open
+
+    count: dict[torch.dtype, int] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                piece = f.get_slice(key)
+                dt = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dt is not None:
+                    count[dt] = count.get(dt, 0) + math.prod(piece.get_shape())
+    return max(count, key=count.__getitem__) if count else None
+
+
+def _float32_adapters(transformer: torch.nn.Module, lora_dir: str | Path) -> None:
+    """The LoRA factors in float32 with the file's exact values: peft made them in the model's
+    dtype, which would round the factors (and the delta) before the fuse adds them."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .lora import LORA_PREFIX, LORA_WEIGHT_NAME, lora_parameters
+
+    for param in lora_parameters(transformer):
+        param.data = param.data.float()
+    state = load_file(str(Path(lora_dir) / LORA_WEIGHT_NAME))
+    prefix = f"{LORA_PREFIX}."
+    state = {k.removeprefix(prefix): v.float() for k, v in state.items() if "lora_" in k}
+    result = set_peft_model_state_dict(transformer, state)
+    if result.unexpected_keys:
+        raise ExportError(f"{lora_dir}: LoRA tensors the model has no place for: "
+                          f"{result.unexpected_keys[:5]}")  # fmt: skip
 
 
 def load_transformer(
@@ -188,11 +228,10 @@ def export_pipeline(
     ``dcae``: a DC-AE folder / original checkpoint, or a loaded ``DCAE``. ``latent_layers``: a
     latent-layers file (applied first, replacing the layers when the channel count differs).
     ``lora_dir``: a folder with ``pytorch_lora_weights.safetensors`` (loaded, then fused with
-    ``lora_scale``). With a LoRA the transformer is combined in float32 and cast to ``dtype``
-    (default float32) only at the end, so the fused weights are rounded once; without one it
-    is loaded in ``dtype`` directly, as is the DC-AE (loading in float32 held twice a bf16
-    FLUX's size in memory, 48 GB, to export it unchanged). The transformer's latent channels
-    must equal the DC-AE's. ``text_encoders``: a diffusers pipeline folder (the base model's)
+    ``lora_scale``). The transformer and DC-AE load in ``dtype`` (default float32), and
+    fused weights are the float32 sum rounded once: a LoRA's float32 delta is added to weights
+    stored in ``dtype``, or to a float32 load of weights stored wider, cast at the end. The
+    transformer's latent channels must equal the DC-AE's. ``text_encoders``: a diffusers pipeline folder (the base model's)
     whose text encoders and tokenizers are copied into the output (symlinked with
     ``link_text_encoders``), so the pipeline encodes text prompts itself.
     """
@@ -207,10 +246,13 @@ def export_pipeline(
     from .lora import fuse_lora, load_lora
 
     target = dtype or torch.float32
-    # A LoRA is fused in float32 and the sum rounded once at the end (peft's adapters would
-    # take the model's dtype, rounding the delta before the sum); without one, the weights
-    # are only cast, which loading in ``target`` does as well without an fp32 copy.
-    load_dtype = torch.float32 if lora_dir is not None else target
+    # Loaded in ``target`` (loading in float32 and casting at the end held twice a bf16 FLUX,
+    # 48 GB, for weights that are only cast), except when a LoRA is fused into weights stored
+    # wider: those are summed in float32 and rounded once at the end. Weights stored in
+    # ``target`` are exact in it, and the fuse adds a float32 delta to them with one rounding.
+    load_dtype = target
+    if lora_dir is not None and _stored_dtype(_transformer_folder(Path(transformer_dir))) != target:
+        load_dtype = torch.float32
     transformer, family = load_transformer(transformer_dir, family=family, dtype=load_dtype)
     text_family = family
     if text_encoders is not None:
@@ -228,6 +270,8 @@ def export_pipeline(
         load_latent_layers(adapter, latent_layers)
     if lora_dir is not None:
         load_lora(transformer, lora_dir)
+        if load_dtype != torch.float32:
+            _float32_adapters(transformer, lora_dir)
         fuse_lora(transformer, scale=lora_scale)
         logger.info("fused LoRA from %s (scale %g)", lora_dir, lora_scale)
 

@@ -133,13 +133,16 @@ def test_export_round_trip_matches_unfused_model(trained, tmp_path):
     torch.testing.assert_close(_images(DCGenFluxPipeline.from_pretrained(from_stage)), got)
 
 
-def test_export_without_a_lora_loads_in_the_target_dtype(trained, tmp_path, monkeypatch):
+def test_export_loads_in_the_target_dtype_and_rounds_fused_weights_once(
+    trained, tmp_path, monkeypatch
+):
     """export(dtype=bf16) loaded the transformer (and the DC-AE) in fp32 and cast at the end:
-    twice a bf16 FLUX's size in memory (48 GB) for weights that are only cast. Without a LoRA
-    they load in bf16, to the same bits; a LoRA is still fused in fp32 and rounded once."""
+    twice a bf16 FLUX's size in memory (48 GB). It loads in bf16 now unless a LoRA is fused
+    into weights stored wider, and the fused weights are still the fp32 sum rounded once."""
     import dcgen.train.export as export
 
     root, _, _ = trained
+    tiny_flux().to(torch.bfloat16).save_pretrained(tmp_path / "base_bf16")
     loaded = []
     real = export.load_diffusers_transformer
 
@@ -154,19 +157,26 @@ def test_export_without_a_lora_loads_in_the_target_dtype(trained, tmp_path, monk
         with safe_open(str(out / part / "diffusion_pytorch_model.safetensors"), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
-    bf16 = export_pipeline(root / "base", root / "dcae", tmp_path / "bf16", dtype=torch.bfloat16,
-                           latent_layers=layers)  # fmt: skip
-    fp32 = export_pipeline(root / "base", root / "dcae", tmp_path / "fp32", latent_layers=layers)
-    export_pipeline(root / "base", root / "dcae", tmp_path / "lora", dtype=torch.bfloat16,
-                    latent_layers=layers, lora_dir=root / "lora")  # fmt: skip
-    assert loaded == [torch.bfloat16, torch.float32, torch.float32]
-    for part in ("transformer", "vae"):
-        got, want = weights(bf16, part), weights(fp32, part)
-        assert got.keys() == want.keys()
-        for k, v in want.items():  # the same values, rounded once (BatchNorm stats stay fp32)
-            assert torch.equal(got[k], v.to(got[k].dtype)), (part, k)
-        bf16_share = sum(v.numel() for v in got.values() if v.dtype == torch.bfloat16)
-        assert bf16_share > 0.9 * sum(v.numel() for v in got.values()), part
+    def same_rounded_once(got_dir, want_dir):  # noqa: ANN001, ANN202
+        for part in ("transformer", "vae"):
+            got, want = weights(got_dir, part), weights(want_dir, part)
+            assert got.keys() == want.keys()
+            for k, v in want.items():  # the fp32 values rounded once (BatchNorm stats stay fp32)
+                assert torch.equal(got[k], v.to(got[k].dtype)), (part, k)
+            bf16 = sum(v.numel() for v in got.values() if v.dtype == torch.bfloat16)
+            assert bf16 > 0.9 * sum(v.numel() for v in got.values()), part
+
+    for base, lora in ((root / "base", None), (tmp_path / "base_bf16", root / "lora"),
+                       (root / "base", root / "lora")):  # fmt: skip
+        name = f"{base.name}-{lora is not None}"
+        bf16 = export_pipeline(base, root / "dcae", tmp_path / name, dtype=torch.bfloat16,
+                               latent_layers=layers, lora_dir=lora)  # fmt: skip
+        fp32 = export_pipeline(base, root / "dcae", tmp_path / f"{name}-fp32",
+                               latent_layers=layers, lora_dir=lora)  # fmt: skip
+        same_rounded_once(bf16, fp32)
+    # bf16 without a LoRA, bf16 into bf16-stored weights, fp32 for a LoRA on fp32-stored ones
+    assert loaded[0::2] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    assert loaded[1::2] == [torch.float32] * 3
 
 
 def test_export_sana_and_dtype(tmp_path):
