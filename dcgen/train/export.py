@@ -231,9 +231,9 @@ def export_pipeline(
     ``lora_scale``). The transformer and DC-AE load in ``dtype`` (default float32), and
     fused weights are the float32 sum rounded once: a LoRA's float32 delta is added to weights
     stored in ``dtype``, or to a float32 load of weights stored wider, cast at the end. The
-    transformer's latent channels must equal the DC-AE's. ``text_encoders``: a diffusers pipeline folder (the base model's)
-    whose text encoders and tokenizers are copied into the output (symlinked with
-    ``link_text_encoders``), so the pipeline encodes text prompts itself.
+    transformer's latent channels must equal the DC-AE's. ``text_encoders``: a diffusers
+    pipeline folder (the base model's) whose text encoders and tokenizers are copied into the
+    output (symlinked with ``link_text_encoders``), so the pipeline encodes text prompts itself.
     """
     from ..autoencoders import DCAE
     from ..pipelines import DCGenFluxPipeline, DCGenSanaPipeline, DCGenToyPipeline
@@ -251,7 +251,8 @@ def export_pipeline(
     # wider: those are summed in float32 and rounded once at the end. Weights stored in
     # ``target`` are exact in it, and the fuse adds a float32 delta to them with one rounding.
     load_dtype = target
-    if lora_dir is not None and _stored_dtype(_transformer_folder(Path(transformer_dir))) != target:
+    stored = _stored_dtype(_transformer_folder(Path(transformer_dir)))
+    if lora_dir is not None and stored != target:
         load_dtype = torch.float32
     transformer, family = load_transformer(transformer_dir, family=family, dtype=load_dtype)
     text_family = family
