@@ -7,8 +7,12 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def fsync_path(path: Path) -> None:
@@ -118,6 +122,26 @@ def _swap_in(new: Path, final: Path) -> None:
     os.replace(final, old / final.name)
     os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def safetensors_ready(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``tensors`` as safetensors takes them, copying only what it would refuse: a tensor whose
+    storage an earlier one already uses (tied weights, views of one buffer) and a non-contiguous
+    one. Every other tensor is passed as it is: copying them all held a second full model in
+    memory while the file was written."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[torch.device, int]] = set()
+    for key, t in tensors:
+        t = t.detach()
+        where = (t.device, t.untyped_storage().data_ptr())
+        if not t.is_contiguous() or (where in seen and t.numel() > 0):
+            t = t.clone(memory_format=torch.contiguous_format)
+        else:
+            seen.add(where)
+        out[key] = t
+    return out
 
 
 def sampled_digest(path: str | os.PathLike, samples: int = 16, chunk: int = 1 << 14) -> str:

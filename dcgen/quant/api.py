@@ -38,7 +38,7 @@ from torch import nn
 
 from dcgen._checks import is_int
 from dcgen._compiled import sees_through_compile, unwrap_compiled
-from dcgen._files import atomic_write
+from dcgen._files import atomic_write, safetensors_ready
 from dcgen.ops.quantize_fp8 import check_granularity
 
 from .fp8 import check_fast_accum
@@ -420,28 +420,10 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
         "rank": ",".join(map(str, ranks)),
         "modules": json.dumps(layers),
     }
-    tensors = _saveable(model.state_dict())
+    tensors = safetensors_ready(model.state_dict().items())
     # Written next to the target and renamed: an interrupted save never leaves a truncated
     # file under the checkpoint's name.
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def _saveable(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` as safetensors takes it: a tensor whose storage an earlier one already uses
-    (tied, or a view), which safetensors refuses, and a non-contiguous one are copied; every
-    other tensor is passed as it is. Copying them all held a second full model in memory
-    while the file was written (12 GB more for an FP8 FLUX)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[torch.device, int]] = set()
-    for k, v in state.items():
-        v = v.detach()
-        where = (v.device, v.untyped_storage().data_ptr())
-        if where in seen or not v.is_contiguous():
-            v = v.clone(memory_format=torch.contiguous_format)
-        else:
-            seen.add(where)
-        out[k] = v
-    return out
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

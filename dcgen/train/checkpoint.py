@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .._files import fsync_path, public_mode
+from .._files import fsync_path, public_mode, safetensors_ready
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +198,7 @@ def checkpoint_step(path: str | Path) -> int:
 
 def _flatten_models(model_state: ModelState) -> dict[str, torch.Tensor]:
     states = model_state() if callable(model_state) else model_state
-    flat: dict[str, torch.Tensor] = {}
-    storages: set[int] = set()
+    flat: list[tuple[str, torch.Tensor]] = []
     for module_name, sd in states.items():
         if _SEP in module_name:
             raise ValueError(f"module name {module_name!r} must not contain {_SEP!r}")
@@ -211,14 +210,8 @@ def _flatten_models(model_state: ModelState) -> dict[str, torch.Tensor]:
                     f"{module_name}.{key} is a {type(t).__name__}; model state must hold tensors "
                     "only (put other values in extra=)"
                 )
-            t = t.detach().to("cpu").contiguous()
-            # safetensors refuses tensors sharing storage (tied weights): store copies of repeats.
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in storages and t.numel() > 0:
-                t = t.clone()
-            storages.add(t.untyped_storage().data_ptr())
-            flat[f"{module_name}{_SEP}{key}"] = t
-    return flat
+            flat.append((f"{module_name}{_SEP}{key}", t.detach().to("cpu")))
+    return safetensors_ready(flat)  # tied weights stored as copies of their repeats
 
 
 def _remove_stale_temps(directory: Path) -> None:
