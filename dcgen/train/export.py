@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -88,39 +87,24 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch
                        "F16": torch.float16}  # fmt: skip
 
 
-def _stored_dtype(folder: Path) -> torch.dtype | None:
-    """The dtype most of a transformer folder's floating-point weights are stored in, from the
-    safetensors headers (no tensor is read); None without safetensors files."""
+def _stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype most of a transformer folder's floating-point weights are stored in (float32
+    without safetensors files), from the safetensors headers: no tensor is read."""
     from safetensors import safe_open
 
-    count: dict[torch.dtype, int] = {}
+    from ..autoencoders.checkpoint import stored_dtype
+
+    shapes: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 piece = f.get_slice(key)
-                dt = _SAFETENSORS_DTYPES.get(piece.get_dtype())
-                if dt is not None:
-                    count[dt] = count.get(dt, 0) + math.prod(piece.get_shape())
-    return max(count, key=count.__getitem__) if count else None
-
-
-def _float32_adapters(transformer: torch.nn.Module, lora_dir: str | Path) -> None:
-    """The LoRA factors in float32 with the file's exact values: peft made them in the model's
-    dtype, which would round the factors (and the delta) before the fuse adds them."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from .lora import LORA_PREFIX, LORA_WEIGHT_NAME, lora_parameters
-
-    for param in lora_parameters(transformer):
-        param.data = param.data.float()
-    state = load_file(str(Path(lora_dir) / LORA_WEIGHT_NAME))
-    prefix = f"{LORA_PREFIX}."
-    state = {k.removeprefix(prefix): v.float() for k, v in state.items() if "lora_" in k}
-    result = set_peft_model_state_dict(transformer, state)
-    if result.unexpected_keys:
-        raise ExportError(f"{lora_dir}: LoRA tensors the model has no place for: "
-                          f"{result.unexpected_keys[:5]}")  # fmt: skip
+                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dtype is not None:  # meta tensors: the shape and dtype, no memory
+                    shapes[f"{file.name}:{key}"] = torch.empty(
+                        piece.get_shape(), dtype=dtype, device="meta"
+                    )
+    return stored_dtype(shapes)
 
 
 def load_transformer(
@@ -270,9 +254,8 @@ def export_pipeline(
     if latent_layers is not None:
         load_latent_layers(adapter, latent_layers)
     if lora_dir is not None:
-        load_lora(transformer, lora_dir)
-        if load_dtype != torch.float32:
-            _float32_adapters(transformer, lora_dir)
+        # float32 factors: the fuse adds their exact delta to the weights, one rounding
+        load_lora(transformer, lora_dir, float32_factors=load_dtype != torch.float32)
         fuse_lora(transformer, scale=lora_scale)
         logger.info("fused LoRA from %s (scale %g)", lora_dir, lora_scale)
 

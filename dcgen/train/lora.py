@@ -285,12 +285,15 @@ def load_lora(
     adapter_name: str = "default",
     weight_name: str = LORA_WEIGHT_NAME,
     trainable: bool = False,
+    float32_factors: bool = False,
 ) -> nn.Module:
     """Load a file written by :func:`save_lora` (or diffusers) into ``transformer`` in place.
 
     Rank, alpha and targets come from the file's ``lora_adapter_metadata``. Every tensor in the
     file must land in the model; a mismatch raises with the offending keys. ``trainable=True``
-    makes the LoRA parameters require grad (to resume training).
+    makes the LoRA parameters require grad (to resume training). ``float32_factors``: the LoRA
+    factors are float32 with the file's values (peft makes them in the model's dtype, rounding
+    them and the delta a fuse adds; export fuses into 16-bit weights with one rounding so).
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
@@ -317,6 +320,15 @@ def load_lora(
             f"LoRA file {path} does not match the model: missing in model "
             f"{sorted(file_keys - loaded)[:5]}, not in file {sorted(loaded - file_keys)[:5]}"
         )
+    if float32_factors:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        for param in _adapter_parameters(transformer, adapter_name):
+            param.data = param.data.float()
+        factors = {k.removeprefix(f"{LORA_PREFIX}."): v.float()
+                   for k, v in load_file(str(path)).items() if "lora_" in k}  # fmt: skip
+        set_peft_model_state_dict(transformer, factors, adapter_name=adapter_name)
     for param in lora_parameters(transformer):
         param.requires_grad_(trainable)
     return transformer
