@@ -15,12 +15,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["dumps", "finite_or_none", "json_safe"]
-
-
-def finite_or_none(value: float) -> float | None:
-    """``value`` if finite, else ``None`` (``null`` in JSON)."""
-    return value if math.isfinite(value) else None
+__all__ = ["dumps", "json_safe"]
 
 
 def _scalar(obj: Any) -> Any:
@@ -39,7 +34,7 @@ def json_safe(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
     if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
         return obj
     if isinstance(obj, float):
-        return finite_or_none(obj)
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
         return {k: json_safe(v, default) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

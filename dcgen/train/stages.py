@@ -808,8 +808,8 @@ def _recorded_config(cfg: TrainConfig) -> dict[str, Any]:
     record = cfg.to_dict()
     for name in PATH_FIELDS:
         value = record.get(name)
-        if isinstance(value, str) and Path(value).expanduser().exists():
-            record[name] = str(Path(value).expanduser().resolve())
+        if isinstance(value, str) and Path(value).exists():  # ~ expanded by validate()
+            record[name] = str(Path(value).resolve())
     return record
 
 
