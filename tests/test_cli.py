@@ -162,3 +162,38 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(
         assert f"cannot write in {locked} (permission denied)" in capsys.readouterr().err
         assert not dst.exists()
     assert main(["convert-dcae", str(src), str(tmp_path / "dst")]) == 0
+
+
+def test_an_interrupted_command_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed a traceback, and SIGTERM killed the process where it stood (no clean-up of
+    temp files). Both now end the command with one line and the shell's status for the signal;
+    the process's own SIGTERM handler is back afterwards."""
+    import os
+    import signal
+    import time
+
+    from dcgen.cli import parser
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a scheduler would
+        time.sleep(30)  # interrupted by the handler's exception, not waited out
+        raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(parser, "_cmd_presets", terminated)
+    assert main(["presets"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.strip() == "dcgen presets: stopped by SIGTERM" and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(parser, "_cmd_presets", ctrl_c)
+    assert main(["presets"]) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == "dcgen presets: interrupted"
+    # the demo keeps its finished phases: the line says how to continue (a path a shell can take)
+    monkeypatch.setattr(parser, "_cmd_demo", ctrl_c)
+    out = tmp_path / "my run"
+    assert main(["demo", "--out", str(out)]) == 128 + signal.SIGINT
+    assert f"dcgen demo --resume --out '{out}'" in capsys.readouterr().err

@@ -21,12 +21,16 @@ Errors in the input print one line and exit with status 2 (-v adds the traceback
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
+import threading
 import traceback
 
-from .common import DTYPES, CLIError
+from .common import DTYPES, CLIError, raise_terminated
 from .parser import BENCH_MODELS, build_parser
 
 __all__ = ["BENCH_MODELS", "DTYPES", "CLIError", "build_parser", "main"]
@@ -45,8 +49,19 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
     try:
         return args.fn(args)
+    except KeyboardInterrupt as stop:
+        # Ctrl-C or SIGTERM: one line, not a traceback. Outputs already finished are whole
+        # (atomic writes); a training run stopped after its current step with a checkpoint
+        # (TrainingInterrupted, which says where) and continues when run again.
+        if args.verbose:
+            traceback.print_exc()
+        print(f"dcgen {args.command}: {str(stop) or 'interrupted'}{_resume_hint(args, stop)}",
+              file=sys.stderr)  # fmt: skip
+        return int(getattr(stop, "exit_status", 128 + signal.SIGINT))
     except BrokenPipeError:
         # The reader went away (`dcgen presets | head -2`): not an error of ours. Point stdout
         # at /dev/null so the interpreter's final flush does not raise again.
@@ -60,3 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(message.split())
         print(f"dcgen {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:  # main() called from a program of its own: give its handler back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _resume_hint(args: argparse.Namespace, stop: KeyboardInterrupt) -> str:
+    if args.command == "demo":  # its finished phases and training checkpoints are kept
+        out = shlex.quote(str(args.out))
+        return f" (to continue: dcgen demo --resume --out {out} with the same options)"
+    if args.command == "precompute":  # finished shards are kept and skipped when run again
+        return " (to continue: run the same command again; finished shards are kept)"
+    if hasattr(stop, "checkpoint_dir"):  # a training stage's clean stop
+        return " (to continue: run the same command again, with resume on, its default)"
+    return ""

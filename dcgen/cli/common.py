@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import torch
 
@@ -15,6 +17,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class CLIError(ValueError):
     """Bad input found by the CLI itself; printed as one line, exit status 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is (so temp files are removed and finished outputs
+    stay whole, as after Ctrl-C) instead of the default immediate exit."""
+
+    exit_status = 128 + signal.SIGTERM
+
+    def __init__(self) -> None:
+        super().__init__("stopped by SIGTERM")
+
+
+def raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
