@@ -20,6 +20,7 @@ from torch import nn
 
 from dcgen._files import atomic_write
 from dcgen.train.checkpoint import capture_rng_state, restore_rng_state
+from dcgen.train.interrupt import StopRequest, TrainingInterrupted
 
 PARTIAL_DIR = ".partial"
 FORMAT = "dcgen.toy_part_checkpoint/1"
@@ -32,7 +33,8 @@ def partial_state_path(folder: str | Path, part: str) -> Path:
 
 class PartCheckpoint:
     """Save / restore one part's training state. ``folder=None`` turns it off (tests, callers
-    that do not want files)."""
+    that do not want files). With ``stop``, a requested stop (Ctrl-C, SIGTERM) saves at the
+    step just done and raises :class:`~dcgen.train.interrupt.TrainingInterrupted`."""
 
     def __init__(
         self,
@@ -43,6 +45,7 @@ class PartCheckpoint:
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         generator: torch.Generator | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         if every < 1:
             raise ValueError(f"checkpoint every: expected a positive step count, got {every}")
@@ -50,6 +53,7 @@ class PartCheckpoint:
         self.part, self.every = part, every
         self.modules, self.optimizer, self.scheduler = modules, optimizer, scheduler
         self.generator = generator
+        self.stop = stop
 
     def start(self, steps: int, resume: bool) -> tuple[int, list[float]]:
         """(first step to run, losses so far): :meth:`restore` when resuming; else the part
@@ -79,8 +83,10 @@ class PartCheckpoint:
 
     def step_done(self, step: int, steps: int, losses: list[float]) -> None:
         """After optimizer step ``step`` (1-based) of ``steps``: save every ``every`` steps
-        (not after the last: the finished part is saved by the recipe itself)."""
-        if self.path is None or step % self.every or step >= steps:
+        (not after the last: the finished part is saved by the recipe itself), and at once
+        when a stop was requested."""
+        signum = self.stop.signum if self.stop is not None else None
+        if self.path is None or (step % self.every and signum is None) or step >= steps:
             return
         state = {
             "format": FORMAT,
@@ -96,6 +102,8 @@ class PartCheckpoint:
         }
         path = self.path
         atomic_write(path, lambda tmp: torch.save(state, tmp))
+        if signum is not None:
+            raise TrainingInterrupted(self.part, step, steps, path.parent, signum)
 
     def clear(self) -> None:
         """Remove the saved state (the part is finished and saved, or starts over)."""

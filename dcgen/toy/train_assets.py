@@ -38,6 +38,8 @@ import copy
 import json
 import logging
 import math
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,6 +51,7 @@ from torch import nn
 
 from dcgen._files import atomic_write
 from dcgen._json import dumps
+from dcgen.train.interrupt import StopRequest, TrainingInterrupted
 
 from . import assets as A
 from .evaluator import ShapeEvaluator, evaluator_loss, label_accuracy, score_prompts
@@ -131,6 +134,7 @@ def train_vae(
     *,
     ckpt_dir: Path | None = None,
     resume: bool = False,
+    stop: StopRequest | None = None,
 ) -> tuple[nn.Module, dict]:
     """The f8c4 VAE. With ``ckpt_dir``, a checkpoint every CHECKPOINT_EVERY steps there;
     ``resume`` continues from it (exactly: see part_checkpoint)."""
@@ -139,7 +143,7 @@ def train_vae(
     world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=10**9)
     g = torch.Generator().manual_seed(0)
     opt, sched = _optimizer(vae.parameters(), 1e-3, steps, 100)
-    ckpt = PartCheckpoint(ckpt_dir, "vae", CHECKPOINT_EVERY, {"vae": vae}, opt, sched, g)
+    ckpt = PartCheckpoint(ckpt_dir, "vae", CHECKPOINT_EVERY, {"vae": vae}, opt, sched, g, stop=stop)
     first, losses = ckpt.start(steps, resume)
     batches = world.iter_batches(8, start=2_000_000 + 8 * first)
     for step in _progress(range(first, steps), "vae", progress):
@@ -206,6 +210,7 @@ def train_evaluator(
     *,
     ckpt_dir: Path | None = None,
     resume: bool = False,
+    stop: StopRequest | None = None,
 ) -> tuple[ShapeEvaluator, dict]:
     """The attribute classifiers (checkpoints as :func:`train_vae`)."""
     torch.manual_seed(0)
@@ -213,7 +218,9 @@ def train_evaluator(
     world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=10**9)
     g = torch.Generator().manual_seed(1)
     opt, sched = _optimizer(model.parameters(), 2e-3, steps, 50)
-    ckpt = PartCheckpoint(ckpt_dir, "evaluator", CHECKPOINT_EVERY, {"ev": model}, opt, sched, g)
+    ckpt = PartCheckpoint(
+        ckpt_dir, "evaluator", CHECKPOINT_EVERY, {"ev": model}, opt, sched, g, stop=stop
+    )
     first, losses = ckpt.start(steps, resume)
     batches = world.iter_batches(32, start=4_000_000 + 32 * first)
     for step in _progress(range(first, steps), "evaluator", progress):
@@ -233,13 +240,14 @@ def train_dcae(
     *,
     ckpt_dir: Path | None = None,
     resume: bool = False,
+    stop: StopRequest | None = None,
 ) -> tuple[nn.Module, dict]:
     """The f32c32 DC-AE (checkpoints as :func:`train_vae`)."""
     torch.manual_seed(0)
     dcae = A.build_dcae().to(device).train()
     world = ShapesWorld(A.TRAIN_SEED, A.IMAGE_SIZE, length=10**9)
     opt, sched = _optimizer(dcae.parameters(), 1e-3, steps, 100)
-    ckpt = PartCheckpoint(ckpt_dir, "dcae", CHECKPOINT_EVERY, {"dcae": dcae}, opt, sched)
+    ckpt = PartCheckpoint(ckpt_dir, "dcae", CHECKPOINT_EVERY, {"dcae": dcae}, opt, sched, stop=stop)
     first, losses = ckpt.start(steps, resume)
     batches = world.iter_batches(8, start=6_000_000 + 8 * first)
     for step in _progress(range(first, steps), "dcae", progress):
@@ -290,6 +298,7 @@ def train_flux(
     *,
     ckpt_dir: Path | None = None,
     resume: bool = False,
+    stop: StopRequest | None = None,
 ) -> tuple[nn.Module, ToyTextEncoder, dict]:
     """The base transformer and text encoder, jointly, with EMA weights (checkpoints as
     :func:`train_vae`, the EMA copies included)."""
@@ -318,7 +327,7 @@ def train_flux(
         sizes.append((low_res_latents, resolve_shift("flux", adapter.num_tokens(lh, lw), c)))
     modules = {"transformer": transformer, "text": text}
     modules.update({"ema_transformer": ema_models[0], "ema_text": ema_models[1]})
-    ckpt = PartCheckpoint(ckpt_dir, "flux", CHECKPOINT_EVERY, modules, opt, sched, g)
+    ckpt = PartCheckpoint(ckpt_dir, "flux", CHECKPOINT_EVERY, modules, opt, sched, g, stop=stop)
     first, losses = ckpt.start(steps, resume)
     for step in _progress(range(first, steps), "flux", progress):
         low = len(sizes) > 1 and step % low_res_every == low_res_every - 1
@@ -514,40 +523,10 @@ def train(
     def steps(part: str) -> int:
         return max(2, int(STEPS[part] * scale))
 
-    for part in PARTS[:-1]:
-        if part not in parts:
-            continue
-        if resume and _finished(out, part, steps(part)):
-            logger.info("%s: already trained in %s (training.json), kept", part, out)
-            continue
-        t0 = time.perf_counter()
-        if part == "vae":
-            vae, info = train_vae(steps("vae"), progress, device, ckpt_dir=out, resume=resume)
-            vae.save_pretrained(str(out / A.FOLDERS["vae"]))
-        elif part == "evaluator":
-            ev, info = train_evaluator(
-                steps("evaluator"), progress, device, ckpt_dir=out, resume=resume
-            )
-            ev.save_pretrained(out / A.FOLDERS["evaluator"])
-        elif part == "dcae":
-            dcae, info = train_dcae(steps("dcae"), progress, device, ckpt_dir=out, resume=resume)
-            dcae.save_pretrained(out / A.FOLDERS["dcae"])
-        else:
-            vae = _load_part(out, "vae", device)
-            count = max(256, int(FLUX_TRAIN_IMAGES * min(scale * 10, 1.0)))
-            latents, low_res, captions = encode_training_set(
-                vae, count, progress, low_res=low_res_every > 0
-            )
-            transformer, text, info = train_flux(
-                latents, captions, steps("flux"), progress, low_res, max(low_res_every, 1),
-                ckpt_dir=out, resume=resume,
-            )  # fmt: skip
-            transformer.save_pretrained(str(out / A.FOLDERS["transformer"]))
-            text.save_pretrained(out / A.FOLDERS["text_encoder"])
-        _write_log(out, part, info, time.perf_counter() - t0, device)
-        # Only now, with the part saved and logged, is its in-part checkpoint not needed.
-        partial_state_path(out, part).unlink(missing_ok=True)
-        logger.info("%s done in %.0f s: %s", part, time.perf_counter() - t0, info)
+    # Ctrl-C / SIGTERM: the part in training checkpoints at its current step and stops (a
+    # part that had just finished is saved first); --resume continues there.
+    with StopRequest("toy assets") as stop:
+        _train_parts(out, parts, steps, progress, low_res_every, scale, device, resume, stop)
 
     if "manifest" not in parts:
         return {}
@@ -583,6 +562,61 @@ def train(
     text = dumps(manifest, indent=1)
     atomic_write(out / A.MANIFEST, lambda tmp: Path(tmp).write_text(text))
     return manifest
+
+
+def _train_parts(
+    out: Path,
+    parts: tuple[str, ...],
+    steps: Callable[[str], int],
+    progress: bool,
+    low_res_every: int,
+    scale: float,
+    device: Device,
+    resume: bool,
+    stop: StopRequest,
+) -> None:
+    for part in PARTS[:-1]:
+        if part not in parts:
+            continue
+        if resume and _finished(out, part, steps(part)):
+            logger.info("%s: already trained in %s (training.json), kept", part, out)
+            continue
+        t0 = time.perf_counter()
+        if part == "vae":
+            vae, info = train_vae(
+                steps("vae"), progress, device, ckpt_dir=out, resume=resume, stop=stop
+            )
+            vae.save_pretrained(str(out / A.FOLDERS["vae"]))
+        elif part == "evaluator":
+            ev, info = train_evaluator(
+                steps("evaluator"), progress, device, ckpt_dir=out, resume=resume, stop=stop
+            )
+            ev.save_pretrained(out / A.FOLDERS["evaluator"])
+        elif part == "dcae":
+            dcae, info = train_dcae(
+                steps("dcae"), progress, device, ckpt_dir=out, resume=resume, stop=stop
+            )
+            dcae.save_pretrained(out / A.FOLDERS["dcae"])
+        else:
+            vae = _load_part(out, "vae", device)
+            count = max(256, int(FLUX_TRAIN_IMAGES * min(scale * 10, 1.0)))
+            latents, low_res, captions = encode_training_set(
+                vae, count, progress, low_res=low_res_every > 0
+            )
+            transformer, text, info = train_flux(
+                latents, captions, steps("flux"), progress, low_res, max(low_res_every, 1),
+                ckpt_dir=out, resume=resume, stop=stop,
+            )  # fmt: skip
+            transformer.save_pretrained(str(out / A.FOLDERS["transformer"]))
+            text.save_pretrained(out / A.FOLDERS["text_encoder"])
+        _write_log(out, part, info, time.perf_counter() - t0, device)
+        # Only now, with the part saved and logged, is its in-part checkpoint not needed.
+        partial_state_path(out, part).unlink(missing_ok=True)
+        logger.info("%s done in %.0f s: %s", part, time.perf_counter() - t0, info)
+        if stop.requested:
+            raise TrainingInterrupted(
+                part, steps(part), steps(part), out, stop.signum or signal.SIGTERM
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,15 +665,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda: this torch sees no CUDA GPU (use --device cpu)")
     torch.set_num_threads(args.threads)
     parts = tuple(s.strip() for s in args.parts.split(",") if s.strip())
-    manifest = train(
-        args.out,
-        parts,
-        args.scale,
-        progress=not args.quiet,
-        low_res_every=args.low_res_every,
-        device=device,
-        resume=args.resume,
-    )
+    try:
+        manifest = train(
+            args.out,
+            parts,
+            args.scale,
+            progress=not args.quiet,
+            low_res_every=args.low_res_every,
+            device=device,
+            resume=args.resume,
+        )
+    except TrainingInterrupted as stop:
+        print(f"{stop} (to continue: the same command with --resume)", file=sys.stderr)
+        return stop.exit_status
     if manifest:
         print(dumps(manifest["metrics"], indent=1))
     return 0

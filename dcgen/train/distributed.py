@@ -96,6 +96,16 @@ class DistContext:
         dist.all_reduce(t)
         return float(t.item() / self.world_size)
 
+    def mean_and_any(self, value: float, flag: bool) -> tuple[float, bool]:
+        """:meth:`mean` of ``value``, and whether ``flag`` is set on any rank, in one
+        all-reduce: the loop's per-step exchange (the logged loss, and a stop request that
+        every rank must act on at the same step or the collectives after it would hang)."""
+        if not self.enabled:
+            return value, flag
+        t = torch.tensor([value, float(flag)], dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t)
+        return float(t[0].item() / self.world_size), bool(t[1].item() > 0)
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         if not self.enabled:
             return [obj]

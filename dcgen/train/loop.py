@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from .config import TrainConfig
 from .data import collate_samples
 from .distributed import DistContext, FSDPState
 from .ema import EMA
+from .interrupt import StopRequest, TrainingInterrupted
 from .losses import guidance_values, sample_timesteps
 
 logger = logging.getLogger(__name__)
@@ -238,12 +240,17 @@ def train_loop(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     on_sample: Callable[[int], Any] | None = None,
+    stop_on_signal: bool = True,
 ) -> LoopResult:
     """Train ``module``'s trainable parameters for ``steps`` optimizer steps of ``cfg.batch_size``
     global samples (resuming from ``run_dir/checkpoints`` when ``cfg.resume``). ``on_step(step,
     loss)`` runs after each step (and its checkpoint), e.g. to stop a run early in tests.
     ``on_sample(step)`` runs every ``cfg.sample_every`` steps and at the last step, after the
-    checkpoint and before ``on_step`` (e.g. :class:`~dcgen.train.samples.SampleWriter`)."""
+    checkpoint and before ``on_step`` (e.g. :class:`~dcgen.train.samples.SampleWriter`).
+
+    With ``stop_on_signal`` (from the main thread), Ctrl-C or SIGTERM stops the run after the
+    step it is in, with a checkpoint at that step, by raising
+    :class:`~dcgen.train.interrupt.TrainingInterrupted` (every rank stops at the same step)."""
     run_dir = Path(run_dir)
     device = ctx.device
     fsdp = ctx.enabled and cfg.parallel == "fsdp"
@@ -327,85 +334,98 @@ def train_loop(
     bar = tqdm(total=steps, initial=start, desc=tag, disable=not (progress and ctx.is_main))
     model.train()
     t0 = time.perf_counter()
-    while state.step < steps:
-        sampler.set_epoch(state.epoch, state.position)
-        for indices in sampler:
-            # ---- one optimizer step: this rank's shard of the global batch -----------------
-            batch = _load_batch(dataset, indices[shard], device)
-            rnd = StepRandom(cfg.seed, state.step, len(indices), shard, device)
-            inputs = make_inputs(batch, rnd)
-            with autocast:
-                loss = model(**inputs)
-            loss.backward()  # DDP averages the gradients over ranks here
-            if cfg.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            # A non-finite loss gives non-finite gradients; an optimizer step on them made every
-            # weight NaN, and the run went on checkpointing NaN (pruning the good checkpoints).
-            # Such a step is skipped: no update, no EMA update; the schedule and the data move
-            # on as for any step. The norm is the global one (gradients already averaged over
-            # ranks, FSDP's full tensor), so every rank decides the same.
-            finite = math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-                nonfinite_in_a_row = 0
-            else:
-                nonfinite_in_a_row += 1
-                logger.warning(
-                    "%s step %d: non-finite loss or gradients (gradient norm %s): step skipped, "
-                    "weights unchanged", tag, state.step + 1, grad_norm,
-                )  # fmt: skip
-                if nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
-                    raise TrainingDivergedError(
-                        f"{tag}: {nonfinite_in_a_row} steps in a row up to step {state.step + 1} "
-                        "had a non-finite loss or gradients (each skipped): the data (e.g. a "
-                        "cached latent with inf / NaN) or the learning rate; the checkpoints "
-                        f"in {ckpt_dir} hold the weights from before"
-                    )
-            lr = optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None and finite:
-                ema.update(state.step + 1)
-            state.advance()
-            # ---- bookkeeping ---------------------------------------------------------------
-            value = ctx.mean(float(loss.detach()))
-            losses.append(value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4g}")
-            if ctx.is_main:
-                entry = {
-                    "tag": tag,
-                    "step": state.step,
-                    "loss": value,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "time_s": round(time.perf_counter() - t0, 3),
-                }
-                if not finite:
-                    entry["skipped"] = True
-                with open(log_path, "a") as f:
-                    f.write(dumps(entry) + "\n")
-                if state.step % cfg.log_every == 0 or state.step == steps:
-                    logger.info("%s step %d/%d: loss %.5g", tag, state.step, steps, value)
-            if state.step % cfg.checkpoint_every == 0 or state.step == steps:
-                if fsdp_state is not None:
-                    fsdp_state.gather()  # collective: full CPU state on rank 0
+    stop = StopRequest(tag)
+    with stop if stop_on_signal else contextlib.nullcontext():
+        while state.step < steps:
+            sampler.set_epoch(state.epoch, state.position)
+            for indices in sampler:
+                # ---- one optimizer step: this rank's shard of the global batch -----------------
+                batch = _load_batch(dataset, indices[shard], device)
+                rnd = StepRandom(cfg.seed, state.step, len(indices), shard, device)
+                inputs = make_inputs(batch, rnd)
+                with autocast:
+                    loss = model(**inputs)
+                loss.backward()  # DDP averages the gradients over ranks here
+                if cfg.grad_clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                else:
+                    norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                # A non-finite loss gives non-finite gradients; an optimizer step on them made every
+                # weight NaN, and the run went on checkpointing NaN (pruning the good checkpoints).
+                # Such a step is skipped: no update, no EMA update; the schedule and the data move
+                # on as for any step. The norm is the global one (gradients already averaged over
+                # ranks, FSDP's full tensor), so every rank decides the same.
+                finite = math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                    nonfinite_in_a_row = 0
+                else:
+                    nonfinite_in_a_row += 1
+                    logger.warning(
+                        "%s step %d: non-finite loss or gradients (gradient norm %s): step skipped, "
+                        "weights unchanged", tag, state.step + 1, grad_norm,
+                    )  # fmt: skip
+                    if nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+                        raise TrainingDivergedError(
+                            f"{tag}: {nonfinite_in_a_row} steps in a row up to step {state.step + 1} "
+                            "had a non-finite loss or gradients (each skipped): the data (e.g. a "
+                            "cached latent with inf / NaN) or the learning rate; the checkpoints "
+                            f"in {ckpt_dir} hold the weights from before"
+                        )
+                lr = optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None and finite:
+                    ema.update(state.step + 1)
+                state.advance()
+                # ---- bookkeeping ---------------------------------------------------------------
+                # A stop request counts when any rank has one, so that all stop at this step.
+                value, stopping = ctx.mean_and_any(float(loss.detach()), stop.requested)
+                losses.append(value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4g}")
                 if ctx.is_main:
-                    ckpt.save(state)
-                ctx.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
-            every = cfg.sample_every
-            if on_sample is not None and every and (state.step % every == 0 or state.step == steps):
-                with _unsharded(model if fsdp else None):
-                    on_sample(state.step)
-            if on_step is not None:
-                on_step(state.step, value)
-            if state.step >= steps:
-                break
-        else:
-            state.next_epoch()
+                    entry = {
+                        "tag": tag,
+                        "step": state.step,
+                        "loss": value,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "time_s": round(time.perf_counter() - t0, 3),
+                    }
+                    if not finite:
+                        entry["skipped"] = True
+                    with open(log_path, "a") as f:
+                        f.write(dumps(entry) + "\n")
+                    if state.step % cfg.log_every == 0 or state.step == steps:
+                        logger.info("%s step %d/%d: loss %.5g", tag, state.step, steps, value)
+                if stopping or state.step % cfg.checkpoint_every == 0 or state.step == steps:
+                    if fsdp_state is not None:
+                        fsdp_state.gather()  # collective: full CPU state on rank 0
+                    if ctx.is_main:
+                        ckpt.save(state)
+                    ctx.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
+                every = cfg.sample_every
+                sample_due = every and (state.step % every == 0 or state.step == steps)
+                if on_sample is not None and sample_due:
+                    with _unsharded(model if fsdp else None):
+                        on_sample(state.step)
+                if on_step is not None:
+                    on_step(state.step, value)
+                if stopping:
+                    # The checkpoint is written first: a second signal or the scheduler's kill
+                    # during the sample or on_step above loses nothing. Raised even at the last
+                    # step, so that a caller running several stages does not go on.
+                    bar.close()
+                    model.eval()
+                    raise TrainingInterrupted(
+                        tag, state.step, steps, ckpt_dir, stop.signum or signal.SIGTERM
+                    )
+                if state.step >= steps:
+                    break
+            else:
+                state.next_epoch()
     bar.close()
     model.eval()
     if fsdp_state is not None:

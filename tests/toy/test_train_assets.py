@@ -174,3 +174,56 @@ def test_a_stale_part_checkpoint_is_not_resumed_by_another_recipe(tmp_path, monk
     # Another --scale is another step count: the saved state is not continued.
     T.train(tmp_path, ("dcae",), scale=0.002, progress=False, resume=True)
     assert calls == [(0, [])]
+
+
+def test_ctrl_c_checkpoints_the_part_at_its_step_and_resume_is_exact(tmp_path, monkeypatch):
+    """Ctrl-C used to lose every step since the part's last checkpoint (250 steps apart): now
+    the part checkpoints at the step it was in and stops; --resume continues to the same VAE."""
+    import os
+    import signal
+
+    from dcgen.toy.part_checkpoint import PartCheckpoint
+    from dcgen.train.interrupt import TrainingInterrupted
+
+    kwargs = dict(scale=0.001, progress=False)  # 3 steps, no checkpoint before the end
+    T.train(tmp_path / "whole", ("vae",), **kwargs)
+    real = PartCheckpoint.step_done
+
+    def step_done(self, n, steps, losses):
+        real(self, n, steps, losses)
+        if n == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # during step 1's bookkeeping: step 2 is next
+
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        m.setattr(PartCheckpoint, "step_done", step_done)
+        with pytest.raises(TrainingInterrupted) as info:
+            T.train(out, ("vae",), **kwargs)
+    assert info.value.tag == "vae"
+    assert (info.value.step, info.value.steps) == (2, 3)
+    state = torch.load(out / ".partial" / "vae.pt", weights_only=False)
+    assert state["step"] == 2
+    T.train(out, ("vae",), resume=True, **kwargs)
+    whole = json.loads((tmp_path / "whole" / "training.json").read_text())["vae"]
+    assert (
+        json.loads((out / "training.json").read_text())["vae"]["final_loss"] == whole["final_loss"]
+    )
+    a, b = T._load_part(tmp_path / "whole", "vae"), T._load_part(out, "vae")
+    for (name, u), (_, v) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(u, v), name
+
+
+def test_the_recipe_command_exits_with_the_signal_status_and_a_resume_hint(
+    tmp_path, monkeypatch, capsys
+):
+    import signal
+
+    from dcgen.train.interrupt import TrainingInterrupted
+
+    def stopped(out, *args, **kwargs):
+        raise TrainingInterrupted("vae", 3, 6, tmp_path / ".partial", signal.SIGTERM)
+
+    monkeypatch.setattr(T, "train", stopped)
+    assert T.main(["--out", str(tmp_path)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "vae: stopped by SIGTERM after step 3 of 6" in err and "--resume" in err
