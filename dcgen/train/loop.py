@@ -164,15 +164,35 @@ _FLOAT_FIELDS = ("loss", "lr", "grad_norm")
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The log's entries. A non-finite loss or gradient norm is written as ``null`` (strict
     JSON, see dcgen._json) and read back as NaN, so the values stay floats."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    entries = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return _read_log(Path(path))[0]
+
+
+def _read_log(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """(entries, whether the file ends in a cut-off line). A run killed, or out of disk space,
+    in the middle of an append leaves its last line unfinished: that line is skipped (the
+    step is replayed from the checkpoint) where it made every later resume fail to parse the
+    log. Any other line that is not JSON is an error naming the file and the line."""
+    if not path.is_file():
+        return [], False
+    text = path.read_text()
+    torn = bool(text) and not text.endswith("\n")
+    lines = text.splitlines()
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except ValueError as err:
+            if torn and number == len(lines):
+                logger.warning("%s: its last line was cut off mid-write; it is ignored", path)
+                continue
+            raise ValueError(f"{path}: line {number} is not a log entry ({err})") from err
     for entry in entries:
         for key in _FLOAT_FIELDS:
             if key in entry and entry[key] is None:
                 entry[key] = math.nan
-    return entries
+    return entries, torn
 
 
 def _load_batch(dataset: Any, indices: Sequence[int], device: torch.device) -> dict[str, Any]:
@@ -182,9 +202,9 @@ def _load_batch(dataset: Any, indices: Sequence[int], device: torch.device) -> d
 
 def _truncate_log(path: Path, tag: str, step: int) -> None:
     """Drop the entries a killed run wrote after its last checkpoint; they are replayed."""
-    entries = read_log(path)
+    entries, torn = _read_log(path)
     kept = [e for e in entries if e.get("tag") != tag or e.get("step", 0) <= step]
-    if len(kept) != len(entries):
+    if torn or len(kept) != len(entries):  # torn: the next append must start a line
         text = "".join(dumps(e) + "\n" for e in kept)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # a kill here keeps the log
 
