@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,33 +44,63 @@ def public_mode(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
+def as_write_error(err: BaseException, path: Path, tmp: str | Path | None = None) -> OSError | None:
+    """``err``, raised while writing ``path`` (through its temporary ``tmp``), as an OSError
+    naming ``path`` when it is a failed write; else None. With ``tmp``, an OSError about a
+    file outside it (one the writer reads) is not one. Besides OSError: safetensors reports a failed write as a
+    SafetensorError ("Error while serializing: I/O error: ... (os error 28)") and torch.save
+    as a RuntimeError from its zip writer ("enforce fail at inline_container.cc ...
+    unexpected pos"), neither naming the file: the command line printed them as tracebacks.
+    The temporary name alone ("Permission denied: '.out.png.1ex6i460.tmp'") is not one the
+    user gave either."""
+    if isinstance(err, OSError):
+        if tmp is not None and err.filename is not None:
+            if not str(err.filename).startswith(str(tmp)):
+                return None  # about another file
+        if err.errno is None or err.strerror is None:
+            return OSError(f"cannot write {path}: {err}")
+        return type(err)(err.errno, f"cannot write {path}: {err.strerror}")
+    text = str(err)
+    code = re.search(r"\(os error (\d+)\)", text)
+    if code is not None and "serializ" in text:
+        number = int(code.group(1))
+        return OSError(number, f"cannot write {path}: {os.strerror(number)}")
+    if "inline_container" in text or "PytorchStreamWriter" in text:
+        return OSError(
+            f"cannot write {path}: the write stopped part way ({' '.join(text.split())})"
+        )
+    return None
+
+
 @contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """An OSError from making the temporary file or folder beside ``path`` names ``path``: the
-    temporary name ("Permission denied: '.out.png.1ex6i460.tmp'") is not one the user gave."""
+def naming_write_errors(path: Path, tmp: str | Path | None = None) -> Iterator[None]:
+    """Re-raise a failed write of ``path`` (through ``tmp``) inside the block as an OSError
+    naming ``path`` (:func:`as_write_error`); any other error passes unchanged."""
     try:
         yield
-    except OSError as err:
-        if err.errno is None:
+    except Exception as err:
+        wrapped = as_write_error(err, path, tmp)
+        if wrapped is None:
             raise
-        raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from err
+        raise wrapped from err
 
 
-def atomic_write(path: Path, write: Callable[[str], None], durable: bool = False) -> None:
+def atomic_write(path: Path, write: Callable[[str], object], durable: bool = False) -> None:
     """Call ``write(tmp_path)`` for a temp file next to ``path``, then os.replace it into place
     (a crash mid-write never leaves a half-written file under the final name). ``durable``:
     fsync the file before the rename and the folder after it (caches a later run trusts)."""
     path = Path(path)
-    with _naming(path):
+    with naming_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
-        public_mode(tmp)
-        if durable:
-            fsync_path(Path(tmp))
-        os.replace(tmp, path)
+        with naming_write_errors(path, tmp):
+            write(tmp)
+            public_mode(tmp)
+            if durable:
+                fsync_path(Path(tmp))
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -91,37 +122,55 @@ def atomic_folder(path: Path, write: Callable[[Path], None]) -> None:
         path = path.resolve()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path}: expected a folder to write into, it is a file")
-    with _naming(path):
+    with naming_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     public_mode(tmp, directory=True)  # mkdtemp's 0700 would stay on the renamed folder
     try:
-        write(tmp)
-        if not path.exists():
-            os.replace(tmp, path)
-            return
-        new = {p.name for p in tmp.iterdir()}
-        if {p.name for p in path.iterdir()} - new:
-            for name in sorted(new):
-                _swap_in(tmp / name, path / name)
-            tmp.rmdir()
-        else:
-            _swap_in(tmp, path)
+        with naming_write_errors(path, tmp):
+            write(tmp)
+            if not path.exists():
+                os.replace(tmp, path)
+                return
+            new = {p.name for p in tmp.iterdir()}
+            if {p.name for p in path.iterdir()} - new:
+                swap_in([(tmp / name, path / name) for name in sorted(new)])
+                tmp.rmdir()
+            else:
+                swap_in([(tmp, path)])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _swap_in(new: Path, final: Path) -> None:
-    """Rename ``new`` to ``final``; an existing ``final`` is moved aside first (a folder cannot
-    be replaced by a rename) and deleted after."""
-    if not (final.exists() or final.is_symlink()):
-        os.replace(new, final)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-    os.replace(final, old / final.name)
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
+def swap_in(pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Rename each ``new`` to its ``final``, all or none. An existing ``final`` is moved aside
+    first (a folder cannot be replaced by a rename) and deleted only once every rename is done;
+    if one fails, those done are undone and the old ``final`` s put back (a failed second
+    rename used to leave the target missing, its old copy in a hidden folder)."""
+    done: list[tuple[Path, Path, Path | None]] = []  # (new, final, folder holding the old final)
+    try:
+        for new, final in pairs:
+            aside = None
+            if final.exists() or final.is_symlink():
+                aside = Path(
+                    tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent)
+                )
+                os.replace(final, aside / final.name)
+            done.append((new, final, aside))
+            os.replace(new, final)
+    except BaseException:
+        for new, final, aside in reversed(done):
+            with contextlib.suppress(OSError):
+                if not (new.exists() or new.is_symlink()):
+                    os.replace(final, new)  # the new one back where its caller cleans up
+                if aside is not None:
+                    os.replace(aside / final.name, final)
+                    aside.rmdir()
+        raise
+    for _, _, aside in done:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def safetensors_ready(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .._files import fsync_path, public_mode, safetensors_ready
+from .._files import fsync_path, naming_write_errors, public_mode, safetensors_ready, swap_in
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,42 @@ def _remove_stale_temps(directory: Path) -> None:
     for p in directory.glob(".tmp-step-*"):
         logger.info("removing unfinished checkpoint %s", p)
         shutil.rmtree(p, ignore_errors=True)
+    # A finished checkpoint moved aside for a re-save of its step (swap_in) by a process killed
+    # before the new one took its place: it is the step's only copy, so it goes back.
+    for aside in directory.glob(".step-*.old"):
+        for kept in aside.glob("step-*"):
+            if not (directory / kept.name).exists():
+                logger.warning("restoring checkpoint %s from an interrupted re-save", kept.name)
+                os.replace(kept, directory / kept.name)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _write_checkpoint_files(
+    tmp: Path,
+    model_state: ModelState,
+    optimizer: Stateful | None,
+    scheduler: Stateful | None,
+    rng: Mapping[str, Any] | None,
+    state_json: str,
+) -> None:
+    """One checkpoint's files into the folder ``tmp``, each fsynced."""
+    files = {"model.safetensors"}
+    save_file(_flatten_models(model_state), str(tmp / "model.safetensors"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        files.add("optimizer.pt")
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        files.add("scheduler.pt")
+    if rng is not None:
+        torch.save(dict(rng), tmp / "rng.pt")
+        files.add("rng.pt")
+    # state.json last: a directory with it is complete even without the rename guarantee.
+    (tmp / "state.json").write_text(state_json)
+    for name in sorted(files | {"state.json"}):
+        public_mode(tmp / name)  # safetensors creates its file private (0600)
+        with open(tmp / name, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def save_checkpoint(
@@ -271,31 +307,12 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=directory))
     public_mode(tmp, directory=True)  # mkdtemp's 0700 would stay on the renamed checkpoint
     try:
-        files = {"model.safetensors"}
-        save_file(_flatten_models(model_state), str(tmp / "model.safetensors"))
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            files.add("optimizer.pt")
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            files.add("scheduler.pt")
-        if rng is not None:
-            torch.save(dict(rng), tmp / "rng.pt")
-            files.add("rng.pt")
-        # state.json last: a directory with it is complete even without the rename guarantee.
-        (tmp / "state.json").write_text(state_json)
-        for name in sorted(files | {"state.json"}):
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        fsync_path(tmp)
-        if final.exists():
-            # Re-saving a step (e.g. after resuming): swap the old one out, never delete first.
-            old = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-old-", dir=directory))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        with naming_write_errors(final, tmp):
+            _write_checkpoint_files(tmp, model_state, optimizer, scheduler, rng, state_json)
+            fsync_path(tmp)
+            # Re-saving a step (e.g. after resuming): the old one is swapped out, never deleted
+            # first, and comes back if the new one cannot take its place.
+            swap_in([(tmp, final)])
         fsync_path(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
