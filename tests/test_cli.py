@@ -197,3 +197,29 @@ def test_an_interrupted_command_says_so_in_one_line(tmp_path, capsys, monkeypatc
     out = tmp_path / "my run"
     assert main(["demo", "--out", str(out)]) == 128 + signal.SIGINT
     assert f"dcgen demo --resume --out '{out}'" in capsys.readouterr().err
+
+
+def test_demo_dcae_out_of_space_keeps_the_earlier_run(tmp_path, capsys, monkeypatch):
+    """The run folder's pictures and reports were written in place: a full disk left cut-off
+    files under the final names, over the earlier run's, and an error naming no file."""
+    import errno
+
+    from PIL import Image
+
+    out = tmp_path / "run"
+    argv = ["demo-dcae", "--out", str(out), "--steps", "2", "--device", "cpu"]
+    assert main(argv) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def full_disk(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG cut off")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out / 'input.png'}: No space left on device" in err, err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after.keys() == before.keys()
+    for name in ("input.png", "reconstruction.png", "comparison.png", "loss.png", "report.json"):
+        assert after[Path(name)] == before[Path(name)], name

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dcgen._files import atomic_write
 from dcgen._json import dumps
 from dcgen.autoencoders import DCAE
 
@@ -121,16 +122,16 @@ def run_dcae_roundtrip(
         folded = DCAE.from_pretrained(out / "model", device=s.device).fold_batchnorm()
         fold_diff = (folded.decode(latent) - recon).abs().max().item()
 
-    to_pil(image).save(out / "input.png")
-    to_pil(recon).save(out / "reconstruction.png")
-    side_by_side(
+    comparison = side_by_side(
         [to_pil(image), to_pil(recon), to_pil(tiled)],
         ["input", f"full decode {psnr(recon, image):.1f} dB", "tiled decode"],
-    ).save(out / "comparison.png")
-    plot_curve(losses, "training loss (L1 + MSE), log scale").save(out / "loss.png")
-    (out / "loss.csv").write_text(
-        "step,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(losses))
     )
+    curve = plot_curve(losses, "training loss (L1 + MSE), log scale")
+    for name, picture in [("input.png", to_pil(image)), ("reconstruction.png", to_pil(recon)),
+                          ("comparison.png", comparison), ("loss.png", curve)]:  # fmt: skip
+        atomic_write(out / name, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
+    csv = "step,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(losses))
+    atomic_write(out / "loss.csv", lambda tmp: Path(tmp).write_text(csv))
 
     hp, wp = image.shape[-2:]
     report = {
@@ -161,8 +162,9 @@ def run_dcae_roundtrip(
         "batchnorm_fold_max_abs_diff": fold_diff,
         "device": s.device,
     }
-    (out / "report.json").write_text(dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(_markdown(report))
+    text, markdown = dumps(report, indent=2) + "\n", _markdown(report)
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(markdown))
     return report
 
 

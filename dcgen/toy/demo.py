@@ -610,9 +610,9 @@ def run_demo(
         [n for n in ROWS],
         captions[: settings.grid_prompts],
     )
-    grid.save(out / "grid.png")
+    atomic_write(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
     curves = loss_curves(out, list(PHASES))
-    curves.save(out / "loss_curves.png")
+    atomic_write(out / "loss_curves.png", lambda tmp: curves.save(tmp, format="PNG"))
     timings["total"] = time.perf_counter() - t_start
     fd1 = summary1["feature_distance"]
     report = {
@@ -651,6 +651,9 @@ def run_demo(
         },
     }
     report["checks"] = claims(report)
-    (out / "report.json").write_text(dumps(report, indent=1, default=float))
-    (out / "report.md").write_text(markdown_report(report))
+    # each file whole or not at all: a failed write (a full disk) left a cut-off report.json
+    # in place of the earlier run's
+    text, markdown = dumps(report, indent=1, default=float), markdown_report(report)
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(markdown))
     return report

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._files import atomic_write
 from .config import TrainConfig
 from .null_text import load_null_text, null_text_path
 
@@ -176,9 +177,8 @@ class SampleWriter:
         info.add_text("dcgen:decoded", "dcae" if decoded else "latent-preview")
         info.add_text("dcgen:step", str(step))
         out = self.path(step)
-        tmp = out.with_suffix(".tmp.png")
-        grid.save(tmp, pnginfo=info)
-        tmp.replace(out)
+        # a failed save left a visible step-N.tmp.png behind
+        atomic_write(out, lambda tmp: grid.save(tmp, format="PNG", pnginfo=info))
         return out
 
     def _sample(self) -> tuple[torch.Tensor, bool]:

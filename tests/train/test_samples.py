@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -80,3 +81,27 @@ def test_sana_previews_use_its_guidance_when_the_empty_prompt_exists(tmp_path: P
     assert guided(1).is_file() and batches == [6, 6]  # negative and positive, one call a step
     with Image.open(guided.path(1)) as a, Image.open(unguided.path(1)) as b:
         assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_sample_that_cannot_be_written_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    # the grid went to a visible step-N.tmp.png first, left behind when the save failed
+    import errno
+
+    from dcgen.train.cache import LatentCache
+    from dcgen.train.samples import SampleWriter
+    from dcgen.train.stages import load_transformer
+    from tests.train.stage_utils import save_adapted
+
+    cache, adapted = make_cache(tmp_path), save_adapted(tmp_path)
+    cfg = config(tmp_path, "output", adapted, cache, sample_every=1, sample_steps=1,
+                 sample_count=1)  # fmt: skip
+    writer = SampleWriter(load_transformer(adapted), LatentCache(cache), cfg, tmp_path / "run")
+
+    def full_disk(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG cut off")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*step-00000001"):
+        writer(1)
+    assert [p.name for p in writer.dir.iterdir()] == []
