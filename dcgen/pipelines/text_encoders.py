@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .._files import naming_write_errors, swap_in
 from .base import register_components
 from .flux import DCGenFluxPipeline
 from .sana import DCGenSanaPipeline
@@ -176,28 +177,40 @@ def copy_text_components(
 ) -> list[str]:
     """Copy (``link``: symlink, saving T5-XXL's 9.5 GB) the text components of ``family`` from
     the pipeline folder ``source`` into the pipeline folder ``out`` and register them in its
-    model_index.json. Each subfolder is copied under a temporary name and renamed, and the index
-    is replaced atomically, so an interrupted copy leaves no half component registered."""
+    model_index.json. Every subfolder is copied under a temporary name first, then all are
+    swapped in together (components already there are replaced only then, and come back if a
+    rename fails), and the index is replaced atomically: an interrupted or failed copy leaves
+    no half component registered and no registered component missing."""
     source, out = Path(source).resolve(), Path(out)
     if source == out.resolve():
         raise TextEncodersError(f"copy_text_components: {out} is its own source; nothing to copy")
     entries = _checked_entries(source, family)
     _model_index(out)  # a pipeline folder, or a clear error before anything is copied
-    for name in entries:
-        target = out / name
-        tmp = out / f".{name}.tmp"
-        for stale in (tmp, target):
-            if stale.is_symlink() or stale.is_file():
-                stale.unlink()
-            elif stale.exists():
-                shutil.rmtree(stale)
-        if link:
-            os.symlink(source / name, tmp, target_is_directory=True)
-        else:
-            shutil.copytree(source / name, tmp, symlinks=False)
-        os.replace(tmp, target)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name in entries:
+            tmp = out / f".{name}.tmp"
+            _remove(tmp)  # a killed earlier copy's
+            staged.append((tmp, out / name))
+            with naming_write_errors(out / name, tmp):
+                if link:
+                    os.symlink(source / name, tmp, target_is_directory=True)
+                else:
+                    shutil.copytree(source / name, tmp, symlinks=False)
+        swap_in(staged)
+    except BaseException:
+        for tmp, _ in staged:
+            _remove(tmp)
+        raise
     register_components(out, {name: list(entry) for name, entry in entries.items()})
     return list(entries)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 class PipelineTextEncoder:

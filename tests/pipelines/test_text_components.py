@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +210,33 @@ def test_pipelines_default_to_their_models_text_length(folders, monkeypatch):
         pipe(prompt=PROMPT, height=64, width=64, num_inference_steps=1, output_type="latent")
         assert seen[-1] == want
         monkeypatch.undo()
+
+
+def test_a_failed_recopy_keeps_the_components_already_there(folders, tmp_path, monkeypatch):
+    # each old component was deleted before its new copy was made: a full disk mid-copy left
+    # the pipeline registering a text encoder whose folder was gone
+    import errno
+
+    out = tmp_path / "pipe"
+    shutil.copytree(folders["flux_bare"], out)
+    copy_text_components(folders["flux"], out, "flux")
+    real = shutil.copytree
+
+    def full_disk(src, dst, **kw):  # noqa: ANN001, ANN202
+        if Path(src).name == "text_encoder_2":
+            Path(dst).mkdir()
+            (Path(dst) / "half").write_text("x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(shutil, "copytree", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*text_encoder_2: No space left"):
+        copy_text_components(folders["flux"], out, "flux")
+    assert has_text_components(out, "flux") and not list(out.glob(".*"))
+    assert not (out / "text_encoder_2" / "half").exists()
+    with torch.no_grad():
+        got = DCGenFluxPipeline.from_pretrained(out).encode_prompt(
+            [PROMPT], torch.device("cpu"), 16
+        )
+    want = _pipeline_encoding(DCGenFluxPipeline, folders["flux"], PROMPT, 16)
+    assert torch.equal(got[0], want[0])
