@@ -106,7 +106,7 @@ def run_dcae_roundtrip(
         opt.step()
         sched.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     train_s = time.perf_counter() - t_train
     model.eval()
 

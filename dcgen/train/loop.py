@@ -403,8 +403,10 @@ def train_loop(
                 # A stop request counts when any rank has one, so that all stop at this step.
                 value, stopping = ctx.mean_and_any(float(loss.detach()), stop.requested)
                 losses.append(value)
+                # The loss is set without a redraw, then update() draws at its rate limit: the
+                # postfix's own redraw put a frame per step into a redirected log (nohup, SLURM)
+                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{value:.4g}")
                 if ctx.is_main:
                     entry = {
                         "tag": tag,
