@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dcgen._json import dumps
 
@@ -163,10 +167,33 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         from dcgen.train.stages import run
     except ImportError as err:
         raise CLIError(f"the training stages are not available in this install ({err})") from err
-    print(f"dcgen {args.command}: writing {config.out_dir}", file=sys.stderr)
-    summary = run(config, progress=not args.no_progress)
+    print(f"dcgen {args.command}: {_start_line(config)}", file=sys.stderr)
+    train_log = logging.getLogger("dcgen.train")
+    level = train_log.level
+    if args.no_progress:
+        # Without a bar, the loop's log lines are the progress report (the loss every
+        # log_every steps, each checkpoint); at the default level nothing showed for hours.
+        train_log.setLevel(logging.INFO)
+    try:
+        # with a bar, log lines (-v) are printed above it instead of glued to its last frame
+        with contextlib.nullcontext() if args.no_progress else logging_redirect_tqdm():
+            summary = run(config, progress=not args.no_progress)
+    finally:
+        train_log.setLevel(level)
     print(dumps(summary, indent=2, default=str))
     return 0
+
+
+def _start_line(config: Any) -> str:
+    """What the run will do to its folder: write it, or continue it from a checkpoint (a resume
+    showed nowhere at the default log level)."""
+    from dcgen.train.checkpoint import checkpoint_step, latest_checkpoint
+    from dcgen.train.loop import CHECKPOINT_DIR
+
+    latest = latest_checkpoint(Path(config.out_dir) / CHECKPOINT_DIR) if config.resume else None
+    if latest is None:
+        return f"writing {config.out_dir}"
+    return f"resuming {config.out_dir} from its checkpoint at step {checkpoint_step(latest)}"
 
 
 # -- export -----------------------------------------------------------------------------------

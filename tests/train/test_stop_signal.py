@@ -194,6 +194,11 @@ def test_the_command_line_stops_on_sigterm_with_a_checkpoint_and_continues(
 
     resumed = _cli(files["b"], 0)
     assert resumed.returncode == 0, resumed.stderr
+    # the resume is said, and without a bar (--no-progress) the loop's lines report progress
+    assert f"dcgen finetune: resuming {tmp_path / 'b'} from its checkpoint at step 3" in (
+        resumed.stderr
+    )
+    assert "finetune step 5/5: loss" in resumed.stderr, resumed.stderr
     a, b = trainable_weights(tmp_path / "a"), trainable_weights(tmp_path / "b")
     assert a.keys() == b.keys() and a
     for k in a:
