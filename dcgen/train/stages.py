@@ -516,15 +516,8 @@ def align_embedder(
     mse_after = embedder_mse()
     dist_after = distances()
     rank = _embedder_rank(embedder.weight.detach().flatten(1))
-    if rank < new_shape[0]:
-        # The targets lie in the span of the base embedder (its rank), so a DC-AE latent with
-        # more channels than that cannot be fully seen by the frozen DiT after stage 1: the
-        # unseen directions (noise included) are left to stages 2 and 3.
-        logger.warning(
-            "stage 1: the aligned embedder has rank %d for %d latent channels; the frozen "
-            "blocks see only that part of the new latent (the base embedder's rank is %d)",
-            rank, new_shape[0], _embedder_rank(base_embedder.weight.detach().flatten(1)),
-        )  # fmt: skip
+    base_rank = _embedder_rank(base_embedder.weight.detach().flatten(1))
+    _report_embedder_rank(rank, new_shape[0], base_rank)
     head_fit = _fit_head_ridge(adapter, dataset, cfg, ctx) if cfg.align_head == "ridge" else None
     return {
         "stage": "align",
@@ -532,6 +525,7 @@ def align_embedder(
         "downsample_factor": factor,
         "align_mse": {"random": mse_random, "ridge": mse_ridge, "after": mse_after},
         "embedder_rank": rank,
+        "base_embedder_rank": base_rank,
         "latent_channels": new_shape[0],
         "feature_distance": {
             "layers": layers,
@@ -542,6 +536,29 @@ def align_embedder(
         "final_loss": loop.final_loss if loop else mse_after,
         "head": {"init": cfg.align_head, **(head_fit or {})},
     }
+
+
+def _report_embedder_rank(rank: int, channels: int, base_rank: int) -> None:
+    """Say how much of the new latent the frozen blocks see after stage 1. The targets lie in
+    the span of the base embedder, so an aligned rank up to min(channels, base rank) is all
+    stage 1 can reach: below the latent's channels the unseen directions (noise included) are
+    left to stages 2 and 3, a fact of the two models (logged); below the reachable rank the
+    alignment itself fell short (a warning). Every toy run warned of the first, which no
+    setting changes."""
+    if rank >= channels:
+        return
+    if rank < min(channels, base_rank):
+        logger.warning(
+            "stage 1: the aligned embedder has rank %d, below the %d that the base embedder "
+            "(rank %d) and the %d latent channels allow: part of the new latent that the frozen "
+            "blocks could see is dropped", rank, min(channels, base_rank), base_rank, channels,
+        )  # fmt: skip
+        return
+    logger.info(
+        "stage 1: the aligned embedder has rank %d for %d latent channels (the base embedder's "
+        "rank is %d); the frozen blocks see only that part of the new latent",
+        rank, channels, base_rank,
+    )  # fmt: skip
 
 
 def _embedder_rank(weight: torch.Tensor, rtol: float = 1e-3) -> int:

@@ -358,3 +358,26 @@ def test_stage1_names_the_settings_it_does_not_use(root: Path, cache: Path, capl
         run(cfg, progress=False)
     assert "does not use steps=50: it runs align_sgd_steps=0" in caplog.text
     assert "ema_decay=0.9 is not used" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("rank", "channels", "base_rank", "level"),
+    [
+        (16, 32, 16, "INFO"),  # all the base embedder can pass: a fact, nothing to act on
+        (19, 32, 16, "INFO"),  # the toy demo's stage 1 (refinement went past the ridge span)
+        (12, 32, 16, "WARNING"),  # less than reachable: the alignment dropped directions
+        (3, 4, 16, "WARNING"),
+        (4, 4, 16, None),  # every channel seen
+    ],
+)
+def test_the_rank_note_warns_only_when_the_alignment_fell_short(
+    caplog, rank, channels, base_rank, level
+) -> None:
+    # every toy run (and every latent wider than the base embedder's rank) got a warning that
+    # no setting could change
+    from dcgen.train.stages import _report_embedder_rank
+
+    with caplog.at_level("INFO", logger="dcgen.train.stages"):
+        _report_embedder_rank(rank, channels, base_rank)
+    levels = [r.levelname for r in caplog.records if "aligned embedder" in r.getMessage()]
+    assert levels == ([level] if level else [])
