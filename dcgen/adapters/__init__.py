@@ -2,8 +2,15 @@
 position ids, timestep convention), behind one ``predict`` API. ``adapter_for(transformer)``
 picks the family; a new family is one module with a registered ``DiTAdapter`` subclass."""
 
-from .base import DiTAdapter, LatentLayers, adapter_for, register_adapter
-from .flux import FluxAdapter, pack_latents, unpack_latents
+from .base import (
+    DiTAdapter,
+    LatentLayers,
+    adapter_for,
+    pack_latents,
+    register_adapter,
+    unpack_latents,
+)
+from .flux import FluxAdapter
 from .sana import SanaAdapter
 from .structured import StructuredConv2d, StructuredLinear, channel_feature_index
 

@@ -32,6 +32,28 @@ logger = logging.getLogger(__name__)
 _CAPTURING = "_dcgen_capturing_hidden_states"
 
 
+def pack_latents(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, (H/p) * (W/p), C * p * p), row-major tokens, channel-major features."""
+    b, c, h, w = latents.shape
+    p = patch_size
+    x = latents.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for latent size (height, width)."""
+    b, n, f = tokens.shape
+    p = patch_size
+    if n != (height // p) * (width // p) or f % (p * p):
+        raise ValueError(
+            f"unpack_latents: {n} tokens of {f} features do not fit a {height}x{width} latent "
+            f"with patch size {p}"
+        )
+    c = f // (p * p)
+    x = tokens.view(b, height // p, width // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
 @dataclass
 class LatentLayers:
     """The two latent-facing layers of a DiT: token embedder and output head."""
@@ -77,6 +99,19 @@ class DiTAdapter(abc.ABC):
     @abc.abstractmethod
     def latent_layers(self) -> LatentLayers:
         """The current embedder and head modules."""
+
+    # -- packing: (B, C, H, W) latents <-> (B, tokens, features) -------------------------------
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the tokens the embedder takes (:func:`pack_latents`: patch_size x
+        patch_size patches, row-major; FLUX's and SANA's layout). Part of every adapter (the
+        stage-1 readout packs velocities with it): a family with another layout overrides
+        both this and :meth:`unpack`."""
+        return pack_latents(latents, self.patch_size)
+
+    def unpack(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Inverse of :meth:`pack` for a latent of (height, width)."""
+        return unpack_latents(tokens, height, width, self.patch_size)
 
     def replace_latent_layers(
         self, latent_channels: int, patch_size: int = 1, init: str = "random"

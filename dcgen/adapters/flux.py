@@ -37,28 +37,6 @@ POSITION_SCALE_KEY = "_dcgen_position_scale"
 BASE_FLUX_IN_CHANNELS = 64
 
 
-def pack_latents(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, (H/p) * (W/p), C * p * p), row-major tokens, channel-major features."""
-    b, c, h, w = latents.shape
-    p = patch_size
-    x = latents.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // p) * (w // p), c * p * p)
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
-    """Inverse of :func:`pack_latents` for latent size (height, width)."""
-    b, n, f = tokens.shape
-    p = patch_size
-    if n != (height // p) * (width // p) or f % (p * p):
-        raise ValueError(
-            f"unpack_latents: {n} tokens of {f} features do not fit a {height}x{width} latent "
-            f"with patch size {p}"
-        )
-    c = f // (p * p)
-    x = tokens.view(b, height // p, width // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, height, width)
-
-
 @register_adapter
 class FluxAdapter(DiTAdapter):
     transformer_class_names = ("FluxTransformer2DModel",)
@@ -121,14 +99,6 @@ class FluxAdapter(DiTAdapter):
     def _image_hidden_states(self, block_output: Any) -> torch.Tensor:
         # Both block kinds return (encoder_hidden_states, hidden_states).
         return block_output[1]
-
-    # -- packing -----------------------------------------------------------------------------
-
-    def pack(self, latents: torch.Tensor) -> torch.Tensor:
-        return pack_latents(latents, self.patch_size)
-
-    def unpack(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return unpack_latents(tokens, height, width, self.patch_size)
 
     def token_ids(
         self, latent_height: int, latent_width: int, device: torch.device | str | None = None

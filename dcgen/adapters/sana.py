@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from .base import DiTAdapter, LatentLayers, register_adapter
-from .flux import pack_latents, unpack_latents
 from .structured import StructuredConv2d, StructuredLinear
 
 logger = logging.getLogger(__name__)
@@ -50,12 +49,6 @@ class SanaAdapter(DiTAdapter):
 
     def _image_hidden_states(self, block_output: Any) -> torch.Tensor:
         return block_output
-
-    def pack(self, latents: torch.Tensor) -> torch.Tensor:
-        return pack_latents(latents, self.patch_size)
-
-    def unpack(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return unpack_latents(tokens, height, width, self.patch_size)
 
     def _install_latent_layers(
         self, old: LatentLayers, latent_channels: int, patch_size: int
