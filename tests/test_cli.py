@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -223,3 +224,17 @@ def test_demo_dcae_out_of_space_keeps_the_earlier_run(tmp_path, capsys, monkeypa
     assert after.keys() == before.keys()
     for name in ("input.png", "reconstruction.png", "comparison.png", "loss.png", "report.json"):
         assert after[Path(name)] == before[Path(name)], name
+
+
+def test_verbose_is_taken_before_or_after_the_command():
+    # `dcgen presets -v` was refused ("unrecognized arguments"), and no command's --help said -v
+    from dcgen.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["presets"]).verbose is False
+    assert parser.parse_args(["-v", "presets"]).verbose is True
+    assert parser.parse_args(["presets", "-v"]).verbose is True
+    assert parser.parse_args(["generate", "--verbose", "--pipeline", "p"]).verbose is True
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in subs.choices.items():
+        assert "--verbose" in command.format_help(), name

@@ -45,13 +45,14 @@ def _add_lora(parser: argparse.ArgumentParser, what: str) -> None:
                         "per --lora; default 1)")  # fmt: skip
 
 
+VERBOSE_HELP = "log at INFO level; tracebacks on errors"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dcgen", description="DC-Gen: DiTs in deep-compression latent spaces"
     )
-    p.add_argument(
-        "-v", "--verbose", action="store_true", help="log at INFO level; tracebacks on errors"
-    )
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -536,4 +537,9 @@ times S steps and extrapolates to the full depth and --steps. Writes speed.md/.j
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="model dtype (default bf16 on cuda, fp32 on cpu)")  # fmt: skip
     b.set_defaults(fn=_cmd_bench)
+    for command in sub.choices.values():
+        # -v after the command too (`dcgen presets -v` was refused); SUPPRESS: a command line
+        # without it keeps the top-level value instead of resetting it to False
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help=VERBOSE_HELP)  # fmt: skip
     return p
