@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,6 +36,14 @@ def load_module(cls: type[M], config_cls: type, path: str | Path, what: str) -> 
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{what}: no {CONFIG_NAME} in {path}")
-    model = cls(config_cls(**json.loads((path / CONFIG_NAME).read_text())))
-    model.load_state_dict(load_file(path / WEIGHTS_NAME))
+    config = config_cls(**json.loads((path / CONFIG_NAME).read_text()))
+    # Built without memory and without initialising (the weights are assigned next): a plain
+    # build drew its random initial weights from torch's global generator, so loading a toy
+    # pipeline changed the numbers a seeded program drew after it
+    with torch.device("meta"):
+        model = cls(config)
+    model.load_state_dict(load_file(path / WEIGHTS_NAME), assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{what}: {path / WEIGHTS_NAME} does not set {left}")
     return model.eval()

@@ -68,3 +68,16 @@ def test_evaluator_reads_real_images_and_not_noise(toy):
 def test_missing_assets_give_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_toy_assets"):
         A.load_toy_assets(tmp_path)
+
+
+def test_loading_the_toy_world_leaves_the_global_random_state_alone():
+    # the text encoder and the evaluator were built with random initial weights (drawn from
+    # torch's global generator) before their files were loaded: a seeded program that loaded
+    # them drew other numbers afterwards than one that did not
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    world = A.load_toy_assets()
+    assert torch.equal(torch.get_rng_state(), before)
+    # and built that way they hold the files' values, nothing left unset
+    for module in (world.text_encoder, world.evaluator):
+        assert not [n for n, t in module.state_dict().items() if t.is_meta]
