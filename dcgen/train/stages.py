@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcgen._files import atomic_folder, atomic_write
+from dcgen._files import atomic_folder, atomic_write, naming_write_errors, swap_in
 from dcgen._json import dumps
 from dcgen.adapters import DiTAdapter, adapter_for, pack_latents
 from dcgen.sampling.shift import resolve_shift
@@ -97,8 +99,6 @@ def _copy_source_scheduler(source: str | Path, run_dir: Path) -> str | None:
     stage's transformer: export reads the solver and flow shift from there, and an export from
     a stage's output fell back to the family default (SANA: flow shift 3.0 whatever the base
     model sampled with). None where the source has none."""
-    import shutil
-
     src = Path(source).parent / "scheduler"
     if not (src / "scheduler_config.json").is_file():
         return None
@@ -853,6 +853,48 @@ def _check_resume_settings(cfg: TrainConfig, run_dir: Path) -> None:
         )
 
 
+def _write_outputs(
+    transformer: nn.Module, summary: dict[str, Any], cfg: TrainConfig, run_dir: Path
+) -> dict[str, str]:
+    """Write a finished stage's outputs into ``run_dir`` as one unit; returns their paths (also
+    put in ``summary``, written last as summary.json). Everything is written into a staging
+    folder beside them and then swapped in together (swap_in: all or none): a failed write (a
+    full disk) or rename leaves the earlier run's outputs whole, where it used to leave this
+    run's latent layers beside the earlier run's LoRA and summary (a pair export would join)."""
+    for stale in run_dir.glob(".outputs.*.tmp"):  # a killed run's
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".outputs.", suffix=".tmp", dir=run_dir))
+    final = {name: run_dir / name for name in
+             (LATENT_LAYERS_NAME, TRANSFORMER_DIR, "scheduler", "loss.png", "summary.json")}  # fmt: skip
+    paths: dict[str, str] = {}
+    try:
+        with naming_write_errors(run_dir, staging):
+            save_latent_layers(transformer, staging / LATENT_LAYERS_NAME, {"stage": cfg.stage})
+            paths["latent_layers"] = str(final[LATENT_LAYERS_NAME])
+            if cfg.stage == "finetune":
+                paths["lora"] = str(run_dir / save_lora(transformer, staging).name)
+            else:
+                transformer.save_pretrained(staging / TRANSFORMER_DIR)
+                paths["transformer"] = str(final[TRANSFORMER_DIR])
+                if _copy_source_scheduler(cfg.transformer, staging) is not None:
+                    paths["scheduler"] = str(final["scheduler"])
+            losses = [float(e["loss"]) for e in read_log(run_dir / LOG_NAME)]
+            if losses:
+                from dcgen.toy.images import plot_curve
+
+                plot_curve(losses, f"dcgen {cfg.stage}: loss").save(staging / "loss.png")
+                paths["loss_curve"] = str(final["loss.png"])
+            paths["log"] = str(run_dir / LOG_NAME)
+            paths["config"] = str(run_dir / "config.json")
+            summary["paths"] = paths
+            (staging / "summary.json").write_text(dumps(summary, indent=1))
+            swap_in([(staging / entry.name, run_dir / entry.name)
+                     for entry in sorted(staging.iterdir())])  # fmt: skip
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return paths
+
+
 def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | None) -> dict:
     run_dir = Path(cfg.out_dir)
     cache = open_cache(cfg)
@@ -890,32 +932,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
     )
     paths: dict[str, str] = {}
     if ctx.is_main:
-        meta = {"stage": cfg.stage}
-        paths["latent_layers"] = str(
-            save_latent_layers(transformer, run_dir / LATENT_LAYERS_NAME, meta)
-        )
-        # every file is written beside its name and renamed into place: a run killed while
-        # saving leaves the previous result (or none), never half of one
-        if cfg.stage == "finetune":
-            paths["lora"] = str(save_lora(transformer, run_dir))
-        else:
-            atomic_folder(run_dir / TRANSFORMER_DIR, lambda tmp: transformer.save_pretrained(tmp))
-            paths["transformer"] = str(run_dir / TRANSFORMER_DIR)
-            scheduler = _copy_source_scheduler(cfg.transformer, run_dir)
-            if scheduler is not None:
-                paths["scheduler"] = scheduler
-        losses = [float(e["loss"]) for e in read_log(run_dir / LOG_NAME)]
-        if losses:
-            from dcgen.toy.images import plot_curve
-
-            curve = plot_curve(losses, f"dcgen {cfg.stage}: loss")
-            atomic_write(run_dir / "loss.png", lambda tmp: curve.save(tmp, format="PNG"))
-            paths["loss_curve"] = str(run_dir / "loss.png")
-        paths["log"] = str(run_dir / LOG_NAME)
-        paths["config"] = str(run_dir / "config.json")
-        summary["paths"] = paths
-        text = dumps(summary, indent=1)
-        atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
+        paths = _write_outputs(transformer, summary, cfg, run_dir)
     ctx.barrier()
     summary.setdefault("paths", paths)
     logger.info("stage %s done: %s", cfg.stage, {k: summary[k] for k in ("steps", "final_loss")})

@@ -198,3 +198,36 @@ def test_resuming_may_change_the_length_and_bookkeeping(tmp_path) -> None:
                 out_dir=str(relative))  # fmt: skip
     summary = run(config(tmp_path, "output", adapted, cache, **more), progress=False)
     assert summary["steps"] == 4
+
+
+def test_a_rerun_that_fails_to_save_leaves_the_earlier_outputs_whole(tmp_path: Path, monkeypatch):
+    # A rerun with resume = false whose LoRA could not be written (a full disk) left its own
+    # latent layers beside the earlier run's LoRA and summary: a pair export would have joined
+    import errno
+
+    from dcgen.train import stages
+
+    cache, adapted = make_cache(tmp_path), save_adapted(tmp_path)
+    out = tmp_path / "run"
+    first = config(tmp_path, "finetune", adapted, cache, out_dir=str(out), steps=2)
+    run(first, progress=False)
+    names = ("latent_layers.safetensors", "pytorch_lora_weights.safetensors", "summary.json",
+             "loss.png")  # fmt: skip
+    before = {n: (out / n).read_bytes() for n in names}
+    real = stages.save_lora
+
+    def full_disk(transformer, directory, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        real(transformer, directory, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stages, "save_lora", full_disk)
+    again = config(tmp_path, "finetune", adapted, cache, out_dir=str(out), steps=3, resume=False)
+    with pytest.raises(OSError, match=rf"cannot write {out}: No space left"):
+        run(again, progress=False)
+    assert {n: (out / n).read_bytes() for n in names} == before
+    assert not list(out.glob(".outputs.*"))
+    monkeypatch.undo()
+    summary = run(again, progress=False)  # the rerun completes: every output is the new run's
+    assert summary["steps"] == 3
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert (out / "latent_layers.safetensors").read_bytes() != before["latent_layers.safetensors"]
