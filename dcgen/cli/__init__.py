@@ -30,8 +30,22 @@ import sys
 import threading
 import traceback
 
+from safetensors import SafetensorError
+
 from .common import DTYPES, CLIError, raise_terminated
 from .parser import BENCH_MODELS, build_parser
+
+#: what bad input raises: reported in one line, exit status 2. SafetensorError (a damaged or
+#: foreign .safetensors among the inputs) is none of the others and printed a traceback.
+INPUT_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    OSError,
+    ImportError,
+    RuntimeError,
+    SafetensorError,
+)
 
 __all__ = ["BENCH_MODELS", "DTYPES", "CLIError", "build_parser", "main"]
 
@@ -67,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         # at /dev/null so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, TypeError, KeyError, OSError, ImportError, RuntimeError) as err:
+    except INPUT_ERRORS as err:
         # Bad input is reported, not dumped: one line (no traceback unless -v).
         if args.verbose:
             traceback.print_exc()
