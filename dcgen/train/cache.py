@@ -179,6 +179,14 @@ def precompute(
         return s * shard_size, min(n, (s + 1) * shard_size)
 
     mine = range(rank, n_shards, world)
+    # A killed run's temp files (a shard is held in memory and written whole, so each can be as
+    # large as a shard) were never removed. Each rank removes those of its own shards (no other
+    # process writes them), rank 0 the index's (written only after every rank is done).
+    stale = [t for s in mine for t in out.glob(f".{shard_name(s)}.*.tmp")]
+    if rank == 0:
+        stale += out.glob(f".{INDEX_NAME}.*.tmp")
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
     by_shard: dict[int, list[dict[str, Any]]] = {}
     plan = [
         (

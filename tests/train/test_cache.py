@@ -274,3 +274,17 @@ def test_workers_start_once_for_every_shard_to_compute(tmp_path):
                        batch_size=2, num_workers=1, progress=False)  # fmt: skip
     assert [again[i]["key"] for i in range(6)] == [f"k{i}" for i in range(6)]
     assert again[2]["caption"] != again[0]["caption"]  # read by the new run's worker
+
+
+def test_a_killed_runs_temp_files_are_removed_on_rerun(dataset, tmp_path):
+    # what SIGKILL leaves mid-write (no Python clean-up): shard-sized temp files, never swept
+    out = tmp_path / "c"
+    out.mkdir()
+    leftovers = [out / ".shard-00001.safetensors.k1ll3d.tmp", out / ".index.json.k1ll3d.tmp"]
+    for t in leftovers:
+        t.write_bytes(b"half")
+    mine = out / ".notes.txt.tmp"  # not a name precompute writes: left alone
+    mine.write_text("mine")
+    precompute(dataset, encoders(), text_encoder, out, shard_size=2, progress=False)
+    assert not [t for t in leftovers if t.exists()] and mine.exists()
+    assert not [p.name for p in out.glob(".*.tmp") if p != mine]
