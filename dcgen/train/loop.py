@@ -448,6 +448,13 @@ def train_loop(
                     break
             else:
                 state.next_epoch()
+    # A request that came after the last step's poll (during its checkpoint, sample or on_step)
+    # still stops the caller; the handlers are back by now, and one more exchange makes every
+    # rank act on it (the last step's checkpoint is written whenever the loop ends here)
+    if ctx.mean_and_any(0.0, stop.requested)[1]:
+        bar.close()
+        model.eval()
+        raise TrainingInterrupted(tag, state.step, steps, ckpt_dir, stop.signum or signal.SIGTERM)
     bar.close()
     model.eval()
     if fsdp_state is not None:

@@ -117,6 +117,15 @@ def test_a_signal_at_the_last_step_still_stops_the_caller(tmp_path: Path) -> Non
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000009"
 
 
+def test_a_signal_after_the_last_steps_poll_still_stops_the_caller(tmp_path: Path) -> None:
+    # sent from the last step's on_step, after the loop had looked for a request: the run
+    # used to return normally and a stage runner went on to its next phase
+    with pytest.raises(TrainingInterrupted) as info:
+        _train(tmp_path, on_step=_send_at(9, signal.SIGTERM))
+    assert (info.value.step, info.value.steps) == (9, 9)
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000009"
+
+
 def test_without_stop_on_signal_the_handlers_are_left_alone(tmp_path: Path) -> None:
     seen: list[object] = []
 
