@@ -13,45 +13,18 @@ from torch import nn
 
 from dcgen.train import loop
 from dcgen.train.checkpoint import list_checkpoints, load_checkpoint
-from dcgen.train.config import TrainConfig
 from dcgen.train.distributed import DistContext
-
-
-class _Pairs:
-    def __init__(self, bad: list[int], n: int = 8) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.x, self.y = torch.randn(n, 4, generator=g), torch.randn(n, 2, generator=g)
-        for i in bad:
-            self.x[i, 0] = float("inf")  # a corrupt sample (e.g. a cached latent with inf)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"x": self.x[i], "y": self.y[i]}
-
-
-class _Regression(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ((self.lin(x) - y) ** 2).mean()
+from tests.train.loop_utils import Pairs, Regression, loop_config
 
 
 def _run(
     root: Path, bad: list[int], steps: int = 12, dtype: torch.dtype = torch.float32
 ) -> tuple[nn.Module, list[dict]]:
-    cfg = TrainConfig.from_dict(dict(
-        stage="finetune", transformer="t", cache_dir="c", out_dir=str(root), steps=steps,
-        batch_size=2, lr=1e-2, mixed_precision="no", checkpoint_every=2, keep_checkpoints=3,
-        device="cpu", grad_clip=1.0,
-    ))  # fmt: skip
+    cfg = loop_config(root, steps, checkpoint_every=2, keep_checkpoints=3, grad_clip=1.0)
     torch.manual_seed(0)
-    model = _Regression().to(dtype)
+    model = Regression().to(dtype)
     try:
-        loop.train_loop(model, lambda b, r: {"x": b["x"].to(dtype), "y": b["y"].to(dtype)}, _Pairs(bad), cfg,
+        loop.train_loop(model, lambda b, r: {"x": b["x"].to(dtype), "y": b["y"].to(dtype)}, Pairs(bad), cfg,
                         DistContext(), root, steps=steps, bucket_key="x", progress=False)  # fmt: skip
     finally:
         lines = (root / loop.LOG_NAME).read_text().splitlines()

@@ -25,42 +25,18 @@ from dcgen.train.config import TrainConfig
 from dcgen.train.distributed import DistContext
 from dcgen.train.interrupt import StopRequest, TrainingInterrupted
 from dcgen.train.stages import run
+from tests.train.loop_utils import Pairs, Regression, loop_config
 from tests.train.stage_utils import config, make_cache, save_adapted, trainable_weights
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class _Pairs:
-    def __init__(self, n: int = 8) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.x, self.y = torch.randn(n, 4, generator=g), torch.randn(n, 2, generator=g)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"x": self.x[i], "y": self.y[i]}
-
-
-class _Regression(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ((self.lin(x) - y) ** 2).mean()
-
-
 def _train(root: Path, on_step=None, steps: int = 9, ctx: DistContext | None = None) -> nn.Module:
     # checkpoint_every is longer than the run: any checkpoint before the end is the stop's
-    cfg = TrainConfig.from_dict(dict(
-        stage="finetune", transformer="t", cache_dir="c", out_dir=str(root), steps=steps,
-        batch_size=2, lr=1e-2, mixed_precision="no", checkpoint_every=100, keep_checkpoints=3,
-        device="cpu", warmup_steps=2,
-    ))  # fmt: skip
+    cfg = loop_config(root, steps, checkpoint_every=100, keep_checkpoints=3, warmup_steps=2)
     torch.manual_seed(0)
-    model = _Regression()
-    loop.train_loop(model, lambda b, r: {"x": b["x"], "y": b["y"]}, _Pairs(), cfg,
+    model = Regression()
+    loop.train_loop(model, lambda b, r: {"x": b["x"], "y": b["y"]}, Pairs(), cfg,
                     ctx or DistContext(), root, steps=steps, bucket_key="x", progress=False,
                     on_step=on_step)  # fmt: skip
     return model
@@ -137,7 +113,7 @@ def test_without_stop_on_signal_the_handlers_are_left_alone(tmp_path: Path) -> N
         stage="finetune", transformer="t", cache_dir="c", out_dir=str(tmp_path), steps=2,
         batch_size=2, mixed_precision="no", device="cpu",
     ))  # fmt: skip
-    loop.train_loop(_Regression(), lambda b, r: {"x": b["x"], "y": b["y"]}, _Pairs(), cfg,
+    loop.train_loop(Regression(), lambda b, r: {"x": b["x"], "y": b["y"]}, Pairs(), cfg,
                     DistContext(), tmp_path, steps=2, bucket_key="x", progress=False,
                     on_step=on_step, stop_on_signal=False)  # fmt: skip
     assert seen == [before, before]
