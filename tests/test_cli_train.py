@@ -556,20 +556,9 @@ def test_precompute_with_workers_reports_a_bad_image_as_without(assets, tmp_path
         assert f"could not read image {broken}" in line and "DataLoader" not in line, line
 
 
-def test_a_damaged_safetensors_input_is_one_line_naming_it(pipeline_dir, tmp_path, capsys):
-    # `generate --quantized` with a cut-off download printed safetensors' traceback ("Error
-    # while deserializing header"), naming no file; any SafetensorError is now bad input
-    damaged = tmp_path / "nvfp4.safetensors"
-    damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{trunc")
-    argv = ["generate", "--pipeline", str(pipeline_dir), "--prompt-embeds",
-            str(pipeline_dir / "prompt.safetensors"), "--quantized", str(damaged), "--steps", "1",
-            "--height", "64", "--width", "64", "--no-progress", "--device", "cpu"]  # fmt: skip
-    assert main(argv) == 2
-    line = _error_line(capsys)
-    assert f"{damaged} is not a readable safetensors file" in line, line
-
-
 def test_any_safetensors_error_is_reported_in_one_line(capsys, monkeypatch):
+    # a SafetensorError is none of the errors the command line reported in one line; the paths
+    # known today wrap it (--prompt-embeds, --quantized, diffusers' loaders), a new one would not
     from safetensors import SafetensorError
 
     from dcgen.cli import parser

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -427,11 +427,7 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except SafetensorError as err:  # named: safetensors' own message names no file
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-    with handle as f:
+    with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") not in FORMATS:
             # A checkpoint quantized elsewhere (BFL's, in FLUX's original key names) is
