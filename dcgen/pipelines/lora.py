@@ -17,7 +17,6 @@ On a transformer whose linears ``quantize_`` replaced (FP8 / NVFP4), a LoRA cann
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -55,34 +54,10 @@ def drop_latent_layer_keys(
     )
     if not isinstance(loaded, tuple):
         return keep(state)
-    names = {k.removeprefix(f"{prefix}.") for k in dropped}
-    rest = [
-        _without_modules(part, names, prefix) if _is_lora_metadata(part, prefix)
-        else keep(part) if isinstance(part, dict)
-        else part
-        for part in loaded[1:]
-    ]  # fmt: skip
+    rest = list(loaded[1:])
+    if rest and isinstance(rest[0], dict):
+        rest[0] = keep(rest[0])
     return (keep(state), *rest)
-
-
-def _is_lora_metadata(part: Any, prefix: str) -> bool:
-    # the LoRA's own config (diffusers' return_lora_metadata: LoraConfig keyword arguments,
-    # each key under the component's prefix), as opposed to network alphas keyed by module
-    return isinstance(part, dict) and bool(
-        {"target_modules", f"{prefix}.target_modules"} & set(part)
-    )
-
-
-def _without_modules(metadata: dict[str, Any], names: set[str], prefix: str) -> dict[str, Any]:
-    """The LoRA config with the dropped modules excluded: its target_modules (often suffixes,
-    "proj" or "proj_out", that other layers share) still matched them, and PEFT warned of an
-    "inconsistency" (target modules without weights) on top of the warning above. Excluded by
-    an exact-name pattern: PEFT's list form would match suffixes too (every block's proj_out)."""
-    out = dict(metadata)
-    for key in ("exclude_modules", f"{prefix}.exclude_modules"):
-        if key in out and out[key] is None:
-            out[key] = "|".join(re.escape(name) for name in sorted(names))
-    return out
 
 
 def latent_safe_lora_state_dict(loader: type, modules: tuple[str, ...]) -> classmethod:
