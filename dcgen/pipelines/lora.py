@@ -54,10 +54,29 @@ def drop_latent_layer_keys(
     )
     if not isinstance(loaded, tuple):
         return keep(state)
-    rest = list(loaded[1:])
-    if rest and isinstance(rest[0], dict):
-        rest[0] = keep(rest[0])
-    return (keep(state), *rest)
+    kept = keep(state)
+    rest = [
+        _targets_from(kept, part, prefix) if _is_lora_config(part, prefix)
+        else keep(part) if isinstance(part, dict)
+        else part
+        for part in loaded[1:]
+    ]  # fmt: skip
+    return (kept, *rest)
+
+
+def _is_lora_config(part: Any, prefix: str) -> bool:
+    # the LoRA file's own config (diffusers' return_lora_metadata: LoraConfig keyword
+    # arguments under the component's prefix), as opposed to network alphas keyed by module
+    return isinstance(part, dict) and f"{prefix}.target_modules" in part
+
+
+def _targets_from(state: dict[str, Any], config: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The config with its target modules set to the modules ``state`` holds, as diffusers
+    derives them for a file without a config. The file's own (suffixes such as "proj" or
+    "proj_out") still matched the skipped latent layers, and PEFT added a RuntimeWarning
+    ("an inconsistency ... additional target modules") to the line above."""
+    names = {k.removeprefix(f"{prefix}.").split(".lora")[0] for k in state if ".lora" in k}
+    return {**config, f"{prefix}.target_modules": sorted(names)}
 
 
 def latent_safe_lora_state_dict(loader: type, modules: tuple[str, ...]) -> classmethod:
