@@ -88,17 +88,9 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
-    def mean(self, value: float) -> float:
-        """Average a float over the ranks (for logging the global loss)."""
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device)
-        dist.all_reduce(t)
-        return float(t.item() / self.world_size)
-
     def mean_and_any(self, value: float, flag: bool) -> tuple[float, bool]:
-        """:meth:`mean` of ``value``, and whether ``flag`` is set on any rank, in one
-        all-reduce: the loop's per-step exchange (the logged loss, and a stop request that
+        """The average of ``value`` over the ranks, and whether ``flag`` is set on any rank, in
+        one all-reduce: the loop's per-step exchange (the logged loss, and a stop request that
         every rank must act on at the same step or the collectives after it would hang)."""
         if not self.enabled:
             return value, flag
