@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcgen._files import atomic_folder, atomic_write, naming_write_errors, swap_in
+from dcgen._files import atomic_write, naming_write_errors, swap_in
 from dcgen._json import dumps
 from dcgen.adapters import DiTAdapter, adapter_for, pack_latents
 from dcgen.sampling.shift import resolve_shift
@@ -94,17 +94,16 @@ OnStep = Callable[[int, float], None]
 # ---------------------------------------------------------------------------------- file helpers
 
 
-def _copy_source_scheduler(source: str | Path, run_dir: Path) -> str | None:
-    """The source pipeline's ``scheduler/`` (beside its transformer folder) copied beside this
-    stage's transformer: export reads the solver and flow shift from there, and an export from
-    a stage's output fell back to the family default (SANA: flow shift 3.0 whatever the base
-    model sampled with). None where the source has none."""
+def _copy_source_scheduler(source: str | Path, folder: Path) -> bool:
+    """Copy the source pipeline's ``scheduler/`` (beside its transformer folder) into ``folder``
+    (the stage's staged outputs, swapped in whole): export reads the solver and flow shift from
+    there, and an export from a stage's output fell back to the family default (SANA: flow
+    shift 3.0 whatever the base model sampled with). False where the source has none."""
     src = Path(source).parent / "scheduler"
     if not (src / "scheduler_config.json").is_file():
-        return None
-    dst = run_dir / "scheduler"
-    atomic_folder(dst, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
-    return str(dst)
+        return False
+    shutil.copytree(src, folder / "scheduler")
+    return True
 
 
 def load_transformer(
@@ -864,26 +863,24 @@ def _write_outputs(
     for stale in run_dir.glob(".outputs.*.tmp"):  # a killed run's
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".outputs.", suffix=".tmp", dir=run_dir))
-    final = {name: run_dir / name for name in
-             (LATENT_LAYERS_NAME, TRANSFORMER_DIR, "scheduler", "loss.png", "summary.json")}  # fmt: skip
-    paths: dict[str, str] = {}
+    paths: dict[str, str] = {}  # where each output lands once swapped in
     try:
         with naming_write_errors(run_dir, staging):
             save_latent_layers(transformer, staging / LATENT_LAYERS_NAME, {"stage": cfg.stage})
-            paths["latent_layers"] = str(final[LATENT_LAYERS_NAME])
+            paths["latent_layers"] = str(run_dir / LATENT_LAYERS_NAME)
             if cfg.stage == "finetune":
                 paths["lora"] = str(run_dir / save_lora(transformer, staging).name)
             else:
                 transformer.save_pretrained(staging / TRANSFORMER_DIR)
-                paths["transformer"] = str(final[TRANSFORMER_DIR])
-                if _copy_source_scheduler(cfg.transformer, staging) is not None:
-                    paths["scheduler"] = str(final["scheduler"])
+                paths["transformer"] = str(run_dir / TRANSFORMER_DIR)
+                if _copy_source_scheduler(cfg.transformer, staging):
+                    paths["scheduler"] = str(run_dir / "scheduler")
             losses = [float(e["loss"]) for e in read_log(run_dir / LOG_NAME)]
             if losses:
                 from dcgen.toy.images import plot_curve
 
                 plot_curve(losses, f"dcgen {cfg.stage}: loss").save(staging / "loss.png")
-                paths["loss_curve"] = str(final["loss.png"])
+                paths["loss_curve"] = str(run_dir / "loss.png")
             paths["log"] = str(run_dir / LOG_NAME)
             paths["config"] = str(run_dir / "config.json")
             summary["paths"] = paths
