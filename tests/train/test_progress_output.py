@@ -5,34 +5,17 @@ from __future__ import annotations
 
 import time
 
-import torch
-from torch import nn
-
 from dcgen.train import loop
-from dcgen.train.config import TrainConfig
 from dcgen.train.distributed import DistContext
-
-
-class _Pairs:
-    def __len__(self) -> int:
-        return 8
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"x": torch.full((4,), float(i)), "y": torch.zeros(2)}
+from tests.train.loop_utils import Pairs, Regression, loop_config
 
 
 def test_the_bar_draws_at_its_rate_not_every_step(tmp_path, capsys) -> None:
     steps = 300
-    cfg = TrainConfig.from_dict(dict(
-        stage="finetune", transformer="t", cache_dir="c", out_dir=str(tmp_path), steps=steps,
-        batch_size=2, mixed_precision="no", checkpoint_every=1000, device="cpu",
-    ))  # fmt: skip
-    lin = nn.Linear(4, 2)
-    model = nn.ModuleDict({"lin": lin})
-    model.forward = lambda x, y: ((lin(x) - y) ** 2).mean()  # type: ignore[method-assign]
+    cfg = loop_config(tmp_path, steps, checkpoint_every=1000)
     capsys.readouterr()
     t0 = time.perf_counter()
-    loop.train_loop(model, lambda b, r: {"x": b["x"], "y": b["y"]}, _Pairs(), cfg,
+    loop.train_loop(Regression(), lambda b, r: {"x": b["x"], "y": b["y"]}, Pairs(), cfg,
                     DistContext(), tmp_path, steps=steps, bucket_key="x", progress=True)  # fmt: skip
     elapsed = time.perf_counter() - t0
     err = capsys.readouterr().err
