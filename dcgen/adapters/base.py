@@ -113,6 +113,13 @@ class DiTAdapter(abc.ABC):
         """Inverse of :meth:`pack` for a latent of (height, width)."""
         return unpack_latents(tokens, height, width, self.patch_size)
 
+    def pack_velocity(self, velocity: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) velocity as the head's output tokens from which :meth:`predict` returns
+        it: the target of a readout fitted to the head (stage 1's ridge head). The embedder's
+        and the head's feature orders can differ (SANA's). Only the velocity's features: a
+        learned-sigma head emits as many again."""
+        return self.pack(velocity)
+
     def replace_latent_layers(
         self, latent_channels: int, patch_size: int = 1, init: str = "random"
     ) -> LatentLayers:

@@ -4,7 +4,7 @@ Latent-facing layers: ``patch_embed.proj`` Conv2d(C -> inner, kernel = stride = 
 ``proj_out`` Linear(inner -> p * p * C). SANA takes spatial (B, C, H, W) latents and patchifies
 inside, so ``predict`` passes latents as they are; ``pack`` / ``unpack`` exist for token-level
 work (alignment) and follow the conv's (C, p, p) feature order. The head emits (p, p, C) per
-token (the model unpatchifies that itself).
+token (the model unpatchifies that itself): ``pack_velocity`` packs a velocity in that order.
 
 Timesteps: SANA's embedding expects [0, 1000] (times ``timestep_scale``, as SanaPipeline does);
 ``predict`` converts sigma in [0, 1]. Guidance-embedding variants (SANA-Sprint) take
@@ -105,6 +105,13 @@ class SanaAdapter(DiTAdapter):
             c, area = self.latent_channels, self.patch_size**2
             # The head's features are (p, p, C): channel-minor.
             t.proj_out = StructuredLinear.from_linear(t.proj_out, c, area, "out", False)
+
+    def pack_velocity(self, velocity: torch.Tensor) -> torch.Tensor:
+        """Tokens in the head's (p, p, C) feature order, the order the model unpatchifies."""
+        b, c, h, w = velocity.shape
+        p = self.patch_size
+        tokens = velocity.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return tokens.reshape(b, (h // p) * (w // p), p * p * c)
 
     def embed_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """The conv patch embedding as tokens (B, tokens, inner), before any sincos positions."""

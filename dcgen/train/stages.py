@@ -584,7 +584,8 @@ def _head_readout(
     if not isinstance(head, nn.Linear):
         raise ConfigError(f"align_head='ridge' needs a Linear head, got {type(head).__name__}")
     device = ctx.device
-    acc = RidgeAccumulator(head.in_features, head.out_features)
+    # The velocity's features: a learned-sigma head (a SANA base) emits as many again.
+    acc = RidgeAccumulator(head.in_features, adapter.latent_channels * adapter.patch_size**2)
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda m, args, out: captured.append(args[0].float()))
     make_inputs = _flow_inputs(adapter, cfg, latent_key)
@@ -613,7 +614,7 @@ def _head_readout(
                 (1 - s) * x0 + s * noise, sigmas, inp["prompt_embeds"],
                 inp["pooled_prompt_embeds"], inp["guidance"], attention_mask=inp["attention_mask"],
             )  # fmt: skip
-            acc.update(captured[-1], adapter.pack(noise - x0))
+            acc.update(captured[-1], adapter.pack_velocity(noise - x0))
     finally:
         hook.remove()
     return _gather_ridge(acc, ctx)

@@ -238,6 +238,35 @@ def test_channel_feature_index_layouts():
     assert channel_feature_index(3, 1, 4, False).tolist() == [0, 3, 6, 9]
 
 
+@pytest.mark.parametrize(
+    "make", [tiny_flux, lambda: tiny_sana(patch_size=2)], ids=["flux-p2", "sana-p2"]
+)
+def test_the_head_tokens_of_a_velocity_are_what_predict_turns_back_into_it(make):
+    # The stage-1 ridge head is fitted to pack_velocity(noise - x0): a head that emits exactly
+    # those tokens must make predict return that velocity. SANA's head emits (p, p, C) per token,
+    # not the (C, p, p) of its conv embedder.
+    model = make()
+    adapter = adapter_for(model)
+    c = adapter.latent_channels
+    velocity = torch.randn(2, c, 4, 6)
+    tokens = adapter.pack_velocity(velocity)
+    p = adapter.patch_size
+    assert tokens.shape == (2, (4 // p) * (6 // p), c * p * p)
+    head = adapter.latent_layers().head
+
+    hook = head.register_forward_hook(lambda module, args, out: tokens)
+    embeds, pooled = text(2)
+    try:
+        with torch.no_grad():
+            if isinstance(adapter, FluxAdapter):
+                out = adapter.predict(velocity, 0.5, embeds, pooled, guidance=torch.full((2,), 3.5))
+            else:
+                out = adapter.predict(velocity, 0.5, embeds[..., :32])
+    finally:
+        hook.remove()
+    torch.testing.assert_close(out, velocity, rtol=0, atol=0)
+
+
 def test_sana_predict_equals_direct_call_and_round_trip(tmp_path):
     model = tiny_sana(patch_size=2)
     adapter = adapter_for(model)

@@ -169,3 +169,14 @@ def test_a_stage_keeps_its_base_pipelines_scheduler_for_export(root: Path, cache
     config_file = out / "scheduler" / "scheduler_config.json"
     saved = json.loads(config_file.read_text())
     assert saved["_class_name"] == "DPMSolverMultistepScheduler" and saved["flow_shift"] == 6.0
+
+
+def test_the_velocity_readout_of_a_learned_sigma_sana_base(root: Path, cache: Path) -> None:
+    # A learned-sigma head has 2 x C outputs per pixel; the readout fits the velocity's C (the
+    # accumulator was sized to the head, and the first batch failed on the shape).
+    from dcgen.train.stages import readout_r2
+
+    base = tiny_sana(in_channels=16, out_channels=32)
+    cfg = config(root, "align", save_sana_base(root), cache, align_head_samples=8)
+    r2 = readout_r2(base, LatentCache(cache), cfg, latent_key="base_latent")
+    assert 0.0 < r2 <= 1.0
