@@ -87,6 +87,23 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch
                        "F16": torch.float16}  # fmt: skip
 
 
+def _loaded_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files ``load_transformer`` reads (no variant): a shard index's shards,
+    else the single file; a variant beside them (``*.fp16.safetensors``) is never loaded."""
+    from ..autoencoders.checkpoint import index_name, weights_name
+
+    index = folder / index_name(None)
+    if index.is_file():
+        try:
+            shards = json.loads(index.read_text())["weight_map"].values()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ExportError(f"{index}: not a readable shard index ({err})") from err
+        return sorted({folder / str(name) for name in shards})
+    single = folder / weights_name(None)
+    # Neither (variant files only): every safetensors file there is the best guess left.
+    return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+
+
 def _stored_dtype(folder: Path) -> torch.dtype:
     """The dtype most of a transformer folder's floating-point weights are stored in (float32
     without safetensors files), from the safetensors headers: no tensor is read."""
@@ -95,7 +112,7 @@ def _stored_dtype(folder: Path) -> torch.dtype:
     from ..autoencoders.checkpoint import stored_dtype
 
     shapes: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in _loaded_weight_files(folder):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 piece = f.get_slice(key)

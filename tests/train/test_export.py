@@ -179,6 +179,32 @@ def test_export_loads_in_the_target_dtype_and_rounds_fused_weights_once(
     assert loaded[1::2] == [torch.float32] * 3
 
 
+def test_a_variant_file_beside_the_weights_does_not_decide_how_they_load(
+    trained, tmp_path, monkeypatch
+):
+    """The stored dtype was read from every *.safetensors in the folder: an fp16 variant file
+    (diffusion_pytorch_model.fp16.safetensors, never loaded) made fp32 weights look fp16, so
+    an fp16 export with a LoRA loaded them in fp16 and rounded twice."""
+    import dcgen.train.export as export
+
+    root, _, _ = trained
+    base = tmp_path / "base_with_variant"
+    shutil.copytree(root / "base", base)
+    tiny_flux().to(torch.float16).save_pretrained(base, variant="fp16")
+    assert (base / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    loaded = []
+    real = export.load_diffusers_transformer
+
+    def spy(folder, dtype, class_name):  # noqa: ANN001, ANN202
+        loaded.append(dtype)
+        return real(folder, dtype=dtype, class_name=class_name)
+
+    monkeypatch.setattr(export, "load_diffusers_transformer", spy)
+    export_pipeline(base, root / "dcae", tmp_path / "out", dtype=torch.float16,
+                    latent_layers=root / "latent_layers.safetensors", lora_dir=root / "lora")  # fmt: skip
+    assert loaded == [torch.float32]  # the fp32 file is the one read: the fuse rounds once
+
+
 def test_export_sana_and_dtype(tmp_path):
     ae = tiny_dcae()
     model = tiny_sana()
