@@ -357,8 +357,18 @@ def load_checkpoint(
         state = json.loads(state_path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"could not read {state_path}: {err}") from err
-    if state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{state_path} is not a {CHECKPOINT_FORMAT} file")
+    version = state.get("version")
+    if type(version) is not int or not 1 <= version <= CHECKPOINT_VERSION:
+        # a newer layout read by these rules would load whatever its keys happen to match
+        raise CheckpointError(
+            f"{state_path}: expected {CHECKPOINT_FORMAT} version 1 to {CHECKPOINT_VERSION}, got "
+            f"{version!r} (written by a newer dcgen?)"
+        )
+    missing = [k for k in ("step", "has_optimizer", "has_scheduler", "has_rng") if k not in state]
+    if missing:
+        raise CheckpointError(f"{state_path}: expected keys {missing} too, it has {sorted(state)}")
     try:
         flat = load_file(str(path / "model.safetensors"), device=str(map_location))
     except (SafetensorError, OSError) as err:
@@ -369,6 +379,8 @@ def load_checkpoint(
         model_state.setdefault(module_name, {})[param] = t
 
     if models is not None:
+        # A module without parameters or buffers leaves no key in the file: nothing to load.
+        models = {n: m for n, m in models.items() if n in model_state or m.state_dict()}
         if strict and set(model_state) != set(models):
             raise CheckpointError(
                 f"{path}: saved modules {sorted(model_state)}, given {sorted(models)}"

@@ -271,6 +271,42 @@ def test_a_checkpoint_without_rng_state_loads(tmp_path, rng_state):
     assert loaded.step == 5 and loaded.rng_state is None
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.update(version=2), r"version 1 to 1, got 2 \(written by a newer dcgen\?\)"),
+        (lambda s: s.update(version="1"), r"version 1 to 1, got '1'"),
+        (lambda s: s.pop("has_optimizer"), r"expected keys \['has_optimizer'\] too"),
+        (lambda s: s.pop("step"), r"expected keys \['step'\] too"),
+    ],
+    ids=["newer", "string", "no-has_optimizer", "no-step"],
+)
+def test_a_state_file_of_another_version_or_missing_keys_is_refused(tmp_path, edit, message):
+    # A newer version loaded by this version's rules without a word; a missing key was a bare
+    # KeyError naming no file.
+    import json
+
+    path = save_checkpoint(tmp_path, 1, {"m": torch.nn.Linear(3, 2)}, rng_state=False)
+    state = json.loads((path / "state.json").read_text())
+    edit(state)
+    (path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=message) as err:
+        ckpt_mod.load_checkpoint(path, {"m": torch.nn.Linear(3, 2)})
+    assert str(path / "state.json") in str(err.value)
+
+
+def test_a_module_without_state_round_trips_strictly(tmp_path):
+    # A parameterless module (an activation) saved no key, so a strict load of the same dict
+    # failed: "saved modules ['m'], given ['act', 'm']".
+    model = torch.nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path, 1, {"m": model, "act": torch.nn.ReLU()}, rng_state=False)
+    fresh = torch.nn.Linear(3, 2)
+    ckpt_mod.load_checkpoint(path, {"m": fresh, "act": torch.nn.ReLU()})
+    assert torch.equal(fresh.weight, model.weight)
+    with pytest.raises(CheckpointError, match="has no module 'other'"):
+        ckpt_mod.load_checkpoint(path, {"m": fresh, "other": torch.nn.Linear(1, 1)}, strict=False)
+
+
 def test_a_large_seed_draws_and_stays_distinct():
     from dcgen.train.loop import StepRandom
 
