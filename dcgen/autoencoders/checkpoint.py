@@ -376,6 +376,15 @@ def read_weights(path: Path, device: str | torch.device = "cpu") -> StateDict:
     return _unwrap(obj, path)
 
 
+# safetensors' dtype codes (``get_slice(...).get_dtype()``), for reading a header's dtypes
+# without loading a tensor.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
 def stored_dtype(state: StateDict) -> torch.dtype:
     """The dtype most of ``state``'s floating-point elements are stored in (float32 if none):
     a bf16 checkpoint's, whatever its fp32 BatchNorm statistics."""

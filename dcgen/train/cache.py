@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .._files import atomic_write
+from ..autoencoders.checkpoint import SAFETENSORS_DTYPES
 from .data import ImageCaptionDataset
 
 if TYPE_CHECKING:
@@ -574,4 +575,12 @@ class LatentCache(torch.utils.data.Dataset):
                         raise CacheError(
                             f"{path}: {rec['key']}/{name} has shape {sl.get_shape()}, index "
                             f"says {shape}"
+                        )
+                    want = rec.get("dtypes", {}).get(name)
+                    code = sl.get_dtype()
+                    dtype = SAFETENSORS_DTYPES.get(code)
+                    stored = _dtype_name(dtype) if dtype is not None else code
+                    if want is not None and stored != want:
+                        raise CacheError(
+                            f"{path}: {rec['key']}/{name} is stored as {stored}, index says {want}"
                         )

@@ -83,10 +83,6 @@ def _transformer_folder(path: Path) -> Path:
     )
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
-                       "F16": torch.float16}  # fmt: skip
-
-
 def _loaded_weight_files(folder: Path) -> list[Path]:
     """The safetensors files ``load_transformer`` reads (no variant): a shard index's shards,
     else the single file; a variant beside them (``*.fp16.safetensors``) is never loaded."""
@@ -109,15 +105,15 @@ def _stored_dtype(folder: Path) -> torch.dtype:
     without safetensors files), from the safetensors headers: no tensor is read."""
     from safetensors import safe_open
 
-    from ..autoencoders.checkpoint import stored_dtype
+    from ..autoencoders.checkpoint import SAFETENSORS_DTYPES, stored_dtype
 
     shapes: dict[str, torch.Tensor] = {}
     for file in _loaded_weight_files(folder):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 piece = f.get_slice(key)
-                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
-                if dtype is not None:  # meta tensors: the shape and dtype, no memory
+                dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
+                if dtype is not None and dtype.is_floating_point:  # meta: no memory
                     shapes[f"{file.name}:{key}"] = torch.empty(
                         piece.get_shape(), dtype=dtype, device="meta"
                     )

@@ -220,6 +220,29 @@ def test_index_not_matching_shards(dataset, tmp_path):
         LatentCache(out)
 
 
+def test_verify_checks_each_tensors_dtype_against_the_index(dataset, tmp_path):
+    # verify() said it checked dtypes and compared shapes only: a shard rewritten in float16
+    # under an index saying float32 passed, and training read float16 latents.
+    from safetensors.torch import save_file
+
+    out = tmp_path / "c"
+    precompute(dataset, encoders(), text_encoder, out, shard_size=2, progress=False)
+    LatentCache(out).verify()
+    shard = out / "shard-00001.safetensors"
+    with cache_mod.safe_open(str(shard), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    name = next(k for k in tensors if k.endswith("/base_latent"))
+    tensors[name] = tensors[name].half()
+    save_file(tensors, str(shard), metadata=meta)
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][1]["bytes"] = shard.stat().st_size  # past the size check: the dtype is left
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CacheError, match=r"shard-00001\.safetensors: .*/base_latent is stored as "
+                       r"float16, index says float32"):  # fmt: skip
+        LatentCache(out).verify()
+
+
 def test_with_dcae(dataset, tmp_path):
     """The documented encoder: DCAE.encode(x, scaled=True) on a narrow f32 model."""
     from dcgen.autoencoders.config import reduced_config
