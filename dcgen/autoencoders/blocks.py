@@ -545,7 +545,7 @@ class UpBlock(nn.Module):
         """:func:`nearest_up_conv_as_subpixel` of the conv, in the conv weight's memory format,
         rebuilt only when the weights change (storage, in-place version, dtype or layout)."""
         w, b = self.conv.weight, self.conv.bias
-        if torch.is_grad_enabled() and w.requires_grad:
+        if torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)):
             return nearest_up_conv_as_subpixel(w, b)  # differentiable, so never cached
 
         def make() -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -151,6 +151,25 @@ def test_fused_path_keeps_gradients():
         assert_close_scaled(b, a, rel=1e-4)
 
 
+def test_fused_path_trains_a_bias_whose_weight_is_frozen():
+    # The interpolating up block's sub-pixel conv was rebuilt without gradients whenever its
+    # weight was frozen: a trainable bias got none (a partial fine-tune, e.g. biases only).
+    from dcgen.autoencoders.blocks import UpBlock
+
+    torch.manual_seed(0)
+    block = UpBlock(8, 4, "interpolate", shortcut=True).double()
+    block.conv.weight.requires_grad_(False)
+    x = torch.randn(1, 8, 5, 5, dtype=torch.float64)
+    grads = []
+    for enabled in (False, True):
+        block.conv.bias.grad = None
+        with fused_inference(enabled):
+            block(x).square().sum().backward()
+        grads.append(block.conv.bias.grad)
+    assert grads[1] is not None
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_automatic_rule_keeps_training_and_cpu_on_plain_path():
     x = torch.randn(1, 4, 2, 2)
     assert not use_fused(x, "channel_rms_norm_fused")  # CPU
