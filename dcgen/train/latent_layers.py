@@ -2,10 +2,10 @@
 
 Format: safetensors with keys ``embedder.<param>`` and ``head.<param>``; metadata
 ``format = "dcgen.latent_layers"``, ``family`` (the transformer class name, e.g.
-``FluxTransformer2DModel``), ``latent_channels``, ``patch_size`` and optional extras (the
-stages add ``inner_dim`` and ``stage``). Base transformer + this file = the adapted model:
-loading replaces the base's latent layers first when their shape differs. Stages 1-3 write it,
-export reads it.
+``FluxTransformer2DModel``), ``latent_channels``, ``patch_size``, ``position_scale`` when it
+is not 1, and optional extras (the stages add ``stage``). Base transformer + this file = the
+adapted model: loading replaces the base's latent layers first when their shape differs.
+Stages 1-3 write it, export reads it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ __all__ = [
 LATENT_LAYERS_FORMAT = "dcgen.latent_layers"
 LATENT_LAYERS_NAME = "latent_layers.safetensors"
 TRANSFORMER_CLASSES = {"flux": "FluxTransformer2DModel", "sana": "SanaTransformer2DModel"}
+# Metadata the file keeps about its own layers: no extra may replace these.
+_CORE_KEYS = frozenset({"format", "family", "latent_channels", "patch_size", "position_scale"})
 
 
 class LatentLayersError(ValueError):
@@ -63,6 +65,12 @@ def save_latent_layers(
     """Write the current embedder and head of a transformer (or its adapter) to ``path``
     (format: module docstring); ``extra`` adds string metadata."""
     adapter = _as_adapter(model)
+    clash = sorted(set(extra or {}) & _CORE_KEYS)
+    if clash:
+        raise ValueError(
+            f"latent layers: extra metadata {clash} would replace what the file records about "
+            f"its own layers; expected other keys (e.g. 'stage')"
+        )
     layers = adapter.latent_layers()
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in (("embedder", layers.embedder), ("head", layers.head)):
@@ -99,6 +107,11 @@ def read_latent_layers_metadata(path: str | Path) -> dict[str, Any]:
             meta = dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise LatentLayersError(f"{path} is not a readable safetensors file: {err}") from err
+    if meta.get("format") != LATENT_LAYERS_FORMAT:
+        raise LatentLayersError(
+            f"{path}: expected format {LATENT_LAYERS_FORMAT!r}, got {meta.get('format')!r} "
+            "(not a latent-layers file)"
+        )
     short = {name: fam for fam, name in TRANSFORMER_CLASSES.items()}
     try:
         return {

@@ -21,7 +21,7 @@ cache named by a :class:`TrainConfig` and writes the run folder::
     out_dir/checkpoints/step-XXXXXXXX/       resumable checkpoints (trainable params only)
     out_dir/latent_layers.safetensors        new embedder + head, "embedder.*" / "head.*" keys,
                                              metadata: format, family, latent_channels,
-                                             patch_size, inner_dim, stage
+                                             patch_size, position_scale (when not 1), stage
     out_dir/transformer/                     stages 1-2: the adapted transformer (save_pretrained)
     out_dir/scheduler/                       stages 1-2: the source pipeline's scheduler/, where
                                              it has one (export samples with its solver, shift)

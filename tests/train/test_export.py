@@ -99,6 +99,30 @@ def test_latent_layers_carry_the_position_scale(tmp_path):
     assert rebuilt.position_scale == 1.0
 
 
+def test_a_latent_layers_file_of_another_format_or_with_clashing_extras_is_refused(
+    trained, tmp_path
+):
+    # The format key was written but never read: any safetensors file with family / channels
+    # / patch metadata loaded as latent layers. And extras were merged after the core keys, so
+    # {"patch_size": ...} silently rewrote what the file says about its own tensors.
+    from safetensors.torch import save_file
+
+    root, model, _ = trained
+    with safe_open(str(root / "latent_layers.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    for fmt, shown in (("dcgen.quantized", "'dcgen.quantized'"), (None, "None")):
+        other = dict(meta, format=fmt) if fmt else {k: v for k, v in meta.items() if k != "format"}
+        save_file(tensors, str(tmp_path / "other.safetensors"), metadata=other)
+        with pytest.raises(
+            LatentLayersError, match=rf"expected format 'dcgen.latent_layers', got {shown}"
+        ):
+            load_latent_layers(tiny_flux(), tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=r"extra metadata \['patch_size'\] would replace"):
+        save_latent_layers(model, tmp_path / "x.safetensors", {"patch_size": "2", "stage": "a"})
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_export_round_trip_matches_unfused_model(trained, tmp_path):
     root, model, ae = trained
     # In memory, peft layers unfused; same scheduler config the export writes for FLUX.
