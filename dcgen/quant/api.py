@@ -454,6 +454,35 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+# The fields each kind of layer is rebuilt from (save_quantized writes them all).
+_SPEC_FIELDS = {"fp8": ("bias", "granularity"), "nvfp4": ("bias", "mode", "rank", "smooth")}
+
+
+def _module_specs(meta: Mapping[str, str], path: str | Path) -> dict[str, dict]:
+    """The file's table of quantized layers, each entry checked for the fields its kind is
+    rebuilt from (a bare KeyError named neither the file nor the layer)."""
+    if "modules" not in meta:
+        raise ValueError(f"load_quantized: {path} has no 'modules' table in its metadata")
+    try:
+        layers = json.loads(meta["modules"])
+    except ValueError:
+        layers = None
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise ValueError(
+            f"load_quantized: {path}'s 'modules' table: expected a JSON object of "
+            f"{{layer name: {{field: value}}}}, got {meta['modules'][:80]!r}"
+        )
+    for name, spec in layers.items():
+        kind = spec.get("kind", "nvfp4")  # files written before FP8 existed have no kind
+        missing = [f for f in _SPEC_FIELDS.get(kind, ()) if f not in spec]
+        if missing:
+            raise ValueError(
+                f"load_quantized: {path}, module {name}: missing {missing} (a {kind} layer is "
+                f"rebuilt from {list(_SPEC_FIELDS[kind])})"
+            )
+    return layers
+
+
 def _loaded_layer_target(model: nn.Module, name: str) -> nn.Module:
     """The layer of ``model`` that load_quantized replaces for the file's module ``name``."""
     try:
@@ -524,7 +553,7 @@ def load_quantized(model: nn.Module, path: str | Path) -> list[str]:
     tensor (strict). ``model`` is a freshly built (unquantized) model of the same config."""
     _check_model("load_quantized", model)
     meta = read_metadata(path)
-    layers: dict[str, dict] = json.loads(meta["modules"])
+    layers = _module_specs(meta, path)
     state = load_file(str(path), device=str(next(model.parameters()).device))
     shared = _shared_layers(model)
     # Every layer is built and the file checked against the converted model's state dict first,

@@ -432,6 +432,37 @@ def test_a_file_that_does_not_fit_leaves_the_model_untouched(fp_model, tmp_path)
     assert set(load_quantized(fresh, path)) == QUANTIZED
 
 
+def test_a_file_whose_module_table_is_broken_is_named(fp_model, tmp_path):
+    # A file without its module table, or a module missing a field, was a bare KeyError
+    # ('modules', 'rank') naming neither the file nor the module.
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = copy.deepcopy(fp_model)
+    quantize_(model, NVFP4Config(mode="w4a4", rank=2))
+    path = tmp_path / "q.safetensors"
+    save_quantized(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    table = json.loads(meta["modules"])
+    name = "transformer_blocks.0.attn.to_q"
+    no_rank = {**table, name: {k: v for k, v in table[name].items() if k != "rank"}}
+    cases = [
+        ({k: v for k, v in meta.items() if k != "modules"}, r"no 'modules' table"),
+        ({**meta, "modules": "[1, 2]"}, r"'modules' table: expected a JSON object"),
+        ({**meta, "modules": "{not json"}, r"'modules' table: expected a JSON object"),
+        ({**meta, "modules": json.dumps(no_rank)}, rf"module {name}: missing \['rank'\]"),
+    ]
+    for broken, match in cases:
+        save_file(tensors, str(tmp_path / "broken.safetensors"), metadata=broken)
+        with pytest.raises(ValueError, match=match) as err:
+            load_quantized(tiny_flux(), tmp_path / "broken.safetensors")
+        assert "broken.safetensors" in str(err.value)
+
+
 def test_one_inf_token_stays_in_its_row_under_w4a4():
     # the dynamic global scale became Inf, every finite block's scale 0, and its dequantized
     # 0 * 0 * Inf NaN: one overflowing token made the whole batch (both CFG halves) NaN
