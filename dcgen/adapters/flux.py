@@ -122,8 +122,13 @@ class FluxAdapter(DiTAdapter):
         t.proj_out = self._new_linear(old.head, self.inner_dim, features)
         # FLUX builds proj_out as Linear(inner, patch_size^2 * out_channels); keep its own
         # patch_size at 1 (packing lives outside the model) so the shapes rebuild on load.
+        # New layers are a new token grid: positions start on it (unscaled) until a caller
+        # spaces them again (stage 1's align_positions="base", a latent-layers file).
         t.register_to_config(
-            in_channels=features, out_channels=features, patch_size=1, **{PATCH_KEY: patch_size}
+            in_channels=features,
+            out_channels=features,
+            patch_size=1,
+            **{PATCH_KEY: patch_size, POSITION_SCALE_KEY: None},
         )
         t.out_channels = features
         logger.info(

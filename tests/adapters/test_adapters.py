@@ -175,6 +175,11 @@ def test_flux_position_scale_spans_the_base_grid_and_round_trips(tmp_path):
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="positive finite"):
             adapter.set_position_scale(bad)
+    # New latent layers are a new token grid: the old grid's spacing does not carry over (it
+    # survived a second replacement, so "grid" positions came out scaled).
+    adapter.replace_latent_layers(latent_channels=4, patch_size=1)
+    assert adapter.position_scale == 1.0
+    torch.testing.assert_close(adapter.token_ids(2, 3), FluxAdapter.image_ids(2, 3))
 
 
 def test_flux_replace_save_load_round_trip(tmp_path):
