@@ -52,7 +52,7 @@ def test_variant_files_roundtrip(tmp_path):
     model = perturb_norms(DCAE(cfg)).eval()
     model.save_pretrained(tmp_path, variant="bf16", dtype=torch.bfloat16)
     assert (tmp_path / "diffusion_pytorch_model.bf16.safetensors").is_file()
-    ref = AutoencoderDC.from_pretrained(tmp_path, variant="bf16", torch_dtype=torch.bfloat16)
+    ref = AutoencoderDC.from_pretrained(tmp_path, variant="bf16", dtype=torch.bfloat16)
     loaded = DCAE.from_pretrained(tmp_path, variant="bf16", dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16
     x, _ = _inputs(cfg, batch=1)

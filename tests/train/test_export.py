@@ -235,12 +235,12 @@ def test_export_sana_and_dtype(tmp_path):
     adapter_for(model).replace_latent_layers(ae.latent_channels)
     model.save_pretrained(tmp_path / "adapted")  # stage 1-2 style: layers already adapted
     out = export_pipeline(tmp_path / "adapted", ae, tmp_path / "pipe", dtype=torch.bfloat16)
-    pipe = DCGenSanaPipeline.from_pretrained(out, torch_dtype=torch.bfloat16)
+    pipe = DCGenSanaPipeline.from_pretrained(out, dtype=torch.bfloat16)
     # SANA's own sampler: DPM-Solver++ on flow sigmas at flow shift 3
     assert pipe.scheduler.config.flow_shift == 3.0 and pipe.dpm_settings() is not None
     assert pipe._shift_for(4, 2) == 3.0
     assert next(pipe.transformer.parameters()).dtype == torch.bfloat16
-    # stored in bf16 (diffusers would upcast on load without torch_dtype)
+    # stored in bf16 (diffusers would upcast on load without dtype)
     with safe_open(str(out / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert f.get_tensor("proj_out.weight").dtype == torch.bfloat16
 
