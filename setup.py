@@ -7,12 +7,16 @@ The extension is compiled against the torch of the current environment, so insta
   ``1`` (require them), ``0`` (C++ CPU ops only).
 - ``DCGEN_REQUIRE_EXTENSION=1``: fail the install if the extension does not build (CI sets it).
   By default a failed build is reported and dcgen installs on its PyTorch references.
-- ``DCGEN_CUDA_ARCHS``: override the generic kernels' arch list (e.g. ``"80;90"``).
+- ``DCGEN_CUDA_ARCHS``: override the generic kernels' arch list (e.g. ``"90"``); unset, the
+  CMake default (``"80;90"``) applies again, whatever an earlier build in the folder was given.
 - ``DCGEN_BLACKWELL=0``: leave out the sm_100a / sm_120a NVFP4 GEMMs (the slowest files), e.g.
   for a build that only ever runs on Hopper.
 - ``MAX_JOBS``: parallel compile jobs (default: CPU count).
 - ``DCGEN_BUILD_DIR``: persistent CMake build directory (default ``build/cmake``), so ccache and
   incremental builds survive reinstalls.
+
+On / off switches take ``1 / on / true / yes`` and ``0 / off / false / no`` (any case); an
+empty value is the default, anything else stops the install with the switch named.
 """
 
 from __future__ import annotations
@@ -27,6 +31,31 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+
+_ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+
+
+def _switch(name: str, default: str, extra: tuple[str, ...] = ()) -> str:
+    """The environment switch ``name``: "on", "off" or one of ``extra``. A value it does not
+    know is refused: DCGEN_CUDA=no used to mean auto (a CUDA build), DCGEN_REQUIRE_EXTENSION=true
+    let a failed build pass."""
+    raw = os.environ.get(name, "")
+    value = (raw.strip() or default).lower()
+    if value in _ON:
+        return "on"
+    if value in _OFF:
+        return "off"
+    if value in extra:
+        return value
+    raise ValueError(
+        f"{name}: expected {' / '.join([*extra, '1', '0'])} (or on/off, true/false, yes/no), "
+        f"got {raw!r}"
+    )
+
+
+def _extension_required() -> bool:
+    return _switch("DCGEN_REQUIRE_EXTENSION", "0") == "on"
 
 
 class CMakeExtension(Extension):
@@ -73,7 +102,7 @@ class CMakeBuild(build_ext):
             self._build(ext)
         except ImportError as err:
             # torch or pybind11 missing where the build runs: pip's isolated build environment
-            if os.environ.get("DCGEN_REQUIRE_EXTENSION", "0") == "1":
+            if _extension_required():
                 raise ImportError(
                     f"dcgen._C: {err} in the build environment; install with "
                     "`pip install --no-build-isolation .` so the extension compiles against the "
@@ -81,7 +110,7 @@ class CMakeBuild(build_ext):
                 ) from err
             self._without_extension(ext, f"{err}; install with --no-build-isolation to build it")
         except (subprocess.CalledProcessError, OSError) as err:
-            if os.environ.get("DCGEN_REQUIRE_EXTENSION", "0") == "1":
+            if _extension_required():
                 raise
             self._without_extension(ext, str(err))
 
@@ -107,22 +136,23 @@ class CMakeBuild(build_ext):
         import torch.utils
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(os.environ.get("DCGEN_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
+        # empty is unset (Path("") is the working directory: an in-source build)
+        build_dir = Path(os.environ.get("DCGEN_BUILD_DIR") or ROOT / "build" / "cmake").resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
 
-        want_cuda = os.environ.get("DCGEN_CUDA", "auto").lower()
+        want_cuda = _switch("DCGEN_CUDA", "auto", extra=("auto",))
         cuda_home = _cuda_home()
         have_cuda = (
             torch.version.cuda is not None
             and cuda_home is not None
             and Path(cuda_home, "bin", "nvcc").exists()
         )
-        if want_cuda in ("1", "on", "true") and not have_cuda:
+        if want_cuda == "on" and not have_cuda:
             raise OSError(
                 f"DCGEN_CUDA=1 but no usable CUDA: torch.version.cuda={torch.version.cuda}, "
                 f"CUDA_HOME={cuda_home}"
             )
-        use_cuda = have_cuda and want_cuda not in ("0", "off", "false")
+        use_cuda = have_cuda and want_cuda != "off"
 
         args = [
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{pybind11.get_cmake_dir()}",
@@ -140,10 +170,12 @@ class CMakeBuild(build_ext):
                 f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",
                 f"-DCMAKE_CUDA_COMPILER={Path(cuda_home, 'bin', 'nvcc')}",
             ]
-            blackwell = os.environ.get("DCGEN_BLACKWELL", "1").lower() not in ("0", "off", "false")
+            blackwell = _switch("DCGEN_BLACKWELL", "1") == "on"
             args.append(f"-DDCGEN_BLACKWELL={'ON' if blackwell else 'OFF'}")
-            if os.environ.get("DCGEN_CUDA_ARCHS"):
-                args.append(f"-DDCGEN_CUDA_ARCHS={os.environ['DCGEN_CUDA_ARCHS']}")
+            # A CMake cache variable: unset, it is cleared, or the persistent build folder kept
+            # an earlier build's list (DCGEN_CUDA_ARCHS=90 once, no sm_80 code ever after).
+            archs = os.environ.get("DCGEN_CUDA_ARCHS", "").strip()
+            args.append(f"-DDCGEN_CUDA_ARCHS={archs}" if archs else "-UDCGEN_CUDA_ARCHS")
         if shutil.which("ccache"):
             args.append("-DCMAKE_CXX_COMPILER_LAUNCHER=ccache")
             if use_cuda:

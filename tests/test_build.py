@@ -147,3 +147,93 @@ def test_the_source_distribution_can_build_the_extension(tmp_path):
     assert tracked and not sorted(set(tracked) - names)
     assert "dcgen/py.typed" in names
     assert not [n for n in names if n.endswith(".so") or n.startswith("build/")]
+
+
+def _setup_py():  # noqa: ANN202
+    """setup.py as a module, its setup() call stubbed out."""
+    import importlib.util
+    from unittest import mock
+
+    import setuptools
+
+    with mock.patch.object(setuptools, "setup", lambda **kw: None):
+        spec = importlib.util.spec_from_file_location("dcgen_setup_py", ROOT / "setup.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+SWITCHES = ("DCGEN_CUDA", "DCGEN_BLACKWELL", "DCGEN_BUILD_DIR", "DCGEN_CUDA_ARCHS",
+            "DCGEN_REQUIRE_EXTENSION")  # fmt: skip
+
+
+def _configure_args(monkeypatch, tmp_path, **env: str) -> list[str]:  # noqa: ANN001
+    """The cmake configure command setup.py runs under ``env``, with a CUDA toolkit present
+    and nothing run."""
+    import types
+
+    pytest.importorskip("pybind11")
+    setup_py = _setup_py()
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DCGEN_BUILD_DIR", str(tmp_path / "build"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "cuda" / "bin").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cuda" / "bin" / "nvcc").touch()
+    monkeypatch.setattr(setup_py, "_cuda_home", lambda: str(tmp_path / "cuda"))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(setup_py.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    build = setup_py.CMakeBuild.__new__(setup_py.CMakeBuild)
+    build.get_ext_fullpath = lambda name: str(tmp_path / "out" / "dcgen" / "_C.so")
+    build._build(types.SimpleNamespace(name="dcgen._C"))
+    return calls[0]
+
+
+@pytest.mark.parametrize(
+    ("value", "cuda"),
+    [("no", "OFF"), ("OFF", "OFF"), (" 0", "OFF"), ("yes", "ON"), ("auto", "ON"), ("", "ON")],
+)
+def test_the_cuda_switch_takes_every_spelling_of_on_and_off(monkeypatch, tmp_path, value, cuda):
+    # DCGEN_CUDA=no meant auto: a CUDA build
+    args = _configure_args(monkeypatch, tmp_path, DCGEN_CUDA=value)
+    assert f"-DDCGEN_WITH_CUDA={cuda}" in args
+
+
+@pytest.mark.parametrize("name", ["DCGEN_CUDA", "DCGEN_BLACKWELL"])
+def test_a_build_switch_refuses_a_value_it_does_not_know(monkeypatch, tmp_path, name):
+    with pytest.raises(ValueError, match=rf"{name}: expected .*got 'cpu'"):
+        _configure_args(monkeypatch, tmp_path, **{name: "cpu"})
+
+
+def test_blackwell_no_and_the_arch_list_reset(monkeypatch, tmp_path):
+    assert "-DDCGEN_BLACKWELL=OFF" in _configure_args(monkeypatch, tmp_path, DCGEN_BLACKWELL="no")
+    # The arch list is a CMake cache variable of the persistent build folder: unset, it must
+    # be cleared, or an earlier DCGEN_CUDA_ARCHS=90 build left every later one sm_90 only.
+    assert "-UDCGEN_CUDA_ARCHS" in _configure_args(monkeypatch, tmp_path)
+    assert "-DDCGEN_CUDA_ARCHS=90" in _configure_args(monkeypatch, tmp_path, DCGEN_CUDA_ARCHS="90")
+
+
+def test_an_empty_build_dir_is_the_default_not_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    args = _configure_args(monkeypatch, tmp_path, DCGEN_BUILD_DIR="")
+    assert args[args.index("-B") + 1] == str(ROOT / "build" / "cmake")
+
+
+@pytest.mark.parametrize("value", ["true", "yes", "ON"])
+def test_require_extension_takes_every_spelling_of_on(monkeypatch, value):
+    # Only "1" counted: DCGEN_REQUIRE_EXTENSION=true let a failed build install without _C.
+    import types
+
+    setup_py = _setup_py()
+    monkeypatch.setenv("DCGEN_REQUIRE_EXTENSION", value)
+    build = setup_py.CMakeBuild.__new__(setup_py.CMakeBuild)
+
+    def failed(ext):  # noqa: ANN001, ANN202
+        raise OSError("cmake failed")
+
+    build._build = failed
+    build._without_extension = lambda ext, why: pytest.fail(f"{value!r}: the failure passed")
+    with pytest.raises(OSError, match="cmake failed"):
+        build.build_extension(types.SimpleNamespace(name="dcgen._C"))
