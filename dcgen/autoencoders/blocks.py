@@ -10,7 +10,6 @@ keys and values).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +31,7 @@ from dcgen.ops import (
 from dcgen.ops._validate import kernel_layout
 from dcgen.ops.linear_attention import token_major
 
+from .._env import env_flag
 from .fused import can_modify_in_place, use_fused
 from .norms import (
     ChannelRMSNorm,
@@ -72,8 +72,7 @@ def _cudnn_conv_relu(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     CUDNN_CONV_RELU_ENV): not opted out, a CUDA input in 16 bits with cuDNN on, a plain
     zero-padded convolution with a bias of the input's dtype."""
     return (
-        os.environ.get(CUDNN_CONV_RELU_ENV, "1") != "0"
-        and x.is_cuda
+        x.is_cuda
         and x.dtype in (torch.float16, torch.bfloat16)
         and torch.backends.cudnn.is_available()
         and torch.backends.cudnn.enabled
@@ -82,6 +81,7 @@ def _cudnn_conv_relu(x: torch.Tensor, conv: nn.Conv2d) -> bool:
         and conv.bias is not None
         and conv.bias.dtype == x.dtype
         and conv.weight.dtype == x.dtype
+        and env_flag(CUDNN_CONV_RELU_ENV, True)
     )
 
 

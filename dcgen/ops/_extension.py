@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .._env import env_choice, env_flag
+
 logger = logging.getLogger(__name__)
 
 _C: Any = None
@@ -59,9 +61,14 @@ def environment(names: tuple[str, ...]) -> tuple:
 
 def _disabled() -> bool:
     # DCGEN_DISABLE_KERNELS=1 forces every op onto its reference (debugging, A/B checks).
+    # The usual values answered from the raw mapping (called on every op); the rest parsed.
     if _ENVIRON_DATA is not None and not torch.compiler.is_compiling():
-        return _ENVIRON_DATA.get(b"DCGEN_DISABLE_KERNELS") == b"1"
-    return os.environ.get("DCGEN_DISABLE_KERNELS", "0") == "1"
+        raw = _ENVIRON_DATA.get(b"DCGEN_DISABLE_KERNELS")
+        if raw is None or raw == b"0":
+            return False
+        if raw == b"1":
+            return True
+    return env_flag("DCGEN_DISABLE_KERNELS", False)
 
 
 def _registered_kernels() -> frozenset[tuple[str, str]]:
@@ -100,10 +107,7 @@ COMPILE_OPS = ("inductor", "kernels")
 
 @torch.compiler.assume_constant_result  # a process setting: a constant to torch.compile
 def _compile_ops_choice() -> str:
-    choice = os.environ.get(COMPILE_OPS_ENV, "inductor").strip().lower()
-    if choice not in COMPILE_OPS:
-        raise ValueError(f"{COMPILE_OPS_ENV}: expected one of {COMPILE_OPS}, got {choice!r}")
-    return choice
+    return env_choice(COMPILE_OPS_ENV, COMPILE_OPS, "inductor")
 
 
 def inductor_fuses_instead() -> bool:

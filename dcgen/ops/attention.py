@@ -41,11 +41,11 @@ rounds the prologue's q, k and the probabilities to bf16/fp16 before the tensor-
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
+from .._env import env_choice
 from ._extension import compiled_op, has_kernel, has_schema
 from ._validate import FLOAT_DTYPES, check_same_device, check_tensor
 
@@ -225,12 +225,7 @@ def _arch_ok(device_type: str, index: int | None) -> bool:
 def flash_kernel_selected() -> bool:
     """Whether fused_attention may run dcgen's flash kernel (``DCGEN_ATTENTION_KERNEL=flash``)
     rather than qk_norm_rope + SDPA (``sdpa``, the default; module doc: why)."""
-    choice = os.environ.get(ATTENTION_KERNEL_ENV, "sdpa").strip().lower()
-    if choice not in ATTENTION_KERNELS:
-        raise ValueError(
-            f"{ATTENTION_KERNEL_ENV}: expected one of {ATTENTION_KERNELS}, got {choice!r}"
-        )
-    return choice == "flash"
+    return env_choice(ATTENTION_KERNEL_ENV, ATTENTION_KERNELS, "sdpa") == "flash"
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:

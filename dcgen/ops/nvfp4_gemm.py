@@ -32,10 +32,10 @@ is unmeasured, so both stay opt-in: ``DCGEN_NVFP4_SM90=1`` (their tests run them
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from .._env import env_flag
 from . import _quant_fake  # noqa: F401  (fake impls of the quantize / GEMM ops)
 from ._extension import compiled_op, has_kernel
 from ._validate import check_same_device, check_tensor
@@ -77,7 +77,7 @@ HOPPER_ENV = "DCGEN_NVFP4_SM90"
 
 def hopper_enabled() -> bool:
     """Whether the sm_90a NVFP4 GEMMs are switched on (``DCGEN_NVFP4_SM90=1``)."""
-    return os.environ.get(HOPPER_ENV, "0") == "1"
+    return env_flag(HOPPER_ENV, False)
 
 
 @torch.compiler.assume_constant_result  # a device property: a constant to torch.compile

@@ -49,7 +49,6 @@ by the quality report. CPU kernels ignore the flag (they sum in fp32 either way)
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +63,7 @@ from dcgen.ops.quantize_fp8 import (
     quantize_fp8_reference,
 )
 
+from .._env import env_choice
 from .nvfp4 import ensure_finite
 
 logger = logging.getLogger(__name__)
@@ -99,9 +99,7 @@ def row_gemm_route(device: torch.device) -> str:
     ``DCGEN_FP8_GEMM`` picks one; "auto" (default) takes "rowwise" on Hopper when torch's
     cuBLAS has outer-vector scaling, else "tensor" on CUDA when the epilogue kernel is built,
     else "rowwise"."""
-    choice = os.environ.get("DCGEN_FP8_GEMM", "auto")
-    if choice not in GEMM_ROUTES:
-        raise ValueError(f"DCGEN_FP8_GEMM: expected one of {GEMM_ROUTES}, got {choice!r}")
+    choice = env_choice("DCGEN_FP8_GEMM", GEMM_ROUTES, "auto")
     if choice == "auto":
         if device.type != "cuda":
             return "rowwise"
