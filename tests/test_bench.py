@@ -974,3 +974,18 @@ def test_built_wgmma_kernels_have_no_register_hazards(name):
     assert with_wgmma, f"no HGMMA in {name}: the object is not an sm_90a build?"
     for k in with_wgmma:
         assert tool.wgmma_register_hazards(k) == [], k.name[:120]
+
+
+def test_the_kernels_variant_runs_the_kernels_whatever_the_shell_set(monkeypatch):
+    # An inherited DCGEN_DISABLE_KERNELS=1 stayed set inside kernels_enabled(True): the kernels
+    # rows timed the references.
+    from dcgen.bench.variants import kernels_enabled
+    from dcgen.ops._extension import _disabled
+
+    monkeypatch.setenv("DCGEN_DISABLE_KERNELS", "1")
+    with kernels_enabled(True):
+        assert not _disabled()
+        with kernels_enabled(False):
+            assert _disabled()
+        assert not _disabled()
+    assert _disabled()  # the shell's value is back

@@ -26,9 +26,13 @@ def build_context(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
 
 @contextlib.contextmanager
 def kernels_enabled(enabled: bool) -> Iterator[None]:
-    """DCGEN_DISABLE_KERNELS=1 while ``enabled`` is False (dcgen ops fall back to references)."""
+    """DCGEN_DISABLE_KERNELS=1 while ``enabled`` is False (dcgen ops fall back to references),
+    unset while it is True: a value inherited from the shell made the kernels rows time the
+    references."""
     old = os.environ.get("DCGEN_DISABLE_KERNELS")
-    if not enabled:
+    if enabled:
+        os.environ.pop("DCGEN_DISABLE_KERNELS", None)
+    else:
         os.environ["DCGEN_DISABLE_KERNELS"] = "1"
     try:
         yield
