@@ -34,6 +34,9 @@ _watched: ContextVar[bool] = ContextVar("dcgen_hooks_watching", default=False)
 @contextmanager
 def fused_inference(enabled: bool | None = True) -> Iterator[None]:
     """Force the blocks' fused path on (True) or off (False); None restores the automatic rule."""
+    if enabled is not None and not isinstance(enabled, bool):
+        # a string was truthy: fused_inference("false") forced the fused path on
+        raise TypeError(f"fused_inference: expected True, False or None, got {enabled!r}")
     token = _forced.set(enabled)
     try:
         yield

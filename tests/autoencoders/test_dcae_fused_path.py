@@ -405,3 +405,12 @@ def test_building_the_fold_draws_nothing_from_the_global_rng():
         drawn = torch.rand(3)
     torch.manual_seed(0)
     assert torch.equal(drawn, torch.rand(3))
+
+
+@pytest.mark.parametrize("bad", ["false", "0", 0, 1])
+def test_fused_inference_takes_only_a_bool_or_none(bad):
+    # "false" is a truthy string: it forced the fused path on
+    with pytest.raises(TypeError, match=r"expected True, False or None, got"):
+        with fused_inference(bad):
+            pass
+    assert use_fused(torch.zeros(1), "channel_rms_norm") is False  # nothing was left forced
