@@ -238,3 +238,33 @@ def test_verbose_is_taken_before_or_after_the_command():
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, command in subs.choices.items():
         assert "--verbose" in command.format_help(), name
+
+
+def test_main_gives_logging_back_as_it_found_it(monkeypatch):
+    # main() set up logging with basicConfig and left it: after `main(["-v", ...])` every later
+    # call in the program logged at INFO; where the program had configured logging itself,
+    # -v showed nothing of dcgen's.
+    import logging
+
+    import dcgen.cli.parser as parser_mod
+    from dcgen.cli import main
+
+    def command(args):  # noqa: ANN001, ANN202
+        logging.getLogger("dcgen.cli.test").info("an INFO line of dcgen's")
+        return 0
+
+    monkeypatch.setattr(parser_mod, "_cmd_presets", command)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # a fresh program: logging not configured
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    assert main(["-v", "presets"]) == 0
+    assert root.handlers == [] and root.level == logging.WARNING
+    assert not logging.getLogger("dcgen").isEnabledFor(logging.INFO)
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    root.handlers = [handler]  # a program with its own logging, at WARNING
+    assert main(["presets"]) == 0 and seen == []
+    assert main(["-v", "presets"]) == 0 and seen == ["an INFO line of dcgen's"]
+    assert root.handlers == [handler] and not logging.getLogger("dcgen").isEnabledFor(logging.INFO)

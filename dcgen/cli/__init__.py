@@ -59,10 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # Logging as found is given back at the end (main() called twice in one program: a first
+    # -v left every later call at INFO); where the program configured it already, -v still
+    # shows dcgen's own INFO lines.
+    root, ours = logging.getLogger(), logging.getLogger("dcgen")
+    saved_logging = (root.level, list(root.handlers), ours.level)
+    if not root.handlers:
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+    if args.verbose:
+        ours.setLevel(logging.INFO)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
     try:
@@ -92,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:  # main() called from a program of its own: give its handler back
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        root.setLevel(saved_logging[0])
+        root.handlers[:] = saved_logging[1]
+        ours.setLevel(saved_logging[2])
 
 
 def _resume_hint(args: argparse.Namespace, stop: KeyboardInterrupt) -> str:
