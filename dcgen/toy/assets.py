@@ -30,6 +30,7 @@ from torch import nn
 from dcgen._json import dumps
 from dcgen.autoencoders import DCAE, reduced_config
 from dcgen.autoencoders.config import DCAEConfig
+from dcgen.train.checkpoint import keeps_rng_state
 
 from .evaluator import ShapeEvaluator
 from .text import TextEncoderConfig, ToyTextEncoder
@@ -175,6 +176,7 @@ def load_toy_assets(
     return ToyAssets(vae, dcae, transformer, text_encoder, evaluator, manifest, root)
 
 
+@keeps_rng_state
 def random_toy_assets(seed: int = 0) -> ToyAssets:
     """Untrained assets with the shipped architectures (tests, and the training script's
     starting point). The VAE's latent statistics are left at identity scaling."""

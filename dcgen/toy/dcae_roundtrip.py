@@ -21,6 +21,7 @@ import torch
 from dcgen._files import atomic_write
 from dcgen._json import dumps
 from dcgen.autoencoders import DCAE
+from dcgen.train.checkpoint import keeps_rng_state
 
 from .assets import dcae_config
 from .images import bundled_image_path, load_image, plot_curve, psnr, side_by_side, to_pil
@@ -64,6 +65,7 @@ def _timed(
     return out, best
 
 
+@keeps_rng_state
 def run_dcae_roundtrip(
     out_dir: str | Path, settings: RoundTripSettings | None = None, progress: bool = True
 ) -> dict:

@@ -54,7 +54,7 @@ import torch
 from dcgen._files import atomic_folder, atomic_write
 from dcgen._json import dumps
 from dcgen.adapters import adapter_for
-from dcgen.train.checkpoint import checkpoint_step, latest_checkpoint
+from dcgen.train.checkpoint import checkpoint_step, keeps_rng_state, latest_checkpoint
 from dcgen.train.config import TrainConfig
 from dcgen.train.loop import CHECKPOINT_DIR, LOG_NAME
 from dcgen.train.lora import fuse_lora
@@ -387,6 +387,7 @@ def _stage_config(
     ).validate()
 
 
+@keeps_rng_state
 def run_demo(
     out_dir: str | Path,
     settings: DemoSettings | None = None,

@@ -26,6 +26,7 @@ draws from the global torch RNG at a different moment in a resumed run.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "RunState",
     "capture_rng_state",
     "checkpoint_step",
+    "keeps_rng_state",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -134,6 +136,26 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
             )
         for i, s in enumerate(cuda[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def keeps_rng_state(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` gives back the process's RNG states (Python, numpy, torch CPU and CUDA) as it
+    found them, whatever it seeds or draws: a training stage seeds its own (``cfg.seed``) and
+    a resume restores the checkpoint's, which reseeded the calling program's generators."""
+
+    @functools.wraps(fn)
+    def keeping(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        state = capture_rng_state()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            restore_rng_state(state)
+
+    return keeping
 
 
 # ------------------------------------------------------------------------------ saving/loading

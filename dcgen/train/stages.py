@@ -50,7 +50,7 @@ from dcgen.sampling.shift import resolve_shift
 from .align import RidgeAccumulator, alignment_loss, downsample_tokens, init_from_ridge
 from .buckets import BucketBatchSampler
 from .cache import CacheError, LatentCache
-from .checkpoint import latest_checkpoint
+from .checkpoint import keeps_rng_state, latest_checkpoint
 from .config import PATH_FIELDS, ConfigError, TrainConfig
 from .distributed import DistContext, init_distributed
 from .ema import EMA
@@ -351,6 +351,7 @@ def _warn_unused_in_stage1(cfg: TrainConfig) -> None:
         logger.warning("stage 1 (align) keeps no EMA: ema_decay=%s is not used", cfg.ema_decay)
 
 
+@keeps_rng_state
 def align_embedder(
     transformer: nn.Module,
     dataset: Any,
@@ -661,6 +662,7 @@ def _fit_head_ridge(
 # ------------------------------------------------------------------------------ stages 2, 3
 
 
+@keeps_rng_state
 def train_output_layer(
     transformer: nn.Module,
     dataset: Any,
@@ -741,6 +743,7 @@ def _module_name(transformer: nn.Module, module: nn.Module) -> str:
     raise KeyError(f"{type(module).__name__} is not a submodule of the transformer")
 
 
+@keeps_rng_state
 def finetune_lora(
     transformer: nn.Module,
     dataset: Any,
@@ -804,6 +807,7 @@ def open_cache(cfg: TrainConfig) -> LatentCache:
     return LatentCache(cfg.cache_dir, tensors=list(dict.fromkeys(wanted)))
 
 
+@keeps_rng_state
 def run(config: TrainConfig, progress: bool = True, *, on_step: OnStep | None = None) -> dict:
     """Run the configured stage end to end (see the module docstring for the files written).
 

@@ -81,3 +81,19 @@ def test_loading_the_toy_world_leaves_the_global_random_state_alone():
     # and built that way they hold the files' values, nothing left unset
     for module in (world.text_encoder, world.evaluator):
         assert not [n for n, t in module.state_dict().items() if t.is_meta]
+
+
+def test_random_assets_give_the_callers_torch_stream_back():
+    # random_toy_assets(seed) seeded torch's global generator and left it so
+    import torch
+
+    from dcgen.toy.assets import random_toy_assets
+
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    a = random_toy_assets(seed=1)
+    assert torch.equal(torch.rand(3), want)
+    b = random_toy_assets(seed=1)  # and the assets are still the seed's
+    assert all(torch.equal(x, y) for x, y in zip(a.dcae.state_dict().values(),
+                                                  b.dcae.state_dict().values(), strict=True))  # fmt: skip

@@ -12,6 +12,7 @@ from dcgen.train.cache import CacheError, LatentCache
 from dcgen.train.config import ConfigError, TrainConfig, load_config
 from dcgen.train.stages import (
     _embedder_rank,
+    align_embedder,
     finetune_lora,
     load_latent_layers,
     load_transformer,
@@ -381,3 +382,62 @@ def test_the_rank_note_warns_only_when_the_alignment_fell_short(
         _report_embedder_rank(rank, channels, base_rank)
     levels = [r.levelname for r in caplog.records if "aligned embedder" in r.getMessage()]
     assert levels == ([level] if level else [])
+
+
+@pytest.mark.parametrize("stage", ["align", "finetune"])
+def test_a_stage_gives_the_callers_random_streams_back(root: Path, cache: Path, stage: str) -> None:
+    # Each stage seeded torch with cfg.seed and left it so: a program drawing after a stage got
+    # the same numbers whatever its own seed.
+    import random
+
+    import numpy as np
+
+    fn, base = {"align": (align_embedder, save_base), "finetune": (finetune_lora, save_adapted)}[
+        stage
+    ]
+    path = base(root)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        want = (torch.rand(3), random.random(), np.random.rand())
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        cfg = config(root, stage, path, cache, steps=1, align_sgd_steps=0,
+                     out_dir=str(root / f"rng-{stage}-{seed}"))  # fmt: skip
+        fn(load_transformer(path), LatentCache(cache), cfg, progress=False)
+        assert torch.equal(torch.rand(3), want[0])
+        assert (random.random(), np.random.rand()) == want[1:]
+
+
+def test_a_resumed_run_gives_the_callers_random_streams_back(
+    root: Path, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A resume restored the checkpoint's Python and numpy states into the calling program.
+    import random
+
+    import numpy as np
+
+    out = str(root / "rng-resume")
+    cfg = config(root, "output", save_adapted(root), cache, steps=4, checkpoint_every=1,
+                 out_dir=out)  # fmt: skip
+
+    def stop(step, *_, **__):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if step >= 2:
+            raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(cfg, progress=False, on_step=stop)
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    want = (random.random(), np.random.rand(), torch.rand(2))
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    with caplog.at_level("INFO", logger="dcgen.train"):
+        run(cfg, progress=False)
+    assert "resumed at step" in caplog.text
+    assert (random.random(), np.random.rand()) == want[:2]
+    assert torch.equal(torch.rand(2), want[2])
