@@ -18,6 +18,7 @@
 
 #include "attention/flash_params.h"
 #include "attention/prologue.h"
+#include "common/env_switch.h"
 
 namespace dcgen::attention {
 namespace {
@@ -228,10 +229,8 @@ at::Tensor fused_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
     p.key_padding_mask = mask.const_data_ptr<bool>();
     p.mask_batch_stride = mask.stride(0);
   }
-  const char* plain = std::getenv("DCGEN_ATTENTION_PLAIN_LOADS");
-  p.plain_loads = plain != nullptr && std::string(plain) == "1";
-  const char* pingpong = std::getenv("DCGEN_ATTENTION_PINGPONG");
-  p.pingpong = pingpong == nullptr || std::string(pingpong) != "0";
+  p.plain_loads = dcgen::env_switch("DCGEN_ATTENTION_PLAIN_LOADS", false);
+  p.pingpong = dcgen::env_switch("DCGEN_ATTENTION_PINGPONG", true);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (q.scalar_type() == at::kBFloat16) {
     dispatch_head_dim<__nv_bfloat16>(p, D, sm90, stream);

@@ -25,6 +25,7 @@
 #include <tuple>
 
 #include "attention/prologue.h"
+#include "common/env_switch.h"
 
 namespace dcgen::attention {
 namespace {
@@ -214,8 +215,7 @@ at::Tensor norm_rope_one(const at::Tensor& x_in, const NormWeights& w, const Rop
   // DCGEN_QK_NORM_ROPE_VEC=0 keeps the pair kernel (a rollback until a GPU run has validated
   // the 16-byte one).
   const int64_t d = x.size(3);
-  const char* vec_env = std::getenv("DCGEN_QK_NORM_ROPE_VEC");
-  const bool vec = !(vec_env != nullptr && vec_env[0] == '0') && (d == 64 || d == 128 || d == 256) && x.stride(0) % 8 == 0 &&
+  const bool vec = dcgen::env_switch("DCGEN_QK_NORM_ROPE_VEC", true) && (d == 64 || d == 128 || d == 256) && x.stride(0) % 8 == 0 &&
                    x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0 && aligned16(x.const_data_ptr()) &&
                    aligned16(y.const_data_ptr()) && aligned16(w.w0()) && aligned16(w.w1()) &&
                    aligned16(cos) && aligned16(sin);

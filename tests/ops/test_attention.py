@@ -459,6 +459,25 @@ def test_cuda_qk_norm_rope_kernels_agree(vec, rng, monkeypatch):
 
 
 @pytest.mark.cuda
+def test_cuda_launcher_switches_refuse_words(rng, monkeypatch):
+    # The C++ launchers' 1 / 0 switches tested one character or `!= "0"`: "false" and "off"
+    # meant on. Now anything but 1 or 0 is refused naming the switch.
+    _require("qk_norm_rope")
+    q, k, _ = _cuda_inputs(1, 2, 17, 17, 128, torch.bfloat16, rng)
+    args = _prologue_args("norm_rope", 17, 128, rng)
+    monkeypatch.setenv("DCGEN_QK_NORM_ROPE_VEC", "false")
+    with pytest.raises(RuntimeError, match=r"DCGEN_QK_NORM_ROPE_VEC: expected 1 or 0, got 'false'"):
+        qk_norm_rope(q, k, **args)
+    monkeypatch.delenv("DCGEN_QK_NORM_ROPE_VEC")
+    _require("fused_attention")
+    v = torch.randn_like(q)
+    monkeypatch.setenv("DCGEN_ATTENTION_KERNEL", "flash")
+    monkeypatch.setenv("DCGEN_ATTENTION_PINGPONG", "off")
+    with pytest.raises(RuntimeError, match=r"DCGEN_ATTENTION_PINGPONG: expected 1 or 0"):
+        fused_attention(q, k, v)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("offset", [2, 1])
 def test_cuda_qk_norm_rope_misaligned_rows_take_the_pair_kernel(offset, rng):
     # Head dim 128 but rows 4 bytes past a 16-byte boundary (a view 2 elements into its
