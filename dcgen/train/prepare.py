@@ -205,7 +205,11 @@ def load_entry_point(spec: str) -> TextEncoderFn:
             if err.name != module_name.partition(".")[0] or here in sys.path:
                 raise
             sys.path.insert(0, here)
-            module = importlib.import_module(module_name)
+            try:
+                module = importlib.import_module(module_name)
+            except BaseException:
+                sys.path.remove(here)  # kept only for a module found there (its own imports)
+                raise
     except ImportError as err:
         raise PrepareError(f"cannot import {module_name!r} for --text-encoder: {err}") from err
     fn: Any = module

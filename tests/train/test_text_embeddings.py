@@ -83,3 +83,19 @@ def test_a_text_encoder_module_in_the_working_directory_is_found(tmp_path, monke
     assert load_entry_point("dcgen_test_cwd_encoder:encode")(["x"]) == 7
     with pytest.raises(PrepareError, match="cannot import 'no_such_module_xyz'"):
         load_entry_point("no_such_module_xyz:encode")
+
+
+def test_a_failed_text_encoder_import_leaves_sys_path_as_it_was(tmp_path, monkeypatch):
+    # The retry from the working directory left it on sys.path when that import failed too
+    import sys
+
+    from dcgen.train.prepare import PrepareError, load_entry_point
+
+    (tmp_path / "dcgen_test_broken_encoder.py").write_text("import dcgen_no_such_dependency\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    for spec in ("dcgen_test_broken_encoder:encode", "dcgen_no_such_module_abc:encode"):
+        with pytest.raises(PrepareError, match="cannot import"):
+            load_entry_point(spec)
+        assert sys.path == before
