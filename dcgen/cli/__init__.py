@@ -51,13 +51,24 @@ __all__ = ["BENCH_MODELS", "DTYPES", "CLIError", "build_parser", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A console that cannot encode a path's characters (cp1252 on Windows, a C locale) made a
+    # status line raise UnicodeEncodeError mid-run: `generate` wrote the first image and
+    # stopped. Such characters are printed escaped instead, for this call only (main() called
+    # from a program left its streams reconfigured).
+    restore = []
     for stream in (sys.stdout, sys.stderr):
-        # A console that cannot encode a path's characters (cp1252 on Windows, a C locale)
-        # made a status line raise UnicodeEncodeError mid-run: `generate` wrote the first
-        # image and stopped. Such characters are printed escaped instead.
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
+            restore.append((reconfigure, stream.errors))
             reconfigure(errors="backslashreplace")
+    try:
+        return _main(argv)
+    finally:
+        for reconfigure, errors in restore:
+            reconfigure(errors=errors)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     # Logging as found is given back at the end (main() called twice in one program: a first
     # -v left every later call at INFO); where the program configured it already, -v still
