@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from dcgen.autoencoders import DCAE, reduced_config
@@ -64,12 +65,18 @@ def test_convert_dcae_roundtrip(tmp_path, capsys):
     model.save_pretrained(src)
     assert main(["convert-dcae", str(src), str(tmp_path / "dst"), "--dtype", "bf16"]) == 0
     back = DCAE.from_pretrained(tmp_path / "dst")
-    z = torch.randn(1, cfg.latent_channels, 2, 2)
+    # bf16 storage: each weight rounded once (an output bound on a random model held for some
+    # draws of the global RNG and not others: about 1 seed in 3 failed it)
+    rounded = {k: v.bfloat16().float() if v.is_floating_point() else v
+               for k, v in model.state_dict().items()}  # fmt: skip
+    got_state = back.state_dict()
+    assert got_state.keys() == rounded.keys()
+    for k, v in rounded.items():
+        assert torch.equal(got_state[k].float(), v), k
+    model.load_state_dict(rounded)
+    z = torch.randn(1, cfg.latent_channels, 2, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = model.decode(z)
-        got = back.decode(z)
-    # bf16 storage: weights rounded once, outputs close but not equal
-    assert (got - want).abs().max() < 0.1 * want.abs().max() + 1e-3
+        torch.testing.assert_close(back.decode(z), model.decode(z), rtol=0, atol=0)
 
 
 def test_convert_dcae_keeps_the_source_dtype_by_default(tmp_path):
@@ -268,3 +275,23 @@ def test_main_gives_logging_back_as_it_found_it(monkeypatch):
     assert main(["presets"]) == 0 and seen == []
     assert main(["-v", "presets"]) == 0 and seen == ["an INFO line of dcgen's"]
     assert root.handlers == [handler] and not logging.getLogger("dcgen").isEnabledFor(logging.INFO)
+
+
+def test_main_gives_the_output_streams_back_as_it_found_them(capsys):
+    # main() switched stdout / stderr to backslashreplace (so an unencodable path cannot stop a
+    # run) and left them so in the calling program
+    import io
+    import sys
+
+    from dcgen.cli import main
+
+    streams = [io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict") for _ in "ab"]
+    real = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = streams
+    try:
+        assert main(["presets"]) == 0
+        with pytest.raises(SystemExit):
+            main(["--no-such-option"])
+    finally:
+        sys.stdout, sys.stderr = real
+    assert [s.errors for s in streams] == ["strict", "strict"]
