@@ -157,17 +157,11 @@ def test_export_round_trip_matches_unfused_model(trained, tmp_path):
     torch.testing.assert_close(_images(DCGenFluxPipeline.from_pretrained(from_stage)), got)
 
 
-def test_export_loads_in_the_target_dtype_and_rounds_fused_weights_once(
-    trained, tmp_path, monkeypatch
-):
-    """export(dtype=bf16) loaded the transformer (and the DC-AE) in fp32 and cast at the end:
-    twice a bf16 FLUX's size in memory (48 GB). It loads in bf16 now unless a LoRA is fused
-    into weights stored wider, and the fused weights are still the fp32 sum rounded once."""
+def _recorded_load_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """The dtypes export loads transformers in, recorded as it runs."""
     import dcgen.train.export as export
 
-    root, _, _ = trained
-    tiny_flux().to(torch.bfloat16).save_pretrained(tmp_path / "base_bf16")
-    loaded = []
+    loaded: list[torch.dtype] = []
     real = export.load_diffusers_transformer
 
     def spy(folder, dtype, class_name):  # noqa: ANN001, ANN202
@@ -175,6 +169,18 @@ def test_export_loads_in_the_target_dtype_and_rounds_fused_weights_once(
         return real(folder, dtype=dtype, class_name=class_name)
 
     monkeypatch.setattr(export, "load_diffusers_transformer", spy)
+    return loaded
+
+
+def test_export_loads_in_the_target_dtype_and_rounds_fused_weights_once(
+    trained, tmp_path, monkeypatch
+):
+    """export(dtype=bf16) loaded the transformer (and the DC-AE) in fp32 and cast at the end:
+    twice a bf16 FLUX's size in memory (48 GB). It loads in bf16 now unless a LoRA is fused
+    into weights stored wider, and the fused weights are still the fp32 sum rounded once."""
+    root, _, _ = trained
+    tiny_flux().to(torch.bfloat16).save_pretrained(tmp_path / "base_bf16")
+    loaded = _recorded_load_dtypes(monkeypatch)
     layers = root / "latent_layers.safetensors"
 
     def weights(out, part="transformer"):  # noqa: ANN001, ANN202
@@ -209,21 +215,12 @@ def test_a_variant_file_beside_the_weights_does_not_decide_how_they_load(
     """The stored dtype was read from every *.safetensors in the folder: an fp16 variant file
     (diffusion_pytorch_model.fp16.safetensors, never loaded) made fp32 weights look fp16, so
     an fp16 export with a LoRA loaded them in fp16 and rounded twice."""
-    import dcgen.train.export as export
-
     root, _, _ = trained
     base = tmp_path / "base_with_variant"
     shutil.copytree(root / "base", base)
     tiny_flux().to(torch.float16).save_pretrained(base, variant="fp16")
     assert (base / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    loaded = []
-    real = export.load_diffusers_transformer
-
-    def spy(folder, dtype, class_name):  # noqa: ANN001, ANN202
-        loaded.append(dtype)
-        return real(folder, dtype=dtype, class_name=class_name)
-
-    monkeypatch.setattr(export, "load_diffusers_transformer", spy)
+    loaded = _recorded_load_dtypes(monkeypatch)
     export_pipeline(base, root / "dcae", tmp_path / "out", dtype=torch.float16,
                     latent_layers=root / "latent_layers.safetensors", lora_dir=root / "lora")  # fmt: skip
     assert loaded == [torch.float32]  # the fp32 file is the one read: the fuse rounds once
