@@ -70,6 +70,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
     #: default shift rule when ``shift_rule="auto"``
     default_shift_rule = "flux"
+    #: the constant shift of a pipeline built without a scheduler (FLUX's rule does not use it)
+    default_flow_shift = 1.0
     #: whether encode_images samples from the generator (a KL VAE's posterior; a DC-AE
     #: encodes deterministically)
     encode_draws_noise = False
@@ -623,7 +625,9 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             rule,
             num_tokens,
             latent_channels,
-            constant=scheduler_constant_shift(cfg),
+            constant=scheduler_constant_shift(cfg)
+            if sched is not None
+            else self.default_flow_shift,
             # a missing (or null) value takes FLUX.1's default; a 0 stays 0, as in diffusers
             base_tokens=int(_setting(cfg, "base_image_seq_len", 256)),
             max_tokens=int(_setting(cfg, "max_image_seq_len", 4096)),

@@ -21,6 +21,9 @@ from .lora import latent_safe_lora_state_dict
 
 #: diffusers' SanaPipeline samples with classifier-free guidance 4.5 by default.
 SANA_CFG_SCALE = 4.5
+#: the flow shift SANA's 1K checkpoints ship (scheduler flow_shift): what a pipeline without a
+#: scheduler samples at, and export's default
+SANA_FLOW_SHIFT = 3.0
 
 
 @functools.cache
@@ -85,7 +88,7 @@ class DCGenSanaPipeline(SanaLoraLoaderMixin, DCGenFluxPipeline):
     state with its attention mask (encode_gemma: SANA's instruction prefix on positive prompts
     unless ``complex_human_instruction=False``), or prompt_embeds (+ prompt_attention_mask).
     No pooled embedding. shift_rule 'auto' = the scheduler's constant ``shift`` (SANA's
-    flow_shift); guidance_scale only feeds guidance-embedding variants, CFG is true_cfg_scale
+    flow_shift; 3.0, as SANA 1K ships, without a scheduler); guidance_scale only feeds guidance-embedding variants, CFG is true_cfg_scale
     (default 4.5, as diffusers' SanaPipeline, for models without guidance embeddings). The
     sampler follows the scheduler: a SANA folder's DPMSolverMultistepScheduler gives
     DPM-Solver++ 2M (the images diffusers' SanaPipeline samples), an Euler scheduler Euler.
@@ -97,6 +100,7 @@ class DCGenSanaPipeline(SanaLoraLoaderMixin, DCGenFluxPipeline):
     _optional_components = ["vae", "scheduler", "text_encoder", "tokenizer"]
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     default_shift_rule = "constant"
+    default_flow_shift = SANA_FLOW_SHIFT  # without a scheduler it sampled unshifted (1.0)
     needs_pooled = False
     default_max_sequence_length = 300  # Gemma tokens, as SanaPipeline
     default_true_cfg_scale = SANA_CFG_SCALE

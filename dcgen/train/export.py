@@ -186,9 +186,11 @@ def default_scheduler(
                         cand, flow_shift)  # fmt: skip
             return DPMSolverMultistepScheduler.from_pretrained(cand, flow_shift=flow_shift)
     if family == "sana":
+        from ..pipelines.sana import SANA_FLOW_SHIFT
+
         # the scheduler SANA checkpoints ship and are sampled with (diffusers' SANA conversion)
         return DPMSolverMultistepScheduler(
-            flow_shift=3.0 if shift is None else float(shift), use_flow_sigmas=True,
+            flow_shift=SANA_FLOW_SHIFT if shift is None else float(shift), use_flow_sigmas=True,
             prediction_type="flow_prediction",
         )  # fmt: skip
     if shift is None:

@@ -342,6 +342,19 @@ def test_callback_on_step_end_sees_and_edits_the_latents(sampler):
     assert pipe.interrupt is False and torch.equal(rerun, out)  # the next call runs whole
 
 
+def test_a_sana_pipeline_without_a_scheduler_samples_at_sanas_flow_shift():
+    # Built without a scheduler it sampled at shift 1.0 (no shift at all), where an exported
+    # SANA folder and SANA's own checkpoints sample at flow shift 3.0.
+    from diffusers import DPMSolverMultistepScheduler
+
+    ae, model = tiny_dcae(), tiny_sana()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    assert DCGenSanaPipeline(model, ae)._shift_for(64, ae.latent_channels) == 3.0
+    dpm = DPMSolverMultistepScheduler(flow_shift=6.0, use_flow_sigmas=True,
+                                      prediction_type="flow_prediction")  # fmt: skip
+    assert DCGenSanaPipeline(model, ae, dpm)._shift_for(64, ae.latent_channels) == 6.0
+
+
 def test_cfg_runs_both_predictions_in_one_batch(monkeypatch):
     """CFG's negative and positive predictions go through one transformer call of twice the
     batch (as diffusers' pipelines run them), with the result of two calls; where the negative
