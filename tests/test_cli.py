@@ -295,3 +295,15 @@ def test_main_gives_the_output_streams_back_as_it_found_them(capsys):
     finally:
         sys.stdout, sys.stderr = real
     assert [s.errors for s in streams] == ["strict", "strict"]
+
+
+def test_precompute_help_says_the_encoder_dtype_and_device_cover_the_text_encoders():
+    # --encoder-dtype also sets the --text-encoders' dtype (fp32 by default: T5-XXL at 19 GB),
+    # which its help did not say
+    from dcgen.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices["precompute"].format_help().split())
+    assert "dtype the autoencoders and --text-encoders run in" in text
+    assert "where the autoencoders and --text-encoders run" in text

@@ -212,9 +212,11 @@ Text embeddings (from the base model's own text encoders, a file, or any functio
     pc.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                     help="storage dtype of the cached tensors (default bf16)")  # fmt: skip
     pc.add_argument("--encoder-dtype", choices=sorted(DTYPES), default="fp32",
-                    help="dtype the autoencoders run in (default fp32)")  # fmt: skip
+                    help="dtype the autoencoders and --text-encoders run in (default fp32; fp16 "
+                         "text encoders run in bf16)")  # fmt: skip
     pc.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                    help="where the autoencoders run (default: cuda when available)")  # fmt: skip
+                    help="where the autoencoders and --text-encoders run (default: cuda when "
+                         "available)")  # fmt: skip
     pc.add_argument("--num-workers", type=int, default=0, metavar="N",
                     help="DataLoader workers decoding images (default 0)")  # fmt: skip
     pc.add_argument("--overwrite", action="store_true",
