@@ -307,3 +307,30 @@ def test_precompute_help_says_the_encoder_dtype_and_device_cover_the_text_encode
     text = " ".join(sub.choices["precompute"].format_help().split())
     assert "dtype the autoencoders and --text-encoders run in" in text
     assert "where the autoencoders and --text-encoders run" in text
+
+
+def test_demo_scale_keeps_zero_refinement_steps_at_zero(tmp_path, monkeypatch):
+    # --scale applied max(1, ...) to every stage's steps: --align-sgd-steps 0 (the ridge fit
+    # alone) became one refinement step
+    import dcgen.toy.demo as demo
+
+    seen = []
+
+    def run_demo(out, settings, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append(settings)
+        (Path(out) / "report.md").parent.mkdir(parents=True)
+        (Path(out) / "report.md").write_text("report")
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+    args = [
+        "demo",
+        "--fast",
+        "--align-sgd-steps",
+        "0",
+        "--scale",
+        "3",
+        "--out",
+        str(tmp_path / "d"),
+    ]
+    assert main(args) == 0
+    assert seen[0].align_sgd_steps == 0 and seen[0].output_steps >= 3

@@ -38,7 +38,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     settings = DemoSettings.fast(**overrides) if args.fast else DemoSettings(**overrides)
     if args.scale != 1.0:
         for name in ("align_sgd_steps", "output_steps", "lora_steps"):
-            setattr(settings, name, max(1, round(getattr(settings, name) * args.scale)))
+            steps = getattr(settings, name)
+            # at least one step stays one; none (stage 1 with the ridge fit alone) stays none
+            setattr(settings, name, max(min(steps, 1), round(steps * args.scale)))
     settings.validate()
     print(
         f"dcgen demo: DC-Gen on the toy world ({device}): stage 1 {settings.align_sgd_steps} "
