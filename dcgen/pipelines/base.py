@@ -295,9 +295,11 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         ``pipe._interrupt = True`` there ends the sampling after that step (diffusers' way).
         Images whose larger side exceeds ``tile_threshold`` pixels decode with bounded memory:
         a DC-AE in bands of ``band_rows`` output rows (the same image as a full-frame decode),
-        or, with ``band_rows=None`` (and always for the base FLUX VAE), tile by tile with
-        blended overlaps (approximate); an image-to-image input encodes the same way (a DC-AE:
-        the full-frame latents, band by band).
+        or, with ``band_rows=None``, tile by tile with blended overlaps of ``tile_size`` /
+        ``tile_overlap`` (approximate); the base FLUX VAE always tiles, with AutoencoderKL's own
+        tiling and tile sizes (``tile_size`` / ``tile_overlap`` do not apply to it). An
+        image-to-image input encodes the same way (a DC-AE: the full-frame latents, band by
+        band).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
