@@ -339,7 +339,8 @@ class FP8Linear(nn.Module):
         n, k = out_features, in_features
         s = _qop.fp8_scale_count(k, granularity)
         self.register_buffer("weight", torch.zeros(n, k, dtype=torch.float8_e4m3fn, device=device))
-        self.register_buffer("weight_scale", torch.ones(n, s, device=device))
+        # fp32 whatever torch's default dtype (a bf16 default broke _scaled_mm's scales)
+        self.register_buffer("weight_scale", torch.ones(n, s, dtype=torch.float32, device=device))
         bias_param = nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
         self.register_parameter("bias", bias_param)  # in _parameters even when None
 

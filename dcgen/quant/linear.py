@@ -141,8 +141,9 @@ class NVFP4Linear(nn.Module):
         self.register_buffer(
             "weight_scale", torch.zeros(n, k // BLOCK, dtype=torch.float8_e4m3fn, device=device)
         )
-        self.register_buffer("weight_scale_2", torch.ones((), device=device))
-        self.register_buffer("input_scale", torch.zeros((), device=device))
+        # fp32 whatever torch's default dtype (a bf16 default rounded the global scales)
+        self.register_buffer("weight_scale_2", torch.ones((), dtype=torch.float32, device=device))
+        self.register_buffer("input_scale", torch.zeros((), dtype=torch.float32, device=device))
         bias_param = nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
         self.register_parameter("bias", bias_param)  # in _parameters even when None
         if rank:
@@ -151,7 +152,8 @@ class NVFP4Linear(nn.Module):
         else:
             self.register_buffer("lora_down", None)
             self.register_buffer("lora_up", None)
-        self.register_buffer("smooth", torch.ones(k, device=device) if smooth else None)
+        smooth_buffer = torch.ones(k, dtype=torch.float32, device=device) if smooth else None
+        self.register_buffer("smooth", smooth_buffer)
 
     @classmethod
     def from_linear(
