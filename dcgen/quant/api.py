@@ -326,7 +326,9 @@ def quantize_(
         shared = _shared_layers(model)
         for name in names:
             lin = model.get_submodule(name)
-            q = FP8Linear.from_linear(lin, config.granularity, fast_accum=config.fast_accum)
+            q = FP8Linear.from_linear(
+                lin, config.granularity, _kept_dtype(lin), fast_accum=config.fast_accum
+            )
             _set_module(model, name, q, shared)
         adopt_quantized_bases(model, names)
         share_input_quantization(model)  # one quantize pass per input read by several linears
@@ -355,7 +357,8 @@ def quantize_(
             else:
                 smooth = smoothing_factors(stats[name], lin.weight, config.smoothing_alpha)
         rank = min(config.rank, lin.in_features, lin.out_features)
-        _set_module(model, name, NVFP4Linear.from_linear(lin, config.mode, rank, smooth), shared)
+        q = NVFP4Linear.from_linear(lin, config.mode, rank, smooth, _kept_dtype(lin))
+        _set_module(model, name, q, shared)
     adopt_quantized_bases(model, names)
     logger.info("quantize_: %d linears to NVFP4 (%s)", len(names), config.mode)
     return names
@@ -452,6 +455,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             f"got {meta.get('format_version')!r} in {path}"
         )
     return meta
+
+
+def _kept_dtype(lin: nn.Module) -> torch.dtype:
+    """The dtype a quantized layer keeps its bias and low-rank factors in: the linear's own
+    (they were made bf16 whatever the model: an fp32 model's biases rounded)."""
+    dtype = lin.weight.dtype
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 # The fields each kind of layer is rebuilt from (save_quantized writes them all).

@@ -58,3 +58,21 @@ def test_a_file_loads_as_saved_under_a_bf16_default(tmp_path):
     got = loaded.state_dict()
     for name, want in model.state_dict().items():
         assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "config", [FP8Config(), NVFP4Config(mode="w4a16", rank=4, smoothing_alpha=None)],
+    ids=["fp8", "nvfp4-rank4"],
+)  # fmt: skip
+def test_biases_and_low_rank_factors_keep_the_models_dtype(dtype, config):
+    # from_linear's bf16 default rounded an fp32 or fp16 model's biases (and NVFP4's low-rank
+    # factors) to bf16, where fp8.py says quantize_ keeps each bias in the model's dtype.
+    model = _flux().to(dtype)
+    bias = model.transformer_blocks[0].attn.to_q.bias.detach().clone()
+    quantize_(model, config)
+    layer = model.transformer_blocks[0].attn.to_q
+    assert layer.bias.dtype == dtype and torch.equal(layer.bias, bias)
+    for name in ("lora_up", "lora_down"):
+        factor = getattr(layer, name, None)
+        assert factor is None or factor.dtype == dtype, name
