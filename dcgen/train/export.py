@@ -24,6 +24,7 @@ The embedder/head live outside peft (docs/method.md section 5), so the LoRA file
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -275,7 +276,8 @@ def export_pipeline(
         logger.info("fused LoRA from %s (scale %g)", lora_dir, lora_scale)
 
     if isinstance(dcae, DCAE):
-        vae = dcae
+        # a copy when it is to be cast: the caller's model keeps its dtype (the cast is lossy)
+        vae = dcae if dtype is None or dcae.dtype == dtype else copy.deepcopy(dcae)
     else:
         vae = DCAE.from_pretrained(dcae, dtype=target)
     if adapter.latent_channels != vae.latent_channels:

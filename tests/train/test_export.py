@@ -226,6 +226,21 @@ def test_a_variant_file_beside_the_weights_does_not_decide_how_they_load(
     assert loaded == [torch.float32]  # the fp32 file is the one read: the fuse rounds once
 
 
+def test_export_leaves_the_callers_dcae_as_it_was(tmp_path):
+    # dtype=bf16 with a DCAE object cast the caller's model in place (a lossy cast)
+    ae = tiny_dcae()
+    before = {k: v.clone() for k, v in ae.state_dict().items()}
+    model = tiny_sana()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    model.save_pretrained(tmp_path / "adapted")
+    out = export_pipeline(tmp_path / "adapted", ae, tmp_path / "pipe", dtype=torch.bfloat16)
+    assert ae.dtype == torch.float32
+    assert all(torch.equal(v, before[k]) for k, v in ae.state_dict().items())
+    with safe_open(str(out / "vae" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype in (torch.bfloat16, torch.float32)
+        assert any(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())  # noqa: SIM118
+
+
 def test_export_sana_and_dtype(tmp_path):
     ae = tiny_dcae()
     model = tiny_sana()
