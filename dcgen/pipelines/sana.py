@@ -138,7 +138,9 @@ class DCGenSanaPipeline(SanaLoraLoaderMixin, DCGenFluxPipeline):
         if type(sched).__name__ != "FlowMatchEulerDiscreteScheduler":
             return None
         cfg = sched.config
-        low = torch.tensor([1.0 / int(cfg.get("num_train_timesteps", 1000) or 1000)])
+        # fp32 as diffusers computes it, whatever torch's default dtype
+        steps = int(cfg.get("num_train_timesteps", 1000) or 1000)
+        low = torch.tensor([1.0 / steps], dtype=torch.float32)
         low = shift_sigmas(low.double(), scheduler_constant_shift(cfg))
         return torch.linspace(1.0, float(low), num_steps, dtype=torch.float64)
 

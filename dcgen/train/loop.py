@@ -84,7 +84,10 @@ class StepRandom:
         self.device = device
 
     def randn(self, *sample_shape: int) -> torch.Tensor:
-        x = torch.randn((self.global_size, *sample_shape), generator=self.generator)
+        # fp32 whatever torch's default dtype: the same stream and precision in every process
+        x = torch.randn(
+            (self.global_size, *sample_shape), generator=self.generator, dtype=torch.float32
+        )
         return x[self.shard].to(self.device)
 
     def sigmas(self, mode: str = "logit_normal", shift: float = 1.0) -> torch.Tensor:
@@ -97,7 +100,7 @@ class StepRandom:
 
     def uniform(self) -> torch.Tensor:
         """One U[0, 1) value per sample (caption dropout)."""
-        u = torch.rand(self.global_size, generator=self.generator)
+        u = torch.rand(self.global_size, generator=self.generator, dtype=torch.float32)
         return u[self.shard].to(self.device)
 
 
