@@ -623,13 +623,12 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                     "%g (the config's shift / flow_shift), not a resolution-dependent one",
                     type(self).__name__, scheduler_constant_shift(cfg),
                 )  # fmt: skip
+        constant = scheduler_constant_shift(cfg) if sched is not None else self.default_flow_shift
         return resolve_shift(
             rule,
             num_tokens,
             latent_channels,
-            constant=scheduler_constant_shift(cfg)
-            if sched is not None
-            else self.default_flow_shift,
+            constant=constant,
             # a missing (or null) value takes FLUX.1's default; a 0 stays 0, as in diffusers
             base_tokens=int(_setting(cfg, "base_image_seq_len", 256)),
             max_tokens=int(_setting(cfg, "max_image_seq_len", 4096)),

@@ -88,8 +88,9 @@ class DCGenSanaPipeline(SanaLoraLoaderMixin, DCGenFluxPipeline):
     state with its attention mask (encode_gemma: SANA's instruction prefix on positive prompts
     unless ``complex_human_instruction=False``), or prompt_embeds (+ prompt_attention_mask).
     No pooled embedding. shift_rule 'auto' = the scheduler's constant ``shift`` (SANA's
-    flow_shift; 3.0, as SANA 1K ships, without a scheduler); guidance_scale only feeds guidance-embedding variants, CFG is true_cfg_scale
-    (default 4.5, as diffusers' SanaPipeline, for models without guidance embeddings). The
+    flow_shift; 3.0, as SANA 1K ships, without a scheduler); guidance_scale only feeds
+    guidance-embedding variants, CFG is true_cfg_scale (default 4.5, as diffusers'
+    SanaPipeline, for models without guidance embeddings). The
     sampler follows the scheduler: a SANA folder's DPMSolverMultistepScheduler gives
     DPM-Solver++ 2M (the images diffusers' SanaPipeline samples), an Euler scheduler Euler.
     SANA LoRAs load with diffusers' ``load_lora_weights`` (SanaLoraLoaderMixin); their
