@@ -160,6 +160,26 @@ def test_lora_on_quantized_model_saves_and_loads(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", [FP8Config(), NVFP4Config(mode="w4a16")], ids=["fp8", "nvfp4"])
+def test_a_lora_loaded_onto_a_quantized_bf16_model_is_bf16(tmp_path, config):
+    # add_lora's fp32 factors stayed: peft then cast every adapted layer's input to fp32, where
+    # the same file on a plain bf16 model loads in bf16
+    source = tiny_flux().bfloat16()
+    add_lora(source, rank=4, lora_dtype=None)
+    save_lora(source, tmp_path)
+    plain = tiny_flux().bfloat16()
+    load_lora(plain, tmp_path)
+    model = tiny_flux().bfloat16()
+    quantize_(model, config)
+    load_lora(model, tmp_path)
+    assert {p.dtype for p in lora_parameters(plain)} == {torch.bfloat16}
+    assert {p.dtype for p in lora_parameters(model)} == {torch.bfloat16}
+    wide = tiny_flux().bfloat16()
+    quantize_(wide, config)
+    load_lora(wide, tmp_path, float32_factors=True)  # asked for: fp32, the file's values
+    assert {p.dtype for p in lora_parameters(wide)} == {torch.float32}
+
+
 @pytest.mark.parametrize(
     "options",
     [{"use_rslora": True}, {"alpha_pattern": {"transformer_blocks.0.attn.to_q": 32.0}},
