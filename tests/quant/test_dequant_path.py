@@ -84,7 +84,8 @@ def test_input_gradient_is_straight_through(mode, rng):
     x3 = x.detach().bfloat16().requires_grad_(True)
     dq.forward_main(layer, x3, x3, None).backward(dy.bfloat16())
     want = (dy.bfloat16().float() @ layer.dequantized_weight()).bfloat16()
-    torch.testing.assert_close(x3.grad, want, atol=0, rtol=1e-2)
+    # one bf16 rounding of sums taken in another order (an element near 0 cancels: atol)
+    torch.testing.assert_close(x3.grad, want, atol=1e-3 * float(want.abs().max()), rtol=1e-2)
 
 
 @pytest.mark.parametrize("bias", [True, False])
