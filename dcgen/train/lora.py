@@ -313,8 +313,12 @@ def load_lora(
         if not float32_factors:
             # add_lora made them fp32 (a quantized base has no 16-bit weight for peft to follow),
             # so peft cast every adapted layer's input to fp32: the model's dtype, as on a
-            # plain model
-            dtype = _model_float_dtype(transformer)
+            # plain model (most of its parameters'; the quantized weights are buffers)
+            from dcgen.autoencoders.checkpoint import stored_dtype
+
+            dtype = stored_dtype(
+                {n: p for n, p in transformer.named_parameters() if "lora_" not in n}
+            )
             for param in _adapter_parameters(transformer, adapter_name):
                 param.data = param.data.to(dtype)
     else:
@@ -364,16 +368,6 @@ _SCALING_OPTIONS = ("use_rslora", "rank_pattern", "alpha_pattern", "use_dora", "
 
 def _scaling_options(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: meta[k] for k in _SCALING_OPTIONS if meta.get(k) is not None}
-
-
-def _model_float_dtype(transformer: nn.Module) -> torch.dtype:
-    """The dtype most of the model's floating-point parameters are in (its 16-bit dtype for a
-    quantized model: the quantized weights are buffers)."""
-    count: dict[torch.dtype, int] = {}
-    for name, p in transformer.named_parameters():
-        if p.is_floating_point() and "lora_" not in name:
-            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
-    return max(count, key=count.__getitem__) if count else torch.float32
 
 
 def _load_lora_on_quantized(
