@@ -293,6 +293,24 @@ def diffusers_weight_names(variant: str | None) -> list[str]:
     ]
 
 
+def read_shard_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a diffusers / transformers shard
+    index (``*.safetensors.index.json``, ``*.bin.index.json``); an unreadable file or one that
+    is not such an index raises CheckpointError naming it and what was wrong."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"could not read shard index {index}: {err!r}") from err
+    if not isinstance(weight_map, Mapping) or not all(
+        isinstance(name, str) and isinstance(file, str) for name, file in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"could not read shard index {index}: expected its weight_map to map tensor names "
+            f"to shard file names, got {type(weight_map).__name__} {str(weight_map)[:80]}"
+        )
+    return dict(weight_map)
+
+
 def remove_stale_shards(folder: Path, variant: str | None, keep: Path) -> None:
     """Delete a shard index of ``variant`` (both formats) and the shards it lists, left by an
     earlier sharded save in ``folder``: diffusers prefers an index to the single file ``keep``
@@ -302,8 +320,8 @@ def remove_stale_shards(folder: Path, variant: str | None, keep: Path) -> None:
         if not index.is_file():
             continue
         try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = set(read_shard_index(index).values())
+        except CheckpointError:
             shards = set()  # unreadable: the index goes, its shards cannot be named
         # The index first: once it is gone no loader looks at the shards.
         index.unlink()
@@ -349,11 +367,7 @@ def read_weights(path: Path, device: str | torch.device = "cpu") -> StateDict:
     if path.suffix == ".safetensors":
         return read_safetensors(path, device)
     if path.suffix == ".json" and (".safetensors.index" in path.name or ".bin.index" in path.name):
-        try:
-            index = json.loads(path.read_text())
-            shards = sorted(set(index["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"could not read shard index {path}: {err}") from err
+        shards = sorted(set(read_shard_index(path).values()))
         merged: StateDict = {}
         for shard in shards:
             shard_path = path.parent / str(shard)

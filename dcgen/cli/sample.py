@@ -871,9 +871,14 @@ def _weights_reader(folder: Path) -> Any:
     shards with their index), read one tensor at a time."""
     from safetensors import safe_open
 
+    from ..autoencoders.checkpoint import CheckpointError, read_shard_index
+
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = read_shard_index(index)
+        except CheckpointError as err:
+            raise CLIError(f"--report: {err}") from err
     else:
         single = folder / "diffusion_pytorch_model.safetensors"
         if not single.is_file():

@@ -87,15 +87,20 @@ def _transformer_folder(path: Path) -> Path:
 def _loaded_weight_files(folder: Path) -> list[Path]:
     """The safetensors files ``load_transformer`` reads (no variant): a shard index's shards,
     else the single file; a variant beside them (``*.fp16.safetensors``) is never loaded."""
-    from ..autoencoders.checkpoint import index_name, weights_name
+    from ..autoencoders.checkpoint import (
+        CheckpointError,
+        index_name,
+        read_shard_index,
+        weights_name,
+    )
 
     index = folder / index_name(None)
     if index.is_file():
         try:
-            shards = json.loads(index.read_text())["weight_map"].values()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ExportError(f"{index}: not a readable shard index ({err})") from err
-        return sorted({folder / str(name) for name in shards})
+            shards = read_shard_index(index).values()
+        except CheckpointError as err:
+            raise ExportError(str(err)) from err
+        return sorted({folder / name for name in shards})
     single = folder / weights_name(None)
     # Neither (variant files only): every safetensors file there is the best guess left.
     return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))

@@ -320,6 +320,29 @@ def test_convert_quantized_report_reads_the_pipeline_weights(checkpoint, tmp_pat
     assert "weights vs" in capsys.readouterr().out
 
 
+def test_convert_quantized_report_names_a_broken_shard_index(checkpoint, tmp_path, capsys):
+    """An index without a weight_map (a truncated download) is reported as that file, before
+    the checkpoint is loaded; it printed only "error: 'weight_map'"."""
+    from safetensors.torch import save_file
+
+    from dcgen.cli import main
+
+    folder, state = checkpoint
+    src = tmp_path / "bfl.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, src)
+    ref = tmp_path / "transformer"
+    ref.mkdir()
+    (ref / "config.json").write_text((folder / "config.json").read_text())
+    index = ref / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text('{"metadata": {}}')
+    out = tmp_path / "dcgen.safetensors"
+    assert main(["convert-quantized", str(src), "--pipeline", str(ref), "--out", str(out),
+                 "--report"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--report: could not read shard index" in err and str(index) in err, err
+    assert not out.exists()
+
+
 def test_weight_errors_divide_smoothing_out_and_refuse_low_rank_layers():
     from dcgen.quant import NVFP4Config, quantize_
     from dcgen.quant.adopt import weight_errors

@@ -226,6 +226,18 @@ def test_a_variant_file_beside_the_weights_does_not_decide_how_they_load(
     assert loaded == [torch.float32]  # the fp32 file is the one read: the fuse rounds once
 
 
+def test_the_weight_files_of_a_sharded_folder_are_its_shards(tmp_path):
+    from dcgen.train.export import _loaded_weight_files
+
+    tiny_flux().save_pretrained(tmp_path, max_shard_size="20KB")
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    shards = sorted(tmp_path.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1 and _loaded_weight_files(tmp_path) == shards
+    index.write_text('{"weight_map": ["not", "a", "map"]}')
+    with pytest.raises(ExportError, match=f"could not read shard index {index}.*weight_map"):
+        _loaded_weight_files(tmp_path)
+
+
 def test_export_leaves_the_callers_dcae_as_it_was(tmp_path):
     # dtype=bf16 with a DCAE object cast the caller's model in place (a lossy cast)
     ae = tiny_dcae()
