@@ -55,9 +55,15 @@ class EMA:
         return dict(self.shadow)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
-        missing = set(self.shadow) - set(state)
-        if strict and (missing or set(state) - set(self.shadow)):
-            raise KeyError(f"EMA state does not match: missing {sorted(missing)[:5]}")
+        missing, unexpected = set(self.shadow) - set(state), set(state) - set(self.shadow)
+        if strict and (missing or unexpected):
+            # both lists: a checkpoint of another model's EMA only had unexpected keys, and
+            # the error read "missing []"
+            raise KeyError(
+                f"EMA state does not match the trained parameters: missing "
+                f"{sorted(missing)[:5]} ({len(missing)}), unexpected {sorted(unexpected)[:5]} "
+                f"({len(unexpected)})"
+            )
         check_shapes(state, self.shadow, "EMA weights")
         for k in self.shadow:
             if k in state:

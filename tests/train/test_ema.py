@@ -33,3 +33,15 @@ def test_the_shadow_follows_the_schedule_given_by_the_step():
         torch.testing.assert_close(ema.shadow["p"], expected)
     plain = EMA({"p": p}, 0.5)
     assert plain.decay_at(1) == plain.decay_at(100) == 0.5
+
+
+def test_a_mismatched_state_names_missing_and_unexpected_keys():
+    ema = EMA({"p": nn.Parameter(torch.zeros(3))}, 0.5)
+    with pytest.raises(KeyError, match=r"missing \[\] \(0\), unexpected \['extra'\] \(1\)"):
+        ema.load_state_dict({"p": torch.ones(3), "extra": torch.zeros(1)})
+    with pytest.raises(KeyError, match=r"missing \['p'\] \(1\), unexpected \['q'\] \(1\)"):
+        ema.load_state_dict({"q": torch.ones(3)})
+    assert torch.equal(ema.shadow["p"], torch.zeros(3))  # refused states change nothing
+    ema.load_state_dict({"extra": torch.zeros(1)}, strict=False)  # lenient: what matches loads
+    ema.load_state_dict({"p": torch.ones(3)})
+    assert torch.equal(ema.shadow["p"], torch.ones(3))
