@@ -34,6 +34,7 @@ import torch
 
 from .._files import atomic_folder
 from ..adapters import adapter_for
+from ..adapters.provenance import dcae_factor_mismatch
 from .latent_layers import (
     LATENT_LAYERS_FORMAT,
     LATENT_LAYERS_NAME,
@@ -291,6 +292,10 @@ def export_pipeline(
             f"{dcae if not isinstance(dcae, DCAE) else ''} has {vae.latent_channels}; pass the "
             "DC-AE the model was trained with (and --latent-layers for a base transformer)"
         )
+    named = "the DC-AE" if isinstance(dcae, DCAE) else f"the DC-AE {dcae}"
+    mismatch = dcae_factor_mismatch(transformer, vae.spatial_compression_ratio, named)
+    if mismatch:  # same channels, another grid: the pipeline sampled on the wrong one
+        raise ExportError(mismatch)
     if dtype is not None:
         transformer.to(dtype)
         vae.to(dtype)

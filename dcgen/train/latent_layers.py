@@ -3,7 +3,8 @@
 Format: safetensors with keys ``embedder.<param>`` and ``head.<param>``; metadata
 ``format = "dcgen.latent_layers"``, ``family`` (the transformer class name, e.g.
 ``FluxTransformer2DModel``), ``latent_channels``, ``patch_size``, ``position_scale`` when it
-is not 1, and optional extras (the stages add ``stage``). Base transformer + this file = the
+is not 1, ``dcae_factor`` (the spatial factor of the DC-AE stage 1 aligned to; absent in older
+files), and optional extras (the stages add ``stage``). Base transformer + this file = the
 adapted model: loading replaces the base's latent layers first when their shape differs.
 Stages 1-3 write it, export reads it.
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 from .._files import atomic_write
 from ..adapters import DiTAdapter, FluxAdapter, SanaAdapter, adapter_for
+from ..adapters.provenance import record_dcae_factor, recorded_dcae_factor
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ LATENT_LAYERS_FORMAT = "dcgen.latent_layers"
 LATENT_LAYERS_NAME = "latent_layers.safetensors"
 TRANSFORMER_CLASSES = {"flux": "FluxTransformer2DModel", "sana": "SanaTransformer2DModel"}
 # Metadata the file keeps about its own layers: no extra may replace these.
-_CORE_KEYS = frozenset({"format", "family", "latent_channels", "patch_size", "position_scale"})
+_CORE_KEYS = frozenset(
+    {"format", "family", "latent_channels", "patch_size", "position_scale", "dcae_factor"}
+)
 
 
 class LatentLayersError(ValueError):
@@ -89,6 +93,9 @@ def save_latent_layers(
         # align_positions="base" spaces the RoPE positions (a FLUX config key): part of the
         # adapted model, so base transformer + this file must get it back
         metadata["position_scale"] = repr(float(scale))
+    factor = recorded_dcae_factor(adapter.transformer)
+    if factor is not None:  # the DC-AE factor stage 1 aligned to (adapters/provenance.py)
+        metadata["dcae_factor"] = str(factor)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -97,8 +104,8 @@ def save_latent_layers(
 
 
 def read_latent_layers_metadata(path: str | Path) -> dict[str, Any]:
-    """{"family": "flux" | "sana", "latent_channels": int, "patch_size": int} of a
-    latent-layers file."""
+    """{"family": "flux" | "sana", "latent_channels": int, "patch_size": int,
+    "position_scale": float, "dcae_factor": int | None} of a latent-layers file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"latent-layers file {path} does not exist")
@@ -120,6 +127,8 @@ def read_latent_layers_metadata(path: str | Path) -> dict[str, Any]:
             "patch_size": int(meta["patch_size"]),
             # absent: unscaled positions (files of grid-position runs, or older files)
             "position_scale": float(meta.get("position_scale", 1.0)),
+            # absent: files written before stage 1 recorded it
+            "dcae_factor": int(meta["dcae_factor"]) if "dcae_factor" in meta else None,
         }
     except (KeyError, ValueError) as err:
         raise LatentLayersError(
@@ -178,5 +187,7 @@ def load_latent_layers(model: nn.Module | DiTAdapter, path: str | Path) -> dict[
             f"{path}: position_scale {meta['position_scale']:g} but {family} transformers "
             "have no scaled positions"
         )
+    if meta["dcae_factor"] is not None:
+        record_dcae_factor(adapter.transformer, meta["dcae_factor"])
     logger.info("loaded latent layers from %s", path)
     return meta

@@ -45,6 +45,7 @@ from torch import nn
 from dcgen._files import atomic_write, naming_write_errors, swap_in
 from dcgen._json import dumps
 from dcgen.adapters import DiTAdapter, adapter_for, pack_latents
+from dcgen.adapters.provenance import dcae_factor_mismatch, record_dcae_factor
 from dcgen.sampling.shift import resolve_shift
 
 from .align import RidgeAccumulator, alignment_loss, downsample_tokens, init_from_ridge
@@ -147,6 +148,16 @@ def dcae_facts(spec: str) -> tuple[int, int]:
         except KeyError as err:
             raise ConfigError(f"dcae: {spec!r} is neither a folder nor a preset: {err}") from err
     return int(cfg.latent_channels), int(cfg.spatial_compression_ratio)
+
+
+def cache_dcae_factor(cache: LatentCache) -> int:
+    """The spatial factor of the DC-AE a cache's ``dcae_latent`` came from: its first sample's
+    image height over its latent height (from the index; no tensor is read)."""
+    record = cache.samples[0]
+    shape = record.get("shapes", {}).get("dcae_latent")
+    if not shape or len(shape) != 3 or not shape[-2]:
+        raise CacheError(f"{cache.root}: sample 0 has no (C, h, w) dcae_latent, got {shape}")
+    return int(record["size"][0]) // int(shape[-2])
 
 
 def _require(sample: dict[str, Any], names: Sequence[str], where: str) -> None:
@@ -901,12 +912,20 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
     run_dir = Path(cfg.out_dir)
     cache = open_cache(cfg)
     c_cache = int(cache[0]["dcae_latent"].shape[0])
+    f_cache = cache_dcae_factor(cache)
     if cfg.dcae is not None:
-        c_ae, _factor = dcae_facts(cfg.dcae)
+        c_ae, f_ae = dcae_facts(cfg.dcae)
         if c_ae != c_cache:
             raise ValueError(
                 f"dcae {cfg.dcae!r} has {c_ae} latent channels but the cache's dcae_latent has "
                 f"{c_cache}: the cache was made with another DC-AE"
+            )
+        if f_ae != f_cache:  # same channels, another grid: an f64c32 passed as an f32c32
+            raise ValueError(
+                f"dcae {cfg.dcae!r} is f{f_ae} but the cache's dcae_latent is f{f_cache} (image "
+                f"{cache.sizes[0][0]}x{cache.sizes[0][1]}, latent "
+                f"{tuple(cache[0]['dcae_latent'].shape[-2:])}): the cache was made with another "
+                "DC-AE"
             )
     if cfg.stage != "align" or cfg.align_sgd_steps > 0:
         ctx.shard(cfg.batch_size)  # an uneven batch fails now, not after stage 1's ridge fit
@@ -929,9 +948,15 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
     if cfg.latent_layers:
         load_latent_layers(transformer, cfg.latent_layers)
         transformer.to(ctx.device)  # replaced layers are created on the CPU
+    if cfg.stage != "align":
+        mismatch = dcae_factor_mismatch(transformer, f_cache, f"the cache {cfg.cache_dir}")
+        if mismatch:
+            raise ConfigError(mismatch)
     summary = _STAGE_FNS[cfg.stage](
         transformer, cache, cfg, ctx=ctx, run_dir=run_dir, progress=progress, on_step=on_step
     )
+    if cfg.stage == "align":  # later stages, export and pipelines check the DC-AE against it
+        record_dcae_factor(transformer, f_cache)
     paths: dict[str, str] = {}
     if ctx.is_main:
         paths = _write_outputs(transformer, summary, cfg, run_dir)

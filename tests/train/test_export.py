@@ -253,6 +253,25 @@ def test_export_leaves_the_callers_dcae_as_it_was(tmp_path):
         assert any(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())  # noqa: SIM118
 
 
+def test_export_refuses_a_dcae_of_another_factor_than_stage_1_aligned_to(tmp_path):
+    """tiny_dcae is f32c2: a model aligned to an f64c2 DC-AE took it, channels being all that
+    export compared, and the pipeline sampled on a grid twice too fine."""
+    from dcgen.adapters.provenance import record_dcae_factor
+
+    ae = tiny_dcae()
+    model = tiny_flux()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    record_dcae_factor(model, 64)
+    model.save_pretrained(tmp_path / "f64")
+    with pytest.raises(ExportError, match="aligned to an f64 DC-AE.*but the DC-AE is f32"):
+        export_pipeline(tmp_path / "f64", ae, tmp_path / "pipe")
+    assert not (tmp_path / "pipe").exists()
+    record_dcae_factor(model, 32)
+    model.save_pretrained(tmp_path / "f32")
+    out = export_pipeline(tmp_path / "f32", ae, tmp_path / "pipe")
+    assert json.loads((out / "transformer" / "config.json").read_text())["_dcgen_dcae_factor"] == 32
+
+
 def test_export_sana_and_dtype(tmp_path):
     ae = tiny_dcae()
     model = tiny_sana()

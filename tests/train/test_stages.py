@@ -441,3 +441,63 @@ def test_a_resumed_run_gives_the_callers_random_streams_back(
     assert "resumed at step" in caplog.text
     assert (random.random(), np.random.rand()) == want[:2]
     assert torch.equal(torch.rand(2), want[2])
+
+
+def test_stage1_records_the_dcae_factor_and_later_stages_refuse_another(
+    root: Path, cache: Path, tmp_path: Path
+) -> None:
+    """Same channels, another grid: an f8 cache passed every check of a model aligned to f4
+    latents, and stage 2 trained on it silently (its channel count is all that was compared)."""
+    import torch.nn.functional as F
+    from safetensors import safe_open
+
+    from dcgen.adapters.provenance import DCAE_FACTOR_KEY
+    from dcgen.train import precompute
+    from tests.train.stage_utils import ImageSet, base_encoder, text_encoder
+
+    cfg = config(tmp_path, "align", save_base(tmp_path), cache, align_sgd_steps=0)
+    aligned = Path(run(cfg, progress=False)["paths"]["transformer"])
+    assert load_transformer(aligned).config[DCAE_FACTOR_KEY] == 4  # 16 px images, 4x4 latents
+    with safe_open(str(Path(cfg.out_dir) / "latent_layers.safetensors"), "pt") as f:
+        assert f.metadata()["dcae_factor"] == "4"
+    w8 = torch.randn(DCAE_CHANNELS, 3, 8, 8, generator=torch.Generator().manual_seed(5)) / 8
+    f8 = tmp_path / "cache_f8"
+    encoders = {"base_latent": base_encoder, "dcae_latent": lambda x: F.conv2d(x, w8, stride=8)}
+    precompute(ImageSet(8), encoders, text_encoder, f8, shard_size=4, batch_size=4,
+               progress=False)  # fmt: skip
+    for stage in ("output", "finetune"):
+        bad = config(tmp_path, stage, aligned, f8, out_dir=str(tmp_path / f"bad-{stage}"))
+        with pytest.raises(ConfigError, match=r"aligned to an f4 DC-AE.*cache_f8 is f8"):
+            run(bad, progress=False)
+    # the base transformer + the latent-layers file carry the record as well
+    bad = config(tmp_path, "output", save_base(tmp_path), f8, out_dir=str(tmp_path / "bad-ll"),
+                 latent_layers=str(Path(cfg.out_dir) / "latent_layers.safetensors"))  # fmt: skip
+    with pytest.raises(ConfigError, match="aligned to an f4 DC-AE"):
+        run(bad, progress=False)
+    # aligning to the f8 latents is stage 1's job: it records that factor
+    again = config(tmp_path, "align", save_base(tmp_path), f8, align_sgd_steps=0,
+                   out_dir=str(tmp_path / "realign"))  # fmt: skip
+    realigned = Path(run(again, progress=False)["paths"]["transformer"])
+    assert load_transformer(realigned).config[DCAE_FACTOR_KEY] == 8
+
+
+def test_a_dcae_of_another_factor_than_the_cache_is_refused(root: Path, cache: Path) -> None:
+    from tests.adapters.tiny import tiny_dcae
+
+    ae = tiny_dcae()  # f32: the cache's latents are f4
+    folder = root / "dcae_f32"
+    ae.save_pretrained(folder)
+    c = ae.latent_channels
+    w = torch.randn(c, 3, 4, 4, generator=torch.Generator().manual_seed(6)) / 4
+    import torch.nn.functional as F
+
+    from dcgen.train import precompute
+    from tests.train.stage_utils import ImageSet, text_encoder
+
+    f4 = root / f"cache_c{c}_f4"
+    precompute(ImageSet(8), {"dcae_latent": lambda x: F.conv2d(x, w, stride=4)}, text_encoder,
+               f4, shard_size=4, batch_size=4, progress=False)  # fmt: skip
+    cfg = config(root, "output", save_adapted(root), f4, dcae=str(folder),
+                 out_dir=str(root / "bad-factor"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"is f32 but the cache's dcae_latent is f4"):
+        run(cfg, progress=False)
