@@ -48,6 +48,7 @@ from dcgen.ops.fp8_epilogue import kernel_rows
 
 from . import fp8 as _fp8
 from .direct_route import direct_ops, takes_direct_route
+from .format_buffers import apply_keeping_format
 from .fp8 import fp8_gemm, fp8_linear_reference, quantize_fp8_weight
 
 _FORMAT_BUFFERS = ("weight", "weight_scale")
@@ -373,18 +374,12 @@ class FP8Linear(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
         # model.to(dtype) / .half() must not touch the format: the e4m3 weight and fp32 scales
         # only follow the device (float8 counts as floating point, so .to(bf16) would cast it).
+        # Every other fn (to_empty, share_memory, a device move) reaches them (format_buffers).
         self.__dict__.pop("_route", None)  # the direct route is decided again (device, bias)
         self.__dict__.pop("_rowwise_views", None)  # views of the old buffers
-        keep = {n: self._buffers[n] for n in _FORMAT_BUFFERS}
-        for n in keep:
-            self._buffers[n] = None
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            # fn on a probe tells the target device (the bias may be absent).
-            dev = fn(torch.zeros((), device=keep["weight_scale"].device)).device
-            for n, t in keep.items():
-                self._buffers[n] = t.to(dev)
+        apply_keeping_format(
+            self, _FORMAT_BUFFERS, fn, lambda: super(FP8Linear, self)._apply(fn, recurse)
+        )
         return self
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -48,6 +48,7 @@ from dcgen.ops import quantize_nvfp4 as _qop
 
 from . import dequant_path as _dequant_path
 from .direct_route import direct_ops, takes_direct_route
+from .format_buffers import apply_keeping_format
 from .nvfp4 import (
     BLOCK,
     dequantize_parts,
@@ -204,15 +205,11 @@ class NVFP4Linear(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
         # model.to(dtype) / .half() must not touch the format: the E4M3 scales and the fp32
         # scalars / smoothing factors only follow the device (the uint8 weight is never cast).
+        # Every other fn (to_empty, share_memory, a device move) reaches them (format_buffers).
         self.__dict__.pop("_route", None)  # the direct route is decided again (device, bias)
-        keep = {n: self._buffers[n] for n in _FORMAT_BUFFERS if self._buffers.get(n) is not None}
-        for n in keep:
-            self._buffers[n] = None
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for n, t in keep.items():
-                self._buffers[n] = t.to(self.weight.device)
+        apply_keeping_format(
+            self, _FORMAT_BUFFERS, fn, lambda: super(NVFP4Linear, self)._apply(fn, recurse)
+        )
         return self
 
     def clear_cache(self) -> None:
