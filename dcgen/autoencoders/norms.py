@@ -49,12 +49,30 @@ class BatchNorm2dFP32(nn.BatchNorm2d):
 
     Why: a trained DC-AE's running variance can pass fp16's 65,504 (the toy world's f32 DC-AE
     has one of 1e9), so a plain ``.half()`` turned it into inf and the decode into NaN; in
-    bf16 it would keep 3 significant digits of its statistics."""
+    bf16 it would keep 3 significant digits of its statistics. They are made fp32 whatever
+    torch's default dtype or the ``dtype`` passed (a 16-bit default made them 16-bit, so a
+    loaded 1e9 variance became inf under fp16)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,  # nn.BatchNorm2d's signature; the stats stay fp32
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, torch.float32
+        )
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
         def keep_fp32(t: torch.Tensor) -> torch.Tensor:
             out = fn(t)
             if t.is_floating_point() and out.dtype in (torch.float16, torch.bfloat16):
+                if t.is_meta:  # no data to copy (to_empty of a meta-built model): fresh fp32
+                    return torch.empty_like(out, dtype=torch.float32)
                 return t.to(device=out.device, dtype=torch.float32)  # the move, not the cast
             return out
 

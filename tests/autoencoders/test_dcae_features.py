@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from dcae_helpers import assert_close_scaled, perturb_norms, rel_rms, small_config
 from torch import nn
 
 from dcgen.autoencoders import DCAE
+from dcgen.autoencoders.norms import BatchNorm2dFP32
 
 
 def _model(name: str, **kw) -> DCAE:
@@ -201,3 +203,63 @@ def test_batchnorm_is_not_folded_where_the_fold_overflows_fp16(caplog):
         assert isinstance(block.norm, nn.BatchNorm2d)
         assert "fp16" in caplog.text or "float16" in caplog.text
         assert torch.isfinite(block(x.half())).all()
+
+
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float16])
+def test_batchnorm_statistics_are_fp32_under_a_16bit_default_dtype(default):
+    # BatchNorm2dFP32 took torch's default dtype: under fp16 a loaded running variance of 1e9
+    # (the toy f32 DC-AE has one) became inf
+    cfg = small_config("dc-ae-f32c32-in-1.0")  # decoder stages 0-2 use BatchNorm
+    state = DCAE(cfg).state_dict()
+    for key in state:
+        if key.endswith("running_var"):
+            state[key] = torch.full_like(state[key], 1e9)
+    torch.set_default_dtype(default)
+    try:
+        model = DCAE(cfg)
+        explicit = BatchNorm2dFP32(4, dtype=default)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.load_state_dict(state)
+    bns = [m for m in model.modules() if isinstance(m, BatchNorm2dFP32)] + [explicit]
+    assert len(bns) > 1
+    for bn in bns:
+        for key, t in bn.state_dict().items():
+            assert not t.is_floating_point() or t.dtype == torch.float32, (key, t.dtype)
+    assert all(torch.equal(bn.running_var, torch.full_like(bn.running_var, 1e9)) for bn in bns[:-1])
+
+
+@pytest.mark.parametrize("default", [torch.float32, torch.bfloat16])
+def test_a_meta_built_batchnorm_dcae_to_empty_then_loaded_equals_the_original(default):
+    # under a bf16 default the meta-built BatchNorm held bf16 statistics, and to_empty's move to
+    # fp32 copied out of the meta tensor ("Cannot copy out of meta tensor")
+    cfg = small_config("dc-ae-f32c32-in-1.0")
+    torch.set_default_dtype(default)
+    try:
+        torch.manual_seed(0)
+        ref = perturb_norms(DCAE(cfg)).eval()
+        with torch.device("meta"):
+            model = DCAE(cfg)
+        model.to_empty(device="cpu")
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    model.eval()
+    got = model.state_dict()
+    for key, want in ref.state_dict().items():
+        assert got[key].dtype == want.dtype and torch.equal(got[key], want), key
+    z = torch.randn(1, ref.latent_channels, 2, 2, dtype=default)
+    with torch.no_grad():
+        assert torch.equal(model.decode(z), ref.decode(z))
+
+
+def test_to_empty_gives_a_meta_batchnorm_fp32_statistics():
+    # keep_fp32 moved a 16-bit statistic with t.to(device, fp32): a meta tensor has nothing to
+    # copy; to_empty gives it fresh fp32 storage instead
+    with torch.device("meta"):
+        bn = BatchNorm2dFP32(4)
+    bn.running_var = torch.empty(4, device="meta", dtype=torch.bfloat16)
+    bn.to_empty(device="cpu")
+    for key, t in bn.state_dict().items():
+        assert t.device.type == "cpu", key
+        assert not t.is_floating_point() or t.dtype == torch.float32, (key, t.dtype)
