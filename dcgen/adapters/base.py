@@ -28,6 +28,9 @@ from .._compiled import unwrap_compiled
 
 logger = logging.getLogger(__name__)
 
+# The dtypes a latent layer computes in (a quantized layer stores its weight in 8 bits).
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
 # Set (a nesting count) on a transformer while capture_hidden_states records its blocks.
 _CAPTURING = "_dcgen_capturing_hidden_states"
 
@@ -349,9 +352,37 @@ class DiTAdapter(abc.ABC):
         return sigma
 
     @staticmethod
-    def _new_linear(old: nn.Module, in_features: int, out_features: int) -> nn.Linear:
-        weight = old.weight
-        return nn.Linear(in_features, out_features, device=weight.device, dtype=weight.dtype)
+    def _compute_dtype(old: nn.Module) -> torch.dtype:
+        """The floating dtype ``old`` computes in: its weight's, or, for a quantized layer
+        (uint8 / float8 weight buffer), its bias's or low-rank factors' (quantize_ keeps the
+        linear's own dtype there), else bf16 (the quantized layers' default)."""
+        for name in ("weight", "bias", "lora_up"):
+            t = getattr(old, name, None)
+            if isinstance(t, torch.Tensor) and t.dtype in _COMPUTE_DTYPES:
+                return t.dtype
+        return torch.bfloat16
+
+    @classmethod
+    def _new_linear(cls, old: nn.Module, in_features: int, out_features: int) -> nn.Linear:
+        # not old.weight.dtype: a quantized layer's is uint8 / float8, which nn.Linear's
+        # initialisation refused (or gave a weight that cannot require grad)
+        return nn.Linear(
+            in_features, out_features, device=old.weight.device, dtype=cls._compute_dtype(old)
+        )
+
+    @staticmethod
+    def _check_structurable(**layers: nn.Module) -> None:
+        """Refuse quantized latent layers before enable_structured_latents changes anything:
+        their weight is a uint8 / float8 buffer, which the weight-slicing layers cannot hold
+        (torch's "cannot assign ... as parameter" named neither the layer nor the way out)."""
+        for name, layer in layers.items():
+            weight = getattr(layer, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dtype not in _COMPUTE_DTYPES:
+                raise TypeError(
+                    f"enable_structured_latents: {name} is a quantized {type(layer).__name__} "
+                    f"({weight.dtype} weight), which cannot run on a channel prefix: quantize "
+                    f"with keep_latent_layers=True (or dequantize it first)"
+                )
 
 
 _REGISTRY: list[type[DiTAdapter]] = []

@@ -142,6 +142,7 @@ class FluxAdapter(DiTAdapter):
     def enable_structured_latents(self) -> None:
         t = self.transformer
         c, area = self.latent_channels, self.patch_size**2
+        self._check_structurable(x_embedder=t.x_embedder, proj_out=t.proj_out)
         if not isinstance(t.x_embedder, StructuredLinear):
             t.x_embedder = StructuredLinear.from_linear(t.x_embedder, c, area, "in", True)
         if not isinstance(t.proj_out, StructuredLinear):

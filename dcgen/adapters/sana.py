@@ -99,6 +99,7 @@ class SanaAdapter(DiTAdapter):
 
     def enable_structured_latents(self) -> None:
         t = self.transformer
+        self._check_structurable(**{"patch_embed.proj": t.patch_embed.proj, "proj_out": t.proj_out})
         if not isinstance(t.patch_embed.proj, StructuredConv2d):
             t.patch_embed.proj = StructuredConv2d.from_conv(t.patch_embed.proj)
         if not isinstance(t.proj_out, StructuredLinear):

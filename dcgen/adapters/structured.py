@@ -33,6 +33,18 @@ def channel_feature_index(
     return grid[:active].T.reshape(-1) if not channel_major else grid[:active].reshape(-1)
 
 
+def _check_plain(layer: nn.Module) -> None:
+    """The wrapped layer's weight must be a Parameter: a quantized layer's uint8 / float8
+    weight buffer failed to assign as one ("cannot assign ... as parameter")."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, nn.Parameter):
+        got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise TypeError(
+            f"expected a layer whose weight is a Parameter, got a {type(layer).__name__} with "
+            f"a {got} weight (a quantized layer cannot run on a channel prefix)"
+        )
+
+
 class StructuredLinear(nn.Linear):
     """nn.Linear over per-channel feature groups that can run on a channel prefix.
 
@@ -70,6 +82,7 @@ class StructuredLinear(nn.Linear):
         cls, linear: nn.Linear, num_channels: int, patch_area: int, side: str, channel_major: bool
     ) -> StructuredLinear:
         """Wrap an existing Linear, sharing its parameters (no copy)."""
+        _check_plain(linear)
         new = cls(
             linear.in_features,
             linear.out_features,
@@ -112,6 +125,7 @@ class StructuredConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> StructuredConv2d:
+        _check_plain(conv)
         new = cls(
             conv.in_channels,
             conv.out_channels,

@@ -401,3 +401,76 @@ def test_adapter_for_a_torch_compiled_transformer_runs_the_compiled_forward():
     for i in (0, 1):
         torch.testing.assert_close(captured["compiled"][i], captured["plain"][i])
     assert adapter._model_to_call() is compiled  # after the capture, the compiled forward again
+
+
+def _quantized(make, config_cls, dtype=torch.float32):
+    from dcgen.quant import quantize_
+
+    model = make().to(dtype)
+    names = quantize_(model, config_cls(keep_latent_layers=False, exclude=()))
+    assert "proj_out" in names
+    return model
+
+
+@pytest.mark.parametrize("config", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replace_latent_layers_of_a_quantized_model_builds_float_layers(config, dtype):
+    # _new_linear took old.weight.dtype: uint8 / float8 once quantized, and nn.Linear's init
+    # failed (NotImplementedError / "only floating point tensors can require gradients")
+    from dcgen.quant import FP8Config, NVFP4Config
+
+    model = _quantized(tiny_flux, {"fp8": FP8Config, "nvfp4": NVFP4Config}[config], dtype)
+    assert type(model.x_embedder).__name__ in ("FP8Linear", "NVFP4Linear")
+    adapter = adapter_for(model)
+    adapter.replace_latent_layers(latent_channels=4)
+    for layer in (model.x_embedder, model.proj_out):
+        assert type(layer) is torch.nn.Linear
+        assert layer.weight.dtype == dtype and layer.weight.requires_grad  # the model's dtype
+    embeds, pooled = text(1)
+    with torch.no_grad():
+        v = adapter.predict(torch.randn(1, 4, 2, 2), 0.5, embeds.to(dtype), pooled.to(dtype), 3.5)
+    assert v.shape == (1, 4, 2, 2) and torch.isfinite(v).all()
+
+
+def test_the_compute_dtype_of_a_quantized_layer_without_a_bias():
+    from dcgen.adapters.base import DiTAdapter
+    from dcgen.quant import FP8Linear, NVFP4Linear
+
+    half = torch.nn.Linear(32, 16, bias=False).half()
+    low_rank = NVFP4Linear.from_linear(half, rank=4, dtype=torch.float16)
+    assert DiTAdapter._compute_dtype(low_rank) == torch.float16  # its low-rank factors'
+    plain = FP8Linear.from_linear(half, dtype=torch.float16)
+    assert DiTAdapter._compute_dtype(plain) == torch.bfloat16  # nothing to go by
+
+
+@pytest.mark.parametrize("family", ["flux", "sana"])
+def test_structured_latents_refuse_quantized_latent_layers_by_name(family):
+    # StructuredLinear.from_linear assigned the uint8 / float8 weight buffer as a Parameter:
+    # "cannot assign 'torch.ByteTensor' as parameter 'weight'", naming neither layer nor remedy
+    from dcgen.quant import FP8Config, NVFP4Config
+
+    make = tiny_flux if family == "flux" else tiny_sana
+    for config_cls in (FP8Config, NVFP4Config):
+        model = _quantized(make, config_cls)
+        first = "x_embedder" if family == "flux" else "proj_out"
+        kind = type(getattr(model, first)).__name__
+        with pytest.raises(
+            TypeError, match=rf"{first} is a quantized {kind} .*keep_latent_layers=True"
+        ):
+            adapter_for(model).enable_structured_latents()
+        # refused before anything changed
+        assert type(getattr(model, first)).__name__ == kind
+        assert type(model.proj_out).__name__ in ("FP8Linear", "NVFP4Linear")
+        if family == "sana":
+            assert type(model.patch_embed.proj) is torch.nn.Conv2d
+
+
+def test_structured_layers_refuse_a_layer_without_a_weight_parameter():
+    from dcgen.adapters.structured import StructuredLinear
+    from dcgen.quant import FP8Linear
+
+    quantized = FP8Linear.from_linear(torch.nn.Linear(16, 8))
+    with pytest.raises(
+        TypeError, match=r"weight is a Parameter, got a FP8Linear with a torch\.float8"
+    ):
+        StructuredLinear.from_linear(quantized, 8, 1, "out", True)
