@@ -184,7 +184,9 @@ class FluxAdapter(DiTAdapter):
         self.check_text(prompt_embeds, attention_mask, b, int(cfg.joint_attention_dim),
                         pooled_prompt_embeds, int(cfg.pooled_projection_dim))  # fmt: skip
         sigma = self._check_sigma(sigma, b, latents)
-        dtype = self.transformer.x_embedder.weight.dtype
+        # not x_embedder.weight.dtype: a quantized embedder's is uint8 / float8 (the tokens
+        # were cast to it, and the quantized layer refused them)
+        dtype = self._compute_dtype(self.transformer.x_embedder)
         tokens = self.pack(latents).to(dtype)
         img_ids = self.token_ids(h, w, device=latents.device)
         txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device)

@@ -474,3 +474,16 @@ def test_structured_layers_refuse_a_layer_without_a_weight_parameter():
         TypeError, match=r"weight is a Parameter, got a FP8Linear with a torch\.float8"
     ):
         StructuredLinear.from_linear(quantized, 8, 1, "out", True)
+
+
+@pytest.mark.parametrize("config", ["fp8", "nvfp4"])
+def test_flux_predicts_with_a_quantized_embedder(config):
+    # predict cast its inputs to x_embedder.weight.dtype: float8 / uint8 once quantized
+    from dcgen.quant import FP8Config, NVFP4Config
+
+    model = _quantized(tiny_flux, {"fp8": FP8Config, "nvfp4": NVFP4Config}[config], torch.bfloat16)
+    assert type(model.x_embedder).__name__ in ("FP8Linear", "NVFP4Linear")
+    embeds, pooled = text(1)
+    with torch.no_grad():
+        v = adapter_for(model).predict(torch.randn(1, 16, 4, 4), 0.5, embeds, pooled, 3.5)
+    assert v.shape == (1, 16, 4, 4) and v.dtype == torch.bfloat16 and torch.isfinite(v).all()
