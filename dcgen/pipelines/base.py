@@ -269,7 +269,10 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         otherwise); true_cfg_scale > 1 runs classifier-free guidance against the negative prompt
         (text or embeddings), doubling the cost; None = the model's default (SANA without
         guidance embeddings: 4.5 as diffusers' SanaPipeline, when a negative prompt can be had;
-        otherwise 1). ``shift`` overrides the config's shift rule. ``sigmas``: custom unshifted
+        otherwise 1). ``max_sequence_length``: the text tokens a prompt encodes to (FLUX's T5:
+        1 to 512, default 512, as FluxPipeline; SANA's Gemma: at least 2, default 300; the toy
+        encoder: unset, it has its own length); a value outside raises a ValueError.
+        ``shift`` overrides the config's shift rule. ``sigmas``: custom unshifted
         sigmas, one per step (decreasing, in (0, 1]), shifted and ended with 0 as diffusers'
         FluxPipeline does with its ``sigmas=``; they set the step count (Euler sampler only).
         ``sampler``: one of SAMPLERS. ``image`` (PIL image(s), arrays or (B, 3, H, W) tensors in
@@ -303,8 +306,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
-        if max_sequence_length is None:  # text tokens: FLUX.1's T5 512, SANA's Gemma 300
-            max_sequence_length = self.default_max_sequence_length
+        max_sequence_length = self.resolve_max_sequence_length(max_sequence_length)
         if not is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(
                 f"num_inference_steps: expected a positive int, got {num_inference_steps!r}"
@@ -718,7 +720,27 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         )
 
     needs_pooled = False
+    #: text tokens when max_sequence_length is None: FLUX.1's T5 512, SANA's Gemma 300
     default_max_sequence_length = 512
+    #: the max_sequence_length values the text encoding can honour, (lowest, highest or None);
+    #: outside them 0 failed as a reshape deep in the transformer and -3 as an OverflowError
+    sequence_length_bounds: tuple[int, int | None] = (1, None)
+
+    def resolve_max_sequence_length(self, max_sequence_length: Any) -> int:
+        """``max_sequence_length`` checked against ``sequence_length_bounds`` (a ValueError
+        naming the expected range), or the pipeline's default for None."""
+        if max_sequence_length is None:
+            return self.default_max_sequence_length
+        low, high = self.sequence_length_bounds
+        if not is_int(max_sequence_length) or not (
+            low <= max_sequence_length and (high is None or max_sequence_length <= high)
+        ):
+            expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+            raise ValueError(
+                f"max_sequence_length: expected {expected} for {type(self).__name__}, got "
+                f"{max_sequence_length!r}"
+            )
+        return int(max_sequence_length)  # a numpy integer too, as num_inference_steps
 
 
 def register_components(folder: str | os.PathLike, entries: dict[str, list[str]]) -> None:

@@ -110,6 +110,8 @@ class _FluxText:
     """FLUX.1 prompt encoding: CLIP pooled output + T5 token embeddings."""
 
     needs_pooled = True
+    #: T5's 512 positions: diffusers' FluxPipeline refuses a longer max_sequence_length too
+    sequence_length_bounds = (1, 512)
 
     def _has_text_encoders(self) -> bool:
         names = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")

@@ -104,6 +104,8 @@ class DCGenSanaPipeline(SanaLoraLoaderMixin, DCGenFluxPipeline):
     default_flow_shift = SANA_FLOW_SHIFT  # without a scheduler it sampled unshifted (1.0)
     needs_pooled = False
     default_max_sequence_length = 300  # Gemma tokens, as SanaPipeline
+    #: encode_gemma keeps the BOS token and at least one prompt position
+    sequence_length_bounds = (2, None)
     default_true_cfg_scale = SANA_CFG_SCALE
 
     def __init__(

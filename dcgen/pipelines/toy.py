@@ -50,6 +50,16 @@ class DCGenToyPipeline(DCGenFluxPipeline):
     #: the toy encoder pads every caption to its own length (16 words); the value is unused
     default_max_sequence_length = 16
 
+    def resolve_max_sequence_length(self, max_sequence_length: Any) -> int:
+        """None only: the toy encoder cannot truncate or pad to another length, and a value
+        given here was silently ignored (PipelineTextEncoder refuses one for the toy family)."""
+        if max_sequence_length is not None:
+            raise ValueError(
+                "max_sequence_length: the toy text encoder pads every caption to its own "
+                f"length; expected None (unset), got {max_sequence_length!r}"
+            )
+        return self.default_max_sequence_length
+
     def __init__(
         self,
         transformer: FluxTransformer2DModel,
