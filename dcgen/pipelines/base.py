@@ -39,6 +39,7 @@ from ..adapters import DiTAdapter, adapter_for
 from ..sampling import SHIFT_RULES, flow_sigmas, resolve_shift, sample_euler
 from ..sampling.dpm import DPMSettings, dpm_flow_sigmas, dpm_settings_from_config, sample_dpm_solver
 from ..sampling.flow import check_custom_sigmas, check_flow_euler_config, strength_start
+from .lora import text_encoder_lora_scale
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +292,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         (cut at 3 sigma; 0 = a hard edge), so pixels farther than that from the mask are the input
         image's own.
         ``joint_attention_kwargs`` (FLUX's name) or ``attention_kwargs`` (SANA's; either works
-        for both) go to the transformer; ``{"scale": s}`` scales unfused LoRAs.
+        for both) go to the transformer; ``{"scale": s}`` scales unfused LoRAs, their
+        text-encoder layers too while the prompts encode (as diffusers' pipelines do).
         ``callback_on_step_end(pipe, i, t, {"latents": x})`` runs after each step, as in
         diffusers (t: the step's timestep, sigma x 1000; x: (B, C, h, w) float32 latents in the
         DiT's space); a "latents" entry in the dict it returns replaces them, and setting
@@ -349,9 +351,11 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         device = self._execution_device
         adapter = self.adapter
 
+        # the strength of an unfused LoRA: the transformer's and its text-encoder part's
+        lora_scale = None if attn_kwargs is None else attn_kwargs.get("scale")
         cond = self._embeddings(
             prompt, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask, device,
-            max_sequence_length, "prompt",
+            max_sequence_length, "prompt", lora_scale,
         )  # fmt: skip
         batch = cond[0].shape[0]
         if true_cfg_scale is None:
@@ -371,6 +375,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             uncond = self._embeddings(
                 negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds,
                 negative_prompt_attention_mask, device, max_sequence_length, "negative_prompt",
+                lora_scale,
             )  # fmt: skip
             if uncond[0].shape[0] != batch:
                 raise ValueError(
@@ -676,6 +681,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         device: torch.device,
         max_sequence_length: int,
         what: str,
+        lora_scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         if embeds is not None:
             if prompt is not None:
@@ -715,9 +721,13 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             raise ValueError(
                 f"{what}: expected a string or a non-empty list of strings, got {prompt!r}"
             )
-        return self.encode_prompt(
-            list(prompts), device, max_sequence_length, negative=what == "negative_prompt"
-        )
+        # A LoRA's text-encoder layers at the call's scale, as diffusers' FluxPipeline /
+        # SanaPipeline encode_prompt scale them: {"scale": 0} kept the LoRA's full text part.
+        encoders = [getattr(self, name, None) for name in ("text_encoder", "text_encoder_2")]
+        with text_encoder_lora_scale(encoders, lora_scale):
+            return self.encode_prompt(
+                list(prompts), device, max_sequence_length, negative=what == "negative_prompt"
+            )
 
     needs_pooled = False
     #: text tokens when max_sequence_length is None: FLUX.1's T5 512, SANA's Gemma 300

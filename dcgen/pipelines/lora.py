@@ -16,8 +16,9 @@ On a transformer whose linears ``quantize_`` replaced (FP8 / NVFP4), a LoRA cann
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -150,3 +151,37 @@ def load_lora_on_quantized(
         for name, param in transformer.named_parameters():
             if any(m in name for m in marks) and param.dtype != dtype:
                 param.data = param.data.to(dtype)
+
+
+@contextlib.contextmanager
+def text_encoder_lora_scale(encoders: Iterable[Any], scale: float | None) -> Iterator[None]:
+    """The peft LoRA layers of ``encoders`` (modules; None entries skipped) scaled by ``scale``
+    inside the block, as diffusers' FluxPipeline / SanaPipeline encode_prompt scale their text
+    encoders with the call's ``{"scale": s}`` (scale_lora_layers ... unscale_lora_layers).
+    Afterwards every layer gets its own scaling back exactly: diffusers divides by the scale
+    (rounding) and resets a 0 scale to the rank default (dropping a set_adapters weight).
+    None or 1: nothing to do; no peft installed: there are no LoRA layers."""
+    if scale is None or scale == 1:
+        yield
+        return
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        yield
+        return
+    layers = [
+        module
+        for encoder in encoders
+        if isinstance(encoder, torch.nn.Module)
+        for module in encoder.modules()
+        if isinstance(module, BaseTunerLayer) and isinstance(getattr(module, "scaling", None), dict)
+    ]
+    saved = [(layer, dict(layer.scaling)) for layer in layers]
+    try:
+        for layer in layers:
+            layer.scale_layer(float(scale))
+        yield
+    finally:
+        for layer, scaling in saved:
+            layer.scaling.clear()
+            layer.scaling.update(scaling)

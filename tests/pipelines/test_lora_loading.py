@@ -424,3 +424,58 @@ def test_generate_applies_a_loras_text_encoder_part(tmp_path, capsys):
         np.asarray(Image.open(tmp_path / n), dtype=np.int16) for n in ("plain.png", "te.png")
     )
     assert np.abs(styled - plain).max() > 0
+
+
+def _text_latents(pipe, **extra) -> torch.Tensor:  # noqa: ANN001
+    """Latents from a text prompt (the text encoders run), one seed."""
+    kw = dict(height=64, width=64, num_inference_steps=1, output_type="latent",
+              generator=torch.Generator().manual_seed(0), **extra)  # fmt: skip
+    if isinstance(pipe, DCGenSanaPipeline):
+        kw["true_cfg_scale"] = 1.0
+    return pipe("a red square on the left", **kw).images
+
+
+@pytest.mark.parametrize("family", ["flux", "sana"])
+def test_the_lora_scale_reaches_the_text_encoders_lora_layers(tmp_path, family):
+    """{"scale": s} scales a LoRA's text-encoder layers while the prompts encode, as
+    diffusers' FluxPipeline / SanaPipeline encode_prompt do (scale_lora_layers), and leaves
+    them as they were afterwards; it reached only the transformer, so scale 0 still applied the
+    LoRA's whole text part."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import get_peft_model_state_dict
+
+    from .tiny_text import flux_text_components, sana_text_components, tiny_clip
+
+    ae = tiny_dcae()
+    model = tiny_flux() if family == "flux" else tiny_sana()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    if family == "flux":
+        pipe = DCGenFluxPipeline(model, ae, **flux_text_components())
+    else:
+        pipe = DCGenSanaPipeline(model, ae, **sana_text_components())
+    pipe.set_progress_bar_config(disable=True)
+    plain = _text_latents(pipe)
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                             target_modules=["q_proj", "k_proj", "v_proj", "q", "k", "v"])  # fmt: skip
+    if family == "flux":  # a FLUX LoRA file with a CLIP part, through load_lora_weights
+        clip = peft.inject_adapter_in_model(config, tiny_clip())
+        FluxPipeline.save_lora_weights(
+            tmp_path, text_encoder_lora_layers=get_peft_model_state_dict(clip)
+        )
+        pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors")
+    else:  # SanaLoraLoaderMixin loads transformer LoRAs only: peft layers put on the encoder
+        pipe.text_encoder = peft.inject_adapter_in_model(config, pipe.text_encoder)
+    layers = [m for m in pipe.text_encoder.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers
+    scalings = [dict(m.scaling) for m in layers]
+    full = _text_latents(pipe)
+    assert (full - plain).abs().max() > 1e-4  # the LoRA's text part changes the image
+    off = _text_latents(pipe, joint_attention_kwargs={"scale": 0.0})
+    torch.testing.assert_close(off, plain, rtol=0, atol=0)
+    half = _text_latents(pipe, attention_kwargs={"scale": 0.5})
+    assert (half - plain).abs().max() > 1e-4 and (half - full).abs().max() > 1e-4
+    torch.testing.assert_close(_text_latents(pipe, attention_kwargs={"scale": 1.0}), full)
+    # afterwards the encoder is as loaded: same scalings, same images
+    assert [dict(m.scaling) for m in layers] == scalings
+    torch.testing.assert_close(_text_latents(pipe), full, rtol=0, atol=0)
