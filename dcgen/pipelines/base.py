@@ -232,7 +232,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         height: int = 1024,
         width: int = 1024,
         num_inference_steps: int = 20,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        guidance_scale: float | None = None,
         true_cfg_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -266,8 +266,9 @@ class FlowTextToImagePipeline(DiffusionPipeline):
 
         Prompts come as text (needs the pipeline's text encoders) or as embeddings
         (``prompt_embeds`` (B, T, D), plus ``pooled_prompt_embeds`` (B, D') for FLUX).
-        guidance_scale feeds the guidance embedding of guidance-distilled models (ignored
-        otherwise); true_cfg_scale > 1 runs classifier-free guidance against the negative prompt
+        guidance_scale feeds the guidance embedding of guidance-distilled models (None: 3.5, as
+        FluxPipeline; a value given to a model without one is not used, with a warning);
+        true_cfg_scale > 1 runs classifier-free guidance against the negative prompt
         (text or embeddings), doubling the cost; None = the model's default (SANA without
         guidance embeddings: 4.5 as diffusers' SanaPipeline, when a negative prompt can be had;
         otherwise 1). ``max_sequence_length``: the text tokens a prompt encodes to (FLUX's T5:
@@ -452,8 +453,11 @@ class FlowTextToImagePipeline(DiffusionPipeline):
 
         guidance = None
         if getattr(adapter, "has_guidance_embeds", False):
+            if guidance_scale is None:  # FLUX.1-dev's value, FluxPipeline's default
+                guidance_scale = DEFAULT_GUIDANCE_SCALE
             guidance = torch.full((total,), float(guidance_scale), device=device)
-        elif guidance_scale != DEFAULT_GUIDANCE_SCALE:
+        elif guidance_scale is not None:
+            # None, not 3.5, means "not given": a passed 3.5 (FLUX's default) was unused unsaid
             # diffusers' SanaPipeline calls its CFG scale guidance_scale: say where it went
             logger.warning(
                 "guidance_scale=%g is not used: this transformer has no guidance embedding; "
@@ -804,8 +808,10 @@ def _check_scalars(
     def real(value: Any) -> bool:
         return is_real(value) and math.isfinite(value)
 
-    if not real(guidance_scale):
-        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
+    if guidance_scale is not None and not real(guidance_scale):
+        raise ValueError(
+            f"guidance_scale: expected a finite number or None, got {guidance_scale!r}"
+        )
     if true_cfg_scale is not None and not real(true_cfg_scale):
         raise ValueError(
             f"true_cfg_scale: expected a finite number or None, got {true_cfg_scale!r}"

@@ -82,3 +82,28 @@ def test_the_toy_pipeline_refuses_a_max_sequence_length_it_cannot_honour():
     with pytest.raises(ValueError, match="max_sequence_length: the toy text encoder"):
         pipe("a red circle", max_sequence_length=3, **SMALL)
     assert pipe("a red circle", **SMALL).images.shape[0] == 1  # unset: its own length
+
+
+def test_sana_names_a_passed_guidance_scale_of_3_5_it_does_not_use(caplog):
+    # 3.5 was the "not passed" sentinel, so SanaPipeline's guidance_scale=3.5 (its CFG scale
+    # there) was dropped silently while any other value was named
+    pipe = _sana()
+    kw = dict(prompt_embeds=torch.randn(1, 5, TEXT_DIM), true_cfg_scale=1.0, **SMALL)
+    with caplog.at_level("WARNING", logger="dcgen.pipelines.base"):
+        pipe(**kw)
+        assert "guidance_scale" not in caplog.text  # not passed: nothing to say
+        pipe(guidance_scale=3.5, **kw)
+    assert "guidance_scale=3.5 is not used" in caplog.text
+    assert "true_cfg_scale (now 1)" in caplog.text
+
+
+def test_a_guidance_embedding_model_defaults_to_3_5():
+    pipe = _flux()
+    seen = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["guidance"]), with_kwargs=True
+    )
+    embeds, pooled = torch.randn(1, 5, TEXT_DIM), torch.randn(1, TEXT_DIM)
+    pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, **SMALL)
+    pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, guidance_scale=2.0, **SMALL)
+    assert [g.tolist() for g in seen] == [[3.5], [2.0]]

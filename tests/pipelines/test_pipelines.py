@@ -106,7 +106,8 @@ def test_bad_inputs(flux_pipe):
 @pytest.mark.parametrize(
     ("option", "value", "error", "match"),
     [
-        ("guidance_scale", None, ValueError, "guidance_scale: expected a finite number, got None"),
+        # None is the default (3.5 for a guidance-embedding model); a string is not a scale
+        ("guidance_scale", "2", ValueError, "guidance_scale: expected a finite number or None"),
         ("guidance_scale", float("nan"), ValueError, "guidance_scale: expected a finite number"),
         ("true_cfg_scale", "2", ValueError, "true_cfg_scale: expected a finite number or None"),
         ("latents", np.zeros((1, 2, 2, 3)), TypeError, "latents: expected a torch.Tensor"),
