@@ -456,8 +456,9 @@ def test_the_lora_scale_reaches_the_text_encoders_lora_layers(tmp_path, family):
     pipe.set_progress_bar_config(disable=True)
     plain = _text_latents(pipe)
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                             target_modules=["q_proj", "k_proj", "v_proj", "q", "k", "v"])  # fmt: skip
+    # CLIP's attention projections (FLUX) and T5's (the tiny SANA encoder)
+    targets = ["q_proj", "k_proj", "v_proj", "q", "k", "v"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)
     if family == "flux":  # a FLUX LoRA file with a CLIP part, through load_lora_weights
         clip = peft.inject_adapter_in_model(config, tiny_clip())
         FluxPipeline.save_lora_weights(
