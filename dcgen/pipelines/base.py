@@ -466,6 +466,12 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                 true_cfg_scale,
             )
 
+        # what diffusers' pipelines expose to callbacks (pipe.num_timesteps, ...), set before
+        # the loop as there: num_timesteps = the denoising steps this call runs
+        self._num_timesteps = len(schedule) - 1
+        self._guidance_scale = None if guidance is None else float(guidance_scale)
+        self._do_classifier_free_guidance = do_cfg
+        self._attention_kwargs = attn_kwargs
         extra = {} if attn_kwargs is None else {adapter.attention_kwargs_name: attn_kwargs}
         # CFG's two predictions as one batch [negative, positive] where the embeddings stack
         both = _stacked(uncond, cond) if uncond is not None and self.cfg_in_one_batch else None
@@ -491,6 +497,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
             return v_neg.float() + true_cfg_scale * (v.float() - v_neg.float())
 
         model_t = schedule[:-1] if model_sigmas is None else model_sigmas
+        timesteps = model_t * 1000.0  # each step's model timestep, as callbacks see it
 
         with self.progress_bar(total=len(schedule) - 1) as bar:
 
@@ -506,15 +513,19 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                     )
                     x = keep * known + (1 - keep) * x
                 if callback_on_step_end is None:
+                    self._current_timestep = timesteps[i + 1] if i + 1 < len(timesteps) else None
                     return x if keep is not None else None
                 given = {"latents": x} if callback_inputs else {}
-                returned = callback_on_step_end(self, i, model_t[i] * 1000.0, given) or {}
+                returned = callback_on_step_end(self, i, timesteps[i], given) or {}
+                # the callback saw step i's; the next model call runs at step i + 1's
+                self._current_timestep = timesteps[i + 1] if i + 1 < len(timesteps) else None
                 x = returned.get("latents", x)
                 if self._interrupt:  # set by the callback: stop here, keep these latents
                     raise _Interrupted(x)
                 return x
 
             self._interrupt = False
+            self._current_timestep = timesteps[0]
             try:
                 if dpm is None:
                     out = sample_euler(velocity, start, schedule, on_step=on_step)
@@ -524,6 +535,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                     )
             except _Interrupted as stop:
                 out = stop.latents.float()
+            finally:
+                self._current_timestep = None  # as FluxPipeline after its loop
 
         if output_type == "latent":
             images: Any = out
@@ -570,6 +583,46 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         return DPMSettings(train_timesteps=steps, integer_timesteps=False)
 
     _interrupt = False
+    _num_timesteps: int | None = None
+    _guidance_scale: float | None = None
+    _current_timestep: torch.Tensor | None = None
+    _do_classifier_free_guidance = False
+    _attention_kwargs: dict[str, Any] | None = None
+
+    # diffusers' FluxPipeline / SanaPipeline properties, which callbacks read (e.g.
+    # ``if i == int(pipe.num_timesteps * 0.5)``); each holds the latest call's value (None
+    # before the first call)
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """The denoising steps of the call (after image-to-image's skipped ones)."""
+        return self._num_timesteps
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance-embedding value the call samples with; None for a model without a
+        guidance embedding (its classifier-free guidance scale is true_cfg_scale)."""
+        return self._guidance_scale
+
+    @property
+    def current_timestep(self) -> torch.Tensor | None:
+        """The model timestep (sigma x 1000) of the step being sampled; None outside the loop."""
+        return self._current_timestep
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the call runs classifier-free guidance (true_cfg_scale > 1)."""
+        return self._do_classifier_free_guidance
+
+    @property
+    def attention_kwargs(self) -> dict[str, Any] | None:
+        """The call's attention_kwargs / joint_attention_kwargs (either name)."""
+        return self._attention_kwargs
+
+    @property
+    def joint_attention_kwargs(self) -> dict[str, Any] | None:
+        """FLUX's name for :attr:`attention_kwargs`."""
+        return self._attention_kwargs
 
     @property
     def interrupt(self) -> bool:

@@ -107,3 +107,51 @@ def test_a_guidance_embedding_model_defaults_to_3_5():
     pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, **SMALL)
     pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, guidance_scale=2.0, **SMALL)
     assert [g.tolist() for g in seen] == [[3.5], [2.0]]
+
+
+def test_callbacks_read_diffusers_pipeline_properties():
+    # diffusers' callback pattern `if i == int(pipe.num_timesteps * 0.5)` raised AttributeError
+    pipe = _flux()
+    embeds, pooled = torch.randn(1, 5, TEXT_DIM), torch.randn(1, TEXT_DIM)
+    seen, in_model = [], []
+    pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: in_model.append(
+            (pipe.current_timestep.item(), kwargs["timestep"].item() * 1000)
+        ),
+        with_kwargs=True,
+    )
+
+    def callback(p, i, t, kw):  # noqa: ANN001, ANN202
+        seen.append((i, i == int(p.num_timesteps * 0.5), p.num_timesteps, p.current_timestep,
+                     t, p.guidance_scale, p.do_classifier_free_guidance,
+                     p.joint_attention_kwargs, p.attention_kwargs))  # fmt: skip
+        return kw
+
+    pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64,
+         num_inference_steps=4, guidance_scale=2.0, output_type="latent",
+         joint_attention_kwargs={"scale": 1.0}, callback_on_step_end=callback)  # fmt: skip
+    assert [row[:3] for row in seen] == [(0, False, 4), (1, False, 4), (2, True, 4),
+                                         (3, False, 4)]  # fmt: skip
+    for _, _, _, current, t, guidance, cfg, joint, attention in seen:
+        assert torch.equal(current, t) and guidance == 2.0 and cfg is False
+        assert joint == attention == {"scale": 1.0}
+    # during each model call: that step's timestep (the transformer gets sigma = t / 1000)
+    assert len(in_model) == 4
+    for current, passed in in_model:
+        assert abs(current - passed) < 1e-3
+    assert pipe.current_timestep is None  # outside the loop, as FluxPipeline
+
+    # image-to-image runs the steps strength leaves; a SANA model has no guidance embedding
+    # and samples with CFG (true_cfg_scale)
+    sana = _sana()
+    counts = []
+
+    def count(p, i, t, kw):  # noqa: ANN001, ANN202
+        counts.append((p.num_timesteps, p.guidance_scale, p.do_classifier_free_guidance))
+        return kw
+
+    sana(prompt_embeds=torch.randn(1, 5, TEXT_DIM),
+         negative_prompt_embeds=torch.zeros(1, 5, TEXT_DIM), image=torch.rand(1, 3, 64, 64),
+         strength=0.5, height=64, width=64, num_inference_steps=4, output_type="latent",
+         sampler="euler", callback_on_step_end=count)  # fmt: skip
+    assert counts == [(2, None, True)] * 2
