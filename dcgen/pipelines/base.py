@@ -238,7 +238,7 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         image: Any = None,
-        strength: float = DEFAULT_STRENGTH,
+        strength: float | None = None,
         mask_image: Any = None,
         mask_blur: float | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -280,7 +280,8 @@ class FlowTextToImagePipeline(DiffusionPipeline):
         ``sampler``: one of SAMPLERS. ``image`` (PIL image(s), arrays or (B, 3, H, W) tensors in
         [0, 1]; resized to height x width) turns the call into image-to-image as diffusers'
         FluxImg2ImgPipeline: the schedule's first int(steps - steps x ``strength``) steps are
-        skipped, the image's latents noised to the first sigma left, the rest sampled (either
+        skipped (``strength`` None: 0.6, FluxImg2ImgPipeline's; given without ``image``: an
+        error), the image's latents noised to the first sigma left, the rest sampled (either
         sampler; ``latents`` is then the noise mixed in). One image for every prompt, one
         per prompt or one per output image. ``mask_image`` (with ``image``; white = repaint)
         inpaints as diffusers' FluxInpaintPipeline: the mask is binarized and resized (nearest)
@@ -336,6 +337,14 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                     "sampler='euler')"
                 )
             num_inference_steps = len(check_custom_sigmas(sigmas))
+        if strength is not None and image is None:
+            # it was dropped silently: the call sampled text-to-image as if it were not there
+            raise ValueError(
+                "strength: sets how much of an image-to-image input is repainted; pass image=... "
+                "with it, or leave strength unset for text-to-image"
+            )
+        if strength is None:
+            strength = DEFAULT_STRENGTH
         skip = strength_start(num_inference_steps, strength) if image is not None else 0
         if mask_image is not None and image is None:
             raise ValueError("mask_image: inpainting needs the image to inpaint (image=...)")

@@ -155,3 +155,18 @@ def test_callbacks_read_diffusers_pipeline_properties():
          strength=0.5, height=64, width=64, num_inference_steps=4, output_type="latent",
          sampler="euler", callback_on_step_end=count)  # fmt: skip
     assert counts == [(2, None, True)] * 2
+
+
+def test_strength_without_an_image_is_named():
+    # it was dropped silently: the call sampled text-to-image whatever strength said
+    pipe = _flux()
+    kw = dict(prompt_embeds=torch.randn(1, 5, TEXT_DIM), pooled_prompt_embeds=torch.randn(1, 32),
+              **SMALL)  # fmt: skip
+    with pytest.raises(ValueError, match=r"strength: .* pass image=\.\.\. with it"):
+        pipe(strength=0.3, **kw)
+    # with an image, None is FluxImg2ImgPipeline's 0.6
+    image = torch.rand(1, 3, 64, 64)
+    kw["num_inference_steps"] = 5
+    default = pipe(image=image, generator=torch.Generator().manual_seed(0), **kw).images
+    given = pipe(image=image, strength=0.6, generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(default, given.images, rtol=0, atol=0)
