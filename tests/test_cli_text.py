@@ -253,8 +253,10 @@ def test_generate_moves_to_the_device_without_text_encoders_and_after_quantizing
         assert te is None and te2 is None and n_quantized > 0
 
 
-def test_sana_samples_with_classifier_free_guidance_by_default(folders, tmp_path, capsys):
-    """As diffusers' SanaPipeline (guidance 4.5); FLUX.1-dev-style models are distilled: off."""
+def test_sana_samples_with_classifier_free_guidance_by_default(folders, tmp_path, capsys, caplog):
+    """As diffusers' SanaPipeline (guidance 4.5); FLUX.1-dev-style models are distilled: off.
+    No guidance-embedding warning unless --guidance is given (its 3.5 default made each run
+    warn that a value it never asked for was not used)."""
     base = ["generate", "--pipeline", str(folders["sana"]), *SIZE, "--max-sequence-length", "12",
             "--prompt", PROMPT]  # fmt: skip
 
@@ -268,6 +270,10 @@ def test_sana_samples_with_classifier_free_guidance_by_default(folders, tmp_path
         run("o.png", "--true-cfg", "1"),
     )
     assert np.array_equal(default, cfg) and not np.array_equal(default, off)
+    assert "guidance_scale" not in caplog.text
+    caplog.clear()
+    assert np.array_equal(run("g35.png", "--guidance", "3.5"), default)  # named as not used
+    assert "guidance_scale=3.5 is not used" in caplog.text
     # embeddings without a negative: no guidance, and the command says so
     emb = _embeds_file(folders["sana"], PROMPT, tmp_path / "e.safetensors", max_len=12)
     capsys.readouterr()

@@ -340,7 +340,9 @@ those files; process 0 then waits for the others' and writes the grid.""",
                    help="ODE solver: euler, or dpm (DPM-Solver++ 2M, SANA's); default auto: the "
                    "pipeline's scheduler decides (dpm for a DPMSolverMultistepScheduler, as SANA "
                    "folders ship; euler otherwise)")  # fmt: skip
-    g.add_argument("--guidance", type=float, default=3.5,
+    # None: the pipeline's default (3.5 where the model has a guidance embedding); a 3.5
+    # default here made every SANA run warn that the guidance scale it never asked for is unused
+    g.add_argument("--guidance", type=float, default=None,
                    help="guidance-embedding scale of guidance-distilled models (default 3.5)")  # fmt: skip
     g.add_argument("--true-cfg", type=float, default=None,
                    help="classifier-free guidance scale; > 1 needs a negative prompt (text, or "
