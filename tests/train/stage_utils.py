@@ -180,3 +180,26 @@ def assert_lora_round_trip(
     load_latent_layers(fresh, out / "latent_layers.safetensors")
     load_lora(fresh, out)
     assert loss(fresh) == pytest.approx(expected, rel=1e-6)
+
+
+def tiny_dcae_f4() -> Any:
+    """A DC-AE of the caches' geometry above (f4, DCAE_CHANNELS latent channels): the f32c32
+    preset narrowed and cut to its first three stages, so an export of a stage-1 output gets
+    the DC-AE factor the model was aligned to."""
+    import dataclasses
+
+    from dcgen.autoencoders import DCAE
+    from dcgen.autoencoders.config import reduced_config
+
+    cfg = reduced_config("dc-ae-f32c32-in-1.0", width_divisor=16, max_layers=1,
+                         latent_channels=DCAE_CHANNELS)  # fmt: skip
+    stages = cfg.num_stages
+    per_stage = {
+        f.name: getattr(cfg, f.name)[:3]
+        for f in dataclasses.fields(cfg)
+        if isinstance(getattr(cfg, f.name), tuple) and len(getattr(cfg, f.name)) == stages
+    }
+    torch.manual_seed(0)
+    ae = DCAE(dataclasses.replace(cfg, **per_stage)).eval()
+    assert ae.spatial_compression_ratio == 4
+    return ae

@@ -151,9 +151,8 @@ def test_a_stage_keeps_its_base_pipelines_scheduler_for_export(root: Path, cache
 
     from diffusers import DPMSolverMultistepScheduler
 
-    from dcgen.autoencoders import DCAE
-    from dcgen.autoencoders.config import reduced_config
     from dcgen.train.export import export_pipeline
+    from tests.train.stage_utils import tiny_dcae_f4
 
     base = root / "sana_pipeline"
     tiny_sana(in_channels=16).save_pretrained(base / "transformer")
@@ -163,9 +162,8 @@ def test_a_stage_keeps_its_base_pipelines_scheduler_for_export(root: Path, cache
                  shift_rule="constant", shift_constant=6.0)  # fmt: skip
     summary = run(cfg, progress=False)
     assert summary["paths"]["scheduler"] == str(root / "s1_shift6" / "scheduler")
-    vae = DCAE(reduced_config("dc-ae-f32c32-in-1.0", width_divisor=16, max_layers=1,
-                              latent_channels=DCAE_CHANNELS)).eval()  # fmt: skip
-    out = export_pipeline(root / "s1_shift6" / "transformer", vae, root / "export_shift6")
+    out = export_pipeline(root / "s1_shift6" / "transformer", tiny_dcae_f4(),
+                          root / "export_shift6")  # fmt: skip
     config_file = out / "scheduler" / "scheduler_config.json"
     saved = json.loads(config_file.read_text())
     assert saved["_class_name"] == "DPMSolverMultistepScheduler" and saved["flow_shift"] == 6.0
