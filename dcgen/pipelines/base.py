@@ -36,6 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .._checks import is_int, is_real
 from .._files import atomic_write
 from ..adapters import DiTAdapter, adapter_for
+from ..adapters.provenance import dcae_factor_mismatch
 from ..sampling import SHIFT_RULES, flow_sigmas, resolve_shift, sample_euler
 from ..sampling.dpm import DPMSettings, dpm_flow_sigmas, dpm_settings_from_config, sample_dpm_solver
 from ..sampling.flow import check_custom_sigmas, check_flow_euler_config, strength_start
@@ -211,6 +212,12 @@ class FlowTextToImagePipeline(DiffusionPipeline):
                 f"({type(self.vae).__name__}) has {c_ae} latent channels; adapt the transformer "
                 f"with adapter.replace_latent_layers({c_ae}) or use the matching autoencoder"
             )
+        if getattr(self, "vae", None) is not None:  # same channels, another grid (an f64c32
+            # DC-AE beside an f32c32 model) sampled silently on the wrong token grid
+            named = f"the autoencoder ({type(self.vae).__name__})"
+            mismatch = dcae_factor_mismatch(self.transformer, self.ae_factor, named)
+            if mismatch:
+                raise ValueError(mismatch)
 
     def check_size(self, height: int, width: int) -> None:
         f = self.spatial_factor

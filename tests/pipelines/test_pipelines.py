@@ -103,6 +103,22 @@ def test_bad_inputs(flux_pipe):
         DCGenFluxPipeline(model, torch.nn.Linear(1, 1))
 
 
+def test_a_dcae_of_another_factor_than_stage_1_aligned_to_is_refused():
+    """Same channels, another grid: tiny_dcae is f32c2; a model aligned to an f64c2 DC-AE
+    sampled beside it silently, on tokens twice too fine."""
+    from dcgen.adapters.provenance import record_dcae_factor
+
+    ae = tiny_dcae()
+    model = tiny_flux()
+    adapter_for(model).replace_latent_layers(ae.latent_channels)
+    pipe = DCGenFluxPipeline(model, ae, FlowMatchEulerDiscreteScheduler())
+    record_dcae_factor(model, 64)
+    with pytest.raises(ValueError, match=r"aligned to an f64 DC-AE.*autoencoder \(DCAE\) is f32"):
+        run(pipe)
+    record_dcae_factor(model, 32)
+    assert torch.isfinite(run(pipe, output_type="pt")).all()
+
+
 @pytest.mark.parametrize(
     ("option", "value", "error", "match"),
     [
