@@ -143,9 +143,12 @@ def load_lora_on_quantized(
             metadata=metadata,
         )  # fmt: skip
     if dtype is None:
-        from ..adapters import adapter_for
+        from ..adapters import DiTAdapter, adapter_for
 
-        dtype = adapter_for(transformer).latent_layers().embedder.weight.dtype
+        # the embedder's compute dtype, not its weight's: quantized too (keep_latent_layers=
+        # False), that is float8 / uint8, and every LoRA factor was cast to it
+        embedder = adapter_for(transformer).latent_layers().embedder
+        dtype = DiTAdapter._compute_dtype(embedder)
     marks = (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.")
     with torch.no_grad():
         for name, param in transformer.named_parameters():
