@@ -258,28 +258,19 @@ def test_lora_on_a_quantized_transformer_stays_unmerged(tmp_path, config):
     assert type(model.x_embedder) is torch.nn.Linear  # skipped, and kept in 16-bit by quantize_
 
 
-def test_lora_adapters_on_a_quantized_model_take_its_16_bit_dtype(tmp_path):
+@pytest.mark.parametrize("embedder", ["kept", "quantized"])
+def test_lora_adapters_on_a_quantized_model_take_its_16_bit_dtype(tmp_path, embedder):
+    # "quantized" (keep_latent_layers=False, x_embedder FP8 too): its weight's float8 dtype
+    # was taken for "the model's dtype", and every LoRA factor was cast to float8
     _base_lora(tiny_flux(), FLUX_TARGETS, tmp_path, FluxPipeline)
     ae, model = tiny_dcae(), tiny_flux()
-    adapter_for(model).replace_latent_layers(ae.latent_channels)
-    quantize_(model.to(torch.bfloat16), FP8Config())
-    pipe = DCGenFluxPipeline(model, ae)
-    load_lora_on_quantized(pipe, str(tmp_path), "style", "pytorch_lora_weights.safetensors")
-    lora = {n: p.dtype for n, p in model.named_parameters() if ".lora_" in n}
-    assert lora and set(lora.values()) == {torch.bfloat16}
-    layer = model.transformer_blocks[0].attn.to_q
-    out = layer(torch.randn(2, layer.in_features, dtype=torch.bfloat16))
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-
-
-def test_lora_adapters_take_the_16_bit_dtype_beside_a_quantized_embedder(tmp_path):
-    # keep_latent_layers=False quantizes x_embedder too: its weight's float8 dtype was taken
-    # for "the model's dtype", and every LoRA factor was cast to float8
-    _base_lora(tiny_flux(), FLUX_TARGETS, tmp_path, FluxPipeline)
-    ae, model = tiny_dcae(), tiny_flux()
-    adapter_for(model).replace_latent_layers(16)  # 16 inputs: wide enough for an FP8 layer
-    quantize_(model.to(torch.bfloat16), FP8Config(keep_latent_layers=False, exclude=()))
-    assert model.x_embedder.weight.dtype == torch.float8_e4m3fn
+    if embedder == "kept":
+        adapter_for(model).replace_latent_layers(ae.latent_channels)
+        quantize_(model.to(torch.bfloat16), FP8Config())
+    else:
+        adapter_for(model).replace_latent_layers(16)  # 16 inputs: wide enough for an FP8 layer
+        quantize_(model.to(torch.bfloat16), FP8Config(keep_latent_layers=False, exclude=()))
+        assert model.x_embedder.weight.dtype == torch.float8_e4m3fn
     pipe = DCGenFluxPipeline(model, ae)
     load_lora_on_quantized(pipe, str(tmp_path), "style", "pytorch_lora_weights.safetensors")
     lora = {n: p.dtype for n, p in model.named_parameters() if ".lora_" in n}

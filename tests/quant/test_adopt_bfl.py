@@ -298,10 +298,9 @@ def test_weight_errors_compare_with_the_16bit_weights(checkpoint):
         weight_errors(model, lambda key: torch.zeros(3, 3))
 
 
-def test_convert_quantized_report_reads_the_pipeline_weights(checkpoint, tmp_path, capsys):
+def _bfl_file_and_reference_folder(checkpoint, tmp_path):
+    """The BFL checkpoint as a file, and a transformer folder (config.json only) for --report."""
     from safetensors.torch import save_file
-
-    from dcgen.cli import main
 
     folder, state = checkpoint
     src = tmp_path / "bfl.safetensors"
@@ -309,6 +308,15 @@ def test_convert_quantized_report_reads_the_pipeline_weights(checkpoint, tmp_pat
     ref = tmp_path / "transformer"
     ref.mkdir()
     (ref / "config.json").write_text((folder / "config.json").read_text())
+    return src, ref
+
+
+def test_convert_quantized_report_reads_the_pipeline_weights(checkpoint, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from dcgen.cli import main
+
+    src, ref = _bfl_file_and_reference_folder(checkpoint, tmp_path)
     key = "transformer_blocks.0.attn.to_q.weight"
     save_file({key: originals[key].to(torch.bfloat16)}, ref / "diffusion_pytorch_model.safetensors")
     out = tmp_path / "dcgen.safetensors"
@@ -323,16 +331,9 @@ def test_convert_quantized_report_reads_the_pipeline_weights(checkpoint, tmp_pat
 def test_convert_quantized_report_names_a_broken_shard_index(checkpoint, tmp_path, capsys):
     """An index without a weight_map (a truncated download) is reported as that file, before
     the checkpoint is loaded; it printed only "error: 'weight_map'"."""
-    from safetensors.torch import save_file
-
     from dcgen.cli import main
 
-    folder, state = checkpoint
-    src = tmp_path / "bfl.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, src)
-    ref = tmp_path / "transformer"
-    ref.mkdir()
-    (ref / "config.json").write_text((folder / "config.json").read_text())
+    src, ref = _bfl_file_and_reference_folder(checkpoint, tmp_path)
     index = ref / "diffusion_pytorch_model.safetensors.index.json"
     index.write_text('{"metadata": {}}')
     out = tmp_path / "dcgen.safetensors"
