@@ -269,7 +269,8 @@ encoders and tokenizers) that DCGenFluxPipeline / DCGenSanaPipeline .from_pretra
                     help="transformer folder (base or adapted), or a folder holding "
                     "transformer/ (a stage's out_dir, a diffusers pipeline)")  # fmt: skip
     ex.add_argument("--latent-layers", default=None, metavar="FILE",
-                    help="latent_layers.safetensors from a stage (new embedder + head)")  # fmt: skip
+                    help="latent_layers.safetensors from a stage (new embedder + head; "
+                    "default with --lora: the one in that folder)")  # fmt: skip
     ex.add_argument("--lora", default=None, metavar="DIR",
                     help="folder with pytorch_lora_weights.safetensors (stage 3); fused")  # fmt: skip
     ex.add_argument("--dcae", required=True, metavar="DIR",

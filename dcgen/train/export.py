@@ -107,6 +107,30 @@ def _loaded_weight_files(folder: Path) -> list[Path]:
     return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
 
 
+def _latent_layers_of_lora(
+    lora_dir: str | Path | None, latent_layers: str | Path | None
+) -> str | Path | None:
+    """The latent-layers file to export: the one given, else the one a stage-3 folder keeps
+    beside its LoRA. Stage 3 trains the embedder and head with the LoRA; without
+    ``latent_layers`` the export paired that LoRA with the transformer folder's (stage 2's)
+    layers, silently. A different file given explicitly is used, with a warning."""
+    if lora_dir is None:
+        return latent_layers
+    beside = Path(lora_dir) / LATENT_LAYERS_NAME
+    if not beside.is_file():
+        return latent_layers
+    if latent_layers is None:
+        logger.info("latent layers: %s (trained with the LoRA)", beside)
+        return beside
+    if Path(latent_layers).resolve() != beside.resolve():
+        logger.warning(
+            "latent layers %s are not the ones trained with the LoRA (%s): the LoRA was fit "
+            "to those; pass that file (or none) unless this pairing is intended",
+            latent_layers, beside,
+        )  # fmt: skip
+    return latent_layers
+
+
 def _stored_dtype(folder: Path) -> torch.dtype:
     """The dtype most of a transformer folder's floating-point weights are stored in (float32
     without safetensors files), from the safetensors headers: no tensor is read."""
@@ -234,7 +258,8 @@ def export_pipeline(
     ``dcae``: a DC-AE folder / original checkpoint, or a loaded ``DCAE``. ``latent_layers``: a
     latent-layers file (applied first, replacing the layers when the channel count differs).
     ``lora_dir``: a folder with ``pytorch_lora_weights.safetensors`` (loaded, then fused with
-    ``lora_scale``). The transformer and DC-AE load in ``dtype`` (default float32), and
+    ``lora_scale``); its ``latent_layers.safetensors`` (a stage-3 folder's) is the default
+    ``latent_layers``. The transformer and DC-AE load in ``dtype`` (default float32), and
     fused weights are the float32 sum rounded once: a LoRA's float32 delta is added to weights
     stored in ``dtype``, or to a float32 load of weights stored wider, cast at the end. The
     transformer's latent channels must equal the DC-AE's. ``text_encoders``: a diffusers
@@ -256,6 +281,7 @@ def export_pipeline(
     # 48 GB, for weights that are only cast), except when a LoRA is fused into weights stored
     # wider: those are summed in float32 and rounded once at the end. Weights stored in
     # ``target`` are exact in it, and the fuse adds a float32 delta to them with one rounding.
+    latent_layers = _latent_layers_of_lora(lora_dir, latent_layers)
     load_dtype = target
     stored = _stored_dtype(_transformer_folder(Path(transformer_dir)))
     if lora_dir is not None and stored != target:

@@ -157,6 +157,34 @@ def test_export_round_trip_matches_unfused_model(trained, tmp_path):
     torch.testing.assert_close(_images(DCGenFluxPipeline.from_pretrained(from_stage)), got)
 
 
+def test_a_stage_3_folder_exports_with_the_latent_layers_trained_with_its_lora(
+    trained, tmp_path, caplog
+):
+    """Without --latent-layers, a stage-3 LoRA was paired with the transformer folder's (stage
+    2's) embedder and head instead of the ones stage 3 trained with it and saved beside it."""
+    root, _, ae = trained
+    finetune = tmp_path / "finetune"
+    shutil.copytree(root / "lora", finetune)
+    shutil.copy(root / "latent_layers.safetensors", finetune / "latent_layers.safetensors")
+    stage2 = tiny_flux()
+    torch.manual_seed(7)  # other layers than the LoRA's: stage 2's, before stage 3 moved them
+    adapter_for(stage2).replace_latent_layers(ae.latent_channels)
+    stage2.save_pretrained(tmp_path / "stage2")
+    right = export_pipeline(root / "base", ae, tmp_path / "right", lora_dir=finetune,
+                            latent_layers=finetune / "latent_layers.safetensors")  # fmt: skip
+    default = export_pipeline(tmp_path / "stage2", ae, tmp_path / "default", lora_dir=finetune)
+    torch.testing.assert_close(
+        _images(DCGenFluxPipeline.from_pretrained(default)),
+        _images(DCGenFluxPipeline.from_pretrained(right)),
+    )
+    caplog.clear()
+    other = tmp_path / "other.safetensors"
+    save_latent_layers(adapter_for(stage2), other)
+    export_pipeline(tmp_path / "stage2", ae, tmp_path / "explicit", lora_dir=finetune,
+                    latent_layers=other)  # fmt: skip
+    assert "are not the ones trained with the LoRA" in caplog.text
+
+
 def _recorded_load_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
     """The dtypes export loads transformers in, recorded as it runs."""
     import dcgen.train.export as export
