@@ -46,6 +46,7 @@ from .latent_layers import (
     save_latent_layers,
 )
 from .stages import load_transformer as load_diffusers_transformer
+from .stages import transformer_folder
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +74,9 @@ class ExportError(LatentLayersError):
 def _transformer_folder(path: Path) -> Path:
     """Accept the transformer folder itself, or a folder holding ``transformer/`` (a stage's
     out_dir or a diffusers pipeline folder)."""
-    # transformer/ first: a stage's out_dir has a config.json of its own (the training config)
-    if (path / "transformer" / "config.json").is_file():
-        return path / "transformer"
-    if (path / "config.json").is_file():
-        return path
+    folder = transformer_folder(path)
+    if (folder / "config.json").is_file():
+        return folder
     if not path.exists():
         raise FileNotFoundError(f"transformer folder {path} does not exist")
     raise ExportError(

@@ -107,6 +107,17 @@ def _copy_source_scheduler(source: str | Path, folder: Path) -> bool:
     return True
 
 
+def transformer_folder(path: str | Path) -> Path:
+    """The diffusers transformer folder ``path`` names: the folder itself, or the
+    ``transformer/`` it holds (a stage's out_dir, or a pipeline folder)."""
+    path = Path(path)
+    # transformer/ first: a stage's out_dir has a config.json of its own (the training config),
+    # which a stage given that folder read as the model's ("names class None")
+    if (path / "transformer" / "config.json").is_file():
+        return path / "transformer"
+    return path
+
+
 def load_transformer(
     path: str | Path,
     device: torch.device | str = "cpu",
@@ -118,7 +129,7 @@ def load_transformer(
     autocasts to bf16. The one transformer loader; export.py adds folder and family rules."""
     import diffusers
 
-    path = Path(path)
+    path = transformer_folder(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"transformer: no config.json in {path} (a diffusers folder)")
@@ -889,7 +900,7 @@ def _write_outputs(
             else:
                 transformer.save_pretrained(staging / TRANSFORMER_DIR)
                 paths["transformer"] = str(run_dir / TRANSFORMER_DIR)
-                if _copy_source_scheduler(cfg.transformer, staging):
+                if _copy_source_scheduler(transformer_folder(cfg.transformer), staging):
                     paths["scheduler"] = str(run_dir / "scheduler")
             losses = [float(e["loss"]) for e in read_log(run_dir / LOG_NAME)]
             if losses:

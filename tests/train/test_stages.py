@@ -501,3 +501,18 @@ def test_a_dcae_of_another_factor_than_the_cache_is_refused(root: Path, cache: P
                  out_dir=str(root / "bad-factor"))  # fmt: skip
     with pytest.raises(ValueError, match=r"is f32 but the cache's dcae_latent is f4"):
         run(cfg, progress=False)
+
+
+def test_a_stage_takes_the_previous_stages_run_folder_as_its_transformer(
+    cache: Path, tmp_path: Path
+) -> None:
+    # as export does: the run folder's own config.json (the training config) was read as the
+    # model's ("names class None, not a diffusers model")
+    first = config(tmp_path, "align", save_base(tmp_path), cache, align_sgd_steps=0)
+    run(first, progress=False)
+    by_folder = config(tmp_path, "output", first.out_dir, cache, steps=2,
+                       out_dir=str(tmp_path / "by_folder"))  # fmt: skip
+    by_path = config(tmp_path, "output", Path(first.out_dir) / "transformer", cache, steps=2,
+                     out_dir=str(tmp_path / "by_path"))  # fmt: skip
+    a, b = run(by_folder, progress=False), run(by_path, progress=False)
+    assert a["final_loss"] == b["final_loss"]
