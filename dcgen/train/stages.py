@@ -16,12 +16,14 @@ tensors, e.g. a :class:`LatentCache`); :func:`run` adds the files: it loads the 
 cache named by a :class:`TrainConfig` and writes the run folder::
 
     out_dir/config.json                      the config as run
+    out_dir/inputs.json                      the latent cache's fingerprint (resume checks it)
     out_dir/log.jsonl                        one JSON line per step (tag, step, loss, lr, ...)
     out_dir/loss.png                         loss curve
     out_dir/checkpoints/step-XXXXXXXX/       resumable checkpoints (trainable params only)
     out_dir/latent_layers.safetensors        new embedder + head, "embedder.*" / "head.*" keys,
                                              metadata: format, family, latent_channels,
-                                             patch_size, position_scale (when not 1), stage
+                                             patch_size, position_scale (when not 1),
+                                             dcae_factor (the DC-AE stage 1 aligned to), stage
     out_dir/transformer/                     stages 1-2: the adapted transformer (save_pretrained)
     out_dir/scheduler/                       stages 1-2: the source pipeline's scheduler/, where
                                              it has one (export samples with its solver, shift)
@@ -856,6 +858,30 @@ def _recorded_config(cfg: TrainConfig) -> dict[str, Any]:
     return record
 
 
+#: beside config.json: what a run's inputs were, for the resume check (config.json stays a
+#: config file that loads as one, so this is kept apart from it)
+INPUTS_NAME = "inputs.json"
+
+
+def _check_resume_inputs(cfg: TrainConfig, run_dir: Path, cache: LatentCache) -> None:
+    """Refuse to continue a run's checkpoints on another cache at the same path (a cache
+    precomputed again with another DC-AE or text encoder): the paths compare equal, so the
+    config check passed it and the run went on training on other latents."""
+    if not cfg.resume or latest_checkpoint(run_dir / CHECKPOINT_DIR) is None:
+        return
+    try:
+        earlier = json.loads((run_dir / INPUTS_NAME).read_text()).get("cache_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return  # a run from before this record (or none): nothing to compare
+    if earlier is not None and earlier != cache.fingerprint:
+        raise ConfigError(
+            f"{run_dir} holds checkpoints of a run on another latent cache: cache_dir "
+            f"{cfg.cache_dir} has fingerprint {cache.fingerprint[:12]}..., the run's had "
+            f"{str(earlier)[:12]}... (precomputed again with other encoders or data?): "
+            "continue on that cache, or set resume = false to start over"
+        )
+
+
 def _check_resume_settings(cfg: TrainConfig, run_dir: Path) -> None:
     """Refuse to continue a run's checkpoints under settings that shaped its steps differently
     (its config.json is the config they were made with): the result would match neither run,
@@ -941,11 +967,14 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
     if cfg.stage != "align" or cfg.align_sgd_steps > 0:
         ctx.shard(cfg.batch_size)  # an uneven batch fails now, not after stage 1's ridge fit
     _check_resume_settings(cfg, run_dir)
+    _check_resume_inputs(cfg, run_dir, cache)
     ctx.barrier()  # every rank has read the earlier config.json before it is replaced
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(_recorded_config(cfg), indent=1)
         atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
+        inputs = dumps({"cache_fingerprint": cache.fingerprint}, indent=1)
+        atomic_write(run_dir / INPUTS_NAME, lambda tmp: Path(tmp).write_text(inputs))
     torch.manual_seed(cfg.seed)
     transformer = load_transformer(cfg.transformer, ctx.device)
     if type(transformer).__name__ == "SanaTransformer2DModel" and cfg.shift_rule == "flux":

@@ -231,3 +231,28 @@ def test_a_rerun_that_fails_to_save_leaves_the_earlier_outputs_whole(tmp_path: P
     assert summary["steps"] == 3
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert (out / "latent_layers.safetensors").read_bytes() != before["latent_layers.safetensors"]
+
+
+def test_resuming_on_another_cache_at_the_same_path_is_refused(tmp_path: Path) -> None:
+    """The cache precomputed again at the same path (another DC-AE or text encoder: another
+    fingerprint): the resolved paths matched, so the run resumed and trained on other latents."""
+    import shutil
+
+    from dcgen.train import precompute
+    from tests.train.stage_utils import ImageSet, dcae_encoder, text_encoder
+
+    cache, adapted = make_cache(tmp_path), save_adapted(tmp_path)
+    out = str(tmp_path / "run")
+    run(config(tmp_path, "output", adapted, cache, out_dir=out, steps=2, checkpoint_every=2),
+        progress=False)  # fmt: skip
+    assert json.loads((Path(out) / "inputs.json").read_text())["cache_fingerprint"]
+    longer = config(tmp_path, "output", adapted, cache, out_dir=out, steps=4, checkpoint_every=2)
+    shutil.rmtree(cache)
+    precompute(ImageSet(8), {"dcae_latent": dcae_encoder}, text_encoder, cache, shard_size=4,
+               batch_size=4, fingerprint="encoded with another DC-AE", progress=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="holds checkpoints of a run on another latent cache"):
+        run(longer, progress=False)
+    assert len(list_checkpoints(Path(out) / "checkpoints")) == 1  # nothing was trained
+    shutil.rmtree(cache)
+    make_cache(tmp_path)  # the run's own cache again: it continues
+    assert run(longer, progress=False)["steps"] == 4
