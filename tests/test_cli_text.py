@@ -5,6 +5,7 @@ the same tiny encoders run by hand (tests/pipelines/tiny_text.py; nothing downlo
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -179,6 +180,50 @@ def test_precompute_with_the_base_text_encoders(assets, folders, tmp_path, famil
         torch.testing.assert_close(null[name].float(), want[name][0].float(), rtol=0, atol=0)
     # the encoders are part of the cache's identity: another length is refused
     assert _precompute(assets, out, *argv[:3], "16", *argv[4:]) == 2
+
+
+def test_precompute_knows_text_encoders_by_contents(assets, folders, tmp_path, capsys):  # noqa: F811
+    """A copy of the text-encoder folder keeps the finished cache (its absolute path was the
+    identity: refused); the same folder with its weights rewritten is refused (it was accepted,
+    the old shards kept beside a null_text from the new encoder)."""
+    from safetensors.torch import load_file, save_file
+
+    out, base = tmp_path / "cache", tmp_path / "base"
+    shutil.copytree(folders["base"], base)
+    argv = ("--text-encoders", str(base), "--max-sequence-length", "12", "--dtype", "fp32")
+    assert _precompute(assets, out, *argv) == 0
+    index = (out / "index.json").read_text()
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    assert _precompute(assets, out, "--text-encoders", str(copy), *argv[2:]) == 0
+    assert (out / "index.json").read_text() == index
+    null = (out / "null_text.safetensors").read_bytes()
+    weights = next((base / "text_encoder").glob("*.safetensors"))
+    state = load_file(str(weights))
+    save_file({k: -v if v.is_floating_point() else v for k, v in state.items()}, str(weights))
+    capsys.readouterr()
+    assert _precompute(assets, out, *argv) == 2
+    assert "other data or settings" in _error_line(capsys)
+    assert (out / "null_text.safetensors").read_bytes() == null
+
+
+def test_a_cache_named_by_text_encoder_paths_is_kept(assets, folders, tmp_path, monkeypatch):  # noqa: F811
+    import dcgen.train.prepare as prepare
+
+    argv = ("--text-encoders", str(folders["base"]), "--max-sequence-length", "12")
+    digests: list[str] = []
+    real = prepare._identity_digest
+    monkeypatch.setattr(
+        prepare, "_identity_digest", lambda i: digests.append(real(i)) or digests[-1]
+    )
+    monkeypatch.setattr(prepare, "_cache_data_fingerprint", lambda out: "another cache")
+    assert _precompute(assets, tmp_path / "a", *argv) == 0
+    current, _, by_path = digests  # now, before 2026-11-29, before the contents counted
+    assert by_path != current
+    monkeypatch.setattr(prepare, "_cache_data_fingerprint", lambda out: by_path)
+    assert _precompute(assets, tmp_path / "b", *argv) == 0
+    made = json.loads((tmp_path / "b" / "index.json").read_text())
+    assert made["dataset_fingerprint"] == by_path
 
 
 def test_precompute_text_option_errors(assets, folders, tmp_path, capsys):  # noqa: F811

@@ -122,6 +122,20 @@ def has_text_components(folder: str | Path, family: str) -> bool:
     return True
 
 
+def _components_digest(folder: Path, family: str) -> str:
+    """A sampled content digest (dcgen._files.sampled_digest) of the family's text components
+    in a pipeline folder: the files that make the embeddings, not the transformer's or VAE's."""
+    import hashlib
+
+    from .._files import sampled_digest
+
+    h = hashlib.sha256()
+    for name in _components(family):
+        if (folder / name).exists():
+            h.update(f"{name}:{sampled_digest(folder / name)};".encode())
+    return h.hexdigest()
+
+
 def _components(family: str) -> tuple[str, ...]:
     if family not in TEXT_COMPONENTS:
         raise TextEncodersError(
@@ -252,10 +266,20 @@ class PipelineTextEncoder:
         for module in self.components.values():
             if isinstance(module, torch.nn.Module):
                 module.to(self.device)
-        self.fingerprint_name = (
+        # What the embeddings depend on, for a latent cache's identity (dcgen precompute): the
+        # family, token count and instruction setting, and the text components' files by
+        # sampled contents. The folder's absolute path named them before: a copied project
+        # refused its own cache, and weights rewritten in place were taken for the old ones.
+        settings = f"{self.family}:{self.max_sequence_length}" + (
+            ":instruction" if self.complex_human_instruction else ""
+        )
+        self.fingerprint_name = f"pipeline-text-encoders:{'folder' if folder else 'in-memory'}:"
+        self.fingerprint_name += settings
+        self.content_digest = None if folder is None else _components_digest(Path(folder), family)
+        #: the name caches made before the content digest were identified by
+        self.legacy_fingerprint_name = (
             f"pipeline-text-encoders:{Path(folder).resolve() if folder else 'in-memory'}:"
-            f"{self.family}:{self.max_sequence_length}"
-            + (":instruction" if self.complex_human_instruction else "")
+            + settings
         )
 
     @torch.no_grad()

@@ -492,6 +492,9 @@ def run_precompute(
         )
         if source is not None and Path(source).exists()
     }
+    text_digest = getattr(text_encoder, "content_digest", None)  # PipelineTextEncoder's
+    if text_digest is not None:
+        identity["contents"]["text_encoder"] = text_digest
     if vae is not None and vae.patch_size != DEFAULT_BASE_PATCH[vae.kind]:
         # only when not the default, so caches made before the option keep their fingerprint
         identity["base_patch_size"] = vae.patch_size
@@ -501,8 +504,19 @@ def run_precompute(
         "base_vae": None if base_vae is None else str(Path(base_vae).resolve()),
         "text_embeddings": None if text_embeddings is None else str(Path(text_embeddings).resolve()),
     })  # fmt: skip
-    if _cache_data_fingerprint(out_dir) == legacy:
+    made_with = _cache_data_fingerprint(out_dir)
+    if made_with == legacy:
         fingerprint = legacy  # the same inputs at the same place: the cache stays valid
+    elif text_digest is not None and made_with is not None:
+        # a cache made before the text components counted by contents (their folder's path
+        # did): kept when made with the same inputs at the same place
+        before = {k: v for k, v in identity["contents"].items() if k != "text_encoder"}
+        earlier = _identity_digest(identity | {
+            "text_encoder": getattr(text_encoder, "legacy_fingerprint_name", None),
+            "contents": before,
+        })  # fmt: skip
+        if made_with == earlier:
+            fingerprint = earlier
     cache = precompute(
         dataset,
         encoders,

@@ -187,10 +187,31 @@ def test_an_interrupted_copy_registers_nothing_and_a_rerun_completes(
     assert has_text_components(out, "flux")
 
 
-def test_fingerprint_names_the_folder_and_length(folders):
-    a = PipelineTextEncoder(folders["flux"], max_sequence_length=16).fingerprint_name
-    b = PipelineTextEncoder(folders["flux"], max_sequence_length=32).fingerprint_name
-    assert str(folders["flux"].resolve()) in a and a != b
+def test_the_identity_is_the_settings_and_the_text_components_contents(folders, tmp_path):
+    """Not the folder's path: a copy keeps the identity (a copied project refused its own
+    cache), a text encoder rewritten in place changes it (it was taken for the old one)."""
+    from safetensors.torch import load_file, save_file
+
+    a = PipelineTextEncoder(folders["flux"], max_sequence_length=16)
+    b = PipelineTextEncoder(folders["flux"], max_sequence_length=32)
+    assert a.fingerprint_name != b.fingerprint_name
+    assert str(folders["flux"].resolve()) not in a.fingerprint_name
+    assert a.content_digest == b.content_digest
+    copy = tmp_path / "copy"
+    shutil.copytree(folders["flux"], copy)
+    c = PipelineTextEncoder(copy, max_sequence_length=16)
+    assert (c.fingerprint_name, c.content_digest) == (a.fingerprint_name, a.content_digest)
+    weights = next((copy / "text_encoder_2").glob("*.safetensors"))
+    state = load_file(str(weights))
+    save_file({k: -v if v.is_floating_point() else v for k, v in state.items()}, str(weights))
+    rewritten = PipelineTextEncoder(copy, max_sequence_length=16).content_digest
+    assert rewritten != a.content_digest
+    # the transformer is not part of it
+    transformer_files = list((copy / "transformer").glob("*.safetensors"))
+    assert transformer_files
+    for f in transformer_files:
+        f.write_bytes(f.read_bytes()[:-8] + bytes(8))
+    assert PipelineTextEncoder(copy, max_sequence_length=16).content_digest == rewritten
 
 
 def test_pipelines_default_to_their_models_text_length(folders, monkeypatch):
