@@ -120,14 +120,20 @@ class DCGenToyPipeline(DCGenFluxPipeline):
         folder = Path(pretrained_model_name_or_path)
         encoder = kwargs.pop("text_encoder", "load")
         if isinstance(encoder, str) and encoder == "load":
-            encoder = _load_text_encoder(folder)
+            # the dtype the other components load in (diffusers' dtype= / torch_dtype=, one
+            # dtype or a per-component dict): the encoder stayed fp32 beside a bf16 pipeline
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            if isinstance(dtype, dict):
+                dtype = dtype.get("text_encoder", dtype.get("default"))
+            encoder = _load_text_encoder(folder, dtype if isinstance(dtype, torch.dtype) else None)
         pipe = super().from_pretrained(folder, text_encoder=None, **kwargs)
         pipe.register_modules(text_encoder=encoder)
         return pipe
 
 
-def _load_text_encoder(folder: Path) -> Any:
-    """The folder's toy text encoder, or None where the folder registers none."""
+def _load_text_encoder(folder: Path, dtype: torch.dtype | None = None) -> Any:
+    """The folder's toy text encoder (cast to ``dtype`` when given), or None where the folder
+    registers none."""
     index = json.loads((folder / "model_index.json").read_text())
     entry = index.get("text_encoder")
     if entry is None or entry == [None, None]:
@@ -137,4 +143,4 @@ def _load_text_encoder(folder: Path) -> Any:
             f"{folder / 'model_index.json'}: text_encoder is {entry}; DCGenToyPipeline loads "
             f"only {list(TOY_TEXT_ENCODER)}"
         )
-    return _toy_text_encoder_class().from_pretrained(folder / TEXT_ENCODER_FOLDER)
+    return _toy_text_encoder_class().from_pretrained(folder / TEXT_ENCODER_FOLDER, dtype=dtype)

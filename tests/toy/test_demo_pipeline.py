@@ -62,6 +62,18 @@ def test_the_folder_holds_the_model_and_loads_back(folder, dcgen_model):
     assert pipe.text_encoder.dtype == torch.float32
 
 
+@pytest.mark.parametrize("how", ["dtype", "per_component"])
+def test_the_text_encoder_loads_in_the_pipelines_dtype(folder, how):
+    # it stayed fp32 beside a bf16 transformer and VAE
+    bf16 = torch.bfloat16
+    kwargs = {"per_component": {"dtype": {"default": bf16}}}.get(how, {how: bf16})
+    pipe = DCGenToyPipeline.from_pretrained(folder, **kwargs)
+    assert pipe.text_encoder.dtype == pipe.transformer.dtype == bf16
+    out = pipe("a red circle top left", height=128, width=128, num_inference_steps=2,
+               output_type="pt", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert torch.isfinite(out).all()
+
+
 def test_the_pipeline_samples_as_the_demo_does(folder, assets, dcgen_model):
     """Same weights, seeds and steps: the pipeline's images are the demo sampler's, bit for bit
     up to the [0, 1] conversion (both Euler on FLUX's shift rule, guidance 3.5)."""
