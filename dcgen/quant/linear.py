@@ -207,6 +207,7 @@ class NVFP4Linear(nn.Module):
         # scalars / smoothing factors only follow the device (the uint8 weight is never cast).
         # Every other fn (to_empty, share_memory, a device move) reaches them (format_buffers).
         self.__dict__.pop("_route", None)  # the direct route is decided again (device, bias)
+        self.__dict__.pop("_memo_cache", None)  # derived from (and holding) the old buffers
         apply_keeping_format(
             self, _FORMAT_BUFFERS, fn, lambda: super(NVFP4Linear, self)._apply(fn, recurse)
         )
@@ -223,25 +224,34 @@ class NVFP4Linear(nn.Module):
     def _memo(
         self, key: str, source: torch.Tensor | tuple[torch.Tensor, ...], make: Callable[[], Any]
     ) -> Any:
-        """``make()``, computed again only when ``source`` (one tensor or several) changed: new
-        storage (``.to``, a deep copy) or an in-place write (``copy_``, ``load_state_dict``: its
-        version counter). Keeps per-call work off the hot path: the swizzled weight scales
-        (several small kernels) and the host read of ``input_scale`` (a device sync on every
-        call otherwise). Skipped under torch.compile (it traces ``make``) and for
-        inference-mode buffers (no version counter)."""
+        """``make()``, computed again only when ``source`` (one tensor or several) changed: another
+        tensor (``.to``, a deep copy, a buffer assigned or loaded with ``assign=True``) or an
+        in-place write (``copy_``, ``load_state_dict``: its version counter). Keeps per-call
+        work off the hot path: the swizzled weight scales (several small kernels) and the host
+        read of ``input_scale`` (a device sync on every call otherwise). Skipped under
+        torch.compile (it traces ``make``) and for inference-mode buffers (no version counter).
+
+        The entry holds the source tensors themselves and compares them by identity: a tag of
+        data pointers let a new buffer that the allocator placed at a freed one's address, with
+        the same version count, pass for it and get the old buffer's derived value."""
         if torch.compiler.is_compiling():
             return make()
         sources = source if isinstance(source, tuple) else (source,)
         try:
-            tag = tuple((t.data_ptr(), t.device, t._version) for t in sources)
+            versions = tuple(t._version for t in sources)
         except RuntimeError:  # an inference tensor: no version counter to trust
             return make()
         memo = self.__dict__.setdefault("_memo_cache", {})
         hit = memo.get(key)
-        if hit is not None and hit[0] == tag:
-            return hit[1]
+        if (
+            hit is not None
+            and len(hit[0]) == len(sources)
+            and all(a is b for a, b in zip(hit[0], sources))
+            and hit[1] == versions
+        ):
+            return hit[2]
         value = make()
-        memo[key] = (tag, value)
+        memo[key] = (sources, versions, value)
         return value
 
     def _swizzled_weight_scales(self) -> torch.Tensor:

@@ -535,6 +535,22 @@ def test_host_side_values_follow_buffer_changes(rng):
         assert torch.equal(q(x), static)  # ...until the cache is cleared
 
 
+def test_a_new_buffer_at_a_freed_ones_address_is_not_taken_for_it():
+    """The cache compared (data pointer, device, version): a buffer assigned in place of
+    another (load_state_dict(assign=True)) that the allocator put at the freed one's address,
+    with the same version count, got the old buffer's derived values. Stood in for by a
+    tensor aliasing the first one's memory (same address, its own version counter at 0)."""
+    q = NVFP4Linear.from_linear(nn.Linear(64, 32), "w4a16")
+    a = torch.zeros(4)
+    assert q._memo("k", a, lambda: "from a") == "from a"
+    assert q._memo("k", a, lambda: "again") == "from a"  # the same tensor: cached
+    b = torch.from_numpy(a.numpy())
+    assert (b.data_ptr(), b._version) == (a.data_ptr(), a._version)
+    assert q._memo("k", b, lambda: "from b") == "from b"
+    q.to(torch.float64)  # a move or cast: nothing derived from the old buffers is kept
+    assert "_memo_cache" not in q.__dict__
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("mode", ["w4a4", "w4a16"])
 def test_native_gemm_paths_stay_in_bf16(mode, bias, rng, monkeypatch):
