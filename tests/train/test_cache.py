@@ -311,3 +311,21 @@ def test_a_killed_runs_temp_files_are_removed_on_rerun(dataset, tmp_path):
     precompute(dataset, encoders(), text_encoder, out, shard_size=2, progress=False)
     assert not [t for t in leftovers if t.exists()] and mine.exists()
     assert not [p.name for p in out.glob(".*.tmp") if p != mine]
+
+
+def test_duplicate_keys_are_named(tmp_path):
+    class Twice(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int) -> dict:
+            g = torch.Generator().manual_seed(i)
+            key = ["a", "b", "a", "c", "b", "d"][i]
+            return {"image": torch.rand(3, 32, 32, generator=g), "caption": key, "key": key}
+
+        def fingerprint(self) -> str:
+            return "twice"
+
+    with pytest.raises(CacheError, match=r"dataset keys must be unique; duplicated: \['a', 'b'\]"):
+        precompute(Twice(), {"dcae_latent": Counting(32, 32)}, None, tmp_path / "c",
+                   shard_size=4, batch_size=2, progress=False)  # fmt: skip
