@@ -109,8 +109,16 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[Bucket]) -> Bucket
 
 
 def assign_buckets(sizes: Sequence[tuple[int, int]], buckets: Sequence[Bucket]) -> list[Bucket]:
-    """``nearest_bucket`` for every (height, width) in ``sizes``."""
-    return [nearest_bucket(h, w, buckets) for h, w in sizes]
+    """``nearest_bucket`` for every (height, width) in ``sizes``, computed once per distinct
+    size: a dataset has few, and the search costs ~75 us (a million images took 74 s)."""
+    found: dict[tuple[int, int], Bucket] = {}
+    out = []
+    for h, w in sizes:
+        bucket = found.get((h, w))
+        if bucket is None:
+            bucket = found[(h, w)] = nearest_bucket(h, w, buckets)
+        out.append(bucket)
+    return out
 
 
 class BucketBatchSampler(Sampler[list[int]]):

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .._images import wide_gray_to_8bit
-from .buckets import Bucket, nearest_bucket
+from .buckets import Bucket, assign_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -279,10 +279,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         self.bucket_ids: list[Hashable]
         if self.buckets is not None:
             self.sizes = [self._header_size(p) for p in self.files]
-            self._targets = [
-                (b.height, b.width)
-                for b in (nearest_bucket(h, w, self.buckets) for h, w in self.sizes)
-            ]
+            self._targets = [(b.height, b.width) for b in assign_buckets(self.sizes, self.buckets)]
             self.bucket_ids = list(self._targets)
         elif self.resolution is not None:
             self._targets = [self.resolution] * len(self.files)

@@ -400,3 +400,16 @@ def test_png_headers_are_read_without_decoding_and_late_exif_is_found(tmp_path, 
     ds = ImageCaptionFolder(tmp_path, buckets=[Bucket(32, 64), Bucket(64, 32)], factor=16)
     assert ds.sizes == [(32, 64), (64, 32)]  # b is displayed rotated
     assert [Path(f).name for f in loads] == ["b.png"]  # only the late-EXIF file was decoded
+
+
+def test_bucket_assignment_searches_once_per_distinct_size(monkeypatch):
+    import dcgen.train.buckets as buckets_mod
+
+    buckets = make_buckets(64 * 64, 32)
+    sizes = [(10, 10), (10, 30), (10, 10), (30, 10), (10, 30)] * 200
+    want = [buckets_mod.nearest_bucket(h, w, buckets) for h, w in sizes]
+    calls = []
+    real = buckets_mod.nearest_bucket
+    monkeypatch.setattr(buckets_mod, "nearest_bucket", lambda *a: calls.append(a) or real(*a))
+    assert assign_buckets(sizes, buckets) == want
+    assert len(calls) == 3  # (10, 10), (10, 30), (30, 10)
