@@ -35,6 +35,7 @@ drives a ``BucketBatchSampler`` directly. Conventional tensor names: ``base_late
 from __future__ import annotations
 
 import collections
+import copy
 import hashlib
 import itertools
 import json
@@ -515,6 +516,20 @@ class LatentCache(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def with_tensors(self, tensors: Sequence[str]) -> LatentCache:
+        """This cache restricted to ``tensors`` (as ``LatentCache(root, tensors)``), sharing the
+        parsed index: opening it again parsed the whole index twice (a million samples: about
+        35 s and 2 GB each)."""
+        unknown = [t for t in tensors if t not in self.index["tensors"]]
+        if unknown:
+            raise CacheError(
+                f"cache {self.root} has tensors {list(self.index['tensors'])}, not {unknown}"
+            )
+        view = copy.copy(self)
+        view.tensor_names = list(tensors)
+        view._handles = {}
+        return view
 
     def __getstate__(self) -> dict[str, Any]:
         # Open file handles do not pickle; DataLoader workers reopen their own.

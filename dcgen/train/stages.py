@@ -828,7 +828,7 @@ def open_cache(cfg: TrainConfig) -> LatentCache:
     # as the pipelines pass it in sampling)
     optional = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
     wanted = need + [n for n in optional if n in cache.tensor_names]
-    return LatentCache(cfg.cache_dir, tensors=list(dict.fromkeys(wanted)))
+    return cache.with_tensors(list(dict.fromkeys(wanted)))
 
 
 @keeps_rng_state

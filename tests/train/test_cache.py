@@ -329,3 +329,18 @@ def test_duplicate_keys_are_named(tmp_path):
     with pytest.raises(CacheError, match=r"dataset keys must be unique; duplicated: \['a', 'b'\]"):
         precompute(Twice(), {"dcae_latent": Counting(32, 32)}, None, tmp_path / "c",
                    shard_size=4, batch_size=2, progress=False)  # fmt: skip
+
+
+def test_a_restricted_view_shares_the_parsed_index(dataset, tmp_path):
+    cache = precompute(dataset, encoders(), text_encoder, tmp_path / "c", shard_size=2,
+                       batch_size=2, progress=False)  # fmt: skip
+    view = cache.with_tensors(["dcae_latent"])
+    assert view.samples is cache.samples and view.keys is cache.keys  # not parsed again
+    direct = LatentCache(tmp_path / "c", tensors=["dcae_latent"])
+    for i in range(len(cache)):
+        a, b = view[i], direct[i]
+        assert a.keys() == b.keys() and "prompt_embeds" not in a
+        assert torch.equal(a["dcae_latent"], b["dcae_latent"])
+    assert "prompt_embeds" in cache[0]  # the full cache keeps every tensor
+    with pytest.raises(CacheError, match=r"not \['nope'\]"):
+        cache.with_tensors(["dcae_latent", "nope"])
