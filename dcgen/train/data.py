@@ -194,6 +194,12 @@ def collate_samples(samples: Sequence[dict]) -> dict:
     return out
 
 
+#: what PIL raises for an image it cannot read; DecompressionBombError (a header claiming more
+#: than twice Image.MAX_IMAGE_PIXELS) is a plain Exception, so it got past a DataError and
+#: precompute ended in a traceback that never named the file
+_UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
 class ImageCaptionFolder(torch.utils.data.Dataset):
     """Images under ``root`` (recursively, .png/.jpg/.jpeg/.webp) with their captions.
 
@@ -325,7 +331,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                 # walking the chunk headers finds out without decoding (most PNGs have none).
                 no_exif = img.format == "PNG" and "exif" not in img.info and not _png_has_exif(path)
                 orientation = 1 if no_exif else img.getexif().get(0x0112, 1)
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+        except _UNREADABLE as err:
             raise DataError(f"could not read image {path}: {err}") from err
         return (w, h) if orientation in _TRANSPOSED_ORIENTATIONS else (h, w)
 
@@ -349,7 +355,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                 img.load()
                 # Phone photos store rotation in EXIF; apply it so the pixels match the header size.
                 img = wide_gray_to_8bit(ImageOps.exif_transpose(img))
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+        except _UNREADABLE as err:
             raise DataError(f"could not read image {path}: {err}") from err
         size = self.target_size(index)
         if (img.height, img.width) != size:

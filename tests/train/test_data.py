@@ -169,6 +169,18 @@ def test_error_unreadable_image_names_file(make_folder):
         ImageCaptionFolder(root, buckets=make_buckets(32 * 32, 16))
 
 
+def test_a_decompression_bomb_names_its_file(make_folder, monkeypatch):
+    # PIL's DecompressionBombError is no OSError / ValueError: it left precompute with a
+    # traceback that never named the image. Stood in for by a limit below the test images.
+    root = make_folder()
+    ds = ImageCaptionFolder(root, resolution=32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(DataError, match=r"could not read image .*a\.png: Image size"):
+        ds[0]
+    with pytest.raises(DataError, match=r"could not read image .*\.png: Image size"):
+        ImageCaptionFolder(root, buckets=make_buckets(32 * 32, 16))
+
+
 def test_error_resolution_not_divisible(make_folder):
     root = make_folder()
     with pytest.raises(DataError, match=r"resolution 40x40 is not divisible by 32"):
