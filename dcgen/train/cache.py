@@ -135,7 +135,8 @@ def precompute(
     Several processes (``ctx`` from :func:`~dcgen.train.distributed.init_distributed`, under
     torchrun): rank r computes shards r, r + world_size, ...; after a barrier rank 0 reads the
     others' shard records and writes the index, and every rank returns once it is written.
-    The cache is the one a single process makes (the same shards, bit for bit).
+    The cache is the one a single process makes (the same tensors and metadata values; the
+    files' bytes can differ, safetensors writing metadata keys in hash order).
     """
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     if shard_size <= 0 or batch_size <= 0:
