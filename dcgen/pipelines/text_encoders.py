@@ -273,8 +273,8 @@ class PipelineTextEncoder:
         settings = f"{self.family}:{self.max_sequence_length}" + (
             ":instruction" if self.complex_human_instruction else ""
         )
-        self.fingerprint_name = f"pipeline-text-encoders:{'folder' if folder else 'in-memory'}:"
-        self.fingerprint_name += settings
+        source = "folder" if folder else "in-memory"
+        self.fingerprint_name = f"pipeline-text-encoders:{source}:{settings}"
         self.content_digest = None if folder is None else _components_digest(Path(folder), family)
         #: the name caches made before the content digest were identified by
         self.legacy_fingerprint_name = (

@@ -137,8 +137,9 @@ class TextEmbeddingTable:
             # of every key per caption made opening a table quadratic: 8k captions took 99 s)
             by_index: dict[str, list[str]] = {}
             for key in handle.keys():
-                index, _, name = key.partition("/")
-                by_index.setdefault(index, []).append(name)
+                index, slash, name = key.partition("/")
+                if slash:  # "<i>/<name>" keys only, as the scan matched them
+                    by_index.setdefault(index, []).append(name)
             for i, caption in enumerate(captions):
                 names = sorted(by_index.get(str(i), ()))
                 # Shapes come from the header (no tensor data read); checked here so a bad file
