@@ -353,14 +353,9 @@ class DiTAdapter(abc.ABC):
 
     @staticmethod
     def _compute_dtype(old: nn.Module) -> torch.dtype:
-        """The floating dtype ``old`` computes in: its weight's, or, for a quantized layer
-        (uint8 / float8 weight buffer), its bias's or low-rank factors' (quantize_ keeps the
-        linear's own dtype there), else bf16 (the quantized layers' default)."""
-        for name in ("weight", "bias", "lora_up"):
-            t = getattr(old, name, None)
-            if isinstance(t, torch.Tensor) and t.dtype in _COMPUTE_DTYPES:
-                return t.dtype
-        return torch.bfloat16
+        """The floating dtype ``old`` computes in: a quantized layer's own ``compute_dtype``
+        (its weight is a uint8 / float8 buffer), else its weight's."""
+        return getattr(old, "compute_dtype", None) or old.weight.dtype
 
     @classmethod
     def _new_linear(cls, old: nn.Module, in_features: int, out_features: int) -> nn.Linear:

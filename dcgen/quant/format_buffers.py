@@ -1,4 +1,5 @@
-"""``_apply`` for the quantized linears' format buffers (FP8Linear, NVFP4Linear).
+"""``_apply`` for the quantized linears' format buffers (FP8Linear, NVFP4Linear), and the
+dtype they compute in (that of their other tensors).
 
 ``model.to(dtype)`` / ``.half()`` must not cast them: the uint8 / float8 weights and the fp32
 scales are the format (float8 counts as floating point, so ``.to(bf16)`` would cast it). Every
@@ -45,3 +46,14 @@ def apply_keeping_format(
         buffers.update(keep)
         raise
     buffers.update(moved)
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The 16/32-bit dtype a quantized linear computes in: its bias's or NVFP4 low-rank
+    factors' (``quantize_`` keeps the linear's own dtype there, and ``.to(dtype)`` casts them),
+    else bf16 (the layers' default). Its weight's dtype is the format's (uint8 / float8)."""
+    for name in ("bias", "lora_up"):
+        t = getattr(module, name, None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return torch.bfloat16

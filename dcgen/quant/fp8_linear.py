@@ -48,7 +48,7 @@ from dcgen.ops.fp8_epilogue import kernel_rows
 
 from . import fp8 as _fp8
 from .direct_route import direct_ops, takes_direct_route
-from .format_buffers import apply_keeping_format
+from .format_buffers import apply_keeping_format, compute_dtype
 from .fp8 import fp8_gemm, fp8_linear_reference, quantize_fp8_weight
 
 _FORMAT_BUFFERS = ("weight", "weight_scale")
@@ -381,6 +381,11 @@ class FP8Linear(nn.Module):
             self, _FORMAT_BUFFERS, fn, lambda: super(FP8Linear, self)._apply(fn, recurse)
         )
         return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype this layer computes in (format_buffers.compute_dtype)."""
+        return compute_dtype(self)
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 [N, K]: ``float(weight) * weight_scale`` (per row or 1x128 block)."""

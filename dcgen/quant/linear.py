@@ -48,7 +48,7 @@ from dcgen.ops import quantize_nvfp4 as _qop
 
 from . import dequant_path as _dequant_path
 from .direct_route import direct_ops, takes_direct_route
-from .format_buffers import apply_keeping_format
+from .format_buffers import apply_keeping_format, compute_dtype
 from .nvfp4 import (
     BLOCK,
     dequantize_parts,
@@ -256,6 +256,11 @@ class NVFP4Linear(nn.Module):
 
     def _swizzled_weight_scales(self) -> torch.Tensor:
         return self._memo("w_scales", self.weight_scale, lambda: swizzle_scales(self.weight_scale))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype this layer computes in (format_buffers.compute_dtype)."""
+        return compute_dtype(self)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The residual weight R (the whole W' when rank is 0), fp32 [N, K]."""
