@@ -866,9 +866,8 @@ INPUTS_NAME = "inputs.json"
 def _check_resume_inputs(cfg: TrainConfig, run_dir: Path, cache: LatentCache) -> None:
     """Refuse to continue a run's checkpoints on another cache at the same path (a cache
     precomputed again with another DC-AE or text encoder): the paths compare equal, so the
-    config check passed it and the run went on training on other latents."""
-    if not cfg.resume or latest_checkpoint(run_dir / CHECKPOINT_DIR) is None:
-        return
+    config check passed it and the run went on training on other latents. Called by
+    _check_resume_settings once it found checkpoints to continue."""
     try:
         earlier = json.loads((run_dir / INPUTS_NAME).read_text()).get("cache_fingerprint")
     except (OSError, ValueError, AttributeError):
@@ -882,27 +881,28 @@ def _check_resume_inputs(cfg: TrainConfig, run_dir: Path, cache: LatentCache) ->
         )
 
 
-def _check_resume_settings(cfg: TrainConfig, run_dir: Path) -> None:
+def _check_resume_settings(cfg: TrainConfig, run_dir: Path, cache: LatentCache) -> None:
     """Refuse to continue a run's checkpoints under settings that shaped its steps differently
     (its config.json is the config they were made with): the result would match neither run,
-    and the config.json written next would describe steps that did not run that way."""
+    and the config.json written next would describe steps that did not run that way. Then
+    the same for the latent cache (_check_resume_inputs)."""
     earlier_file = run_dir / "config.json"
     if not cfg.resume or latest_checkpoint(run_dir / CHECKPOINT_DIR) is None:
         return
-    if not earlier_file.is_file():
-        return
-    try:
-        earlier = json.loads(earlier_file.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{earlier_file}: could not read the run's config: {err}") from err
-    changed = cfg.changed_for_resume(earlier) if isinstance(earlier, dict) else []
-    if changed:
-        raise ConfigError(
-            f"{run_dir} holds checkpoints of a run with other settings ({'; '.join(changed)}): "
-            "continue it with its own settings (only steps and the logging, checkpoint and "
-            "sample settings may change), or set resume = false to start over (its "
-            "checkpoints are then moved aside)"
-        )
+    if earlier_file.is_file():
+        try:
+            earlier = json.loads(earlier_file.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{earlier_file}: could not read the run's config: {err}") from err
+        changed = cfg.changed_for_resume(earlier) if isinstance(earlier, dict) else []
+        if changed:
+            raise ConfigError(
+                f"{run_dir} holds checkpoints of a run with other settings "
+                f"({'; '.join(changed)}): continue it with its own settings (only steps and the "
+                "logging, checkpoint and sample settings may change), or set resume = false to "
+                "start over (its checkpoints are then moved aside)"
+            )
+    _check_resume_inputs(cfg, run_dir, cache)
 
 
 def _write_outputs(
@@ -966,8 +966,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, progress: bool, on_step: OnStep | N
             )
     if cfg.stage != "align" or cfg.align_sgd_steps > 0:
         ctx.shard(cfg.batch_size)  # an uneven batch fails now, not after stage 1's ridge fit
-    _check_resume_settings(cfg, run_dir)
-    _check_resume_inputs(cfg, run_dir, cache)
+    _check_resume_settings(cfg, run_dir, cache)
     ctx.barrier()  # every rank has read the earlier config.json before it is replaced
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
